@@ -1,0 +1,677 @@
+//! Configuration: the YAML files of `conf/` (or the copies embedded in the binary) and the
+//! command-line overrides are turned into one validated `Config` before anything starts.
+//! Unknown keys, bad addresses and incomplete vendors are errors with a message naming
+//! the problem (`keybrake check`).
+
+use crate::money::Micros;
+use crate::pattern::EndpointPattern;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const EMBEDDED_CONFIG: &str = include_str!("../conf/keybrake.yaml");
+pub const EMBEDDED_VENDORS: &str = include_str!("../conf/vendors.yaml");
+pub const EMBEDDED_CURRENCIES: &str = include_str!("../conf/currencies.yaml");
+
+// ---------- the file formats ----------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    proxy_listen: Option<String>,
+    control_listen: Option<String>,
+    metrics_listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    vendors_file: Option<PathBuf>,
+    currencies_file: Option<PathBuf>,
+    body_limit_bytes: Option<usize>,
+    body_read_timeout_ms: Option<u64>,
+    default_key_ttl: Option<String>,
+    max_key_ttl: Option<String>,
+    access_log: Option<String>,
+    #[serde(default)]
+    upstream: FileUpstream,
+    #[serde(default)]
+    leases: FileLeases,
+    #[serde(default)]
+    pingora: FilePingora,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    connect_timeout_ms: Option<u64>,
+    total_connection_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    dns_refresh_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLeases {
+    slices_per_cap: Option<i64>,
+    return_idle_after_seconds: Option<u64>,
+    report_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePingora {
+    threads: Option<usize>,
+    grace_period_seconds: Option<u64>,
+    graceful_shutdown_timeout_seconds: Option<u64>,
+    upgrade_sock: Option<String>,
+    pid_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVendor {
+    upstream: Option<String>,
+    auth: AuthStyle,
+    auth_header: Option<String>,
+    #[serde(default)]
+    strip_headers: Vec<String>,
+    #[serde(default)]
+    default_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    json_to_form: bool,
+    #[serde(default)]
+    account_headers: Vec<String>,
+    request_id_header: Option<String>,
+    #[serde(default)]
+    metered: Vec<FileMeterRule>,
+    cost_per_request_usd: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthStyle {
+    Bearer,
+    Basic,
+    Header,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeterSource {
+    Request,
+    Response,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMeterRule {
+    endpoint: String,
+    from: MeterSource,
+    #[serde(default = "default_amount_field")]
+    amount_field: String,
+    #[serde(default = "default_currency_field")]
+    currency_field: String,
+    default_currency: Option<String>,
+    #[serde(default)]
+    amount_fields: Vec<String>,
+    #[serde(default)]
+    skip_if_created_by_same_key: bool,
+}
+
+fn default_amount_field() -> String {
+    "amount".into()
+}
+fn default_currency_field() -> String {
+    "currency".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCurrency {
+    decimals: u32,
+    usd: String,
+}
+
+// ---------- the validated, internal form ----------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy_listen: SocketAddr,
+    pub control_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub body_limit_bytes: usize,
+    pub body_read_timeout: Duration,
+    pub default_key_ttl: Duration,
+    pub max_key_ttl: Duration,
+    pub access_log: AccessLog,
+    pub upstream: UpstreamTimeouts,
+    pub leases: LeaseSettings,
+    pub pingora: PingoraSettings,
+    pub vendors: HashMap<String, Vendor>,
+    pub currencies: HashMap<String, Currency>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Stdout,
+    Off,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamTimeouts {
+    pub connect: Duration,
+    pub total_connection: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    pub idle: Duration,
+    pub dns_refresh: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    pub slices_per_cap: i64,
+    pub return_idle_after: Duration,
+    pub report_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PingoraSettings {
+    pub threads: usize,
+    pub grace_period_seconds: u64,
+    pub graceful_shutdown_timeout_seconds: u64,
+    pub upgrade_sock: String,
+    pub pid_file: String,
+}
+
+/// Where a vendor lives: scheme, host, port and an optional path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub base_path: String,
+}
+
+impl UpstreamUrl {
+    pub fn parse(text: &str) -> Result<Self> {
+        let url = url::Url::parse(text).with_context(|| format!("{text:?} is not a URL"))?;
+        let tls = match url.scheme() {
+            "https" => true,
+            "http" => false,
+            other => bail!("{text:?}: scheme {other:?} is not http or https"),
+        };
+        let host = url
+            .host_str()
+            .ok_or_else(|| anyhow!("{text:?} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 });
+        if url.query().is_some() || url.fragment().is_some() {
+            bail!("{text:?}: an upstream URL takes no query or fragment");
+        }
+        let base_path = url.path().trim_end_matches('/').to_string();
+        Ok(UpstreamUrl {
+            tls,
+            host,
+            port,
+            base_path,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Vendor {
+    pub name: String,
+    pub upstream: UpstreamUrl,
+    pub auth: AuthStyle,
+    pub auth_header: http::HeaderName,
+    pub strip_headers: Vec<http::HeaderName>,
+    pub default_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub json_to_form: bool,
+    pub account_headers: Vec<http::HeaderName>,
+    pub request_id_header: Option<http::HeaderName>,
+    pub metered: Vec<MeterRule>,
+    pub cost_per_request: Micros,
+}
+
+#[derive(Debug, Clone)]
+pub struct MeterRule {
+    pub endpoint: EndpointPattern,
+    pub source: MeterSource,
+    pub amount_field: String,
+    pub currency_field: String,
+    pub default_currency: Option<String>,
+    pub amount_fields: Vec<String>,
+    pub skip_if_created_by_same_key: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Currency {
+    pub decimals: u32,
+    /// Micro-USD per major unit.
+    pub usd_per_unit: Micros,
+}
+
+impl Vendor {
+    pub fn meter_rule(&self, method: &http::Method, path: &str) -> Option<&MeterRule> {
+        self.metered
+            .iter()
+            .find(|r| r.endpoint.matches(method, path))
+    }
+}
+
+/// Command-line values that win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub proxy_listen: Option<String>,
+    pub control_listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub vendor_upstreams: Vec<String>,
+}
+
+impl Config {
+    /// Loads `path`; `None` means `conf/keybrake.yaml` if it exists, else the embedded
+    /// defaults. Everything is validated here.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config> {
+        let default_path = Path::new("conf/keybrake.yaml");
+        let (text, base_dir) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config {}", p.display()))?,
+                Some(p.parent().unwrap_or(Path::new(".")).to_path_buf()),
+            ),
+            None if default_path.exists() => (
+                std::fs::read_to_string(default_path).context("cannot read conf/keybrake.yaml")?,
+                Some(PathBuf::from("conf")),
+            ),
+            None => (EMBEDDED_CONFIG.to_string(), None),
+        };
+        Self::from_yaml(&text, base_dir.as_deref(), overrides)
+    }
+
+    pub fn from_yaml(text: &str, base_dir: Option<&Path>, overrides: &Overrides) -> Result<Config> {
+        let file: FileConfig = if text.trim().is_empty() {
+            FileConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| anyhow!("config: {e}"))?
+        };
+        let side_file = |name: &Option<PathBuf>,
+                         embedded: &'static str,
+                         default: &str|
+         -> Result<String> {
+            match (base_dir, name) {
+                (Some(dir), name) => {
+                    let p = dir.join(name.clone().unwrap_or_else(|| default.into()));
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read {}", p.display()))
+                }
+                // Embedded config: its default side files are embedded too.
+                (None, Some(name)) if name != Path::new(default) => std::fs::read_to_string(name)
+                    .with_context(|| format!("cannot read {}", name.display())),
+                (None, _) => Ok(embedded.to_string()),
+            }
+        };
+        let vendors_text = side_file(&file.vendors_file, EMBEDDED_VENDORS, "vendors.yaml")?;
+        let currencies_text = side_file(
+            &file.currencies_file,
+            EMBEDDED_CURRENCIES,
+            "currencies.yaml",
+        )?;
+
+        let addr = |flag: &Option<String>,
+                    file: &Option<String>,
+                    default: &str,
+                    what: &str|
+         -> Result<SocketAddr> {
+            let text = flag.as_deref().or(file.as_deref()).unwrap_or(default);
+            text.parse().map_err(|_| {
+                anyhow!("{what}: {text:?} is not a socket address like 127.0.0.1:8080")
+            })
+        };
+        let ttl = |value: &Option<String>, default: &str, what: &str| -> Result<Duration> {
+            let text = value.as_deref().unwrap_or(default);
+            parse_duration(text)
+                .map(Duration::from_secs)
+                .map_err(|e| anyhow!("{what}: {text:?}: {e}"))
+        };
+
+        let mut vendors = parse_vendors(&vendors_text)?;
+        for spec in &overrides.vendor_upstreams {
+            let (name, url) = spec
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--vendor-upstream {spec:?}: expected VENDOR=URL"))?;
+            let vendor = vendors
+                .get_mut(name)
+                .ok_or_else(|| anyhow!("--vendor-upstream: unknown vendor {name:?}"))?;
+            vendor.upstream =
+                UpstreamUrl::parse(url).with_context(|| format!("--vendor-upstream {name}"))?;
+        }
+
+        let access_log = match file.access_log.as_deref().unwrap_or("stdout") {
+            "stdout" => AccessLog::Stdout,
+            "off" => AccessLog::Off,
+            "" => bail!("access_log: empty; use \"stdout\", \"off\" or a file path"),
+            path => AccessLog::File(path.into()),
+        };
+        let default_key_ttl = ttl(&file.default_key_ttl, "15m", "default_key_ttl")?;
+        let max_key_ttl = ttl(&file.max_key_ttl, "24h", "max_key_ttl")?;
+        if default_key_ttl > max_key_ttl {
+            bail!("default_key_ttl is longer than max_key_ttl");
+        }
+        let body_limit_bytes = file.body_limit_bytes.unwrap_or(1 << 20);
+        if body_limit_bytes == 0 {
+            bail!("body_limit_bytes must be positive");
+        }
+        let threads = file.pingora.threads.unwrap_or(2);
+        if threads == 0 {
+            bail!("pingora.threads must be at least 1");
+        }
+        let slices_per_cap = file.leases.slices_per_cap.unwrap_or(16);
+        if !(1..=1_000_000).contains(&slices_per_cap) {
+            bail!("leases.slices_per_cap must be between 1 and 1000000");
+        }
+        let ms = |v: Option<u64>, d: u64| Duration::from_millis(v.unwrap_or(d));
+
+        Ok(Config {
+            proxy_listen: addr(
+                &overrides.proxy_listen,
+                &file.proxy_listen,
+                "127.0.0.1:8080",
+                "proxy_listen",
+            )?,
+            control_listen: addr(
+                &overrides.control_listen,
+                &file.control_listen,
+                "127.0.0.1:8081",
+                "control_listen",
+            )?,
+            metrics_listen: addr(
+                &overrides.metrics_listen,
+                &file.metrics_listen,
+                "127.0.0.1:9090",
+                "metrics_listen",
+            )?,
+            data_dir: overrides
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| "./data".into()),
+            body_limit_bytes,
+            body_read_timeout: ms(file.body_read_timeout_ms, 10_000),
+            default_key_ttl,
+            max_key_ttl,
+            access_log,
+            upstream: UpstreamTimeouts {
+                connect: ms(file.upstream.connect_timeout_ms, 2_000),
+                total_connection: ms(file.upstream.total_connection_timeout_ms, 5_000),
+                read: ms(file.upstream.read_timeout_ms, 60_000),
+                write: ms(file.upstream.write_timeout_ms, 30_000),
+                idle: ms(file.upstream.idle_timeout_ms, 60_000),
+                dns_refresh: Duration::from_secs(
+                    file.upstream.dns_refresh_seconds.unwrap_or(30).max(1),
+                ),
+            },
+            leases: LeaseSettings {
+                slices_per_cap,
+                return_idle_after: Duration::from_secs(
+                    file.leases.return_idle_after_seconds.unwrap_or(2),
+                ),
+                report_interval: ms(file.leases.report_interval_ms, 500)
+                    .max(Duration::from_millis(10)),
+            },
+            pingora: PingoraSettings {
+                threads,
+                grace_period_seconds: file.pingora.grace_period_seconds.unwrap_or(3),
+                graceful_shutdown_timeout_seconds: file
+                    .pingora
+                    .graceful_shutdown_timeout_seconds
+                    .unwrap_or(15),
+                upgrade_sock: file
+                    .pingora
+                    .upgrade_sock
+                    .unwrap_or_else(|| "/tmp/keybrake_upgrade.sock".into()),
+                pid_file: file
+                    .pingora
+                    .pid_file
+                    .unwrap_or_else(|| "/tmp/keybrake.pid".into()),
+            },
+            vendors,
+            currencies: parse_currencies(&currencies_text)?,
+        })
+    }
+}
+
+fn header_name(text: &str, what: &str) -> Result<http::HeaderName> {
+    http::HeaderName::from_bytes(text.to_ascii_lowercase().as_bytes())
+        .map_err(|_| anyhow!("{what}: {text:?} is not a header name"))
+}
+
+fn parse_vendors(text: &str) -> Result<HashMap<String, Vendor>> {
+    let raw: BTreeMap<String, FileVendor> =
+        serde_yaml::from_str(text).map_err(|e| anyhow!("vendor catalog: {e}"))?;
+    let mut vendors = HashMap::new();
+    for (name, v) in raw {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            bail!("vendor {name:?}: names are lowercase letters, digits, '-' and '_'");
+        }
+        let upstream = v
+            .upstream
+            .as_deref()
+            .ok_or_else(|| anyhow!("vendor {name:?} has no upstream"))?;
+        let upstream =
+            UpstreamUrl::parse(upstream).with_context(|| format!("vendor {name:?} upstream"))?;
+        let auth_header = match (v.auth, v.auth_header.as_deref()) {
+            (AuthStyle::Header, None) => {
+                bail!("vendor {name:?}: auth \"header\" needs auth_header")
+            }
+            (AuthStyle::Header, Some(h)) => {
+                header_name(h, &format!("vendor {name:?} auth_header"))?
+            }
+            _ => http::header::AUTHORIZATION,
+        };
+        let mut strip_headers: Vec<_> = v
+            .strip_headers
+            .iter()
+            .map(|h| header_name(h, &format!("vendor {name:?} strip_headers")))
+            .collect::<Result<_>>()?;
+        // Every way a client may present a vault key is removed, whatever the catalog says.
+        for always in ["authorization", "x-api-key", "proxy-authorization"] {
+            let h = http::HeaderName::from_static(always);
+            if !strip_headers.contains(&h) {
+                strip_headers.push(h);
+            }
+        }
+        let default_headers = v
+            .default_headers
+            .iter()
+            .map(|(k, val)| {
+                Ok((
+                    header_name(k, &format!("vendor {name:?} default_headers"))?,
+                    http::HeaderValue::from_str(val)
+                        .map_err(|_| anyhow!("vendor {name:?}: bad header value for {k}"))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let metered = v
+            .metered
+            .into_iter()
+            .map(|r| {
+                let endpoint = EndpointPattern::parse(&r.endpoint).map_err(|e| {
+                    anyhow!("vendor {name:?} metered endpoint {:?}: {e}", r.endpoint)
+                })?;
+                if r.from == MeterSource::Response && r.amount_fields.is_empty() {
+                    bail!(
+                        "vendor {name:?} metered endpoint {:?}: from: response needs amount_fields",
+                        r.endpoint
+                    );
+                }
+                Ok(MeterRule {
+                    endpoint,
+                    source: r.from,
+                    amount_field: r.amount_field,
+                    currency_field: r.currency_field,
+                    default_currency: r.default_currency.map(|c| c.to_ascii_lowercase()),
+                    amount_fields: r.amount_fields,
+                    skip_if_created_by_same_key: r.skip_if_created_by_same_key,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let cost_per_request = match v.cost_per_request_usd.as_deref() {
+            None => Micros::ZERO,
+            Some(t) => Micros::parse_usd(t)
+                .ok()
+                .filter(|m| m.0 >= 0)
+                .ok_or_else(|| {
+                    anyhow!("vendor {name:?}: cost_per_request_usd {t:?} is not a USD amount")
+                })?,
+        };
+        vendors.insert(
+            name.clone(),
+            Vendor {
+                name: name.clone(),
+                upstream,
+                auth: v.auth,
+                auth_header,
+                strip_headers,
+                default_headers,
+                json_to_form: v.json_to_form,
+                account_headers: v
+                    .account_headers
+                    .iter()
+                    .map(|h| header_name(h, &format!("vendor {name:?} account_headers")))
+                    .collect::<Result<_>>()?,
+                request_id_header: v
+                    .request_id_header
+                    .as_deref()
+                    .map(|h| header_name(h, &format!("vendor {name:?} request_id_header")))
+                    .transpose()?,
+                metered,
+                cost_per_request,
+            },
+        );
+    }
+    Ok(vendors)
+}
+
+fn parse_currencies(text: &str) -> Result<HashMap<String, Currency>> {
+    let raw: BTreeMap<String, FileCurrency> =
+        serde_yaml::from_str(text).map_err(|e| anyhow!("currency table: {e}"))?;
+    raw.into_iter()
+        .map(|(code, c)| {
+            if c.decimals > 4 {
+                bail!("currency {code}: decimals {} is not 0..=4", c.decimals);
+            }
+            let usd_per_unit = Micros::parse_usd(&c.usd)
+                .ok()
+                .filter(|m| m.is_positive())
+                .ok_or_else(|| {
+                    anyhow!("currency {code}: usd {:?} is not a positive amount", c.usd)
+                })?;
+            Ok((
+                code.to_ascii_lowercase(),
+                Currency {
+                    decimals: c.decimals,
+                    usd_per_unit,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// `"30s"`, `"5m"`, `"2h"`, `"1d"` or plain seconds → seconds (> 0).
+pub fn parse_duration(text: &str) -> Result<u64, &'static str> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, "s"),
+    };
+    if digits.is_empty() {
+        return Err("expected a number followed by s, m, h or d");
+    }
+    let n: u64 = digits.parse().map_err(|_| "number too large")?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err("unit must be s, m, h or d"),
+    };
+    let secs = n.checked_mul(mult).ok_or("number too large")?;
+    if secs == 0 {
+        return Err("must be longer than zero");
+    }
+    Ok(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_validate() {
+        let c = Config::from_yaml(EMBEDDED_CONFIG, None, &Overrides::default()).unwrap();
+        assert_eq!(c.proxy_listen.to_string(), "127.0.0.1:8080");
+        assert!(c.vendors["stripe"].json_to_form);
+        assert_eq!(c.currencies["jpy"].decimals, 0);
+    }
+
+    #[test]
+    fn every_file_shipped_in_conf_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+        let c = Config::load(Some(&dir.join("keybrake.yaml")), &Overrides::default()).unwrap();
+        assert!(c.vendors.contains_key("openai") && c.vendors.contains_key("anthropic"));
+    }
+
+    #[test]
+    fn rejects_unknown_keys_bad_addresses_and_vendors_without_upstream() {
+        let err = Config::from_yaml("proxy_lisen: 1", None, &Overrides::default()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown field `proxy_lisen`"),
+            "{err:#}"
+        );
+        let err =
+            Config::from_yaml("proxy_listen: nowhere", None, &Overrides::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("proxy_listen"), "{err:#}");
+        let err = parse_vendors("acme: { auth: bearer }").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("\"acme\" has no upstream"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(30));
+        assert_eq!(parse_duration("5m"), Ok(300));
+        assert_eq!(parse_duration("2h"), Ok(7200));
+        assert_eq!(parse_duration("1d"), Ok(86400));
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("-1m").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn vendor_upstream_override() {
+        let o = Overrides {
+            vendor_upstreams: vec!["stripe=http://127.0.0.1:8420".into()],
+            ..Default::default()
+        };
+        let c = Config::from_yaml("", None, &o).unwrap();
+        let u = &c.vendors["stripe"].upstream;
+        assert_eq!((u.tls, u.host.as_str(), u.port), (false, "127.0.0.1", 8420));
+    }
+}

@@ -1,0 +1,543 @@
+//! The control plane (SPEC §1–§3, local half of §6): tenants and their API tokens, sealed
+//! vendor credentials, signing keys, vault-key issuance and revocation, the spend ledger
+//! and the audit trail. It publishes what the proxy needs through `sync::Published` and
+//! serves budget leases through `sync::Ledger`; it never sees a proxied request.
+
+pub mod api;
+pub mod audit;
+pub mod crypto;
+pub mod errors;
+pub mod store;
+
+use crate::ids::{new_id, new_token, token_hash};
+use crate::metrics::Metrics;
+use crate::money::Micros;
+use crate::revocation::RevocationFilter;
+use crate::secret::Secret;
+use crate::sync::{utc_day, LeaseReport, LeaseRequest, Ledger, LedgerError, Published};
+use crate::token::{generate_ed25519, now_secs, Claims, Jwk, Jwks, SigningKey, Verifier};
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use crypto::MasterKey;
+use dashmap::DashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{CredentialRow, KeyRow, KeyStatus, LedgerRow, Store};
+
+pub struct ControlSettings {
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    /// Vendor names of the catalog: a credential or key for anything else is refused.
+    pub vendors: HashSet<String>,
+}
+
+/// Whose API token this is.
+#[derive(Clone)]
+struct TokenOwner {
+    tenant_id: String,
+}
+
+pub struct Control {
+    settings: ControlSettings,
+    store: Store,
+    master: MasterKey,
+    admin_token: Secret,
+    api_tokens: DashMap<[u8; 32], TokenOwner>,
+    signer: ArcSwap<SigningKey>,
+    jwks: ArcSwap<Jwks>,
+    published: Arc<Published>,
+    /// Serializes ledger read-modify-writes and credential republishing.
+    ledger_lock: tokio::sync::Mutex<()>,
+    credentials_lock: tokio::sync::Mutex<()>,
+    revocations_lock: tokio::sync::Mutex<()>,
+    pub audit: audit::AuditWriter,
+    metrics: Arc<Metrics>,
+}
+
+/// What a caller asked for in `POST /v1/keys`, already validated.
+pub struct NewKey {
+    pub label: String,
+    pub vendor: String,
+    pub allowed_endpoints: Vec<String>,
+    pub daily_cap: Micros,
+    pub ttl: Duration,
+    pub metadata: serde_json::Value,
+    pub stripe_accounts: Option<Vec<String>>,
+}
+
+/// A key as `GET /v1/keys/{id}` shows it.
+pub struct KeyView {
+    pub row: KeyRow,
+    pub status: KeyStatus,
+    pub ledger: LedgerRow,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("vendor {0:?} is not configured for this tenant")]
+    VendorNotConfigured(String),
+    #[error(transparent)]
+    Storage(#[from] anyhow::Error),
+}
+
+pub fn key_status(row: &KeyRow, now: i64) -> KeyStatus {
+    if row.revoked_at.is_some() {
+        KeyStatus::Revoked
+    } else if row.expires_at <= now {
+        KeyStatus::Expired
+    } else {
+        KeyStatus::Active
+    }
+}
+
+impl Control {
+    /// Opens the store, loads (or creates) the signing key and publishes the snapshots.
+    pub async fn open(
+        settings: ControlSettings,
+        data_dir: &Path,
+        master: MasterKey,
+        admin_token: Secret,
+        published: Arc<Published>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Control>> {
+        let store = Store::open(data_dir).await?;
+        let now = now_secs();
+        if store
+            .live_signing_keys(now)
+            .await?
+            .iter()
+            .all(|k| k.retired_at.is_some())
+        {
+            create_signing_key(&store, &master, now).await?;
+        }
+        let (signer, jwks) = load_signing_keys(&store, &master, now).await?;
+        let api_tokens = DashMap::new();
+        for (hash, _id, tenant_id) in store.all_api_tokens().await? {
+            if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
+                api_tokens.insert(hash, TokenOwner { tenant_id });
+            }
+        }
+        let audit = audit::AuditWriter::start(store.clone(), metrics.clone());
+        let control = Arc::new(Control {
+            settings,
+            store,
+            master,
+            admin_token,
+            api_tokens,
+            signer: ArcSwap::from_pointee(signer),
+            jwks: ArcSwap::from_pointee(jwks),
+            published,
+            ledger_lock: Default::default(),
+            credentials_lock: Default::default(),
+            revocations_lock: Default::default(),
+            audit,
+            metrics,
+        });
+        control.publish_jwks();
+        control.publish_credentials().await?;
+        let revocations = RevocationFilter::with_capacity(1024);
+        for (id, exp) in control.store.live_revocations(now).await? {
+            revocations.insert(&id, exp);
+        }
+        control.metrics.revoked_keys.set(revocations.len() as i64);
+        control.published.revocations.store(Arc::new(revocations));
+        Ok(control)
+    }
+
+    /// Periodic upkeep: drop public keys whose last vault key expired, and revocations past
+    /// their key's `exp`.
+    pub async fn housekeeping(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            let now = now_secs();
+            match load_signing_keys(&self.store, &self.master, now).await {
+                Ok((_, jwks)) if jwks.keys.len() != self.jwks.load().keys.len() => {
+                    self.jwks.store(Arc::new(jwks));
+                    self.publish_jwks();
+                }
+                Ok(_) => {}
+                Err(e) => log::error!("cannot refresh signing keys: {e:#}"),
+            }
+            let _g = self.revocations_lock.lock().await;
+            let current = self.published.revocations.load();
+            if current.ids().iter().any(|(_, exp)| *exp <= now) {
+                let next = current.without_expired(now);
+                self.metrics.revoked_keys.set(next.len() as i64);
+                self.published.revocations.store(Arc::new(next));
+            }
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn publish_jwks(&self) {
+        let jwks = self.jwks.load();
+        self.published
+            .verifier
+            .store(Arc::new(Verifier::new(&jwks)));
+        self.published.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    async fn publish_credentials(&self) -> Result<()> {
+        let mut map = HashMap::new();
+        for row in self.store.all_credentials().await? {
+            let aad = credential_aad(&row.tenant_id, &row.vendor);
+            let plain = self
+                .master
+                .open(&row.sealed, &aad)
+                .with_context(|| format!("credential of {} for {}", row.tenant_id, row.vendor))?;
+            let secret = String::from_utf8(plain).context("credential is not UTF-8")?;
+            map.insert((row.tenant_id, row.vendor), Secret::new(secret));
+        }
+        self.published.credentials.store(Arc::new(map));
+        Ok(())
+    }
+
+    // ----- authentication -----
+
+    pub fn is_admin(&self, token: &str) -> bool {
+        self.admin_token.ct_eq(token)
+    }
+
+    /// The tenant owning this API token. Looked up by SHA-256, never by the token itself.
+    pub fn tenant_for_token(&self, token: &str) -> Option<String> {
+        self.api_tokens
+            .get(&token_hash(token))
+            .map(|o| o.tenant_id.clone())
+    }
+
+    // ----- tenants, tokens, nodes -----
+
+    pub async fn create_tenant(&self, name: &str) -> Result<(String, Secret, i64)> {
+        let (id, token_id, token, now) =
+            (new_id("tn_"), new_id("tok_"), new_token("kb_"), now_secs());
+        let hash = token_hash(&token);
+        self.store
+            .insert_tenant(&id, name, &token_id, &hash, now)
+            .await?;
+        self.api_tokens.insert(
+            hash,
+            TokenOwner {
+                tenant_id: id.clone(),
+            },
+        );
+        Ok((id, Secret::new(token), now))
+    }
+
+    pub async fn list_tenants(
+        &self,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<Vec<(String, String, i64)>> {
+        self.store.list_tenants(after, limit).await
+    }
+
+    /// A new API token for an existing tenant; `None` when the tenant does not exist.
+    pub async fn create_api_token(&self, tenant_id: &str) -> Result<Option<(String, Secret)>> {
+        if !self.store.tenant_exists(tenant_id).await? {
+            return Ok(None);
+        }
+        let (token_id, token) = (new_id("tok_"), new_token("kb_"));
+        let hash = token_hash(&token);
+        self.store
+            .insert_api_token(&token_id, tenant_id, &hash, now_secs())
+            .await?;
+        self.api_tokens.insert(
+            hash,
+            TokenOwner {
+                tenant_id: tenant_id.to_string(),
+            },
+        );
+        Ok(Some((token_id, Secret::new(token))))
+    }
+
+    pub async fn delete_api_token(&self, tenant_id: &str, token_id: &str) -> Result<bool> {
+        match self.store.delete_api_token(tenant_id, token_id).await? {
+            Some(hash) => {
+                if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
+                    self.api_tokens.remove(&hash);
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    pub async fn create_node(&self, name: &str) -> Result<(String, Secret)> {
+        let (id, token) = (new_id("nd_"), new_token("kbn_"));
+        self.store
+            .insert_node(&id, name, &token_hash(&token), now_secs())
+            .await?;
+        Ok((id, Secret::new(token)))
+    }
+
+    // ----- signing keys -----
+
+    pub async fn rotate_signing_key(&self) -> Result<String> {
+        let now = now_secs();
+        let kid = create_signing_key(&self.store, &self.master, now).await?;
+        let (signer, jwks) = load_signing_keys(&self.store, &self.master, now).await?;
+        self.signer.store(Arc::new(signer));
+        self.jwks.store(Arc::new(jwks));
+        self.publish_jwks();
+        Ok(kid)
+    }
+
+    pub fn jwks(&self) -> Arc<Jwks> {
+        self.jwks.load_full()
+    }
+
+    // ----- vendor credentials -----
+
+    pub fn is_known_vendor(&self, vendor: &str) -> bool {
+        self.settings.vendors.contains(vendor)
+    }
+
+    pub async fn put_credential(
+        &self,
+        tenant_id: &str,
+        vendor: &str,
+        secret: Secret,
+    ) -> Result<(String, i64)> {
+        let _g = self.credentials_lock.lock().await;
+        let now = now_secs();
+        let row = CredentialRow {
+            tenant_id: tenant_id.into(),
+            vendor: vendor.into(),
+            sealed: self.master.seal(
+                secret.expose().as_bytes(),
+                &credential_aad(tenant_id, vendor),
+            ),
+            last4: secret.last4(),
+            updated_at: now,
+        };
+        self.store.upsert_credential(&row).await?;
+        let mut map = (**self.published.credentials.load()).clone();
+        map.insert((tenant_id.into(), vendor.into()), secret);
+        self.published.credentials.store(Arc::new(map));
+        Ok((row.last4, now))
+    }
+
+    pub async fn get_credential(
+        &self,
+        tenant_id: &str,
+        vendor: &str,
+    ) -> Result<Option<(String, i64)>> {
+        Ok(self
+            .store
+            .all_credentials()
+            .await?
+            .into_iter()
+            .find(|c| c.tenant_id == tenant_id && c.vendor == vendor)
+            .map(|c| (c.last4, c.updated_at)))
+    }
+
+    pub async fn delete_credential(&self, tenant_id: &str, vendor: &str) -> Result<bool> {
+        let _g = self.credentials_lock.lock().await;
+        let existed = self.store.delete_credential(tenant_id, vendor).await?;
+        let mut map = (**self.published.credentials.load()).clone();
+        map.remove(&(tenant_id.to_string(), vendor.to_string()));
+        self.published.credentials.store(Arc::new(map));
+        Ok(existed)
+    }
+
+    // ----- vault keys -----
+
+    pub async fn issue_key(
+        &self,
+        tenant_id: &str,
+        req: NewKey,
+    ) -> Result<(KeyRow, Secret), IssueError> {
+        let configured = self
+            .published
+            .credentials
+            .load()
+            .contains_key(&(tenant_id.to_string(), req.vendor.clone()));
+        if !self.is_known_vendor(&req.vendor) || !configured {
+            return Err(IssueError::VendorNotConfigured(req.vendor));
+        }
+        let now = now_secs();
+        let signer = self.signer.load();
+        let row = KeyRow {
+            seq: 0,
+            id: new_id("key_"),
+            tenant_id: tenant_id.into(),
+            kid: signer.kid.clone(),
+            vendor: req.vendor,
+            label: req.label,
+            allowed_endpoints: req.allowed_endpoints,
+            daily_cap: req.daily_cap,
+            metadata: req.metadata,
+            stripe_accounts: req.stripe_accounts,
+            created_at: now,
+            expires_at: now + req.ttl.as_secs() as i64,
+            revoked_at: None,
+        };
+        let token = signer.sign(&Claims {
+            jti: row.id.clone(),
+            ten: row.tenant_id.clone(),
+            ven: row.vendor.clone(),
+            eps: row.allowed_endpoints.clone(),
+            cap: row.daily_cap.0,
+            iat: now,
+            exp: row.expires_at,
+            lbl: row.label.clone(),
+            acc: row.stripe_accounts.clone(),
+        });
+        self.store.insert_key(&row).await?;
+        self.metrics.keys_issued.inc();
+        Ok((row, token))
+    }
+
+    pub fn settings(&self) -> &ControlSettings {
+        &self.settings
+    }
+
+    pub async fn get_key(&self, tenant_id: &str, id: &str) -> Result<Option<KeyView>> {
+        let Some(row) = self.store.get_key(tenant_id, id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(self.view(row).await?))
+    }
+
+    pub async fn view(&self, row: KeyRow) -> Result<KeyView> {
+        let now = now_secs();
+        let ledger = self.store.ledger_row(&row.id, utc_day(now)).await?;
+        Ok(KeyView {
+            status: key_status(&row, now),
+            ledger,
+            row,
+        })
+    }
+
+    pub async fn list_keys(
+        &self,
+        tenant_id: &str,
+        status: Option<KeyStatus>,
+        before_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<KeyView>> {
+        let rows = self
+            .store
+            .list_keys(tenant_id, status, before_seq, limit, now_secs())
+            .await?;
+        let mut views = Vec::with_capacity(rows.len());
+        for row in rows {
+            views.push(self.view(row).await?);
+        }
+        Ok(views)
+    }
+
+    /// Revokes a key and publishes the revocation before returning, so the in-process proxy
+    /// refuses the key from the next request on. Idempotent.
+    pub async fn revoke_key(&self, tenant_id: &str, id: &str) -> Result<Option<KeyRow>> {
+        let now = now_secs();
+        let Some(row) = self.store.revoke_key(tenant_id, id, now).await? else {
+            return Ok(None);
+        };
+        let filter = self.published.revocations.load();
+        if row.expires_at > now && !filter.is_revoked(&row.id) {
+            let _g = self.revocations_lock.lock().await;
+            let filter = self.published.revocations.load();
+            filter.insert(&row.id, row.expires_at);
+            self.published.generation.fetch_add(1, Ordering::AcqRel);
+            self.metrics.revoked_keys.set(filter.len() as i64);
+            self.metrics.keys_revoked.inc();
+        }
+        Ok(Some(row))
+    }
+}
+
+fn credential_aad(tenant_id: &str, vendor: &str) -> String {
+    format!("credential/{tenant_id}/{vendor}")
+}
+
+async fn create_signing_key(store: &Store, master: &MasterKey, now: i64) -> Result<String> {
+    let kid = new_id("kid_");
+    let (private, public) = generate_ed25519();
+    let sealed = master.seal(&private, &format!("signing-key/{kid}"));
+    store
+        .insert_signing_key(&kid, &sealed, &public, now)
+        .await?;
+    Ok(kid)
+}
+
+/// The active signer and the JWKS of every key still needed for verification.
+async fn load_signing_keys(
+    store: &Store,
+    master: &MasterKey,
+    now: i64,
+) -> Result<(SigningKey, Jwks)> {
+    let rows = store.live_signing_keys(now).await?;
+    let active = rows
+        .iter()
+        .find(|r| r.retired_at.is_none())
+        .context("no active signing key")?;
+    let private = master
+        .open(
+            &active.sealed_private,
+            &format!("signing-key/{}", active.kid),
+        )
+        .context(
+            "cannot open the signing key: is this the master key the data dir was created with?",
+        )?;
+    let signer = SigningKey::from_pkcs8(active.kid.clone(), &private);
+    let jwks = Jwks {
+        keys: rows
+            .iter()
+            .map(|r| Jwk::ed25519(&r.kid, &r.public_key))
+            .collect(),
+    };
+    Ok((signer, jwks))
+}
+
+/// The in-process ledger: leases come straight from the control plane's store.
+#[async_trait::async_trait]
+impl Ledger for Control {
+    async fn lease(&self, req: LeaseRequest) -> Result<Micros, LedgerError> {
+        if self.published.revocations.load().is_revoked(&req.key_id) || req.want < req.min {
+            return Ok(Micros::ZERO);
+        }
+        let _g = self.ledger_lock.lock().await;
+        let row = self
+            .store
+            .ledger_row_for_update(&req.key_id, req.day)
+            .await
+            .map_err(|e| LedgerError(format!("{e:#}")))?;
+        let committed = row
+            .settled
+            .checked_add(row.held)
+            .unwrap_or(Micros(i64::MAX));
+        let remaining = req.cap.saturating_sub(committed);
+        if remaining < req.min {
+            return Ok(Micros::ZERO);
+        }
+        let grant = req.want.min(remaining);
+        // Counted as spent (held) before the proxy may use it: a crash loses the lease,
+        // never the cap.
+        self.store
+            .ledger_add(&req.key_id, req.day, Micros::ZERO, grant)
+            .await
+            .map_err(|e| LedgerError(format!("{e:#}")))?;
+        Ok(grant)
+    }
+
+    async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
+        let _g = self.ledger_lock.lock().await;
+        for r in reports {
+            let settled = Micros(r.spent.0 + r.overspent.0);
+            let held = Micros(-(r.spent.0 + r.returned.0));
+            self.store
+                .ledger_add(&r.key_id, r.day, settled, held)
+                .await
+                .map_err(|e| LedgerError(format!("{e:#}")))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,642 @@
+//! Storage of the control plane: embedded SQLite (WAL) through `sqlx`, so PostgreSQL can
+//! follow behind the same functions. One writer connection (SQLite has one writer; a
+//! single connection avoids lock contention), a few readers.
+//!
+//! Secrets never reach this module in clear: credentials and signing keys arrive sealed
+//! (see `crypto`), API tokens arrive hashed.
+
+use crate::money::Micros;
+use crate::sync::AuditEvent;
+use anyhow::{Context, Result};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::time::Duration;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tenants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE api_tokens (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    token_hash BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    token_hash BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE credentials (
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    vendor TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    last4 TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, vendor)
+);
+CREATE TABLE signing_keys (
+    kid TEXT PRIMARY KEY,
+    sealed_private BLOB NOT NULL,
+    public_key BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    retired_at INTEGER
+);
+CREATE TABLE keys (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    kid TEXT NOT NULL,
+    vendor TEXT NOT NULL,
+    label TEXT NOT NULL,
+    allowed_endpoints TEXT NOT NULL,
+    daily_cap INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    stripe_accounts TEXT,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX keys_by_tenant ON keys (tenant_id, seq);
+CREATE INDEX keys_by_kid ON keys (kid, expires_at);
+CREATE TABLE ledger (
+    key_id TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    settled INTEGER NOT NULL DEFAULT 0,
+    held INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, day)
+);
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_ms INTEGER NOT NULL,
+    tenant_id TEXT,
+    key_id TEXT,
+    label TEXT,
+    vendor TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    decision TEXT NOT NULL,
+    spend INTEGER NOT NULL,
+    vendor_request_id TEXT,
+    duration_ms INTEGER NOT NULL
+);
+CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
+CREATE INDEX audit_by_key ON audit (key_id, seq);
+"#];
+
+#[derive(Clone)]
+pub struct Store {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    pub seq: i64,
+    pub id: String,
+    pub tenant_id: String,
+    pub kid: String,
+    pub vendor: String,
+    pub label: String,
+    pub allowed_endpoints: Vec<String>,
+    pub daily_cap: Micros,
+    pub metadata: serde_json::Value,
+    pub stripe_accounts: Option<Vec<String>>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+    Expired,
+}
+
+impl KeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Revoked => "revoked",
+            KeyStatus::Expired => "expired",
+        }
+    }
+}
+
+pub struct SigningKeyRow {
+    pub kid: String,
+    pub sealed_private: Vec<u8>,
+    pub public_key: Vec<u8>,
+    pub retired_at: Option<i64>,
+}
+
+pub struct CredentialRow {
+    pub tenant_id: String,
+    pub vendor: String,
+    pub sealed: Vec<u8>,
+    pub last4: String,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub settled: Micros,
+    pub held: Micros,
+}
+
+fn key_row(r: &sqlx::sqlite::SqliteRow) -> KeyRow {
+    KeyRow {
+        seq: r.get("seq"),
+        id: r.get("id"),
+        tenant_id: r.get("tenant_id"),
+        kid: r.get("kid"),
+        vendor: r.get("vendor"),
+        label: r.get("label"),
+        allowed_endpoints: serde_json::from_str(r.get::<&str, _>("allowed_endpoints"))
+            .unwrap_or_default(),
+        daily_cap: Micros(r.get("daily_cap")),
+        metadata: serde_json::from_str(r.get::<&str, _>("metadata")).unwrap_or_default(),
+        stripe_accounts: r
+            .get::<Option<&str>, _>("stripe_accounts")
+            .and_then(|s| serde_json::from_str(s).ok()),
+        created_at: r.get("created_at"),
+        expires_at: r.get("expires_at"),
+        revoked_at: r.get("revoked_at"),
+    }
+}
+
+impl Store {
+    pub async fn open(data_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join("keybrake.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: a commit survives a process crash (kill -9); only an OS crash
+            // can lose the last transactions. Spend is additionally protected by leases.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await
+            .context("cannot open the SQLite database")?;
+        migrate(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .context("cannot open the SQLite database for reading")?;
+        Ok(Store { writer, reader })
+    }
+
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.reader).await.is_ok()
+    }
+
+    // ----- tenants and tokens -----
+
+    pub async fn insert_tenant(
+        &self,
+        id: &str,
+        name: &str,
+        token_id: &str,
+        token_hash: &[u8],
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(id)
+            .bind(name)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO api_tokens (id, tenant_id, token_hash, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(token_id)
+        .bind(id)
+        .bind(token_hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn list_tenants(
+        &self,
+        after_created: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<Vec<(String, String, i64)>> {
+        let (ts, id) = after_created.unwrap_or((i64::MIN, String::new()));
+        let rows = sqlx::query(
+            "SELECT id, name, created_at FROM tenants WHERE (created_at, id) > (?, ?) ORDER BY created_at, id LIMIT ?",
+        )
+        .bind(ts)
+        .bind(id)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("id"), r.get("name"), r.get("created_at")))
+            .collect())
+    }
+
+    pub async fn tenant_exists(&self, id: &str) -> Result<bool> {
+        Ok(sqlx::query("SELECT 1 FROM tenants WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .is_some())
+    }
+
+    pub async fn insert_api_token(
+        &self,
+        id: &str,
+        tenant_id: &str,
+        token_hash: &[u8],
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_tokens (id, tenant_id, token_hash, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(tenant_id)
+        .bind(token_hash)
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes a tenant's API token; returns its hash when it existed.
+    pub async fn delete_api_token(
+        &self,
+        tenant_id: &str,
+        token_id: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query(
+            "DELETE FROM api_tokens WHERE tenant_id = ? AND id = ? RETURNING token_hash",
+        )
+        .bind(tenant_id)
+        .bind(token_id)
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(row.map(|r| r.get("token_hash")))
+    }
+
+    /// Every API token as (hash, token id, tenant id), loaded into memory at start.
+    pub async fn all_api_tokens(&self) -> Result<Vec<(Vec<u8>, String, String)>> {
+        let rows = sqlx::query("SELECT token_hash, id, tenant_id FROM api_tokens")
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("token_hash"), r.get("id"), r.get("tenant_id")))
+            .collect())
+    }
+
+    pub async fn insert_node(
+        &self,
+        id: &str,
+        name: &str,
+        token_hash: &[u8],
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO nodes (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)")
+            .bind(id)
+            .bind(name)
+            .bind(token_hash)
+            .bind(now)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    // ----- vendor credentials -----
+
+    pub async fn upsert_credential(&self, row: &CredentialRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO credentials (tenant_id, vendor, sealed, last4, updated_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (tenant_id, vendor) DO UPDATE SET sealed = excluded.sealed, last4 = excluded.last4, updated_at = excluded.updated_at",
+        )
+        .bind(&row.tenant_id)
+        .bind(&row.vendor)
+        .bind(&row.sealed)
+        .bind(&row.last4)
+        .bind(row.updated_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_credential(&self, tenant_id: &str, vendor: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM credentials WHERE tenant_id = ? AND vendor = ?")
+            .bind(tenant_id)
+            .bind(vendor)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn all_credentials(&self) -> Result<Vec<CredentialRow>> {
+        let rows =
+            sqlx::query("SELECT tenant_id, vendor, sealed, last4, updated_at FROM credentials")
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| CredentialRow {
+                tenant_id: r.get("tenant_id"),
+                vendor: r.get("vendor"),
+                sealed: r.get("sealed"),
+                last4: r.get("last4"),
+                updated_at: r.get("updated_at"),
+            })
+            .collect())
+    }
+
+    // ----- signing keys -----
+
+    pub async fn insert_signing_key(
+        &self,
+        kid: &str,
+        sealed_private: &[u8],
+        public_key: &[u8],
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO signing_keys (kid, sealed_private, public_key, created_at) VALUES (?, ?, ?, ?)")
+            .bind(kid)
+            .bind(sealed_private)
+            .bind(public_key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The active key plus every retired key that still signs a live vault key.
+    pub async fn live_signing_keys(&self, now: i64) -> Result<Vec<SigningKeyRow>> {
+        let rows = sqlx::query(
+            "SELECT kid, sealed_private, public_key, retired_at FROM signing_keys s
+             WHERE retired_at IS NULL
+                OR EXISTS (SELECT 1 FROM keys k WHERE k.kid = s.kid AND k.expires_at > ?)
+             ORDER BY created_at",
+        )
+        .bind(now)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SigningKeyRow {
+                kid: r.get("kid"),
+                sealed_private: r.get("sealed_private"),
+                public_key: r.get("public_key"),
+                retired_at: r.get("retired_at"),
+            })
+            .collect())
+    }
+
+    // ----- vault keys -----
+
+    pub async fn insert_key(&self, k: &KeyRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO keys (id, tenant_id, kid, vendor, label, allowed_endpoints, daily_cap, metadata, stripe_accounts, created_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&k.id)
+        .bind(&k.tenant_id)
+        .bind(&k.kid)
+        .bind(&k.vendor)
+        .bind(&k.label)
+        .bind(serde_json::to_string(&k.allowed_endpoints)?)
+        .bind(k.daily_cap.0)
+        .bind(serde_json::to_string(&k.metadata)?)
+        .bind(k.stripe_accounts.as_ref().map(serde_json::to_string).transpose()?)
+        .bind(k.created_at)
+        .bind(k.expires_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_key(&self, tenant_id: &str, id: &str) -> Result<Option<KeyRow>> {
+        let row = sqlx::query("SELECT * FROM keys WHERE id = ? AND tenant_id = ?")
+            .bind(id)
+            .bind(tenant_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.as_ref().map(key_row))
+    }
+
+    /// Newest first; `before_seq` is the cursor.
+    pub async fn list_keys(
+        &self,
+        tenant_id: &str,
+        status: Option<KeyStatus>,
+        before_seq: i64,
+        limit: i64,
+        now: i64,
+    ) -> Result<Vec<KeyRow>> {
+        let filter = match status {
+            None => "",
+            Some(KeyStatus::Active) => "AND revoked_at IS NULL AND expires_at > ?4",
+            Some(KeyStatus::Revoked) => "AND revoked_at IS NOT NULL AND ?4 = ?4",
+            Some(KeyStatus::Expired) => "AND revoked_at IS NULL AND expires_at <= ?4",
+        };
+        let sql = format!("SELECT * FROM keys WHERE tenant_id = ?1 AND seq < ?2 {filter} ORDER BY seq DESC LIMIT ?3");
+        let mut q = sqlx::query(&sql)
+            .bind(tenant_id)
+            .bind(before_seq)
+            .bind(limit);
+        if status.is_some() {
+            q = q.bind(now);
+        }
+        Ok(q.fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(key_row)
+            .collect())
+    }
+
+    /// Marks a key revoked (first revocation wins); returns the stored row.
+    pub async fn revoke_key(&self, tenant_id: &str, id: &str, now: i64) -> Result<Option<KeyRow>> {
+        let row = sqlx::query(
+            "UPDATE keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? AND tenant_id = ? RETURNING *",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(tenant_id)
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(row.as_ref().map(key_row))
+    }
+
+    /// Revoked keys that have not expired yet: the content of the revocation filter.
+    pub async fn live_revocations(&self, now: i64) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT id, expires_at FROM keys WHERE revoked_at IS NOT NULL AND expires_at > ?",
+        )
+        .bind(now)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("id"), r.get("expires_at")))
+            .collect())
+    }
+
+    // ----- ledger -----
+
+    pub async fn ledger_row(&self, key_id: &str, day: i64) -> Result<LedgerRow> {
+        self.ledger_row_on(&self.reader, key_id, day).await
+    }
+
+    /// Reads through the writer connection: the value a ledger update is based on must be
+    /// the last one written.
+    pub async fn ledger_row_for_update(&self, key_id: &str, day: i64) -> Result<LedgerRow> {
+        self.ledger_row_on(&self.writer, key_id, day).await
+    }
+
+    async fn ledger_row_on(&self, pool: &SqlitePool, key_id: &str, day: i64) -> Result<LedgerRow> {
+        let row = sqlx::query("SELECT settled, held FROM ledger WHERE key_id = ? AND day = ?")
+            .bind(key_id)
+            .bind(day)
+            .fetch_optional(pool)
+            .await?;
+        Ok(row
+            .map(|r| LedgerRow {
+                settled: Micros(r.get("settled")),
+                held: Micros(r.get("held")),
+            })
+            .unwrap_or_default())
+    }
+
+    /// Adds deltas to a ledger row (creating it), atomically.
+    pub async fn ledger_add(
+        &self,
+        key_id: &str,
+        day: i64,
+        settled: Micros,
+        held: Micros,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO ledger (key_id, day, settled, held) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (key_id, day) DO UPDATE SET settled = settled + ?3, held = MAX(held + ?4, 0)",
+        )
+        .bind(key_id)
+        .bind(day)
+        .bind(settled.0)
+        .bind(held.0)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    // ----- audit -----
+
+    pub async fn insert_audit_batch(&self, events: &[AuditEvent]) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        for e in events {
+            sqlx::query(
+                "INSERT INTO audit (ts_ms, tenant_id, key_id, label, vendor, method, path, status, decision, spend, vendor_request_id, duration_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(e.ts_ms)
+            .bind(&e.tenant_id)
+            .bind(&e.key_id)
+            .bind(&e.label)
+            .bind(&e.vendor)
+            .bind(&e.method)
+            .bind(&e.path)
+            .bind(e.status as i64)
+            .bind(&e.decision)
+            .bind(e.spend.0)
+            .bind(&e.vendor_request_id)
+            .bind(e.duration_ms as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn list_audit(
+        &self,
+        tenant_id: &str,
+        key_id: Option<&str>,
+        since_ms: i64,
+        before_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, AuditEvent)>> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit WHERE tenant_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND ts_ms >= ?3 AND seq < ?4
+             ORDER BY seq DESC LIMIT ?5",
+        )
+        .bind(tenant_id)
+        .bind(key_id)
+        .bind(since_ms)
+        .bind(before_seq)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get("seq"),
+                    AuditEvent {
+                        ts_ms: r.get("ts_ms"),
+                        tenant_id: r.get("tenant_id"),
+                        key_id: r.get("key_id"),
+                        label: r.get("label"),
+                        vendor: r.get("vendor"),
+                        method: r.get("method"),
+                        path: r.get("path"),
+                        status: r.get::<i64, _>("status") as u16,
+                        decision: r.get("decision"),
+                        spend: Micros(r.get("spend")),
+                        vendor_request_id: r.get("vendor_request_id"),
+                        duration_ms: r.get::<i64, _>("duration_ms") as u64,
+                    },
+                )
+            })
+            .collect())
+    }
+}
+
+async fn migrate(pool: &SqlitePool) -> Result<()> {
+    let applied: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(pool)
+        .await?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        let mut tx = pool.begin().await?;
+        sqlx::raw_sql(sql)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("migration {}", i + 1))?;
+        sqlx::raw_sql(&format!("PRAGMA user_version = {}", i + 1))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}

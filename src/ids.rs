@@ -1,0 +1,65 @@
+//! Random identifiers and tokens: `tn_`, `key_`, `kb_`… prefixes make each kind
+//! recognizable (and findable by secret scanners), the random part comes from the OS.
+
+use base64::Engine;
+use ring::rand::{SecureRandom, SystemRandom};
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut out)
+        .expect("the operating system's random source failed");
+    out
+}
+
+/// An identifier: prefix + 16 random bytes, base32-like lowercase alphabet.
+pub fn new_id(prefix: &str) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghjkmnpqrstvwxyz";
+    let bytes: [u8; 16] = random_bytes();
+    let mut out = String::with_capacity(prefix.len() + 26);
+    out.push_str(prefix);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for b in bytes {
+        acc = (acc << 8) | b as u32;
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((acc << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+/// A bearer token: prefix + 32 random bytes, base64url.
+pub fn new_token(prefix: &str) -> String {
+    let bytes: [u8; 32] = random_bytes();
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// Tokens are stored and looked up by their SHA-256: they carry 256 bits of entropy, so a
+/// fast hash is enough, and a hash lookup leaks nothing useful about the token.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_are_prefixed_and_distinct() {
+        let a = super::new_id("key_");
+        let b = super::new_id("key_");
+        assert!(a.starts_with("key_") && a.len() == 4 + 26);
+        assert_ne!(a, b);
+        assert!(super::new_token("kb_").starts_with("kb_"));
+    }
+}

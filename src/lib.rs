@@ -1,0 +1,15 @@
+//! Keybrake: short-lived, scoped, spend-capped vault keys for AI agents, and the Pingora
+//! proxy that enforces them. See README.md for the architecture map.
+
+pub mod config;
+pub mod control;
+pub mod ids;
+pub mod metrics;
+pub mod money;
+pub mod pattern;
+pub mod proxy;
+pub mod revocation;
+pub mod secret;
+pub mod serve;
+pub mod sync;
+pub mod token;

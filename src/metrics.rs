@@ -1,0 +1,106 @@
+//! Prometheus metrics of SPEC §7, registered once in the default registry that
+//! `pingora-prometheus` serves on the metrics listener. Label values are bounded: vendor
+//! names from the catalog and decision codes, never key ids or tenants.
+
+use prometheus::{
+    register_counter_vec, register_gauge, register_histogram, register_int_counter,
+    register_int_counter_vec, register_int_gauge, CounterVec, Gauge, Histogram, IntCounter,
+    IntCounterVec, IntGauge,
+};
+use std::sync::{Arc, OnceLock};
+
+pub struct Metrics {
+    pub requests: IntCounterVec,
+    pub upstream_duration: Histogram,
+    pub overhead: Histogram,
+    pub spend_usd: CounterVec,
+    pub keys_issued: IntCounter,
+    pub keys_revoked: IntCounter,
+    pub revoked_keys: IntGauge,
+    pub sync_lag: Gauge,
+    pub token_cache_hits: IntCounter,
+    pub token_cache_misses: IntCounter,
+    pub audit_queue_depth: IntGauge,
+    pub audit_dropped: IntCounter,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+impl Metrics {
+    pub fn global() -> Arc<Metrics> {
+        static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
+        METRICS
+            .get_or_init(|| {
+                Arc::new(Metrics {
+                    requests: register_int_counter_vec!(
+                        "keybrake_requests_total",
+                        "Proxied requests by vendor and decision (allowed or the denial code).",
+                        &["vendor", "decision"]
+                    )
+                    .unwrap(),
+                    upstream_duration: register_histogram!(
+                        "keybrake_upstream_duration_seconds",
+                        "Time from sending the request upstream to the end of the response.",
+                        LATENCY_BUCKETS.to_vec()
+                    )
+                    .unwrap(),
+                    overhead: register_histogram!(
+                        "keybrake_overhead_seconds",
+                        "Time spent in Keybrake itself per request (total minus upstream).",
+                        LATENCY_BUCKETS.to_vec()
+                    )
+                    .unwrap(),
+                    spend_usd: register_counter_vec!(
+                        "keybrake_spend_usd_total",
+                        "Settled spend in USD by vendor.",
+                        &["vendor"]
+                    )
+                    .unwrap(),
+                    keys_issued: register_int_counter!(
+                        "keybrake_keys_issued_total",
+                        "Vault keys issued."
+                    )
+                    .unwrap(),
+                    keys_revoked: register_int_counter!(
+                        "keybrake_keys_revoked_total",
+                        "Vault keys revoked."
+                    )
+                    .unwrap(),
+                    revoked_keys: register_int_gauge!(
+                        "keybrake_revoked_keys",
+                        "Revoked keys not yet expired (size of the revocation filter)."
+                    )
+                    .unwrap(),
+                    sync_lag: register_gauge!(
+                        "keybrake_sync_lag_seconds",
+                        "Age of the proxy's view of the control plane (0 in-process)."
+                    )
+                    .unwrap(),
+                    token_cache_hits: register_int_counter!(
+                        "keybrake_token_cache_hits_total",
+                        "Vault keys found already verified."
+                    )
+                    .unwrap(),
+                    token_cache_misses: register_int_counter!(
+                        "keybrake_token_cache_misses_total",
+                        "Vault keys whose signature had to be verified."
+                    )
+                    .unwrap(),
+                    audit_queue_depth: register_int_gauge!(
+                        "keybrake_audit_queue_depth",
+                        "Audit events waiting to be written."
+                    )
+                    .unwrap(),
+                    audit_dropped: register_int_counter!(
+                        "keybrake_audit_dropped_total",
+                        "Audit events dropped because the queue was full."
+                    )
+                    .unwrap(),
+                })
+            })
+            .clone()
+    }
+}

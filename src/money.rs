@@ -1,0 +1,166 @@
+//! Money as a type: integer micro-USD with checked arithmetic, and the exact decimal
+//! parsing used wherever a user hands us a dollar amount. No `f64` survives parsing.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// One millionth of a US dollar. Every cap, lease, reservation and spend is one of these.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Micros(pub i64);
+
+/// Largest cap or amount we accept: one billion dollars. Larger values are input mistakes
+/// and would leave little headroom for arithmetic.
+pub const MAX_USD: Micros = Micros(1_000_000_000 * 1_000_000);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MoneyError {
+    #[error("not a decimal number")]
+    NotANumber,
+    #[error("more than 6 decimal places")]
+    TooPrecise,
+    #[error("out of range")]
+    OutOfRange,
+}
+
+impl Micros {
+    pub const ZERO: Micros = Micros(0);
+
+    pub fn checked_add(self, other: Micros) -> Option<Micros> {
+        self.0.checked_add(other.0).map(Micros)
+    }
+
+    pub fn checked_sub(self, other: Micros) -> Option<Micros> {
+        self.0.checked_sub(other.0).map(Micros)
+    }
+
+    pub fn saturating_sub(self, other: Micros) -> Micros {
+        Micros(self.0.saturating_sub(other.0))
+    }
+
+    pub fn is_positive(self) -> bool {
+        self.0 > 0
+    }
+
+    /// USD as a JSON number. `m / 1e6` is correctly rounded, so the shortest decimal that
+    /// serializes is exactly the micro-dollar value (for anything below 2^53 micros).
+    pub fn as_usd_f64(self) -> f64 {
+        self.0 as f64 / 1_000_000.0
+    }
+
+    /// Parses a decimal USD amount such as `500`, `12.5`, `0.000001` or `1e3`, exactly.
+    pub fn parse_usd(text: &str) -> Result<Micros, MoneyError> {
+        let (mantissa, exponent) = match text.find(['e', 'E']) {
+            Some(i) => (
+                &text[..i],
+                text[i + 1..]
+                    .parse::<i32>()
+                    .map_err(|_| MoneyError::NotANumber)?,
+            ),
+            None => (text, 0),
+        };
+        let (negative, mantissa) = match mantissa.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, mantissa),
+        };
+        let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        if int_part.is_empty() && frac_part.is_empty()
+            || !int_part.bytes().all(|b| b.is_ascii_digit())
+            || !frac_part.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(MoneyError::NotANumber);
+        }
+        // value = digits * 10^(exponent - frac_len); we want value * 10^6.
+        let digits = format!("{int_part}{frac_part}");
+        let digits = digits.trim_start_matches('0');
+        let scale = exponent - frac_part.len() as i32 + 6;
+        let (digits, scale) = if scale < 0 {
+            let cut = (-scale) as usize;
+            if digits.len() < cut {
+                if digits.is_empty() {
+                    ("", 0)
+                } else {
+                    return Err(MoneyError::TooPrecise);
+                }
+            } else {
+                let (keep, dropped) = digits.split_at(digits.len() - cut);
+                if dropped.bytes().any(|b| b != b'0') {
+                    return Err(MoneyError::TooPrecise);
+                }
+                (keep, 0)
+            }
+        } else {
+            (digits, scale)
+        };
+        if digits.len() + scale as usize > 18 {
+            return Err(MoneyError::OutOfRange);
+        }
+        let mut value: i64 = if digits.is_empty() {
+            0
+        } else {
+            digits.parse().map_err(|_| MoneyError::OutOfRange)?
+        };
+        for _ in 0..scale {
+            value = value.checked_mul(10).ok_or(MoneyError::OutOfRange)?;
+        }
+        if negative {
+            value = -value;
+        }
+        let micros = Micros(value);
+        if micros > MAX_USD {
+            return Err(MoneyError::OutOfRange);
+        }
+        Ok(micros)
+    }
+}
+
+impl fmt::Display for Micros {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let abs = self.0.unsigned_abs();
+        let (whole, frac) = (abs / 1_000_000, abs % 1_000_000);
+        if frac == 0 {
+            write!(f, "{sign}${whole}")
+        } else {
+            let frac = format!("{frac:06}");
+            write!(f, "{sign}${whole}.{}", frac.trim_end_matches('0'))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_decimal_usd_exactly() {
+        assert_eq!(Micros::parse_usd("500"), Ok(Micros(500_000_000)));
+        assert_eq!(Micros::parse_usd("12.5"), Ok(Micros(12_500_000)));
+        assert_eq!(Micros::parse_usd("0.000001"), Ok(Micros(1)));
+        assert_eq!(Micros::parse_usd("1e-6"), Ok(Micros(1)));
+        assert_eq!(Micros::parse_usd("1.5E3"), Ok(Micros(1_500_000_000)));
+        assert_eq!(Micros::parse_usd("0.10"), Ok(Micros(100_000)));
+        assert_eq!(Micros::parse_usd("-2"), Ok(Micros(-2_000_000)));
+    }
+
+    #[test]
+    fn rejects_what_is_not_exact_money() {
+        assert_eq!(Micros::parse_usd("0.0000001"), Err(MoneyError::TooPrecise));
+        assert_eq!(Micros::parse_usd("abc"), Err(MoneyError::NotANumber));
+        assert_eq!(Micros::parse_usd(""), Err(MoneyError::NotANumber));
+        assert_eq!(Micros::parse_usd("1e30"), Err(MoneyError::OutOfRange));
+        assert_eq!(Micros::parse_usd("1000000001"), Err(MoneyError::OutOfRange));
+    }
+
+    #[test]
+    fn prints_as_dollars_and_json_numbers_round_trip() {
+        assert_eq!(Micros(12_500_000).to_string(), "$12.5");
+        assert_eq!(Micros(1).to_string(), "$0.000001");
+        assert_eq!(
+            serde_json::json!(Micros(12_500_001).as_usd_f64()).to_string(),
+            "12.500001"
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! Endpoint patterns of SPEC §2, shared by the control plane (which validates them at
+//! issuance) and the proxy (which matches canonical paths against them).
+//!
+//! `"/v1/payment_intents"` allows any method; `"POST /v1/payment_intents"` only POST.
+//! A `*` segment matches exactly one segment; a trailing `**` matches zero or more.
+
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    Literal(Box<str>),
+    One,
+    Rest,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointPattern {
+    method: Option<http::Method>,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PatternError {
+    #[error("pattern is empty")]
+    Empty,
+    #[error("unknown HTTP method {0:?}")]
+    BadMethod(String),
+    #[error("path must start with '/'")]
+    NoLeadingSlash,
+    #[error("empty path segment")]
+    EmptySegment,
+    #[error("'**' is only allowed as the last segment")]
+    RestNotLast,
+    #[error("'.' and '..' segments are not allowed")]
+    DotSegment,
+    #[error("invalid character in path")]
+    BadCharacter,
+}
+
+const METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+
+impl EndpointPattern {
+    pub fn parse(text: &str) -> Result<Self, PatternError> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(PatternError::Empty);
+        }
+        let (method, path) = match text.split_once(' ') {
+            Some((m, p)) => {
+                if !METHODS.contains(&m) {
+                    return Err(PatternError::BadMethod(m.to_string()));
+                }
+                (Some(m.parse().expect("known method")), p.trim())
+            }
+            None => (None, text),
+        };
+        let rest = path.strip_prefix('/').ok_or(PatternError::NoLeadingSlash)?;
+        if rest
+            .bytes()
+            .any(|b| b <= b' ' || b == 0x7f || b == b'\\' || b == b'?' || b == b'%')
+        {
+            return Err(PatternError::BadCharacter);
+        }
+        let parts: Vec<&str> = rest.split('/').collect();
+        let mut segments = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            let segment = match *part {
+                "" => return Err(PatternError::EmptySegment),
+                "." | ".." => return Err(PatternError::DotSegment),
+                "*" => Segment::One,
+                "**" if i + 1 == parts.len() => Segment::Rest,
+                p if p.contains("**") => return Err(PatternError::RestNotLast),
+                p => Segment::Literal(p.into()),
+            };
+            segments.push(segment);
+        }
+        Ok(EndpointPattern { method, segments })
+    }
+
+    /// Does `method path` match? `path` must be canonical (see `proxy::path`), starting
+    /// with '/', with no empty segments.
+    pub fn matches(&self, method: &http::Method, path: &str) -> bool {
+        if let Some(m) = &self.method {
+            if m != method {
+                return false;
+            }
+        }
+        let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
+        for segment in &self.segments {
+            match segment {
+                Segment::Rest => return true,
+                Segment::One => {
+                    if parts.next().is_none() {
+                        return false;
+                    }
+                }
+                Segment::Literal(lit) => {
+                    if parts.next() != Some(&**lit) {
+                        return false;
+                    }
+                }
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+impl fmt::Display for EndpointPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(m) = &self.method {
+            write!(f, "{m} ")?;
+        }
+        for s in &self.segments {
+            match s {
+                Segment::Literal(l) => write!(f, "/{l}")?,
+                Segment::One => f.write_str("/*")?,
+                Segment::Rest => f.write_str("/**")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The compiled allowlist of one vault key.
+#[derive(Clone, Debug, Default)]
+pub struct Allowlist(Vec<EndpointPattern>);
+
+impl Allowlist {
+    pub fn parse<S: AsRef<str>>(patterns: &[S]) -> Result<Self, PatternError> {
+        if patterns.is_empty() {
+            return Err(PatternError::Empty);
+        }
+        patterns
+            .iter()
+            .map(|p| EndpointPattern::parse(p.as_ref()))
+            .collect::<Result<_, _>>()
+            .map(Allowlist)
+    }
+
+    pub fn allows(&self, method: &http::Method, path: &str) -> bool {
+        self.0.iter().any(|p| p.matches(method, path))
+    }
+
+    /// Does any pattern match the path, whatever its method? Tells "wrong method" apart
+    /// from "wrong path" in the denial message.
+    pub fn allows_path_any_method(&self, path: &str) -> bool {
+        self.0.iter().any(|p| {
+            p.matches(&http::Method::GET, path)
+                || p.method.as_ref().is_some_and(|m| p.matches(m, path))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    fn allows(pattern: &str, method: Method, path: &str) -> bool {
+        EndpointPattern::parse(pattern)
+            .unwrap()
+            .matches(&method, path)
+    }
+
+    #[test]
+    fn spec_examples() {
+        assert!(allows(
+            "/v1/payment_intents",
+            Method::POST,
+            "/v1/payment_intents"
+        ));
+        assert!(allows(
+            "/v1/payment_intents",
+            Method::GET,
+            "/v1/payment_intents"
+        ));
+        assert!(!allows(
+            "/v1/payment_intents",
+            Method::GET,
+            "/v1/payment_intents/pi_1"
+        ));
+        assert!(allows(
+            "/v1/payment_intents/*",
+            Method::GET,
+            "/v1/payment_intents/pi_123"
+        ));
+        assert!(!allows(
+            "/v1/payment_intents/*",
+            Method::POST,
+            "/v1/payment_intents/pi_123/confirm"
+        ));
+        assert!(!allows(
+            "/v1/payment_intents/*",
+            Method::GET,
+            "/v1/payment_intents"
+        ));
+        assert!(allows(
+            "POST /v1/payment_intents",
+            Method::POST,
+            "/v1/payment_intents"
+        ));
+        assert!(!allows(
+            "POST /v1/payment_intents",
+            Method::GET,
+            "/v1/payment_intents"
+        ));
+        assert!(allows("/v1/**", Method::GET, "/v1"));
+        assert!(allows("/v1/**", Method::GET, "/v1/a/b/c"));
+        assert!(!allows("/v1/**", Method::GET, "/v2/a"));
+        assert!(!allows("/v1/charges", Method::GET, "/v1/charges_extra"));
+    }
+
+    #[test]
+    fn rejects_malformed_patterns() {
+        assert_eq!(EndpointPattern::parse(""), Err(PatternError::Empty));
+        assert_eq!(
+            EndpointPattern::parse("v1/x"),
+            Err(PatternError::NoLeadingSlash)
+        );
+        assert_eq!(
+            EndpointPattern::parse("/v1/**/x"),
+            Err(PatternError::RestNotLast)
+        );
+        assert_eq!(
+            EndpointPattern::parse("/v1//x"),
+            Err(PatternError::EmptySegment)
+        );
+        assert_eq!(
+            EndpointPattern::parse("/v1/../x"),
+            Err(PatternError::DotSegment)
+        );
+        assert_eq!(
+            EndpointPattern::parse("FETCH /v1"),
+            Err(PatternError::BadMethod("FETCH".into()))
+        );
+        assert!(Allowlist::parse::<&str>(&[]).is_err());
+    }
+}

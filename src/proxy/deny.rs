@@ -1,0 +1,155 @@
+//! Every way the proxy can refuse a request, and the one function that turns a refusal
+//! into the SPEC §4 response: `{"code","message","error":{"type","code","message"}}`,
+//! with a JSON content type and a length, whether the refusal happens in `request_filter`
+//! or in `fail_to_proxy`. A denial never reaches the vendor.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    MissingKey,
+    InvalidKey,
+    KeyExpired,
+    KeyRevoked,
+    VendorMismatch,
+    EndpointNotAllowed,
+    MethodNotAllowed,
+    AccountNotAllowed,
+    InvalidPath,
+    AmountRequired,
+    InvalidAmount,
+    UnsupportedCurrency,
+    InvalidBody,
+    UnknownVendor,
+    BodyTooLarge,
+    BodyTimeout,
+    CapExhausted,
+    VendorNotConfigured,
+    LedgerUnavailable,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+}
+
+impl Denial {
+    pub fn status(self) -> u16 {
+        use Denial::*;
+        match self {
+            MissingKey | InvalidKey | KeyExpired | KeyRevoked => 401,
+            VendorMismatch | EndpointNotAllowed | MethodNotAllowed | AccountNotAllowed => 403,
+            InvalidPath | AmountRequired | InvalidAmount | UnsupportedCurrency | InvalidBody => 400,
+            UnknownVendor => 404,
+            BodyTimeout => 408,
+            BodyTooLarge => 413,
+            CapExhausted => 429,
+            UpstreamUnavailable | VendorNotConfigured => 502,
+            LedgerUnavailable => 503,
+            UpstreamTimeout => 504,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        use Denial::*;
+        match self {
+            MissingKey => "missing_key",
+            InvalidKey => "invalid_key",
+            KeyExpired => "key_expired",
+            KeyRevoked => "key_revoked",
+            VendorMismatch => "vendor_mismatch",
+            EndpointNotAllowed | MethodNotAllowed => "endpoint_not_allowed",
+            AccountNotAllowed => "account_not_allowed",
+            InvalidPath => "invalid_path",
+            AmountRequired => "amount_required",
+            InvalidAmount => "invalid_amount",
+            UnsupportedCurrency => "unsupported_currency",
+            InvalidBody => "invalid_body",
+            UnknownVendor => "unknown_vendor",
+            BodyTooLarge => "body_too_large",
+            BodyTimeout => "body_timeout",
+            CapExhausted => "cap_exhausted",
+            VendorNotConfigured => "vendor_not_configured",
+            LedgerUnavailable => "ledger_unavailable",
+            UpstreamUnavailable => "upstream_unavailable",
+            UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        use Denial::*;
+        match self {
+            MissingKey => "No vault key: send it as Authorization: Bearer vk_…, x-api-key, or the Basic user name.",
+            InvalidKey => "The vault key is not valid (bad format, signature, algorithm or signing key).",
+            KeyExpired => "The vault key has expired; issue a new one.",
+            KeyRevoked => "The vault key has been revoked.",
+            VendorMismatch => "The vault key was issued for another vendor.",
+            EndpointNotAllowed => "The vault key does not allow this endpoint.",
+            MethodNotAllowed => "The vault key allows this endpoint, but not with this HTTP method.",
+            AccountNotAllowed => "The vault key does not allow this Stripe account.",
+            InvalidPath => "The request path is not canonical (dot segments, encoded '/' or '\\', empty segments or control bytes).",
+            AmountRequired => "This endpoint is metered: the body must carry an integer amount.",
+            InvalidAmount => "The amount is not a non-negative integer in minor units, or the body is malformed.",
+            UnsupportedCurrency => "The currency is missing or not in Keybrake's currency table.",
+            InvalidBody => "The JSON body could not be converted to the vendor's form encoding.",
+            UnknownVendor => "No such vendor in the catalog.",
+            BodyTooLarge => "The request body is larger than the proxy's limit.",
+            BodyTimeout => "The request body did not arrive in time.",
+            CapExhausted => "This request would exceed the vault key's daily spend cap.",
+            VendorNotConfigured => "No credential is registered for this vendor.",
+            LedgerUnavailable => "The spend ledger is unavailable; metered requests are refused until it returns.",
+            UpstreamUnavailable => "The vendor could not be reached.",
+            UpstreamTimeout => "The vendor did not answer in time.",
+        }
+    }
+
+    pub fn body(self) -> Bytes {
+        let (code, message) = (self.code(), self.message());
+        let body = serde_json::json!({
+            "code": code,
+            "message": message,
+            "error": {"type": "keybrake_error", "code": code, "message": message},
+        });
+        Bytes::from(body.to_string())
+    }
+}
+
+/// Writes the denial. The connection is closed afterwards when a request body may be
+/// left unread, so the next request on it cannot be confused with leftover bytes.
+pub async fn respond(
+    session: &mut Session,
+    denial: Denial,
+    key_id: Option<&str>,
+) -> pingora::Result<()> {
+    let body = denial.body();
+    let mut header = ResponseHeader::build(denial.status(), Some(4))?;
+    header.insert_header("content-type", "application/json")?;
+    header.insert_header("content-length", body.len().to_string())?;
+    header.insert_header("cache-control", "no-store")?;
+    if let Some(id) = key_id {
+        header.insert_header("x-keybrake-key-id", id)?;
+    }
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_top_level_and_stripe_shaped_codes() {
+        let v: serde_json::Value = serde_json::from_slice(&Denial::CapExhausted.body()).unwrap();
+        assert_eq!(v["code"], "cap_exhausted");
+        assert_eq!(v["error"]["code"], "cap_exhausted");
+        assert_eq!(v["error"]["type"], "keybrake_error");
+        assert_eq!(v["message"], v["error"]["message"]);
+        assert_eq!(Denial::CapExhausted.status(), 429);
+        assert_eq!(Denial::MethodNotAllowed.code(), "endpoint_not_allowed");
+    }
+}

@@ -1,0 +1,122 @@
+//! Stage 8: the request the vendor sees. Every client credential and hop-by-hop header
+//! is removed, the vendor's real secret is injected the vendor's way, and the path is the
+//! canonical one under the vendor's base path.
+
+use crate::config::{AuthStyle, Vendor};
+use crate::secret::Secret;
+use base64::Engine;
+use pingora::http::RequestHeader;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy must not forward.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+pub fn strip_client_headers(req: &mut RequestHeader, vendor: &Vendor) {
+    // Headers named by Connection are hop-by-hop too.
+    let named: Vec<String> = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        req.remove_header(name);
+    }
+    for name in &vendor.strip_headers {
+        req.remove_header(name);
+    }
+}
+
+pub fn inject_credential(
+    req: &mut RequestHeader,
+    vendor: &Vendor,
+    secret: &Secret,
+) -> pingora::Result<()> {
+    let value = match vendor.auth {
+        AuthStyle::Bearer => format!("Bearer {}", secret.expose()),
+        AuthStyle::Basic => format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:", secret.expose()))
+        ),
+        AuthStyle::Header => secret.expose().to_string(),
+    };
+    let mut value = http::HeaderValue::from_str(&value).map_err(|_| {
+        pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "vendor secret is not a valid header value",
+        )
+    })?;
+    value.set_sensitive(true);
+    req.insert_header(vendor.auth_header.clone(), value)?;
+    for (name, value) in &vendor.default_headers {
+        if !req.headers.contains_key(name) {
+            req.insert_header(name.clone(), value.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// `{base path}{vendor-relative canonical path}?{query}`.
+pub fn upstream_uri(
+    vendor: &Vendor,
+    path: &str,
+    query: Option<&str>,
+) -> pingora::Result<http::Uri> {
+    let mut uri = String::with_capacity(vendor.upstream.base_path.len() + path.len() + 1);
+    uri.push_str(&vendor.upstream.base_path);
+    uri.push_str(if path.is_empty() { "/" } else { path });
+    if let Some(q) = query {
+        uri.push('?');
+        uri.push_str(q);
+    }
+    uri.parse().map_err(|_| {
+        pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "cannot build the upstream URI",
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+
+    #[test]
+    fn client_credentials_out_vendor_credential_in() {
+        let c = Config::from_yaml("", None, &Overrides::default()).unwrap();
+        let stripe = &c.vendors["stripe"];
+        let mut req = RequestHeader::build("POST", b"/stripe/v1/payment_intents", None).unwrap();
+        req.insert_header("authorization", "Bearer vk_secret_token")
+            .unwrap();
+        req.insert_header("x-api-key", "vk_secret_token").unwrap();
+        req.insert_header("connection", "keep-alive, x-trace")
+            .unwrap();
+        req.insert_header("x-trace", "1").unwrap();
+        req.insert_header("idempotency-key", "abc").unwrap();
+        strip_client_headers(&mut req, stripe);
+        inject_credential(&mut req, stripe, &Secret::new("sk_test_123")).unwrap();
+        assert_eq!(req.headers["authorization"], "Bearer sk_test_123");
+        assert!(req.headers.get("x-api-key").is_none());
+        assert!(req.headers.get("x-trace").is_none() && req.headers.get("connection").is_none());
+        assert_eq!(req.headers["idempotency-key"], "abc");
+
+        let anthropic = &c.vendors["anthropic"];
+        let mut req = RequestHeader::build("POST", b"/v1/messages", None).unwrap();
+        req.insert_header("x-api-key", "vk_x").unwrap();
+        strip_client_headers(&mut req, anthropic);
+        inject_credential(&mut req, anthropic, &Secret::new("sk-ant-1")).unwrap();
+        assert_eq!(req.headers["x-api-key"], "sk-ant-1");
+        assert_eq!(req.headers["anthropic-version"], "2023-06-01");
+        assert!(req.headers.get("authorization").is_none());
+    }
+}

@@ -1,0 +1,256 @@
+//! Stage 6: what a request costs. Reads `amount` and `currency` from a metered request's
+//! body (Stripe form encoding, or JSON), converts minor units to micro-USD with the
+//! currency table, and converts JSON bodies to Stripe's form encoding.
+//!
+//! Anything ambiguous fails closed: a repeated `amount`, a fractional or negative amount,
+//! an unknown currency.
+
+use super::deny::Denial;
+use crate::config::{Currency, MeterRule};
+use crate::money::Micros;
+use serde_json::Value;
+use std::collections::HashMap;
+
+/// Largest amount in minor units we meter (Stripe's own limit is far below).
+const MAX_MINOR_UNITS: i64 = 1_000_000_000_000;
+
+/// The body as the vendor will receive it, and its top-level fields.
+pub struct ParsedBody {
+    /// Top-level scalar fields (`amount`, `currency`, …) as text. `None` marks a field
+    /// that appeared more than once.
+    fields: HashMap<String, Option<String>>,
+}
+
+pub fn is_json(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| {
+        let ct = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        ct == "application/json" || ct.ends_with("+json")
+    })
+}
+
+impl ParsedBody {
+    pub fn from_form(body: &[u8]) -> ParsedBody {
+        let mut fields: HashMap<String, Option<String>> = HashMap::new();
+        for (k, v) in url::form_urlencoded::parse(body) {
+            fields
+                .entry(k.into_owned())
+                .and_modify(|e| *e = None)
+                .or_insert(Some(v.into_owned()));
+        }
+        ParsedBody { fields }
+    }
+
+    pub fn from_json(value: &Value) -> ParsedBody {
+        let fields = value
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| match v {
+                        Value::String(s) => Some((k.clone(), Some(s.clone()))),
+                        Value::Number(n) => Some((k.clone(), Some(n.to_string()))),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ParsedBody { fields }
+    }
+
+    fn field(&self, name: &str) -> Result<Option<&str>, Denial> {
+        match self.fields.get(name) {
+            None => Ok(None),
+            Some(None) => Err(Denial::InvalidAmount),
+            Some(Some(v)) => Ok(Some(v.as_str())),
+        }
+    }
+}
+
+/// The micro-USD cost of a request-metered call.
+pub fn request_cost(
+    rule: &MeterRule,
+    body: &ParsedBody,
+    currencies: &HashMap<String, Currency>,
+) -> Result<Micros, Denial> {
+    let amount = body
+        .field(&rule.amount_field)?
+        .ok_or(Denial::AmountRequired)?;
+    let amount = parse_minor_units(amount).ok_or(Denial::InvalidAmount)?;
+    let currency = match body.field(&rule.currency_field)? {
+        Some(c) => c.trim().to_ascii_lowercase(),
+        None => rule
+            .default_currency
+            .clone()
+            .ok_or(Denial::UnsupportedCurrency)?,
+    };
+    let currency = currencies
+        .get(&currency)
+        .ok_or(Denial::UnsupportedCurrency)?;
+    to_usd(amount, currency).ok_or(Denial::InvalidAmount)
+}
+
+/// The cost of a response-metered call: the first of `amount_fields` in the 2xx body.
+pub fn response_cost(
+    rule: &MeterRule,
+    body: &Value,
+    currencies: &HashMap<String, Currency>,
+) -> Option<Micros> {
+    let amount = rule
+        .amount_fields
+        .iter()
+        .find_map(|f| body.get(f)?.as_i64())?;
+    let currency = body.get("currency")?.as_str()?.to_ascii_lowercase();
+    to_usd(amount.max(0), currencies.get(&currency)?)
+}
+
+fn parse_minor_units(text: &str) -> Option<i64> {
+    if text.is_empty() || text.len() > 15 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok().filter(|n| *n <= MAX_MINOR_UNITS)
+}
+
+/// Minor units → micro-USD, rounded up (in the cap's favour).
+pub fn to_usd(minor_units: i64, currency: &Currency) -> Option<Micros> {
+    let numerator = minor_units as i128 * currency.usd_per_unit.0 as i128;
+    let divisor = 10i128.pow(currency.decimals);
+    let micros = (numerator + divisor - 1) / divisor;
+    i64::try_from(micros).ok().map(Micros)
+}
+
+/// Stripe's form encoding of a JSON object: nested objects and arrays in bracket
+/// notation (`automatic_payment_methods[enabled]=true`, `items[0][price]=…`).
+pub fn json_to_form(value: &Value) -> Result<String, Denial> {
+    let object = value.as_object().ok_or(Denial::InvalidBody)?;
+    let mut out = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in object {
+        encode(&mut out, k.clone(), v);
+    }
+    Ok(out.finish())
+}
+
+fn encode(out: &mut url::form_urlencoded::Serializer<String>, key: String, value: &Value) {
+    match value {
+        Value::Null => {
+            out.append_pair(&key, "");
+        }
+        Value::Bool(b) => {
+            out.append_pair(&key, if *b { "true" } else { "false" });
+        }
+        Value::Number(n) => {
+            out.append_pair(&key, &n.to_string());
+        }
+        Value::String(s) => {
+            out.append_pair(&key, s);
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                encode(out, format!("{key}[{i}]"), item);
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                encode(out, format!("{key}[{k}]"), v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+    use serde_json::json;
+
+    fn config() -> Config {
+        Config::from_yaml("", None, &Overrides::default()).unwrap()
+    }
+
+    fn cost(body: &str) -> Result<Micros, Denial> {
+        let c = config();
+        let rule = c.vendors["stripe"]
+            .meter_rule(&http::Method::POST, "/v1/payment_intents")
+            .unwrap()
+            .clone();
+        request_cost(
+            &rule,
+            &ParsedBody::from_form(body.as_bytes()),
+            &c.currencies,
+        )
+    }
+
+    #[test]
+    fn converts_minor_units_of_each_kind_of_currency() {
+        assert_eq!(cost("amount=1500&currency=usd"), Ok(Micros(15_000_000)));
+        assert_eq!(cost("amount=1000&currency=JPY"), Ok(Micros(6_700_000)));
+        assert_eq!(cost("amount=1000&currency=kwd"), Ok(Micros(3_250_000)));
+        assert_eq!(cost("amount=1&currency=vnd"), Ok(Micros(39)));
+    }
+
+    #[test]
+    fn fails_closed_on_anything_ambiguous() {
+        assert_eq!(cost("currency=usd"), Err(Denial::AmountRequired));
+        assert_eq!(cost("amount=-5&currency=usd"), Err(Denial::InvalidAmount));
+        assert_eq!(cost("amount=1.5&currency=usd"), Err(Denial::InvalidAmount));
+        assert_eq!(
+            cost("amount=1&amount=100000&currency=usd"),
+            Err(Denial::InvalidAmount)
+        );
+        assert_eq!(
+            cost("amount=100&currency=xyz"),
+            Err(Denial::UnsupportedCurrency)
+        );
+        assert_eq!(cost("amount=100"), Err(Denial::UnsupportedCurrency));
+    }
+
+    #[test]
+    fn reads_json_bodies_too() {
+        let c = config();
+        let rule = c.vendors["stripe"]
+            .meter_rule(&http::Method::POST, "/v1/payment_intents")
+            .unwrap()
+            .clone();
+        let body = json!({"amount": 2000, "currency": "eur"});
+        assert_eq!(
+            request_cost(&rule, &ParsedBody::from_json(&body), &c.currencies),
+            Ok(Micros(21_600_000))
+        );
+        let float = json!({"amount": 20.5, "currency": "usd"});
+        assert_eq!(
+            request_cost(&rule, &ParsedBody::from_json(&float), &c.currencies),
+            Err(Denial::InvalidAmount)
+        );
+    }
+
+    #[test]
+    fn json_becomes_stripe_form_encoding() {
+        let body = json!({
+            "amount": 2000, "currency": "usd", "confirm": true,
+            "automatic_payment_methods": {"enabled": true},
+            "items": [{"price": "price_1", "quantity": 2}],
+            "metadata": {"order": "a b&c"}
+        });
+        let form = json_to_form(&body).unwrap();
+        let pairs: Vec<(String, String)> = url::form_urlencoded::parse(form.as_bytes())
+            .into_owned()
+            .collect();
+        for expected in [
+            ("amount", "2000"),
+            ("confirm", "true"),
+            ("automatic_payment_methods[enabled]", "true"),
+            ("items[0][price]", "price_1"),
+            ("items[0][quantity]", "2"),
+            ("metadata[order]", "a b&c"),
+        ] {
+            assert!(
+                pairs.contains(&(expected.0.into(), expected.1.into())),
+                "{expected:?} in {form}"
+            );
+        }
+        assert_eq!(json_to_form(&json!([1, 2])), Err(Denial::InvalidBody));
+    }
+}

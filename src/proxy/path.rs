@@ -1,0 +1,139 @@
+//! Stage 1: the canonical path (SPEC §4). Only unreserved characters are percent-decoded;
+//! dot segments (also encoded), encoded '/' or '\', empty segments, NUL and control bytes
+//! are refused. What comes out is what gets matched and what gets forwarded.
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct InvalidPath;
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Canonicalizes a raw request path (without the query).
+pub fn canonicalize(raw: &str) -> Result<String, InvalidPath> {
+    let raw = raw.as_bytes();
+    if raw.first() != Some(&b'/') {
+        return Err(InvalidPath);
+    }
+    let mut out = String::with_capacity(raw.len());
+    for segment in raw[1..].split(|&b| b == b'/') {
+        if segment.is_empty() {
+            return Err(InvalidPath);
+        }
+        let start = out.len();
+        out.push('/');
+        let mut i = 0;
+        while i < segment.len() {
+            let b = segment[i];
+            if b == b'%' {
+                let (hi, lo) = match (
+                    segment.get(i + 1).copied().and_then(hex),
+                    segment.get(i + 2).copied().and_then(hex),
+                ) {
+                    (Some(h), Some(l)) => (h, l),
+                    _ => return Err(InvalidPath),
+                };
+                let decoded = hi << 4 | lo;
+                if decoded < 0x20 || decoded == 0x7f || decoded == b'/' || decoded == b'\\' {
+                    return Err(InvalidPath);
+                }
+                if is_unreserved(decoded) {
+                    out.push(decoded as char);
+                } else {
+                    out.push('%');
+                    out.push(char::from(b"0123456789ABCDEF"[hi as usize]));
+                    out.push(char::from(b"0123456789ABCDEF"[lo as usize]));
+                }
+                i += 3;
+            } else if b < 0x20 || b == 0x7f || b == b'\\' || b >= 0x80 {
+                return Err(InvalidPath);
+            } else {
+                out.push(b as char);
+                i += 1;
+            }
+        }
+        let seg = &out[start + 1..];
+        if seg == "." || seg == ".." {
+            return Err(InvalidPath);
+        }
+    }
+    Ok(out)
+}
+
+/// Splits `/{vendor}/{rest}` into the vendor and the vendor-relative path (`/` + rest).
+pub fn split_vendor(canonical: &str) -> Option<(&str, &str)> {
+    let rest = canonical.strip_prefix('/')?;
+    match rest.find('/') {
+        Some(i) => Some((&rest[..i], &rest[i..])),
+        None => Some((rest, "")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_ordinary_paths_and_decodes_unreserved_only() {
+        assert_eq!(
+            canonicalize("/stripe/v1/payment_intents").unwrap(),
+            "/stripe/v1/payment_intents"
+        );
+        assert_eq!(
+            canonicalize("/stripe/v1/%70ayment_intents").unwrap(),
+            "/stripe/v1/payment_intents"
+        );
+        assert_eq!(
+            canonicalize("/stripe/v1/a%3ab").unwrap(),
+            "/stripe/v1/a%3Ab"
+        );
+        assert_eq!(
+            canonicalize("/stripe/v1/a%20b").unwrap(),
+            "/stripe/v1/a%20b"
+        );
+    }
+
+    #[test]
+    fn refuses_the_tricks() {
+        for bad in [
+            "/stripe/v1/../v1/charges",
+            "/stripe/v1/./charges",
+            "/stripe/v1/%2e%2e/charges",
+            "/stripe/v1/%2E/charges",
+            "/stripe/v1/.%2e/charges",
+            "/stripe/v1%2Fcharges",
+            "/stripe/v1%2fcharges",
+            "/stripe//v1/charges",
+            "/stripe/v1/charges/",
+            "/stripe/v1\\charges",
+            "/stripe/v1%5Ccharges",
+            "/stripe/v1/%00",
+            "/stripe/v1/a\0b",
+            "/stripe/v1/%0a",
+            "/stripe/v1/%zz",
+            "/stripe/v1/%2",
+            "stripe/v1",
+            "/stripe/v1/caf\u{e9}",
+        ] {
+            assert_eq!(canonicalize(bad), Err(InvalidPath), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn splits_vendor() {
+        assert_eq!(
+            split_vendor("/stripe/v1/charges"),
+            Some(("stripe", "/v1/charges"))
+        );
+        assert_eq!(split_vendor("/stripe"), Some(("stripe", "")));
+    }
+}

@@ -1,0 +1,102 @@
+//! Stage 4: is this key allowed here? Vendor, endpoint (method-aware, on the canonical
+//! path) and, for Stripe Connect, the account header.
+
+use super::deny::Denial;
+use super::verify::VerifiedKey;
+use crate::config::Vendor;
+use http::{HeaderMap, Method};
+
+pub fn check(
+    key: &VerifiedKey,
+    vendor: &Vendor,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<(), Denial> {
+    if key.claims.ven != vendor.name {
+        return Err(Denial::VendorMismatch);
+    }
+    if !key.allowlist.allows(method, path) {
+        return Err(if key.allowlist.allows_path_any_method(path) {
+            Denial::MethodNotAllowed
+        } else {
+            Denial::EndpointNotAllowed
+        });
+    }
+    for header in &vendor.account_headers {
+        for value in headers.get_all(header) {
+            let allowed = value.to_str().ok().is_some_and(|account| {
+                key.claims
+                    .acc
+                    .as_ref()
+                    .is_some_and(|acc| acc.iter().any(|a| a == account.trim()))
+            });
+            if !allowed {
+                return Err(Denial::AccountNotAllowed);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+    use crate::pattern::Allowlist;
+    use crate::token::tests::claims;
+
+    fn key(eps: &[&str], acc: Option<Vec<String>>) -> VerifiedKey {
+        let mut c = claims(60);
+        c.eps = eps.iter().map(|s| s.to_string()).collect();
+        c.acc = acc;
+        VerifiedKey {
+            allowlist: Allowlist::parse(&c.eps).unwrap(),
+            claims: c,
+        }
+    }
+
+    #[test]
+    fn vendor_endpoint_method_and_account() {
+        let config = Config::from_yaml("", None, &Overrides::default()).unwrap();
+        let stripe = &config.vendors["stripe"];
+        let openai = &config.vendors["openai"];
+        let k = key(
+            &["POST /v1/payment_intents", "GET /v1/payment_intents/*"],
+            Some(vec!["acct_1".into()]),
+        );
+        let none = HeaderMap::new();
+        assert_eq!(
+            check(&k, stripe, &Method::POST, "/v1/payment_intents", &none),
+            Ok(())
+        );
+        assert_eq!(
+            check(&k, openai, &Method::POST, "/v1/payment_intents", &none),
+            Err(Denial::VendorMismatch)
+        );
+        assert_eq!(
+            check(&k, stripe, &Method::POST, "/v1/charges", &none),
+            Err(Denial::EndpointNotAllowed)
+        );
+        assert_eq!(
+            check(&k, stripe, &Method::POST, "/v1/payment_intents/pi_1", &none),
+            Err(Denial::MethodNotAllowed)
+        );
+        let mut h = HeaderMap::new();
+        h.insert("stripe-account", "acct_1".parse().unwrap());
+        assert_eq!(
+            check(&k, stripe, &Method::POST, "/v1/payment_intents", &h),
+            Ok(())
+        );
+        h.insert("stripe-account", "acct_2".parse().unwrap());
+        assert_eq!(
+            check(&k, stripe, &Method::POST, "/v1/payment_intents", &h),
+            Err(Denial::AccountNotAllowed)
+        );
+        let no_acc = key(&["/v1/**"], None);
+        assert_eq!(
+            check(&no_acc, stripe, &Method::GET, "/v1/x", &h),
+            Err(Denial::AccountNotAllowed)
+        );
+    }
+}

@@ -1,0 +1,580 @@
+//! The Pingora `ProxyHttp` implementation. It only wires the stages together, in order:
+//! path → key → verify → scope → body & cost → reserve → inject → forward → settle →
+//! record. Each stage is a plain function in its own module.
+
+use super::deny::{self, Denial};
+use super::meter::{self, ParsedBody};
+use super::path;
+use super::record::{self, AccessLine, AccessLogWriter};
+use super::spend::{Reservation, SpendBook, SpendError, Spender};
+use super::upstream::Upstreams;
+use super::verify::{KeyVerifier, VerifiedKey};
+use super::{extract, inject, scope};
+use crate::config::{Currency, MeterRule, MeterSource, Vendor};
+use crate::metrics::Metrics;
+use crate::money::Micros;
+use crate::secret::Secret;
+use crate::sync::{AuditEvent, AuditSink, Published};
+use crate::token::now_secs;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Most response bytes kept to meter a response or learn a created object's id.
+const MAX_CAPTURE: usize = 256 * 1024;
+/// Objects (e.g. PaymentIntents) remembered as created by a key, for
+/// `skip_if_created_by_same_key`.
+const MAX_CREATED: usize = 200_000;
+
+pub struct KeybrakeProxy {
+    pub vendors: HashMap<String, Arc<Vendor>>,
+    pub currencies: HashMap<String, Currency>,
+    pub body_limit: usize,
+    pub body_timeout: Duration,
+    pub verifier: Arc<KeyVerifier>,
+    pub spend: Arc<SpendBook>,
+    pub upstreams: Arc<Upstreams>,
+    pub published: Arc<Published>,
+    pub audit: Arc<dyn AuditSink>,
+    pub access_log: Option<AccessLogWriter>,
+    pub metrics: Arc<Metrics>,
+    /// Object id → (key id, key exp) for objects a key created through a metered call.
+    pub created: DashMap<String, (Arc<str>, i64)>,
+}
+
+pub struct Ctx {
+    start: Instant,
+    vendor_name: String,
+    vendor: Option<Arc<Vendor>>,
+    /// Canonical, vendor-relative path.
+    path: String,
+    key: Option<Arc<VerifiedKey>>,
+    secret: Option<Secret>,
+    denial: Option<Denial>,
+    reservation: Option<Reservation>,
+    /// The full body to send upstream (read, possibly converted), replacing Pingora's
+    /// replay buffer, which holds at most 64 KiB.
+    body: Option<Bytes>,
+    body_was_read: bool,
+    converted_to_form: bool,
+    streamed: usize,
+    response_rule: Option<MeterRule>,
+    track_created: bool,
+    capture: Option<Vec<u8>>,
+    charge_after: Micros,
+    upstream_start: Option<Instant>,
+    upstream_elapsed: Option<Duration>,
+    status: u16,
+    spend: Micros,
+    vendor_request_id: Option<String>,
+}
+
+impl KeybrakeProxy {
+    /// Stages 1 to 7. On success the request may go upstream; on error nothing was sent.
+    async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), Denial> {
+        let now = now_secs();
+        let req = session.req_header();
+        let canonical = path::canonicalize(req.uri.path()).map_err(|_| Denial::InvalidPath)?;
+        let (vendor_name, rest) = path::split_vendor(&canonical).ok_or(Denial::InvalidPath)?;
+        ctx.vendor_name = vendor_name.to_string();
+        ctx.path = rest.to_string();
+        ctx.vendor = self.vendors.get(vendor_name).cloned();
+
+        let token = extract::vault_key(&req.headers).ok_or(Denial::MissingKey)?;
+        let key = self.verifier.verify(&token, now).map_err(|(denial, key)| {
+            ctx.key = key;
+            denial
+        })?;
+        ctx.key = Some(key.clone());
+
+        let vendor = ctx.vendor.clone().ok_or(Denial::UnknownVendor)?;
+        let method = req.method.clone();
+        scope::check(&key, &vendor, &method, &ctx.path, &req.headers)?;
+        let secret = self
+            .published
+            .credentials
+            .load()
+            .get(&(key.claims.ten.clone(), key.claims.ven.clone()))
+            .cloned()
+            .ok_or(Denial::VendorNotConfigured)?;
+
+        let content_length = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if content_length.is_some_and(|n| n > self.body_limit) {
+            return Err(Denial::BodyTooLarge);
+        }
+        let is_json = meter::is_json(
+            req.headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let rule = vendor.meter_rule(&method, &ctx.path).cloned();
+        let request_metered = rule
+            .as_ref()
+            .is_some_and(|r| r.source == MeterSource::Request);
+        let convert = vendor.json_to_form && is_json && content_length != Some(0);
+
+        let mut cost = vendor.cost_per_request;
+        if request_metered || convert {
+            let body = self.read_body(session).await?;
+            let parsed = if convert {
+                let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+                    if request_metered {
+                        Denial::InvalidAmount
+                    } else {
+                        Denial::InvalidBody
+                    }
+                })?;
+                let form = meter::json_to_form(&value)?;
+                ctx.body = Some(Bytes::from(form));
+                ctx.converted_to_form = true;
+                ParsedBody::from_json(&value)
+            } else {
+                let parsed = ParsedBody::from_form(&body);
+                ctx.body = Some(body);
+                parsed
+            };
+            ctx.body_was_read = true;
+            if let Some(rule) = rule.as_ref().filter(|_| request_metered) {
+                let amount = meter::request_cost(rule, &parsed, &self.currencies)?;
+                cost = cost.checked_add(amount).ok_or(Denial::InvalidAmount)?;
+                ctx.track_created = true;
+            }
+        }
+        if let Some(rule) = rule.filter(|r| r.source == MeterSource::Response) {
+            let created_here = rule.skip_if_created_by_same_key
+                && ctx.path.split('/').any(|seg| {
+                    self.created
+                        .get(seg)
+                        .is_some_and(|owner| *owner.0 == *key.claims.jti)
+                });
+            if !created_here {
+                ctx.response_rule = Some(rule);
+            }
+        }
+
+        let spender = Spender {
+            key_id: &key.claims.jti,
+            tenant_id: &key.claims.ten,
+            vendor: &key.claims.ven,
+            cap: Micros(key.claims.cap),
+            exp: key.claims.exp,
+        };
+        let reservation = self
+            .spend
+            .reserve(&spender, cost, now)
+            .await
+            .map_err(|e| match e {
+                SpendError::CapExhausted => Denial::CapExhausted,
+                SpendError::LedgerUnavailable => Denial::LedgerUnavailable,
+            })?;
+        ctx.spend = reservation.amount;
+        ctx.reservation = Some(reservation);
+        ctx.secret = Some(secret);
+        Ok(())
+    }
+
+    /// Reads the whole request body within the size limit and the deadline. Pingora keeps
+    /// (up to 64 KiB of) it for replay; `request_body_filter` sends our full copy instead.
+    async fn read_body(&self, session: &mut Session) -> Result<Bytes, Denial> {
+        session.enable_retry_buffering();
+        let deadline = tokio::time::Instant::now() + self.body_timeout;
+        let mut buf = BytesMut::new();
+        loop {
+            let chunk = tokio::time::timeout_at(deadline, session.read_request_body())
+                .await
+                .map_err(|_| Denial::BodyTimeout)?
+                .map_err(|_| Denial::InvalidBody)?;
+            match chunk {
+                Some(chunk) => {
+                    if buf.len() + chunk.len() > self.body_limit {
+                        return Err(Denial::BodyTooLarge);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                None => return Ok(buf.freeze()),
+            }
+        }
+    }
+
+    fn finish_capture(&self, ctx: &mut Ctx) {
+        let Some(bytes) = ctx.capture.take() else {
+            return;
+        };
+        let Ok(body) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            if ctx.response_rule.is_some() {
+                log::warn!(
+                    "response of a response-metered {} call is not JSON; not metered",
+                    ctx.vendor_name
+                );
+            }
+            return;
+        };
+        if let Some(rule) = &ctx.response_rule {
+            ctx.charge_after =
+                meter::response_cost(rule, &body, &self.currencies).unwrap_or(Micros::ZERO);
+        }
+        if ctx.track_created {
+            if let (Some(id), Some(key)) = (body.get("id").and_then(|v| v.as_str()), &ctx.key) {
+                if self.created.len() >= MAX_CREATED {
+                    let now = now_secs();
+                    self.created.retain(|_, (_, exp)| *exp > now);
+                }
+                if self.created.len() < MAX_CREATED {
+                    self.created.insert(
+                        id.to_string(),
+                        (key.claims.jti.as_str().into(), key.claims.exp),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for KeybrakeProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            vendor_name: String::new(),
+            vendor: None,
+            path: String::new(),
+            key: None,
+            secret: None,
+            denial: None,
+            reservation: None,
+            body: None,
+            body_was_read: false,
+            converted_to_form: false,
+            streamed: 0,
+            response_rule: None,
+            track_created: false,
+            capture: None,
+            charge_after: Micros::ZERO,
+            upstream_start: None,
+            upstream_elapsed: None,
+            status: 0,
+            spend: Micros::ZERO,
+            vendor_request_id: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        match self.admit(session, ctx).await {
+            Ok(()) => Ok(false),
+            Err(denial) => {
+                if let Some(r) = ctx.reservation.take() {
+                    self.spend.release(r);
+                }
+                ctx.denial = Some(denial);
+                ctx.status = denial.status();
+                ctx.spend = Micros::ZERO;
+                let key_id = ctx.key.as_ref().map(|k| k.claims.jti.clone());
+                deny::respond(session, denial, key_id.as_deref()).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let vendor = ctx
+            .vendor
+            .as_ref()
+            .ok_or_else(|| Error::explain(InternalError, "no vendor"))?;
+        self.upstreams
+            .peer(vendor)
+            .map(Box::new)
+            .ok_or_else(|| Error::explain(ConnectNoRoute, "vendor host not resolved yet"))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let vendor = ctx
+            .vendor
+            .as_ref()
+            .ok_or_else(|| Error::explain(InternalError, "no vendor"))?;
+        let secret = ctx
+            .secret
+            .as_ref()
+            .ok_or_else(|| Error::explain(InternalError, "no credential"))?;
+        let uri = inject::upstream_uri(vendor, &ctx.path, session.req_header().uri.query())?;
+        upstream.set_uri(uri);
+        let u = &vendor.upstream;
+        let host = if (u.tls && u.port == 443) || (!u.tls && u.port == 80) {
+            u.host.clone()
+        } else {
+            format!("{}:{}", u.host, u.port)
+        };
+        upstream.insert_header(http::header::HOST, host)?;
+        inject::strip_client_headers(upstream, vendor);
+        inject::inject_credential(upstream, vendor, secret)?;
+        if let Some(body) = &ctx.body {
+            upstream.remove_header(&http::header::TRANSFER_ENCODING);
+            upstream.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        }
+        if ctx.converted_to_form {
+            upstream.insert_header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )?;
+        }
+        if ctx.response_rule.is_some() || ctx.track_created {
+            // The response is read to meter it; it must arrive uncompressed.
+            upstream.remove_header(&http::header::ACCEPT_ENCODING);
+        }
+        ctx.upstream_start = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _eos: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if ctx.body_was_read {
+            // Send our complete copy once, whatever Pingora replays.
+            *body = ctx.body.take();
+            return Ok(());
+        }
+        if let Some(chunk) = body {
+            ctx.streamed += chunk.len();
+            if ctx.streamed > self.body_limit {
+                ctx.denial = Some(Denial::BodyTooLarge);
+                return Error::e_explain(HTTPStatus(413), "request body over the limit");
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.status = upstream.status.as_u16();
+        let success = upstream.status.is_success();
+        if let Some(r) = ctx.reservation.take() {
+            if success {
+                self.spend.settle(r);
+            } else {
+                self.spend.release(r);
+                ctx.spend = Micros::ZERO;
+            }
+        }
+        if let Some(h) = ctx
+            .vendor
+            .as_ref()
+            .and_then(|v| v.request_id_header.as_ref())
+        {
+            ctx.vendor_request_id = upstream
+                .headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
+        if success
+            && (ctx.response_rule.is_some() || ctx.track_created)
+            && session.req_header().method != http::Method::HEAD
+        {
+            ctx.capture = Some(Vec::new());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(key) = &ctx.key {
+            response.insert_header("x-keybrake-key-id", key.claims.jti.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        eos: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let (Some(buf), Some(chunk)) = (ctx.capture.as_mut(), body.as_ref()) {
+            if buf.len() + chunk.len() <= MAX_CAPTURE {
+                buf.extend_from_slice(chunk);
+            } else {
+                log::warn!("response too large to meter for {}", ctx.vendor_name);
+                ctx.capture = None;
+            }
+        }
+        if eos {
+            if let Some(start) = ctx.upstream_start {
+                ctx.upstream_elapsed.get_or_insert(start.elapsed());
+            }
+            self.finish_capture(ctx);
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let denial = match e.etype() {
+            HTTPStatus(413) => Denial::BodyTooLarge,
+            ConnectTimedout | ReadTimedout | WriteTimedout => Denial::UpstreamTimeout,
+            _ if e.esource() == &ErrorSource::Upstream
+                || matches!(
+                    e.etype(),
+                    ConnectNoRoute | ConnectRefused | ConnectError | TLSHandshakeFailure
+                ) =>
+            {
+                Denial::UpstreamUnavailable
+            }
+            _ => {
+                // The client went away or sent garbage: nobody to answer.
+                ctx.denial.get_or_insert(Denial::InvalidBody);
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
+        };
+        ctx.denial = Some(denial);
+        ctx.status = denial.status();
+        let key_id = ctx.key.as_ref().map(|k| k.claims.jti.clone());
+        if session.response_written().is_none() {
+            if let Err(err) = deny::respond(session, denial, key_id.as_deref()).await {
+                log::debug!("cannot send the error response: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: denial.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let now = now_secs();
+        if let Some(r) = ctx.reservation.take() {
+            // No response arrived. If the request never left (connect failure), the budget
+            // goes back; otherwise the vendor may have acted on it, so it stays spent.
+            let never_sent = ctx.upstream_start.is_none()
+                || e.is_some_and(|e| {
+                    matches!(
+                        e.etype(),
+                        ConnectTimedout
+                            | ConnectRefused
+                            | ConnectNoRoute
+                            | ConnectError
+                            | TLSHandshakeFailure
+                    )
+                });
+            if never_sent {
+                self.spend.release(r);
+                ctx.spend = Micros::ZERO;
+            } else {
+                self.spend.settle(r);
+            }
+        }
+        if let (Some(key), true) = (&ctx.key, ctx.charge_after.is_positive()) {
+            let spender = Spender {
+                key_id: &key.claims.jti,
+                tenant_id: &key.claims.ten,
+                vendor: &key.claims.ven,
+                cap: Micros(key.claims.cap),
+                exp: key.claims.exp,
+            };
+            self.spend
+                .charge_after(&spender, ctx.charge_after, now)
+                .await;
+            ctx.spend = ctx.spend.checked_add(ctx.charge_after).unwrap_or(ctx.spend);
+        }
+
+        let total = ctx.start.elapsed();
+        let upstream = ctx
+            .upstream_elapsed
+            .or_else(|| ctx.upstream_start.map(|s| s.elapsed()));
+        if let Some(u) = upstream {
+            self.metrics.upstream_duration.observe(u.as_secs_f64());
+        }
+        self.metrics.overhead.observe(
+            total
+                .saturating_sub(upstream.unwrap_or_default())
+                .as_secs_f64(),
+        );
+        let decision = ctx.denial.map_or("allowed", Denial::code);
+        let status = if ctx.status != 0 {
+            ctx.status
+        } else {
+            session.response_written().map_or(0, |r| r.status.as_u16())
+        };
+        // Label values stay bounded: unknown vendor names are folded into one.
+        let vendor_label = if ctx.vendor.is_some() {
+            ctx.vendor_name.as_str()
+        } else {
+            "unknown"
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[vendor_label, decision])
+            .inc();
+
+        let method = session.req_header().method.as_str().to_string();
+        let path = if ctx.vendor_name.is_empty() {
+            String::new()
+        } else {
+            format!("/{}{}", ctx.vendor_name, ctx.path)
+        };
+        let key = ctx.key.as_ref().map(|k| &k.claims);
+        if let Some(log) = &self.access_log {
+            log.write(&AccessLine {
+                ts: record::now_rfc3339(),
+                key_id: key.map(|c| c.jti.as_str()),
+                label: key.map(|c| c.lbl.as_str()),
+                tenant: key.map(|c| c.ten.as_str()),
+                vendor: vendor_label,
+                method: &method,
+                path: &path,
+                status,
+                decision,
+                spend_usd: record::usd(ctx.spend),
+                duration_ms: total.as_secs_f64() * 1000.0,
+                vendor_request_id: ctx.vendor_request_id.as_deref(),
+            });
+        }
+        self.audit.record(AuditEvent {
+            ts_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            tenant_id: key.map(|c| c.ten.clone()),
+            key_id: key.map(|c| c.jti.clone()),
+            label: key.map(|c| c.lbl.clone()),
+            vendor: vendor_label.to_string(),
+            method,
+            path,
+            status,
+            decision: decision.to_string(),
+            spend: ctx.spend,
+            vendor_request_id: ctx.vendor_request_id.take(),
+            duration_ms: total.as_millis() as u64,
+        });
+    }
+}

@@ -1,0 +1,410 @@
+//! Stage 7 and settlement: spend counters fed by budget leases (SPEC §5).
+//!
+//! Each (key, UTC day) has an `available` counter: lease budget granted by the ledger and
+//! not yet reserved. A reservation is one compare-and-swap on it; only when it runs dry
+//! does a request take the key's refill lock and ask the ledger for another slice. The
+//! ledger counts a slice as spent the moment it grants it, so whatever happens to this
+//! process (kill -9 included), the key cannot end above its cap: unused budget is lost
+//! until the next day, never double-spent.
+//!
+//! Settled spend is reported to the ledger in batches; budget of idle, expired or
+//! revoked keys goes back.
+
+use crate::metrics::Metrics;
+use crate::money::Micros;
+use crate::sync::{utc_day, LeaseReport, LeaseRequest, Ledger, Published};
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SpendError {
+    #[error("the key's daily cap is exhausted")]
+    CapExhausted,
+    #[error("the ledger is unavailable")]
+    LedgerUnavailable,
+}
+
+/// One key's spend on one UTC day, as seen by this proxy.
+pub struct KeySpend {
+    key_id: Arc<str>,
+    vendor: Arc<str>,
+    day: i64,
+    cap: Micros,
+    exp: i64,
+    available: AtomicI64,
+    unreported_spent: AtomicI64,
+    unreported_overspent: AtomicI64,
+    last_used: AtomicI64,
+    refill: tokio::sync::Mutex<()>,
+}
+
+impl KeySpend {
+    fn try_take(&self, amount: i64) -> bool {
+        self.available
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
+                (have >= amount).then(|| have - amount)
+            })
+            .is_ok()
+    }
+}
+
+/// Budget set aside for one request: settled (spent) or released (returned to the
+/// counter) when the vendor has answered.
+#[must_use]
+pub struct Reservation {
+    entry: Option<Arc<KeySpend>>,
+    pub amount: Micros,
+}
+
+impl Reservation {
+    pub fn none() -> Self {
+        Reservation {
+            entry: None,
+            amount: Micros::ZERO,
+        }
+    }
+}
+
+/// Who is spending: the key's identity and limits, from its verified claims.
+pub struct Spender<'a> {
+    pub key_id: &'a str,
+    pub tenant_id: &'a str,
+    pub vendor: &'a str,
+    pub cap: Micros,
+    pub exp: i64,
+}
+
+pub struct SpendBook {
+    entries: DashMap<(Arc<str>, i64), Arc<KeySpend>>,
+    ledger: Arc<dyn Ledger>,
+    published: Arc<Published>,
+    slices_per_cap: i64,
+    return_idle_after_secs: i64,
+    metrics: Arc<Metrics>,
+}
+
+impl SpendBook {
+    pub fn new(
+        ledger: Arc<dyn Ledger>,
+        published: Arc<Published>,
+        slices_per_cap: i64,
+        return_idle_after_secs: i64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        SpendBook {
+            entries: DashMap::new(),
+            ledger,
+            published,
+            slices_per_cap,
+            return_idle_after_secs,
+            metrics,
+        }
+    }
+
+    fn entry(&self, who: &Spender<'_>, now: i64) -> Arc<KeySpend> {
+        let day = utc_day(now);
+        if let Some(e) = self.entries.get(&(Arc::from(who.key_id), day)) {
+            return e.clone();
+        }
+        self.entries
+            .entry((Arc::from(who.key_id), day))
+            .or_insert_with(|| {
+                Arc::new(KeySpend {
+                    key_id: who.key_id.into(),
+                    vendor: who.vendor.into(),
+                    day,
+                    cap: who.cap,
+                    exp: who.exp,
+                    available: AtomicI64::new(0),
+                    unreported_spent: AtomicI64::new(0),
+                    unreported_overspent: AtomicI64::new(0),
+                    last_used: AtomicI64::new(now),
+                    refill: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone()
+    }
+
+    /// Reserves `amount` against the key's cap, leasing more budget if needed.
+    pub async fn reserve(
+        &self,
+        who: &Spender<'_>,
+        amount: Micros,
+        now: i64,
+    ) -> Result<Reservation, SpendError> {
+        if amount.0 <= 0 {
+            return Ok(Reservation::none());
+        }
+        if amount > who.cap {
+            return Err(SpendError::CapExhausted);
+        }
+        let entry = self.entry(who, now);
+        entry.last_used.store(now, Ordering::Relaxed);
+        if entry.try_take(amount.0) {
+            return Ok(Reservation {
+                entry: Some(entry),
+                amount,
+            });
+        }
+        let _refill = entry.refill.lock().await;
+        // Bounded: each round either takes budget or gets a grant; concurrent reservers
+        // may use a grant first, which is fine, they are spending within the cap too.
+        for _ in 0..4 {
+            if entry.try_take(amount.0) {
+                return Ok(Reservation {
+                    entry: Some(entry.clone()),
+                    amount,
+                });
+            }
+            let have = entry.available.load(Ordering::Acquire).max(0);
+            let min = Micros(amount.0 - have);
+            let want = Micros(min.0.max(entry.cap.0 / self.slices_per_cap));
+            let grant = self
+                .ledger
+                .lease(LeaseRequest {
+                    key_id: who.key_id.into(),
+                    tenant_id: who.tenant_id.into(),
+                    day: entry.day,
+                    cap: entry.cap,
+                    min,
+                    want,
+                })
+                .await
+                .map_err(|e| {
+                    log::error!("lease for {} failed: {e}", who.key_id);
+                    SpendError::LedgerUnavailable
+                })?;
+            if grant.0 <= 0 {
+                return Err(SpendError::CapExhausted);
+            }
+            entry.available.fetch_add(grant.0, Ordering::AcqRel);
+        }
+        if entry.try_take(amount.0) {
+            return Ok(Reservation {
+                entry: Some(entry.clone()),
+                amount,
+            });
+        }
+        Err(SpendError::CapExhausted)
+    }
+
+    /// The vendor accepted: the reservation is spent.
+    pub fn settle(&self, reservation: Reservation) {
+        if let Some(entry) = reservation.entry {
+            entry
+                .unreported_spent
+                .fetch_add(reservation.amount.0, Ordering::AcqRel);
+            self.metrics
+                .spend_usd
+                .with_label_values(&[&entry.vendor])
+                .inc_by(reservation.amount.as_usd_f64());
+        }
+    }
+
+    /// The vendor refused (or was never reached): the budget goes back to the counter.
+    pub fn release(&self, reservation: Reservation) {
+        if let Some(entry) = reservation.entry {
+            entry
+                .available
+                .fetch_add(reservation.amount.0, Ordering::AcqRel);
+        }
+    }
+
+    /// Spend learned from a vendor's response (already charged by the vendor): taken from
+    /// the lease when possible, recorded beyond it otherwise, so the key stops at its cap.
+    pub async fn charge_after(&self, who: &Spender<'_>, amount: Micros, now: i64) {
+        if amount.0 <= 0 {
+            return;
+        }
+        match self.reserve(who, amount, now).await {
+            Ok(r) => self.settle(r),
+            Err(_) => {
+                let entry = self.entry(who, now);
+                entry
+                    .unreported_overspent
+                    .fetch_add(amount.0, Ordering::AcqRel);
+                self.metrics
+                    .spend_usd
+                    .with_label_values(&[&entry.vendor])
+                    .inc_by(amount.as_usd_f64());
+            }
+        }
+    }
+
+    /// Reports settled spend and returns unused budget of idle, expired, revoked or past
+    /// days' keys. `return_all` (shutdown) returns every key's budget.
+    pub async fn report(&self, now: i64, return_all: bool) {
+        let today = utc_day(now);
+        let revocations = self.published.revocations.load();
+        let mut reports = Vec::new();
+        let mut done = Vec::new();
+        for e in self.entries.iter() {
+            let entry = e.value();
+            let finished =
+                entry.day < today || entry.exp <= now || revocations.is_revoked(&entry.key_id);
+            let idle = now - entry.last_used.load(Ordering::Relaxed) >= self.return_idle_after_secs;
+            let returned = if return_all || finished || idle {
+                entry.available.swap(0, Ordering::AcqRel)
+            } else {
+                0
+            };
+            let spent = entry.unreported_spent.swap(0, Ordering::AcqRel);
+            let overspent = entry.unreported_overspent.swap(0, Ordering::AcqRel);
+            if returned != 0 || spent != 0 || overspent != 0 {
+                reports.push(LeaseReport {
+                    key_id: entry.key_id.to_string(),
+                    day: entry.day,
+                    spent: Micros(spent),
+                    returned: Micros(returned),
+                    overspent: Micros(overspent),
+                });
+            }
+            if finished || idle {
+                done.push((e.key().clone(), entry.clone()));
+            }
+        }
+        if !reports.is_empty() {
+            if let Err(e) = self.ledger.report(reports.clone()).await {
+                log::error!("spend report failed, will retry: {e}");
+                // Put everything back so the next round reports it; returned budget is
+                // still held by the ledger, so it may be used meanwhile.
+                for r in reports {
+                    if let Some(entry) = self.entries.get(&(Arc::from(r.key_id.as_str()), r.day)) {
+                        entry
+                            .unreported_spent
+                            .fetch_add(r.spent.0, Ordering::AcqRel);
+                        entry
+                            .unreported_overspent
+                            .fetch_add(r.overspent.0, Ordering::AcqRel);
+                        entry.available.fetch_add(r.returned.0, Ordering::AcqRel);
+                    }
+                }
+                return;
+            }
+        }
+        for (k, entry) in done {
+            // Only forget an entry with nothing left in it and no reservation racing in.
+            self.entries.remove_if(&k, |_, e| {
+                Arc::strong_count(e) <= 2
+                    && e.available.load(Ordering::Acquire) == 0
+                    && e.unreported_spent.load(Ordering::Acquire) == 0
+                    && e.unreported_overspent.load(Ordering::Acquire) == 0
+            });
+            drop(entry);
+        }
+    }
+
+    pub fn tracked_keys(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::LedgerError;
+    use std::sync::Mutex;
+
+    /// A ledger in memory with the same grant rule as the control plane's.
+    #[derive(Default)]
+    struct MemLedger {
+        committed: Mutex<i64>,
+        settled: Mutex<i64>,
+    }
+
+    #[async_trait::async_trait]
+    impl Ledger for MemLedger {
+        async fn lease(&self, r: LeaseRequest) -> Result<Micros, LedgerError> {
+            let mut c = self.committed.lock().unwrap();
+            let remaining = r.cap.0 - *c;
+            if remaining < r.min.0 {
+                return Ok(Micros::ZERO);
+            }
+            let grant = r.want.0.min(remaining);
+            *c += grant;
+            Ok(Micros(grant))
+        }
+        async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
+            for r in reports {
+                *self.committed.lock().unwrap() -= r.returned.0;
+                *self.settled.lock().unwrap() += r.spent.0 + r.overspent.0;
+            }
+            Ok(())
+        }
+    }
+
+    fn book(ledger: Arc<MemLedger>) -> SpendBook {
+        SpendBook::new(
+            ledger,
+            Arc::new(Published::empty()),
+            16,
+            2,
+            Metrics::global(),
+        )
+    }
+
+    fn who(cap: i64) -> Spender<'static> {
+        Spender {
+            key_id: "key_1",
+            tenant_id: "tn_1",
+            vendor: "stripe",
+            cap: Micros(cap),
+            exp: i64::MAX,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_reservations_never_exceed_the_cap() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = Arc::new(book(ledger.clone()));
+        let mut tasks = Vec::new();
+        for _ in 0..200 {
+            let book = book.clone();
+            tasks.push(tokio::spawn(async move {
+                match book
+                    .reserve(&who(50_000_000), Micros(1_000_000), 1000)
+                    .await
+                {
+                    Ok(r) => {
+                        book.settle(r);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            ok += t.await.unwrap() as i32;
+        }
+        assert_eq!(ok, 50);
+        book.report(1000, true).await;
+        assert_eq!(*ledger.settled.lock().unwrap(), 50_000_000);
+    }
+
+    #[tokio::test]
+    async fn released_budget_can_be_spent_again_and_a_too_large_request_is_refused() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let r = book
+            .reserve(&who(20_000_000), Micros(15_000_000), 1000)
+            .await
+            .unwrap();
+        assert_eq!(
+            book.reserve(&who(20_000_000), Micros(15_000_000), 1000)
+                .await
+                .err(),
+            Some(SpendError::CapExhausted)
+        );
+        book.release(r);
+        let r = book
+            .reserve(&who(20_000_000), Micros(15_000_000), 1000)
+            .await
+            .unwrap();
+        book.settle(r);
+        book.report(1000, true).await;
+        assert_eq!(*ledger.settled.lock().unwrap(), 15_000_000);
+        assert_eq!(*ledger.committed.lock().unwrap(), 15_000_000);
+    }
+}

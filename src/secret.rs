@@ -1,0 +1,57 @@
+//! Secrets are typed: tokens, API tokens and vendor secrets live in `Secret`, whose
+//! `Debug` and `Display` print `[redacted]` so nothing secret reaches a log by accident.
+
+use std::fmt;
+use subtle::ConstantTimeEq;
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Box<str>);
+
+impl Secret {
+    pub fn new(value: impl Into<Box<str>>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret's text, for the one place that must send it (the upstream request,
+    /// the response that hands a fresh token to its owner).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Constant-time comparison: timing does not reveal how many leading bytes match.
+    pub fn ct_eq(&self, other: &str) -> bool {
+        self.0.as_bytes().ct_eq(other.as_bytes()).into()
+    }
+
+    /// The last four characters, the only part of a vendor secret we ever show.
+    pub fn last4(&self) -> String {
+        let chars: Vec<char> = self.0.chars().collect();
+        chars[chars.len().saturating_sub(4)..].iter().collect()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_prints_its_value() {
+        let s = Secret::new("sk_test_abcdef123456");
+        assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
+        assert_eq!(s.last4(), "3456");
+        assert!(s.ct_eq("sk_test_abcdef123456"));
+        assert!(!s.ct_eq("sk_test_abcdef123457"));
+    }
+}

@@ -1,0 +1,325 @@
+//! Process wiring for `keybrake serve` and `keybrake control`: start-up secrets, the
+//! control plane on its own runtime thread, and the Pingora server (proxy, metrics,
+//! background upkeep) on the main thread.
+
+use crate::config::Config;
+use crate::control::api::{router, ApiState};
+use crate::control::crypto::MasterKey;
+use crate::control::{Control, ControlSettings};
+use crate::metrics::Metrics;
+use crate::proxy::record::AccessLogWriter;
+use crate::proxy::service::KeybrakeProxy;
+use crate::proxy::spend::SpendBook;
+use crate::proxy::upstream::Upstreams;
+use crate::proxy::verify::KeyVerifier;
+use crate::secret::Secret;
+use crate::sync::{AuditSink, Ledger, Published};
+use crate::token::now_secs;
+use anyhow::{anyhow, Context, Result};
+use async_trait::async_trait;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where secrets come from (SPEC §1).
+pub struct SecretSources {
+    pub master_key_file: Option<PathBuf>,
+    pub admin_token_file: Option<PathBuf>,
+    /// `serve` generates missing secrets into the data dir; `control` refuses to start.
+    pub generate_missing: bool,
+}
+
+/// Reads a secret file, or creates it with mode 0600 holding `generate()`.
+fn secret_file(path: &Path, generate: impl FnOnce() -> String, what: &str) -> Result<String> {
+    if path.exists() {
+        return std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .with_context(|| format!("cannot read {what} file {}", path.display()));
+    }
+    let value = generate();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {what} file {}", path.display()))?;
+    f.write_all(value.as_bytes())?;
+    f.sync_all()?;
+    log::info!("generated a new {what} in {} (mode 0600)", path.display());
+    Ok(value)
+}
+
+fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, Secret)> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let master = if let Some(file) = &sources.master_key_file {
+        MasterKey::from_file(file)?
+    } else if let Ok(text) = std::env::var("KEYBRAKE_MASTER_KEY") {
+        MasterKey::from_base64(&text).context("KEYBRAKE_MASTER_KEY")?
+    } else if sources.generate_missing {
+        let path = config.data_dir.join("master.key");
+        MasterKey::from_base64(&secret_file(
+            &path,
+            MasterKey::generate_base64,
+            "master key",
+        )?)
+        .with_context(|| format!("master key file {}", path.display()))?
+    } else {
+        return Err(anyhow!(
+            "no master key: set KEYBRAKE_MASTER_KEY (base64 of 32 bytes) or --master-key-file"
+        ));
+    };
+    let admin = if let Some(file) = &sources.admin_token_file {
+        std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read admin token file {}", file.display()))?
+            .trim()
+            .to_string()
+    } else if let Ok(text) = std::env::var("KEYBRAKE_ADMIN_TOKEN") {
+        text.trim().to_string()
+    } else if sources.generate_missing {
+        let path = config.data_dir.join("admin.token");
+        secret_file(&path, || crate::ids::new_token("kba_"), "admin token")?
+    } else {
+        return Err(anyhow!(
+            "no admin token: set KEYBRAKE_ADMIN_TOKEN or --admin-token-file"
+        ));
+    };
+    if admin.len() < 16 {
+        return Err(anyhow!("the admin token must be at least 16 characters"));
+    }
+    Ok((master, Secret::new(admin)))
+}
+
+/// Binds a listener with SO_REUSEPORT, so the next process of a graceful upgrade can bind
+/// the control port while this one drains.
+fn reuseport_listener(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("cannot listen on {addr} (control API)"))?;
+    Ok(socket.listen(1024)?)
+}
+
+/// Starts the control plane on its own runtime thread and returns once it is serving.
+fn start_control(
+    config: &Config,
+    sources: &SecretSources,
+    published: Arc<Published>,
+    proxy_addr: Option<SocketAddr>,
+) -> Result<Arc<Control>> {
+    let (master, admin) = load_secrets(config, sources)?;
+    let settings = ControlSettings {
+        default_ttl: config.default_key_ttl,
+        max_ttl: config.max_key_ttl,
+        vendors: config.vendors.keys().cloned().collect(),
+    };
+    let data_dir = config.data_dir.clone();
+    let listen = config.control_listen;
+    let (tx, rx) = std::sync::mpsc::channel::<Result<Arc<Control>>>();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("control-rt")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let started = async {
+                    let control = Control::open(
+                        settings,
+                        &data_dir,
+                        master,
+                        admin,
+                        published,
+                        Metrics::global(),
+                    )
+                    .await?;
+                    let listener = reuseport_listener(listen)?;
+                    Ok::<_, anyhow::Error>((control, listener))
+                }
+                .await;
+                let (control, listener) = match started {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                tokio::spawn(control.clone().housekeeping());
+                let app = router(ApiState {
+                    control: control.clone(),
+                    proxy_addr,
+                });
+                let _ = tx.send(Ok(control));
+                log::info!("control API listening on http://{listen}");
+                if let Err(e) = axum::serve(listener, app).await {
+                    log::error!("control API stopped: {e}");
+                }
+            });
+        })?;
+    rx.recv()
+        .map_err(|_| anyhow!("the control plane thread died during start-up"))?
+}
+
+/// `keybrake control`: the control API alone.
+pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
+    let _control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
+    log::info!(
+        "keybrake control running; data in {}",
+        config.data_dir.display()
+    );
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Background upkeep of the proxy: spend reports, DNS, the token-cache sweep; on
+/// shutdown, a last report that returns every unused lease.
+struct Upkeep {
+    spend: Arc<SpendBook>,
+    verifier: Arc<KeyVerifier>,
+    upstreams: Arc<Upstreams>,
+    vendors: HashMap<String, crate::config::Vendor>,
+    report_interval: Duration,
+    dns_refresh: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Upkeep {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut report = tokio::time::interval(self.report_interval);
+        let mut dns = tokio::time::interval(self.dns_refresh);
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = report.tick() => self.spend.report(now_secs(), false).await,
+                _ = dns.tick() => self.upstreams.refresh(&self.vendors).await,
+                _ = sweep.tick() => self.verifier.sweep(now_secs()),
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Pingora is draining and will exit the process without running destructors.
+        // Until then, report every round and return all unused budget: requests still
+        // in flight lease again if they need to.
+        loop {
+            self.spend.report(now_secs(), true).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// `keybrake serve`: control API + proxy + metrics in one process.
+pub fn run_serve(config: Config, sources: SecretSources, upgrade: bool) -> Result<()> {
+    let metrics = Metrics::global();
+    let published = Arc::new(Published::empty());
+    let control = start_control(
+        &config,
+        &sources,
+        published.clone(),
+        Some(config.proxy_listen),
+    )?;
+
+    let ledger: Arc<dyn Ledger> = control.clone();
+    let spend = Arc::new(SpendBook::new(
+        ledger,
+        published.clone(),
+        config.leases.slices_per_cap,
+        config.leases.return_idle_after.as_secs() as i64,
+        metrics.clone(),
+    ));
+    let verifier = Arc::new(KeyVerifier::new(
+        published.clone(),
+        100_000,
+        metrics.clone(),
+    ));
+    let upstreams = Arc::new(Upstreams::new(&config.vendors, config.upstream.clone()));
+    let audit: Arc<dyn AuditSink> = Arc::new(AuditForwarder(control.clone()));
+
+    let proxy = KeybrakeProxy {
+        vendors: config
+            .vendors
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::new(v.clone())))
+            .collect(),
+        currencies: config.currencies.clone(),
+        body_limit: config.body_limit_bytes,
+        body_timeout: config.body_read_timeout,
+        verifier: verifier.clone(),
+        spend: spend.clone(),
+        upstreams: upstreams.clone(),
+        published,
+        audit,
+        access_log: AccessLogWriter::start(&config.access_log)
+            .context("cannot open the access log")?,
+        metrics: metrics.clone(),
+        created: Default::default(),
+    };
+
+    let conf = ServerConf {
+        threads: config.pingora.threads,
+        grace_period_seconds: Some(config.pingora.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(config.pingora.graceful_shutdown_timeout_seconds),
+        upgrade_sock: config.pingora.upgrade_sock.clone(),
+        pid_file: config.pingora.pid_file.clone(),
+        ..Default::default()
+    };
+    let opt = Opt {
+        upgrade,
+        daemon: false,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut proxy_service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    proxy_service.add_tcp(&config.proxy_listen.to_string());
+    let mut metrics_service = pingora_prometheus::prometheus_http_service();
+    metrics_service.add_tcp(&config.metrics_listen.to_string());
+    let upkeep = Upkeep {
+        spend,
+        verifier,
+        upstreams,
+        vendors: config.vendors.clone(),
+        report_interval: config.leases.report_interval,
+        dns_refresh: config.upstream.dns_refresh,
+    };
+    server.add_service(proxy_service);
+    server.add_service(metrics_service);
+    server.add_service(background_service("upkeep", upkeep));
+
+    log::info!("proxy listening on http://{}", config.proxy_listen);
+    log::info!("metrics on http://{}/metrics", config.metrics_listen);
+    server.run_forever()
+}
+
+/// The in-process audit sink: straight into the control plane's batched writer.
+struct AuditForwarder(Arc<Control>);
+
+impl AuditSink for AuditForwarder {
+    fn record(&self, event: crate::sync::AuditEvent) {
+        self.0.audit.record(event);
+    }
+}

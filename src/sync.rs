@@ -1,0 +1,100 @@
+//! What the control plane and the proxy exchange, and nothing else (SPEC §5, §6):
+//! published snapshots (public keys, vendor credentials, revocations), budget leases, and
+//! audit events. `serve` wires the in-process implementations; edge nodes will implement
+//! the same traits over HTTP.
+
+use crate::money::Micros;
+use crate::revocation::RevocationFilter;
+use crate::secret::Secret;
+use crate::token::Verifier;
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Vendor secrets by (tenant, vendor), decrypted, in memory only.
+pub type Credentials = HashMap<(String, String), Secret>;
+
+/// Immutable snapshots the proxy reads on every request; the control plane swaps in new
+/// ones when something changes.
+pub struct Published {
+    pub verifier: ArcSwap<Verifier>,
+    pub credentials: ArcSwap<Credentials>,
+    pub revocations: ArcSwap<RevocationFilter>,
+    /// Bumped on every key rotation or revocation, so caches know when to look again.
+    pub generation: std::sync::atomic::AtomicU64,
+}
+
+impl Published {
+    pub fn empty() -> Self {
+        Published {
+            verifier: ArcSwap::from_pointee(Verifier::new(&Default::default())),
+            credentials: ArcSwap::from_pointee(HashMap::new()),
+            revocations: ArcSwap::from_pointee(RevocationFilter::with_capacity(1024)),
+            generation: Default::default(),
+        }
+    }
+}
+
+/// The UTC day number (days since 1970-01-01): the cap window.
+pub fn utc_day(unix_secs: i64) -> i64 {
+    unix_secs.div_euclid(86_400)
+}
+
+/// Ask for a slice of a key's remaining budget for `day`. The ledger grants either
+/// nothing or between `min` and `want`, and counts the grant as spent until returned.
+#[derive(Debug, Clone)]
+pub struct LeaseRequest {
+    pub key_id: String,
+    pub tenant_id: String,
+    pub day: i64,
+    pub cap: Micros,
+    pub min: Micros,
+    pub want: Micros,
+}
+
+/// What a proxy did with its leases: `spent` moved from held to settled, `returned`
+/// went back to the key's remaining budget. `overspent` is spend metered from a vendor's
+/// response beyond any lease (the vendor already charged it): it is recorded as settled.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseReport {
+    pub key_id: String,
+    pub day: i64,
+    pub spent: Micros,
+    pub returned: Micros,
+    pub overspent: Micros,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("ledger unavailable: {0}")]
+pub struct LedgerError(pub String);
+
+#[async_trait::async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    async fn lease(&self, request: LeaseRequest) -> Result<Micros, LedgerError>;
+    async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError>;
+}
+
+/// One proxied (or denied) request, as `GET /v1/audit` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEvent {
+    pub ts_ms: i64,
+    pub tenant_id: Option<String>,
+    pub key_id: Option<String>,
+    pub label: Option<String>,
+    pub vendor: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub decision: String,
+    pub spend: Micros,
+    pub vendor_request_id: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// Where the proxy drops audit events. Must never block or fail the request path.
+pub trait AuditSink: Send + Sync + 'static {
+    fn record(&self, event: AuditEvent);
+}
+
+pub type SharedPublished = Arc<Published>;

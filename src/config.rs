@@ -629,9 +629,28 @@ mod tests {
 
     #[test]
     fn every_file_shipped_in_conf_validates() {
+        // Every main config (keybrake*.yaml) loads with the vendor catalog and currency
+        // table beside it; together they cover every file in conf/.
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
-        let c = Config::load(Some(&dir.join("keybrake.yaml")), &Overrides::default()).unwrap();
-        assert!(c.vendors.contains_key("openai") && c.vendors.contains_key("anthropic"));
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("keybrake") && name.ends_with(".yaml") {
+                let c = Config::load(Some(&path), &Overrides::default())
+                    .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+                assert!(
+                    c.vendors.contains_key("stripe") && c.vendors.contains_key("openai"),
+                    "{name}"
+                );
+                assert!(c.currencies.contains_key("usd"), "{name}");
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 2,
+            "expected keybrake.yaml and keybrake-systemd.yaml"
+        );
     }
 
     #[test]

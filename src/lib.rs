@@ -1,6 +1,7 @@
 //! Keybrake: short-lived, scoped, spend-capped vault keys for AI agents, and the Pingora
 //! proxy that enforces them. See README.md for the architecture map.
 
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod ids;

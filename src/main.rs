@@ -1,7 +1,9 @@
-//! The `keybrake` binary: `serve`, `control`, `check`.
+//! The `keybrake` binary: the servers (`serve`, `control`), `check`, and the client
+//! commands for the control API (`tenant`, `vendor`, `key`, `audit`).
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use keybrake::cli::{self, Client};
 use keybrake::config::{Config, Overrides};
 use keybrake::serve::{run_control, run_serve, SecretSources};
 use std::path::PathBuf;
@@ -26,6 +28,10 @@ enum Command {
         /// Take over the listening sockets of a running instance (Pingora graceful upgrade).
         #[arg(long)]
         upgrade: bool,
+        /// Fork into the background; the parent writes the child's PID to
+        /// `pingora.pid_file` and exits (systemd `Type=forking`).
+        #[arg(long)]
+        daemon: bool,
     },
     /// The control API alone.
     Control {
@@ -37,6 +43,113 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Tenants (admin token).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Vendor credentials of your tenant.
+    Vendor {
+        #[command(subcommand)]
+        command: VendorCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Vault keys of your tenant.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Your tenant's audit trail, newest first.
+    Audit {
+        /// Only this key's events.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only events at or after this time (RFC 3339 or Unix seconds).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Control API base URL.
+    #[arg(
+        long,
+        env = "KEYBRAKE_CONTROL_URL",
+        default_value = "http://127.0.0.1:8081",
+        global = true
+    )]
+    control_url: String,
+    /// Print the API's JSON instead of a summary.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant; prints its first API token (shown once).
+    Create { name: String },
+    /// List tenants.
+    List,
+    /// Add an API token to a tenant (for rotation).
+    AddToken { tenant_id: String },
+}
+
+#[derive(Subcommand)]
+enum VendorCommand {
+    /// Register the vendor secret, read from a file ("-" for stdin), never from argv.
+    Set {
+        vendor: String,
+        #[arg(long, value_name = "FILE")]
+        secret_file: PathBuf,
+    },
+    /// Show the registered credential's metadata (last 4 characters only).
+    Show { vendor: String },
+    /// Remove the vendor credential.
+    Delete { vendor: String },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Issue a vault key; prints the token (or the whole answer with --json).
+    Issue {
+        #[arg(long)]
+        vendor: String,
+        /// Allowed endpoint, e.g. "POST /v1/payment_intents" (repeatable).
+        #[arg(long = "endpoint", required = true)]
+        endpoints: Vec<String>,
+        /// Daily cap in US dollars.
+        #[arg(long)]
+        cap: String,
+        /// Lifetime: 30s, 5m, 2h, 1d or seconds.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        label: Option<String>,
+        /// Allowed Stripe Connect account (repeatable).
+        #[arg(long = "stripe-account")]
+        stripe_accounts: Vec<String>,
+    },
+    /// Show one key with its status and today's spend.
+    Show { id: String },
+    /// List keys, newest first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Revoke a key (idempotent).
+    Revoke { id: String },
 }
 
 #[derive(Args)]
@@ -96,8 +209,15 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { common, upgrade } => {
+        Command::Serve {
+            common,
+            upgrade,
+            daemon,
+        } => {
             let config = common.load()?;
+            if daemon {
+                keybrake::serve::daemonize(std::path::Path::new(&config.pingora.pid_file))?;
+            }
             run_serve(config, common.secrets(true), upgrade)
         }
         Command::Control { common } => {
@@ -114,6 +234,172 @@ fn run(cli: Cli) -> Result<()> {
                 config.vendors.len(),
                 config.currencies.len()
             );
+            Ok(())
+        }
+        Command::Tenant { command, client } => {
+            let api = Client::new(&client.control_url, true)?;
+            match command {
+                TenantCommand::Create { name } => {
+                    let t = api.call(
+                        "POST",
+                        "/v1/tenants",
+                        Some(serde_json::json!({ "name": name })),
+                    )?;
+                    cli::print(&t, client.json, |t| {
+                        format!(
+                            "tenant {}\napi token (shown once): {}",
+                            t["id"].as_str().unwrap_or("?"),
+                            t["api_token"].as_str().unwrap_or("?")
+                        )
+                    });
+                }
+                TenantCommand::List => {
+                    let list = api.call("GET", "/v1/tenants?limit=1000", None)?;
+                    cli::print(&list, client.json, |l| {
+                        l["data"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|t| {
+                                format!(
+                                    "{}  {}  {}",
+                                    t["id"].as_str().unwrap_or("?"),
+                                    t["created_at"].as_str().unwrap_or("?"),
+                                    t["name"].as_str().unwrap_or("")
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+                TenantCommand::AddToken { tenant_id } => {
+                    let t =
+                        api.call("POST", &format!("/v1/tenants/{tenant_id}/api_tokens"), None)?;
+                    cli::print(&t, client.json, |t| {
+                        format!(
+                            "token {}\napi token (shown once): {}",
+                            t["id"].as_str().unwrap_or("?"),
+                            t["api_token"].as_str().unwrap_or("?")
+                        )
+                    });
+                }
+            }
+            Ok(())
+        }
+        Command::Vendor { command, client } => {
+            let api = Client::new(&client.control_url, false)?;
+            let (v, verb) = match command {
+                VendorCommand::Set {
+                    vendor,
+                    secret_file,
+                } => {
+                    let secret = cli::read_secret_file(&secret_file)?;
+                    (
+                        api.call(
+                            "PUT",
+                            &format!("/v1/vendors/{vendor}/credential"),
+                            Some(serde_json::json!({ "secret": secret })),
+                        )?,
+                        "stored",
+                    )
+                }
+                VendorCommand::Show { vendor } => (
+                    api.call("GET", &format!("/v1/vendors/{vendor}/credential"), None)?,
+                    "registered",
+                ),
+                VendorCommand::Delete { vendor } => (
+                    api.call("DELETE", &format!("/v1/vendors/{vendor}/credential"), None)?,
+                    "deleted",
+                ),
+            };
+            cli::print(&v, client.json, |v| match verb {
+                "deleted" => format!("{} credential deleted", v["vendor"].as_str().unwrap_or("?")),
+                _ => format!(
+                    "{} credential {verb}: …{} (updated {})",
+                    v["vendor"].as_str().unwrap_or("?"),
+                    v["last4"].as_str().unwrap_or("?"),
+                    v["updated_at"].as_str().unwrap_or("?")
+                ),
+            });
+            Ok(())
+        }
+        Command::Key { command, client } => {
+            let api = Client::new(&client.control_url, false)?;
+            match command {
+                KeyCommand::Issue {
+                    vendor,
+                    endpoints,
+                    cap,
+                    ttl,
+                    label,
+                    stripe_accounts,
+                } => {
+                    let body = cli::issue_body(
+                        &vendor,
+                        &endpoints,
+                        &cap,
+                        ttl.as_deref(),
+                        label.as_deref(),
+                        &stripe_accounts,
+                    )?;
+                    let k = api.call("POST", "/v1/keys", Some(body))?;
+                    cli::print(&k, client.json, |k| {
+                        k["token"].as_str().unwrap_or("?").to_string()
+                    });
+                }
+                KeyCommand::Show { id } => {
+                    let k = api.call("GET", &format!("/v1/keys/{id}"), None)?;
+                    cli::print(&k, client.json, cli::key_details);
+                }
+                KeyCommand::List { status, limit } => {
+                    let mut path = format!("/v1/keys?limit={limit}");
+                    if let Some(s) = status {
+                        path.push_str(&format!("&status={s}"));
+                    }
+                    let list = api.call("GET", &path, None)?;
+                    cli::print(&list, client.json, |l| {
+                        l["data"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(cli::key_line)
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+                KeyCommand::Revoke { id } => {
+                    let k = api.call("DELETE", &format!("/v1/keys/{id}"), None)?;
+                    cli::print(&k, client.json, |k| {
+                        format!("{} revoked", k["id"].as_str().unwrap_or("?"))
+                    });
+                }
+            }
+            Ok(())
+        }
+        Command::Audit {
+            key,
+            since,
+            limit,
+            client,
+        } => {
+            let api = Client::new(&client.control_url, false)?;
+            let mut path = format!("/v1/audit?limit={limit}");
+            if let Some(k) = key {
+                path.push_str(&format!("&key_id={k}"));
+            }
+            if let Some(s) = since {
+                path.push_str(&format!("&since={s}"));
+            }
+            let list = api.call("GET", &path, None)?;
+            cli::print(&list, client.json, |l| {
+                l["data"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(cli::audit_line)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
             Ok(())
         }
     }

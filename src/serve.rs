@@ -82,10 +82,17 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
             .trim()
             .to_string()
     } else if let Ok(text) = std::env::var("KEYBRAKE_ADMIN_TOKEN") {
+        log::info!("admin token: from KEYBRAKE_ADMIN_TOKEN");
         text.trim().to_string()
     } else if sources.generate_missing {
         let path = config.data_dir.join("admin.token");
-        secret_file(&path, || crate::ids::new_token("kba_"), "admin token")?
+        let token = secret_file(&path, || crate::ids::new_token("kba_"), "admin token")?;
+        log::info!(
+            "admin token: in {} (export KEYBRAKE_ADMIN_TOKEN=$(cat {}))",
+            path.display(),
+            path.display()
+        );
+        token
     } else {
         return Err(anyhow!(
             "no admin token: set KEYBRAKE_ADMIN_TOKEN or --admin-token-file"
@@ -167,6 +174,7 @@ fn start_control(
                     }
                 };
                 tokio::spawn(control.clone().housekeeping());
+                tokio::spawn(control.clone().follow_revocations());
                 let app = router(ApiState {
                     control: control.clone(),
                     proxy_addr,
@@ -180,6 +188,32 @@ fn start_control(
         })?;
     rx.recv()
         .map_err(|_| anyhow!("the control plane thread died during start-up"))?
+}
+
+/// Forks once. The parent records the child's PID in `pid_file` (atomically) and exits;
+/// the child starts a new session and carries on. Must run before any thread exists.
+pub fn daemonize(pid_file: &Path) -> Result<()> {
+    // SAFETY: called from main before any thread is spawned, so the child inherits a
+    // consistent single-threaded process.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(anyhow!("fork failed: {}", std::io::Error::last_os_error())),
+        0 => {
+            // SAFETY: plain system call in the freshly forked child.
+            unsafe { libc::setsid() };
+            let devnull = std::fs::File::open("/dev/null")?;
+            // SAFETY: dup2 onto stdin of our own process.
+            unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&devnull), 0) };
+            Ok(())
+        }
+        child => {
+            let tmp = pid_file.with_extension("pid.tmp");
+            std::fs::write(&tmp, format!("{child}\n"))
+                .and_then(|_| std::fs::rename(&tmp, pid_file))
+                .with_context(|| format!("cannot write PID file {}", pid_file.display()))?;
+            std::process::exit(0)
+        }
+    }
 }
 
 /// `keybrake control`: the control API alone.

@@ -147,6 +147,37 @@ impl Control {
         Ok(control)
     }
 
+    /// Every second, picks up revocations written to the database by another process
+    /// sharing it (the old or new process of a graceful upgrade), so none is missed.
+    pub async fn follow_revocations(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut since = now_secs() - 5;
+        loop {
+            tick.tick().await;
+            let now = now_secs();
+            match self.store.revoked_since(since, now).await {
+                Ok(rows) => {
+                    since = now - 5;
+                    let filter = self.published.revocations.load();
+                    let missing: Vec<_> = rows
+                        .into_iter()
+                        .filter(|(id, _)| !filter.is_revoked(id))
+                        .collect();
+                    if !missing.is_empty() {
+                        let _g = self.revocations_lock.lock().await;
+                        let filter = self.published.revocations.load();
+                        for (id, exp) in missing {
+                            filter.insert(&id, exp);
+                        }
+                        self.published.generation.fetch_add(1, Ordering::AcqRel);
+                        self.metrics.revoked_keys.set(filter.len() as i64);
+                    }
+                }
+                Err(e) => log::error!("cannot read recent revocations: {e:#}"),
+            }
+        }
+    }
+
     /// Periodic upkeep: drop public keys whose last vault key expired, and revocations past
     /// their key's `exp`.
     pub async fn housekeeping(self: Arc<Self>) {

@@ -14,7 +14,8 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tenants (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -88,7 +89,11 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
 CREATE INDEX audit_by_key ON audit (key_id, seq);
-"#];
+"#,
+    r#"
+CREATE INDEX keys_by_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NULL;
+"#,
+];
 
 #[derive(Clone)]
 pub struct Store {
@@ -488,6 +493,21 @@ impl Store {
         .fetch_optional(&self.writer)
         .await?;
         Ok(row.as_ref().map(key_row))
+    }
+
+    /// Keys revoked at or after `since` that have not expired: revocations made by another
+    /// process on the same database (the old one, during a graceful upgrade).
+    pub async fn revoked_since(&self, since: i64, now: i64) -> Result<Vec<(String, i64)>> {
+        let rows =
+            sqlx::query("SELECT id, expires_at FROM keys WHERE revoked_at >= ? AND expires_at > ?")
+                .bind(since)
+                .bind(now)
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("id"), r.get("expires_at")))
+            .collect())
     }
 
     /// Revoked keys that have not expired yet: the content of the revocation filter.

@@ -126,7 +126,7 @@ impl KeybrakeProxy {
         let mut cost = vendor.cost_per_request;
         if request_metered || convert {
             let body = self.read_body(session).await?;
-            let parsed = if convert {
+            let parsed = if convert && !body.is_empty() {
                 let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
                     if request_metered {
                         Denial::InvalidAmount

@@ -433,7 +433,7 @@ def denial(response: requests.Response) -> dict:
     assert body["error"]["type"] == "keybrake_error", body
     assert body["error"]["code"] == body["code"], body
     assert isinstance(body["message"], str) and body["message"], body
-    assert body["error"]["message"] == body["message"], body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
     return body
 
 
@@ -498,3 +498,20 @@ def verify_with_jwks(kb: Keybrake, token: str) -> dict:
     assert matching, f"kid {header.get('kid')!r} not in JWKS"
     key = jwt.PyJWK(matching[0]).key
     return jwt.decode(token[3:], key, algorithms=["EdDSA"], options={"verify_aud": False, "verify_exp": True})
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def write_config(directory: Path, **settings) -> Path:
+    """A keybrake.yaml with the given top-level settings, next to copies of the shipped
+    vendor catalog and currency table (which a config file names relative to itself)."""
+    import shutil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(CONF_DIR / "vendors.yaml", directory / "vendors.yaml")
+    shutil.copy(CONF_DIR / "currencies.yaml", directory / "currencies.yaml")
+    lines = [f"{k}: {json.dumps(v)}" for k, v in settings.items()]
+    path = directory / "keybrake.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

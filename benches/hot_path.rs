@@ -1,0 +1,141 @@
+//! The proxy's hot path, stage by stage: token check (uncached and cached), endpoint
+//! match, revocation lookup, path canonicalization and a spend reservation.
+//! Run: `cargo bench --bench hot_path`.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use keybrake::metrics::Metrics;
+use keybrake::money::Micros;
+use keybrake::pattern::Allowlist;
+use keybrake::proxy::path::canonicalize;
+use keybrake::proxy::spend::{SpendBook, Spender};
+use keybrake::proxy::verify::KeyVerifier;
+use keybrake::revocation::RevocationFilter;
+use keybrake::sync::{LeaseReport, LeaseRequest, Ledger, LedgerError, Published};
+use keybrake::token::{generate_ed25519, now_secs, Claims, Jwk, Jwks, SigningKey, Verifier};
+use std::sync::Arc;
+
+fn claims() -> Claims {
+    let now = now_secs();
+    Claims {
+        jti: "key_bench".into(),
+        ten: "tn_bench".into(),
+        ven: "stripe".into(),
+        eps: vec![
+            "/v1/payment_intents".into(),
+            "/v1/payment_intents/*".into(),
+            "GET /v1/customers/**".into(),
+        ],
+        cap: 1_000_000_000_000,
+        iat: now,
+        exp: now + 3600,
+        lbl: "bench".into(),
+        acc: None,
+    }
+}
+
+fn token_check(c: &mut Criterion) {
+    let (private, public) = generate_ed25519();
+    let signer = SigningKey::from_pkcs8("kid_1".into(), &private);
+    let jwks = Jwks {
+        keys: vec![Jwk::ed25519("kid_1", &public)],
+    };
+    let token = signer.sign(&claims());
+    let verifier = Verifier::new(&jwks);
+    c.bench_function("token_check_uncached", |b| {
+        b.iter(|| verifier.verify(black_box(token.expose())).unwrap())
+    });
+
+    let published = Arc::new(Published::empty());
+    published.verifier.store(Arc::new(Verifier::new(&jwks)));
+    let cached = KeyVerifier::new(published, 100_000, Metrics::global());
+    let now = now_secs();
+    cached.verify(token.expose(), now).unwrap();
+    c.bench_function("token_check_cached", |b| {
+        b.iter(|| cached.verify(black_box(token.expose()), now).unwrap())
+    });
+}
+
+fn endpoint_match(c: &mut Criterion) {
+    let allow = Allowlist::parse(&claims().eps).unwrap();
+    let post = http::Method::POST;
+    c.bench_function("endpoint_match", |b| {
+        b.iter(|| {
+            assert!(allow.allows(
+                black_box(&post),
+                black_box("/v1/payment_intents/pi_3MtwBwLkdIwHu7ix28a3tqPa")
+            ))
+        })
+    });
+    c.bench_function("path_canonicalize", |b| {
+        b.iter(|| {
+            canonicalize(black_box(
+                "/stripe/v1/payment_intents/pi_3MtwBwLkdIwHu7ix28a3tqPa/confirm",
+            ))
+            .unwrap()
+        })
+    });
+}
+
+fn revocation_lookup(c: &mut Criterion) {
+    let filter = RevocationFilter::with_capacity(100_000);
+    for i in 0..100_000 {
+        filter.insert(&format!("key_revoked_{i}"), i64::MAX);
+    }
+    c.bench_function("revocation_lookup_miss_100k", |b| {
+        b.iter(|| assert!(!filter.is_revoked(black_box("key_01jdx3k9v8b2n7q4r5s6t7u8w9"))))
+    });
+    c.bench_function("revocation_lookup_hit_100k", |b| {
+        b.iter(|| assert!(filter.is_revoked(black_box("key_revoked_4242"))))
+    });
+}
+
+/// Grants whatever is asked: the bench measures the proxy's counter, not a ledger.
+struct OpenLedger;
+
+#[async_trait::async_trait]
+impl Ledger for OpenLedger {
+    async fn lease(&self, r: LeaseRequest) -> Result<Micros, LedgerError> {
+        Ok(r.want)
+    }
+    async fn report(&self, _: Vec<LeaseReport>) -> Result<(), LedgerError> {
+        Ok(())
+    }
+}
+
+fn reservation(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let book = SpendBook::new(
+        Arc::new(OpenLedger),
+        Arc::new(Published::empty()),
+        16,
+        3600,
+        Metrics::global(),
+    );
+    let who = Spender {
+        key_id: "key_bench",
+        tenant_id: "tn_bench",
+        vendor: "stripe",
+        cap: Micros(i64::MAX / 4),
+        exp: i64::MAX,
+    };
+    let now = now_secs();
+    c.bench_function("reserve_and_settle", |b| {
+        b.iter(|| {
+            let r = rt
+                .block_on(book.reserve(&who, black_box(Micros(1_000_000)), now))
+                .unwrap();
+            book.settle(r);
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    token_check,
+    endpoint_match,
+    revocation_lookup,
+    reservation
+);
+criterion_main!(benches);

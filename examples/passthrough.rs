@@ -1,0 +1,55 @@
+//! A bare Pingora passthrough: the baseline `load-tests/proxy_overhead.sh` compares
+//! Keybrake against. It forwards every request unchanged to one plain-HTTP upstream,
+//! with the same thread count and keep-alive pooling as `keybrake serve`.
+//!
+//! Usage: passthrough --listen 127.0.0.1:P --upstream 127.0.0.1:U [--threads N]
+
+use async_trait::async_trait;
+use clap::Parser;
+use pingora::prelude::*;
+use pingora::server::configuration::{Opt, ServerConf};
+use std::net::SocketAddr;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    listen: String,
+    #[arg(long)]
+    upstream: SocketAddr,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+struct Passthrough(SocketAddr);
+
+#[async_trait]
+impl ProxyHttp for Passthrough {
+    type CTX = ();
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(self.0, false, String::new())))
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let conf = ServerConf {
+        threads: args.threads,
+        ..Default::default()
+    };
+    let opt = Opt {
+        upgrade: false,
+        daemon: false,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, Passthrough(args.upstream));
+    proxy.add_tcp(&args.listen);
+    server.add_service(proxy);
+    server.run_forever();
+}

@@ -1,0 +1,162 @@
+//! The `keybrake` client commands: the control API without hand-written curl. Each talks
+//! HTTP to `--control-url` with the token from `KEYBRAKE_TOKEN` (admin commands also
+//! read `KEYBRAKE_ADMIN_TOKEN`), prints a short human answer or `--json`, and fails with
+//! one clear line and a non-zero exit.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+pub struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(control_url: &str, admin: bool) -> Result<Client> {
+        let token = if admin {
+            std::env::var("KEYBRAKE_ADMIN_TOKEN").or_else(|_| std::env::var("KEYBRAKE_TOKEN"))
+        } else {
+            std::env::var("KEYBRAKE_TOKEN")
+        }
+        .map_err(|_| {
+            anyhow!(if admin {
+                "set KEYBRAKE_ADMIN_TOKEN (or KEYBRAKE_TOKEN) to the admin token"
+            } else {
+                "set KEYBRAKE_TOKEN to a tenant API token (kb_…)"
+            })
+        })?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build();
+        Ok(Client {
+            base: control_url.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+            agent,
+        })
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        let req = self
+            .agent
+            .request(method, &url)
+            .set("authorization", &format!("Bearer {}", self.token));
+        let result = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match result {
+            Ok(resp) => resp
+                .into_json()
+                .context("the control API answered with something that is not JSON"),
+            Err(ureq::Error::Status(status, resp)) => {
+                let body: Value = resp.into_json().unwrap_or(Value::Null);
+                let code = body["error"]["code"].as_str().unwrap_or("error");
+                let message = body["error"]["message"].as_str().unwrap_or("");
+                bail!("{status} {code}: {message}")
+            }
+            Err(e) => bail!("cannot reach the control API at {}: {e}", self.base),
+        }
+    }
+}
+
+pub fn print(value: &Value, json_out: bool, human: impl FnOnce(&Value) -> String) {
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    } else {
+        println!("{}", human(value));
+    }
+}
+
+pub fn read_secret_file(path: &Path) -> Result<String> {
+    let text = if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let secret = text.trim().to_string();
+    if secret.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(secret)
+}
+
+pub fn key_line(k: &Value) -> String {
+    format!(
+        "{}  {:<8}  {:<10}  spent ${} of ${}  expires {}  {}",
+        k["id"].as_str().unwrap_or("?"),
+        k["status"].as_str().unwrap_or("?"),
+        k["vendor"].as_str().unwrap_or("?"),
+        k["spent_today_usd"],
+        k["daily_usd_cap"],
+        k["expires_at"].as_str().unwrap_or("?"),
+        k["label"].as_str().unwrap_or(""),
+    )
+}
+
+pub fn key_details(k: &Value) -> String {
+    let endpoints: Vec<&str> = k["allowed_endpoints"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    format!(
+        "id:              {}\nstatus:          {}\nvendor:          {}\nlabel:           {}\nallowed:         {}\ndaily cap:       ${}\nspent today:     ${} (held ${})\ncreated:         {}\nexpires:         {}\nrevoked:         {}",
+        k["id"].as_str().unwrap_or("?"),
+        k["status"].as_str().unwrap_or("?"),
+        k["vendor"].as_str().unwrap_or("?"),
+        k["label"].as_str().unwrap_or(""),
+        endpoints.join(", "),
+        k["daily_usd_cap"],
+        k["spent_today_usd"],
+        k["held_usd"],
+        k["created_at"].as_str().unwrap_or("?"),
+        k["expires_at"].as_str().unwrap_or("?"),
+        k["revoked_at"].as_str().unwrap_or("-"),
+    )
+}
+
+pub fn audit_line(e: &Value) -> String {
+    format!(
+        "{}  {:<6} {:<40} {:>3}  {:<22} ${}  {}",
+        e["ts"].as_str().unwrap_or("?"),
+        e["method"].as_str().unwrap_or("?"),
+        e["path"].as_str().unwrap_or("?"),
+        e["status"],
+        e["decision"].as_str().unwrap_or("?"),
+        e["spend_usd"],
+        e["vendor_request_id"].as_str().unwrap_or("-"),
+    )
+}
+
+/// Builds the `POST /v1/keys` body from the CLI flags.
+pub fn issue_body(
+    vendor: &str,
+    endpoints: &[String],
+    cap: &str,
+    ttl: Option<&str>,
+    label: Option<&str>,
+    accounts: &[String],
+) -> Result<Value> {
+    let cap: Value = serde_json::from_str(cap.trim())
+        .map_err(|_| anyhow!("--cap {cap:?} is not a number of US dollars"))?;
+    let mut body = json!({"vendor": vendor, "allowed_endpoints": endpoints, "daily_usd_cap": cap});
+    if let Some(ttl) = ttl {
+        body["expires_in"] = json!(ttl);
+    }
+    if let Some(label) = label {
+        body["label"] = json!(label);
+    }
+    if !accounts.is_empty() {
+        body["stripe_accounts"] = json!(accounts);
+    }
+    Ok(body)
+}

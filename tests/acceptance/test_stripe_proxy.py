@@ -1,0 +1,909 @@
+"""Data plane (SPEC §2, §4, §5) with Stripe: the official stripe SDK as the agent,
+`keybrake serve` as the proxy, localstripe as the vendor. Every denial must be decided
+by Keybrake without the vendor ever seeing the request."""
+
+import hashlib
+import hmac
+import http.client
+import json
+import re
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import ROUND_CEILING, Decimal
+
+import pytest
+import requests
+import stripe
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from harness import (
+    as_json,
+    assert_denied,
+    b64url_decode,
+    b64url_encode,
+    currency_rate,
+    denial,
+    error_code,
+    free_port,
+    jwks,
+    make_token,
+    parse_ts,
+    stripe_client,
+    token_parts,
+    wait_until,
+    write_config,
+)
+
+CARD = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"}
+PI = "/stripe/v1/payment_intents"
+
+
+def pay(kb, token, amount, currency="usd", **extra):
+    """POST /v1/payment_intents through the proxy, form-encoded like Stripe's SDKs."""
+    return kb.proxy("POST", PI, key=token, data={"amount": amount, "currency": currency, **extra})
+
+
+def accepted_intents(fake):
+    return [r for r in fake.received_matching("POST", "/v1/payment_intents") if r.status == 200]
+
+
+def assert_vendor_saw_only_the_real_secret(fake, secret, tokens):
+    received = fake.received()
+    assert received, "the fake vendor received nothing"
+    for r in received:
+        assert r.authorization == f"Bearer {secret}", r.authorization
+        blob = json.dumps(r.headers) + r.body.decode("latin-1")
+        assert "vk_" not in blob, f"a vault key reached the vendor: {r.method} {r.path}"
+        for t in tokens:
+            assert t not in blob and t[3:] not in blob
+        assert "x-api-key" not in r.headers
+
+
+# --------------------------------------------------------------------------- happy path
+
+
+def test_payment_through_the_proxy_with_the_stripe_sdk(keybrake, tenant, fake_stripe, stripe_secret):
+    """(1) An agent using the stripe SDK with a vault key creates a PaymentMethod and a
+    confirmed PaymentIntent through Keybrake: it succeeds; Stripe sees the real sk_
+    secret and never the vault key; responses carry x-keybrake-key-id; spend is $20."""
+    key = tenant.issue_key(
+        allowed_endpoints=["POST /v1/payment_methods", "/v1/payment_intents", "/v1/payment_intents/*"],
+        daily_usd_cap=500,
+    )
+    client = stripe_client(keybrake, key["token"])
+    pm = client.v1.payment_methods.create(params={"type": "card", "card": CARD})
+    assert pm.id.startswith("pm_")
+    intent = client.v1.payment_intents.create(
+        params={"amount": 2000, "currency": "usd", "payment_method": pm.id, "confirm": True}
+    )
+    assert intent.status == "succeeded"
+    assert intent.amount == 2000
+    assert intent.last_response.headers.get("x-keybrake-key-id") == key["id"]
+    fetched = client.v1.payment_intents.retrieve(intent.id)
+    assert fetched.status == "succeeded"
+
+    assert [r.path for r in fake_stripe.received()] == [
+        "/v1/payment_methods",
+        "/v1/payment_intents",
+        f"/v1/payment_intents/{intent.id}",
+    ]
+    assert_vendor_saw_only_the_real_secret(fake_stripe, stripe_secret, [key["token"]])
+    tenant.wait_spent(key["id"], Decimal(20))
+
+
+def test_vault_key_is_accepted_from_x_api_key_and_basic_auth(keybrake, tenant, fake_stripe, stripe_secret):
+    """The vault key works as Authorization: Bearer, x-api-key, or HTTP Basic user name;
+    every client credential is removed and only the real secret is forwarded."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers"])
+    token = key["token"]
+    url = f"{keybrake.proxy_url}/stripe/v1/customers"
+    responses = [
+        requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10),
+        requests.get(url, headers={"x-api-key": token}, timeout=10),
+        requests.get(url, auth=(token, ""), timeout=10),
+        requests.get(url, headers={"Authorization": f"Bearer {token}", "x-api-key": token,
+                                   "Proxy-Authorization": f"Bearer {token}", "Cookie": f"k={token}"}, timeout=10),
+    ]
+    for r in responses:
+        assert r.status_code == 200, r.text
+        assert r.headers.get("x-keybrake-key-id") == key["id"]
+    assert len(fake_stripe.received()) == 4
+    assert_vendor_saw_only_the_real_secret(fake_stripe, stripe_secret, [token])
+    for r in fake_stripe.received():
+        assert "cookie" not in r.headers and "proxy-authorization" not in r.headers
+
+
+def test_query_string_is_forwarded(keybrake, tenant, fake_stripe):
+    """{METHOD} /stripe/{rest}?{query} reaches the vendor as /{rest}?{query}."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers"])
+    r = keybrake.proxy("GET", "/stripe/v1/customers?limit=3&email=a%40b.example", key=key["token"])
+    assert r.status_code == 200, r.text
+    assert fake_stripe.received()[-1].path == "/v1/customers?limit=3&email=a%40b.example"
+
+
+# --------------------------------------------------------------------------- caps
+
+
+def test_spend_cap_refuses_the_payment_that_would_exceed_it(keybrake, tenant, fake_stripe):
+    """(2) With a $20 cap: a $15 payment succeeds; the next $15 is 429 cap_exhausted, the
+    SDK raises an error carrying Keybrake's message, and Stripe never sees it; $5 (exactly
+    up to the cap) still succeeds, then even $0.01 is refused."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
+    client = stripe_client(keybrake, key["token"])
+    first = client.v1.payment_intents.create(params={"amount": 1500, "currency": "usd"})
+    assert first.amount == 1500
+
+    with pytest.raises(stripe.StripeError) as info:
+        client.v1.payment_intents.create(params={"amount": 1500, "currency": "usd"})
+    err = info.value
+    assert err.http_status == 429
+    body = err.json_body
+    assert body["code"] == "cap_exhausted" and body["error"]["code"] == "cap_exhausted"
+    assert body["error"]["type"] == "keybrake_error"
+    assert err.user_message == body["error"]["message"] == body["message"]
+    assert len(fake_stripe.received_matching("POST", "/v1/payment_intents")) == 1
+
+    raw = pay(keybrake, key["token"], 1500)
+    assert_denied(raw, 429, "cap_exhausted")
+    assert len(fake_stripe.received_matching("POST", "/v1/payment_intents")) == 1
+
+    assert pay(keybrake, key["token"], 500).status_code == 200
+    assert_denied(pay(keybrake, key["token"], 1), 429, "cap_exhausted")
+    assert len(accepted_intents(fake_stripe)) == 2
+    tenant.wait_spent(key["id"], Decimal(20))
+
+
+def test_concurrent_payments_never_exceed_the_cap(keybrake, tenant, fake_stripe):
+    """(3) 200 concurrent $1 payments against a $50 cap: exactly 50 reach Stripe and
+    succeed, the other 150 are 429 cap_exhausted."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50)
+    n = 200
+    barrier = threading.Barrier(n, timeout=60)
+
+    def fire(_):
+        barrier.wait()
+        try:
+            r = pay(keybrake, key["token"], 100)
+            return r.status_code, error_code(r) if r.status_code != 200 else None
+        except requests.RequestException as e:
+            return "error", repr(e)
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        results = list(pool.map(fire, range(n)))
+
+    ok = [r for r in results if r[0] == 200]
+    capped = [r for r in results if r == (429, "cap_exhausted")]
+    others = [r for r in results if r[0] not in (200, 429)]
+    assert not others, others[:5]
+    assert len(ok) == 50, f"{len(ok)} succeeded"
+    assert len(capped) == 150
+    time.sleep(0.5)
+    seen = fake_stripe.received_matching("POST", "/v1/payment_intents")
+    assert len(seen) == 50 and all(r.status == 200 for r in seen)
+    tenant.wait_spent(key["id"], Decimal(50))
+
+
+def test_kill_9_mid_burst_never_loses_or_overspends_budget(keybrake, tenant, fake_stripe):
+    """(8) keybrake serve is SIGKILLed in the middle of a burst of $1 payments; restarted
+    on the same data dir, the key's spent_today_usd covers at least every payment Stripe
+    accepted, and spending on until 429 never takes Stripe's total above the $40 cap."""
+    cap = 40
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=cap)
+    stop = threading.Event()
+
+    def worker():
+        for _ in range(40):
+            if stop.is_set():
+                return
+            try:
+                pay(keybrake, key["token"], 100)
+            except requests.RequestException:
+                return
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    reached = wait_until(lambda: len(accepted_intents(fake_stripe)) >= cap // 2 - 2, timeout=60, interval=0.02)
+    keybrake.kill9()
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert reached, "the burst did not reach half the cap before the kill"
+    time.sleep(0.5)
+    accepted_before = len(accepted_intents(fake_stripe))
+    assert accepted_before < cap, "the whole cap was spent before the kill; the test proves nothing"
+
+    keybrake.start()
+    spent = tenant.get_key(key["id"])["spent_today_usd"]
+    assert spent >= accepted_before, f"spent_today_usd {spent} < {accepted_before} accepted by Stripe"
+
+    last = None
+    for _ in range(cap + 5):
+        last = pay(keybrake, key["token"], 100)
+        if last.status_code != 200:
+            break
+    assert_denied(last, 429, "cap_exhausted")
+    total = len(accepted_intents(fake_stripe))
+    print(f"kill -9 after {accepted_before} accepted; spent after restart {spent}; total accepted {total}")
+    assert total <= cap, f"Stripe accepted ${total} against a ${cap} cap"
+    assert tenant.get_key(key["id"])["spent_today_usd"] >= total
+
+
+def test_vendor_error_releases_the_reservation(keybrake, tenant, fake_stripe):
+    """A payment Stripe refuses (4xx) is answered with Stripe's own status and JSON, and
+    its reserved amount goes back to the key: nothing counts as spent."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
+    r = pay(keybrake, key["token"], 1500, customer="cus_doesnotexist")
+    assert r.status_code == 404, r.text
+    vendor = fake_stripe.received()[-1]
+    assert vendor.status == 404
+    assert as_json(r) == vendor.response_json()
+    assert r.headers.get("x-keybrake-key-id") == key["id"]
+    tenant.wait_spent(key["id"], Decimal(0))
+    assert pay(keybrake, key["token"], 2000).status_code == 200
+
+
+def test_unreachable_vendor_is_502_and_releases_the_reservation(keybrake_factory, stripe_secret):
+    """With Stripe unreachable the proxy answers 502 upstream_unavailable and the
+    reserved amount is released."""
+    kb = keybrake_factory({"stripe": f"http://127.0.0.1:{free_port()}"})
+    t = kb.create_tenant()
+    t.put_credential("stripe", stripe_secret)
+    key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
+    assert_denied(pay(kb, key["token"], 1500), 502, "upstream_unavailable")
+    t.wait_spent(key["id"], Decimal(0))
+
+
+def _direct_payment_method(fake, secret):
+    direct = fake.direct(secret)
+    r = direct.post(f"{fake.url}/v1/payment_methods", data={
+        "type": "card", "card[number]": CARD["number"], "card[exp_month]": "12",
+        "card[exp_year]": "2034", "card[cvc]": "123"}, timeout=10)
+    assert r.status_code == 200, r.text
+    return direct, r.json()["id"]
+
+
+def test_confirm_and_capture_are_metered_from_the_response_unless_the_key_created_the_intent(
+        keybrake, tenant, fake_stripe, stripe_secret):
+    """Confirming or capturing a PaymentIntent created elsewhere costs its amount, read
+    from Stripe's 2xx answer; confirming one this key created (already metered at
+    creation) costs nothing more; refunds are not spend."""
+    direct, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    foreign = direct.post(f"{fake_stripe.url}/v1/payment_intents",
+                          data={"amount": 1200, "currency": "usd", "payment_method": pm}, timeout=10).json()
+    held = direct.post(f"{fake_stripe.url}/v1/payment_intents",
+                       data={"amount": 300, "currency": "usd", "payment_method": pm,
+                             "capture_method": "manual", "confirm": "true"}, timeout=10).json()
+    assert held["status"] == "requires_capture"
+
+    key = tenant.issue_key(allowed_endpoints=["/v1/payment_intents", "/v1/payment_intents/**", "POST /v1/refunds"],
+                           daily_usd_cap=100)
+    client = stripe_client(keybrake, key["token"])
+    confirmed = client.v1.payment_intents.confirm(foreign["id"])
+    assert confirmed.status == "succeeded"
+    tenant.wait_spent(key["id"], Decimal(12))
+
+    captured = client.v1.payment_intents.capture(held["id"])
+    assert captured.status == "succeeded"
+    tenant.wait_spent(key["id"], Decimal(15))
+
+    own = client.v1.payment_intents.create(params={"amount": 800, "currency": "usd", "payment_method": pm})
+    tenant.wait_spent(key["id"], Decimal(23))
+    assert client.v1.payment_intents.confirm(own.id).status == "succeeded"
+    tenant.wait_spent(key["id"], Decimal(23))
+
+    refund = client.v1.refunds.create(params={"payment_intent": own.id})
+    assert refund.id.startswith("re_")
+    tenant.wait_spent(key["id"], Decimal(23))
+
+
+def test_chunked_metered_body_is_metered_and_forwarded_intact(keybrake, tenant, fake_stripe):
+    """A metered body sent with Transfer-Encoding: chunked is read, metered and
+    forwarded with the same bytes."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+    parts = [b"amount=", b"450", b"&currency=", b"usd&metadata[order]=", b"A-17"]
+    r = requests.post(f"{keybrake.proxy_url}{PI}", data=iter(parts), timeout=30,
+                      headers={"Authorization": f"Bearer {key['token']}",
+                               "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.request.headers.get("Transfer-Encoding") == "chunked"
+    assert r.status_code == 200, r.text
+    assert fake_stripe.received()[-1].body == b"".join(parts)
+    tenant.wait_spent(key["id"], Decimal("4.5"))
+
+
+def test_hop_by_hop_headers_are_not_forwarded(keybrake, tenant, fake_stripe):
+    """Headers named in Connection, Keep-Alive, Proxy-Connection and TE are hop-by-hop:
+    the vendor never receives them; ordinary headers pass."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers"])
+    r = keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"], headers={
+        "Connection": "keep-alive, X-Hop-Secret",
+        "X-Hop-Secret": "drop-me",
+        "Keep-Alive": "timeout=5",
+        "Proxy-Connection": "keep-alive",
+        "TE": "trailers",
+        "X-Request-Note": "keep-me",
+    })
+    assert r.status_code == 200, r.text
+    got = fake_stripe.received()[-1].headers
+    for h in ("x-hop-secret", "keep-alive", "proxy-connection", "te"):
+        assert h not in got, f"hop-by-hop header {h} forwarded: {got}"
+    assert got.get("x-request-note") == "keep-me"
+
+
+def test_vendor_secret_rotation_applies_to_the_next_call(keybrake, tenant, fake_stripe, stripe_secret):
+    """Replacing the Stripe credential takes effect on the next proxied call; deleting it
+    stops forwarding altogether (the old secret is never used again)."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers"])
+    assert keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"]).status_code == 200
+    new_secret = "sk_test_" + secrets.token_hex(20)
+    tenant.put_credential("stripe", new_secret)
+    assert keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"]).status_code == 200
+    assert [r.authorization for r in fake_stripe.received()] == [f"Bearer {stripe_secret}", f"Bearer {new_secret}"]
+
+    assert tenant.call("DELETE", "/v1/vendors/stripe/credential").status_code == 200
+    r = keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"])
+    assert r.status_code >= 400, r.text
+    denial(r)
+    assert len(fake_stripe.received()) == 2
+
+
+# --------------------------------------------------------------------------- revocation & keys
+
+
+def test_revoked_key_is_refused_immediately(keybrake, tenant, fake_stripe):
+    """(4) Right after DELETE /v1/keys/{id}, the next call is 401 key_revoked and never
+    reaches Stripe."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers"])
+    assert keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"]).status_code == 200
+    assert tenant.revoke(key["id"]).status_code == 200
+    assert_denied(keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"]), 401, "key_revoked")
+    assert len(fake_stripe.received()) == 1
+
+
+def _hs256(header, claims, secret: bytes) -> str:
+    h = b64url_encode(json.dumps(header, separators=(",", ":")).encode())
+    p = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
+    sig = hmac.new(secret, f"{h}.{p}".encode(), hashlib.sha256).digest()
+    return f"vk_{h}.{p}.{b64url_encode(sig)}"
+
+
+def _ed25519(header, claims, private_key) -> str:
+    h = b64url_encode(json.dumps(header, separators=(",", ":")).encode())
+    p = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
+    sig = private_key.sign(f"{h}.{p}".encode())
+    return f"vk_{h}.{p}.{b64url_encode(sig)}"
+
+
+def _forge(kind, token, public_jwk):
+    header, claims, sig = token_parts(token)
+    h_seg, p_seg, _ = token[3:].split(".")
+    x = public_jwk["x"]
+    if kind == "alg_none":
+        return make_token({**header, "alg": "none"}, claims, "")
+    if kind == "alg_none_keeping_signature":
+        return make_token({**header, "alg": "none"}, claims, sig)
+    if kind == "hs256_with_raw_public_key":
+        return _hs256({**header, "alg": "HS256"}, claims, b64url_decode(x))
+    if kind == "hs256_with_base64_public_key":
+        return _hs256({**header, "alg": "HS256"}, claims, x.encode())
+    if kind == "rs256_header":
+        return make_token({**header, "alg": "RS256"}, claims, sig)
+    if kind == "raised_cap":
+        return make_token(header, {**claims, "cap": claims["cap"] * 1000}, sig)
+    if kind == "extended_exp":
+        return make_token(header, {**claims, "exp": claims["exp"] + 86400}, sig)
+    if kind == "other_tenant":
+        return make_token(header, {**claims, "ten": "tn_someoneelse"}, sig)
+    if kind == "wider_endpoints":
+        return f"vk_{h_seg}." + b64url_encode(json.dumps({**claims, "eps": ["/v1/**"]}).encode()) + f".{sig}"
+    if kind == "unknown_kid":
+        return _ed25519({**header, "kid": "kid-unknown-" + secrets.token_hex(4)}, claims, Ed25519PrivateKey.generate())
+    if kind == "right_kid_wrong_key":
+        return _ed25519(header, claims, Ed25519PrivateKey.generate())
+    if kind == "no_kid":
+        h = dict(header)
+        h.pop("kid", None)
+        return make_token(h, claims, sig)
+    if kind == "no_vk_prefix":
+        return token[3:]
+    if kind == "truncated":
+        return token[:-10]
+    if kind == "garbage":
+        return "vk_not.a.jwt"
+    if kind == "stripe_secret_shape":
+        return "sk_live_" + secrets.token_hex(12)
+    raise AssertionError(kind)
+
+
+FORGERIES = [
+    "alg_none",
+    "alg_none_keeping_signature",
+    "hs256_with_raw_public_key",
+    "hs256_with_base64_public_key",
+    "rs256_header",
+    "raised_cap",
+    "extended_exp",
+    "other_tenant",
+    "wider_endpoints",
+    "unknown_kid",
+    "right_kid_wrong_key",
+    "no_kid",
+    "no_vk_prefix",
+    "truncated",
+    "garbage",
+    "stripe_secret_shape",
+]
+
+
+@pytest.mark.parametrize("kind", FORGERIES)
+def test_forged_or_tampered_tokens_are_invalid_key(keybrake, tenant, fake_stripe, kind):
+    """(5) Only genuine EdDSA signatures by this Keybrake are accepted: alg none, HS256
+    keyed with the public key, tampered claims, unknown kid, a foreign key, malformed
+    tokens all answer 401 invalid_key and never reach Stripe."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers"], daily_usd_cap=1)
+    header, _, _ = token_parts(key["token"])
+    public = [k for k in jwks(keybrake) if k["kid"] == header["kid"]][0]
+    forged = _forge(kind, key["token"], public)
+    path = "/stripe/v1/customers" if kind != "wider_endpoints" else "/stripe/v1/charges"
+    assert_denied(keybrake.proxy("GET", path, key=forged), 401, "invalid_key")
+    assert fake_stripe.received() == []
+    # the genuine token still works
+    assert keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"]).status_code == 200
+
+
+def test_token_from_another_keybrake_is_invalid_key(keybrake, tenant, fake_stripe, keybrake_factory):
+    """(5) A vault key minted by a different Keybrake installation (its own signing keys)
+    is 401 invalid_key here."""
+    other = keybrake_factory({"stripe": fake_stripe.url})
+    t2 = other.create_tenant()
+    t2.put_credential("stripe", "sk_test_" + secrets.token_hex(20))
+    foreign = t2.issue_key(allowed_endpoints=["GET /v1/customers"])
+    assert other.proxy("GET", "/stripe/v1/customers", key=foreign["token"]).status_code == 200
+    n = len(fake_stripe.received())
+    assert_denied(keybrake.proxy("GET", "/stripe/v1/customers", key=foreign["token"]), 401, "invalid_key")
+    assert len(fake_stripe.received()) == n
+
+
+def test_missing_key_is_401(keybrake, tenant, fake_stripe):
+    """(5) A call without any vault key is 401 missing_key."""
+    assert_denied(keybrake.proxy("GET", "/stripe/v1/customers"), 401, "missing_key")
+    assert_denied(
+        keybrake.proxy("GET", "/stripe/v1/customers", headers={"Authorization": "Bearer "}), 401, "missing_key"
+    )
+    assert fake_stripe.received() == []
+
+
+def test_expired_key_is_refused(keybrake, tenant, fake_stripe):
+    """(5) A key issued with expires_in "1s" works at first and is 401 key_expired once
+    its expiry (plus at most the 5 s leeway SPEC §2 allows) has passed."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers"], expires_in="1s")
+    exp = parse_ts(key["expires_at"])
+    time.sleep(max(0.0, exp - time.time()) + 5.5)
+    assert_denied(keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"]), 401, "key_expired")
+    assert fake_stripe.received() == []
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def raw_request(kb, method, raw_path, token, body=None, headers=None):
+    """Send `raw_path` exactly as written (no client-side normalization)."""
+    conn = http.client.HTTPConnection("127.0.0.1", kb.proxy_port, timeout=15)
+    try:
+        conn.putrequest(method, raw_path, skip_accept_encoding=True)
+        conn.putheader("Authorization", f"Bearer {token}")
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+BAD_PATHS = [
+    "/stripe/v1/customers/../payment_intents",
+    "/stripe/v1/customers/..",
+    "/stripe/v1/customers/%2e%2e/payment_intents",
+    "/stripe/v1/customers/%2E%2E/payment_intents",
+    "/stripe/v1/customers/.%2e/payment_intents",
+    "/stripe/v1/./customers",
+    "/stripe/v1/%2e/customers",
+    "/stripe/v1/customers%2Fcus_123",
+    "/stripe/v1/customers%2fcus_123",
+    "/stripe/v1/customers/cus_1%2F..%2Fpayment_intents",
+    "/stripe/v1//customers",
+    "/stripe//v1/customers",
+    "/stripe/v1/customers/",
+    "/stripe/v1/customers/%5Ccus_123",
+    "/stripe/v1/customers/%5ccus_123",
+    "/stripe/v1/customers/\\cus_123",
+    "/stripe/v1/customers/..\\payment_intents",
+    "/stripe/v1/customers/cus%00x",
+    "/stripe/v1/customers/cus%0ax",
+    "/stripe/v1/customers/cus%0dx",
+    "/stripe/v1/customers/cus%1fx",
+    "/stripe/v1/customers/cus%7fx",
+    "/stripe/v1/customers/cus%zz",
+    "/stripe/v1/customers/cus%2",
+]
+
+
+@pytest.mark.parametrize("raw_path", BAD_PATHS)
+def test_non_canonical_paths_are_rejected_and_never_forwarded(keybrake, tenant, fake_stripe, raw_path):
+    """(6) `..` / `.` segments (also encoded), encoded `/` or `\\`, raw backslashes, empty
+    segments, NUL and control bytes: 400 invalid_path, nothing reaches Stripe — even for
+    a key allowed everything under /v1/**."""
+    key = tenant.issue_key(allowed_endpoints=["/v1/**"])
+    for method in ("GET", "POST"):
+        body = b"amount=100&currency=usd" if method == "POST" else None
+        hdrs = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+        status, _, data = raw_request(keybrake, method, raw_path, key["token"], body, hdrs)
+        assert status == 400, f"{method} {raw_path} -> {status} {data[:300]!r}"
+        parsed = json.loads(data)
+        assert parsed["code"] == "invalid_path" and parsed["error"]["code"] == "invalid_path", parsed
+    assert fake_stripe.received() == []
+
+
+def test_encoded_unreserved_characters_are_decoded_before_matching(keybrake, tenant, fake_stripe):
+    """Percent-encoded unreserved characters are decoded: the canonical path is what is
+    matched against the allowlist and what Stripe receives."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers/*"])
+    status, headers, data = raw_request(keybrake, "GET", "/stripe/v1/%63ustomers/cus%5Fabc%2D1%7E", key["token"])
+    assert status == 404, data  # localstripe: no such customer; the request was forwarded
+    assert fake_stripe.received()[-1].path == "/v1/customers/cus_abc-1~"
+    assert headers.get("x-keybrake-key-id") == key["id"]
+
+
+def test_reserved_and_non_ascii_escapes_stay_encoded(keybrake, tenant, fake_stripe):
+    """Only unreserved characters are decoded: an encoded ':' or UTF-8 byte is forwarded
+    still encoded, exactly as sent."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers/*"])
+    for raw, forwarded in (("cus%3A1", "/v1/customers/cus%3A1"), ("caf%C3%A9", "/v1/customers/caf%C3%A9")):
+        status, _, data = raw_request(keybrake, "GET", f"/stripe/v1/customers/{raw}", key["token"])
+        assert status == 404, data  # forwarded; localstripe has no such customer
+        assert fake_stripe.received()[-1].path.upper() == forwarded.upper()
+
+
+def test_authorization_scheme_is_case_insensitive(keybrake, tenant, fake_stripe):
+    """`authorization: bearer vk_…` (lower-case scheme, RFC 7235) is accepted."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers"])
+    r = keybrake.proxy("GET", "/stripe/v1/customers", headers={"authorization": f"bearer {key['token']}"})
+    assert r.status_code == 200, r.text
+
+
+# --------------------------------------------------------------------------- scope
+
+
+SCOPE_CASES = [
+    # (allowed_endpoints, method, path, allowed?)
+    (["POST /v1/payment_intents"], "GET", "/v1/customers", False),
+    (["POST /v1/payment_intents"], "GET", "/v1/payment_intents", False),
+    (["GET /v1/payment_intents/*"], "POST", "/v1/payment_intents/pi_123", False),
+    (["GET /v1/payment_intents/*"], "GET", "/v1/payment_intents/pi_123", True),
+    (["/v1/payment_intents/*"], "POST", "/v1/payment_intents/pi_123/confirm", False),
+    (["/v1/payment_intents/*"], "GET", "/v1/payment_intents", False),
+    (["/v1/payment_intents"], "GET", "/v1/payment_intents", True),
+    (["/v1/payment_intents"], "GET", "/v1/payment_intents/pi_123", False),
+    (["/v1/customers/**"], "GET", "/v1/customers", True),
+    (["/v1/customers/**"], "GET", "/v1/customers/cus_1/sources", True),
+    (["/v1/customers/**"], "GET", "/v1/customersX", False),
+    (["/v1/*/cus_1"], "GET", "/v1/customers/cus_1", True),
+    (["DELETE /v1/customers/*"], "GET", "/v1/customers/cus_1", False),
+]
+
+
+@pytest.mark.parametrize("patterns,method,path,allowed", SCOPE_CASES)
+def test_endpoint_allowlist_is_enforced(keybrake, tenant, fake_stripe, patterns, method, path, allowed):
+    """(7) A call outside allowed_endpoints (path or method) is 403 endpoint_not_allowed
+    and never reaches Stripe; a call inside is forwarded as is."""
+    key = tenant.issue_key(allowed_endpoints=patterns)
+    r = keybrake.proxy(method, f"/stripe{path}", key=key["token"])
+    if allowed:
+        assert r.status_code not in (401, 403), r.text
+        assert r.headers.get("x-keybrake-key-id") == key["id"]
+        assert [(x.method, x.path) for x in fake_stripe.received()] == [(method, path)]
+    else:
+        assert_denied(r, 403, "endpoint_not_allowed")
+        assert fake_stripe.received() == []
+
+
+def test_stripe_key_used_on_another_vendor_is_vendor_mismatch(keybrake_factory, fake_stripe_factory, stripe_secret):
+    """(7) A Stripe vault key sent to /openai/… is 403 vendor_mismatch before any
+    contact with OpenAI's upstream; an unknown vendor prefix is 404 unknown_vendor."""
+    stripe_fake = fake_stripe_factory()
+    openai_fake = fake_stripe_factory()  # any recording server stands in for OpenAI
+    kb = keybrake_factory({"stripe": stripe_fake.url, "openai": openai_fake.url})
+    t = kb.create_tenant()
+    t.put_credential("stripe", stripe_secret)
+    t.put_credential("openai", "sk-openai-" + secrets.token_hex(8))
+    key = t.issue_key(allowed_endpoints=["/v1/**"])
+    r = kb.proxy("POST", "/openai/v1/chat/completions", key=key["token"],
+                 json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    assert_denied(r, 403, "vendor_mismatch")
+    assert_denied(kb.proxy("GET", "/nosuchvendor/v1/things", key=key["token"]), 404, "unknown_vendor")
+    assert openai_fake.received() == []
+    assert stripe_fake.received() == []
+
+
+def test_stripe_account_header_must_be_listed_on_the_key(keybrake, tenant, fake_stripe):
+    """(7) Stripe-Account / Stripe-Context are forwarded only for accounts listed in the
+    key's stripe_accounts (else 403 account_not_allowed); Idempotency-Key passes
+    untouched."""
+    plain = tenant.issue_key(allowed_endpoints=["/v1/customers"])
+    connect = tenant.issue_key(allowed_endpoints=["/v1/customers"], stripe_accounts=["acct_1ALLOWED"])
+
+    assert_denied(
+        keybrake.proxy("GET", "/stripe/v1/customers", key=plain["token"], headers={"Stripe-Account": "acct_1ALLOWED"}),
+        403, "account_not_allowed",
+    )
+    assert_denied(
+        keybrake.proxy("GET", "/stripe/v1/customers", key=connect["token"], headers={"Stripe-Account": "acct_2OTHER"}),
+        403, "account_not_allowed",
+    )
+    assert_denied(
+        keybrake.proxy("GET", "/stripe/v1/customers", key=connect["token"], headers={"Stripe-Context": "acct_2OTHER"}),
+        403, "account_not_allowed",
+    )
+    assert fake_stripe.received() == []
+
+    client = stripe_client(keybrake, connect["token"])
+    client.v1.customers.list(options={"stripe_account": "acct_1ALLOWED"})
+    assert fake_stripe.received()[-1].headers.get("stripe-account") == "acct_1ALLOWED"
+
+    r = keybrake.proxy(
+        "POST", "/stripe/v1/customers", key=connect["token"],
+        headers={"Stripe-Context": "acct_1ALLOWED", "Idempotency-Key": "idem-Abc_123"}, data={"name": "x"},
+    )
+    assert r.status_code == 200, r.text
+    last = fake_stripe.received()[-1]
+    assert last.headers.get("stripe-context") == "acct_1ALLOWED"
+    assert last.headers.get("idempotency-key") == "idem-Abc_123"
+    assert len(fake_stripe.received()) == 2
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def test_seed_json_payment_is_form_encoded_metered_and_answered_as_stripe(keybrake, tenant, fake_stripe, stripe_secret):
+    """(9) The seed's handler posts JSON {amount, currency, customer, confirm,
+    automatic_payment_methods: {enabled: true}}: Stripe receives it form-encoded with
+    bracket notation, the amount is metered, and the agent gets Stripe's status and JSON."""
+    direct = fake_stripe.direct(stripe_secret)
+    pm = direct.post(f"{fake_stripe.url}/v1/payment_methods", data={
+        "type": "card", "card[number]": CARD["number"], "card[exp_month]": "12",
+        "card[exp_year]": "2034", "card[cvc]": "123"}, timeout=10).json()
+    customer = direct.post(f"{fake_stripe.url}/v1/customers", data={"payment_method": pm["id"]}, timeout=10).json()
+    setup_calls = len(fake_stripe.received())
+
+    key = tenant.issue_key(
+        label="deno-charge-req-1",
+        allowed_endpoints=["/v1/payment_intents", "/v1/payment_intents/*"],
+        daily_usd_cap=500,
+        expires_in="5m",
+    )
+    r = requests.post(
+        f"{keybrake.proxy_url}/stripe/v1/payment_intents",
+        headers={"Authorization": f"Bearer {key['token']}", "Content-Type": "application/json"},
+        data=json.dumps({
+            "amount": 4200,
+            "currency": "usd",
+            "customer": customer["id"],
+            "confirm": True,
+            "automatic_payment_methods": {"enabled": True},
+        }),
+        timeout=30,
+    )
+    received = fake_stripe.received()[setup_calls:]
+    assert len(received) == 1
+    vendor = received[0]
+    assert vendor.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+    form = vendor.form
+    assert ("automatic_payment_methods[enabled]", "true") in form, form
+    assert ("amount", "4200") in form and ("currency", "usd") in form
+    assert ("customer", customer["id"]) in form and ("confirm", "true") in form
+    assert vendor.authorization == f"Bearer {stripe_secret}"
+
+    assert r.status_code == vendor.status == 200, r.text
+    payment = as_json(r)
+    assert payment == vendor.response_json()
+    assert payment["status"] == "succeeded" and payment["amount"] == 4200
+    assert r.headers.get("x-keybrake-key-id") == key["id"]
+    tenant.wait_spent(key["id"], Decimal(42))
+
+
+def test_json_arrays_and_nested_objects_become_bracket_notation(keybrake, tenant, fake_stripe):
+    """JSON arrays and nested objects sent to a Stripe v1 endpoint arrive as
+    `preferred_locales[0]=…`, `metadata[k]=…`."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/customers"])
+    r = keybrake.proxy("POST", "/stripe/v1/customers", key=key["token"],
+                       json={"name": "Ada", "preferred_locales": ["fr", "en"], "metadata": {"team": "billing"}})
+    assert r.status_code == 200, r.text
+    form = fake_stripe.received()[-1].form
+    assert ("preferred_locales[0]", "fr") in form and ("preferred_locales[1]", "en") in form, form
+    assert ("metadata[team]", "billing") in form and ("name", "Ada") in form
+    assert as_json(r)["preferred_locales"] == ["fr", "en"]
+
+
+def test_metered_body_over_the_limit_is_413(keybrake, tenant, fake_stripe):
+    """A metered request body over 1 MiB (form or JSON) is 413 body_too_large and never
+    forwarded."""
+    key = tenant.issue_key(allowed_endpoints=["/v1/**"])
+    pad = "x" * (1024 * 1024 + 100)
+    assert_denied(pay(keybrake, key["token"], 100, **{"metadata[pad]": pad}), 413, "body_too_large")
+    r = keybrake.proxy("POST", PI, key=key["token"], json={"amount": 100, "currency": "usd", "metadata": {"pad": pad}})
+    assert_denied(r, 413, "body_too_large")
+    assert fake_stripe.received() == []
+    tenant.wait_spent(key["id"], Decimal(0))
+
+
+def test_unmetered_body_with_content_length_over_the_limit_is_413(keybrake, tenant, fake_stripe):
+    """An unmetered request announcing a body above the limit is 413 body_too_large
+    (as documented in conf/keybrake.yaml) and never forwarded."""
+    key = tenant.issue_key(allowed_endpoints=["/v1/**"])
+    r = keybrake.proxy("POST", "/stripe/v1/customers", key=key["token"],
+                       data={"description": "y" * (1024 * 1024 + 100)})
+    assert_denied(r, 413, "body_too_large")
+    assert fake_stripe.received() == []
+
+
+def test_body_limit_comes_from_the_config_file(keybrake_factory, fake_stripe, stripe_secret, tmp_path):
+    """With body_limit_bytes: 4096 in --config, a 5 KB metered body is 413 body_too_large
+    and a 3 KB one is forwarded byte for byte."""
+    config = write_config(tmp_path / "conf", body_limit_bytes=4096)
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
+    t = kb.create_tenant()
+    t.put_credential("stripe", stripe_secret)
+    key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"])
+    assert_denied(pay(kb, key["token"], 100, **{"metadata[pad]": "p" * 5000}), 413, "body_too_large")
+    assert fake_stripe.received() == []
+    body = ("amount=100&currency=usd&metadata[pad]=" + "p" * 3000).encode()
+    r = kb.proxy("POST", PI, key=key["token"], data=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert fake_stripe.received()[-1].body == body
+
+
+def test_60_kib_metered_body_reaches_stripe_byte_for_byte(keybrake, tenant, fake_stripe):
+    """A ~60 KiB metered payment body (many metadata fields) is forwarded unchanged,
+    byte for byte, and its amount is metered."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    fields = "&".join(f"metadata[field_{i:02d}]={secrets.token_hex(500)}" for i in range(60))
+    body = f"amount=700&currency=usd&{fields}".encode()
+    assert 60_000 < len(body) < 70_000
+    r = keybrake.proxy("POST", PI, key=key["token"], data=body,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert fake_stripe.received()[-1].body == body
+    tenant.wait_spent(key["id"], Decimal(7))
+
+
+def test_500_kib_unmetered_body_reaches_stripe_byte_for_byte(keybrake, tenant, fake_stripe):
+    """A 500 KiB body to an unmetered, allowlisted endpoint (POST /v1/customers) is
+    forwarded unchanged, byte for byte, and costs nothing."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/customers"])
+    body = ("name=big&description=" + "d" * (500 * 1024)).encode()
+    r = keybrake.proxy("POST", "/stripe/v1/customers", key=key["token"], data=body,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert fake_stripe.received()[-1].body == body
+    tenant.wait_spent(key["id"], Decimal(0))
+
+
+# --------------------------------------------------------------------------- currencies
+
+
+def usd_of(amount: int, currency: str) -> Decimal:
+    decimals, rate = currency_rate(currency)
+    usd = Decimal(amount) / (Decimal(10) ** decimals) * rate
+    return usd.quantize(Decimal("0.000001"), rounding=ROUND_CEILING)
+
+
+@pytest.mark.parametrize("currency,amount", [("jpy", 1500), ("kwd", 1000), ("eur", 1000), ("usd", 999)])
+def test_amounts_are_converted_to_usd_with_the_currency_table(keybrake, tenant, fake_stripe, currency, amount):
+    """Zero-decimal (JPY), three-decimal (KWD) and two-decimal currencies are converted to
+    USD with conf/currencies.yaml; a second payment that would pass the cap is refused."""
+    usd = usd_of(amount, currency)
+    cap = (usd * Decimal("1.5")).quantize(Decimal("0.01"))
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=float(cap))
+    assert pay(keybrake, key["token"], amount, currency).status_code == 200
+    tenant.wait_spent(key["id"], usd)
+    assert_denied(pay(keybrake, key["token"], amount, currency), 429, "cap_exhausted")
+    assert len(fake_stripe.received()) == 1
+
+
+def test_unsupported_currency_is_refused(keybrake, tenant, fake_stripe):
+    """A currency absent from the currency table is 400 unsupported_currency."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"])
+    assert_denied(pay(keybrake, key["token"], 1000, "xyz"), 400, "unsupported_currency")
+    assert fake_stripe.received() == []
+
+
+@pytest.mark.parametrize(
+    "query,body",
+    [
+        ("", "amount=100&currency=usd&amount=5000"),
+        ("", "amount=2500&currency=jpy&currency=usd"),
+        ("", "amount=99999999999999999999999&currency=usd"),
+        ("?amount=5000&currency=usd", ""),
+        ("?amount=5000", "currency=usd"),
+    ],
+    ids=["duplicate-amount", "duplicate-currency", "huge-amount", "amount-in-query", "amount-only-in-query"],
+)
+def test_ambiguous_amounts_cannot_slip_under_the_cap(keybrake, tenant, fake_stripe, query, body):
+    """A body whose charge the vendor could read differently from Keybrake (duplicate
+    amount or currency, amount in the query string, overflowing amount) is refused
+    (400) or metered at its worst case (429 against a $20 cap) — never forwarded."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
+    r = keybrake.proxy("POST", PI + query, key=key["token"], data=body.encode(),
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code in (400, 429), f"{r.status_code}: {r.text[:300]}"
+    assert denial(r)["code"] in ("invalid_amount", "amount_required", "unsupported_currency", "cap_exhausted")
+    assert fake_stripe.received() == []
+
+
+@pytest.mark.parametrize(
+    "body,code",
+    [
+        ({"currency": "usd"}, "amount_required"),
+        ({"amount": "abc", "currency": "usd"}, "invalid_amount"),
+        ({"amount": "-100", "currency": "usd"}, "invalid_amount"),
+        ({"amount": "12.5", "currency": "usd"}, "invalid_amount"),
+    ],
+)
+def test_metered_request_without_a_valid_amount_is_refused(keybrake, tenant, fake_stripe, body, code):
+    """A metered Stripe call must carry a valid integer amount: missing → 400
+    amount_required, malformed → 400 invalid_amount; nothing is forwarded."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"])
+    assert_denied(keybrake.proxy("POST", PI, key=key["token"], data=body), 400, code)
+    assert_denied(keybrake.proxy("POST", PI, key=key["token"], json=body), 400, code)
+    assert fake_stripe.received() == []
+
+
+# --------------------------------------------------------------------------- operations
+
+
+def test_logs_never_contain_tokens_or_secrets(keybrake, tenant, fake_stripe, stripe_secret):
+    """The access log has a JSON line per proxied request naming the key id and label,
+    and no output ever contains a vault key, the vendor secret or an API token."""
+    key = tenant.issue_key(label="log-check", allowed_endpoints=["GET /v1/customers"])
+    assert keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"]).status_code == 200
+    assert_denied(keybrake.proxy("GET", "/stripe/v1/charges", key=key["token"]), 403, "endpoint_not_allowed")
+    assert_denied(keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"] + "x"), 401, "invalid_key")
+
+    def access_lines():
+        out = []
+        for line in keybrake.logs().splitlines():
+            line = line.strip()
+            if line.startswith("{") and key["id"] in line:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    assert wait_until(lambda: len(access_lines()) >= 2, timeout=5), keybrake.logs()[-2000:]
+    assert any("log-check" in json.dumps(x) for x in access_lines())
+    logs = keybrake.logs()
+    for secret in (key["token"], key["token"][3:], stripe_secret, tenant.token, keybrake.admin_token):
+        assert secret not in logs
+    assert not re.search(r"vk_ey[A-Za-z0-9_-]{20,}", logs)
+
+
+def test_metrics_count_requests_by_decision(keybrake, tenant, fake_stripe):
+    """GET /metrics (metrics listener) exposes keybrake_requests_total by vendor and
+    decision and keybrake_keys_issued_total."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1)
+    assert pay(keybrake, key["token"], 100).status_code == 200
+    assert_denied(pay(keybrake, key["token"], 100), 429, "cap_exhausted")
+    r = requests.get(f"{keybrake.metrics_url}/metrics", timeout=10)
+    assert r.status_code == 200
+    text = r.text
+    assert re.search(r'keybrake_requests_total\{[^}]*vendor="stripe"[^}]*decision="allowed"[^}]*\}\s+1', text) or \
+        re.search(r'keybrake_requests_total\{[^}]*decision="allowed"[^}]*vendor="stripe"[^}]*\}\s+1', text), text
+    assert 'decision="cap_exhausted"' in text
+    assert "keybrake_keys_issued_total" in text
+    assert re.search(r'keybrake_spend_usd_total\{[^}]*vendor="stripe"[^}]*\}\s+1(\.0+)?\b', text), text

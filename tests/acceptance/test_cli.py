@@ -1,0 +1,104 @@
+"""The `keybrake` CLI against a real `keybrake serve`: what an operator types and reads.
+
+Each command is checked by its output; errors are one clear line and a non-zero exit.
+"""
+
+import json
+import os
+import subprocess
+
+from harness import KEYBRAKE_BIN
+
+
+def kb(keybrake, *args, token=None, admin=False, stdin=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
+    env["KEYBRAKE_CONTROL_URL"] = keybrake.control_url
+    if admin:
+        env["KEYBRAKE_ADMIN_TOKEN"] = keybrake.admin_token
+    if token:
+        env["KEYBRAKE_TOKEN"] = token
+    return subprocess.run(
+        [str(KEYBRAKE_BIN), *args], env=env, input=stdin, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
+    """tenant create → vendor set (secret from a file) → key issue → show → proxied call →
+    revoke → the call is refused → audit lists both calls, newest first."""
+    created = kb(keybrake, "tenant", "create", "cli-co", "--json", admin=True)
+    assert created.returncode == 0, created.stderr
+    tenant = json.loads(created.stdout)
+    assert tenant["id"].startswith("tn_") and tenant["api_token"].startswith("kb_")
+    token = tenant["api_token"]
+
+    secret_file = tmp_path / "stripe.secret"
+    secret_file.write_text("sk_test_cli_" + "7" * 24 + "\n")
+    stored = kb(keybrake, "vendor", "set", "stripe", "--secret-file", str(secret_file), token=token)
+    assert stored.returncode == 0, stored.stderr
+    assert "…7777" in stored.stdout and "sk_test_cli" not in stored.stdout
+
+    issued = kb(
+        keybrake, "key", "issue", "--vendor", "stripe", "--endpoint", "POST /v1/payment_intents",
+        "--cap", "25", "--ttl", "5m", "--label", "cli-run", token=token,
+    )
+    assert issued.returncode == 0, issued.stderr
+    vault_key = issued.stdout.strip()
+    assert vault_key.startswith("vk_ey") and "\n" not in vault_key
+
+    listed = json.loads(kb(keybrake, "key", "list", "--json", token=token).stdout)
+    key_id = listed["data"][0]["id"]
+    shown = kb(keybrake, "key", "show", key_id, token=token)
+    assert shown.returncode == 0, shown.stderr
+    assert f"id:              {key_id}" in shown.stdout
+    assert "status:          active" in shown.stdout
+    assert "daily cap:       $25" in shown.stdout
+    assert "allowed:         POST /v1/payment_intents" in shown.stdout
+
+    ok = keybrake.proxy("POST", "/stripe/v1/payment_intents", key=vault_key,
+                        data={"amount": "500", "currency": "usd"})
+    assert ok.status_code == 200, ok.text
+
+    revoked = kb(keybrake, "key", "revoke", key_id, token=token)
+    assert revoked.returncode == 0 and revoked.stdout.strip() == f"{key_id} revoked"
+    again = kb(keybrake, "key", "revoke", key_id, token=token)
+    assert again.returncode == 0, "revoking twice is fine"
+    assert "status:          revoked" in kb(keybrake, "key", "show", key_id, token=token).stdout
+
+    refused = keybrake.proxy("POST", "/stripe/v1/payment_intents", key=vault_key,
+                             data={"amount": "500", "currency": "usd"})
+    assert refused.status_code == 401 and refused.json()["code"] == "key_revoked"
+
+    def audit_lines():
+        out = kb(keybrake, "audit", "--key", key_id, token=token)
+        assert out.returncode == 0, out.stderr
+        return [line for line in out.stdout.splitlines() if line.strip()]
+
+    import time
+    deadline = time.time() + 10
+    lines = audit_lines()
+    while len(lines) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+        lines = audit_lines()
+    assert len(lines) == 2, lines
+    assert "401" in lines[0] and "key_revoked" in lines[0]
+    assert "200" in lines[1] and "allowed" in lines[1] and "$5.0" in lines[1]
+
+
+def test_cli_errors_are_one_clear_line_and_a_nonzero_exit(keybrake, tmp_path):
+    """Wrong token, unknown key, unconfigured vendor, missing secret file, missing token."""
+    token = json.loads(kb(keybrake, "tenant", "create", "err-co", "--json", admin=True).stdout)["api_token"]
+    cases = [
+        (kb(keybrake, "key", "list", token="kb_not_a_real_token"), "401 invalid_token"),
+        (kb(keybrake, "key", "show", "key_does_not_exist", token=token), "404 not_found"),
+        (kb(keybrake, "key", "issue", "--vendor", "stripe", "--endpoint", "/v1/charges", "--cap", "5",
+            token=token), "422 vendor_not_configured"),
+        (kb(keybrake, "key", "issue", "--vendor", "stripe", "--endpoint", "v1/charges", "--cap", "5",
+            token=token), "400 invalid_endpoint_pattern"),
+        (kb(keybrake, "vendor", "set", "stripe", "--secret-file", str(tmp_path / "missing"), token=token),
+         "cannot read"),
+        (kb(keybrake, "key", "list"), "KEYBRAKE_TOKEN"),
+    ]
+    for result, expected in cases:
+        assert result.returncode != 0, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], result.stderr

@@ -109,13 +109,17 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             "a JSON body is required",
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            ApiError::bad_request("invalid_request", format!("invalid request body: {e}"))
-        } else {
-            ApiError::bad_request("invalid_json", format!("malformed JSON: {e}"))
-        }
-    })
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed JSON: {e}")))?;
+    // serde would also accept a struct written as an array; the API takes objects only.
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "the body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid request body: {e}")))
 }
 
 fn name_field(name: &str, what: &str) -> ApiResult<String> {
@@ -199,10 +203,16 @@ async fn create_tenant(
     admin(&s, &headers)?;
     let req: NameRequest = parse_body(&body)?;
     let name = name_field(&req.name, "name")?;
-    let (id, token, created_at) = s.control.create_tenant(&name).await?;
+    let (id, token_id, token, created_at) = s.control.create_tenant(&name).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": id, "name": name, "api_token": token.expose(), "created_at": rfc3339(created_at)})),
+        Json(json!({
+            "id": id,
+            "name": name,
+            "api_token": token.expose(),
+            "api_token_id": token_id,
+            "created_at": rfc3339(created_at),
+        })),
     )
         .into_response())
 }

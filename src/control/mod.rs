@@ -245,7 +245,8 @@ impl Control {
 
     // ----- tenants, tokens, nodes -----
 
-    pub async fn create_tenant(&self, name: &str) -> Result<(String, Secret, i64)> {
+    /// A new tenant and its first API token: (tenant id, token id, token, created_at).
+    pub async fn create_tenant(&self, name: &str) -> Result<(String, String, Secret, i64)> {
         let (id, token_id, token, now) =
             (new_id("tn_"), new_id("tok_"), new_token("kb_"), now_secs());
         let hash = token_hash(&token);
@@ -258,7 +259,7 @@ impl Control {
                 tenant_id: id.clone(),
             },
         );
-        Ok((id, Secret::new(token), now))
+        Ok((id, token_id, Secret::new(token), now))
     }
 
     pub async fn list_tenants(

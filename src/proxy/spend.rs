@@ -76,7 +76,10 @@ pub struct Spender<'a> {
 }
 
 pub struct SpendBook {
-    entries: DashMap<(Arc<str>, i64), Arc<KeySpend>>,
+    /// Today's counters by key id.
+    entries: DashMap<Arc<str>, Arc<KeySpend>>,
+    /// Counters of past days, kept until their last report.
+    retired: std::sync::Mutex<Vec<Arc<KeySpend>>>,
     ledger: Arc<dyn Ledger>,
     published: Arc<Published>,
     slices_per_cap: i64,
@@ -94,6 +97,7 @@ impl SpendBook {
     ) -> Self {
         SpendBook {
             entries: DashMap::new(),
+            retired: Default::default(),
             ledger,
             published,
             slices_per_cap,
@@ -104,26 +108,38 @@ impl SpendBook {
 
     fn entry(&self, who: &Spender<'_>, now: i64) -> Arc<KeySpend> {
         let day = utc_day(now);
-        if let Some(e) = self.entries.get(&(Arc::from(who.key_id), day)) {
-            return e.clone();
+        if let Some(e) = self.entries.get(who.key_id) {
+            if e.day == day {
+                return e.clone();
+            }
         }
-        self.entries
-            .entry((Arc::from(who.key_id), day))
-            .or_insert_with(|| {
-                Arc::new(KeySpend {
-                    key_id: who.key_id.into(),
-                    vendor: who.vendor.into(),
-                    day,
-                    cap: who.cap,
-                    exp: who.exp,
-                    available: AtomicI64::new(0),
-                    unreported_spent: AtomicI64::new(0),
-                    unreported_overspent: AtomicI64::new(0),
-                    last_used: AtomicI64::new(now),
-                    refill: tokio::sync::Mutex::new(()),
-                })
+        let fresh = || {
+            Arc::new(KeySpend {
+                key_id: who.key_id.into(),
+                vendor: who.vendor.into(),
+                day,
+                cap: who.cap,
+                exp: who.exp,
+                available: AtomicI64::new(0),
+                unreported_spent: AtomicI64::new(0),
+                unreported_overspent: AtomicI64::new(0),
+                last_used: AtomicI64::new(now),
+                refill: tokio::sync::Mutex::new(()),
             })
-            .clone()
+        };
+        let mut slot = self
+            .entries
+            .entry(Arc::from(who.key_id))
+            .or_insert_with(fresh);
+        if slot.day < day {
+            // A new UTC day: a new cap window. Yesterday's counter is reported later.
+            let old = std::mem::replace(&mut *slot, fresh());
+            self.retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(old);
+        }
+        slot.clone()
     }
 
     /// Reserves `amount` against the key's cap, leasing more budget if needed.
@@ -237,10 +253,12 @@ impl SpendBook {
     pub async fn report(&self, now: i64, return_all: bool) {
         let today = utc_day(now);
         let revocations = self.published.revocations.load();
-        let mut reports = Vec::new();
+        let retired: Vec<Arc<KeySpend>> =
+            std::mem::take(&mut *self.retired.lock().unwrap_or_else(|p| p.into_inner()));
+        let current: Vec<Arc<KeySpend>> = self.entries.iter().map(|e| e.value().clone()).collect();
+        let mut reported = Vec::new();
         let mut done = Vec::new();
-        for e in self.entries.iter() {
-            let entry = e.value();
+        for entry in current.iter().chain(&retired) {
             let finished =
                 entry.day < today || entry.exp <= now || revocations.is_revoked(&entry.key_id);
             let idle = now - entry.last_used.load(Ordering::Relaxed) >= self.return_idle_after_secs;
@@ -252,46 +270,48 @@ impl SpendBook {
             let spent = entry.unreported_spent.swap(0, Ordering::AcqRel);
             let overspent = entry.unreported_overspent.swap(0, Ordering::AcqRel);
             if returned != 0 || spent != 0 || overspent != 0 {
-                reports.push(LeaseReport {
+                let report = LeaseReport {
                     key_id: entry.key_id.to_string(),
                     day: entry.day,
                     spent: Micros(spent),
                     returned: Micros(returned),
                     overspent: Micros(overspent),
-                });
+                };
+                reported.push((entry.clone(), report));
             }
             if finished || idle {
-                done.push((e.key().clone(), entry.clone()));
+                done.push(entry.clone());
             }
         }
-        if !reports.is_empty() {
-            if let Err(e) = self.ledger.report(reports.clone()).await {
+        if !reported.is_empty() {
+            let reports = reported.iter().map(|(_, r)| r.clone()).collect();
+            if let Err(e) = self.ledger.report(reports).await {
                 log::error!("spend report failed, will retry: {e}");
                 // Put everything back so the next round reports it; returned budget is
                 // still held by the ledger, so it may be used meanwhile.
-                for r in reports {
-                    if let Some(entry) = self.entries.get(&(Arc::from(r.key_id.as_str()), r.day)) {
-                        entry
-                            .unreported_spent
-                            .fetch_add(r.spent.0, Ordering::AcqRel);
-                        entry
-                            .unreported_overspent
-                            .fetch_add(r.overspent.0, Ordering::AcqRel);
-                        entry.available.fetch_add(r.returned.0, Ordering::AcqRel);
-                    }
+                for (entry, r) in &reported {
+                    entry
+                        .unreported_spent
+                        .fetch_add(r.spent.0, Ordering::AcqRel);
+                    entry
+                        .unreported_overspent
+                        .fetch_add(r.overspent.0, Ordering::AcqRel);
+                    entry.available.fetch_add(r.returned.0, Ordering::AcqRel);
                 }
+                let mut back = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+                back.extend(retired.iter().filter(|e| e.day < today).cloned());
                 return;
             }
         }
-        for (k, entry) in done {
-            // Only forget an entry with nothing left in it and no reservation racing in.
-            self.entries.remove_if(&k, |_, e| {
-                Arc::strong_count(e) <= 2
+        for entry in done.iter().filter(|e| e.day == today) {
+            // Forget a finished or idle counter only when it is empty and no request holds it.
+            self.entries.remove_if(&*entry.key_id, |_, e| {
+                Arc::ptr_eq(e, entry)
+                    && Arc::strong_count(e) <= 3
                     && e.available.load(Ordering::Acquire) == 0
                     && e.unreported_spent.load(Ordering::Acquire) == 0
                     && e.unreported_overspent.load(Ordering::Acquire) == 0
             });
-            drop(entry);
         }
     }
 

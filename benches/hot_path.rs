@@ -35,7 +35,7 @@ fn claims() -> Claims {
 
 fn token_check(c: &mut Criterion) {
     let (private, public) = generate_ed25519();
-    let signer = SigningKey::from_pkcs8("kid_1".into(), &private);
+    let signer = SigningKey::from_pkcs8("kid_1".into(), &private).unwrap();
     let jwks = Jwks {
         keys: vec![Jwk::ed25519("kid_1", &public)],
     };

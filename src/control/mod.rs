@@ -7,6 +7,7 @@ pub mod api;
 pub mod audit;
 pub mod crypto;
 pub mod errors;
+pub mod keywriter;
 pub mod store;
 
 use crate::ids::{new_id, new_token, token_hash};
@@ -54,6 +55,7 @@ pub struct Control {
     credentials_lock: tokio::sync::Mutex<()>,
     revocations_lock: tokio::sync::Mutex<()>,
     pub audit: audit::AuditWriter,
+    keys: keywriter::KeyWriter,
     metrics: Arc<Metrics>,
 }
 
@@ -121,6 +123,7 @@ impl Control {
             }
         }
         let audit = audit::AuditWriter::start(store.clone(), metrics.clone());
+        let keys = keywriter::KeyWriter::start(store.clone());
         let control = Arc::new(Control {
             settings,
             store,
@@ -134,6 +137,7 @@ impl Control {
             credentials_lock: Default::default(),
             revocations_lock: Default::default(),
             audit,
+            keys,
             metrics,
         });
         control.publish_jwks();
@@ -422,7 +426,7 @@ impl Control {
             lbl: row.label.clone(),
             acc: row.stripe_accounts.clone(),
         });
-        self.store.insert_key(&row).await?;
+        self.keys.insert(row.clone()).await?;
         self.metrics.keys_issued.inc();
         Ok((row, token))
     }
@@ -519,7 +523,8 @@ async fn load_signing_keys(
         .context(
             "cannot open the signing key: is this the master key the data dir was created with?",
         )?;
-    let signer = SigningKey::from_pkcs8(active.kid.clone(), &private);
+    let signer = SigningKey::from_pkcs8(active.kid.clone(), &private)
+        .map_err(|_| anyhow::anyhow!("signing key {} is not a valid Ed25519 key", active.kid))?;
     let jwks = Jwks {
         keys: rows
             .iter()

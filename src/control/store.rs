@@ -422,24 +422,37 @@ impl Store {
 
     // ----- vault keys -----
 
-    pub async fn insert_key(&self, k: &KeyRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO keys (id, tenant_id, kid, vendor, label, allowed_endpoints, daily_cap, metadata, stripe_accounts, created_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&k.id)
-        .bind(&k.tenant_id)
-        .bind(&k.kid)
-        .bind(&k.vendor)
-        .bind(&k.label)
-        .bind(serde_json::to_string(&k.allowed_endpoints)?)
-        .bind(k.daily_cap.0)
-        .bind(serde_json::to_string(&k.metadata)?)
-        .bind(k.stripe_accounts.as_ref().map(serde_json::to_string).transpose()?)
-        .bind(k.created_at)
-        .bind(k.expires_at)
-        .execute(&self.writer)
-        .await?;
+    /// Inserts keys with one multi-row statement: the group commit behind `KeyWriter`.
+    pub async fn insert_keys(&self, keys: &[KeyRow]) -> Result<()> {
+        let mut rows = Vec::with_capacity(keys.len());
+        for k in keys {
+            rows.push((
+                k,
+                serde_json::to_string(&k.allowed_endpoints)?,
+                serde_json::to_string(&k.metadata)?,
+                k.stripe_accounts
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()?,
+            ));
+        }
+        let mut insert = sqlx::QueryBuilder::new(
+            "INSERT INTO keys (id, tenant_id, kid, vendor, label, allowed_endpoints, daily_cap, metadata, stripe_accounts, created_at, expires_at) ",
+        );
+        insert.push_values(rows, |mut b, (k, endpoints, metadata, accounts)| {
+            b.push_bind(k.id.clone())
+                .push_bind(k.tenant_id.clone())
+                .push_bind(k.kid.clone())
+                .push_bind(k.vendor.clone())
+                .push_bind(k.label.clone())
+                .push_bind(endpoints)
+                .push_bind(k.daily_cap.0)
+                .push_bind(metadata)
+                .push_bind(accounts)
+                .push_bind(k.created_at)
+                .push_bind(k.expires_at);
+        });
+        insert.build().execute(&self.writer).await?;
         Ok(())
     }
 

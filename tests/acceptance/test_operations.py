@@ -1,0 +1,778 @@
+"""Operations (SPEC §7): what an operator sees running Keybrake in production.
+
+- Prometheus metrics move by exactly the traffic served, with bounded label values;
+- no output (stdout, stderr, the access log) ever holds a token or a secret, and the
+  access log has one JSON line per proxied request;
+- a Pingora graceful upgrade under load drops no request (plain and `--daemon` /
+  PID-file style, as `systemctl reload keybrake` runs it);
+- `keybrake check` names the problem in a bad config and accepts every shipped one;
+- the systemd units pass `systemd-analyze verify` and their command lines parse.
+
+Only 127.0.0.1 is used; every loop and wait is bounded.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+
+from harness import (
+    CONF_DIR,
+    HERE,
+    KEYBRAKE_BIN,
+    REPO,
+    Keybrake,
+    assert_denied,
+    free_port,
+    wait_until,
+    write_config,
+)
+
+PI = "/stripe/v1/payment_intents"
+SYSTEMD_DIR = REPO / "systemd"
+OPS_UPSTREAM = HERE / "ops_upstream.py"
+
+# Pingora (pingora-core server/mod.rs CLOSE_TIMEOUT): after handing its listening sockets
+# to the new process on SIGQUIT, the old process keeps accepting on them this long before
+# it starts its graceful shutdown (grace period, then the shutdown timeout).
+PINGORA_CLOSE_TIMEOUT_S = 5
+UPGRADE_GRACE_S = 1
+UPGRADE_SHUTDOWN_TIMEOUT_S = 5
+EXIT_SLACK_S = 10
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pay(kb: Keybrake, token: str, cents: int, **kwargs) -> requests.Response:
+    return kb.proxy("POST", PI, key=token, data={"amount": str(cents), "currency": "usd"}, **kwargs)
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[tuple[str, dict, float]]:
+    """Prometheus text exposition → [(name, labels, value)]; comments skipped."""
+    samples = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        labels = dict(_LABEL.findall(m.group(2) or ""))
+        samples.append((m.group(1), labels, float(m.group(3))))
+    return samples
+
+
+def metric(samples, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
+    return sum(v for n, l, v in samples if n == name and all(l.get(k) == x for k, x in labels.items()))
+
+
+def scrape(kb: Keybrake) -> str:
+    r = requests.get(f"{kb.metrics_url}/metrics", timeout=10)
+    assert r.status_code == 200, f"GET /metrics -> {r.status_code} {r.text[:300]}"
+    assert r.headers.get("content-type", "").startswith("text/plain"), r.headers
+    return r.text
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, never reaped by a non-init PID 1, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# --------------------------------------------------------------------------- 1. metrics
+
+
+# `decision` label values (SPEC §4): allowed, or the code that denied the request.
+DECISION_CODES = {
+    "allowed", "missing_key", "invalid_key", "key_expired", "key_revoked", "vendor_mismatch",
+    "endpoint_not_allowed", "account_not_allowed", "invalid_path", "amount_required", "invalid_amount",
+    "unsupported_currency", "unknown_vendor", "body_too_large", "cap_exhausted", "upstream_unavailable",
+    "upstream_timeout", "control_unreachable",
+}
+
+
+def test_metrics_move_by_exactly_the_traffic_served(keybrake, tenant, fake_stripe):
+    """An operator scraping GET /metrics before and after some traffic sees
+    keybrake_requests_total{vendor="stripe",decision=…} move by exactly the calls made
+    (2 allowed, 1 cap_exhausted, 1 key_revoked), keybrake_spend_usd_total{vendor="stripe"}
+    move by exactly the $6 spent, the key counters and the revoked-keys gauge follow the
+    control API, the latency histograms grow, process metrics are there, and no label
+    value ever names a key, a tenant or a client-chosen vendor name."""
+    before_text = scrape(keybrake)
+    before = parse_metrics(before_text)
+
+    capped = tenant.issue_key(label="metrics-capped", allowed_endpoints=["POST /v1/payment_intents"],
+                              daily_usd_cap=7)
+    assert pay(keybrake, capped["token"], 300).status_code == 200
+    assert pay(keybrake, capped["token"], 300).status_code == 200
+    assert_denied(pay(keybrake, capped["token"], 300), 429, "cap_exhausted")
+
+    doomed = tenant.issue_key(label="metrics-revoked", allowed_endpoints=["POST /v1/payment_intents"])
+    assert tenant.revoke(doomed["id"]).status_code == 200
+    assert_denied(pay(keybrake, doomed["token"], 100), 401, "key_revoked")
+
+    # A client-chosen vendor name must not become a label value.
+    odd_vendor = "nosuchvendor" + secrets.token_hex(4)
+    assert_denied(keybrake.proxy("GET", f"/{odd_vendor}/v1/x", key=capped["token"]), 404, "unknown_vendor")
+    proxied_calls = 5
+
+    def delta(samples, name, **labels):
+        return metric(samples, name, **labels) - metric(before, name, **labels)
+
+    expected = {
+        ("keybrake_requests_total", (("vendor", "stripe"), ("decision", "allowed"))): 2,
+        ("keybrake_requests_total", (("vendor", "stripe"), ("decision", "cap_exhausted"))): 1,
+        ("keybrake_requests_total", (("vendor", "stripe"), ("decision", "key_revoked"))): 1,
+        ("keybrake_requests_total", (("decision", "unknown_vendor"),)): 1,
+        ("keybrake_requests_total", ()): proxied_calls,
+        ("keybrake_spend_usd_total", (("vendor", "stripe"),)): 6.0,
+        ("keybrake_keys_issued_total", ()): 2,
+        ("keybrake_keys_revoked_total", ()): 1,
+    }
+
+    def observed():
+        samples = parse_metrics(scrape(keybrake))
+        return samples, {k: delta(samples, k[0], **dict(k[1])) for k in expected}
+
+    # Metrics are recorded when a request is logged, just after its response is sent.
+    def settled():
+        samples, got = observed()
+        return (samples, got) if all(abs(got[k] - v) < 1e-9 for k, v in expected.items()) else None
+
+    result = wait_until(settled, timeout=5, interval=0.2) or observed()
+    after, got = result
+    after_text = scrape(keybrake)
+    for k, v in expected.items():
+        assert abs(got[k] - v) < 1e-9, f"{k[0]}{dict(k[1])}: expected delta {v}, got {got[k]}\n{after_text}"
+
+    assert metric(after, "keybrake_revoked_keys") >= 1, after_text
+    assert delta(after, "keybrake_overhead_seconds_count") >= proxied_calls, after_text
+    assert delta(after, "keybrake_upstream_duration_seconds_count") >= 2, after_text
+    assert delta(after, "keybrake_upstream_duration_seconds_sum") > 0, after_text
+    assert "keybrake_sync_lag_seconds" in {n for n, _, _ in after}, after_text
+    names = {n for n, _, _ in after}
+    assert names & {"process_cpu_seconds_total", "process_resident_memory_bytes"}, sorted(names)
+
+    # Bounded label values: vendors from the catalog (or "unknown"), never a key id,
+    # a tenant id or a name the client made up.
+    for ident in (capped["id"], doomed["id"], tenant.id, odd_vendor):
+        assert ident not in after_text, f"{ident} appears in /metrics"
+    for name, labels, _ in after:
+        for k, v in labels.items():
+            assert v in DECISION_CODES or not re.match(r"^(key|tn)_", v), f"unbounded label {name}{{{k}={v!r}}}"
+    vendors = {l["vendor"] for n, l, _ in after if n == "keybrake_requests_total"}
+    assert vendors <= {"stripe", "openai", "anthropic", "generic", "unknown"}, vendors
+    decisions = {l["decision"] for n, l, _ in after if n == "keybrake_requests_total"}
+    assert decisions <= DECISION_CODES, decisions - DECISION_CODES
+
+    # A scraper that does not ask for gzip gets plain text.
+    plain = requests.get(f"{keybrake.metrics_url}/metrics", headers={"Accept-Encoding": "identity"}, timeout=10)
+    assert plain.status_code == 200 and "content-encoding" not in {k.lower() for k in plain.headers}, plain.headers
+    assert "keybrake_requests_total" in plain.content.decode("utf-8")
+
+
+# --------------------------------------------------------------------------- 2. secrets
+
+
+ACCESS_FIELDS = {"key_id", "label", "tenant", "vendor", "method", "path", "status", "decision",
+                 "spend_usd", "duration_ms"}
+
+
+def test_no_output_ever_contains_a_token_or_a_secret(keybrake_factory, fake_stripe, tmp_path):
+    """An operator reading everything Keybrake wrote (stdout, stderr and the access log
+    file) after a full tenant life cycle — credential stored, key issued, calls allowed
+    with the key as Bearer, x-api-key and Basic user name, calls denied (scope, cap,
+    malformed and tampered tokens carrying a marker, revoked key), audit read — finds no
+    admin token, tenant API token, vault key (nor its JWT signature), malformed token,
+    vendor secret or master key. The access log has exactly one JSON line per proxied
+    request, with key_id, label, tenant, vendor, method, path, status, decision,
+    spend_usd and duration_ms."""
+    access_log = tmp_path / "logs" / "access.log"
+    access_log.parent.mkdir()
+    cfg = write_config(
+        tmp_path / "conf",
+        access_log=str(access_log),
+        pingora={"grace_period_seconds": 1, "graceful_shutdown_timeout_seconds": 3},
+    )
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=cfg)
+    vendor_secret = "sk_test_" + secrets.token_hex(16)
+    marker = "MALFORMEDMARK" + secrets.token_hex(8)
+
+    tenant = kb.create_tenant("secrets-co")
+    extra = tenant.kb.admin("POST", f"/v1/tenants/{tenant.id}/api_tokens")
+    assert extra.status_code == 201, extra.text
+    second_api_token = extra.json()["api_token"]
+    assert kb.admin("GET", "/v1/tenants").status_code == 200
+    stored = tenant.put_credential("stripe", vendor_secret)
+    assert vendor_secret not in json.dumps(stored)
+
+    key = tenant.issue_key(label="secret-check",
+                           allowed_endpoints=["POST /v1/payment_intents", "GET /v1/customers"],
+                           daily_usd_cap=5)
+    token = key["token"]
+    signature = token.split(".")[2]
+    tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    url = kb.proxy_url
+
+    # (method, path, status, decision) of every proxied call, in order.
+    calls = []
+
+    def call(method, path, status, decision, **kwargs):
+        kwargs.setdefault("timeout", 30)
+        r = requests.request(method, f"{url}{path}", **kwargs)
+        assert r.status_code == status, f"{method} {path}: expected {status}, got {r.status_code} {r.text[:300]}"
+        if decision != "allowed":
+            assert r.json()["code"] == decision, r.text
+        calls.append((method, path, status, decision))
+        return r
+
+    bearer = {"Authorization": f"Bearer {token}"}
+    form = {"amount": "300", "currency": "usd"}
+    call("POST", PI, 200, "allowed", headers=bearer, data=form)
+    call("GET", "/stripe/v1/customers", 200, "allowed", headers={"x-api-key": token})
+    call("GET", "/stripe/v1/customers", 200, "allowed", auth=(token, ""))
+    call("GET", "/stripe/v1/charges", 403, "endpoint_not_allowed", headers=bearer)
+    call("POST", PI, 429, "cap_exhausted", headers=bearer, data=form)
+    call("POST", PI, 401, "invalid_key", headers={"Authorization": f"Bearer vk_{marker}"}, data=form)
+    call("POST", PI, 401, "invalid_key", headers={"Authorization": f"Bearer vk_eyJ{marker}.eyJ{marker}.{marker}"},
+         data=form)
+    call("GET", "/stripe/v1/customers", 401, "invalid_key", headers={"x-api-key": f"vk_{marker}xapikey"})
+    call("GET", "/stripe/v1/customers", 401, "invalid_key", auth=(f"vk_{marker}basic", ""))
+    call("GET", "/stripe/v1/customers", 401, "invalid_key", headers={"Authorization": f"Bearer {tampered}"})
+    assert tenant.revoke(key["id"]).status_code == 200
+    call("POST", PI, 401, "key_revoked", headers=bearer, data=form)
+    call("GET", "/stripe/v1/customers", 401, "key_revoked", headers={"x-api-key": token})
+
+    keyed_calls = sum(1 for c in calls if c[3] != "invalid_key")
+    events = wait_until(lambda: (lambda e: e if len(e) >= keyed_calls else None)(tenant.audit(key_id=key["id"])),
+                        timeout=10)
+    assert events, f"audit events did not arrive: {tenant.audit(key_id=key['id'])}"
+    assert kb.control("GET", "/v1/keys", token=second_api_token).status_code == 200
+
+    def access_lines():
+        if not access_log.exists():
+            return []
+        return [l for l in access_log.read_text().splitlines() if l.strip()]
+
+    assert wait_until(lambda: len(access_lines()) >= len(calls), timeout=10), access_lines()
+    time.sleep(0.3)  # anything extra would show up now
+
+    # Stop gracefully so every line a shutdown writes is included too.
+    assert kb.stop() == 0
+    lines = access_lines()
+    assert len(lines) == len(calls), f"{len(calls)} proxied calls, {len(lines)} access-log lines:\n" + "\n".join(lines)
+    parsed = [json.loads(l) for l in lines]
+    for line in parsed:
+        assert ACCESS_FIELDS <= set(line), f"missing {ACCESS_FIELDS - set(line)} in {line}"
+        assert line["vendor"] == "stripe"
+        assert isinstance(line["duration_ms"], (int, float)) and line["duration_ms"] >= 0, line
+        assert line["path"] in (PI, "/stripe/v1/customers", "/stripe/v1/charges"), line
+    assert sorted((l["method"], l["path"], l["status"], l["decision"]) for l in parsed) == sorted(calls)
+    for line in parsed:
+        if line["decision"] == "invalid_key":
+            assert line["key_id"] is None and line["tenant"] is None, line
+        else:
+            assert line["key_id"] == key["id"] and line["label"] == "secret-check", line
+            assert line["tenant"] == tenant.id, line
+    spends = sorted(l["spend_usd"] for l in parsed if l["decision"] == "allowed")
+    assert spends == [0, 0, 3.0], spends
+    assert all(l["spend_usd"] == 0 for l in parsed if l["decision"] != "allowed")
+
+    outputs = {"access log": access_log.read_text(errors="replace")}
+    for p in sorted(kb.workdir.glob("std*.log")):
+        outputs[p.name] = p.read_text(errors="replace")
+    assert any(outputs.values())
+    forbidden = {
+        "admin token": kb.admin_token,
+        "master key": kb.master_key,
+        "tenant API token": tenant.token,
+        "second tenant API token": second_api_token,
+        "vault key": token,
+        "vault key JWT": token[3:],
+        "vault key signature": signature,
+        "tampered vault key": tampered,
+        "vendor secret": vendor_secret,
+        "vendor secret body": vendor_secret[len("sk_test_"):],
+        "malformed-token marker": marker,
+    }
+    for where, text in outputs.items():
+        for what, value in forbidden.items():
+            assert value not in text, f"the {what} appears in {where}"
+        assert not re.search(r"vk_ey[A-Za-z0-9_-]{16,}", text), f"a vault key appears in {where}"
+        assert not re.search(r"kb_[A-Za-z0-9_-]{16,}", text), f"an API token appears in {where}"
+        assert not re.search(r"sk_(test|live)_[A-Za-z0-9]{8,}", text), f"a Stripe secret appears in {where}"
+
+
+# --------------------------------------------------------------------------- 3. graceful upgrade
+
+
+@pytest.fixture
+def fast_upstream(tmp_path):
+    """A fast local vendor (200 JSON for everything), in its own process."""
+    port = free_port()
+    log = open(tmp_path / "ops_upstream.log", "ab")
+    proc = subprocess.Popen([sys.executable, str(OPS_UPSTREAM), "--port", str(port)],
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while True:
+        assert proc.poll() is None, (tmp_path / "ops_upstream.log").read_text()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "fast upstream did not listen within 15 s"
+            time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def upstream_served(url: str) -> int:
+    return requests.get(f"{url}/__stats", timeout=10).json()["served"]
+
+
+def upgrade_config(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    cfg = tmp_path / "keybrake.yaml"
+    cfg.write_text(
+        f"vendors_file: {json.dumps(str(CONF_DIR / 'vendors.yaml'))}\n"
+        f"currencies_file: {json.dumps(str(CONF_DIR / 'currencies.yaml'))}\n"
+        "pingora:\n"
+        f"  upgrade_sock: {json.dumps(str(run / 'upgrade.sock'))}\n"
+        f"  pid_file: {json.dumps(str(run / 'keybrake.pid'))}\n"
+        f"  grace_period_seconds: {UPGRADE_GRACE_S}\n"
+        f"  graceful_shutdown_timeout_seconds: {UPGRADE_SHUTDOWN_TIMEOUT_S}\n"
+    )
+    return cfg
+
+
+class Load:
+    """N client threads sending metered payments ($1 each) until told to stop (bounded
+    by a per-thread count and a deadline). No client retries: HTTPAdapter(max_retries=0);
+    every exception and every non-200 is a failure."""
+
+    def __init__(self, url: str, token: str, threads: int, keepalive: bool, per_thread: int, deadline_s: float):
+        self.url = f"{url}{PI}"
+        self.token = token
+        self.threads = threads
+        self.keepalive = keepalive
+        self.per_thread = per_thread
+        self.deadline = time.monotonic() + deadline_s
+        self.stop = threading.Event()
+        self.results: list[tuple] = []  # (t0, t1, thread, ok, detail, connection header, wall t0)
+        self.t_start = 0.0
+        self._threads: list[threading.Thread] = []
+
+    def _session(self) -> requests.Session:
+        s = requests.Session()
+        s.mount("http://", HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=1))
+        return s
+
+    def _worker(self, i: int) -> None:
+        session = self._session() if self.keepalive else None
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if not self.keepalive:
+            headers["Connection"] = "close"
+        for _ in range(self.per_thread):
+            if self.stop.is_set() or time.monotonic() > self.deadline:
+                break
+            s = session or self._session()
+            t0, wall = time.monotonic(), time.time()
+            try:
+                r = s.post(self.url, headers=headers, data={"amount": "100", "currency": "usd"}, timeout=30)
+                ok = r.status_code == 200 and r.json().get("object") == "payment_intent"
+                detail = "200" if ok else f"{r.status_code} {r.text[:200]}"
+                conn = r.headers.get("connection", "")
+            except Exception as e:  # noqa: BLE001 - every failure is counted and reported
+                ok, detail, conn = False, f"{type(e).__name__}: {str(e)[:300]}", "error"
+            finally:
+                if session is None:
+                    s.close()
+            self.results.append((t0, time.monotonic(), i, ok, detail, conn, wall))
+
+    def start(self) -> "Load":
+        self.t_start = time.monotonic()
+        for i in range(self.threads):
+            t = threading.Thread(target=self._worker, args=(i,), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def done(self) -> int:
+        return len(self.results)
+
+    def done_after(self, t: float) -> int:
+        return sum(1 for r in list(self.results) if r[0] > t)
+
+    def join(self, timeout: float = 60) -> None:
+        self.stop.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self._threads), "load threads did not finish"
+
+    def report(self, marks: dict[str, float]) -> dict:
+        res = list(self.results)
+        failures = [r for r in res if not r[3]]
+        end = max((r[1] for r in res), default=self.t_start)
+        summary = {
+            "mode": "keep-alive session per thread" if self.keepalive else "fresh connection per request",
+            "total": len(res),
+            "ok": len(res) - len(failures),
+            "failures": len(failures),
+            "failure_kinds": dict(Counter(f[4].split(":")[0][:80] for f in failures)),
+            "responses_with_connection_close": sum(1 for r in res if r[5].lower() == "close"),
+            "duration_s": round(end - self.t_start, 2),
+            "rps": round(len(res) / max(end - self.t_start, 1e-6), 1),
+            "marks_s": {k: round(v - self.t_start, 3) for k, v in marks.items()},
+        }
+        for name, t in marks.items():
+            summary[f"requests_started_after_{name}"] = sum(1 for r in res if r[0] > t)
+        summary["first_failures"] = [
+            {"t_s": round(f[0] - self.t_start, 3), "took_s": round(f[1] - f[0], 3), "thread": f[2], "error": f[4],
+             "utc": time.strftime("%H:%M:%S", time.gmtime(f[6])) + f"{f[6] % 1:.3f}"[1:]}
+            for f in sorted(failures)[:20]
+        ]
+        return summary
+
+
+MIN_REQUESTS = 3000
+
+
+def _finish_load(load: Load, t_old_exit: float) -> None:
+    """Keep the load on the new process for a while after the old one exited, and until
+    at least MIN_REQUESTS were sent (bounded by the load's own deadline)."""
+    wait_until(lambda: (time.monotonic() > t_old_exit + 2 and load.done() >= MIN_REQUESTS)
+               or time.monotonic() > load.deadline, timeout=120, interval=0.1)
+    load.join()
+
+
+def _after_upgrade_checks(kb_control: Keybrake, tenant, key, summary, upstream_url, extra_ok: int):
+    """The new process serves proxy, control and metrics; spend accounts for every 200."""
+    # A fresh connection after the old process exited: the new one answers.
+    fresh = requests.post(f"{kb_control.proxy_url}{PI}", headers={"Authorization": f"Bearer {key['token']}",
+                                                                  "Connection": "close"},
+                          data={"amount": "100", "currency": "usd"}, timeout=30)
+    assert fresh.status_code == 200, fresh.text
+    ok_payments = summary["ok"] + extra_ok + 1
+    shown = tenant.get_key(key["id"])
+    assert shown["status"] == "active", shown
+    assert shown["spent_today_usd"] >= Decimal(ok_payments), (
+        f"{ok_payments} payments of $1.00 answered 200, key shows {shown}")
+    served = upstream_served(upstream_url)
+    assert served == ok_payments, f"upstream answered {served} payments, clients saw {ok_payments} 200s"
+    # The new process issues keys the proxy accepts, and revocation still bites at once.
+    fresh_key = tenant.issue_key(label="after-upgrade", allowed_endpoints=["POST /v1/payment_intents"],
+                                 daily_usd_cap=10)
+    assert pay(kb_control, fresh_key["token"], 100).status_code == 200
+    assert tenant.revoke(fresh_key["id"]).status_code == 200
+    assert_denied(pay(kb_control, fresh_key["token"], 100), 401, "key_revoked")
+    assert "keybrake_requests_total" in scrape(kb_control)
+    return shown
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    print(f"\n=== {title}\n" + json.dumps(summary, indent=2, default=str))
+
+
+@pytest.mark.parametrize("keepalive", [True, False], ids=["keepalive", "fresh-connections"])
+def test_graceful_upgrade_under_load_drops_no_request(keybrake_factory, fast_upstream, tmp_path, keepalive):
+    """An operator upgrades a running Keybrake the Pingora way while agents pay through
+    it: start `keybrake serve --upgrade` (it waits for the listening sockets on
+    upgrade_sock), then SIGQUIT the old process (it hands them over and drains). Every
+    one of ≥3000 payments (4 client threads, no retries) gets 200; the old process exits
+    within its drain budget; the new one serves the proxy, the control API (the key's
+    spend covers every 200) and /metrics afterwards."""
+    cfg = upgrade_config(tmp_path)
+    sock = tmp_path / "run" / "upgrade.sock"
+    old = keybrake_factory({"stripe": fast_upstream}, config=cfg)
+    tenant = old.create_tenant("upgrade-co")
+    tenant.put_credential("stripe", "sk_test_" + secrets.token_hex(16))
+    key = tenant.issue_key(label="upgrade-load", allowed_endpoints=["POST /v1/payment_intents"],
+                           daily_usd_cap=100000, expires_in="1h")
+    assert pay(old, key["token"], 100).status_code == 200  # warm up
+
+    load = Load(old.proxy_url, key["token"], threads=4, keepalive=keepalive, per_thread=20000,
+                deadline_s=150).start()
+    marks: dict[str, float] = {}
+    try:
+        assert wait_until(lambda: load.done() >= 200, timeout=30), "load did not start"
+        new = keybrake_factory({"stripe": fast_upstream}, start=False, config=cfg, admin_token=old.admin_token,
+                               master_key=old.master_key, extra_args=["--upgrade"])
+        new.proxy_port, new.control_port, new.metrics_port = old.proxy_port, old.control_port, old.metrics_port
+        new.data_dir = old.data_dir
+        marks["new_started"] = time.monotonic()
+        # /readyz may be answered by either process (the control port is SO_REUSEPORT).
+        new.start()
+        assert wait_until(lambda: sock.exists() or new.proc.poll() is not None, timeout=20) and sock.exists(), (
+            f"the new process never listened on {sock}:\n{new.logs()[-3000:]}")
+        assert new.proc.poll() is None, new.logs()[-3000:]
+        marks["sigquit_old"] = time.monotonic()
+        old.proc.send_signal(signal.SIGQUIT)
+        budget = PINGORA_CLOSE_TIMEOUT_S + UPGRADE_GRACE_S + UPGRADE_SHUTDOWN_TIMEOUT_S + EXIT_SLACK_S
+        try:
+            old_rc = old.proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            old_rc = None
+        marks["old_exited"] = time.monotonic()
+        assert old_rc is not None, f"old process still running {budget}s after SIGQUIT:\n{old.logs()[-3000:]}"
+        _finish_load(load, marks["old_exited"])
+    finally:
+        load.join()
+    summary = load.report(marks)
+    summary["old_exit_code"] = old_rc
+    summary["old_exit_after_sigquit_s"] = round(marks["old_exited"] - marks["sigquit_old"], 2)
+    _print_summary(f"graceful upgrade ({summary['mode']})", summary)
+
+    assert new.proc.poll() is None, f"new process died:\n{new.logs()[-3000:]}"
+    assert summary["failures"] == 0, json.dumps(summary, indent=2)
+    assert summary["total"] >= MIN_REQUESTS, summary
+    assert summary["requests_started_after_old_exited"] > 0, summary
+    assert old_rc == 0, f"old process exit status {old_rc}:\n{old.logs()[-3000:]}"
+    _after_upgrade_checks(new, tenant, key, summary, fast_upstream, extra_ok=1)
+
+
+def test_systemd_style_reload_with_daemon_and_pid_file_drops_nothing(fast_upstream, tmp_path):
+    """What `systemctl reload keybrake` does with the shipped unit (Type=forking): start
+    with `serve --daemon` (the PID file names the daemon), then on reload run
+    `serve --daemon --upgrade` and at once `kill -QUIT $MAINPID` — without waiting for
+    the new process to be ready. Under load (4 keep-alive clients) no payment fails, the
+    PID file names the new daemon, the old one exits, the new one serves."""
+    cfg = upgrade_config(tmp_path)
+    pid_file = tmp_path / "run" / "keybrake.pid"
+    kb = Keybrake(tmp_path / "kbd", {"stripe": fast_upstream}, config=cfg)
+    kb.workdir.mkdir(parents=True)
+    pids: list[int] = []
+
+    def daemon(*extra: str) -> int:
+        kb.runs += 1
+        out = open(kb.workdir / f"stdout.{kb.runs}.log", "ab")
+        err = open(kb.workdir / f"stderr.{kb.runs}.log", "ab")
+        before = pid_file.read_text().strip() if pid_file.exists() else None
+        parent = subprocess.run(kb.command()[:2] + ["--daemon", *extra] + kb.command()[2:], stdout=out,
+                                stderr=err, stdin=subprocess.DEVNULL, env=kb.environment(), cwd=kb.workdir,
+                                timeout=30)
+        assert parent.returncode == 0, f"serve --daemon {extra} exited {parent.returncode}:\n{kb.logs()[-3000:]}"
+        text = pid_file.read_text().strip() if pid_file.exists() else ""
+        assert text and text != before, f"PID file not (re)written: {text!r} (before {before!r})"
+        pids.append(int(text))
+        assert pid_alive(int(text)), f"daemon {text} is not running:\n{kb.logs()[-3000:]}"
+        return int(text)
+
+    marks: dict[str, float] = {}
+    load = None
+    try:
+        old_pid = daemon()
+
+        def ready():
+            try:
+                return requests.get(f"{kb.control_url}/readyz", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        assert wait_until(lambda: ready() or not pid_alive(old_pid), timeout=20) and ready(), kb.logs()[-3000:]
+        tenant = kb.create_tenant("reload-co")
+        tenant.put_credential("stripe", "sk_test_" + secrets.token_hex(16))
+        key = tenant.issue_key(label="reload-load", allowed_endpoints=["POST /v1/payment_intents"],
+                               daily_usd_cap=100000, expires_in="1h")
+        assert pay(kb, key["token"], 100).status_code == 200
+
+        load = Load(kb.proxy_url, key["token"], threads=4, keepalive=True, per_thread=20000,
+                    deadline_s=150).start()
+        assert wait_until(lambda: load.done() >= 200, timeout=30), "load did not start"
+        marks["reload"] = time.monotonic()
+        new_pid = daemon("--upgrade")  # ExecReload line 1
+        os.kill(old_pid, signal.SIGQUIT)  # ExecReload line 2: kill -QUIT $MAINPID
+        marks["sigquit_old"] = time.monotonic()
+        budget = PINGORA_CLOSE_TIMEOUT_S + UPGRADE_GRACE_S + UPGRADE_SHUTDOWN_TIMEOUT_S + EXIT_SLACK_S
+        assert wait_until(lambda: not pid_alive(old_pid), timeout=budget), (
+            f"old daemon {old_pid} still running {budget}s after SIGQUIT:\n{kb.logs()[-3000:]}")
+        marks["old_exited"] = time.monotonic()
+        _finish_load(load, marks["old_exited"])
+        summary = load.report(marks)
+        summary["old_exit_after_sigquit_s"] = round(marks["old_exited"] - marks["sigquit_old"], 2)
+        _print_summary("systemd-style reload (--daemon, PID file)", summary)
+
+        assert pid_alive(new_pid), f"new daemon died:\n{kb.logs()[-3000:]}"
+        assert int(pid_file.read_text().strip()) == new_pid
+        assert summary["failures"] == 0, json.dumps(summary, indent=2)
+        assert summary["total"] >= MIN_REQUESTS, summary
+        assert summary["requests_started_after_old_exited"] > 0, summary
+        _after_upgrade_checks(kb, tenant, key, summary, fast_upstream, extra_ok=1)
+    finally:
+        if load is not None:
+            load.join()
+        for pid in pids:  # only the daemons this test started
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- 4. keybrake check
+
+
+def run_check(config: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
+    return subprocess.run([str(KEYBRAKE_BIN), "check", "--config", str(config)], capture_output=True, text=True,
+                          timeout=30, env=env, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    "name,settings,vendors,must_mention",
+    [
+        ("unknown-key", "proxy_lisen: x\n", None, ["proxy_lisen"]),
+        ("bad-listener", 'proxy_listen: "nowhere"\n', None, ["proxy_listen", "nowhere"]),
+        ("bad-nested-key", "pingora:\n  grace_period_secs: 3\n", None, ["grace_period_secs"]),
+        ("vendor-without-upstream", "vendors_file: acme-vendors.yaml\n", "acme: {auth: bearer}\n",
+         ["acme", "upstream"]),
+    ],
+    ids=["unknown-key", "bad-listener", "bad-nested-key", "vendor-without-upstream"],
+)
+def test_check_names_the_problem_in_a_bad_config(tmp_path, name, settings, vendors, must_mention):
+    """`keybrake check --config F` on a broken file exits non-zero with one message that
+    names the offending key or vendor, before anything starts."""
+    if not KEYBRAKE_BIN.exists():
+        pytest.fail(f"keybrake binary not found at {KEYBRAKE_BIN}")
+    directory = tmp_path / name
+    cfg = write_config(directory)  # vendors.yaml and currencies.yaml beside it
+    cfg.write_text(settings)
+    if vendors is not None:
+        (directory / "acme-vendors.yaml").write_text(vendors)
+    r = run_check(cfg, tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, f"check accepted {settings!r}: {out}"
+    for word in must_mention:
+        assert word in out, f"message does not mention {word!r}: {out!r}"
+    assert "configuration OK" not in out
+    assert "panicked" not in out and "RUST_BACKTRACE" not in out, out
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONF_DIR.glob("keybrake*.yaml")))
+def test_check_accepts_every_shipped_config(tmp_path, config):
+    """Every conf/keybrake*.yaml shipped in the repo passes `keybrake check` (exit 0,
+    "configuration OK"), from any working directory."""
+    if not KEYBRAKE_BIN.exists():
+        pytest.fail(f"keybrake binary not found at {KEYBRAKE_BIN}")
+    r = run_check(CONF_DIR / config, tmp_path)
+    assert r.returncode == 0, f"{config}: exit {r.returncode}\n{r.stdout}{r.stderr}"
+    assert "configuration OK" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- 5. systemd
+
+
+UNITS = sorted(p.name for p in SYSTEMD_DIR.glob("*.service"))
+INSTALLED_BIN = Path("/usr/local/bin/keybrake")
+
+
+def _ensure_installed_binary() -> str:
+    """The units' ExecStart names /usr/local/bin/keybrake, which `verify` checks exists."""
+    if INSTALLED_BIN.exists():
+        if KEYBRAKE_BIN.exists() and not filecmp.cmp(INSTALLED_BIN, KEYBRAKE_BIN, shallow=False):
+            return f"note: {INSTALLED_BIN} exists and differs from {KEYBRAKE_BIN}; left as is"
+        return f"{INSTALLED_BIN} present"
+    if os.geteuid() != 0:
+        pytest.skip(f"{INSTALLED_BIN} is missing and we are not root to install it for systemd-analyze verify")
+    if not KEYBRAKE_BIN.exists():
+        pytest.fail(f"keybrake binary not found at {KEYBRAKE_BIN}")
+    shutil.copy2(KEYBRAKE_BIN, INSTALLED_BIN)
+    return f"copied {KEYBRAKE_BIN} to {INSTALLED_BIN}"
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_systemd_unit_passes_systemd_analyze_verify(unit):
+    """`systemd-analyze verify` accepts each unit in systemd/ with no complaint about it
+    (syntax, unknown directives, missing executables)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (apt-get install -y systemd)")
+    note = _ensure_installed_binary()
+    r = subprocess.run([analyze, "verify", str(SYSTEMD_DIR / unit)], capture_output=True, text=True, timeout=120)
+    output = (r.stdout + r.stderr).strip()
+    print(f"\n=== systemd-analyze verify {unit} (exit {r.returncode}; {note})\n{output or '(no output)'}")
+    about_unit = [l for l in output.splitlines() if unit in l or "keybrake" in l]
+    assert r.returncode == 0, output
+    assert not about_unit, "\n".join(about_unit)
+
+
+def _unit_directives(unit: str) -> list[tuple[str, str]]:
+    out = []
+    for raw in (SYSTEMD_DIR / unit).read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith(("#", ";", "[")) and "=" in line:
+            k, v = line.split("=", 1)
+            out.append((k.strip(), v.strip()))
+    return out
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_systemd_unit_command_lines_are_accepted_by_the_binary(unit, tmp_path):
+    """Every keybrake command line of a unit (ExecStartPre/ExecStart/ExecReload), with
+    its variables expanded, is accepted by this binary's argument parser (checked with a
+    trailing --help, so nothing starts); and TimeoutStopSec leaves room for the drain
+    configured in conf/keybrake-systemd.yaml."""
+    if not KEYBRAKE_BIN.exists():
+        pytest.fail(f"keybrake binary not found at {KEYBRAKE_BIN}")
+    directives = _unit_directives(unit)
+    env = {}
+    for k, v in directives:
+        if k == "Environment":
+            name, value = v.split("=", 1)
+            env[name] = value
+    env.update({"STATE_DIRECTORY": str(tmp_path / "state"), "CREDENTIALS_DIRECTORY": str(tmp_path / "creds"),
+                "RUNTIME_DIRECTORY": str(tmp_path / "run")})
+    commands = [v for k, v in directives if k in ("ExecStartPre", "ExecStart", "ExecReload")
+                and v.lstrip("-@:+!").startswith(str(INSTALLED_BIN))]
+    assert commands, f"{unit} runs no keybrake command"
+    problems = []
+    for command in commands:
+        expanded = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), command)
+        argv = expanded.split()[1:]
+        assert not any("$" in a for a in argv), f"unexpanded variable in {command!r}"
+        r = subprocess.run([str(KEYBRAKE_BIN), *argv, "--help"], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            problems.append(f"{' '.join(argv)}: {(r.stderr or r.stdout).strip().splitlines()[0]}")
+    if problems and unit == "keybrake-proxy.service":
+        # The unit itself says `keybrake proxy` is next release's work.
+        probe = subprocess.run([str(KEYBRAKE_BIN), "proxy", "--help"], capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:
+            pytest.xfail("`keybrake proxy` (edge node) is not implemented yet: " + "; ".join(problems))
+    assert not problems, "\n".join(problems)
+
+    timeout_stop = [v for k, v in directives if k == "TimeoutStopSec"]
+    if any(k == "ExecReload" for k, _ in directives) or unit == "keybrake.service":
+        text = (CONF_DIR / "keybrake-systemd.yaml").read_text()
+        grace = int(re.search(r"grace_period_seconds:\s*(\d+)", text).group(1))
+        drain = int(re.search(r"graceful_shutdown_timeout_seconds:\s*(\d+)", text).group(1))
+        assert timeout_stop and int(timeout_stop[0].rstrip("s")) > grace + drain, (
+            f"TimeoutStopSec={timeout_stop} must exceed grace {grace}s + drain {drain}s")

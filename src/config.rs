@@ -319,6 +319,18 @@ impl Config {
                 (None, _) => Ok(embedded.to_string()),
             }
         };
+        // The file's own values first, so an error names them rather than a side file.
+        for (value, what) in [
+            (&file.proxy_listen, "proxy_listen"),
+            (&file.control_listen, "control_listen"),
+            (&file.metrics_listen, "metrics_listen"),
+        ] {
+            if let Some(text) = value {
+                text.parse::<SocketAddr>().map_err(|_| {
+                    anyhow!("{what}: {text:?} is not a socket address like 127.0.0.1:8080")
+                })?;
+            }
+        }
         let vendors_text = side_file(&file.vendors_file, EMBEDDED_VENDORS, "vendors.yaml")?;
         let currencies_text = side_file(
             &file.currencies_file,

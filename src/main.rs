@@ -215,10 +215,14 @@ fn run(cli: Cli) -> Result<()> {
             daemon,
         } => {
             let config = common.load()?;
-            if daemon {
-                keybrake::serve::daemonize(std::path::Path::new(&config.pingora.pid_file))?;
-            }
-            run_serve(config, common.secrets(true), upgrade)
+            let ready = if daemon {
+                Some(keybrake::serve::daemonize(std::path::Path::new(
+                    &config.pingora.pid_file,
+                ))?)
+            } else {
+                None
+            };
+            run_serve(config, common.secrets(true), upgrade, ready)
         }
         Command::Control { common } => {
             let config = common.load()?;

@@ -190,23 +190,46 @@ fn start_control(
         .map_err(|_| anyhow!("the control plane thread died during start-up"))?
 }
 
-/// Forks once. The parent records the child's PID in `pid_file` (atomically) and exits;
-/// the child starts a new session and carries on. Must run before any thread exists.
-pub fn daemonize(pid_file: &Path) -> Result<()> {
+/// Forks once. The child starts a new session and carries on; the parent waits until the
+/// child reports that Pingora is running (listeners bound or received), then records the
+/// child's PID in `pid_file` and exits 0 (or 1 if the child died first), so systemd's
+/// `Type=forking` sees the service ready only when it is. Must run before any thread exists.
+pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills two descriptors we then own.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(anyhow!("pipe failed: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the descriptors were just created and are owned by nobody else.
+    let (read_end, write_end) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
     // SAFETY: called from main before any thread is spawned, so the child inherits a
     // consistent single-threaded process.
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(anyhow!("fork failed: {}", std::io::Error::last_os_error())),
         0 => {
-            // SAFETY: plain system call in the freshly forked child.
+            drop(read_end);
+            // SAFETY: plain system calls in the freshly forked child.
             unsafe { libc::setsid() };
             let devnull = std::fs::File::open("/dev/null")?;
             // SAFETY: dup2 onto stdin of our own process.
             unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&devnull), 0) };
-            Ok(())
+            Ok(write_end)
         }
         child => {
+            drop(write_end);
+            let mut byte = [0u8; 1];
+            let ready = std::io::Read::read(&mut &read_end, &mut byte).unwrap_or(0) == 1;
+            if !ready {
+                eprintln!("keybrake: the daemon exited before it was ready; see its log");
+                std::process::exit(1);
+            }
             let tmp = pid_file.with_extension("pid.tmp");
             std::fs::write(&tmp, format!("{child}\n"))
                 .and_then(|_| std::fs::rename(&tmp, pid_file))
@@ -264,7 +287,12 @@ impl BackgroundService for Upkeep {
 }
 
 /// `keybrake serve`: control API + proxy + metrics in one process.
-pub fn run_serve(config: Config, sources: SecretSources, upgrade: bool) -> Result<()> {
+pub fn run_serve(
+    config: Config,
+    sources: SecretSources,
+    upgrade: bool,
+    ready: Option<std::fs::File>,
+) -> Result<()> {
     let metrics = Metrics::global();
     let published = Arc::new(Published::empty());
     let control = start_control(
@@ -290,7 +318,9 @@ pub fn run_serve(config: Config, sources: SecretSources, upgrade: bool) -> Resul
     let upstreams = Arc::new(Upstreams::new(&config.vendors, config.upstream.clone()));
     let audit: Arc<dyn AuditSink> = Arc::new(AuditForwarder(control.clone()));
 
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let proxy = KeybrakeProxy {
+        draining: draining.clone(),
         vendors: config
             .vendors
             .iter()
@@ -326,6 +356,8 @@ pub fn run_serve(config: Config, sources: SecretSources, upgrade: bool) -> Resul
         conf: None,
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // Subscribe before bootstrap: with --upgrade, bootstrap blocks until the sockets arrive.
+    watch_phases(&server, draining, ready, upgrade);
     server.bootstrap();
 
     let mut proxy_service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
@@ -347,6 +379,42 @@ pub fn run_serve(config: Config, sources: SecretSources, upgrade: bool) -> Resul
     log::info!("proxy listening on http://{}", config.proxy_listen);
     log::info!("metrics on http://{}/metrics", config.metrics_listen);
     server.run_forever()
+}
+
+/// Follows Pingora's execution phases: tells the daemon's parent once the server runs,
+/// and flags draining as soon as a graceful upgrade or shutdown begins, so every response
+/// from then on closes its connection and keep-alive clients move to the new process
+/// before Pingora drops idle connections.
+///
+/// For `--upgrade`, "ready" is reached earlier, when the process starts waiting for the old
+/// one's sockets: the reload sequence only sends the old process SIGQUIT after this.
+fn watch_phases(
+    server: &Server,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    mut ready: Option<std::fs::File>,
+    upgrade: bool,
+) {
+    use pingora::server::ExecutionPhase::*;
+    let mut phases = server.watch_execution_phase();
+    std::thread::spawn(move || loop {
+        match phases.blocking_recv() {
+            Ok(phase @ (Bootstrap | Running)) if matches!(phase, Running) || upgrade => {
+                if let Some(mut pipe) = ready.take() {
+                    let _ = pipe.write_all(b"1");
+                }
+            }
+            Ok(
+                GracefulUpgradeTransferringFds
+                | GracefulUpgradeCloseTimeout
+                | GracefulTerminate
+                | ShutdownStarted,
+            ) => {
+                draining.store(true, std::sync::atomic::Ordering::Release);
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    });
 }
 
 /// The in-process audit sink: straight into the control plane's batched writer.

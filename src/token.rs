@@ -70,7 +70,7 @@ impl SigningKey {
         out.push_str(&self.header_b64);
         out.push('.');
         b64.encode_string(claims_json, &mut out);
-        let signature = self.pair.sign(out[TOKEN_PREFIX.len()..].as_bytes());
+        let signature = self.pair.sign(&out.as_bytes()[TOKEN_PREFIX.len()..]);
         out.push('.');
         b64.encode_string(signature.as_ref(), &mut out);
         Secret::new(out)

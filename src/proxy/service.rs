@@ -33,6 +33,9 @@ const MAX_CAPTURE: usize = 256 * 1024;
 const MAX_CREATED: usize = 200_000;
 
 pub struct KeybrakeProxy {
+    /// Set when a graceful upgrade or shutdown begins: connections are closed after their
+    /// current response, so clients reconnect to the new process.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     pub vendors: HashMap<String, Arc<Vendor>>,
     pub currencies: HashMap<String, Currency>,
     pub body_limit: usize,
@@ -271,6 +274,9 @@ impl ProxyHttp for KeybrakeProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            session.set_keepalive(None);
+        }
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
             Err(denial) => {

@@ -586,29 +586,29 @@ impl Store {
 
     // ----- audit -----
 
+    /// Appends events with one multi-row statement (at most 1,024 rows per statement, well
+    /// under SQLite's bound-parameter limit).
     pub async fn insert_audit_batch(&self, events: &[AuditEvent]) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
-        for e in events {
-            sqlx::query(
-                "INSERT INTO audit (ts_ms, tenant_id, key_id, label, vendor, method, path, status, decision, spend, vendor_request_id, duration_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(e.ts_ms)
-            .bind(&e.tenant_id)
-            .bind(&e.key_id)
-            .bind(&e.label)
-            .bind(&e.vendor)
-            .bind(&e.method)
-            .bind(&e.path)
-            .bind(e.status as i64)
-            .bind(&e.decision)
-            .bind(e.spend.0)
-            .bind(&e.vendor_request_id)
-            .bind(e.duration_ms as i64)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in events.chunks(1024) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO audit (ts_ms, tenant_id, key_id, label, vendor, method, path, status, decision, spend, vendor_request_id, duration_ms) ",
+            );
+            insert.push_values(chunk, |mut b, e| {
+                b.push_bind(e.ts_ms)
+                    .push_bind(e.tenant_id.clone())
+                    .push_bind(e.key_id.clone())
+                    .push_bind(e.label.clone())
+                    .push_bind(e.vendor.clone())
+                    .push_bind(e.method.clone())
+                    .push_bind(e.path.clone())
+                    .push_bind(e.status as i64)
+                    .push_bind(e.decision.clone())
+                    .push_bind(e.spend.0)
+                    .push_bind(e.vendor_request_id.clone())
+                    .push_bind(e.duration_ms as i64);
+            });
+            insert.build().execute(&self.writer).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Vault-key issuance throughput of `keybrake serve` (embedded SQLite): wrk sends concurrent
+#   POST /v1/keys {"label":"load","vendor":"stripe","allowed_endpoints":["POST /v1/payment_intents"],
+#                  "daily_usd_cap":5,"expires_in":"5m"}
+# with one tenant's API token, for DURATION seconds at CONNS connections, and prints keys/s
+# and latency percentiles. Every answer must be 201 (counted by the wrk Lua script);
+# afterwards the issued keys must be listed by GET /v1/keys and each wrk-counted key
+# must be stored (the listing is walked to count them, bounded by MAX_LIST pages).
+#
+# Target to compare against (printed, not enforced): >= 5,000 keys/s, p99 < 5 ms on the
+# 2-core dev machine.
+#
+#   cargo build --release --bin keybrake
+#   load-tests/key_issuance.sh
+#
+# Env knobs: DURATION (s, 10)  CONNS (32)  WARMUP (s, 2)  WRK_THREADS (1)  KB_THREADS (2)
+# PIN (1: keybrake and wrk on separate CPUs; 0: no pinning)  SERVER_CPUS / LOAD_CPUS
+# COUNT_KEYS (1: page through GET /v1/keys to count stored keys; 0: skip)  KEEP_TMP (1).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+DURATION=${DURATION:-10}; CONNS=${CONNS:-32}; WARMUP=${WARMUP:-2}; COUNT_KEYS=${COUNT_KEYS:-1}
+
+need wrk
+need curl
+need_bin "$KB_BIN" "cargo build --release --bin keybrake"
+
+start_keybrake "http://127.0.0.1:9"   # no proxied traffic here; the upstream is never called
+new_tenant
+
+cat >"$TMP/issue.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"label":"load","vendor":"stripe","allowed_endpoints":["POST /v1/payment_intents"],"daily_usd_cap":5,"expires_in":"5m"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $KB_TENANT_TOKEN"
+
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) created = 0; other = 0; first_other = "" end
+function response(status, headers, body)
+  if status == 201 then
+    created = created + 1
+  else
+    other = other + 1
+    if first_other == "" then first_other = status .. " " .. string.sub(body or "", 1, 300) end
+  end
+end
+function done(summary, latency, requests)
+  local c, o, f = 0, 0, ""
+  for _, t in ipairs(threads) do
+    c = c + t:get("created"); o = o + t:get("other")
+    if f == "" then f = t:get("first_other") end
+  end
+  io.write(string.format("status 201: %d\nstatus other: %d\n", c, o))
+  if f ~= "" then io.write("first other: " .. f .. "\n") end
+end
+LUA
+URL="http://$KB_CONTROL/v1/keys"
+
+echo "key issuance: POST /v1/keys, ${DURATION}s at $CONNS connections (wrk -t${WRK_THREADS:-1}), $PIN_DESC"
+echo "  warming up (${WARMUP}s) ..."
+run_wrk "$TMP/warm.txt" "$KB_PID" "$CONNS" "$WARMUP" "$TMP/issue.lua" "$URL"
+run_wrk "$TMP/issue.txt" "$KB_PID" "$CONNS" "$DURATION" "$TMP/issue.lua" "$URL"
+echo
+sed -n '/Thread Stats/,/Transfer\/sec/p' "$TMP/issue.txt"
+read -r rps p50 p99 bad errs reqs < <(wrk_stats "$TMP/issue.txt")
+c201=$(awk '/^status 201:/{print $3}' "$TMP/issue.txt")
+other=$(awk '/^status other:/{print $3}' "$TMP/issue.txt")
+w201=$(awk '/^status 201:/{print $3}' "$TMP/warm.txt")
+wother=$(awk '/^status other:/{print $3}' "$TMP/warm.txt")
+
+echo
+echo "=== SUMMARY"
+printf "keys/s            %10s   (target >= 5000)\n" "$rps"
+printf "p50 latency ms    %10s\n" "$p50"
+printf "p99 latency ms    %10s   (target < 5)\n" "$p99"
+printf "keybrake CPU      %9s%%   (1 core = 100%%)\n" "$(cat "$TMP/issue.txt.cpu")"
+printf "other CPU         %9s%%   (anything else on keybrake's CPUs; pinned: > 15%% = disturbed run)\n" "$(cat "$TMP/issue.txt.other")"
+printf "responses         %10s   201: %s, other: %s, socket errors: %s\n" "$reqs" "$c201" "$other" "$errs"
+python3 - "$rps" "$p99" <<'PY'
+import sys
+rps, p99 = float(sys.argv[1]), float(sys.argv[2])
+print(f"vs target: throughput {'MET' if rps >= 5000 else 'NOT met'}, p99 {'MET' if p99 < 5 else 'NOT met'}")
+PY
+
+fail=0
+if [ "$other" != 0 ] || [ "$wother" != 0 ]; then
+  echo "FAIL: $((other + wother)) responses were not 201; first: $(grep -h '^first other:' "$TMP/warm.txt" "$TMP/issue.txt" | head -1)" >&2
+  fail=1
+fi
+
+# Every key counted as 201 by wrk must be stored and listed (up to CONNS*2 more may have
+# been issued by requests still in flight when wrk stopped).
+if [ "$COUNT_KEYS" = 1 ]; then
+  python3 - "$KB_CONTROL" "$KB_TENANT_TOKEN" "$((w201 + c201))" "$((CONNS * 2))" "${MAX_LIST:-5000}" <<'PY' || fail=1
+import json, sys, urllib.request, urllib.parse
+base, token, expected, slack, max_pages = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rows, cursor, pages, ids = 0, None, 0, set()
+while pages < max_pages:
+    q = {"status": "active", "limit": "100"}
+    if cursor:
+        q["cursor"] = cursor
+    req = urllib.request.Request(f"http://{base}/v1/keys?" + urllib.parse.urlencode(q),
+                                 headers={"authorization": f"Bearer {token}"})
+    page = json.load(urllib.request.urlopen(req, timeout=30))
+    pages += 1
+    for k in page["data"]:
+        ids.add(k["id"])
+        rows += 1
+    cursor = page.get("next_cursor")
+    if not cursor:
+        break
+n = len(ids)
+print(f"stored active keys listed: {n:,} ({pages} pages); 201s counted by wrk: {expected:,}")
+if rows != n:
+    print(f"FAIL: the listing repeated {rows - n} keys across pages", file=sys.stderr)
+    sys.exit(1)
+if cursor:
+    print(f"(stopped after {max_pages} pages)")
+elif not (expected <= n <= expected + slack):
+    print(f"FAIL: GET /v1/keys lists {n} active keys, expected {expected}..{expected + slack}", file=sys.stderr)
+    sys.exit(1)
+PY
+fi
+exit "$fail"

@@ -30,7 +30,7 @@ die() {
   echo "FAIL: $*" >&2
   if [ -n "${KB_PID:-}" ]; then
     if kill -0 "$KB_PID" 2>/dev/null; then echo "(keybrake, pid $KB_PID, is running)" >&2
-    else wait "$KB_PID" 2>/dev/null; echo "(keybrake, pid $KB_PID, has exited with status $?)" >&2; fi
+    else local st=0; wait "$KB_PID" 2>/dev/null || st=$?; echo "(keybrake, pid $KB_PID, has exited with status $st)" >&2; fi
     echo "--- keybrake stderr (tail)" >&2; tail -20 "$TMP/keybrake.err" >&2 2>/dev/null || true
   fi
   exit 1

@@ -75,6 +75,28 @@ pub fn print(value: &Value, json_out: bool, human: impl FnOnce(&Value) -> String
     }
 }
 
+/// One line per item of a list answer's `data`.
+pub fn data_lines(list: &Value, line: fn(&Value) -> String) -> String {
+    list["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(line)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `path?k=v&…` with the values percent-encoded (an RFC 3339 `+01:00` stays a `+`).
+pub fn with_query(path: &str, params: &[(&str, Option<String>)]) -> String {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        if let Some(v) = v {
+            query.append_pair(k, v);
+        }
+    }
+    format!("{path}?{}", query.finish())
+}
+
 pub fn read_secret_file(path: &Path) -> Result<String> {
     let text = if path == Path::new("-") {
         let mut s = String::new();

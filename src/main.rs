@@ -356,20 +356,12 @@ fn run(cli: Cli) -> Result<()> {
                     cli::print(&k, client.json, cli::key_details);
                 }
                 KeyCommand::List { status, limit } => {
-                    let mut path = format!("/v1/keys?limit={limit}");
-                    if let Some(s) = status {
-                        path.push_str(&format!("&status={s}"));
-                    }
+                    let path = cli::with_query(
+                        "/v1/keys",
+                        &[("limit", Some(limit.to_string())), ("status", status)],
+                    );
                     let list = api.call("GET", &path, None)?;
-                    cli::print(&list, client.json, |l| {
-                        l["data"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .map(cli::key_line)
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    });
+                    cli::print(&list, client.json, |l| cli::data_lines(l, cli::key_line));
                 }
                 KeyCommand::Revoke { id } => {
                     let k = api.call("DELETE", &format!("/v1/keys/{id}"), None)?;
@@ -387,23 +379,16 @@ fn run(cli: Cli) -> Result<()> {
             client,
         } => {
             let api = Client::new(&client.control_url, false)?;
-            let mut path = format!("/v1/audit?limit={limit}");
-            if let Some(k) = key {
-                path.push_str(&format!("&key_id={k}"));
-            }
-            if let Some(s) = since {
-                path.push_str(&format!("&since={s}"));
-            }
+            let path = cli::with_query(
+                "/v1/audit",
+                &[
+                    ("limit", Some(limit.to_string())),
+                    ("key_id", key),
+                    ("since", since),
+                ],
+            );
             let list = api.call("GET", &path, None)?;
-            cli::print(&list, client.json, |l| {
-                l["data"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(cli::audit_line)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
+            cli::print(&list, client.json, |l| cli::data_lines(l, cli::audit_line));
             Ok(())
         }
     }

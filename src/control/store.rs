@@ -525,16 +525,8 @@ impl Store {
 
     /// Revoked keys that have not expired yet: the content of the revocation filter.
     pub async fn live_revocations(&self, now: i64) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query(
-            "SELECT id, expires_at FROM keys WHERE revoked_at IS NOT NULL AND expires_at > ?",
-        )
-        .bind(now)
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get("id"), r.get("expires_at")))
-            .collect())
+        // `revoked_at >= i64::MIN` holds for every revoked key and never for NULL.
+        self.revoked_since(i64::MIN, now).await
     }
 
     // ----- ledger -----

@@ -10,6 +10,11 @@ use pingora::prelude::*;
 use pingora::server::configuration::{Opt, ServerConf};
 use std::net::SocketAddr;
 
+/// The same allocator as `keybrake`, so the comparison measures Keybrake's work, not the
+/// allocator's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     #[arg(long)]

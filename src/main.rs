@@ -8,6 +8,12 @@ use keybrake::config::{Config, Overrides};
 use keybrake::serve::{run_control, run_serve, SecretSources};
 use std::path::PathBuf;
 
+/// mimalloc instead of glibc malloc: a proxy allocates and frees small objects on one
+/// thread and frees some on another (audit events); glibc's arenas pay for that in locks
+/// and consolidation (measured: ~15 µs per proxied request on the dev machine).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "keybrake",

@@ -174,6 +174,7 @@ fn start_control(
                     }
                 };
                 tokio::spawn(control.clone().housekeeping());
+                tokio::spawn(control.store().clone().checkpoints());
                 tokio::spawn(control.clone().follow_revocations());
                 let app = router(ApiState {
                     control: control.clone(),
@@ -338,6 +339,7 @@ pub fn run_serve(
             .context("cannot open the access log")?,
         metrics: metrics.clone(),
         created: Default::default(),
+        created_swept: Default::default(),
     };
 
     let conf = ServerConf {
@@ -360,7 +362,12 @@ pub fn run_serve(
     watch_phases(&server, draining, ready, upgrade);
     server.bootstrap();
 
-    let mut proxy_service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    let mut proxy_service = pingora::services::listening::Service::new(
+        "keybrake proxy".to_string(),
+        FinishAccepted {
+            proxy: Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy)),
+        },
+    );
     proxy_service.add_tcp(&config.proxy_listen.to_string());
     let mut metrics_service = pingora_prometheus::prometheus_http_service();
     metrics_service.add_tcp(&config.metrics_listen.to_string());
@@ -418,6 +425,35 @@ fn watch_phases(
 }
 
 /// The in-process audit sink: straight into the control plane's batched writer.
+/// How long connections already accepted keep being served after the accept loop stops.
+const ACCEPTED_GRACE: Duration = Duration::from_secs(1);
+
+/// The proxy's Pingora app, with one change to shutdown: Pingora closes every connection
+/// still waiting for its request the moment the accept loop stops, so a client whose
+/// connection the old process accepted a few microseconds earlier (during a graceful
+/// upgrade, both processes accept on the same sockets) would see it closed unanswered.
+/// `cleanup` waits `ACCEPTED_GRACE` first: those requests are read and answered (with
+/// `Connection: close`, the drain flag is set by then), then Pingora's cleanup runs.
+struct FinishAccepted {
+    proxy: Arc<pingora::proxy::HttpProxy<KeybrakeProxy>>,
+}
+
+#[async_trait]
+impl pingora::apps::ServerApp for FinishAccepted {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: pingora::protocols::Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<pingora::protocols::Stream> {
+        self.proxy.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        tokio::time::sleep(ACCEPTED_GRACE).await;
+        self.proxy.cleanup().await;
+    }
+}
+
 struct AuditForwarder(Arc<Control>);
 
 impl AuditSink for AuditForwarder {

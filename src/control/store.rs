@@ -95,9 +95,27 @@ CREATE INDEX keys_by_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NUL
 "#,
 ];
 
+/// The audit INSERT statements, by rows per statement (largest first, ending with 1 so
+/// every batch size is covered; 64 rows x 12 values stays far under SQLite's limit).
+static AUDIT_INSERTS: std::sync::LazyLock<Vec<(usize, String)>> = std::sync::LazyLock::new(|| {
+    [64, 16, 4, 1]
+        .into_iter()
+        .map(|rows| {
+            let row = format!("({})", ["?"; 12].join(","));
+            let sql = format!(
+                "INSERT INTO audit (ts_ms, tenant_id, key_id, label, vendor, method, path, status, \
+                 decision, spend, vendor_request_id, duration_ms) VALUES {}",
+                vec![row; rows].join(",")
+            );
+            (rows, sql)
+        })
+        .collect()
+});
+
 #[derive(Clone)]
 pub struct Store {
     writer: SqlitePool,
+    checkpointer: SqlitePool,
     reader: SqlitePool,
 }
 
@@ -190,19 +208,47 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        // Commits never checkpoint (copy the WAL into the database file and fsync it):
+        // `checkpoints` does that on its own connection, off the write path, so an issued
+        // key or an audit batch never waits for a disk flush.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await
             .context("cannot open the SQLite database")?;
         migrate(&writer).await?;
+        let checkpointer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .context("cannot open the SQLite database for checkpoints")?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
             .context("cannot open the SQLite database for reading")?;
-        Ok(Store { writer, reader })
+        Ok(Store {
+            writer,
+            reader,
+            checkpointer,
+        })
+    }
+
+    /// Copies committed WAL pages into the database file every second, without blocking
+    /// writers or readers (a PASSIVE checkpoint). Runs until the process ends.
+    pub async fn checkpoints(self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&self.checkpointer)
+                .await
+            {
+                log::warn!("WAL checkpoint failed: {e}");
+            }
+        }
     }
 
     pub async fn ping(&self) -> bool {
@@ -578,29 +624,36 @@ impl Store {
 
     // ----- audit -----
 
-    /// Appends events with one multi-row statement (at most 1,024 rows per statement, well
-    /// under SQLite's bound-parameter limit).
+    /// Appends events in one transaction, with multi-row statements of fixed sizes: each
+    /// size has one SQL text, so SQLite parses it once and sqlx reuses the prepared
+    /// statement. Values are bound borrowed from `events`.
     pub async fn insert_audit_batch(&self, events: &[AuditEvent]) -> Result<()> {
-        for chunk in events.chunks(1024) {
-            let mut insert = sqlx::QueryBuilder::new(
-                "INSERT INTO audit (ts_ms, tenant_id, key_id, label, vendor, method, path, status, decision, spend, vendor_request_id, duration_ms) ",
-            );
-            insert.push_values(chunk, |mut b, e| {
-                b.push_bind(e.ts_ms)
-                    .push_bind(e.tenant_id.clone())
-                    .push_bind(e.key_id.clone())
-                    .push_bind(e.label.clone())
-                    .push_bind(e.vendor.clone())
-                    .push_bind(e.method.clone())
-                    .push_bind(e.path.clone())
-                    .push_bind(e.status as i64)
-                    .push_bind(e.decision.clone())
-                    .push_bind(e.spend.0)
-                    .push_bind(e.vendor_request_id.clone())
-                    .push_bind(e.duration_ms as i64);
-            });
-            insert.build().execute(&self.writer).await?;
+        let mut tx = self.writer.begin().await?;
+        let mut rest = events;
+        for (rows, sql) in AUDIT_INSERTS.iter() {
+            let mut chunks = rest.chunks_exact(*rows);
+            for chunk in &mut chunks {
+                let mut query = sqlx::query(sql);
+                for e in chunk {
+                    query = query
+                        .bind(e.ts_ms)
+                        .bind(e.tenant_id.as_deref())
+                        .bind(e.key_id.as_deref())
+                        .bind(e.label.as_deref())
+                        .bind(e.vendor.as_str())
+                        .bind(e.method.as_str())
+                        .bind(e.path.as_str())
+                        .bind(e.status as i64)
+                        .bind(e.decision.as_str())
+                        .bind(e.spend.0)
+                        .bind(e.vendor_request_id.as_deref())
+                        .bind(e.duration_ms as i64);
+                }
+                query.execute(&mut *tx).await?;
+            }
+            rest = chunks.remainder();
         }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -28,11 +28,21 @@ pub fn strip_client_headers(req: &mut RequestHeader, vendor: &Vendor) {
         .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
         .filter(|s| !s.is_empty())
         .collect();
-    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
-        req.remove_header(name);
-    }
-    for name in &vendor.strip_headers {
-        req.remove_header(name);
+    // One pass over the headers present (names are lower case in `http`), then only the
+    // ones found are removed.
+    let doomed: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|h| {
+            let h = h.as_str();
+            HOP_BY_HOP.contains(&h)
+                || named.iter().any(|n| n == h)
+                || vendor.strip_headers.iter().any(|n| n.as_str() == h)
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        req.remove_header(&name);
     }
 }
 

@@ -49,6 +49,8 @@ pub struct KeybrakeProxy {
     pub metrics: Arc<Metrics>,
     /// Object id → (key id, key exp) for objects a key created through a metered call.
     pub created: DashMap<String, (Arc<str>, i64)>,
+    /// When `created` was last swept of expired entries (unix seconds).
+    pub created_swept: std::sync::atomic::AtomicI64,
 }
 
 pub struct Ctx {
@@ -213,34 +215,64 @@ impl KeybrakeProxy {
         let Some(bytes) = ctx.capture.take() else {
             return;
         };
-        let Ok(body) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-            if ctx.response_rule.is_some() {
+        let created_id = if let Some(rule) = &ctx.response_rule {
+            let Ok(body) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
                 log::warn!(
                     "response of a response-metered {} call is not JSON; not metered",
                     ctx.vendor_name
                 );
-            }
-            return;
-        };
-        if let Some(rule) = &ctx.response_rule {
+                return;
+            };
             ctx.charge_after =
                 meter::response_cost(rule, &body, &self.currencies).unwrap_or(Micros::ZERO);
-        }
-        if ctx.track_created {
-            if let (Some(id), Some(key)) = (body.get("id").and_then(|v| v.as_str()), &ctx.key) {
-                if self.created.len() >= MAX_CREATED {
-                    let now = now_secs();
-                    self.created.retain(|_, (_, exp)| *exp > now);
-                }
-                if self.created.len() < MAX_CREATED {
-                    self.created.insert(
-                        id.to_string(),
-                        (key.claims.jti.as_str().into(), key.claims.exp),
-                    );
-                }
-            }
+            body.get("id").and_then(|v| v.as_str()).map(str::to_string)
+        } else {
+            // Only the created object's id is needed: no JSON tree is built.
+            serde_json::from_slice::<CreatedObject>(&bytes)
+                .ok()
+                .and_then(|o| o.id)
+                .map(|id| id.into_owned())
+        };
+        if let (true, Some(id), Some(key)) = (ctx.track_created, created_id, &ctx.key) {
+            self.remember_created(id, key);
         }
     }
+
+    /// Records that `key` created object `id`. The map is bounded: when full, expired
+    /// owners are swept out (at most once a second); if it is still full, nothing is added
+    /// and a later confirm of that object is simply metered from its response.
+    fn remember_created(&self, id: String, key: &VerifiedKey) {
+        if self.created.len() >= MAX_CREATED {
+            let now = now_secs();
+            let last = self
+                .created_swept
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if now > last
+                && self
+                    .created_swept
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                self.created.retain(|_, (_, exp)| *exp > now);
+            }
+        }
+        if self.created.len() < MAX_CREATED {
+            self.created
+                .insert(id, (key.claims.jti.as_str().into(), key.claims.exp));
+        }
+    }
+}
+
+/// The one field read from a created object's JSON.
+#[derive(serde::Deserialize)]
+struct CreatedObject<'a> {
+    #[serde(borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
 }
 
 #[async_trait]
@@ -542,6 +574,7 @@ impl ProxyHttp for KeybrakeProxy {
             .with_label_values(&[vendor_label, decision])
             .inc();
 
+        let wall = std::time::SystemTime::now();
         let method = session.req_header().method.as_str().to_string();
         let path = if ctx.vendor_name.is_empty() {
             String::new()
@@ -551,7 +584,7 @@ impl ProxyHttp for KeybrakeProxy {
         let key = ctx.key.as_ref().map(|k| &k.claims);
         if let Some(log) = &self.access_log {
             log.write(&AccessLine {
-                ts: record::now_rfc3339(),
+                ts: record::rfc3339(wall),
                 key_id: key.map(|c| c.jti.as_str()),
                 label: key.map(|c| c.lbl.as_str()),
                 tenant: key.map(|c| c.ten.as_str()),
@@ -566,7 +599,7 @@ impl ProxyHttp for KeybrakeProxy {
             });
         }
         self.audit.record(AuditEvent {
-            ts_ms: std::time::SystemTime::now()
+            ts_ms: wall
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0),

@@ -506,25 +506,12 @@ def _print_summary(title: str, summary: dict) -> None:
     print(f"\n=== {title}\n" + json.dumps(summary, indent=2, default=str))
 
 
-# Known gap (issue 5 stays open for it): with a fresh connection per request, Pingora 0.9.1
-# closes a connection the old process accepted just before its shutdown broadcast (5 s after
-# SIGQUIT) without answering it; about one run in five loses one request. Keep-alive clients,
-# which every vendor SDK uses, are told `Connection: close` from the start of the upgrade and
-# lose nothing. The test still runs and reports; it must pass once the gap is closed.
-@pytest.mark.parametrize(
-    "keepalive",
-    [
-        True,
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                reason="Pingora 0.9.1 drops a connection accepted just before its shutdown broadcast",
-                strict=False,
-            ),
-        ),
-    ],
-    ids=["keepalive", "fresh-connections"],
-)
+# Both client styles: keep-alive sessions (every vendor SDK) are told `Connection: close`
+# from the start of the upgrade; with a fresh connection per request, the old process may
+# accept a connection a few microseconds before its accept loop stops, and must still
+# answer it (`serve::FinishAccepted`; Pingora alone closes it unanswered, about one run in
+# five lost a request before).
+@pytest.mark.parametrize("keepalive", [True, False], ids=["keepalive", "fresh-connections"])
 def test_graceful_upgrade_under_load_drops_no_request(keybrake_factory, fast_upstream, tmp_path, keepalive):
     """An operator upgrades a running Keybrake the Pingora way while agents pay through
     it: start `keybrake serve --upgrade` (it waits for the listening sockets on

@@ -235,10 +235,11 @@ impl Store {
         })
     }
 
-    /// Copies committed WAL pages into the database file every second, without blocking
-    /// writers or readers (a PASSIVE checkpoint). Runs until the process ends.
+    /// Copies committed WAL pages into the database file four times a second (small steps
+    /// rather than one long burst), without blocking writers or readers (a PASSIVE
+    /// checkpoint). Runs until the process ends.
     pub async fn checkpoints(self) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;

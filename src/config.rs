@@ -237,7 +237,8 @@ pub struct Vendor {
     pub json_to_form: bool,
     pub account_headers: Vec<http::HeaderName>,
     pub request_id_header: Option<http::HeaderName>,
-    pub metered: Vec<MeterRule>,
+    /// Shared: a request holds its rule by reference count, never by copy.
+    pub metered: Vec<std::sync::Arc<MeterRule>>,
     pub cost_per_request: Micros,
 }
 
@@ -260,7 +261,11 @@ pub struct Currency {
 }
 
 impl Vendor {
-    pub fn meter_rule(&self, method: &http::Method, path: &str) -> Option<&MeterRule> {
+    pub fn meter_rule(
+        &self,
+        method: &http::Method,
+        path: &str,
+    ) -> Option<&std::sync::Arc<MeterRule>> {
         self.metered
             .iter()
             .find(|r| r.endpoint.matches(method, path))
@@ -529,7 +534,7 @@ fn parse_vendors(text: &str) -> Result<HashMap<String, Vendor>> {
                         r.endpoint
                     );
                 }
-                Ok(MeterRule {
+                Ok(std::sync::Arc::new(MeterRule {
                     endpoint,
                     source: r.from,
                     amount_field: r.amount_field,
@@ -537,7 +542,7 @@ fn parse_vendors(text: &str) -> Result<HashMap<String, Vendor>> {
                     default_currency: r.default_currency.map(|c| c.to_ascii_lowercase()),
                     amount_fields: r.amount_fields,
                     skip_if_created_by_same_key: r.skip_if_created_by_same_key,
-                })
+                }))
             })
             .collect::<Result<_>>()?;
         let cost_per_request = match v.cost_per_request_usd.as_deref() {

@@ -424,7 +424,6 @@ fn watch_phases(
     });
 }
 
-/// The in-process audit sink: straight into the control plane's batched writer.
 /// How long connections already accepted keep being served after the accept loop stops.
 const ACCEPTED_GRACE: Duration = Duration::from_secs(1);
 
@@ -454,6 +453,7 @@ impl pingora::apps::ServerApp for FinishAccepted {
     }
 }
 
+/// The in-process audit sink: straight into the control plane's batched writer.
 struct AuditForwarder(Arc<Control>);
 
 impl AuditSink for AuditForwarder {

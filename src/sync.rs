@@ -79,9 +79,9 @@ pub trait Ledger: Send + Sync + 'static {
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditEvent {
     pub ts_ms: i64,
-    pub tenant_id: Option<String>,
-    pub key_id: Option<String>,
-    pub label: Option<String>,
+    pub tenant_id: Option<Arc<str>>,
+    pub key_id: Option<Arc<str>>,
+    pub label: Option<Arc<str>>,
     pub vendor: String,
     pub method: String,
     pub path: String,

@@ -684,9 +684,9 @@ impl Store {
                     r.get("seq"),
                     AuditEvent {
                         ts_ms: r.get("ts_ms"),
-                        tenant_id: r.get("tenant_id"),
-                        key_id: r.get("key_id"),
-                        label: r.get("label"),
+                        tenant_id: r.get::<Option<&str>, _>("tenant_id").map(Into::into),
+                        key_id: r.get::<Option<&str>, _>("key_id").map(Into::into),
+                        label: r.get::<Option<&str>, _>("label").map(Into::into),
                         vendor: r.get("vendor"),
                         method: r.get("method"),
                         path: r.get("path"),

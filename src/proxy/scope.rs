@@ -50,10 +50,7 @@ mod tests {
         let mut c = claims(60);
         c.eps = eps.iter().map(|s| s.to_string()).collect();
         c.acc = acc;
-        VerifiedKey {
-            allowlist: Allowlist::parse(&c.eps).unwrap(),
-            claims: c,
-        }
+        VerifiedKey::new(c.clone(), Allowlist::parse(&c.eps).unwrap())
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub struct Ctx {
     body_was_read: bool,
     converted_to_form: bool,
     streamed: usize,
-    response_rule: Option<MeterRule>,
+    response_rule: Option<Arc<MeterRule>>,
     track_created: bool,
     capture: Option<Vec<u8>>,
     charge_after: Micros,
@@ -262,8 +262,7 @@ impl KeybrakeProxy {
             }
         }
         if self.created.len() < MAX_CREATED {
-            self.created
-                .insert(id, (key.claims.jti.as_str().into(), key.claims.exp));
+            self.created.insert(id, (key.jti.clone(), key.claims.exp));
         }
     }
 }
@@ -603,9 +602,9 @@ impl ProxyHttp for KeybrakeProxy {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0),
-            tenant_id: key.map(|c| c.ten.clone()),
-            key_id: key.map(|c| c.jti.clone()),
-            label: key.map(|c| c.lbl.clone()),
+            tenant_id: ctx.key.as_ref().map(|k| k.ten.clone()),
+            key_id: ctx.key.as_ref().map(|k| k.jti.clone()),
+            label: ctx.key.as_ref().map(|k| k.lbl.clone()),
             vendor: vendor_label.to_string(),
             method,
             path,

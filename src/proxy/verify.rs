@@ -17,6 +17,22 @@ use std::sync::Arc;
 pub struct VerifiedKey {
     pub claims: Claims,
     pub allowlist: Allowlist,
+    /// Key id, tenant id and label, shared with every audit event of the key.
+    pub jti: Arc<str>,
+    pub ten: Arc<str>,
+    pub lbl: Arc<str>,
+}
+
+impl VerifiedKey {
+    pub fn new(claims: Claims, allowlist: Allowlist) -> VerifiedKey {
+        VerifiedKey {
+            jti: claims.jti.as_str().into(),
+            ten: claims.ten.as_str().into(),
+            lbl: claims.lbl.as_str().into(),
+            claims,
+            allowlist,
+        }
+    }
 }
 
 pub struct KeyVerifier {
@@ -62,7 +78,7 @@ impl KeyVerifier {
                 // A signed token with an allowlist we cannot parse was not minted by us.
                 let allowlist =
                     Allowlist::parse(&claims.eps).map_err(|_| (Denial::InvalidKey, None))?;
-                let key = Arc::new(VerifiedKey { claims, allowlist });
+                let key = Arc::new(VerifiedKey::new(claims, allowlist));
                 if self.cache.len() < self.max_entries {
                     self.cache.insert(token.into(), key.clone());
                 }

@@ -253,6 +253,13 @@ pub struct MeterRule {
     pub skip_if_created_by_same_key: bool,
 }
 
+impl MeterRule {
+    /// The request fields the rule reads.
+    pub fn fields(&self) -> [&str; 2] {
+        [&self.amount_field, &self.currency_field]
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Currency {
     pub decimals: u32,

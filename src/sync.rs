@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Vendor secrets by (tenant, vendor), decrypted, in memory only.
-pub type Credentials = HashMap<(String, String), Secret>;
+/// Vendor secrets by tenant id, then vendor name (two lookups by `&str`, no key to build).
+pub type Credentials = HashMap<String, HashMap<String, Secret>>;
 
 /// Immutable snapshots the proxy reads on every request; the control plane swaps in new
 /// ones when something changes.

@@ -220,7 +220,7 @@ impl Control {
     }
 
     async fn publish_credentials(&self) -> Result<()> {
-        let mut map = HashMap::new();
+        let mut map: crate::sync::Credentials = HashMap::new();
         for row in self.store.all_credentials().await? {
             let aad = credential_aad(&row.tenant_id, &row.vendor);
             let plain = self
@@ -228,7 +228,9 @@ impl Control {
                 .open(&row.sealed, &aad)
                 .with_context(|| format!("credential of {} for {}", row.tenant_id, row.vendor))?;
             let secret = String::from_utf8(plain).context("credential is not UTF-8")?;
-            map.insert((row.tenant_id, row.vendor), Secret::new(secret));
+            map.entry(row.tenant_id)
+                .or_default()
+                .insert(row.vendor, Secret::new(secret));
         }
         self.published.credentials.store(Arc::new(map));
         Ok(())
@@ -355,7 +357,9 @@ impl Control {
         };
         self.store.upsert_credential(&row).await?;
         let mut map = (**self.published.credentials.load()).clone();
-        map.insert((tenant_id.into(), vendor.into()), secret);
+        map.entry(tenant_id.into())
+            .or_default()
+            .insert(vendor.into(), secret);
         self.published.credentials.store(Arc::new(map));
         Ok((row.last4, now))
     }
@@ -378,7 +382,12 @@ impl Control {
         let _g = self.credentials_lock.lock().await;
         let existed = self.store.delete_credential(tenant_id, vendor).await?;
         let mut map = (**self.published.credentials.load()).clone();
-        map.remove(&(tenant_id.to_string(), vendor.to_string()));
+        if let Some(vendors) = map.get_mut(tenant_id) {
+            vendors.remove(vendor);
+            if vendors.is_empty() {
+                map.remove(tenant_id);
+            }
+        }
         self.published.credentials.store(Arc::new(map));
         Ok(existed)
     }
@@ -394,7 +403,8 @@ impl Control {
             .published
             .credentials
             .load()
-            .contains_key(&(tenant_id.to_string(), req.vendor.clone()));
+            .get(tenant_id)
+            .is_some_and(|vendors| vendors.contains_key(&req.vendor));
         if !self.is_known_vendor(&req.vendor) || !configured {
             return Err(IssueError::VendorNotConfigured(req.vendor));
         }

@@ -21,6 +21,20 @@ pub struct ParsedBody {
     fields: HashMap<String, Option<String>>,
 }
 
+/// One `application/x-www-form-urlencoded` name or value: `+` is a space, `%XX` a byte,
+/// invalid UTF-8 replaced (as the `url` crate does). Borrowed when nothing is encoded.
+fn form_decode(raw: &[u8]) -> std::borrow::Cow<'_, str> {
+    if !raw.iter().any(|&b| b == b'+' || b == b'%') {
+        return String::from_utf8_lossy(raw);
+    }
+    let plus_as_space: Vec<u8> = raw
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    let decoded: Vec<u8> = percent_encoding::percent_decode(&plus_as_space).collect();
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&decoded).into_owned())
+}
+
 pub fn is_json(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| {
         let ct = ct
@@ -34,22 +48,33 @@ pub fn is_json(content_type: Option<&str>) -> bool {
 }
 
 impl ParsedBody {
-    pub fn from_form(body: &[u8]) -> ParsedBody {
+    /// The fields named in `keep` (the ones a meter rule reads), each decoded once; other
+    /// fields are skipped without being decoded.
+    pub fn from_form(body: &[u8], keep: &[&str]) -> ParsedBody {
         let mut fields: HashMap<String, Option<String>> = HashMap::new();
-        for (k, v) in url::form_urlencoded::parse(body) {
+        for pair in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+            let (name, value) = match pair.iter().position(|&b| b == b'=') {
+                Some(i) => (&pair[..i], &pair[i + 1..]),
+                None => (pair, &b""[..]),
+            };
+            let name = form_decode(name);
+            if !keep.contains(&name.as_ref()) {
+                continue;
+            }
             fields
-                .entry(k.into_owned())
+                .entry(name.into_owned())
                 .and_modify(|e| *e = None)
-                .or_insert(Some(v.into_owned()));
+                .or_insert(Some(form_decode(value).into_owned()));
         }
         ParsedBody { fields }
     }
 
-    pub fn from_json(value: &Value) -> ParsedBody {
+    pub fn from_json(value: &Value, keep: &[&str]) -> ParsedBody {
         let fields = value
             .as_object()
             .map(|o| {
                 o.iter()
+                    .filter(|(k, _)| keep.contains(&k.as_str()))
                     .filter_map(|(k, v)| match v {
                         Value::String(s) => Some((k.clone(), Some(s.clone()))),
                         Value::Number(n) => Some((k.clone(), Some(n.to_string()))),
@@ -178,7 +203,7 @@ mod tests {
             .clone();
         request_cost(
             &rule,
-            &ParsedBody::from_form(body.as_bytes()),
+            &ParsedBody::from_form(body.as_bytes(), &rule.fields()),
             &c.currencies,
         )
     }
@@ -189,6 +214,25 @@ mod tests {
         assert_eq!(cost("amount=1000&currency=JPY"), Ok(Micros(6_700_000)));
         assert_eq!(cost("amount=1000&currency=kwd"), Ok(Micros(3_250_000)));
         assert_eq!(cost("amount=1&currency=vnd"), Ok(Micros(39)));
+    }
+
+    #[test]
+    fn decodes_form_encoding_like_stripe_does() {
+        assert_eq!(cost("amount=1%30%30&currency=us%64"), Ok(Micros(1_000_000)));
+        assert_eq!(
+            cost("descr+iption=a+b&amount=100&currency=USD&x"),
+            Ok(Micros(1_000_000))
+        );
+        // An encoded name is the same field: a second `amount` is still a duplicate.
+        assert_eq!(
+            cost("amount=100&%61mount=9&currency=usd"),
+            Err(Denial::InvalidAmount)
+        );
+        assert_eq!(cost("amount=+100&currency=usd"), Err(Denial::InvalidAmount));
+        assert_eq!(
+            cost("amount=100&currency=usd%ff"),
+            Err(Denial::UnsupportedCurrency)
+        );
     }
 
     #[test]
@@ -216,12 +260,20 @@ mod tests {
             .clone();
         let body = json!({"amount": 2000, "currency": "eur"});
         assert_eq!(
-            request_cost(&rule, &ParsedBody::from_json(&body), &c.currencies),
+            request_cost(
+                &rule,
+                &ParsedBody::from_json(&body, &rule.fields()),
+                &c.currencies
+            ),
             Ok(Micros(21_600_000))
         );
         let float = json!({"amount": 20.5, "currency": "usd"});
         assert_eq!(
-            request_cost(&rule, &ParsedBody::from_json(&float), &c.currencies),
+            request_cost(
+                &rule,
+                &ParsedBody::from_json(&float, &rule.fields()),
+                &c.currencies
+            ),
             Err(Denial::InvalidAmount)
         );
     }

@@ -5,7 +5,7 @@
 use super::deny::{self, Denial};
 use super::meter::{self, ParsedBody};
 use super::path;
-use super::record::{self, AccessLine, AccessLogWriter};
+use super::record::{AccessLine, AccessLogWriter};
 use super::spend::{Reservation, SpendBook, SpendError, Spender};
 use super::upstream::Upstreams;
 use super::verify::{KeyVerifier, VerifiedKey};
@@ -105,7 +105,8 @@ impl KeybrakeProxy {
             .published
             .credentials
             .load()
-            .get(&(key.claims.ten.clone(), key.claims.ven.clone()))
+            .get(key.claims.ten.as_str())
+            .and_then(|vendors| vendors.get(key.claims.ven.as_str()))
             .cloned()
             .ok_or(Denial::VendorNotConfigured)?;
 
@@ -130,6 +131,10 @@ impl KeybrakeProxy {
 
         let mut cost = vendor.cost_per_request;
         if request_metered || convert {
+            let keep = match rule.as_ref().filter(|_| request_metered) {
+                Some(rule) => rule.fields(),
+                None => ["", ""],
+            };
             let body = self.read_body(session).await?;
             let parsed = if convert && !body.is_empty() {
                 let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
@@ -142,9 +147,9 @@ impl KeybrakeProxy {
                 let form = meter::json_to_form(&value)?;
                 ctx.body = Some(Bytes::from(form));
                 ctx.converted_to_form = true;
-                ParsedBody::from_json(&value)
+                ParsedBody::from_json(&value, &keep)
             } else {
-                let parsed = ParsedBody::from_form(&body);
+                let parsed = ParsedBody::from_form(&body, &keep);
                 ctx.body = Some(body);
                 parsed
             };
@@ -442,8 +447,8 @@ impl ProxyHttp for KeybrakeProxy {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(key) = &ctx.key {
-            response.insert_header("x-keybrake-key-id", key.claims.jti.as_str())?;
+        if let Some(value) = ctx.key.as_ref().and_then(|k| k.id_header.clone()) {
+            response.insert_header("x-keybrake-key-id", value)?;
         }
         Ok(())
     }
@@ -583,7 +588,7 @@ impl ProxyHttp for KeybrakeProxy {
         let key = ctx.key.as_ref().map(|k| &k.claims);
         if let Some(log) = &self.access_log {
             log.write(&AccessLine {
-                ts: record::rfc3339(wall),
+                ts: wall,
                 key_id: key.map(|c| c.jti.as_str()),
                 label: key.map(|c| c.lbl.as_str()),
                 tenant: key.map(|c| c.ten.as_str()),
@@ -592,8 +597,8 @@ impl ProxyHttp for KeybrakeProxy {
                 path: &path,
                 status,
                 decision,
-                spend_usd: record::usd(ctx.spend),
-                duration_ms: total.as_secs_f64() * 1000.0,
+                spend: ctx.spend,
+                duration: total,
                 vendor_request_id: ctx.vendor_request_id.as_deref(),
             });
         }

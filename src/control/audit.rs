@@ -12,6 +12,9 @@ use crate::sync::{AuditEvent, AuditSink};
 use std::sync::{Arc, Mutex};
 
 const QUEUE: usize = 65_536;
+/// Room for ~10 ms of events at tens of thousands of requests per second, so the buffer
+/// rarely grows (and copies) while a request holds the lock.
+const INITIAL: usize = 1_024;
 /// At most this many events per transaction, and at most LINGER between an event and its
 /// write: short transactions keep the writer's bursts of CPU short, so on a shared core
 /// it never holds up a request for long (the tail latency of the proxy).
@@ -26,13 +29,13 @@ pub struct AuditWriter {
 impl AuditWriter {
     /// Starts the writer task on the current runtime.
     pub fn start(store: Store, metrics: Arc<Metrics>) -> AuditWriter {
-        let pending: Arc<Mutex<Vec<AuditEvent>>> = Default::default();
+        let pending = Arc::new(Mutex::new(Vec::with_capacity(INITIAL)));
         let shared = pending.clone();
         let task_metrics = metrics.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(LINGER);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut batch = Vec::new();
+            let mut batch = Vec::with_capacity(INITIAL);
             loop {
                 tick.tick().await;
                 std::mem::swap(
@@ -42,11 +45,15 @@ impl AuditWriter {
                 if batch.is_empty() {
                     continue;
                 }
-                task_metrics.audit_queue_depth.sub(batch.len() as i64);
                 for chunk in batch.chunks(BATCH) {
-                    write_with_retries(&store, chunk).await;
+                    if !write_with_retries(&store, chunk).await {
+                        task_metrics.audit_dropped.inc_by(chunk.len() as u64);
+                    }
+                    task_metrics.audit_queue_depth.sub(chunk.len() as i64);
                 }
                 batch.clear();
+                // A burst grew the buffer: give the memory back rather than keep it.
+                batch.shrink_to(INITIAL);
             }
         });
         AuditWriter { pending, metrics }
@@ -54,11 +61,11 @@ impl AuditWriter {
 }
 
 /// A failed batch is retried a few times; the store is local, so a failure here means
-/// the disk is gone, which readiness will show.
-async fn write_with_retries(store: &Store, events: &[AuditEvent]) {
+/// the disk is gone, which readiness will show. False when the events were lost.
+async fn write_with_retries(store: &Store, events: &[AuditEvent]) -> bool {
     for attempt in 0..3 {
         match store.insert_audit_batch(events).await {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(e) => {
                 log::error!(
                     "audit batch of {} events not written (attempt {}): {e:#}",
@@ -69,6 +76,7 @@ async fn write_with_retries(store: &Store, events: &[AuditEvent]) {
             }
         }
     }
+    false
 }
 
 impl AuditSink for AuditWriter {
@@ -76,7 +84,6 @@ impl AuditSink for AuditWriter {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if pending.len() < QUEUE {
             pending.push(event);
-            drop(pending);
             self.metrics.audit_queue_depth.inc();
         } else {
             drop(pending);

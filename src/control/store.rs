@@ -208,13 +208,15 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        // Commits never checkpoint (copy the WAL into the database file and fsync it):
+        // Commits do not checkpoint (copy the WAL into the database file and fsync it):
         // `checkpoints` does that on its own connection, off the write path, so an issued
-        // key or an audit batch never waits for a disk flush.
+        // key or an audit batch does not wait for a disk flush. A commit checkpoints only
+        // as a backstop, when the WAL holds 10,000 pages (~40 MB) because `checkpoints` is
+        // not running or cannot keep up.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "10000"))
             .await
             .context("cannot open the SQLite database")?;
         migrate(&writer).await?;
@@ -243,11 +245,19 @@ impl Store {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&self.checkpointer)
+            // One row: busy, WAL frames, frames checkpointed.
+            match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&self.checkpointer)
                 .await
             {
-                log::warn!("WAL checkpoint failed: {e}");
+                Ok((_, log, done)) if log - done > 10_000 => {
+                    log::warn!(
+                        "WAL checkpoint is behind: {} frames not yet copied",
+                        log - done
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("WAL checkpoint failed: {e}"),
             }
         }
     }

@@ -21,6 +21,21 @@ pub struct ParsedBody {
     fields: HashMap<String, Option<String>>,
 }
 
+/// The kept field `name` stands for, exactly or as an alias (leading whitespace and
+/// brackets dropped, cut at the first bracket: `" amount"`, `"[amount]"`, `"amount[x]"`).
+fn kept_field<'k>(name: &str, keep: &[&'k str]) -> Option<&'k str> {
+    if let Some(exact) = keep.iter().find(|k| !k.is_empty() && **k == name) {
+        return Some(exact);
+    }
+    let base = name
+        .trim_start()
+        .trim_start_matches(['[', ']'])
+        .split(['[', ']'])
+        .next()
+        .unwrap_or("");
+    keep.iter().find(|k| !k.is_empty() && **k == base).copied()
+}
+
 /// One `application/x-www-form-urlencoded` name or value: `+` is a space, `%XX` a byte,
 /// invalid UTF-8 replaced (as the `url` crate does). Borrowed when nothing is encoded.
 fn form_decode(raw: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -49,40 +64,55 @@ pub fn is_json(content_type: Option<&str>) -> bool {
 
 impl ParsedBody {
     /// The fields named in `keep` (the ones a meter rule reads), each decoded once; other
-    /// fields are skipped without being decoded.
+    /// fields are skipped without being decoded further.
+    ///
+    /// Fail closed on names a server might read as the same field: Stripe's form parser
+    /// (Rack) ignores spaces after a separator, older versions also split on `;`, and
+    /// `amount]` or `[amount]` both mean `amount` there. Such an alias of a kept field
+    /// makes the field ambiguous (refused), exactly like a repeated field.
     pub fn from_form(body: &[u8], keep: &[&str]) -> ParsedBody {
         let mut fields: HashMap<String, Option<String>> = HashMap::new();
-        for pair in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        for pair in body
+            .split(|&b| b == b'&' || b == b';')
+            .filter(|p| !p.is_empty())
+        {
             let (name, value) = match pair.iter().position(|&b| b == b'=') {
                 Some(i) => (&pair[..i], &pair[i + 1..]),
                 None => (pair, &b""[..]),
             };
             let name = form_decode(name);
-            if !keep.contains(&name.as_ref()) {
+            let Some(field) = kept_field(&name, keep) else {
                 continue;
-            }
+            };
+            let value = (name == field).then(|| form_decode(value).into_owned());
             fields
-                .entry(name.into_owned())
+                .entry(field.to_string())
                 .and_modify(|e| *e = None)
-                .or_insert(Some(form_decode(value).into_owned()));
+                .or_insert(value);
         }
         ParsedBody { fields }
     }
 
     pub fn from_json(value: &Value, keep: &[&str]) -> ParsedBody {
-        let fields = value
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .filter(|(k, _)| keep.contains(&k.as_str()))
-                    .filter_map(|(k, v)| match v {
-                        Value::String(s) => Some((k.clone(), Some(s.clone()))),
-                        Value::Number(n) => Some((k.clone(), Some(n.to_string()))),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut fields: HashMap<String, Option<String>> = HashMap::new();
+        for (k, v) in value.as_object().into_iter().flatten() {
+            let Some(field) = kept_field(k, keep) else {
+                continue;
+            };
+            let text = match v {
+                Value::String(s) if k == field => s.clone(),
+                Value::Number(n) if k == field => n.to_string(),
+                // An object or array under the field's name, or an alias: ambiguous.
+                _ => {
+                    fields.insert(field.to_string(), None);
+                    continue;
+                }
+            };
+            fields
+                .entry(field.to_string())
+                .and_modify(|e| *e = None)
+                .or_insert(Some(text));
+        }
         ParsedBody { fields }
     }
 
@@ -229,6 +259,22 @@ mod tests {
             Err(Denial::InvalidAmount)
         );
         assert_eq!(cost("amount=+100&currency=usd"), Err(Denial::InvalidAmount));
+        // Names Stripe's parser may read as `amount`: refused, never metered as the first.
+        for body in [
+            "amount=100&currency=usd&+amount=99999999",
+            "amount=100&currency=usd&%20amount=99999999",
+            "amount=100&currency=usd;amount=99999999",
+            "amount=100&currency=usd&amount]=99999999",
+            "amount=100&currency=usd&[amount]=99999999",
+            "amount=100&currency=usd&amount[x]=1",
+            "[amount]=99999999&currency=usd",
+        ] {
+            assert_eq!(cost(body), Err(Denial::InvalidAmount), "{body}");
+        }
+        assert_eq!(
+            cost("amount=100&currency=usd&usd=1&amounts=3"),
+            Ok(Micros(1_000_000))
+        );
         assert_eq!(
             cost("amount=100&currency=usd%ff"),
             Err(Denial::UnsupportedCurrency)
@@ -258,6 +304,22 @@ mod tests {
             .meter_rule(&http::Method::POST, "/v1/payment_intents")
             .unwrap()
             .clone();
+        for aliased in [
+            json!({"amount": 100, "currency": "usd", "amount]": 99999999}),
+            json!({"amount": 100, "currency": "usd", " amount": 99999999}),
+            json!({"amount": {"x": 1}, "currency": "usd"}),
+            json!({"amount": 100, "currency": ["usd"]}),
+        ] {
+            assert_eq!(
+                request_cost(
+                    &rule,
+                    &ParsedBody::from_json(&aliased, &rule.fields()),
+                    &c.currencies
+                ),
+                Err(Denial::InvalidAmount),
+                "{aliased}"
+            );
+        }
         let body = json!({"amount": 2000, "currency": "eur"});
         assert_eq!(
             request_cost(

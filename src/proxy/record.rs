@@ -162,8 +162,9 @@ fn push_u64(out: &mut String, mut n: u64) {
     out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
 }
 
-/// `value / scale` as an exact JSON number, without trailing zeros: with scale 1,000,000,
-/// 1500000 is `1.5`, 1 is `0.000001`, 0 is `0`. `scale` is a power of ten.
+/// `value / scale` as an exact JSON number, always with a fraction (log pipelines that
+/// guess a field's type from its first value then see a float): with scale 1,000,000,
+/// 1500000 is `1.5`, 1 is `0.000001`, 0 is `0.0`. `scale` is a power of ten.
 fn push_decimal(out: &mut String, value: i64, scale: u64) {
     if value < 0 {
         out.push('-');
@@ -172,6 +173,7 @@ fn push_decimal(out: &mut String, value: i64, scale: u64) {
     push_u64(out, abs / scale);
     let mut frac = abs % scale;
     if frac == 0 {
+        out.push_str(".0");
         return;
     }
     out.push('.');
@@ -228,10 +230,10 @@ mod tests {
             push_decimal(&mut s, v, scale);
             s
         };
-        assert_eq!(decimal(0, 1_000_000), "0");
+        assert_eq!(decimal(0, 1_000_000), "0.0");
         assert_eq!(decimal(1, 1_000_000), "0.000001");
         assert_eq!(decimal(1_050_000, 1_000_000), "1.05");
-        assert_eq!(decimal(-2_000_000, 1_000_000), "-2");
+        assert_eq!(decimal(-2_000_000, 1_000_000), "-2.0");
         assert_eq!(decimal(12_345, 1_000), "12.345");
     }
 }

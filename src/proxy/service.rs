@@ -26,8 +26,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Most response bytes kept to meter a response or learn a created object's id.
+/// Most response bytes kept to learn a created object's id.
 const MAX_CAPTURE: usize = 256 * 1024;
+/// Most response bytes kept to meter a response-metered call (an invoice with many lines
+/// or an expanded object can be large). Past it the call is charged as unmeterable.
+const MAX_METERED_CAPTURE: usize = 8 * 1024 * 1024;
 /// Objects (e.g. PaymentIntents) remembered as created by a key, for
 /// `skip_if_created_by_same_key`.
 const MAX_CREATED: usize = 200_000;
@@ -72,6 +75,7 @@ pub struct Ctx {
     response_rule: Option<Arc<MeterRule>>,
     track_created: bool,
     capture: Option<Vec<u8>>,
+    capture_overflowed: bool,
     charge_after: Micros,
     upstream_start: Option<Instant>,
     upstream_elapsed: Option<Duration>,
@@ -132,8 +136,8 @@ impl KeybrakeProxy {
         let mut cost = vendor.cost_per_request;
         if request_metered || convert {
             let keep = match rule.as_ref().filter(|_| request_metered) {
-                Some(rule) => rule.fields(),
-                None => ["", ""],
+                Some(rule) => rule.fields().to_vec(),
+                None => Vec::new(),
             };
             let body = self.read_body(session).await?;
             let parsed = if convert && !body.is_empty() {
@@ -218,18 +222,20 @@ impl KeybrakeProxy {
 
     fn finish_capture(&self, ctx: &mut Ctx) {
         let Some(bytes) = ctx.capture.take() else {
+            if ctx.response_rule.is_some() && ctx.capture_overflowed {
+                self.charge_unmeterable(ctx, "larger than the metering limit");
+            }
             return;
         };
         let created_id = if let Some(rule) = &ctx.response_rule {
             let Ok(body) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-                log::warn!(
-                    "response of a response-metered {} call is not JSON; not metered",
-                    ctx.vendor_name
-                );
+                self.charge_unmeterable(ctx, "not JSON");
                 return;
             };
-            ctx.charge_after =
-                meter::response_cost(rule, &body, &self.currencies).unwrap_or(Micros::ZERO);
+            match meter::response_cost(rule, &body, &self.currencies) {
+                Some(cost) => ctx.charge_after = cost,
+                None => self.charge_unmeterable(ctx, "without a known amount and currency"),
+            }
             body.get("id").and_then(|v| v.as_str()).map(str::to_string)
         } else {
             // Only the created object's id is needed: no JSON tree is built.
@@ -240,6 +246,19 @@ impl KeybrakeProxy {
         };
         if let (true, Some(id), Some(key)) = (ctx.track_created, created_id, &ctx.key) {
             self.remember_created(id, key);
+        }
+    }
+
+    /// Fail closed: the vendor acted on a response-metered call whose cost cannot be read,
+    /// so the key is charged its whole daily cap and can spend nothing more today.
+    fn charge_unmeterable(&self, ctx: &mut Ctx, why: &str) {
+        if let Some(key) = &ctx.key {
+            log::warn!(
+                "{} response for key {} is {why}: charging the key's daily cap",
+                ctx.vendor_name,
+                key.claims.jti
+            );
+            ctx.charge_after = Micros(key.claims.cap.max(0));
         }
     }
 
@@ -300,6 +319,7 @@ impl ProxyHttp for KeybrakeProxy {
             response_rule: None,
             track_created: false,
             capture: None,
+            capture_overflowed: false,
             charge_after: Micros::ZERO,
             upstream_start: None,
             upstream_elapsed: None,
@@ -461,11 +481,16 @@ impl ProxyHttp for KeybrakeProxy {
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         if let (Some(buf), Some(chunk)) = (ctx.capture.as_mut(), body.as_ref()) {
-            if buf.len() + chunk.len() <= MAX_CAPTURE {
+            let limit = if ctx.response_rule.is_some() {
+                MAX_METERED_CAPTURE
+            } else {
+                MAX_CAPTURE
+            };
+            if buf.len() + chunk.len() <= limit {
                 buf.extend_from_slice(chunk);
             } else {
-                log::warn!("response too large to meter for {}", ctx.vendor_name);
                 ctx.capture = None;
+                ctx.capture_overflowed = true;
             }
         }
         if eos {
@@ -534,6 +559,11 @@ impl ProxyHttp for KeybrakeProxy {
             } else {
                 self.spend.settle(r);
             }
+        }
+        if ctx.capture.is_some() {
+            // The response was cut short (client or vendor gone): meter what arrived; a
+            // truncated response-metered answer cannot be read and is charged as such.
+            self.finish_capture(ctx);
         }
         if let (Some(key), true) = (&ctx.key, ctx.charge_after.is_positive()) {
             let spender = Spender {

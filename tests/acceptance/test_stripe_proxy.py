@@ -830,12 +830,18 @@ def test_unsupported_currency_is_refused(keybrake, tenant, fake_stripe):
         ("", "amount=99999999999999999999999&currency=usd"),
         ("?amount=5000&currency=usd", ""),
         ("?amount=5000", "currency=usd"),
+        ("", "amount=100&currency=usd&+amount=5000"),
+        ("", "amount=100&currency=usd&amount%5D=5000"),
+        ("", "amount=100&currency=usd&%5Bamount%5D=5000"),
+        ("", "amount=100&currency=usd;amount=5000"),
     ],
-    ids=["duplicate-amount", "duplicate-currency", "huge-amount", "amount-in-query", "amount-only-in-query"],
+    ids=["duplicate-amount", "duplicate-currency", "huge-amount", "amount-in-query", "amount-only-in-query",
+         "space-aliased-amount", "bracket-aliased-amount", "bracketed-amount", "semicolon-amount"],
 )
 def test_ambiguous_amounts_cannot_slip_under_the_cap(keybrake, tenant, fake_stripe, query, body):
     """A body whose charge the vendor could read differently from Keybrake (duplicate
-    amount or currency, amount in the query string, overflowing amount) is refused
+    amount or currency, a name Stripe's form parser may fold into `amount`, amount in the
+    query string, overflowing amount) is refused
     (400) or metered at its worst case (429 against a $20 cap) — never forwarded."""
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
     r = keybrake.proxy("POST", PI + query, key=key["token"], data=body.encode(),

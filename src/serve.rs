@@ -385,7 +385,24 @@ pub fn run_serve(
 
     log::info!("proxy listening on http://{}", config.proxy_listen);
     log::info!("metrics on http://{}/metrics", config.metrics_listen);
-    server.run_forever()
+    server.run(pingora::server::RunArgs::default());
+    // Pingora has stopped every service: no request records anything any more. Write the
+    // audit events still buffered, then exit as `run_forever` would.
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(async {
+            if tokio::time::timeout(Duration::from_secs(5), control.audit.flush())
+                .await
+                .is_err()
+            {
+                log::error!("audit events still buffered at exit could not be written in 5 s");
+            }
+        }),
+        Err(e) => log::error!("cannot flush the audit trail at exit: {e}"),
+    }
+    std::process::exit(0)
 }
 
 /// Follows Pingora's execution phases: tells the daemon's parent once the server runs,

@@ -24,6 +24,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 pub struct AuditWriter {
     pending: Arc<Mutex<Vec<AuditEvent>>>,
     metrics: Arc<Metrics>,
+    store: Store,
 }
 
 impl AuditWriter {
@@ -32,32 +33,52 @@ impl AuditWriter {
         let pending = Arc::new(Mutex::new(Vec::with_capacity(INITIAL)));
         let shared = pending.clone();
         let task_metrics = metrics.clone();
+        let task_store = store.clone();
         tokio::spawn(async move {
+            let store = task_store;
             let mut tick = tokio::time::interval(LINGER);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut batch = Vec::with_capacity(INITIAL);
             loop {
                 tick.tick().await;
-                std::mem::swap(
-                    &mut *shared.lock().unwrap_or_else(|p| p.into_inner()),
-                    &mut batch,
-                );
-                if batch.is_empty() {
-                    continue;
-                }
-                for chunk in batch.chunks(BATCH) {
-                    if !write_with_retries(&store, chunk).await {
-                        task_metrics.audit_dropped.inc_by(chunk.len() as u64);
-                    }
-                    task_metrics.audit_queue_depth.sub(chunk.len() as i64);
-                }
-                batch.clear();
+                write_pending(&shared, &mut batch, &store, &task_metrics).await;
                 // A burst grew the buffer: give the memory back rather than keep it.
                 batch.shrink_to(INITIAL);
             }
         });
-        AuditWriter { pending, metrics }
+        AuditWriter {
+            pending,
+            metrics,
+            store,
+        }
     }
+
+    /// Writes every buffered event now. Called once the proxy has stopped, before the
+    /// process exits, so the last requests of a shutdown or upgrade are in the trail.
+    pub async fn flush(&self) {
+        let mut batch = Vec::new();
+        write_pending(&self.pending, &mut batch, &self.store, &self.metrics).await;
+    }
+}
+
+/// Swaps the buffer out and writes it, BATCH events per transaction.
+async fn write_pending(
+    pending: &Mutex<Vec<AuditEvent>>,
+    batch: &mut Vec<AuditEvent>,
+    store: &Store,
+    metrics: &Metrics,
+) {
+    std::mem::swap(
+        &mut *pending.lock().unwrap_or_else(|p| p.into_inner()),
+        batch,
+    );
+    for chunk in batch.chunks(BATCH) {
+        if !write_with_retries(store, chunk).await {
+            metrics.audit_dropped.inc_by(chunk.len() as u64);
+        }
+        metrics.audit_queue_depth.sub(chunk.len() as i64);
+    }
+    batch.clear();
 }
 
 /// A failed batch is retried a few times; the store is local, so a failure here means

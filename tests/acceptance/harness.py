@@ -398,6 +398,20 @@ class Tenant:
         assert r.status_code == 200, r.text
         return as_json(r)["data"]
 
+    def audit_all(self, max_pages: int = 100, **params) -> list[dict]:
+        """Every audit event matching `params`, following the cursors."""
+        events, cursor = [], None
+        for _ in range(max_pages):
+            q = dict(params, limit=1000, **({"cursor": cursor} if cursor else {}))
+            r = self.call("GET", "/v1/audit", params=q)
+            assert r.status_code == 200, r.text
+            page = as_json(r)
+            events += page["data"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return events
+        raise AssertionError(f"more than {max_pages} pages of audit events")
+
     def wait_spent(self, key_id: str, expected: Decimal, timeout: float = 15.0) -> dict:
         """Wait until the key shows exactly `expected` spent and nothing held.
 

@@ -492,6 +492,12 @@ def _after_upgrade_checks(kb_control: Keybrake, tenant, key, summary, upstream_u
         f"{ok_payments} payments of $1.00 answered 200, key shows {shown}")
     served = upstream_served(upstream_url)
     assert served == ok_payments, f"upstream answered {served} payments, clients saw {ok_payments} 200s"
+    # Both processes wrote the audit trail to the same store: every served payment is in
+    # it, including the old process's last ones (written after its proxy stopped).
+    def allowed_events():
+        return sum(1 for e in tenant.audit_all(key_id=key["id"]) if e["decision"] == "allowed")
+    wait_until(lambda: allowed_events() >= served, timeout=5, interval=0.2)
+    assert allowed_events() == served, f"{served} payments served, {allowed_events()} allowed audit events"
     # The new process issues keys the proxy accepts, and revocation still bites at once.
     fresh_key = tenant.issue_key(label="after-upgrade", allowed_endpoints=["POST /v1/payment_intents"],
                                  daily_usd_cap=10)

@@ -23,14 +23,15 @@ pub struct AccessLine<'a> {
     pub vendor_request_id: Option<&'a str>,
 }
 
-/// Access-log lines are appended to a shared buffer that one writer thread swaps out and
-/// writes every 20 ms: a request pays a short lock and a push, never a wake-up or a write;
-/// a slow stdout or disk never stalls it. Past 65,536 pending lines, lines are dropped.
+/// Access-log lines are written straight into one shared text buffer, which a writer
+/// thread swaps out and writes every 20 ms: a request pays a short lock and the
+/// formatting, never an allocation, a wake-up or a write; a slow stdout or disk never
+/// stalls it. Past 16 MiB pending, lines are dropped (and counted in the error log).
 pub struct AccessLogWriter {
-    pending: Arc<Mutex<Vec<String>>>,
+    pending: Arc<Mutex<String>>,
 }
 
-const MAX_PENDING: usize = 65_536;
+const MAX_PENDING_BYTES: usize = 16 << 20;
 
 impl AccessLogWriter {
     pub fn start(target: &AccessLog) -> std::io::Result<Option<AccessLogWriter>> {
@@ -44,13 +45,12 @@ impl AccessLogWriter {
                     .open(path)?,
             ),
         };
-        let pending: Arc<Mutex<Vec<String>>> = Default::default();
+        let pending = Arc::new(Mutex::new(String::with_capacity(1 << 16)));
         let shared = pending.clone();
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
-                let mut buffered = std::io::BufWriter::with_capacity(1 << 16, &mut out);
-                let mut spare = Vec::new();
+                let mut spare = String::with_capacity(1 << 16);
                 loop {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                     std::mem::swap(
@@ -60,21 +60,20 @@ impl AccessLogWriter {
                     if spare.is_empty() {
                         continue;
                     }
-                    for line in spare.drain(..) {
-                        let _ = buffered.write_all(line.as_bytes());
-                        let _ = buffered.write_all(b"\n");
-                    }
-                    let _ = buffered.flush();
+                    let _ = out.write_all(spare.as_bytes());
+                    let _ = out.flush();
+                    spare.clear();
+                    spare.shrink_to(1 << 16);
                 }
             })?;
         Ok(Some(AccessLogWriter { pending }))
     }
 
     pub fn write(&self, line: &AccessLine<'_>) {
-        let text = line.to_json();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.len() < MAX_PENDING {
-            pending.push(text);
+        if pending.len() < MAX_PENDING_BYTES {
+            line.write_json(&mut pending);
+            pending.push('\n');
         } else {
             drop(pending);
             log::warn!("access log backlog full; a line was dropped");
@@ -83,12 +82,18 @@ impl AccessLogWriter {
 }
 
 impl AccessLine<'_> {
-    /// The line as one JSON object. Written by hand (fixed fields, strings escaped here,
-    /// numbers without the formatting machinery): it runs for every request.
+    /// The line as one JSON object.
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(320);
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Appends the line as one JSON object. Written by hand (fixed fields, strings escaped
+    /// here, numbers without the formatting machinery): it runs for every request.
+    pub fn write_json(&self, out: &mut String) {
         out.push_str("{\"ts\":");
-        json_str(&mut out, &rfc3339(self.ts));
+        json_str(out, &rfc3339(self.ts));
         for (name, value) in [
             (",\"key_id\":", self.key_id),
             (",\"label\":", self.label),
@@ -98,21 +103,20 @@ impl AccessLine<'_> {
             (",\"path\":", Some(self.path)),
         ] {
             out.push_str(name);
-            json_opt_str(&mut out, value);
+            json_opt_str(out, value);
         }
         out.push_str(",\"status\":");
-        push_u64(&mut out, u64::from(self.status));
+        push_u64(out, u64::from(self.status));
         out.push_str(",\"decision\":");
-        json_str(&mut out, self.decision);
+        json_str(out, self.decision);
         out.push_str(",\"spend_usd\":");
-        push_decimal(&mut out, self.spend.0, 1_000_000);
+        push_decimal(out, self.spend.0, 1_000_000);
         out.push_str(",\"duration_ms\":");
         let micros = i64::try_from(self.duration.as_micros()).unwrap_or(i64::MAX);
-        push_decimal(&mut out, micros, 1_000);
+        push_decimal(out, micros, 1_000);
         out.push_str(",\"vendor_request_id\":");
-        json_opt_str(&mut out, self.vendor_request_id);
+        json_opt_str(out, self.vendor_request_id);
         out.push('}');
-        out
     }
 }
 

@@ -208,15 +208,18 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        // Commits do not checkpoint (copy the WAL into the database file and fsync it):
-        // `checkpoints` does that on its own connection, off the write path, so an issued
-        // key or an audit batch does not wait for a disk flush. A commit checkpoints only
-        // as a backstop, when the WAL holds 10,000 pages (~40 MB) because `checkpoints` is
-        // not running or cannot keep up.
+        // The writer checkpoints as SQLite does by default (at 1,000 WAL pages, which keeps
+        // the WAL bounded under writes that never pause); `checkpoints` copies committed
+        // pages beforehand on its own connection, so that checkpoint has little left to do.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(options.clone().pragma("wal_autocheckpoint", "10000"))
+            .connect_with(
+                options
+                    .clone()
+                    .pragma("wal_autocheckpoint", "1000")
+                    .pragma("journal_size_limit", "16777216"),
+            )
             .await
             .context("cannot open the SQLite database")?;
         migrate(&writer).await?;
@@ -237,27 +240,30 @@ impl Store {
         })
     }
 
-    /// Copies committed WAL pages into the database file four times a second (small steps
-    /// rather than one long burst), without blocking writers or readers (a PASSIVE
-    /// checkpoint). Runs until the process ends.
+    /// Copies committed WAL pages into the database file four times a second, with a
+    /// PASSIVE checkpoint: it never blocks writers or readers, and leaves the writer's own
+    /// checkpoint (which lets the WAL start over) little to copy. Runs until the process
+    /// ends.
     pub async fn checkpoints(self) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            // One row: busy, WAL frames, frames checkpointed.
-            match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
-                .fetch_one(&self.checkpointer)
-                .await
-            {
-                Ok((_, log, done)) if log - done > 10_000 => {
-                    log::warn!(
-                        "WAL checkpoint is behind: {} frames not yet copied",
-                        log - done
-                    )
-                }
-                Ok(_) => {}
-                Err(e) => log::warn!("WAL checkpoint failed: {e}"),
+            self.checkpoint("PASSIVE").await;
+        }
+    }
+
+    /// One checkpoint; the WAL's frame count and how many of them are copied.
+    async fn checkpoint(&self, mode: &str) -> Option<(i64, i64)> {
+        // One row: busy, WAL frames, frames checkpointed.
+        match sqlx::query_as::<_, (i64, i64, i64)>(&format!("PRAGMA wal_checkpoint({mode})"))
+            .fetch_one(&self.checkpointer)
+            .await
+        {
+            Ok((_, log, done)) => Some((log, done)),
+            Err(e) => {
+                log::warn!("WAL checkpoint ({mode}) failed: {e}");
+                None
             }
         }
     }

@@ -249,21 +249,11 @@ impl Store {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            self.checkpoint("PASSIVE").await;
-        }
-    }
-
-    /// One checkpoint; the WAL's frame count and how many of them are copied.
-    async fn checkpoint(&self, mode: &str) -> Option<(i64, i64)> {
-        // One row: busy, WAL frames, frames checkpointed.
-        match sqlx::query_as::<_, (i64, i64, i64)>(&format!("PRAGMA wal_checkpoint({mode})"))
-            .fetch_one(&self.checkpointer)
-            .await
-        {
-            Ok((_, log, done)) => Some((log, done)),
-            Err(e) => {
-                log::warn!("WAL checkpoint ({mode}) failed: {e}");
-                None
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&self.checkpointer)
+                .await
+            {
+                log::warn!("WAL checkpoint failed: {e}");
             }
         }
     }

@@ -78,6 +78,9 @@ for c in $CONNS; do
   printf "%-12s %8s %8s %8s %8s%% %8s%% %9s  %s\n" "$c" "$rps" "$p50" "$p99" "$(cat "$f.cpu")" "$(cat "$f.other")" "$((nother + errs))" "$verdict"
 done
 echo "(CPU: keybrake, 1 core = 100%; other: anything else on keybrake's CPUs, > 15% = disturbed run)"
+# The WAL must stay bounded under writes that never pause (checkpoints run beside them).
+wal_bytes=$(stat -c %s "$TMP/data/keybrake.db-wal" 2>/dev/null || echo 0)
+echo "WAL file after the runs: $((wal_bytes / 1024)) KiB (database $(( $(stat -c %s "$TMP/data/keybrake.db") / 1024 )) KiB)"
 
 fail=0
 if [ "$other" != 0 ] || [ "$wother" != 0 ]; then

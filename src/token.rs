@@ -176,6 +176,13 @@ pub fn generate_ed25519() -> (Vec<u8>, Vec<u8>) {
     (pkcs8.as_ref().to_vec(), pair.public_key().as_ref().to_vec())
 }
 
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

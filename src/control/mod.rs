@@ -10,13 +10,13 @@ pub mod errors;
 pub mod keywriter;
 pub mod store;
 
-use crate::ids::{new_id, new_token, token_hash};
+use crate::ids::{new_id, new_sorted_id, new_token, token_hash};
 use crate::metrics::Metrics;
 use crate::money::Micros;
 use crate::revocation::RevocationFilter;
 use crate::secret::Secret;
 use crate::sync::{utc_day, LeaseReport, LeaseRequest, Ledger, LedgerError, Published};
-use crate::token::{generate_ed25519, now_secs, Claims, Jwk, Jwks, SigningKey, Verifier};
+use crate::token::{generate_ed25519, now_secs, unix_ms, Claims, Jwk, Jwks, SigningKey, Verifier};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use crypto::MasterKey;
@@ -412,7 +412,7 @@ impl Control {
         let signer = self.signer.load();
         let row = KeyRow {
             seq: 0,
-            id: new_id("key_"),
+            id: new_sorted_id("key_", unix_ms()),
             tenant_id: tenant_id.into(),
             kid: signer.kid.clone(),
             vendor: req.vendor,

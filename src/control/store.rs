@@ -117,6 +117,8 @@ pub struct Store {
     writer: SqlitePool,
     checkpointer: SqlitePool,
     reader: SqlitePool,
+    /// The WAL file, watched by `checkpoints`.
+    wal: std::sync::Arc<Path>,
 }
 
 #[derive(Debug, Clone)]
@@ -208,16 +210,16 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        // The writer checkpoints as SQLite does by default (at 1,000 WAL pages, which keeps
-        // the WAL bounded under writes that never pause); `checkpoints` copies committed
-        // pages beforehand on its own connection, so that checkpoint has little left to do.
+        // The writer never checkpoints inside a commit (`wal_autocheckpoint=0`): that
+        // checkpoint's syncs were the issuance tail. `checkpoints` does it beside the
+        // writes instead, and lets the WAL start over (see there).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .connect_with(
                 options
                     .clone()
-                    .pragma("wal_autocheckpoint", "1000")
+                    .pragma("wal_autocheckpoint", "0")
                     .pragma("journal_size_limit", "16777216"),
             )
             .await
@@ -237,22 +239,44 @@ impl Store {
             writer,
             reader,
             checkpointer,
+            wal: data_dir.join("keybrake.db-wal").into(),
         })
     }
 
-    /// Copies committed WAL pages into the database file four times a second, with a
-    /// PASSIVE checkpoint: it never blocks writers or readers, and leaves the writer's own
-    /// checkpoint (which lets the WAL start over) little to copy. Runs until the process
-    /// ends.
+    /// Keeps the WAL short without putting a checkpoint inside any commit. Four times a
+    /// second:
+    /// 1. a PASSIVE checkpoint on its own connection copies the committed pages into the
+    ///    database file while writes go on (it never blocks them);
+    /// 2. a second PASSIVE checkpoint on the writer connection copies what was committed
+    ///    meanwhile. The writer pool has one connection, so no write runs beside it and it
+    ///    ends with the whole WAL copied; the writer's next transaction then starts the WAL
+    ///    over from its beginning (SQLite does that when no reader still needs old frames).
+    ///
+    /// Writes wait only for step 2: a few pages and two syncs. If readers kept the WAL
+    /// from starting over and it grew past `WAL_VALVE_BYTES`, step 2 is a RESTART
+    /// checkpoint instead, which waits for those readers. Runs until the process ends.
     pub async fn checkpoints(self) {
+        const WAL_VALVE_BYTES: u64 = 64 << 20;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&self.checkpointer)
-                .await
-            {
+            // Twice: the second pass copies what was committed during the first, so the
+            // pass the writes wait for has only a few milliseconds' worth left.
+            let mut bulk = Ok(Default::default());
+            for _ in 0..2 {
+                bulk = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&self.checkpointer)
+                    .await;
+            }
+            let oversized = std::fs::metadata(&*self.wal).is_ok_and(|m| m.len() > WAL_VALVE_BYTES);
+            let rest = if oversized {
+                "PRAGMA wal_checkpoint(RESTART)"
+            } else {
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            };
+            let rest = sqlx::query(rest).execute(&self.writer).await;
+            if let Err(e) = bulk.and(rest) {
                 log::warn!("WAL checkpoint failed: {e}");
             }
         }
@@ -724,4 +748,61 @@ async fn migrate(pool: &SqlitePool) -> Result<()> {
         tx.commit().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::new_sorted_id;
+
+    /// Writes that never pause for a checkpoint: the WAL must still start over, so the
+    /// file stays a fraction of what went through it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wal_stays_bounded_under_writes_that_never_pause() {
+        let dir = std::env::temp_dir().join(format!("keybrake-wal-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).await.unwrap();
+        store
+            .insert_tenant("tn_t", "t", "tok_t", b"h", 0)
+            .await
+            .unwrap();
+        let checkpoints = tokio::spawn(store.clone().checkpoints());
+
+        let key = |n: u64| KeyRow {
+            seq: 0,
+            id: new_sorted_id("key_", n),
+            tenant_id: "tn_t".into(),
+            kid: "kid_t".into(),
+            vendor: "stripe".into(),
+            label: "wal".into(),
+            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+            daily_cap: Micros(1),
+            metadata: serde_json::json!({ "pad": "x".repeat(3000) }),
+            stripe_accounts: None,
+            created_at: 0,
+            expires_at: 1,
+            revoked_at: None,
+        };
+        // Bounded in bytes (24 MiB of rows) and in time (60 s), whichever comes first.
+        let (mut written, mut largest_wal, mut n) = (0u64, 0u64, 0u64);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while written < 24 << 20 && std::time::Instant::now() < deadline {
+            let rows: Vec<KeyRow> = (0..8).map(|i| key(n + i)).collect();
+            n += 8;
+            store.insert_keys(&rows).await.unwrap();
+            written += 8 * 3000;
+            let wal = std::fs::metadata(&*store.wal).map_or(0, |m| m.len());
+            largest_wal = largest_wal.max(wal);
+        }
+        checkpoints.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            written >= 4 << 20,
+            "too little was written to judge: {written} bytes"
+        );
+        assert!(
+            largest_wal * 2 < written,
+            "the WAL reached {largest_wal} bytes after {written} bytes of rows: it never started over"
+        );
+    }
 }

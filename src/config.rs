@@ -5,9 +5,10 @@
 
 use crate::money::Micros;
 use crate::pattern::EndpointPattern;
+use crate::Map;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -150,8 +151,8 @@ pub struct Config {
     pub upstream: UpstreamTimeouts,
     pub leases: LeaseSettings,
     pub pingora: PingoraSettings,
-    pub vendors: HashMap<String, Vendor>,
-    pub currencies: HashMap<String, Currency>,
+    pub vendors: Map<String, Vendor>,
+    pub currencies: Map<String, Currency>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -478,10 +479,10 @@ fn header_name(text: &str, what: &str) -> Result<http::HeaderName> {
         .map_err(|_| anyhow!("{what}: {text:?} is not a header name"))
 }
 
-fn parse_vendors(text: &str) -> Result<HashMap<String, Vendor>> {
+fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
     let raw: BTreeMap<String, FileVendor> =
         serde_yaml::from_str(text).map_err(|e| anyhow!("vendor catalog: {e}"))?;
-    let mut vendors = HashMap::new();
+    let mut vendors = Map::default();
     for (name, v) in raw {
         if name.is_empty()
             || !name
@@ -589,7 +590,7 @@ fn parse_vendors(text: &str) -> Result<HashMap<String, Vendor>> {
     Ok(vendors)
 }
 
-fn parse_currencies(text: &str) -> Result<HashMap<String, Currency>> {
+fn parse_currencies(text: &str) -> Result<Map<String, Currency>> {
     let raw: BTreeMap<String, FileCurrency> =
         serde_yaml::from_str(text).map_err(|e| anyhow!("currency table: {e}"))?;
     raw.into_iter()

@@ -14,3 +14,6 @@ pub mod secret;
 pub mod serve;
 pub mod sync;
 pub mod token;
+
+/// The hash map of the request path: aHash (fast, randomly keyed) instead of SipHash.
+pub type Map<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;

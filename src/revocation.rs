@@ -13,7 +13,7 @@ const HASHES: usize = 4;
 
 pub struct RevocationFilter {
     bits: Box<[AtomicU64]>,
-    exact: DashMap<Box<str>, i64>,
+    exact: DashMap<Box<str>, i64, ahash::RandomState>,
     version: AtomicU64,
 }
 
@@ -36,7 +36,7 @@ impl RevocationFilter {
         let words = (capacity.max(1024) * 10).div_ceil(64);
         RevocationFilter {
             bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            exact: DashMap::new(),
+            exact: DashMap::default(),
             version: AtomicU64::new(0),
         }
     }

@@ -20,7 +20,6 @@ use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -258,7 +257,7 @@ struct Upkeep {
     spend: Arc<SpendBook>,
     verifier: Arc<KeyVerifier>,
     upstreams: Arc<Upstreams>,
-    vendors: HashMap<String, crate::config::Vendor>,
+    vendors: crate::Map<String, crate::config::Vendor>,
     report_interval: Duration,
     dns_refresh: Duration,
 }

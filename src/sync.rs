@@ -7,14 +7,14 @@ use crate::money::Micros;
 use crate::revocation::RevocationFilter;
 use crate::secret::Secret;
 use crate::token::Verifier;
+use crate::Map;
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Vendor secrets by (tenant, vendor), decrypted, in memory only.
 /// Vendor secrets by tenant id, then vendor name (two lookups by `&str`, no key to build).
-pub type Credentials = HashMap<String, HashMap<String, Secret>>;
+pub type Credentials = Map<String, Map<String, Secret>>;
 
 /// Immutable snapshots the proxy reads on every request; the control plane swaps in new
 /// ones when something changes.
@@ -30,7 +30,7 @@ impl Published {
     pub fn empty() -> Self {
         Published {
             verifier: ArcSwap::from_pointee(Verifier::new(&Default::default())),
-            credentials: ArcSwap::from_pointee(HashMap::new()),
+            credentials: ArcSwap::from_pointee(Map::default()),
             revocations: ArcSwap::from_pointee(RevocationFilter::with_capacity(1024)),
             generation: Default::default(),
         }

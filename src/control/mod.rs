@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use crypto::MasterKey;
 use dashmap::DashMap;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -220,7 +220,7 @@ impl Control {
     }
 
     async fn publish_credentials(&self) -> Result<()> {
-        let mut map: crate::sync::Credentials = HashMap::new();
+        let mut map = crate::sync::Credentials::default();
         for row in self.store.all_credentials().await? {
             let aad = credential_aad(&row.tenant_id, &row.vendor);
             let plain = self

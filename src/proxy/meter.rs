@@ -8,8 +8,8 @@
 use super::deny::Denial;
 use crate::config::{Currency, MeterRule};
 use crate::money::Micros;
+use crate::Map;
 use serde_json::Value;
-use std::collections::HashMap;
 
 /// Largest amount in minor units we meter (Stripe's own limit is far below).
 const MAX_MINOR_UNITS: i64 = 1_000_000_000_000;
@@ -18,7 +18,7 @@ const MAX_MINOR_UNITS: i64 = 1_000_000_000_000;
 pub struct ParsedBody {
     /// Top-level scalar fields (`amount`, `currency`, …) as text. `None` marks a field
     /// that appeared more than once.
-    fields: HashMap<String, Option<String>>,
+    fields: Map<String, Option<String>>,
 }
 
 /// The kept field `name` stands for, exactly or as an alias (leading whitespace and
@@ -71,7 +71,7 @@ impl ParsedBody {
     /// `amount]` or `[amount]` both mean `amount` there. Such an alias of a kept field
     /// makes the field ambiguous (refused), exactly like a repeated field.
     pub fn from_form(body: &[u8], keep: &[&str]) -> ParsedBody {
-        let mut fields: HashMap<String, Option<String>> = HashMap::new();
+        let mut fields: Map<String, Option<String>> = Map::default();
         for pair in body
             .split(|&b| b == b'&' || b == b';')
             .filter(|p| !p.is_empty())
@@ -94,7 +94,7 @@ impl ParsedBody {
     }
 
     pub fn from_json(value: &Value, keep: &[&str]) -> ParsedBody {
-        let mut fields: HashMap<String, Option<String>> = HashMap::new();
+        let mut fields: Map<String, Option<String>> = Map::default();
         for (k, v) in value.as_object().into_iter().flatten() {
             let Some(field) = kept_field(k, keep) else {
                 continue;
@@ -129,7 +129,7 @@ impl ParsedBody {
 pub fn request_cost(
     rule: &MeterRule,
     body: &ParsedBody,
-    currencies: &HashMap<String, Currency>,
+    currencies: &Map<String, Currency>,
 ) -> Result<Micros, Denial> {
     let amount = body
         .field(&rule.amount_field)?
@@ -152,7 +152,7 @@ pub fn request_cost(
 pub fn response_cost(
     rule: &MeterRule,
     body: &Value,
-    currencies: &HashMap<String, Currency>,
+    currencies: &Map<String, Currency>,
 ) -> Option<Micros> {
     let amount = rule
         .amount_fields

@@ -16,13 +16,13 @@ use crate::money::Micros;
 use crate::secret::Secret;
 use crate::sync::{AuditEvent, AuditSink, Published};
 use crate::token::now_secs;
+use crate::Map;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,8 +39,8 @@ pub struct KeybrakeProxy {
     /// Set when a graceful upgrade or shutdown begins: connections are closed after their
     /// current response, so clients reconnect to the new process.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
-    pub vendors: HashMap<String, Arc<Vendor>>,
-    pub currencies: HashMap<String, Currency>,
+    pub vendors: Map<String, Arc<Vendor>>,
+    pub currencies: Map<String, Currency>,
     pub body_limit: usize,
     pub body_timeout: Duration,
     pub verifier: Arc<KeyVerifier>,
@@ -51,7 +51,7 @@ pub struct KeybrakeProxy {
     pub access_log: Option<AccessLogWriter>,
     pub metrics: Arc<Metrics>,
     /// Object id → (key id, key exp) for objects a key created through a metered call.
-    pub created: DashMap<String, (Arc<str>, i64)>,
+    pub created: DashMap<String, (Arc<str>, i64), ahash::RandomState>,
     /// When `created` was last swept of expired entries (unix seconds).
     pub created_swept: std::sync::atomic::AtomicI64,
 }

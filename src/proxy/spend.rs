@@ -77,7 +77,7 @@ pub struct Spender<'a> {
 
 pub struct SpendBook {
     /// Today's counters by key id.
-    entries: DashMap<Arc<str>, Arc<KeySpend>>,
+    entries: DashMap<Arc<str>, Arc<KeySpend>, ahash::RandomState>,
     /// Counters of past days, kept until their last report.
     retired: std::sync::Mutex<Vec<Arc<KeySpend>>>,
     ledger: Arc<dyn Ledger>,
@@ -96,7 +96,7 @@ impl SpendBook {
         metrics: Arc<Metrics>,
     ) -> Self {
         SpendBook {
-            entries: DashMap::new(),
+            entries: DashMap::default(),
             retired: Default::default(),
             ledger,
             published,

@@ -3,19 +3,19 @@
 //! synchronously (and panics on failure) if handed a name. Every timeout is explicit.
 
 use crate::config::{UpstreamTimeouts, Vendor};
+use crate::Map;
 use arc_swap::ArcSwapOption;
 use pingora::upstreams::peer::HttpPeer;
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 pub struct Upstreams {
-    addrs: HashMap<String, ArcSwapOption<SocketAddr>>,
+    addrs: Map<String, ArcSwapOption<SocketAddr>>,
     timeouts: UpstreamTimeouts,
 }
 
 impl Upstreams {
-    pub fn new(vendors: &HashMap<String, Vendor>, timeouts: UpstreamTimeouts) -> Self {
+    pub fn new(vendors: &Map<String, Vendor>, timeouts: UpstreamTimeouts) -> Self {
         let addrs = vendors
             .values()
             .map(|v| {
@@ -45,7 +45,7 @@ impl Upstreams {
     }
 
     /// Resolves every vendor host named by DNS; keeps the last good address on failure.
-    pub async fn refresh(&self, vendors: &HashMap<String, Vendor>) {
+    pub async fn refresh(&self, vendors: &Map<String, Vendor>) {
         for v in vendors.values() {
             if v.upstream.host.parse::<IpAddr>().is_ok() {
                 continue;

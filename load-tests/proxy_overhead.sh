@@ -10,15 +10,19 @@
 # Both forward to the same nginx answering a fixed PaymentIntent JSON with 200.
 #
 # Prints requests/s and p50/p99 latency per run, then the throughput ratio
-# keybrake/passthrough and the added p99, at saturation (CONNS connections) and under light
-# load (LIGHT_CONNS connections). Fails if keybrake answers anything but 2xx.
+# keybrake/passthrough and the added p99, at saturation (CONNS connections), at the same
+# paced load for both (PACED_CONNS connections, each waiting PACED_DELAY_MS between its
+# requests: about a third of the passthrough's capacity, so the added p99 is Keybrake's
+# own latency, not queueing behind a lower throughput) and under light load (LIGHT_CONNS
+# connections). Fails if keybrake answers anything but 2xx.
 #
 #   cargo build --release --bin keybrake --example passthrough
 #   load-tests/proxy_overhead.sh
 #
 # Env knobs: DURATION (s per measured run, 10)  CONNS (32)  ROUNDS (3; runs alternate
 # passthrough, keybrake; the summary takes medians)  WARMUP (s per target, 3)  LIGHT_CONNS (1; 0 skips the light-load
-# runs)  LIGHT_DURATION (5)  WRK_THREADS (1)  KB_THREADS (Pingora threads of both proxies,
+# runs)  LIGHT_DURATION (5)  PACED_CONNS (16; 0 skips the paced runs)  PACED_DELAY_MS (4)
+# PACED_DURATION (10)  WRK_THREADS (1)  KB_THREADS (Pingora threads of both proxies,
 # 2)  PIN (1: pin server vs wrk+upstream to separate CPUs; 0: no pinning)  SERVER_CPUS /
 # LOAD_CPUS (taskset lists)  UPSTREAM (nginx | fixed_upstream = examples/fixed_upstream.rs)
 # ACCESS_LOG (keybrake access log; default a file in the temp dir, "off" to disable)
@@ -26,7 +30,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 DURATION=${DURATION:-10}; CONNS=${CONNS:-32}; ROUNDS=${ROUNDS:-3}; WARMUP=${WARMUP:-3}
-LIGHT_CONNS=${LIGHT_CONNS:-1}; LIGHT_DURATION=${LIGHT_DURATION:-5}; UPSTREAM=${UPSTREAM:-nginx}
+LIGHT_CONNS=${LIGHT_CONNS:-1}; LIGHT_DURATION=${LIGHT_DURATION:-5};
+PACED_CONNS=${PACED_CONNS:-16}; PACED_DELAY_MS=${PACED_DELAY_MS:-4}; PACED_DURATION=${PACED_DURATION:-10}; UPSTREAM=${UPSTREAM:-nginx}
 PT_BIN="$KB_ROOT/target/release/examples/passthrough"
 
 need wrk
@@ -77,6 +82,8 @@ wrk.body = "$BODY"
 wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
 wrk.headers["Authorization"] = "Bearer $VK"
 LUA
+# The same request, but each connection waits PACED_DELAY_MS before sending the next one.
+{ cat "$TMP/post.lua"; echo "function delay() return $PACED_DELAY_MS end"; } >"$TMP/paced.lua"
 PT_URL="http://127.0.0.1:$pt/v1/payment_intents"
 KB_URL="http://$KB_PROXY/stripe/v1/payment_intents"
 
@@ -90,11 +97,11 @@ kb_sent=$(( $(wrk_stats "$TMP/warm_kb.txt" | cut -d' ' -f6) + 1 )); kb_runs=1
 # -- measured runs ----------------------------------------------------------------------
 printf "\n%-6s %-6s %-12s %11s %8s %8s %8s %9s %11s %10s\n" phase round target "requests/s" "p50 ms" "p99 ms" "non-2xx" "sock-err" "server CPU" "other CPU"
 : >"$TMP/results.tsv"
-measure() { # phase round target conns seconds
+measure() { # phase round target conns seconds [lua script]
   local url pid f rps p50 p99 bad errs reqs
   if [ "$3" = passthrough ]; then url=$PT_URL; pid=$PT_PID; else url=$KB_URL; pid=$KB_PID; fi
   f="$TMP/$1.$2.$3.txt"
-  run_wrk "$f" "$pid" "$4" "$5" "$TMP/post.lua" "$url"
+  run_wrk "$f" "$pid" "$4" "$5" "${6:-$TMP/post.lua}" "$url"
   read -r rps p50 p99 bad errs reqs < <(wrk_stats "$f")
   printf "%-6s %-6s %-12s %11s %8s %8s %8s %9s %10s%% %9s%%\n" "$1" "$2" "$3" "$rps" "$p50" "$p99" "$bad" "$errs" "$(cat "$f.cpu")" "$(cat "$f.other")"
   printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$3" "$rps" "$p50" "$p99" "$bad" "$errs" "$(cat "$f.cpu")" "$(cat "$f.other")" >>"$TMP/results.tsv"
@@ -112,13 +119,17 @@ for r in $(seq 1 "$ROUNDS"); do
   measure load "$r" passthrough "$CONNS" "$DURATION"
   measure load "$r" keybrake "$CONNS" "$DURATION"
 done
+if [ "$PACED_CONNS" -gt 0 ]; then
+  measure paced 1 passthrough "$PACED_CONNS" "$PACED_DURATION" "$TMP/paced.lua"
+  measure paced 1 keybrake "$PACED_CONNS" "$PACED_DURATION" "$TMP/paced.lua"
+fi
 if [ "$LIGHT_CONNS" -gt 0 ]; then
   measure light 1 passthrough "$LIGHT_CONNS" "$LIGHT_DURATION"
   measure light 1 keybrake "$LIGHT_CONNS" "$LIGHT_DURATION"
 fi
 
 # -- summary ----------------------------------------------------------------------------
-python3 - "$TMP/results.tsv" "$CONNS" "$LIGHT_CONNS" "${#ON_SERVER[@]}" <<'PY'
+python3 - "$TMP/results.tsv" "$CONNS" "$LIGHT_CONNS" "${#ON_SERVER[@]}" "$PACED_CONNS" "$PACED_DELAY_MS" <<'PY'
 import sys, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 def agg(phase, target):
@@ -136,6 +147,12 @@ print(f"{'p99 latency ms':22}{pt[1]:>14.3f}{kb[1]:>14.3f}")
 print(f"{'server CPU (1 core=100%)':22}{pt[3]:>12.0f}% {kb[3]:>12.0f}%")
 print(f"throughput ratio keybrake/passthrough: {kb[0] / pt[0]:.3f}")
 print(f"added p99 (keybrake - passthrough):    {kb[1] - pt[1]:+.3f} ms")
+ppt, pkb = agg("paced", "passthrough"), agg("paced", "keybrake")
+if ppt and pkb:
+    print(f"paced load ({sys.argv[5]} connections, {sys.argv[6]} ms between requests): "
+          f"passthrough {ppt[0]:,.0f} req/s p50 {ppt[2]:.3f} / p99 {ppt[1]:.3f} ms, "
+          f"keybrake {pkb[0]:,.0f} req/s p50 {pkb[2]:.3f} / p99 {pkb[1]:.3f} ms -> "
+          f"added p50 {pkb[2] - ppt[2]:+.3f} ms, added p99 {pkb[1] - ppt[1]:+.3f} ms")
 lpt, lkb = agg("light", "passthrough"), agg("light", "keybrake")
 if lpt and lkb:
     print(f"light load ({sys.argv[3]} connection(s)): passthrough p50 {lpt[2]:.3f} / p99 {lpt[1]:.3f} ms, "

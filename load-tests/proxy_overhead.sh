@@ -11,8 +11,8 @@
 #
 # Prints requests/s and p50/p99 latency per run, then the throughput ratio
 # keybrake/passthrough and the added p99, at saturation (CONNS connections), at the same
-# paced load for both (PACED_CONNS connections, each waiting PACED_DELAY_MS between its
-# requests: about a third of the passthrough's capacity, so the added p99 is Keybrake's
+# paced load for both (PACED_CONNS connections, each pausing a random 0..2*PACED_DELAY_MS
+# ms between its requests: about a third of the passthrough's capacity, so the added p99 is Keybrake's
 # own latency, not queueing behind a lower throughput) and under light load (LIGHT_CONNS
 # connections). Fails if keybrake answers anything but 2xx.
 #
@@ -82,8 +82,9 @@ wrk.body = "$BODY"
 wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
 wrk.headers["Authorization"] = "Bearer $VK"
 LUA
-# The same request, but each connection waits PACED_DELAY_MS before sending the next one.
-{ cat "$TMP/post.lua"; echo "function delay() return $PACED_DELAY_MS end"; } >"$TMP/paced.lua"
+# The same request, but each connection pauses before sending the next one: a random
+# 0..2*PACED_DELAY_MS ms (mean PACED_DELAY_MS), so the connections do not fire together.
+{ cat "$TMP/post.lua"; echo "function delay() return math.random(0, 2 * $PACED_DELAY_MS) end"; } >"$TMP/paced.lua"
 PT_URL="http://127.0.0.1:$pt/v1/payment_intents"
 KB_URL="http://$KB_PROXY/stripe/v1/payment_intents"
 

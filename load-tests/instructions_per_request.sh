@@ -36,12 +36,7 @@ wait_http "http://127.0.0.1:$pt/v1/payment_intents" 60
 new_tenant
 control POST /v1/keys "$KB_TENANT_TOKEN" '{"label":"load","vendor":"stripe","allowed_endpoints":["POST /v1/payment_intents"],"daily_usd_cap":1000000000,"expires_in":"1h"}' >"$TMP/key.json"
 VK=$(json_field token <"$TMP/key.json")
-cat >"$TMP/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = "amount=100&currency=usd"
-wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
-wrk.headers["Authorization"] = "Bearer $VK"
-LUA
+write_post_lua "$TMP/post.lua" 'amount=100&currency=usd' "$VK"
 
 echo "instructions per request (callgrind, all threads, user space), ${MEASURE}s at 4 connections"
 for target in passthrough keybrake; do

@@ -225,3 +225,14 @@ run_wrk() {
   # pinned): a run where this is high was disturbed.
   python3 -c "print(f'{max(0, ($b1 - $b0) - ($t1 - $t0)) / $CLK_TCK / ($s1 - $s0) * 100:.0f}')" >"$1.other"
 }
+
+# wrk script for the metered Stripe call both proxy scripts send: POST, form body $2,
+# vault key $3.
+write_post_lua() { # file body vault-key
+  cat >"$1" <<LUA
+wrk.method = "POST"
+wrk.body = "$2"
+wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
+wrk.headers["Authorization"] = "Bearer $3"
+LUA
+}

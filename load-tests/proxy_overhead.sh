@@ -76,12 +76,7 @@ code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 -X POST "http://127
   -H "Authorization: Bearer $VK" -H 'Content-Type: application/x-www-form-urlencoded' --data "$BODY")
 [ "$code" = 200 ] || die "sanity: POST /v1/payment_intents through the passthrough -> $code (expected 200)"
 
-cat >"$TMP/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = "$BODY"
-wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
-wrk.headers["Authorization"] = "Bearer $VK"
-LUA
+write_post_lua "$TMP/post.lua" "$BODY" "$VK"
 # The same request, but each connection pauses before sending the next one: a random
 # 0..2*PACED_DELAY_MS ms (mean PACED_DELAY_MS), so the connections do not fire together.
 { cat "$TMP/post.lua"; echo "function delay() return math.random(0, 2 * $PACED_DELAY_MS) end"; } >"$TMP/paced.lua"

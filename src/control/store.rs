@@ -117,8 +117,6 @@ pub struct Store {
     writer: SqlitePool,
     checkpointer: SqlitePool,
     reader: SqlitePool,
-    /// The WAL file, watched by `checkpoints`.
-    wal: std::sync::Arc<Path>,
 }
 
 #[derive(Debug, Clone)]
@@ -210,16 +208,17 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        // The writer never checkpoints inside a commit (`wal_autocheckpoint=0`): that
-        // checkpoint's syncs were the issuance tail. `checkpoints` does it beside the
-        // writes instead, and lets the WAL start over (see there).
+        // The writer does not checkpoint inside a commit: that checkpoint's syncs were the
+        // issuance tail. `checkpoints` does it beside the writes instead, and lets the WAL
+        // start over (see there). The writer's own checkpoint stays as a safety net at
+        // 16,384 pages (64 MiB), which the WAL only reaches if that task stops.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .connect_with(
                 options
                     .clone()
-                    .pragma("wal_autocheckpoint", "0")
+                    .pragma("wal_autocheckpoint", "16384")
                     .pragma("journal_size_limit", "16777216"),
             )
             .await
@@ -239,45 +238,35 @@ impl Store {
             writer,
             reader,
             checkpointer,
-            wal: data_dir.join("keybrake.db-wal").into(),
         })
     }
 
     /// Keeps the WAL short without putting a checkpoint inside any commit. Four times a
     /// second:
-    /// 1. a PASSIVE checkpoint on its own connection copies the committed pages into the
-    ///    database file while writes go on (it never blocks them);
+    /// 1. PASSIVE checkpoints on their own connection copy the committed pages into the
+    ///    database file while writes go on (they never block them);
     /// 2. a second PASSIVE checkpoint on the writer connection copies what was committed
     ///    meanwhile. The writer pool has one connection, so no write runs beside it and it
     ///    ends with the whole WAL copied; the writer's next transaction then starts the WAL
     ///    over from its beginning (SQLite does that when no reader still needs old frames).
     ///
-    /// Writes wait only for step 2: a few pages and two syncs. If readers kept the WAL
-    /// from starting over and it grew past `WAL_VALVE_BYTES`, step 2 is a RESTART
-    /// checkpoint instead, which waits for those readers. Runs until the process ends.
+    /// Writes wait only for step 2: a few pages and two syncs. A reader that keeps an old
+    /// snapshot open (a backup, say) stops the WAL from starting over until it ends, as in
+    /// any WAL database; nothing here waits for it. Runs until the process ends.
     pub async fn checkpoints(self) {
-        const WAL_VALVE_BYTES: u64 = 64 << 20;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             // Twice: the second pass copies what was committed during the first, so the
             // pass the writes wait for has only a few milliseconds' worth left.
-            let mut bulk = Ok(Default::default());
-            for _ in 0..2 {
-                bulk = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .execute(&self.checkpointer)
-                    .await;
-            }
-            let oversized = std::fs::metadata(&*self.wal).is_ok_and(|m| m.len() > WAL_VALVE_BYTES);
-            let rest = if oversized {
-                "PRAGMA wal_checkpoint(RESTART)"
-            } else {
-                "PRAGMA wal_checkpoint(PASSIVE)"
-            };
-            let rest = sqlx::query(rest).execute(&self.writer).await;
-            if let Err(e) = bulk.and(rest) {
-                log::warn!("WAL checkpoint failed: {e}");
+            for pool in [&self.checkpointer, &self.checkpointer, &self.writer] {
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(pool)
+                    .await
+                {
+                    log::warn!("WAL checkpoint failed: {e}");
+                }
             }
         }
     }
@@ -784,6 +773,7 @@ mod tests {
             revoked_at: None,
         };
         // Bounded in bytes (24 MiB of rows) and in time (60 s), whichever comes first.
+        let wal = dir.join("keybrake.db-wal");
         let (mut written, mut largest_wal, mut n) = (0u64, 0u64, 0u64);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while written < 24 << 20 && std::time::Instant::now() < deadline {
@@ -791,8 +781,7 @@ mod tests {
             n += 8;
             store.insert_keys(&rows).await.unwrap();
             written += 8 * 3000;
-            let wal = std::fs::metadata(&*store.wal).map_or(0, |m| m.len());
-            largest_wal = largest_wal.max(wal);
+            largest_wal = largest_wal.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
         }
         checkpoints.abort();
         let _ = std::fs::remove_dir_all(&dir);

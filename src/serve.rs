@@ -387,19 +387,8 @@ pub fn run_serve(
     server.run(pingora::server::RunArgs::default());
     // Pingora has stopped every service: no request records anything any more. Write the
     // audit events still buffered, then exit as `run_forever` would.
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(async {
-            if tokio::time::timeout(Duration::from_secs(5), control.audit.flush())
-                .await
-                .is_err()
-            {
-                log::error!("audit events still buffered at exit could not be written in 5 s");
-            }
-        }),
-        Err(e) => log::error!("cannot flush the audit trail at exit: {e}"),
+    if !control.audit.flush(Duration::from_secs(5)) {
+        log::error!("audit events still buffered at exit could not be written in 5 s");
     }
     std::process::exit(0)
 }

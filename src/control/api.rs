@@ -308,7 +308,7 @@ async fn jwks(State(s): State<ApiState>) -> Json<Value> {
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
-    let storage = s.control.store().ping().await;
+    let storage = s.control.store().ping().await && s.control.audit.ping().await;
     let signing = !s.control.jwks().keys.is_empty();
     let proxy = match s.proxy_addr {
         None => true,
@@ -682,8 +682,8 @@ async fn list_audit(
         .filter(|k| !k.is_empty());
     let rows = s
         .control
-        .store()
-        .list_audit(&tenant, key_id, since, cursor(&q)?, limit)
+        .audit
+        .list(&tenant, key_id, since, cursor(&q)?, limit)
         .await?;
     let next = next_cursor(rows.last().map(|(seq, _)| *seq), rows.len() as i64 == limit);
     let data: Vec<Value> = rows

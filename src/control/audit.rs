@@ -1,108 +1,188 @@
-//! The audit trail's write side: the proxy hands events to `AuditWriter::record`, which
-//! never blocks (a short lock and a push onto a bounded buffer; when full, the event is
-//! counted as dropped), and one task swaps the buffer out every LINGER and writes it to
-//! the store, one transaction per BATCH events.
+//! The audit trail, in its own SQLite file (`audit.db` in the data dir) so that proxy
+//! traffic and key issuance never queue for the same write lock.
 //!
-//! A swapped buffer rather than a channel: a request pays no wake-up of the writer and no
-//! per-message queue allocation; the writer wakes on its own clock.
+//! Write side: the proxy hands events to `AuditTrail::record`, which never blocks (a short
+//! lock and a push onto a bounded buffer; when full, the event is counted as dropped). One
+//! OS thread owns the only write connection: every LINGER it swaps the buffer out and
+//! inserts it with a cached prepared statement, one transaction per BATCH events. A plain
+//! thread and a synchronous connection rather than an async pool: a batch then costs no
+//! hand-off between runtime and database threads per statement, and SQLite's own
+//! checkpoints run on this thread, beside the proxy's work rather than in its way.
+//!
+//! Read side: `list` through a small read-only pool (WAL readers never block the writer).
 
-use super::store::Store;
 use crate::metrics::Metrics;
+use crate::money::Micros;
 use crate::sync::{AuditEvent, AuditSink};
-use std::sync::{Arc, Mutex};
+use anyhow::{Context, Result};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 const QUEUE: usize = 65_536;
 /// Room for ~10 ms of events at tens of thousands of requests per second, so the buffer
 /// rarely grows (and copies) while a request holds the lock.
 const INITIAL: usize = 1_024;
 /// At most this many events per transaction, and at most LINGER between an event and its
-/// write: short transactions keep the writer's bursts of CPU short, so on a shared core
-/// it never holds up a request for long (the tail latency of the proxy).
+/// write.
 const BATCH: usize = 256;
-const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+const LINGER: Duration = Duration::from_millis(10);
 
-pub struct AuditWriter {
-    pending: Arc<Mutex<Vec<AuditEvent>>>,
+pub const FILE: &str = "audit.db";
+
+/// `seq` orders the trail and is the cursor of `list`. Rows are never deleted, so SQLite's
+/// rowid (largest + 1) only grows; without AUTOINCREMENT an insert does not also update
+/// `sqlite_sequence`.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    tenant_id TEXT,
+    key_id TEXT,
+    label TEXT,
+    vendor TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    decision TEXT NOT NULL,
+    spend INTEGER NOT NULL,
+    vendor_request_id TEXT,
+    duration_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant_id, seq);
+CREATE INDEX IF NOT EXISTS audit_by_key ON audit (key_id, seq);
+";
+
+const COLUMNS: &str = "ts_ms, tenant_id, key_id, label, vendor, method, path, status, \
+                       decision, spend, vendor_request_id, duration_ms";
+
+pub struct AuditTrail {
+    shared: Arc<Shared>,
     metrics: Arc<Metrics>,
-    store: Store,
+    reader: SqlitePool,
 }
 
-impl AuditWriter {
-    /// Starts the writer task on the current runtime.
-    pub fn start(store: Store, metrics: Arc<Metrics>) -> AuditWriter {
-        let pending = Arc::new(Mutex::new(Vec::with_capacity(INITIAL)));
-        let shared = pending.clone();
-        let task_metrics = metrics.clone();
-        let task_store = store.clone();
-        tokio::spawn(async move {
-            let store = task_store;
-            let mut tick = tokio::time::interval(LINGER);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut batch = Vec::with_capacity(INITIAL);
-            loop {
-                tick.tick().await;
-                write_pending(&shared, &mut batch, &store, &task_metrics).await;
-                // A burst grew the buffer: give the memory back rather than keep it.
-                batch.shrink_to(INITIAL);
-            }
+struct Shared {
+    pending: Mutex<Vec<AuditEvent>>,
+    /// Write passes completed so far; `flush` waits for it to move on.
+    passes: Mutex<u64>,
+    pass_done: Condvar,
+}
+
+impl AuditTrail {
+    /// Opens (or creates) `audit.db`, moves in the rows of the trail's older home (the
+    /// `audit` table of `keybrake.db`, before the store drops it) and starts the writer.
+    pub async fn open(data_dir: &Path, metrics: Arc<Metrics>) -> Result<AuditTrail> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+        let path = data_dir.join(FILE);
+        let conn = open_writer(&path, &data_dir.join("keybrake.db"))
+            .with_context(|| format!("cannot open the audit database {}", path.display()))?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(5))
+                    .read_only(true),
+            )
+            .await
+            .context("cannot open the audit database for reading")?;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Vec::with_capacity(INITIAL)),
+            passes: Mutex::new(0),
+            pass_done: Condvar::new(),
         });
-        AuditWriter {
-            pending,
+        let thread_shared = shared.clone();
+        let thread_metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer_loop(conn, &thread_shared, &thread_metrics))
+            .context("cannot start the audit writer thread")?;
+        Ok(AuditTrail {
+            shared,
             metrics,
-            store,
-        }
+            reader,
+        })
     }
 
-    /// Writes every buffered event now. Called once the proxy has stopped, before the
-    /// process exits, so the last requests of a shutdown or upgrade are in the trail.
-    pub async fn flush(&self) {
-        let mut batch = Vec::new();
-        write_pending(&self.pending, &mut batch, &self.store, &self.metrics).await;
+    /// Waits until every event recorded before the call is written (or given up on), at
+    /// most `timeout`. Called once the proxy has stopped, before the process exits, so the
+    /// last requests of a shutdown or upgrade are in the trail. False on timeout.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let passes = lock(&self.shared.passes);
+        // The pass running now may have swapped the buffer out before our events arrived;
+        // the one after it starts after this call, so it takes them.
+        let target = *passes + 2;
+        let (passes, wait) = self
+            .shared
+            .pass_done
+            .wait_timeout_while(passes, timeout, |done| *done < target)
+            .unwrap_or_else(|p| p.into_inner());
+        drop(passes);
+        !wait.timed_out()
+    }
+
+    /// The tenant's events, newest first: those with `seq < before_seq` and `ts_ms >=
+    /// since_ms`, for one key or all.
+    pub async fn list(
+        &self,
+        tenant_id: &str,
+        key_id: Option<&str>,
+        since_ms: i64,
+        before_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, AuditEvent)>> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit WHERE tenant_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND ts_ms >= ?3 AND seq < ?4
+             ORDER BY seq DESC LIMIT ?5",
+        )
+        .bind(tenant_id)
+        .bind(key_id)
+        .bind(since_ms)
+        .bind(before_seq)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get("seq"),
+                    AuditEvent {
+                        ts_ms: r.get("ts_ms"),
+                        tenant_id: r.get::<Option<&str>, _>("tenant_id").map(Into::into),
+                        key_id: r.get::<Option<&str>, _>("key_id").map(Into::into),
+                        label: r.get::<Option<&str>, _>("label").map(Into::into),
+                        vendor: r.get("vendor"),
+                        method: r.get("method"),
+                        path: r.get("path"),
+                        status: r.get::<i64, _>("status") as u16,
+                        decision: r.get("decision"),
+                        spend: Micros(r.get("spend")),
+                        vendor_request_id: r.get("vendor_request_id"),
+                        duration_ms: r.get::<i64, _>("duration_ms") as u64,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// The audit database answers reads (for readiness).
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1 FROM audit LIMIT 1")
+            .execute(&self.reader)
+            .await
+            .is_ok()
     }
 }
 
-/// Swaps the buffer out and writes it, BATCH events per transaction.
-async fn write_pending(
-    pending: &Mutex<Vec<AuditEvent>>,
-    batch: &mut Vec<AuditEvent>,
-    store: &Store,
-    metrics: &Metrics,
-) {
-    std::mem::swap(
-        &mut *pending.lock().unwrap_or_else(|p| p.into_inner()),
-        batch,
-    );
-    for chunk in batch.chunks(BATCH) {
-        if !write_with_retries(store, chunk).await {
-            metrics.audit_dropped.inc_by(chunk.len() as u64);
-        }
-        metrics.audit_queue_depth.sub(chunk.len() as i64);
-    }
-    batch.clear();
-}
-
-/// A failed batch is retried a few times; the store is local, so a failure here means
-/// the disk is gone, which readiness will show. False when the events were lost.
-async fn write_with_retries(store: &Store, events: &[AuditEvent]) -> bool {
-    for attempt in 0..3 {
-        match store.insert_audit_batch(events).await {
-            Ok(()) => return true,
-            Err(e) => {
-                log::error!(
-                    "audit batch of {} events not written (attempt {}): {e:#}",
-                    events.len(),
-                    attempt + 1
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
-    false
-}
-
-impl AuditSink for AuditWriter {
+impl AuditSink for AuditTrail {
     fn record(&self, event: AuditEvent) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = lock(&self.shared.pending);
         if pending.len() < QUEUE {
             pending.push(event);
             self.metrics.audit_queue_depth.inc();
@@ -110,5 +190,221 @@ impl AuditSink for AuditWriter {
             drop(pending);
             self.metrics.audit_dropped.inc();
         }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// WAL + NORMAL as for the store: a commit survives a process crash. SQLite checkpoints
+/// the WAL itself every 1,000 pages, inside this thread's commits.
+fn open_writer(path: &Path, old_store: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "journal_size_limit", 16 << 20)?;
+    conn.execute_batch(SCHEMA)?;
+    move_old_rows(&conn, old_store)?;
+    Ok(conn)
+}
+
+/// Data dirs written before the trail had its own file keep it in `keybrake.db`'s `audit`
+/// table, which the store's next migration drops. Copy those rows first, with their
+/// `seq` (so cursors stay valid); `OR IGNORE` makes a copy cut short by a crash safe to
+/// run again.
+fn move_old_rows(conn: &rusqlite::Connection, old_store: &Path) -> rusqlite::Result<()> {
+    if !old_store.exists() {
+        return Ok(());
+    }
+    conn.execute(
+        "ATTACH DATABASE ?1 AS old",
+        [old_store.to_string_lossy().as_ref()],
+    )?;
+    let has_table: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM old.sqlite_master WHERE type = 'table' AND name = 'audit'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_table {
+        let moved = conn.execute(
+            &format!(
+                "INSERT OR IGNORE INTO main.audit (seq, {COLUMNS}) SELECT seq, {COLUMNS} FROM old.audit"
+            ),
+            [],
+        )?;
+        if moved > 0 {
+            log::info!("moved {moved} audit events from keybrake.db into {FILE}");
+        }
+    }
+    conn.execute("DETACH DATABASE old", [])?;
+    Ok(())
+}
+
+fn writer_loop(mut conn: rusqlite::Connection, shared: &Shared, metrics: &Metrics) {
+    let mut batch = Vec::with_capacity(INITIAL);
+    loop {
+        std::thread::sleep(LINGER);
+        std::mem::swap(&mut *lock(&shared.pending), &mut batch);
+        for chunk in batch.chunks(BATCH) {
+            if !write_with_retries(&mut conn, chunk) {
+                metrics.audit_dropped.inc_by(chunk.len() as u64);
+            }
+            metrics.audit_queue_depth.sub(chunk.len() as i64);
+        }
+        batch.clear();
+        // A burst grew the buffer: give the memory back rather than keep it.
+        batch.shrink_to(INITIAL);
+        *lock(&shared.passes) += 1;
+        shared.pass_done.notify_all();
+    }
+}
+
+/// A failed batch is retried a few times; the file is local, so a failure here means the
+/// disk is gone, which readiness will show. False when the events were lost.
+fn write_with_retries(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> bool {
+    for attempt in 0..3 {
+        match insert(conn, events) {
+            Ok(()) => return true,
+            Err(e) => {
+                log::error!(
+                    "audit batch of {} events not written (attempt {}): {e}",
+                    events.len(),
+                    attempt + 1
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    false
+}
+
+fn insert(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT INTO audit ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        ))?;
+        for e in events {
+            stmt.execute(rusqlite::params![
+                e.ts_ms,
+                e.tenant_id.as_deref(),
+                e.key_id.as_deref(),
+                e.label.as_deref(),
+                e.vendor,
+                e.method,
+                e.path,
+                e.status,
+                e.decision,
+                e.spend.0,
+                e.vendor_request_id,
+                e.duration_ms as i64,
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: i64) -> AuditEvent {
+        AuditEvent {
+            ts_ms: 1_700_000_000_000 + n,
+            tenant_id: Some("ten_a".into()),
+            key_id: Some(if n % 2 == 0 { "key_even" } else { "key_odd" }.into()),
+            label: Some("l".into()),
+            vendor: "stripe".into(),
+            method: "POST".into(),
+            path: "/stripe/v1/payment_intents".into(),
+            status: 200,
+            decision: "allowed".into(),
+            spend: Micros(n),
+            vendor_request_id: Some(format!("req_{n}")),
+            duration_ms: 3,
+        }
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("keybrake-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn recorded_events_are_listed_newest_first_after_a_flush_and_survive_reopening() {
+        let dir = temp_dir("audit-list");
+        let metrics = Metrics::global();
+        let trail = AuditTrail::open(&dir, metrics.clone()).await.unwrap();
+        for n in 0..600 {
+            trail.record(event(n));
+        }
+        assert!(trail.flush(Duration::from_secs(10)));
+        let all = trail.list("ten_a", None, 0, i64::MAX, 1000).await.unwrap();
+        assert_eq!(all.len(), 600);
+        assert_eq!(all[0].1.spend, Micros(599));
+        assert!(all.windows(2).all(|w| w[0].0 > w[1].0));
+        let odd = trail
+            .list("ten_a", Some("key_odd"), 0, i64::MAX, 1000)
+            .await
+            .unwrap();
+        assert_eq!(odd.len(), 300);
+        assert!(odd
+            .iter()
+            .all(|(_, e)| e.key_id.as_deref() == Some("key_odd")));
+        assert!(trail
+            .list("ten_b", None, 0, i64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty());
+
+        let again = AuditTrail::open(&dir, metrics).await.unwrap();
+        assert_eq!(
+            again
+                .list("ten_a", None, 0, i64::MAX, 1000)
+                .await
+                .unwrap()
+                .len(),
+            600
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn rows_of_the_old_audit_table_in_keybrake_db_are_moved_once() {
+        let dir = temp_dir("audit-move");
+        {
+            let old = rusqlite::Connection::open(dir.join("keybrake.db")).unwrap();
+            old.execute_batch(&format!(
+                "CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, \
+                 tenant_id TEXT, key_id TEXT, label TEXT, vendor TEXT NOT NULL, method TEXT NOT NULL, \
+                 path TEXT NOT NULL, status INTEGER NOT NULL, decision TEXT NOT NULL, \
+                 spend INTEGER NOT NULL, vendor_request_id TEXT, duration_ms INTEGER NOT NULL);
+                 INSERT INTO audit (seq, {COLUMNS}) VALUES
+                   (7, 1, 'ten_a', 'key_1', NULL, 'stripe', 'POST', '/stripe/v1/x', 200, 'allowed', 5, 'req_1', 2),
+                   (9, 2, 'ten_a', 'key_1', NULL, 'stripe', 'POST', '/stripe/v1/x', 429, 'cap_exhausted', 0, NULL, 1);"
+            ))
+            .unwrap();
+        }
+        let metrics = Metrics::global();
+        for _ in 0..2 {
+            let trail = AuditTrail::open(&dir, metrics.clone()).await.unwrap();
+            let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
+            let seqs: Vec<i64> = rows.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, [9, 7]);
+            assert_eq!(rows[0].1.decision, "cap_exhausted");
+            assert_eq!(rows[1].1.vendor_request_id.as_deref(), Some("req_1"));
+        }
+        // New events continue after the moved ones.
+        let trail = AuditTrail::open(&dir, metrics).await.unwrap();
+        trail.record(event(1));
+        assert!(trail.flush(Duration::from_secs(10)));
+        let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(rows[0].0 > 9);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

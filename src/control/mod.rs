@@ -54,7 +54,7 @@ pub struct Control {
     ledger_lock: tokio::sync::Mutex<()>,
     credentials_lock: tokio::sync::Mutex<()>,
     revocations_lock: tokio::sync::Mutex<()>,
-    pub audit: audit::AuditWriter,
+    pub audit: audit::AuditTrail,
     keys: keywriter::KeyWriter,
     metrics: Arc<Metrics>,
 }
@@ -105,6 +105,9 @@ impl Control {
         published: Arc<Published>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Control>> {
+        // The trail first: it moves rows out of the store's old audit table, which the
+        // store's migrations then drop.
+        let audit = audit::AuditTrail::open(data_dir, metrics.clone()).await?;
         let store = Store::open(data_dir).await?;
         let now = now_secs();
         if store
@@ -122,7 +125,6 @@ impl Control {
                 api_tokens.insert(hash, TokenOwner { tenant_id });
             }
         }
-        let audit = audit::AuditWriter::start(store.clone(), metrics.clone());
         let keys = keywriter::KeyWriter::start(store.clone());
         let control = Arc::new(Control {
             settings,

@@ -6,7 +6,6 @@
 //! (see `crypto`), API tokens arrive hashed.
 
 use crate::money::Micros;
-use crate::sync::AuditEvent;
 use anyhow::{Context, Result};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -93,24 +92,12 @@ CREATE INDEX audit_by_key ON audit (key_id, seq);
     r#"
 CREATE INDEX keys_by_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NULL;
 "#,
+    // The audit trail moved to its own file (`control::audit`), which copied these rows
+    // before this runs.
+    r#"
+DROP TABLE audit;
+"#,
 ];
-
-/// The audit INSERT statements, by rows per statement (largest first, ending with 1 so
-/// every batch size is covered; 64 rows x 12 values stays far under SQLite's limit).
-static AUDIT_INSERTS: std::sync::LazyLock<Vec<(usize, String)>> = std::sync::LazyLock::new(|| {
-    [64, 16, 4, 1]
-        .into_iter()
-        .map(|rows| {
-            let row = format!("({})", ["?"; 12].join(","));
-            let sql = format!(
-                "INSERT INTO audit (ts_ms, tenant_id, key_id, label, vendor, method, path, status, \
-                 decision, spend, vendor_request_id, duration_ms) VALUES {}",
-                vec![row; rows].join(",")
-            );
-            (rows, sql)
-        })
-        .collect()
-});
 
 #[derive(Clone)]
 pub struct Store {
@@ -640,84 +627,6 @@ impl Store {
         .execute(&self.writer)
         .await?;
         Ok(())
-    }
-
-    // ----- audit -----
-
-    /// Appends events in one transaction, with multi-row statements of fixed sizes: each
-    /// size has one SQL text, so SQLite parses it once and sqlx reuses the prepared
-    /// statement. Values are bound borrowed from `events`.
-    pub async fn insert_audit_batch(&self, events: &[AuditEvent]) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
-        let mut rest = events;
-        for (rows, sql) in AUDIT_INSERTS.iter() {
-            let mut chunks = rest.chunks_exact(*rows);
-            for chunk in &mut chunks {
-                let mut query = sqlx::query(sql);
-                for e in chunk {
-                    query = query
-                        .bind(e.ts_ms)
-                        .bind(e.tenant_id.as_deref())
-                        .bind(e.key_id.as_deref())
-                        .bind(e.label.as_deref())
-                        .bind(e.vendor.as_str())
-                        .bind(e.method.as_str())
-                        .bind(e.path.as_str())
-                        .bind(e.status as i64)
-                        .bind(e.decision.as_str())
-                        .bind(e.spend.0)
-                        .bind(e.vendor_request_id.as_deref())
-                        .bind(e.duration_ms as i64);
-                }
-                query.execute(&mut *tx).await?;
-            }
-            rest = chunks.remainder();
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    pub async fn list_audit(
-        &self,
-        tenant_id: &str,
-        key_id: Option<&str>,
-        since_ms: i64,
-        before_seq: i64,
-        limit: i64,
-    ) -> Result<Vec<(i64, AuditEvent)>> {
-        let rows = sqlx::query(
-            "SELECT * FROM audit WHERE tenant_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND ts_ms >= ?3 AND seq < ?4
-             ORDER BY seq DESC LIMIT ?5",
-        )
-        .bind(tenant_id)
-        .bind(key_id)
-        .bind(since_ms)
-        .bind(before_seq)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get("seq"),
-                    AuditEvent {
-                        ts_ms: r.get("ts_ms"),
-                        tenant_id: r.get::<Option<&str>, _>("tenant_id").map(Into::into),
-                        key_id: r.get::<Option<&str>, _>("key_id").map(Into::into),
-                        label: r.get::<Option<&str>, _>("label").map(Into::into),
-                        vendor: r.get("vendor"),
-                        method: r.get("method"),
-                        path: r.get("path"),
-                        status: r.get::<i64, _>("status") as u16,
-                        decision: r.get("decision"),
-                        spend: Micros(r.get("spend")),
-                        vendor_request_id: r.get("vendor_request_id"),
-                        duration_ms: r.get::<i64, _>("duration_ms") as u64,
-                    },
-                )
-            })
-            .collect())
     }
 }
 

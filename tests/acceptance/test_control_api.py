@@ -778,7 +778,10 @@ def test_generated_master_key_and_admin_token_when_env_is_absent(keybrake_factor
         {"stripe": fake_stripe.url},
         env_overrides={"KEYBRAKE_ADMIN_TOKEN": None, "KEYBRAKE_MASTER_KEY": None},
     )
-    generated = [p for p in kb.data_dir.iterdir() if p.is_file() and not p.name.startswith("keybrake.db")]
+    generated = [
+        p for p in kb.data_dir.iterdir()
+        if p.is_file() and not p.name.startswith(("keybrake.db", "audit.db"))
+    ]
     assert len(generated) >= 2, f"expected generated secret files in {kb.data_dir}: {[p.name for p in generated]}"
     logs = kb.logs()
     admin_token = None

@@ -195,6 +195,9 @@ pub struct UpstreamUrl {
     pub host: String,
     pub port: u16,
     pub base_path: String,
+    /// The `Host` header sent upstream: the port only when not the scheme's default, an
+    /// IPv6 address in brackets. Built once here rather than per request.
+    pub host_header: http::HeaderValue,
 }
 
 impl UpstreamUrl {
@@ -218,11 +221,24 @@ impl UpstreamUrl {
             bail!("{text:?}: an upstream URL takes no query or fragment");
         }
         let base_path = url.path().trim_end_matches('/').to_string();
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let host_header = if port == if tls { 443 } else { 80 } {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
+        let host_header = http::HeaderValue::from_str(&host_header)
+            .with_context(|| format!("{text:?}: the host is not a valid Host header"))?;
         Ok(UpstreamUrl {
             tls,
             host,
             port,
             base_path,
+            host_header,
         })
     }
 }
@@ -643,6 +659,20 @@ pub fn parse_duration(text: &str) -> Result<u64, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_header_names_the_port_only_when_not_the_default_and_brackets_ipv6() {
+        let host = |url: &str| UpstreamUrl::parse(url).unwrap().host_header;
+        assert_eq!(host("https://api.stripe.com"), "api.stripe.com");
+        assert_eq!(
+            host("https://api.stripe.com:8443/v1"),
+            "api.stripe.com:8443"
+        );
+        assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1");
+        assert_eq!(host("http://127.0.0.1:12111"), "127.0.0.1:12111");
+        assert_eq!(host("http://[::1]:12111"), "[::1]:12111");
+        assert_eq!(host("https://[::1]"), "[::1]");
+    }
 
     #[test]
     fn embedded_defaults_validate() {

@@ -4,11 +4,13 @@
 use std::fmt;
 use subtle::ConstantTimeEq;
 
+/// Shared text: the proxy clones a vendor secret into every request's context, which
+/// is then a reference count, not a copy.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Box<str>);
+pub struct Secret(std::sync::Arc<str>);
 
 impl Secret {
-    pub fn new(value: impl Into<Box<str>>) -> Self {
+    pub fn new(value: impl Into<std::sync::Arc<str>>) -> Self {
         Secret(value.into())
     }
 

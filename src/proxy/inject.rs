@@ -52,14 +52,20 @@ pub fn inject_credential(
     secret: &Secret,
 ) -> pingora::Result<()> {
     let value = match vendor.auth {
-        AuthStyle::Bearer => format!("Bearer {}", secret.expose()),
+        AuthStyle::Bearer => {
+            let mut v = String::with_capacity(7 + secret.expose().len());
+            v.push_str("Bearer ");
+            v.push_str(secret.expose());
+            v
+        }
         AuthStyle::Basic => format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{}:", secret.expose()))
         ),
         AuthStyle::Header => secret.expose().to_string(),
     };
-    let mut value = http::HeaderValue::from_str(&value).map_err(|_| {
+    // From the String itself: its buffer becomes the header's, no second copy.
+    let mut value = http::HeaderValue::try_from(value).map_err(|_| {
         pingora::Error::explain(
             pingora::ErrorType::InternalError,
             "vendor secret is not a valid header value",

@@ -120,10 +120,24 @@ fn json_opt_str(out: &mut String, s: Option<&str>) {
     }
 }
 
+/// Bytes that JSON strings escape: control characters, `"` and `\`.
+static ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 /// Appends `s` as a JSON string: quotes, backslashes and control characters escaped.
 fn json_str(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
     out.push('"');
-    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    if !s.bytes().any(|b| ESCAPED[usize::from(b)]) {
         out.push_str(s);
     } else {
         for c in s.chars() {

@@ -376,18 +376,15 @@ impl ProxyHttp for KeybrakeProxy {
             .ok_or_else(|| Error::explain(InternalError, "no credential"))?;
         let uri = inject::upstream_uri(vendor, &ctx.path, session.req_header().uri.query())?;
         upstream.set_uri(uri);
-        let u = &vendor.upstream;
-        let host = if (u.tls && u.port == 443) || (!u.tls && u.port == 80) {
-            u.host.clone()
-        } else {
-            format!("{}:{}", u.host, u.port)
-        };
-        upstream.insert_header(http::header::HOST, host)?;
+        upstream.insert_header(http::header::HOST, vendor.upstream.host_header.clone())?;
         inject::strip_client_headers(upstream, vendor);
         inject::inject_credential(upstream, vendor, secret)?;
         if let Some(body) = &ctx.body {
             upstream.remove_header(&http::header::TRANSFER_ENCODING);
-            upstream.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            upstream.insert_header(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(body.len()),
+            )?;
         }
         if ctx.converted_to_form {
             upstream.insert_header(
@@ -610,11 +607,13 @@ impl ProxyHttp for KeybrakeProxy {
 
         let wall = std::time::SystemTime::now();
         let method = session.req_header().method.as_str().to_string();
-        let path = if ctx.vendor_name.is_empty() {
-            String::new()
-        } else {
-            format!("/{}{}", ctx.vendor_name, ctx.path)
-        };
+        let mut path = String::new();
+        if !ctx.vendor_name.is_empty() {
+            path.reserve_exact(1 + ctx.vendor_name.len() + ctx.path.len());
+            path.push('/');
+            path.push_str(&ctx.vendor_name);
+            path.push_str(&ctx.path);
+        }
         let key = ctx.key.as_ref().map(|k| &k.claims);
         if let Some(log) = &self.access_log {
             log.write(&AccessLine {

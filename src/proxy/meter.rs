@@ -15,10 +15,10 @@ use serde_json::Value;
 const MAX_MINOR_UNITS: i64 = 1_000_000_000_000;
 
 /// The body as the vendor will receive it, and its top-level fields.
-pub struct ParsedBody {
+pub struct ParsedBody<'k> {
     /// Top-level scalar fields (`amount`, `currency`, …) as text. `None` marks a field
-    /// that appeared more than once.
-    fields: Map<String, Option<String>>,
+    /// that appeared more than once. A rule reads two fields: a list, not a map.
+    fields: Vec<(&'k str, Option<String>)>,
 }
 
 /// The kept field `name` stands for, exactly or as an alias (leading whitespace and
@@ -62,7 +62,7 @@ pub fn is_json(content_type: Option<&str>) -> bool {
     })
 }
 
-impl ParsedBody {
+impl<'k> ParsedBody<'k> {
     /// The fields named in `keep` (the ones a meter rule reads), each decoded once; other
     /// fields are skipped without being decoded further.
     ///
@@ -70,8 +70,8 @@ impl ParsedBody {
     /// (Rack) ignores spaces after a separator, older versions also split on `;`, and
     /// `amount]` or `[amount]` both mean `amount` there. Such an alias of a kept field
     /// makes the field ambiguous (refused), exactly like a repeated field.
-    pub fn from_form(body: &[u8], keep: &[&str]) -> ParsedBody {
-        let mut fields: Map<String, Option<String>> = Map::default();
+    pub fn from_form(body: &[u8], keep: &[&'k str]) -> ParsedBody<'k> {
+        let mut parsed = ParsedBody { fields: Vec::new() };
         for pair in body
             .split(|&b| b == b'&' || b == b';')
             .filter(|p| !p.is_empty())
@@ -85,42 +85,45 @@ impl ParsedBody {
                 continue;
             };
             let value = (name == field).then(|| form_decode(value).into_owned());
-            fields
-                .entry(field.to_string())
-                .and_modify(|e| *e = None)
-                .or_insert(value);
+            parsed.add(field, value);
         }
-        ParsedBody { fields }
+        parsed
     }
 
-    pub fn from_json(value: &Value, keep: &[&str]) -> ParsedBody {
-        let mut fields: Map<String, Option<String>> = Map::default();
+    pub fn from_json(value: &Value, keep: &[&'k str]) -> ParsedBody<'k> {
+        let mut parsed = ParsedBody { fields: Vec::new() };
         for (k, v) in value.as_object().into_iter().flatten() {
             let Some(field) = kept_field(k, keep) else {
                 continue;
             };
             let text = match v {
-                Value::String(s) if k == field => s.clone(),
-                Value::Number(n) if k == field => n.to_string(),
+                Value::String(s) if k == field => Some(s.clone()),
+                Value::Number(n) if k == field => Some(n.to_string()),
                 // An object or array under the field's name, or an alias: ambiguous.
                 _ => {
-                    fields.insert(field.to_string(), None);
+                    parsed.add(field, None);
                     continue;
                 }
             };
-            fields
-                .entry(field.to_string())
-                .and_modify(|e| *e = None)
-                .or_insert(Some(text));
+            parsed.add(field, text);
         }
-        ParsedBody { fields }
+        parsed
+    }
+
+    /// Records one occurrence of `field`; a second one, or a `None` value, leaves it
+    /// ambiguous.
+    fn add(&mut self, field: &'k str, value: Option<String>) {
+        match self.fields.iter_mut().find(|(name, _)| *name == field) {
+            Some((_, seen)) => *seen = None,
+            None => self.fields.push((field, value)),
+        }
     }
 
     fn field(&self, name: &str) -> Result<Option<&str>, Denial> {
-        match self.fields.get(name) {
+        match self.fields.iter().find(|(field, _)| *field == name) {
             None => Ok(None),
-            Some(None) => Err(Denial::InvalidAmount),
-            Some(Some(v)) => Ok(Some(v.as_str())),
+            Some((_, None)) => Err(Denial::InvalidAmount),
+            Some((_, Some(v))) => Ok(Some(v.as_str())),
         }
     }
 }
@@ -128,7 +131,7 @@ impl ParsedBody {
 /// The micro-USD cost of a request-metered call.
 pub fn request_cost(
     rule: &MeterRule,
-    body: &ParsedBody,
+    body: &ParsedBody<'_>,
     currencies: &Map<String, Currency>,
 ) -> Result<Micros, Denial> {
     let amount = body

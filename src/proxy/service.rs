@@ -135,9 +135,13 @@ impl KeybrakeProxy {
 
         let mut cost = vendor.cost_per_request;
         if request_metered || convert {
-            let keep = match rule.as_ref().filter(|_| request_metered) {
-                Some(rule) => rule.fields().to_vec(),
-                None => Vec::new(),
+            let fields;
+            let keep: &[&str] = match rule.as_ref().filter(|_| request_metered) {
+                Some(rule) => {
+                    fields = rule.fields();
+                    &fields
+                }
+                None => &[],
             };
             let body = self.read_body(session).await?;
             let parsed = if convert && !body.is_empty() {
@@ -151,9 +155,9 @@ impl KeybrakeProxy {
                 let form = meter::json_to_form(&value)?;
                 ctx.body = Some(Bytes::from(form));
                 ctx.converted_to_form = true;
-                ParsedBody::from_json(&value, &keep)
+                ParsedBody::from_json(&value, keep)
             } else {
-                let parsed = ParsedBody::from_form(&body, &keep);
+                let parsed = ParsedBody::from_form(&body, keep);
                 ctx.body = Some(body);
                 parsed
             };

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub token_cache_misses: IntCounter,
     pub audit_queue_depth: IntGauge,
     pub audit_dropped: IntCounter,
+    pub store_wal_backlog: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -97,6 +98,11 @@ impl Metrics {
                     audit_dropped: register_int_counter!(
                         "keybrake_audit_dropped_total",
                         "Audit events dropped because the queue was full."
+                    )
+                    .unwrap(),
+                    store_wal_backlog: register_int_gauge!(
+                        "keybrake_store_wal_backlog_frames",
+                        "Frames of keybrake.db's WAL the last checkpoint could not copy into the database (0 normally)."
                     )
                     .unwrap(),
                 })

@@ -173,7 +173,12 @@ fn start_control(
                     }
                 };
                 tokio::spawn(control.clone().housekeeping());
-                tokio::spawn(control.store().clone().checkpoints());
+                tokio::spawn(
+                    control
+                        .store()
+                        .clone()
+                        .checkpoints(Metrics::global().store_wal_backlog.clone()),
+                );
                 tokio::spawn(control.clone().follow_revocations());
                 let app = router(ApiState {
                     control: control.clone(),

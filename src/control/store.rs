@@ -240,20 +240,58 @@ impl Store {
     /// Writes wait only for step 2: a few pages and two syncs. A reader that keeps an old
     /// snapshot open (a backup, say) stops the WAL from starting over until it ends, as in
     /// any WAL database; nothing here waits for it. Runs until the process ends.
-    pub async fn checkpoints(self) {
+    ///
+    /// The writer pass's result is watched: `keybrake_store_wal_backlog_frames` shows the
+    /// frames it could not copy, and a WAL that stays uncopied (a reader holding an old
+    /// snapshot, a stuck disk) is logged after 10 s, then once a minute until it clears.
+    pub async fn checkpoints(self, backlog: prometheus::IntGauge) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stuck_since: Option<std::time::Instant> = None;
+        let mut last_warning: Option<std::time::Instant> = None;
         loop {
             tick.tick().await;
             // Twice: the second pass copies what was committed during the first, so the
             // pass the writes wait for has only a few milliseconds' worth left.
-            for pool in [&self.checkpointer, &self.checkpointer, &self.writer] {
+            for pool in [&self.checkpointer, &self.checkpointer] {
                 if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                     .execute(pool)
                     .await
                 {
                     log::warn!("WAL checkpoint failed: {e}");
                 }
+            }
+            // One row: busy (0 or 1), frames in the WAL, frames copied (-1 and -1 when
+            // the database is not in WAL mode).
+            let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&self.writer)
+                .await;
+            let now = std::time::Instant::now();
+            let complete = match result {
+                Ok((busy, frames, copied)) => {
+                    backlog.set((frames - copied).max(0));
+                    busy == 0 && copied >= frames
+                }
+                Err(e) => {
+                    log::warn!("WAL checkpoint failed: {e}");
+                    false
+                }
+            };
+            if complete {
+                if stuck_since.take().is_some() && last_warning.take().is_some() {
+                    log::info!("the WAL is fully checkpointed again");
+                }
+                continue;
+            }
+            let since = *stuck_since.get_or_insert(now);
+            let due = last_warning.is_none_or(|w| now - w >= Duration::from_secs(60));
+            if now - since >= Duration::from_secs(10) && due {
+                log::warn!(
+                    "the WAL has not been fully checkpointed for {} s (a reader holding an \
+                     old snapshot, or a slow disk?); it grows until it is",
+                    (now - since).as_secs()
+                );
+                last_warning = Some(now);
             }
         }
     }
@@ -653,6 +691,67 @@ mod tests {
     use super::*;
     use crate::ids::new_sorted_id;
 
+    /// A reader that holds an old snapshot keeps the checkpoint from copying what was
+    /// written after it: the backlog gauge shows it, and drops to 0 once the reader ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wal_backlog_shows_a_reader_holding_an_old_snapshot() {
+        let dir =
+            std::env::temp_dir().join(format!("keybrake-backlog-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).await.unwrap();
+        store
+            .insert_tenant("tn_t", "t", "tok_t", b"h", 0)
+            .await
+            .unwrap();
+        let backlog = prometheus::IntGauge::new("backlog", "test").unwrap();
+        let checkpoints = tokio::spawn(store.clone().checkpoints(backlog.clone()));
+        let wait_for = |want: fn(i64) -> bool| {
+            let backlog = backlog.clone();
+            async move {
+                for _ in 0..40 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if want(backlog.get()) {
+                        return true;
+                    }
+                }
+                false
+            }
+        };
+        let insert = |n: u64| {
+            let store = store.clone();
+            async move {
+                store
+                    .insert_tenant(
+                        &format!("tn_{n}"),
+                        "t",
+                        &format!("tok_{n}"),
+                        &n.to_be_bytes(),
+                        0,
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+
+        // A read transaction pins the snapshot of this moment.
+        let mut reader = store.reader.begin().await.unwrap();
+        sqlx::query("SELECT count(*) FROM tenants")
+            .fetch_one(&mut *reader)
+            .await
+            .unwrap();
+        for n in 0..20 {
+            insert(n).await;
+        }
+        let pinned = wait_for(|b| b > 0).await;
+        reader.rollback().await.unwrap();
+        insert(100).await;
+        let cleared = wait_for(|b| b == 0).await;
+        checkpoints.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(pinned, "no backlog while a reader pinned an old snapshot");
+        assert!(cleared, "backlog {} after the reader ended", backlog.get());
+    }
+
     /// Writes that never pause for a checkpoint: the WAL must still start over, so the
     /// file stays a fraction of what went through it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -664,7 +763,8 @@ mod tests {
             .insert_tenant("tn_t", "t", "tok_t", b"h", 0)
             .await
             .unwrap();
-        let checkpoints = tokio::spawn(store.clone().checkpoints());
+        let backlog = prometheus::IntGauge::new("backlog", "test").unwrap();
+        let checkpoints = tokio::spawn(store.clone().checkpoints(backlog));
 
         let key = |n: u64| KeyRow {
             seq: 0,

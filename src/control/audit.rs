@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant_id, seq);
 CREATE INDEX IF NOT EXISTS audit_by_key ON audit (key_id, seq);
+CREATE TABLE IF NOT EXISTS moved_from_store (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    last_seq INTEGER NOT NULL
+);
 ";
 
 const COLUMNS: &str = "ts_ms, tenant_id, key_id, label, vendor, method, path, status, \
@@ -73,12 +77,12 @@ struct Shared {
 
 impl AuditTrail {
     /// Opens (or creates) `audit.db`, moves in the rows of the trail's older home (the
-    /// `audit` table of `keybrake.db`, before the store drops it) and starts the writer.
+    /// `audit` table of `keybrake.db`, see `attach_old_table`) and starts the writer.
     pub async fn open(data_dir: &Path, metrics: Arc<Metrics>) -> Result<AuditTrail> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
         let path = data_dir.join(FILE);
-        let conn = open_writer(&path, &data_dir.join("keybrake.db"))
+        let (conn, old) = open_writer(&path, &data_dir.join("keybrake.db"))
             .with_context(|| format!("cannot open the audit database {}", path.display()))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(2)
@@ -100,7 +104,7 @@ impl AuditTrail {
         let thread_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer_loop(conn, &thread_shared, &thread_metrics))
+            .spawn(move || writer_loop(conn, old, &thread_shared, &thread_metrics))
             .context("cannot start the audit writer thread")?;
         Ok(AuditTrail {
             shared,
@@ -198,25 +202,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// WAL + NORMAL as for the store: a commit survives a process crash. SQLite checkpoints
-/// the WAL itself every 1,000 pages, inside this thread's commits.
-fn open_writer(path: &Path, old_store: &Path) -> rusqlite::Result<rusqlite::Connection> {
-    let conn = rusqlite::Connection::open(path)?;
+/// the WAL itself every 1,000 pages, inside this thread's commits. True in the second
+/// value when `keybrake.db` still has the trail's older table (attached as `old`).
+fn open_writer(path: &Path, old_store: &Path) -> rusqlite::Result<(rusqlite::Connection, bool)> {
+    let mut conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "journal_size_limit", 16 << 20)?;
     conn.execute_batch(SCHEMA)?;
-    move_old_rows(&conn, old_store)?;
-    Ok(conn)
+    let old = attach_old_table(&conn, old_store)?;
+    if old {
+        let moved = move_old_rows(&mut conn)?;
+        if moved > 0 {
+            log::info!("moved {moved} audit events from keybrake.db into {FILE}");
+        }
+    }
+    Ok((conn, old))
 }
 
 /// Data dirs written before the trail had its own file keep it in `keybrake.db`'s `audit`
-/// table, which the store's next migration drops. Copy those rows first, with their
-/// `seq` (so cursors stay valid); `OR IGNORE` makes a copy cut short by a crash safe to
-/// run again.
-fn move_old_rows(conn: &rusqlite::Connection, old_store: &Path) -> rusqlite::Result<()> {
+/// table. That table is left in place: during a graceful upgrade the old process goes on
+/// writing into it until it exits, and a rollback to the old binary keeps working.
+fn attach_old_table(conn: &rusqlite::Connection, old_store: &Path) -> rusqlite::Result<bool> {
     if !old_store.exists() {
-        return Ok(());
+        return Ok(false);
     }
     conn.execute(
         "ATTACH DATABASE ?1 AS old",
@@ -227,25 +237,75 @@ fn move_old_rows(conn: &rusqlite::Connection, old_store: &Path) -> rusqlite::Res
         [],
         |r| r.get(0),
     )?;
-    if has_table {
-        let moved = conn.execute(
-            &format!(
-                "INSERT OR IGNORE INTO main.audit (seq, {COLUMNS}) SELECT seq, {COLUMNS} FROM old.audit"
-            ),
-            [],
-        )?;
-        if moved > 0 {
-            log::info!("moved {moved} audit events from keybrake.db into {FILE}");
-        }
+    if !has_table {
+        conn.execute("DETACH DATABASE old", [])?;
     }
-    conn.execute("DETACH DATABASE old", [])?;
-    Ok(())
+    Ok(has_table)
 }
 
-fn writer_loop(mut conn: rusqlite::Connection, shared: &Shared, metrics: &Metrics) {
+/// Copies the old table's rows not moved yet, in one transaction with the watermark
+/// (`moved_from_store`), so a copy cut short by a crash is simply redone. Into an empty
+/// trail they keep their `seq` (cursors handed out before the upgrade stay valid); later
+/// ones (written by the old process while it drained) are appended with new ones.
+fn move_old_rows(conn: &mut rusqlite::Connection) -> rusqlite::Result<usize> {
+    // IMMEDIATE: the watermark is read under the write lock, so two processes (both sides
+    // of a later upgrade) never move the same rows.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let last: i64 = tx
+        .query_row("SELECT last_seq FROM moved_from_store", [], |r| r.get(0))
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(0),
+            e => Err(e),
+        })?;
+    let newest: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM old.audit", [], |r| {
+        r.get(0)
+    })?;
+    if newest <= last {
+        return Ok(0);
+    }
+    let empty: bool = tx.query_row("SELECT count(*) = 0 FROM main.audit", [], |r| r.get(0))?;
+    let moved = if empty {
+        tx.execute(
+            &format!(
+                "INSERT INTO main.audit (seq, {COLUMNS}) SELECT seq, {COLUMNS} FROM old.audit \
+                 WHERE seq > ?1 AND seq <= ?2 ORDER BY seq"
+            ),
+            [last, newest],
+        )?
+    } else {
+        tx.execute(
+            &format!(
+                "INSERT INTO main.audit ({COLUMNS}) SELECT {COLUMNS} FROM old.audit \
+                 WHERE seq > ?1 AND seq <= ?2 ORDER BY seq"
+            ),
+            [last, newest],
+        )?
+    };
+    tx.execute(
+        "INSERT INTO moved_from_store (one, last_seq) VALUES (1, ?1) \
+         ON CONFLICT (one) DO UPDATE SET last_seq = excluded.last_seq",
+        [newest],
+    )?;
+    tx.commit()?;
+    Ok(moved)
+}
+
+/// Passes between two looks at the old table (about a second).
+const OLD_TABLE_EVERY: u64 = 100;
+
+fn writer_loop(mut conn: rusqlite::Connection, old: bool, shared: &Shared, metrics: &Metrics) {
     let mut batch = Vec::with_capacity(INITIAL);
+    let mut pass = 0u64;
     loop {
         std::thread::sleep(LINGER);
+        pass += 1;
+        if old && pass % OLD_TABLE_EVERY == 0 {
+            match move_old_rows(&mut conn) {
+                Ok(0) => {}
+                Ok(n) => log::info!("moved {n} more audit events from keybrake.db into {FILE}"),
+                Err(e) => log::error!("cannot move audit events from keybrake.db: {e}"),
+            }
+        }
         std::mem::swap(&mut *lock(&shared.pending), &mut batch);
         for chunk in batch.chunks(BATCH) {
             if !write_with_retries(&mut conn, chunk) {
@@ -374,7 +434,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rows_of_the_old_audit_table_in_keybrake_db_are_moved_once() {
+    async fn rows_of_the_old_audit_table_in_keybrake_db_are_moved_once_and_followed() {
         let dir = temp_dir("audit-move");
         {
             let old = rusqlite::Connection::open(dir.join("keybrake.db")).unwrap();
@@ -405,6 +465,31 @@ mod tests {
         let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
         assert_eq!(rows.len(), 3);
         assert!(rows[0].0 > 9);
+        // The previous binary, still draining during an upgrade, writes one more row into
+        // the old table: the running writer moves it within about a second, once.
+        rusqlite::Connection::open(dir.join("keybrake.db"))
+            .unwrap()
+            .execute(
+                &format!(
+                    "INSERT INTO audit ({COLUMNS}) VALUES \
+                     (3, 'ten_a', 'key_1', NULL, 'stripe', 'POST', '/stripe/v1/x', 401, 'key_revoked', 0, NULL, 1)"
+                ),
+                [],
+            )
+            .unwrap();
+        let mut late = Vec::new();
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            late = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
+            if late.len() > 3 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
+        assert_eq!(late.len(), 4, "the late row was not moved");
+        assert_eq!(rows.len(), 4, "moved more than once: {}", rows.len());
+        assert_eq!(rows[0].1.decision, "key_revoked");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

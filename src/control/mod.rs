@@ -105,8 +105,6 @@ impl Control {
         published: Arc<Published>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Control>> {
-        // The trail first: it moves rows out of the store's old audit table, which the
-        // store's migrations then drop.
         let audit = audit::AuditTrail::open(data_dir, metrics.clone()).await?;
         let store = Store::open(data_dir).await?;
         let now = now_secs();

@@ -92,11 +92,6 @@ CREATE INDEX audit_by_key ON audit (key_id, seq);
     r#"
 CREATE INDEX keys_by_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NULL;
 "#,
-    // The audit trail moved to its own file (`control::audit`), which copied these rows
-    // before this runs.
-    r#"
-DROP TABLE audit;
-"#,
 ];
 
 #[derive(Clone)]

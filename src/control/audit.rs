@@ -19,7 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row, SqlitePool};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const QUEUE: usize = 65_536;
 /// Room for ~10 ms of events at tens of thousands of requests per second, so the buffer
@@ -29,6 +29,8 @@ const INITIAL: usize = 1_024;
 /// write.
 const BATCH: usize = 256;
 const LINGER: Duration = Duration::from_millis(10);
+/// A writer with no finished pass for this long is reported not ready.
+const STALLED: Duration = Duration::from_secs(10);
 
 pub const FILE: &str = "audit.db";
 
@@ -70,8 +72,9 @@ pub struct AuditTrail {
 
 struct Shared {
     pending: Mutex<Vec<AuditEvent>>,
-    /// Write passes completed so far; `flush` waits for it to move on.
-    passes: Mutex<u64>,
+    /// Write passes completed so far and when the last one ended; `flush` waits for the
+    /// count to move on, readiness for a recent pass.
+    passes: Mutex<(u64, Instant)>,
     pass_done: Condvar,
 }
 
@@ -97,7 +100,7 @@ impl AuditTrail {
             .context("cannot open the audit database for reading")?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Vec::with_capacity(INITIAL)),
-            passes: Mutex::new(0),
+            passes: Mutex::new((0, Instant::now())),
             pass_done: Condvar::new(),
         });
         let thread_shared = shared.clone();
@@ -120,11 +123,11 @@ impl AuditTrail {
         let passes = lock(&self.shared.passes);
         // The pass running now may have swapped the buffer out before our events arrived;
         // the one after it starts after this call, so it takes them.
-        let target = *passes + 2;
+        let target = passes.0 + 2;
         let (passes, wait) = self
             .shared
             .pass_done
-            .wait_timeout_while(passes, timeout, |done| *done < target)
+            .wait_timeout_while(passes, timeout, |(done, _)| *done < target)
             .unwrap_or_else(|p| p.into_inner());
         drop(passes);
         !wait.timed_out()
@@ -175,12 +178,16 @@ impl AuditTrail {
             .collect())
     }
 
-    /// The audit database answers reads (for readiness).
+    /// For readiness: the audit database answers reads, and the writer finished a pass
+    /// within STALLED (it normally does every LINGER; a file it cannot write keeps it in
+    /// retries of 5 s each, and a writer thread that died never finishes one again).
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1 FROM audit LIMIT 1")
-            .execute(&self.reader)
-            .await
-            .is_ok()
+        let last_pass = lock(&self.shared.passes).1;
+        last_pass.elapsed() < STALLED
+            && sqlx::query("SELECT 1 FROM audit LIMIT 1")
+                .execute(&self.reader)
+                .await
+                .is_ok()
     }
 }
 
@@ -316,7 +323,11 @@ fn writer_loop(mut conn: rusqlite::Connection, old: bool, shared: &Shared, metri
         batch.clear();
         // A burst grew the buffer: give the memory back rather than keep it.
         batch.shrink_to(INITIAL);
-        *lock(&shared.passes) += 1;
+        {
+            let mut passes = lock(&shared.passes);
+            passes.0 += 1;
+            passes.1 = Instant::now();
+        }
         shared.pass_done.notify_all();
     }
 }
@@ -491,5 +502,34 @@ mod tests {
         assert_eq!(rows.len(), 4, "moved more than once: {}", rows.len());
         assert_eq!(rows[0].1.decision, "key_revoked");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_cannot_write_makes_the_trail_not_ready_until_it_can() {
+        let dir = temp_dir("audit-stalled");
+        let trail = AuditTrail::open(&dir, Metrics::global()).await.unwrap();
+        assert!(trail.ping().await);
+        // Another connection holds the write lock: every insert waits out the busy
+        // timeout (5 s), three times, before the batch is given up.
+        let blocker = rusqlite::Connection::open(dir.join(FILE)).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        trail.record(event(1));
+        tokio::time::sleep(STALLED + Duration::from_secs(1)).await;
+        let stalled = trail.ping().await;
+        blocker.execute_batch("ROLLBACK").unwrap();
+        let mut recovered = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if trail.ping().await {
+                recovered = true;
+                break;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            !stalled,
+            "ready while the writer could not write for {STALLED:?}"
+        );
+        assert!(recovered, "not ready again after the lock was released");
     }
 }

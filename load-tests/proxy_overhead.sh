@@ -10,7 +10,8 @@
 # Both forward to the same nginx answering a fixed PaymentIntent JSON with 200.
 #
 # Prints requests/s and p50/p99 latency per run, then the throughput ratio
-# keybrake/passthrough and the added p99, at saturation (CONNS connections), at the same
+# keybrake/passthrough (and the same ratio from server CPU time per request, steadier on
+# a VM whose speed drifts) and the added p99, at saturation (CONNS connections), at the same
 # paced load for both (PACED_CONNS connections, each pausing a random 0..2*PACED_DELAY_MS
 # ms between its requests: about a third of the passthrough's capacity, so the added p99 is Keybrake's
 # own latency, not queueing behind a lower throughput) and under light load (LIGHT_CONNS
@@ -142,6 +143,13 @@ print(f"{'p50 latency ms':22}{pt[2]:>14.3f}{kb[2]:>14.3f}")
 print(f"{'p99 latency ms':22}{pt[1]:>14.3f}{kb[1]:>14.3f}")
 print(f"{'server CPU (1 core=100%)':22}{pt[3]:>12.0f}% {kb[3]:>12.0f}%")
 print(f"throughput ratio keybrake/passthrough: {kb[0] / pt[0]:.3f}")
+# Server CPU per request (us): what the ratio is made of when the server's core is the
+# bottleneck, and steadier than requests/s on a VM whose speed drifts between runs.
+def cpu_per_req(target):
+    return statistics.median(float(r[8]) * 1e4 / float(r[3]) for r in rows
+                             if r[0] == "load" and r[2] == target and float(r[3]) > 0)
+cpt, ckb = cpu_per_req("passthrough"), cpu_per_req("keybrake")
+print(f"server CPU per request: passthrough {cpt:.1f} us, keybrake {ckb:.1f} us -> ratio {cpt / ckb:.3f}")
 print(f"added p99 (keybrake - passthrough):    {kb[1] - pt[1]:+.3f} ms")
 ppt, pkb = agg("paced", "passthrough"), agg("paced", "keybrake")
 if ppt and pkb:

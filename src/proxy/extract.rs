@@ -3,8 +3,10 @@
 
 use base64::Engine;
 use http::HeaderMap;
+use std::borrow::Cow;
 
-pub fn vault_key(headers: &HeaderMap) -> Option<String> {
+/// Borrowed from the header, except for Basic, whose user name is decoded.
+pub fn vault_key(headers: &HeaderMap) -> Option<Cow<'_, str>> {
     if let Some(auth) = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -12,7 +14,7 @@ pub fn vault_key(headers: &HeaderMap) -> Option<String> {
         let (scheme, value) = auth.trim().split_once(' ').unwrap_or((auth, ""));
         let value = value.trim();
         if scheme.eq_ignore_ascii_case("bearer") && !value.is_empty() {
-            return Some(value.to_string());
+            return Some(Cow::Borrowed(value));
         }
         if scheme.eq_ignore_ascii_case("basic") {
             let decoded = base64::engine::general_purpose::STANDARD
@@ -20,7 +22,7 @@ pub fn vault_key(headers: &HeaderMap) -> Option<String> {
                 .ok()?;
             let decoded = String::from_utf8(decoded).ok()?;
             let user = decoded.split_once(':').map_or(decoded.as_str(), |(u, _)| u);
-            return (!user.is_empty()).then(|| user.to_string());
+            return (!user.is_empty()).then(|| Cow::Owned(user.to_string()));
         }
     }
     headers
@@ -28,7 +30,7 @@ pub fn vault_key(headers: &HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
-        .map(str::to_string)
+        .map(Cow::Borrowed)
 }
 
 #[cfg(test)]

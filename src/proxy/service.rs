@@ -242,11 +242,7 @@ impl KeybrakeProxy {
             }
             body.get("id").and_then(|v| v.as_str()).map(str::to_string)
         } else {
-            // Only the created object's id is needed: no JSON tree is built.
-            serde_json::from_slice::<CreatedObject>(&bytes)
-                .ok()
-                .and_then(|o| o.id)
-                .map(|id| id.into_owned())
+            created_object_id(&bytes)
         };
         if let (true, Some(id), Some(key)) = (ctx.track_created, created_id, &ctx.key) {
             self.remember_created(id, key);
@@ -300,6 +296,40 @@ impl KeybrakeProxy {
 struct CreatedObject<'a> {
     #[serde(borrow)]
     id: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// The `id` of a created object. Stripe writes it first (`{\n  "id": "pi_…",`), so that
+/// is read straight off the front; any other shape goes through a JSON parser, which
+/// still builds no tree but has to scan the whole (often kilobytes long) object.
+fn created_object_id(body: &[u8]) -> Option<String> {
+    fn skip_ws(b: &[u8]) -> &[u8] {
+        let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
+        &b[n..]
+    }
+    let front = skip_ws(body)
+        .strip_prefix(b"{")
+        .map(skip_ws)
+        .and_then(|b| b.strip_prefix(b"\"id\""))
+        .map(skip_ws)
+        .and_then(|b| b.strip_prefix(b":"))
+        .map(skip_ws)
+        .and_then(|b| b.strip_prefix(b"\""));
+    if let Some(rest) = front {
+        if let Some(end) = rest
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+        {
+            if rest[end] == b'"' {
+                if let Ok(id) = std::str::from_utf8(&rest[..end]) {
+                    return Some(id.to_string());
+                }
+            }
+        }
+    }
+    serde_json::from_slice::<CreatedObject>(body)
+        .ok()
+        .and_then(|o| o.id)
+        .map(|id| id.into_owned())
 }
 
 #[async_trait]
@@ -652,5 +682,27 @@ impl ProxyHttp for KeybrakeProxy {
             vendor_request_id: ctx.vendor_request_id.take(),
             duration_ms: total.as_millis() as u64,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_created_object_id_is_read_from_the_front_or_parsed() {
+        use super::created_object_id as id;
+        assert_eq!(
+            id(b"{\n  \"id\": \"pi_1\",\n  \"object\": \"payment_intent\"}").as_deref(),
+            Some("pi_1")
+        );
+        assert_eq!(id(br#"{"id":"pi_2","amount":5}"#).as_deref(), Some("pi_2"));
+        // Not first, or escaped: the parser decides.
+        assert_eq!(
+            id(br#"{"object":"x","id":"pi_3"}"#).as_deref(),
+            Some("pi_3")
+        );
+        assert_eq!(id(br#"{"id":"pi_\u0034"}"#).as_deref(), Some("pi_4"));
+        assert_eq!(id(br#"{"id":null}"#), None);
+        assert_eq!(id(b"not json"), None);
+        assert_eq!(id(br#"{"ids":"pi_5"}"#), None);
     }
 }

@@ -74,11 +74,12 @@ CREATE TABLE IF NOT EXISTS tenant_spans (
     PRIMARY KEY (tenant_id, last_seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS key_spans (
+    tenant_id TEXT NOT NULL,
     key_id TEXT NOT NULL,
     last_seq INTEGER NOT NULL,
     first_seq INTEGER NOT NULL,
     max_ts_ms INTEGER NOT NULL,
-    PRIMARY KEY (key_id, last_seq)
+    PRIMARY KEY (tenant_id, key_id, last_seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS spans_through (
     one INTEGER PRIMARY KEY CHECK (one = 1),
@@ -173,32 +174,37 @@ impl AuditTrail {
         limit: i64,
     ) -> Result<Vec<(i64, AuditEvent)>> {
         // The owner's spans, newest first, a page at a time; each span's rows newest first.
-        // Spans of one owner never overlap, so the concatenation is in `seq` order.
+        // Spans of one owner never overlap, so the concatenation is in `seq` order. A key's
+        // spans are looked up under the caller's tenant: another tenant's key has none.
         const SPANS_PER_PAGE: i64 = 64;
-        let spans_query = match key_id {
-            Some(_) => {
-                "SELECT first_seq, last_seq FROM key_spans WHERE key_id = ?1 AND first_seq < ?2
-                 AND last_seq < ?3 AND max_ts_ms >= ?4 ORDER BY last_seq DESC LIMIT ?5"
-            }
-            None => {
-                "SELECT first_seq, last_seq FROM tenant_spans WHERE tenant_id = ?1 AND first_seq < ?2
-                 AND last_seq < ?3 AND max_ts_ms >= ?4 ORDER BY last_seq DESC LIMIT ?5"
-            }
+        let (spans_query, straddling_query) = match key_id {
+            Some(_) => (
+                "SELECT first_seq, last_seq FROM key_spans WHERE tenant_id = ?1 AND key_id = ?2
+                 AND last_seq < ?3 AND max_ts_ms >= ?4 ORDER BY last_seq DESC LIMIT ?5",
+                "SELECT first_seq, last_seq FROM key_spans WHERE tenant_id = ?1 AND key_id = ?2
+                 AND last_seq >= ?3 ORDER BY last_seq LIMIT 1",
+            ),
+            None => (
+                "SELECT first_seq, last_seq FROM tenant_spans WHERE tenant_id = ?1 AND ?2 IS NULL
+                 AND last_seq < ?3 AND max_ts_ms >= ?4 ORDER BY last_seq DESC LIMIT ?5",
+                "SELECT first_seq, last_seq FROM tenant_spans WHERE tenant_id = ?1 AND ?2 IS NULL
+                 AND last_seq >= ?3 ORDER BY last_seq LIMIT 1",
+            ),
         };
-        let owner = key_id.unwrap_or(tenant_id);
         let mut conn = self.reader.acquire().await?;
         let mut out = Vec::new();
-        // Spans with a last_seq below this are still to be read.
-        let mut below = i64::MAX;
-        'pages: while (out.len() as i64) < limit {
-            let spans: Vec<(i64, i64)> = sqlx::query_as(spans_query)
-                .bind(owner)
-                .bind(before_seq)
-                .bind(below)
-                .bind(since_ms)
-                .bind(SPANS_PER_PAGE)
-                .fetch_all(&mut *conn)
-                .await?;
+        // A cursor can fall inside one span (the only one with first_seq < before_seq <=
+        // last_seq); the spans entirely below it are then found from the index directly.
+        let mut spans: Vec<(i64, i64)> = sqlx::query_as(straddling_query)
+            .bind(tenant_id)
+            .bind(key_id)
+            .bind(before_seq)
+            .fetch_all(&mut *conn)
+            .await?;
+        spans.retain(|&(first, _)| first < before_seq);
+        let mut below = before_seq;
+        let mut more = true;
+        loop {
             for &(first, last) in &spans {
                 let rows = sqlx::query(
                     "SELECT * FROM audit WHERE seq >= ?1 AND seq <= ?2 AND seq < ?3
@@ -215,16 +221,26 @@ impl AuditTrail {
                 .fetch_all(&mut *conn)
                 .await?;
                 out.extend(rows.iter().map(event_of_row));
-                below = last;
                 if out.len() as i64 >= limit {
-                    break 'pages;
+                    return Ok(out);
                 }
             }
-            if (spans.len() as i64) < SPANS_PER_PAGE {
-                break;
+            if !more {
+                return Ok(out);
+            }
+            spans = sqlx::query_as(spans_query)
+                .bind(tenant_id)
+                .bind(key_id)
+                .bind(below)
+                .bind(since_ms)
+                .bind(SPANS_PER_PAGE)
+                .fetch_all(&mut *conn)
+                .await?;
+            more = spans.len() as i64 == SPANS_PER_PAGE;
+            if let Some(&(_, last)) = spans.last() {
+                below = last;
             }
         }
-        Ok(out)
     }
 
     /// For readiness: the audit database answers reads, and the writer finished a pass
@@ -287,9 +303,18 @@ fn open_writer(path: &Path, old_store: &Path) -> rusqlite::Result<(rusqlite::Con
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "journal_size_limit", 16 << 20)?;
     conn.execute_batch(SCHEMA)?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let covered = cover_new_rows(&tx)?;
-    tx.commit()?;
+    // In transactions of a bounded size, so that another writer of this file (the other
+    // side of an upgrade) is never kept waiting long.
+    let mut covered = 0;
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = cover_new_rows(&tx, 64 * BATCH)?;
+        tx.commit()?;
+        covered += n;
+        if n == 0 {
+            break;
+        }
+    }
     if covered > 0 {
         log::info!("indexed {covered} audit events of an earlier layout of {FILE}");
     }
@@ -368,7 +393,7 @@ fn move_old_rows(conn: &mut rusqlite::Connection) -> rusqlite::Result<usize> {
          ON CONFLICT (one) DO UPDATE SET last_seq = excluded.last_seq",
         [newest],
     )?;
-    cover_new_rows(&tx)?;
+    cover_new_rows(&tx, usize::MAX)?;
     tx.commit()?;
     Ok(moved)
 }
@@ -428,7 +453,11 @@ fn write_with_retries(conn: &mut rusqlite::Connection, events: &[AuditEvent]) ->
 }
 
 fn insert(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    // IMMEDIATE: the watermark is read under the write lock. Rows another writer added
+    // without spans (a binary of the earlier layout, during an upgrade or a rollback) are
+    // covered first, so `spans_through` never passes a row that has none.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    cover_new_rows(&tx, usize::MAX)?;
     let mut spans = Spans::default();
     {
         let mut stmt = tx.prepare_cached(&format!(
@@ -461,7 +490,8 @@ fn insert(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> rusqlite::R
 #[derive(Default)]
 struct Spans {
     tenants: std::collections::HashMap<Arc<str>, Span>,
-    keys: std::collections::HashMap<Arc<str>, Span>,
+    /// Key id → (its tenant, span).
+    keys: std::collections::HashMap<Arc<str>, (Arc<str>, Span)>,
     last: i64,
 }
 
@@ -480,21 +510,30 @@ impl Spans {
         tenant_id: &Option<Arc<str>>,
         key_id: &Option<Arc<str>>,
     ) {
-        for (map, owner) in [(&mut self.tenants, tenant_id), (&mut self.keys, key_id)] {
-            if let Some(owner) = owner {
-                map.entry(owner.clone())
-                    .and_modify(|span| {
-                        span.last = seq;
-                        span.max_ts_ms = span.max_ts_ms.max(ts_ms);
-                    })
-                    .or_insert(Span {
-                        first: seq,
-                        last: seq,
-                        max_ts_ms: ts_ms,
-                    });
-            }
-        }
         self.last = self.last.max(seq);
+        // Events without a tenant (refused before a key was verified) are listed by nobody.
+        let Some(tenant) = tenant_id else {
+            return;
+        };
+        let new = Span {
+            first: seq,
+            last: seq,
+            max_ts_ms: ts_ms,
+        };
+        let extend = |span: &mut Span| {
+            span.last = seq;
+            span.max_ts_ms = span.max_ts_ms.max(ts_ms);
+        };
+        self.tenants
+            .entry(tenant.clone())
+            .and_modify(extend)
+            .or_insert(new);
+        if let Some(key) = key_id {
+            self.keys
+                .entry(key.clone())
+                .and_modify(|(_, span)| extend(span))
+                .or_insert((tenant.clone(), new));
+        }
     }
 
     fn write(&self, tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
@@ -514,10 +553,12 @@ impl Spans {
             ])?;
         }
         let mut key = tx.prepare_cached(
-            "INSERT INTO key_spans (key_id, last_seq, first_seq, max_ts_ms) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO key_spans (tenant_id, key_id, last_seq, first_seq, max_ts_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
-        for (owner, span) in &self.keys {
+        for (owner, (tenant, span)) in &self.keys {
             key.execute(rusqlite::params![
+                tenant.as_ref(),
                 owner.as_ref(),
                 span.last,
                 span.first,
@@ -533,21 +574,23 @@ impl Spans {
     }
 }
 
-/// Writes the spans of rows past `spans_through`, BATCH rows at a time (so that a span
-/// never covers more than BATCH rows): rows moved in from `keybrake.db`, or written by an
-/// earlier layout of this file. Returns how many rows it covered.
-fn cover_new_rows(tx: &rusqlite::Transaction) -> rusqlite::Result<usize> {
+/// Writes the spans of rows past `spans_through` (at least `max_rows` of them, if there
+/// are that many), BATCH rows at a time so that a span never covers more than BATCH rows:
+/// rows moved in from `keybrake.db`, or written by an earlier layout of this file. Returns
+/// how many rows it covered.
+fn cover_new_rows(tx: &rusqlite::Transaction, max_rows: usize) -> rusqlite::Result<usize> {
     let mut after: i64 = tx
-        .query_row("SELECT seq FROM spans_through", [], |r| r.get(0))
+        .prepare_cached("SELECT seq FROM spans_through")?
+        .query_row([], |r| r.get(0))
         .or_else(|e| match e {
             rusqlite::Error::QueryReturnedNoRows => Ok(0),
             e => Err(e),
         })?;
     let mut covered = 0;
-    let mut rows = tx.prepare(
+    let mut rows = tx.prepare_cached(
         "SELECT seq, ts_ms, tenant_id, key_id FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
-    loop {
+    while covered < max_rows {
         let mut spans = Spans::default();
         let mut n = 0;
         let mut query = rows.query(rusqlite::params![after, BATCH as i64])?;
@@ -569,6 +612,7 @@ fn cover_new_rows(tx: &rusqlite::Transaction) -> rusqlite::Result<usize> {
         covered += n;
         after = spans.last;
     }
+    Ok(covered)
 }
 
 #[cfg(test)]
@@ -769,16 +813,32 @@ mod tests {
             }
         }
         let trail = AuditTrail::open(&dir, metrics).await.unwrap();
+        let mut seq = 300;
         for n in 300..1500 {
             trail.record(mixed(n));
+            seq += 1;
+            all.push((seq, mixed(n)));
             if n % 97 == 0 {
                 assert!(trail.flush(Duration::from_secs(10)));
             }
+            if n == 700 {
+                // A binary of the earlier layout writing the same file (the other side of
+                // an upgrade) adds a row without spans between two of our batches.
+                assert!(trail.flush(Duration::from_secs(10)));
+                let mut e = mixed(n);
+                e.spend = Micros(999_999);
+                rusqlite::Connection::open(dir.join(FILE))
+                    .unwrap()
+                    .execute(
+                        &format!("INSERT INTO audit ({COLUMNS}) VALUES (?1, ?2, ?3, 'l', 'stripe', 'POST', '/p', 200, 'allowed', ?4, NULL, 1)"),
+                        rusqlite::params![e.ts_ms, e.tenant_id.as_deref(), e.key_id.as_deref(), e.spend.0],
+                    )
+                    .unwrap();
+                seq += 1;
+                all.push((seq, e));
+            }
         }
         assert!(trail.flush(Duration::from_secs(10)));
-        for (i, e) in (300..1500).map(mixed).enumerate() {
-            all.push((301 + i as i64, e));
-        }
         for tenant in ["ten_a", "ten_b"] {
             for key in [None, Some("key_1"), Some("key_4"), Some("key_9")] {
                 for since in [0, 1_700_000_000_500] {

@@ -206,20 +206,32 @@ impl KeybrakeProxy {
     async fn read_body(&self, session: &mut Session) -> Result<Bytes, Denial> {
         session.enable_retry_buffering();
         let deadline = tokio::time::Instant::now() + self.body_timeout;
+        // Usually the whole body is one chunk that came with the headers: it is kept as
+        // is, and copied into `buf` only when a second chunk follows.
+        let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
         loop {
-            let chunk = tokio::time::timeout_at(deadline, session.read_request_body())
+            let chunk = read_before(deadline, session.read_request_body())
                 .await
                 .map_err(|_| Denial::BodyTimeout)?
                 .map_err(|_| Denial::InvalidBody)?;
-            match chunk {
-                Some(chunk) => {
-                    if buf.len() + chunk.len() > self.body_limit {
-                        return Err(Denial::BodyTooLarge);
+            let Some(chunk) = chunk else {
+                return Ok(match first {
+                    Some(only) if buf.is_empty() => only,
+                    _ => buf.freeze(),
+                });
+            };
+            if first.as_ref().map_or(0, Bytes::len) + buf.len() + chunk.len() > self.body_limit {
+                return Err(Denial::BodyTooLarge);
+            }
+            match first.take() {
+                None if buf.is_empty() => first = Some(chunk),
+                earlier => {
+                    if let Some(earlier) = earlier {
+                        buf.extend_from_slice(&earlier);
                     }
                     buf.extend_from_slice(&chunk);
                 }
-                None => return Ok(buf.freeze()),
             }
         }
     }
@@ -288,6 +300,20 @@ impl KeybrakeProxy {
         if self.created.len() < MAX_CREATED {
             self.created.insert(id, (key.jti.clone(), key.claims.exp));
         }
+    }
+}
+
+/// `read` with a deadline. It is polled once first: a read that is already complete (the
+/// body arrived with the headers) then costs no timer registration.
+async fn read_before<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    read: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut read = std::pin::pin!(read);
+    let ready = std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
+    match ready {
+        std::task::Poll::Ready(output) => Ok(output),
+        std::task::Poll::Pending => tokio::time::timeout_at(deadline, read).await,
     }
 }
 

@@ -52,13 +52,9 @@ fn form_decode(raw: &[u8]) -> std::borrow::Cow<'_, str> {
 
 pub fn is_json(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| {
-        let ct = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        ct == "application/json" || ct.ends_with("+json")
+        let ct = ct.split(';').next().unwrap_or("").trim().as_bytes();
+        ct.eq_ignore_ascii_case(b"application/json")
+            || (ct.len() >= 5 && ct[ct.len() - 5..].eq_ignore_ascii_case(b"+json"))
     })
 }
 
@@ -298,6 +294,30 @@ mod tests {
             Err(Denial::UnsupportedCurrency)
         );
         assert_eq!(cost("amount=100"), Err(Denial::UnsupportedCurrency));
+    }
+
+    #[test]
+    fn json_content_types_are_recognised_without_regard_to_case_or_parameters() {
+        for ct in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            " application/json ",
+            "application/vnd.api+json",
+            "application/problem+JSON;x=1",
+        ] {
+            assert!(is_json(Some(ct)), "{ct}");
+        }
+        for ct in [
+            "application/x-www-form-urlencoded",
+            "text/plain",
+            "json",
+            "+jso",
+            "",
+            "application/jsonx",
+        ] {
+            assert!(!is_json(Some(ct)), "{ct}");
+        }
+        assert!(!is_json(None));
     }
 
     #[test]

@@ -58,10 +58,11 @@ pub struct KeybrakeProxy {
 
 pub struct Ctx {
     start: Instant,
-    vendor_name: String,
+    /// The canonical path, `/{vendor}/{rest}`; empty until it is known to be one.
+    canonical: String,
+    /// Where `{rest}` (the vendor-relative path, from its `/`) starts in `canonical`.
+    rest_at: usize,
     vendor: Option<Arc<Vendor>>,
-    /// Canonical, vendor-relative path.
-    path: String,
     key: Option<Arc<VerifiedKey>>,
     secret: Option<Secret>,
     denial: Option<Denial>,
@@ -84,6 +85,18 @@ pub struct Ctx {
     vendor_request_id: Option<String>,
 }
 
+impl Ctx {
+    /// The canonical vendor-relative path (`/v1/…`).
+    fn path(&self) -> &str {
+        &self.canonical[self.rest_at..]
+    }
+
+    /// The vendor named by the path, known or not.
+    fn vendor_name(&self) -> &str {
+        self.canonical.get(1..self.rest_at).unwrap_or("")
+    }
+}
+
 impl KeybrakeProxy {
     /// Stages 1 to 7. On success the request may go upstream; on error nothing was sent.
     async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), Denial> {
@@ -91,9 +104,9 @@ impl KeybrakeProxy {
         let req = session.req_header();
         let canonical = path::canonicalize(req.uri.path()).map_err(|_| Denial::InvalidPath)?;
         let (vendor_name, rest) = path::split_vendor(&canonical).ok_or(Denial::InvalidPath)?;
-        ctx.vendor_name = vendor_name.to_string();
-        ctx.path = rest.to_string();
         ctx.vendor = self.vendors.get(vendor_name).cloned();
+        ctx.rest_at = canonical.len() - rest.len();
+        ctx.canonical = canonical;
 
         let token = extract::vault_key(&req.headers).ok_or(Denial::MissingKey)?;
         let key = self.verifier.verify(&token, now).map_err(|(denial, key)| {
@@ -104,7 +117,7 @@ impl KeybrakeProxy {
 
         let vendor = ctx.vendor.clone().ok_or(Denial::UnknownVendor)?;
         let method = req.method.clone();
-        scope::check(&key, &vendor, &method, &ctx.path, &req.headers)?;
+        scope::check(&key, &vendor, &method, ctx.path(), &req.headers)?;
         let secret = self
             .published
             .credentials
@@ -127,7 +140,7 @@ impl KeybrakeProxy {
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok()),
         );
-        let rule = vendor.meter_rule(&method, &ctx.path).cloned();
+        let rule = vendor.meter_rule(&method, ctx.path()).cloned();
         let request_metered = rule
             .as_ref()
             .is_some_and(|r| r.source == MeterSource::Request);
@@ -170,7 +183,7 @@ impl KeybrakeProxy {
         }
         if let Some(rule) = rule.filter(|r| r.source == MeterSource::Response) {
             let created_here = rule.skip_if_created_by_same_key
-                && ctx.path.split('/').any(|seg| {
+                && ctx.path().split('/').any(|seg| {
                     self.created
                         .get(seg)
                         .is_some_and(|owner| *owner.0 == *key.claims.jti)
@@ -267,7 +280,7 @@ impl KeybrakeProxy {
         if let Some(key) = &ctx.key {
             log::warn!(
                 "{} response for key {} is {why}: charging the key's daily cap",
-                ctx.vendor_name,
+                ctx.vendor_name(),
                 key.claims.jti
             );
             ctx.charge_after = Micros(key.claims.cap.max(0));
@@ -365,9 +378,9 @@ impl ProxyHttp for KeybrakeProxy {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
-            vendor_name: String::new(),
+            canonical: String::new(),
+            rest_at: 0,
             vendor: None,
-            path: String::new(),
             key: None,
             secret: None,
             denial: None,
@@ -434,17 +447,33 @@ impl ProxyHttp for KeybrakeProxy {
             .secret
             .as_ref()
             .ok_or_else(|| Error::explain(InternalError, "no credential"))?;
-        let uri = inject::upstream_uri(vendor, &ctx.path, session.req_header().uri.query())?;
+        let uri = inject::upstream_uri(vendor, ctx.path(), session.req_header().uri.query())?;
         upstream.set_uri(uri);
         upstream.insert_header(http::header::HOST, vendor.upstream.host_header.clone())?;
         inject::strip_client_headers(upstream, vendor);
         inject::inject_credential(upstream, vendor, secret)?;
         if let Some(body) = &ctx.body {
-            upstream.remove_header(&http::header::TRANSFER_ENCODING);
-            upstream.insert_header(
-                http::header::CONTENT_LENGTH,
-                http::HeaderValue::from(body.len()),
-            )?;
+            // The body goes out whole, with its length: framing is rewritten unless the
+            // client's already says exactly that.
+            let mut lengths = upstream
+                .headers
+                .get_all(http::header::CONTENT_LENGTH)
+                .iter();
+            let declared = match (lengths.next(), lengths.next()) {
+                (Some(only), None) => only.to_str().ok().and_then(|v| v.parse::<usize>().ok()),
+                _ => None,
+            };
+            if declared != Some(body.len())
+                || upstream
+                    .headers
+                    .contains_key(http::header::TRANSFER_ENCODING)
+            {
+                upstream.remove_header(&http::header::TRANSFER_ENCODING);
+                upstream.insert_header(
+                    http::header::CONTENT_LENGTH,
+                    http::HeaderValue::from(body.len()),
+                )?;
+            }
         }
         if ctx.converted_to_form {
             upstream.insert_header(
@@ -656,7 +685,7 @@ impl ProxyHttp for KeybrakeProxy {
         };
         // Label values stay bounded: unknown vendor names are folded into one.
         let vendor_label = if ctx.vendor.is_some() {
-            ctx.vendor_name.as_str()
+            ctx.vendor_name()
         } else {
             "unknown"
         };
@@ -667,13 +696,6 @@ impl ProxyHttp for KeybrakeProxy {
 
         let wall = std::time::SystemTime::now();
         let method = session.req_header().method.as_str().to_string();
-        let mut path = String::new();
-        if !ctx.vendor_name.is_empty() {
-            path.reserve_exact(1 + ctx.vendor_name.len() + ctx.path.len());
-            path.push('/');
-            path.push_str(&ctx.vendor_name);
-            path.push_str(&ctx.path);
-        }
         let key = ctx.key.as_ref().map(|k| &k.claims);
         if let Some(log) = &self.access_log {
             log.write(&AccessLine {
@@ -683,7 +705,7 @@ impl ProxyHttp for KeybrakeProxy {
                 tenant: key.map(|c| c.ten.as_str()),
                 vendor: vendor_label,
                 method: &method,
-                path: &path,
+                path: &ctx.canonical,
                 status,
                 decision,
                 spend: ctx.spend,
@@ -691,6 +713,7 @@ impl ProxyHttp for KeybrakeProxy {
                 vendor_request_id: ctx.vendor_request_id.as_deref(),
             });
         }
+        let vendor = vendor_label.to_string();
         self.audit.record(AuditEvent {
             ts_ms: wall
                 .duration_since(std::time::UNIX_EPOCH)
@@ -699,9 +722,9 @@ impl ProxyHttp for KeybrakeProxy {
             tenant_id: ctx.key.as_ref().map(|k| k.ten.clone()),
             key_id: ctx.key.as_ref().map(|k| k.jti.clone()),
             label: ctx.key.as_ref().map(|k| k.lbl.clone()),
-            vendor: vendor_label.to_string(),
+            vendor,
             method,
-            path,
+            path: std::mem::take(&mut ctx.canonical),
             status,
             decision: decision.to_string(),
             spend: ctx.spend,

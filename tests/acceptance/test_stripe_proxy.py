@@ -767,6 +767,57 @@ def test_body_limit_comes_from_the_config_file(keybrake_factory, fake_stripe, st
     assert fake_stripe.received()[-1].body == body
 
 
+def _send_body_in_pieces(kb, token, body: bytes, pieces, pause: float):
+    """POSTs a payment whose declared Content-Length is len(body) but whose bytes are
+    sent as `pieces` (byte counts), `pause` seconds apart; returns (status, JSON body,
+    seconds from the first byte to the answer)."""
+    conn = http.client.HTTPConnection("127.0.0.1", kb.proxy_port, timeout=30)
+    conn.putrequest("POST", PI)
+    conn.putheader("Authorization", f"Bearer {token}")
+    conn.putheader("Content-Type", "application/x-www-form-urlencoded")
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders()
+    start = time.monotonic()
+    sent = 0
+    try:
+        for n in pieces:
+            conn.send(body[sent:sent + n])
+            sent += n
+            time.sleep(pause)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # answered and closed before the rest was sent
+    r = conn.getresponse()
+    data = json.loads(r.read() or b"null")
+    conn.close()
+    return r.status, data, time.monotonic() - start
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_never_forwarded(
+        keybrake_factory, fake_stripe, stripe_secret, tmp_path):
+    """With body_read_timeout_ms: 1000, a metered body that stalls half-way, and one
+    dripped a byte at a time (each byte well within a second, the whole body not), are
+    408 body_timeout about a second after they started and never reach Stripe; a body
+    sent in two parts 0.2 s apart is served."""
+    config = write_config(tmp_path / "conf", body_read_timeout_ms=1000)
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
+    t = kb.create_tenant()
+    t.put_credential("stripe", stripe_secret)
+    key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"])
+    body = b"amount=100&currency=usd"
+
+    status, data, took = _send_body_in_pieces(kb, key["token"], body, [11], pause=0)
+    assert (status, data["code"]) == (408, "body_timeout"), data
+    assert 0.8 < took < 5, took
+    status, data, took = _send_body_in_pieces(kb, key["token"], body, [1] * len(body), pause=0.15)
+    assert (status, data["code"]) == (408, "body_timeout"), data
+    assert 0.8 < took < 5, took
+    assert fake_stripe.received() == []
+
+    status, data, _ = _send_body_in_pieces(kb, key["token"], body, [11, len(body) - 11], pause=0.2)
+    assert status == 200, data
+    assert fake_stripe.received()[-1].body == body
+
+
 def test_60_kib_metered_body_reaches_stripe_byte_for_byte(keybrake, tenant, fake_stripe):
     """A ~60 KiB metered payment body (many metadata fields) is forwarded unchanged,
     byte for byte, and its amount is metered."""

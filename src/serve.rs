@@ -323,6 +323,14 @@ pub fn run_serve(
     let upstreams = Arc::new(Upstreams::new(&config.vendors, config.upstream.clone()));
     let audit: Arc<dyn AuditSink> = Arc::new(AuditForwarder(control.clone()));
 
+    let conf = ServerConf {
+        threads: config.pingora.threads,
+        grace_period_seconds: Some(config.pingora.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(config.pingora.graceful_shutdown_timeout_seconds),
+        upgrade_sock: config.pingora.upgrade_sock.clone(),
+        pid_file: config.pingora.pid_file.clone(),
+        ..Default::default()
+    };
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let proxy = KeybrakeProxy {
         draining: draining.clone(),
@@ -344,16 +352,11 @@ pub fn run_serve(
         metrics: metrics.clone(),
         created: Default::default(),
         created_swept: Default::default(),
+        connector: pingora::connectors::http::Connector::new(Some(
+            pingora::connectors::ConnectorOptions::from_server_conf(&conf),
+        )),
     };
 
-    let conf = ServerConf {
-        threads: config.pingora.threads,
-        grace_period_seconds: Some(config.pingora.grace_period_seconds),
-        graceful_shutdown_timeout_seconds: Some(config.pingora.graceful_shutdown_timeout_seconds),
-        upgrade_sock: config.pingora.upgrade_sock.clone(),
-        pid_file: config.pingora.pid_file.clone(),
-        ..Default::default()
-    };
     let opt = Opt {
         upgrade,
         daemon: false,

@@ -34,6 +34,9 @@ const MAX_METERED_CAPTURE: usize = 8 * 1024 * 1024;
 /// Objects (e.g. PaymentIntents) remembered as created by a key, for
 /// `skip_if_created_by_same_key`.
 const MAX_CREATED: usize = 200_000;
+/// The most of a body read in `request_filter` that Pingora replays upstream (its retry
+/// buffer, STYLE.md). A larger read body goes out through `forward_read_body` instead.
+const REPLAY_LIMIT: usize = 64 * 1024;
 
 pub struct KeybrakeProxy {
     /// Set when a graceful upgrade or shutdown begins: connections are closed after their
@@ -54,6 +57,9 @@ pub struct KeybrakeProxy {
     pub created: DashMap<String, (Arc<str>, i64), ahash::RandomState>,
     /// When `created` was last swept of expired entries (unix seconds).
     pub created_swept: std::sync::atomic::AtomicI64,
+    /// Upstream connections for `forward_read_body` (built from the same server
+    /// configuration as Pingora's own).
+    pub connector: pingora::connectors::http::Connector,
 }
 
 pub struct Ctx {
@@ -249,6 +255,73 @@ impl KeybrakeProxy {
         }
     }
 
+    /// Forwards a request whose body was read and is larger than Pingora replays: the same
+    /// hooks in the same order as Pingora's proxy path (peer, request header, response
+    /// header, body filter), over a connection from our own connector. Errors are answered
+    /// as `fail_to_proxy` answers Pingora's.
+    async fn forward_read_body(&self, session: &mut Session, ctx: &mut Ctx) {
+        if let Err(e) = self.exchange_read_body(session, ctx).await {
+            session.set_keepalive(None);
+            self.fail_to_proxy(session, &e, ctx).await;
+        }
+    }
+
+    async fn exchange_read_body(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let peer = self.upstream_peer(session, ctx).await?;
+        let (mut upstream, _reused) = self.connector.get_http_session(&*peer).await?;
+        upstream.set_read_timeout(peer.options.read_timeout);
+        upstream.set_write_timeout(peer.options.write_timeout);
+        let mut req = session.req_header().clone();
+        // The whole body goes with the header: nothing to wait for a 100 for.
+        req.remove_header(&http::header::EXPECT);
+        // Marks the request as sent (for settling), so only once connected.
+        self.upstream_request_filter(session, &mut req, ctx).await?;
+        let body = ctx.body.take().unwrap_or_default();
+        upstream.write_request_header(Box::new(req)).await?;
+        upstream.write_request_body(body, true).await?;
+        upstream.finish_request_body().await?;
+        let mut resp = loop {
+            upstream.read_response_header().await?;
+            let header = upstream
+                .response_header()
+                .ok_or_else(|| Error::explain(InvalidHTTPHeader, "no upstream response header"))?;
+            if !header.status.is_informational() {
+                break header.clone();
+            }
+        };
+        for hop in [
+            http::header::CONNECTION,
+            http::header::TE,
+            http::header::TRAILER,
+            http::header::UPGRADE,
+        ] {
+            resp.remove_header(&hop);
+        }
+        resp.remove_header("keep-alive");
+        resp.remove_header("proxy-connection");
+        self.upstream_response_filter(session, &mut resp, ctx)
+            .await?;
+        self.response_filter(session, &mut resp, ctx).await?;
+        session.write_response_header(Box::new(resp), false).await?;
+        loop {
+            let mut chunk = if upstream.response_done() {
+                None
+            } else {
+                upstream.read_response_body().await?
+            };
+            let end = chunk.is_none() || upstream.response_done();
+            self.upstream_response_body_filter(session, &mut chunk, end, ctx)?;
+            session.write_response_body(chunk, end).await?;
+            if end {
+                break;
+            }
+        }
+        self.connector
+            .release_http_session(upstream, &*peer, peer.options.idle_timeout)
+            .await;
+        Ok(())
+    }
+
     fn finish_capture(&self, ctx: &mut Ctx) {
         let Some(bytes) = ctx.capture.take() else {
             if ctx.response_rule.is_some() && ctx.capture_overflowed {
@@ -407,6 +480,10 @@ impl ProxyHttp for KeybrakeProxy {
             session.set_keepalive(None);
         }
         match self.admit(session, ctx).await {
+            Ok(()) if ctx.body.as_ref().is_some_and(|b| b.len() > REPLAY_LIMIT) => {
+                self.forward_read_body(session, ctx).await;
+                Ok(true)
+            }
             Ok(()) => Ok(false),
             Err(denial) => {
                 if let Some(r) = ctx.reservation.take() {

@@ -231,11 +231,17 @@ def test_kill_9_mid_burst_never_loses_or_overspends_budget(keybrake, tenant, fak
     assert tenant.get_key(key["id"])["spent_today_usd"] >= total
 
 
-def test_vendor_error_releases_the_reservation(keybrake, tenant, fake_stripe):
+# A padding field that takes a body past Pingora's 64 KiB replay buffer: such a body
+# goes upstream through Keybrake's own exchange, which must settle and fail the same way.
+LARGE = {"metadata[pad]": "p" * 100_000}
+
+
+@pytest.mark.parametrize("extra", [{}, LARGE], ids=["small", "large"])
+def test_vendor_error_releases_the_reservation(keybrake, tenant, fake_stripe, extra):
     """A payment Stripe refuses (4xx) is answered with Stripe's own status and JSON, and
     its reserved amount goes back to the key: nothing counts as spent."""
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
-    r = pay(keybrake, key["token"], 1500, customer="cus_doesnotexist")
+    r = pay(keybrake, key["token"], 1500, customer="cus_doesnotexist", **extra)
     assert r.status_code == 404, r.text
     vendor = fake_stripe.received()[-1]
     assert vendor.status == 404
@@ -245,14 +251,15 @@ def test_vendor_error_releases_the_reservation(keybrake, tenant, fake_stripe):
     assert pay(keybrake, key["token"], 2000).status_code == 200
 
 
-def test_unreachable_vendor_is_502_and_releases_the_reservation(keybrake_factory, stripe_secret):
+@pytest.mark.parametrize("extra", [{}, LARGE], ids=["small", "large"])
+def test_unreachable_vendor_is_502_and_releases_the_reservation(keybrake_factory, stripe_secret, extra):
     """With Stripe unreachable the proxy answers 502 upstream_unavailable and the
     reserved amount is released."""
     kb = keybrake_factory({"stripe": f"http://127.0.0.1:{free_port()}"})
     t = kb.create_tenant()
     t.put_credential("stripe", stripe_secret)
     key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
-    assert_denied(pay(kb, key["token"], 1500), 502, "upstream_unavailable")
+    assert_denied(pay(kb, key["token"], 1500, **extra), 502, "upstream_unavailable")
     t.wait_spent(key["id"], Decimal(0))
 
 
@@ -830,6 +837,46 @@ def test_60_kib_metered_body_reaches_stripe_byte_for_byte(keybrake, tenant, fake
     assert r.status_code == 200, r.text
     assert fake_stripe.received()[-1].body == body
     tenant.wait_spent(key["id"], Decimal(7))
+
+
+@pytest.mark.parametrize("size_kib", [100, 900])
+def test_metered_body_larger_than_pingoras_replay_buffer_reaches_stripe_byte_for_byte(
+        keybrake, tenant, fake_stripe, size_kib):
+    """A metered body above Pingora's 64 KiB replay buffer but under the 1 MiB limit is
+    read, metered and forwarded whole, byte for byte, and the agent gets Stripe's answer
+    with the key id header."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    fields = "&".join(f"metadata[field_{i:03d}]={secrets.token_hex(500)}"
+                      for i in range(size_kib * 1024 // 1021))
+    body = f"amount=700&currency=usd&{fields}".encode()
+    assert len(body) > 64 * 1024 + 1000
+    r = keybrake.proxy("POST", PI, key=key["token"], data=body,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert as_json(r)["object"] == "payment_intent"
+    assert r.headers.get("x-keybrake-key-id") == key["id"]
+    assert fake_stripe.received()[-1].body == body
+    tenant.wait_spent(key["id"], Decimal(7))
+
+
+def test_large_json_body_is_converted_metered_and_forwarded_whole(keybrake, tenant, fake_stripe):
+    """A ~200 KiB JSON payment (the seed's shape with a large metadata object) reaches
+    Stripe as one form-encoded body with every field, and is metered."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    metadata = {f"k{i:03d}": secrets.token_hex(500) for i in range(200)}
+    r = requests.post(
+        f"{keybrake.proxy_url}{PI}",
+        headers={"Authorization": f"Bearer {key['token']}", "Content-Type": "application/json"},
+        data=json.dumps({"amount": 900, "currency": "usd", "metadata": metadata}),
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    vendor = fake_stripe.received()[-1]
+    assert len(vendor.body) > 200_000
+    form = dict(vendor.form)
+    assert form["amount"] == "900" and form["currency"] == "usd"
+    assert all(form[f"metadata[{k}]"] == v for k, v in metadata.items())
+    tenant.wait_spent(key["id"], Decimal(9))
 
 
 def test_500_kib_unmetered_body_reaches_stripe_byte_for_byte(keybrake, tenant, fake_stripe):

@@ -77,6 +77,9 @@ pub struct Ctx {
     /// replay buffer, which holds at most 64 KiB.
     body: Option<Bytes>,
     body_was_read: bool,
+    /// Our copy of the body went out on the current upstream attempt (reset by
+    /// `upstream_request_filter`, which runs once per attempt, retries included).
+    body_sent: bool,
     converted_to_form: bool,
     streamed: usize,
     response_rule: Option<Arc<MeterRule>>,
@@ -431,7 +434,8 @@ fn created_object_id(body: &[u8]) -> Option<String> {
             .iter()
             .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
         {
-            if rest[end] == b'"' {
+            let followed = skip_ws(&rest[end + 1..]).first().copied();
+            if rest[end] == b'"' && matches!(followed, Some(b',' | b'}')) {
                 if let Ok(id) = std::str::from_utf8(&rest[..end]) {
                     return Some(id.to_string());
                 }
@@ -460,6 +464,7 @@ impl ProxyHttp for KeybrakeProxy {
             reservation: None,
             body: None,
             body_was_read: false,
+            body_sent: false,
             converted_to_form: false,
             streamed: 0,
             response_rule: None,
@@ -563,6 +568,7 @@ impl ProxyHttp for KeybrakeProxy {
             upstream.remove_header(&http::header::ACCEPT_ENCODING);
         }
         ctx.upstream_start = Some(Instant::now());
+        ctx.body_sent = false;
         Ok(())
     }
 
@@ -574,8 +580,14 @@ impl ProxyHttp for KeybrakeProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if ctx.body_was_read {
-            // Send our complete copy once, whatever Pingora replays.
-            *body = ctx.body.take();
+            // Send our complete copy once per attempt, whatever Pingora replays. Kept (a
+            // reference count) for a retry on another connection.
+            *body = if ctx.body_sent {
+                None
+            } else {
+                ctx.body.clone()
+            };
+            ctx.body_sent = true;
             return Ok(());
         }
         if let Some(chunk) = body {
@@ -830,5 +842,8 @@ mod tests {
         assert_eq!(id(br#"{"id":null}"#), None);
         assert_eq!(id(b"not json"), None);
         assert_eq!(id(br#"{"ids":"pi_5"}"#), None);
+        // Cut short right after the id (a truncated capture): not a document, no id.
+        assert_eq!(id(br#"{"id":"pi_6""#), None);
+        assert_eq!(id(br#"{"id":"pi_7"}"#).as_deref(), Some("pi_7"));
     }
 }

@@ -74,7 +74,8 @@ pub struct Ctx {
     denial: Option<Denial>,
     reservation: Option<Reservation>,
     /// The full body to send upstream (read, possibly converted), replacing Pingora's
-    /// replay buffer, which holds at most 64 KiB.
+    /// replay buffer, which holds at most 64 KiB (a larger one goes out through
+    /// `forward_read_body`).
     body: Option<Bytes>,
     body_was_read: bool,
     /// Our copy of the body went out on the current upstream attempt (reset by

@@ -7,8 +7,8 @@ use crate::secret::Secret;
 use base64::Engine;
 use pingora::http::RequestHeader;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy must not forward.
-const HOP_BY_HOP: [&str; 7] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy must not forward (either way).
+pub const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",

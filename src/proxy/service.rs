@@ -293,16 +293,9 @@ impl KeybrakeProxy {
                 break header.clone();
             }
         };
-        for hop in [
-            http::header::CONNECTION,
-            http::header::TE,
-            http::header::TRAILER,
-            http::header::UPGRADE,
-        ] {
-            resp.remove_header(&hop);
+        for hop in inject::HOP_BY_HOP {
+            resp.remove_header(hop);
         }
-        resp.remove_header("keep-alive");
-        resp.remove_header("proxy-connection");
         self.upstream_response_filter(session, &mut resp, ctx)
             .await?;
         self.response_filter(session, &mut resp, ctx).await?;

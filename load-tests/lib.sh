@@ -85,6 +85,8 @@ fi
 # cpu_ticks PID -> user+system clock ticks used so far by the process (all threads)
 # (fields after the "(comm)", which may contain spaces: utime and stime are the 12th, 13th)
 cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0; }
+# cpu_sys_ticks PID -> the system (kernel) part of cpu_ticks
+cpu_sys_ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $13}' || echo 0; }
 CLK_TCK=$(getconf CLK_TCK)
 # cpu_busy CPULIST -> busy clock ticks (all processes) so far on those CPUs ("" = all CPUs)
 cpu_busy() {
@@ -211,16 +213,17 @@ PY
 # OUT_FILE.cpu holding the CPU used by PID during the run (percent of one core) and
 # OUT_FILE.other the CPU used by anything else on the server's CPUs
 run_wrk() {
-  local t0 t1 s0 s1 b0 b1
-  b0=$(cpu_busy "${SERVER_CPUS:-}"); t0=$(cpu_ticks "$2"); s0=$(date +%s.%N)
+  local t0 t1 s0 s1 b0 b1 k0 k1
+  b0=$(cpu_busy "${SERVER_CPUS:-}"); t0=$(cpu_ticks "$2"); k0=$(cpu_sys_ticks "$2"); s0=$(date +%s.%N)
   # wrk runs in the background and the shell waits for it, so that a signal reaches the
   # trap at once instead of after the run (cleanup stops wrk too).
   "${ON_LOAD[@]}" wrk -t"${WRK_THREADS:-1}" -c"$3" -d"$4s" --timeout 5s --latency -s "$5" "$6" >"$1" 2>&1 &
   WRK_PID=$!
   wait "$WRK_PID" || { WRK_PID=; cat "$1" >&2; die "wrk failed against $6"; }
   WRK_PID=
-  t1=$(cpu_ticks "$2"); b1=$(cpu_busy "${SERVER_CPUS:-}"); s1=$(date +%s.%N)
+  t1=$(cpu_ticks "$2"); k1=$(cpu_sys_ticks "$2"); b1=$(cpu_busy "${SERVER_CPUS:-}"); s1=$(date +%s.%N)
   python3 -c "print(f'{($t1 - $t0) / $CLK_TCK / ($s1 - $s0) * 100:.0f}')" >"$1.cpu"
+  python3 -c "print(f'{($k1 - $k0) / $CLK_TCK / ($s1 - $s0) * 100:.1f}')" >"$1.sys"
   # CPU used on the server's CPUs by everything else (other processes, wrk/nginx when not
   # pinned): a run where this is high was disturbed.
   python3 -c "print(f'{max(0, ($b1 - $b0) - ($t1 - $t0)) / $CLK_TCK / ($s1 - $s0) * 100:.0f}')" >"$1.other"

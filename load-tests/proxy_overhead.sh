@@ -101,7 +101,7 @@ measure() { # phase round target conns seconds [lua script]
   run_wrk "$f" "$pid" "$4" "$5" "${6:-$TMP/post.lua}" "$url"
   read -r rps p50 p99 bad errs reqs < <(wrk_stats "$f")
   printf "%-6s %-6s %-12s %11s %8s %8s %8s %9s %10s%% %9s%%\n" "$1" "$2" "$3" "$rps" "$p50" "$p99" "$bad" "$errs" "$(cat "$f.cpu")" "$(cat "$f.other")"
-  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$3" "$rps" "$p50" "$p99" "$bad" "$errs" "$(cat "$f.cpu")" "$(cat "$f.other")" >>"$TMP/results.tsv"
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$3" "$rps" "$p50" "$p99" "$bad" "$errs" "$(cat "$f.cpu")" "$(cat "$f.other")" "$(cat "$f.sys")" >>"$TMP/results.tsv"
   if [ "$3" = keybrake ]; then kb_sent=$((kb_sent + reqs)); kb_runs=$((kb_runs + 1)); fi
   if [ "$bad" != 0 ]; then
     echo >&2
@@ -145,11 +145,13 @@ print(f"{'server CPU (1 core=100%)':22}{pt[3]:>12.0f}% {kb[3]:>12.0f}%")
 print(f"throughput ratio keybrake/passthrough: {kb[0] / pt[0]:.3f}")
 # Server CPU per request (us): what the ratio is made of when the server's core is the
 # bottleneck, and steadier than requests/s on a VM whose speed drifts between runs.
-def cpu_per_req(target):
-    return statistics.median(float(r[8]) * 1e4 / float(r[3]) for r in rows
+def cpu_per_req(target, col=8):
+    return statistics.median(float(r[col]) * 1e4 / float(r[3]) for r in rows
                              if r[0] == "load" and r[2] == target and float(r[3]) > 0)
 cpt, ckb = cpu_per_req("passthrough"), cpu_per_req("keybrake")
 print(f"server CPU per request: passthrough {cpt:.1f} us, keybrake {ckb:.1f} us -> ratio {cpt / ckb:.3f}")
+kpt, kkb = cpu_per_req("passthrough", 10), cpu_per_req("keybrake", 10)
+print(f"  of which in the kernel: passthrough {kpt:.1f} us, keybrake {kkb:.1f} us")
 print(f"added p99 (keybrake - passthrough):    {kb[1] - pt[1]:+.3f} ms")
 ppt, pkb = agg("paced", "passthrough"), agg("paced", "keybrake")
 if ppt and pkb:

@@ -396,7 +396,9 @@ async fn read_before<F: std::future::Future>(
     let ready = std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
     match ready {
         std::task::Poll::Ready(output) => Ok(output),
-        std::task::Poll::Pending => tokio::time::timeout_at(deadline, read).await,
+        // Boxed: the timer is only needed on this (rarer) path, and inline it would grow
+        // every request's boxed `request_filter` future.
+        std::task::Poll::Pending => Box::pin(tokio::time::timeout_at(deadline, read)).await,
     }
 }
 
@@ -478,9 +480,11 @@ impl ProxyHttp for KeybrakeProxy {
         if self.draining.load(std::sync::atomic::Ordering::Acquire) {
             session.set_keepalive(None);
         }
+        // The rare paths are boxed: async_trait boxes this hook's future on every request,
+        // copying its full size, and inline they would make it ~11 KB instead of ~1 KB.
         match self.admit(session, ctx).await {
             Ok(()) if ctx.body.as_ref().is_some_and(|b| b.len() > REPLAY_LIMIT) => {
-                self.forward_read_body(session, ctx).await;
+                Box::pin(self.forward_read_body(session, ctx)).await;
                 Ok(true)
             }
             Ok(()) => Ok(false),
@@ -492,7 +496,7 @@ impl ProxyHttp for KeybrakeProxy {
                 ctx.status = denial.status();
                 ctx.spend = Micros::ZERO;
                 let key_id = ctx.key.as_ref().map(|k| k.claims.jti.clone());
-                deny::respond(session, denial, key_id.as_deref()).await?;
+                Box::pin(deny::respond(session, denial, key_id.as_deref())).await?;
                 Ok(true)
             }
         }

@@ -9,6 +9,46 @@ use prometheus::{
 };
 use std::sync::{Arc, OnceLock};
 
+/// Children of `keybrake_requests_total`, looked up by label once and then kept: a label
+/// lookup hashes both values and takes the vector's lock on every request. Slots are made
+/// lazily, so a series still appears only once it has counted something.
+pub struct RequestCounters {
+    vec: IntCounterVec,
+    by_vendor: crate::Map<String, Box<[OnceLock<IntCounter>]>>,
+    unknown: Box<[OnceLock<IntCounter>]>,
+}
+
+impl RequestCounters {
+    /// `slots` decisions per vendor, for `vendors` and the catch-all `unknown`.
+    pub fn new(
+        vec: IntCounterVec,
+        vendors: impl IntoIterator<Item = String>,
+        slots: usize,
+    ) -> Self {
+        let row = || (0..slots).map(|_| OnceLock::new()).collect::<Box<[_]>>();
+        RequestCounters {
+            by_vendor: vendors.into_iter().map(|v| (v, row())).collect(),
+            unknown: row(),
+            vec,
+        }
+    }
+
+    /// Counts one request. `slot` identifies `decision` among this counter's slots (one
+    /// slot, one decision); `vendor` is `None` for a vendor not in the catalog.
+    pub fn inc(&self, vendor: Option<&str>, slot: usize, decision: &str) {
+        let (label, row) = match vendor.and_then(|v| self.by_vendor.get_key_value(v)) {
+            Some((v, row)) => (v.as_str(), row),
+            None => ("unknown", &self.unknown),
+        };
+        match row.get(slot) {
+            Some(cell) => cell
+                .get_or_init(|| self.vec.with_label_values(&[label, decision]))
+                .inc(),
+            None => self.vec.with_label_values(&[label, decision]).inc(),
+        }
+    }
+}
+
 pub struct Metrics {
     pub requests: IntCounterVec,
     pub upstream_duration: Histogram,
@@ -108,5 +148,35 @@ impl Metrics {
                 })
             })
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Opts;
+
+    #[test]
+    fn kept_request_counters_count_what_label_lookups_count() {
+        let vec = IntCounterVec::new(Opts::new("t_requests_total", "t"), &["vendor", "decision"])
+            .unwrap();
+        let counters = RequestCounters::new(vec.clone(), ["stripe".to_string()], 3);
+        counters.inc(Some("stripe"), 0, "allowed");
+        counters.inc(Some("stripe"), 0, "allowed");
+        counters.inc(Some("stripe"), 2, "cap_exhausted");
+        counters.inc(Some("nope"), 1, "unknown_vendor");
+        counters.inc(None, 1, "unknown_vendor");
+        counters.inc(Some("stripe"), 7, "beyond_the_table");
+        let get = |v: &str, d: &str| vec.with_label_values(&[v, d]).get();
+        assert_eq!(get("stripe", "allowed"), 2);
+        assert_eq!(get("stripe", "cap_exhausted"), 1);
+        assert_eq!(get("unknown", "unknown_vendor"), 2);
+        assert_eq!(get("stripe", "beyond_the_table"), 1);
+        // Nothing else was created: a series appears once it counted something.
+        let series: usize = prometheus::core::Collector::collect(&vec)
+            .iter()
+            .map(|f| f.get_metric().len())
+            .sum();
+        assert_eq!(series, 4);
     }
 }

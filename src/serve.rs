@@ -6,7 +6,8 @@ use crate::config::Config;
 use crate::control::api::{router, ApiState};
 use crate::control::crypto::MasterKey;
 use crate::control::{Control, ControlSettings};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestCounters};
+use crate::proxy::deny::Denial;
 use crate::proxy::record::AccessLogWriter;
 use crate::proxy::service::KeybrakeProxy;
 use crate::proxy::spend::SpendBook;
@@ -349,6 +350,11 @@ pub fn run_serve(
         audit,
         access_log: AccessLogWriter::start(&config.access_log)
             .context("cannot open the access log")?,
+        request_counters: RequestCounters::new(
+            metrics.requests.clone(),
+            config.vendors.keys().cloned(),
+            Denial::SLOTS,
+        ),
         metrics: metrics.clone(),
         created: Default::default(),
         created_swept: Default::default(),

@@ -33,6 +33,14 @@ pub enum Denial {
 }
 
 impl Denial {
+    /// Slots for per-decision tables: 0 is "allowed", `1 + denial as usize` a denial.
+    pub const SLOTS: usize = Denial::UpstreamTimeout as usize + 2;
+
+    /// This denial's slot (see `SLOTS`).
+    pub fn slot(self) -> usize {
+        self as usize + 1
+    }
+
     pub fn status(self) -> u16 {
         use Denial::*;
         match self {

@@ -11,7 +11,7 @@ use super::upstream::Upstreams;
 use super::verify::{KeyVerifier, VerifiedKey};
 use super::{extract, inject, scope};
 use crate::config::{Currency, MeterRule, MeterSource, Vendor};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestCounters};
 use crate::money::Micros;
 use crate::secret::Secret;
 use crate::sync::{AuditEvent, AuditSink, Published};
@@ -53,6 +53,8 @@ pub struct KeybrakeProxy {
     pub audit: Arc<dyn AuditSink>,
     pub access_log: Option<AccessLogWriter>,
     pub metrics: Arc<Metrics>,
+    /// `metrics.requests` by vendor and decision, kept (see `RequestCounters`).
+    pub request_counters: RequestCounters,
     /// Object id → (key id, key exp) for objects a key created through a metered call.
     pub created: DashMap<String, (Arc<str>, i64), ahash::RandomState>,
     /// When `created` was last swept of expired entries (unix seconds).
@@ -776,10 +778,11 @@ impl ProxyHttp for KeybrakeProxy {
         } else {
             "unknown"
         };
-        self.metrics
-            .requests
-            .with_label_values(&[vendor_label, decision])
-            .inc();
+        self.request_counters.inc(
+            ctx.vendor.is_some().then_some(vendor_label),
+            ctx.denial.map_or(0, Denial::slot),
+            decision,
+        );
 
         let wall = std::time::SystemTime::now();
         let method = session.req_header().method.as_str().to_string();

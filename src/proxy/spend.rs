@@ -37,6 +37,8 @@ pub struct KeySpend {
     unreported_overspent: AtomicI64,
     last_used: AtomicI64,
     refill: tokio::sync::Mutex<()>,
+    /// `keybrake_spend_usd_total{vendor}`, looked up on the first settle and kept.
+    spend_usd: std::sync::OnceLock<prometheus::Counter>,
 }
 
 impl KeySpend {
@@ -125,6 +127,7 @@ impl SpendBook {
                 unreported_overspent: AtomicI64::new(0),
                 last_used: AtomicI64::new(now),
                 refill: tokio::sync::Mutex::new(()),
+                spend_usd: std::sync::OnceLock::new(),
             })
         };
         let mut slot = self
@@ -205,15 +208,19 @@ impl SpendBook {
         Err(SpendError::CapExhausted)
     }
 
+    fn spend_counter<'a>(&self, entry: &'a KeySpend) -> &'a prometheus::Counter {
+        entry
+            .spend_usd
+            .get_or_init(|| self.metrics.spend_usd.with_label_values(&[&entry.vendor]))
+    }
+
     /// The vendor accepted: the reservation is spent.
     pub fn settle(&self, reservation: Reservation) {
         if let Some(entry) = reservation.entry {
             entry
                 .unreported_spent
                 .fetch_add(reservation.amount.0, Ordering::AcqRel);
-            self.metrics
-                .spend_usd
-                .with_label_values(&[&entry.vendor])
+            self.spend_counter(&entry)
                 .inc_by(reservation.amount.as_usd_f64());
         }
     }
@@ -240,10 +247,7 @@ impl SpendBook {
                 entry
                     .unreported_overspent
                     .fetch_add(amount.0, Ordering::AcqRel);
-                self.metrics
-                    .spend_usd
-                    .with_label_values(&[&entry.vendor])
-                    .inc_by(amount.as_usd_f64());
+                self.spend_counter(&entry).inc_by(amount.as_usd_f64());
             }
         }
     }

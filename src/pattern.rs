@@ -85,23 +85,32 @@ impl EndpointPattern {
                 return false;
             }
         }
-        let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
+        // The path's segments, as `split('/')` yields them; `None` once all are taken. A
+        // literal is compared in place (no search for the next '/').
+        let mut rest = Some(path.strip_prefix('/').unwrap_or(path).as_bytes());
         for segment in &self.segments {
+            let Some(here) = rest else {
+                return matches!(segment, Segment::Rest);
+            };
             match segment {
                 Segment::Rest => return true,
                 Segment::One => {
-                    if parts.next().is_none() {
-                        return false;
-                    }
+                    rest = here.iter().position(|&b| b == b'/').map(|i| &here[i + 1..]);
                 }
                 Segment::Literal(lit) => {
-                    if parts.next() != Some(&**lit) {
+                    let lit = lit.as_bytes();
+                    if !here.starts_with(lit) {
                         return false;
                     }
+                    rest = match here.get(lit.len()) {
+                        None => None,
+                        Some(b'/') => Some(&here[lit.len() + 1..]),
+                        Some(_) => return false,
+                    };
                 }
             }
         }
-        parts.next().is_none()
+        rest.is_none()
     }
 }
 
@@ -208,6 +217,65 @@ mod tests {
         assert!(allows("/v1/**", Method::GET, "/v1/a/b/c"));
         assert!(!allows("/v1/**", Method::GET, "/v2/a"));
         assert!(!allows("/v1/charges", Method::GET, "/v1/charges_extra"));
+    }
+
+    /// The matcher, written the obvious way (split on '/'), to compare against.
+    fn matches_by_split(p: &EndpointPattern, method: &Method, path: &str) -> bool {
+        if p.method.as_ref().is_some_and(|m| m != method) {
+            return false;
+        }
+        let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
+        for segment in &p.segments {
+            match segment {
+                Segment::Rest => return true,
+                Segment::One if parts.next().is_none() => return false,
+                Segment::One => {}
+                Segment::Literal(lit) if parts.next() != Some(&**lit) => return false,
+                Segment::Literal(_) => {}
+            }
+        }
+        parts.next().is_none()
+    }
+
+    #[test]
+    fn matching_agrees_with_a_split_on_every_path_of_a_small_alphabet() {
+        let patterns = [
+            "/a",
+            "/ab",
+            "/a/b",
+            "/a/*",
+            "/*",
+            "/*/b",
+            "/a/**",
+            "/**",
+            "/*/**",
+            "/a/*/b",
+            "/ab/*/**",
+            "POST /a/*",
+            "/b/a",
+        ];
+        // Every path of up to 5 characters over 'a', 'b', '/', after a leading '/'.
+        let mut paths = vec![String::from("/")];
+        let mut frontier = paths.clone();
+        for _ in 0..5 {
+            frontier = frontier
+                .iter()
+                .flat_map(|p| ["a", "b", "/"].map(|c| format!("{p}{c}")))
+                .collect();
+            paths.extend(frontier.iter().cloned());
+        }
+        for pattern in patterns {
+            let p = EndpointPattern::parse(pattern).unwrap();
+            for path in &paths {
+                for method in [Method::GET, Method::POST] {
+                    assert_eq!(
+                        p.matches(&method, path),
+                        matches_by_split(&p, &method, path),
+                        "{pattern} against {method} {path}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

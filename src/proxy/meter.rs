@@ -40,7 +40,11 @@ fn kept_field<'k>(name: &str, keep: &[&'k str]) -> Option<&'k str> {
 /// invalid UTF-8 replaced (as the `url` crate does). Borrowed when nothing is encoded.
 fn form_decode(raw: &[u8]) -> std::borrow::Cow<'_, str> {
     if !raw.iter().any(|&b| b == b'+' || b == b'%') {
-        return String::from_utf8_lossy(raw);
+        // Valid UTF-8 (the usual case) is checked by the faster validator.
+        return match std::str::from_utf8(raw) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => String::from_utf8_lossy(raw),
+        };
     }
     let plus_as_space: Vec<u8> = raw
         .iter()

@@ -6,7 +6,8 @@
 #
 # Same setup as proxy_overhead.sh: nginx as the vendor, the metered Stripe POST, 4
 # connections. Each server runs under callgrind; counting is switched on only for a
-# MEASURE-second wrk run after a WARMUP-second one.
+# MEASURE-second wrk run after a WARMUP-second one, and for IDLE seconds with no load
+# before it (the background taken out of the "net" figure).
 #
 #   cargo build --release --bin keybrake --examples
 #   load-tests/instructions_per_request.sh          # ~1 min; needs valgrind
@@ -46,27 +47,38 @@ for target in passthrough keybrake; do
   # What the process runs with no request at all (timers, background tasks), counted
   # over IDLE seconds, so it can be taken out of the per-request figure: under callgrind
   # the request rate is low and varies, and this background would otherwise vary it.
-  callgrind_control -i on "$pid" >/dev/null
-  sleep "$IDLE"
-  callgrind_control -i off "$pid" >/dev/null
-  callgrind_control -d "$pid" >/dev/null
-  dump=$(ls -t "$out"*); dump=${dump%%$'\n'*}
-  idle=$(callgrind_annotate --auto=no "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ && !seen {gsub(",", "", $1); print $1; seen = 1}')
-  callgrind_control -z "$pid" >/dev/null
+  # First a pause, so the warm-up's tail (spend report, checkpoint) is not counted as idle.
+  # Each dump holds only what was counted since the previous one. Both windows are timed
+  # from switching counting on to switching it off.
+  idle=0; idle_secs=0
+  if [ "$IDLE" != 0 ]; then
+    sleep 1
+    t0=$(date +%s.%N)
+    callgrind_control -i on "$pid" >/dev/null
+    sleep "$IDLE"
+    callgrind_control -i off "$pid" >/dev/null
+    t1=$(date +%s.%N)
+    callgrind_control -d "$pid" >/dev/null
+    dump=$(ls -t "$out"*); dump=${dump%%$'\n'*}
+    idle=$(callgrind_annotate --auto=no "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ && !seen {gsub(",", "", $1); print $1; seen = 1}')
+    idle_secs=$(python3 -c "print($t1 - $t0)")
+  fi
+  t0=$(date +%s.%N)
   callgrind_control -i on "$pid" >/dev/null
   wrk -t1 -c4 -d"${MEASURE}s" -s "$TMP/post.lua" "$url" >"$TMP/$target.wrk"
   callgrind_control -i off "$pid" >/dev/null
+  t1=$(date +%s.%N)
   callgrind_control -d "$pid" >/dev/null
   reqs=$(awk '/requests in/{print $1}' "$TMP/$target.wrk")
   non2xx=$(awk '/Non-2xx/{print $NF}' "$TMP/$target.wrk"); non2xx=${non2xx:-0}
   dump=$(ls -t "$out"*); dump=${dump%%$'\n'*}       # the newest dump (no pipe into head: pipefail)
   callgrind_annotate --auto=no "$dump" >"$TMP/$target.annotate" 2>/dev/null
   total=$(awk '/PROGRAM TOTALS/ && !seen {gsub(",", "", $1); print $1; seen = 1}' "$TMP/$target.annotate")
-  secs=$(awk '/requests in/{gsub(",", ""); sub("s$", "", $4); print $4}' "$TMP/$target.wrk")
-  net=$(python3 -c "print(round($total - ${idle:-0} / $IDLE * $secs))")
+  rate=$(python3 -c "print(${idle:-0} / $idle_secs if $idle_secs > 0 else 0)")
+  net=$(python3 -c "print(round($total - $rate * ($t1 - $t0)))")
   printf "%-12s %9s instructions/request over %s requests (non-2xx: %s); %s net of %s/s idle background\n" "$target" \
     "$(python3 -c "print(f'{$total / $reqs:,.0f}')")" "$reqs" "$non2xx" \
-    "$(python3 -c "print(f'{$net / $reqs:,.0f}')")" "$(python3 -c "print(f'{${idle:-0} / $IDLE:,.0f}')")"
+    "$(python3 -c "print(f'{$net / $reqs:,.0f}')")" "$(python3 -c "print(f'{$rate:,.0f}')")"
   echo "$total $reqs $net" >"$TMP/$target.total"
   [ "$non2xx" = 0 ] || { echo "FAIL: $target answered non-2xx" >&2; exit 1; }
   if [ "$TOP" -gt 0 ]; then

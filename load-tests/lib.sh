@@ -210,8 +210,9 @@ PY
 }
 
 # run_wrk OUT_FILE PID_TO_WATCH CONNS SECONDS LUA URL -> wrk --latency output in OUT_FILE, plus
-# OUT_FILE.cpu holding the CPU used by PID during the run (percent of one core) and
-# OUT_FILE.other the CPU used by anything else on the server's CPUs
+# OUT_FILE.cpu holding the CPU used by PID during the run (percent of one core), of which
+# OUT_FILE.sys the kernel's (system time), and OUT_FILE.other the CPU used by anything
+# else on the server's CPUs
 run_wrk() {
   local t0 t1 s0 s1 b0 b1 k0 k1
   b0=$(cpu_busy "${SERVER_CPUS:-}"); t0=$(cpu_ticks "$2"); k0=$(cpu_sys_ticks "$2"); s0=$(date +%s.%N)

@@ -2,6 +2,7 @@
 //! `pingora-prometheus` serves on the metrics listener. Label values are bounded: vendor
 //! names from the catalog and decision codes, never key ids or tenants.
 
+use crate::proxy::deny::Denial;
 use prometheus::{
     register_counter_vec, register_gauge, register_histogram, register_int_counter,
     register_int_counter_vec, register_int_gauge, CounterVec, Gauge, Histogram, IntCounter,
@@ -19,13 +20,13 @@ pub struct RequestCounters {
 }
 
 impl RequestCounters {
-    /// `slots` decisions per vendor, for `vendors` and the catch-all `unknown`.
-    pub fn new(
-        vec: IntCounterVec,
-        vendors: impl IntoIterator<Item = String>,
-        slots: usize,
-    ) -> Self {
-        let row = || (0..slots).map(|_| OnceLock::new()).collect::<Box<[_]>>();
+    /// For the catalog's `vendors`, and `unknown` for any other name.
+    pub fn new(vec: IntCounterVec, vendors: impl IntoIterator<Item = String>) -> Self {
+        let row = || {
+            (0..Denial::SLOTS)
+                .map(|_| OnceLock::new())
+                .collect::<Box<[_]>>()
+        };
         RequestCounters {
             by_vendor: vendors.into_iter().map(|v| (v, row())).collect(),
             unknown: row(),
@@ -33,13 +34,16 @@ impl RequestCounters {
         }
     }
 
-    /// Counts one request. `slot` identifies `decision` among this counter's slots (one
-    /// slot, one decision); `vendor` is `None` for a vendor not in the catalog.
-    pub fn inc(&self, vendor: Option<&str>, slot: usize, decision: &str) {
+    /// Counts one request: allowed (`None`) or refused. `vendor` is the name from the path,
+    /// `None` when the catalog has no such vendor.
+    pub fn inc(&self, vendor: Option<&str>, denial: Option<Denial>) {
         let (label, row) = match vendor.and_then(|v| self.by_vendor.get_key_value(v)) {
             Some((v, row)) => (v.as_str(), row),
             None => ("unknown", &self.unknown),
         };
+        let decision = denial.map_or("allowed", Denial::code);
+        // Two denials may share a code: their slots then hold the same child.
+        let slot = denial.map_or(0, Denial::slot);
         match row.get(slot) {
             Some(cell) => cell
                 .get_or_init(|| self.vec.with_label_values(&[label, decision]))
@@ -160,18 +164,19 @@ mod tests {
     fn kept_request_counters_count_what_label_lookups_count() {
         let vec = IntCounterVec::new(Opts::new("t_requests_total", "t"), &["vendor", "decision"])
             .unwrap();
-        let counters = RequestCounters::new(vec.clone(), ["stripe".to_string()], 3);
-        counters.inc(Some("stripe"), 0, "allowed");
-        counters.inc(Some("stripe"), 0, "allowed");
-        counters.inc(Some("stripe"), 2, "cap_exhausted");
-        counters.inc(Some("nope"), 1, "unknown_vendor");
-        counters.inc(None, 1, "unknown_vendor");
-        counters.inc(Some("stripe"), 7, "beyond_the_table");
+        let counters = RequestCounters::new(vec.clone(), ["stripe".to_string()]);
+        counters.inc(Some("stripe"), None);
+        counters.inc(Some("stripe"), None);
+        counters.inc(Some("stripe"), Some(Denial::CapExhausted));
+        counters.inc(Some("stripe"), Some(Denial::EndpointNotAllowed));
+        counters.inc(Some("stripe"), Some(Denial::MethodNotAllowed));
+        counters.inc(Some("nope"), Some(Denial::UnknownVendor));
+        counters.inc(None, Some(Denial::UnknownVendor));
         let get = |v: &str, d: &str| vec.with_label_values(&[v, d]).get();
         assert_eq!(get("stripe", "allowed"), 2);
         assert_eq!(get("stripe", "cap_exhausted"), 1);
+        assert_eq!(get("stripe", "endpoint_not_allowed"), 2);
         assert_eq!(get("unknown", "unknown_vendor"), 2);
-        assert_eq!(get("stripe", "beyond_the_table"), 1);
         // Nothing else was created: a series appears once it counted something.
         let series: usize = prometheus::core::Collector::collect(&vec)
             .iter()

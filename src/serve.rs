@@ -7,7 +7,6 @@ use crate::control::api::{router, ApiState};
 use crate::control::crypto::MasterKey;
 use crate::control::{Control, ControlSettings};
 use crate::metrics::{Metrics, RequestCounters};
-use crate::proxy::deny::Denial;
 use crate::proxy::record::AccessLogWriter;
 use crate::proxy::service::KeybrakeProxy;
 use crate::proxy::spend::SpendBook;
@@ -353,7 +352,6 @@ pub fn run_serve(
         request_counters: RequestCounters::new(
             metrics.requests.clone(),
             config.vendors.keys().cloned(),
-            Denial::SLOTS,
         ),
         metrics: metrics.clone(),
         created: Default::default(),

@@ -34,6 +34,8 @@ pub enum Denial {
 
 impl Denial {
     /// Slots for per-decision tables: 0 is "allowed", `1 + denial as usize` a denial.
+    /// `UpstreamTimeout` is the last variant (a later one would fall outside the tables,
+    /// which then look its counter up each time: still counted, only slower).
     pub const SLOTS: usize = Denial::UpstreamTimeout as usize + 2;
 
     /// This denial's slot (see `SLOTS`).

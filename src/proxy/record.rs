@@ -144,7 +144,8 @@ fn needs_escape(s: &[u8]) -> bool {
     let mut words = s.chunks_exact(8);
     for word in &mut words {
         let x = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-        // Below 0x20: a byte under 0x20 minus 0x20 borrows, unless its high bit was set.
+        // Below 0x20: such a byte minus 0x20 wraps to a value with its high bit set; `& !x`
+        // drops bytes that had it set already (0x80 and up).
         let control = x.wrapping_sub(ONES * 0x20) & !x & HIGHS != 0;
         if control
             || has_zero(x ^ (ONES * u64::from(b'"')))

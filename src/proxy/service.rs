@@ -778,11 +778,8 @@ impl ProxyHttp for KeybrakeProxy {
         } else {
             "unknown"
         };
-        self.request_counters.inc(
-            ctx.vendor.is_some().then_some(vendor_label),
-            ctx.denial.map_or(0, Denial::slot),
-            decision,
-        );
+        self.request_counters
+            .inc(ctx.vendor.is_some().then_some(vendor_label), ctx.denial);
 
         let wall = std::time::SystemTime::now();
         let method = session.req_header().method.as_str().to_string();

@@ -2,13 +2,18 @@
 //! Keybrake against. It forwards every request unchanged to one plain-HTTP upstream,
 //! with the same thread count and keep-alive pooling as `keybrake serve`.
 //!
-//! Usage: passthrough --listen 127.0.0.1:P --upstream 127.0.0.1:U [--threads N]
+//! Usage: passthrough --listen 127.0.0.1:P --upstream 127.0.0.1:U [--threads N] [--timeouts]
+//!
+//! `--timeouts` sets the upstream timeouts `keybrake serve` sets by default (connect 2 s,
+//! connect + TLS 5 s, read 60 s, write 30 s, idle 60 s): a baseline that pays for the same
+//! timers, to tell their cost apart from Keybrake's own work.
 
 use async_trait::async_trait;
 use clap::Parser;
 use pingora::prelude::*;
 use pingora::server::configuration::{Opt, ServerConf};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// The same allocator as `keybrake`, so the comparison measures Keybrake's work, not the
 /// allocator's.
@@ -23,9 +28,14 @@ struct Args {
     upstream: SocketAddr,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    #[arg(long)]
+    timeouts: bool,
 }
 
-struct Passthrough(SocketAddr);
+struct Passthrough {
+    upstream: SocketAddr,
+    timeouts: bool,
+}
 
 #[async_trait]
 impl ProxyHttp for Passthrough {
@@ -33,7 +43,16 @@ impl ProxyHttp for Passthrough {
     fn new_ctx(&self) {}
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(self.0, false, String::new())))
+        let mut peer = HttpPeer::new(self.upstream, false, String::new());
+        if self.timeouts {
+            let o = &mut peer.options;
+            o.connection_timeout = Some(Duration::from_secs(2));
+            o.total_connection_timeout = Some(Duration::from_secs(5));
+            o.read_timeout = Some(Duration::from_secs(60));
+            o.write_timeout = Some(Duration::from_secs(30));
+            o.idle_timeout = Some(Duration::from_secs(60));
+        }
+        Ok(Box::new(peer))
     }
 }
 
@@ -52,8 +71,13 @@ fn main() {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    let mut proxy =
-        pingora::proxy::http_proxy_service(&server.configuration, Passthrough(args.upstream));
+    let mut proxy = pingora::proxy::http_proxy_service(
+        &server.configuration,
+        Passthrough {
+            upstream: args.upstream,
+            timeouts: args.timeouts,
+        },
+    );
     proxy.add_tcp(&args.listen);
     server.add_service(proxy);
     server.run_forever();

@@ -13,7 +13,8 @@
 #   load-tests/instructions_per_request.sh          # ~1 min; needs valgrind
 #
 # Env knobs: WARMUP (s, 3)  MEASURE (s, 10)  IDLE (s of no load counted, 5)  TOP (functions listed per process, 0)
-# KEEP_TMP (1 keeps the callgrind files; open them with callgrind_annotate).
+# KEEP_TMP (1 keeps the callgrind files; open them with callgrind_annotate)
+# PT_TIMEOUTS (1: the passthrough sets Keybrake's default upstream timeouts).
 set -euo pipefail
 export PIN=0
 source "$(dirname "$0")/lib.sh"
@@ -30,8 +31,9 @@ up=$(free_port); pt=$(free_port)
 start_nginx "$up"
 ON_SERVER=("${VG[@]}" "--callgrind-out-file=$TMP/kb.callgrind")
 start_keybrake "http://127.0.0.1:$up"
+PT_ARGS=(); [ "${PT_TIMEOUTS:-0}" = 1 ] && PT_ARGS=(--timeouts)
 "${VG[@]}" "--callgrind-out-file=$TMP/pt.callgrind" "$PT_BIN" --listen "127.0.0.1:$pt" \
-  --upstream "127.0.0.1:$up" --threads 2 >"$TMP/pt.log" 2>&1 &
+  --upstream "127.0.0.1:$up" --threads 2 "${PT_ARGS[@]}" >"$TMP/pt.log" 2>&1 &
 PT_PID=$!; PIDS+=("$PT_PID")
 wait_http "http://127.0.0.1:$pt/v1/payment_intents" 60
 new_tenant

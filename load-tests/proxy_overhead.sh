@@ -27,7 +27,9 @@
 # 2)  PIN (1: pin server vs wrk+upstream to separate CPUs; 0: no pinning)  SERVER_CPUS /
 # LOAD_CPUS (taskset lists)  UPSTREAM (nginx | fixed_upstream = examples/fixed_upstream.rs)
 # ACCESS_LOG (keybrake access log; default a file in the temp dir, "off" to disable)
-# KEEP_TMP (1 keeps the temp dir with every wrk output and the keybrake logs).
+# KEEP_TMP (1 keeps the temp dir with every wrk output and the keybrake logs)
+# PT_TIMEOUTS (1: the passthrough sets Keybrake's default upstream timeouts, so the timers
+# they cost are in both; the issue's baseline is the bare passthrough, the default 0).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 DURATION=${DURATION:-10}; CONNS=${CONNS:-32}; ROUNDS=${ROUNDS:-3}; WARMUP=${WARMUP:-3}
@@ -52,7 +54,8 @@ case "$UPSTREAM" in
     wait_http "http://127.0.0.1:$up/" 10 ;;
   *) die "UPSTREAM must be nginx or fixed_upstream" ;;
 esac
-"${ON_SERVER[@]}" "$PT_BIN" --listen "127.0.0.1:$pt" --upstream "127.0.0.1:$up" --threads "${KB_THREADS:-2}" \
+PT_ARGS=(); [ "${PT_TIMEOUTS:-0}" = 1 ] && PT_ARGS=(--timeouts)
+"${ON_SERVER[@]}" "$PT_BIN" --listen "127.0.0.1:$pt" --upstream "127.0.0.1:$up" --threads "${KB_THREADS:-2}" "${PT_ARGS[@]}" \
   >"$TMP/passthrough.log" 2>&1 &
 PT_PID=$!
 PIDS+=($PT_PID)
@@ -85,6 +88,7 @@ PT_URL="http://127.0.0.1:$pt/v1/payment_intents"
 KB_URL="http://$KB_PROXY/stripe/v1/payment_intents"
 
 echo "proxy overhead: POST /v1/payment_intents (form body, metered), upstream $UPSTREAM"
+[ "${PT_TIMEOUTS:-0}" = 1 ] && echo "  the passthrough sets Keybrake's default upstream timeouts (PT_TIMEOUTS=1)"
 echo "  $ROUNDS x ${DURATION}s per target at $CONNS connections (wrk -t${WRK_THREADS:-1}), pingora threads ${KB_THREADS:-2}, $PIN_DESC"
 echo "  warming up (${WARMUP}s each) ..."
 run_wrk "$TMP/warm_pt.txt" "$PT_PID" "$CONNS" "$WARMUP" "$TMP/post.lua" "$PT_URL"

@@ -54,6 +54,15 @@ fn form_decode(raw: &[u8]) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(String::from_utf8_lossy(&decoded).into_owned())
 }
 
+/// A body that is a JSON object or array (first byte past whitespace): refused as a
+/// form body on a metered endpoint, where a lenient vendor could parse it as JSON.
+pub fn looks_like_json(body: &[u8]) -> bool {
+    matches!(
+        body.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
+}
+
 pub fn is_json(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| {
         let ct = ct.split(';').next().unwrap_or("").trim().as_bytes();
@@ -90,24 +99,9 @@ impl<'k> ParsedBody<'k> {
         parsed
     }
 
-    pub fn from_json(value: &Value, keep: &[&'k str]) -> ParsedBody<'k> {
-        let mut parsed = ParsedBody { fields: Vec::new() };
-        for (k, v) in value.as_object().into_iter().flatten() {
-            let Some(field) = kept_field(k, keep) else {
-                continue;
-            };
-            let text = match v {
-                Value::String(s) if k == field => Some(s.clone()),
-                Value::Number(n) if k == field => Some(n.to_string()),
-                // An object or array under the field's name, or an alias: ambiguous.
-                _ => {
-                    parsed.add(field, None);
-                    continue;
-                }
-            };
-            parsed.add(field, text);
-        }
-        parsed
+    /// Whether any kept field (or an alias of one) appeared.
+    pub fn has_fields(&self) -> bool {
+        !self.fields.is_empty()
     }
 
     /// Records one occurrence of `field`; a second one, or a `None` value, leaves it
@@ -128,30 +122,53 @@ impl<'k> ParsedBody<'k> {
     }
 }
 
-/// The micro-USD cost of a request-metered call.
-pub fn request_cost(
+/// The micro-USD cost of a request-metered call, and the currency it was counted in: the
+/// body's, else the object's (`object_currency`, known when this key was charged for the
+/// object before), else the rule's default (`None`: not known, counted as the costliest).
+pub fn request_cost<'c>(
     rule: &MeterRule,
     body: &ParsedBody<'_>,
-    currencies: &Map<String, Currency>,
-) -> Result<Micros, Denial> {
+    object_currency: Option<&str>,
+    currencies: &'c Map<String, Currency>,
+) -> Result<(Micros, Option<&'c str>), Denial> {
     let amount = body
         .field(&rule.amount_field)?
         .ok_or(Denial::AmountRequired)?;
     let amount = parse_minor_units(amount).ok_or(Denial::InvalidAmount)?;
-    let currency = match body.field(&rule.currency_field)? {
-        Some(c) => c.trim().to_ascii_lowercase(),
-        None => rule
-            .default_currency
-            .clone()
-            .ok_or(Denial::UnsupportedCurrency)?,
+    let named = match body.field(&rule.currency_field)? {
+        Some(c) => Some(c.trim().to_ascii_lowercase()),
+        None => object_currency.map(str::to_string),
     };
-    let currency = currencies
-        .get(&currency)
-        .ok_or(Denial::UnsupportedCurrency)?;
-    to_usd(amount, currency).ok_or(Denial::InvalidAmount)
+    let (code, currency) = match named.as_deref().or(rule.default_currency.as_deref()) {
+        Some(HIGHEST) if named.is_none() => costliest(currencies).map(|(_, c)| (None, c)),
+        Some(c) => currencies
+            .get_key_value(c)
+            .map(|(code, c)| (Some(code.as_str()), c)),
+        None => None,
+    }
+    .ok_or(Denial::UnsupportedCurrency)?;
+    Ok((to_usd(amount, currency).ok_or(Denial::InvalidAmount)?, code))
 }
 
-/// The cost of a response-metered call: the first of `amount_fields` in the 2xx body.
+/// `default_currency: highest`: the table's currency whose minor unit is worth the most,
+/// for an amount whose currency is not known (fail closed: never under-counted).
+pub const HIGHEST: &str = "highest";
+
+fn costliest(currencies: &Map<String, Currency>) -> Option<(&str, &Currency)> {
+    // usd_per_unit / 10^decimals, compared without division.
+    currencies
+        .iter()
+        .max_by(|(_, a), (_, b)| {
+            let a_value = a.usd_per_unit.0 as i128 * 10i128.pow(b.decimals);
+            let b_value = b.usd_per_unit.0 as i128 * 10i128.pow(a.decimals);
+            a_value.cmp(&b_value)
+        })
+        .map(|(code, c)| (code.as_str(), c))
+}
+
+/// The cost of a response-metered call: the largest of `amount_fields` in the 2xx body.
+/// The largest, not the first: a confirmed PaymentIntent still `processing` (bank debits)
+/// or awaiting 3-D Secure has `amount_received: 0`, yet its `amount` is on its way.
 pub fn response_cost(
     rule: &MeterRule,
     body: &Value,
@@ -160,7 +177,8 @@ pub fn response_cost(
     let amount = rule
         .amount_fields
         .iter()
-        .find_map(|f| body.get(f)?.as_i64())?;
+        .filter_map(|f| body.get(f)?.as_i64())
+        .max()?;
     let currency = body.get("currency")?.as_str()?.to_ascii_lowercase();
     to_usd(amount.max(0), currencies.get(&currency)?)
 }
@@ -237,8 +255,44 @@ mod tests {
         request_cost(
             &rule,
             &ParsedBody::from_form(body.as_bytes(), &rule.fields()),
+            None,
             &c.currencies,
         )
+        .map(|(m, _)| m)
+    }
+
+    #[test]
+    fn an_increment_counts_in_its_intents_currency_else_the_costliest() {
+        let c = config();
+        let rule = c.vendors["stripe"]
+            .meter_rule(
+                &http::Method::POST,
+                "/v1/payment_intents/pi_1/increment_authorization",
+            )
+            .unwrap()
+            .clone();
+        let cost = |body: &str, object: Option<&str>| {
+            request_cost(
+                &rule,
+                &ParsedBody::from_form(body.as_bytes(), &rule.fields()),
+                object,
+                &c.currencies,
+            )
+        };
+        assert_eq!(
+            cost("amount=1000", Some("jpy")),
+            Ok((Micros(6_700_000), Some("jpy")))
+        );
+        // Unknown intent: the pound's penny is the table's most valuable minor unit.
+        assert_eq!(cost("amount=1000", None), Ok((Micros(12_700_000), None)));
+        assert_eq!(
+            cost("amount=1000&currency=usd", Some("gbp")),
+            Ok((Micros(10_000_000), Some("usd")))
+        );
+        assert_eq!(
+            cost("amount=1000&currency=highest", None),
+            Err(Denial::UnsupportedCurrency)
+        );
     }
 
     #[test]
@@ -336,13 +390,21 @@ mod tests {
             json!({"amount": 100, "currency": "usd", " amount": 99999999}),
             json!({"amount": {"x": 1}, "currency": "usd"}),
             json!({"amount": 100, "currency": ["usd"]}),
+            // Nested keys flatten to bracketed names that Stripe's parser may fold.
+            json!({"amount": 100, "currency": "usd", "": {"amount": 99999999}}),
+            json!({"amount": 100, "currency": "usd", "]": {"amount": 99999999}}),
         ] {
             assert_eq!(
                 request_cost(
                     &rule,
-                    &ParsedBody::from_json(&aliased, &rule.fields()),
+                    &ParsedBody::from_form(
+                        json_to_form(&aliased).unwrap().as_bytes(),
+                        &rule.fields()
+                    ),
+                    None,
                     &c.currencies
-                ),
+                )
+                .map(|(m, _)| m),
                 Err(Denial::InvalidAmount),
                 "{aliased}"
             );
@@ -351,20 +413,58 @@ mod tests {
         assert_eq!(
             request_cost(
                 &rule,
-                &ParsedBody::from_json(&body, &rule.fields()),
+                &ParsedBody::from_form(json_to_form(&body).unwrap().as_bytes(), &rule.fields()),
+                None,
                 &c.currencies
-            ),
+            )
+            .map(|(m, _)| m),
             Ok(Micros(21_600_000))
         );
         let float = json!({"amount": 20.5, "currency": "usd"});
         assert_eq!(
             request_cost(
                 &rule,
-                &ParsedBody::from_json(&float, &rule.fields()),
+                &ParsedBody::from_form(json_to_form(&float).unwrap().as_bytes(), &rule.fields()),
+                None,
                 &c.currencies
-            ),
+            )
+            .map(|(m, _)| m),
             Err(Denial::InvalidAmount)
         );
+    }
+
+    #[test]
+    fn a_confirm_costs_the_largest_of_its_amounts() {
+        let c = config();
+        let rule = c.vendors["stripe"]
+            .meter_rule(&http::Method::POST, "/v1/payment_intents/pi_1/confirm")
+            .unwrap()
+            .clone();
+        let cost = |body: serde_json::Value| response_cost(&rule, &body, &c.currencies);
+        // Still processing (a bank debit) or awaiting 3-D Secure: nothing received yet.
+        for status in ["processing", "requires_action", "requires_capture"] {
+            let body =
+                json!({"status": status, "amount": 5000, "amount_received": 0, "currency": "usd"});
+            assert_eq!(cost(body), Some(Micros(50_000_000)), "{status}");
+        }
+        let body = json!({"amount": 5000, "amount_received": 5000, "currency": "eur"});
+        assert_eq!(cost(body), Some(Micros(54_000_000)));
+        assert_eq!(
+            cost(json!({"amount_received": 700, "currency": "usd"})),
+            Some(Micros(7_000_000))
+        );
+        assert_eq!(cost(json!({"amount": "5000", "currency": "usd"})), None);
+        assert_eq!(cost(json!({"amount": 5000})), None);
+    }
+
+    #[test]
+    fn json_looking_bodies_are_told_apart_from_forms() {
+        for body in [&b"{\"amount\":1}"[..], b" \n[1]", b"\t{"] {
+            assert!(looks_like_json(body));
+        }
+        for body in [&b"amount=1&currency=usd"[..], b"", b"  ", b"x={"] {
+            assert!(!looks_like_json(body));
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ const MAX_CAPTURE: usize = 256 * 1024;
 /// Most response bytes kept to meter a response-metered call (an invoice with many lines
 /// or an expanded object can be large). Past it the call is charged as unmeterable.
 const MAX_METERED_CAPTURE: usize = 8 * 1024 * 1024;
-/// Objects (e.g. PaymentIntents) remembered as created by a key, for
+/// Objects (e.g. PaymentIntents) remembered with what a key was charged for them, for
 /// `skip_if_created_by_same_key`.
 const MAX_CREATED: usize = 200_000;
 /// The most of a body read in `request_filter` that Pingora replays upstream (its retry
@@ -55,13 +55,24 @@ pub struct KeybrakeProxy {
     pub metrics: Arc<Metrics>,
     /// `metrics.requests` by vendor and decision, kept (see `RequestCounters`).
     pub request_counters: RequestCounters,
-    /// Object id → (key id, key exp) for objects a key created through a metered call.
-    pub created: DashMap<String, (Arc<str>, i64), ahash::RandomState>,
+    /// Object id → the key charged for it (through a metered create, confirm or capture)
+    /// and how much, so that a later confirm or capture charges only any increase.
+    pub created: DashMap<String, Charged, ahash::RandomState>,
     /// When `created` was last swept of expired entries (unix seconds).
     pub created_swept: std::sync::atomic::AtomicI64,
     /// Upstream connections for `forward_read_body` (built from the same server
     /// configuration as Pingora's own).
     pub connector: pingora::connectors::http::Connector,
+}
+
+/// What one key has been charged for one object, the most of its amounts seen so far.
+pub struct Charged {
+    owner: Arc<str>,
+    /// The key's expiry: the entry is useless after it.
+    exp: i64,
+    charged: Micros,
+    /// The object's currency (lower case), when known.
+    currency: Option<Arc<str>>,
 }
 
 pub struct Ctx {
@@ -86,6 +97,11 @@ pub struct Ctx {
     converted_to_form: bool,
     streamed: usize,
     response_rule: Option<Arc<MeterRule>>,
+    /// For a response-metered call on an object this key was already charged for: that
+    /// charge, taken off the response's amount.
+    credit: Micros,
+    /// The currency a request-metered call was counted in, remembered with its object.
+    charged_currency: Option<Arc<str>>,
     track_created: bool,
     capture: Option<Vec<u8>>,
     capture_overflowed: bool,
@@ -168,6 +184,13 @@ impl KeybrakeProxy {
                 }
                 None => &[],
             };
+            // The amount is only read from the body: the same field in the query string
+            // could be read by the vendor instead (or merged over it).
+            if let Some(query) = session.req_header().uri.query() {
+                if ParsedBody::from_form(query.as_bytes(), keep).has_fields() {
+                    return Err(Denial::InvalidAmount);
+                }
+            }
             let body = self.read_body(session).await?;
             let parsed = if convert && !body.is_empty() {
                 let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
@@ -178,31 +201,49 @@ impl KeybrakeProxy {
                     }
                 })?;
                 let form = meter::json_to_form(&value)?;
+                // Metered from what the vendor receives: a nested key flattens to a
+                // bracketed name (`{"": {"amount": …}}` → `[amount]=…`), refused there.
+                let parsed = ParsedBody::from_form(form.as_bytes(), keep);
                 ctx.body = Some(Bytes::from(form));
                 ctx.converted_to_form = true;
-                ParsedBody::from_json(&value, keep)
+                parsed
             } else {
+                if request_metered && meter::looks_like_json(&body) {
+                    // A JSON body declared as something else: a vendor that parses it as
+                    // JSON would see another amount than the form fields read here.
+                    return Err(Denial::InvalidAmount);
+                }
                 let parsed = ParsedBody::from_form(&body, keep);
                 ctx.body = Some(body);
                 parsed
             };
             ctx.body_was_read = true;
             if let Some(rule) = rule.as_ref().filter(|_| request_metered) {
-                let amount = meter::request_cost(rule, &parsed, &self.currencies)?;
+                let known = rule
+                    .skip_if_created_by_same_key
+                    .then(|| self.charged_for(ctx.path(), &key.claims.jti))
+                    .flatten();
+                let object_currency = known.as_ref().and_then(|k| k.1.as_deref());
+                let (amount, currency) =
+                    meter::request_cost(rule, &parsed, object_currency, &self.currencies)?;
+                // An amount that is a new total (increment_authorization): only the
+                // increase over what this key was charged for the object costs.
+                ctx.credit = known.map_or(Micros::ZERO, |k| k.0);
+                let amount = amount.saturating_sub(ctx.credit).max(Micros::ZERO);
                 cost = cost.checked_add(amount).ok_or(Denial::InvalidAmount)?;
                 ctx.track_created = true;
+                ctx.charged_currency = currency.map(Arc::from);
             }
         }
         if let Some(rule) = rule.filter(|r| r.source == MeterSource::Response) {
-            let created_here = rule.skip_if_created_by_same_key
-                && ctx.path().split('/').any(|seg| {
-                    self.created
-                        .get(seg)
-                        .is_some_and(|owner| *owner.0 == *key.claims.jti)
-                });
-            if !created_here {
-                ctx.response_rule = Some(rule);
+            if rule.skip_if_created_by_same_key {
+                // What this key was already charged for the object (its create, or an
+                // earlier confirm): only an amount above it is charged again.
+                ctx.credit = self
+                    .charged_for(ctx.path(), &key.claims.jti)
+                    .map_or(Micros::ZERO, |k| k.0);
             }
+            ctx.response_rule = Some(rule);
         }
 
         let spender = Spender {
@@ -321,6 +362,17 @@ impl KeybrakeProxy {
         Ok(())
     }
 
+    /// What key `jti` was charged for the object named in `path` (an id segment), and the
+    /// object's currency.
+    fn charged_for(&self, path: &str, jti: &str) -> Option<(Micros, Option<Arc<str>>)> {
+        path.split('/').find_map(|seg| {
+            self.created
+                .get(seg)
+                .filter(|e| *e.owner == *jti)
+                .map(|e| (e.charged, e.currency.clone()))
+        })
+    }
+
     fn finish_capture(&self, ctx: &mut Ctx) {
         let Some(bytes) = ctx.capture.take() else {
             if ctx.response_rule.is_some() && ctx.capture_overflowed {
@@ -328,21 +380,38 @@ impl KeybrakeProxy {
             }
             return;
         };
-        let created_id = if let Some(rule) = &ctx.response_rule {
+        let (id, charged, currency) = if let Some(rule) = ctx.response_rule.clone() {
             let Ok(body) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
                 self.charge_unmeterable(ctx, "not JSON");
                 return;
             };
-            match meter::response_cost(rule, &body, &self.currencies) {
-                Some(cost) => ctx.charge_after = cost,
-                None => self.charge_unmeterable(ctx, "without a known amount and currency"),
-            }
-            body.get("id").and_then(|v| v.as_str()).map(str::to_string)
+            let Some(cost) = meter::response_cost(&rule, &body, &self.currencies) else {
+                self.charge_unmeterable(ctx, "without a known amount and currency");
+                return;
+            };
+            ctx.charge_after = cost.saturating_sub(ctx.credit).max(Micros::ZERO);
+            let id = body.get("id").and_then(|v| v.as_str()).map(str::to_string);
+            let currency = body
+                .get("currency")
+                .and_then(|v| v.as_str())
+                .map(|c| Arc::from(c.to_ascii_lowercase()));
+            (
+                id.filter(|_| rule.skip_if_created_by_same_key),
+                cost,
+                currency,
+            )
+        } else if ctx.track_created {
+            let charged = ctx.credit.checked_add(ctx.spend).unwrap_or(ctx.spend);
+            (
+                created_object_id(&bytes),
+                charged,
+                ctx.charged_currency.take(),
+            )
         } else {
-            created_object_id(&bytes)
+            return;
         };
-        if let (true, Some(id), Some(key)) = (ctx.track_created, created_id, &ctx.key) {
-            self.remember_created(id, key);
+        if let (Some(id), Some(key)) = (id, &ctx.key) {
+            self.remember_charged(id, key, charged, currency);
         }
     }
 
@@ -359,10 +428,17 @@ impl KeybrakeProxy {
         }
     }
 
-    /// Records that `key` created object `id`. The map is bounded: when full, expired
-    /// owners are swept out (at most once a second); if it is still full, nothing is added
-    /// and a later confirm of that object is simply metered from its response.
-    fn remember_created(&self, id: String, key: &VerifiedKey) {
+    /// Records that `key` was charged `charged` for object `id` (kept: the most charged so
+    /// far). The map is bounded: when full, expired owners are swept out (at most once a
+    /// second); if it is still full, nothing is added and a later confirm of that object
+    /// is metered from its response in full.
+    fn remember_charged(
+        &self,
+        id: String,
+        key: &VerifiedKey,
+        charged: Micros,
+        currency: Option<Arc<str>>,
+    ) {
         if self.created.len() >= MAX_CREATED {
             let now = now_secs();
             let last = self
@@ -379,11 +455,34 @@ impl KeybrakeProxy {
                     )
                     .is_ok()
             {
-                self.created.retain(|_, (_, exp)| *exp > now);
+                self.created.retain(|_, e| e.exp > now);
             }
         }
-        if self.created.len() < MAX_CREATED {
-            self.created.insert(id, (key.jti.clone(), key.claims.exp));
+        if let Some(mut e) = self.created.get_mut(&id) {
+            if *e.owner == *key.jti {
+                e.charged = e.charged.max(charged);
+                if currency.is_some() {
+                    e.currency = currency;
+                }
+            } else {
+                // Another key's object: from now on its owner is charged in full.
+                *e = Charged {
+                    owner: key.jti.clone(),
+                    exp: key.claims.exp,
+                    charged,
+                    currency,
+                };
+            }
+        } else if self.created.len() < MAX_CREATED {
+            self.created.insert(
+                id,
+                Charged {
+                    owner: key.jti.clone(),
+                    exp: key.claims.exp,
+                    charged,
+                    currency,
+                },
+            );
         }
     }
 }
@@ -466,6 +565,8 @@ impl ProxyHttp for KeybrakeProxy {
             converted_to_form: false,
             streamed: 0,
             response_rule: None,
+            credit: Micros::ZERO,
+            charged_currency: None,
             track_created: false,
             capture: None,
             capture_overflowed: false,
@@ -557,6 +658,10 @@ impl ProxyHttp for KeybrakeProxy {
                 )?;
             }
         }
+        if ctx.body_was_read {
+            // The whole body goes with the header: nothing to wait for a 100 for.
+            upstream.remove_header(&http::header::EXPECT);
+        }
         if ctx.converted_to_form {
             upstream.insert_header(
                 http::header::CONTENT_TYPE,
@@ -606,6 +711,11 @@ impl ProxyHttp for KeybrakeProxy {
         upstream: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if upstream.status.is_informational() {
+            // `100 Continue`, `103 Early Hints`: the final answer is still to come, and it
+            // alone settles or releases the reservation.
+            return Ok(());
+        }
         ctx.status = upstream.status.as_u16();
         let success = upstream.status.is_success();
         if let Some(r) = ctx.reservation.take() {

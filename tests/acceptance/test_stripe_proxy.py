@@ -306,6 +306,83 @@ def test_confirm_and_capture_are_metered_from_the_response_unless_the_key_create
     tenant.wait_spent(key["id"], Decimal(23))
 
 
+def test_raising_an_intents_amount_after_creating_it_is_charged_at_confirm(
+        keybrake, tenant, fake_stripe, stripe_secret):
+    """A key that creates a $1 PaymentIntent, updates its amount to $50 and confirms it
+    is charged $50 in all: the confirm costs what the intent's amount exceeds what the
+    key was already charged for it. A capture after that costs nothing more."""
+    _, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    key = tenant.issue_key(allowed_endpoints=["/v1/payment_intents", "/v1/payment_intents/**"],
+                           daily_usd_cap=100)
+    client = stripe_client(keybrake, key["token"])
+    own = client.v1.payment_intents.create(params={"amount": 100, "currency": "usd", "payment_method": pm,
+                                                   "capture_method": "manual"})
+    tenant.wait_spent(key["id"], Decimal(1))
+    assert client.v1.payment_intents.update(own.id, params={"amount": 5000}).amount == 5000
+    tenant.wait_spent(key["id"], Decimal(1))
+    assert client.v1.payment_intents.confirm(own.id).status == "requires_capture"
+    tenant.wait_spent(key["id"], Decimal(50))
+    assert client.v1.payment_intents.capture(own.id).status == "succeeded"
+    tenant.wait_spent(key["id"], Decimal(50))
+
+
+def test_an_increment_costs_its_increase_in_the_intents_currency(keybrake, tenant, fake_stripe, stripe_secret):
+    """`increment_authorization` carries the held intent's new total and no currency: a
+    key that created the £10 intent pays the £5 increase, at the pound's rate; an intent
+    it never paid for is charged the whole total at the costliest currency's rate."""
+    _, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    key = tenant.issue_key(allowed_endpoints=["/v1/payment_intents", "/v1/payment_intents/**"],
+                           daily_usd_cap=100)
+    client = stripe_client(keybrake, key["token"])
+    own = client.v1.payment_intents.create(params={
+        "amount": 1000, "currency": "gbp", "payment_method": pm, "capture_method": "manual", "confirm": True})
+    assert own.status == "requires_capture"
+    tenant.wait_spent(key["id"], usd_of(1000, "gbp"))
+    r = keybrake.proxy("POST", f"{PI}/{own.id}/increment_authorization", key=key["token"], data={"amount": 1500})
+    assert r.status_code == 200, r.text
+    assert r.json()["amount"] == 1500
+    tenant.wait_spent(key["id"], usd_of(1500, "gbp"))
+    assert client.v1.payment_intents.capture(own.id).status == "succeeded"
+    tenant.wait_spent(key["id"], usd_of(1500, "gbp"))
+
+    direct = fake_stripe.direct(stripe_secret)
+    held = direct.post(f"{fake_stripe.url}/v1/payment_intents", timeout=10, data={
+        "amount": 500, "currency": "usd", "payment_method": pm, "capture_method": "manual",
+        "confirm": "true"}).json()
+    other = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents/*/increment_authorization"],
+                             daily_usd_cap=100)
+    r = keybrake.proxy("POST", f"{PI}/{held['id']}/increment_authorization", key=other["token"], data={"amount": 800})
+    assert r.status_code == 200, r.text
+    tenant.wait_spent(other["id"], usd_of(800, "gbp"))
+
+
+def test_a_100_continue_before_the_answer_does_not_release_the_reservation(keybrake, tenant, fake_stripe):
+    """A vendor may send an informational `100 Continue` before its real answer: the
+    payment is still charged when the 200 follows."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    r = keybrake.proxy("POST", PI, key=key["token"], data={"amount": 4200, "currency": "usd"},
+                       headers={"x-fake-send-100": "1"})
+    assert r.status_code == 200, r.text
+    tenant.wait_spent(key["id"], Decimal(42))
+
+
+def test_expect_100_continue_is_not_forwarded_with_a_read_body(keybrake, tenant, fake_stripe):
+    """A client's `Expect: 100-continue` on a metered call: Keybrake has read the whole
+    body, so it sends it with the header and drops `Expect`; the payment is charged."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    conn = http.client.HTTPConnection("127.0.0.1", keybrake.proxy_port, timeout=30)
+    body = b"amount=3100&currency=usd"
+    conn.request("POST", PI, body=body, headers={
+        "Authorization": f"Bearer {key['token']}", "Expect": "100-continue",
+        "Content-Type": "application/x-www-form-urlencoded"})
+    r = conn.getresponse()
+    assert r.status == 200, r.read()[:300]
+    conn.close()
+    received = fake_stripe.received()[-1]
+    assert "expect" not in received.headers and received.body == body
+    tenant.wait_spent(key["id"], Decimal(31))
+
+
 def test_chunked_metered_body_is_metered_and_forwarded_intact(keybrake, tenant, fake_stripe):
     """A metered body sent with Transfer-Encoding: chunked is read, metered and
     forwarded with the same bytes."""
@@ -932,9 +1009,13 @@ def test_unsupported_currency_is_refused(keybrake, tenant, fake_stripe):
         ("", "amount=100&currency=usd&amount%5D=5000"),
         ("", "amount=100&currency=usd&%5Bamount%5D=5000"),
         ("", "amount=100&currency=usd;amount=5000"),
+        ("?amount=5000", "amount=100&currency=usd"),
+        ("?%20amount=5000", "amount=100&currency=usd"),
+        ("", '{"amount":500000,"currency":"usd","x":"&amount=1&currency=usd&"}'),
     ],
     ids=["duplicate-amount", "duplicate-currency", "huge-amount", "amount-in-query", "amount-only-in-query",
-         "space-aliased-amount", "bracket-aliased-amount", "bracketed-amount", "semicolon-amount"],
+         "space-aliased-amount", "bracket-aliased-amount", "bracketed-amount", "semicolon-amount",
+         "amount-in-query-and-body", "aliased-amount-in-query", "json-declared-as-form"],
 )
 def test_ambiguous_amounts_cannot_slip_under_the_cap(keybrake, tenant, fake_stripe, query, body):
     """A body whose charge the vendor could read differently from Keybrake (duplicate
@@ -964,6 +1045,17 @@ def test_metered_request_without_a_valid_amount_is_refused(keybrake, tenant, fak
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"])
     assert_denied(keybrake.proxy("POST", PI, key=key["token"], data=body), 400, code)
     assert_denied(keybrake.proxy("POST", PI, key=key["token"], json=body), 400, code)
+    assert fake_stripe.received() == []
+
+
+@pytest.mark.parametrize("nested_key", ["", "]", " "])
+def test_json_cannot_smuggle_a_second_amount_through_a_nested_key(keybrake, tenant, fake_stripe, nested_key):
+    """A JSON body is metered from the form Stripe will receive: a nested object whose
+    key flattens to a name Stripe's parser may read as `amount` (`[amount]`,
+    `][amount]`) makes the amount ambiguous: 400 invalid_amount, never forwarded."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1000)
+    body = {"amount": 100, "currency": "usd", nested_key: {"amount": 99999999}}
+    assert_denied(keybrake.proxy("POST", PI, key=key["token"], json=body), 400, "invalid_amount")
     assert fake_stripe.received() == []
 
 

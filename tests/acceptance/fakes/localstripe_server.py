@@ -11,9 +11,14 @@ localstripe itself binds every interface and keeps its state in a hard-coded
   vendor really received (method, raw path, headers, body bytes) and what it
   answered (status, body), so tests can assert "the vendor saw the real sk_ secret",
   "the vendor received nothing", "the body arrived byte for byte";
-* fills two fidelity gaps of localstripe that the seed's request hits: real Stripe
-  accepts `automatic_payment_methods` and `description` on a PaymentIntent, and
-  confirms with the customer's attached payment method when none is named.
+* fills fidelity gaps of localstripe: real Stripe accepts `automatic_payment_methods`
+  and `description` on a PaymentIntent, confirms with the customer's attached payment
+  method when none is named (both hit by the seed's request), stores an updated
+  `amount` as an integer (localstripe keeps the form's string), and has
+  `POST /v1/payment_intents/{id}/increment_authorization` (a held intent's new total);
+* answers `100 Continue` before the real answer when a request carries
+  `x-fake-send-100: 1`, as any HTTP/1.1 server may, to test how the proxy treats an
+  informational answer.
 """
 
 import argparse
@@ -75,14 +80,39 @@ def patch_payment_intent():
                     break
         return original_create(cls, **data)
 
+    original_update = PaymentIntent._update
+
+    def _update(self, **data):
+        if "amount" in data:
+            amount = resources.try_convert_to_int(data["amount"])
+            if type(amount) is not int or amount <= 0:
+                raise UserError(400, "Bad request")
+            data["amount"] = amount
+        original_update(self, **data)
+
     PaymentIntent.__init__ = __init__
     PaymentIntent._api_create = classmethod(_api_create)
+    PaymentIntent._update = _update
+
+
+def increment_authorization(id=None, amount=None, **kwargs):
+    """Stripe's increment: `amount` is the held intent's new, larger total."""
+    if kwargs:
+        raise UserError(400, "Received unknown parameter: " + ", ".join(kwargs))
+    intent = resources.PaymentIntent._api_retrieve(id)
+    amount = resources.try_convert_to_int(amount)
+    if intent.status != "requires_capture" or type(amount) is not int or amount < intent.amount:
+        raise UserError(400, "Bad request")
+    intent.amount = amount
+    return intent
 
 
 def make_recorder(log_path):
     @web.middleware
     async def record(request, handler):
         body = await request.read()  # cached by aiohttp for the handlers below
+        if request.headers.get("x-fake-send-100") == "1":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         status = 500
         response_body = b""
         try:
@@ -128,6 +158,8 @@ def main():
     resources.store.try_load_from_disk()
 
     app = ls_server.app
+    url = "/v1/payment_intents/{id}/increment_authorization"
+    app.router.add_route("POST", url, ls_server.api_extra(increment_authorization, url))
     # Bodies up to 64 MiB, so that an oversized body the proxy wrongly forwards is
     # recorded here instead of being refused by aiohttp's 1 MiB default.
     app._client_max_size = 64 * 1024 * 1024

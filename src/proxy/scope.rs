@@ -16,6 +16,11 @@ pub fn check(
     if key.claims.ven != vendor.name {
         return Err(Denial::VendorMismatch);
     }
+    // Methods are case-sensitive: `post` or an extension method would pass a pattern that
+    // allows any method, yet match no metering rule. No vendor API needs one.
+    if !is_standard(method) {
+        return Err(Denial::MethodNotAllowed);
+    }
     if !key.allowlist.allows(method, path) {
         return Err(if key.allowlist.allows_path_any_method(path) {
             Denial::MethodNotAllowed
@@ -37,6 +42,19 @@ pub fn check(
         }
     }
     Ok(())
+}
+
+fn is_standard(method: &Method) -> bool {
+    [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+    ]
+    .contains(method)
 }
 
 #[cfg(test)]
@@ -89,6 +107,12 @@ mod tests {
         assert_eq!(
             check(&k, stripe, &Method::POST, "/v1/payment_intents", &h),
             Err(Denial::AccountNotAllowed)
+        );
+        let any = key(&["/v1/payment_intents"], None);
+        let lower = Method::from_bytes(b"post").unwrap();
+        assert_eq!(
+            check(&any, stripe, &lower, "/v1/payment_intents", &none),
+            Err(Denial::MethodNotAllowed)
         );
         let no_acc = key(&["/v1/**"], None);
         assert_eq!(

@@ -696,6 +696,24 @@ def test_endpoint_allowlist_is_enforced(keybrake, tenant, fake_stripe, patterns,
         assert fake_stripe.received() == []
 
 
+@pytest.mark.parametrize("method", ["post", "Post", "PURGE", "CHARGE"])
+def test_non_standard_methods_are_refused_even_where_any_method_is_allowed(keybrake, tenant, fake_stripe, method):
+    """Methods are case-sensitive: `post` or an extension method would pass a pattern that
+    allows every method yet escape the `POST` metering rule. 403 endpoint_not_allowed,
+    never forwarded."""
+    key = tenant.issue_key(allowed_endpoints=["/v1/payment_intents"], daily_usd_cap=1)
+    conn = http.client.HTTPConnection("127.0.0.1", keybrake.proxy_port, timeout=30)
+    body = b"amount=999999&currency=usd"
+    conn.request(method, PI, body=body, headers={
+        "Authorization": f"Bearer {key['token']}", "Content-Type": "application/x-www-form-urlencoded"})
+    r = conn.getresponse()
+    text = r.read()
+    conn.close()
+    assert r.status == 403, text[:300]
+    assert json.loads(text)["code"] == "endpoint_not_allowed"
+    assert fake_stripe.received() == []
+
+
 def test_stripe_key_used_on_another_vendor_is_vendor_mismatch(keybrake_factory, fake_stripe_factory, stripe_secret):
     """(7) A Stripe vault key sent to /openai/… is 403 vendor_mismatch before any
     contact with OpenAI's upstream; an unknown vendor prefix is 404 unknown_vendor."""

@@ -63,6 +63,16 @@ pub fn looks_like_json(body: &[u8]) -> bool {
     )
 }
 
+/// `application/x-www-form-urlencoded`, parameters and case aside.
+pub fn is_form(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+}
+
 pub fn is_json(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| {
         let ct = ct.split(';').next().unwrap_or("").trim().as_bytes();
@@ -376,6 +386,15 @@ mod tests {
             assert!(!is_json(Some(ct)), "{ct}");
         }
         assert!(!is_json(None));
+        for ct in [
+            "application/x-www-form-urlencoded",
+            "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+        ] {
+            assert!(is_form(ct), "{ct}");
+        }
+        for ct in ["multipart/form-data; boundary=x", "text/plain", ""] {
+            assert!(!is_form(ct), "{ct}");
+        }
     }
 
     #[test]

@@ -163,15 +163,23 @@ impl KeybrakeProxy {
         if content_length.is_some_and(|n| n > self.body_limit) {
             return Err(Denial::BodyTooLarge);
         }
-        let is_json = meter::is_json(
-            req.headers
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok()),
-        );
+        let content_type = req
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("?"));
+        let is_json = meter::is_json(content_type);
         let rule = vendor.meter_rule(&method, ctx.path()).cloned();
         let request_metered = rule
             .as_ref()
             .is_some_and(|r| r.source == MeterSource::Request);
+        if request_metered
+            && (req.headers.contains_key(http::header::CONTENT_ENCODING)
+                || !(is_json || content_type.is_none_or(meter::is_form)))
+        {
+            // Only a plain form or JSON body is read here: a vendor that decodes another
+            // type (multipart, a compressed body) could find another amount in it.
+            return Err(Denial::InvalidAmount);
+        }
         let convert = vendor.json_to_form && is_json && content_length != Some(0);
 
         let mut cost = vendor.cost_per_request;
@@ -253,14 +261,25 @@ impl KeybrakeProxy {
             cap: Micros(key.claims.cap),
             exp: key.claims.exp,
         };
+        let refused = |e| match e {
+            SpendError::CapExhausted => Denial::CapExhausted,
+            SpendError::LedgerUnavailable => Denial::LedgerUnavailable,
+        };
+        if ctx.response_rule.is_some() && cost == Micros::ZERO {
+            // Charged only once the vendor has answered, so it may take the key past its
+            // cap once; a key with nothing left is refused before anything is sent.
+            let probe = self
+                .spend
+                .reserve(&spender, Micros(1), now)
+                .await
+                .map_err(refused)?;
+            self.spend.release(probe);
+        }
         let reservation = self
             .spend
             .reserve(&spender, cost, now)
             .await
-            .map_err(|e| match e {
-                SpendError::CapExhausted => Denial::CapExhausted,
-                SpendError::LedgerUnavailable => Denial::LedgerUnavailable,
-            })?;
+            .map_err(refused)?;
         ctx.spend = reservation.amount;
         ctx.reservation = Some(reservation);
         ctx.secret = Some(secret);
@@ -458,31 +477,32 @@ impl KeybrakeProxy {
                 self.created.retain(|_, e| e.exp > now);
             }
         }
-        if let Some(mut e) = self.created.get_mut(&id) {
-            if *e.owner == *key.jti {
-                e.charged = e.charged.max(charged);
-                if currency.is_some() {
-                    e.currency = currency;
+        let fresh = || Charged {
+            owner: key.jti.clone(),
+            exp: key.claims.exp,
+            charged,
+            currency: currency.clone(),
+        };
+        // Counted before `entry` locks a shard: `len` reads every shard.
+        let full = self.created.len() >= MAX_CREATED;
+        match self.created.entry(id) {
+            dashmap::Entry::Occupied(mut e) => {
+                let e = e.get_mut();
+                if *e.owner == *key.jti {
+                    e.charged = e.charged.max(charged);
+                    if currency.is_some() {
+                        e.currency = currency.clone();
+                    }
+                } else {
+                    // Another key's object: from now on its owner is charged in full.
+                    *e = fresh();
                 }
-            } else {
-                // Another key's object: from now on its owner is charged in full.
-                *e = Charged {
-                    owner: key.jti.clone(),
-                    exp: key.claims.exp,
-                    charged,
-                    currency,
-                };
             }
-        } else if self.created.len() < MAX_CREATED {
-            self.created.insert(
-                id,
-                Charged {
-                    owner: key.jti.clone(),
-                    exp: key.claims.exp,
-                    charged,
-                    currency,
-                },
-            );
+            dashmap::Entry::Vacant(e) => {
+                if !full {
+                    e.insert(fresh());
+                }
+            }
         }
     }
 }
@@ -845,9 +865,10 @@ impl ProxyHttp for KeybrakeProxy {
                 self.spend.settle(r);
             }
         }
-        if ctx.capture.is_some() {
+        if ctx.capture.is_some() || ctx.capture_overflowed {
             // The response was cut short (client or vendor gone): meter what arrived; a
-            // truncated response-metered answer cannot be read and is charged as such.
+            // truncated (or overflowed) response-metered answer cannot be read and is
+            // charged as such.
             self.finish_capture(ctx);
         }
         if let (Some(key), true) = (&ctx.key, ctx.charge_after.is_positive()) {

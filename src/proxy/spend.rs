@@ -317,6 +317,24 @@ impl SpendBook {
                     && e.unreported_overspent.load(Ordering::Acquire) == 0
             });
         }
+        // A past day's counter is dropped only once no request holds it (a reservation
+        // made before midnight, settled after) and nothing is left to report; otherwise
+        // it waits for the next round. No new holder can appear: it is out of `entries`.
+        drop((current, reported, done));
+        let held: Vec<Arc<KeySpend>> = retired
+            .into_iter()
+            .filter(|e| {
+                Arc::strong_count(e) > 1
+                    || e.unreported_spent.load(Ordering::Acquire) != 0
+                    || e.unreported_overspent.load(Ordering::Acquire) != 0
+            })
+            .collect();
+        if !held.is_empty() {
+            self.retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(held);
+        }
     }
 
     pub fn tracked_keys(&self) -> usize {
@@ -405,6 +423,30 @@ mod tests {
         assert_eq!(ok, 50);
         book.report(1000, true).await;
         assert_eq!(*ledger.settled.lock().unwrap(), 50_000_000);
+    }
+
+    #[tokio::test]
+    async fn spend_settled_after_midnight_is_reported_on_the_day_it_was_reserved() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let day = 86_400;
+        let before_midnight = book
+            .reserve(&who(20_000_000), Micros(3_000_000), 2 * day - 1)
+            .await
+            .unwrap();
+        // The next day's first request retires yesterday's counter, which is reported
+        // while the reservation above is still in flight.
+        let today = book
+            .reserve(&who(20_000_000), Micros(1_000_000), 2 * day)
+            .await
+            .unwrap();
+        book.settle(today);
+        book.report(2 * day, false).await;
+        book.settle(before_midnight);
+        book.report(2 * day + 1, false).await;
+        assert_eq!(*ledger.settled.lock().unwrap(), 4_000_000);
+        book.report(2 * day + 2, false).await;
+        assert!(book.retired.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -306,6 +306,40 @@ def test_confirm_and_capture_are_metered_from_the_response_unless_the_key_create
     tenant.wait_spent(key["id"], Decimal(23))
 
 
+def test_a_confirm_can_pass_the_cap_once_then_the_key_is_refused(keybrake, tenant, fake_stripe, stripe_secret):
+    """A confirm is charged from Stripe's answer, so it can take a key past its cap once;
+    after that the key has nothing left and the next confirm is refused with 429
+    cap_exhausted before it reaches Stripe."""
+    direct, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    intents = [direct.post(f"{fake_stripe.url}/v1/payment_intents", timeout=10,
+                           data={"amount": 1200, "currency": "usd", "payment_method": pm}).json()
+               for _ in range(2)]
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents/*/confirm"], daily_usd_cap=10)
+    first = keybrake.proxy("POST", f"{PI}/{intents[0]['id']}/confirm", key=key["token"])
+    assert first.status_code == 200, first.text
+    tenant.wait_spent(key["id"], Decimal(12))
+    sent = len(fake_stripe.received())
+    assert_denied(keybrake.proxy("POST", f"{PI}/{intents[1]['id']}/confirm", key=key["token"]),
+                  429, "cap_exhausted")
+    assert len(fake_stripe.received()) == sent
+    tenant.wait_spent(key["id"], Decimal(12))
+
+
+def test_confirming_another_keys_intent_is_charged_in_full(keybrake, tenant, fake_stripe, stripe_secret):
+    """What a key was charged for an intent it created is its own credit: another key
+    confirming that intent pays its whole amount."""
+    _, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    creator = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    confirmer = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents/*/confirm"], daily_usd_cap=100)
+    created = pay(keybrake, creator["token"], 700, payment_method=pm)
+    assert created.status_code == 200, created.text
+    tenant.wait_spent(creator["id"], Decimal(7))
+    r = keybrake.proxy("POST", f"{PI}/{created.json()['id']}/confirm", key=confirmer["token"])
+    assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+    tenant.wait_spent(confirmer["id"], Decimal(7))
+    tenant.wait_spent(creator["id"], Decimal(7))
+
+
 def test_raising_an_intents_amount_after_creating_it_is_charged_at_confirm(
         keybrake, tenant, fake_stripe, stripe_secret):
     """A key that creates a $1 PaymentIntent, updates its amount to $50 and confirms it
@@ -1063,6 +1097,26 @@ def test_metered_request_without_a_valid_amount_is_refused(keybrake, tenant, fak
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"])
     assert_denied(keybrake.proxy("POST", PI, key=key["token"], data=body), 400, code)
     assert_denied(keybrake.proxy("POST", PI, key=key["token"], json=body), 400, code)
+    assert fake_stripe.received() == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "multipart/form-data; boundary=x"},
+        {"Content-Type": "text/plain"},
+        {"Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip"},
+        {"Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "identity"},
+    ],
+    ids=["multipart", "text-plain", "gzip", "identity-encoding"],
+)
+def test_metered_bodies_other_than_a_plain_form_or_json_are_refused(keybrake, tenant, fake_stripe, headers):
+    """Only a plain form (or JSON) body is metered: another content type or any
+    Content-Encoding could hide another amount from Keybrake's reading. 400
+    invalid_amount, never forwarded."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1000)
+    r = keybrake.proxy("POST", PI, key=key["token"], data=b"amount=100&currency=usd", headers=headers)
+    assert_denied(r, 400, "invalid_amount")
     assert fake_stripe.received() == []
 
 

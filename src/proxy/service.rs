@@ -290,6 +290,14 @@ impl KeybrakeProxy {
     /// (up to 64 KiB of) it for replay; `request_body_filter` sends our full copy instead.
     async fn read_body(&self, session: &mut Session) -> Result<Bytes, Denial> {
         session.enable_retry_buffering();
+        if expects_continue(session.req_header()) {
+            // The client waits for this before it sends the body we are about to read
+            // (the vendor, which would answer it otherwise, is not asked yet).
+            session
+                .write_continue_response()
+                .await
+                .map_err(|_| Denial::InvalidBody)?;
+        }
         let deadline = tokio::time::Instant::now() + self.body_timeout;
         // Usually the whole body is one chunk that came with the headers: it is kept as
         // is, and copied into `buf` only when a second chunk follows.
@@ -505,6 +513,16 @@ impl KeybrakeProxy {
             }
         }
     }
+}
+
+/// An HTTP/1.1 request with `Expect: 100-continue`: its client may hold the body back
+/// until it gets `100 Continue`.
+fn expects_continue(req: &RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// `read` with a deadline. It is polled once first: a read that is already complete (the
@@ -831,7 +849,11 @@ impl ProxyHttp for KeybrakeProxy {
         ctx.denial = Some(denial);
         ctx.status = denial.status();
         let key_id = ctx.key.as_ref().map(|k| k.claims.jti.clone());
-        if session.response_written().is_none() {
+        // Nothing final sent yet (a `100 Continue` may have been).
+        if session
+            .response_written()
+            .is_none_or(|r| r.status.is_informational())
+        {
             if let Err(err) = deny::respond(session, denial, key_id.as_deref()).await {
                 log::debug!("cannot send the error response: {err}");
             }
@@ -901,7 +923,10 @@ impl ProxyHttp for KeybrakeProxy {
         let status = if ctx.status != 0 {
             ctx.status
         } else {
-            session.response_written().map_or(0, |r| r.status.as_u16())
+            session
+                .response_written()
+                .filter(|r| !r.status.is_informational())
+                .map_or(0, |r| r.status.as_u16())
         };
         // Label values stay bounded: unknown vendor names are folded into one.
         let vendor_label = if ctx.vendor.is_some() {

@@ -412,6 +412,14 @@ impl Config {
             bail!("body_limit_bytes must be positive");
         }
         let threads = file.pingora.threads.unwrap_or(2);
+        let data_dir: PathBuf = overrides
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| "./data".into());
+        // In the data dir (mode 0700), not a shared /tmp where another local user could
+        // bind the socket first and be handed the listening sockets on an upgrade.
+        let in_data_dir = |name: &str| data_dir.join(name).to_string_lossy().into_owned();
         if threads == 0 {
             bail!("pingora.threads must be at least 1");
         }
@@ -440,11 +448,7 @@ impl Config {
                 "127.0.0.1:9090",
                 "metrics_listen",
             )?,
-            data_dir: overrides
-                .data_dir
-                .clone()
-                .or(file.data_dir)
-                .unwrap_or_else(|| "./data".into()),
+            data_dir: data_dir.clone(),
             body_limit_bytes,
             body_read_timeout: ms(file.body_read_timeout_ms, 10_000),
             default_key_ttl,
@@ -478,11 +482,11 @@ impl Config {
                 upgrade_sock: file
                     .pingora
                     .upgrade_sock
-                    .unwrap_or_else(|| "/tmp/keybrake_upgrade.sock".into()),
+                    .unwrap_or_else(|| in_data_dir("upgrade.sock")),
                 pid_file: file
                     .pingora
                     .pid_file
-                    .unwrap_or_else(|| "/tmp/keybrake.pid".into()),
+                    .unwrap_or_else(|| in_data_dir("keybrake.pid")),
             },
             vendors,
             currencies: parse_currencies(&currencies_text)?,
@@ -680,6 +684,21 @@ mod tests {
         assert_eq!(c.proxy_listen.to_string(), "127.0.0.1:8080");
         assert!(c.vendors["stripe"].json_to_form);
         assert_eq!(c.currencies["jpy"].decimals, 0);
+    }
+
+    #[test]
+    fn upgrade_socket_and_pid_file_default_to_the_data_dir() {
+        let c = Config::from_yaml(EMBEDDED_CONFIG, None, &Overrides::default()).unwrap();
+        assert_eq!(c.pingora.upgrade_sock, "./data/upgrade.sock");
+        assert_eq!(c.pingora.pid_file, "./data/keybrake.pid");
+        let moved = Overrides {
+            data_dir: Some("/var/lib/kb".into()),
+            ..Overrides::default()
+        };
+        let c = Config::from_yaml("", None, &moved).unwrap();
+        assert_eq!(c.pingora.upgrade_sock, "/var/lib/kb/upgrade.sock");
+        let c = Config::from_yaml("pingora: {upgrade_sock: /run/k.sock}", None, &moved).unwrap();
+        assert_eq!(c.pingora.upgrade_sock, "/run/k.sock");
     }
 
     #[test]

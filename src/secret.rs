@@ -2,7 +2,34 @@
 //! `Debug` and `Display` print `[redacted]` so nothing secret reaches a log by accident.
 
 use std::fmt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
 use subtle::ConstantTimeEq;
+
+/// Creates the data directory (and missing parents) with mode 0700: it holds the
+/// databases (keys, audit trail, sealed credentials) and may hold the master key. A
+/// directory that already exists keeps its mode, with a warning if others can enter it.
+pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    warn_if_shared(path, "data dir");
+    Ok(())
+}
+
+/// Logs a warning when group or others have any access to `path`.
+pub fn warn_if_shared(path: &Path, what: &str) {
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            log::warn!(
+                "{what} {} has mode {mode:03o}: other users can read it; chmod go-rwx",
+                path.display()
+            );
+        }
+    }
+}
 
 /// Shared text: the proxy clones a vendor secret into every request's context, which
 /// is then a reference count, not a copy.

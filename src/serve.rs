@@ -35,28 +35,38 @@ pub struct SecretSources {
     pub generate_missing: bool,
 }
 
-/// Reads a secret file, or creates it with mode 0600 holding `generate()`.
+/// Reads a secret file, or creates it with mode 0600 holding `generate()`: written to a
+/// temporary file and renamed, so a crash never leaves an empty or partial secret.
 fn secret_file(path: &Path, generate: impl FnOnce() -> String, what: &str) -> Result<String> {
     if path.exists() {
+        crate::secret::warn_if_shared(path, what);
         return std::fs::read_to_string(path)
             .map(|s| s.trim().to_string())
             .with_context(|| format!("cannot read {what} file {}", path.display()));
     }
     let value = generate();
+    let tmp = path.with_extension("tmp");
+    // A leftover of a crash between create and rename holds nothing in use.
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {what} file {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("cannot create {what} file {}", tmp.display()))?;
     f.write_all(value.as_bytes())?;
     f.sync_all()?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot create {what} file {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     log::info!("generated a new {what} in {} (mode 0600)", path.display());
     Ok(value)
 }
 
 fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, Secret)> {
-    std::fs::create_dir_all(&config.data_dir)
+    crate::secret::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let master = if let Some(file) = &sources.master_key_file {
         MasterKey::from_file(file)?
@@ -323,6 +333,13 @@ pub fn run_serve(
     let upstreams = Arc::new(Upstreams::new(&config.vendors, config.upstream.clone()));
     let audit: Arc<dyn AuditSink> = Arc::new(AuditForwarder(control.clone()));
 
+    if config.pingora.upgrade_sock.len() > 107 {
+        log::warn!(
+            "pingora.upgrade_sock {} is longer than a Unix socket path may be (107 bytes): \
+             a graceful upgrade will fail; set a shorter path",
+            config.pingora.upgrade_sock
+        );
+    }
     let conf = ServerConf {
         threads: config.pingora.threads,
         grace_period_seconds: Some(config.pingora.grace_period_seconds),

@@ -112,7 +112,7 @@ impl AuditTrail {
     /// Opens (or creates) `audit.db`, moves in the rows of the trail's older home (the
     /// `audit` table of `keybrake.db`, see `attach_old_table`) and starts the writer.
     pub async fn open(data_dir: &Path, metrics: Arc<Metrics>) -> Result<AuditTrail> {
-        std::fs::create_dir_all(data_dir)
+        crate::secret::private_dir(data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
         let path = data_dir.join(FILE);
         let (conn, old) = open_writer(&path, &data_dir.join("keybrake.db"))

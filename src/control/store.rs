@@ -179,7 +179,7 @@ fn key_row(r: &sqlx::sqlite::SqliteRow) -> KeyRow {
 
 impl Store {
     pub async fn open(data_dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(data_dir)
+        crate::secret::private_dir(data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
         let options = SqliteConnectOptions::new()
             .filename(data_dir.join("keybrake.db"))

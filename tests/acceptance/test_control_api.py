@@ -783,6 +783,9 @@ def test_generated_master_key_and_admin_token_when_env_is_absent(keybrake_factor
         if p.is_file() and not p.name.startswith(("keybrake.db", "audit.db"))
     ]
     assert len(generated) >= 2, f"expected generated secret files in {kb.data_dir}: {[p.name for p in generated]}"
+    assert not [p for p in generated if p.suffix == ".tmp"], "a temporary secret file was left behind"
+    mode = stat.S_IMODE(os.stat(kb.data_dir).st_mode)
+    assert mode == 0o700, f"the data dir Keybrake created has mode {oct(mode)}"
     logs = kb.logs()
     admin_token = None
     for p in generated:
@@ -807,6 +810,17 @@ def test_generated_master_key_and_admin_token_when_env_is_absent(keybrake_factor
     r = kb.proxy("GET", "/stripe/v1/customers", key=k["token"])
     assert r.status_code == 200, r.text
     assert fake_stripe.received()[-1].authorization == f"Bearer {stripe_secret}"
+
+
+def test_a_data_dir_others_can_read_is_reported(keybrake_factory, fake_stripe):
+    """A data dir that already exists keeps its mode, but if group or others can enter
+    it (the databases and the generated master key are inside), serve warns at start."""
+    kb = keybrake_factory({"stripe": fake_stripe.url}, start=False)
+    kb.data_dir.mkdir(parents=True)
+    os.chmod(kb.data_dir, 0o755)
+    kb.start()
+    logs = kb.logs()
+    assert "has mode 755" in logs and str(kb.data_dir) in logs, logs[-2000:]
 
 
 # --------------------------------------------------------------------------- configuration

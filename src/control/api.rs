@@ -27,6 +27,9 @@ const DEFAULT_PAGE: i64 = 100;
 const MAX_LABEL: usize = 200;
 const MAX_PATTERNS: usize = 100;
 const MAX_METADATA_BYTES: usize = 8 * 1024;
+/// Largest request body: a key request with 100 long patterns and full metadata fits
+/// many times over; a client cannot make the server buffer megabytes per connection.
+const MAX_BODY_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -65,7 +68,37 @@ pub fn router(state: ApiState) -> Router {
                 "method not allowed on this path",
             )
         })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Errors raised by axum itself (a body over the limit, an undecodable path or query)
+/// come as text; they get the one error body of SPEC §3 like every other error.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "body_too_large",
+            format!("the request body is over {} KiB", MAX_BODY_BYTES / 1024),
+        ),
+        s if s.is_client_error() => (
+            "invalid_request",
+            "the request's path, query or headers could not be read".to_string(),
+        ),
+        _ => (
+            "internal_error",
+            "internal error; see the server log".to_string(),
+        ),
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 // ----- authentication -----

@@ -470,6 +470,18 @@ def test_unknown_key_id_is_404(tenant):
     assert_control_error(tenant.call("DELETE", "/v1/keys/key_doesnotexist"), 404, "not_found")
 
 
+def test_oversized_bodies_and_unreadable_paths_get_the_json_error_body(tenant):
+    """Errors raised before a handler runs keep SPEC §3's body: a request body over
+    64 KiB is 413 body_too_large (the server does not buffer megabytes for anyone), a
+    path that is not UTF-8 is 400 invalid_request."""
+    big = key_body(metadata={"pad": "x" * (70 * 1024)})
+    assert_control_error(tenant.call("POST", "/v1/keys", json=big), 413, "body_too_large")
+    assert_control_error(tenant.call("GET", "/v1/keys/%FF"), 400, "invalid_request")
+    # Below the limit, the usual validation answers (metadata is limited to 8 KiB).
+    small = key_body(metadata={"pad": "x" * (20 * 1024)})
+    assert_control_error(tenant.call("POST", "/v1/keys", json=small), 400, "invalid_request")
+
+
 def test_list_keys_pages_with_limit_and_cursor(tenant):
     """GET /v1/keys?limit=2 returns at most 2 keys and a next_cursor; following the
     cursors returns every key exactly once and ends with next_cursor null."""

@@ -404,6 +404,10 @@ impl Config {
         };
         let default_key_ttl = ttl(&file.default_key_ttl, "15m", "default_key_ttl")?;
         let max_key_ttl = ttl(&file.max_key_ttl, "24h", "max_key_ttl")?;
+        if max_key_ttl > Duration::from_secs(366 * 86_400) {
+            // Vault keys are short-lived by design; a longer bound is a typo.
+            bail!("max_key_ttl is longer than a year");
+        }
         if default_key_ttl > max_key_ttl {
             bail!("default_key_ttl is longer than max_key_ttl");
         }
@@ -699,6 +703,13 @@ mod tests {
         assert_eq!(c.pingora.upgrade_sock, "/var/lib/kb/upgrade.sock");
         let c = Config::from_yaml("pingora: {upgrade_sock: /run/k.sock}", None, &moved).unwrap();
         assert_eq!(c.pingora.upgrade_sock, "/run/k.sock");
+    }
+
+    #[test]
+    fn key_lifetimes_are_bounded() {
+        assert!(Config::from_yaml("max_key_ttl: 30d", None, &Overrides::default()).is_ok());
+        let err = Config::from_yaml("max_key_ttl: 400d", None, &Overrides::default());
+        assert!(err.unwrap_err().to_string().contains("longer than a year"));
     }
 
     #[test]

@@ -26,6 +26,10 @@ const MAX_PAGE: i64 = 1000;
 const DEFAULT_PAGE: i64 = 100;
 const MAX_LABEL: usize = 200;
 const MAX_PATTERNS: usize = 100;
+/// Longest pattern, and most Stripe accounts: every one travels in the token, which goes
+/// in a request header of every call.
+const MAX_PATTERN_BYTES: usize = 256;
+const MAX_ACCOUNTS: usize = 20;
 const MAX_METADATA_BYTES: usize = 8 * 1024;
 /// Largest request body: a key request with 100 long patterns and full metadata fits
 /// many times over; a client cannot make the server buffer megabytes per connection.
@@ -574,6 +578,30 @@ async fn issue_key(
         Allowlist::parse(std::slice::from_ref(p)).map_err(|e| {
             ApiError::bad_request("invalid_endpoint_pattern", format!("pattern {p:?}: {e}"))
         })?;
+        // Accepted by the parser (tokens already issued keep working) but refused here:
+        // they could never match a canonical path, and the caller surely meant
+        // something else.
+        let dead = if p.len() > MAX_PATTERN_BYTES {
+            Some(format!("longer than {MAX_PATTERN_BYTES} bytes"))
+        } else if !p.is_ascii() {
+            Some("non-ASCII characters never match: canonical paths keep them percent-encoded, and '%' is not allowed in a pattern".into())
+        } else if p
+            .split('/')
+            .any(|seg| seg.contains('*') && seg != "*" && seg != "**")
+        {
+            Some(
+                "'*' matches a whole segment only ('/v1/payment_intents/*'), not part of one"
+                    .into(),
+            )
+        } else {
+            None
+        };
+        if let Some(why) = dead {
+            return Err(ApiError::bad_request(
+                "invalid_endpoint_pattern",
+                format!("pattern {p:?}: {why}"),
+            ));
+        }
     }
     let daily_cap = parse_cap(&req.daily_usd_cap)?;
     let settings = s.control.settings();
@@ -591,13 +619,14 @@ async fn issue_key(
     }
     if let Some(accounts) = &req.stripe_accounts {
         if accounts.is_empty()
+            || accounts.len() > MAX_ACCOUNTS
             || accounts
                 .iter()
                 .any(|a| !a.starts_with("acct_") || a.len() > 64)
         {
             return Err(ApiError::bad_request(
                 "invalid_request",
-                "stripe_accounts must be a non-empty list of acct_… ids",
+                format!("stripe_accounts must list 1 to {MAX_ACCOUNTS} acct_… ids"),
             ));
         }
     }

@@ -405,6 +405,11 @@ BAD_KEY_REQUESTS = [
     ({"allowed_endpoints": ["/v1/**/refunds"]}, "invalid_endpoint_pattern"),
     ({"allowed_endpoints": ["FETCH /v1/payment_intents"]}, "invalid_endpoint_pattern"),
     ({"allowed_endpoints": ["/v1/ok", "nope"]}, "invalid_endpoint_pattern"),
+    ({"allowed_endpoints": ["/v1/pi_*"]}, "invalid_endpoint_pattern"),
+    ({"allowed_endpoints": ["POST /v1/payment_intents/*x/confirm"]}, "invalid_endpoint_pattern"),
+    ({"allowed_endpoints": ["/v1/café"]}, "invalid_endpoint_pattern"),
+    ({"allowed_endpoints": ["/v1/" + "a" * 300]}, "invalid_endpoint_pattern"),
+    ({"stripe_accounts": [f"acct_{i}" for i in range(21)]}, "invalid_request"),
     # missing fields / wrong types
     ({"vendor": _DROP}, "invalid_request"),
     ({"vendor": 7}, "invalid_request"),

@@ -301,6 +301,10 @@ impl BackgroundService for Upkeep {
     }
 }
 
+/// How long a process started with `--upgrade` follows the store for changes the old
+/// process makes (API tokens, vendor credentials).
+const UPGRADE_OVERLAP_SECS: i64 = 120;
+
 /// `keybrake serve`: control API + proxy + metrics in one process.
 pub fn run_serve(
     config: Config,
@@ -316,6 +320,11 @@ pub fn run_serve(
         published.clone(),
         Some(config.proxy_listen),
     )?;
+    if upgrade {
+        // The old process serves the control API too until it has drained (~25 s with
+        // the default periods, after the reload sequence sends it SIGQUIT).
+        control.share_store_until(crate::token::now_secs() + UPGRADE_OVERLAP_SECS);
+    }
 
     let ledger: Arc<dyn Ledger> = control.clone();
     let spend = Arc::new(SpendBook::new(
@@ -387,7 +396,7 @@ pub fn run_serve(
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     // Subscribe before bootstrap: with --upgrade, bootstrap blocks until the sockets arrive.
-    watch_phases(&server, draining, ready, upgrade);
+    watch_phases(&server, draining, control.clone(), ready, upgrade);
     server.bootstrap();
 
     let mut proxy_service = pingora::services::listening::Service::new(
@@ -432,6 +441,7 @@ pub fn run_serve(
 fn watch_phases(
     server: &Server,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    control: Arc<Control>,
     mut ready: Option<std::fs::File>,
     upgrade: bool,
 ) {
@@ -451,6 +461,8 @@ fn watch_phases(
                 | ShutdownStarted,
             ) => {
                 draining.store(true, std::sync::atomic::Ordering::Release);
+                // The next process may already serve the control API on the same store.
+                control.share_store_until(i64::MAX);
             }
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

@@ -53,7 +53,13 @@ pub struct Control {
     /// Serializes ledger read-modify-writes and credential republishing.
     ledger_lock: tokio::sync::Mutex<()>,
     credentials_lock: tokio::sync::Mutex<()>,
+    /// Serializes API token changes with their reload from the store.
+    tokens_lock: tokio::sync::Mutex<()>,
     revocations_lock: tokio::sync::Mutex<()>,
+    /// Until when (unix seconds) another process may be changing the same store: the two
+    /// processes of a graceful upgrade, which both serve the control API for a while.
+    /// Meanwhile API tokens and vendor credentials are reloaded every second.
+    shared_until: std::sync::atomic::AtomicI64,
     pub audit: audit::AuditTrail,
     keys: keywriter::KeyWriter,
     metrics: Arc<Metrics>,
@@ -135,6 +141,8 @@ impl Control {
             published,
             ledger_lock: Default::default(),
             credentials_lock: Default::default(),
+            tokens_lock: Default::default(),
+            shared_until: Default::default(),
             revocations_lock: Default::default(),
             audit,
             keys,
@@ -153,12 +161,27 @@ impl Control {
 
     /// Every second, picks up revocations written to the database by another process
     /// sharing it (the old or new process of a graceful upgrade), so none is missed.
+    /// Another process may change the same store until `until` (unix seconds).
+    pub fn share_store_until(&self, until: i64) {
+        self.shared_until.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Every second: revocations made by another process on the same store (an edge of
+    /// the same data dir, the other process of a graceful upgrade) reach this one's filter;
+    /// while the store is shared (`share_store_until`), API tokens and vendor credentials
+    /// are reloaded too, so a token deleted or a secret rotated through the other process
+    /// does not live on in this one.
     pub async fn follow_revocations(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut since = now_secs() - 5;
         loop {
             tick.tick().await;
             let now = now_secs();
+            if now <= self.shared_until.load(Ordering::Acquire) {
+                if let Err(e) = self.reload_tokens_and_credentials().await {
+                    log::error!("cannot reload API tokens and credentials: {e:#}");
+                }
+            }
             match self.store.revoked_since(since, now).await {
                 Ok(rows) => {
                     since = now - 5;
@@ -219,6 +242,31 @@ impl Control {
         self.published.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    async fn reload_tokens_and_credentials(&self) -> Result<()> {
+        {
+            let _g = self.tokens_lock.lock().await;
+            let stored: std::collections::HashMap<[u8; 32], String> = self
+                .store
+                .all_api_tokens()
+                .await?
+                .into_iter()
+                .filter_map(|(hash, _id, tenant_id)| {
+                    <[u8; 32]>::try_from(hash.as_slice())
+                        .ok()
+                        .map(|h| (h, tenant_id))
+                })
+                .collect();
+            self.api_tokens.retain(|hash, _| stored.contains_key(hash));
+            for (hash, tenant_id) in stored {
+                self.api_tokens
+                    .entry(hash)
+                    .or_insert(TokenOwner { tenant_id });
+            }
+        }
+        let _g = self.credentials_lock.lock().await;
+        self.publish_credentials().await
+    }
+
     async fn publish_credentials(&self) -> Result<()> {
         let mut map = crate::sync::Credentials::default();
         for row in self.store.all_credentials().await? {
@@ -256,6 +304,7 @@ impl Control {
         let (id, token_id, token, now) =
             (new_id("tn_"), new_id("tok_"), new_token("kb_"), now_secs());
         let hash = token_hash(&token);
+        let _g = self.tokens_lock.lock().await;
         self.store
             .insert_tenant(&id, name, &token_id, &hash, now)
             .await?;
@@ -283,6 +332,7 @@ impl Control {
         }
         let (token_id, token) = (new_id("tok_"), new_token("kb_"));
         let hash = token_hash(&token);
+        let _g = self.tokens_lock.lock().await;
         self.store
             .insert_api_token(&token_id, tenant_id, &hash, now_secs())
             .await?;
@@ -296,6 +346,7 @@ impl Control {
     }
 
     pub async fn delete_api_token(&self, tenant_id: &str, token_id: &str) -> Result<bool> {
+        let _g = self.tokens_lock.lock().await;
         match self.store.delete_api_token(tenant_id, token_id).await? {
             Some(hash) => {
                 if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
@@ -586,5 +637,89 @@ impl Ledger for Control {
                 .map_err(|e| LedgerError(format!("{e:#}")))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open(dir: &Path, master: &str) -> Arc<Control> {
+        let settings = ControlSettings {
+            default_ttl: Duration::from_secs(300),
+            max_ttl: Duration::from_secs(3600),
+            vendors: ["stripe".to_string()].into(),
+        };
+        let master = MasterKey::from_base64(master).unwrap();
+        let published = Arc::new(Published::empty());
+        Control::open(
+            settings,
+            dir,
+            master,
+            Secret::new("admin"),
+            published,
+            Metrics::global(),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..50 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("not within 5 s: {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_the_store_is_shared_tokens_and_credentials_follow_the_other_process() {
+        let dir = std::env::temp_dir().join(format!("keybrake-shared-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let master = MasterKey::generate_base64();
+        let old = open(&dir, &master).await;
+        let new = open(&dir, &master).await;
+        new.share_store_until(i64::MAX);
+        tokio::spawn(new.clone().follow_revocations());
+
+        let (tenant, token_id, token, _) = old.create_tenant("t").await.unwrap();
+        old.put_credential(&tenant, "stripe", Secret::new("sk_test_1"))
+            .await
+            .unwrap();
+        let secret = |c: &Control| {
+            c.published
+                .credentials
+                .load()
+                .get(&tenant)
+                .and_then(|v| v.get("stripe"))
+                .map(|s| s.expose().to_string())
+        };
+        eventually("the new tenant's token and credential", || {
+            new.tenant_for_token(token.expose()).as_deref() == Some(tenant.as_str())
+                && secret(&new).as_deref() == Some("sk_test_1")
+        })
+        .await;
+
+        old.put_credential(&tenant, "stripe", Secret::new("sk_test_2"))
+            .await
+            .unwrap();
+        assert!(old.delete_api_token(&tenant, &token_id).await.unwrap());
+        eventually("the rotated credential and the deleted token", || {
+            new.tenant_for_token(token.expose()).is_none()
+                && secret(&new).as_deref() == Some("sk_test_2")
+        })
+        .await;
+
+        // Outside a shared window nothing is reloaded (the reload is not free).
+        let (_, _, other, _) = old.create_tenant("u").await.unwrap();
+        let alone = open(&dir, &master).await;
+        tokio::spawn(alone.clone().follow_revocations());
+        let (_, _, later, _) = old.create_tenant("v").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(alone.tenant_for_token(other.expose()).is_some());
+        assert!(alone.tenant_for_token(later.expose()).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -38,15 +38,18 @@ pub struct SecretSources {
 /// Reads a secret file, or creates it with mode 0600 holding `generate()`: written to a
 /// temporary file and renamed, so a crash never leaves an empty or partial secret.
 fn secret_file(path: &Path, generate: impl FnOnce() -> String, what: &str) -> Result<String> {
-    if path.exists() {
+    let read = || {
         crate::secret::warn_if_shared(path, what);
-        return std::fs::read_to_string(path)
+        std::fs::read_to_string(path)
             .map(|s| s.trim().to_string())
-            .with_context(|| format!("cannot read {what} file {}", path.display()));
+            .with_context(|| format!("cannot read {what} file {}", path.display()))
+    };
+    if path.exists() {
+        return read();
     }
     let value = generate();
-    let tmp = path.with_extension("tmp");
-    // A leftover of a crash between create and rename holds nothing in use.
+    // Our own temporary name: two first starts on one data dir never share it.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -56,8 +59,19 @@ fn secret_file(path: &Path, generate: impl FnOnce() -> String, what: &str) -> Re
         .with_context(|| format!("cannot create {what} file {}", tmp.display()))?;
     f.write_all(value.as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot create {what} file {}", path.display()))?;
+    // A link, not a rename: it never replaces a file another process created meanwhile
+    // (whose secret then wins, and is read back).
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return read();
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot create {what} file {}", path.display()))
+        }
+    }
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
@@ -301,9 +315,9 @@ impl BackgroundService for Upkeep {
     }
 }
 
-/// How long a process started with `--upgrade` follows the store for changes the old
-/// process makes (API tokens, vendor credentials).
-const UPGRADE_OVERLAP_SECS: i64 = 120;
+/// Added to the old process's drain time: how much longer a process started with
+/// `--upgrade` follows the store for changes the old one makes (API tokens, credentials).
+const UPGRADE_MARGIN_SECS: i64 = 60;
 
 /// `keybrake serve`: control API + proxy + metrics in one process.
 pub fn run_serve(
@@ -321,9 +335,14 @@ pub fn run_serve(
         Some(config.proxy_listen),
     )?;
     if upgrade {
-        // The old process serves the control API too until it has drained (~25 s with
-        // the default periods, after the reload sequence sends it SIGQUIT).
-        control.share_store_until(crate::token::now_secs() + UPGRADE_OVERLAP_SECS);
+        // The old process serves the control API too until it has drained: Pingora's
+        // fixed 5 s, then both configured periods, counted from its SIGQUIT (which the
+        // reload sequence sends once this process is up), with a margin.
+        let overlap = 5
+            + config.pingora.grace_period_seconds as i64
+            + config.pingora.graceful_shutdown_timeout_seconds as i64
+            + UPGRADE_MARGIN_SECS;
+        control.share_store_until(crate::token::now_secs() + overlap);
     }
 
     let ledger: Arc<dyn Ledger> = control.clone();

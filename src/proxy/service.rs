@@ -265,9 +265,11 @@ impl KeybrakeProxy {
             SpendError::CapExhausted => Denial::CapExhausted,
             SpendError::LedgerUnavailable => Denial::LedgerUnavailable,
         };
-        if ctx.response_rule.is_some() && cost == Micros::ZERO {
+        if ctx.response_rule.is_some() && cost == Micros::ZERO && !ctx.credit.is_positive() {
             // Charged only once the vendor has answered, so it may take the key past its
-            // cap once; a key with nothing left is refused before anything is sent.
+            // cap once; a key with nothing left is refused before anything is sent. Not
+            // for an object the key already paid for (its own intent): that costs only
+            // an increase, charged beyond the cap if need be.
             let probe = self
                 .spend
                 .reserve(&spender, Micros(1), now)
@@ -292,11 +294,13 @@ impl KeybrakeProxy {
         session.enable_retry_buffering();
         if expects_continue(session.req_header()) {
             // The client waits for this before it sends the body we are about to read
-            // (the vendor, which would answer it otherwise, is not asked yet).
-            session
-                .write_continue_response()
-                .await
-                .map_err(|_| Denial::InvalidBody)?;
+            // (the vendor, which would answer it otherwise, is not asked yet). Pingora
+            // would mark the connection to close for a header written before the body is
+            // read; a 100 is not an early answer, so that is switched off around it.
+            session.set_close_on_response_before_downstream_finish(false);
+            let sent = session.write_continue_response().await;
+            session.set_close_on_response_before_downstream_finish(true);
+            sent.map_err(|_| Denial::InvalidBody)?;
         }
         let deadline = tokio::time::Instant::now() + self.body_timeout;
         // Usually the whole body is one chunk that came with the headers: it is kept as

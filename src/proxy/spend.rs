@@ -307,6 +307,20 @@ impl SpendBook {
                 return;
             }
         }
+        for entry in done.iter().filter(|e| e.day < today) {
+            // A past day's counter no request replaced (the key went quiet before
+            // midnight, or expired): out of `entries`, and dropped once nothing holds it.
+            if self
+                .entries
+                .remove_if(&*entry.key_id, |_, e| Arc::ptr_eq(e, entry))
+                .is_some()
+            {
+                self.retired
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(entry.clone());
+            }
+        }
         for entry in done.iter().filter(|e| e.day == today) {
             // Forget a finished or idle counter only when it is empty and no request holds it.
             self.entries.remove_if(&*entry.key_id, |_, e| {
@@ -324,9 +338,12 @@ impl SpendBook {
         let held: Vec<Arc<KeySpend>> = retired
             .into_iter()
             .filter(|e| {
-                Arc::strong_count(e) > 1
-                    || e.unreported_spent.load(Ordering::Acquire) != 0
+                let held = Arc::strong_count(e) > 1;
+                // Orders the reads below after a holder's last change and drop.
+                std::sync::atomic::fence(Ordering::Acquire);
+                held || e.unreported_spent.load(Ordering::Acquire) != 0
                     || e.unreported_overspent.load(Ordering::Acquire) != 0
+                    || e.available.load(Ordering::Acquire) != 0
             })
             .collect();
         if !held.is_empty() {
@@ -447,6 +464,25 @@ mod tests {
         assert_eq!(*ledger.settled.lock().unwrap(), 4_000_000);
         book.report(2 * day + 2, false).await;
         assert!(book.retired.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_quiet_keys_counter_is_forgotten_after_midnight() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let day = 86_400;
+        let r = book
+            .reserve(&who(20_000_000), Micros(2_000_000), 2 * day - 10)
+            .await
+            .unwrap();
+        book.settle(r);
+        book.report(2 * day + 1, false).await;
+        book.report(2 * day + 2, false).await;
+        assert_eq!(book.tracked_keys(), 0);
+        assert!(book.retired.lock().unwrap().is_empty());
+        assert_eq!(*ledger.settled.lock().unwrap(), 2_000_000);
+        // The unused lease went back to the ledger.
+        assert_eq!(*ledger.committed.lock().unwrap(), 2_000_000);
     }
 
     #[tokio::test]

@@ -326,6 +326,19 @@ def test_a_confirm_can_pass_the_cap_once_then_the_key_is_refused(keybrake, tenan
     tenant.wait_spent(key["id"], Decimal(12))
 
 
+def test_a_key_spent_to_its_cap_can_still_confirm_its_own_intent(keybrake, tenant, fake_stripe, stripe_secret):
+    """The create-then-confirm flow at the cap: the intent's amount was charged when the
+    key created it, so confirming it costs nothing more and is not refused."""
+    _, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    key = tenant.issue_key(allowed_endpoints=["/v1/payment_intents", "/v1/payment_intents/**"],
+                           daily_usd_cap=5)
+    client = stripe_client(keybrake, key["token"])
+    own = client.v1.payment_intents.create(params={"amount": 500, "currency": "usd", "payment_method": pm})
+    tenant.wait_spent(key["id"], Decimal(5))
+    assert client.v1.payment_intents.confirm(own.id).status == "succeeded"
+    tenant.wait_spent(key["id"], Decimal(5))
+
+
 def test_confirming_another_keys_intent_is_charged_in_full(keybrake, tenant, fake_stripe, stripe_secret):
     """What a key was charged for an intent it created is its own credit: another key
     confirming that intent pays its whole amount."""
@@ -420,6 +433,7 @@ def test_expect_100_continue_is_answered_and_not_forwarded(keybrake, tenant, fak
         while b"\r\n\r\n" not in answer:
             answer += s.recv(4096)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b"connection: close" not in answer.lower(), "a 100 Continue must not close the connection"
     received = fake_stripe.received()[-1]
     assert "expect" not in received.headers and received.body == body
     tenant.wait_spent(key["id"], Decimal(31))

@@ -30,6 +30,7 @@ struct FileConfig {
     currencies_file: Option<PathBuf>,
     body_limit_bytes: Option<usize>,
     body_read_timeout_ms: Option<u64>,
+    control_idle_timeout_ms: Option<u64>,
     default_key_ttl: Option<String>,
     max_key_ttl: Option<String>,
     access_log: Option<String>,
@@ -145,6 +146,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub body_limit_bytes: usize,
     pub body_read_timeout: Duration,
+    /// A control API connection with no progress either way for this long is closed.
+    pub control_idle_timeout: Duration,
     pub default_key_ttl: Duration,
     pub max_key_ttl: Duration,
     pub access_log: AccessLog,
@@ -455,6 +458,8 @@ impl Config {
             data_dir: data_dir.clone(),
             body_limit_bytes,
             body_read_timeout: ms(file.body_read_timeout_ms, 10_000),
+            control_idle_timeout: ms(file.control_idle_timeout_ms, 30_000)
+                .max(Duration::from_millis(100)),
             default_key_ttl,
             max_key_ttl,
             access_log,

@@ -158,6 +158,7 @@ fn start_control(
     };
     let data_dir = config.data_dir.clone();
     let listen = config.control_listen;
+    let idle = config.control_idle_timeout;
     let (tx, rx) = std::sync::mpsc::channel::<Result<Arc<Control>>>();
     std::thread::Builder::new()
         .name("control".into())
@@ -210,6 +211,11 @@ fn start_control(
                 });
                 let _ = tx.send(Ok(control));
                 log::info!("control API listening on http://{listen}");
+                let listener = crate::control::listener::GuardedListener::new(
+                    listener,
+                    CONTROL_MAX_CONNECTIONS,
+                    idle,
+                );
                 if let Err(e) = axum::serve(listener, app).await {
                     log::error!("control API stopped: {e}");
                 }
@@ -314,6 +320,9 @@ impl BackgroundService for Upkeep {
         }
     }
 }
+
+/// Open control API connections at most; more wait to be accepted.
+const CONTROL_MAX_CONNECTIONS: usize = 1024;
 
 /// Added to the old process's drain time: how much longer a process started with
 /// `--upgrade` follows the store for changes the old one makes (API tokens, credentials).

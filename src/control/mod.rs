@@ -8,6 +8,7 @@ pub mod audit;
 pub mod crypto;
 pub mod errors;
 pub mod keywriter;
+pub mod listener;
 pub mod store;
 
 use crate::ids::{new_id, new_sorted_id, new_token, token_hash};

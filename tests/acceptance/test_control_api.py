@@ -5,6 +5,7 @@ pagination, persistence across restarts, secrets at rest."""
 import json
 import os
 import secrets
+import socket
 import signal
 import stat
 import time
@@ -863,6 +864,28 @@ def test_config_file_sets_key_lifetimes_and_flags_win(keybrake_factory, fake_str
     assert t.call("POST", "/v1/keys", json=key_body(expires_in="1h")).status_code == 201
     assert_control_error(t.call("POST", "/v1/keys", json=key_body(expires_in="2h")), 400, "invalid_expires_in")
     assert_control_error(t.call("POST", "/v1/keys", json=key_body(expires_in=3601)), 400, "invalid_expires_in")
+
+
+def test_idle_control_connections_are_closed(keybrake_factory, fake_stripe, tmp_path):
+    """A control API connection that sends nothing (or stops halfway through its headers)
+    is closed after control_idle_timeout_ms, while a client that keeps talking is served."""
+    config = write_config(tmp_path / "conf", control_idle_timeout_ms=1000)
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
+    silent = socket.create_connection(("127.0.0.1", kb.control_port), timeout=10)
+    halfway = socket.create_connection(("127.0.0.1", kb.control_port), timeout=10)
+    halfway.sendall(b"GET /v1/tenants HTTP/1.1\r\nHost: x\r\n")
+    start = time.monotonic()
+    for s in (silent, halfway):
+        assert s.recv(1024) == b"", "the server should close an idle connection"
+        s.close()
+    waited = time.monotonic() - start
+    assert 0.5 < waited < 8, f"closed after {waited:.1f} s"
+    # Keep-alive clients that keep talking are not affected.
+    with requests.Session() as session:
+        for _ in range(3):
+            r = session.get(f"{kb.control_url}/healthz", timeout=10)
+            assert r.status_code == 200
+            time.sleep(0.4)
 
 
 def test_master_key_from_a_file_survives_restart(keybrake_factory, fake_stripe, stripe_secret, tmp_path):

@@ -48,28 +48,45 @@ fn secret_file(path: &Path, generate: impl FnOnce() -> String, what: &str) -> Re
         return read();
     }
     let value = generate();
-    // Our own temporary name: two first starts on one data dir never share it.
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    // Written whole to a temporary file of our own (a random name: two first starts on
+    // one data dir, even with equal PIDs in two containers, never share it), then linked
+    // into place. A link, unlike a rename, never replaces a file another process created
+    // meanwhile: that secret wins and is read back.
+    let nonce: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ (u64::from(std::process::id()) << 32);
+    let tmp = path.with_extension(format!("tmp.{nonce:016x}"));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(value.as_bytes())?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    })();
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {what} file {}", tmp.display()))?;
-    f.write_all(value.as_bytes())?;
-    f.sync_all()?;
-    // A link, not a rename: it never replaces a file another process created meanwhile
-    // (whose secret then wins, and is read back).
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
+    match written {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return read();
-        }
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot create {what} file {}", path.display()))
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read(),
+        Err(_) => {
+            // A file system without hard links (or no room for a temporary file):
+            // written in place, still never over an existing file.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+            match &mut f {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read(),
+                _ => {}
+            }
+            let mut f =
+                f.with_context(|| format!("cannot create {what} file {}", path.display()))?;
+            f.write_all(value.as_bytes())?;
+            f.sync_all()?;
         }
     }
     if let Some(dir) = path.parent() {
@@ -347,11 +364,11 @@ pub fn run_serve(
         // The old process serves the control API too until it has drained: Pingora's
         // fixed 5 s, then both configured periods, counted from its SIGQUIT (which the
         // reload sequence sends once this process is up), with a margin.
-        let overlap = 5
-            + config.pingora.grace_period_seconds as i64
-            + config.pingora.graceful_shutdown_timeout_seconds as i64
-            + UPGRADE_MARGIN_SECS;
-        control.share_store_until(crate::token::now_secs() + overlap);
+        let overlap = (5 + UPGRADE_MARGIN_SECS as u64)
+            .saturating_add(config.pingora.grace_period_seconds)
+            .saturating_add(config.pingora.graceful_shutdown_timeout_seconds);
+        let overlap = i64::try_from(overlap).unwrap_or(i64::MAX);
+        control.share_store_until(crate::token::now_secs().saturating_add(overlap));
     }
 
     let ledger: Arc<dyn Ledger> = control.clone();

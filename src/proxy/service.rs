@@ -265,17 +265,25 @@ impl KeybrakeProxy {
             SpendError::CapExhausted => Denial::CapExhausted,
             SpendError::LedgerUnavailable => Denial::LedgerUnavailable,
         };
-        if ctx.response_rule.is_some() && cost == Micros::ZERO && !ctx.credit.is_positive() {
+        if ctx.response_rule.is_some() && cost == Micros::ZERO {
             // Charged only once the vendor has answered, so it may take the key past its
-            // cap once; a key with nothing left is refused before anything is sent. Not
-            // for an object the key already paid for (its own intent): that costs only
-            // an increase, charged beyond the cap if need be.
-            let probe = self
-                .spend
-                .reserve(&spender, Micros(1), now)
-                .await
-                .map_err(refused)?;
-            self.spend.release(probe);
+            // cap once; then it is refused before anything is sent.
+            if ctx.credit.is_positive() {
+                // An object the key already paid for (its own intent, confirmed at the
+                // cap): allowed unless a charge already went past the cap today (an
+                // update raised the amount; the next such confirm is refused).
+                if self.spend.is_over_cap(&spender, now) {
+                    return Err(Denial::CapExhausted);
+                }
+            } else {
+                // Anything else needs budget left.
+                let probe = self
+                    .spend
+                    .reserve(&spender, Micros(1), now)
+                    .await
+                    .map_err(refused)?;
+                self.spend.release(probe);
+            }
         }
         let reservation = self
             .spend

@@ -36,6 +36,10 @@ pub struct KeySpend {
     unreported_spent: AtomicI64,
     unreported_overspent: AtomicI64,
     last_used: AtomicI64,
+    /// Spend was recorded beyond the cap today (a response-metered charge): the key may
+    /// not start another call that is charged after the fact. Kept with the counter,
+    /// which is not forgotten while it is set.
+    over_cap: std::sync::atomic::AtomicBool,
     refill: tokio::sync::Mutex<()>,
     /// `keybrake_spend_usd_total{vendor}`, looked up on the first settle and kept.
     spend_usd: std::sync::OnceLock<prometheus::Counter>,
@@ -126,6 +130,7 @@ impl SpendBook {
                 unreported_spent: AtomicI64::new(0),
                 unreported_overspent: AtomicI64::new(0),
                 last_used: AtomicI64::new(now),
+                over_cap: std::sync::atomic::AtomicBool::new(false),
                 refill: tokio::sync::Mutex::new(()),
                 spend_usd: std::sync::OnceLock::new(),
             })
@@ -244,12 +249,20 @@ impl SpendBook {
             Ok(r) => self.settle(r),
             Err(_) => {
                 let entry = self.entry(who, now);
+                entry.over_cap.store(true, Ordering::Release);
                 entry
                     .unreported_overspent
                     .fetch_add(amount.0, Ordering::AcqRel);
                 self.spend_counter(&entry).inc_by(amount.as_usd_f64());
             }
         }
+    }
+
+    /// Whether the key has been charged beyond its cap today (by this process).
+    pub fn is_over_cap(&self, who: &Spender<'_>, now: i64) -> bool {
+        self.entries
+            .get(who.key_id)
+            .is_some_and(|e| e.day == utc_day(now) && e.over_cap.load(Ordering::Acquire))
     }
 
     /// Reports settled spend and returns unused budget of idle, expired, revoked or past
@@ -329,6 +342,7 @@ impl SpendBook {
                     && e.available.load(Ordering::Acquire) == 0
                     && e.unreported_spent.load(Ordering::Acquire) == 0
                     && e.unreported_overspent.load(Ordering::Acquire) == 0
+                    && !e.over_cap.load(Ordering::Acquire)
             });
         }
         // A past day's counter is dropped only once no request holds it (a reservation

@@ -339,6 +339,30 @@ def test_a_key_spent_to_its_cap_can_still_confirm_its_own_intent(keybrake, tenan
     tenant.wait_spent(key["id"], Decimal(5))
 
 
+def test_raising_own_intents_past_the_cap_works_once_then_confirms_are_refused(
+        keybrake, tenant, fake_stripe, stripe_secret):
+    """A key at its cap may still confirm its own paid intents, but once a confirm of an
+    intent whose amount an update raised has taken it past the cap, its next confirm is
+    refused with 429 cap_exhausted before reaching Stripe."""
+    _, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    key = tenant.issue_key(allowed_endpoints=["/v1/payment_intents", "/v1/payment_intents/**"],
+                           daily_usd_cap=10)
+    client = stripe_client(keybrake, key["token"])
+    intents = [client.v1.payment_intents.create(params={"amount": 500, "currency": "usd", "payment_method": pm})
+               for _ in range(2)]
+    tenant.wait_spent(key["id"], Decimal(10))
+    for intent in intents:
+        client.v1.payment_intents.update(intent.id, params={"amount": 5000})
+    assert client.v1.payment_intents.confirm(intents[0].id).status == "succeeded"
+    tenant.wait_spent(key["id"], Decimal(55))
+    time.sleep(2.5)  # past the idle time after which an unused counter is forgotten
+    sent = len(fake_stripe.received())
+    assert_denied(keybrake.proxy("POST", f"{PI}/{intents[1].id}/confirm", key=key["token"]),
+                  429, "cap_exhausted")
+    assert len(fake_stripe.received()) == sent
+    tenant.wait_spent(key["id"], Decimal(55))
+
+
 def test_confirming_another_keys_intent_is_charged_in_full(keybrake, tenant, fake_stripe, stripe_secret):
     """What a key was charged for an intent it created is its own credit: another key
     confirming that intent pays its whole amount."""

@@ -63,19 +63,19 @@ pub fn looks_like_json(body: &[u8]) -> bool {
     )
 }
 
+/// A `Content-Type` without its parameters.
+fn media_type(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or("").trim()
+}
+
 /// `application/x-www-form-urlencoded`, parameters and case aside.
 pub fn is_form(content_type: &str) -> bool {
-    content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+    media_type(content_type).eq_ignore_ascii_case("application/x-www-form-urlencoded")
 }
 
 pub fn is_json(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| {
-        let ct = ct.split(';').next().unwrap_or("").trim().as_bytes();
+        let ct = media_type(ct).as_bytes();
         ct.eq_ignore_ascii_case(b"application/json")
             || (ct.len() >= 5 && ct[ct.len() - 5..].eq_ignore_ascii_case(b"+json"))
     })
@@ -150,7 +150,7 @@ pub fn request_cost<'c>(
         None => object_currency.map(str::to_string),
     };
     let (code, currency) = match named.as_deref().or(rule.default_currency.as_deref()) {
-        Some(HIGHEST) if named.is_none() => costliest(currencies).map(|(_, c)| (None, c)),
+        Some(HIGHEST) if named.is_none() => costliest(currencies).map(|c| (None, c)),
         Some(c) => currencies
             .get_key_value(c)
             .map(|(code, c)| (Some(code.as_str()), c)),
@@ -164,16 +164,13 @@ pub fn request_cost<'c>(
 /// for an amount whose currency is not known (fail closed: never under-counted).
 pub const HIGHEST: &str = "highest";
 
-fn costliest(currencies: &Map<String, Currency>) -> Option<(&str, &Currency)> {
+fn costliest(currencies: &Map<String, Currency>) -> Option<&Currency> {
     // usd_per_unit / 10^decimals, compared without division.
-    currencies
-        .iter()
-        .max_by(|(_, a), (_, b)| {
-            let a_value = a.usd_per_unit.0 as i128 * 10i128.pow(b.decimals);
-            let b_value = b.usd_per_unit.0 as i128 * 10i128.pow(a.decimals);
-            a_value.cmp(&b_value)
-        })
-        .map(|(code, c)| (code.as_str(), c))
+    currencies.values().max_by(|a, b| {
+        let a_value = a.usd_per_unit.0 as i128 * 10i128.pow(b.decimals);
+        let b_value = b.usd_per_unit.0 as i128 * 10i128.pow(a.decimals);
+        a_value.cmp(&b_value)
+    })
 }
 
 /// The cost of a response-metered call: the largest of `amount_fields` in the 2xx body.

@@ -71,15 +71,25 @@ impl IdleTimeout {
         self.deadline.as_mut().reset(Instant::now() + self.idle);
     }
 
-    /// After the stream returned `Pending`: an error if the deadline has passed (else
-    /// the timer wakes the task when it does).
-    fn check(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "control API connection idle",
-            )),
-            Poll::Pending => Poll::Pending,
+    /// A read or write's outcome: progress moves the deadline on; `Pending` becomes an
+    /// error once the deadline has passed (else the timer wakes the task when it does).
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "control API connection idle",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            ready => {
+                self.progress();
+                ready
+            }
         }
     }
 }
@@ -90,14 +100,8 @@ impl AsyncRead for IdleTimeout {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Pending => this.check(cx).map(Err),
-            ready => {
-                this.progress();
-                ready
-            }
-        }
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        self.guard(cx, polled)
     }
 }
 
@@ -107,14 +111,8 @@ impl AsyncWrite for IdleTimeout {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.stream).poll_write(cx, data) {
-            Poll::Pending => this.check(cx).map(Err),
-            ready => {
-                this.progress();
-                ready
-            }
-        }
+        let polled = Pin::new(&mut self.stream).poll_write(cx, data);
+        self.guard(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

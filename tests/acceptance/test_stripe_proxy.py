@@ -307,6 +307,15 @@ def test_confirm_and_capture_are_metered_from_the_response_unless_the_key_create
     tenant.wait_spent(key["id"], Decimal(23))
 
 
+def assert_confirm_refused_at_the_cap(keybrake, tenant, fake_stripe, key, intent_id, spent):
+    """The confirm is 429 cap_exhausted, never reaches Stripe, and spend stays `spent`."""
+    sent = len(fake_stripe.received())
+    assert_denied(keybrake.proxy("POST", f"{PI}/{intent_id}/confirm", key=key["token"]),
+                  429, "cap_exhausted")
+    assert len(fake_stripe.received()) == sent
+    tenant.wait_spent(key["id"], spent)
+
+
 def test_a_confirm_can_pass_the_cap_once_then_the_key_is_refused(keybrake, tenant, fake_stripe, stripe_secret):
     """A confirm is charged from Stripe's answer, so it can take a key past its cap once;
     after that the key has nothing left and the next confirm is refused with 429
@@ -319,11 +328,7 @@ def test_a_confirm_can_pass_the_cap_once_then_the_key_is_refused(keybrake, tenan
     first = keybrake.proxy("POST", f"{PI}/{intents[0]['id']}/confirm", key=key["token"])
     assert first.status_code == 200, first.text
     tenant.wait_spent(key["id"], Decimal(12))
-    sent = len(fake_stripe.received())
-    assert_denied(keybrake.proxy("POST", f"{PI}/{intents[1]['id']}/confirm", key=key["token"]),
-                  429, "cap_exhausted")
-    assert len(fake_stripe.received()) == sent
-    tenant.wait_spent(key["id"], Decimal(12))
+    assert_confirm_refused_at_the_cap(keybrake, tenant, fake_stripe, key, intents[1]["id"], Decimal(12))
 
 
 def test_a_key_spent_to_its_cap_can_still_confirm_its_own_intent(keybrake, tenant, fake_stripe, stripe_secret):
@@ -356,11 +361,7 @@ def test_raising_own_intents_past_the_cap_works_once_then_confirms_are_refused(
     assert client.v1.payment_intents.confirm(intents[0].id).status == "succeeded"
     tenant.wait_spent(key["id"], Decimal(55))
     time.sleep(2.5)  # past the idle time after which an unused counter is forgotten
-    sent = len(fake_stripe.received())
-    assert_denied(keybrake.proxy("POST", f"{PI}/{intents[1].id}/confirm", key=key["token"]),
-                  429, "cap_exhausted")
-    assert len(fake_stripe.received()) == sent
-    tenant.wait_spent(key["id"], Decimal(55))
+    assert_confirm_refused_at_the_cap(keybrake, tenant, fake_stripe, key, intents[1].id, Decimal(55))
 
 
 def test_confirming_another_keys_intent_is_charged_in_full(keybrake, tenant, fake_stripe, stripe_secret):

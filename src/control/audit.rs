@@ -115,7 +115,9 @@ impl AuditTrail {
         crate::secret::private_dir(data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
         let path = data_dir.join(FILE);
-        let (conn, old) = open_writer(&path, &data_dir.join("keybrake.db"))
+        crate::secret::private_file(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let (conn, old) = open_writer(&path, &data_dir.join(super::store::FILE))
             .with_context(|| format!("cannot open the audit database {}", path.display()))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(2)

@@ -231,6 +231,35 @@ impl Control {
         }
     }
 
+    /// A page cursor: the last row's sequence number sealed (AES-GCM under the master key)
+    /// with the tenant and the listing as associated data. Opaque (a tenant cannot read
+    /// how many rows other tenants wrote in between) and bound: another tenant's cursor,
+    /// or one of another listing, does not open. Processes sharing the master key (both
+    /// sides of an upgrade) accept each other's.
+    pub fn seal_cursor(&self, kind: api::CursorKind, tenant_id: &str, seq: i64) -> String {
+        use base64::Engine;
+        let sealed = self
+            .master
+            .seal(&seq.to_le_bytes(), &cursor_aad(kind, tenant_id));
+        format!(
+            "cur_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed)
+        )
+    }
+
+    /// The sequence number inside a cursor this tenant was given for this listing.
+    pub fn open_cursor(&self, kind: api::CursorKind, tenant_id: &str, text: &str) -> Option<i64> {
+        use base64::Engine;
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text.strip_prefix("cur_")?)
+            .ok()?;
+        let plain = self
+            .master
+            .open(&sealed, &cursor_aad(kind, tenant_id))
+            .ok()?;
+        Some(i64::from_le_bytes(plain.try_into().ok()?))
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -550,6 +579,14 @@ impl Control {
         }
         Ok(Some(row))
     }
+}
+
+fn cursor_aad(kind: api::CursorKind, tenant_id: &str) -> String {
+    let kind = match kind {
+        api::CursorKind::Keys => "keys",
+        api::CursorKind::Audit => "audit",
+    };
+    format!("cursor/{kind}/{tenant_id}")
 }
 
 fn credential_aad(tenant_id: &str, vendor: &str) -> String {

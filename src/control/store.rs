@@ -94,6 +94,9 @@ CREATE INDEX keys_by_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NUL
 "#,
 ];
 
+/// The store's file in the data dir.
+pub const FILE: &str = "keybrake.db";
+
 #[derive(Clone)]
 pub struct Store {
     writer: SqlitePool,
@@ -181,8 +184,11 @@ impl Store {
     pub async fn open(data_dir: &Path) -> Result<Store> {
         crate::secret::private_dir(data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+        let path = data_dir.join(FILE);
+        crate::secret::private_file(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         let options = SqliteConnectOptions::new()
-            .filename(data_dir.join("keybrake.db"))
+            .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // WAL + NORMAL: a commit survives a process crash (kill -9); only an OS crash

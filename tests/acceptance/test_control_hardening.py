@@ -1,0 +1,184 @@
+"""Control plane under attack and after crashes (issue 14): tenant-bound cursors, exact
+caps and duplicate JSON keys, invisible labels, JSON errors before a handler, private
+files, secrets generated only for a new data dir, lease recovery after kill -9,
+bounded listing pages, strict audit durability."""
+
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+import requests
+
+from harness import (
+    as_json,
+    assert_control_error,
+    wait_until,
+    write_config,
+)
+
+
+def key_body(**overrides):
+    body = {
+        "label": "hardening",
+        "vendor": "stripe",
+        "allowed_endpoints": ["/v1/payment_intents", "/v1/payment_intents/*"],
+        "daily_usd_cap": 500,
+        "expires_in": "5m",
+    }
+    body.update(overrides)
+    return body
+
+
+# --------------------------------------------------------------------------- item 6
+
+
+def test_cursors_are_opaque_and_refused_for_another_tenant(keybrake, stripe_secret):
+    """A next_cursor reveals no sequence number, and tenant B cannot use tenant A's
+    cursor (nor a keys cursor for the audit listing)."""
+    a = keybrake.create_tenant("a")
+    b = keybrake.create_tenant("b")
+    for t in (a, b):
+        t.put_credential("stripe", stripe_secret)
+    for i in range(3):
+        a.issue_key(**key_body(label=f"a{i}"))
+        b.issue_key(**key_body(label=f"b{i}"))
+    page_a = as_json(a.call("GET", "/v1/keys", params={"limit": 1}))
+    page_b = as_json(b.call("GET", "/v1/keys", params={"limit": 1}))
+    cursor_a, cursor_b = page_a["next_cursor"], page_b["next_cursor"]
+    assert cursor_a and cursor_b
+    for c in (cursor_a, cursor_b):
+        # Not `c_<global seq>`: a sealed blob much longer than any sequence number.
+        assert not c.startswith("c_") and len(c) > 40, c
+    # Each tenant's own cursor works.
+    assert a.call("GET", "/v1/keys", params={"limit": 1, "cursor": cursor_a}).status_code == 200
+    # Another tenant's cursor, or a cursor of another listing, is refused.
+    assert_control_error(
+        b.call("GET", "/v1/keys", params={"limit": 1, "cursor": cursor_a}), 400, "invalid_request"
+    )
+    assert_control_error(
+        a.call("GET", "/v1/audit", params={"limit": 1, "cursor": cursor_a}), 400, "invalid_request"
+    )
+    # The old guessable shape is not accepted either.
+    assert_control_error(
+        b.call("GET", "/v1/keys", params={"limit": 1, "cursor": "c_5"}), 400, "invalid_request"
+    )
+    # Two cursors of the same position differ (sealed with a fresh nonce): nothing to compare.
+    again = as_json(a.call("GET", "/v1/keys", params={"limit": 1}))["next_cursor"]
+    assert again != cursor_a
+
+
+# --------------------------------------------------------------------------- item 7
+
+
+def test_caps_are_exact_decimals_and_duplicate_keys_are_refused(tenant):
+    """0.1000000000000000001 has more than 6 decimals: refused (not rounded to 0.1).
+    A key given twice is refused, whichever value a reader would keep."""
+    raw = '{"vendor":"stripe","allowed_endpoints":["/v1/payment_intents"],"daily_usd_cap":0.1000000000000000001}'
+    r = tenant.call("POST", "/v1/keys", data=raw, headers={"Content-Type": "application/json"})
+    assert_control_error(r, 400, "invalid_daily_usd_cap")
+
+    dup = '{"vendor":"stripe","allowed_endpoints":["/v1/payment_intents"],"daily_usd_cap":1,"daily_usd_cap":999999}'
+    r = tenant.call("POST", "/v1/keys", data=dup, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "duplicate" in r.json()["error"]["message"]
+
+    nested = '{"vendor":"stripe","allowed_endpoints":["/v1/payment_intents"],"daily_usd_cap":1,"metadata":{"a":1,"a":2}}'
+    r = tenant.call("POST", "/v1/keys", data=nested, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+
+    # Exact values still round-trip.
+    raw = '{"vendor":"stripe","allowed_endpoints":["/v1/payment_intents"],"daily_usd_cap":12.000001}'
+    r = tenant.call("POST", "/v1/keys", data=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 201, r.text
+    assert as_json(r)["daily_usd_cap"] == Decimal("12.000001")
+
+
+# --------------------------------------------------------------------------- item 8
+
+
+@pytest.mark.parametrize(
+    "label",
+    ["\u200b", "refund\u202etxt.exe", "a\u2066b\u2069", "\ufeffx", "x\u2060"],
+    ids=["zwsp", "rlo", "isolate", "bom", "word-joiner"],
+)
+def test_invisible_and_bidi_labels_and_metadata_keys_are_refused(tenant, label):
+    assert_control_error(tenant.call("POST", "/v1/keys", json=key_body(label=label)), 400, "invalid_request")
+    assert_control_error(
+        tenant.call("POST", "/v1/keys", json=key_body(metadata={label: "v"})), 400, "invalid_request"
+    )
+
+
+def test_labels_in_other_scripts_are_still_accepted(tenant):
+    for label in ["café ☕", "שלום", "日本語"]:
+        assert tenant.issue_key(**key_body(label=label))["label"] == label
+
+
+# --------------------------------------------------------------------------- item 9
+
+
+def test_uri_and_header_limits_answer_with_the_json_error_body(keybrake):
+    r = requests.get(f"{keybrake.control_url}/v1/keys?x={'a' * 10_000}", timeout=10)
+    assert_control_error(r, 414, "uri_too_long")
+    r = requests.get(f"{keybrake.control_url}/healthz", headers={"X-Big": "a" * 20_000}, timeout=10)
+    assert_control_error(r, 431, "headers_too_large")
+    many = {f"X-H{i}": "1" for i in range(80)}
+    r = requests.get(f"{keybrake.control_url}/healthz", headers=many, timeout=10)
+    assert_control_error(r, 431, "headers_too_large")
+    # Ordinary requests are unaffected.
+    assert requests.get(f"{keybrake.control_url}/healthz", timeout=10).status_code == 200
+
+
+def test_every_file_in_an_existing_open_data_dir_is_private(keybrake_factory, fake_stripe, tmp_path):
+    kb = keybrake_factory({"stripe": fake_stripe.url}, start=False)
+    kb.data_dir.mkdir(parents=True)
+    os.chmod(kb.data_dir, 0o755)
+    kb.start()
+    t = kb.create_tenant("files")
+    t.put_credential("stripe", "sk_test_" + "f" * 24)
+    t.issue_key(**key_body())
+    files = [p for p in kb.data_dir.iterdir() if p.is_file()]
+    assert {"keybrake.db", "audit.db"} <= {p.name for p in files}
+    assert any(p.name.endswith("-wal") for p in files), [p.name for p in files]
+    for p in files:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o077 == 0, f"{p.name} has mode {mode:o}"
+
+
+# --------------------------------------------------------------------------- item 5
+
+
+def test_a_start_without_the_master_key_on_an_existing_store_writes_no_key(keybrake_factory, fake_stripe):
+    kb = keybrake_factory({"stripe": fake_stripe.url})
+    t = kb.create_tenant("keep")
+    t.put_credential("stripe", "sk_test_" + "k" * 24)
+    kb.stop()
+    assert not (kb.data_dir / "master.key").exists()
+    kb.env_overrides["KEYBRAKE_MASTER_KEY"] = None
+    with pytest.raises(AssertionError) as failed:
+        kb.start()
+    assert "master key" in str(failed.value)
+    assert not (kb.data_dir / "master.key").exists(), "a bogus master.key was written"
+    assert not any(p.name.startswith("master.") for p in kb.data_dir.iterdir())
+    # With the right key it starts and the store opens.
+    kb.env_overrides.pop("KEYBRAKE_MASTER_KEY")
+    kb.start()
+    assert t.call("GET", "/v1/vendors/stripe/credential").status_code == 200
+
+
+def test_a_new_data_dir_still_gets_generated_secrets(keybrake_factory, fake_stripe):
+    kb = keybrake_factory(
+        {"stripe": fake_stripe.url},
+        start=False,
+        env_overrides={"KEYBRAKE_MASTER_KEY": None, "KEYBRAKE_ADMIN_TOKEN": None},
+    )
+    kb.start()
+    assert (kb.data_dir / "master.key").exists() and (kb.data_dir / "admin.token").exists()
+    kb.admin_token = (kb.data_dir / "admin.token").read_text().strip()
+    kb.create_tenant("fresh")
+    kb.restart()
+    kb.create_tenant("again")

@@ -59,6 +59,7 @@ struct FileLeases {
     slices_per_cap: Option<i64>,
     return_idle_after_seconds: Option<u64>,
     report_interval_ms: Option<u64>,
+    lifetime_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +181,8 @@ pub struct LeaseSettings {
     pub slices_per_cap: i64,
     pub return_idle_after: Duration,
     pub report_interval: Duration,
+    /// How long a process's leases stay its own without a heartbeat (docs/storage.md).
+    pub lifetime: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -480,6 +483,7 @@ impl Config {
                 ),
                 report_interval: ms(file.leases.report_interval_ms, 500)
                     .max(Duration::from_millis(10)),
+                lifetime: Duration::from_secs(file.leases.lifetime_seconds.unwrap_or(30).max(3)),
             },
             pingora: PingoraSettings {
                 threads,

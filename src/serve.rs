@@ -203,6 +203,7 @@ fn start_control(
         default_ttl: config.default_key_ttl,
         max_ttl: config.max_key_ttl,
         vendors: config.vendors.keys().cloned().collect(),
+        lease_lifetime: config.leases.lifetime,
     };
     let data_dir = config.data_dir.clone();
     let listen = config.control_listen;
@@ -253,6 +254,7 @@ fn start_control(
                         .checkpoints(Metrics::global().store_wal_backlog.clone()),
                 );
                 tokio::spawn(control.clone().follow_revocations());
+                tokio::spawn(control.clone().lease_upkeep());
                 let app = router(ApiState {
                     control: control.clone(),
                     proxy_addr,

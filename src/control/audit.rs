@@ -245,6 +245,25 @@ impl AuditTrail {
         }
     }
 
+    /// What the trail records as spent by one key on one UTC day.
+    pub async fn spend_of_key(&self, tenant_id: &str, key_id: &str, day: i64) -> Result<Micros> {
+        let from = day.saturating_mul(86_400_000);
+        let to = from.saturating_add(86_400_000);
+        let total: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(a.spend), 0) FROM key_spans s
+             JOIN audit a ON a.seq BETWEEN s.first_seq AND s.last_seq
+             WHERE s.tenant_id = ?1 AND s.key_id = ?2 AND s.max_ts_ms >= ?3
+               AND a.key_id = ?2 AND a.ts_ms >= ?3 AND a.ts_ms < ?4",
+        )
+        .bind(tenant_id)
+        .bind(key_id)
+        .bind(from)
+        .bind(to)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(Micros(total))
+    }
+
     /// For readiness: the audit database answers reads, and the writer finished a pass
     /// within STALLED (it normally does every LINGER; a file it cannot write keeps it in
     /// retries of 5 s each, and a writer thread that died never finishes one again).
@@ -337,10 +356,10 @@ fn attach_old_table(conn: &rusqlite::Connection, old_store: &Path) -> rusqlite::
     if !old_store.exists() {
         return Ok(false);
     }
-    conn.execute(
-        "ATTACH DATABASE ?1 AS old",
-        [old_store.to_string_lossy().as_ref()],
-    )?;
+    // Read-only: attached read-write, every write transaction of this connection (each
+    // batch begins IMMEDIATE) would also take `keybrake.db`'s write lock, and key issuance
+    // and ledger writes would wait for audit batches. A WAL reader blocks no writer.
+    conn.execute("ATTACH DATABASE ?1 AS old", [read_only_uri(old_store)])?;
     let has_table: bool = conn.query_row(
         "SELECT count(*) > 0 FROM old.sqlite_master WHERE type = 'table' AND name = 'audit'",
         [],
@@ -350,6 +369,20 @@ fn attach_old_table(conn: &rusqlite::Connection, old_store: &Path) -> rusqlite::
         conn.execute("DETACH DATABASE old", [])?;
     }
     Ok(has_table)
+}
+
+/// `file:` URI opening `path` read-only (rusqlite opens connections with URI names on).
+fn read_only_uri(path: &Path) -> String {
+    let mut uri = String::from("file:");
+    for b in path.as_os_str().as_encoded_bytes() {
+        match b {
+            b'%' | b'?' | b'#' => uri.push_str(&format!("%{b:02X}")),
+            b if b.is_ascii() => uri.push(char::from(*b)),
+            b => uri.push_str(&format!("%{b:02X}")),
+        }
+    }
+    uri.push_str("?mode=ro");
+    uri
 }
 
 /// Copies the old table's rows not moved yet, in one transaction with the watermark
@@ -867,5 +900,61 @@ mod tests {
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With the old table attached (every data dir written before the trail had its own
+    /// file), audit batches must not take `keybrake.db`'s write lock: a write there with
+    /// no busy timeout never finds it locked while batches go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn audit_batches_never_hold_the_stores_write_lock() {
+        let dir = temp_dir("audit-lock");
+        {
+            let old = rusqlite::Connection::open(dir.join("keybrake.db")).unwrap();
+            old.pragma_update(None, "journal_mode", "WAL").unwrap();
+            old.execute_batch(
+                "CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, \
+                 tenant_id TEXT, key_id TEXT, label TEXT, vendor TEXT NOT NULL, method TEXT NOT NULL, \
+                 path TEXT NOT NULL, status INTEGER NOT NULL, decision TEXT NOT NULL, \
+                 spend INTEGER NOT NULL, vendor_request_id TEXT, duration_ms INTEGER NOT NULL);
+                 CREATE TABLE ledger (k INTEGER);",
+            )
+            .unwrap();
+        }
+        let trail = Arc::new(AuditTrail::open(&dir, Metrics::global()).await.unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let feeder = {
+            let (trail, stop) = (trail.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..500 {
+                        trail.record(event(n));
+                        n += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let store = rusqlite::Connection::open(dir.join("keybrake.db")).unwrap();
+        store.busy_timeout(Duration::ZERO).unwrap();
+        let (mut locked, mut writes) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            match store.execute("INSERT INTO ledger (k) VALUES (1)", []) {
+                Ok(_) => writes += 1,
+                Err(_) => locked += 1,
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        feeder.join().unwrap();
+        assert!(trail.flush(Duration::from_secs(10)));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            locked,
+            0,
+            "{locked} of {} writes found keybrake.db locked",
+            locked + writes
+        );
     }
 }

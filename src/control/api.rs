@@ -854,7 +854,7 @@ async fn list_keys(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let tenant = tenant(&s, &headers)?;
     let status = match q.get("status").map(String::as_str) {
         None | Some("") | Some("all") => None,
@@ -869,25 +869,42 @@ async fn list_keys(
         }
     };
     let limit = page_limit(&q)?;
-    let views = s
+    let before = cursor(&s, &tenant, CursorKind::Keys, &q)?;
+    let _building = s
         .control
-        .list_keys(
-            &tenant,
-            status,
-            cursor(&s, &tenant, CursorKind::Keys, &q)?,
-            limit,
-        )
-        .await?;
+        .page_builds
+        .acquire()
+        .await
+        .map_err(|_| anyhow::anyhow!("page builds closed"))?;
+    let (views, more) = s.control.list_keys(&tenant, status, before, limit).await?;
     let next = next_cursor(
         &s,
         &tenant,
         CursorKind::Keys,
         views.last().map(|v| v.row.seq),
-        views.len() as i64 == limit,
+        more,
     );
-    Ok(Json(
-        json!({"data": views.iter().map(key_json).collect::<Vec<_>>(), "next_cursor": next}),
-    ))
+    // Written key by key: one key's JSON tree at a time, never the whole page's.
+    let mut body = Vec::with_capacity(64 * 1024);
+    body.extend_from_slice(b"{\"data\":[");
+    for (i, view) in views.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        serde_json::to_writer(&mut body, &key_json(view)).map_err(anyhow::Error::from)?;
+    }
+    drop(views);
+    body.extend_from_slice(b"],\"next_cursor\":");
+    serde_json::to_writer(&mut body, &next).map_err(anyhow::Error::from)?;
+    body.push(b'}');
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 async fn revoke_key(

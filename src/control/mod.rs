@@ -70,6 +70,9 @@ pub struct Control {
     shared_until: std::sync::atomic::AtomicI64,
     pub audit: audit::AuditTrail,
     keys: keywriter::KeyWriter,
+    /// Pages of `GET /v1/keys` built at once: each holds up to `MAX_PAGE_BYTES` of rows
+    /// and their JSON while it is built, so many readers cannot add up to gigabytes.
+    pub page_builds: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
 }
 
@@ -160,6 +163,7 @@ impl Control {
             revocations_lock: Default::default(),
             audit,
             keys,
+            page_builds: tokio::sync::Semaphore::new(PAGE_BUILDS),
             metrics,
         });
         control.publish_jwks();
@@ -634,22 +638,58 @@ impl Control {
         })
     }
 
+    /// A page of the tenant's keys, newest first, and whether more may follow. The page
+    /// ends at `limit` keys or once its keys take about `MAX_PAGE_BYTES` of JSON, so a page
+    /// of large keys (100 patterns, 8 KiB of metadata each) stays a bounded size however
+    /// many clients read it at once. Rows are read `PAGE_CHUNK` at a time, and each
+    /// chunk's spend in one query.
     pub async fn list_keys(
         &self,
         tenant_id: &str,
         status: Option<KeyStatus>,
         before_seq: i64,
         limit: i64,
-    ) -> Result<Vec<KeyView>> {
-        let rows = self
-            .store
-            .list_keys(tenant_id, status, before_seq, limit, now_secs())
-            .await?;
-        let mut views = Vec::with_capacity(rows.len());
-        for row in rows {
-            views.push(self.view(row).await?);
+    ) -> Result<(Vec<KeyView>, bool)> {
+        const PAGE_CHUNK: i64 = 100;
+        let now = now_secs();
+        let day = utc_day(now);
+        let mut views = Vec::new();
+        let (mut before, mut bytes) = (before_seq, 0usize);
+        // Rows read at a time: few at first, then as many as the keys seen so far say fit
+        // in what is left of the page, so a page of large keys never reads (and holds)
+        // many more rows than it returns.
+        let mut chunk = 16;
+        while (views.len() as i64) < limit {
+            let want = (limit - views.len() as i64).min(chunk);
+            let rows = self
+                .store
+                .list_keys(tenant_id, status, before, want, now)
+                .await?;
+            let last_chunk = (rows.len() as i64) < want;
+            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            let mut ledger = self.store.ledger_rows(&ids, day).await?;
+            for row in rows {
+                let size = key_json_size(&row);
+                if !views.is_empty() && bytes.saturating_add(size) > MAX_PAGE_BYTES {
+                    return Ok((views, true));
+                }
+                bytes = bytes.saturating_add(size);
+                before = row.seq;
+                views.push(KeyView {
+                    status: key_status(&row, now),
+                    ledger: ledger.remove(&row.id).unwrap_or_default(),
+                    row,
+                });
+            }
+            if last_chunk {
+                return Ok((views, false));
+            }
+            let average = (bytes / views.len().max(1)).max(1);
+            chunk = i64::try_from(MAX_PAGE_BYTES.saturating_sub(bytes) / average)
+                .unwrap_or(PAGE_CHUNK)
+                .clamp(1, PAGE_CHUNK);
         }
-        Ok(views)
+        Ok((views, true))
     }
 
     /// Revokes a key and publishes the revocation before returning, so the in-process proxy
@@ -722,6 +762,24 @@ async fn load_signing_keys(
             .collect(),
     };
     Ok((signer, jwks))
+}
+
+/// About the most JSON one page of `GET /v1/keys` holds (see `Control::list_keys`).
+pub const MAX_PAGE_BYTES: usize = 512 * 1024;
+const PAGE_BUILDS: usize = 8;
+
+/// About how many bytes of JSON a key takes in a listing: its variable parts plus a
+/// fixed allowance for ids, dates and money fields.
+fn key_json_size(row: &KeyRow) -> usize {
+    let patterns: usize = row.allowed_endpoints.iter().map(|p| p.len() + 4).sum();
+    let accounts: usize = row
+        .stripe_accounts
+        .iter()
+        .flatten()
+        .map(|a| a.len() + 4)
+        .sum();
+    let metadata = serde_json::to_string(&row.metadata).map_or(0, |m| m.len());
+    400 + row.label.len() * 2 + patterns + accounts + metadata
 }
 
 /// Kept between the end of a holder's validity for its own proxy and the moment other

@@ -204,6 +204,7 @@ fn start_control(
         max_ttl: config.max_key_ttl,
         vendors: config.vendors.keys().cloned().collect(),
         lease_lifetime: config.leases.lifetime,
+        audit_durability: config.audit_durability,
     };
     let data_dir = config.data_dir.clone();
     let listen = config.control_listen;
@@ -583,5 +584,13 @@ struct AuditForwarder(Arc<Control>);
 impl AuditSink for AuditForwarder {
     fn record(&self, event: crate::sync::AuditEvent) {
         self.0.audit.record(event);
+    }
+
+    fn is_strict(&self) -> bool {
+        self.0.audit.is_strict()
+    }
+
+    fn record_durably(&self, event: crate::sync::AuditEvent, timeout: Duration) -> bool {
+        self.0.audit.record_durably(event, timeout)
     }
 }

@@ -101,9 +101,23 @@ pub struct AuditEvent {
     pub duration_ms: u64,
 }
 
-/// Where the proxy drops audit events. Must never block or fail the request path.
+/// Where the proxy drops audit events. `record` never blocks or fails the request path.
 pub trait AuditSink: Send + Sync + 'static {
     fn record(&self, event: AuditEvent);
+
+    /// `audit.durability: strict`: the proxy records a response's event with this before
+    /// it releases the response's last bytes.
+    fn is_strict(&self) -> bool {
+        false
+    }
+
+    /// Records the event and blocks the calling thread until it is durable, at most
+    /// `timeout`. False when it is not (timed out, queue full, write failed): the caller
+    /// must not release its response.
+    fn record_durably(&self, event: AuditEvent, _timeout: std::time::Duration) -> bool {
+        self.record(event);
+        true
+    }
 }
 
 pub type SharedPublished = Arc<Published>;

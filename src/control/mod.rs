@@ -36,6 +36,7 @@ pub struct ControlSettings {
     pub vendors: HashSet<String>,
     /// How long this process's leases stay its own without a heartbeat (see `Ledger`).
     pub lease_lifetime: Duration,
+    pub audit_durability: crate::config::AuditDurability,
 }
 
 /// Whose API token this is.
@@ -122,7 +123,8 @@ impl Control {
         published: Arc<Published>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Control>> {
-        let audit = audit::AuditTrail::open(data_dir, metrics.clone()).await?;
+        let audit =
+            audit::AuditTrail::open(data_dir, metrics.clone(), settings.audit_durability).await?;
         let store = Store::open(data_dir).await?;
         let now = now_secs();
         if store
@@ -849,6 +851,7 @@ mod tests {
             max_ttl: Duration::from_secs(3600),
             vendors: ["stripe".to_string()].into(),
             lease_lifetime: Duration::from_secs(3),
+            audit_durability: Default::default(),
         };
         let master = MasterKey::from_base64(master).unwrap();
         let published = Arc::new(Published::empty());

@@ -252,3 +252,55 @@ def test_a_page_of_large_keys_is_bounded_in_bytes_and_the_cursor_walks_the_rest(
         cursor = page["next_cursor"]
     assert cursor is None
     assert len(seen) == len(set(seen)) == 24 and set(seen) == issued
+
+
+# --------------------------------------------------------------------------- item 3
+
+
+def answered_calls_after_a_kill(keybrake_factory, fake_stripe, stripe_secret, tmp_path, durability):
+    """Payments and denials from 8 threads (one key each), kill -9 mid-load, restart:
+    per key, (answered calls, audit events)."""
+    config = write_config(tmp_path / f"conf-{durability}", audit={"durability": durability})
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
+    t = kb.create_tenant("strict")
+    t.put_credential("stripe", stripe_secret)
+    keys = [t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100000) for _ in range(8)]
+    answered = {k["id"]: 0 for k in keys}
+    stop = threading.Event()
+
+    def worker(key):
+        session = requests.Session()
+        n = 0
+        while not stop.is_set() and n < 2000:
+            n += 1
+            try:
+                if n % 4 == 0:   # a denial: an endpoint the key does not allow
+                    r = session.get(f"{kb.proxy_url}/stripe/v1/customers",
+                                    headers={"Authorization": f"Bearer {key['token']}"}, timeout=10)
+                    ok = r.status_code == 403
+                else:
+                    r = session.post(f"{kb.proxy_url}{PI}", data={"amount": 100, "currency": "usd"},
+                                     headers={"Authorization": f"Bearer {key['token']}"}, timeout=10)
+                    ok = r.status_code == 200
+            except requests.RequestException:
+                return
+            if ok:
+                answered[key["id"]] += 1
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in keys]
+    for th in threads:
+        th.start()
+    time.sleep(2.0)
+    kb.kill9()
+    stop.set()
+    for th in threads:
+        th.join(timeout=20)
+    kb.start()
+    return {kid: (n, len(t.audit_all(key_id=kid))) for kid, n in answered.items()}
+
+
+def test_strict_audit_keeps_every_answered_call_through_kill_9(keybrake_factory, fake_stripe, stripe_secret, tmp_path):
+    counts = answered_calls_after_a_kill(keybrake_factory, fake_stripe, stripe_secret, tmp_path, "strict")
+    assert sum(n for n, _ in counts.values()) > 40, f"too little load to judge: {counts}"
+    missing = {k: (n, e) for k, (n, e) in counts.items() if e < n}
+    assert not missing, f"answered calls missing from the trail (answered, audited): {missing}"

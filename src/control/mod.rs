@@ -1054,7 +1054,8 @@ mod tests {
             Micros(30_000_000),
             "given back before its lifetime"
         );
-        tokio::time::sleep(Duration::from_millis(3_600)).await;
+        // Dead once `alive_until` (whole seconds, 3 s after the last beat) is in the past.
+        tokio::time::sleep(Duration::from_millis(4_200)).await;
         let back = next.reclaim_dead_holders().await.unwrap();
         let spent = next.store.ledger_row("key_dead", day).await.unwrap();
         let idle = next.store.ledger_row("key_idle", day).await.unwrap();

@@ -22,6 +22,7 @@ start_nginx "$up"
 
 declare -A RESULT
 for mode in normal strict; do
+  rm -rf "$TMP/data"   # each run its own store (start_keybrake draws a new master key)
   AUDIT_DURABILITY=$mode start_keybrake "http://127.0.0.1:$up"
   new_tenant
   control POST /v1/keys "$KB_TENANT_TOKEN" \

@@ -157,6 +157,8 @@ start_keybrake() {
 vendors_file: $KB_ROOT/conf/vendors.yaml
 currencies_file: $KB_ROOT/conf/currencies.yaml
 access_log: ${ACCESS_LOG:-$TMP/access.log}
+audit:
+  durability: ${AUDIT_DURABILITY:-normal}
 pingora:
   threads: ${KB_THREADS:-2}
   upgrade_sock: $TMP/upgrade.sock

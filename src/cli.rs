@@ -168,8 +168,11 @@ pub fn issue_body(
     label: Option<&str>,
     accounts: &[String],
 ) -> Result<Value> {
-    let cap: Value = serde_json::from_str(cap.trim())
-        .map_err(|_| anyhow!("--cap {cap:?} is not a number of US dollars"))?;
+    // Exact: a float would turn 0.1000000000000000001 into 0.1 before the server could
+    // refuse it. Up to 6 decimals, the JSON number round-trips to the same micro-dollars.
+    let micros = crate::money::Micros::parse_usd(cap.trim())
+        .map_err(|e| anyhow!("--cap {cap:?} is not a number of US dollars: {e}"))?;
+    let cap = json!(micros.as_usd_f64());
     let mut body = json!({"vendor": vendor, "allowed_endpoints": endpoints, "daily_usd_cap": cap});
     if let Some(ttl) = ttl {
         body["expires_in"] = json!(ttl);
@@ -181,4 +184,21 @@ pub fn issue_body(
         body["stripe_accounts"] = json!(accounts);
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_flag_is_sent_exactly_or_refused() {
+        let body = |cap: &str| issue_body("stripe", &["/v1/x".into()], cap, None, None, &[]);
+        assert_eq!(
+            body("12.000001").unwrap()["daily_usd_cap"].to_string(),
+            "12.000001"
+        );
+        assert_eq!(body("500").unwrap()["daily_usd_cap"].to_string(), "500.0");
+        assert!(body("0.1000000000000000001").is_err());
+        assert!(body("abc").is_err());
+    }
 }

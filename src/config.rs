@@ -40,6 +40,24 @@ struct FileConfig {
     leases: FileLeases,
     #[serde(default)]
     pingora: FilePingora,
+    #[serde(default)]
+    audit: FileAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    durability: Option<AuditDurability>,
+}
+
+/// When an audit event is safe (docs/storage.md): `normal` writes it within ~10 ms of the
+/// response, `strict` releases the response only once its event is committed and synced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDurability {
+    #[default]
+    Normal,
+    Strict,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -59,6 +77,7 @@ struct FileLeases {
     slices_per_cap: Option<i64>,
     return_idle_after_seconds: Option<u64>,
     report_interval_ms: Option<u64>,
+    lifetime_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +172,7 @@ pub struct Config {
     pub access_log: AccessLog,
     pub upstream: UpstreamTimeouts,
     pub leases: LeaseSettings,
+    pub audit_durability: AuditDurability,
     pub pingora: PingoraSettings,
     pub vendors: Map<String, Vendor>,
     pub currencies: Map<String, Currency>,
@@ -180,6 +200,8 @@ pub struct LeaseSettings {
     pub slices_per_cap: i64,
     pub return_idle_after: Duration,
     pub report_interval: Duration,
+    /// How long a process's leases stay its own without a heartbeat (docs/storage.md).
+    pub lifetime: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -473,6 +495,7 @@ impl Config {
                     file.upstream.dns_refresh_seconds.unwrap_or(30).max(1),
                 ),
             },
+            audit_durability: file.audit.durability.unwrap_or_default(),
             leases: LeaseSettings {
                 slices_per_cap,
                 return_idle_after: Duration::from_secs(
@@ -480,6 +503,7 @@ impl Config {
                 ),
                 report_interval: ms(file.leases.report_interval_ms, 500)
                     .max(Duration::from_millis(10)),
+                lifetime: Duration::from_secs(file.leases.lifetime_seconds.unwrap_or(30).max(3)),
             },
             pingora: PingoraSettings {
                 threads,

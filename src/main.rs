@@ -204,6 +204,11 @@ impl Common {
 }
 
 fn main() {
+    // Every file the process creates (databases and their WAL, secrets, the access log,
+    // the PID file, the upgrade socket) is for this user alone, whatever the directory's
+    // mode: nothing of it is meant for other local users.
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();

@@ -18,6 +18,34 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes sure a database file exists with mode 0600 before SQLite opens it, whatever the
+/// directory's mode or the process umask: SQLite creates a missing file with 0644 (less
+/// the umask), and gives its `-wal` and `-shm` files the database file's mode. An existing
+/// file open to others is narrowed to 0600.
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                log::warn!(
+                    "{} had mode {mode:03o}: narrowed to 600 (it holds keys and the trail)",
+                    path.display()
+                );
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Logs a warning when group or others have any access to `path`.
 pub fn warn_if_shared(path: &Path, what: &str) {
     if let Ok(meta) = std::fs::metadata(path) {

@@ -37,7 +37,15 @@ pub struct SecretSources {
 
 /// Reads a secret file, or creates it with mode 0600 holding `generate()`: written to a
 /// temporary file and renamed, so a crash never leaves an empty or partial secret.
-fn secret_file(path: &Path, generate: impl FnOnce() -> String, what: &str) -> Result<String> {
+/// Only a new data dir gets a generated secret (`data_dir_is_new`): beside an existing
+/// store, a fresh master key could not open it, and the file would be left for the
+/// next start or a backup to pick up.
+fn secret_file(
+    path: &Path,
+    generate: impl FnOnce() -> String,
+    what: &str,
+    data_dir_is_new: bool,
+) -> Result<String> {
     let read = || {
         crate::secret::warn_if_shared(path, what);
         std::fs::read_to_string(path)
@@ -46,6 +54,15 @@ fn secret_file(path: &Path, generate: impl FnOnce() -> String, what: &str) -> Re
     };
     if path.exists() {
         return read();
+    }
+    if !data_dir_is_new {
+        return Err(anyhow!(
+            "no {what}: {} is missing but the data dir already holds a store, which was \
+             created with another one; provide it (see --help: KEYBRAKE_MASTER_KEY / \
+             --master-key-file, KEYBRAKE_ADMIN_TOKEN / --admin-token-file) instead of \
+             letting a new one be generated",
+            path.display()
+        ));
     }
     let value = generate();
     // Written whole to a temporary file of our own (a random name: two first starts on
@@ -96,9 +113,17 @@ fn secret_file(path: &Path, generate: impl FnOnce() -> String, what: &str) -> Re
     Ok(value)
 }
 
+/// A data dir is new when it holds neither database yet.
+fn data_dir_is_new(data_dir: &Path) -> bool {
+    [crate::control::store::FILE, crate::control::audit::FILE]
+        .iter()
+        .all(|f| !data_dir.join(f).exists())
+}
+
 fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, Secret)> {
     crate::secret::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let is_new = data_dir_is_new(&config.data_dir);
     let master = if let Some(file) = &sources.master_key_file {
         MasterKey::from_file(file)?
     } else if let Ok(text) = std::env::var("KEYBRAKE_MASTER_KEY") {
@@ -109,6 +134,7 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
             &path,
             MasterKey::generate_base64,
             "master key",
+            is_new,
         )?)
         .with_context(|| format!("master key file {}", path.display()))?
     } else {
@@ -126,7 +152,12 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
         text.trim().to_string()
     } else if sources.generate_missing {
         let path = config.data_dir.join("admin.token");
-        let token = secret_file(&path, || crate::ids::new_token("kba_"), "admin token")?;
+        let token = secret_file(
+            &path,
+            || crate::ids::new_token("kba_"),
+            "admin token",
+            is_new,
+        )?;
         log::info!(
             "admin token: in {} (export KEYBRAKE_ADMIN_TOKEN=$(cat {}))",
             path.display(),
@@ -172,6 +203,8 @@ fn start_control(
         default_ttl: config.default_key_ttl,
         max_ttl: config.max_key_ttl,
         vendors: config.vendors.keys().cloned().collect(),
+        lease_lifetime: config.leases.lifetime,
+        audit_durability: config.audit_durability,
     };
     let data_dir = config.data_dir.clone();
     let listen = config.control_listen;
@@ -222,6 +255,7 @@ fn start_control(
                         .checkpoints(Metrics::global().store_wal_backlog.clone()),
                 );
                 tokio::spawn(control.clone().follow_revocations());
+                tokio::spawn(control.clone().lease_upkeep());
                 let app = router(ApiState {
                     control: control.clone(),
                     proxy_addr,
@@ -550,5 +584,13 @@ struct AuditForwarder(Arc<Control>);
 impl AuditSink for AuditForwarder {
     fn record(&self, event: crate::sync::AuditEvent) {
         self.0.audit.record(event);
+    }
+
+    fn is_strict(&self) -> bool {
+        self.0.audit.is_strict()
+    }
+
+    fn record_durably(&self, event: crate::sync::AuditEvent, timeout: Duration) -> bool {
+        self.0.audit.record_durably(event, timeout)
     }
 }

@@ -70,10 +70,18 @@ pub struct LeaseReport {
 #[error("ledger unavailable: {0}")]
 pub struct LedgerError(pub String);
 
+/// A ledger grants leases to one holder (this process). A lease stays the holder's only
+/// while the holder proves it is alive: past `leases_valid_until` (unix seconds) the
+/// proxy must not spend budget it holds, because from shortly after that moment another
+/// process may take the holder for dead, settle what the audit trail shows it spent and
+/// give the rest of its leases back to the keys.
 #[async_trait::async_trait]
 pub trait Ledger: Send + Sync + 'static {
     async fn lease(&self, request: LeaseRequest) -> Result<Micros, LedgerError>;
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError>;
+    fn leases_valid_until(&self) -> i64 {
+        i64::MAX
+    }
 }
 
 /// One proxied (or denied) request, as `GET /v1/audit` shows it.
@@ -93,9 +101,23 @@ pub struct AuditEvent {
     pub duration_ms: u64,
 }
 
-/// Where the proxy drops audit events. Must never block or fail the request path.
+/// Where the proxy drops audit events. `record` never blocks or fails the request path.
 pub trait AuditSink: Send + Sync + 'static {
     fn record(&self, event: AuditEvent);
+
+    /// `audit.durability: strict`: the proxy records a response's event with this before
+    /// it releases the response's last bytes.
+    fn is_strict(&self) -> bool {
+        false
+    }
+
+    /// Records the event and blocks the calling thread until it is durable, at most
+    /// `timeout`. False when it is not (timed out, queue full, write failed): the caller
+    /// must not release its response.
+    fn record_durably(&self, event: AuditEvent, _timeout: std::time::Duration) -> bool {
+        self.record(event);
+        true
+    }
 }
 
 pub type SharedPublished = Arc<Published>;

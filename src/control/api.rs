@@ -73,6 +73,7 @@ pub fn router(state: ApiState) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(head_limits))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
@@ -103,6 +104,45 @@ async fn json_errors(response: Response) -> Response {
         ),
     };
     ApiError::new(status, code, message).into_response()
+}
+
+/// Longest request target, and most header bytes (names and values) or headers, that the
+/// API reads. Below hyper's own limits (64 KiB URI, ~400 KiB of head, 100 headers), so a
+/// request over ours gets SPEC §3's JSON error rather than hyper's empty-bodied one.
+const MAX_URI_BYTES: usize = 8 * 1024;
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+async fn head_limits(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let uri_len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
+    if uri_len > MAX_URI_BYTES {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request target is over {} KiB", MAX_URI_BYTES / 1024),
+        )
+        .into_response();
+    }
+    let headers = request.headers();
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES || headers.len() > MAX_HEADERS {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request headers are over {} KiB or {MAX_HEADERS} fields",
+                MAX_HEADER_BYTES / 1024
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 // ----- authentication -----
@@ -146,28 +186,143 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             "a JSON body is required",
         ));
     }
-    let value: Value = serde_json::from_slice(body)
+    // One pass that refuses a key given twice at any depth: serde keeps the last of two
+    // `daily_usd_cap`s while a reviewer (or a proxy in front) may read the first.
+    let shape: strict_json::Shape = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed JSON: {e}")))?;
     // serde would also accept a struct written as an array; the API takes objects only.
-    if !value.is_object() {
+    if shape != strict_json::Shape::Object {
         return Err(ApiError::bad_request(
             "invalid_request",
             "the body must be a JSON object",
         ));
     }
-    serde_json::from_value(value)
+    serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid request body: {e}")))
+}
+
+/// A JSON document walked once to refuse duplicate object keys, keeping nothing but the
+/// kind of its top-level value.
+mod strict_json {
+    use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::collections::HashSet;
+    use std::fmt;
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Shape {
+        Object,
+        Other,
+    }
+
+    impl<'de> Deserialize<'de> for Shape {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Walk)
+        }
+    }
+
+    struct Walk;
+
+    impl<'de> Visitor<'de> for Walk {
+        type Value = Shape;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
+            Ok(Shape::Other)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Shape, E> {
+            Ok(Shape::Other)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
+            Ok(Shape::Other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+            Ok(Shape::Other)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
+            Ok(Shape::Other)
+        }
+        fn visit_unit<E>(self) -> Result<Shape, E> {
+            Ok(Shape::Other)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+            while seq.next_element::<Shape>()?.is_some() {}
+            Ok(Shape::Other)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+            let mut seen = HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if seen.contains(&key) {
+                    return Err(de::Error::custom(format!("duplicate key {key:?}")));
+                }
+                map.next_value::<Shape>()?;
+                seen.insert(key);
+            }
+            Ok(Shape::Object)
+        }
+    }
 }
 
 fn name_field(name: &str, what: &str) -> ApiResult<String> {
     let name = name.trim();
-    if name.is_empty() || name.len() > MAX_LABEL || name.chars().any(char::is_control) {
+    if name.is_empty()
+        || name.len() > MAX_LABEL
+        || name
+            .chars()
+            .any(|c| c.is_control() || is_invisible_format(c))
+    {
         return Err(ApiError::bad_request(
             "invalid_request",
-            format!("{what} must be 1 to {MAX_LABEL} printable characters"),
+            format!(
+                "{what} must be 1 to {MAX_LABEL} printable characters (no control, \
+                 zero-width or bidirectional-override characters)"
+            ),
         ));
     }
     Ok(name.to_string())
+}
+
+/// Unicode format characters (general category Cf): zero-width characters, bidi
+/// embeddings, overrides and isolates, invisible operators, tags. Shown in a listing,
+/// the audit trail or a log line, they hide text or make it read in another order.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}'
+        | '\u{0600}'..='\u{0605}'
+        | '\u{061C}'
+        | '\u{06DD}'
+        | '\u{070F}'
+        | '\u{0890}'..='\u{0891}'
+        | '\u{08E2}'
+        | '\u{180E}'
+        | '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{206F}'
+        | '\u{FEFF}'
+        | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{110BD}'
+        | '\u{110CD}'
+        | '\u{13430}'..='\u{1343F}'
+        | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0001}'
+        | '\u{E0020}'..='\u{E007F}')
+}
+
+/// Metadata keys (at any depth) follow the label's rule: no control or invisible
+/// format characters, not empty.
+fn metadata_keys_are_printable(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.iter().all(|(k, v)| {
+            !k.trim().is_empty()
+                && !k.chars().any(|c| c.is_control() || is_invisible_format(c))
+                && metadata_keys_are_printable(v)
+        }),
+        Value::Array(items) => items.iter().all(metadata_keys_are_printable),
+        _ => true,
+    }
 }
 
 fn page_limit(query: &HashMap<String, String>) -> ApiResult<i64> {
@@ -183,13 +338,26 @@ fn page_limit(query: &HashMap<String, String>) -> ApiResult<i64> {
     }
 }
 
-/// Cursors are opaque to clients; inside they are the last row's sequence number.
-fn cursor(query: &HashMap<String, String>) -> ApiResult<i64> {
+/// Which listing a cursor belongs to: a cursor of one is refused by the other.
+#[derive(Clone, Copy)]
+pub enum CursorKind {
+    Keys,
+    Audit,
+}
+
+/// The cursor of a page: opaque, and bound to its tenant and listing (see
+/// `Control::seal_cursor`); `i64::MAX` (from the newest) when absent.
+fn cursor(
+    s: &ApiState,
+    tenant: &str,
+    kind: CursorKind,
+    query: &HashMap<String, String>,
+) -> ApiResult<i64> {
     match query.get("cursor").map(String::as_str) {
         None | Some("") => Ok(i64::MAX),
-        Some(c) => c
-            .strip_prefix("c_")
-            .and_then(|n| n.parse::<i64>().ok())
+        Some(c) => s
+            .control
+            .open_cursor(kind, tenant, c)
             .filter(|n| *n > 0)
             .ok_or_else(|| {
                 ApiError::bad_request("invalid_request", "cursor is not one this API returned")
@@ -197,9 +365,15 @@ fn cursor(query: &HashMap<String, String>) -> ApiResult<i64> {
     }
 }
 
-fn next_cursor(last_seq: Option<i64>, page_full: bool) -> Value {
+fn next_cursor(
+    s: &ApiState,
+    tenant: &str,
+    kind: CursorKind,
+    last_seq: Option<i64>,
+    page_full: bool,
+) -> Value {
     match (last_seq, page_full) {
-        (Some(seq), true) => json!(format!("c_{seq}")),
+        (Some(seq), true) => json!(s.control.seal_cursor(kind, tenant, seq)),
         _ => Value::Null,
     }
 }
@@ -459,7 +633,8 @@ struct IssueRequest {
     label: Option<String>,
     vendor: String,
     allowed_endpoints: Vec<String>,
-    daily_usd_cap: Value,
+    /// Kept as the JSON text: read as f64, 0.1000000000000000001 would become 0.1.
+    daily_usd_cap: Box<serde_json::value::RawValue>,
     #[serde(default)]
     expires_in: Option<Value>,
     #[serde(default)]
@@ -468,14 +643,15 @@ struct IssueRequest {
     stripe_accounts: Option<Vec<String>>,
 }
 
-fn parse_cap(value: &Value) -> ApiResult<Micros> {
+/// The cap from its JSON text, exactly: a number with at most 6 decimals.
+fn parse_cap(json_text: &str) -> ApiResult<Micros> {
     let bad =
         |why: &str| ApiError::bad_request("invalid_daily_usd_cap", format!("daily_usd_cap {why}"));
-    let Value::Number(n) = value else {
+    let text = json_text.trim();
+    if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         return Err(bad("must be a JSON number of US dollars, like 500 or 12.5"));
-    };
-    let micros =
-        Micros::parse_usd(&n.to_string()).map_err(|e| bad(&format!("is not valid: {e}")))?;
+    }
+    let micros = Micros::parse_usd(text).map_err(|e| bad(&format!("is not valid: {e}")))?;
     if !micros.is_positive() {
         return Err(bad("must be greater than zero"));
     }
@@ -603,7 +779,7 @@ async fn issue_key(
             ));
         }
     }
-    let daily_cap = parse_cap(&req.daily_usd_cap)?;
+    let daily_cap = parse_cap(req.daily_usd_cap.get())?;
     let settings = s.control.settings();
     let ttl = parse_ttl(
         req.expires_in.as_ref(),
@@ -615,6 +791,12 @@ async fn issue_key(
         return Err(ApiError::bad_request(
             "invalid_request",
             "metadata must be a JSON object under 8 KiB",
+        ));
+    }
+    if !metadata_keys_are_printable(&metadata) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "metadata keys must be printable: no control, zero-width or bidirectional-override characters",
         ));
     }
     if let Some(accounts) = &req.stripe_accounts {
@@ -672,7 +854,7 @@ async fn list_keys(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let tenant = tenant(&s, &headers)?;
     let status = match q.get("status").map(String::as_str) {
         None | Some("") | Some("all") => None,
@@ -687,14 +869,42 @@ async fn list_keys(
         }
     };
     let limit = page_limit(&q)?;
-    let views = s
+    let before = cursor(&s, &tenant, CursorKind::Keys, &q)?;
+    let _building = s
         .control
-        .list_keys(&tenant, status, cursor(&q)?, limit)
-        .await?;
-    let next = next_cursor(views.last().map(|v| v.row.seq), views.len() as i64 == limit);
-    Ok(Json(
-        json!({"data": views.iter().map(key_json).collect::<Vec<_>>(), "next_cursor": next}),
-    ))
+        .page_builds
+        .acquire()
+        .await
+        .map_err(|_| anyhow::anyhow!("page builds closed"))?;
+    let (views, more) = s.control.list_keys(&tenant, status, before, limit).await?;
+    let next = next_cursor(
+        &s,
+        &tenant,
+        CursorKind::Keys,
+        views.last().map(|v| v.row.seq),
+        more,
+    );
+    // Written key by key: one key's JSON tree at a time, never the whole page's.
+    let mut body = Vec::with_capacity(64 * 1024);
+    body.extend_from_slice(b"{\"data\":[");
+    for (i, view) in views.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        serde_json::to_writer(&mut body, &key_json(view)).map_err(anyhow::Error::from)?;
+    }
+    drop(views);
+    body.extend_from_slice(b"],\"next_cursor\":");
+    serde_json::to_writer(&mut body, &next).map_err(anyhow::Error::from)?;
+    body.push(b'}');
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 async fn revoke_key(
@@ -745,9 +955,21 @@ async fn list_audit(
     let rows = s
         .control
         .audit
-        .list(&tenant, key_id, since, cursor(&q)?, limit)
+        .list(
+            &tenant,
+            key_id,
+            since,
+            cursor(&s, &tenant, CursorKind::Audit, &q)?,
+            limit,
+        )
         .await?;
-    let next = next_cursor(rows.last().map(|(seq, _)| *seq), rows.len() as i64 == limit);
+    let next = next_cursor(
+        &s,
+        &tenant,
+        CursorKind::Audit,
+        rows.last().map(|(seq, _)| *seq),
+        rows.len() as i64 == limit,
+    );
     let data: Vec<Value> = rows
         .iter()
         .map(|(_, e)| {
@@ -775,22 +997,68 @@ mod tests {
 
     #[test]
     fn caps_are_exact_positive_bounded_numbers() {
-        assert_eq!(parse_cap(&json!(500)).unwrap(), Micros(500_000_000));
-        assert_eq!(parse_cap(&json!(12.5)).unwrap(), Micros(12_500_000));
+        assert_eq!(parse_cap("500").unwrap(), Micros(500_000_000));
+        assert_eq!(parse_cap("12.5").unwrap(), Micros(12_500_000));
+        assert_eq!(parse_cap("1e2").unwrap(), Micros(100_000_000));
         for bad in [
-            json!(0),
-            json!(-1),
-            json!("500"),
-            json!(1e12),
-            json!(0.0000001),
-            json!(null),
+            "0",
+            "-1",
+            "\"500\"",
+            "1e12",
+            "0.0000001",
+            "0.1000000000000000001",
+            "null",
+            "true",
         ] {
             assert_eq!(
-                parse_cap(&bad).unwrap_err().code,
+                parse_cap(bad).unwrap_err().code,
                 "invalid_daily_usd_cap",
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_key_given_twice_anywhere_in_a_body_is_refused() {
+        let parse = |text: &str| parse_body::<Value>(&Bytes::from(text.to_string()));
+        assert!(parse(r#"{"a":1,"b":{"c":2,"d":[{"e":3}]}}"#).is_ok());
+        for dup in [
+            r#"{"daily_usd_cap":1,"daily_usd_cap":999999}"#,
+            r#"{"metadata":{"a":1,"a":2}}"#,
+            r#"{"x":[{"k":1,"k":1}]}"#,
+        ] {
+            let e = parse(dup).unwrap_err();
+            assert_eq!(e.code, "invalid_json", "{dup}");
+            assert!(e.message.contains("duplicate key"), "{}", e.message);
+        }
+        assert_eq!(parse("[1]").unwrap_err().code, "invalid_request");
+    }
+
+    #[test]
+    fn invisible_and_bidi_override_labels_are_refused() {
+        for bad in [
+            "\u{200b}",
+            "pay\u{202e}fdp",
+            "a\u{2066}b\u{2069}",
+            "x\u{feff}",
+            "\u{e0041}",
+        ] {
+            assert_eq!(
+                name_field(bad, "label").unwrap_err().code,
+                "invalid_request",
+                "{bad:?}"
+            );
+        }
+        for good in ["deno-charge-1", "café ☕", "שלום", "日本語"] {
+            assert_eq!(name_field(good, "label").unwrap(), good);
+        }
+        assert!(metadata_keys_are_printable(
+            &json!({"a": {"b": [{"c": 1}]}})
+        ));
+        assert!(!metadata_keys_are_printable(&json!({"a\u{202e}": 1})));
+        assert!(!metadata_keys_are_printable(
+            &json!({"a": [{"\u{200b}": 1}]})
+        ));
     }
 
     #[test]

@@ -98,24 +98,47 @@ pub struct AuditTrail {
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     reader: SqlitePool,
+    strict: bool,
 }
 
 struct Shared {
     pending: Mutex<Vec<AuditEvent>>,
-    /// Write passes completed so far and when the last one ended; `flush` waits for the
-    /// count to move on, readiness for a recent pass.
-    passes: Mutex<(u64, Instant)>,
+    /// Events taken into `pending` so far, counted under its lock: an event's ticket is
+    /// the count after it, and events are written in ticket order.
+    recorded: std::sync::atomic::AtomicU64,
+    passes: Mutex<Passes>,
     pass_done: Condvar,
+    /// Strict mode: wakes the writer as soon as an event waits for it.
+    work: Condvar,
+}
+
+struct Passes {
+    /// Write passes completed so far; `flush` waits for the count to move on.
+    done: u64,
+    /// When the last one ended, for readiness.
+    at: Instant,
+    /// Every ticket up to this one was written (committed), or given up on and listed in
+    /// `failed`.
+    durable: u64,
+    /// Ticket ranges (first, last) of batches given up on, the latest few.
+    failed: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl AuditTrail {
     /// Opens (or creates) `audit.db`, moves in the rows of the trail's older home (the
     /// `audit` table of `keybrake.db`, see `attach_old_table`) and starts the writer.
-    pub async fn open(data_dir: &Path, metrics: Arc<Metrics>) -> Result<AuditTrail> {
+    pub async fn open(
+        data_dir: &Path,
+        metrics: Arc<Metrics>,
+        durability: crate::config::AuditDurability,
+    ) -> Result<AuditTrail> {
+        let strict = durability == crate::config::AuditDurability::Strict;
         crate::secret::private_dir(data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
         let path = data_dir.join(FILE);
-        let (conn, old) = open_writer(&path, &data_dir.join("keybrake.db"))
+        crate::secret::private_file(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let (conn, old) = open_writer(&path, &data_dir.join(super::store::FILE), strict)
             .with_context(|| format!("cannot open the audit database {}", path.display()))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(2)
@@ -130,19 +153,27 @@ impl AuditTrail {
             .context("cannot open the audit database for reading")?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Vec::with_capacity(INITIAL)),
-            passes: Mutex::new((0, Instant::now())),
+            recorded: Default::default(),
+            passes: Mutex::new(Passes {
+                done: 0,
+                at: Instant::now(),
+                durable: 0,
+                failed: Default::default(),
+            }),
             pass_done: Condvar::new(),
+            work: Condvar::new(),
         });
         let thread_shared = shared.clone();
         let thread_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer_loop(conn, old, &thread_shared, &thread_metrics))
+            .spawn(move || writer_loop(conn, old, strict, &thread_shared, &thread_metrics))
             .context("cannot start the audit writer thread")?;
         Ok(AuditTrail {
             shared,
             metrics,
             reader,
+            strict,
         })
     }
 
@@ -153,11 +184,12 @@ impl AuditTrail {
         let passes = lock(&self.shared.passes);
         // The pass running now may have swapped the buffer out before our events arrived;
         // the one after it starts after this call, so it takes them.
-        let target = passes.0 + 2;
+        let target = passes.done + 2;
+        self.shared.work.notify_one();
         let (passes, wait) = self
             .shared
             .pass_done
-            .wait_timeout_while(passes, timeout, |(done, _)| *done < target)
+            .wait_timeout_while(passes, timeout, |p| p.done < target)
             .unwrap_or_else(|p| p.into_inner());
         drop(passes);
         !wait.timed_out()
@@ -243,11 +275,30 @@ impl AuditTrail {
         }
     }
 
+    /// What the trail records as spent by one key on one UTC day.
+    pub async fn spend_of_key(&self, tenant_id: &str, key_id: &str, day: i64) -> Result<Micros> {
+        let from = day.saturating_mul(86_400_000);
+        let to = from.saturating_add(86_400_000);
+        let total: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(a.spend), 0) FROM key_spans s
+             JOIN audit a ON a.seq BETWEEN s.first_seq AND s.last_seq
+             WHERE s.tenant_id = ?1 AND s.key_id = ?2 AND s.max_ts_ms >= ?3
+               AND a.key_id = ?2 AND a.ts_ms >= ?3 AND a.ts_ms < ?4",
+        )
+        .bind(tenant_id)
+        .bind(key_id)
+        .bind(from)
+        .bind(to)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(Micros(total))
+    }
+
     /// For readiness: the audit database answers reads, and the writer finished a pass
     /// within STALLED (it normally does every LINGER; a file it cannot write keeps it in
     /// retries of 5 s each, and a writer thread that died never finishes one again).
     pub async fn ping(&self) -> bool {
-        let last_pass = lock(&self.shared.passes).1;
+        let last_pass = lock(&self.shared.passes).at;
         last_pass.elapsed() < STALLED
             && sqlx::query("SELECT 1 FROM audit LIMIT 1")
                 .execute(&self.reader)
@@ -256,16 +307,56 @@ impl AuditTrail {
     }
 }
 
-impl AuditSink for AuditTrail {
-    fn record(&self, event: AuditEvent) {
+impl AuditTrail {
+    /// Queues the event; its ticket, or None when the queue was full (dropped).
+    fn push(&self, event: AuditEvent) -> Option<u64> {
         let mut pending = lock(&self.shared.pending);
         if pending.len() < QUEUE {
             pending.push(event);
+            let ticket = self
+                .shared
+                .recorded
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+                + 1;
+            drop(pending);
             self.metrics.audit_queue_depth.inc();
+            Some(ticket)
         } else {
             drop(pending);
             self.metrics.audit_dropped.inc();
+            None
         }
+    }
+}
+
+impl AuditSink for AuditTrail {
+    fn record(&self, event: AuditEvent) {
+        let _ = self.push(event);
+    }
+
+    fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    /// Blocks the calling thread until the event is committed (and, in strict mode,
+    /// synced), at most `timeout`. The writer commits whatever is queued as soon as the
+    /// previous commit ends: concurrent callers share one commit (group commit).
+    fn record_durably(&self, event: AuditEvent, timeout: Duration) -> bool {
+        let Some(ticket) = self.push(event) else {
+            return false;
+        };
+        self.shared.work.notify_one();
+        let passes = lock(&self.shared.passes);
+        let (passes, wait) = self
+            .shared
+            .pass_done
+            .wait_timeout_while(passes, timeout, |p| p.durable < ticket)
+            .unwrap_or_else(|p| p.into_inner());
+        !wait.timed_out()
+            && !passes
+                .failed
+                .iter()
+                .any(|&(first, last)| (first..=last).contains(&ticket))
     }
 }
 
@@ -296,11 +387,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// WAL + NORMAL as for the store: a commit survives a process crash. SQLite checkpoints
 /// the WAL itself every 1,000 pages, inside this thread's commits. True in the second
 /// value when `keybrake.db` still has the trail's older table (attached as `old`).
-fn open_writer(path: &Path, old_store: &Path) -> rusqlite::Result<(rusqlite::Connection, bool)> {
+fn open_writer(
+    path: &Path,
+    old_store: &Path,
+    strict: bool,
+) -> rusqlite::Result<(rusqlite::Connection, bool)> {
     let mut conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // Strict: every commit is synced (FULL), so an event is kept through an OS crash too.
+    conn.pragma_update(None, "synchronous", if strict { "FULL" } else { "NORMAL" })?;
     conn.pragma_update(None, "journal_size_limit", 16 << 20)?;
     conn.execute_batch(SCHEMA)?;
     // In transactions of a bounded size, so that another writer of this file (the other
@@ -335,10 +431,10 @@ fn attach_old_table(conn: &rusqlite::Connection, old_store: &Path) -> rusqlite::
     if !old_store.exists() {
         return Ok(false);
     }
-    conn.execute(
-        "ATTACH DATABASE ?1 AS old",
-        [old_store.to_string_lossy().as_ref()],
-    )?;
+    // Read-only: attached read-write, every write transaction of this connection (each
+    // batch begins IMMEDIATE) would also take `keybrake.db`'s write lock, and key issuance
+    // and ledger writes would wait for audit batches. A WAL reader blocks no writer.
+    conn.execute("ATTACH DATABASE ?1 AS old", [read_only_uri(old_store)])?;
     let has_table: bool = conn.query_row(
         "SELECT count(*) > 0 FROM old.sqlite_master WHERE type = 'table' AND name = 'audit'",
         [],
@@ -348,6 +444,20 @@ fn attach_old_table(conn: &rusqlite::Connection, old_store: &Path) -> rusqlite::
         conn.execute("DETACH DATABASE old", [])?;
     }
     Ok(has_table)
+}
+
+/// `file:` URI opening `path` read-only (rusqlite opens connections with URI names on).
+fn read_only_uri(path: &Path) -> String {
+    let mut uri = String::from("file:");
+    for b in path.as_os_str().as_encoded_bytes() {
+        match b {
+            b'%' | b'?' | b'#' => uri.push_str(&format!("%{b:02X}")),
+            b if b.is_ascii() => uri.push(char::from(*b)),
+            b => uri.push_str(&format!("%{b:02X}")),
+        }
+    }
+    uri.push_str("?mode=ro");
+    uri
 }
 
 /// Copies the old table's rows not moved yet, in one transaction with the watermark
@@ -401,11 +511,29 @@ fn move_old_rows(conn: &mut rusqlite::Connection) -> rusqlite::Result<usize> {
 /// Passes between two looks at the old table (about a second).
 const OLD_TABLE_EVERY: u64 = 100;
 
-fn writer_loop(mut conn: rusqlite::Connection, old: bool, shared: &Shared, metrics: &Metrics) {
+fn writer_loop(
+    mut conn: rusqlite::Connection,
+    old: bool,
+    strict: bool,
+    shared: &Shared,
+    metrics: &Metrics,
+) {
     let mut batch = Vec::with_capacity(INITIAL);
     let mut pass = 0u64;
     loop {
-        std::thread::sleep(LINGER);
+        if strict {
+            // Group commit: write as soon as something waits, and whatever queued up
+            // during the previous commit goes together in the next.
+            let pending = lock(&shared.pending);
+            drop(
+                shared
+                    .work
+                    .wait_timeout_while(pending, LINGER, |p| p.is_empty())
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+        } else {
+            std::thread::sleep(LINGER);
+        }
         pass += 1;
         if old && pass % OLD_TABLE_EVERY == 0 {
             match move_old_rows(&mut conn) {
@@ -414,11 +542,19 @@ fn writer_loop(mut conn: rusqlite::Connection, old: bool, shared: &Shared, metri
                 Err(e) => log::error!("cannot move audit events from keybrake.db: {e}"),
             }
         }
-        std::mem::swap(&mut *lock(&shared.pending), &mut batch);
+        let taken_through = {
+            let mut pending = lock(&shared.pending);
+            std::mem::swap(&mut *pending, &mut batch);
+            shared.recorded.load(std::sync::atomic::Ordering::Acquire)
+        };
+        let mut first_ticket = taken_through + 1 - batch.len() as u64;
+        let mut failed = Vec::new();
         for chunk in batch.chunks(BATCH) {
             if !write_with_retries(&mut conn, chunk) {
                 metrics.audit_dropped.inc_by(chunk.len() as u64);
+                failed.push((first_ticket, first_ticket + chunk.len() as u64 - 1));
             }
+            first_ticket += chunk.len() as u64;
             metrics.audit_queue_depth.sub(chunk.len() as i64);
         }
         batch.clear();
@@ -426,8 +562,15 @@ fn writer_loop(mut conn: rusqlite::Connection, old: bool, shared: &Shared, metri
         batch.shrink_to(INITIAL);
         {
             let mut passes = lock(&shared.passes);
-            passes.0 += 1;
-            passes.1 = Instant::now();
+            passes.done += 1;
+            passes.at = Instant::now();
+            passes.durable = taken_through;
+            for range in failed {
+                if passes.failed.len() == 64 {
+                    passes.failed.pop_front();
+                }
+                passes.failed.push_back(range);
+            }
         }
         shared.pass_done.notify_all();
     }
@@ -647,7 +790,9 @@ mod tests {
     async fn recorded_events_are_listed_newest_first_after_a_flush_and_survive_reopening() {
         let dir = temp_dir("audit-list");
         let metrics = Metrics::global();
-        let trail = AuditTrail::open(&dir, metrics.clone()).await.unwrap();
+        let trail = AuditTrail::open(&dir, metrics.clone(), Default::default())
+            .await
+            .unwrap();
         for n in 0..600 {
             trail.record(event(n));
         }
@@ -670,7 +815,9 @@ mod tests {
             .unwrap()
             .is_empty());
 
-        let again = AuditTrail::open(&dir, metrics).await.unwrap();
+        let again = AuditTrail::open(&dir, metrics, Default::default())
+            .await
+            .unwrap();
         assert_eq!(
             again
                 .list("ten_a", None, 0, i64::MAX, 1000)
@@ -700,7 +847,9 @@ mod tests {
         }
         let metrics = Metrics::global();
         for _ in 0..2 {
-            let trail = AuditTrail::open(&dir, metrics.clone()).await.unwrap();
+            let trail = AuditTrail::open(&dir, metrics.clone(), Default::default())
+                .await
+                .unwrap();
             let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
             let seqs: Vec<i64> = rows.iter().map(|(s, _)| *s).collect();
             assert_eq!(seqs, [9, 7]);
@@ -708,7 +857,9 @@ mod tests {
             assert_eq!(rows[1].1.vendor_request_id.as_deref(), Some("req_1"));
         }
         // New events continue after the moved ones.
-        let trail = AuditTrail::open(&dir, metrics).await.unwrap();
+        let trail = AuditTrail::open(&dir, metrics, Default::default())
+            .await
+            .unwrap();
         trail.record(event(1));
         assert!(trail.flush(Duration::from_secs(10)));
         let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
@@ -745,7 +896,9 @@ mod tests {
     #[tokio::test]
     async fn a_writer_that_cannot_write_makes_the_trail_not_ready_until_it_can() {
         let dir = temp_dir("audit-stalled");
-        let trail = AuditTrail::open(&dir, Metrics::global()).await.unwrap();
+        let trail = AuditTrail::open(&dir, Metrics::global(), Default::default())
+            .await
+            .unwrap();
         assert!(trail.ping().await);
         // Another connection holds the write lock: every insert waits out the busy
         // timeout (5 s), three times, before the batch is given up.
@@ -812,7 +965,9 @@ mod tests {
                 all.push((n + 1, e));
             }
         }
-        let trail = AuditTrail::open(&dir, metrics).await.unwrap();
+        let trail = AuditTrail::open(&dir, metrics, Default::default())
+            .await
+            .unwrap();
         let mut seq = 300;
         for n in 300..1500 {
             trail.record(mixed(n));
@@ -865,5 +1020,65 @@ mod tests {
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With the old table attached (every data dir written before the trail had its own
+    /// file), audit batches must not take `keybrake.db`'s write lock: a write there with
+    /// no busy timeout never finds it locked while batches go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn audit_batches_never_hold_the_stores_write_lock() {
+        let dir = temp_dir("audit-lock");
+        {
+            let old = rusqlite::Connection::open(dir.join("keybrake.db")).unwrap();
+            old.pragma_update(None, "journal_mode", "WAL").unwrap();
+            old.execute_batch(
+                "CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, \
+                 tenant_id TEXT, key_id TEXT, label TEXT, vendor TEXT NOT NULL, method TEXT NOT NULL, \
+                 path TEXT NOT NULL, status INTEGER NOT NULL, decision TEXT NOT NULL, \
+                 spend INTEGER NOT NULL, vendor_request_id TEXT, duration_ms INTEGER NOT NULL);
+                 CREATE TABLE ledger (k INTEGER);",
+            )
+            .unwrap();
+        }
+        let trail = Arc::new(
+            AuditTrail::open(&dir, Metrics::global(), Default::default())
+                .await
+                .unwrap(),
+        );
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let feeder = {
+            let (trail, stop) = (trail.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..500 {
+                        trail.record(event(n));
+                        n += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let store = rusqlite::Connection::open(dir.join("keybrake.db")).unwrap();
+        store.busy_timeout(Duration::ZERO).unwrap();
+        let (mut locked, mut writes) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            match store.execute("INSERT INTO ledger (k) VALUES (1)", []) {
+                Ok(_) => writes += 1,
+                Err(_) => locked += 1,
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        feeder.join().unwrap();
+        assert!(trail.flush(Duration::from_secs(10)));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            locked,
+            0,
+            "{locked} of {} writes found keybrake.db locked",
+            locked + writes
+        );
     }
 }

@@ -34,6 +34,9 @@ pub struct ControlSettings {
     pub max_ttl: Duration,
     /// Vendor names of the catalog: a credential or key for anything else is refused.
     pub vendors: HashSet<String>,
+    /// How long this process's leases stay its own without a heartbeat (see `Ledger`).
+    pub lease_lifetime: Duration,
+    pub audit_durability: crate::config::AuditDurability,
 }
 
 /// Whose API token this is.
@@ -51,8 +54,13 @@ pub struct Control {
     signer: ArcSwap<SigningKey>,
     jwks: ArcSwap<Jwks>,
     published: Arc<Published>,
-    /// Serializes ledger read-modify-writes and credential republishing.
-    ledger_lock: tokio::sync::Mutex<()>,
+    /// This process as a lease holder in the ledger, and until when (unix seconds) its
+    /// proxy may spend its leases: a little before its heartbeat's `alive_until`, after
+    /// which another process may take it for dead and give its leases back. 0 once that
+    /// happened (this process was stalled too long): it then spends nothing more.
+    holder: String,
+    leases_valid_until: std::sync::atomic::AtomicI64,
+    /// Serializes credential republishing.
     credentials_lock: tokio::sync::Mutex<()>,
     /// Serializes API token changes with their reload from the store.
     tokens_lock: tokio::sync::Mutex<()>,
@@ -63,6 +71,9 @@ pub struct Control {
     shared_until: std::sync::atomic::AtomicI64,
     pub audit: audit::AuditTrail,
     keys: keywriter::KeyWriter,
+    /// Pages of `GET /v1/keys` built at once: each holds up to `MAX_PAGE_BYTES` of rows
+    /// and their JSON while it is built, so many readers cannot add up to gigabytes.
+    pub page_builds: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
 }
 
@@ -112,7 +123,8 @@ impl Control {
         published: Arc<Published>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Control>> {
-        let audit = audit::AuditTrail::open(data_dir, metrics.clone()).await?;
+        let audit =
+            audit::AuditTrail::open(data_dir, metrics.clone(), settings.audit_durability).await?;
         let store = Store::open(data_dir).await?;
         let now = now_secs();
         if store
@@ -131,6 +143,11 @@ impl Control {
             }
         }
         let keys = keywriter::KeyWriter::start(store.clone());
+        let holder = new_id("hld_");
+        let lifetime = lease_lifetime_secs(&settings);
+        store
+            .register_holder(&holder, now, now.saturating_add(lifetime))
+            .await?;
         let control = Arc::new(Control {
             settings,
             store,
@@ -140,13 +157,15 @@ impl Control {
             signer: ArcSwap::from_pointee(signer),
             jwks: ArcSwap::from_pointee(jwks),
             published,
-            ledger_lock: Default::default(),
+            holder,
+            leases_valid_until: now.saturating_add(lifetime - LEASE_MARGIN_SECS).into(),
             credentials_lock: Default::default(),
             tokens_lock: Default::default(),
             shared_until: Default::default(),
             revocations_lock: Default::default(),
             audit,
             keys,
+            page_builds: tokio::sync::Semaphore::new(PAGE_BUILDS),
             metrics,
         });
         control.publish_jwks();
@@ -206,6 +225,91 @@ impl Control {
         }
     }
 
+    /// Every second: this process's heartbeat as a lease holder; every few seconds, the
+    /// leases of holders that stopped beating (a process killed, or stalled past its
+    /// lease lifetime) are settled with what the audit trail says they spent and the rest
+    /// given back. Runs until the process ends.
+    pub async fn lease_upkeep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let every = (lease_lifetime_secs(&self.settings) / 4).max(1) as u64;
+        let mut n = 0u64;
+        loop {
+            tick.tick().await;
+            self.heartbeat().await;
+            if n % every == 0 {
+                if let Err(e) = self.reclaim_dead_holders().await {
+                    log::error!("cannot give back the leases of dead processes: {e:#}");
+                }
+            }
+            n += 1;
+        }
+    }
+
+    async fn heartbeat(&self) {
+        if self.leases_valid_until.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let now = now_secs();
+        let alive_until = now.saturating_add(lease_lifetime_secs(&self.settings));
+        match self.store.heartbeat_holder(&self.holder, alive_until).await {
+            Ok(true) => {
+                self.leases_valid_until
+                    .fetch_max(alive_until - LEASE_MARGIN_SECS, Ordering::AcqRel);
+            }
+            Ok(false) => {
+                self.leases_valid_until.store(0, Ordering::Release);
+                log::error!(
+                    "this process was taken for dead (no heartbeat for the lease lifetime) and \
+                     its leases were given back: it refuses metered calls until restarted"
+                );
+            }
+            // No heartbeat: the leases run out at the last `valid_until` (fail closed).
+            Err(e) => log::error!("lease heartbeat failed: {e:#}"),
+        }
+    }
+
+    /// Settles and gives back the leases of every holder whose life ended. Returns how much
+    /// was given back.
+    pub async fn reclaim_dead_holders(&self) -> Result<Micros> {
+        let mut returned = Micros::ZERO;
+        for holder in self.store.dead_holders(now_secs()).await? {
+            if holder == self.holder {
+                continue;
+            }
+            let mut known = std::collections::HashMap::new();
+            for (key_id, day, _) in self.store.leases_of(&holder).await? {
+                let audited = match self.store.key_tenant(&key_id).await? {
+                    Some(tenant) => self.audit.spend_of_key(&tenant, &key_id, day).await?,
+                    None => Micros::ZERO,
+                };
+                let settled = self.store.ledger_row(&key_id, day).await?.settled;
+                // Audited spend not yet settled: spent from the dead holder's leases (or
+                // from a live holder's, not reported yet: counted twice, never less).
+                known.insert((key_id, day), audited.saturating_sub(settled));
+            }
+            let back = self.store.reclaim_holder(&holder, &known).await?;
+            log::info!("gave back {back} of leases held by {holder}, a process that stopped");
+            returned = returned.checked_add(back).unwrap_or(returned);
+        }
+        Ok(returned)
+    }
+
+    /// Public keys: the active signer and every key still needed, re-read from the store
+    /// (another process may have rotated). Republished when the set of ids changed.
+    async fn refresh_signing_keys(&self, now: i64) {
+        match load_signing_keys(&self.store, &self.master, now).await {
+            Ok((signer, jwks)) => {
+                let ids = |j: &Jwks| j.keys.iter().map(|k| k.kid.clone()).collect::<Vec<_>>();
+                if ids(&jwks) != ids(&self.jwks.load()) {
+                    self.signer.store(Arc::new(signer));
+                    self.jwks.store(Arc::new(jwks));
+                    self.publish_jwks();
+                }
+            }
+            Err(e) => log::error!("cannot refresh signing keys: {e:#}"),
+        }
+    }
+
     /// Periodic upkeep: drop public keys whose last vault key expired, and revocations past
     /// their key's `exp`.
     pub async fn housekeeping(self: Arc<Self>) {
@@ -213,14 +317,7 @@ impl Control {
         loop {
             tick.tick().await;
             let now = now_secs();
-            match load_signing_keys(&self.store, &self.master, now).await {
-                Ok((_, jwks)) if jwks.keys.len() != self.jwks.load().keys.len() => {
-                    self.jwks.store(Arc::new(jwks));
-                    self.publish_jwks();
-                }
-                Ok(_) => {}
-                Err(e) => log::error!("cannot refresh signing keys: {e:#}"),
-            }
+            self.refresh_signing_keys(now).await;
             let _g = self.revocations_lock.lock().await;
             let current = self.published.revocations.load();
             if current.ids().iter().any(|(_, exp)| *exp <= now) {
@@ -229,6 +326,35 @@ impl Control {
                 self.published.revocations.store(Arc::new(next));
             }
         }
+    }
+
+    /// A page cursor: the last row's sequence number sealed (AES-GCM under the master key)
+    /// with the tenant and the listing as associated data. Opaque (a tenant cannot read
+    /// how many rows other tenants wrote in between) and bound: another tenant's cursor,
+    /// or one of another listing, does not open. Processes sharing the master key (both
+    /// sides of an upgrade) accept each other's.
+    pub fn seal_cursor(&self, kind: api::CursorKind, tenant_id: &str, seq: i64) -> String {
+        use base64::Engine;
+        let sealed = self
+            .master
+            .seal(&seq.to_le_bytes(), &cursor_aad(kind, tenant_id));
+        format!(
+            "cur_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed)
+        )
+    }
+
+    /// The sequence number inside a cursor this tenant was given for this listing.
+    pub fn open_cursor(&self, kind: api::CursorKind, tenant_id: &str, text: &str) -> Option<i64> {
+        use base64::Engine;
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text.strip_prefix("cur_")?)
+            .ok()?;
+        let plain = self
+            .master
+            .open(&sealed, &cursor_aad(kind, tenant_id))
+            .ok()?;
+        Some(i64::from_le_bytes(plain.try_into().ok()?))
     }
 
     pub fn store(&self) -> &Store {
@@ -514,22 +640,58 @@ impl Control {
         })
     }
 
+    /// A page of the tenant's keys, newest first, and whether more may follow. The page
+    /// ends at `limit` keys or once its keys take about `MAX_PAGE_BYTES` of JSON, so a page
+    /// of large keys (100 patterns, 8 KiB of metadata each) stays a bounded size however
+    /// many clients read it at once. Rows are read `PAGE_CHUNK` at a time, and each
+    /// chunk's spend in one query.
     pub async fn list_keys(
         &self,
         tenant_id: &str,
         status: Option<KeyStatus>,
         before_seq: i64,
         limit: i64,
-    ) -> Result<Vec<KeyView>> {
-        let rows = self
-            .store
-            .list_keys(tenant_id, status, before_seq, limit, now_secs())
-            .await?;
-        let mut views = Vec::with_capacity(rows.len());
-        for row in rows {
-            views.push(self.view(row).await?);
+    ) -> Result<(Vec<KeyView>, bool)> {
+        const PAGE_CHUNK: i64 = 100;
+        let now = now_secs();
+        let day = utc_day(now);
+        let mut views = Vec::new();
+        let (mut before, mut bytes) = (before_seq, 0usize);
+        // Rows read at a time: few at first, then as many as the keys seen so far say fit
+        // in what is left of the page, so a page of large keys never reads (and holds)
+        // many more rows than it returns.
+        let mut chunk = 16;
+        while (views.len() as i64) < limit {
+            let want = (limit - views.len() as i64).min(chunk);
+            let rows = self
+                .store
+                .list_keys(tenant_id, status, before, want, now)
+                .await?;
+            let last_chunk = (rows.len() as i64) < want;
+            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            let mut ledger = self.store.ledger_rows(&ids, day).await?;
+            for row in rows {
+                let size = key_json_size(&row);
+                if !views.is_empty() && bytes.saturating_add(size) > MAX_PAGE_BYTES {
+                    return Ok((views, true));
+                }
+                bytes = bytes.saturating_add(size);
+                before = row.seq;
+                views.push(KeyView {
+                    status: key_status(&row, now),
+                    ledger: ledger.remove(&row.id).unwrap_or_default(),
+                    row,
+                });
+            }
+            if last_chunk {
+                return Ok((views, false));
+            }
+            let average = (bytes / views.len().max(1)).max(1);
+            chunk = i64::try_from(MAX_PAGE_BYTES.saturating_sub(bytes) / average)
+                .unwrap_or(PAGE_CHUNK)
+                .clamp(1, PAGE_CHUNK);
         }
-        Ok(views)
+        Ok((views, true))
     }
 
     /// Revokes a key and publishes the revocation before returning, so the in-process proxy
@@ -550,6 +712,14 @@ impl Control {
         }
         Ok(Some(row))
     }
+}
+
+fn cursor_aad(kind: api::CursorKind, tenant_id: &str) -> String {
+    let kind = match kind {
+        api::CursorKind::Keys => "keys",
+        api::CursorKind::Audit => "audit",
+    };
+    format!("cursor/{kind}/{tenant_id}")
 }
 
 fn credential_aad(tenant_id: &str, vendor: &str) -> String {
@@ -596,48 +766,78 @@ async fn load_signing_keys(
     Ok((signer, jwks))
 }
 
-/// The in-process ledger: leases come straight from the control plane's store.
+/// About the most JSON one page of `GET /v1/keys` holds (see `Control::list_keys`).
+pub const MAX_PAGE_BYTES: usize = 512 * 1024;
+const PAGE_BUILDS: usize = 8;
+
+/// About how many bytes of JSON a key takes in a listing: its variable parts plus a
+/// fixed allowance for ids, dates and money fields.
+fn key_json_size(row: &KeyRow) -> usize {
+    let patterns: usize = row.allowed_endpoints.iter().map(|p| p.len() + 4).sum();
+    let accounts: usize = row
+        .stripe_accounts
+        .iter()
+        .flatten()
+        .map(|a| a.len() + 4)
+        .sum();
+    let metadata = serde_json::to_string(&row.metadata).map_or(0, |m| m.len());
+    400 + row.label.len() * 2 + patterns + accounts + metadata
+}
+
+/// Kept between the end of a holder's validity for its own proxy and the moment other
+/// processes may take it for dead.
+const LEASE_MARGIN_SECS: i64 = 1;
+
+fn lease_lifetime_secs(settings: &ControlSettings) -> i64 {
+    i64::try_from(settings.lease_lifetime.as_secs())
+        .unwrap_or(i64::MAX)
+        .max(LEASE_MARGIN_SECS + 2)
+}
+
+/// The in-process ledger: leases come straight from the control plane's store, granted
+/// to this process as their holder.
 #[async_trait::async_trait]
 impl Ledger for Control {
     async fn lease(&self, req: LeaseRequest) -> Result<Micros, LedgerError> {
         if self.published.revocations.load().is_revoked(&req.key_id) || req.want < req.min {
             return Ok(Micros::ZERO);
         }
-        let _g = self.ledger_lock.lock().await;
-        let row = self
-            .store
-            .ledger_row_for_update(&req.key_id, req.day)
-            .await
-            .map_err(|e| LedgerError(format!("{e:#}")))?;
-        let committed = row
-            .settled
-            .checked_add(row.held)
-            .unwrap_or(Micros(i64::MAX));
-        let remaining = req.cap.saturating_sub(committed);
-        if remaining < req.min {
-            return Ok(Micros::ZERO);
+        if now_secs() >= self.leases_valid_until() {
+            return Err(LedgerError(
+                "this process's leases have lapsed (no heartbeat)".into(),
+            ));
         }
-        let grant = req.want.min(remaining);
-        // Counted as spent (held) before the proxy may use it: a crash loses the lease,
-        // never the cap.
+        // Counted as spent (held) before the proxy may use it: a crash loses the lease
+        // until it is given back, never the cap.
         self.store
-            .ledger_add(&req.key_id, req.day, Micros::ZERO, grant)
+            .lease_grant(
+                &self.holder,
+                &req.key_id,
+                req.day,
+                req.cap,
+                req.min,
+                req.want,
+            )
             .await
-            .map_err(|e| LedgerError(format!("{e:#}")))?;
-        Ok(grant)
+            .map_err(|e| LedgerError(format!("{e:#}")))
     }
 
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
-        let _g = self.ledger_lock.lock().await;
+        let overflow = || LedgerError("spend report out of range".into());
+        let mut rows = Vec::with_capacity(reports.len());
         for r in reports {
-            let settled = Micros(r.spent.0 + r.overspent.0);
-            let held = Micros(-(r.spent.0 + r.returned.0));
-            self.store
-                .ledger_add(&r.key_id, r.day, settled, held)
-                .await
-                .map_err(|e| LedgerError(format!("{e:#}")))?;
+            let settled = r.spent.checked_add(r.overspent).ok_or_else(overflow)?;
+            let released = r.spent.checked_add(r.returned).ok_or_else(overflow)?;
+            rows.push((r.key_id, r.day, settled, released));
         }
-        Ok(())
+        self.store
+            .lease_report(&self.holder, &rows)
+            .await
+            .map_err(|e| LedgerError(format!("{e:#}")))
+    }
+
+    fn leases_valid_until(&self) -> i64 {
+        self.leases_valid_until.load(Ordering::Acquire)
     }
 }
 
@@ -650,6 +850,8 @@ mod tests {
             default_ttl: Duration::from_secs(300),
             max_ttl: Duration::from_secs(3600),
             vendors: ["stripe".to_string()].into(),
+            lease_lifetime: Duration::from_secs(3),
+            audit_durability: Default::default(),
         };
         let master = MasterKey::from_base64(master).unwrap();
         let published = Arc::new(Published::empty());
@@ -722,5 +924,163 @@ mod tests {
         assert!(alone.tenant_for_token(other.expose()).is_some());
         assert!(alone.tenant_for_token(later.expose()).is_none());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("keybrake-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn lease_request(key: &str, cap: i64, min: i64, want: i64) -> LeaseRequest {
+        LeaseRequest {
+            key_id: key.into(),
+            tenant_id: "tn_x".into(),
+            day: utc_day(now_secs()),
+            cap: Micros(cap),
+            min: Micros(min),
+            want: Micros(want),
+        }
+    }
+
+    /// Two processes on one database (a graceful upgrade) lease from the same key at
+    /// once: together they never grant more than its cap, and all of it is granted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_controls_racing_on_one_store_never_grant_more_than_the_cap() {
+        let dir = temp_dir("lease-race");
+        let master = MasterKey::generate_base64();
+        let a = open(&dir, &master).await;
+        let b = open(&dir, &master).await;
+        let cap = 1_000_000;
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let ledger = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                let mut got = 0i64;
+                for _ in 0..40 {
+                    let grant = ledger
+                        .lease(lease_request("key_race", cap, 1, 9_000))
+                        .await
+                        .unwrap();
+                    if grant.0 == 0 {
+                        break;
+                    }
+                    got += grant.0;
+                }
+                got
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        let row = a
+            .store
+            .ledger_row("key_race", utc_day(now_secs()))
+            .await
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(total <= cap, "granted {total} against a cap of {cap}");
+        assert_eq!(total, cap, "the whole cap is granted in the end");
+        assert_eq!(row.held, Micros(cap));
+    }
+
+    /// A process dies holding a lease: once its lifetime has passed, another process
+    /// settles what the audit trail shows it spent and gives the rest back; not before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_processes_lease_is_settled_from_the_trail_and_given_back_after_its_lifetime() {
+        let dir = temp_dir("lease-reclaim");
+        let master = MasterKey::generate_base64();
+        let dead = open(&dir, &master).await;
+        let (tenant, _, _, _) = dead.create_tenant("t").await.unwrap();
+        let now = now_secs();
+        let key = KeyRow {
+            seq: 0,
+            id: "key_dead".into(),
+            tenant_id: tenant.clone(),
+            kid: "kid_x".into(),
+            vendor: "stripe".into(),
+            label: "l".into(),
+            allowed_endpoints: vec!["/v1/**".into()],
+            daily_cap: Micros(100_000_000),
+            metadata: serde_json::json!({}),
+            stripe_accounts: None,
+            created_at: now,
+            expires_at: now + 600,
+            revoked_at: None,
+        };
+        dead.store.insert_keys(&[key]).await.unwrap();
+        let grant = dead
+            .lease(lease_request(
+                "key_dead",
+                100_000_000,
+                30_000_000,
+                30_000_000,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(grant, Micros(30_000_000));
+        // Another lease of the same process on another key, none of it spent.
+        dead.lease(lease_request("key_idle", 100_000_000, 1, 6_250_000))
+            .await
+            .unwrap();
+        // $10 of it was spent and audited, never reported: then the process died.
+        crate::sync::AuditSink::record(
+            &dead.audit,
+            crate::sync::AuditEvent {
+                ts_ms: now * 1000,
+                tenant_id: Some(tenant.as_str().into()),
+                key_id: Some("key_dead".into()),
+                label: None,
+                vendor: "stripe".into(),
+                method: "POST".into(),
+                path: "/stripe/v1/payment_intents".into(),
+                status: 200,
+                decision: "allowed".into(),
+                spend: Micros(10_000_000),
+                vendor_request_id: None,
+                duration_ms: 1,
+            },
+        );
+        assert!(dead.audit.flush(Duration::from_secs(10)));
+        drop(dead);
+
+        let next = open(&dir, &master).await;
+        let day = utc_day(now_secs());
+        assert_eq!(next.reclaim_dead_holders().await.unwrap(), Micros::ZERO);
+        let held = next.store.ledger_row("key_dead", day).await.unwrap();
+        assert_eq!(
+            held.held,
+            Micros(30_000_000),
+            "given back before its lifetime"
+        );
+        // Dead once `alive_until` (whole seconds, 3 s after the last beat) is in the past.
+        tokio::time::sleep(Duration::from_millis(4_200)).await;
+        let back = next.reclaim_dead_holders().await.unwrap();
+        let spent = next.store.ledger_row("key_dead", day).await.unwrap();
+        let idle = next.store.ledger_row("key_idle", day).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(back, Micros(20_000_000 + 6_250_000));
+        assert_eq!(
+            (spent.settled, spent.held),
+            (Micros(10_000_000), Micros::ZERO)
+        );
+        assert_eq!((idle.settled, idle.held), (Micros::ZERO, Micros::ZERO));
+    }
+
+    /// The JWKS follows a rotation made by another process even when the number of keys
+    /// stays the same (the old key had no live vault key left, so it left as one came).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rotation_by_another_process_is_republished_even_at_the_same_key_count() {
+        let dir = temp_dir("jwks-ids");
+        let master = MasterKey::generate_base64();
+        let a = open(&dir, &master).await;
+        let b = open(&dir, &master).await;
+        let kid = a.rotate_signing_key().await.unwrap();
+        assert_eq!(a.jwks().keys.len(), b.jwks().keys.len());
+        b.refresh_signing_keys(now_secs()).await;
+        let ids: Vec<String> = b.jwks().keys.iter().map(|k| k.kid.clone()).collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(ids, [kid]);
     }
 }

@@ -92,7 +92,29 @@ CREATE INDEX audit_by_key ON audit (key_id, seq);
     r#"
 CREATE INDEX keys_by_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NULL;
 "#,
+    // Leases by holder (a process serving the ledger to its proxy), so that a dead
+    // holder's leases can be given back; `ledger.held` stays their sum (plus budget held
+    // by binaries from before this table). `last_grant` carries a grant out of the one
+    // conditional statement that makes it.
+    r#"
+ALTER TABLE ledger ADD COLUMN last_grant INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE holders (
+    id TEXT PRIMARY KEY,
+    started_at INTEGER NOT NULL,
+    alive_until INTEGER NOT NULL
+);
+CREATE TABLE leases (
+    holder TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    held INTEGER NOT NULL,
+    PRIMARY KEY (holder, key_id, day)
+);
+"#,
 ];
+
+/// The store's file in the data dir.
+pub const FILE: &str = "keybrake.db";
 
 #[derive(Clone)]
 pub struct Store {
@@ -181,8 +203,11 @@ impl Store {
     pub async fn open(data_dir: &Path) -> Result<Store> {
         crate::secret::private_dir(data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+        let path = data_dir.join(FILE);
+        crate::secret::private_file(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         let options = SqliteConnectOptions::new()
-            .filename(data_dir.join("keybrake.db"))
+            .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // WAL + NORMAL: a commit survives a process crash (kill -9); only an OS crash
@@ -618,27 +643,226 @@ impl Store {
     // ----- ledger -----
 
     pub async fn ledger_row(&self, key_id: &str, day: i64) -> Result<LedgerRow> {
-        self.ledger_row_on(&self.reader, key_id, day).await
-    }
-
-    /// Reads through the writer connection: the value a ledger update is based on must be
-    /// the last one written.
-    pub async fn ledger_row_for_update(&self, key_id: &str, day: i64) -> Result<LedgerRow> {
-        self.ledger_row_on(&self.writer, key_id, day).await
-    }
-
-    async fn ledger_row_on(&self, pool: &SqlitePool, key_id: &str, day: i64) -> Result<LedgerRow> {
         let row = sqlx::query("SELECT settled, held FROM ledger WHERE key_id = ? AND day = ?")
             .bind(key_id)
             .bind(day)
-            .fetch_optional(pool)
+            .fetch_optional(&self.reader)
             .await?;
-        Ok(row
-            .map(|r| LedgerRow {
-                settled: Micros(r.get("settled")),
-                held: Micros(r.get("held")),
-            })
-            .unwrap_or_default())
+        Ok(row.as_ref().map(ledger_of_row).unwrap_or_default())
+    }
+
+    /// The ledger rows of many keys for one day, in one query (absent rows are zero).
+    pub async fn ledger_rows(
+        &self,
+        key_ids: &[&str],
+        day: i64,
+    ) -> Result<std::collections::HashMap<String, LedgerRow>> {
+        let mut out = std::collections::HashMap::with_capacity(key_ids.len());
+        // SQLite's default limit is 32,766 variables; pages hold at most 1,000 keys.
+        for chunk in key_ids.chunks(1000) {
+            let mut q =
+                sqlx::QueryBuilder::new("SELECT key_id, settled, held FROM ledger WHERE day = ");
+            q.push_bind(day).push(" AND key_id IN (");
+            let mut ids = q.separated(", ");
+            for id in chunk {
+                ids.push_bind(*id);
+            }
+            ids.push_unseparated(")");
+            for r in q.build().fetch_all(&self.reader).await? {
+                out.insert(r.get("key_id"), ledger_of_row(&r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Registers a ledger holder (a process that grants leases to its proxy) alive until
+    /// `alive_until`.
+    pub async fn register_holder(&self, id: &str, now: i64, alive_until: i64) -> Result<()> {
+        sqlx::query("INSERT INTO holders (id, started_at, alive_until) VALUES (?, ?, ?)")
+            .bind(id)
+            .bind(now)
+            .bind(alive_until)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Extends a holder's life; false when its row is gone (another process gave its
+    /// leases back: it was taken for dead).
+    pub async fn heartbeat_holder(&self, id: &str, alive_until: i64) -> Result<bool> {
+        let done = sqlx::query("UPDATE holders SET alive_until = max(alive_until, ?) WHERE id = ?")
+            .bind(alive_until)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Holders whose life ended before `now`.
+    pub async fn dead_holders(&self, now: i64) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM holders WHERE alive_until < ?")
+                .bind(now)
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+
+    /// The leases a holder has: (key id, day, held).
+    pub async fn leases_of(&self, holder: &str) -> Result<Vec<(String, i64, Micros)>> {
+        let rows = sqlx::query("SELECT key_id, day, held FROM leases WHERE holder = ?")
+            .bind(holder)
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("key_id"), r.get("day"), Micros(r.get("held"))))
+            .collect())
+    }
+
+    /// Grants `holder` between `min` and `want` of the key's remaining budget for `day`
+    /// (`cap` less settled and held), or nothing. The check and the grant are one
+    /// conditional statement, so any number of processes granting from one database
+    /// never grant more than the cap together; the holder's lease row is written in the
+    /// same transaction.
+    pub async fn lease_grant(
+        &self,
+        holder: &str,
+        key_id: &str,
+        day: i64,
+        cap: Micros,
+        min: Micros,
+        want: Micros,
+    ) -> Result<Micros> {
+        if min.0 <= 0 || want < min {
+            return Ok(Micros::ZERO);
+        }
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let grant: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO ledger (key_id, day, settled, held, last_grant)
+             SELECT ?1, ?2, 0, g, g FROM (SELECT min(?3, ?4) AS g) WHERE g >= ?5
+             ON CONFLICT (key_id, day) DO UPDATE SET
+                 last_grant = min(?3, ?4 - settled - held),
+                 held = held + min(?3, ?4 - settled - held)
+             WHERE ?4 - settled - held >= ?5
+             RETURNING last_grant",
+        )
+        .bind(key_id)
+        .bind(day)
+        .bind(want.0)
+        .bind(cap.0)
+        .bind(min.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(grant) = grant.filter(|g| *g > 0) else {
+            tx.rollback().await?;
+            return Ok(Micros::ZERO);
+        };
+        sqlx::query(
+            "INSERT INTO leases (holder, key_id, day, held) VALUES (?, ?, ?, ?)
+             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = held + excluded.held",
+        )
+        .bind(holder)
+        .bind(key_id)
+        .bind(day)
+        .bind(grant)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Micros(grant))
+    }
+
+    /// What a holder did with its leases, in one transaction: `settled` is added to the
+    /// key's settled spend, and `released` (spent or returned) leaves its lease, and the
+    /// key's held budget, as far as the lease still holds it (none of it when the lease
+    /// was already given back because the holder was taken for dead).
+    pub async fn lease_report(
+        &self,
+        holder: &str,
+        reports: &[(String, i64, Micros, Micros)],
+    ) -> Result<()> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        for (key_id, day, settled, released) in reports {
+            let held: Option<i64> = sqlx::query_scalar(
+                "SELECT held FROM leases WHERE holder = ? AND key_id = ? AND day = ?",
+            )
+            .bind(holder)
+            .bind(key_id)
+            .bind(day)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let take = held.unwrap_or(0).clamp(0, released.0.max(0));
+            if held.is_some() {
+                sqlx::query(
+                    "UPDATE leases SET held = held - ?4 WHERE holder = ?1 AND key_id = ?2 AND day = ?3",
+                )
+                .bind(holder)
+                .bind(key_id)
+                .bind(day)
+                .bind(take)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "DELETE FROM leases WHERE holder = ? AND key_id = ? AND day = ? AND held <= 0",
+                )
+                .bind(holder)
+                .bind(key_id)
+                .bind(day)
+                .execute(&mut *tx)
+                .await?;
+            }
+            ledger_add_on(&mut tx, key_id, *day, *settled, Micros(-take)).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Gives back the leases of a dead holder, after adding to each key's settled spend
+    /// what `known_spent` says it spent of its lease (at most the lease). Removes the
+    /// holder, whose later reports then release nothing.
+    pub async fn reclaim_holder(
+        &self,
+        holder: &str,
+        known_spent: &std::collections::HashMap<(String, i64), Micros>,
+    ) -> Result<Micros> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query("SELECT key_id, day, held FROM leases WHERE holder = ?")
+            .bind(holder)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut returned = Micros::ZERO;
+        for r in &rows {
+            let (key_id, day, held): (String, i64, i64) =
+                (r.get("key_id"), r.get("day"), r.get("held"));
+            let spent = known_spent
+                .get(&(key_id.clone(), day))
+                .map_or(0, |m| m.0)
+                .clamp(0, held.max(0));
+            ledger_add_on(&mut tx, &key_id, day, Micros(spent), Micros(-held)).await?;
+            returned = returned
+                .checked_add(Micros(held - spent))
+                .unwrap_or(returned);
+        }
+        sqlx::query("DELETE FROM leases WHERE holder = ?")
+            .bind(holder)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM holders WHERE id = ?")
+            .bind(holder)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(returned)
+    }
+
+    /// The key's tenant, for audit lookups by key.
+    pub async fn key_tenant(&self, key_id: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT tenant_id FROM keys WHERE id = ?")
+                .bind(key_id)
+                .fetch_optional(&self.reader)
+                .await?,
+        )
     }
 
     /// Adds deltas to a ledger row (creating it), atomically.
@@ -649,18 +873,36 @@ impl Store {
         settled: Micros,
         held: Micros,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO ledger (key_id, day, settled, held) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (key_id, day) DO UPDATE SET settled = settled + ?3, held = MAX(held + ?4, 0)",
-        )
-        .bind(key_id)
-        .bind(day)
-        .bind(settled.0)
-        .bind(held.0)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        let mut conn = self.writer.acquire().await?;
+        ledger_add_on(&mut conn, key_id, day, settled, held).await
     }
+}
+
+fn ledger_of_row(r: &sqlx::sqlite::SqliteRow) -> LedgerRow {
+    LedgerRow {
+        settled: Micros(r.get("settled")),
+        held: Micros(r.get("held")),
+    }
+}
+
+async fn ledger_add_on(
+    conn: &mut sqlx::SqliteConnection,
+    key_id: &str,
+    day: i64,
+    settled: Micros,
+    held: Micros,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO ledger (key_id, day, settled, held) VALUES (?1, ?2, ?3, max(?4, 0))
+         ON CONFLICT (key_id, day) DO UPDATE SET settled = settled + ?3, held = max(held + ?4, 0)",
+    )
+    .bind(key_id)
+    .bind(day)
+    .bind(settled.0)
+    .bind(held.0)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 async fn migrate(pool: &SqlitePool) -> Result<()> {

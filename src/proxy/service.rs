@@ -37,6 +37,8 @@ const MAX_CREATED: usize = 200_000;
 /// The most of a body read in `request_filter` that Pingora replays upstream (its retry
 /// buffer, STYLE.md). A larger read body goes out through `forward_read_body` instead.
 const REPLAY_LIMIT: usize = 64 * 1024;
+/// Longest a response waits for its audit event under `audit.durability: strict`.
+const STRICT_AUDIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct KeybrakeProxy {
     /// Set when a graceful upgrade or shutdown begins: connections are closed after their
@@ -111,6 +113,8 @@ pub struct Ctx {
     status: u16,
     spend: Micros,
     vendor_request_id: Option<String>,
+    /// Strict audit: the event was made durable before the response was released.
+    audited: bool,
 }
 
 impl Ctx {
@@ -390,6 +394,7 @@ impl KeybrakeProxy {
             };
             let end = chunk.is_none() || upstream.response_done();
             self.upstream_response_body_filter(session, &mut chunk, end, ctx)?;
+            self.response_body_filter(session, &mut chunk, end, ctx)?;
             session.write_response_body(chunk, end).await?;
             if end {
                 break;
@@ -399,6 +404,87 @@ impl KeybrakeProxy {
             .release_http_session(upstream, &*peer, peer.options.idle_timeout)
             .await;
         Ok(())
+    }
+
+    /// A reservation still open when no response arrived: if the request never left
+    /// (connect failure), the budget goes back; otherwise the vendor may have acted on it,
+    /// so it stays spent.
+    fn settle_unanswered(&self, ctx: &mut Ctx, e: Option<&Error>) {
+        if let Some(r) = ctx.reservation.take() {
+            let never_sent = ctx.upstream_start.is_none()
+                || e.is_some_and(|e| {
+                    matches!(
+                        e.etype(),
+                        ConnectTimedout
+                            | ConnectRefused
+                            | ConnectNoRoute
+                            | ConnectError
+                            | TLSHandshakeFailure
+                    )
+                });
+            if never_sent {
+                self.spend.release(r);
+                ctx.spend = Micros::ZERO;
+            } else {
+                self.spend.settle(r);
+            }
+        }
+    }
+
+    /// `audit.durability: strict` (docs/storage.md): the response's audit event is made
+    /// durable before the response's last bytes leave; `logging` then records nothing
+    /// more. The wait (a group commit, a few ms) blocks this worker thread, handed over to
+    /// the runtime meanwhile. An event that cannot be made durable withholds the response.
+    fn audit_before_release(&self, session: &Session, ctx: &mut Ctx) -> Result<()> {
+        if ctx.audited || !self.audit.is_strict() {
+            return Ok(());
+        }
+        ctx.audited = true;
+        let key = ctx.key.as_ref();
+        let status = if ctx.status != 0 {
+            ctx.status
+        } else {
+            session
+                .response_written()
+                .filter(|r| !r.status.is_informational())
+                .map_or(0, |r| r.status.as_u16())
+        };
+        let event = AuditEvent {
+            ts_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            tenant_id: key.map(|k| k.ten.clone()),
+            key_id: key.map(|k| k.jti.clone()),
+            label: key.map(|k| k.lbl.clone()),
+            vendor: if ctx.vendor.is_some() {
+                ctx.vendor_name()
+            } else {
+                "unknown"
+            }
+            .to_string(),
+            method: session.req_header().method.as_str().to_string(),
+            path: ctx.canonical.clone(),
+            status,
+            decision: ctx.denial.map_or("allowed", Denial::code).to_string(),
+            spend: ctx.spend.checked_add(ctx.charge_after).unwrap_or(ctx.spend),
+            vendor_request_id: ctx.vendor_request_id.clone(),
+            duration_ms: ctx.start.elapsed().as_millis() as u64,
+        };
+        let audit = self.audit.clone();
+        let wait = move || audit.record_durably(event, STRICT_AUDIT_TIMEOUT);
+        let durable = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        };
+        if durable {
+            Ok(())
+        } else {
+            Error::e_explain(
+                InternalError,
+                "audit.durability is strict and the audit event could not be made durable",
+            )
+        }
     }
 
     /// What key `jti` was charged for the object named in `path` (an id segment), and the
@@ -626,6 +712,7 @@ impl ProxyHttp for KeybrakeProxy {
             status: 0,
             spend: Micros::ZERO,
             vendor_request_id: None,
+            audited: false,
         }
     }
 
@@ -648,6 +735,7 @@ impl ProxyHttp for KeybrakeProxy {
                 ctx.denial = Some(denial);
                 ctx.status = denial.status();
                 ctx.spend = Micros::ZERO;
+                self.audit_before_release(session, ctx)?;
                 let key_id = ctx.key.as_ref().map(|k| k.claims.jti.clone());
                 Box::pin(deny::respond(session, denial, key_id.as_deref())).await?;
                 Ok(true)
@@ -798,14 +886,37 @@ impl ProxyHttp for KeybrakeProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(value) = ctx.key.as_ref().and_then(|k| k.id_header.clone()) {
             response.insert_header("x-keybrake-key-id", value)?;
         }
+        // A response without a body ends with its header: strict audit holds it here.
+        let bodyless = session.req_header().method == http::Method::HEAD
+            || matches!(response.status.as_u16(), 204 | 304)
+            || response
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
+        if bodyless {
+            self.audit_before_release(session, ctx)?;
+        }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if end_of_stream {
+            self.audit_before_release(session, ctx)?;
+        }
+        Ok(None)
     }
 
     fn upstream_response_body_filter(
@@ -866,6 +977,14 @@ impl ProxyHttp for KeybrakeProxy {
             .response_written()
             .is_none_or(|r| r.status.is_informational())
         {
+            self.settle_unanswered(ctx, Some(e));
+            if let Err(err) = self.audit_before_release(session, ctx) {
+                log::error!("error response withheld: {err}");
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
             if let Err(err) = deny::respond(session, denial, key_id.as_deref()).await {
                 log::debug!("cannot send the error response: {err}");
             }
@@ -878,27 +997,7 @@ impl ProxyHttp for KeybrakeProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let now = now_secs();
-        if let Some(r) = ctx.reservation.take() {
-            // No response arrived. If the request never left (connect failure), the budget
-            // goes back; otherwise the vendor may have acted on it, so it stays spent.
-            let never_sent = ctx.upstream_start.is_none()
-                || e.is_some_and(|e| {
-                    matches!(
-                        e.etype(),
-                        ConnectTimedout
-                            | ConnectRefused
-                            | ConnectNoRoute
-                            | ConnectError
-                            | TLSHandshakeFailure
-                    )
-                });
-            if never_sent {
-                self.spend.release(r);
-                ctx.spend = Micros::ZERO;
-            } else {
-                self.spend.settle(r);
-            }
-        }
+        self.settle_unanswered(ctx, e);
         if ctx.capture.is_some() || ctx.capture_overflowed {
             // The response was cut short (client or vendor gone): meter what arrived; a
             // truncated (or overflowed) response-metered answer cannot be read and is
@@ -967,6 +1066,9 @@ impl ProxyHttp for KeybrakeProxy {
                 duration: total,
                 vendor_request_id: ctx.vendor_request_id.as_deref(),
             });
+        }
+        if ctx.audited {
+            return;
         }
         let vendor = vendor_label.to_string();
         self.audit.record(AuditEvent {

@@ -163,6 +163,10 @@ impl SpendBook {
         if amount > who.cap {
             return Err(SpendError::CapExhausted);
         }
+        // Past it, this process's leases may be given back by another one (sync::Ledger).
+        if now >= self.ledger.leases_valid_until() {
+            return Err(SpendError::LedgerUnavailable);
+        }
         let entry = self.entry(who, now);
         entry.last_used.store(now, Ordering::Relaxed);
         if entry.try_take(amount.0) {

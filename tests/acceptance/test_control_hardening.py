@@ -1,0 +1,306 @@
+"""Control plane under attack and after crashes (issue 14): tenant-bound cursors, exact
+caps and duplicate JSON keys, invisible labels, JSON errors before a handler, private
+files, secrets generated only for a new data dir, lease recovery after kill -9,
+bounded listing pages, strict audit durability."""
+
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+import requests
+
+from harness import (
+    as_json,
+    assert_control_error,
+    wait_until,
+    write_config,
+)
+
+
+def key_body(**overrides):
+    body = {
+        "label": "hardening",
+        "vendor": "stripe",
+        "allowed_endpoints": ["/v1/payment_intents", "/v1/payment_intents/*"],
+        "daily_usd_cap": 500,
+        "expires_in": "5m",
+    }
+    body.update(overrides)
+    return body
+
+
+# --------------------------------------------------------------------------- item 6
+
+
+def test_cursors_are_opaque_and_refused_for_another_tenant(keybrake, stripe_secret):
+    """A next_cursor reveals no sequence number, and tenant B cannot use tenant A's
+    cursor (nor a keys cursor for the audit listing)."""
+    a = keybrake.create_tenant("a")
+    b = keybrake.create_tenant("b")
+    for t in (a, b):
+        t.put_credential("stripe", stripe_secret)
+    for i in range(3):
+        a.issue_key(**key_body(label=f"a{i}"))
+        b.issue_key(**key_body(label=f"b{i}"))
+    page_a = as_json(a.call("GET", "/v1/keys", params={"limit": 1}))
+    page_b = as_json(b.call("GET", "/v1/keys", params={"limit": 1}))
+    cursor_a, cursor_b = page_a["next_cursor"], page_b["next_cursor"]
+    assert cursor_a and cursor_b
+    for c in (cursor_a, cursor_b):
+        # Not `c_<global seq>`: a sealed blob much longer than any sequence number.
+        assert not c.startswith("c_") and len(c) > 40, c
+    # Each tenant's own cursor works.
+    assert a.call("GET", "/v1/keys", params={"limit": 1, "cursor": cursor_a}).status_code == 200
+    # Another tenant's cursor, or a cursor of another listing, is refused.
+    assert_control_error(
+        b.call("GET", "/v1/keys", params={"limit": 1, "cursor": cursor_a}), 400, "invalid_request"
+    )
+    assert_control_error(
+        a.call("GET", "/v1/audit", params={"limit": 1, "cursor": cursor_a}), 400, "invalid_request"
+    )
+    # The old guessable shape is not accepted either.
+    assert_control_error(
+        b.call("GET", "/v1/keys", params={"limit": 1, "cursor": "c_5"}), 400, "invalid_request"
+    )
+    # Two cursors of the same position differ (sealed with a fresh nonce): nothing to compare.
+    again = as_json(a.call("GET", "/v1/keys", params={"limit": 1}))["next_cursor"]
+    assert again != cursor_a
+
+
+# --------------------------------------------------------------------------- item 7
+
+
+def test_caps_are_exact_decimals_and_duplicate_keys_are_refused(tenant):
+    """0.1000000000000000001 has more than 6 decimals: refused (not rounded to 0.1).
+    A key given twice is refused, whichever value a reader would keep."""
+    raw = '{"vendor":"stripe","allowed_endpoints":["/v1/payment_intents"],"daily_usd_cap":0.1000000000000000001}'
+    r = tenant.call("POST", "/v1/keys", data=raw, headers={"Content-Type": "application/json"})
+    assert_control_error(r, 400, "invalid_daily_usd_cap")
+
+    dup = '{"vendor":"stripe","allowed_endpoints":["/v1/payment_intents"],"daily_usd_cap":1,"daily_usd_cap":999999}'
+    r = tenant.call("POST", "/v1/keys", data=dup, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "duplicate" in r.json()["error"]["message"]
+
+    nested = '{"vendor":"stripe","allowed_endpoints":["/v1/payment_intents"],"daily_usd_cap":1,"metadata":{"a":1,"a":2}}'
+    r = tenant.call("POST", "/v1/keys", data=nested, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+
+    # Exact values still round-trip.
+    raw = '{"vendor":"stripe","allowed_endpoints":["/v1/payment_intents"],"daily_usd_cap":12.000001}'
+    r = tenant.call("POST", "/v1/keys", data=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 201, r.text
+    assert as_json(r)["daily_usd_cap"] == Decimal("12.000001")
+
+
+# --------------------------------------------------------------------------- item 8
+
+
+@pytest.mark.parametrize(
+    "label",
+    ["\u200b", "refund\u202etxt.exe", "a\u2066b\u2069", "\ufeffx", "x\u2060"],
+    ids=["zwsp", "rlo", "isolate", "bom", "word-joiner"],
+)
+def test_invisible_and_bidi_labels_and_metadata_keys_are_refused(tenant, label):
+    assert_control_error(tenant.call("POST", "/v1/keys", json=key_body(label=label)), 400, "invalid_request")
+    assert_control_error(
+        tenant.call("POST", "/v1/keys", json=key_body(metadata={label: "v"})), 400, "invalid_request"
+    )
+
+
+def test_labels_in_other_scripts_are_still_accepted(tenant):
+    for label in ["café ☕", "שלום", "日本語"]:
+        assert tenant.issue_key(**key_body(label=label))["label"] == label
+
+
+# --------------------------------------------------------------------------- item 9
+
+
+def test_uri_and_header_limits_answer_with_the_json_error_body(keybrake):
+    r = requests.get(f"{keybrake.control_url}/v1/keys?x={'a' * 10_000}", timeout=10)
+    assert_control_error(r, 414, "uri_too_long")
+    r = requests.get(f"{keybrake.control_url}/healthz", headers={"X-Big": "a" * 20_000}, timeout=10)
+    assert_control_error(r, 431, "headers_too_large")
+    many = {f"X-H{i}": "1" for i in range(80)}
+    r = requests.get(f"{keybrake.control_url}/healthz", headers=many, timeout=10)
+    assert_control_error(r, 431, "headers_too_large")
+    # Ordinary requests are unaffected.
+    assert requests.get(f"{keybrake.control_url}/healthz", timeout=10).status_code == 200
+
+
+def test_every_file_in_an_existing_open_data_dir_is_private(keybrake_factory, fake_stripe, tmp_path):
+    kb = keybrake_factory({"stripe": fake_stripe.url}, start=False)
+    kb.data_dir.mkdir(parents=True)
+    os.chmod(kb.data_dir, 0o755)
+    kb.start()
+    t = kb.create_tenant("files")
+    t.put_credential("stripe", "sk_test_" + "f" * 24)
+    t.issue_key(**key_body())
+    files = [p for p in kb.data_dir.iterdir() if p.is_file()]
+    assert {"keybrake.db", "audit.db"} <= {p.name for p in files}
+    assert any(p.name.endswith("-wal") for p in files), [p.name for p in files]
+    for p in files:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o077 == 0, f"{p.name} has mode {mode:o}"
+
+
+# --------------------------------------------------------------------------- item 5
+
+
+def test_a_start_without_the_master_key_on_an_existing_store_writes_no_key(keybrake_factory, fake_stripe):
+    kb = keybrake_factory({"stripe": fake_stripe.url})
+    t = kb.create_tenant("keep")
+    t.put_credential("stripe", "sk_test_" + "k" * 24)
+    kb.stop()
+    assert not (kb.data_dir / "master.key").exists()
+    kb.env_overrides["KEYBRAKE_MASTER_KEY"] = None
+    with pytest.raises(AssertionError) as failed:
+        kb.start()
+    assert "master key" in str(failed.value)
+    assert not (kb.data_dir / "master.key").exists(), "a bogus master.key was written"
+    assert not any(p.name.startswith("master.") for p in kb.data_dir.iterdir())
+    # With the right key it starts and the store opens.
+    kb.env_overrides.pop("KEYBRAKE_MASTER_KEY")
+    kb.start()
+    assert t.call("GET", "/v1/vendors/stripe/credential").status_code == 200
+
+
+def test_a_new_data_dir_still_gets_generated_secrets(keybrake_factory, fake_stripe):
+    kb = keybrake_factory(
+        {"stripe": fake_stripe.url},
+        start=False,
+        env_overrides={"KEYBRAKE_MASTER_KEY": None, "KEYBRAKE_ADMIN_TOKEN": None},
+    )
+    kb.start()
+    assert (kb.data_dir / "master.key").exists() and (kb.data_dir / "admin.token").exists()
+    kb.admin_token = (kb.data_dir / "admin.token").read_text().strip()
+    kb.create_tenant("fresh")
+    kb.restart()
+    kb.create_tenant("again")
+
+
+# --------------------------------------------------------------------------- item 4
+
+PI = "/stripe/v1/payment_intents"
+
+
+def pay(kb, token, cents):
+    return kb.proxy("POST", PI, key=token, data={"amount": cents, "currency": "usd"})
+
+
+def test_after_kill_9_spend_is_settled_and_dead_leases_given_back(keybrake_factory, fake_stripe, stripe_secret, tmp_path):
+    """Pay $30 with one key and $40 with another, kill -9 before any spend report, restart:
+    once the dead process's lease lifetime (3 s here) has passed, each key shows exactly
+    what it spent, nothing held; and the keys' remaining budget is usable again."""
+    config = write_config(
+        tmp_path / "conf-leases",
+        leases={"lifetime_seconds": 3, "report_interval_ms": 60000, "return_idle_after_seconds": 3600},
+    )
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
+    t = kb.create_tenant("crash")
+    t.put_credential("stripe", stripe_secret)
+    a = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    b = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    assert pay(kb, a["token"], 3000).status_code == 200
+    for _ in range(4):
+        assert pay(kb, b["token"], 1000).status_code == 200
+    # In the trail (default durability writes within ~10 ms), not reported to the ledger.
+    assert wait_until(lambda: len(t.audit(key_id=b["id"])) == 4, timeout=5)
+    before = t.get_key(a["id"])
+    assert before["held_usd"] > 0, f"the spend was already reported: {before}"
+    kb.kill9()
+    kb.start()
+    # Until the lifetime passes, the dead lease stays counted (it might still be spent).
+    just_after = t.get_key(a["id"])
+    assert just_after["spent_today_usd"] >= Decimal(30), just_after
+    t.wait_spent(a["id"], Decimal(30), timeout=15)
+    t.wait_spent(b["id"], Decimal(40), timeout=15)
+    # The budget given back is spendable: $70 more on key a, then refused.
+    assert pay(kb, a["token"], 7000).status_code == 200
+    r = pay(kb, a["token"], 100)
+    assert r.status_code == 429, r.text
+
+
+# --------------------------------------------------------------------------- item 2
+
+
+def test_a_page_of_large_keys_is_bounded_in_bytes_and_the_cursor_walks_the_rest(tenant):
+    """Keys at the limits (100 long patterns, ~8 KiB of metadata): GET /v1/keys?limit=1000
+    answers a page of at most ~512 KiB with a next_cursor, and the cursors walk every key
+    exactly once."""
+    patterns = [f"GET /v1/{'a' * 200}/{i}" for i in range(100)]
+    issued = set()
+    for i in range(24):
+        issued.add(tenant.issue_key(label=f"big{i}", allowed_endpoints=patterns, metadata={"pad": "x" * 8000})["id"])
+    r = tenant.call("GET", "/v1/keys", params={"limit": 1000})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert len(r.content) <= 600 * 1024, len(r.content)
+    page = as_json(r)
+    assert 0 < len(page["data"]) < 24 and page["next_cursor"], (len(page["data"]), page["next_cursor"])
+    seen = [k["id"] for k in page["data"]]
+    cursor = page["next_cursor"]
+    for _ in range(10):
+        if not cursor:
+            break
+        page = as_json(tenant.call("GET", "/v1/keys", params={"limit": 1000, "cursor": cursor}))
+        seen += [k["id"] for k in page["data"]]
+        cursor = page["next_cursor"]
+    assert cursor is None
+    assert len(seen) == len(set(seen)) == 24 and set(seen) == issued
+
+
+# --------------------------------------------------------------------------- item 3
+
+
+def answered_calls_after_a_kill(keybrake_factory, fake_stripe, stripe_secret, tmp_path, durability):
+    """Payments and denials from 8 threads (one key each), kill -9 mid-load, restart:
+    per key, (answered calls, audit events)."""
+    config = write_config(tmp_path / f"conf-{durability}", audit={"durability": durability})
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
+    t = kb.create_tenant("strict")
+    t.put_credential("stripe", stripe_secret)
+    keys = [t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100000) for _ in range(8)]
+    answered = {k["id"]: 0 for k in keys}
+    stop = threading.Event()
+
+    def worker(key):
+        session = requests.Session()
+        n = 0
+        while not stop.is_set() and n < 2000:
+            n += 1
+            try:
+                if n % 4 == 0:   # a denial: an endpoint the key does not allow
+                    r = session.get(f"{kb.proxy_url}/stripe/v1/customers",
+                                    headers={"Authorization": f"Bearer {key['token']}"}, timeout=10)
+                    ok = r.status_code == 403
+                else:
+                    r = session.post(f"{kb.proxy_url}{PI}", data={"amount": 100, "currency": "usd"},
+                                     headers={"Authorization": f"Bearer {key['token']}"}, timeout=10)
+                    ok = r.status_code == 200
+            except requests.RequestException:
+                return
+            if ok:
+                answered[key["id"]] += 1
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in keys]
+    for th in threads:
+        th.start()
+    time.sleep(2.0)
+    kb.kill9()
+    stop.set()
+    for th in threads:
+        th.join(timeout=20)
+    kb.start()
+    return {kid: (n, len(t.audit_all(key_id=kid))) for kid, n in answered.items()}
+
+
+def test_strict_audit_keeps_every_answered_call_through_kill_9(keybrake_factory, fake_stripe, stripe_secret, tmp_path):
+    counts = answered_calls_after_a_kill(keybrake_factory, fake_stripe, stripe_secret, tmp_path, "strict")
+    assert sum(n for n, _ in counts.values()) > 40, f"too little load to judge: {counts}"
+    missing = {k: (n, e) for k, (n, e) in counts.items() if e < n}
+    assert not missing, f"answered calls missing from the trail (answered, audited): {missing}"

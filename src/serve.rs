@@ -430,6 +430,8 @@ pub fn run_serve(
         connector: pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::from_server_conf(&conf),
         )),
+        idempotency: Default::default(),
+        idempotent_wait: config.upstream.read + Duration::from_secs(5),
     };
 
     let opt = Opt {

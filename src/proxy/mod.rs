@@ -9,6 +9,7 @@
 
 pub mod deny;
 pub mod extract;
+pub mod idempotency;
 pub mod inject;
 pub mod meter;
 pub mod path;
@@ -17,4 +18,5 @@ pub mod scope;
 pub mod service;
 pub mod spend;
 pub mod upstream;
+pub mod upstream_call;
 pub mod verify;

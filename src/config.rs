@@ -372,6 +372,53 @@ impl Vendor {
         }
     }
 
+    /// For key issuance: the patterns of `allowed` that reach mutating endpoints this
+    /// vendor refuses as unmetered (each with why), so the caller can be warned. A
+    /// pattern with wildcards is covered only where it is itself a metered or free entry.
+    pub fn unmetered_reach(&self, allowed: &[String]) -> Vec<String> {
+        if self.unmetered != UnmeteredPolicy::Refuse {
+            return Vec::new();
+        }
+        let mut warnings = Vec::new();
+        for text in allowed {
+            let Ok(pattern) = EndpointPattern::parse(text) else {
+                continue;
+            };
+            let methods = match pattern.method() {
+                Some(m) => vec![m.clone()],
+                None => vec![http::Method::POST, http::Method::DELETE],
+            };
+            let path = pattern.path_pattern();
+            let reached: Vec<String> = methods
+                .into_iter()
+                .filter(|m| {
+                    ![http::Method::GET, http::Method::HEAD, http::Method::OPTIONS].contains(m)
+                })
+                .filter(|m| match pattern.concrete_path() {
+                    Some(concrete) => matches!(self.classify(m, &concrete), Class::Unmetered),
+                    None => {
+                        let exact = format!("{m} {path}");
+                        !self
+                            .metered
+                            .iter()
+                            .map(|r| &r.endpoint)
+                            .chain(&self.free)
+                            .any(|p| p.to_string() == exact)
+                    }
+                })
+                .map(|m| m.to_string())
+                .collect();
+            if !reached.is_empty() {
+                warnings.push(format!(
+                    "{text:?} reaches {} endpoints that can move money and are not metered: \
+                     calls to them are refused with 403 endpoint_unmetered",
+                    reached.join("/")
+                ));
+            }
+        }
+        warnings
+    }
+
     /// Whether a JSON body on `path` is converted to a form.
     pub fn converts_json(&self, path: &str) -> bool {
         self.json_to_form
@@ -956,5 +1003,22 @@ mod tests {
         .unwrap_err();
         assert!(format!("{err:#}").contains("needs reserve"), "{err:#}");
         assert_eq!(c.vendors["openai"].unmetered, UnmeteredPolicy::Allow);
+        let reach = |p: &[&str]| {
+            stripe.unmetered_reach(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert!(reach(&[
+            "POST /v1/payment_intents",
+            "GET /v1/**",
+            "POST /v1/customers/*"
+        ])
+        .is_empty());
+        assert_eq!(reach(&["/v1/**"]).len(), 1);
+        assert_eq!(
+            reach(&["POST /v1/subscriptions/*", "POST /v1/topups"]).len(),
+            2
+        );
+        assert!(c.vendors["openai"]
+            .unmetered_reach(&["/v1/**".into()])
+            .is_empty());
     }
 }

@@ -115,6 +115,23 @@ impl EndpointPattern {
 }
 
 impl EndpointPattern {
+    /// The method the pattern names (`None`: any).
+    pub fn method(&self) -> Option<&http::Method> {
+        self.method.as_ref()
+    }
+
+    /// The path part, as written (`/v1/x/*`).
+    pub fn path_pattern(&self) -> String {
+        let mut p = self.clone();
+        p.method = None;
+        p.to_string()
+    }
+
+    /// The one path a pattern without wildcards matches.
+    pub fn concrete_path(&self) -> Option<String> {
+        self.fill(|_| None)
+    }
+
     /// The path segment under the pattern's first `*`, when `path` matches it (any
     /// method).
     pub fn first_wildcard<'p>(&self, path: &'p str) -> Option<&'p str> {

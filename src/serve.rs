@@ -176,6 +176,7 @@ fn start_control(
     let data_dir = config.data_dir.clone();
     let listen = config.control_listen;
     let idle = config.control_idle_timeout;
+    let catalog = Arc::new(config.vendors.clone());
     let (tx, rx) = std::sync::mpsc::channel::<Result<Arc<Control>>>();
     std::thread::Builder::new()
         .name("control".into())
@@ -224,6 +225,7 @@ fn start_control(
                 tokio::spawn(control.clone().follow_revocations());
                 let app = router(ApiState {
                     control: control.clone(),
+                    catalog,
                     proxy_addr,
                 });
                 let _ = tx.send(Ok(control));
@@ -431,7 +433,7 @@ pub fn run_serve(
             pingora::connectors::ConnectorOptions::from_server_conf(&conf),
         )),
         idempotency: Default::default(),
-        idempotent_wait: config.upstream.read + Duration::from_secs(5),
+        idempotent_wait: config.upstream.read + std::time::Duration::from_secs(5),
     };
 
     let opt = Opt {

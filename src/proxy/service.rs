@@ -372,6 +372,9 @@ impl KeybrakeProxy {
                 }
             }
         }
+        // The body read and the lookups may have taken a while: a key revoked or expired
+        // meanwhile sends nothing (checked again after the reservation, which may wait).
+        self.still_valid(&key)?;
         let reservation = self
             .spend
             .reserve(&spender, cost, now)
@@ -379,10 +382,14 @@ impl KeybrakeProxy {
             .map_err(refused)?;
         ctx.spend = reservation.amount;
         ctx.reservation = Some(reservation);
-        // The body read and the lookups may have taken a while: a key revoked or expired
-        // meanwhile sends nothing.
-        let now = now_secs();
-        if key.claims.exp <= now {
+        self.still_valid(&key)?;
+        ctx.secret = Some(secret);
+        Ok(())
+    }
+
+    /// The key's expiry and revocation, checked again right before forwarding.
+    fn still_valid(&self, key: &VerifiedKey) -> Result<(), Denial> {
+        if key.claims.exp <= now_secs() {
             return Err(Denial::KeyExpired);
         }
         if self
@@ -393,7 +400,6 @@ impl KeybrakeProxy {
         {
             return Err(Denial::KeyRevoked);
         }
-        ctx.secret = Some(secret);
         Ok(())
     }
 

@@ -1411,6 +1411,24 @@ def test_an_sdk_retry_with_the_same_idempotency_key_is_not_charged_again(keybrak
     assert_denied(r, 429, "cap_exhausted")
 
 
+def test_a_concurrent_duplicate_waits_for_the_first_and_is_not_charged(keybrake, tenant, fake_stripe):
+    """Two identical $15 payments with one Idempotency-Key sent together on a $20 key:
+    the second waits for the first to settle and then goes through uncharged (Stripe
+    replays); both succeed with the same intent and the key spent $15."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
+    headers = {"Idempotency-Key": f"idem-{secrets.token_hex(4)}", "x-fake-delay-ms": "700"}
+
+    def send(_):
+        r = keybrake.proxy("POST", PI, key=key["token"], data={"amount": 1500, "currency": "usd"}, headers=headers)
+        return r.status_code, r.json().get("id")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(send, range(2)))
+    assert [r[0] for r in results] == [200, 200], results
+    assert results[0][1] == results[1][1]
+    tenant.wait_spent(key["id"], Decimal(15))
+
+
 def test_a_key_revoked_while_its_bodies_arrive_sends_nothing(keybrake, tenant, fake_stripe):
     """Five payments send their headers and 5 bytes of body; the key is revoked; the
     bodies are then finished: all five are 401 key_revoked and Stripe receives nothing."""

@@ -21,7 +21,7 @@ localstripe itself binds every interface and keeps its state in a hard-coded
   informational answer;
 * replays the first 2xx or 5xx answer to a request carrying the same `Idempotency-Key`
   (and credential) without acting again, as Stripe does;
-* with `x-fake-status: 500`, processes the request and then answers 500 (an unknown
+* with `x-fake-delay-ms: N`, waits N ms before processing; with `x-fake-status: 500`, processes the request and then answers 500 (an unknown
   outcome to the caller); with `metadata[fake_drop]=once` in the body, processes it and
   then drops the connection without an answer (the retry, with the same
   `Idempotency-Key`, gets the replay);
@@ -32,6 +32,7 @@ localstripe itself binds every interface and keeps its state in a hard-coded
 """
 
 import argparse
+import asyncio
 import base64
 import json
 import os
@@ -194,6 +195,11 @@ def make_fidelity():
         if replay_key in replays:
             status, raw = replays[replay_key]
             return web.Response(body=raw, status=status, content_type="application/json")
+        if request.headers.get("x-fake-delay-ms"):
+            await asyncio.sleep(int(request.headers["x-fake-delay-ms"]) / 1000)
+            if replay_key in replays:  # a duplicate that waited for the first
+                status, raw = replays[replay_key]
+                return web.Response(body=raw, status=status, content_type="application/json")
         response = await extra_routes(request, form)
         if response is None:
             response = await handler(request)

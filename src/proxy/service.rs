@@ -1,6 +1,8 @@
 //! The Pingora `ProxyHttp` implementation. It only wires the stages together, in order:
-//! path → key → verify → scope → body & cost → reserve → inject → forward → settle →
-//! record. Each stage is a plain function in its own module.
+//! path → key → verify → scope → classify (metered, free, or refused as unmetered) →
+//! body & cost (or the vendor look-up of what the call can charge) → idempotent retry →
+//! re-check of the key → reserve → inject → forward → settle → record. Each stage is a
+//! plain function in its own module.
 
 use super::deny::{self, Denial};
 use super::idempotency::{self, Admission, IdempotencyBook, Pending};

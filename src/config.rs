@@ -100,14 +100,32 @@ struct FileVendor {
     strip_headers: Vec<String>,
     #[serde(default)]
     default_headers: BTreeMap<String, String>,
+    /// Paths (patterns, any method) whose JSON bodies are converted to a form.
     #[serde(default)]
-    json_to_form: bool,
+    json_to_form: Vec<String>,
     #[serde(default)]
     account_headers: Vec<String>,
     request_id_header: Option<String>,
     #[serde(default)]
     metered: Vec<FileMeterRule>,
+    /// Endpoints known not to move money (reads need no entry).
+    #[serde(default)]
+    free: Vec<String>,
+    /// What a capped key may do on any other mutating endpoint.
+    #[serde(default)]
+    unmetered: UnmeteredPolicy,
     cost_per_request_usd: Option<String>,
+}
+
+/// A mutating call (POST, PUT, PATCH, DELETE) that is neither metered nor listed as free.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnmeteredPolicy {
+    /// Forwarded (a vendor whose calls do not move money, or are not metered yet).
+    #[default]
+    Allow,
+    /// 403 `endpoint_unmetered` for a capped key: the call could move money unseen.
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -121,8 +139,14 @@ pub enum AuthStyle {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MeterSource {
+    /// `amount` + `currency` in the request body.
     Request,
+    /// The 2xx response's amount; what the call can charge is looked up and reserved
+    /// before forwarding (`reserve`).
     Response,
+    /// Σ price × quantity over the request's `items[i][price]` / `items[i][quantity]`,
+    /// each price looked up from the vendor (`reserve.lookup`) before forwarding.
+    Items,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +163,14 @@ struct FileMeterRule {
     amount_fields: Vec<String>,
     #[serde(default)]
     skip_if_created_by_same_key: bool,
+    reserve: Option<FileLookup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLookup {
+    lookup: String,
+    amount_fields: Vec<String>,
 }
 
 fn default_amount_field() -> String {
@@ -276,12 +308,34 @@ pub struct Vendor {
     pub auth_header: http::HeaderName,
     pub strip_headers: Vec<http::HeaderName>,
     pub default_headers: Vec<(http::HeaderName, http::HeaderValue)>,
-    pub json_to_form: bool,
+    /// JSON bodies on these paths are converted to a form (Stripe v1; v2 takes JSON).
+    pub json_to_form: Vec<EndpointPattern>,
     pub account_headers: Vec<http::HeaderName>,
     pub request_id_header: Option<http::HeaderName>,
     /// Shared: a request holds its rule by reference count, never by copy.
     pub metered: Vec<std::sync::Arc<MeterRule>>,
+    /// Mutating endpoints known not to move money.
+    pub free: Vec<EndpointPattern>,
+    pub unmetered: UnmeteredPolicy,
     pub cost_per_request: Micros,
+}
+
+/// How the catalog classifies one call (SPEC §5).
+#[derive(Debug, Clone, Copy)]
+pub enum Class<'a> {
+    Metered(&'a std::sync::Arc<MeterRule>),
+    /// A read (GET, HEAD, OPTIONS), or a mutating endpoint listed as free.
+    Free,
+    /// A mutating endpoint the catalog says nothing about.
+    Unmetered,
+}
+
+/// Where to read, before forwarding, what a call can charge: `GET {lookup}` with the
+/// request path's segments put in place of the pattern's `*`s.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub path: EndpointPattern,
+    pub amount_fields: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -293,12 +347,19 @@ pub struct MeterRule {
     pub default_currency: Option<String>,
     pub amount_fields: Vec<String>,
     pub skip_if_created_by_same_key: bool,
+    pub reserve: Option<Lookup>,
 }
 
 impl MeterRule {
     /// The request fields the rule reads.
     pub fn fields(&self) -> [&str; 2] {
         [&self.amount_field, &self.currency_field]
+    }
+
+    /// The id of the object the call acts on: the path segment under the endpoint's
+    /// first `*` (`pi_1` in `/v1/payment_intents/pi_1/confirm`).
+    pub fn object_id<'p>(&self, path: &'p str) -> Option<&'p str> {
+        self.endpoint.first_wildcard(path)
     }
 }
 
@@ -318,6 +379,73 @@ impl Vendor {
         self.metered
             .iter()
             .find(|r| r.endpoint.matches(method, path))
+    }
+
+    /// Metered, free (a read, or listed as not moving money) or unmetered.
+    pub fn classify(&self, method: &http::Method, path: &str) -> Class<'_> {
+        if let Some(rule) = self.meter_rule(method, path) {
+            return Class::Metered(rule);
+        }
+        let read = [http::Method::GET, http::Method::HEAD, http::Method::OPTIONS];
+        if read.contains(method) || self.free.iter().any(|p| p.matches(method, path)) {
+            Class::Free
+        } else {
+            Class::Unmetered
+        }
+    }
+
+    /// For key issuance: the patterns of `allowed` that reach mutating endpoints this
+    /// vendor refuses as unmetered (each with why), so the caller can be warned. A
+    /// pattern with wildcards is covered only where it is itself a metered or free entry.
+    pub fn unmetered_reach(&self, allowed: &[String]) -> Vec<String> {
+        if self.unmetered != UnmeteredPolicy::Refuse {
+            return Vec::new();
+        }
+        let mut warnings = Vec::new();
+        for text in allowed {
+            let Ok(pattern) = EndpointPattern::parse(text) else {
+                continue;
+            };
+            let methods = match pattern.method() {
+                Some(m) => vec![m.clone()],
+                None => vec![http::Method::POST, http::Method::DELETE],
+            };
+            let path = pattern.path_pattern();
+            let reached: Vec<String> = methods
+                .into_iter()
+                .filter(|m| {
+                    ![http::Method::GET, http::Method::HEAD, http::Method::OPTIONS].contains(m)
+                })
+                .filter(|m| match pattern.concrete_path() {
+                    Some(concrete) => matches!(self.classify(m, &concrete), Class::Unmetered),
+                    None => {
+                        let exact = format!("{m} {path}");
+                        !self
+                            .metered
+                            .iter()
+                            .map(|r| &r.endpoint)
+                            .chain(&self.free)
+                            .any(|p| p.to_string() == exact)
+                    }
+                })
+                .map(|m| m.to_string())
+                .collect();
+            if !reached.is_empty() {
+                warnings.push(format!(
+                    "{text:?} reaches {} endpoints that can move money and are not metered: \
+                     calls to them are refused with 403 endpoint_unmetered",
+                    reached.join("/")
+                ));
+            }
+        }
+        warnings
+    }
+
+    /// Whether a JSON body on `path` is converted to a form.
+    pub fn converts_json(&self, path: &str) -> bool {
+        self.json_to_form
+            .iter()
+            .any(|p| p.matches(&http::Method::POST, path))
     }
 }
 
@@ -582,6 +710,14 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                 ))
             })
             .collect::<Result<_>>()?;
+        let patterns = |list: &[String], what: &str| -> Result<Vec<EndpointPattern>> {
+            list.iter()
+                .map(|p| {
+                    EndpointPattern::parse(p)
+                        .map_err(|e| anyhow!("vendor {name:?} {what} {p:?}: {e}"))
+                })
+                .collect()
+        };
         let metered = v
             .metered
             .into_iter()
@@ -595,6 +731,33 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                         r.endpoint
                     );
                 }
+                if r.from != MeterSource::Request && r.reserve.is_none() {
+                    // Charged after the fact, without a reservation, concurrent calls
+                    // could pass the cap (SPEC §5).
+                    bail!(
+                        "vendor {name:?} metered endpoint {:?}: from: {:?} needs reserve",
+                        r.endpoint,
+                        r.from
+                    );
+                }
+                let reserve = r
+                    .reserve
+                    .map(|l| -> Result<Lookup> {
+                        let path = EndpointPattern::parse(&l.lookup).map_err(|e| {
+                            anyhow!(
+                                "vendor {name:?} metered endpoint {:?} lookup: {e}",
+                                r.endpoint
+                            )
+                        })?;
+                        if l.amount_fields.is_empty() {
+                            bail!("vendor {name:?} lookup {:?} needs amount_fields", l.lookup);
+                        }
+                        Ok(Lookup {
+                            path,
+                            amount_fields: l.amount_fields,
+                        })
+                    })
+                    .transpose()?;
                 Ok(std::sync::Arc::new(MeterRule {
                     endpoint,
                     source: r.from,
@@ -603,6 +766,7 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                     default_currency: r.default_currency.map(|c| c.to_ascii_lowercase()),
                     amount_fields: r.amount_fields,
                     skip_if_created_by_same_key: r.skip_if_created_by_same_key,
+                    reserve,
                 }))
             })
             .collect::<Result<_>>()?;
@@ -624,7 +788,7 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                 auth_header,
                 strip_headers,
                 default_headers,
-                json_to_form: v.json_to_form,
+                json_to_form: patterns(&v.json_to_form, "json_to_form")?,
                 account_headers: v
                     .account_headers
                     .iter()
@@ -636,6 +800,8 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                     .map(|h| header_name(h, &format!("vendor {name:?} request_id_header")))
                     .transpose()?,
                 metered,
+                free: patterns(&v.free, "free")?,
+                unmetered: v.unmetered,
                 cost_per_request,
             },
         );
@@ -715,7 +881,8 @@ mod tests {
     fn embedded_defaults_validate() {
         let c = Config::from_yaml(EMBEDDED_CONFIG, None, &Overrides::default()).unwrap();
         assert_eq!(c.proxy_listen.to_string(), "127.0.0.1:8080");
-        assert!(c.vendors["stripe"].json_to_form);
+        assert!(c.vendors["stripe"].converts_json("/v1/payment_intents"));
+        assert!(!c.vendors["stripe"].converts_json("/v2/core/event_destinations"));
         assert_eq!(c.currencies["jpy"].decimals, 0);
     }
 
@@ -806,5 +973,76 @@ mod tests {
         let c = Config::from_yaml("", None, &o).unwrap();
         let u = &c.vendors["stripe"].upstream;
         assert_eq!((u.tls, u.host.as_str(), u.port), (false, "127.0.0.1", 8420));
+    }
+
+    #[test]
+    fn stripe_endpoints_are_metered_free_or_unmetered() {
+        let c = Config::from_yaml("", None, &Overrides::default()).unwrap();
+        let stripe = &c.vendors["stripe"];
+        let class = |m: &str, p: &str| match stripe.classify(&m.parse().unwrap(), p) {
+            Class::Metered(_) => "metered",
+            Class::Free => "free",
+            Class::Unmetered => "unmetered",
+        };
+        assert_eq!(stripe.unmetered, UnmeteredPolicy::Refuse);
+        for (m, p, expected) in [
+            ("POST", "/v1/payment_intents", "metered"),
+            ("POST", "/v1/payment_intents/pi_1/confirm", "metered"),
+            ("POST", "/v1/subscriptions", "metered"),
+            ("POST", "/v1/invoices/in_1/pay", "metered"),
+            ("POST", "/v1/invoices/in_1/finalize", "metered"),
+            ("GET", "/v1/anything/at/all", "free"),
+            ("POST", "/v1/customers", "free"),
+            ("POST", "/v1/payment_intents/pi_1", "free"),
+            ("POST", "/v1/refunds", "free"),
+            ("POST", "/v1/subscriptions/sub_1", "unmetered"),
+            ("POST", "/v1/subscription_items", "unmetered"),
+            ("POST", "/v1/subscription_schedules", "unmetered"),
+            ("POST", "/v1/invoices", "unmetered"),
+            ("POST", "/v1/quotes/qt_1/accept", "unmetered"),
+            ("POST", "/v1/checkout/sessions", "unmetered"),
+            ("POST", "/v1/payment_links", "unmetered"),
+            ("POST", "/v1/topups", "unmetered"),
+            ("POST", "/v1/charges/ch_1/capture", "unmetered"),
+            ("POST", "/v1/treasury/outbound_payments", "unmetered"),
+            (
+                "POST",
+                "/v1/issuing/authorizations/iauth_1/approve",
+                "unmetered",
+            ),
+            (
+                "POST",
+                "/v2/money_management/outbound_payments",
+                "unmetered",
+            ),
+            ("DELETE", "/v1/subscriptions/sub_1", "unmetered"),
+            ("PUT", "/v1/customers", "unmetered"),
+        ] {
+            assert_eq!(class(m, p), expected, "{m} {p}");
+        }
+        // Response- and item-metered rules must say what to reserve.
+        let err = parse_vendors(
+            "x: {upstream: 'http://a', auth: bearer, metered: [{endpoint: 'POST /a/*/pay', from: response, amount_fields: [amount]}]}",
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("needs reserve"), "{err:#}");
+        assert_eq!(c.vendors["openai"].unmetered, UnmeteredPolicy::Allow);
+        let reach = |p: &[&str]| {
+            stripe.unmetered_reach(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert!(reach(&[
+            "POST /v1/payment_intents",
+            "GET /v1/**",
+            "POST /v1/customers/*"
+        ])
+        .is_empty());
+        assert_eq!(reach(&["/v1/**"]).len(), 1);
+        assert_eq!(
+            reach(&["POST /v1/subscriptions/*", "POST /v1/topups"]).len(),
+            2
+        );
+        assert!(c.vendors["openai"]
+            .unmetered_reach(&["/v1/**".into()])
+            .is_empty());
     }
 }

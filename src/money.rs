@@ -40,6 +40,20 @@ impl Micros {
         Micros(self.0.saturating_sub(other.0))
     }
 
+    pub fn saturating_add(self, other: Micros) -> Micros {
+        Micros(self.0.saturating_add(other.0))
+    }
+
+    /// `self × n`, `None` on overflow.
+    pub fn checked_mul(self, n: i64) -> Option<Micros> {
+        self.0.checked_mul(n).map(Micros)
+    }
+
+    /// `self / n` (n > 0), `None` for n ≤ 0.
+    pub fn checked_div(self, n: i64) -> Option<Micros> {
+        (n > 0).then(|| Micros(self.0 / n))
+    }
+
     pub fn is_positive(self) -> bool {
         self.0 > 0
     }
@@ -162,5 +176,56 @@ mod tests {
             serde_json::json!(Micros(12_500_001).as_usd_f64()).to_string(),
             "12.500001"
         );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Model: the decimal's digits scaled to micros with 128-bit integers.
+        fn model(negative: bool, int: &str, frac: &str) -> Result<Micros, MoneyError> {
+            if frac.trim_end_matches('0').len() > 6 {
+                return Err(MoneyError::TooPrecise);
+            }
+            let mut digits = format!("{int}{frac:0<6}");
+            digits.truncate(int.len() + 6);
+            let value: i128 = digits.trim_start_matches('0').parse().unwrap_or(0);
+            // Only the upper bound is checked: a negative amount is refused by its users.
+            if !negative && value > MAX_USD.0 as i128 {
+                return Err(MoneyError::OutOfRange);
+            }
+            Ok(Micros(if negative {
+                -(value as i64)
+            } else {
+                value as i64
+            }))
+        }
+
+        proptest! {
+            #[test]
+            fn decimal_usd_parses_exactly(
+                negative in any::<bool>(),
+                int in "[0-9]{1,12}",
+                frac in prop::option::of("[0-9]{0,8}"),
+            ) {
+                let text = format!(
+                    "{}{int}{}",
+                    if negative { "-" } else { "" },
+                    frac.as_ref().map(|f| format!(".{f}")).unwrap_or_default()
+                );
+                prop_assert_eq!(
+                    Micros::parse_usd(&text),
+                    model(negative, &int, frac.as_deref().unwrap_or("")),
+                    "{}", text
+                );
+            }
+
+            #[test]
+            fn anything_else_is_not_a_number_or_in_range(text in "[0-9eE.+-]{0,12}") {
+                if let Ok(m) = Micros::parse_usd(&text) {
+                    prop_assert!(m <= MAX_USD);
+                }
+            }
+        }
     }
 }

@@ -114,6 +114,58 @@ impl EndpointPattern {
     }
 }
 
+impl EndpointPattern {
+    /// The method the pattern names (`None`: any).
+    pub fn method(&self) -> Option<&http::Method> {
+        self.method.as_ref()
+    }
+
+    /// The path part, as written (`/v1/x/*`).
+    pub fn path_pattern(&self) -> String {
+        let mut p = self.clone();
+        p.method = None;
+        p.to_string()
+    }
+
+    /// The one path a pattern without wildcards matches.
+    pub fn concrete_path(&self) -> Option<String> {
+        self.fill(|_| None)
+    }
+
+    /// The path segment under the pattern's first `*`, when `path` matches it (any
+    /// method).
+    pub fn first_wildcard<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let at = self.segments.iter().position(|s| *s == Segment::One)?;
+        let method = self.method.clone().unwrap_or(http::Method::GET);
+        if !self.matches(&method, path) {
+            return None;
+        }
+        path.strip_prefix('/')?.split('/').nth(at)
+    }
+
+    /// The concrete path of a pattern of literals and `*`s: each `*` replaced by the
+    /// segment `value` gives for its index (`None` for a pattern with `**`, or a value that
+    /// is not one plain segment).
+    pub fn fill<'v>(&self, mut value: impl FnMut(usize) -> Option<&'v str>) -> Option<String> {
+        let mut out = String::new();
+        for (i, segment) in self.segments.iter().enumerate() {
+            out.push('/');
+            match segment {
+                Segment::Literal(l) => out.push_str(l),
+                Segment::One => {
+                    let v = value(i)?;
+                    if v.is_empty() || v.contains(['/', '?', '#', '%']) || v == "." || v == ".." {
+                        return None;
+                    }
+                    out.push_str(v);
+                }
+                Segment::Rest => return None,
+            }
+        }
+        Some(out)
+    }
+}
+
 impl fmt::Display for EndpointPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(m) = &self.method {
@@ -302,5 +354,81 @@ mod tests {
             Err(PatternError::BadMethod("FETCH".into()))
         );
         assert!(Allowlist::parse::<&str>(&[]).is_err());
+    }
+
+    #[test]
+    fn the_object_id_and_lookup_paths_come_from_the_wildcards() {
+        let p = EndpointPattern::parse("POST /v1/payment_intents/*/confirm").unwrap();
+        assert_eq!(
+            p.first_wildcard("/v1/payment_intents/pi_1/confirm"),
+            Some("pi_1")
+        );
+        // The id, not any other segment that happens to name an object.
+        assert_eq!(
+            p.first_wildcard("/v1/payment_intents/confirm/confirm"),
+            Some("confirm")
+        );
+        assert_eq!(p.first_wildcard("/v1/payment_intents/pi_1/capture"), None);
+        let lookup = EndpointPattern::parse("/v1/payment_intents/*").unwrap();
+        let segments = ["v1", "payment_intents", "pi_1", "confirm"];
+        assert_eq!(
+            lookup.fill(|i| segments.get(i).copied()).as_deref(),
+            Some("/v1/payment_intents/pi_1")
+        );
+        for bad in ["", "a/b", "..", "a?b", "a%2Fb"] {
+            assert_eq!(lookup.fill(|_| Some(bad)), None, "{bad}");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn pattern() -> impl Strategy<Value = String> {
+            let segment = prop_oneof![Just("a"), Just("b"), Just("ab"), Just("*")];
+            (
+                prop::option::of(prop_oneof![Just("GET "), Just("POST ")]),
+                prop::collection::vec(segment, 1..4),
+                any::<bool>(),
+            )
+                .prop_map(|(method, segments, rest)| {
+                    let mut p = method.unwrap_or("").to_string();
+                    for s in segments {
+                        p.push('/');
+                        p.push_str(s);
+                    }
+                    if rest {
+                        p.push_str("/**");
+                    }
+                    p
+                })
+        }
+
+        proptest! {
+            /// Model: split the path on '/' and compare segment by segment.
+            #[test]
+            fn matching_agrees_with_splitting(
+                pattern in pattern(),
+                path in "(/(a|b|ab|c)){0,5}",
+                post in any::<bool>(),
+            ) {
+                let p = EndpointPattern::parse(&pattern).unwrap();
+                let method = if post { Method::POST } else { Method::GET };
+                let path = if path.is_empty() { "/".to_string() } else { path };
+                prop_assert_eq!(p.matches(&method, &path), matches_by_split(&p, &method, &path));
+                if let Some(id) = p.first_wildcard(&path) {
+                    let at = p.segments.iter().position(|s| *s == Segment::One).unwrap();
+                    prop_assert_eq!(Some(id), path[1..].split('/').nth(at));
+                }
+            }
+
+            /// Parsing never panics; what parses prints back as itself.
+            #[test]
+            fn parsing_round_trips(text in "(GET |POST |FETCH )?(/[a-z*.%]{0,3}){0,4}") {
+                if let Ok(p) = EndpointPattern::parse(&text) {
+                    prop_assert_eq!(p.to_string(), text.trim());
+                }
+            }
+        }
     }
 }

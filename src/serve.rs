@@ -209,6 +209,7 @@ fn start_control(
     let data_dir = config.data_dir.clone();
     let listen = config.control_listen;
     let idle = config.control_idle_timeout;
+    let catalog = Arc::new(config.vendors.clone());
     let (tx, rx) = std::sync::mpsc::channel::<Result<Arc<Control>>>();
     std::thread::Builder::new()
         .name("control".into())
@@ -258,6 +259,7 @@ fn start_control(
                 tokio::spawn(control.clone().lease_upkeep());
                 let app = router(ApiState {
                     control: control.clone(),
+                    catalog,
                     proxy_addr,
                 });
                 let _ = tx.send(Ok(control));
@@ -464,6 +466,8 @@ pub fn run_serve(
         connector: pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::from_server_conf(&conf),
         )),
+        idempotency: Default::default(),
+        idempotent_wait: config.upstream.read + std::time::Duration::from_secs(5),
     };
 
     let opt = Opt {

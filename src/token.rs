@@ -278,4 +278,43 @@ pub(crate) mod tests {
             Err(TokenError::Invalid)
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Model: a token verifies only if it is, byte for byte, one this signer
+            /// issued. Any one byte changed, dropped or added fails.
+            #[test]
+            fn only_the_exact_signed_token_verifies(
+                at in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+                edit in 0u8..3,
+            ) {
+                let (key, jwks) = signer();
+                let verifier = Verifier::new(&jwks);
+                let token = key.sign(&claims(60));
+                let mut bytes = token.expose().as_bytes().to_vec();
+                let i = at.index(bytes.len());
+                match edit {
+                    0 if bytes[i] != byte => bytes[i] = byte,
+                    0 => return Ok(()),
+                    1 => { bytes.remove(i); }
+                    _ => bytes.insert(i, byte),
+                }
+                let Ok(text) = String::from_utf8(bytes) else { return Ok(()) };
+                prop_assert!(verifier.verify(&text).is_err(), "{text}");
+            }
+
+            /// Arbitrary input never verifies (and never panics).
+            #[test]
+            fn arbitrary_strings_are_refused(text in "(vk_)?[A-Za-z0-9_.=-]{0,300}") {
+                let (_, jwks) = signer();
+                prop_assert!(Verifier::new(&jwks).verify(&text).is_err());
+            }
+        }
+    }
 }

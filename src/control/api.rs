@@ -38,6 +38,9 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct ApiState {
     pub control: Arc<Control>,
+    /// The vendor catalog, for warnings at key issuance (patterns that reach endpoints
+    /// the proxy refuses as unmetered).
+    pub catalog: Arc<crate::Map<String, crate::config::Vendor>>,
     /// The proxy listener, probed by `/readyz`.
     pub proxy_addr: Option<SocketAddr>,
 }
@@ -826,7 +829,18 @@ async fn issue_key(
         stripe_accounts: req.stripe_accounts,
     };
     match s.control.issue_key(&tenant, new).await {
-        Ok((row, token)) => Ok((StatusCode::CREATED, Json(issued_json(&row, &token))).into_response()),
+        Ok((row, token)) => {
+            let mut body = issued_json(&row, &token);
+            let warnings = s
+                .catalog
+                .get(&row.vendor)
+                .map(|v| v.unmetered_reach(&row.allowed_endpoints))
+                .unwrap_or_default();
+            if !warnings.is_empty() {
+                body["warnings"] = json!(warnings);
+            }
+            Ok((StatusCode::CREATED, Json(body)).into_response())
+        }
         Err(IssueError::VendorNotConfigured(v)) => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "vendor_not_configured",

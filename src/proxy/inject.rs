@@ -38,12 +38,35 @@ pub fn strip_client_headers(req: &mut RequestHeader, vendor: &Vendor) {
             HOP_BY_HOP.contains(&h)
                 || named.iter().any(|n| n == h)
                 || vendor.strip_headers.iter().any(|n| n.as_str() == h)
+                || (h.contains('_') && is_twin_of_a_checked_header(h, vendor))
         })
         .cloned()
         .collect();
     for name in doomed {
         req.remove_header(&name);
     }
+}
+
+/// Headers Keybrake reads, checks or injects besides the vendor's own lists: their
+/// underscore spellings (`Idempotency_Key`), which a CGI-style server reads as the same
+/// header, never reach the vendor.
+const CHECKED: [&str; 6] = [
+    "idempotency-key",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "host",
+];
+
+/// `name` (with a `_`) spells a header Keybrake checks or injects with underscores.
+fn is_twin_of_a_checked_header(name: &str, vendor: &Vendor) -> bool {
+    let twin = |canonical: &str| super::scope::same_but_underscores(name, canonical);
+    CHECKED.iter().any(|c| twin(c))
+        || twin(vendor.auth_header.as_str())
+        || vendor.strip_headers.iter().any(|h| twin(h.as_str()))
+        || vendor.account_headers.iter().any(|h| twin(h.as_str()))
+        || HOP_BY_HOP.iter().any(|h| twin(h))
 }
 
 pub fn inject_credential(
@@ -119,7 +142,26 @@ mod tests {
             .unwrap();
         req.insert_header("x-trace", "1").unwrap();
         req.insert_header("idempotency-key", "abc").unwrap();
+        for twin in [
+            "idempotency_key",
+            "x_api_key",
+            "stripe_account",
+            "proxy_authorization",
+        ] {
+            req.insert_header(http::HeaderName::from_bytes(twin.as_bytes()).unwrap(), "x")
+                .unwrap();
+        }
+        req.insert_header("x_custom_note", "kept").unwrap();
         strip_client_headers(&mut req, stripe);
+        for twin in [
+            "idempotency_key",
+            "x_api_key",
+            "stripe_account",
+            "proxy_authorization",
+        ] {
+            assert!(req.headers.get(twin).is_none(), "{twin} forwarded");
+        }
+        assert_eq!(req.headers["x_custom_note"], "kept");
         inject_credential(&mut req, stripe, &Secret::new("sk_test_123")).unwrap();
         assert_eq!(req.headers["authorization"], "Bearer sk_test_123");
         assert!(req.headers.get("x-api-key").is_none());

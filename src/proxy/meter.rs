@@ -181,13 +181,115 @@ pub fn response_cost(
     body: &Value,
     currencies: &Map<String, Currency>,
 ) -> Option<Micros> {
-    let amount = rule
-        .amount_fields
+    largest_amount(body, &rule.amount_fields, currencies)
+}
+
+/// The largest of an object's integer `fields` (minor units of its `currency`) in USD.
+pub fn largest_amount(
+    object: &Value,
+    fields: &[String],
+    currencies: &Map<String, Currency>,
+) -> Option<Micros> {
+    let amount = fields
         .iter()
-        .filter_map(|f| body.get(f)?.as_i64())
+        .filter_map(|f| object.get(f)?.as_i64())
         .max()?;
-    let currency = body.get("currency")?.as_str()?.to_ascii_lowercase();
+    let currency = object.get("currency")?.as_str()?.to_ascii_lowercase();
     to_usd(amount.max(0), currencies.get(&currency)?)
+}
+
+/// The field a subscription's items are read from (for the query-string check).
+pub const ITEM_FIELDS: [&str; 1] = ["items"];
+/// Stripe's limit on a subscription's items.
+const MAX_ITEMS: usize = 20;
+
+/// One item of a subscription: a price id and its quantity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub price: String,
+    pub quantity: i64,
+}
+
+/// The items of a `POST /v1/subscriptions` form: `items[i][price]` and
+/// `items[i][quantity]` (default 1). Fail closed on whatever could make the first
+/// invoice larger than Σ price × quantity or hide an item: inline `price_data`, tax
+/// rates, automatic tax, extra invoice items, a repeated field, an aliased name.
+pub fn subscription_items(form: &[u8]) -> Result<Vec<Item>, Denial> {
+    let mut prices: Vec<(usize, String)> = Vec::new();
+    let mut quantities: Vec<(usize, i64)> = Vec::new();
+    for pair in form
+        .split(|&b| b == b'&' || b == b';')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &b""[..]),
+        };
+        let name = form_decode(name);
+        let base = kept_field(
+            &name,
+            &[
+                "items",
+                "add_invoice_items",
+                "default_tax_rates",
+                "automatic_tax",
+            ],
+        );
+        match base {
+            None => continue,
+            Some("items") => {}
+            Some(_) => return Err(Denial::InvalidAmount),
+        }
+        let Some((index, field)) = item_field(&name) else {
+            return Err(Denial::InvalidAmount);
+        };
+        let value = form_decode(value);
+        match field {
+            "price" if !prices.iter().any(|(i, _)| *i == index) => {
+                prices.push((index, value.into_owned()))
+            }
+            "quantity" if !quantities.iter().any(|(i, _)| *i == index) => quantities.push((
+                index,
+                parse_minor_units(&value).ok_or(Denial::InvalidAmount)?,
+            )),
+            "metadata" => {}
+            _ => return Err(Denial::InvalidAmount),
+        }
+    }
+    if prices.is_empty()
+        || prices.len() > MAX_ITEMS
+        || quantities
+            .iter()
+            .any(|(i, _)| !prices.iter().any(|(p, _)| p == i))
+    {
+        return Err(Denial::InvalidAmount);
+    }
+    Ok(prices
+        .into_iter()
+        .map(|(index, price)| Item {
+            price,
+            quantity: quantities
+                .iter()
+                .find(|(i, _)| *i == index)
+                .map_or(1, |(_, q)| *q),
+        })
+        .collect())
+}
+
+/// `items[N][field]` (or `items[N][metadata][…]`, as `metadata`) → (N, field).
+fn item_field(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("items[")?;
+    let (index, rest) = rest.split_once("][")?;
+    if index.is_empty() || index.len() > 2 || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let index: usize = index.parse().ok()?;
+    if let Some(key) = rest.strip_prefix("metadata][") {
+        return (key.ends_with(']') && !key[..key.len() - 1].contains(['[', ']']))
+            .then_some((index, "metadata"));
+    }
+    let field = rest.strip_suffix(']')?;
+    (!field.contains(['[', ']'])).then_some((index, field))
 }
 
 fn parse_minor_units(text: &str) -> Option<i64> {
@@ -509,5 +611,170 @@ mod tests {
             );
         }
         assert_eq!(json_to_form(&json!([1, 2])), Err(Denial::InvalidBody));
+    }
+
+    #[test]
+    fn a_subscription_costs_its_items_and_anything_that_could_add_to_it_is_refused() {
+        let items = |form: &str| subscription_items(form.as_bytes());
+        assert_eq!(
+            items("customer=cus_1&items[0][price]=price_a&items[0][quantity]=3&items[1][price]=price_b&items[1][metadata][k]=v"),
+            Ok(vec![
+                Item { price: "price_a".into(), quantity: 3 },
+                Item { price: "price_b".into(), quantity: 1 },
+            ])
+        );
+        for bad in [
+            "customer=cus_1",
+            "items[0][quantity]=2",
+            "items[0][price]=a&items[0][price]=b",
+            "items[0][price]=a&items[0][quantity]=1.5",
+            "items[0][price_data][unit_amount]=100&items[0][price_data][currency]=usd",
+            "items[0][price]=a&items[0][tax_rates][0]=txr_1",
+            "items[0][price]=a&add_invoice_items[0][price]=b",
+            "items[0][price]=a&default_tax_rates[0]=txr_1",
+            "items[0][price]=a&automatic_tax[enabled]=true",
+            "items[0][price]=a&+items[1][price]=b",
+            "items[0][price]=a&[items][1][price]=b",
+            "items[0][price]=a&items[x][price]=b",
+        ] {
+            assert_eq!(items(bad), Err(Denial::InvalidAmount), "{bad}");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Model of how a lenient (Rack-style) server may read a form: pairs split on `&`
+        /// and `;`, names and values decoded, a name standing for `base` once leading
+        /// spaces and brackets are dropped and it is cut at its first bracket.
+        fn model(body: &str, keep: &[&str]) -> Vec<(String, Option<String>)> {
+            let mut seen: Vec<(String, Option<String>)> = Vec::new();
+            for pair in body.split(['&', ';']).filter(|p| !p.is_empty()) {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let decode = |t: &str| -> String {
+                    url::form_urlencoded::parse(format!("x={t}").as_bytes())
+                        .next()
+                        .map(|(_, v)| v.into_owned())
+                        .unwrap_or_default()
+                };
+                let name = decode(name);
+                let base = name
+                    .trim_start()
+                    .trim_start_matches(['[', ']'])
+                    .split(['[', ']'])
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let Some(field) = keep.iter().find(|k| **k == name || **k == base) else {
+                    continue;
+                };
+                let value = (name == *field).then(|| decode(value));
+                match seen.iter_mut().find(|(n, _)| n == field) {
+                    Some((_, v)) => *v = None,
+                    None => seen.push((field.to_string(), value)),
+                }
+            }
+            seen
+        }
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                "[a-z &=\\[\\]%+]{0,6}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map("[a-z \\[\\]]{0,4}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Model of Stripe's bracket notation: every scalar under its path of keys.
+        fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
+            match value {
+                Value::Null => out.push((prefix.into(), String::new())),
+                Value::Bool(b) => out.push((prefix.into(), b.to_string())),
+                Value::Number(n) => out.push((prefix.into(), n.to_string())),
+                Value::String(s) => out.push((prefix.into(), s.clone())),
+                Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        flatten(&format!("{prefix}[{i}]"), item, out);
+                    }
+                }
+                Value::Object(map) => {
+                    for (k, v) in map {
+                        flatten(&format!("{prefix}[{k}]"), v, out);
+                    }
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn form_fields_and_aliases_agree_with_the_model(
+                body in "((amount|currency|x|\\[amount\\]|amount\\]|%61mount| amount|\\+amount|amount\\[x\\])(=[0-9a-z%+]{0,4})?[&;]?){0,6}"
+            ) {
+                let keep = ["amount", "currency"];
+                let parsed = ParsedBody::from_form(body.as_bytes(), &keep);
+                let got: Vec<(String, Option<String>)> = parsed
+                    .fields
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.clone()))
+                    .collect();
+                prop_assert_eq!(got, model(&body, &keep), "{:?}", body);
+            }
+
+            #[test]
+            fn json_becomes_the_bracket_notation_of_the_model(
+                object in prop::collection::btree_map("[a-z\\[\\] ]{0,5}", json(), 0..5)
+            ) {
+                let value = Value::Object(object.into_iter().collect());
+                let form = json_to_form(&value).unwrap();
+                let got: Vec<(String, String)> = url::form_urlencoded::parse(form.as_bytes())
+                    .into_owned()
+                    .collect();
+                let mut expected = Vec::new();
+                for (k, v) in value.as_object().unwrap() {
+                    flatten(k, v, &mut expected);
+                }
+                prop_assert_eq!(got, expected);
+            }
+
+            /// Model: exact rational arithmetic, rounded up.
+            #[test]
+            fn minor_units_convert_to_micro_usd_rounding_up(
+                minor in 0i64..=MAX_MINOR_UNITS,
+                decimals in 0u32..=4,
+                usd_per_unit in 1i64..=10_000_000_000,
+            ) {
+                let currency = Currency { decimals, usd_per_unit: Micros(usd_per_unit) };
+                let exact = minor as u128 * usd_per_unit as u128;
+                let divisor = 10u128.pow(decimals);
+                let expected = exact.div_ceil(divisor);
+                prop_assert_eq!(
+                    to_usd(minor, &currency),
+                    i64::try_from(expected).ok().map(Micros)
+                );
+                let text = minor.to_string();
+                prop_assert_eq!(parse_minor_units(&text), Some(minor));
+            }
+
+            #[test]
+            fn only_plain_digit_amounts_parse(text in "[0-9+ .eE-]{0,16}") {
+                let model = (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| text.parse::<u64>().ok())
+                    .flatten()
+                    .filter(|n| *n <= MAX_MINOR_UNITS as u64 && text.len() <= 15)
+                    .map(|n| n as i64);
+                prop_assert_eq!(parse_minor_units(&text), model);
+            }
+        }
     }
 }

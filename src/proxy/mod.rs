@@ -3,12 +3,14 @@
 //! account, within its daily cap, and forwards it with the vendor's real credential.
 //!
 //! One module per stage, in request order: `path` → `extract` → `verify` → `scope` →
-//! `meter` → `spend` → `inject` → `upstream` → (`spend` settle) → `record`; `deny` turns
-//! any refusal into the spec's response; `service` wires them into Pingora. The proxy
-//! reads only what `sync` publishes and never touches storage.
+//! `meter` (with the vendor look-ups of `upstream_call` for what a response-metered call
+//! can charge) → `idempotency` → `spend` → `inject` → `upstream` → (`spend` settle) →
+//! `record`; `deny` turns any refusal into the spec's response; `service` wires them into
+//! Pingora. The proxy reads only what `sync` publishes and never touches storage.
 
 pub mod deny;
 pub mod extract;
+pub mod idempotency;
 pub mod inject;
 pub mod meter;
 pub mod path;
@@ -17,4 +19,5 @@ pub mod scope;
 pub mod service;
 pub mod spend;
 pub mod upstream;
+pub mod upstream_call;
 pub mod verify;

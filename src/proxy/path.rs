@@ -136,4 +136,74 @@ mod tests {
         );
         assert_eq!(split_vendor("/stripe"), Some(("stripe", "")));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Model: split on '/', decode each `%XX` of a segment, refuse what SPEC §4
+        /// refuses, re-encode what is not unreserved, join again.
+        fn model(raw: &str) -> Result<String, InvalidPath> {
+            let rest = raw.strip_prefix('/').ok_or(InvalidPath)?;
+            let mut out = String::new();
+            for segment in rest.split('/') {
+                let bytes = segment.as_bytes();
+                let mut decoded = String::new();
+                let mut i = 0;
+                while i < bytes.len() {
+                    let (b, escaped) = if bytes[i] == b'%' {
+                        let hex = segment.get(i + 1..i + 3).ok_or(InvalidPath)?;
+                        if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                            return Err(InvalidPath);
+                        }
+                        i += 3;
+                        let b = u8::from_str_radix(hex, 16).map_err(|_| InvalidPath)?;
+                        if b == b'/' {
+                            return Err(InvalidPath);
+                        }
+                        (b, true)
+                    } else {
+                        i += 1;
+                        if bytes[i - 1] >= 0x80 {
+                            return Err(InvalidPath);
+                        }
+                        (bytes[i - 1], false)
+                    };
+                    if b.is_ascii_control() || b == b'\\' {
+                        return Err(InvalidPath);
+                    }
+                    if escaped && !(b.is_ascii_alphanumeric() || b"-._~".contains(&b)) {
+                        decoded.push_str(&format!("%{b:02X}"));
+                    } else {
+                        decoded.push(b as char);
+                    }
+                }
+                if decoded.is_empty() || decoded == "." || decoded == ".." {
+                    return Err(InvalidPath);
+                }
+                out.push('/');
+                out.push_str(&decoded);
+            }
+            Ok(out)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn canonicalization_agrees_with_the_model(
+                raw in "(/|a|b|\\.|%|2|e|E|f|F|5|c|C|0|7|~|-|:|\\\\|\u{0}|\u{e9}){0,14}"
+            ) {
+                prop_assert_eq!(canonicalize(&raw), model(&raw), "{:?}", raw);
+                if let Ok(canonical) = canonicalize(&raw) {
+                    // Canonical is a fixed point and has no empty or dot segment.
+                    let again = canonicalize(&canonical);
+                    prop_assert_eq!(again.as_deref(), Ok(canonical.as_str()));
+                    for segment in canonical[1..].split('/') {
+                        prop_assert!(!segment.is_empty() && segment != "." && segment != "..");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -28,8 +28,25 @@ pub fn check(
             Denial::EndpointNotAllowed
         });
     }
-    for header in &vendor.account_headers {
-        for value in headers.get_all(header) {
+    // `Stripe_Account` is the same header to a server that reads names CGI-style.
+    let twins = headers
+        .iter()
+        .filter(|(name, _)| {
+            let name = name.as_str();
+            name.contains('_')
+                && vendor
+                    .account_headers
+                    .iter()
+                    .any(|h| same_but_underscores(name, h.as_str()))
+        })
+        .map(|(_, value)| value);
+    for value in vendor
+        .account_headers
+        .iter()
+        .flat_map(|h| headers.get_all(h))
+        .chain(twins)
+    {
+        {
             let allowed = value.to_str().ok().is_some_and(|account| {
                 key.claims
                     .acc
@@ -42,6 +59,15 @@ pub fn check(
         }
     }
     Ok(())
+}
+
+/// Whether header `name` is `canonical` with some of its `-` written as `_`.
+pub fn same_but_underscores(name: &str, canonical: &str) -> bool {
+    name.len() == canonical.len()
+        && name
+            .bytes()
+            .zip(canonical.bytes())
+            .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
 }
 
 fn is_standard(method: &Method) -> bool {
@@ -114,6 +140,19 @@ mod tests {
             check(&any, stripe, &lower, "/v1/payment_intents", &none),
             Err(Denial::MethodNotAllowed)
         );
+        // Underscore twins are the same header.
+        for twin in ["stripe_account", "stripe_context", "Stripe_Account"] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::HeaderName::from_bytes(twin.as_bytes()).unwrap(),
+                "acct_VICTIM".parse().unwrap(),
+            );
+            assert_eq!(
+                check(&k, stripe, &Method::POST, "/v1/payment_intents", &h),
+                Err(Denial::AccountNotAllowed),
+                "{twin}"
+            );
+        }
         let no_acc = key(&["/v1/**"], None);
         assert_eq!(
             check(&no_acc, stripe, &Method::GET, "/v1/x", &h),

@@ -1,16 +1,20 @@
 //! The Pingora `ProxyHttp` implementation. It only wires the stages together, in order:
-//! path → key → verify → scope → body & cost → reserve → inject → forward → settle →
-//! record. Each stage is a plain function in its own module.
+//! path → key → verify → scope → classify (metered, free, or refused as unmetered) →
+//! body & cost (or the vendor look-up of what the call can charge) → idempotent retry →
+//! re-check of the key → reserve → inject → forward → settle → record. Each stage is a
+//! plain function in its own module.
 
 use super::deny::{self, Denial};
+use super::idempotency::{self, Admission, IdempotencyBook, Pending};
 use super::meter::{self, ParsedBody};
 use super::path;
 use super::record::{AccessLine, AccessLogWriter};
 use super::spend::{Reservation, SpendBook, SpendError, Spender};
 use super::upstream::Upstreams;
+use super::upstream_call::{self, LookupError};
 use super::verify::{KeyVerifier, VerifiedKey};
 use super::{extract, inject, scope};
-use crate::config::{Currency, MeterRule, MeterSource, Vendor};
+use crate::config::{Class, Currency, MeterRule, MeterSource, UnmeteredPolicy, Vendor};
 use crate::metrics::{Metrics, RequestCounters};
 use crate::money::Micros;
 use crate::secret::Secret;
@@ -62,9 +66,13 @@ pub struct KeybrakeProxy {
     pub created: DashMap<String, Charged, ahash::RandomState>,
     /// When `created` was last swept of expired entries (unix seconds).
     pub created_swept: std::sync::atomic::AtomicI64,
-    /// Upstream connections for `forward_read_body` (built from the same server
-    /// configuration as Pingora's own).
+    /// Upstream connections for `forward_read_body` and the lookups (built from the same
+    /// server configuration as Pingora's own).
     pub connector: pingora::connectors::http::Connector,
+    /// (key, `Idempotency-Key`) pairs already charged.
+    pub idempotency: Arc<IdempotencyBook>,
+    /// How long a duplicate waits for the first call of its idempotency key to settle.
+    pub idempotent_wait: Duration,
 }
 
 /// What one key has been charged for one object, the most of its amounts seen so far.
@@ -75,6 +83,38 @@ pub struct Charged {
     charged: Micros,
     /// The object's currency (lower case), when known.
     currency: Option<Arc<str>>,
+}
+
+/// The response body kept to meter it or learn a created object's id.
+#[derive(Debug, Default, PartialEq, Eq)]
+enum Capture {
+    #[default]
+    Off,
+    On(Vec<u8>),
+    /// Larger than kept: a response-metered call is charged as unmeterable.
+    Overflowed,
+    /// Metered already (at the end of the body, or when the response was cut short).
+    Done,
+}
+
+impl Capture {
+    /// What arrived, once: `Ok` the body, `Err(())` an overflowed one, `None` nothing to
+    /// meter (never started, or finished already).
+    fn finish(&mut self) -> Option<Result<Vec<u8>, ()>> {
+        match std::mem::replace(self, Capture::Done) {
+            Capture::On(bytes) => Some(Ok(bytes)),
+            Capture::Overflowed => Some(Err(())),
+            Capture::Off => {
+                *self = Capture::Off;
+                None
+            }
+            Capture::Done => None,
+        }
+    }
+
+    fn pending(&self) -> bool {
+        matches!(self, Capture::On(_) | Capture::Overflowed)
+    }
 }
 
 pub struct Ctx {
@@ -105,9 +145,12 @@ pub struct Ctx {
     /// The currency a request-metered call was counted in, remembered with its object.
     charged_currency: Option<Arc<str>>,
     track_created: bool,
-    capture: Option<Vec<u8>>,
-    capture_overflowed: bool,
-    charge_after: Micros,
+    capture: Capture,
+    /// A response-metered call's charge, read from its 2xx answer (net of what the key
+    /// already paid for the object): its reservation is settled to it.
+    response_charge: Option<Micros>,
+    /// The first call of its (key, `Idempotency-Key`): told whether it was charged.
+    idempotent: Option<Pending>,
     upstream_start: Option<Instant>,
     upstream_elapsed: Option<Duration>,
     status: u16,
@@ -159,6 +202,16 @@ impl KeybrakeProxy {
             .cloned()
             .ok_or(Denial::VendorNotConfigured)?;
 
+        let rule = match vendor.classify(&method, ctx.path()) {
+            Class::Metered(rule) => Some(rule.clone()),
+            Class::Free => None,
+            // Every key has a cap: a call that could move money unseen is refused.
+            Class::Unmetered if vendor.unmetered == UnmeteredPolicy::Refuse => {
+                return Err(Denial::EndpointUnmetered)
+            }
+            Class::Unmetered => None,
+        };
+
         let content_length = req
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -172,11 +225,10 @@ impl KeybrakeProxy {
             .get(http::header::CONTENT_TYPE)
             .map(|v| v.to_str().unwrap_or("?"));
         let is_json = meter::is_json(content_type);
-        let rule = vendor.meter_rule(&method, ctx.path()).cloned();
-        let request_metered = rule
+        let body_metered = rule
             .as_ref()
-            .is_some_and(|r| r.source == MeterSource::Request);
-        if request_metered
+            .is_some_and(|r| r.source != MeterSource::Response);
+        if body_metered
             && (req.headers.contains_key(http::header::CONTENT_ENCODING)
                 || !(is_json || content_type.is_none_or(meter::is_form)))
         {
@@ -184,12 +236,13 @@ impl KeybrakeProxy {
             // type (multipart, a compressed body) could find another amount in it.
             return Err(Denial::InvalidAmount);
         }
-        let convert = vendor.json_to_form && is_json && content_length != Some(0);
+        let convert = is_json && content_length != Some(0) && vendor.converts_json(ctx.path());
 
         let mut cost = vendor.cost_per_request;
-        if request_metered || convert {
+        if body_metered || convert {
             let fields;
-            let keep: &[&str] = match rule.as_ref().filter(|_| request_metered) {
+            let keep: &[&str] = match rule.as_ref().filter(|_| body_metered) {
+                Some(rule) if rule.source == MeterSource::Items => &meter::ITEM_FIELDS,
                 Some(rule) => {
                     fields = rule.fields();
                     &fields
@@ -204,57 +257,71 @@ impl KeybrakeProxy {
                 }
             }
             let body = self.read_body(session).await?;
-            let parsed = if convert && !body.is_empty() {
+            let form = if convert && !body.is_empty() {
                 let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
-                    if request_metered {
+                    if body_metered {
                         Denial::InvalidAmount
                     } else {
                         Denial::InvalidBody
                     }
                 })?;
-                let form = meter::json_to_form(&value)?;
                 // Metered from what the vendor receives: a nested key flattens to a
                 // bracketed name (`{"": {"amount": …}}` → `[amount]=…`), refused there.
-                let parsed = ParsedBody::from_form(form.as_bytes(), keep);
-                ctx.body = Some(Bytes::from(form));
                 ctx.converted_to_form = true;
-                parsed
+                Bytes::from(meter::json_to_form(&value)?)
             } else {
-                if request_metered && meter::looks_like_json(&body) {
+                if body_metered && meter::looks_like_json(&body) {
                     // A JSON body declared as something else: a vendor that parses it as
                     // JSON would see another amount than the form fields read here.
                     return Err(Denial::InvalidAmount);
                 }
-                let parsed = ParsedBody::from_form(&body, keep);
-                ctx.body = Some(body);
-                parsed
+                body
             };
             ctx.body_was_read = true;
-            if let Some(rule) = rule.as_ref().filter(|_| request_metered) {
-                let known = rule
-                    .skip_if_created_by_same_key
-                    .then(|| self.charged_for(ctx.path(), &key.claims.jti))
-                    .flatten();
-                let object_currency = known.as_ref().and_then(|k| k.1.as_deref());
-                let (amount, currency) =
-                    meter::request_cost(rule, &parsed, object_currency, &self.currencies)?;
-                // An amount that is a new total (increment_authorization): only the
-                // increase over what this key was charged for the object costs.
-                ctx.credit = known.map_or(Micros::ZERO, |k| k.0);
-                let amount = amount.saturating_sub(ctx.credit).max(Micros::ZERO);
+            if let Some(rule) = rule.as_ref().filter(|_| body_metered) {
+                let amount = match rule.source {
+                    MeterSource::Items => {
+                        let items = meter::subscription_items(&form)?;
+                        self.price_items(&items, rule, &vendor, &secret, session)
+                            .await?
+                    }
+                    _ => {
+                        let parsed = ParsedBody::from_form(&form, keep);
+                        let known = rule
+                            .skip_if_created_by_same_key
+                            .then(|| self.charged_for(rule, ctx.path(), &key.claims.jti))
+                            .flatten();
+                        let object_currency = known.as_ref().and_then(|k| k.1.as_deref());
+                        let (amount, currency) =
+                            meter::request_cost(rule, &parsed, object_currency, &self.currencies)?;
+                        // An amount that is a new total (increment_authorization): only the
+                        // increase over what this key was charged for the object costs.
+                        ctx.credit = known.map_or(Micros::ZERO, |k| k.0);
+                        ctx.track_created = true;
+                        ctx.charged_currency = currency.map(Arc::from);
+                        amount.saturating_sub(ctx.credit).max(Micros::ZERO)
+                    }
+                };
                 cost = cost.checked_add(amount).ok_or(Denial::InvalidAmount)?;
-                ctx.track_created = true;
-                ctx.charged_currency = currency.map(Arc::from);
             }
+            ctx.body = Some(form);
         }
         if let Some(rule) = rule.filter(|r| r.source == MeterSource::Response) {
             if rule.skip_if_created_by_same_key {
                 // What this key was already charged for the object (its create, or an
                 // earlier confirm): only an amount above it is charged again.
                 ctx.credit = self
-                    .charged_for(ctx.path(), &key.claims.jti)
+                    .charged_for(&rule, ctx.path(), &key.claims.jti)
                     .map_or(Micros::ZERO, |k| k.0);
             }
+            // What the call can charge, read from the vendor now, is reserved: concurrent
+            // calls never take the key past its cap.
+            let can_charge = self
+                .look_up_charge(&rule, &vendor, &secret, session, ctx)
+                .await?;
+            cost = cost
+                .checked_add(can_charge.saturating_sub(ctx.credit).max(Micros::ZERO))
+                .ok_or(Denial::InvalidAmount)?;
             ctx.response_rule = Some(rule);
         }
 
@@ -269,26 +336,51 @@ impl KeybrakeProxy {
             SpendError::CapExhausted => Denial::CapExhausted,
             SpendError::LedgerUnavailable => Denial::LedgerUnavailable,
         };
-        if ctx.response_rule.is_some() && cost == Micros::ZERO {
-            // Charged only once the vendor has answered, so it may take the key past its
-            // cap once; then it is refused before anything is sent.
-            if ctx.credit.is_positive() {
-                // An object the key already paid for (its own intent, confirmed at the
-                // cap): allowed unless a charge already went past the cap today (an
-                // update raised the amount; the next such confirm is refused).
-                if self.spend.is_over_cap(&spender, now) {
-                    return Err(Denial::CapExhausted);
-                }
-            } else {
-                // Anything else needs budget left.
-                let probe = self
-                    .spend
-                    .reserve(&spender, Micros(1), now)
-                    .await
-                    .map_err(refused)?;
-                self.spend.release(probe);
+        if ctx.response_rule.is_some() && ctx.credit.is_positive() && cost == Micros::ZERO {
+            // An object the key already paid for (its own intent): allowed at the cap
+            // unless a charge already went past it today.
+            if self.spend.is_over_cap(&spender, now) {
+                return Err(Denial::CapExhausted);
             }
         }
+        if cost.is_positive() || ctx.response_rule.is_some() {
+            if let Some(idem) = session
+                .req_header()
+                .headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+            {
+                let fingerprint = idempotency::fingerprint(
+                    method.as_str(),
+                    ctx.path(),
+                    ctx.body.as_deref().unwrap_or_default(),
+                );
+                match self
+                    .idempotency
+                    .admit(
+                        &key.jti,
+                        idem,
+                        fingerprint,
+                        key.claims.exp,
+                        now,
+                        self.idempotent_wait,
+                    )
+                    .await
+                {
+                    // Stripe answers with its first answer and does not act again.
+                    Admission::Replay => {
+                        cost = Micros::ZERO;
+                        ctx.response_rule = None;
+                        ctx.track_created = false;
+                    }
+                    Admission::First(pending) => ctx.idempotent = Some(pending),
+                    Admission::Untracked => {}
+                }
+            }
+        }
+        // The body read and the lookups may have taken a while: a key revoked or expired
+        // meanwhile sends nothing (checked again after the reservation, which may wait).
+        self.still_valid(&key)?;
         let reservation = self
             .spend
             .reserve(&spender, cost, now)
@@ -296,8 +388,101 @@ impl KeybrakeProxy {
             .map_err(refused)?;
         ctx.spend = reservation.amount;
         ctx.reservation = Some(reservation);
+        self.still_valid(&key)?;
         ctx.secret = Some(secret);
         Ok(())
+    }
+
+    /// The key's expiry and revocation, checked again right before forwarding.
+    fn still_valid(&self, key: &VerifiedKey) -> Result<(), Denial> {
+        if key.claims.exp <= now_secs() {
+            return Err(Denial::KeyExpired);
+        }
+        if self
+            .published
+            .revocations
+            .load()
+            .is_revoked(&key.claims.jti)
+        {
+            return Err(Denial::KeyRevoked);
+        }
+        Ok(())
+    }
+
+    /// What a response-metered call can charge: the largest of the rule's lookup amounts
+    /// of the object it acts on, read from the vendor with the real credential.
+    async fn look_up_charge(
+        &self,
+        rule: &MeterRule,
+        vendor: &Vendor,
+        secret: &Secret,
+        session: &Session,
+        ctx: &Ctx,
+    ) -> Result<Micros, Denial> {
+        let lookup = rule.reserve.as_ref().ok_or(Denial::AmountUnknown)?;
+        let segments: Vec<&str> = ctx.path().split('/').skip(1).collect();
+        let path = lookup
+            .path
+            .fill(|i| segments.get(i).copied())
+            .ok_or(Denial::AmountUnknown)?;
+        let object = self.get_json(vendor, secret, &path, session).await?;
+        meter::largest_amount(&object, &lookup.amount_fields, &self.currencies)
+            .ok_or(Denial::AmountUnknown)
+    }
+
+    /// Σ unit price × quantity of a subscription's items, each price read from the
+    /// vendor.
+    async fn price_items(
+        &self,
+        items: &[meter::Item],
+        rule: &MeterRule,
+        vendor: &Vendor,
+        secret: &Secret,
+        session: &Session,
+    ) -> Result<Micros, Denial> {
+        let lookup = rule.reserve.as_ref().ok_or(Denial::AmountUnknown)?;
+        let mut total = Micros::ZERO;
+        for item in items {
+            let path = lookup
+                .path
+                .fill(|_| Some(item.price.as_str()))
+                .ok_or(Denial::AmountUnknown)?;
+            let price = self.get_json(vendor, secret, &path, session).await?;
+            let unit = meter::largest_amount(&price, &lookup.amount_fields, &self.currencies)
+                .ok_or(Denial::AmountUnknown)?;
+            total = unit
+                .checked_mul(item.quantity)
+                .and_then(|m| total.checked_add(m))
+                .ok_or(Denial::InvalidAmount)?;
+        }
+        Ok(total)
+    }
+
+    async fn get_json(
+        &self,
+        vendor: &Vendor,
+        secret: &Secret,
+        path: &str,
+        session: &Session,
+    ) -> Result<serde_json::Value, Denial> {
+        let peer = self
+            .upstreams
+            .peer(vendor)
+            .ok_or(Denial::UpstreamUnavailable)?;
+        upstream_call::get_json(
+            &self.connector,
+            &peer,
+            vendor,
+            secret,
+            path,
+            &session.req_header().headers,
+        )
+        .await
+        .map_err(|e| match e {
+            LookupError::Unreachable { timeout: true } => Denial::UpstreamTimeout,
+            LookupError::Unreachable { timeout: false } => Denial::UpstreamUnavailable,
+            LookupError::NoObject => Denial::AmountUnknown,
+        })
     }
 
     /// Reads the whole request body within the size limit and the deadline. Pingora keeps
@@ -358,27 +543,27 @@ impl KeybrakeProxy {
 
     async fn exchange_read_body(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         let peer = self.upstream_peer(session, ctx).await?;
-        let (mut upstream, _reused) = self.connector.get_http_session(&*peer).await?;
-        upstream.set_read_timeout(peer.options.read_timeout);
-        upstream.set_write_timeout(peer.options.write_timeout);
         let mut req = session.req_header().clone();
         // The whole body goes with the header: nothing to wait for a 100 for.
         req.remove_header(&http::header::EXPECT);
-        // Marks the request as sent (for settling), so only once connected.
         self.upstream_request_filter(session, &mut req, ctx).await?;
         let body = ctx.body.take().unwrap_or_default();
-        upstream.write_request_header(Box::new(req)).await?;
-        upstream.write_request_body(body, true).await?;
-        upstream.finish_request_body().await?;
-        let mut resp = loop {
-            upstream.read_response_header().await?;
-            let header = upstream
-                .response_header()
-                .ok_or_else(|| Error::explain(InvalidHTTPHeader, "no upstream response header"))?;
-            if !header.status.is_informational() {
-                break header.clone();
-            }
-        };
+        // A stale pooled connection is retried on another, as Pingora does for its path.
+        let (mut upstream, mut resp) = upstream_call::send(&self.connector, &peer, &req, &body)
+            .await
+            .inspect_err(|e| {
+                if matches!(
+                    e.etype(),
+                    ConnectTimedout
+                        | ConnectRefused
+                        | ConnectNoRoute
+                        | ConnectError
+                        | TLSHandshakeFailure
+                ) {
+                    // Never sent: `logging` releases the reservation.
+                    ctx.upstream_start = None;
+                }
+            })?;
         for hop in inject::HOP_BY_HOP {
             resp.remove_header(hop);
         }
@@ -467,7 +652,8 @@ impl KeybrakeProxy {
             path: ctx.canonical.clone(),
             status,
             decision: ctx.denial.map_or("allowed", Denial::code).to_string(),
-            spend: ctx.spend.checked_add(ctx.charge_after).unwrap_or(ctx.spend),
+            // A response-metered call is settled to its charge in `logging`, after this.
+            spend: ctx.response_charge.unwrap_or(ctx.spend),
             vendor_request_id: ctx.vendor_request_id.clone(),
             duration_ms: ctx.start.elapsed().as_millis() as u64,
         };
@@ -487,23 +673,33 @@ impl KeybrakeProxy {
         }
     }
 
-    /// What key `jti` was charged for the object named in `path` (an id segment), and the
-    /// object's currency.
-    fn charged_for(&self, path: &str, jti: &str) -> Option<(Micros, Option<Arc<str>>)> {
-        path.split('/').find_map(|seg| {
-            self.created
-                .get(seg)
-                .filter(|e| *e.owner == *jti)
-                .map(|e| (e.charged, e.currency.clone()))
-        })
+    /// What key `jti` was charged for the object the call acts on (the path segment under
+    /// the rule's `*`), and the object's currency.
+    fn charged_for(
+        &self,
+        rule: &MeterRule,
+        path: &str,
+        jti: &str,
+    ) -> Option<(Micros, Option<Arc<str>>)> {
+        let id = rule.object_id(path)?;
+        self.created
+            .get(id)
+            .filter(|e| *e.owner == *jti)
+            .map(|e| (e.charged, e.currency.clone()))
     }
 
+    /// Meters the captured response, once: a response-metered call's charge (net of what
+    /// the key already paid for the object), and the object the key was charged for.
     fn finish_capture(&self, ctx: &mut Ctx) {
-        let Some(bytes) = ctx.capture.take() else {
-            if ctx.response_rule.is_some() && ctx.capture_overflowed {
-                self.charge_unmeterable(ctx, "larger than the metering limit");
+        let bytes = match ctx.capture.finish() {
+            None => return,
+            Some(Ok(bytes)) => bytes,
+            Some(Err(())) => {
+                if ctx.response_rule.is_some() {
+                    self.charge_unmeterable(ctx, "larger than the metering limit");
+                }
+                return;
             }
-            return;
         };
         let (id, charged, currency) = if let Some(rule) = ctx.response_rule.clone() {
             let Ok(body) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
@@ -514,7 +710,7 @@ impl KeybrakeProxy {
                 self.charge_unmeterable(ctx, "without a known amount and currency");
                 return;
             };
-            ctx.charge_after = cost.saturating_sub(ctx.credit).max(Micros::ZERO);
+            ctx.response_charge = Some(cost.saturating_sub(ctx.credit).max(Micros::ZERO));
             let id = body.get("id").and_then(|v| v.as_str()).map(str::to_string);
             let currency = body
                 .get("currency")
@@ -522,7 +718,7 @@ impl KeybrakeProxy {
                 .map(|c| Arc::from(c.to_ascii_lowercase()));
             (
                 id.filter(|_| rule.skip_if_created_by_same_key),
-                cost,
+                cost.max(ctx.credit),
                 currency,
             )
         } else if ctx.track_created {
@@ -549,7 +745,7 @@ impl KeybrakeProxy {
                 ctx.vendor_name(),
                 key.claims.jti
             );
-            ctx.charge_after = Micros(key.claims.cap.max(0));
+            ctx.response_charge = Some(Micros(key.claims.cap.max(0)));
         }
     }
 
@@ -704,9 +900,9 @@ impl ProxyHttp for KeybrakeProxy {
             credit: Micros::ZERO,
             charged_currency: None,
             track_created: false,
-            capture: None,
-            capture_overflowed: false,
-            charge_after: Micros::ZERO,
+            capture: Capture::Off,
+            response_charge: None,
+            idempotent: None,
             upstream_start: None,
             upstream_elapsed: None,
             status: 0,
@@ -856,8 +1052,12 @@ impl ProxyHttp for KeybrakeProxy {
         }
         ctx.status = upstream.status.as_u16();
         let success = upstream.status.is_success();
-        if let Some(r) = ctx.reservation.take() {
-            if success {
+        if success && ctx.response_rule.is_some() {
+            // Settled to the answer's amount once its body is read (`logging`).
+        } else if let Some(r) = ctx.reservation.take() {
+            // A 5xx is an unknown outcome (the vendor may have acted, SPEC §5): the spend
+            // stays. Anything else but a 2xx means it did not act.
+            if success || upstream.status.is_server_error() {
                 self.spend.settle(r);
             } else {
                 self.spend.release(r);
@@ -879,7 +1079,7 @@ impl ProxyHttp for KeybrakeProxy {
             && (ctx.response_rule.is_some() || ctx.track_created)
             && session.req_header().method != http::Method::HEAD
         {
-            ctx.capture = Some(Vec::new());
+            ctx.capture = Capture::On(Vec::new());
         }
         Ok(())
     }
@@ -926,7 +1126,7 @@ impl ProxyHttp for KeybrakeProxy {
         eos: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
-        if let (Some(buf), Some(chunk)) = (ctx.capture.as_mut(), body.as_ref()) {
+        if let (Capture::On(buf), Some(chunk)) = (&mut ctx.capture, body.as_ref()) {
             let limit = if ctx.response_rule.is_some() {
                 MAX_METERED_CAPTURE
             } else {
@@ -935,8 +1135,7 @@ impl ProxyHttp for KeybrakeProxy {
             if buf.len() + chunk.len() <= limit {
                 buf.extend_from_slice(chunk);
             } else {
-                ctx.capture = None;
-                ctx.capture_overflowed = true;
+                ctx.capture = Capture::Overflowed;
             }
         }
         if eos {
@@ -997,25 +1196,32 @@ impl ProxyHttp for KeybrakeProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let now = now_secs();
-        self.settle_unanswered(ctx, e);
-        if ctx.capture.is_some() || ctx.capture_overflowed {
+        if ctx.capture.pending() {
             // The response was cut short (client or vendor gone): meter what arrived; a
             // truncated (or overflowed) response-metered answer cannot be read and is
             // charged as such.
             self.finish_capture(ctx);
         }
-        if let (Some(key), true) = (&ctx.key, ctx.charge_after.is_positive()) {
-            let spender = Spender {
-                key_id: &key.claims.jti,
-                tenant_id: &key.claims.ten,
-                vendor: &key.claims.ven,
-                cap: Micros(key.claims.cap),
-                exp: key.claims.exp,
-            };
-            self.spend
-                .charge_after(&spender, ctx.charge_after, now)
-                .await;
-            ctx.spend = ctx.spend.checked_add(ctx.charge_after).unwrap_or(ctx.spend);
+        match (ctx.response_charge.take(), &ctx.key, ctx.reservation.take()) {
+            (Some(charge), Some(key), Some(r)) => {
+                let spender = Spender {
+                    key_id: &key.claims.jti,
+                    tenant_id: &key.claims.ten,
+                    vendor: &key.claims.ven,
+                    cap: Micros(key.claims.cap),
+                    exp: key.claims.exp,
+                };
+                ctx.spend = self.spend.settle_to(&spender, r, charge, now).await;
+            }
+            (_, _, r) => {
+                ctx.reservation = r;
+                self.settle_unanswered(ctx, e);
+            }
+        }
+        if let Some(pending) = ctx.idempotent.take() {
+            if ctx.spend.is_positive() {
+                pending.charged();
+            }
         }
 
         let total = ctx.start.elapsed();
@@ -1093,6 +1299,22 @@ impl ProxyHttp for KeybrakeProxy {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_capture_is_metered_once() {
+        use super::Capture;
+        let mut overflowed = Capture::Overflowed;
+        assert_eq!(overflowed.finish(), Some(Err(())));
+        // At the end of the body, then again in `logging`: nothing the second time.
+        assert!(!overflowed.pending());
+        assert_eq!(overflowed.finish(), None);
+        let mut on = Capture::On(b"{}".to_vec());
+        assert_eq!(on.finish(), Some(Ok(b"{}".to_vec())));
+        assert_eq!(on.finish(), None);
+        let mut off = Capture::Off;
+        assert_eq!(off.finish(), None);
+        assert!(!off.pending());
+    }
+
     #[test]
     fn the_created_object_id_is_read_from_the_front_or_parsed() {
         use super::created_object_id as id;

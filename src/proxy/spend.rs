@@ -36,6 +36,9 @@ pub struct KeySpend {
     unreported_spent: AtomicI64,
     unreported_overspent: AtomicI64,
     last_used: AtomicI64,
+    /// Reservations taken from this counter and not yet settled or released: the counter
+    /// is never forgotten while one is out.
+    in_flight: AtomicI64,
     /// Spend was recorded beyond the cap today (a response-metered charge): the key may
     /// not start another call that is charged after the fact. Kept with the counter,
     /// which is not forgotten while it is set.
@@ -46,20 +49,69 @@ pub struct KeySpend {
 }
 
 impl KeySpend {
-    fn try_take(&self, amount: i64) -> bool {
+    /// Takes `amount` from the available budget, all or nothing.
+    fn try_take(&self, amount: Micros) -> bool {
         self.available
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
-                (have >= amount).then(|| have - amount)
+                Micros(have)
+                    .checked_sub(amount)
+                    .filter(|left| *left >= Micros::ZERO)
+                    .map(|left| left.0)
             })
             .is_ok()
+    }
+
+    fn available(&self) -> Micros {
+        Micros(self.available.load(Ordering::Acquire))
+    }
+
+    fn add_available(&self, amount: Micros) {
+        self.available.fetch_add(amount.0, Ordering::AcqRel);
+    }
+
+    fn add_spent(&self, amount: Micros) {
+        self.unreported_spent.fetch_add(amount.0, Ordering::AcqRel);
+    }
+
+    fn add_overspent(&self, amount: Micros) {
+        self.unreported_overspent
+            .fetch_add(amount.0, Ordering::AcqRel);
+    }
+}
+
+/// A counter held by one request, from its lookup to its settlement: counted in
+/// `in_flight` (taken under the map's shard lock, so `report` never forgets a counter a
+/// request is about to use).
+struct Held(Arc<KeySpend>);
+
+impl Held {
+    /// Counts a new holder. Call with the map's shard lock held, or on a counter already
+    /// held.
+    fn new(entry: &Arc<KeySpend>) -> Held {
+        entry.in_flight.fetch_add(1, Ordering::AcqRel);
+        Held(entry.clone())
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = KeySpend;
+    fn deref(&self) -> &KeySpend {
+        &self.0
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// Budget set aside for one request: settled (spent) or released (returned to the
-/// counter) when the vendor has answered.
+/// counter) when the vendor has answered. Dropped without either (a bug, a panic), the
+/// budget stays leased, counted as spent by the ledger: never an overspend.
 #[must_use]
 pub struct Reservation {
-    entry: Option<Arc<KeySpend>>,
+    entry: Option<Held>,
     pub amount: Micros,
 }
 
@@ -112,11 +164,12 @@ impl SpendBook {
         }
     }
 
-    fn entry(&self, who: &Spender<'_>, now: i64) -> Arc<KeySpend> {
+    /// Today's counter of the key, held (see `Held`).
+    fn entry(&self, who: &Spender<'_>, now: i64) -> Held {
         let day = utc_day(now);
         if let Some(e) = self.entries.get(who.key_id) {
             if e.day == day {
-                return e.clone();
+                return Held::new(&e);
             }
         }
         let fresh = || {
@@ -130,6 +183,7 @@ impl SpendBook {
                 unreported_spent: AtomicI64::new(0),
                 unreported_overspent: AtomicI64::new(0),
                 last_used: AtomicI64::new(now),
+                in_flight: AtomicI64::new(0),
                 over_cap: std::sync::atomic::AtomicBool::new(false),
                 refill: tokio::sync::Mutex::new(()),
                 spend_usd: std::sync::OnceLock::new(),
@@ -147,7 +201,7 @@ impl SpendBook {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(old);
         }
-        slot.clone()
+        Held::new(&slot)
     }
 
     /// Reserves `amount` against the key's cap, leasing more budget if needed.
@@ -157,7 +211,7 @@ impl SpendBook {
         amount: Micros,
         now: i64,
     ) -> Result<Reservation, SpendError> {
-        if amount.0 <= 0 {
+        if !amount.is_positive() {
             return Ok(Reservation::none());
         }
         if amount > who.cap {
@@ -169,7 +223,7 @@ impl SpendBook {
         }
         let entry = self.entry(who, now);
         entry.last_used.store(now, Ordering::Relaxed);
-        if entry.try_take(amount.0) {
+        if entry.try_take(amount) {
             return Ok(Reservation {
                 entry: Some(entry),
                 amount,
@@ -179,15 +233,19 @@ impl SpendBook {
         // Bounded: each round either takes budget or gets a grant; concurrent reservers
         // may use a grant first, which is fine, they are spending within the cap too.
         for _ in 0..4 {
-            if entry.try_take(amount.0) {
+            if entry.try_take(amount) {
                 return Ok(Reservation {
-                    entry: Some(entry.clone()),
+                    entry: Some(Held::new(&entry.0)),
                     amount,
                 });
             }
-            let have = entry.available.load(Ordering::Acquire).max(0);
-            let min = Micros(amount.0 - have);
-            let want = Micros(min.0.max(entry.cap.0 / self.slices_per_cap));
+            let have = entry.available().max(Micros::ZERO);
+            let min = amount.saturating_sub(have);
+            let slice = entry
+                .cap
+                .checked_div(self.slices_per_cap)
+                .unwrap_or(entry.cap);
+            let want = min.max(slice);
             let grant = self
                 .ledger
                 .lease(LeaseRequest {
@@ -203,14 +261,14 @@ impl SpendBook {
                     log::error!("lease for {} failed: {e}", who.key_id);
                     SpendError::LedgerUnavailable
                 })?;
-            if grant.0 <= 0 {
+            if !grant.is_positive() {
                 return Err(SpendError::CapExhausted);
             }
-            entry.available.fetch_add(grant.0, Ordering::AcqRel);
+            entry.add_available(grant);
         }
-        if entry.try_take(amount.0) {
+        if entry.try_take(amount) {
             return Ok(Reservation {
-                entry: Some(entry.clone()),
+                entry: Some(Held::new(&entry.0)),
                 amount,
             });
         }
@@ -223,30 +281,54 @@ impl SpendBook {
             .get_or_init(|| self.metrics.spend_usd.with_label_values(&[&entry.vendor]))
     }
 
-    /// The vendor accepted: the reservation is spent.
+    /// The vendor accepted (or may have: a 5xx, no answer): the reservation is spent.
     pub fn settle(&self, reservation: Reservation) {
-        if let Some(entry) = reservation.entry {
-            entry
-                .unreported_spent
-                .fetch_add(reservation.amount.0, Ordering::AcqRel);
-            self.spend_counter(&entry)
-                .inc_by(reservation.amount.as_usd_f64());
+        let amount = reservation.amount;
+        if let Some(entry) = &reservation.entry {
+            entry.add_spent(amount);
+            self.spend_counter(entry).inc_by(amount.as_usd_f64());
         }
     }
 
     /// The vendor refused (or was never reached): the budget goes back to the counter.
     pub fn release(&self, reservation: Reservation) {
-        if let Some(entry) = reservation.entry {
-            entry
-                .available
-                .fetch_add(reservation.amount.0, Ordering::AcqRel);
+        let amount = reservation.amount;
+        if let Some(entry) = &reservation.entry {
+            entry.add_available(amount);
         }
+    }
+
+    /// Settles `spent` of a reservation made for at most its amount: the rest goes back;
+    /// what exceeds it (the object's amount grew between the lookup and the call) is
+    /// charged after the fact. Returns what was charged in all.
+    pub async fn settle_to(
+        &self,
+        who: &Spender<'_>,
+        reservation: Reservation,
+        spent: Micros,
+        now: i64,
+    ) -> Micros {
+        let spent = spent.max(Micros::ZERO);
+        let reserved = reservation.amount;
+        if spent >= reserved {
+            self.settle(reservation);
+            let more = spent.saturating_sub(reserved);
+            self.charge_after(who, more, now).await;
+            return spent;
+        }
+        let back = reserved.saturating_sub(spent);
+        if let Some(entry) = &reservation.entry {
+            entry.add_spent(spent);
+            entry.add_available(back);
+            self.spend_counter(entry).inc_by(spent.as_usd_f64());
+        }
+        spent
     }
 
     /// Spend learned from a vendor's response (already charged by the vendor): taken from
     /// the lease when possible, recorded beyond it otherwise, so the key stops at its cap.
     pub async fn charge_after(&self, who: &Spender<'_>, amount: Micros, now: i64) {
-        if amount.0 <= 0 {
+        if !amount.is_positive() {
             return;
         }
         match self.reserve(who, amount, now).await {
@@ -254,9 +336,7 @@ impl SpendBook {
             Err(_) => {
                 let entry = self.entry(who, now);
                 entry.over_cap.store(true, Ordering::Release);
-                entry
-                    .unreported_overspent
-                    .fetch_add(amount.0, Ordering::AcqRel);
+                entry.add_overspent(amount);
                 self.spend_counter(&entry).inc_by(amount.as_usd_f64());
             }
         }
@@ -311,13 +391,9 @@ impl SpendBook {
                 // Put everything back so the next round reports it; returned budget is
                 // still held by the ledger, so it may be used meanwhile.
                 for (entry, r) in &reported {
-                    entry
-                        .unreported_spent
-                        .fetch_add(r.spent.0, Ordering::AcqRel);
-                    entry
-                        .unreported_overspent
-                        .fetch_add(r.overspent.0, Ordering::AcqRel);
-                    entry.available.fetch_add(r.returned.0, Ordering::AcqRel);
+                    entry.add_spent(r.spent);
+                    entry.add_overspent(r.overspent);
+                    entry.add_available(r.returned);
                 }
                 let mut back = self.retired.lock().unwrap_or_else(|p| p.into_inner());
                 back.extend(retired.iter().filter(|e| e.day < today).cloned());
@@ -339,10 +415,13 @@ impl SpendBook {
             }
         }
         for entry in done.iter().filter(|e| e.day == today) {
-            // Forget a finished or idle counter only when it is empty and no request holds it.
+            // Forget a finished or idle counter only when it is empty and no reservation of
+            // it is in flight. A request that looked it up just now and reserves after this
+            // takes from a counter no longer in the map: its spend is still reported (the
+            // counter goes to `retired` below while it is in flight or holds anything).
             self.entries.remove_if(&*entry.key_id, |_, e| {
                 Arc::ptr_eq(e, entry)
-                    && Arc::strong_count(e) <= 3
+                    && e.in_flight.load(Ordering::Acquire) == 0
                     && e.available.load(Ordering::Acquire) == 0
                     && e.unreported_spent.load(Ordering::Acquire) == 0
                     && e.unreported_overspent.load(Ordering::Acquire) == 0
@@ -356,7 +435,7 @@ impl SpendBook {
         let held: Vec<Arc<KeySpend>> = retired
             .into_iter()
             .filter(|e| {
-                let held = Arc::strong_count(e) > 1;
+                let held = e.in_flight.load(Ordering::Acquire) != 0;
                 // Orders the reads below after a holder's last change and drop.
                 std::sync::atomic::fence(Ordering::Acquire);
                 held || e.unreported_spent.load(Ordering::Acquire) != 0
@@ -526,5 +605,57 @@ mod tests {
         book.report(1000, true).await;
         assert_eq!(*ledger.settled.lock().unwrap(), 15_000_000);
         assert_eq!(*ledger.committed.lock().unwrap(), 15_000_000);
+    }
+
+    #[tokio::test]
+    async fn an_idle_counter_is_kept_while_in_flight_and_forgotten_in_the_round_that_empties_it() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let r = book
+            .reserve(&who(20_000_000), Micros(1_000_000), 1000)
+            .await
+            .unwrap();
+        // Idle past 2 s while a reservation is out: kept.
+        book.report(1003, false).await;
+        assert_eq!(book.tracked_keys(), 1);
+        book.settle(r);
+        // One round reports the spend and forgets the now empty, idle counter.
+        book.report(1006, false).await;
+        assert_eq!(book.tracked_keys(), 0);
+        assert_eq!(*ledger.settled.lock().unwrap(), 1_000_000);
+        assert_eq!(*ledger.committed.lock().unwrap(), 1_000_000);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_is_settled_to_what_the_answer_charged() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let r = book
+            .reserve(&who(20_000_000), Micros(10_000_000), 1000)
+            .await
+            .unwrap();
+        assert_eq!(
+            book.settle_to(&who(20_000_000), r, Micros(4_000_000), 1000)
+                .await,
+            Micros(4_000_000)
+        );
+        // The 6 not charged went back: 16 are left.
+        let r = book
+            .reserve(&who(20_000_000), Micros(16_000_000), 1000)
+            .await
+            .unwrap();
+        book.release(r);
+        // An answer above the reservation is charged in full.
+        let r = book
+            .reserve(&who(20_000_000), Micros(1_000_000), 1000)
+            .await
+            .unwrap();
+        assert_eq!(
+            book.settle_to(&who(20_000_000), r, Micros(3_000_000), 1000)
+                .await,
+            Micros(3_000_000)
+        );
+        book.report(1000, true).await;
+        assert_eq!(*ledger.settled.lock().unwrap(), 7_000_000);
     }
 }

@@ -522,7 +522,9 @@ def test_node_stripe_sdk_creates_and_confirms_a_payment_intent_through_the_proxy
     assert intent["created_status"] == "requires_confirmation", out
     assert intent["status"] == "succeeded" and intent["amount"] == 3100, out
     paths = [(r.method, r.path) for r in fake_stripe.received()[before:]]
-    assert paths == [("POST", PI_PATH), ("POST", f"{PI_PATH}/{intent['id']}/confirm")], paths
+    # Keybrake reads the intent (GET) before forwarding the confirm, to reserve its amount.
+    assert paths == [("POST", PI_PATH), ("GET", f"{PI_PATH}/{intent['id']}"),
+                     ("POST", f"{PI_PATH}/{intent['id']}/confirm")], paths
     assert_vendor_saw_only(fake_stripe, stripe_secret, since=before)
     assert_revoked(tenant, out["key_id"])
     tenant.wait_spent(out["key_id"], Decimal(31))

@@ -219,6 +219,12 @@ def test_kill_9_mid_burst_never_loses_or_overspends_budget(keybrake, tenant, fak
     keybrake.start()
     spent = tenant.get_key(key["id"])["spent_today_usd"]
     assert spent >= accepted_before, f"spent_today_usd {spent} < {accepted_before} accepted by Stripe"
+    # What a crash may cost: the unused part of the lease (a refill is 1/16 of the cap,
+    # $2.5) and the 4 reservations in flight ($1 each), never the whole cap.
+    lost_at_most = Decimal(cap) / 16 + 4
+    assert spent <= accepted_before + lost_at_most, (
+        f"after the restart ${spent} counts as spent for ${accepted_before} accepted: "
+        f"more than the unused lease and the calls in flight")
 
     last = None
     for _ in range(cap + 5):
@@ -229,6 +235,7 @@ def test_kill_9_mid_burst_never_loses_or_overspends_budget(keybrake, tenant, fak
     total = len(accepted_intents(fake_stripe))
     print(f"kill -9 after {accepted_before} accepted; spent after restart {spent}; total accepted {total}")
     assert total <= cap, f"Stripe accepted ${total} against a ${cap} cap"
+    assert total >= cap - lost_at_most, f"only ${total} of the ${cap} cap could be spent after the crash"
     assert tenant.get_key(key["id"])["spent_today_usd"] >= total
 
 
@@ -308,27 +315,60 @@ def test_confirm_and_capture_are_metered_from_the_response_unless_the_key_create
 
 
 def assert_confirm_refused_at_the_cap(keybrake, tenant, fake_stripe, key, intent_id, spent):
-    """The confirm is 429 cap_exhausted, never reaches Stripe, and spend stays `spent`."""
-    sent = len(fake_stripe.received())
+    """The confirm is 429 cap_exhausted, never reaches Stripe (only the look-up of the
+    intent does), and spend stays `spent`."""
+    def sent():
+        return [r for r in fake_stripe.received() if r.method != "GET"]
+
+    before = len(sent())
     assert_denied(keybrake.proxy("POST", f"{PI}/{intent_id}/confirm", key=key["token"]),
                   429, "cap_exhausted")
-    assert len(fake_stripe.received()) == sent
+    assert len(sent()) == before
     tenant.wait_spent(key["id"], spent)
 
 
-def test_a_confirm_can_pass_the_cap_once_then_the_key_is_refused(keybrake, tenant, fake_stripe, stripe_secret):
-    """A confirm is charged from Stripe's answer, so it can take a key past its cap once;
-    after that the key has nothing left and the next confirm is refused with 429
-    cap_exhausted before it reaches Stripe."""
+def test_a_confirm_is_reserved_before_it_is_forwarded_and_never_passes_the_cap(
+        keybrake, tenant, fake_stripe, stripe_secret):
+    """What a confirm can charge (the intent's amount, read from Stripe first) is
+    reserved before it is forwarded: with a $10 cap a $8 confirm succeeds and costs $8,
+    then a $12 one and another $8 one are refused with 429 cap_exhausted before
+    reaching Stripe."""
     direct, pm = _direct_payment_method(fake_stripe, stripe_secret)
     intents = [direct.post(f"{fake_stripe.url}/v1/payment_intents", timeout=10,
-                           data={"amount": 1200, "currency": "usd", "payment_method": pm}).json()
-               for _ in range(2)]
+                           data={"amount": amount, "currency": "usd", "payment_method": pm}).json()
+               for amount in (800, 1200, 800)]
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents/*/confirm"], daily_usd_cap=10)
     first = keybrake.proxy("POST", f"{PI}/{intents[0]['id']}/confirm", key=key["token"])
     assert first.status_code == 200, first.text
-    tenant.wait_spent(key["id"], Decimal(12))
-    assert_confirm_refused_at_the_cap(keybrake, tenant, fake_stripe, key, intents[1]["id"], Decimal(12))
+    tenant.wait_spent(key["id"], Decimal(8))
+    for intent in intents[1:]:
+        assert_confirm_refused_at_the_cap(keybrake, tenant, fake_stripe, key, intent["id"], Decimal(8))
+    confirms = [r for r in fake_stripe.received() if r.method == "POST" and r.path.endswith("/confirm")]
+    assert len(confirms) == 1
+
+
+def test_concurrent_confirms_never_pass_the_cap(keybrake, tenant, fake_stripe, stripe_secret):
+    """16 PaymentIntents of $10 made outside the key; a $25-cap key sends the 16
+    confirms at once: exactly 2 reach Stripe and succeed, 14 are 429 cap_exhausted, and
+    the key has spent $20."""
+    direct, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    intents = [direct.post(f"{fake_stripe.url}/v1/payment_intents", timeout=10,
+                           data={"amount": 1000, "currency": "usd", "payment_method": pm}).json()
+               for _ in range(16)]
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents/*/confirm"], daily_usd_cap=25)
+    barrier = threading.Barrier(16, timeout=60)
+
+    def confirm(intent):
+        barrier.wait()
+        r = keybrake.proxy("POST", f"{PI}/{intent['id']}/confirm", key=key["token"])
+        return r.status_code, error_code(r) if r.status_code != 200 else None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(confirm, intents))
+    assert sorted(results, key=str) == sorted([(200, None)] * 2 + [(429, "cap_exhausted")] * 14, key=str), results
+    confirms = [r for r in fake_stripe.received() if r.method == "POST" and r.path.endswith("/confirm")]
+    assert len(confirms) == 2 and all(r.status == 200 for r in confirms)
+    tenant.wait_spent(key["id"], Decimal(20))
 
 
 def test_a_key_spent_to_its_cap_can_still_confirm_its_own_intent(keybrake, tenant, fake_stripe, stripe_secret):
@@ -344,11 +384,11 @@ def test_a_key_spent_to_its_cap_can_still_confirm_its_own_intent(keybrake, tenan
     tenant.wait_spent(key["id"], Decimal(5))
 
 
-def test_raising_own_intents_past_the_cap_works_once_then_confirms_are_refused(
+def test_an_own_intent_raised_past_the_cap_is_refused_at_confirm(
         keybrake, tenant, fake_stripe, stripe_secret):
-    """A key at its cap may still confirm its own paid intents, but once a confirm of an
-    intent whose amount an update raised has taken it past the cap, its next confirm is
-    refused with 429 cap_exhausted before reaching Stripe."""
+    """A key at its cap may still confirm its own paid intents, but one whose amount an
+    update raised past the cap is refused with 429 cap_exhausted at confirm (the raised
+    amount is read and reserved first), before reaching Stripe."""
     _, pm = _direct_payment_method(fake_stripe, stripe_secret)
     key = tenant.issue_key(allowed_endpoints=["/v1/payment_intents", "/v1/payment_intents/**"],
                            daily_usd_cap=10)
@@ -356,12 +396,10 @@ def test_raising_own_intents_past_the_cap_works_once_then_confirms_are_refused(
     intents = [client.v1.payment_intents.create(params={"amount": 500, "currency": "usd", "payment_method": pm})
                for _ in range(2)]
     tenant.wait_spent(key["id"], Decimal(10))
-    for intent in intents:
-        client.v1.payment_intents.update(intent.id, params={"amount": 5000})
-    assert client.v1.payment_intents.confirm(intents[0].id).status == "succeeded"
-    tenant.wait_spent(key["id"], Decimal(55))
-    time.sleep(2.5)  # past the idle time after which an unused counter is forgotten
-    assert_confirm_refused_at_the_cap(keybrake, tenant, fake_stripe, key, intents[1].id, Decimal(55))
+    client.v1.payment_intents.update(intents[0].id, params={"amount": 5000})
+    assert_confirm_refused_at_the_cap(keybrake, tenant, fake_stripe, key, intents[0].id, Decimal(10))
+    assert client.v1.payment_intents.confirm(intents[1].id).status == "succeeded"
+    tenant.wait_spent(key["id"], Decimal(10))
 
 
 def test_confirming_another_keys_intent_is_charged_in_full(keybrake, tenant, fake_stripe, stripe_secret):
@@ -1222,3 +1260,295 @@ def test_metrics_count_requests_by_decision(keybrake, tenant, fake_stripe):
     assert 'decision="cap_exhausted"' in text
     assert "keybrake_keys_issued_total" in text
     assert re.search(r'keybrake_spend_usd_total\{[^}]*vendor="stripe"[^}]*\}\s+1(\.0+)?\b', text), text
+
+
+# --------------------------------------------------------------------------- money endpoints (issue 13)
+
+
+def _customer_with_card(fake, secret):
+    direct, pm = _direct_payment_method(fake, secret)
+    customer = direct.post(f"{fake.url}/v1/customers", data={"payment_method": pm}, timeout=10).json()
+    direct.post(f"{fake.url}/v1/customers/{customer['id']}", timeout=10,
+                data={"invoice_settings[default_payment_method]": pm})
+    return direct, customer["id"]
+
+
+@pytest.mark.parametrize("method,path", [
+    ("POST", "/v1/checkout/sessions"),
+    ("POST", "/v1/payment_links"),
+    ("POST", "/v1/invoices"),
+    ("POST", "/v1/subscriptions/sub_1"),
+    ("POST", "/v1/subscription_items"),
+    ("POST", "/v1/subscription_schedules"),
+    ("POST", "/v1/quotes/qt_1/accept"),
+    ("POST", "/v1/topups"),
+    ("POST", "/v1/application_fees/fee_1/refunds"),
+    ("POST", "/v1/treasury/outbound_payments"),
+    ("POST", "/v1/issuing/authorizations/iauth_1/approve"),
+    ("POST", "/v1/charges/ch_1/capture"),
+    ("DELETE", "/v1/subscriptions/sub_1"),
+    ("POST", "/v2/money_management/outbound_payments"),
+])
+def test_endpoints_that_can_move_money_unmetered_are_refused(keybrake, tenant, fake_stripe, method, path):
+    """A key allowed everything (`/v1/**`, `/v2/**`) with a cap never reaches an endpoint
+    that can move money unless Keybrake meters it: 403 endpoint_unmetered, nothing sent.
+    Issuing such a key is answered with a warning naming the pattern."""
+    key = tenant.issue_key(allowed_endpoints=["/v1/**", "/v2/**"], daily_usd_cap=1)
+    assert len(key.get("warnings", [])) == 2, key
+    assert "endpoint_unmetered" in key["warnings"][0]
+    assert_denied(keybrake.proxy(method, f"/stripe{path}", key=key["token"], data={"amount": 1}),
+                  403, "endpoint_unmetered")
+    assert fake_stripe.received() == []
+
+
+def test_a_key_with_only_metered_or_free_endpoints_gets_no_warning(tenant):
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents", "POST /v1/customers", "GET /v1/**"])
+    assert "warnings" not in key
+
+
+def test_a_subscription_costs_its_first_period_and_is_refused_past_the_cap(
+        keybrake, tenant, fake_stripe, stripe_secret):
+    """POST /v1/subscriptions is metered from its items: each price is read from Stripe
+    and price × quantity is reserved before forwarding. A $1,000,000/month plan on a $1
+    key is 429 cap_exhausted and never created; 2 × $0.40 is charged $0.80."""
+    direct, customer = _customer_with_card(fake_stripe, stripe_secret)
+    big = direct.post(f"{fake_stripe.url}/v1/prices", timeout=10,
+                      data={"unit_amount": 100_000_000, "currency": "usd"}).json()
+    small = direct.post(f"{fake_stripe.url}/v1/prices", timeout=10,
+                        data={"unit_amount": 40, "currency": "usd"}).json()
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/subscriptions"], daily_usd_cap=1)
+    client = stripe_client(keybrake, key["token"])
+    with pytest.raises(stripe.StripeError) as info:
+        client.v1.subscriptions.create(params={"customer": customer, "items": [{"price": big["id"]}]})
+    assert info.value.http_status == 429 and info.value.json_body["code"] == "cap_exhausted"
+    assert fake_stripe.received_matching("POST", "/v1/subscriptions") == []
+    sub = client.v1.subscriptions.create(params={"customer": customer, "items": [{"price": small["id"], "quantity": 2}]})
+    assert sub.status == "active"
+    tenant.wait_spent(key["id"], Decimal("0.8"))
+    r = keybrake.proxy("POST", "/stripe/v1/subscriptions", key=key["token"],
+                       data={"customer": customer, "items[0][price_data][unit_amount]": "1",
+                             "items[0][price_data][currency]": "usd"})
+    assert_denied(r, 400, "invalid_amount")
+    assert len(fake_stripe.received_matching("POST", "/v1/subscriptions")) == 1
+
+
+def test_paying_an_invoice_reserves_its_amount_first(keybrake, tenant, fake_stripe, stripe_secret):
+    """POST /v1/invoices/{id}/pay: the invoice's amount due is read and reserved before
+    forwarding; a $12 invoice on a $10 key is refused (429, never forwarded), on a $20 key
+    paid and charged $12 once (paying it again costs nothing more)."""
+    direct, customer = _customer_with_card(fake_stripe, stripe_secret)
+    item = direct.post(f"{fake_stripe.url}/v1/invoiceitems", timeout=10,
+                       data={"customer": customer, "amount": 1200, "currency": "usd"})
+    assert item.status_code == 200, item.text
+    invoice = direct.post(f"{fake_stripe.url}/v1/invoices", data={"customer": customer}, timeout=10).json()
+    assert invoice["amount_due"] == 1200, invoice
+    pay_path = f"/stripe/v1/invoices/{invoice['id']}/pay"
+    small = tenant.issue_key(allowed_endpoints=["POST /v1/invoices/*/pay"], daily_usd_cap=10)
+    assert_denied(keybrake.proxy("POST", pay_path, key=small["token"]), 429, "cap_exhausted")
+    assert fake_stripe.received_matching("POST", f"/v1/invoices/{invoice['id']}/pay") == []
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/invoices/*/pay"], daily_usd_cap=20)
+    r = keybrake.proxy("POST", pay_path, key=key["token"])
+    assert r.status_code == 200 and r.json()["status"] == "paid", r.text
+    tenant.wait_spent(key["id"], Decimal(12))
+    again = keybrake.proxy("POST", pay_path, key=key["token"])
+    assert again.status_code == 400, again.text  # already paid: Stripe refuses
+    tenant.wait_spent(key["id"], Decimal(12))
+
+
+@pytest.mark.parametrize("path,fields", [
+    ("/v1/charges", {"amount": 700, "currency": "usd", "source": None}),
+    ("/v1/transfers", {"amount": 900, "currency": "usd", "destination": "acct_1DEST"}),
+    ("/v1/payouts", {"amount": 1100, "currency": "eur"}),
+    ("/v1/invoiceitems", {"amount": 1300, "currency": "usd", "customer": None}),
+])
+def test_other_request_metered_endpoints_are_charged_and_capped(
+        keybrake, tenant, fake_stripe, stripe_secret, path, fields):
+    """Charges, transfers, payouts and invoice items are metered from their body: the
+    first call is charged its amount, a second that would pass the cap (1.5 times the
+    amount) is 429 cap_exhausted and never forwarded."""
+    fields = dict(fields)
+    if "customer" in fields:
+        _, fields["customer"] = _customer_with_card(fake_stripe, stripe_secret)
+    if "source" in fields:
+        _, fields["source"] = _direct_payment_method(fake_stripe, stripe_secret)
+    usd = usd_of(fields["amount"], fields["currency"])
+    cap = (usd * Decimal("1.5")).quantize(Decimal("0.01"))
+    key = tenant.issue_key(allowed_endpoints=[f"POST {path}"], daily_usd_cap=float(cap))
+    r = keybrake.proxy("POST", f"/stripe{path}", key=key["token"], data=fields)
+    assert r.status_code == 200, r.text
+    tenant.wait_spent(key["id"], usd)
+    assert_denied(keybrake.proxy("POST", f"/stripe{path}", key=key["token"], data=fields), 429, "cap_exhausted")
+    assert len(fake_stripe.received_matching("POST", path)) == 1
+
+
+def test_a_vendor_5xx_keeps_the_spend(keybrake, tenant, fake_stripe):
+    """A 500 from Stripe is an unknown outcome (it may have charged): the payment stays
+    counted, so a second one that would pass the cap is refused."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
+    r = keybrake.proxy("POST", PI, key=key["token"], data={"amount": 1500, "currency": "usd"},
+                       headers={"x-fake-status": "500"})
+    assert r.status_code == 500, r.text
+    tenant.wait_spent(key["id"], Decimal(15))
+    assert_denied(pay(keybrake, key["token"], 1500), 429, "cap_exhausted")
+
+
+def test_an_sdk_retry_with_the_same_idempotency_key_is_not_charged_again(keybrake, tenant, fake_stripe):
+    """stripe-python retries a POST whose connection dropped with the same
+    Idempotency-Key, and Stripe replays its first answer: the retry is forwarded but not
+    charged again. Stripe processed the payment once; the key spent $15 of $20."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
+    client = stripe.StripeClient(api_key=key["token"], base_addresses={"api": f"{keybrake.proxy_url}/stripe"},
+                                 max_network_retries=2)
+    intent = client.v1.payment_intents.create(
+        params={"amount": 1500, "currency": "usd", "metadata": {"fake_drop": "once"}})
+    assert intent.amount == 1500
+    attempts = fake_stripe.received_matching("POST", "/v1/payment_intents")
+    assert len(attempts) >= 2 and len({r.headers.get("idempotency-key") for r in attempts}) == 1
+    tenant.wait_spent(key["id"], Decimal(15))
+    # Another body under the same Idempotency-Key is charged (and refused here).
+    r = keybrake.proxy("POST", PI, key=key["token"], data={"amount": 1000, "currency": "usd"},
+                       headers={"Idempotency-Key": attempts[0].headers["idempotency-key"]})
+    assert_denied(r, 429, "cap_exhausted")
+
+
+def test_a_concurrent_duplicate_waits_for_the_first_and_is_not_charged(keybrake, tenant, fake_stripe):
+    """Two identical $15 payments with one Idempotency-Key sent together on a $20 key:
+    the second waits for the first to settle and then goes through uncharged (Stripe
+    replays); both succeed with the same intent and the key spent $15."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
+    headers = {"Idempotency-Key": f"idem-{secrets.token_hex(4)}", "x-fake-delay-ms": "700"}
+
+    def send(_):
+        r = keybrake.proxy("POST", PI, key=key["token"], data={"amount": 1500, "currency": "usd"}, headers=headers)
+        return r.status_code, r.json().get("id")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(send, range(2)))
+    assert [r[0] for r in results] == [200, 200], results
+    assert results[0][1] == results[1][1]
+    tenant.wait_spent(key["id"], Decimal(15))
+
+
+def test_a_key_revoked_while_its_bodies_arrive_sends_nothing(keybrake, tenant, fake_stripe):
+    """Five payments send their headers and 5 bytes of body; the key is revoked; the
+    bodies are then finished: all five are 401 key_revoked and Stripe receives nothing."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    body = b"amount=100&currency=usd"
+    socks = []
+    for _ in range(5):
+        s = socket.create_connection(("127.0.0.1", keybrake.proxy_port), timeout=10)
+        s.sendall((f"POST {PI} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key['token']}\r\n"
+                   f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                  + body[:5])
+        socks.append(s)
+    time.sleep(0.3)
+    assert tenant.revoke(key["id"]).status_code == 200
+    assert_denied(pay(keybrake, key["token"], 100), 401, "key_revoked")
+    for s in socks:
+        s.sendall(body[5:])
+    for s in socks:
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert b"key_revoked" in answer or b"content-length" in answer.lower()
+    time.sleep(0.3)
+    assert fake_stripe.received() == []
+
+
+def test_underscore_twins_of_checked_headers_are_the_same_header(keybrake, tenant, fake_stripe):
+    """`Stripe_Account` is checked like `Stripe-Account` (a CGI-style server reads both
+    as one): 403 account_not_allowed for an account the key does not list; underscore
+    spellings of checked or injected headers never reach the vendor."""
+    key = tenant.issue_key(allowed_endpoints=["/v1/customers"], stripe_accounts=["acct_1ALLOWED"])
+    for name in ("Stripe_Account", "Stripe_Context", "stripe_account"):
+        status, _, data = raw_request(keybrake, "GET", "/stripe/v1/customers", key["token"],
+                                      headers={name: "acct_VICTIM"})
+        assert status == 403 and json.loads(data)["code"] == "account_not_allowed", (name, status, data[:200])
+    assert fake_stripe.received() == []
+    status, _, data = raw_request(keybrake, "GET", "/stripe/v1/customers", key["token"],
+                                  headers={"Stripe_Account": "acct_1ALLOWED", "Idempotency_Key": "x",
+                                           "X_Api_Key": "vk_leak", "X_Note": "kept"})
+    assert status == 200, data[:300]
+    got = fake_stripe.received()[-1].headers
+    assert not any(h in got for h in ("stripe_account", "idempotency_key", "x_api_key")), got
+    assert got.get("x_note") == "kept"
+
+
+def test_v2_json_bodies_are_forwarded_as_json(keybrake, tenant, fake_stripe):
+    """Stripe's v2 API takes JSON only: a JSON body to /v2/… reaches Stripe unchanged,
+    while the same body to /v1/… is converted to a form."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v2/core/event_destinations", "POST /v1/customers"])
+    payload = {"name": "dest", "enabled_events": ["v1.billing.meter.error_report_triggered"],
+               "type": "webhook_endpoint", "webhook_endpoint": {"url": "https://example.com/hook"}}
+    raw = json.dumps(payload).encode()
+    keybrake.proxy("POST", "/stripe/v2/core/event_destinations", key=key["token"], data=raw,
+                   headers={"Content-Type": "application/json"})
+    got = fake_stripe.received()[-1]
+    assert got.path == "/v2/core/event_destinations" and got.body == raw
+    assert got.headers.get("content-type", "").startswith("application/json")
+    keybrake.proxy("POST", "/stripe/v1/customers", key=key["token"], json={"name": "x", "metadata": {"a": "b"}})
+    assert ("metadata[a]", "b") in fake_stripe.received()[-1].form
+
+
+def _closing_upstream():
+    """A vendor that answers the first request on each connection and resets the
+    connection when a second one arrives on it (a pooled connection gone stale)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    served = []
+
+    def handle(conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, rest = data.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            while len(rest) < length:
+                rest += conn.recv(65536)
+            served.append(len(rest))
+            answer = json.dumps({"id": f"pi_stale{len(served)}", "object": "payment_intent",
+                                 "amount": 700, "currency": "usd"}).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(answer)}\r\n\r\n".encode() + answer)
+            if conn.recv(1):  # the next request on this connection: reset, unanswered
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, served
+
+
+def test_a_stale_pooled_connection_is_retried_not_charged(keybrake_factory, stripe_secret):
+    """A large metered body (sent by Keybrake's own exchange) that meets a pooled
+    connection the vendor has dropped is sent again on a fresh one: both payments
+    succeed and are each charged once."""
+    listener, served = _closing_upstream()
+    try:
+        kb = keybrake_factory({"stripe": f"http://127.0.0.1:{listener.getsockname()[1]}"})
+        t = kb.create_tenant()
+        t.put_credential("stripe", stripe_secret)
+        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+        for _ in range(2):
+            r = pay(kb, key["token"], 700, **LARGE)
+            assert r.status_code == 200, r.text
+        assert len(served) == 2
+        t.wait_spent(key["id"], Decimal(14))
+    finally:
+        listener.close()

@@ -1,0 +1,233 @@
+//! Stage 7a: retries are not charged twice (SPEC §5). Stripe SDKs retry a POST after a
+//! reset connection or a 5xx with the same `Idempotency-Key`, and Stripe answers the
+//! retry with its first answer without acting again. So a metered call of a key whose
+//! (key, `Idempotency-Key`, method, path, body) was already charged is forwarded without
+//! a charge; a duplicate that arrives while the first is still in flight waits until the
+//! first is settled. Only the same request is let through free: another body under the
+//! same key is charged (Stripe refuses it anyway).
+//!
+//! Entries live until their key expires; the map is bounded, and when it is full a call
+//! is simply charged (a retry then costs again: fail closed).
+
+use dashmap::DashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Most remembered (key, idempotency key) pairs.
+const MAX_ENTRIES: usize = 200_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    InFlight,
+    Charged,
+}
+
+struct Entry {
+    fingerprint: u64,
+    exp: i64,
+    state: watch::Sender<State>,
+}
+
+#[derive(Default)]
+pub struct IdempotencyBook {
+    entries: DashMap<(Arc<str>, Box<str>), Arc<Entry>, ahash::RandomState>,
+    swept: std::sync::atomic::AtomicI64,
+}
+
+/// What to do with a metered call that carries an `Idempotency-Key`.
+pub enum Admission {
+    /// The same request was charged already: forward it, charge nothing.
+    Replay,
+    /// The first of its kind: charge it; `Pending` records the outcome.
+    First(Pending),
+    /// Not remembered (another body under the same key, or the book is full): charge it.
+    Untracked,
+}
+
+/// The first call of a (key, idempotency key): `charged()` once it cost money; dropped
+/// otherwise, which forgets the pair (a retry is then charged like a new call).
+pub struct Pending {
+    book: Arc<IdempotencyBook>,
+    id: (Arc<str>, Box<str>),
+    entry: Arc<Entry>,
+    charged: bool,
+}
+
+impl Pending {
+    pub fn charged(mut self) {
+        self.charged = true;
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.charged {
+            self.entry.state.send_replace(State::Charged);
+        } else {
+            self.book
+                .entries
+                .remove_if(&self.id, |_, e| Arc::ptr_eq(e, &self.entry));
+            // Waiters see the sender gone or the state unchanged, and look again.
+            self.entry.state.send_replace(State::InFlight);
+        }
+    }
+}
+
+/// A fingerprint of what makes two calls the same request.
+pub fn fingerprint(method: &str, path: &str, body: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // Fixed seeds: one process's fingerprints only meet each other.
+    let mut h = ahash::RandomState::with_seeds(1, 2, 3, 4).build_hasher();
+    h.write(method.as_bytes());
+    h.write_u8(0);
+    h.write(path.as_bytes());
+    h.write_u8(0);
+    h.write(body);
+    h.finish()
+}
+
+impl IdempotencyBook {
+    /// Admits a metered call of `key` (expiring at `exp`) carrying `idempotency_key`.
+    /// Waits (at most `wait`) while the same request of the same key is in flight.
+    pub async fn admit(
+        self: &Arc<Self>,
+        key: &Arc<str>,
+        idempotency_key: &str,
+        fingerprint: u64,
+        exp: i64,
+        now: i64,
+        wait: Duration,
+    ) -> Admission {
+        let id: (Arc<str>, Box<str>) = (key.clone(), idempotency_key.into());
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let existing = self.entries.get(&id).map(|e| e.clone());
+            let entry = match existing {
+                Some(entry) => entry,
+                None => {
+                    if self.entries.len() >= MAX_ENTRIES {
+                        self.sweep(now);
+                        if self.entries.len() >= MAX_ENTRIES {
+                            return Admission::Untracked;
+                        }
+                    }
+                    let fresh = Arc::new(Entry {
+                        fingerprint,
+                        exp,
+                        state: watch::channel(State::InFlight).0,
+                    });
+                    match self.entries.entry(id.clone()) {
+                        dashmap::Entry::Vacant(v) => {
+                            v.insert(fresh.clone());
+                            return Admission::First(Pending {
+                                book: self.clone(),
+                                id,
+                                entry: fresh,
+                                charged: false,
+                            });
+                        }
+                        // Another call got there first: look at it.
+                        dashmap::Entry::Occupied(o) => o.get().clone(),
+                    }
+                }
+            };
+            if entry.fingerprint != fingerprint {
+                return Admission::Untracked;
+            }
+            let mut state = entry.state.subscribe();
+            if *state.borrow_and_update() == State::Charged {
+                return Admission::Replay;
+            }
+            // In flight: wait for its outcome (a change, or its end), then look again.
+            match tokio::time::timeout_at(deadline, state.changed()).await {
+                Ok(_) => continue,
+                // Still in flight after the vendor's own read timeout: charge this one.
+                Err(_) => return Admission::Untracked,
+            }
+        }
+    }
+
+    /// Drops the pairs of expired keys (at most once a second).
+    fn sweep(&self, now: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.swept.load(Relaxed);
+        if now > last
+            && self
+                .swept
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.entries.retain(|_, e| e.exp > now);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admit(book: &Arc<IdempotencyBook>, fp: u64) -> impl std::future::Future<Output = Admission> {
+        let book = book.clone();
+        async move {
+            book.admit(
+                &Arc::from("key_1"),
+                "idem-1",
+                fp,
+                i64::MAX,
+                0,
+                Duration::from_secs(5),
+            )
+            .await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_charged_request_is_replayed_free_and_a_refused_one_is_forgotten() {
+        let book = Arc::new(IdempotencyBook::default());
+        let Admission::First(first) = admit(&book, 7).await else {
+            panic!("first")
+        };
+        drop(first); // refused by the vendor: not charged
+        let Admission::First(second) = admit(&book, 7).await else {
+            panic!("a refused call is forgotten")
+        };
+        second.charged();
+        assert!(matches!(admit(&book, 7).await, Admission::Replay));
+        // Another body under the same idempotency key is charged.
+        assert!(matches!(admit(&book, 8).await, Admission::Untracked));
+        // Another key's identical request is its own.
+        let other = book
+            .admit(
+                &Arc::from("key_2"),
+                "idem-1",
+                7,
+                i64::MAX,
+                0,
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(matches!(other, Admission::First(_)));
+    }
+
+    #[tokio::test]
+    async fn a_concurrent_duplicate_waits_for_the_first_to_settle() {
+        let book = Arc::new(IdempotencyBook::default());
+        let Admission::First(first) = admit(&book, 7).await else {
+            panic!("first")
+        };
+        let waiting = tokio::spawn(admit(&book, 7));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the duplicate must wait");
+        first.charged();
+        assert!(matches!(waiting.await.unwrap(), Admission::Replay));
+    }
+}

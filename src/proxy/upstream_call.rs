@@ -1,0 +1,127 @@
+//! Requests Keybrake sends upstream itself, outside Pingora's proxy path: a body larger
+//! than Pingora replays (`service::forward_read_body`), and the lookups that read what a
+//! call can charge before it is forwarded (SPEC §5: `GET /v1/payment_intents/{id}` before
+//! a confirm, the prices of a subscription's items).
+//!
+//! Like Pingora's own path, a request that fails on a reused pooled connection before any
+//! answer arrived is sent again on another connection: an idle connection the vendor
+//! closed is not an answer, and the request never reached it.
+
+use crate::config::Vendor;
+use crate::secret::Secret;
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::http::client::HttpSession;
+
+/// Attempts on pooled connections before a fresh one: a pool can hold several dead ones.
+const MAX_ATTEMPTS: usize = 4;
+/// Most bytes of a lookup's answer read (a PaymentIntent, an invoice, a price).
+const MAX_LOOKUP_BODY: usize = 1 << 20;
+
+/// Sends `req` (and `body`) and reads the final response header, retrying on another
+/// connection when a reused one fails first. The session is returned for the body.
+pub async fn send(
+    connector: &Connector,
+    peer: &HttpPeer,
+    req: &RequestHeader,
+    body: &Bytes,
+) -> Result<(HttpSession, ResponseHeader)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (mut session, reused) = connector.get_http_session(peer).await?;
+        session.set_read_timeout(peer.options.read_timeout);
+        session.set_write_timeout(peer.options.write_timeout);
+        match exchange(&mut session, req, body).await {
+            Ok(header) => return Ok((session, header)),
+            Err(e) if reused && attempt < MAX_ATTEMPTS => {
+                log::debug!("a pooled upstream connection failed ({e}); sending again on another");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn exchange(
+    session: &mut HttpSession,
+    req: &RequestHeader,
+    body: &Bytes,
+) -> Result<ResponseHeader> {
+    session.write_request_header(Box::new(req.clone())).await?;
+    if !body.is_empty() {
+        session.write_request_body(body.clone(), true).await?;
+    }
+    session.finish_request_body().await?;
+    loop {
+        session.read_response_header().await?;
+        let header = session
+            .response_header()
+            .ok_or_else(|| Error::explain(InvalidHTTPHeader, "no upstream response header"))?;
+        if !header.status.is_informational() {
+            return Ok(header.clone());
+        }
+    }
+}
+
+/// Why a lookup gave no object.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LookupError {
+    /// The vendor could not be reached or did not answer in time.
+    Unreachable { timeout: bool },
+    /// It answered, but not a 2xx JSON object.
+    NoObject,
+}
+
+/// `GET {path}` from the vendor with its real credential and the client's (already
+/// checked) account headers: the object's JSON.
+pub async fn get_json(
+    connector: &Connector,
+    peer: &HttpPeer,
+    vendor: &Vendor,
+    secret: &Secret,
+    path: &str,
+    client_headers: &http::HeaderMap,
+) -> std::result::Result<serde_json::Value, LookupError> {
+    let unreachable = |e: Box<Error>| LookupError::Unreachable {
+        timeout: matches!(e.etype(), ConnectTimedout | ReadTimedout | WriteTimedout),
+    };
+    let mut req = RequestHeader::build("GET", b"/", None).map_err(|_| LookupError::NoObject)?;
+    req.set_uri(
+        super::inject::upstream_uri(vendor, path, None).map_err(|_| LookupError::NoObject)?,
+    );
+    req.insert_header(http::header::HOST, vendor.upstream.host_header.clone())
+        .map_err(|_| LookupError::NoObject)?;
+    for name in &vendor.account_headers {
+        for value in client_headers.get_all(name) {
+            req.append_header(name.clone(), value.clone())
+                .map_err(|_| LookupError::NoObject)?;
+        }
+    }
+    super::inject::inject_credential(&mut req, vendor, secret)
+        .map_err(|_| LookupError::NoObject)?;
+    let (mut session, header) = send(connector, peer, &req, &Bytes::new())
+        .await
+        .map_err(unreachable)?;
+    let mut buf = BytesMut::new();
+    while !session.response_done() {
+        match session.read_response_body().await.map_err(unreachable)? {
+            Some(chunk) if buf.len() + chunk.len() <= MAX_LOOKUP_BODY => {
+                buf.extend_from_slice(&chunk)
+            }
+            Some(_) => return Err(LookupError::NoObject),
+            None => break,
+        }
+    }
+    connector
+        .release_http_session(session, peer, peer.options.idle_timeout)
+        .await;
+    if !header.status.is_success() {
+        return Err(LookupError::NoObject);
+    }
+    serde_json::from_slice::<serde_json::Value>(&buf)
+        .ok()
+        .filter(serde_json::Value::is_object)
+        .ok_or(LookupError::NoObject)
+}

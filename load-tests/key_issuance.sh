@@ -63,7 +63,7 @@ echo "  warming up (${WARMUP}s) ..."
 run_wrk "$TMP/warm.txt" "$KB_PID" "$first" "$WARMUP" "$TMP/issue.lua" "$URL"
 w201=$(awk '/^status 201:/{print $3}' "$TMP/warm.txt")
 wother=$(awk '/^status other:/{print $3}' "$TMP/warm.txt")
-c201=0; other=0; slack=$((first * 2))
+c201=0; other=0; sockerr=0; slack=$((first * 2))
 echo
 echo "=== SUMMARY (targets: >= 5000 keys/s and p99 < 5 ms, in the same run)"
 printf "%-12s %8s %8s %8s %9s %9s %9s  %s\n" connections keys/s "p50 ms" "p99 ms" "CPU" "other" "non-201" "vs target"
@@ -73,7 +73,7 @@ for c in $CONNS; do
   read -r rps p50 p99 bad errs reqs < <(wrk_stats "$f")
   n201=$(awk '/^status 201:/{print $3}' "$f"); nother=$(awk '/^status other:/{print $3}' "$f")
   n201=${n201:-0}; nother=${nother:-1}
-  c201=$((c201 + n201)); other=$((other + nother)); slack=$((slack + c * 2))
+  c201=$((c201 + n201)); other=$((other + nother)); sockerr=$((sockerr + errs)); slack=$((slack + c * 2))
   verdict=$(python3 -c "import sys; r, p = float(sys.argv[1]), float(sys.argv[2]); print('throughput', 'MET' if r >= 5000 else 'NOT met', '/ p99', 'MET' if p < 5 else 'NOT met')" "$rps" "$p99")
   printf "%-12s %8s %8s %8s %8s%% %8s%% %9s  %s\n" "$c" "$rps" "$p50" "$p99" "$(cat "$f.cpu")" "$(cat "$f.other")" "$((nother + errs))" "$verdict"
 done
@@ -83,6 +83,10 @@ wal_bytes=$(stat -c %s "$TMP/data/keybrake.db-wal" 2>/dev/null || echo 0)
 echo "WAL file after the runs: $((wal_bytes / 1024)) KiB (database $(( $(stat -c %s "$TMP/data/keybrake.db") / 1024 )) KiB)"
 
 fail=0
+if [ "$sockerr" != 0 ]; then
+  echo "FAIL: $sockerr socket errors (connect/read/write/timeout) during the measured runs" >&2
+  fail=1
+fi
 if [ "$other" != 0 ] || [ "$wother" != 0 ]; then
   echo "FAIL: $((other + wother)) responses were not 201; first: $(grep -h '^first other:' "$TMP"/warm.txt "$TMP"/issue.*.txt | head -1)" >&2
   fail=1

@@ -107,9 +107,9 @@ measure() { # phase round target conns seconds [lua script]
   printf "%-6s %-6s %-12s %11s %8s %8s %8s %9s %10s%% %9s%%\n" "$1" "$2" "$3" "$rps" "$p50" "$p99" "$bad" "$errs" "$(cat "$f.cpu")" "$(cat "$f.other")"
   printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$3" "$rps" "$p50" "$p99" "$bad" "$errs" "$(cat "$f.cpu")" "$(cat "$f.other")" "$(cat "$f.sys")" >>"$TMP/results.tsv"
   if [ "$3" = keybrake ]; then kb_sent=$((kb_sent + reqs)); kb_runs=$((kb_runs + 1)); fi
-  if [ "$bad" != 0 ]; then
+  if [ "$bad" != 0 ] || [ "$errs" != 0 ]; then
     echo >&2
-    echo "FAIL: $3 answered $bad non-2xx responses out of $reqs ($f)" >&2
+    echo "FAIL: $3: $bad non-2xx responses and $errs socket errors (connect/read/write/timeout) out of $reqs ($f)" >&2
     curl -sS -i --max-time 5 -X POST "$url" -H "Authorization: Bearer $VK" \
       -H 'Content-Type: application/x-www-form-urlencoded' --data "$BODY" >&2 || true
     echo >&2; echo "--- keybrake stderr (tail)" >&2; tail -20 "$TMP/keybrake.err" >&2
@@ -178,12 +178,12 @@ if pt[3] < 85:
           "may be the bottleneck, which understates the ratio's gap")
 PY
 
-# -- spend bookkeeping after the load (informational) ------------------------------------
+# -- spend bookkeeping after the load: a mismatch fails the run ----------------------------
 # Each request reserved $1.00 (amount=100 usd). wrk counts completed requests only; up to
 # CONNS requests per run were still in flight when wrk stopped and may have been charged.
 sleep 3   # leases idle for return_idle_after_seconds (2 s) go back to the ledger
 control GET "/v1/keys/$KEY_ID" "$KB_TENANT_TOKEN" >"$TMP/key_after.json"
-python3 - "$TMP/key_after.json" "$kb_sent" "$(( kb_runs * CONNS ))" "${KB_METRICS}" <<'PY'
+python3 - "$TMP/key_after.json" "$kb_sent" "$(( kb_runs * CONNS ))" "${KB_METRICS}" <<'PY' || die "spent_today_usd does not match the requests sent"
 import json, sys, urllib.request
 k = json.load(open(sys.argv[1]))
 sent, inflight = int(sys.argv[2]), int(sys.argv[3])
@@ -205,6 +205,7 @@ try:
               f"{vals['keybrake_overhead_seconds_count']:,.0f} requests")
 except Exception as e:
     print(f"(metrics not read: {e})")
+sys.exit(0 if ok else 1)
 PY
 if [ -f "${ACCESS_LOG:-$TMP/access.log}" ]; then
   echo "keybrake access-log lines: $(wc -l <"${ACCESS_LOG:-$TMP/access.log}")"

@@ -395,7 +395,7 @@ impl Config {
         let file: FileConfig = if text.trim().is_empty() {
             FileConfig::default()
         } else {
-            serde_yaml::from_str(text).map_err(|e| anyhow!("config: {e}"))?
+            yaml_serde::from_str(text).map_err(|e| anyhow!("config: {e}"))?
         };
         let side_file = |name: &Option<PathBuf>,
                          embedded: &'static str,
@@ -741,7 +741,7 @@ fn header_name(text: &str, what: &str) -> Result<http::HeaderName> {
 
 fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
     let raw: BTreeMap<String, FileVendor> =
-        serde_yaml::from_str(text).map_err(|e| anyhow!("vendor catalog: {e}"))?;
+        yaml_serde::from_str(text).map_err(|e| anyhow!("vendor catalog: {e}"))?;
     let mut vendors = Map::default();
     for (name, v) in raw {
         if name.is_empty()
@@ -853,7 +853,7 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
 
 fn parse_currencies(text: &str) -> Result<Map<String, Currency>> {
     let raw: BTreeMap<String, FileCurrency> =
-        serde_yaml::from_str(text).map_err(|e| anyhow!("currency table: {e}"))?;
+        yaml_serde::from_str(text).map_err(|e| anyhow!("currency table: {e}"))?;
     raw.into_iter()
         .map(|(code, c)| {
             if c.decimals > 4 {

@@ -1059,6 +1059,26 @@ mod tests {
     }
 
     #[test]
+    fn a_vendor_may_name_its_own_ca_file() {
+        let v = parse_vendors(
+            "acme: {upstream: \"https://acme.example\", auth: bearer, ca_file: acme-ca.pem}",
+        )
+        .unwrap();
+        assert_eq!(v["acme"].ca_file.as_deref(), Some(Path::new("acme-ca.pem")));
+        let c = Config::from_yaml(
+            "upstream: {ca_file: /etc/ca.pem}",
+            None,
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.upstream.ca_file.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
+        assert!(c.vendors["stripe"].ca_file.is_none());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("30s"), Ok(30));
         assert_eq!(parse_duration("5m"), Ok(300));

@@ -431,3 +431,27 @@ def test_the_cli_verifies_the_control_planes_certificate_with_an_optional_ca_fil
     p = run_keybrake("tenant", "list", env={**env, "KEYBRAKE_CONTROL_URL": tls_kb.control_url,
                                              "KEYBRAKE_CA_FILE": str(ca.cert)})
     assert p.returncode == 0 and "seen-by-the-cli" in p.stdout, p.stderr
+
+
+def test_tls_handshakes_and_the_http2_preface_are_inside_the_header_deadline(tls_factory, fake_stripe, ca):
+    """A TCP connection that never sends a ClientHello, and an HTTP/2 connection that
+    never sends its preface, are closed after proxy.header_timeout_ms (Pingora alone
+    waits 60 s for a handshake and for ever for a preface)."""
+    import socket
+
+    kb = tls_factory({"stripe": fake_stripe.url}, proxy={"header_timeout_ms": 1500})
+    silent = socket.create_connection(("127.0.0.1", kb.proxy_port), timeout=10)
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    context.set_alpn_protocols(["h2"])
+    h2 = context.wrap_socket(socket.create_connection(("127.0.0.1", kb.proxy_port), timeout=10),
+                             server_hostname="127.0.0.1")
+    assert h2.selected_alpn_protocol() == "h2"
+    started = time.monotonic()
+    assert silent.recv(1024) == b""
+    try:
+        while h2.recv(1024):  # the server's SETTINGS frame, then the close
+            pass
+    except (ssl.SSLError, ConnectionResetError):
+        pass
+    waited = time.monotonic() - started
+    assert waited < 4, f"closed after {waited:.1f} s"

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -38,7 +39,8 @@ struct Inner {
 
 struct Entry {
     client: IpAddr,
-    waiting: bool,
+    /// Flipped by the connection on every request without taking the table's lock.
+    waiting: Arc<AtomicBool>,
     evict: Arc<Notify>,
 }
 
@@ -55,6 +57,7 @@ pub enum Refused {
 pub struct ConnGuard {
     table: Arc<ConnTable>,
     id: u64,
+    waiting: Arc<AtomicBool>,
     evict: Arc<Notify>,
 }
 
@@ -84,11 +87,12 @@ impl ConnTable {
         let id = inner.next_id;
         inner.next_id += 1;
         let evict = Arc::new(Notify::new());
+        let waiting = Arc::new(AtomicBool::new(true));
         inner.open.insert(
             id,
             Entry {
                 client,
-                waiting: true,
+                waiting: waiting.clone(),
                 evict: evict.clone(),
             },
         );
@@ -96,6 +100,7 @@ impl ConnTable {
         Ok(ConnGuard {
             table: self.clone(),
             id,
+            waiting,
             evict,
         })
     }
@@ -117,7 +122,9 @@ impl Inner {
         let victim = self
             .open
             .iter()
-            .find(|(_, e)| e.waiting && client.is_none_or(|c| e.client == c))
+            .find(|(_, e)| {
+                e.waiting.load(Ordering::Acquire) && client.is_none_or(|c| e.client == c)
+            })
             .map(|(id, _)| *id);
         match victim {
             Some(id) => {
@@ -147,10 +154,7 @@ impl Inner {
 impl ConnGuard {
     /// Marks the connection waiting (for a request header: it may be evicted) or busy.
     pub fn set_waiting(&self, waiting: bool) {
-        let mut inner = self.table.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = inner.open.get_mut(&self.id) {
-            e.waiting = waiting;
-        }
+        self.waiting.store(waiting, Ordering::Release);
     }
 
     /// Resolves once the connection has been evicted to make room for a newer one.

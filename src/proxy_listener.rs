@@ -159,10 +159,13 @@ impl ServerApp for ProxyApp {
         let stream: Stream = match &self.tls {
             None => stream,
             Some(acceptor) => {
-                let l4 = stream
+                let Ok(l4) = stream
                     .into_any()
                     .downcast::<pingora::protocols::l4::stream::Stream>()
-                    .ok()?;
+                else {
+                    log::error!("proxy TLS: the listener handed over something else than TCP");
+                    return None;
+                };
                 tokio::select! {
                     tls = tokio::time::timeout_at(accept_deadline, acceptor.tls_handshake(*l4)) => match tls {
                         Ok(Ok(tls)) => Box::new(tls),
@@ -237,10 +240,7 @@ async fn read_head<S: AsyncRead + Unpin>(
     let mut scanned = 0;
     loop {
         if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(
-                4096.min(limits.max_header_bytes + 1 - buf.len().min(limits.max_header_bytes))
-                    .max(1024),
-            );
+            buf.reserve(4096);
         }
         let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
         let n = match read {

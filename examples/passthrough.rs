@@ -3,10 +3,14 @@
 //! with the same thread count and keep-alive pooling as `keybrake serve`.
 //!
 //! Usage: passthrough --listen 127.0.0.1:P --upstream 127.0.0.1:U [--threads N] [--timeouts]
+//!        [--tls-cert FILE --tls-key FILE]
 //!
 //! `--timeouts` sets the upstream timeouts `keybrake serve` sets by default (connect 2 s,
 //! connect + TLS 5 s, read 60 s, write 30 s, idle 60 s): a baseline that pays for the same
 //! timers, to tell their cost apart from Keybrake's own work.
+//!
+//! `--tls-cert`/`--tls-key` serve HTTPS with Pingora's own TLS listener (rustls, HTTP/2 and
+//! HTTP/1.1 by ALPN): the baseline of `load-tests/tls_overhead.sh`.
 
 use async_trait::async_trait;
 use clap::Parser;
@@ -30,6 +34,10 @@ struct Args {
     threads: usize,
     #[arg(long)]
     timeouts: bool,
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<String>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<String>,
 }
 
 struct Passthrough {
@@ -78,7 +86,15 @@ fn main() {
             timeouts: args.timeouts,
         },
     );
-    proxy.add_tcp(&args.listen);
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let mut tls = pingora::listeners::tls::TlsSettings::intermediate(cert, key)
+                .expect("TLS certificate and key files");
+            tls.enable_h2();
+            proxy.add_tls_with_settings(&args.listen, None, tls);
+        }
+        _ => proxy.add_tcp(&args.listen),
+    }
     server.add_service(proxy);
     server.run_forever();
 }

@@ -148,7 +148,7 @@ NGINX
 # ---- keybrake -------------------------------------------------------------------------
 # start_keybrake UPSTREAM_URL -> sets KB_PID, KB_PROXY, KB_CONTROL, KB_METRICS, KB_ADMIN
 # Env: KB_THREADS (Pingora worker threads, default 2), ACCESS_LOG (default a file in $TMP;
-# "off" to disable).
+# "off" to disable), KB_EXTRA_YAML (more config lines, e.g. a proxy: section).
 start_keybrake() {
   local proxy control metrics
   proxy=$(free_port); control=$(free_port); metrics=$(free_port)
@@ -165,6 +165,7 @@ pingora:
   pid_file: $TMP/kb.pid
   grace_period_seconds: 0
   graceful_shutdown_timeout_seconds: 1
+${KB_EXTRA_YAML:-}
 YAML
   KEYBRAKE_ADMIN_TOKEN="$KB_ADMIN" KEYBRAKE_MASTER_KEY="$(head -c32 /dev/urandom | base64)" \
     "${ON_SERVER[@]}" "$KB_BIN" serve --config "$TMP/kb.yaml" --data-dir "$TMP/data" \

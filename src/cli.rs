@@ -15,7 +15,9 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(control_url: &str, admin: bool) -> Result<Client> {
+    /// `ca_file`: a private CA trusted for an `https://` control URL, besides the system's
+    /// roots; the certificate and its host name are always verified.
+    pub fn new(control_url: &str, admin: bool, ca_file: Option<&Path>) -> Result<Client> {
         let token = if admin {
             std::env::var("KEYBRAKE_ADMIN_TOKEN").or_else(|_| std::env::var("KEYBRAKE_TOKEN"))
         } else {
@@ -28,10 +30,15 @@ impl Client {
                 "set KEYBRAKE_TOKEN to a tenant API token (kb_…)"
             })
         })?;
-        let agent = ureq::AgentBuilder::new()
+        let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .build();
+            .timeout(Duration::from_secs(30));
+        if control_url.starts_with("https://") {
+            agent = agent.tls_config(crate::tls::client_config(ca_file)?);
+        } else if ca_file.is_some() {
+            bail!("--ca-file is for an https:// control URL; {control_url} is plain HTTP");
+        }
+        let agent = agent.build();
         Ok(Client {
             base: control_url.trim_end_matches('/').to_string(),
             token: token.trim().to_string(),

@@ -30,7 +30,6 @@ struct FileConfig {
     currencies_file: Option<PathBuf>,
     body_limit_bytes: Option<usize>,
     body_read_timeout_ms: Option<u64>,
-    control_idle_timeout_ms: Option<u64>,
     default_key_ttl: Option<String>,
     max_key_ttl: Option<String>,
     access_log: Option<String>,
@@ -42,6 +41,34 @@ struct FileConfig {
     pingora: FilePingora,
     #[serde(default)]
     audit: FileAudit,
+    #[serde(default)]
+    proxy: FileListener,
+    #[serde(default)]
+    control: FileListener,
+    #[serde(default)]
+    metrics: FileMetrics,
+}
+
+/// `proxy:` and `control:`: TLS and the limits that keep a listener available.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    tls: Option<FileTls>,
+    plaintext: Option<bool>,
+    header_timeout_ms: Option<u64>,
+    keepalive_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    max_header_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    watch_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +89,12 @@ pub enum AuditDurability {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileMetrics {
+    plaintext: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileUpstream {
     connect_timeout_ms: Option<u64>,
     total_connection_timeout_ms: Option<u64>,
@@ -69,6 +102,7 @@ struct FileUpstream {
     write_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     dns_refresh_seconds: Option<u64>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +149,7 @@ struct FileVendor {
     #[serde(default)]
     unmetered: UnmeteredPolicy,
     cost_per_request_usd: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 /// A mutating call (POST, PUT, PATCH, DELETE) that is neither metered nor listed as free.
@@ -197,8 +232,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub body_limit_bytes: usize,
     pub body_read_timeout: Duration,
-    /// A control API connection with no progress either way for this long is closed.
-    pub control_idle_timeout: Duration,
+    /// The proxy's listener: TLS, deadlines, connection bounds.
+    pub proxy: ListenerSettings,
+    /// The control API's listener.
+    pub control: ListenerSettings,
     pub default_key_ttl: Duration,
     pub max_key_ttl: Duration,
     pub access_log: AccessLog,
@@ -217,6 +254,26 @@ pub enum AccessLog {
     File(PathBuf),
 }
 
+/// One listener's TLS and limits (SPEC §8; the exhaustion limits of docs/operations.md).
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    /// HTTPS from these files; `None`: plain HTTP (loopback, or `plaintext: true`).
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// From a connection's accept (TLS handshake included), or from the first byte of a
+    /// kept-alive connection's next request, to its complete request header.
+    pub header_timeout: Duration,
+    /// A kept-alive connection with no byte of a next request for this long is closed
+    /// (the control API: `header_timeout` covers that wait too).
+    pub keepalive_timeout: Duration,
+    /// A request (header read to response) of the control API takes at most this long.
+    pub request_timeout: Duration,
+    /// A larger request header is answered 431 and the connection closed.
+    pub max_header_bytes: usize,
+    pub limits: crate::conns::ConnLimits,
+    /// `plaintext: true`: plain HTTP allowed on a non-loopback address.
+    pub plaintext_allowed: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct UpstreamTimeouts {
     pub connect: Duration,
@@ -225,6 +282,8 @@ pub struct UpstreamTimeouts {
     pub write: Duration,
     pub idle: Duration,
     pub dns_refresh: Duration,
+    /// A CA trusted for every vendor, besides the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -318,6 +377,9 @@ pub struct Vendor {
     pub free: Vec<EndpointPattern>,
     pub unmetered: UnmeteredPolicy,
     pub cost_per_request: Micros,
+    /// A CA trusted for this vendor's certificate, besides the system's roots (and the
+    /// `upstream.ca_file`, which this one replaces).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How the catalog classifies one call (SPEC §5).
@@ -538,6 +600,14 @@ impl Config {
         };
 
         let mut vendors = parse_vendors(&vendors_text)?;
+        // Files named in the config are relative to it (the working directory without one).
+        let relative = |p: PathBuf| match base_dir {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
+        };
+        for v in vendors.values_mut() {
+            v.ca_file = v.ca_file.take().map(relative);
+        }
         for spec in &overrides.vendor_upstreams {
             let (name, url) = spec
                 .split_once('=')
@@ -585,8 +655,72 @@ impl Config {
             bail!("leases.slices_per_cap must be between 1 and 1000000");
         }
         let ms = |v: Option<u64>, d: u64| Duration::from_millis(v.unwrap_or(d));
+        let listener =
+            |f: FileListener, what: &str, d: ListenerDefaults| -> Result<ListenerSettings> {
+                let positive = |v: Option<u64>, d: u64, key: &str| -> Result<Duration> {
+                    match v.unwrap_or(d) {
+                        0 => bail!("{what}.{key} must be positive"),
+                        n => Ok(Duration::from_millis(n)),
+                    }
+                };
+                let max_header_bytes = f.max_header_bytes.unwrap_or(d.max_header_bytes);
+                if !(d.min_header_bytes..=1 << 20).contains(&max_header_bytes) {
+                    bail!(
+                        "{what}.max_header_bytes must be between {} and 1048576",
+                        d.min_header_bytes
+                    );
+                }
+                let max_connections = f.max_connections.unwrap_or(d.max_connections);
+                if max_connections == 0 {
+                    bail!("{what}.max_connections must be positive");
+                }
+                let tls = f.tls.map(|t| crate::tls::TlsFiles {
+                    cert_file: relative(t.cert_file),
+                    key_file: relative(t.key_file),
+                    watch_interval: Duration::from_millis(
+                        t.watch_interval_ms.unwrap_or(10_000).max(50),
+                    ),
+                });
+                if tls.is_some() && f.plaintext == Some(true) {
+                    bail!("{what}: both tls and plaintext: true are set; keep one");
+                }
+                Ok(ListenerSettings {
+                    plaintext_allowed: f.plaintext.unwrap_or(false),
+                    tls,
+                    header_timeout: positive(
+                        f.header_timeout_ms,
+                        d.header_timeout_ms,
+                        "header_timeout_ms",
+                    )?,
+                    keepalive_timeout: positive(
+                        f.keepalive_timeout_ms,
+                        d.keepalive_timeout_ms,
+                        "keepalive_timeout_ms",
+                    )?,
+                    request_timeout: positive(
+                        f.request_timeout_ms,
+                        d.request_timeout_ms,
+                        "request_timeout_ms",
+                    )?,
+                    max_header_bytes,
+                    limits: crate::conns::ConnLimits {
+                        max_total: max_connections,
+                        max_per_client: f.max_connections_per_client.unwrap_or(d.max_per_client),
+                    },
+                })
+            };
+        if file.proxy.request_timeout_ms.is_some() {
+            // The proxy's requests are bounded by the body and upstream timeouts.
+            bail!("proxy.request_timeout_ms: only the control API has one");
+        }
+        if file.control.keepalive_timeout_ms.is_some() {
+            bail!("control.keepalive_timeout_ms: the control API's header_timeout_ms covers the wait between requests");
+        }
+        let proxy = listener(file.proxy, "proxy", ListenerDefaults::PROXY)?;
+        let control = listener(file.control, "control", ListenerDefaults::CONTROL)?;
+        let upstream_ca_file = file.upstream.ca_file.map(relative);
 
-        Ok(Config {
+        let config = Config {
             proxy_listen: addr(
                 &overrides.proxy_listen,
                 &file.proxy_listen,
@@ -608,8 +742,8 @@ impl Config {
             data_dir: data_dir.clone(),
             body_limit_bytes,
             body_read_timeout: ms(file.body_read_timeout_ms, 10_000),
-            control_idle_timeout: ms(file.control_idle_timeout_ms, 30_000)
-                .max(Duration::from_millis(100)),
+            proxy,
+            control,
             default_key_ttl,
             max_key_ttl,
             access_log,
@@ -622,6 +756,7 @@ impl Config {
                 dns_refresh: Duration::from_secs(
                     file.upstream.dns_refresh_seconds.unwrap_or(30).max(1),
                 ),
+                ca_file: upstream_ca_file,
             },
             audit_durability: file.audit.durability.unwrap_or_default(),
             leases: LeaseSettings {
@@ -651,8 +786,104 @@ impl Config {
             },
             vendors,
             currencies: parse_currencies(&currencies_text)?,
-        })
+        };
+        plaintext_rule(
+            "proxy",
+            config.proxy_listen,
+            config.proxy.tls.is_some(),
+            config.proxy.plaintext_allowed,
+        )?;
+        plaintext_rule(
+            "control",
+            config.control_listen,
+            config.control.tls.is_some(),
+            config.control.plaintext_allowed,
+        )?;
+        plaintext_rule(
+            "metrics",
+            config.metrics_listen,
+            false,
+            file.metrics.plaintext.unwrap_or(false),
+        )?;
+        Ok(config)
     }
+
+    /// Loads every certificate, key and CA file the configuration names (`keybrake check`
+    /// and start-up), so a missing or mismatched file is reported before anything runs.
+    /// `with_proxy`: the proxy's files too (not for `keybrake control`).
+    pub fn check_files(&self, with_proxy: bool) -> Result<()> {
+        for (what, l) in [("proxy", &self.proxy), ("control", &self.control)] {
+            if what == "proxy" && !with_proxy {
+                continue;
+            }
+            if let Some(files) = &l.tls {
+                crate::tls::ReloadingCert::load(files).with_context(|| format!("{what}.tls"))?;
+            }
+        }
+        if !with_proxy {
+            return Ok(());
+        }
+        if let Some(ca) = &self.upstream.ca_file {
+            crate::tls::read_certs(ca).context("upstream.ca_file")?;
+        }
+        for v in self.vendors.values() {
+            if let Some(ca) = &v.ca_file {
+                crate::tls::read_certs(ca).with_context(|| format!("vendor {} ca_file", v.name))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// SPEC §8: a plain-HTTP listener on a non-loopback address must be asked for.
+fn plaintext_rule(what: &str, addr: SocketAddr, tls: bool, plaintext: bool) -> Result<()> {
+    if tls || plaintext || addr.ip().is_loopback() {
+        return Ok(());
+    }
+    let fix = if what == "metrics" {
+        "keep it on a loopback address, or set metrics.plaintext: true if only a trusted \
+         network reaches it"
+            .to_string()
+    } else {
+        format!(
+            "set {what}.tls (cert_file, key_file), or {what}.plaintext: true if a \
+             TLS-terminating load balancer is in front"
+        )
+    };
+    bail!("{what} listener {addr} would serve plain HTTP on a non-loopback address: {fix}")
+}
+
+/// Defaults of a listener section.
+struct ListenerDefaults {
+    header_timeout_ms: u64,
+    keepalive_timeout_ms: u64,
+    request_timeout_ms: u64,
+    max_header_bytes: usize,
+    min_header_bytes: usize,
+    max_connections: usize,
+    max_per_client: usize,
+}
+
+impl ListenerDefaults {
+    const PROXY: ListenerDefaults = ListenerDefaults {
+        header_timeout_ms: 10_000,
+        keepalive_timeout_ms: 60_000,
+        request_timeout_ms: 1,
+        max_header_bytes: 32 * 1024,
+        min_header_bytes: 1024,
+        max_connections: 10_000,
+        max_per_client: 0,
+    };
+    const CONTROL: ListenerDefaults = ListenerDefaults {
+        header_timeout_ms: 5_000,
+        keepalive_timeout_ms: 5_000,
+        request_timeout_ms: 30_000,
+        max_header_bytes: 16 * 1024,
+        // hyper's smallest read buffer.
+        min_header_bytes: 8192,
+        max_connections: 1024,
+        max_per_client: 64,
+    };
 }
 
 fn header_name(text: &str, what: &str) -> Result<http::HeaderName> {
@@ -803,6 +1034,7 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                 free: patterns(&v.free, "free")?,
                 unmetered: v.unmetered,
                 cost_per_request,
+                ca_file: v.ca_file,
             },
         );
     }
@@ -949,6 +1181,92 @@ mod tests {
             format!("{err:#}").contains("\"acme\" has no upstream"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn plain_http_on_a_non_loopback_address_must_be_asked_for() {
+        let o = Overrides::default();
+        let err = Config::from_yaml("proxy_listen: \"0.0.0.0:8080\"", None, &o).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("proxy listener 0.0.0.0:8080 would serve plain HTTP")
+                && text.contains("proxy.plaintext: true"),
+            "{text}"
+        );
+        assert!(Config::from_yaml(
+            "proxy_listen: \"0.0.0.0:8080\"\nproxy: {plaintext: true}",
+            None,
+            &o
+        )
+        .is_ok());
+        let tls = "proxy_listen: \"[::]:8443\"\nproxy: {tls: {cert_file: a.pem, key_file: a.key}}";
+        let c = Config::from_yaml(tls, Some(Path::new("/etc/kb")), &o);
+        // (the side files are not there: only the TLS part is checked here)
+        assert!(format!("{:#}", c.unwrap_err()).contains("vendors.yaml"));
+        let c = Config::from_yaml(tls, None, &o).unwrap();
+        assert_eq!(
+            c.proxy.tls.as_ref().unwrap().cert_file,
+            Path::new("a.pem"),
+            "relative to the working directory without a config file"
+        );
+        let both = "proxy: {plaintext: true, tls: {cert_file: a, key_file: b}}";
+        assert!(
+            format!("{:#}", Config::from_yaml(both, None, &o).unwrap_err())
+                .contains("both tls and plaintext")
+        );
+        let err = Config::from_yaml("control_listen: \"10.0.0.1:8081\"", None, &o).unwrap_err();
+        assert!(format!("{err:#}").contains("control.tls"), "{err:#}");
+        let err = Config::from_yaml("metrics_listen: \"10.0.0.1:9090\"", None, &o).unwrap_err();
+        assert!(format!("{err:#}").contains("metrics.plaintext"), "{err:#}");
+        let overridden = Overrides {
+            proxy_listen: Some("0.0.0.0:1".into()),
+            ..Overrides::default()
+        };
+        assert!(
+            Config::from_yaml("", None, &overridden).is_err(),
+            "a flag is held to it too"
+        );
+    }
+
+    #[test]
+    fn listener_limits_have_bounded_defaults_and_are_validated() {
+        let o = Overrides::default();
+        let c = Config::from_yaml("", None, &o).unwrap();
+        assert_eq!(c.proxy.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.proxy.max_header_bytes, 32 * 1024);
+        assert_eq!(c.control.header_timeout, Duration::from_secs(5));
+        assert_eq!(c.control.limits.max_total, 1024);
+        assert_eq!(c.control.limits.max_per_client, 64);
+        for bad in [
+            "proxy: {header_timeout_ms: 0}",
+            "proxy: {max_connections: 0}",
+            "control: {max_header_bytes: 4096}",
+            "proxy: {request_timeout_ms: 5}",
+            "control: {keepalive_timeout_ms: 5}",
+            "proxy: {max_header_bytes: 2000000}",
+        ] {
+            assert!(Config::from_yaml(bad, None, &o).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_vendor_may_name_its_own_ca_file() {
+        let v = parse_vendors(
+            "acme: {upstream: \"https://acme.example\", auth: bearer, ca_file: acme-ca.pem}",
+        )
+        .unwrap();
+        assert_eq!(v["acme"].ca_file.as_deref(), Some(Path::new("acme-ca.pem")));
+        let c = Config::from_yaml(
+            "upstream: {ca_file: /etc/ca.pem}",
+            None,
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.upstream.ca_file.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
+        assert!(c.vendors["stripe"].ca_file.is_none());
     }
 
     #[test]

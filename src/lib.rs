@@ -3,16 +3,19 @@
 
 pub mod cli;
 pub mod config;
+pub mod conns;
 pub mod control;
 pub mod ids;
 pub mod metrics;
 pub mod money;
 pub mod pattern;
 pub mod proxy;
+pub mod proxy_listener;
 pub mod revocation;
 pub mod secret;
 pub mod serve;
 pub mod sync;
+pub mod tls;
 pub mod token;
 
 /// The hash map of the request path: aHash (fast, randomly keyed) instead of SipHash.

@@ -95,6 +95,9 @@ struct ClientArgs {
         global = true
     )]
     control_url: String,
+    /// A private CA (PEM) to trust for an https:// control URL, besides the system's.
+    #[arg(long, env = "KEYBRAKE_CA_FILE", value_name = "FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Print the API's JSON instead of a summary.
     #[arg(long, global = true)]
     json: bool,
@@ -241,9 +244,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Check { common } => {
             let config = common.load()?;
+            config.check_files(true)?;
+            let scheme = |tls: bool| if tls { "https" } else { "http" };
             println!(
-                "configuration OK: proxy {}, control {}, metrics {}, {} vendors, {} currencies",
+                "configuration OK: proxy {}://{}, control {}://{}, metrics http://{}, {} vendors, {} currencies",
+                scheme(config.proxy.tls.is_some()),
                 config.proxy_listen,
+                scheme(config.control.tls.is_some()),
                 config.control_listen,
                 config.metrics_listen,
                 config.vendors.len(),
@@ -252,7 +259,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Tenant { command, client } => {
-            let api = Client::new(&client.control_url, true)?;
+            let api = Client::new(&client.control_url, true, client.ca_file.as_deref())?;
             match command {
                 TenantCommand::Create { name } => {
                     let t = api.call(
@@ -302,7 +309,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Vendor { command, client } => {
-            let api = Client::new(&client.control_url, false)?;
+            let api = Client::new(&client.control_url, false, client.ca_file.as_deref())?;
             let (v, verb) = match command {
                 VendorCommand::Set {
                     vendor,
@@ -339,7 +346,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Key { command, client } => {
-            let api = Client::new(&client.control_url, false)?;
+            let api = Client::new(&client.control_url, false, client.ca_file.as_deref())?;
             match command {
                 KeyCommand::Issue {
                     vendor,
@@ -389,7 +396,7 @@ fn run(cli: Cli) -> Result<()> {
             limit,
             client,
         } => {
-            let api = Client::new(&client.control_url, false)?;
+            let api = Client::new(&client.control_url, false, client.ca_file.as_deref())?;
             let path = cli::with_query(
                 "/v1/audit",
                 &[

@@ -3,6 +3,7 @@
 //! background upkeep) on the main thread.
 
 use crate::config::Config;
+use crate::conns::ConnTable;
 use crate::control::api::{router, ApiState};
 use crate::control::crypto::MasterKey;
 use crate::control::{Control, ControlSettings};
@@ -12,6 +13,7 @@ use crate::proxy::service::KeybrakeProxy;
 use crate::proxy::spend::SpendBook;
 use crate::proxy::upstream::Upstreams;
 use crate::proxy::verify::KeyVerifier;
+use crate::proxy_listener::{HeaderLimits, ProxyApp};
 use crate::secret::Secret;
 use crate::sync::{AuditSink, Ledger, Published};
 use crate::token::now_secs;
@@ -198,6 +200,8 @@ fn start_control(
     published: Arc<Published>,
     proxy_addr: Option<SocketAddr>,
 ) -> Result<Arc<Control>> {
+    // Certificates, keys and CA files are loaded before anything starts.
+    config.check_files(proxy_addr.is_some())?;
     let (master, admin) = load_secrets(config, sources)?;
     let settings = ControlSettings {
         default_ttl: config.default_key_ttl,
@@ -208,8 +212,17 @@ fn start_control(
     };
     let data_dir = config.data_dir.clone();
     let listen = config.control_listen;
-    let idle = config.control_idle_timeout;
     let catalog = Arc::new(config.vendors.clone());
+    let listener_settings = config.control.clone();
+    let tls = match &config.control.tls {
+        Some(files) => {
+            let cert = crate::tls::ReloadingCert::load(files).context("control.tls")?;
+            crate::tls::watch(vec![cert.clone()]);
+            Some(crate::tls::server_config(cert, &[b"http/1.1"])?)
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let (tx, rx) = std::sync::mpsc::channel::<Result<Arc<Control>>>();
     std::thread::Builder::new()
         .name("control".into())
@@ -263,15 +276,15 @@ fn start_control(
                     proxy_addr,
                 });
                 let _ = tx.send(Ok(control));
-                log::info!("control API listening on http://{listen}");
-                let listener = crate::control::listener::GuardedListener::new(
+                log::info!("control API listening on {scheme}://{listen}");
+                crate::control::listener::serve(
                     listener,
-                    CONTROL_MAX_CONNECTIONS,
-                    idle,
-                );
-                if let Err(e) = axum::serve(listener, app).await {
-                    log::error!("control API stopped: {e}");
-                }
+                    app,
+                    tls,
+                    &listener_settings,
+                    crate::control::api::MAX_BODY_BYTES,
+                )
+                .await;
             });
         })?;
     rx.recv()
@@ -374,9 +387,6 @@ impl BackgroundService for Upkeep {
     }
 }
 
-/// Open control API connections at most; more wait to be accepted.
-const CONTROL_MAX_CONNECTIONS: usize = 1024;
-
 /// Added to the old process's drain time: how much longer a process started with
 /// `--upgrade` follows the store for changes the old one makes (API tokens, credentials).
 const UPGRADE_MARGIN_SECS: i64 = 60;
@@ -420,7 +430,7 @@ pub fn run_serve(
         100_000,
         metrics.clone(),
     ));
-    let upstreams = Arc::new(Upstreams::new(&config.vendors, config.upstream.clone()));
+    let upstreams = Arc::new(Upstreams::new(&config.vendors, config.upstream.clone())?);
     let audit: Arc<dyn AuditSink> = Arc::new(AuditForwarder(control.clone()));
 
     if config.pingora.upgrade_sock.len() > 107 {
@@ -482,12 +492,30 @@ pub fn run_serve(
     watch_phases(&server, draining, control.clone(), ready, upgrade);
     server.bootstrap();
 
+    let proxy_tls = match &config.proxy.tls {
+        Some(files) => {
+            let cert = crate::tls::ReloadingCert::load(files).context("proxy.tls")?;
+            crate::tls::watch(vec![cert.clone()]);
+            Some(crate::tls::server_config(cert, &[b"h2", b"http/1.1"])?)
+        }
+        None => None,
+    };
+    let proxy_scheme = if proxy_tls.is_some() { "https" } else { "http" };
     let mut proxy_service = pingora::services::listening::Service::new(
         "keybrake proxy".to_string(),
-        FinishAccepted {
-            proxy: Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy)),
-        },
+        ProxyApp::new(
+            pingora::proxy::http_proxy(&server.configuration, proxy),
+            proxy_tls,
+            ConnTable::new(config.proxy.limits),
+            HeaderLimits {
+                header_timeout: config.proxy.header_timeout,
+                keepalive_timeout: config.proxy.keepalive_timeout,
+                max_header_bytes: config.proxy.max_header_bytes,
+            },
+        ),
     );
+    // TLS, when configured, is the listener's own (inside its header deadline and
+    // connection bound), so Pingora accepts plain TCP.
     proxy_service.add_tcp(&config.proxy_listen.to_string());
     let mut metrics_service = pingora_prometheus::prometheus_http_service();
     metrics_service.add_tcp(&config.metrics_listen.to_string());
@@ -503,7 +531,10 @@ pub fn run_serve(
     server.add_service(metrics_service);
     server.add_service(background_service("upkeep", upkeep));
 
-    log::info!("proxy listening on http://{}", config.proxy_listen);
+    log::info!(
+        "proxy listening on {proxy_scheme}://{}",
+        config.proxy_listen
+    );
     log::info!("metrics on http://{}/metrics", config.metrics_listen);
     server.run(pingora::server::RunArgs::default());
     // Pingora has stopped every service: no request records anything any more. Write the
@@ -551,35 +582,6 @@ fn watch_phases(
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         }
     });
-}
-
-/// How long connections already accepted keep being served after the accept loop stops.
-const ACCEPTED_GRACE: Duration = Duration::from_secs(1);
-
-/// The proxy's Pingora app, with one change to shutdown: Pingora closes every connection
-/// still waiting for its request the moment the accept loop stops, so a client whose
-/// connection the old process accepted a few microseconds earlier (during a graceful
-/// upgrade, both processes accept on the same sockets) would see it closed unanswered.
-/// `cleanup` waits `ACCEPTED_GRACE` first: those requests are read and answered (with
-/// `Connection: close`, the drain flag is set by then), then Pingora's cleanup runs.
-struct FinishAccepted {
-    proxy: Arc<pingora::proxy::HttpProxy<KeybrakeProxy>>,
-}
-
-#[async_trait]
-impl pingora::apps::ServerApp for FinishAccepted {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: pingora::protocols::Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<pingora::protocols::Stream> {
-        self.proxy.process_new(stream, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        tokio::time::sleep(ACCEPTED_GRACE).await;
-        self.proxy.cleanup().await;
-    }
 }
 
 /// The in-process audit sink: straight into the control plane's batched writer.

@@ -33,7 +33,7 @@ const MAX_ACCOUNTS: usize = 20;
 const MAX_METADATA_BYTES: usize = 8 * 1024;
 /// Largest request body: a key request with 100 long patterns and full metadata fits
 /// many times over; a client cannot make the server buffer megabytes per connection.
-const MAX_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct ApiState {

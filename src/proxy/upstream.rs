@@ -12,10 +12,21 @@ use std::sync::Arc;
 pub struct Upstreams {
     addrs: Map<String, ArcSwapOption<SocketAddr>>,
     timeouts: UpstreamTimeouts,
+    /// The CAs a vendor's certificate is checked against when the vendor or the upstream
+    /// section names a `ca_file` (else Pingora's: the system roots).
+    cas: Map<String, Arc<pingora::protocols::tls::CaType>>,
 }
 
 impl Upstreams {
-    pub fn new(vendors: &Map<String, Vendor>, timeouts: UpstreamTimeouts) -> Self {
+    pub fn new(vendors: &Map<String, Vendor>, timeouts: UpstreamTimeouts) -> anyhow::Result<Self> {
+        let mut cas = Map::default();
+        for v in vendors.values() {
+            if let Some(file) = v.ca_file.as_ref().or(timeouts.ca_file.as_ref()) {
+                let ca = crate::tls::upstream_ca(file)
+                    .map_err(|e| anyhow::anyhow!("vendor {} ca_file: {e:#}", v.name))?;
+                cas.insert(v.name.clone(), ca);
+            }
+        }
         let addrs = vendors
             .values()
             .map(|v| {
@@ -28,7 +39,11 @@ impl Upstreams {
                 (v.name.clone(), ArcSwapOption::new(fixed))
             })
             .collect();
-        Upstreams { addrs, timeouts }
+        Ok(Upstreams {
+            addrs,
+            timeouts,
+            cas,
+        })
     }
 
     /// The peer for a vendor, or `None` while its name has never resolved.
@@ -41,6 +56,8 @@ impl Upstreams {
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
+        // Certificate and host-name verification stay on (Pingora's defaults).
+        peer.options.ca = self.cas.get(&vendor.name).cloned();
         Some(peer)
     }
 

@@ -868,8 +868,8 @@ def test_config_file_sets_key_lifetimes_and_flags_win(keybrake_factory, fake_str
 
 def test_idle_control_connections_are_closed(keybrake_factory, fake_stripe, tmp_path):
     """A control API connection that sends nothing (or stops halfway through its headers)
-    is closed after control_idle_timeout_ms, while a client that keeps talking is served."""
-    config = write_config(tmp_path / "conf", control_idle_timeout_ms=1000)
+    is closed after control.header_timeout_ms, while a client that keeps talking is served."""
+    config = write_config(tmp_path / "conf", control={"header_timeout_ms": 1000})
     kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
     silent = socket.create_connection(("127.0.0.1", kb.control_port), timeout=10)
     halfway = socket.create_connection(("127.0.0.1", kb.control_port), timeout=10)

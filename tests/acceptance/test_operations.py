@@ -514,7 +514,7 @@ def _print_summary(title: str, summary: dict) -> None:
 # Both client styles: keep-alive sessions (every vendor SDK) are told `Connection: close`
 # from the start of the upgrade; with a fresh connection per request, the old process may
 # accept a connection a few microseconds before its accept loop stops, and must still
-# answer it (`serve::FinishAccepted`; Pingora alone closes it unanswered, about one run in
+# answer it (`ProxyApp::cleanup` in src/proxy_listener.rs; Pingora alone closes it unanswered, about one run in
 # five lost a request before).
 @pytest.mark.parametrize("keepalive", [True, False], ids=["keepalive", "fresh-connections"])
 def test_graceful_upgrade_under_load_drops_no_request(keybrake_factory, fast_upstream, tmp_path, keepalive):
@@ -693,7 +693,26 @@ def test_check_accepts_every_shipped_config(tmp_path, config):
     "configuration OK"), from any working directory."""
     if not KEYBRAKE_BIN.exists():
         pytest.fail(f"keybrake binary not found at {KEYBRAKE_BIN}")
-    r = run_check(CONF_DIR / config, tmp_path)
+    path = CONF_DIR / config
+    text = path.read_text()
+    if re.search(r'^\s*(cert_file|key_file): "/etc/keybrake/tls/', text, re.M):
+        # `check` loads the TLS files a config names; those of the systemd config are
+        # installed on the host. Here: the same config naming certificates made for the test.
+        r = run_check(path, tmp_path)
+        assert r.returncode != 0 and "/etc/keybrake/tls/" in r.stderr, r.stdout + r.stderr
+        tls = tmp_path / "tls"
+        tls.mkdir()
+        for stem in sorted(set(re.findall(r"/etc/keybrake/tls/([\w-]+)\.crt", text))):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-keyout", f"{stem}.key", "-out", f"{stem}.crt", "-days", "1",
+                            "-subj", f"/CN={stem}"], cwd=tls, check=True, capture_output=True, timeout=60)
+        installed = tmp_path / "etc"
+        installed.mkdir()
+        for side in ("vendors.yaml", "currencies.yaml"):
+            shutil.copy(CONF_DIR / side, installed / side)
+        path = installed / config
+        path.write_text(text.replace("/etc/keybrake/tls/", f"{tls}/"))
+    r = run_check(path, tmp_path)
     assert r.returncode == 0, f"{config}: exit {r.returncode}\n{r.stdout}{r.stderr}"
     assert "configuration OK" in r.stdout + r.stderr, r.stdout + r.stderr
 

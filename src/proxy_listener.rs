@@ -1,0 +1,508 @@
+//! The proxy's listener, in front of Pingora's HTTP handling: what Pingora 0.9 leaves
+//! unbounded for a client that has not yet sent a request (SPEC §7, issue of proxy
+//! exhaustion). Per connection, in order:
+//!
+//! 1. admission to the connection table (`max_connections`, `max_connections_per_client`;
+//!    at a bound the oldest connection still waiting for a header makes room);
+//! 2. the TLS handshake (ALPN `h2`, `http/1.1`), inside the header deadline;
+//! 3. HTTP/1.1: each request header is read here, within `header_timeout` counted from
+//!    the accept (a fresh connection) or from the first byte of the request (a kept-alive
+//!    one, which may first wait `keepalive_timeout` for that byte), and at most
+//!    `max_header_bytes` long (431). The bytes are handed to Pingora, which parses them
+//!    as it would have read them. Pingora alone has a per-read timeout (a byte every 59 s
+//!    holds a connection for ever) and no deadline between kept-alive requests.
+//! 4. HTTP/2: Pingora's own connection handling, with the client preface due within the
+//!    header deadline, an idle timeout (`keepalive_timeout`) and a header-list bound.
+
+use crate::conns::{ConnGuard, ConnTable};
+use crate::proxy::service::KeybrakeProxy;
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::listeners::tls::Acceptor;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType, ALPN,
+};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// How long connections already accepted keep being served after the accept loop stops.
+const ACCEPTED_GRACE: Duration = Duration::from_secs(1);
+
+/// The limits of the proxy's listener (`proxy:` in the config).
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderLimits {
+    pub header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+pub struct ProxyApp {
+    proxy: Arc<HttpProxy<KeybrakeProxy>>,
+    tls: Option<Acceptor>,
+    conns: Arc<ConnTable>,
+    limits: HeaderLimits,
+    /// Set once the accept loop has stopped and accepted connections had their grace:
+    /// connections waiting for a next request close.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl ProxyApp {
+    pub fn new(
+        mut proxy: HttpProxy<KeybrakeProxy>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        conns: Arc<ConnTable>,
+        limits: HeaderLimits,
+    ) -> Self {
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2_idle_timeout = Some(limits.keepalive_timeout);
+        proxy.server_options = Some(options);
+        let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+        h2.max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        proxy.h2_options = Some(h2);
+        ProxyApp {
+            proxy: Arc::new(proxy),
+            tls: tls.map(Acceptor::from_server_config),
+            conns,
+            limits,
+            closing: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// HTTP/1.x: reads each request header within its deadlines, then lets Pingora serve it.
+    async fn serve_http1(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        guard: &ConnGuard,
+        accept_deadline: Instant,
+        shutdown: &ShutdownWatch,
+    ) {
+        let mut closing = self.closing.subscribe();
+        let mut settings: Option<HttpPersistentSettings> = None;
+        let mut wait = Wait::Fresh(accept_deadline);
+        loop {
+            guard.set_waiting(true);
+            let head = tokio::select! {
+                head = read_head(&mut stream, wait, &self.limits) => head,
+                _ = guard.evicted() => return,
+                _ = closing.wait_for(|c| *c) => return,
+            };
+            let buf = match head {
+                Head::Complete(buf) => buf,
+                Head::Closed => return,
+                Head::TooLarge => {
+                    let text = format!(
+                        "the request header is larger than {} bytes",
+                        self.limits.max_header_bytes
+                    );
+                    return refuse(&mut stream, 431, "header_too_large", &text).await;
+                }
+                Head::TimedOut { partial: true } => {
+                    let text = format!(
+                        "the request header did not arrive within {} ms",
+                        self.limits.header_timeout.as_millis()
+                    );
+                    return refuse(&mut stream, 408, "header_timeout", &text).await;
+                }
+                Head::TimedOut { partial: false } => return,
+            };
+            guard.set_waiting(false);
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(s) = settings.take() {
+                s.apply_to_session(&mut session);
+            }
+            // Whether the connection is kept is Pingora's decision; how long it waits for
+            // the next request is timed here.
+            session.set_keepalive(if *shutdown.borrow() { None } else { Some(0) });
+            session.set_pipelined_prefix(buf);
+            match self.proxy.process_new_http(session, shutdown).await {
+                Some(reused) => {
+                    let (s, kept) = reused.consume();
+                    stream = s;
+                    settings = kept;
+                    wait = Wait::KeptAlive;
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for ProxyApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let accept_deadline = Instant::now() + self.limits.header_timeout;
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let guard = match self.conns.admit(client) {
+            Ok(g) => g,
+            Err(why) => {
+                log::debug!("proxy connection from {client} refused: {why:?}");
+                return None;
+            }
+        };
+        let stream: Stream = match &self.tls {
+            None => stream,
+            Some(acceptor) => {
+                let Ok(l4) = stream
+                    .into_any()
+                    .downcast::<pingora::protocols::l4::stream::Stream>()
+                else {
+                    log::error!("proxy TLS: the listener handed over something else than TCP");
+                    return None;
+                };
+                tokio::select! {
+                    tls = tokio::time::timeout_at(accept_deadline, acceptor.tls_handshake(*l4)) => match tls {
+                        Ok(Ok(tls)) => Box::new(tls),
+                        Ok(Err(e)) => {
+                            log::debug!("TLS handshake with {client} failed: {e}");
+                            return None;
+                        }
+                        Err(_) => return None,
+                    },
+                    _ = guard.evicted() => return None,
+                }
+            }
+        };
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // Streams are served concurrently and never cut: the connection counts as
+            // busy; Pingora closes it once idle for `keepalive_timeout`.
+            guard.set_waiting(false);
+            let stream = Box::new(PrefaceDeadline::new(stream, accept_deadline));
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        self.serve_http1(stream, &guard, accept_deadline, shutdown)
+            .await;
+        None
+    }
+
+    /// Pingora closes every connection still waiting for its request the moment the
+    /// accept loop stops, so a client whose connection the old process accepted a few
+    /// microseconds earlier (during a graceful upgrade both processes accept on the same
+    /// sockets) would see it closed unanswered. Those requests get `ACCEPTED_GRACE` to be
+    /// read and answered (with `Connection: close`: the drain flag is set by then).
+    async fn cleanup(&self) {
+        tokio::time::sleep(ACCEPTED_GRACE).await;
+        self.closing.send_replace(true);
+        ServerApp::cleanup(self.proxy.as_ref()).await;
+    }
+}
+
+/// What a connection waits for before its next request header.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// A fresh connection: the whole header by this deadline.
+    Fresh(Instant),
+    /// A kept-alive connection: a first byte within `keepalive_timeout`, then the rest of
+    /// the header within `header_timeout`.
+    KeptAlive,
+}
+
+#[derive(Debug)]
+enum Head {
+    /// A whole request header (and whatever followed it in the same reads).
+    Complete(BytesMut),
+    /// Closed by the client (or a read error) before a request began.
+    Closed,
+    TooLarge,
+    TimedOut {
+        partial: bool,
+    },
+}
+
+/// Reads until the end of a request header (an empty line after the request line and the
+/// header fields), within the deadlines and the size bound.
+async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    wait: Wait,
+    limits: &HeaderLimits,
+) -> Head {
+    let mut deadline = match wait {
+        Wait::Fresh(at) => at,
+        Wait::KeptAlive => Instant::now() + limits.keepalive_timeout,
+    };
+    let mut buf = BytesMut::new();
+    let mut scanned = 0;
+    loop {
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
+        let n = match read {
+            Err(_) => {
+                return Head::TimedOut {
+                    partial: !buf.is_empty(),
+                }
+            }
+            Ok(Err(_)) | Ok(Ok(0)) => return Head::Closed,
+            Ok(Ok(n)) => n,
+        };
+        if matches!(wait, Wait::KeptAlive) && buf.len() == n {
+            // The first bytes of the next request: its header deadline starts now.
+            deadline = Instant::now() + limits.header_timeout;
+        }
+        match head_end(&buf, scanned) {
+            Some(end) if end <= limits.max_header_bytes => return Head::Complete(buf),
+            Some(_) => return Head::TooLarge,
+            None if buf.len() > limits.max_header_bytes => return Head::TooLarge,
+            None => scanned = buf.len(),
+        }
+    }
+}
+
+/// The length of the request header in `buf` (through its empty line), searching from
+/// `from` on; empty lines before the request line are skipped, as HTTP/1.1 allows.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = buf.iter().position(|b| *b != b'\r' && *b != b'\n')?;
+    let search = from.saturating_sub(3).max(start);
+    let rest = buf.get(search..)?;
+    rest.iter().enumerate().find_map(|(i, b)| {
+        if *b != b'\n' {
+            return None;
+        }
+        match rest.get(i + 1..) {
+            Some([b'\n', ..]) => Some(search + i + 2),
+            Some([b'\r', b'\n', ..]) => Some(search + i + 3),
+            _ => None,
+        }
+    })
+}
+
+/// Answers a request that never reached Pingora with the proxy's denial shape (SPEC §4),
+/// then closes. The write is bounded: a client that does not read is not waited for.
+async fn refuse(stream: &mut Stream, status: u16, code: &str, message: &str) {
+    let body = serde_json::json!({
+        "code": code,
+        "message": message,
+        "error": {"type": "keybrake_error", "code": code, "message": message},
+    })
+    .to_string();
+    let reason = match status {
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        _ => "Error",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.flush().await
+    })
+    .await;
+    stream.as_mut().shutdown().await;
+}
+
+/// An HTTP/2 connection whose reads fail once `deadline` passes before the 24 bytes of
+/// the client preface have arrived (Pingora's HTTP/2 handshake waits for them without a
+/// timeout). Everything else passes straight through.
+#[derive(Debug)]
+struct PrefaceDeadline {
+    inner: Stream,
+    deadline: Pin<Box<Sleep>>,
+    due: usize,
+}
+
+impl PrefaceDeadline {
+    fn new(inner: Stream, deadline: Instant) -> Self {
+        PrefaceDeadline {
+            inner,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            due: 24,
+        }
+    }
+}
+
+impl AsyncRead for PrefaceDeadline {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.due == 0 {
+            return polled;
+        }
+        match polled {
+            Poll::Ready(Ok(())) => {
+                let got = buf.filled().len() - before;
+                self.due = self.due.saturating_sub(got);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "HTTP/2 client preface not received in time",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            failed => failed,
+        }
+    }
+}
+
+impl AsyncWrite for PrefaceDeadline {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for PrefaceDeadline {
+    async fn shutdown(&mut self) {
+        self.inner.as_mut().shutdown().await
+    }
+}
+
+impl UniqueID for PrefaceDeadline {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for PrefaceDeadline {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for PrefaceDeadline {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for PrefaceDeadline {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for PrefaceDeadline {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+#[async_trait]
+impl Peek for PrefaceDeadline {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_header_is_its_empty_line_whatever_the_line_endings() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\nbody", 0), Some(24));
+        assert_eq!(head_end(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n", 0), Some(22));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
+        assert_eq!(head_end(b"\r\n\r\n", 0), None);
+        // Found across reads: the search resumes a few bytes back.
+        let full = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(head_end(full, 26), Some(27));
+    }
+
+    fn limits(max: usize) -> HeaderLimits {
+        HeaderLimits {
+            header_timeout: Duration::from_millis(300),
+            keepalive_timeout: Duration::from_millis(200),
+            max_header_bytes: max,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_header_trickled_slower_than_its_deadline_times_out_whatever_its_progress() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            for b in b"GET / HTTP/1.1\r\nHost: a\r\n".iter() {
+                if client.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let started = Instant::now();
+        let wait = Wait::Fresh(started + Duration::from_millis(300));
+        let head = read_head(&mut server, wait, &limits(1024)).await;
+        assert!(matches!(head, Head::TimedOut { partial: true }), "{head:?}");
+        assert!(started.elapsed() < Duration::from_millis(600));
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_waits_for_a_first_byte_then_for_the_header() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let head = read_head(&mut server, Wait::KeptAlive, &limits(1024)).await;
+        assert!(
+            matches!(head, Head::TimedOut { partial: false }),
+            "{head:?}"
+        );
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let head = read_head(&mut server, Wait::KeptAlive, &limits(1024)).await;
+        assert!(
+            matches!(head, Head::Complete(ref b) if b.len() == 18),
+            "{head:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_header_over_the_bound_is_too_large() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let mut big = b"GET / HTTP/1.1\r\nx-pad: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 2000));
+        big.extend(b"\r\n\r\n");
+        client.write_all(&big).await.unwrap();
+        let wait = Wait::Fresh(Instant::now() + Duration::from_secs(1));
+        let head = read_head(&mut server, wait, &limits(1024)).await;
+        assert!(matches!(head, Head::TooLarge), "{head:?}");
+    }
+}

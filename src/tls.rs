@@ -1,0 +1,261 @@
+//! TLS of every hop (SPEC §8): the certificates the proxy and the control API serve,
+//! renewed without a restart; the roots the CLI trusts for the control API; the extra CA
+//! a vendor's connections may trust. rustls with the ring provider, as Pingora uses.
+//!
+//! Renewal: a watcher thread reads the certificate and key files every `watch_interval`
+//! and, when their bytes changed and load as a matching pair, publishes the new pair.
+//! Handshakes read the current pair per connection, so connections already open keep
+//! theirs and every new one gets the new certificate; nothing is dropped. A pair that
+//! does not load (a half-written renewal) is logged and the old one kept.
+
+use anyhow::{anyhow, bail, Context, Result};
+use arc_swap::ArcSwap;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The certificate chain and key files of a listener (`proxy.tls`, `control.tls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM: the leaf first, then intermediates.
+    pub cert_file: PathBuf,
+    /// PEM: PKCS#8, PKCS#1 or SEC1.
+    pub key_file: PathBuf,
+    /// How often the files are checked for a renewal.
+    pub watch_interval: Duration,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: not a PEM certificate file", path.display()))?;
+    if certs.is_empty() {
+        bail!("{}: no certificate in the file", path.display());
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .ok()
+        .flatten()
+        .ok_or_else(|| anyhow!("{}: no PEM private key in the file", path.display()))
+}
+
+/// Loads a certificate chain and its key, checking that they belong together.
+fn load_pair(files: &TlsFiles) -> Result<CertifiedKey> {
+    let certs = read_certs(&files.cert_file)?;
+    let key = read_key(&files.key_file)?;
+    let key = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| anyhow!("{}: unusable private key: {e}", files.key_file.display()))?;
+    let pair = CertifiedKey::new(certs, key);
+    pair.keys_match().map_err(|e| {
+        anyhow!(
+            "{} and {} do not belong together: {e}",
+            files.cert_file.display(),
+            files.key_file.display()
+        )
+    })?;
+    Ok(pair)
+}
+
+/// A listener's certificate, replaced when its files change.
+pub struct ReloadingCert {
+    files: TlsFiles,
+    current: ArcSwap<CertifiedKey>,
+    /// The bytes of both files when last loaded (or last found unloadable).
+    seen: Mutex<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ReloadingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingCert")
+            .field("cert_file", &self.files.cert_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReloadingCert {
+    pub fn load(files: &TlsFiles) -> Result<Arc<Self>> {
+        let seen = Self::fingerprint(files);
+        let pair = load_pair(files)?;
+        Ok(Arc::new(ReloadingCert {
+            files: files.clone(),
+            current: ArcSwap::from_pointee(pair),
+            seen: Mutex::new(seen),
+        }))
+    }
+
+    /// Both files' bytes (the key is kept only in this process's memory, as it is by
+    /// rustls anyway); empty when either cannot be read.
+    fn fingerprint(files: &TlsFiles) -> Vec<u8> {
+        let mut bytes = std::fs::read(&files.cert_file).unwrap_or_default();
+        bytes.extend(std::fs::read(&files.key_file).unwrap_or_default());
+        bytes
+    }
+
+    /// Loads the files again if they changed; true if a new pair was published.
+    pub fn reload_if_changed(&self) -> bool {
+        let now = Self::fingerprint(&self.files);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_empty() || *seen == now {
+            return false;
+        }
+        match load_pair(&self.files) {
+            Ok(pair) => {
+                self.current.store(Arc::new(pair));
+                *seen = now;
+                log::info!(
+                    "TLS certificate {} reloaded",
+                    self.files.cert_file.display()
+                );
+                true
+            }
+            Err(e) => {
+                // Probably a renewal caught halfway: tried again when the bytes change.
+                *seen = now;
+                log::warn!("TLS certificate not reloaded, keeping the current one: {e:#}");
+                false
+            }
+        }
+    }
+
+    pub fn watch_interval(&self) -> Duration {
+        self.files.watch_interval
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// Checks every certificate for renewal on its own interval, on a thread of its own (file
+/// reads never run on a request runtime).
+pub fn watch(certs: Vec<Arc<ReloadingCert>>) {
+    if certs.is_empty() {
+        return;
+    }
+    let tick = certs
+        .iter()
+        .map(|c| c.watch_interval())
+        .min()
+        .unwrap_or(Duration::from_secs(10))
+        .max(Duration::from_millis(50));
+    let spawned = std::thread::Builder::new()
+        .name("tls-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(tick);
+            for c in &certs {
+                c.reload_if_changed();
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the TLS certificate watcher: {e}");
+    }
+}
+
+/// A server configuration (TLS 1.2 and 1.3) serving `cert`, offering `alpn` in order.
+pub fn server_config(
+    cert: Arc<ReloadingCert>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// The system's trusted roots (honouring `SSL_CERT_FILE`/`SSL_CERT_DIR`), plus the
+/// certificates of `ca_file` when given.
+pub fn roots_with(ca_file: Option<&Path>) -> Result<Vec<CertificateDer<'static>>> {
+    let mut roots = match rustls_native_certs_load() {
+        Ok(r) => r,
+        Err(e) if ca_file.is_some() => {
+            log::warn!("system CA certificates unavailable ({e}); trusting the CA file only");
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(file) = ca_file {
+        roots.extend(read_certs(file)?);
+    }
+    Ok(roots)
+}
+
+fn rustls_native_certs_load() -> Result<Vec<CertificateDer<'static>>> {
+    pingora::tls::load_native_certs()
+        .map_err(|e| anyhow!("cannot load the system CA certificates: {e}"))
+}
+
+/// The client configuration of the CLI (and of anything else that calls the control API):
+/// certificate and host-name verification against the system roots plus `ca_file`.
+pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>> {
+    let mut store = rustls::RootCertStore::empty();
+    for cert in roots_with(ca_file)? {
+        // A system root rustls cannot parse is skipped, as rustls-native-certs users do.
+        let _ = store.add(cert);
+    }
+    if store.is_empty() {
+        bail!("no trusted CA certificate (set --ca-file or KEYBRAKE_CA_FILE)");
+    }
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_root_certificates(store)
+            .with_no_client_auth(),
+    ))
+}
+
+/// The CA list Pingora checks a vendor's certificate against when the vendor (or the
+/// `upstream` section) names a `ca_file`: the system roots plus that file's certificates.
+pub fn upstream_ca(ca_file: &Path) -> Result<Arc<pingora::protocols::tls::CaType>> {
+    let roots = roots_with(Some(ca_file))?;
+    let list: Vec<pingora::utils::tls::WrappedX509> = roots
+        .into_iter()
+        .map(|der| {
+            pingora::utils::tls::WrappedX509::new(der.to_vec(), pingora::utils::tls::parse_x509)
+        })
+        .collect();
+    Ok(list.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_empty_file_is_an_error_naming_it() {
+        let dir = std::env::temp_dir().join(format!("kb-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = read_certs(&empty).unwrap_err().to_string();
+        assert!(err.contains("no certificate"), "{err}");
+        let files = TlsFiles {
+            cert_file: dir.join("absent.pem"),
+            key_file: dir.join("absent.key"),
+            watch_interval: Duration::from_secs(1),
+        };
+        let err = format!("{:#}", ReloadingCert::load(&files).unwrap_err());
+        assert!(err.contains("absent.pem"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

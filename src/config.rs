@@ -16,6 +16,7 @@ use std::time::Duration;
 pub const EMBEDDED_CONFIG: &str = include_str!("../conf/keybrake.yaml");
 pub const EMBEDDED_VENDORS: &str = include_str!("../conf/vendors.yaml");
 pub const EMBEDDED_CURRENCIES: &str = include_str!("../conf/currencies.yaml");
+pub const EMBEDDED_PRICES: &str = include_str!("../conf/prices.yaml");
 
 // ---------- the file formats ----------
 
@@ -28,6 +29,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     vendors_file: Option<PathBuf>,
     currencies_file: Option<PathBuf>,
+    prices_file: Option<PathBuf>,
     body_limit_bytes: Option<usize>,
     body_read_timeout_ms: Option<u64>,
     control_idle_timeout_ms: Option<u64>,
@@ -88,7 +90,17 @@ struct FileVendor {
     request_id_header: Option<String>,
     #[serde(default)]
     metered: Vec<FileMeterRule>,
+    /// Endpoints metered by tokens (LLM vendors), priced from the price table.
+    #[serde(default)]
+    llm_metered: Vec<FileLlmRule>,
     cost_per_request_usd: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLlmRule {
+    endpoint: String,
+    api: crate::proxy::llm::Api,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -156,6 +168,7 @@ pub struct Config {
     pub pingora: PingoraSettings,
     pub vendors: Map<String, Vendor>,
     pub currencies: Map<String, Currency>,
+    pub prices: std::sync::Arc<crate::proxy::llm::PriceTable>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,7 +272,15 @@ pub struct Vendor {
     pub request_id_header: Option<http::HeaderName>,
     /// Shared: a request holds its rule by reference count, never by copy.
     pub metered: Vec<std::sync::Arc<MeterRule>>,
+    pub llm_metered: Vec<LlmRule>,
     pub cost_per_request: Micros,
+}
+
+/// An endpoint metered by tokens, and the API it speaks.
+#[derive(Debug, Clone)]
+pub struct LlmRule {
+    pub endpoint: EndpointPattern,
+    pub api: crate::proxy::llm::Api,
 }
 
 #[derive(Debug, Clone)]
@@ -288,6 +309,14 @@ pub struct Currency {
 }
 
 impl Vendor {
+    /// The API of a token-metered endpoint.
+    pub fn llm_api(&self, method: &http::Method, path: &str) -> Option<crate::proxy::llm::Api> {
+        self.llm_metered
+            .iter()
+            .find(|r| r.endpoint.matches(method, path))
+            .map(|r| r.api)
+    }
+
     pub fn meter_rule(
         &self,
         method: &http::Method,
@@ -369,6 +398,13 @@ impl Config {
             EMBEDDED_CURRENCIES,
             "currencies.yaml",
         )?;
+        // A config written before the price table existed names no prices_file and may
+        // have none beside it: the embedded table then applies.
+        let prices_text = match (base_dir, &file.prices_file) {
+            (Some(dir), None) if !dir.join("prices.yaml").exists() => EMBEDDED_PRICES.to_string(),
+            _ => side_file(&file.prices_file, EMBEDDED_PRICES, "prices.yaml")?,
+        };
+        let prices = crate::proxy::llm::PriceTable::parse(&prices_text)?;
 
         let addr = |flag: &Option<String>,
                     file: &Option<String>,
@@ -388,6 +424,11 @@ impl Config {
         };
 
         let mut vendors = parse_vendors(&vendors_text)?;
+        for (name, v) in &vendors {
+            if !v.llm_metered.is_empty() && !prices.has_vendor(name) {
+                bail!("vendor {name:?} meters tokens but the price table has no {name:?}");
+            }
+        }
         for spec in &overrides.vendor_upstreams {
             let (name, url) = spec
                 .split_once('=')
@@ -499,6 +540,7 @@ impl Config {
             },
             vendors,
             currencies: parse_currencies(&currencies_text)?,
+            prices: std::sync::Arc::new(prices),
         })
     }
 }
@@ -612,6 +654,21 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                     .map(|h| header_name(h, &format!("vendor {name:?} request_id_header")))
                     .transpose()?,
                 metered,
+                llm_metered: v
+                    .llm_metered
+                    .iter()
+                    .map(|r| {
+                        Ok(LlmRule {
+                            endpoint: EndpointPattern::parse(&r.endpoint).map_err(|e| {
+                                anyhow!(
+                                    "vendor {name:?} llm_metered endpoint {:?}: {e}",
+                                    r.endpoint
+                                )
+                            })?,
+                            api: r.api,
+                        })
+                    })
+                    .collect::<Result<_>>()?,
                 cost_per_request,
             },
         );
@@ -734,6 +791,19 @@ mod tests {
                     "{name}"
                 );
                 assert!(c.currencies.contains_key("usd"), "{name}");
+                // The LLM vendors meter tokens, priced from prices.yaml.
+                for vendor in ["openai", "anthropic"] {
+                    assert!(!c.vendors[vendor].llm_metered.is_empty(), "{name} {vendor}");
+                    assert!(c.prices.has_vendor(vendor), "{name} {vendor}");
+                }
+                assert!(c
+                    .prices
+                    .resolve("openai", "gpt-4o-mini-2024-07-18")
+                    .is_some());
+                assert!(c
+                    .prices
+                    .resolve("anthropic", "claude-sonnet-4-5-20250929")
+                    .is_some());
                 checked += 1;
             }
         }

@@ -29,6 +29,8 @@ pub enum Denial {
     VendorNotConfigured,
     LedgerUnavailable,
     UpstreamUnavailable,
+    UnknownModel,
+    InvalidLlmBody,
     UpstreamTimeout,
 }
 
@@ -49,6 +51,7 @@ impl Denial {
             MissingKey | InvalidKey | KeyExpired | KeyRevoked => 401,
             VendorMismatch | EndpointNotAllowed | MethodNotAllowed | AccountNotAllowed => 403,
             InvalidPath | AmountRequired | InvalidAmount | UnsupportedCurrency | InvalidBody => 400,
+            UnknownModel | InvalidLlmBody => 400,
             UnknownVendor => 404,
             BodyTimeout => 408,
             BodyTooLarge => 413,
@@ -82,6 +85,8 @@ impl Denial {
             LedgerUnavailable => "ledger_unavailable",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
+            UnknownModel => "unknown_model",
+            InvalidLlmBody => "invalid_body",
         }
     }
 
@@ -109,6 +114,8 @@ impl Denial {
             LedgerUnavailable => "The spend ledger is unavailable; metered requests are refused until it returns.",
             UpstreamUnavailable => "The vendor could not be reached.",
             UpstreamTimeout => "The vendor did not answer in time.",
+            UnknownModel => "The model is not in Keybrake's price table for this vendor.",
+            InvalidLlmBody => "The body must be a JSON object naming a model, with integer output limits, each field once.",
         }
     }
 

@@ -3,13 +3,14 @@
 //! account, within its daily cap, and forwards it with the vendor's real credential.
 //!
 //! One module per stage, in request order: `path` → `extract` → `verify` → `scope` →
-//! `meter` → `spend` → `inject` → `upstream` → (`spend` settle) → `record`; `deny` turns
+//! `meter` (`llm` for token-metered vendors) → `spend` → `inject` → `upstream` → (`spend` settle) → `record`; `deny` turns
 //! any refusal into the spec's response; `service` wires them into Pingora. The proxy
 //! reads only what `sync` publishes and never touches storage.
 
 pub mod deny;
 pub mod extract;
 pub mod inject;
+pub mod llm;
 pub mod meter;
 pub mod path;
 pub mod record;

@@ -83,7 +83,10 @@ class FakeLLM:
             return []
         out = []
         for line in log.read_text().splitlines():
-            e = json.loads(line)
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue  # the last line, still being written
             e["body"] = base64.b64decode(e.pop("body_b64"))
             if path is None or e["path"].split("?")[0] == path:
                 out.append(e)

@@ -237,12 +237,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Check { common } => {
             let config = common.load()?;
             println!(
-                "configuration OK: proxy {}, control {}, metrics {}, {} vendors, {} currencies",
+                "configuration OK: proxy {}, control {}, metrics {}, {} vendors, {} currencies, {} priced models",
                 config.proxy_listen,
                 config.control_listen,
                 config.metrics_listen,
                 config.vendors.len(),
-                config.currencies.len()
+                config.currencies.len(),
+                config.prices.models()
             );
             Ok(())
         }

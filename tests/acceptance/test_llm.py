@@ -29,7 +29,17 @@ from typing import Optional
 import pytest
 import requests
 
-from harness import CONF_DIR, HTTP_TIMEOUT_S, REPO, Keybrake, as_json, assert_denied, free_port, wait_until
+from harness import (
+    CONF_DIR,
+    HTTP_TIMEOUT_S,
+    KEYBRAKE_BIN,
+    REPO,
+    Keybrake,
+    assert_denied,
+    free_port,
+    wait_until,
+    write_config,
+)
 
 FAKE_LLM = Path(__file__).resolve().parent / "fakes" / "llm_server.py"
 OPENAI_SECRET = "sk-proj-" + secrets.token_hex(20)
@@ -515,3 +525,26 @@ def test_stream_chunks_reach_the_client_as_the_vendor_sends_them(kb, tenant, fak
     # The first event arrives long before the last: nothing waits for the whole answer.
     assert arrivals[0] < 0.6, arrivals
     assert len(arrivals) >= 5 and arrivals[-1] - arrivals[0] >= 1.2, arrivals
+
+
+@pytest.mark.parametrize("prices,must_mention", [
+    ("openai: {models: {gpt-4o: {input: \"2.5\", output: \"ten\", context: 1, max_output: 1}}}\n"
+     "anthropic: {models: {}}\n", ["openai/gpt-4o", "output"]),
+    ("openai: {models: {gpt-4o: {input: \"2.5\", output: \"10\"}}}\nanthropic: {models: {}}\n",
+     ["openai/gpt-4o", "max_output"]),
+    ("openai: {models: {}}\n", ["anthropic", "price table"]),
+], ids=["bad-price", "no-bound", "vendor-missing"])
+def test_check_refuses_a_bad_price_table_naming_the_entry(tmp_path, prices, must_mention):
+    cfg = write_config(tmp_path / "conf")
+    (tmp_path / "conf" / "prices.yaml").write_text(prices)
+    r = subprocess.run([str(KEYBRAKE_BIN), "check", "--config", str(cfg)], capture_output=True, text=True,
+                       timeout=30, cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "configuration OK" not in out, out
+    for word in must_mention:
+        assert word in out, (word, out)
+    # The shipped table passes, and is counted.
+    shutil.copy(CONF_DIR / "prices.yaml", tmp_path / "conf" / "prices.yaml")
+    r = subprocess.run([str(KEYBRAKE_BIN), "check", "--config", str(cfg)], capture_output=True, text=True,
+                       timeout=30, cwd=tmp_path)
+    assert r.returncode == 0 and re.search(r"\b[1-9]\d* priced models", r.stdout), r.stdout + r.stderr

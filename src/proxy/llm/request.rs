@@ -171,19 +171,16 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
     })
 }
 
+/// One pass over the body, looking only where a marker can start (a quote or a backslash).
 fn has_rich_input(body: &[u8]) -> bool {
-    let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
-    if RICH_MARKERS.iter().any(|m| contains(m)) {
-        return true;
-    }
-    // `\u0069mage`: an escaped printable ASCII character, which no client needs.
-    body.windows(6).any(|w| {
-        w[0] == b'\\'
-            && w[1] == b'u'
-            && w[2] == b'0'
-            && w[3] == b'0'
-            && matches!(w[4], b'2'..=b'7')
-            && w[5].is_ascii_hexdigit()
+    body.iter().enumerate().any(|(i, &b)| match b {
+        b'"' => RICH_MARKERS.iter().any(|m| body[i..].starts_with(m)),
+        // `\u0069mage`: an escaped printable ASCII character, which no client needs.
+        b'\\' => matches!(
+            body.get(i + 1..i + 6),
+            Some([b'u', b'0', b'0', b'2'..=b'7', h]) if h.is_ascii_hexdigit()
+        ),
+        _ => false,
     })
 }
 

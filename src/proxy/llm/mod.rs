@@ -313,4 +313,50 @@ openai:
         let o = finished(&[("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n", true)], 200, true);
         assert_eq!((o.charge, o.usage.map(|u| u.input)), (Micros(2), Some(3)));
     }
+
+    #[test]
+    fn a_cut_stream_costs_its_usage_if_it_came_else_the_whole_reservation() {
+        let t = table();
+        let body = br#"{"model":"gpt-4o-mini","max_tokens":10,"stream":true}"#;
+        let start = |chunks: &[&str]| {
+            let mut call = plan(Api::OpenAiChat, body, &t, "openai").unwrap().call;
+            let mut held = Reservation::none();
+            held.amount = Micros(500);
+            call.hold(held);
+            let mut header = ResponseHeader::build(200, None).unwrap();
+            header
+                .insert_header("content-type", "text/event-stream")
+                .unwrap();
+            header.insert_header("content-length", "999").unwrap();
+            call.response_header(&mut header);
+            // Keybrake rewrites this stream (it asked for the usage): no length of the vendor's.
+            assert!(header.headers.get("content-length").is_none());
+            let mut passed = String::new();
+            for chunk in chunks {
+                let mut b = Some(Bytes::copy_from_slice(chunk.as_bytes()));
+                call.response_body(&mut b, false);
+                passed.push_str(std::str::from_utf8(&b.unwrap()).unwrap());
+            }
+            (call.finish(false), passed)
+        };
+        let text = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n";
+        let usage =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n";
+        let (o, passed) = start(&[text]);
+        assert_eq!((o.charge, o.usage), (Micros(500), None));
+        assert_eq!(
+            passed,
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n"
+        );
+        // The client left after the usage chunk, before `[DONE]`: the usage counts.
+        let (o, passed) = start(&[text, usage]);
+        assert_eq!((o.charge, o.usage.map(|u| u.output)), (Micros(2), Some(1)));
+        assert!(!passed.contains("usage"));
+        // Never sent: nothing.
+        let mut call = plan(Api::OpenAiChat, body, &t, "openai").unwrap().call;
+        let mut held = Reservation::none();
+        held.amount = Micros(500);
+        call.hold(held);
+        assert_eq!(call.finish(true).charge, Micros::ZERO);
+    }
 }

@@ -457,16 +457,21 @@ def test_vendor_cutting_the_stream_or_sending_unreadable_usage_is_charged_the_re
         extra_headers={"x-fake-usage": "malformed"})
     assert json.loads(done.content)["usage"] == {"prompt_tokens": "lots"}
     malformed_body = fake_llm.wait_for(2)[-1]["body"]
-    # Anthropic: cut before message_delta.
-    a = anthropic_client(kb, key(tenant, vendor="anthropic", cap=5)["token"])
+    # Anthropic: cut after message_start (input known, output not).
+    ak = key(tenant, vendor="anthropic", cap=5)
+    a = anthropic_client(kb, ak["token"])
     with pytest.raises(Exception):
         with a.messages.stream(model="claude-haiku-4-5", max_tokens=80, messages=[{"role": "user", "content": "x"}],
                                extra_headers={"x-fake-cut-after": "4"}) as stream:
             "".join(stream.text_stream)
+    anthropic_body = fake_llm.wait_for(3)[-1]["body"]
     expected = bound("openai", "gpt-4o-mini", cut_body, 300) + bound("openai", "gpt-4o-mini", malformed_body, 70)
     tenant.wait_spent(k["id"], expected)
     assert_audit_matches(tenant, k["id"], expected, 2)
-    assert all(e.get("cut") or e.get("usage", {}).get("prompt_tokens") == "lots" for e in fake_llm.received()[:2])
+    tenant.wait_spent(ak["id"], bound("anthropic", "claude-haiku-4-5", anthropic_body, 80))
+    received = fake_llm.received()
+    assert received[0].get("cut") and received[2].get("cut"), received
+    assert received[1]["usage"] == {"prompt_tokens": "lots"}
 
 
 def test_refusals_before_forwarding_and_vendor_errors_cost_nothing(kb, tenant, fake_llm):

@@ -16,6 +16,7 @@ use std::time::Duration;
 pub const EMBEDDED_CONFIG: &str = include_str!("../conf/keybrake.yaml");
 pub const EMBEDDED_VENDORS: &str = include_str!("../conf/vendors.yaml");
 pub const EMBEDDED_CURRENCIES: &str = include_str!("../conf/currencies.yaml");
+pub const EMBEDDED_PRICES: &str = include_str!("../conf/prices.yaml");
 
 // ---------- the file formats ----------
 
@@ -28,6 +29,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     vendors_file: Option<PathBuf>,
     currencies_file: Option<PathBuf>,
+    prices_file: Option<PathBuf>,
     body_limit_bytes: Option<usize>,
     body_read_timeout_ms: Option<u64>,
     default_key_ttl: Option<String>,
@@ -148,6 +150,9 @@ struct FileVendor {
     /// What a capped key may do on any other mutating endpoint.
     #[serde(default)]
     unmetered: UnmeteredPolicy,
+    /// Endpoints metered by tokens (LLM vendors), priced from the price table.
+    #[serde(default)]
+    llm_metered: Vec<FileLlmRule>,
     cost_per_request_usd: Option<String>,
     ca_file: Option<PathBuf>,
 }
@@ -161,6 +166,13 @@ pub enum UnmeteredPolicy {
     Allow,
     /// 403 `endpoint_unmetered` for a capped key: the call could move money unseen.
     Refuse,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLlmRule {
+    endpoint: String,
+    api: crate::proxy::llm::Api,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -245,6 +257,7 @@ pub struct Config {
     pub pingora: PingoraSettings,
     pub vendors: Map<String, Vendor>,
     pub currencies: Map<String, Currency>,
+    pub prices: std::sync::Arc<crate::proxy::llm::PriceTable>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,6 +389,7 @@ pub struct Vendor {
     /// Mutating endpoints known not to move money.
     pub free: Vec<EndpointPattern>,
     pub unmetered: UnmeteredPolicy,
+    pub llm_metered: Vec<LlmRule>,
     pub cost_per_request: Micros,
     /// A CA trusted for this vendor's certificate, besides the system's roots (and the
     /// `upstream.ca_file`, which this one replaces).
@@ -398,6 +412,13 @@ pub enum Class<'a> {
 pub struct Lookup {
     pub path: EndpointPattern,
     pub amount_fields: Vec<String>,
+}
+
+/// An endpoint metered by tokens, and the API it speaks.
+#[derive(Debug, Clone)]
+pub struct LlmRule {
+    pub endpoint: EndpointPattern,
+    pub api: crate::proxy::llm::Api,
 }
 
 #[derive(Debug, Clone)]
@@ -433,6 +454,14 @@ pub struct Currency {
 }
 
 impl Vendor {
+    /// The API of a token-metered endpoint.
+    pub fn llm_api(&self, method: &http::Method, path: &str) -> Option<crate::proxy::llm::Api> {
+        self.llm_metered
+            .iter()
+            .find(|r| r.endpoint.matches(method, path))
+            .map(|r| r.api)
+    }
+
     pub fn meter_rule(
         &self,
         method: &http::Method,
@@ -581,6 +610,13 @@ impl Config {
             EMBEDDED_CURRENCIES,
             "currencies.yaml",
         )?;
+        // A config written before the price table existed names no prices_file and may
+        // have none beside it: the embedded table then applies.
+        let prices_text = match (base_dir, &file.prices_file) {
+            (Some(dir), None) if !dir.join("prices.yaml").exists() => EMBEDDED_PRICES.to_string(),
+            _ => side_file(&file.prices_file, EMBEDDED_PRICES, "prices.yaml")?,
+        };
+        let prices = crate::proxy::llm::PriceTable::parse(&prices_text)?;
 
         let addr = |flag: &Option<String>,
                     file: &Option<String>,
@@ -600,6 +636,11 @@ impl Config {
         };
 
         let mut vendors = parse_vendors(&vendors_text)?;
+        for (name, v) in &vendors {
+            if !v.llm_metered.is_empty() && !prices.has_vendor(name) {
+                bail!("vendor {name:?} meters tokens but the price table has no {name:?}");
+            }
+        }
         // Files named in the config are relative to it (the working directory without one).
         let relative = |p: PathBuf| match base_dir {
             Some(dir) if p.is_relative() => dir.join(p),
@@ -786,6 +827,7 @@ impl Config {
             },
             vendors,
             currencies: parse_currencies(&currencies_text)?,
+            prices: std::sync::Arc::new(prices),
         };
         plaintext_rule(
             "proxy",
@@ -1033,6 +1075,21 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                 metered,
                 free: patterns(&v.free, "free")?,
                 unmetered: v.unmetered,
+                llm_metered: v
+                    .llm_metered
+                    .iter()
+                    .map(|r| {
+                        Ok(LlmRule {
+                            endpoint: EndpointPattern::parse(&r.endpoint).map_err(|e| {
+                                anyhow!(
+                                    "vendor {name:?} llm_metered endpoint {:?}: {e}",
+                                    r.endpoint
+                                )
+                            })?,
+                            api: r.api,
+                        })
+                    })
+                    .collect::<Result<_>>()?,
                 cost_per_request,
                 ca_file: v.ca_file,
             },
@@ -1157,6 +1214,19 @@ mod tests {
                     "{name}"
                 );
                 assert!(c.currencies.contains_key("usd"), "{name}");
+                // The LLM vendors meter tokens, priced from prices.yaml.
+                for vendor in ["openai", "anthropic"] {
+                    assert!(!c.vendors[vendor].llm_metered.is_empty(), "{name} {vendor}");
+                    assert!(c.prices.has_vendor(vendor), "{name} {vendor}");
+                }
+                assert!(c
+                    .prices
+                    .resolve("openai", "gpt-4o-mini-2024-07-18")
+                    .is_some());
+                assert!(c
+                    .prices
+                    .resolve("anthropic", "claude-sonnet-4-5-20250929")
+                    .is_some());
                 checked += 1;
             }
         }

@@ -247,14 +247,15 @@ fn run(cli: Cli) -> Result<()> {
             config.check_files(true)?;
             let scheme = |tls: bool| if tls { "https" } else { "http" };
             println!(
-                "configuration OK: proxy {}://{}, control {}://{}, metrics http://{}, {} vendors, {} currencies",
+                "configuration OK: proxy {}://{}, control {}://{}, metrics http://{}, {} vendors, {} currencies, {} priced models",
                 scheme(config.proxy.tls.is_some()),
                 config.proxy_listen,
                 scheme(config.control.tls.is_some()),
                 config.control_listen,
                 config.metrics_listen,
                 config.vendors.len(),
-                config.currencies.len()
+                config.currencies.len(),
+                config.prices.models()
             );
             Ok(())
         }

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     pub overhead: Histogram,
     pub spend_usd: CounterVec,
+    /// `keybrake_llm_tokens_total{vendor,kind}`: tokens of settled LLM calls, by how they
+    /// are billed (input, cached_input, cache_write, output; reasoning is part of output).
+    pub llm_tokens: IntCounterVec,
     pub keys_issued: IntCounter,
     pub keys_revoked: IntCounter,
     pub revoked_keys: IntGauge,
@@ -102,6 +105,12 @@ impl Metrics {
                         "keybrake_spend_usd_total",
                         "Settled spend in USD by vendor.",
                         &["vendor"]
+                    )
+                    .unwrap(),
+                    llm_tokens: register_int_counter_vec!(
+                        "keybrake_llm_tokens_total",
+                        "Tokens of settled LLM calls by vendor and kind (input, cached_input, cache_write, output, reasoning; reasoning is part of output).",
+                        &["vendor", "kind"]
                     )
                     .unwrap(),
                     keys_issued: register_int_counter!(

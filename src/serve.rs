@@ -473,6 +473,7 @@ pub fn run_serve(
         metrics: metrics.clone(),
         created: Default::default(),
         created_swept: Default::default(),
+        prices: config.prices.clone(),
         connector: pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::from_server_conf(&conf),
         )),

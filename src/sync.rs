@@ -99,6 +99,20 @@ pub struct AuditEvent {
     pub spend: Micros,
     pub vendor_request_id: Option<String>,
     pub duration_ms: u64,
+    /// Token-metered (LLM) calls: the model and the tokens the vendor reported.
+    pub llm: Option<LlmAudit>,
+}
+
+/// The model of an LLM call and its tokens (`None`: no usage could be read, the call was
+/// charged its whole reservation). `input_tokens` counts every input token, cached and
+/// cache writes included.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LlmAudit {
+    pub model: String,
+    pub input_tokens: Option<u64>,
+    pub cached_input_tokens: Option<u64>,
+    pub cache_write_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
 }
 
 /// Where the proxy drops audit events. `record` never blocks or fails the request path.

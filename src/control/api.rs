@@ -999,6 +999,11 @@ async fn list_audit(
                 "spend_usd": e.spend.as_usd_f64(),
                 "vendor_request_id": e.vendor_request_id,
                 "duration_ms": e.duration_ms,
+                "model": e.llm.as_ref().map(|l| l.model.as_str()),
+                "input_tokens": e.llm.as_ref().and_then(|l| l.input_tokens),
+                "cached_input_tokens": e.llm.as_ref().and_then(|l| l.cached_input_tokens),
+                "cache_write_tokens": e.llm.as_ref().and_then(|l| l.cache_write_tokens),
+                "output_tokens": e.llm.as_ref().and_then(|l| l.output_tokens),
             })
         })
         .collect();

@@ -94,6 +94,17 @@ CREATE TABLE IF NOT EXISTS moved_from_store (
 const COLUMNS: &str = "ts_ms, tenant_id, key_id, label, vendor, method, path, status, \
                        decision, spend, vendor_request_id, duration_ms";
 
+/// Columns of LLM calls (model and tokens, NULL for other calls), added to a trail
+/// written before they existed (`add_llm_columns`). Rows moved from older layouts have
+/// none of them, so they are not in `COLUMNS`.
+const LLM_COLUMNS: &[(&str, &str)] = &[
+    ("model", "TEXT"),
+    ("input_tokens", "INTEGER"),
+    ("cached_input_tokens", "INTEGER"),
+    ("cache_write_tokens", "INTEGER"),
+    ("output_tokens", "INTEGER"),
+];
+
 pub struct AuditTrail {
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
@@ -376,8 +387,36 @@ fn event_of_row(r: &sqlx::sqlite::SqliteRow) -> (i64, AuditEvent) {
             spend: Micros(r.get("spend")),
             vendor_request_id: r.get("vendor_request_id"),
             duration_ms: r.get::<i64, _>("duration_ms") as u64,
+            llm: r
+                .get::<Option<String>, _>("model")
+                .map(|model| crate::sync::LlmAudit {
+                    model,
+                    input_tokens: tokens(r, "input_tokens"),
+                    cached_input_tokens: tokens(r, "cached_input_tokens"),
+                    cache_write_tokens: tokens(r, "cache_write_tokens"),
+                    output_tokens: tokens(r, "output_tokens"),
+                }),
         },
     )
+}
+
+fn tokens(r: &sqlx::sqlite::SqliteRow, column: &str) -> Option<u64> {
+    r.get::<Option<i64>, _>(column).map(|n| n.max(0) as u64)
+}
+
+/// Adds the columns of `LLM_COLUMNS` this file lacks (an older binary's rows and
+/// inserts leave them NULL, so both layouts can write during an upgrade).
+fn add_llm_columns(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('audit')")?;
+    let have: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (name, kind) in LLM_COLUMNS {
+        if !have.iter().any(|h| h == name) {
+            conn.execute(&format!("ALTER TABLE audit ADD COLUMN {name} {kind}"), [])?;
+        }
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -399,6 +438,7 @@ fn open_writer(
     conn.pragma_update(None, "synchronous", if strict { "FULL" } else { "NORMAL" })?;
     conn.pragma_update(None, "journal_size_limit", 16 << 20)?;
     conn.execute_batch(SCHEMA)?;
+    add_llm_columns(&conn)?;
     // In transactions of a bounded size, so that another writer of this file (the other
     // side of an upgrade) is never kept waiting long.
     let mut covered = 0;
@@ -604,9 +644,15 @@ fn insert(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> rusqlite::R
     let mut spans = Spans::default();
     {
         let mut stmt = tx.prepare_cached(&format!(
-            "INSERT INTO audit ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            "INSERT INTO audit ({COLUMNS}, model, input_tokens, cached_input_tokens, \
+             cache_write_tokens, output_tokens) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
+             ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
         ))?;
         for e in events {
+            let llm = e.llm.as_ref();
+            let n = |f: fn(&crate::sync::LlmAudit) -> Option<u64>| {
+                llm.and_then(f).map(|n| n.min(i64::MAX as u64) as i64)
+            };
             stmt.execute(rusqlite::params![
                 e.ts_ms,
                 e.tenant_id.as_deref(),
@@ -620,6 +666,11 @@ fn insert(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> rusqlite::R
                 e.spend.0,
                 e.vendor_request_id,
                 e.duration_ms as i64,
+                llm.map(|l| l.model.as_str()),
+                n(|l| l.input_tokens),
+                n(|l| l.cached_input_tokens),
+                n(|l| l.cache_write_tokens),
+                n(|l| l.output_tokens),
             ])?;
             spans.add(tx.last_insert_rowid(), e.ts_ms, &e.tenant_id, &e.key_id);
         }
@@ -776,6 +827,7 @@ mod tests {
             spend: Micros(n),
             vendor_request_id: Some(format!("req_{n}")),
             duration_ms: 3,
+            llm: None,
         }
     }
 
@@ -1080,5 +1132,38 @@ mod tests {
             "{locked} of {} writes found keybrake.db locked",
             locked + writes
         );
+    }
+
+    #[tokio::test]
+    async fn llm_model_and_tokens_are_kept_also_in_a_trail_written_before_they_existed() {
+        let dir = temp_dir("audit-llm");
+        {
+            // The layout before the LLM columns (SCHEMA has none of them).
+            let old = rusqlite::Connection::open(dir.join(FILE)).unwrap();
+            old.execute_batch(SCHEMA).unwrap();
+        }
+        let trail = AuditTrail::open(&dir, Metrics::global(), Default::default())
+            .await
+            .unwrap();
+        let mut e = event(1);
+        e.llm = Some(crate::sync::LlmAudit {
+            model: "gpt-4o-mini".into(),
+            input_tokens: Some(20),
+            cached_input_tokens: Some(4),
+            cache_write_tokens: Some(0),
+            output_tokens: Some(7),
+        });
+        trail.record(e);
+        trail.record(event(2));
+        assert!(trail.flush(Duration::from_secs(10)));
+        let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
+        assert!(rows[0].1.llm.is_none());
+        let llm = rows[1].1.llm.clone().unwrap();
+        assert_eq!(llm.model, "gpt-4o-mini");
+        assert_eq!(
+            (llm.input_tokens, llm.cached_input_tokens, llm.output_tokens),
+            (Some(20), Some(4), Some(7))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

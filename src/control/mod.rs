@@ -1040,6 +1040,7 @@ mod tests {
                 spend: Micros(10_000_000),
                 vendor_request_id: None,
                 duration_ms: 1,
+                llm: None,
             },
         );
         assert!(dead.audit.flush(Duration::from_secs(10)));

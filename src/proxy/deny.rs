@@ -32,6 +32,8 @@ pub enum Denial {
     VendorNotConfigured,
     LedgerUnavailable,
     UpstreamUnavailable,
+    UnknownModel,
+    InvalidLlmBody,
     UpstreamTimeout,
 }
 
@@ -54,6 +56,7 @@ impl Denial {
             | EndpointUnmetered => 403,
             InvalidPath | AmountRequired | InvalidAmount | AmountUnknown | UnsupportedCurrency
             | InvalidBody => 400,
+            UnknownModel | InvalidLlmBody => 400,
             UnknownVendor => 404,
             BodyTimeout => 408,
             BodyTooLarge => 413,
@@ -88,6 +91,8 @@ impl Denial {
             LedgerUnavailable => "ledger_unavailable",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
+            UnknownModel => "unknown_model",
+            InvalidLlmBody => "invalid_body",
         }
     }
 
@@ -117,6 +122,8 @@ impl Denial {
             LedgerUnavailable => "The spend ledger is unavailable; metered requests are refused until it returns.",
             UpstreamUnavailable => "The vendor could not be reached.",
             UpstreamTimeout => "The vendor did not answer in time.",
+            UnknownModel => "The model is not in Keybrake's price table for this vendor.",
+            InvalidLlmBody => "The body must be a JSON object naming a model, with integer output limits, each field once.",
         }
     }
 

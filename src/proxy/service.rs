@@ -6,6 +6,7 @@
 
 use super::deny::{self, Denial};
 use super::idempotency::{self, Admission, IdempotencyBook, Pending};
+use super::llm;
 use super::meter::{self, ParsedBody};
 use super::path;
 use super::record::{AccessLine, AccessLogWriter};
@@ -73,6 +74,8 @@ pub struct KeybrakeProxy {
     pub idempotency: Arc<IdempotencyBook>,
     /// How long a duplicate waits for the first call of its idempotency key to settle.
     pub idempotent_wait: Duration,
+    /// LLM prices (`conf/prices.yaml`).
+    pub prices: Arc<llm::PriceTable>,
 }
 
 /// What one key has been charged for one object, the most of its amounts seen so far.
@@ -158,6 +161,8 @@ pub struct Ctx {
     vendor_request_id: Option<String>,
     /// Strict audit: the event was made durable before the response was released.
     audited: bool,
+    /// A token-metered (LLM) call: its own reservation and metering (`llm`).
+    llm: Option<Box<llm::Call>>,
 }
 
 impl Ctx {
@@ -219,6 +224,10 @@ impl KeybrakeProxy {
             .and_then(|v| v.parse::<usize>().ok());
         if content_length.is_some_and(|n| n > self.body_limit) {
             return Err(Denial::BodyTooLarge);
+        }
+        if let Some(api) = vendor.llm_api(&method, ctx.path()) {
+            // Token-metered: priced and reserved by its own stage.
+            return Box::pin(self.admit_llm(session, ctx, api, &key, secret, now)).await;
         }
         let content_type = req
             .headers
@@ -625,6 +634,10 @@ impl KeybrakeProxy {
             return Ok(());
         }
         ctx.audited = true;
+        let llm = ctx.llm.as_ref().map(|call| {
+            let (charge, usage) = call.charge(false);
+            (charge, llm_audit(call.model.clone(), usage))
+        });
         let key = ctx.key.as_ref();
         let status = if ctx.status != 0 {
             ctx.status
@@ -652,10 +665,13 @@ impl KeybrakeProxy {
             path: ctx.canonical.clone(),
             status,
             decision: ctx.denial.map_or("allowed", Denial::code).to_string(),
-            // A response-metered call is settled to its charge in `logging`, after this.
-            spend: ctx.response_charge.unwrap_or(ctx.spend),
+            // A response- or token-metered call is settled to this charge in `logging`.
+            spend: llm
+                .as_ref()
+                .map_or(ctx.response_charge.unwrap_or(ctx.spend), |l| l.0),
             vendor_request_id: ctx.vendor_request_id.clone(),
             duration_ms: ctx.start.elapsed().as_millis() as u64,
+            llm: llm.map(|(_, audit)| audit),
         };
         let audit = self.audit.clone();
         let wait = move || audit.record_durably(event, STRICT_AUDIT_TIMEOUT);
@@ -809,6 +825,126 @@ impl KeybrakeProxy {
     }
 }
 
+// ---- LLM metering (stages in `llm`): admit, settle.
+impl KeybrakeProxy {
+    /// The LLM half of `admit`: read the body, plan the call (model, price, bound) and
+    /// reserve its bound. Nothing is sent when this fails.
+    async fn admit_llm(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        api: llm::Api,
+        key: &VerifiedKey,
+        secret: Secret,
+        now: i64,
+    ) -> Result<(), Denial> {
+        if session
+            .req_header()
+            .headers
+            .contains_key(http::header::CONTENT_ENCODING)
+        {
+            // A compressed body cannot be read for its model and limits.
+            return Err(Denial::InvalidLlmBody);
+        }
+        let body = self.read_body(session).await?;
+        let plan = llm::plan(api, &body, &self.prices, &key.claims.ven)?;
+        ctx.body = Some(plan.body.unwrap_or(body));
+        ctx.body_was_read = true;
+        let spender = Spender {
+            key_id: &key.claims.jti,
+            tenant_id: &key.claims.ten,
+            vendor: &key.claims.ven,
+            cap: Micros(key.claims.cap),
+            exp: key.claims.exp,
+        };
+        let reservation = self
+            .spend
+            .reserve(&spender, plan.bound, now)
+            .await
+            .map_err(|e| match e {
+                SpendError::CapExhausted => Denial::CapExhausted,
+                SpendError::LedgerUnavailable => Denial::LedgerUnavailable,
+            })?;
+        ctx.spend = reservation.amount;
+        let mut call = plan.call;
+        call.hold(reservation);
+        ctx.llm = Some(Box::new(call));
+        ctx.secret = Some(secret);
+        Ok(())
+    }
+
+    /// Settles an LLM call at its end: the usage's cost out of its reservation (the rest
+    /// goes back), or all of it when no usage could be read; counts the tokens.
+    async fn settle_llm(
+        &self,
+        call: llm::Call,
+        ctx: &mut Ctx,
+        e: Option<&Error>,
+        now: i64,
+    ) -> crate::sync::LlmAudit {
+        let never_sent = ctx.upstream_start.is_none()
+            || e.is_some_and(|e| {
+                matches!(
+                    e.etype(),
+                    ConnectTimedout
+                        | ConnectRefused
+                        | ConnectNoRoute
+                        | ConnectError
+                        | TLSHandshakeFailure
+                )
+            });
+        let model = call.model.clone();
+        let outcome = call.finish(never_sent);
+        ctx.spend = outcome.charge;
+        if let Some(key) = &ctx.key {
+            let spender = Spender {
+                key_id: &key.claims.jti,
+                tenant_id: &key.claims.ten,
+                vendor: &key.claims.ven,
+                cap: Micros(key.claims.cap),
+                exp: key.claims.exp,
+            };
+            self.spend
+                .settle_part(outcome.reservation, outcome.charge, &spender, now)
+                .await;
+        } else {
+            self.spend.release(outcome.reservation);
+        }
+        if let Some(u) = &outcome.usage {
+            let vendor = ctx.vendor_name();
+            for (kind, n) in [
+                ("input", u.input),
+                ("cached_input", u.cached_input),
+                (
+                    "cache_write",
+                    u.cache_write.saturating_add(u.cache_write_1h),
+                ),
+                ("output", u.output),
+                ("reasoning", u.reasoning),
+            ] {
+                if n > 0 {
+                    self.metrics
+                        .llm_tokens
+                        .with_label_values(&[vendor, kind])
+                        .inc_by(n);
+                }
+            }
+        }
+        llm_audit(model, outcome.usage)
+    }
+}
+
+/// The model and tokens an LLM call's audit event carries.
+fn llm_audit(model: String, usage: Option<llm::usage::Usage>) -> crate::sync::LlmAudit {
+    crate::sync::LlmAudit {
+        model,
+        input_tokens: usage.map(|u| u.input_total()),
+        cached_input_tokens: usage.map(|u| u.cached_input),
+        cache_write_tokens: usage.map(|u| u.cache_write.saturating_add(u.cache_write_1h)),
+        output_tokens: usage.map(|u| u.output),
+    }
+}
+
 /// An HTTP/1.1 request with `Expect: 100-continue`: its client may hold the body back
 /// until it gets `100 Continue`.
 fn expects_continue(req: &RequestHeader) -> bool {
@@ -909,6 +1045,7 @@ impl ProxyHttp for KeybrakeProxy {
             spend: Micros::ZERO,
             vendor_request_id: None,
             audited: false,
+            llm: None,
         }
     }
 
@@ -1006,6 +1143,10 @@ impl ProxyHttp for KeybrakeProxy {
             // The response is read to meter it; it must arrive uncompressed.
             upstream.remove_header(&http::header::ACCEPT_ENCODING);
         }
+        if ctx.llm.is_some() {
+            // The answer is read for its usage.
+            upstream.remove_header(&http::header::ACCEPT_ENCODING);
+        }
         ctx.upstream_start = Some(Instant::now());
         ctx.body_sent = false;
         Ok(())
@@ -1049,6 +1190,9 @@ impl ProxyHttp for KeybrakeProxy {
             // `100 Continue`, `103 Early Hints`: the final answer is still to come, and it
             // alone settles or releases the reservation.
             return Ok(());
+        }
+        if let Some(call) = ctx.llm.as_mut() {
+            call.response_header(upstream);
         }
         ctx.status = upstream.status.as_u16();
         let success = upstream.status.is_success();
@@ -1126,6 +1270,9 @@ impl ProxyHttp for KeybrakeProxy {
         eos: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
+        if let Some(call) = ctx.llm.as_mut() {
+            call.response_body(body, eos);
+        }
         if let (Capture::On(buf), Some(chunk)) = (&mut ctx.capture, body.as_ref()) {
             let limit = if ctx.response_rule.is_some() {
                 MAX_METERED_CAPTURE
@@ -1196,6 +1343,10 @@ impl ProxyHttp for KeybrakeProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let now = now_secs();
+        let llm = match ctx.llm.take() {
+            Some(call) => Some(self.settle_llm(*call, ctx, e, now).await),
+            None => None,
+        };
         if ctx.capture.pending() {
             // The response was cut short (client or vendor gone): meter what arrived; a
             // truncated (or overflowed) response-metered answer cannot be read and is
@@ -1293,6 +1444,7 @@ impl ProxyHttp for KeybrakeProxy {
             spend: ctx.spend,
             vendor_request_id: ctx.vendor_request_id.take(),
             duration_ms: total.as_millis() as u64,
+            llm,
         });
     }
 }

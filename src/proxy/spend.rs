@@ -456,6 +456,94 @@ impl SpendBook {
     }
 }
 
+/// Settlement of a call whose cost is known only at its end (LLM tokens).
+impl SpendBook {
+    /// `spent` of the reservation is spent, the rest goes back to the counter. Spend
+    /// beyond the reservation (the vendor billed more than the bound) is charged after
+    /// the fact, as `charge_after` does.
+    pub async fn settle_part(
+        &self,
+        mut reservation: Reservation,
+        spent: Micros,
+        who: &Spender<'_>,
+        now: i64,
+    ) {
+        let spent = spent.max(Micros::ZERO);
+        let excess = spent.saturating_sub(reservation.amount);
+        let unused = reservation.amount.saturating_sub(spent).max(Micros::ZERO);
+        if unused.is_positive() {
+            reservation.amount = reservation.amount.saturating_sub(unused);
+            if let Some(entry) = &reservation.entry {
+                entry.available.fetch_add(unused.0, Ordering::AcqRel);
+            }
+        }
+        self.settle(reservation);
+        self.charge_after(who, excess, now).await;
+    }
+}
+
+#[cfg(test)]
+mod settle_part_tests {
+    use super::*;
+    use crate::sync::LedgerError;
+    use std::sync::Mutex;
+
+    /// Grants whatever remains of the cap; counts what is reported spent.
+    #[derive(Default)]
+    struct Ledger1 {
+        committed: Mutex<i64>,
+        spent: Mutex<i64>,
+    }
+
+    #[async_trait::async_trait]
+    impl Ledger for Ledger1 {
+        async fn lease(&self, r: LeaseRequest) -> Result<Micros, LedgerError> {
+            let mut c = self.committed.lock().unwrap();
+            let grant = r.want.0.min(r.cap.0 - *c);
+            if grant < r.min.0 {
+                return Ok(Micros::ZERO);
+            }
+            *c += grant;
+            Ok(Micros(grant))
+        }
+        async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
+            for r in reports {
+                *self.committed.lock().unwrap() -= r.returned.0;
+                *self.spent.lock().unwrap() += r.spent.0 + r.overspent.0;
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_unused_part_goes_back_and_an_excess_is_charged_after() {
+        let ledger = Arc::new(Ledger1::default());
+        let book = SpendBook::new(
+            ledger.clone(),
+            Arc::new(Published::empty()),
+            1,
+            2,
+            Metrics::global(),
+        );
+        let who = Spender {
+            key_id: "key_llm",
+            tenant_id: "tn_1",
+            vendor: "openai",
+            cap: Micros(1_000),
+            exp: i64::MAX,
+        };
+        let r = book.reserve(&who, Micros(600), 1000).await.unwrap();
+        // 400 is still free, so a second 600 does not fit until the first settles.
+        assert!(book.reserve(&who, Micros(600), 1000).await.is_err());
+        book.settle_part(r, Micros(150), &who, 1000).await;
+        let r = book.reserve(&who, Micros(850), 1000).await.unwrap();
+        book.settle_part(r, Micros(900), &who, 1000).await;
+        book.report(1000, true).await;
+        assert_eq!(*ledger.spent.lock().unwrap(), 1_050);
+        assert!(book.is_over_cap(&who, 1000));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -525,6 +525,7 @@ def write_config(directory: Path, **settings) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(CONF_DIR / "vendors.yaml", directory / "vendors.yaml")
     shutil.copy(CONF_DIR / "currencies.yaml", directory / "currencies.yaml")
+    shutil.copy(CONF_DIR / "prices.yaml", directory / "prices.yaml")
     lines = [f"{k}: {json.dumps(v)}" for k, v in settings.items()]
     path = directory / "keybrake.yaml"
     path.write_text("\n".join(lines) + "\n")

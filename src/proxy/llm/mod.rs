@@ -1,0 +1,367 @@
+//! Token metering of LLM vendors (SPEC §5): the stages `meter` and settlement take for an
+//! OpenAI or Anthropic call. Before forwarding, `plan` reads the request and names the
+//! upper bound to reserve; the answer, JSON or an SSE stream passed on as it arrives, is
+//! read for its usage as it goes; at the end `Call::finish` says how much of the
+//! reservation is spent: the usage × the price when the vendor reported it, else all of
+//! it (fail closed). The rules are in docs/llm-metering.md.
+
+pub mod prices;
+pub mod request;
+pub mod usage;
+
+use crate::money::Micros;
+use crate::proxy::deny::Denial;
+use crate::proxy::spend::Reservation;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+pub use prices::{ModelPrice, PriceTable};
+use serde::Deserialize;
+use usage::{SseMeter, Usage};
+
+/// Which API an endpoint speaks (the vendor catalog names it per metered endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Api {
+    #[serde(rename = "openai_chat")]
+    OpenAiChat,
+    #[serde(rename = "openai_responses")]
+    OpenAiResponses,
+    #[serde(rename = "openai_embeddings")]
+    OpenAiEmbeddings,
+    #[serde(rename = "anthropic_messages")]
+    AnthropicMessages,
+}
+
+/// Most bytes of a JSON answer kept to read its usage. Past it the call is charged its
+/// whole reservation.
+pub const MAX_JSON: usize = 32 * 1024 * 1024;
+
+/// What the proxy does with a metered LLM request: the body to forward and what to
+/// reserve, with the call's metering state.
+pub struct Plan {
+    /// `Some` when Keybrake rewrote the body (the stream's usage was asked for).
+    pub body: Option<Bytes>,
+    pub bound: Micros,
+    pub call: Call,
+}
+
+/// Reads the request and prices its upper bound. Refusals are the client's to fix:
+/// not a JSON object or no model (400 `invalid_body`), a model the table does not price
+/// (400 `unknown_model`).
+pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<Plan, Denial> {
+    let req = request::parse(api, body).map_err(|_| Denial::InvalidLlmBody)?;
+    let price = prices
+        .resolve(vendor, &req.model)
+        .ok_or(Denial::UnknownModel)?
+        .clone();
+    let output = match api {
+        Api::OpenAiEmbeddings => 0,
+        _ => req
+            .output_limit
+            .or(price.max_output)
+            .ok_or(Denial::UnknownModel)?
+            .checked_mul(req.choices)
+            .ok_or(Denial::InvalidLlmBody)?,
+    };
+    let strip = req.needs_usage_injected(api);
+    let new_body = if strip {
+        Some(Bytes::from(
+            req.inject_include_usage(body)
+                .ok_or(Denial::InvalidLlmBody)?,
+        ))
+    } else {
+        None
+    };
+    let sent_len = new_body.as_ref().map_or(body.len(), Bytes::len);
+    let input = req
+        .input_bound(api, sent_len, price.context)
+        .ok_or(Denial::UnknownModel)?;
+    let bound = price.bound(input, output).ok_or(Denial::CapExhausted)?;
+    Ok(Plan {
+        body: new_body,
+        bound,
+        call: Call {
+            api,
+            model: req.model,
+            price,
+            strip,
+            reservation: None,
+            answer: Answer::Waiting,
+        },
+    })
+}
+
+/// One metered LLM call in flight. It holds its own reservation, so the proxy's other
+/// settlement paths never see it.
+pub struct Call {
+    pub api: Api,
+    pub model: String,
+    price: ModelPrice,
+    strip: bool,
+    reservation: Option<Reservation>,
+    answer: Answer,
+}
+
+enum Answer {
+    /// No final answer header yet.
+    Waiting,
+    /// Not a 2xx: the vendor bills nothing.
+    Refused,
+    Json(Vec<u8>),
+    Stream(Box<SseMeter>),
+    /// A JSON answer larger than `MAX_JSON`.
+    TooLarge,
+    /// The answer ended and its usage was read.
+    Done(Option<Usage>),
+}
+
+/// What `finish` decided.
+pub struct Outcome {
+    pub reservation: Reservation,
+    /// Spent out of the reservation (the rest goes back); can exceed it only when the
+    /// vendor billed more than the bound.
+    pub charge: Micros,
+    pub usage: Option<Usage>,
+}
+
+impl Call {
+    pub fn hold(&mut self, reservation: Reservation) {
+        self.reservation = Some(reservation);
+    }
+
+    /// The final answer's header (never a 1xx).
+    pub fn response_header(&mut self, header: &mut ResponseHeader) {
+        if !header.status.is_success() {
+            self.answer = Answer::Refused;
+            return;
+        }
+        let sse = header
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+            });
+        self.answer = if sse {
+            if self.strip {
+                // Chunks are rewritten: the length is no longer the vendor's.
+                header.remove_header(&http::header::CONTENT_LENGTH);
+            }
+            Answer::Stream(Box::new(SseMeter::new(self.api, self.strip)))
+        } else {
+            Answer::Json(Vec::new())
+        };
+    }
+
+    /// One chunk of the answer, passed on (rewritten only as `SseMeter` says).
+    pub fn response_body(&mut self, body: &mut Option<Bytes>, end: bool) {
+        match &mut self.answer {
+            Answer::Stream(meter) => {
+                meter.feed(body, end);
+                if end {
+                    self.answer = Answer::Done(meter.usage());
+                }
+            }
+            Answer::Json(buf) => {
+                if let Some(chunk) = body {
+                    if buf.len() + chunk.len() > MAX_JSON {
+                        self.answer = Answer::TooLarge;
+                        return;
+                    }
+                    buf.extend_from_slice(chunk);
+                }
+                if end {
+                    self.answer = Answer::Done(usage::from_json(self.api, buf));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The call is over. `never_sent`: the request did not leave (nothing to pay).
+    /// A refused call is free; an answer whose usage was read costs that; anything else
+    /// (cut short by either side, no usage, unreadable usage) costs the whole reservation.
+    pub fn finish(mut self, never_sent: bool) -> Outcome {
+        let (charge, usage) = self.charge(never_sent);
+        Outcome {
+            reservation: self.reservation.take().unwrap_or_else(Reservation::none),
+            charge,
+            usage,
+        }
+    }
+
+    /// What the call costs given what has arrived so far (`finish` settles to it; strict
+    /// audit records it before the response's last bytes leave).
+    pub fn charge(&self, never_sent: bool) -> (Micros, Option<Usage>) {
+        let held = self.reservation.as_ref().map_or(Micros::ZERO, |r| r.amount);
+        match &self.answer {
+            _ if never_sent => (Micros::ZERO, None),
+            Answer::Refused => (Micros::ZERO, None),
+            Answer::Done(Some(u)) => self.priced(*u, held),
+            // Cut after the usage arrived (OpenAI's chunk comes before `[DONE]`).
+            Answer::Stream(meter) => match meter.usage() {
+                Some(u) => self.priced(u, held),
+                None => (held, None),
+            },
+            _ => (held, None),
+        }
+    }
+}
+
+impl Call {
+    fn priced(&self, u: Usage, held: Micros) -> (Micros, Option<Usage>) {
+        match self.price.cost(&u) {
+            Some(cost) => (cost, Some(u)),
+            None => (held, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> PriceTable {
+        PriceTable::parse(
+            r#"
+openai:
+  models:
+    gpt-4o-mini: { input: "0.15", cached_input: "0.075", output: "0.60", context: 128000, max_output: 16384 }
+    text-embedding-3-small: { input: "0.02" }
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_bound_covers_the_bytes_the_output_limit_and_every_choice() {
+        let t = table();
+        let body = br#"{"model":"gpt-4o-mini-2024-07-18","max_tokens":100,"n":2}"#;
+        let p = plan(Api::OpenAiChat, body, &t, "openai").unwrap();
+        assert!(p.body.is_none());
+        // (bytes + 1024) × 0.15 + 200 × 0.60 micro-USD, rounded up.
+        let input = (body.len() as i64 + 1024) * 150_000;
+        assert_eq!(
+            p.bound,
+            Micros((input + 200 * 600_000 + 999_999) / 1_000_000)
+        );
+        // No limit: the model's maximum output.
+        let p = plan(Api::OpenAiChat, br#"{"model":"gpt-4o-mini"}"#, &t, "openai").unwrap();
+        assert!(p.bound.0 >= 16_384 * 600_000 / 1_000_000);
+        let e = plan(
+            Api::OpenAiEmbeddings,
+            br#"{"model":"text-embedding-3-small","input":"x"}"#,
+            &t,
+            "openai",
+        )
+        .unwrap();
+        assert_eq!(e.bound, Micros(1));
+        for (body, denial) in [
+            (&br#"{"model":"gpt-5"}"#[..], Denial::UnknownModel),
+            (br#"{"messages":[]}"#, Denial::InvalidLlmBody),
+            (b"model=gpt-4o-mini", Denial::InvalidLlmBody),
+        ] {
+            assert_eq!(
+                plan(Api::OpenAiChat, body, &t, "openai").err(),
+                Some(denial)
+            );
+        }
+        // A stream that did not ask for usage: asked for, and the bound counts those bytes.
+        let p = plan(
+            Api::OpenAiChat,
+            br#"{"model":"gpt-4o-mini","stream":true}"#,
+            &t,
+            "openai",
+        )
+        .unwrap();
+        assert!(p
+            .body
+            .unwrap()
+            .starts_with(br#"{"stream_options":{"include_usage":true},"#));
+    }
+
+    fn finished(answer: &[(&str, bool)], status: u16, sse: bool) -> Outcome {
+        let t = table();
+        let mut call = plan(
+            Api::OpenAiChat,
+            br#"{"model":"gpt-4o-mini","max_tokens":10}"#,
+            &t,
+            "openai",
+        )
+        .unwrap()
+        .call;
+        let mut header = ResponseHeader::build(status, None).unwrap();
+        if sse {
+            header
+                .insert_header("content-type", "text/event-stream; charset=utf-8")
+                .unwrap();
+        }
+        call.response_header(&mut header);
+        for (chunk, end) in answer {
+            let mut body = Some(Bytes::copy_from_slice(chunk.as_bytes()));
+            call.response_body(&mut body, *end);
+        }
+        call.finish(false)
+    }
+
+    #[test]
+    fn settles_from_usage_else_refused_is_free_else_everything_is_charged() {
+        let json = r#"{"usage":{"prompt_tokens":1000,"completion_tokens":10}}"#;
+        let o = finished(&[(json, true)], 200, false);
+        assert_eq!(o.charge, Micros(156));
+        assert_eq!(o.usage.map(|u| u.output), Some(10));
+        assert_eq!(finished(&[(json, true)], 400, false).charge, Micros::ZERO);
+        // Cut short: no end of stream seen. Held is 0 here (no reservation was made).
+        let o = finished(&[(json, false)], 200, false);
+        assert!(o.usage.is_none());
+        let o = finished(&[("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n", true)], 200, true);
+        assert_eq!((o.charge, o.usage.map(|u| u.input)), (Micros(2), Some(3)));
+    }
+
+    #[test]
+    fn a_cut_stream_costs_its_usage_if_it_came_else_the_whole_reservation() {
+        let t = table();
+        let body = br#"{"model":"gpt-4o-mini","max_tokens":10,"stream":true}"#;
+        let start = |chunks: &[&str]| {
+            let mut call = plan(Api::OpenAiChat, body, &t, "openai").unwrap().call;
+            let mut held = Reservation::none();
+            held.amount = Micros(500);
+            call.hold(held);
+            let mut header = ResponseHeader::build(200, None).unwrap();
+            header
+                .insert_header("content-type", "text/event-stream")
+                .unwrap();
+            header.insert_header("content-length", "999").unwrap();
+            call.response_header(&mut header);
+            // Keybrake rewrites this stream (it asked for the usage): no length of the vendor's.
+            assert!(header.headers.get("content-length").is_none());
+            let mut passed = String::new();
+            for chunk in chunks {
+                let mut b = Some(Bytes::copy_from_slice(chunk.as_bytes()));
+                call.response_body(&mut b, false);
+                passed.push_str(std::str::from_utf8(&b.unwrap()).unwrap());
+            }
+            (call.finish(false), passed)
+        };
+        let text = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n";
+        let usage =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n";
+        let (o, passed) = start(&[text]);
+        assert_eq!((o.charge, o.usage), (Micros(500), None));
+        assert_eq!(
+            passed,
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n"
+        );
+        // The client left after the usage chunk, before `[DONE]`: the usage counts.
+        let (o, passed) = start(&[text, usage]);
+        assert_eq!((o.charge, o.usage.map(|u| u.output)), (Micros(2), Some(1)));
+        assert!(!passed.contains("usage"));
+        // Never sent: nothing.
+        let mut call = plan(Api::OpenAiChat, body, &t, "openai").unwrap().call;
+        let mut held = Reservation::none();
+        held.amount = Micros(500);
+        call.hold(held);
+        assert_eq!(call.finish(true).charge, Micros::ZERO);
+    }
+}

@@ -1,0 +1,375 @@
+//! Reading an LLM request body before it is forwarded: the model, the output limit, the
+//! number of choices, whether it streams, and the upper bound on its input tokens; and
+//! the one rewrite Keybrake makes, asking OpenAI's chat stream for its usage chunk.
+//!
+//! Only the top level of the JSON object is decoded (each member kept as raw text), so a
+//! large prompt is scanned once and never rebuilt: the body goes out byte for byte, or
+//! with `stream_options` inserted or replaced in place.
+
+use super::Api;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Tokens added to the byte bound of a chat-style request for what the vendor wraps
+/// around it (message framing, the system prompt that describes tools).
+pub const OVERHEAD_TOKENS: u64 = 1_024;
+
+/// Quoted names that bring input the body's bytes do not bound: images, files, audio,
+/// documents, stored conversations and prompts, server-side tools. Any of them (or an
+/// ASCII letter written as a `\u00XX` escape, which could hide one) and the input bound
+/// is the model's whole context window.
+const RICH_MARKERS: &[&[u8]] = &[
+    b"\"image",
+    b"\"input_image",
+    b"\"file",
+    b"\"input_file",
+    b"\"document",
+    b"\"audio",
+    b"\"input_audio",
+    b"\"previous_response_id\"",
+    b"\"conversation\"",
+    b"\"prompt\"",
+    b"\"container\"",
+    b"\"mcp",
+    b"\"web_search",
+    b"\"web_fetch",
+    b"\"code_interpreter",
+    b"\"code_execution",
+    b"\"computer",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the body is not a JSON object")]
+    NotJson,
+    #[error("the body names no model")]
+    NoModel,
+    #[error("a field Keybrake meters has the wrong type or appears twice")]
+    BadField,
+}
+
+/// What metering needs from a request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LlmRequest {
+    pub model: String,
+    /// The largest output limit the body sets (`max_tokens`, `max_completion_tokens`,
+    /// `max_output_tokens`), none when it sets none.
+    pub output_limit: Option<u64>,
+    /// Choices asked for (OpenAI chat `n`): each may write up to the output limit.
+    pub choices: u64,
+    pub stream: bool,
+    /// The client asked for the stream's usage chunk itself.
+    pub wants_usage: bool,
+    /// The body may carry input its bytes do not bound (see `RICH_MARKERS`).
+    pub rich_input: bool,
+    /// Where `stream_options` is in the body (byte range of its value), if present.
+    stream_options: Option<(usize, usize)>,
+    /// Where the object's `{` is.
+    open_brace: usize,
+}
+
+/// The body's top-level members, in order, each value as raw JSON text.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
+                    out.push((k, v));
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The names of the fields metering reads, per API.
+fn limit_fields(api: Api) -> &'static [&'static str] {
+    match api {
+        Api::OpenAiChat => &["max_tokens", "max_completion_tokens"],
+        Api::OpenAiResponses => &["max_output_tokens"],
+        Api::AnthropicMessages => &["max_tokens"],
+        Api::OpenAiEmbeddings => &[],
+    }
+}
+
+pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
+    let text = std::str::from_utf8(body).map_err(|_| RequestError::NotJson)?;
+    let Members(members) = serde_json::from_str(text).map_err(|_| RequestError::NotJson)?;
+    let open_brace = text.find('{').ok_or(RequestError::NotJson)?;
+    // A metered field given twice: the vendor's parser may read either. Refused.
+    let find = |name: &str| -> Result<Option<&RawValue>, RequestError> {
+        let mut found = members.iter().filter(|(k, _)| k == name).map(|(_, v)| *v);
+        match (found.next(), found.next()) {
+            (_, Some(_)) => Err(RequestError::BadField),
+            (v, None) => Ok(v),
+        }
+    };
+    let model = match find("model")? {
+        None => return Err(RequestError::NoModel),
+        Some(v) => match serde_json::from_str::<serde_json::Value>(v.get()) {
+            Ok(serde_json::Value::String(m)) if !m.is_empty() => m,
+            Ok(serde_json::Value::Null) => return Err(RequestError::NoModel),
+            _ => return Err(RequestError::BadField),
+        },
+    };
+    let number = |v: Option<&RawValue>| -> Result<Option<u64>, RequestError> {
+        match v.map(|v| serde_json::from_str::<Option<u64>>(v.get())) {
+            None => Ok(None),
+            Some(Ok(n)) => Ok(n),
+            Some(Err(_)) => Err(RequestError::BadField),
+        }
+    };
+    let mut output_limit: Option<u64> = None;
+    for name in limit_fields(api) {
+        if let Some(n) = number(find(name)?)? {
+            output_limit = Some(output_limit.map_or(n, |m| m.max(n)));
+        }
+    }
+    let choices = if api == Api::OpenAiChat {
+        number(find("n")?)?.unwrap_or(1).max(1)
+    } else {
+        1
+    };
+    let stream = match find("stream")?.map(|v| serde_json::from_str::<Option<bool>>(v.get())) {
+        None => false,
+        Some(Ok(s)) => s.unwrap_or(false),
+        Some(Err(_)) => return Err(RequestError::BadField),
+    };
+    let (mut wants_usage, mut stream_options) = (false, None);
+    if api == Api::OpenAiChat {
+        if let Some(v) = find("stream_options")? {
+            #[derive(serde::Deserialize)]
+            struct Options {
+                include_usage: Option<bool>,
+            }
+            let options = serde_json::from_str::<Option<Options>>(v.get())
+                .map_err(|_| RequestError::BadField)?;
+            wants_usage = options.and_then(|o| o.include_usage).unwrap_or(false);
+            let at = v.get().as_ptr() as usize - text.as_ptr() as usize;
+            stream_options = Some((at, at + v.get().len()));
+        }
+    }
+    let rich_input = api != Api::OpenAiEmbeddings && has_rich_input(body);
+    Ok(LlmRequest {
+        model,
+        output_limit,
+        choices,
+        stream,
+        wants_usage,
+        rich_input,
+        stream_options,
+        open_brace,
+    })
+}
+
+/// One pass over the body, looking only where a marker can start (a quote or a backslash).
+fn has_rich_input(body: &[u8]) -> bool {
+    body.iter().enumerate().any(|(i, &b)| match b {
+        b'"' => RICH_MARKERS.iter().any(|m| body[i..].starts_with(m)),
+        // `\u0069mage`: an escaped printable ASCII character, which no client needs.
+        b'\\' => matches!(
+            body.get(i + 1..i + 6),
+            Some([b'u', b'0', b'0', b'2'..=b'7', h]) if h.is_ascii_hexdigit()
+        ),
+        _ => false,
+    })
+}
+
+impl LlmRequest {
+    /// The most input tokens the call can be billed for: the body's bytes plus the
+    /// vendor's framing (a token is at least one byte of UTF-8 text), within the context
+    /// window; the whole window when the body may bring more than its bytes.
+    /// `None`: no bound known (the price table gives no context window).
+    pub fn input_bound(&self, api: Api, body_len: usize, context: Option<u64>) -> Option<u64> {
+        let bytes = body_len as u64;
+        if api == Api::OpenAiEmbeddings {
+            return Some(bytes);
+        }
+        let text = bytes.saturating_add(OVERHEAD_TOKENS);
+        match (self.rich_input, context) {
+            (true, context) => context,
+            (false, Some(c)) => Some(text.min(c)),
+            (false, None) => Some(text),
+        }
+    }
+
+    /// Whether Keybrake must ask for the usage chunk (OpenAI chat streams only).
+    pub fn needs_usage_injected(&self, api: Api) -> bool {
+        api == Api::OpenAiChat && self.stream && !self.wants_usage
+    }
+
+    /// The body with `stream_options.include_usage` set to true, everything else as sent.
+    pub fn inject_include_usage(&self, body: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(body.len() + 40);
+        match self.stream_options {
+            None => {
+                out.extend_from_slice(&body[..=self.open_brace]);
+                out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+                out.extend_from_slice(&body[self.open_brace + 1..]);
+            }
+            Some((start, end)) => {
+                let mut options = match serde_json::from_slice(&body[start..end]).ok()? {
+                    serde_json::Value::Object(o) => o,
+                    _ => serde_json::Map::new(),
+                };
+                options.insert("include_usage".into(), serde_json::Value::Bool(true));
+                out.extend_from_slice(&body[..start]);
+                out.extend_from_slice(serde_json::to_string(&options).ok()?.as_bytes());
+                out.extend_from_slice(&body[end..]);
+            }
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<LlmRequest, RequestError> {
+        parse(Api::OpenAiChat, body.as_bytes())
+    }
+
+    #[test]
+    fn reads_model_limits_choices_and_stream() {
+        let r = chat(r#"{"model":"gpt-4o","max_tokens":50,"max_completion_tokens":80,"n":3,"stream":true,"messages":[]}"#).unwrap();
+        assert_eq!(r.model, "gpt-4o");
+        assert_eq!(r.output_limit, Some(80));
+        assert_eq!(r.choices, 3);
+        assert!(r.stream && !r.wants_usage && r.needs_usage_injected(Api::OpenAiChat));
+        let r = chat(r#"{"model":"m","stream_options":{"include_usage":true},"stream":true,"max_tokens":null}"#).unwrap();
+        assert!(r.wants_usage && !r.needs_usage_injected(Api::OpenAiChat));
+        assert_eq!(r.output_limit, None);
+        let r = parse(
+            Api::OpenAiResponses,
+            br#"{"model":"m","max_output_tokens":9,"max_tokens":99999,"n":5}"#,
+        )
+        .unwrap();
+        assert_eq!((r.output_limit, r.choices), (Some(9), 1));
+        let r = parse(
+            Api::AnthropicMessages,
+            br#"{"model":"c","max_tokens":1024,"stream":false}"#,
+        )
+        .unwrap();
+        assert_eq!((r.output_limit, r.stream), (Some(1024), false));
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_metered() {
+        assert_eq!(chat("not json"), Err(RequestError::NotJson));
+        assert_eq!(chat("[1]"), Err(RequestError::NotJson));
+        assert_eq!(chat(r#"{"model":"m""#), Err(RequestError::NotJson));
+        assert_eq!(chat(r#"{"messages":[]}"#), Err(RequestError::NoModel));
+        assert_eq!(chat(r#"{"model":null}"#), Err(RequestError::NoModel));
+        assert_eq!(chat(r#"{"model":7}"#), Err(RequestError::BadField));
+        assert_eq!(chat(r#"{"model":""}"#), Err(RequestError::BadField));
+        assert_eq!(
+            chat(r#"{"model":"m","model":"n"}"#),
+            Err(RequestError::BadField)
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","max_tokens":-1}"#),
+            Err(RequestError::BadField)
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","max_tokens":1.5}"#),
+            Err(RequestError::BadField)
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","max_tokens":"9"}"#),
+            Err(RequestError::BadField)
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","max_tokens":1,"max_tokens":1000000}"#),
+            Err(RequestError::BadField)
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","stream":"yes"}"#),
+            Err(RequestError::BadField)
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","stream_options":3}"#),
+            Err(RequestError::BadField)
+        );
+    }
+
+    #[test]
+    fn input_is_bounded_by_bytes_unless_the_body_brings_more() {
+        let plain =
+            chat(r#"{"model":"m","messages":[{"role":"user","content":"profile"}]}"#).unwrap();
+        assert!(!plain.rich_input);
+        assert_eq!(
+            plain.input_bound(Api::OpenAiChat, 100, Some(128_000)),
+            Some(1_124)
+        );
+        assert_eq!(
+            plain.input_bound(Api::OpenAiChat, 1_000_000, Some(128_000)),
+            Some(128_000)
+        );
+        for rich in [
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x"}}]}]}"#,
+            r#"{"model":"m","previous_response_id":"resp_1","input":"go on"}"#,
+            r#"{"model":"m","tools":[{"type":"web_search_preview"}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"\u0069mage"}]}]}"#,
+        ] {
+            let r = chat(rich).unwrap();
+            assert!(r.rich_input, "{rich}");
+            assert_eq!(
+                r.input_bound(Api::OpenAiChat, 100, Some(128_000)),
+                Some(128_000)
+            );
+            assert_eq!(r.input_bound(Api::OpenAiChat, 100, None), None);
+        }
+        // Non-ASCII text escaped by the client is fine.
+        assert!(
+            !chat(r#"{"model":"m","messages":[{"content":"\u00e9\u4e2d"}]}"#)
+                .unwrap()
+                .rich_input
+        );
+        let e = parse(
+            Api::OpenAiEmbeddings,
+            br#"{"model":"e","input":"an image file"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.input_bound(Api::OpenAiEmbeddings, 40, None), Some(40));
+    }
+
+    #[test]
+    fn usage_is_asked_for_in_place_and_the_rest_kept_byte_for_byte() {
+        let body = br#"  {"model":"m", "stream":true,"messages":[{"content":"{x}"}]}"#;
+        let r = parse(Api::OpenAiChat, body).unwrap();
+        let out = r.inject_include_usage(body).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"  {"stream_options":{"include_usage":true},"model":"m", "stream":true,"messages":[{"content":"{x}"}]}"#
+        );
+        let body =
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1},"z":2}"#;
+        let r = parse(Api::OpenAiChat, body).unwrap();
+        let out = r.inject_include_usage(body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+        assert!(out.ends_with(br#","z":2}"#));
+        let body = br#"{"model":"m","stream":true,"stream_options":null}"#;
+        let out = parse(Api::OpenAiChat, body)
+            .unwrap()
+            .inject_include_usage(body)
+            .unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#
+        );
+    }
+}

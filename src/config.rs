@@ -920,7 +920,9 @@ impl ListenerDefaults {
         header_timeout_ms: 5_000,
         keepalive_timeout_ms: 5_000,
         request_timeout_ms: 30_000,
-        max_header_bytes: 16 * 1024,
+        // Above the API's own 16 KiB header and 8 KiB target bounds, which answer with
+        // the JSON error body; hyper's bare 431 is for what is larger still.
+        max_header_bytes: 64 * 1024,
         // hyper's smallest read buffer.
         min_header_bytes: 8192,
         max_connections: 1024,

@@ -240,7 +240,15 @@ async fn read_head<S: AsyncRead + Unpin>(
     let mut scanned = 0;
     loop {
         if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
+            // 4 KiB holds almost every request header; a larger one grows once to the
+            // bound (a doubling growth would hold twice the bound per slow client).
+            let room = match buf.capacity() {
+                0 => 4096,
+                _ => (limits.max_header_bytes + 1)
+                    .saturating_sub(buf.len())
+                    .max(1024),
+            };
+            buf.reserve(room);
         }
         let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
         let n = match read {

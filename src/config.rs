@@ -138,7 +138,7 @@ struct FileVendor {
     default_headers: BTreeMap<String, String>,
     /// Paths (patterns, any method) whose JSON bodies are converted to a form.
     #[serde(default)]
-    json_to_form: Vec<String>,
+    json_to_form: JsonToForm,
     #[serde(default)]
     account_headers: Vec<String>,
     request_id_header: Option<String>,
@@ -155,6 +155,31 @@ struct FileVendor {
     llm_metered: Vec<FileLlmRule>,
     cost_per_request_usd: Option<String>,
     ca_file: Option<PathBuf>,
+}
+
+/// `json_to_form`: a list of path patterns, or (the earlier form, still read) a boolean:
+/// `true` converts on every path.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum JsonToForm {
+    All(bool),
+    Paths(Vec<String>),
+}
+
+impl Default for JsonToForm {
+    fn default() -> Self {
+        JsonToForm::All(false)
+    }
+}
+
+impl JsonToForm {
+    fn paths(&self) -> Vec<String> {
+        match self {
+            JsonToForm::All(true) => vec!["/**".into()],
+            JsonToForm::All(false) => Vec::new(),
+            JsonToForm::Paths(p) => p.clone(),
+        }
+    }
 }
 
 /// A mutating call (POST, PUT, PATCH, DELETE) that is neither metered nor listed as free.
@@ -1063,7 +1088,7 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                 auth_header,
                 strip_headers,
                 default_headers,
-                json_to_form: patterns(&v.json_to_form, "json_to_form")?,
+                json_to_form: patterns(&v.json_to_form.paths(), "json_to_form")?,
                 account_headers: v
                     .account_headers
                     .iter()
@@ -1174,6 +1199,10 @@ mod tests {
         assert_eq!(c.proxy_listen.to_string(), "127.0.0.1:8080");
         assert!(c.vendors["stripe"].converts_json("/v1/payment_intents"));
         assert!(!c.vendors["stripe"].converts_json("/v2/core/event_destinations"));
+        // The earlier boolean form is still read.
+        let v =
+            parse_vendors("x: {upstream: 'http://a', auth: bearer, json_to_form: true}").unwrap();
+        assert!(v["x"].converts_json("/v2/anything"));
         assert_eq!(c.currencies["jpy"].decimals, 0);
     }
 

@@ -291,8 +291,7 @@ impl KeybrakeProxy {
                 let amount = match rule.source {
                     MeterSource::Items => {
                         let items = meter::subscription_items(&form)?;
-                        self.price_items(&items, rule, &vendor, &secret, session)
-                            .await?
+                        Box::pin(self.price_items(&items, rule, &vendor, &secret, session)).await?
                     }
                     _ => {
                         let parsed = ParsedBody::from_form(&form, keep);
@@ -325,9 +324,10 @@ impl KeybrakeProxy {
             }
             // What the call can charge, read from the vendor now, is reserved: concurrent
             // calls never take the key past its cap.
-            let can_charge = self
-                .look_up_charge(&rule, &vendor, &secret, session, ctx)
-                .await?;
+            // Boxed, like every rare await here: inline, its state would grow the future
+            // that async_trait boxes and copies on every request.
+            let can_charge =
+                Box::pin(self.look_up_charge(&rule, &vendor, &secret, session, ctx)).await?;
             cost = cost
                 .checked_add(can_charge.saturating_sub(ctx.credit).max(Micros::ZERO))
                 .ok_or(Denial::InvalidAmount)?;
@@ -364,17 +364,15 @@ impl KeybrakeProxy {
                     ctx.path(),
                     ctx.body.as_deref().unwrap_or_default(),
                 );
-                match self
-                    .idempotency
-                    .admit(
-                        &key.jti,
-                        idem,
-                        fingerprint,
-                        key.claims.exp,
-                        now,
-                        self.idempotent_wait,
-                    )
-                    .await
+                match Box::pin(self.idempotency.admit(
+                    &key.jti,
+                    idem,
+                    fingerprint,
+                    key.claims.exp,
+                    now,
+                    self.idempotent_wait,
+                ))
+                .await
                 {
                     // Stripe answers with its first answer and does not act again.
                     Admission::Replay => {
@@ -1362,7 +1360,7 @@ impl ProxyHttp for KeybrakeProxy {
                     cap: Micros(key.claims.cap),
                     exp: key.claims.exp,
                 };
-                ctx.spend = self.spend.settle_to(&spender, r, charge, now).await;
+                ctx.spend = Box::pin(self.spend.settle_to(&spender, r, charge, now)).await;
             }
             (_, _, r) => {
                 ctx.reservation = r;

@@ -10,7 +10,9 @@
 //!   moment it waits for a request (fresh or kept-alive) to the complete header, however
 //!   steadily the bytes trickle; a header over `max_header_bytes` is refused by hyper;
 //! - a declared `Content-Length` over the body limit is answered 413 before any body is
-//!   read; a request (body read and handler) is bounded by `request_timeout`.
+//!   read; a request (body read and handler) is bounded by `request_timeout`;
+//! - the answers hyper writes itself when it cannot parse a request (400, 414, 431: no
+//!   handler runs) get SPEC §3's JSON error body (`JsonParseErrors`).
 
 use super::errors::ApiError;
 use crate::config::ListenerSettings;
@@ -105,7 +107,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, guard
         .header_read_timeout(shared.header_timeout)
         .max_buf_size(shared.max_header_bytes)
         .keep_alive(true);
-    let conn = http.serve_connection(TokioIo::new(io), service);
+    let conn = http.serve_connection(TokioIo::new(JsonParseErrors::new(io)), service);
     tokio::select! {
         served = conn => {
             if let Err(e) = served {
@@ -113,6 +115,115 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, guard
             }
         }
         _ = guard.evicted() => {}
+    }
+}
+
+/// Gives the bodiless answers hyper writes on a request it cannot parse (SPEC §3: every
+/// error has the JSON body) their JSON body. hyper writes such an answer as one head with
+/// `content-length: 0` and then closes; every answer of a handler has a body. Writes are
+/// kept unvectored so that a head arrives here whole, in one `poll_write`.
+struct JsonParseErrors<T> {
+    inner: T,
+    /// A replacement being written, and how much of it has gone out.
+    replacing: Option<(Vec<u8>, usize)>,
+}
+
+impl<T> JsonParseErrors<T> {
+    fn new(inner: T) -> Self {
+        JsonParseErrors {
+            inner,
+            replacing: None,
+        }
+    }
+}
+
+/// The JSON answer for hyper's automatic answer `head`, if it is one.
+fn json_parse_error(head: &[u8]) -> Option<Vec<u8>> {
+    let (status, code, message) = match head.get(..13)? {
+        b"HTTP/1.1 400 " => (400, "invalid_request", "the request could not be parsed"),
+        b"HTTP/1.1 414 " => (414, "uri_too_long", "the request target is too long"),
+        b"HTTP/1.1 431 " => (
+            431,
+            "headers_too_large",
+            "the request headers are too large",
+        ),
+        _ => return None,
+    };
+    let text = std::str::from_utf8(head).ok()?;
+    let (head_text, rest) = text.split_once("\r\n\r\n")?;
+    let bodiless = head_text
+        .split("\r\n")
+        .any(|l| l.eq_ignore_ascii_case("content-length: 0"));
+    if !bodiless || !rest.is_empty() {
+        return None;
+    }
+    let reason = &head_text[13..head_text.find("\r\n")?];
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    Some(
+        format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for JsonParseErrors<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        if self.replacing.is_none() {
+            match json_parse_error(buf) {
+                Some(answer) => self.replacing = Some((answer, 0)),
+                None => return std::pin::Pin::new(&mut self.inner).poll_write(cx, buf),
+            }
+        }
+        // hyper calls again with the same `buf` until it is reported written.
+        let this = &mut *self;
+        let (answer, sent) = this.replacing.as_mut().expect("set above");
+        while *sent < answer.len() {
+            match std::pin::Pin::new(&mut this.inner).poll_write(cx, &answer[*sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => *sent += n,
+                other => return other,
+            }
+        }
+        this.replacing = None;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
     }
 }
 
@@ -180,4 +291,35 @@ async fn handle(
         e
     });
     Response::from_parts(parts, axum::body::Body::new(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_parse_error;
+
+    #[test]
+    fn hyper_parse_error_answers_get_the_json_body_and_nothing_else_does() {
+        let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\
+                     date: Thu, 03 Dec 2026 01:00:00 GMT\r\n\r\n";
+        let answer = String::from_utf8(json_parse_error(head).unwrap()).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("content-type: application/json"));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "headers_too_large");
+        let uri = b"HTTP/1.1 414 URI Too Long\r\ncontent-length: 0\r\n\r\n";
+        assert!(String::from_utf8(json_parse_error(uri).unwrap())
+            .unwrap()
+            .contains("uri_too_long"));
+        // A handler's answer (with a body, or another status) passes untouched.
+        for other in [
+            &b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 10\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nx",
+            b"HTTP/1.1 400 Bad Req",
+        ] {
+            assert!(json_parse_error(other).is_none());
+        }
+    }
 }

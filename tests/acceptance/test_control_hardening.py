@@ -133,6 +133,34 @@ def test_uri_and_header_limits_answer_with_the_json_error_body(keybrake):
     assert requests.get(f"{keybrake.control_url}/healthz", timeout=10).status_code == 200
 
 
+def _raw_exchange(kb, request: bytes) -> bytes:
+    """Sends `request` on a fresh connection, half-closes, and reads the whole answer."""
+    host, port = kb.control_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_requests_the_server_cannot_parse_get_the_json_error_body(keybrake):
+    """The answers written below the handlers (an unparseable request line, a head larger
+    than the listener's read buffer) have SPEC §3's JSON body too."""
+    for request, status, code in [
+        (b"GARBAGE\r\n\r\n", 400, "invalid_request"),
+        # Exactly the listener's 64 KiB read buffer and no end of head: the server reads it
+        # all before refusing it (bytes left unread would make the close a reset).
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ".ljust(65536, b"a"), 431, "headers_too_large"),
+    ]:
+        answer = _raw_exchange(keybrake, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+        assert b"content-type: application/json" in head.lower(), head
+        assert json.loads(body)["error"]["code"] == code, body
+
+
 def test_every_file_in_an_existing_open_data_dir_is_private(keybrake_factory, fake_stripe, tmp_path):
     kb = keybrake_factory({"stripe": fake_stripe.url}, start=False)
     kb.data_dir.mkdir(parents=True)

@@ -603,17 +603,7 @@ impl KeybrakeProxy {
     /// so it stays spent.
     fn settle_unanswered(&self, ctx: &mut Ctx, e: Option<&Error>) {
         if let Some(r) = ctx.reservation.take() {
-            let never_sent = ctx.upstream_start.is_none()
-                || e.is_some_and(|e| {
-                    matches!(
-                        e.etype(),
-                        ConnectTimedout
-                            | ConnectRefused
-                            | ConnectNoRoute
-                            | ConnectError
-                            | TLSHandshakeFailure
-                    )
-                });
+            let never_sent = never_sent(ctx, e);
             if never_sent {
                 self.spend.release(r);
                 ctx.spend = Micros::ZERO;
@@ -880,17 +870,7 @@ impl KeybrakeProxy {
         e: Option<&Error>,
         now: i64,
     ) -> crate::sync::LlmAudit {
-        let never_sent = ctx.upstream_start.is_none()
-            || e.is_some_and(|e| {
-                matches!(
-                    e.etype(),
-                    ConnectTimedout
-                        | ConnectRefused
-                        | ConnectNoRoute
-                        | ConnectError
-                        | TLSHandshakeFailure
-                )
-            });
+        let never_sent = never_sent(ctx, e);
         let model = call.model.clone();
         let outcome = call.finish(never_sent);
         ctx.spend = outcome.charge;
@@ -930,6 +910,22 @@ impl KeybrakeProxy {
         }
         llm_audit(model, outcome.usage)
     }
+}
+
+/// Whether a request that got no answer surely never reached the vendor: it was not sent,
+/// or the connection to the vendor failed. Anything else may have been acted on.
+fn never_sent(ctx: &Ctx, e: Option<&Error>) -> bool {
+    ctx.upstream_start.is_none()
+        || e.is_some_and(|e| {
+            matches!(
+                e.etype(),
+                ConnectTimedout
+                    | ConnectRefused
+                    | ConnectNoRoute
+                    | ConnectError
+                    | TLSHandshakeFailure
+            )
+        })
 }
 
 /// The model and tokens an LLM call's audit event carries.

@@ -627,19 +627,9 @@ impl KeybrakeProxy {
             (charge, llm_audit(call.model.clone(), usage))
         });
         let key = ctx.key.as_ref();
-        let status = if ctx.status != 0 {
-            ctx.status
-        } else {
-            session
-                .response_written()
-                .filter(|r| !r.status.is_informational())
-                .map_or(0, |r| r.status.as_u16())
-        };
+        let status = final_status(session, ctx);
         let event = AuditEvent {
-            ts_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0),
+            ts_ms: unix_ms(std::time::SystemTime::now()),
             tenant_id: key.map(|k| k.ten.clone()),
             key_id: key.map(|k| k.jti.clone()),
             label: key.map(|k| k.lbl.clone()),
@@ -910,6 +900,23 @@ impl KeybrakeProxy {
         }
         llm_audit(model, outcome.usage)
     }
+}
+
+/// The status the client was answered (0 when nothing final was sent).
+fn final_status(session: &Session, ctx: &Ctx) -> u16 {
+    if ctx.status != 0 {
+        return ctx.status;
+    }
+    session
+        .response_written()
+        .filter(|r| !r.status.is_informational())
+        .map_or(0, |r| r.status.as_u16())
+}
+
+/// Milliseconds since the Unix epoch, for audit events.
+fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Whether a request that got no answer surely never reached the vendor: it was not sent,
@@ -1382,14 +1389,7 @@ impl ProxyHttp for KeybrakeProxy {
                 .as_secs_f64(),
         );
         let decision = ctx.denial.map_or("allowed", Denial::code);
-        let status = if ctx.status != 0 {
-            ctx.status
-        } else {
-            session
-                .response_written()
-                .filter(|r| !r.status.is_informational())
-                .map_or(0, |r| r.status.as_u16())
-        };
+        let status = final_status(session, ctx);
         // Label values stay bounded: unknown vendor names are folded into one.
         let vendor_label = if ctx.vendor.is_some() {
             ctx.vendor_name()
@@ -1423,10 +1423,7 @@ impl ProxyHttp for KeybrakeProxy {
         }
         let vendor = vendor_label.to_string();
         self.audit.record(AuditEvent {
-            ts_ms: wall
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0),
+            ts_ms: unix_ms(wall),
             tenant_id: ctx.key.as_ref().map(|k| k.ten.clone()),
             key_id: ctx.key.as_ref().map(|k| k.jti.clone()),
             label: ctx.key.as_ref().map(|k| k.lbl.clone()),

@@ -53,7 +53,8 @@ pub fn router(state: ApiState) -> Router {
             "/v1/tenants/{id}/api_tokens/{token_id}",
             axum::routing::delete(delete_api_token),
         )
-        .route("/v1/nodes", post(create_node))
+        .route("/v1/nodes", post(create_node).get(super::sync_api::list_nodes))
+        .merge(super::sync_api::routes())
         .route("/v1/admin/signing-keys/rotate", post(rotate_signing_key))
         .route(
             "/v1/vendors/{vendor}/credential",
@@ -150,7 +151,7 @@ async fn head_limits(request: axum::extract::Request, next: axum::middleware::Ne
 
 // ----- authentication -----
 
-fn bearer(headers: &HeaderMap) -> ApiResult<&str> {
+pub(super) fn bearer(headers: &HeaderMap) -> ApiResult<&str> {
     let value = headers
         .get(axum::http::header::AUTHORIZATION)
         .ok_or_else(ApiError::missing_token)?
@@ -165,7 +166,7 @@ fn bearer(headers: &HeaderMap) -> ApiResult<&str> {
     Ok(token)
 }
 
-fn admin(state: &ApiState, headers: &HeaderMap) -> ApiResult<()> {
+pub(super) fn admin(state: &ApiState, headers: &HeaderMap) -> ApiResult<()> {
     if state.control.is_admin(bearer(headers)?) {
         Ok(())
     } else {

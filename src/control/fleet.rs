@@ -121,7 +121,8 @@ pub struct SyncAnswer {
     pub jwks: Option<Jwks>,
     /// tenant id → vendor → secret, in clear: this body only travels to an authenticated
     /// node, over TLS when the control URL is https.
-    pub credentials: Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
+    pub credentials:
+        Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
     pub revoked: Vec<(String, i64)>,
     /// How long the node's leases stay its own from the moment it sent this poll.
     pub lease_valid_for_ms: u64,
@@ -223,7 +224,10 @@ impl Control {
         let lifetime = super::lease_lifetime_secs(&self.settings);
         let alive = self
             .store
-            .heartbeat_holder(&holder_id(node, session), now_secs().saturating_add(lifetime))
+            .heartbeat_holder(
+                &holder_id(node, session),
+                now_secs().saturating_add(lifetime),
+            )
             .await?;
         let same_epoch = epoch == self.fleet.epoch;
         if same_epoch && since == self.fleet.version() && alive {

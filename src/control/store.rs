@@ -443,12 +443,21 @@ impl Store {
 
     /// Every node: (id, name, created_at, token hash), oldest first.
     pub async fn all_nodes(&self) -> Result<Vec<(String, String, i64, Vec<u8>)>> {
-        let rows = sqlx::query("SELECT id, name, created_at, token_hash FROM nodes ORDER BY created_at, id")
-            .fetch_all(&self.reader)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, name, created_at, token_hash FROM nodes ORDER BY created_at, id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get("id"), r.get("name"), r.get("created_at"), r.get("token_hash")))
+            .map(|r| {
+                (
+                    r.get("id"),
+                    r.get("name"),
+                    r.get("created_at"),
+                    r.get("token_hash"),
+                )
+            })
             .collect())
     }
 

@@ -2,7 +2,7 @@
 //! request only with a valid, unrevoked vault key allowed for the vendor, endpoint and
 //! account, within its daily cap, and forwards it with the vendor's real credential.
 //!
-//! One module per stage, in request order: `path` → `extract` → `verify` → `scope` →
+//! One module per stage, in request order: `fresh` (edge nodes only) → `path` → `extract` → `verify` → `scope` →
 //! `meter` (with the vendor look-ups of `upstream_call` for what a response-metered call
 //! can charge; `llm` for token-metered vendors) → `idempotency` → `spend` → `inject` → `upstream` → (`spend` settle) →
 //! `record`; `deny` turns any refusal into the spec's response; `service` wires them into
@@ -10,6 +10,7 @@
 
 pub mod deny;
 pub mod extract;
+pub mod fresh;
 pub mod idempotency;
 pub mod inject;
 pub mod llm;

@@ -209,6 +209,11 @@ impl HttpLedger {
             None => fail("lease request task failed"),
         };
         let failed = out.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            if let Some(Err(e)) = out.iter().find(|r| r.is_err()) {
+                log::warn!("{failed} lease requests failed: {}", e.0);
+            }
+        }
         self.metrics.lease_failures.inc_by(failed as u64);
         out
     }
@@ -325,24 +330,23 @@ fn audit_sender(
             bytes += v.to_string().len();
             batch.push(v);
         }
-        // Collect for up to 100 ms after the first event, or until the batch is full.
-        let first = if batch.is_empty() {
+        // Sent as soon as there is an event, with whatever else is queued by then (up to
+        // the batch size): under load, batches form while the previous one is in flight,
+        // and an event reaches the control plane within one round trip otherwise. The
+        // control plane settles a dead node's leases from this trail (see
+        // docs/architecture.md), so the sooner it arrives the less can be missed.
+        if batch.is_empty() {
             match rx.recv() {
-                Ok(e) => Some(e),
+                Ok(e) => {
+                    let v = serde_json::to_value(&e).unwrap_or(Value::Null);
+                    bytes += v.to_string().len();
+                    batch.push(v);
+                }
                 Err(_) => return,
             }
-        } else {
-            None
-        };
-        if let Some(e) = first {
-            let v = serde_json::to_value(&e).unwrap_or(Value::Null);
-            bytes += v.to_string().len();
-            batch.push(v);
         }
-        let until = Instant::now() + Duration::from_millis(100);
         while bytes < AUDIT_BATCH_BYTES {
-            let left = until.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
+            match rx.try_recv() {
                 Ok(e) => {
                     let v = serde_json::to_value(&e).unwrap_or(Value::Null);
                     let len = v.to_string().len();

@@ -229,6 +229,10 @@ impl Control {
                 now_secs().saturating_add(lifetime),
             )
             .await?;
+        // A poll answers within a quarter of the lease lifetime, so the node's leases
+        // (valid for the lifetime less the margin, counted in whole seconds) are extended
+        // long before they lapse.
+        let wait = wait.min(Duration::from_millis(lifetime.max(0) as u64 * 1000 / 4));
         let same_epoch = epoch == self.fleet.epoch;
         if same_epoch && since == self.fleet.version() && alive {
             let mut rx = self.fleet.version.subscribe();

@@ -571,8 +571,10 @@ fn health_server(addr: std::net::SocketAddr, state: Arc<SyncState>) -> Result<()
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // SO_REUSEPORT, like the control API: the next process of a graceful upgrade binds
+    // while this one drains.
     let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(addr))
+        .block_on(async { crate::serve::reuseport_listener(addr) })
         .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
     let app = axum::Router::new()
         .route(
@@ -636,7 +638,12 @@ fn hello(client: &SyncClient, url: &str, token_file: &Path) -> Result<String> {
 }
 
 /// `keybrake proxy`: runs until stopped.
-pub fn run_edge(config: Config, opts: EdgeOptions, upgrade: bool) -> Result<()> {
+pub fn run_edge(
+    config: Config,
+    opts: EdgeOptions,
+    upgrade: bool,
+    ready: Option<std::fs::File>,
+) -> Result<()> {
     config.check_files(true)?;
     let client = Arc::new(SyncClient::new(&opts)?);
     let node_id = hello(&client, &opts.control_url, &opts.node_token_file)?;
@@ -714,5 +721,5 @@ pub fn run_edge(config: Config, opts: EdgeOptions, upgrade: bool) -> Result<()> 
             }
         }),
     };
-    crate::serve::run_proxy(config, parts, upgrade, None)
+    crate::serve::run_proxy(config, parts, upgrade, ready)
 }

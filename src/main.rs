@@ -65,6 +65,10 @@ enum Command {
         /// Take over the listening sockets of a running instance (Pingora graceful upgrade).
         #[arg(long)]
         upgrade: bool,
+        /// Fork into the background; the parent writes the child's PID to
+        /// `pingora.pid_file` and exits (systemd `Type=forking`).
+        #[arg(long)]
+        daemon: bool,
     },
     /// Validate the configuration and exit.
     Check {
@@ -288,8 +292,16 @@ fn run(cli: Cli) -> Result<()> {
             ca_file,
             max_staleness,
             upgrade,
+            daemon,
         } => {
             let config = common.load()?;
+            let ready = if daemon {
+                Some(keybrake::serve::daemonize(std::path::Path::new(
+                    &config.pingora.pid_file,
+                ))?)
+            } else {
+                None
+            };
             let max_staleness = keybrake::config::parse_duration(&max_staleness)
                 .map(std::time::Duration::from_secs)
                 .map_err(|e| anyhow::anyhow!("--max-staleness: {e}"))?;
@@ -302,6 +314,7 @@ fn run(cli: Cli) -> Result<()> {
                     max_staleness,
                 },
                 upgrade,
+                ready,
             )
         }
         Command::Check { common } => {

@@ -179,7 +179,7 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
 
 /// Binds a listener with SO_REUSEPORT, so the next process of a graceful upgrade can bind
 /// the control port while this one drains.
-fn reuseport_listener(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+pub(crate) fn reuseport_listener(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

@@ -322,3 +322,121 @@ impl Control {
         self.fleet.bump();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::crypto::MasterKey;
+    use crate::control::ControlSettings;
+    use crate::metrics::Metrics;
+    use crate::secret::Secret;
+    use crate::sync::Published;
+    use std::sync::Arc;
+
+    async fn open(name: &str) -> Arc<Control> {
+        let dir =
+            std::env::temp_dir().join(format!("keybrake-fleet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let settings = ControlSettings {
+            default_ttl: Duration::from_secs(300),
+            max_ttl: Duration::from_secs(3600),
+            vendors: ["stripe".to_string()].into(),
+            lease_lifetime: Duration::from_secs(8),
+            audit_durability: Default::default(),
+        };
+        Control::open(
+            settings,
+            &dir,
+            MasterKey::from_base64(&MasterKey::generate_base64()).unwrap(),
+            Secret::new("admin"),
+            Arc::new(Published::empty()),
+            Metrics::global(),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_node_gets_everything_once_then_only_what_changed_and_is_woken_by_a_revocation() {
+        let control = open("delta").await;
+        let (node, token) = control.create_node("edge").await.unwrap();
+        assert_eq!(
+            control.node_for_token(token.expose()).as_deref(),
+            Some(node.as_str())
+        );
+        assert_eq!(control.node_for_token("kbn_wrong"), None);
+        control.node_hello(&node, "session-1").await.unwrap();
+        control.fleet.revoked("key_old", i64::MAX);
+        control
+            .published
+            .revocations
+            .load()
+            .insert("key_old", i64::MAX);
+
+        let poll = |epoch: String, since: u64, wait: u64| {
+            let (control, node) = (control.clone(), node.clone());
+            async move {
+                control
+                    .node_poll(
+                        &node,
+                        "session-1",
+                        &epoch,
+                        since,
+                        Duration::from_millis(wait),
+                    )
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        let first = poll(String::new(), 0, 5000).await;
+        assert!(first.full && first.jwks.is_some() && first.credentials.is_some());
+        assert_eq!(first.revoked, vec![("key_old".to_string(), i64::MAX)]);
+        assert!(first.lease_valid_for_ms > 0 && !first.leases_lapsed);
+
+        // Nothing changed: the poll waits (at most a quarter of the 8 s lease lifetime).
+        let started = std::time::Instant::now();
+        let idle = poll(first.epoch.clone(), first.version, 300).await;
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert!(!idle.full && idle.revoked.is_empty() && idle.jwks.is_none());
+
+        // A revocation wakes a waiting poll at once, and only it travels.
+        let waiting = tokio::spawn(poll(first.epoch.clone(), first.version, 5000));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        control.fleet.revoked("key_new", i64::MAX);
+        let delta = waiting.await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(!delta.full);
+        assert_eq!(delta.revoked, vec![("key_new".to_string(), i64::MAX)]);
+        assert!(delta.version > first.version);
+
+        // Another process's (or a restart's) versions mean nothing: everything again.
+        let other = poll("ep_other".into(), delta.version, 5000).await;
+        assert!(other.full);
+
+        // Deleted: the token stops working, a poll is answered "gone".
+        assert!(control.delete_node(&node).await.unwrap());
+        assert_eq!(control.node_for_token(token.expose()), None);
+        assert!(control
+            .node_poll(
+                &node,
+                "session-1",
+                &other.epoch,
+                other.version,
+                Duration::ZERO
+            )
+            .await
+            .unwrap()
+            .is_none());
+        assert!(!control.delete_node(&node).await.unwrap());
+    }
+
+    #[test]
+    fn sessions_are_short_and_plain() {
+        assert!(valid_session("s06h3n7gfm0ddsce"));
+        assert!(!valid_session("short"));
+        assert!(!valid_session("has.a.dot.in.it"));
+        assert!(!valid_session(&"x".repeat(65)));
+    }
+}

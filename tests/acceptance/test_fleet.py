@@ -54,9 +54,10 @@ def fleet(tmp_path, fake_stripe, stripe_secret):
             p.proc.wait(timeout=10)
 
 
-def test_600_concurrent_charges_over_three_nodes_stop_at_the_cap(fleet, fake_stripe):
+def test_600_concurrent_charges_over_three_nodes_stop_at_the_cap(fleet, fake_stripe, stripe_secret):
     """600 concurrent $1 charges spread over three nodes against one $100 key: exactly
-    100 succeed, Stripe received exactly $100, and settled spend = audit = Stripe."""
+    100 succeed, Stripe received exactly $100, and settled spend = audit = Stripe. The
+    nodes wrote nothing to disk and never logged the vendor secret."""
     control, tenant, node = fleet
     nodes = [node(f"edge{i}") for i in range(3)]
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
@@ -89,6 +90,12 @@ def test_600_concurrent_charges_over_three_nodes_stop_at_the_cap(fleet, fake_str
     assert len(events) == n, f"{len(events)} audit events for {n} requests"
     assert sum(Decimal(str(e["spend_usd"])) for e in events) == Decimal(100)
     assert sum(1 for e in events if e["decision"] == "allowed") == 100
+    for e in nodes:
+        assert not (e.workdir / "nothing-here").exists(), "an edge node created its data dir"
+        assert stripe_secret not in e.logs() and e.node_token not in e.logs()
+        assert e.metric("keybrake_lease_requests_total") >= 1
+        assert e.metric("keybrake_sync_snapshot_version") >= 1
+        assert e.metric("keybrake_sync_lag_seconds") is not None
 
 
 def test_a_revoked_key_is_refused_by_every_node_within_one_second(fleet):

@@ -8,16 +8,26 @@
 //! `record`; `deny` turns any refusal into the spec's response; `service` wires them into
 //! Pingora. The proxy reads only what `sync` publishes and never touches storage.
 
+pub mod audit;
+pub mod body_plan;
+pub mod body_read;
+pub mod charges;
+pub mod ctx;
 pub mod deny;
 pub mod extract;
+pub mod forward;
 pub mod idempotency;
 pub mod inject;
 pub mod llm;
 pub mod meter;
 pub mod path;
+pub mod price;
 pub mod record;
+pub mod reserve;
+pub mod response_charge;
 pub mod scope;
 pub mod service;
+pub mod settle;
 pub mod spend;
 pub mod upstream;
 pub mod upstream_call;

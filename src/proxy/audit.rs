@@ -1,4 +1,4 @@
-//! The audit event of a request (SPEC §6), built in one place (`event`), and recorded
+//! Stage 11, record (the audit part): the audit event of a request (SPEC §6), built in one place (`event`), and recorded
 //! either after the response (`record`) or, under `audit.durability: strict`
 //! (docs/storage.md), made durable before the response's last bytes leave
 //! (`audit_before_release`).

@@ -1,4 +1,4 @@
-//! Reading a request body whole, before anything is sent upstream (to meter, convert or
+//! Stage 5, reading a request body whole before anything is sent upstream (to meter, convert or
 //! plan it): within the size limit and the body deadline, answering `Expect:
 //! 100-continue` first so the client sends it. Pingora keeps (up to 64 KiB of) what is
 //! read for its replay; `request_body_filter` sends our full copy instead.

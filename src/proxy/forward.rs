@@ -1,4 +1,4 @@
-//! Large-body forwarding: a request whose body was read whole and is larger than
+//! Stage 9, forward (large bodies): a request whose body was read whole and is larger than
 //! Pingora replays (64 KiB) is sent by us, over a connection from our own connector,
 //! calling the same hooks in the same order as Pingora's proxy path (peer, request
 //! header, response header, body filters). Errors are answered as `fail_to_proxy`

@@ -1,6 +1,7 @@
-//! Stage 11: what happened, told three ways: the audit event (tenant-visible, through
-//! the control plane's batched writer), one JSON access-log line (operators, journald)
-//! and Prometheus counters. Nothing here ever holds a token or a secret.
+//! Stage 11, record: what happened, told three ways (`KeybrakeProxy::record`): the audit
+//! event (tenant-visible, built by `audit::event`, through the control plane's batched
+//! writer), one JSON access-log line (operators, journald; `AccessLogWriter`) and
+//! Prometheus counters. Nothing here ever holds a token or a secret.
 
 use crate::config::AccessLog;
 use crate::money::Micros;

@@ -1,4 +1,4 @@
-//! Charging from the answer: the 2xx answer of a response-metered or object-tracking
+//! Stage 10, settle (the answer's charge): the 2xx answer of a response-metered or object-tracking
 //! call is captured (bounded) as it streams to the client, then metered once, at its end
 //! or when it was cut short. A response-metered call is charged the answer's amount net
 //! of what the key already paid for the object; an answer that cannot be read (not

@@ -1,5 +1,6 @@
-//! Settling a call's reservation once its outcome is known (SPEC §5): on the answer's
-//! header (`settle_on_answer`: a 2xx or a 5xx stays spent, anything else is released);
+//! Stage 10, settle: a call's reservation is settled once its outcome is known (SPEC §5):
+//! on the answer's header (`settle_on_answer`: a 2xx or a 5xx stays spent, anything
+//! else is released);
 //! at the end for a response-metered call (to the charge read from its answer) or a
 //! token-metered one (to its usage); and for a request that got no answer (released
 //! only if it surely never reached the vendor).

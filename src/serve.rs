@@ -522,8 +522,7 @@ pub(crate) fn run_proxy(
             config.vendors.keys().cloned(),
         ),
         metrics: metrics.clone(),
-        created: Default::default(),
-        created_swept: Default::default(),
+        charges: Default::default(),
         prices: config.prices.clone(),
         connector: pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::from_server_conf(&conf),

@@ -1,15 +1,14 @@
 //! The fleet's HTTP surface (SPEC §6): node administration (`GET /v1/nodes`,
 //! `DELETE /v1/nodes/{id}`, admin token) and the sync channel under `/v1/sync/`,
-//! authenticated by a node token (`Node` extractor). Shapes are in docs/api.md.
+//! authenticated by a node token (`auth::Node`). Shapes are in docs/api.md.
 
-use super::api::{admin, bearer, rfc3339, ApiState};
+use super::api::{rfc3339, ApiState};
+use super::auth::{Admin, Node};
 use super::errors::{ApiError, ApiResult};
-use super::fleet::{valid_session, SyncAnswer};
+use super::fleet::SyncAnswer;
 use crate::money::Micros;
 use crate::sync::{AuditEvent, LeaseReport, LeaseRequest};
-use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -31,42 +30,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/v1/sync/audit", post(audit))
 }
 
-/// An authenticated node session: the node token names the node, the
-/// `keybrake-node-session` header the process (one per start).
-pub struct Node {
-    pub id: String,
-    pub session: String,
-}
-
-impl FromRequestParts<ApiState> for Node {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, s: &ApiState) -> Result<Node, ApiError> {
-        let id = s
-            .control
-            .node_for_token(bearer(&parts.headers)?)
-            .ok_or_else(|| ApiError::invalid_token("node token"))?;
-        let session = parts
-            .headers
-            .get("keybrake-node-session")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| valid_session(v))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_request",
-                    "a keybrake-node-session header (8-64 of [A-Za-z0-9_-]) is required",
-                )
-            })?
-            .to_string();
-        Ok(Node { id, session })
-    }
-}
-
-pub(super) async fn list_nodes(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
-    admin(&s, &headers)?;
+pub(super) async fn list_nodes(State(s): State<ApiState>, _: Admin) -> ApiResult<Json<Value>> {
     let data: Vec<Value> = s
         .control
         .list_nodes()
@@ -86,12 +50,11 @@ pub(super) async fn list_nodes(
 
 async fn delete_node(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    admin(&s, &headers)?;
     if !s.control.delete_node(&id).await? {
-        return Err(ApiError::not_found("node"));
+        return Err(ApiError::NotFound("node"));
     }
     Ok(Json(json!({"id": id, "deleted": true})))
 }
@@ -121,7 +84,7 @@ async fn snapshot(
         .node_poll(&node.id, &node.session, &q.epoch, q.since, wait)
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::invalid_token("node token"))
+        .ok_or(ApiError::InvalidToken(super::errors::Credential::Node))
 }
 
 #[derive(Deserialize)]
@@ -168,7 +131,10 @@ async fn reports(
     s.control
         .node_report(&node.id, &node.session, body.reports)
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", e.0))?;
+        .map_err(|e| {
+            log::error!("cannot record a node's spend report: {}", e.0);
+            ApiError::Internal
+        })?;
     Ok(Json(json!({ "ok": true })))
 }
 
@@ -192,8 +158,5 @@ async fn audit(
 }
 
 fn too_many() -> ApiError {
-    ApiError::bad_request(
-        "invalid_request",
-        format!("at most {MAX_BATCH} items per request"),
-    )
+    ApiError::InvalidRequest(format!("at most {MAX_BATCH} items per request"))
 }

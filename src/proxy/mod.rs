@@ -28,6 +28,8 @@ pub mod ctx;
 pub mod deny;
 pub mod extract;
 pub mod forward;
+#[cfg(test)]
+mod hook_tests;
 pub mod idempotency;
 pub mod inject;
 pub mod llm;

@@ -1,5 +1,6 @@
-//! The control API over HTTP (SPEC §3): routing, authentication, input validation and
-//! JSON shapes. Business rules live in `Control`; this file only translates.
+//! The control API over HTTP (SPEC §3): routing, input validation and JSON shapes. Who
+//! may call a route is the extractor its handler takes (`auth.rs`); every failure is an
+//! `ApiError` (`errors.rs`). Business rules live in `Control`; this file only translates.
 
 use super::auth::{Admin, Tenant};
 use super::errors::{ApiError, ApiResult};

@@ -2,6 +2,12 @@
 //! vendor credentials, signing keys, vault-key issuance and revocation, the spend ledger
 //! and the audit trail. It publishes what the proxy needs through `sync::Published` and
 //! serves budget leases through `sync::Ledger`; it never sees a proxied request.
+//!
+//! `Control` (this file) holds the business rules. Around it: `api` (HTTP routes, input
+//! validation, JSON), `auth` (who is calling: `Admin`, `Tenant`), `errors` (the one error
+//! type and its HTTP mapping), `listener` (the control API's accept loop and limits),
+//! `store` (`keybrake.db`), `audit` (`audit.db`), `keywriter` (group commit of issued
+//! keys) and `crypto` (sealing under the master key).
 
 pub mod api;
 pub mod audit;

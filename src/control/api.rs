@@ -53,7 +53,11 @@ pub fn router(state: ApiState) -> Router {
             "/v1/tenants/{id}/api_tokens/{token_id}",
             axum::routing::delete(delete_api_token),
         )
-        .route("/v1/nodes", post(create_node))
+        .route(
+            "/v1/nodes",
+            post(create_node).get(super::sync_api::list_nodes),
+        )
+        .merge(super::sync_api::routes())
         .route("/v1/admin/signing-keys/rotate", post(rotate_signing_key))
         .route(
             "/v1/vendors/{vendor}/credential",

@@ -14,9 +14,11 @@ pub mod audit;
 pub mod auth;
 pub mod crypto;
 pub mod errors;
+pub mod fleet;
 pub mod keywriter;
 pub mod listener;
 pub mod store;
+pub mod sync_api;
 
 use crate::ids::{new_id, new_sorted_id, new_token, token_hash};
 use crate::metrics::Metrics;
@@ -82,6 +84,8 @@ pub struct Control {
     /// and their JSON while it is built, so many readers cannot add up to gigabytes.
     pub page_builds: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
+    /// Edge nodes and the change feed they long-poll.
+    fleet: fleet::Fleet,
 }
 
 /// What a caller asked for in `POST /v1/keys`, already validated.
@@ -174,7 +178,9 @@ impl Control {
             keys,
             page_builds: tokio::sync::Semaphore::new(PAGE_BUILDS),
             metrics,
+            fleet: fleet::Fleet::new(),
         });
+        control.load_nodes().await?;
         control.publish_jwks();
         control.publish_credentials().await?;
         let revocations = RevocationFilter::with_capacity(1024);
@@ -222,6 +228,7 @@ impl Control {
                         let filter = self.published.revocations.load();
                         for (id, exp) in missing {
                             filter.insert(&id, exp);
+                            self.fleet.revoked(&id, exp);
                         }
                         self.published.generation.fetch_add(1, Ordering::AcqRel);
                         self.metrics.revoked_keys.set(filter.len() as i64);
@@ -374,6 +381,7 @@ impl Control {
             .verifier
             .store(Arc::new(Verifier::new(&jwks)));
         self.published.generation.fetch_add(1, Ordering::AcqRel);
+        self.feed_changed();
     }
 
     async fn reload_tokens_and_credentials(&self) -> Result<()> {
@@ -415,6 +423,7 @@ impl Control {
                 .insert(row.vendor, Secret::new(secret));
         }
         self.published.credentials.store(Arc::new(map));
+        self.feed_changed();
         Ok(())
     }
 
@@ -497,6 +506,7 @@ impl Control {
         self.store
             .insert_node(&id, name, &token_hash(&token), now_secs())
             .await?;
+        self.node_created(&id, &token);
         Ok((id, Secret::new(token)))
     }
 
@@ -713,6 +723,7 @@ impl Control {
             let _g = self.revocations_lock.lock().await;
             let filter = self.published.revocations.load();
             filter.insert(&row.id, row.expires_at);
+            self.fleet.revoked(&row.id, row.expires_at);
             self.published.generation.fetch_add(1, Ordering::AcqRel);
             self.metrics.revoked_keys.set(filter.len() as i64);
             self.metrics.keys_revoked.inc();
@@ -801,6 +812,35 @@ fn lease_lifetime_secs(settings: &ControlSettings) -> i64 {
         .max(LEASE_MARGIN_SECS + 2)
 }
 
+impl Control {
+    /// Grants a lease to `holder` (this process, or an edge node's session).
+    async fn lease_for(&self, holder: &str, req: LeaseRequest) -> Result<Micros, LedgerError> {
+        if self.published.revocations.load().is_revoked(&req.key_id) || req.want < req.min {
+            return Ok(Micros::ZERO);
+        }
+        // Counted as spent (held) before the proxy may use it: a crash loses the lease
+        // until it is given back, never the cap.
+        self.store
+            .lease_grant(holder, &req.key_id, req.day, req.cap, req.min, req.want)
+            .await
+            .map_err(|e| LedgerError(format!("{e:#}")))
+    }
+
+    async fn report_for(&self, holder: &str, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
+        let overflow = || LedgerError("spend report out of range".into());
+        let mut rows = Vec::with_capacity(reports.len());
+        for r in reports {
+            let settled = r.spent.checked_add(r.overspent).ok_or_else(overflow)?;
+            let released = r.spent.checked_add(r.returned).ok_or_else(overflow)?;
+            rows.push((r.key_id, r.day, settled, released));
+        }
+        self.store
+            .lease_report(holder, &rows)
+            .await
+            .map_err(|e| LedgerError(format!("{e:#}")))
+    }
+}
+
 /// The in-process ledger: leases come straight from the control plane's store, granted
 /// to this process as their holder.
 #[async_trait::async_trait]
@@ -814,33 +854,11 @@ impl Ledger for Control {
                 "this process's leases have lapsed (no heartbeat)".into(),
             ));
         }
-        // Counted as spent (held) before the proxy may use it: a crash loses the lease
-        // until it is given back, never the cap.
-        self.store
-            .lease_grant(
-                &self.holder,
-                &req.key_id,
-                req.day,
-                req.cap,
-                req.min,
-                req.want,
-            )
-            .await
-            .map_err(|e| LedgerError(format!("{e:#}")))
+        self.lease_for(&self.holder, req).await
     }
 
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
-        let overflow = || LedgerError("spend report out of range".into());
-        let mut rows = Vec::with_capacity(reports.len());
-        for r in reports {
-            let settled = r.spent.checked_add(r.overspent).ok_or_else(overflow)?;
-            let released = r.spent.checked_add(r.returned).ok_or_else(overflow)?;
-            rows.push((r.key_id, r.day, settled, released));
-        }
-        self.store
-            .lease_report(&self.holder, &rows)
-            .await
-            .map_err(|e| LedgerError(format!("{e:#}")))
+        self.report_for(&self.holder, reports).await
     }
 
     fn leases_valid_until(&self) -> i64 {

@@ -39,6 +39,8 @@ pub struct KeybrakeProxy {
     /// Set when a graceful upgrade or shutdown begins: connections are closed after their
     /// current response, so clients reconnect to the new process.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Edge nodes: refuse everything while the control plane's view is stale.
+    pub staleness: super::fresh::Staleness,
     pub vendors: Map<String, Arc<Vendor>>,
     pub currencies: Map<String, Currency>,
     pub body_limit: usize,
@@ -226,7 +228,12 @@ impl ProxyHttp for KeybrakeProxy {
         }
         // The rare paths are boxed: async_trait boxes this hook's future on every request,
         // copying its full size, and inline they would make it ~11 KB instead of ~1 KB.
-        match self.admit(session, ctx).await {
+        let admitted = if self.staleness.is_stale() {
+            Err(Denial::ControlUnreachable)
+        } else {
+            self.admit(session, ctx).await
+        };
+        match admitted {
             Ok(()) if ctx.body.read_len() > REPLAY_LIMIT => {
                 Box::pin(self.forward_read_body(session, ctx)).await;
                 Ok(true)

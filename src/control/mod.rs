@@ -8,6 +8,7 @@ pub mod audit;
 pub mod crypto;
 pub mod errors;
 pub mod keywriter;
+pub mod ledger_batch;
 pub mod listener;
 pub mod store;
 
@@ -822,6 +823,35 @@ impl Ledger for Control {
             .map_err(|e| LedgerError(format!("{e:#}")))
     }
 
+    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+        if now_secs() >= self.leases_valid_until() {
+            let lapsed = || LedgerError("this process's leases have lapsed (no heartbeat)".into());
+            return requests.iter().map(|_| Err(lapsed())).collect();
+        }
+        let revocations = self.published.revocations.load();
+        let asks: Vec<ledger_batch::GrantRequest> = requests
+            .into_iter()
+            .map(|r| {
+                // A revoked key is asked for nothing (min 0 grants nothing).
+                let revoked = revocations.is_revoked(&r.key_id);
+                ledger_batch::GrantRequest {
+                    key_id: r.key_id,
+                    day: r.day,
+                    cap: r.cap,
+                    min: if revoked { Micros::ZERO } else { r.min },
+                    want: r.want,
+                }
+            })
+            .collect();
+        match self.store.lease_grant_many(&self.holder, &asks).await {
+            Ok(grants) => grants.into_iter().map(Ok).collect(),
+            Err(e) => {
+                let e = format!("{e:#}");
+                asks.iter().map(|_| Err(LedgerError(e.clone()))).collect()
+            }
+        }
+    }
+
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
         let overflow = || LedgerError("spend report out of range".into());
         let mut rows = Vec::with_capacity(reports.len());
@@ -831,7 +861,7 @@ impl Ledger for Control {
             rows.push((r.key_id, r.day, settled, released));
         }
         self.store
-            .lease_report(&self.holder, &rows)
+            .lease_report_many(&self.holder, &rows)
             .await
             .map_err(|e| LedgerError(format!("{e:#}")))
     }

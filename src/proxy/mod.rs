@@ -4,7 +4,7 @@
 //!
 //! One module per stage, in request order: `path` → `extract` → `verify` → `scope` →
 //! `meter` (with the vendor look-ups of `upstream_call` for what a response-metered call
-//! can charge; `llm` for token-metered vendors) → `idempotency` → `spend` → `inject` → `upstream` → (`spend` settle) →
+//! can charge; `llm` for token-metered vendors) → `idempotency` → `spend` (its ledger calls batched by `lease_batch`) → `inject` → `upstream` → (`spend` settle) →
 //! `record`; `deny` turns any refusal into the spec's response; `service` wires them into
 //! Pingora. The proxy reads only what `sync` publishes and never touches storage.
 
@@ -12,6 +12,7 @@ pub mod deny;
 pub mod extract;
 pub mod idempotency;
 pub mod inject;
+pub mod lease_batch;
 pub mod llm;
 pub mod meter;
 pub mod path;

@@ -32,6 +32,7 @@ struct FileConfig {
     prices_file: Option<PathBuf>,
     body_limit_bytes: Option<usize>,
     body_read_timeout_ms: Option<u64>,
+    token_cache_entries: Option<usize>,
     default_key_ttl: Option<String>,
     max_key_ttl: Option<String>,
     access_log: Option<String>,
@@ -269,6 +270,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub body_limit_bytes: usize,
     pub body_read_timeout: Duration,
+    /// Bound of the verified-token cache (`proxy::verify`): entries beyond it are evicted.
+    pub token_cache_entries: usize,
     /// The proxy's listener: TLS, deadlines, connection bounds.
     pub proxy: ListenerSettings,
     /// The control API's listener.
@@ -700,6 +703,10 @@ impl Config {
         if default_key_ttl > max_key_ttl {
             bail!("default_key_ttl is longer than max_key_ttl");
         }
+        let token_cache_entries = file.token_cache_entries.unwrap_or(1 << 20);
+        if !(1024..=1 << 28).contains(&token_cache_entries) {
+            bail!("token_cache_entries must be between 1024 and 268435456");
+        }
         let body_limit_bytes = file.body_limit_bytes.unwrap_or(1 << 20);
         if body_limit_bytes == 0 {
             bail!("body_limit_bytes must be positive");
@@ -807,6 +814,7 @@ impl Config {
             )?,
             data_dir: data_dir.clone(),
             body_limit_bytes,
+            token_cache_entries,
             body_read_timeout: ms(file.body_read_timeout_ms, 10_000),
             proxy,
             control,

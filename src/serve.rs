@@ -427,7 +427,7 @@ pub fn run_serve(
     ));
     let verifier = Arc::new(KeyVerifier::new(
         published.clone(),
-        100_000,
+        config.token_cache_entries,
         metrics.clone(),
     ));
     let upstreams = Arc::new(Upstreams::new(&config.vendors, config.upstream.clone())?);

@@ -129,10 +129,12 @@ impl Store {
             .collect();
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let held_rows = sqlx::query(
-            "SELECT l.key_id, l.day, l.held FROM leases AS l
-             JOIN json_each(?2) AS r
-               ON l.key_id = json_extract(r.value, '$[0]') AND l.day = json_extract(r.value, '$[1]')
-             WHERE l.holder = ?1",
+            // CROSS JOIN keeps the batch the outer loop: one primary-key probe per row,
+            // not a scan of all the holder's leases.
+            "SELECT l.key_id, l.day, l.held FROM json_each(?2) AS r
+             CROSS JOIN leases AS l
+               ON l.holder = ?1 AND l.key_id = json_extract(r.value, '$[0]')
+                  AND l.day = json_extract(r.value, '$[1]')",
         )
         .bind(holder)
         .bind(serde_json::Value::Array(keys).to_string())
@@ -172,9 +174,12 @@ impl Store {
         };
         let rows2 = report_rows("?2");
         let rows1 = report_rows("?1");
+        // An upsert, so the batch drives (an UPDATE ... FROM scans the holder's leases).
+        // Only leases read above have a take, so it never inserts.
         sqlx::query(&format!(
-            "UPDATE leases SET held = held - r.t FROM ({rows2}) AS r
-             WHERE leases.holder = ?1 AND leases.key_id = r.k AND leases.day = r.d AND r.t > 0"
+            "INSERT INTO leases (holder, key_id, day, held) SELECT ?1, k, d, -t FROM ({rows2})
+             WHERE t > 0
+             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = held + excluded.held"
         ))
         .bind(holder)
         .bind(&rows)

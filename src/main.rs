@@ -18,7 +18,11 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "keybrake",
     version,
-    about = "Short-lived, scoped, spend-capped vault keys for AI agents"
+    about = "Short-lived, scoped, spend-capped vault keys for AI agents",
+    after_help = "Secrets come from the environment, never from flags: KEYBRAKE_ADMIN_TOKEN \
+                  (servers, admin commands), KEYBRAKE_MASTER_KEY (base64, servers), \
+                  KEYBRAKE_TOKEN (tenant API token, client commands). Every flag can also \
+                  be set by the variable shown beside it; a flag given wins."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,11 +36,11 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// Take over the listening sockets of a running instance (Pingora graceful upgrade).
-        #[arg(long)]
+        #[arg(long, env = "KEYBRAKE_UPGRADE")]
         upgrade: bool,
         /// Fork into the background; the parent writes the child's PID to
         /// `pingora.pid_file` and exits (systemd `Type=forking`).
-        #[arg(long)]
+        #[arg(long, env = "KEYBRAKE_DAEMON")]
         daemon: bool,
     },
     /// The control API alone.
@@ -73,12 +77,13 @@ enum Command {
     /// Your tenant's audit trail, newest first.
     Audit {
         /// Only this key's events.
-        #[arg(long)]
+        #[arg(long, env = "KEYBRAKE_AUDIT_KEY", value_name = "KEY_ID")]
         key: Option<String>,
         /// Only events at or after this time (RFC 3339 or Unix seconds).
-        #[arg(long)]
+        #[arg(long, env = "KEYBRAKE_AUDIT_SINCE", value_name = "TIME")]
         since: Option<String>,
-        #[arg(long, default_value_t = 50)]
+        /// Most events to show (1 to 1000).
+        #[arg(long, env = "KEYBRAKE_AUDIT_LIMIT", default_value_t = 50)]
         limit: u32,
         #[command(flatten)]
         client: ClientArgs,
@@ -91,7 +96,7 @@ struct ClientArgs {
     #[arg(
         long,
         env = "KEYBRAKE_CONTROL_URL",
-        default_value = "http://127.0.0.1:8081",
+        default_value_t = keybrake::config::defaults::control_url(),
         global = true
     )]
     control_url: String,
@@ -99,89 +104,128 @@ struct ClientArgs {
     #[arg(long, env = "KEYBRAKE_CA_FILE", value_name = "FILE", global = true)]
     ca_file: Option<PathBuf>,
     /// Print the API's JSON instead of a summary.
-    #[arg(long, global = true)]
+    #[arg(long, env = "KEYBRAKE_JSON", global = true)]
     json: bool,
 }
 
 #[derive(Subcommand)]
 enum TenantCommand {
     /// Create a tenant; prints its first API token (shown once).
-    Create { name: String },
+    Create {
+        /// The tenant's name.
+        name: String,
+    },
     /// List tenants.
     List,
     /// Add an API token to a tenant (for rotation).
-    AddToken { tenant_id: String },
+    AddToken {
+        /// The tenant (tn_…).
+        tenant_id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum VendorCommand {
     /// Register the vendor secret, read from a file ("-" for stdin), never from argv.
     Set {
+        /// The vendor, as named in the catalog (e.g. stripe).
         vendor: String,
-        #[arg(long, value_name = "FILE")]
+        /// File holding the vendor secret ("-": standard input).
+        #[arg(long, env = "KEYBRAKE_VENDOR_SECRET_FILE", value_name = "FILE")]
         secret_file: PathBuf,
     },
     /// Show the registered credential's metadata (last 4 characters only).
-    Show { vendor: String },
+    Show {
+        /// The vendor, as named in the catalog.
+        vendor: String,
+    },
     /// Remove the vendor credential.
-    Delete { vendor: String },
+    Delete {
+        /// The vendor, as named in the catalog.
+        vendor: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum KeyCommand {
     /// Issue a vault key; prints the token (or the whole answer with --json).
     Issue {
-        #[arg(long)]
+        /// The vendor the key is for (e.g. stripe).
+        #[arg(long, env = "KEYBRAKE_KEY_VENDOR")]
         vendor: String,
-        /// Allowed endpoint, e.g. "POST /v1/payment_intents" (repeatable).
-        #[arg(long = "endpoint", required = true)]
+        /// Allowed endpoint, e.g. "POST /v1/payment_intents" (repeatable; the variable
+        /// holds one).
+        #[arg(long = "endpoint", env = "KEYBRAKE_KEY_ENDPOINT", required = true)]
         endpoints: Vec<String>,
         /// Daily cap in US dollars.
-        #[arg(long)]
+        #[arg(long, env = "KEYBRAKE_KEY_CAP", value_name = "USD")]
         cap: String,
-        /// Lifetime: 30s, 5m, 2h, 1d or seconds.
-        #[arg(long)]
+        /// Lifetime: 30s, 5m, 2h, 1d or seconds (default: the server's default_key_ttl).
+        #[arg(long, env = "KEYBRAKE_KEY_TTL", value_name = "DURATION")]
         ttl: Option<String>,
-        #[arg(long)]
+        /// A label shown in listings and the audit trail.
+        #[arg(long, env = "KEYBRAKE_KEY_LABEL")]
         label: Option<String>,
-        /// Allowed Stripe Connect account (repeatable).
-        #[arg(long = "stripe-account")]
+        /// Allowed Stripe Connect account (repeatable; in the variable, comma-separated).
+        #[arg(
+            long = "stripe-account",
+            env = "KEYBRAKE_KEY_STRIPE_ACCOUNTS",
+            value_delimiter = ','
+        )]
         stripe_accounts: Vec<String>,
     },
     /// Show one key with its status and today's spend.
-    Show { id: String },
+    Show {
+        /// The key (key_…).
+        id: String,
+    },
     /// List keys, newest first.
     List {
-        #[arg(long)]
+        /// Only keys in this state: active, revoked or expired.
+        #[arg(long, env = "KEYBRAKE_KEY_STATUS")]
         status: Option<String>,
-        #[arg(long, default_value_t = 100)]
+        /// Most keys to show (1 to 1000).
+        #[arg(long, env = "KEYBRAKE_KEY_LIMIT", default_value_t = 100)]
         limit: u32,
     },
     /// Revoke a key (idempotent).
-    Revoke { id: String },
+    Revoke {
+        /// The key (key_…).
+        id: String,
+    },
 }
 
 #[derive(Args)]
 struct Common {
     /// Config file (default: conf/keybrake.yaml if present, else embedded defaults).
-    #[arg(long)]
+    #[arg(long, env = "KEYBRAKE_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
-    #[arg(long, value_name = "ADDR")]
+    /// Where the proxy listens (wins over the config's proxy_listen).
+    #[arg(long, env = "KEYBRAKE_PROXY_LISTEN", value_name = "ADDR")]
     proxy_listen: Option<String>,
-    #[arg(long, value_name = "ADDR")]
+    /// Where the control API listens (wins over the config's control_listen).
+    #[arg(long, env = "KEYBRAKE_CONTROL_LISTEN", value_name = "ADDR")]
     control_listen: Option<String>,
-    #[arg(long, value_name = "ADDR")]
+    /// Where Prometheus metrics are served (wins over the config's metrics_listen).
+    #[arg(long, env = "KEYBRAKE_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
-    #[arg(long, value_name = "DIR")]
+    /// Database, generated secrets and PID file (wins over the config's data_dir).
+    #[arg(long, env = "KEYBRAKE_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Override a vendor's upstream, e.g. stripe=http://127.0.0.1:8420 (repeatable).
-    #[arg(long, value_name = "VENDOR=URL")]
+    /// Override a vendor's upstream, e.g. stripe=http://127.0.0.1:8420 (repeatable; in
+    /// the variable, comma-separated).
+    #[arg(
+        long,
+        env = "KEYBRAKE_VENDOR_UPSTREAM",
+        value_name = "VENDOR=URL",
+        value_delimiter = ','
+    )]
     vendor_upstream: Vec<String>,
     /// File holding the base64 master key (instead of KEYBRAKE_MASTER_KEY).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "KEYBRAKE_MASTER_KEY_FILE", value_name = "FILE")]
     master_key_file: Option<PathBuf>,
     /// File holding the admin token (instead of KEYBRAKE_ADMIN_TOKEN).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "KEYBRAKE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
 }
 
@@ -410,5 +454,54 @@ fn run(cli: Cli) -> Result<()> {
             cli::print(&list, client.json, |l| cli::data_lines(l, cli::audit_line));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every argument of every command is explained in `--help`, and every flag can also
+    /// be set from a `KEYBRAKE_…` variable (shown in `--help` too).
+    #[test]
+    fn every_flag_has_help_and_an_environment_variable() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let name = format!("{path} {id}");
+                if arg
+                    .get_help()
+                    .is_none_or(|h| h.to_string().trim().is_empty())
+                {
+                    missing.push(format!("{name}: no help"));
+                }
+                if arg.is_positional() {
+                    continue;
+                }
+                match arg.get_env().and_then(|e| e.to_str()) {
+                    Some(env) if env.starts_with("KEYBRAKE_") => {}
+                    _ => missing.push(format!("{name}: no KEYBRAKE_ variable")),
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "keybrake", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+        let help = cmd
+            .find_subcommand("serve")
+            .unwrap()
+            .clone()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("[env: KEYBRAKE_DATA_DIR="), "{help}");
     }
 }

@@ -3,6 +3,9 @@
 //!
 //! `"/v1/payment_intents"` allows any method; `"POST /v1/payment_intents"` only POST.
 //! A `*` segment matches exactly one segment; a trailing `**` matches zero or more.
+//!
+//! `EndpointPattern::parse` is what a token may carry; `check_issuable` adds the rules
+//! `POST /v1/keys` enforces on top (patterns that parse but could never match).
 
 use std::fmt;
 
@@ -182,6 +185,45 @@ impl fmt::Display for EndpointPattern {
     }
 }
 
+/// Longest pattern accepted at issuance: every pattern travels in the token, which goes
+/// in a request header of every call.
+pub const MAX_ISSUED_PATTERN_BYTES: usize = 256;
+
+/// Why `POST /v1/keys` refuses a pattern.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NotIssuable {
+    #[error(transparent)]
+    Invalid(#[from] PatternError),
+    #[error("longer than {MAX_ISSUED_PATTERN_BYTES} bytes")]
+    TooLong,
+    #[error(
+        "non-ASCII characters never match: canonical paths keep them percent-encoded, \
+         and '%' is not allowed in a pattern"
+    )]
+    NonAscii,
+    #[error("'*' matches a whole segment only ('/v1/payment_intents/*'), not part of one")]
+    PartialWildcard,
+}
+
+/// A pattern a new key may carry. Stricter than `EndpointPattern::parse`, which keeps
+/// accepting these in tokens already issued: the refused ones parse but could never
+/// match a canonical path, so the caller surely meant something else.
+pub fn check_issuable(text: &str) -> Result<(), NotIssuable> {
+    EndpointPattern::parse(text)?;
+    if text.len() > MAX_ISSUED_PATTERN_BYTES {
+        Err(NotIssuable::TooLong)
+    } else if !text.is_ascii() {
+        Err(NotIssuable::NonAscii)
+    } else if text
+        .split('/')
+        .any(|seg| seg.contains('*') && seg != "*" && seg != "**")
+    {
+        Err(NotIssuable::PartialWildcard)
+    } else {
+        Ok(())
+    }
+}
+
 /// The compiled allowlist of one vault key.
 #[derive(Clone, Debug, Default)]
 pub struct Allowlist(Vec<EndpointPattern>);
@@ -216,6 +258,23 @@ impl Allowlist {
 mod tests {
     use super::*;
     use http::Method;
+
+    #[test]
+    fn issuance_refuses_patterns_that_parse_but_never_match() {
+        assert_eq!(check_issuable("POST /v1/payment_intents/*/confirm"), Ok(()));
+        assert_eq!(check_issuable("/v1/**"), Ok(()));
+        for (text, why) in [
+            ("/v1/pay*", NotIssuable::PartialWildcard),
+            ("/v1/caf\u{e9}", NotIssuable::NonAscii),
+            ("/v1/a/..", NotIssuable::Invalid(PatternError::DotSegment)),
+        ] {
+            assert!(EndpointPattern::parse(text).is_ok() || matches!(why, NotIssuable::Invalid(_)));
+            assert_eq!(check_issuable(text), Err(why), "{text}");
+        }
+        let long = format!("/{}", "a".repeat(MAX_ISSUED_PATTERN_BYTES));
+        assert!(EndpointPattern::parse(&long).is_ok());
+        assert_eq!(check_issuable(&long), Err(NotIssuable::TooLong));
+    }
 
     fn allows(pattern: &str, method: Method, path: &str) -> bool {
         EndpointPattern::parse(pattern)

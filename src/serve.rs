@@ -471,8 +471,7 @@ pub fn run_serve(
             config.vendors.keys().cloned(),
         ),
         metrics: metrics.clone(),
-        created: Default::default(),
-        created_swept: Default::default(),
+        charges: Default::default(),
         prices: config.prices.clone(),
         connector: pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::from_server_conf(&conf),

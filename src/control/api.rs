@@ -1,16 +1,16 @@
 //! The control API over HTTP (SPEC §3): routing, authentication, input validation and
 //! JSON shapes. Business rules live in `Control`; this file only translates.
 
+use super::auth::{Admin, Tenant};
 use super::errors::{ApiError, ApiResult};
 use super::store::{KeyRow, KeyStatus};
 use super::{Control, IssueError, KeyView, NewKey};
 use crate::config::parse_duration;
 use crate::money::{Micros, MAX_USD};
-use crate::pattern::Allowlist;
 use crate::secret::Secret;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,9 +26,8 @@ const MAX_PAGE: i64 = 1000;
 const DEFAULT_PAGE: i64 = 100;
 const MAX_LABEL: usize = 200;
 const MAX_PATTERNS: usize = 100;
-/// Longest pattern, and most Stripe accounts: every one travels in the token, which goes
-/// in a request header of every call.
-const MAX_PATTERN_BYTES: usize = 256;
+/// Most Stripe accounts: every one travels in the token, which goes in a request header
+/// of every call.
 const MAX_ACCOUNTS: usize = 20;
 const MAX_METADATA_BYTES: usize = 8 * 1024;
 /// Largest request body: a key request with 100 long patterns and full metadata fits
@@ -67,14 +66,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jwks", get(jwks))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .fallback(|| async { ApiError::not_found("route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed on this path",
-            )
-        })
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(head_limits))
         .layer(axum::middleware::map_response(json_errors))
@@ -92,21 +85,12 @@ async fn json_errors(response: Response) -> Response {
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
-    let (code, message) = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => (
-            "body_too_large",
-            format!("the request body is over {} KiB", MAX_BODY_BYTES / 1024),
-        ),
-        s if s.is_client_error() => (
-            "invalid_request",
-            "the request's path, query or headers could not be read".to_string(),
-        ),
-        _ => (
-            "internal_error",
-            "internal error; see the server log".to_string(),
-        ),
-    };
-    ApiError::new(status, code, message).into_response()
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge(MAX_BODY_BYTES),
+        s if s.is_client_error() => ApiError::Unreadable(s),
+        _ => ApiError::Internal,
+    }
+    .into_response()
 }
 
 /// Longest request target, and most header bytes (names and values) or headers, that the
@@ -122,12 +106,7 @@ async fn head_limits(request: axum::extract::Request, next: axum::middleware::Ne
         .path_and_query()
         .map_or(0, |pq| pq.as_str().len());
     if uri_len > MAX_URI_BYTES {
-        return ApiError::new(
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
-            format!("the request target is over {} KiB", MAX_URI_BYTES / 1024),
-        )
-        .into_response();
+        return ApiError::UriTooLong(Some(MAX_URI_BYTES)).into_response();
     }
     let headers = request.headers();
     let header_bytes: usize = headers
@@ -135,73 +114,29 @@ async fn head_limits(request: axum::extract::Request, next: axum::middleware::Ne
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
     if header_bytes > MAX_HEADER_BYTES || headers.len() > MAX_HEADERS {
-        return ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
-            format!(
-                "the request headers are over {} KiB or {MAX_HEADERS} fields",
-                MAX_HEADER_BYTES / 1024
-            ),
-        )
-        .into_response();
+        return ApiError::HeadersTooLarge(Some((MAX_HEADER_BYTES, MAX_HEADERS))).into_response();
     }
     next.run(request).await
-}
-
-// ----- authentication -----
-
-fn bearer(headers: &HeaderMap) -> ApiResult<&str> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(ApiError::missing_token)?
-        .to_str()
-        .map_err(|_| ApiError::invalid_token("token"))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(ApiError::missing_token)?;
-    Ok(token)
-}
-
-fn admin(state: &ApiState, headers: &HeaderMap) -> ApiResult<()> {
-    if state.control.is_admin(bearer(headers)?) {
-        Ok(())
-    } else {
-        Err(ApiError::invalid_token("admin token"))
-    }
-}
-
-fn tenant(state: &ApiState, headers: &HeaderMap) -> ApiResult<String> {
-    state
-        .control
-        .tenant_for_token(bearer(headers)?)
-        .ok_or_else(|| ApiError::invalid_token("tenant API token"))
 }
 
 // ----- input -----
 
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     if body.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_json",
-            "a JSON body is required",
-        ));
+        return Err(ApiError::InvalidJson("a JSON body is required".into()));
     }
     // One pass that refuses a key given twice at any depth: serde keeps the last of two
     // `daily_usd_cap`s while a reviewer (or a proxy in front) may read the first.
     let shape: strict_json::Shape = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed JSON: {e}")))?;
+        .map_err(|e| ApiError::InvalidJson(format!("malformed JSON: {e}")))?;
     // serde would also accept a struct written as an array; the API takes objects only.
     if shape != strict_json::Shape::Object {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "the body must be a JSON object",
+        return Err(ApiError::InvalidRequest(
+            "the body must be a JSON object".into(),
         ));
     }
     serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid request body: {e}")))
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid request body: {e}")))
 }
 
 /// A JSON document walked once to refuse duplicate object keys, keeping nothing but the
@@ -275,13 +210,10 @@ fn name_field(name: &str, what: &str) -> ApiResult<String> {
             .chars()
             .any(|c| c.is_control() || is_invisible_format(c))
     {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            format!(
-                "{what} must be 1 to {MAX_LABEL} printable characters (no control, \
+        return Err(ApiError::InvalidRequest(format!(
+            "{what} must be 1 to {MAX_LABEL} printable characters (no control, \
                  zero-width or bidirectional-override characters)"
-            ),
-        ));
+        )));
     }
     Ok(name.to_string())
 }
@@ -335,9 +267,7 @@ fn page_limit(query: &HashMap<String, String>) -> ApiResult<i64> {
             .parse::<i64>()
             .ok()
             .filter(|l| (1..=MAX_PAGE).contains(l))
-            .ok_or_else(|| {
-                ApiError::bad_request("invalid_request", format!("limit must be 1 to {MAX_PAGE}"))
-            }),
+            .ok_or_else(|| ApiError::InvalidRequest(format!("limit must be 1 to {MAX_PAGE}"))),
     }
 }
 
@@ -362,9 +292,7 @@ fn cursor(
             .control
             .open_cursor(kind, tenant, c)
             .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                ApiError::bad_request("invalid_request", "cursor is not one this API returned")
-            }),
+            .ok_or_else(|| ApiError::InvalidRequest("cursor is not one this API returned".into())),
     }
 }
 
@@ -409,12 +337,7 @@ struct NameRequest {
     name: String,
 }
 
-async fn create_tenant(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
-    admin(&s, &headers)?;
+async fn create_tenant(State(s): State<ApiState>, _: Admin, body: Bytes) -> ApiResult<Response> {
     let req: NameRequest = parse_body(&body)?;
     let name = name_field(&req.name, "name")?;
     let (id, token_id, token, created_at) = s.control.create_tenant(&name).await?;
@@ -433,10 +356,9 @@ async fn create_tenant(
 
 async fn list_tenants(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    _: Admin,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    admin(&s, &headers)?;
     let limit = page_limit(&q)?;
     let after = match q.get("cursor").map(String::as_str) {
         None | Some("") => None,
@@ -446,7 +368,7 @@ async fn list_tenants(
                     Some((ts.strip_prefix("c_")?.parse::<i64>().ok()?, id.to_string()))
                 })
                 .ok_or_else(|| {
-                    ApiError::bad_request("invalid_request", "cursor is not one this API returned")
+                    ApiError::InvalidRequest("cursor is not one this API returned".into())
                 })?,
         ),
     };
@@ -464,15 +386,14 @@ async fn list_tenants(
 
 async fn create_api_token(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    admin(&s, &headers)?;
     let (token_id, token) = s
         .control
         .create_api_token(&id)
         .await?
-        .ok_or_else(|| ApiError::not_found("tenant"))?;
+        .ok_or(ApiError::NotFound("tenant"))?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"id": token_id, "api_token": token.expose()})),
@@ -482,22 +403,16 @@ async fn create_api_token(
 
 async fn delete_api_token(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    _: Admin,
     Path((id, token_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    admin(&s, &headers)?;
     if !s.control.delete_api_token(&id, &token_id).await? {
-        return Err(ApiError::not_found("API token"));
+        return Err(ApiError::NotFound("API token"));
     }
     Ok(Json(json!({"id": token_id, "deleted": true})))
 }
 
-async fn create_node(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
-    admin(&s, &headers)?;
+async fn create_node(State(s): State<ApiState>, _: Admin, body: Bytes) -> ApiResult<Response> {
     let req: NameRequest = parse_body(&body)?;
     let name = name_field(&req.name, "name")?;
     let (id, token) = s.control.create_node(&name).await?;
@@ -508,11 +423,7 @@ async fn create_node(
         .into_response())
 }
 
-async fn rotate_signing_key(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
-    admin(&s, &headers)?;
+async fn rotate_signing_key(State(s): State<ApiState>, _: Admin) -> ApiResult<Json<Value>> {
     let kid = s.control.rotate_signing_key().await?;
     Ok(Json(json!({"kid": kid})))
 }
@@ -565,29 +476,23 @@ fn known_vendor(s: &ApiState, vendor: &str) -> ApiResult<()> {
     if s.control.is_known_vendor(vendor) {
         Ok(())
     } else {
-        Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_vendor",
-            format!("vendor {vendor:?} is not in the catalog"),
-        ))
+        Err(ApiError::UnknownVendor(vendor.to_string()))
     }
 }
 
 async fn put_credential(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    Tenant(tenant): Tenant,
     Path(vendor): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let tenant = tenant(&s, &headers)?;
     known_vendor(&s, &vendor)?;
     let req: CredentialRequest = parse_body(&body)?;
     let secret = req.secret.trim();
     if secret.len() < 8 || secret.len() > 4096 || secret.chars().any(|c| c.is_control() || c == ' ')
     {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "secret must be 8 to 4096 characters without spaces",
+        return Err(ApiError::InvalidRequest(
+            "secret must be 8 to 4096 characters without spaces".into(),
         ));
     }
     let (last4, updated_at) = s
@@ -601,15 +506,14 @@ async fn put_credential(
 
 async fn get_credential(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    Tenant(tenant): Tenant,
     Path(vendor): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let tenant = tenant(&s, &headers)?;
     let (last4, updated_at) = s
         .control
         .get_credential(&tenant, &vendor)
         .await?
-        .ok_or_else(|| ApiError::not_found("credential"))?;
+        .ok_or(ApiError::NotFound("credential"))?;
     Ok(Json(
         json!({"vendor": vendor, "last4": last4, "updated_at": rfc3339(updated_at)}),
     ))
@@ -617,12 +521,11 @@ async fn get_credential(
 
 async fn delete_credential(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    Tenant(tenant): Tenant,
     Path(vendor): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let tenant = tenant(&s, &headers)?;
     if !s.control.delete_credential(&tenant, &vendor).await? {
-        return Err(ApiError::not_found("credential"));
+        return Err(ApiError::NotFound("credential"));
     }
     Ok(Json(json!({"vendor": vendor, "deleted": true})))
 }
@@ -648,8 +551,7 @@ struct IssueRequest {
 
 /// The cap from its JSON text, exactly: a number with at most 6 decimals.
 fn parse_cap(json_text: &str) -> ApiResult<Micros> {
-    let bad =
-        |why: &str| ApiError::bad_request("invalid_daily_usd_cap", format!("daily_usd_cap {why}"));
+    let bad = |why: &str| ApiError::InvalidDailyUsdCap(format!("daily_usd_cap {why}"));
     let text = json_text.trim();
     if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         return Err(bad("must be a JSON number of US dollars, like 500 or 12.5"));
@@ -664,14 +566,16 @@ fn parse_cap(json_text: &str) -> ApiResult<Micros> {
     Ok(micros)
 }
 
+/// `expires_in` in the one duration syntax (`config::parse_duration`), or a JSON integer
+/// of seconds: whole seconds (a token's `exp` is in seconds), not zero, at most `max`.
 fn parse_ttl(value: Option<&Value>, default: Duration, max: Duration) -> ApiResult<Duration> {
-    let bad = |why: String| ApiError::bad_request("invalid_expires_in", why);
-    let secs = match value {
+    let bad = |why: String| ApiError::InvalidExpiresIn(why);
+    let ttl = match value {
         None | Some(Value::Null) => return Ok(default),
         Some(Value::String(s)) => {
             parse_duration(s).map_err(|e| bad(format!("expires_in {s:?}: {e}")))?
         }
-        Some(Value::Number(n)) => n.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+        Some(Value::Number(n)) => n.as_u64().map(Duration::from_secs).ok_or_else(|| {
             bad(format!(
                 "expires_in {n} must be a positive whole number of seconds"
             ))
@@ -682,13 +586,18 @@ fn parse_ttl(value: Option<&Value>, default: Duration, max: Duration) -> ApiResu
             ))
         }
     };
-    if secs > max.as_secs() {
+    if ttl.is_zero() || ttl.subsec_nanos() != 0 {
+        return Err(bad(
+            "expires_in must be a positive whole number of seconds".into()
+        ));
+    }
+    if ttl > max {
         return Err(bad(format!(
             "expires_in is longer than the maximum of {} seconds",
             max.as_secs()
         )));
     }
-    Ok(Duration::from_secs(secs))
+    Ok(ttl)
 }
 
 fn key_json(view: &KeyView) -> Value {
@@ -738,49 +647,22 @@ fn issued_json(row: &KeyRow, token: &Secret) -> Value {
 
 async fn issue_key(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    Tenant(tenant): Tenant,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let tenant = tenant(&s, &headers)?;
     let req: IssueRequest = parse_body(&body)?;
     let label = match req.label.as_deref() {
         None | Some("") => String::new(),
         Some(l) => name_field(l, "label")?,
     };
     if req.allowed_endpoints.is_empty() || req.allowed_endpoints.len() > MAX_PATTERNS {
-        return Err(ApiError::bad_request(
-            "invalid_endpoint_pattern",
-            format!("allowed_endpoints must list 1 to {MAX_PATTERNS} patterns"),
-        ));
+        return Err(ApiError::InvalidEndpointPattern(format!(
+            "allowed_endpoints must list 1 to {MAX_PATTERNS} patterns"
+        )));
     }
     for p in &req.allowed_endpoints {
-        Allowlist::parse(std::slice::from_ref(p)).map_err(|e| {
-            ApiError::bad_request("invalid_endpoint_pattern", format!("pattern {p:?}: {e}"))
-        })?;
-        // Accepted by the parser (tokens already issued keep working) but refused here:
-        // they could never match a canonical path, and the caller surely meant
-        // something else.
-        let dead = if p.len() > MAX_PATTERN_BYTES {
-            Some(format!("longer than {MAX_PATTERN_BYTES} bytes"))
-        } else if !p.is_ascii() {
-            Some("non-ASCII characters never match: canonical paths keep them percent-encoded, and '%' is not allowed in a pattern".into())
-        } else if p
-            .split('/')
-            .any(|seg| seg.contains('*') && seg != "*" && seg != "**")
-        {
-            Some(
-                "'*' matches a whole segment only ('/v1/payment_intents/*'), not part of one"
-                    .into(),
-            )
-        } else {
-            None
-        };
-        if let Some(why) = dead {
-            return Err(ApiError::bad_request(
-                "invalid_endpoint_pattern",
-                format!("pattern {p:?}: {why}"),
-            ));
-        }
+        crate::pattern::check_issuable(p)
+            .map_err(|e| ApiError::InvalidEndpointPattern(format!("pattern {p:?}: {e}")))?;
     }
     let daily_cap = parse_cap(req.daily_usd_cap.get())?;
     let settings = s.control.settings();
@@ -791,15 +673,12 @@ async fn issue_key(
     )?;
     let metadata = req.metadata.unwrap_or_else(|| json!({}));
     if !metadata.is_object() || metadata.to_string().len() > MAX_METADATA_BYTES {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "metadata must be a JSON object under 8 KiB",
+        return Err(ApiError::InvalidRequest(
+            "metadata must be a JSON object under 8 KiB".into(),
         ));
     }
     if !metadata_keys_are_printable(&metadata) {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "metadata keys must be printable: no control, zero-width or bidirectional-override characters",
+        return Err(ApiError::InvalidRequest("metadata keys must be printable: no control, zero-width or bidirectional-override characters".into(),
         ));
     }
     if let Some(accounts) = &req.stripe_accounts {
@@ -809,10 +688,9 @@ async fn issue_key(
                 .iter()
                 .any(|a| !a.starts_with("acct_") || a.len() > 64)
         {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                format!("stripe_accounts must list 1 to {MAX_ACCOUNTS} acct_… ids"),
-            ));
+            return Err(ApiError::InvalidRequest(format!(
+                "stripe_accounts must list 1 to {MAX_ACCOUNTS} acct_… ids"
+            )));
         }
     }
     let new = NewKey {
@@ -841,45 +719,38 @@ async fn issue_key(
             }
             Ok((StatusCode::CREATED, Json(body)).into_response())
         }
-        Err(IssueError::VendorNotConfigured(v)) => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "vendor_not_configured",
-            format!("vendor {v:?} is unknown or has no credential registered (PUT /v1/vendors/{v}/credential)"),
-        )),
+        Err(IssueError::VendorNotConfigured(v)) => Err(ApiError::VendorNotConfigured(v)),
         Err(IssueError::Storage(e)) => Err(e.into()),
     }
 }
 
 async fn get_key(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let tenant = tenant(&s, &headers)?;
     let view = s
         .control
         .get_key(&tenant, &id)
         .await?
-        .ok_or_else(|| ApiError::not_found("key"))?;
+        .ok_or(ApiError::NotFound("key"))?;
     Ok(Json(key_json(&view)))
 }
 
 async fn list_keys(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    Tenant(tenant): Tenant,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
-    let tenant = tenant(&s, &headers)?;
     let status = match q.get("status").map(String::as_str) {
         None | Some("") | Some("all") => None,
         Some("active") => Some(KeyStatus::Active),
         Some("revoked") => Some(KeyStatus::Revoked),
         Some("expired") => Some(KeyStatus::Expired),
         Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                format!("status {other:?} is not active, revoked or expired"),
-            ))
+            return Err(ApiError::InvalidRequest(format!(
+                "status {other:?} is not active, revoked or expired"
+            )))
         }
     };
     let limit = page_limit(&q)?;
@@ -923,15 +794,14 @@ async fn list_keys(
 
 async fn revoke_key(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let tenant = tenant(&s, &headers)?;
     let row = s
         .control
         .revoke_key(&tenant, &id)
         .await?
-        .ok_or_else(|| ApiError::not_found("key"))?;
+        .ok_or(ApiError::NotFound("key"))?;
     Ok(Json(
         json!({"id": row.id, "status": "revoked", "revoked_at": row.revoked_at.map(rfc3339)}),
     ))
@@ -945,17 +815,14 @@ fn parse_since(text: &str) -> ApiResult<i64> {
     }
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-        .map_err(|_| {
-            ApiError::bad_request("invalid_request", "since must be RFC 3339 or Unix seconds")
-        })
+        .map_err(|_| ApiError::InvalidRequest("since must be RFC 3339 or Unix seconds".into()))
 }
 
 async fn list_audit(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    Tenant(tenant): Tenant,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let tenant = tenant(&s, &headers)?;
     let limit = page_limit(&q)?;
     let since = q
         .get("since")
@@ -1030,7 +897,7 @@ mod tests {
             "true",
         ] {
             assert_eq!(
-                parse_cap(bad).unwrap_err().code,
+                parse_cap(bad).unwrap_err().code(),
                 "invalid_daily_usd_cap",
                 "{bad}"
             );
@@ -1047,10 +914,11 @@ mod tests {
             r#"{"x":[{"k":1,"k":1}]}"#,
         ] {
             let e = parse(dup).unwrap_err();
-            assert_eq!(e.code, "invalid_json", "{dup}");
-            assert!(e.message.contains("duplicate key"), "{}", e.message);
+            let (_, code, message) = e.parts();
+            assert_eq!(code, "invalid_json", "{dup}");
+            assert!(message.contains("duplicate key"), "{message}");
         }
-        assert_eq!(parse("[1]").unwrap_err().code, "invalid_request");
+        assert_eq!(parse("[1]").unwrap_err().code(), "invalid_request");
     }
 
     #[test]
@@ -1063,7 +931,7 @@ mod tests {
             "\u{e0041}",
         ] {
             assert_eq!(
-                name_field(bad, "label").unwrap_err().code,
+                name_field(bad, "label").unwrap_err().code(),
                 "invalid_request",
                 "{bad:?}"
             );
@@ -1097,11 +965,13 @@ mod tests {
             json!("-1m"),
             json!("0s"),
             json!("2d"),
+            json!("1500ms"),
+            json!(0),
             json!(-5),
             json!(true),
         ] {
             assert_eq!(
-                parse_ttl(Some(&bad), d, m).unwrap_err().code,
+                parse_ttl(Some(&bad), d, m).unwrap_err().code(),
                 "invalid_expires_in",
                 "{bad}"
             );

@@ -17,7 +17,7 @@
 use super::errors::ApiError;
 use crate::config::ListenerSettings;
 use crate::conns::{ConnGuard, ConnTable};
-use axum::http::{header, Request, Response, StatusCode};
+use axum::http::{header, Request, Response};
 use axum::response::IntoResponse;
 use axum::Router;
 use http_body_util::BodyExt;
@@ -139,14 +139,10 @@ impl<T> JsonParseErrors<T> {
 
 /// The JSON answer for hyper's automatic answer `head`, if it is one.
 fn json_parse_error(head: &[u8]) -> Option<Vec<u8>> {
-    let (status, code, message) = match head.get(..13)? {
-        b"HTTP/1.1 400 " => (400, "invalid_request", "the request could not be parsed"),
-        b"HTTP/1.1 414 " => (414, "uri_too_long", "the request target is too long"),
-        b"HTTP/1.1 431 " => (
-            431,
-            "headers_too_large",
-            "the request headers are too large",
-        ),
+    let error = match head.get(..13)? {
+        b"HTTP/1.1 400 " => ApiError::Unparsable,
+        b"HTTP/1.1 414 " => ApiError::UriTooLong(None),
+        b"HTTP/1.1 431 " => ApiError::HeadersTooLarge(None),
         _ => return None,
     };
     let text = std::str::from_utf8(head).ok()?;
@@ -158,7 +154,8 @@ fn json_parse_error(head: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let reason = &head_text[13..head_text.find("\r\n")?];
-    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    let status = error.status().as_u16();
+    let body = error.body().to_string();
     Some(
         format!(
             "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n\
@@ -250,12 +247,7 @@ async fn handle(
         .and_then(|v| v.trim().parse::<u64>().ok());
     let response = if declared.is_some_and(|n| n > shared.body_limit as u64) {
         // Answered before the body is read; the connection is closed, unread body and all.
-        let mut r = ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the request body is over {} KiB", shared.body_limit / 1024),
-        )
-        .into_response();
+        let mut r = ApiError::BodyTooLarge(shared.body_limit).into_response();
         r.headers_mut().insert(
             header::CONNECTION,
             header::HeaderValue::from_static("close"),
@@ -268,15 +260,7 @@ async fn handle(
             Ok(Ok(response)) => response,
             Ok(Err(never)) => match never {},
             Err(_) => {
-                let mut r = ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    format!(
-                        "the request was not complete within {} ms",
-                        shared.request_timeout.as_millis()
-                    ),
-                )
-                .into_response();
+                let mut r = ApiError::RequestTimeout(shared.request_timeout).into_response();
                 r.headers_mut().insert(
                     header::CONNECTION,
                     header::HeaderValue::from_static("close"),

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod crypto;
 pub mod errors;
 pub mod keywriter;

@@ -138,6 +138,25 @@ impl Denial {
     }
 }
 
+/// The denial answered for an error of the proxy path (`fail_to_proxy`): `None` when
+/// the client went away or sent garbage, so there is nobody to answer.
+pub fn for_proxy_error(e: &pingora::Error) -> Option<Denial> {
+    use pingora::{ErrorSource, ErrorType::*};
+    match e.etype() {
+        HTTPStatus(413) => Some(Denial::BodyTooLarge),
+        ConnectTimedout | ReadTimedout | WriteTimedout => Some(Denial::UpstreamTimeout),
+        _ if e.esource() == &ErrorSource::Upstream
+            || matches!(
+                e.etype(),
+                ConnectNoRoute | ConnectRefused | ConnectError | TLSHandshakeFailure
+            ) =>
+        {
+            Some(Denial::UpstreamUnavailable)
+        }
+        _ => None,
+    }
+}
+
 /// Writes the denial. The connection is closed afterwards when a request body may be
 /// left unread, so the next request on it cannot be confused with leftover bytes.
 pub async fn respond(

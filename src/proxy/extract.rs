@@ -1,4 +1,4 @@
-//! Stage 2: find the vault key. `Authorization: Bearer`, then `x-api-key` (Anthropic
+//! Stage 2, authenticate (first half): find the vault key. `Authorization: Bearer`, then `x-api-key` (Anthropic
 //! SDKs), then HTTP Basic with the key as the user name (`curl -u vk_…:`).
 
 use base64::Engine;

@@ -1,4 +1,4 @@
-//! Stage 7a: retries are not charged twice (SPEC §5). Stripe SDKs retry a POST after a
+//! Part of stage 7 (reserve): retries are not charged twice (SPEC §5). Stripe SDKs retry a POST after a
 //! reset connection or a 5xx with the same `Idempotency-Key`, and Stripe answers the
 //! retry with its first answer without acting again. So a metered call of a key whose
 //! (key, `Idempotency-Key`, method, path, body) was already charged is forwarded without

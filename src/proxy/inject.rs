@@ -1,9 +1,13 @@
-//! Stage 8: the request the vendor sees. Every client credential and hop-by-hop header
+//! Stage 4, credential (the tenant's vendor secret for the key), and stage 8: the
+//! request the vendor sees. Every client credential and hop-by-hop header
 //! is removed, the vendor's real secret is injected the vendor's way, and the path is the
 //! canonical one under the vendor's base path.
 
+use super::deny::Denial;
+use super::verify::VerifiedKey;
 use crate::config::{AuthStyle, Vendor};
 use crate::secret::Secret;
+use crate::sync::Published;
 use base64::Engine;
 use pingora::http::RequestHeader;
 
@@ -17,6 +21,39 @@ pub const HOP_BY_HOP: [&str; 7] = [
     "upgrade",
     "proxy-authenticate",
 ];
+
+/// Stage 4, credential: the vendor secret the key's tenant configured for its vendor.
+pub fn credential(published: &Published, key: &VerifiedKey) -> Result<Secret, Denial> {
+    published
+        .credentials
+        .load()
+        .get(key.claims.ten.as_str())
+        .and_then(|vendors| vendors.get(key.claims.ven.as_str()))
+        .cloned()
+        .ok_or(Denial::VendorNotConfigured)
+}
+
+/// A body read whole goes out with its length: framing is rewritten unless the client's
+/// already says exactly that.
+pub fn set_body_length(upstream: &mut RequestHeader, len: usize) -> pingora::Result<()> {
+    let mut lengths = upstream
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter();
+    let declared = match (lengths.next(), lengths.next()) {
+        (Some(only), None) => only.to_str().ok().and_then(|v| v.parse::<usize>().ok()),
+        _ => None,
+    };
+    if declared != Some(len)
+        || upstream
+            .headers
+            .contains_key(http::header::TRANSFER_ENCODING)
+    {
+        upstream.remove_header(&http::header::TRANSFER_ENCODING);
+        upstream.insert_header(http::header::CONTENT_LENGTH, http::HeaderValue::from(len))?;
+    }
+    Ok(())
+}
 
 pub fn strip_client_headers(req: &mut RequestHeader, vendor: &Vendor) {
     // Headers named by Connection are hop-by-hop too.

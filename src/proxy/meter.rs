@@ -1,4 +1,4 @@
-//! Stage 6: what a request costs. Reads `amount` and `currency` from a metered request's
+//! The amounts of stage 6 (price) and of the answer's charge, read from bodies. Reads `amount` and `currency` from a metered request's
 //! body (Stripe form encoding, or JSON), converts minor units to micro-USD with the
 //! currency table, and converts JSON bodies to Stripe's form encoding.
 //!

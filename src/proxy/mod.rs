@@ -2,23 +2,48 @@
 //! request only with a valid, unrevoked vault key allowed for the vendor, endpoint and
 //! account, within its daily cap, and forwards it with the vendor's real credential.
 //!
-//! One module per stage, in request order: `path` → `extract` → `verify` → `scope` →
-//! `meter` (with the vendor look-ups of `upstream_call` for what a response-metered call
-//! can charge; `llm` for token-metered vendors) → `idempotency` → `spend` (its ledger calls batched by `lease_batch`) → `inject` → `upstream` → (`spend` settle) →
-//! `record`; `deny` turns any refusal into the spec's response; `service` wires them into
-//! Pingora. The proxy reads only what `sync` publishes and never touches storage.
+//! One module per stage, in request order (`service` wires them into Pingora, `ctx` is
+//! what a request carries between them):
+//!  1. route: `path` (the canonical path names the vendor);
+//!  2. authenticate: `extract` (the vault key), `verify`;
+//!  3. scope: `scope`;
+//!  4. credential: `inject::credential`;
+//!  5. plan the body: `body_plan` (and `body_read`, which reads it whole);
+//!  6. price: `price` with `meter`, the vendor look-ups of `upstream_call`, the per-object
+//!     `charges` memory; `llm` plans and prices token-metered calls;
+//!  7. reserve: `reserve` with `idempotency` and `spend` (its ledger calls batched by
+//!     `lease_batch`);
+//!  8. inject: `inject` (the request the vendor sees);
+//!  9. forward: Pingora with `upstream`, or `forward` for a large read body;
+//! 10. settle: `settle`, and `response_charge` for what the answer charges;
+//! 11. record: `record` and `audit`.
+//!
+//! `deny` turns any refusal into the spec's response. The proxy reads only what `sync`
+//! publishes and never touches storage.
 
+pub mod audit;
+pub mod body_plan;
+pub mod body_read;
+pub mod charges;
+pub mod ctx;
 pub mod deny;
 pub mod extract;
+pub mod forward;
+#[cfg(test)]
+mod hook_tests;
 pub mod idempotency;
 pub mod inject;
 pub mod lease_batch;
 pub mod llm;
 pub mod meter;
 pub mod path;
+pub mod price;
 pub mod record;
+pub mod reserve;
+pub mod response_charge;
 pub mod scope;
 pub mod service;
+pub mod settle;
 pub mod spend;
 pub mod upstream;
 pub mod upstream_call;

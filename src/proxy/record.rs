@@ -1,6 +1,7 @@
-//! Stage 11: what happened, told three ways: the audit event (tenant-visible, through
-//! the control plane's batched writer), one JSON access-log line (operators, journald)
-//! and Prometheus counters. Nothing here ever holds a token or a secret.
+//! Stage 11, record: what happened, told three ways (`KeybrakeProxy::record`): the audit
+//! event (tenant-visible, built by `audit::event`, through the control plane's batched
+//! writer), one JSON access-log line (operators, journald; `AccessLogWriter`) and
+//! Prometheus counters. Nothing here ever holds a token or a secret.
 
 use crate::config::AccessLog;
 use crate::money::Micros;
@@ -251,6 +252,56 @@ fn push_rfc3339_micros(out: &mut String, at: std::time::SystemTime) {
     digits(in_day / 60 % 60, 2, ':');
     digits(in_day % 60, 2, '.');
     digits(u64::from(since_epoch.subsec_micros()), 6, 'Z');
+}
+
+impl super::service::KeybrakeProxy {
+    /// Tells what happened to the request `ctx` describes, once it is settled: the
+    /// latency histograms, the request counter, the access-log line and (unless strict
+    /// audit recorded it already) the audit event.
+    pub(super) fn record(
+        &self,
+        session: &pingora::proxy::Session,
+        ctx: &super::ctx::Ctx,
+        llm: Option<crate::sync::LlmAudit>,
+    ) {
+        let total = ctx.start.elapsed();
+        let upstream = ctx
+            .upstream_elapsed
+            .or_else(|| ctx.upstream_start.map(|s| s.elapsed()));
+        if let Some(u) = upstream {
+            self.metrics.upstream_duration.observe(u.as_secs_f64());
+        }
+        self.metrics.overhead.observe(
+            total
+                .saturating_sub(upstream.unwrap_or_default())
+                .as_secs_f64(),
+        );
+        let vendor = ctx.vendor_label();
+        self.request_counters
+            .inc(ctx.vendor.is_some().then_some(vendor), ctx.denial);
+        let wall = std::time::SystemTime::now();
+        if let Some(log) = &self.access_log {
+            let key = ctx.key.as_ref().map(|k| &k.claims);
+            log.write(&AccessLine {
+                ts: wall,
+                key_id: key.map(|c| c.jti.as_str()),
+                label: key.map(|c| c.lbl.as_str()),
+                tenant: key.map(|c| c.ten.as_str()),
+                vendor,
+                method: session.req_header().method.as_str(),
+                path: &ctx.canonical,
+                status: super::audit::final_status(session, ctx),
+                decision: ctx.denial.map_or("allowed", super::deny::Denial::code),
+                spend: ctx.spend,
+                duration: total,
+                vendor_request_id: ctx.vendor_request_id.as_deref(),
+            });
+        }
+        if !ctx.audited {
+            let event = super::audit::event(session, ctx, wall, ctx.spend, llm);
+            self.audit.record(event);
+        }
+    }
 }
 
 #[cfg(test)]

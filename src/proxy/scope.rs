@@ -1,4 +1,4 @@
-//! Stage 4: is this key allowed here? Vendor, endpoint (method-aware, on the canonical
+//! Stage 3, scope: is this key allowed here? Vendor, endpoint (method-aware, on the canonical
 //! path) and, for Stripe Connect, the account header.
 
 use super::deny::Denial;

@@ -1,4 +1,4 @@
-//! Stage 7 and settlement: spend counters fed by budget leases (SPEC §5).
+//! Stage 7 (reserve) and 10 (settle): spend counters fed by budget leases (SPEC §5).
 //!
 //! Each (key, UTC day) has an `available` counter: lease budget granted by the ledger and
 //! not yet reserved. A reservation is one compare-and-swap on it; only when it runs dry

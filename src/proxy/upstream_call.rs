@@ -1,5 +1,5 @@
 //! Requests Keybrake sends upstream itself, outside Pingora's proxy path: a body larger
-//! than Pingora replays (`service::forward_read_body`), and the lookups that read what a
+//! than Pingora replays (`forward`), and the lookups that read what a
 //! call can charge before it is forwarded (SPEC §5: `GET /v1/payment_intents/{id}` before
 //! a confirm, the prices of a subscription's items).
 //!

@@ -1,4 +1,4 @@
-//! Stage 3: signature, expiry and revocation of the vault key, without a database.
+//! Stage 2, authenticate (second half): signature, expiry and revocation of the vault key, without a database.
 //!
 //! A token already verified is found in the verified-token cache (no second Ed25519
 //! check); expiry is checked on every hit, revocation on every request through the

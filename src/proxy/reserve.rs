@@ -1,0 +1,105 @@
+//! Stage 7, reserve: an idempotent retry of a call already charged is let through free
+//! (Stripe answers it with its first answer and does not act again); the key is checked
+//! again (the body read and the lookups may have taken a while); the cost is reserved
+//! against the key's daily cap, atomically (`spend`). Nothing is sent when this fails.
+
+use super::ctx::{Ctx, Metering};
+use super::deny::Denial;
+use super::idempotency::{self, Admission};
+use super::service::KeybrakeProxy;
+use super::spend::{SpendError, Spender};
+use super::verify::VerifiedKey;
+use crate::money::Micros;
+use crate::token::now_secs;
+use pingora::http::RequestHeader;
+
+/// The spend account of a key.
+pub fn spender(key: &VerifiedKey) -> Spender<'_> {
+    Spender {
+        key_id: &key.claims.jti,
+        tenant_id: &key.claims.ten,
+        vendor: &key.claims.ven,
+        cap: Micros(key.claims.cap),
+        exp: key.claims.exp,
+    }
+}
+
+/// The denial for a reservation refused.
+pub fn refused(e: SpendError) -> Denial {
+    match e {
+        SpendError::CapExhausted => Denial::CapExhausted,
+        SpendError::LedgerUnavailable => Denial::LedgerUnavailable,
+    }
+}
+
+impl KeybrakeProxy {
+    /// Reserves `cost` for the call `ctx` describes (its metering set by pricing).
+    pub(super) async fn reserve(
+        &self,
+        req: &RequestHeader,
+        ctx: &mut Ctx,
+        key: &VerifiedKey,
+        mut cost: Micros,
+        now: i64,
+    ) -> Result<(), Denial> {
+        let spender = spender(key);
+        if let Metering::Response { credit, .. } = &ctx.metering {
+            if credit.is_positive() && cost == Micros::ZERO && self.spend.is_over_cap(&spender, now)
+            {
+                // An object the key already paid for (its own intent): allowed at the cap
+                // unless a charge already went past it today.
+                return Err(Denial::CapExhausted);
+            }
+        }
+        if cost.is_positive() || ctx.metering.is_response() {
+            if let Some(idem) = req
+                .headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+            {
+                let body = ctx.body.read().map(|b| &b[..]).unwrap_or_default();
+                let fingerprint = idempotency::fingerprint(req.method.as_str(), ctx.path(), body);
+                let wait = self.idempotent_wait;
+                let exp = key.claims.exp;
+                let admitted = self
+                    .idempotency
+                    .admit(&key.jti, idem, fingerprint, exp, now, wait);
+                match Box::pin(admitted).await {
+                    Admission::Replay => {
+                        cost = Micros::ZERO;
+                        ctx.metering = Metering::Fixed;
+                    }
+                    Admission::First(pending) => ctx.idempotent = Some(pending),
+                    Admission::Untracked => {}
+                }
+            }
+        }
+        // A key revoked or expired meanwhile sends nothing (checked again after the
+        // reservation, which may wait).
+        self.still_valid(key)?;
+        let reservation = self
+            .spend
+            .reserve(&spender, cost, now)
+            .await
+            .map_err(refused)?;
+        ctx.spend = reservation.amount;
+        ctx.reservation = Some(reservation);
+        self.still_valid(key)
+    }
+
+    /// The key's expiry and revocation, checked again right before forwarding.
+    fn still_valid(&self, key: &VerifiedKey) -> Result<(), Denial> {
+        if key.claims.exp <= now_secs() {
+            return Err(Denial::KeyExpired);
+        }
+        if self
+            .published
+            .revocations
+            .load()
+            .is_revoked(&key.claims.jti)
+        {
+            return Err(Denial::KeyRevoked);
+        }
+        Ok(())
+    }
+}

@@ -38,6 +38,7 @@ struct FileConfig {
     prices_file: Option<PathBuf>,
     body_limit_bytes: Option<usize>,
     body_read_timeout_ms: Option<Millis>,
+    token_cache_entries: Option<usize>,
     default_key_ttl: Option<Seconds>,
     max_key_ttl: Option<Seconds>,
     access_log: Option<String>,
@@ -275,6 +276,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub body_limit_bytes: usize,
     pub body_read_timeout: Duration,
+    /// Bound of the verified-token cache (`proxy::verify`): entries beyond it are evicted.
+    pub token_cache_entries: usize,
     /// The proxy's listener: TLS, deadlines, connection bounds.
     pub proxy: ListenerSettings,
     /// The control API's listener.
@@ -707,6 +710,12 @@ impl Config {
         if default_key_ttl > max_key_ttl {
             bail!("default_key_ttl is longer than max_key_ttl");
         }
+        let token_cache_entries = file
+            .token_cache_entries
+            .unwrap_or(defaults::TOKEN_CACHE_ENTRIES);
+        if !(1024..=1 << 28).contains(&token_cache_entries) {
+            bail!("token_cache_entries must be between 1024 and 268435456");
+        }
         let body_limit_bytes = file.body_limit_bytes.unwrap_or(defaults::BODY_LIMIT_BYTES);
         if body_limit_bytes == 0 {
             bail!("body_limit_bytes must be positive");
@@ -820,6 +829,7 @@ impl Config {
             )?,
             data_dir: data_dir.clone(),
             body_limit_bytes,
+            token_cache_entries,
             body_read_timeout: ms(file.body_read_timeout_ms, defaults::BODY_READ_TIMEOUT),
             proxy,
             control,

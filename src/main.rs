@@ -347,7 +347,6 @@ fn run(cli: Cli) -> Result<()> {
                 None
             };
             let max_staleness = keybrake::config::parse_duration(&max_staleness)
-                .map(std::time::Duration::from_secs)
                 .map_err(|e| anyhow::anyhow!("--max-staleness: {e}"))?;
             keybrake::edge::run_edge(
                 config,

@@ -18,6 +18,8 @@ pub const CURRENCIES_FILE: &str = "currencies.yaml";
 pub const PRICES_FILE: &str = "prices.yaml";
 pub const BODY_LIMIT_BYTES: usize = 1 << 20;
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Verified vault keys the proxy remembers (`proxy::verify`): a fleet's live keys.
+pub const TOKEN_CACHE_ENTRIES: usize = 1 << 20;
 pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(15 * 60);
 pub const MAX_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const ACCESS_LOG: &str = "stdout";
@@ -120,6 +122,7 @@ mod tests {
             prices_file: Some(PRICES_FILE.into()),
             body_limit_bytes: Some(BODY_LIMIT_BYTES),
             body_read_timeout_ms: ms(BODY_READ_TIMEOUT),
+            token_cache_entries: Some(TOKEN_CACHE_ENTRIES),
             default_key_ttl: s(DEFAULT_KEY_TTL),
             max_key_ttl: s(MAX_KEY_TTL),
             access_log: Some(ACCESS_LOG.into()),

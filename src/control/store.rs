@@ -98,7 +98,7 @@ pub const FILE: &str = "keybrake.db";
 
 #[derive(Clone)]
 pub struct Store {
-    writer: SqlitePool,
+    pub(super) writer: SqlitePool,
     checkpointer: SqlitePool,
     reader: SqlitePool,
 }

@@ -57,21 +57,26 @@ enum Command {
         #[arg(long, env = "KEYBRAKE_CONTROL_URL", value_name = "URL")]
         control_url: String,
         /// File holding this node's token (from `keybrake node create`).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, env = "KEYBRAKE_NODE_TOKEN_FILE", value_name = "FILE")]
         node_token_file: PathBuf,
         /// A private CA (PEM) to trust for an https:// control URL, besides the system's.
         #[arg(long, env = "KEYBRAKE_CA_FILE", value_name = "FILE")]
         ca_file: Option<PathBuf>,
         /// Refuse every request (503 control_unreachable) once the last sync is older
         /// than this: 30s, 2m or seconds.
-        #[arg(long, default_value = "30s", value_name = "DURATION")]
+        #[arg(
+            long,
+            env = "KEYBRAKE_MAX_STALENESS",
+            default_value = "30s",
+            value_name = "DURATION"
+        )]
         max_staleness: String,
         /// Take over the listening sockets of a running instance (Pingora graceful upgrade).
-        #[arg(long)]
+        #[arg(long, env = "KEYBRAKE_UPGRADE")]
         upgrade: bool,
         /// Fork into the background; the parent writes the child's PID to
         /// `pingora.pid_file` and exits (systemd `Type=forking`).
-        #[arg(long)]
+        #[arg(long, env = "KEYBRAKE_DAEMON")]
         daemon: bool,
     },
     /// Validate the configuration and exit.
@@ -160,11 +165,17 @@ enum TenantCommand {
 #[derive(Subcommand)]
 enum NodeCommand {
     /// Register an edge node; prints its node token (shown once).
-    Create { name: String },
+    Create {
+        /// A name for the node (e.g. its host name).
+        name: String,
+    },
     /// List nodes with their last sync.
     List,
     /// Delete a node: its token stops working and it is cut off within a second.
-    Delete { id: String },
+    Delete {
+        /// The node's id (`nd_…`).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -1,7 +1,8 @@
 //! Configuration: the YAML files of `conf/` (or the copies embedded in the binary) and the
 //! command-line overrides are turned into one validated `Config` before anything starts.
 //! Unknown keys, bad addresses and incomplete vendors are errors with a message naming
-//! the problem (`keybrake check`).
+//! the problem (`keybrake check`). Every default lives in `config/defaults.rs`, and every
+//! duration key parses through `config/duration.rs`.
 
 use crate::money::Micros;
 use crate::pattern::EndpointPattern;
@@ -13,6 +14,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod defaults;
+mod duration;
+pub use duration::parse_duration;
+use duration::{Millis, Seconds};
+
 pub const EMBEDDED_CONFIG: &str = include_str!("../conf/keybrake.yaml");
 pub const EMBEDDED_VENDORS: &str = include_str!("../conf/vendors.yaml");
 pub const EMBEDDED_CURRENCIES: &str = include_str!("../conf/currencies.yaml");
@@ -20,7 +26,7 @@ pub const EMBEDDED_PRICES: &str = include_str!("../conf/prices.yaml");
 
 // ---------- the file formats ----------
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     proxy_listen: Option<String>,
@@ -31,9 +37,10 @@ struct FileConfig {
     currencies_file: Option<PathBuf>,
     prices_file: Option<PathBuf>,
     body_limit_bytes: Option<usize>,
-    body_read_timeout_ms: Option<u64>,
-    default_key_ttl: Option<String>,
-    max_key_ttl: Option<String>,
+    body_read_timeout_ms: Option<Millis>,
+    token_cache_entries: Option<usize>,
+    default_key_ttl: Option<Seconds>,
+    max_key_ttl: Option<Seconds>,
     access_log: Option<String>,
     #[serde(default)]
     upstream: FileUpstream,
@@ -52,28 +59,28 @@ struct FileConfig {
 }
 
 /// `proxy:` and `control:`: TLS and the limits that keep a listener available.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileListener {
     tls: Option<FileTls>,
     plaintext: Option<bool>,
-    header_timeout_ms: Option<u64>,
-    keepalive_timeout_ms: Option<u64>,
-    request_timeout_ms: Option<u64>,
+    header_timeout_ms: Option<Millis>,
+    keepalive_timeout_ms: Option<Millis>,
+    request_timeout_ms: Option<Millis>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileTls {
     cert_file: PathBuf,
     key_file: PathBuf,
-    watch_interval_ms: Option<u64>,
+    watch_interval_ms: Option<Millis>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileAudit {
     durability: Option<AuditDurability>,
@@ -89,39 +96,39 @@ pub enum AuditDurability {
     Strict,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileMetrics {
     plaintext: Option<bool>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileUpstream {
-    connect_timeout_ms: Option<u64>,
-    total_connection_timeout_ms: Option<u64>,
-    read_timeout_ms: Option<u64>,
-    write_timeout_ms: Option<u64>,
-    idle_timeout_ms: Option<u64>,
-    dns_refresh_seconds: Option<u64>,
+    connect_timeout_ms: Option<Millis>,
+    total_connection_timeout_ms: Option<Millis>,
+    read_timeout_ms: Option<Millis>,
+    write_timeout_ms: Option<Millis>,
+    idle_timeout_ms: Option<Millis>,
+    dns_refresh_seconds: Option<Seconds>,
     ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileLeases {
     slices_per_cap: Option<i64>,
-    return_idle_after_seconds: Option<u64>,
-    report_interval_ms: Option<u64>,
-    lifetime_seconds: Option<u64>,
+    return_idle_after_seconds: Option<Seconds>,
+    report_interval_ms: Option<Millis>,
+    lifetime_seconds: Option<Seconds>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FilePingora {
     threads: Option<usize>,
-    grace_period_seconds: Option<u64>,
-    graceful_shutdown_timeout_seconds: Option<u64>,
+    grace_period_seconds: Option<Seconds>,
+    graceful_shutdown_timeout_seconds: Option<Seconds>,
     upgrade_sock: Option<String>,
     pid_file: Option<String>,
 }
@@ -269,6 +276,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub body_limit_bytes: usize,
     pub body_read_timeout: Duration,
+    /// Bound of the verified-token cache (`proxy::verify`): entries beyond it are evicted.
+    pub token_cache_entries: usize,
     /// The proxy's listener: TLS, deadlines, connection bounds.
     pub proxy: ListenerSettings,
     /// The control API's listener.
@@ -629,17 +638,19 @@ impl Config {
                 })?;
             }
         }
-        let vendors_text = side_file(&file.vendors_file, EMBEDDED_VENDORS, "vendors.yaml")?;
+        let vendors_text = side_file(&file.vendors_file, EMBEDDED_VENDORS, defaults::VENDORS_FILE)?;
         let currencies_text = side_file(
             &file.currencies_file,
             EMBEDDED_CURRENCIES,
-            "currencies.yaml",
+            defaults::CURRENCIES_FILE,
         )?;
         // A config written before the price table existed names no prices_file and may
         // have none beside it: the embedded table then applies.
         let prices_text = match (base_dir, &file.prices_file) {
-            (Some(dir), None) if !dir.join("prices.yaml").exists() => EMBEDDED_PRICES.to_string(),
-            _ => side_file(&file.prices_file, EMBEDDED_PRICES, "prices.yaml")?,
+            (Some(dir), None) if !dir.join(defaults::PRICES_FILE).exists() => {
+                EMBEDDED_PRICES.to_string()
+            }
+            _ => side_file(&file.prices_file, EMBEDDED_PRICES, defaults::PRICES_FILE)?,
         };
         let prices = crate::proxy::llm::PriceTable::parse(&prices_text)?;
 
@@ -653,12 +664,8 @@ impl Config {
                 anyhow!("{what}: {text:?} is not a socket address like 127.0.0.1:8080")
             })
         };
-        let ttl = |value: &Option<String>, default: &str, what: &str| -> Result<Duration> {
-            let text = value.as_deref().unwrap_or(default);
-            parse_duration(text)
-                .map(Duration::from_secs)
-                .map_err(|e| anyhow!("{what}: {text:?}: {e}"))
-        };
+        let ms = |v: Option<Millis>, d: Duration| v.map_or(d, |v| v.0);
+        let secs = |v: Option<Seconds>, d: Duration| v.map_or(d, |v| v.0);
 
         let mut vendors = parse_vendors(&vendors_text)?;
         for (name, v) in &vendors {
@@ -685,14 +692,17 @@ impl Config {
                 UpstreamUrl::parse(url).with_context(|| format!("--vendor-upstream {name}"))?;
         }
 
-        let access_log = match file.access_log.as_deref().unwrap_or("stdout") {
+        let access_log = match file.access_log.as_deref().unwrap_or(defaults::ACCESS_LOG) {
             "stdout" => AccessLog::Stdout,
             "off" => AccessLog::Off,
             "" => bail!("access_log: empty; use \"stdout\", \"off\" or a file path"),
             path => AccessLog::File(path.into()),
         };
-        let default_key_ttl = ttl(&file.default_key_ttl, "15m", "default_key_ttl")?;
-        let max_key_ttl = ttl(&file.max_key_ttl, "24h", "max_key_ttl")?;
+        let default_key_ttl = secs(file.default_key_ttl, defaults::DEFAULT_KEY_TTL);
+        let max_key_ttl = secs(file.max_key_ttl, defaults::MAX_KEY_TTL);
+        if default_key_ttl.is_zero() || max_key_ttl.is_zero() {
+            bail!("default_key_ttl and max_key_ttl must be longer than zero");
+        }
         if max_key_ttl > Duration::from_secs(366 * 86_400) {
             // Vault keys are short-lived by design; a longer bound is a typo.
             bail!("max_key_ttl is longer than a year");
@@ -700,35 +710,55 @@ impl Config {
         if default_key_ttl > max_key_ttl {
             bail!("default_key_ttl is longer than max_key_ttl");
         }
-        let body_limit_bytes = file.body_limit_bytes.unwrap_or(1 << 20);
+        let token_cache_entries = file
+            .token_cache_entries
+            .unwrap_or(defaults::TOKEN_CACHE_ENTRIES);
+        if !(1024..=1 << 28).contains(&token_cache_entries) {
+            bail!("token_cache_entries must be between 1024 and 268435456");
+        }
+        let body_limit_bytes = file.body_limit_bytes.unwrap_or(defaults::BODY_LIMIT_BYTES);
         if body_limit_bytes == 0 {
             bail!("body_limit_bytes must be positive");
         }
-        let threads = file.pingora.threads.unwrap_or(2);
+        let threads = file.pingora.threads.unwrap_or(defaults::PINGORA_THREADS);
         let data_dir: PathBuf = overrides
             .data_dir
             .clone()
             .or(file.data_dir)
-            .unwrap_or_else(|| "./data".into());
-        // In the data dir (mode 0700), not a shared /tmp where another local user could
-        // bind the socket first and be handed the listening sockets on an upgrade.
+            .unwrap_or_else(|| defaults::DATA_DIR.into());
         let in_data_dir = |name: &str| data_dir.join(name).to_string_lossy().into_owned();
         if threads == 0 {
             bail!("pingora.threads must be at least 1");
         }
-        let slices_per_cap = file.leases.slices_per_cap.unwrap_or(16);
+        let slices_per_cap = file
+            .leases
+            .slices_per_cap
+            .unwrap_or(defaults::LEASE_SLICES_PER_CAP);
         if !(1..=1_000_000).contains(&slices_per_cap) {
             bail!("leases.slices_per_cap must be between 1 and 1000000");
         }
-        let ms = |v: Option<u64>, d: u64| Duration::from_millis(v.unwrap_or(d));
         let listener =
-            |f: FileListener, what: &str, d: ListenerDefaults| -> Result<ListenerSettings> {
-                let positive = |v: Option<u64>, d: u64, key: &str| -> Result<Duration> {
-                    match v.unwrap_or(d) {
-                        0 => bail!("{what}.{key} must be positive"),
-                        n => Ok(Duration::from_millis(n)),
+            |f: FileListener, what: &str, d: defaults::Listener| -> Result<ListenerSettings> {
+                let positive = |v: Option<Millis>, d: Duration, key: &str| -> Result<Duration> {
+                    match ms(v, d) {
+                        d if d.is_zero() => bail!("{what}.{key} must be positive"),
+                        d => Ok(d),
                     }
                 };
+                let refused = |v: &Option<Millis>, d: Option<Duration>, key: &str| match (v, d) {
+                    (Some(_), None) => bail!("{what}.{key}: not a setting of this listener"),
+                    _ => Ok(()),
+                };
+                refused(
+                    &f.keepalive_timeout_ms,
+                    d.keepalive_timeout,
+                    "keepalive_timeout_ms",
+                )?;
+                refused(
+                    &f.request_timeout_ms,
+                    d.request_timeout,
+                    "request_timeout_ms",
+                )?;
                 let max_header_bytes = f.max_header_bytes.unwrap_or(d.max_header_bytes);
                 if !(d.min_header_bytes..=1 << 20).contains(&max_header_bytes) {
                     bail!(
@@ -743,112 +773,109 @@ impl Config {
                 let tls = f.tls.map(|t| crate::tls::TlsFiles {
                     cert_file: relative(t.cert_file),
                     key_file: relative(t.key_file),
-                    watch_interval: Duration::from_millis(
-                        t.watch_interval_ms.unwrap_or(10_000).max(50),
-                    ),
+                    watch_interval: ms(t.watch_interval_ms, defaults::TLS_WATCH_INTERVAL)
+                        .max(Duration::from_millis(50)),
                 });
                 if tls.is_some() && f.plaintext == Some(true) {
                     bail!("{what}: both tls and plaintext: true are set; keep one");
                 }
+                let header_timeout =
+                    positive(f.header_timeout_ms, d.header_timeout, "header_timeout_ms")?;
                 Ok(ListenerSettings {
-                    plaintext_allowed: f.plaintext.unwrap_or(false),
+                    plaintext_allowed: f.plaintext.unwrap_or(d.plaintext),
                     tls,
-                    header_timeout: positive(
-                        f.header_timeout_ms,
-                        d.header_timeout_ms,
-                        "header_timeout_ms",
-                    )?,
-                    keepalive_timeout: positive(
-                        f.keepalive_timeout_ms,
-                        d.keepalive_timeout_ms,
-                        "keepalive_timeout_ms",
-                    )?,
-                    request_timeout: positive(
-                        f.request_timeout_ms,
-                        d.request_timeout_ms,
-                        "request_timeout_ms",
-                    )?,
+                    header_timeout,
+                    // Without a keep-alive setting, the header deadline covers that wait.
+                    keepalive_timeout: match d.keepalive_timeout {
+                        Some(d) => positive(f.keepalive_timeout_ms, d, "keepalive_timeout_ms")?,
+                        None => header_timeout,
+                    },
+                    request_timeout: match d.request_timeout {
+                        Some(d) => positive(f.request_timeout_ms, d, "request_timeout_ms")?,
+                        None => Duration::ZERO,
+                    },
                     max_header_bytes,
                     limits: crate::conns::ConnLimits {
                         max_total: max_connections,
-                        max_per_client: f.max_connections_per_client.unwrap_or(d.max_per_client),
+                        max_per_client: f
+                            .max_connections_per_client
+                            .unwrap_or(d.max_connections_per_client),
                     },
                 })
             };
-        if file.proxy.request_timeout_ms.is_some() {
-            // The proxy's requests are bounded by the body and upstream timeouts.
-            bail!("proxy.request_timeout_ms: only the control API has one");
-        }
-        if file.control.keepalive_timeout_ms.is_some() {
-            bail!("control.keepalive_timeout_ms: the control API's header_timeout_ms covers the wait between requests");
-        }
-        let proxy = listener(file.proxy, "proxy", ListenerDefaults::PROXY)?;
-        let control = listener(file.control, "control", ListenerDefaults::CONTROL)?;
-        let upstream_ca_file = file.upstream.ca_file.map(relative);
+        let proxy = listener(file.proxy, "proxy", defaults::PROXY)?;
+        let control = listener(file.control, "control", defaults::CONTROL)?;
+        let upstream_ca_file = file.upstream.ca_file.clone().map(relative);
+        let (u, l, p) = (&file.upstream, &file.leases, file.pingora);
 
         let config = Config {
             proxy_listen: addr(
                 &overrides.proxy_listen,
                 &file.proxy_listen,
-                "127.0.0.1:8080",
+                defaults::PROXY_LISTEN,
                 "proxy_listen",
             )?,
             control_listen: addr(
                 &overrides.control_listen,
                 &file.control_listen,
-                "127.0.0.1:8081",
+                defaults::CONTROL_LISTEN,
                 "control_listen",
             )?,
             metrics_listen: addr(
                 &overrides.metrics_listen,
                 &file.metrics_listen,
-                "127.0.0.1:9090",
+                defaults::METRICS_LISTEN,
                 "metrics_listen",
             )?,
             data_dir: data_dir.clone(),
             body_limit_bytes,
-            body_read_timeout: ms(file.body_read_timeout_ms, 10_000),
+            token_cache_entries,
+            body_read_timeout: ms(file.body_read_timeout_ms, defaults::BODY_READ_TIMEOUT),
             proxy,
             control,
             default_key_ttl,
             max_key_ttl,
             access_log,
             upstream: UpstreamTimeouts {
-                connect: ms(file.upstream.connect_timeout_ms, 2_000),
-                total_connection: ms(file.upstream.total_connection_timeout_ms, 5_000),
-                read: ms(file.upstream.read_timeout_ms, 60_000),
-                write: ms(file.upstream.write_timeout_ms, 30_000),
-                idle: ms(file.upstream.idle_timeout_ms, 60_000),
-                dns_refresh: Duration::from_secs(
-                    file.upstream.dns_refresh_seconds.unwrap_or(30).max(1),
+                connect: ms(u.connect_timeout_ms, defaults::UPSTREAM_CONNECT_TIMEOUT),
+                total_connection: ms(
+                    u.total_connection_timeout_ms,
+                    defaults::UPSTREAM_TOTAL_CONNECTION_TIMEOUT,
                 ),
+                read: ms(u.read_timeout_ms, defaults::UPSTREAM_READ_TIMEOUT),
+                write: ms(u.write_timeout_ms, defaults::UPSTREAM_WRITE_TIMEOUT),
+                idle: ms(u.idle_timeout_ms, defaults::UPSTREAM_IDLE_TIMEOUT),
+                dns_refresh: secs(u.dns_refresh_seconds, defaults::UPSTREAM_DNS_REFRESH)
+                    .max(Duration::from_secs(1)),
                 ca_file: upstream_ca_file,
             },
-            audit_durability: file.audit.durability.unwrap_or_default(),
+            audit_durability: file.audit.durability.unwrap_or(defaults::AUDIT_DURABILITY),
             leases: LeaseSettings {
                 slices_per_cap,
-                return_idle_after: Duration::from_secs(
-                    file.leases.return_idle_after_seconds.unwrap_or(2),
+                return_idle_after: secs(
+                    l.return_idle_after_seconds,
+                    defaults::LEASE_RETURN_IDLE_AFTER,
                 ),
-                report_interval: ms(file.leases.report_interval_ms, 500)
+                report_interval: ms(l.report_interval_ms, defaults::LEASE_REPORT_INTERVAL)
                     .max(Duration::from_millis(10)),
-                lifetime: Duration::from_secs(file.leases.lifetime_seconds.unwrap_or(30).max(3)),
+                lifetime: secs(l.lifetime_seconds, defaults::LEASE_LIFETIME)
+                    .max(Duration::from_secs(3)),
             },
             pingora: PingoraSettings {
                 threads,
-                grace_period_seconds: file.pingora.grace_period_seconds.unwrap_or(3),
-                graceful_shutdown_timeout_seconds: file
-                    .pingora
-                    .graceful_shutdown_timeout_seconds
-                    .unwrap_or(15),
-                upgrade_sock: file
-                    .pingora
+                grace_period_seconds: secs(p.grace_period_seconds, defaults::PINGORA_GRACE_PERIOD)
+                    .as_secs(),
+                graceful_shutdown_timeout_seconds: secs(
+                    p.graceful_shutdown_timeout_seconds,
+                    defaults::PINGORA_GRACEFUL_SHUTDOWN_TIMEOUT,
+                )
+                .as_secs(),
+                upgrade_sock: p
                     .upgrade_sock
-                    .unwrap_or_else(|| in_data_dir("upgrade.sock")),
-                pid_file: file
-                    .pingora
+                    .unwrap_or_else(|| in_data_dir(defaults::PINGORA_UPGRADE_SOCK_IN_DATA_DIR)),
+                pid_file: p
                     .pid_file
-                    .unwrap_or_else(|| in_data_dir("keybrake.pid")),
+                    .unwrap_or_else(|| in_data_dir(defaults::PINGORA_PID_FILE_IN_DATA_DIR)),
             },
             vendors,
             currencies: parse_currencies(&currencies_text)?,
@@ -870,7 +897,9 @@ impl Config {
             "metrics",
             config.metrics_listen,
             false,
-            file.metrics.plaintext.unwrap_or(false),
+            file.metrics
+                .plaintext
+                .unwrap_or(defaults::METRICS_PLAINTEXT),
         )?;
         Ok(config)
     }
@@ -918,41 +947,6 @@ fn plaintext_rule(what: &str, addr: SocketAddr, tls: bool, plaintext: bool) -> R
         )
     };
     bail!("{what} listener {addr} would serve plain HTTP on a non-loopback address: {fix}")
-}
-
-/// Defaults of a listener section.
-struct ListenerDefaults {
-    header_timeout_ms: u64,
-    keepalive_timeout_ms: u64,
-    request_timeout_ms: u64,
-    max_header_bytes: usize,
-    min_header_bytes: usize,
-    max_connections: usize,
-    max_per_client: usize,
-}
-
-impl ListenerDefaults {
-    const PROXY: ListenerDefaults = ListenerDefaults {
-        header_timeout_ms: 10_000,
-        keepalive_timeout_ms: 60_000,
-        request_timeout_ms: 1,
-        max_header_bytes: 32 * 1024,
-        min_header_bytes: 1024,
-        max_connections: 10_000,
-        max_per_client: 0,
-    };
-    const CONTROL: ListenerDefaults = ListenerDefaults {
-        header_timeout_ms: 5_000,
-        keepalive_timeout_ms: 5_000,
-        request_timeout_ms: 30_000,
-        // Above the API's own 16 KiB header and 8 KiB target bounds, which answer with
-        // the JSON error body; hyper's bare 431 is for what is larger still.
-        max_header_bytes: 64 * 1024,
-        // hyper's smallest read buffer.
-        min_header_bytes: 8192,
-        max_connections: 1024,
-        max_per_client: 64,
-    };
 }
 
 fn header_name(text: &str, what: &str) -> Result<http::HeaderName> {
@@ -1148,31 +1142,6 @@ fn parse_currencies(text: &str) -> Result<Map<String, Currency>> {
             ))
         })
         .collect()
-}
-
-/// `"30s"`, `"5m"`, `"2h"`, `"1d"` or plain seconds → seconds (> 0).
-pub fn parse_duration(text: &str) -> Result<u64, &'static str> {
-    let text = text.trim();
-    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => text.split_at(i),
-        None => (text, "s"),
-    };
-    if digits.is_empty() {
-        return Err("expected a number followed by s, m, h or d");
-    }
-    let n: u64 = digits.parse().map_err(|_| "number too large")?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err("unit must be s, m, h or d"),
-    };
-    let secs = n.checked_mul(mult).ok_or("number too large")?;
-    if secs == 0 {
-        return Err("must be longer than zero");
-    }
-    Ok(secs)
 }
 
 #[cfg(test)]
@@ -1371,16 +1340,33 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s"), Ok(30));
-        assert_eq!(parse_duration("5m"), Ok(300));
-        assert_eq!(parse_duration("2h"), Ok(7200));
-        assert_eq!(parse_duration("1d"), Ok(86400));
-        assert_eq!(parse_duration("90"), Ok(90));
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("-1m").is_err());
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("").is_err());
+    fn duration_fields_take_the_one_syntax_or_an_integer_in_their_unit() {
+        let load = |text: &str| Config::from_yaml(text, None, &Overrides::default());
+        let c = load(
+            "default_key_ttl: 300\nmax_key_ttl: \"2h\"\nbody_read_timeout_ms: \"3s\"\n\
+             upstream: {read_timeout_ms: 1500, dns_refresh_seconds: \"1m\"}\n\
+             pingora: {grace_period_seconds: \"4s\"}",
+        )
+        .unwrap();
+        assert_eq!(c.default_key_ttl, Duration::from_secs(300));
+        assert_eq!(c.max_key_ttl, Duration::from_secs(7200));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(3));
+        assert_eq!(c.upstream.read, Duration::from_millis(1500));
+        assert_eq!(c.upstream.dns_refresh, Duration::from_secs(60));
+        assert_eq!(c.pingora.grace_period_seconds, 4);
+        for (bad, why) in [
+            ("default_key_ttl: \"0s\"", "longer than zero"),
+            ("max_key_ttl: \"5x\"", "unit must be"),
+            (
+                "pingora: {grace_period_seconds: \"2500ms\"}",
+                "whole seconds",
+            ),
+            ("control: {header_timeout_ms: \"0ms\"}", "must be positive"),
+            ("upstream: {idle_timeout_ms: -1}", "negative"),
+        ] {
+            let e = format!("{:#}", load(bad).unwrap_err());
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -134,7 +134,7 @@ struct ClientArgs {
     #[arg(
         long,
         env = "KEYBRAKE_CONTROL_URL",
-        default_value = "http://127.0.0.1:8081",
+        default_value_t = keybrake::config::defaults::control_url(),
         global = true
     )]
     control_url: String,
@@ -166,14 +166,14 @@ enum TenantCommand {
 enum NodeCommand {
     /// Register an edge node; prints its node token (shown once).
     Create {
-        /// The node's name.
+        /// A name for the node (e.g. its host name).
         name: String,
     },
     /// List nodes with their last sync.
     List,
     /// Delete a node: its token stops working and it is cut off within a second.
     Delete {
-        /// The node's id (nd_…).
+        /// The node's id (`nd_…`).
         id: String,
     },
 }
@@ -214,7 +214,7 @@ enum KeyCommand {
         /// Daily cap in US dollars.
         #[arg(long, env = "KEYBRAKE_KEY_CAP", value_name = "USD")]
         cap: String,
-        /// Lifetime: 30s, 5m, 2h, 1d or seconds (default: the server's, 15m).
+        /// Lifetime: 30s, 5m, 2h, 1d or seconds (default: the server's default_key_ttl).
         #[arg(long, env = "KEYBRAKE_KEY_TTL", value_name = "DURATION")]
         ttl: Option<String>,
         /// A label shown in listings and the audit trail.
@@ -254,17 +254,16 @@ struct Common {
     /// Config file (default: conf/keybrake.yaml if present, else embedded defaults).
     #[arg(long, env = "KEYBRAKE_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
-    /// Where the proxy listens (config: proxy_listen; default 127.0.0.1:8080).
+    /// Where the proxy listens (wins over the config's proxy_listen).
     #[arg(long, env = "KEYBRAKE_PROXY_LISTEN", value_name = "ADDR")]
     proxy_listen: Option<String>,
-    /// Where the control API listens (config: control_listen; default 127.0.0.1:8081).
+    /// Where the control API listens (wins over the config's control_listen).
     #[arg(long, env = "KEYBRAKE_CONTROL_LISTEN", value_name = "ADDR")]
     control_listen: Option<String>,
-    /// Where Prometheus metrics are served (config: metrics_listen; default
-    /// 127.0.0.1:9090).
+    /// Where Prometheus metrics are served (wins over the config's metrics_listen).
     #[arg(long, env = "KEYBRAKE_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
-    /// Database, generated secrets and PID file (config: data_dir; default ./data).
+    /// Database, generated secrets and PID file (wins over the config's data_dir).
     #[arg(long, env = "KEYBRAKE_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Override a vendor's upstream, e.g. stripe=http://127.0.0.1:8420 (repeatable; in
@@ -359,7 +358,6 @@ fn run(cli: Cli) -> Result<()> {
                 None
             };
             let max_staleness = keybrake::config::parse_duration(&max_staleness)
-                .map(std::time::Duration::from_secs)
                 .map_err(|e| anyhow::anyhow!("--max-staleness: {e}"))?;
             keybrake::edge::run_edge(
                 config,

@@ -479,7 +479,7 @@ pub(crate) fn run_proxy(
     ));
     let verifier = Arc::new(KeyVerifier::new(
         published.clone(),
-        100_000,
+        config.token_cache_entries,
         metrics.clone(),
     ));
     let upstreams = Arc::new(Upstreams::new(&config.vendors, config.upstream.clone())?);

@@ -78,15 +78,19 @@ pub struct LedgerError(pub String);
 #[async_trait::async_trait]
 pub trait Ledger: Send + Sync + 'static {
     async fn lease(&self, request: LeaseRequest) -> Result<Micros, LedgerError>;
-    async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError>;
-    /// Several leases at once (an edge node asks for them in one round trip).
+
+    /// `lease` for each request, the answers in the same order: a ledger that can should
+    /// grant a batch in one round trip (one transaction, one HTTP call), since every
+    /// fresh key needs a first lease before its first call.
     async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
-        let mut out = Vec::with_capacity(requests.len());
-        for r in requests {
-            out.push(self.lease(r).await);
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in requests {
+            answers.push(self.lease(request).await);
         }
-        out
+        answers
     }
+
+    async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError>;
     fn leases_valid_until(&self) -> i64 {
         i64::MAX
     }

@@ -1,5 +1,6 @@
-//! The control API over HTTP (SPEC §3): routing, authentication, input validation and
-//! JSON shapes. Business rules live in `Control`; this file only translates.
+//! The control API over HTTP (SPEC §3): routing, input validation and JSON shapes. Who
+//! may call a route is the extractor its handler takes (`auth.rs`); every failure is an
+//! `ApiError` (`errors.rs`). Business rules live in `Control`; this file only translates.
 
 use super::auth::{Admin, Tenant};
 use super::errors::{ApiError, ApiResult};
@@ -570,14 +571,16 @@ fn parse_cap(json_text: &str) -> ApiResult<Micros> {
     Ok(micros)
 }
 
+/// `expires_in` in the one duration syntax (`config::parse_duration`), or a JSON integer
+/// of seconds: whole seconds (a token's `exp` is in seconds), not zero, at most `max`.
 fn parse_ttl(value: Option<&Value>, default: Duration, max: Duration) -> ApiResult<Duration> {
     let bad = |why: String| ApiError::InvalidExpiresIn(why);
-    let secs = match value {
+    let ttl = match value {
         None | Some(Value::Null) => return Ok(default),
         Some(Value::String(s)) => {
             parse_duration(s).map_err(|e| bad(format!("expires_in {s:?}: {e}")))?
         }
-        Some(Value::Number(n)) => n.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+        Some(Value::Number(n)) => n.as_u64().map(Duration::from_secs).ok_or_else(|| {
             bad(format!(
                 "expires_in {n} must be a positive whole number of seconds"
             ))
@@ -588,13 +591,18 @@ fn parse_ttl(value: Option<&Value>, default: Duration, max: Duration) -> ApiResu
             ))
         }
     };
-    if secs > max.as_secs() {
+    if ttl.is_zero() || ttl.subsec_nanos() != 0 {
+        return Err(bad(
+            "expires_in must be a positive whole number of seconds".into()
+        ));
+    }
+    if ttl > max {
         return Err(bad(format!(
             "expires_in is longer than the maximum of {} seconds",
             max.as_secs()
         )));
     }
-    Ok(Duration::from_secs(secs))
+    Ok(ttl)
 }
 
 fn key_json(view: &KeyView) -> Value {
@@ -962,6 +970,8 @@ mod tests {
             json!("-1m"),
             json!("0s"),
             json!("2d"),
+            json!("1500ms"),
+            json!(0),
             json!(-5),
             json!(true),
         ] {

@@ -36,19 +36,19 @@ const STALLED: Duration = Duration::from_secs(10);
 
 pub const FILE: &str = "audit.db";
 
-/// `seq` orders the trail and is the cursor of `list`. Rows are never deleted, so SQLite's
-/// rowid (largest + 1) only grows; without AUTOINCREMENT an insert does not also update
-/// `sqlite_sequence`.
+/// The trail's schema, its only definition. `seq` orders the trail and is the cursor of
+/// `list`. Rows are never deleted, so SQLite's rowid (largest + 1) only grows; without
+/// AUTOINCREMENT an insert does not also update `sqlite_sequence`. `model` and the token
+/// counts are those of LLM calls (NULL for other calls).
 ///
 /// No per-row index: a key's (and a tenant's) events are found through spans, one row per
 /// key (and per tenant) per written batch: `[first_seq, last_seq]` holds every event of
 /// that key in the batch, mixed with other keys' events of the same batch. A batch is a
-/// contiguous `seq` range, so one owner's spans never overlap. Two index entries per
-/// event made up most of the writer's work (each insert a B-tree descent with string
-/// compares and a dirtied page per key); one span per key per batch costs a fraction.
-/// `spans_through` is the last `seq` covered, so rows written without spans (moved from
-/// `keybrake.db`, or by an earlier layout of this file) get theirs when the file opens.
-const SCHEMA: &str = "
+/// contiguous `seq` range (one IMMEDIATE transaction), so one owner's spans never overlap.
+/// Two index entries per event made up most of the writer's work (each insert a B-tree
+/// descent with string compares and a dirtied page per key); one span per key per batch
+/// costs a fraction.
+pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     ts_ms INTEGER NOT NULL,
@@ -62,10 +62,13 @@ CREATE TABLE IF NOT EXISTS audit (
     decision TEXT NOT NULL,
     spend INTEGER NOT NULL,
     vendor_request_id TEXT,
-    duration_ms INTEGER NOT NULL
+    duration_ms INTEGER NOT NULL,
+    model TEXT,
+    input_tokens INTEGER,
+    cached_input_tokens INTEGER,
+    cache_write_tokens INTEGER,
+    output_tokens INTEGER
 );
-DROP INDEX IF EXISTS audit_by_tenant;
-DROP INDEX IF EXISTS audit_by_key;
 CREATE TABLE IF NOT EXISTS tenant_spans (
     tenant_id TEXT NOT NULL,
     last_seq INTEGER NOT NULL,
@@ -81,29 +84,13 @@ CREATE TABLE IF NOT EXISTS key_spans (
     max_ts_ms INTEGER NOT NULL,
     PRIMARY KEY (tenant_id, key_id, last_seq)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS spans_through (
-    one INTEGER PRIMARY KEY CHECK (one = 1),
-    seq INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS moved_from_store (
-    one INTEGER PRIMARY KEY CHECK (one = 1),
-    last_seq INTEGER NOT NULL
-);
 ";
 
-const COLUMNS: &str = "ts_ms, tenant_id, key_id, label, vendor, method, path, status, \
-                       decision, spend, vendor_request_id, duration_ms";
-
-/// Columns of LLM calls (model and tokens, NULL for other calls), added to a trail
-/// written before they existed (`add_llm_columns`). Rows moved from older layouts have
-/// none of them, so they are not in `COLUMNS`.
-const LLM_COLUMNS: &[(&str, &str)] = &[
-    ("model", "TEXT"),
-    ("input_tokens", "INTEGER"),
-    ("cached_input_tokens", "INTEGER"),
-    ("cache_write_tokens", "INTEGER"),
-    ("output_tokens", "INTEGER"),
-];
+/// The columns an insert writes, in `insert`'s parameter order.
+pub const INSERT: &str = "INSERT INTO audit (ts_ms, tenant_id, key_id, label, vendor, method, \
+     path, status, decision, spend, vendor_request_id, duration_ms, model, input_tokens, \
+     cached_input_tokens, cache_write_tokens, output_tokens) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 
 pub struct AuditTrail {
     shared: Arc<Shared>,
@@ -136,8 +123,7 @@ struct Passes {
 }
 
 impl AuditTrail {
-    /// Opens (or creates) `audit.db`, moves in the rows of the trail's older home (the
-    /// `audit` table of `keybrake.db`, see `attach_old_table`) and starts the writer.
+    /// Opens (or creates) `audit.db` and starts the writer.
     pub async fn open(
         data_dir: &Path,
         metrics: Arc<Metrics>,
@@ -149,7 +135,7 @@ impl AuditTrail {
         let path = data_dir.join(FILE);
         crate::secret::private_file(&path)
             .with_context(|| format!("cannot create {}", path.display()))?;
-        let (conn, old) = open_writer(&path, &data_dir.join(super::store::FILE), strict)
+        let conn = open_writer(&path, strict)
             .with_context(|| format!("cannot open the audit database {}", path.display()))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(2)
@@ -178,7 +164,7 @@ impl AuditTrail {
         let thread_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer_loop(conn, old, strict, &thread_shared, &thread_metrics))
+            .spawn(move || writer_loop(conn, strict, &thread_shared, &thread_metrics))
             .context("cannot start the audit writer thread")?;
         Ok(AuditTrail {
             shared,
@@ -404,162 +390,25 @@ fn tokens(r: &sqlx::sqlite::SqliteRow, column: &str) -> Option<u64> {
     r.get::<Option<i64>, _>(column).map(|n| n.max(0) as u64)
 }
 
-/// Adds the columns of `LLM_COLUMNS` this file lacks (an older binary's rows and
-/// inserts leave them NULL, so both layouts can write during an upgrade).
-fn add_llm_columns(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('audit')")?;
-    let have: Vec<String> = stmt
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    for (name, kind) in LLM_COLUMNS {
-        if !have.iter().any(|h| h == name) {
-            conn.execute(&format!("ALTER TABLE audit ADD COLUMN {name} {kind}"), [])?;
-        }
-    }
-    Ok(())
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// WAL + NORMAL as for the store: a commit survives a process crash. SQLite checkpoints
-/// the WAL itself every 1,000 pages, inside this thread's commits. True in the second
-/// value when `keybrake.db` still has the trail's older table (attached as `old`).
-fn open_writer(
-    path: &Path,
-    old_store: &Path,
-    strict: bool,
-) -> rusqlite::Result<(rusqlite::Connection, bool)> {
-    let mut conn = rusqlite::Connection::open(path)?;
+/// the WAL itself every 1,000 pages, inside this thread's commits.
+fn open_writer(path: &Path, strict: bool) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // Strict: every commit is synced (FULL), so an event is kept through an OS crash too.
     conn.pragma_update(None, "synchronous", if strict { "FULL" } else { "NORMAL" })?;
     conn.pragma_update(None, "journal_size_limit", 16 << 20)?;
     conn.execute_batch(SCHEMA)?;
-    add_llm_columns(&conn)?;
-    // In transactions of a bounded size, so that another writer of this file (the other
-    // side of an upgrade) is never kept waiting long.
-    let mut covered = 0;
-    loop {
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let n = cover_new_rows(&tx, 64 * BATCH)?;
-        tx.commit()?;
-        covered += n;
-        if n == 0 {
-            break;
-        }
-    }
-    if covered > 0 {
-        log::info!("indexed {covered} audit events of an earlier layout of {FILE}");
-    }
-    let old = attach_old_table(&conn, old_store)?;
-    if old {
-        let moved = move_old_rows(&mut conn)?;
-        if moved > 0 {
-            log::info!("moved {moved} audit events from keybrake.db into {FILE}");
-        }
-    }
-    Ok((conn, old))
+    Ok(conn)
 }
 
-/// Data dirs written before the trail had its own file keep it in `keybrake.db`'s `audit`
-/// table. That table is left in place: during a graceful upgrade the old process goes on
-/// writing into it until it exits, and a rollback to the old binary keeps working.
-fn attach_old_table(conn: &rusqlite::Connection, old_store: &Path) -> rusqlite::Result<bool> {
-    if !old_store.exists() {
-        return Ok(false);
-    }
-    // Read-only: attached read-write, every write transaction of this connection (each
-    // batch begins IMMEDIATE) would also take `keybrake.db`'s write lock, and key issuance
-    // and ledger writes would wait for audit batches. A WAL reader blocks no writer.
-    conn.execute("ATTACH DATABASE ?1 AS old", [read_only_uri(old_store)])?;
-    let has_table: bool = conn.query_row(
-        "SELECT count(*) > 0 FROM old.sqlite_master WHERE type = 'table' AND name = 'audit'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_table {
-        conn.execute("DETACH DATABASE old", [])?;
-    }
-    Ok(has_table)
-}
-
-/// `file:` URI opening `path` read-only (rusqlite opens connections with URI names on).
-fn read_only_uri(path: &Path) -> String {
-    let mut uri = String::from("file:");
-    for b in path.as_os_str().as_encoded_bytes() {
-        match b {
-            b'%' | b'?' | b'#' => uri.push_str(&format!("%{b:02X}")),
-            b if b.is_ascii() => uri.push(char::from(*b)),
-            b => uri.push_str(&format!("%{b:02X}")),
-        }
-    }
-    uri.push_str("?mode=ro");
-    uri
-}
-
-/// Copies the old table's rows not moved yet, in one transaction with the watermark
-/// (`moved_from_store`), so a copy cut short by a crash is simply redone. Into an empty
-/// trail they keep their `seq` (cursors handed out before the upgrade stay valid); later
-/// ones (written by the old process while it drained) are appended with new ones.
-fn move_old_rows(conn: &mut rusqlite::Connection) -> rusqlite::Result<usize> {
-    // IMMEDIATE: the watermark is read under the write lock, so two processes (both sides
-    // of a later upgrade) never move the same rows.
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let last: i64 = tx
-        .query_row("SELECT last_seq FROM moved_from_store", [], |r| r.get(0))
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(0),
-            e => Err(e),
-        })?;
-    let newest: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM old.audit", [], |r| {
-        r.get(0)
-    })?;
-    if newest <= last {
-        return Ok(0);
-    }
-    let empty: bool = tx.query_row("SELECT count(*) = 0 FROM main.audit", [], |r| r.get(0))?;
-    let moved = if empty {
-        tx.execute(
-            &format!(
-                "INSERT INTO main.audit (seq, {COLUMNS}) SELECT seq, {COLUMNS} FROM old.audit \
-                 WHERE seq > ?1 AND seq <= ?2 ORDER BY seq"
-            ),
-            [last, newest],
-        )?
-    } else {
-        tx.execute(
-            &format!(
-                "INSERT INTO main.audit ({COLUMNS}) SELECT {COLUMNS} FROM old.audit \
-                 WHERE seq > ?1 AND seq <= ?2 ORDER BY seq"
-            ),
-            [last, newest],
-        )?
-    };
-    tx.execute(
-        "INSERT INTO moved_from_store (one, last_seq) VALUES (1, ?1) \
-         ON CONFLICT (one) DO UPDATE SET last_seq = excluded.last_seq",
-        [newest],
-    )?;
-    cover_new_rows(&tx, usize::MAX)?;
-    tx.commit()?;
-    Ok(moved)
-}
-
-/// Passes between two looks at the old table (about a second).
-const OLD_TABLE_EVERY: u64 = 100;
-
-fn writer_loop(
-    mut conn: rusqlite::Connection,
-    old: bool,
-    strict: bool,
-    shared: &Shared,
-    metrics: &Metrics,
-) {
+fn writer_loop(mut conn: rusqlite::Connection, strict: bool, shared: &Shared, metrics: &Metrics) {
     let mut batch = Vec::with_capacity(INITIAL);
-    let mut pass = 0u64;
     loop {
         if strict {
             // Group commit: write as soon as something waits, and whatever queued up
@@ -573,14 +422,6 @@ fn writer_loop(
             );
         } else {
             std::thread::sleep(LINGER);
-        }
-        pass += 1;
-        if old && pass % OLD_TABLE_EVERY == 0 {
-            match move_old_rows(&mut conn) {
-                Ok(0) => {}
-                Ok(n) => log::info!("moved {n} more audit events from keybrake.db into {FILE}"),
-                Err(e) => log::error!("cannot move audit events from keybrake.db: {e}"),
-            }
         }
         let taken_through = {
             let mut pending = lock(&shared.pending);
@@ -636,18 +477,12 @@ fn write_with_retries(conn: &mut rusqlite::Connection, events: &[AuditEvent]) ->
 }
 
 fn insert(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> rusqlite::Result<()> {
-    // IMMEDIATE: the watermark is read under the write lock. Rows another writer added
-    // without spans (a binary of the earlier layout, during an upgrade or a rollback) are
-    // covered first, so `spans_through` never passes a row that has none.
+    // IMMEDIATE: the write lock from the start, so the batch's rows get contiguous `seq`s
+    // even with another writer on the file (the other side of a graceful upgrade).
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    cover_new_rows(&tx, usize::MAX)?;
     let mut spans = Spans::default();
     {
-        let mut stmt = tx.prepare_cached(&format!(
-            "INSERT INTO audit ({COLUMNS}, model, input_tokens, cached_input_tokens, \
-             cache_write_tokens, output_tokens) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-             ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
-        ))?;
+        let mut stmt = tx.prepare_cached(INSERT)?;
         for e in events {
             let llm = e.llm.as_ref();
             let n = |f: fn(&crate::sync::LlmAudit) -> Option<u64>| {
@@ -759,54 +594,8 @@ impl Spans {
                 span.max_ts_ms
             ])?;
         }
-        tx.prepare_cached(
-            "INSERT INTO spans_through (one, seq) VALUES (1, ?1) \
-             ON CONFLICT (one) DO UPDATE SET seq = max(seq, excluded.seq)",
-        )?
-        .execute([self.last])?;
         Ok(())
     }
-}
-
-/// Writes the spans of rows past `spans_through` (at least `max_rows` of them, if there
-/// are that many), BATCH rows at a time so that a span never covers more than BATCH rows:
-/// rows moved in from `keybrake.db`, or written by an earlier layout of this file. Returns
-/// how many rows it covered.
-fn cover_new_rows(tx: &rusqlite::Transaction, max_rows: usize) -> rusqlite::Result<usize> {
-    let mut after: i64 = tx
-        .prepare_cached("SELECT seq FROM spans_through")?
-        .query_row([], |r| r.get(0))
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(0),
-            e => Err(e),
-        })?;
-    let mut covered = 0;
-    let mut rows = tx.prepare_cached(
-        "SELECT seq, ts_ms, tenant_id, key_id FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-    )?;
-    while covered < max_rows {
-        let mut spans = Spans::default();
-        let mut n = 0;
-        let mut query = rows.query(rusqlite::params![after, BATCH as i64])?;
-        while let Some(row) = query.next()? {
-            let tenant: Option<String> = row.get(2)?;
-            let key: Option<String> = row.get(3)?;
-            spans.add(
-                row.get(0)?,
-                row.get(1)?,
-                &tenant.map(Into::into),
-                &key.map(Into::into),
-            );
-            n += 1;
-        }
-        if n == 0 {
-            return Ok(covered);
-        }
-        spans.write(tx)?;
-        covered += n;
-        after = spans.last;
-    }
-    Ok(covered)
 }
 
 #[cfg(test)]
@@ -882,70 +671,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rows_of_the_old_audit_table_in_keybrake_db_are_moved_once_and_followed() {
-        let dir = temp_dir("audit-move");
-        {
-            let old = rusqlite::Connection::open(dir.join("keybrake.db")).unwrap();
-            old.execute_batch(&format!(
-                "CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, \
-                 tenant_id TEXT, key_id TEXT, label TEXT, vendor TEXT NOT NULL, method TEXT NOT NULL, \
-                 path TEXT NOT NULL, status INTEGER NOT NULL, decision TEXT NOT NULL, \
-                 spend INTEGER NOT NULL, vendor_request_id TEXT, duration_ms INTEGER NOT NULL);
-                 INSERT INTO audit (seq, {COLUMNS}) VALUES
-                   (7, 1, 'ten_a', 'key_1', NULL, 'stripe', 'POST', '/stripe/v1/x', 200, 'allowed', 5, 'req_1', 2),
-                   (9, 2, 'ten_a', 'key_1', NULL, 'stripe', 'POST', '/stripe/v1/x', 429, 'cap_exhausted', 0, NULL, 1);"
-            ))
-            .unwrap();
-        }
-        let metrics = Metrics::global();
-        for _ in 0..2 {
-            let trail = AuditTrail::open(&dir, metrics.clone(), Default::default())
-                .await
-                .unwrap();
-            let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
-            let seqs: Vec<i64> = rows.iter().map(|(s, _)| *s).collect();
-            assert_eq!(seqs, [9, 7]);
-            assert_eq!(rows[0].1.decision, "cap_exhausted");
-            assert_eq!(rows[1].1.vendor_request_id.as_deref(), Some("req_1"));
-        }
-        // New events continue after the moved ones.
-        let trail = AuditTrail::open(&dir, metrics, Default::default())
-            .await
-            .unwrap();
-        trail.record(event(1));
-        assert!(trail.flush(Duration::from_secs(10)));
-        let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
-        assert_eq!(rows.len(), 3);
-        assert!(rows[0].0 > 9);
-        // The previous binary, still draining during an upgrade, writes one more row into
-        // the old table: the running writer moves it within about a second, once.
-        rusqlite::Connection::open(dir.join("keybrake.db"))
-            .unwrap()
-            .execute(
-                &format!(
-                    "INSERT INTO audit ({COLUMNS}) VALUES \
-                     (3, 'ten_a', 'key_1', NULL, 'stripe', 'POST', '/stripe/v1/x', 401, 'key_revoked', 0, NULL, 1)"
-                ),
-                [],
-            )
-            .unwrap();
-        let mut late = Vec::new();
-        for _ in 0..50 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            late = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
-            if late.len() > 3 {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
-        assert_eq!(late.len(), 4, "the late row was not moved");
-        assert_eq!(rows.len(), 4, "moved more than once: {}", rows.len());
-        assert_eq!(rows[0].1.decision, "key_revoked");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[tokio::test]
     async fn a_writer_that_cannot_write_makes_the_trail_not_ready_until_it_can() {
         let dir = temp_dir("audit-stalled");
         let trail = AuditTrail::open(&dir, Metrics::global(), Default::default())
@@ -978,8 +703,8 @@ mod tests {
 
     /// Every page of every listing (per tenant, per key, with and without `since`, walked
     /// through the cursor) equals the brute-force answer, with events of several tenants
-    /// and keys interleaved over many batches, some written by an earlier layout of the
-    /// file (no spans) and covered when it opens.
+    /// and keys interleaved over many batches, some written by a second writer of the same
+    /// file (the other side of a graceful upgrade).
     #[tokio::test]
     async fn listings_through_spans_match_a_scan_of_every_event() {
         let dir = temp_dir("audit-spans");
@@ -995,54 +720,31 @@ mod tests {
             e.ts_ms = 1_700_000_000_000 + (n * 37) % 1000;
             e
         };
-        {
-            // An audit.db of the earlier layout: rows and per-row indexes, no spans.
-            let conn = rusqlite::Connection::open(dir.join(FILE)).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE audit (seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, \
-                 tenant_id TEXT, key_id TEXT, label TEXT, vendor TEXT NOT NULL, method TEXT NOT NULL, \
-                 path TEXT NOT NULL, status INTEGER NOT NULL, decision TEXT NOT NULL, \
-                 spend INTEGER NOT NULL, vendor_request_id TEXT, duration_ms INTEGER NOT NULL);
-                 CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
-                 CREATE INDEX audit_by_key ON audit (key_id, seq);"
-            )
-            .unwrap();
-            for n in 0..300 {
-                let e = mixed(n);
-                conn.execute(
-                    &format!("INSERT INTO audit ({COLUMNS}) VALUES (?1, ?2, ?3, 'l', 'stripe', 'POST', '/p', 200, 'allowed', ?4, NULL, 1)"),
-                    rusqlite::params![e.ts_ms, e.tenant_id.as_deref(), e.key_id.as_deref(), e.spend.0],
-                )
-                .unwrap();
-                all.push((n + 1, e));
-            }
-        }
-        let trail = AuditTrail::open(&dir, metrics, Default::default())
+        let trail = AuditTrail::open(&dir, metrics.clone(), Default::default())
             .await
             .unwrap();
-        let mut seq = 300;
-        for n in 300..1500 {
+        let mut seq = 0;
+        for n in 0..1500 {
+            if n == 700 {
+                // The other process writes between two of our batches.
+                assert!(trail.flush(Duration::from_secs(10)));
+                let other = AuditTrail::open(&dir, metrics.clone(), Default::default())
+                    .await
+                    .unwrap();
+                for m in 0..300 {
+                    let mut e = mixed(n + m);
+                    e.spend = Micros(1_000_000 + m);
+                    other.record(e.clone());
+                    seq += 1;
+                    all.push((seq, e));
+                }
+                assert!(other.flush(Duration::from_secs(10)));
+            }
             trail.record(mixed(n));
             seq += 1;
             all.push((seq, mixed(n)));
             if n % 97 == 0 {
                 assert!(trail.flush(Duration::from_secs(10)));
-            }
-            if n == 700 {
-                // A binary of the earlier layout writing the same file (the other side of
-                // an upgrade) adds a row without spans between two of our batches.
-                assert!(trail.flush(Duration::from_secs(10)));
-                let mut e = mixed(n);
-                e.spend = Micros(999_999);
-                rusqlite::Connection::open(dir.join(FILE))
-                    .unwrap()
-                    .execute(
-                        &format!("INSERT INTO audit ({COLUMNS}) VALUES (?1, ?2, ?3, 'l', 'stripe', 'POST', '/p', 200, 'allowed', ?4, NULL, 1)"),
-                        rusqlite::params![e.ts_ms, e.tenant_id.as_deref(), e.key_id.as_deref(), e.spend.0],
-                    )
-                    .unwrap();
-                seq += 1;
-                all.push((seq, e));
             }
         }
         assert!(trail.flush(Duration::from_secs(10)));
@@ -1074,74 +776,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// With the old table attached (every data dir written before the trail had its own
-    /// file), audit batches must not take `keybrake.db`'s write lock: a write there with
-    /// no busy timeout never finds it locked while batches go on.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn audit_batches_never_hold_the_stores_write_lock() {
-        let dir = temp_dir("audit-lock");
-        {
-            let old = rusqlite::Connection::open(dir.join("keybrake.db")).unwrap();
-            old.pragma_update(None, "journal_mode", "WAL").unwrap();
-            old.execute_batch(
-                "CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, \
-                 tenant_id TEXT, key_id TEXT, label TEXT, vendor TEXT NOT NULL, method TEXT NOT NULL, \
-                 path TEXT NOT NULL, status INTEGER NOT NULL, decision TEXT NOT NULL, \
-                 spend INTEGER NOT NULL, vendor_request_id TEXT, duration_ms INTEGER NOT NULL);
-                 CREATE TABLE ledger (k INTEGER);",
-            )
-            .unwrap();
-        }
-        let trail = Arc::new(
-            AuditTrail::open(&dir, Metrics::global(), Default::default())
-                .await
-                .unwrap(),
-        );
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let feeder = {
-            let (trail, stop) = (trail.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut n = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    for _ in 0..500 {
-                        trail.record(event(n));
-                        n += 1;
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            })
-        };
-        let store = rusqlite::Connection::open(dir.join("keybrake.db")).unwrap();
-        store.busy_timeout(Duration::ZERO).unwrap();
-        let (mut locked, mut writes) = (0, 0);
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            match store.execute("INSERT INTO ledger (k) VALUES (1)", []) {
-                Ok(_) => writes += 1,
-                Err(_) => locked += 1,
-            }
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        feeder.join().unwrap();
-        assert!(trail.flush(Duration::from_secs(10)));
-        let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(
-            locked,
-            0,
-            "{locked} of {} writes found keybrake.db locked",
-            locked + writes
-        );
-    }
-
     #[tokio::test]
-    async fn llm_model_and_tokens_are_kept_also_in_a_trail_written_before_they_existed() {
+    async fn llm_model_and_tokens_are_kept() {
         let dir = temp_dir("audit-llm");
-        {
-            // The layout before the LLM columns (SCHEMA has none of them).
-            let old = rusqlite::Connection::open(dir.join(FILE)).unwrap();
-            old.execute_batch(SCHEMA).unwrap();
-        }
         let trail = AuditTrail::open(&dir, Metrics::global(), Default::default())
             .await
             .unwrap();

@@ -286,19 +286,15 @@ impl Control {
         }))
     }
 
-    /// Leases for a node session, each granted atomically in the store.
+    /// Leases for a node session, asked in one store transaction, each grant atomic.
     pub async fn node_leases(
         &self,
         node: &str,
         session: &str,
         requests: Vec<LeaseRequest>,
     ) -> Vec<Result<Micros, LedgerError>> {
-        let holder = holder_id(node, session);
-        let mut out = Vec::with_capacity(requests.len());
-        for req in requests {
-            out.push(self.lease_for(&holder, req).await);
-        }
-        out
+        self.lease_many_for(&holder_id(node, session), requests)
+            .await
     }
 
     pub async fn node_report(

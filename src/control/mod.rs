@@ -2,6 +2,12 @@
 //! vendor credentials, signing keys, vault-key issuance and revocation, the spend ledger
 //! and the audit trail. It publishes what the proxy needs through `sync::Published` and
 //! serves budget leases through `sync::Ledger`; it never sees a proxied request.
+//!
+//! `Control` (this file) holds the business rules. Around it: `api` (HTTP routes, input
+//! validation, JSON), `auth` (who is calling: `Admin`, `Tenant`), `errors` (the one error
+//! type and its HTTP mapping), `listener` (the control API's accept loop and limits),
+//! `store` (`keybrake.db`), `audit` (`audit.db`), `keywriter` (group commit of issued
+//! keys) and `crypto` (sealing under the master key).
 
 pub mod api;
 pub mod audit;
@@ -10,6 +16,7 @@ pub mod crypto;
 pub mod errors;
 pub mod fleet;
 pub mod keywriter;
+pub mod ledger_batch;
 pub mod listener;
 pub mod store;
 pub mod sync_api;
@@ -820,6 +827,37 @@ impl Control {
             .map_err(|e| LedgerError(format!("{e:#}")))
     }
 
+    /// Leases for `holder`, all asked in one store transaction (each grant still one
+    /// conditional statement: never past a key's cap, whoever else is granting).
+    async fn lease_many_for(
+        &self,
+        holder: &str,
+        requests: Vec<LeaseRequest>,
+    ) -> Vec<Result<Micros, LedgerError>> {
+        let revocations = self.published.revocations.load();
+        let asks: Vec<ledger_batch::GrantRequest> = requests
+            .into_iter()
+            .map(|r| {
+                // A revoked key is asked for nothing (min 0 grants nothing).
+                let revoked = revocations.is_revoked(&r.key_id);
+                ledger_batch::GrantRequest {
+                    key_id: r.key_id,
+                    day: r.day,
+                    cap: r.cap,
+                    min: if revoked { Micros::ZERO } else { r.min },
+                    want: r.want,
+                }
+            })
+            .collect();
+        match self.store.lease_grant_many(holder, &asks).await {
+            Ok(grants) => grants.into_iter().map(Ok).collect(),
+            Err(e) => {
+                let e = format!("{e:#}");
+                asks.iter().map(|_| Err(LedgerError(e.clone()))).collect()
+            }
+        }
+    }
+
     async fn report_for(&self, holder: &str, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
         let overflow = || LedgerError("spend report out of range".into());
         let mut rows = Vec::with_capacity(reports.len());
@@ -829,7 +867,7 @@ impl Control {
             rows.push((r.key_id, r.day, settled, released));
         }
         self.store
-            .lease_report(holder, &rows)
+            .lease_report_many(holder, &rows)
             .await
             .map_err(|e| LedgerError(format!("{e:#}")))
     }
@@ -849,6 +887,14 @@ impl Ledger for Control {
             ));
         }
         self.lease_for(&self.holder, req).await
+    }
+
+    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+        if now_secs() >= self.leases_valid_until() {
+            let lapsed = || LedgerError("this process's leases have lapsed (no heartbeat)".into());
+            return requests.iter().map(|_| Err(lapsed())).collect();
+        }
+        self.lease_many_for(&self.holder, requests).await
     }
 
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {

@@ -12,9 +12,11 @@ use sqlx::{Row, SqlitePool};
 use std::path::Path;
 use std::time::Duration;
 
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    r#"
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. The
+/// first is the whole schema, one `CREATE` per table; a change to the schema of a released
+/// version is a new entry at the end, never an edit of one that shipped. The audit trail
+/// has its own file and schema (`audit::SCHEMA`).
+const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE tenants (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -64,40 +66,19 @@ CREATE TABLE keys (
 );
 CREATE INDEX keys_by_tenant ON keys (tenant_id, seq);
 CREATE INDEX keys_by_kid ON keys (kid, expires_at);
+CREATE INDEX keys_by_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NULL;
+-- `held` is the sum of the key's leases for the day (see `leases`). `last_grant` carries
+-- a grant out of the one conditional statement that makes it.
 CREATE TABLE ledger (
     key_id TEXT NOT NULL,
     day INTEGER NOT NULL,
     settled INTEGER NOT NULL DEFAULT 0,
     held INTEGER NOT NULL DEFAULT 0,
+    last_grant INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (key_id, day)
 );
-CREATE TABLE audit (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts_ms INTEGER NOT NULL,
-    tenant_id TEXT,
-    key_id TEXT,
-    label TEXT,
-    vendor TEXT NOT NULL,
-    method TEXT NOT NULL,
-    path TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    decision TEXT NOT NULL,
-    spend INTEGER NOT NULL,
-    vendor_request_id TEXT,
-    duration_ms INTEGER NOT NULL
-);
-CREATE INDEX audit_by_tenant ON audit (tenant_id, seq);
-CREATE INDEX audit_by_key ON audit (key_id, seq);
-"#,
-    r#"
-CREATE INDEX keys_by_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NULL;
-"#,
-    // Leases by holder (a process serving the ledger to its proxy), so that a dead
-    // holder's leases can be given back; `ledger.held` stays their sum (plus budget held
-    // by binaries from before this table). `last_grant` carries a grant out of the one
-    // conditional statement that makes it.
-    r#"
-ALTER TABLE ledger ADD COLUMN last_grant INTEGER NOT NULL DEFAULT 0;
+-- Processes serving the ledger to their proxy, so that a dead holder's leases can be
+-- given back.
 CREATE TABLE holders (
     id TEXT PRIMARY KEY,
     started_at INTEGER NOT NULL,
@@ -110,15 +91,14 @@ CREATE TABLE leases (
     held INTEGER NOT NULL,
     PRIMARY KEY (holder, key_id, day)
 );
-"#,
-];
+"#];
 
 /// The store's file in the data dir.
 pub const FILE: &str = "keybrake.db";
 
 #[derive(Clone)]
 pub struct Store {
-    writer: SqlitePool,
+    pub(super) writer: SqlitePool,
     checkpointer: SqlitePool,
     reader: SqlitePool,
 }

@@ -103,3 +103,92 @@ pub fn prepare(body: Bytes, metered: bool, convert: bool) -> Result<(Bytes, bool
     }
     Ok((body, false))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+
+    fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build(method, uri.as_bytes(), None).unwrap();
+        for (k, v) in headers {
+            r.insert_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn plan_for(r: &RequestHeader, vendor: &str) -> Result<BodyPlan, Denial> {
+        let c = Config::from_yaml("", None, &Overrides::default()).unwrap();
+        let v = &c.vendors[vendor];
+        let path = r.uri.path().to_string();
+        let rule = match v.classify(&r.method, &path) {
+            crate::config::Class::Metered(rule) => Some(rule.clone()),
+            _ => None,
+        };
+        plan(r, v, &path, rule.as_deref(), 1 << 20)
+    }
+
+    const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+    const JSON: (&str, &str) = ("content-type", "application/json");
+
+    #[test]
+    fn a_metered_create_is_read_and_a_json_one_converted() {
+        let r = req("POST", "/v1/payment_intents", &[FORM]);
+        let read = BodyPlan::Read {
+            metered: true,
+            convert: false,
+        };
+        assert_eq!(plan_for(&r, "stripe"), Ok(read));
+        let r = req("POST", "/v1/payment_intents", &[JSON]);
+        let converted = BodyPlan::Read {
+            metered: true,
+            convert: true,
+        };
+        assert_eq!(plan_for(&r, "stripe"), Ok(converted));
+    }
+
+    #[test]
+    fn a_free_call_streams_and_an_llm_call_is_planned_by_llm() {
+        let r = req("GET", "/v1/customers", &[]);
+        assert_eq!(plan_for(&r, "stripe"), Ok(BodyPlan::Stream));
+        let r = req("POST", "/v1/chat/completions", &[JSON]);
+        assert!(matches!(plan_for(&r, "openai"), Ok(BodyPlan::Llm(_))));
+    }
+
+    #[test]
+    fn bodies_the_vendor_could_read_another_amount_from_are_refused() {
+        for headers in [
+            vec![("content-type", "multipart/form-data; boundary=x")],
+            vec![FORM, ("content-encoding", "gzip")],
+        ] {
+            let r = req("POST", "/v1/payment_intents", &headers);
+            assert_eq!(plan_for(&r, "stripe"), Err(Denial::InvalidAmount));
+        }
+        let r = req("POST", "/v1/payment_intents?amount=1", &[FORM]);
+        assert_eq!(plan_for(&r, "stripe"), Err(Denial::InvalidAmount));
+        // A query string without the amount's fields is fine.
+        let r = req("POST", "/v1/payment_intents?expand[]=customer", &[FORM]);
+        assert!(plan_for(&r, "stripe").is_ok());
+        let r = req(
+            "POST",
+            "/v1/payment_intents",
+            &[FORM, ("content-length", "2000000")],
+        );
+        assert_eq!(plan_for(&r, "stripe"), Err(Denial::BodyTooLarge));
+    }
+
+    #[test]
+    fn prepare_converts_json_and_refuses_json_posing_as_a_form() {
+        let json = Bytes::from_static(br#"{"amount":100,"currency":"usd","metadata":{"a":"b"}}"#);
+        let (form, converted) = prepare(json, true, true).unwrap();
+        assert!(converted);
+        assert_eq!(&form[..], b"amount=100&currency=usd&metadata%5Ba%5D=b");
+        let bad = Bytes::from_static(b"{not json");
+        assert_eq!(prepare(bad.clone(), true, true), Err(Denial::InvalidAmount));
+        assert_eq!(prepare(bad, false, true), Err(Denial::InvalidBody));
+        let posing = Bytes::from_static(br#"{"amount":1}"#);
+        assert_eq!(prepare(posing, true, false), Err(Denial::InvalidAmount));
+        let form = Bytes::from_static(b"amount=1&currency=usd");
+        assert_eq!(prepare(form.clone(), true, false), Ok((form, false)));
+    }
+}

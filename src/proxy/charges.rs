@@ -204,3 +204,79 @@ mod tests {
         assert_eq!(id(br#"{"id":"pi_7"}"#).as_deref(), Some("pi_7"));
     }
 }
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+
+    fn confirm_rule() -> Arc<MeterRule> {
+        let c = Config::from_yaml("", None, &Overrides::default()).unwrap();
+        let path = "/v1/payment_intents/pi_1/confirm";
+        c.vendors["stripe"]
+            .meter_rule(&http::Method::POST, path)
+            .unwrap()
+            .clone()
+    }
+
+    fn owner(jti: &Arc<str>) -> Owner<'_> {
+        Owner { jti, exp: 2_000 }
+    }
+
+    #[test]
+    fn a_key_is_credited_only_for_its_own_objects_and_the_most_it_paid() {
+        let memory = ChargeMemory::default();
+        let rule = confirm_rule();
+        let (a, b): (Arc<str>, Arc<str>) = ("key_a".into(), "key_b".into());
+        let usd = Some(Arc::from("usd"));
+        memory.remember(
+            "pi_1".into(),
+            owner(&a),
+            Micros(3_000_000),
+            usd.clone(),
+            1_000,
+        );
+        memory.remember("pi_1".into(), owner(&a), Micros(1_000_000), None, 1_000);
+        let path = "/v1/payment_intents/pi_1/confirm";
+        let known = memory.charged_for(&rule, path, "key_a");
+        let expected = Known {
+            charged: Micros(3_000_000),
+            currency: usd,
+        };
+        assert_eq!(known, Some(expected));
+        assert_eq!(memory.charged_for(&rule, path, "key_b"), None);
+        assert_eq!(
+            memory.charged_for(&rule, "/v1/payment_intents/pi_2/confirm", "key_a"),
+            None
+        );
+        // Another key's charge replaces the entry: key_a is charged in full from now on.
+        memory.remember("pi_1".into(), owner(&b), Micros(500_000), None, 1_000);
+        assert_eq!(memory.charged_for(&rule, path, "key_a"), None);
+        assert_eq!(
+            memory.charged_for(&rule, path, "key_b").map(|k| k.charged),
+            Some(Micros(500_000))
+        );
+    }
+
+    #[test]
+    fn a_full_memory_sweeps_expired_keys_and_else_adds_nothing() {
+        let memory = ChargeMemory::with_capacity(2);
+        let (a, b): (Arc<str>, Arc<str>) = ("key_a".into(), "key_b".into());
+        let short = Owner {
+            jti: &a,
+            exp: 1_500,
+        };
+        memory.remember("pi_1".into(), short, Micros(1), None, 1_000);
+        memory.remember("pi_2".into(), owner(&b), Micros(1), None, 1_000);
+        // Full, nothing expired: not added (that object is later charged in full).
+        memory.remember("pi_3".into(), owner(&b), Micros(1), None, 1_001);
+        assert_eq!(memory.len(), 2);
+        let rule = confirm_rule();
+        let pi_3 = "/v1/payment_intents/pi_3/confirm";
+        assert_eq!(memory.charged_for(&rule, pi_3, "key_b"), None);
+        // key_a expired: swept, and pi_3 fits.
+        memory.remember("pi_3".into(), owner(&b), Micros(1), None, 1_600);
+        assert_eq!(memory.len(), 2);
+        assert!(memory.charged_for(&rule, pi_3, "key_b").is_some());
+    }
+}

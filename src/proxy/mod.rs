@@ -12,7 +12,8 @@
 //!  5. plan the body: `body_plan` (and `body_read`, which reads it whole);
 //!  6. price: `price` with `meter`, the vendor look-ups of `upstream_call`, the per-object
 //!     `charges` memory; `llm` plans and prices token-metered calls;
-//!  7. reserve: `reserve` with `idempotency` and `spend`;
+//!  7. reserve: `reserve` with `idempotency` and `spend` (its ledger calls batched by
+//!     `lease_batch`);
 //!  8. inject: `inject` (the request the vendor sees);
 //!  9. forward: Pingora with `upstream`, or `forward` for a large read body;
 //! 10. settle: `settle`, and `response_charge` for what the answer charges;
@@ -30,8 +31,11 @@ pub mod deny;
 pub mod extract;
 pub mod forward;
 pub mod fresh;
+#[cfg(test)]
+mod hook_tests;
 pub mod idempotency;
 pub mod inject;
+pub mod lease_batch;
 pub mod llm;
 pub mod meter;
 pub mod path;

@@ -193,3 +193,63 @@ impl Lookups<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+
+    fn stripe() -> (Config, Arc<Vendor>) {
+        let c = Config::from_yaml("", None, &Overrides::default()).unwrap();
+        let v = Arc::new(c.vendors["stripe"].clone());
+        (c, v)
+    }
+
+    #[test]
+    fn the_catalog_classifies_metered_free_and_unmetered_calls() {
+        let (_, v) = stripe();
+        let post = http::Method::POST;
+        assert!(classify(&v, &post, "/v1/payment_intents")
+            .unwrap()
+            .is_some());
+        assert!(classify(&v, &http::Method::GET, "/v1/payment_intents")
+            .unwrap()
+            .is_none());
+        // A mutating endpoint the catalog says nothing about could move money unseen.
+        assert_eq!(
+            classify(&v, &post, "/v1/something_new").unwrap_err(),
+            Denial::EndpointUnmetered
+        );
+    }
+
+    #[test]
+    fn a_request_metered_amount_is_converted_and_net_of_the_objects_credit() {
+        let (c, v) = stripe();
+        let post = http::Method::POST;
+        let create = classify(&v, &post, "/v1/payment_intents").unwrap().unwrap();
+        let (cost, m) =
+            request_price(&create, b"amount=1234&currency=usd", None, &c.currencies).unwrap();
+        assert_eq!(cost, Micros(12_340_000));
+        assert!(
+            matches!(m, Metering::Tracked { credit: Micros::ZERO, currency: Some(ref c) } if &**c == "usd")
+        );
+        // increment_authorization names a new total: only its increase over the $10 the
+        // key paid for the intent costs, in the intent's currency when the body has none.
+        let path = "/v1/payment_intents/pi_1/increment_authorization";
+        let inc = classify(&v, &post, path).unwrap().unwrap();
+        let known = Known {
+            charged: Micros(10_000_000),
+            currency: Some(Arc::from("usd")),
+        };
+        let (cost, _) =
+            request_price(&inc, b"amount=1500", Some(known.clone()), &c.currencies).unwrap();
+        assert_eq!(cost, Micros(5_000_000));
+        // Less than already paid costs nothing, never a negative amount.
+        let (cost, _) = request_price(&inc, b"amount=500", Some(known), &c.currencies).unwrap();
+        assert_eq!(cost, Micros::ZERO);
+        assert_eq!(
+            request_price(&create, b"currency=usd", None, &c.currencies).err(),
+            Some(Denial::AmountRequired)
+        );
+    }
+}

@@ -132,3 +132,69 @@ impl KeybrakeProxy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+
+    fn response_metering(credit: i64) -> (Metering, Map<String, Currency>) {
+        let c = Config::from_yaml("", None, &Overrides::default()).unwrap();
+        let rule = c.vendors["stripe"]
+            .meter_rule(&http::Method::POST, "/v1/payment_intents/pi_1/confirm")
+            .unwrap()
+            .clone();
+        let metering = Metering::Response {
+            rule,
+            credit: Micros(credit),
+            charge: None,
+        };
+        (metering, c.currencies.clone())
+    }
+
+    #[test]
+    fn a_confirm_is_charged_its_amount_net_of_what_the_key_paid_for_the_intent() {
+        let (m, currencies) = response_metering(1_000_000);
+        let answer = br#"{"id":"pi_1","object":"payment_intent","amount":250,"amount_received":250,"currency":"USD"}"#;
+        let (charge, object) = meter_answer(&m, Ok(answer), Micros(2_500_000), &currencies);
+        assert_eq!(charge, Answer::Charge(Micros(1_500_000)));
+        let usd = Some(Arc::from("usd"));
+        assert_eq!(object, Some(("pi_1".to_string(), Micros(2_500_000), usd)));
+    }
+
+    #[test]
+    fn an_answer_that_cannot_be_read_is_unmeterable() {
+        let (m, currencies) = response_metering(0);
+        let cases: [(Result<&[u8], ()>, &str); 3] = [
+            (Err(()), "larger than the metering limit"),
+            (Ok(b"<html>"), "not JSON"),
+            (
+                Ok(br#"{"id":"pi_1"}"#),
+                "without a known amount and currency",
+            ),
+        ];
+        for (captured, why) in cases {
+            let (answer, object) = meter_answer(&m, captured, Micros(1), &currencies);
+            assert_eq!((answer, object), (Answer::Unmeterable(why), None));
+        }
+    }
+
+    #[test]
+    fn a_tracked_create_remembers_its_object_with_the_credit_and_spend() {
+        let currencies = Map::default();
+        let m = Metering::Tracked {
+            credit: Micros(300),
+            currency: Some(Arc::from("eur")),
+        };
+        let created = b"{\n  \"id\": \"pi_9\",\n  \"amount\": 100}";
+        let (answer, object) = meter_answer(&m, Ok(created), Micros(700), &currencies);
+        assert_eq!(answer, Answer::Nothing);
+        let eur = Some(Arc::from("eur"));
+        assert_eq!(object, Some(("pi_9".to_string(), Micros(1_000), eur)));
+        // A truncated answer: no object learnt, nothing charged from it.
+        let (answer, object) = meter_answer(&m, Err(()), Micros(700), &currencies);
+        assert_eq!((answer, object), (Answer::Nothing, None));
+        let (answer, object) = meter_answer(&Metering::Fixed, Ok(created), Micros(1), &currencies);
+        assert_eq!((answer, object), (Answer::Nothing, None));
+    }
+}

@@ -2,7 +2,8 @@
 //!
 //! Each (key, UTC day) has an `available` counter: lease budget granted by the ledger and
 //! not yet reserved. A reservation is one compare-and-swap on it; only when it runs dry
-//! does a request take the key's refill lock and ask the ledger for another slice. The
+//! does a request take the key's refill lock and ask the ledger for another slice (batched
+//! with other keys' requests by `lease_batch`). The
 //! ledger counts a slice as spent the moment it grants it, so whatever happens to this
 //! process (kill -9 included), the key cannot end above its cap: unused budget is lost
 //! until the next day, never double-spent.
@@ -10,6 +11,7 @@
 //! Settled spend is reported to the ledger in batches; budget of idle, expired or
 //! revoked keys goes back.
 
+use super::lease_batch::LeaseBatcher;
 use crate::metrics::Metrics;
 use crate::money::Micros;
 use crate::sync::{utc_day, LeaseReport, LeaseRequest, Ledger, Published};
@@ -26,7 +28,7 @@ pub enum SpendError {
 }
 
 /// One key's spend on one UTC day, as seen by this proxy.
-pub struct KeySpend {
+pub(super) struct KeySpend {
     key_id: Arc<str>,
     vendor: Arc<str>,
     day: i64,
@@ -65,7 +67,7 @@ impl KeySpend {
         Micros(self.available.load(Ordering::Acquire))
     }
 
-    fn add_available(&self, amount: Micros) {
+    pub(super) fn add_available(&self, amount: Micros) {
         self.available.fetch_add(amount.0, Ordering::AcqRel);
     }
 
@@ -79,15 +81,40 @@ impl KeySpend {
     }
 }
 
+#[cfg(test)]
+impl KeySpend {
+    pub(super) fn for_test(key_id: &str) -> Arc<KeySpend> {
+        Arc::new(KeySpend {
+            key_id: key_id.into(),
+            vendor: "stripe".into(),
+            day: 1,
+            cap: Micros(10),
+            exp: i64::MAX,
+            available: AtomicI64::new(0),
+            unreported_spent: AtomicI64::new(0),
+            unreported_overspent: AtomicI64::new(0),
+            last_used: AtomicI64::new(0),
+            in_flight: AtomicI64::new(0),
+            over_cap: std::sync::atomic::AtomicBool::new(false),
+            refill: tokio::sync::Mutex::new(()),
+            spend_usd: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub(super) fn available_for_test(&self) -> Micros {
+        self.available()
+    }
+}
+
 /// A counter held by one request, from its lookup to its settlement: counted in
 /// `in_flight` (taken under the map's shard lock, so `report` never forgets a counter a
 /// request is about to use).
-struct Held(Arc<KeySpend>);
+pub(super) struct Held(Arc<KeySpend>);
 
 impl Held {
     /// Counts a new holder. Call with the map's shard lock held, or on a counter already
     /// held.
-    fn new(entry: &Arc<KeySpend>) -> Held {
+    pub(super) fn new(entry: &Arc<KeySpend>) -> Held {
         entry.in_flight.fetch_add(1, Ordering::AcqRel);
         Held(entry.clone())
     }
@@ -139,6 +166,8 @@ pub struct SpendBook {
     /// Counters of past days, kept until their last report.
     retired: std::sync::Mutex<Vec<Arc<KeySpend>>>,
     ledger: Arc<dyn Ledger>,
+    /// Every lease goes through it: concurrent first leases share one ledger call.
+    leases: Arc<LeaseBatcher>,
     published: Arc<Published>,
     slices_per_cap: i64,
     return_idle_after_secs: i64,
@@ -156,6 +185,7 @@ impl SpendBook {
         SpendBook {
             entries: DashMap::default(),
             retired: Default::default(),
+            leases: LeaseBatcher::new(ledger.clone()),
             ledger,
             published,
             slices_per_cap,
@@ -256,16 +286,20 @@ impl SpendBook {
                     .min(entry.cap.0),
             );
             let want = min.max(slice);
+            // The batcher adds the grant to the counter's available budget.
             let grant = self
-                .ledger
-                .lease(LeaseRequest {
-                    key_id: who.key_id.into(),
-                    tenant_id: who.tenant_id.into(),
-                    day: entry.day,
-                    cap: entry.cap,
-                    min,
-                    want,
-                })
+                .leases
+                .lease(
+                    LeaseRequest {
+                        key_id: who.key_id.into(),
+                        tenant_id: who.tenant_id.into(),
+                        day: entry.day,
+                        cap: entry.cap,
+                        min,
+                        want,
+                    },
+                    &entry.0,
+                )
                 .await
                 .map_err(|e| {
                     log::error!("lease for {} failed: {e}", who.key_id);
@@ -274,7 +308,6 @@ impl SpendBook {
             if !grant.is_positive() {
                 return Err(SpendError::CapExhausted);
             }
-            entry.add_available(grant);
         }
         if entry.try_take(amount) {
             return Ok(Reservation {

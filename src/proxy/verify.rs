@@ -1,16 +1,30 @@
 //! Stage 2, authenticate (second half): signature, expiry and revocation of the vault key, without a database.
 //!
-//! A token already verified is found in a bounded cache (no second Ed25519 check);
-//! expiry is checked on every hit, revocation on every request through the published
-//! filter. Expired and revoked entries are swept out every second.
+//! A token already verified is found in the verified-token cache (no second Ed25519
+//! check); expiry is checked on every hit, revocation on every request through the
+//! published filter. The cache has two tiers, both keyed by the token's SHA-256 (first
+//! 128 bits: 16 bytes instead of the ~450-byte token, and no one can aim a token at
+//! another's entry):
+//!
+//! - verified digests, bounded by `token_cache_entries` (default 1,048,576, sized for
+//!   a fleet's live keys): 16 bytes and an expiry each, so a million live keys cost tens
+//!   of MiB. A hit skips the signature check; the claims are decoded again (a few µs);
+//! - the keys in use, with claims and compiled allowlist, bounded by a sixteenth of it:
+//!   a hit costs a lookup.
+//!
+//! Each tier evicts by generations: it is split in shards, each holding a current and a
+//! previous map; a full current map becomes the previous one and the previous one is
+//! dropped, and a hit in the previous map moves the entry back. So the least recently
+//! used half goes first, in O(1), and a tier never holds more than its bound. Expired
+//! and revoked entries are swept out every second.
 
 use super::deny::Denial;
 use crate::metrics::Metrics;
 use crate::pattern::Allowlist;
 use crate::sync::Published;
-use crate::token::{Claims, TokenError};
-use dashmap::DashMap;
-use std::sync::Arc;
+use crate::token::{claims_of_verified, Claims, TokenError};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 /// A vault key whose signature has been checked, with its allowlist compiled.
 #[derive(Debug)]
@@ -38,21 +52,121 @@ impl VerifiedKey {
     }
 }
 
+/// The first 128 bits of the token's SHA-256.
+type Digest = u128;
+
+fn digest(token: &str) -> Digest {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&d.as_ref()[..16]);
+    u128::from_le_bytes(first)
+}
+
+const SHARDS: usize = 64;
+
+struct Shard<V> {
+    current: HashMap<Digest, V, ahash::RandomState>,
+    previous: HashMap<Digest, V, ahash::RandomState>,
+}
+
+/// A map bounded by generations (see the module comment).
+struct Generations<V> {
+    shards: Box<[RwLock<Shard<V>>]>,
+    /// Entries of one shard's current map before it becomes the previous one.
+    per_generation: usize,
+}
+
+impl<V: Clone> Generations<V> {
+    fn new(bound: usize) -> Self {
+        let hasher = ahash::RandomState::new();
+        Generations {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    RwLock::new(Shard {
+                        current: HashMap::with_hasher(hasher.clone()),
+                        previous: HashMap::with_hasher(hasher.clone()),
+                    })
+                })
+                .collect(),
+            per_generation: (bound / SHARDS / 2).max(1),
+        }
+    }
+
+    fn shard(&self, d: Digest) -> &RwLock<Shard<V>> {
+        &self.shards[(d >> 64) as usize % SHARDS]
+    }
+
+    fn get(&self, d: Digest) -> Option<V> {
+        let shard = self.shard(d);
+        let old = {
+            let s = shard.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = s.current.get(&d) {
+                return Some(v.clone());
+            }
+            s.previous.get(&d)?.clone()
+        };
+        // Used again: back into the current generation.
+        let mut s = shard.write().unwrap_or_else(|p| p.into_inner());
+        if s.previous.remove(&d).is_some() {
+            self.insert_locked(&mut s, d, old.clone());
+        }
+        Some(old)
+    }
+
+    fn insert(&self, d: Digest, v: V) {
+        let mut s = self.shard(d).write().unwrap_or_else(|p| p.into_inner());
+        self.insert_locked(&mut s, d, v);
+    }
+
+    fn insert_locked(&self, s: &mut Shard<V>, d: Digest, v: V) {
+        if s.current.len() >= self.per_generation && !s.current.contains_key(&d) {
+            s.previous = std::mem::replace(
+                &mut s.current,
+                HashMap::with_capacity_and_hasher(
+                    self.per_generation.min(1024),
+                    s.previous.hasher().clone(),
+                ),
+            );
+        }
+        s.current.insert(d, v);
+    }
+
+    fn retain(&self, keep: impl Fn(&V) -> bool) {
+        for shard in self.shards.iter() {
+            let mut s = shard.write().unwrap_or_else(|p| p.into_inner());
+            s.current.retain(|_, v| keep(v));
+            s.previous.retain(|_, v| keep(v));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let s = s.read().unwrap_or_else(|p| p.into_inner());
+                s.current.len() + s.previous.len()
+            })
+            .sum()
+    }
+}
+
 pub struct KeyVerifier {
     published: Arc<Published>,
-    /// Keyed by the whole token; hashed with aHash (keyed per process, so attacker-chosen
-    /// tokens cannot aim at one bucket), several times faster than SipHash on ~400 bytes.
-    cache: DashMap<Box<str>, Arc<VerifiedKey>, ahash::RandomState>,
-    max_entries: usize,
+    /// Digests of tokens whose signature was good, with their expiry.
+    verified: Generations<i64>,
+    /// The keys in use, ready to serve.
+    keys: Generations<Arc<VerifiedKey>>,
     metrics: Arc<Metrics>,
 }
 
 impl KeyVerifier {
+    /// `max_entries`: the bound of verified digests; the keys in use are bounded by a
+    /// sixteenth of it (at least 1,024).
     pub fn new(published: Arc<Published>, max_entries: usize, metrics: Arc<Metrics>) -> Self {
         KeyVerifier {
             published,
-            cache: DashMap::with_hasher(ahash::RandomState::new()),
-            max_entries,
+            verified: Generations::new(max_entries),
+            keys: Generations::new((max_entries / 16).max(1024)),
             metrics,
         }
     }
@@ -64,29 +178,30 @@ impl KeyVerifier {
         token: &str,
         now: i64,
     ) -> Result<Arc<VerifiedKey>, (Denial, Option<Arc<VerifiedKey>>)> {
-        let key = match self.cache.get(token) {
+        let d = digest(token);
+        let key = match self.keys.get(d) {
             Some(hit) => {
                 self.metrics.token_cache_hits.inc();
-                hit.clone()
+                hit
             }
             None => {
-                self.metrics.token_cache_misses.inc();
-                let claims = self
-                    .published
-                    .verifier
-                    .load()
-                    .verify(token)
-                    .map_err(|e| match e {
-                        TokenError::Expired => (Denial::KeyExpired, None),
-                        TokenError::Invalid => (Denial::InvalidKey, None),
-                    })?;
+                let claims = if self.verified.get(d).is_some() {
+                    self.metrics.token_cache_hits.inc();
+                    claims_of_verified(token)
+                } else {
+                    self.metrics.token_cache_misses.inc();
+                    self.published.verifier.load().verify(token)
+                }
+                .map_err(|e| match e {
+                    TokenError::Expired => (Denial::KeyExpired, None),
+                    TokenError::Invalid => (Denial::InvalidKey, None),
+                })?;
                 // A signed token with an allowlist we cannot parse was not minted by us.
                 let allowlist =
                     Allowlist::parse(&claims.eps).map_err(|_| (Denial::InvalidKey, None))?;
                 let key = Arc::new(VerifiedKey::new(claims, allowlist));
-                if self.cache.len() < self.max_entries {
-                    self.cache.insert(token.into(), key.clone());
-                }
+                self.verified.insert(d, key.claims.exp);
+                self.keys.insert(d, key.clone());
                 key
             }
         };
@@ -104,14 +219,53 @@ impl KeyVerifier {
         Ok(key)
     }
 
-    /// Drops expired and revoked entries. Runs every second in the background.
+    /// Drops expired entries, and the revoked keys in use. (A revoked key's digest stays
+    /// until it expires: every request is checked against the revocations anyway.)
+    /// Runs every second in the background.
     pub fn sweep(&self, now: i64) {
         let revocations = self.published.revocations.load();
-        self.cache
-            .retain(|_, k| k.claims.exp > now && !revocations.is_revoked(&k.claims.jti));
+        self.keys
+            .retain(|k| k.claims.exp > now && !revocations.is_revoked(&k.claims.jti));
+        self.verified.retain(|exp| *exp > now);
     }
 
+    /// Verified digests held.
     pub fn cached(&self) -> usize {
-        self.cache.len()
+        self.verified.len()
+    }
+
+    /// Keys in use held (claims and allowlist).
+    pub fn cached_keys(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generation_map_never_holds_more_than_its_bound_and_keeps_what_is_used() {
+        let g: Generations<u32> = Generations::new(SHARDS * 2 * 4);
+        // Digest 0 lands in shard 0 with every other multiple of 2^64 * SHARDS.
+        let in_shard0 = |i: u128| (i * SHARDS as u128) << 64;
+        for i in 0..4 {
+            g.insert(in_shard0(i), i as u32);
+        }
+        for i in 4..8 {
+            g.insert(in_shard0(i), i as u32);
+            // Entry 0 is used all along: each use moves it back to the current map.
+            assert_eq!(g.get(in_shard0(0)), Some(0));
+        }
+        for i in 8..40 {
+            g.insert(in_shard0(i), i as u32);
+            assert!(g.len() <= 8, "bound of shard 0 exceeded");
+        }
+        assert_eq!(g.get(in_shard0(39)), Some(39));
+        assert_eq!(
+            g.get(in_shard0(1)),
+            None,
+            "the least recently used are evicted"
+        );
     }
 }

@@ -1,0 +1,286 @@
+//! Budget leases for many keys in one transaction: the grants of a batch of first leases
+//! and a round of spend reports, each a handful of statements over a JSON array
+//! (`json_each`) whatever the number of keys, instead of a few statements per key. Every
+//! statement sent to SQLite is a round trip to its connection's thread: per key, those
+//! round trips cost more than a fresh key's signature check.
+//!
+//! The grant rule is `Store::lease_grant`'s: the remaining budget (`cap` less settled
+//! and held) is checked and taken in one conditional statement, so processes sharing the
+//! database never grant more than a cap together.
+
+use super::store::Store;
+use crate::money::Micros;
+use anyhow::Result;
+use sqlx::Row;
+use std::collections::HashMap;
+
+/// One grant asked of `Store::lease_grant_many`.
+#[derive(Debug, Clone)]
+pub struct GrantRequest {
+    pub key_id: String,
+    pub day: i64,
+    pub cap: Micros,
+    pub min: Micros,
+    pub want: Micros,
+}
+
+/// The rows of a batch as `json_each` reads them: `(key, day)` is unique in one statement.
+const GRANT_ROWS: &str =
+    "SELECT json_extract(value, '$[0]') AS k, json_extract(value, '$[1]') AS d,
+        json_extract(value, '$[2]') AS cap, json_extract(value, '$[3]') AS mn,
+        json_extract(value, '$[4]') AS wt
+ FROM json_each(?1)";
+
+impl Store {
+    /// `lease_grant` for every request, in one transaction: the grants, in the order of
+    /// `requests` (zero where the key's remaining budget is below `min`).
+    pub async fn lease_grant_many(
+        &self,
+        holder: &str,
+        requests: &[GrantRequest],
+    ) -> Result<Vec<Micros>> {
+        let mut grants = vec![Micros::ZERO; requests.len()];
+        // A key may be asked for twice (two days, or two counters of one day): each round
+        // takes every (key, day) once, in order, so the second sees the first's grant.
+        let mut left: Vec<usize> = (0..requests.len())
+            .filter(|&i| requests[i].min.is_positive() && requests[i].want >= requests[i].min)
+            .collect();
+        if left.is_empty() {
+            return Ok(grants);
+        }
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        while !left.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            let (round, rest): (Vec<usize>, Vec<usize>) = left
+                .iter()
+                .partition(|&&i| seen.insert((&requests[i].key_id, requests[i].day)));
+            left = rest;
+            let rows: Vec<serde_json::Value> = round
+                .iter()
+                .map(|&i| {
+                    let r = &requests[i];
+                    serde_json::json!([r.key_id, r.day, r.cap.0, r.min.0, r.want.0])
+                })
+                .collect();
+            let rows = serde_json::Value::Array(rows).to_string();
+            sqlx::query(&format!(
+                "INSERT INTO ledger (key_id, day) SELECT k, d FROM ({GRANT_ROWS}) WHERE true
+                 ON CONFLICT (key_id, day) DO NOTHING"
+            ))
+            .bind(&rows)
+            .execute(&mut *tx)
+            .await?;
+            let granted = sqlx::query(&format!(
+                "UPDATE ledger SET
+                     last_grant = iif(r.cap - settled - held >= r.mn, min(r.wt, r.cap - settled - held), 0),
+                     held = held + iif(r.cap - settled - held >= r.mn, min(r.wt, r.cap - settled - held), 0)
+                 FROM ({GRANT_ROWS}) AS r
+                 WHERE ledger.key_id = r.k AND ledger.day = r.d
+                 RETURNING key_id, day, last_grant"
+            ))
+            .bind(&rows)
+            .fetch_all(&mut *tx)
+            .await?;
+            let by_key: HashMap<(String, i64), i64> = granted
+                .iter()
+                .map(|r| ((r.get("key_id"), r.get("day")), r.get("last_grant")))
+                .collect();
+            let mut leases = Vec::new();
+            for &i in &round {
+                let r = &requests[i];
+                let g = by_key.get(&(r.key_id.clone(), r.day)).copied().unwrap_or(0);
+                if g > 0 {
+                    grants[i] = Micros(g);
+                    leases.push(serde_json::json!([r.key_id, r.day, g]));
+                }
+            }
+            if !leases.is_empty() {
+                sqlx::query(
+                    "INSERT INTO leases (holder, key_id, day, held)
+                     SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
+                            json_extract(value, '$[2]')
+                     FROM json_each(?2) WHERE true
+                     ON CONFLICT (holder, key_id, day) DO UPDATE SET held = held + excluded.held",
+                )
+                .bind(holder)
+                .bind(serde_json::Value::Array(leases).to_string())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(grants)
+    }
+
+    /// What a holder did with its leases, in one transaction (`lease_report`'s rule for
+    /// each row, in order): `settled` is added to the key's settled spend, and `released`
+    /// leaves its lease, and the key's held budget, as far as the lease still holds it.
+    pub async fn lease_report_many(
+        &self,
+        holder: &str,
+        reports: &[(String, i64, Micros, Micros)],
+    ) -> Result<()> {
+        if reports.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<serde_json::Value> = reports
+            .iter()
+            .map(|(k, d, _, _)| serde_json::json!([k, d]))
+            .collect();
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let held_rows = sqlx::query(
+            // CROSS JOIN keeps the batch the outer loop: one primary-key probe per row,
+            // not a scan of all the holder's leases.
+            "SELECT l.key_id, l.day, l.held FROM json_each(?2) AS r
+             CROSS JOIN leases AS l
+               ON l.holder = ?1 AND l.key_id = json_extract(r.value, '$[0]')
+                  AND l.day = json_extract(r.value, '$[1]')",
+        )
+        .bind(holder)
+        .bind(serde_json::Value::Array(keys).to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut held: HashMap<(String, i64), i64> = held_rows
+            .iter()
+            .map(|r| ((r.get("key_id"), r.get("day")), r.get("held")))
+            .collect();
+        // Per (key, day): settled added, released from the lease.
+        let mut totals: HashMap<(String, i64), (i64, i64)> = HashMap::new();
+        for (key_id, day, settled, released) in reports {
+            let slot = (key_id.clone(), *day);
+            let take = match held.get_mut(&slot) {
+                Some(h) => {
+                    let take = (*h).clamp(0, released.0.max(0));
+                    *h -= take;
+                    take
+                }
+                None => 0,
+            };
+            let t = totals.entry(slot).or_default();
+            t.0 = t.0.saturating_add(settled.0);
+            t.1 = t.1.saturating_add(take);
+        }
+        let rows: Vec<serde_json::Value> = totals
+            .iter()
+            .map(|((k, d), (s, t))| serde_json::json!([k, d, s, t]))
+            .collect();
+        let rows = serde_json::Value::Array(rows).to_string();
+        let report_rows = |param: &str| {
+            format!(
+                "SELECT json_extract(value, '$[0]') AS k, json_extract(value, '$[1]') AS d,
+                        json_extract(value, '$[2]') AS s, json_extract(value, '$[3]') AS t
+                 FROM json_each({param})"
+            )
+        };
+        let rows2 = report_rows("?2");
+        let rows1 = report_rows("?1");
+        // An upsert, so the batch drives (an UPDATE ... FROM scans the holder's leases).
+        // Only leases read above have a take, so it never inserts.
+        sqlx::query(&format!(
+            "INSERT INTO leases (holder, key_id, day, held) SELECT ?1, k, d, -t FROM ({rows2})
+             WHERE t > 0
+             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = held + excluded.held"
+        ))
+        .bind(holder)
+        .bind(&rows)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "DELETE FROM leases WHERE holder = ?1 AND held <= 0
+               AND (key_id, day) IN (SELECT k, d FROM ({rows2}))"
+        ))
+        .bind(holder)
+        .bind(&rows)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "INSERT INTO ledger (key_id, day) SELECT k, d FROM ({rows1}) WHERE true
+             ON CONFLICT (key_id, day) DO NOTHING"
+        ))
+        .bind(&rows)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "UPDATE ledger SET settled = settled + r.s, held = max(held - r.t, 0)
+             FROM ({rows1}) AS r WHERE ledger.key_id = r.k AND ledger.day = r.d"
+        ))
+        .bind(&rows)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store(name: &str) -> Store {
+        let dir = std::env::temp_dir().join(format!("keybrake-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Store::open(&dir).await.unwrap()
+    }
+
+    fn ask(key: &str, cap: i64, min: i64, want: i64) -> GrantRequest {
+        GrantRequest {
+            key_id: key.into(),
+            day: 7,
+            cap: Micros(cap),
+            min: Micros(min),
+            want: Micros(want),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_grants_like_one_by_one_and_never_beyond_a_cap() {
+        let s = store("grant-many").await;
+        s.lease_grant("h1", "k_a", 7, Micros(10), Micros(1), Micros(8))
+            .await
+            .unwrap();
+        let grants = s
+            .lease_grant_many(
+                "h2",
+                &[
+                    ask("k_a", 10, 1, 5),   // 2 left of 10
+                    ask("k_b", 10, 4, 6),   // new key
+                    ask("k_b", 10, 4, 6),   // the same key again: 4 left
+                    ask("k_b", 10, 4, 6),   // nothing left
+                    ask("k_c", 10, 11, 11), // more than the cap
+                    ask("k_d", 10, 0, 5),   // no minimum: nothing asked
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            grants,
+            [2, 6, 4, 0, 0, 0].map(Micros).to_vec(),
+            "grants in request order"
+        );
+        let leases = s.leases_of("h2").await.unwrap();
+        let held = |k: &str| leases.iter().find(|l| l.0 == k).map(|l| l.2);
+        assert_eq!(held("k_a"), Some(Micros(2)));
+        assert_eq!(held("k_b"), Some(Micros(10)));
+        assert_eq!(held("k_c"), None);
+
+        // k_b: 7 spent and settled, 3 returned; k_a: the lease's 2 returned, 1 overspent.
+        s.lease_report_many(
+            "h2",
+            &[
+                ("k_b".into(), 7, Micros(7), Micros(7)),
+                ("k_b".into(), 7, Micros(0), Micros(3)),
+                ("k_a".into(), 7, Micros(1), Micros(2)),
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(s.leases_of("h2").await.unwrap().is_empty());
+        // k_b: 3 of 10 free again; k_a: 8 held by h1, 1 settled, 1 free.
+        let again = s
+            .lease_grant_many("h3", &[ask("k_b", 10, 1, 10), ask("k_a", 10, 1, 10)])
+            .await
+            .unwrap();
+        assert_eq!(again, vec![Micros(3), Micros(1)]);
+    }
+}

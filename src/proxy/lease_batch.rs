@@ -1,0 +1,200 @@
+//! Stage 7's ledger calls, batched: concurrent lease requests (above all the first lease
+//! of every fresh key) go to the ledger together, one `Ledger::lease_many` call per batch.
+//!
+//! No timer: a request that finds no batch in flight starts one at once (an idle ledger
+//! adds no latency); requests arriving while a batch is in flight wait for it and go in
+//! the next one, which starts the moment the batch before it is answered. Under load the
+//! batch grows with the load, so a fresh key costs one ledger round trip divided by the
+//! batch's size.
+//!
+//! A grant is added to its counter's available budget by the batch itself, not by the
+//! request that asked: a request that gives up waiting (its client went away) loses
+//! nothing, and the counter cannot be forgotten before the grant is in (it is held).
+
+use super::spend::{Held, KeySpend};
+use crate::money::Micros;
+use crate::sync::{LeaseRequest, Ledger, LedgerError};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+/// At most this many requests per `lease_many` call: bounds one transaction (or one
+/// HTTP body); the rest wait for the next call, which follows at once.
+const MAX_BATCH: usize = 512;
+
+struct Waiting {
+    request: LeaseRequest,
+    counter: Held,
+    answer: oneshot::Sender<Result<Micros, LedgerError>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Waiting>,
+    /// A task is sending batches; it takes whatever is waiting until nothing is.
+    sending: bool,
+}
+
+pub struct LeaseBatcher {
+    ledger: Arc<dyn Ledger>,
+    queue: Mutex<Queue>,
+}
+
+impl LeaseBatcher {
+    pub fn new(ledger: Arc<dyn Ledger>) -> Arc<Self> {
+        Arc::new(LeaseBatcher {
+            ledger,
+            queue: Mutex::default(),
+        })
+    }
+
+    /// Asks the ledger for a lease for `counter`; the grant is added to the counter's
+    /// available budget before this returns it.
+    pub(super) async fn lease(
+        self: &Arc<Self>,
+        request: LeaseRequest,
+        counter: &Arc<KeySpend>,
+    ) -> Result<Micros, LedgerError> {
+        let (answer, answered) = oneshot::channel();
+        let start = {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.waiting.push(Waiting {
+                request,
+                counter: Held::new(counter),
+                answer,
+            });
+            !std::mem::replace(&mut q.sending, true)
+        };
+        if start {
+            tokio::spawn(self.clone().send_batches());
+        }
+        answered
+            .await
+            .unwrap_or_else(|_| Err(LedgerError("the lease batch was dropped".into())))
+    }
+
+    async fn send_batches(self: Arc<Self>) {
+        // Should this task end early (a panic in the ledger), the next request starts
+        // another one instead of waiting forever; its waiters see their sender dropped.
+        struct Stop<'a>(&'a Mutex<Queue>);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).sending = false;
+            }
+        }
+        let _stop = Stop(&self.queue);
+        loop {
+            let batch: Vec<Waiting> = {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if q.waiting.is_empty() {
+                    q.sending = false;
+                    return;
+                }
+                let n = q.waiting.len().min(MAX_BATCH);
+                q.waiting.drain(..n).collect()
+            };
+            let requests = batch.iter().map(|w| w.request.clone()).collect();
+            let mut answers = self.ledger.lease_many(requests).await.into_iter();
+            for w in batch {
+                let answer = answers.next().unwrap_or_else(|| {
+                    Err(LedgerError(
+                        "the ledger answered fewer leases than asked".into(),
+                    ))
+                });
+                if let Ok(grant) = &answer {
+                    if grant.is_positive() {
+                        w.counter.add_available(*grant);
+                    }
+                }
+                let _ = w.answer.send(answer);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::LeaseReport;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Grants `want` to every request; records the size of every batch, and holds each
+    /// call until the test lets it go.
+    struct Gated {
+        batches: Mutex<Vec<usize>>,
+        calls: AtomicUsize,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl Ledger for Gated {
+        async fn lease(&self, r: LeaseRequest) -> Result<Micros, LedgerError> {
+            Ok(r.want)
+        }
+        async fn lease_many(&self, rs: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.batches.lock().unwrap().push(rs.len());
+            self.gate.acquire().await.unwrap().forget();
+            rs.into_iter().map(|r| Ok(r.want)).collect()
+        }
+        async fn report(&self, _: Vec<LeaseReport>) -> Result<(), LedgerError> {
+            Ok(())
+        }
+    }
+
+    fn ask(key: &str) -> LeaseRequest {
+        LeaseRequest {
+            key_id: key.into(),
+            tenant_id: "tn_1".into(),
+            day: 1,
+            cap: Micros(10),
+            min: Micros(1),
+            want: Micros(3),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_arriving_during_a_batch_go_together_in_the_next_and_grants_reach_the_counters(
+    ) {
+        let ledger = Arc::new(Gated {
+            batches: Mutex::default(),
+            calls: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let batcher = LeaseBatcher::new(ledger.clone());
+        let counters: Vec<Arc<KeySpend>> = (0..11)
+            .map(|i| KeySpend::for_test(&format!("k{i}")))
+            .collect();
+        // The first request finds the ledger idle: its batch starts at once, alone.
+        let first = {
+            let (b, c) = (batcher.clone(), counters[0].clone());
+            tokio::spawn(async move { b.lease(ask("k0"), &c).await })
+        };
+        while ledger.calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Ten more while it is in flight: they wait, then go as one batch.
+        let rest: Vec<_> = (1..11)
+            .map(|i| {
+                let (b, c) = (batcher.clone(), counters[i].clone());
+                tokio::spawn(async move { b.lease(ask(&format!("k{i}")), &c).await })
+            })
+            .collect();
+        while batcher.queue.lock().unwrap().waiting.len() < 10 {
+            tokio::task::yield_now().await;
+        }
+        ledger.gate.add_permits(2);
+        assert_eq!(first.await.unwrap().unwrap(), Micros(3));
+        for r in rest {
+            assert_eq!(r.await.unwrap().unwrap(), Micros(3));
+        }
+        assert_eq!(*ledger.batches.lock().unwrap(), vec![1, 10]);
+        for c in &counters {
+            assert_eq!(c.available_for_test(), Micros(3));
+        }
+        // Idle again: the next request starts its own batch without waiting.
+        ledger.gate.add_permits(1);
+        let c = KeySpend::for_test("k_last");
+        assert_eq!(batcher.lease(ask("k_last"), &c).await.unwrap(), Micros(3));
+        assert_eq!(*ledger.batches.lock().unwrap(), vec![1, 10, 1]);
+    }
+}

@@ -1,7 +1,8 @@
 //! Configuration: the YAML files of `conf/` (or the copies embedded in the binary) and the
 //! command-line overrides are turned into one validated `Config` before anything starts.
 //! Unknown keys, bad addresses and incomplete vendors are errors with a message naming
-//! the problem (`keybrake check`).
+//! the problem (`keybrake check`). Every default lives in `config/defaults.rs`, and every
+//! duration key parses through `config/duration.rs`.
 
 use crate::money::Micros;
 use crate::pattern::EndpointPattern;

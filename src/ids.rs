@@ -1,5 +1,7 @@
-//! Random identifiers and tokens: `tn_`, `key_`, `kb_`… prefixes make each kind
-//! recognizable (and findable by secret scanners), the random part comes from the OS.
+//! Identifiers and tokens: `tn_`, `key_`, `kb_`… prefixes make each kind recognizable
+//! (and findable by secret scanners); the random part comes from the OS. Vault-key ids
+//! sort by creation time (milliseconds, then random bits) so inserts share the index's
+//! last page; tokens are stored and looked up by their SHA-256.
 
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};

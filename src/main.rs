@@ -1,5 +1,6 @@
-//! The `keybrake` binary: the servers (`serve`, `control`), `check`, and the client
-//! commands for the control API (`tenant`, `vendor`, `key`, `audit`).
+//! The `keybrake` binary: the servers (`serve`, `control`, `proxy` for an edge node),
+//! `check`, and the client commands for the control API (`tenant`, `node`, `vendor`,
+//! `key`, `audit`).
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -48,6 +49,36 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// An edge proxy (proxy + metrics), synced from a control plane; nothing on disk.
+    Proxy {
+        #[command(flatten)]
+        common: Common,
+        /// The control plane's base URL.
+        #[arg(long, env = "KEYBRAKE_CONTROL_URL", value_name = "URL")]
+        control_url: String,
+        /// File holding this node's token (from `keybrake node create`).
+        #[arg(long, env = "KEYBRAKE_NODE_TOKEN_FILE", value_name = "FILE")]
+        node_token_file: PathBuf,
+        /// A private CA (PEM) to trust for an https:// control URL, besides the system's.
+        #[arg(long, env = "KEYBRAKE_CA_FILE", value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Refuse every request (503 control_unreachable) once the last sync is older
+        /// than this: 30s, 2m or seconds.
+        #[arg(
+            long,
+            env = "KEYBRAKE_MAX_STALENESS",
+            default_value = "30s",
+            value_name = "DURATION"
+        )]
+        max_staleness: String,
+        /// Take over the listening sockets of a running instance (Pingora graceful upgrade).
+        #[arg(long, env = "KEYBRAKE_UPGRADE")]
+        upgrade: bool,
+        /// Fork into the background; the parent writes the child's PID to
+        /// `pingora.pid_file` and exits (systemd `Type=forking`).
+        #[arg(long, env = "KEYBRAKE_DAEMON")]
+        daemon: bool,
+    },
     /// Validate the configuration and exit.
     Check {
         #[command(flatten)]
@@ -57,6 +88,13 @@ enum Command {
     Tenant {
         #[command(subcommand)]
         command: TenantCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Edge nodes (admin token).
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -121,6 +159,22 @@ enum TenantCommand {
     AddToken {
         /// The tenant (tn_…).
         tenant_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Register an edge node; prints its node token (shown once).
+    Create {
+        /// A name for the node (e.g. its host name).
+        name: String,
+    },
+    /// List nodes with their last sync.
+    List,
+    /// Delete a node: its token stops working and it is cut off within a second.
+    Delete {
+        /// The node's id (`nd_…`).
+        id: String,
     },
 }
 
@@ -286,6 +340,37 @@ fn run(cli: Cli) -> Result<()> {
             let config = common.load()?;
             run_control(config, common.secrets(false))
         }
+        Command::Proxy {
+            common,
+            control_url,
+            node_token_file,
+            ca_file,
+            max_staleness,
+            upgrade,
+            daemon,
+        } => {
+            let config = common.load()?;
+            let ready = if daemon {
+                Some(keybrake::serve::daemonize(std::path::Path::new(
+                    &config.pingora.pid_file,
+                ))?)
+            } else {
+                None
+            };
+            let max_staleness = keybrake::config::parse_duration(&max_staleness)
+                .map_err(|e| anyhow::anyhow!("--max-staleness: {e}"))?;
+            keybrake::edge::run_edge(
+                config,
+                keybrake::edge::EdgeOptions {
+                    control_url,
+                    node_token_file,
+                    ca_file,
+                    max_staleness,
+                },
+                upgrade,
+                ready,
+            )
+        }
         Command::Check { common } => {
             let config = common.load()?;
             config.check_files(true)?;
@@ -348,6 +433,45 @@ fn run(cli: Cli) -> Result<()> {
                             t["id"].as_str().unwrap_or("?"),
                             t["api_token"].as_str().unwrap_or("?")
                         )
+                    });
+                }
+            }
+            Ok(())
+        }
+        Command::Node { command, client } => {
+            let api = Client::new(&client.control_url, true, client.ca_file.as_deref())?;
+            match command {
+                NodeCommand::Create { name } => {
+                    let n = api.call(
+                        "POST",
+                        "/v1/nodes",
+                        Some(serde_json::json!({ "name": name })),
+                    )?;
+                    cli::print(&n, client.json, |n| {
+                        format!(
+                            "node {}\nnode token (shown once): {}",
+                            n["id"].as_str().unwrap_or("?"),
+                            n["node_token"].as_str().unwrap_or("?")
+                        )
+                    });
+                }
+                NodeCommand::List => {
+                    let list = api.call("GET", "/v1/nodes", None)?;
+                    cli::print(&list, client.json, |l| {
+                        cli::data_lines(l, |n| {
+                            format!(
+                                "{}  {}  last sync {}",
+                                n["id"].as_str().unwrap_or("?"),
+                                n["name"].as_str().unwrap_or(""),
+                                n["last_sync_at"].as_str().unwrap_or("never")
+                            )
+                        })
+                    });
+                }
+                NodeCommand::Delete { id } => {
+                    let n = api.call("DELETE", &format!("/v1/nodes/{id}"), None)?;
+                    cli::print(&n, client.json, |n| {
+                        format!("{} deleted", n["id"].as_str().unwrap_or("?"))
                     });
                 }
             }

@@ -1,5 +1,8 @@
 //! Secrets are typed: tokens, API tokens and vendor secrets live in `Secret`, whose
-//! `Debug` and `Display` print `[redacted]` so nothing secret reaches a log by accident.
+//! `Debug` and `Display` print `[redacted]` so nothing secret reaches a log by accident,
+//! and which compares in constant time. Also the file modes of what holds secrets: a new
+//! data dir is 0700 and each database file 0600 (an existing one open to others is
+//! narrowed, a shared directory is warned about).
 
 use std::fmt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};

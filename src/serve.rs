@@ -179,7 +179,7 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
 
 /// Binds a listener with SO_REUSEPORT, so the next process of a graceful upgrade can bind
 /// the control port while this one drains.
-fn reuseport_listener(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+pub(crate) fn reuseport_listener(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -398,7 +398,6 @@ pub fn run_serve(
     upgrade: bool,
     ready: Option<std::fs::File>,
 ) -> Result<()> {
-    let metrics = Metrics::global();
     let published = Arc::new(Published::empty());
     let control = start_control(
         &config,
@@ -417,7 +416,60 @@ pub fn run_serve(
         control.share_store_until(crate::token::now_secs().saturating_add(overlap));
     }
 
-    let ledger: Arc<dyn Ledger> = control.clone();
+    let drain_control = control.clone();
+    let exit_control = control.clone();
+    let parts = ProxyParts {
+        ledger: control.clone(),
+        audit: Arc::new(AuditForwarder(control)),
+        published,
+        staleness: crate::proxy::fresh::Staleness::never(),
+        pingora_metrics: true,
+        // The next process may already serve the control API on the same store.
+        on_drain: Box::new(move || drain_control.share_store_until(i64::MAX)),
+        // Pingora has stopped every service: no request records anything any more.
+        // Write the audit events still buffered.
+        on_exit: Box::new(move || {
+            if !exit_control.audit.flush(Duration::from_secs(5)) {
+                log::error!("audit events still buffered at exit could not be written in 5 s");
+            }
+        }),
+    };
+    run_proxy(config, parts, upgrade, ready)
+}
+
+/// What differs between `serve` and an edge node around the one proxy they share.
+pub(crate) struct ProxyParts {
+    pub ledger: Arc<dyn Ledger>,
+    pub audit: Arc<dyn AuditSink>,
+    pub published: Arc<Published>,
+    pub staleness: crate::proxy::fresh::Staleness,
+    /// Serve Pingora's `/metrics` on the metrics listener (an edge node serves its own,
+    /// with `/readyz`).
+    pub pingora_metrics: bool,
+    /// Run once a graceful upgrade or shutdown begins.
+    pub on_drain: Box<dyn Fn() + Send + Sync>,
+    /// Run once Pingora stopped every service, before the process exits.
+    pub on_exit: Box<dyn FnOnce()>,
+}
+
+/// The Pingora server (proxy, metrics, background upkeep) on the calling thread, until
+/// it stops; then exits the process.
+pub(crate) fn run_proxy(
+    config: Config,
+    parts: ProxyParts,
+    upgrade: bool,
+    ready: Option<std::fs::File>,
+) -> Result<()> {
+    let metrics = Metrics::global();
+    let ProxyParts {
+        ledger,
+        audit,
+        published,
+        staleness,
+        pingora_metrics,
+        on_drain,
+        on_exit,
+    } = parts;
     let spend = Arc::new(SpendBook::new(
         ledger,
         published.clone(),
@@ -431,7 +483,6 @@ pub fn run_serve(
         metrics.clone(),
     ));
     let upstreams = Arc::new(Upstreams::new(&config.vendors, config.upstream.clone())?);
-    let audit: Arc<dyn AuditSink> = Arc::new(AuditForwarder(control.clone()));
 
     if config.pingora.upgrade_sock.len() > 107 {
         log::warn!(
@@ -478,6 +529,7 @@ pub fn run_serve(
         )),
         idempotency: Default::default(),
         idempotent_wait: config.upstream.read + std::time::Duration::from_secs(5),
+        staleness,
     };
 
     let opt = Opt {
@@ -489,7 +541,7 @@ pub fn run_serve(
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     // Subscribe before bootstrap: with --upgrade, bootstrap blocks until the sockets arrive.
-    watch_phases(&server, draining, control.clone(), ready, upgrade);
+    watch_phases(&server, draining, on_drain, ready, upgrade);
     server.bootstrap();
 
     let proxy_tls = match &config.proxy.tls {
@@ -517,8 +569,6 @@ pub fn run_serve(
     // TLS, when configured, is the listener's own (inside its header deadline and
     // connection bound), so Pingora accepts plain TCP.
     proxy_service.add_tcp(&config.proxy_listen.to_string());
-    let mut metrics_service = pingora_prometheus::prometheus_http_service();
-    metrics_service.add_tcp(&config.metrics_listen.to_string());
     let upkeep = Upkeep {
         spend,
         verifier,
@@ -528,20 +578,20 @@ pub fn run_serve(
         dns_refresh: config.upstream.dns_refresh,
     };
     server.add_service(proxy_service);
-    server.add_service(metrics_service);
+    if pingora_metrics {
+        let mut metrics_service = pingora_prometheus::prometheus_http_service();
+        metrics_service.add_tcp(&config.metrics_listen.to_string());
+        server.add_service(metrics_service);
+        log::info!("metrics on http://{}/metrics", config.metrics_listen);
+    }
     server.add_service(background_service("upkeep", upkeep));
 
     log::info!(
         "proxy listening on {proxy_scheme}://{}",
         config.proxy_listen
     );
-    log::info!("metrics on http://{}/metrics", config.metrics_listen);
     server.run(pingora::server::RunArgs::default());
-    // Pingora has stopped every service: no request records anything any more. Write the
-    // audit events still buffered, then exit as `run_forever` would.
-    if !control.audit.flush(Duration::from_secs(5)) {
-        log::error!("audit events still buffered at exit could not be written in 5 s");
-    }
+    on_exit();
     std::process::exit(0)
 }
 
@@ -555,7 +605,7 @@ pub fn run_serve(
 fn watch_phases(
     server: &Server,
     draining: Arc<std::sync::atomic::AtomicBool>,
-    control: Arc<Control>,
+    on_drain: Box<dyn Fn() + Send + Sync>,
     mut ready: Option<std::fs::File>,
     upgrade: bool,
 ) {
@@ -575,8 +625,7 @@ fn watch_phases(
                 | ShutdownStarted,
             ) => {
                 draining.store(true, std::sync::atomic::Ordering::Release);
-                // The next process may already serve the control API on the same store.
-                control.share_store_until(i64::MAX);
+                on_drain();
             }
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

@@ -1,7 +1,7 @@
 //! What the control plane and the proxy exchange, and nothing else (SPEC §5, §6):
 //! published snapshots (public keys, vendor credentials, revocations), budget leases, and
-//! audit events. `serve` wires the in-process implementations; edge nodes will implement
-//! the same traits over HTTP.
+//! audit events. `serve` wires the in-process implementations; edge nodes (`edge`)
+//! implement the same traits over HTTP.
 
 use crate::money::Micros;
 use crate::revocation::RevocationFilter;
@@ -9,7 +9,7 @@ use crate::secret::Secret;
 use crate::token::Verifier;
 use crate::Map;
 use arc_swap::ArcSwap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// Vendor secrets by (tenant, vendor), decrypted, in memory only.
@@ -44,7 +44,7 @@ pub fn utc_day(unix_secs: i64) -> i64 {
 
 /// Ask for a slice of a key's remaining budget for `day`. The ledger grants either
 /// nothing or between `min` and `want`, and counts the grant as spent until returned.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeaseRequest {
     pub key_id: String,
     pub tenant_id: String,
@@ -57,7 +57,7 @@ pub struct LeaseRequest {
 /// What a proxy did with its leases: `spent` moved from held to settled, `returned`
 /// went back to the key's remaining budget. `overspent` is spend metered from a vendor's
 /// response beyond any lease (the vendor already charged it): it is recorded as settled.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LeaseReport {
     pub key_id: String,
     pub day: i64,
@@ -97,7 +97,7 @@ pub trait Ledger: Send + Sync + 'static {
 }
 
 /// One proxied (or denied) request, as `GET /v1/audit` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditEvent {
     pub ts_ms: i64,
     pub tenant_id: Option<Arc<str>>,
@@ -118,7 +118,7 @@ pub struct AuditEvent {
 /// The model of an LLM call and its tokens (`None`: no usage could be read, the call was
 /// charged its whole reservation). `input_tokens` counts every input token, cached and
 /// cache writes included.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LlmAudit {
     pub model: String,
     pub input_tokens: Option<u64>,

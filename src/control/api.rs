@@ -1,5 +1,6 @@
-//! The control API over HTTP (SPEC §3): routing, authentication, input validation and
-//! JSON shapes. Business rules live in `Control`; this file only translates.
+//! The control API over HTTP (SPEC §3): routing, input validation and JSON shapes. Who
+//! may call a route is the extractor its handler takes (`auth.rs`); every failure is an
+//! `ApiError` (`errors.rs`). Business rules live in `Control`; this file only translates.
 
 use super::auth::{Admin, Tenant};
 use super::errors::{ApiError, ApiResult};
@@ -52,7 +53,11 @@ pub fn router(state: ApiState) -> Router {
             "/v1/tenants/{id}/api_tokens/{token_id}",
             axum::routing::delete(delete_api_token),
         )
-        .route("/v1/nodes", post(create_node))
+        .route(
+            "/v1/nodes",
+            post(create_node).get(super::sync_api::list_nodes),
+        )
+        .merge(super::sync_api::routes())
         .route("/v1/admin/signing-keys/rotate", post(rotate_signing_key))
         .route(
             "/v1/vendors/{vendor}/credential",

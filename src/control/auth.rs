@@ -3,8 +3,8 @@
 //! token; one that takes `Tenant` gets the tenant owning the API token. A rejection is an
 //! `ApiError` (401 `missing_token` / `invalid_token`), so it has SPEC §3's JSON body.
 //!
-//! Another kind of caller (an edge node) is one more extractor here: a unit struct, a
-//! `Credential` variant for its message, and a `FromRequestParts` that checks its token.
+//! An edge node's calls (`/v1/sync/`) take `Node`: the node owning the node token, and the
+//! node process's session from the `keybrake-node-session` header.
 
 use super::api::ApiState;
 use super::errors::{ApiError, Credential};
@@ -42,6 +42,38 @@ impl FromRequestParts<ApiState> for Tenant {
             .tenant_for_token(token)
             .map(Tenant)
             .ok_or(ApiError::InvalidToken(Credential::Tenant))
+    }
+}
+
+/// The caller holds a node token: the node's id, and its process's session (the lease
+/// holder).
+#[derive(Debug)]
+pub struct Node {
+    pub id: String,
+    pub session: String,
+}
+
+impl FromRequestParts<ApiState> for Node {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &ApiState) -> Result<Self, ApiError> {
+        let token = bearer(&parts.headers, Credential::Node)?;
+        let id = s
+            .control
+            .node_for_token(token)
+            .ok_or(ApiError::InvalidToken(Credential::Node))?;
+        let session = parts
+            .headers
+            .get("keybrake-node-session")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| super::fleet::valid_session(v))
+            .ok_or_else(|| {
+                ApiError::InvalidRequest(
+                    "a keybrake-node-session header (8-64 of [A-Za-z0-9_-]) is required".into(),
+                )
+            })?
+            .to_string();
+        Ok(Node { id, session })
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 pub enum Credential {
     Admin,
     Tenant,
+    Node,
 }
 
 impl Credential {
@@ -19,6 +20,7 @@ impl Credential {
         match self {
             Credential::Admin => "admin token",
             Credential::Tenant => "tenant API token",
+            Credential::Node => "node token",
         }
     }
 }

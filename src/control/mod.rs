@@ -2,16 +2,24 @@
 //! vendor credentials, signing keys, vault-key issuance and revocation, the spend ledger
 //! and the audit trail. It publishes what the proxy needs through `sync::Published` and
 //! serves budget leases through `sync::Ledger`; it never sees a proxied request.
+//!
+//! `Control` (this file) holds the business rules. Around it: `api` (HTTP routes, input
+//! validation, JSON), `auth` (who is calling: `Admin`, `Tenant`), `errors` (the one error
+//! type and its HTTP mapping), `listener` (the control API's accept loop and limits),
+//! `store` (`keybrake.db`), `audit` (`audit.db`), `keywriter` (group commit of issued
+//! keys) and `crypto` (sealing under the master key).
 
 pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod crypto;
 pub mod errors;
+pub mod fleet;
 pub mod keywriter;
 pub mod ledger_batch;
 pub mod listener;
 pub mod store;
+pub mod sync_api;
 
 use crate::ids::{new_id, new_sorted_id, new_token, token_hash};
 use crate::metrics::Metrics;
@@ -77,6 +85,8 @@ pub struct Control {
     /// and their JSON while it is built, so many readers cannot add up to gigabytes.
     pub page_builds: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
+    /// Edge nodes and the change feed they long-poll.
+    fleet: fleet::Fleet,
 }
 
 /// What a caller asked for in `POST /v1/keys`, already validated.
@@ -169,7 +179,9 @@ impl Control {
             keys,
             page_builds: tokio::sync::Semaphore::new(PAGE_BUILDS),
             metrics,
+            fleet: fleet::Fleet::new(),
         });
+        control.load_nodes().await?;
         control.publish_jwks();
         control.publish_credentials().await?;
         let revocations = RevocationFilter::with_capacity(1024);
@@ -217,6 +229,7 @@ impl Control {
                         let filter = self.published.revocations.load();
                         for (id, exp) in missing {
                             filter.insert(&id, exp);
+                            self.fleet.revoked(&id, exp);
                         }
                         self.published.generation.fetch_add(1, Ordering::AcqRel);
                         self.metrics.revoked_keys.set(filter.len() as i64);
@@ -369,6 +382,7 @@ impl Control {
             .verifier
             .store(Arc::new(Verifier::new(&jwks)));
         self.published.generation.fetch_add(1, Ordering::AcqRel);
+        self.feed_changed();
     }
 
     async fn reload_tokens_and_credentials(&self) -> Result<()> {
@@ -410,6 +424,7 @@ impl Control {
                 .insert(row.vendor, Secret::new(secret));
         }
         self.published.credentials.store(Arc::new(map));
+        self.feed_changed();
         Ok(())
     }
 
@@ -492,6 +507,7 @@ impl Control {
         self.store
             .insert_node(&id, name, &token_hash(&token), now_secs())
             .await?;
+        self.node_created(&id, &token);
         Ok((id, Secret::new(token)))
     }
 
@@ -708,6 +724,7 @@ impl Control {
             let _g = self.revocations_lock.lock().await;
             let filter = self.published.revocations.load();
             filter.insert(&row.id, row.expires_at);
+            self.fleet.revoked(&row.id, row.expires_at);
             self.published.generation.fetch_add(1, Ordering::AcqRel);
             self.metrics.revoked_keys.set(filter.len() as i64);
             self.metrics.keys_revoked.inc();
@@ -796,39 +813,27 @@ fn lease_lifetime_secs(settings: &ControlSettings) -> i64 {
         .max(LEASE_MARGIN_SECS + 2)
 }
 
-/// The in-process ledger: leases come straight from the control plane's store, granted
-/// to this process as their holder.
-#[async_trait::async_trait]
-impl Ledger for Control {
-    async fn lease(&self, req: LeaseRequest) -> Result<Micros, LedgerError> {
+impl Control {
+    /// Grants a lease to `holder` (this process, or an edge node's session).
+    async fn lease_for(&self, holder: &str, req: LeaseRequest) -> Result<Micros, LedgerError> {
         if self.published.revocations.load().is_revoked(&req.key_id) || req.want < req.min {
             return Ok(Micros::ZERO);
-        }
-        if now_secs() >= self.leases_valid_until() {
-            return Err(LedgerError(
-                "this process's leases have lapsed (no heartbeat)".into(),
-            ));
         }
         // Counted as spent (held) before the proxy may use it: a crash loses the lease
         // until it is given back, never the cap.
         self.store
-            .lease_grant(
-                &self.holder,
-                &req.key_id,
-                req.day,
-                req.cap,
-                req.min,
-                req.want,
-            )
+            .lease_grant(holder, &req.key_id, req.day, req.cap, req.min, req.want)
             .await
             .map_err(|e| LedgerError(format!("{e:#}")))
     }
 
-    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
-        if now_secs() >= self.leases_valid_until() {
-            let lapsed = || LedgerError("this process's leases have lapsed (no heartbeat)".into());
-            return requests.iter().map(|_| Err(lapsed())).collect();
-        }
+    /// Leases for `holder`, all asked in one store transaction (each grant still one
+    /// conditional statement: never past a key's cap, whoever else is granting).
+    async fn lease_many_for(
+        &self,
+        holder: &str,
+        requests: Vec<LeaseRequest>,
+    ) -> Vec<Result<Micros, LedgerError>> {
         let revocations = self.published.revocations.load();
         let asks: Vec<ledger_batch::GrantRequest> = requests
             .into_iter()
@@ -844,7 +849,7 @@ impl Ledger for Control {
                 }
             })
             .collect();
-        match self.store.lease_grant_many(&self.holder, &asks).await {
+        match self.store.lease_grant_many(holder, &asks).await {
             Ok(grants) => grants.into_iter().map(Ok).collect(),
             Err(e) => {
                 let e = format!("{e:#}");
@@ -853,7 +858,7 @@ impl Ledger for Control {
         }
     }
 
-    async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
+    async fn report_for(&self, holder: &str, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
         let overflow = || LedgerError("spend report out of range".into());
         let mut rows = Vec::with_capacity(reports.len());
         for r in reports {
@@ -862,9 +867,38 @@ impl Ledger for Control {
             rows.push((r.key_id, r.day, settled, released));
         }
         self.store
-            .lease_report_many(&self.holder, &rows)
+            .lease_report_many(holder, &rows)
             .await
             .map_err(|e| LedgerError(format!("{e:#}")))
+    }
+}
+
+/// The in-process ledger: leases come straight from the control plane's store, granted
+/// to this process as their holder.
+#[async_trait::async_trait]
+impl Ledger for Control {
+    async fn lease(&self, req: LeaseRequest) -> Result<Micros, LedgerError> {
+        if self.published.revocations.load().is_revoked(&req.key_id) || req.want < req.min {
+            return Ok(Micros::ZERO);
+        }
+        if now_secs() >= self.leases_valid_until() {
+            return Err(LedgerError(
+                "this process's leases have lapsed (no heartbeat)".into(),
+            ));
+        }
+        self.lease_for(&self.holder, req).await
+    }
+
+    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+        if now_secs() >= self.leases_valid_until() {
+            let lapsed = || LedgerError("this process's leases have lapsed (no heartbeat)".into());
+            return requests.iter().map(|_| Err(lapsed())).collect();
+        }
+        self.lease_many_for(&self.holder, requests).await
+    }
+
+    async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
+        self.report_for(&self.holder, reports).await
     }
 
     fn leases_valid_until(&self) -> i64 {

@@ -421,6 +421,35 @@ impl Store {
         Ok(())
     }
 
+    /// Every node: (id, name, created_at, token hash), oldest first.
+    pub async fn all_nodes(&self) -> Result<Vec<(String, String, i64, Vec<u8>)>> {
+        let rows = sqlx::query(
+            "SELECT id, name, created_at, token_hash FROM nodes ORDER BY created_at, id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get("id"),
+                    r.get("name"),
+                    r.get("created_at"),
+                    r.get("token_hash"),
+                )
+            })
+            .collect())
+    }
+
+    /// Deletes a node (its token stops working); false when there is none.
+    pub async fn delete_node(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM nodes WHERE id = ?")
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     // ----- vendor credentials -----
 
     pub async fn upsert_credential(&self, row: &CredentialRow) -> Result<()> {

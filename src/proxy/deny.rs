@@ -34,6 +34,8 @@ pub enum Denial {
     UpstreamUnavailable,
     UnknownModel,
     InvalidLlmBody,
+    /// An edge node that could not sync for longer than its staleness limit.
+    ControlUnreachable,
     UpstreamTimeout,
 }
 
@@ -62,7 +64,7 @@ impl Denial {
             BodyTooLarge => 413,
             CapExhausted => 429,
             UpstreamUnavailable | VendorNotConfigured => 502,
-            LedgerUnavailable => 503,
+            LedgerUnavailable | ControlUnreachable => 503,
             UpstreamTimeout => 504,
         }
     }
@@ -89,6 +91,7 @@ impl Denial {
             CapExhausted => "cap_exhausted",
             VendorNotConfigured => "vendor_not_configured",
             LedgerUnavailable => "ledger_unavailable",
+            ControlUnreachable => "control_unreachable",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
             UnknownModel => "unknown_model",
@@ -120,6 +123,7 @@ impl Denial {
             CapExhausted => "This request would exceed the vault key's daily spend cap.",
             VendorNotConfigured => "No credential is registered for this vendor.",
             LedgerUnavailable => "The spend ledger is unavailable; metered requests are refused until it returns.",
+            ControlUnreachable => "This edge proxy could not sync with the control plane for longer than its staleness limit; requests are refused until it syncs again.",
             UpstreamUnavailable => "The vendor could not be reached.",
             UpstreamTimeout => "The vendor did not answer in time.",
             UnknownModel => "The model is not in Keybrake's price table for this vendor.",

@@ -92,6 +92,7 @@ fn harness() -> Harness {
     let metrics = Metrics::global();
     let proxy = KeybrakeProxy {
         draining: Default::default(),
+        staleness: crate::proxy::fresh::Staleness::never(),
         vendors: config
             .vendors
             .iter()

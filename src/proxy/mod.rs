@@ -4,6 +4,7 @@
 //!
 //! One module per stage, in request order (`service` wires them into Pingora, `ctx` is
 //! what a request carries between them):
+//!  0. edge nodes only: `fresh` (refuse everything while the node is stale);
 //!  1. route: `path` (the canonical path names the vendor);
 //!  2. authenticate: `extract` (the vault key), `verify`;
 //!  3. scope: `scope`;
@@ -29,6 +30,7 @@ pub mod ctx;
 pub mod deny;
 pub mod extract;
 pub mod forward;
+pub mod fresh;
 #[cfg(test)]
 mod hook_tests;
 pub mod idempotency;

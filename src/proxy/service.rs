@@ -39,6 +39,8 @@ pub struct KeybrakeProxy {
     /// Set when a graceful upgrade or shutdown begins: connections are closed after their
     /// current response, so clients reconnect to the new process.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Edge nodes: refuse everything while the control plane's view is stale.
+    pub staleness: super::fresh::Staleness,
     pub vendors: Map<String, Arc<Vendor>>,
     pub currencies: Map<String, Currency>,
     pub body_limit: usize,
@@ -70,13 +72,19 @@ impl KeybrakeProxy {
     /// Stages 1 to 7. On success the request may go upstream; on error nothing was sent.
     async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), Denial> {
         let now = now_secs();
+        // 1. route
         self.route(session.req_header(), ctx)?;
+        // 2. authenticate
         let key = self.authenticate(session.req_header(), ctx, now)?;
         // Told only to a valid key: the vendor's name does not say whether it exists.
         let vendor = ctx.vendor.clone().ok_or(Denial::UnknownVendor)?;
         let req = session.req_header();
+        // 3. scope
         scope::check(&key, &vendor, &req.method, ctx.path(), &req.headers)?;
+        // 4. credential
         let secret = inject::credential(&self.published, &key)?;
+        // 5. plan the body: the catalog's class first (an unmetered call is refused before
+        // its body is waited for)
         let rule = price::classify(&vendor, &req.method, ctx.path())?;
         let (metered, convert) =
             match body_plan::plan(req, &vendor, ctx.path(), rule.as_deref(), self.body_limit)? {
@@ -96,6 +104,7 @@ impl KeybrakeProxy {
                 sent: false,
             };
         }
+        // 6. price
         let pricing = Pricing {
             vendor: &vendor,
             path: ctx.path(),
@@ -108,6 +117,7 @@ impl KeybrakeProxy {
             .price(rule.as_ref(), ctx.body.read().map(|b| &b[..]))
             .await?;
         ctx.metering = metering;
+        // 7. reserve
         self.reserve(session.req_header(), ctx, &key, cost, now)
             .await?;
         ctx.secret = Some(secret);
@@ -218,7 +228,12 @@ impl ProxyHttp for KeybrakeProxy {
         }
         // The rare paths are boxed: async_trait boxes this hook's future on every request,
         // copying its full size, and inline they would make it ~11 KB instead of ~1 KB.
-        match self.admit(session, ctx).await {
+        let admitted = if self.staleness.is_stale() {
+            Err(Denial::ControlUnreachable)
+        } else {
+            self.admit(session, ctx).await
+        };
+        match admitted {
             Ok(()) if ctx.body.read_len() > REPLAY_LIMIT => {
                 Box::pin(self.forward_read_body(session, ctx)).await;
                 Ok(true)

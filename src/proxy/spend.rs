@@ -275,6 +275,16 @@ impl SpendBook {
                 .cap
                 .checked_div(self.slices_per_cap)
                 .unwrap_or(entry.cap);
+            // A slice in whole multiples of this request's amount: with several holders
+            // (edge nodes), equal charges then leave no fragment stranded on one node
+            // that the key's last charge on another node needed.
+            let slice = Micros(
+                slice
+                    .0
+                    .checked_add(amount.0 - 1)
+                    .map_or(slice.0, |s| s / amount.0 * amount.0)
+                    .min(entry.cap.0),
+            );
             let want = min.max(slice);
             // The batcher adds the grant to the counter's available budget.
             let grant = self

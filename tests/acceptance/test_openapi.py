@@ -22,9 +22,23 @@ def _concrete(path: str) -> str:
     return re.sub(r"\{[^}]+\}", lambda m: "stripe" if m.group(0) == "{vendor}" else "key_00000000000000000000000000", path)
 
 
+_NODE_TOKENS: dict = {}
+
+
+def _node_token(kb) -> str:
+    """One edge node's token per server, for the `node` security scheme."""
+    if kb.control_url not in _NODE_TOKENS:
+        r = requests.post(kb.control_url + "/v1/nodes", json={"name": "openapi-node"},
+                          headers={"authorization": f"Bearer {kb.admin_token}"}, timeout=HTTP_TIMEOUT_S)
+        assert r.status_code == 201, r.text
+        _NODE_TOKENS[kb.control_url] = r.json()["node_token"]
+    return _NODE_TOKENS[kb.control_url]
+
+
 def _call(kb, tenant_token, path, method, token_kind):
-    token = {"admin": kb.admin_token, "tenant": tenant_token, None: None}[token_kind]
-    headers = {"authorization": f"Bearer {token}"} if token else {}
+    token = {"admin": kb.admin_token, "tenant": tenant_token, None: None}.get(token_kind) or (
+        _node_token(kb) if token_kind == "node" else None)
+    headers = {"authorization": f"Bearer {token}", "keybrake-node-session": "openapi-session"} if token else {}
     body = {"name": "openapi"} if method == "post" and path in ("/v1/tenants", "/v1/nodes") else None
     return requests.request(method.upper(), kb.control_url + _concrete(path), headers=headers,
                             json=body, timeout=HTTP_TIMEOUT_S)

@@ -781,11 +781,6 @@ def test_systemd_unit_command_lines_are_accepted_by_the_binary(unit, tmp_path):
         r = subprocess.run([str(KEYBRAKE_BIN), *argv, "--help"], capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             problems.append(f"{' '.join(argv)}: {(r.stderr or r.stdout).strip().splitlines()[0]}")
-    if problems and unit == "keybrake-proxy.service":
-        # The unit itself says `keybrake proxy` is next release's work.
-        probe = subprocess.run([str(KEYBRAKE_BIN), "proxy", "--help"], capture_output=True, text=True, timeout=30)
-        if probe.returncode != 0:
-            pytest.xfail("`keybrake proxy` (edge node) is not implemented yet: " + "; ".join(problems))
     assert not problems, "\n".join(problems)
 
     timeout_stop = [v for k, v in directives if k == "TimeoutStopSec"]

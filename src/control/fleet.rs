@@ -1,0 +1,438 @@
+//! The control plane's side of the edge fleet (SPEC §1, §5, §6): node tokens, the
+//! versioned change feed that edge nodes long-poll (public keys, vendor credentials,
+//! revocations as deltas), node sessions as lease holders, and spend and audit coming
+//! back from nodes. The HTTP shapes are in `sync_api`.
+
+use super::Control;
+use crate::ids::{new_id, token_hash};
+use crate::money::Micros;
+use crate::sync::{AuditEvent, AuditSink, LeaseReport, LeaseRequest, LedgerError};
+use crate::token::{now_secs, unix_ms, Jwks};
+use anyhow::Result;
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Revocations kept for deltas: a node further behind than this gets a full snapshot.
+const REVOCATION_LOG: usize = 100_000;
+
+/// What changed since a version: the feed's state and its recent revocations.
+struct FeedLog {
+    /// Versions at or below `floor` have left the log: older nodes get everything.
+    floor: u64,
+    revoked: VecDeque<(u64, String, i64)>,
+}
+
+/// Nodes known to this process, the change feed, and when each node last synced.
+pub struct Fleet {
+    /// This process's feed id: versions of another process (or of a restart) mean nothing
+    /// here, so a node that sends another epoch gets a full snapshot.
+    pub epoch: String,
+    version: tokio::sync::watch::Sender<u64>,
+    log: std::sync::Mutex<FeedLog>,
+    /// Node token hash → node id.
+    tokens: DashMap<[u8; 32], String>,
+    /// Node id → last sync (unix ms), as seen by this process.
+    last_sync: DashMap<String, i64>,
+}
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        Fleet {
+            epoch: new_id("ep_"),
+            version: tokio::sync::watch::channel(1).0,
+            log: std::sync::Mutex::new(FeedLog {
+                floor: 1,
+                revoked: VecDeque::new(),
+            }),
+            tokens: DashMap::new(),
+            last_sync: DashMap::new(),
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// Something nodes hold changed (keys, credentials, nodes): wakes every long-poll.
+    pub fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// A key was revoked: goes into the delta log, then wakes every long-poll.
+    pub fn revoked(&self, id: &str, exp: i64) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = 0;
+        self.version.send_modify(|v| {
+            *v += 1;
+            next = *v;
+        });
+        log.revoked.push_back((next, id.to_string(), exp));
+        while log.revoked.len() > REVOCATION_LOG {
+            if let Some((v, _, _)) = log.revoked.pop_front() {
+                log.floor = v;
+            }
+        }
+    }
+
+    /// Revocations after `since`, or `None` when the log no longer reaches back that far.
+    fn revoked_since(&self, since: u64) -> Option<Vec<(String, i64)>> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if since < log.floor {
+            return None;
+        }
+        Some(
+            log.revoked
+                .iter()
+                .filter(|(v, _, _)| *v > since)
+                .map(|(_, id, exp)| (id.clone(), *exp))
+                .collect(),
+        )
+    }
+
+    fn node_for_token(&self, token: &str) -> Option<String> {
+        self.tokens.get(&token_hash(token)).map(|n| n.clone())
+    }
+
+    pub fn is_node(&self, id: &str) -> bool {
+        self.tokens.iter().any(|n| n.value() == id)
+    }
+
+    fn synced(&self, node: &str) {
+        self.last_sync.insert(node.to_string(), unix_ms() as i64);
+    }
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet::new()
+    }
+}
+
+/// One answer of the long-poll. `full`: the node replaces everything it holds; otherwise
+/// `revoked` holds only revocations after the version it sent (and `jwks` / `credentials`
+/// are absent when nothing changed at all).
+#[derive(Serialize, Deserialize)]
+pub struct SyncAnswer {
+    pub epoch: String,
+    pub version: u64,
+    pub full: bool,
+    pub jwks: Option<Jwks>,
+    /// tenant id → vendor → secret, in clear: this body only travels to an authenticated
+    /// node, over TLS when the control URL is https.
+    pub credentials:
+        Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
+    pub revoked: Vec<(String, i64)>,
+    /// How long the node's leases stay its own from the moment it sent this poll.
+    pub lease_valid_for_ms: u64,
+    /// The node's session was taken for dead and its leases given back.
+    pub leases_lapsed: bool,
+}
+
+/// A node session's holder id in the ledger: one per process start, so the leases of a
+/// node that restarts are reclaimed and never confused with its new ones.
+pub fn holder_id(node: &str, session: &str) -> String {
+    format!("{node}.{session}")
+}
+
+/// A session id sent by a node: short and plain, since it becomes part of a holder id.
+pub fn valid_session(session: &str) -> bool {
+    (8..=64).contains(&session.len())
+        && session
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Control {
+    /// Loads node tokens (hashes) into memory.
+    pub(super) async fn load_nodes(&self) -> Result<()> {
+        let stored = self.store.all_nodes().await?;
+        self.fleet.tokens.retain(|h, _| {
+            stored
+                .iter()
+                .any(|(_, _, _, hash)| hash.as_slice() == h.as_slice())
+        });
+        for (id, _, _, hash) in stored {
+            if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
+                self.fleet.tokens.insert(hash, id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The node owning this token. Looked up by SHA-256, never by the token itself.
+    pub fn node_for_token(&self, token: &str) -> Option<String> {
+        self.fleet.node_for_token(token)
+    }
+
+    pub(super) fn node_created(&self, id: &str, token: &str) {
+        self.fleet.tokens.insert(token_hash(token), id.to_string());
+    }
+
+    /// Every node with its last sync (unix ms, `None`: never synced with this process).
+    pub async fn list_nodes(&self) -> Result<Vec<(String, String, i64, Option<i64>)>> {
+        Ok(self
+            .store
+            .all_nodes()
+            .await?
+            .into_iter()
+            .map(|(id, name, created, _)| {
+                let last = self.fleet.last_sync.get(&id).map(|t| *t);
+                (id, name, created, last)
+            })
+            .collect())
+    }
+
+    /// Deletes a node: its token stops working at once and its long-polls are answered
+    /// (with 401) now. Its leases are reclaimed like any silent holder's, after their
+    /// lifetime.
+    pub async fn delete_node(&self, id: &str) -> Result<bool> {
+        if !self.store.delete_node(id).await? {
+            return Ok(false);
+        }
+        self.fleet.tokens.retain(|_, n| n != id);
+        self.fleet.last_sync.remove(id);
+        self.fleet.bump();
+        Ok(true)
+    }
+
+    /// A node session starts: registered as a lease holder.
+    pub async fn node_hello(&self, node: &str, session: &str) -> Result<()> {
+        let now = now_secs();
+        self.store
+            .register_holder(
+                &holder_id(node, session),
+                now,
+                now.saturating_add(super::lease_lifetime_secs(&self.settings)),
+            )
+            .await?;
+        self.fleet.synced(node);
+        Ok(())
+    }
+
+    /// The long-poll: waits up to `wait` for a change after `since` (of `epoch`), then
+    /// answers what changed. `None` when the node was deleted meanwhile.
+    pub async fn node_poll(
+        &self,
+        node: &str,
+        session: &str,
+        epoch: &str,
+        since: u64,
+        wait: Duration,
+    ) -> Result<Option<SyncAnswer>> {
+        let lifetime = super::lease_lifetime_secs(&self.settings);
+        let alive = self
+            .store
+            .heartbeat_holder(
+                &holder_id(node, session),
+                now_secs().saturating_add(lifetime),
+            )
+            .await?;
+        // A poll answers within a quarter of the lease lifetime, so the node's leases
+        // (valid for the lifetime less the margin, counted in whole seconds) are extended
+        // long before they lapse.
+        let wait = wait.min(Duration::from_millis(lifetime.max(0) as u64 * 1000 / 4));
+        let same_epoch = epoch == self.fleet.epoch;
+        if same_epoch && since == self.fleet.version() && alive {
+            let mut rx = self.fleet.version.subscribe();
+            let _ = tokio::time::timeout(wait, rx.wait_for(|v| *v != since)).await;
+        }
+        if !self.fleet.is_node(node) {
+            return Ok(None);
+        }
+        self.fleet.synced(node);
+        let version = self.fleet.version();
+        let delta = if same_epoch && since <= version {
+            self.fleet.revoked_since(since)
+        } else {
+            None
+        };
+        let lease_valid_for_ms = if alive {
+            ((lifetime - super::LEASE_MARGIN_SECS).max(0) as u64) * 1000
+        } else {
+            0
+        };
+        let (full, revoked) = match delta {
+            Some(r) => (false, r),
+            None => (true, self.published.revocations.load().ids()),
+        };
+        let changed = full || version != since;
+        let credentials = changed.then(|| {
+            self.published
+                .credentials
+                .load()
+                .iter()
+                .map(|(t, vendors)| {
+                    (
+                        t.clone(),
+                        vendors
+                            .iter()
+                            .map(|(v, s)| (v.clone(), s.expose().to_string()))
+                            .collect(),
+                    )
+                })
+                .collect()
+        });
+        Ok(Some(SyncAnswer {
+            epoch: self.fleet.epoch.clone(),
+            version,
+            full,
+            jwks: changed.then(|| (*self.jwks()).clone()),
+            credentials,
+            revoked,
+            lease_valid_for_ms,
+            leases_lapsed: !alive,
+        }))
+    }
+
+    /// Leases for a node session, asked in one store transaction, each grant atomic.
+    pub async fn node_leases(
+        &self,
+        node: &str,
+        session: &str,
+        requests: Vec<LeaseRequest>,
+    ) -> Vec<Result<Micros, LedgerError>> {
+        self.lease_many_for(&holder_id(node, session), requests)
+            .await
+    }
+
+    pub async fn node_report(
+        &self,
+        node: &str,
+        session: &str,
+        reports: Vec<LeaseReport>,
+    ) -> Result<(), LedgerError> {
+        self.report_for(&holder_id(node, session), reports).await
+    }
+
+    /// Audit events recorded by a node, into the same trail as `serve`'s.
+    pub fn node_audit(&self, events: Vec<AuditEvent>) {
+        for e in events {
+            self.audit.record(e);
+        }
+    }
+
+    /// Called when a change nodes hold is published.
+    pub(super) fn feed_changed(&self) {
+        self.fleet.bump();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::crypto::MasterKey;
+    use crate::control::ControlSettings;
+    use crate::metrics::Metrics;
+    use crate::secret::Secret;
+    use crate::sync::Published;
+    use std::sync::Arc;
+
+    async fn open(name: &str) -> Arc<Control> {
+        let dir =
+            std::env::temp_dir().join(format!("keybrake-fleet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let settings = ControlSettings {
+            default_ttl: Duration::from_secs(300),
+            max_ttl: Duration::from_secs(3600),
+            vendors: ["stripe".to_string()].into(),
+            lease_lifetime: Duration::from_secs(8),
+            audit_durability: Default::default(),
+        };
+        Control::open(
+            settings,
+            &dir,
+            MasterKey::from_base64(&MasterKey::generate_base64()).unwrap(),
+            Secret::new("admin"),
+            Arc::new(Published::empty()),
+            Metrics::global(),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_node_gets_everything_once_then_only_what_changed_and_is_woken_by_a_revocation() {
+        let control = open("delta").await;
+        let (node, token) = control.create_node("edge").await.unwrap();
+        assert_eq!(
+            control.node_for_token(token.expose()).as_deref(),
+            Some(node.as_str())
+        );
+        assert_eq!(control.node_for_token("kbn_wrong"), None);
+        control.node_hello(&node, "session-1").await.unwrap();
+        control.fleet.revoked("key_old", i64::MAX);
+        control
+            .published
+            .revocations
+            .load()
+            .insert("key_old", i64::MAX);
+
+        let poll = |epoch: String, since: u64, wait: u64| {
+            let (control, node) = (control.clone(), node.clone());
+            async move {
+                control
+                    .node_poll(
+                        &node,
+                        "session-1",
+                        &epoch,
+                        since,
+                        Duration::from_millis(wait),
+                    )
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        let first = poll(String::new(), 0, 5000).await;
+        assert!(first.full && first.jwks.is_some() && first.credentials.is_some());
+        assert_eq!(first.revoked, vec![("key_old".to_string(), i64::MAX)]);
+        assert!(first.lease_valid_for_ms > 0 && !first.leases_lapsed);
+
+        // Nothing changed: the poll waits (at most a quarter of the 8 s lease lifetime).
+        let started = std::time::Instant::now();
+        let idle = poll(first.epoch.clone(), first.version, 300).await;
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert!(!idle.full && idle.revoked.is_empty() && idle.jwks.is_none());
+
+        // A revocation wakes a waiting poll at once, and only it travels.
+        let waiting = tokio::spawn(poll(first.epoch.clone(), first.version, 5000));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        control.fleet.revoked("key_new", i64::MAX);
+        let delta = waiting.await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(!delta.full);
+        assert_eq!(delta.revoked, vec![("key_new".to_string(), i64::MAX)]);
+        assert!(delta.version > first.version);
+
+        // Another process's (or a restart's) versions mean nothing: everything again.
+        let other = poll("ep_other".into(), delta.version, 5000).await;
+        assert!(other.full);
+
+        // Deleted: the token stops working, a poll is answered "gone".
+        assert!(control.delete_node(&node).await.unwrap());
+        assert_eq!(control.node_for_token(token.expose()), None);
+        assert!(control
+            .node_poll(
+                &node,
+                "session-1",
+                &other.epoch,
+                other.version,
+                Duration::ZERO
+            )
+            .await
+            .unwrap()
+            .is_none());
+        assert!(!control.delete_node(&node).await.unwrap());
+    }
+
+    #[test]
+    fn sessions_are_short_and_plain() {
+        assert!(valid_session("s06h3n7gfm0ddsce"));
+        assert!(!valid_session("short"));
+        assert!(!valid_session("has.a.dot.in.it"));
+        assert!(!valid_session(&"x".repeat(65)));
+    }
+}

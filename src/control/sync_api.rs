@@ -1,0 +1,162 @@
+//! The fleet's HTTP surface (SPEC §6): node administration (`GET /v1/nodes`,
+//! `DELETE /v1/nodes/{id}`, admin token) and the sync channel under `/v1/sync/`,
+//! authenticated by a node token (`auth::Node`). Shapes are in docs/api.md.
+
+use super::api::{rfc3339, ApiState};
+use super::auth::{Admin, Node};
+use super::errors::{ApiError, ApiResult};
+use super::fleet::SyncAnswer;
+use crate::money::Micros;
+use crate::sync::{AuditEvent, LeaseReport, LeaseRequest};
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Longest long-poll a node may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(25);
+/// Most leases or audit events in one request.
+const MAX_BATCH: usize = 1000;
+
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/nodes/{id}", axum::routing::delete(delete_node))
+        .route("/v1/sync/hello", post(hello))
+        .route("/v1/sync/snapshot", get(snapshot))
+        .route("/v1/sync/leases", post(leases))
+        .route("/v1/sync/reports", post(reports))
+        .route("/v1/sync/audit", post(audit))
+}
+
+pub(super) async fn list_nodes(State(s): State<ApiState>, _: Admin) -> ApiResult<Json<Value>> {
+    let data: Vec<Value> = s
+        .control
+        .list_nodes()
+        .await?
+        .into_iter()
+        .map(|(id, name, created, last)| {
+            json!({
+                "id": id,
+                "name": name,
+                "created_at": rfc3339(created),
+                "last_sync_at": last.map(|ms| rfc3339(ms.div_euclid(1000))),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"data": data, "next_cursor": null})))
+}
+
+async fn delete_node(
+    State(s): State<ApiState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    if !s.control.delete_node(&id).await? {
+        return Err(ApiError::NotFound("node"));
+    }
+    Ok(Json(json!({"id": id, "deleted": true})))
+}
+
+async fn hello(State(s): State<ApiState>, node: Node) -> ApiResult<Json<Value>> {
+    s.control.node_hello(&node.id, &node.session).await?;
+    Ok(Json(json!({"node_id": node.id})))
+}
+
+#[derive(Deserialize)]
+struct PollQuery {
+    #[serde(default)]
+    epoch: String,
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+async fn snapshot(
+    State(s): State<ApiState>,
+    node: Node,
+    Query(q): Query<PollQuery>,
+) -> ApiResult<Json<SyncAnswer>> {
+    let wait = Duration::from_millis(q.wait_ms).min(MAX_WAIT);
+    s.control
+        .node_poll(&node.id, &node.session, &q.epoch, q.since, wait)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::InvalidToken(super::errors::Credential::Node))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeasesBody {
+    requests: Vec<LeaseRequest>,
+}
+
+async fn leases(
+    State(s): State<ApiState>,
+    node: Node,
+    Json(body): Json<LeasesBody>,
+) -> ApiResult<Json<Value>> {
+    if body.requests.len() > MAX_BATCH {
+        return Err(too_many());
+    }
+    let grants: Vec<Value> = s
+        .control
+        .node_leases(&node.id, &node.session, body.requests)
+        .await
+        .into_iter()
+        .map(|g| match g {
+            Ok(Micros(m)) => json!({ "granted": m }),
+            Err(e) => json!({ "error": e.0 }),
+        })
+        .collect();
+    Ok(Json(json!({ "grants": grants })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportsBody {
+    reports: Vec<LeaseReport>,
+}
+
+async fn reports(
+    State(s): State<ApiState>,
+    node: Node,
+    Json(body): Json<ReportsBody>,
+) -> ApiResult<Json<Value>> {
+    if body.reports.len() > MAX_BATCH {
+        return Err(too_many());
+    }
+    s.control
+        .node_report(&node.id, &node.session, body.reports)
+        .await
+        .map_err(|e| {
+            log::error!("cannot record a node's spend report: {}", e.0);
+            ApiError::Internal
+        })?;
+    Ok(Json(json!({ "ok": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditBody {
+    events: Vec<AuditEvent>,
+}
+
+async fn audit(
+    State(s): State<ApiState>,
+    _node: Node,
+    Json(body): Json<AuditBody>,
+) -> ApiResult<Json<Value>> {
+    if body.events.len() > MAX_BATCH {
+        return Err(too_many());
+    }
+    let n = body.events.len();
+    s.control.node_audit(body.events);
+    Ok(Json(json!({ "recorded": n })))
+}
+
+fn too_many() -> ApiError {
+    ApiError::InvalidRequest(format!("at most {MAX_BATCH} items per request"))
+}

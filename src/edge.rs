@@ -1,0 +1,725 @@
+//! `keybrake proxy --control-url URL --node-token-file F`: an edge node. The proxy of
+//! `serve`, fed over HTTP by a control plane instead of in-process (SPEC §1, §5, §6):
+//! a long-poll keeps public keys, vendor credentials and revocations in memory (nothing
+//! on disk), budget leases come from the control plane's ledger (`HttpLedger`), audit
+//! events go back in batches (`EdgeAudit`), and a node that has not synced for
+//! `max_staleness` refuses every request with 503 `control_unreachable`. The metrics
+//! listener serves `/metrics`, `/healthz` and `/readyz` (ready only while fresh).
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::money::Micros;
+use crate::revocation::RevocationFilter;
+use crate::secret::Secret;
+use crate::sync::{
+    AuditEvent, AuditSink, Credentials, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
+};
+use crate::token::{unix_ms, Verifier};
+use anyhow::{anyhow, bail, Context, Result};
+use prometheus::{IntCounter, IntGauge};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How an edge node reaches its control plane.
+pub struct EdgeOptions {
+    pub control_url: String,
+    pub node_token_file: PathBuf,
+    /// A private CA for an https:// control URL.
+    pub ca_file: Option<PathBuf>,
+    /// Refuse requests once the last successful sync is older than this.
+    pub max_staleness: Duration,
+}
+
+/// Audit events held on the node while they wait for the control plane.
+const AUDIT_BUFFER: usize = 50_000;
+/// Largest audit batch body: under the control API's 64 KiB request limit.
+const AUDIT_BATCH_BYTES: usize = 48 * 1024;
+/// Most leases asked for in one request.
+const LEASE_BATCH: usize = 200;
+
+/// Node metrics beside the shared ones (`keybrake_sync_lag_seconds`,
+/// `keybrake_audit_dropped_total`).
+struct EdgeMetrics {
+    snapshot_version: IntGauge,
+    lease_requests: IntCounter,
+    lease_failures: IntCounter,
+}
+
+impl EdgeMetrics {
+    fn register() -> Result<EdgeMetrics> {
+        Ok(EdgeMetrics {
+            snapshot_version: prometheus::register_int_gauge!(
+                "keybrake_sync_snapshot_version",
+                "Version of the control plane's snapshot this node holds"
+            )?,
+            lease_requests: prometheus::register_int_counter!(
+                "keybrake_lease_requests_total",
+                "Budget leases this node asked the control plane for"
+            )?,
+            lease_failures: prometheus::register_int_counter!(
+                "keybrake_lease_failures_total",
+                "Budget lease requests that failed (control plane unreachable or refused)"
+            )?,
+        })
+    }
+}
+
+#[derive(Debug)]
+enum CallError {
+    /// The node token is not (or no longer) accepted.
+    Unauthorized,
+    Other(String),
+}
+
+/// HTTP to the control plane's `/v1/sync/` with the node token and this process's session.
+struct SyncClient {
+    base: String,
+    token: Secret,
+    session: String,
+    agent: ureq::Agent,
+}
+
+impl SyncClient {
+    fn new(opts: &EdgeOptions) -> Result<SyncClient> {
+        crate::secret::warn_if_shared(&opts.node_token_file, "node token");
+        let token = std::fs::read_to_string(&opts.node_token_file)
+            .with_context(|| {
+                format!(
+                    "cannot read the node token file {}",
+                    opts.node_token_file.display()
+                )
+            })?
+            .trim()
+            .to_string();
+        if token.is_empty() {
+            bail!(
+                "the node token file {} is empty",
+                opts.node_token_file.display()
+            );
+        }
+        let mut agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(3))
+            .max_idle_connections_per_host(64);
+        if opts.control_url.starts_with("https://") {
+            agent = agent.tls_config(crate::tls::client_config(opts.ca_file.as_deref())?);
+        } else if !opts.control_url.starts_with("http://") {
+            bail!(
+                "--control-url must be an http:// or https:// URL, not {}",
+                opts.control_url
+            );
+        } else if opts.ca_file.is_some() {
+            bail!("--ca-file is for an https:// control URL");
+        }
+        Ok(SyncClient {
+            base: opts.control_url.trim_end_matches('/').to_string(),
+            token: Secret::new(token),
+            session: crate::ids::new_id("s"),
+            agent: agent.build(),
+        })
+    }
+
+    /// One call; errors never carry the token (ureq names the URL only).
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, CallError> {
+        let req = self
+            .agent
+            .request(method, &format!("{}{}", self.base, path))
+            .timeout(timeout)
+            .set("authorization", &format!("Bearer {}", self.token.expose()))
+            .set("keybrake-node-session", &self.session);
+        let result = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match result {
+            Ok(resp) => resp
+                .into_json::<Value>()
+                .map_err(|e| CallError::Other(format!("unreadable answer from {path}: {e}"))),
+            Err(ureq::Error::Status(401, _)) => Err(CallError::Unauthorized),
+            Err(ureq::Error::Status(code, resp)) => {
+                let body: Value = resp.into_json().unwrap_or(Value::Null);
+                Err(CallError::Other(format!(
+                    "{path} answered {code} {}",
+                    body["code"].as_str().unwrap_or("")
+                )))
+            }
+            Err(ureq::Error::Transport(t)) => Err(CallError::Other(format!("{path}: {t}"))),
+        }
+    }
+}
+
+/// Runs a blocking control-plane call off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
+/// The node's ledger: leases from the control plane over HTTP, granted to this
+/// process's session. A lease may be spent only until `leases_valid_until`, counted from
+/// the moment the last successful poll was SENT (the control plane extended the session's
+/// life when it received it): the node's clock never has to agree with the control
+/// plane's, only to run at the same rate within the margin.
+pub struct HttpLedger {
+    client: Arc<SyncClient>,
+    valid_until: AtomicI64,
+    metrics: Arc<EdgeMetrics>,
+}
+
+impl HttpLedger {
+    async fn post_leases(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+        let n = requests.len();
+        self.metrics.lease_requests.inc_by(n as u64);
+        let client = self.client.clone();
+        let answer = blocking(move || {
+            client.call(
+                "POST",
+                "/v1/sync/leases",
+                Some(json!({ "requests": requests })),
+                Duration::from_secs(5),
+            )
+        })
+        .await;
+        let fail = |why: &str| {
+            (0..n)
+                .map(|_| Err(LedgerError(why.to_string())))
+                .collect::<Vec<_>>()
+        };
+        let out = match answer {
+            Some(Ok(v)) => match v["grants"].as_array() {
+                Some(grants) if grants.len() == n => grants
+                    .iter()
+                    .map(|g| match g["granted"].as_i64() {
+                        Some(m) if m >= 0 => Ok(Micros(m)),
+                        _ => Err(LedgerError(
+                            g["error"].as_str().unwrap_or("lease refused").to_string(),
+                        )),
+                    })
+                    .collect(),
+                _ => fail("the control plane's lease answer does not match the request"),
+            },
+            Some(Err(CallError::Unauthorized)) => fail("this node's token was refused"),
+            Some(Err(CallError::Other(e))) => fail(&e),
+            None => fail("lease request task failed"),
+        };
+        let failed = out.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            if let Some(Err(e)) = out.iter().find(|r| r.is_err()) {
+                log::warn!("{failed} lease requests failed: {}", e.0);
+            }
+        }
+        self.metrics.lease_failures.inc_by(failed as u64);
+        out
+    }
+}
+
+#[async_trait::async_trait]
+impl Ledger for HttpLedger {
+    async fn lease(&self, request: LeaseRequest) -> Result<Micros, LedgerError> {
+        self.lease_many(vec![request])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(LedgerError("no answer".into())))
+    }
+
+    /// One HTTP round trip per batch of up to `LEASE_BATCH` requests.
+    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+        let mut out = Vec::with_capacity(requests.len());
+        let mut rest = requests;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(LEASE_BATCH));
+            out.extend(self.post_leases(rest).await);
+            rest = tail;
+        }
+        out
+    }
+
+    async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
+        let client = self.client.clone();
+        for chunk in reports.chunks(LEASE_BATCH) {
+            let chunk = chunk.to_vec();
+            let client = client.clone();
+            match blocking(move || {
+                client.call(
+                    "POST",
+                    "/v1/sync/reports",
+                    Some(json!({ "reports": chunk })),
+                    Duration::from_secs(5),
+                )
+            })
+            .await
+            {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(LedgerError(format!("{e:?}"))),
+                None => return Err(LedgerError("report task failed".into())),
+            }
+        }
+        Ok(())
+    }
+
+    fn leases_valid_until(&self) -> i64 {
+        self.valid_until.load(Ordering::Acquire)
+    }
+}
+
+/// Audit events from this node, sent to the control plane in batches by one thread. The
+/// buffer is bounded: beyond it events are dropped and counted
+/// (`keybrake_audit_dropped_total`), never allowed to block a request.
+pub struct EdgeAudit {
+    tx: std::sync::mpsc::SyncSender<AuditEvent>,
+    /// Events recorded and not yet accepted by the control plane.
+    pending: Arc<AtomicU64>,
+    dropped: IntCounter,
+}
+
+impl EdgeAudit {
+    fn start(client: Arc<SyncClient>, dropped: IntCounter) -> Arc<EdgeAudit> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<AuditEvent>(AUDIT_BUFFER);
+        let pending = Arc::new(AtomicU64::new(0));
+        let sent = pending.clone();
+        std::thread::Builder::new()
+            .name("edge-audit".into())
+            .spawn(move || audit_sender(client, rx, sent))
+            .expect("spawn the audit thread");
+        Arc::new(EdgeAudit {
+            tx,
+            pending,
+            dropped,
+        })
+    }
+
+    /// Waits until every recorded event reached the control plane, at most `timeout`.
+    fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.pending.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+impl AuditSink for EdgeAudit {
+    fn record(&self, event: AuditEvent) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.tx.try_send(event).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.dropped.inc();
+        }
+    }
+}
+
+fn audit_sender(
+    client: Arc<SyncClient>,
+    rx: std::sync::mpsc::Receiver<AuditEvent>,
+    pending: Arc<AtomicU64>,
+) {
+    let mut batch: Vec<Value> = Vec::new();
+    let mut bytes = 0usize;
+    let mut carry: Option<Value> = None;
+    loop {
+        if let Some(v) = carry.take() {
+            bytes += v.to_string().len();
+            batch.push(v);
+        }
+        // Sent as soon as there is an event, with whatever else is queued by then (up to
+        // the batch size): under load, batches form while the previous one is in flight,
+        // and an event reaches the control plane within one round trip otherwise. The
+        // control plane settles a dead node's leases from this trail (see
+        // docs/architecture.md), so the sooner it arrives the less can be missed.
+        if batch.is_empty() {
+            match rx.recv() {
+                Ok(e) => {
+                    let v = serde_json::to_value(&e).unwrap_or(Value::Null);
+                    bytes += v.to_string().len();
+                    batch.push(v);
+                }
+                Err(_) => return,
+            }
+        }
+        while bytes < AUDIT_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(e) => {
+                    let v = serde_json::to_value(&e).unwrap_or(Value::Null);
+                    let len = v.to_string().len();
+                    if bytes + len > AUDIT_BATCH_BYTES && !batch.is_empty() {
+                        carry = Some(v);
+                        break;
+                    }
+                    bytes += len;
+                    batch.push(v);
+                }
+                Err(_) => break,
+            }
+        }
+        // Kept and sent again until the control plane takes it: nodes lose audit events
+        // only when their buffer overflows (counted) or the process dies.
+        let n = batch.len() as u64;
+        let body = json!({ "events": batch });
+        loop {
+            match client.call(
+                "POST",
+                "/v1/sync/audit",
+                Some(body.clone()),
+                Duration::from_secs(5),
+            ) {
+                Ok(_) => break,
+                Err(e) => {
+                    log::warn!("cannot send audit events to the control plane: {e:?}");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        pending.fetch_sub(n, Ordering::AcqRel);
+        batch = Vec::new();
+        bytes = 0;
+    }
+}
+
+/// The node's view of the control plane: last successful sync, and whether it was cut
+/// off (its token refused).
+struct SyncState {
+    start: Instant,
+    /// Milliseconds after `start` at which the last successful poll was sent.
+    synced_at_ms: AtomicU64,
+    ever_synced: AtomicBool,
+    cut_off: AtomicBool,
+    /// Read by the proxy on every request (`proxy::fresh`).
+    stale: Arc<AtomicBool>,
+    max_staleness: Duration,
+}
+
+impl SyncState {
+    fn since_sync(&self) -> Duration {
+        let at = Duration::from_millis(self.synced_at_ms.load(Ordering::Acquire));
+        self.start.elapsed().saturating_sub(at)
+    }
+
+    fn is_fresh(&self) -> bool {
+        self.ever_synced.load(Ordering::Acquire)
+            && !self.cut_off.load(Ordering::Acquire)
+            && self.since_sync() <= self.max_staleness
+    }
+
+    fn refresh_flag(&self) {
+        self.stale.store(!self.is_fresh(), Ordering::Release);
+    }
+}
+
+/// Applies one long-poll answer to what the proxy reads. Returns the answer's version.
+fn apply(answer: &Value, published: &Published) -> Result<(String, u64)> {
+    let epoch = answer["epoch"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no epoch"))?
+        .to_string();
+    let version = answer["version"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no version"))?;
+    let revoked: Vec<(String, i64)> = serde_json::from_value(answer["revoked"].clone())?;
+    let mut changed = !revoked.is_empty();
+    if answer["full"].as_bool() == Some(true) {
+        let filter = RevocationFilter::with_capacity(revoked.len().max(1024));
+        for (id, exp) in &revoked {
+            filter.insert(id, *exp);
+        }
+        published.revocations.store(Arc::new(filter));
+        changed = true;
+    } else {
+        let filter = published.revocations.load();
+        for (id, exp) in &revoked {
+            filter.insert(id, *exp);
+        }
+    }
+    if !answer["jwks"].is_null() {
+        let jwks: crate::token::Jwks = serde_json::from_value(answer["jwks"].clone())?;
+        published.verifier.store(Arc::new(Verifier::new(&jwks)));
+        changed = true;
+    }
+    if let Some(tenants) = answer["credentials"].as_object() {
+        let mut map = Credentials::default();
+        for (tenant, vendors) in tenants {
+            let entry: &mut crate::Map<String, Secret> = map.entry(tenant.clone()).or_default();
+            for (vendor, secret) in vendors.as_object().into_iter().flatten() {
+                if let Some(s) = secret.as_str() {
+                    entry.insert(vendor.clone(), Secret::new(s.to_string()));
+                }
+            }
+        }
+        published.credentials.store(Arc::new(map));
+        changed = true;
+    }
+    if changed {
+        published.generation.fetch_add(1, Ordering::AcqRel);
+    }
+    Ok((epoch, version))
+}
+
+/// The long-poll loop, on its own thread, for the life of the process.
+fn sync_loop(
+    client: Arc<SyncClient>,
+    published: Arc<Published>,
+    ledger: Arc<HttpLedger>,
+    state: Arc<SyncState>,
+    metrics: Arc<EdgeMetrics>,
+    mut epoch: String,
+    mut version: u64,
+) {
+    // Shorter than the staleness limit, so an idle but healthy node never goes stale.
+    let wait = (state.max_staleness / 3).clamp(Duration::from_millis(200), Duration::from_secs(10));
+    let mut failures = 0u32;
+    let mut last_expiry_sweep = Instant::now();
+    loop {
+        let sent = state.start.elapsed();
+        let sent_unix_ms = unix_ms() as i64;
+        let path = format!(
+            "/v1/sync/snapshot?epoch={}&since={version}&wait_ms={}",
+            percent_encoding::utf8_percent_encode(&epoch, percent_encoding::NON_ALPHANUMERIC),
+            wait.as_millis()
+        );
+        match client.call("GET", &path, None, wait + Duration::from_secs(5)) {
+            Ok(answer) => match apply(&answer, &published) {
+                Ok((e, v)) => {
+                    if failures > 0 {
+                        log::info!("synced with the control plane again");
+                    }
+                    failures = 0;
+                    epoch = e;
+                    version = v;
+                    metrics.snapshot_version.set(v as i64);
+                    let valid_for = answer["lease_valid_for_ms"].as_i64().unwrap_or(0);
+                    let until = if answer["leases_lapsed"].as_bool() == Some(true) {
+                        log::error!(
+                            "the control plane took this node for dead and gave its leases \
+                             back: metered calls are refused until the node restarts"
+                        );
+                        0
+                    } else {
+                        (sent_unix_ms + valid_for).div_euclid(1000)
+                    };
+                    if ledger.valid_until.load(Ordering::Acquire) != 0 {
+                        ledger.valid_until.fetch_max(until, Ordering::AcqRel);
+                    }
+                    if until == 0 {
+                        ledger.valid_until.store(0, Ordering::Release);
+                    }
+                    state
+                        .synced_at_ms
+                        .fetch_max(sent.as_millis() as u64, Ordering::AcqRel);
+                    state.ever_synced.store(true, Ordering::Release);
+                    state.refresh_flag();
+                }
+                Err(e) => {
+                    log::error!("unreadable snapshot from the control plane: {e:#}");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            },
+            Err(CallError::Unauthorized) => {
+                if !state.cut_off.swap(true, Ordering::AcqRel) {
+                    log::error!(
+                        "the control plane refused this node's token (node deleted?): \
+                         refusing every request"
+                    );
+                }
+                state.refresh_flag();
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(CallError::Other(e)) => {
+                failures += 1;
+                if failures == 1 || failures % 20 == 0 {
+                    log::warn!("cannot sync with the control plane ({failures} tries): {e}");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        if state.cut_off.load(Ordering::Acquire) {
+            continue;
+        }
+        if last_expiry_sweep.elapsed() > Duration::from_secs(60) {
+            last_expiry_sweep = Instant::now();
+            let now = crate::token::now_secs();
+            let current = published.revocations.load();
+            if current.ids().iter().any(|(_, exp)| *exp <= now) {
+                published
+                    .revocations
+                    .store(Arc::new(current.without_expired(now)));
+            }
+        }
+    }
+}
+
+/// Keeps the staleness flag and the lag gauge current (every 50 ms).
+fn freshness_loop(state: Arc<SyncState>, lag: prometheus::Gauge) {
+    loop {
+        state.refresh_flag();
+        lag.set(state.since_sync().as_secs_f64());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `/metrics`, `/healthz` and `/readyz` (200 only while the node is fresh) on the metrics
+/// listener.
+fn health_server(addr: std::net::SocketAddr, state: Arc<SyncState>) -> Result<()> {
+    use axum::routing::get;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // SO_REUSEPORT, like the control API: the next process of a graceful upgrade binds
+    // while this one drains.
+    let listener = runtime
+        .block_on(async { crate::serve::reuseport_listener(addr) })
+        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                prometheus::TextEncoder::new()
+                    .encode_to_string(&prometheus::gather())
+                    .unwrap_or_default()
+            }),
+        )
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let state = state.clone();
+                async move {
+                    if state.is_fresh() {
+                        (
+                            axum::http::StatusCode::OK,
+                            axum::Json(json!({"status": "ready"})),
+                        )
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            axum::Json(json!({
+                                "status": "not ready",
+                                "code": "control_unreachable",
+                                "seconds_since_sync": state.since_sync().as_secs_f64(),
+                            })),
+                        )
+                    }
+                }
+            }),
+        );
+    std::thread::Builder::new()
+        .name("edge-metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    log::error!("metrics listener failed: {e}");
+                }
+            })
+        })?;
+    Ok(())
+}
+
+/// Says hello to the control plane: the token must be accepted before anything starts.
+fn hello(client: &SyncClient, url: &str, token_file: &Path) -> Result<String> {
+    match client.call("POST", "/v1/sync/hello", None, Duration::from_secs(10)) {
+        Ok(v) => Ok(v["node_id"].as_str().unwrap_or("?").to_string()),
+        Err(CallError::Unauthorized) => bail!(
+            "the control plane at {url} refused the node token in {} (wrong token, or the \
+             node was deleted; create one with `keybrake node create NAME`)",
+            token_file.display()
+        ),
+        Err(CallError::Other(e)) => bail!("cannot reach the control plane at {url}: {e}"),
+    }
+}
+
+/// `keybrake proxy`: runs until stopped.
+pub fn run_edge(
+    config: Config,
+    opts: EdgeOptions,
+    upgrade: bool,
+    ready: Option<std::fs::File>,
+) -> Result<()> {
+    config.check_files(true)?;
+    let client = Arc::new(SyncClient::new(&opts)?);
+    let node_id = hello(&client, &opts.control_url, &opts.node_token_file)?;
+    let metrics = Metrics::global();
+    let edge_metrics = Arc::new(EdgeMetrics::register()?);
+    let published = Arc::new(Published::empty());
+    let ledger = Arc::new(HttpLedger {
+        client: client.clone(),
+        valid_until: AtomicI64::new(0),
+        metrics: edge_metrics.clone(),
+    });
+    let stale = Arc::new(AtomicBool::new(true));
+    let state = Arc::new(SyncState {
+        start: Instant::now(),
+        synced_at_ms: AtomicU64::new(0),
+        ever_synced: AtomicBool::new(false),
+        cut_off: AtomicBool::new(false),
+        stale: stale.clone(),
+        max_staleness: opts.max_staleness,
+    });
+    // The first snapshot, before the proxy listens: a fresh node never serves without keys.
+    let sent_unix_ms = unix_ms() as i64;
+    let first = client
+        .call("GET", "/v1/sync/snapshot", None, Duration::from_secs(10))
+        .map_err(|e| match e {
+            CallError::Unauthorized => anyhow!("the control plane refused the node token"),
+            CallError::Other(e) => anyhow!("cannot fetch the first snapshot: {e}"),
+        })?;
+    let (epoch, version) = apply(&first, &published)?;
+    let valid_for = first["lease_valid_for_ms"].as_i64().unwrap_or(0);
+    ledger.valid_until.store(
+        (sent_unix_ms + valid_for).div_euclid(1000),
+        Ordering::Release,
+    );
+    state.ever_synced.store(true, Ordering::Release);
+    state.refresh_flag();
+    edge_metrics.snapshot_version.set(version as i64);
+    log::info!(
+        "edge node {node_id} synced with {} (snapshot {version})",
+        opts.control_url
+    );
+    {
+        let (c, p, l, s, m) = (
+            client.clone(),
+            published.clone(),
+            ledger.clone(),
+            state.clone(),
+            edge_metrics.clone(),
+        );
+        std::thread::Builder::new()
+            .name("edge-sync".into())
+            .spawn(move || sync_loop(c, p, l, s, m, epoch, version))?;
+        let (s, lag) = (state.clone(), metrics.sync_lag.clone());
+        std::thread::Builder::new()
+            .name("edge-fresh".into())
+            .spawn(move || freshness_loop(s, lag))?;
+    }
+    health_server(config.metrics_listen, state)?;
+    log::info!(
+        "metrics, /healthz and /readyz on http://{}",
+        config.metrics_listen
+    );
+    let audit = EdgeAudit::start(client, metrics.audit_dropped.clone());
+    let exit_audit = audit.clone();
+    let parts = crate::serve::ProxyParts {
+        ledger,
+        audit,
+        published,
+        staleness: crate::proxy::fresh::Staleness::watched(stale),
+        pingora_metrics: false,
+        on_drain: Box::new(|| {}),
+        on_exit: Box::new(move || {
+            if !exit_audit.flush(Duration::from_secs(5)) {
+                log::error!("audit events still buffered at exit could not be sent in 5 s");
+            }
+        }),
+    };
+    crate::serve::run_proxy(config, parts, upgrade, ready)
+}

@@ -1,0 +1,148 @@
+"""Fleet processes for the acceptance suite: `keybrake control` (ControlPlane) and
+`keybrake proxy --control-url --node-token-file` (EdgeProxy), on 127.0.0.1 only, every
+wait bounded. Built on harness.Keybrake so tenants, keys and audit work the same."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import requests
+
+from harness import HTTP_TIMEOUT_S, KEYBRAKE_BIN, READY_TIMEOUT_S, Keybrake, free_port
+
+
+class ControlPlane(Keybrake):
+    """`keybrake control`: the control API alone, on its own data dir."""
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd[1] = "control"
+        return cmd
+
+    def create_node(self, name: str) -> dict:
+        r = self.admin("POST", "/v1/nodes", json={"name": name})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+
+class EdgeProxy:
+    """`keybrake proxy`: one edge node synced from `control`."""
+
+    def __init__(self, workdir: Path, control: ControlPlane, node_token: Optional[str],
+                 upstreams: dict[str, str], extra_args: Optional[list[str]] = None,
+                 config: Optional[Path] = None):
+        self.workdir = workdir
+        self.control_plane = control
+        self.node_token = node_token
+        self.upstreams = dict(upstreams)
+        self.extra_args = list(extra_args or [])
+        self.config = config
+        self.proxy_port = free_port()
+        self.metrics_port = free_port()
+        self.token_file = workdir / "node.token"
+        self.proc: Optional[subprocess.Popen] = None
+        self.runs = 0
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            str(KEYBRAKE_BIN), "proxy",
+            "--control-url", self.control_plane.control_url,
+            "--node-token-file", str(self.token_file),
+            "--proxy-listen", f"127.0.0.1:{self.proxy_port}",
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+            "--data-dir", str(self.workdir / "nothing-here"),
+        ]
+        for vendor, url in self.upstreams.items():
+            cmd += ["--vendor-upstream", f"{vendor}={url}"]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        return cmd + self.extra_args
+
+    def launch(self) -> subprocess.Popen:
+        if not KEYBRAKE_BIN.exists():
+            pytest.fail(f"keybrake binary not found at {KEYBRAKE_BIN}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.node_token is not None:
+            self.token_file.write_text(self.node_token + "\n")
+            os.chmod(self.token_file, 0o600)
+        self.runs += 1
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=open(self.workdir / f"stdout.{self.runs}.log", "ab"),
+            stderr=open(self.workdir / f"stderr.{self.runs}.log", "ab"),
+            stdin=subprocess.DEVNULL, env=env, cwd=self.workdir,
+        )
+        return self.proc
+
+    def start(self) -> "EdgeProxy":
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def ready(self) -> Optional[requests.Response]:
+        try:
+            return requests.get(f"{self.metrics_url}/readyz", timeout=1)
+        except requests.RequestException:
+            return None
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"edge proxy exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
+            r = self.ready()
+            if r is not None and r.status_code == 200:
+                # The proxy listener starts right after the sync; wait for it too.
+                try:
+                    requests.get(f"{self.proxy_url}/", timeout=1)
+                    return
+                except requests.RequestException:
+                    pass
+            time.sleep(0.1)
+        raise AssertionError(f"edge proxy not ready within {timeout}s:\n{self.logs()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> Optional[int]:
+        if not self.proc or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"edge proxy did not exit within {timeout}s of signal {sig}")
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL, timeout=10)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("std*.log")))
+
+    def proxy(self, method: str, path: str, key: Optional[str] = None, **kwargs) -> requests.Response:
+        headers = dict(kwargs.pop("headers", {}) or {})
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        kwargs.setdefault("timeout", HTTP_TIMEOUT_S)
+        return requests.request(method, f"{self.proxy_url}{path}", headers=headers, **kwargs)
+
+    def metric(self, name: str) -> Optional[float]:
+        text = requests.get(f"{self.metrics_url}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return None

@@ -1042,9 +1042,11 @@ mod tests {
                 })
         };
         // Bounded in bytes (48 MiB of rows) and in time (60 s), whichever comes first. Each
-        // row costs the WAL ~2.7 times its size (overflow pages, the index), and the file
-        // keeps its largest size after a restart: here it levels off at ~13 MB, restarting
-        // every ~3.5 MB of rows. 48 MiB leaves that a wide margin under half.
+        // row costs the WAL ~2.7 times its size (overflow pages, the index), so a WAL that
+        // never started over would end ~2.7 times larger than the rows written. One that
+        // restarts levels off at ~13 MB on an idle machine; under a loaded CI machine the
+        // checkpointer lags and it reached ~30 MB for 50 MB of rows. Asserting "smaller
+        // than the rows written" tells the two apart with a wide margin either side.
         let (mut written, mut largest_wal, mut n) = (0u64, 0u64, 0u64);
         let (mut restarts, mut last_seen) = (0u32, None);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -1068,7 +1070,7 @@ mod tests {
             "too little was written to judge: {written} bytes"
         );
         assert!(
-            restarts >= 2 && largest_wal * 2 < written,
+            restarts >= 2 && largest_wal < written,
             "the WAL started over {restarts} times while {written} bytes of rows were written, \
              and reached {largest_wal} bytes"
         );

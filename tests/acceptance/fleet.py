@@ -18,6 +18,18 @@ import requests
 
 from harness import HTTP_TIMEOUT_S, KEYBRAKE_BIN, READY_TIMEOUT_S, Keybrake, free_port
 
+PI = "/stripe/v1/payment_intents"
+
+
+def pay(node, token, amount=100):
+    """One payment of `amount` cents through a node's proxy."""
+    return node.proxy("POST", PI, key=token, data={"amount": amount, "currency": "usd"})
+
+
+def accepted(fake):
+    """The payment intents the fake Stripe accepted."""
+    return [r for r in fake.received_matching("POST", "/v1/payment_intents") if r.status == 200]
+
 
 class ControlPlane(Keybrake):
     """`keybrake control`: the control API alone, on its own data dir."""

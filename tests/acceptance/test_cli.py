@@ -1,4 +1,5 @@
-"""The `keybrake` CLI against a real `keybrake serve`: what an operator types and reads.
+"""The `keybrake` CLI against a real `keybrake serve`, and against a control replica on
+PostgreSQL (conftest.py's both backends): what an operator types and reads.
 
 Each command is checked by its output; errors are one clear line and a non-zero exit.
 """
@@ -7,7 +8,11 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from harness import KEYBRAKE_BIN
+
+pytestmark = pytest.mark.both_backends
 
 
 def kb(keybrake, *args, token=None, admin=False, stdin=None):

@@ -557,6 +557,8 @@ impl Control {
             .or_default()
             .insert(vendor.into(), secret);
         self.published.credentials.store(Arc::new(map));
+        // Edge nodes hold credentials too: wake their long-polls.
+        self.feed_changed();
         Ok((row.last4, now))
     }
 
@@ -585,6 +587,7 @@ impl Control {
             }
         }
         self.published.credentials.store(Arc::new(map));
+        self.feed_changed();
         Ok(existed)
     }
 

@@ -16,7 +16,7 @@ from typing import Optional
 import pytest
 import requests
 
-from harness import HTTP_TIMEOUT_S, KEYBRAKE_BIN, READY_TIMEOUT_S, Keybrake, free_port
+from harness import HTTP_TIMEOUT_S, KEYBRAKE_BIN, READY_TIMEOUT_S, Keybrake, free_port, wait_until
 
 PI = "/stripe/v1/payment_intents"
 
@@ -173,10 +173,7 @@ class PgControlPlane(ControlPlane):
         self.cluster = cluster
 
     def command(self) -> list[str]:
-        cmd = super().command()
-        i = cmd.index("--data-dir")
-        del cmd[i:i + 2]
-        return cmd + ["--database-url", self.database_url]
+        return super().command()
 
     def stored_bytes(self) -> dict[str, bytes]:
         """What PostgreSQL keeps, as files: a pg_dump of this database, and every file
@@ -194,14 +191,16 @@ class PgDeployment(PgControlPlane):
     """The control-API suite's PostgreSQL variant of `keybrake serve`: one control replica
     on PostgreSQL plus one edge proxy synced from it, so a test that calls both the
     control API and the proxy runs unchanged. The edge learns of changes over its sync
-    long-poll, not in-process: after a control call that changes what the proxy
-    enforces, `control()` waits (bounded) for the edge's snapshot to move on."""
+    long-poll, not in-process: after a control call that changes something, `control()`
+    reads the replica's snapshot version (as a second, observing node) and waits, bounded,
+    until the edge holds that version, so the test sees what `serve` would show at once."""
 
     SYNC_WAIT_S = 2.0
 
     def __init__(self, workdir: Path, upstreams: dict[str, str], database_url: str, cluster=None, **kwargs):
         super().__init__(workdir, upstreams, database_url, cluster, **kwargs)
         self.edge: Optional[EdgeProxy] = None
+        self.observer_token: Optional[str] = None
 
     @property
     def proxy_url(self) -> str:
@@ -211,6 +210,7 @@ class PgDeployment(PgControlPlane):
         super().start()
         if self.edge is None:
             node = self.create_node("suite-edge")
+            self.observer_token = self.create_node("suite-observer")["node_token"]
             self.edge = EdgeProxy(self.workdir / "edge", self, node["node_token"], self.upstreams,
                                   config=self.config)
             self.edge.start()
@@ -222,23 +222,32 @@ class PgDeployment(PgControlPlane):
                 p.proc.kill()
                 p.proc.wait(timeout=10)
 
-    def _snapshot_version(self) -> float:
+    def _control_version(self) -> Optional[int]:
+        try:
+            r = requests.get(f"{self.control_url}/v1/sync/snapshot", params={"since": 0, "wait_ms": 0},
+                             headers={"authorization": f"Bearer {self.observer_token}",
+                                      "keybrake-node-session": "suite-observer"}, timeout=5)
+            return r.json()["version"] if r.status_code == 200 else None
+        except (requests.RequestException, ValueError, KeyError):
+            return None
+
+    def _edge_version(self) -> float:
         try:
             return self.edge.metric("keybrake_sync_snapshot_version") or 0.0
         except requests.RequestException:
             return 0.0
 
     def control(self, method: str, path: str, token: Optional[str] = None, **kwargs) -> requests.Response:
-        changes_proxy = self.edge is not None and (
-            method in ("PUT", "DELETE") or path.startswith("/v1/admin/signing-keys")
-        )
-        before = self._snapshot_version() if changes_proxy else 0.0
         r = super().control(method, path, token=token, **kwargs)
-        if changes_proxy and 200 <= r.status_code < 300:
-            deadline = time.monotonic() + self.SYNC_WAIT_S
-            while self._snapshot_version() <= before and time.monotonic() < deadline:
-                time.sleep(0.02)
+        if method != "GET" and 200 <= r.status_code < 300:
+            self.settle()
         return r
+
+    def settle(self) -> None:
+        """Waits (bounded) until the edge holds the replica's current snapshot."""
+        target = self._control_version() if self.edge is not None else None
+        if target is not None:
+            wait_until(lambda: self._edge_version() >= target, timeout=self.SYNC_WAIT_S, interval=0.02)
 
     def logs(self) -> str:
         return super().logs() + ("\n" + self.edge.logs() if self.edge else "")

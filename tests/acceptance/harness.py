@@ -331,6 +331,10 @@ class Keybrake:
     def kill9(self) -> None:
         self.stop(signal.SIGKILL, timeout=10)
 
+    def settle(self) -> None:
+        """After a change made outside `control()` (the CLI): `serve`'s proxy sees it at
+        once; fleet.PgDeployment waits for its edge proxy here."""
+
     def restart(self) -> "Keybrake":
         self.stop()
         return self.start()

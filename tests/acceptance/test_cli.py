@@ -22,9 +22,11 @@ def kb(keybrake, *args, token=None, admin=False, stdin=None):
         env["KEYBRAKE_ADMIN_TOKEN"] = keybrake.admin_token
     if token:
         env["KEYBRAKE_TOKEN"] = token
-    return subprocess.run(
+    done = subprocess.run(
         [str(KEYBRAKE_BIN), *args], env=env, input=stdin, capture_output=True, text=True, timeout=30
     )
+    keybrake.settle()
+    return done
 
 
 def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):

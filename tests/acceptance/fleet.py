@@ -173,7 +173,10 @@ class PgControlPlane(ControlPlane):
         self.cluster = cluster
 
     def command(self) -> list[str]:
-        return super().command()
+        cmd = super().command()
+        i = cmd.index("--data-dir")
+        del cmd[i:i + 2]
+        return cmd + ["--database-url", self.database_url]
 
     def stored_bytes(self) -> dict[str, bytes]:
         """What PostgreSQL keeps, as files: a pg_dump of this database, and every file

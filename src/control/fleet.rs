@@ -342,6 +342,9 @@ mod tests {
         };
         Control::open(
             settings,
+            &crate::database::Database::Sqlite {
+                data_dir: dir.clone(),
+            },
             &dir,
             MasterKey::from_base64(&MasterKey::generate_base64()).unwrap(),
             Secret::new("admin"),

@@ -18,6 +18,8 @@ pub mod fleet;
 pub mod keywriter;
 pub mod ledger_batch;
 pub mod listener;
+#[cfg(test)]
+pub mod pg_test;
 pub mod store;
 pub mod sync_api;
 
@@ -126,18 +128,21 @@ pub fn key_status(row: &KeyRow, now: i64) -> KeyStatus {
 }
 
 impl Control {
-    /// Opens the store, loads (or creates) the signing key and publishes the snapshots.
+    /// Opens the store (`database`), loads (or creates) the signing key and publishes the
+    /// snapshots. The audit trail is `audit.db` in `data_dir`.
     pub async fn open(
         settings: ControlSettings,
+        database: &crate::database::Database,
         data_dir: &Path,
         master: MasterKey,
         admin_token: Secret,
         published: Arc<Published>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Control>> {
+        let store = Store::open(database).await?;
+        // The audit trail: its own SQLite file in the data dir, whatever the store's backend.
         let audit =
             audit::AuditTrail::open(data_dir, metrics.clone(), settings.audit_durability).await?;
-        let store = Store::open(data_dir).await?;
         let now = now_secs();
         if store
             .live_signing_keys(now)
@@ -922,6 +927,9 @@ mod tests {
         let published = Arc::new(Published::empty());
         Control::open(
             settings,
+            &crate::database::Database::Sqlite {
+                data_dir: dir.to_path_buf(),
+            },
             dir,
             master,
             Secret::new("admin"),

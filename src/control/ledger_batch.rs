@@ -462,7 +462,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_grants_like_one_by_one_and_never_beyond_a_cap() {
-        let s = store("grant-many").await;
+        batch_grants(store("grant-many").await).await;
+        batch_grants(crate::control::store::tests::postgres().await).await;
+    }
+
+    async fn batch_grants(s: Store) {
         s.lease_grant("h1", "k_a", 7, Micros(10), Micros(1), Micros(8))
             .await
             .unwrap();

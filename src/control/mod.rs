@@ -916,6 +916,18 @@ mod tests {
     use super::*;
 
     async fn open(dir: &Path, master: &str) -> Arc<Control> {
+        let database = crate::database::Database::Sqlite {
+            data_dir: dir.to_path_buf(),
+        };
+        open_on(&database, dir, master).await
+    }
+
+    /// A control on `database`, its audit trail in `dir`.
+    async fn open_on(
+        database: &crate::database::Database,
+        dir: &Path,
+        master: &str,
+    ) -> Arc<Control> {
         let settings = ControlSettings {
             default_ttl: Duration::from_secs(300),
             max_ttl: Duration::from_secs(3600),
@@ -927,9 +939,7 @@ mod tests {
         let published = Arc::new(Published::empty());
         Control::open(
             settings,
-            &crate::database::Database::Sqlite {
-                data_dir: dir.to_path_buf(),
-            },
+            database,
             dir,
             master,
             Secret::new("admin"),
@@ -938,6 +948,13 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    async fn postgres_database() -> crate::database::Database {
+        let url = pg_test::database().await;
+        crate::database::Database::Postgres {
+            url: crate::database::DatabaseUrl::parse(&url).unwrap(),
+        }
     }
 
     async fn eventually(what: &str, check: impl Fn() -> bool) {
@@ -1016,14 +1033,15 @@ mod tests {
         }
     }
 
-    /// Two processes on one database (a graceful upgrade) lease from the same key at
-    /// once: together they never grant more than its cap, and all of it is granted.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn two_controls_racing_on_one_store_never_grant_more_than_the_cap() {
-        let dir = temp_dir("lease-race");
+    /// Two processes on one database (two replicas on PostgreSQL, or the two processes
+    /// of a graceful upgrade on SQLite) lease from the same key at once: together they
+    /// never grant more than its cap, and all of it is granted, one lease at a time and
+    /// in batches.
+    async fn race(database: crate::database::Database, name: &str) {
+        let dir = temp_dir(name);
         let master = MasterKey::generate_base64();
-        let a = open(&dir, &master).await;
-        let b = open(&dir, &master).await;
+        let a = open_on(&database, &dir, &master).await;
+        let b = open_on(&database, &dir, &master).await;
         let cap = 1_000_000;
         let mut tasks = Vec::new();
         for i in 0..32 {
@@ -1031,10 +1049,21 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut got = 0i64;
                 for _ in 0..40 {
-                    let grant = ledger
-                        .lease(lease_request("key_race", cap, 1, 9_000))
-                        .await
-                        .unwrap();
+                    // Every fourth task asks in batches (two keys at once).
+                    let grant = if i % 4 == 1 {
+                        let grants = ledger
+                            .lease_many(vec![
+                                lease_request("key_race", cap, 1, 9_000),
+                                lease_request("key_other", cap, 1, 1),
+                            ])
+                            .await;
+                        grants.into_iter().next().unwrap().unwrap()
+                    } else {
+                        ledger
+                            .lease(lease_request("key_race", cap, 1, 9_000))
+                            .await
+                            .unwrap()
+                    };
                     if grant.0 == 0 {
                         break;
                     }
@@ -1056,6 +1085,15 @@ mod tests {
         assert!(total <= cap, "granted {total} against a cap of {cap}");
         assert_eq!(total, cap, "the whole cap is granted in the end");
         assert_eq!(row.held, Micros(cap));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_controls_racing_on_one_store_never_grant_more_than_the_cap() {
+        let sqlite = crate::database::Database::Sqlite {
+            data_dir: temp_dir("lease-race-db"),
+        };
+        race(sqlite, "lease-race").await;
+        race(postgres_database().await, "lease-race-pg").await;
     }
 
     /// A process dies holding a lease: once its lifetime has passed, another process

@@ -1267,7 +1267,7 @@ async fn migrate_postgres(pool: &PgPool) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::database::DatabaseUrl;
     use crate::ids::new_sorted_id;

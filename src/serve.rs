@@ -271,6 +271,7 @@ fn start_control(
                         .checkpoints(Metrics::global().store_wal_backlog.clone()),
                 );
                 tokio::spawn(control.clone().follow_revocations());
+                tokio::spawn(control.clone().follow_changes());
                 tokio::spawn(control.clone().lease_upkeep());
                 let app = router(ApiState {
                     control: control.clone(),

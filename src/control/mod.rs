@@ -15,6 +15,7 @@ pub mod auth;
 pub mod crypto;
 pub mod errors;
 pub mod fleet;
+pub mod follow;
 pub mod keywriter;
 pub mod ledger_batch;
 pub mod listener;
@@ -221,28 +222,33 @@ impl Control {
                     log::error!("cannot reload API tokens and credentials: {e:#}");
                 }
             }
-            match self.store.revoked_since(since, now).await {
-                Ok(rows) => {
-                    since = now - 5;
-                    let filter = self.published.revocations.load();
-                    let missing: Vec<_> = rows
-                        .into_iter()
-                        .filter(|(id, _)| !filter.is_revoked(id))
-                        .collect();
-                    if !missing.is_empty() {
-                        let _g = self.revocations_lock.lock().await;
-                        let filter = self.published.revocations.load();
-                        for (id, exp) in missing {
-                            filter.insert(&id, exp);
-                            self.fleet.revoked(&id, exp);
-                        }
-                        self.published.generation.fetch_add(1, Ordering::AcqRel);
-                        self.metrics.revoked_keys.set(filter.len() as i64);
-                    }
-                }
+            match self.catch_up_revocations(since, now).await {
+                Ok(()) => since = now - 5,
                 Err(e) => log::error!("cannot read recent revocations: {e:#}"),
             }
         }
+    }
+
+    /// Puts keys revoked by another process at or after `since` into this one's filter
+    /// (and its nodes' feed).
+    async fn catch_up_revocations(&self, since: i64, now: i64) -> Result<()> {
+        let rows = self.store.revoked_since(since, now).await?;
+        let filter = self.published.revocations.load();
+        let missing: Vec<_> = rows
+            .into_iter()
+            .filter(|(id, _)| !filter.is_revoked(id))
+            .collect();
+        if !missing.is_empty() {
+            let _g = self.revocations_lock.lock().await;
+            let filter = self.published.revocations.load();
+            for (id, exp) in missing {
+                filter.insert(&id, exp);
+                self.fleet.revoked(&id, exp);
+            }
+            self.published.generation.fetch_add(1, Ordering::AcqRel);
+            self.metrics.revoked_keys.set(filter.len() as i64);
+        }
+        Ok(())
     }
 
     /// Every second: this process's heartbeat as a lease holder; every few seconds, the
@@ -391,6 +397,13 @@ impl Control {
     }
 
     async fn reload_tokens_and_credentials(&self) -> Result<()> {
+        self.reload_tokens().await?;
+        let _g = self.credentials_lock.lock().await;
+        self.publish_credentials().await
+    }
+
+    /// Replaces the in-memory API tokens with the store's.
+    async fn reload_tokens(&self) -> Result<()> {
         {
             let _g = self.tokens_lock.lock().await;
             let stored: std::collections::HashMap<[u8; 32], String> = self
@@ -411,8 +424,7 @@ impl Control {
                     .or_insert(TokenOwner { tenant_id });
             }
         }
-        let _g = self.credentials_lock.lock().await;
-        self.publish_credentials().await
+        Ok(())
     }
 
     async fn publish_credentials(&self) -> Result<()> {

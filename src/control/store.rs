@@ -1040,7 +1040,7 @@ impl Store {
 
 /// What changed, announced to the other replicas on PostgreSQL (`NOTIFY`, delivered at
 /// the commit of the transaction that made the change, and only if it commits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Change {
     Tokens,
     Credentials,

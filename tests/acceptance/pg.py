@@ -14,11 +14,11 @@ or audited is lost. Only what costs time and proves nothing is turned off: `init
 --no-sync` (a throwaway cluster's catalog need not survive a power cut). `max_connections` is raised so several replicas, each with
 its connection pool, fit beside the suite's own databases.
 
-As a command, it wraps another command with a cluster:
-    python3 tests/acceptance/pg.py run -- cargo test
+As a command, it wraps another command with a cluster (load-tests/lib.sh uses this):
+    python3 tests/acceptance/pg.py run -- load-tests/key_issuance.sh
 starts a cluster, exports KEYBRAKE_TEST_DATABASE_URL (a fresh database; its user is the
-cluster's superuser, so tests may create more databases) and KEYBRAKE_TEST_PG_ADMIN_URL
-(the `postgres` maintenance database), runs the command and removes the cluster.
+cluster's superuser), runs the command and removes the cluster. (The Rust tests start
+their own cluster: src/control/pg_test.rs.)
 """
 
 from __future__ import annotations
@@ -230,8 +230,6 @@ def _main(argv: list[str]) -> int:
         cluster.start()
         env = dict(os.environ)
         env["KEYBRAKE_TEST_DATABASE_URL"] = cluster.create_database("test")
-        env["KEYBRAKE_TEST_PG_ADMIN_URL"] = cluster.url("postgres")
-        env["KEYBRAKE_TEST_PG_PORT"] = str(cluster.port)
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 130

@@ -369,6 +369,10 @@ def test_a_database_from_a_newer_binary_is_refused_at_start(tmp_path, fake_strip
         assert a.proc.wait(timeout=30) != 0
         lines = keybrake_error_lines(a)
         assert lines and "newer" in lines[-1], a.logs()[-3000:]
+        # Refused untouched: the version a newer binary wrote is still there.
+        from pg import database_name
+
+        assert int(pg_cluster.psql("SELECT max(version) FROM keybrake_schema", database_name(pg_database))) > 1000
     finally:
         if a.proc and a.proc.poll() is None:
             a.proc.kill()
@@ -376,12 +380,7 @@ def test_a_database_from_a_newer_binary_is_refused_at_start(tmp_path, fake_strip
 
 
 def mark_schema_newer(cluster: Cluster, url: str) -> None:
-    """Records a migration this binary does not have, as a newer binary would."""
+    """Records a schema version past this binary's, as a newer keybrake would."""
     from pg import database_name
 
-    db = database_name(url)
-    cluster.psql(
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) "
-        "VALUES (999999, 'from a newer keybrake', true, '\\x00'::bytea, 0)",
-        db,
-    )
+    cluster.psql("UPDATE keybrake_schema SET version = version + 1000", database_name(url))

@@ -14,10 +14,10 @@
 
 use crate::database::Database;
 use crate::money::Micros;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Row, SqlitePool};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -44,6 +44,8 @@ pub const FILE: &str = "keybrake.db";
 /// PostgreSQL pool size: grants, reports and issuance batches of every caller share it.
 /// A replica's key writer holds one connection per batch; the rest serve the API.
 const PG_POOL_SIZE: u32 = 16;
+/// How long the first connection at start may take.
+const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a query waits for a pooled connection (or a new one) before it fails, so a
 /// lost database answers `storage_unavailable` in seconds instead of hanging the API.
 const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -234,6 +236,18 @@ impl Store {
                 let options = PgConnectOptions::from_str(url.expose())
                     .context("the database URL does not parse")?
                     .application_name("keybrake");
+                // One connection first, for a clear error when the database cannot be
+                // reached (the pool would only say it timed out).
+                let first = tokio::time::timeout(PG_CONNECT_TIMEOUT, options.connect()).await;
+                match first {
+                    Ok(Ok(conn)) => drop(conn),
+                    // sqlx's message already ends with its cause: printed once.
+                    Ok(Err(e)) => bail!("cannot connect to PostgreSQL at {url}: {e}"),
+                    Err(_) => bail!(
+                        "cannot connect to PostgreSQL at {url}: no answer within {} s",
+                        PG_CONNECT_TIMEOUT.as_secs()
+                    ),
+                }
                 let pool = PgPoolOptions::new()
                     .max_connections(PG_POOL_SIZE)
                     .acquire_timeout(PG_ACQUIRE_TIMEOUT)

@@ -20,6 +20,8 @@ pub mod keywriter;
 pub mod ledger_batch;
 pub mod listener;
 #[cfg(test)]
+mod outage_test;
+#[cfg(test)]
 pub mod pg_test;
 pub mod store;
 pub mod sync_api;

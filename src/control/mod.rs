@@ -18,6 +18,8 @@ pub mod fleet;
 pub mod keywriter;
 pub mod ledger_batch;
 pub mod listener;
+#[cfg(test)]
+pub mod pg_test;
 pub mod store;
 pub mod sync_api;
 

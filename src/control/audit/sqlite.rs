@@ -1,38 +1,22 @@
-//! The audit trail, in its own SQLite file (`audit.db` in the data dir) so that proxy
+//! The audit trail in SQLite: `audit.db` in the data dir, its own file so that proxy
 //! traffic and key issuance never queue for the same write lock.
 //!
-//! Write side: the proxy hands events to `AuditTrail::record`, which never blocks (a short
-//! lock and a push onto a bounded buffer; when full, the event is counted as dropped). One
-//! OS thread owns the only write connection: every LINGER it swaps the buffer out and
-//! inserts it with a cached prepared statement, one transaction per BATCH events. A plain
-//! thread and a synchronous connection rather than an async pool: a batch then costs no
-//! hand-off between runtime and database threads per statement, and SQLite's own
-//! checkpoints run on this thread, beside the proxy's work rather than in its way. Rows
-//! carry no per-row index; each batch adds one span per key and per tenant (see SCHEMA).
-//!
-//! Read side: `list` through a small read-only pool (WAL readers never block the writer),
-//! walking the owner's spans newest first.
+//! `Writer` is the writer thread's only connection (`rusqlite`, a cached prepared insert,
+//! one IMMEDIATE transaction per batch: a batch then costs no hand-off between runtime and
+//! database threads per statement, see docs/storage.md). Rows carry no per-row index; each
+//! batch adds one span per key and per tenant (see SCHEMA). `Reader` answers `list` and
+//! `spend_of_key` through a small read-only `sqlx` pool (WAL readers never block the
+//! writer), walking the owner's spans newest first.
 
-use crate::metrics::Metrics;
+use super::{BatchWriter, WriteError};
 use crate::money::Micros;
-use crate::sync::{AuditEvent, AuditSink};
+use crate::sync::AuditEvent;
 use anyhow::{Context, Result};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row, SqlitePool};
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
-
-const QUEUE: usize = 65_536;
-/// Room for ~10 ms of events at tens of thousands of requests per second, so the buffer
-/// rarely grows (and copies) while a request holds the lock.
-const INITIAL: usize = 1_024;
-/// At most this many events per transaction, and at most LINGER between an event and its
-/// write.
-const BATCH: usize = 256;
-const LINGER: Duration = Duration::from_millis(10);
-/// A writer with no finished pass for this long is reported not ready.
-const STALLED: Duration = Duration::from_secs(10);
+use std::sync::Arc;
+use std::time::Duration;
 
 pub const FILE: &str = "audit.db";
 
@@ -92,109 +76,43 @@ pub const INSERT: &str = "INSERT INTO audit (ts_ms, tenant_id, key_id, label, ve
      cached_input_tokens, cache_write_tokens, output_tokens) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 
-pub struct AuditTrail {
-    shared: Arc<Shared>,
-    metrics: Arc<Metrics>,
-    reader: SqlitePool,
-    strict: bool,
+/// Opens (or creates) `audit.db` in the data dir: the writer's connection and the readers'.
+pub(super) async fn open(data_dir: &Path, strict: bool) -> Result<(Writer, Reader)> {
+    crate::secret::private_dir(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let path = data_dir.join(FILE);
+    crate::secret::private_file(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let conn = open_writer(&path, strict)
+        .with_context(|| format!("cannot open the audit database {}", path.display()))?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(
+            SqliteConnectOptions::new()
+                .filename(&path)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5))
+                .read_only(true),
+        )
+        .await
+        .context("cannot open the audit database for reading")?;
+    Ok((Writer(conn), Reader(pool)))
 }
 
-struct Shared {
-    pending: Mutex<Vec<AuditEvent>>,
-    /// Events taken into `pending` so far, counted under its lock: an event's ticket is
-    /// the count after it, and events are written in ticket order.
-    recorded: std::sync::atomic::AtomicU64,
-    passes: Mutex<Passes>,
-    pass_done: Condvar,
-    /// Strict mode: wakes the writer as soon as an event waits for it.
-    work: Condvar,
-}
+pub(super) struct Writer(rusqlite::Connection);
 
-struct Passes {
-    /// Write passes completed so far; `flush` waits for the count to move on.
-    done: u64,
-    /// When the last one ended, for readiness.
-    at: Instant,
-    /// Every ticket up to this one was written (committed), or given up on and listed in
-    /// `failed`.
-    durable: u64,
-    /// Ticket ranges (first, last) of batches given up on, the latest few.
-    failed: std::collections::VecDeque<(u64, u64)>,
-}
-
-impl AuditTrail {
-    /// Opens (or creates) `audit.db` and starts the writer.
-    pub async fn open(
-        data_dir: &Path,
-        metrics: Arc<Metrics>,
-        durability: crate::config::AuditDurability,
-    ) -> Result<AuditTrail> {
-        let strict = durability == crate::config::AuditDurability::Strict;
-        crate::secret::private_dir(data_dir)
-            .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-        let path = data_dir.join(FILE);
-        crate::secret::private_file(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        let conn = open_writer(&path, strict)
-            .with_context(|| format!("cannot open the audit database {}", path.display()))?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(
-                SqliteConnectOptions::new()
-                    .filename(&path)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .busy_timeout(Duration::from_secs(5))
-                    .read_only(true),
-            )
-            .await
-            .context("cannot open the audit database for reading")?;
-        let shared = Arc::new(Shared {
-            pending: Mutex::new(Vec::with_capacity(INITIAL)),
-            recorded: Default::default(),
-            passes: Mutex::new(Passes {
-                done: 0,
-                at: Instant::now(),
-                durable: 0,
-                failed: Default::default(),
-            }),
-            pass_done: Condvar::new(),
-            work: Condvar::new(),
-        });
-        let thread_shared = shared.clone();
-        let thread_metrics = metrics.clone();
-        std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer_loop(conn, strict, &thread_shared, &thread_metrics))
-            .context("cannot start the audit writer thread")?;
-        Ok(AuditTrail {
-            shared,
-            metrics,
-            reader,
-            strict,
-        })
+impl BatchWriter for Writer {
+    /// Every failure counts as a refusal: the file is local, so it means the disk (or a
+    /// lock held past the busy timeout), not a connection to wait for.
+    fn write(&mut self, events: &[AuditEvent]) -> Result<(), WriteError> {
+        insert(&mut self.0, events).map_err(|e| WriteError::Refused(e.into()))
     }
+}
 
-    /// Waits until every event recorded before the call is written (or given up on), at
-    /// most `timeout`. Called once the proxy has stopped, before the process exits, so the
-    /// last requests of a shutdown or upgrade are in the trail. False on timeout.
-    pub fn flush(&self, timeout: Duration) -> bool {
-        let passes = lock(&self.shared.passes);
-        // The pass running now may have swapped the buffer out before our events arrived;
-        // the one after it starts after this call, so it takes them.
-        let target = passes.done + 2;
-        self.shared.work.notify_one();
-        let (passes, wait) = self
-            .shared
-            .pass_done
-            .wait_timeout_while(passes, timeout, |p| p.done < target)
-            .unwrap_or_else(|p| p.into_inner());
-        drop(passes);
-        !wait.timed_out()
-    }
+pub(super) struct Reader(SqlitePool);
 
-    /// The tenant's events, newest first: those with `seq < before_seq` and `ts_ms >=
-    /// since_ms`, for one key or all.
-    pub async fn list(
+impl Reader {
+    pub(super) async fn list(
         &self,
         tenant_id: &str,
         key_id: Option<&str>,
@@ -220,7 +138,7 @@ impl AuditTrail {
                  AND last_seq >= ?3 ORDER BY last_seq LIMIT 1",
             ),
         };
-        let mut conn = self.reader.acquire().await?;
+        let mut conn = self.0.acquire().await?;
         let mut out = Vec::new();
         // A cursor can fall inside one span (the only one with first_seq < before_seq <=
         // last_seq); the spans entirely below it are then found from the index directly.
@@ -272,10 +190,14 @@ impl AuditTrail {
         }
     }
 
-    /// What the trail records as spent by one key on one UTC day.
-    pub async fn spend_of_key(&self, tenant_id: &str, key_id: &str, day: i64) -> Result<Micros> {
-        let from = day.saturating_mul(86_400_000);
-        let to = from.saturating_add(86_400_000);
+    /// The key's spend over `[from_ms, to_ms)`.
+    pub(super) async fn spend_of_key(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Micros> {
         let total: i64 = sqlx::query_scalar(
             "SELECT coalesce(sum(a.spend), 0) FROM key_spans s
              JOIN audit a ON a.seq BETWEEN s.first_seq AND s.last_seq
@@ -284,76 +206,18 @@ impl AuditTrail {
         )
         .bind(tenant_id)
         .bind(key_id)
-        .bind(from)
-        .bind(to)
-        .fetch_one(&self.reader)
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_one(&self.0)
         .await?;
         Ok(Micros(total))
     }
 
-    /// For readiness: the audit database answers reads, and the writer finished a pass
-    /// within STALLED (it normally does every LINGER; a file it cannot write keeps it in
-    /// retries of 5 s each, and a writer thread that died never finishes one again).
-    pub async fn ping(&self) -> bool {
-        let last_pass = lock(&self.shared.passes).at;
-        last_pass.elapsed() < STALLED
-            && sqlx::query("SELECT 1 FROM audit LIMIT 1")
-                .execute(&self.reader)
-                .await
-                .is_ok()
-    }
-}
-
-impl AuditTrail {
-    /// Queues the event; its ticket, or None when the queue was full (dropped).
-    fn push(&self, event: AuditEvent) -> Option<u64> {
-        let mut pending = lock(&self.shared.pending);
-        if pending.len() < QUEUE {
-            pending.push(event);
-            let ticket = self
-                .shared
-                .recorded
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
-                + 1;
-            drop(pending);
-            self.metrics.audit_queue_depth.inc();
-            Some(ticket)
-        } else {
-            drop(pending);
-            self.metrics.audit_dropped.inc();
-            None
-        }
-    }
-}
-
-impl AuditSink for AuditTrail {
-    fn record(&self, event: AuditEvent) {
-        let _ = self.push(event);
-    }
-
-    fn is_strict(&self) -> bool {
-        self.strict
-    }
-
-    /// Blocks the calling thread until the event is committed (and, in strict mode,
-    /// synced), at most `timeout`. The writer commits whatever is queued as soon as the
-    /// previous commit ends: concurrent callers share one commit (group commit).
-    fn record_durably(&self, event: AuditEvent, timeout: Duration) -> bool {
-        let Some(ticket) = self.push(event) else {
-            return false;
-        };
-        self.shared.work.notify_one();
-        let passes = lock(&self.shared.passes);
-        let (passes, wait) = self
-            .shared
-            .pass_done
-            .wait_timeout_while(passes, timeout, |p| p.durable < ticket)
-            .unwrap_or_else(|p| p.into_inner());
-        !wait.timed_out()
-            && !passes
-                .failed
-                .iter()
-                .any(|&(first, last)| (first..=last).contains(&ticket))
+    pub(super) async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1 FROM audit LIMIT 1")
+            .execute(&self.0)
+            .await
+            .is_ok()
     }
 }
 
@@ -390,10 +254,6 @@ fn tokens(r: &sqlx::sqlite::SqliteRow, column: &str) -> Option<u64> {
     r.get::<Option<i64>, _>(column).map(|n| n.max(0) as u64)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// WAL + NORMAL as for the store: a commit survives a process crash. SQLite checkpoints
 /// the WAL itself every 1,000 pages, inside this thread's commits.
 fn open_writer(path: &Path, strict: bool) -> rusqlite::Result<rusqlite::Connection> {
@@ -405,75 +265,6 @@ fn open_writer(path: &Path, strict: bool) -> rusqlite::Result<rusqlite::Connecti
     conn.pragma_update(None, "journal_size_limit", 16 << 20)?;
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
-}
-
-fn writer_loop(mut conn: rusqlite::Connection, strict: bool, shared: &Shared, metrics: &Metrics) {
-    let mut batch = Vec::with_capacity(INITIAL);
-    loop {
-        if strict {
-            // Group commit: write as soon as something waits, and whatever queued up
-            // during the previous commit goes together in the next.
-            let pending = lock(&shared.pending);
-            drop(
-                shared
-                    .work
-                    .wait_timeout_while(pending, LINGER, |p| p.is_empty())
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
-        } else {
-            std::thread::sleep(LINGER);
-        }
-        let taken_through = {
-            let mut pending = lock(&shared.pending);
-            std::mem::swap(&mut *pending, &mut batch);
-            shared.recorded.load(std::sync::atomic::Ordering::Acquire)
-        };
-        let mut first_ticket = taken_through + 1 - batch.len() as u64;
-        let mut failed = Vec::new();
-        for chunk in batch.chunks(BATCH) {
-            if !write_with_retries(&mut conn, chunk) {
-                metrics.audit_dropped.inc_by(chunk.len() as u64);
-                failed.push((first_ticket, first_ticket + chunk.len() as u64 - 1));
-            }
-            first_ticket += chunk.len() as u64;
-            metrics.audit_queue_depth.sub(chunk.len() as i64);
-        }
-        batch.clear();
-        // A burst grew the buffer: give the memory back rather than keep it.
-        batch.shrink_to(INITIAL);
-        {
-            let mut passes = lock(&shared.passes);
-            passes.done += 1;
-            passes.at = Instant::now();
-            passes.durable = taken_through;
-            for range in failed {
-                if passes.failed.len() == 64 {
-                    passes.failed.pop_front();
-                }
-                passes.failed.push_back(range);
-            }
-        }
-        shared.pass_done.notify_all();
-    }
-}
-
-/// A failed batch is retried a few times; the file is local, so a failure here means the
-/// disk is gone, which readiness will show. False when the events were lost.
-fn write_with_retries(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> bool {
-    for attempt in 0..3 {
-        match insert(conn, events) {
-            Ok(()) => return true,
-            Err(e) => {
-                log::error!(
-                    "audit batch of {} events not written (attempt {}): {e}",
-                    events.len(),
-                    attempt + 1
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-    false
 }
 
 fn insert(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> rusqlite::Result<()> {
@@ -595,212 +386,5 @@ impl Spans {
             ])?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(n: i64) -> AuditEvent {
-        AuditEvent {
-            ts_ms: 1_700_000_000_000 + n,
-            tenant_id: Some("ten_a".into()),
-            key_id: Some(if n % 2 == 0 { "key_even" } else { "key_odd" }.into()),
-            label: Some("l".into()),
-            vendor: "stripe".into(),
-            method: "POST".into(),
-            path: "/stripe/v1/payment_intents".into(),
-            status: 200,
-            decision: "allowed".into(),
-            spend: Micros(n),
-            vendor_request_id: Some(format!("req_{n}")),
-            duration_ms: 3,
-            llm: None,
-        }
-    }
-
-    fn temp_dir(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("keybrake-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    #[tokio::test]
-    async fn recorded_events_are_listed_newest_first_after_a_flush_and_survive_reopening() {
-        let dir = temp_dir("audit-list");
-        let metrics = Metrics::global();
-        let trail = AuditTrail::open(&dir, metrics.clone(), Default::default())
-            .await
-            .unwrap();
-        for n in 0..600 {
-            trail.record(event(n));
-        }
-        assert!(trail.flush(Duration::from_secs(10)));
-        let all = trail.list("ten_a", None, 0, i64::MAX, 1000).await.unwrap();
-        assert_eq!(all.len(), 600);
-        assert_eq!(all[0].1.spend, Micros(599));
-        assert!(all.windows(2).all(|w| w[0].0 > w[1].0));
-        let odd = trail
-            .list("ten_a", Some("key_odd"), 0, i64::MAX, 1000)
-            .await
-            .unwrap();
-        assert_eq!(odd.len(), 300);
-        assert!(odd
-            .iter()
-            .all(|(_, e)| e.key_id.as_deref() == Some("key_odd")));
-        assert!(trail
-            .list("ten_b", None, 0, i64::MAX, 10)
-            .await
-            .unwrap()
-            .is_empty());
-
-        let again = AuditTrail::open(&dir, metrics, Default::default())
-            .await
-            .unwrap();
-        assert_eq!(
-            again
-                .list("ten_a", None, 0, i64::MAX, 1000)
-                .await
-                .unwrap()
-                .len(),
-            600
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[tokio::test]
-    async fn a_writer_that_cannot_write_makes_the_trail_not_ready_until_it_can() {
-        let dir = temp_dir("audit-stalled");
-        let trail = AuditTrail::open(&dir, Metrics::global(), Default::default())
-            .await
-            .unwrap();
-        assert!(trail.ping().await);
-        // Another connection holds the write lock: every insert waits out the busy
-        // timeout (5 s), three times, before the batch is given up.
-        let blocker = rusqlite::Connection::open(dir.join(FILE)).unwrap();
-        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-        trail.record(event(1));
-        tokio::time::sleep(STALLED + Duration::from_secs(1)).await;
-        let stalled = trail.ping().await;
-        blocker.execute_batch("ROLLBACK").unwrap();
-        let mut recovered = false;
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if trail.ping().await {
-                recovered = true;
-                break;
-            }
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(
-            !stalled,
-            "ready while the writer could not write for {STALLED:?}"
-        );
-        assert!(recovered, "not ready again after the lock was released");
-    }
-
-    /// Every page of every listing (per tenant, per key, with and without `since`, walked
-    /// through the cursor) equals the brute-force answer, with events of several tenants
-    /// and keys interleaved over many batches, some written by a second writer of the same
-    /// file (the other side of a graceful upgrade).
-    #[tokio::test]
-    async fn listings_through_spans_match_a_scan_of_every_event() {
-        let dir = temp_dir("audit-spans");
-        let metrics = Metrics::global();
-        let mut all: Vec<(i64, AuditEvent)> = Vec::new();
-        let mixed = |n: i64| {
-            let mut e = event(n);
-            e.tenant_id = Some(["ten_a", "ten_b"][(n % 2) as usize].into());
-            e.key_id = match n % 7 {
-                0 => None,
-                k => Some(format!("key_{}", k % 3 + 3 * (n % 2)).into()),
-            };
-            e.ts_ms = 1_700_000_000_000 + (n * 37) % 1000;
-            e
-        };
-        let trail = AuditTrail::open(&dir, metrics.clone(), Default::default())
-            .await
-            .unwrap();
-        let mut seq = 0;
-        for n in 0..1500 {
-            if n == 700 {
-                // The other process writes between two of our batches.
-                assert!(trail.flush(Duration::from_secs(10)));
-                let other = AuditTrail::open(&dir, metrics.clone(), Default::default())
-                    .await
-                    .unwrap();
-                for m in 0..300 {
-                    let mut e = mixed(n + m);
-                    e.spend = Micros(1_000_000 + m);
-                    other.record(e.clone());
-                    seq += 1;
-                    all.push((seq, e));
-                }
-                assert!(other.flush(Duration::from_secs(10)));
-            }
-            trail.record(mixed(n));
-            seq += 1;
-            all.push((seq, mixed(n)));
-            if n % 97 == 0 {
-                assert!(trail.flush(Duration::from_secs(10)));
-            }
-        }
-        assert!(trail.flush(Duration::from_secs(10)));
-        for tenant in ["ten_a", "ten_b"] {
-            for key in [None, Some("key_1"), Some("key_4"), Some("key_9")] {
-                for since in [0, 1_700_000_000_500] {
-                    let expected: Vec<(i64, i64)> = all
-                        .iter()
-                        .rev()
-                        .filter(|(_, e)| e.tenant_id.as_deref() == Some(tenant))
-                        .filter(|(_, e)| key.is_none() || e.key_id.as_deref() == key)
-                        .filter(|(_, e)| e.ts_ms >= since)
-                        .map(|(seq, e)| (*seq, e.spend.0))
-                        .collect();
-                    let mut got = Vec::new();
-                    let mut before = i64::MAX;
-                    loop {
-                        let page = trail.list(tenant, key, since, before, 37).await.unwrap();
-                        got.extend(page.iter().map(|(seq, e)| (*seq, e.spend.0)));
-                        match page.last() {
-                            Some((seq, _)) if page.len() == 37 => before = *seq,
-                            _ => break,
-                        }
-                    }
-                    assert_eq!(got, expected, "{tenant} {key:?} since {since}");
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[tokio::test]
-    async fn llm_model_and_tokens_are_kept() {
-        let dir = temp_dir("audit-llm");
-        let trail = AuditTrail::open(&dir, Metrics::global(), Default::default())
-            .await
-            .unwrap();
-        let mut e = event(1);
-        e.llm = Some(crate::sync::LlmAudit {
-            model: "gpt-4o-mini".into(),
-            input_tokens: Some(20),
-            cached_input_tokens: Some(4),
-            cache_write_tokens: Some(0),
-            output_tokens: Some(7),
-        });
-        trail.record(e);
-        trail.record(event(2));
-        assert!(trail.flush(Duration::from_secs(10)));
-        let rows = trail.list("ten_a", None, 0, i64::MAX, 10).await.unwrap();
-        assert!(rows[0].1.llm.is_none());
-        let llm = rows[1].1.llm.clone().unwrap();
-        assert_eq!(llm.model, "gpt-4o-mini");
-        assert_eq!(
-            (llm.input_tokens, llm.cached_input_tokens, llm.output_tokens),
-            (Some(20), Some(4), Some(7))
-        );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -19,6 +19,7 @@
 mod postgres;
 mod sqlite;
 
+pub use postgres::SCHEMA as POSTGRES_SCHEMA;
 pub use sqlite::{FILE, INSERT, SCHEMA};
 
 use crate::metrics::Metrics;

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod conns;
 pub mod control;
+pub mod database;
 pub mod edge;
 pub mod ids;
 pub mod metrics;

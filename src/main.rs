@@ -44,10 +44,15 @@ enum Command {
         #[arg(long, env = "KEYBRAKE_DAEMON")]
         daemon: bool,
     },
-    /// The control API alone.
+    /// The control API alone (SQLite in --data-dir, or PostgreSQL with --database-url).
     Control {
         #[command(flatten)]
         common: Common,
+        /// Keep the control plane in PostgreSQL (postgres://user:password@host:port/db),
+        /// shared by any number of `control` replicas; wins over the config's
+        /// database_url. Without it: SQLite in --data-dir.
+        #[arg(long, env = "KEYBRAKE_DATABASE_URL", value_name = "URL")]
+        database_url: Option<String>,
     },
     /// An edge proxy (proxy + metrics), synced from a control plane; nothing on disk.
     Proxy {
@@ -285,11 +290,17 @@ struct Common {
 
 impl Common {
     fn load(&self) -> Result<Config> {
+        self.load_with(None)
+    }
+
+    /// The config, with `control`'s --database-url.
+    fn load_with(&self, database_url: Option<keybrake::database::DatabaseUrl>) -> Result<Config> {
         let overrides = Overrides {
             proxy_listen: self.proxy_listen.clone(),
             control_listen: self.control_listen.clone(),
             metrics_listen: self.metrics_listen.clone(),
             data_dir: self.data_dir.clone(),
+            database_url,
             vendor_upstreams: self.vendor_upstream.clone(),
         };
         Config::load(self.config.as_deref(), &overrides)
@@ -336,8 +347,15 @@ fn run(cli: Cli) -> Result<()> {
             };
             run_serve(config, common.secrets(true), upgrade, ready)
         }
-        Command::Control { common } => {
-            let config = common.load()?;
+        Command::Control {
+            common,
+            database_url,
+        } => {
+            let database_url = database_url
+                .map(|u| keybrake::database::DatabaseUrl::parse(&u))
+                .transpose()
+                .map_err(|e| e.context("--database-url"))?;
+            let config = common.load_with(database_url)?;
             run_control(config, common.secrets(false))
         }
         Command::Proxy {

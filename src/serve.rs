@@ -211,6 +211,7 @@ fn start_control(
         audit_durability: config.audit_durability,
     };
     let data_dir = config.data_dir.clone();
+    let database = config.database();
     let listen = config.control_listen;
     let catalog = Arc::new(config.vendors.clone());
     let listener_settings = config.control.clone();
@@ -243,6 +244,7 @@ fn start_control(
                 let started = async {
                     let control = Control::open(
                         settings,
+                        &database,
                         &data_dir,
                         master,
                         admin,
@@ -269,6 +271,7 @@ fn start_control(
                         .checkpoints(Metrics::global().store_wal_backlog.clone()),
                 );
                 tokio::spawn(control.clone().follow_revocations());
+                tokio::spawn(control.clone().follow_changes());
                 tokio::spawn(control.clone().lease_upkeep());
                 let app = router(ApiState {
                     control: control.clone(),
@@ -345,7 +348,7 @@ pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
     let _control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
     log::info!(
         "keybrake control running; data in {}",
-        config.data_dir.display()
+        config.database().describe()
     );
     loop {
         std::thread::park();
@@ -398,6 +401,14 @@ pub fn run_serve(
     upgrade: bool,
     ready: Option<std::fs::File>,
 ) -> Result<()> {
+    // SPEC §1: `serve` is the one-process form on embedded SQLite; PostgreSQL replicas
+    // are `keybrake control`, with proxies synced from them.
+    if config.database_url.is_some() || std::env::var_os("KEYBRAKE_DATABASE_URL").is_some() {
+        anyhow::bail!(
+            "serve keeps its data in SQLite (--data-dir); a PostgreSQL database \
+             (database_url, KEYBRAKE_DATABASE_URL) is for `keybrake control`"
+        );
+    }
     let published = Arc::new(Published::empty());
     let control = start_control(
         &config,

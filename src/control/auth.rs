@@ -120,6 +120,9 @@ mod tests {
         let master = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
         let control = Control::open(
             settings,
+            &crate::database::Database::Sqlite {
+                data_dir: dir.clone(),
+            },
             &dir,
             master,
             Secret::new("the-admin-token"),

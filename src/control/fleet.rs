@@ -161,6 +161,21 @@ impl Control {
         Ok(())
     }
 
+    /// Reloads the nodes after another replica changed them: a deleted node's token stops
+    /// working here too, and its long-polls are answered now.
+    pub(super) async fn reload_nodes(&self) -> Result<()> {
+        self.load_nodes().await?;
+        let live: std::collections::HashSet<String> = self
+            .fleet
+            .tokens
+            .iter()
+            .map(|e| e.value().clone())
+            .collect();
+        self.fleet.last_sync.retain(|id, _| live.contains(id));
+        self.fleet.bump();
+        Ok(())
+    }
+
     /// The node owning this token. Looked up by SHA-256, never by the token itself.
     pub fn node_for_token(&self, token: &str) -> Option<String> {
         self.fleet.node_for_token(token)
@@ -342,6 +357,9 @@ mod tests {
         };
         Control::open(
             settings,
+            &crate::database::Database::Sqlite {
+                data_dir: dir.clone(),
+            },
             &dir,
             MasterKey::from_base64(&MasterKey::generate_base64()).unwrap(),
             Secret::new("admin"),

@@ -1,201 +1,207 @@
-//! A throwaway PostgreSQL for unit tests: one cluster per test binary (`initdb` into a
-//! temporary directory, a free loopback port, run as the `postgres` user when the tests run
-//! as root, since the server refuses root), and a fresh database per test.
+//! A throwaway PostgreSQL for unit tests: one cluster per test binary, started on first
+//! use (`initdb` into a temporary directory, on a free loopback port, as the `postgres`
+//! user when the tests run as root, since the server refuses root), and a fresh database
+//! per test. The cluster is stopped and its directory deleted when the test binary exits.
 //!
-//! PostgreSQL missing is a test failure with a message, never a skip: CI installs it
-//! (`.ci/deps test`). The cluster outlives nothing: a watcher process stops it and removes
-//! its directory as soon as the test binary exits, however it exits.
+//! PostgreSQL missing is a failure, never a skip: `.ci/deps test` installs it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-struct Cluster {
-    port: u16,
+/// A running cluster: its directory (data, socket, log) and port.
+pub struct Cluster {
+    dir: PathBuf,
     bin: PathBuf,
-    as_user: Option<&'static str>,
+    port: u16,
+    as_postgres: bool,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-static DATABASES: AtomicU64 = AtomicU64::new(0);
+static NEXT_DB: AtomicU64 = AtomicU64::new(0);
 
-/// A database of its own in the binary's cluster; dropped (with its connections) with it.
-pub struct TestDb {
-    pub url: String,
-    name: String,
+/// A fresh, empty database on this test binary's cluster: its URL (user `keybrake`,
+/// trust authentication, loopback only).
+pub async fn database() -> String {
+    let cluster = CLUSTER.get_or_init(|| Cluster::start().unwrap_or_else(|e| panic!("{e}")));
+    let name = format!("t{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    let admin = cluster.url("postgres");
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test cluster at {admin}: {e}"));
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    cluster.url(&name)
 }
 
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Some(cluster) = CLUSTER.get() {
-            let _ = cluster
-                .command("psql")
-                .args(["-X", "-q", "-d", "postgres", "-c"])
-                .arg(format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                ))
-                .output();
-        }
-    }
-}
-
-/// A fresh, empty database; the cluster starts on first use.
-pub fn database() -> TestDb {
-    let cluster = CLUSTER.get_or_init(start);
-    let name = format!(
-        "t{}_{}",
-        std::process::id(),
-        DATABASES.fetch_add(1, Ordering::Relaxed)
-    );
-    let out = cluster
-        .command("createdb")
-        .arg(&name)
-        .output()
-        .expect("run createdb");
-    assert!(
-        out.status.success(),
-        "createdb {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    TestDb {
-        url: format!("postgres://keybrake@127.0.0.1:{}/{name}", cluster.port),
-        name,
-    }
+/// The test cluster, started if needed (for tests that stop or restart it).
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| Cluster::start().unwrap_or_else(|e| panic!("{e}")))
 }
 
 impl Cluster {
-    fn command(&self, tool: &str) -> Command {
-        let mut c = match self.as_user {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(self.bin.join(tool));
-                c
-            }
-            None => Command::new(self.bin.join(tool)),
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://keybrake@127.0.0.1:{}/{database}", self.port)
+    }
+
+    fn start() -> Result<Cluster, String> {
+        let bin = find_bin()?;
+        // SAFETY: geteuid has no preconditions.
+        let as_postgres = unsafe { libc::geteuid() } == 0;
+        let dir = std::env::temp_dir().join(format!(
+            "keybrake-pg-{}-{}",
+            std::process::id(),
+            crate::ids::new_id("")
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let cluster = |port| Cluster {
+            dir: dir.clone(),
+            bin: bin.clone(),
+            port,
+            as_postgres,
         };
-        c.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
+        if as_postgres {
+            run(Command::new("chown").arg("postgres").arg(&dir))?;
+        }
+        let c = cluster(0);
+        run(c.command("initdb").arg("-D").arg(dir.join("db")).args([
+            "-A",
+            "trust",
             "-U",
             "keybrake",
-        ]);
-        c.env("PGCONNECT_TIMEOUT", "5");
-        c
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]))
+        .map_err(|e| format!("initdb failed: {e}"))?;
+        // A free port can be taken by someone else before the server binds it: retry.
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| e.to_string())?
+                .port();
+            let c = cluster(port);
+            let started = run(c.command("pg_ctl").arg("-D").arg(dir.join("db")).args([
+                "-w",
+                "-l",
+                &dir.join("log").to_string_lossy(),
+                "-o",
+                &format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+                     -c max_connections=400",
+                    dir.display()
+                ),
+                "start",
+            ]));
+            match started {
+                Ok(()) => {
+                    extern "C" fn stop_at_exit() {
+                        if let Some(c) = CLUSTER.get() {
+                            c.stop();
+                        }
+                    }
+                    // SAFETY: registers a plain function to run at process exit.
+                    unsafe { libc::atexit(stop_at_exit) };
+                    return Ok(c);
+                }
+                Err(e) => last = e,
+            }
+        }
+        let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        Err(format!("cannot start the test PostgreSQL: {last}\n{log}"))
     }
-}
 
-fn bin_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("KEYBRAKE_PG_BIN") {
-        return dir.into();
-    }
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.flatten().map(|e| e.path().join("bin")).collect())
-        .unwrap_or_default();
-    versions.retain(|p| p.join("initdb").exists());
-    versions.sort();
-    versions.pop().unwrap_or_else(|| {
-        panic!(
-            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; set \
-             KEYBRAKE_PG_BIN or run `.ci/deps test`): the PostgreSQL tests cannot run"
-        )
-    })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-fn run(what: &str, cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn start() -> Cluster {
-    let bin = bin_dir();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let as_user = root.then_some("postgres");
-    let dir = std::env::temp_dir().join(format!("keybrake-pg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create the cluster's directory");
-    if root {
-        run("chown", Command::new("chown").arg("postgres").arg(&dir));
-    }
-    let wrap = |tool: &str| match as_user {
-        Some(user) => {
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        if self.as_postgres {
             let mut c = Command::new("runuser");
-            c.args(["-u", user, "--"]).arg(bin.join(tool));
+            c.args(["-u", "postgres", "--"]).arg(path);
             c
+        } else {
+            Command::new(path)
         }
-        None => Command::new(bin.join(tool)),
-    };
-    let data = dir.join("db");
-    run(
-        "initdb",
-        wrap("initdb")
-            .arg("-D")
-            .arg(&data)
-            .args(["-A", "trust", "-U", "keybrake", "--no-sync"]),
-    );
-    let mut last_err = String::new();
-    for _ in 0..5 {
-        let port = free_port();
-        let out = wrap("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-o")
-            .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                 -c max_connections=200 -c shared_buffers=32MB",
-                dir.display()
-            ))
-            .arg("-l")
-            .arg(dir.join("log"))
-            .args(["-w", "-t", "30", "start"])
-            .output()
-            .expect("run pg_ctl");
-        if out.status.success() {
-            watch(&bin, &data, &dir, as_user);
-            return Cluster { port, bin, as_user };
-        }
-        last_err = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
     }
-    panic!("cannot start a throwaway PostgreSQL: {last_err}");
+
+    /// Stops the server (`immediate`: a crash, as a lost database looks to clients).
+    pub fn stop_server(&self) {
+        let _ = run(self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("db"))
+            .args(["-m", "immediate", "-w", "stop"]));
+    }
+
+    /// Starts the stopped server again on the same port.
+    pub fn start_server(&self) {
+        run(self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("db"))
+            .args([
+                "-w",
+                "-l",
+                &self.dir.join("log").to_string_lossy(),
+                "-o",
+                &format!(
+                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+                     -c max_connections=400",
+                    self.port,
+                    self.dir.display()
+                ),
+                "start",
+            ]))
+        .unwrap_or_else(|e| panic!("cannot restart the test PostgreSQL: {e}"));
+    }
+
+    fn stop(&self) {
+        self.stop_server();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
-/// Stops the cluster and removes its directory once this process is gone.
-fn watch(bin: &Path, data: &Path, dir: &Path, as_user: Option<&str>) {
-    let stop = format!(
-        "{} {}/pg_ctl -D {} -m immediate stop",
-        as_user
-            .map(|u| format!("runuser -u {u} --"))
-            .unwrap_or_default(),
-        bin.display(),
-        data.display()
-    );
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
-        pid = std::process::id(),
-        dir = dir.display()
-    );
-    let _ = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn();
+/// The PostgreSQL server binaries: Debian's `/usr/lib/postgresql/<major>/bin` (newest
+/// major), else `initdb` on the PATH.
+fn find_bin() -> Result<PathBuf, String> {
+    let mut majors: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((major, bin))
+        })
+        .collect();
+    majors.sort();
+    if let Some((_, bin)) = majors.pop() {
+        return Ok(bin);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths).find(|p: &PathBuf| Path::new(p).join("initdb").exists())
+        })
+        .ok_or_else(|| {
+            "PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin or on the \
+             PATH): the PostgreSQL unit tests need it; `.ci/deps test` installs it"
+                .to_string()
+        })
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }

@@ -1,8 +1,8 @@
 //! The audit trail's write throughput on each backend, through its real interface: events
 //! pushed with `AuditTrail::record` as fast as the queue takes them (kept under its bound,
 //! so nothing is dropped), then `flush`. SQLite: `audit.db` in a temporary directory
-//! (rusqlite writer, spans). PostgreSQL: the database at `AUDIT_PG_URL` (a fresh table is
-//! created in it; the run refuses a database that already has one), UNNEST batches.
+//! (rusqlite writer, spans). PostgreSQL: the database at `AUDIT_PG_URL` (its audit
+//! tables are dropped and created afresh each round), UNNEST batches.
 //!
 //! Prints events/s, this process's CPU per event (user + system, every thread: the
 //! recording loop, the writer thread and its runtime) and, for PostgreSQL, the CPU of the
@@ -13,7 +13,7 @@
 //! (`AUDIT_EVENTS=200000`, `AUDIT_ROUNDS=3`).
 
 use keybrake::config::AuditDurability;
-use keybrake::control::audit::{AuditTrail, POSTGRES_SCHEMA};
+use keybrake::control::audit::AuditTrail;
 use keybrake::metrics::Metrics;
 use keybrake::money::Micros;
 use keybrake::sync::{AuditEvent, AuditSink};
@@ -76,7 +76,10 @@ fn run(trail: &AuditTrail, metrics: &Metrics, n: usize) -> (f64, f64) {
         }
         trail.record(event(i));
     }
-    assert!(trail.flush(Duration::from_secs(120)), "not written in 120 s");
+    assert!(
+        trail.flush(Duration::from_secs(120)),
+        "not written in 120 s"
+    );
     let (wall, cpu) = (wall.elapsed(), cpu() - cpu0);
     assert_eq!(metrics.audit_dropped.get(), dropped, "events were dropped");
     (
@@ -99,6 +102,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let url = std::env::var("AUDIT_PG_URL").unwrap_or_else(|_| {
         eprintln!("set AUDIT_PG_URL to an empty PostgreSQL database on this machine");
         std::process::exit(2)
@@ -132,7 +136,10 @@ fn main() {
         for _ in 0..rounds {
             let pool = runtime.block_on(sqlx::PgPool::connect(&url)).unwrap();
             runtime
-                .block_on(sqlx::raw_sql(&format!("DROP TABLE IF EXISTS audit; {POSTGRES_SCHEMA}")).execute(&pool))
+                .block_on(
+                    sqlx::raw_sql("DROP TABLE IF EXISTS audit, keybrake_audit_schema")
+                        .execute(&pool),
+                )
                 .unwrap();
             let trail = Arc::new(
                 runtime

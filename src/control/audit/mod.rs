@@ -16,10 +16,10 @@
 //! answered identically by both backends (`sqlite::Reader` walks spans,
 //! `postgres::Reader` uses plain indexes).
 
-mod postgres;
-mod sqlite;
+pub mod postgres;
+pub mod sqlite;
 
-pub use postgres::SCHEMA as POSTGRES_SCHEMA;
+pub use postgres::migrate as migrate_postgres;
 pub use sqlite::{FILE, INSERT, SCHEMA};
 
 use crate::metrics::Metrics;
@@ -91,8 +91,25 @@ struct Passes {
 }
 
 impl AuditTrail {
-    /// Opens (or creates) `audit.db` in the data dir and starts the writer.
+    /// Opens the trail where the control plane keeps its data (`audit.db` beside
+    /// `keybrake.db`, or the same PostgreSQL database) and starts the writer.
     pub async fn open(
+        database: &crate::database::Database,
+        metrics: Arc<Metrics>,
+        durability: crate::config::AuditDurability,
+    ) -> Result<AuditTrail> {
+        match database {
+            crate::database::Database::Sqlite { data_dir } => {
+                Self::open_sqlite(data_dir, metrics, durability).await
+            }
+            crate::database::Database::Postgres { url } => {
+                Self::open_postgres(url.expose(), metrics, durability).await
+            }
+        }
+    }
+
+    /// Opens (or creates) `audit.db` in the data dir and starts the writer.
+    pub async fn open_sqlite(
         data_dir: &Path,
         metrics: Arc<Metrics>,
         durability: crate::config::AuditDurability,
@@ -102,8 +119,8 @@ impl AuditTrail {
         Self::start(writer, Reader::Sqlite(reader), metrics, strict)
     }
 
-    /// Opens the trail in the PostgreSQL database at `url` (its schema applied by the
-    /// store's migrations) and starts the writer.
+    /// Opens the trail in the PostgreSQL database at `url` (applying its schema versions
+    /// there) and starts the writer.
     pub async fn open_postgres(
         url: &str,
         metrics: Arc<Metrics>,

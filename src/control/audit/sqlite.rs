@@ -20,55 +20,14 @@ use std::time::Duration;
 
 pub const FILE: &str = "audit.db";
 
-/// The trail's schema, its only definition. `seq` orders the trail and is the cursor of
-/// `list`. Rows are never deleted, so SQLite's rowid (largest + 1) only grows; without
-/// AUTOINCREMENT an insert does not also update `sqlite_sequence`. `model` and the token
-/// counts are those of LLM calls (NULL for other calls).
-///
-/// No per-row index: a key's (and a tenant's) events are found through spans, one row per
-/// key (and per tenant) per written batch: `[first_seq, last_seq]` holds every event of
-/// that key in the batch, mixed with other keys' events of the same batch. A batch is a
-/// contiguous `seq` range (one IMMEDIATE transaction), so one owner's spans never overlap.
-/// Two index entries per event made up most of the writer's work (each insert a B-tree
-/// descent with string compares and a dirtied page per key); one span per key per batch
-/// costs a fraction.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY,
-    ts_ms INTEGER NOT NULL,
-    tenant_id TEXT,
-    key_id TEXT,
-    label TEXT,
-    vendor TEXT NOT NULL,
-    method TEXT NOT NULL,
-    path TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    decision TEXT NOT NULL,
-    spend INTEGER NOT NULL,
-    vendor_request_id TEXT,
-    duration_ms INTEGER NOT NULL,
-    model TEXT,
-    input_tokens INTEGER,
-    cached_input_tokens INTEGER,
-    cache_write_tokens INTEGER,
-    output_tokens INTEGER
-);
-CREATE TABLE IF NOT EXISTS tenant_spans (
-    tenant_id TEXT NOT NULL,
-    last_seq INTEGER NOT NULL,
-    first_seq INTEGER NOT NULL,
-    max_ts_ms INTEGER NOT NULL,
-    PRIMARY KEY (tenant_id, last_seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS key_spans (
-    tenant_id TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    last_seq INTEGER NOT NULL,
-    first_seq INTEGER NOT NULL,
-    max_ts_ms INTEGER NOT NULL,
-    PRIMARY KEY (tenant_id, key_id, last_seq)
-) WITHOUT ROWID;
-";
+/// The trail's schema versions on SQLite, in order (`PRAGMA user_version` of `audit.db`
+/// counts those applied); PostgreSQL's are `postgres::MIGRATIONS`, kept in step.
+pub const MIGRATIONS: &[&str] = &[include_str!(
+    "../../../migrations/sqlite/audit/0001_audit.sql"
+)];
+
+/// The whole schema as the current version leaves it (a new `audit.db`).
+pub const SCHEMA: &str = MIGRATIONS[0];
 
 /// The columns an insert writes, in `insert`'s parameter order.
 pub const INSERT: &str = "INSERT INTO audit (ts_ms, tenant_id, key_id, label, vendor, method, \
@@ -256,15 +215,35 @@ fn tokens(r: &sqlx::sqlite::SqliteRow, column: &str) -> Option<u64> {
 
 /// WAL + NORMAL as for the store: a commit survives a process crash. SQLite checkpoints
 /// the WAL itself every 1,000 pages, inside this thread's commits.
-fn open_writer(path: &Path, strict: bool) -> rusqlite::Result<rusqlite::Connection> {
-    let conn = rusqlite::Connection::open(path)?;
+fn open_writer(path: &Path, strict: bool) -> Result<rusqlite::Connection> {
+    let mut conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // Strict: every commit is synced (FULL), so an event is kept through an OS crash too.
     conn.pragma_update(None, "synchronous", if strict { "FULL" } else { "NORMAL" })?;
     conn.pragma_update(None, "journal_size_limit", 16 << 20)?;
-    conn.execute_batch(SCHEMA)?;
+    migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Applies the versions `audit.db` lacks; refuses one written by a newer keybrake.
+fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let applied: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if applied > MIGRATIONS.len() as i64 {
+        anyhow::bail!(
+            "audit database schema version {applied} is newer than this keybrake (knows {}): \
+             upgrade keybrake",
+            MIGRATIONS.len()
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        tx.execute_batch(sql)
+            .with_context(|| format!("audit migration {}", i + 1))?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 fn insert(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> rusqlite::Result<()> {

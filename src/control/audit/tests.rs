@@ -33,23 +33,14 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 /// second process writing beside the first).
 enum Place {
     Sqlite(std::path::PathBuf),
-    Postgres(pg_test::TestDb),
+    Postgres(String),
 }
 
 impl Place {
     async fn new(backend: &str, name: &str) -> Place {
         match backend {
             "sqlite" => Place::Sqlite(temp_dir(name)),
-            _ => {
-                let db = pg_test::database();
-                let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-                sqlx::raw_sql(postgres::SCHEMA)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-                pool.close().await;
-                Place::Postgres(db)
-            }
+            _ => Place::Postgres(pg_test::database().await),
         }
     }
 
@@ -59,9 +50,9 @@ impl Place {
 
     async fn open_with(&self, durability: crate::config::AuditDurability) -> AuditTrail {
         match self {
-            Place::Sqlite(dir) => AuditTrail::open(dir, Metrics::global(), durability).await,
+            Place::Sqlite(dir) => AuditTrail::open_sqlite(dir, Metrics::global(), durability).await,
             Place::Postgres(db) => {
-                AuditTrail::open_postgres(&db.url, Metrics::global(), durability).await
+                AuditTrail::open_postgres(db, Metrics::global(), durability).await
             }
         }
         .unwrap()
@@ -167,9 +158,9 @@ async fn postgres_lost_while_running_queues_events_and_the_writer_reconnects() {
     assert!(trail.ping().await);
 
     // Nobody may connect to the database, and every connection to it is cut.
-    let admin_url = db.url.rsplit_once('/').unwrap().0.to_string() + "/postgres";
+    let admin_url = db.rsplit_once('/').unwrap().0.to_string() + "/postgres";
     let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
-    let name = db.url.rsplit_once('/').unwrap().1;
+    let name = db.rsplit_once('/').unwrap().1;
     let set_allowed = |allowed: bool| {
         let admin = admin.clone();
         async move {

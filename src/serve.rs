@@ -210,7 +210,6 @@ fn start_control(
         lease_lifetime: config.leases.lifetime,
         audit_durability: config.audit_durability,
     };
-    let data_dir = config.data_dir.clone();
     let database = config.database();
     let listen = config.control_listen;
     let catalog = Arc::new(config.vendors.clone());
@@ -245,7 +244,6 @@ fn start_control(
                     let control = Control::open(
                         settings,
                         &database,
-                        &data_dir,
                         master,
                         admin,
                         published,

@@ -360,7 +360,6 @@ mod tests {
             &crate::database::Database::Sqlite {
                 data_dir: dir.clone(),
             },
-            &dir,
             MasterKey::from_base64(&MasterKey::generate_base64()).unwrap(),
             Secret::new("admin"),
             Arc::new(Published::empty()),

@@ -143,6 +143,9 @@ class Cluster:
         """Start the server on the existing data directory and the same port."""
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
                 f"-c max_connections={MAX_CONNECTIONS}")
+        # Diagnostics only (a load test asking what a setting costs), never the suite.
+        if os.environ.get("KEYBRAKE_PG_OPTS"):
+            opts += " " + os.environ["KEYBRAKE_PG_OPTS"]
         argv = ["pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.log), "-w",
                 "-t", str(START_TIMEOUT_S), "start"]
         # Load tests put the server on chosen CPUs (the postmaster's backends inherit them).

@@ -71,14 +71,14 @@ impl fmt::Display for DatabaseUrl {
         match url::Url::parse(&self.0) {
             Ok(mut url) => {
                 if url.password().is_some() {
-                    let _ = url.set_password(Some("[redacted]"));
+                    let _ = url.set_password(Some("***"));
                 }
                 // A password may also ride in the query (`?password=`).
                 let pairs: Vec<(String, String)> = url
                     .query_pairs()
                     .map(|(k, v)| {
                         let v = if k.eq_ignore_ascii_case("password") {
-                            "[redacted]".to_string()
+                            "***".to_string()
                         } else {
                             v.into_owned()
                         };

@@ -430,43 +430,25 @@ fn run(cli: Cli) -> Result<()> {
                         "/v1/tenants",
                         Some(serde_json::json!({ "name": name })),
                     )?;
-                    cli::print(&t, client.json, |t| {
-                        format!(
-                            "tenant {}\napi token (shown once): {}",
-                            t["id"].as_str().unwrap_or("?"),
-                            t["api_token"].as_str().unwrap_or("?")
-                        )
-                    });
+                    cli::print_created(&t, client.json, "tenant", "api_token", "api token");
                 }
                 TenantCommand::List => {
                     let list = api.call("GET", "/v1/tenants?limit=1000", None)?;
                     cli::print(&list, client.json, |l| {
-                        l["data"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .map(|t| {
-                                format!(
-                                    "{}  {}  {}",
-                                    t["id"].as_str().unwrap_or("?"),
-                                    t["created_at"].as_str().unwrap_or("?"),
-                                    t["name"].as_str().unwrap_or("")
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join("\n")
+                        cli::data_lines(l, |t| {
+                            format!(
+                                "{}  {}  {}",
+                                t["id"].as_str().unwrap_or("?"),
+                                t["created_at"].as_str().unwrap_or("?"),
+                                t["name"].as_str().unwrap_or("")
+                            )
+                        })
                     });
                 }
                 TenantCommand::AddToken { tenant_id } => {
                     let t =
                         api.call("POST", &format!("/v1/tenants/{tenant_id}/api_tokens"), None)?;
-                    cli::print(&t, client.json, |t| {
-                        format!(
-                            "token {}\napi token (shown once): {}",
-                            t["id"].as_str().unwrap_or("?"),
-                            t["api_token"].as_str().unwrap_or("?")
-                        )
-                    });
+                    cli::print_created(&t, client.json, "token", "api_token", "api token");
                 }
             }
             Ok(())
@@ -480,13 +462,7 @@ fn run(cli: Cli) -> Result<()> {
                         "/v1/nodes",
                         Some(serde_json::json!({ "name": name })),
                     )?;
-                    cli::print(&n, client.json, |n| {
-                        format!(
-                            "node {}\nnode token (shown once): {}",
-                            n["id"].as_str().unwrap_or("?"),
-                            n["node_token"].as_str().unwrap_or("?")
-                        )
-                    });
+                    cli::print_created(&n, client.json, "node", "node_token", "node token");
                 }
                 NodeCommand::List => {
                     let list = api.call("GET", "/v1/nodes", None)?;

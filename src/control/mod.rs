@@ -20,6 +20,8 @@ pub mod keywriter;
 pub mod ledger_batch;
 pub mod listener;
 #[cfg(test)]
+mod outage_test;
+#[cfg(test)]
 pub mod pg_test;
 pub mod store;
 pub mod sync_api;
@@ -571,6 +573,8 @@ impl Control {
             .or_default()
             .insert(vendor.into(), secret);
         self.published.credentials.store(Arc::new(map));
+        // Edge nodes hold credentials too: wake their long-polls.
+        self.feed_changed();
         Ok((row.last4, now))
     }
 
@@ -599,6 +603,7 @@ impl Control {
             }
         }
         self.published.credentials.store(Arc::new(map));
+        self.feed_changed();
         Ok(existed)
     }
 

@@ -2,6 +2,7 @@
 //! use (`initdb` into a temporary directory, on a free loopback port, as the `postgres`
 //! user when the tests run as root, since the server refuses root), and a fresh database
 //! per test. The cluster is stopped and its directory deleted when the test binary exits.
+//! A test that stops the server takes an `OwnCluster`, stopped and deleted on drop.
 //!
 //! PostgreSQL missing is a failure, never a skip: `.ci/deps test` installs it.
 
@@ -24,23 +25,63 @@ static NEXT_DB: AtomicU64 = AtomicU64::new(0);
 /// A fresh, empty database on this test binary's cluster: its URL (user `keybrake`,
 /// trust authentication, loopback only).
 pub async fn database() -> String {
-    let cluster = CLUSTER.get_or_init(|| Cluster::start().unwrap_or_else(|e| panic!("{e}")));
-    let name = format!("t{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
-    let admin = cluster.url("postgres");
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to the test cluster at {admin}: {e}"));
-    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    cluster.url(&name)
+    cluster().create_database().await
 }
 
-/// The test cluster, started if needed (for tests that stop or restart it).
-pub fn cluster() -> &'static Cluster {
-    CLUSTER.get_or_init(|| Cluster::start().unwrap_or_else(|e| panic!("{e}")))
+/// This test binary's cluster, started on first use and stopped at exit.
+fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        let cluster = Cluster::start().unwrap_or_else(|e| panic!("{e}"));
+        extern "C" fn stop_at_exit() {
+            if let Some(c) = CLUSTER.get() {
+                c.stop();
+            }
+        }
+        // SAFETY: registers a plain function to run at process exit.
+        unsafe { libc::atexit(stop_at_exit) };
+        cluster
+    })
+}
+
+/// A cluster of the caller's own, for a test that stops and restarts its server (the
+/// shared one serves other tests meanwhile). Stopped and deleted when dropped.
+pub struct OwnCluster(Cluster);
+
+impl OwnCluster {
+    pub fn start() -> OwnCluster {
+        OwnCluster(Cluster::start().unwrap_or_else(|e| panic!("{e}")))
+    }
+}
+
+impl std::ops::Deref for OwnCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+impl Cluster {
+    /// A fresh, empty database on this cluster: its URL.
+    pub async fn create_database(&self) -> String {
+        let cluster = self;
+        let name = format!("t{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
+        let admin = cluster.url("postgres");
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to the test cluster at {admin}: {e}"));
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        cluster.url(&name)
+    }
 }
 
 impl Cluster {
@@ -99,16 +140,7 @@ impl Cluster {
                 "start",
             ]));
             match started {
-                Ok(()) => {
-                    extern "C" fn stop_at_exit() {
-                        if let Some(c) = CLUSTER.get() {
-                            c.stop();
-                        }
-                    }
-                    // SAFETY: registers a plain function to run at process exit.
-                    unsafe { libc::atexit(stop_at_exit) };
-                    return Ok(c);
-                }
+                Ok(()) => return Ok(c),
                 Err(e) => last = e,
             }
         }

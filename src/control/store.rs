@@ -14,10 +14,10 @@
 
 use crate::database::Database;
 use crate::money::Micros;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Row, SqlitePool};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -44,6 +44,8 @@ pub const FILE: &str = "keybrake.db";
 /// PostgreSQL pool size: grants, reports and issuance batches of every caller share it.
 /// A replica's key writer holds one connection per batch; the rest serve the API.
 const PG_POOL_SIZE: u32 = 16;
+/// How long the first connection at start may take.
+const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a query waits for a pooled connection (or a new one) before it fails, so a
 /// lost database answers `storage_unavailable` in seconds instead of hanging the API.
 const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -234,6 +236,18 @@ impl Store {
                 let options = PgConnectOptions::from_str(url.expose())
                     .context("the database URL does not parse")?
                     .application_name("keybrake");
+                // One connection first, for a clear error when the database cannot be
+                // reached (the pool would only say it timed out).
+                let first = tokio::time::timeout(PG_CONNECT_TIMEOUT, options.connect()).await;
+                match first {
+                    Ok(Ok(conn)) => drop(conn),
+                    // sqlx's message already ends with its cause: printed once.
+                    Ok(Err(e)) => bail!("cannot connect to PostgreSQL at {url}: {e}"),
+                    Err(_) => bail!(
+                        "cannot connect to PostgreSQL at {url}: no answer within {} s",
+                        PG_CONNECT_TIMEOUT.as_secs()
+                    ),
+                }
                 let pool = PgPoolOptions::new()
                     .max_connections(PG_POOL_SIZE)
                     .acquire_timeout(PG_ACQUIRE_TIMEOUT)
@@ -389,10 +403,15 @@ impl Store {
     /// The database answers (readiness). On PostgreSQL a lost database makes this false
     /// within `PG_ACQUIRE_TIMEOUT`; the pool reconnects by itself once it is back.
     pub async fn ping(&self) -> bool {
-        on_reader!(self, |pool| sqlx::query("SELECT 1")
-            .execute(pool)
+        let ping = async {
+            on_reader!(self, |pool| sqlx::query("SELECT 1")
+                .execute(pool)
+                .await
+                .is_ok())
+        };
+        tokio::time::timeout(Duration::from_secs(2), ping)
             .await
-            .is_ok())
+            .unwrap_or(false)
     }
 
     // ----- tenants and tokens -----
@@ -1036,6 +1055,51 @@ impl Store {
             conn.ledger_add(key_id, day, settled, held).await
         })
     }
+}
+
+/// The database could not be reached, or refused work for a reason that passes (it is
+/// restarting, out of connections, locked, out of disk). The control API answers these
+/// 503 `storage_unavailable`; anything else is a 500.
+#[derive(Debug, thiserror::Error)]
+#[error("storage unavailable: {0}")]
+pub struct Unavailable(pub String);
+
+/// Whether this error means the storage is unavailable rather than a bug or bad data.
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        if cause.is::<Unavailable>() {
+            return true;
+        }
+        let Some(e) = cause.downcast_ref::<sqlx::Error>() else {
+            return false;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                {
+                    // SQLSTATE classes: 08 connection exception, 53 insufficient
+                    // resources, 57P0x shutting down / starting up, 58 system error.
+                    ["08", "53", "57P0", "58"]
+                        .iter()
+                        .any(|c| code.starts_with(c))
+                } else {
+                    // SQLite primary result codes: BUSY, LOCKED, IOERR, FULL, CANTOPEN.
+                    let primary = code.parse::<i32>().unwrap_or(0) & 0xff;
+                    matches!(primary, 5 | 6 | 10 | 13 | 14)
+                }
+            }
+            _ => false,
+        }
+    })
 }
 
 /// What changed, announced to the other replicas on PostgreSQL (`NOTIFY`, delivered at

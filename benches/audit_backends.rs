@@ -124,7 +124,7 @@ fn main() {
             ));
             let _ = std::fs::remove_dir_all(&dir);
             let trail = runtime
-                .block_on(AuditTrail::open(&dir, metrics.clone(), durability))
+                .block_on(AuditTrail::open_sqlite(&dir, metrics.clone(), durability))
                 .unwrap();
             let (rate, cpu) = run(&trail, &metrics, n);
             sqlite.0.push(rate);

@@ -50,8 +50,8 @@ pub struct Copied(pub Vec<(String, u64)>);
 
 /// Parses the two locations, checks them and copies; prints the counts.
 pub fn run(from: &str, to: &str) -> Result<()> {
-    let dir = parse_from(from)?;
     let url = DatabaseUrl::parse(to).context("--to")?;
+    let dir = parse_from(from)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -84,6 +84,9 @@ fn parse_from(from: &str) -> Result<PathBuf> {
 
 /// The whole copy; the counts per table.
 pub fn copy(runtime: &tokio::runtime::Runtime, dir: &Path, url: &DatabaseUrl) -> Result<Copied> {
+    // Inside the runtime, so an error that drops the open transaction can still hand its
+    // rollback to the driver (nothing is committed until the end either way).
+    let _runtime = runtime.enter();
     refuse_if_running(dir)?;
     // The source's schema up to this binary's (what starting it would do), then the
     // target's: both end on the same version, so their columns match.

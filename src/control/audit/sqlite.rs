@@ -227,7 +227,7 @@ fn open_writer(path: &Path, strict: bool) -> Result<rusqlite::Connection> {
 }
 
 /// Applies the versions `audit.db` lacks; refuses one written by a newer keybrake.
-fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {
+pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let applied: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if applied > MIGRATIONS.len() as i64 {

@@ -9,6 +9,7 @@ pub mod database;
 pub mod edge;
 pub mod ids;
 pub mod metrics;
+pub mod migrate;
 pub mod money;
 pub mod pattern;
 pub mod proxy;

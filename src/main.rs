@@ -84,6 +84,20 @@ enum Command {
         #[arg(long, env = "KEYBRAKE_DAEMON")]
         daemon: bool,
     },
+    /// Copy a SQLite data dir (tenants, API tokens, nodes, credentials, signing keys, keys,
+    /// ledger, leases, audit trail) into an empty PostgreSQL database for `control
+    /// --database-url`. The data dir must not be in use: stop its serve/control first
+    /// (refused while its PID file or its lease heartbeat shows a live process).
+    Migrate {
+        /// The source: `sqlite:DIR`, a data dir holding keybrake.db (and audit.db).
+        #[arg(long, env = "KEYBRAKE_MIGRATE_FROM", value_name = "sqlite:DIR")]
+        from: String,
+        /// The target: `postgres://user:password@host:port/db`, an empty database (the
+        /// schema is applied if missing). Start the PostgreSQL control plane with the same
+        /// master key: credentials and signing keys are copied sealed.
+        #[arg(long, env = "KEYBRAKE_MIGRATE_TO", value_name = "URL")]
+        to: String,
+    },
     /// Validate the configuration and exit.
     Check {
         #[command(flatten)]
@@ -389,6 +403,7 @@ fn run(cli: Cli) -> Result<()> {
                 ready,
             )
         }
+        Command::Migrate { from, to } => keybrake::migrate::run(&from, &to),
         Command::Check { common } => {
             let config = common.load()?;
             config.check_files(true)?;

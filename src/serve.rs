@@ -210,7 +210,6 @@ fn start_control(
         lease_lifetime: config.leases.lifetime,
         audit_durability: config.audit_durability,
     };
-    let data_dir = config.data_dir.clone();
     let database = config.database();
     let listen = config.control_listen;
     let catalog = Arc::new(config.vendors.clone());
@@ -245,7 +244,6 @@ fn start_control(
                     let control = Control::open(
                         settings,
                         &database,
-                        &data_dir,
                         master,
                         admin,
                         published,
@@ -345,14 +343,31 @@ pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
 
 /// `keybrake control`: the control API alone.
 pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
-    let _control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
+    let control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
     log::info!(
         "keybrake control running; data in {}",
         config.database().describe()
     );
-    loop {
-        std::thread::park();
+    // SIGTERM (systemd, an orchestrator) or SIGINT: write the audit events nodes sent that
+    // are still buffered, then exit 0, as `serve` does; the default action would drop them.
+    let signals = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    signals.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    log::info!("keybrake control stopping");
+    if !control.audit.flush(Duration::from_secs(5)) {
+        log::error!("audit events still buffered at exit could not be written in 5 s");
     }
+    Ok(())
 }
 
 /// Background upkeep of the proxy: spend reports, DNS, the token-cache sweep; on

@@ -123,7 +123,6 @@ mod tests {
             &crate::database::Database::Sqlite {
                 data_dir: dir.clone(),
             },
-            &dir,
             master,
             Secret::new("the-admin-token"),
             Arc::new(crate::sync::Published::empty()),

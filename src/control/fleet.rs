@@ -360,7 +360,6 @@ mod tests {
             &crate::database::Database::Sqlite {
                 data_dir: dir.clone(),
             },
-            &dir,
             MasterKey::from_base64(&MasterKey::generate_base64()).unwrap(),
             Secret::new("admin"),
             Arc::new(Published::empty()),
@@ -452,5 +451,51 @@ mod tests {
         assert!(!valid_session("short"));
         assert!(!valid_session("has.a.dot.in.it"));
         assert!(!valid_session(&"x".repeat(65)));
+    }
+
+    #[tokio::test]
+    async fn a_credential_set_or_deleted_wakes_waiting_polls_with_the_new_credentials() {
+        let control = open("credential").await;
+        let (node, _token) = control.create_node("edge").await.unwrap();
+        control.node_hello(&node, "session-1").await.unwrap();
+        let tenant = control.create_tenant("acme").await.unwrap().0;
+        let poll = |epoch: String, since: u64| {
+            let (control, node) = (control.clone(), node.clone());
+            async move {
+                control
+                    .node_poll(&node, "session-1", &epoch, since, Duration::from_secs(5))
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        let first = poll(String::new(), 0).await;
+        let tenant_id = tenant.clone();
+        let secret_of = move |a: &SyncAnswer| {
+            a.credentials
+                .as_ref()
+                .and_then(|c| c.get(&tenant_id))
+                .and_then(|v| v.get("stripe"))
+                .cloned()
+        };
+        assert_eq!(secret_of(&first), None);
+
+        let waiting = tokio::spawn(poll(first.epoch.clone(), first.version));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        control
+            .put_credential(&tenant, "stripe", Secret::new("sk_test_rotated"))
+            .await
+            .unwrap();
+        let set = waiting.await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(secret_of(&set).as_deref(), Some("sk_test_rotated"));
+
+        let waiting = tokio::spawn(poll(set.epoch.clone(), set.version));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(control.delete_credential(&tenant, "stripe").await.unwrap());
+        let deleted = waiting.await.unwrap();
+        assert!(deleted.version > set.version);
+        assert_eq!(secret_of(&deleted), None);
     }
 }

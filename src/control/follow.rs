@@ -145,7 +145,6 @@ mod tests {
         Control::open(
             settings,
             database,
-            &dir,
             MasterKey::from_base64(master).unwrap(),
             Secret::new("admin"),
             Arc::new(Published::empty()),

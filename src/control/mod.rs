@@ -38,7 +38,6 @@ use arc_swap::ArcSwap;
 use crypto::MasterKey;
 use dashmap::DashMap;
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,21 +130,19 @@ pub fn key_status(row: &KeyRow, now: i64) -> KeyStatus {
 }
 
 impl Control {
-    /// Opens the store (`database`), loads (or creates) the signing key and publishes the
-    /// snapshots. The audit trail is `audit.db` in `data_dir`.
+    /// Opens the store and the audit trail (`database`), loads (or creates) the signing key
+    /// and publishes the snapshots.
     pub async fn open(
         settings: ControlSettings,
         database: &crate::database::Database,
-        data_dir: &Path,
         master: MasterKey,
         admin_token: Secret,
         published: Arc<Published>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Control>> {
         let store = Store::open(database).await?;
-        // The audit trail: its own SQLite file in the data dir, whatever the store's backend.
         let audit =
-            audit::AuditTrail::open(data_dir, metrics.clone(), settings.audit_durability).await?;
+            audit::AuditTrail::open(database, metrics.clone(), settings.audit_durability).await?;
         let now = now_secs();
         if store
             .live_signing_keys(now)
@@ -576,6 +573,8 @@ impl Control {
             .or_default()
             .insert(vendor.into(), secret);
         self.published.credentials.store(Arc::new(map));
+        // Edge nodes hold credentials too: wake their long-polls.
+        self.feed_changed();
         Ok((row.last4, now))
     }
 
@@ -604,6 +603,7 @@ impl Control {
             }
         }
         self.published.credentials.store(Arc::new(map));
+        self.feed_changed();
         Ok(existed)
     }
 
@@ -928,20 +928,17 @@ impl Ledger for Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     async fn open(dir: &Path, master: &str) -> Arc<Control> {
         let database = crate::database::Database::Sqlite {
             data_dir: dir.to_path_buf(),
         };
-        open_on(&database, dir, master).await
+        open_on(&database, master).await
     }
 
-    /// A control on `database`, its audit trail in `dir`.
-    async fn open_on(
-        database: &crate::database::Database,
-        dir: &Path,
-        master: &str,
-    ) -> Arc<Control> {
+    /// A control on `database` (its store and audit trail).
+    async fn open_on(database: &crate::database::Database, master: &str) -> Arc<Control> {
         let settings = ControlSettings {
             default_ttl: Duration::from_secs(300),
             max_ttl: Duration::from_secs(3600),
@@ -954,7 +951,6 @@ mod tests {
         Control::open(
             settings,
             database,
-            dir,
             master,
             Secret::new("admin"),
             published,
@@ -1054,8 +1050,8 @@ mod tests {
     async fn race(database: crate::database::Database, name: &str) {
         let dir = temp_dir(name);
         let master = MasterKey::generate_base64();
-        let a = open_on(&database, &dir, &master).await;
-        let b = open_on(&database, &dir, &master).await;
+        let a = open_on(&database, &master).await;
+        let b = open_on(&database, &master).await;
         let cap = 1_000_000;
         let mut tasks = Vec::new();
         for i in 0..32 {

@@ -24,8 +24,6 @@ async fn a_lost_database_is_503_storage_unavailable_and_comes_back_by_itself() {
     let database = Database::Postgres {
         url: DatabaseUrl::parse(&url).unwrap(),
     };
-    let dir = std::env::temp_dir().join(format!("keybrake-outage-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     let settings = ControlSettings {
         default_ttl: Duration::from_secs(300),
         max_ttl: Duration::from_secs(3600),
@@ -36,7 +34,6 @@ async fn a_lost_database_is_503_storage_unavailable_and_comes_back_by_itself() {
     let control = Control::open(
         settings,
         &database,
-        &dir,
         MasterKey::from_base64(&MasterKey::generate_base64()).unwrap(),
         Secret::new("admin"),
         Arc::new(Published::empty()),
@@ -116,5 +113,4 @@ async fn a_lost_database_is_503_storage_unavailable_and_comes_back_by_itself() {
     }
     assert_eq!(call("GET", "/readyz").await.0, 200);
     assert_eq!(control.lease(lease()).await.unwrap(), Micros(10));
-    let _ = std::fs::remove_dir_all(&dir);
 }

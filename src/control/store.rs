@@ -26,8 +26,8 @@ use std::time::Duration;
 /// `PRAGMA user_version` and PostgreSQL's `keybrake_schema` table record how many ran.
 /// The first is the whole schema, one `CREATE` per table; a change to the schema of a
 /// released version is a new entry at the end (a new file in both directories), never an
-/// edit of one that shipped. The SQLite audit trail has its own file and schema
-/// (`audit::SCHEMA`).
+/// edit of one that shipped. The audit trail's schema has versions of its own
+/// (`migrations/{sqlite,postgres}/audit/`, `audit::sqlite::MIGRATIONS`).
 pub struct Migration {
     pub sqlite: &'static str,
     pub postgres: &'static str,

@@ -166,7 +166,7 @@ pub struct LedgerRow {
 
 /// A row of either backend whose columns decode as `i64`, `String` and `Vec<u8>`: what
 /// every table here is made of (INTEGER/BIGINT, TEXT, BLOB/BYTEA).
-pub(super) trait AnyRow: Row {
+pub(super) trait TableRow: Row {
     fn int(&self, column: &str) -> i64;
     fn int_opt(&self, column: &str) -> Option<i64>;
     fn text(&self, column: &str) -> String;
@@ -174,7 +174,7 @@ pub(super) trait AnyRow: Row {
     fn bytes(&self, column: &str) -> Vec<u8>;
 }
 
-impl<R> AnyRow for R
+impl<R> TableRow for R
 where
     R: Row,
     for<'c> &'c str: sqlx::ColumnIndex<R>,
@@ -199,7 +199,7 @@ where
     }
 }
 
-fn key_row(r: &impl AnyRow) -> KeyRow {
+fn key_row(r: &impl TableRow) -> KeyRow {
     KeyRow {
         seq: r.int("seq"),
         id: r.text("id"),
@@ -219,7 +219,7 @@ fn key_row(r: &impl AnyRow) -> KeyRow {
     }
 }
 
-fn ledger_of_row(r: &impl AnyRow) -> LedgerRow {
+fn ledger_of_row(r: &impl TableRow) -> LedgerRow {
     LedgerRow {
         settled: Micros(r.int("settled")),
         held: Micros(r.int("held")),

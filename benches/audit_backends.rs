@@ -6,8 +6,8 @@
 //!
 //! Prints events/s, this process's CPU per event (user + system, every thread: the
 //! recording loop, the writer thread and its runtime) and, for PostgreSQL, the CPU of the
-//! server backend that served the writer's connection (from /proc, so the server must run
-//! on this machine).
+//! whole server meanwhile (every process of the cluster, from /proc: run it on a cluster
+//! of its own on this machine).
 //!
 //! Run: `AUDIT_PG_URL=postgres://user@127.0.0.1:PORT/db cargo bench --bench audit_backends`
 //! (`AUDIT_EVENTS=200000`, `AUDIT_ROUNDS=3`).
@@ -50,17 +50,37 @@ fn cpu() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// CPU time of another process on this machine (utime + stime from /proc).
-fn cpu_of(pid: i32) -> Duration {
+/// Fields of /proc/PID/stat after the command name (field 3 is index 0).
+fn stat_fields(pid: i32) -> Vec<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
+    stat.rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// CPU time of a PostgreSQL cluster on this machine so far: its postmaster with every
+/// child it reaped (utime, stime, cutime, cstime), plus every live child (backends, WAL
+/// writer, checkpointer, autovacuum).
+fn cluster_cpu(postmaster: i32) -> Duration {
+    let pm = stat_fields(postmaster);
+    let mut ticks: u64 = pm.get(11..15).map_or(0, |f| f.iter().sum());
+    let children = std::fs::read_dir(format!("/proc/{postmaster}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        });
+    for child in children {
+        ticks += stat_fields(child).get(11..13).map_or(0, |f| f.iter().sum());
+    }
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_micros(ticks * 1_000_000 / hz)
@@ -146,28 +166,23 @@ fn main() {
                     .block_on(AuditTrail::open_postgres(&url, metrics.clone(), durability))
                     .unwrap(),
             );
-            // The writer connects on its first batch; find its server process after it.
             trail.record(event(0));
             assert!(trail.flush(Duration::from_secs(10)));
+            // The postmaster: the parent of this connection's backend.
             let backend: i32 = runtime
-                .block_on(
-                    sqlx::query_scalar(
-                        "SELECT pid FROM pg_stat_activity WHERE application_name = 'keybrake-audit'
-                         AND datname = current_database()",
-                    )
-                    .fetch_one(&pool),
-                )
+                .block_on(sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&pool))
                 .unwrap();
-            let server0 = cpu_of(backend);
+            let postmaster = stat_fields(backend).get(1).copied().unwrap_or(0) as i32;
+            let server0 = cluster_cpu(postmaster);
             let (rate, cpu) = run(&trail, &metrics, n);
-            let server = cpu_of(backend) - server0;
+            let server = cluster_cpu(postmaster).saturating_sub(server0);
             pg.0.push(rate);
             pg.1.push(cpu);
             pg.2.push(server.as_secs_f64() * 1e6 / n as f64);
             runtime.block_on(pool.close());
         }
         println!(
-            "  {durability:?}: sqlite {:>8.0} events/s {:>5.2} µs CPU/event | postgres {:>8.0} events/s {:>5.2} µs CPU/event + server backend {:>5.2} µs/event",
+            "  {durability:?}: sqlite {:>8.0} events/s {:>5.2} µs CPU/event | postgres {:>8.0} events/s {:>5.2} µs CPU/event + server {:>5.2} µs/event",
             median(sqlite.0),
             median(sqlite.1),
             median(pg.0),

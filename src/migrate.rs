@@ -237,6 +237,13 @@ fn store_tables(conn: &rusqlite::Connection) -> Result<Vec<String>> {
     let mut names: Vec<String> = stmt
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
+    // Names go into SQL text: only plain lower-case identifiers, as keybrake creates.
+    if let Some(odd) = names.iter().find(|n| {
+        !n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }) {
+        bail!("keybrake.db has a table keybrake does not create ({odd:?}): not copied");
+    }
     names.sort_by_key(|n| {
         STORE_ORDER
             .iter()

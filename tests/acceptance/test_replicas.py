@@ -304,6 +304,8 @@ def test_postgres_lost_while_running_then_back(tmp_path, fake_stripe, stripe_sec
         assert pay(e, key["token"]).status_code == 200  # the proxy now holds a lease
 
         own_cluster.stop()
+        served = pay(e, key["token"])
+        assert served.status_code == 200, f"the proxy stopped serving on its lease: {served.text[:300]}"
         unavailable = wait_until(lambda: t.call("GET", "/v1/keys").status_code == 503, timeout=10)
         assert unavailable, "the control API still answers without its database"
         assert_control_error(t.call("GET", "/v1/keys"), 503, "storage_unavailable")
@@ -311,8 +313,6 @@ def test_postgres_lost_while_running_then_back(tmp_path, fake_stripe, stripe_sec
                              "allowed_endpoints": ["/v1/**"], "daily_usd_cap": 1}), 503, "storage_unavailable")
         assert a.control("GET", "/readyz").status_code == 503
         assert a.control("GET", "/healthz").status_code == 200, "the process itself is alive"
-        served = pay(e, key["token"])
-        assert served.status_code == 200, f"the proxy stopped serving on its lease: {served.text[:300]}"
 
         own_cluster.start_again()
         back = wait_until(lambda: a.control("GET", "/readyz").status_code == 200, timeout=15, interval=0.2)

@@ -190,12 +190,11 @@ YAML
 with_postgres() {
   [ "${BACKEND:-sqlite}" = postgres ] || return 0
   [ -n "${KB_DATABASE_URL:-}" ] && return 0
-  local pin=() cpus="${PG_CPUS:-$SERVER_CPUS}"
-  [ -n "$cpus" ] && command -v taskset >/dev/null && pin=(taskset -c "$cpus")
   cleanup
   trap - EXIT
-  # The child script finds the database in KEYBRAKE_TEST_DATABASE_URL.
-  exec "${pin[@]}" python3 "$KB_ROOT/tests/acceptance/pg.py" run -- \
+  # The child script finds the database in KEYBRAKE_TEST_DATABASE_URL; pg.py starts the
+  # server under `taskset -c $KEYBRAKE_PG_CPUS`.
+  KEYBRAKE_PG_CPUS="${PG_CPUS:-$SERVER_CPUS}" exec python3 "$KB_ROOT/tests/acceptance/pg.py" run -- \
     env KB_PG_FROM_PARENT=1 BACKEND=postgres bash "$0" "$@"
 }
 if [ "${KB_PG_FROM_PARENT:-}" = 1 ] && [ -n "${KEYBRAKE_TEST_DATABASE_URL:-}" ]; then

@@ -143,8 +143,21 @@ class Cluster:
         """Start the server on the existing data directory and the same port."""
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
                 f"-c max_connections={MAX_CONNECTIONS}")
-        self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.log), "-w",
-                  "-t", str(START_TIMEOUT_S), "start", timeout=START_TIMEOUT_S + 10)
+        # Diagnostics only (a load test asking what a setting costs), never the suite.
+        if os.environ.get("KEYBRAKE_PG_OPTS"):
+            opts += " " + os.environ["KEYBRAKE_PG_OPTS"]
+        argv = ["pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.log), "-w",
+                "-t", str(START_TIMEOUT_S), "start"]
+        # Load tests put the server on chosen CPUs (the postmaster's backends inherit them).
+        cpus = os.environ.get("KEYBRAKE_PG_CPUS")
+        if cpus and shutil.which("taskset"):
+            cmd = ["taskset", "-c", cpus, *self._server_cmd(*argv)]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=START_TIMEOUT_S + 10,
+                                 stdin=subprocess.DEVNULL)
+            if out.returncode != 0:
+                raise RuntimeError(f"pg_ctl start failed ({out.returncode}): {out.stderr[-2000:]}{self.tail()}")
+        else:
+            self._run(*argv, timeout=START_TIMEOUT_S + 10)
         self.running = True
         return self
 

@@ -6,12 +6,13 @@
 use super::Control;
 use crate::ids::{new_id, token_hash};
 use crate::money::Micros;
-use crate::sync::{AuditEvent, AuditSink, LeaseReport, LeaseRequest, LedgerError};
+use crate::sync::{AuditEvent, LeaseReport, LeaseRequest, LedgerError};
 use crate::token::{now_secs, unix_ms, Jwks};
 use anyhow::Result;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Revocations kept for deltas: a node further behind than this gets a full snapshot.
@@ -322,10 +323,17 @@ impl Control {
     }
 
     /// Audit events recorded by a node, into the same trail as `serve`'s.
-    pub fn node_audit(&self, events: Vec<AuditEvent>) {
-        for e in events {
-            self.audit.record(e);
-        }
+    /// Records a node's batch and answers once it is committed (false: not all of it
+    /// could be, the node must send it again).
+    pub async fn node_audit(self: &Arc<Self>, events: Vec<AuditEvent>) -> bool {
+        let control = self.clone();
+        tokio::task::spawn_blocking(move || {
+            control
+                .audit
+                .record_all_durably(events, std::time::Duration::from_secs(5))
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Called when a change nodes hold is published.

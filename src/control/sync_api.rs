@@ -163,7 +163,10 @@ async fn audit(
         return Err(too_many());
     }
     let n = body.events.len();
-    s.control.node_audit(body.events);
+    // Acknowledged only once written: a replica that dies after answering has kept them.
+    if !s.control.node_audit(body.events).await {
+        return Err(ApiError::StorageUnavailable);
+    }
     Ok(Json(json!({ "recorded": n })))
 }
 

@@ -219,6 +219,36 @@ impl AuditTrail {
             }
     }
 
+    /// Queues every event and blocks the calling thread until all are committed, at most
+    /// `timeout`: what the control plane waits for before it acknowledges a node's batch,
+    /// so a replica killed after answering never loses events the node then forgets. False
+    /// when one was dropped (queue full), given up on, or the wait timed out; the node sends
+    /// the batch again (events already written are then recorded twice: over-counted spend,
+    /// never lost spend).
+    pub fn record_all_durably(&self, events: Vec<AuditEvent>, timeout: Duration) -> bool {
+        let mut range: Option<(u64, u64)> = None;
+        let mut dropped = false;
+        for event in events {
+            match self.push(event) {
+                Some(t) => range = Some((range.map_or(t, |r| r.0), t)),
+                None => dropped = true,
+            }
+        }
+        let Some((first, last)) = range else {
+            return !dropped;
+        };
+        self.shared.work.notify_one();
+        let passes = lock(&self.shared.passes);
+        let (passes, wait) = self
+            .shared
+            .pass_done
+            .wait_timeout_while(passes, timeout, |p| p.durable < last)
+            .unwrap_or_else(|p| p.into_inner());
+        !dropped
+            && !wait.timed_out()
+            && !passes.failed.iter().any(|&(a, b)| a <= last && first <= b)
+    }
+
     /// Queues the event; its ticket, or None when the queue was full (dropped).
     fn push(&self, event: AuditEvent) -> Option<u64> {
         let mut pending = lock(&self.shared.pending);

@@ -12,7 +12,8 @@ use crate::money::Micros;
 use crate::revocation::RevocationFilter;
 use crate::secret::Secret;
 use crate::sync::{
-    AuditEvent, AuditSink, Credentials, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
+    AuditEvent, AuditSink, Credentials, LeaseCommit, LeaseReport, LeaseRequest, Ledger,
+    LedgerError, Published,
 };
 use crate::token::{unix_ms, Verifier};
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,6 +40,8 @@ const AUDIT_BUFFER: usize = 50_000;
 const AUDIT_BATCH_BYTES: usize = 48 * 1024;
 /// Most leases asked for in one request.
 const LEASE_BATCH: usize = 200;
+/// Most write-ahead rows in one request: well under the control API's 64 KiB body limit.
+const COMMIT_BATCH: usize = 400;
 
 /// Node metrics beside the shared ones (`keybrake_sync_lag_seconds`,
 /// `keybrake_audit_dropped_total`).
@@ -261,6 +264,43 @@ impl Ledger for HttpLedger {
             }
         }
         Ok(())
+    }
+
+    /// One HTTP round trip per `COMMIT_BATCH` rows (`WriteAhead` sends one row per key).
+    async fn commit(&self, commits: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+        let mut out = Vec::with_capacity(commits.len());
+        for chunk in commits.chunks(COMMIT_BATCH) {
+            let n = chunk.len();
+            let body = json!({ "commits": chunk });
+            let client = self.client.clone();
+            let answer = blocking(move || {
+                client.call(
+                    "POST",
+                    "/v1/sync/commits",
+                    Some(body),
+                    Duration::from_secs(5),
+                )
+            })
+            .await;
+            match answer {
+                Some(Ok(v)) => match v["committed"].as_array() {
+                    Some(a) if a.len() == n => {
+                        out.extend(a.iter().map(|b| b.as_bool() == Some(true)));
+                    }
+                    _ => {
+                        return Err(LedgerError(
+                            "the control plane's commit answer does not match the request".into(),
+                        ))
+                    }
+                },
+                Some(Err(CallError::Unauthorized)) => {
+                    return Err(LedgerError("this node's token was refused".into()))
+                }
+                Some(Err(CallError::Other(e))) => return Err(LedgerError(e)),
+                None => return Err(LedgerError("commit task failed".into())),
+            }
+        }
+        Ok(out)
     }
 
     fn leases_valid_until(&self) -> i64 {

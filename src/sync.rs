@@ -57,6 +57,8 @@ pub struct LeaseRequest {
 /// What a proxy did with its leases: `spent` moved from held to settled, `returned`
 /// went back to the key's remaining budget. `overspent` is spend metered from a vendor's
 /// response beyond any lease (the vendor already charged it): it is recorded as settled.
+/// `unreserved` is committed budget (`LeaseCommit`) whose call was refused, never sent or
+/// cost less than reserved: it went back into the holder's own lease, no longer committed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LeaseReport {
     pub key_id: String,
@@ -64,6 +66,20 @@ pub struct LeaseReport {
     pub spent: Micros,
     pub returned: Micros,
     pub overspent: Micros,
+    #[serde(default)]
+    pub unreserved: Micros,
+}
+
+/// Write-ahead of reservations: before a proxy forwards a call it reserved `amount` for,
+/// the ledger records that much of the holder's lease on the key as committed. Should the
+/// holder die, committed budget is settled as spent when its leases are reclaimed; only
+/// the uncommitted rest goes back to the key (SPEC §5: a dead proxy loses only its unused
+/// lease). Settled spend and `unreserved` in a later `LeaseReport` uncommit it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseCommit {
+    pub key_id: String,
+    pub day: i64,
+    pub amount: Micros,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +107,14 @@ pub trait Ledger: Send + Sync + 'static {
     }
 
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError>;
+
+    /// Records each commit durably before answering, atomically per (key, day): `true`
+    /// when the holder's lease holds that much uncommitted budget (so the caller may
+    /// forward), `false` when it does not (the lease was reclaimed: the holder was taken
+    /// for dead). Every commit of one (key, day) in a call gets the same answer. An error
+    /// means the outcome is unknown: the caller forwards nothing.
+    async fn commit(&self, commits: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError>;
+
     fn leases_valid_until(&self) -> i64 {
         i64::MAX
     }

@@ -6,7 +6,7 @@
 use super::Control;
 use crate::ids::{new_id, token_hash};
 use crate::money::Micros;
-use crate::sync::{AuditEvent, AuditSink, LeaseReport, LeaseRequest, LedgerError};
+use crate::sync::{AuditEvent, AuditSink, LeaseCommit, LeaseReport, LeaseRequest, LedgerError};
 use crate::token::{now_secs, unix_ms, Jwks};
 use anyhow::Result;
 use dashmap::DashMap;
@@ -304,6 +304,16 @@ impl Control {
         reports: Vec<LeaseReport>,
     ) -> Result<(), LedgerError> {
         self.report_for(&holder_id(node, session), reports).await
+    }
+
+    /// Write-ahead of a node session's reservations (`sync::LeaseCommit`).
+    pub async fn node_commit(
+        &self,
+        node: &str,
+        session: &str,
+        commits: Vec<LeaseCommit>,
+    ) -> Result<Vec<bool>, LedgerError> {
+        self.commit_for(&holder_id(node, session), commits).await
     }
 
     /// Audit events recorded by a node, into the same trail as `serve`'s.

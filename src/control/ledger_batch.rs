@@ -7,6 +7,11 @@
 //! The grant rule is `Store::lease_grant`'s: the remaining budget (`cap` less settled
 //! and held) is checked and taken in one conditional statement, so processes sharing the
 //! database never grant more than a cap together.
+//!
+//! Write-ahead: a lease row's `committed` is the part of it that reservations took for
+//! calls that may have reached the vendor and were not yet reported spent or unreserved.
+//! `lease_commit_many` adds to it before a proxy forwards; reports take from it; when a
+//! holder dies, `Store::reclaim_holder` settles it as spent and gives back only the rest.
 
 use super::store::Store;
 use crate::money::Micros;
@@ -112,26 +117,24 @@ impl Store {
         Ok(grants)
     }
 
-    /// What a holder did with its leases, in one transaction (`lease_report`'s rule for
-    /// each row, in order): `settled` is added to the key's settled spend, and `released`
-    /// leaves its lease, and the key's held budget, as far as the lease still holds it.
-    pub async fn lease_report_many(
-        &self,
-        holder: &str,
-        reports: &[(String, i64, Micros, Micros)],
-    ) -> Result<()> {
+    /// What a holder did with its leases, in one transaction, each row applied in order:
+    /// `settled` is added to the key's settled spend; `spent` and `unreserved` leave the
+    /// lease's committed part (`lease_commit_many`); `spent` and `returned` leave the
+    /// lease, and the key's held budget, as far as the lease holds uncommitted budget:
+    /// committed budget stays held until its call is reported spent or unreserved.
+    pub async fn lease_report_many(&self, holder: &str, reports: &[ReportRow]) -> Result<()> {
         if reports.is_empty() {
             return Ok(());
         }
         let keys: Vec<serde_json::Value> = reports
             .iter()
-            .map(|(k, d, _, _)| serde_json::json!([k, d]))
+            .map(|r| serde_json::json!([r.key_id, r.day]))
             .collect();
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let held_rows = sqlx::query(
+        let lease_rows = sqlx::query(
             // CROSS JOIN keeps the batch the outer loop: one primary-key probe per row,
             // not a scan of all the holder's leases.
-            "SELECT l.key_id, l.day, l.held FROM json_each(?2) AS r
+            "SELECT l.key_id, l.day, l.held, l.committed FROM json_each(?2) AS r
              CROSS JOIN leases AS l
                ON l.holder = ?1 AND l.key_id = json_extract(r.value, '$[0]')
                   AND l.day = json_extract(r.value, '$[1]')",
@@ -140,26 +143,53 @@ impl Store {
         .bind(serde_json::Value::Array(keys).to_string())
         .fetch_all(&mut *tx)
         .await?;
-        let mut held: HashMap<(String, i64), i64> = held_rows
+        // Per (key, day): the lease (held, committed) as the rows leave it.
+        let mut leases: HashMap<(String, i64), (i64, i64)> = lease_rows
             .iter()
-            .map(|r| ((r.get("key_id"), r.get("day")), r.get("held")))
+            .map(|r| {
+                (
+                    (r.get("key_id"), r.get("day")),
+                    (r.get("held"), r.get("committed")),
+                )
+            })
             .collect();
-        // Per (key, day): settled added, released from the lease.
+        // Per (key, day): settled added, taken out of the lease.
         let mut totals: HashMap<(String, i64), (i64, i64)> = HashMap::new();
-        for (key_id, day, settled, released) in reports {
-            let slot = (key_id.clone(), *day);
-            let take = match held.get_mut(&slot) {
-                Some(h) => {
-                    let take = (*h).clamp(0, released.0.max(0));
-                    *h -= take;
+        for r in reports {
+            let slot = (r.key_id.clone(), r.day);
+            let take = match leases.get_mut(&slot) {
+                Some((held, committed)) => {
+                    let done = r.spent.0.max(0).saturating_add(r.unreserved.0.max(0));
+                    *committed = committed.saturating_sub(done).max(0);
+                    let leave = r.spent.0.max(0).saturating_add(r.returned.0.max(0));
+                    let take = leave.clamp(0, (*held - *committed).max(0));
+                    *held -= take;
                     take
                 }
                 None => 0,
             };
             let t = totals.entry(slot).or_default();
-            t.0 = t.0.saturating_add(settled.0);
+            t.0 = t.0.saturating_add(r.settled.0);
             t.1 = t.1.saturating_add(take);
         }
+        let lease_values: Vec<serde_json::Value> = leases
+            .iter()
+            .map(|((k, d), (h, c))| serde_json::json!([k, d, h, c]))
+            .collect();
+        // An upsert of rows read above (it never inserts), so the batch drives: an
+        // UPDATE ... FROM scans the holder's leases.
+        sqlx::query(
+            "INSERT INTO leases (holder, key_id, day, held, committed)
+             SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
+                    json_extract(value, '$[2]'), json_extract(value, '$[3]')
+             FROM json_each(?2) WHERE true
+             ON CONFLICT (holder, key_id, day)
+             DO UPDATE SET held = excluded.held, committed = excluded.committed",
+        )
+        .bind(holder)
+        .bind(serde_json::Value::Array(lease_values).to_string())
+        .execute(&mut *tx)
+        .await?;
         let rows: Vec<serde_json::Value> = totals
             .iter()
             .map(|((k, d), (s, t))| serde_json::json!([k, d, s, t]))
@@ -174,19 +204,8 @@ impl Store {
         };
         let rows2 = report_rows("?2");
         let rows1 = report_rows("?1");
-        // An upsert, so the batch drives (an UPDATE ... FROM scans the holder's leases).
-        // Only leases read above have a take, so it never inserts.
         sqlx::query(&format!(
-            "INSERT INTO leases (holder, key_id, day, held) SELECT ?1, k, d, -t FROM ({rows2})
-             WHERE t > 0
-             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = held + excluded.held"
-        ))
-        .bind(holder)
-        .bind(&rows)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(&format!(
-            "DELETE FROM leases WHERE holder = ?1 AND held <= 0
+            "DELETE FROM leases WHERE holder = ?1 AND held <= 0 AND committed <= 0
                AND (key_id, day) IN (SELECT k, d FROM ({rows2}))"
         ))
         .bind(holder)
@@ -210,6 +229,82 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+
+    /// Write-ahead of reservations (`sync::LeaseCommit`), in one transaction: each
+    /// (key, day)'s amounts, summed, are added to the holder's lease as committed if the
+    /// lease holds that much uncommitted budget and the holder is alive at `now` (its
+    /// leases not yet reclaimable). The answers, in the order of `commits`.
+    pub async fn lease_commit_many(
+        &self,
+        holder: &str,
+        now: i64,
+        commits: &[(String, i64, Micros)],
+    ) -> Result<Vec<bool>> {
+        let mut sums: HashMap<(&str, i64), i64> = HashMap::new();
+        for (k, d, a) in commits {
+            let sum = sums.entry((k.as_str(), *d)).or_default();
+            *sum = sum.saturating_add(a.0.max(0));
+        }
+        if sums.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<serde_json::Value> = sums
+            .iter()
+            .map(|((k, d), a)| serde_json::json!([k, d, a]))
+            .collect();
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let alive: Option<i64> =
+            sqlx::query_scalar("SELECT alive_until FROM holders WHERE id = ?1")
+                .bind(holder)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if alive.is_none_or(|until| until < now) {
+            tx.rollback().await?;
+            return Ok(vec![false; commits.len()]);
+        }
+        // Only rows read from `leases` are upserted (it never inserts); the batch drives
+        // with one primary-key probe per row.
+        let done = sqlx::query(
+            "INSERT INTO leases (holder, key_id, day, held, committed)
+             SELECT l.holder, l.key_id, l.day, l.held, json_extract(r.value, '$[2]')
+             FROM json_each(?2) AS r
+             CROSS JOIN leases AS l
+               ON l.holder = ?1 AND l.key_id = json_extract(r.value, '$[0]')
+                  AND l.day = json_extract(r.value, '$[1]')
+             WHERE l.committed + json_extract(r.value, '$[2]') <= l.held
+             ON CONFLICT (holder, key_id, day)
+             DO UPDATE SET committed = committed + excluded.committed
+             RETURNING key_id, day",
+        )
+        .bind(holder)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let ok: std::collections::HashSet<(String, i64)> = done
+            .iter()
+            .map(|r| (r.get("key_id"), r.get("day")))
+            .collect();
+        Ok(commits
+            .iter()
+            .map(|(k, d, _)| ok.contains(&(k.clone(), *d)))
+            .collect())
+    }
+}
+
+/// One row of a holder's spend report (`Store::lease_report_many`).
+#[derive(Debug, Clone, Default)]
+pub struct ReportRow {
+    pub key_id: String,
+    pub day: i64,
+    /// Added to the key's settled spend (spent from the lease, and overspent beyond it).
+    pub settled: Micros,
+    /// Spent from the lease: leaves it and its committed part.
+    pub spent: Micros,
+    /// Given back to the key: leaves the lease.
+    pub returned: Micros,
+    /// Committed and not spent, back in the holder's lease: leaves the committed part.
+    pub unreserved: Micros,
 }
 
 #[cfg(test)]
@@ -221,6 +316,77 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Store::open(&dir).await.unwrap()
+    }
+
+    fn row(key: &str, settled: i64, spent: i64, returned: i64, unreserved: i64) -> ReportRow {
+        ReportRow {
+            key_id: key.into(),
+            day: 7,
+            settled: Micros(settled),
+            spent: Micros(spent),
+            returned: Micros(returned),
+            unreserved: Micros(unreserved),
+        }
+    }
+
+    fn commit(key: &str, amount: i64) -> (String, i64, Micros) {
+        (key.into(), 7, Micros(amount))
+    }
+
+    #[tokio::test]
+    async fn committed_budget_stays_held_until_reported_and_is_settled_when_its_holder_dies() {
+        let s = store("commit-many").await;
+        s.register_holder("h1", 0, 100).await.unwrap();
+        let grants = s
+            .lease_grant_many("h1", &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 4)])
+            .await
+            .unwrap();
+        assert_eq!(grants, vec![Micros(10), Micros(4)]);
+        // Two rows of one key are summed; a key without a lease, or beyond it, is refused.
+        let answers = s
+            .lease_commit_many(
+                "h1",
+                50,
+                &[
+                    commit("k_a", 3),
+                    commit("k_b", 5),
+                    commit("k_a", 2),
+                    commit("k_c", 1),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(answers, vec![true, false, true, false]);
+        // k_a: 5 committed. A report of 2 spent, 1 unreserved and all 10 returned leaves
+        // the 2 still committed in the lease.
+        s.lease_report_many("h1", &[row("k_a", 2, 2, 10, 1)])
+            .await
+            .unwrap();
+        let held = |leases: &[(String, i64, Micros)], k: &str| {
+            leases.iter().find(|l| l.0 == k).map(|l| l.2)
+        };
+        assert_eq!(
+            held(&s.leases_of("h1").await.unwrap(), "k_a"),
+            Some(Micros(2))
+        );
+        // Past its life, nothing more is committed.
+        assert_eq!(
+            s.lease_commit_many("h1", 101, &[commit("k_b", 1)])
+                .await
+                .unwrap(),
+            vec![false]
+        );
+        // Reclaimed: the 2 committed are settled as spent (whatever the audit trail knew),
+        // k_b's 4 (never committed) come back.
+        let back = s.reclaim_holder("h1", &HashMap::new()).await.unwrap();
+        assert_eq!(back, Micros(4));
+        assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(4));
+        assert_eq!(s.ledger_row("k_a", 7).await.unwrap().held, Micros::ZERO);
+        let again = s
+            .lease_grant_many("h2", &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 10)])
+            .await
+            .unwrap();
+        assert_eq!(again, vec![Micros(6), Micros(10)]);
     }
 
     fn ask(key: &str, cap: i64, min: i64, want: i64) -> GrantRequest {
@@ -268,9 +434,9 @@ mod tests {
         s.lease_report_many(
             "h2",
             &[
-                ("k_b".into(), 7, Micros(7), Micros(7)),
-                ("k_b".into(), 7, Micros(0), Micros(3)),
-                ("k_a".into(), 7, Micros(1), Micros(2)),
+                row("k_b", 7, 7, 0, 0),
+                row("k_b", 0, 0, 3, 0),
+                row("k_a", 1, 0, 2, 0),
             ],
         )
         .await

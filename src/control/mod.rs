@@ -26,7 +26,9 @@ use crate::metrics::Metrics;
 use crate::money::Micros;
 use crate::revocation::RevocationFilter;
 use crate::secret::Secret;
-use crate::sync::{utc_day, LeaseReport, LeaseRequest, Ledger, LedgerError, Published};
+use crate::sync::{
+    utc_day, LeaseCommit, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
+};
 use crate::token::{generate_ed25519, now_secs, unix_ms, Claims, Jwk, Jwks, SigningKey, Verifier};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
@@ -862,12 +864,33 @@ impl Control {
         let overflow = || LedgerError("spend report out of range".into());
         let mut rows = Vec::with_capacity(reports.len());
         for r in reports {
-            let settled = r.spent.checked_add(r.overspent).ok_or_else(overflow)?;
-            let released = r.spent.checked_add(r.returned).ok_or_else(overflow)?;
-            rows.push((r.key_id, r.day, settled, released));
+            rows.push(ledger_batch::ReportRow {
+                settled: r.spent.checked_add(r.overspent).ok_or_else(overflow)?,
+                key_id: r.key_id,
+                day: r.day,
+                spent: r.spent,
+                returned: r.returned,
+                unreserved: r.unreserved,
+            });
         }
         self.store
             .lease_report_many(holder, &rows)
+            .await
+            .map_err(|e| LedgerError(format!("{e:#}")))
+    }
+
+    /// Write-ahead of `holder`'s reservations, in one store transaction.
+    async fn commit_for(
+        &self,
+        holder: &str,
+        commits: Vec<LeaseCommit>,
+    ) -> Result<Vec<bool>, LedgerError> {
+        let rows: Vec<(String, i64, Micros)> = commits
+            .into_iter()
+            .map(|c| (c.key_id, c.day, c.amount))
+            .collect();
+        self.store
+            .lease_commit_many(holder, now_secs(), &rows)
             .await
             .map_err(|e| LedgerError(format!("{e:#}")))
     }
@@ -899,6 +922,10 @@ impl Ledger for Control {
 
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
         self.report_for(&self.holder, reports).await
+    }
+
+    async fn commit(&self, commits: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+        self.commit_for(&self.holder, commits).await
     }
 
     fn leases_valid_until(&self) -> i64 {

@@ -16,7 +16,8 @@ use std::time::Duration;
 /// first is the whole schema, one `CREATE` per table; a change to the schema of a released
 /// version is a new entry at the end, never an edit of one that shipped. The audit trail
 /// has its own file and schema (`audit::SCHEMA`).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tenants (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -91,7 +92,11 @@ CREATE TABLE leases (
     held INTEGER NOT NULL,
     PRIMARY KEY (holder, key_id, day)
 );
-"#];
+"#,
+    // Write-ahead of reservations (`ledger_batch`): the part of a lease that calls which
+    // may have reached the vendor took, settled as spent if its holder dies.
+    "ALTER TABLE leases ADD COLUMN committed INTEGER NOT NULL DEFAULT 0;",
+];
 
 /// The store's file in the data dir.
 pub const FILE: &str = "keybrake.db";
@@ -827,25 +832,31 @@ impl Store {
     }
 
     /// Gives back the leases of a dead holder, after adding to each key's settled spend
-    /// what `known_spent` says it spent of its lease (at most the lease). Removes the
-    /// holder, whose later reports then release nothing.
+    /// what it spent of its lease: the lease's committed part (write-ahead, see
+    /// `ledger_batch`) or what `known_spent` says, whichever is more, at most the lease.
+    /// Removes the holder, whose later reports then release nothing.
     pub async fn reclaim_holder(
         &self,
         holder: &str,
         known_spent: &std::collections::HashMap<(String, i64), Micros>,
     ) -> Result<Micros> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query("SELECT key_id, day, held FROM leases WHERE holder = ?")
+        let rows = sqlx::query("SELECT key_id, day, held, committed FROM leases WHERE holder = ?")
             .bind(holder)
             .fetch_all(&mut *tx)
             .await?;
         let mut returned = Micros::ZERO;
         for r in &rows {
-            let (key_id, day, held): (String, i64, i64) =
-                (r.get("key_id"), r.get("day"), r.get("held"));
+            let (key_id, day, held, committed): (String, i64, i64, i64) = (
+                r.get("key_id"),
+                r.get("day"),
+                r.get("held"),
+                r.get("committed"),
+            );
             let spent = known_spent
                 .get(&(key_id.clone(), day))
                 .map_or(0, |m| m.0)
+                .max(committed)
                 .clamp(0, held.max(0));
             ledger_add_on(&mut tx, &key_id, day, Micros(spent), Micros(-held)).await?;
             returned = returned

@@ -169,9 +169,10 @@ def test_a_node_deleted_while_running_is_cut_off_within_one_second(fleet):
 
 
 def test_control_plane_down_then_back(fleet, fake_stripe):
-    """Control stopped: nodes serve within their leases, then 503 control_unreachable
-    after max_staleness; control back: they serve again within 2 s; nothing counted
-    twice or lost."""
+    """Control stopped: nodes serve within the budget they committed ahead (every
+    metered call is committed on the control plane before it is forwarded; a key commits
+    as much again as it needs), then 503 control_unreachable after max_staleness; control
+    back: they serve again within 2 s; nothing counted twice or lost."""
     control, tenant, node = fleet
     nodes = [node(f"edge{i}", extra_args=["--max-staleness", "2"]) for i in range(2)]
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=32)
@@ -204,10 +205,11 @@ def test_control_plane_down_then_back(fleet, fake_stripe):
 
 
 def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(fleet, fake_stripe):
-    """A node SIGKILLed mid-burst: after the lease lifetime its lease is settled from the
-    audit trail and the rest returns, so the live nodes spend up to the cap. What the
-    dead node had already forwarded when it died (at most its requests in flight: two
-    workers here) never reached the audit trail; that is the one bound this proves."""
+    """A node SIGKILLed mid-burst: Stripe never accepts more than the cap. Every call a
+    node forwards was committed in the ledger first (write-ahead), so the dead node's
+    calls in flight stay counted; after the lease lifetime the rest of its lease returns
+    and the live nodes spend up to the cap. What can be lost is at most the dead node's
+    calls in flight that never reached Stripe (two workers here)."""
     control, tenant, node = fleet
     nodes = [node(f"edge{i}") for i in range(3)]
     cap = 60
@@ -235,7 +237,7 @@ def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(f
     time.sleep(1.0)
     before = len(accepted(fake_stripe))
     assert before < cap, "the whole cap was spent before the kill; the test proves nothing"
-    assert tenant.get_key(key["id"])["spent_today_usd"] <= cap
+    assert before <= tenant.get_key(key["id"])["spent_today_usd"] <= cap
     # After the lease lifetime (6 s here) plus the reclaim period, the dead node's
     # unused lease is back: the live nodes can spend up to the cap.
     time.sleep(9)
@@ -245,8 +247,9 @@ def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(f
                 break
     total = len(accepted(fake_stripe))
     print(f"kill -9 after {before} accepted; total accepted {total} against a ${cap} cap")
-    assert total <= cap + workers_on_killed, f"Stripe accepted ${total} against a ${cap} cap"
-    assert total >= cap - 4, f"only ${total} of ${cap} could be spent: the dead node's lease did not return"
+    assert total <= cap, f"Stripe accepted ${total} against a ${cap} cap"
+    assert total >= cap - workers_on_killed, (
+        f"only ${total} of ${cap} could be spent: the dead node's unused lease did not return")
     for e in nodes[1:]:
         assert_denied(pay(e, key["token"]), 429, "cap_exhausted")
     assert tenant.get_key(key["id"])["spent_today_usd"] == cap

@@ -49,6 +49,10 @@ struct EdgeMetrics {
     snapshot_version: IntGauge,
     lease_requests: IntCounter,
     lease_failures: IntCounter,
+    /// HTTP calls carrying lease requests: requests per call is the batching.
+    lease_calls: IntCounter,
+    commit_rows: IntCounter,
+    commit_calls: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -65,6 +69,18 @@ impl EdgeMetrics {
             lease_failures: prometheus::register_int_counter!(
                 "keybrake_lease_failures_total",
                 "Budget lease requests that failed (control plane unreachable or refused)"
+            )?,
+            lease_calls: prometheus::register_int_counter!(
+                "keybrake_lease_calls_total",
+                "Calls to the control plane carrying lease requests (several keys per call)"
+            )?,
+            commit_rows: prometheus::register_int_counter!(
+                "keybrake_commit_rows_total",
+                "Write-ahead rows (one per key per batch) sent to the control plane"
+            )?,
+            commit_calls: prometheus::register_int_counter!(
+                "keybrake_commit_calls_total",
+                "Write-ahead calls to the control plane (each commits every reservation waiting)"
             )?,
         })
     }
@@ -179,6 +195,7 @@ impl HttpLedger {
     async fn post_leases(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
         let n = requests.len();
         self.metrics.lease_requests.inc_by(n as u64);
+        self.metrics.lease_calls.inc();
         let client = self.client.clone();
         let answer = blocking(move || {
             client.call(
@@ -271,6 +288,8 @@ impl Ledger for HttpLedger {
         let mut out = Vec::with_capacity(commits.len());
         for chunk in commits.chunks(COMMIT_BATCH) {
             let n = chunk.len();
+            self.metrics.commit_rows.inc_by(n as u64);
+            self.metrics.commit_calls.inc();
             let body = json!({ "commits": chunk });
             let client = self.client.clone();
             let answer = blocking(move || {

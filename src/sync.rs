@@ -42,10 +42,24 @@ pub fn utc_day(unix_secs: i64) -> i64 {
     unix_secs.div_euclid(86_400)
 }
 
+/// Which budget a lease, a report or a commit is about. Today one budget binds a request:
+/// its key's daily cap (`key_daily`, also what a message without the field means).
+/// Budgets above the key (SPEC §9: tenant, label prefix, per vendor) will be more
+/// variants; a request bound by several will send one row per budget in the same call,
+/// granted or committed all or nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Budget {
+    #[default]
+    KeyDaily,
+}
+
 /// Ask for a slice of a key's remaining budget for `day`. The ledger grants either
 /// nothing or between `min` and `want`, and counts the grant as spent until returned.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeaseRequest {
+    #[serde(default)]
+    pub budget: Budget,
     pub key_id: String,
     pub tenant_id: String,
     pub day: i64,
@@ -61,6 +75,8 @@ pub struct LeaseRequest {
 /// cost less than reserved: it went back into the holder's own lease, no longer committed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LeaseReport {
+    #[serde(default)]
+    pub budget: Budget,
     pub key_id: String,
     pub day: i64,
     pub spent: Micros,
@@ -77,6 +93,8 @@ pub struct LeaseReport {
 /// lease). Settled spend and `unreserved` in a later `LeaseReport` uncommit it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseCommit {
+    #[serde(default)]
+    pub budget: Budget,
     pub key_id: String,
     pub day: i64,
     pub amount: Micros,
@@ -171,3 +189,31 @@ pub trait AuditSink: Send + Sync + 'static {
 }
 
 pub type SharedPublished = Arc<Published>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ledger_message_names_its_budget_and_only_known_budgets_are_read() {
+        let commit = LeaseCommit {
+            budget: Budget::KeyDaily,
+            key_id: "key_1".into(),
+            day: 20_000,
+            amount: Micros(5),
+        };
+        let json = serde_json::to_value(&commit).unwrap();
+        assert_eq!(json["budget"], "key_daily");
+        let report = serde_json::to_value(LeaseReport::default()).unwrap();
+        assert_eq!(report["budget"], "key_daily");
+        // A message from a node that predates the field binds the key's daily cap.
+        let old: LeaseRequest = serde_json::from_str(
+            r#"{"key_id":"key_1","tenant_id":"tn_1","day":1,"cap":10,"min":1,"want":2}"#,
+        )
+        .unwrap();
+        assert_eq!(old.budget, Budget::KeyDaily);
+        // A budget this ledger does not know is refused, never taken for the key's.
+        let unknown = r#"{"budget":"tenant_monthly","key_id":"key_1","day":1,"amount":5}"#;
+        assert!(serde_json::from_str::<LeaseCommit>(unknown).is_err());
+    }
+}

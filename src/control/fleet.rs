@@ -438,6 +438,49 @@ mod tests {
         assert!(!control.delete_node(&node).await.unwrap());
     }
 
+    #[tokio::test]
+    async fn a_credential_put_or_deleted_wakes_the_nodes_long_polls() {
+        let control = open("credentials").await;
+        let (node, _) = control.create_node("edge").await.unwrap();
+        control.node_hello(&node, "session-1").await.unwrap();
+        let (tenant, ..) = control.create_tenant("acme").await.unwrap();
+        let first = control
+            .node_poll(&node, "session-1", "", 0, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        for put in [true, false] {
+            let since = control.fleet.version();
+            let waiting = {
+                let (control, node, epoch) = (control.clone(), node.clone(), first.epoch.clone());
+                tokio::spawn(async move {
+                    control
+                        .node_poll(&node, "session-1", &epoch, since, Duration::from_secs(5))
+                        .await
+                        .unwrap()
+                        .unwrap()
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let started = std::time::Instant::now();
+            if put {
+                control
+                    .put_credential(&tenant, "stripe", Secret::new("sk_test_new"))
+                    .await
+                    .unwrap();
+            } else {
+                assert!(control.delete_credential(&tenant, "stripe").await.unwrap());
+            }
+            let answer = waiting.await.unwrap();
+            assert!(started.elapsed() < Duration::from_secs(1));
+            let held = answer.credentials.expect("the credentials travel");
+            assert_eq!(
+                held.get(&tenant).and_then(|v| v.get("stripe")).is_some(),
+                put
+            );
+        }
+    }
+
     #[test]
     fn sessions_are_short_and_plain() {
         assert!(valid_session("s06h3n7gfm0ddsce"));

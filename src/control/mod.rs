@@ -244,16 +244,25 @@ impl Control {
 
     /// Every second: this process's heartbeat as a lease holder; every few seconds, the
     /// leases of holders that stopped beating (a process killed, or stalled past its
-    /// lease lifetime) are settled with what the audit trail says they spent and the rest
-    /// given back. Runs until the process ends.
+    /// lease lifetime) are settled with what they committed (or the audit trail says they
+    /// spent, if more) and the rest given back. Runs until the process ends.
+    ///
+    /// No holder is taken for dead before this process has been up for a whole lease
+    /// lifetime: an edge node beats through its polls, so while no control process was
+    /// running (a restart, an upgrade) it could not beat, and must get a lifetime to reach
+    /// this one before its leases are taken back. Reclaiming later is always safe.
     pub async fn lease_upkeep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let every = (lease_lifetime_secs(&self.settings) / 4).max(1) as u64;
+        let lifetime = lease_lifetime_secs(&self.settings);
+        let every = (lifetime / 4).max(1) as u64;
+        let up_since = tokio::time::Instant::now();
         let mut n = 0u64;
         loop {
             tick.tick().await;
             self.heartbeat().await;
-            if n % every == 0 {
+            let reachable_for_a_lifetime =
+                up_since.elapsed() >= Duration::from_secs(lifetime.max(0) as u64);
+            if reachable_for_a_lifetime && n % every == 0 {
                 if let Err(e) = self.reclaim_dead_holders().await {
                     log::error!("cannot give back the leases of dead processes: {e:#}");
                 }
@@ -559,6 +568,8 @@ impl Control {
             .or_default()
             .insert(vendor.into(), secret);
         self.published.credentials.store(Arc::new(map));
+        // Edge nodes hold credentials too: wake their long-polls now.
+        self.feed_changed();
         Ok((row.last4, now))
     }
 
@@ -587,6 +598,9 @@ impl Control {
             }
         }
         self.published.credentials.store(Arc::new(map));
+        // A deleted credential must stop working on edge nodes at once, not at their
+        // next idle poll.
+        self.feed_changed();
         Ok(existed)
     }
 
@@ -1026,6 +1040,7 @@ mod tests {
 
     fn lease_request(key: &str, cap: i64, min: i64, want: i64) -> LeaseRequest {
         LeaseRequest {
+            budget: Default::default(),
             key_id: key.into(),
             tenant_id: "tn_x".into(),
             day: utc_day(now_secs()),

@@ -146,6 +146,7 @@ mod tests {
 
     fn ask(key: &str) -> LeaseRequest {
         LeaseRequest {
+            budget: Default::default(),
             key_id: key.into(),
             tenant_id: "tn_1".into(),
             day: 1,

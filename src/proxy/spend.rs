@@ -17,7 +17,7 @@ use super::lease_batch::LeaseBatcher;
 use super::write_ahead::WriteAhead;
 use crate::metrics::Metrics;
 use crate::money::Micros;
-use crate::sync::{utc_day, LeaseReport, LeaseRequest, Ledger, Published};
+use crate::sync::{utc_day, Budget, LeaseReport, LeaseRequest, Ledger, Published};
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -29,6 +29,24 @@ pub enum SpendError {
     #[error("the ledger is unavailable")]
     LedgerUnavailable,
 }
+
+/// Where a reservation's budget came from: the lease (committed before the call goes)
+/// or budget committed ahead (already counted by the ledger).
+enum Source {
+    Lease,
+    Ahead,
+}
+
+/// A key reserving from its headroom tops it up, without waiting, once fewer than
+/// `TOP_UP_BELOW` calls of the size just reserved are left in it, asking for `TOP_UP_TO`
+/// calls' worth (at most what its lease holds): what a process that dies loses of a busy
+/// key, besides its calls in flight.
+const TOP_UP_BELOW: i64 = 32;
+const TOP_UP_TO: i64 = 64;
+
+/// Rounds of 1 ms a reservation at the cap waits for headroom in transit: the ledger
+/// call's own timeout (5 s).
+const TRANSIT_WAITS: u32 = 5_000;
 
 /// Takes up to `most` from `counter`, never below zero; returns what it took.
 fn take_up_to(counter: &AtomicI64, most: Micros) -> Micros {
@@ -68,6 +86,12 @@ pub(super) struct KeySpend {
     /// Lease budget committed ahead of need (`write_ahead`'s headroom) and not reserved:
     /// a reservation taken from it forwards without a ledger round trip.
     precommitted: AtomicI64,
+    /// Headroom taken from `available` whose commit is not answered yet: it lands in
+    /// `precommitted` (or back in `available`), so a reservation at the cap waits for it
+    /// rather than being refused while budget is on its way.
+    ahead_in_transit: AtomicI64,
+    /// A top-up of the headroom is queued (`WriteAhead::top_up`): one at a time.
+    topping_up: std::sync::atomic::AtomicBool,
     last_used: AtomicI64,
     /// Reservations taken from this counter and not yet settled or released: the counter
     /// is never forgotten while one is out.
@@ -99,6 +123,27 @@ impl KeySpend {
 
     pub(super) fn add_precommitted(&self, amount: Micros) {
         self.precommitted.fetch_add(amount.0, Ordering::AcqRel);
+    }
+
+    /// The queued top-up was sent (or found nothing to commit).
+    pub(super) fn topped_up(&self) {
+        self.topping_up.store(false, Ordering::Release);
+    }
+
+    pub(super) fn add_in_transit(&self, amount: Micros) {
+        self.ahead_in_transit.fetch_add(amount.0, Ordering::AcqRel);
+    }
+
+    /// `amount` from the lease (to be committed) or, failing that, from the budget
+    /// committed ahead.
+    fn take_any(&self, amount: Micros) -> Option<Source> {
+        if self.try_take(amount) {
+            Some(Source::Lease)
+        } else if take_from(&self.precommitted, amount) {
+            Some(Source::Ahead)
+        } else {
+            None
+        }
     }
 
     fn available(&self) -> Micros {
@@ -158,6 +203,8 @@ impl KeySpend {
             unreported_overspent: AtomicI64::new(0),
             unreported_unreserved: AtomicI64::new(0),
             precommitted: AtomicI64::new(0),
+            ahead_in_transit: AtomicI64::new(0),
+            topping_up: std::sync::atomic::AtomicBool::new(false),
             last_used: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
             over_cap: std::sync::atomic::AtomicBool::new(false),
@@ -290,6 +337,8 @@ impl SpendBook {
                 unreported_overspent: AtomicI64::new(0),
                 unreported_unreserved: AtomicI64::new(0),
                 precommitted: AtomicI64::new(0),
+                ahead_in_transit: AtomicI64::new(0),
+                topping_up: std::sync::atomic::AtomicBool::new(false),
                 last_used: AtomicI64::new(now),
                 in_flight: AtomicI64::new(0),
                 over_cap: std::sync::atomic::AtomicBool::new(false),
@@ -338,46 +387,52 @@ impl SpendBook {
         let rest = amount.saturating_sub(ahead);
         if !rest.is_positive() {
             entry.last_used.store(now, Ordering::Relaxed);
+            // A busy key refills its headroom before it runs dry, off the request path.
+            if entry.precommitted.load(Ordering::Acquire) < amount.0.saturating_mul(TOP_UP_BELOW)
+                && !entry.topping_up.swap(true, Ordering::AcqRel)
+            {
+                self.write_ahead
+                    .top_up(&entry.0, Micros(amount.0.saturating_mul(TOP_UP_TO)));
+            }
             return Ok(Reservation {
                 entry: Some(entry),
                 amount,
             });
         }
-        let taken = match self.take(Held::new(&entry.0), who, rest, now).await {
-            Ok(taken) => taken,
-            Err(e) => {
-                entry.add_precommitted(ahead);
-                return Err(e);
-            }
+        let committed = match self.take(&entry, who, rest, now).await {
+            Ok(Source::Ahead) => Ok(()),
+            Ok(Source::Lease) => self.write_ahead.commit(&entry.0, rest).await,
+            Err(e) => Err(e),
         };
-        if let Err(e) = self.write_ahead.commit(&taken.0, rest).await {
+        if let Err(e) = committed {
             entry.add_precommitted(ahead);
             return Err(e);
         }
         Ok(Reservation {
-            entry: Some(taken),
+            entry: Some(entry),
             amount,
         })
     }
 
-    /// Takes `amount` from the counter's available budget, leasing more if needed.
+    /// Takes `amount` from the counter's available budget, leasing more if needed, or
+    /// from its budget committed ahead.
     async fn take(
         &self,
-        entry: Held,
+        entry: &Held,
         who: &Spender<'_>,
         amount: Micros,
         now: i64,
-    ) -> Result<Held, SpendError> {
+    ) -> Result<Source, SpendError> {
         entry.last_used.store(now, Ordering::Relaxed);
         if entry.try_take(amount) {
-            return Ok(entry);
+            return Ok(Source::Lease);
         }
         let _refill = entry.refill.lock().await;
         // Bounded: each round either takes budget or gets a grant; concurrent reservers
         // may use a grant first, which is fine, they are spending within the cap too.
         for _ in 0..4 {
-            if entry.try_take(amount) {
-                return Ok(Held::new(&entry.0));
+            if let Some(source) = entry.take_any(amount) {
+                return Ok(source);
             }
             let have = entry.available().max(Micros::ZERO);
             let min = amount.saturating_sub(have);
@@ -401,6 +456,7 @@ impl SpendBook {
                 .leases
                 .lease(
                     LeaseRequest {
+                        budget: Budget::KeyDaily,
                         key_id: who.key_id.into(),
                         tenant_id: who.tenant_id.into(),
                         day: entry.day,
@@ -416,13 +472,21 @@ impl SpendBook {
                     SpendError::LedgerUnavailable
                 })?;
             if !grant.is_positive() {
-                return Err(SpendError::CapExhausted);
+                break;
             }
         }
-        if entry.try_take(amount) {
-            return Ok(Held::new(&entry.0));
+        // At the cap, budget committed ahead may still be on its way (`ahead_in_transit`):
+        // wait for it (at most the ledger call's timeout) rather than refuse.
+        for _ in 0..TRANSIT_WAITS {
+            if let Some(source) = entry.take_any(amount) {
+                return Ok(source);
+            }
+            if entry.ahead_in_transit.load(Ordering::Acquire) <= 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        Err(SpendError::CapExhausted)
+        entry.take_any(amount).ok_or(SpendError::CapExhausted)
     }
 
     fn spend_counter<'a>(&self, entry: &'a KeySpend) -> &'a prometheus::Counter {
@@ -525,6 +589,7 @@ impl SpendBook {
             let unreserved = entry.unreported_unreserved.swap(0, Ordering::AcqRel) + ahead;
             if returned != 0 || spent != 0 || overspent != 0 || unreserved != 0 {
                 let report = LeaseReport {
+                    budget: Budget::KeyDaily,
                     key_id: entry.key_id.to_string(),
                     day: entry.day,
                     spent: Micros(spent),

@@ -8,11 +8,13 @@
 //! call, which starts the moment the one before it is answered. Reservations of one
 //! (key, day) in a batch travel as one row, and each row commits as much again as the
 //! batch needs when the lease has it (headroom): the key's next reservations take from
-//! that committed budget without a round trip, so a busy key pays about one ledger round
-//! trip (an HTTP call on an edge node, a SQLite transaction in `serve`) per two batches'
-//! worth of calls, and a node whose control plane is unreachable still serves what it
+//! that committed budget without a round trip. A key reserving from its headroom tops it
+//! up in the background before it runs dry (`top_up`, see `spend`), so a busy key's calls
+//! do not wait for the ledger (an HTTP call on an edge node, a SQLite transaction in
+//! `serve`) at all, and a node whose control plane is unreachable still serves what it
 //! committed ahead. The price: a process that dies loses its headroom (counted as spent
-//! for the day) besides its calls in flight; the rest of its leases comes back.
+//! for the day, at most what its leases hold) besides its calls in flight; the rest of
+//! its leases comes back.
 //!
 //! What happens to a reservation's budget is decided here, not by the waiting request:
 //! committed and the request gone (its client went away) → it joins the headroom;
@@ -24,7 +26,7 @@
 
 use super::spend::{Held, KeySpend, SpendError};
 use crate::money::Micros;
-use crate::sync::{LeaseCommit, Ledger};
+use crate::sync::{Budget, LeaseCommit, Ledger};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
@@ -35,7 +37,10 @@ const MAX_BATCH: usize = 512;
 struct Waiting {
     counter: Held,
     amount: Micros,
-    answer: oneshot::Sender<Result<(), SpendError>>,
+    /// `None`: a top-up (`amount` zero), nobody waits for it.
+    answer: Option<oneshot::Sender<Result<(), SpendError>>>,
+    /// Headroom wanted besides what the batch needs.
+    ahead: Micros,
 }
 
 #[derive(Default)]
@@ -72,7 +77,8 @@ impl WriteAhead {
             q.waiting.push(Waiting {
                 counter: Held::new(counter),
                 amount,
-                answer,
+                answer: Some(answer),
+                ahead: Micros::ZERO,
             });
             !std::mem::replace(&mut q.sending, true)
         };
@@ -80,6 +86,25 @@ impl WriteAhead {
             tokio::spawn(self.clone().send_batches());
         }
         answered.await.unwrap_or(Err(SpendError::LedgerUnavailable))
+    }
+
+    /// Commits up to `want` more of `counter`'s available budget ahead, in the next batch,
+    /// without waiting: a busy key's headroom is refilled before it runs out. The caller
+    /// has set the counter's `topping_up` flag; the batch clears it.
+    pub(super) fn top_up(self: &Arc<Self>, counter: &Arc<KeySpend>, want: Micros) {
+        let start = {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.waiting.push(Waiting {
+                counter: Held::new(counter),
+                amount: Micros::ZERO,
+                answer: None,
+                ahead: want,
+            });
+            !std::mem::replace(&mut q.sending, true)
+        };
+        if start {
+            tokio::spawn(self.clone().send_batches());
+        }
     }
 
     async fn send_batches(self: Arc<Self>) {
@@ -102,30 +127,50 @@ impl WriteAhead {
                 let n = q.waiting.len().min(MAX_BATCH);
                 q.waiting.drain(..n).collect()
             };
-            let (mut commits, rows, firsts) = rows_of(&batch);
-            // Headroom: each key commits as much again as this batch needs (if its lease
-            // has it), so its next reservations go without a round trip.
+            let (mut commits, rows, firsts, wants) = rows_of(&batch);
+            // Headroom: each key commits as much again as this batch needs, or what a
+            // top-up asked for, if its lease has it; its next reservations go without a
+            // round trip.
             let ahead: Vec<Micros> = commits
                 .iter_mut()
-                .zip(&firsts)
-                .map(|(c, &w)| {
-                    let ahead = batch[w].counter.take_up_to(c.amount);
+                .zip(firsts.iter().zip(&wants))
+                .map(|(c, (&w, &want))| {
+                    // Counted in transit before it leaves `available`, so a reservation
+                    // never finds it in neither place.
+                    let counter = &batch[w].counter;
+                    let want = want.max(c.amount);
+                    counter.add_in_transit(want);
+                    let ahead = counter.take_up_to(want);
+                    counter.add_in_transit(Micros(ahead.0 - want.0));
                     c.amount = c.amount.saturating_add(ahead);
                     ahead
                 })
                 .collect();
-            let n = commits.len();
-            let answers = match self.ledger.commit(commits).await {
-                Ok(a) if a.len() == n => Some(a),
-                Ok(_) => {
-                    log::error!("the ledger answered a different number of commits than asked");
-                    None
+            // Rows with nothing to commit (a top-up finding no budget) are not sent.
+            let sent: Vec<usize> = (0..commits.len())
+                .filter(|&i| commits[i].amount.is_positive())
+                .collect();
+            let to_send: Vec<LeaseCommit> = sent.iter().map(|&i| commits[i].clone()).collect();
+            let mut answers: Option<Vec<bool>> = Some(vec![true; commits.len()]);
+            if !to_send.is_empty() {
+                match self.ledger.commit(to_send).await {
+                    Ok(a) if a.len() == sent.len() => {
+                        if let Some(all) = answers.as_mut() {
+                            for (&i, ok) in sent.iter().zip(a) {
+                                all[i] = ok;
+                            }
+                        }
+                    }
+                    Ok(_) => {
+                        log::error!("the ledger answered a different number of commits than asked");
+                        answers = None;
+                    }
+                    Err(e) => {
+                        log::error!("write-ahead of reservations failed, refusing them: {e}");
+                        answers = None;
+                    }
                 }
-                Err(e) => {
-                    log::error!("write-ahead of reservations failed, refusing them: {e}");
-                    None
-                }
-            };
+            }
             for (i, (w, row)) in batch.into_iter().zip(rows).enumerate() {
                 let ok = answers.as_ref().map(|a| a[row]);
                 if firsts[row] == i {
@@ -134,10 +179,15 @@ impl WriteAhead {
                         Some(false) => {}
                         None => w.counter.add_available(ahead[row]),
                     }
+                    w.counter.add_in_transit(Micros(-ahead[row].0));
                 }
+                let Some(answer) = w.answer else {
+                    w.counter.topped_up();
+                    continue;
+                };
                 match ok {
                     Some(true) => {
-                        if let Err(Ok(())) = w.answer.send(Ok(())) {
+                        if let Err(Ok(())) = answer.send(Ok(())) {
                             // Committed, but nobody will send the call: it joins the
                             // budget committed ahead.
                             w.counter.add_precommitted(w.amount);
@@ -145,11 +195,11 @@ impl WriteAhead {
                     }
                     Some(false) => {
                         w.counter.drop_available();
-                        let _ = w.answer.send(Err(SpendError::LedgerUnavailable));
+                        let _ = answer.send(Err(SpendError::LedgerUnavailable));
                     }
                     None => {
                         w.counter.add_available(w.amount);
-                        let _ = w.answer.send(Err(SpendError::LedgerUnavailable));
+                        let _ = answer.send(Err(SpendError::LedgerUnavailable));
                     }
                 }
             }
@@ -157,11 +207,15 @@ impl WriteAhead {
     }
 }
 
-/// One commit per (key, day) of the batch, the index of each waiter's commit, and each
-/// commit's first waiter (whose counter holds the headroom).
-fn rows_of(batch: &[Waiting]) -> (Vec<LeaseCommit>, Vec<usize>, Vec<usize>) {
+/// One commit per (key, day) of the batch, the index of each waiter's commit, each
+/// commit's first waiter (whose counter holds the headroom), and the most headroom a
+/// top-up of that key asked for.
+type Rows = (Vec<LeaseCommit>, Vec<usize>, Vec<usize>, Vec<Micros>);
+
+fn rows_of(batch: &[Waiting]) -> Rows {
     let mut commits: Vec<LeaseCommit> = Vec::new();
     let mut firsts = Vec::new();
+    let mut wants = Vec::new();
     let mut index: HashMap<(&str, i64), usize> = HashMap::new();
     let rows = batch
         .iter()
@@ -170,19 +224,22 @@ fn rows_of(batch: &[Waiting]) -> (Vec<LeaseCommit>, Vec<usize>, Vec<usize>) {
             let slot = (w.counter.key_id(), w.counter.day());
             let i = *index.entry(slot).or_insert_with(|| {
                 commits.push(LeaseCommit {
+                    budget: Budget::KeyDaily,
                     key_id: slot.0.to_string(),
                     day: slot.1,
                     amount: Micros::ZERO,
                 });
                 firsts.push(n);
+                wants.push(Micros::ZERO);
                 commits.len() - 1
             });
             let c = &mut commits[i];
             c.amount = c.amount.saturating_add(w.amount);
+            wants[i] = wants[i].max(w.ahead);
             i
         })
         .collect();
-    (commits, rows, firsts)
+    (commits, rows, firsts, wants)
 }
 
 #[cfg(test)]
@@ -266,6 +323,7 @@ mod tests {
         );
         let calls = ledger.calls.lock().unwrap().clone();
         let row = |k: &str, d: i64, m: i64| LeaseCommit {
+            budget: Budget::KeyDaily,
             key_id: k.into(),
             day: d,
             amount: Micros(m),

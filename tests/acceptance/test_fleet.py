@@ -168,13 +168,15 @@ def test_a_node_deleted_while_running_is_cut_off_within_one_second(fleet):
     assert control.admin("DELETE", f"/v1/nodes/{created['id']}").status_code == 404
 
 
-def test_control_plane_down_then_back(fleet, fake_stripe):
+def test_control_plane_down_then_back(fleet, fake_stripe, tmp_path):
     """Control stopped: nodes serve within the budget they committed ahead (every
     metered call is committed on the control plane before it is forwarded; a key commits
     as much again as it needs), then 503 control_unreachable after max_staleness; control
     back: they serve again within 2 s; nothing counted twice or lost."""
     control, tenant, node = fleet
-    nodes = [node(f"edge{i}", extra_args=["--max-staleness", "2"]) for i in range(2)]
+    # One node takes its staleness limit from the flag, the other from its config file.
+    nodes = [node("edge0", extra_args=["--max-staleness", "2"]),
+             node("edge1", config=write_config(tmp_path / "edge1-conf", edge={"max_staleness": "2s"}))]
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=32)
     for e in nodes:
         assert pay(e, key["token"]).status_code == 200  # each node now holds a lease

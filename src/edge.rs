@@ -447,7 +447,7 @@ fn audit_sender(
 /// off (its token refused).
 struct SyncState {
     start: Instant,
-    /// Milliseconds after `start` at which the last successful poll was sent.
+    /// Milliseconds after `start` at which the last successful poll was answered.
     synced_at_ms: AtomicU64,
     ever_synced: AtomicBool,
     cut_off: AtomicBool,
@@ -536,7 +536,6 @@ fn sync_loop(
     let mut failures = 0u32;
     let mut last_expiry_sweep = Instant::now();
     loop {
-        let sent = state.start.elapsed();
         let sent_unix_ms = unix_ms() as i64;
         let path = format!(
             "/v1/sync/snapshot?epoch={}&since={version}&wait_ms={}",
@@ -569,9 +568,11 @@ fn sync_loop(
                     if until == 0 {
                         ledger.valid_until.store(0, Ordering::Release);
                     }
+                    // Synced as of the answer: it carries every change up to the moment
+                    // it was built (a change wakes a waiting poll at once).
                     state
                         .synced_at_ms
-                        .fetch_max(sent.as_millis() as u64, Ordering::AcqRel);
+                        .fetch_max(state.start.elapsed().as_millis() as u64, Ordering::AcqRel);
                     state.ever_synced.store(true, Ordering::Release);
                     state.refresh_flag();
                 }

@@ -340,16 +340,31 @@ pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
     }
 }
 
-/// `keybrake control`: the control API alone.
+/// `keybrake control`: the control API alone, until SIGTERM or SIGINT; then the audit
+/// events nodes sent are written before the process exits (nodes send again what it
+/// refuses from then on).
 pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
-    let _control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
+    let control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
     log::info!(
         "keybrake control running; data in {}",
         config.data_dir.display()
     );
-    loop {
-        std::thread::park();
+    let signals = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    signals.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            r = tokio::signal::ctrl_c() => r?,
+        }
+        anyhow::Ok(())
+    })?;
+    log::info!("stopping: writing the audit events nodes sent");
+    if !control.close_node_audit(Duration::from_secs(5)) {
+        log::error!("audit events still buffered at exit could not be written in 5 s");
     }
+    Ok(())
 }
 
 /// Background upkeep of the proxy: spend reports, DNS, the token-cache sweep; on

@@ -35,6 +35,9 @@ pub struct Fleet {
     tokens: DashMap<[u8; 32], String>,
     /// Node id → last sync (unix ms), as seen by this process.
     last_sync: DashMap<String, i64>,
+    /// Set when this process stops: node audit batches are refused (the node sends them
+    /// again to the next process) so that every batch accepted is written before exit.
+    audit_closed: std::sync::RwLock<bool>,
 }
 
 impl Fleet {
@@ -48,6 +51,7 @@ impl Fleet {
             }),
             tokens: DashMap::new(),
             last_sync: DashMap::new(),
+            audit_closed: std::sync::RwLock::new(false),
         }
     }
 
@@ -316,11 +320,32 @@ impl Control {
         self.commit_for(&holder_id(node, session), commits).await
     }
 
-    /// Audit events recorded by a node, into the same trail as `serve`'s.
-    pub fn node_audit(&self, events: Vec<AuditEvent>) {
+    /// Audit events recorded by a node, into the same trail as `serve`'s. False (nothing
+    /// recorded) once this process is stopping (`close_node_audit`).
+    pub fn node_audit(&self, events: Vec<AuditEvent>) -> bool {
+        let closed = self
+            .fleet
+            .audit_closed
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if *closed {
+            return false;
+        }
         for e in events {
             self.audit.record(e);
         }
+        true
+    }
+
+    /// Stopping: refuses node audit batches from now on (a batch being recorded finishes
+    /// first), then writes every event accepted, at most `timeout`. False on timeout.
+    pub fn close_node_audit(&self, timeout: Duration) -> bool {
+        *self
+            .fleet
+            .audit_closed
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = true;
+        self.audit.flush(timeout)
     }
 
     /// Called when a change nodes hold is published.

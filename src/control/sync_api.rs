@@ -180,7 +180,11 @@ async fn audit(
         return Err(too_many());
     }
     let n = body.events.len();
-    s.control.node_audit(body.events);
+    if !s.control.node_audit(body.events) {
+        // This process is stopping: the node keeps the batch and sends it again.
+        log::info!("refused a node's audit batch: stopping");
+        return Err(ApiError::Internal);
+    }
     Ok(Json(json!({ "recorded": n })))
 }
 

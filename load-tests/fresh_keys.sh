@@ -166,8 +166,7 @@ if [ "${KB_MODE:-serve}" = edge ]; then
   python3 - "$sent_fresh_measured" "$leases_fresh" "$calls_fresh" "$commits_fresh" "$commit_calls_fresh" <<'PY'
 import sys
 sent, leases, calls, rows, ccalls = map(int, sys.argv[1:])
-print(f"
-edge node, measured fresh phases: {sent:,} requests (each a new key) -> {leases:,} lease requests "
+print(f"\nedge node, measured fresh phases: {sent:,} requests (each a new key) -> {leases:,} lease requests "
       f"in {calls:,} control-plane calls ({leases / max(calls, 1):.1f} keys per call), "
       f"{rows:,} write-ahead rows in {ccalls:,} calls ({rows / max(ccalls, 1):.1f} per call)")
 PY

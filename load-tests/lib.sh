@@ -148,9 +148,13 @@ NGINX
 # ---- keybrake -------------------------------------------------------------------------
 # start_keybrake UPSTREAM_URL -> sets KB_PID, KB_PROXY, KB_CONTROL, KB_METRICS, KB_ADMIN
 # Env: KB_THREADS (Pingora worker threads, default 2), ACCESS_LOG (default a file in $TMP;
-# "off" to disable), KB_EXTRA_YAML (more config lines, e.g. a proxy: section).
+# "off" to disable), KB_EXTRA_YAML (more config lines, e.g. a proxy: section),
+# KB_DATABASE_URL (set: `keybrake control --database-url` on PostgreSQL instead of `serve`;
+# see with_postgres).
 start_keybrake() {
   local proxy control metrics
+  if [ -n "${KB_DATABASE_URL:-}" ]; then KB_STORE_ARGS=(control --database-url "$KB_DATABASE_URL")
+  else KB_STORE_ARGS=(serve --data-dir "$TMP/data"); fi
   proxy=$(free_port); control=$(free_port); metrics=$(free_port)
   KB_ADMIN="admin-$(head -c16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
   cat > "$TMP/kb.yaml" <<YAML
@@ -168,7 +172,7 @@ pingora:
 ${KB_EXTRA_YAML:-}
 YAML
   KEYBRAKE_ADMIN_TOKEN="$KB_ADMIN" KEYBRAKE_MASTER_KEY="$(head -c32 /dev/urandom | base64)" \
-    "${ON_SERVER[@]}" "$KB_BIN" serve --config "$TMP/kb.yaml" --data-dir "$TMP/data" \
+    "${ON_SERVER[@]}" "$KB_BIN" "${KB_STORE_ARGS[@]}" --config "$TMP/kb.yaml" \
       --proxy-listen "127.0.0.1:$proxy" --control-listen "127.0.0.1:$control" \
       --metrics-listen "127.0.0.1:$metrics" --vendor-upstream "stripe=$1" \
       >"$TMP/keybrake.out" 2>"$TMP/keybrake.err" &
@@ -221,6 +225,26 @@ YAML
   KB_PROXY="127.0.0.1:$proxy"; KB_METRICS="127.0.0.1:$metrics"
   wait_http "http://$KB_METRICS/readyz" 30 || { tail -20 "$TMP/node.err" >&2; die "the edge node did not become ready"; }
 }
+
+# with_postgres "$@" -> when BACKEND=postgres, runs this script again inside a throwaway
+# PostgreSQL cluster (tests/acceptance/pg.py: initdb in a temporary directory, as the
+# `postgres` user when root, removed afterwards) with KB_DATABASE_URL set to a fresh
+# database. The cluster runs on the server's CPUs (SERVER_CPUS), beside keybrake: the
+# same CPU budget the embedded SQLite gets. PG_CPUS=LIST gives it other CPUs instead.
+with_postgres() {
+  [ "${BACKEND:-sqlite}" = postgres ] || return 0
+  [ -n "${KB_DATABASE_URL:-}" ] && return 0
+  local pin=() cpus="${PG_CPUS:-$SERVER_CPUS}"
+  [ -n "$cpus" ] && command -v taskset >/dev/null && pin=(taskset -c "$cpus")
+  cleanup
+  trap - EXIT
+  # The child script finds the database in KEYBRAKE_TEST_DATABASE_URL.
+  exec "${pin[@]}" python3 "$KB_ROOT/tests/acceptance/pg.py" run -- \
+    env KB_PG_FROM_PARENT=1 BACKEND=postgres bash "$0" "$@"
+}
+if [ "${KB_PG_FROM_PARENT:-}" = 1 ] && [ -n "${KEYBRAKE_TEST_DATABASE_URL:-}" ]; then
+  KB_DATABASE_URL="$KEYBRAKE_TEST_DATABASE_URL"
+fi
 
 # control METHOD PATH TOKEN [JSON] -> prints the body; fails loudly on a non-2xx answer
 control() {

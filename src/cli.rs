@@ -82,6 +82,18 @@ pub fn print(value: &Value, json_out: bool, human: impl FnOnce(&Value) -> String
     }
 }
 
+/// An answer that creates something holding a secret shown once: `{what} {id}` then
+/// `{secret_name} (shown once): {value of field}`.
+pub fn print_created(value: &Value, json_out: bool, what: &str, field: &str, secret_name: &str) {
+    print(value, json_out, |v| {
+        format!(
+            "{what} {}\n{secret_name} (shown once): {}",
+            v["id"].as_str().unwrap_or("?"),
+            v[field].as_str().unwrap_or("?")
+        )
+    });
+}
+
 /// One line per item of a list answer's `data`.
 pub fn data_lines(list: &Value, line: fn(&Value) -> String) -> String {
     list["data"]

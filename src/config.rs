@@ -33,6 +33,7 @@ struct FileConfig {
     control_listen: Option<String>,
     metrics_listen: Option<String>,
     data_dir: Option<PathBuf>,
+    database_url: Option<crate::database::DatabaseUrl>,
     vendors_file: Option<PathBuf>,
     currencies_file: Option<PathBuf>,
     prices_file: Option<PathBuf>,
@@ -283,6 +284,8 @@ pub struct Config {
     pub control_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// `keybrake control` on PostgreSQL (SPEC §1); `None`: SQLite in `data_dir`.
+    pub database_url: Option<crate::database::DatabaseUrl>,
     pub body_limit_bytes: usize,
     pub body_read_timeout: Duration,
     /// Bound of the verified-token cache (`proxy::verify`): entries beyond it are evicted.
@@ -592,10 +595,22 @@ pub struct Overrides {
     pub control_listen: Option<String>,
     pub metrics_listen: Option<String>,
     pub data_dir: Option<PathBuf>,
+    pub database_url: Option<crate::database::DatabaseUrl>,
     pub vendor_upstreams: Vec<String>,
 }
 
 impl Config {
+    /// Where the control plane keeps its data: PostgreSQL when a database URL is set,
+    /// else SQLite in the data dir.
+    pub fn database(&self) -> crate::database::Database {
+        match &self.database_url {
+            Some(url) => crate::database::Database::Postgres { url: url.clone() },
+            None => crate::database::Database::Sqlite {
+                data_dir: self.data_dir.clone(),
+            },
+        }
+    }
+
     /// Loads `path`; `None` means `conf/keybrake.yaml` if it exists, else the embedded
     /// defaults. Everything is validated here.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config> {
@@ -843,6 +858,7 @@ impl Config {
                 "metrics_listen",
             )?,
             data_dir: data_dir.clone(),
+            database_url: overrides.database_url.clone().or(file.database_url),
             body_limit_bytes,
             token_cache_entries,
             body_read_timeout: ms(file.body_read_timeout_ms, defaults::BODY_READ_TIMEOUT),

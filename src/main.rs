@@ -44,10 +44,15 @@ enum Command {
         #[arg(long, env = "KEYBRAKE_DAEMON")]
         daemon: bool,
     },
-    /// The control API alone.
+    /// The control API alone (SQLite in --data-dir, or PostgreSQL with --database-url).
     Control {
         #[command(flatten)]
         common: Common,
+        /// Keep the control plane in PostgreSQL (postgres://user:password@host:port/db),
+        /// shared by any number of `control` replicas; wins over the config's
+        /// database_url. Without it: SQLite in --data-dir.
+        #[arg(long, env = "KEYBRAKE_DATABASE_URL", value_name = "URL")]
+        database_url: Option<String>,
     },
     /// An edge proxy (proxy + metrics), synced from a control plane; nothing on disk.
     Proxy {
@@ -74,6 +79,20 @@ enum Command {
         /// `pingora.pid_file` and exits (systemd `Type=forking`).
         #[arg(long, env = "KEYBRAKE_DAEMON")]
         daemon: bool,
+    },
+    /// Copy a SQLite data dir (tenants, API tokens, nodes, credentials, signing keys, keys,
+    /// ledger, leases, audit trail) into an empty PostgreSQL database for `control
+    /// --database-url`. The data dir must not be in use: stop its serve/control first
+    /// (refused while its PID file or its lease heartbeat shows a live process).
+    Migrate {
+        /// The source: `sqlite:DIR`, a data dir holding keybrake.db (and audit.db).
+        #[arg(long, env = "KEYBRAKE_MIGRATE_FROM", value_name = "sqlite:DIR")]
+        from: String,
+        /// The target: `postgres://user:password@host:port/db`, an empty database (the
+        /// schema is applied if missing). Start the PostgreSQL control plane with the same
+        /// master key: credentials and signing keys are copied sealed.
+        #[arg(long, env = "KEYBRAKE_MIGRATE_TO", value_name = "URL")]
+        to: String,
     },
     /// Validate the configuration and exit.
     Check {
@@ -281,11 +300,17 @@ struct Common {
 
 impl Common {
     fn load(&self) -> Result<Config> {
+        self.load_with(None)
+    }
+
+    /// The config, with `control`'s --database-url.
+    fn load_with(&self, database_url: Option<keybrake::database::DatabaseUrl>) -> Result<Config> {
         let overrides = Overrides {
             proxy_listen: self.proxy_listen.clone(),
             control_listen: self.control_listen.clone(),
             metrics_listen: self.metrics_listen.clone(),
             data_dir: self.data_dir.clone(),
+            database_url,
             vendor_upstreams: self.vendor_upstream.clone(),
         };
         Config::load(self.config.as_deref(), &overrides)
@@ -332,8 +357,15 @@ fn run(cli: Cli) -> Result<()> {
             };
             run_serve(config, common.secrets(true), upgrade, ready)
         }
-        Command::Control { common } => {
-            let config = common.load()?;
+        Command::Control {
+            common,
+            database_url,
+        } => {
+            let database_url = database_url
+                .map(|u| keybrake::database::DatabaseUrl::parse(&u))
+                .transpose()
+                .map_err(|e| e.context("--database-url"))?;
+            let config = common.load_with(database_url)?;
             run_control(config, common.secrets(false))
         }
         Command::Proxy {
@@ -373,6 +405,7 @@ fn run(cli: Cli) -> Result<()> {
                 ready,
             )
         }
+        Command::Migrate { from, to } => keybrake::migrate::run(&from, &to),
         Command::Check { common } => {
             let config = common.load()?;
             config.check_files(true)?;
@@ -399,43 +432,25 @@ fn run(cli: Cli) -> Result<()> {
                         "/v1/tenants",
                         Some(serde_json::json!({ "name": name })),
                     )?;
-                    cli::print(&t, client.json, |t| {
-                        format!(
-                            "tenant {}\napi token (shown once): {}",
-                            t["id"].as_str().unwrap_or("?"),
-                            t["api_token"].as_str().unwrap_or("?")
-                        )
-                    });
+                    cli::print_created(&t, client.json, "tenant", "api_token", "api token");
                 }
                 TenantCommand::List => {
                     let list = api.call("GET", "/v1/tenants?limit=1000", None)?;
                     cli::print(&list, client.json, |l| {
-                        l["data"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .map(|t| {
-                                format!(
-                                    "{}  {}  {}",
-                                    t["id"].as_str().unwrap_or("?"),
-                                    t["created_at"].as_str().unwrap_or("?"),
-                                    t["name"].as_str().unwrap_or("")
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join("\n")
+                        cli::data_lines(l, |t| {
+                            format!(
+                                "{}  {}  {}",
+                                t["id"].as_str().unwrap_or("?"),
+                                t["created_at"].as_str().unwrap_or("?"),
+                                t["name"].as_str().unwrap_or("")
+                            )
+                        })
                     });
                 }
                 TenantCommand::AddToken { tenant_id } => {
                     let t =
                         api.call("POST", &format!("/v1/tenants/{tenant_id}/api_tokens"), None)?;
-                    cli::print(&t, client.json, |t| {
-                        format!(
-                            "token {}\napi token (shown once): {}",
-                            t["id"].as_str().unwrap_or("?"),
-                            t["api_token"].as_str().unwrap_or("?")
-                        )
-                    });
+                    cli::print_created(&t, client.json, "token", "api_token", "api token");
                 }
             }
             Ok(())
@@ -449,13 +464,7 @@ fn run(cli: Cli) -> Result<()> {
                         "/v1/nodes",
                         Some(serde_json::json!({ "name": name })),
                     )?;
-                    cli::print(&n, client.json, |n| {
-                        format!(
-                            "node {}\nnode token (shown once): {}",
-                            n["id"].as_str().unwrap_or("?"),
-                            n["node_token"].as_str().unwrap_or("?")
-                        )
-                    });
+                    cli::print_created(&n, client.json, "node", "node_token", "node token");
                 }
                 NodeCommand::List => {
                     let list = api.call("GET", "/v1/nodes", None)?;

@@ -210,7 +210,7 @@ fn start_control(
         lease_lifetime: config.leases.lifetime,
         audit_durability: config.audit_durability,
     };
-    let data_dir = config.data_dir.clone();
+    let database = config.database();
     let listen = config.control_listen;
     let catalog = Arc::new(config.vendors.clone());
     let listener_settings = config.control.clone();
@@ -243,7 +243,7 @@ fn start_control(
                 let started = async {
                     let control = Control::open(
                         settings,
-                        &data_dir,
+                        &database,
                         master,
                         admin,
                         published,
@@ -269,6 +269,7 @@ fn start_control(
                         .checkpoints(Metrics::global().store_wal_backlog.clone()),
                 );
                 tokio::spawn(control.clone().follow_revocations());
+                tokio::spawn(control.clone().follow_changes());
                 tokio::spawn(control.clone().lease_upkeep());
                 let app = router(ApiState {
                     control: control.clone(),
@@ -347,20 +348,26 @@ pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
     let control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
     log::info!(
         "keybrake control running; data in {}",
-        config.data_dir.display()
+        config.database().describe()
     );
+    // SIGTERM (systemd, an orchestrator) or SIGINT: write the audit events nodes sent that
+    // are still buffered, then exit 0, as `serve` does; the default action would drop them.
     let signals = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     signals.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
         tokio::select! {
             _ = term.recv() => {}
-            r = tokio::signal::ctrl_c() => r?,
+            _ = int.recv() => {}
         }
         anyhow::Ok(())
     })?;
-    log::info!("stopping: writing the audit events nodes sent");
+    log::info!("keybrake control stopping: writing the audit events nodes sent");
+    // Refuses node audit batches from now on (nodes send them again to the next process),
+    // so every batch accepted is written.
     if !control.close_node_audit(Duration::from_secs(5)) {
         log::error!("audit events still buffered at exit could not be written in 5 s");
     }
@@ -413,6 +420,14 @@ pub fn run_serve(
     upgrade: bool,
     ready: Option<std::fs::File>,
 ) -> Result<()> {
+    // SPEC §1: `serve` is the one-process form on embedded SQLite; PostgreSQL replicas
+    // are `keybrake control`, with proxies synced from them.
+    if config.database_url.is_some() || std::env::var_os("KEYBRAKE_DATABASE_URL").is_some() {
+        anyhow::bail!(
+            "serve keeps its data in SQLite (--data-dir); a PostgreSQL database \
+             (database_url, KEYBRAKE_DATABASE_URL) is for `keybrake control`"
+        );
+    }
     let published = Arc::new(Published::empty());
     let control = start_control(
         &config,

@@ -119,6 +119,8 @@ mod tests {
             control_listen: Some(CONTROL_LISTEN.into()),
             metrics_listen: Some(METRICS_LISTEN.into()),
             data_dir: Some(DATA_DIR.into()),
+            // No default: SQLite in data_dir. Shown commented out in the file.
+            database_url: None,
             vendors_file: Some(VENDORS_FILE.into()),
             currencies_file: Some(CURRENCIES_FILE.into()),
             prices_file: Some(PRICES_FILE.into()),

@@ -120,7 +120,9 @@ mod tests {
         let master = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
         let control = Control::open(
             settings,
-            &dir,
+            &crate::database::Database::Sqlite {
+                data_dir: dir.clone(),
+            },
             master,
             Secret::new("the-admin-token"),
             Arc::new(crate::sync::Published::empty()),

@@ -64,6 +64,8 @@ pub enum ApiError {
     HeadersTooLarge(Option<(usize, usize)>),
     /// 422: a vendor unknown or without a registered credential.
     VendorNotConfigured(String),
+    /// 503: the database cannot be reached (or refuses work) now; try again later.
+    StorageUnavailable,
     /// 500: logged where it was raised; the caller learns nothing of it.
     Internal,
 }
@@ -156,6 +158,11 @@ impl ApiError {
                      (PUT /v1/vendors/{v}/credential)"
                 ),
             ),
+            StorageUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                "the control plane's database is unavailable; try again shortly".into(),
+            ),
             Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
@@ -182,6 +189,10 @@ impl ApiError {
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         // Storage errors carry SQL and ids, never secrets (those are sealed or hashed first).
+        if super::store::is_unavailable(&e) {
+            log::warn!("control API call failed, storage unavailable: {e:#}");
+            return ApiError::StorageUnavailable;
+        }
         log::error!("control API internal error: {e:#}");
         ApiError::Internal
     }
@@ -242,6 +253,7 @@ mod tests {
                 422,
                 "vendor_not_configured",
             ),
+            (ApiError::StorageUnavailable, 503, "storage_unavailable"),
             (ApiError::Internal, 500, "internal_error"),
         ];
         for (error, status, code) in cases {

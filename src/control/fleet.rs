@@ -165,6 +165,21 @@ impl Control {
         Ok(())
     }
 
+    /// Reloads the nodes after another replica changed them: a deleted node's token stops
+    /// working here too, and its long-polls are answered now.
+    pub(super) async fn reload_nodes(&self) -> Result<()> {
+        self.load_nodes().await?;
+        let live: std::collections::HashSet<String> = self
+            .fleet
+            .tokens
+            .iter()
+            .map(|e| e.value().clone())
+            .collect();
+        self.fleet.last_sync.retain(|id, _| live.contains(id));
+        self.fleet.bump();
+        Ok(())
+    }
+
     /// The node owning this token. Looked up by SHA-256, never by the token itself.
     pub fn node_for_token(&self, token: &str) -> Option<String> {
         self.fleet.node_for_token(token)
@@ -377,7 +392,9 @@ mod tests {
         };
         Control::open(
             settings,
-            &dir,
+            &crate::database::Database::Sqlite {
+                data_dir: dir.clone(),
+            },
             MasterKey::from_base64(&MasterKey::generate_base64()).unwrap(),
             Secret::new("admin"),
             Arc::new(Published::empty()),
@@ -512,5 +529,51 @@ mod tests {
         assert!(!valid_session("short"));
         assert!(!valid_session("has.a.dot.in.it"));
         assert!(!valid_session(&"x".repeat(65)));
+    }
+
+    #[tokio::test]
+    async fn a_credential_set_or_deleted_wakes_waiting_polls_with_the_new_credentials() {
+        let control = open("credential").await;
+        let (node, _token) = control.create_node("edge").await.unwrap();
+        control.node_hello(&node, "session-1").await.unwrap();
+        let tenant = control.create_tenant("acme").await.unwrap().0;
+        let poll = |epoch: String, since: u64| {
+            let (control, node) = (control.clone(), node.clone());
+            async move {
+                control
+                    .node_poll(&node, "session-1", &epoch, since, Duration::from_secs(5))
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        let first = poll(String::new(), 0).await;
+        let tenant_id = tenant.clone();
+        let secret_of = move |a: &SyncAnswer| {
+            a.credentials
+                .as_ref()
+                .and_then(|c| c.get(&tenant_id))
+                .and_then(|v| v.get("stripe"))
+                .cloned()
+        };
+        assert_eq!(secret_of(&first), None);
+
+        let waiting = tokio::spawn(poll(first.epoch.clone(), first.version));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        control
+            .put_credential(&tenant, "stripe", Secret::new("sk_test_rotated"))
+            .await
+            .unwrap();
+        let set = waiting.await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(secret_of(&set).as_deref(), Some("sk_test_rotated"));
+
+        let waiting = tokio::spawn(poll(set.epoch.clone(), set.version));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(control.delete_credential(&tenant, "stripe").await.unwrap());
+        let deleted = waiting.await.unwrap();
+        assert!(deleted.version > set.version);
+        assert_eq!(secret_of(&deleted), None);
     }
 }

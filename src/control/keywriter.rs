@@ -1,15 +1,19 @@
 //! Group commit for vault-key issuance. Concurrent `POST /v1/keys` calls hand their row
 //! to one task, which inserts whatever has queued up in a single transaction and then
 //! answers each caller. A key is durable before its token is returned; under load one
-//! commit serves many keys instead of one.
+//! commit serves many keys instead of one. The same multi-row insert serves both
+//! backends; a lost database is reported as `store::Unavailable` (503 to the caller).
 
-use super::store::{KeyRow, Store};
+use super::store::{is_unavailable, KeyRow, Store, Unavailable};
 use anyhow::{anyhow, Result};
 use tokio::sync::{mpsc, oneshot};
 
 const BATCH: usize = 512;
 
-type Job = (KeyRow, oneshot::Sender<Result<(), String>>);
+/// A failed batch, as each of its callers gets it: unavailable storage, and the message.
+type Failure = (bool, String);
+
+type Job = (KeyRow, oneshot::Sender<Result<(), Failure>>);
 
 pub struct KeyWriter {
     tx: mpsc::Sender<Job>,
@@ -22,7 +26,10 @@ impl KeyWriter {
             let mut jobs = Vec::with_capacity(BATCH);
             while rx.recv_many(&mut jobs, BATCH).await > 0 {
                 let rows: Vec<KeyRow> = jobs.iter().map(|(row, _)| row.clone()).collect();
-                let result = store.insert_keys(&rows).await.map_err(|e| format!("{e:#}"));
+                let result = store
+                    .insert_keys(&rows)
+                    .await
+                    .map_err(|e| (is_unavailable(&e), format!("{e:#}")));
                 for (_, reply) in jobs.drain(..) {
                     let _ = reply.send(result.clone());
                 }
@@ -40,6 +47,12 @@ impl KeyWriter {
         answer
             .await
             .map_err(|_| anyhow!("the key writer stopped"))?
-            .map_err(|e| anyhow!("storing the key failed: {e}"))
+            .map_err(|(unavailable, e)| {
+                if unavailable {
+                    anyhow::Error::new(Unavailable(e))
+                } else {
+                    anyhow!("storing the key failed: {e}")
+                }
+            })
     }
 }

@@ -1,22 +1,28 @@
 //! Budget leases for many keys in one transaction: the grants of a batch of first leases
-//! and a round of spend reports, each a handful of statements over a JSON array
-//! (`json_each`) whatever the number of keys, instead of a few statements per key. Every
-//! statement sent to SQLite is a round trip to its connection's thread: per key, those
-//! round trips cost more than a fresh key's signature check.
+//! and a round of spend reports, each a handful of statements whatever the number of keys,
+//! instead of a few statements per key. The batch travels as one parameter: a JSON array
+//! read with `json_each` on SQLite, arrays read with `unnest` on PostgreSQL. Every
+//! statement is a round trip (to SQLite's connection thread, or over the network): per
+//! key, those round trips cost more than a fresh key's signature check.
 //!
 //! The grant rule is `Store::lease_grant`'s: the remaining budget (`cap` less settled
 //! and held) is checked and taken in one conditional statement, so processes sharing the
-//! database never grant more than a cap together.
+//! database never grant more than a cap together. On PostgreSQL the `UPDATE` re-reads a
+//! row another replica changed meanwhile (READ COMMITTED re-evaluates the condition on
+//! the row's latest version once its lock is granted), and the ledger rows are locked in
+//! (key, day) order first, so two replicas' batches never deadlock.
 //!
 //! Write-ahead: a lease row's `committed` is the part of it that reservations took for
 //! calls that may have reached the vendor and were not yet reported spent or unreserved.
-//! `lease_commit_many` adds to it before a proxy forwards; reports take from it; when a
-//! holder dies, `Store::reclaim_holder` settles it as spent and gives back only the rest.
+//! `lease_commit_many` adds to it before a proxy forwards; reports take from it, and a
+//! report returning budget never takes the lease below it; when a holder dies,
+//! `Store::reclaim_holder` settles it as spent and gives back only the rest.
 
-use super::store::Store;
+use super::store::{in_transaction, Backend, Store, TxConn};
 use crate::money::Micros;
 use anyhow::Result;
 use sqlx::Row;
+use sqlx::{PgConnection, SqliteConnection};
 use std::collections::HashMap;
 
 /// One grant asked of `Store::lease_grant_many`.
@@ -34,7 +40,19 @@ const GRANT_ROWS: &str =
     "SELECT json_extract(value, '$[0]') AS k, json_extract(value, '$[1]') AS d,
         json_extract(value, '$[2]') AS cap, json_extract(value, '$[3]') AS mn,
         json_extract(value, '$[4]') AS wt
- FROM json_each(?1)";
+ FROM json_each($1)";
+
+/// The same rows on PostgreSQL: one array per column.
+const PG_GRANT_ROWS: &str =
+    "SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[])
+         AS r(k, d, cap, mn, wt)";
+
+/// The grant taken from a row (`r`) of the batch: the remaining budget, at most `wt`,
+/// or nothing when it is below `mn`. The same text on both backends.
+const GRANT: &str = "CASE WHEN r.cap - ledger.settled - ledger.held >= r.mn
+     THEN CASE WHEN r.wt < r.cap - ledger.settled - ledger.held
+               THEN r.wt ELSE r.cap - ledger.settled - ledger.held END
+     ELSE 0 END";
 
 impl Store {
     /// `lease_grant` for every request, in one transaction: the grants, in the order of
@@ -53,243 +71,109 @@ impl Store {
         if left.is_empty() {
             return Ok(grants);
         }
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut rounds = Vec::new();
         while !left.is_empty() {
             let mut seen = std::collections::HashSet::new();
-            let (round, rest): (Vec<usize>, Vec<usize>) = left
+            let (mut round, rest): (Vec<usize>, Vec<usize>) = left
                 .iter()
                 .partition(|&&i| seen.insert((&requests[i].key_id, requests[i].day)));
             left = rest;
-            let rows: Vec<serde_json::Value> = round
-                .iter()
-                .map(|&i| {
+            // (key, day) order: the order rows are created and locked in.
+            round.sort_by(|&a, &b| {
+                (&requests[a].key_id, requests[a].day).cmp(&(&requests[b].key_id, requests[b].day))
+            });
+            rounds.push(round);
+        }
+        in_transaction!(self, |tx| {
+            for round in &rounds {
+                let asks: Vec<&GrantRequest> = round.iter().map(|&i| &requests[i]).collect();
+                let granted = tx.grant_round(&asks).await?;
+                let mut leases: Vec<(&str, i64, i64)> = Vec::new();
+                for &i in round {
                     let r = &requests[i];
-                    serde_json::json!([r.key_id, r.day, r.cap.0, r.min.0, r.want.0])
-                })
-                .collect();
-            let rows = serde_json::Value::Array(rows).to_string();
-            sqlx::query(&format!(
-                "INSERT INTO ledger (key_id, day) SELECT k, d FROM ({GRANT_ROWS}) WHERE true
-                 ON CONFLICT (key_id, day) DO NOTHING"
-            ))
-            .bind(&rows)
-            .execute(&mut *tx)
-            .await?;
-            let granted = sqlx::query(&format!(
-                "UPDATE ledger SET
-                     last_grant = iif(r.cap - settled - held >= r.mn, min(r.wt, r.cap - settled - held), 0),
-                     held = held + iif(r.cap - settled - held >= r.mn, min(r.wt, r.cap - settled - held), 0)
-                 FROM ({GRANT_ROWS}) AS r
-                 WHERE ledger.key_id = r.k AND ledger.day = r.d
-                 RETURNING key_id, day, last_grant"
-            ))
-            .bind(&rows)
-            .fetch_all(&mut *tx)
-            .await?;
-            let by_key: HashMap<(String, i64), i64> = granted
-                .iter()
-                .map(|r| ((r.get("key_id"), r.get("day")), r.get("last_grant")))
-                .collect();
-            let mut leases = Vec::new();
-            for &i in &round {
-                let r = &requests[i];
-                let g = by_key.get(&(r.key_id.clone(), r.day)).copied().unwrap_or(0);
-                if g > 0 {
-                    grants[i] = Micros(g);
-                    leases.push(serde_json::json!([r.key_id, r.day, g]));
+                    let g = granted
+                        .get(&(r.key_id.clone(), r.day))
+                        .copied()
+                        .unwrap_or(0);
+                    if g > 0 {
+                        grants[i] = Micros(g);
+                        leases.push((&r.key_id, r.day, g));
+                    }
+                }
+                if !leases.is_empty() {
+                    tx.add_leases(holder, &leases).await?;
                 }
             }
-            if !leases.is_empty() {
-                sqlx::query(
-                    "INSERT INTO leases (holder, key_id, day, held)
-                     SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-                            json_extract(value, '$[2]')
-                     FROM json_each(?2) WHERE true
-                     ON CONFLICT (holder, key_id, day) DO UPDATE SET held = held + excluded.held",
-                )
-                .bind(holder)
-                .bind(serde_json::Value::Array(leases).to_string())
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        tx.commit().await?;
+            tx.commit().await?;
+        });
         Ok(grants)
     }
 
     /// What a holder did with its leases, in one transaction, each row applied in order:
     /// `settled` is added to the key's settled spend; `spent` and `unreserved` leave the
     /// lease's committed part (`lease_commit_many`); `spent` and `returned` leave the
-    /// lease, and the key's held budget, as far as the lease holds uncommitted budget:
-    /// committed budget stays held until its call is reported spent or unreserved.
+    /// lease, and the key's held budget, as far as the lease holds uncommitted budget
+    /// (none of it when the lease was already given back because the holder was taken
+    /// for dead): committed budget stays held until its call is reported.
     pub async fn lease_report_many(&self, holder: &str, reports: &[ReportRow]) -> Result<()> {
         if reports.is_empty() {
             return Ok(());
         }
-        let keys: Vec<serde_json::Value> = reports
-            .iter()
-            .map(|r| serde_json::json!([r.key_id, r.day]))
-            .collect();
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let lease_rows = sqlx::query(
-            // CROSS JOIN keeps the batch the outer loop: one primary-key probe per row,
-            // not a scan of all the holder's leases.
-            "SELECT l.key_id, l.day, l.held, l.committed FROM json_each(?2) AS r
-             CROSS JOIN leases AS l
-               ON l.holder = ?1 AND l.key_id = json_extract(r.value, '$[0]')
-                  AND l.day = json_extract(r.value, '$[1]')",
-        )
-        .bind(holder)
-        .bind(serde_json::Value::Array(keys).to_string())
-        .fetch_all(&mut *tx)
-        .await?;
-        // Per (key, day): the lease (held, committed) as the rows leave it.
-        let mut leases: HashMap<(String, i64), (i64, i64)> = lease_rows
-            .iter()
-            .map(|r| {
-                (
-                    (r.get("key_id"), r.get("day")),
-                    (r.get("held"), r.get("committed")),
-                )
-            })
-            .collect();
-        // Per (key, day): settled added, taken out of the lease.
-        let mut totals: HashMap<(String, i64), (i64, i64)> = HashMap::new();
-        for r in reports {
-            let slot = (r.key_id.clone(), r.day);
-            let take = match leases.get_mut(&slot) {
-                Some((held, committed)) => {
-                    let done = r.spent.0.max(0).saturating_add(r.unreserved.0.max(0));
-                    *committed = committed.saturating_sub(done).max(0);
-                    let leave = r.spent.0.max(0).saturating_add(r.returned.0.max(0));
-                    let take = leave.clamp(0, (*held - *committed).max(0));
-                    *held -= take;
-                    take
-                }
-                None => 0,
-            };
-            let t = totals.entry(slot).or_default();
-            t.0 = t.0.saturating_add(r.settled.0);
-            t.1 = t.1.saturating_add(take);
-        }
-        let lease_values: Vec<serde_json::Value> = leases
-            .iter()
-            .map(|((k, d), (h, c))| serde_json::json!([k, d, h, c]))
-            .collect();
-        // An upsert of rows read above (it never inserts), so the batch drives: an
-        // UPDATE ... FROM scans the holder's leases.
-        sqlx::query(
-            "INSERT INTO leases (holder, key_id, day, held, committed)
-             SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-                    json_extract(value, '$[2]'), json_extract(value, '$[3]')
-             FROM json_each(?2) WHERE true
-             ON CONFLICT (holder, key_id, day)
-             DO UPDATE SET held = excluded.held, committed = excluded.committed",
-        )
-        .bind(holder)
-        .bind(serde_json::Value::Array(lease_values).to_string())
-        .execute(&mut *tx)
-        .await?;
-        let rows: Vec<serde_json::Value> = totals
-            .iter()
-            .map(|((k, d), (s, t))| serde_json::json!([k, d, s, t]))
-            .collect();
-        let rows = serde_json::Value::Array(rows).to_string();
-        let report_rows = |param: &str| {
-            format!(
-                "SELECT json_extract(value, '$[0]') AS k, json_extract(value, '$[1]') AS d,
-                        json_extract(value, '$[2]') AS s, json_extract(value, '$[3]') AS t
-                 FROM json_each({param})"
-            )
-        };
-        let rows2 = report_rows("?2");
-        let rows1 = report_rows("?1");
-        sqlx::query(&format!(
-            "DELETE FROM leases WHERE holder = ?1 AND held <= 0 AND committed <= 0
-               AND (key_id, day) IN (SELECT k, d FROM ({rows2}))"
-        ))
-        .bind(holder)
-        .bind(&rows)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(&format!(
-            "INSERT INTO ledger (key_id, day) SELECT k, d FROM ({rows1}) WHERE true
-             ON CONFLICT (key_id, day) DO NOTHING"
-        ))
-        .bind(&rows)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(&format!(
-            "UPDATE ledger SET settled = settled + r.s, held = max(held - r.t, 0)
-             FROM ({rows1}) AS r WHERE ledger.key_id = r.k AND ledger.day = r.d"
-        ))
-        .bind(&rows)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let mut slots: Vec<(&str, i64)> =
+            reports.iter().map(|r| (r.key_id.as_str(), r.day)).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        in_transaction!(self, |tx| {
+            // Ledger rows first, then leases: the order every transaction locks in.
+            tx.lock_ledger_rows(&slots).await?;
+            let mut leases = tx.held_leases(holder, &slots).await?;
+            // Per (key, day): settled added, taken from the lease, uncommitted.
+            let mut totals: HashMap<(String, i64), (i64, i64, i64)> = HashMap::new();
+            for r in reports {
+                let slot = (r.key_id.clone(), r.day);
+                let (take, uncommit) = match leases.get_mut(&slot) {
+                    Some((held, committed)) => {
+                        let done = r.spent.0.max(0).saturating_add(r.unreserved.0.max(0));
+                        let uncommit = done.clamp(0, (*committed).max(0));
+                        *committed -= uncommit;
+                        let leave = r.spent.0.max(0).saturating_add(r.returned.0.max(0));
+                        let take = leave.clamp(0, (*held - *committed).max(0));
+                        *held -= take;
+                        (take, uncommit)
+                    }
+                    None => (0, 0),
+                };
+                let t = totals.entry(slot).or_default();
+                t.0 = t.0.saturating_add(r.settled.0);
+                t.1 = t.1.saturating_add(take);
+                t.2 = t.2.saturating_add(uncommit);
+            }
+            let mut totals: Vec<Report> = totals
+                .into_iter()
+                .map(|((key_id, day), (settled, taken, uncommitted))| Report {
+                    key_id,
+                    day,
+                    settled,
+                    taken,
+                    uncommitted,
+                })
+                .collect();
+            totals.sort_unstable_by(|a, b| (&a.key_id, a.day).cmp(&(&b.key_id, b.day)));
+            tx.apply_reports(holder, &totals).await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
+}
 
-    /// Write-ahead of reservations (`sync::LeaseCommit`), in one transaction: each
-    /// (key, day)'s amounts, summed, are added to the holder's lease as committed if the
-    /// lease holds that much uncommitted budget and the holder is alive at `now` (its
-    /// leases not yet reclaimable). The answers, in the order of `commits`.
-    pub async fn lease_commit_many(
-        &self,
-        holder: &str,
-        now: i64,
-        commits: &[(String, i64, Micros)],
-    ) -> Result<Vec<bool>> {
-        let mut sums: HashMap<(&str, i64), i64> = HashMap::new();
-        for (k, d, a) in commits {
-            let sum = sums.entry((k.as_str(), *d)).or_default();
-            *sum = sum.saturating_add(a.0.max(0));
-        }
-        if sums.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows: Vec<serde_json::Value> = sums
-            .iter()
-            .map(|((k, d), a)| serde_json::json!([k, d, a]))
-            .collect();
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let alive: Option<i64> =
-            sqlx::query_scalar("SELECT alive_until FROM holders WHERE id = ?1")
-                .bind(holder)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if alive.is_none_or(|until| until < now) {
-            tx.rollback().await?;
-            return Ok(vec![false; commits.len()]);
-        }
-        // Only rows read from `leases` are upserted (it never inserts); the batch drives
-        // with one primary-key probe per row.
-        let done = sqlx::query(
-            "INSERT INTO leases (holder, key_id, day, held, committed)
-             SELECT l.holder, l.key_id, l.day, l.held, json_extract(r.value, '$[2]')
-             FROM json_each(?2) AS r
-             CROSS JOIN leases AS l
-               ON l.holder = ?1 AND l.key_id = json_extract(r.value, '$[0]')
-                  AND l.day = json_extract(r.value, '$[1]')
-             WHERE l.committed + json_extract(r.value, '$[2]') <= l.held
-             ON CONFLICT (holder, key_id, day)
-             DO UPDATE SET committed = committed + excluded.committed
-             RETURNING key_id, day",
-        )
-        .bind(holder)
-        .bind(serde_json::Value::Array(rows).to_string())
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        let ok: std::collections::HashSet<(String, i64)> = done
-            .iter()
-            .map(|r| (r.get("key_id"), r.get("day")))
-            .collect();
-        Ok(commits
-            .iter()
-            .map(|(k, d, _)| ok.contains(&(k.clone(), *d)))
-            .collect())
-    }
+/// A (key, day)'s share of a round of reports: spend to settle, lease budget released,
+/// committed budget uncommitted.
+struct Report {
+    key_id: String,
+    day: i64,
+    settled: i64,
+    taken: i64,
+    uncommitted: i64,
 }
 
 /// One row of a holder's spend report (`Store::lease_report_many`).
@@ -307,6 +191,416 @@ pub struct ReportRow {
     pub unreserved: Micros,
 }
 
+impl Store {
+    /// Write-ahead of reservations (`sync::LeaseCommit`), in one transaction: each
+    /// (key, day)'s amounts, summed, are added to the holder's lease as committed if the
+    /// lease holds that much uncommitted budget and the holder is alive at `now` (its
+    /// leases not yet reclaimable). The answers, in the order of `commits`. On
+    /// PostgreSQL the lease rows are locked in (key, day) order, like a report's; a
+    /// reclaim that took them first leaves nothing to commit.
+    pub async fn lease_commit_many(
+        &self,
+        holder: &str,
+        now: i64,
+        commits: &[(String, i64, Micros)],
+    ) -> Result<Vec<bool>> {
+        let mut sums: HashMap<(&str, i64), i64> = HashMap::new();
+        for (k, d, a) in commits {
+            let sum = sums.entry((k.as_str(), *d)).or_default();
+            *sum = sum.saturating_add(a.0.max(0));
+        }
+        if sums.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut rows: Vec<(&str, i64, i64)> =
+            sums.into_iter().map(|((k, d), a)| (k, d, a)).collect();
+        rows.sort_unstable();
+        let done = in_transaction!(self, |tx| {
+            let alive: Option<i64> =
+                sqlx::query_scalar("SELECT alive_until FROM holders WHERE id = $1")
+                    .bind(holder)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if alive.is_none_or(|until| until < now) {
+                tx.rollback().await?;
+                std::collections::HashSet::new()
+            } else {
+                let done = tx.commit_leases(holder, &rows).await?;
+                tx.commit().await?;
+                done
+            }
+        });
+        Ok(commits
+            .iter()
+            .map(|(k, d, _)| done.contains(&(k.clone(), *d)))
+            .collect())
+    }
+}
+
+/// The batch statements, per backend (the batch is a JSON array or a set of arrays).
+#[allow(async_fn_in_trait)]
+trait BatchConn {
+    /// Takes the grants of one round (each (key, day) at most once): the grant per
+    /// (key, day), zero or absent when nothing was granted.
+    async fn grant_round(&mut self, asks: &[&GrantRequest]) -> Result<HashMap<(String, i64), i64>>;
+    /// Adds grants to the holder's lease rows.
+    async fn add_leases(&mut self, holder: &str, leases: &[(&str, i64, i64)]) -> Result<()>;
+    /// What the holder's leases on these (key, day)s hold now, and how much of it is
+    /// committed (locked on PostgreSQL).
+    async fn held_leases(
+        &mut self,
+        holder: &str,
+        slots: &[(&str, i64)],
+    ) -> Result<HashMap<(String, i64), (i64, i64)>>;
+    /// Adds each (key, day, amount) to the holder's lease as committed where the lease
+    /// holds that much uncommitted budget: the (key, day)s committed.
+    async fn commit_leases(
+        &mut self,
+        holder: &str,
+        rows: &[(&str, i64, i64)],
+    ) -> Result<std::collections::HashSet<(String, i64)>>;
+    /// Releases the taken budget from the leases (deleting emptied ones) and applies
+    /// settled spend and releases to the ledger.
+    async fn apply_reports(&mut self, holder: &str, totals: &[Report]) -> Result<()>;
+}
+
+impl BatchConn for SqliteConnection {
+    async fn grant_round(&mut self, asks: &[&GrantRequest]) -> Result<HashMap<(String, i64), i64>> {
+        let rows: Vec<serde_json::Value> = asks
+            .iter()
+            .map(|r| serde_json::json!([r.key_id, r.day, r.cap.0, r.min.0, r.want.0]))
+            .collect();
+        let rows = serde_json::Value::Array(rows).to_string();
+        sqlx::query(&format!(
+            "INSERT INTO ledger (key_id, day) SELECT k, d FROM ({GRANT_ROWS}) WHERE true
+             ON CONFLICT (key_id, day) DO NOTHING"
+        ))
+        .bind(&rows)
+        .execute(&mut *self)
+        .await?;
+        Ok(sqlx::query(&format!(
+            "UPDATE ledger SET last_grant = {GRANT}, held = ledger.held + {GRANT}
+             FROM ({GRANT_ROWS}) AS r
+             WHERE ledger.key_id = r.k AND ledger.day = r.d
+             RETURNING key_id, day, last_grant"
+        ))
+        .bind(&rows)
+        .fetch_all(&mut *self)
+        .await?
+        .iter()
+        .map(|r| ((r.get("key_id"), r.get("day")), r.get("last_grant")))
+        .collect())
+    }
+
+    async fn add_leases(&mut self, holder: &str, leases: &[(&str, i64, i64)]) -> Result<()> {
+        let rows: Vec<serde_json::Value> = leases
+            .iter()
+            .map(|(k, d, g)| serde_json::json!([k, d, g]))
+            .collect();
+        sqlx::query(
+            "INSERT INTO leases (holder, key_id, day, held)
+             SELECT $1, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
+                    json_extract(value, '$[2]')
+             FROM json_each($2) WHERE true
+             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held",
+        )
+        .bind(holder)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(&mut *self)
+        .await?;
+        Ok(())
+    }
+
+    async fn held_leases(
+        &mut self,
+        holder: &str,
+        slots: &[(&str, i64)],
+    ) -> Result<HashMap<(String, i64), (i64, i64)>> {
+        let keys: Vec<serde_json::Value> = slots
+            .iter()
+            .map(|(k, d)| serde_json::json!([k, d]))
+            .collect();
+        Ok(sqlx::query(
+            // CROSS JOIN keeps the batch the outer loop: one primary-key probe per row, not
+            // a scan of all the holder's leases.
+            "SELECT l.key_id, l.day, l.held, l.committed FROM json_each($2) AS r
+             CROSS JOIN leases AS l
+               ON l.holder = $1 AND l.key_id = json_extract(r.value, '$[0]')
+                  AND l.day = json_extract(r.value, '$[1]')",
+        )
+        .bind(holder)
+        .bind(serde_json::Value::Array(keys).to_string())
+        .fetch_all(&mut *self)
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                (r.get("key_id"), r.get("day")),
+                (r.get("held"), r.get("committed")),
+            )
+        })
+        .collect())
+    }
+
+    async fn commit_leases(
+        &mut self,
+        holder: &str,
+        rows: &[(&str, i64, i64)],
+    ) -> Result<std::collections::HashSet<(String, i64)>> {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(k, d, a)| serde_json::json!([k, d, a]))
+            .collect();
+        // Only rows read from `leases` are upserted (it never inserts); the batch drives,
+        // one primary-key probe per row.
+        Ok(sqlx::query(
+            "INSERT INTO leases (holder, key_id, day, held, committed)
+             SELECT l.holder, l.key_id, l.day, l.held, json_extract(r.value, '$[2]')
+             FROM json_each($2) AS r
+             CROSS JOIN leases AS l
+               ON l.holder = $1 AND l.key_id = json_extract(r.value, '$[0]')
+                  AND l.day = json_extract(r.value, '$[1]')
+             WHERE l.committed + json_extract(r.value, '$[2]') <= l.held
+             ON CONFLICT (holder, key_id, day)
+             DO UPDATE SET committed = leases.committed + excluded.committed
+             RETURNING key_id, day",
+        )
+        .bind(holder)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .fetch_all(&mut *self)
+        .await?
+        .iter()
+        .map(|r| (r.get("key_id"), r.get("day")))
+        .collect())
+    }
+
+    async fn apply_reports(&mut self, holder: &str, totals: &[Report]) -> Result<()> {
+        let rows: Vec<serde_json::Value> = totals
+            .iter()
+            .map(|r| serde_json::json!([r.key_id, r.day, r.settled, r.taken, r.uncommitted]))
+            .collect();
+        let rows = serde_json::Value::Array(rows).to_string();
+        let report_rows = |param: &str| {
+            format!(
+                "SELECT json_extract(value, '$[0]') AS k, json_extract(value, '$[1]') AS d,
+                        json_extract(value, '$[2]') AS s, json_extract(value, '$[3]') AS t,
+                        json_extract(value, '$[4]') AS u
+                 FROM json_each({param})"
+            )
+        };
+        let rows2 = report_rows("$2");
+        let rows1 = report_rows("$1");
+        // An upsert, so the batch drives (an UPDATE ... FROM scans the holder's leases).
+        // Only leases read above have a take or an uncommit, so it never inserts.
+        sqlx::query(&format!(
+            "INSERT INTO leases (holder, key_id, day, held, committed)
+             SELECT $1, k, d, -t, -u FROM ({rows2})
+             WHERE t > 0 OR u > 0
+             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held,
+                 committed = leases.committed + excluded.committed"
+        ))
+        .bind(holder)
+        .bind(&rows)
+        .execute(&mut *self)
+        .await?;
+        sqlx::query(&format!(
+            "DELETE FROM leases WHERE holder = $1 AND held <= 0 AND committed <= 0
+               AND (key_id, day) IN (SELECT k, d FROM ({rows2}))"
+        ))
+        .bind(holder)
+        .bind(&rows)
+        .execute(&mut *self)
+        .await?;
+        sqlx::query(&format!(
+            "INSERT INTO ledger (key_id, day) SELECT k, d FROM ({rows1}) WHERE true
+             ON CONFLICT (key_id, day) DO NOTHING"
+        ))
+        .bind(&rows)
+        .execute(&mut *self)
+        .await?;
+        sqlx::query(&format!(
+            "UPDATE ledger SET settled = settled + r.s, held = max(held - r.t, 0)
+             FROM ({rows1}) AS r WHERE ledger.key_id = r.k AND ledger.day = r.d"
+        ))
+        .bind(&rows)
+        .execute(&mut *self)
+        .await?;
+        Ok(())
+    }
+}
+
+impl BatchConn for PgConnection {
+    async fn grant_round(&mut self, asks: &[&GrantRequest]) -> Result<HashMap<(String, i64), i64>> {
+        let keys: Vec<&str> = asks.iter().map(|r| r.key_id.as_str()).collect();
+        let column =
+            |f: fn(&GrantRequest) -> i64| -> Vec<i64> { asks.iter().map(|r| f(r)).collect() };
+        let (days, caps, mins, wants) = (
+            column(|r| r.day),
+            column(|r| r.cap.0),
+            column(|r| r.min.0),
+            column(|r| r.want.0),
+        );
+        // Rows come into being in (key, day) order (the asks are sorted), then are locked
+        // in that order before the grant reads them.
+        sqlx::query(
+            "INSERT INTO ledger (key_id, day) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[])
+             ON CONFLICT (key_id, day) DO NOTHING",
+        )
+        .bind(&keys)
+        .bind(&days)
+        .execute(&mut *self)
+        .await?;
+        let slots: Vec<(&str, i64)> = keys.iter().copied().zip(days.iter().copied()).collect();
+        self.lock_ledger_rows(&slots).await?;
+        Ok(sqlx::query(&format!(
+            "UPDATE ledger SET last_grant = {GRANT}, held = ledger.held + {GRANT}
+             FROM ({PG_GRANT_ROWS}) AS r
+             WHERE ledger.key_id = r.k AND ledger.day = r.d
+             RETURNING ledger.key_id, ledger.day, ledger.last_grant"
+        ))
+        .bind(&keys)
+        .bind(&days)
+        .bind(&caps)
+        .bind(&mins)
+        .bind(&wants)
+        .fetch_all(&mut *self)
+        .await?
+        .iter()
+        .map(|r| ((r.get("key_id"), r.get("day")), r.get("last_grant")))
+        .collect())
+    }
+
+    async fn add_leases(&mut self, holder: &str, leases: &[(&str, i64, i64)]) -> Result<()> {
+        let keys: Vec<&str> = leases.iter().map(|l| l.0).collect();
+        let days: Vec<i64> = leases.iter().map(|l| l.1).collect();
+        let held: Vec<i64> = leases.iter().map(|l| l.2).collect();
+        sqlx::query(
+            "INSERT INTO leases (holder, key_id, day, held)
+             SELECT $1, k, d, h FROM unnest($2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS r(k, d, h)
+             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held",
+        )
+        .bind(holder)
+        .bind(keys)
+        .bind(days)
+        .bind(held)
+        .execute(&mut *self)
+        .await?;
+        Ok(())
+    }
+
+    async fn held_leases(
+        &mut self,
+        holder: &str,
+        slots: &[(&str, i64)],
+    ) -> Result<HashMap<(String, i64), (i64, i64)>> {
+        let keys: Vec<&str> = slots.iter().map(|s| s.0).collect();
+        let days: Vec<i64> = slots.iter().map(|s| s.1).collect();
+        Ok(sqlx::query(
+            "SELECT l.key_id, l.day, l.held, l.committed
+             FROM unnest($2::TEXT[], $3::BIGINT[]) AS r(k, d)
+             JOIN leases AS l ON l.holder = $1 AND l.key_id = r.k AND l.day = r.d
+             ORDER BY l.key_id, l.day
+             FOR UPDATE OF l",
+        )
+        .bind(holder)
+        .bind(keys)
+        .bind(days)
+        .fetch_all(&mut *self)
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                (r.get("key_id"), r.get("day")),
+                (r.get("held"), r.get("committed")),
+            )
+        })
+        .collect())
+    }
+
+    async fn commit_leases(
+        &mut self,
+        holder: &str,
+        rows: &[(&str, i64, i64)],
+    ) -> Result<std::collections::HashSet<(String, i64)>> {
+        let keys: Vec<&str> = rows.iter().map(|r| r.0).collect();
+        let days: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let amounts: Vec<i64> = rows.iter().map(|r| r.2).collect();
+        // Locked in (key, day) order first, like a report's leases, then updated.
+        sqlx::query(
+            "SELECT 1 FROM unnest($2::TEXT[], $3::BIGINT[]) AS r(k, d)
+             JOIN leases AS l ON l.holder = $1 AND l.key_id = r.k AND l.day = r.d
+             ORDER BY l.key_id, l.day
+             FOR UPDATE OF l",
+        )
+        .bind(holder)
+        .bind(&keys)
+        .bind(&days)
+        .fetch_all(&mut *self)
+        .await?;
+        Ok(sqlx::query(
+            "UPDATE leases SET committed = leases.committed + r.a
+             FROM unnest($2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS r(k, d, a)
+             WHERE leases.holder = $1 AND leases.key_id = r.k AND leases.day = r.d
+               AND leases.committed + r.a <= leases.held
+             RETURNING leases.key_id, leases.day",
+        )
+        .bind(holder)
+        .bind(&keys)
+        .bind(&days)
+        .bind(&amounts)
+        .fetch_all(&mut *self)
+        .await?
+        .iter()
+        .map(|r| (r.get("key_id"), r.get("day")))
+        .collect())
+    }
+
+    async fn apply_reports(&mut self, holder: &str, totals: &[Report]) -> Result<()> {
+        let keys: Vec<&str> = totals.iter().map(|t| t.key_id.as_str()).collect();
+        let days: Vec<i64> = totals.iter().map(|t| t.day).collect();
+        let settled: Vec<i64> = totals.iter().map(|t| t.settled).collect();
+        let taken: Vec<i64> = totals.iter().map(|t| t.taken).collect();
+        let uncommitted: Vec<i64> = totals.iter().map(|t| t.uncommitted).collect();
+        const ROWS: &str = "unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[],
+                   $6::BIGINT[]) AS r(k, d, s, t, u)";
+        for sql in [
+            format!(
+                "UPDATE leases SET held = leases.held - r.t,
+                                   committed = leases.committed - r.u FROM {ROWS}
+                 WHERE leases.holder = $5 AND leases.key_id = r.k AND leases.day = r.d
+                   AND (r.t > 0 OR r.u > 0)"
+            ),
+            format!(
+                "DELETE FROM leases USING {ROWS}
+                 WHERE leases.holder = $5 AND leases.key_id = r.k AND leases.day = r.d
+                   AND leases.held <= 0 AND leases.committed <= 0"
+            ),
+            format!(
+                "INSERT INTO ledger (key_id, day) SELECT r.k, r.d FROM {ROWS}
+                 WHERE $5::TEXT IS NOT NULL
+                 ON CONFLICT (key_id, day) DO NOTHING"
+            ),
+            format!(
+                "UPDATE ledger SET settled = ledger.settled + r.s,
+                                   held = GREATEST(ledger.held - r.t, 0)
+                 FROM {ROWS} WHERE ledger.key_id = r.k AND ledger.day = r.d
+                   AND $5::TEXT IS NOT NULL"
+            ),
+        ] {
+            sqlx::query(&sql)
+                .bind(&keys)
+                .bind(&days)
+                .bind(&settled)
+                .bind(&taken)
+                .bind(holder)
+                .bind(&uncommitted)
+                .execute(&mut *self)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,7 +609,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("keybrake-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        Store::open(&dir).await.unwrap()
+        Store::open(&crate::database::Database::Sqlite { data_dir: dir })
+            .await
+            .unwrap()
     }
 
     fn row(key: &str, settled: i64, spent: i64, returned: i64, unreserved: i64) -> ReportRow {
@@ -335,7 +631,11 @@ mod tests {
 
     #[tokio::test]
     async fn committed_budget_stays_held_until_reported_and_is_settled_when_its_holder_dies() {
-        let s = store("commit-many").await;
+        committed_budget(store("commit-many").await).await;
+        committed_budget(crate::control::store::tests::postgres().await).await;
+    }
+
+    async fn committed_budget(s: Store) {
         s.register_holder("h1", 0, 100).await.unwrap();
         let grants = s
             .lease_grant_many("h1", &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 4)])
@@ -362,13 +662,9 @@ mod tests {
         s.lease_report_many("h1", &[row("k_a", 2, 2, 10, 1)])
             .await
             .unwrap();
-        let held = |leases: &[(String, i64, Micros)], k: &str| {
-            leases.iter().find(|l| l.0 == k).map(|l| l.2)
-        };
-        assert_eq!(
-            held(&s.leases_of("h1").await.unwrap(), "k_a"),
-            Some(Micros(2))
-        );
+        let leases = s.leases_of("h1").await.unwrap();
+        let held = leases.iter().find(|l| l.0 == "k_a").map(|l| l.2);
+        assert_eq!(held, Some(Micros(2)));
         // Past its life, nothing more is committed.
         assert_eq!(
             s.lease_commit_many("h1", 101, &[commit("k_b", 1)])
@@ -401,7 +697,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_grants_like_one_by_one_and_never_beyond_a_cap() {
-        let s = store("grant-many").await;
+        batch_grants(store("grant-many").await).await;
+        batch_grants(crate::control::store::tests::postgres().await).await;
+    }
+
+    async fn batch_grants(s: Store) {
         s.lease_grant("h1", "k_a", 7, Micros(10), Micros(1), Micros(8))
             .await
             .unwrap();

@@ -15,9 +15,14 @@ pub mod auth;
 pub mod crypto;
 pub mod errors;
 pub mod fleet;
+pub mod follow;
 pub mod keywriter;
 pub mod ledger_batch;
 pub mod listener;
+#[cfg(test)]
+mod outage_test;
+#[cfg(test)]
+pub mod pg_test;
 pub mod store;
 pub mod sync_api;
 
@@ -35,7 +40,6 @@ use arc_swap::ArcSwap;
 use crypto::MasterKey;
 use dashmap::DashMap;
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,18 +132,19 @@ pub fn key_status(row: &KeyRow, now: i64) -> KeyStatus {
 }
 
 impl Control {
-    /// Opens the store, loads (or creates) the signing key and publishes the snapshots.
+    /// Opens the store and the audit trail (`database`), loads (or creates) the signing key
+    /// and publishes the snapshots.
     pub async fn open(
         settings: ControlSettings,
-        data_dir: &Path,
+        database: &crate::database::Database,
         master: MasterKey,
         admin_token: Secret,
         published: Arc<Published>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Control>> {
+        let store = Store::open(database).await?;
         let audit =
-            audit::AuditTrail::open(data_dir, metrics.clone(), settings.audit_durability).await?;
-        let store = Store::open(data_dir).await?;
+            audit::AuditTrail::open(database, metrics.clone(), settings.audit_durability).await?;
         let now = now_secs();
         if store
             .live_signing_keys(now)
@@ -218,28 +223,33 @@ impl Control {
                     log::error!("cannot reload API tokens and credentials: {e:#}");
                 }
             }
-            match self.store.revoked_since(since, now).await {
-                Ok(rows) => {
-                    since = now - 5;
-                    let filter = self.published.revocations.load();
-                    let missing: Vec<_> = rows
-                        .into_iter()
-                        .filter(|(id, _)| !filter.is_revoked(id))
-                        .collect();
-                    if !missing.is_empty() {
-                        let _g = self.revocations_lock.lock().await;
-                        let filter = self.published.revocations.load();
-                        for (id, exp) in missing {
-                            filter.insert(&id, exp);
-                            self.fleet.revoked(&id, exp);
-                        }
-                        self.published.generation.fetch_add(1, Ordering::AcqRel);
-                        self.metrics.revoked_keys.set(filter.len() as i64);
-                    }
-                }
+            match self.catch_up_revocations(since, now).await {
+                Ok(()) => since = now - 5,
                 Err(e) => log::error!("cannot read recent revocations: {e:#}"),
             }
         }
+    }
+
+    /// Puts keys revoked by another process at or after `since` into this one's filter
+    /// (and its nodes' feed).
+    async fn catch_up_revocations(&self, since: i64, now: i64) -> Result<()> {
+        let rows = self.store.revoked_since(since, now).await?;
+        let filter = self.published.revocations.load();
+        let missing: Vec<_> = rows
+            .into_iter()
+            .filter(|(id, _)| !filter.is_revoked(id))
+            .collect();
+        if !missing.is_empty() {
+            let _g = self.revocations_lock.lock().await;
+            let filter = self.published.revocations.load();
+            for (id, exp) in missing {
+                filter.insert(&id, exp);
+                self.fleet.revoked(&id, exp);
+            }
+            self.published.generation.fetch_add(1, Ordering::AcqRel);
+            self.metrics.revoked_keys.set(filter.len() as i64);
+        }
+        Ok(())
     }
 
     /// Every second: this process's heartbeat as a lease holder; every few seconds, the
@@ -397,6 +407,13 @@ impl Control {
     }
 
     async fn reload_tokens_and_credentials(&self) -> Result<()> {
+        self.reload_tokens().await?;
+        let _g = self.credentials_lock.lock().await;
+        self.publish_credentials().await
+    }
+
+    /// Replaces the in-memory API tokens with the store's.
+    async fn reload_tokens(&self) -> Result<()> {
         {
             let _g = self.tokens_lock.lock().await;
             let stored: std::collections::HashMap<[u8; 32], String> = self
@@ -417,8 +434,7 @@ impl Control {
                     .or_insert(TokenOwner { tenant_id });
             }
         }
-        let _g = self.credentials_lock.lock().await;
-        self.publish_credentials().await
+        Ok(())
     }
 
     async fn publish_credentials(&self) -> Result<()> {
@@ -568,7 +584,7 @@ impl Control {
             .or_default()
             .insert(vendor.into(), secret);
         self.published.credentials.store(Arc::new(map));
-        // Edge nodes hold credentials too: wake their long-polls now.
+        // Edge nodes hold credentials too: wake their long-polls.
         self.feed_changed();
         Ok((row.last4, now))
     }
@@ -598,8 +614,6 @@ impl Control {
             }
         }
         self.published.credentials.store(Arc::new(map));
-        // A deleted credential must stop working on edge nodes at once, not at their
-        // next idle poll.
         self.feed_changed();
         Ok(existed)
     }
@@ -950,8 +964,17 @@ impl Ledger for Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     async fn open(dir: &Path, master: &str) -> Arc<Control> {
+        let database = crate::database::Database::Sqlite {
+            data_dir: dir.to_path_buf(),
+        };
+        open_on(&database, master).await
+    }
+
+    /// A control on `database` (its store and audit trail).
+    async fn open_on(database: &crate::database::Database, master: &str) -> Arc<Control> {
         let settings = ControlSettings {
             default_ttl: Duration::from_secs(300),
             max_ttl: Duration::from_secs(3600),
@@ -963,7 +986,7 @@ mod tests {
         let published = Arc::new(Published::empty());
         Control::open(
             settings,
-            dir,
+            database,
             master,
             Secret::new("admin"),
             published,
@@ -971,6 +994,13 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    async fn postgres_database() -> crate::database::Database {
+        let url = pg_test::database().await;
+        crate::database::Database::Postgres {
+            url: crate::database::DatabaseUrl::parse(&url).unwrap(),
+        }
     }
 
     async fn eventually(what: &str, check: impl Fn() -> bool) {
@@ -1050,14 +1080,15 @@ mod tests {
         }
     }
 
-    /// Two processes on one database (a graceful upgrade) lease from the same key at
-    /// once: together they never grant more than its cap, and all of it is granted.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn two_controls_racing_on_one_store_never_grant_more_than_the_cap() {
-        let dir = temp_dir("lease-race");
+    /// Two processes on one database (two replicas on PostgreSQL, or the two processes
+    /// of a graceful upgrade on SQLite) lease from the same key at once: together they
+    /// never grant more than its cap, and all of it is granted, one lease at a time and
+    /// in batches.
+    async fn race(database: crate::database::Database, name: &str) {
+        let dir = temp_dir(name);
         let master = MasterKey::generate_base64();
-        let a = open(&dir, &master).await;
-        let b = open(&dir, &master).await;
+        let a = open_on(&database, &master).await;
+        let b = open_on(&database, &master).await;
         let cap = 1_000_000;
         let mut tasks = Vec::new();
         for i in 0..32 {
@@ -1065,10 +1096,21 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut got = 0i64;
                 for _ in 0..40 {
-                    let grant = ledger
-                        .lease(lease_request("key_race", cap, 1, 9_000))
-                        .await
-                        .unwrap();
+                    // Every fourth task asks in batches (two keys at once).
+                    let grant = if i % 4 == 1 {
+                        let grants = ledger
+                            .lease_many(vec![
+                                lease_request("key_race", cap, 1, 9_000),
+                                lease_request("key_other", cap, 1, 1),
+                            ])
+                            .await;
+                        grants.into_iter().next().unwrap().unwrap()
+                    } else {
+                        ledger
+                            .lease(lease_request("key_race", cap, 1, 9_000))
+                            .await
+                            .unwrap()
+                    };
                     if grant.0 == 0 {
                         break;
                     }
@@ -1090,6 +1132,15 @@ mod tests {
         assert!(total <= cap, "granted {total} against a cap of {cap}");
         assert_eq!(total, cap, "the whole cap is granted in the end");
         assert_eq!(row.held, Micros(cap));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_controls_racing_on_one_store_never_grant_more_than_the_cap() {
+        let sqlite = crate::database::Database::Sqlite {
+            data_dir: temp_dir("lease-race-db"),
+        };
+        race(sqlite, "lease-race").await;
+        race(postgres_database().await, "lease-race-pg").await;
     }
 
     /// A process dies holding a lease: once its lifetime has passed, another process

@@ -1,112 +1,119 @@
-//! Storage of the control plane: embedded SQLite (WAL) through `sqlx`, so PostgreSQL can
-//! follow behind the same functions. One writer connection (SQLite has one writer; a
-//! single connection avoids lock contention), a few readers.
+//! Storage of the control plane, on one of two backends behind the same methods:
+//! embedded SQLite (WAL, `keybrake.db` in the data dir: one writer connection, since
+//! SQLite has one writer, a checkpointer and a few readers) or PostgreSQL (one pool shared
+//! by every query; any number of `control` replicas on one database). Both go through
+//! `sqlx`. A query whose text is the same on both is written once (`$1` placeholders,
+//! which SQLite reads too) and run through `on_reader!`/`on_writer!`/`in_transaction!`;
+//! where the dialects differ the method says so in one `match` on the backend.
+//!
+//! Migrations live in `migrations/{sqlite,postgres}/`, one file per version in each,
+//! kept in step (a unit test compares the tables and columns they create).
 //!
 //! Secrets never reach this module in clear: credentials and signing keys arrive sealed
 //! (see `crypto`), API tokens arrive hashed.
 
+use crate::database::Database;
 use crate::money::Micros;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Row, SqlitePool};
 use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. The
-/// first is the whole schema, one `CREATE` per table; a change to the schema of a released
-/// version is a new entry at the end, never an edit of one that shipped. The audit trail
-/// has its own file and schema (`audit::SCHEMA`).
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE tenants (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE api_tokens (
-    id TEXT PRIMARY KEY,
-    tenant_id TEXT NOT NULL REFERENCES tenants(id),
-    token_hash BLOB NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE nodes (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    token_hash BLOB NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE credentials (
-    tenant_id TEXT NOT NULL REFERENCES tenants(id),
-    vendor TEXT NOT NULL,
-    sealed BLOB NOT NULL,
-    last4 TEXT NOT NULL,
-    updated_at INTEGER NOT NULL,
-    PRIMARY KEY (tenant_id, vendor)
-);
-CREATE TABLE signing_keys (
-    kid TEXT PRIMARY KEY,
-    sealed_private BLOB NOT NULL,
-    public_key BLOB NOT NULL,
-    created_at INTEGER NOT NULL,
-    retired_at INTEGER
-);
-CREATE TABLE keys (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    tenant_id TEXT NOT NULL REFERENCES tenants(id),
-    kid TEXT NOT NULL,
-    vendor TEXT NOT NULL,
-    label TEXT NOT NULL,
-    allowed_endpoints TEXT NOT NULL,
-    daily_cap INTEGER NOT NULL,
-    metadata TEXT NOT NULL,
-    stripe_accounts TEXT,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    revoked_at INTEGER
-);
-CREATE INDEX keys_by_tenant ON keys (tenant_id, seq);
-CREATE INDEX keys_by_kid ON keys (kid, expires_at);
-CREATE INDEX keys_by_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NULL;
--- `held` is the sum of the key's leases for the day (see `leases`). `last_grant` carries
--- a grant out of the one conditional statement that makes it.
-CREATE TABLE ledger (
-    key_id TEXT NOT NULL,
-    day INTEGER NOT NULL,
-    settled INTEGER NOT NULL DEFAULT 0,
-    held INTEGER NOT NULL DEFAULT 0,
-    last_grant INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (key_id, day)
-);
--- Processes serving the ledger to their proxy, so that a dead holder's leases can be
--- given back.
-CREATE TABLE holders (
-    id TEXT PRIMARY KEY,
-    started_at INTEGER NOT NULL,
-    alive_until INTEGER NOT NULL
-);
-CREATE TABLE leases (
-    holder TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    day INTEGER NOT NULL,
-    held INTEGER NOT NULL,
-    PRIMARY KEY (holder, key_id, day)
-);
-"#,
-    // Write-ahead of reservations (`ledger_batch`): the part of a lease that calls which
-    // may have reached the vendor took, settled as spent if its holder dies.
-    "ALTER TABLE leases ADD COLUMN committed INTEGER NOT NULL DEFAULT 0;",
+/// One schema version: its text for each backend. Applied in order; SQLite's
+/// `PRAGMA user_version` and PostgreSQL's `keybrake_schema` table record how many ran.
+/// The first is the whole schema, one `CREATE` per table; a change to the schema of a
+/// released version is a new entry at the end (a new file in both directories), never an
+/// edit of one that shipped. The audit trail's schema has versions of its own
+/// (`migrations/{sqlite,postgres}/audit/`, `audit::sqlite::MIGRATIONS`).
+pub struct Migration {
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        sqlite: include_str!("../../migrations/sqlite/0001_schema.sql"),
+        postgres: include_str!("../../migrations/postgres/0001_schema.sql"),
+    },
+    Migration {
+        sqlite: include_str!("../../migrations/sqlite/0002_lease_committed.sql"),
+        postgres: include_str!("../../migrations/postgres/0002_lease_committed.sql"),
+    },
 ];
 
 /// The store's file in the data dir.
 pub const FILE: &str = "keybrake.db";
 
+/// PostgreSQL pool size: grants, reports and issuance batches of every caller share it.
+/// A replica's key writer holds one connection per batch; the rest serve the API.
+const PG_POOL_SIZE: u32 = 16;
+/// How long the first connection at start may take.
+const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a query waits for a pooled connection (or a new one) before it fails, so a
+/// lost database answers `storage_unavailable` in seconds instead of hanging the API.
+const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 #[derive(Clone)]
 pub struct Store {
-    pub(super) writer: SqlitePool,
-    checkpointer: SqlitePool,
-    reader: SqlitePool,
+    pub(super) backend: Backend,
 }
+
+#[derive(Clone)]
+pub(super) enum Backend {
+    Sqlite {
+        writer: SqlitePool,
+        checkpointer: SqlitePool,
+        reader: SqlitePool,
+    },
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the pool reads go to (SQLite's read-only pool, or
+/// the PostgreSQL pool): one query text for both backends.
+macro_rules! on_reader {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite { reader: $pool, .. } => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Like `on_reader!`, with the pool writes go to (SQLite's one writer connection).
+macro_rules! on_writer {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite { writer: $pool, .. } => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$tx` a write transaction: `BEGIN IMMEDIATE` on SQLite (it takes the
+/// write lock at once: no other process's write can slip between a read and a write of
+/// it), a READ COMMITTED transaction on PostgreSQL, where the statements that must not
+/// race lock their rows themselves (see `lease_grant`). The body commits; an early
+/// return rolls back.
+macro_rules! in_transaction {
+    ($store:expr, |$tx:ident| $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite { writer, .. } => {
+                #[allow(unused_mut)]
+                let mut $tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+                $body
+            }
+            Backend::Postgres(pool) => {
+                #[allow(unused_mut)]
+                let mut $tx = pool.begin().await?;
+                $body
+            }
+        }
+    };
+}
+pub(super) use in_transaction;
 
 #[derive(Debug, Clone)]
 pub struct KeyRow {
@@ -163,29 +170,108 @@ pub struct LedgerRow {
     pub held: Micros,
 }
 
-fn key_row(r: &sqlx::sqlite::SqliteRow) -> KeyRow {
+/// A row of either backend whose columns decode as `i64`, `String` and `Vec<u8>`: what
+/// every table here is made of (INTEGER/BIGINT, TEXT, BLOB/BYTEA).
+pub(super) trait TableRow: Row {
+    fn int(&self, column: &str) -> i64;
+    fn int_opt(&self, column: &str) -> Option<i64>;
+    fn text(&self, column: &str) -> String;
+    fn text_opt(&self, column: &str) -> Option<String>;
+    fn bytes(&self, column: &str) -> Vec<u8>;
+}
+
+impl<R> TableRow for R
+where
+    R: Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn int(&self, column: &str) -> i64 {
+        self.get(column)
+    }
+    fn int_opt(&self, column: &str) -> Option<i64> {
+        self.get(column)
+    }
+    fn text(&self, column: &str) -> String {
+        self.get(column)
+    }
+    fn text_opt(&self, column: &str) -> Option<String> {
+        self.get(column)
+    }
+    fn bytes(&self, column: &str) -> Vec<u8> {
+        self.get(column)
+    }
+}
+
+fn key_row(r: &impl TableRow) -> KeyRow {
     KeyRow {
-        seq: r.get("seq"),
-        id: r.get("id"),
-        tenant_id: r.get("tenant_id"),
-        kid: r.get("kid"),
-        vendor: r.get("vendor"),
-        label: r.get("label"),
-        allowed_endpoints: serde_json::from_str(r.get::<&str, _>("allowed_endpoints"))
-            .unwrap_or_default(),
-        daily_cap: Micros(r.get("daily_cap")),
-        metadata: serde_json::from_str(r.get::<&str, _>("metadata")).unwrap_or_default(),
+        seq: r.int("seq"),
+        id: r.text("id"),
+        tenant_id: r.text("tenant_id"),
+        kid: r.text("kid"),
+        vendor: r.text("vendor"),
+        label: r.text("label"),
+        allowed_endpoints: serde_json::from_str(&r.text("allowed_endpoints")).unwrap_or_default(),
+        daily_cap: Micros(r.int("daily_cap")),
+        metadata: serde_json::from_str(&r.text("metadata")).unwrap_or_default(),
         stripe_accounts: r
-            .get::<Option<&str>, _>("stripe_accounts")
-            .and_then(|s| serde_json::from_str(s).ok()),
-        created_at: r.get("created_at"),
-        expires_at: r.get("expires_at"),
-        revoked_at: r.get("revoked_at"),
+            .text_opt("stripe_accounts")
+            .and_then(|s| serde_json::from_str(&s).ok()),
+        created_at: r.int("created_at"),
+        expires_at: r.int("expires_at"),
+        revoked_at: r.int_opt("revoked_at"),
+    }
+}
+
+fn ledger_of_row(r: &impl TableRow) -> LedgerRow {
+    LedgerRow {
+        settled: Micros(r.int("settled")),
+        held: Micros(r.int("held")),
     }
 }
 
 impl Store {
-    pub async fn open(data_dir: &Path) -> Result<Store> {
+    /// Opens the store and brings its schema up to date. A database written by a newer
+    /// keybrake (more migrations than this one knows) is refused, untouched.
+    pub async fn open(database: &Database) -> Result<Store> {
+        match database {
+            Database::Sqlite { data_dir } => Store::open_sqlite(data_dir).await,
+            Database::Postgres { url } => {
+                let options = PgConnectOptions::from_str(url.expose())
+                    .context("the database URL does not parse")?
+                    .application_name("keybrake");
+                // One connection first, for a clear error when the database cannot be
+                // reached (the pool would only say it timed out).
+                let first = tokio::time::timeout(PG_CONNECT_TIMEOUT, options.connect()).await;
+                match first {
+                    Ok(Ok(conn)) => drop(conn),
+                    // sqlx's message already ends with its cause: printed once.
+                    Ok(Err(e)) => bail!("cannot connect to PostgreSQL at {url}: {e}"),
+                    Err(_) => bail!(
+                        "cannot connect to PostgreSQL at {url}: no answer within {} s",
+                        PG_CONNECT_TIMEOUT.as_secs()
+                    ),
+                }
+                let pool = PgPoolOptions::new()
+                    .max_connections(PG_POOL_SIZE)
+                    .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+                    // A connection that broke while idle in the pool (database restarted)
+                    // is found out before a query uses it.
+                    .test_before_acquire(true)
+                    .connect_with(options)
+                    .await
+                    .with_context(|| format!("cannot connect to PostgreSQL at {url}"))?;
+                migrate_postgres(&pool).await?;
+                Ok(Store {
+                    backend: Backend::Postgres(pool),
+                })
+            }
+        }
+    }
+
+    async fn open_sqlite(data_dir: &Path) -> Result<Store> {
         crate::secret::private_dir(data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
         let path = data_dir.join(FILE);
@@ -215,7 +301,7 @@ impl Store {
             )
             .await
             .context("cannot open the SQLite database")?;
-        migrate(&writer).await?;
+        migrate_sqlite(&writer).await?;
         let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -227,14 +313,25 @@ impl Store {
             .await
             .context("cannot open the SQLite database for reading")?;
         Ok(Store {
-            writer,
-            reader,
-            checkpointer,
+            backend: Backend::Sqlite {
+                writer,
+                reader,
+                checkpointer,
+            },
         })
     }
 
-    /// Keeps the WAL short without putting a checkpoint inside any commit. Four times a
-    /// second:
+    /// The PostgreSQL pool, when the store is on PostgreSQL (for what follows other
+    /// replicas' changes, and the audit trail sharing the database).
+    pub fn postgres(&self) -> Option<&PgPool> {
+        match &self.backend {
+            Backend::Postgres(pool) => Some(pool),
+            Backend::Sqlite { .. } => None,
+        }
+    }
+
+    /// Keeps the WAL short without putting a checkpoint inside any commit (SQLite only:
+    /// returns at once on PostgreSQL, which manages its own WAL). Four times a second:
     /// 1. PASSIVE checkpoints on their own connection copy the committed pages into the
     ///    database file while writes go on (they never block them);
     /// 2. a second PASSIVE checkpoint on the writer connection copies what was committed
@@ -250,6 +347,14 @@ impl Store {
     /// frames it could not copy, and a WAL that stays uncopied (a reader holding an old
     /// snapshot, a stuck disk) is logged after 10 s, then once a minute until it clears.
     pub async fn checkpoints(self, backlog: prometheus::IntGauge) {
+        let Backend::Sqlite {
+            writer,
+            checkpointer,
+            ..
+        } = &self.backend
+        else {
+            return;
+        };
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stuck_since: Option<std::time::Instant> = None;
@@ -258,7 +363,7 @@ impl Store {
             tick.tick().await;
             // Twice: the second pass copies what was committed during the first, so the
             // pass the writes wait for has only a few milliseconds' worth left.
-            for pool in [&self.checkpointer, &self.checkpointer] {
+            for pool in [checkpointer, checkpointer] {
                 if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                     .execute(pool)
                     .await
@@ -269,7 +374,7 @@ impl Store {
             // One row: busy (0 or 1), frames in the WAL, frames copied (-1 and -1 when
             // the database is not in WAL mode).
             let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
-                .fetch_one(&self.writer)
+                .fetch_one(writer)
                 .await;
             let now = std::time::Instant::now();
             let complete = match result {
@@ -301,8 +406,18 @@ impl Store {
         }
     }
 
+    /// The database answers (readiness). On PostgreSQL a lost database makes this false
+    /// within `PG_ACQUIRE_TIMEOUT`; the pool reconnects by itself once it is back.
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.reader).await.is_ok()
+        let ping = async {
+            on_reader!(self, |pool| sqlx::query("SELECT 1")
+                .execute(pool)
+                .await
+                .is_ok())
+        };
+        tokio::time::timeout(Duration::from_secs(2), ping)
+            .await
+            .unwrap_or(false)
     }
 
     // ----- tenants and tokens -----
@@ -315,23 +430,25 @@ impl Store {
         token_hash: &[u8],
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)")
+        in_transaction!(self, |tx| {
+            sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)")
+                .bind(id)
+                .bind(name)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO api_tokens (id, tenant_id, token_hash, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(token_id)
             .bind(id)
-            .bind(name)
+            .bind(token_hash)
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "INSERT INTO api_tokens (id, tenant_id, token_hash, created_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(token_id)
-        .bind(id)
-        .bind(token_hash)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+            tx.notify(Change::Tokens).await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
@@ -341,26 +458,26 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<(String, String, i64)>> {
         let (ts, id) = after_created.unwrap_or((i64::MIN, String::new()));
-        let rows = sqlx::query(
-            "SELECT id, name, created_at FROM tenants WHERE (created_at, id) > (?, ?) ORDER BY created_at, id LIMIT ?",
-        )
-        .bind(ts)
-        .bind(id)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows
+        const SQL: &str = "SELECT id, name, created_at FROM tenants WHERE (created_at, id) > ($1, $2) ORDER BY created_at, id LIMIT $3";
+        Ok(on_reader!(self, |pool| sqlx::query(SQL)
+            .bind(ts)
+            .bind(&id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
             .iter()
-            .map(|r| (r.get("id"), r.get("name"), r.get("created_at")))
-            .collect())
+            .map(|r| (r.text("id"), r.text("name"), r.int("created_at")))
+            .collect()))
     }
 
     pub async fn tenant_exists(&self, id: &str) -> Result<bool> {
-        Ok(sqlx::query("SELECT 1 FROM tenants WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await?
-            .is_some())
+        Ok(on_reader!(self, |pool| sqlx::query(
+            "SELECT 1 FROM tenants WHERE id = $1"
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .is_some()))
     }
 
     pub async fn insert_api_token(
@@ -370,15 +487,19 @@ impl Store {
         token_hash: &[u8],
         now: i64,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO api_tokens (id, tenant_id, token_hash, created_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(tenant_id)
-        .bind(token_hash)
-        .bind(now)
-        .execute(&self.writer)
-        .await?;
+        in_transaction!(self, |tx| {
+            sqlx::query(
+                "INSERT INTO api_tokens (id, tenant_id, token_hash, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(id)
+            .bind(tenant_id)
+            .bind(token_hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.notify(Change::Tokens).await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
@@ -388,25 +509,30 @@ impl Store {
         tenant_id: &str,
         token_id: &str,
     ) -> Result<Option<Vec<u8>>> {
-        let row = sqlx::query(
-            "DELETE FROM api_tokens WHERE tenant_id = ? AND id = ? RETURNING token_hash",
-        )
-        .bind(tenant_id)
-        .bind(token_id)
-        .fetch_optional(&self.writer)
-        .await?;
-        Ok(row.map(|r| r.get("token_hash")))
+        Ok(in_transaction!(self, |tx| {
+            let row = sqlx::query(
+                "DELETE FROM api_tokens WHERE tenant_id = $1 AND id = $2 RETURNING token_hash",
+            )
+            .bind(tenant_id)
+            .bind(token_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.notify(Change::Tokens).await?;
+            tx.commit().await?;
+            row.map(|r| r.bytes("token_hash"))
+        }))
     }
 
     /// Every API token as (hash, token id, tenant id), loaded into memory at start.
     pub async fn all_api_tokens(&self) -> Result<Vec<(Vec<u8>, String, String)>> {
-        let rows = sqlx::query("SELECT token_hash, id, tenant_id FROM api_tokens")
-            .fetch_all(&self.reader)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get("token_hash"), r.get("id"), r.get("tenant_id")))
-            .collect())
+        Ok(on_reader!(self, |pool| sqlx::query(
+            "SELECT token_hash, id, tenant_id FROM api_tokens"
+        )
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| (r.bytes("token_hash"), r.text("id"), r.text("tenant_id")))
+        .collect()))
     }
 
     pub async fn insert_node(
@@ -416,86 +542,103 @@ impl Store {
         token_hash: &[u8],
         now: i64,
     ) -> Result<()> {
-        sqlx::query("INSERT INTO nodes (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)")
+        in_transaction!(self, |tx| {
+            sqlx::query(
+                "INSERT INTO nodes (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)",
+            )
             .bind(id)
             .bind(name)
             .bind(token_hash)
             .bind(now)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?;
+            tx.notify(Change::Nodes).await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
     /// Every node: (id, name, created_at, token hash), oldest first.
     pub async fn all_nodes(&self) -> Result<Vec<(String, String, i64, Vec<u8>)>> {
-        let rows = sqlx::query(
+        Ok(on_reader!(self, |pool| sqlx::query(
             "SELECT id, name, created_at, token_hash FROM nodes ORDER BY created_at, id",
         )
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get("id"),
-                    r.get("name"),
-                    r.get("created_at"),
-                    r.get("token_hash"),
-                )
-            })
-            .collect())
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.text("id"),
+                r.text("name"),
+                r.int("created_at"),
+                r.bytes("token_hash"),
+            )
+        })
+        .collect()))
     }
 
     /// Deletes a node (its token stops working); false when there is none.
     pub async fn delete_node(&self, id: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM nodes WHERE id = ?")
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(in_transaction!(self, |tx| {
+            let done = sqlx::query("DELETE FROM nodes WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.notify(Change::Nodes).await?;
+            tx.commit().await?;
+            done.rows_affected() == 1
+        }))
     }
 
     // ----- vendor credentials -----
 
     pub async fn upsert_credential(&self, row: &CredentialRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO credentials (tenant_id, vendor, sealed, last4, updated_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (tenant_id, vendor) DO UPDATE SET sealed = excluded.sealed, last4 = excluded.last4, updated_at = excluded.updated_at",
-        )
-        .bind(&row.tenant_id)
-        .bind(&row.vendor)
-        .bind(&row.sealed)
-        .bind(&row.last4)
-        .bind(row.updated_at)
-        .execute(&self.writer)
-        .await?;
+        in_transaction!(self, |tx| {
+            sqlx::query(
+                "INSERT INTO credentials (tenant_id, vendor, sealed, last4, updated_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (tenant_id, vendor) DO UPDATE SET sealed = excluded.sealed, last4 = excluded.last4, updated_at = excluded.updated_at",
+            )
+            .bind(&row.tenant_id)
+            .bind(&row.vendor)
+            .bind(&row.sealed)
+            .bind(&row.last4)
+            .bind(row.updated_at)
+            .execute(&mut *tx)
+            .await?;
+            tx.notify(Change::Credentials).await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
     pub async fn delete_credential(&self, tenant_id: &str, vendor: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM credentials WHERE tenant_id = ? AND vendor = ?")
-            .bind(tenant_id)
-            .bind(vendor)
-            .execute(&self.writer)
-            .await?;
-        Ok(done.rows_affected() > 0)
+        Ok(in_transaction!(self, |tx| {
+            let done = sqlx::query("DELETE FROM credentials WHERE tenant_id = $1 AND vendor = $2")
+                .bind(tenant_id)
+                .bind(vendor)
+                .execute(&mut *tx)
+                .await?;
+            tx.notify(Change::Credentials).await?;
+            tx.commit().await?;
+            done.rows_affected() > 0
+        }))
     }
 
     pub async fn all_credentials(&self) -> Result<Vec<CredentialRow>> {
-        let rows =
-            sqlx::query("SELECT tenant_id, vendor, sealed, last4, updated_at FROM credentials")
-                .fetch_all(&self.reader)
-                .await?;
-        Ok(rows
-            .iter()
-            .map(|r| CredentialRow {
-                tenant_id: r.get("tenant_id"),
-                vendor: r.get("vendor"),
-                sealed: r.get("sealed"),
-                last4: r.get("last4"),
-                updated_at: r.get("updated_at"),
-            })
-            .collect())
+        Ok(on_reader!(self, |pool| sqlx::query(
+            "SELECT tenant_id, vendor, sealed, last4, updated_at FROM credentials"
+        )
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| CredentialRow {
+            tenant_id: r.text("tenant_id"),
+            vendor: r.text("vendor"),
+            sealed: r.bytes("sealed"),
+            last4: r.text("last4"),
+            updated_at: r.int("updated_at"),
+        })
+        .collect()))
     }
 
     // ----- signing keys -----
@@ -507,42 +650,43 @@ impl Store {
         public_key: &[u8],
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL")
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO signing_keys (kid, sealed_private, public_key, created_at) VALUES (?, ?, ?, ?)")
-            .bind(kid)
-            .bind(sealed_private)
-            .bind(public_key)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        in_transaction!(self, |tx| {
+            sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO signing_keys (kid, sealed_private, public_key, created_at) VALUES ($1, $2, $3, $4)")
+                .bind(kid)
+                .bind(sealed_private)
+                .bind(public_key)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.notify(Change::SigningKeys).await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
     /// The active key plus every retired key that still signs a live vault key.
     pub async fn live_signing_keys(&self, now: i64) -> Result<Vec<SigningKeyRow>> {
-        let rows = sqlx::query(
+        Ok(on_reader!(self, |pool| sqlx::query(
             "SELECT kid, sealed_private, public_key, retired_at FROM signing_keys s
              WHERE retired_at IS NULL
-                OR EXISTS (SELECT 1 FROM keys k WHERE k.kid = s.kid AND k.expires_at > ?)
+                OR EXISTS (SELECT 1 FROM keys k WHERE k.kid = s.kid AND k.expires_at > $1)
              ORDER BY created_at",
         )
         .bind(now)
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| SigningKeyRow {
-                kid: r.get("kid"),
-                sealed_private: r.get("sealed_private"),
-                public_key: r.get("public_key"),
-                retired_at: r.get("retired_at"),
-            })
-            .collect())
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| SigningKeyRow {
+            kid: r.text("kid"),
+            sealed_private: r.bytes("sealed_private"),
+            public_key: r.bytes("public_key"),
+            retired_at: r.int_opt("retired_at"),
+        })
+        .collect()))
     }
 
     // ----- vault keys -----
@@ -561,33 +705,38 @@ impl Store {
                     .transpose()?,
             ));
         }
-        let mut insert = sqlx::QueryBuilder::new(
-            "INSERT INTO keys (id, tenant_id, kid, vendor, label, allowed_endpoints, daily_cap, metadata, stripe_accounts, created_at, expires_at) ",
-        );
-        insert.push_values(rows, |mut b, (k, endpoints, metadata, accounts)| {
-            b.push_bind(k.id.clone())
-                .push_bind(k.tenant_id.clone())
-                .push_bind(k.kid.clone())
-                .push_bind(k.vendor.clone())
-                .push_bind(k.label.clone())
-                .push_bind(endpoints)
-                .push_bind(k.daily_cap.0)
-                .push_bind(metadata)
-                .push_bind(accounts)
-                .push_bind(k.created_at)
-                .push_bind(k.expires_at);
+        on_writer!(self, |pool| {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO keys (id, tenant_id, kid, vendor, label, allowed_endpoints, daily_cap, metadata, stripe_accounts, created_at, expires_at) ",
+            );
+            insert.push_values(rows, |mut b, (k, endpoints, metadata, accounts)| {
+                b.push_bind(k.id.clone())
+                    .push_bind(k.tenant_id.clone())
+                    .push_bind(k.kid.clone())
+                    .push_bind(k.vendor.clone())
+                    .push_bind(k.label.clone())
+                    .push_bind(endpoints)
+                    .push_bind(k.daily_cap.0)
+                    .push_bind(metadata)
+                    .push_bind(accounts)
+                    .push_bind(k.created_at)
+                    .push_bind(k.expires_at);
+            });
+            insert.build().execute(pool).await?;
         });
-        insert.build().execute(&self.writer).await?;
         Ok(())
     }
 
     pub async fn get_key(&self, tenant_id: &str, id: &str) -> Result<Option<KeyRow>> {
-        let row = sqlx::query("SELECT * FROM keys WHERE id = ? AND tenant_id = ?")
-            .bind(id)
-            .bind(tenant_id)
-            .fetch_optional(&self.reader)
-            .await?;
-        Ok(row.as_ref().map(key_row))
+        Ok(on_reader!(self, |pool| sqlx::query(
+            "SELECT * FROM keys WHERE id = $1 AND tenant_id = $2"
+        )
+        .bind(id)
+        .bind(tenant_id)
+        .fetch_optional(pool)
+        .await?
+        .as_ref()
+        .map(key_row)))
     }
 
     /// Newest first; `before_seq` is the cursor.
@@ -601,51 +750,53 @@ impl Store {
     ) -> Result<Vec<KeyRow>> {
         let filter = match status {
             None => "",
-            Some(KeyStatus::Active) => "AND revoked_at IS NULL AND expires_at > ?4",
-            Some(KeyStatus::Revoked) => "AND revoked_at IS NOT NULL AND ?4 = ?4",
-            Some(KeyStatus::Expired) => "AND revoked_at IS NULL AND expires_at <= ?4",
+            Some(KeyStatus::Active) => "AND revoked_at IS NULL AND expires_at > $4",
+            Some(KeyStatus::Revoked) => "AND revoked_at IS NOT NULL AND $4 = $4",
+            Some(KeyStatus::Expired) => "AND revoked_at IS NULL AND expires_at <= $4",
         };
-        let sql = format!("SELECT * FROM keys WHERE tenant_id = ?1 AND seq < ?2 {filter} ORDER BY seq DESC LIMIT ?3");
-        let mut q = sqlx::query(&sql)
-            .bind(tenant_id)
-            .bind(before_seq)
-            .bind(limit);
-        if status.is_some() {
-            q = q.bind(now);
-        }
-        Ok(q.fetch_all(&self.reader)
-            .await?
-            .iter()
-            .map(key_row)
-            .collect())
+        let sql = format!("SELECT * FROM keys WHERE tenant_id = $1 AND seq < $2 {filter} ORDER BY seq DESC LIMIT $3");
+        Ok(on_reader!(self, |pool| {
+            let mut q = sqlx::query(&sql)
+                .bind(tenant_id)
+                .bind(before_seq)
+                .bind(limit);
+            if status.is_some() {
+                q = q.bind(now);
+            }
+            q.fetch_all(pool).await?.iter().map(key_row).collect()
+        }))
     }
 
     /// Marks a key revoked (first revocation wins); returns the stored row.
     pub async fn revoke_key(&self, tenant_id: &str, id: &str, now: i64) -> Result<Option<KeyRow>> {
-        let row = sqlx::query(
-            "UPDATE keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? AND tenant_id = ? RETURNING *",
-        )
-        .bind(now)
-        .bind(id)
-        .bind(tenant_id)
-        .fetch_optional(&self.writer)
-        .await?;
-        Ok(row.as_ref().map(key_row))
+        Ok(in_transaction!(self, |tx| {
+            let row = sqlx::query(
+                "UPDATE keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 AND tenant_id = $3 RETURNING *",
+            )
+            .bind(now)
+            .bind(id)
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.notify(Change::Revocations).await?;
+            tx.commit().await?;
+            row.as_ref().map(key_row)
+        }))
     }
 
     /// Keys revoked at or after `since` that have not expired: revocations made by another
-    /// process on the same database (the old one, during a graceful upgrade).
+    /// process on the same database (another replica, or the other side of an upgrade).
     pub async fn revoked_since(&self, since: i64, now: i64) -> Result<Vec<(String, i64)>> {
-        let rows =
-            sqlx::query("SELECT id, expires_at FROM keys WHERE revoked_at >= ? AND expires_at > ?")
-                .bind(since)
-                .bind(now)
-                .fetch_all(&self.reader)
-                .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get("id"), r.get("expires_at")))
-            .collect())
+        Ok(on_reader!(self, |pool| sqlx::query(
+            "SELECT id, expires_at FROM keys WHERE revoked_at >= $1 AND expires_at > $2"
+        )
+        .bind(since)
+        .bind(now)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| (r.text("id"), r.int("expires_at")))
+        .collect()))
     }
 
     /// Revoked keys that have not expired yet: the content of the revocation filter.
@@ -657,12 +808,16 @@ impl Store {
     // ----- ledger -----
 
     pub async fn ledger_row(&self, key_id: &str, day: i64) -> Result<LedgerRow> {
-        let row = sqlx::query("SELECT settled, held FROM ledger WHERE key_id = ? AND day = ?")
-            .bind(key_id)
-            .bind(day)
-            .fetch_optional(&self.reader)
-            .await?;
-        Ok(row.as_ref().map(ledger_of_row).unwrap_or_default())
+        Ok(on_reader!(self, |pool| sqlx::query(
+            "SELECT settled, held FROM ledger WHERE key_id = $1 AND day = $2"
+        )
+        .bind(key_id)
+        .bind(day)
+        .fetch_optional(pool)
+        .await?
+        .as_ref()
+        .map(ledger_of_row)
+        .unwrap_or_default()))
     }
 
     /// The ledger rows of many keys for one day, in one query (absent rows are zero).
@@ -674,17 +829,20 @@ impl Store {
         let mut out = std::collections::HashMap::with_capacity(key_ids.len());
         // SQLite's default limit is 32,766 variables; pages hold at most 1,000 keys.
         for chunk in key_ids.chunks(1000) {
-            let mut q =
-                sqlx::QueryBuilder::new("SELECT key_id, settled, held FROM ledger WHERE day = ");
-            q.push_bind(day).push(" AND key_id IN (");
-            let mut ids = q.separated(", ");
-            for id in chunk {
-                ids.push_bind(*id);
-            }
-            ids.push_unseparated(")");
-            for r in q.build().fetch_all(&self.reader).await? {
-                out.insert(r.get("key_id"), ledger_of_row(&r));
-            }
+            on_reader!(self, |pool| {
+                let mut q = sqlx::QueryBuilder::new(
+                    "SELECT key_id, settled, held FROM ledger WHERE day = ",
+                );
+                q.push_bind(day).push(" AND key_id IN (");
+                let mut ids = q.separated(", ");
+                for id in chunk {
+                    ids.push_bind(*id);
+                }
+                ids.push_unseparated(")");
+                for r in q.build().fetch_all(pool).await? {
+                    out.insert(r.text("key_id"), ledger_of_row(&r));
+                }
+            });
         }
         Ok(out)
     }
@@ -692,53 +850,77 @@ impl Store {
     /// Registers a ledger holder (a process that grants leases to its proxy) alive until
     /// `alive_until`.
     pub async fn register_holder(&self, id: &str, now: i64, alive_until: i64) -> Result<()> {
-        sqlx::query("INSERT INTO holders (id, started_at, alive_until) VALUES (?, ?, ?)")
-            .bind(id)
-            .bind(now)
-            .bind(alive_until)
-            .execute(&self.writer)
-            .await?;
+        on_writer!(self, |pool| sqlx::query(
+            "INSERT INTO holders (id, started_at, alive_until) VALUES ($1, $2, $3)"
+        )
+        .bind(id)
+        .bind(now)
+        .bind(alive_until)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
         Ok(())
     }
 
     /// Extends a holder's life; false when its row is gone (another process gave its
     /// leases back: it was taken for dead).
     pub async fn heartbeat_holder(&self, id: &str, alive_until: i64) -> Result<bool> {
-        let done = sqlx::query("UPDATE holders SET alive_until = max(alive_until, ?) WHERE id = ?")
+        let done = match &self.backend {
+            Backend::Sqlite { writer, .. } => {
+                sqlx::query("UPDATE holders SET alive_until = max(alive_until, $1) WHERE id = $2")
+                    .bind(alive_until)
+                    .bind(id)
+                    .execute(writer)
+                    .await?
+                    .rows_affected()
+            }
+            Backend::Postgres(pool) => sqlx::query(
+                "UPDATE holders SET alive_until = GREATEST(alive_until, $1) WHERE id = $2",
+            )
             .bind(alive_until)
             .bind(id)
-            .execute(&self.writer)
-            .await?;
-        Ok(done.rows_affected() == 1)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+        };
+        Ok(done == 1)
     }
 
     /// Holders whose life ended before `now`.
     pub async fn dead_holders(&self, now: i64) -> Result<Vec<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT id FROM holders WHERE alive_until < ?")
-                .bind(now)
-                .fetch_all(&self.reader)
-                .await?,
+        Ok(on_reader!(self, |pool| sqlx::query(
+            "SELECT id FROM holders WHERE alive_until < $1"
         )
+        .bind(now)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| r.text("id"))
+        .collect()))
     }
 
     /// The leases a holder has: (key id, day, held).
     pub async fn leases_of(&self, holder: &str) -> Result<Vec<(String, i64, Micros)>> {
-        let rows = sqlx::query("SELECT key_id, day, held FROM leases WHERE holder = ?")
-            .bind(holder)
-            .fetch_all(&self.reader)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get("key_id"), r.get("day"), Micros(r.get("held"))))
-            .collect())
+        Ok(on_reader!(self, |pool| sqlx::query(
+            "SELECT key_id, day, held FROM leases WHERE holder = $1"
+        )
+        .bind(holder)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| (r.text("key_id"), r.int("day"), Micros(r.int("held"))))
+        .collect()))
     }
 
     /// Grants `holder` between `min` and `want` of the key's remaining budget for `day`
     /// (`cap` less settled and held), or nothing. The check and the grant are one
     /// conditional statement, so any number of processes granting from one database
-    /// never grant more than the cap together; the holder's lease row is written in the
-    /// same transaction.
+    /// never grant more than the cap together: SQLite runs it under `BEGIN IMMEDIATE`
+    /// (one writer at a time); PostgreSQL's `INSERT … ON CONFLICT DO UPDATE … WHERE`
+    /// locks the ledger row and evaluates the condition on its latest committed version,
+    /// so a replica racing on the same key waits for this one's commit and then sees its
+    /// grant. The holder's lease row is written in the same transaction, after the ledger
+    /// row (every transaction here locks ledger rows before lease rows: no deadlock).
     pub async fn lease_grant(
         &self,
         holder: &str,
@@ -751,138 +933,123 @@ impl Store {
         if min.0 <= 0 || want < min {
             return Ok(Micros::ZERO);
         }
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let grant: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO ledger (key_id, day, settled, held, last_grant)
-             SELECT ?1, ?2, 0, g, g FROM (SELECT min(?3, ?4) AS g) WHERE g >= ?5
-             ON CONFLICT (key_id, day) DO UPDATE SET
-                 last_grant = min(?3, ?4 - settled - held),
-                 held = held + min(?3, ?4 - settled - held)
-             WHERE ?4 - settled - held >= ?5
-             RETURNING last_grant",
-        )
-        .bind(key_id)
-        .bind(day)
-        .bind(want.0)
-        .bind(cap.0)
-        .bind(min.0)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(grant) = grant.filter(|g| *g > 0) else {
-            tx.rollback().await?;
-            return Ok(Micros::ZERO);
+        let grant_sql = match &self.backend {
+            Backend::Sqlite { .. } => {
+                "INSERT INTO ledger (key_id, day, settled, held, last_grant)
+                 SELECT $1, $2, 0, g, g FROM (SELECT min($3, $4) AS g) WHERE g >= $5
+                 ON CONFLICT (key_id, day) DO UPDATE SET
+                     last_grant = min($3, $4 - settled - held),
+                     held = held + min($3, $4 - settled - held)
+                 WHERE $4 - settled - held >= $5
+                 RETURNING last_grant"
+            }
+            Backend::Postgres(_) => {
+                "INSERT INTO ledger AS l (key_id, day, settled, held, last_grant)
+                 SELECT $1, $2, 0, g, g FROM (SELECT LEAST($3::BIGINT, $4::BIGINT) AS g) AS c
+                 WHERE g >= $5
+                 ON CONFLICT (key_id, day) DO UPDATE SET
+                     last_grant = LEAST($3, $4 - l.settled - l.held),
+                     held = l.held + LEAST($3, $4 - l.settled - l.held)
+                 WHERE $4 - l.settled - l.held >= $5
+                 RETURNING last_grant"
+            }
         };
-        sqlx::query(
-            "INSERT INTO leases (holder, key_id, day, held) VALUES (?, ?, ?, ?)
-             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = held + excluded.held",
-        )
-        .bind(holder)
-        .bind(key_id)
-        .bind(day)
-        .bind(grant)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Micros(grant))
-    }
-
-    /// What a holder did with its leases, in one transaction: `settled` is added to the
-    /// key's settled spend, and `released` (spent or returned) leaves its lease, and the
-    /// key's held budget, as far as the lease still holds it (none of it when the lease
-    /// was already given back because the holder was taken for dead).
-    pub async fn lease_report(
-        &self,
-        holder: &str,
-        reports: &[(String, i64, Micros, Micros)],
-    ) -> Result<()> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        for (key_id, day, settled, released) in reports {
-            let held: Option<i64> = sqlx::query_scalar(
-                "SELECT held FROM leases WHERE holder = ? AND key_id = ? AND day = ?",
+        in_transaction!(self, |tx| {
+            let grant: Option<i64> = sqlx::query_scalar(grant_sql)
+                .bind(key_id)
+                .bind(day)
+                .bind(want.0)
+                .bind(cap.0)
+                .bind(min.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(grant) = grant.filter(|g| *g > 0) else {
+                tx.rollback().await?;
+                return Ok(Micros::ZERO);
+            };
+            sqlx::query(
+                "INSERT INTO leases (holder, key_id, day, held) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held",
             )
             .bind(holder)
             .bind(key_id)
             .bind(day)
-            .fetch_optional(&mut *tx)
+            .bind(grant)
+            .execute(&mut *tx)
             .await?;
-            let take = held.unwrap_or(0).clamp(0, released.0.max(0));
-            if held.is_some() {
-                sqlx::query(
-                    "UPDATE leases SET held = held - ?4 WHERE holder = ?1 AND key_id = ?2 AND day = ?3",
-                )
-                .bind(holder)
-                .bind(key_id)
-                .bind(day)
-                .bind(take)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "DELETE FROM leases WHERE holder = ? AND key_id = ? AND day = ? AND held <= 0",
-                )
-                .bind(holder)
-                .bind(key_id)
-                .bind(day)
-                .execute(&mut *tx)
-                .await?;
-            }
-            ledger_add_on(&mut tx, key_id, *day, *settled, Micros(-take)).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            tx.commit().await?;
+            Ok(Micros(grant))
+        })
     }
 
     /// Gives back the leases of a dead holder, after adding to each key's settled spend
     /// what it spent of its lease: the lease's committed part (write-ahead, see
     /// `ledger_batch`) or what `known_spent` says, whichever is more, at most the lease.
-    /// Removes the holder, whose later reports then release nothing.
+    /// Removes the holder, whose later reports then release nothing. Two replicas
+    /// reclaiming the same holder at once give its leases back once: the second finds
+    /// them gone.
     pub async fn reclaim_holder(
         &self,
         holder: &str,
         known_spent: &std::collections::HashMap<(String, i64), Micros>,
     ) -> Result<Micros> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query("SELECT key_id, day, held, committed FROM leases WHERE holder = ?")
+        in_transaction!(self, |tx| {
+            let mut slots: Vec<(String, i64)> =
+                sqlx::query("SELECT key_id, day FROM leases WHERE holder = $1")
+                    .bind(holder)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|r| (r.text("key_id"), r.int("day")))
+                    .collect();
+            slots.sort();
+            let refs: Vec<(&str, i64)> = slots.iter().map(|(k, d)| (k.as_str(), *d)).collect();
+            tx.lock_ledger_rows(&refs).await?;
+            // Re-read under the locks: a racing reclaim may have taken some already.
+            let rows = sqlx::query(&for_update(
+                tx.is_postgres(),
+                "SELECT key_id, day, held, committed FROM leases WHERE holder = $1
+                 ORDER BY key_id, day",
+            ))
             .bind(holder)
             .fetch_all(&mut *tx)
             .await?;
-        let mut returned = Micros::ZERO;
-        for r in &rows {
-            let (key_id, day, held, committed): (String, i64, i64, i64) = (
-                r.get("key_id"),
-                r.get("day"),
-                r.get("held"),
-                r.get("committed"),
-            );
-            let spent = known_spent
-                .get(&(key_id.clone(), day))
-                .map_or(0, |m| m.0)
-                .max(committed)
-                .clamp(0, held.max(0));
-            ledger_add_on(&mut tx, &key_id, day, Micros(spent), Micros(-held)).await?;
-            returned = returned
-                .checked_add(Micros(held - spent))
-                .unwrap_or(returned);
-        }
-        sqlx::query("DELETE FROM leases WHERE holder = ?")
-            .bind(holder)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM holders WHERE id = ?")
-            .bind(holder)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(returned)
+            let mut returned = Micros::ZERO;
+            for r in &rows {
+                let (key_id, day, held) = (r.text("key_id"), r.int("day"), r.int("held"));
+                let spent = known_spent
+                    .get(&(key_id.clone(), day))
+                    .map_or(0, |m| m.0)
+                    .max(r.int("committed"))
+                    .clamp(0, held.max(0));
+                tx.ledger_add(&key_id, day, Micros(spent), Micros(-held))
+                    .await?;
+                returned = returned
+                    .checked_add(Micros(held - spent))
+                    .unwrap_or(returned);
+            }
+            sqlx::query("DELETE FROM leases WHERE holder = $1")
+                .bind(holder)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM holders WHERE id = $1")
+                .bind(holder)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(returned)
+        })
     }
 
     /// The key's tenant, for audit lookups by key.
     pub async fn key_tenant(&self, key_id: &str) -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT tenant_id FROM keys WHERE id = ?")
-                .bind(key_id)
-                .fetch_optional(&self.reader)
-                .await?,
+        Ok(on_reader!(self, |pool| sqlx::query(
+            "SELECT tenant_id FROM keys WHERE id = $1"
         )
+        .bind(key_id)
+        .fetch_optional(pool)
+        .await?
+        .map(|r| r.text("tenant_id"))))
     }
 
     /// Adds deltas to a ledger row (creating it), atomically.
@@ -893,45 +1060,236 @@ impl Store {
         settled: Micros,
         held: Micros,
     ) -> Result<()> {
-        let mut conn = self.writer.acquire().await?;
-        ledger_add_on(&mut conn, key_id, day, settled, held).await
+        on_writer!(self, |pool| {
+            let mut conn = pool.acquire().await?;
+            conn.ledger_add(key_id, day, settled, held).await
+        })
     }
 }
 
-fn ledger_of_row(r: &sqlx::sqlite::SqliteRow) -> LedgerRow {
-    LedgerRow {
-        settled: Micros(r.get("settled")),
-        held: Micros(r.get("held")),
+/// The database could not be reached, or refused work for a reason that passes (it is
+/// restarting, out of connections, locked, out of disk). The control API answers these
+/// 503 `storage_unavailable`; anything else is a 500.
+#[derive(Debug, thiserror::Error)]
+#[error("storage unavailable: {0}")]
+pub struct Unavailable(pub String);
+
+/// Whether this error means the storage is unavailable rather than a bug or bad data.
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        if cause.is::<Unavailable>() {
+            return true;
+        }
+        let Some(e) = cause.downcast_ref::<sqlx::Error>() else {
+            return false;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                {
+                    // SQLSTATE classes: 08 connection exception, 53 insufficient
+                    // resources, 57P0x shutting down / starting up, 58 system error.
+                    ["08", "53", "57P0", "58"]
+                        .iter()
+                        .any(|c| code.starts_with(c))
+                } else {
+                    // SQLite primary result codes: BUSY, LOCKED, IOERR, FULL, CANTOPEN.
+                    let primary = code.parse::<i32>().unwrap_or(0) & 0xff;
+                    matches!(primary, 5 | 6 | 10 | 13 | 14)
+                }
+            }
+            _ => false,
+        }
+    })
+}
+
+/// What changed, announced to the other replicas on PostgreSQL (`NOTIFY`, delivered at
+/// the commit of the transaction that made the change, and only if it commits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Change {
+    Tokens,
+    Credentials,
+    SigningKeys,
+    Revocations,
+    Nodes,
+}
+
+/// The channel replicas listen on.
+pub const CHANGES_CHANNEL: &str = "keybrake_changes";
+
+impl Change {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Tokens => "tokens",
+            Change::Credentials => "credentials",
+            Change::SigningKeys => "signing_keys",
+            Change::Revocations => "revocations",
+            Change::Nodes => "nodes",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Change> {
+        [
+            Change::Tokens,
+            Change::Credentials,
+            Change::SigningKeys,
+            Change::Revocations,
+            Change::Nodes,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == text)
     }
 }
 
-async fn ledger_add_on(
-    conn: &mut sqlx::SqliteConnection,
-    key_id: &str,
-    day: i64,
-    settled: Micros,
-    held: Micros,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO ledger (key_id, day, settled, held) VALUES (?1, ?2, ?3, max(?4, 0))
-         ON CONFLICT (key_id, day) DO UPDATE SET settled = settled + ?3, held = max(held + ?4, 0)",
+/// `sql` with `FOR UPDATE` on PostgreSQL (SQLite has no row locks: its write transaction
+/// already excludes every other writer).
+fn for_update(postgres: bool, sql: &str) -> String {
+    if postgres {
+        format!("{sql} FOR UPDATE")
+    } else {
+        sql.to_string()
+    }
+}
+
+/// What the write transactions need that differs by backend, on a connection of either.
+#[allow(async_fn_in_trait)]
+pub(super) trait TxConn {
+    fn is_postgres(&self) -> bool;
+    /// Tells the other replicas, at commit, that `change` happened (PostgreSQL only: a
+    /// SQLite store is one process's, or two during an upgrade, which poll instead).
+    async fn notify(&mut self, change: Change) -> Result<()>;
+    /// Locks these ledger rows, in (key, day) order, before the transaction touches any
+    /// lease row: every transaction locks in that order, so two replicas never deadlock.
+    /// Nothing to do on SQLite, whose write transaction excludes other writers.
+    async fn lock_ledger_rows(&mut self, slots: &[(&str, i64)]) -> Result<()>;
+    /// Adds deltas to a ledger row (creating it) in one statement; `held` never drops
+    /// below zero.
+    async fn ledger_add(
+        &mut self,
+        key_id: &str,
+        day: i64,
+        settled: Micros,
+        held: Micros,
+    ) -> Result<()>;
+}
+
+impl TxConn for sqlx::SqliteConnection {
+    fn is_postgres(&self) -> bool {
+        false
+    }
+
+    async fn notify(&mut self, _change: Change) -> Result<()> {
+        Ok(())
+    }
+
+    async fn lock_ledger_rows(&mut self, _slots: &[(&str, i64)]) -> Result<()> {
+        Ok(())
+    }
+
+    async fn ledger_add(
+        &mut self,
+        key_id: &str,
+        day: i64,
+        settled: Micros,
+        held: Micros,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO ledger (key_id, day, settled, held) VALUES ($1, $2, $3, max($4, 0))
+             ON CONFLICT (key_id, day) DO UPDATE SET settled = settled + $3, held = max(held + $4, 0)",
+        )
+        .bind(key_id)
+        .bind(day)
+        .bind(settled.0)
+        .bind(held.0)
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+}
+
+impl TxConn for sqlx::PgConnection {
+    fn is_postgres(&self) -> bool {
+        true
+    }
+
+    async fn notify(&mut self, change: Change) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANGES_CHANNEL)
+            .bind(change.as_str())
+            .execute(self)
+            .await?;
+        Ok(())
+    }
+
+    async fn lock_ledger_rows(&mut self, slots: &[(&str, i64)]) -> Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let mut sorted = slots.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let (keys, days): (Vec<&str>, Vec<i64>) = sorted.into_iter().unzip();
+        sqlx::query(
+            "SELECT 1 FROM ledger WHERE (key_id, day) IN
+                 (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[]))
+             ORDER BY key_id, day FOR UPDATE",
+        )
+        .bind(keys)
+        .bind(days)
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+
+    async fn ledger_add(
+        &mut self,
+        key_id: &str,
+        day: i64,
+        settled: Micros,
+        held: Micros,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO ledger AS l (key_id, day, settled, held) VALUES ($1, $2, $3, GREATEST($4, 0))
+             ON CONFLICT (key_id, day) DO UPDATE
+             SET settled = l.settled + $3, held = GREATEST(l.held + $4, 0)",
+        )
+        .bind(key_id)
+        .bind(day)
+        .bind(settled.0)
+        .bind(held.0)
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The error for a database written by a newer keybrake.
+fn newer_schema(applied: i64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "database schema version {applied} is newer than this keybrake (knows {}): upgrade keybrake",
+        MIGRATIONS.len()
     )
-    .bind(key_id)
-    .bind(day)
-    .bind(settled.0)
-    .bind(held.0)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
-async fn migrate(pool: &SqlitePool) -> Result<()> {
+async fn migrate_sqlite(pool: &SqlitePool) -> Result<()> {
     let applied: i64 = sqlx::query_scalar("PRAGMA user_version")
         .fetch_one(pool)
         .await?;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+    if applied > MIGRATIONS.len() as i64 {
+        return Err(newer_schema(applied));
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
         let mut tx = pool.begin().await?;
-        sqlx::raw_sql(sql)
+        sqlx::raw_sql(m.sqlite)
             .execute(&mut *tx)
             .await
             .with_context(|| format!("migration {}", i + 1))?;
@@ -943,19 +1301,386 @@ async fn migrate(pool: &SqlitePool) -> Result<()> {
     Ok(())
 }
 
+/// Any number of replicas may start at once on an empty database: the migrations run in
+/// one transaction under an advisory lock, so exactly one applies each.
+async fn migrate_postgres(pool: &PgPool) -> Result<()> {
+    /// The advisory lock key of keybrake's migrations ("keybrake" in ASCII).
+    const LOCK: i64 = 0x6b65_7962_7261_6b65;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LOCK)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS keybrake_schema (version BIGINT NOT NULL)")
+        .execute(&mut *tx)
+        .await?;
+    let applied: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM keybrake_schema")
+        .fetch_one(&mut *tx)
+        .await?;
+    if applied > MIGRATIONS.len() as i64 {
+        return Err(newer_schema(applied));
+    }
+    if applied == MIGRATIONS.len() as i64 {
+        return Ok(());
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        sqlx::raw_sql(m.postgres)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("migration {}", i + 1))?;
+    }
+    sqlx::query("DELETE FROM keybrake_schema")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO keybrake_schema (version) VALUES ($1)")
+        .bind(MIGRATIONS.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::database::DatabaseUrl;
     use crate::ids::new_sorted_id;
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("keybrake-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    async fn sqlite(name: &str) -> Store {
+        Store::open(&Database::Sqlite {
+            data_dir: temp_dir(name),
+        })
+        .await
+        .unwrap()
+    }
+
+    pub(crate) async fn postgres() -> Store {
+        let url = crate::control::pg_test::database().await;
+        Store::open(&Database::Postgres {
+            url: DatabaseUrl::parse(&url).unwrap(),
+        })
+        .await
+        .unwrap()
+    }
+
+    /// (table, column, type, nullable) of every table the migrations made, types named
+    /// as SQLite declares them (BIGINT is INTEGER, BYTEA is BLOB).
+    async fn schema(store: &Store) -> Vec<(String, String, String, bool)> {
+        let mut out: Vec<(String, String, String, bool)> = match &store.backend {
+            Backend::Sqlite { reader, .. } => sqlx::query(
+                "SELECT m.name AS t, c.name AS c, c.type AS ty, c.\"notnull\" AS nn, c.pk AS pk
+                 FROM sqlite_master m JOIN pragma_table_info(m.name) c
+                 WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
+            )
+            .fetch_all(reader)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                // A primary key column is NOT NULL in PostgreSQL whatever it says.
+                let not_null = r.int("nn") == 1 || r.int("pk") > 0;
+                (r.text("t"), r.text("c"), r.text("ty"), !not_null)
+            })
+            .collect(),
+            Backend::Postgres(pool) => sqlx::query(
+                "SELECT table_name::TEXT AS t, column_name::TEXT AS c, data_type::TEXT AS ty,
+                        is_nullable::TEXT AS nn
+                 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name <> 'keybrake_schema'",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let ty = match r.text("ty").as_str() {
+                    "bigint" => "INTEGER".to_string(),
+                    "bytea" => "BLOB".to_string(),
+                    "text" => "TEXT".to_string(),
+                    other => other.to_string(),
+                };
+                (r.text("t"), r.text("c"), ty, r.text("nn") == "YES")
+            })
+            .collect(),
+        };
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn both_backends_end_with_the_same_tables_and_columns() {
+        let lite = schema(&sqlite("schema-parity").await).await;
+        let pg = schema(&postgres().await).await;
+        assert!(lite.len() > 40, "{lite:?}");
+        assert_eq!(lite, pg);
+    }
+
+    #[tokio::test]
+    async fn a_schema_newer_than_this_binary_is_refused_on_both_backends() {
+        let dir = temp_dir("schema-newer");
+        let database = Database::Sqlite {
+            data_dir: dir.clone(),
+        };
+        let store = Store::open(&database).await.unwrap();
+        let Backend::Sqlite { writer, .. } = &store.backend else {
+            unreachable!()
+        };
+        sqlx::query("PRAGMA user_version = 99")
+            .execute(writer)
+            .await
+            .unwrap();
+        drop(store);
+        let want = format!(
+            "database schema version 99 is newer than this keybrake (knows {}): upgrade keybrake",
+            MIGRATIONS.len()
+        );
+        let err = Store::open(&database).await.err().unwrap();
+        assert_eq!(format!("{err:#}"), want);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let url = crate::control::pg_test::database().await;
+        let database = Database::Postgres {
+            url: DatabaseUrl::parse(&url).unwrap(),
+        };
+        let store = Store::open(&database).await.unwrap();
+        sqlx::query("UPDATE keybrake_schema SET version = 99")
+            .execute(store.postgres().unwrap())
+            .await
+            .unwrap();
+        let err = Store::open(&database).await.err().unwrap();
+        assert_eq!(format!("{err:#}"), want);
+    }
+
+    /// The same calls give the same answers on both backends.
+    async fn exercise(s: &Store) {
+        s.insert_tenant("tn_a", "a", "tok_a", b"hash-a", 10)
+            .await
+            .unwrap();
+        s.insert_tenant("tn_b", "b", "tok_b", b"hash-b", 20)
+            .await
+            .unwrap();
+        assert!(
+            s.insert_tenant("tn_c", "c", "tok_c", b"hash-a", 30)
+                .await
+                .is_err(),
+            "a token hash is unique"
+        );
+        assert!(!s.tenant_exists("tn_c").await.unwrap(), "rolled back");
+        let tenants = s.list_tenants(Some((10, "tn_a".into())), 10).await.unwrap();
+        assert_eq!(tenants, vec![("tn_b".into(), "b".into(), 20)]);
+        s.insert_api_token("tok_a2", "tn_a", b"hash-a2", 11)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.delete_api_token("tn_b", "tok_a2").await.unwrap(),
+            None,
+            "another tenant's token"
+        );
+        assert_eq!(
+            s.delete_api_token("tn_a", "tok_a2").await.unwrap(),
+            Some(b"hash-a2".to_vec())
+        );
+        let mut tokens = s.all_api_tokens().await.unwrap();
+        tokens.sort();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(
+            tokens[0],
+            (b"hash-a".to_vec(), "tok_a".into(), "tn_a".into())
+        );
+
+        s.insert_node("nd_1", "edge", b"node-hash", 5)
+            .await
+            .unwrap();
+        assert_eq!(s.all_nodes().await.unwrap().len(), 1);
+        assert!(s.delete_node("nd_1").await.unwrap());
+        assert!(!s.delete_node("nd_1").await.unwrap());
+
+        let cred = |sealed: &[u8]| CredentialRow {
+            tenant_id: "tn_a".into(),
+            vendor: "stripe".into(),
+            sealed: sealed.to_vec(),
+            last4: "1234".into(),
+            updated_at: 7,
+        };
+        s.upsert_credential(&cred(b"one")).await.unwrap();
+        s.upsert_credential(&cred(b"two")).await.unwrap();
+        let creds = s.all_credentials().await.unwrap();
+        assert_eq!((creds.len(), creds[0].sealed.as_slice()), (1, &b"two"[..]));
+        assert!(s.delete_credential("tn_a", "stripe").await.unwrap());
+        assert!(!s.delete_credential("tn_a", "stripe").await.unwrap());
+
+        s.insert_signing_key("kid_1", b"sealed1", b"pub1", 100)
+            .await
+            .unwrap();
+        s.insert_signing_key("kid_2", b"sealed2", b"pub2", 200)
+            .await
+            .unwrap();
+        let key = |n: u64, kid: &str, expires_at: i64| KeyRow {
+            seq: 0,
+            id: new_sorted_id("key_", n),
+            tenant_id: "tn_a".into(),
+            kid: kid.into(),
+            vendor: "stripe".into(),
+            label: format!("k{n}"),
+            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+            daily_cap: Micros(5_000_000),
+            metadata: serde_json::json!({ "n": n }),
+            stripe_accounts: (n == 2).then(|| vec!["acct_1".to_string()]),
+            created_at: 300,
+            expires_at,
+            revoked_at: None,
+        };
+        let rows = vec![
+            key(1, "kid_1", 1_000),
+            key(2, "kid_2", 1_000),
+            key(3, "kid_2", 400),
+        ];
+        s.insert_keys(&rows).await.unwrap();
+        // kid_1 is retired but still signs a live key.
+        let live: Vec<String> = s
+            .live_signing_keys(500)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k.kid)
+            .collect();
+        assert_eq!(live, ["kid_1", "kid_2"]);
+        let got = s.get_key("tn_a", &rows[1].id).await.unwrap().unwrap();
+        assert_eq!(got.stripe_accounts, Some(vec!["acct_1".to_string()]));
+        assert_eq!(got.metadata, serde_json::json!({ "n": 2 }));
+        assert!(s.get_key("tn_b", &rows[1].id).await.unwrap().is_none());
+        let all = s.list_keys("tn_a", None, i64::MAX, 10, 500).await.unwrap();
+        assert_eq!(
+            all.iter().map(|k| k.label.as_str()).collect::<Vec<_>>(),
+            ["k3", "k2", "k1"]
+        );
+        let page = s.list_keys("tn_a", None, all[0].seq, 1, 500).await.unwrap();
+        assert_eq!(page[0].label, "k2");
+        let revoked = s
+            .revoke_key("tn_a", &rows[0].id, 450)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(revoked.revoked_at, Some(450));
+        let again = s
+            .revoke_key("tn_a", &rows[0].id, 460)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.revoked_at, Some(450), "the first revocation wins");
+        let status = |st| async move {
+            s.list_keys("tn_a", Some(st), i64::MAX, 10, 500)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|k| k.label)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(status(KeyStatus::Active).await, ["k2"]);
+        assert_eq!(status(KeyStatus::Revoked).await, ["k1"]);
+        assert_eq!(status(KeyStatus::Expired).await, ["k3"]);
+        assert_eq!(
+            s.revoked_since(440, 500).await.unwrap(),
+            vec![(rows[0].id.clone(), 1_000)]
+        );
+        assert!(s.revoked_since(451, 500).await.unwrap().is_empty());
+        assert_eq!(
+            s.key_tenant(&rows[0].id).await.unwrap().as_deref(),
+            Some("tn_a")
+        );
+
+        // The ledger: grant, report, a dead holder's leases given back.
+        s.register_holder("h1", 0, 10).await.unwrap();
+        s.register_holder("h2", 0, 10).await.unwrap();
+        let cap = Micros(100);
+        assert_eq!(
+            s.lease_grant("h1", "k", 9, cap, Micros(10), Micros(60))
+                .await
+                .unwrap(),
+            Micros(60)
+        );
+        assert_eq!(
+            s.lease_grant("h2", "k", 9, cap, Micros(10), Micros(60))
+                .await
+                .unwrap(),
+            Micros(40)
+        );
+        assert_eq!(
+            s.lease_grant("h2", "k", 9, cap, Micros(1), Micros(1))
+                .await
+                .unwrap(),
+            Micros::ZERO
+        );
+        // 25 of the 60 spent, the other 35 returned.
+        let report = crate::control::ledger_batch::ReportRow {
+            key_id: "k".into(),
+            day: 9,
+            settled: Micros(25),
+            spent: Micros(25),
+            returned: Micros(35),
+            unreserved: Micros::ZERO,
+        };
+        s.lease_report_many("h1", &[report]).await.unwrap();
+        assert_eq!(
+            s.ledger_row("k", 9).await.unwrap(),
+            LedgerRow {
+                settled: Micros(25),
+                held: Micros(40)
+            }
+        );
+        assert!(s.heartbeat_holder("h1", 100).await.unwrap());
+        assert!(s.heartbeat_holder("h1", 50).await.unwrap());
+        assert_eq!(s.dead_holders(60).await.unwrap(), ["h2"]);
+        let known = [(("k".to_string(), 9), Micros(15))].into();
+        assert_eq!(s.reclaim_holder("h2", &known).await.unwrap(), Micros(25));
+        assert_eq!(
+            s.reclaim_holder("h2", &known).await.unwrap(),
+            Micros::ZERO,
+            "given back once"
+        );
+        assert!(!s.heartbeat_holder("h2", 100).await.unwrap());
+        assert_eq!(
+            s.ledger_rows(&["k", "none"], 9).await.unwrap(),
+            [(
+                "k".to_string(),
+                LedgerRow {
+                    settled: Micros(40),
+                    held: Micros::ZERO
+                }
+            )]
+            .into()
+        );
+        s.ledger_add("k", 9, Micros(1), Micros(-5)).await.unwrap();
+        assert_eq!(s.ledger_row("k", 9).await.unwrap().held, Micros::ZERO);
+        assert!(s.ping().await);
+    }
+
+    #[tokio::test]
+    async fn the_store_answers_alike_on_sqlite() {
+        exercise(&sqlite("exercise").await).await;
+    }
+
+    #[tokio::test]
+    async fn the_store_answers_alike_on_postgres() {
+        exercise(&postgres().await).await;
+    }
 
     /// A reader that holds an old snapshot keeps the checkpoint from copying what was
     /// written after it: the backlog gauge shows it, and drops to 0 once the reader ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn wal_backlog_shows_a_reader_holding_an_old_snapshot() {
-        let dir =
-            std::env::temp_dir().join(format!("keybrake-backlog-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let store = Store::open(&dir).await.unwrap();
+        let dir = temp_dir("backlog-test");
+        let store = Store::open(&Database::Sqlite {
+            data_dir: dir.clone(),
+        })
+        .await
+        .unwrap();
         store
             .insert_tenant("tn_t", "t", "tok_t", b"h", 0)
             .await
@@ -991,7 +1716,10 @@ mod tests {
         };
 
         // A read transaction pins the snapshot of this moment.
-        let mut reader = store.reader.begin().await.unwrap();
+        let Backend::Sqlite { reader, .. } = &store.backend else {
+            unreachable!()
+        };
+        let mut reader = reader.begin().await.unwrap();
         sqlx::query("SELECT count(*) FROM tenants")
             .fetch_one(&mut *reader)
             .await
@@ -1015,7 +1743,11 @@ mod tests {
     async fn wal_stays_bounded_under_writes_that_never_pause() {
         let dir = std::env::temp_dir().join(format!("keybrake-wal-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let store = Store::open(&dir).await.unwrap();
+        let store = Store::open(&Database::Sqlite {
+            data_dir: dir.clone(),
+        })
+        .await
+        .unwrap();
         store
             .insert_tenant("tn_t", "t", "tok_t", b"h", 0)
             .await

@@ -129,13 +129,23 @@ async fn reports(
     if body.reports.len() > MAX_BATCH {
         return Err(too_many());
     }
-    s.control
+    if let Err(e) = s
+        .control
         .node_report(&node.id, &node.session, body.reports)
         .await
-        .map_err(|e| {
-            log::error!("cannot record a node's spend report: {}", e.0);
-            ApiError::Internal
-        })?;
+    {
+        // The node keeps the report and sends it again; a database that is down now is
+        // a 503 it can wait out, anything else a bug.
+        if !s.control.store().ping().await {
+            log::warn!(
+                "cannot record a node's spend report, storage unavailable: {}",
+                e.0
+            );
+            return Err(ApiError::StorageUnavailable);
+        }
+        log::error!("cannot record a node's spend report: {}", e.0);
+        return Err(ApiError::Internal);
+    }
     Ok(Json(json!({ "ok": true })))
 }
 

@@ -1,6 +1,8 @@
-"""Fleet processes for the acceptance suite: `keybrake control` (ControlPlane) and
-`keybrake proxy --control-url --node-token-file` (EdgeProxy), on 127.0.0.1 only, every
-wait bounded. Built on harness.Keybrake so tenants, keys and audit work the same."""
+"""Fleet processes for the acceptance suite: `keybrake control` on SQLite (ControlPlane)
+or on PostgreSQL (PgControlPlane, one replica; PgDeployment, a replica plus its edge
+proxy standing in for `serve`) and `keybrake proxy --control-url --node-token-file`
+(EdgeProxy), on 127.0.0.1 only, every wait bounded. Built on harness.Keybrake so
+tenants, keys and audit work the same."""
 
 from __future__ import annotations
 
@@ -14,7 +16,19 @@ from typing import Optional
 import pytest
 import requests
 
-from harness import HTTP_TIMEOUT_S, KEYBRAKE_BIN, READY_TIMEOUT_S, Keybrake, free_port
+from harness import HTTP_TIMEOUT_S, KEYBRAKE_BIN, READY_TIMEOUT_S, Keybrake, free_port, wait_until
+
+PI = "/stripe/v1/payment_intents"
+
+
+def pay(node, token, amount=100):
+    """One payment of `amount` cents through a node's proxy."""
+    return node.proxy("POST", PI, key=token, data={"amount": amount, "currency": "usd"})
+
+
+def accepted(fake):
+    """The payment intents the fake Stripe accepted."""
+    return [r for r in fake.received_matching("POST", "/v1/payment_intents") if r.status == 200]
 
 
 class ControlPlane(Keybrake):
@@ -146,3 +160,97 @@ class EdgeProxy:
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
         return None
+
+
+class PgControlPlane(ControlPlane):
+    """`keybrake control --database-url postgres://…`: one control replica on a shared
+    PostgreSQL database (several of these on one URL are replicas of one control plane).
+    No --data-dir: PostgreSQL holds everything the control plane keeps."""
+
+    def __init__(self, workdir: Path, upstreams: dict[str, str], database_url: str, cluster=None, **kwargs):
+        super().__init__(workdir, upstreams, **kwargs)
+        self.database_url = database_url
+        self.cluster = cluster
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        i = cmd.index("--data-dir")
+        del cmd[i:i + 2]
+        return cmd + ["--database-url", self.database_url]
+
+    def stored_bytes(self) -> dict[str, bytes]:
+        """What PostgreSQL keeps, as files: a pg_dump of this database, and every file
+        of the cluster (heap, WAL) as written so far."""
+        out = {}
+        if self.cluster is not None:
+            out["pg_dump"] = self.cluster.dump(self.database_url)
+            for p in self.cluster.data.rglob("*"):
+                if p.is_file():
+                    out[str(p.relative_to(self.cluster.data))] = p.read_bytes()
+        return out
+
+
+class PgDeployment(PgControlPlane):
+    """The control-API suite's PostgreSQL variant of `keybrake serve`: one control replica
+    on PostgreSQL plus one edge proxy synced from it, so a test that calls both the
+    control API and the proxy runs unchanged. The edge learns of changes over its sync
+    long-poll, not in-process: after a control call that changes something, `control()`
+    reads the replica's snapshot version (as a second, observing node) and waits, bounded,
+    until the edge holds that version, so the test sees what `serve` would show at once."""
+
+    SYNC_WAIT_S = 2.0
+
+    def __init__(self, workdir: Path, upstreams: dict[str, str], database_url: str, cluster=None, **kwargs):
+        super().__init__(workdir, upstreams, database_url, cluster, **kwargs)
+        self.edge: Optional[EdgeProxy] = None
+        self.observer_token: Optional[str] = None
+
+    @property
+    def proxy_url(self) -> str:
+        return self.edge.proxy_url if self.edge else f"http://127.0.0.1:{self.proxy_port}"
+
+    def start(self) -> "PgDeployment":
+        super().start()
+        if self.edge is None:
+            node = self.create_node("suite-edge")
+            self.observer_token = self.create_node("suite-observer")["node_token"]
+            self.edge = EdgeProxy(self.workdir / "edge", self, node["node_token"], self.upstreams,
+                                  config=self.config)
+            self.edge.start()
+        return self
+
+    def kill_all(self) -> None:
+        for p in (self, self.edge):
+            if p is not None and p.proc and p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(timeout=10)
+
+    def _control_version(self) -> Optional[int]:
+        try:
+            r = requests.get(f"{self.control_url}/v1/sync/snapshot", params={"since": 0, "wait_ms": 0},
+                             headers={"authorization": f"Bearer {self.observer_token}",
+                                      "keybrake-node-session": "suite-observer"}, timeout=5)
+            return r.json()["version"] if r.status_code == 200 else None
+        except (requests.RequestException, ValueError, KeyError):
+            return None
+
+    def _edge_version(self) -> float:
+        try:
+            return self.edge.metric("keybrake_sync_snapshot_version") or 0.0
+        except requests.RequestException:
+            return 0.0
+
+    def control(self, method: str, path: str, token: Optional[str] = None, **kwargs) -> requests.Response:
+        r = super().control(method, path, token=token, **kwargs)
+        if method != "GET" and 200 <= r.status_code < 300:
+            self.settle()
+        return r
+
+    def settle(self) -> None:
+        """Waits (bounded) until the edge holds the replica's current snapshot."""
+        target = self._control_version() if self.edge is not None else None
+        if target is not None:
+            wait_until(lambda: self._edge_version() >= target, timeout=self.SYNC_WAIT_S, interval=0.02)
+
+    def logs(self) -> str:
+        return super().logs() + ("\n" + self.edge.logs() if self.edge else "")

@@ -240,6 +240,12 @@ class Keybrake:
     def db_path(self) -> Path:
         return self.data_dir / "keybrake.db"
 
+    def stored_bytes(self) -> dict[str, bytes]:
+        """Every file the store keeps (the SQLite databases with -wal/-shm, generated
+        secrets), by name: for checks of what is at rest."""
+        assert self.db_path.exists(), f"no {self.db_path}"
+        return {p.name: p.read_bytes() for p in self.data_dir.rglob("*") if p.is_file()}
+
     # ---- life cycle
     def command(self) -> list[str]:
         cmd = [
@@ -324,6 +330,10 @@ class Keybrake:
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL, timeout=10)
+
+    def settle(self) -> None:
+        """After a change made outside `control()` (the CLI): `serve`'s proxy sees it at
+        once; fleet.PgDeployment waits for its edge proxy here."""
 
     def restart(self) -> "Keybrake":
         self.stop()

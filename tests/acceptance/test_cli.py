@@ -1,4 +1,5 @@
-"""The `keybrake` CLI against a real `keybrake serve`: what an operator types and reads.
+"""The `keybrake` CLI against a real `keybrake serve`, and against a control replica on
+PostgreSQL (conftest.py's both backends): what an operator types and reads.
 
 Each command is checked by its output; errors are one clear line and a non-zero exit.
 """
@@ -7,7 +8,11 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from harness import KEYBRAKE_BIN
+
+pytestmark = pytest.mark.both_backends
 
 
 def kb(keybrake, *args, token=None, admin=False, stdin=None):
@@ -17,9 +22,11 @@ def kb(keybrake, *args, token=None, admin=False, stdin=None):
         env["KEYBRAKE_ADMIN_TOKEN"] = keybrake.admin_token
     if token:
         env["KEYBRAKE_TOKEN"] = token
-    return subprocess.run(
+    done = subprocess.run(
         [str(KEYBRAKE_BIN), *args], env=env, input=stdin, capture_output=True, text=True, timeout=30
     )
+    keybrake.settle()
+    return done
 
 
 def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):

@@ -1,6 +1,7 @@
 """Control plane (SPEC §3): tenants, API tokens, nodes, signing keys, vendor
 credentials, vault keys, audit; authentication, input validation, tenant isolation,
-pagination, persistence across restarts, secrets at rest."""
+pagination, persistence across restarts, secrets at rest. Every test runs on both
+storage backends (conftest.py), except those about the embedded store's files."""
 
 import json
 import os
@@ -61,6 +62,9 @@ def key_body(**overrides):
 
 
 _DROP = object()
+
+pytestmark = pytest.mark.both_backends
+DATA_DIR_ONLY = pytest.mark.sqlite_only("about `serve`'s data dir, which PostgreSQL replaces")
 
 
 # --------------------------------------------------------------------------- public
@@ -756,19 +760,11 @@ def test_restart_on_the_same_data_dir_keeps_all_state(keybrake, tenant, fake_str
     assert fake_stripe.received()[-1].authorization == f"Bearer {stripe_secret}"
 
 
-def _data_dir_bytes(kb) -> dict:
-    out = {}
-    for p in kb.data_dir.rglob("*"):
-        if p.is_file():
-            out[p.name] = p.read_bytes()
-    return out
-
-
-def test_vendor_secret_and_api_tokens_are_not_stored_in_plaintext(keybrake, tenant, stripe_secret):
-    """The SQLite file (and its -wal/-shm) never contain the vendor secret, the tenant's
-    API token or the admin token in plaintext — while running and after shutdown."""
+def test_vendor_secret_and_api_tokens_are_not_stored_in_plaintext(keybrake, tenant, stripe_secret, backend):
+    """The store never contains the vendor secret, the tenant's API token or the admin
+    token in plaintext — while running and after shutdown: neither the SQLite file (and
+    its -wal/-shm) nor PostgreSQL's files (heap, WAL) and a pg_dump of the database."""
     tenant.issue_key(**VALID_KEY)
-    assert keybrake.db_path.exists(), f"no {keybrake.db_path}"
 
     needles = {
         "vendor secret": stripe_secret.encode(),
@@ -779,8 +775,8 @@ def test_vendor_secret_and_api_tokens_are_not_stored_in_plaintext(keybrake, tena
     for moment in ("running", "stopped"):
         if moment == "stopped":
             keybrake.stop()
-        files = _data_dir_bytes(keybrake)
-        assert "keybrake.db" in files
+        files = keybrake.stored_bytes()
+        assert ("keybrake.db" if backend == "sqlite" else "pg_dump") in files
         for name, data in files.items():
             for what, needle in needles.items():
                 assert needle not in data, f"{what} in plaintext in {name} ({moment})"
@@ -788,6 +784,7 @@ def test_vendor_secret_and_api_tokens_are_not_stored_in_plaintext(keybrake, tena
             assert stripe_secret.encode().hex().encode() not in data, f"vendor secret hex in {name}"
 
 
+@DATA_DIR_ONLY
 def test_generated_master_key_and_admin_token_when_env_is_absent(keybrake_factory, fake_stripe, stripe_secret):
     """Without KEYBRAKE_ADMIN_TOKEN / KEYBRAKE_MASTER_KEY, serve generates both, stores
     them in the data dir with mode 0600, logs their paths but never their values, and
@@ -830,6 +827,7 @@ def test_generated_master_key_and_admin_token_when_env_is_absent(keybrake_factor
     assert fake_stripe.received()[-1].authorization == f"Bearer {stripe_secret}"
 
 
+@DATA_DIR_ONLY
 def test_a_data_dir_others_can_read_is_reported(keybrake_factory, fake_stripe):
     """A data dir that already exists keeps its mode, but if group or others can enter
     it (the databases and the generated master key are inside), serve warns at start."""

@@ -1,7 +1,9 @@
 """Control plane under attack and after crashes (issue 14): tenant-bound cursors, exact
 caps and duplicate JSON keys, invisible labels, JSON errors before a handler, private
 files, secrets generated only for a new data dir, lease recovery after kill -9,
-bounded listing pages, strict audit durability."""
+bounded listing pages, strict audit durability. Every test runs on both storage backends
+(conftest.py), except those about `serve`'s data dir and the kill -9 of its one process
+(test_replicas.py kills a PostgreSQL replica instead)."""
 
 import json
 import os
@@ -32,6 +34,11 @@ def key_body(**overrides):
     }
     body.update(overrides)
     return body
+
+
+pytestmark = pytest.mark.both_backends
+DATA_DIR_ONLY = pytest.mark.sqlite_only("about `serve`'s data dir, which PostgreSQL replaces")
+ONE_PROCESS_ONLY = pytest.mark.sqlite_only("kill -9 of `serve`; test_replicas.py kills a replica")
 
 
 # --------------------------------------------------------------------------- item 6
@@ -161,6 +168,7 @@ def test_requests_the_server_cannot_parse_get_the_json_error_body(keybrake):
         assert json.loads(body)["error"]["code"] == code, body
 
 
+@DATA_DIR_ONLY
 def test_every_file_in_an_existing_open_data_dir_is_private(keybrake_factory, fake_stripe, tmp_path):
     kb = keybrake_factory({"stripe": fake_stripe.url}, start=False)
     kb.data_dir.mkdir(parents=True)
@@ -180,6 +188,7 @@ def test_every_file_in_an_existing_open_data_dir_is_private(keybrake_factory, fa
 # --------------------------------------------------------------------------- item 5
 
 
+@DATA_DIR_ONLY
 def test_a_start_without_the_master_key_on_an_existing_store_writes_no_key(keybrake_factory, fake_stripe):
     kb = keybrake_factory({"stripe": fake_stripe.url})
     t = kb.create_tenant("keep")
@@ -198,6 +207,7 @@ def test_a_start_without_the_master_key_on_an_existing_store_writes_no_key(keybr
     assert t.call("GET", "/v1/vendors/stripe/credential").status_code == 200
 
 
+@DATA_DIR_ONLY
 def test_a_new_data_dir_still_gets_generated_secrets(keybrake_factory, fake_stripe):
     kb = keybrake_factory(
         {"stripe": fake_stripe.url},
@@ -221,6 +231,7 @@ def pay(kb, token, cents):
     return kb.proxy("POST", PI, key=token, data={"amount": cents, "currency": "usd"})
 
 
+@ONE_PROCESS_ONLY
 def test_after_kill_9_spend_is_settled_and_dead_leases_given_back(keybrake_factory, fake_stripe, stripe_secret, tmp_path):
     """Pay $30 with one key and $40 with another, kill -9 before any spend report, restart:
     once the dead process's lease lifetime (3 s here) has passed, each key shows exactly
@@ -382,6 +393,7 @@ def answered_calls_after_a_kill(keybrake_factory, fake_stripe, stripe_secret, tm
     return {kid: (n, len(t.audit_all(key_id=kid))) for kid, n in answered.items()}
 
 
+@ONE_PROCESS_ONLY
 def test_strict_audit_keeps_every_answered_call_through_kill_9(keybrake_factory, fake_stripe, stripe_secret, tmp_path):
     counts = answered_calls_after_a_kill(keybrake_factory, fake_stripe, stripe_secret, tmp_path, "strict")
     assert sum(n for n, _ in counts.values()) > 40, f"too little load to judge: {counts}"

@@ -13,18 +13,8 @@ from decimal import Decimal
 import pytest
 import requests
 
-from fleet import ControlPlane, EdgeProxy
+from fleet import ControlPlane, EdgeProxy, accepted, pay
 from harness import KEYBRAKE_BIN, assert_denied, error_code, wait_until, write_config
-
-PI = "/stripe/v1/payment_intents"
-
-
-def pay(node, token, amount=100):
-    return node.proxy("POST", PI, key=token, data={"amount": amount, "currency": "usd"})
-
-
-def accepted(fake):
-    return [r for r in fake.received_matching("POST", "/v1/payment_intents") if r.status == 200]
 
 
 @pytest.fixture

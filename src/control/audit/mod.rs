@@ -1,0 +1,376 @@
+//! The audit trail: every proxied or refused call as one event, kept in SQLite (`audit.db`
+//! in the data dir, its own file so proxy traffic and key issuance never queue for the
+//! same write lock) or in the control plane's PostgreSQL database.
+//!
+//! Write side (this file, the same for both backends): the proxy hands events to
+//! `AuditTrail::record`, which never blocks (a short lock and a push onto a bounded
+//! buffer; when full, the event is counted as dropped). One OS thread owns the only write
+//! connection: every LINGER (at once in strict mode) it swaps the buffer out and writes
+//! it, one transaction per BATCH events, through the backend's `BatchWriter`
+//! (`sqlite::Writer`: rusqlite and spans; `postgres::Writer`: one multi-row insert). A
+//! batch the database refuses is retried three times, then dropped and counted; a
+//! database that cannot be reached (PostgreSQL gone) is retried, reconnecting, for as long
+//! as it takes, while new events queue up to the bound.
+//!
+//! Read side: `list` (newest first, cursor, key and `since` filters) and `spend_of_key`,
+//! answered identically by both backends (`sqlite::Reader` walks spans,
+//! `postgres::Reader` uses plain indexes).
+
+pub mod postgres;
+pub mod sqlite;
+
+pub use postgres::migrate as migrate_postgres;
+pub use sqlite::{FILE, INSERT, SCHEMA};
+
+use crate::metrics::Metrics;
+use crate::money::Micros;
+use crate::sync::{AuditEvent, AuditSink};
+use anyhow::{Context, Result};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+const QUEUE: usize = 65_536;
+/// Room for ~10 ms of events at tens of thousands of requests per second, so the buffer
+/// rarely grows (and copies) while a request holds the lock.
+const INITIAL: usize = 1_024;
+/// At most this many events per transaction, and at most LINGER between an event and its
+/// write.
+const BATCH: usize = 256;
+const LINGER: Duration = Duration::from_millis(10);
+/// A writer with no finished pass for this long is reported not ready.
+const STALLED: Duration = Duration::from_secs(10);
+
+pub struct AuditTrail {
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    reader: Reader,
+    strict: bool,
+}
+
+enum Reader {
+    Sqlite(sqlite::Reader),
+    Postgres(postgres::Reader),
+}
+
+/// Why a batch was not written.
+enum WriteError {
+    /// The database cannot be reached: retried, reconnecting, until it can.
+    Unreachable(anyhow::Error),
+    /// The database refused this batch: retried a few times, then dropped.
+    Refused(anyhow::Error),
+}
+
+/// The backend's one write connection, owned by the writer thread.
+trait BatchWriter: Send + 'static {
+    /// Writes the events in one transaction, giving them increasing `seq`s in order.
+    fn write(&mut self, events: &[AuditEvent]) -> Result<(), WriteError>;
+}
+
+struct Shared {
+    pending: Mutex<Vec<AuditEvent>>,
+    /// Events taken into `pending` so far, counted under its lock: an event's ticket is
+    /// the count after it, and events are written in ticket order.
+    recorded: std::sync::atomic::AtomicU64,
+    passes: Mutex<Passes>,
+    pass_done: Condvar,
+    /// Strict mode: wakes the writer as soon as an event waits for it.
+    work: Condvar,
+}
+
+struct Passes {
+    /// Write passes completed so far; `flush` waits for the count to move on.
+    done: u64,
+    /// When the last one ended, for readiness.
+    at: Instant,
+    /// Every ticket up to this one was written (committed), or given up on and listed in
+    /// `failed`.
+    durable: u64,
+    /// Ticket ranges (first, last) of batches given up on, the latest few.
+    failed: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl AuditTrail {
+    /// Opens the trail where the control plane keeps its data (`audit.db` beside
+    /// `keybrake.db`, or the same PostgreSQL database) and starts the writer.
+    pub async fn open(
+        database: &crate::database::Database,
+        metrics: Arc<Metrics>,
+        durability: crate::config::AuditDurability,
+    ) -> Result<AuditTrail> {
+        match database {
+            crate::database::Database::Sqlite { data_dir } => {
+                Self::open_sqlite(data_dir, metrics, durability).await
+            }
+            crate::database::Database::Postgres { url } => {
+                Self::open_postgres(url.expose(), metrics, durability).await
+            }
+        }
+    }
+
+    /// Opens (or creates) `audit.db` in the data dir and starts the writer.
+    pub async fn open_sqlite(
+        data_dir: &Path,
+        metrics: Arc<Metrics>,
+        durability: crate::config::AuditDurability,
+    ) -> Result<AuditTrail> {
+        let strict = durability == crate::config::AuditDurability::Strict;
+        let (writer, reader) = sqlite::open(data_dir, strict).await?;
+        Self::start(writer, Reader::Sqlite(reader), metrics, strict)
+    }
+
+    /// Opens the trail in the PostgreSQL database at `url` (applying its schema versions
+    /// there) and starts the writer.
+    pub async fn open_postgres(
+        url: &str,
+        metrics: Arc<Metrics>,
+        durability: crate::config::AuditDurability,
+    ) -> Result<AuditTrail> {
+        let strict = durability == crate::config::AuditDurability::Strict;
+        let (writer, reader) = postgres::open(url, strict).await?;
+        Self::start(writer, Reader::Postgres(reader), metrics, strict)
+    }
+
+    fn start(
+        writer: impl BatchWriter,
+        reader: Reader,
+        metrics: Arc<Metrics>,
+        strict: bool,
+    ) -> Result<AuditTrail> {
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Vec::with_capacity(INITIAL)),
+            recorded: Default::default(),
+            passes: Mutex::new(Passes {
+                done: 0,
+                at: Instant::now(),
+                durable: 0,
+                failed: Default::default(),
+            }),
+            pass_done: Condvar::new(),
+            work: Condvar::new(),
+        });
+        let thread_shared = shared.clone();
+        let thread_metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer_loop(writer, strict, &thread_shared, &thread_metrics))
+            .context("cannot start the audit writer thread")?;
+        Ok(AuditTrail {
+            shared,
+            metrics,
+            reader,
+            strict,
+        })
+    }
+
+    /// Waits until every event recorded before the call is written (or given up on), at
+    /// most `timeout`. Called once the proxy has stopped, before the process exits, so the
+    /// last requests of a shutdown or upgrade are in the trail. False on timeout.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let passes = lock(&self.shared.passes);
+        // The pass running now may have swapped the buffer out before our events arrived;
+        // the one after it starts after this call, so it takes them.
+        let target = passes.done + 2;
+        self.shared.work.notify_one();
+        let (passes, wait) = self
+            .shared
+            .pass_done
+            .wait_timeout_while(passes, timeout, |p| p.done < target)
+            .unwrap_or_else(|p| p.into_inner());
+        drop(passes);
+        !wait.timed_out()
+    }
+
+    /// The tenant's events, newest first: those with `seq < before_seq` and `ts_ms >=
+    /// since_ms`, for one key or all. Events without a tenant are listed by nobody.
+    pub async fn list(
+        &self,
+        tenant_id: &str,
+        key_id: Option<&str>,
+        since_ms: i64,
+        before_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, AuditEvent)>> {
+        match &self.reader {
+            Reader::Sqlite(r) => r.list(tenant_id, key_id, since_ms, before_seq, limit).await,
+            Reader::Postgres(r) => r.list(tenant_id, key_id, since_ms, before_seq, limit).await,
+        }
+    }
+
+    /// What the trail records as spent by one key on one UTC day.
+    pub async fn spend_of_key(&self, tenant_id: &str, key_id: &str, day: i64) -> Result<Micros> {
+        let from = day.saturating_mul(86_400_000);
+        let to = from.saturating_add(86_400_000);
+        match &self.reader {
+            Reader::Sqlite(r) => r.spend_of_key(tenant_id, key_id, from, to).await,
+            Reader::Postgres(r) => r.spend_of_key(tenant_id, key_id, from, to).await,
+        }
+    }
+
+    /// For readiness: the database answers reads, and the writer finished a pass within
+    /// STALLED (it normally does every LINGER; a database it cannot write keeps it in
+    /// retries, and a writer thread that died never finishes one again).
+    pub async fn ping(&self) -> bool {
+        let last_pass = lock(&self.shared.passes).at;
+        last_pass.elapsed() < STALLED
+            && match &self.reader {
+                Reader::Sqlite(r) => r.ping().await,
+                Reader::Postgres(r) => r.ping().await,
+            }
+    }
+
+    /// Queues the event; its ticket, or None when the queue was full (dropped).
+    fn push(&self, event: AuditEvent) -> Option<u64> {
+        let mut pending = lock(&self.shared.pending);
+        if pending.len() < QUEUE {
+            pending.push(event);
+            let ticket = self
+                .shared
+                .recorded
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+                + 1;
+            drop(pending);
+            self.metrics.audit_queue_depth.inc();
+            Some(ticket)
+        } else {
+            drop(pending);
+            self.metrics.audit_dropped.inc();
+            None
+        }
+    }
+}
+
+impl AuditSink for AuditTrail {
+    fn record(&self, event: AuditEvent) {
+        let _ = self.push(event);
+    }
+
+    fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    /// Blocks the calling thread until the event is committed (and, in strict mode,
+    /// synced), at most `timeout`. The writer commits whatever is queued as soon as the
+    /// previous commit ends: concurrent callers share one commit (group commit).
+    fn record_durably(&self, event: AuditEvent, timeout: Duration) -> bool {
+        let Some(ticket) = self.push(event) else {
+            return false;
+        };
+        self.shared.work.notify_one();
+        let passes = lock(&self.shared.passes);
+        let (passes, wait) = self
+            .shared
+            .pass_done
+            .wait_timeout_while(passes, timeout, |p| p.durable < ticket)
+            .unwrap_or_else(|p| p.into_inner());
+        !wait.timed_out()
+            && !passes
+                .failed
+                .iter()
+                .any(|&(first, last)| (first..=last).contains(&ticket))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metrics: &Metrics) {
+    let mut batch = Vec::with_capacity(INITIAL);
+    loop {
+        if strict {
+            // Group commit: write as soon as something waits, and whatever queued up
+            // during the previous commit goes together in the next.
+            let pending = lock(&shared.pending);
+            drop(
+                shared
+                    .work
+                    .wait_timeout_while(pending, LINGER, |p| p.is_empty())
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+        } else {
+            std::thread::sleep(LINGER);
+        }
+        let taken_through = {
+            let mut pending = lock(&shared.pending);
+            std::mem::swap(&mut *pending, &mut batch);
+            shared.recorded.load(std::sync::atomic::Ordering::Acquire)
+        };
+        let mut first_ticket = taken_through + 1 - batch.len() as u64;
+        let mut failed = Vec::new();
+        for chunk in batch.chunks(BATCH) {
+            if !write_with_retries(&mut writer, chunk) {
+                metrics.audit_dropped.inc_by(chunk.len() as u64);
+                failed.push((first_ticket, first_ticket + chunk.len() as u64 - 1));
+            }
+            first_ticket += chunk.len() as u64;
+            metrics.audit_queue_depth.sub(chunk.len() as i64);
+        }
+        batch.clear();
+        // A burst grew the buffer: give the memory back rather than keep it.
+        batch.shrink_to(INITIAL);
+        {
+            let mut passes = lock(&shared.passes);
+            passes.done += 1;
+            passes.at = Instant::now();
+            passes.durable = taken_through;
+            for range in failed {
+                if passes.failed.len() == 64 {
+                    passes.failed.pop_front();
+                }
+                passes.failed.push_back(range);
+            }
+        }
+        shared.pass_done.notify_all();
+    }
+}
+
+/// A refused batch is retried a few times (a local file that refuses writes means the
+/// disk is gone, which readiness shows), then given up on. An unreachable database is
+/// waited for, with backoff up to a second: events keep queueing behind this batch up to
+/// QUEUE, and are counted as dropped beyond it. False when the events were lost.
+fn write_with_retries(writer: &mut impl BatchWriter, events: &[AuditEvent]) -> bool {
+    let mut refusals = 0;
+    let mut backoff = Duration::from_millis(100);
+    let mut unreachable_since: Option<Instant> = None;
+    let mut logged_at: Option<Instant> = None;
+    loop {
+        match writer.write(events) {
+            Ok(()) => {
+                if let Some(since) = unreachable_since {
+                    log::warn!(
+                        "audit database reachable again after {:.1} s",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                return true;
+            }
+            Err(WriteError::Refused(e)) => {
+                refusals += 1;
+                log::error!(
+                    "audit batch of {} events not written (attempt {refusals}): {e:#}",
+                    events.len(),
+                );
+                if refusals == 3 {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(WriteError::Unreachable(e)) => {
+                unreachable_since.get_or_insert_with(Instant::now);
+                if logged_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    log::error!(
+                        "audit database unreachable, {} events waiting, retrying: {e:#}",
+                        events.len()
+                    );
+                    logged_at = Some(Instant::now());
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -18,9 +18,15 @@
 #   cargo build --release --bin keybrake
 #   load-tests/fresh_keys.sh
 #
+# KB_MODE=edge runs the same against an edge node (`keybrake proxy`) synced from a
+# `keybrake control` (both on the server CPUs): every fresh key's first lease and every
+# reservation's write-ahead are control-plane calls there, so the node's metrics are read
+# before and after the fresh phases to show how many keys shared one call (batching).
+#
 # Env knobs: DURATION (s per measured run, 8)  ROUNDS (2; phases alternate hot, fresh;
 # medians)  CONNS (32)  KEYS (fresh keys to issue, 150000)  WARMUP (s, 2)  WRK_THREADS (1)
-# KB_THREADS (2)  PIN (1: keybrake on its own CPU)  SERVER_CPUS / LOAD_CPUS  KEEP_TMP (1).
+# KB_THREADS (2)  PIN (1: keybrake on its own CPU)  SERVER_CPUS / LOAD_CPUS  KEEP_TMP (1)
+# KB_MODE (serve | edge).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-2}; CONNS=${CONNS:-32}; KEYS=${KEYS:-150000}; WARMUP=${WARMUP:-2}
@@ -31,7 +37,11 @@ need_bin "$KB_BIN" "cargo build --release --bin keybrake"
 
 up=$(free_port)
 start_nginx "$up"
-start_keybrake "http://127.0.0.1:$up"
+case "${KB_MODE:-serve}" in
+  serve) start_keybrake "http://127.0.0.1:$up" ;;
+  edge) start_keybrake_edge "http://127.0.0.1:$up" ;;
+  *) die "KB_MODE must be serve or edge" ;;
+esac
 new_tenant
 KEY_BODY='{"label":"fresh","vendor":"stripe","allowed_endpoints":["POST /v1/payment_intents"],"daily_usd_cap":5,"expires_in":"1h"}'
 control POST /v1/keys "$KB_TENANT_TOKEN" \
@@ -54,7 +64,7 @@ function response(status, headers, body)
   if t then out:write(t, "\n") else io.stderr:write("issuing: ", status, " ", body, "\n") end
 end
 LUA
-echo "fresh keys vs one hot key: POST /stripe/v1/payment_intents (metered), $PIN_DESC"
+echo "fresh keys vs one hot key: POST /stripe/v1/payment_intents (metered), keybrake ${KB_MODE:-serve}, $PIN_DESC"
 echo "  issuing $KEYS keys through POST /v1/keys ..."
 : >"$TMP/tokens.txt"
 t0=$(date +%s.%N)
@@ -132,12 +142,35 @@ measure() { # phase round seconds [quiet]
   printf "%-6s %-6s %11s %8s %8s %8s %9s %9s%% %12s\n" "$1" "$2" "$rps" "$p50" "$p99" "$bad" "$errs" "$(cat "$f.cpu")" "$us"
   printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$rps" "$p50" "$p99" "$(cat "$f.cpu")" "$(cat "$f.other")" >>"$TMP/results.tsv"
 }
+# metric NAME -> the edge node's counter (0 when absent)
+metric() { curl -fsS --max-time 5 "http://$KB_METRICS/metrics" | awk -v n="$1" '$1 == n {print $2; f=1} END {if (!f) print 0}'; }
 measure hot 0 "$WARMUP" quiet
 measure fresh 0 "$WARMUP" quiet
+calls_fresh=0; leases_fresh=0; commits_fresh=0; commit_calls_fresh=0; sent_fresh_measured=0
 for r in $(seq 1 "$ROUNDS"); do
   measure hot "$r" "$DURATION"
+  if [ "${KB_MODE:-serve}" = edge ]; then
+    l0=$(metric keybrake_lease_requests_total); c0=$(metric keybrake_lease_calls_total)
+    w0=$(metric keybrake_commit_rows_total); wc0=$(metric keybrake_commit_calls_total); s0=$fresh_sent
+  fi
   measure fresh "$r" "$DURATION"
+  if [ "${KB_MODE:-serve}" = edge ]; then
+    leases_fresh=$(python3 -c "print(int($leases_fresh + $(metric keybrake_lease_requests_total) - $l0))")
+    calls_fresh=$(python3 -c "print(int($calls_fresh + $(metric keybrake_lease_calls_total) - $c0))")
+    commits_fresh=$(python3 -c "print(int($commits_fresh + $(metric keybrake_commit_rows_total) - $w0))")
+    commit_calls_fresh=$(python3 -c "print(int($commit_calls_fresh + $(metric keybrake_commit_calls_total) - $wc0))")
+    sent_fresh_measured=$((sent_fresh_measured + fresh_sent - s0))
+  fi
 done
+if [ "${KB_MODE:-serve}" = edge ]; then
+  python3 - "$sent_fresh_measured" "$leases_fresh" "$calls_fresh" "$commits_fresh" "$commit_calls_fresh" <<'PY'
+import sys
+sent, leases, calls, rows, ccalls = map(int, sys.argv[1:])
+print(f"\nedge node, measured fresh phases: {sent:,} requests (each a new key) -> {leases:,} lease requests "
+      f"in {calls:,} control-plane calls ({leases / max(calls, 1):.1f} keys per call), "
+      f"{rows:,} write-ahead rows in {ccalls:,} calls ({rows / max(ccalls, 1):.1f} per call)")
+PY
+fi
 
 python3 - "$TMP/results.tsv" "$CONNS" <<'PY'
 import sys, statistics

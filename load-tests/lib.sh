@@ -182,6 +182,50 @@ YAML
   wait_http "http://$KB_CONTROL/readyz" 30 || { tail -20 "$TMP/keybrake.err" >&2; die "keybrake did not become ready"; }
 }
 
+# start_keybrake_edge UPSTREAM_URL -> the fleet shape instead of `serve`: `keybrake control`
+# (control API, SQLite in $TMP/data) and one edge node `keybrake proxy` synced from it, both
+# with the same config (same Pingora threads for the node as for serve) and pinned like
+# serve. Sets the same KB_* as start_keybrake (KB_PROXY is the node's, KB_METRICS the
+# node's) plus KB_CONTROL_PID and KB_NODE_PID.
+start_keybrake_edge() {
+  local proxy control metrics cmetrics
+  proxy=$(free_port); control=$(free_port); metrics=$(free_port); cmetrics=$(free_port)
+  KB_ADMIN="admin-$(head -c16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  cat > "$TMP/kb.yaml" <<YAML
+vendors_file: $KB_ROOT/conf/vendors.yaml
+currencies_file: $KB_ROOT/conf/currencies.yaml
+access_log: ${ACCESS_LOG:-$TMP/access.log}
+audit:
+  durability: ${AUDIT_DURABILITY:-normal}
+pingora:
+  threads: ${KB_THREADS:-2}
+  upgrade_sock: $TMP/upgrade.sock
+  pid_file: $TMP/kb.pid
+  grace_period_seconds: 0
+  graceful_shutdown_timeout_seconds: 1
+${KB_EXTRA_YAML:-}
+YAML
+  KEYBRAKE_ADMIN_TOKEN="$KB_ADMIN" KEYBRAKE_MASTER_KEY="$(head -c32 /dev/urandom | base64)" \
+    "${ON_SERVER[@]}" "$KB_BIN" control --config "$TMP/kb.yaml" --data-dir "$TMP/data" \
+      --control-listen "127.0.0.1:$control" --metrics-listen "127.0.0.1:$cmetrics" \
+      >"$TMP/control.out" 2>"$TMP/control.err" &
+  KB_CONTROL_PID=$!
+  PIDS+=($KB_CONTROL_PID)
+  KB_CONTROL="127.0.0.1:$control"
+  wait_http "http://$KB_CONTROL/readyz" 30 || { tail -20 "$TMP/control.err" >&2; die "keybrake control did not become ready"; }
+  control POST /v1/nodes "$KB_ADMIN" '{"name":"load-edge"}' | json_field node_token >"$TMP/node.token"
+  chmod 600 "$TMP/node.token"
+  "${ON_SERVER[@]}" "$KB_BIN" proxy --config "$TMP/kb.yaml" --control-url "http://$KB_CONTROL" \
+      --node-token-file "$TMP/node.token" --proxy-listen "127.0.0.1:$proxy" \
+      --metrics-listen "127.0.0.1:$metrics" --vendor-upstream "stripe=$1" \
+      >"$TMP/node.out" 2>"$TMP/node.err" &
+  KB_NODE_PID=$!
+  KB_PID=$KB_NODE_PID
+  PIDS+=($KB_NODE_PID)
+  KB_PROXY="127.0.0.1:$proxy"; KB_METRICS="127.0.0.1:$metrics"
+  wait_http "http://$KB_METRICS/readyz" 30 || { tail -20 "$TMP/node.err" >&2; die "the edge node did not become ready"; }
+}
+
 # with_postgres "$@" -> when BACKEND=postgres, runs this script again inside a throwaway
 # PostgreSQL cluster (tests/acceptance/pg.py: initdb in a temporary directory, as the
 # `postgres` user when root, removed afterwards) with KB_DATABASE_URL set to a fresh
@@ -212,9 +256,23 @@ control() {
 }
 
 # new_tenant -> sets KB_TENANT_TOKEN, with a Stripe credential registered
+# (on an edge node, once the node holds the credential: its snapshot version moved on)
 new_tenant() {
+  local v0=""
+  [ -n "${KB_NODE_PID:-}" ] && v0=$(node_snapshot_version)
   KB_TENANT_TOKEN=$(control POST /v1/tenants "$KB_ADMIN" '{"name":"load"}' | json_field api_token)
   control PUT /v1/vendors/stripe/credential "$KB_TENANT_TOKEN" '{"secret":"sk_test_load"}' >/dev/null
+  if [ -n "$v0" ]; then
+    for _ in $(seq 1 50); do
+      [ "$(node_snapshot_version)" -gt "$v0" ] && return 0
+      sleep 0.1
+    done
+    die "the edge node did not pick up the new credential within 5 s"
+  fi
+}
+
+node_snapshot_version() {
+  curl -fsS --max-time 5 "http://$KB_METRICS/metrics" | awk '$1 == "keybrake_sync_snapshot_version" {print int($2)}'
 }
 
 # ---- wrk ------------------------------------------------------------------------------

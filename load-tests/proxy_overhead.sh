@@ -30,6 +30,9 @@
 # KEEP_TMP (1 keeps the temp dir with every wrk output and the keybrake logs)
 # PT_TIMEOUTS (1: the passthrough sets Keybrake's default upstream timeouts, so the timers
 # they cost are in both; the issue's baseline is the bare passthrough, the default 0).
+# KB_MODE (serve: `keybrake serve`, the default; edge: `keybrake control` plus one edge node
+# `keybrake proxy` synced from it, the request sent to the node; load-tests/edge_vs_serve.sh
+# alternates the two).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 DURATION=${DURATION:-10}; CONNS=${CONNS:-32}; ROUNDS=${ROUNDS:-3}; WARMUP=${WARMUP:-3}
@@ -59,7 +62,11 @@ PT_ARGS=(); [ "${PT_TIMEOUTS:-0}" = 1 ] && PT_ARGS=(--timeouts)
   >"$TMP/passthrough.log" 2>&1 &
 PT_PID=$!
 PIDS+=($PT_PID)
-start_keybrake "http://127.0.0.1:$up"
+case "${KB_MODE:-serve}" in
+  serve) start_keybrake "http://127.0.0.1:$up" ;;
+  edge) start_keybrake_edge "http://127.0.0.1:$up" ;;
+  *) die "KB_MODE must be serve or edge" ;;
+esac
 wait_http "http://127.0.0.1:$pt/v1/payment_intents" 10 || die "passthrough did not start: $(tail -5 "$TMP/passthrough.log")"
 
 new_tenant
@@ -87,7 +94,7 @@ write_post_lua "$TMP/post.lua" "$BODY" "$VK"
 PT_URL="http://127.0.0.1:$pt/v1/payment_intents"
 KB_URL="http://$KB_PROXY/stripe/v1/payment_intents"
 
-echo "proxy overhead: POST /v1/payment_intents (form body, metered), upstream $UPSTREAM"
+echo "proxy overhead: POST /v1/payment_intents (form body, metered), upstream $UPSTREAM, keybrake ${KB_MODE:-serve}"
 [ "${PT_TIMEOUTS:-0}" = 1 ] && echo "  the passthrough sets Keybrake's default upstream timeouts (PT_TIMEOUTS=1)"
 echo "  $ROUNDS x ${DURATION}s per target at $CONNS connections (wrk -t${WRK_THREADS:-1}), pingora threads ${KB_THREADS:-2}, $PIN_DESC"
 echo "  warming up (${WARMUP}s each) ..."
@@ -112,7 +119,7 @@ measure() { # phase round target conns seconds [lua script]
     echo "FAIL: $3: $bad non-2xx responses and $errs socket errors (connect/read/write/timeout) out of $reqs ($f)" >&2
     curl -sS -i --max-time 5 -X POST "$url" -H "Authorization: Bearer $VK" \
       -H 'Content-Type: application/x-www-form-urlencoded' --data "$BODY" >&2 || true
-    echo >&2; echo "--- keybrake stderr (tail)" >&2; tail -20 "$TMP/keybrake.err" >&2
+    echo >&2; echo "--- keybrake stderr (tail)" >&2; tail -20 "$TMP/keybrake.err" "$TMP/node.err" 2>/dev/null >&2
     exit 1
   fi
 }

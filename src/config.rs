@@ -57,6 +57,15 @@ struct FileConfig {
     control: FileListener,
     #[serde(default)]
     metrics: FileMetrics,
+    #[serde(default)]
+    edge: FileEdge,
+}
+
+/// `edge:`: settings of an edge node (`keybrake proxy`).
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEdge {
+    max_staleness: Option<Seconds>,
 }
 
 /// `proxy:` and `control:`: TLS and the limits that keep a listener available.
@@ -292,6 +301,8 @@ pub struct Config {
     pub leases: LeaseSettings,
     pub audit_durability: AuditDurability,
     pub pingora: PingoraSettings,
+    /// An edge node stops serving once its last sync is older than this (SPEC §6).
+    pub max_staleness: Duration,
     pub vendors: Map<String, Vendor>,
     pub currencies: Map<String, Currency>,
     pub prices: std::sync::Arc<crate::proxy::llm::PriceTable>,
@@ -725,6 +736,10 @@ impl Config {
         if default_key_ttl > max_key_ttl {
             bail!("default_key_ttl is longer than max_key_ttl");
         }
+        let max_staleness = secs(file.edge.max_staleness, defaults::EDGE_MAX_STALENESS);
+        if max_staleness < Duration::from_secs(1) {
+            bail!("edge.max_staleness must be at least 1s");
+        }
         let token_cache_entries = file
             .token_cache_entries
             .unwrap_or(defaults::TOKEN_CACHE_ENTRIES);
@@ -893,6 +908,7 @@ impl Config {
                     .pid_file
                     .unwrap_or_else(|| in_data_dir(defaults::PINGORA_PID_FILE_IN_DATA_DIR)),
             },
+            max_staleness,
             vendors,
             currencies: parse_currencies(&currencies_text)?,
             prices: std::sync::Arc::new(prices),
@@ -1211,6 +1227,18 @@ mod tests {
         assert!(Config::from_yaml("max_key_ttl: 30d", None, &Overrides::default()).is_ok());
         let err = Config::from_yaml("max_key_ttl: 400d", None, &Overrides::default());
         assert!(err.unwrap_err().to_string().contains("longer than a year"));
+    }
+
+    #[test]
+    fn an_edge_nodes_staleness_limit_comes_from_the_file_and_is_at_least_a_second() {
+        let none = Overrides::default();
+        let c = Config::from_yaml("edge: {max_staleness: 2m}", None, &none).unwrap();
+        assert_eq!(c.max_staleness, Duration::from_secs(120));
+        let c = Config::from_yaml("edge: {max_staleness: 5}", None, &none).unwrap();
+        assert_eq!(c.max_staleness, Duration::from_secs(5));
+        let err = Config::from_yaml("edge: {max_staleness: 0s}", None, &none).unwrap_err();
+        assert!(err.to_string().contains("at least 1s"), "{err}");
+        assert!(Config::from_yaml("edge: {stale: 5}", None, &none).is_err());
     }
 
     #[test]

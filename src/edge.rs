@@ -12,7 +12,8 @@ use crate::money::Micros;
 use crate::revocation::RevocationFilter;
 use crate::secret::Secret;
 use crate::sync::{
-    AuditEvent, AuditSink, Credentials, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
+    AuditEvent, AuditSink, Credentials, LeaseCommit, LeaseReport, LeaseRequest, Ledger,
+    LedgerError, Published,
 };
 use crate::token::{unix_ms, Verifier};
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,6 +40,8 @@ const AUDIT_BUFFER: usize = 50_000;
 const AUDIT_BATCH_BYTES: usize = 48 * 1024;
 /// Most leases asked for in one request.
 const LEASE_BATCH: usize = 200;
+/// Most write-ahead rows in one request: well under the control API's 64 KiB body limit.
+const COMMIT_BATCH: usize = 400;
 
 /// Node metrics beside the shared ones (`keybrake_sync_lag_seconds`,
 /// `keybrake_audit_dropped_total`).
@@ -46,6 +49,10 @@ struct EdgeMetrics {
     snapshot_version: IntGauge,
     lease_requests: IntCounter,
     lease_failures: IntCounter,
+    /// HTTP calls carrying lease requests: requests per call is the batching.
+    lease_calls: IntCounter,
+    commit_rows: IntCounter,
+    commit_calls: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -62,6 +69,18 @@ impl EdgeMetrics {
             lease_failures: prometheus::register_int_counter!(
                 "keybrake_lease_failures_total",
                 "Budget lease requests that failed (control plane unreachable or refused)"
+            )?,
+            lease_calls: prometheus::register_int_counter!(
+                "keybrake_lease_calls_total",
+                "Calls to the control plane carrying lease requests (several keys per call)"
+            )?,
+            commit_rows: prometheus::register_int_counter!(
+                "keybrake_commit_rows_total",
+                "Write-ahead rows (one per key per batch) sent to the control plane"
+            )?,
+            commit_calls: prometheus::register_int_counter!(
+                "keybrake_commit_calls_total",
+                "Write-ahead calls to the control plane (each commits every reservation waiting)"
             )?,
         })
     }
@@ -176,6 +195,7 @@ impl HttpLedger {
     async fn post_leases(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
         let n = requests.len();
         self.metrics.lease_requests.inc_by(n as u64);
+        self.metrics.lease_calls.inc();
         let client = self.client.clone();
         let answer = blocking(move || {
             client.call(
@@ -261,6 +281,45 @@ impl Ledger for HttpLedger {
             }
         }
         Ok(())
+    }
+
+    /// One HTTP round trip per `COMMIT_BATCH` rows (`WriteAhead` sends one row per key).
+    async fn commit(&self, commits: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+        let mut out = Vec::with_capacity(commits.len());
+        for chunk in commits.chunks(COMMIT_BATCH) {
+            let n = chunk.len();
+            self.metrics.commit_rows.inc_by(n as u64);
+            self.metrics.commit_calls.inc();
+            let body = json!({ "commits": chunk });
+            let client = self.client.clone();
+            let answer = blocking(move || {
+                client.call(
+                    "POST",
+                    "/v1/sync/commits",
+                    Some(body),
+                    Duration::from_secs(5),
+                )
+            })
+            .await;
+            match answer {
+                Some(Ok(v)) => match v["committed"].as_array() {
+                    Some(a) if a.len() == n => {
+                        out.extend(a.iter().map(|b| b.as_bool() == Some(true)));
+                    }
+                    _ => {
+                        return Err(LedgerError(
+                            "the control plane's commit answer does not match the request".into(),
+                        ))
+                    }
+                },
+                Some(Err(CallError::Unauthorized)) => {
+                    return Err(LedgerError("this node's token was refused".into()))
+                }
+                Some(Err(CallError::Other(e))) => return Err(LedgerError(e)),
+                None => return Err(LedgerError("commit task failed".into())),
+            }
+        }
+        Ok(out)
     }
 
     fn leases_valid_until(&self) -> i64 {
@@ -388,7 +447,7 @@ fn audit_sender(
 /// off (its token refused).
 struct SyncState {
     start: Instant,
-    /// Milliseconds after `start` at which the last successful poll was sent.
+    /// Milliseconds after `start` at which the last successful poll was answered.
     synced_at_ms: AtomicU64,
     ever_synced: AtomicBool,
     cut_off: AtomicBool,
@@ -477,7 +536,6 @@ fn sync_loop(
     let mut failures = 0u32;
     let mut last_expiry_sweep = Instant::now();
     loop {
-        let sent = state.start.elapsed();
         let sent_unix_ms = unix_ms() as i64;
         let path = format!(
             "/v1/sync/snapshot?epoch={}&since={version}&wait_ms={}",
@@ -510,9 +568,11 @@ fn sync_loop(
                     if until == 0 {
                         ledger.valid_until.store(0, Ordering::Release);
                     }
+                    // Synced as of the answer: it carries every change up to the moment
+                    // it was built (a change wakes a waiting poll at once).
                     state
                         .synced_at_ms
-                        .fetch_max(sent.as_millis() as u64, Ordering::AcqRel);
+                        .fetch_max(state.start.elapsed().as_millis() as u64, Ordering::AcqRel);
                     state.ever_synced.store(true, Ordering::Release);
                     state.refresh_flag();
                 }

@@ -68,14 +68,10 @@ enum Command {
         #[arg(long, env = "KEYBRAKE_CA_FILE", value_name = "FILE")]
         ca_file: Option<PathBuf>,
         /// Refuse every request (503 control_unreachable) once the last sync is older
-        /// than this: 30s, 2m or seconds.
-        #[arg(
-            long,
-            env = "KEYBRAKE_MAX_STALENESS",
-            default_value = "30s",
-            value_name = "DURATION"
-        )]
-        max_staleness: String,
+        /// than this: 30s, 2m or seconds [default: `edge.max_staleness` of the config
+        /// file, 30s].
+        #[arg(long, env = "KEYBRAKE_MAX_STALENESS", value_name = "DURATION")]
+        max_staleness: Option<String>,
         /// Take over the listening sockets of a running instance (Pingora graceful upgrade).
         #[arg(long, env = "KEYBRAKE_UPGRADE")]
         upgrade: bool,
@@ -389,8 +385,14 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 None
             };
-            let max_staleness = keybrake::config::parse_duration(&max_staleness)
-                .map_err(|e| anyhow::anyhow!("--max-staleness: {e}"))?;
+            let max_staleness = match max_staleness {
+                Some(flag) => keybrake::config::parse_duration(&flag)
+                    .map_err(|e| anyhow::anyhow!("--max-staleness: {e}"))?,
+                None => config.max_staleness,
+            };
+            if max_staleness < std::time::Duration::from_secs(1) {
+                anyhow::bail!("--max-staleness must be at least 1s");
+            }
             keybrake::edge::run_edge(
                 config,
                 keybrake::edge::EdgeOptions {

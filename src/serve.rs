@@ -341,7 +341,9 @@ pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
     }
 }
 
-/// `keybrake control`: the control API alone.
+/// `keybrake control`: the control API alone, until SIGTERM or SIGINT; then the audit
+/// events nodes sent are written before the process exits (nodes send again what it
+/// refuses from then on).
 pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
     let control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
     log::info!(
@@ -363,8 +365,10 @@ pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
         }
         anyhow::Ok(())
     })?;
-    log::info!("keybrake control stopping");
-    if !control.audit.flush(Duration::from_secs(5)) {
+    log::info!("keybrake control stopping: writing the audit events nodes sent");
+    // Refuses node audit batches from now on (nodes send them again to the next process),
+    // so every batch accepted is written.
+    if !control.close_node_audit(Duration::from_secs(5)) {
         log::error!("audit events still buffered at exit could not be written in 5 s");
     }
     Ok(())

@@ -42,10 +42,24 @@ pub fn utc_day(unix_secs: i64) -> i64 {
     unix_secs.div_euclid(86_400)
 }
 
+/// Which budget a lease, a report or a commit is about. Today one budget binds a request:
+/// its key's daily cap (`key_daily`, also what a message without the field means).
+/// Budgets above the key (SPEC §9: tenant, label prefix, per vendor) will be more
+/// variants; a request bound by several will send one row per budget in the same call,
+/// granted or committed all or nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Budget {
+    #[default]
+    KeyDaily,
+}
+
 /// Ask for a slice of a key's remaining budget for `day`. The ledger grants either
 /// nothing or between `min` and `want`, and counts the grant as spent until returned.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeaseRequest {
+    #[serde(default)]
+    pub budget: Budget,
     pub key_id: String,
     pub tenant_id: String,
     pub day: i64,
@@ -57,13 +71,33 @@ pub struct LeaseRequest {
 /// What a proxy did with its leases: `spent` moved from held to settled, `returned`
 /// went back to the key's remaining budget. `overspent` is spend metered from a vendor's
 /// response beyond any lease (the vendor already charged it): it is recorded as settled.
+/// `unreserved` is committed budget (`LeaseCommit`) whose call was refused, never sent or
+/// cost less than reserved: it went back into the holder's own lease, no longer committed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LeaseReport {
+    #[serde(default)]
+    pub budget: Budget,
     pub key_id: String,
     pub day: i64,
     pub spent: Micros,
     pub returned: Micros,
     pub overspent: Micros,
+    #[serde(default)]
+    pub unreserved: Micros,
+}
+
+/// Write-ahead of reservations: before a proxy forwards a call it reserved `amount` for,
+/// the ledger records that much of the holder's lease on the key as committed. Should the
+/// holder die, committed budget is settled as spent when its leases are reclaimed; only
+/// the uncommitted rest goes back to the key (SPEC §5: a dead proxy loses only its unused
+/// lease). Settled spend and `unreserved` in a later `LeaseReport` uncommit it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseCommit {
+    #[serde(default)]
+    pub budget: Budget,
+    pub key_id: String,
+    pub day: i64,
+    pub amount: Micros,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +125,14 @@ pub trait Ledger: Send + Sync + 'static {
     }
 
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError>;
+
+    /// Records each commit durably before answering, atomically per (key, day): `true`
+    /// when the holder's lease holds that much uncommitted budget (so the caller may
+    /// forward), `false` when it does not (the lease was reclaimed: the holder was taken
+    /// for dead). Every commit of one (key, day) in a call gets the same answer. An error
+    /// means the outcome is unknown: the caller forwards nothing.
+    async fn commit(&self, commits: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError>;
+
     fn leases_valid_until(&self) -> i64 {
         i64::MAX
     }
@@ -147,3 +189,31 @@ pub trait AuditSink: Send + Sync + 'static {
 }
 
 pub type SharedPublished = Arc<Published>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ledger_message_names_its_budget_and_only_known_budgets_are_read() {
+        let commit = LeaseCommit {
+            budget: Budget::KeyDaily,
+            key_id: "key_1".into(),
+            day: 20_000,
+            amount: Micros(5),
+        };
+        let json = serde_json::to_value(&commit).unwrap();
+        assert_eq!(json["budget"], "key_daily");
+        let report = serde_json::to_value(LeaseReport::default()).unwrap();
+        assert_eq!(report["budget"], "key_daily");
+        // A message from a node that predates the field binds the key's daily cap.
+        let old: LeaseRequest = serde_json::from_str(
+            r#"{"key_id":"key_1","tenant_id":"tn_1","day":1,"cap":10,"min":1,"want":2}"#,
+        )
+        .unwrap();
+        assert_eq!(old.budget, Budget::KeyDaily);
+        // A budget this ledger does not know is refused, never taken for the key's.
+        let unknown = r#"{"budget":"tenant_monthly","key_id":"key_1","day":1,"amount":5}"#;
+        assert!(serde_json::from_str::<LeaseCommit>(unknown).is_err());
+    }
+}

@@ -38,6 +38,8 @@ pub const LEASE_LIFETIME: Duration = Duration::from_secs(30);
 
 pub const AUDIT_DURABILITY: AuditDurability = AuditDurability::Normal;
 
+pub const EDGE_MAX_STALENESS: Duration = Duration::from_secs(30);
+
 pub const PINGORA_THREADS: usize = 2;
 pub const PINGORA_GRACE_PERIOD: Duration = Duration::from_secs(3);
 pub const PINGORA_GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -159,6 +161,9 @@ mod tests {
             metrics: FileMetrics {
                 plaintext: Some(METRICS_PLAINTEXT),
             },
+            edge: FileEdge {
+                max_staleness: s(EDGE_MAX_STALENESS),
+            },
         }
     }
 
@@ -198,7 +203,7 @@ mod tests {
                         &c.control
                     ),
                     (c.default_key_ttl, c.max_key_ttl, &c.access_log, &c.upstream),
-                    (&c.leases, c.audit_durability, &c.pingora),
+                    (&c.leases, c.audit_durability, &c.pingora, c.max_staleness),
                     (c.vendors.len(), c.currencies.len(), c.prices.models()),
                 )
             )

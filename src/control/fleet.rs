@@ -6,7 +6,7 @@
 use super::Control;
 use crate::ids::{new_id, token_hash};
 use crate::money::Micros;
-use crate::sync::{AuditEvent, LeaseReport, LeaseRequest, LedgerError};
+use crate::sync::{AuditEvent, LeaseCommit, LeaseReport, LeaseRequest, LedgerError};
 use crate::token::{now_secs, unix_ms, Jwks};
 use anyhow::Result;
 use dashmap::DashMap;
@@ -36,6 +36,9 @@ pub struct Fleet {
     tokens: DashMap<[u8; 32], String>,
     /// Node id → last sync (unix ms), as seen by this process.
     last_sync: DashMap<String, i64>,
+    /// Set when this process stops: node audit batches are refused (the node sends them
+    /// again to the next process) so that every batch accepted is written before exit.
+    audit_closed: std::sync::RwLock<bool>,
 }
 
 impl Fleet {
@@ -49,6 +52,7 @@ impl Fleet {
             }),
             tokens: DashMap::new(),
             last_sync: DashMap::new(),
+            audit_closed: std::sync::RwLock::new(false),
         }
     }
 
@@ -322,10 +326,28 @@ impl Control {
         self.report_for(&holder_id(node, session), reports).await
     }
 
-    /// Audit events recorded by a node, into the same trail as `serve`'s.
-    /// Records a node's batch and answers once it is committed (false: not all of it
-    /// could be, the node must send it again).
+    /// Write-ahead of a node session's reservations (`sync::LeaseCommit`).
+    pub async fn node_commit(
+        &self,
+        node: &str,
+        session: &str,
+        commits: Vec<LeaseCommit>,
+    ) -> Result<Vec<bool>, LedgerError> {
+        self.commit_for(&holder_id(node, session), commits).await
+    }
+
+    /// Audit events recorded by a node, into the same trail as `serve`'s, answered once
+    /// committed. False (the node must send the batch again): not all of it could be
+    /// written, or this process is stopping (`close_node_audit`).
     pub async fn node_audit(self: &Arc<Self>, events: Vec<AuditEvent>) -> bool {
+        let closed = *self
+            .fleet
+            .audit_closed
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if closed {
+            return false;
+        }
         let control = self.clone();
         tokio::task::spawn_blocking(move || {
             control
@@ -334,6 +356,17 @@ impl Control {
         })
         .await
         .unwrap_or(false)
+    }
+
+    /// Stopping: refuses node audit batches from now on, then writes every event
+    /// accepted, at most `timeout`. False on timeout.
+    pub fn close_node_audit(&self, timeout: Duration) -> bool {
+        *self
+            .fleet
+            .audit_closed
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = true;
+        self.audit.flush(timeout)
     }
 
     /// Called when a change nodes hold is published.
@@ -451,6 +484,49 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(!control.delete_node(&node).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_credential_put_or_deleted_wakes_the_nodes_long_polls() {
+        let control = open("credentials").await;
+        let (node, _) = control.create_node("edge").await.unwrap();
+        control.node_hello(&node, "session-1").await.unwrap();
+        let (tenant, ..) = control.create_tenant("acme").await.unwrap();
+        let first = control
+            .node_poll(&node, "session-1", "", 0, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        for put in [true, false] {
+            let since = control.fleet.version();
+            let waiting = {
+                let (control, node, epoch) = (control.clone(), node.clone(), first.epoch.clone());
+                tokio::spawn(async move {
+                    control
+                        .node_poll(&node, "session-1", &epoch, since, Duration::from_secs(5))
+                        .await
+                        .unwrap()
+                        .unwrap()
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let started = std::time::Instant::now();
+            if put {
+                control
+                    .put_credential(&tenant, "stripe", Secret::new("sk_test_new"))
+                    .await
+                    .unwrap();
+            } else {
+                assert!(control.delete_credential(&tenant, "stripe").await.unwrap());
+            }
+            let answer = waiting.await.unwrap();
+            assert!(started.elapsed() < Duration::from_secs(1));
+            let held = answer.credentials.expect("the credentials travel");
+            assert_eq!(
+                held.get(&tenant).and_then(|v| v.get("stripe")).is_some(),
+                put
+            );
+        }
     }
 
     #[test]

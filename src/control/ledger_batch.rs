@@ -11,6 +11,12 @@
 //! row another replica changed meanwhile (READ COMMITTED re-evaluates the condition on
 //! the row's latest version once its lock is granted), and the ledger rows are locked in
 //! (key, day) order first, so two replicas' batches never deadlock.
+//!
+//! Write-ahead: a lease row's `committed` is the part of it that reservations took for
+//! calls that may have reached the vendor and were not yet reported spent or unreserved.
+//! `lease_commit_many` adds to it before a proxy forwards; reports take from it, and a
+//! report returning budget never takes the lease below it; when a holder dies,
+//! `Store::reclaim_holder` settles it as spent and gives back only the rest.
 
 use super::store::{in_transaction, Backend, Store, TxConn};
 use crate::money::Micros;
@@ -103,52 +109,53 @@ impl Store {
         Ok(grants)
     }
 
-    /// What a holder did with its leases, in one transaction: for each row, in order,
-    /// `settled` is added to the key's settled spend, and `released` (spent or returned)
-    /// leaves its lease, and the key's held budget, as far as the lease still holds it
+    /// What a holder did with its leases, in one transaction, each row applied in order:
+    /// `settled` is added to the key's settled spend; `spent` and `unreserved` leave the
+    /// lease's committed part (`lease_commit_many`); `spent` and `returned` leave the
+    /// lease, and the key's held budget, as far as the lease holds uncommitted budget
     /// (none of it when the lease was already given back because the holder was taken
-    /// for dead).
-    pub async fn lease_report_many(
-        &self,
-        holder: &str,
-        reports: &[(String, i64, Micros, Micros)],
-    ) -> Result<()> {
+    /// for dead): committed budget stays held until its call is reported.
+    pub async fn lease_report_many(&self, holder: &str, reports: &[ReportRow]) -> Result<()> {
         if reports.is_empty() {
             return Ok(());
         }
-        let mut slots: Vec<(&str, i64)> = reports
-            .iter()
-            .map(|(k, d, _, _)| (k.as_str(), *d))
-            .collect();
+        let mut slots: Vec<(&str, i64)> =
+            reports.iter().map(|r| (r.key_id.as_str(), r.day)).collect();
         slots.sort_unstable();
         slots.dedup();
         in_transaction!(self, |tx| {
             // Ledger rows first, then leases: the order every transaction locks in.
             tx.lock_ledger_rows(&slots).await?;
-            let mut held = tx.held_leases(holder, &slots).await?;
-            // Per (key, day): settled added, released from the lease.
-            let mut totals: HashMap<(String, i64), (i64, i64)> = HashMap::new();
-            for (key_id, day, settled, released) in reports {
-                let slot = (key_id.clone(), *day);
-                let take = match held.get_mut(&slot) {
-                    Some(h) => {
-                        let take = (*h).clamp(0, released.0.max(0));
-                        *h -= take;
-                        take
+            let mut leases = tx.held_leases(holder, &slots).await?;
+            // Per (key, day): settled added, taken from the lease, uncommitted.
+            let mut totals: HashMap<(String, i64), (i64, i64, i64)> = HashMap::new();
+            for r in reports {
+                let slot = (r.key_id.clone(), r.day);
+                let (take, uncommit) = match leases.get_mut(&slot) {
+                    Some((held, committed)) => {
+                        let done = r.spent.0.max(0).saturating_add(r.unreserved.0.max(0));
+                        let uncommit = done.clamp(0, (*committed).max(0));
+                        *committed -= uncommit;
+                        let leave = r.spent.0.max(0).saturating_add(r.returned.0.max(0));
+                        let take = leave.clamp(0, (*held - *committed).max(0));
+                        *held -= take;
+                        (take, uncommit)
                     }
-                    None => 0,
+                    None => (0, 0),
                 };
                 let t = totals.entry(slot).or_default();
-                t.0 = t.0.saturating_add(settled.0);
+                t.0 = t.0.saturating_add(r.settled.0);
                 t.1 = t.1.saturating_add(take);
+                t.2 = t.2.saturating_add(uncommit);
             }
             let mut totals: Vec<Report> = totals
                 .into_iter()
-                .map(|((key_id, day), (settled, taken))| Report {
+                .map(|((key_id, day), (settled, taken, uncommitted))| Report {
                     key_id,
                     day,
                     settled,
                     taken,
+                    uncommitted,
                 })
                 .collect();
             totals.sort_unstable_by(|a, b| (&a.key_id, a.day).cmp(&(&b.key_id, b.day)));
@@ -159,12 +166,75 @@ impl Store {
     }
 }
 
-/// A (key, day)'s share of a round of reports: spend to settle, lease budget released.
+/// A (key, day)'s share of a round of reports: spend to settle, lease budget released,
+/// committed budget uncommitted.
 struct Report {
     key_id: String,
     day: i64,
     settled: i64,
     taken: i64,
+    uncommitted: i64,
+}
+
+/// One row of a holder's spend report (`Store::lease_report_many`).
+#[derive(Debug, Clone, Default)]
+pub struct ReportRow {
+    pub key_id: String,
+    pub day: i64,
+    /// Added to the key's settled spend (spent from the lease, and overspent beyond it).
+    pub settled: Micros,
+    /// Spent from the lease: leaves it and its committed part.
+    pub spent: Micros,
+    /// Given back to the key: leaves the lease.
+    pub returned: Micros,
+    /// Committed and not spent, back in the holder's lease: leaves the committed part.
+    pub unreserved: Micros,
+}
+
+impl Store {
+    /// Write-ahead of reservations (`sync::LeaseCommit`), in one transaction: each
+    /// (key, day)'s amounts, summed, are added to the holder's lease as committed if the
+    /// lease holds that much uncommitted budget and the holder is alive at `now` (its
+    /// leases not yet reclaimable). The answers, in the order of `commits`. On
+    /// PostgreSQL the lease rows are locked in (key, day) order, like a report's; a
+    /// reclaim that took them first leaves nothing to commit.
+    pub async fn lease_commit_many(
+        &self,
+        holder: &str,
+        now: i64,
+        commits: &[(String, i64, Micros)],
+    ) -> Result<Vec<bool>> {
+        let mut sums: HashMap<(&str, i64), i64> = HashMap::new();
+        for (k, d, a) in commits {
+            let sum = sums.entry((k.as_str(), *d)).or_default();
+            *sum = sum.saturating_add(a.0.max(0));
+        }
+        if sums.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut rows: Vec<(&str, i64, i64)> =
+            sums.into_iter().map(|((k, d), a)| (k, d, a)).collect();
+        rows.sort_unstable();
+        let done = in_transaction!(self, |tx| {
+            let alive: Option<i64> =
+                sqlx::query_scalar("SELECT alive_until FROM holders WHERE id = $1")
+                    .bind(holder)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if alive.is_none_or(|until| until < now) {
+                tx.rollback().await?;
+                std::collections::HashSet::new()
+            } else {
+                let done = tx.commit_leases(holder, &rows).await?;
+                tx.commit().await?;
+                done
+            }
+        });
+        Ok(commits
+            .iter()
+            .map(|(k, d, _)| done.contains(&(k.clone(), *d)))
+            .collect())
+    }
 }
 
 /// The batch statements, per backend (the batch is a JSON array or a set of arrays).
@@ -175,12 +245,20 @@ trait BatchConn {
     async fn grant_round(&mut self, asks: &[&GrantRequest]) -> Result<HashMap<(String, i64), i64>>;
     /// Adds grants to the holder's lease rows.
     async fn add_leases(&mut self, holder: &str, leases: &[(&str, i64, i64)]) -> Result<()>;
-    /// What the holder's leases on these (key, day)s hold now (locked on PostgreSQL).
+    /// What the holder's leases on these (key, day)s hold now, and how much of it is
+    /// committed (locked on PostgreSQL).
     async fn held_leases(
         &mut self,
         holder: &str,
         slots: &[(&str, i64)],
-    ) -> Result<HashMap<(String, i64), i64>>;
+    ) -> Result<HashMap<(String, i64), (i64, i64)>>;
+    /// Adds each (key, day, amount) to the holder's lease as committed where the lease
+    /// holds that much uncommitted budget: the (key, day)s committed.
+    async fn commit_leases(
+        &mut self,
+        holder: &str,
+        rows: &[(&str, i64, i64)],
+    ) -> Result<std::collections::HashSet<(String, i64)>>;
     /// Releases the taken budget from the leases (deleting emptied ones) and applies
     /// settled spend and releases to the ledger.
     async fn apply_reports(&mut self, holder: &str, totals: &[Report]) -> Result<()>;
@@ -237,7 +315,7 @@ impl BatchConn for SqliteConnection {
         &mut self,
         holder: &str,
         slots: &[(&str, i64)],
-    ) -> Result<HashMap<(String, i64), i64>> {
+    ) -> Result<HashMap<(String, i64), (i64, i64)>> {
         let keys: Vec<serde_json::Value> = slots
             .iter()
             .map(|(k, d)| serde_json::json!([k, d]))
@@ -245,7 +323,7 @@ impl BatchConn for SqliteConnection {
         Ok(sqlx::query(
             // CROSS JOIN keeps the batch the outer loop: one primary-key probe per row, not
             // a scan of all the holder's leases.
-            "SELECT l.key_id, l.day, l.held FROM json_each($2) AS r
+            "SELECT l.key_id, l.day, l.held, l.committed FROM json_each($2) AS r
              CROSS JOIN leases AS l
                ON l.holder = $1 AND l.key_id = json_extract(r.value, '$[0]')
                   AND l.day = json_extract(r.value, '$[1]')",
@@ -255,38 +333,78 @@ impl BatchConn for SqliteConnection {
         .fetch_all(&mut *self)
         .await?
         .iter()
-        .map(|r| ((r.get("key_id"), r.get("day")), r.get("held")))
+        .map(|r| {
+            (
+                (r.get("key_id"), r.get("day")),
+                (r.get("held"), r.get("committed")),
+            )
+        })
+        .collect())
+    }
+
+    async fn commit_leases(
+        &mut self,
+        holder: &str,
+        rows: &[(&str, i64, i64)],
+    ) -> Result<std::collections::HashSet<(String, i64)>> {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(k, d, a)| serde_json::json!([k, d, a]))
+            .collect();
+        // Only rows read from `leases` are upserted (it never inserts); the batch drives,
+        // one primary-key probe per row.
+        Ok(sqlx::query(
+            "INSERT INTO leases (holder, key_id, day, held, committed)
+             SELECT l.holder, l.key_id, l.day, l.held, json_extract(r.value, '$[2]')
+             FROM json_each($2) AS r
+             CROSS JOIN leases AS l
+               ON l.holder = $1 AND l.key_id = json_extract(r.value, '$[0]')
+                  AND l.day = json_extract(r.value, '$[1]')
+             WHERE l.committed + json_extract(r.value, '$[2]') <= l.held
+             ON CONFLICT (holder, key_id, day)
+             DO UPDATE SET committed = leases.committed + excluded.committed
+             RETURNING key_id, day",
+        )
+        .bind(holder)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .fetch_all(&mut *self)
+        .await?
+        .iter()
+        .map(|r| (r.get("key_id"), r.get("day")))
         .collect())
     }
 
     async fn apply_reports(&mut self, holder: &str, totals: &[Report]) -> Result<()> {
         let rows: Vec<serde_json::Value> = totals
             .iter()
-            .map(|r| serde_json::json!([r.key_id, r.day, r.settled, r.taken]))
+            .map(|r| serde_json::json!([r.key_id, r.day, r.settled, r.taken, r.uncommitted]))
             .collect();
         let rows = serde_json::Value::Array(rows).to_string();
         let report_rows = |param: &str| {
             format!(
                 "SELECT json_extract(value, '$[0]') AS k, json_extract(value, '$[1]') AS d,
-                        json_extract(value, '$[2]') AS s, json_extract(value, '$[3]') AS t
+                        json_extract(value, '$[2]') AS s, json_extract(value, '$[3]') AS t,
+                        json_extract(value, '$[4]') AS u
                  FROM json_each({param})"
             )
         };
         let rows2 = report_rows("$2");
         let rows1 = report_rows("$1");
         // An upsert, so the batch drives (an UPDATE ... FROM scans the holder's leases).
-        // Only leases read above have a take, so it never inserts.
+        // Only leases read above have a take or an uncommit, so it never inserts.
         sqlx::query(&format!(
-            "INSERT INTO leases (holder, key_id, day, held) SELECT $1, k, d, -t FROM ({rows2})
-             WHERE t > 0
-             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held"
+            "INSERT INTO leases (holder, key_id, day, held, committed)
+             SELECT $1, k, d, -t, -u FROM ({rows2})
+             WHERE t > 0 OR u > 0
+             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held,
+                 committed = leases.committed + excluded.committed"
         ))
         .bind(holder)
         .bind(&rows)
         .execute(&mut *self)
         .await?;
         sqlx::query(&format!(
-            "DELETE FROM leases WHERE holder = $1 AND held <= 0
+            "DELETE FROM leases WHERE holder = $1 AND held <= 0 AND committed <= 0
                AND (key_id, day) IN (SELECT k, d FROM ({rows2}))"
         ))
         .bind(holder)
@@ -374,11 +492,11 @@ impl BatchConn for PgConnection {
         &mut self,
         holder: &str,
         slots: &[(&str, i64)],
-    ) -> Result<HashMap<(String, i64), i64>> {
+    ) -> Result<HashMap<(String, i64), (i64, i64)>> {
         let keys: Vec<&str> = slots.iter().map(|s| s.0).collect();
         let days: Vec<i64> = slots.iter().map(|s| s.1).collect();
         Ok(sqlx::query(
-            "SELECT l.key_id, l.day, l.held
+            "SELECT l.key_id, l.day, l.held, l.committed
              FROM unnest($2::TEXT[], $3::BIGINT[]) AS r(k, d)
              JOIN leases AS l ON l.holder = $1 AND l.key_id = r.k AND l.day = r.d
              ORDER BY l.key_id, l.day
@@ -390,7 +508,50 @@ impl BatchConn for PgConnection {
         .fetch_all(&mut *self)
         .await?
         .iter()
-        .map(|r| ((r.get("key_id"), r.get("day")), r.get("held")))
+        .map(|r| {
+            (
+                (r.get("key_id"), r.get("day")),
+                (r.get("held"), r.get("committed")),
+            )
+        })
+        .collect())
+    }
+
+    async fn commit_leases(
+        &mut self,
+        holder: &str,
+        rows: &[(&str, i64, i64)],
+    ) -> Result<std::collections::HashSet<(String, i64)>> {
+        let keys: Vec<&str> = rows.iter().map(|r| r.0).collect();
+        let days: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let amounts: Vec<i64> = rows.iter().map(|r| r.2).collect();
+        // Locked in (key, day) order first, like a report's leases, then updated.
+        sqlx::query(
+            "SELECT 1 FROM unnest($2::TEXT[], $3::BIGINT[]) AS r(k, d)
+             JOIN leases AS l ON l.holder = $1 AND l.key_id = r.k AND l.day = r.d
+             ORDER BY l.key_id, l.day
+             FOR UPDATE OF l",
+        )
+        .bind(holder)
+        .bind(&keys)
+        .bind(&days)
+        .fetch_all(&mut *self)
+        .await?;
+        Ok(sqlx::query(
+            "UPDATE leases SET committed = leases.committed + r.a
+             FROM unnest($2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS r(k, d, a)
+             WHERE leases.holder = $1 AND leases.key_id = r.k AND leases.day = r.d
+               AND leases.committed + r.a <= leases.held
+             RETURNING leases.key_id, leases.day",
+        )
+        .bind(holder)
+        .bind(&keys)
+        .bind(&days)
+        .bind(&amounts)
+        .fetch_all(&mut *self)
+        .await?
+        .iter()
+        .map(|r| (r.get("key_id"), r.get("day")))
         .collect())
     }
 
@@ -399,18 +560,20 @@ impl BatchConn for PgConnection {
         let days: Vec<i64> = totals.iter().map(|t| t.day).collect();
         let settled: Vec<i64> = totals.iter().map(|t| t.settled).collect();
         let taken: Vec<i64> = totals.iter().map(|t| t.taken).collect();
-        const ROWS: &str =
-            "unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[]) AS r(k, d, s, t)";
+        let uncommitted: Vec<i64> = totals.iter().map(|t| t.uncommitted).collect();
+        const ROWS: &str = "unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[],
+                   $6::BIGINT[]) AS r(k, d, s, t, u)";
         for sql in [
             format!(
-                "UPDATE leases SET held = leases.held - r.t FROM {ROWS}
+                "UPDATE leases SET held = leases.held - r.t,
+                                   committed = leases.committed - r.u FROM {ROWS}
                  WHERE leases.holder = $5 AND leases.key_id = r.k AND leases.day = r.d
-                   AND r.t > 0"
+                   AND (r.t > 0 OR r.u > 0)"
             ),
             format!(
                 "DELETE FROM leases USING {ROWS}
                  WHERE leases.holder = $5 AND leases.key_id = r.k AND leases.day = r.d
-                   AND leases.held <= 0"
+                   AND leases.held <= 0 AND leases.committed <= 0"
             ),
             format!(
                 "INSERT INTO ledger (key_id, day) SELECT r.k, r.d FROM {ROWS}
@@ -430,6 +593,7 @@ impl BatchConn for PgConnection {
                 .bind(&settled)
                 .bind(&taken)
                 .bind(holder)
+                .bind(&uncommitted)
                 .execute(&mut *self)
                 .await?;
         }
@@ -448,6 +612,77 @@ mod tests {
         Store::open(&crate::database::Database::Sqlite { data_dir: dir })
             .await
             .unwrap()
+    }
+
+    fn row(key: &str, settled: i64, spent: i64, returned: i64, unreserved: i64) -> ReportRow {
+        ReportRow {
+            key_id: key.into(),
+            day: 7,
+            settled: Micros(settled),
+            spent: Micros(spent),
+            returned: Micros(returned),
+            unreserved: Micros(unreserved),
+        }
+    }
+
+    fn commit(key: &str, amount: i64) -> (String, i64, Micros) {
+        (key.into(), 7, Micros(amount))
+    }
+
+    #[tokio::test]
+    async fn committed_budget_stays_held_until_reported_and_is_settled_when_its_holder_dies() {
+        committed_budget(store("commit-many").await).await;
+        committed_budget(crate::control::store::tests::postgres().await).await;
+    }
+
+    async fn committed_budget(s: Store) {
+        s.register_holder("h1", 0, 100).await.unwrap();
+        let grants = s
+            .lease_grant_many("h1", &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 4)])
+            .await
+            .unwrap();
+        assert_eq!(grants, vec![Micros(10), Micros(4)]);
+        // Two rows of one key are summed; a key without a lease, or beyond it, is refused.
+        let answers = s
+            .lease_commit_many(
+                "h1",
+                50,
+                &[
+                    commit("k_a", 3),
+                    commit("k_b", 5),
+                    commit("k_a", 2),
+                    commit("k_c", 1),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(answers, vec![true, false, true, false]);
+        // k_a: 5 committed. A report of 2 spent, 1 unreserved and all 10 returned leaves
+        // the 2 still committed in the lease.
+        s.lease_report_many("h1", &[row("k_a", 2, 2, 10, 1)])
+            .await
+            .unwrap();
+        let leases = s.leases_of("h1").await.unwrap();
+        let held = leases.iter().find(|l| l.0 == "k_a").map(|l| l.2);
+        assert_eq!(held, Some(Micros(2)));
+        // Past its life, nothing more is committed.
+        assert_eq!(
+            s.lease_commit_many("h1", 101, &[commit("k_b", 1)])
+                .await
+                .unwrap(),
+            vec![false]
+        );
+        // Reclaimed: the 2 committed are settled as spent (whatever the audit trail knew),
+        // k_b's 4 (never committed) come back.
+        let back = s.reclaim_holder("h1", &HashMap::new()).await.unwrap();
+        assert_eq!(back, Micros(4));
+        assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(4));
+        assert_eq!(s.ledger_row("k_a", 7).await.unwrap().held, Micros::ZERO);
+        let again = s
+            .lease_grant_many("h2", &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 10)])
+            .await
+            .unwrap();
+        assert_eq!(again, vec![Micros(6), Micros(10)]);
     }
 
     fn ask(key: &str, cap: i64, min: i64, want: i64) -> GrantRequest {
@@ -499,9 +734,9 @@ mod tests {
         s.lease_report_many(
             "h2",
             &[
-                ("k_b".into(), 7, Micros(7), Micros(7)),
-                ("k_b".into(), 7, Micros(0), Micros(3)),
-                ("k_a".into(), 7, Micros(1), Micros(2)),
+                row("k_b", 7, 7, 0, 0),
+                row("k_b", 0, 0, 3, 0),
+                row("k_a", 1, 0, 2, 0),
             ],
         )
         .await

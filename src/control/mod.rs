@@ -31,7 +31,9 @@ use crate::metrics::Metrics;
 use crate::money::Micros;
 use crate::revocation::RevocationFilter;
 use crate::secret::Secret;
-use crate::sync::{utc_day, LeaseReport, LeaseRequest, Ledger, LedgerError, Published};
+use crate::sync::{
+    utc_day, LeaseCommit, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
+};
 use crate::token::{generate_ed25519, now_secs, unix_ms, Claims, Jwk, Jwks, SigningKey, Verifier};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
@@ -252,16 +254,25 @@ impl Control {
 
     /// Every second: this process's heartbeat as a lease holder; every few seconds, the
     /// leases of holders that stopped beating (a process killed, or stalled past its
-    /// lease lifetime) are settled with what the audit trail says they spent and the rest
-    /// given back. Runs until the process ends.
+    /// lease lifetime) are settled with what they committed (or the audit trail says they
+    /// spent, if more) and the rest given back. Runs until the process ends.
+    ///
+    /// No holder is taken for dead before this process has been up for a whole lease
+    /// lifetime: an edge node beats through its polls, so while no control process was
+    /// running (a restart, an upgrade) it could not beat, and must get a lifetime to reach
+    /// this one before its leases are taken back. Reclaiming later is always safe.
     pub async fn lease_upkeep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let every = (lease_lifetime_secs(&self.settings) / 4).max(1) as u64;
+        let lifetime = lease_lifetime_secs(&self.settings);
+        let every = (lifetime / 4).max(1) as u64;
+        let up_since = tokio::time::Instant::now();
         let mut n = 0u64;
         loop {
             tick.tick().await;
             self.heartbeat().await;
-            if n % every == 0 {
+            let reachable_for_a_lifetime =
+                up_since.elapsed() >= Duration::from_secs(lifetime.max(0) as u64);
+            if reachable_for_a_lifetime && n % every == 0 {
                 if let Err(e) = self.reclaim_dead_holders().await {
                     log::error!("cannot give back the leases of dead processes: {e:#}");
                 }
@@ -881,12 +892,33 @@ impl Control {
         let overflow = || LedgerError("spend report out of range".into());
         let mut rows = Vec::with_capacity(reports.len());
         for r in reports {
-            let settled = r.spent.checked_add(r.overspent).ok_or_else(overflow)?;
-            let released = r.spent.checked_add(r.returned).ok_or_else(overflow)?;
-            rows.push((r.key_id, r.day, settled, released));
+            rows.push(ledger_batch::ReportRow {
+                settled: r.spent.checked_add(r.overspent).ok_or_else(overflow)?,
+                key_id: r.key_id,
+                day: r.day,
+                spent: r.spent,
+                returned: r.returned,
+                unreserved: r.unreserved,
+            });
         }
         self.store
             .lease_report_many(holder, &rows)
+            .await
+            .map_err(|e| LedgerError(format!("{e:#}")))
+    }
+
+    /// Write-ahead of `holder`'s reservations, in one store transaction.
+    async fn commit_for(
+        &self,
+        holder: &str,
+        commits: Vec<LeaseCommit>,
+    ) -> Result<Vec<bool>, LedgerError> {
+        let rows: Vec<(String, i64, Micros)> = commits
+            .into_iter()
+            .map(|c| (c.key_id, c.day, c.amount))
+            .collect();
+        self.store
+            .lease_commit_many(holder, now_secs(), &rows)
             .await
             .map_err(|e| LedgerError(format!("{e:#}")))
     }
@@ -918,6 +950,10 @@ impl Ledger for Control {
 
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
         self.report_for(&self.holder, reports).await
+    }
+
+    async fn commit(&self, commits: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+        self.commit_for(&self.holder, commits).await
     }
 
     fn leases_valid_until(&self) -> i64 {
@@ -1034,6 +1070,7 @@ mod tests {
 
     fn lease_request(key: &str, cap: i64, min: i64, want: i64) -> LeaseRequest {
         LeaseRequest {
+            budget: Default::default(),
             key_id: key.into(),
             tenant_id: "tn_x".into(),
             day: utc_day(now_secs()),

@@ -67,6 +67,7 @@ async fn a_lost_database_is_503_storage_unavailable_and_comes_back_by_itself() {
         (status, code)
     };
     let lease = || LeaseRequest {
+        budget: Default::default(),
         key_id: "key_outage".into(),
         tenant_id: "tn_x".into(),
         day: utc_day(now_secs()),

@@ -33,10 +33,16 @@ pub struct Migration {
     pub postgres: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    sqlite: include_str!("../../migrations/sqlite/0001_schema.sql"),
-    postgres: include_str!("../../migrations/postgres/0001_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        sqlite: include_str!("../../migrations/sqlite/0001_schema.sql"),
+        postgres: include_str!("../../migrations/postgres/0001_schema.sql"),
+    },
+    Migration {
+        sqlite: include_str!("../../migrations/sqlite/0002_lease_committed.sql"),
+        postgres: include_str!("../../migrations/postgres/0002_lease_committed.sql"),
+    },
+];
 
 /// The store's file in the data dir.
 pub const FILE: &str = "keybrake.db";
@@ -977,9 +983,11 @@ impl Store {
     }
 
     /// Gives back the leases of a dead holder, after adding to each key's settled spend
-    /// what `known_spent` says it spent of its lease (at most the lease). Removes the
-    /// holder, whose later reports then release nothing. Two replicas reclaiming the same
-    /// holder at once give its leases back once: the second finds them gone.
+    /// what it spent of its lease: the lease's committed part (write-ahead, see
+    /// `ledger_batch`) or what `known_spent` says, whichever is more, at most the lease.
+    /// Removes the holder, whose later reports then release nothing. Two replicas
+    /// reclaiming the same holder at once give its leases back once: the second finds
+    /// them gone.
     pub async fn reclaim_holder(
         &self,
         holder: &str,
@@ -1000,7 +1008,8 @@ impl Store {
             // Re-read under the locks: a racing reclaim may have taken some already.
             let rows = sqlx::query(&for_update(
                 tx.is_postgres(),
-                "SELECT key_id, day, held FROM leases WHERE holder = $1 ORDER BY key_id, day",
+                "SELECT key_id, day, held, committed FROM leases WHERE holder = $1
+                 ORDER BY key_id, day",
             ))
             .bind(holder)
             .fetch_all(&mut *tx)
@@ -1011,6 +1020,7 @@ impl Store {
                 let spent = known_spent
                     .get(&(key_id.clone(), day))
                     .map_or(0, |m| m.0)
+                    .max(r.int("committed"))
                     .clamp(0, held.max(0));
                 tx.ledger_add(&key_id, day, Micros(spent), Micros(-held))
                     .await?;
@@ -1607,9 +1617,16 @@ pub(super) mod tests {
                 .unwrap(),
             Micros::ZERO
         );
-        s.lease_report_many("h1", &[("k".into(), 9, Micros(25), Micros(60))])
-            .await
-            .unwrap();
+        // 25 of the 60 spent, the other 35 returned.
+        let report = crate::control::ledger_batch::ReportRow {
+            key_id: "k".into(),
+            day: 9,
+            settled: Micros(25),
+            spent: Micros(25),
+            returned: Micros(35),
+            unreserved: Micros::ZERO,
+        };
+        s.lease_report_many("h1", &[report]).await.unwrap();
         assert_eq!(
             s.ledger_row("k", 9).await.unwrap(),
             LedgerRow {

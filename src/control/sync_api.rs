@@ -7,7 +7,7 @@ use super::auth::{Admin, Node};
 use super::errors::{ApiError, ApiResult};
 use super::fleet::SyncAnswer;
 use crate::money::Micros;
-use crate::sync::{AuditEvent, LeaseReport, LeaseRequest};
+use crate::sync::{AuditEvent, LeaseCommit, LeaseReport, LeaseRequest};
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -27,6 +27,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/v1/sync/snapshot", get(snapshot))
         .route("/v1/sync/leases", post(leases))
         .route("/v1/sync/reports", post(reports))
+        .route("/v1/sync/commits", post(commits))
         .route("/v1/sync/audit", post(audit))
 }
 
@@ -150,6 +151,32 @@ async fn reports(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct CommitsBody {
+    commits: Vec<LeaseCommit>,
+}
+
+/// Write-ahead of a node's reservations: `committed[i]` answers `commits[i]`.
+async fn commits(
+    State(s): State<ApiState>,
+    node: Node,
+    Json(body): Json<CommitsBody>,
+) -> ApiResult<Json<Value>> {
+    if body.commits.len() > MAX_BATCH {
+        return Err(too_many());
+    }
+    let committed = s
+        .control
+        .node_commit(&node.id, &node.session, body.commits)
+        .await
+        .map_err(|e| {
+            log::error!("cannot record a node's write-ahead: {}", e.0);
+            ApiError::Internal
+        })?;
+    Ok(Json(json!({ "committed": committed })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AuditBody {
     events: Vec<AuditEvent>,
 }
@@ -163,7 +190,8 @@ async fn audit(
         return Err(too_many());
     }
     let n = body.events.len();
-    // Acknowledged only once written: a replica that dies after answering has kept them.
+    // Acknowledged only once written (a replica that dies after answering has kept
+    // them); refused while stopping. Either way the node keeps the batch and resends it.
     if !s.control.node_audit(body.events).await {
         return Err(ApiError::StorageUnavailable);
     }

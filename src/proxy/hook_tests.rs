@@ -13,7 +13,7 @@ use crate::metrics::{Metrics, RequestCounters};
 use crate::money::Micros;
 use crate::secret::Secret;
 use crate::sync::{
-    AuditEvent, AuditSink, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
+    AuditEvent, AuditSink, LeaseCommit, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
 };
 use crate::token::{generate_ed25519, now_secs, Claims, Jwk, Jwks, SigningKey, Verifier};
 use crate::Map;
@@ -44,6 +44,9 @@ impl Ledger for CapLedger {
             *self.committed.lock().unwrap() -= r.returned.0;
         }
         Ok(())
+    }
+    async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+        Ok(vec![true; c.len()])
     }
 }
 

@@ -114,7 +114,7 @@ impl LeaseBatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::LeaseReport;
+    use crate::sync::{LeaseCommit, LeaseReport};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Grants `want` to every request; records the size of every batch, and holds each
@@ -139,10 +139,14 @@ mod tests {
         async fn report(&self, _: Vec<LeaseReport>) -> Result<(), LedgerError> {
             Ok(())
         }
+        async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+            Ok(vec![true; c.len()])
+        }
     }
 
     fn ask(key: &str) -> LeaseRequest {
         LeaseRequest {
+            budget: Default::default(),
             key_id: key.into(),
             tenant_id: "tn_1".into(),
             day: 1,

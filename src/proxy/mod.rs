@@ -13,7 +13,7 @@
 //!  6. price: `price` with `meter`, the vendor look-ups of `upstream_call`, the per-object
 //!     `charges` memory; `llm` plans and prices token-metered calls;
 //!  7. reserve: `reserve` with `idempotency` and `spend` (its ledger calls batched by
-//!     `lease_batch`);
+//!     `lease_batch`, each reservation committed before forwarding by `write_ahead`);
 //!  8. inject: `inject` (the request the vendor sees);
 //!  9. forward: Pingora with `upstream`, or `forward` for a large read body;
 //! 10. settle: `settle`, and `response_charge` for what the answer charges;
@@ -50,3 +50,4 @@ pub mod spend;
 pub mod upstream;
 pub mod upstream_call;
 pub mod verify;
+pub mod write_ahead;

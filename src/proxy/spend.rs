@@ -3,18 +3,21 @@
 //! Each (key, UTC day) has an `available` counter: lease budget granted by the ledger and
 //! not yet reserved. A reservation is one compare-and-swap on it; only when it runs dry
 //! does a request take the key's refill lock and ask the ledger for another slice (batched
-//! with other keys' requests by `lease_batch`). The
-//! ledger counts a slice as spent the moment it grants it, so whatever happens to this
-//! process (kill -9 included), the key cannot end above its cap: unused budget is lost
-//! until the next day, never double-spent.
+//! with other keys' requests by `lease_batch`). The ledger counts a slice as spent (held)
+//! the moment it grants it. Before the call is forwarded, the reservation is committed in
+//! the ledger too (`write_ahead`, batched with every reservation of the same few ms): if
+//! this process dies (kill -9 included), the ledger settles the committed budget as spent
+//! and gives back only what no call reserved, so no other process spends it again.
 //!
-//! Settled spend is reported to the ledger in batches; budget of idle, expired or
+//! Settled spend, and committed budget that went back into the lease unspent
+//! (`unreserved`), are reported to the ledger in batches; budget of idle, expired or
 //! revoked keys goes back.
 
 use super::lease_batch::LeaseBatcher;
+use super::write_ahead::WriteAhead;
 use crate::metrics::Metrics;
 use crate::money::Micros;
-use crate::sync::{utc_day, LeaseReport, LeaseRequest, Ledger, Published};
+use crate::sync::{utc_day, Budget, LeaseReport, LeaseRequest, Ledger, Published};
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -27,6 +30,47 @@ pub enum SpendError {
     LedgerUnavailable,
 }
 
+/// Where a reservation's budget came from: the lease (committed before the call goes)
+/// or budget committed ahead (already counted by the ledger).
+enum Source {
+    Lease,
+    Ahead,
+}
+
+/// A key reserving from its headroom tops it up, without waiting, once fewer than
+/// `TOP_UP_BELOW` calls of the size just reserved are left in it, asking for `TOP_UP_TO`
+/// calls' worth (at most what its lease holds): what a process that dies loses of a busy
+/// key, besides its calls in flight.
+const TOP_UP_BELOW: i64 = 32;
+const TOP_UP_TO: i64 = 64;
+
+/// Rounds of 1 ms a reservation at the cap waits for headroom in transit: the ledger
+/// call's own timeout (5 s).
+const TRANSIT_WAITS: u32 = 5_000;
+
+/// Takes up to `most` from `counter`, never below zero; returns what it took.
+fn take_up_to(counter: &AtomicI64, most: Micros) -> Micros {
+    let most = most.0.max(0);
+    let took = counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
+            Some(have - have.clamp(0, most))
+        })
+        .map_or(0, |have| have.clamp(0, most));
+    Micros(took)
+}
+
+/// Takes `amount` from `counter`, all or nothing, never below zero.
+fn take_from(counter: &AtomicI64, amount: Micros) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
+            Micros(have)
+                .checked_sub(amount)
+                .filter(|left| *left >= Micros::ZERO)
+                .map(|left| left.0)
+        })
+        .is_ok()
+}
+
 /// One key's spend on one UTC day, as seen by this proxy.
 pub(super) struct KeySpend {
     key_id: Arc<str>,
@@ -37,6 +81,17 @@ pub(super) struct KeySpend {
     available: AtomicI64,
     unreported_spent: AtomicI64,
     unreported_overspent: AtomicI64,
+    /// Committed budget (`write_ahead`) that went back into the lease unspent.
+    unreported_unreserved: AtomicI64,
+    /// Lease budget committed ahead of need (`write_ahead`'s headroom) and not reserved:
+    /// a reservation taken from it forwards without a ledger round trip.
+    precommitted: AtomicI64,
+    /// Headroom taken from `available` whose commit is not answered yet: it lands in
+    /// `precommitted` (or back in `available`), so a reservation at the cap waits for it
+    /// rather than being refused while budget is on its way.
+    ahead_in_transit: AtomicI64,
+    /// A top-up of the headroom is queued (`WriteAhead::top_up`): one at a time.
+    topping_up: std::sync::atomic::AtomicBool,
     last_used: AtomicI64,
     /// Reservations taken from this counter and not yet settled or released: the counter
     /// is never forgotten while one is out.
@@ -53,14 +108,42 @@ pub(super) struct KeySpend {
 impl KeySpend {
     /// Takes `amount` from the available budget, all or nothing.
     fn try_take(&self, amount: Micros) -> bool {
-        self.available
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| {
-                Micros(have)
-                    .checked_sub(amount)
-                    .filter(|left| *left >= Micros::ZERO)
-                    .map(|left| left.0)
-            })
-            .is_ok()
+        take_from(&self.available, amount)
+    }
+
+    /// Takes up to `most` of the budget already committed; returns what it took.
+    fn take_precommitted(&self, most: Micros) -> Micros {
+        take_up_to(&self.precommitted, most)
+    }
+
+    /// Takes up to `most` of the available budget; returns what it took.
+    pub(super) fn take_up_to(&self, most: Micros) -> Micros {
+        take_up_to(&self.available, most)
+    }
+
+    pub(super) fn add_precommitted(&self, amount: Micros) {
+        self.precommitted.fetch_add(amount.0, Ordering::AcqRel);
+    }
+
+    /// The queued top-up was sent (or found nothing to commit).
+    pub(super) fn topped_up(&self) {
+        self.topping_up.store(false, Ordering::Release);
+    }
+
+    pub(super) fn add_in_transit(&self, amount: Micros) {
+        self.ahead_in_transit.fetch_add(amount.0, Ordering::AcqRel);
+    }
+
+    /// `amount` from the lease (to be committed) or, failing that, from the budget
+    /// committed ahead.
+    fn take_any(&self, amount: Micros) -> Option<Source> {
+        if self.try_take(amount) {
+            Some(Source::Lease)
+        } else if take_from(&self.precommitted, amount) {
+            Some(Source::Ahead)
+        } else {
+            None
+        }
     }
 
     fn available(&self) -> Micros {
@@ -79,6 +162,31 @@ impl KeySpend {
         self.unreported_overspent
             .fetch_add(amount.0, Ordering::AcqRel);
     }
+
+    pub(super) fn add_unreserved(&self, amount: Micros) {
+        self.unreported_unreserved
+            .fetch_add(amount.0, Ordering::AcqRel);
+    }
+
+    /// Forgets the budget not reserved: the ledger no longer counts it as ours.
+    pub(super) fn drop_available(&self) {
+        self.available.store(0, Ordering::Release);
+    }
+
+    /// Reserved budget goes back into the lease: free again here, and no longer
+    /// committed in the ledger once reported.
+    fn unreserve(&self, amount: Micros) {
+        self.add_available(amount);
+        self.add_unreserved(amount);
+    }
+
+    pub(super) fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    pub(super) fn day(&self) -> i64 {
+        self.day
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +201,10 @@ impl KeySpend {
             available: AtomicI64::new(0),
             unreported_spent: AtomicI64::new(0),
             unreported_overspent: AtomicI64::new(0),
+            unreported_unreserved: AtomicI64::new(0),
+            precommitted: AtomicI64::new(0),
+            ahead_in_transit: AtomicI64::new(0),
+            topping_up: std::sync::atomic::AtomicBool::new(false),
             last_used: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
             over_cap: std::sync::atomic::AtomicBool::new(false),
@@ -103,6 +215,14 @@ impl KeySpend {
 
     pub(super) fn available_for_test(&self) -> Micros {
         self.available()
+    }
+
+    pub(super) fn precommitted_for_test(&self) -> Micros {
+        Micros(self.precommitted.load(Ordering::Acquire))
+    }
+
+    pub(super) fn unreserved_for_test(&self) -> Micros {
+        Micros(self.unreported_unreserved.load(Ordering::Acquire))
     }
 }
 
@@ -168,6 +288,8 @@ pub struct SpendBook {
     ledger: Arc<dyn Ledger>,
     /// Every lease goes through it: concurrent first leases share one ledger call.
     leases: Arc<LeaseBatcher>,
+    /// Every reservation is committed through it before its call may be forwarded.
+    write_ahead: Arc<WriteAhead>,
     published: Arc<Published>,
     slices_per_cap: i64,
     return_idle_after_secs: i64,
@@ -186,6 +308,7 @@ impl SpendBook {
             entries: DashMap::default(),
             retired: Default::default(),
             leases: LeaseBatcher::new(ledger.clone()),
+            write_ahead: WriteAhead::new(ledger.clone()),
             ledger,
             published,
             slices_per_cap,
@@ -212,6 +335,10 @@ impl SpendBook {
                 available: AtomicI64::new(0),
                 unreported_spent: AtomicI64::new(0),
                 unreported_overspent: AtomicI64::new(0),
+                unreported_unreserved: AtomicI64::new(0),
+                precommitted: AtomicI64::new(0),
+                ahead_in_transit: AtomicI64::new(0),
+                topping_up: std::sync::atomic::AtomicBool::new(false),
                 last_used: AtomicI64::new(now),
                 in_flight: AtomicI64::new(0),
                 over_cap: std::sync::atomic::AtomicBool::new(false),
@@ -234,7 +361,9 @@ impl SpendBook {
         Held::new(&slot)
     }
 
-    /// Reserves `amount` against the key's cap, leasing more budget if needed.
+    /// Reserves `amount` against the key's cap, leasing more budget if needed, and
+    /// commits it in the ledger (`write_ahead`) before answering: once this returns a
+    /// reservation, the ledger counts it as spent should this process die.
     pub async fn reserve(
         &self,
         who: &Spender<'_>,
@@ -251,23 +380,59 @@ impl SpendBook {
         if now >= self.ledger.leases_valid_until() {
             return Err(SpendError::LedgerUnavailable);
         }
+        // Budget committed ahead first (no round trip); the rest taken from the lease and
+        // committed now.
         let entry = self.entry(who, now);
-        entry.last_used.store(now, Ordering::Relaxed);
-        if entry.try_take(amount) {
+        let ahead = entry.take_precommitted(amount);
+        let rest = amount.saturating_sub(ahead);
+        if !rest.is_positive() {
+            entry.last_used.store(now, Ordering::Relaxed);
+            // A busy key refills its headroom before it runs dry, off the request path.
+            if entry.precommitted.load(Ordering::Acquire) < amount.0.saturating_mul(TOP_UP_BELOW)
+                && !entry.topping_up.swap(true, Ordering::AcqRel)
+            {
+                self.write_ahead
+                    .top_up(&entry.0, Micros(amount.0.saturating_mul(TOP_UP_TO)));
+            }
             return Ok(Reservation {
                 entry: Some(entry),
                 amount,
             });
         }
+        let committed = match self.take(&entry, who, rest, now).await {
+            Ok(Source::Ahead) => Ok(()),
+            Ok(Source::Lease) => self.write_ahead.commit(&entry.0, rest).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = committed {
+            entry.add_precommitted(ahead);
+            return Err(e);
+        }
+        Ok(Reservation {
+            entry: Some(entry),
+            amount,
+        })
+    }
+
+    /// Takes `amount` from the counter's available budget, leasing more if needed, or
+    /// from its budget committed ahead.
+    async fn take(
+        &self,
+        entry: &Held,
+        who: &Spender<'_>,
+        amount: Micros,
+        now: i64,
+    ) -> Result<Source, SpendError> {
+        entry.last_used.store(now, Ordering::Relaxed);
+        if entry.try_take(amount) {
+            return Ok(Source::Lease);
+        }
         let _refill = entry.refill.lock().await;
         // Bounded: each round either takes budget or gets a grant; concurrent reservers
         // may use a grant first, which is fine, they are spending within the cap too.
         for _ in 0..4 {
-            if entry.try_take(amount) {
-                return Ok(Reservation {
-                    entry: Some(Held::new(&entry.0)),
-                    amount,
-                });
+            if let Some(source) = entry.take_any(amount) {
+                return Ok(source);
             }
             let have = entry.available().max(Micros::ZERO);
             let min = amount.saturating_sub(have);
@@ -291,6 +456,7 @@ impl SpendBook {
                 .leases
                 .lease(
                     LeaseRequest {
+                        budget: Budget::KeyDaily,
                         key_id: who.key_id.into(),
                         tenant_id: who.tenant_id.into(),
                         day: entry.day,
@@ -306,16 +472,21 @@ impl SpendBook {
                     SpendError::LedgerUnavailable
                 })?;
             if !grant.is_positive() {
-                return Err(SpendError::CapExhausted);
+                break;
             }
         }
-        if entry.try_take(amount) {
-            return Ok(Reservation {
-                entry: Some(Held::new(&entry.0)),
-                amount,
-            });
+        // At the cap, budget committed ahead may still be on its way (`ahead_in_transit`):
+        // wait for it (at most the ledger call's timeout) rather than refuse.
+        for _ in 0..TRANSIT_WAITS {
+            if let Some(source) = entry.take_any(amount) {
+                return Ok(source);
+            }
+            if entry.ahead_in_transit.load(Ordering::Acquire) <= 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        Err(SpendError::CapExhausted)
+        entry.take_any(amount).ok_or(SpendError::CapExhausted)
     }
 
     fn spend_counter<'a>(&self, entry: &'a KeySpend) -> &'a prometheus::Counter {
@@ -337,7 +508,7 @@ impl SpendBook {
     pub fn release(&self, reservation: Reservation) {
         let amount = reservation.amount;
         if let Some(entry) = &reservation.entry {
-            entry.add_available(amount);
+            entry.unreserve(amount);
         }
     }
 
@@ -362,7 +533,7 @@ impl SpendBook {
         let back = reserved.saturating_sub(spent);
         if let Some(entry) = &reservation.entry {
             entry.add_spent(spent);
-            entry.add_available(back);
+            entry.unreserve(back);
             self.spend_counter(entry).inc_by(spent.as_usd_f64());
         }
         spent
@@ -406,20 +577,25 @@ impl SpendBook {
             let finished =
                 entry.day < today || entry.exp <= now || revocations.is_revoked(&entry.key_id);
             let idle = now - entry.last_used.load(Ordering::Relaxed) >= self.return_idle_after_secs;
-            let returned = if return_all || finished || idle {
-                entry.available.swap(0, Ordering::AcqRel)
+            // Budget committed ahead goes back with the rest: uncommitted, then returned.
+            let (returned, ahead) = if return_all || finished || idle {
+                let ahead = entry.precommitted.swap(0, Ordering::AcqRel);
+                (entry.available.swap(0, Ordering::AcqRel) + ahead, ahead)
             } else {
-                0
+                (0, 0)
             };
             let spent = entry.unreported_spent.swap(0, Ordering::AcqRel);
             let overspent = entry.unreported_overspent.swap(0, Ordering::AcqRel);
-            if returned != 0 || spent != 0 || overspent != 0 {
+            let unreserved = entry.unreported_unreserved.swap(0, Ordering::AcqRel) + ahead;
+            if returned != 0 || spent != 0 || overspent != 0 || unreserved != 0 {
                 let report = LeaseReport {
+                    budget: Budget::KeyDaily,
                     key_id: entry.key_id.to_string(),
                     day: entry.day,
                     spent: Micros(spent),
                     returned: Micros(returned),
                     overspent: Micros(overspent),
+                    unreserved: Micros(unreserved),
                 };
                 reported.push((entry.clone(), report));
             }
@@ -436,6 +612,7 @@ impl SpendBook {
                 for (entry, r) in &reported {
                     entry.add_spent(r.spent);
                     entry.add_overspent(r.overspent);
+                    entry.add_unreserved(r.unreserved);
                     entry.add_available(r.returned);
                 }
                 let mut back = self.retired.lock().unwrap_or_else(|p| p.into_inner());
@@ -468,6 +645,8 @@ impl SpendBook {
                     && e.available.load(Ordering::Acquire) == 0
                     && e.unreported_spent.load(Ordering::Acquire) == 0
                     && e.unreported_overspent.load(Ordering::Acquire) == 0
+                    && e.unreported_unreserved.load(Ordering::Acquire) == 0
+                    && e.precommitted.load(Ordering::Acquire) == 0
                     && !e.over_cap.load(Ordering::Acquire)
             });
         }
@@ -483,6 +662,8 @@ impl SpendBook {
                 std::sync::atomic::fence(Ordering::Acquire);
                 held || e.unreported_spent.load(Ordering::Acquire) != 0
                     || e.unreported_overspent.load(Ordering::Acquire) != 0
+                    || e.unreported_unreserved.load(Ordering::Acquire) != 0
+                    || e.precommitted.load(Ordering::Acquire) != 0
                     || e.available.load(Ordering::Acquire) != 0
             })
             .collect();
@@ -517,7 +698,7 @@ impl SpendBook {
         if unused.is_positive() {
             reservation.amount = reservation.amount.saturating_sub(unused);
             if let Some(entry) = &reservation.entry {
-                entry.available.fetch_add(unused.0, Ordering::AcqRel);
+                entry.unreserve(unused);
             }
         }
         self.settle(reservation);
@@ -528,7 +709,7 @@ impl SpendBook {
 #[cfg(test)]
 mod settle_part_tests {
     use super::*;
-    use crate::sync::LedgerError;
+    use crate::sync::{LeaseCommit, LedgerError};
     use std::sync::Mutex;
 
     /// Grants whatever remains of the cap; counts what is reported spent.
@@ -555,6 +736,9 @@ mod settle_part_tests {
                 *self.spent.lock().unwrap() += r.spent.0 + r.overspent.0;
             }
             Ok(())
+        }
+        async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+            Ok(vec![true; c.len()])
         }
     }
 
@@ -590,14 +774,17 @@ mod settle_part_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::LedgerError;
+    use crate::sync::{LeaseCommit, LedgerError};
     use std::sync::Mutex;
 
-    /// A ledger in memory with the same grant rule as the control plane's.
+    /// A ledger in memory with the same grant and write-ahead rules as the control
+    /// plane's: `committed` is granted and not returned (held plus settled), `written`
+    /// the reservations committed and not yet settled or unreserved.
     #[derive(Default)]
     struct MemLedger {
         committed: Mutex<i64>,
         settled: Mutex<i64>,
+        written: Mutex<i64>,
     }
 
     #[async_trait::async_trait]
@@ -616,8 +803,16 @@ mod tests {
             for r in reports {
                 *self.committed.lock().unwrap() -= r.returned.0;
                 *self.settled.lock().unwrap() += r.spent.0 + r.overspent.0;
+                *self.written.lock().unwrap() -= r.spent.0 + r.unreserved.0;
             }
             Ok(())
+        }
+        async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+            let mut written = self.written.lock().unwrap();
+            for c in &c {
+                *written += c.amount.0;
+            }
+            Ok(vec![true; c.len()])
         }
     }
 
@@ -755,6 +950,35 @@ mod tests {
         assert_eq!(book.tracked_keys(), 0);
         assert_eq!(*ledger.settled.lock().unwrap(), 1_000_000);
         assert_eq!(*ledger.committed.lock().unwrap(), 1_000_000);
+    }
+
+    #[tokio::test]
+    async fn every_reservation_is_committed_before_it_is_answered_and_uncommitted_when_reported() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let w = who(20_000_000);
+        let spent = book.reserve(&w, Micros(3_000_000), 1000).await.unwrap();
+        let refused = book.reserve(&w, Micros(2_000_000), 1000).await.unwrap();
+        let cheaper = book.reserve(&w, Micros(4_000_000), 1000).await.unwrap();
+        let in_flight = book.reserve(&w, Micros(1_000_000), 1000).await.unwrap();
+        // A process killed now: the ledger counts all four as spent (and the headroom
+        // committed ahead), never more than it leased.
+        let written = *ledger.written.lock().unwrap();
+        assert!(written >= 10_000_000, "{written}");
+        assert!(written <= *ledger.committed.lock().unwrap());
+        book.settle(spent);
+        book.release(refused);
+        book.settle_to(&w, cheaper, Micros(1_500_000), 1000).await;
+        book.report(1000, false).await;
+        // Settled or back in the lease: uncommitted. The call still out stays committed.
+        let written = *ledger.written.lock().unwrap();
+        assert!((1_000_000..10_000_000).contains(&written), "{written}");
+        assert_eq!(*ledger.settled.lock().unwrap(), 4_500_000);
+        book.settle(in_flight);
+        book.report(1000, true).await;
+        // Everything reported and given back: nothing committed, the spend settled.
+        assert_eq!(*ledger.written.lock().unwrap(), 0);
+        assert_eq!(*ledger.committed.lock().unwrap(), 5_500_000);
     }
 
     #[tokio::test]

@@ -158,23 +158,29 @@ def test_a_node_deleted_while_running_is_cut_off_within_one_second(fleet):
     assert control.admin("DELETE", f"/v1/nodes/{created['id']}").status_code == 404
 
 
-def test_control_plane_down_then_back(fleet, fake_stripe):
-    """Control stopped: nodes serve within their leases, then 503 control_unreachable
-    after max_staleness; control back: they serve again within 2 s; nothing counted
-    twice or lost."""
+def test_control_plane_down_then_back(fleet, fake_stripe, tmp_path):
+    """Control stopped: nodes serve within the budget they committed ahead (every
+    metered call is committed on the control plane before it is forwarded; a key commits
+    as much again as it needs), then 503 control_unreachable after max_staleness; control
+    back: they serve again within 2 s; nothing counted twice or lost."""
     control, tenant, node = fleet
-    nodes = [node(f"edge{i}", extra_args=["--max-staleness", "2"]) for i in range(2)]
+    # One node takes its staleness limit from the flag, the other from its config file.
+    nodes = [node("edge0", extra_args=["--max-staleness", "2"]),
+             node("edge1", config=write_config(tmp_path / "edge1-conf", edge={"max_staleness": "2s"}))]
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=32)
     for e in nodes:
         assert pay(e, key["token"]).status_code == 200  # each node now holds a lease
-    control.stop()
     t_stop = time.monotonic()
+    control.stop()
     for e in nodes:
         assert pay(e, key["token"]).status_code == 200, "a node stopped serving within its lease"
     stale = wait_until(lambda: all(error_code(pay(e, key["token"])) == "control_unreachable" for e in nodes),
                        timeout=4.0, interval=0.1)
     assert stale, "nodes still serve after max_staleness without a control plane"
-    assert time.monotonic() - t_stop >= 1.5
+    # A node's last sync is the moment it sent its last successful poll, and a node polls
+    # at least every max_staleness/3: it goes stale between 2/3 and all of max_staleness
+    # after the control plane stopped answering, never sooner.
+    assert time.monotonic() - t_stop >= 2.0 * 2 / 3 - 0.05
     for e in nodes:
         assert e.ready().status_code == 503
     control.start()
@@ -194,10 +200,11 @@ def test_control_plane_down_then_back(fleet, fake_stripe):
 
 
 def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(fleet, fake_stripe):
-    """A node SIGKILLed mid-burst: after the lease lifetime its lease is settled from the
-    audit trail and the rest returns, so the live nodes spend up to the cap. What the
-    dead node had already forwarded when it died (at most its requests in flight: two
-    workers here) never reached the audit trail; that is the one bound this proves."""
+    """A node SIGKILLed mid-burst: Stripe never accepts more than the cap. Every call a
+    node forwards was committed in the ledger first (write-ahead), so the dead node's
+    calls in flight stay counted; after the lease lifetime the rest of its lease returns
+    and the live nodes spend up to the cap. What can be lost is at most the dead node's
+    calls in flight that never reached Stripe (two workers here)."""
     control, tenant, node = fleet
     nodes = [node(f"edge{i}") for i in range(3)]
     cap = 60
@@ -225,7 +232,7 @@ def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(f
     time.sleep(1.0)
     before = len(accepted(fake_stripe))
     assert before < cap, "the whole cap was spent before the kill; the test proves nothing"
-    assert tenant.get_key(key["id"])["spent_today_usd"] <= cap
+    assert before <= tenant.get_key(key["id"])["spent_today_usd"] <= cap
     # After the lease lifetime (6 s here) plus the reclaim period, the dead node's
     # unused lease is back: the live nodes can spend up to the cap.
     time.sleep(9)
@@ -235,8 +242,9 @@ def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(f
                 break
     total = len(accepted(fake_stripe))
     print(f"kill -9 after {before} accepted; total accepted {total} against a ${cap} cap")
-    assert total <= cap + workers_on_killed, f"Stripe accepted ${total} against a ${cap} cap"
-    assert total >= cap - 4, f"only ${total} of ${cap} could be spent: the dead node's lease did not return"
+    assert total <= cap, f"Stripe accepted ${total} against a ${cap} cap"
+    assert total >= cap - workers_on_killed, (
+        f"only ${total} of ${cap} could be spent: the dead node's unused lease did not return")
     for e in nodes[1:]:
         assert_denied(pay(e, key["token"]), 429, "cap_exhausted")
     assert tenant.get_key(key["id"])["spent_today_usd"] == cap

@@ -221,10 +221,12 @@ impl AuditTrail {
 
     /// Queues every event and blocks the calling thread until all are committed, at most
     /// `timeout`: what the control plane waits for before it acknowledges a node's batch,
-    /// so a replica killed after answering never loses events the node then forgets. False
-    /// when one was dropped (queue full), given up on, or the wait timed out; the node sends
-    /// the batch again (events already written are then recorded twice: over-counted spend,
-    /// never lost spend).
+    /// so a replica killed after answering never loses events the node then forgets.
+    /// False when one was dropped (queue full) or its batch was given up on: the node sends
+    /// the batch again (events already written are then recorded twice: over-counted, never
+    /// lost). A wait that times out with every event still queued (the database is away;
+    /// the writer retries until it is back) is true: a resend would write them twice once
+    /// it returns, and losing them takes this replica being killed during that outage.
     pub fn record_all_durably(&self, events: Vec<AuditEvent>, timeout: Duration) -> bool {
         let mut range: Option<(u64, u64)> = None;
         let mut dropped = false;
@@ -239,14 +241,12 @@ impl AuditTrail {
         };
         self.shared.work.notify_one();
         let passes = lock(&self.shared.passes);
-        let (passes, wait) = self
+        let (passes, _timed_out) = self
             .shared
             .pass_done
             .wait_timeout_while(passes, timeout, |p| p.durable < last)
             .unwrap_or_else(|p| p.into_inner());
-        !dropped
-            && !wait.timed_out()
-            && !passes.failed.iter().any(|&(a, b)| a <= last && first <= b)
+        !dropped && !passes.failed.iter().any(|&(a, b)| a <= last && first <= b)
     }
 
     /// Queues the event; its ticket, or None when the queue was full (dropped).

@@ -518,6 +518,9 @@ fn apply(answer: &Value, published: &Published) -> Result<(String, u64)> {
     if changed {
         published.generation.fetch_add(1, Ordering::AcqRel);
     }
+    Metrics::global()
+        .revoked_keys
+        .set(published.revocations.load().len() as i64);
     Ok((epoch, version))
 }
 
@@ -607,9 +610,9 @@ fn sync_loop(
             let now = crate::token::now_secs();
             let current = published.revocations.load();
             if current.ids().iter().any(|(_, exp)| *exp <= now) {
-                published
-                    .revocations
-                    .store(Arc::new(current.without_expired(now)));
+                let next = current.without_expired(now);
+                Metrics::global().revoked_keys.set(next.len() as i64);
+                published.revocations.store(Arc::new(next));
             }
         }
     }

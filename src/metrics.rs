@@ -67,6 +67,9 @@ pub struct Metrics {
     pub sync_lag: Gauge,
     pub token_cache_hits: IntCounter,
     pub token_cache_misses: IntCounter,
+    /// Verified digests and keys in use held by the verified-token cache (set every second).
+    pub token_cache_entries: IntGauge,
+    pub token_cache_keys: IntGauge,
     pub audit_queue_depth: IntGauge,
     pub audit_dropped: IntCounter,
     pub store_wal_backlog: IntGauge,
@@ -141,6 +144,16 @@ impl Metrics {
                     token_cache_misses: register_int_counter!(
                         "keybrake_token_cache_misses_total",
                         "Vault keys whose signature had to be verified."
+                    )
+                    .unwrap(),
+                    token_cache_entries: register_int_gauge!(
+                        "keybrake_token_cache_entries",
+                        "Verified-token digests held (bounded by token_cache_entries)."
+                    )
+                    .unwrap(),
+                    token_cache_keys: register_int_gauge!(
+                        "keybrake_token_cache_keys",
+                        "Vault keys in use held with their claims and compiled allowlist (bounded by token_cache_entries / 16)."
                     )
                     .unwrap(),
                     audit_queue_depth: register_int_gauge!(

@@ -219,14 +219,16 @@ impl KeyVerifier {
         Ok(key)
     }
 
-    /// Drops expired entries, and the revoked keys in use. (A revoked key's digest stays
-    /// until it expires: every request is checked against the revocations anyway.)
-    /// Runs every second in the background.
+    /// Drops expired entries, and the revoked keys in use, and updates the cache-size
+    /// gauges. (A revoked key's digest stays until it expires: every request is checked
+    /// against the revocations anyway.) Runs every second in the background.
     pub fn sweep(&self, now: i64) {
         let revocations = self.published.revocations.load();
         self.keys
             .retain(|k| k.claims.exp > now && !revocations.is_revoked(&k.claims.jti));
         self.verified.retain(|exp| *exp > now);
+        self.metrics.token_cache_entries.set(self.cached() as i64);
+        self.metrics.token_cache_keys.set(self.cached_keys() as i64);
     }
 
     /// Verified digests held.

@@ -105,6 +105,15 @@ def test_a_revoked_key_is_refused_by_every_node_within_one_second(fleet):
     assert not pending, f"nodes {sorted(pending)} still accept the key 1 s after the revocation"
     for e in nodes:
         assert_denied(pay(e, key["token"]), 401, "key_revoked")
+        # What the node holds (docs/operations.md, "Memory of a node"): the revoked id, and
+        # the key's verified digest until it expires; the revoked key leaves the in-use tier
+        # at the cache's next sweep (every second, which also sets the cache gauges).
+        assert e.metric("keybrake_revoked_keys") == 1
+        def held(e=e):
+            return e.metric("keybrake_token_cache_entries"), e.metric("keybrake_token_cache_keys")
+
+        wait_until(lambda: held() == (1, 0), timeout=3)
+        assert held() == (1, 0), f"(digests, keys in use) held by {e.metrics_url}: {held()}"
 
 
 def test_audit_from_a_node_shows_within_two_seconds(fleet):

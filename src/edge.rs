@@ -496,6 +496,10 @@ fn apply(answer: &Value, published: &Published) -> Result<(String, u64)> {
         for (id, exp) in &revoked {
             filter.insert(id, *exp);
         }
+        // Only this thread inserts: the rebuilt filter misses nothing.
+        if filter.is_over_capacity() {
+            published.revocations.store(Arc::new(filter.grown()));
+        }
     }
     if !answer["jwks"].is_null() {
         let jwks: crate::token::Jwks = serde_json::from_value(answer["jwks"].clone())?;

@@ -3,18 +3,30 @@
 //! answer is almost always "no" from the bloom bits alone, without hashing into a map.
 //!
 //! Inserts are visible at once to every reader (atomic bit sets, concurrent map). Expired
-//! ids are purged by rebuilding the filter and swapping it in (`ArcSwap`).
+//! ids are purged by rebuilding the filter and swapping it in (`ArcSwap`). A filter holding
+//! more ids than it was sized for (`is_over_capacity`) is swapped for one with twice the
+//! bits over the same exact set (`grown`), before its bits fill up and every lookup falls
+//! through to the exact set.
 
 use dashmap::DashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 const HASHES: usize = 4;
+/// Bloom bits per id the filter is sized for (~1 % false positives with 4 hashes).
+const BITS_PER_ID: usize = 10;
 
 pub struct RevocationFilter {
     bits: Box<[AtomicU64]>,
-    exact: DashMap<Box<str>, i64, ahash::RandomState>,
+    /// Shared with the filter `grown` from this one (the ids are not copied).
+    exact: Arc<DashMap<Box<str>, i64, ahash::RandomState>>,
     version: AtomicU64,
+}
+
+fn bloom_words(capacity: usize) -> Box<[AtomicU64]> {
+    let words = (capacity.max(1024) * BITS_PER_ID).div_ceil(64);
+    (0..words).map(|_| AtomicU64::new(0)).collect()
 }
 
 /// Fixed SipHash keys: the bit positions must be the same in every process that reads a
@@ -33,20 +45,23 @@ fn positions(id: &str, nbits: usize) -> [usize; HASHES] {
 impl RevocationFilter {
     /// A filter sized for about `capacity` ids at ~1% false positives (10 bits per id).
     pub fn with_capacity(capacity: usize) -> Self {
-        let words = (capacity.max(1024) * 10).div_ceil(64);
         RevocationFilter {
-            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            exact: DashMap::default(),
+            bits: bloom_words(capacity),
+            exact: Default::default(),
             version: AtomicU64::new(0),
         }
     }
 
     pub fn insert(&self, id: &str, exp: i64) {
         self.exact.insert(id.into(), exp);
+        self.set_bits(id);
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn set_bits(&self, id: &str) {
         for p in positions(id, self.bits.len() * 64) {
             self.bits[p / 64].fetch_or(1 << (p % 64), Ordering::Release);
         }
-        self.version.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn is_revoked(&self, id: &str) -> bool {
@@ -58,6 +73,27 @@ impl RevocationFilter {
 
     pub fn len(&self) -> usize {
         self.exact.len()
+    }
+
+    /// Holds more ids than it was sized for: its writer swaps in `grown`.
+    pub fn is_over_capacity(&self) -> bool {
+        self.exact.len() * BITS_PER_ID > self.bits.len() * 64
+    }
+
+    /// The same ids with bloom bits sized for twice as many (so regrowing costs O(1) per
+    /// insert over time), over the same exact set: only the bits are new. For the
+    /// filter's one writer (or under its lock), swapping it in at once: an id inserted
+    /// into `self` afterwards would be in the shared set but not in the new bits.
+    pub fn grown(&self) -> Self {
+        let next = RevocationFilter {
+            bits: bloom_words(self.exact.len() * 2),
+            exact: self.exact.clone(),
+            version: AtomicU64::new(self.version() + 1),
+        };
+        for e in self.exact.iter() {
+            next.set_bits(e.key());
+        }
+        next
     }
 
     pub fn is_empty(&self) -> bool {
@@ -104,6 +140,42 @@ mod tests {
         }
         assert!((0..1000).all(|i| f.is_revoked(&format!("key_{i}"))));
         assert!((1000..5000).all(|i| !f.is_revoked(&format!("key_{i}"))));
+    }
+
+    /// Fraction of the bloom bits set.
+    fn fill(f: &RevocationFilter) -> f64 {
+        let ones: u32 = f
+            .bits
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones())
+            .sum();
+        ones as f64 / (f.bits.len() * 64) as f64
+    }
+
+    #[test]
+    fn an_outgrown_filter_says_so_and_its_rebuild_has_room() {
+        let f = RevocationFilter::with_capacity(1024);
+        for i in 0..1024 {
+            f.insert(&format!("key_{i}"), 100);
+        }
+        assert!(!f.is_over_capacity());
+        for i in 1024..20_000 {
+            f.insert(&format!("key_{i}"), 100);
+        }
+        assert!(f.is_over_capacity());
+        assert!(
+            fill(&f) > 0.99,
+            "20x its capacity: the bits are all but full"
+        );
+        let g = f.grown();
+        assert!(!g.is_over_capacity());
+        assert!(fill(&g) < 0.3, "sized for twice the ids: {}", fill(&g));
+        assert!(g.version() > f.version());
+        assert!((0..20_000).all(|i| g.is_revoked(&format!("key_{i}"))));
+        assert!((20_000..30_000).all(|i| !g.is_revoked(&format!("key_{i}"))));
+        // Inserts go on in the grown filter.
+        g.insert("key_late", 100);
+        assert!(g.is_revoked("key_late") && g.len() == 20_001);
     }
 
     #[test]

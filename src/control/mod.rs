@@ -191,8 +191,9 @@ impl Control {
         control.load_nodes().await?;
         control.publish_jwks();
         control.publish_credentials().await?;
-        let revocations = RevocationFilter::with_capacity(1024);
-        for (id, exp) in control.store.live_revocations(now).await? {
+        let live = control.store.live_revocations(now).await?;
+        let revocations = RevocationFilter::with_capacity(live.len() * 2);
+        for (id, exp) in live {
             revocations.insert(&id, exp);
         }
         control.metrics.revoked_keys.set(revocations.len() as i64);
@@ -246,8 +247,8 @@ impl Control {
                 filter.insert(&id, exp);
                 self.fleet.revoked(&id, exp);
             }
+            self.grow_revocations(&filter);
             self.published.generation.fetch_add(1, Ordering::AcqRel);
-            self.metrics.revoked_keys.set(filter.len() as i64);
         }
         Ok(())
     }
@@ -343,6 +344,19 @@ impl Control {
                 }
             }
             Err(e) => log::error!("cannot refresh signing keys: {e:#}"),
+        }
+    }
+
+    /// After inserts into the published revocation filter (`filter`, under
+    /// `revocations_lock`, so none can land in it once replaced): swaps in one with twice
+    /// the bloom bits once it outgrew its size, and updates the gauge.
+    fn grow_revocations(&self, filter: &RevocationFilter) {
+        if filter.is_over_capacity() {
+            let next = filter.grown();
+            self.metrics.revoked_keys.set(next.len() as i64);
+            self.published.revocations.store(Arc::new(next));
+        } else {
+            self.metrics.revoked_keys.set(filter.len() as i64);
         }
     }
 
@@ -755,8 +769,8 @@ impl Control {
             let filter = self.published.revocations.load();
             filter.insert(&row.id, row.expires_at);
             self.fleet.revoked(&row.id, row.expires_at);
+            self.grow_revocations(&filter);
             self.published.generation.fetch_add(1, Ordering::AcqRel);
-            self.metrics.revoked_keys.set(filter.len() as i64);
             self.metrics.keys_revoked.inc();
         }
         Ok(Some(row))

@@ -566,6 +566,21 @@ def test_revoked_key_is_refused_immediately(keybrake, tenant, fake_stripe):
     assert len(fake_stripe.received()) == 1
 
 
+def test_revocations_past_the_filters_first_size_are_refused_and_a_live_key_is_not(keybrake, tenant):
+    """The revocation filter starts sized for 1,024 ids and is swapped for a larger one as
+    it fills (src/revocation.rs): after 1,030 revocations every revoked key sampled is still
+    401 key_revoked, a live key passes, and the gauge counts them all."""
+    keys = [tenant.issue_key(allowed_endpoints=["GET /v1/customers"]) for _ in range(1031)]
+    live = keys.pop()
+    for k in keys:
+        assert tenant.revoke(k["id"]).status_code == 200
+    for k in keys[::50] + keys[-5:]:
+        assert_denied(keybrake.proxy("GET", "/stripe/v1/customers", key=k["token"]), 401, "key_revoked")
+    assert keybrake.proxy("GET", "/stripe/v1/customers", key=live["token"]).status_code == 200
+    text = requests.get(f"{keybrake.metrics_url}/metrics", timeout=10).text
+    assert re.search(r"^keybrake_revoked_keys 1030$", text, re.M), text
+
+
 def _hs256(header, claims, secret: bytes) -> str:
     h = b64url_encode(json.dumps(header, separators=(",", ":")).encode())
     p = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())

@@ -10,7 +10,9 @@ use keybrake::proxy::path::canonicalize;
 use keybrake::proxy::spend::{SpendBook, Spender};
 use keybrake::proxy::verify::KeyVerifier;
 use keybrake::revocation::RevocationFilter;
-use keybrake::sync::{LeaseCommit, LeaseReport, LeaseRequest, Ledger, LedgerError, Published};
+use keybrake::sync::{
+    Grant, LeaseCommit, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
+};
 use keybrake::token::{generate_ed25519, now_secs, Claims, Jwk, Jwks, SigningKey, Verifier};
 use std::sync::Arc;
 
@@ -94,8 +96,11 @@ struct OpenLedger;
 
 #[async_trait::async_trait]
 impl Ledger for OpenLedger {
-    async fn lease(&self, r: LeaseRequest) -> Result<Micros, LedgerError> {
-        Ok(r.want)
+    async fn lease(&self, r: LeaseRequest) -> Result<Grant, LedgerError> {
+        Ok(Grant {
+            granted: r.want,
+            committed: r.commit.min(r.want),
+        })
     }
     async fn report(&self, _: Vec<LeaseReport>) -> Result<(), LedgerError> {
         Ok(())

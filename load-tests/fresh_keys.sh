@@ -26,7 +26,9 @@
 # Env knobs: DURATION (s per measured run, 8)  ROUNDS (2; phases alternate hot, fresh;
 # medians)  CONNS (32)  KEYS (fresh keys to issue, 150000)  WARMUP (s, 2)  WRK_THREADS (1)
 # KB_THREADS (2)  PIN (1: keybrake on its own CPU)  SERVER_CPUS / LOAD_CPUS  KEEP_TMP (1)
-# KB_MODE (serve | edge).
+# KB_MODE (serve | edge)  PERF (a path prefix: `perf record -g` of the server CPUs (of the
+# proxy when not pinned) during each measured phase, written to PREFIX.PHASE.ROUND; read
+# with `perf report -i …`; in edge mode that includes the control plane).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-2}; CONNS=${CONNS:-32}; KEYS=${KEYS:-150000}; WARMUP=${WARMUP:-2}
@@ -125,7 +127,13 @@ hot_sent=0; fresh_sent=0
 measure() { # phase round seconds [quiet]
   local f="$TMP/$1.$2.txt" rps p50 p99 bad errs reqs reused last
   write_measure_lua "$TMP/$1.lua" "$1" "$next_key"
+  local perf_pid=
+  if [ -n "${PERF:-}" ] && [ -z "${4:-}" ]; then
+    local what=(-p "$KB_PID"); [ -n "$SERVER_CPUS" ] && what=(-C "$SERVER_CPUS")
+    perf record -q -F 499 -g "${what[@]}" -o "$PERF.$1.$2" >/dev/null 2>&1 & perf_pid=$!
+  fi
   run_wrk "$f" "$KB_PID" "$CONNS" "$3" "$TMP/$1.lua" "$URL"
+  if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
   read -r rps p50 p99 bad errs reqs < <(wrk_stats "$f")
   reused=$(awk '/^reused keys:/{print $3}' "$f"); last=$(awk '/^last index:/{print $3}' "$f")
   if [ "$1" = fresh ]; then

@@ -12,7 +12,7 @@ use crate::money::Micros;
 use crate::revocation::RevocationFilter;
 use crate::secret::Secret;
 use crate::sync::{
-    AuditEvent, AuditSink, Credentials, LeaseCommit, LeaseReport, LeaseRequest, Ledger,
+    AuditEvent, AuditSink, Credentials, Grant, LeaseCommit, LeaseReport, LeaseRequest, Ledger,
     LedgerError, Published,
 };
 use crate::token::{unix_ms, Verifier};
@@ -192,7 +192,7 @@ pub struct HttpLedger {
 }
 
 impl HttpLedger {
-    async fn post_leases(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+    async fn post_leases(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Grant, LedgerError>> {
         let n = requests.len();
         self.metrics.lease_requests.inc_by(n as u64);
         self.metrics.lease_calls.inc();
@@ -213,15 +213,7 @@ impl HttpLedger {
         };
         let out = match answer {
             Some(Ok(v)) => match v["grants"].as_array() {
-                Some(grants) if grants.len() == n => grants
-                    .iter()
-                    .map(|g| match g["granted"].as_i64() {
-                        Some(m) if m >= 0 => Ok(Micros(m)),
-                        _ => Err(LedgerError(
-                            g["error"].as_str().unwrap_or("lease refused").to_string(),
-                        )),
-                    })
-                    .collect(),
+                Some(grants) if grants.len() == n => grants.iter().map(grant_of).collect(),
                 _ => fail("the control plane's lease answer does not match the request"),
             },
             Some(Err(CallError::Unauthorized)) => fail("this node's token was refused"),
@@ -239,9 +231,31 @@ impl HttpLedger {
     }
 }
 
+/// One grant of a `/v1/sync/leases` answer. `committed` absent (a control plane that does
+/// not commit with the grant) is nothing committed; one beyond the grant is no answer.
+fn grant_of(g: &Value) -> Result<Grant, LedgerError> {
+    let granted = g["granted"].as_i64().filter(|m| *m >= 0);
+    let committed = match &g["committed"] {
+        Value::Null => Some(0),
+        c => c.as_i64(),
+    };
+    match (granted, committed) {
+        (Some(granted), Some(committed)) if (0..=granted).contains(&committed) => Ok(Grant {
+            granted: Micros(granted),
+            committed: Micros(committed),
+        }),
+        (Some(_), _) => Err(LedgerError(
+            "the control plane's lease answer commits more than it grants".into(),
+        )),
+        _ => Err(LedgerError(
+            g["error"].as_str().unwrap_or("lease refused").to_string(),
+        )),
+    }
+}
+
 #[async_trait::async_trait]
 impl Ledger for HttpLedger {
-    async fn lease(&self, request: LeaseRequest) -> Result<Micros, LedgerError> {
+    async fn lease(&self, request: LeaseRequest) -> Result<Grant, LedgerError> {
         self.lease_many(vec![request])
             .await
             .pop()
@@ -249,7 +263,7 @@ impl Ledger for HttpLedger {
     }
 
     /// One HTTP round trip per batch of up to `LEASE_BATCH` requests.
-    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Grant, LedgerError>> {
         let mut out = Vec::with_capacity(requests.len());
         let mut rest = requests;
         while !rest.is_empty() {

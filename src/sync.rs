@@ -66,6 +66,35 @@ pub struct LeaseRequest {
     pub cap: Micros,
     pub min: Micros,
     pub want: Micros,
+    /// Of the grant, at most this much is recorded as committed in the same statement:
+    /// the write-ahead of the reservation that asked for the lease, so a fresh key's
+    /// first call waits for one ledger round trip, not two. `Grant::committed` says how
+    /// much was; a ledger that does not know the field commits nothing.
+    #[serde(default)]
+    pub commit: Micros,
+}
+
+/// A lease granted: `granted` joins the holder's lease, and `committed` of it (at most
+/// `LeaseRequest::commit`) is already committed, as `Ledger::commit` would have done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Grant {
+    pub granted: Micros,
+    pub committed: Micros,
+}
+
+impl Grant {
+    pub const NONE: Grant = Grant {
+        granted: Micros::ZERO,
+        committed: Micros::ZERO,
+    };
+
+    /// `granted`, nothing committed.
+    pub fn uncommitted(granted: Micros) -> Grant {
+        Grant {
+            granted,
+            committed: Micros::ZERO,
+        }
+    }
 }
 
 /// What a proxy did with its leases: `spent` moved from held to settled, `returned`
@@ -111,12 +140,12 @@ pub struct LedgerError(pub String);
 /// give the rest of its leases back to the keys.
 #[async_trait::async_trait]
 pub trait Ledger: Send + Sync + 'static {
-    async fn lease(&self, request: LeaseRequest) -> Result<Micros, LedgerError>;
+    async fn lease(&self, request: LeaseRequest) -> Result<Grant, LedgerError>;
 
     /// `lease` for each request, the answers in the same order: a ledger that can should
     /// grant a batch in one round trip (one transaction, one HTTP call), since every
     /// fresh key needs a first lease before its first call.
-    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Grant, LedgerError>> {
         let mut answers = Vec::with_capacity(requests.len());
         for request in requests {
             answers.push(self.lease(request).await);

@@ -5,8 +5,7 @@
 
 use super::Control;
 use crate::ids::{new_id, token_hash};
-use crate::money::Micros;
-use crate::sync::{AuditEvent, LeaseCommit, LeaseReport, LeaseRequest, LedgerError};
+use crate::sync::{AuditEvent, Grant, LeaseCommit, LeaseReport, LeaseRequest, LedgerError};
 use crate::token::{now_secs, unix_ms, Jwks};
 use anyhow::Result;
 use dashmap::DashMap;
@@ -312,7 +311,7 @@ impl Control {
         node: &str,
         session: &str,
         requests: Vec<LeaseRequest>,
-    ) -> Vec<Result<Micros, LedgerError>> {
+    ) -> Vec<Result<Grant, LedgerError>> {
         self.lease_many_for(&holder_id(node, session), requests)
             .await
     }

@@ -5,8 +5,8 @@
 //! statement is a round trip (to SQLite's connection thread, or over the network): per
 //! key, those round trips cost more than a fresh key's signature check.
 //!
-//! The grant rule is `Store::lease_grant`'s: the remaining budget (`cap` less settled
-//! and held) is checked and taken in one conditional statement, so processes sharing the
+//! The grant rule: the remaining budget (`cap` less settled and held) is checked and
+//! taken in one conditional statement, so processes sharing the
 //! database never grant more than a cap together. On PostgreSQL the `UPDATE` re-reads a
 //! row another replica changed meanwhile (READ COMMITTED re-evaluates the condition on
 //! the row's latest version once its lock is granted), and the ledger rows are locked in
@@ -14,12 +14,14 @@
 //!
 //! Write-ahead: a lease row's `committed` is the part of it that reservations took for
 //! calls that may have reached the vendor and were not yet reported spent or unreserved.
-//! `lease_commit_many` adds to it before a proxy forwards; reports take from it, and a
+//! `lease_commit_many` adds to it before a proxy forwards (or the grant itself does, for
+//! the reservation that asked for the lease); reports take from it, and a
 //! report returning budget never takes the lease below it; when a holder dies,
 //! `Store::reclaim_holder` settles it as spent and gives back only the rest.
 
 use super::store::{in_transaction, Backend, Store, TxConn};
 use crate::money::Micros;
+use crate::sync::Grant;
 use anyhow::Result;
 use sqlx::Row;
 use sqlx::{PgConnection, SqliteConnection};
@@ -33,6 +35,8 @@ pub struct GrantRequest {
     pub cap: Micros,
     pub min: Micros,
     pub want: Micros,
+    /// Of the grant, at most this much is recorded as committed (`LeaseRequest::commit`).
+    pub commit: Micros,
 }
 
 /// The rows of a batch as `json_each` reads them: `(key, day)` is unique in one statement.
@@ -56,13 +60,15 @@ const GRANT: &str = "CASE WHEN r.cap - ledger.settled - ledger.held >= r.mn
 
 impl Store {
     /// `lease_grant` for every request, in one transaction: the grants, in the order of
-    /// `requests` (zero where the key's remaining budget is below `min`).
+    /// `requests` (none where the key's remaining budget is below `min`). Of each grant,
+    /// up to the request's `commit` joins the lease as committed in the same statement
+    /// (the write-ahead of the reservation that asked, see the module comment).
     pub async fn lease_grant_many(
         &self,
         holder: &str,
         requests: &[GrantRequest],
-    ) -> Result<Vec<Micros>> {
-        let mut grants = vec![Micros::ZERO; requests.len()];
+    ) -> Result<Vec<Grant>> {
+        let mut grants = vec![Grant::NONE; requests.len()];
         // A key may be asked for twice (two days, or two counters of one day): each round
         // takes every (key, day) once, in order, so the second sees the first's grant.
         let mut left: Vec<usize> = (0..requests.len())
@@ -88,7 +94,7 @@ impl Store {
             for round in &rounds {
                 let asks: Vec<&GrantRequest> = round.iter().map(|&i| &requests[i]).collect();
                 let granted = tx.grant_round(&asks).await?;
-                let mut leases: Vec<(&str, i64, i64)> = Vec::new();
+                let mut leases: Vec<NewLease> = Vec::new();
                 for &i in round {
                     let r = &requests[i];
                     let g = granted
@@ -96,8 +102,17 @@ impl Store {
                         .copied()
                         .unwrap_or(0);
                     if g > 0 {
-                        grants[i] = Micros(g);
-                        leases.push((&r.key_id, r.day, g));
+                        let committed = r.commit.0.clamp(0, g);
+                        grants[i] = Grant {
+                            granted: Micros(g),
+                            committed: Micros(committed),
+                        };
+                        leases.push(NewLease {
+                            key_id: &r.key_id,
+                            day: r.day,
+                            held: g,
+                            committed,
+                        });
                     }
                 }
                 if !leases.is_empty() {
@@ -237,6 +252,15 @@ impl Store {
     }
 }
 
+/// A grant joining the holder's lease on (key, day): `held` more, `committed` of it
+/// committed.
+struct NewLease<'a> {
+    key_id: &'a str,
+    day: i64,
+    held: i64,
+    committed: i64,
+}
+
 /// The batch statements, per backend (the batch is a JSON array or a set of arrays).
 #[allow(async_fn_in_trait)]
 trait BatchConn {
@@ -244,7 +268,7 @@ trait BatchConn {
     /// (key, day), zero or absent when nothing was granted.
     async fn grant_round(&mut self, asks: &[&GrantRequest]) -> Result<HashMap<(String, i64), i64>>;
     /// Adds grants to the holder's lease rows.
-    async fn add_leases(&mut self, holder: &str, leases: &[(&str, i64, i64)]) -> Result<()>;
+    async fn add_leases(&mut self, holder: &str, leases: &[NewLease<'_>]) -> Result<()>;
     /// What the holder's leases on these (key, day)s hold now, and how much of it is
     /// committed (locked on PostgreSQL).
     async fn held_leases(
@@ -292,17 +316,18 @@ impl BatchConn for SqliteConnection {
         .collect())
     }
 
-    async fn add_leases(&mut self, holder: &str, leases: &[(&str, i64, i64)]) -> Result<()> {
+    async fn add_leases(&mut self, holder: &str, leases: &[NewLease<'_>]) -> Result<()> {
         let rows: Vec<serde_json::Value> = leases
             .iter()
-            .map(|(k, d, g)| serde_json::json!([k, d, g]))
+            .map(|l| serde_json::json!([l.key_id, l.day, l.held, l.committed]))
             .collect();
         sqlx::query(
-            "INSERT INTO leases (holder, key_id, day, held)
+            "INSERT INTO leases (holder, key_id, day, held, committed)
              SELECT $1, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-                    json_extract(value, '$[2]')
+                    json_extract(value, '$[2]'), json_extract(value, '$[3]')
              FROM json_each($2) WHERE true
-             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held",
+             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held,
+                 committed = leases.committed + excluded.committed",
         )
         .bind(holder)
         .bind(serde_json::Value::Array(rows).to_string())
@@ -470,19 +495,23 @@ impl BatchConn for PgConnection {
         .collect())
     }
 
-    async fn add_leases(&mut self, holder: &str, leases: &[(&str, i64, i64)]) -> Result<()> {
-        let keys: Vec<&str> = leases.iter().map(|l| l.0).collect();
-        let days: Vec<i64> = leases.iter().map(|l| l.1).collect();
-        let held: Vec<i64> = leases.iter().map(|l| l.2).collect();
+    async fn add_leases(&mut self, holder: &str, leases: &[NewLease<'_>]) -> Result<()> {
+        let keys: Vec<&str> = leases.iter().map(|l| l.key_id).collect();
+        let days: Vec<i64> = leases.iter().map(|l| l.day).collect();
+        let held: Vec<i64> = leases.iter().map(|l| l.held).collect();
+        let committed: Vec<i64> = leases.iter().map(|l| l.committed).collect();
         sqlx::query(
-            "INSERT INTO leases (holder, key_id, day, held)
-             SELECT $1, k, d, h FROM unnest($2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS r(k, d, h)
-             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held",
+            "INSERT INTO leases (holder, key_id, day, held, committed)
+             SELECT $1, k, d, h, c
+             FROM unnest($2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[]) AS r(k, d, h, c)
+             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held,
+                 committed = leases.committed + excluded.committed",
         )
         .bind(holder)
         .bind(keys)
         .bind(days)
         .bind(held)
+        .bind(committed)
         .execute(&mut *self)
         .await?;
         Ok(())
@@ -641,7 +670,7 @@ mod tests {
             .lease_grant_many("h1", &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 4)])
             .await
             .unwrap();
-        assert_eq!(grants, vec![Micros(10), Micros(4)]);
+        assert_eq!(granted(grants), vec![Micros(10), Micros(4)]);
         // Two rows of one key are summed; a key without a lease, or beyond it, is refused.
         let answers = s
             .lease_commit_many(
@@ -682,7 +711,7 @@ mod tests {
             .lease_grant_many("h2", &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 10)])
             .await
             .unwrap();
-        assert_eq!(again, vec![Micros(6), Micros(10)]);
+        assert_eq!(granted(again), vec![Micros(6), Micros(10)]);
     }
 
     fn ask(key: &str, cap: i64, min: i64, want: i64) -> GrantRequest {
@@ -692,7 +721,12 @@ mod tests {
             cap: Micros(cap),
             min: Micros(min),
             want: Micros(want),
+            commit: Micros::ZERO,
         }
+    }
+
+    fn granted(grants: Vec<Grant>) -> Vec<Micros> {
+        grants.into_iter().map(|g| g.granted).collect()
     }
 
     #[tokio::test]
@@ -720,7 +754,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            grants,
+            granted(grants),
             [2, 6, 4, 0, 0, 0].map(Micros).to_vec(),
             "grants in request order"
         );
@@ -747,6 +781,55 @@ mod tests {
             .lease_grant_many("h3", &[ask("k_b", 10, 1, 10), ask("k_a", 10, 1, 10)])
             .await
             .unwrap();
-        assert_eq!(again, vec![Micros(3), Micros(1)]);
+        assert_eq!(granted(again), vec![Micros(3), Micros(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_grant_commits_what_its_reservation_asked_in_the_same_statement() {
+        grant_commits(store("grant-commit").await).await;
+        grant_commits(crate::control::store::tests::postgres().await).await;
+    }
+
+    async fn grant_commits(s: Store) {
+        s.register_holder("h1", 0, 100).await.unwrap();
+        let with_commit = |key: &str, min: i64, want: i64, commit: i64| GrantRequest {
+            commit: Micros(commit),
+            ..ask(key, 10, min, want)
+        };
+        let grants = s
+            .lease_grant_many(
+                "h1",
+                &[
+                    with_commit("k_a", 3, 6, 3),   // 3 of the 6 committed
+                    with_commit("k_b", 2, 4, 9),   // more than granted: all 4
+                    with_commit("k_c", 11, 11, 5), // beyond the cap: nothing
+                ],
+            )
+            .await
+            .unwrap();
+        let grant = |g: i64, c: i64| Grant {
+            granted: Micros(g),
+            committed: Micros(c),
+        };
+        assert_eq!(grants, vec![grant(6, 3), grant(4, 4), Grant::NONE]);
+        // Committed at the grant is committed like a write-ahead: the rest of k_a's lease
+        // (3) can still be committed, not more; k_b has nothing uncommitted left.
+        let answers = s
+            .lease_commit_many("h1", 50, &[commit("k_a", 4), commit("k_b", 1)])
+            .await
+            .unwrap();
+        assert_eq!(answers, vec![false, false]);
+        assert_eq!(
+            s.lease_commit_many("h1", 50, &[commit("k_a", 3)])
+                .await
+                .unwrap(),
+            vec![true]
+        );
+        // A holder that dies: all it committed is settled as spent, nothing comes back.
+        let back = s.reclaim_holder("h1", &HashMap::new()).await.unwrap();
+        assert_eq!(back, Micros::ZERO);
+        assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(6));
+        assert_eq!(s.ledger_row("k_b", 7).await.unwrap().settled, Micros(4));
+        assert_eq!(s.ledger_row("k_c", 7).await.unwrap().settled, Micros::ZERO);
     }
 }

@@ -32,7 +32,7 @@ use crate::money::Micros;
 use crate::revocation::RevocationFilter;
 use crate::secret::Secret;
 use crate::sync::{
-    utc_day, LeaseCommit, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
+    utc_day, Grant, LeaseCommit, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
 };
 use crate::token::{generate_ed25519, now_secs, unix_ms, Claims, Jwk, Jwks, SigningKey, Verifier};
 use anyhow::{Context, Result};
@@ -858,26 +858,13 @@ fn lease_lifetime_secs(settings: &ControlSettings) -> i64 {
 }
 
 impl Control {
-    /// Grants a lease to `holder` (this process, or an edge node's session).
-    async fn lease_for(&self, holder: &str, req: LeaseRequest) -> Result<Micros, LedgerError> {
-        if self.published.revocations.load().is_revoked(&req.key_id) || req.want < req.min {
-            return Ok(Micros::ZERO);
-        }
-        // Counted as spent (held) before the proxy may use it: a crash loses the lease
-        // until it is given back, never the cap.
-        self.store
-            .lease_grant(holder, &req.key_id, req.day, req.cap, req.min, req.want)
-            .await
-            .map_err(|e| LedgerError(format!("{e:#}")))
-    }
-
     /// Leases for `holder`, all asked in one store transaction (each grant still one
     /// conditional statement: never past a key's cap, whoever else is granting).
     async fn lease_many_for(
         &self,
         holder: &str,
         requests: Vec<LeaseRequest>,
-    ) -> Vec<Result<Micros, LedgerError>> {
+    ) -> Vec<Result<Grant, LedgerError>> {
         let revocations = self.published.revocations.load();
         let asks: Vec<ledger_batch::GrantRequest> = requests
             .into_iter()
@@ -890,6 +877,7 @@ impl Control {
                     cap: r.cap,
                     min: if revoked { Micros::ZERO } else { r.min },
                     want: r.want,
+                    commit: r.commit,
                 }
             })
             .collect();
@@ -942,19 +930,14 @@ impl Control {
 /// to this process as their holder.
 #[async_trait::async_trait]
 impl Ledger for Control {
-    async fn lease(&self, req: LeaseRequest) -> Result<Micros, LedgerError> {
-        if self.published.revocations.load().is_revoked(&req.key_id) || req.want < req.min {
-            return Ok(Micros::ZERO);
-        }
-        if now_secs() >= self.leases_valid_until() {
-            return Err(LedgerError(
-                "this process's leases have lapsed (no heartbeat)".into(),
-            ));
-        }
-        self.lease_for(&self.holder, req).await
+    async fn lease(&self, req: LeaseRequest) -> Result<Grant, LedgerError> {
+        self.lease_many(vec![req])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(LedgerError("no answer".into())))
     }
 
-    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+    async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Grant, LedgerError>> {
         if now_secs() >= self.leases_valid_until() {
             let lapsed = || LedgerError("this process's leases have lapsed (no heartbeat)".into());
             return requests.iter().map(|_| Err(lapsed())).collect();
@@ -1091,6 +1074,7 @@ mod tests {
             cap: Micros(cap),
             min: Micros(min),
             want: Micros(want),
+            commit: Micros::ZERO,
         }
     }
 
@@ -1125,10 +1109,10 @@ mod tests {
                             .await
                             .unwrap()
                     };
-                    if grant.0 == 0 {
+                    if grant.granted.0 == 0 {
                         break;
                     }
-                    got += grant.0;
+                    got += grant.granted.0;
                 }
                 got
             }));
@@ -1191,7 +1175,7 @@ mod tests {
             ))
             .await
             .unwrap();
-        assert_eq!(grant, Micros(30_000_000));
+        assert_eq!(grant.granted, Micros(30_000_000));
         // Another lease of the same process on another key, none of it spent.
         dead.lease(lease_request("key_idle", 100_000_000, 1, 6_250_000))
             .await

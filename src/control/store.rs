@@ -913,14 +913,8 @@ impl Store {
     }
 
     /// Grants `holder` between `min` and `want` of the key's remaining budget for `day`
-    /// (`cap` less settled and held), or nothing. The check and the grant are one
-    /// conditional statement, so any number of processes granting from one database
-    /// never grant more than the cap together: SQLite runs it under `BEGIN IMMEDIATE`
-    /// (one writer at a time); PostgreSQL's `INSERT … ON CONFLICT DO UPDATE … WHERE`
-    /// locks the ledger row and evaluates the condition on its latest committed version,
-    /// so a replica racing on the same key waits for this one's commit and then sees its
-    /// grant. The holder's lease row is written in the same transaction, after the ledger
-    /// row (every transaction here locks ledger rows before lease rows: no deadlock).
+    /// (`cap` less settled and held), or nothing: `lease_grant_many` for one request,
+    /// nothing committed.
     pub async fn lease_grant(
         &self,
         holder: &str,
@@ -930,56 +924,16 @@ impl Store {
         min: Micros,
         want: Micros,
     ) -> Result<Micros> {
-        if min.0 <= 0 || want < min {
-            return Ok(Micros::ZERO);
-        }
-        let grant_sql = match &self.backend {
-            Backend::Sqlite { .. } => {
-                "INSERT INTO ledger (key_id, day, settled, held, last_grant)
-                 SELECT $1, $2, 0, g, g FROM (SELECT min($3, $4) AS g) WHERE g >= $5
-                 ON CONFLICT (key_id, day) DO UPDATE SET
-                     last_grant = min($3, $4 - settled - held),
-                     held = held + min($3, $4 - settled - held)
-                 WHERE $4 - settled - held >= $5
-                 RETURNING last_grant"
-            }
-            Backend::Postgres(_) => {
-                "INSERT INTO ledger AS l (key_id, day, settled, held, last_grant)
-                 SELECT $1, $2, 0, g, g FROM (SELECT LEAST($3::BIGINT, $4::BIGINT) AS g) AS c
-                 WHERE g >= $5
-                 ON CONFLICT (key_id, day) DO UPDATE SET
-                     last_grant = LEAST($3, $4 - l.settled - l.held),
-                     held = l.held + LEAST($3, $4 - l.settled - l.held)
-                 WHERE $4 - l.settled - l.held >= $5
-                 RETURNING last_grant"
-            }
+        let ask = super::ledger_batch::GrantRequest {
+            key_id: key_id.into(),
+            day,
+            cap,
+            min,
+            want,
+            commit: Micros::ZERO,
         };
-        in_transaction!(self, |tx| {
-            let grant: Option<i64> = sqlx::query_scalar(grant_sql)
-                .bind(key_id)
-                .bind(day)
-                .bind(want.0)
-                .bind(cap.0)
-                .bind(min.0)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(grant) = grant.filter(|g| *g > 0) else {
-                tx.rollback().await?;
-                return Ok(Micros::ZERO);
-            };
-            sqlx::query(
-                "INSERT INTO leases (holder, key_id, day, held) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held",
-            )
-            .bind(holder)
-            .bind(key_id)
-            .bind(day)
-            .bind(grant)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(Micros(grant))
-        })
+        let grants = self.lease_grant_many(holder, &[ask]).await?;
+        Ok(grants.first().map_or(Micros::ZERO, |g| g.granted))
     }
 
     /// Gives back the leases of a dead holder, after adding to each key's settled spend

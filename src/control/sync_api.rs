@@ -6,7 +6,6 @@ use super::api::{rfc3339, ApiState};
 use super::auth::{Admin, Node};
 use super::errors::{ApiError, ApiResult};
 use super::fleet::SyncAnswer;
-use crate::money::Micros;
 use crate::sync::{AuditEvent, LeaseCommit, LeaseReport, LeaseRequest};
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
@@ -108,7 +107,7 @@ async fn leases(
         .await
         .into_iter()
         .map(|g| match g {
-            Ok(Micros(m)) => json!({ "granted": m }),
+            Ok(g) => json!({ "granted": g.granted.0, "committed": g.committed.0 }),
             Err(e) => json!({ "error": e.0 }),
         })
         .collect();

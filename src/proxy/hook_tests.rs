@@ -13,7 +13,8 @@ use crate::metrics::{Metrics, RequestCounters};
 use crate::money::Micros;
 use crate::secret::Secret;
 use crate::sync::{
-    AuditEvent, AuditSink, LeaseCommit, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
+    AuditEvent, AuditSink, Grant, LeaseCommit, LeaseReport, LeaseRequest, Ledger, LedgerError,
+    Published,
 };
 use crate::token::{generate_ed25519, now_secs, Claims, Jwk, Jwks, SigningKey, Verifier};
 use crate::Map;
@@ -29,15 +30,18 @@ struct CapLedger {
 
 #[async_trait::async_trait]
 impl Ledger for CapLedger {
-    async fn lease(&self, r: LeaseRequest) -> Result<Micros, LedgerError> {
+    async fn lease(&self, r: LeaseRequest) -> Result<Grant, LedgerError> {
         let mut c = self.committed.lock().unwrap();
         let remaining = r.cap.0 - *c;
         if remaining < r.min.0 {
-            return Ok(Micros::ZERO);
+            return Ok(Grant::NONE);
         }
-        let grant = r.want.0.min(remaining);
-        *c += grant;
-        Ok(Micros(grant))
+        let grant = Micros(r.want.0.min(remaining));
+        *c += grant.0;
+        Ok(Grant {
+            granted: grant,
+            committed: r.commit.min(grant),
+        })
     }
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
         for r in reports {

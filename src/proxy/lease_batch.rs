@@ -7,13 +7,14 @@
 //! batch grows with the load, so a fresh key costs one ledger round trip divided by the
 //! batch's size.
 //!
-//! A grant is added to its counter's available budget by the batch itself, not by the
-//! request that asked: a request that gives up waiting (its client went away) loses
-//! nothing, and the counter cannot be forgotten before the grant is in (it is held).
+//! A grant is added to its counter by the batch itself, not by the request that asked: a
+//! request that gives up waiting (its client went away) loses nothing, and the counter
+//! cannot be forgotten before the grant is in (it is held). The part of the grant the
+//! ledger committed with it (`LeaseRequest::commit`) joins the counter's budget
+//! committed ahead, the rest its available budget.
 
 use super::spend::{Held, KeySpend};
-use crate::money::Micros;
-use crate::sync::{LeaseRequest, Ledger, LedgerError};
+use crate::sync::{Grant, LeaseRequest, Ledger, LedgerError};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -24,7 +25,7 @@ const MAX_BATCH: usize = 512;
 struct Waiting {
     request: LeaseRequest,
     counter: Held,
-    answer: oneshot::Sender<Result<Micros, LedgerError>>,
+    answer: oneshot::Sender<Result<Grant, LedgerError>>,
 }
 
 #[derive(Default)]
@@ -47,13 +48,13 @@ impl LeaseBatcher {
         })
     }
 
-    /// Asks the ledger for a lease for `counter`; the grant is added to the counter's
-    /// available budget before this returns it.
+    /// Asks the ledger for a lease for `counter`; the grant is added to the counter
+    /// before this returns it.
     pub(super) async fn lease(
         self: &Arc<Self>,
         request: LeaseRequest,
         counter: &Arc<KeySpend>,
-    ) -> Result<Micros, LedgerError> {
+    ) -> Result<Grant, LedgerError> {
         let (answer, answered) = oneshot::channel();
         let start = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -101,9 +102,10 @@ impl LeaseBatcher {
                     ))
                 });
                 if let Ok(grant) = &answer {
-                    if grant.is_positive() {
-                        w.counter.add_available(*grant);
-                    }
+                    let committed = grant.committed.min(grant.granted);
+                    w.counter.add_precommitted(committed);
+                    w.counter
+                        .add_available(grant.granted.saturating_sub(committed));
                 }
                 let _ = w.answer.send(answer);
             }
@@ -114,11 +116,12 @@ impl LeaseBatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::money::Micros;
     use crate::sync::{LeaseCommit, LeaseReport};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// Grants `want` to every request; records the size of every batch, and holds each
-    /// call until the test lets it go.
+    /// Grants `want` to every request, `commit` of it committed; records the size of
+    /// every batch, and holds each call until the test lets it go.
     struct Gated {
         batches: Mutex<Vec<usize>>,
         calls: AtomicUsize,
@@ -127,20 +130,27 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Ledger for Gated {
-        async fn lease(&self, r: LeaseRequest) -> Result<Micros, LedgerError> {
-            Ok(r.want)
+        async fn lease(&self, r: LeaseRequest) -> Result<Grant, LedgerError> {
+            Ok(grant(&r))
         }
-        async fn lease_many(&self, rs: Vec<LeaseRequest>) -> Vec<Result<Micros, LedgerError>> {
+        async fn lease_many(&self, rs: Vec<LeaseRequest>) -> Vec<Result<Grant, LedgerError>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             self.batches.lock().unwrap().push(rs.len());
             self.gate.acquire().await.unwrap().forget();
-            rs.into_iter().map(|r| Ok(r.want)).collect()
+            rs.iter().map(|r| Ok(grant(r))).collect()
         }
         async fn report(&self, _: Vec<LeaseReport>) -> Result<(), LedgerError> {
             Ok(())
         }
         async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
             Ok(vec![true; c.len()])
+        }
+    }
+
+    fn grant(r: &LeaseRequest) -> Grant {
+        Grant {
+            granted: r.want,
+            committed: r.commit.min(r.want),
         }
     }
 
@@ -153,6 +163,7 @@ mod tests {
             cap: Micros(10),
             min: Micros(1),
             want: Micros(3),
+            commit: Micros(1),
         }
     }
 
@@ -187,18 +198,24 @@ mod tests {
             tokio::task::yield_now().await;
         }
         ledger.gate.add_permits(2);
-        assert_eq!(first.await.unwrap().unwrap(), Micros(3));
+        let three_one = Grant {
+            granted: Micros(3),
+            committed: Micros(1),
+        };
+        assert_eq!(first.await.unwrap().unwrap(), three_one);
         for r in rest {
-            assert_eq!(r.await.unwrap().unwrap(), Micros(3));
+            assert_eq!(r.await.unwrap().unwrap(), three_one);
         }
         assert_eq!(*ledger.batches.lock().unwrap(), vec![1, 10]);
+        // What the ledger committed with the grant is budget committed ahead.
         for c in &counters {
-            assert_eq!(c.available_for_test(), Micros(3));
+            assert_eq!(c.available_for_test(), Micros(2));
+            assert_eq!(c.precommitted_for_test(), Micros(1));
         }
         // Idle again: the next request starts its own batch without waiting.
         ledger.gate.add_permits(1);
         let c = KeySpend::for_test("k_last");
-        assert_eq!(batcher.lease(ask("k_last"), &c).await.unwrap(), Micros(3));
+        assert_eq!(batcher.lease(ask("k_last"), &c).await.unwrap(), three_one);
         assert_eq!(*ledger.batches.lock().unwrap(), vec![1, 10, 1]);
     }
 }

@@ -5,9 +5,11 @@
 //! does a request take the key's refill lock and ask the ledger for another slice (batched
 //! with other keys' requests by `lease_batch`). The ledger counts a slice as spent (held)
 //! the moment it grants it. Before the call is forwarded, the reservation is committed in
-//! the ledger too (`write_ahead`, batched with every reservation of the same few ms): if
-//! this process dies (kill -9 included), the ledger settles the committed budget as spent
-//! and gives back only what no call reserved, so no other process spends it again.
+//! the ledger too (`write_ahead`, batched with every reservation of the same few ms; the
+//! reservation that asked for a lease is committed by the grant itself, so a fresh key's
+//! first call waits for one ledger round trip): if this process dies (kill -9 included),
+//! the ledger settles the committed budget as spent and gives back only what no call
+//! reserved, so no other process spends it again.
 //!
 //! Settled spend, and committed budget that went back into the lease unspent
 //! (`unreserved`), are reported to the ledger in batches; budget of idle, expired or
@@ -17,6 +19,8 @@ use super::lease_batch::LeaseBatcher;
 use super::write_ahead::WriteAhead;
 use crate::metrics::Metrics;
 use crate::money::Micros;
+#[cfg(test)]
+use crate::sync::Grant;
 use crate::sync::{utc_day, Budget, LeaseReport, LeaseRequest, Ledger, Published};
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -30,11 +34,12 @@ pub enum SpendError {
     LedgerUnavailable,
 }
 
-/// Where a reservation's budget came from: the lease (committed before the call goes)
-/// or budget committed ahead (already counted by the ledger).
-enum Source {
-    Lease,
-    Ahead,
+/// Where a reservation's budget came from: `ahead` from budget committed ahead (already
+/// counted by the ledger), `lease` from the lease (to be committed before the call goes).
+#[derive(Clone, Copy)]
+struct Taken {
+    ahead: Micros,
+    lease: Micros,
 }
 
 /// A key reserving from its headroom tops it up, without waiting, once fewer than
@@ -134,16 +139,29 @@ impl KeySpend {
         self.ahead_in_transit.fetch_add(amount.0, Ordering::AcqRel);
     }
 
-    /// `amount` from the lease (to be committed) or, failing that, from the budget
-    /// committed ahead.
-    fn take_any(&self, amount: Micros) -> Option<Source> {
-        if self.try_take(amount) {
-            Some(Source::Lease)
-        } else if take_from(&self.precommitted, amount) {
-            Some(Source::Ahead)
-        } else {
-            None
+    /// `amount` from the budget committed ahead (the part of a grant committed with it
+    /// lands there) or, failing that, from the lease (to be committed), or, when neither
+    /// holds it alone, from both.
+    fn take_any(&self, amount: Micros) -> Option<Taken> {
+        if take_from(&self.precommitted, amount) {
+            return Some(Taken {
+                ahead: amount,
+                lease: Micros::ZERO,
+            });
         }
+        if self.try_take(amount) {
+            return Some(Taken {
+                ahead: Micros::ZERO,
+                lease: amount,
+            });
+        }
+        let ahead = take_up_to(&self.precommitted, amount);
+        let lease = amount.saturating_sub(ahead);
+        if self.try_take(lease) {
+            return Some(Taken { ahead, lease });
+        }
+        self.add_precommitted(ahead);
+        None
     }
 
     fn available(&self) -> Micros {
@@ -399,13 +417,19 @@ impl SpendBook {
                 amount,
             });
         }
+        // What came from the lease is committed now; should that fail, what came from
+        // budget committed ahead goes back there (write_ahead deals with the rest).
         let committed = match self.take(&entry, who, rest, now).await {
-            Ok(Source::Ahead) => Ok(()),
-            Ok(Source::Lease) => self.write_ahead.commit(&entry.0, rest).await,
-            Err(e) => Err(e),
+            Ok(taken) if !taken.lease.is_positive() => Ok(()),
+            Ok(taken) => self
+                .write_ahead
+                .commit(&entry.0, taken.lease)
+                .await
+                .map_err(|e| (e, taken.ahead)),
+            Err(e) => Err((e, Micros::ZERO)),
         };
-        if let Err(e) = committed {
-            entry.add_precommitted(ahead);
+        if let Err((e, taken_ahead)) = committed {
+            entry.add_precommitted(ahead.saturating_add(taken_ahead));
             return Err(e);
         }
         Ok(Reservation {
@@ -422,10 +446,13 @@ impl SpendBook {
         who: &Spender<'_>,
         amount: Micros,
         now: i64,
-    ) -> Result<Source, SpendError> {
+    ) -> Result<Taken, SpendError> {
         entry.last_used.store(now, Ordering::Relaxed);
         if entry.try_take(amount) {
-            return Ok(Source::Lease);
+            return Ok(Taken {
+                ahead: Micros::ZERO,
+                lease: amount,
+            });
         }
         let _refill = entry.refill.lock().await;
         // Bounded: each round either takes budget or gets a grant; concurrent reservers
@@ -451,7 +478,9 @@ impl SpendBook {
                     .min(entry.cap.0),
             );
             let want = min.max(slice);
-            // The batcher adds the grant to the counter's available budget.
+            // The batcher adds the grant to the counter; the ledger commits this
+            // reservation with it (`commit`), so the call needs no write-ahead round trip,
+            // and as much again ahead, as a write-ahead batch does (`write_ahead`).
             let grant = self
                 .leases
                 .lease(
@@ -463,6 +492,7 @@ impl SpendBook {
                         cap: entry.cap,
                         min,
                         want,
+                        commit: Micros(amount.0.saturating_mul(2)),
                     },
                     &entry.0,
                 )
@@ -471,7 +501,7 @@ impl SpendBook {
                     log::error!("lease for {} failed: {e}", who.key_id);
                     SpendError::LedgerUnavailable
                 })?;
-            if !grant.is_positive() {
+            if !grant.granted.is_positive() {
                 break;
             }
         }
@@ -712,7 +742,8 @@ mod settle_part_tests {
     use crate::sync::{LeaseCommit, LedgerError};
     use std::sync::Mutex;
 
-    /// Grants whatever remains of the cap; counts what is reported spent.
+    /// Grants whatever remains of the cap, never committing with a grant (a control
+    /// plane that does not know `LeaseRequest::commit`); counts what is reported spent.
     #[derive(Default)]
     struct Ledger1 {
         committed: Mutex<i64>,
@@ -721,14 +752,14 @@ mod settle_part_tests {
 
     #[async_trait::async_trait]
     impl Ledger for Ledger1 {
-        async fn lease(&self, r: LeaseRequest) -> Result<Micros, LedgerError> {
+        async fn lease(&self, r: LeaseRequest) -> Result<Grant, LedgerError> {
             let mut c = self.committed.lock().unwrap();
             let grant = r.want.0.min(r.cap.0 - *c);
             if grant < r.min.0 {
-                return Ok(Micros::ZERO);
+                return Ok(Grant::NONE);
             }
             *c += grant;
-            Ok(Micros(grant))
+            Ok(Grant::uncommitted(Micros(grant)))
         }
         async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
             for r in reports {
@@ -785,19 +816,25 @@ mod tests {
         committed: Mutex<i64>,
         settled: Mutex<i64>,
         written: Mutex<i64>,
+        commit_calls: Mutex<usize>,
     }
 
     #[async_trait::async_trait]
     impl Ledger for MemLedger {
-        async fn lease(&self, r: LeaseRequest) -> Result<Micros, LedgerError> {
+        async fn lease(&self, r: LeaseRequest) -> Result<Grant, LedgerError> {
             let mut c = self.committed.lock().unwrap();
             let remaining = r.cap.0 - *c;
             if remaining < r.min.0 {
-                return Ok(Micros::ZERO);
+                return Ok(Grant::NONE);
             }
             let grant = r.want.0.min(remaining);
             *c += grant;
-            Ok(Micros(grant))
+            let committed = r.commit.0.clamp(0, grant);
+            *self.written.lock().unwrap() += committed;
+            Ok(Grant {
+                granted: Micros(grant),
+                committed: Micros(committed),
+            })
         }
         async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
             for r in reports {
@@ -808,6 +845,7 @@ mod tests {
             Ok(())
         }
         async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+            *self.commit_calls.lock().unwrap() += 1;
             let mut written = self.written.lock().unwrap();
             for c in &c {
                 *written += c.amount.0;
@@ -1012,5 +1050,31 @@ mod tests {
         );
         book.report(1000, true).await;
         assert_eq!(*ledger.settled.lock().unwrap(), 7_000_000);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_keys_first_reservation_is_committed_by_its_grant() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let first = book
+            .reserve(&who(20_000_000), Micros(1_000_000), 1000)
+            .await
+            .unwrap();
+        // One ledger call: the grant recorded the reservation as committed (a crash now
+        // settles it as spent) and as much again ahead; no write-ahead call followed.
+        assert_eq!(*ledger.written.lock().unwrap(), 2_000_000);
+        assert_eq!(*ledger.commit_calls.lock().unwrap(), 0);
+        // The next reservation is taken from that headroom, without a ledger call.
+        let second = book
+            .reserve(&who(20_000_000), Micros(1_000_000), 1000)
+            .await
+            .unwrap();
+        assert_eq!(*ledger.written.lock().unwrap(), 2_000_000);
+        book.settle(first);
+        book.release(second);
+        book.report(1000, true).await;
+        assert_eq!(*ledger.written.lock().unwrap(), 0);
+        assert_eq!(*ledger.settled.lock().unwrap(), 1_000_000);
+        assert_eq!(*ledger.committed.lock().unwrap(), 1_000_000);
     }
 }

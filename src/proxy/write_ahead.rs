@@ -245,7 +245,7 @@ fn rows_of(batch: &[Waiting]) -> Rows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::{LeaseReport, LeaseRequest, LedgerError};
+    use crate::sync::{Grant, LeaseReport, LeaseRequest, LedgerError};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Accepts commits of keys not named `refused`; records every call's rows, and holds
@@ -259,8 +259,8 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Ledger for Gated {
-        async fn lease(&self, r: LeaseRequest) -> Result<Micros, LedgerError> {
-            Ok(r.want)
+        async fn lease(&self, r: LeaseRequest) -> Result<Grant, LedgerError> {
+            Ok(Grant::uncommitted(r.want))
         }
         async fn report(&self, _: Vec<LeaseReport>) -> Result<(), LedgerError> {
             Ok(())

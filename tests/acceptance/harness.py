@@ -39,10 +39,28 @@ HTTP_TIMEOUT_S = 30.0
 # --------------------------------------------------------------------------- utils
 
 
+# Listening ports come from below the kernel's ephemeral range (32768-60999 by default),
+# where the suite's own outgoing connections take their source ports: a port found free
+# there and bound a moment later by a process under test can be taken meanwhile by any
+# client connection. Each port is handed out once per test process.
+_PORTS_FROM, _PORTS_TO = 20000, 32000
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(_PORTS_FROM, _PORTS_TO)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORTS_FROM}-{_PORTS_TO}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1) -> Any:

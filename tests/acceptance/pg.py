@@ -26,6 +26,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import random
 import re
 import secrets
 import shutil
@@ -82,9 +83,18 @@ def find_bindir() -> str:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below the ephemeral range, where client connections take their source ports (as
+    # harness.free_port; this file also runs alone, without the suite's packages).
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 class Cluster:

@@ -21,27 +21,29 @@ from harness import KEYBRAKE_BIN, assert_denied, error_code, wait_until, write_c
 def fleet(tmp_path, fake_stripe, stripe_secret):
     """A control plane with a tenant (Stripe credential set) and a factory of edge nodes."""
     started = []
-    control = ControlPlane(tmp_path / "control", {"stripe": fake_stripe.url},
-                           config=write_config(tmp_path / "conf", leases={"lifetime_seconds": 6}))
-    started.append(control)
-    control.start()
-    tenant = control.create_tenant("acme")
-    tenant.put_credential("stripe", stripe_secret)
+    try:
+        control = ControlPlane(tmp_path / "control", {"stripe": fake_stripe.url},
+                               config=write_config(tmp_path / "conf", leases={"lifetime_seconds": 6}))
+        started.append(control)
+        control.start()
+        tenant = control.create_tenant("acme")
+        tenant.put_credential("stripe", stripe_secret)
 
-    def node(name: str, start: bool = True, token: str | None = "", **kwargs) -> EdgeProxy:
-        if token == "":
-            token = control.create_node(name)["node_token"]
-        e = EdgeProxy(tmp_path / name, control, token, {"stripe": fake_stripe.url}, **kwargs)
-        started.append(e)
-        if start:
-            e.start()
-        return e
+        def node(name: str, start: bool = True, token: str | None = "", **kwargs) -> EdgeProxy:
+            if token == "":
+                token = control.create_node(name)["node_token"]
+            e = EdgeProxy(tmp_path / name, control, token, {"stripe": fake_stripe.url}, **kwargs)
+            started.append(e)
+            if start:
+                e.start()
+            return e
 
-    yield control, tenant, node
-    for p in started:
-        if p.proc and p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait(timeout=10)
+        yield control, tenant, node
+    finally:  # also when the setup failed half-way: nothing outlives the test
+        for p in started:
+            if p.proc and p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(timeout=10)
 
 
 def test_600_concurrent_charges_over_three_nodes_stop_at_the_cap(fleet, fake_stripe, stripe_secret):

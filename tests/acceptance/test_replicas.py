@@ -32,6 +32,13 @@ class Replicas:
         self.database_url = database_url
         self.config = write_config(tmp_path / "conf", leases={"lifetime_seconds": 6})
         self.started: list = []
+        try:
+            self._start(stripe_secret)
+        except BaseException:
+            self.kill_all()  # the fixture never sees a half-built fleet: stop what started
+            raise
+
+    def _start(self, stripe_secret: str) -> None:
         first = self.replica("a")
         self.a = first.start()
         # Same admin token and master key: replicas of one control plane share both.
@@ -49,8 +56,11 @@ class Replicas:
         return r
 
     def edge(self, name: str, control: PgControlPlane, **kwargs) -> EdgeProxy:
-        # The node is registered on replica a; b must know it from the shared database.
+        # The node is registered on replica a; b must know it from the shared database,
+        # within the promised 1 s (b authenticates from memory, kept by LISTEN/NOTIFY).
         token = self.a.create_node(name)["node_token"]
+        if control is not self.a:
+            time.sleep(1.0)
         e = EdgeProxy(self.tmp_path / name, control, token, {"stripe": self.fake.url}, config=self.config,
                       **kwargs)
         self.started.append(e)

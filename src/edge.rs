@@ -140,12 +140,13 @@ impl SyncClient {
         })
     }
 
-    /// One call; errors never carry the token (ureq names the URL only).
+    /// One call with a JSON body (its text) or none; errors never carry the token (ureq
+    /// names the URL only).
     fn call(
         &self,
         method: &str,
         path: &str,
-        body: Option<Value>,
+        body: Option<&str>,
         timeout: Duration,
     ) -> Result<Value, CallError> {
         let req = self
@@ -155,7 +156,7 @@ impl SyncClient {
             .set("authorization", &format!("Bearer {}", self.token.expose()))
             .set("keybrake-node-session", &self.session);
         let result = match body {
-            Some(b) => req.send_json(b),
+            Some(b) => req.set("content-type", "application/json").send_string(b),
             None => req.call(),
         };
         match result {
@@ -201,7 +202,7 @@ impl HttpLedger {
             client.call(
                 "POST",
                 "/v1/sync/leases",
-                Some(json!({ "requests": requests })),
+                Some(&json!({ "requests": requests }).to_string()),
                 Duration::from_secs(5),
             )
         })
@@ -283,7 +284,7 @@ impl Ledger for HttpLedger {
                 client.call(
                     "POST",
                     "/v1/sync/reports",
-                    Some(json!({ "reports": chunk })),
+                    Some(&json!({ "reports": chunk }).to_string()),
                     Duration::from_secs(5),
                 )
             })
@@ -304,13 +305,13 @@ impl Ledger for HttpLedger {
             let n = chunk.len();
             self.metrics.commit_rows.inc_by(n as u64);
             self.metrics.commit_calls.inc();
-            let body = json!({ "commits": chunk });
+            let body = json!({ "commits": chunk }).to_string();
             let client = self.client.clone();
             let answer = blocking(move || {
                 client.call(
                     "POST",
                     "/v1/sync/commits",
-                    Some(body),
+                    Some(&body),
                     Duration::from_secs(5),
                 )
             })
@@ -395,53 +396,56 @@ fn audit_sender(
     rx: std::sync::mpsc::Receiver<AuditEvent>,
     pending: Arc<AtomicU64>,
 ) {
-    let mut batch: Vec<Value> = Vec::new();
-    let mut bytes = 0usize;
-    let mut carry: Option<Value> = None;
+    // Each event is serialized once, straight into the batch's body text.
+    let json = |e: &AuditEvent| serde_json::to_string(e).unwrap_or_else(|_| "null".into());
+    let mut body = String::with_capacity(AUDIT_BATCH_BYTES + 1024);
+    let mut carry: Option<String> = None;
     loop {
-        if let Some(v) = carry.take() {
-            bytes += v.to_string().len();
-            batch.push(v);
+        body.clear();
+        body.push_str(r#"{"events":["#);
+        let mut n: u64 = 0;
+        let mut add = |body: &mut String, event: &str| {
+            if n > 0 {
+                body.push(',');
+            }
+            body.push_str(event);
+            n += 1;
+        };
+        if let Some(event) = carry.take() {
+            add(&mut body, &event);
         }
         // Sent as soon as there is an event, with whatever else is queued by then (up to
         // the batch size): under load, batches form while the previous one is in flight,
         // and an event reaches the control plane within one round trip otherwise. The
         // control plane settles a dead node's leases from this trail (see
         // docs/architecture.md), so the sooner it arrives the less can be missed.
-        if batch.is_empty() {
+        if body.len() == r#"{"events":["#.len() {
             match rx.recv() {
-                Ok(e) => {
-                    let v = serde_json::to_value(&e).unwrap_or(Value::Null);
-                    bytes += v.to_string().len();
-                    batch.push(v);
-                }
+                Ok(e) => add(&mut body, &json(&e)),
                 Err(_) => return,
             }
         }
-        while bytes < AUDIT_BATCH_BYTES {
+        while body.len() < AUDIT_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(e) => {
-                    let v = serde_json::to_value(&e).unwrap_or(Value::Null);
-                    let len = v.to_string().len();
-                    if bytes + len > AUDIT_BATCH_BYTES && !batch.is_empty() {
-                        carry = Some(v);
+                    let event = json(&e);
+                    if body.len() + event.len() + 1 > AUDIT_BATCH_BYTES {
+                        carry = Some(event);
                         break;
                     }
-                    bytes += len;
-                    batch.push(v);
+                    add(&mut body, &event);
                 }
                 Err(_) => break,
             }
         }
+        body.push_str("]}");
         // Kept and sent again until the control plane takes it: nodes lose audit events
         // only when their buffer overflows (counted) or the process dies.
-        let n = batch.len() as u64;
-        let body = json!({ "events": batch });
         loop {
             match client.call(
                 "POST",
                 "/v1/sync/audit",
-                Some(body.clone()),
+                Some(&body),
                 Duration::from_secs(5),
             ) {
                 Ok(_) => break,
@@ -452,8 +456,6 @@ fn audit_sender(
             }
         }
         pending.fetch_sub(n, Ordering::AcqRel);
-        batch = Vec::new();
-        bytes = 0;
     }
 }
 

@@ -400,9 +400,14 @@ fn audit_sender(
     let json = |e: &AuditEvent| serde_json::to_string(e).unwrap_or_else(|_| "null".into());
     let mut body = String::with_capacity(AUDIT_BATCH_BYTES + 1024);
     let mut carry: Option<String> = None;
+    // Batches are numbered per session, one in flight at a time: the control plane writes
+    // a batch sent again (its answer lost) only once.
+    let mut number: u64 = 0;
     loop {
+        number += 1;
         body.clear();
-        body.push_str(r#"{"events":["#);
+        let start = format!(r#"{{"batch":{number},"events":["#);
+        body.push_str(&start);
         let mut n: u64 = 0;
         let mut add = |body: &mut String, event: &str| {
             if n > 0 {
@@ -419,7 +424,7 @@ fn audit_sender(
         // and an event reaches the control plane within one round trip otherwise. The
         // control plane settles a dead node's leases from this trail (see
         // docs/architecture.md), so the sooner it arrives the less can be missed.
-        if body.len() == r#"{"events":["#.len() {
+        if body.len() == start.len() {
             match rx.recv() {
                 Ok(e) => add(&mut body, &json(&e)),
                 Err(_) => return,

@@ -336,9 +336,17 @@ impl Control {
     }
 
     /// Audit events recorded by a node, into the same trail as `serve`'s, answered once
-    /// committed. False (the node must send the batch again): not all of it could be
-    /// written, or this process is stopping (`close_node_audit`).
-    pub async fn node_audit(self: &Arc<Self>, events: Vec<AuditEvent>) -> bool {
+    /// committed. `batch` is the node's number for it (`audit::NodeBatch`): a batch sent
+    /// again after a lost answer is written once. False (the node must send the batch
+    /// again): it is not all written yet, or this process is stopping
+    /// (`close_node_audit`).
+    pub async fn node_audit(
+        self: &Arc<Self>,
+        node: &str,
+        session: &str,
+        batch: Option<u64>,
+        events: Vec<AuditEvent>,
+    ) -> bool {
         let closed = *self
             .fleet
             .audit_closed
@@ -347,13 +355,17 @@ impl Control {
         if closed {
             return false;
         }
+        let batch = batch.map(|number| super::audit::NodeBatch {
+            holder: holder_id(node, session),
+            number,
+        });
         let control = self.clone();
         tokio::task::spawn_blocking(move || {
             control
                 .audit
-                // Well inside the node's 5 s call timeout: a node that gave up waiting
-                // would send the batch again and it would be written twice.
-                .record_all_durably(events, std::time::Duration::from_secs(2))
+                // Well inside the node's 5 s call timeout, so the node hears "not yet"
+                // rather than giving up on its own.
+                .record_all_durably(events, batch, std::time::Duration::from_secs(2))
         })
         .await
         .unwrap_or(false)

@@ -177,12 +177,16 @@ async fn commits(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AuditBody {
+    /// The node session's number for this batch (1, 2, 3…; the same when sent again):
+    /// written once however often it arrives. Absent from nodes older than the numbering.
+    #[serde(default)]
+    batch: Option<u64>,
     events: Vec<AuditEvent>,
 }
 
 async fn audit(
     State(s): State<ApiState>,
-    _node: Node,
+    node: Node,
     Json(body): Json<AuditBody>,
 ) -> ApiResult<Json<Value>> {
     if body.events.len() > MAX_BATCH {
@@ -191,7 +195,11 @@ async fn audit(
     let n = body.events.len();
     // Acknowledged only once written (a replica that dies after answering has kept
     // them); refused while stopping. Either way the node keeps the batch and resends it.
-    if !s.control.node_audit(body.events).await {
+    if !s
+        .control
+        .node_audit(&node.id, &node.session, body.batch, body.events)
+        .await
+    {
         return Err(ApiError::StorageUnavailable);
     }
     Ok(Json(json!({ "recorded": n })))

@@ -300,6 +300,42 @@ def own_cluster():
         cluster.destroy()
 
 
+def test_a_node_audit_batch_sent_again_to_either_replica_is_recorded_once(replicas):
+    """A node whose answer was lost sends the same numbered batch again, maybe to the
+    other replica: GET /v1/audit shows its events once. The session's next batch is
+    recorded; an older number arriving late is not."""
+    r = replicas
+    token = r.a.create_node("auditor")["node_token"]
+    time.sleep(1.0)  # b knows the node from the shared database within 1 s
+    key = r.ta.issue_key(allowed_endpoints=["POST /v1/customers"], daily_usd_cap=5)
+
+    def event(n: int) -> dict:
+        return {"ts_ms": int(time.time() * 1000), "tenant_id": r.ta.id, "key_id": key["id"],
+                "label": None, "vendor": "stripe", "method": "POST", "path": CUSTOMERS,
+                "status": 200, "decision": "allowed", "spend": 0,
+                "vendor_request_id": f"req_batch_{n}", "duration_ms": 1, "llm": None}
+
+    def send(replica, batch: int, ns: range) -> None:
+        resp = replica.control("POST", "/v1/sync/audit", token=token,
+                               headers={"keybrake-node-session": "s_resend"},
+                               json={"batch": batch, "events": [event(n) for n in ns]})
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"recorded": len(ns)}
+
+    send(r.a, 1, range(0, 3))
+    send(r.b, 1, range(0, 3))   # the answer was lost: sent again, to the other replica
+    send(r.a, 1, range(0, 3))
+    send(r.b, 2, range(3, 5))
+    send(r.a, 1, range(0, 3))   # late, after batch 2
+
+    def ids():
+        return sorted(e["vendor_request_id"] for e in r.tb.audit_all(key_id=key["id"]))
+
+    want = [f"req_batch_{n}" for n in range(5)]
+    assert wait_until(lambda: ids() == want, timeout=2.0), ids()
+    assert sorted(e["vendor_request_id"] for e in r.ta.audit_all(key_id=key["id"])) == want
+
+
 def test_postgres_lost_while_running_then_back(tmp_path, fake_stripe, stripe_secret, own_cluster):
     """PostgreSQL stopped: the control API answers 503 storage_unavailable, /readyz 503,
     the proxy keeps serving on its lease; PostgreSQL back: the replica recovers by

@@ -63,12 +63,61 @@ enum WriteError {
 
 /// The backend's one write connection, owned by the writer thread.
 trait BatchWriter: Send + 'static {
-    /// Writes the events in one transaction, giving them increasing `seq`s in order.
-    fn write(&mut self, events: &[AuditEvent]) -> Result<(), WriteError>;
+    /// Writes the events in one transaction, giving them increasing `seq`s in order. The
+    /// events of a node batch in `batches` that is already written (`node_batches`) are
+    /// left out, and each other one is marked written in the same transaction.
+    fn write(&mut self, events: &[AuditEvent], batches: &[Marked]) -> Result<(), WriteError>;
+}
+
+/// A node's audit batch as the node numbered it (docs/api.md, `/v1/sync/audit`): written
+/// once however often it arrives, on any replica. A node session sends its batches one at
+/// a time, numbered from 1, so the highest number written per session is all that is kept
+/// (table `node_batches`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeBatch {
+    /// The node session that sent it.
+    pub holder: String,
+    pub number: u64,
+}
+
+/// A node batch among the events of one `BatchWriter::write`: their indices.
+struct Marked<'a> {
+    range: std::ops::Range<usize>,
+    batch: &'a NodeBatch,
+}
+
+/// Rows of `node_batches` not updated for this long are deleted: a node resends a batch
+/// within seconds of a lost answer, never a week later.
+const NODE_BATCHES_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Marks a node batch written, in the transaction that writes its events: changes one
+/// row, or none when that batch (or a later one of its session) is already written and
+/// its events must be left out. The same text on both backends.
+const MARK_NODE_BATCH: &str = "INSERT INTO node_batches (holder, last_batch, at_ms) \
+     VALUES ($1, $2, $3) ON CONFLICT (holder) DO UPDATE \
+     SET last_batch = excluded.last_batch, at_ms = excluded.at_ms \
+     WHERE node_batches.last_batch < excluded.last_batch";
+
+/// Once an hour a write also deletes the `node_batches` rows older than a week: the cutoff
+/// (Unix ms) when that is due now.
+fn prune_due(last: &mut Option<Instant>) -> Option<i64> {
+    if last.is_some_and(|t| t.elapsed() < Duration::from_secs(3600)) {
+        return None;
+    }
+    *last = Some(Instant::now());
+    Some(crate::token::unix_ms() as i64 - NODE_BATCHES_KEPT_MS)
+}
+
+/// What waits for the writer: events in ticket order, and the node batches among them.
+#[derive(Default)]
+struct Queue {
+    events: Vec<AuditEvent>,
+    /// Each node batch queued, with the tickets of its first and last event.
+    batches: Vec<(u64, u64, NodeBatch)>,
 }
 
 struct Shared {
-    pending: Mutex<Vec<AuditEvent>>,
+    pending: Mutex<Queue>,
     /// Events taken into `pending` so far, counted under its lock: an event's ticket is
     /// the count after it, and events are written in ticket order.
     recorded: std::sync::atomic::AtomicU64,
@@ -138,7 +187,10 @@ impl AuditTrail {
         strict: bool,
     ) -> Result<AuditTrail> {
         let shared = Arc::new(Shared {
-            pending: Mutex::new(Vec::with_capacity(INITIAL)),
+            pending: Mutex::new(Queue {
+                events: Vec::with_capacity(INITIAL),
+                batches: Vec::new(),
+            }),
             recorded: Default::default(),
             passes: Mutex::new(Passes {
                 done: 0,
@@ -219,51 +271,75 @@ impl AuditTrail {
             }
     }
 
-    /// Queues every event and blocks the calling thread until all are committed, at most
-    /// `timeout`: what the control plane waits for before it acknowledges a node's batch,
-    /// so a replica killed after answering never loses events the node then forgets.
-    /// False when one was dropped (queue full) or its batch was given up on: the node sends
-    /// the batch again (events already written are then recorded twice: over-counted, never
-    /// lost). A wait that times out with every event still queued (the database is away;
-    /// the writer retries until it is back) is true: a resend would write them twice once
-    /// it returns, and losing them takes this replica being killed during that outage.
-    pub fn record_all_durably(&self, events: Vec<AuditEvent>, timeout: Duration) -> bool {
-        let mut range: Option<(u64, u64)> = None;
-        let mut dropped = false;
-        for event in events {
-            match self.push(event) {
-                Some(t) => range = Some((range.map_or(t, |r| r.0), t)),
-                None => dropped = true,
-            }
+    /// Queues a node's batch and blocks the calling thread until all of it is committed,
+    /// at most `timeout`: what the control plane waits for before it acknowledges the
+    /// batch, so a replica killed after answering has kept it. False when it is not (the
+    /// queue had no room for all of it, it was given up on, or the wait timed out): the
+    /// node sends it again, and a numbered batch (`NodeBatch`) is then still written once,
+    /// whichever replica the resend reaches. A batch sent again while its first copy still
+    /// waits in this queue is not queued twice. An unnumbered batch (a node older than
+    /// the numbering) written and then sent again is recorded twice.
+    pub fn record_all_durably(
+        &self,
+        events: Vec<AuditEvent>,
+        batch: Option<NodeBatch>,
+        timeout: Duration,
+    ) -> bool {
+        if events.is_empty() {
+            return true;
         }
-        let Some((first, last)) = range else {
-            return !dropped;
+        let (first, last) = {
+            let mut queue = lock(&self.shared.pending);
+            let queued = batch
+                .as_ref()
+                .and_then(|b| queue.batches.iter().find(|(_, _, q)| q == b));
+            if let Some(&(first, last, _)) = queued {
+                (first, last)
+            } else if queue.events.len() + events.len() > QUEUE {
+                drop(queue);
+                self.metrics.audit_dropped.inc_by(events.len() as u64);
+                return false;
+            } else {
+                let n = events.len() as u64;
+                queue.events.extend(events);
+                let last = self
+                    .shared
+                    .recorded
+                    .fetch_add(n, std::sync::atomic::Ordering::AcqRel)
+                    + n;
+                if let Some(batch) = batch {
+                    queue.batches.push((last + 1 - n, last, batch));
+                }
+                drop(queue);
+                self.metrics.audit_queue_depth.add(n as i64);
+                (last + 1 - n, last)
+            }
         };
         self.shared.work.notify_one();
         let passes = lock(&self.shared.passes);
-        let (passes, _timed_out) = self
+        let (passes, wait) = self
             .shared
             .pass_done
             .wait_timeout_while(passes, timeout, |p| p.durable < last)
             .unwrap_or_else(|p| p.into_inner());
-        !dropped && !passes.failed.iter().any(|&(a, b)| a <= last && first <= b)
+        !wait.timed_out() && !passes.failed.iter().any(|&(a, b)| a <= last && first <= b)
     }
 
     /// Queues the event; its ticket, or None when the queue was full (dropped).
     fn push(&self, event: AuditEvent) -> Option<u64> {
-        let mut pending = lock(&self.shared.pending);
-        if pending.len() < QUEUE {
-            pending.push(event);
+        let mut queue = lock(&self.shared.pending);
+        if queue.events.len() < QUEUE {
+            queue.events.push(event);
             let ticket = self
                 .shared
                 .recorded
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
                 + 1;
-            drop(pending);
+            drop(queue);
             self.metrics.audit_queue_depth.inc();
             Some(ticket)
         } else {
-            drop(pending);
+            drop(queue);
             self.metrics.audit_dropped.inc();
             None
         }
@@ -306,7 +382,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metrics: &Metrics) {
-    let mut batch = Vec::with_capacity(INITIAL);
+    let mut queue = Queue {
+        events: Vec::with_capacity(INITIAL),
+        batches: Vec::new(),
+    };
     loop {
         if strict {
             // Group commit: write as soon as something waits, and whatever queued up
@@ -315,7 +394,7 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
             drop(
                 shared
                     .work
-                    .wait_timeout_while(pending, LINGER, |p| p.is_empty())
+                    .wait_timeout_while(pending, LINGER, |q| q.events.is_empty())
                     .unwrap_or_else(|p| p.into_inner()),
             );
         } else {
@@ -323,22 +402,42 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
         }
         let taken_through = {
             let mut pending = lock(&shared.pending);
-            std::mem::swap(&mut *pending, &mut batch);
+            std::mem::swap(&mut *pending, &mut queue);
             shared.recorded.load(std::sync::atomic::Ordering::Acquire)
         };
-        let mut first_ticket = taken_through + 1 - batch.len() as u64;
+        let events = &queue.events;
+        let first_ticket = taken_through + 1 - events.len() as u64;
         let mut failed = Vec::new();
-        for chunk in batch.chunks(BATCH) {
-            if !write_with_retries(&mut writer, chunk) {
-                metrics.audit_dropped.inc_by(chunk.len() as u64);
-                failed.push((first_ticket, first_ticket + chunk.len() as u64 - 1));
+        let mut start = 0;
+        let mut batches = queue.batches.iter().peekable();
+        while start < events.len() {
+            // BATCH events per transaction, stretched to the end of a node batch that
+            // begins inside it: a node batch is written whole or not at all.
+            let mut end = (start + BATCH).min(events.len());
+            let mut marked = Vec::new();
+            while let Some((first, last, batch)) =
+                batches.next_if(|(first, _, _)| ((first - first_ticket) as usize) < end)
+            {
+                let range = (first - first_ticket) as usize..(last - first_ticket) as usize + 1;
+                end = end.max(range.end);
+                marked.push(Marked {
+                    range: range.start - start..range.end - start,
+                    batch,
+                });
             }
-            first_ticket += chunk.len() as u64;
+            let chunk = &events[start..end];
+            if !write_with_retries(&mut writer, chunk, &marked) {
+                metrics.audit_dropped.inc_by(chunk.len() as u64);
+                let first = first_ticket + start as u64;
+                failed.push((first, first + chunk.len() as u64 - 1));
+            }
             metrics.audit_queue_depth.sub(chunk.len() as i64);
+            start = end;
         }
-        batch.clear();
+        queue.events.clear();
+        queue.batches.clear();
         // A burst grew the buffer: give the memory back rather than keep it.
-        batch.shrink_to(INITIAL);
+        queue.events.shrink_to(INITIAL);
         {
             let mut passes = lock(&shared.passes);
             passes.done += 1;
@@ -359,13 +458,17 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
 /// disk is gone, which readiness shows), then given up on. An unreachable database is
 /// waited for, with backoff up to a second: events keep queueing behind this batch up to
 /// QUEUE, and are counted as dropped beyond it. False when the events were lost.
-fn write_with_retries(writer: &mut impl BatchWriter, events: &[AuditEvent]) -> bool {
+fn write_with_retries(
+    writer: &mut impl BatchWriter,
+    events: &[AuditEvent],
+    batches: &[Marked],
+) -> bool {
     let mut refusals = 0;
     let mut backoff = Duration::from_millis(100);
     let mut unreachable_since: Option<Instant> = None;
     let mut logged_at: Option<Instant> = None;
     loop {
-        match writer.write(events) {
+        match writer.write(events, batches) {
             Ok(()) => {
                 if let Some(since) = unreachable_since {
                     log::warn!(

@@ -16,7 +16,7 @@
 //! key_id, seq)` and `(tenant_id, seq)`: no spans (PostgreSQL's index maintenance costs the
 //! writer little next to a round trip).
 
-use super::{BatchWriter, WriteError};
+use super::{BatchWriter, Marked, WriteError};
 use crate::money::Micros;
 use crate::sync::AuditEvent;
 use anyhow::{Context, Result};
@@ -27,9 +27,10 @@ use std::time::Duration;
 
 /// The trail's schema versions on PostgreSQL, in order (`keybrake_audit_schema` records
 /// how many ran); SQLite's are `sqlite::MIGRATIONS`, kept in step.
-pub const MIGRATIONS: &[&str] = &[include_str!(
-    "../../../migrations/postgres/audit/0001_audit.sql"
-)];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/postgres/audit/0001_audit.sql"),
+    include_str!("../../../migrations/postgres/audit/0002_node_batches.sql"),
+];
 
 /// The advisory lock every audit batch holds while it commits (any constant, chosen once).
 const BATCH_LOCK: i64 = 0x6b62_6175_6469_7400; // "kbaudit\0"
@@ -121,6 +122,7 @@ pub(super) async fn open(url: &str, strict: bool) -> Result<(Writer, Reader)> {
             runtime,
             options,
             conn: None,
+            pruned_at: None,
         },
         Reader(pool),
     ))
@@ -138,15 +140,19 @@ pub(super) struct Writer {
     options: PgConnectOptions,
     /// None after an error, until a reconnect succeeds.
     conn: Option<PgConnection>,
+    /// When `node_batches` was last pruned (`super::prune_due`).
+    pruned_at: Option<std::time::Instant>,
 }
 
 impl BatchWriter for Writer {
-    fn write(&mut self, events: &[AuditEvent]) -> Result<(), WriteError> {
+    fn write(&mut self, events: &[AuditEvent], batches: &[Marked]) -> Result<(), WriteError> {
         let Writer {
             runtime,
             options,
             conn,
+            pruned_at,
         } = self;
+        let prune = super::prune_due(pruned_at);
         runtime.block_on(async {
             if conn.is_none() {
                 // Whatever keeps a connection from opening (server down, database not
@@ -158,9 +164,11 @@ impl BatchWriter for Writer {
                 );
             }
             let result = match conn.as_mut() {
-                Some(c) => tokio::time::timeout(Duration::from_secs(30), insert(c, events))
-                    .await
-                    .unwrap_or(Err(sqlx::Error::PoolTimedOut)),
+                Some(c) => {
+                    tokio::time::timeout(Duration::from_secs(30), insert(c, events, batches, prune))
+                        .await
+                        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+                }
                 None => unreachable!("connected above"),
             };
             // Whatever failed, the next attempt starts on a fresh connection: a broken one
@@ -195,8 +203,49 @@ fn classify(e: sqlx::Error) -> WriteError {
     }
 }
 
-async fn insert(conn: &mut PgConnection, events: &[AuditEvent]) -> Result<(), sqlx::Error> {
-    let text = |f: fn(&AuditEvent) -> Option<&str>| events.iter().map(f).collect::<Vec<_>>();
+/// Writes `events` but those of node batches already written, marks the others written,
+/// and with `prune` deletes the marks of sessions silent for a week, in one transaction
+/// under the replicas' batch lock (so two replicas given the same node batch write it
+/// once).
+async fn insert(
+    conn: &mut PgConnection,
+    all: &[AuditEvent],
+    batches: &[Marked<'_>],
+    prune: Option<i64>,
+) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(BATCH_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let mut skip = Vec::new();
+    for m in batches {
+        let marked = sqlx::query(super::MARK_NODE_BATCH)
+            .bind(&m.batch.holder)
+            .bind(m.batch.number.min(i64::MAX as u64) as i64)
+            .bind(crate::token::unix_ms() as i64)
+            .execute(&mut *tx)
+            .await?;
+        if marked.rows_affected() == 0 {
+            skip.push(m.range.clone());
+        }
+    }
+    if let Some(before) = prune {
+        sqlx::query("DELETE FROM node_batches WHERE at_ms < $1")
+            .bind(before)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let events: Vec<&AuditEvent> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !skip.iter().any(|r| r.contains(i)))
+        .map(|(_, e)| e)
+        .collect();
+    if events.is_empty() {
+        return tx.commit().await;
+    }
+    let text = |f: fn(&AuditEvent) -> Option<&str>| events.iter().map(|e| f(e)).collect::<Vec<_>>();
     let tokens = |f: fn(&crate::sync::LlmAudit) -> Option<u64>| {
         events
             .iter()
@@ -208,11 +257,6 @@ async fn insert(conn: &mut PgConnection, events: &[AuditEvent]) -> Result<(), sq
             })
             .collect::<Vec<_>>()
     };
-    let mut tx = conn.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(BATCH_LOCK)
-        .execute(&mut *tx)
-        .await?;
     sqlx::query(INSERT)
         .bind(events.iter().map(|e| e.ts_ms).collect::<Vec<_>>())
         .bind(text(|e| e.tenant_id.as_deref()))

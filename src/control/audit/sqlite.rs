@@ -8,7 +8,7 @@
 //! `spend_of_key` through a small read-only `sqlx` pool (WAL readers never block the
 //! writer), walking the owner's spans newest first.
 
-use super::{BatchWriter, WriteError};
+use super::{BatchWriter, Marked, WriteError};
 use crate::money::Micros;
 use crate::sync::AuditEvent;
 use anyhow::{Context, Result};
@@ -22,11 +22,12 @@ pub const FILE: &str = "audit.db";
 
 /// The trail's schema versions on SQLite, in order (`PRAGMA user_version` of `audit.db`
 /// counts those applied); PostgreSQL's are `postgres::MIGRATIONS`, kept in step.
-pub const MIGRATIONS: &[&str] = &[include_str!(
-    "../../../migrations/sqlite/audit/0001_audit.sql"
-)];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/sqlite/audit/0001_audit.sql"),
+    include_str!("../../../migrations/sqlite/audit/0002_node_batches.sql"),
+];
 
-/// The whole schema as the current version leaves it (a new `audit.db`).
+/// The `audit` table and its spans (version 1): what the audit benchmarks write to.
 pub const SCHEMA: &str = MIGRATIONS[0];
 
 /// The columns an insert writes, in `insert`'s parameter order.
@@ -55,16 +56,27 @@ pub(super) async fn open(data_dir: &Path, strict: bool) -> Result<(Writer, Reade
         )
         .await
         .context("cannot open the audit database for reading")?;
-    Ok((Writer(conn), Reader(pool)))
+    Ok((
+        Writer {
+            conn,
+            pruned_at: None,
+        },
+        Reader(pool),
+    ))
 }
 
-pub(super) struct Writer(rusqlite::Connection);
+pub(super) struct Writer {
+    conn: rusqlite::Connection,
+    /// When `node_batches` was last pruned (`super::prune_due`).
+    pruned_at: Option<std::time::Instant>,
+}
 
 impl BatchWriter for Writer {
     /// Every failure counts as a refusal: the file is local, so it means the disk (or a
     /// lock held past the busy timeout), not a connection to wait for.
-    fn write(&mut self, events: &[AuditEvent]) -> Result<(), WriteError> {
-        insert(&mut self.0, events).map_err(|e| WriteError::Refused(e.into()))
+    fn write(&mut self, events: &[AuditEvent], batches: &[Marked]) -> Result<(), WriteError> {
+        let prune = super::prune_due(&mut self.pruned_at);
+        insert(&mut self.conn, events, batches, prune).map_err(|e| WriteError::Refused(e.into()))
     }
 }
 
@@ -246,14 +258,37 @@ pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {
     Ok(())
 }
 
-fn insert(conn: &mut rusqlite::Connection, events: &[AuditEvent]) -> rusqlite::Result<()> {
+/// Writes `events` but those of node batches already written, marks the others written,
+/// and with `prune` deletes the marks of sessions silent for a week, in one transaction.
+fn insert(
+    conn: &mut rusqlite::Connection,
+    events: &[AuditEvent],
+    batches: &[Marked],
+    prune: Option<i64>,
+) -> rusqlite::Result<()> {
     // IMMEDIATE: the write lock from the start, so the batch's rows get contiguous `seq`s
     // even with another writer on the file (the other side of a graceful upgrade).
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut spans = Spans::default();
     {
+        let mut skip = Vec::new();
+        let mut mark = tx.prepare_cached(super::MARK_NODE_BATCH)?;
+        for m in batches {
+            let number = m.batch.number.min(i64::MAX as u64) as i64;
+            let now = crate::token::unix_ms() as i64;
+            if mark.execute(rusqlite::params![m.batch.holder, number, now])? == 0 {
+                skip.push(m.range.clone());
+            }
+        }
+        if let Some(before) = prune {
+            tx.execute("DELETE FROM node_batches WHERE at_ms < ?1", [before])?;
+        }
         let mut stmt = tx.prepare_cached(INSERT)?;
-        for e in events {
+        for (_, e) in events
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !skip.iter().any(|r| r.contains(i)))
+        {
             let llm = e.llm.as_ref();
             let n = |f: fn(&crate::sync::LlmAudit) -> Option<u64>| {
                 llm.and_then(f).map(|n| n.min(i64::MAX as u64) as i64)

@@ -356,3 +356,45 @@ async fn strict_mode_on_postgres_confirms_only_committed_events() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].1.spend, Micros(42));
 }
+
+/// A node batch whose answer was lost is sent again, to the same replica or another one
+/// (a second trail on the same database): its events are written once. A later batch of
+/// the session is written; an earlier number arriving late is not; another session's
+/// batch 1 is. A node batch larger than a transaction's BATCH behind plain events is
+/// written whole, so a resend finds it all there.
+#[tokio::test]
+async fn a_node_batch_sent_again_is_written_once_on_any_replica() {
+    for backend in BACKENDS {
+        let place = Place::new(backend, "audit-node-batches").await;
+        let a = place.open().await;
+        let b = place.open().await;
+        let batch = |holder: &str, number| {
+            Some(NodeBatch {
+                holder: holder.into(),
+                number,
+            })
+        };
+        let events = |from: i64, n: i64| (from..from + n).map(event).collect::<Vec<_>>();
+        let wait = Duration::from_secs(10);
+        for n in 0..200 {
+            a.record(event(n));
+        }
+        assert!(a.record_all_durably(events(200, 300), batch("node_1/s_1", 1), wait));
+        assert!(b.record_all_durably(events(200, 300), batch("node_1/s_1", 1), wait));
+        assert!(a.record_all_durably(events(200, 300), batch("node_1/s_1", 1), wait));
+        assert!(b.record_all_durably(events(500, 10), batch("node_1/s_1", 2), wait));
+        assert!(a.record_all_durably(events(200, 300), batch("node_1/s_1", 1), wait));
+        assert!(a.record_all_durably(events(510, 5), batch("node_1/s_2", 1), wait));
+        // Unnumbered (a node older than the numbering): written each time it arrives.
+        assert!(b.record_all_durably(events(515, 1), None, wait));
+        assert!(b.record_all_durably(events(515, 1), None, wait));
+
+        let all = a.list("ten_a", None, 0, i64::MAX, 10_000).await.unwrap();
+        let mut spends: Vec<i64> = all.iter().map(|(_, e)| e.spend.0).collect();
+        spends.sort_unstable();
+        let mut expected: Vec<i64> = (0..516).collect();
+        expected.push(515);
+        expected.sort_unstable();
+        assert_eq!(spends, expected, "{backend}");
+    }
+}

@@ -1,11 +1,7 @@
 //! Stage 7's ledger calls, batched: concurrent lease requests (above all the first lease
-//! of every fresh key) go to the ledger together, one `Ledger::lease_many` call per batch.
-//!
-//! No timer: a request that finds no batch in flight starts one at once (an idle ledger
-//! adds no latency); requests arriving while a batch is in flight wait for it and go in
-//! the next one, which starts the moment the batch before it is answered. Under load the
-//! batch grows with the load, so a fresh key costs one ledger round trip divided by the
-//! batch's size.
+//! of every fresh key) go to the ledger together, one `Ledger::lease_many` call per batch
+//! (`batch_queue`: no timer, the next batch starts when the one before it is answered), so
+//! a fresh key costs one ledger round trip divided by the batch's size.
 //!
 //! A grant is added to its counter by the batch itself, not by the request that asked: a
 //! request that gives up waiting (its client went away) loses nothing, and the counter
@@ -13,9 +9,10 @@
 //! ledger committed with it (`LeaseRequest::commit`) joins the counter's budget
 //! committed ahead, the rest its available budget.
 
+use super::batch_queue::BatchQueue;
 use super::spend::{Held, KeySpend};
 use crate::sync::{Grant, LeaseRequest, Ledger, LedgerError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 /// At most this many requests per `lease_many` call: bounds one transaction (or one
@@ -28,23 +25,16 @@ struct Waiting {
     answer: oneshot::Sender<Result<Grant, LedgerError>>,
 }
 
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<Waiting>,
-    /// A task is sending batches; it takes whatever is waiting until nothing is.
-    sending: bool,
-}
-
 pub struct LeaseBatcher {
     ledger: Arc<dyn Ledger>,
-    queue: Mutex<Queue>,
+    queue: BatchQueue<Waiting>,
 }
 
 impl LeaseBatcher {
     pub fn new(ledger: Arc<dyn Ledger>) -> Arc<Self> {
         Arc::new(LeaseBatcher {
             ledger,
-            queue: Mutex::default(),
+            queue: BatchQueue::new(),
         })
     }
 
@@ -56,15 +46,11 @@ impl LeaseBatcher {
         counter: &Arc<KeySpend>,
     ) -> Result<Grant, LedgerError> {
         let (answer, answered) = oneshot::channel();
-        let start = {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.waiting.push(Waiting {
-                request,
-                counter: Held::new(counter),
-                answer,
-            });
-            !std::mem::replace(&mut q.sending, true)
-        };
+        let start = self.queue.push(Waiting {
+            request,
+            counter: Held::new(counter),
+            answer,
+        });
         if start {
             tokio::spawn(self.clone().send_batches());
         }
@@ -74,41 +60,25 @@ impl LeaseBatcher {
     }
 
     async fn send_batches(self: Arc<Self>) {
-        // Should this task end early (a panic in the ledger), the next request starts
-        // another one instead of waiting forever; its waiters see their sender dropped.
-        struct Stop<'a>(&'a Mutex<Queue>);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.lock().unwrap_or_else(|p| p.into_inner()).sending = false;
+        self.queue.drain(MAX_BATCH, |batch| self.send(batch)).await
+    }
+
+    async fn send(&self, batch: Vec<Waiting>) {
+        let requests = batch.iter().map(|w| w.request.clone()).collect();
+        let mut answers = self.ledger.lease_many(requests).await.into_iter();
+        for w in batch {
+            let answer = answers.next().unwrap_or_else(|| {
+                Err(LedgerError(
+                    "the ledger answered fewer leases than asked".into(),
+                ))
+            });
+            if let Ok(grant) = &answer {
+                let committed = grant.committed.min(grant.granted);
+                w.counter.add_precommitted(committed);
+                w.counter
+                    .add_available(grant.granted.saturating_sub(committed));
             }
-        }
-        let _stop = Stop(&self.queue);
-        loop {
-            let batch: Vec<Waiting> = {
-                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                if q.waiting.is_empty() {
-                    q.sending = false;
-                    return;
-                }
-                let n = q.waiting.len().min(MAX_BATCH);
-                q.waiting.drain(..n).collect()
-            };
-            let requests = batch.iter().map(|w| w.request.clone()).collect();
-            let mut answers = self.ledger.lease_many(requests).await.into_iter();
-            for w in batch {
-                let answer = answers.next().unwrap_or_else(|| {
-                    Err(LedgerError(
-                        "the ledger answered fewer leases than asked".into(),
-                    ))
-                });
-                if let Ok(grant) = &answer {
-                    let committed = grant.committed.min(grant.granted);
-                    w.counter.add_precommitted(committed);
-                    w.counter
-                        .add_available(grant.granted.saturating_sub(committed));
-                }
-                let _ = w.answer.send(answer);
-            }
+            let _ = w.answer.send(answer);
         }
     }
 }
@@ -119,6 +89,7 @@ mod tests {
     use crate::money::Micros;
     use crate::sync::{LeaseCommit, LeaseReport};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
 
     /// Grants `want` to every request, `commit` of it committed; records the size of
     /// every batch, and holds each call until the test lets it go.
@@ -194,7 +165,7 @@ mod tests {
                 tokio::spawn(async move { b.lease(ask(&format!("k{i}")), &c).await })
             })
             .collect();
-        while batcher.queue.lock().unwrap().waiting.len() < 10 {
+        while batcher.queue.waiting() < 10 {
             tokio::task::yield_now().await;
         }
         ledger.gate.add_permits(2);

@@ -23,6 +23,7 @@
 //! publishes and never touches storage.
 
 pub mod audit;
+mod batch_queue;
 pub mod body_plan;
 pub mod body_read;
 pub mod charges;

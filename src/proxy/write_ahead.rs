@@ -3,9 +3,10 @@
 //! this process die with calls in flight (kill -9), the ledger settles what was committed
 //! as spent when it reclaims the process's leases, and gives back only the rest.
 //!
-//! Batched and pipelined like `lease_batch`: a reservation that finds no commit in flight
-//! starts one at once; reservations arriving meanwhile wait and go together in the next
-//! call, which starts the moment the one before it is answered. Reservations of one
+//! Batched and pipelined like `lease_batch` (`batch_queue`): a reservation that finds no
+//! commit in flight starts one at once; reservations arriving meanwhile wait and go
+//! together in the next call, which starts the moment the one before it is answered.
+//! Reservations of one
 //! (key, day) in a batch travel as one row, and each row commits as much again as the
 //! batch needs when the lease has it (headroom): the key's next reservations take from
 //! that committed budget without a round trip. A key reserving from its headroom tops it
@@ -24,11 +25,12 @@
 //! committed it after all: then it counts that much as spent until the lease ends, which
 //! errs on the side of the cap.
 
+use super::batch_queue::BatchQueue;
 use super::spend::{Held, KeySpend, SpendError};
 use crate::money::Micros;
 use crate::sync::{Budget, LeaseCommit, Ledger};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 /// At most this many reservations per `Ledger::commit` call; the rest go in the next one.
@@ -43,23 +45,16 @@ struct Waiting {
     ahead: Micros,
 }
 
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<Waiting>,
-    /// A task is sending batches; it takes whatever is waiting until nothing is.
-    sending: bool,
-}
-
 pub struct WriteAhead {
     ledger: Arc<dyn Ledger>,
-    queue: Mutex<Queue>,
+    queue: BatchQueue<Waiting>,
 }
 
 impl WriteAhead {
     pub fn new(ledger: Arc<dyn Ledger>) -> Arc<Self> {
         Arc::new(WriteAhead {
             ledger,
-            queue: Mutex::default(),
+            queue: BatchQueue::new(),
         })
     }
 
@@ -72,16 +67,12 @@ impl WriteAhead {
         amount: Micros,
     ) -> Result<(), SpendError> {
         let (answer, answered) = oneshot::channel();
-        let start = {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.waiting.push(Waiting {
-                counter: Held::new(counter),
-                amount,
-                answer: Some(answer),
-                ahead: Micros::ZERO,
-            });
-            !std::mem::replace(&mut q.sending, true)
-        };
+        let start = self.queue.push(Waiting {
+            counter: Held::new(counter),
+            amount,
+            answer: Some(answer),
+            ahead: Micros::ZERO,
+        });
         if start {
             tokio::spawn(self.clone().send_batches());
         }
@@ -92,115 +83,96 @@ impl WriteAhead {
     /// without waiting: a busy key's headroom is refilled before it runs out. The caller
     /// has set the counter's `topping_up` flag; the batch clears it.
     pub(super) fn top_up(self: &Arc<Self>, counter: &Arc<KeySpend>, want: Micros) {
-        let start = {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.waiting.push(Waiting {
-                counter: Held::new(counter),
-                amount: Micros::ZERO,
-                answer: None,
-                ahead: want,
-            });
-            !std::mem::replace(&mut q.sending, true)
-        };
+        let start = self.queue.push(Waiting {
+            counter: Held::new(counter),
+            amount: Micros::ZERO,
+            answer: None,
+            ahead: want,
+        });
         if start {
             tokio::spawn(self.clone().send_batches());
         }
     }
 
     async fn send_batches(self: Arc<Self>) {
-        // Should this task end early (a panic in the ledger), the next reservation starts
-        // another one; the waiters of the lost batch see their sender dropped and refuse.
-        struct Stop<'a>(&'a Mutex<Queue>);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.lock().unwrap_or_else(|p| p.into_inner()).sending = false;
+        self.queue.drain(MAX_BATCH, |batch| self.send(batch)).await
+    }
+
+    /// One batch: its rows committed in one `Ledger::commit`, each waiter answered.
+    async fn send(&self, batch: Vec<Waiting>) {
+        let (mut commits, rows, firsts, wants) = rows_of(&batch);
+        // Headroom: each key commits as much again as this batch needs, or what a
+        // top-up asked for, if its lease has it; its next reservations go without a
+        // round trip.
+        let ahead: Vec<Micros> = commits
+            .iter_mut()
+            .zip(firsts.iter().zip(&wants))
+            .map(|(c, (&w, &want))| {
+                // Counted in transit before it leaves `available`, so a reservation
+                // never finds it in neither place.
+                let counter = &batch[w].counter;
+                let want = want.max(c.amount);
+                counter.add_in_transit(want);
+                let ahead = counter.take_up_to(want);
+                counter.add_in_transit(Micros(ahead.0 - want.0));
+                c.amount = c.amount.saturating_add(ahead);
+                ahead
+            })
+            .collect();
+        // Rows with nothing to commit (a top-up finding no budget) are not sent.
+        let sent: Vec<usize> = (0..commits.len())
+            .filter(|&i| commits[i].amount.is_positive())
+            .collect();
+        let to_send: Vec<LeaseCommit> = sent.iter().map(|&i| commits[i].clone()).collect();
+        let mut answers: Option<Vec<bool>> = Some(vec![true; commits.len()]);
+        if !to_send.is_empty() {
+            match self.ledger.commit(to_send).await {
+                Ok(a) if a.len() == sent.len() => {
+                    if let Some(all) = answers.as_mut() {
+                        for (&i, ok) in sent.iter().zip(a) {
+                            all[i] = ok;
+                        }
+                    }
+                }
+                Ok(_) => {
+                    log::error!("the ledger answered a different number of commits than asked");
+                    answers = None;
+                }
+                Err(e) => {
+                    log::error!("write-ahead of reservations failed, refusing them: {e}");
+                    answers = None;
+                }
             }
         }
-        let _stop = Stop(&self.queue);
-        loop {
-            let batch: Vec<Waiting> = {
-                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                if q.waiting.is_empty() {
-                    q.sending = false;
-                    return;
-                }
-                let n = q.waiting.len().min(MAX_BATCH);
-                q.waiting.drain(..n).collect()
-            };
-            let (mut commits, rows, firsts, wants) = rows_of(&batch);
-            // Headroom: each key commits as much again as this batch needs, or what a
-            // top-up asked for, if its lease has it; its next reservations go without a
-            // round trip.
-            let ahead: Vec<Micros> = commits
-                .iter_mut()
-                .zip(firsts.iter().zip(&wants))
-                .map(|(c, (&w, &want))| {
-                    // Counted in transit before it leaves `available`, so a reservation
-                    // never finds it in neither place.
-                    let counter = &batch[w].counter;
-                    let want = want.max(c.amount);
-                    counter.add_in_transit(want);
-                    let ahead = counter.take_up_to(want);
-                    counter.add_in_transit(Micros(ahead.0 - want.0));
-                    c.amount = c.amount.saturating_add(ahead);
-                    ahead
-                })
-                .collect();
-            // Rows with nothing to commit (a top-up finding no budget) are not sent.
-            let sent: Vec<usize> = (0..commits.len())
-                .filter(|&i| commits[i].amount.is_positive())
-                .collect();
-            let to_send: Vec<LeaseCommit> = sent.iter().map(|&i| commits[i].clone()).collect();
-            let mut answers: Option<Vec<bool>> = Some(vec![true; commits.len()]);
-            if !to_send.is_empty() {
-                match self.ledger.commit(to_send).await {
-                    Ok(a) if a.len() == sent.len() => {
-                        if let Some(all) = answers.as_mut() {
-                            for (&i, ok) in sent.iter().zip(a) {
-                                all[i] = ok;
-                            }
-                        }
-                    }
-                    Ok(_) => {
-                        log::error!("the ledger answered a different number of commits than asked");
-                        answers = None;
-                    }
-                    Err(e) => {
-                        log::error!("write-ahead of reservations failed, refusing them: {e}");
-                        answers = None;
-                    }
-                }
-            }
-            for (i, (w, row)) in batch.into_iter().zip(rows).enumerate() {
-                let ok = answers.as_ref().map(|a| a[row]);
-                if firsts[row] == i {
-                    match ok {
-                        Some(true) => w.counter.add_precommitted(ahead[row]),
-                        Some(false) => {}
-                        None => w.counter.add_available(ahead[row]),
-                    }
-                    w.counter.add_in_transit(Micros(-ahead[row].0));
-                }
-                let Some(answer) = w.answer else {
-                    w.counter.topped_up();
-                    continue;
-                };
+        for (i, (w, row)) in batch.into_iter().zip(rows).enumerate() {
+            let ok = answers.as_ref().map(|a| a[row]);
+            if firsts[row] == i {
                 match ok {
-                    Some(true) => {
-                        if let Err(Ok(())) = answer.send(Ok(())) {
-                            // Committed, but nobody will send the call: it joins the
-                            // budget committed ahead.
-                            w.counter.add_precommitted(w.amount);
-                        }
+                    Some(true) => w.counter.add_precommitted(ahead[row]),
+                    Some(false) => {}
+                    None => w.counter.add_available(ahead[row]),
+                }
+                w.counter.add_in_transit(Micros(-ahead[row].0));
+            }
+            let Some(answer) = w.answer else {
+                w.counter.topped_up();
+                continue;
+            };
+            match ok {
+                Some(true) => {
+                    if let Err(Ok(())) = answer.send(Ok(())) {
+                        // Committed, but nobody will send the call: it joins the
+                        // budget committed ahead.
+                        w.counter.add_precommitted(w.amount);
                     }
-                    Some(false) => {
-                        w.counter.drop_available();
-                        let _ = answer.send(Err(SpendError::LedgerUnavailable));
-                    }
-                    None => {
-                        w.counter.add_available(w.amount);
-                        let _ = answer.send(Err(SpendError::LedgerUnavailable));
-                    }
+                }
+                Some(false) => {
+                    w.counter.drop_available();
+                    let _ = answer.send(Err(SpendError::LedgerUnavailable));
+                }
+                None => {
+                    w.counter.add_available(w.amount);
+                    let _ = answer.send(Err(SpendError::LedgerUnavailable));
                 }
             }
         }
@@ -247,6 +219,7 @@ mod tests {
     use super::*;
     use crate::sync::{Grant, LeaseReport, LeaseRequest, LedgerError};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
 
     /// Accepts commits of keys not named `refused`; records every call's rows, and holds
     /// each call until the test lets it go.
@@ -311,7 +284,7 @@ mod tests {
                 async move { wa.commit(&c, Micros(amount)).await },
             ));
         }
-        while wa.queue.lock().unwrap().waiting.len() < 4 {
+        while wa.queue.waiting() < 4 {
             tokio::task::yield_now().await;
         }
         ledger.gate.add_permits(2);

@@ -27,7 +27,7 @@
 # medians)  CONNS (32)  KEYS (fresh keys to issue, 150000)  WARMUP (s, 2)  WRK_THREADS (1)
 # KB_THREADS (2)  PIN (1: keybrake on its own CPU)  SERVER_CPUS / LOAD_CPUS  KEEP_TMP (1)
 # KB_MODE (serve | edge)  PERF (a path prefix: `perf record -g` of the server CPUs (of the
-# proxy when not pinned) during each measured phase, written to PREFIX.PHASE.ROUND; read
+# proxy when not pinned) during each measured phase (PERF_FREQ samples/s, 499), written to PREFIX.PHASE.ROUND; read
 # with `perf report -i …`; in edge mode that includes the control plane).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -130,7 +130,7 @@ measure() { # phase round seconds [quiet]
   local perf_pid=
   if [ -n "${PERF:-}" ] && [ -z "${4:-}" ]; then
     local what=(-p "$KB_PID"); [ -n "$SERVER_CPUS" ] && what=(-C "$SERVER_CPUS")
-    perf record -q -F 499 -g "${what[@]}" -o "$PERF.$1.$2" >/dev/null 2>&1 & perf_pid=$!
+    perf record -q -F "${PERF_FREQ:-499}" -g "${what[@]}" -o "$PERF.$1.$2" >/dev/null 2>&1 & perf_pid=$!
   fi
   run_wrk "$f" "$KB_PID" "$CONNS" "$3" "$TMP/$1.lua" "$URL"
   if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi

@@ -43,18 +43,30 @@ impl<T> BatchQueue<T> {
         F: FnMut(Vec<T>) -> Fut,
         Fut: Future<Output = ()>,
     {
-        struct Stop<'a, T>(&'a BatchQueue<T>);
+        // Clears `sending` if this sender ends other than by finding nothing waiting (then
+        // it is cleared under the same lock as that check: clearing it again afterwards
+        // could let two senders run, one started by a `push` in between).
+        struct Stop<'a, T> {
+            queue: &'a BatchQueue<T>,
+            done: bool,
+        }
         impl<T> Drop for Stop<'_, T> {
             fn drop(&mut self) {
-                self.0.lock().sending = false;
+                if !self.done {
+                    self.queue.lock().sending = false;
+                }
             }
         }
-        let _stop = Stop(self);
+        let mut stop = Stop {
+            queue: self,
+            done: false,
+        };
         loop {
             let batch: Vec<T> = {
                 let mut q = self.lock();
                 if q.waiting.is_empty() {
                     q.sending = false;
+                    stop.done = true;
                     return;
                 }
                 let n = q.waiting.len().min(max);

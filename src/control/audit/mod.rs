@@ -34,8 +34,9 @@ const QUEUE: usize = 65_536;
 /// Room for ~10 ms of events at tens of thousands of requests per second, so the buffer
 /// rarely grows (and copies) while a request holds the lock.
 const INITIAL: usize = 1_024;
-/// At most this many events per transaction, and at most LINGER between an event and its
-/// write.
+/// At most this many events per transaction (stretched to the end of a node batch that
+/// starts within them: a node batch is written whole), and at most LINGER between an
+/// event and its write.
 const BATCH: usize = 256;
 const LINGER: Duration = Duration::from_millis(10);
 /// A writer with no finished pass for this long is reported not ready.
@@ -114,6 +115,9 @@ struct Queue {
     events: Vec<AuditEvent>,
     /// Each node batch queued, with the tickets of its first and last event.
     batches: Vec<(u64, u64, NodeBatch)>,
+    /// The node batches of the pass being written, until it ends (the writer's copy of
+    /// its `batches`, kept here so a batch sent again meanwhile waits for that pass).
+    writing: Vec<(u64, u64, NodeBatch)>,
 }
 
 struct Shared {
@@ -189,7 +193,7 @@ impl AuditTrail {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Queue {
                 events: Vec::with_capacity(INITIAL),
-                batches: Vec::new(),
+                ..Queue::default()
             }),
             recorded: Default::default(),
             passes: Mutex::new(Passes {
@@ -275,10 +279,12 @@ impl AuditTrail {
     /// at most `timeout`: what the control plane waits for before it acknowledges the
     /// batch, so a replica killed after answering has kept it. False when it is not (the
     /// queue had no room for all of it, it was given up on, or the wait timed out): the
-    /// node sends it again, and a numbered batch (`NodeBatch`) is then still written once,
-    /// whichever replica the resend reaches. A batch sent again while its first copy still
-    /// waits in this queue is not queued twice. An unnumbered batch (a node older than
-    /// the numbering) written and then sent again is recorded twice.
+    /// node keeps it and sends it again (so it is not counted as dropped here), and a
+    /// numbered batch (`NodeBatch`) is then still written once, whichever replica the
+    /// resend reaches. A batch sent again while its first copy still waits in this queue,
+    /// or is being written, waits for that copy instead of being queued again. An
+    /// unnumbered batch (a node older than the numbering) written and then sent again is
+    /// recorded twice.
     pub fn record_all_durably(
         &self,
         events: Vec<AuditEvent>,
@@ -290,14 +296,14 @@ impl AuditTrail {
         }
         let (first, last) = {
             let mut queue = lock(&self.shared.pending);
-            let queued = batch
-                .as_ref()
-                .and_then(|b| queue.batches.iter().find(|(_, _, q)| q == b));
+            let queued = batch.as_ref().and_then(|b| {
+                (queue.batches.iter())
+                    .chain(&queue.writing)
+                    .find(|(_, _, q)| q == b)
+            });
             if let Some(&(first, last, _)) = queued {
                 (first, last)
             } else if queue.events.len() + events.len() > QUEUE {
-                drop(queue);
-                self.metrics.audit_dropped.inc_by(events.len() as u64);
                 return false;
             } else {
                 let n = events.len() as u64;
@@ -384,7 +390,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metrics: &Metrics) {
     let mut queue = Queue {
         events: Vec::with_capacity(INITIAL),
-        batches: Vec::new(),
+        ..Queue::default()
     };
     loop {
         if strict {
@@ -402,7 +408,9 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
         }
         let taken_through = {
             let mut pending = lock(&shared.pending);
-            std::mem::swap(&mut *pending, &mut queue);
+            std::mem::swap(&mut pending.events, &mut queue.events);
+            std::mem::swap(&mut pending.batches, &mut queue.batches);
+            pending.writing.clone_from(&queue.batches);
             shared.recorded.load(std::sync::atomic::Ordering::Acquire)
         };
         let events = &queue.events;
@@ -427,7 +435,9 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
             }
             let chunk = &events[start..end];
             if !write_with_retries(&mut writer, chunk, &marked) {
-                metrics.audit_dropped.inc_by(chunk.len() as u64);
+                // Node batches are not lost: their nodes hear so and send them again.
+                let resent: usize = marked.iter().map(|m| m.range.len()).sum();
+                metrics.audit_dropped.inc_by((chunk.len() - resent) as u64);
                 let first = first_ticket + start as u64;
                 failed.push((first, first + chunk.len() as u64 - 1));
             }
@@ -451,6 +461,9 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
             }
         }
         shared.pass_done.notify_all();
+        // After `durable` moved on: a batch sent again from now on is queued again, and
+        // the next pass finds it written.
+        lock(&shared.pending).writing.clear();
     }
 }
 

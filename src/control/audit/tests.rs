@@ -398,3 +398,48 @@ async fn a_node_batch_sent_again_is_written_once_on_any_replica() {
         assert_eq!(spends, expected, "{backend}");
     }
 }
+
+/// A node whose answer timed out sends the batch again while the replica is still writing
+/// its first copy: the resend waits for that write instead of queueing the batch again
+/// (which would only be answered after the next pass, and so on while passes are slow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_batch_sent_again_while_it_is_being_written_waits_for_that_write() {
+    let place = Place::new("sqlite", "audit-resend-in-flight").await;
+    let Place::Sqlite(dir) = &place else {
+        unreachable!()
+    };
+    let trail = Arc::new(place.open().await);
+    // Another connection holds the write lock: the writer's pass waits for it.
+    let blocker = rusqlite::Connection::open(dir.join(FILE)).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let send = |trail: &Arc<AuditTrail>| {
+        let trail = trail.clone();
+        tokio::task::spawn_blocking(move || {
+            let batch = NodeBatch {
+                holder: "node_1/s_1".into(),
+                number: 1,
+            };
+            let events = (0..5).map(event).collect();
+            trail.record_all_durably(events, Some(batch), Duration::from_secs(10))
+        })
+    };
+    let first = send(&trail);
+    while lock(&trail.shared.pending).writing.is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let recorded = || {
+        trail
+            .shared
+            .recorded
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
+    let before = recorded();
+    let second = send(&trail);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(recorded(), before, "the resend was queued again");
+    blocker.execute_batch("COMMIT").unwrap();
+    assert!(first.await.unwrap());
+    assert!(second.await.unwrap());
+    let all = trail.list("ten_a", None, 0, i64::MAX, 100).await.unwrap();
+    assert_eq!(all.len(), 5);
+}

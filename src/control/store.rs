@@ -705,55 +705,25 @@ impl Store {
                     .transpose()?,
             ));
         }
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                // One array per column: one statement text whatever the batch size, so each
-                // connection prepares it once. (A multi-row VALUES list is a new statement for
-                // every batch size, and PostgreSQL parses and plans each: the issuance tail.)
-                let text = |f: fn(&KeyRow) -> &str| keys.iter().map(f).collect::<Vec<_>>();
-                let int = |f: fn(&KeyRow) -> i64| keys.iter().map(f).collect::<Vec<_>>();
-                sqlx::query(
-                    "INSERT INTO keys (id, tenant_id, kid, vendor, label, allowed_endpoints, \
-                     daily_cap, metadata, stripe_accounts, created_at, expires_at) \
-                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
-                     $5::text[], $6::text[], $7::bigint[], $8::text[], $9::text[], \
-                     $10::bigint[], $11::bigint[])",
-                )
-                .bind(text(|k| &k.id))
-                .bind(text(|k| &k.tenant_id))
-                .bind(text(|k| &k.kid))
-                .bind(text(|k| &k.vendor))
-                .bind(text(|k| &k.label))
-                .bind(rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>())
-                .bind(int(|k| k.daily_cap.0))
-                .bind(rows.iter().map(|r| r.2.as_str()).collect::<Vec<_>>())
-                .bind(rows.iter().map(|r| r.3.as_deref()).collect::<Vec<_>>())
-                .bind(int(|k| k.created_at))
-                .bind(int(|k| k.expires_at))
-                .execute(pool)
-                .await?;
-            }
-            Backend::Sqlite { writer, .. } => {
-                let mut insert = sqlx::QueryBuilder::new(
-                    "INSERT INTO keys (id, tenant_id, kid, vendor, label, allowed_endpoints, \
-                     daily_cap, metadata, stripe_accounts, created_at, expires_at) ",
-                );
-                insert.push_values(rows, |mut b, (k, endpoints, metadata, accounts)| {
-                    b.push_bind(k.id.clone())
-                        .push_bind(k.tenant_id.clone())
-                        .push_bind(k.kid.clone())
-                        .push_bind(k.vendor.clone())
-                        .push_bind(k.label.clone())
-                        .push_bind(endpoints)
-                        .push_bind(k.daily_cap.0)
-                        .push_bind(metadata)
-                        .push_bind(accounts)
-                        .push_bind(k.created_at)
-                        .push_bind(k.expires_at);
-                });
-                insert.build().execute(writer).await?;
-            }
-        }
+        on_writer!(self, |pool| {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO keys (id, tenant_id, kid, vendor, label, allowed_endpoints, daily_cap, metadata, stripe_accounts, created_at, expires_at) ",
+            );
+            insert.push_values(rows, |mut b, (k, endpoints, metadata, accounts)| {
+                b.push_bind(k.id.clone())
+                    .push_bind(k.tenant_id.clone())
+                    .push_bind(k.kid.clone())
+                    .push_bind(k.vendor.clone())
+                    .push_bind(k.label.clone())
+                    .push_bind(endpoints)
+                    .push_bind(k.daily_cap.0)
+                    .push_bind(metadata)
+                    .push_bind(accounts)
+                    .push_bind(k.created_at)
+                    .push_bind(k.expires_at);
+            });
+            insert.build().execute(pool).await?;
+        });
         Ok(())
     }
 

@@ -118,6 +118,50 @@ local function first_bad()
 end
 '
 
+# one_per_line_lua PHASE FILE REQUEST SENTINEL IGNORE OK -> a wrk script (stdout): each
+# thread sends one request per line of its share FILE.<tid> (REQUEST: a Lua expression of
+# `line` and `sent`), then SENTINEL (a Lua request expression) until every request is
+# answered; an answer for which IGNORE holds (a Lua condition on `status` and `body`: the
+# sentinel's) is not counted, the others count as ok when OK holds, else as bad. Prints
+# "ok: N" and "bad: N" (and the first bad answer) at the end.
+one_per_line_lua() {
+  cat <<LUA
+$LUA_THREADS
+function init(args)
+  dir = args[1]; phase = "$1"
+  lines = io.open(dir .. "/$2." .. tid, "r")
+  sent = 0; answered = 0; ok = 0; bad = 0; first_bad = ""; exhausted = false
+end
+function request()
+  if verifying and tid == 1 then verifying = false; return $4 end
+  verifying = false
+  local line = not exhausted and lines:read("*l")
+  if line then
+    sent = sent + 1
+    return $3
+  end
+  exhausted = true
+  return $4
+end
+function response(status, headers, body)
+  if $5 then return end
+  answered = answered + 1
+  if $6 then
+    ok = ok + 1
+  else
+    bad = bad + 1
+    if first_bad == "" then first_bad = status .. " " .. string.sub(body or "", 1, 300) end
+  end
+  if exhausted and answered == sent then mark_done() end
+end
+function done(summary, latency, requests)
+  io.write(string.format("ok: %d\nbad: %d\n", sum("ok"), sum("bad")))
+  local f = first_bad()
+  if f ~= "" then io.write("first bad: " .. f .. "\n") end
+end
+LUA
+}
+
 # ---- set-up ---------------------------------------------------------------------------
 NGINX_PORT=$(free_port)
 start_nginx "$NGINX_PORT"
@@ -195,47 +239,17 @@ if [ "$REVOKED" -gt 0 ]; then
   split_for_threads "$TMP/revoke_ids.txt"
   # Once a thread's ids are all sent, its connections send GET /healthz (a sentinel whose
   # answer is not counted) until every DELETE is answered.
-  cat >"$TMP/revoke.lua" <<LUA
-wrk.headers["Authorization"] = "Bearer $KB_TENANT_TOKEN"
-$LUA_THREADS
-function init(args)
-  dir = args[1]; phase = "revoke"
-  ids = io.open(dir .. "/revoke_ids.txt." .. tid, "r")
-  sent = 0; answered = 0; revoked = 0; bad = 0; first_bad = ""; exhausted = false
-end
-function request()
-  if verifying and tid == 1 then verifying = false; return wrk.format("GET", "/healthz") end
-  verifying = false
-  local id = not exhausted and ids:read("*l")
-  if id then
-    sent = sent + 1
-    return wrk.format("DELETE", "/v1/keys/" .. id)
-  end
-  exhausted = true
-  return wrk.format("GET", "/healthz")
-end
-function response(status, headers, body)
-  if status == 200 and body:find('"status":"ok"', 1, true) then return end
-  answered = answered + 1
-  if status == 200 and body:find('"status":"revoked"', 1, true) then
-    revoked = revoked + 1
-  else
-    bad = bad + 1
-    if first_bad == "" then first_bad = status .. " " .. string.sub(body or "", 1, 300) end
-  end
-  if exhausted and answered == sent then mark_done() end
-end
-function done(summary, latency, requests)
-  io.write(string.format("revoked: %d\nbad: %d\n", sum("revoked"), sum("bad")))
-  local f = first_bad()
-  if f ~= "" then io.write("first bad: " .. f .. "\n") end
-end
-LUA
+  { echo "wrk.headers[\"Authorization\"] = \"Bearer $KB_TENANT_TOKEN\""
+    one_per_line_lua revoke revoke_ids.txt 'wrk.format("DELETE", "/v1/keys/" .. line)' \
+      'wrk.format("GET", "/healthz")' \
+      'status == 200 and body:find("\"status\":\"ok\"", 1, true)' \
+      'status == 200 and body:find("\"status\":\"revoked\"", 1, true)'
+  } >"$TMP/revoke.lua"
   echo "2. revoking $REVOKED keys (DELETE /v1/keys/{id}) ..."
   t0=$(date +%s.%N)
   wrk_until_done revoke "$REVOKE_TIMEOUT" "$TMP/revoke.lua" "http://$KB_CONTROL" "$TMP"
   T_REVOKE=$(elapsed "$t0")
-  r=$(awk '/^revoked:/{print $2}' "$TMP/revoke.wrk"); bad=$(awk '/^bad:/{print $2}' "$TMP/revoke.wrk")
+  r=$(awk '/^ok:/{print $2}' "$TMP/revoke.wrk"); bad=$(awk '/^bad:/{print $2}' "$TMP/revoke.wrk")
   [ "${bad:-1}" = 0 ] && [ "${r:-0}" = "$REVOKED" ] || { cat "$TMP/revoke.wrk" >&2; die "revocation: ${r:-?} revoked, ${bad:-?} other answers"; }
   t1=$(date +%s.%N)
   for _ in $(seq 1 300); do   # at most 30 s after the last DELETE
@@ -272,41 +286,11 @@ split_for_threads "$TMP/live.txt"
 rm -f "$TMP/live.txt"
 # Once a thread's tokens are all sent, its connections send a request without a key (a
 # sentinel: 401 missing_key, not counted) until every keyed request is answered.
-cat >"$TMP/proxy.lua" <<LUA
-$LUA_THREADS
-function init(args)
-  dir = args[1]; phase = "proxy"
-  tokens = io.open(dir .. "/live.txt." .. tid, "r")
-  sent = 0; answered = 0; ok = 0; bad = 0; first_bad = ""; exhausted = false
-end
-function request()
-  if verifying and tid == 1 then verifying = false; return wrk.format("GET", "/stripe/v1/payment_intents/pi_sentinel") end
-  verifying = false
-  local token = not exhausted and tokens:read("*l")
-  if token then
-    sent = sent + 1
-    return wrk.format("GET", "/stripe/v1/payment_intents/pi_" .. sent, {["Authorization"] = "Bearer " .. token})
-  end
-  exhausted = true
-  return wrk.format("GET", "/stripe/v1/payment_intents/pi_sentinel")
-end
-function response(status, headers, body)
-  if status == 401 and body:find('"missing_key"', 1, true) then return end
-  answered = answered + 1
-  if status == 200 and body:find('"object":"payment_intent"', 1, true) then
-    ok = ok + 1
-  else
-    bad = bad + 1
-    if first_bad == "" then first_bad = status .. " " .. string.sub(body or "", 1, 300) end
-  end
-  if exhausted and answered == sent then mark_done() end
-end
-function done(summary, latency, requests)
-  io.write(string.format("ok: %d\nbad: %d\n", sum("ok"), sum("bad")))
-  local f = first_bad()
-  if f ~= "" then io.write("first bad: " .. f .. "\n") end
-end
-LUA
+one_per_line_lua proxy live.txt \
+  'wrk.format("GET", "/stripe/v1/payment_intents/pi_" .. sent, {["Authorization"] = "Bearer " .. line})' \
+  'wrk.format("GET", "/stripe/v1/payment_intents/pi_sentinel")' \
+  'status == 401 and body:find("\"missing_key\"", 1, true)' \
+  'status == 200 and body:find("\"object\":\"payment_intent\"", 1, true)' >"$TMP/proxy.lua"
 echo "3. one request per live key through the node ($KEYS x GET /stripe/v1/payment_intents/pi_N, not metered) ..."
 t0=$(date +%s.%N)
 wrk_until_done proxy "$PROXY_TIMEOUT" "$TMP/proxy.lua" "http://$KB_PROXY" "$TMP"

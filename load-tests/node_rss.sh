@@ -109,12 +109,19 @@ local function sum(name)
   for _, t in ipairs(threads) do s = s + (t:get(name) or 0) end
   return s
 end
-local function first_bad()
+-- Answers a thread did not expect for its phase are counted in `bad`, the first
+-- kept in `first_bad` (thread globals, read back by report()).
+local function note_bad(status, body)
+  bad = bad + 1
+  if first_bad == "" then first_bad = status .. " " .. string.sub(body or "", 1, 300) end
+end
+-- At the end (main state): "LABEL: N" (COUNTED summed over threads), "bad: N", the first bad.
+local function report(label, counted)
+  io.write(string.format("%s: %d\nbad: %d\n", label, sum(counted), sum("bad")))
   for _, t in ipairs(threads) do
     local f = t:get("first_bad")
-    if f and f ~= "" then return f end
+    if f and f ~= "" then io.write("first bad: " .. f .. "\n"); return end
   end
-  return ""
 end
 '
 
@@ -149,16 +156,11 @@ function response(status, headers, body)
   if $6 then
     ok = ok + 1
   else
-    bad = bad + 1
-    if first_bad == "" then first_bad = status .. " " .. string.sub(body or "", 1, 300) end
+    note_bad(status, body)
   end
   if exhausted and answered == sent then mark_done() end
 end
-function done(summary, latency, requests)
-  io.write(string.format("ok: %d\nbad: %d\n", sum("ok"), sum("bad")))
-  local f = first_bad()
-  if f ~= "" then io.write("first bad: " .. f .. "\n") end
-end
+function done(summary, latency, requests) report("ok", "ok") end
 LUA
 }
 
@@ -196,16 +198,11 @@ function response(status, headers, body)
     created = created + 1
     if created == quota then out:close(); mark_done() end
   else
-    bad = bad + 1
-    if first_bad == "" then first_bad = status .. " " .. string.sub(body or "", 1, 300) end
+    note_bad(status, body)
     if bad >= 100 then out:close(); mark_done() end
   end
 end
-function done(summary, latency, requests)
-  io.write(string.format("issued: %d\nbad: %d\n", sum("created"), sum("bad")))
-  local f = first_bad()
-  if f ~= "" then io.write("first bad: " .. f .. "\n") end
-end
+function done(summary, latency, requests) report("issued", "created") end
 LUA
 echo "1. issuing $TOTAL keys (POST /v1/keys, allowed_endpoints [\"GET /v1/payment_intents/*\"], expires_in $TTL) ..."
 t0=$(date +%s.%N)

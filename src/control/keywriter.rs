@@ -4,19 +4,18 @@
 //! one commit serves many keys instead of one. The same insert serves both backends; a
 //! lost database is reported as `store::Unavailable` (503 to the caller).
 //!
-//! On SQLite one lane writes (the file has one writer). On PostgreSQL several lanes do,
-//! each on its own connection: while one batch waits for its commit to be flushed, the
-//! next is already being inserted, so a key never waits for a whole earlier commit before
-//! its own starts.
+//! One writer serves both backends: while its insert is in flight the next calls queue,
+//! and the next statement takes them all. Several writers at once were measured worse on
+//! PostgreSQL (load-tests/RESULTS.md, 2026-12-03 sixth session): they split the queue into
+//! small batches, each a statement and a commit of its own, and at 6 concurrent callers
+//! the p99 was 53–87 ms against 4–9 ms with one writer, the database sharing keybrake's
+//! core. With one writer a key waits at most for the commit in flight and its own.
 
 use super::store::{is_unavailable, KeyRow, Store, Unavailable};
 use anyhow::{anyhow, Result};
-use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
 const BATCH: usize = 512;
-/// Batches in flight at once on PostgreSQL.
-const PG_LANES: usize = 4;
 
 /// A failed batch, as each of its callers gets it: unavailable storage, and the message.
 type Failure = (bool, String);
@@ -29,34 +28,20 @@ pub struct KeyWriter {
 
 impl KeyWriter {
     pub fn start(store: Store) -> KeyWriter {
-        let (tx, rx) = mpsc::channel::<Job>(BATCH * 8);
-        let lanes = if store.postgres().is_some() {
-            PG_LANES
-        } else {
-            1
-        };
-        // The lane holding the receiver takes what has queued; it lets go before inserting,
-        // so the next lane gathers the next batch meanwhile.
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..lanes {
-            let (store, rx) = (store.clone(), rx.clone());
-            tokio::spawn(async move {
-                let mut jobs = Vec::with_capacity(BATCH);
-                loop {
-                    if rx.lock().await.recv_many(&mut jobs, BATCH).await == 0 {
-                        return;
-                    }
-                    let rows: Vec<KeyRow> = jobs.iter().map(|(row, _)| row.clone()).collect();
-                    let result = store
-                        .insert_keys(&rows)
-                        .await
-                        .map_err(|e| (is_unavailable(&e), format!("{e:#}")));
-                    for (_, reply) in jobs.drain(..) {
-                        let _ = reply.send(result.clone());
-                    }
+        let (tx, mut rx) = mpsc::channel::<Job>(BATCH * 8);
+        tokio::spawn(async move {
+            let mut jobs = Vec::with_capacity(BATCH);
+            while rx.recv_many(&mut jobs, BATCH).await > 0 {
+                let rows: Vec<KeyRow> = jobs.iter().map(|(row, _)| row.clone()).collect();
+                let result = store
+                    .insert_keys(&rows)
+                    .await
+                    .map_err(|e| (is_unavailable(&e), format!("{e:#}")));
+                for (_, reply) in jobs.drain(..) {
+                    let _ = reply.send(result.clone());
                 }
-            });
-        }
+            }
+        });
         KeyWriter { tx }
     }
 

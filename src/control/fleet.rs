@@ -5,6 +5,7 @@
 
 use super::Control;
 use crate::ids::{new_id, token_hash};
+use crate::money::Micros;
 use crate::sync::{AuditEvent, Grant, LeaseCommit, LeaseReport, LeaseRequest, LedgerError};
 use crate::token::{now_secs, unix_ms, Jwks};
 use anyhow::Result;
@@ -312,8 +313,45 @@ impl Control {
         session: &str,
         requests: Vec<LeaseRequest>,
     ) -> Vec<Result<Grant, LedgerError>> {
+        let asked = requests.len();
+        let requests = match self.checked_against_keys(requests).await {
+            Ok(requests) => requests,
+            Err(e) => {
+                let e = format!("{e:#}");
+                return (0..asked).map(|_| Err(LedgerError(e.clone()))).collect();
+            }
+        };
         self.lease_many_for(&holder_id(node, session), requests)
             .await
+    }
+
+    /// A node's lease requests as the key rows have them: the cap is the key's, not the
+    /// node's word, and a key that does not exist, belongs to another tenant, is
+    /// revoked or expired, or a day that is not yesterday, today or tomorrow (UTC) is
+    /// asked for nothing. (`serve`'s own proxy asks with claims this process verified.)
+    async fn checked_against_keys(&self, requests: Vec<LeaseRequest>) -> Result<Vec<LeaseRequest>> {
+        let mut ids: Vec<&str> = requests.iter().map(|r| r.key_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let keys = self.store.key_limits(&ids).await?;
+        let now = now_secs();
+        let today = crate::sync::utc_day(now);
+        Ok(requests
+            .into_iter()
+            .map(|mut r| {
+                let usable = keys.get(&r.key_id).filter(|k| {
+                    k.tenant_id == r.tenant_id
+                        && k.revoked_at.is_none()
+                        && k.expires_at > now
+                        && (today - 1..=today + 1).contains(&r.day)
+                });
+                match usable {
+                    Some(k) => r.cap = k.daily_cap,
+                    None => r.min = Micros::ZERO,
+                }
+                r
+            })
+            .collect())
     }
 
     pub async fn node_report(

@@ -51,6 +51,12 @@ const PG_GRANT_ROWS: &str =
     "SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[])
          AS r(k, d, cap, mn, wt)";
 
+/// A report's settled spend (`r.s`, never negative) added to a ledger row, saturating at
+/// 2^62 micro-USD (far past any cap) instead of overflowing: no report, however large,
+/// can make the row unreadable or wrap it around to a small number.
+const SETTLE: &str = "CASE WHEN r.s > 4611686018427387904 - ledger.settled
+     THEN 4611686018427387904 ELSE ledger.settled + r.s END";
+
 /// The grant taken from a row (`r`) of the batch: the remaining budget, at most `wt`,
 /// or nothing when it is below `mn`. The same text on both backends.
 const GRANT: &str = "CASE WHEN r.cap - ledger.settled - ledger.held >= r.mn
@@ -63,9 +69,15 @@ impl Store {
     /// `requests` (none where the key's remaining budget is below `min`). Of each grant,
     /// up to the request's `commit` joins the lease as committed in the same statement
     /// (the write-ahead of the reservation that asked, see the module comment).
+    ///
+    /// Nothing is granted to a holder that is not alive at `now` (never registered, past
+    /// its life, or reclaimed): a lease granted then would never be given back. The
+    /// holder's row is read first, shared-locked on PostgreSQL, so a reclaim running at
+    /// the same time either sees this grant's leases or makes it grant nothing.
     pub async fn lease_grant_many(
         &self,
         holder: &str,
+        now: i64,
         requests: &[GrantRequest],
     ) -> Result<Vec<Grant>> {
         let mut grants = vec![Grant::NONE; requests.len()];
@@ -91,6 +103,18 @@ impl Store {
             rounds.push(round);
         }
         in_transaction!(self, |tx| {
+            let alive: Option<i64> = sqlx::query_scalar(if tx.is_postgres() {
+                "SELECT alive_until FROM holders WHERE id = $1 FOR SHARE"
+            } else {
+                "SELECT alive_until FROM holders WHERE id = $1"
+            })
+            .bind(holder)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if alive.is_none_or(|until| until < now) {
+                tx.rollback().await?;
+                return Ok(grants);
+            }
             for round in &rounds {
                 let asks: Vec<&GrantRequest> = round.iter().map(|&i| &requests[i]).collect();
                 let granted = tx.grant_round(&asks).await?;
@@ -444,7 +468,7 @@ impl BatchConn for SqliteConnection {
         .execute(&mut *self)
         .await?;
         sqlx::query(&format!(
-            "UPDATE ledger SET settled = settled + r.s, held = max(held - r.t, 0)
+            "UPDATE ledger SET settled = {SETTLE}, held = max(held - r.t, 0)
              FROM ({rows1}) AS r WHERE ledger.key_id = r.k AND ledger.day = r.d"
         ))
         .bind(&rows)
@@ -610,7 +634,7 @@ impl BatchConn for PgConnection {
                  ON CONFLICT (key_id, day) DO NOTHING"
             ),
             format!(
-                "UPDATE ledger SET settled = ledger.settled + r.s,
+                "UPDATE ledger SET settled = {SETTLE},
                                    held = GREATEST(ledger.held - r.t, 0)
                  FROM {ROWS} WHERE ledger.key_id = r.k AND ledger.day = r.d
                    AND $5::TEXT IS NOT NULL"
@@ -667,7 +691,7 @@ mod tests {
     async fn committed_budget(s: Store) {
         s.register_holder("h1", 0, 100).await.unwrap();
         let grants = s
-            .lease_grant_many("h1", &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 4)])
+            .lease_grant_many("h1", 50, &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 4)])
             .await
             .unwrap();
         assert_eq!(granted(grants), vec![Micros(10), Micros(4)]);
@@ -707,8 +731,9 @@ mod tests {
         assert_eq!(back, Micros(4));
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(4));
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().held, Micros::ZERO);
+        s.register_holder("h2", 0, 100).await.unwrap();
         let again = s
-            .lease_grant_many("h2", &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 10)])
+            .lease_grant_many("h2", 50, &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 10)])
             .await
             .unwrap();
         assert_eq!(granted(again), vec![Micros(6), Micros(10)]);
@@ -736,12 +761,16 @@ mod tests {
     }
 
     async fn batch_grants(s: Store) {
-        s.lease_grant("h1", "k_a", 7, Micros(10), Micros(1), Micros(8))
+        for h in ["h1", "h2", "h3"] {
+            s.register_holder(h, 0, 100).await.unwrap();
+        }
+        s.lease_grant_many("h1", 50, &[ask("k_a", 10, 1, 8)])
             .await
             .unwrap();
         let grants = s
             .lease_grant_many(
                 "h2",
+                50,
                 &[
                     ask("k_a", 10, 1, 5),   // 2 left of 10
                     ask("k_b", 10, 4, 6),   // new key
@@ -778,10 +807,52 @@ mod tests {
         assert!(s.leases_of("h2").await.unwrap().is_empty());
         // k_b: 3 of 10 free again; k_a: 8 held by h1, 1 settled, 1 free.
         let again = s
-            .lease_grant_many("h3", &[ask("k_b", 10, 1, 10), ask("k_a", 10, 1, 10)])
+            .lease_grant_many("h3", 50, &[ask("k_b", 10, 1, 10), ask("k_a", 10, 1, 10)])
             .await
             .unwrap();
         assert_eq!(granted(again), vec![Micros(3), Micros(1)]);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_granted_to_a_holder_not_alive_and_settled_spend_never_overflows() {
+        holders_and_saturation(store("holder-alive").await).await;
+        holders_and_saturation(crate::control::store::tests::postgres().await).await;
+    }
+
+    async fn holders_and_saturation(s: Store) {
+        s.register_holder("h1", 0, 100).await.unwrap();
+        let one = [ask("k_a", 10, 1, 4)];
+        // Never registered, past its life, reclaimed: a lease to it would never come back.
+        assert_eq!(
+            granted(s.lease_grant_many("h_unknown", 50, &one).await.unwrap()),
+            [Micros::ZERO]
+        );
+        assert_eq!(
+            granted(s.lease_grant_many("h1", 101, &one).await.unwrap()),
+            [Micros::ZERO]
+        );
+        assert_eq!(
+            granted(s.lease_grant_many("h1", 100, &one).await.unwrap()),
+            [Micros(4)]
+        );
+        s.reclaim_holder("h1", &HashMap::new()).await.unwrap();
+        assert_eq!(
+            granted(s.lease_grant_many("h1", 50, &one).await.unwrap()),
+            [Micros::ZERO]
+        );
+        assert_eq!(s.ledger_row("k_a", 7).await.unwrap().held, Micros::ZERO);
+        // Settled spend saturates at 2^62 instead of wrapping around (or turning into a
+        // REAL on SQLite): the row stays readable.
+        let huge = Micros(i64::MAX / 4 * 3);
+        for _ in 0..3 {
+            s.lease_report_many("h1", &[row("k_a", huge.0, 0, 0, 0)])
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            s.ledger_row("k_a", 7).await.unwrap().settled,
+            Micros(1 << 62)
+        );
     }
 
     #[tokio::test]
@@ -799,6 +870,7 @@ mod tests {
         let grants = s
             .lease_grant_many(
                 "h1",
+                50,
                 &[
                     with_commit("k_a", 3, 6, 3),   // 3 of the 6 committed
                     with_commit("k_b", 2, 4, 9),   // more than granted: all 4

@@ -881,7 +881,7 @@ impl Control {
                 }
             })
             .collect();
-        match self.store.lease_grant_many(holder, &asks).await {
+        match self.store.lease_grant_many(holder, now_secs(), &asks).await {
             Ok(grants) => grants.into_iter().map(Ok).collect(),
             Err(e) => {
                 let e = format!("{e:#}");
@@ -895,7 +895,11 @@ impl Control {
         let mut rows = Vec::with_capacity(reports.len());
         for r in reports {
             rows.push(ledger_batch::ReportRow {
-                settled: r.spent.checked_add(r.overspent).ok_or_else(overflow)?,
+                settled: r
+                    .spent
+                    .checked_add(r.overspent)
+                    .ok_or_else(overflow)?
+                    .max(Micros::ZERO),
                 key_id: r.key_id,
                 day: r.day,
                 spent: r.spent,

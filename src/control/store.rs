@@ -115,6 +115,15 @@ macro_rules! in_transaction {
 }
 pub(super) use in_transaction;
 
+/// A key as a lease request is checked against (`Store::key_limits`).
+#[derive(Debug, Clone)]
+pub struct KeyLimits {
+    pub tenant_id: String,
+    pub daily_cap: Micros,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct KeyRow {
     pub seq: i64,
@@ -912,30 +921,6 @@ impl Store {
         .collect()))
     }
 
-    /// Grants `holder` between `min` and `want` of the key's remaining budget for `day`
-    /// (`cap` less settled and held), or nothing: `lease_grant_many` for one request,
-    /// nothing committed.
-    pub async fn lease_grant(
-        &self,
-        holder: &str,
-        key_id: &str,
-        day: i64,
-        cap: Micros,
-        min: Micros,
-        want: Micros,
-    ) -> Result<Micros> {
-        let ask = super::ledger_batch::GrantRequest {
-            key_id: key_id.into(),
-            day,
-            cap,
-            min,
-            want,
-            commit: Micros::ZERO,
-        };
-        let grants = self.lease_grant_many(holder, &[ask]).await?;
-        Ok(grants.first().map_or(Micros::ZERO, |g| g.granted))
-    }
-
     /// Gives back the leases of a dead holder, after adding to each key's settled spend
     /// what it spent of its lease: the lease's committed part (write-ahead, see
     /// `ledger_batch`) or what `known_spent` says, whichever is more, at most the lease.
@@ -948,6 +933,15 @@ impl Store {
         known_spent: &std::collections::HashMap<(String, i64), Micros>,
     ) -> Result<Micros> {
         in_transaction!(self, |tx| {
+            // The holder first, as a grant locks it (`lease_grant_many`): a grant to it
+            // in flight commits before its leases are read here, or grants nothing.
+            sqlx::query(&for_update(
+                tx.is_postgres(),
+                "SELECT id FROM holders WHERE id = $1",
+            ))
+            .bind(holder)
+            .fetch_optional(&mut *tx)
+            .await?;
             let mut slots: Vec<(String, i64)> =
                 sqlx::query("SELECT key_id, day FROM leases WHERE holder = $1")
                     .bind(holder)
@@ -992,6 +986,45 @@ impl Store {
                 .await?;
             tx.commit().await?;
             Ok(returned)
+        })
+    }
+
+    /// What a node's lease request is checked against, for each of `ids` that exists:
+    /// the key's tenant, daily cap (micro-USD), expiry and revocation time.
+    pub async fn key_limits(
+        &self,
+        ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, KeyLimits>> {
+        fn limits(r: &impl TableRow) -> (String, KeyLimits) {
+            let limits = KeyLimits {
+                tenant_id: r.text("tenant_id"),
+                daily_cap: Micros(r.int("daily_cap")),
+                expires_at: r.int("expires_at"),
+                revoked_at: r.int_opt("revoked_at"),
+            };
+            (r.text("id"), limits)
+        }
+        Ok(match &self.backend {
+            Backend::Sqlite { reader, .. } => sqlx::query(
+                "SELECT id, tenant_id, daily_cap, expires_at, revoked_at FROM keys
+                 WHERE id IN (SELECT value FROM json_each($1))",
+            )
+            .bind(serde_json::to_string(ids)?)
+            .fetch_all(reader)
+            .await?
+            .iter()
+            .map(limits)
+            .collect(),
+            Backend::Postgres(pool) => sqlx::query(
+                "SELECT id, tenant_id, daily_cap, expires_at, revoked_at FROM keys
+                 WHERE id = ANY($1::TEXT[])",
+            )
+            .bind(ids)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(limits)
+            .collect(),
         })
     }
 
@@ -1552,25 +1585,21 @@ pub(super) mod tests {
         // The ledger: grant, report, a dead holder's leases given back.
         s.register_holder("h1", 0, 10).await.unwrap();
         s.register_holder("h2", 0, 10).await.unwrap();
-        let cap = Micros(100);
-        assert_eq!(
-            s.lease_grant("h1", "k", 9, cap, Micros(10), Micros(60))
-                .await
-                .unwrap(),
-            Micros(60)
-        );
-        assert_eq!(
-            s.lease_grant("h2", "k", 9, cap, Micros(10), Micros(60))
-                .await
-                .unwrap(),
-            Micros(40)
-        );
-        assert_eq!(
-            s.lease_grant("h2", "k", 9, cap, Micros(1), Micros(1))
-                .await
-                .unwrap(),
-            Micros::ZERO
-        );
+        let grant = |holder: &'static str, min: i64, want: i64| {
+            let ask = crate::control::ledger_batch::GrantRequest {
+                key_id: "k".into(),
+                day: 9,
+                cap: Micros(100),
+                min: Micros(min),
+                want: Micros(want),
+                commit: Micros::ZERO,
+            };
+            let s = &s;
+            async move { s.lease_grant_many(holder, 5, &[ask]).await.unwrap()[0].granted }
+        };
+        assert_eq!(grant("h1", 10, 60).await, Micros(60));
+        assert_eq!(grant("h2", 10, 60).await, Micros(40));
+        assert_eq!(grant("h2", 1, 1).await, Micros::ZERO);
         // 25 of the 60 spent, the other 35 returned.
         let report = crate::control::ledger_batch::ReportRow {
             key_id: "k".into(),

@@ -6,6 +6,7 @@ use super::api::{rfc3339, ApiState};
 use super::auth::{Admin, Node};
 use super::errors::{ApiError, ApiResult};
 use super::fleet::SyncAnswer;
+use crate::money::{Micros, MAX_USD};
 use crate::sync::{AuditEvent, LeaseCommit, LeaseReport, LeaseRequest};
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
@@ -101,6 +102,11 @@ async fn leases(
     if body.requests.len() > MAX_BATCH {
         return Err(too_many());
     }
+    amounts_in_range(
+        body.requests
+            .iter()
+            .flat_map(|r| [&r.cap, &r.min, &r.want, &r.commit]),
+    )?;
     let grants: Vec<Value> = s
         .control
         .node_leases(&node.id, &node.session, body.requests)
@@ -128,6 +134,11 @@ async fn reports(
     if body.reports.len() > MAX_BATCH {
         return Err(too_many());
     }
+    amounts_in_range(
+        body.reports
+            .iter()
+            .flat_map(|r| [&r.spent, &r.returned, &r.overspent, &r.unreserved]),
+    )?;
     if let Err(e) = s
         .control
         .node_report(&node.id, &node.session, body.reports)
@@ -163,6 +174,7 @@ async fn commits(
     if body.commits.len() > MAX_BATCH {
         return Err(too_many());
     }
+    amounts_in_range(body.commits.iter().map(|c| &c.amount))?;
     let committed = s
         .control
         .node_commit(&node.id, &node.session, body.commits)
@@ -203,6 +215,22 @@ async fn audit(
         return Err(ApiError::StorageUnavailable);
     }
     Ok(Json(json!({ "recorded": n })))
+}
+
+/// Every amount a node sends is micro-USD between 0 and `MAX_USD`: a negative spend
+/// would give budget back, and a huge one overflow the ledger.
+fn amounts_in_range<'a>(amounts: impl IntoIterator<Item = &'a Micros>) -> Result<(), ApiError> {
+    if amounts
+        .into_iter()
+        .all(|a| (Micros::ZERO..=MAX_USD).contains(a))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidRequest(format!(
+            "amounts must be 0 to {} micro-USD",
+            MAX_USD.0
+        )))
+    }
 }
 
 fn too_many() -> ApiError {

@@ -1,0 +1,114 @@
+"""A node's word on the sync channel is checked, not taken (SPEC §5: the control plane is
+the ledger). Raw sync calls with a valid node token, as a compromised or buggy node would
+send them: the cap comes from the key row, not the request; another tenant's, an unknown,
+an expired or a revoked key, a far day, and a session that never said hello are granted
+nothing; negative or huge amounts are refused with 400 and never reach the ledger."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+import pytest
+
+from fleet import ControlPlane
+from harness import write_config
+
+MAX_USD_MICROS = 1_000_000_000 * 1_000_000
+
+
+@pytest.fixture
+def node_channel(tmp_path, fake_stripe, stripe_secret):
+    """A control plane, two tenants with a Stripe credential, and a sync call helper for
+    one node session that said hello."""
+    control = ControlPlane(tmp_path / "control", {"stripe": fake_stripe.url},
+                           config=write_config(tmp_path / "conf", leases={"lifetime_seconds": 30}))
+    control.start()
+    try:
+        tenants = []
+        for name in ("acme", "other"):
+            t = control.create_tenant(name)
+            t.put_credential("stripe", stripe_secret)
+            tenants.append(t)
+        token = control.create_node("suspect")["node_token"]
+
+        def sync(path: str, body: dict | None = None, session: str = "s_suspect"):
+            return control.control("POST", f"/v1/sync/{path}", token=token,
+                                   headers={"keybrake-node-session": session}, json=body or {})
+
+        assert sync("hello").status_code == 200
+        yield control, tenants, sync
+    finally:
+        control.stop()
+
+
+def today() -> int:
+    return int(time.time()) // 86_400
+
+
+def lease(key: dict, tenant_id: str, cap: int, want: int, day: int | None = None) -> dict:
+    return {"key_id": key["id"], "tenant_id": tenant_id, "day": today() if day is None else day,
+            "cap": cap, "min": 1, "want": want}
+
+
+def granted(resp) -> list[int]:
+    assert resp.status_code == 200, resp.text
+    return [g.get("granted", 0) for g in resp.json()["grants"]]
+
+
+def test_a_node_cannot_raise_a_keys_cap(node_channel):
+    control, (acme, _), sync = node_channel
+    key = acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+    # The node claims a $500 cap and wants $400: it gets at most the key's $10.
+    assert granted(sync("leases", {"requests": [lease(key, acme.id, 500_000_000, 400_000_000)]})) == [10_000_000]
+    assert granted(sync("leases", {"requests": [lease(key, acme.id, 500_000_000, 1)]})) == [0]
+    assert Decimal(str(acme.get_key(key["id"])["spent_today_usd"])) <= 10
+
+
+def test_keys_a_node_may_not_spend_are_granted_nothing(node_channel):
+    control, (acme, other), sync = node_channel
+    key = acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+    short = acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10,
+                           expires_in="1s")
+    revoked = acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+    assert acme.revoke(revoked["id"]).status_code == 200
+    time.sleep(2.1)  # `short` has expired
+    asks = [
+        lease(key, other.id, 10_000_000, 5_000_000),              # another tenant's key
+        lease({"id": "key_doesnotexist"}, acme.id, 10_000_000, 5_000_000),
+        lease(short, acme.id, 10_000_000, 5_000_000),              # expired
+        lease(revoked, acme.id, 10_000_000, 5_000_000),            # revoked
+        lease(key, acme.id, 10_000_000, 5_000_000, day=2**62),    # a far day
+        lease(key, acme.id, 10_000_000, 5_000_000, day=today() + 5),
+    ]
+    assert granted(sync("leases", {"requests": asks})) == [0] * len(asks)
+    # A session that never said hello holds nothing either: its lease could never be
+    # given back.
+    assert granted(sync("leases", {"requests": [lease(key, acme.id, 10_000_000, 5_000_000)]},
+                        session="s_never_said_hello")) == [0]
+    # The same request, honest, from the session that said hello: granted.
+    assert granted(sync("leases", {"requests": [lease(key, acme.id, 10_000_000, 5_000_000)]})) == [5_000_000]
+    assert acme.get_key(key["id"])["spent_today_usd"] == 5
+
+
+@pytest.mark.parametrize("field,value", [
+    ("spent", -7_000_000), ("overspent", -100_000_000), ("returned", -1), ("unreserved", -1),
+    ("overspent", 2**63 - 1), ("spent", MAX_USD_MICROS + 1),
+])
+def test_reports_with_negative_or_huge_amounts_are_refused(node_channel, field, value):
+    control, (acme, _), sync = node_channel
+    key = acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+    assert granted(sync("leases", {"requests": [lease(key, acme.id, 10_000_000, 2_000_000)]})) == [2_000_000]
+    report = {"key_id": key["id"], "day": today(), "spent": 0, "returned": 0, "overspent": 0,
+              field: value}
+    resp = sync("reports", {"reports": [report]})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "invalid_request"
+    # Nothing reached the ledger: the key still shows the $2 lease, and its listing reads.
+    assert acme.get_key(key["id"])["spent_today_usd"] == 2
+    assert any(k["id"] == key["id"] for k in acme.call("GET", "/v1/keys").json()["data"])
+    # Lease and commit amounts are held to the same range.
+    bad_lease = dict(lease(key, acme.id, 10_000_000, 1), want=-5)
+    assert sync("leases", {"requests": [bad_lease]}).status_code == 400
+    bad_commit = {"key_id": key["id"], "day": today(), "amount": -1}
+    assert sync("commits", {"commits": [bad_commit]}).status_code == 400

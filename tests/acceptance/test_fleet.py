@@ -166,7 +166,8 @@ def test_an_oversized_audit_path_is_cut_and_never_stalls_a_nodes_audit(fleet):
         return events if any(ev["decision"] == "allowed" for ev in events) else None
 
     events = wait_until(audited, timeout=5)
-    assert events, f"the node's audit stalled: {e.logs()[-2000:]}"
+    assert events, ("the node's audit stalled",
+                    [line for line in e.logs().splitlines() if "audit" in line and len(line) < 500][-3:])
     cut = [ev for ev in events if ev["path"].startswith('/stripe/"')]
     assert len(cut) == 1, (events, answer[:400])
     assert cut[0]["path"].endswith('"…') and len(cut[0]["path"].encode()) == 2048, cut[0]["path"][-20:]

@@ -38,6 +38,15 @@ pub struct EdgeOptions {
 const AUDIT_BUFFER: usize = 50_000;
 /// Largest audit batch body: under the control API's 64 KiB request limit.
 const AUDIT_BATCH_BYTES: usize = 48 * 1024;
+/// Largest audit event sent, serialized. `proxy::audit::bounded` keeps every event under
+/// 10 KiB whatever the request; one larger still (never expected) is dropped and counted
+/// rather than sent. A batch body is at most AUDIT_BATCH_BYTES, or one event when a single
+/// event is larger: either way under the control plane's limit, so it is never refused
+/// for its size.
+const AUDIT_EVENT_MAX_BYTES: usize = 16 * 1024;
+// 64: the framing, `{"batch":N,"events":[` and `]}`.
+const _: () = assert!(AUDIT_BATCH_BYTES + 64 <= crate::control::api::MAX_BODY_BYTES);
+const _: () = assert!(AUDIT_EVENT_MAX_BYTES + 64 <= crate::control::api::MAX_BODY_BYTES);
 /// Most leases asked for in one request.
 const LEASE_BATCH: usize = 200;
 /// Most write-ahead rows in one request: well under the control API's 64 KiB body limit.
@@ -90,6 +99,10 @@ impl EdgeMetrics {
 enum CallError {
     /// The node token is not (or no longer) accepted.
     Unauthorized,
+    /// The control plane refused this body for good (400, 413, 422): sending it again
+    /// cannot succeed.
+    Refused(String),
+    /// Anything else (transport, 5xx, 429, 408…): worth trying again.
     Other(String),
 }
 
@@ -166,10 +179,15 @@ impl SyncClient {
             Err(ureq::Error::Status(401, _)) => Err(CallError::Unauthorized),
             Err(ureq::Error::Status(code, resp)) => {
                 let body: Value = resp.into_json().unwrap_or(Value::Null);
-                Err(CallError::Other(format!(
+                let why = format!(
                     "{path} answered {code} {}",
                     body["code"].as_str().unwrap_or("")
-                )))
+                );
+                if matches!(code, 400 | 413 | 422) {
+                    Err(CallError::Refused(why))
+                } else {
+                    Err(CallError::Other(why))
+                }
             }
             Err(ureq::Error::Transport(t)) => Err(CallError::Other(format!("{path}: {t}"))),
         }
@@ -218,7 +236,7 @@ impl HttpLedger {
                 _ => fail("the control plane's lease answer does not match the request"),
             },
             Some(Err(CallError::Unauthorized)) => fail("this node's token was refused"),
-            Some(Err(CallError::Other(e))) => fail(&e),
+            Some(Err(CallError::Other(e) | CallError::Refused(e))) => fail(&e),
             None => fail("lease request task failed"),
         };
         let failed = out.iter().filter(|r| r.is_err()).count();
@@ -330,7 +348,9 @@ impl Ledger for HttpLedger {
                 Some(Err(CallError::Unauthorized)) => {
                     return Err(LedgerError("this node's token was refused".into()))
                 }
-                Some(Err(CallError::Other(e))) => return Err(LedgerError(e)),
+                Some(Err(CallError::Other(e) | CallError::Refused(e))) => {
+                    return Err(LedgerError(e))
+                }
                 None => return Err(LedgerError("commit task failed".into())),
             }
         }
@@ -347,31 +367,58 @@ impl Ledger for HttpLedger {
 /// (`keybrake_audit_dropped_total`), never allowed to block a request.
 pub struct EdgeAudit {
     tx: std::sync::mpsc::SyncSender<AuditEvent>,
-    /// Events recorded and not yet accepted by the control plane.
+    counts: AuditCounts,
+}
+
+/// The node's audit events recorded and not yet settled (accepted by the control plane,
+/// or dropped): read by `flush`, shown as `keybrake_audit_queue_depth`.
+#[derive(Clone)]
+struct AuditCounts {
     pending: Arc<AtomicU64>,
+    depth: IntGauge,
     dropped: IntCounter,
 }
 
-impl EdgeAudit {
-    fn start(client: Arc<SyncClient>, dropped: IntCounter) -> Arc<EdgeAudit> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<AuditEvent>(AUDIT_BUFFER);
-        let pending = Arc::new(AtomicU64::new(0));
-        let sent = pending.clone();
-        std::thread::Builder::new()
-            .name("edge-audit".into())
-            .spawn(move || audit_sender(client, rx, sent))
-            .expect("spawn the audit thread");
-        Arc::new(EdgeAudit {
-            tx,
-            pending,
-            dropped,
-        })
+impl AuditCounts {
+    fn recorded(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.depth.inc();
     }
 
-    /// Waits until every recorded event reached the control plane, at most `timeout`.
+    /// `n` events the control plane took.
+    fn settled(&self, n: u64) {
+        self.pending.fetch_sub(n, Ordering::AcqRel);
+        self.depth.sub(n as i64);
+    }
+
+    /// `n` events given up on: settled, and counted as dropped.
+    fn dropped(&self, n: u64) {
+        self.settled(n);
+        self.dropped.inc_by(n);
+    }
+}
+
+impl EdgeAudit {
+    fn start(client: Arc<SyncClient>, depth: IntGauge, dropped: IntCounter) -> Arc<EdgeAudit> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<AuditEvent>(AUDIT_BUFFER);
+        let counts = AuditCounts {
+            pending: Arc::new(AtomicU64::new(0)),
+            depth,
+            dropped,
+        };
+        let sender = counts.clone();
+        std::thread::Builder::new()
+            .name("edge-audit".into())
+            .spawn(move || audit_sender(client, rx, sender))
+            .expect("spawn the audit thread");
+        Arc::new(EdgeAudit { tx, counts })
+    }
+
+    /// Waits until every recorded event reached the control plane (or was given up on),
+    /// at most `timeout`.
     fn flush(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        while self.pending.load(Ordering::Acquire) > 0 {
+        while self.counts.pending.load(Ordering::Acquire) > 0 {
             if Instant::now() >= deadline {
                 return false;
             }
@@ -383,69 +430,92 @@ impl EdgeAudit {
 
 impl AuditSink for EdgeAudit {
     fn record(&self, event: AuditEvent) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.counts.recorded();
         if self.tx.try_send(event).is_err() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            self.dropped.inc();
+            self.counts.dropped(1);
         }
     }
+}
+
+/// Appends one serialized event to a batch body being built.
+fn push_event(body: &mut String, n: &mut u64, event: &str) {
+    if *n > 0 {
+        body.push(',');
+    }
+    body.push_str(event);
+    *n += 1;
 }
 
 fn audit_sender(
     client: Arc<SyncClient>,
     rx: std::sync::mpsc::Receiver<AuditEvent>,
-    pending: Arc<AtomicU64>,
+    counts: AuditCounts,
 ) {
-    // Each event is serialized once, straight into the batch's body text.
-    let json = |e: &AuditEvent| serde_json::to_string(e).unwrap_or_else(|_| "null".into());
-    let mut body = String::with_capacity(AUDIT_BATCH_BYTES + 1024);
+    // Each event is serialized once, straight into the batch's body text. One over the
+    // bound would make a batch the control plane refuses: dropped instead (see
+    // AUDIT_EVENT_MAX_BYTES; `proxy::audit::bounded` makes this unreachable).
+    let json = |e: &AuditEvent| match serde_json::to_string(e) {
+        Ok(text) if text.len() <= AUDIT_EVENT_MAX_BYTES => Some(text),
+        Ok(text) => {
+            log::warn!(
+                "an audit event of {} bytes is over the {AUDIT_EVENT_MAX_BYTES}-byte bound: dropped",
+                text.len()
+            );
+            counts.dropped(1);
+            None
+        }
+        Err(err) => {
+            log::warn!("an audit event could not be serialized ({err}): dropped");
+            counts.dropped(1);
+            None
+        }
+    };
+    let mut body = String::with_capacity(AUDIT_BATCH_BYTES + AUDIT_EVENT_MAX_BYTES);
     let mut carry: Option<String> = None;
     // Batches are numbered per session, one in flight at a time: the control plane writes
-    // a batch sent again (its answer lost) only once.
+    // a batch sent again (its answer lost) only once. A batch given up on leaves its
+    // number unused; the next is still higher, which is all the control plane asks.
     let mut number: u64 = 0;
     loop {
         number += 1;
         body.clear();
-        let start = format!(r#"{{"batch":{number},"events":["#);
-        body.push_str(&start);
+        body.push_str(&format!(r#"{{"batch":{number},"events":["#));
         let mut n: u64 = 0;
-        let mut add = |body: &mut String, event: &str| {
-            if n > 0 {
-                body.push(',');
-            }
-            body.push_str(event);
-            n += 1;
-        };
         if let Some(event) = carry.take() {
-            add(&mut body, &event);
+            push_event(&mut body, &mut n, &event);
         }
         // Sent as soon as there is an event, with whatever else is queued by then (up to
         // the batch size): under load, batches form while the previous one is in flight,
         // and an event reaches the control plane within one round trip otherwise. The
         // control plane settles a dead node's leases from this trail (see
         // docs/architecture.md), so the sooner it arrives the less can be missed.
-        if body.len() == start.len() {
+        while n == 0 {
             match rx.recv() {
-                Ok(e) => add(&mut body, &json(&e)),
+                Ok(e) => {
+                    if let Some(event) = json(&e) {
+                        push_event(&mut body, &mut n, &event);
+                    }
+                }
                 Err(_) => return,
             }
         }
         while body.len() < AUDIT_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(e) => {
-                    let event = json(&e);
+                    let Some(event) = json(&e) else { continue };
                     if body.len() + event.len() + 1 > AUDIT_BATCH_BYTES {
                         carry = Some(event);
                         break;
                     }
-                    add(&mut body, &event);
+                    push_event(&mut body, &mut n, &event);
                 }
                 Err(_) => break,
             }
         }
         body.push_str("]}");
         // Kept and sent again until the control plane takes it: nodes lose audit events
-        // only when their buffer overflows (counted) or the process dies.
+        // only when their buffer overflows, the control plane refuses a batch for good, or
+        // the process dies (the first two counted).
         loop {
             match client.call(
                 "POST",
@@ -453,14 +523,26 @@ fn audit_sender(
                 Some(&body),
                 Duration::from_secs(5),
             ) {
-                Ok(_) => break,
+                Ok(_) => {
+                    counts.settled(n);
+                    break;
+                }
+                // Sending the same body again would be refused again, forever, and every
+                // later event would wait behind it: given up on, and the next batch sent.
+                Err(CallError::Refused(e)) => {
+                    log::warn!(
+                        "the control plane refused audit batch {number} for good ({e}): \
+                         its {n} events are dropped"
+                    );
+                    counts.dropped(n);
+                    break;
+                }
                 Err(e) => {
                     log::warn!("cannot send audit events to the control plane: {e:?}");
                     std::thread::sleep(Duration::from_millis(500));
                 }
             }
         }
-        pending.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
@@ -619,7 +701,7 @@ fn sync_loop(
                 state.refresh_flag();
                 std::thread::sleep(Duration::from_secs(1));
             }
-            Err(CallError::Other(e)) => {
+            Err(CallError::Other(e) | CallError::Refused(e)) => {
                 failures += 1;
                 if failures == 1 || failures % 20 == 0 {
                     log::warn!("cannot sync with the control plane ({failures} tries): {e}");
@@ -721,7 +803,9 @@ fn hello(client: &SyncClient, url: &str, token_file: &Path) -> Result<String> {
              node was deleted; create one with `keybrake node create NAME`)",
             token_file.display()
         ),
-        Err(CallError::Other(e)) => bail!("cannot reach the control plane at {url}: {e}"),
+        Err(CallError::Other(e) | CallError::Refused(e)) => {
+            bail!("cannot reach the control plane at {url}: {e}")
+        }
     }
 }
 
@@ -758,7 +842,9 @@ pub fn run_edge(
         .call("GET", "/v1/sync/snapshot", None, Duration::from_secs(10))
         .map_err(|e| match e {
             CallError::Unauthorized => anyhow!("the control plane refused the node token"),
-            CallError::Other(e) => anyhow!("cannot fetch the first snapshot: {e}"),
+            CallError::Other(e) | CallError::Refused(e) => {
+                anyhow!("cannot fetch the first snapshot: {e}")
+            }
         })?;
     let (epoch, version) = apply(&first, &published)?;
     let valid_for = first["lease_valid_for_ms"].as_i64().unwrap_or(0);
@@ -794,7 +880,11 @@ pub fn run_edge(
         "metrics, /healthz and /readyz on http://{}",
         config.metrics_listen
     );
-    let audit = EdgeAudit::start(client, metrics.audit_dropped.clone());
+    let audit = EdgeAudit::start(
+        client,
+        metrics.audit_queue_depth.clone(),
+        metrics.audit_dropped.clone(),
+    );
     let exit_audit = audit.clone();
     let parts = crate::serve::ProxyParts {
         ledger,
@@ -810,4 +900,138 @@ pub fn run_edge(
         }),
     };
     crate::serve::run_proxy(config, parts, upgrade, ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    fn event(path: &str) -> AuditEvent {
+        AuditEvent {
+            ts_ms: 0,
+            tenant_id: None,
+            key_id: None,
+            label: None,
+            vendor: "stripe".into(),
+            method: "GET".into(),
+            path: path.into(),
+            status: 401,
+            decision: "missing_key".into(),
+            spend: Micros::ZERO,
+            vendor_request_id: None,
+            duration_ms: 0,
+            llm: None,
+        }
+    }
+
+    /// A control plane on 127.0.0.1 that answers the audit batches it is sent with the
+    /// statuses of `answers` in turn, then 200, and hands over each body it read.
+    fn fake_control(answers: Vec<u16>) -> (Arc<SyncClient>, std::sync::mpsc::Receiver<Value>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut answers = answers.into_iter();
+            for stream in listener.incoming() {
+                let mut reader = BufReader::new(stream.unwrap());
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    match line.trim_end().split_once(':') {
+                        Some((name, value)) if name.eq_ignore_ascii_case("content-length") => {
+                            len = value.trim().parse().unwrap();
+                        }
+                        _ if line.trim_end().is_empty() => break,
+                        _ => {}
+                    }
+                }
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                let _ = tx.send(serde_json::from_slice::<Value>(&body).unwrap());
+                let status = answers.next().unwrap_or(200);
+                let answer = if status == 200 {
+                    r#"{"recorded":1}"#
+                } else {
+                    r#"{"code":"some_error"}"#
+                };
+                write!(
+                    reader.get_mut(),
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                )
+                .unwrap();
+            }
+        });
+        let client = SyncClient {
+            base,
+            token: Secret::new("kbn_test"),
+            session: "s_test".into(),
+            agent: ureq::AgentBuilder::new().build(),
+        };
+        (Arc::new(client), rx)
+    }
+
+    fn counters() -> (IntGauge, IntCounter) {
+        (
+            IntGauge::new("depth", "test").unwrap(),
+            IntCounter::new("dropped", "test").unwrap(),
+        )
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn an_audit_batch_refused_for_good_is_dropped_and_the_next_is_numbered_higher() {
+        let (client, bodies) = fake_control(vec![413]);
+        let (depth, dropped) = counters();
+        let audit = EdgeAudit::start(client, depth.clone(), dropped.clone());
+        audit.record(event("/stripe/one"));
+        let first = bodies.recv_timeout(WAIT).unwrap();
+        assert_eq!(first["batch"], 1);
+        audit.record(event("/stripe/two"));
+        let second = bodies.recv_timeout(WAIT).unwrap();
+        assert_eq!(second["batch"], 2);
+        assert_eq!(second["events"][0]["path"], "/stripe/two");
+        assert!(audit.flush(WAIT));
+        assert_eq!((dropped.get(), depth.get()), (1, 0));
+        // Nothing is sent again.
+        assert!(bodies.recv_timeout(Duration::from_millis(800)).is_err());
+    }
+
+    #[test]
+    fn an_audit_batch_refused_for_now_is_sent_again_with_its_number() {
+        let (client, bodies) = fake_control(vec![503, 429]);
+        let (depth, dropped) = counters();
+        let audit = EdgeAudit::start(client, depth.clone(), dropped.clone());
+        audit.record(event("/stripe/one"));
+        assert_eq!(depth.get(), 1);
+        let sent: Vec<Value> = (0..3).map(|_| bodies.recv_timeout(WAIT).unwrap()).collect();
+        assert!(sent.iter().all(|b| b == &sent[0] && b["batch"] == 1));
+        assert!(audit.flush(WAIT));
+        assert_eq!((dropped.get(), depth.get()), (0, 0));
+    }
+
+    #[test]
+    fn an_audit_batch_always_fits_the_control_planes_body_limit() {
+        // The largest event proxy::audit lets through, its JSON escaping at worst.
+        let mut e = event(&"\"".repeat(100_000));
+        e.method = "X".repeat(1000);
+        e.tenant_id = Some("t".repeat(64).into());
+        e.key_id = Some("k".repeat(64).into());
+        e.label = Some("\u{1}".repeat(1000).into());
+        e.vendor_request_id = Some("\u{1}".repeat(1000));
+        e.llm = Some(crate::sync::LlmAudit {
+            model: "\u{1}".repeat(1000),
+            input_tokens: Some(u64::MAX),
+            cached_input_tokens: Some(u64::MAX),
+            cache_write_tokens: Some(u64::MAX),
+            output_tokens: Some(u64::MAX),
+        });
+        let e = crate::proxy::audit::bounded(e);
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.len() <= AUDIT_EVENT_MAX_BYTES, "{} bytes", json.len());
+    }
 }

@@ -163,7 +163,7 @@ impl Metrics {
                     .unwrap(),
                     audit_dropped: register_int_counter!(
                         "keybrake_audit_dropped_total",
-                        "Audit events dropped because the queue was full."
+                        "Audit events dropped: the queue was full, or their batch was refused for good."
                     )
                     .unwrap(),
                     store_wal_backlog: register_int_gauge!(

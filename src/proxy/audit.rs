@@ -16,6 +16,20 @@ use std::time::{Duration, SystemTime};
 /// Longest a response waits for its audit event under `audit.durability: strict`.
 const STRICT_AUDIT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most bytes of an audit event's `path`. The request line can be tens of KiB, and the
+/// canonical path keeps `"`, which JSON doubles: unbounded, one request (even one with no
+/// key) makes an event bigger than an edge node may send the control plane in a batch
+/// (64 KiB), and the node's audit upload would stall behind it.
+pub const MAX_PATH_BYTES: usize = 2048;
+/// Most bytes of `method`: any HTTP token is accepted as a method, of any length.
+pub const MAX_METHOD_BYTES: usize = 32;
+/// Most bytes of the other free text: `llm.model` (from the request body, any string when
+/// the vendor has a default price), `vendor_request_id` (an upstream response header) and
+/// `label` (capped at 200 by the control API, bounded here all the same).
+pub const MAX_TEXT_BYTES: usize = 256;
+/// Ends a cut text, so a reader sees it was cut.
+const CUT_MARK: &str = "…";
+
 /// The audit event of the request `ctx` describes, at `wall`, charged `spend`.
 pub fn event(
     session: &Session,
@@ -25,7 +39,7 @@ pub fn event(
     llm: Option<LlmAudit>,
 ) -> AuditEvent {
     let key = ctx.key.as_ref();
-    AuditEvent {
+    bounded(AuditEvent {
         ts_ms: unix_ms(wall),
         tenant_id: key.map(|k| k.ten.clone()),
         key_id: key.map(|k| k.jti.clone()),
@@ -39,7 +53,40 @@ pub fn event(
         vendor_request_id: ctx.vendor_request_id.clone(),
         duration_ms: ctx.start.elapsed().as_millis() as u64,
         llm,
+    })
+}
+
+/// `event` with every text a request (or its upstream) controls cut to its bound, so an
+/// event's size is bounded whatever the request: its JSON is under 10 KiB.
+pub fn bounded(mut event: AuditEvent) -> AuditEvent {
+    cut(&mut event.path, MAX_PATH_BYTES);
+    cut(&mut event.method, MAX_METHOD_BYTES);
+    if let Some(id) = &mut event.vendor_request_id {
+        cut(id, MAX_TEXT_BYTES);
     }
+    if let Some(llm) = &mut event.llm {
+        cut(&mut llm.model, MAX_TEXT_BYTES);
+    }
+    if let Some(label) = event.label.as_mut().filter(|l| l.len() > MAX_TEXT_BYTES) {
+        let mut text = label.to_string();
+        cut(&mut text, MAX_TEXT_BYTES);
+        *label = text.into();
+    }
+    event
+}
+
+/// Cuts `text` to at most `max` bytes (the mark included) on a character boundary,
+/// ending it with `…` when it was longer.
+fn cut(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut end = max - CUT_MARK.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(CUT_MARK);
 }
 
 /// The status the client was answered (0 when nothing final was sent).
@@ -92,5 +139,74 @@ impl KeybrakeProxy {
                 "audit.durability is strict and the audit event could not be made durable",
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(path: &str) -> AuditEvent {
+        AuditEvent {
+            ts_ms: 0,
+            tenant_id: None,
+            key_id: None,
+            label: None,
+            vendor: "stripe".into(),
+            method: "GET".into(),
+            path: path.into(),
+            status: 401,
+            decision: "missing_key".into(),
+            spend: Micros::ZERO,
+            vendor_request_id: None,
+            duration_ms: 0,
+            llm: None,
+        }
+    }
+
+    #[test]
+    fn audit_text_within_its_bound_is_kept_whole() {
+        let path = format!("/stripe/{}", "a".repeat(MAX_PATH_BYTES - 8));
+        let e = bounded(event(&path));
+        assert_eq!(e.path, path);
+        assert_eq!(e.method, "GET");
+    }
+
+    #[test]
+    fn a_long_audit_path_is_cut_on_a_char_boundary_with_a_mark() {
+        // The attack: ~32 KiB of `"` after the vendor, which JSON doubles.
+        let e = bounded(event(&format!("/stripe/{}", "\"".repeat(32_700))));
+        assert_eq!(e.path.len(), MAX_PATH_BYTES);
+        assert!(e.path.starts_with("/stripe/\"\""));
+        assert!(e.path.ends_with("\"…"));
+        // A cut that would split a character backs off to the character's start.
+        let mut text = format!("{}é", "a".repeat(MAX_PATH_BYTES - CUT_MARK.len() - 1));
+        text.push_str("tail");
+        cut(&mut text, MAX_PATH_BYTES);
+        assert_eq!(text, format!("{}…", "a".repeat(MAX_PATH_BYTES - 4)));
+    }
+
+    #[test]
+    fn every_request_controlled_audit_text_is_bounded() {
+        let mut e = event(&format!("/openai/{}", "\"".repeat(60_000)));
+        e.method = "X".repeat(10_000);
+        e.label = Some("\"".repeat(10_000).into());
+        e.vendor_request_id = Some("\\".repeat(10_000));
+        e.llm = Some(LlmAudit {
+            model: "\u{1}".repeat(100_000),
+            ..LlmAudit::default()
+        });
+        let e = bounded(e);
+        assert_eq!(e.method.len(), MAX_METHOD_BYTES);
+        assert!(e.method.ends_with(CUT_MARK));
+        assert_eq!(e.label.as_deref().map(str::len), Some(MAX_TEXT_BYTES));
+        assert_eq!(
+            e.vendor_request_id.as_ref().map(String::len),
+            Some(MAX_TEXT_BYTES)
+        );
+        assert_eq!(e.llm.as_ref().map(|l| l.model.len()), Some(MAX_TEXT_BYTES));
+        // Worst-case JSON escaping (control characters become \u0001): under 10 KiB.
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.len() < 10 * 1024, "{} bytes", json.len());
     }
 }

@@ -4,6 +4,8 @@ revocation and one audit trail hold across every node."""
 
 from __future__ import annotations
 
+import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -128,6 +130,53 @@ def test_audit_from_a_node_shows_within_two_seconds(fleet):
     assert events, "the node's audit event did not reach GET /v1/audit within 2 s"
     assert time.monotonic() - t0 <= 2.5
     assert events[0]["decision"] == "allowed" and Decimal(str(events[0]["spend_usd"])) == 1
+
+
+def raw_get(node, path: str, token: str | None = None) -> bytes:
+    """A GET of `path` sent as is (requests would percent-encode it); the whole answer."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", node.proxy_port), timeout=10) as s:
+        s.sendall(request.encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_an_oversized_audit_path_is_cut_and_never_stalls_a_nodes_audit(fleet):
+    """One request with ~32 KiB of `"` in its path (JSON doubles each) made an audit event
+    larger than the control plane takes in a node's batch: the node sent that batch again
+    forever and audited nothing more. The path is now cut to 2,048 bytes ending in `…`,
+    and later events still arrive."""
+    control, tenant, node = fleet
+    e = node("edge0")
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=5)
+    long_path = "/stripe/" + '"' * 32_700
+    answer = raw_get(e, long_path)
+    assert answer.startswith(b"HTTP/1.1 401") and b"missing_key" in answer, answer[:300]
+    # The same from a key holder (a shorter path: the head is at most 32 KiB, token
+    # included): denied, and audited where its tenant can read it.
+    answer = raw_get(e, long_path[:30_000], token=key["token"])
+    assert answer.startswith(b"HTTP/1.1 4"), answer[:300]
+    assert pay(e, key["token"]).status_code == 200
+
+    def audited():
+        events = tenant.audit(key_id=key["id"])
+        return events if any(ev["decision"] == "allowed" for ev in events) else None
+
+    events = wait_until(audited, timeout=5)
+    assert events, ("the node's audit stalled",
+                    [line for line in e.logs().splitlines() if "audit" in line and len(line) < 500][-3:])
+    cut = [ev for ev in events if ev["path"].startswith('/stripe/"')]
+    assert len(cut) == 1, (events, answer[:400])
+    assert cut[0]["path"].endswith('"…') and len(cut[0]["path"].encode()) == 2048, cut[0]["path"][-20:]
+    # The keyless event has no tenant, so no GET /v1/audit shows it: read from the trail.
+    with sqlite3.connect(f"file:{control.data_dir / 'audit.db'}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT path FROM audit WHERE decision = 'missing_key'").fetchall()
+    assert [(len(p.encode()), p[:9], p[-2:]) for (p,) in rows] == [(2048, '/stripe/"', '"…')]
+    assert e.metric("keybrake_audit_dropped_total") == 0
+    assert wait_until(lambda: e.metric("keybrake_audit_queue_depth") == 0, timeout=5)
 
 
 def test_wrong_missing_or_deleted_node_token_refuses_to_start(fleet, tmp_path):

@@ -939,9 +939,12 @@ impl Config {
     /// Loads every certificate, key and CA file the configuration names (`keybrake check`
     /// and start-up), so a missing or mismatched file is reported before anything runs.
     /// `with_proxy`: the proxy's files too (not for `keybrake control`).
-    pub fn check_files(&self, with_proxy: bool) -> Result<()> {
+    /// Reads the TLS and CA files of the listeners this process runs: an edge node
+    /// (`with_control` false) needs neither the control listener's certificate nor its
+    /// private key, which stay on the control host.
+    pub fn check_files(&self, with_proxy: bool, with_control: bool) -> Result<()> {
         for (what, l) in [("proxy", &self.proxy), ("control", &self.control)] {
-            if what == "proxy" && !with_proxy {
+            if (what == "proxy" && !with_proxy) || (what == "control" && !with_control) {
                 continue;
             }
             if let Some(files) = &l.tls {

@@ -132,6 +132,21 @@ impl SyncClient {
                 opts.node_token_file.display()
             );
         }
+        // One kbn_… token and nothing else; what the file holds otherwise is never
+        // printed (it may still be the secret, with other text around it).
+        let well_formed = token.strip_prefix("kbn_").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+        if !well_formed {
+            bail!(
+                "the node token file {} does not hold one node token (kbn_…): write only the \
+                 node_token field of `keybrake node create NAME --json` to it",
+                opts.node_token_file.display()
+            );
+        }
         let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(3))
             .max_idle_connections_per_host(64);
@@ -816,7 +831,7 @@ pub fn run_edge(
     upgrade: bool,
     ready: Option<std::fs::File>,
 ) -> Result<()> {
-    config.check_files(true)?;
+    config.check_files(true, false)?;
     let client = Arc::new(SyncClient::new(&opts)?);
     let node_id = hello(&client, &opts.control_url, &opts.node_token_file)?;
     let metrics = Metrics::global();

@@ -408,7 +408,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Migrate { from, to } => keybrake::migrate::run(&from, &to),
         Command::Check { common } => {
             let config = common.load()?;
-            config.check_files(true)?;
+            config.check_files(true, true)?;
             let scheme = |tls: bool| if tls { "https" } else { "http" };
             println!(
                 "configuration OK: proxy {}://{}, control {}://{}, metrics http://{}, {} vendors, {} currencies, {} priced models",

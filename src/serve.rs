@@ -201,7 +201,7 @@ fn start_control(
     proxy_addr: Option<SocketAddr>,
 ) -> Result<Arc<Control>> {
     // Certificates, keys and CA files are loaded before anything starts.
-    config.check_files(proxy_addr.is_some())?;
+    config.check_files(proxy_addr.is_some(), true)?;
     let (master, admin) = load_secrets(config, sources)?;
     let settings = ControlSettings {
         default_ttl: config.default_key_ttl,

@@ -187,8 +187,12 @@ def test_wrong_missing_or_deleted_node_token_refuses_to_start(fleet, tmp_path):
     r = control.admin("DELETE", f"/v1/nodes/{created['id']}")
     assert r.status_code == 200, r.text
     deleted = node("gone", start=False, token=created["node_token"])
+    # The CLI's two-line summary written to the file as is: refused before any call, and
+    # the token inside it is never printed.
+    live = control.create_node("summary")["node_token"]
+    summary = node("summary", start=False, token=f"node nd_x\nnode token (shown once): {live}")
     for e, words in ((wrong, "refused the node token"), (missing, "cannot read the node token file"),
-                     (deleted, "refused the node token")):
+                     (deleted, "refused the node token"), (summary, "does not hold one node token")):
         proc = e.launch()
         assert proc.wait(timeout=20) != 0
         err = e.logs()
@@ -196,6 +200,7 @@ def test_wrong_missing_or_deleted_node_token_refuses_to_start(fleet, tmp_path):
         assert lines and words in lines[-1], err[-2000:]
         if e.node_token:
             assert e.node_token not in err, "the node token appeared in the log"
+        assert live not in err, "the node token appeared in the log"
 
 
 def test_a_node_deleted_while_running_is_cut_off_within_one_second(fleet):

@@ -758,9 +758,7 @@ fn health_server(addr: std::net::SocketAddr, state: Arc<SyncState>) -> Result<()
         .build()?;
     // SO_REUSEPORT, like the control API: the next process of a graceful upgrade binds
     // while this one drains.
-    let listener = runtime
-        .block_on(async { crate::serve::reuseport_listener(addr) })
-        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+    let listener = runtime.block_on(async { crate::serve::reuseport_listener(addr, "metrics") })?;
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -832,6 +830,12 @@ pub fn run_edge(
     ready: Option<std::fs::File>,
 ) -> Result<()> {
     config.check_files(true, false)?;
+    if !upgrade {
+        crate::serve::check_free(&[
+            (config.proxy_listen, "proxy"),
+            (config.metrics_listen, "metrics"),
+        ])?;
+    }
     let client = Arc::new(SyncClient::new(&opts)?);
     let node_id = hello(&client, &opts.control_url, &opts.node_token_file)?;
     let metrics = Metrics::global();

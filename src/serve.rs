@@ -177,9 +177,23 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
     Ok((master, Secret::new(admin)))
 }
 
+/// Fails, naming the first, when another process already listens on one of `listeners`
+/// (address, what it is for). The listeners bind with SO_REUSEPORT (so that the next
+/// process of a graceful upgrade can bind while this one drains), which would otherwise
+/// let a second keybrake share a port with the first, and Pingora retries a busy port
+/// forever: a process started by mistake beside another, or on a port someone else took,
+/// says so and exits. Not for `--upgrade`, whose ports the old process still holds.
+pub(crate) fn check_free(listeners: &[(SocketAddr, &str)]) -> Result<()> {
+    for (addr, what) in listeners {
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} ({what})"))?;
+    }
+    Ok(())
+}
+
 /// Binds a listener with SO_REUSEPORT, so the next process of a graceful upgrade can bind
-/// the control port while this one drains.
-pub(crate) fn reuseport_listener(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+/// the same port while this one drains.
+pub(crate) fn reuseport_listener(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -189,7 +203,7 @@ pub(crate) fn reuseport_listener(addr: SocketAddr) -> Result<tokio::net::TcpList
     socket.set_reuseport(true)?;
     socket
         .bind(addr)
-        .with_context(|| format!("cannot listen on {addr} (control API)"))?;
+        .with_context(|| format!("cannot listen on {addr} ({what})"))?;
     Ok(socket.listen(1024)?)
 }
 
@@ -250,7 +264,7 @@ fn start_control(
                         Metrics::global(),
                     )
                     .await?;
-                    let listener = reuseport_listener(listen)?;
+                    let listener = reuseport_listener(listen, "control API")?;
                     Ok::<_, anyhow::Error>((control, listener))
                 }
                 .await;
@@ -333,9 +347,15 @@ pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
                 std::process::exit(1);
             }
             let tmp = pid_file.with_extension("pid.tmp");
-            std::fs::write(&tmp, format!("{child}\n"))
-                .and_then(|_| std::fs::rename(&tmp, pid_file))
-                .with_context(|| format!("cannot write PID file {}", pid_file.display()))?;
+            let written = std::fs::write(&tmp, format!("{child}\n"))
+                .and_then(|_| std::fs::rename(&tmp, pid_file));
+            if let Err(e) = written {
+                // Nobody could find (or stop) a daemon without its PID file: it goes.
+                // SAFETY: a signal to the child this process just forked.
+                unsafe { libc::kill(child, libc::SIGTERM) };
+                return Err(anyhow::Error::new(e)
+                    .context(format!("cannot write PID file {}", pid_file.display())));
+            }
             std::process::exit(0)
         }
     }
@@ -345,6 +365,7 @@ pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
 /// events nodes sent are written before the process exits (nodes send again what it
 /// refuses from then on).
 pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
+    check_free(&[(config.control_listen, "control API")])?;
     let control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
     log::info!(
         "keybrake control running; data in {}",
@@ -427,6 +448,13 @@ pub fn run_serve(
             "serve keeps its data in SQLite (--data-dir); a PostgreSQL database \
              (database_url, KEYBRAKE_DATABASE_URL) is for `keybrake control`"
         );
+    }
+    if !upgrade {
+        check_free(&[
+            (config.control_listen, "control API"),
+            (config.proxy_listen, "proxy"),
+            (config.metrics_listen, "metrics"),
+        ])?;
     }
     let published = Arc::new(Published::empty());
     let control = start_control(

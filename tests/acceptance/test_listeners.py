@@ -322,3 +322,39 @@ def test_revocation_health_and_readiness_answer_within_a_second_during_a_slow_he
             assert_denied(r, 401, "key_revoked")
             time.sleep(1.5)
         assert flood.reopened > 0, "the flood was never cut back"
+
+
+def test_a_port_already_taken_is_named_and_the_process_exits(tmp_path, fake_stripe):
+    """A port another program (or another keybrake) listens on: `serve` and `control`
+    say which listener cannot bind and exit non-zero, instead of Pingora retrying it
+    forever while /readyz answers 200, or two control planes sharing one port through
+    SO_REUSEPORT."""
+    import subprocess
+
+    from fleet import ControlPlane
+    from harness import Keybrake
+
+    serve = Keybrake(tmp_path / "serve", {"stripe": fake_stripe.url})
+    control = ControlPlane(tmp_path / "control", {"stripe": fake_stripe.url})
+    for kb, port, what in ((serve, serve.proxy_port, "proxy"), (serve, serve.metrics_port, "metrics"),
+                           (control, control.control_port, "control API")):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))
+            taken.listen(1)
+            kb.workdir.mkdir(parents=True, exist_ok=True)
+            r = subprocess.run(kb.command(), env=kb.environment(), cwd=kb.workdir,
+                               capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0, r.stderr[-2000:]
+        assert f"cannot listen on 127.0.0.1:{port} ({what})" in r.stderr, r.stderr[-2000:]
+    # Two control planes on one port: the second one refuses.
+    control.start()
+    try:
+        second = ControlPlane(tmp_path / "second", {"stripe": fake_stripe.url})
+        second.control_port = control.control_port
+        second.workdir.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(second.command(), env=second.environment(), cwd=second.workdir,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0
+        assert f"cannot listen on 127.0.0.1:{control.control_port} (control API)" in r.stderr, r.stderr[-2000:]
+    finally:
+        control.stop()

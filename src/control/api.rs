@@ -126,7 +126,7 @@ async fn head_limits(request: axum::extract::Request, next: axum::middleware::Ne
 
 // ----- input -----
 
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+pub(super) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     if body.is_empty() {
         return Err(ApiError::InvalidJson("a JSON body is required".into()));
     }

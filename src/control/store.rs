@@ -859,8 +859,12 @@ impl Store {
     /// Registers a ledger holder (a process that grants leases to its proxy) alive until
     /// `alive_until`.
     pub async fn register_holder(&self, id: &str, now: i64, alive_until: i64) -> Result<()> {
+        // Again for the same id (a node whose hello answer was lost says hello again):
+        // its life is extended, as a heartbeat would.
         on_writer!(self, |pool| sqlx::query(
-            "INSERT INTO holders (id, started_at, alive_until) VALUES ($1, $2, $3)"
+            "INSERT INTO holders (id, started_at, alive_until) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET alive_until = excluded.alive_until
+             WHERE holders.alive_until < excluded.alive_until"
         )
         .bind(id)
         .bind(now)

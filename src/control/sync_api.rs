@@ -2,12 +2,13 @@
 //! `DELETE /v1/nodes/{id}`, admin token) and the sync channel under `/v1/sync/`,
 //! authenticated by a node token (`auth::Node`). Shapes are in docs/api.md.
 
-use super::api::{rfc3339, ApiState};
+use super::api::{parse_body, rfc3339, ApiState};
 use super::auth::{Admin, Node};
 use super::errors::{ApiError, ApiResult};
 use super::fleet::SyncAnswer;
 use crate::money::{Micros, MAX_USD};
 use crate::sync::{AuditEvent, LeaseCommit, LeaseReport, LeaseRequest};
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -94,11 +95,8 @@ struct LeasesBody {
     requests: Vec<LeaseRequest>,
 }
 
-async fn leases(
-    State(s): State<ApiState>,
-    node: Node,
-    Json(body): Json<LeasesBody>,
-) -> ApiResult<Json<Value>> {
+async fn leases(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<Json<Value>> {
+    let body: LeasesBody = parse_body(&raw)?;
     if body.requests.len() > MAX_BATCH {
         return Err(too_many());
     }
@@ -126,11 +124,8 @@ struct ReportsBody {
     reports: Vec<LeaseReport>,
 }
 
-async fn reports(
-    State(s): State<ApiState>,
-    node: Node,
-    Json(body): Json<ReportsBody>,
-) -> ApiResult<Json<Value>> {
+async fn reports(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<Json<Value>> {
+    let body: ReportsBody = parse_body(&raw)?;
     if body.reports.len() > MAX_BATCH {
         return Err(too_many());
     }
@@ -166,11 +161,8 @@ struct CommitsBody {
 }
 
 /// Write-ahead of a node's reservations: `committed[i]` answers `commits[i]`.
-async fn commits(
-    State(s): State<ApiState>,
-    node: Node,
-    Json(body): Json<CommitsBody>,
-) -> ApiResult<Json<Value>> {
+async fn commits(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<Json<Value>> {
+    let body: CommitsBody = parse_body(&raw)?;
     if body.commits.len() > MAX_BATCH {
         return Err(too_many());
     }
@@ -196,11 +188,8 @@ struct AuditBody {
     events: Vec<AuditEvent>,
 }
 
-async fn audit(
-    State(s): State<ApiState>,
-    node: Node,
-    Json(body): Json<AuditBody>,
-) -> ApiResult<Json<Value>> {
+async fn audit(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<Json<Value>> {
+    let body: AuditBody = parse_body(&raw)?;
     if body.events.len() > MAX_BATCH {
         return Err(too_many());
     }

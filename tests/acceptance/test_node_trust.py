@@ -112,3 +112,26 @@ def test_reports_with_negative_or_huge_amounts_are_refused(node_channel, field, 
     assert sync("leases", {"requests": [bad_lease]}).status_code == 400
     bad_commit = {"key_id": key["id"], "day": today(), "amount": -1}
     assert sync("commits", {"commits": [bad_commit]}).status_code == 400
+
+
+def test_hello_again_and_malformed_bodies_get_clear_answers(node_channel):
+    """A hello sent again on a live session (its answer was lost) is answered 200, not a
+    500; a malformed or misshapen sync body is 400 with the spec's codes and a message
+    that says what is wrong."""
+    control, (acme, _), sync = node_channel
+    assert sync("hello").status_code == 200
+    key = acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+    assert granted(sync("leases", {"requests": [lease(key, acme.id, 10_000_000, 1_000_000)]})) == [1_000_000]
+    resp = control.control("POST", "/v1/sync/reports", token=None, data=b"{")
+    assert resp.status_code == 401
+    token_headers = {"keybrake-node-session": "s_suspect"}
+    node_token = control.create_node("second")["node_token"]
+    for body, code in ((b"{\"reports\": [", "invalid_json"), (b"[]", "invalid_request"),
+                       (b"{\"reports\": [], \"reports\": []}", "invalid_json"),
+                       (b"{\"reports\": [{\"key_id\": 1}]}", "invalid_request")):
+        resp = control.control("POST", "/v1/sync/reports", token=node_token, data=body,
+                               headers=dict(token_headers, **{"content-type": "application/json"}))
+        assert resp.status_code == 400, (body, resp.text)
+        err = resp.json()["error"]
+        assert err["code"] == code, (body, err)
+        assert "path, query or headers" not in err["message"], err

@@ -191,6 +191,35 @@ pub(crate) fn check_free(listeners: &[(SocketAddr, &str)]) -> Result<()> {
     Ok(())
 }
 
+/// `keybrake control`'s `GET /metrics` (Prometheus text) on `metrics_listen`, on a thread
+/// of its own: the control plane's counters (keys issued and revoked, audit queue, …).
+/// `serve` and edge nodes serve theirs beside their proxy.
+fn metrics_server(addr: SocketAddr) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(async { reuseport_listener(addr, "metrics") })?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            prometheus::TextEncoder::new()
+                .encode_to_string(&prometheus::gather())
+                .unwrap_or_default()
+        }),
+    );
+    std::thread::Builder::new()
+        .name("control-metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    log::error!("metrics listener failed: {e}");
+                }
+            })
+        })?;
+    log::info!("metrics on http://{addr}/metrics");
+    Ok(())
+}
+
 /// Binds a listener with SO_REUSEPORT, so the next process of a graceful upgrade can bind
 /// the same port while this one drains.
 pub(crate) fn reuseport_listener(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
@@ -365,8 +394,12 @@ pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
 /// events nodes sent are written before the process exits (nodes send again what it
 /// refuses from then on).
 pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
-    check_free(&[(config.control_listen, "control API")])?;
+    check_free(&[
+        (config.control_listen, "control API"),
+        (config.metrics_listen, "metrics"),
+    ])?;
     let control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
+    metrics_server(config.metrics_listen)?;
     log::info!(
         "keybrake control running; data in {}",
         config.database().describe()

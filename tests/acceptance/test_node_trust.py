@@ -135,3 +135,15 @@ def test_hello_again_and_malformed_bodies_get_clear_answers(node_channel):
         err = resp.json()["error"]
         assert err["code"] == code, (body, err)
         assert "path, query or headers" not in err["message"], err
+
+
+def test_the_control_plane_serves_its_metrics(node_channel):
+    """`keybrake control --metrics-listen` serves /metrics (it took the flag and bound
+    nothing): the control plane's own counters, for the operator's Prometheus."""
+    import requests
+
+    control, (acme, _), sync = node_channel
+    acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1)
+    text = requests.get(f"{control.metrics_url}/metrics", timeout=5).text
+    issued = [line for line in text.splitlines() if line.startswith("keybrake_keys_issued_total")]
+    assert issued and float(issued[0].split()[-1]) >= 1, text[:2000]

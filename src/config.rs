@@ -954,6 +954,15 @@ impl Config {
         if !with_proxy {
             return Ok(());
         }
+        if let AccessLog::File(path) = &self.access_log {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            if dir.is_some_and(|d| !d.is_dir()) {
+                bail!(
+                    "access_log: the directory of {} does not exist",
+                    path.display()
+                );
+            }
+        }
         if let Some(ca) = &self.upstream.ca_file {
             crate::tls::read_certs(ca).context("upstream.ca_file")?;
         }

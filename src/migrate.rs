@@ -116,7 +116,8 @@ pub fn copy(runtime: &tokio::runtime::Runtime, dir: &Path, url: &DatabaseUrl) ->
     let pool = runtime.block_on(async {
         let options = PgConnectOptions::from_str(url.expose())
             .context("--to does not parse")?
-            .application_name("keybrake-migrate");
+            .application_name("keybrake-migrate")
+            .options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .connect_with(options)

@@ -606,8 +606,14 @@ pub(crate) fn run_proxy(
         upstreams: upstreams.clone(),
         published,
         audit,
-        access_log: AccessLogWriter::start(&config.access_log)
-            .context("cannot open the access log")?,
+        access_log: AccessLogWriter::start(&config.access_log).with_context(|| {
+            match &config.access_log {
+                crate::config::AccessLog::File(path) => {
+                    format!("cannot open the access log {}", path.display())
+                }
+                _ => "cannot open the access log".to_string(),
+            }
+        })?,
         request_counters: RequestCounters::new(
             metrics.requests.clone(),
             config.vendors.keys().cloned(),

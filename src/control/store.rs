@@ -250,7 +250,9 @@ impl Store {
             Database::Postgres { url } => {
                 let options = PgConnectOptions::from_str(url.expose())
                     .context("the database URL does not parse")?
-                    .application_name("keybrake");
+                    .application_name("keybrake")
+                    // The migrations' `CREATE … IF NOT EXISTS` would log a NOTICE per start.
+                    .options([("client_min_messages", "warning")]);
                 // One connection first, for a clear error when the database cannot be
                 // reached (the pool would only say it timed out).
                 let first = tokio::time::timeout(PG_CONNECT_TIMEOUT, options.connect()).await;

@@ -97,6 +97,7 @@ pub(super) async fn open(url: &str, strict: bool) -> Result<(Writer, Reader)> {
     let options = PgConnectOptions::from_str(url)
         .context("invalid PostgreSQL URL for the audit trail")?
         .application_name("keybrake-audit")
+        .options([("client_min_messages", "warning")])
         .log_statements(log::LevelFilter::Debug);
     let options = if strict {
         options

@@ -50,6 +50,8 @@ pub fn plan(
     let metered = rule.filter(|r| r.source != MeterSource::Response);
     if metered.is_some()
         && (req.headers.contains_key(http::header::CONTENT_ENCODING)
+            // Two types: the vendor may parse the body as the other one.
+            || req.headers.get_all(http::header::CONTENT_TYPE).iter().count() > 1
             || !(is_json || content_type.is_none_or(meter::is_form)))
     {
         // Only a plain form or JSON body is read here: a vendor that decodes another type
@@ -165,6 +167,11 @@ mod tests {
             assert_eq!(plan_for(&r, "stripe"), Err(Denial::InvalidAmount));
         }
         let r = req("POST", "/v1/payment_intents?amount=1", &[FORM]);
+        assert_eq!(plan_for(&r, "stripe"), Err(Denial::InvalidAmount));
+        // Two content types: the vendor may parse the body as the multipart one.
+        let mut r = req("POST", "/v1/payment_intents", &[FORM]);
+        r.append_header("content-type", "multipart/form-data; boundary=BB")
+            .unwrap();
         assert_eq!(plan_for(&r, "stripe"), Err(Denial::InvalidAmount));
         // A query string without the amount's fields is fine.
         let r = req("POST", "/v1/payment_intents?expand[]=customer", &[FORM]);

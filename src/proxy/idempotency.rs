@@ -74,14 +74,17 @@ impl Drop for Pending {
     }
 }
 
-/// A fingerprint of what makes two calls the same request.
-pub fn fingerprint(method: &str, path: &str, body: &[u8]) -> u64 {
+/// A fingerprint of what makes two calls the same request: method, path, the connected
+/// account it acts on (`Stripe-Account`, empty for the platform's own) and body.
+pub fn fingerprint(method: &str, path: &str, account: &[u8], body: &[u8]) -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // Fixed seeds: one process's fingerprints only meet each other.
     let mut h = ahash::RandomState::with_seeds(1, 2, 3, 4).build_hasher();
     h.write(method.as_bytes());
     h.write_u8(0);
     h.write(path.as_bytes());
+    h.write_u8(0);
+    h.write(account);
     h.write_u8(0);
     h.write(body);
     h.finish()
@@ -173,6 +176,15 @@ impl IdempotencyBook {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_same_body_on_another_account_is_another_request() {
+        let on = |account: &[u8]| fingerprint("POST", "/v1/payment_intents", account, b"amount=1");
+        assert_eq!(on(b"acct_A"), on(b"acct_A"));
+        assert_ne!(on(b"acct_A"), on(b"acct_B"));
+        assert_ne!(on(b""), on(b"acct_A"));
+    }
+
     use super::*;
 
     fn admit(book: &Arc<IdempotencyBook>, fp: u64) -> impl std::future::Future<Output = Admission> {

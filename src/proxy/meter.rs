@@ -233,6 +233,11 @@ pub fn subscription_items(form: &[u8]) -> Result<Vec<Item>, Denial> {
                 "add_invoice_items",
                 "default_tax_rates",
                 "automatic_tax",
+                // Bills the price's `currency_options` amount in that currency, not the
+                // one read here.
+                "currency",
+                // The first invoice covers every period since the backdated start.
+                "backdate_start_date",
             ],
         );
         match base {
@@ -636,6 +641,8 @@ mod tests {
             "items[0][price]=a&+items[1][price]=b",
             "items[0][price]=a&[items][1][price]=b",
             "items[0][price]=a&items[x][price]=b",
+            "items[0][price]=a&currency=jpy",
+            "items[0][price]=a&backdate_start_date=1700000000",
         ] {
             assert_eq!(items(bad), Err(Denial::InvalidAmount), "{bad}");
         }

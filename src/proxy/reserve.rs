@@ -52,13 +52,27 @@ impl KeybrakeProxy {
             }
         }
         if cost.is_positive() || ctx.metering.is_response() {
+            // Two keys: the vendor may read (or join) either, so which one a replay would
+            // be free under cannot be known.
+            if req.headers.get_all("idempotency-key").iter().count() > 1 {
+                return Err(Denial::InvalidAmount);
+            }
             if let Some(idem) = req
                 .headers
                 .get("idempotency-key")
                 .and_then(|v| v.to_str().ok())
             {
                 let body = ctx.body.read().map(|b| &b[..]).unwrap_or_default();
-                let fingerprint = idempotency::fingerprint(req.method.as_str(), ctx.path(), body);
+                // The account is part of the request: the same key and body on another
+                // connected account is another charge (at most one account header, `scope`).
+                let account = ctx
+                    .vendor
+                    .iter()
+                    .flat_map(|v| v.account_headers.iter())
+                    .find_map(|h| req.headers.get(h))
+                    .map_or(&b""[..], |v| v.as_bytes());
+                let fingerprint =
+                    idempotency::fingerprint(req.method.as_str(), ctx.path(), account, body);
                 let wait = self.idempotent_wait;
                 let exp = key.claims.exp;
                 let admitted = self

@@ -40,12 +40,18 @@ pub fn check(
                     .any(|h| same_but_underscores(name, h.as_str()))
         })
         .map(|(_, value)| value);
-    for value in vendor
+    let values: Vec<_> = vendor
         .account_headers
         .iter()
         .flat_map(|h| headers.get_all(h))
         .chain(twins)
-    {
+        .collect();
+    // One account per call: of two, the vendor acts on one, and the call's idempotency
+    // fingerprint could name the other.
+    if values.len() > 1 {
+        return Err(Denial::AccountNotAllowed);
+    }
+    for value in values {
         {
             let allowed = value.to_str().ok().is_some_and(|account| {
                 key.claims
@@ -132,6 +138,22 @@ mod tests {
         h.insert("stripe-account", "acct_2".parse().unwrap());
         assert_eq!(
             check(&k, stripe, &Method::POST, "/v1/payment_intents", &h),
+            Err(Denial::AccountNotAllowed)
+        );
+        // Two accounts in one call, even both allowed: refused.
+        let two = key(
+            &["/v1/payment_intents"],
+            Some(vec!["acct_1".into(), "acct_3".into()]),
+        );
+        let mut h = HeaderMap::new();
+        h.append("stripe-account", "acct_1".parse().unwrap());
+        assert_eq!(
+            check(&two, stripe, &Method::POST, "/v1/payment_intents", &h),
+            Ok(())
+        );
+        h.append("stripe-account", "acct_3".parse().unwrap());
+        assert_eq!(
+            check(&two, stripe, &Method::POST, "/v1/payment_intents", &h),
             Err(Denial::AccountNotAllowed)
         );
         let any = key(&["/v1/payment_intents"], None);

@@ -1568,3 +1568,32 @@ def test_a_stale_pooled_connection_is_retried_not_charged(keybrake_factory, stri
         t.wait_spent(key["id"], Decimal(14))
     finally:
         listener.close()
+
+
+def test_two_idempotency_keys_or_two_content_types_on_a_charge_are_refused(keybrake, tenant, fake_stripe):
+    """A retry is free only when it is surely the same request. Two Idempotency-Key
+    headers (the vendor may read or join either) or two Content-Types (the vendor may
+    parse the body as the other) on a metered call: 400 invalid_amount, nothing sent."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50)
+    r = keybrake.proxy("POST", PI, key=key["token"], data={"amount": 1000, "currency": "usd"},
+                       headers={"Idempotency-Key": "k1"})
+    assert r.status_code == 200, r.text
+    before = len(fake_stripe.received_matching("POST", "/v1/payment_intents"))
+    for extra in ([("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")],
+                  [("Content-Type", "multipart/form-data; boundary=BB")]):
+        conn = http.client.HTTPConnection("127.0.0.1", keybrake.proxy_port, timeout=10)
+        body = b"amount=1000&currency=usd"
+        conn.putrequest("POST", PI)
+        conn.putheader("Authorization", f"Bearer {key['token']}")
+        conn.putheader("Content-Type", "application/x-www-form-urlencoded")
+        for name, value in extra:
+            conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 400, answer
+        assert answer["error"]["code"] == "invalid_amount", answer
+    assert len(fake_stripe.received_matching("POST", "/v1/payment_intents")) == before
+    tenant.wait_spent(key["id"], Decimal(10))

@@ -448,6 +448,8 @@ pub struct Vendor {
 #[derive(Debug, Clone, Copy)]
 pub enum Class<'a> {
     Metered(&'a std::sync::Arc<MeterRule>),
+    /// Metered by tokens (`llm_metered`): the LLM stage reserves and settles it.
+    TokenMetered,
     /// A read (GET, HEAD, OPTIONS), or a mutating endpoint listed as free.
     Free,
     /// A mutating endpoint the catalog says nothing about.
@@ -525,6 +527,9 @@ impl Vendor {
         if let Some(rule) = self.meter_rule(method, path) {
             return Class::Metered(rule);
         }
+        if self.llm_api(method, path).is_some() {
+            return Class::TokenMetered;
+        }
         let read = [http::Method::GET, http::Method::HEAD, http::Method::OPTIONS];
         if read.contains(method) || self.free.iter().any(|p| p.matches(method, path)) {
             Class::Free
@@ -563,6 +568,7 @@ impl Vendor {
                             .metered
                             .iter()
                             .map(|r| &r.endpoint)
+                            .chain(self.llm_metered.iter().map(|r| &r.endpoint))
                             .chain(&self.free)
                             .any(|p| p.to_string() == exact)
                     }
@@ -1441,7 +1447,7 @@ mod tests {
         let c = Config::from_yaml("", None, &Overrides::default()).unwrap();
         let stripe = &c.vendors["stripe"];
         let class = |m: &str, p: &str| match stripe.classify(&m.parse().unwrap(), p) {
-            Class::Metered(_) => "metered",
+            Class::Metered(_) | Class::TokenMetered => "metered",
             Class::Free => "free",
             Class::Unmetered => "unmetered",
         };
@@ -1487,7 +1493,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{err:#}").contains("needs reserve"), "{err:#}");
-        assert_eq!(c.vendors["openai"].unmetered, UnmeteredPolicy::Allow);
+        assert_eq!(c.vendors["openai"].unmetered, UnmeteredPolicy::Refuse);
+        assert_eq!(c.vendors["anthropic"].unmetered, UnmeteredPolicy::Refuse);
+        assert_eq!(c.vendors["generic"].unmetered, UnmeteredPolicy::Allow);
+        let openai = &c.vendors["openai"];
+        let anthropic = &c.vendors["anthropic"];
+        let of = |v: &Vendor, m: &str, p: &str| match v.classify(&m.parse().unwrap(), p) {
+            Class::Metered(_) | Class::TokenMetered => "metered",
+            Class::Free => "free",
+            Class::Unmetered => "unmetered",
+        };
+        for (v, m, p, expected) in [
+            (openai, "POST", "/v1/chat/completions", "metered"),
+            (openai, "POST", "/v1/moderations", "free"),
+            (openai, "POST", "/v1/images/generations", "unmetered"),
+            (openai, "POST", "/v1/batches", "unmetered"),
+            (openai, "POST", "/v1/completions", "unmetered"),
+            (openai, "POST", "/v1/audio/speech", "unmetered"),
+            (openai, "POST", "/v1/fine_tuning/jobs", "unmetered"),
+            (anthropic, "POST", "/v1/messages/count_tokens", "free"),
+            (anthropic, "POST", "/v1/messages/batches", "unmetered"),
+            (anthropic, "POST", "/v1/complete", "unmetered"),
+        ] {
+            assert_eq!(of(v, m, p), expected, "{} {m} {p}", v.name);
+        }
         let reach = |p: &[&str]| {
             stripe.unmetered_reach(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         };
@@ -1502,8 +1531,14 @@ mod tests {
             reach(&["POST /v1/subscriptions/*", "POST /v1/topups"]).len(),
             2
         );
+        assert_eq!(
+            c.vendors["openai"]
+                .unmetered_reach(&["/v1/**".into()])
+                .len(),
+            1
+        );
         assert!(c.vendors["openai"]
-            .unmetered_reach(&["/v1/**".into()])
+            .unmetered_reach(&["POST /v1/chat/completions".into(), "GET /v1/**".into()])
             .is_empty());
     }
 }

@@ -26,7 +26,7 @@ pub fn classify(
 ) -> Result<Option<Arc<MeterRule>>, Denial> {
     match vendor.classify(method, path) {
         Class::Metered(rule) => Ok(Some(rule.clone())),
-        Class::Free => Ok(None),
+        Class::TokenMetered | Class::Free => Ok(None),
         Class::Unmetered if vendor.unmetered == UnmeteredPolicy::Refuse => {
             Err(Denial::EndpointUnmetered)
         }

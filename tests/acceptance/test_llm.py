@@ -209,6 +209,30 @@ def key(tenant, vendor="openai", cap=5, **kw) -> dict:
     return tenant.issue_key(vendor=vendor, allowed_endpoints=["/v1/**"], daily_usd_cap=cap, **kw)
 
 
+def test_paid_endpoints_the_proxy_does_not_meter_are_refused_to_a_capped_key(kb, tenant, fake_llm):
+    """Images, audio, batches, fine-tuning, legacy completions (OpenAI) and message
+    batches, legacy complete (Anthropic) bill money the proxy does not meter: a capped
+    key gets 403 endpoint_unmetered and the vendor receives nothing (SPEC §4). Issuing a
+    key whose allowlist reaches them warns. Known-free calls still pass."""
+    for vendor, paths in (("openai", ["/v1/images/generations", "/v1/audio/speech", "/v1/batches",
+                                      "/v1/fine_tuning/jobs", "/v1/completions"]),
+                          ("anthropic", ["/v1/messages/batches", "/v1/complete"])):
+        r = tenant.call("POST", "/v1/keys", json={"vendor": vendor, "allowed_endpoints": ["/v1/**"],
+                                                  "daily_usd_cap": 1})
+        assert r.status_code == 201, r.text
+        assert r.json().get("warnings"), r.json()
+        token = r.json()["token"]
+        for path in paths:
+            resp = kb.proxy("POST", f"/{vendor}{path}", key=token, json={"model": "x"})
+            assert_denied(resp, 403, "endpoint_unmetered")
+    assert fake_llm.received() == []
+    k = key(tenant, vendor="anthropic")
+    r = requests.post(f"{kb.proxy_url}/anthropic/v1/messages/count_tokens", headers={"x-api-key": k["token"]},
+                      json={"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]},
+                      timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 200, r.text
+
+
 def openai_client(kb: Keybrake, token: str):
     import openai
 

@@ -326,7 +326,10 @@ openai:
         assert_eq!(anthropic(&[]), Ok(()));
         assert_eq!(anthropic(&["prompt-caching-2024-07-31"]), Ok(()));
         assert_eq!(
-            anthropic(&["interleaved-thinking-2025-05-14", "extended-cache-ttl-2025-04-11"]),
+            anthropic(&[
+                "interleaved-thinking-2025-05-14",
+                "extended-cache-ttl-2025-04-11"
+            ]),
             Ok(())
         );
         for refused in [
@@ -336,7 +339,11 @@ openai:
             &["prompt-caching-2024-07-31", "context-1m-2025-08-07"],
             &["context-1m"],
         ] {
-            assert_eq!(anthropic(refused), Err(Denial::UnmeteredBeta), "{refused:?}");
+            assert_eq!(
+                anthropic(refused),
+                Err(Denial::UnmeteredBeta),
+                "{refused:?}"
+            );
         }
         let mut h = http::HeaderMap::new();
         h.append(

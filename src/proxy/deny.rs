@@ -34,6 +34,10 @@ pub enum Denial {
     UpstreamUnavailable,
     UnknownModel,
     InvalidLlmBody,
+    /// An LLM `service_tier` billed above the price table's rates (OpenAI `priority`).
+    UnmeteredServiceTier,
+    /// An Anthropic beta billed above the price table's rates (`context-1m-…`).
+    UnmeteredBeta,
     /// An edge node that could not sync for longer than its staleness limit.
     ControlUnreachable,
     UpstreamTimeout,
@@ -58,7 +62,7 @@ impl Denial {
             | EndpointUnmetered => 403,
             InvalidPath | AmountRequired | InvalidAmount | AmountUnknown | UnsupportedCurrency
             | InvalidBody => 400,
-            UnknownModel | InvalidLlmBody => 400,
+            UnknownModel | InvalidLlmBody | UnmeteredServiceTier | UnmeteredBeta => 400,
             UnknownVendor => 404,
             BodyTimeout => 408,
             BodyTooLarge => 413,
@@ -95,7 +99,7 @@ impl Denial {
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
             UnknownModel => "unknown_model",
-            InvalidLlmBody => "invalid_body",
+            InvalidLlmBody | UnmeteredServiceTier | UnmeteredBeta => "invalid_body",
         }
     }
 
@@ -128,6 +132,8 @@ impl Denial {
             UpstreamTimeout => "The vendor did not answer in time.",
             UnknownModel => "The model is not in Keybrake's price table for this vendor.",
             InvalidLlmBody => "The body must be a JSON object naming a model, with integer output limits, each field once.",
+            UnmeteredServiceTier => "This service_tier is billed at rates Keybrake does not meter: omit service_tier or set it to \"default\" or \"flex\" (Anthropic: \"standard_only\").",
+            UnmeteredBeta => "The anthropic-beta context-1m option bills long inputs at rates Keybrake does not meter: remove it from the anthropic-beta header.",
         }
     }
 

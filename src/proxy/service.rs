@@ -183,6 +183,7 @@ impl KeybrakeProxy {
             // A compressed body cannot be read for its model and limits.
             return Err(Denial::InvalidLlmBody);
         }
+        llm::check_headers(api, headers)?;
         let body = read_body(session, self.body_limit, self.body_timeout).await?;
         let plan = llm::plan(api, &body, &self.prices, &key.claims.ven)?;
         ctx.body = Body::Read {

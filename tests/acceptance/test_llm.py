@@ -522,6 +522,39 @@ def test_refusals_before_forwarding_and_vendor_errors_cost_nothing(kb, tenant, f
     assert {e["decision"] for e in events} == {"unknown_model", "invalid_body", "allowed"}
 
 
+def test_stored_items_priority_tiers_and_the_1m_beta_are_never_metered_below_their_cost(kb, tenant, fake_llm):
+    k = key(tenant, cap=0.01)
+    url = "/openai/v1/responses"
+    # An item_reference brings a stored item of any size, like previous_response_id: the
+    # whole context is reserved (128,000 × $0.15/M = $0.0192 > $0.01), nothing is sent.
+    ref = {"model": "gpt-4o-mini", "max_output_tokens": 5,
+           "input": [{"type": "item_reference", "id": "msg_1"}, {"role": "user", "content": "go on"}]}
+    assert_denied(kb.proxy("POST", url, k["token"], json=ref), 429, "cap_exhausted")
+    # A tier billed above the table (priority, or one that may resolve to it).
+    for tier in ["priority", "auto", "scale"]:
+        body = {"model": "gpt-4o-mini", "max_output_tokens": 5, "input": "hi", "service_tier": tier}
+        denied = assert_denied(kb.proxy("POST", url, k["token"], json=body), 400, "invalid_body")
+        assert "service_tier" in denied["message"], denied
+    chat = {"model": "gpt-4o-mini", "max_tokens": 5, "service_tier": "priority",
+            "messages": [{"role": "user", "content": "hi"}]}
+    assert_denied(kb.proxy("POST", "/openai/v1/chat/completions", k["token"], json=chat), 400, "invalid_body")
+    # Anthropic's 1M-context beta bills input above 200k tokens at higher rates.
+    a = key(tenant, vendor="anthropic", cap=5)
+    msg = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    for beta in ["context-1m-2025-08-07", "prompt-caching-2024-07-31, context-1m-2025-08-07"]:
+        denied = assert_denied(kb.proxy("POST", "/anthropic/v1/messages", a["token"], json=msg,
+                                        headers={"anthropic-beta": beta}), 400, "invalid_body")
+        assert "context-1m" in denied["message"], denied
+    assert fake_llm.received() == []
+    # What the table prices still goes through.
+    ok = {"model": "gpt-4o-mini", "max_output_tokens": 5, "input": "hi", "service_tier": "flex"}
+    assert kb.proxy("POST", url, k["token"], json=ok).status_code == 200
+    r = kb.proxy("POST", "/anthropic/v1/messages", a["token"], json=msg,
+                 headers={"anthropic-beta": "prompt-caching-2024-07-31"})
+    assert r.status_code == 200, r.text
+    assert len(fake_llm.wait_for(2)) == 2
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_large_prompts_reach_the_vendor_intact(kb, tenant, fake_llm, stream):
     k = key(tenant, cap=5)

@@ -44,11 +44,34 @@ pub struct Plan {
     pub call: Call,
 }
 
+/// Refuses, before the body is read, a request whose headers ask for billing the price
+/// table does not hold: an `anthropic-beta` listing `context-1m-…` (input above 200k
+/// tokens at higher rates, beyond the table's context). Every `anthropic-beta` line is
+/// read, each a comma-separated list; one that is not readable text is refused too.
+pub fn check_headers(api: Api, headers: &http::HeaderMap) -> Result<(), Denial> {
+    if api != Api::AnthropicMessages {
+        return Ok(());
+    }
+    for value in headers.get_all("anthropic-beta") {
+        let text = value.to_str().map_err(|_| Denial::UnmeteredBeta)?;
+        if text.split(',').any(|beta| {
+            let beta = beta.trim().as_bytes();
+            beta.len() >= 10 && beta[..10].eq_ignore_ascii_case(b"context-1m")
+        }) {
+            return Err(Denial::UnmeteredBeta);
+        }
+    }
+    Ok(())
+}
+
 /// Reads the request and prices its upper bound. Refusals are the client's to fix:
-/// not a JSON object or no model (400 `invalid_body`), a model the table does not price
-/// (400 `unknown_model`).
+/// not a JSON object or no model (400 `invalid_body`), a `service_tier` priced above the
+/// table (400 `invalid_body`), a model the table does not price (400 `unknown_model`).
 pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<Plan, Denial> {
-    let req = request::parse(api, body).map_err(|_| Denial::InvalidLlmBody)?;
+    let req = request::parse(api, body).map_err(|e| match e {
+        request::RequestError::UnmeteredTier => Denial::UnmeteredServiceTier,
+        _ => Denial::InvalidLlmBody,
+    })?;
     let price = prices
         .resolve(vendor, &req.model)
         .ok_or(Denial::UnknownModel)?
@@ -279,6 +302,63 @@ openai:
             .body
             .unwrap()
             .starts_with(br#"{"stream_options":{"include_usage":true},"#));
+    }
+
+    #[test]
+    fn priority_tiers_and_the_1m_context_beta_are_refused() {
+        let t = table();
+        let body = br#"{"model":"gpt-4o-mini","max_tokens":5,"service_tier":"priority"}"#;
+        assert_eq!(
+            plan(Api::OpenAiChat, body, &t, "openai").err(),
+            Some(Denial::UnmeteredServiceTier)
+        );
+        let body = br#"{"model":"gpt-4o-mini","max_tokens":5,"service_tier":"flex"}"#;
+        assert!(plan(Api::OpenAiChat, body, &t, "openai").is_ok());
+
+        let headers = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append("anthropic-beta", http::HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        let anthropic = |values: &[&str]| check_headers(Api::AnthropicMessages, &headers(values));
+        assert_eq!(anthropic(&[]), Ok(()));
+        assert_eq!(anthropic(&["prompt-caching-2024-07-31"]), Ok(()));
+        assert_eq!(
+            anthropic(&[
+                "interleaved-thinking-2025-05-14",
+                "extended-cache-ttl-2025-04-11"
+            ]),
+            Ok(())
+        );
+        for refused in [
+            &["context-1m-2025-08-07"][..],
+            &["prompt-caching-2024-07-31,context-1m-2025-08-07"],
+            &["a-beta , Context-1M-2025-08-07 ,b"],
+            &["prompt-caching-2024-07-31", "context-1m-2025-08-07"],
+            &["context-1m"],
+        ] {
+            assert_eq!(
+                anthropic(refused),
+                Err(Denial::UnmeteredBeta),
+                "{refused:?}"
+            );
+        }
+        let mut h = http::HeaderMap::new();
+        h.append(
+            "anthropic-beta",
+            http::HeaderValue::from_bytes(b"context-1m\xff").unwrap(),
+        );
+        assert_eq!(
+            check_headers(Api::AnthropicMessages, &h),
+            Err(Denial::UnmeteredBeta)
+        );
+        // Only Anthropic reads the header.
+        assert_eq!(
+            check_headers(Api::OpenAiChat, &headers(&["context-1m-2025-08-07"])),
+            Ok(())
+        );
     }
 
     fn finished(answer: &[(&str, bool)], status: u16, sse: bool) -> Outcome {

@@ -103,7 +103,9 @@ impl PriceTable {
 
     /// The price of `model` at `vendor`: its own entry, else its family's (the name
     /// without a dated snapshot suffix, `-2024-08-06`, `-20241022`, or `-latest`), else the
-    /// vendor's default. `None`: an unknown model, refused.
+    /// vendor's default. `None`: an unknown model, refused. A snapshot whose list price
+    /// differs from its family's (`gpt-4o-2024-05-13`) needs its own entry in the table,
+    /// else it is priced at the family's rates.
     pub fn resolve(&self, vendor: &str, model: &str) -> Option<&ModelPrice> {
         let v = self.vendors.get(vendor)?;
         v.models
@@ -259,6 +261,21 @@ anthropic:
         assert_eq!(input("generic", "gpt-4o"), None);
         assert_eq!(family("-20241022"), None);
         assert_eq!(family("-latest"), None);
+    }
+
+    #[test]
+    fn the_shipped_table_prices_snapshots_with_their_own_list_price() {
+        let t = PriceTable::parse(crate::config::EMBEDDED_PRICES).unwrap();
+        let price = |m: &str| {
+            let p = t.resolve("openai", m).unwrap();
+            (p.input.0, p.cached_input.0, p.output.0, p.max_output)
+        };
+        // gpt-4o-2024-05-13 is billed $5 / $15 per million, not gpt-4o's $2.50 / $10.
+        assert_eq!(
+            price("gpt-4o-2024-05-13"),
+            (5_000_000, 5_000_000, 15_000_000, Some(4_096))
+        );
+        assert_eq!(price("gpt-4o-2024-08-06").0, 2_500_000);
     }
 
     #[test]

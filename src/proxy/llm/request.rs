@@ -15,7 +15,8 @@ use serde_json::value::RawValue;
 pub const OVERHEAD_TOKENS: u64 = 1_024;
 
 /// Quoted names that bring input the body's bytes do not bound: images, files, audio,
-/// documents, stored conversations and prompts, server-side tools. Any of them (or an
+/// documents, stored conversations, prompts and items (`item_reference`), server-side
+/// tools. Any of them (or an
 /// ASCII letter written as a `\u00XX` escape, which could hide one) and the input bound
 /// is the model's whole context window.
 const RICH_MARKERS: &[&[u8]] = &[
@@ -27,6 +28,9 @@ const RICH_MARKERS: &[&[u8]] = &[
     b"\"audio",
     b"\"input_audio",
     b"\"previous_response_id\"",
+    // A Responses input item `{"type":"item_reference","id":"msg_…"}`: a stored item
+    // of any size, like `previous_response_id`.
+    b"\"item_reference",
     b"\"conversation\"",
     b"\"prompt\"",
     b"\"container\"",
@@ -46,6 +50,20 @@ pub enum RequestError {
     NoModel,
     #[error("a field Keybrake meters has the wrong type or appears twice")]
     BadField,
+    /// A `service_tier` billed at rates the price table does not hold (OpenAI's
+    /// `priority`, or `auto`/`scale`/unknown values that may resolve to it).
+    #[error("a service_tier Keybrake cannot price")]
+    UnmeteredTier,
+}
+
+/// The `service_tier` values priced at (or below) the table's rates: OpenAI's `default`
+/// and `flex` (half price), Anthropic's `standard_only`. Anything else may be billed
+/// at priority rates and is refused. Absent or `null`: the account's default tier.
+fn metered_tiers(api: Api) -> &'static [&'static str] {
+    match api {
+        Api::AnthropicMessages => &["standard_only"],
+        _ => &["default", "flex"],
+    }
 }
 
 /// What metering needs from a request.
@@ -144,6 +162,12 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
         Some(Ok(s)) => s.unwrap_or(false),
         Some(Err(_)) => return Err(RequestError::BadField),
     };
+    match find("service_tier")?.map(|v| serde_json::from_str::<Option<String>>(v.get())) {
+        None | Some(Ok(None)) => {}
+        Some(Ok(Some(tier))) if metered_tiers(api).contains(&tier.as_str()) => {}
+        Some(Ok(Some(_))) => return Err(RequestError::UnmeteredTier),
+        Some(Err(_)) => return Err(RequestError::BadField),
+    }
     let (mut wants_usage, mut stream_options) = (false, None);
     if api == Api::OpenAiChat {
         if let Some(v) = find("stream_options")? {
@@ -158,7 +182,9 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
             stream_options = Some((at, at + v.get().len()));
         }
     }
-    let rich_input = api != Api::OpenAiEmbeddings && has_rich_input(body);
+    let rich_input = api != Api::OpenAiEmbeddings
+        && (has_rich_input(body)
+            || (api == Api::OpenAiResponses && has_bare_reference(find("input")?)));
     Ok(LlmRequest {
         model,
         output_limit,
@@ -168,6 +194,31 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
         rich_input,
         stream_options,
         open_brace,
+    })
+}
+
+/// Whether a Responses `input` list holds an item reference written without its type
+/// (`{"id":"msg_…"}`: the `type` of an item reference is optional), or an item Keybrake
+/// cannot read for that (a repeated or non-string `type`). Fail closed: such an item is
+/// a stored item of any size.
+fn has_bare_reference(input: Option<&RawValue>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Item<'a> {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+    }
+    let Some(items) = input.and_then(|v| serde_json::from_str::<Vec<&RawValue>>(v.get()).ok())
+    else {
+        return false;
+    };
+    items.iter().any(|item| {
+        item.get().starts_with('{')
+            && match serde_json::from_str::<Item>(item.get()) {
+                Ok(i) => i.kind.is_none() && i.id.is_some_and(|id| id.get() != "null"),
+                Err(_) => true,
+            }
     })
 }
 
@@ -303,6 +354,46 @@ mod tests {
     }
 
     #[test]
+    fn a_service_tier_priced_above_the_table_is_refused() {
+        let responses = |b: &str| parse(Api::OpenAiResponses, b.as_bytes());
+        let anthropic = |b: &str| parse(Api::AnthropicMessages, b.as_bytes());
+        for ok in [
+            r#"{"model":"m"}"#,
+            r#"{"model":"m","service_tier":null}"#,
+            r#"{"model":"m","service_tier":"default"}"#,
+            r#"{"model":"m","service_tier":"flex"}"#,
+        ] {
+            assert!(chat(ok).is_ok(), "{ok}");
+            assert!(responses(ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            r#"{"model":"m","service_tier":"priority"}"#,
+            r#"{"model":"m","service_tier":"auto"}"#,
+            r#"{"model":"m","service_tier":"scale"}"#,
+            r#"{"model":"m","service_tier":"Default"}"#,
+            r#"{"model":"m","service_tier":"turbo"}"#,
+            r#"{"model":"m","service_tier":"\u0070riority"}"#,
+            r#"{"model":"m","service_\u0074ier":"priority"}"#,
+        ] {
+            assert_eq!(chat(refused), Err(RequestError::UnmeteredTier), "{refused}");
+            assert_eq!(responses(refused), Err(RequestError::UnmeteredTier));
+        }
+        assert_eq!(
+            chat(r#"{"model":"m","service_tier":1}"#),
+            Err(RequestError::BadField)
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","service_tier":"default","service_tier":"priority"}"#),
+            Err(RequestError::BadField)
+        );
+        assert!(anthropic(r#"{"model":"c","service_tier":"standard_only"}"#).is_ok());
+        assert_eq!(
+            anthropic(r#"{"model":"c","service_tier":"auto"}"#),
+            Err(RequestError::UnmeteredTier)
+        );
+    }
+
+    #[test]
     fn input_is_bounded_by_bytes_unless_the_body_brings_more() {
         let plain =
             chat(r#"{"model":"m","messages":[{"role":"user","content":"profile"}]}"#).unwrap();
@@ -318,6 +409,8 @@ mod tests {
         for rich in [
             r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x"}}]}]}"#,
             r#"{"model":"m","previous_response_id":"resp_1","input":"go on"}"#,
+            r#"{"model":"m","input":[{"type":"item_reference","id":"msg_1"}]}"#,
+            r#"{"model":"m","input":[{"id":"msg_1","type":"item_reference"},{"role":"user","content":"go on"}]}"#,
             r#"{"model":"m","tools":[{"type":"web_search_preview"}]}"#,
             r#"{"model":"m","messages":[{"role":"user","content":[{"type":"\u0069mage"}]}]}"#,
         ] {
@@ -328,6 +421,23 @@ mod tests {
                 Some(128_000)
             );
             assert_eq!(r.input_bound(Api::OpenAiChat, 100, None), None);
+        }
+        // An item reference needs no type in the Responses API: `{"id":"msg_…"}`.
+        let responses = |b: &str| parse(Api::OpenAiResponses, b.as_bytes()).unwrap();
+        for rich in [
+            r#"{"model":"m","input":[{"id":"msg_1"},{"role":"user","content":"go on"}]}"#,
+            r#"{"model":"m","input":[{"id":"msg_1","type":null}]}"#,
+            r#"{"model":"m","input":[{"id":"msg_1","type":"message","type":null}]}"#,
+        ] {
+            assert!(responses(rich).rich_input, "{rich}");
+        }
+        for plain in [
+            r#"{"model":"m","input":"an id"}"#,
+            r#"{"model":"m","input":[{"role":"user","content":"hi"}]}"#,
+            r#"{"model":"m","input":[{"type":"message","id":"msg_1","role":"assistant","content":"hi"}]}"#,
+            r#"{"model":"m","input":[{"role":"user","content":"hi","id":null}]}"#,
+        ] {
+            assert!(!responses(plain).rich_input, "{plain}");
         }
         // Non-ASCII text escaped by the client is fine.
         assert!(

@@ -926,23 +926,7 @@ mod tests {
     use super::*;
     use std::io::{BufRead, BufReader, Read, Write};
 
-    fn event(path: &str) -> AuditEvent {
-        AuditEvent {
-            ts_ms: 0,
-            tenant_id: None,
-            key_id: None,
-            label: None,
-            vendor: "stripe".into(),
-            method: "GET".into(),
-            path: path.into(),
-            status: 401,
-            decision: "missing_key".into(),
-            spend: Micros::ZERO,
-            vendor_request_id: None,
-            duration_ms: 0,
-            llm: None,
-        }
-    }
+    use crate::proxy::audit::tests::event;
 
     /// A control plane on 127.0.0.1 that answers the audit batches it is sent with the
     /// statuses of `answers` in turn, then 200, and hands over each body it read.

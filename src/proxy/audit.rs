@@ -143,10 +143,11 @@ impl KeybrakeProxy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn event(path: &str) -> AuditEvent {
+    /// An unauthenticated request's event (also the edge's audit tests').
+    pub(crate) fn event(path: &str) -> AuditEvent {
         AuditEvent {
             ts_ms: 0,
             tenant_id: None,

@@ -753,21 +753,7 @@ fn freshness_loop(state: Arc<SyncState>, lag: prometheus::Gauge) {
 /// listener.
 fn health_server(addr: std::net::SocketAddr, state: Arc<SyncState>) -> Result<()> {
     use axum::routing::get;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    // SO_REUSEPORT, like the control API: the next process of a graceful upgrade binds
-    // while this one drains.
-    let listener = runtime.block_on(async { crate::serve::reuseport_listener(addr, "metrics") })?;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(|| async {
-                prometheus::TextEncoder::new()
-                    .encode_to_string(&prometheus::gather())
-                    .unwrap_or_default()
-            }),
-        )
+    let app = crate::serve::metrics_routes()
         .route(
             "/healthz",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
@@ -795,16 +781,7 @@ fn health_server(addr: std::net::SocketAddr, state: Arc<SyncState>) -> Result<()
                 }
             }),
         );
-    std::thread::Builder::new()
-        .name("edge-metrics".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    log::error!("metrics listener failed: {e}");
-                }
-            })
-        })?;
-    Ok(())
+    crate::serve::metrics_listener(addr, "edge-metrics", app)
 }
 
 /// Says hello to the control plane: the token must be accepted before anything starts.

@@ -191,24 +191,28 @@ pub(crate) fn check_free(listeners: &[(SocketAddr, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// `keybrake control`'s `GET /metrics` (Prometheus text) on `metrics_listen`, on a thread
-/// of its own: the control plane's counters (keys issued and revoked, audit queue, …).
-/// `serve` and edge nodes serve theirs beside their proxy.
-fn metrics_server(addr: SocketAddr) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let listener = runtime.block_on(async { reuseport_listener(addr, "metrics") })?;
-    let app = axum::Router::new().route(
+/// A router answering `GET /metrics` with the Prometheus text of every metric.
+pub(crate) fn metrics_routes() -> axum::Router {
+    axum::Router::new().route(
         "/metrics",
         axum::routing::get(|| async {
             prometheus::TextEncoder::new()
                 .encode_to_string(&prometheus::gather())
                 .unwrap_or_default()
         }),
-    );
+    )
+}
+
+/// Serves `app` on `addr` (bound with SO_REUSEPORT, like the control API: the next process
+/// of a graceful upgrade binds while this one drains) from a thread named `thread` with a
+/// runtime of its own. Returns once the address is bound.
+pub(crate) fn metrics_listener(addr: SocketAddr, thread: &str, app: axum::Router) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(async { reuseport_listener(addr, "metrics") })?;
     std::thread::Builder::new()
-        .name("control-metrics".into())
+        .name(thread.into())
         .spawn(move || {
             runtime.block_on(async move {
                 if let Err(e) = axum::serve(listener, app).await {
@@ -216,6 +220,14 @@ fn metrics_server(addr: SocketAddr) -> Result<()> {
                 }
             })
         })?;
+    Ok(())
+}
+
+/// `keybrake control`'s `GET /metrics` on `metrics_listen`: the control plane's counters
+/// (keys issued and revoked, audit queue, …). `serve` and edge nodes serve theirs beside
+/// their proxy.
+fn metrics_server(addr: SocketAddr) -> Result<()> {
+    metrics_listener(addr, "control-metrics", metrics_routes())?;
     log::info!("metrics on http://{addr}/metrics");
     Ok(())
 }

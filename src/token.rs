@@ -5,7 +5,7 @@
 
 use crate::secret::Secret;
 use base64::Engine;
-use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Header};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -123,9 +123,22 @@ pub enum TokenError {
 
 /// Verifies vault keys against a set of public keys. Immutable; a new one is built and
 /// swapped in when the JWKS changes.
+///
+/// The JWT is taken apart here rather than by `jsonwebtoken::decode`, which decodes the
+/// header twice and the claims twice and hands the signature to ring, which decompresses
+/// the public key on every call: each key's point is decompressed once, when the JWKS
+/// arrives, and ed25519-dalek checks the signature against it. The acceptance rule is
+/// ring's (and RFC 8032's cofactorless equation): `s` must be canonical and `[s]B - [k]A`
+/// must encode to exactly the signature's `R`.
 pub struct Verifier {
-    keys: HashMap<String, DecodingKey>,
-    validation: Validation,
+    keys: HashMap<String, ed25519_dalek::VerifyingKey>,
+}
+
+/// The part of a JWT header that matters here; any other field is ignored.
+#[derive(Deserialize)]
+struct JwtHeader {
+    alg: Algorithm,
+    kid: Option<String>,
 }
 
 impl Verifier {
@@ -134,21 +147,28 @@ impl Verifier {
             .keys
             .iter()
             .filter(|k| k.kty == "OKP" && k.crv == "Ed25519")
-            .filter_map(|k| Some((k.kid.clone(), DecodingKey::from_ed_components(&k.x).ok()?)))
+            .filter_map(|k| Some((k.kid.clone(), public_key(&k.x)?)))
             .collect();
-        // Only EdDSA: `alg: none`, HS*/RS* confusion all fail before any key is consulted.
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.leeway = EXP_LEEWAY_SECS;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims(&["exp"]);
-        Verifier { keys, validation }
+        Verifier { keys }
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let jwt = token
             .strip_prefix(TOKEN_PREFIX)
             .ok_or(TokenError::Invalid)?;
-        let header = jsonwebtoken::decode_header(jwt).map_err(|_| TokenError::Invalid)?;
+        // `header.claims.signature`: exactly three parts; what is signed is the first two.
+        let (signed, signature) = jwt.rsplit_once('.').ok_or(TokenError::Invalid)?;
+        let (header, payload) = signed.split_once('.').ok_or(TokenError::Invalid)?;
+        if payload.contains('.') {
+            return Err(TokenError::Invalid);
+        }
+        let header: JwtHeader = b64
+            .decode(header)
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or(TokenError::Invalid)?;
+        // Only EdDSA: `alg: none`, HS*/RS* confusion all fail before any key is consulted.
         if header.alg != Algorithm::EdDSA {
             return Err(TokenError::Invalid);
         }
@@ -157,12 +177,36 @@ impl Verifier {
             .as_deref()
             .and_then(|kid| self.keys.get(kid))
             .ok_or(TokenError::Invalid)?;
-        match jsonwebtoken::decode::<Claims>(jwt, key, &self.validation) {
-            Ok(data) => Ok(data.claims),
-            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(TokenError::Expired),
-            Err(_) => Err(TokenError::Invalid),
+        let mut bytes = [0u8; 64];
+        match b64.decode_slice(signature, &mut bytes) {
+            Ok(64) => {}
+            _ => return Err(TokenError::Invalid),
         }
+        let signature = ed25519_dalek::Signature::from_bytes(&bytes);
+        ed25519_dalek::Verifier::verify(key, signed.as_bytes(), &signature)
+            .map_err(|_| TokenError::Invalid)?;
+        let claims: Claims = b64
+            .decode(payload)
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or(TokenError::Invalid)?;
+        if claims.exp < now_secs().saturating_sub(EXP_LEEWAY_SECS as i64) {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
     }
+}
+
+/// A JWK's `x`: a 32-byte Ed25519 public key that decodes to a curve point of large
+/// order; anything else is no key (`None`), so no token can verify against it.
+fn public_key(x: &str) -> Option<ed25519_dalek::VerifyingKey> {
+    let bytes: [u8; 32] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(x)
+        .ok()?
+        .try_into()
+        .ok()?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()?;
+    (!key.is_weak()).then_some(key)
 }
 
 /// The claims of a token whose signature was already checked (the verified-token cache
@@ -290,6 +334,110 @@ pub(crate) mod tests {
             verifier.verify(&format!("vk_{hs}")),
             Err(TokenError::Invalid)
         );
+    }
+
+    /// A token re-encoded with its signature's two halves replaced.
+    fn with_signature(token: &str, r: &[u8], s: &[u8]) -> String {
+        let (signed, _) = token.rsplit_once('.').unwrap();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!("{signed}.{}", b64.encode([r, s].concat()))
+    }
+
+    fn signature_of(token: &str) -> Vec<u8> {
+        let (_, sig) = token.rsplit_once('.').unwrap();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sig)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_signature_with_s_not_reduced_is_refused_as_ring_refuses_it() {
+        // s + L satisfies the verification equation just as s does: accepting it would
+        // make a second valid token out of every issued one.
+        let (key, jwks) = signer();
+        let token = key.sign(&claims(60));
+        let sig = signature_of(token.expose());
+        // The group order L = 2^252 + 27742317777372353535851937790883648493, little-endian.
+        let mut order = [0u8; 32];
+        order[..16].copy_from_slice(&[
+            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9,
+            0xde, 0x14,
+        ]);
+        order[31] = 0x10;
+        let mut s_plus_l = [0u8; 32];
+        let mut carry = 0u16;
+        for i in 0..32 {
+            let sum = sig[32 + i] as u16 + order[i] as u16 + carry;
+            s_plus_l[i] = sum as u8;
+            carry = sum >> 8;
+        }
+        assert_eq!(carry, 0, "s + L fits in 256 bits");
+        let forged = with_signature(token.expose(), &sig[..32], &s_plus_l);
+        assert_eq!(
+            Verifier::new(&jwks).verify(&forged),
+            Err(TokenError::Invalid)
+        );
+        let (signed, _) = forged["vk_".len()..].rsplit_once('.').unwrap();
+        let public = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&jwks.keys[0].x)
+            .unwrap();
+        let mut full = sig[..32].to_vec();
+        full.extend_from_slice(&s_plus_l);
+        assert!(
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &public)
+                .verify(signed.as_bytes(), &full)
+                .is_err()
+        );
+        // The untouched token still verifies.
+        assert!(Verifier::new(&jwks).verify(token.expose()).is_ok());
+    }
+
+    #[test]
+    fn a_weak_public_key_in_the_jwks_verifies_nothing() {
+        // With the identity as public key, [k]A vanishes and R = [s]B "signs" any message.
+        use curve25519_dalek::{constants::ED25519_BASEPOINT_TABLE, Scalar};
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let jwks = Jwks {
+            keys: vec![Jwk::ed25519("weak", &identity)],
+        };
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = b64.encode(br#"{"alg":"EdDSA","kid":"weak"}"#);
+        let body = b64.encode(serde_json::to_vec(&claims(60)).unwrap());
+        let s = Scalar::from(7u64);
+        let r = (ED25519_BASEPOINT_TABLE * &s).compress();
+        let forged = with_signature(&format!("vk_{header}.{body}.x"), r.as_bytes(), s.as_bytes());
+        assert_eq!(
+            Verifier::new(&jwks).verify(&forged),
+            Err(TokenError::Invalid)
+        );
+    }
+
+    #[test]
+    fn tokens_with_other_shapes_are_refused() {
+        let (key, jwks) = signer();
+        let verifier = Verifier::new(&jwks);
+        let token = key.sign(&claims(60));
+        let t = token.expose();
+        let (signed, sig) = t.rsplit_once('.').unwrap();
+        let (header, body) = signed.split_once('.').unwrap();
+        let sig_bytes = signature_of(t);
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        for bad in [
+            format!("{header}.{body}.{body}.{sig}"),
+            format!("{header}.{body}"),
+            format!("{header}.{body}.{}", b64.encode(&sig_bytes[..63])),
+            format!(
+                "{header}.{body}.{}",
+                b64.encode([&sig_bytes[..], &[0]].concat())
+            ),
+            format!("{header}.{body}.{sig}="),
+            format!("{header}={body}.{sig}"),
+            format!("{header}.{body}.{sig}.{sig}"),
+        ] {
+            assert_eq!(verifier.verify(&bad), Err(TokenError::Invalid), "{bad}");
+        }
+        assert!(verifier.verify(t).is_ok());
     }
 
     mod properties {

@@ -30,6 +30,14 @@ struct Cli {
     command: Command,
 }
 
+/// Which of keybrake's commands a configuration is checked for.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    Serve,
+    Control,
+    Proxy,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Control API + proxy + metrics in one process (embedded SQLite in --data-dir).
@@ -98,6 +106,10 @@ enum Command {
     Check {
         #[command(flatten)]
         common: Common,
+        /// The command the configuration is for: its TLS and access-log files are the
+        /// ones checked (`control` needs no proxy files, `proxy` no control files).
+        #[arg(long, value_enum, default_value = "serve")]
+        role: Role,
     },
     /// Tenants (admin token).
     Tenant {
@@ -406,9 +418,9 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Migrate { from, to } => keybrake::migrate::run(&from, &to),
-        Command::Check { common } => {
+        Command::Check { common, role } => {
             let config = common.load()?;
-            config.check_files(true, true)?;
+            config.check_files(role != Role::Control, role != Role::Proxy)?;
             let scheme = |tls: bool| if tls { "https" } else { "http" };
             println!(
                 "configuration OK: proxy {}://{}, control {}://{}, metrics http://{}, {} vendors, {} currencies, {} priced models",

@@ -409,6 +409,29 @@ def test_a_plain_http_listener_on_a_non_loopback_address_is_refused_at_start(tmp
     assert "proxy http://0.0.0.0:1" in p.stdout
 
 
+def test_check_for_one_role_reads_only_that_roles_files(tmp_path, ca):
+    # A control host has no proxy certificate and an edge host no control one: the
+    # check run by each unit (`--role`) must not ask for the other's files.
+    cert, key = ca.leaf("role")
+    missing = str(tmp_path / "absent.pem")
+    control_host = write_config(tmp_path / "c", control={"tls": {"cert_file": str(cert), "key_file": str(key)}},
+                                proxy={"tls": {"cert_file": missing, "key_file": missing}})
+    edge_host = write_config(tmp_path / "e", proxy={"tls": {"cert_file": str(cert), "key_file": str(key)}},
+                             control={"tls": {"cert_file": missing, "key_file": missing}})
+    for config, role in ((control_host, "control"), (edge_host, "proxy")):
+        p = run_keybrake("check", "--config", str(config), "--role", role)
+        assert p.returncode == 0, (role, p.stderr)
+        assert "configuration OK" in p.stdout
+        # `serve` runs both listeners: the missing file is named.
+        p = run_keybrake("check", "--config", str(config))
+        assert p.returncode == 1 and "absent.pem" in p.stderr, (role, p.stderr)
+        other = "proxy" if role == "control" else "control"
+        p = run_keybrake("check", "--config", str(config), "--role", other)
+        assert p.returncode == 1 and "absent.pem" in p.stderr, (role, p.stderr)
+    p = run_keybrake("check", "--config", str(control_host), "--role", "edge")
+    assert p.returncode == 2 and "--role" in p.stderr, p.stderr
+
+
 def test_check_reports_an_unreadable_or_mismatched_certificate(tmp_path, ca):
     cert, _ = ca.leaf("check-a")
     _, other_key = ca.leaf("check-b")

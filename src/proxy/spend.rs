@@ -637,8 +637,9 @@ impl SpendBook {
             let reports = reported.iter().map(|(_, r)| r.clone()).collect();
             if let Err(e) = self.ledger.report(reports).await {
                 log::error!("spend report failed, will retry: {e}");
-                // Put everything back so the next round reports it; returned budget is
-                // still held by the ledger, so it may be used meanwhile.
+                // The ledger took none of it: put everything back so the next round
+                // reports it; returned budget is still held by the ledger, so it may be
+                // used meanwhile.
                 for (entry, r) in &reported {
                     entry.add_spent(r.spent);
                     entry.add_overspent(r.overspent);

@@ -1099,7 +1099,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_report_batch_not_answered_is_sent_again_as_it_was_and_later_rows_wait() {
-        let (client, bodies) = fake_control(vec![503, 503]);
+        let (client, bodies) = fake_control(vec![503, 503, 500]);
         let outbox = ReportOutbox::default();
         outbox.send(&client, vec![report("key_a", 5)]).await;
         let first = bodies.recv_timeout(WAIT).unwrap();
@@ -1107,8 +1107,10 @@ mod tests {
         assert_eq!(first["reports"].as_array().unwrap().len(), 1);
         assert_eq!(first["reports"][0]["key_id"], "key_a");
         assert_eq!(first["reports"][0]["spent"], 5);
-        // Not answered: the next round sends batch 1 again, the same, and keeps what it
-        // reports for batch 2.
+        // Not answered: the next round sends batch 1 again, the same, whether it has
+        // rows of its own (kept for batch 2) or not.
+        outbox.send(&client, Vec::new()).await;
+        assert_eq!(bodies.recv_timeout(WAIT).unwrap(), first);
         outbox.send(&client, vec![report("key_b", 2)]).await;
         assert_eq!(bodies.recv_timeout(WAIT).unwrap(), first);
         // Answered this time: batch 2 follows, with both rounds' rows (one row per key).

@@ -446,8 +446,8 @@ impl ReportOutbox {
             match answer {
                 Some(Ok(_)) => outbox.unanswered = None,
                 // Sent again it would be refused again, and every later report would wait
-                // behind it. Its spend stays held in the ledger (counted, never given
-                // back) until the session's leases are reclaimed; the next batch takes a
+                // behind it. Its spend stays held in the ledger (counted against the
+                // cap) until the session's leases are reclaimed; the next batch takes a
                 // higher number, which is all the control plane asks.
                 Some(Err(CallError::Refused(e))) => {
                     log::error!(

@@ -1,8 +1,9 @@
 //! `keybrake proxy --control-url URL --node-token-file F`: an edge node. The proxy of
 //! `serve`, fed over HTTP by a control plane instead of in-process (SPEC §1, §5, §6):
 //! a long-poll keeps public keys, vendor credentials and revocations in memory (nothing
-//! on disk), budget leases come from the control plane's ledger (`HttpLedger`), audit
-//! events go back in batches (`EdgeAudit`), and a node that has not synced for
+//! on disk), budget leases come from the control plane's ledger (`HttpLedger`), spend
+//! reports (`ReportOutbox`) and audit events (`EdgeAudit`) go back in numbered batches,
+//! each applied once, and a node that has not synced for
 //! `max_staleness` refuses every request with 503 `control_unreachable`. The metrics
 //! listener serves `/metrics`, `/healthz` and `/readyz` (ready only while fresh).
 
@@ -12,8 +13,8 @@ use crate::money::Micros;
 use crate::revocation::RevocationFilter;
 use crate::secret::Secret;
 use crate::sync::{
-    AuditEvent, AuditSink, Credentials, Grant, LeaseCommit, LeaseReport, LeaseRequest, Ledger,
-    LedgerError, Published,
+    AuditEvent, AuditSink, Budget, Credentials, Grant, LeaseCommit, LeaseReport, LeaseRequest,
+    Ledger, LedgerError, Published,
 };
 use crate::token::{unix_ms, Verifier};
 use anyhow::{anyhow, bail, Context, Result};
@@ -223,6 +224,7 @@ pub struct HttpLedger {
     client: Arc<SyncClient>,
     valid_until: AtomicI64,
     metrics: Arc<EdgeMetrics>,
+    reports: ReportOutbox,
 }
 
 impl HttpLedger {
@@ -308,26 +310,11 @@ impl Ledger for HttpLedger {
         out
     }
 
+    /// Hands the reports to the outbox, which sends them as numbered batches: `Ok` even
+    /// when the control plane did not answer (the outbox sends the batch again next
+    /// round), so the caller never reports the same rows a second time.
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
-        let client = self.client.clone();
-        for chunk in reports.chunks(LEASE_BATCH) {
-            let chunk = chunk.to_vec();
-            let client = client.clone();
-            match blocking(move || {
-                client.call(
-                    "POST",
-                    "/v1/sync/reports",
-                    Some(&json!({ "reports": chunk }).to_string()),
-                    Duration::from_secs(5),
-                )
-            })
-            .await
-            {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(LedgerError(format!("{e:?}"))),
-                None => return Err(LedgerError("report task failed".into())),
-            }
-        }
+        self.reports.send(&self.client, reports).await;
         Ok(())
     }
 
@@ -374,6 +361,111 @@ impl Ledger for HttpLedger {
 
     fn leases_valid_until(&self) -> i64 {
         self.valid_until.load(Ordering::Acquire)
+    }
+}
+
+/// Spend reports on their way to the control plane, in batches numbered per session (1,
+/// 2, 3…; docs/api.md, `/v1/sync/reports`): one batch in flight at a time, sent again with
+/// the same number and body until the control plane answers, so a batch whose answer was
+/// lost (a replica killed after its commit, a timeout) is applied once. Rows reported
+/// meanwhile wait for the next batch, merged per (budget, key, day) as the proxy's
+/// counters merge them: what waits stays one row per key however long the control plane
+/// is away.
+#[derive(Default)]
+struct ReportOutbox {
+    state: tokio::sync::Mutex<Outbox>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    /// The last batch number taken.
+    number: u64,
+    /// The batch sent and not answered: its number and body, sent again as they are.
+    unanswered: Option<(u64, String)>,
+    /// Rows for the next batches, in the order first reported.
+    waiting: Vec<LeaseReport>,
+    /// Where each (budget, key, day) is in `waiting`.
+    index: crate::Map<(Budget, String, i64), usize>,
+}
+
+impl Outbox {
+    fn add(&mut self, reports: Vec<LeaseReport>) {
+        for r in reports {
+            let slot = (r.budget, r.key_id.clone(), r.day);
+            match self.index.get(&slot) {
+                Some(&i) => {
+                    let w = &mut self.waiting[i];
+                    w.spent = w.spent.saturating_add(r.spent);
+                    w.returned = w.returned.saturating_add(r.returned);
+                    w.overspent = w.overspent.saturating_add(r.overspent);
+                    w.unreserved = w.unreserved.saturating_add(r.unreserved);
+                }
+                None => {
+                    self.index.insert(slot, self.waiting.len());
+                    self.waiting.push(r);
+                }
+            }
+        }
+    }
+
+    /// The batch to send: the unanswered one, else the next `LEASE_BATCH` rows waiting
+    /// under a new number; `None` when nothing waits.
+    fn batch(&mut self) -> Option<(u64, String)> {
+        if self.unanswered.is_none() && !self.waiting.is_empty() {
+            let rest = self.waiting.split_off(self.waiting.len().min(LEASE_BATCH));
+            let rows = std::mem::replace(&mut self.waiting, rest);
+            self.index = (self.waiting.iter().enumerate())
+                .map(|(i, r)| ((r.budget, r.key_id.clone(), r.day), i))
+                .collect();
+            self.number += 1;
+            let body = json!({ "batch": self.number, "reports": rows }).to_string();
+            self.unanswered = Some((self.number, body));
+        }
+        self.unanswered.clone()
+    }
+}
+
+impl ReportOutbox {
+    /// Adds `reports` to what waits and sends batches until nothing waits or one is not
+    /// answered (kept for the next call). The lock is held across each send: one report
+    /// request in flight, whoever calls.
+    async fn send(&self, client: &Arc<SyncClient>, reports: Vec<LeaseReport>) {
+        let mut outbox = self.state.lock().await;
+        outbox.add(reports);
+        while let Some((number, body)) = outbox.batch() {
+            let client = client.clone();
+            let answer = blocking(move || {
+                client.call(
+                    "POST",
+                    "/v1/sync/reports",
+                    Some(&body),
+                    Duration::from_secs(5),
+                )
+            })
+            .await;
+            match answer {
+                Some(Ok(_)) => outbox.unanswered = None,
+                // Sent again it would be refused again, and every later report would wait
+                // behind it. Its spend stays held in the ledger (counted against the
+                // cap) until the session's leases are reclaimed; the next batch takes a
+                // higher number, which is all the control plane asks.
+                Some(Err(CallError::Refused(e))) => {
+                    log::error!(
+                        "the control plane refused spend report batch {number} for good \
+                         ({e}): dropped"
+                    );
+                    outbox.unanswered = None;
+                }
+                Some(Err(e)) => {
+                    log::error!("spend report batch {number} failed, will send it again: {e:?}");
+                    return;
+                }
+                None => {
+                    log::error!("spend report batch {number} failed, will send it again");
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -822,6 +914,7 @@ pub fn run_edge(
         client: client.clone(),
         valid_until: AtomicI64::new(0),
         metrics: edge_metrics.clone(),
+        reports: ReportOutbox::default(),
     });
     let stale = Arc::new(AtomicBool::new(true));
     let state = Arc::new(SyncState {
@@ -905,8 +998,9 @@ mod tests {
 
     use crate::proxy::audit::tests::event;
 
-    /// A control plane on 127.0.0.1 that answers the audit batches it is sent with the
-    /// statuses of `answers` in turn, then 200, and hands over each body it read.
+    /// A control plane on 127.0.0.1 that answers the calls it is sent (audit or report
+    /// batches) with the statuses of `answers` in turn, then 200, and hands over each body
+    /// it read.
     fn fake_control(answers: Vec<u16>) -> (Arc<SyncClient>, std::sync::mpsc::Receiver<Value>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -992,6 +1086,76 @@ mod tests {
         assert!(sent.iter().all(|b| b == &sent[0] && b["batch"] == 1));
         assert!(audit.flush(WAIT));
         assert_eq!((dropped.get(), depth.get()), (0, 0));
+    }
+
+    fn report(key: &str, spent: i64) -> LeaseReport {
+        LeaseReport {
+            key_id: key.into(),
+            day: 7,
+            spent: Micros(spent),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_batch_not_answered_is_sent_again_as_it_was_and_later_rows_wait() {
+        let (client, bodies) = fake_control(vec![503, 503, 500]);
+        let outbox = ReportOutbox::default();
+        outbox.send(&client, vec![report("key_a", 5)]).await;
+        let first = bodies.recv_timeout(WAIT).unwrap();
+        assert_eq!(first["batch"], 1);
+        assert_eq!(first["reports"].as_array().unwrap().len(), 1);
+        assert_eq!(first["reports"][0]["key_id"], "key_a");
+        assert_eq!(first["reports"][0]["spent"], 5);
+        // Not answered: the next round sends batch 1 again, the same, whether it has
+        // rows of its own (kept for batch 2) or not.
+        outbox.send(&client, Vec::new()).await;
+        assert_eq!(bodies.recv_timeout(WAIT).unwrap(), first);
+        outbox.send(&client, vec![report("key_b", 2)]).await;
+        assert_eq!(bodies.recv_timeout(WAIT).unwrap(), first);
+        // Answered this time: batch 2 follows, with both rounds' rows (one row per key).
+        outbox
+            .send(&client, vec![report("key_b", 3), report("key_c", 1)])
+            .await;
+        assert_eq!(bodies.recv_timeout(WAIT).unwrap(), first);
+        let second = bodies.recv_timeout(WAIT).unwrap();
+        assert_eq!(second["batch"], 2);
+        let rows: Vec<(&str, i64)> = (second["reports"].as_array().unwrap().iter())
+            .map(|r| (r["key_id"].as_str().unwrap(), r["spent"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(rows, vec![("key_b", 5), ("key_c", 1)]);
+        // Nothing waits: nothing is sent.
+        outbox.send(&client, Vec::new()).await;
+        assert!(bodies.recv_timeout(Duration::from_millis(300)).is_err());
+    }
+
+    #[tokio::test]
+    async fn report_batches_are_split_and_one_refused_for_good_is_dropped() {
+        let (client, bodies) = fake_control(vec![200, 422]);
+        let outbox = ReportOutbox::default();
+        let rows = (0..LEASE_BATCH + 50)
+            .map(|i| report(&format!("key_{i}"), 1))
+            .collect();
+        outbox.send(&client, rows).await;
+        let sizes: Vec<(u64, usize)> = (0..2)
+            .map(|_| {
+                let b = bodies.recv_timeout(WAIT).unwrap();
+                let n = b["reports"].as_array().unwrap().len();
+                (b["batch"].as_u64().unwrap(), n)
+            })
+            .collect();
+        assert_eq!(sizes, vec![(1, LEASE_BATCH), (2, 50)]);
+        // Batch 2 was refused (422): dropped, never sent again; the next one is 3.
+        outbox.send(&client, vec![report("key_x", 1)]).await;
+        let next = bodies.recv_timeout(WAIT).unwrap();
+        assert_eq!(
+            (
+                next["batch"].as_u64(),
+                next["reports"][0]["key_id"].as_str()
+            ),
+            (Some(3), Some("key_x"))
+        );
+        assert!(bodies.recv_timeout(Duration::from_millis(300)).is_err());
     }
 
     #[test]

@@ -153,6 +153,12 @@ pub trait Ledger: Send + Sync + 'static {
         answers
     }
 
+    /// Records what the proxy did with its leases. `Ok` once the ledger has the reports:
+    /// applied, or (an edge node's `HttpLedger`) kept in a numbered batch it sends again
+    /// until the control plane answers, so they are applied exactly once. `Err` when it
+    /// took none of them: the caller keeps them and reports them again (merged with what
+    /// it reports next). The proxy calls it every report round, with no rows when it has
+    /// nothing new: that call is when an edge node sends an unanswered batch again.
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError>;
 
     /// Records each commit durably before answering, atomically per (key, day): `true`

@@ -354,13 +354,18 @@ impl Control {
             .collect())
     }
 
+    /// A node session's spend report. `batch` is the node's number for it (docs/api.md):
+    /// false when that batch was applied already (its answer was lost), and nothing is
+    /// applied again.
     pub async fn node_report(
         &self,
         node: &str,
         session: &str,
+        batch: Option<u64>,
         reports: Vec<LeaseReport>,
-    ) -> Result<(), LedgerError> {
-        self.report_for(&holder_id(node, session), reports).await
+    ) -> Result<bool, LedgerError> {
+        self.report_for(&holder_id(node, session), batch, reports)
+            .await
     }
 
     /// Write-ahead of a node session's reservations (`sync::LeaseCommit`).

@@ -19,7 +19,7 @@
 //! report returning budget never takes the lease below it; when a holder dies,
 //! `Store::reclaim_holder` settles it as spent and gives back only the rest.
 
-use super::store::{in_transaction, Backend, Store, TxConn};
+use super::store::{in_transaction, on_writer, Backend, Store, TxConn};
 use crate::money::Micros;
 use crate::sync::Grant;
 use anyhow::Result;
@@ -154,15 +154,42 @@ impl Store {
     /// lease, and the key's held budget, as far as the lease holds uncommitted budget
     /// (none of it when the lease was already given back because the holder was taken
     /// for dead): committed budget stays held until its call is reported.
-    pub async fn lease_report_many(&self, holder: &str, reports: &[ReportRow]) -> Result<()> {
+    ///
+    /// `batch` is the node session's number for these rows (see `MARK_REPORT_BATCH`):
+    /// false, and nothing changed, when that batch (or a later one of the holder's) is
+    /// already applied. `None` (the in-process ledger, a node older than the numbering)
+    /// applies the rows every time.
+    pub async fn lease_report_many(
+        &self,
+        holder: &str,
+        batch: Option<u64>,
+        reports: &[ReportRow],
+    ) -> Result<bool> {
         if reports.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let mut slots: Vec<(&str, i64)> =
             reports.iter().map(|r| (r.key_id.as_str(), r.day)).collect();
         slots.sort_unstable();
         slots.dedup();
         in_transaction!(self, |tx| {
+            // The mark first: on PostgreSQL it locks the holder's row, so a copy of this
+            // batch given to another replica waits here for this transaction's outcome,
+            // then finds the batch applied (or, if this one rolled back, applies it).
+            // Only reports of this holder take that lock, always before ledger rows.
+            if let Some(number) = batch {
+                let marked = sqlx::query(MARK_REPORT_BATCH)
+                    .bind(holder)
+                    .bind(number.min(i64::MAX as u64) as i64)
+                    .bind(crate::token::unix_ms() as i64)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if marked == 0 {
+                    tx.rollback().await?;
+                    return Ok(false);
+                }
+            }
             // Ledger rows first, then leases: the order every transaction locks in.
             tx.lock_ledger_rows(&slots).await?;
             let mut leases = tx.held_leases(holder, &slots).await?;
@@ -201,9 +228,34 @@ impl Store {
             tx.apply_reports(holder, &totals).await?;
             tx.commit().await?;
         });
-        Ok(())
+        Ok(true)
+    }
+
+    /// Deletes the `report_batches` rows of sessions that reported nothing since
+    /// `before_ms` (Unix ms): how many.
+    pub async fn prune_report_batches(&self, before_ms: i64) -> Result<u64> {
+        Ok(on_writer!(self, |pool| sqlx::query(
+            "DELETE FROM report_batches WHERE at_ms < $1"
+        )
+        .bind(before_ms)
+        .execute(pool)
+        .await?
+        .rows_affected()))
     }
 }
+
+/// Marks a node's report batch applied, in the transaction that applies it: changes one
+/// row, or none when that batch (or a later one of its session) is already applied. A
+/// session sends its batches one at a time, numbered from 1, so the highest number
+/// applied is all that is kept (table `report_batches`, migration 0003). On PostgreSQL,
+/// `ON CONFLICT DO UPDATE … WHERE` waits for a concurrent transaction that inserted or
+/// updated the same holder's row and then re-checks the condition on the committed row:
+/// of two replicas given the same batch at once, exactly one applies it. The same text
+/// on both backends.
+const MARK_REPORT_BATCH: &str = "INSERT INTO report_batches (holder, last_batch, at_ms) \
+     VALUES ($1, $2, $3) ON CONFLICT (holder) DO UPDATE \
+     SET last_batch = excluded.last_batch, at_ms = excluded.at_ms \
+     WHERE report_batches.last_batch < excluded.last_batch";
 
 /// A (key, day)'s share of a round of reports: spend to settle, lease budget released,
 /// committed budget uncommitted.
@@ -712,7 +764,7 @@ mod tests {
         assert_eq!(answers, vec![true, false, true, false]);
         // k_a: 5 committed. A report of 2 spent, 1 unreserved and all 10 returned leaves
         // the 2 still committed in the lease.
-        s.lease_report_many("h1", &[row("k_a", 2, 2, 10, 1)])
+        s.lease_report_many("h1", None, &[row("k_a", 2, 2, 10, 1)])
             .await
             .unwrap();
         let leases = s.leases_of("h1").await.unwrap();
@@ -796,6 +848,7 @@ mod tests {
         // k_b: 7 spent and settled, 3 returned; k_a: the lease's 2 returned, 1 overspent.
         s.lease_report_many(
             "h2",
+            None,
             &[
                 row("k_b", 7, 7, 0, 0),
                 row("k_b", 0, 0, 3, 0),
@@ -845,13 +898,118 @@ mod tests {
         // REAL on SQLite): the row stays readable.
         let huge = Micros(i64::MAX / 4 * 3);
         for _ in 0..3 {
-            s.lease_report_many("h1", &[row("k_a", huge.0, 0, 0, 0)])
+            s.lease_report_many("h1", None, &[row("k_a", huge.0, 0, 0, 0)])
                 .await
                 .unwrap();
         }
         assert_eq!(
             s.ledger_row("k_a", 7).await.unwrap().settled,
             Micros(1 << 62)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_numbered_report_batch_settles_once_however_often_it_arrives() {
+        numbered_reports(store("report-batches").await).await;
+        numbered_reports(crate::control::store::tests::postgres().await).await;
+    }
+
+    async fn numbered_reports(s: Store) {
+        for h in ["h1", "h2"] {
+            s.register_holder(h, 0, 100).await.unwrap();
+        }
+        let ledger = |s: &Store| {
+            let s = s.clone();
+            async move {
+                let row = s.ledger_row("k_a", 7).await.unwrap();
+                (row.settled.0, row.held.0)
+            }
+        };
+        s.lease_grant_many("h1", 50, &[ask("k_a", 100, 1, 50)])
+            .await
+            .unwrap();
+        let applied = |h: &'static str, batch: Option<u64>, spent: i64| {
+            let s = s.clone();
+            async move {
+                s.lease_report_many(h, batch, &[row("k_a", spent, spent, 0, 0)])
+                    .await
+                    .unwrap()
+            }
+        };
+        assert!(applied("h1", Some(1), 10).await);
+        assert_eq!(ledger(&s).await, (10, 40));
+        // The same batch again (its answer was lost): answered, nothing applied.
+        assert!(!applied("h1", Some(1), 10).await);
+        assert_eq!(ledger(&s).await, (10, 40));
+        // A higher number applies (2 was refused by the node's control plane and dropped).
+        assert!(applied("h1", Some(3), 5).await);
+        assert_eq!(ledger(&s).await, (15, 35));
+        // A lower one is ignored.
+        assert!(!applied("h1", Some(2), 7).await);
+        assert_eq!(ledger(&s).await, (15, 35));
+        // Each session numbers its own batches.
+        s.lease_grant_many("h2", 50, &[ask("k_a", 100, 1, 10)])
+            .await
+            .unwrap();
+        assert!(applied("h2", Some(1), 1).await);
+        assert_eq!(ledger(&s).await, (16, 44));
+        // Unnumbered (the in-process ledger, an older node): applied every time.
+        assert!(applied("h1", None, 1).await);
+        assert!(applied("h1", None, 1).await);
+        assert_eq!(ledger(&s).await, (18, 42));
+        let leases = s.leases_of("h1").await.unwrap();
+        assert_eq!(leases.iter().map(|l| l.2 .0).collect::<Vec<_>>(), [33]);
+        // The marks of sessions silent since a cutoff are deleted; a session's batch
+        // after that is applied (its number is still higher than anything it sent).
+        assert_eq!(s.prune_report_batches(0).await.unwrap(), 0);
+        let now_ms = crate::token::unix_ms() as i64;
+        assert_eq!(s.prune_report_batches(now_ms + 1).await.unwrap(), 2);
+    }
+
+    /// Two replicas given the same batch at once (a node that timed out on one and sent
+    /// the batch again to the other): exactly one applies it, every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_stores_given_the_same_report_batch_at_once_apply_it_once() {
+        let dir = std::env::temp_dir().join(format!("keybrake-report-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sqlite = crate::database::Database::Sqlite { data_dir: dir };
+        report_race(&sqlite).await;
+        let url = crate::control::pg_test::database().await;
+        let pg = crate::database::Database::Postgres {
+            url: crate::database::DatabaseUrl::parse(&url).unwrap(),
+        };
+        report_race(&pg).await;
+    }
+
+    async fn report_race(database: &crate::database::Database) {
+        let one = Store::open(database).await.unwrap();
+        let two = Store::open(database).await.unwrap();
+        one.register_holder("h1", 0, i64::MAX).await.unwrap();
+        one.lease_grant_many("h1", 50, &[ask("k_a", 1_000, 1, 1_000)])
+            .await
+            .unwrap();
+        const ROUNDS: u64 = 20;
+        for batch in 1..=ROUNDS {
+            let copies: Vec<_> = (0..4)
+                .map(|i| {
+                    let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+                    tokio::spawn(async move {
+                        s.lease_report_many("h1", Some(batch), &[row("k_a", 3, 3, 0, 0)])
+                            .await
+                            .unwrap()
+                    })
+                })
+                .collect();
+            let mut applied = 0;
+            for c in copies {
+                applied += c.await.unwrap() as u32;
+            }
+            assert_eq!(applied, 1, "batch {batch}");
+        }
+        let row = two.ledger_row("k_a", 7).await.unwrap();
+        assert_eq!(
+            (row.settled.0, row.held.0),
+            (3 * ROUNDS as i64, 1_000 - 3 * ROUNDS as i64)
         );
     }
 

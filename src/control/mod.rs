@@ -45,6 +45,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use store::{CredentialRow, KeyRow, KeyStatus, LedgerRow, Store};
 
+/// A node session's `report_batches` row is kept this long after its last report: a node
+/// resends a batch within seconds of a lost answer, never a week later.
+const REPORT_BATCHES_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
+
 pub struct ControlSettings {
     pub default_ttl: Duration,
     pub max_ttl: Duration,
@@ -256,7 +260,8 @@ impl Control {
     /// Every second: this process's heartbeat as a lease holder; every few seconds, the
     /// leases of holders that stopped beating (a process killed, or stalled past its
     /// lease lifetime) are settled with what they committed (or the audit trail says they
-    /// spent, if more) and the rest given back. Runs until the process ends.
+    /// spent, if more) and the rest given back; once an hour, the report-batch marks of
+    /// node sessions silent for a week are deleted. Runs until the process ends.
     ///
     /// No holder is taken for dead before this process has been up for a whole lease
     /// lifetime: an edge node beats through its polls, so while no control process was
@@ -276,6 +281,12 @@ impl Control {
             if reachable_for_a_lifetime && n % every == 0 {
                 if let Err(e) = self.reclaim_dead_holders().await {
                     log::error!("cannot give back the leases of dead processes: {e:#}");
+                }
+            }
+            if n % 3600 == 0 {
+                let before = crate::token::unix_ms() as i64 - REPORT_BATCHES_KEPT_MS;
+                if let Err(e) = self.store.prune_report_batches(before).await {
+                    log::warn!("cannot delete old report-batch marks: {e:#}");
                 }
             }
             n += 1;
@@ -890,7 +901,14 @@ impl Control {
         }
     }
 
-    async fn report_for(&self, holder: &str, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
+    /// `holder`'s report, applied in one store transaction; `batch` numbered by a node
+    /// (`Store::lease_report_many`): false when it was applied already.
+    async fn report_for(
+        &self,
+        holder: &str,
+        batch: Option<u64>,
+        reports: Vec<LeaseReport>,
+    ) -> Result<bool, LedgerError> {
         let overflow = || LedgerError("spend report out of range".into());
         let mut rows = Vec::with_capacity(reports.len());
         for r in reports {
@@ -908,7 +926,7 @@ impl Control {
             });
         }
         self.store
-            .lease_report_many(holder, &rows)
+            .lease_report_many(holder, batch, &rows)
             .await
             .map_err(|e| LedgerError(format!("{e:#}")))
     }
@@ -949,8 +967,9 @@ impl Ledger for Control {
         self.lease_many_for(&self.holder, requests).await
     }
 
+    /// In process, nothing is lost between this call and the store: no numbering.
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
-        self.report_for(&self.holder, reports).await
+        self.report_for(&self.holder, None, reports).await.map(drop)
     }
 
     async fn commit(&self, commits: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {

@@ -42,6 +42,10 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0002_lease_committed.sql"),
         postgres: include_str!("../../migrations/postgres/0002_lease_committed.sql"),
     },
+    Migration {
+        sqlite: include_str!("../../migrations/sqlite/0003_report_batches.sql"),
+        postgres: include_str!("../../migrations/postgres/0003_report_batches.sql"),
+    },
 ];
 
 /// The store's file in the data dir.
@@ -114,6 +118,7 @@ macro_rules! in_transaction {
     };
 }
 pub(super) use in_transaction;
+pub(super) use on_writer;
 
 /// A key as a lease request is checked against (`Store::key_limits`).
 #[derive(Debug, Clone)]
@@ -1615,7 +1620,7 @@ pub(super) mod tests {
             returned: Micros(35),
             unreserved: Micros::ZERO,
         };
-        s.lease_report_many("h1", &[report]).await.unwrap();
+        s.lease_report_many("h1", None, &[report]).await.unwrap();
         assert_eq!(
             s.ledger_row("k", 9).await.unwrap(),
             LedgerRow {

@@ -121,6 +121,10 @@ async fn leases(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReportsBody {
+    /// The node session's number for this batch (1, 2, 3…; the same when sent again):
+    /// applied once however often it arrives. Absent from nodes older than the numbering.
+    #[serde(default)]
+    batch: Option<u64>,
     reports: Vec<LeaseReport>,
 }
 
@@ -134,22 +138,32 @@ async fn reports(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult
             .iter()
             .flat_map(|r| [&r.spent, &r.returned, &r.overspent, &r.unreserved]),
     )?;
-    if let Err(e) = s
+    match s
         .control
-        .node_report(&node.id, &node.session, body.reports)
+        .node_report(&node.id, &node.session, body.batch, body.reports)
         .await
     {
-        // The node keeps the report and sends it again; a database that is down now is
-        // a 503 it can wait out, anything else a bug.
-        if !s.control.store().ping().await {
-            log::warn!(
-                "cannot record a node's spend report, storage unavailable: {}",
-                e.0
-            );
-            return Err(ApiError::StorageUnavailable);
+        Ok(true) => {}
+        // Its first copy was applied and the answer lost: answered as then.
+        Ok(false) => log::info!(
+            "report batch {} of node {} (session {}) was applied already: not again",
+            body.batch.unwrap_or_default(),
+            node.id,
+            node.session
+        ),
+        Err(e) => {
+            // The node keeps the report and sends it again; a database that is down now
+            // is a 503 it can wait out, anything else a bug.
+            if !s.control.store().ping().await {
+                log::warn!(
+                    "cannot record a node's spend report, storage unavailable: {}",
+                    e.0
+                );
+                return Err(ApiError::StorageUnavailable);
+            }
+            log::error!("cannot record a node's spend report: {}", e.0);
+            return Err(ApiError::Internal);
         }
-        log::error!("cannot record a node's spend report: {}", e.0);
-        return Err(ApiError::Internal);
     }
     Ok(Json(json!({ "ok": true })))
 }

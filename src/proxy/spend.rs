@@ -633,12 +633,15 @@ impl SpendBook {
                 done.push(entry.clone());
             }
         }
-        if !reported.is_empty() {
+        // Called with nothing new too: an edge node's ledger sends its unanswered batch
+        // again then (`Ledger::report`).
+        {
             let reports = reported.iter().map(|(_, r)| r.clone()).collect();
             if let Err(e) = self.ledger.report(reports).await {
                 log::error!("spend report failed, will retry: {e}");
-                // Put everything back so the next round reports it; returned budget is
-                // still held by the ledger, so it may be used meanwhile.
+                // The ledger took none of it: put everything back so the next round
+                // reports it; returned budget is still held by the ledger, so it may be
+                // used meanwhile.
                 for (entry, r) in &reported {
                     entry.add_spent(r.spent);
                     entry.add_overspent(r.overspent);
@@ -817,6 +820,7 @@ mod tests {
         settled: Mutex<i64>,
         written: Mutex<i64>,
         commit_calls: Mutex<usize>,
+        report_calls: Mutex<usize>,
     }
 
     #[async_trait::async_trait]
@@ -837,6 +841,7 @@ mod tests {
             })
         }
         async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
+            *self.report_calls.lock().unwrap() += 1;
             for r in reports {
                 *self.committed.lock().unwrap() -= r.returned.0;
                 *self.settled.lock().unwrap() += r.spent.0 + r.overspent.0;
@@ -1076,5 +1081,15 @@ mod tests {
         assert_eq!(*ledger.written.lock().unwrap(), 0);
         assert_eq!(*ledger.settled.lock().unwrap(), 1_000_000);
         assert_eq!(*ledger.committed.lock().unwrap(), 1_000_000);
+    }
+
+    #[tokio::test]
+    async fn every_report_round_calls_the_ledger_even_with_nothing_new() {
+        // An edge node's ledger sends an unanswered report batch again on that call.
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        book.report(1000, false).await;
+        book.report(1001, false).await;
+        assert_eq!(*ledger.report_calls.lock().unwrap(), 2);
     }
 }

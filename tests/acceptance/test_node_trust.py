@@ -2,7 +2,8 @@
 the ledger). Raw sync calls with a valid node token, as a compromised or buggy node would
 send them: the cap comes from the key row, not the request; another tenant's, an unknown,
 an expired or a revoked key, a far day, and a session that never said hello are granted
-nothing; negative or huge amounts are refused with 400 and never reach the ledger."""
+nothing; negative or huge amounts are refused with 400 and never reach the ledger; a
+numbered report batch sent again (its answer lost) is applied once."""
 
 from __future__ import annotations
 
@@ -112,6 +113,46 @@ def test_reports_with_negative_or_huge_amounts_are_refused(node_channel, field, 
     assert sync("leases", {"requests": [bad_lease]}).status_code == 400
     bad_commit = {"key_id": key["id"], "day": today(), "amount": -1}
     assert sync("commits", {"commits": [bad_commit]}).status_code == 400
+
+
+def test_a_report_batch_sent_again_is_applied_once(node_channel):
+    """A node that lost the answer to a spend report (the control plane committed it,
+    then the connection dropped) sends the same batch again, same number: it is answered
+    200 and settles nothing more. A lower number is ignored too, a higher one applies; an
+    unnumbered report (a node older than the numbering) applies each time."""
+    control, (acme, _), sync = node_channel
+    key = acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+    assert granted(sync("leases", {"requests": [lease(key, acme.id, 10_000_000, 4_000_000)]})) == [4_000_000]
+
+    def spend() -> tuple[Decimal, Decimal]:
+        k = acme.get_key(key["id"])
+        return Decimal(str(k["spent_today_usd"])), Decimal(str(k["held_usd"]))
+
+    def report(spent: float, overspent: float, batch: int | None) -> None:
+        row = {"key_id": key["id"], "day": today(), "spent": int(spent * 1e6), "returned": 0,
+               "overspent": int(overspent * 1e6)}
+        body = {"reports": [row]} if batch is None else {"batch": batch, "reports": [row]}
+        resp = sync("reports", body)
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"ok": True}
+
+    assert spend() == (4, 4)
+    # $1.50 spent of the $4 lease and $0.50 beyond it: settled $2, held $2.50.
+    report(1.5, 0.5, batch=1)
+    assert spend() == (Decimal("4.5"), Decimal("2.5"))
+    # The same batch again, twice: answered as the first time, nothing settled again
+    # (applied twice it would read $5 spent, $1 held).
+    report(1.5, 0.5, batch=1)
+    report(1.5, 0.5, batch=1)
+    assert spend() == (Decimal("4.5"), Decimal("2.5"))
+    # The next batch applies; an older number (whatever it carries) does not.
+    report(1, 0, batch=2)
+    report(2, 2, batch=1)
+    assert spend() == (Decimal("4.5"), Decimal("1.5"))
+    # Without a number, a report applies every time it arrives.
+    report(0, 0.25, batch=None)
+    report(0, 0.25, batch=None)
+    assert spend() == (Decimal("5"), Decimal("1.5"))
 
 
 def test_hello_again_and_malformed_bodies_get_clear_answers(node_channel):

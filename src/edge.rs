@@ -445,16 +445,17 @@ impl ReportOutbox {
             .await;
             match answer {
                 Some(Ok(_)) => outbox.unanswered = None,
-                // Sent again it would be refused again, and every later report would wait
-                // behind it. Its spend stays held in the ledger (counted against the
-                // cap) until the session's leases are reclaimed; the next batch takes a
-                // higher number, which is all the control plane asks.
+                // Kept and sent again, like any failure: its rows are spend the ledger
+                // must settle (overspent beyond any lease included), so it is never
+                // dropped. A refusal that lasts (a control plane older than this node,
+                // which does not know the batch number) holds every later report behind
+                // it: the node's spend stays held against the caps, never lost.
                 Some(Err(CallError::Refused(e))) => {
                     log::error!(
-                        "the control plane refused spend report batch {number} for good \
-                         ({e}): dropped"
+                        "the control plane refused spend report batch {number} ({e}): \
+                         will send it again"
                     );
-                    outbox.unanswered = None;
+                    return;
                 }
                 Some(Err(e)) => {
                     log::error!("spend report batch {number} failed, will send it again: {e:?}");
@@ -1130,31 +1131,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn report_batches_are_split_and_one_refused_for_good_is_dropped() {
-        let (client, bodies) = fake_control(vec![200, 422]);
+    async fn report_batches_are_split_and_one_refused_is_kept_and_sent_again() {
+        let (client, bodies) = fake_control(vec![200, 422, 400]);
         let outbox = ReportOutbox::default();
         let rows = (0..LEASE_BATCH + 50)
             .map(|i| report(&format!("key_{i}"), 1))
             .collect();
         outbox.send(&client, rows).await;
-        let sizes: Vec<(u64, usize)> = (0..2)
-            .map(|_| {
-                let b = bodies.recv_timeout(WAIT).unwrap();
-                let n = b["reports"].as_array().unwrap().len();
-                (b["batch"].as_u64().unwrap(), n)
-            })
-            .collect();
-        assert_eq!(sizes, vec![(1, LEASE_BATCH), (2, 50)]);
-        // Batch 2 was refused (422): dropped, never sent again; the next one is 3.
+        let next = || {
+            let b = bodies.recv_timeout(WAIT).unwrap();
+            let keys: Vec<String> = (b["reports"].as_array().unwrap().iter())
+                .map(|r| r["key_id"].as_str().unwrap().to_string())
+                .collect();
+            (b["batch"].as_u64().unwrap(), keys)
+        };
+        let (one, two) = (next(), next());
+        assert_eq!((one.0, one.1.len()), (1, LEASE_BATCH));
+        assert_eq!((two.0, two.1.len()), (2, 50));
+        // Batch 2 was refused (422): its rows are spend the ledger must settle, so it is
+        // sent again as it was (refused once more, then answered), before key_x's row.
         outbox.send(&client, vec![report("key_x", 1)]).await;
-        let next = bodies.recv_timeout(WAIT).unwrap();
-        assert_eq!(
-            (
-                next["batch"].as_u64(),
-                next["reports"][0]["key_id"].as_str()
-            ),
-            (Some(3), Some("key_x"))
-        );
+        assert_eq!(next(), two);
+        outbox.send(&client, Vec::new()).await;
+        assert_eq!(next(), two);
+        assert_eq!(next(), (3, vec!["key_x".to_string()]));
         assert!(bodies.recv_timeout(Duration::from_millis(300)).is_err());
     }
 

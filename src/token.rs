@@ -182,6 +182,11 @@ impl Verifier {
             Ok(64) => {}
             _ => return Err(TokenError::Invalid),
         }
+        // ed25519-dalek refuses an unreduced `s` too, unless a crate in the build turns on
+        // its `legacy_compatibility` feature: checked here whatever the features.
+        if !is_reduced(&bytes[32..]) {
+            return Err(TokenError::Invalid);
+        }
         let signature = ed25519_dalek::Signature::from_bytes(&bytes);
         ed25519_dalek::Verifier::verify(key, signed.as_bytes(), &signature)
             .map_err(|_| TokenError::Invalid)?;
@@ -195,6 +200,19 @@ impl Verifier {
         }
         Ok(claims)
     }
+}
+
+/// The order of the Ed25519 group, L = 2^252 + 27742317777372353535851937790883648493,
+/// little-endian.
+const GROUP_ORDER: [u8; 32] = [
+    0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+
+/// A signature's `s` (32 bytes, little-endian) is below L: the only encoding RFC 8032
+/// accepts, so no token has a second valid signature.
+fn is_reduced(s: &[u8]) -> bool {
+    s.iter().rev().cmp(GROUP_ORDER.iter().rev()) == std::cmp::Ordering::Less
 }
 
 /// A JWK's `x`: a 32-byte Ed25519 public key that decodes to a curve point of large
@@ -357,13 +375,7 @@ pub(crate) mod tests {
         let (key, jwks) = signer();
         let token = key.sign(&claims(60));
         let sig = signature_of(token.expose());
-        // The group order L = 2^252 + 27742317777372353535851937790883648493, little-endian.
-        let mut order = [0u8; 32];
-        order[..16].copy_from_slice(&[
-            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9,
-            0xde, 0x14,
-        ]);
-        order[31] = 0x10;
+        let order = GROUP_ORDER;
         let mut s_plus_l = [0u8; 32];
         let mut carry = 0u16;
         for i in 0..32 {
@@ -411,6 +423,19 @@ pub(crate) mod tests {
             Verifier::new(&jwks).verify(&forged),
             Err(TokenError::Invalid)
         );
+    }
+
+    #[test]
+    fn s_is_reduced_exactly_below_the_group_order() {
+        let mut below = GROUP_ORDER;
+        below[0] -= 1;
+        assert!(is_reduced(&below));
+        assert!(is_reduced(&[0; 32]));
+        assert!(!is_reduced(&GROUP_ORDER));
+        let mut above = GROUP_ORDER;
+        above[16] = 1;
+        assert!(!is_reduced(&above));
+        assert!(!is_reduced(&[0xff; 32]));
     }
 
     #[test]

@@ -108,7 +108,7 @@ enum Command {
         common: Common,
         /// The command the configuration is for: its TLS and access-log files are the
         /// ones checked (`control` needs no proxy files, `proxy` no control files).
-        #[arg(long, value_enum, default_value = "serve")]
+        #[arg(long, value_enum, default_value = "serve", env = "KEYBRAKE_CHECK_ROLE")]
         role: Role,
     },
     /// Tenants (admin token).

@@ -11,7 +11,7 @@ use crate::token::{now_secs, unix_ms, Jwks};
 use anyhow::Result;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -381,14 +381,18 @@ impl Control {
     /// Audit events recorded by a node, into the same trail as `serve`'s, answered once
     /// committed. `batch` is the node's number for it (`audit::NodeBatch`): a batch sent
     /// again after a lost answer is written once. False (the node must send the batch
-    /// again): it is not all written yet, or this process is stopping
-    /// (`close_node_audit`).
+    /// again): it is not all written yet, the keys could not be read, or this process is
+    /// stopping (`close_node_audit`).
+    ///
+    /// An event is filed under the tenant that owns its key, whatever tenant the node
+    /// named: under none when the key does not exist, so no node can put an event into
+    /// another tenant's trail.
     pub async fn node_audit(
         self: &Arc<Self>,
         node: &str,
         session: &str,
         batch: Option<u64>,
-        events: Vec<AuditEvent>,
+        mut events: Vec<AuditEvent>,
     ) -> bool {
         let closed = *self
             .fleet
@@ -396,6 +400,10 @@ impl Control {
             .read()
             .unwrap_or_else(|p| p.into_inner());
         if closed {
+            return false;
+        }
+        if let Err(e) = self.file_under_key_tenants(&mut events).await {
+            log::warn!("cannot read the keys of a node's audit events: {e:#}");
             return false;
         }
         let batch = batch.map(|number| super::audit::NodeBatch {
@@ -412,6 +420,30 @@ impl Control {
         })
         .await
         .unwrap_or(false)
+    }
+
+    /// Sets each event's tenant to its key's (none for an event without a key, or with a
+    /// key that does not exist).
+    async fn file_under_key_tenants(&self, events: &mut [AuditEvent]) -> Result<()> {
+        let mut ids: Vec<&str> = events.iter().filter_map(|e| e.key_id.as_deref()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let keys = if ids.is_empty() {
+            Default::default()
+        } else {
+            self.store.key_limits(&ids).await?
+        };
+        let tenants: HashMap<&str, Arc<str>> = keys
+            .iter()
+            .map(|(id, k)| (id.as_str(), Arc::from(k.tenant_id.as_str())))
+            .collect();
+        for event in events.iter_mut() {
+            event.tenant_id = event
+                .key_id
+                .as_deref()
+                .and_then(|id| tenants.get(id).cloned());
+        }
+        Ok(())
     }
 
     /// Stopping: refuses node audit batches from now on, then writes every event

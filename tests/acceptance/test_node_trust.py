@@ -3,7 +3,8 @@ the ledger). Raw sync calls with a valid node token, as a compromised or buggy n
 send them: the cap comes from the key row, not the request; another tenant's, an unknown,
 an expired or a revoked key, a far day, and a session that never said hello are granted
 nothing; negative or huge amounts are refused with 400 and never reach the ledger; a
-numbered report batch sent again (its answer lost) is applied once."""
+numbered report batch sent again (its answer lost) is applied once; an audit event is
+filed under its key's tenant, not the one the node names."""
 
 from __future__ import annotations
 
@@ -153,6 +154,32 @@ def test_a_report_batch_sent_again_is_applied_once(node_channel):
     report(0, 0.25, batch=None)
     report(0, 0.25, batch=None)
     assert spend() == (Decimal("5"), Decimal("1.5"))
+
+
+def test_a_nodes_audit_events_are_filed_under_the_keys_tenant(node_channel):
+    """A node that names the wrong tenant for a key's audit event cannot put it into that
+    tenant's trail: an event is filed under the tenant that owns the key, and an event
+    for a key that does not exist under none."""
+    control, (acme, other), sync = node_channel
+    key = acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+
+    def event(key_id: str, tenant_id: str, path: str) -> dict:
+        return {"ts_ms": int(time.time() * 1000), "tenant_id": tenant_id, "key_id": key_id,
+                "label": "forged", "vendor": "stripe", "method": "POST", "path": path,
+                "status": 200, "decision": "allowed", "spend": 1_000_000,
+                "vendor_request_id": None, "duration_ms": 3, "llm": None}
+
+    resp = sync("audit", {"batch": 1, "events": [
+        event(key["id"], other.id, "/stripe/v1/named_other"),
+        event("key_doesnotexist", other.id, "/stripe/v1/unknown_key"),
+    ]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"recorded": 2}
+    # The event of acme's key is acme's, whatever the node said; `other` sees neither.
+    assert [e["path"] for e in acme.audit(key_id=key["id"])] == ["/stripe/v1/named_other"]
+    assert other.audit() == []
+    assert other.audit(key_id=key["id"]) == []
+    assert other.audit(key_id="key_doesnotexist") == []
 
 
 def test_hello_again_and_malformed_bodies_get_clear_answers(node_channel):

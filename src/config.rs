@@ -164,6 +164,9 @@ struct FileVendor {
     /// Endpoints known not to move money (reads need no entry).
     #[serde(default)]
     free: Vec<String>,
+    /// Fields that would move money the meter does not see, refused where they are named.
+    #[serde(default)]
+    refuse_fields: Vec<FileRefuseFields>,
     /// What a capped key may do on any other mutating endpoint.
     #[serde(default)]
     unmetered: UnmeteredPolicy,
@@ -172,6 +175,13 @@ struct FileVendor {
     llm_metered: Vec<FileLlmRule>,
     cost_per_request_usd: Option<String>,
     ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRefuseFields {
+    endpoint: String,
+    fields: Vec<String>,
 }
 
 /// `json_to_form`: a list of path patterns, or (the earlier form, still read) a boolean:
@@ -436,6 +446,9 @@ pub struct Vendor {
     pub metered: Vec<std::sync::Arc<MeterRule>>,
     /// Mutating endpoints known not to move money.
     pub free: Vec<EndpointPattern>,
+    /// Form fields refused on an endpoint (metered or free): ones that move money the
+    /// meter does not see, like a Stripe customer's `balance`.
+    pub refuse_fields: Vec<(EndpointPattern, Vec<String>)>,
     pub unmetered: UnmeteredPolicy,
     pub llm_metered: Vec<LlmRule>,
     pub cost_per_request: Micros,
@@ -520,6 +533,14 @@ impl Vendor {
         self.metered
             .iter()
             .find(|r| r.endpoint.matches(method, path))
+    }
+
+    /// The fields refused on this call (the first `refuse_fields` entry that matches).
+    pub fn refused_fields(&self, method: &http::Method, path: &str) -> &[String] {
+        self.refuse_fields
+            .iter()
+            .find(|(endpoint, _)| endpoint.matches(method, path))
+            .map_or(&[], |(_, fields)| fields)
     }
 
     /// Metered, free (a read, or listed as not moving money) or unmetered.
@@ -1145,6 +1166,19 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                     .transpose()?,
                 metered,
                 free: patterns(&v.free, "free")?,
+                refuse_fields: v
+                    .refuse_fields
+                    .iter()
+                    .map(|r| {
+                        let endpoint = EndpointPattern::parse(&r.endpoint).map_err(|e| {
+                            anyhow!("vendor {name:?} refuse_fields endpoint {:?}: {e}", r.endpoint)
+                        })?;
+                        if r.fields.is_empty() || r.fields.iter().any(|f| f.is_empty()) {
+                            bail!("vendor {name:?} refuse_fields {:?}: name at least one field, none empty", r.endpoint);
+                        }
+                        Ok((endpoint, r.fields.clone()))
+                    })
+                    .collect::<Result<_>>()?,
                 unmetered: v.unmetered,
                 llm_metered: v
                     .llm_metered

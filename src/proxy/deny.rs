@@ -18,6 +18,8 @@ pub enum Denial {
     MethodNotAllowed,
     AccountNotAllowed,
     EndpointUnmetered,
+    /// A field that can move money the meter does not see (the catalog's `refuse_fields`).
+    UnmeteredField,
     InvalidPath,
     AmountRequired,
     InvalidAmount,
@@ -59,7 +61,7 @@ impl Denial {
         match self {
             MissingKey | InvalidKey | KeyExpired | KeyRevoked => 401,
             VendorMismatch | EndpointNotAllowed | MethodNotAllowed | AccountNotAllowed
-            | EndpointUnmetered => 403,
+            | EndpointUnmetered | UnmeteredField => 403,
             InvalidPath | AmountRequired | InvalidAmount | AmountUnknown | UnsupportedCurrency
             | InvalidBody => 400,
             UnknownModel | InvalidLlmBody | UnmeteredServiceTier | UnmeteredBeta => 400,
@@ -83,7 +85,7 @@ impl Denial {
             VendorMismatch => "vendor_mismatch",
             EndpointNotAllowed | MethodNotAllowed => "endpoint_not_allowed",
             AccountNotAllowed => "account_not_allowed",
-            EndpointUnmetered => "endpoint_unmetered",
+            EndpointUnmetered | UnmeteredField => "endpoint_unmetered",
             InvalidPath => "invalid_path",
             AmountRequired => "amount_required",
             InvalidAmount | AmountUnknown => "invalid_amount",
@@ -115,6 +117,7 @@ impl Denial {
             MethodNotAllowed => "The vault key allows this endpoint, but not with this HTTP method.",
             AccountNotAllowed => "The vault key does not allow this Stripe account.",
             EndpointUnmetered => "This endpoint can move money and Keybrake does not meter it: a key with a spend cap cannot call it.",
+            UnmeteredField => "This call sends a field that can move money Keybrake does not meter (such as a customer's balance, or an invoice item's quantity or price): a key with a spend cap cannot send it.",
             InvalidPath => "The request path is not canonical (dot segments, encoded '/' or '\\', empty segments or control bytes).",
             AmountRequired => "This endpoint is metered: the body must carry an integer amount.",
             InvalidAmount => "The amount is not a non-negative integer in minor units, or the body is malformed.",

@@ -36,6 +36,27 @@ fn kept_field<'k>(name: &str, keep: &[&'k str]) -> Option<&'k str> {
     keep.iter().find(|k| !k.is_empty() && **k == base).copied()
 }
 
+/// Whether `form` names a field other than the ones in `allowed` (by base name:
+/// `expand[]` is `expand`; read as `kept_field` reads names, so no alias slips by).
+pub fn form_names_other_than(form: &[u8], allowed: &[&str]) -> bool {
+    form.split(|&b| b == b'&' || b == b';')
+        .filter(|p| !p.is_empty())
+        .any(|pair| {
+            let name = pair.split(|&b| b == b'=').next().unwrap_or(b"");
+            kept_field(&form_decode(name), allowed).is_none()
+        })
+}
+
+/// Whether `form` names one of `fields` (by base name, aliases included, as
+/// `kept_field` reads names).
+pub fn form_names_any_of(form: &[u8], fields: &[String]) -> bool {
+    if fields.is_empty() {
+        return false;
+    }
+    let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+    ParsedBody::from_form(form, &fields).has_fields()
+}
+
 /// One `application/x-www-form-urlencoded` name or value: `+` is a space, `%XX` a byte,
 /// invalid UTF-8 replaced (as the `url` crate does). Borrowed when nothing is encoded.
 fn form_decode(raw: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -198,8 +219,6 @@ pub fn largest_amount(
     to_usd(amount.max(0), currencies.get(&currency)?)
 }
 
-/// The field a subscription's items are read from (for the query-string check).
-pub const ITEM_FIELDS: [&str; 1] = ["items"];
 /// Stripe's limit on a subscription's items.
 const MAX_ITEMS: usize = 20;
 
@@ -238,6 +257,12 @@ pub fn subscription_items(form: &[u8]) -> Result<Vec<Item>, Denial> {
                 "currency",
                 // The first invoice covers every period since the backdated start.
                 "backdate_start_date",
+                // Bills several periods at once.
+                "prebilling",
+                // The single price of API versions before items (a client chooses its
+                // version with `Stripe-Version`).
+                "plan",
+                "quantity",
             ],
         );
         match base {
@@ -313,40 +338,82 @@ pub fn to_usd(minor_units: i64, currency: &Currency) -> Option<Micros> {
 }
 
 /// Stripe's form encoding of a JSON object: nested objects and arrays in bracket
-/// notation (`automatic_payment_methods[enabled]=true`, `items[0][price]=…`).
-pub fn json_to_form(value: &Value) -> Result<String, Denial> {
+/// notation (`automatic_payment_methods[enabled]=true`, `items[0][price]=…`), at most
+/// `limit` bytes (413 `body_too_large` past it). The bracketed names repeat every parent
+/// name, so a small JSON body can make a form many times its size: the form is held to
+/// the body limit as it is written, never built whole first.
+pub fn json_to_form(value: &Value, limit: usize) -> Result<String, Denial> {
     let object = value.as_object().ok_or(Denial::InvalidBody)?;
-    let mut out = url::form_urlencoded::Serializer::new(String::new());
+    let mut form = FormWriter {
+        out: String::new(),
+        name: String::new(),
+        limit,
+    };
     for (k, v) in object {
-        encode(&mut out, k.clone(), v);
+        form.name.clear();
+        form.name.push_str(k);
+        form.encode(v)?;
     }
-    Ok(out.finish())
+    Ok(form.out)
 }
 
-fn encode(out: &mut url::form_urlencoded::Serializer<String>, key: String, value: &Value) {
-    match value {
-        Value::Null => {
-            out.append_pair(&key, "");
+/// The form being written, and the name of the field being encoded (one buffer, grown
+/// and cut back as the encoder goes down and up the JSON).
+struct FormWriter {
+    out: String,
+    name: String,
+    limit: usize,
+}
+
+impl FormWriter {
+    fn encode(&mut self, value: &Value) -> Result<(), Denial> {
+        if self.name.len() > self.limit {
+            return Err(Denial::BodyTooLarge);
         }
-        Value::Bool(b) => {
-            out.append_pair(&key, if *b { "true" } else { "false" });
-        }
-        Value::Number(n) => {
-            out.append_pair(&key, &n.to_string());
-        }
-        Value::String(s) => {
-            out.append_pair(&key, s);
-        }
-        Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                encode(out, format!("{key}[{i}]"), item);
+        match value {
+            Value::Null => self.pair(""),
+            Value::Bool(b) => self.pair(if *b { "true" } else { "false" }),
+            Value::Number(n) => self.pair(&n.to_string()),
+            Value::String(s) => self.pair(s),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    self.nested(&i.to_string(), item)?;
+                }
+                Ok(())
+            }
+            Value::Object(map) => {
+                for (k, v) in map {
+                    self.nested(k, v)?;
+                }
+                Ok(())
             }
         }
-        Value::Object(map) => {
-            for (k, v) in map {
-                encode(out, format!("{key}[{k}]"), v);
-            }
+    }
+
+    /// `name[key]`, encoded, then the name cut back.
+    fn nested(&mut self, key: &str, value: &Value) -> Result<(), Denial> {
+        let parent = self.name.len();
+        self.name.push('[');
+        self.name.push_str(key);
+        self.name.push(']');
+        let result = self.encode(value);
+        self.name.truncate(parent);
+        result
+    }
+
+    fn pair(&mut self, value: &str) -> Result<(), Denial> {
+        if !self.out.is_empty() {
+            self.out.push('&');
         }
+        self.out
+            .extend(url::form_urlencoded::byte_serialize(self.name.as_bytes()));
+        self.out.push('=');
+        self.out
+            .extend(url::form_urlencoded::byte_serialize(value.as_bytes()));
+        if self.out.len() > self.limit {
+            return Err(Denial::BodyTooLarge);
+        }
+        Ok(())
     }
 }
 
@@ -521,7 +588,7 @@ mod tests {
                 request_cost(
                     &rule,
                     &ParsedBody::from_form(
-                        json_to_form(&aliased).unwrap().as_bytes(),
+                        json_to_form(&aliased, 1 << 20).unwrap().as_bytes(),
                         &rule.fields()
                     ),
                     None,
@@ -536,7 +603,10 @@ mod tests {
         assert_eq!(
             request_cost(
                 &rule,
-                &ParsedBody::from_form(json_to_form(&body).unwrap().as_bytes(), &rule.fields()),
+                &ParsedBody::from_form(
+                    json_to_form(&body, 1 << 20).unwrap().as_bytes(),
+                    &rule.fields()
+                ),
                 None,
                 &c.currencies
             )
@@ -547,7 +617,10 @@ mod tests {
         assert_eq!(
             request_cost(
                 &rule,
-                &ParsedBody::from_form(json_to_form(&float).unwrap().as_bytes(), &rule.fields()),
+                &ParsedBody::from_form(
+                    json_to_form(&float, 1 << 20).unwrap().as_bytes(),
+                    &rule.fields()
+                ),
                 None,
                 &c.currencies
             )
@@ -598,7 +671,7 @@ mod tests {
             "items": [{"price": "price_1", "quantity": 2}],
             "metadata": {"order": "a b&c"}
         });
-        let form = json_to_form(&body).unwrap();
+        let form = json_to_form(&body, 1 << 20).unwrap();
         let pairs: Vec<(String, String)> = url::form_urlencoded::parse(form.as_bytes())
             .into_owned()
             .collect();
@@ -615,7 +688,10 @@ mod tests {
                 "{expected:?} in {form}"
             );
         }
-        assert_eq!(json_to_form(&json!([1, 2])), Err(Denial::InvalidBody));
+        assert_eq!(
+            json_to_form(&json!([1, 2]), 1 << 20),
+            Err(Denial::InvalidBody)
+        );
     }
 
     #[test]
@@ -643,6 +719,10 @@ mod tests {
             "items[0][price]=a&items[x][price]=b",
             "items[0][price]=a&currency=jpy",
             "items[0][price]=a&backdate_start_date=1700000000",
+            "items[0][price]=a&prebilling[iterations]=12",
+            "items[0][price]=a&plan=price_big&quantity=1000",
+            "items[0][price]=a&quantity=1000",
+            "items[0][price]=a&items[0][plan]=plan_big",
         ] {
             assert_eq!(items(bad), Err(Denial::InvalidAmount), "{bad}");
         }
@@ -743,7 +823,7 @@ mod tests {
                 object in prop::collection::btree_map("[a-z\\[\\] ]{0,5}", json(), 0..5)
             ) {
                 let value = Value::Object(object.into_iter().collect());
-                let form = json_to_form(&value).unwrap();
+                let form = json_to_form(&value, 1 << 20).unwrap();
                 let got: Vec<(String, String)> = url::form_urlencoded::parse(form.as_bytes())
                     .into_owned()
                     .collect();

@@ -86,18 +86,29 @@ impl KeybrakeProxy {
         // 5. plan the body: the catalog's class first (an unmetered call is refused before
         // its body is waited for)
         let rule = price::classify(&vendor, &req.method, ctx.path())?;
-        let (metered, convert) =
-            match body_plan::plan(req, &vendor, ctx.path(), rule.as_deref(), self.body_limit)? {
-                BodyPlan::Stream => (false, false),
-                BodyPlan::Read { metered, convert } => (metered, convert),
-                BodyPlan::Llm(api) => {
-                    // Token-metered: planned, priced and reserved by its own stage.
-                    return Box::pin(self.admit_llm(session, ctx, api, &key, secret, now)).await;
-                }
-            };
-        if metered || convert {
+        let refused = vendor.refused_fields(&req.method, ctx.path());
+        let plan = body_plan::plan(
+            req,
+            &vendor,
+            ctx.path(),
+            rule.as_deref(),
+            refused,
+            self.body_limit,
+        )?;
+        let (metered, convert) = match plan {
+            BodyPlan::Stream => (false, false),
+            BodyPlan::Read {
+                metered, convert, ..
+            } => (metered, convert),
+            BodyPlan::Llm(api) => {
+                // Token-metered: planned, priced and reserved by its own stage.
+                return Box::pin(self.admit_llm(session, ctx, api, &key, secret, now)).await;
+            }
+        };
+        if plan != BodyPlan::Stream {
             let read = read_body(session, self.body_limit, self.body_timeout).await?;
-            let (bytes, form) = body_plan::prepare(read, metered, convert)?;
+            let (bytes, form) = body_plan::prepare(read, metered, convert, self.body_limit)?;
+            body_plan::screen(&bytes, form, refused)?;
             ctx.body = Body::Read {
                 bytes,
                 form,

@@ -1348,6 +1348,98 @@ def test_a_subscription_costs_its_first_period_and_is_refused_past_the_cap(
     assert len(fake_stripe.received_matching("POST", "/v1/subscriptions")) == 1
 
 
+@pytest.mark.parametrize("query", [
+    "add_invoice_items[0][price]=PRICE&add_invoice_items[0][quantity]=1000",
+    "backdate_start_date=1600000000",
+    "currency=eur",
+    "default_tax_rates[0]=txr_1",
+    "plan=PRICE&quantity=1000",
+    "items[1][price]=PRICE",
+])
+def test_a_subscription_cannot_add_to_its_charge_through_the_query_string(
+        keybrake, tenant, fake_stripe, stripe_secret, query):
+    """What a subscription's body may not carry (extra invoice items, a backdated start,
+    another currency, tax, the legacy single plan) it may not carry in the query string
+    either, which Stripe reads too: 400 invalid_amount, nothing created. A query that only
+    expands the answer is fine."""
+    direct, customer = _customer_with_card(fake_stripe, stripe_secret)
+    price = direct.post(f"{fake_stripe.url}/v1/prices", timeout=10,
+                        data={"unit_amount": 40, "currency": "usd"}).json()["id"]
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/subscriptions"], daily_usd_cap=5)
+    body = {"customer": customer, "items[0][price]": price}
+    r = keybrake.proxy("POST", "/stripe/v1/subscriptions?" + query.replace("PRICE", price),
+                       key=key["token"], data=body)
+    assert_denied(r, 400, "invalid_amount")
+    assert fake_stripe.received_matching("POST", "/v1/subscriptions") == []
+    r = keybrake.proxy("POST", "/stripe/v1/subscriptions?expand[]=latest_invoice",
+                       key=key["token"], data=body)
+    assert r.status_code == 200, r.text
+    tenant.wait_spent(key["id"], Decimal("0.4"))
+
+
+def test_a_customer_balance_cannot_be_set_through_a_capped_key(keybrake, tenant, fake_stripe):
+    """A customer's positive balance is added to its next invoice, which no meter sees:
+    creating or updating a customer is free, but not with a `balance` (body, JSON or
+    query string): 403 endpoint_unmetered, never forwarded. Without it, it works."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/customers", "POST /v1/customers/*"],
+                           daily_usd_cap=1)
+    client = stripe_client(keybrake, key["token"])
+    with pytest.raises(stripe.StripeError) as info:
+        client.v1.customers.create(params={"email": "a@example.com", "balance": 1_000_000})
+    assert info.value.http_status == 403 and info.value.json_body["code"] == "endpoint_unmetered"
+    customer = client.v1.customers.create(params={"email": "a@example.com"})
+    for path, kwargs in [
+        (f"/stripe/v1/customers/{customer.id}", {"data": {"balance": "1000000"}}),
+        (f"/stripe/v1/customers/{customer.id}", {"json": {"name": "x", "balance": 1000000}}),
+        (f"/stripe/v1/customers/{customer.id}?balance=1000000", {"data": {"name": "x"}}),
+        (f"/stripe/v1/customers/{customer.id}", {"data": b"name=x&b%61lance=1000000",
+                                                 "headers": {"Content-Type": "application/x-www-form-urlencoded"}}),
+        ("/stripe/v1/customers", {"data": b"email=b@example.com;balance=1000000",
+                                  "headers": {"Content-Type": "application/x-www-form-urlencoded"}}),
+    ]:
+        assert_denied(keybrake.proxy("POST", path, key=key["token"], **kwargs), 403, "endpoint_unmetered")
+    assert len(fake_stripe.received_matching("POST", "/v1/customers")) == 1
+    assert fake_stripe.received_matching("POST", f"/v1/customers/{customer.id}") == []
+    updated = client.v1.customers.update(customer.id, params={"name": "Ada"})
+    assert updated.name == "Ada"
+    assert Decimal(str(tenant.get_key(key["id"])["spent_today_usd"])) == 0
+
+
+@pytest.mark.parametrize("extra", [
+    {"quantity": "100000"},
+    {"unit_amount_decimal": "100000"},
+    {"price_data[unit_amount]": "100000", "price_data[product]": "prod_1"},
+    {"tax_rates[0]": "txr_1"},
+])
+def test_an_invoice_item_costs_its_amount_and_nothing_can_multiply_it(
+        keybrake, tenant, fake_stripe, stripe_secret, extra):
+    """An invoice item is metered from its `amount`: a quantity, a price or a tax that
+    would make it cost more is refused (403 endpoint_unmetered), never forwarded."""
+    direct, customer = _customer_with_card(fake_stripe, stripe_secret)
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/invoiceitems"], daily_usd_cap=5)
+    body = {"customer": customer, "amount": "1", "currency": "usd", **extra}
+    assert_denied(keybrake.proxy("POST", "/stripe/v1/invoiceitems", key=key["token"], data=body),
+                  403, "endpoint_unmetered")
+    assert fake_stripe.received_matching("POST", "/v1/invoiceitems") == []
+
+
+@pytest.mark.parametrize("path", ["/stripe/v1/products", "/stripe/v1/payment_intents"])
+def test_a_json_body_whose_form_outgrows_the_body_limit_is_413(keybrake, tenant, fake_stripe, path):
+    """A JSON body is converted to Stripe's form, where every nested value repeats its
+    parents' names: 40 KB of nested arrays would make ~7 MB. The form is held to the body
+    limit (1 MiB): 413 body_too_large, nothing forwarded."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/products", "POST /v1/payment_intents"],
+                           daily_usd_cap=5)
+    depth = 50
+    body = ('{"amount":100,"currency":"usd","metadata":' + "[" * depth
+            + ",".join(["1"] * 20_000) + "]" * depth + "}")
+    assert len(body) < 50_000
+    r = keybrake.proxy("POST", path, key=key["token"], data=body.encode(),
+                       headers={"Content-Type": "application/json"})
+    assert_denied(r, 413, "body_too_large")
+    assert fake_stripe.received() == []
+
+
 def test_paying_an_invoice_reserves_its_amount_first(keybrake, tenant, fake_stripe, stripe_secret):
     """POST /v1/invoices/{id}/pay: the invoice's amount due is read and reserved before
     forwarding; a $12 invoice on a $10 key is refused (429, never forwarded), on a $20 key

@@ -1529,7 +1529,12 @@ mod tests {
         assert!(format!("{err:#}").contains("needs reserve"), "{err:#}");
         assert_eq!(c.vendors["openai"].unmetered, UnmeteredPolicy::Refuse);
         assert_eq!(c.vendors["anthropic"].unmetered, UnmeteredPolicy::Refuse);
-        assert_eq!(c.vendors["generic"].unmetered, UnmeteredPolicy::Allow);
+        // No vendor ships with a placeholder upstream that would receive a secret.
+        assert!(!c.vendors.contains_key("generic"));
+        assert!(c
+            .vendors
+            .values()
+            .all(|v| !v.upstream.host.contains("example")));
         let openai = &c.vendors["openai"];
         let anthropic = &c.vendors["anthropic"];
         let of = |v: &Vendor, m: &str, p: &str| match v.classify(&m.parse().unwrap(), p) {

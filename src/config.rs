@@ -903,8 +903,11 @@ impl Config {
                 read: ms(u.read_timeout_ms, defaults::UPSTREAM_READ_TIMEOUT),
                 write: ms(u.write_timeout_ms, defaults::UPSTREAM_WRITE_TIMEOUT),
                 idle: ms(u.idle_timeout_ms, defaults::UPSTREAM_IDLE_TIMEOUT),
-                dns_refresh: secs(u.dns_refresh_seconds, defaults::UPSTREAM_DNS_REFRESH)
-                    .max(Duration::from_secs(1)),
+                dns_refresh: at_least(
+                    "upstream.dns_refresh_seconds",
+                    secs(u.dns_refresh_seconds, defaults::UPSTREAM_DNS_REFRESH),
+                    Duration::from_secs(1),
+                )?,
                 ca_file: upstream_ca_file,
             },
             audit_durability: file.audit.durability.unwrap_or(defaults::AUDIT_DURABILITY),
@@ -914,10 +917,16 @@ impl Config {
                     l.return_idle_after_seconds,
                     defaults::LEASE_RETURN_IDLE_AFTER,
                 ),
-                report_interval: ms(l.report_interval_ms, defaults::LEASE_REPORT_INTERVAL)
-                    .max(Duration::from_millis(10)),
-                lifetime: secs(l.lifetime_seconds, defaults::LEASE_LIFETIME)
-                    .max(Duration::from_secs(3)),
+                report_interval: at_least(
+                    "leases.report_interval_ms",
+                    ms(l.report_interval_ms, defaults::LEASE_REPORT_INTERVAL),
+                    Duration::from_millis(10),
+                )?,
+                lifetime: at_least(
+                    "leases.lifetime_seconds",
+                    secs(l.lifetime_seconds, defaults::LEASE_LIFETIME),
+                    Duration::from_secs(3),
+                )?,
             },
             pingora: PingoraSettings {
                 threads,
@@ -1203,6 +1212,15 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
     Ok(vendors)
 }
 
+/// `value`, or an error naming `setting` when it is below `min`: a setting is never
+/// silently raised to what the program can work with.
+fn at_least(setting: &str, value: Duration, min: Duration) -> Result<Duration> {
+    if value < min {
+        bail!("{setting}: at least {min:?} (got {value:?})");
+    }
+    Ok(value)
+}
+
 fn parse_currencies(text: &str) -> Result<Map<String, Currency>> {
     let raw: BTreeMap<String, FileCurrency> =
         yaml_serde::from_str(text).map_err(|e| anyhow!("currency table: {e}"))?;
@@ -1463,6 +1481,27 @@ mod tests {
             let e = format!("{:#}", load(bad).unwrap_err());
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn settings_below_their_minimum_are_errors_not_raised_in_silence() {
+        for (yaml, named) in [
+            ("leases: {lifetime_seconds: 2}", "leases.lifetime_seconds"),
+            (
+                "leases: {report_interval_ms: 5}",
+                "leases.report_interval_ms",
+            ),
+            (
+                "upstream: {dns_refresh_seconds: 0}",
+                "upstream.dns_refresh_seconds",
+            ),
+        ] {
+            let err = Config::from_yaml(yaml, None, &Overrides::default()).unwrap_err();
+            assert!(format!("{err:#}").contains(named), "{yaml}: {err:#}");
+        }
+        let c = Config::from_yaml("leases: {lifetime_seconds: 3}", None, &Overrides::default())
+            .unwrap();
+        assert_eq!(c.leases.lifetime, Duration::from_secs(3));
     }
 
     #[test]

@@ -1,18 +1,25 @@
 //! The open connections of one listener (proxy or control API), bounded in total and per
-//! client address. A connection is *waiting* while it has not yet delivered a complete
-//! request header (a fresh connection, or a kept-alive one between requests) and *busy*
+//! client address. A connection is in one [`Phase`]: *waiting* for a complete request
+//! header (a fresh connection, or a kept-alive one between requests), *reading a body*
+//! (the control API reads a request's whole body before any handler runs), or *busy*
 //! while a request is being served.
 //!
-//! At a bound, a new connection takes the place of the oldest waiting one (of the same
-//! client when the per-client bound is what was reached), which is told to close. So a
-//! flood of connections that trickle their headers can never lock a well-behaved client
-//! out: the client's connection is the newest, sends its header at once and becomes
-//! busy, while the flood's oldest connections are closed to make room. Busy connections
-//! are never cut; when every connection at the bound is busy, the new one is refused.
+//! At a bound, a new connection takes the place of the oldest one that is waiting or
+//! reading a body (of the same client when the per-client bound is what was reached),
+//! which is told to close. So a flood of connections that trickle their headers or
+//! bodies can never lock a well-behaved client out: the client's connection is the
+//! newest, sends its request at once and becomes busy, while the flood's oldest
+//! connections are closed to make room. Busy connections are never cut; when every
+//! connection at the bound is busy, the new one is refused.
+//!
+//! The phase is one atomic per connection, and eviction takes it to a final `EVICTED`
+//! by compare-and-swap: a connection that turns busy at the instant it is chosen either
+//! becomes busy first (and is not chosen) or learns from [`ConnGuard::enter`] that it was
+//! evicted (and serves nothing). A handler never starts on an evicted connection.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -39,10 +46,26 @@ struct Inner {
 
 struct Entry {
     client: IpAddr,
-    /// Flipped by the connection on every request without taking the table's lock.
-    waiting: Arc<AtomicBool>,
+    /// A `Phase` or `EVICTED`, changed by the connection on every request without
+    /// taking the table's lock.
+    phase: Arc<AtomicU8>,
     evict: Arc<Notify>,
 }
+
+/// What a connection is doing, as far as eviction is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Waiting for a complete request header: evictable.
+    Waiting = 0,
+    /// Reading a request body, before its handler runs: evictable.
+    ReadingBody = 1,
+    /// Serving a request (its handler, its response): never evicted.
+    Busy = 2,
+}
+
+/// The phase of a connection evicted to make room; it never leaves it.
+const EVICTED: u8 = 3;
 
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +80,7 @@ pub enum Refused {
 pub struct ConnGuard {
     table: Arc<ConnTable>,
     id: u64,
-    waiting: Arc<AtomicBool>,
+    phase: Arc<AtomicU8>,
     evict: Arc<Notify>,
 }
 
@@ -70,29 +93,29 @@ impl ConnTable {
     }
 
     /// Admits a connection from `client` (waiting), making room by evicting the oldest
-    /// waiting connection if a bound is reached.
+    /// evictable connection if a bound is reached.
     pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<ConnGuard, Refused> {
         let client = canonical(client);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let per_client = inner.per_client.get(&client).copied().unwrap_or(0);
         if self.limits.max_per_client > 0
             && per_client >= self.limits.max_per_client
-            && !inner.evict_oldest_waiting(Some(client))
+            && !inner.evict_oldest(Some(client))
         {
             return Err(Refused::ClientFull);
         }
-        if inner.open.len() >= self.limits.max_total && !inner.evict_oldest_waiting(None) {
+        if inner.open.len() >= self.limits.max_total && !inner.evict_oldest(None) {
             return Err(Refused::Full);
         }
         let id = inner.next_id;
         inner.next_id += 1;
         let evict = Arc::new(Notify::new());
-        let waiting = Arc::new(AtomicBool::new(true));
+        let phase = Arc::new(AtomicU8::new(Phase::Waiting as u8));
         inner.open.insert(
             id,
             Entry {
                 client,
-                waiting: waiting.clone(),
+                phase: phase.clone(),
                 evict: evict.clone(),
             },
         );
@@ -100,7 +123,7 @@ impl ConnTable {
         Ok(ConnGuard {
             table: self.clone(),
             id,
-            waiting,
+            phase,
             evict,
         })
     }
@@ -116,14 +139,19 @@ impl ConnTable {
 }
 
 impl Inner {
-    /// Removes the oldest waiting connection (of `client`, if given) and tells it to
-    /// close; false if there is none.
-    fn evict_oldest_waiting(&mut self, client: Option<IpAddr>) -> bool {
+    /// Removes the oldest connection that is waiting or reading a body (of `client`, if
+    /// given) and tells it to close; false if there is none.
+    fn evict_oldest(&mut self, client: Option<IpAddr>) -> bool {
         let victim = self
             .open
             .iter()
+            .filter(|(_, e)| client.is_none_or(|c| e.client == c))
             .find(|(_, e)| {
-                e.waiting.load(Ordering::Acquire) && client.is_none_or(|c| e.client == c)
+                [Phase::Waiting, Phase::ReadingBody].iter().any(|&p| {
+                    e.phase
+                        .compare_exchange(p as u8, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                })
             })
             .map(|(id, _)| *id);
         match victim {
@@ -152,9 +180,24 @@ impl Inner {
 }
 
 impl ConnGuard {
-    /// Marks the connection waiting (for a request header: it may be evicted) or busy.
-    pub fn set_waiting(&self, waiting: bool) {
-        self.waiting.store(waiting, Ordering::Release);
+    /// Moves the connection to `phase`; false if it has been evicted, in which case it
+    /// must serve nothing more (its place has gone to a newer connection).
+    pub fn enter(&self, phase: Phase) -> bool {
+        let mut now = self.phase.load(Ordering::Acquire);
+        loop {
+            if now == EVICTED {
+                return false;
+            }
+            match self.phase.compare_exchange_weak(
+                now,
+                phase as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => now = actual,
+            }
+        }
     }
 
     /// Resolves once the connection has been evicted to make room for a newer one.
@@ -195,7 +238,7 @@ mod tests {
         let a = table.admit(ip(1)).unwrap();
         let b = table.admit(ip(1)).unwrap();
         let c = table.admit(ip(2)).unwrap();
-        a.set_waiting(false); // busy: never evicted
+        assert!(a.enter(Phase::Busy)); // never evicted
         let d = table.admit(ip(3)).unwrap();
         assert_eq!(table.open(), 3);
         // b, the oldest waiting one, was told to close; c and d were not.
@@ -207,8 +250,8 @@ mod tests {
                 .await
                 .is_err()
         );
-        c.set_waiting(false);
-        d.set_waiting(false);
+        assert!(c.enter(Phase::Busy));
+        assert!(d.enter(Phase::Busy));
         // Everyone busy: a new connection is refused.
         assert_eq!(table.admit(ip(4)).err(), Some(Refused::Full));
         drop(b);
@@ -241,10 +284,42 @@ mod tests {
             "another client's connection is untouched"
         );
         assert_eq!(table.open(), 3);
-        _b.set_waiting(false);
-        _c.set_waiting(false);
+        assert!(_b.enter(Phase::Busy));
+        assert!(_c.enter(Phase::Busy));
         assert_eq!(table.admit(ip(1)).err(), Some(Refused::ClientFull));
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         assert_eq!(table.admit(mapped).err(), Some(Refused::ClientFull));
+    }
+
+    #[tokio::test]
+    async fn a_connection_reading_a_body_makes_room_and_an_evicted_one_never_turns_busy() {
+        let table = ConnTable::new(ConnLimits {
+            max_total: 2,
+            max_per_client: 0,
+        });
+        let slow_body = table.admit(ip(1)).unwrap();
+        let handler = table.admit(ip(2)).unwrap();
+        assert!(slow_body.enter(Phase::ReadingBody));
+        assert!(handler.enter(Phase::ReadingBody));
+        assert!(handler.enter(Phase::Busy));
+        // The busy one (its handler running) stays; the one still reading its body goes.
+        let fresh = table.admit(ip(3)).unwrap();
+        tokio::time::timeout(std::time::Duration::from_millis(100), slow_body.evicted())
+            .await
+            .expect("the body reader evicted");
+        assert!(
+            !slow_body.enter(Phase::Busy),
+            "an evicted connection must not start a handler"
+        );
+        assert!(!slow_body.enter(Phase::Waiting));
+        assert_eq!(table.open(), 2);
+        // The fresh one reads its body and is served; nothing is left to evict.
+        assert!(fresh.enter(Phase::ReadingBody));
+        assert!(fresh.enter(Phase::Busy));
+        assert_eq!(table.admit(ip(4)).err(), Some(Refused::Full));
+        // Served and waiting for its next request: evictable again.
+        assert!(handler.enter(Phase::Waiting));
+        assert!(table.admit(ip(4)).is_ok());
+        assert!(!handler.enter(Phase::Busy));
     }
 }

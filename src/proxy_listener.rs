@@ -14,7 +14,7 @@
 //! 4. HTTP/2: Pingora's own connection handling, with the client preface due within the
 //!    header deadline, an idle timeout (`keepalive_timeout`) and a header-list bound.
 
-use crate::conns::{ConnGuard, ConnTable};
+use crate::conns::{ConnGuard, ConnTable, Phase};
 use crate::proxy::service::KeybrakeProxy;
 use async_trait::async_trait;
 use bytes::BytesMut;
@@ -90,7 +90,9 @@ impl ProxyApp {
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut wait = Wait::Fresh(accept_deadline);
         loop {
-            guard.set_waiting(true);
+            if !guard.enter(Phase::Waiting) {
+                return;
+            }
             let head = tokio::select! {
                 head = read_head(&mut stream, wait, &self.limits) => head,
                 _ = guard.evicted() => return,
@@ -115,7 +117,9 @@ impl ProxyApp {
                 }
                 Head::TimedOut { partial: false } => return,
             };
-            guard.set_waiting(false);
+            if !guard.enter(Phase::Busy) {
+                return; // evicted as the header completed: its place is taken
+            }
             let mut session = ServerSession::new_http1(stream);
             if let Some(s) = settings.take() {
                 s.apply_to_session(&mut session);
@@ -182,7 +186,9 @@ impl ServerApp for ProxyApp {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             // Streams are served concurrently and never cut: the connection counts as
             // busy; Pingora closes it once idle for `keepalive_timeout`.
-            guard.set_waiting(false);
+            if !guard.enter(Phase::Busy) {
+                return None;
+            }
             let stream = Box::new(PrefaceDeadline::new(stream, accept_deadline));
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }

@@ -4,19 +4,22 @@
 //!
 //! - admission to the connection table (at most `max_connections`, and
 //!   `max_connections_per_client` per address; at a bound the oldest connection still
-//!   waiting for a request header makes room, so a trickling flood is what gets closed);
+//!   waiting for a request header or still reading its body makes room, so a trickling
+//!   flood is what gets closed, whatever token it holds);
 //! - the TLS handshake, within `header_timeout`;
 //! - hyper's HTTP/1.1 server with its header-read timeout: `header_timeout` from the
 //!   moment it waits for a request (fresh or kept-alive) to the complete header, however
 //!   steadily the bytes trickle; a header over `max_header_bytes` is refused by hyper;
 //! - a declared `Content-Length` over the body limit is answered 413 before any body is
-//!   read; a request (body read and handler) is bounded by `request_timeout`;
+//!   read; otherwise the whole body is read here, evictable, before the app sees the
+//!   request, so no handler (a key issuance being committed) ever runs on a connection
+//!   that may be cut; a request (body read and handler) is bounded by `request_timeout`;
 //! - the answers hyper writes itself when it cannot parse a request (400, 414, 431: no
 //!   handler runs) get SPEC §3's JSON error body (`JsonParseErrors`).
 
 use super::errors::ApiError;
 use crate::config::ListenerSettings;
-use crate::conns::{ConnGuard, ConnTable};
+use crate::conns::{ConnGuard, ConnTable, Phase};
 use axum::http::{header, Request, Response};
 use axum::response::IntoResponse;
 use axum::Router;
@@ -229,8 +232,16 @@ struct BusyUntilDropped(Arc<ConnGuard>);
 
 impl Drop for BusyUntilDropped {
     fn drop(&mut self) {
-        self.0.set_waiting(true);
+        self.0.enter(Phase::Waiting);
     }
+}
+
+/// Why a request ends before the app sees it.
+enum Unserved {
+    /// The connection was evicted (its place given to a newer one): nothing is sent.
+    Evicted,
+    /// Answered here, and the connection closed.
+    Refused(ApiError),
 }
 
 async fn handle(
@@ -238,43 +249,83 @@ async fn handle(
     guard: Arc<ConnGuard>,
     req: Request<hyper::body::Incoming>,
 ) -> Response<axum::body::Body> {
-    guard.set_waiting(false);
-    let busy = BusyUntilDropped(guard);
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let response = if declared.is_some_and(|n| n > shared.body_limit as u64) {
+    let served = if declared.is_some_and(|n| n > shared.body_limit as u64) {
         // Answered before the body is read; the connection is closed, unread body and all.
-        let mut r = ApiError::BodyTooLarge(shared.body_limit).into_response();
-        r.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        r
+        Err(Unserved::Refused(ApiError::BodyTooLarge(shared.body_limit)))
     } else {
-        let mut app = shared.app.clone();
-        let call = tower_service::Service::call(&mut app, req.map(axum::body::Body::new));
-        match tokio::time::timeout(shared.request_timeout, call).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(never)) => match never {},
-            Err(_) => {
-                let mut r = ApiError::RequestTimeout(shared.request_timeout).into_response();
-                r.headers_mut().insert(
-                    header::CONNECTION,
-                    header::HeaderValue::from_static("close"),
-                );
-                r
+        let call = async {
+            let req = read_body(shared, &guard, req).await?;
+            if !guard.enter(Phase::Busy) {
+                return Err(Unserved::Evicted);
             }
+            let mut app = shared.app.clone();
+            let response = tower_service::Service::call(&mut app, req).await;
+            Ok(response.unwrap_or_else(|never| match never {}))
+        };
+        match tokio::time::timeout(shared.request_timeout, call).await {
+            Ok(served) => served,
+            Err(_) => Err(Unserved::Refused(ApiError::RequestTimeout(
+                shared.request_timeout,
+            ))),
         }
     };
+    let response = match served {
+        Ok(response) => response,
+        Err(Unserved::Refused(error)) => {
+            let mut r = error.into_response();
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            r
+        }
+        Err(Unserved::Evicted) => {
+            // Nothing is sent: the eviction notice, already given, ends the connection.
+            return std::future::pending().await;
+        }
+    };
+    // A response that is still being written keeps the connection busy.
+    let busy = BusyUntilDropped(guard);
     let (parts, body) = response.into_parts();
     let body = body.map_err(move |e| {
         let _ = &busy;
         e
     });
     Response::from_parts(parts, axum::body::Body::new(body))
+}
+
+/// The request with its whole body read (at most `body_limit` bytes). Meanwhile the
+/// connection may be evicted: a body that dribbles in is a slow client like a header
+/// that does, and a valid token does not change that.
+async fn read_body(
+    shared: &Shared,
+    guard: &ConnGuard,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Request<axum::body::Body>, Unserved> {
+    use hyper::body::Body as _;
+    if req.body().is_end_stream() {
+        return Ok(req.map(|_| axum::body::Body::empty()));
+    }
+    if !guard.enter(Phase::ReadingBody) {
+        return Err(Unserved::Evicted);
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = http_body_util::Limited::new(body, shared.body_limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            Unserved::Refused(match e.downcast_ref::<http_body_util::LengthLimitError>() {
+                Some(_) => ApiError::BodyTooLarge(shared.body_limit),
+                None => ApiError::Unparsable,
+            })
+        })?
+        .to_bytes();
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Optional
 
+import pytest
 import requests
 
 from harness import assert_denied, write_config
@@ -235,12 +236,22 @@ def test_control_connections_per_client_are_bounded(keybrake_factory, fake_strip
 
 
 class Flood:
-    """`n` connections to `port` from the given loopback sources, each sending a partial
-    request header and then one byte every `interval` s; a connection the server closes
-    is opened again at once, as an attacker would."""
+    """`n` connections to `port` from the given loopback sources, each sending `request`
+    (by default a partial request header) and then `trickle` every `interval` s (nothing
+    if empty); a connection the server closes is opened again at once, as an attacker
+    would."""
 
-    def __init__(self, port: int, n: int, sources: list[str], interval: float = 1.0):
+    def __init__(
+        self,
+        port: int,
+        n: int,
+        sources: list[str],
+        interval: float = 1.0,
+        request: bytes = b"DELETE /v1/keys/key_x HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+        trickle: bytes = b"a",
+    ):
         self.port, self.n, self.sources, self.interval = port, n, sources, interval
+        self.request, self.trickle = request, trickle
         self.open = 0
         self.reopened = 0
         self._stop = threading.Event()
@@ -256,7 +267,7 @@ class Flood:
                 continue
             self.open += 1
             try:
-                writer.write(b"DELETE /v1/keys/key_x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                writer.write(self.request)
                 await writer.drain()
                 while not self._stop.is_set():
                     try:
@@ -264,8 +275,9 @@ class Flood:
                         if not data:
                             break
                     except asyncio.TimeoutError:
-                        writer.write(b"a")
-                        await writer.drain()
+                        if self.trickle:
+                            writer.write(self.trickle)
+                            await writer.drain()
             except OSError:
                 pass
             finally:
@@ -322,6 +334,55 @@ def test_revocation_health_and_readiness_answer_within_a_second_during_a_slow_he
             assert_denied(r, 401, "key_revoked")
             time.sleep(1.5)
         assert flood.reopened > 0, "the flood was never cut back"
+
+
+@pytest.mark.parametrize(
+    "flood_sources, flood_size, limits, bound",
+    [
+        # 300 connections from 6 other addresses against a total bound of 200.
+        ([f"127.0.0.{i}" for i in range(2, 8)], 300, {"max_connections": 200}, 200),
+        # 100 connections from the revoking client's own address (its bound: 64).
+        (["127.0.0.1"], 100, {}, 64),
+    ],
+    ids=["total-bound", "own-address-bound"],
+)
+def test_revocation_is_answered_during_a_flood_of_stalled_bodies_with_a_valid_token(
+    keybrake_factory, fake_stripe, stripe_secret, tmp_path, flood_sources, flood_size, limits, bound
+):
+    """Connections that send `POST /v1/keys` with another tenant's valid token and
+    `Content-Length: 60000`, then one byte of body and nothing more, fill the connection
+    bound: a body still being read makes room like a header still being read does, so
+    DELETE /v1/keys/{id} answers 200 within 2 s and the key is revoked."""
+    config = write_config(tmp_path / "conf", control=limits)
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
+    victim = kb.create_tenant("victim")
+    victim.put_credential("stripe", stripe_secret)
+    keys = [victim.issue_key(allowed_endpoints=["GET /v1/customers"]) for _ in range(2)]
+    attacker = kb.create_tenant("attacker")
+    stall = (
+        b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + attacker.token.encode() + b"\r\nContent-Length: 60000\r\n\r\n{"
+    )
+    with Flood(kb.control_port, flood_size, flood_sources, request=stall, trickle=b"") as flood:
+        deadline = time.monotonic() + 15
+        while flood.open < bound and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert flood.open >= bound, f"only {flood.open} flood connections opened"
+        time.sleep(1.0)
+        for key in keys:
+            started = time.monotonic()
+            try:
+                r = kb.control("DELETE", f"/v1/keys/{key['id']}", token=victim.token, timeout=5)
+            except requests.RequestException as e:
+                pytest.fail(f"DELETE /v1/keys/{{id}} unanswered during the flood: {e!r}")
+            took = time.monotonic() - started
+            assert r.status_code == 200 and r.json()["status"] == "revoked", r.text
+            assert took < 2.0, f"revocation took {took:.2f} s during the flood"
+            time.sleep(1.0)
+        assert flood.reopened > 0, "the flood was never cut back"
+    for key in keys:
+        assert victim.get_key(key["id"])["status"] == "revoked"
+        assert_denied(kb.proxy("GET", "/stripe/v1/customers", key=key["token"]), 401, "key_revoked")
 
 
 def test_a_port_already_taken_is_named_and_the_process_exits(tmp_path, fake_stripe):

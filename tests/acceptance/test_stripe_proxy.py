@@ -143,11 +143,12 @@ def test_spend_cap_refuses_the_payment_that_would_exceed_it(keybrake, tenant, fa
     body = err.json_body
     assert body["code"] == "cap_exhausted" and body["error"]["code"] == "cap_exhausted"
     assert body["error"]["type"] == "keybrake_error"
+    assert body["budget"] == "key", body
     assert err.user_message == body["error"]["message"] == body["message"]
     assert len(fake_stripe.received_matching("POST", "/v1/payment_intents")) == 1
 
     raw = pay(keybrake, key["token"], 1500)
-    assert_denied(raw, 429, "cap_exhausted")
+    assert assert_denied(raw, 429, "cap_exhausted")["budget"] == "key"
     assert len(fake_stripe.received_matching("POST", "/v1/payment_intents")) == 1
 
     assert pay(keybrake, key["token"], 500).status_code == 200

@@ -195,6 +195,23 @@ def test_metrics_move_by_exactly_the_traffic_served(keybrake, tenant, fake_strip
     assert "keybrake_requests_total" in plain.content.decode("utf-8")
 
 
+def test_serve_metrics_listener_answers_metrics_health_and_readiness_and_404_elsewhere(keybrake):
+    """serve's metrics listener is like an edge node's: /metrics, /healthz, a /readyz
+    that reflects the proxy (and storage), and 404 for any other path, so a probe aimed
+    at the wrong path fails instead of passing on the metrics text."""
+    base = keybrake.metrics_url
+    r = requests.get(f"{base}/metrics", timeout=10)
+    assert r.status_code == 200 and "keybrake_" in r.text, r.text[:300]
+    assert r.headers.get("content-type", "").startswith("text/plain"), r.headers
+    assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+    ready = requests.get(f"{base}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {"status": "ready", "storage": True, "signing_keys": True, "proxy_listener": True}
+    for path in ("/", "/nope", "/metrics/x", "/v1/keys"):
+        r = requests.get(f"{base}{path}", timeout=10)
+        assert r.status_code == 404, f"GET {path} on the metrics listener -> {r.status_code} {r.text[:200]}"
+
+
 # --------------------------------------------------------------------------- 2. secrets
 
 

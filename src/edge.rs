@@ -845,35 +845,18 @@ fn freshness_loop(state: Arc<SyncState>, lag: prometheus::Gauge) {
 /// `/metrics`, `/healthz` and `/readyz` (200 only while the node is fresh) on the metrics
 /// listener.
 fn health_server(addr: std::net::SocketAddr, state: Arc<SyncState>) -> Result<()> {
-    use axum::routing::get;
-    let app = crate::serve::metrics_routes()
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(json!({"status": "ok"})) }),
-        )
-        .route(
-            "/readyz",
-            get(move || {
-                let state = state.clone();
-                async move {
-                    if state.is_fresh() {
-                        (
-                            axum::http::StatusCode::OK,
-                            axum::Json(json!({"status": "ready"})),
-                        )
-                    } else {
-                        (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            axum::Json(json!({
-                                "status": "not ready",
-                                "code": "control_unreachable",
-                                "seconds_since_sync": state.since_sync().as_secs_f64(),
-                            })),
-                        )
-                    }
-                }
-            }),
-        );
+    let app = crate::serve::health_routes(move || {
+        let state = state.clone();
+        async move {
+            if state.is_fresh() {
+                (true, json!({"status": "ready"}))
+            } else {
+                let lag = state.since_sync().as_secs_f64();
+                let body = json!({"status": "not ready", "code": "control_unreachable", "seconds_since_sync": lag});
+                (false, body)
+            }
+        }
+    });
     crate::serve::metrics_listener(addr, "edge-metrics", app)
 }
 
@@ -981,7 +964,6 @@ pub fn run_edge(
         audit,
         published,
         staleness: crate::proxy::fresh::Staleness::watched(stale),
-        pingora_metrics: false,
         on_drain: Box::new(|| {}),
         on_exit: Box::new(move || {
             if !exit_audit.flush(Duration::from_secs(5)) {

@@ -1,5 +1,5 @@
-//! Prometheus metrics of SPEC §7, registered once in the default registry that
-//! `pingora-prometheus` serves on the metrics listener. Label values are bounded: vendor
+//! Prometheus metrics of SPEC §7, registered once in the default registry that the
+//! metrics listener serves (`serve::metrics_routes`). Label values are bounded: vendor
 //! names from the catalog and decision codes, never key ids or tenants.
 
 use crate::proxy::deny::Denial;

@@ -1,6 +1,6 @@
 //! Process wiring for `keybrake serve` and `keybrake control`: start-up secrets, the
-//! control plane on its own runtime thread, and the Pingora server (proxy, metrics,
-//! background upkeep) on the main thread.
+//! control plane on its own runtime thread, the metrics listener on another, and the
+//! Pingora server (proxy, background upkeep) on the main thread.
 
 use crate::config::Config;
 use crate::conns::ConnTable;
@@ -203,6 +203,35 @@ pub(crate) fn metrics_routes() -> axum::Router {
     )
 }
 
+/// The metrics listener of a process that runs the proxy (`serve`, edge nodes):
+/// `GET /metrics`; `GET /healthz`, 200 while the process answers; `GET /readyz`, 200 while
+/// `ready` says its proxy can serve requests, else 503, with `ready`'s JSON either way.
+/// Any other path is 404, so a probe aimed at the wrong path fails rather than passes.
+pub(crate) fn health_routes<F, Fut>(ready: F) -> axum::Router
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (bool, serde_json::Value)> + Send + 'static,
+{
+    use axum::routing::get;
+    metrics_routes()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route(
+            "/readyz",
+            get(move || async move {
+                let (ok, body) = ready().await;
+                let status = if ok {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                (status, axum::Json(body))
+            }),
+        )
+}
+
 /// Serves `app` on `addr` (bound with SO_REUSEPORT, like the control API: the next process
 /// of a graceful upgrade binds while this one drains) from a thread named `thread` with a
 /// runtime of its own. Returns once the address is bound.
@@ -224,8 +253,8 @@ pub(crate) fn metrics_listener(addr: SocketAddr, thread: &str, app: axum::Router
 }
 
 /// `keybrake control`'s `GET /metrics` on `metrics_listen`: the control plane's counters
-/// (keys issued and revoked, audit queue, …). `serve` and edge nodes serve theirs beside
-/// their proxy.
+/// (keys issued and revoked, audit queue, …). `serve` and edge nodes add `/healthz` and
+/// `/readyz` (`health_routes`).
 fn metrics_server(addr: SocketAddr) -> Result<()> {
     metrics_listener(addr, "control-metrics", metrics_routes())?;
     log::info!("metrics on http://{addr}/metrics");
@@ -519,6 +548,18 @@ pub fn run_serve(
         control.share_store_until(crate::token::now_secs().saturating_add(overlap));
     }
 
+    let ready_control = control.clone();
+    let proxy_addr = config.proxy_listen;
+    let app = health_routes(move || {
+        let control = ready_control.clone();
+        async move { crate::control::api::readiness(&control, Some(proxy_addr)).await }
+    });
+    metrics_listener(config.metrics_listen, "serve-metrics", app)?;
+    log::info!(
+        "metrics, /healthz and /readyz on http://{}",
+        config.metrics_listen
+    );
+
     let drain_control = control.clone();
     let exit_control = control.clone();
     let parts = ProxyParts {
@@ -526,7 +567,6 @@ pub fn run_serve(
         audit: Arc::new(AuditForwarder(control)),
         published,
         staleness: crate::proxy::fresh::Staleness::never(),
-        pingora_metrics: true,
         // The next process may already serve the control API on the same store.
         on_drain: Box::new(move || drain_control.share_store_until(i64::MAX)),
         // Pingora has stopped every service: no request records anything any more.
@@ -546,17 +586,14 @@ pub(crate) struct ProxyParts {
     pub audit: Arc<dyn AuditSink>,
     pub published: Arc<Published>,
     pub staleness: crate::proxy::fresh::Staleness,
-    /// Serve Pingora's `/metrics` on the metrics listener (an edge node serves its own,
-    /// with `/readyz`).
-    pub pingora_metrics: bool,
     /// Run once a graceful upgrade or shutdown begins.
     pub on_drain: Box<dyn Fn() + Send + Sync>,
     /// Run once Pingora stopped every service, before the process exits.
     pub on_exit: Box<dyn FnOnce()>,
 }
 
-/// The Pingora server (proxy, metrics, background upkeep) on the calling thread, until
-/// it stops; then exits the process.
+/// The Pingora server (proxy, background upkeep) on the calling thread, until it stops;
+/// then exits the process.
 pub(crate) fn run_proxy(
     config: Config,
     parts: ProxyParts,
@@ -569,7 +606,6 @@ pub(crate) fn run_proxy(
         audit,
         published,
         staleness,
-        pingora_metrics,
         on_drain,
         on_exit,
     } = parts;
@@ -687,12 +723,6 @@ pub(crate) fn run_proxy(
         dns_refresh: config.upstream.dns_refresh,
     };
     server.add_service(proxy_service);
-    if pingora_metrics {
-        let mut metrics_service = pingora_prometheus::prometheus_http_service();
-        metrics_service.add_tcp(&config.metrics_listen.to_string());
-        server.add_service(metrics_service);
-        log::info!("metrics on http://{}/metrics", config.metrics_listen);
-    }
     server.add_service(background_service("upkeep", upkeep));
 
     log::info!(

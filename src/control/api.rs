@@ -438,9 +438,22 @@ async fn jwks(State(s): State<ApiState>) -> Json<Value> {
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
-    let storage = s.control.store().ping().await && s.control.audit.ping().await;
-    let signing = !s.control.jwks().keys.is_empty();
-    let proxy = match s.proxy_addr {
+    let (ok, body) = readiness(&s.control, s.proxy_addr).await;
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Whether this process can serve: its storage answers, it holds a signing key and, in
+/// `serve` (`proxy_addr`), its proxy listener accepts connections. With the JSON that
+/// `/readyz` answers, on the control API and on `serve`'s metrics listener alike.
+pub(crate) async fn readiness(control: &Control, proxy_addr: Option<SocketAddr>) -> (bool, Value) {
+    let storage = control.store().ping().await && control.audit.ping().await;
+    let signing = !control.jwks().keys.is_empty();
+    let proxy = match proxy_addr {
         None => true,
         Some(mut addr) => {
             if addr.ip().is_unspecified() {
@@ -457,16 +470,10 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         }
     };
     let ok = storage && signing && proxy;
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     (
-        status,
-        Json(json!({"status": if ok {"ready"} else {"not_ready"}, "storage": storage, "signing_keys": signing, "proxy_listener": proxy})),
+        ok,
+        json!({"status": if ok {"ready"} else {"not_ready"}, "storage": storage, "signing_keys": signing, "proxy_listener": proxy}),
     )
-        .into_response()
 }
 
 // ----- vendor credentials (tenant) -----

@@ -208,8 +208,15 @@ impl IntoResponse for ApiError {
 mod tests {
     use super::*;
 
+    /// Also: each (status, code) has its row in the API reference's table.
     #[test]
     fn each_error_has_the_status_and_code_of_spec_section_3() {
+        let docs = include_str!("../../docs/api.md");
+        let table = docs
+            .split("### Control API error codes")
+            .nth(1)
+            .and_then(|t| t.split("\n## ").next())
+            .expect("docs/api.md has a control API error table");
         let m = || "m".to_string();
         let cases = [
             (ApiError::InvalidJson(m()), 400, "invalid_json"),
@@ -265,6 +272,13 @@ mod tests {
                 .as_str()
                 .is_some_and(|m| !m.is_empty()));
             assert_eq!(body.as_object().unwrap().len(), 1);
+            assert!(
+                table
+                    .lines()
+                    .any(|row| row.starts_with(&format!("| {status} |"))
+                        && row.contains(&format!("`{code}`"))),
+                "docs/api.md's control error table has no {status} `{code}` row"
+            );
         }
     }
 

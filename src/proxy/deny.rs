@@ -140,13 +140,25 @@ impl Denial {
         }
     }
 
+    /// The budget a `cap_exhausted` refusal ran into, named in its body (`"budget"`):
+    /// today always the key's own daily cap.
+    pub fn budget(self) -> Option<&'static str> {
+        match self {
+            Denial::CapExhausted => Some("key"),
+            _ => None,
+        }
+    }
+
     pub fn body(self) -> Bytes {
         let (code, message) = (self.code(), self.message());
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "code": code,
             "message": message,
             "error": {"type": "keybrake_error", "code": code, "message": message},
         });
+        if let Some(budget) = self.budget() {
+            body["budget"] = budget.into();
+        }
         Bytes::from(body.to_string())
     }
 }
@@ -208,5 +220,13 @@ mod tests {
         assert_eq!(v["message"], v["error"]["message"]);
         assert_eq!(Denial::CapExhausted.status(), 429);
         assert_eq!(Denial::MethodNotAllowed.code(), "endpoint_not_allowed");
+    }
+
+    #[test]
+    fn only_cap_exhausted_names_its_budget() {
+        let v: serde_json::Value = serde_json::from_slice(&Denial::CapExhausted.body()).unwrap();
+        assert_eq!(v["budget"], "key");
+        let v: serde_json::Value = serde_json::from_slice(&Denial::InvalidKey.body()).unwrap();
+        assert!(v.get("budget").is_none());
     }
 }

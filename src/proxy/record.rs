@@ -1,7 +1,8 @@
 //! Stage 11, record: what happened, told three ways (`KeybrakeProxy::record`): the audit
 //! event (tenant-visible, built by `audit::event`, through the control plane's batched
 //! writer), one JSON access-log line (operators, journald; `AccessLogWriter`) and
-//! Prometheus counters. Nothing here ever holds a token or a secret.
+//! Prometheus counters. Nothing here ever holds a token or a secret; `summary` names a
+//! request in Pingora's own error lines the same way the access log does.
 
 use crate::config::AccessLog;
 use crate::money::Micros;
@@ -254,6 +255,15 @@ fn push_rfc3339_micros(out: &mut String, at: std::time::SystemTime) {
     digits(u64::from(since_epoch.subsec_micros()), 6, 'Z');
 }
 
+/// How Pingora's error lines (`Fail to proxy: …`) name a request: its method and
+/// canonical path, as in the access log. Pingora's default prints the raw URI with its
+/// query string and the `Host`, and a query string may carry a token
+/// (`?access_token=…`). `-` when the path was not canonical (nothing was forwarded).
+pub fn summary(method: &str, canonical: &str) -> String {
+    let path = if canonical.is_empty() { "-" } else { canonical };
+    format!("{method} {path}")
+}
+
 impl super::service::KeybrakeProxy {
     /// Tells what happened to the request `ctx` describes, once it is settled: the
     /// latency histograms, the request counter, the access-log line and (unless strict
@@ -307,6 +317,12 @@ impl super::service::KeybrakeProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_summary_is_the_method_and_canonical_path_only() {
+        assert_eq!(summary("GET", "/generic/v1/x"), "GET /generic/v1/x");
+        assert_eq!(summary("POST", ""), "POST -");
+    }
 
     #[test]
     fn the_word_at_a_time_escape_test_agrees_with_the_table() {

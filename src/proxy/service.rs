@@ -14,7 +14,7 @@ use super::idempotency::IdempotencyBook;
 use super::llm;
 use super::path;
 use super::price::{self, Lookups, Pricing};
-use super::record::AccessLogWriter;
+use super::record::{self, AccessLogWriter};
 use super::reserve::{refused, spender};
 use super::spend::SpendBook;
 use super::upstream::Upstreams;
@@ -419,6 +419,12 @@ impl ProxyHttp for KeybrakeProxy {
             self.finish_capture(ctx);
         }
         Ok(None)
+    }
+
+    /// Names the request in Pingora's error lines without its query string or headers,
+    /// which may carry a token.
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        record::summary(session.req_header().method.as_str(), &ctx.canonical)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {

@@ -435,7 +435,7 @@ def test_no_output_limit_reserves_the_models_maximum_and_is_refused_when_it_does
     # gpt-4o writes at most 16,384 tokens at $10/M: $0.164 > $0.10.
     r = kb.proxy("POST", "/openai/v1/chat/completions", k["token"],
                  json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
-    assert_denied(r, 429, "cap_exhausted")
+    assert assert_denied(r, 429, "cap_exhausted")["budget"] == "key"
     assert fake_llm.received() == []
     # gpt-4o-mini's maximum fits ($0.0098): forwarded as is, no limit added.
     r = kb.proxy("POST", "/openai/v1/chat/completions", k["token"],

@@ -195,6 +195,23 @@ def test_metrics_move_by_exactly_the_traffic_served(keybrake, tenant, fake_strip
     assert "keybrake_requests_total" in plain.content.decode("utf-8")
 
 
+def test_serve_metrics_listener_answers_metrics_health_and_readiness_and_404_elsewhere(keybrake):
+    """serve's metrics listener is like an edge node's: /metrics, /healthz, a /readyz
+    that reflects the proxy (and storage), and 404 for any other path, so a probe aimed
+    at the wrong path fails instead of passing on the metrics text."""
+    base = keybrake.metrics_url
+    r = requests.get(f"{base}/metrics", timeout=10)
+    assert r.status_code == 200 and "keybrake_" in r.text, r.text[:300]
+    assert r.headers.get("content-type", "").startswith("text/plain"), r.headers
+    assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+    ready = requests.get(f"{base}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {"status": "ready", "storage": True, "signing_keys": True, "proxy_listener": True}
+    for path in ("/", "/nope", "/metrics/x", "/v1/keys"):
+        r = requests.get(f"{base}{path}", timeout=10)
+        assert r.status_code == 404, f"GET {path} on the metrics listener -> {r.status_code} {r.text[:200]}"
+
+
 # --------------------------------------------------------------------------- 2. secrets
 
 
@@ -758,8 +775,8 @@ def _unit_directives(unit: str) -> list[tuple[str, str]]:
 def test_systemd_unit_command_lines_are_accepted_by_the_binary(unit, tmp_path):
     """Every keybrake command line of a unit (ExecStartPre/ExecStart/ExecReload), with
     its variables expanded, is accepted by this binary's argument parser (checked with a
-    trailing --help, so nothing starts); and TimeoutStopSec leaves room for the drain
-    configured in conf/keybrake-systemd.yaml."""
+    trailing --help, so nothing starts); and TimeoutStopSec leaves room for the worst stop
+    with the drain configured in conf/keybrake-systemd.yaml."""
     if not KEYBRAKE_BIN.exists():
         pytest.fail(f"keybrake binary not found at {KEYBRAKE_BIN}")
     directives = _unit_directives(unit)
@@ -788,5 +805,30 @@ def test_systemd_unit_command_lines_are_accepted_by_the_binary(unit, tmp_path):
         text = (CONF_DIR / "keybrake-systemd.yaml").read_text()
         grace = int(re.search(r"grace_period_seconds:\s*(\d+)", text).group(1))
         drain = int(re.search(r"graceful_shutdown_timeout_seconds:\s*(\d+)", text).group(1))
-        assert timeout_stop and int(timeout_stop[0].rstrip("s")) > grace + drain, (
-            f"TimeoutStopSec={timeout_stop} must exceed grace {grace}s + drain {drain}s")
+        # Pingora's fixed 5 s upgrade hand-over, both periods, then up to 5 s flushing the
+        # audit events still buffered at exit (docs/operations.md).
+        worst = 5 + grace + drain + 5
+        assert timeout_stop and int(timeout_stop[0].rstrip("s")) > worst, (
+            f"TimeoutStopSec={timeout_stop} must exceed 5 s + grace {grace}s + drain {drain}s + 5 s audit flush")
+
+
+# --------------------------------------------------------------------------- 6. the repo stands alone
+
+# Reworded separately (another branch): add them back once they point into the repo.
+NOT_YET_CHECKED = {"docs/metering.md", "conf/vendors.yaml"}
+
+
+def test_docs_and_shipped_files_point_only_into_the_repo():
+    """README, docs/, conf/ and systemd/ never send a reader to a file outside the repo
+    (a spec section, "the seed")."""
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted(CONF_DIR.glob("*.yaml")),
+             *sorted((REPO / "systemd").glob("*.service"))]
+    found = []
+    for f in files:
+        name = str(f.relative_to(REPO))
+        if name in NOT_YET_CHECKED:
+            continue
+        for number, line in enumerate(f.read_text().splitlines(), 1):
+            if re.search(r"\bSPEC\b|\bthe seed\b", line):
+                found.append(f"{name}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)

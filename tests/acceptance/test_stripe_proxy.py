@@ -143,11 +143,12 @@ def test_spend_cap_refuses_the_payment_that_would_exceed_it(keybrake, tenant, fa
     body = err.json_body
     assert body["code"] == "cap_exhausted" and body["error"]["code"] == "cap_exhausted"
     assert body["error"]["type"] == "keybrake_error"
+    assert body["budget"] == "key", body
     assert err.user_message == body["error"]["message"] == body["message"]
     assert len(fake_stripe.received_matching("POST", "/v1/payment_intents")) == 1
 
     raw = pay(keybrake, key["token"], 1500)
-    assert_denied(raw, 429, "cap_exhausted")
+    assert assert_denied(raw, 429, "cap_exhausted")["budget"] == "key"
     assert len(fake_stripe.received_matching("POST", "/v1/payment_intents")) == 1
 
     assert pay(keybrake, key["token"], 500).status_code == 200
@@ -1260,6 +1261,23 @@ def test_logs_never_contain_tokens_or_secrets(keybrake, tenant, fake_stripe, str
     for secret in (key["token"], key["token"][3:], stripe_secret, tenant.token, keybrake.admin_token):
         assert secret not in logs
     assert not re.search(r"vk_ey[A-Za-z0-9_-]{20,}", logs)
+
+
+def test_a_secret_in_the_query_string_never_reaches_the_logs(keybrake_factory):
+    """Pingora's `Fail to proxy` error line names the request: it gives the method and
+    canonical path only, never the query string (which may carry a token) nor headers."""
+    kb = keybrake_factory({"generic": f"http://127.0.0.1:{free_port()}"})
+    t = kb.create_tenant()
+    t.put_credential("generic", "gen_" + secrets.token_hex(16))
+    key = t.issue_key(vendor="generic", allowed_endpoints=["GET /v1/**"], daily_usd_cap=1)
+    leaked = "sk_test_secretvalue" + secrets.token_hex(8)
+    r = kb.proxy("GET", f"/generic/v1/x?access_token={leaked}", key=key["token"])
+    assert_denied(r, 502, "upstream_unavailable")
+    # The failure is logged: wait for the line that names the request.
+    assert wait_until(lambda: "GET /generic/v1/x" in kb.logs(), timeout=5), kb.logs()[-2000:]
+    logs = kb.logs()
+    assert leaked not in logs, [line for line in logs.splitlines() if leaked in line]
+    assert "access_token" not in logs
 
 
 def test_metrics_count_requests_by_decision(keybrake, tenant, fake_stripe):

@@ -1266,15 +1266,15 @@ def test_logs_never_contain_tokens_or_secrets(keybrake, tenant, fake_stripe, str
 def test_a_secret_in_the_query_string_never_reaches_the_logs(keybrake_factory):
     """Pingora's `Fail to proxy` error line names the request: it gives the method and
     canonical path only, never the query string (which may carry a token) nor headers."""
-    kb = keybrake_factory({"generic": f"http://127.0.0.1:{free_port()}"})
+    kb = keybrake_factory({"stripe": f"http://127.0.0.1:{free_port()}"})
     t = kb.create_tenant()
-    t.put_credential("generic", "gen_" + secrets.token_hex(16))
-    key = t.issue_key(vendor="generic", allowed_endpoints=["GET /v1/**"], daily_usd_cap=1)
+    t.put_credential("stripe", "sk_test_" + secrets.token_hex(16))
+    key = t.issue_key(allowed_endpoints=["GET /v1/**"], daily_usd_cap=1)
     leaked = "sk_test_secretvalue" + secrets.token_hex(8)
-    r = kb.proxy("GET", f"/generic/v1/x?access_token={leaked}", key=key["token"])
+    r = kb.proxy("GET", f"/stripe/v1/customers?access_token={leaked}", key=key["token"])
     assert_denied(r, 502, "upstream_unavailable")
     # The failure is logged: wait for the line that names the request.
-    assert wait_until(lambda: "GET /generic/v1/x" in kb.logs(), timeout=5), kb.logs()[-2000:]
+    assert wait_until(lambda: "GET /stripe/v1/customers" in kb.logs(), timeout=5), kb.logs()[-2000:]
     logs = kb.logs()
     assert leaked not in logs, [line for line in logs.splitlines() if leaked in line]
     assert "access_token" not in logs

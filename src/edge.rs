@@ -852,7 +852,7 @@ fn health_server(addr: std::net::SocketAddr, state: Arc<SyncState>) -> Result<()
                 (true, json!({"status": "ready"}))
             } else {
                 let lag = state.since_sync().as_secs_f64();
-                let body = json!({"status": "not ready", "code": "control_unreachable", "seconds_since_sync": lag});
+                let body = json!({"status": "not_ready", "code": "control_unreachable", "seconds_since_sync": lag});
                 (false, body)
             }
         }

@@ -447,15 +447,17 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Whether this process can serve: its storage answers, it holds a signing key and, in
-/// `serve` (`proxy_addr`), its proxy listener accepts connections. With the JSON that
+/// Whether this process can serve: its storage answers, its audit writer runs, it holds a
+/// signing key and, in `serve` (`proxy_addr`), its proxy listener accepts connections
+/// (`proxy_listener`, absent on `control`). With the JSON that
 /// `/readyz` answers, on the control API and on `serve`'s metrics listener alike.
 pub(crate) async fn readiness(control: &Control, proxy_addr: Option<SocketAddr>) -> (bool, Value) {
-    let storage = control.store().ping().await && control.audit.ping().await;
+    let storage = control.store().ping().await;
+    let audit = control.audit.ping().await;
     let signing = !control.jwks().keys.is_empty();
     let proxy = match proxy_addr {
-        None => true,
-        Some(mut addr) => {
+        None => None,
+        Some(mut addr) => Some({
             if addr.ip().is_unspecified() {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
@@ -467,13 +469,19 @@ pub(crate) async fn readiness(control: &Control, proxy_addr: Option<SocketAddr>)
                 .await,
                 Ok(Ok(_))
             )
-        }
+        }),
     };
-    let ok = storage && signing && proxy;
-    (
-        ok,
-        json!({"status": if ok {"ready"} else {"not_ready"}, "storage": storage, "signing_keys": signing, "proxy_listener": proxy}),
-    )
+    let ok = storage && audit && signing && proxy != Some(false);
+    let mut body = json!({
+        "status": if ok { "ready" } else { "not_ready" },
+        "storage": storage,
+        "audit": audit,
+        "signing_keys": signing,
+    });
+    if let Some(proxy) = proxy {
+        body["proxy_listener"] = json!(proxy);
+    }
+    (ok, body)
 }
 
 // ----- vendor credentials (tenant) -----

@@ -206,7 +206,11 @@ def test_serve_metrics_listener_answers_metrics_health_and_readiness_and_404_els
     assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
     ready = requests.get(f"{base}/readyz", timeout=10)
     assert ready.status_code == 200, ready.text
-    assert ready.json() == {"status": "ready", "storage": True, "signing_keys": True, "proxy_listener": True}
+    assert ready.json() == {"status": "ready", "storage": True, "audit": True, "signing_keys": True,
+                            "proxy_listener": True}
+    # The control listener answers the same checks.
+    control = requests.get(f"{keybrake.control_url}/readyz", timeout=10)
+    assert control.json() == ready.json(), control.text
     for path in ("/", "/nope", "/metrics/x", "/v1/keys"):
         r = requests.get(f"{base}{path}", timeout=10)
         assert r.status_code == 404, f"GET {path} on the metrics listener -> {r.status_code} {r.text[:200]}"

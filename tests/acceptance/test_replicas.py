@@ -248,7 +248,10 @@ def test_kill_9_of_one_replica_mid_burst_grants_nothing_twice(replicas, fake_str
     killed_at[0] = time.monotonic()
     # b answers its control API and its proxy keeps taking payments.
     assert r.tb.get_key(roomy["id"])["status"] == "active"
-    assert r.b.control("GET", "/readyz").status_code == 200
+    ready = r.b.control("GET", "/readyz")
+    assert ready.status_code == 200
+    # `control` runs no proxy: its readiness names no proxy listener.
+    assert ready.json() == {"status": "ready", "storage": True, "audit": True, "signing_keys": True}
     time.sleep(2.0)
     stop.set()
     for t in threads:

@@ -827,12 +827,20 @@ impl Config {
                 if max_connections == 0 {
                     bail!("{what}.max_connections must be positive");
                 }
-                let tls = f.tls.map(|t| crate::tls::TlsFiles {
-                    cert_file: relative(t.cert_file),
-                    key_file: relative(t.key_file),
-                    watch_interval: ms(t.watch_interval_ms, defaults::TLS_WATCH_INTERVAL)
-                        .max(Duration::from_millis(50)),
-                });
+                let tls = f
+                    .tls
+                    .map(|t| -> Result<_> {
+                        Ok(crate::tls::TlsFiles {
+                            cert_file: relative(t.cert_file),
+                            key_file: relative(t.key_file),
+                            watch_interval: at_least(
+                                &format!("{what}.tls.watch_interval_ms"),
+                                ms(t.watch_interval_ms, defaults::TLS_WATCH_INTERVAL),
+                                Duration::from_millis(50),
+                            )?,
+                        })
+                    })
+                    .transpose()?;
                 if tls.is_some() && f.plaintext == Some(true) {
                     bail!("{what}: both tls and plaintext: true are set; keep one");
                 }
@@ -1494,6 +1502,10 @@ mod tests {
             (
                 "upstream: {dns_refresh_seconds: 0}",
                 "upstream.dns_refresh_seconds",
+            ),
+            (
+                "proxy: {tls: {cert_file: c.pem, key_file: k.pem, watch_interval_ms: 10}}",
+                "tls.watch_interval_ms",
             ),
         ] {
             let err = Config::from_yaml(yaml, None, &Overrides::default()).unwrap_err();

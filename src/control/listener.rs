@@ -13,7 +13,7 @@
 //! - a declared `Content-Length` over the body limit is answered 413 before any body is
 //!   read; otherwise the whole body is read here, evictable, before the app sees the
 //!   request, so no handler (a key issuance being committed) ever runs on a connection
-//!   that may be cut; a request (body read and handler) is bounded by `request_timeout`;
+//!   that may be cut; the body read and the handler are each bounded by `request_timeout`;
 //! - the answers hyper writes itself when it cannot parse a request (400, 414, 431: no
 //!   handler runs) get SPEC §3's JSON error body (`JsonParseErrors`).
 
@@ -258,21 +258,25 @@ async fn handle(
         // Answered before the body is read; the connection is closed, unread body and all.
         Err(Unserved::Refused(ApiError::BodyTooLarge(shared.body_limit)))
     } else {
+        // The body and the handler each get `request_timeout`: a body that arrives late
+        // does not shorten the handler's time (a key issuance cut short after its commit
+        // would lose the token it made).
+        let timed_out = || Unserved::Refused(ApiError::RequestTimeout(shared.request_timeout));
         let call = async {
-            let req = read_body(shared, &guard, req).await?;
+            let req = tokio::time::timeout(shared.request_timeout, read_body(shared, &guard, req))
+                .await
+                .map_err(|_| timed_out())??;
             if !guard.enter(Phase::Busy) {
                 return Err(Unserved::Evicted);
             }
             let mut app = shared.app.clone();
-            let response = tower_service::Service::call(&mut app, req).await;
+            let call = tower_service::Service::call(&mut app, req);
+            let response = tokio::time::timeout(shared.request_timeout, call)
+                .await
+                .map_err(|_| timed_out())?;
             Ok(response.unwrap_or_else(|never| match never {}))
         };
-        match tokio::time::timeout(shared.request_timeout, call).await {
-            Ok(served) => served,
-            Err(_) => Err(Unserved::Refused(ApiError::RequestTimeout(
-                shared.request_timeout,
-            ))),
-        }
+        call.await
     };
     let response = match served {
         Ok(response) => response,

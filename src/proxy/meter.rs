@@ -263,6 +263,8 @@ pub fn subscription_items(form: &[u8]) -> Result<Vec<Item>, Denial> {
                 // version with `Stripe-Version`).
                 "plan",
                 "quantity",
+                // A tax on top of the items (before 2020-08-27).
+                "tax_percent",
             ],
         );
         match base {
@@ -723,6 +725,7 @@ mod tests {
             "items[0][price]=a&plan=price_big&quantity=1000",
             "items[0][price]=a&quantity=1000",
             "items[0][price]=a&items[0][plan]=plan_big",
+            "items[0][price]=a&tax_percent=100",
         ] {
             assert_eq!(items(bad), Err(Denial::InvalidAmount), "{bad}");
         }

@@ -1373,6 +1373,7 @@ def test_a_subscription_costs_its_first_period_and_is_refused_past_the_cap(
     "default_tax_rates[0]=txr_1",
     "plan=PRICE&quantity=1000",
     "items[1][price]=PRICE",
+    "tax_percent=100",
 ])
 def test_a_subscription_cannot_add_to_its_charge_through_the_query_string(
         keybrake, tenant, fake_stripe, stripe_secret, query):
@@ -1414,6 +1415,11 @@ def test_a_customer_balance_cannot_be_set_through_a_capped_key(keybrake, tenant,
                                                  "headers": {"Content-Type": "application/x-www-form-urlencoded"}}),
         ("/stripe/v1/customers", {"data": b"email=b@example.com;balance=1000000",
                                   "headers": {"Content-Type": "application/x-www-form-urlencoded"}}),
+        # The names of older API versions, which a client picks with Stripe-Version.
+        (f"/stripe/v1/customers/{customer.id}", {"data": {"account_balance": "1000000"},
+                                                 "headers": {"Stripe-Version": "2019-10-08"}}),
+        ("/stripe/v1/customers", {"data": {"email": "c@example.com", "plan": "plan_big", "quantity": "9"},
+                                  "headers": {"Stripe-Version": "2017-08-15"}}),
     ]:
         assert_denied(keybrake.proxy("POST", path, key=key["token"], **kwargs), 403, "endpoint_unmetered")
     assert len(fake_stripe.received_matching("POST", "/v1/customers")) == 1

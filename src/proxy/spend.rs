@@ -49,6 +49,11 @@ struct Taken {
 const TOP_UP_BELOW: i64 = 32;
 const TOP_UP_TO: i64 = 64;
 
+/// Rows per `Ledger::report` call: the in-process ledger applies each call in one
+/// transaction, so a round reporting thousands of fresh keys does not hold the store's
+/// writer (and every first lease waiting for it) for tens of milliseconds.
+const REPORT_ROWS: usize = 200;
+
 /// Rounds of 1 ms a reservation at the cap waits for headroom in transit: the ledger
 /// call's own timeout (5 s).
 const TRANSIT_WAITS: u32 = 5_000;
@@ -98,6 +103,10 @@ pub(super) struct KeySpend {
     /// A top-up of the headroom is queued (`WriteAhead::top_up`): one at a time.
     topping_up: std::sync::atomic::AtomicBool,
     last_used: AtomicI64,
+    /// When (unix seconds) the key's spend last went into a report (its creation first):
+    /// a busy key's spend is reported every `return_idle_after`, a key used once or twice
+    /// has it reported with the return of its unused budget (`SpendBook::report`).
+    reported_at: AtomicI64,
     /// Reservations taken from this counter and not yet settled or released: the counter
     /// is never forgotten while one is out.
     in_flight: AtomicI64,
@@ -224,6 +233,7 @@ impl KeySpend {
             ahead_in_transit: AtomicI64::new(0),
             topping_up: std::sync::atomic::AtomicBool::new(false),
             last_used: AtomicI64::new(0),
+            reported_at: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
             over_cap: std::sync::atomic::AtomicBool::new(false),
             refill: tokio::sync::Mutex::new(()),
@@ -358,6 +368,7 @@ impl SpendBook {
                 ahead_in_transit: AtomicI64::new(0),
                 topping_up: std::sync::atomic::AtomicBool::new(false),
                 last_used: AtomicI64::new(now),
+                reported_at: AtomicI64::new(now),
                 in_flight: AtomicI64::new(0),
                 over_cap: std::sync::atomic::AtomicBool::new(false),
                 refill: tokio::sync::Mutex::new(()),
@@ -595,6 +606,13 @@ impl SpendBook {
 
     /// Reports settled spend and returns unused budget of idle, expired, revoked or past
     /// days' keys. `return_all` (shutdown) returns every key's budget.
+    ///
+    /// A key's spent and unreserved budget wait in its counter until the key goes idle
+    /// or `return_idle_after` has passed since its last report: the reservations are
+    /// committed already (the ledger counts them against the cap as held and settles them
+    /// should this process die), so waiting changes no total, and a fresh key used once
+    /// costs the ledger one report (spent and returned together) instead of two. Spend
+    /// beyond any lease (`overspent`) is not in the ledger yet: it goes in every round.
     pub async fn report(&self, now: i64, return_all: bool) {
         let today = utc_day(now);
         let revocations = self.published.revocations.load();
@@ -614,9 +632,20 @@ impl SpendBook {
             } else {
                 (0, 0)
             };
-            let spent = entry.unreported_spent.swap(0, Ordering::AcqRel);
+            let due = return_all
+                || finished
+                || idle
+                || now - entry.reported_at.load(Ordering::Relaxed) >= self.return_idle_after_secs;
+            let (spent, unreserved) = if due {
+                entry.reported_at.store(now, Ordering::Relaxed);
+                (
+                    entry.unreported_spent.swap(0, Ordering::AcqRel),
+                    entry.unreported_unreserved.swap(0, Ordering::AcqRel) + ahead,
+                )
+            } else {
+                (0, 0)
+            };
             let overspent = entry.unreported_overspent.swap(0, Ordering::AcqRel);
-            let unreserved = entry.unreported_unreserved.swap(0, Ordering::AcqRel) + ahead;
             if returned != 0 || spent != 0 || overspent != 0 || unreserved != 0 {
                 let report = LeaseReport {
                     budget: Budget::KeyDaily,
@@ -633,16 +662,24 @@ impl SpendBook {
                 done.push(entry.clone());
             }
         }
+        // In key order, so each call's rows sit together in the ledger's tables (ids sort
+        // by creation time) and its transaction writes few pages.
+        reported.sort_unstable_by(|(_, a), (_, b)| (&a.key_id, a.day).cmp(&(&b.key_id, b.day)));
         // Called with nothing new too: an edge node's ledger sends its unanswered batch
         // again then (`Ledger::report`).
-        {
-            let reports = reported.iter().map(|(_, r)| r.clone()).collect();
+        let mut chunks: Vec<&[(Arc<KeySpend>, LeaseReport)]> =
+            reported.chunks(REPORT_ROWS).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for (i, chunk) in chunks.iter().enumerate() {
+            let reports = chunk.iter().map(|(_, r)| r.clone()).collect();
             if let Err(e) = self.ledger.report(reports).await {
                 log::error!("spend report failed, will retry: {e}");
-                // The ledger took none of it: put everything back so the next round
-                // reports it; returned budget is still held by the ledger, so it may be
-                // used meanwhile.
-                for (entry, r) in &reported {
+                // The ledger took none of this call's rows (earlier calls' it did): put
+                // them and the rest back so the next round reports them; returned budget
+                // is still held by the ledger, so it may be used meanwhile.
+                for (entry, r) in chunks[i..].iter().flat_map(|c| c.iter()) {
                     entry.add_spent(r.spent);
                     entry.add_overspent(r.overspent);
                     entry.add_unreserved(r.unreserved);
@@ -821,6 +858,8 @@ mod tests {
         written: Mutex<i64>,
         commit_calls: Mutex<usize>,
         report_calls: Mutex<usize>,
+        /// Every row reported: (key, spent, returned).
+        rows: Mutex<Vec<(String, i64, i64)>>,
     }
 
     #[async_trait::async_trait]
@@ -843,6 +882,8 @@ mod tests {
         async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
             *self.report_calls.lock().unwrap() += 1;
             for r in reports {
+                let row = (r.key_id.clone(), r.spent.0, r.returned.0);
+                self.rows.lock().unwrap().push(row);
                 *self.committed.lock().unwrap() -= r.returned.0;
                 *self.settled.lock().unwrap() += r.spent.0 + r.overspent.0;
                 *self.written.lock().unwrap() -= r.spent.0 + r.unreserved.0;
@@ -927,8 +968,11 @@ mod tests {
         book.report(2 * day, false).await;
         book.settle(before_midnight);
         book.report(2 * day + 1, false).await;
-        assert_eq!(*ledger.settled.lock().unwrap(), 4_000_000);
+        // Yesterday's counter is reported at once (its day is over); today's, used a
+        // second ago, waits for its return.
+        assert_eq!(*ledger.settled.lock().unwrap(), 3_000_000);
         book.report(2 * day + 2, false).await;
+        assert_eq!(*ledger.settled.lock().unwrap(), 4_000_000);
         assert!(book.retired.lock().unwrap().is_empty());
     }
 
@@ -1012,16 +1056,113 @@ mod tests {
         book.settle(spent);
         book.release(refused);
         book.settle_to(&w, cheaper, Micros(1_500_000), 1000).await;
-        book.report(1000, false).await;
+        // Busy at 1001: its spend is reported at 1002 (`return_idle_after` after it was
+        // first used), its lease kept.
+        book.settle(book.reserve(&w, Micros(0), 1001).await.unwrap());
+        book.report(1001, false).await;
+        assert_eq!(*ledger.settled.lock().unwrap(), 0);
+        book.report(1002, false).await;
+        assert_eq!(book.tracked_keys(), 1);
         // Settled or back in the lease: uncommitted. The call still out stays committed.
         let written = *ledger.written.lock().unwrap();
         assert!((1_000_000..10_000_000).contains(&written), "{written}");
         assert_eq!(*ledger.settled.lock().unwrap(), 4_500_000);
         book.settle(in_flight);
-        book.report(1000, true).await;
+        book.report(1002, true).await;
         // Everything reported and given back: nothing committed, the spend settled.
         assert_eq!(*ledger.written.lock().unwrap(), 0);
         assert_eq!(*ledger.committed.lock().unwrap(), 5_500_000);
+    }
+
+    #[tokio::test]
+    async fn a_key_used_once_is_reported_once_with_its_return() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let w = who(20_000_000);
+        book.settle(book.reserve(&w, Micros(1_000_000), 1000).await.unwrap());
+        book.report(1000, false).await;
+        book.report(1001, false).await;
+        assert!(ledger.rows.lock().unwrap().is_empty());
+        // Idle: the spend and the unused lease go back in one row.
+        book.report(1002, false).await;
+        let rows = ledger.rows.lock().unwrap().clone();
+        assert!(
+            matches!(&rows[..], [(key, 1_000_000, returned)] if key == "key_1" && *returned > 0),
+            "{rows:?}"
+        );
+        assert_eq!(*ledger.committed.lock().unwrap(), 1_000_000);
+        assert_eq!(*ledger.written.lock().unwrap(), 0);
+        assert_eq!(book.tracked_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_report_round_of_many_keys_goes_in_calls_of_bounded_size() {
+        /// Grants what is asked, commits what the grant may, counts report calls.
+        #[derive(Default)]
+        struct Open {
+            calls: Mutex<Vec<usize>>,
+            settled: Mutex<i64>,
+            /// This call (counting from 0) fails, taking none of its rows.
+            fail: Mutex<Option<usize>>,
+        }
+        #[async_trait::async_trait]
+        impl Ledger for Open {
+            async fn lease(&self, r: LeaseRequest) -> Result<Grant, LedgerError> {
+                Ok(Grant {
+                    granted: r.want,
+                    committed: r.commit.min(r.want),
+                })
+            }
+            async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
+                let mut calls = self.calls.lock().unwrap();
+                if *self.fail.lock().unwrap() == Some(calls.len()) {
+                    calls.push(0);
+                    return Err(LedgerError("down".into()));
+                }
+                calls.push(reports.len());
+                *self.settled.lock().unwrap() += reports.iter().map(|r| r.spent.0).sum::<i64>();
+                Ok(())
+            }
+            async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+                Ok(vec![true; c.len()])
+            }
+        }
+        let ledger = Arc::new(Open::default());
+        let book = SpendBook::new(
+            ledger.clone(),
+            Arc::new(Published::empty()),
+            16,
+            2,
+            Metrics::global(),
+        );
+        let ids: Vec<String> = (0..REPORT_ROWS * 2 + 1)
+            .map(|i| format!("key_{i}"))
+            .collect();
+        for id in &ids {
+            let w = Spender {
+                key_id: id,
+                ..who(20_000_000)
+            };
+            book.settle(book.reserve(&w, Micros(1_000_000), 1000).await.unwrap());
+        }
+        // The second call fails: the first call's rows are applied, the rest wait for
+        // the next round (nothing reported twice, nothing lost).
+        *ledger.fail.lock().unwrap() = Some(1);
+        book.report(1002, false).await;
+        assert_eq!(*ledger.calls.lock().unwrap(), [REPORT_ROWS, 0]);
+        assert_eq!(
+            *ledger.settled.lock().unwrap(),
+            REPORT_ROWS as i64 * 1_000_000
+        );
+        assert_eq!(book.tracked_keys(), ids.len());
+        book.report(1003, false).await;
+        let calls = ledger.calls.lock().unwrap().clone();
+        assert_eq!(calls, [REPORT_ROWS, 0, REPORT_ROWS, 1]);
+        assert_eq!(
+            *ledger.settled.lock().unwrap(),
+            ids.len() as i64 * 1_000_000
+        );
+        assert_eq!(book.tracked_keys(), 0);
     }
 
     #[tokio::test]

@@ -433,8 +433,15 @@ impl ProxyHttp for KeybrakeProxy {
             can_reuse_downstream: false,
         };
         let Some(denial) = deny::for_proxy_error(e) else {
-            // The client went away or sent garbage: nobody to answer.
-            ctx.denial.get_or_insert(Denial::InvalidBody);
+            // The client went away or sent garbage: nobody to answer. Before an answer
+            // began, the request was unreadable; after, the call was allowed and answered
+            // (a client closing a finished or unwanted stream), and is recorded so.
+            if session
+                .response_written()
+                .is_none_or(|r| r.status.is_informational())
+            {
+                ctx.denial.get_or_insert(Denial::InvalidBody);
+            }
             return nobody;
         };
         ctx.denial = Some(denial);

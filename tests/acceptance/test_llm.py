@@ -465,6 +465,8 @@ def test_client_gone_after_the_first_chunk_stops_the_vendor_and_is_charged_the_r
     tenant.wait_spent(k["id"], reservation)
     event = assert_audit_matches(tenant, k["id"], reservation, 1)[0]
     assert event["model"] == "gpt-4o-mini" and event["output_tokens"] is None
+    # Allowed and answered: the client leaving is not a denial of the call.
+    assert (event["decision"], event["status"]) == ("allowed", 200), event
 
 
 def test_vendor_cutting_the_stream_or_sending_unreadable_usage_is_charged_the_reservation(kb, tenant, fake_llm):

@@ -986,7 +986,26 @@ impl Config {
     /// Reads the TLS and CA files of the listeners this process runs: an edge node
     /// (`with_control` false) needs neither the control listener's certificate nor its
     /// private key, which stay on the control host.
+    ///
+    /// First, the listeners this process runs must not share a port: one would be taken
+    /// by the other (a proxy answering with the control API's 404s, or never listening).
     pub fn check_files(&self, with_proxy: bool, with_control: bool) -> Result<()> {
+        let mut listeners = vec![("metrics_listen", self.metrics_listen)];
+        if with_proxy {
+            listeners.push(("proxy_listen", self.proxy_listen));
+        }
+        if with_control {
+            listeners.push(("control_listen", self.control_listen));
+        }
+        for (i, (a_name, a)) in listeners.iter().enumerate() {
+            for (b_name, b) in &listeners[i + 1..] {
+                let same_host =
+                    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+                if a.port() == b.port() && same_host {
+                    bail!("{b_name} {b} and {a_name} {a} share a port: give each its own");
+                }
+            }
+        }
         for (what, l) in [("proxy", &self.proxy), ("control", &self.control)] {
             if (what == "proxy" && !with_proxy) || (what == "control" && !with_control) {
                 continue;
@@ -1257,6 +1276,28 @@ fn parse_currencies(text: &str) -> Result<Map<String, Currency>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listeners_of_one_process_sharing_a_port_are_refused() {
+        let load = |yaml: &str| Config::from_yaml(yaml, None, &Overrides::default()).unwrap();
+        let c = load("proxy_listen: \"127.0.0.1:18180\"\ncontrol_listen: \"127.0.0.1:18180\"");
+        let err = c.check_files(true, true).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "control_listen 127.0.0.1:18180 and proxy_listen 127.0.0.1:18180 share a port: give each its own"
+        );
+        // An edge node runs no control listener, a control plane no proxy.
+        c.check_files(true, false).unwrap();
+        c.check_files(false, true).unwrap();
+        let c = load(
+            "proxy_listen: \"0.0.0.0:18181\"\nproxy: {plaintext: true}\nmetrics_listen: \"127.0.0.1:18181\"",
+        );
+        let err = c.check_files(true, false).unwrap_err();
+        assert!(format!("{err:#}").contains("share a port"), "{err:#}");
+        load("proxy_listen: \"127.0.0.1:18182\"\nmetrics_listen: \"127.0.0.2:18182\"")
+            .check_files(true, true)
+            .unwrap();
+    }
 
     #[test]
     fn host_header_names_the_port_only_when_not_the_default_and_brackets_ipv6() {

@@ -686,8 +686,10 @@ def run_check(config: Path, cwd: Path) -> subprocess.CompletedProcess:
         ("bad-nested-key", "pingora:\n  grace_period_secs: 3\n", None, ["grace_period_secs"]),
         ("vendor-without-upstream", "vendors_file: acme-vendors.yaml\n", "acme: {auth: bearer}\n",
          ["acme", "upstream"]),
+        ("listeners-share-a-port", 'proxy_listen: "127.0.0.1:18180"\ncontrol_listen: "127.0.0.1:18180"\n',
+         None, ["proxy_listen", "control_listen", "share a port"]),
     ],
-    ids=["unknown-key", "bad-listener", "bad-nested-key", "vendor-without-upstream"],
+    ids=["unknown-key", "bad-listener", "bad-nested-key", "vendor-without-upstream", "listeners-share-a-port"],
 )
 def test_check_names_the_problem_in_a_bad_config(tmp_path, name, settings, vendors, must_mention):
     """`keybrake check --config F` on a broken file exits non-zero with one message that

@@ -353,6 +353,12 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if matches!(
+        cli.command,
+        Command::Serve { .. } | Command::Control { .. } | Command::Proxy { .. }
+    ) {
+        keybrake::proxy::record::reopen_access_log_on_hangup();
+    }
     match cli.command {
         Command::Serve {
             common,

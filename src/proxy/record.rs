@@ -7,6 +7,7 @@
 use crate::config::AccessLog;
 use crate::money::Micros;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One line of the access log.
@@ -35,17 +36,45 @@ pub struct AccessLogWriter {
 
 const MAX_PENDING_BYTES: usize = 16 << 20;
 
+/// Set by SIGHUP: the access-log thread reopens its file (log rotation).
+static HANGUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    HANGUP.store(true, Ordering::Relaxed);
+}
+
+/// SIGHUP no longer ends the process (its default action): it asks for the access log
+/// file to be reopened, as log rotation expects (`postrotate … kill -HUP`). Nothing else
+/// is reloaded. Called at start, before a `--daemon` fork (the child inherits it).
+pub fn reopen_access_log_on_hangup() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the
+    // struct is zeroed (a valid empty `sigaction`) before its fields are set.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_hangup as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGHUP, &action, std::ptr::null_mut());
+    }
+}
+
+fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
 impl AccessLogWriter {
     pub fn start(target: &AccessLog) -> std::io::Result<Option<AccessLogWriter>> {
         let mut out: Box<dyn Write + Send> = match target {
             AccessLog::Off => return Ok(None),
             AccessLog::Stdout => Box::new(std::io::stdout()),
-            AccessLog::File(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
+            AccessLog::File(path) => Box::new(open_append(path)?),
+        };
+        let file = match target {
+            AccessLog::File(path) => Some(path.clone()),
+            _ => None,
         };
         let pending = Arc::new(Mutex::new(String::with_capacity(1 << 16)));
         let shared = pending.clone();
@@ -55,6 +84,24 @@ impl AccessLogWriter {
                 let mut spare = String::with_capacity(1 << 16);
                 loop {
                     std::thread::sleep(std::time::Duration::from_millis(20));
+                    if HANGUP.swap(false, Ordering::Relaxed) {
+                        match &file {
+                            // What is pending goes to the new file.
+                            Some(path) => match open_append(path) {
+                                Ok(f) => {
+                                    let _ = out.flush();
+                                    out = Box::new(f);
+                                    log::info!("SIGHUP: access log {} reopened", path.display());
+                                }
+                                Err(e) => log::error!(
+                                    "SIGHUP: cannot reopen the access log {} (still writing to \
+                                     the old file): {e}",
+                                    path.display()
+                                ),
+                            },
+                            None => log::info!("SIGHUP: the access log is not a file; nothing to reopen"),
+                        }
+                    }
                     std::mem::swap(
                         &mut *shared.lock().unwrap_or_else(|p| p.into_inner()),
                         &mut spare,

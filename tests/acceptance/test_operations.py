@@ -219,6 +219,39 @@ def test_serve_metrics_listener_answers_metrics_health_and_readiness_and_404_els
 # --------------------------------------------------------------------------- 2. secrets
 
 
+def test_sighup_reopens_the_access_log_for_rotation(keybrake_factory, fake_stripe, tmp_path):
+    """Log rotation: the access log file is moved aside and SIGHUP sent (logrotate's
+    `postrotate`); the process keeps running, the next line goes to a new file at the
+    configured path, the moved file keeps the earlier line."""
+    access_log = tmp_path / "logs" / "access.log"
+    access_log.parent.mkdir()
+    cfg = write_config(tmp_path / "conf", access_log=str(access_log))
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=cfg)
+    tenant = kb.create_tenant("rotate-co")
+    tenant.put_credential("stripe", "sk_test_" + secrets.token_hex(8))
+    key = tenant.issue_key(label="rotate", allowed_endpoints=["GET /v1/customers"], daily_usd_cap=1)
+    headers = {"Authorization": f"Bearer {key['token']}"}
+
+    def lines(path):
+        return [l for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+    assert requests.get(f"{kb.proxy_url}/stripe/v1/customers", headers=headers, timeout=30).status_code == 200
+    assert wait_until(lambda: len(lines(access_log)) == 1, timeout=10), lines(access_log)
+    rotated = access_log.with_name("access.log.1")
+    access_log.rename(rotated)
+    kb.proc.send_signal(signal.SIGHUP)
+    def said_reopened():
+        return any("SIGHUP: access log" in p.read_text(errors="replace") and "reopened" in p.read_text(errors="replace")
+                   for p in kb.workdir.glob("stderr*.log"))
+
+    assert wait_until(said_reopened, timeout=10), "no log line says the access log was reopened"
+    assert kb.proc.poll() is None, "SIGHUP ended the process"
+    assert requests.get(f"{kb.proxy_url}/stripe/v1/customers", headers=headers, timeout=30).status_code == 200
+    assert wait_until(lambda: len(lines(access_log)) == 1, timeout=10), lines(access_log)
+    assert len(lines(rotated)) == 1, lines(rotated)
+    assert kb.stop() == 0
+
+
 ACCESS_FIELDS = {"key_id", "label", "tenant", "vendor", "method", "path", "status", "decision",
                  "spend_usd", "duration_ms"}
 

@@ -182,10 +182,18 @@ enum TenantCommand {
     },
     /// List tenants.
     List,
-    /// Add an API token to a tenant (for rotation).
+    /// Add an API token to a tenant (for rotation); prints it (shown once) and its id.
     AddToken {
         /// The tenant (tn_…).
         tenant_id: String,
+    },
+    /// Delete one of a tenant's API tokens (the end of a rotation): it stops working at
+    /// once.
+    DeleteToken {
+        /// The tenant (tn_…).
+        tenant_id: String,
+        /// The token's id (`tenant create` and `tenant add-token` print it).
+        token_id: String,
     },
 }
 
@@ -450,7 +458,14 @@ fn run(cli: Cli) -> Result<()> {
                         "/v1/tenants",
                         Some(serde_json::json!({ "name": name })),
                     )?;
-                    cli::print_created(&t, client.json, "tenant", "api_token", "api token");
+                    cli::print(&t, client.json, |t| {
+                        format!(
+                            "tenant {}\napi token id: {}\napi token (shown once): {}",
+                            t["id"].as_str().unwrap_or("?"),
+                            t["api_token_id"].as_str().unwrap_or("?"),
+                            t["api_token"].as_str().unwrap_or("?")
+                        )
+                    });
                 }
                 TenantCommand::List => {
                     let list = api.call("GET", "/v1/tenants?limit=1000", None)?;
@@ -468,7 +483,15 @@ fn run(cli: Cli) -> Result<()> {
                 TenantCommand::AddToken { tenant_id } => {
                     let t =
                         api.call("POST", &format!("/v1/tenants/{tenant_id}/api_tokens"), None)?;
-                    cli::print_created(&t, client.json, "token", "api_token", "api token");
+                    cli::print_created(&t, client.json, "api token id:", "api_token", "api token");
+                }
+                TenantCommand::DeleteToken {
+                    tenant_id,
+                    token_id,
+                } => {
+                    let path = format!("/v1/tenants/{tenant_id}/api_tokens/{token_id}");
+                    let t = api.call("DELETE", &path, None)?;
+                    cli::print(&t, client.json, |_| format!("api token {token_id} deleted"));
                 }
             }
             Ok(())

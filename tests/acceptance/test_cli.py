@@ -109,3 +109,28 @@ def test_cli_errors_are_one_clear_line_and_a_nonzero_exit(keybrake, tmp_path):
         assert result.returncode != 0, result
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_cli_rotates_a_tenants_api_token(keybrake):
+    """tenant create prints the first token's id → add-token → delete-token of the first:
+    the old token is refused at once, the new one works."""
+    created = kb(keybrake, "tenant", "create", "rotate-co", admin=True)
+    assert created.returncode == 0, created.stderr
+    fields = dict(line.split(": ", 1) for line in created.stdout.splitlines() if ": " in line)
+    old_id, old = fields["api token id"], fields["api token (shown once)"]
+    assert old.startswith("kb_") and old_id and old_id != "?", created.stdout
+    tenant_id = created.stdout.split()[1]
+    assert kb(keybrake, "key", "list", token=old).returncode == 0
+
+    added = kb(keybrake, "tenant", "add-token", tenant_id, "--json", admin=True)
+    assert added.returncode == 0, added.stderr
+    new = json.loads(added.stdout)["api_token"]
+
+    deleted = kb(keybrake, "tenant", "delete-token", tenant_id, old_id, admin=True)
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.strip() == f"api token {old_id} deleted"
+    refused = kb(keybrake, "key", "list", token=old)
+    assert refused.returncode != 0 and "401 invalid_token" in refused.stderr, refused.stderr
+    assert kb(keybrake, "key", "list", token=new).returncode == 0
+    again = kb(keybrake, "tenant", "delete-token", tenant_id, old_id, admin=True)
+    assert again.returncode != 0 and "404 not_found" in again.stderr, again.stderr

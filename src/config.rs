@@ -598,8 +598,8 @@ impl Vendor {
                 .collect();
             if !reached.is_empty() {
                 warnings.push(format!(
-                    "{text:?} reaches {} endpoints that can move money and are not metered: \
-                     calls to them are refused with 403 endpoint_unmetered",
+                    "{text:?} reaches {} calls Keybrake does not meter (they may move \
+                     money): a capped key's calls to them are refused with 403 endpoint_unmetered",
                     reached.join("/")
                 ));
             }

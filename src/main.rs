@@ -586,6 +586,10 @@ fn run(cli: Cli) -> Result<()> {
                         &stripe_accounts,
                     )?;
                     let k = api.call("POST", "/v1/keys", Some(body))?;
+                    // Warnings on stderr: stdout stays the token alone, for `VK=$(…)`.
+                    for w in k["warnings"].as_array().into_iter().flatten() {
+                        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+                    }
                     cli::print(&k, client.json, |k| {
                         k["token"].as_str().unwrap_or("?").to_string()
                     });

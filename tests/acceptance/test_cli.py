@@ -51,6 +51,7 @@ def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
     assert issued.returncode == 0, issued.stderr
     vault_key = issued.stdout.strip()
     assert vault_key.startswith("vk_ey") and "\n" not in vault_key
+    assert issued.stderr == "", issued.stderr
 
     listed = json.loads(kb(keybrake, "key", "list", "--json", token=token).stdout)
     key_id = listed["data"][0]["id"]
@@ -89,6 +90,14 @@ def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
     assert len(lines) == 2, lines
     assert "401" in lines[0] and "key_revoked" in lines[0]
     assert "200" in lines[1] and "allowed" in lines[1] and "$5.0" in lines[1]
+
+    # A pattern reaching calls the proxy refuses for a capped key: warned on stderr, the
+    # token alone on stdout.
+    broad = kb(keybrake, "key", "issue", "--vendor", "stripe", "--endpoint", "/v1/**", "--cap", "5",
+               token=token)
+    assert broad.returncode == 0, broad.stderr
+    assert broad.stdout.strip().startswith("vk_ey") and "\n" not in broad.stdout.strip()
+    assert broad.stderr.startswith("warning: ") and "endpoint_unmetered" in broad.stderr, broad.stderr
 
 
 def test_cli_errors_are_one_clear_line_and_a_nonzero_exit(keybrake, tmp_path):

@@ -106,7 +106,7 @@ impl ProxyApp {
                         "the request header is larger than {} bytes",
                         self.limits.max_header_bytes
                     );
-                    return refuse(&mut stream, 431, "header_too_large", &text).await;
+                    return refuse(&mut stream, 431, "headers_too_large", &text).await;
                 }
                 Head::TimedOut { partial: true } => {
                     let text = format!(

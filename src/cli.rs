@@ -131,14 +131,22 @@ pub fn read_secret_file(path: &Path) -> Result<String> {
     Ok(secret)
 }
 
+/// A USD amount of an answer as `$12.5`, `$0.000008` (exact: micro-dollars), `-` if absent.
+fn usd(v: &Value) -> String {
+    v.as_number()
+        .and_then(|n| crate::money::Micros::parse_usd(&n.to_string()).ok())
+        .map_or_else(|| "-".to_string(), |m| m.to_string())
+}
+
 pub fn key_line(k: &Value) -> String {
     format!(
-        "{}  {:<8}  {:<10}  spent ${} of ${}  expires {}  {}",
+        "{}  {:<8}  {:<10}  spent {} (held {}) of {}  expires {}  {}",
         k["id"].as_str().unwrap_or("?"),
         k["status"].as_str().unwrap_or("?"),
         k["vendor"].as_str().unwrap_or("?"),
-        k["spent_today_usd"],
-        k["daily_usd_cap"],
+        usd(&k["spent_today_usd"]),
+        usd(&k["held_usd"]),
+        usd(&k["daily_usd_cap"]),
         k["expires_at"].as_str().unwrap_or("?"),
         k["label"].as_str().unwrap_or(""),
     )
@@ -150,15 +158,15 @@ pub fn key_details(k: &Value) -> String {
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     format!(
-        "id:              {}\nstatus:          {}\nvendor:          {}\nlabel:           {}\nallowed:         {}\ndaily cap:       ${}\nspent today:     ${} (held ${})\ncreated:         {}\nexpires:         {}\nrevoked:         {}",
+        "id:              {}\nstatus:          {}\nvendor:          {}\nlabel:           {}\nallowed:         {}\ndaily cap:       {}\nspent today:     {} (held {})\ncreated:         {}\nexpires:         {}\nrevoked:         {}",
         k["id"].as_str().unwrap_or("?"),
         k["status"].as_str().unwrap_or("?"),
         k["vendor"].as_str().unwrap_or("?"),
         k["label"].as_str().unwrap_or(""),
         endpoints.join(", "),
-        k["daily_usd_cap"],
-        k["spent_today_usd"],
-        k["held_usd"],
+        usd(&k["daily_usd_cap"]),
+        usd(&k["spent_today_usd"]),
+        usd(&k["held_usd"]),
         k["created_at"].as_str().unwrap_or("?"),
         k["expires_at"].as_str().unwrap_or("?"),
         k["revoked_at"].as_str().unwrap_or("-"),
@@ -167,13 +175,13 @@ pub fn key_details(k: &Value) -> String {
 
 pub fn audit_line(e: &Value) -> String {
     format!(
-        "{}  {:<6} {:<40} {:>3}  {:<22} ${}  {}",
+        "{}  {:<6} {:<40} {:>3}  {:<22} {}  {}",
         e["ts"].as_str().unwrap_or("?"),
         e["method"].as_str().unwrap_or("?"),
         e["path"].as_str().unwrap_or("?"),
         e["status"],
         e["decision"].as_str().unwrap_or("?"),
-        e["spend_usd"],
+        usd(&e["spend_usd"]),
         e["vendor_request_id"].as_str().unwrap_or("-"),
     )
 }
@@ -208,6 +216,13 @@ pub fn issue_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_print_exactly_in_dollars() {
+        let v: Value = serde_json::from_str(r#"[8e-06, 40.0, 25, 0.5, null]"#).unwrap();
+        let shown: Vec<String> = v.as_array().unwrap().iter().map(usd).collect();
+        assert_eq!(shown, ["$0.000008", "$40", "$25", "$0.5", "-"]);
+    }
 
     #[test]
     fn the_cap_flag_is_sent_exactly_or_refused() {

@@ -59,7 +59,8 @@ def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert f"id:              {key_id}" in shown.stdout
     assert "status:          active" in shown.stdout
-    assert "daily cap:       $25" in shown.stdout
+    assert "daily cap:       $25\n" in shown.stdout
+    assert "spent today:     $0 (held $0)" in shown.stdout
     assert "allowed:         POST /v1/payment_intents" in shown.stdout
 
     ok = keybrake.proxy("POST", "/stripe/v1/payment_intents", key=vault_key,
@@ -89,7 +90,7 @@ def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
         lines = audit_lines()
     assert len(lines) == 2, lines
     assert "401" in lines[0] and "key_revoked" in lines[0]
-    assert "200" in lines[1] and "allowed" in lines[1] and "$5.0" in lines[1]
+    assert "200" in lines[1] and "allowed" in lines[1] and " $5 " in lines[1]
 
     # A pattern reaching calls the proxy refuses for a capped key: warned on stderr, the
     # token alone on stdout.

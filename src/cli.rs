@@ -94,6 +94,14 @@ pub fn print_created(value: &Value, json_out: bool, what: &str, field: &str, sec
     });
 }
 
+/// A page of a list: a line per item; when there is more, how to get it, on stderr.
+pub fn print_page(list: &Value, json_out: bool, line: fn(&Value) -> String) {
+    print(list, json_out, |l| data_lines(l, line));
+    if let (false, Some(cursor)) = (json_out, list["next_cursor"].as_str()) {
+        eprintln!("more: --cursor {cursor}");
+    }
+}
+
 /// One line per item of a list answer's `data`.
 pub fn data_lines(list: &Value, line: fn(&Value) -> String) -> String {
     list["data"]

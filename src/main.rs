@@ -150,6 +150,9 @@ enum Command {
         /// Most events to show (1 to 1000).
         #[arg(long, env = "KEYBRAKE_AUDIT_LIMIT", default_value_t = 50)]
         limit: u32,
+        /// The next page: the cursor the previous page ended with ("more: --cursor …").
+        #[arg(long, env = "KEYBRAKE_AUDIT_CURSOR")]
+        cursor: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -276,6 +279,9 @@ enum KeyCommand {
         /// Most keys to show (1 to 1000).
         #[arg(long, env = "KEYBRAKE_KEY_LIMIT", default_value_t = 100)]
         limit: u32,
+        /// The next page: the cursor the previous page ended with ("more: --cursor …").
+        #[arg(long, env = "KEYBRAKE_KEY_CURSOR")]
+        cursor: Option<String>,
     },
     /// Revoke a key (idempotent).
     Revoke {
@@ -598,13 +604,21 @@ fn run(cli: Cli) -> Result<()> {
                     let k = api.call("GET", &format!("/v1/keys/{id}"), None)?;
                     cli::print(&k, client.json, cli::key_details);
                 }
-                KeyCommand::List { status, limit } => {
+                KeyCommand::List {
+                    status,
+                    limit,
+                    cursor,
+                } => {
                     let path = cli::with_query(
                         "/v1/keys",
-                        &[("limit", Some(limit.to_string())), ("status", status)],
+                        &[
+                            ("limit", Some(limit.to_string())),
+                            ("status", status),
+                            ("cursor", cursor),
+                        ],
                     );
                     let list = api.call("GET", &path, None)?;
-                    cli::print(&list, client.json, |l| cli::data_lines(l, cli::key_line));
+                    cli::print_page(&list, client.json, cli::key_line);
                 }
                 KeyCommand::Revoke { id } => {
                     let k = api.call("DELETE", &format!("/v1/keys/{id}"), None)?;
@@ -619,6 +633,7 @@ fn run(cli: Cli) -> Result<()> {
             key,
             since,
             limit,
+            cursor,
             client,
         } => {
             let api = Client::new(&client.control_url, false, client.ca_file.as_deref())?;
@@ -628,10 +643,11 @@ fn run(cli: Cli) -> Result<()> {
                     ("limit", Some(limit.to_string())),
                     ("key_id", key),
                     ("since", since),
+                    ("cursor", cursor),
                 ],
             );
             let list = api.call("GET", &path, None)?;
-            cli::print(&list, client.json, |l| cli::data_lines(l, cli::audit_line));
+            cli::print_page(&list, client.json, cli::audit_line);
             Ok(())
         }
     }

@@ -99,7 +99,9 @@ impl AccessLogWriter {
                                     path.display()
                                 ),
                             },
-                            None => log::info!("SIGHUP: the access log is not a file; nothing to reopen"),
+                            None => log::info!(
+                                "SIGHUP: the access log is not a file; nothing to reopen"
+                            ),
                         }
                     }
                     std::mem::swap(

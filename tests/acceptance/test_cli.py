@@ -100,6 +100,15 @@ def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
     assert broad.stdout.strip().startswith("vk_ey") and "\n" not in broad.stdout.strip()
     assert broad.stderr.startswith("warning: ") and "endpoint_unmetered" in broad.stderr, broad.stderr
 
+    # Two keys, a page of one: the rest is one --cursor away, said on stderr.
+    first = kb(keybrake, "key", "list", "--limit", "1", token=token)
+    assert first.returncode == 0 and len(first.stdout.splitlines()) == 1, first
+    assert first.stderr.startswith("more: --cursor "), first.stderr
+    cursor = first.stderr.split()[-1]
+    second = kb(keybrake, "key", "list", "--limit", "1", "--cursor", cursor, token=token)
+    assert second.returncode == 0 and second.stdout.split()[0] == key_id, second.stdout
+    assert first.stdout.split()[0] != key_id
+
 
 def test_cli_errors_are_one_clear_line_and_a_nonzero_exit(keybrake, tmp_path):
     """Wrong token, unknown key, unconfigured vendor, missing secret file, missing token."""

@@ -624,6 +624,9 @@ fn audit_sender(
         // Kept and sent again until the control plane takes it: nodes lose audit events
         // only when their buffer overflows, the control plane refuses a batch for good, or
         // the process dies (the first two counted).
+        // One warning when sending starts failing, then one a minute while it does (the
+        // batch is tried every 500 ms).
+        let mut warned: Option<std::time::Instant> = None;
         loop {
             match client.call(
                 "POST",
@@ -632,6 +635,9 @@ fn audit_sender(
                 Duration::from_secs(5),
             ) {
                 Ok(_) => {
+                    if warned.is_some() {
+                        log::info!("audit events reach the control plane again");
+                    }
                     counts.settled(n);
                     break;
                 }
@@ -646,7 +652,13 @@ fn audit_sender(
                     break;
                 }
                 Err(e) => {
-                    log::warn!("cannot send audit events to the control plane: {e:?}");
+                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                        log::warn!(
+                            "cannot send audit events to the control plane (trying again \
+                             every 500 ms): {e:?}"
+                        );
+                        warned = Some(std::time::Instant::now());
+                    }
                     std::thread::sleep(Duration::from_millis(500));
                 }
             }

@@ -144,6 +144,18 @@ pub(super) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
         .map_err(|e| ApiError::InvalidRequest(format!("invalid request body: {e}")))
 }
 
+/// The body of an endpoint that takes no fields: none, or `{}`. Anything else is refused
+/// like an unknown field elsewhere, rather than silently ignored.
+fn no_fields(body: &Bytes) -> ApiResult<()> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoFields {}
+    if body.is_empty() {
+        return Ok(());
+    }
+    parse_body::<NoFields>(body).map(drop)
+}
+
 /// A JSON document walked once to refuse duplicate object keys, keeping nothing but the
 /// kind of its top-level value.
 mod strict_json {
@@ -393,7 +405,9 @@ async fn create_api_token(
     State(s): State<ApiState>,
     _: Admin,
     Path(id): Path<String>,
+    body: Bytes,
 ) -> ApiResult<Response> {
+    no_fields(&body)?;
     let (token_id, token) = s
         .control
         .create_api_token(&id)
@@ -428,7 +442,12 @@ async fn create_node(State(s): State<ApiState>, _: Admin, body: Bytes) -> ApiRes
         .into_response())
 }
 
-async fn rotate_signing_key(State(s): State<ApiState>, _: Admin) -> ApiResult<Json<Value>> {
+async fn rotate_signing_key(
+    State(s): State<ApiState>,
+    _: Admin,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    no_fields(&body)?;
     let kid = s.control.rotate_signing_key().await?;
     Ok(Json(json!({"kid": kid})))
 }

@@ -226,6 +226,19 @@ def test_api_token_management_of_unknown_objects_is_404(keybrake):
     assert keybrake.control("GET", "/v1/keys", token=b_token["api_token"]).status_code == 200
 
 
+def test_endpoints_without_fields_take_no_body_or_an_empty_object(keybrake):
+    """POST api_tokens and signing-key rotation take no fields: none or `{}` is fine, a
+    field is refused as an unknown field is elsewhere (400 invalid_request), not ignored."""
+    t = keybrake.create_tenant()
+    path = f"/v1/tenants/{t.id}/api_tokens"
+    assert keybrake.admin("POST", path).status_code == 201
+    assert keybrake.admin("POST", path, json={}).status_code == 201
+    assert_control_error(keybrake.admin("POST", path, json={"x": 1}), 400, "invalid_request")
+    assert_control_error(keybrake.admin("POST", "/v1/admin/signing-keys/rotate", json={"kid": "mine"}),
+                         400, "invalid_request")
+    assert_control_error(keybrake.admin("POST", path, data=b"{"), 400, "invalid_json")
+
+
 def test_admin_registers_an_edge_node(keybrake):
     """POST /v1/nodes {name} → 201 {id: nd_…, node_token: kbn_…}; a bad body is 400."""
     r = keybrake.admin("POST", "/v1/nodes", json={"name": "edge-fra-1"})

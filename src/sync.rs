@@ -171,6 +171,14 @@ pub trait Ledger: Send + Sync + 'static {
     fn leases_valid_until(&self) -> i64 {
         i64::MAX
     }
+
+    /// Most rows the proxy hands to one `report` call: a ledger that applies each call
+    /// as one transaction on a writer that first leases also wait for (the in-process
+    /// one) says how many, so a round of thousands of keys goes in several short ones.
+    /// `None`: the whole round at once (an edge node's outbox batches it itself).
+    fn report_rows_per_call(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// One proxied (or denied) request, as `GET /v1/audit` shows it.

@@ -979,7 +979,15 @@ impl Ledger for Control {
     fn leases_valid_until(&self) -> i64 {
         self.leases_valid_until.load(Ordering::Acquire)
     }
+
+    fn report_rows_per_call(&self) -> Option<usize> {
+        Some(REPORT_ROWS_PER_TRANSACTION)
+    }
 }
+
+/// Rows of a spend report applied per store transaction (`Ledger::report_rows_per_call`):
+/// first leases wait for the writer behind at most one such transaction.
+const REPORT_ROWS_PER_TRANSACTION: usize = 200;
 
 #[cfg(test)]
 mod tests {
@@ -1162,6 +1170,48 @@ mod tests {
         };
         race(sqlite, "lease-race").await;
         race(postgres_database().await, "lease-race-pg").await;
+    }
+
+    /// A released reservation's budget is back in the proxy's counter at once, and in the
+    /// ledger's uncommitted lease by the next report round, so the next calls can commit
+    /// it: the whole cap stays spendable, nothing is left held at the end of the day.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_released_reservation_is_spendable_again_after_the_next_report_round() {
+        use crate::proxy::spend::{SpendBook, Spender};
+        let dir = temp_dir("released-again");
+        let control = open(&dir, &MasterKey::generate_base64()).await;
+        let ledger: Arc<dyn Ledger> = control.clone();
+        let book = SpendBook::new(
+            ledger,
+            Arc::new(Published::empty()),
+            1,
+            2,
+            Metrics::global(),
+        );
+        let who = Spender {
+            key_id: "key_released",
+            tenant_id: "tn_x",
+            vendor: "stripe",
+            cap: Micros(10_000_000),
+            exp: i64::MAX,
+        };
+        let t = now_secs();
+        // $5 declined by the vendor: released. The next round reports it unreserved.
+        let declined = book.reserve(&who, Micros(5_000_000), t).await.unwrap();
+        book.release(declined);
+        book.report(t, false).await;
+        // Both halves of the cap are spent a second later.
+        let a = book.reserve(&who, Micros(5_000_000), t + 1).await.unwrap();
+        let b = book.reserve(&who, Micros(5_000_000), t + 1).await.unwrap();
+        book.settle(a);
+        book.settle(b);
+        book.report(t + 3, false).await;
+        let row = control
+            .store
+            .ledger_row("key_released", utc_day(t))
+            .await
+            .unwrap();
+        assert_eq!((row.settled, row.held), (Micros(10_000_000), Micros::ZERO));
     }
 
     /// A process dies holding a lease: once its lifetime has passed, another process

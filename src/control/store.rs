@@ -46,10 +46,6 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0003_report_batches.sql"),
         postgres: include_str!("../../migrations/postgres/0003_report_batches.sql"),
     },
-    Migration {
-        sqlite: include_str!("../../migrations/sqlite/0004_ledger_without_rowid.sql"),
-        postgres: include_str!("../../migrations/postgres/0004_ledger_without_rowid.sql"),
-    },
 ];
 
 /// The store's file in the data dir.
@@ -1457,65 +1453,6 @@ pub(super) mod tests {
             .unwrap();
         let err = Store::open(&database).await.err().unwrap();
         assert_eq!(format!("{err:#}"), want);
-    }
-
-    #[tokio::test]
-    async fn a_version_3_sqlite_ledger_keeps_its_rows_stored_by_primary_key() {
-        let dir = temp_dir("schema-v3");
-        crate::secret::private_dir(&dir).unwrap();
-        let old = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(
-                SqliteConnectOptions::new()
-                    .filename(dir.join(FILE))
-                    .create_if_missing(true),
-            )
-            .await
-            .unwrap();
-        for m in &MIGRATIONS[..3] {
-            sqlx::raw_sql(m.sqlite).execute(&old).await.unwrap();
-        }
-        sqlx::raw_sql(
-            "PRAGMA user_version = 3;
-             INSERT INTO ledger (key_id, day, settled, held, last_grant)
-                 VALUES ('key_a', 20000, 7, 5, 2);
-             INSERT INTO leases (holder, key_id, day, held, committed)
-                 VALUES ('h1', 'key_a', 20000, 5, 3);",
-        )
-        .execute(&old)
-        .await
-        .unwrap();
-        old.close().await;
-
-        let store = Store::open(&Database::Sqlite {
-            data_dir: dir.clone(),
-        })
-        .await
-        .unwrap();
-        let Backend::Sqlite { reader, .. } = &store.backend else {
-            unreachable!()
-        };
-        let ledger: (String, i64, i64, i64, i64) =
-            sqlx::query_as("SELECT key_id, day, settled, held, last_grant FROM ledger")
-                .fetch_one(reader)
-                .await
-                .unwrap();
-        assert_eq!(ledger, ("key_a".into(), 20000, 7, 5, 2));
-        let lease: (String, String, i64, i64, i64) =
-            sqlx::query_as("SELECT holder, key_id, day, held, committed FROM leases")
-                .fetch_one(reader)
-                .await
-                .unwrap();
-        assert_eq!(lease, ("h1".into(), "key_a".into(), 20000, 5, 3));
-        let without_rowid: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table'
-             AND name IN ('ledger', 'leases') AND sql LIKE '%WITHOUT ROWID'",
-        )
-        .fetch_one(reader)
-        .await
-        .unwrap();
-        assert_eq!(without_rowid, 2);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The same calls give the same answers on both backends.

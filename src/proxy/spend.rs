@@ -49,11 +49,6 @@ struct Taken {
 const TOP_UP_BELOW: i64 = 32;
 const TOP_UP_TO: i64 = 64;
 
-/// Rows per `Ledger::report` call: the in-process ledger applies each call in one
-/// transaction, so a round reporting thousands of fresh keys does not hold the store's
-/// writer (and every first lease waiting for it) for tens of milliseconds.
-const REPORT_ROWS: usize = 200;
-
 /// Rounds of 1 ms a reservation at the cap waits for headroom in transit: the ledger
 /// call's own timeout (5 s).
 const TRANSIT_WAITS: u32 = 5_000;
@@ -103,9 +98,9 @@ pub(super) struct KeySpend {
     /// A top-up of the headroom is queued (`WriteAhead::top_up`): one at a time.
     topping_up: std::sync::atomic::AtomicBool,
     last_used: AtomicI64,
-    /// When (unix seconds) the key's spend last went into a report (its creation first):
-    /// a busy key's spend is reported every `return_idle_after`, a key used once or twice
-    /// has it reported with the return of its unused budget (`SpendBook::report`).
+    /// When (unix seconds) the key's spent budget last went into a report (its creation
+    /// first): a busy key's is reported every `return_idle_after`, a key used once or
+    /// twice has it reported with the return of its unused budget (`SpendBook::report`).
     reported_at: AtomicI64,
     /// Reservations taken from this counter and not yet settled or released: the counter
     /// is never forgotten while one is out.
@@ -607,12 +602,14 @@ impl SpendBook {
     /// Reports settled spend and returns unused budget of idle, expired, revoked or past
     /// days' keys. `return_all` (shutdown) returns every key's budget.
     ///
-    /// A key's spent and unreserved budget wait in its counter until the key goes idle
-    /// or `return_idle_after` has passed since its last report: the reservations are
-    /// committed already (the ledger counts them against the cap as held and settles them
-    /// should this process die), so waiting changes no total, and a fresh key used once
-    /// costs the ledger one report (spent and returned together) instead of two. Spend
-    /// beyond any lease (`overspent`) is not in the ledger yet: it goes in every round.
+    /// A key's spent budget waits in its counter until the key goes idle or
+    /// `return_idle_after` has passed since its last report: it is committed already (the
+    /// ledger counts it against the cap as held, and settles it should this process die),
+    /// so waiting changes no total, and a fresh key used once costs the ledger one report
+    /// row (spent and returned together) instead of two. Everything else goes every
+    /// round: `overspent` is not in the ledger yet, and `unreserved` is budget already
+    /// back in `available` that the ledger still counts as committed, so the next
+    /// reservation's commit would find too little uncommitted budget in the lease.
     pub async fn report(&self, now: i64, return_all: bool) {
         let today = utc_day(now);
         let revocations = self.published.revocations.load();
@@ -636,16 +633,14 @@ impl SpendBook {
                 || finished
                 || idle
                 || now - entry.reported_at.load(Ordering::Relaxed) >= self.return_idle_after_secs;
-            let (spent, unreserved) = if due {
+            let spent = if due {
                 entry.reported_at.store(now, Ordering::Relaxed);
-                (
-                    entry.unreported_spent.swap(0, Ordering::AcqRel),
-                    entry.unreported_unreserved.swap(0, Ordering::AcqRel) + ahead,
-                )
+                entry.unreported_spent.swap(0, Ordering::AcqRel)
             } else {
-                (0, 0)
+                0
             };
             let overspent = entry.unreported_overspent.swap(0, Ordering::AcqRel);
+            let unreserved = entry.unreported_unreserved.swap(0, Ordering::AcqRel) + ahead;
             if returned != 0 || spent != 0 || overspent != 0 || unreserved != 0 {
                 let report = LeaseReport {
                     budget: Budget::KeyDaily,
@@ -667,8 +662,9 @@ impl SpendBook {
         reported.sort_unstable_by(|(_, a), (_, b)| (&a.key_id, a.day).cmp(&(&b.key_id, b.day)));
         // Called with nothing new too: an edge node's ledger sends its unanswered batch
         // again then (`Ledger::report`).
+        let per_call = self.ledger.report_rows_per_call().unwrap_or(usize::MAX);
         let mut chunks: Vec<&[(Arc<KeySpend>, LeaseReport)]> =
-            reported.chunks(REPORT_ROWS).collect();
+            reported.chunks(per_call.max(1)).collect();
         if chunks.is_empty() {
             chunks.push(&[]);
         }
@@ -1097,6 +1093,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_report_round_of_many_keys_goes_in_calls_of_bounded_size() {
+        const ROWS: usize = 3;
         /// Grants what is asked, commits what the grant may, counts report calls.
         #[derive(Default)]
         struct Open {
@@ -1126,6 +1123,9 @@ mod tests {
             async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
                 Ok(vec![true; c.len()])
             }
+            fn report_rows_per_call(&self) -> Option<usize> {
+                Some(ROWS)
+            }
         }
         let ledger = Arc::new(Open::default());
         let book = SpendBook::new(
@@ -1135,9 +1135,7 @@ mod tests {
             2,
             Metrics::global(),
         );
-        let ids: Vec<String> = (0..REPORT_ROWS * 2 + 1)
-            .map(|i| format!("key_{i}"))
-            .collect();
+        let ids: Vec<String> = (0..ROWS * 2 + 1).map(|i| format!("key_{i}")).collect();
         for id in &ids {
             let w = Spender {
                 key_id: id,
@@ -1149,15 +1147,12 @@ mod tests {
         // the next round (nothing reported twice, nothing lost).
         *ledger.fail.lock().unwrap() = Some(1);
         book.report(1002, false).await;
-        assert_eq!(*ledger.calls.lock().unwrap(), [REPORT_ROWS, 0]);
-        assert_eq!(
-            *ledger.settled.lock().unwrap(),
-            REPORT_ROWS as i64 * 1_000_000
-        );
+        assert_eq!(*ledger.calls.lock().unwrap(), [ROWS, 0]);
+        assert_eq!(*ledger.settled.lock().unwrap(), ROWS as i64 * 1_000_000);
         assert_eq!(book.tracked_keys(), ids.len());
         book.report(1003, false).await;
         let calls = ledger.calls.lock().unwrap().clone();
-        assert_eq!(calls, [REPORT_ROWS, 0, REPORT_ROWS, 1]);
+        assert_eq!(calls, [ROWS, 0, ROWS, 1]);
         assert_eq!(
             *ledger.settled.lock().unwrap(),
             ids.len() as i64 * 1_000_000

@@ -181,14 +181,26 @@ async fn commits(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult
         return Err(too_many());
     }
     amounts_in_range(body.commits.iter().map(|c| &c.amount))?;
-    let committed = s
+    let committed = match s
         .control
         .node_commit(&node.id, &node.session, body.commits)
         .await
-        .map_err(|e| {
+    {
+        Ok(committed) => committed,
+        // The node refuses those calls either way; a database that is down now is a 503
+        // (as for reports), anything else a bug.
+        Err(e) if !s.control.store().ping().await => {
+            log::warn!(
+                "cannot record a node's write-ahead, storage unavailable: {}",
+                e.0
+            );
+            return Err(ApiError::StorageUnavailable);
+        }
+        Err(e) => {
             log::error!("cannot record a node's write-ahead: {}", e.0);
-            ApiError::Internal
-        })?;
+            return Err(ApiError::Internal);
+        }
+    };
     Ok(Json(json!({ "committed": committed })))
 }
 

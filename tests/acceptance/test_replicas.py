@@ -375,9 +375,11 @@ def test_postgres_lost_while_running_then_back(tmp_path, fake_stripe, stripe_sec
         total = len(accepted(fake_stripe))
         assert total == 2
         t.wait_spent(key["id"], Decimal(total), timeout=30)
-        allowed = wait_until(lambda: [x for x in t.audit_all(key_id=key["id"]) if x["decision"] == "allowed"],
-                             timeout=10)
-        assert len(allowed) == total, allowed
+        def allowed():
+            return [x for x in t.audit_all(key_id=key["id"]) if x["decision"] == "allowed"]
+
+        # The node sends the outage's events again until the control plane takes them.
+        assert wait_until(lambda: len(allowed()) == total, timeout=15), allowed()
         assert a.proc.poll() is None
     finally:
         for p in (e, a):

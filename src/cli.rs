@@ -141,9 +141,12 @@ pub fn read_secret_file(path: &Path) -> Result<String> {
 
 /// A USD amount of an answer as `$12.5`, `$0.000008` (exact: micro-dollars), `-` if absent.
 fn usd(v: &Value) -> String {
-    v.as_number()
-        .and_then(|n| crate::money::Micros::parse_usd(&n.to_string()).ok())
-        .map_or_else(|| "-".to_string(), |m| m.to_string())
+    match v.as_number() {
+        None => "-".to_string(),
+        // Beyond what micro-dollars hold exactly (over $1B): the number as sent.
+        Some(n) => crate::money::Micros::parse_usd(&n.to_string())
+            .map_or_else(|_| format!("${n}"), |m| m.to_string()),
+    }
 }
 
 pub fn key_line(k: &Value) -> String {
@@ -227,9 +230,12 @@ mod tests {
 
     #[test]
     fn amounts_print_exactly_in_dollars() {
-        let v: Value = serde_json::from_str(r#"[8e-06, 40.0, 25, 0.5, null]"#).unwrap();
+        let v: Value = serde_json::from_str(r#"[8e-06, 40.0, 25, 0.5, null, 2e9]"#).unwrap();
         let shown: Vec<String> = v.as_array().unwrap().iter().map(usd).collect();
-        assert_eq!(shown, ["$0.000008", "$40", "$25", "$0.5", "-"]);
+        assert_eq!(
+            shown,
+            ["$0.000008", "$40", "$25", "$0.5", "-", "$2000000000.0"]
+        );
     }
 
     #[test]

@@ -997,11 +997,18 @@ impl Config {
         if with_control {
             listeners.push(("control_listen", self.control_listen));
         }
+        // Same port, and addresses that overlap: equal (an IPv4-mapped IPv6 address is its
+        // IPv4 one), or a wildcard of the other's family; `[::]` takes IPv4 too (Linux's
+        // default dual stack). Port 0 picks a free port.
+        let overlap = |a: std::net::IpAddr, b: std::net::IpAddr| {
+            let (a, b) = (a.to_canonical(), b.to_canonical());
+            a == b
+                || (a.is_unspecified() && (a.is_ipv6() || b.is_ipv4()))
+                || (b.is_unspecified() && (b.is_ipv6() || a.is_ipv4()))
+        };
         for (i, (a_name, a)) in listeners.iter().enumerate() {
             for (b_name, b) in &listeners[i + 1..] {
-                let same_host =
-                    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
-                if a.port() == b.port() && same_host {
+                if a.port() == b.port() && a.port() != 0 && overlap(a.ip(), b.ip()) {
                     bail!("{b_name} {b} and {a_name} {a} share a port: give each its own");
                 }
             }
@@ -1297,6 +1304,16 @@ mod tests {
         load("proxy_listen: \"127.0.0.1:18182\"\nmetrics_listen: \"127.0.0.2:18182\"")
             .check_files(true, true)
             .unwrap();
+        let shared = |a: &str, b: &str| {
+            let yaml = format!(
+                "proxy_listen: \"{a}\"\nproxy: {{plaintext: true}}\nmetrics_listen: \"{b}\"\nmetrics: {{plaintext: true}}"
+            );
+            load(&yaml).check_files(true, false).is_err()
+        };
+        assert!(shared("[::ffff:127.0.0.1]:18183", "127.0.0.1:18183"));
+        assert!(shared("[::]:18183", "127.0.0.1:18183"));
+        assert!(!shared("0.0.0.0:18183", "[::1]:18183"));
+        assert!(!shared("127.0.0.1:0", "127.0.0.1:0"));
     }
 
     #[test]

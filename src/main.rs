@@ -21,8 +21,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
     version,
     about = "Short-lived, scoped, spend-capped vault keys for AI agents",
     after_help = "Secrets come from the environment or from files, never from the command \
-                  line: KEYBRAKE_ADMIN_TOKEN (servers, admin commands), KEYBRAKE_MASTER_KEY \
-                  (base64, servers; or --admin-token-file, --master-key-file), KEYBRAKE_TOKEN \
+                  line: KEYBRAKE_ADMIN_TOKEN (servers, admin commands; or --admin-token-file), \
+                  KEYBRAKE_MASTER_KEY (base64, servers; or --master-key-file), KEYBRAKE_TOKEN \
                   (tenant API token, client commands). Every flag can also \
                   be set by the variable shown beside it; a flag given wins."
 )]

@@ -33,6 +33,9 @@ pub struct Migration {
     pub postgres: &'static str,
 }
 
+/// Commit 21a949d (withdrawn the same day, never released) applied a version 4 to SQLite
+/// (`ledger` and `leases` WITHOUT ROWID): this list refuses such a database as newer. A
+/// next version 4 must not assume a store at version 4 ran it.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         sqlite: include_str!("../../migrations/sqlite/0001_schema.sql"),

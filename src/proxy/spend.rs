@@ -599,6 +599,40 @@ impl SpendBook {
             .is_some_and(|e| e.day == utc_day(now) && e.over_cap.load(Ordering::Acquire))
     }
 
+    /// Takes what `entry` has to report from its counter: with `returning`, its unused
+    /// budget too (committed ahead: uncommitted, then returned); its spent budget when due
+    /// (see `report`). None when there is nothing.
+    fn take_report(&self, entry: &KeySpend, now: i64, returning: bool) -> Option<LeaseReport> {
+        let (returned, ahead) = if returning {
+            let ahead = entry.precommitted.swap(0, Ordering::AcqRel);
+            (entry.available.swap(0, Ordering::AcqRel) + ahead, ahead)
+        } else {
+            (0, 0)
+        };
+        let due = returning
+            || now - entry.reported_at.load(Ordering::Relaxed) >= self.return_idle_after_secs;
+        let spent = if due {
+            entry.reported_at.store(now, Ordering::Relaxed);
+            entry.unreported_spent.swap(0, Ordering::AcqRel)
+        } else {
+            0
+        };
+        let overspent = entry.unreported_overspent.swap(0, Ordering::AcqRel);
+        let unreserved = entry.unreported_unreserved.swap(0, Ordering::AcqRel) + ahead;
+        if returned == 0 && spent == 0 && overspent == 0 && unreserved == 0 {
+            return None;
+        }
+        Some(LeaseReport {
+            budget: Budget::KeyDaily,
+            key_id: entry.key_id.to_string(),
+            day: entry.day,
+            spent: Micros(spent),
+            returned: Micros(returned),
+            overspent: Micros(overspent),
+            unreserved: Micros(unreserved),
+        })
+    }
+
     /// Reports settled spend and returns unused budget of idle, expired, revoked or past
     /// days' keys. `return_all` (shutdown) returns every key's budget.
     ///
@@ -615,67 +649,54 @@ impl SpendBook {
         let revocations = self.published.revocations.load();
         let retired: Vec<Arc<KeySpend>> =
             std::mem::take(&mut *self.retired.lock().unwrap_or_else(|p| p.into_inner()));
-        let current: Vec<Arc<KeySpend>> = self.entries.iter().map(|e| e.value().clone()).collect();
-        let mut reported = Vec::new();
-        let mut done = Vec::new();
-        for entry in current.iter().chain(&retired) {
-            let finished =
-                entry.day < today || entry.exp <= now || revocations.is_revoked(&entry.key_id);
-            let idle = now - entry.last_used.load(Ordering::Relaxed) >= self.return_idle_after_secs;
-            // Budget committed ahead goes back with the rest: uncommitted, then returned.
-            let (returned, ahead) = if return_all || finished || idle {
-                let ahead = entry.precommitted.swap(0, Ordering::AcqRel);
-                (entry.available.swap(0, Ordering::AcqRel) + ahead, ahead)
-            } else {
-                (0, 0)
-            };
-            let due = return_all
-                || finished
-                || idle
-                || now - entry.reported_at.load(Ordering::Relaxed) >= self.return_idle_after_secs;
-            let spent = if due {
-                entry.reported_at.store(now, Ordering::Relaxed);
-                entry.unreported_spent.swap(0, Ordering::AcqRel)
-            } else {
-                0
-            };
-            let overspent = entry.unreported_overspent.swap(0, Ordering::AcqRel);
-            let unreserved = entry.unreported_unreserved.swap(0, Ordering::AcqRel) + ahead;
-            if returned != 0 || spent != 0 || overspent != 0 || unreserved != 0 {
-                let report = LeaseReport {
-                    budget: Budget::KeyDaily,
-                    key_id: entry.key_id.to_string(),
-                    day: entry.day,
-                    spent: Micros(spent),
-                    returned: Micros(returned),
-                    overspent: Micros(overspent),
-                    unreserved: Micros(unreserved),
-                };
-                reported.push((entry.clone(), report));
-            }
-            if finished || idle {
-                done.push(entry.clone());
-            }
-        }
+        let mut current: Vec<Arc<KeySpend>> =
+            self.entries.iter().map(|e| e.value().clone()).collect();
         // In key order, so each call's rows sit together in the ledger's tables (ids sort
         // by creation time) and its transaction writes few pages.
-        reported.sort_unstable_by(|(_, a), (_, b)| (&a.key_id, a.day).cmp(&(&b.key_id, b.day)));
-        // Called with nothing new too: an edge node's ledger sends its unanswered batch
-        // again then (`Ledger::report`).
-        let per_call = self.ledger.report_rows_per_call().unwrap_or(usize::MAX);
-        let mut chunks: Vec<&[(Arc<KeySpend>, LeaseReport)]> =
-            reported.chunks(per_call.max(1)).collect();
-        if chunks.is_empty() {
-            chunks.push(&[]);
-        }
-        for (i, chunk) in chunks.iter().enumerate() {
-            let reports = chunk.iter().map(|(_, r)| r.clone()).collect();
+        current.sort_unstable_by(|a, b| a.key_id.cmp(&b.key_id));
+        let per_call = self
+            .ledger
+            .report_rows_per_call()
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let mut done = Vec::new();
+        let mut rows: Vec<(Arc<KeySpend>, LeaseReport)> = Vec::new();
+        let all: Vec<Arc<KeySpend>> = current.iter().chain(&retired).cloned().collect();
+        let mut next = 0;
+        let mut calls = 0;
+        // A key's amounts are taken from its counter only for the call about to go, so
+        // budget it returns is out of the counter only while that call runs (a lease asked
+        // for meanwhile waits for the same writer), never for the whole round. Called with
+        // nothing new too: an edge node's ledger sends its unanswered batch again then
+        // (`Ledger::report`).
+        while next < all.len() || calls == 0 {
+            while let Some(entry) = all.get(next) {
+                next += 1;
+                let finished =
+                    entry.day < today || entry.exp <= now || revocations.is_revoked(&entry.key_id);
+                let idle =
+                    now - entry.last_used.load(Ordering::Relaxed) >= self.return_idle_after_secs;
+                if finished || idle {
+                    done.push(entry.clone());
+                }
+                if let Some(report) = self.take_report(entry, now, return_all || finished || idle) {
+                    rows.push((entry.clone(), report));
+                    if rows.len() == per_call {
+                        break;
+                    }
+                }
+            }
+            calls += 1;
+            let mut reports = Vec::with_capacity(rows.len());
+            for (_, r) in &rows {
+                reports.push(r.clone());
+            }
             if let Err(e) = self.ledger.report(reports).await {
                 log::error!("spend report failed, will retry: {e}");
                 // The ledger took none of this call's rows (earlier calls' it did): put
-                // them and the rest back so the next round reports them; returned budget
-                // is still held by the ledger, so it may be used meanwhile.
-                for (entry, r) in chunks[i..].iter().flat_map(|c| c.iter()) {
+                // them back so the next round reports them with the keys not reached yet;
+                // returned budget is still held by the ledger, so it may be used meanwhile.
+                for (entry, r) in &rows {
                     entry.add_spent(r.spent);
                     entry.add_overspent(r.overspent);
                     entry.add_unreserved(r.unreserved);
@@ -685,6 +706,7 @@ impl SpendBook {
                 back.extend(retired.iter().filter(|e| e.day < today).cloned());
                 return;
             }
+            rows.clear();
         }
         for entry in done.iter().filter(|e| e.day < today) {
             // A past day's counter no request replaced (the key went quiet before
@@ -719,7 +741,7 @@ impl SpendBook {
         // A past day's counter is dropped only once no request holds it (a reservation
         // made before midnight, settled after) and nothing is left to report; otherwise
         // it waits for the next round. No new holder can appear: it is out of `entries`.
-        drop((current, reported, done));
+        drop((current, all, rows, done));
         let held: Vec<Arc<KeySpend>> = retired
             .into_iter()
             .filter(|e| {
@@ -1052,22 +1074,28 @@ mod tests {
         book.settle(spent);
         book.release(refused);
         book.settle_to(&w, cheaper, Micros(1_500_000), 1000).await;
-        // Busy at 1001: its spend is reported at 1002 (`return_idle_after` after it was
-        // first used), its lease kept.
-        book.settle(book.reserve(&w, Micros(0), 1001).await.unwrap());
+        // Busy at 1001 (another call): its spend is reported at 1002, `return_idle_after`
+        // after it was first used, and its lease kept (it is not idle).
+        book.settle(book.reserve(&w, Micros(500_000), 1001).await.unwrap());
         book.report(1001, false).await;
         assert_eq!(*ledger.settled.lock().unwrap(), 0);
+        let leased = *ledger.committed.lock().unwrap();
         book.report(1002, false).await;
         assert_eq!(book.tracked_keys(), 1);
+        assert_eq!(
+            *ledger.committed.lock().unwrap(),
+            leased,
+            "nothing returned"
+        );
         // Settled or back in the lease: uncommitted. The call still out stays committed.
         let written = *ledger.written.lock().unwrap();
         assert!((1_000_000..10_000_000).contains(&written), "{written}");
-        assert_eq!(*ledger.settled.lock().unwrap(), 4_500_000);
+        assert_eq!(*ledger.settled.lock().unwrap(), 5_000_000);
         book.settle(in_flight);
         book.report(1002, true).await;
         // Everything reported and given back: nothing committed, the spend settled.
         assert_eq!(*ledger.written.lock().unwrap(), 0);
-        assert_eq!(*ledger.committed.lock().unwrap(), 5_500_000);
+        assert_eq!(*ledger.committed.lock().unwrap(), 6_000_000);
     }
 
     #[tokio::test]

@@ -216,13 +216,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// The node's ledger: leases from the control plane over HTTP, granted to this
-/// process's session. A lease may be spent only until `leases_valid_until`, counted from
+/// process's session. A lease may be spent only until `leases_valid_until_ms`, counted from
 /// the moment the last successful poll was SENT (the control plane extended the session's
 /// life when it received it): the node's clock never has to agree with the control
 /// plane's, only to run at the same rate within the margin.
 pub struct HttpLedger {
     client: Arc<SyncClient>,
-    valid_until: AtomicI64,
+    valid_until_ms: AtomicI64,
     metrics: Arc<EdgeMetrics>,
     reports: ReportOutbox,
 }
@@ -359,8 +359,8 @@ impl Ledger for HttpLedger {
         Ok(out)
     }
 
-    fn leases_valid_until(&self) -> i64 {
-        self.valid_until.load(Ordering::Acquire)
+    fn leases_valid_until_ms(&self) -> i64 {
+        self.valid_until_ms.load(Ordering::Acquire)
     }
 }
 
@@ -790,13 +790,13 @@ fn sync_loop(
                         );
                         0
                     } else {
-                        (sent_unix_ms + valid_for).div_euclid(1000)
+                        sent_unix_ms + valid_for
                     };
-                    if ledger.valid_until.load(Ordering::Acquire) != 0 {
-                        ledger.valid_until.fetch_max(until, Ordering::AcqRel);
+                    if ledger.valid_until_ms.load(Ordering::Acquire) != 0 {
+                        ledger.valid_until_ms.fetch_max(until, Ordering::AcqRel);
                     }
                     if until == 0 {
-                        ledger.valid_until.store(0, Ordering::Release);
+                        ledger.valid_until_ms.store(0, Ordering::Release);
                     }
                     // Synced as of the answer: it carries every change up to the moment
                     // it was built (a change wakes a waiting poll at once).
@@ -908,7 +908,7 @@ pub fn run_edge(
     let published = Arc::new(Published::empty());
     let ledger = Arc::new(HttpLedger {
         client: client.clone(),
-        valid_until: AtomicI64::new(0),
+        valid_until_ms: AtomicI64::new(0),
         metrics: edge_metrics.clone(),
         reports: ReportOutbox::default(),
     });
@@ -933,10 +933,9 @@ pub fn run_edge(
         })?;
     let (epoch, version) = apply(&first, &published)?;
     let valid_for = first["lease_valid_for_ms"].as_i64().unwrap_or(0);
-    ledger.valid_until.store(
-        (sent_unix_ms + valid_for).div_euclid(1000),
-        Ordering::Release,
-    );
+    ledger
+        .valid_until_ms
+        .store(sent_unix_ms + valid_for, Ordering::Release);
     state.ever_synced.store(true, Ordering::Release);
     state.refresh_flag();
     edge_metrics.snapshot_version.set(version as i64);

@@ -134,7 +134,7 @@ pub struct LeaseCommit {
 pub struct LedgerError(pub String);
 
 /// A ledger grants leases to one holder (this process). A lease stays the holder's only
-/// while the holder proves it is alive: past `leases_valid_until` (unix seconds) the
+/// while the holder proves it is alive: past `leases_valid_until_ms` (unix ms) the
 /// proxy must not spend budget it holds, because from shortly after that moment another
 /// process may take the holder for dead, settle what the audit trail shows it spent and
 /// give the rest of its leases back to the keys.
@@ -168,7 +168,10 @@ pub trait Ledger: Send + Sync + 'static {
     /// means the outcome is unknown: the caller forwards nothing.
     async fn commit(&self, commits: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError>;
 
-    fn leases_valid_until(&self) -> i64 {
+    /// Counted in milliseconds: whole seconds would cut up to a second off each renewal,
+    /// and with a short lease lifetime leave gaps between renewals in which every metered
+    /// call is refused.
+    fn leases_valid_until_ms(&self) -> i64 {
         i64::MAX
     }
 

@@ -249,10 +249,11 @@ impl Control {
                 now_secs().saturating_add(lifetime),
             )
             .await?;
-        // A poll answers within a quarter of the lease lifetime, so the node's leases
-        // (valid for the lifetime less the margin, counted in whole seconds) are extended
-        // long before they lapse.
-        let wait = wait.min(Duration::from_millis(lifetime.max(0) as u64 * 1000 / 4));
+        // A poll answers within a quarter of the time the node may spend its leases (the
+        // lifetime less the margin, counted from when it sent the poll), so the next
+        // answer extends them with half that time to spare.
+        let valid_ms = (lifetime - super::LEASE_MARGIN_SECS).max(0) as u64 * 1000;
+        let wait = wait.min(Duration::from_millis(valid_ms / 4));
         let same_epoch = epoch == self.fleet.epoch;
         if same_epoch && since == self.fleet.version() && alive {
             let mut rx = self.fleet.version.subscribe();
@@ -268,11 +269,7 @@ impl Control {
         } else {
             None
         };
-        let lease_valid_for_ms = if alive {
-            ((lifetime - super::LEASE_MARGIN_SECS).max(0) as u64) * 1000
-        } else {
-            0
-        };
+        let lease_valid_for_ms = if alive { valid_ms } else { 0 };
         let (full, revoked) = match delta {
             Some(r) => (false, r),
             None => (true, self.published.revocations.load().ids()),

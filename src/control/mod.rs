@@ -74,12 +74,12 @@ pub struct Control {
     signer: ArcSwap<SigningKey>,
     jwks: ArcSwap<Jwks>,
     published: Arc<Published>,
-    /// This process as a lease holder in the ledger, and until when (unix seconds) its
+    /// This process as a lease holder in the ledger, and until when (unix ms) its
     /// proxy may spend its leases: a little before its heartbeat's `alive_until`, after
     /// which another process may take it for dead and give its leases back. 0 once that
     /// happened (this process was stalled too long): it then spends nothing more.
     holder: String,
-    leases_valid_until: std::sync::atomic::AtomicI64,
+    leases_valid_until_ms: std::sync::atomic::AtomicI64,
     /// Serializes credential republishing.
     credentials_lock: tokio::sync::Mutex<()>,
     /// Serializes API token changes with their reload from the store.
@@ -181,7 +181,10 @@ impl Control {
             jwks: ArcSwap::from_pointee(jwks),
             published,
             holder,
-            leases_valid_until: now.saturating_add(lifetime - LEASE_MARGIN_SECS).into(),
+            leases_valid_until_ms: now
+                .saturating_add(lifetime - LEASE_MARGIN_SECS)
+                .saturating_mul(1000)
+                .into(),
             credentials_lock: Default::default(),
             tokens_lock: Default::default(),
             shared_until: Default::default(),
@@ -257,7 +260,8 @@ impl Control {
         Ok(())
     }
 
-    /// Every second: this process's heartbeat as a lease holder; every few seconds, the
+    /// Every second, on a task of its own so a long reclaim never delays it: this
+    /// process's heartbeat as a lease holder. Every few seconds, the
     /// leases of holders that stopped beating (a process killed, or stalled past its
     /// lease lifetime) are settled with what they committed (or the audit trail says they
     /// spent, if more) and the rest given back; once an hour, the report-batch marks of
@@ -268,6 +272,14 @@ impl Control {
     /// running (a restart, an upgrade) it could not beat, and must get a lifetime to reach
     /// this one before its leases are taken back. Reclaiming later is always safe.
     pub async fn lease_upkeep(self: Arc<Self>) {
+        let beating = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                beating.heartbeat().await;
+            }
+        });
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let lifetime = lease_lifetime_secs(&self.settings);
         let every = (lifetime / 4).max(1) as u64;
@@ -275,7 +287,6 @@ impl Control {
         let mut n = 0u64;
         loop {
             tick.tick().await;
-            self.heartbeat().await;
             let reachable_for_a_lifetime =
                 up_since.elapsed() >= Duration::from_secs(lifetime.max(0) as u64);
             if reachable_for_a_lifetime && n % every == 0 {
@@ -294,18 +305,22 @@ impl Control {
     }
 
     async fn heartbeat(&self) {
-        if self.leases_valid_until.load(Ordering::Acquire) == 0 {
+        if self.leases_valid_until_ms.load(Ordering::Acquire) == 0 {
             return;
         }
-        let now = now_secs();
-        let alive_until = now.saturating_add(lease_lifetime_secs(&self.settings));
+        // The store counts life in whole seconds from the second this beat started; the
+        // proxy spends until a margin before the earliest moment that second allows.
+        let now_ms = crate::token::unix_ms() as i64;
+        let lifetime = lease_lifetime_secs(&self.settings);
+        let alive_until = now_ms.div_euclid(1000).saturating_add(lifetime);
         match self.store.heartbeat_holder(&self.holder, alive_until).await {
             Ok(true) => {
-                self.leases_valid_until
-                    .fetch_max(alive_until - LEASE_MARGIN_SECS, Ordering::AcqRel);
+                let valid_ms = now_ms.saturating_add((lifetime - LEASE_MARGIN_SECS) * 1000);
+                self.leases_valid_until_ms
+                    .fetch_max(valid_ms, Ordering::AcqRel);
             }
             Ok(false) => {
-                self.leases_valid_until.store(0, Ordering::Release);
+                self.leases_valid_until_ms.store(0, Ordering::Release);
                 log::error!(
                     "this process was taken for dead (no heartbeat for the lease lifetime) and \
                      its leases were given back: it refuses metered calls until restarted"
@@ -960,7 +975,7 @@ impl Ledger for Control {
     }
 
     async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Grant, LedgerError>> {
-        if now_secs() >= self.leases_valid_until() {
+        if crate::token::unix_ms() as i64 >= self.leases_valid_until_ms() {
             let lapsed = || LedgerError("this process's leases have lapsed (no heartbeat)".into());
             return requests.iter().map(|_| Err(lapsed())).collect();
         }
@@ -976,8 +991,8 @@ impl Ledger for Control {
         self.commit_for(&self.holder, commits).await
     }
 
-    fn leases_valid_until(&self) -> i64 {
-        self.leases_valid_until.load(Ordering::Acquire)
+    fn leases_valid_until_ms(&self) -> i64 {
+        self.leases_valid_until_ms.load(Ordering::Acquire)
     }
 
     fn report_rows_per_call(&self) -> Option<usize> {

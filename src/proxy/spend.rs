@@ -401,7 +401,7 @@ impl SpendBook {
             return Err(SpendError::CapExhausted);
         }
         // Past it, this process's leases may be given back by another one (sync::Ledger).
-        if now >= self.ledger.leases_valid_until() {
+        if crate::token::unix_ms() as i64 >= self.ledger.leases_valid_until_ms() {
             return Err(SpendError::LedgerUnavailable);
         }
         // Budget committed ahead first (no round trip); the rest taken from the lease and

@@ -265,6 +265,30 @@ def test_after_kill_9_spend_is_settled_and_dead_leases_given_back(keybrake_facto
     assert r.status_code == 429, r.text
 
 
+def test_the_shortest_lease_lifetime_refuses_no_call_between_renewals(
+        keybrake_factory, fake_stripe, stripe_secret, tmp_path):
+    """With the shortest lease lifetime (3 s), a key paying every 40 ms for 5 s is never
+    refused: each renewal (serve's heartbeat, an edge node's poll) lands before the last
+    one runs out. Renewals counted in whole seconds left gaps of up to ~0.3 s every few
+    seconds in which every metered call got 503 ledger_unavailable."""
+    config = write_config(tmp_path / "conf-short", leases={"lifetime_seconds": 3})
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
+    t = kb.create_tenant("short-leases")
+    t.put_credential("stripe", stripe_secret)
+    key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    refused = []
+    deadline = time.monotonic() + 5
+    calls = 0
+    while time.monotonic() < deadline and calls < 200:
+        r = pay(kb, key["token"], 1)
+        calls += 1
+        if r.status_code != 200:
+            refused.append((round(time.time(), 3), r.status_code, r.text[:120]))
+        time.sleep(0.04)
+    assert calls >= 20, f"only {calls} calls in 5 s"
+    assert not refused, f"{len(refused)} of {calls} calls refused: {refused[:5]}"
+
+
 def test_serve_killed_mid_burst_never_passes_the_cap_once_its_dead_lease_returns(
         keybrake_factory, fake_stripe, stripe_secret, tmp_path):
     """serve SIGKILLed with calls in flight, restarted on the same data dir: once the dead

@@ -46,11 +46,11 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// Take over the listening sockets of a running instance (Pingora graceful upgrade).
-        #[arg(long, env = "KEYBRAKE_UPGRADE")]
+        #[arg(long, env = "KEYBRAKE_UPGRADE", value_parser = clap::builder::BoolishValueParser::new())]
         upgrade: bool,
         /// Fork into the background; the parent writes the child's PID to
         /// `pingora.pid_file` and exits (systemd `Type=forking`).
-        #[arg(long, env = "KEYBRAKE_DAEMON")]
+        #[arg(long, env = "KEYBRAKE_DAEMON", value_parser = clap::builder::BoolishValueParser::new())]
         daemon: bool,
     },
     /// The control API alone (SQLite in --data-dir, or PostgreSQL with --database-url).
@@ -60,7 +60,12 @@ enum Command {
         /// Keep the control plane in PostgreSQL (postgres://user:password@host:port/db),
         /// shared by any number of `control` replicas; wins over the config's
         /// database_url. Without it: SQLite in --data-dir.
-        #[arg(long, env = "KEYBRAKE_DATABASE_URL", value_name = "URL")]
+        #[arg(
+            long,
+            env = "KEYBRAKE_DATABASE_URL",
+            value_name = "URL",
+            hide_env_values = true
+        )]
         database_url: Option<String>,
     },
     /// An edge proxy (proxy + metrics), synced from a control plane; nothing on disk.
@@ -68,7 +73,12 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// The control plane's base URL.
-        #[arg(long, env = "KEYBRAKE_CONTROL_URL", value_name = "URL")]
+        #[arg(
+            long,
+            env = "KEYBRAKE_CONTROL_URL",
+            value_name = "URL",
+            hide_env_values = true
+        )]
         control_url: String,
         /// File holding this node's token (from `keybrake node create`).
         #[arg(long, env = "KEYBRAKE_NODE_TOKEN_FILE", value_name = "FILE")]
@@ -82,11 +92,11 @@ enum Command {
         #[arg(long, env = "KEYBRAKE_MAX_STALENESS", value_name = "DURATION")]
         max_staleness: Option<String>,
         /// Take over the listening sockets of a running instance (Pingora graceful upgrade).
-        #[arg(long, env = "KEYBRAKE_UPGRADE")]
+        #[arg(long, env = "KEYBRAKE_UPGRADE", value_parser = clap::builder::BoolishValueParser::new())]
         upgrade: bool,
         /// Fork into the background; the parent writes the child's PID to
         /// `pingora.pid_file` and exits (systemd `Type=forking`).
-        #[arg(long, env = "KEYBRAKE_DAEMON")]
+        #[arg(long, env = "KEYBRAKE_DAEMON", value_parser = clap::builder::BoolishValueParser::new())]
         daemon: bool,
     },
     /// Copy a SQLite data dir (tenants, API tokens, nodes, credentials, signing keys, keys,
@@ -100,7 +110,12 @@ enum Command {
         /// The target: `postgres://user:password@host:port/db`, an empty database (the
         /// schema is applied if missing). Start the PostgreSQL control plane with the same
         /// master key: credentials and signing keys are copied sealed.
-        #[arg(long, env = "KEYBRAKE_MIGRATE_TO", value_name = "URL")]
+        #[arg(
+            long,
+            env = "KEYBRAKE_MIGRATE_TO",
+            value_name = "URL",
+            hide_env_values = true
+        )]
         to: String,
     },
     /// Validate the configuration and exit.
@@ -173,7 +188,7 @@ struct ClientArgs {
     #[arg(long, env = "KEYBRAKE_CA_FILE", value_name = "FILE", global = true)]
     ca_file: Option<PathBuf>,
     /// Print the API's JSON instead of a summary.
-    #[arg(long, env = "KEYBRAKE_JSON", global = true)]
+    #[arg(long, env = "KEYBRAKE_JSON", value_parser = clap::builder::BoolishValueParser::new(), global = true)]
     json: bool,
 }
 

@@ -20,8 +20,10 @@ pub enum BodyPlan {
     Llm(llm::Api),
     /// Read whole first: to meter its amount (`metered`, a request-metered rule), to
     /// convert JSON to the form the vendor reads (`convert`) and/or to refuse the fields
-    /// the catalog refuses on this endpoint (`screened`, see `screen`). One of them is
-    /// true.
+    /// the catalog refuses on this endpoint (`screened`, see `screen`). A call charged
+    /// from its answer (a confirm, a capture) is read whole too, with all three false:
+    /// what it may charge is looked up once its body is in, so a client cannot hold the
+    /// body back while it raises the object's amount behind the lookup.
     Read {
         metered: bool,
         convert: bool,
@@ -73,7 +75,8 @@ pub fn plan(
         });
     }
     let convert = is_json && content_length != Some(0) && vendor.converts_json(path);
-    if metered.is_none() && !screened && !convert {
+    let looked_up = rule.is_some_and(|r| r.source == MeterSource::Response);
+    if metered.is_none() && !screened && !convert && !looked_up {
         return Ok(BodyPlan::Stream);
     }
     if let Some(query) = req.uri.query().map(str::as_bytes) {
@@ -178,20 +181,45 @@ mod tests {
 
     #[test]
     fn a_metered_create_is_read_and_a_json_one_converted() {
-        let r = req("POST", "/v1/payment_intents", &[FORM]);
+        let r = req("POST", "/v1/charges", &[FORM]);
         let read = BodyPlan::Read {
             metered: true,
             convert: false,
             screened: false,
         };
         assert_eq!(plan_for(&r, "stripe"), Ok(read));
-        let r = req("POST", "/v1/payment_intents", &[JSON]);
+        let r = req("POST", "/v1/charges", &[JSON]);
         let converted = BodyPlan::Read {
             metered: true,
             convert: true,
             screened: false,
         };
         assert_eq!(plan_for(&r, "stripe"), Ok(converted));
+        // A create whose body is screened too (overcapture is refused on it).
+        let r = req("POST", "/v1/payment_intents", &[FORM]);
+        let screened = BodyPlan::Read {
+            metered: true,
+            convert: false,
+            screened: true,
+        };
+        assert_eq!(plan_for(&r, "stripe"), Ok(screened));
+    }
+
+    #[test]
+    fn a_call_charged_from_its_answer_is_read_whole_before_its_lookup() {
+        let whole = BodyPlan::Read {
+            metered: false,
+            convert: false,
+            screened: false,
+        };
+        for uri in [
+            "/v1/payment_intents/pi_1/capture",
+            "/v1/invoices/in_1/pay",
+            "/v1/invoices/in_1/finalize",
+        ] {
+            let r = req("POST", uri, &[FORM]);
+            assert_eq!(plan_for(&r, "stripe"), Ok(whole), "{uri}");
+        }
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! first is settled. Only the same request is let through free: another body under the
 //! same key is charged (Stripe refuses it anyway).
 //!
-//! Entries live until their key expires; the map is bounded, and when it is full a call
-//! is simply charged (a retry then costs again: fail closed).
+//! Entries live until their key expires, and at most 24 hours: Stripe keeps an
+//! idempotency key at least that long, and may forget it after, when a retry would be a
+//! new charge. The map is bounded, and when it is full a call is simply charged (a retry
+//! then costs again: fail closed).
 
 use dashmap::DashMap;
 use std::sync::Arc;
@@ -16,6 +18,10 @@ use tokio::sync::watch;
 
 /// Most remembered (key, idempotency key) pairs.
 const MAX_ENTRIES: usize = 200_000;
+
+/// How long after its first call a retry is let through free: Stripe prunes idempotency
+/// keys once they are at least 24 hours old.
+const REPLAYED_FOR_SECS: i64 = 24 * 3600;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -107,6 +113,11 @@ impl IdempotencyBook {
         loop {
             let existing = self.entries.get(&id).map(|e| e.clone());
             let entry = match existing {
+                Some(entry) if entry.exp <= now => {
+                    // Past what the vendor is sure to remember: a new call.
+                    self.entries.remove_if(&id, |_, e| Arc::ptr_eq(e, &entry));
+                    continue;
+                }
                 Some(entry) => entry,
                 None => {
                     if self.entries.len() >= MAX_ENTRIES {
@@ -117,7 +128,7 @@ impl IdempotencyBook {
                     }
                     let fresh = Arc::new(Entry {
                         fingerprint,
-                        exp,
+                        exp: exp.min(now.saturating_add(REPLAYED_FOR_SECS)),
                         state: watch::channel(State::InFlight).0,
                     });
                     match self.entries.entry(id.clone()) {
@@ -228,6 +239,36 @@ mod tests {
             )
             .await;
         assert!(matches!(other, Admission::First(_)));
+    }
+
+    #[tokio::test]
+    async fn a_retry_is_free_only_while_the_vendor_surely_remembers_the_key() {
+        let book = Arc::new(IdempotencyBook::default());
+        let at = |now: i64| {
+            let book = book.clone();
+            async move {
+                book.admit(
+                    &Arc::from("key_1"),
+                    "idem-1",
+                    7,
+                    i64::MAX,
+                    now,
+                    Duration::from_secs(5),
+                )
+                .await
+            }
+        };
+        let Admission::First(first) = at(1_000).await else {
+            panic!("first")
+        };
+        first.charged();
+        assert!(matches!(at(1_000 + 86_399).await, Admission::Replay));
+        // A day after the first call, Stripe may have forgotten it: charged again.
+        let Admission::First(again) = at(1_000 + 86_400).await else {
+            panic!("a day later the retry is a new call")
+        };
+        again.charged();
+        assert!(matches!(at(1_000 + 86_401).await, Admission::Replay));
     }
 
     #[tokio::test]

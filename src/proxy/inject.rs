@@ -55,16 +55,41 @@ pub fn set_body_length(upstream: &mut RequestHeader, len: usize) -> pingora::Res
     Ok(())
 }
 
-pub fn strip_client_headers(req: &mut RequestHeader, vendor: &Vendor) {
-    // Headers named by Connection are hop-by-hop too.
-    let named: Vec<String> = req
-        .headers
+/// The header names a request's `Connection` header lists (lower case).
+fn connection_named(req: &RequestHeader) -> Vec<String> {
+    req.headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
         .filter(|s| !s.is_empty())
-        .collect();
+        .collect()
+}
+
+/// Removes, before anything reads the request, the headers its `Connection` header names:
+/// they are hop-by-hop, so the vendor never gets them, and what the proxy checks must be
+/// what the vendor reads (`Connection: Idempotency-Key` made a charged call look like a
+/// free replay, `Connection: Stripe-Account` made the lookups read another account than
+/// the one charged). The body's framing headers stay where Pingora read them;
+/// `strip_client_headers` drops them from what is forwarded.
+pub fn drop_connection_named_headers(req: &mut RequestHeader) {
+    let named = connection_named(req);
+    for name in named {
+        let framing = [
+            http::header::CONTENT_LENGTH,
+            http::header::TRANSFER_ENCODING,
+            http::header::HOST,
+            http::header::CONNECTION,
+        ];
+        if !framing.iter().any(|f| f.as_str() == name) {
+            req.remove_header(&name);
+        }
+    }
+}
+
+pub fn strip_client_headers(req: &mut RequestHeader, vendor: &Vendor) {
+    // Headers named by Connection are hop-by-hop too.
+    let named = connection_named(req);
     // One pass over the headers present (names are lower case in `http`), then only the
     // ones found are removed.
     let doomed: Vec<http::HeaderName> = req

@@ -102,7 +102,7 @@ impl KeybrakeProxy {
     }
 
     /// The key's expiry and revocation, checked again right before forwarding.
-    fn still_valid(&self, key: &VerifiedKey) -> Result<(), Denial> {
+    pub(super) fn still_valid(&self, key: &VerifiedKey) -> Result<(), Denial> {
         if key.claims.exp <= now_secs() {
             return Err(Denial::KeyExpired);
         }

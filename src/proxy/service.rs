@@ -72,6 +72,7 @@ impl KeybrakeProxy {
     /// Stages 1 to 7. On success the request may go upstream; on error nothing was sent.
     async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), Denial> {
         let now = now_secs();
+        inject::drop_connection_named_headers(session.req_header_mut());
         // 1. route
         self.route(session.req_header(), ctx)?;
         // 2. authenticate
@@ -202,8 +203,15 @@ impl KeybrakeProxy {
             form: false,
             sent: false,
         };
+        // The body may have taken until `body_read_timeout`: a key that expired or was
+        // revoked meanwhile sends nothing (checked again after the reservation too).
+        self.still_valid(key)?;
         let reserved = self.spend.reserve(&spender(key), plan.bound, now).await;
         let reservation = reserved.map_err(refused)?;
+        if let Err(denial) = self.still_valid(key) {
+            self.spend.release(reservation);
+            return Err(denial);
+        }
         ctx.spend = reservation.amount;
         let mut call = plan.call;
         call.hold(reservation);

@@ -612,3 +612,34 @@ def test_check_refuses_a_bad_price_table_naming_the_entry(tmp_path, prices, must
     r = subprocess.run([str(KEYBRAKE_BIN), "check", "--config", str(cfg)], capture_output=True, text=True,
                        timeout=30, cwd=tmp_path)
     assert r.returncode == 0 and re.search(r"\b[1-9]\d* priced models", r.stdout), r.stdout + r.stderr
+
+
+def test_a_key_that_expires_while_its_body_arrives_sends_nothing(kb, tenant, fake_llm):
+    """An LLM call's headers come, then its body only after the key expired (a body may
+    take up to body_read_timeout): 401 key_expired, as a new call gets, and the vendor
+    receives nothing. A first call leaves the key holding budget, so the reservation
+    alone would not refuse it."""
+    k = key(tenant, cap=5, expires_in="3s")
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 5,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    first = kb.proxy("POST", "/openai/v1/chat/completions", k["token"], data=body,
+                     headers={"Content-Type": "application/json"})
+    assert first.status_code == 200, first.text
+    s = socket.create_connection(("127.0.0.1", kb.proxy_port), timeout=15)
+    s.sendall((f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Authorization: Bearer {k['token']}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:5])
+    time.sleep(4.2)
+    assert_denied(kb.proxy("POST", "/openai/v1/chat/completions", k["token"],
+                           json={"model": "gpt-4o", "max_tokens": 5}), 401, "key_expired")
+    s.sendall(body[5:])
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
+    time.sleep(0.3)
+    assert len(fake_llm.received()) == 1

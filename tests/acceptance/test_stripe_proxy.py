@@ -389,16 +389,17 @@ def test_a_key_spent_to_its_cap_can_still_confirm_its_own_intent(keybrake, tenan
 def test_an_own_intent_raised_past_the_cap_is_refused_at_confirm(
         keybrake, tenant, fake_stripe, stripe_secret):
     """A key at its cap may still confirm its own paid intents, but one whose amount an
-    update raised past the cap is refused with 429 cap_exhausted at confirm (the raised
-    amount is read and reserved first), before reaching Stripe."""
-    _, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    update made outside Keybrake raised past the cap is refused with 429 cap_exhausted at
+    confirm (the raised amount is read and reserved first), before reaching Stripe."""
+    direct, pm = _direct_payment_method(fake_stripe, stripe_secret)
     key = tenant.issue_key(allowed_endpoints=["/v1/payment_intents", "/v1/payment_intents/**"],
                            daily_usd_cap=10)
     client = stripe_client(keybrake, key["token"])
     intents = [client.v1.payment_intents.create(params={"amount": 500, "currency": "usd", "payment_method": pm})
                for _ in range(2)]
     tenant.wait_spent(key["id"], Decimal(10))
-    client.v1.payment_intents.update(intents[0].id, params={"amount": 5000})
+    raised = direct.post(f"{fake_stripe.url}/v1/payment_intents/{intents[0].id}", data={"amount": 5000}, timeout=10)
+    assert raised.status_code == 200, raised.text
     assert_confirm_refused_at_the_cap(keybrake, tenant, fake_stripe, key, intents[0].id, Decimal(10))
     assert client.v1.payment_intents.confirm(intents[1].id).status == "succeeded"
     tenant.wait_spent(key["id"], Decimal(10))
@@ -421,17 +422,23 @@ def test_confirming_another_keys_intent_is_charged_in_full(keybrake, tenant, fak
 
 def test_raising_an_intents_amount_after_creating_it_is_charged_at_confirm(
         keybrake, tenant, fake_stripe, stripe_secret):
-    """A key that creates a $1 PaymentIntent, updates its amount to $50 and confirms it
-    is charged $50 in all: the confirm costs what the intent's amount exceeds what the
-    key was already charged for it. A capture after that costs nothing more."""
-    _, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    """A key creates a $1 PaymentIntent. It cannot raise the amount itself (403
+    endpoint_unmetered: an update racing a confirm could charge past the cap), but one
+    raised to $50 outside Keybrake and then confirmed by the key is charged $50 in all:
+    the confirm costs what the intent's amount exceeds what the key was already charged
+    for it. A capture after that costs nothing more."""
+    direct, pm = _direct_payment_method(fake_stripe, stripe_secret)
     key = tenant.issue_key(allowed_endpoints=["/v1/payment_intents", "/v1/payment_intents/**"],
                            daily_usd_cap=100)
     client = stripe_client(keybrake, key["token"])
     own = client.v1.payment_intents.create(params={"amount": 100, "currency": "usd", "payment_method": pm,
                                                    "capture_method": "manual"})
     tenant.wait_spent(key["id"], Decimal(1))
-    assert client.v1.payment_intents.update(own.id, params={"amount": 5000}).amount == 5000
+    with pytest.raises(stripe.StripeError) as info:
+        client.v1.payment_intents.update(own.id, params={"amount": 5000})
+    assert info.value.http_status == 403 and info.value.json_body["code"] == "endpoint_unmetered"
+    raised = direct.post(f"{fake_stripe.url}/v1/payment_intents/{own.id}", data={"amount": 5000}, timeout=10)
+    assert raised.status_code == 200 and raised.json()["amount"] == 5000, raised.text
     tenant.wait_spent(key["id"], Decimal(1))
     assert client.v1.payment_intents.confirm(own.id).status == "requires_capture"
     tenant.wait_spent(key["id"], Decimal(50))
@@ -1713,3 +1720,52 @@ def test_two_idempotency_keys_or_two_content_types_on_a_charge_are_refused(keybr
         assert answer["error"]["code"] == "invalid_amount", answer
     assert len(fake_stripe.received_matching("POST", "/v1/payment_intents")) == before
     tenant.wait_spent(key["id"], Decimal(10))
+
+
+def test_a_header_named_by_connection_is_not_read_either(keybrake, tenant, fake_stripe):
+    """Headers listed in `Connection` are hop-by-hop: the vendor never gets them, so the
+    proxy does not read them either. A charged payment sent again with its
+    Idempotency-Key named in `Connection` reaches Stripe without one, a new charge: it is
+    charged too, and the third is refused at the $10 cap."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+    headers = {"Idempotency-Key": f"idem-{secrets.token_hex(4)}"}
+
+    def five_dollars(headers):
+        return keybrake.proxy("POST", PI, key=key["token"], data={"amount": 500, "currency": "usd"},
+                              headers=headers)
+
+    assert five_dollars(headers).status_code == 200
+    hidden = {**headers, "Connection": "keep-alive, Idempotency-Key"}
+    r = five_dollars(hidden)
+    assert r.status_code == 200, r.text
+    tenant.wait_spent(key["id"], Decimal(10))
+    assert_denied(five_dollars(hidden), 429, "cap_exhausted")
+    sent = fake_stripe.received_matching("POST", "/v1/payment_intents")
+    assert len(sent) == 2 and "idempotency-key" in sent[0].headers
+    assert "idempotency-key" not in sent[1].headers
+
+
+def test_an_intents_amount_currency_and_overcapture_are_set_only_at_its_metered_create(
+        keybrake, tenant, fake_stripe):
+    """A confirm or capture reserves what a look-up of the intent reads: an update that
+    raised the amount behind it would charge past the cap. Updating `amount` or
+    `currency`, or asking for overcapture, is 403 endpoint_unmetered and never reaches
+    Stripe; other updates work."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents", "POST /v1/payment_intents/*"],
+                           daily_usd_cap=10)
+    r = pay(keybrake, key["token"], 100)
+    assert r.status_code == 200, r.text
+    intent = r.json()["id"]
+    url = f"{PI}/{intent}"
+    for data in [{"amount": "1000000"}, {"currency": "jpy"}, {"metadata[x]": "1", "amount": "5000"},
+                 {"payment_method_options[card][request_overcapture]": "if_available"}]:
+        assert_denied(keybrake.proxy("POST", url, key=key["token"], data=data), 403, "endpoint_unmetered")
+    assert_denied(keybrake.proxy("POST", url, key=key["token"], json={"amount": 1000000}),
+                  403, "endpoint_unmetered")
+    assert_denied(keybrake.proxy("POST", f"{url}?amount=1000000", key=key["token"], data={"description": "x"}),
+                  403, "endpoint_unmetered")
+    assert_denied(pay(keybrake, key["token"], 100, **{"payment_method_options[card][request_overcapture]": "if_available"}),
+                  403, "endpoint_unmetered")
+    assert fake_stripe.received_matching("POST", f"/v1/payment_intents/{intent}") == []
+    r = keybrake.proxy("POST", url, key=key["token"], data={"description": "order 7"})
+    assert r.status_code == 200 and r.json()["amount"] == 100, r.text

@@ -95,6 +95,16 @@ pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<
         None
     };
     let sent_len = new_body.as_ref().map_or(body.len(), Bytes::len);
+    // A prediction's unused tokens bill as output: at most one token per byte of the
+    // body, for each choice.
+    let output = if req.predicted {
+        (sent_len as u64)
+            .checked_mul(req.choices)
+            .and_then(|p| output.checked_add(p))
+            .ok_or(Denial::InvalidLlmBody)?
+    } else {
+        output
+    };
     let input = req
         .input_bound(api, sent_len, price.context)
         .ok_or(Denial::UnknownModel)?;
@@ -302,6 +312,28 @@ openai:
             .body
             .unwrap()
             .starts_with(br#"{"stream_options":{"include_usage":true},"#));
+    }
+
+    #[test]
+    fn a_predicted_output_is_bounded_at_the_output_rate() {
+        let t = table();
+        let body = br#"{"model":"gpt-4o-mini","max_tokens":100,"prediction":{"type":"content","content":"x"}}"#;
+        let p = plan(Api::OpenAiChat, body, &t, "openai").unwrap();
+        // (bytes + 1024) × 0.15 + (100 + bytes) × 0.60 micro-USD, rounded up.
+        let len = body.len() as i64;
+        let want = ((len + 1024) * 150_000 + (100 + len) * 600_000 + 999_999) / 1_000_000;
+        assert_eq!(p.bound, Micros(want));
+        // `null` is no prediction; an escaped name is still one.
+        let plain = br#"{"model":"gpt-4o-mini","max_tokens":100,"prediction":null}"#;
+        let p = plan(Api::OpenAiChat, plain, &t, "openai").unwrap();
+        let len = plain.len() as i64;
+        assert_eq!(
+            p.bound,
+            Micros(((len + 1024) * 150_000 + 100 * 600_000 + 999_999) / 1_000_000)
+        );
+        let escaped = br#"{"model":"gpt-4o-mini","max_tokens":100,"prediction":{"content":"x"}}"#;
+        let p = plan(Api::OpenAiChat, escaped, &t, "openai").unwrap();
+        assert!(p.bound.0 >= (100 + escaped.len() as i64) * 600_000 / 1_000_000);
     }
 
     #[test]

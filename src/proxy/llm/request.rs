@@ -80,6 +80,9 @@ pub struct LlmRequest {
     pub wants_usage: bool,
     /// The body may carry input its bytes do not bound (see `RICH_MARKERS`).
     pub rich_input: bool,
+    /// A chat's predicted output (`prediction`): what the model does not use of it is
+    /// billed at the output rate, on top of what it writes.
+    pub predicted: bool,
     /// Where `stream_options` is in the body (byte range of its value), if present.
     stream_options: Option<(usize, usize)>,
     /// Where the object's `{` is.
@@ -182,6 +185,8 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
             stream_options = Some((at, at + v.get().len()));
         }
     }
+    let predicted =
+        api == Api::OpenAiChat && find("prediction")?.is_some_and(|v| v.get().trim() != "null");
     let rich_input = api != Api::OpenAiEmbeddings
         && (has_rich_input(body)
             || (api == Api::OpenAiResponses && has_bare_reference(find("input")?)));
@@ -192,6 +197,7 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
         stream,
         wants_usage,
         rich_input,
+        predicted,
         stream_options,
         open_brace,
     })

@@ -864,7 +864,15 @@ fn health_server(addr: std::net::SocketAddr, state: Arc<SyncState>) -> Result<()
                 (true, json!({"status": "ready"}))
             } else {
                 let lag = state.since_sync().as_secs_f64();
-                let body = json!({"status": "not_ready", "code": "control_unreachable", "seconds_since_sync": lag});
+                // Refused by the control plane (the node deleted, its token revoked), or
+                // not synced within the staleness limit.
+                let refused = state.cut_off.load(Ordering::Acquire);
+                let body = json!({
+                    "status": "not_ready",
+                    "code": "control_unreachable",
+                    "node_token_refused": refused,
+                    "seconds_since_sync": lag,
+                });
                 (false, body)
             }
         }

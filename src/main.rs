@@ -457,6 +457,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Check { common, role } => {
             let config = common.load()?;
             config.check_files(role != Role::Control, role != Role::Proxy)?;
+            if role == Role::Serve
+                && (config.database_url.is_some()
+                    || std::env::var_os("KEYBRAKE_DATABASE_URL").is_some())
+            {
+                anyhow::bail!(
+                    "database_url is for `keybrake control` (check --role=control): serve \
+                     keeps its data in SQLite (--data-dir)"
+                );
+            }
+            if role != Role::Control && config.pingora.upgrade_sock.len() > 107 {
+                eprintln!(
+                    "warning: pingora.upgrade_sock is longer than a Unix socket path may be \
+                     (107 bytes): a graceful upgrade will fail"
+                );
+            }
             let scheme = |tls: bool| if tls { "https" } else { "http" };
             println!(
                 "configuration OK: proxy {}://{}, control {}://{}, metrics http://{}, {} vendors, {} currencies, {} priced models",

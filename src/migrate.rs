@@ -181,8 +181,14 @@ pub fn copy(runtime: &tokio::runtime::Runtime, dir: &Path, url: &DatabaseUrl) ->
     Ok(Copied(copied))
 }
 
-/// A live process named by the default PID file is using the data dir.
+/// A live process holds the data dir's lock, or is named by the default PID file.
 fn refuse_if_running(dir: &Path) -> Result<()> {
+    if crate::serve::data_dir_in_use(dir) {
+        bail!(
+            "{} is in use by a running keybrake process; stop it before migrating",
+            dir.display()
+        );
+    }
     let pid_file = dir.join(crate::config::defaults::PINGORA_PID_FILE_IN_DATA_DIR);
     let Ok(text) = std::fs::read_to_string(&pid_file) else {
         return Ok(());

@@ -49,11 +49,15 @@ pub fn private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Logs a warning when group or others have any access to `path`.
+/// Logs a warning when group or others have any access to `path` (once per path: the
+/// data dir is opened by several parts of the process).
 pub fn warn_if_shared(path: &Path, what: &str) {
+    static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+        if mode & 0o077 != 0 && !warned.iter().any(|p| p == path) {
+            warned.push(path.to_path_buf());
             log::warn!(
                 "{what} {} has mode {mode:03o}: other users can read it; chmod go-rwx",
                 path.display()

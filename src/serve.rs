@@ -115,6 +115,80 @@ fn secret_file(
     Ok(value)
 }
 
+/// The lock file a process holds on its SQLite data dir for its whole life.
+const LOCK_FILE: &str = "keybrake.lock";
+
+/// One process per SQLite data dir: a second one on other ports would serve from its own
+/// caches (API tokens, credentials, tenants) what the first one changed. Refused at
+/// start, except for the new process of a graceful upgrade (`--upgrade`), which follows
+/// the store while the old one drains and takes the lock once the old one has exited.
+/// The lock is an `flock` on `keybrake.lock`: the kernel drops it when the process ends,
+/// however it ends.
+fn lock_data_dir(data_dir: &Path, upgrade: bool) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match flock(&file, false) {
+        Ok(true) => {}
+        Ok(false) if upgrade => {
+            std::thread::Builder::new()
+                .name("data-dir-lock".into())
+                .spawn(move || match flock(&file, true) {
+                    Ok(_) => {
+                        log::info!("the previous process has exited: data dir lock taken");
+                        std::mem::forget(file);
+                    }
+                    Err(e) => log::error!("cannot lock the data dir: {e}"),
+                })?;
+            return Ok(());
+        }
+        Ok(false) => anyhow::bail!(
+            "data dir {} is in use by another keybrake process: stop it first (a graceful \
+             upgrade starts the new process with --upgrade)",
+            data_dir.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
+    // Held (open) until the process exits.
+    std::mem::forget(file);
+    Ok(())
+}
+
+/// Whether a running `serve` or `control` holds the data dir's lock.
+pub fn data_dir_in_use(data_dir: &Path) -> bool {
+    std::fs::File::open(data_dir.join(LOCK_FILE))
+        .is_ok_and(|f| matches!(flock(&f, false), Ok(false)))
+}
+
+/// An exclusive `flock` on `file`: `Ok(false)` when another open file holds it and `wait`
+/// is false; with `wait`, blocks until it is free.
+fn flock(file: &std::fs::File, wait: bool) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let op = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    loop {
+        // SAFETY: a valid open descriptor; flock only changes the lock on it.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
 /// A data dir is new when it holds neither database yet.
 fn data_dir_is_new(data_dir: &Path) -> bool {
     [crate::control::store::FILE, crate::control::audit::FILE]
@@ -283,10 +357,14 @@ fn start_control(
     sources: &SecretSources,
     published: Arc<Published>,
     proxy_addr: Option<SocketAddr>,
+    upgrade: bool,
 ) -> Result<Arc<Control>> {
     // Certificates, keys and CA files are loaded before anything starts.
     config.check_files(proxy_addr.is_some(), true)?;
     let (master, admin) = load_secrets(config, sources)?;
+    if let crate::database::Database::Sqlite { data_dir } = config.database() {
+        lock_data_dir(&data_dir, upgrade)?;
+    }
     let settings = ControlSettings {
         default_ttl: config.default_key_ttl,
         max_ttl: config.max_key_ttl,
@@ -439,7 +517,7 @@ pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
         (config.control_listen, "control API"),
         (config.metrics_listen, "metrics"),
     ])?;
-    let control = start_control(&config, &sources, Arc::new(Published::empty()), None)?;
+    let control = start_control(&config, &sources, Arc::new(Published::empty()), None, false)?;
     metrics_server(config.metrics_listen)?;
     log::info!(
         "keybrake control running; data in {}",
@@ -536,7 +614,9 @@ pub fn run_serve(
         &sources,
         published.clone(),
         Some(config.proxy_listen),
+        upgrade,
     )?;
+    log::info!("keybrake serve: data in {}", config.database().describe());
     if upgrade {
         // The old process serves the control API too until it has drained: Pingora's
         // fixed 5 s, then both configured periods, counted from its SIGQUIT (which the

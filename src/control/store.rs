@@ -320,7 +320,9 @@ impl Store {
             )
             .await
             .context("cannot open the SQLite database")?;
-        migrate_sqlite(&writer).await?;
+        migrate_sqlite(&writer)
+            .await
+            .with_context(|| format!("cannot set up {}", path.display()))?;
         let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -1441,8 +1443,10 @@ pub(super) mod tests {
             "database schema version 99 is newer than this keybrake (knows {}): upgrade keybrake",
             MIGRATIONS.len()
         );
-        let err = Store::open(&database).await.err().unwrap();
-        assert_eq!(format!("{err:#}"), want);
+        let err = format!("{:#}", Store::open(&database).await.err().unwrap());
+        // Named with the file it is about.
+        let file = dir.join(FILE);
+        assert_eq!(err, format!("cannot set up {}: {want}", file.display()));
         let _ = std::fs::remove_dir_all(&dir);
 
         let url = crate::control::pg_test::database().await;

@@ -20,6 +20,8 @@ pub enum Denial {
     EndpointUnmetered,
     /// A field that can move money the meter does not see (the catalog's `refuse_fields`).
     UnmeteredField,
+    /// An LLM call asking for a server-side tool billed per use (`llm::request`).
+    UnmeteredTool,
     InvalidPath,
     AmountRequired,
     InvalidAmount,
@@ -61,7 +63,7 @@ impl Denial {
         match self {
             MissingKey | InvalidKey | KeyExpired | KeyRevoked => 401,
             VendorMismatch | EndpointNotAllowed | MethodNotAllowed | AccountNotAllowed
-            | EndpointUnmetered | UnmeteredField => 403,
+            | EndpointUnmetered | UnmeteredField | UnmeteredTool => 403,
             InvalidPath | AmountRequired | InvalidAmount | AmountUnknown | UnsupportedCurrency
             | InvalidBody => 400,
             UnknownModel | InvalidLlmBody | UnmeteredServiceTier | UnmeteredBeta => 400,
@@ -85,7 +87,7 @@ impl Denial {
             VendorMismatch => "vendor_mismatch",
             EndpointNotAllowed | MethodNotAllowed => "endpoint_not_allowed",
             AccountNotAllowed => "account_not_allowed",
-            EndpointUnmetered | UnmeteredField => "endpoint_unmetered",
+            EndpointUnmetered | UnmeteredField | UnmeteredTool => "endpoint_unmetered",
             InvalidPath => "invalid_path",
             AmountRequired => "amount_required",
             InvalidAmount | AmountUnknown => "invalid_amount",
@@ -117,6 +119,7 @@ impl Denial {
             MethodNotAllowed => "The vault key allows this endpoint, but not with this HTTP method.",
             AccountNotAllowed => "The vault key does not allow this Stripe account.",
             EndpointUnmetered => "This endpoint can move money and Keybrake does not meter it: a key with a spend cap cannot call it.",
+            UnmeteredTool => "This call asks for a server-side tool billed per use (web search, file search, code interpreter or execution, image generation, or a stored prompt that may name one), which Keybrake does not meter: a key with a spend cap cannot use it.",
             UnmeteredField => "This call sends a field that can move money Keybrake does not meter (such as a customer's balance, or an invoice item's quantity or price): a key with a spend cap cannot send it.",
             InvalidPath => "The request path is not canonical (dot segments, encoded '/' or '\\', empty segments or control bytes).",
             AmountRequired => "This endpoint is metered: the body must carry an integer amount.",

@@ -643,3 +643,32 @@ def test_a_key_that_expires_while_its_body_arrives_sends_nothing(kb, tenant, fak
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
     time.sleep(0.3)
     assert len(fake_llm.received()) == 1
+
+
+def test_tools_billed_per_use_are_refused_to_a_capped_key(kb, tenant, fake_llm):
+    """Web search, file search, code interpreter/execution and image generation are
+    billed per use on top of tokens, in no usage the proxy reads: 403
+    endpoint_unmetered, never sent (also a chat's web_search_options and a Responses
+    stored prompt, whose tools are out of sight). Function tools pass."""
+    k = key(tenant, cap=5)
+    a = key(tenant, vendor="anthropic", cap=5)
+    refused = [
+        (k, "/openai/v1/responses", {"model": "gpt-4o-mini", "max_output_tokens": 5, "input": "news?",
+                                     "tools": [{"type": "web_search"}]}),
+        (k, "/openai/v1/responses", {"model": "gpt-4o-mini", "max_output_tokens": 5, "input": "plot",
+                                     "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}),
+        (k, "/openai/v1/responses", {"model": "gpt-4o-mini", "max_output_tokens": 5, "prompt": {"id": "pmpt_1"}}),
+        (k, "/openai/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 5, "web_search_options": {},
+                                            "messages": [{"role": "user", "content": "news?"}]}),
+        (a, "/anthropic/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5,
+                                       "messages": [{"role": "user", "content": "news?"}],
+                                       "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]}),
+    ]
+    for who, url, body in refused:
+        denied = assert_denied(kb.proxy("POST", url, who["token"], json=body), 403, "endpoint_unmetered")
+        assert "tool" in denied["message"], denied
+    assert fake_llm.received() == []
+    ok = {"model": "gpt-4o-mini", "max_output_tokens": 5, "input": "hi",
+          "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}]}
+    r = kb.proxy("POST", "/openai/v1/responses", k["token"], json=ok)
+    assert r.status_code == 200, r.text

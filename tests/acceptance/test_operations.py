@@ -252,6 +252,31 @@ def test_sighup_reopens_the_access_log_for_rotation(keybrake_factory, fake_strip
     assert kb.stop() == 0
 
 
+def test_a_second_process_on_a_data_dir_in_use_is_refused(fake_stripe, tmp_path):
+    """Two processes on one SQLite data dir (other ports) would each serve from their own
+    caches what the other changed: the second `serve` (or `control`) exits 1 naming the
+    data dir; once the first has stopped, a new one starts on it."""
+    first = Keybrake(tmp_path / "kb", {"stripe": fake_stripe.url}).start()
+    try:
+        for role in ["serve", "control"]:
+            cmd = [str(KEYBRAKE_BIN), role, "--data-dir", str(first.data_dir),
+                   "--control-listen", f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}"]
+            if role == "serve":
+                cmd += ["--proxy-listen", f"127.0.0.1:{free_port()}"]
+            second = subprocess.run(cmd, env=first.environment(), cwd=first.workdir,
+                                    capture_output=True, text=True, timeout=30)
+            assert second.returncode == 1, (role, second.returncode, second.stderr[-2000:])
+            assert "in use by another keybrake process" in second.stderr, second.stderr[-2000:]
+            assert str(first.data_dir) in second.stderr
+        assert first.proc.poll() is None
+        assert requests.get(f"{first.control_url}/readyz", timeout=5).status_code == 200
+    finally:
+        assert first.stop() == 0
+    again = Keybrake(tmp_path / "kb", {"stripe": fake_stripe.url},
+                     admin_token=first.admin_token, master_key=first.master_key).start()
+    assert again.stop() == 0
+
+
 ACCESS_FIELDS = {"key_id", "label", "tenant", "vendor", "method", "path", "status", "decision",
                  "spend_usd", "duration_ms"}
 
@@ -721,8 +746,12 @@ def run_check(config: Path, cwd: Path) -> subprocess.CompletedProcess:
          ["acme", "upstream"]),
         ("listeners-share-a-port", 'proxy_listen: "127.0.0.1:18180"\ncontrol_listen: "127.0.0.1:18180"\n',
          None, ["proxy_listen", "control_listen", "share a port"]),
+        # serve refuses it at start, so `check` (the serve role by default) refuses it too.
+        ("database-url-for-serve", 'database_url: "postgres://kb@127.0.0.1:5432/kb"\n', None,
+         ["database_url", "control"]),
     ],
-    ids=["unknown-key", "bad-listener", "bad-nested-key", "vendor-without-upstream", "listeners-share-a-port"],
+    ids=["unknown-key", "bad-listener", "bad-nested-key", "vendor-without-upstream", "listeners-share-a-port",
+         "database-url-for-serve"],
 )
 def test_check_names_the_problem_in_a_bad_config(tmp_path, name, settings, vendors, must_mention):
     """`keybrake check --config F` on a broken file exits non-zero with one message that

@@ -141,6 +141,10 @@ struct Passes {
     durable: u64,
     /// Ticket ranges (first, last) of batches given up on, the latest few.
     failed: std::collections::VecDeque<(u64, u64)>,
+    /// When the last pass that had events to write gave some up (a full disk, a
+    /// database that refuses writes); `None` once one wrote all of its events. Not ready
+    /// for STALLED after it: a proxy that drops its audit events leaves the rotation.
+    dropped_at: Option<Instant>,
 }
 
 impl AuditTrail {
@@ -201,6 +205,7 @@ impl AuditTrail {
                 at: Instant::now(),
                 durable: 0,
                 failed: Default::default(),
+                dropped_at: None,
             }),
             pass_done: Condvar::new(),
             work: Condvar::new(),
@@ -263,12 +268,17 @@ impl AuditTrail {
         }
     }
 
-    /// For readiness: the database answers reads, and the writer finished a pass within
+    /// For readiness: the database answers reads, the writer finished a pass within
     /// STALLED (it normally does every LINGER; a database it cannot write keeps it in
-    /// retries, and a writer thread that died never finishes one again).
+    /// retries, and a writer thread that died never finishes one again), and no pass gave
+    /// events up within STALLED.
     pub async fn ping(&self) -> bool {
-        let last_pass = lock(&self.shared.passes).at;
-        last_pass.elapsed() < STALLED
+        let (last_pass, dropped_at) = {
+            let passes = lock(&self.shared.passes);
+            (passes.at, passes.dropped_at)
+        };
+        dropped_at.is_none_or(|t| t.elapsed() >= STALLED)
+            && last_pass.elapsed() < STALLED
             && match &self.reader {
                 Reader::Sqlite(r) => r.ping().await,
                 Reader::Postgres(r) => r.ping().await,
@@ -444,6 +454,7 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
             metrics.audit_queue_depth.sub(chunk.len() as i64);
             start = end;
         }
+        let wrote_events = !queue.events.is_empty();
         queue.events.clear();
         queue.batches.clear();
         // A burst grew the buffer: give the memory back rather than keep it.
@@ -453,6 +464,9 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
             passes.done += 1;
             passes.at = Instant::now();
             passes.durable = taken_through;
+            if wrote_events {
+                passes.dropped_at = (!failed.is_empty()).then(Instant::now);
+            }
             for range in failed {
                 if passes.failed.len() == 64 {
                     passes.failed.pop_front();

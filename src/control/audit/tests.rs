@@ -141,6 +141,38 @@ async fn a_writer_that_cannot_write_makes_the_trail_not_ready_until_it_can() {
     assert!(recovered, "not ready again after the lock was released");
 }
 
+/// A batch given up (a full disk, a database refusing writes: here a write lock held past
+/// every retry) makes the trail not ready, though the writer keeps finishing passes; a
+/// later batch written whole makes it ready again.
+#[tokio::test]
+async fn events_given_up_make_the_trail_not_ready_until_a_batch_is_written() {
+    let place = Place::new("sqlite", "audit-dropped").await;
+    let Place::Sqlite(dir) = &place else {
+        unreachable!()
+    };
+    let trail = place.open().await;
+    let blocker = rusqlite::Connection::open(dir.join(FILE)).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    trail.record(event(1));
+    let mut given_up = false;
+    for _ in 0..300 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !lock(&trail.shared.passes).failed.is_empty() {
+            given_up = true;
+            break;
+        }
+    }
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert!(given_up, "the batch was never given up");
+    assert!(!trail.ping().await, "ready right after events were dropped");
+    trail.record(event(2));
+    assert!(trail.flush(Duration::from_secs(10)));
+    assert!(
+        trail.ping().await,
+        "not ready after a batch was written whole"
+    );
+}
+
 /// PostgreSQL lost while running: the trail reports not ready, events recorded meanwhile
 /// wait in the queue, and once the database takes connections again the writer reconnects
 /// by itself and writes every one of them, in order.

@@ -70,6 +70,7 @@ pub fn check_headers(api: Api, headers: &http::HeaderMap) -> Result<(), Denial> 
 pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<Plan, Denial> {
     let req = request::parse(api, body).map_err(|e| match e {
         request::RequestError::UnmeteredTier => Denial::UnmeteredServiceTier,
+        request::RequestError::UnmeteredTool => Denial::UnmeteredTool,
         _ => Denial::InvalidLlmBody,
     })?;
     let price = prices

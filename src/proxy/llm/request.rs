@@ -54,6 +54,57 @@ pub enum RequestError {
     /// `priority`, or `auto`/`scale`/unknown values that may resolve to it).
     #[error("a service_tier Keybrake cannot price")]
     UnmeteredTier,
+    /// A server-side tool billed per use (`FEE_TOOLS`), or what may bring one.
+    #[error("a tool billed per use, which Keybrake does not meter")]
+    UnmeteredTool,
+}
+
+/// Server-side tools the vendor bills per use (a search, a container session, an
+/// image) on top of tokens, by `type` prefix (`web_search_preview`,
+/// `web_search_20250305`): no usage the proxy reads carries that fee, so a capped key
+/// cannot ask for them. Tools billed only in tokens (functions, MCP, web fetch, computer
+/// use) pass.
+const FEE_TOOLS: &[&str] = &[
+    "web_search",
+    "file_search",
+    "code_interpreter",
+    "image_generation",
+    "code_execution",
+];
+
+/// Refuses a request that may use a tool billed per use: one in `tools`, a chat's
+/// `web_search_options` (search models bill each search), or a Responses stored
+/// `prompt` (its tools are set in the vendor's dashboard, out of sight).
+fn check_tools(
+    api: Api,
+    tools: Option<&RawValue>,
+    search: bool,
+    prompt: bool,
+) -> Result<(), RequestError> {
+    #[derive(serde::Deserialize)]
+    struct Tool {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    if search || (api == Api::OpenAiResponses && prompt) {
+        return Err(RequestError::UnmeteredTool);
+    }
+    let Some(tools) = tools.filter(|t| t.get().trim() != "null") else {
+        return Ok(());
+    };
+    let tools: Vec<&RawValue> =
+        serde_json::from_str(tools.get()).map_err(|_| RequestError::BadField)?;
+    for tool in tools {
+        // A repeated `type` is an error here: the vendor may read either.
+        let tool: Tool = serde_json::from_str(tool.get()).map_err(|_| RequestError::BadField)?;
+        if tool
+            .kind
+            .is_some_and(|k| FEE_TOOLS.iter().any(|f| k.starts_with(f)))
+        {
+            return Err(RequestError::UnmeteredTool);
+        }
+    }
+    Ok(())
 }
 
 /// The `service_tier` values priced at (or below) the table's rates: OpenAI's `default`
@@ -185,6 +236,15 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
             stream_options = Some((at, at + v.get().len()));
         }
     }
+    let present = |name: &str| -> Result<bool, RequestError> {
+        Ok(find(name)?.is_some_and(|v| v.get().trim() != "null"))
+    };
+    check_tools(
+        api,
+        find("tools")?,
+        api == Api::OpenAiChat && present("web_search_options")?,
+        present("prompt")?,
+    )?;
     let predicted =
         api == Api::OpenAiChat && find("prediction")?.is_some_and(|v| v.get().trim() != "null");
     let rich_input = api != Api::OpenAiEmbeddings
@@ -400,6 +460,61 @@ mod tests {
     }
 
     #[test]
+    fn tools_billed_per_use_are_refused_and_others_pass() {
+        let responses = |b: &str| parse(Api::OpenAiResponses, b.as_bytes());
+        for refused in [
+            r#"{"model":"m","tools":[{"type":"function","name":"f"},{"type":"web_search"}]}"#,
+            r#"{"model":"m","tools":[{"type":"web_search_preview_2025_03_11"}]}"#,
+            r#"{"model":"m","tools":[{"type":"file_search","vector_store_ids":["vs_1"]}]}"#,
+            r#"{"model":"m","tools":[{"type":"code_interpreter","container":{"type":"auto"}}]}"#,
+            r#"{"model":"m","tools":[{"type":"image_generation"}]}"#,
+            r#"{"model":"m","tools":[{"type":"\u0077eb_search"}]}"#,
+            r#"{"model":"m","prompt":{"id":"pmpt_1"}}"#,
+        ] {
+            assert_eq!(
+                responses(refused).err(),
+                Some(RequestError::UnmeteredTool),
+                "{refused}"
+            );
+        }
+        // The vendor may read either of two `type`s; tools not a list of objects.
+        for bad in [
+            r#"{"model":"m","tools":[{"type":"function","type":"web_search"}]}"#,
+            r#"{"model":"m","tools":{"type":"web_search"}}"#,
+            r#"{"model":"m","tools":["web_search"]}"#,
+        ] {
+            assert_eq!(responses(bad).err(), Some(RequestError::BadField), "{bad}");
+        }
+        let anthropic = |b: &str| parse(Api::AnthropicMessages, b.as_bytes());
+        for refused in [
+            r#"{"model":"c","tools":[{"type":"web_search_20250305","name":"web_search","max_uses":3}]}"#,
+            r#"{"model":"c","tools":[{"type":"code_execution_20250825","name":"code_execution"}]}"#,
+        ] {
+            assert_eq!(
+                anthropic(refused).err(),
+                Some(RequestError::UnmeteredTool),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            chat(r#"{"model":"m","web_search_options":{}}"#).err(),
+            Some(RequestError::UnmeteredTool)
+        );
+        for fine in [
+            r#"{"model":"m","tools":[{"type":"function","name":"f"},{"type":"mcp","server_url":"https://x"}],"prompt":null}"#,
+            r#"{"model":"m","tools":null}"#,
+            r#"{"model":"m","tools":[]}"#,
+        ] {
+            assert!(responses(fine).is_ok(), "{fine}");
+        }
+        assert!(anthropic(
+            r#"{"model":"c","tools":[{"name":"get","input_schema":{}},{"type":"web_fetch_20250910","name":"web_fetch"},{"type":"bash_20250124","name":"bash"}]}"#
+        )
+        .is_ok());
+        assert!(chat(r#"{"model":"m","web_search_options":null}"#).is_ok());
+    }
+
+    #[test]
     fn input_is_bounded_by_bytes_unless_the_body_brings_more() {
         let plain =
             chat(r#"{"model":"m","messages":[{"role":"user","content":"profile"}]}"#).unwrap();
@@ -417,7 +532,7 @@ mod tests {
             r#"{"model":"m","previous_response_id":"resp_1","input":"go on"}"#,
             r#"{"model":"m","input":[{"type":"item_reference","id":"msg_1"}]}"#,
             r#"{"model":"m","input":[{"id":"msg_1","type":"item_reference"},{"role":"user","content":"go on"}]}"#,
-            r#"{"model":"m","tools":[{"type":"web_search_preview"}]}"#,
+            r#"{"model":"m","tools":[{"type":"mcp","server_url":"https://x"}]}"#,
             r#"{"model":"m","messages":[{"role":"user","content":[{"type":"\u0069mage"}]}]}"#,
         ] {
             let r = chat(rich).unwrap();

@@ -87,7 +87,7 @@ pub fn copy(runtime: &tokio::runtime::Runtime, dir: &Path, url: &DatabaseUrl) ->
     // Inside the runtime, so an error that drops the open transaction can still hand its
     // rollback to the driver (nothing is committed until the end either way).
     let _runtime = runtime.enter();
-    refuse_if_running(dir)?;
+    let _lock = refuse_if_running(dir)?;
     // The source's schema up to this binary's (what starting it would do), then the
     // target's: both end on the same version, so their columns match.
     runtime.block_on(async {
@@ -182,19 +182,20 @@ pub fn copy(runtime: &tokio::runtime::Runtime, dir: &Path, url: &DatabaseUrl) ->
 }
 
 /// A live process holds the data dir's lock, or is named by the default PID file.
-fn refuse_if_running(dir: &Path) -> Result<()> {
-    if crate::serve::data_dir_in_use(dir) {
+/// Otherwise the lock, for the copy to hold: no process starts on the dir meanwhile.
+fn refuse_if_running(dir: &Path) -> Result<std::fs::File> {
+    let Some(lock) = crate::serve::hold_data_dir(dir)? else {
         bail!(
             "{} is in use by a running keybrake process; stop it before migrating",
             dir.display()
         );
-    }
+    };
     let pid_file = dir.join(crate::config::defaults::PINGORA_PID_FILE_IN_DATA_DIR);
     let Ok(text) = std::fs::read_to_string(&pid_file) else {
-        return Ok(());
+        return Ok(lock);
     };
     let Ok(pid) = text.trim().parse::<i32>() else {
-        return Ok(());
+        return Ok(lock);
     };
     // SAFETY: signal 0 only checks that the process exists.
     let alive = pid > 0
@@ -207,7 +208,7 @@ fn refuse_if_running(dir: &Path) -> Result<()> {
             pid_file.display()
         );
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// A holder renewing its leases is a running serve or control on this file.

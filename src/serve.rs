@@ -160,10 +160,26 @@ fn lock_data_dir(data_dir: &Path, upgrade: bool) -> Result<()> {
     Ok(())
 }
 
-/// Whether a running `serve` or `control` holds the data dir's lock.
-pub fn data_dir_in_use(data_dir: &Path) -> bool {
-    std::fs::File::open(data_dir.join(LOCK_FILE))
-        .is_ok_and(|f| matches!(flock(&f, false), Ok(false)))
+/// The data dir's lock, held while the returned file is open; `None` when a running
+/// `serve` or `control` holds it.
+pub fn hold_data_dir(data_dir: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(LOCK_FILE);
+    // An existing lock file opened for reading: a data dir copied read-only can still be
+    // read (flock needs no write access).
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?,
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+    };
+    let held = flock(&file, false).with_context(|| format!("cannot lock {}", path.display()))?;
+    Ok(held.then_some(file))
 }
 
 /// An exclusive `flock` on `file`: `Ok(false)` when another open file holds it and `wait`

@@ -252,7 +252,7 @@ impl Control {
         // A poll answers within a quarter of the time the node may spend its leases (the
         // lifetime less the margin, counted from when it sent the poll), so the next
         // answer extends them with half that time to spare.
-        let valid_ms = (lifetime - super::LEASE_MARGIN_SECS).max(0) as u64 * 1000;
+        let valid_ms = ((lifetime - super::LEASE_MARGIN_SECS).max(0) as u64).saturating_mul(1000);
         let wait = wait.min(Duration::from_millis(valid_ms / 4));
         let same_epoch = epoch == self.fleet.epoch;
         if same_epoch && since == self.fleet.version() && alive {

@@ -315,7 +315,8 @@ impl Control {
         let alive_until = now_ms.div_euclid(1000).saturating_add(lifetime);
         match self.store.heartbeat_holder(&self.holder, alive_until).await {
             Ok(true) => {
-                let valid_ms = now_ms.saturating_add((lifetime - LEASE_MARGIN_SECS) * 1000);
+                let valid_ms =
+                    now_ms.saturating_add((lifetime - LEASE_MARGIN_SECS).saturating_mul(1000));
                 self.leases_valid_until_ms
                     .fetch_max(valid_ms, Ordering::AcqRel);
             }

@@ -345,6 +345,28 @@ mod tests {
         let r = req("POST", "/v1/customers/cus_1/sources", &[FORM]);
         assert_eq!(plan_for(&r, "stripe"), Ok(BodyPlan::Stream));
 
+        let overcapture = ["payment_method_options[card][request_overcapture]".to_string()];
+        for body in [
+            &b"payment_method_options[card][request_overcapture]=if_available"[..],
+            b"payment_method_options[card][request_overcapture]]=if_available",
+            b"[payment_method_options][card][request_overcapture]=if_available",
+            b"payment_method_options%5Bcard%5D%5Brequest_overcapture%5D=if_available",
+            b"payment_method_options[card][request_overcapture][x]=1",
+        ] {
+            assert_eq!(
+                screen(body, false, &overcapture),
+                Err(Denial::UnmeteredField),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        for body in [
+            &b"payment_method_options[card][request_three_d_secure]=any"[..],
+            b"payment_method_options[card]=x",
+            b"amount=100",
+        ] {
+            assert_eq!(screen(body, false, &overcapture), Ok(()));
+        }
         let balance = ["balance".to_string()];
         assert_eq!(screen(b"email=a%40b.c&name=A", false, &balance), Ok(()));
         for body in [

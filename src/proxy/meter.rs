@@ -21,19 +21,29 @@ pub struct ParsedBody<'k> {
     fields: Vec<(&'k str, Option<String>)>,
 }
 
-/// The kept field `name` stands for, exactly or as an alias (leading whitespace and
-/// brackets dropped, cut at the first bracket: `" amount"`, `"[amount]"`, `"amount[x]"`).
+/// The kept field `name` stands for, exactly or as an alias: compared by key path
+/// (leading whitespace and empty bracket segments dropped), a kept field covering every
+/// name below it (`" amount"`, `"[amount]"`, `"amount[x]"` are `amount`;
+/// `"[a][b]]"` and `"a[b][c]"` are `a[b]`).
 fn kept_field<'k>(name: &str, keep: &[&'k str]) -> Option<&'k str> {
     if let Some(exact) = keep.iter().find(|k| !k.is_empty() && **k == name) {
         return Some(exact);
     }
-    let base = name
-        .trim_start()
-        .trim_start_matches(['[', ']'])
-        .split(['[', ']'])
-        .next()
-        .unwrap_or("");
-    keep.iter().find(|k| !k.is_empty() && **k == base).copied()
+    // By key path, as a bracket parser reads names: `[a][b]]` is `a[b]`, and a kept
+    // `a[b]` also covers `a[b][c]`.
+    fn path(n: &str) -> impl Iterator<Item = &str> {
+        n.trim_start().split(['[', ']']).filter(|s| !s.is_empty())
+    }
+    keep.iter()
+        .find(|k| {
+            let mut name = path(name);
+            let mut any = false;
+            path(k).all(|segment| {
+                any = true;
+                name.next() == Some(segment)
+            }) && any
+        })
+        .copied()
 }
 
 /// Whether `form` names a field other than the ones in `allowed` (by base name:

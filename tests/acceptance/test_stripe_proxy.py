@@ -1769,3 +1769,25 @@ def test_an_intents_amount_currency_and_overcapture_are_set_only_at_its_metered_
     assert fake_stripe.received_matching("POST", f"/v1/payment_intents/{intent}") == []
     r = keybrake.proxy("POST", url, key=key["token"], data={"description": "order 7"})
     assert r.status_code == 200 and r.json()["amount"] == 100, r.text
+
+
+def test_a_price_in_other_currencies_cannot_be_made_through_a_capped_key(keybrake, tenant, fake_stripe):
+    """A subscription's items are looked up at each price's own currency: a price that
+    also bills in other currencies (`currency_options`, on the price or a product's
+    default price) could charge a customer more than the look-up reads. 403
+    endpoint_unmetered, never sent; a plain price works."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/prices", "POST /v1/prices/*", "POST /v1/products"],
+                           daily_usd_cap=5)
+    for path, data in [
+        ("/stripe/v1/prices", {"currency": "usd", "unit_amount": "100", "product_data[name]": "p",
+                               "currency_options[jpy][unit_amount]": "99999999"}),
+        ("/stripe/v1/prices/price_1", {"currency_options[eur][unit_amount]": "99999"}),
+        ("/stripe/v1/products", {"name": "p", "default_price_data[currency]": "usd",
+                                 "default_price_data[unit_amount]": "100",
+                                 "default_price_data[currency_options][jpy][unit_amount]": "99999999"}),
+        ("/stripe/v1/products", {"name": "p", "[default_price_data][currency_options][jpy][unit_amount]]": "9"}),
+    ]:
+        assert_denied(keybrake.proxy("POST", path, key=key["token"], data=data), 403, "endpoint_unmetered")
+    assert fake_stripe.received() == []
+    r = keybrake.proxy("POST", "/stripe/v1/products", key=key["token"], data={"name": "plain"})
+    assert r.status_code == 200, r.text

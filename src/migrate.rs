@@ -118,14 +118,16 @@ pub fn copy(runtime: &tokio::runtime::Runtime, dir: &Path, url: &DatabaseUrl) ->
             .context("--to does not parse")?
             .application_name("keybrake-migrate")
             .options([("client_min_messages", "warning")]);
+        // The store first: it connects once with a short timeout and says why it could
+        // not (the pool would only time out after 30 s).
+        Store::open(&Database::Postgres { url: url.clone() })
+            .await
+            .context("cannot apply the schema to the target")?;
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .connect_with(options)
             .await
             .with_context(|| format!("cannot connect to PostgreSQL at {url}"))?;
-        Store::open(&Database::Postgres { url: url.clone() })
-            .await
-            .context("cannot apply the schema to the target")?;
         audit::migrate_postgres(&pool)
             .await
             .context("cannot apply the audit schema to the target")?;

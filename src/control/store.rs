@@ -380,6 +380,14 @@ impl Store {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stuck_since: Option<std::time::Instant> = None;
         let mut last_warning: Option<std::time::Instant> = None;
+        // A failing checkpoint (a full disk) is logged once a minute, not four times a second.
+        let mut last_failure: Option<std::time::Instant> = None;
+        let mut failed = |e: sqlx::Error| {
+            if last_failure.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+                last_failure = Some(std::time::Instant::now());
+                log::warn!("WAL checkpoint failed (logged once a minute): {e}");
+            }
+        };
         loop {
             tick.tick().await;
             // Twice: the second pass copies what was committed during the first, so the
@@ -389,7 +397,7 @@ impl Store {
                     .execute(pool)
                     .await
                 {
-                    log::warn!("WAL checkpoint failed: {e}");
+                    failed(e);
                 }
             }
             // One row: busy (0 or 1), frames in the WAL, frames copied (-1 and -1 when
@@ -404,7 +412,7 @@ impl Store {
                     busy == 0 && copied >= frames
                 }
                 Err(e) => {
-                    log::warn!("WAL checkpoint failed: {e}");
+                    failed(e);
                     false
                 }
             };

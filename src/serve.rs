@@ -125,15 +125,7 @@ const LOCK_FILE: &str = "keybrake.lock";
 /// The lock is an `flock` on `keybrake.lock`: the kernel drops it when the process ends,
 /// however it ends.
 fn lock_data_dir(data_dir: &Path, upgrade: bool) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join(LOCK_FILE);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let (file, path) = open_lock_file(data_dir)?;
     match flock(&file, false) {
         Ok(true) => {}
         Ok(false) if upgrade => {
@@ -163,10 +155,17 @@ fn lock_data_dir(data_dir: &Path, upgrade: bool) -> Result<()> {
 /// The data dir's lock, held while the returned file is open; `None` when a running
 /// `serve` or `control` holds it.
 pub fn hold_data_dir(data_dir: &Path) -> Result<Option<std::fs::File>> {
+    let (file, path) = open_lock_file(data_dir)?;
+    let held = flock(&file, false).with_context(|| format!("cannot lock {}", path.display()))?;
+    Ok(held.then_some(file))
+}
+
+/// The data dir's lock file, created (0600) if missing. An existing one is opened for
+/// reading: a data dir copied read-only can still be migrated (flock needs no write
+/// access).
+fn open_lock_file(data_dir: &Path) -> Result<(std::fs::File, std::path::PathBuf)> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join(LOCK_FILE);
-    // An existing lock file opened for reading: a data dir copied read-only can still be
-    // read (flock needs no write access).
     let file = match std::fs::File::open(&path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
@@ -178,8 +177,7 @@ pub fn hold_data_dir(data_dir: &Path) -> Result<Option<std::fs::File>> {
             .with_context(|| format!("cannot create {}", path.display()))?,
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
     };
-    let held = flock(&file, false).with_context(|| format!("cannot lock {}", path.display()))?;
-    Ok(held.then_some(file))
+    Ok((file, path))
 }
 
 /// An exclusive `flock` on `file`: `Ok(false)` when another open file holds it and `wait`

@@ -63,6 +63,19 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {_PORTS_FROM}-{_PORTS_TO}")
 
 
+def read_head(sock) -> bytes:
+    """What a raw socket receives up to the end of the answer's header (less if the
+    connection closes first), then closes it."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    sock.close()
+    return answer
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1) -> Any:
     """Poll `predicate` until it returns something truthy or `timeout` passes.
 

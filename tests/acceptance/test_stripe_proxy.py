@@ -33,6 +33,7 @@ from harness import (
     parse_ts,
     stripe_client,
     token_parts,
+    read_head,
     wait_until,
     write_config,
 )
@@ -1586,13 +1587,7 @@ def test_a_key_revoked_while_its_bodies_arrive_sends_nothing(keybrake, tenant, f
     for s in socks:
         s.sendall(body[5:])
     for s in socks:
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-        s.close()
+        answer = read_head(s)
         assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
         assert b"key_revoked" in answer or b"content-length" in answer.lower()
     time.sleep(0.3)

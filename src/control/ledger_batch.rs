@@ -779,7 +779,10 @@ mod tests {
         );
         // Reclaimed: the 2 committed are settled as spent (whatever the audit trail knew),
         // k_b's 4 (never committed) come back.
-        let back = s.reclaim_holder("h1", &HashMap::new()).await.unwrap();
+        let back = s
+            .reclaim_holder("h1", &HashMap::new(), i64::MAX)
+            .await
+            .unwrap();
         assert_eq!(back, Micros(4));
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(4));
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().held, Micros::ZERO);
@@ -888,7 +891,9 @@ mod tests {
             granted(s.lease_grant_many("h1", 100, &one).await.unwrap()),
             [Micros(4)]
         );
-        s.reclaim_holder("h1", &HashMap::new()).await.unwrap();
+        s.reclaim_holder("h1", &HashMap::new(), i64::MAX)
+            .await
+            .unwrap();
         assert_eq!(
             granted(s.lease_grant_many("h1", 50, &one).await.unwrap()),
             [Micros::ZERO]
@@ -1056,7 +1061,10 @@ mod tests {
             vec![true]
         );
         // A holder that dies: all it committed is settled as spent, nothing comes back.
-        let back = s.reclaim_holder("h1", &HashMap::new()).await.unwrap();
+        let back = s
+            .reclaim_holder("h1", &HashMap::new(), i64::MAX)
+            .await
+            .unwrap();
         assert_eq!(back, Micros::ZERO);
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(6));
         assert_eq!(s.ledger_row("k_b", 7).await.unwrap().settled, Micros(4));

@@ -336,7 +336,8 @@ impl Control {
     /// was given back.
     pub async fn reclaim_dead_holders(&self) -> Result<Micros> {
         let mut returned = Micros::ZERO;
-        for holder in self.store.dead_holders(now_secs()).await? {
+        let now = now_secs();
+        for holder in self.store.dead_holders(now).await? {
             if holder == self.holder {
                 continue;
             }
@@ -351,7 +352,7 @@ impl Control {
                 // from a live holder's, not reported yet: counted twice, never less).
                 known.insert((key_id, day), audited.saturating_sub(settled));
             }
-            let back = self.store.reclaim_holder(&holder, &known).await?;
+            let back = self.store.reclaim_holder(&holder, &known, now).await?;
             log::info!("gave back {back} of leases held by {holder}, a process that stopped");
             returned = returned.checked_add(back).unwrap_or(returned);
         }

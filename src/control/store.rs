@@ -950,22 +950,29 @@ impl Store {
     /// `ledger_batch`) or what `known_spent` says, whichever is more, at most the lease.
     /// Removes the holder, whose later reports then release nothing. Two replicas
     /// reclaiming the same holder at once give its leases back once: the second finds
-    /// them gone.
+    /// them gone. Only a holder whose life ended before `dead_before` (unix s) is
+    /// reclaimed, checked again under its lock: one whose heartbeat extended its life
+    /// since it was seen dead keeps its leases (nothing is given back).
     pub async fn reclaim_holder(
         &self,
         holder: &str,
         known_spent: &std::collections::HashMap<(String, i64), Micros>,
+        dead_before: i64,
     ) -> Result<Micros> {
         in_transaction!(self, |tx| {
             // The holder first, as a grant locks it (`lease_grant_many`): a grant to it
             // in flight commits before its leases are read here, or grants nothing.
-            sqlx::query(&for_update(
+            let alive_until: Option<i64> = sqlx::query_scalar(&for_update(
                 tx.is_postgres(),
-                "SELECT id FROM holders WHERE id = $1",
+                "SELECT alive_until FROM holders WHERE id = $1",
             ))
             .bind(holder)
             .fetch_optional(&mut *tx)
             .await?;
+            if alive_until.is_some_and(|until| until >= dead_before) {
+                tx.rollback().await?;
+                return Ok(Micros::ZERO);
+            }
             let mut slots: Vec<(String, i64)> =
                 sqlx::query("SELECT key_id, day FROM leases WHERE holder = $1")
                     .bind(holder)
@@ -1647,9 +1654,22 @@ pub(super) mod tests {
         assert!(s.heartbeat_holder("h1", 50).await.unwrap());
         assert_eq!(s.dead_holders(60).await.unwrap(), ["h2"]);
         let known = [(("k".to_string(), 9), Micros(15))].into();
-        assert_eq!(s.reclaim_holder("h2", &known).await.unwrap(), Micros(25));
+        // Seen dead at 60, then its heartbeat came: it keeps its leases.
+        assert!(s.heartbeat_holder("h2", 70).await.unwrap());
         assert_eq!(
-            s.reclaim_holder("h2", &known).await.unwrap(),
+            s.reclaim_holder("h2", &known, 60).await.unwrap(),
+            Micros::ZERO
+        );
+        assert_eq!(
+            s.leases_of("h2").await.unwrap(),
+            [("k".to_string(), 9, Micros(40))]
+        );
+        assert_eq!(
+            s.reclaim_holder("h2", &known, i64::MAX).await.unwrap(),
+            Micros(25)
+        );
+        assert_eq!(
+            s.reclaim_holder("h2", &known, i64::MAX).await.unwrap(),
             Micros::ZERO,
             "given back once"
         );

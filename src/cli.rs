@@ -185,16 +185,38 @@ pub fn key_details(k: &Value) -> String {
 }
 
 pub fn audit_line(e: &Value) -> String {
+    let text =
+        |field: &str, missing: &'static str| terminal_safe(e[field].as_str().unwrap_or(missing));
     format!(
         "{}  {:<6} {:<40} {:>3}  {:<22} {}  {}",
-        e["ts"].as_str().unwrap_or("?"),
-        e["method"].as_str().unwrap_or("?"),
-        e["path"].as_str().unwrap_or("?"),
+        text("ts", "?"),
+        text("method", "?"),
+        text("path", "?"),
         e["status"],
-        e["decision"].as_str().unwrap_or("?"),
+        text("decision", "?"),
         usd(&e["spend_usd"]),
-        e["vendor_request_id"].as_str().unwrap_or("-"),
+        text("vendor_request_id", "-"),
     )
+}
+
+/// `text` with control characters (escape sequences, line breaks) and the line and
+/// paragraph separators written as `\u{…}`, so what the trail says cannot move the cursor,
+/// recolour the terminal or print a line of its own.
+fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !text.chars().any(unsafe_char) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if unsafe_char(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// Builds the `POST /v1/keys` body from the CLI flags.
@@ -236,6 +258,21 @@ mod tests {
             shown,
             ["$0.000008", "$40", "$25", "$0.5", "-", "$2000000000.0"]
         );
+    }
+
+    #[test]
+    fn an_audit_line_cannot_drive_the_terminal() {
+        let e = json!({"ts": "2026-12-04T07:00:00Z", "method": "POST", "status": 200,
+            "path": "/v1/charges\n2026-12-04 POST /v1/refunds 200 allowed",
+            "decision": "allowed", "spend_usd": 1,
+            "vendor_request_id": "req_\u{1b}[2J\u{2028}x"});
+        let line = audit_line(&e);
+        assert!(
+            !line.chars().any(|c| c.is_control() || c == '\u{2028}'),
+            "{line:?}"
+        );
+        assert!(line.contains("/v1/charges\\u{a}2026"), "{line:?}");
+        assert!(line.contains("req_\\u{1b}[2J\\u{2028}x"), "{line:?}");
     }
 
     #[test]

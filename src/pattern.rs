@@ -203,6 +203,8 @@ pub enum NotIssuable {
     NonAscii,
     #[error("'*' matches a whole segment only ('/v1/payment_intents/*'), not part of one")]
     PartialWildcard,
+    #[error("'#' never reaches a server: a fragment is not part of a request's path")]
+    Fragment,
 }
 
 /// A pattern a new key may carry. Stricter than `EndpointPattern::parse`, which keeps
@@ -214,6 +216,8 @@ pub fn check_issuable(text: &str) -> Result<(), NotIssuable> {
         Err(NotIssuable::TooLong)
     } else if !text.is_ascii() {
         Err(NotIssuable::NonAscii)
+    } else if text.contains('#') {
+        Err(NotIssuable::Fragment)
     } else if text
         .split('/')
         .any(|seg| seg.contains('*') && seg != "*" && seg != "**")
@@ -266,6 +270,7 @@ mod tests {
         for (text, why) in [
             ("/v1/pay*", NotIssuable::PartialWildcard),
             ("/v1/caf\u{e9}", NotIssuable::NonAscii),
+            ("GET /v1/x#y", NotIssuable::Fragment),
             ("/v1/a/..", NotIssuable::Invalid(PatternError::DotSegment)),
         ] {
             assert!(EndpointPattern::parse(text).is_ok() || matches!(why, NotIssuable::Invalid(_)));

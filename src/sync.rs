@@ -185,7 +185,7 @@ pub trait Ledger: Send + Sync + 'static {
 }
 
 /// One proxied (or denied) request, as `GET /v1/audit` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AuditEvent {
     pub ts_ms: i64,
     pub tenant_id: Option<Arc<str>>,

@@ -27,6 +27,9 @@ const MAX_PAGE: i64 = 1000;
 const DEFAULT_PAGE: i64 = 100;
 const MAX_LABEL: usize = 200;
 const MAX_PATTERNS: usize = 100;
+/// The patterns' total size: they travel in the token, in a request header of every call,
+/// which must stay well inside the proxy's header limit (Basic auth adds a third).
+const MAX_PATTERN_BYTES: usize = 8 * 1024;
 /// Most Stripe accounts: every one travels in the token, which goes in a request header
 /// of every call.
 const MAX_ACCOUNTS: usize = 20;
@@ -235,8 +238,17 @@ fn name_field(name: &str, what: &str) -> ApiResult<String> {
     Ok(name.to_string())
 }
 
+/// A Stripe account id as Stripe writes them: `acct_` and 1 to 59 ASCII letters and digits.
+fn is_account_id(id: &str) -> bool {
+    id.strip_prefix("acct_").is_some_and(|rest| {
+        (1..=59).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
+}
+
 /// Unicode format characters (general category Cf): zero-width characters, bidi
-/// embeddings, overrides and isolates, invisible operators, tags. Shown in a listing,
+/// embeddings, overrides and isolates, invisible operators, tags; and the line and
+/// paragraph separators and Hangul fillers, which render as a line break or as nothing.
+/// Shown in a listing,
 /// the audit trail or a log line, they hide text or make it read in another order.
 fn is_invisible_format(c: char) -> bool {
     matches!(c,
@@ -247,12 +259,15 @@ fn is_invisible_format(c: char) -> bool {
         | '\u{070F}'
         | '\u{0890}'..='\u{0891}'
         | '\u{08E2}'
+        | '\u{115F}'..='\u{1160}'
         | '\u{180E}'
         | '\u{200B}'..='\u{200F}'
-        | '\u{202A}'..='\u{202E}'
+        | '\u{2028}'..='\u{202E}'
         | '\u{2060}'..='\u{2064}'
         | '\u{2066}'..='\u{206F}'
+        | '\u{3164}'
         | '\u{FEFF}'
+        | '\u{FFA0}'
         | '\u{FFF9}'..='\u{FFFB}'
         | '\u{110BD}'
         | '\u{110CD}'
@@ -699,6 +714,12 @@ async fn issue_key(
             "allowed_endpoints must list 1 to {MAX_PATTERNS} patterns"
         )));
     }
+    if req.allowed_endpoints.iter().map(String::len).sum::<usize>() > MAX_PATTERN_BYTES {
+        return Err(ApiError::InvalidEndpointPattern(format!(
+            "allowed_endpoints must total at most {MAX_PATTERN_BYTES} bytes: every pattern \
+             travels in the key, in a header of every call"
+        )));
+    }
     for p in &req.allowed_endpoints {
         crate::pattern::check_issuable(p)
             .map_err(|e| ApiError::InvalidEndpointPattern(format!("pattern {p:?}: {e}")))?;
@@ -723,9 +744,7 @@ async fn issue_key(
     if let Some(accounts) = &req.stripe_accounts {
         if accounts.is_empty()
             || accounts.len() > MAX_ACCOUNTS
-            || accounts
-                .iter()
-                .any(|a| !a.starts_with("acct_") || a.len() > 64)
+            || accounts.iter().any(|a| !is_account_id(a))
         {
             return Err(ApiError::InvalidRequest(format!(
                 "stripe_accounts must list 1 to {MAX_ACCOUNTS} acct_… ids"

@@ -399,7 +399,7 @@ impl Control {
         if closed {
             return false;
         }
-        if let Err(e) = self.file_under_key_tenants(&mut events).await {
+        if let Err(e) = self.vet_node_events(&mut events).await {
             log::warn!("cannot read the keys of a node's audit events: {e:#}");
             return false;
         }
@@ -419,9 +419,30 @@ impl Control {
         .unwrap_or(false)
     }
 
-    /// Sets each event's tenant to its key's (none for an event without a key, or with a
-    /// key that does not exist).
-    async fn file_under_key_tenants(&self, events: &mut [AuditEvent]) -> Result<()> {
+    /// What a node says is taken only where the control plane cannot know better, and
+    /// never as it came: each event's tenant and label are its key's (none for an event
+    /// without a key, or with a key that does not exist); texts are cut to the proxy's
+    /// bounds with control characters replaced, so a trail read in a terminal shows what
+    /// happened and nothing else; a time in the future is now; a negative spend is none.
+    async fn vet_node_events(&self, events: &mut Vec<AuditEvent>) -> Result<()> {
+        let latest_ms = crate::token::unix_ms() as i64 + NODE_CLOCK_AHEAD_MS;
+        for event in events.iter_mut() {
+            *event = crate::proxy::audit::bounded(std::mem::take(event));
+            for text in [
+                &mut event.method,
+                &mut event.path,
+                &mut event.vendor,
+                &mut event.decision,
+            ]
+            .into_iter()
+            .chain(event.vendor_request_id.as_mut())
+            .chain(event.llm.as_mut().map(|l| &mut l.model))
+            {
+                replace_control_chars(text);
+            }
+            event.ts_ms = event.ts_ms.clamp(0, latest_ms);
+            event.spend = event.spend.max(Micros::ZERO);
+        }
         let mut ids: Vec<&str> = events.iter().filter_map(|e| e.key_id.as_deref()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -430,15 +451,17 @@ impl Control {
         } else {
             self.store.key_limits(&ids).await?
         };
-        let tenants: HashMap<&str, Arc<str>> = keys
+        let owners: HashMap<&str, (Arc<str>, Arc<str>)> = keys
             .iter()
-            .map(|(id, k)| (id.as_str(), Arc::from(k.tenant_id.as_str())))
+            .map(|(id, k)| {
+                let owner = (Arc::from(k.tenant_id.as_str()), Arc::from(k.label.as_str()));
+                (id.as_str(), owner)
+            })
             .collect();
         for event in events.iter_mut() {
-            event.tenant_id = event
-                .key_id
-                .as_deref()
-                .and_then(|id| tenants.get(id).cloned());
+            let owner = event.key_id.as_deref().and_then(|id| owners.get(id));
+            event.tenant_id = owner.map(|(tenant, _)| tenant.clone());
+            event.label = owner.map(|(_, label)| label.clone());
         }
         Ok(())
     }
@@ -457,6 +480,20 @@ impl Control {
     /// Called when a change nodes hold is published.
     pub(super) fn feed_changed(&self) {
         self.fleet.bump();
+    }
+}
+
+/// How far ahead of this host's clock a node's audit event may be dated: more is a clock
+/// gone wrong (or a made-up event), filed at now.
+const NODE_CLOCK_AHEAD_MS: i64 = 60_000;
+
+/// Control characters (escape sequences, line breaks) and line or paragraph separators
+/// become U+FFFD. A proxy's own texts never have them (HTTP does not carry them); a node's
+/// might.
+fn replace_control_chars(text: &mut String) {
+    let bad = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if text.contains(bad) {
+        *text = text.replace(bad, "\u{FFFD}");
     }
 }
 

@@ -127,6 +127,7 @@ pub(super) use on_writer;
 #[derive(Debug, Clone)]
 pub struct KeyLimits {
     pub tenant_id: String,
+    pub label: String,
     pub daily_cap: Micros,
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
@@ -1029,6 +1030,7 @@ impl Store {
         fn limits(r: &impl TableRow) -> (String, KeyLimits) {
             let limits = KeyLimits {
                 tenant_id: r.text("tenant_id"),
+                label: r.text("label"),
                 daily_cap: Micros(r.int("daily_cap")),
                 expires_at: r.int("expires_at"),
                 revoked_at: r.int_opt("revoked_at"),
@@ -1037,7 +1039,7 @@ impl Store {
         }
         Ok(match &self.backend {
             Backend::Sqlite { reader, .. } => sqlx::query(
-                "SELECT id, tenant_id, daily_cap, expires_at, revoked_at FROM keys
+                "SELECT id, tenant_id, label, daily_cap, expires_at, revoked_at FROM keys
                  WHERE id IN (SELECT value FROM json_each($1))",
             )
             .bind(serde_json::to_string(ids)?)
@@ -1047,7 +1049,7 @@ impl Store {
             .map(limits)
             .collect(),
             Backend::Postgres(pool) => sqlx::query(
-                "SELECT id, tenant_id, daily_cap, expires_at, revoked_at FROM keys
+                "SELECT id, tenant_id, label, daily_cap, expires_at, revoked_at FROM keys
                  WHERE id = ANY($1::TEXT[])",
             )
             .bind(ids)

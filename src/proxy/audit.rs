@@ -61,6 +61,8 @@ pub fn event(
 pub fn bounded(mut event: AuditEvent) -> AuditEvent {
     cut(&mut event.path, MAX_PATH_BYTES);
     cut(&mut event.method, MAX_METHOD_BYTES);
+    cut(&mut event.vendor, MAX_TEXT_BYTES);
+    cut(&mut event.decision, MAX_TEXT_BYTES);
     if let Some(id) = &mut event.vendor_request_id {
         cut(id, MAX_TEXT_BYTES);
     }

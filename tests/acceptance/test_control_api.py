@@ -427,7 +427,14 @@ BAD_KEY_REQUESTS = [
     ({"allowed_endpoints": ["POST /v1/payment_intents/*x/confirm"]}, "invalid_endpoint_pattern"),
     ({"allowed_endpoints": ["/v1/café"]}, "invalid_endpoint_pattern"),
     ({"allowed_endpoints": ["/v1/" + "a" * 300]}, "invalid_endpoint_pattern"),
+    ({"allowed_endpoints": ["GET /v1/customers#x"]}, "invalid_endpoint_pattern"),
+    # 40 patterns of 250 bytes: each allowed, but over 8 KiB together (the key would be
+    # too big for a request header)
+    ({"allowed_endpoints": [f"/v1/{i:02}" + "a" * 245 for i in range(40)]}, "invalid_endpoint_pattern"),
     ({"stripe_accounts": [f"acct_{i}" for i in range(21)]}, "invalid_request"),
+    ({"stripe_accounts": ["acct_1\r\nX-Evil: 1"]}, "invalid_request"),
+    ({"stripe_accounts": ["acct_"]}, "invalid_request"),
+    ({"stripe_accounts": ["acct_" + "a" * 60]}, "invalid_request"),
     # missing fields / wrong types
     ({"vendor": _DROP}, "invalid_request"),
     ({"vendor": 7}, "invalid_request"),

@@ -110,8 +110,10 @@ def test_caps_are_exact_decimals_and_duplicate_keys_are_refused(tenant):
 
 @pytest.mark.parametrize(
     "label",
-    ["\u200b", "refund\u202etxt.exe", "a\u2066b\u2069", "\ufeffx", "x\u2060"],
-    ids=["zwsp", "rlo", "isolate", "bom", "word-joiner"],
+    ["\u200b", "refund\u202etxt.exe", "a\u2066b\u2069", "\ufeffx", "x\u2060",
+     "paid\u2028refund", "a\u2029b", "\u3164", "x\u115f"],
+    ids=["zwsp", "rlo", "isolate", "bom", "word-joiner", "line-separator",
+         "paragraph-separator", "hangul-filler", "hangul-choseong-filler"],
 )
 def test_invisible_and_bidi_labels_and_metadata_keys_are_refused(tenant, label):
     assert_control_error(tenant.call("POST", "/v1/keys", json=key_body(label=label)), 400, "invalid_request")
@@ -423,3 +425,17 @@ def test_strict_audit_keeps_every_answered_call_through_kill_9(keybrake_factory,
     assert sum(n for n, _ in counts.values()) > 40, f"too little load to judge: {counts}"
     missing = {k: (n, e) for k, (n, e) in counts.items() if e < n}
     assert not missing, f"answered calls missing from the trail (answered, audited): {missing}"
+
+
+def test_the_biggest_key_issuance_allows_still_fits_a_request_header(tenant, fake_stripe):
+    """Every pattern and account travels in the key, sent in a header of every call: the
+    biggest key POST /v1/keys issues (8 KiB of patterns, 20 accounts, a 200-character
+    label) still reaches the proxy's checks, as a Bearer token and as Basic auth."""
+    patterns = ["POST /v1/customers"] + [f"/v1/{i:02}" + "a" * 245 for i in range(31)]
+    assert sum(map(len, patterns)) <= 8192
+    key = tenant.issue_key(**key_body(allowed_endpoints=patterns, label="l" * 200,
+                                      stripe_accounts=[f"acct_{i:02}" + "A" * 57 for i in range(20)]))
+    for auth in ({"Authorization": f"Bearer {key['token']}"}, None):
+        kwargs = {"headers": auth} if auth else {"auth": (key["token"], "")}
+        r = tenant.kb.proxy("POST", "/stripe/v1/customers", data={"email": "big@example.com"}, **kwargs)
+        assert r.status_code == 200, r.text

@@ -9,6 +9,7 @@ filed under its key's tenant, not the one the node names."""
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -180,6 +181,32 @@ def test_a_nodes_audit_events_are_filed_under_the_keys_tenant(node_channel):
     assert other.audit() == []
     assert other.audit(key_id=key["id"]) == []
     assert other.audit(key_id="key_doesnotexist") == []
+
+
+def test_a_nodes_audit_event_is_bounded_and_cannot_forge_lines_or_dates(node_channel):
+    """An event a node sends is held to what a proxy's own events are: the label is the
+    key's, texts are cut to their bounds with control characters replaced (a trail read
+    in a terminal shows no escape sequence and no made-up second line), a date in the
+    future is now, a negative spend none."""
+    control, (acme, _), sync = node_channel
+    key = acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10,
+                         label="real-label")
+    now_ms = int(time.time() * 1000)
+    forged = {"ts_ms": 4_102_444_800_000, "tenant_id": acme.id, "key_id": key["id"],
+              "label": "forged\u001b[2J", "vendor": "stripe", "method": "POST",
+              "path": "/stripe/v1/charges\n2026-12-04 POST /v1/refunds 200 allowed $0",
+              "status": 200, "decision": "allowed\u2028", "spend": -5_000_000,
+              "vendor_request_id": "req_" + "x" * 5000, "duration_ms": 3, "llm": None}
+    resp = sync("audit", {"batch": 1, "events": [forged]})
+    assert resp.status_code == 200, resp.text
+    [event] = acme.audit(key_id=key["id"])
+    assert event["label"] == "real-label"
+    assert "\n" not in event["path"] and event["path"].startswith("/stripe/v1/charges")
+    assert not any(ord(c) < 0x20 or c in "\u2028\u2029" for c in event["path"] + event["decision"])
+    assert len(event["vendor_request_id"].encode()) <= 256
+    assert event["spend_usd"] == 0
+    shown = int(datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp() * 1000)
+    assert now_ms - 1000 <= shown <= now_ms + 61_000, event["ts"]
 
 
 def test_hello_again_and_malformed_bodies_get_clear_answers(node_channel):

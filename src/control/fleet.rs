@@ -424,7 +424,7 @@ impl Control {
     /// without a key, or with a key that does not exist); texts are cut to the proxy's
     /// bounds with control characters replaced, so a trail read in a terminal shows what
     /// happened and nothing else; a time in the future is now; a negative spend is none.
-    async fn vet_node_events(&self, events: &mut Vec<AuditEvent>) -> Result<()> {
+    async fn vet_node_events(&self, events: &mut [AuditEvent]) -> Result<()> {
         let latest_ms = crate::token::unix_ms() as i64 + NODE_CLOCK_AHEAD_MS;
         for event in events.iter_mut() {
             *event = crate::proxy::audit::bounded(std::mem::take(event));

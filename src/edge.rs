@@ -857,7 +857,7 @@ fn freshness_loop(state: Arc<SyncState>, lag: prometheus::Gauge) {
 /// `/metrics`, `/healthz` and `/readyz` (200 only while the node is fresh) on the metrics
 /// listener.
 fn health_server(addr: std::net::SocketAddr, state: Arc<SyncState>) -> Result<()> {
-    let app = crate::serve::health_routes(move || {
+    let app = crate::serve::health_routes(crate::metrics::MetricsOf::Edge, move || {
         let state = state.clone();
         async move {
             if state.is_fresh() {

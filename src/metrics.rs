@@ -75,12 +75,91 @@ pub struct Metrics {
     pub store_wal_backlog: IntGauge,
 }
 
+/// Which process serves `/metrics`: each shows the metrics that describe it, so a
+/// control plane does not list proxy latencies that stay empty, nor an edge node a WAL it
+/// does not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsOf {
+    /// `keybrake serve`: control plane and proxy in one process, every metric.
+    Serve,
+    Control,
+    Edge,
+}
+
+/// Metrics only a process that runs the control API (and its store) updates.
+const CONTROL_ONLY: &[&str] = &[
+    "keybrake_keys_issued_total",
+    "keybrake_keys_revoked_total",
+    "keybrake_store_wal_backlog_frames",
+];
+
+/// Metrics only a process that runs the proxy updates.
+const PROXY_ONLY: &[&str] = &[
+    "keybrake_requests_total",
+    "keybrake_upstream_duration_seconds",
+    "keybrake_overhead_seconds",
+    "keybrake_spend_usd_total",
+    "keybrake_llm_tokens_total",
+    "keybrake_sync_lag_seconds",
+    "keybrake_token_cache_hits_total",
+    "keybrake_token_cache_misses_total",
+    "keybrake_token_cache_entries",
+    "keybrake_token_cache_keys",
+];
+
+impl MetricsOf {
+    /// Whether this process shows the metric family `name`.
+    pub fn shows(self, name: &str) -> bool {
+        match self {
+            MetricsOf::Serve => true,
+            MetricsOf::Control => !PROXY_ONLY.contains(&name),
+            MetricsOf::Edge => !CONTROL_ONLY.contains(&name),
+        }
+    }
+
+    /// The Prometheus text of every metric this process shows.
+    pub fn render(self) -> String {
+        let families: Vec<_> = prometheus::gather()
+            .into_iter()
+            .filter(|f| self.shows(f.name()))
+            .collect();
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_default()
+    }
+}
+
+/// Token kinds of `keybrake_llm_tokens_total`.
+pub const LLM_TOKEN_KINDS: [&str; 5] = [
+    "input",
+    "cached_input",
+    "cache_write",
+    "output",
+    "reasoning",
+];
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 impl Metrics {
+    /// A proxy's per-vendor series, at zero until they count: `keybrake_spend_usd_total`
+    /// and `keybrake_requests_total{decision="allowed"}` for each vendor of the catalog,
+    /// `keybrake_llm_tokens_total` of each kind for each token-metered one. A dashboard or
+    /// an alert on them finds them from the process's start, not from its first call.
+    pub fn start_vendor_series<'a>(&self, vendors: impl IntoIterator<Item = (&'a str, bool)>) {
+        for (vendor, llm) in vendors {
+            self.spend_usd.with_label_values(&[vendor]);
+            self.requests.with_label_values(&[vendor, "allowed"]);
+            if llm {
+                for kind in LLM_TOKEN_KINDS {
+                    self.llm_tokens.with_label_values(&[vendor, kind]);
+                }
+            }
+        }
+    }
+
     pub fn global() -> Arc<Metrics> {
         static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
         METRICS

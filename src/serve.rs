@@ -7,7 +7,7 @@ use crate::conns::ConnTable;
 use crate::control::api::{router, ApiState};
 use crate::control::crypto::MasterKey;
 use crate::control::{Control, ControlSettings};
-use crate::metrics::{Metrics, RequestCounters};
+use crate::metrics::{Metrics, MetricsOf, RequestCounters};
 use crate::proxy::record::AccessLogWriter;
 use crate::proxy::service::KeybrakeProxy;
 use crate::proxy::spend::SpendBook;
@@ -279,15 +279,12 @@ pub(crate) fn check_free(listeners: &[(SocketAddr, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// A router answering `GET /metrics` with the Prometheus text of every metric.
-pub(crate) fn metrics_routes() -> axum::Router {
+/// A router answering `GET /metrics` with the Prometheus text of every metric that
+/// describes this process.
+pub(crate) fn metrics_routes(of: MetricsOf) -> axum::Router {
     axum::Router::new().route(
         "/metrics",
-        axum::routing::get(|| async {
-            prometheus::TextEncoder::new()
-                .encode_to_string(&prometheus::gather())
-                .unwrap_or_default()
-        }),
+        axum::routing::get(move || async move { of.render() }),
     )
 }
 
@@ -295,13 +292,13 @@ pub(crate) fn metrics_routes() -> axum::Router {
 /// `GET /metrics`; `GET /healthz`, 200 while the process answers; `GET /readyz`, 200 while
 /// `ready` says its proxy can serve requests, else 503, with `ready`'s JSON either way.
 /// Any other path is 404, so a probe aimed at the wrong path fails rather than passes.
-pub(crate) fn health_routes<F, Fut>(ready: F) -> axum::Router
+pub(crate) fn health_routes<F, Fut>(of: MetricsOf, ready: F) -> axum::Router
 where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = (bool, serde_json::Value)> + Send + 'static,
 {
     use axum::routing::get;
-    metrics_routes()
+    metrics_routes(of)
         .route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
@@ -344,7 +341,7 @@ pub(crate) fn metrics_listener(addr: SocketAddr, thread: &str, app: axum::Router
 /// (keys issued and revoked, audit queue, …). `serve` and edge nodes add `/healthz` and
 /// `/readyz` (`health_routes`).
 fn metrics_server(addr: SocketAddr) -> Result<()> {
-    metrics_listener(addr, "control-metrics", metrics_routes())?;
+    metrics_listener(addr, "control-metrics", metrics_routes(MetricsOf::Control))?;
     log::info!("metrics on http://{addr}/metrics");
     Ok(())
 }
@@ -644,7 +641,7 @@ pub fn run_serve(
 
     let ready_control = control.clone();
     let proxy_addr = config.proxy_listen;
-    let app = health_routes(move || {
+    let app = health_routes(MetricsOf::Serve, move || {
         let control = ready_control.clone();
         async move { crate::control::api::readiness(&control, Some(proxy_addr)).await }
     });
@@ -756,10 +753,12 @@ pub(crate) fn run_proxy(
                 _ => "cannot open the access log".to_string(),
             }
         })?,
-        request_counters: RequestCounters::new(
-            metrics.requests.clone(),
-            config.vendors.keys().cloned(),
-        ),
+        request_counters: {
+            metrics.start_vendor_series(
+                (config.vendors.iter()).map(|(name, v)| (name.as_str(), !v.llm_metered.is_empty())),
+            );
+            RequestCounters::new(metrics.requests.clone(), config.vendors.keys().cloned())
+        },
         metrics: metrics.clone(),
         charges: Default::default(),
         prices: config.prices.clone(),

@@ -242,3 +242,7 @@ def test_the_control_plane_serves_its_metrics(node_channel):
     text = requests.get(f"{control.metrics_url}/metrics", timeout=5).text
     issued = [line for line in text.splitlines() if line.startswith("keybrake_keys_issued_total")]
     assert issued and float(issued[0].split()[-1]) >= 1, text[:2000]
+    # Proxy metrics belong to the nodes: a control plane does not list them, always empty.
+    for proxy_only in ("keybrake_requests_total", "keybrake_overhead_seconds",
+                       "keybrake_spend_usd_total", "keybrake_token_cache_hits_total"):
+        assert proxy_only not in text, proxy_only

@@ -115,6 +115,30 @@ DECISION_CODES = {
 }
 
 
+def test_a_proxys_vendor_series_are_there_at_zero_before_its_first_call(keybrake_factory, fake_stripe):
+    """Dashboards and alerts on spend find their series from the start: before any call,
+    keybrake_spend_usd_total and keybrake_requests_total{decision="allowed"} are 0 for
+    every vendor of the catalog, keybrake_llm_tokens_total 0 for each kind of the LLM
+    vendors. An edge node does not list the control plane's store metrics."""
+    kb = keybrake_factory({"stripe": fake_stripe.url})
+    text = scrape(kb)
+    samples = parse_metrics(text)
+
+    def zero_series(name, **labels):
+        return [v for n, l, v in samples if n == name and l == labels]
+
+    for vendor in ("stripe", "openai", "anthropic"):
+        assert zero_series("keybrake_spend_usd_total", vendor=vendor) == [0.0], text
+        assert zero_series("keybrake_requests_total", vendor=vendor, decision="allowed") == [0.0], text
+    for vendor in ("openai", "anthropic"):
+        for kind in ("input", "cached_input", "cache_write", "output", "reasoning"):
+            assert zero_series("keybrake_llm_tokens_total", vendor=vendor, kind=kind) == [0.0], text
+    assert zero_series("keybrake_llm_tokens_total", vendor="stripe", kind="input") == []
+    if getattr(kb, "edge", None):
+        assert "keybrake_store_wal_backlog_frames" not in text
+        assert "keybrake_keys_issued_total" not in text
+
+
 def test_metrics_move_by_exactly_the_traffic_served(keybrake, tenant, fake_stripe):
     """An operator scraping GET /metrics before and after some traffic sees
     keybrake_requests_total{vendor="stripe",decision=…} move by exactly the calls made

@@ -17,19 +17,28 @@ pub struct Client {
 impl Client {
     /// `ca_file`: a private CA trusted for an `https://` control URL, besides the system's
     /// roots; the certificate and its host name are always verified.
-    pub fn new(control_url: &str, admin: bool, ca_file: Option<&Path>) -> Result<Client> {
-        let token = if admin {
-            std::env::var("KEYBRAKE_ADMIN_TOKEN").or_else(|_| std::env::var("KEYBRAKE_TOKEN"))
-        } else {
-            std::env::var("KEYBRAKE_TOKEN")
-        }
-        .map_err(|_| {
-            anyhow!(if admin {
-                "set KEYBRAKE_ADMIN_TOKEN (or KEYBRAKE_TOKEN) to the admin token"
-            } else {
-                "set KEYBRAKE_TOKEN to a tenant API token (kb_…)"
-            })
-        })?;
+    /// `admin_token_file`: where an admin command reads the admin token, instead of
+    /// `KEYBRAKE_ADMIN_TOKEN`.
+    pub fn new(
+        control_url: &str,
+        admin: bool,
+        admin_token_file: Option<&Path>,
+        ca_file: Option<&Path>,
+    ) -> Result<Client> {
+        let token = match admin_token_file {
+            Some(file) => std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the admin token file {}", file.display()))?,
+            None if admin => std::env::var("KEYBRAKE_ADMIN_TOKEN")
+                .or_else(|_| std::env::var("KEYBRAKE_TOKEN"))
+                .map_err(|_| {
+                    anyhow!(
+                        "set KEYBRAKE_ADMIN_TOKEN to the admin token, or give --admin-token-file \
+                         (serve writes it to DATA_DIR/admin.token on first start)"
+                    )
+                })?,
+            None => std::env::var("KEYBRAKE_TOKEN")
+                .map_err(|_| anyhow!("set KEYBRAKE_TOKEN to a tenant API token (kb_…)"))?,
+        };
         let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));
@@ -66,7 +75,17 @@ impl Client {
                 let message = body["error"]["message"].as_str().unwrap_or("");
                 bail!("{status} {code}: {message}")
             }
-            Err(e) => bail!("cannot reach the control API at {}: {e}", self.base),
+            Err(e) => {
+                // A TLS alert record (0x15 0x03) read as an HTTP answer: the listener
+                // speaks HTTPS.
+                let hint = if self.base.starts_with("http://") && e.to_string().contains("[21, 3,")
+                {
+                    " (it answers in TLS: use an https:// --control-url)"
+                } else {
+                    ""
+                };
+                bail!("cannot reach the control API at {}: {e}{hint}", self.base)
+            }
         }
     }
 }

@@ -967,7 +967,7 @@ pub fn run_edge(
             .name("edge-fresh".into())
             .spawn(move || freshness_loop(s, lag))?;
     }
-    health_server(config.metrics_listen, state)?;
+    health_server(config.metrics_listen, state.clone())?;
     log::info!(
         "metrics, /healthz and /readyz on http://{}",
         config.metrics_listen
@@ -978,6 +978,7 @@ pub fn run_edge(
         metrics.audit_dropped.clone(),
     );
     let exit_audit = audit.clone();
+    let exit_state = state.clone();
     let parts = crate::serve::ProxyParts {
         ledger,
         audit,
@@ -985,7 +986,13 @@ pub fn run_edge(
         staleness: crate::proxy::fresh::Staleness::watched(stale),
         on_drain: Box::new(|| {}),
         on_exit: Box::new(move || {
-            if !exit_audit.flush(Duration::from_secs(5)) {
+            if exit_state.cut_off.load(Ordering::Acquire) {
+                // Its token is refused: what is buffered can never be sent.
+                log::error!(
+                    "audit events still buffered at exit are lost: the control plane \
+                     refuses this node's token"
+                );
+            } else if !exit_audit.flush(Duration::from_secs(5)) {
                 log::error!("audit events still buffered at exit could not be sent in 5 s");
             }
         }),

@@ -190,6 +190,28 @@ struct ClientArgs {
     /// Print the API's JSON instead of a summary.
     #[arg(long, env = "KEYBRAKE_JSON", value_parser = clap::builder::BoolishValueParser::new(), global = true)]
     json: bool,
+    /// Admin commands (tenant, node): the file holding the admin token, instead of
+    /// KEYBRAKE_ADMIN_TOKEN (`serve` writes it to DATA_DIR/admin.token on first start).
+    #[arg(
+        long,
+        env = "KEYBRAKE_ADMIN_TOKEN_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    admin_token_file: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// A client of the control API; `admin` commands send the admin token.
+    fn client(&self, admin: bool) -> Result<Client> {
+        let token_file = self.admin_token_file.as_deref().filter(|_| admin);
+        Client::new(
+            &self.control_url,
+            admin,
+            token_file,
+            self.ca_file.as_deref(),
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -487,7 +509,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Tenant { command, client } => {
-            let api = Client::new(&client.control_url, true, client.ca_file.as_deref())?;
+            let api = client.client(true)?;
             match command {
                 TenantCommand::Create { name } => {
                     let t = api.call(
@@ -534,7 +556,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Node { command, client } => {
-            let api = Client::new(&client.control_url, true, client.ca_file.as_deref())?;
+            let api = client.client(true)?;
             match command {
                 NodeCommand::Create { name } => {
                     let n = api.call(
@@ -567,7 +589,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Vendor { command, client } => {
-            let api = Client::new(&client.control_url, false, client.ca_file.as_deref())?;
+            let api = client.client(false)?;
             let (v, verb) = match command {
                 VendorCommand::Set {
                     vendor,
@@ -604,7 +626,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Key { command, client } => {
-            let api = Client::new(&client.control_url, false, client.ca_file.as_deref())?;
+            let api = client.client(false)?;
             match command {
                 KeyCommand::Issue {
                     vendor,
@@ -667,7 +689,7 @@ fn run(cli: Cli) -> Result<()> {
             cursor,
             client,
         } => {
-            let api = Client::new(&client.control_url, false, client.ca_file.as_deref())?;
+            let api = client.client(false)?;
             let path = cli::with_query(
                 "/v1/audit",
                 &[

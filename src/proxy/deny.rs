@@ -133,7 +133,7 @@ impl Denial {
             CapExhausted => "This request would exceed the vault key's daily spend cap.",
             VendorNotConfigured => "No credential is registered for this vendor.",
             LedgerUnavailable => "The spend ledger is unavailable; metered requests are refused until it returns.",
-            ControlUnreachable => "This edge proxy could not sync with the control plane for longer than its staleness limit; requests are refused until it syncs again.",
+            ControlUnreachable => "This edge proxy is out of sync with the control plane (unreachable for longer than the staleness limit, or this node's token was refused); requests are refused until it syncs again.",
             UpstreamUnavailable => "The vendor could not be reached.",
             UpstreamTimeout => "The vendor did not answer in time.",
             UnknownModel => "The model is not in Keybrake's price table for this vendor.",

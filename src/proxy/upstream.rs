@@ -7,6 +7,7 @@ use crate::Map;
 use arc_swap::ArcSwapOption;
 use pingora::upstreams::peer::HttpPeer;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub struct Upstreams {
@@ -15,6 +16,9 @@ pub struct Upstreams {
     /// The CAs a vendor's certificate is checked against when the vendor or the upstream
     /// section names a `ca_file` (else Pingora's: the system roots).
     cas: Map<String, Arc<pingora::protocols::tls::CaType>>,
+    /// Vendors whose last resolution failed: a failure is logged when it starts, not on
+    /// every refresh (a host without a route to an unused vendor would warn forever).
+    failing: Map<String, AtomicBool>,
 }
 
 impl Upstreams {
@@ -39,10 +43,15 @@ impl Upstreams {
                 (v.name.clone(), ArcSwapOption::new(fixed))
             })
             .collect();
+        let failing = vendors
+            .keys()
+            .map(|name| (name.clone(), AtomicBool::new(false)))
+            .collect();
         Ok(Upstreams {
             addrs,
             timeouts,
             cas,
+            failing,
         })
     }
 
@@ -68,24 +77,42 @@ impl Upstreams {
                 continue;
             }
             let target = (v.upstream.host.as_str(), v.upstream.port);
-            match tokio::time::timeout(self.timeouts.connect, tokio::net::lookup_host(target)).await
-            {
-                Ok(Ok(mut found)) => {
-                    if let (Some(addr), Some(slot)) = (found.next(), self.addrs.get(&v.name)) {
-                        slot.store(Some(Arc::new(addr)));
-                    }
-                }
-                Ok(Err(e)) => log::warn!(
-                    "cannot resolve {} for vendor {}: {e}",
-                    v.upstream.host,
-                    v.name
-                ),
-                Err(_) => log::warn!(
-                    "resolving {} for vendor {} timed out",
-                    v.upstream.host,
-                    v.name
-                ),
+            let failure =
+                match tokio::time::timeout(self.timeouts.connect, tokio::net::lookup_host(target))
+                    .await
+                {
+                    Ok(Ok(mut found)) => match found.next() {
+                        Some(addr) => {
+                            if let Some(slot) = self.addrs.get(&v.name) {
+                                slot.store(Some(Arc::new(addr)));
+                            }
+                            None
+                        }
+                        None => Some("no address".to_string()),
+                    },
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("timed out".to_string()),
+                };
+            self.note_resolution(v, failure);
+        }
+    }
+
+    /// Logs a vendor's resolution when it starts failing and when it works again.
+    fn note_resolution(&self, v: &Vendor, failure: Option<String>) {
+        let Some(failing) = self.failing.get(&v.name) else {
+            return;
+        };
+        match failure {
+            Some(why) if !failing.swap(true, Ordering::Relaxed) => log::warn!(
+                "cannot resolve {} for vendor {}: {why} (tried again every refresh, \
+                 logged again once it resolves)",
+                v.upstream.host,
+                v.name
+            ),
+            None if failing.swap(false, Ordering::Relaxed) => {
+                log::info!("{} resolves again for vendor {}", v.upstream.host, v.name)
             }
+            _ => {}
         }
     }
 }

@@ -454,6 +454,18 @@ def test_the_cli_verifies_the_control_planes_certificate_with_an_optional_ca_fil
     p = run_keybrake("tenant", "list", env={**env, "KEYBRAKE_CONTROL_URL": tls_kb.control_url,
                                              "KEYBRAKE_CA_FILE": str(ca.cert)})
     assert p.returncode == 0 and "seen-by-the-cli" in p.stdout, p.stderr
+    # http:// to a TLS listener: the error says what to change.
+    plain = tls_kb.control_url.replace("https://", "http://")
+    p = run_keybrake("tenant", "list", "--control-url", plain, env=env)
+    assert p.returncode == 1 and "use an https:// --control-url" in p.stderr, p.stderr
+    # The admin token from a file (what serve wrote), not the environment.
+    token_file = tls_kb.workdir / "admin-token-copy"
+    token_file.write_text(tls_kb.admin_token + "\n")
+    p = run_keybrake("tenant", "list", "--control-url", tls_kb.control_url, "--ca-file", str(ca.cert),
+                     "--admin-token-file", str(token_file), env={})
+    assert p.returncode == 0 and "seen-by-the-cli" in p.stdout, p.stderr
+    p = run_keybrake("tenant", "list", "--control-url", tls_kb.control_url, env={})
+    assert p.returncode == 1 and "--admin-token-file" in p.stderr, p.stderr
 
 
 def test_tls_handshakes_and_the_http2_preface_are_inside_the_header_deadline(tls_factory, fake_stripe, ca):

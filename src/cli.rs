@@ -97,7 +97,11 @@ pub fn print(value: &Value, json_out: bool, human: impl FnOnce(&Value) -> String
             serde_json::to_string_pretty(value).unwrap_or_default()
         );
     } else {
-        println!("{}", human(value));
+        // An empty list prints nothing, not an empty line.
+        let text = human(value);
+        if !text.is_empty() {
+            println!("{text}");
+        }
     }
 }
 

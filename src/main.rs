@@ -380,6 +380,41 @@ impl Common {
         Config::load(self.config.as_deref(), &overrides)
     }
 
+    /// Warns about the flags (or their variables) `command` does not use: a setting given
+    /// and silently ignored would look like it took effect.
+    fn warn_unused(&self, command: &str) {
+        let unused: &[(bool, &str)] = match command {
+            "control" => &[
+                (
+                    self.proxy_listen.is_some(),
+                    "--proxy-listen (KEYBRAKE_PROXY_LISTEN)",
+                ),
+                (
+                    !self.vendor_upstream.is_empty(),
+                    "--vendor-upstream (KEYBRAKE_VENDOR_UPSTREAM)",
+                ),
+            ],
+            "proxy" => &[
+                (
+                    self.control_listen.is_some(),
+                    "--control-listen (KEYBRAKE_CONTROL_LISTEN)",
+                ),
+                (
+                    self.master_key_file.is_some(),
+                    "--master-key-file (KEYBRAKE_MASTER_KEY_FILE)",
+                ),
+                (
+                    self.admin_token_file.is_some(),
+                    "--admin-token-file (KEYBRAKE_ADMIN_TOKEN_FILE)",
+                ),
+            ],
+            _ => &[],
+        };
+        for (_, flag) in unused.iter().filter(|(given, _)| *given) {
+            log::warn!("keybrake {command} does not use {flag}: ignored");
+        }
+    }
+
     fn secrets(&self, generate_missing: bool) -> SecretSources {
         SecretSources {
             master_key_file: self.master_key_file.clone(),
@@ -435,6 +470,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|u| keybrake::database::DatabaseUrl::parse(&u))
                 .transpose()
                 .map_err(|e| e.context("--database-url"))?;
+            common.warn_unused("control");
             let config = common.load_with(database_url)?;
             run_control(config, common.secrets(false))
         }
@@ -447,6 +483,7 @@ fn run(cli: Cli) -> Result<()> {
             upgrade,
             daemon,
         } => {
+            common.warn_unused("proxy");
             let config = common.load()?;
             let ready = if daemon {
                 Some(keybrake::serve::daemonize(std::path::Path::new(

@@ -351,13 +351,15 @@ pub fn rfc3339(unix_secs: i64) -> String {
         .unwrap_or_default()
 }
 
+/// RFC 3339 UTC with exactly three fractional digits (`…T07:00:00.850Z`), so a listing's
+/// times line up and sort as text.
 fn rfc3339_ms(unix_ms: i64) -> String {
+    const MS: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     time::OffsetDateTime::from_unix_timestamp_nanos(unix_ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(MS).ok())
         .unwrap_or_default()
 }
 
@@ -938,6 +940,13 @@ async fn list_audit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_times_have_three_fractional_digits() {
+        assert_eq!(rfc3339_ms(1_764_831_600_850), "2025-12-04T07:00:00.850Z");
+        assert_eq!(rfc3339_ms(1_764_831_600_000), "2025-12-04T07:00:00.000Z");
+        assert_eq!(rfc3339_ms(5), "1970-01-01T00:00:00.005Z");
+    }
 
     #[test]
     fn caps_are_exact_positive_bounded_numbers() {

@@ -102,7 +102,7 @@ enum Command {
     /// Copy a SQLite data dir (tenants, API tokens, nodes, credentials, signing keys, keys,
     /// ledger, leases, audit trail) into an empty PostgreSQL database for `control
     /// --database-url`. The data dir must not be in use: stop its serve/control first
-    /// (refused while its PID file or its lease heartbeat shows a live process).
+    /// (refused while a process holds its lock or its PID file names a live one).
     Migrate {
         /// The source: `sqlite:DIR`, a data dir holding keybrake.db (and audit.db).
         #[arg(long, env = "KEYBRAKE_MIGRATE_FROM", value_name = "sqlite:DIR")]

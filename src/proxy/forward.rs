@@ -35,7 +35,8 @@ impl KeybrakeProxy {
             Body::Read { bytes, .. } => std::mem::take(bytes),
             Body::Streamed { .. } => Default::default(),
         };
-        // A stale pooled connection is retried on another, as Pingora does for its path.
+        // A stale pooled connection is tried again only while the vendor cannot have acted
+        // on the request (`upstream_call::send`).
         let (mut upstream, mut resp) = upstream_call::send(&self.connector, &peer, &req, &body)
             .await
             .inspect_err(|e| {

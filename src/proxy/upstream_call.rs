@@ -3,9 +3,13 @@
 //! call can charge before it is forwarded (SPEC §5: `GET /v1/payment_intents/{id}` before
 //! a confirm, the prices of a subscription's items).
 //!
-//! Like Pingora's own path, a request that fails on a reused pooled connection before any
-//! answer arrived is sent again on another connection: an idle connection the vendor
-//! closed is not an answer, and the request never reached it.
+//! A request that fails on a reused pooled connection (an idle connection the vendor
+//! closed: the keep-alive race) is sent again on another connection only when the vendor
+//! surely did not act on it: the failure came while the request was still being written,
+//! or the method is idempotent (a lookup). A request written whole is never sent again,
+//! as in Pingora's own path for non-idempotent methods: the vendor may be working on it
+//! (a slow LLM call that outlives the read timeout), and a second copy would be billed
+//! twice while metered once.
 
 use crate::config::Vendor;
 use crate::secret::Secret;
@@ -36,24 +40,55 @@ pub async fn send(
         session.set_write_timeout(peer.options.write_timeout);
         match exchange(&mut session, req, body).await {
             Ok(header) => return Ok((session, header)),
-            Err(e) if reused && attempt < MAX_ATTEMPTS => {
+            Err((e, stage)) if reused && attempt < MAX_ATTEMPTS && may_resend(req, &e, stage) => {
                 log::debug!("a pooled upstream connection failed ({e}); sending again on another");
             }
-            Err(e) => return Err(e),
+            Err((e, _)) => return Err(e),
         }
     }
+}
+
+/// How far a failed exchange got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The request was not written whole: the vendor cannot act on it.
+    Writing,
+    /// Written whole; the answer failed or did not come in time.
+    Answer,
+}
+
+/// Whether a request that failed on a reused connection may go again on another: never
+/// after a timeout (the vendor may be slow, not gone), and after the request was written
+/// whole only when repeating it cannot charge anything (an idempotent method).
+fn may_resend(req: &RequestHeader, e: &Error, stage: Stage) -> bool {
+    let timed_out = matches!(e.etype(), ReadTimedout | WriteTimedout);
+    !timed_out && (stage == Stage::Writing || req.method.is_idempotent())
 }
 
 async fn exchange(
     session: &mut HttpSession,
     req: &RequestHeader,
     body: &Bytes,
-) -> Result<ResponseHeader> {
-    session.write_request_header(Box::new(req.clone())).await?;
+) -> std::result::Result<ResponseHeader, (Box<Error>, Stage)> {
+    let writing = |e| (e, Stage::Writing);
+    session
+        .write_request_header(Box::new(req.clone()))
+        .await
+        .map_err(writing)?;
     if !body.is_empty() {
-        session.write_request_body(body.clone(), true).await?;
+        session
+            .write_request_body(body.clone(), true)
+            .await
+            .map_err(writing)?;
     }
-    session.finish_request_body().await?;
+    session.finish_request_body().await.map_err(writing)?;
+    read_final_header(session)
+        .await
+        .map_err(|e| (e, Stage::Answer))
+}
+
+/// The response header after any 1xx.
+async fn read_final_header(session: &mut HttpSession) -> Result<ResponseHeader> {
     loop {
         session.read_response_header().await?;
         let header = session

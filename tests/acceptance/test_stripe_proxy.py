@@ -5,6 +5,7 @@ by Keybrake without the vendor ever seeing the request."""
 import hashlib
 import hmac
 import http.client
+import http.server
 import json
 import re
 import secrets
@@ -1076,6 +1077,67 @@ def test_60_kib_metered_body_reaches_stripe_byte_for_byte(keybrake, tenant, fake
     assert r.status_code == 200, r.text
     assert fake_stripe.received()[-1].body == body
     tenant.wait_spent(key["id"], Decimal(7))
+
+
+class _SlowForBigBodies(http.server.BaseHTTPRequestHandler):
+    """A vendor that answers small payments at once and works on a big one for longer than
+    the proxy's read timeout: every request it read whole is counted."""
+    protocol_version = "HTTP/1.1"
+    big_requests: list[int] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if b"metadata[slow]=yes" in body:
+            type(self).big_requests.append(len(body))
+            time.sleep(3)
+            self.close_connection = True
+            return
+        raw = json.dumps({"id": "pi_" + secrets.token_hex(6), "object": "payment_intent",
+                          "amount": 100, "currency": "usd"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+def test_a_big_payment_whose_answer_times_out_is_sent_to_the_vendor_once(
+        keybrake_factory, stripe_secret, tmp_path):
+    """A metered body above the replay buffer goes out on a pooled connection; the vendor
+    reads it whole and takes longer than the read timeout. The agent gets 504
+    upstream_timeout, the vendor got the request exactly once (never again on another
+    pooled connection: it may be working on it, and a second copy would be paid twice
+    while metered once), and the key is charged the reservation."""
+    _SlowForBigBodies.big_requests = []
+    vendor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowForBigBodies)
+    threading.Thread(target=vendor.serve_forever, daemon=True).start()
+    try:
+        config = write_config(tmp_path / "conf", upstream={"read_timeout_ms": 1000})
+        kb = keybrake_factory({"stripe": f"http://127.0.0.1:{vendor.server_address[1]}"}, config=config)
+        t = kb.create_tenant()
+        t.put_credential("stripe", stripe_secret)
+        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        fields = "&".join(f"metadata[field_{i:03d}]={secrets.token_hex(500)}" for i in range(80))
+        big = f"amount=100&currency=usd&{fields}".encode()
+        assert len(big) > 64 * 1024 + 1000
+        # Several pooled connections to the vendor, for bodies sent whole.
+        with ThreadPoolExecutor(6) as pool:
+            fast = list(pool.map(lambda _: kb.proxy("POST", PI, key=key["token"], headers=form,
+                                                     data=big), range(12)))
+        assert [r.status_code for r in fast] == [200] * 12, [r.text for r in fast]
+        slow = big.replace(b"amount=100&", b"amount=700&metadata[slow]=yes&")
+        r = kb.proxy("POST", PI, key=key["token"], headers=form, data=slow)
+        assert_denied(r, 504, "upstream_timeout")
+        time.sleep(1.5)
+        assert _SlowForBigBodies.big_requests == [len(slow)]
+        t.wait_spent(key["id"], Decimal(12) + Decimal(7))
+    finally:
+        vendor.shutdown()
+        vendor.server_close()
 
 
 @pytest.mark.parametrize("size_kib", [100, 900])

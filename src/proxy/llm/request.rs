@@ -263,10 +263,23 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
     })
 }
 
-/// Whether a Responses `input` list holds an item reference written without its type
-/// (`{"id":"msg_…"}`: the `type` of an item reference is optional), or an item Keybrake
-/// cannot read for that (a repeated or non-string `type`). Fail closed: such an item is
-/// a stored item of any size.
+/// Responses input items whose content is all in the body even when they carry the `id`
+/// of the output item they echo back.
+const SELF_CONTAINED_ITEMS: &[&str] = &[
+    "message",
+    "function_call",
+    "function_call_output",
+    "custom_tool_call",
+    "custom_tool_call_output",
+];
+
+/// Whether a Responses `input` list holds an item that may bring stored content by its
+/// `id`: an item reference written without its type (`{"id":"msg_…"}`: the `type` of an
+/// item reference is optional); a `reasoning` item without its `encrypted_content` (the
+/// vendor loads the stored reasoning, tokens the body does not show); any other type with
+/// an `id` that is not known to be self-contained; or an item Keybrake cannot read for
+/// that (a repeated or non-string `type`). Fail closed: such an item is a stored item of
+/// any size.
 fn has_bare_reference(input: Option<&RawValue>) -> bool {
     #[derive(serde::Deserialize)]
     struct Item<'a> {
@@ -274,7 +287,10 @@ fn has_bare_reference(input: Option<&RawValue>) -> bool {
         kind: Option<String>,
         #[serde(borrow)]
         id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        encrypted_content: Option<&'a RawValue>,
     }
+    let present = |v: Option<&RawValue>| v.is_some_and(|v| v.get() != "null");
     let Some(items) = input.and_then(|v| serde_json::from_str::<Vec<&RawValue>>(v.get()).ok())
     else {
         return false;
@@ -282,7 +298,12 @@ fn has_bare_reference(input: Option<&RawValue>) -> bool {
     items.iter().any(|item| {
         item.get().starts_with('{')
             && match serde_json::from_str::<Item>(item.get()) {
-                Ok(i) => i.kind.is_none() && i.id.is_some_and(|id| id.get() != "null"),
+                Ok(i) if !present(i.id) => false,
+                Ok(i) => match i.kind.as_deref() {
+                    None => true,
+                    Some("reasoning") => !present(i.encrypted_content),
+                    Some(kind) => !SELF_CONTAINED_ITEMS.contains(&kind),
+                },
                 Err(_) => true,
             }
     })
@@ -549,6 +570,11 @@ mod tests {
             r#"{"model":"m","input":[{"id":"msg_1"},{"role":"user","content":"go on"}]}"#,
             r#"{"model":"m","input":[{"id":"msg_1","type":null}]}"#,
             r#"{"model":"m","input":[{"id":"msg_1","type":"message","type":null}]}"#,
+            // Stored reasoning, loaded by its id.
+            r#"{"model":"m","input":[{"type":"reasoning","id":"rs_1","summary":[]}]}"#,
+            r#"{"model":"m","input":[{"type":"reasoning","id":"rs_1","summary":[],"encrypted_content":null}]}"#,
+            // A type Keybrake does not know, with an id.
+            r#"{"model":"m","input":[{"type":"compaction","id":"cmp_1"}]}"#,
         ] {
             assert!(responses(rich).rich_input, "{rich}");
         }
@@ -557,6 +583,8 @@ mod tests {
             r#"{"model":"m","input":[{"role":"user","content":"hi"}]}"#,
             r#"{"model":"m","input":[{"type":"message","id":"msg_1","role":"assistant","content":"hi"}]}"#,
             r#"{"model":"m","input":[{"role":"user","content":"hi","id":null}]}"#,
+            r#"{"model":"m","input":[{"type":"function_call","id":"fc_1","call_id":"c","name":"f","arguments":"{}"}]}"#,
+            r#"{"model":"m","input":[{"type":"reasoning","id":"rs_1","summary":[],"encrypted_content":"gAAA"}]}"#,
         ] {
             assert!(!responses(plain).rich_input, "{plain}");
         }

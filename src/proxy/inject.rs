@@ -98,6 +98,7 @@ pub fn strip_client_headers(req: &mut RequestHeader, vendor: &Vendor) {
         .filter(|h| {
             let h = h.as_str();
             HOP_BY_HOP.contains(&h)
+                || METHOD_OVERRIDES.contains(&h)
                 || named.iter().any(|n| n == h)
                 || vendor.strip_headers.iter().any(|n| n.as_str() == h)
                 || (h.contains('_') && is_twin_of_a_checked_header(h, vendor))
@@ -109,11 +110,20 @@ pub fn strip_client_headers(req: &mut RequestHeader, vendor: &Vendor) {
     }
 }
 
+/// Headers some servers read as the request's real method (a `GET`, free, sent on as a
+/// `POST`): the method Keybrake checked is the one the vendor gets.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// Headers Keybrake reads, checks or injects besides the vendor's own lists: their
 /// underscore spellings (`Idempotency_Key`), which a CGI-style server reads as the same
 /// header, never reach the vendor.
-const CHECKED: [&str; 6] = [
+const CHECKED: [&str; 7] = [
     "idempotency-key",
+    "anthropic-beta",
     "content-type",
     "content-length",
     "content-encoding",
@@ -233,7 +243,19 @@ mod tests {
         let anthropic = &c.vendors["anthropic"];
         let mut req = RequestHeader::build("POST", b"/v1/messages", None).unwrap();
         req.insert_header("x-api-key", "vk_x").unwrap();
+        // Checked by the LLM stage under its dashed name only: the twin never goes on.
+        req.insert_header("anthropic_beta", "context-1m-2025-08-07")
+            .unwrap();
+        for header in [
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+        ] {
+            req.insert_header(header, "POST").unwrap();
+        }
         strip_client_headers(&mut req, anthropic);
+        assert!(req.headers.get("anthropic_beta").is_none());
+        assert!(req.headers.keys().all(|h| !h.as_str().contains("method")));
         inject_credential(&mut req, anthropic, &Secret::new("sk-ant-1")).unwrap();
         assert_eq!(req.headers["x-api-key"], "sk-ant-1");
         assert_eq!(req.headers["anthropic-version"], "2023-06-01");

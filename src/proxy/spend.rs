@@ -407,6 +407,11 @@ impl SpendBook {
         // Budget committed ahead first (no round trip); the rest taken from the lease and
         // committed now.
         let entry = self.entry(who, now);
+        // Charged past its cap today (a call cost more than its bound): stopped for the
+        // day, whatever its lease still holds.
+        if entry.over_cap.load(Ordering::Acquire) {
+            return Err(SpendError::CapExhausted);
+        }
         let ahead = entry.take_precommitted(amount);
         let rest = amount.saturating_sub(ahead);
         if !rest.is_positive() {
@@ -857,6 +862,39 @@ mod settle_part_tests {
         book.report(1000, true).await;
         assert_eq!(*ledger.spent.lock().unwrap(), 1_050);
         assert!(book.is_over_cap(&who, 1000));
+    }
+
+    #[tokio::test]
+    async fn a_key_charged_past_its_cap_is_stopped_for_the_day_whatever_budget_is_left() {
+        let ledger = Arc::new(Ledger1::default());
+        let book = SpendBook::new(
+            ledger.clone(),
+            Arc::new(Published::empty()),
+            1,
+            2,
+            Metrics::global(),
+        );
+        let who = Spender {
+            key_id: "key_over",
+            tenant_id: "tn_1",
+            vendor: "openai",
+            cap: Micros(1_000),
+            exp: i64::MAX,
+        };
+        let first = book.reserve(&who, Micros(600), 1000).await.unwrap();
+        let second = book.reserve(&who, Micros(300), 1000).await.unwrap();
+        // 150 past the first's bound, with only 100 left: charged beyond the cap.
+        book.settle_part(first, Micros(750), &who, 1000).await;
+        assert!(book.is_over_cap(&who, 1000));
+        // The second cost nothing: its 300 are free again, yet the key spends no more today.
+        book.release(second);
+        assert!(matches!(
+            book.reserve(&who, Micros(100), 1000).await,
+            Err(SpendError::CapExhausted)
+        ));
+        // A free call is still a free call; the next day starts afresh.
+        assert!(book.reserve(&who, Micros::ZERO, 1000).await.is_ok());
+        assert!(!book.is_over_cap(&who, 1000 + 86_400));
     }
 }
 

@@ -43,7 +43,9 @@ pub async fn send(
             Err((e, stage)) if reused && attempt < MAX_ATTEMPTS && may_resend(req, &e, stage) => {
                 log::debug!("a pooled upstream connection failed ({e}); sending again on another");
             }
-            Err((e, _)) => return Err(e),
+            // The vendor's side failed: answered as upstream_unavailable/_timeout, not
+            // blamed on the client.
+            Err((e, _)) => return Err(e.into_up()),
         }
     }
 }

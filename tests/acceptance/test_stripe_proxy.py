@@ -1731,21 +1731,24 @@ def _closing_upstream():
     return listener, served
 
 
-def test_a_stale_pooled_connection_is_retried_not_charged(keybrake_factory, stripe_secret):
-    """A large metered body (sent by Keybrake's own exchange) that meets a pooled
-    connection the vendor has dropped is sent again on a fresh one: both payments
-    succeed and are each charged once."""
+def test_a_payment_sent_whole_on_a_connection_that_then_fails_is_not_sent_again(keybrake_factory, stripe_secret):
+    """A large metered body (sent by Keybrake's own exchange) goes out whole on a pooled
+    connection, and the vendor resets it without answering. Keybrake cannot know the
+    vendor did not act on it, so it does not send it again: 502 upstream_unavailable,
+    charged as a call that may have moved money. The next payment goes on a fresh
+    connection and succeeds."""
     listener, served = _closing_upstream()
     try:
         kb = keybrake_factory({"stripe": f"http://127.0.0.1:{listener.getsockname()[1]}"})
         t = kb.create_tenant()
         t.put_credential("stripe", stripe_secret)
         key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
-        for _ in range(2):
-            r = pay(kb, key["token"], 700, **LARGE)
-            assert r.status_code == 200, r.text
+        assert pay(kb, key["token"], 700, **LARGE).status_code == 200
+        assert_denied(pay(kb, key["token"], 700, **LARGE), 502, "upstream_unavailable")
+        r = pay(kb, key["token"], 700, **LARGE)
+        assert r.status_code == 200, r.text
         assert len(served) == 2
-        t.wait_spent(key["id"], Decimal(14))
+        t.wait_spent(key["id"], Decimal(21))
     finally:
         listener.close()
 

@@ -1692,31 +1692,44 @@ def test_v2_json_bodies_are_forwarded_as_json(keybrake, tenant, fake_stripe):
 
 
 def _closing_upstream():
-    """A vendor that answers the first request on each connection and resets the
-    connection when a second one arrives on it (a pooled connection gone stale)."""
+    """A vendor that answers the first request on each connection, and reads a second
+    one on it whole, then resets the connection without answering (it may or may not
+    have acted on it: the proxy cannot tell)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     served = []
+    unanswered = []
+
+    def read_request(conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, rest = data.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+        while len(rest) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            rest += chunk
+        return rest
 
     def handle(conn):
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, rest = data.split(b"\r\n\r\n", 1)
-            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
-            while len(rest) < length:
-                rest += conn.recv(65536)
-            served.append(len(rest))
+            body = read_request(conn)
+            if body is None:
+                return
+            served.append(len(body))
             answer = json.dumps({"id": f"pi_stale{len(served)}", "object": "payment_intent",
                                  "amount": 700, "currency": "usd"}).encode()
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                          + f"Content-Length: {len(answer)}\r\n\r\n".encode() + answer)
-            if conn.recv(1):  # the next request on this connection: reset, unanswered
+            body = read_request(conn)
+            if body is not None:  # the next request on this connection: reset, unanswered
+                unanswered.append(len(body))
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
 
     def accept():
@@ -1728,7 +1741,7 @@ def _closing_upstream():
             threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
-    return listener, served
+    return listener, served, unanswered
 
 
 def test_a_payment_sent_whole_on_a_connection_that_then_fails_is_not_sent_again(keybrake_factory, stripe_secret):
@@ -1737,7 +1750,7 @@ def test_a_payment_sent_whole_on_a_connection_that_then_fails_is_not_sent_again(
     vendor did not act on it, so it does not send it again: 502 upstream_unavailable,
     charged as a call that may have moved money. The next payment goes on a fresh
     connection and succeeds."""
-    listener, served = _closing_upstream()
+    listener, served, unanswered = _closing_upstream()
     try:
         kb = keybrake_factory({"stripe": f"http://127.0.0.1:{listener.getsockname()[1]}"})
         t = kb.create_tenant()
@@ -1747,7 +1760,7 @@ def test_a_payment_sent_whole_on_a_connection_that_then_fails_is_not_sent_again(
         assert_denied(pay(kb, key["token"], 700, **LARGE), 502, "upstream_unavailable")
         r = pay(kb, key["token"], 700, **LARGE)
         assert r.status_code == 200, r.text
-        assert len(served) == 2
+        assert len(served) == 2 and len(unanswered) == 1, (served, unanswered)
         t.wait_spent(key["id"], Decimal(21))
     finally:
         listener.close()

@@ -836,8 +836,8 @@ mod settle_part_tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_unused_part_goes_back_and_an_excess_is_charged_after() {
+    /// A book on `Ledger1`, and an OpenAI key `key_id` with a cap of 1,000.
+    fn book_and_key(key_id: &'static str) -> (Arc<Ledger1>, SpendBook, Spender<'static>) {
         let ledger = Arc::new(Ledger1::default());
         let book = SpendBook::new(
             ledger.clone(),
@@ -847,12 +847,18 @@ mod settle_part_tests {
             Metrics::global(),
         );
         let who = Spender {
-            key_id: "key_llm",
+            key_id,
             tenant_id: "tn_1",
             vendor: "openai",
             cap: Micros(1_000),
             exp: i64::MAX,
         };
+        (ledger, book, who)
+    }
+
+    #[tokio::test]
+    async fn the_unused_part_goes_back_and_an_excess_is_charged_after() {
+        let (ledger, book, who) = book_and_key("key_llm");
         let r = book.reserve(&who, Micros(600), 1000).await.unwrap();
         // 400 is still free, so a second 600 does not fit until the first settles.
         assert!(book.reserve(&who, Micros(600), 1000).await.is_err());
@@ -866,21 +872,7 @@ mod settle_part_tests {
 
     #[tokio::test]
     async fn a_key_charged_past_its_cap_is_stopped_for_the_day_whatever_budget_is_left() {
-        let ledger = Arc::new(Ledger1::default());
-        let book = SpendBook::new(
-            ledger.clone(),
-            Arc::new(Published::empty()),
-            1,
-            2,
-            Metrics::global(),
-        );
-        let who = Spender {
-            key_id: "key_over",
-            tenant_id: "tn_1",
-            vendor: "openai",
-            cap: Micros(1_000),
-            exp: i64::MAX,
-        };
+        let (_, book, who) = book_and_key("key_over");
         let first = book.reserve(&who, Micros(600), 1000).await.unwrap();
         let second = book.reserve(&who, Micros(300), 1000).await.unwrap();
         // 150 past the first's bound, with only 100 left: charged beyond the cap.

@@ -423,11 +423,12 @@ impl Control {
     /// never as it came: each event's tenant and label are its key's (none for an event
     /// without a key, or with a key that does not exist); texts are cut to the proxy's
     /// bounds with control characters replaced, so a trail read in a terminal shows what
-    /// happened and nothing else; a time in the future is now; a negative spend is none.
+    /// happened and nothing else; a key id that is not one is dropped; a time more than a
+    /// minute ahead of this host's clock is that minute; a negative spend is none.
     async fn vet_node_events(&self, events: &mut [AuditEvent]) -> Result<()> {
         let latest_ms = crate::token::unix_ms() as i64 + NODE_CLOCK_AHEAD_MS;
         for event in events.iter_mut() {
-            *event = crate::proxy::audit::bounded(std::mem::take(event));
+            // Replaced first, then cut: a replacement is longer than what it replaces.
             for text in [
                 &mut event.method,
                 &mut event.path,
@@ -439,6 +440,13 @@ impl Control {
             .chain(event.llm.as_mut().map(|l| &mut l.model))
             {
                 replace_control_chars(text);
+            }
+            *event = crate::proxy::audit::bounded(std::mem::take(event));
+            // A key id is an id or nothing: one no key has is kept only if it looks like one.
+            if event.key_id.as_deref().is_some_and(|id| {
+                id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            }) {
+                event.key_id = None;
             }
             event.ts_ms = event.ts_ms.clamp(0, latest_ms);
             event.spend = event.spend.max(Micros::ZERO);

@@ -28,6 +28,8 @@ impl KeybrakeProxy {
     async fn exchange_read_body(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         let peer = self.upstream_peer(session, ctx).await?;
         let mut req = session.req_header().clone();
+        // Vendors are spoken to in HTTP/1.1, whatever the client used (as Pingora's path).
+        req.set_version(http::Version::HTTP_11);
         // The whole body goes with the header: nothing to wait for a 100 for.
         req.remove_header(&http::header::EXPECT);
         self.upstream_request_filter(session, &mut req, ctx).await?;

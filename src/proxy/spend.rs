@@ -408,7 +408,7 @@ impl SpendBook {
         // committed now.
         let entry = self.entry(who, now);
         // Charged past its cap today (a call cost more than its bound): stopped for the
-        // day, whatever its lease still holds.
+        // day.
         if entry.over_cap.load(Ordering::Acquire) {
             return Err(SpendError::CapExhausted);
         }
@@ -581,20 +581,37 @@ impl SpendBook {
     }
 
     /// Spend learned from a vendor's response (already charged by the vendor): taken from
-    /// the lease when possible, recorded beyond it otherwise, so the key stops at its cap.
+    /// the lease when possible; otherwise what the lease still holds goes toward it and
+    /// only the rest is recorded beyond any lease. When the cap itself is what is short,
+    /// the key is over its cap: refused for the rest of the day.
     pub async fn charge_after(&self, who: &Spender<'_>, amount: Micros, now: i64) {
         if !amount.is_positive() {
             return;
         }
-        match self.reserve(who, amount, now).await {
-            Ok(r) => self.settle(r),
-            Err(_) => {
-                let entry = self.entry(who, now);
-                entry.over_cap.store(true, Ordering::Release);
-                entry.add_overspent(amount);
-                self.spend_counter(&entry).inc_by(amount.as_usd_f64());
+        let short = match self.reserve(who, amount, now).await {
+            Ok(r) => return self.settle(r),
+            Err(e) => e,
+        };
+        let entry = self.entry(who, now);
+        let left = entry
+            .available
+            .load(Ordering::Acquire)
+            .saturating_add(entry.precommitted.load(Ordering::Acquire))
+            .clamp(0, amount.0);
+        let mut beyond = amount;
+        if left > 0 {
+            if let Ok(r) = self.reserve(who, Micros(left), now).await {
+                self.settle(r);
+                beyond = amount.saturating_sub(Micros(left));
             }
         }
+        // The cap is what is short (not the ledger, which may answer again): stopped for
+        // the day, even when calls in flight might give budget back (the safe side).
+        if matches!(short, SpendError::CapExhausted) {
+            entry.over_cap.store(true, Ordering::Release);
+        }
+        entry.add_overspent(beyond);
+        self.spend_counter(&entry).inc_by(beyond.as_usd_f64());
     }
 
     /// Whether the key has been charged beyond its cap today (by this process).
@@ -872,13 +889,14 @@ mod settle_part_tests {
 
     #[tokio::test]
     async fn a_key_charged_past_its_cap_is_stopped_for_the_day_whatever_budget_is_left() {
-        let (_, book, who) = book_and_key("key_over");
+        let (ledger, book, who) = book_and_key("key_over");
         let first = book.reserve(&who, Micros(600), 1000).await.unwrap();
         let second = book.reserve(&who, Micros(300), 1000).await.unwrap();
-        // 150 past the first's bound, with only 100 left: charged beyond the cap.
+        // 150 past the first's bound with only 100 left: the 100 go toward it, 50 are
+        // charged beyond any lease, and the key is over its cap for the day (even though
+        // the second, still in flight, may give budget back: the safe side).
         book.settle_part(first, Micros(750), &who, 1000).await;
         assert!(book.is_over_cap(&who, 1000));
-        // The second cost nothing: its 300 are free again, yet the key spends no more today.
         book.release(second);
         assert!(matches!(
             book.reserve(&who, Micros(100), 1000).await,
@@ -887,6 +905,9 @@ mod settle_part_tests {
         // A free call is still a free call; the next day starts afresh.
         assert!(book.reserve(&who, Micros::ZERO, 1000).await.is_ok());
         assert!(!book.is_over_cap(&who, 1000 + 86_400));
+        // Charged once: the 750 the vendor billed.
+        book.report(1000, true).await;
+        assert_eq!(*ledger.spent.lock().unwrap(), 750);
     }
 }
 

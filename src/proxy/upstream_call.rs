@@ -6,7 +6,7 @@
 //! A request that fails on a reused pooled connection (an idle connection the vendor
 //! closed: the keep-alive race) is sent again on another connection only when the vendor
 //! surely did not act on it: the failure came while the request was still being written,
-//! or the method is idempotent (a lookup). A request written whole is never sent again,
+//! or the method only reads (a lookup). A request written whole is never sent again,
 //! as in Pingora's own path for non-idempotent methods: the vendor may be working on it
 //! (a slow LLM call that outlives the read timeout), and a second copy would be billed
 //! twice while metered once.
@@ -61,10 +61,12 @@ enum Stage {
 
 /// Whether a request that failed on a reused connection may go again on another: never
 /// after a timeout (the vendor may be slow, not gone), and after the request was written
-/// whole only when repeating it cannot charge anything (an idempotent method).
+/// whole only when repeating it cannot charge anything (a `GET` or `HEAD`: a `PUT` or
+/// `DELETE` is idempotent by the RFC, but a vendor may bill each request).
 fn may_resend(req: &RequestHeader, e: &Error, stage: Stage) -> bool {
     let timed_out = matches!(e.etype(), ReadTimedout | WriteTimedout);
-    !timed_out && (stage == Stage::Writing || req.method.is_idempotent())
+    let read_only = matches!(req.method, http::Method::GET | http::Method::HEAD);
+    !timed_out && (stage == Stage::Writing || read_only)
 }
 
 async fn exchange(

@@ -196,7 +196,7 @@ def test_a_nodes_audit_event_is_bounded_and_cannot_forge_lines_or_dates(node_cha
               "label": "forged\u001b[2J", "vendor": "stripe", "method": "POST",
               "path": "/stripe/v1/charges\n2026-12-04 POST /v1/refunds 200 allowed $0",
               "status": 200, "decision": "allowed\u2028", "spend": -5_000_000,
-              "vendor_request_id": "req_" + "x" * 5000, "duration_ms": 3, "llm": None}
+              "vendor_request_id": "req_" + "\u001b" * 5000, "duration_ms": 3, "llm": None}
     resp = sync("audit", {"batch": 1, "events": [forged]})
     assert resp.status_code == 200, resp.text
     [event] = acme.audit(key_id=key["id"])
@@ -204,6 +204,7 @@ def test_a_nodes_audit_event_is_bounded_and_cannot_forge_lines_or_dates(node_cha
     assert "\n" not in event["path"] and event["path"].startswith("/stripe/v1/charges")
     assert not any(ord(c) < 0x20 or c in "\u2028\u2029" for c in event["path"] + event["decision"])
     assert len(event["vendor_request_id"].encode()) <= 256
+    assert "\u001b" not in event["vendor_request_id"]
     assert event["spend_usd"] == 0
     shown = int(datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp() * 1000)
     assert now_ms - 1000 <= shown <= now_ms + 61_000, event["ts"]

@@ -229,6 +229,9 @@ def test_http2_clients_get_the_same_answers_as_http1(tls_kb, tls_tenant, fake_st
         ("GET", "/stripe/v1/customers", {}, None),
         ("GET", "/stripe/v1/customers%2Fx", auth, None),
         ("POST", "/stripe/v1/payment_intents", auth, {"amount": "999999", "currency": "usd"}),
+        # Over the 64 KiB Pingora replays: sent by Keybrake's own exchange, in HTTP/1.1.
+        ("POST", "/stripe/v1/payment_intents", auth,
+         {"amount": "700", "currency": "usd", **{f"metadata[f{i:02}]": "m" * 1000 for i in range(80)}}),
     ]
     answers = {}
     for http2 in (False, True):
@@ -242,7 +245,7 @@ def test_http2_clients_get_the_same_answers_as_http1(tls_kb, tls_tenant, fake_st
                 got.append((r.status_code, shape, r.headers.get("x-keybrake-key-id")))
             answers[http2] = got
     assert answers[True] == answers[False], answers
-    assert [a[0] for a in answers[True]] == [200, 200, 401, 400, 429], answers
+    assert [a[0] for a in answers[True]] == [200, 200, 401, 400, 429, 200], answers
 
 
 # --------------------------------------------------------------------------- vendors' certificates

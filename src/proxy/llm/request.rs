@@ -271,6 +271,12 @@ const SELF_CONTAINED_ITEMS: &[&str] = &[
     "function_call_output",
     "custom_tool_call",
     "custom_tool_call_output",
+    "local_shell_call",
+    "local_shell_call_output",
+    "shell_call",
+    "shell_call_output",
+    "apply_patch_call",
+    "apply_patch_call_output",
 ];
 
 /// Whether a Responses `input` list holds an item that may bring stored content by its

@@ -226,7 +226,7 @@ pub fn audit_line(e: &Value) -> String {
 /// paragraph separators written as `\u{…}`, so what the trail says cannot move the cursor,
 /// recolour the terminal or print a line of its own.
 fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
-    let unsafe_char = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    use crate::proxy::audit::is_unprintable as unsafe_char;
     if !text.chars().any(unsafe_char) {
         return text.into();
     }

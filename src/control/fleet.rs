@@ -499,9 +499,9 @@ const NODE_CLOCK_AHEAD_MS: i64 = 60_000;
 /// become U+FFFD. A proxy's own texts never have them (HTTP does not carry them); a node's
 /// might.
 fn replace_control_chars(text: &mut String) {
-    let bad = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
-    if text.contains(bad) {
-        *text = text.replace(bad, "\u{FFFD}");
+    use crate::proxy::audit::is_unprintable;
+    if text.contains(is_unprintable) {
+        *text = text.replace(is_unprintable, "\u{FFFD}");
     }
 }
 

@@ -77,6 +77,13 @@ pub fn bounded(mut event: AuditEvent) -> AuditEvent {
     event
 }
 
+/// Characters an audit text must not carry as they are: control characters (escape
+/// sequences, line breaks) and the line and paragraph separators. Shown in a terminal or a
+/// log, they move the cursor, recolour the screen or start a line of their own.
+pub fn is_unprintable(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
 /// Cuts `text` to at most `max` bytes (the mark included) on a character boundary,
 /// ending it with `…` when it was longer.
 fn cut(text: &mut String, max: usize) {

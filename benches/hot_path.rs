@@ -1,8 +1,9 @@
-//! The proxy's hot path, stage by stage: token check (uncached and cached), endpoint
-//! match, revocation lookup, path canonicalization and a spend reservation.
+//! The proxy's hot path, stage by stage: token check (uncached, in batches of fresh keys,
+//! and cached), endpoint match, revocation lookup, path canonicalization and a spend
+//! reservation.
 //! Run: `cargo bench --bench hot_path`.
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use keybrake::metrics::Metrics;
 use keybrake::money::Micros;
 use keybrake::pattern::Allowlist;
@@ -14,7 +15,24 @@ use keybrake::sync::{
     Grant, LeaseCommit, LeaseReport, LeaseRequest, Ledger, LedgerError, Published,
 };
 use keybrake::token::{generate_ed25519, now_secs, Claims, Jwk, Jwks, SigningKey, Verifier};
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+struct NoWake;
+
+impl Wake for NoWake {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// The output of a future that does not wait (a cached key's check never does).
+fn ready<F: Future>(f: F) -> F::Output {
+    let waker = Waker::from(Arc::new(NoWake));
+    match std::pin::pin!(f).poll(&mut Context::from_waker(&waker)) {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("the future waited"),
+    }
+}
 
 fn claims() -> Claims {
     let now = now_secs();
@@ -51,10 +69,32 @@ fn token_check(c: &mut Criterion) {
     published.verifier.store(Arc::new(Verifier::new(&jwks)));
     let cached = KeyVerifier::new(published, 100_000, Metrics::global());
     let now = now_secs();
-    cached.verify(token.expose(), now).unwrap();
+    ready(cached.verify(token.expose(), now)).unwrap();
     c.bench_function("token_check_cached", |b| {
-        b.iter(|| cached.verify(black_box(token.expose()), now).unwrap())
+        b.iter(|| ready(cached.verify(black_box(token.expose()), now)).unwrap())
     });
+
+    // Fresh keys' signatures checked together (per signature: throughput in elements).
+    let tokens: Vec<_> = (0..32)
+        .map(|i| {
+            let mut c = claims();
+            c.jti = format!("key_bench_{i}");
+            signer.sign(&c)
+        })
+        .collect();
+    let mut group = c.benchmark_group("token_check_batch");
+    for size in [1, 4, 16, 32] {
+        let parsed: Vec<_> = tokens[..size]
+            .iter()
+            .map(|t| verifier.parse(t.expose()).unwrap())
+            .collect();
+        let checks: Vec<_> = parsed.iter().map(|p| &p.check).collect();
+        group.throughput(Throughput::Elements(size as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &checks, |b, checks| {
+            b.iter(|| assert!(keybrake::token::batch::all_hold(black_box(checks))))
+        });
+    }
+    group.finish();
 }
 
 fn endpoint_match(c: &mut Criterion) {

@@ -74,6 +74,9 @@ fn main() {
         for t in 0..threads {
             let (signer, verifier) = (&signer, &verifier);
             s.spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("a runtime");
                 for n in (t..keys).step_by(threads) {
                     let claims = Claims {
                         jti: id("key", n),
@@ -87,8 +90,8 @@ fn main() {
                         acc: None,
                     };
                     let token = signer.sign(&claims);
-                    verifier
-                        .verify(token.expose(), now)
+                    runtime
+                        .block_on(verifier.verify(token.expose(), now))
                         .expect("a freshly minted token verifies");
                 }
             });

@@ -11,8 +11,9 @@
 # fails if it ran out of keys: raise KEYS). Both phases build their requests the same
 # way in wrk's Lua, so the load generator costs the same in both.
 #
-# Prints requests/s, p50, p99 and the proxy's CPU per request for each phase and the
-# throughput ratio fresh/hot (target >= 0.5). Fails on any non-2xx answer. Afterwards the
+# Prints requests/s, p50, p99 and the proxy's CPU per request for each phase, the
+# throughput ratio fresh/hot (target >= 0.5) and how many fresh keys' signatures were
+# checked together (batches of fresh keys arriving at once, `src/token/batch.rs`). Fails on any non-2xx answer. Afterwards the
 # key's and the fresh keys' settled spend is checked against what wrk counted.
 #
 #   cargo build --release --bin keybrake
@@ -150,18 +151,22 @@ measure() { # phase round seconds [quiet]
   printf "%-6s %-6s %11s %8s %8s %8s %9s %9s%% %12s\n" "$1" "$2" "$rps" "$p50" "$p99" "$bad" "$errs" "$(cat "$f.cpu")" "$us"
   printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$rps" "$p50" "$p99" "$(cat "$f.cpu")" "$(cat "$f.other")" >>"$TMP/results.tsv"
 }
-# metric NAME -> the edge node's counter (0 when absent)
+# metric NAME -> the proxy's (serve's or the edge node's) counter (0 when absent)
 metric() { curl -fsS --max-time 5 "http://$KB_METRICS/metrics" | awk -v n="$1" '$1 == n {print $2; f=1} END {if (!f) print 0}'; }
 measure hot 0 "$WARMUP" quiet
 measure fresh 0 "$WARMUP" quiet
 calls_fresh=0; leases_fresh=0; commits_fresh=0; commit_calls_fresh=0; sent_fresh_measured=0
+misses_fresh=0; batches_fresh=0
 for r in $(seq 1 "$ROUNDS"); do
   measure hot "$r" "$DURATION"
+  m0=$(metric keybrake_token_cache_misses_total); b0=$(metric keybrake_token_signature_batches_total)
   if [ "${KB_MODE:-serve}" = edge ]; then
     l0=$(metric keybrake_lease_requests_total); c0=$(metric keybrake_lease_calls_total)
     w0=$(metric keybrake_commit_rows_total); wc0=$(metric keybrake_commit_calls_total); s0=$fresh_sent
   fi
   measure fresh "$r" "$DURATION"
+  misses_fresh=$(python3 -c "print(int($misses_fresh + $(metric keybrake_token_cache_misses_total) - $m0))")
+  batches_fresh=$(python3 -c "print(int($batches_fresh + $(metric keybrake_token_signature_batches_total) - $b0))")
   if [ "${KB_MODE:-serve}" = edge ]; then
     leases_fresh=$(python3 -c "print(int($leases_fresh + $(metric keybrake_lease_requests_total) - $l0))")
     calls_fresh=$(python3 -c "print(int($calls_fresh + $(metric keybrake_lease_calls_total) - $c0))")
@@ -179,6 +184,7 @@ print(f"\nedge node, measured fresh phases: {sent:,} requests (each a new key) -
       f"{rows:,} write-ahead rows in {ccalls:,} calls ({rows / max(ccalls, 1):.1f} per call)")
 PY
 fi
+python3 -c "import sys; m, b = int(sys.argv[1]), int(sys.argv[2]); print(f'\nmeasured fresh phases: {m:,} signatures checked in {b:,} checks ({m / max(b, 1):.1f} per check)')" "$misses_fresh" "$batches_fresh"
 
 python3 - "$TMP/results.tsv" "$CONNS" <<'PY'
 import sys, statistics

@@ -67,6 +67,9 @@ pub struct Metrics {
     pub sync_lag: Gauge,
     pub token_cache_hits: IntCounter,
     pub token_cache_misses: IntCounter,
+    /// Signature checks run, one per batch of fresh keys' signatures (misses / batches is
+    /// the mean batch size).
+    pub token_signature_batches: IntCounter,
     /// Verified digests and keys in use held by the verified-token cache (set every second).
     pub token_cache_entries: IntGauge,
     pub token_cache_keys: IntGauge,
@@ -103,6 +106,7 @@ const PROXY_ONLY: &[&str] = &[
     "keybrake_sync_lag_seconds",
     "keybrake_token_cache_hits_total",
     "keybrake_token_cache_misses_total",
+    "keybrake_token_signature_batches_total",
     "keybrake_token_cache_entries",
     "keybrake_token_cache_keys",
 ];
@@ -223,6 +227,11 @@ impl Metrics {
                     token_cache_misses: register_int_counter!(
                         "keybrake_token_cache_misses_total",
                         "Vault keys whose signature had to be verified."
+                    )
+                    .unwrap(),
+                    token_signature_batches: register_int_counter!(
+                        "keybrake_token_signature_batches_total",
+                        "Signature checks of fresh vault keys, each of one or more keys checked together."
                     )
                     .unwrap(),
                     token_cache_entries: register_int_gauge!(

@@ -9,6 +9,8 @@ use jsonwebtoken::{Algorithm, Header};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
+pub mod batch;
+
 pub const TOKEN_PREFIX: &str = "vk_";
 
 /// Leeway on `exp`. The spec allows up to 5 s; we allow none, so a key is dead the second
@@ -153,6 +155,17 @@ impl Verifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let Unverified { payload, check } = self.parse(token)?;
+        if !check.holds() {
+            return Err(TokenError::Invalid);
+        }
+        payload.claims()
+    }
+
+    /// The token taken apart and checked for everything but its signature: the
+    /// signature is then checked alone ([`SignatureCheck::holds`]) or with others
+    /// ([`batch::all_hold`]).
+    pub fn parse<'a>(&self, token: &'a str) -> Result<Unverified<'a>, TokenError> {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let jwt = token
             .strip_prefix(TOKEN_PREFIX)
@@ -187,11 +200,31 @@ impl Verifier {
         if !is_reduced(&bytes[32..]) {
             return Err(TokenError::Invalid);
         }
-        let signature = ed25519_dalek::Signature::from_bytes(&bytes);
-        ed25519_dalek::Verifier::verify(key, signed.as_bytes(), &signature)
-            .map_err(|_| TokenError::Invalid)?;
-        let claims: Claims = b64
-            .decode(payload)
+        Ok(Unverified {
+            payload: Payload(payload),
+            check: SignatureCheck {
+                message: signed.as_bytes().to_vec(),
+                signature: bytes,
+                key: *key,
+            },
+        })
+    }
+}
+
+/// A token whose signature is still to be checked.
+pub struct Unverified<'a> {
+    pub payload: Payload<'a>,
+    pub check: SignatureCheck,
+}
+
+/// A token's claims part, still encoded.
+pub struct Payload<'a>(&'a str);
+
+impl Payload<'_> {
+    /// The claims, once the signature held: decoded, and refused when expired.
+    pub fn claims(&self) -> Result<Claims, TokenError> {
+        let claims: Claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(self.0)
             .ok()
             .and_then(|json| serde_json::from_slice(&json).ok())
             .ok_or(TokenError::Invalid)?;
@@ -199,6 +232,23 @@ impl Verifier {
             return Err(TokenError::Expired);
         }
         Ok(claims)
+    }
+}
+
+/// One Ed25519 signature to check: the signed bytes, the signature (`s` known to be
+/// reduced), and the public key it must verify against.
+pub struct SignatureCheck {
+    message: Vec<u8>,
+    signature: [u8; 64],
+    key: ed25519_dalek::VerifyingKey,
+}
+
+impl SignatureCheck {
+    /// The signature checked alone, by RFC 8032's cofactorless rule: `[s]B - [k]A` must
+    /// encode to exactly the signature's `R`.
+    pub fn holds(&self) -> bool {
+        let signature = ed25519_dalek::Signature::from_bytes(&self.signature);
+        ed25519_dalek::Verifier::verify(&self.key, &self.message, &signature).is_ok()
     }
 }
 

@@ -76,7 +76,7 @@ impl KeybrakeProxy {
         // 1. route
         self.route(session.req_header(), ctx)?;
         // 2. authenticate
-        let key = self.authenticate(session.req_header(), ctx, now)?;
+        let key = self.authenticate(session.req_header(), ctx, now).await?;
         // Told only to a valid key: the vendor's name does not say whether it exists.
         let vendor = ctx.vendor.clone().ok_or(Denial::UnknownVendor)?;
         let req = session.req_header();
@@ -148,17 +148,21 @@ impl KeybrakeProxy {
 
     /// Stage 2, authenticate: the vault key, verified (a key that fails still names its
     /// id in the audit when its signature was good).
-    fn authenticate(
+    async fn authenticate(
         &self,
         req: &RequestHeader,
         ctx: &mut Ctx,
         now: i64,
     ) -> Result<Arc<VerifiedKey>, Denial> {
         let token = extract::vault_key(&req.headers).ok_or(Denial::MissingKey)?;
-        let key = self.verifier.verify(&token, now).map_err(|(denial, key)| {
-            ctx.key = key;
-            denial
-        })?;
+        let key = self
+            .verifier
+            .verify(&token, now)
+            .await
+            .map_err(|(denial, key)| {
+                ctx.key = key;
+                denial
+            })?;
         ctx.key = Some(key.clone());
         Ok(key)
     }

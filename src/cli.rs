@@ -78,9 +78,12 @@ impl Client {
             Err(e) => {
                 // A TLS alert record (0x15 0x03) read as an HTTP answer: the listener
                 // speaks HTTPS.
-                let hint = if self.base.starts_with("http://") && e.to_string().contains("[21, 3,")
-                {
+                let text = e.to_string();
+                let hint = if self.base.starts_with("http://") && text.contains("[21, 3,") {
                     " (it answers in TLS: use an https:// --control-url)"
+                } else if text.contains("UnknownIssuer") {
+                    " (a certificate from a private CA: give the CA with --ca-file or \
+                     KEYBRAKE_CA_FILE)"
                 } else {
                     ""
                 };

@@ -674,6 +674,8 @@ struct SyncState {
     synced_at_ms: AtomicU64,
     ever_synced: AtomicBool,
     cut_off: AtomicBool,
+    /// The control plane took this node for dead and gave its leases back: it stops.
+    lapsed: AtomicBool,
     /// Read by the proxy on every request (`proxy::fresh`).
     stale: Arc<AtomicBool>,
     max_staleness: Duration,
@@ -688,6 +690,7 @@ impl SyncState {
     fn is_fresh(&self) -> bool {
         self.ever_synced.load(Ordering::Acquire)
             && !self.cut_off.load(Ordering::Acquire)
+            && !self.lapsed.load(Ordering::Acquire)
             && self.since_sync() <= self.max_staleness
     }
 
@@ -751,6 +754,10 @@ fn apply(answer: &Value, published: &Published) -> Result<(String, u64)> {
     Ok((epoch, version))
 }
 
+/// Exit status of a node the control plane took for dead (EX_TEMPFAIL): started again by
+/// its service manager, it says hello with a new session and serves.
+const LAPSED_EXIT: i32 = 75;
+
 /// The long-poll loop, on its own thread, for the life of the process.
 fn sync_loop(
     client: Arc<SyncClient>,
@@ -784,10 +791,17 @@ fn sync_loop(
                     metrics.snapshot_version.set(v as i64);
                     let valid_for = answer["lease_valid_for_ms"].as_i64().unwrap_or(0);
                     let until = if answer["leases_lapsed"].as_bool() == Some(true) {
-                        log::error!(
-                            "the control plane took this node for dead and gave its leases \
-                             back: metered calls are refused until the node restarts"
-                        );
+                        if !state.lapsed.swap(true, Ordering::AcqRel) {
+                            log::error!(
+                                "the control plane took this node for dead (no poll for \
+                                 longer than the lease lifetime) and gave its leases back: \
+                                 stopping, so that the service manager starts it again \
+                                 with a new session (exit status {LAPSED_EXIT})"
+                            );
+                            // The graceful stop of SIGTERM: audit events sent, then exit.
+                            // SAFETY: kill(2) on this process, no memory involved.
+                            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                        }
                         0
                     } else {
                         sent_unix_ms + valid_for
@@ -871,6 +885,7 @@ fn health_server(addr: std::net::SocketAddr, state: Arc<SyncState>) -> Result<()
                     "status": "not_ready",
                     "code": "control_unreachable",
                     "node_token_refused": refused,
+                    "leases_lapsed": state.lapsed.load(Ordering::Acquire),
                     "seconds_since_sync": lag,
                 });
                 (false, body)
@@ -926,6 +941,7 @@ pub fn run_edge(
         synced_at_ms: AtomicU64::new(0),
         ever_synced: AtomicBool::new(false),
         cut_off: AtomicBool::new(false),
+        lapsed: AtomicBool::new(false),
         stale: stale.clone(),
         max_staleness: opts.max_staleness,
     });
@@ -994,6 +1010,9 @@ pub fn run_edge(
                 );
             } else if !exit_audit.flush(Duration::from_secs(5)) {
                 log::error!("audit events still buffered at exit could not be sent in 5 s");
+            }
+            if exit_state.lapsed.load(Ordering::Acquire) {
+                std::process::exit(LAPSED_EXIT);
             }
         }),
     };

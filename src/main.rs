@@ -382,7 +382,7 @@ impl Common {
 
     /// Warns about the flags (or their variables) `command` does not use: a setting given
     /// and silently ignored would look like it took effect.
-    fn warn_unused(&self, command: &str) {
+    fn warn_unused(&mut self, command: &str) {
         let unused: &[(bool, &str)] = match command {
             "control" => &[
                 (
@@ -412,6 +412,19 @@ impl Common {
         };
         for (_, flag) in unused.iter().filter(|(given, _)| *given) {
             log::warn!("keybrake {command} does not use {flag}: ignored");
+        }
+        // Ignored means not read either: a value it would refuse does not stop it.
+        match command {
+            "control" => {
+                self.proxy_listen = None;
+                self.vendor_upstream.clear();
+            }
+            "proxy" => {
+                self.control_listen = None;
+                self.master_key_file = None;
+                self.admin_token_file = None;
+            }
+            _ => {}
         }
     }
 
@@ -463,7 +476,7 @@ fn run(cli: Cli) -> Result<()> {
             run_serve(config, common.secrets(true), upgrade, ready)
         }
         Command::Control {
-            common,
+            mut common,
             database_url,
         } => {
             let database_url = database_url
@@ -475,7 +488,7 @@ fn run(cli: Cli) -> Result<()> {
             run_control(config, common.secrets(false))
         }
         Command::Proxy {
-            common,
+            mut common,
             control_url,
             node_token_file,
             ca_file,

@@ -255,7 +255,9 @@ impl Control {
         let valid_ms = ((lifetime - super::LEASE_MARGIN_SECS).max(0) as u64).saturating_mul(1000);
         let wait = wait.min(Duration::from_millis(valid_ms / 4));
         let same_epoch = epoch == self.fleet.epoch;
-        if same_epoch && since == self.fleet.version() && alive {
+        // A session taken for dead waits too: it learns so from the first answer, and
+        // one answered at once would poll again at once, in a loop.
+        if same_epoch && since == self.fleet.version() {
             let mut rx = self.fleet.version.subscribe();
             let _ = tokio::time::timeout(wait, rx.wait_for(|v| *v != since)).await;
         }
@@ -361,8 +363,37 @@ impl Control {
         batch: Option<u64>,
         reports: Vec<LeaseReport>,
     ) -> Result<bool, LedgerError> {
+        let reports = self
+            .about_known_keys(reports)
+            .await
+            .map_err(|e| LedgerError(format!("{e:#}")))?;
         self.report_for(&holder_id(node, session), batch, reports)
             .await
+    }
+
+    /// A node's report rows about keys that exist, for yesterday, today or tomorrow
+    /// (UTC), the days a lease can be granted for: a row about anything else can settle
+    /// nothing real, and would only add rows to the ledger. (A revoked or expired key's
+    /// rows stay: its calls were made.)
+    async fn about_known_keys(&self, reports: Vec<LeaseReport>) -> Result<Vec<LeaseReport>> {
+        let mut ids: Vec<&str> = reports.iter().map(|r| r.key_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let keys = self.store.key_limits(&ids).await?;
+        let today = crate::sync::utc_day(now_secs());
+        let asked = reports.len();
+        let known: Vec<LeaseReport> = reports
+            .into_iter()
+            .filter(|r| keys.contains_key(&r.key_id) && (today - 1..=today + 1).contains(&r.day))
+            .collect();
+        if known.len() < asked {
+            log::warn!(
+                "a node reported spend on {} keys that do not exist or days no lease is \
+                 granted for: ignored",
+                asked - known.len()
+            );
+        }
+        Ok(known)
     }
 
     /// Write-ahead of a node session's reservations (`sync::LeaseCommit`).

@@ -100,21 +100,28 @@ async fn leases(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<
     if body.requests.len() > MAX_BATCH {
         return Err(too_many());
     }
-    amounts_in_range(
-        body.requests
-            .iter()
-            .flat_map(|r| [&r.cap, &r.min, &r.want, &r.commit]),
-    )?;
-    let grants: Vec<Value> = s
+    // A request with an amount out of range is answered an error of its own: a batch
+    // holds many tenants' keys, and one key's figure must not refuse the others'.
+    let mut grants = vec![Value::Null; body.requests.len()];
+    let (mut asked, mut requests) = (Vec::new(), Vec::new());
+    for (i, r) in body.requests.into_iter().enumerate() {
+        if in_range([&r.cap, &r.min, &r.want, &r.commit]) {
+            asked.push(i);
+            requests.push(r);
+        } else {
+            grants[i] = json!({ "error": out_of_range() });
+        }
+    }
+    let answers = s
         .control
-        .node_leases(&node.id, &node.session, body.requests)
-        .await
-        .into_iter()
-        .map(|g| match g {
+        .node_leases(&node.id, &node.session, requests)
+        .await;
+    for (i, g) in asked.into_iter().zip(answers) {
+        grants[i] = match g {
             Ok(g) => json!({ "granted": g.granted.0, "committed": g.committed.0 }),
             Err(e) => json!({ "error": e.0 }),
-        })
-        .collect();
+        };
+    }
     Ok(Json(json!({ "grants": grants })))
 }
 
@@ -235,17 +242,21 @@ async fn audit(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<J
 /// Every amount a node sends is micro-USD between 0 and `MAX_USD`: a negative spend
 /// would give budget back, and a huge one overflow the ledger.
 fn amounts_in_range<'a>(amounts: impl IntoIterator<Item = &'a Micros>) -> Result<(), ApiError> {
-    if amounts
-        .into_iter()
-        .all(|a| (Micros::ZERO..=MAX_USD).contains(a))
-    {
+    if in_range(amounts) {
         Ok(())
     } else {
-        Err(ApiError::InvalidRequest(format!(
-            "amounts must be 0 to {} micro-USD",
-            MAX_USD.0
-        )))
+        Err(ApiError::InvalidRequest(out_of_range()))
     }
+}
+
+fn in_range<'a>(amounts: impl IntoIterator<Item = &'a Micros>) -> bool {
+    amounts
+        .into_iter()
+        .all(|a| (Micros::ZERO..=MAX_USD).contains(a))
+}
+
+fn out_of_range() -> String {
+    format!("amounts must be 0 to {} micro-USD", MAX_USD.0)
 }
 
 fn too_many() -> ApiError {

@@ -503,7 +503,9 @@ impl SpendBook {
                         cap: entry.cap,
                         min,
                         want,
-                        commit: Micros(amount.0.saturating_mul(2)),
+                        // Never more than the cap: a grant commits at most what it
+                        // grants, and a bigger figure is no amount the ledger takes.
+                        commit: Micros(amount.0.saturating_mul(2).min(entry.cap.0)),
                     },
                     &entry.0,
                 )

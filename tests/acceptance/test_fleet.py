@@ -4,6 +4,7 @@ revocation and one audit trail hold across every node."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -321,6 +322,33 @@ def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(f
     settled = wait_until(lambda: (lambda k: k if k["held_usd"] == 0 else None)(tenant.get_key(key["id"])),
                          timeout=10)
     assert settled and settled["spent_today_usd"] == cap, settled
+
+
+def test_a_node_taken_for_dead_stops_and_serves_again_with_a_new_session(fleet):
+    """A node silent for longer than the lease lifetime while the control plane ran (a
+    partition, a stopped process) is taken for dead and its lease given back. Woken, it
+    learns so from its next poll: it spends nothing more, fails /readyz, and stops with
+    exit status 75 (systemd's `Restart=on-failure` starts it again), instead of polling
+    in a loop with every metered call refused. Started again, it serves."""
+    control, tenant, node = fleet
+    e = node("sleepy")
+    # A cap whose lease slice ($100 / 16) outlasts the first $1 call.
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    assert pay(e, key["token"]).status_code == 200
+    e.proc.send_signal(signal.SIGSTOP)
+    try:
+        # The lease it held comes back once the lifetime (6 s) has passed.
+        assert tenant.get_key(key["id"])["held_usd"] > 0
+        assert wait_until(lambda: tenant.get_key(key["id"])["held_usd"] == 0, timeout=20, interval=0.2)
+    finally:
+        e.proc.send_signal(signal.SIGCONT)
+    assert e.proc.wait(timeout=30) == 75, e.logs()[-2000:]
+    assert "took this node for dead" in e.logs()
+    spent = tenant.get_key(key["id"])["spent_today_usd"]
+    assert spent >= 1, spent
+    e.start()
+    assert pay(e, key["token"]).status_code == 200
+    assert tenant.get_key(key["id"])["spent_today_usd"] >= spent + 1
 
 
 def test_node_cli_creates_lists_and_deletes(fleet):

@@ -2,12 +2,14 @@
 the ledger). Raw sync calls with a valid node token, as a compromised or buggy node would
 send them: the cap comes from the key row, not the request; another tenant's, an unknown,
 an expired or a revoked key, a far day, and a session that never said hello are granted
-nothing; negative or huge amounts are refused with 400 and never reach the ledger; a
+nothing; negative or huge amounts are refused (the call with 400, a lease request alone)
+and never reach the ledger; a
 numbered report batch sent again (its answer lost) is applied once; an audit event is
 filed under its key's tenant, not the one the node names."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from datetime import datetime
 from decimal import Decimal
@@ -110,9 +112,17 @@ def test_reports_with_negative_or_huge_amounts_are_refused(node_channel, field, 
     # Nothing reached the ledger: the key still shows the $2 lease, and its listing reads.
     assert acme.get_key(key["id"])["spent_today_usd"] == 2
     assert any(k["id"] == key["id"] for k in acme.call("GET", "/v1/keys").json()["data"])
-    # Lease and commit amounts are held to the same range.
-    bad_lease = dict(lease(key, acme.id, 10_000_000, 1), want=-5)
-    assert sync("leases", {"requests": [bad_lease]}).status_code == 400
+    # Lease amounts are held to the same range, request by request: a lease batch carries
+    # many tenants' keys, and one key's figure (a huge charge's commit) must not refuse
+    # the others'.
+    for bad in ({"want": -5}, {"commit": MAX_USD_MICROS + 1}, {"cap": -1}):
+        resp = sync("leases", {"requests": [dict(lease(key, acme.id, 10_000_000, 1), **bad),
+                                            lease(key, acme.id, 10_000_000, 1_000_000)]})
+        assert resp.status_code == 200, resp.text
+        bad_grant, good_grant = resp.json()["grants"]
+        assert "micro-USD" in bad_grant["error"] and "granted" not in bad_grant
+        assert good_grant["granted"] == 1_000_000
+    assert acme.get_key(key["id"])["spent_today_usd"] == 5
     bad_commit = {"key_id": key["id"], "day": today(), "amount": -1}
     assert sync("commits", {"commits": [bad_commit]}).status_code == 400
 
@@ -155,6 +165,28 @@ def test_a_report_batch_sent_again_is_applied_once(node_channel):
     report(0, 0.25, batch=None)
     report(0, 0.25, batch=None)
     assert spend() == (Decimal("5"), Decimal("1.5"))
+
+
+def test_reports_about_unknown_keys_or_far_days_settle_nothing_and_add_no_rows(node_channel):
+    """A node token could otherwise fill the ledger with rows about keys that do not exist
+    (1000 a call), or settle spend on days no lease is granted for."""
+    control, (acme, _), sync = node_channel
+    key = acme.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+    assert granted(sync("leases", {"requests": [lease(key, acme.id, 10_000_000, 2_000_000)]})) == [2_000_000]
+
+    def row(key_id: str, day: int, spent: int) -> dict:
+        return {"key_id": key_id, "day": day, "spent": spent, "returned": 0, "overspent": 0}
+
+    junk = [row(f"key_doesnotexist{i}", today(), 1_000_000) for i in range(50)]
+    junk += [row(key["id"], today() + 5, 1_000_000), row(key["id"], -5, 1_000_000)]
+    resp = sync("reports", {"batch": 1, "reports": junk + [row(key["id"], today(), 1_000_000)]})
+    assert resp.status_code == 200, resp.text
+    # Only the row about the key's lease today settled: $1 of the $2 lease spent.
+    k = acme.get_key(key["id"])
+    assert (k["spent_today_usd"], k["held_usd"]) == (2, 1)
+    with sqlite3.connect(f"file:{control.data_dir / 'keybrake.db'}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT key_id, day FROM ledger").fetchall()
+    assert rows == [(key["id"], today())], rows
 
 
 def test_a_nodes_audit_events_are_filed_under_the_keys_tenant(node_channel):

@@ -18,6 +18,9 @@ use std::time::Duration;
 /// Revocations kept for deltas: a node further behind than this gets a full snapshot.
 const REVOCATION_LOG: usize = 100_000;
 
+/// How many days back a node's spend report is still applied (`about_known_keys`).
+const REPORT_DAYS_BACK: i64 = 7;
+
 /// What changed since a version: the feed's state and its recent revocations.
 struct FeedLog {
     /// Versions at or below `floor` have left the log: older nodes get everything.
@@ -371,10 +374,11 @@ impl Control {
             .await
     }
 
-    /// A node's report rows about keys that exist, for yesterday, today or tomorrow
-    /// (UTC), the days a lease can be granted for: a row about anything else can settle
-    /// nothing real, and would only add rows to the ledger. (A revoked or expired key's
-    /// rows stay: its calls were made.)
+    /// A node's report rows about keys that exist, for a day from a week ago to tomorrow
+    /// (UTC; leases are granted for yesterday to tomorrow, and a report held back by an
+    /// outage may arrive days later): a row about anything else can settle nothing real,
+    /// and would only add rows to the ledger. (A revoked or expired key's rows stay: its
+    /// calls were made.)
     async fn about_known_keys(&self, reports: Vec<LeaseReport>) -> Result<Vec<LeaseReport>> {
         let mut ids: Vec<&str> = reports.iter().map(|r| r.key_id.as_str()).collect();
         ids.sort_unstable();
@@ -384,7 +388,10 @@ impl Control {
         let asked = reports.len();
         let known: Vec<LeaseReport> = reports
             .into_iter()
-            .filter(|r| keys.contains_key(&r.key_id) && (today - 1..=today + 1).contains(&r.day))
+            .filter(|r| {
+                keys.contains_key(&r.key_id)
+                    && (today - REPORT_DAYS_BACK..=today + 1).contains(&r.day)
+            })
             .collect();
         if known.len() < asked {
             log::warn!(

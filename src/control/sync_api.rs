@@ -116,6 +116,7 @@ async fn leases(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<
         .control
         .node_leases(&node.id, &node.session, requests)
         .await;
+    debug_assert_eq!(asked.len(), answers.len(), "one answer per lease request");
     for (i, g) in asked.into_iter().zip(answers) {
         grants[i] = match g {
             Ok(g) => json!({ "granted": g.granted.0, "committed": g.committed.0 }),

@@ -25,12 +25,11 @@ use super::deny::Denial;
 use crate::metrics::Metrics;
 use crate::pattern::Allowlist;
 use crate::sync::Published;
-use crate::token::{
-    batch, claims_of_verified, unix_ms, Claims, SignatureCheck, TokenError, Unverified,
-};
+use crate::token::{batch, claims_of_verified, Claims, SignatureCheck, TokenError, Unverified};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 use tokio::sync::oneshot;
 
 /// A vault key whose signature has been checked, with its allowlist compiled.
@@ -160,17 +159,20 @@ impl<V: Clone> Generations<V> {
 /// Fresh keys' signature checks, gathered so that those arriving together are checked in
 /// one batch (`token::batch`: ~12 µs a signature in batches of 16 against ~35 µs alone).
 ///
-/// The first check to find the queue empty leads: it yields once, so that the requests
-/// ready on the runtime at that moment add theirs, then checks everything queued and
-/// hands each waiting request its answer; the check that fills a batch runs it at once.
-/// Nothing waits on a timer: a lone request is checked alone after one turn of the
-/// scheduler. A batch that fails is checked again one
-/// by one (each token gets the single check's verdict), and the next
-/// [`ALONE_AFTER_FAILURE_MS`] go one by one, so that a stream of bad signatures costs the
-/// good ones at most a few failed batches a second.
+/// Each check joins the queue and yields once, so that the requests ready on the runtime
+/// at that moment join too; whichever of them resumes first checks everything queued and
+/// hands each waiting request its answer (the others find theirs waiting), and the check
+/// that fills a batch runs it at once. Nothing waits on a timer: a lone request is checked
+/// alone after one turn of the scheduler. A batch that fails is checked again one by one
+/// (each token gets the single check's verdict), and the next [`ALONE_AFTER_FAILURE_MS`] go
+/// one by one, so that a stream of bad signatures costs the good ones at most a few failed
+/// batches a second.
 struct SignatureBatches {
     queue: Mutex<Vec<Waiting>>,
-    /// Until when (Unix ms) checks go one by one, after a batch failed.
+    /// The clock of `alone_until_ms` (monotonic: a wall clock set back cannot stop
+    /// batching).
+    started: Instant,
+    /// Until when (ms after `started`) checks go one by one, after a batch failed.
     alone_until_ms: AtomicU64,
     /// `keybrake_token_signature_batches_total`.
     batches: prometheus::IntCounter,
@@ -191,13 +193,18 @@ impl SignatureBatches {
     fn new(batches: prometheus::IntCounter) -> Self {
         SignatureBatches {
             queue: Mutex::new(Vec::new()),
+            started: Instant::now(),
             alone_until_ms: AtomicU64::new(0),
             batches,
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     async fn check(&self, check: SignatureCheck) -> bool {
-        if unix_ms() < self.alone_until_ms.load(Ordering::Relaxed) {
+        if self.now_ms() < self.alone_until_ms.load(Ordering::Relaxed) {
             self.batches.inc();
             return check.holds();
         }
@@ -208,12 +215,12 @@ impl SignatureBatches {
             queue.len()
         };
         if queued >= MAX_BATCH {
-            // A full batch goes at once, not after its leader's turn.
+            // A full batch goes at once.
             self.run();
-        } else if queued == 1 {
-            // Checks the queue when dropped: after the yield, or if this request is
+        } else {
+            // Checks what is queued when dropped: after the yield, or if this request is
             // dropped while yielding (the others are answered all the same).
-            let _leader = Leader(self);
+            let _turn = Turn(self);
             tokio::task::yield_now().await;
         }
         verdict.await.unwrap_or(false)
@@ -235,16 +242,17 @@ impl SignatureBatches {
             }
             if batched && !all_hold {
                 self.alone_until_ms
-                    .store(unix_ms() + ALONE_AFTER_FAILURE_MS, Ordering::Relaxed);
+                    .store(self.now_ms() + ALONE_AFTER_FAILURE_MS, Ordering::Relaxed);
             }
             queued = rest;
         }
     }
 }
 
-struct Leader<'a>(&'a SignatureBatches);
+/// A queued check's turn: runs the queue when it ends.
+struct Turn<'a>(&'a SignatureBatches);
 
-impl Drop for Leader<'_> {
+impl Drop for Turn<'_> {
     fn drop(&mut self) {
         self.0.run();
     }
@@ -445,14 +453,14 @@ mod tests {
         assert_eq!(run(mixed.clone()).await, expected);
         assert_eq!(batches.batches.get(), 2);
         // ... and for a while checks go one by one.
-        assert!(batches.alone_until_ms.load(Ordering::Relaxed) > unix_ms());
+        assert!(batches.alone_until_ms.load(Ordering::Relaxed) > batches.now_ms());
         assert_eq!(run(mixed).await, expected);
         // (Checks alone are slow in a debug build: the window may close before all 12.)
         assert!(batches.batches.get() >= 4, "{}", batches.batches.get());
     }
 
     #[tokio::test]
-    async fn a_leader_gone_before_its_batch_still_answers_the_others() {
+    async fn a_check_dropped_while_yielding_still_answers_the_others() {
         let (verifier, tokens) = tokens(3);
         let batches = Arc::new(SignatureBatches::new(counter()));
         let checks: Vec<_> = tokens
@@ -460,11 +468,11 @@ mod tests {
             .map(|t| verifier.parse(t).unwrap().check)
             .collect();
         let mut checks = checks.into_iter();
-        // The leader is polled once (queued, yielding), then dropped.
+        // The first check is polled once (queued, yielding), then dropped.
         use std::future::Future;
-        let mut leader = Box::pin(batches.check(checks.next().unwrap()));
+        let mut first = Box::pin(batches.check(checks.next().unwrap()));
         let waker = std::task::Waker::from(Arc::new(NoWake));
-        assert!(leader
+        assert!(first
             .as_mut()
             .poll(&mut std::task::Context::from_waker(&waker))
             .is_pending());
@@ -475,7 +483,7 @@ mod tests {
             })
             .collect();
         tokio::task::yield_now().await;
-        drop(leader);
+        drop(first);
         for f in followers {
             assert!(f.await.unwrap());
         }

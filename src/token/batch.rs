@@ -20,10 +20,12 @@
 //! - a batch with a bad signature fails, except with probability about 2^-128 (the z_i
 //!   are unknown to whoever made the signatures); the one exception is a signature whose
 //!   error is a small-order point, which takes the private key to make: only the control
-//!   plane could, and it signs by RFC 8032.
+//!   plane could, and it signs by RFC 8032;
+//! - an `R` that is not a point's canonical encoding fails the batch, as the single rule
+//!   (which compares `R` as bytes) refuses it.
 //!
 //! When a batch fails nothing is accepted from it: each signature is then checked alone,
-//! so a refused token is refused by the single rule exactly.
+//! by the single rule.
 
 use super::SignatureCheck;
 use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
@@ -52,6 +54,11 @@ pub fn all_hold(checks: &[&SignatureCheck]) -> bool {
         let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes)) else {
             return false;
         };
+        // The single rule compares `R` as bytes, so it accepts only a point's canonical
+        // encoding: a batch never takes another.
+        if !is_canonical(&r_bytes) {
+            return false;
+        }
         let Some(r) = CompressedEdwardsY(r_bytes).decompress() else {
             return false;
         };
@@ -78,6 +85,20 @@ pub fn all_hold(checks: &[&SignatureCheck]) -> bool {
         points.push(a);
     }
     EdwardsPoint::vartime_multiscalar_mul(scalars, points).is_identity()
+}
+
+/// An encoded point is canonical: its y below p = 2^255 - 19, and no sign bit on a point
+/// whose x is 0 (y = 1 or y = p - 1), the two encodings `decompress` takes that no point
+/// compresses to.
+fn is_canonical(bytes: &[u8; 32]) -> bool {
+    let sign = bytes[31] & 0x80 != 0;
+    let mut y = *bytes;
+    y[31] &= 0x7f;
+    // y >= p: the top 250 bits all set and the lowest byte at least 0xed.
+    let at_least_p = y[0] >= 0xed && y[1..31].iter().all(|&b| b == 0xff) && y[31] == 0x7f;
+    let one = y[0] == 1 && y[1..].iter().all(|&b| b == 0);
+    let minus_one = y[0] == 0xec && y[1..31].iter().all(|&b| b == 0xff) && y[31] == 0x7f;
+    !at_least_p && !(sign && (one || minus_one))
 }
 
 #[cfg(test)]
@@ -150,6 +171,37 @@ mod tests {
             refused += usize::from(!alone);
         }
         assert!(refused >= 30, "the test spoiled too few batches: {refused}");
+    }
+
+    #[test]
+    fn only_canonical_point_encodings_are_taken() {
+        let mut p_minus_1 = [0xff; 32];
+        p_minus_1[0] = 0xec;
+        p_minus_1[31] = 0x7f;
+        let mut one = [0; 32];
+        one[0] = 1;
+        for y in [one, p_minus_1] {
+            assert!(is_canonical(&y));
+            let mut signed = y;
+            signed[31] |= 0x80;
+            assert!(!is_canonical(&signed), "{signed:?}");
+        }
+        for low in 0xed..=0xff {
+            let mut y = [0xff; 32];
+            y[0] = low;
+            y[31] = 0x7f;
+            assert!(!is_canonical(&y), "y = p + {}", low - 0xed);
+            y[31] = 0xff;
+            assert!(!is_canonical(&y));
+        }
+        // Every point's own encoding is canonical.
+        let mut point = ED25519_BASEPOINT_POINT;
+        for _ in 0..64 {
+            let bytes = point.compress().to_bytes();
+            assert!(is_canonical(&bytes));
+            assert_eq!(CompressedEdwardsY(bytes).decompress(), Some(point));
+            point += ED25519_BASEPOINT_POINT;
+        }
     }
 
     #[test]

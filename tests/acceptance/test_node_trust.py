@@ -178,7 +178,8 @@ def test_reports_about_unknown_keys_or_far_days_settle_nothing_and_add_no_rows(n
         return {"key_id": key_id, "day": day, "spent": spent, "returned": 0, "overspent": 0}
 
     junk = [row(f"key_doesnotexist{i}", today(), 1_000_000) for i in range(50)]
-    junk += [row(key["id"], today() + 5, 1_000_000), row(key["id"], -5, 1_000_000)]
+    junk += [row(key["id"], today() + 5, 1_000_000), row(key["id"], today() - 30, 1_000_000),
+             row(key["id"], -5, 1_000_000)]
     resp = sync("reports", {"batch": 1, "reports": junk + [row(key["id"], today(), 1_000_000)]})
     assert resp.status_code == 200, resp.text
     # Only the row about the key's lease today settled: $1 of the $2 lease spent.

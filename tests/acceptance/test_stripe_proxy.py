@@ -682,6 +682,42 @@ def test_forged_or_tampered_tokens_are_invalid_key(keybrake, tenant, fake_stripe
     assert keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"]).status_code == 200
 
 
+def test_forged_tokens_arriving_with_fresh_genuine_ones_are_refused_each(keybrake, tenant, fake_stripe):
+    """Fresh keys that arrive together have their signatures checked in one batch: a
+    forged token among them (a genuine signature on raised claims, a foreign key's
+    signature) is refused alone, every genuine one is charged, and nothing forged reaches
+    Stripe, however the requests interleave."""
+    genuine = [tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=5)["token"]
+               for _ in range(48)]
+    header, _, _ = token_parts(genuine[0])
+    public = [k for k in jwks(keybrake) if k["kid"] == header["kid"]][0]
+    forged = [_forge(kind, genuine[i], public)
+              for i, kind in enumerate(["raised_cap", "right_kid_wrong_key", "extended_exp"] * 8)]
+    calls = [(t, True) for t in genuine] + [(t, False) for t in forged]
+    calls = [calls[i] for i in sorted(range(len(calls)), key=lambda i: (i * 37) % len(calls))]
+    def counter(name):
+        text = requests.get(f"{keybrake.metrics_url}/metrics", timeout=5).text
+        return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name + " "))
+
+    before = counter("keybrake_token_signature_batches_total")
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        answers = list(pool.map(lambda c: (pay(keybrake, c[0], 100), c[1]), calls))
+    print("signature checks for", len(calls), "fresh tokens:",
+          counter("keybrake_token_signature_batches_total") - before)
+    for resp, is_genuine in answers:
+        if is_genuine:
+            assert resp.status_code == 200, resp.text
+        else:
+            assert_denied(resp, 401, "invalid_key")
+    assert len(accepted_intents(fake_stripe)) == len(genuine)
+    # A batch that failed sends the next checks one by one for a moment: genuine fresh
+    # keys are still served.
+    more = [tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=5)["token"]
+            for _ in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda t: pay(keybrake, t, 100), more))
+
+
 def test_token_from_another_keybrake_is_invalid_key(keybrake, tenant, fake_stripe, keybrake_factory):
     """(5) A vault key minted by a different Keybrake installation (its own signing keys)
     is 401 invalid_key here."""

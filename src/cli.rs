@@ -22,12 +22,14 @@ impl Client {
     pub fn new(
         control_url: &str,
         admin: bool,
-        admin_token_file: Option<&Path>,
+        token_file: Option<&Path>,
         ca_file: Option<&Path>,
     ) -> Result<Client> {
-        let token = match admin_token_file {
-            Some(file) => std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read the admin token file {}", file.display()))?,
+        let whose = if admin { "admin" } else { "tenant API" };
+        let token = match token_file {
+            Some(file) => std::fs::read_to_string(file).with_context(|| {
+                format!("cannot read the {whose} token file {}", file.display())
+            })?,
             None if admin => std::env::var("KEYBRAKE_ADMIN_TOKEN")
                 .or_else(|_| std::env::var("KEYBRAKE_TOKEN"))
                 .map_err(|_| {
@@ -36,8 +38,9 @@ impl Client {
                          (serve writes it to DATA_DIR/admin.token on first start)"
                     )
                 })?,
-            None => std::env::var("KEYBRAKE_TOKEN")
-                .map_err(|_| anyhow!("set KEYBRAKE_TOKEN to a tenant API token (kb_…)"))?,
+            None => std::env::var("KEYBRAKE_TOKEN").map_err(|_| {
+                anyhow!("set KEYBRAKE_TOKEN to a tenant API token (kb_…), or give --token-file")
+            })?,
         };
         let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))

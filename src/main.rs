@@ -199,12 +199,20 @@ struct ClientArgs {
         global = true
     )]
     admin_token_file: Option<PathBuf>,
+    /// Tenant commands (vendor, key, audit): the file holding the tenant's API token,
+    /// instead of KEYBRAKE_TOKEN.
+    #[arg(long, env = "KEYBRAKE_TOKEN_FILE", value_name = "FILE", global = true)]
+    token_file: Option<PathBuf>,
 }
 
 impl ClientArgs {
     /// A client of the control API; `admin` commands send the admin token.
     fn client(&self, admin: bool) -> Result<Client> {
-        let token_file = self.admin_token_file.as_deref().filter(|_| admin);
+        let token_file = if admin {
+            self.admin_token_file.as_deref()
+        } else {
+            self.token_file.as_deref()
+        };
         Client::new(
             &self.control_url,
             admin,

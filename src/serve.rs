@@ -211,6 +211,31 @@ fn data_dir_is_new(data_dir: &Path) -> bool {
 }
 
 fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, Secret)> {
+    if !sources.generate_missing {
+        // Everything missing said at once, before anything is created.
+        let missing: Vec<&str> = [
+            (
+                sources.master_key_file.is_none()
+                    && std::env::var_os("KEYBRAKE_MASTER_KEY").is_none(),
+                "master key (KEYBRAKE_MASTER_KEY, base64 of 32 bytes, or --master-key-file)",
+            ),
+            (
+                sources.admin_token_file.is_none()
+                    && std::env::var_os("KEYBRAKE_ADMIN_TOKEN").is_none(),
+                "admin token (KEYBRAKE_ADMIN_TOKEN or --admin-token-file)",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(missing, what)| missing.then_some(what))
+        .collect();
+        if !missing.is_empty() {
+            return Err(anyhow!(
+                "no {}: this command generates no secrets (`serve` does on a first start; \
+                 docs/operations.md shows how to make them)",
+                missing.join(" and no ")
+            ));
+        }
+    }
     crate::secret::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let is_new = data_dir_is_new(&config.data_dir);

@@ -53,6 +53,14 @@ def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
     assert vault_key.startswith("vk_ey") and "\n" not in vault_key
     assert issued.stderr == "", issued.stderr
 
+    # The tenant token from a file instead of the environment.
+    token_file = tmp_path / "tenant.token"
+    token_file.write_text(token + "\n")
+    from_file = kb(keybrake, "key", "list", "--token-file", str(token_file))
+    assert from_file.returncode == 0 and "cli-run" in from_file.stdout, from_file.stderr
+    missing = kb(keybrake, "key", "list")
+    assert missing.returncode == 1 and "--token-file" in missing.stderr, missing.stderr
+
     listed = json.loads(kb(keybrake, "key", "list", "--json", token=token).stdout)
     key_id = listed["data"][0]["id"]
     shown = kb(keybrake, "key", "show", key_id, token=token)

@@ -157,7 +157,7 @@ impl<V: Clone> Generations<V> {
 }
 
 /// Fresh keys' signature checks, gathered so that those arriving together are checked in
-/// one batch (`token::batch`: ~12 µs a signature in batches of 16 against ~35 µs alone).
+/// one batch (`token::batch`: ~15 µs a signature in batches of 16 against ~35 µs alone).
 ///
 /// Each check joins the queue and yields once, so that the requests ready on the runtime
 /// at that moment join too; whichever of them resumes first checks everything queued and

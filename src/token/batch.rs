@@ -11,7 +11,7 @@
 //!
 //! with each z_i a random 128-bit scalar drawn afresh for every batch: one multiscalar
 //! multiplication, half-length scalars for the R_i and one term per distinct key (the
-//! tokens of a JWKS key share it), ~12 µs a signature in batches of 16
+//! tokens of a JWKS key share it), ~15 µs a signature in batches of 16
 //! (`cargo bench --bench hot_path -- token_check_batch`).
 //!
 //! What it accepts:

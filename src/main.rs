@@ -388,51 +388,35 @@ impl Common {
         Config::load(self.config.as_deref(), &overrides)
     }
 
-    /// Warns about the flags (or their variables) `command` does not use: a setting given
-    /// and silently ignored would look like it took effect.
-    fn warn_unused(&mut self, command: &str) {
-        let unused: &[(bool, &str)] = match command {
-            "control" => &[
-                (
-                    self.proxy_listen.is_some(),
-                    "--proxy-listen (KEYBRAKE_PROXY_LISTEN)",
-                ),
-                (
-                    !self.vendor_upstream.is_empty(),
-                    "--vendor-upstream (KEYBRAKE_VENDOR_UPSTREAM)",
-                ),
-            ],
-            "proxy" => &[
-                (
-                    self.control_listen.is_some(),
-                    "--control-listen (KEYBRAKE_CONTROL_LISTEN)",
-                ),
-                (
-                    self.master_key_file.is_some(),
-                    "--master-key-file (KEYBRAKE_MASTER_KEY_FILE)",
-                ),
-                (
-                    self.admin_token_file.is_some(),
-                    "--admin-token-file (KEYBRAKE_ADMIN_TOKEN_FILE)",
-                ),
-            ],
-            _ => &[],
-        };
-        for (_, flag) in unused.iter().filter(|(given, _)| *given) {
-            log::warn!("keybrake {command} does not use {flag}: ignored");
-        }
-        // Ignored means not read either: a value it would refuse does not stop it.
+    /// Drops the flags (or their variables) `command` does not use, with a warning for each
+    /// one given: a setting silently ignored would look like it took effect, and one it
+    /// would refuse must not stop it.
+    fn drop_unused(&mut self, command: &str) {
+        let mut unused = Vec::new();
         match command {
             "control" => {
-                self.proxy_listen = None;
-                self.vendor_upstream.clear();
+                if self.proxy_listen.take().is_some() {
+                    unused.push("--proxy-listen (KEYBRAKE_PROXY_LISTEN)");
+                }
+                if !std::mem::take(&mut self.vendor_upstream).is_empty() {
+                    unused.push("--vendor-upstream (KEYBRAKE_VENDOR_UPSTREAM)");
+                }
             }
             "proxy" => {
-                self.control_listen = None;
-                self.master_key_file = None;
-                self.admin_token_file = None;
+                if self.control_listen.take().is_some() {
+                    unused.push("--control-listen (KEYBRAKE_CONTROL_LISTEN)");
+                }
+                if self.master_key_file.take().is_some() {
+                    unused.push("--master-key-file (KEYBRAKE_MASTER_KEY_FILE)");
+                }
+                if self.admin_token_file.take().is_some() {
+                    unused.push("--admin-token-file (KEYBRAKE_ADMIN_TOKEN_FILE)");
+                }
             }
             _ => {}
+        }
+        for flag in unused {
+            log::warn!("keybrake {command} does not use {flag}: ignored");
         }
     }
 
@@ -491,7 +475,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|u| keybrake::database::DatabaseUrl::parse(&u))
                 .transpose()
                 .map_err(|e| e.context("--database-url"))?;
-            common.warn_unused("control");
+            common.drop_unused("control");
             let config = common.load_with(database_url)?;
             run_control(config, common.secrets(false))
         }
@@ -504,7 +488,7 @@ fn run(cli: Cli) -> Result<()> {
             upgrade,
             daemon,
         } => {
-            common.warn_unused("proxy");
+            common.drop_unused("proxy");
             let config = common.load()?;
             let ready = if daemon {
                 Some(keybrake::serve::daemonize(std::path::Path::new(

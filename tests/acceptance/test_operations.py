@@ -918,3 +918,17 @@ def test_docs_and_shipped_files_point_only_into_the_repo():
             if re.search(r"\bSPEC\b|\bthe seed\b", line):
                 found.append(f"{name}:{number}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_flags_a_command_does_not_use_are_warned_about_and_not_read(tmp_path):
+    """`keybrake proxy` given control-plane flags (a shared environment file, say) says it
+    ignores them, and a value it would refuse does not stop it: what stops it here is its
+    own missing node token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
+    p = subprocess.run(
+        [str(KEYBRAKE_BIN), "proxy", "--control-listen", "bogus", "--master-key-file", "/nowhere",
+         "--control-url", "http://127.0.0.1:9", "--node-token-file", str(tmp_path / "none")],
+        env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1
+    assert "does not use --control-listen" in p.stderr and "does not use --master-key-file" in p.stderr, p.stderr
+    assert "node token file" in p.stderr and "bogus" not in p.stderr, p.stderr

@@ -45,6 +45,7 @@ impl Client {
         let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));
+        crate::tls::check_control_url(control_url, &format!("the {whose} token"))?;
         if control_url.starts_with("https://") {
             agent = agent.tls_config(crate::tls::client_config(ca_file)?);
         } else if ca_file.is_some() {

@@ -151,13 +151,12 @@ impl SyncClient {
         let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(3))
             .max_idle_connections_per_host(64);
+        crate::tls::check_control_url(
+            &opts.control_url,
+            "the node token and the vendor credentials sent to the node",
+        )?;
         if opts.control_url.starts_with("https://") {
             agent = agent.tls_config(crate::tls::client_config(opts.ca_file.as_deref())?);
-        } else if !opts.control_url.starts_with("http://") {
-            bail!(
-                "--control-url must be an http:// or https:// URL, not {}",
-                opts.control_url
-            );
         } else if opts.ca_file.is_some() {
             bail!("--ca-file is for an https:// control URL");
         }

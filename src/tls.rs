@@ -224,6 +224,36 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
     ))
 }
 
+/// A control URL's scheme, refused when it would carry a secret in clear text off this
+/// host: `https://` anywhere; `http://` only to a loopback address or `localhost` (the
+/// same rule as the plain-HTTP listeners, from the client's side). `what` names the secret.
+pub fn check_control_url(url: &str, what: &str) -> Result<()> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!("--control-url must be an http:// or https:// URL, not {url}");
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        bail!(
+            "--control-url {url} is plain HTTP to another host: {what} would cross the network \
+             in clear text. Use https:// (the control plane's TLS, or the TLS-terminating \
+             balancer in front of it; --ca-file for a private CA)"
+        );
+    }
+    Ok(())
+}
+
 /// The CA list Pingora checks a vendor's certificate against when the vendor (or the
 /// `upstream` section) names a `ca_file`: the system roots plus that file's certificates.
 pub fn upstream_ca(ca_file: &Path) -> Result<Arc<pingora::protocols::tls::CaType>> {
@@ -240,6 +270,34 @@ pub fn upstream_ca(ca_file: &Path) -> Result<Arc<pingora::protocols::tls::CaType
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_http_is_allowed_only_to_this_host() {
+        for ok in [
+            "https://control.internal:8081",
+            "http://127.0.0.1:8081",
+            "http://127.8.9.10:8081/",
+            "http://[::1]:8081",
+            "http://localhost:8081",
+            "http://LocalHost",
+        ] {
+            assert!(check_control_url(ok, "the token").is_ok(), "{ok}");
+        }
+        for refused in [
+            "http://10.0.0.5:8081",
+            "http://control.internal:8081",
+            "http://[2001:db8::1]:8081",
+            "http://127.0.0.1@evil.example:8081",
+            "http://localhost.evil.example",
+            "ftp://127.0.0.1",
+            "127.0.0.1:8081",
+        ] {
+            let e = check_control_url(refused, "the token")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(refused), "{refused}: {e}");
+        }
+    }
 
     #[test]
     fn a_missing_or_empty_file_is_an_error_naming_it() {

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from fleet import ControlPlane, EdgeProxy, accepted, pay
-from harness import KEYBRAKE_BIN, assert_denied, error_code, wait_until, write_config
+from harness import KEYBRAKE_BIN, assert_denied, error_code, free_port, wait_until, write_config
 
 
 @pytest.fixture
@@ -202,6 +202,31 @@ def test_wrong_missing_or_deleted_node_token_refuses_to_start(fleet, tmp_path):
         if e.node_token:
             assert e.node_token not in err, "the node token appeared in the log"
         assert live not in err, "the node token appeared in the log"
+
+
+def test_plain_http_to_another_host_is_refused_before_any_secret_is_sent(fleet, tmp_path):
+    """A node (and the CLI) would send its token, and receive vendor credentials, in clear
+    text over http:// to another host: refused at start with the fix named. `.invalid`
+    never resolves, so nothing leaves this host on any build."""
+    control, tenant, node = fleet
+    token = control.create_node("plain")["node_token"]
+    token_file = tmp_path / "plain.token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    env = {"PATH": "/usr/bin:/bin"}
+    for url in ("http://control.invalid:8081", "http://10.0.0.5.invalid/"):
+        out = subprocess.run(
+            [str(KEYBRAKE_BIN), "proxy", "--control-url", url, "--node-token-file", str(token_file),
+             "--proxy-listen", f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}"],
+            env=env, capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0
+        assert "plain HTTP to another host" in out.stderr and "https://" in out.stderr, out.stderr
+        assert token not in out.stderr + out.stdout
+        out = subprocess.run([str(KEYBRAKE_BIN), "node", "--control-url", url, "list"],
+                             env=env | {"KEYBRAKE_ADMIN_TOKEN": control.admin_token},
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and "plain HTTP to another host" in out.stderr, out.stderr
+        assert control.admin_token not in out.stderr + out.stdout
 
 
 def test_a_node_deleted_while_running_is_cut_off_within_one_second(fleet):

@@ -27,7 +27,7 @@
 # Env knobs: DURATION (s per measured run, 8)  ROUNDS (2; phases alternate hot, fresh;
 # medians)  CONNS (32)  KEYS (fresh keys to issue, 150000)  WARMUP (s, 2)  WRK_THREADS (1)
 # KB_THREADS (2)  PIN (1: keybrake on its own CPU)  SERVER_CPUS / LOAD_CPUS  KEEP_TMP (1)
-# KB_MODE (serve | edge)  PERF (a path prefix: `perf record -g` of the server CPUs (of the
+# KB_MODE (serve | edge)  CONTROL_CPUS (edge: the control plane's CPUs; default the server's)  PERF (a path prefix: `perf record -g` of the server CPUs (of the
 # proxy when not pinned) during each measured phase (PERF_FREQ samples/s, 499), written to PREFIX.PHASE.ROUND; read
 # with `perf report -i …`; in edge mode that includes the control plane).
 set -euo pipefail
@@ -67,7 +67,7 @@ function response(status, headers, body)
   if t then out:write(t, "\n") else io.stderr:write("issuing: ", status, " ", body, "\n") end
 end
 LUA
-echo "fresh keys vs one hot key: POST /stripe/v1/payment_intents (metered), keybrake ${KB_MODE:-serve}, $PIN_DESC"
+echo "fresh keys vs one hot key: POST /stripe/v1/payment_intents (metered), keybrake ${KB_MODE:-serve}, $PIN_DESC${CONTROL_CPUS:+, control plane on CPU $CONTROL_CPUS}"
 echo "  issuing $KEYS keys through POST /v1/keys ..."
 : >"$TMP/tokens.txt"
 t0=$(date +%s.%N)

@@ -205,8 +205,12 @@ pingora:
   graceful_shutdown_timeout_seconds: 1
 ${KB_EXTRA_YAML:-}
 YAML
+  # CONTROL_CPUS: where the control plane runs (default: the server CPUs, beside the node;
+  # in a fleet it has a host of its own, which CONTROL_CPUS=$LOAD_CPUS comes closer to).
+  local on_control=("${ON_SERVER[@]}")
+  [ -n "${CONTROL_CPUS:-}" ] && [ -n "${SERVER_CPUS:-}" ] && on_control=(taskset -c "$CONTROL_CPUS")
   KEYBRAKE_ADMIN_TOKEN="$KB_ADMIN" KEYBRAKE_MASTER_KEY="$(head -c32 /dev/urandom | base64)" \
-    "${ON_SERVER[@]}" "$KB_BIN" control --config "$TMP/kb.yaml" --data-dir "$TMP/data" \
+    "${on_control[@]}" "$KB_BIN" control --config "$TMP/kb.yaml" --data-dir "$TMP/data" \
       --control-listen "127.0.0.1:$control" --metrics-listen "127.0.0.1:$cmetrics" \
       >"$TMP/control.out" 2>"$TMP/control.err" &
   KB_CONTROL_PID=$!

@@ -451,7 +451,9 @@ async fn delete_api_token(
 async fn create_node(State(s): State<ApiState>, _: Admin, body: Bytes) -> ApiResult<Response> {
     let req: NameRequest = parse_body(&body)?;
     let name = name_field(&req.name, "name")?;
-    let (id, token) = s.control.create_node(&name).await?;
+    let Some((id, token)) = s.control.create_node(&name).await? else {
+        return Err(ApiError::NameTaken("node", name));
+    };
     Ok((
         StatusCode::CREATED,
         Json(json!({"id": id, "name": name, "node_token": token.expose()})),

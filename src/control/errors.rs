@@ -54,6 +54,8 @@ pub enum ApiError {
     UnknownVendor(String),
     /// 405.
     MethodNotAllowed,
+    /// 409: a (kind, name) that names a live object already, e.g. ("node", "edge-1").
+    NameTaken(&'static str, String),
     /// 408: the request (body read and handler) took longer than this.
     RequestTimeout(Duration),
     /// 413: a body over this many bytes.
@@ -117,6 +119,11 @@ impl ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "method not allowed on this path".into(),
+            ),
+            NameTaken(kind, name) => (
+                StatusCode::CONFLICT,
+                "name_taken",
+                format!("a {kind} named {name:?} exists already: delete it first, or choose another name"),
             ),
             RequestTimeout(limit) => (
                 StatusCode::REQUEST_TIMEOUT,

@@ -581,7 +581,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_gets_everything_once_then_only_what_changed_and_is_woken_by_a_revocation() {
         let control = open("delta").await;
-        let (node, token) = control.create_node("edge").await.unwrap();
+        let (node, token) = control.create_node("edge").await.unwrap().unwrap();
         assert_eq!(
             control.node_for_token(token.expose()).as_deref(),
             Some(node.as_str())
@@ -657,7 +657,7 @@ mod tests {
     #[tokio::test]
     async fn a_credential_put_or_deleted_wakes_the_nodes_long_polls() {
         let control = open("credentials").await;
-        let (node, _) = control.create_node("edge").await.unwrap();
+        let (node, _) = control.create_node("edge").await.unwrap().unwrap();
         control.node_hello(&node, "session-1").await.unwrap();
         let (tenant, ..) = control.create_tenant("acme").await.unwrap();
         let first = control
@@ -708,7 +708,7 @@ mod tests {
     #[tokio::test]
     async fn a_credential_set_or_deleted_wakes_waiting_polls_with_the_new_credentials() {
         let control = open("credential").await;
-        let (node, _token) = control.create_node("edge").await.unwrap();
+        let (node, _token) = control.create_node("edge").await.unwrap().unwrap();
         control.node_hello(&node, "session-1").await.unwrap();
         let tenant = control.create_tenant("acme").await.unwrap().0;
         let poll = |epoch: String, since: u64| {

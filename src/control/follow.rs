@@ -245,7 +245,7 @@ mod tests {
             .await,
         );
 
-        let (node, node_token) = a.create_node("edge-1").await.unwrap();
+        let (node, node_token) = a.create_node("edge-1").await.unwrap().unwrap();
         took.push(
             within_a_second("a new node", || {
                 b.node_for_token(node_token.expose()).as_deref() == Some(node.as_str())

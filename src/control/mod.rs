@@ -571,13 +571,18 @@ impl Control {
         }
     }
 
-    pub async fn create_node(&self, name: &str) -> Result<(String, Secret)> {
+    /// `None` when a node of that name exists (delete it first, or choose another name).
+    pub async fn create_node(&self, name: &str) -> Result<Option<(String, Secret)>> {
         let (id, token) = (new_id("nd_"), new_token("kbn_"));
-        self.store
+        if !self
+            .store
             .insert_node(&id, name, &token_hash(&token), now_secs())
-            .await?;
+            .await?
+        {
+            return Ok(None);
+        }
         self.node_created(&id, &token);
-        Ok((id, Secret::new(token)))
+        Ok(Some((id, Secret::new(token))))
     }
 
     // ----- signing keys -----

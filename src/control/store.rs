@@ -34,8 +34,8 @@ pub struct Migration {
 }
 
 /// Commit 21a949d (withdrawn the same day, never released) applied a version 4 to SQLite
-/// (`ledger` and `leases` WITHOUT ROWID): this list refuses such a database as newer. A
-/// next version 4 must not assume a store at version 4 ran it.
+/// (`ledger` and `leases` WITHOUT ROWID): version 4 here is therefore empty, and changes
+/// start at 5.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         sqlite: include_str!("../../migrations/sqlite/0001_schema.sql"),
@@ -48,6 +48,14 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         sqlite: include_str!("../../migrations/sqlite/0003_report_batches.sql"),
         postgres: include_str!("../../migrations/postgres/0003_report_batches.sql"),
+    },
+    Migration {
+        sqlite: include_str!("../../migrations/sqlite/0004_withdrawn.sql"),
+        postgres: include_str!("../../migrations/postgres/0004_withdrawn.sql"),
+    },
+    Migration {
+        sqlite: include_str!("../../migrations/sqlite/0005_node_names.sql"),
+        postgres: include_str!("../../migrations/postgres/0005_node_names.sql"),
     },
 ];
 
@@ -565,27 +573,34 @@ impl Store {
         .collect()))
     }
 
+    /// False, and nothing written, when a node of that name exists.
     pub async fn insert_node(
         &self,
         id: &str,
         name: &str,
         token_hash: &[u8],
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let inserted: bool;
         in_transaction!(self, |tx| {
-            sqlx::query(
-                "INSERT INTO nodes (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)",
+            inserted = sqlx::query(
+                "INSERT INTO nodes (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO NOTHING",
             )
             .bind(id)
             .bind(name)
             .bind(token_hash)
             .bind(now)
             .execute(&mut *tx)
-            .await?;
-            tx.notify(Change::Nodes).await?;
+            .await?
+            .rows_affected()
+                == 1;
+            if inserted {
+                tx.notify(Change::Nodes).await?;
+            }
             tx.commit().await?;
         });
-        Ok(())
+        Ok(inserted)
     }
 
     /// Every node: (id, name, created_at, token hash), oldest first.
@@ -1441,6 +1456,62 @@ pub(super) mod tests {
         assert_eq!(lite, pg);
     }
 
+    /// Version 5 on a store holding two nodes of one name (allowed before it): the oldest
+    /// keeps the name, the other gets its id appended, and the name is then unique.
+    #[tokio::test]
+    async fn nodes_sharing_a_name_before_version_5_are_renamed_by_it_on_both_backends() {
+        async fn names(s: &Store) -> Vec<String> {
+            let mut v: Vec<String> = s
+                .all_nodes()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|n| n.1)
+                .collect();
+            v.sort();
+            v
+        }
+        let renamed = vec!["edge".to_string(), "edge-nd_2".to_string()];
+        // SQLite: back to version 4 without the index, two nodes named alike.
+        let dir = temp_dir("node-names");
+        let database = Database::Sqlite {
+            data_dir: dir.clone(),
+        };
+        let store = Store::open(&database).await.unwrap();
+        let Backend::Sqlite { writer, .. } = &store.backend else {
+            unreachable!()
+        };
+        sqlx::raw_sql(
+            "DROP INDEX nodes_name; PRAGMA user_version = 4;
+             INSERT INTO nodes VALUES ('nd_1', 'edge', x'01', 1), ('nd_2', 'edge', x'02', 2);",
+        )
+        .execute(writer)
+        .await
+        .unwrap();
+        drop(store);
+        let store = Store::open(&database).await.unwrap();
+        assert_eq!(names(&store).await, renamed);
+        assert!(!store.insert_node("nd_3", "edge", b"3", 3).await.unwrap());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        // PostgreSQL: the same.
+        let url = crate::control::pg_test::database().await;
+        let database = Database::Postgres {
+            url: DatabaseUrl::parse(&url).unwrap(),
+        };
+        let store = Store::open(&database).await.unwrap();
+        sqlx::raw_sql(
+            "DROP INDEX nodes_name; UPDATE keybrake_schema SET version = 4;
+             INSERT INTO nodes VALUES ('nd_1', 'edge', '\\x01', 1), ('nd_2', 'edge', '\\x02', 2);",
+        )
+        .execute(store.postgres().unwrap())
+        .await
+        .unwrap();
+        let store = Store::open(&database).await.unwrap();
+        assert_eq!(names(&store).await, renamed);
+        assert!(!store.insert_node("nd_3", "edge", b"3", 3).await.unwrap());
+    }
+
     #[tokio::test]
     async fn a_schema_newer_than_this_binary_is_refused_on_both_backends() {
         let dir = temp_dir("schema-newer");
@@ -1516,12 +1587,17 @@ pub(super) mod tests {
             (b"hash-a".to_vec(), "tok_a".into(), "tn_a".into())
         );
 
-        s.insert_node("nd_1", "edge", b"node-hash", 5)
+        assert!(s
+            .insert_node("nd_1", "edge", b"node-hash", 5)
             .await
-            .unwrap();
+            .unwrap());
+        // A name names one live node; deleting it frees the name.
+        assert!(!s.insert_node("nd_2", "edge", b"hash-2", 6).await.unwrap());
         assert_eq!(s.all_nodes().await.unwrap().len(), 1);
         assert!(s.delete_node("nd_1").await.unwrap());
         assert!(!s.delete_node("nd_1").await.unwrap());
+        assert!(s.insert_node("nd_2", "edge", b"hash-2", 6).await.unwrap());
+        assert!(s.delete_node("nd_2").await.unwrap());
 
         let cred = |sealed: &[u8]| CredentialRow {
             tenant_id: "tn_a".into(),

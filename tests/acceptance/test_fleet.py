@@ -387,7 +387,15 @@ def test_node_cli_creates_lists_and_deletes(fleet):
     assert node_id.startswith("nd_") and token.startswith("kbn_")
     out = subprocess.run(base + ["list"], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and node_id in out.stdout and "cli-node" in out.stdout and "never" in out.stdout
+    # A name names one live node: a provisioning script run twice gets no second token.
+    out = subprocess.run(base + ["create", "cli-node"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "exists already" in out.stderr and "kbn_" not in out.stdout + out.stderr
+    r = control.admin("POST", "/v1/nodes", json={"name": "cli-node"})
+    assert r.status_code == 409 and error_code(r) == "name_taken", r.text
     out = subprocess.run(base + ["delete", node_id], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and f"{node_id} deleted" in out.stdout
     out = subprocess.run(base + ["list"], env=env, capture_output=True, text=True, timeout=30)
     assert node_id not in out.stdout
+    # Deleting the node freed its name.
+    again = control.create_node("cli-node")
+    assert again["id"] != node_id and again["node_token"] != token

@@ -204,9 +204,22 @@ impl SyncClient {
                     Err(CallError::Other(why))
                 }
             }
-            Err(ureq::Error::Transport(t)) => Err(CallError::Other(format!("{path}: {t}"))),
+            Err(ureq::Error::Transport(t)) => Err(CallError::Other(transport_error(path, &t))),
         }
     }
+}
+
+/// A failed connection as `path: kind: message: cause`; ureq's own text would name the
+/// control URL a second time (the caller's message names it once).
+fn transport_error(path: &str, t: &ureq::Transport) -> String {
+    let mut text = format!("{path}: {}", t.kind());
+    if let Some(message) = t.message() {
+        text = format!("{text}: {message}");
+    }
+    if let Some(cause) = std::error::Error::source(t) {
+        text = format!("{text}: {cause}");
+    }
+    text
 }
 
 /// Runs a blocking control-plane call off the async workers.

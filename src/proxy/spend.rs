@@ -195,11 +195,12 @@ impl KeySpend {
         self.available.store(0, Ordering::Release);
     }
 
-    /// Reserved budget goes back into the lease: free again here, and no longer
-    /// committed in the ledger once reported.
+    /// Reserved budget that went unspent (a 4xx, a cheaper call) goes back as budget
+    /// committed ahead: the ledger still counts it as committed, so the next reservation
+    /// takes it without a commit (a commit of it would find the lease's uncommitted budget
+    /// short until a report caught up), and it is uncommitted with the key's return.
     fn unreserve(&self, amount: Micros) {
-        self.add_available(amount);
-        self.add_unreserved(amount);
+        self.add_precommitted(amount);
     }
 
     pub(super) fn key_id(&self) -> &str {
@@ -925,6 +926,9 @@ mod tests {
     #[derive(Default)]
     struct MemLedger {
         committed: Mutex<i64>,
+        /// Granted and neither returned nor reported spent: a commit beyond what it
+        /// leaves uncommitted (`held - written`) is refused, as the control plane's is.
+        held: Mutex<i64>,
         settled: Mutex<i64>,
         written: Mutex<i64>,
         commit_calls: Mutex<usize>,
@@ -943,6 +947,7 @@ mod tests {
             }
             let grant = r.want.0.min(remaining);
             *c += grant;
+            *self.held.lock().unwrap() += grant;
             let committed = r.commit.0.clamp(0, grant);
             *self.written.lock().unwrap() += committed;
             Ok(Grant {
@@ -956,6 +961,7 @@ mod tests {
                 let row = (r.key_id.clone(), r.spent.0, r.returned.0);
                 self.rows.lock().unwrap().push(row);
                 *self.committed.lock().unwrap() -= r.returned.0;
+                *self.held.lock().unwrap() -= r.returned.0 + r.spent.0;
                 *self.settled.lock().unwrap() += r.spent.0 + r.overspent.0;
                 *self.written.lock().unwrap() -= r.spent.0 + r.unreserved.0;
             }
@@ -963,11 +969,17 @@ mod tests {
         }
         async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
             *self.commit_calls.lock().unwrap() += 1;
+            let held = *self.held.lock().unwrap();
             let mut written = self.written.lock().unwrap();
-            for c in &c {
-                *written += c.amount.0;
-            }
-            Ok(vec![true; c.len()])
+            Ok(c.iter()
+                .map(|c| {
+                    let fits = *written + c.amount.0 <= held;
+                    if fits {
+                        *written += c.amount.0;
+                    }
+                    fits
+                })
+                .collect())
         }
     }
 
@@ -1149,6 +1161,27 @@ mod tests {
         // Everything reported and given back: nothing committed, the spend settled.
         assert_eq!(*ledger.written.lock().unwrap(), 0);
         assert_eq!(*ledger.committed.lock().unwrap(), 6_000_000);
+    }
+
+    /// A call refused by the vendor (4xx) gives its budget back, and the key's next call,
+    /// made at once (before any report), can spend it: the budget is still committed in
+    /// the ledger, so it is taken again without a commit the lease could not cover.
+    #[tokio::test]
+    async fn budget_a_refused_call_gave_back_is_spent_by_the_next_call_at_once() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let w = who(50_000_000);
+        for _ in 0..3 {
+            let r = book.reserve(&w, Micros(7_000_000), 1000).await.unwrap();
+            book.release(r);
+        }
+        let r = book.reserve(&w, Micros(7_000_000), 1000).await.unwrap();
+        book.settle(r);
+        book.report(1000, true).await;
+        assert_eq!(*ledger.settled.lock().unwrap(), 7_000_000);
+        assert_eq!(*ledger.written.lock().unwrap(), 0, "nothing left committed");
+        assert_eq!(*ledger.held.lock().unwrap(), 0, "nothing left held");
+        assert_eq!(*ledger.committed.lock().unwrap(), 7_000_000);
     }
 
     #[tokio::test]

@@ -263,6 +263,19 @@ def test_vendor_error_releases_the_reservation(keybrake, tenant, fake_stripe, ex
     assert pay(keybrake, key["token"], 2000).status_code == 200
 
 
+def test_budget_a_refused_payment_gave_back_pays_the_next_one_at_once(keybrake, tenant, fake_stripe):
+    """The budget of a payment Stripe refused (4xx) is the key's again at once: its next
+    call, sent right after (no spend report in between), is paid from it, and once the key
+    is idle nothing of it stays held."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50)
+    for _ in range(3):
+        refused = pay(keybrake, key["token"], 700, customer="cus_doesnotexist")
+        assert refused.status_code == 404, refused.text
+        paid = pay(keybrake, key["token"], 700)
+        assert paid.status_code == 200, paid.text
+    tenant.wait_spent(key["id"], Decimal(21))
+
+
 @pytest.mark.parametrize("extra", [{}, LARGE], ids=["small", "large"])
 def test_unreachable_vendor_is_502_and_releases_the_reservation(keybrake_factory, stripe_secret, extra):
     """With Stripe unreachable the proxy answers 502 upstream_unavailable and the

@@ -783,7 +783,18 @@ impl Config {
             .clone()
             .or(file.data_dir)
             .unwrap_or_else(|| defaults::DATA_DIR.into());
+        if data_dir.as_os_str().is_empty() {
+            bail!("data_dir must name a directory (it is empty)");
+        }
         let in_data_dir = |name: &str| data_dir.join(name).to_string_lossy().into_owned();
+        // A zero upstream timeout would fail every call at once (504 upstream_timeout).
+        let upstream_ms = |key: &str, v: Option<Millis>, d: Duration| -> Result<Duration> {
+            at_least(
+                &format!("upstream.{key}"),
+                ms(v, d),
+                Duration::from_millis(1),
+            )
+        };
         if threads == 0 {
             bail!("pingora.threads must be at least 1");
         }
@@ -903,14 +914,31 @@ impl Config {
             max_key_ttl,
             access_log,
             upstream: UpstreamTimeouts {
-                connect: ms(u.connect_timeout_ms, defaults::UPSTREAM_CONNECT_TIMEOUT),
-                total_connection: ms(
+                connect: upstream_ms(
+                    "connect_timeout_ms",
+                    u.connect_timeout_ms,
+                    defaults::UPSTREAM_CONNECT_TIMEOUT,
+                )?,
+                total_connection: upstream_ms(
+                    "total_connection_timeout_ms",
                     u.total_connection_timeout_ms,
                     defaults::UPSTREAM_TOTAL_CONNECTION_TIMEOUT,
-                ),
-                read: ms(u.read_timeout_ms, defaults::UPSTREAM_READ_TIMEOUT),
-                write: ms(u.write_timeout_ms, defaults::UPSTREAM_WRITE_TIMEOUT),
-                idle: ms(u.idle_timeout_ms, defaults::UPSTREAM_IDLE_TIMEOUT),
+                )?,
+                read: upstream_ms(
+                    "read_timeout_ms",
+                    u.read_timeout_ms,
+                    defaults::UPSTREAM_READ_TIMEOUT,
+                )?,
+                write: upstream_ms(
+                    "write_timeout_ms",
+                    u.write_timeout_ms,
+                    defaults::UPSTREAM_WRITE_TIMEOUT,
+                )?,
+                idle: upstream_ms(
+                    "idle_timeout_ms",
+                    u.idle_timeout_ms,
+                    defaults::UPSTREAM_IDLE_TIMEOUT,
+                )?,
                 dns_refresh: at_least(
                     "upstream.dns_refresh_seconds",
                     secs(u.dns_refresh_seconds, defaults::UPSTREAM_DNS_REFRESH),
@@ -1561,6 +1589,16 @@ mod tests {
                 "upstream: {dns_refresh_seconds: 0}",
                 "upstream.dns_refresh_seconds",
             ),
+            ("upstream: {read_timeout_ms: 0}", "upstream.read_timeout_ms"),
+            (
+                "upstream: {connect_timeout_ms: 0}",
+                "upstream.connect_timeout_ms",
+            ),
+            (
+                "upstream: {write_timeout_ms: 0}",
+                "upstream.write_timeout_ms",
+            ),
+            ("data_dir: \"\"", "data_dir must name a directory"),
             (
                 "proxy: {tls: {cert_file: c.pem, key_file: k.pem, watch_interval_ms: 10}}",
                 "tls.watch_interval_ms",

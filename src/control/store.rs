@@ -1456,8 +1456,9 @@ pub(super) mod tests {
         assert_eq!(lite, pg);
     }
 
-    /// Version 5 on a store holding two nodes of one name (allowed before it): the oldest
-    /// keeps the name, the other gets its id appended, and the name is then unique.
+    /// Version 5 on a store holding two nodes of one name (allowed before it): the first
+    /// created keeps the name (ids are random, not in creation order), the other gets its
+    /// id appended, and the name is then unique.
     #[tokio::test]
     async fn nodes_sharing_a_name_before_version_5_are_renamed_by_it_on_both_backends() {
         async fn names(s: &Store) -> Vec<String> {
@@ -1483,7 +1484,7 @@ pub(super) mod tests {
         };
         sqlx::raw_sql(
             "DROP INDEX nodes_name; PRAGMA user_version = 4;
-             INSERT INTO nodes VALUES ('nd_1', 'edge', x'01', 1), ('nd_2', 'edge', x'02', 2);",
+             INSERT INTO nodes VALUES ('nd_9', 'edge', x'01', 1), ('nd_2', 'edge', x'02', 2);",
         )
         .execute(writer)
         .await
@@ -1502,7 +1503,7 @@ pub(super) mod tests {
         let store = Store::open(&database).await.unwrap();
         sqlx::raw_sql(
             "DROP INDEX nodes_name; UPDATE keybrake_schema SET version = 4;
-             INSERT INTO nodes VALUES ('nd_1', 'edge', '\\x01', 1), ('nd_2', 'edge', '\\x02', 2);",
+             INSERT INTO nodes VALUES ('nd_9', 'edge', '\\x01', 1), ('nd_2', 'edge', '\\x02', 2);",
         )
         .execute(store.postgres().unwrap())
         .await

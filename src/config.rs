@@ -663,21 +663,25 @@ impl Config {
         } else {
             yaml_serde::from_str(text).map_err(|e| anyhow!("config: {e}"))?
         };
-        let side_file = |name: &Option<PathBuf>,
+        // A side file (`key`) the config names is read from beside the config file; one it
+        // does not name is the default file there, or, when there is none, the embedded
+        // copy (as with no config file at all).
+        let side_file = |key: &str,
+                         name: &Option<PathBuf>,
                          embedded: &'static str,
                          default: &str|
          -> Result<String> {
-            match (base_dir, name) {
-                (Some(dir), name) => {
-                    let p = dir.join(name.clone().unwrap_or_else(|| default.into()));
-                    std::fs::read_to_string(&p)
-                        .with_context(|| format!("cannot read {}", p.display()))
-                }
+            let path = match (base_dir, name) {
+                (Some(dir), Some(name)) => dir.join(name),
+                (Some(dir), None) if dir.join(default).exists() => dir.join(default),
                 // Embedded config: its default side files are embedded too.
-                (None, Some(name)) if name != Path::new(default) => std::fs::read_to_string(name)
-                    .with_context(|| format!("cannot read {}", name.display())),
-                (None, _) => Ok(embedded.to_string()),
-            }
+                (None, Some(name)) if name != Path::new(default) => name.clone(),
+                _ => return Ok(embedded.to_string()),
+            };
+            std::fs::read_to_string(&path).with_context(|| {
+                let shown = std::path::absolute(&path).unwrap_or(path.clone());
+                format!("{key}: cannot read {}", shown.display())
+            })
         };
         // The file's own values first, so an error names them rather than a side file.
         for (value, what) in [
@@ -691,20 +695,24 @@ impl Config {
                 })?;
             }
         }
-        let vendors_text = side_file(&file.vendors_file, EMBEDDED_VENDORS, defaults::VENDORS_FILE)?;
+        let vendors_text = side_file(
+            "vendors_file",
+            &file.vendors_file,
+            EMBEDDED_VENDORS,
+            defaults::VENDORS_FILE,
+        )?;
         let currencies_text = side_file(
+            "currencies_file",
             &file.currencies_file,
             EMBEDDED_CURRENCIES,
             defaults::CURRENCIES_FILE,
         )?;
-        // A config written before the price table existed names no prices_file and may
-        // have none beside it: the embedded table then applies.
-        let prices_text = match (base_dir, &file.prices_file) {
-            (Some(dir), None) if !dir.join(defaults::PRICES_FILE).exists() => {
-                EMBEDDED_PRICES.to_string()
-            }
-            _ => side_file(&file.prices_file, EMBEDDED_PRICES, defaults::PRICES_FILE)?,
-        };
+        let prices_text = side_file(
+            "prices_file",
+            &file.prices_file,
+            EMBEDDED_PRICES,
+            defaults::PRICES_FILE,
+        )?;
         let prices = crate::proxy::llm::PriceTable::parse(&prices_text)?;
 
         let addr = |flag: &Option<String>,
@@ -1478,9 +1486,22 @@ mod tests {
         )
         .is_ok());
         let tls = "proxy_listen: \"[::]:8443\"\nproxy: {tls: {cert_file: a.pem, key_file: a.key}}";
-        let c = Config::from_yaml(tls, Some(Path::new("/etc/kb")), &o);
-        // (the side files are not there: only the TLS part is checked here)
-        assert!(format!("{:#}", c.unwrap_err()).contains("vendors.yaml"));
+        // (no side files in /etc/kb: the embedded catalog, currencies and prices apply)
+        let c = Config::from_yaml(tls, Some(Path::new("/etc/kb")), &o).unwrap();
+        assert_eq!(
+            c.proxy.tls.as_ref().unwrap().cert_file,
+            Path::new("/etc/kb/a.pem"),
+            "relative to the config file's directory"
+        );
+        let named = "vendors_file: my-vendors.yaml";
+        let e = format!(
+            "{:#}",
+            Config::from_yaml(named, Some(Path::new("/nonexistent-kb")), &o).unwrap_err()
+        );
+        assert!(
+            e.starts_with("vendors_file: cannot read /nonexistent-kb/my-vendors.yaml"),
+            "{e}"
+        );
         let c = Config::from_yaml(tls, None, &o).unwrap();
         assert_eq!(
             c.proxy.tls.as_ref().unwrap().cert_file,

@@ -107,6 +107,15 @@ enum CallError {
     Other(String),
 }
 
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unauthorized => f.write_str("the node token was refused"),
+            CallError::Refused(why) | CallError::Other(why) => f.write_str(why),
+        }
+    }
+}
+
 /// HTTP to the control plane's `/v1/sync/` with the node token and this process's session.
 struct SyncClient {
     base: String,
@@ -470,7 +479,7 @@ impl ReportOutbox {
                     return;
                 }
                 Some(Err(e)) => {
-                    log::error!("spend report batch {number} failed, will send it again: {e:?}");
+                    log::error!("spend report batch {number} failed, will send it again: {e}");
                     return;
                 }
                 None => {
@@ -667,7 +676,7 @@ fn audit_sender(
                     if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
                         log::warn!(
                             "cannot send audit events to the control plane (trying again \
-                             every 500 ms): {e:?}"
+                             every 500 ms): {e}"
                         );
                         warned = Some(std::time::Instant::now());
                     }

@@ -491,9 +491,9 @@ fn run(cli: Cli) -> Result<()> {
             common.drop_unused("proxy");
             let config = common.load()?;
             let ready = if daemon {
-                Some(keybrake::serve::daemonize(std::path::Path::new(
-                    &config.pingora.pid_file,
-                ))?)
+                let pid_file = std::path::Path::new(&config.pingora.pid_file);
+                keybrake::serve::pid_file_dir_exists(pid_file)?;
+                Some(keybrake::serve::daemonize(pid_file)?)
             } else {
                 None
             };

@@ -17,7 +17,7 @@ use crate::proxy_listener::{HeaderLimits, ProxyApp};
 use crate::secret::Secret;
 use crate::sync::{AuditSink, Ledger, Published};
 use crate::token::now_secs;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
@@ -488,6 +488,24 @@ fn start_control(
         })?;
     rx.recv()
         .map_err(|_| anyhow!("the control plane thread died during start-up"))?
+}
+
+/// For a process that creates no data dir (an edge node): the PID file's directory must
+/// exist before it forks, since the file is written only once the daemon runs.
+pub fn pid_file_dir_exists(pid_file: &Path) -> Result<()> {
+    let dir = match pid_file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cannot write PID file {}: {} is not a directory (set pingora.pid_file, and \
+             pingora.upgrade_sock, to a path in an existing directory, e.g. /run/keybrake)",
+            pid_file.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Forks once. The child starts a new session and carries on; the parent waits until the

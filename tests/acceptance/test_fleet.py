@@ -229,6 +229,21 @@ def test_plain_http_to_another_host_is_refused_before_any_secret_is_sent(fleet, 
         assert control.admin_token not in out.stderr + out.stdout
 
 
+def test_a_daemon_node_without_a_pid_file_directory_says_what_to_set(fleet, tmp_path):
+    """An edge node creates nothing on disk: `--daemon` with the PID file defaulting into a
+    data dir that does not exist is refused before it forks, naming the setting."""
+    control, tenant, node = fleet
+    e = node("daemon", start=False)
+    e.workdir.mkdir(parents=True, exist_ok=True)
+    e.token_file.write_text(e.node_token + "\n")
+    e.token_file.chmod(0o600)
+    out = subprocess.run(e.command() + ["--daemon"], cwd=e.workdir, capture_output=True, text=True,
+                         timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode != 0
+    assert "is not a directory" in out.stderr and "pingora.pid_file" in out.stderr, out.stderr
+    assert e.node_token not in out.stderr + out.stdout
+
+
 def test_a_node_deleted_while_running_is_cut_off_within_one_second(fleet):
     control, tenant, node = fleet
     created = control.create_node("doomed")

@@ -75,6 +75,15 @@ impl Client {
                 .context("the control API answered with something that is not JSON"),
             Err(ureq::Error::Status(status, resp)) => {
                 let body: Value = resp.into_json().unwrap_or(Value::Null);
+                // The control API's errors are `{"error":{"code",…}}` and nothing else; a
+                // top-level `code` is the proxy's denial, no JSON the metrics listener.
+                if body.get("code").is_some() || body["error"]["code"].as_str().is_none() {
+                    bail!(
+                        "{status} from {}: not Keybrake's control API (is --control-url the \
+                         proxy's or the metrics listener's address?)",
+                        self.base
+                    );
+                }
                 let code = body["error"]["code"].as_str().unwrap_or("error");
                 let message = body["error"]["message"].as_str().unwrap_or("");
                 bail!("{status} {code}: {message}")

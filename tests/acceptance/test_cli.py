@@ -131,6 +131,11 @@ def test_cli_errors_are_one_clear_line_and_a_nonzero_exit(keybrake, tmp_path):
         (kb(keybrake, "vendor", "set", "stripe", "--secret-file", str(tmp_path / "missing"), token=token),
          "cannot read"),
         (kb(keybrake, "key", "list"), "KEYBRAKE_TOKEN"),
+        # The proxy's or the metrics listener's address given for the control API's.
+        (kb(keybrake, "key", "list", "--control-url", keybrake.proxy_url, token=token),
+         "not Keybrake's control API"),
+        (kb(keybrake, "key", "list", "--control-url", keybrake.metrics_url, token=token),
+         "not Keybrake's control API"),
     ]
     for result, expected in cases:
         assert result.returncode != 0, result

@@ -74,7 +74,13 @@ impl KeybrakeProxy {
         let now = now_secs();
         inject::drop_connection_named_headers(session.req_header_mut());
         // 1. route
-        self.route(session.req_header(), ctx)?;
+        if let Err(denial) = self.route(session.req_header(), ctx) {
+            // A key that tried a path trick is named in its tenant's audit, with the path
+            // as it came (when the key verifies; nothing else of the request is looked at).
+            ctx.canonical = session.req_header().uri.path().to_string();
+            let _ = self.authenticate(session.req_header(), ctx, now).await;
+            return Err(denial);
+        }
         // 2. authenticate
         let key = self.authenticate(session.req_header(), ctx, now).await?;
         // Told only to a valid key: the vendor's name does not say whether it exists.

@@ -827,6 +827,22 @@ def test_non_canonical_paths_are_rejected_and_never_forwarded(keybrake, tenant, 
     assert fake_stripe.received() == []
 
 
+def test_a_key_trying_path_tricks_is_named_in_its_tenants_audit(keybrake, tenant, fake_stripe):
+    """A refused non-canonical path still names the (valid) key that sent it in the
+    tenant's audit trail, with the path as sent: the tenant sees its agent probing."""
+    key = tenant.issue_key(allowed_endpoints=["/v1/**"])
+    tricks = ["/stripe/v1/customers/%2E%2E/payouts", "/stripe/v1/customers%2Fcus_1", "/stripe//v1/payouts"]
+    for raw_path in tricks:
+        status, _, data = raw_request(keybrake, "POST", raw_path, key["token"], b"amount=1&currency=usd",
+                                      {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 400 and json.loads(data)["code"] == "invalid_path", data
+    events = wait_until(lambda: (lambda e: e if len(e) == len(tricks) else None)(tenant.audit(key_id=key["id"])),
+                        timeout=5)
+    assert events and sorted(e["path"] for e in events) == sorted(tricks), events
+    assert all(e["decision"] == "invalid_path" and e["status"] == 400 and e["spend_usd"] == 0 for e in events), events
+    assert fake_stripe.received() == []
+
+
 def test_encoded_unreserved_characters_are_decoded_before_matching(keybrake, tenant, fake_stripe):
     """Percent-encoded unreserved characters are decoded: the canonical path is what is
     matched against the allowlist and what Stripe receives."""

@@ -780,6 +780,18 @@ fn apply(answer: &Value, published: &Published) -> Result<(String, u64)> {
 const LAPSED_EXIT: i32 = 75;
 
 /// The long-poll loop, on its own thread, for the life of the process.
+/// The wait before sync try `failures + 1`: 200 ms, doubling to at most 1 s (a node is
+/// back within 2 s of the control plane), less up to a fifth at random, so a fleet that
+/// lost the control plane together does not poll it in step while it recovers.
+fn retry_after(failures: u32) -> Duration {
+    let base = Duration::from_millis(200)
+        .saturating_mul(1 << failures.saturating_sub(1).min(3))
+        .min(Duration::from_secs(1));
+    let mut byte = [0u8; 1];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    base - base / 5 * u32::from(byte[0]) / 255
+}
+
 fn sync_loop(
     client: Arc<SyncClient>,
     published: Arc<Published>,
@@ -861,7 +873,7 @@ fn sync_loop(
                 if failures == 1 || failures % 20 == 0 {
                     log::warn!("cannot sync with the control plane ({failures} tries): {e}");
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(retry_after(failures));
             }
         }
         if state.cut_off.load(Ordering::Acquire) {
@@ -1204,6 +1216,14 @@ mod tests {
         assert_eq!(next(), two);
         assert_eq!(next(), (3, vec!["key_x".to_string()]));
         assert!(bodies.recv_timeout(Duration::from_millis(300)).is_err());
+    }
+
+    #[test]
+    fn sync_retries_back_off_to_a_second_with_jitter() {
+        for (failures, most) in [(1, 200), (2, 400), (3, 800), (4, 1000), (30, 1000)] {
+            let d = retry_after(failures).as_millis();
+            assert!((most * 4 / 5..=most).contains(&d), "{failures}: {d} ms");
+        }
     }
 
     #[test]

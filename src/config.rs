@@ -1013,6 +1013,15 @@ impl Config {
                 .plaintext
                 .unwrap_or(defaults::METRICS_PLAINTEXT),
         )?;
+        let up = &config.upstream;
+        if up.total_connection < up.connect {
+            bail!(
+                "upstream.total_connection_timeout_ms ({} ms) is shorter than \
+                 upstream.connect_timeout_ms ({} ms), which it includes",
+                up.total_connection.as_millis(),
+                up.connect.as_millis()
+            );
+        }
         Ok(config)
     }
 
@@ -1620,6 +1629,10 @@ mod tests {
                 "upstream.write_timeout_ms",
             ),
             ("data_dir: \"\"", "data_dir must name a directory"),
+            (
+                "upstream: {connect_timeout_ms: 10000, total_connection_timeout_ms: 1000}",
+                "upstream.total_connection_timeout_ms (1000 ms) is shorter",
+            ),
             (
                 "proxy: {tls: {cert_file: c.pem, key_file: k.pem, watch_interval_ms: 10}}",
                 "tls.watch_interval_ms",

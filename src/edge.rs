@@ -544,16 +544,19 @@ impl EdgeAudit {
     }
 
     /// Waits until every recorded event reached the control plane (or was given up on),
-    /// at most `timeout`.
-    fn flush(&self, timeout: Duration) -> bool {
+    /// at most `timeout`; `Err` with how many are still unsent after it.
+    fn flush(&self, timeout: Duration) -> Result<(), u64> {
         let deadline = Instant::now() + timeout;
-        while self.counts.pending.load(Ordering::Acquire) > 0 {
+        loop {
+            let pending = self.counts.pending.load(Ordering::Acquire);
+            if pending == 0 {
+                return Ok(());
+            }
             if Instant::now() >= deadline {
-                return false;
+                return Err(pending);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        true
     }
 }
 
@@ -1041,8 +1044,11 @@ pub fn run_edge(
                     "audit events still buffered at exit are lost: the control plane \
                      refuses this node's token"
                 );
-            } else if !exit_audit.flush(Duration::from_secs(5)) {
-                log::error!("audit events still buffered at exit could not be sent in 5 s");
+            } else if let Err(unsent) = exit_audit.flush(Duration::from_secs(5)) {
+                log::error!(
+                    "{unsent} audit events still buffered at exit could not be sent in 5 s: \
+                     lost (the control plane unreachable?)"
+                );
             }
             if exit_state.lapsed.load(Ordering::Acquire) {
                 std::process::exit(LAPSED_EXIT);
@@ -1130,7 +1136,7 @@ mod tests {
         let second = bodies.recv_timeout(WAIT).unwrap();
         assert_eq!(second["batch"], 2);
         assert_eq!(second["events"][0]["path"], "/stripe/two");
-        assert!(audit.flush(WAIT));
+        assert_eq!(audit.flush(WAIT), Ok(()));
         assert_eq!((dropped.get(), depth.get()), (1, 0));
         // Nothing is sent again.
         assert!(bodies.recv_timeout(Duration::from_millis(800)).is_err());
@@ -1145,7 +1151,7 @@ mod tests {
         assert_eq!(depth.get(), 1);
         let sent: Vec<Value> = (0..3).map(|_| bodies.recv_timeout(WAIT).unwrap()).collect();
         assert!(sent.iter().all(|b| b == &sent[0] && b["batch"] == 1));
-        assert!(audit.flush(WAIT));
+        assert_eq!(audit.flush(WAIT), Ok(()));
         assert_eq!((dropped.get(), depth.get()), (0, 0));
     }
 

@@ -3,7 +3,7 @@
 //! `key`, `audit`).
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use keybrake::cli::{self, Client};
 use keybrake::config::{Config, Overrides};
 use keybrake::serve::{run_control, run_serve, SecretSources};
@@ -429,6 +429,38 @@ impl Common {
     }
 }
 
+/// Flags shared by `serve`, `control` and `proxy` that a command does not use: hidden
+/// from its `--help` (still accepted, and warned about: `Common::drop_unused`).
+const NOT_USED_BY: &[(&str, &[&str])] = &[
+    ("control", &["proxy_listen", "vendor_upstream"]),
+    (
+        "proxy",
+        &["control_listen", "master_key_file", "admin_token_file"],
+    ),
+];
+
+fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    for (name, flags) in NOT_USED_BY {
+        cmd = cmd.mut_subcommand(*name, |mut sub| {
+            for flag in *flags {
+                sub = sub.mut_arg(*flag, |a| a.hide(true));
+            }
+            sub
+        });
+    }
+    // An edge node keeps nothing on disk but its PID file and upgrade socket.
+    cmd.mut_subcommand("proxy", |sub| {
+        sub.mut_arg("data_dir", |a| {
+            a.help("Where the PID file and upgrade socket go unless pingora.pid_file / upgrade_sock say otherwise (nothing else is written)")
+        })
+    })
+}
+
+fn parse_cli() -> Cli {
+    Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 fn main() {
     // Every file the process creates (databases and their WAL, secrets, the access log,
     // the PID file, the upgrade socket) is for this user alone, whatever the directory's
@@ -438,7 +470,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(parse_cli()) {
         eprintln!("keybrake: {e:#}");
         std::process::exit(1);
     }
@@ -752,6 +784,22 @@ fn run(cli: Cli) -> Result<()> {
 mod tests {
     use super::Cli;
     use clap::CommandFactory;
+
+    /// A command's `--help` hides the shared flags it does not use, and only those.
+    #[test]
+    fn flags_a_command_does_not_use_are_hidden_from_its_help() {
+        let cmd = super::command();
+        cmd.clone().debug_assert();
+        for (name, flags) in super::NOT_USED_BY {
+            let sub = cmd.find_subcommand(name).unwrap();
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                assert_eq!(arg.is_hide_set(), flags.contains(&id), "{name} {id}");
+            }
+        }
+        let serve = cmd.find_subcommand("serve").unwrap();
+        assert!(serve.get_arguments().all(|a| !a.is_hide_set()));
+    }
 
     /// Every argument of every command is explained in `--help`, and every flag can also
     /// be set from a `KEYBRAKE_…` variable (shown in `--help` too).

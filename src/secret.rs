@@ -13,6 +13,12 @@ use subtle::ConstantTimeEq;
 /// databases (keys, audit trail, sealed credentials) and may hold the master key. A
 /// directory that already exists keeps its mode, with a warning if others can enter it.
 pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    if path.exists() && !path.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "it exists and is not a directory",
+        ));
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

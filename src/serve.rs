@@ -866,7 +866,9 @@ pub(crate) fn run_proxy(
         config.proxy_listen
     );
     server.run(pingora::server::RunArgs::default());
+    log::info!("keybrake stopping: the proxy has stopped; writing what is left of the audit");
     on_exit();
+    log::info!("keybrake stopped");
     std::process::exit(0)
 }
 

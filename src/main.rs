@@ -491,9 +491,11 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let config = common.load()?;
             let ready = if daemon {
-                Some(keybrake::serve::daemonize(std::path::Path::new(
-                    &config.pingora.pid_file,
-                ))?)
+                let pid_file = std::path::Path::new(&config.pingora.pid_file);
+                if upgrade {
+                    keybrake::serve::upgrade_source_runs(pid_file)?;
+                }
+                Some(keybrake::serve::daemonize(pid_file)?)
             } else {
                 None
             };
@@ -525,6 +527,9 @@ fn run(cli: Cli) -> Result<()> {
             let ready = if daemon {
                 let pid_file = std::path::Path::new(&config.pingora.pid_file);
                 keybrake::serve::pid_file_dir_exists(pid_file)?;
+                if upgrade {
+                    keybrake::serve::upgrade_source_runs(pid_file)?;
+                }
                 Some(keybrake::serve::daemonize(pid_file)?)
             } else {
                 None

@@ -508,6 +508,33 @@ pub fn pid_file_dir_exists(pid_file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `--daemon --upgrade` takes over from the process in `pid_file`: without one running,
+/// nothing would hand the sockets over and the new process would give up after Pingora's
+/// wait, its parent having reported success. Refused at once instead.
+pub fn upgrade_source_runs(pid_file: &Path) -> Result<()> {
+    let pid = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|&p| p > 0);
+    // SAFETY: signal 0 only checks that the process exists (EPERM: it does, not ours).
+    let alive = pid.is_some_and(|p| {
+        let sent = unsafe { libc::kill(p, 0) };
+        sent == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    });
+    if !alive {
+        bail!(
+            "--upgrade: no running keybrake to take over from (PID file {} {}); start it \
+             without --upgrade",
+            pid_file.display(),
+            match pid {
+                Some(p) => format!("names {p}, which is not running"),
+                None => "is missing or empty".into(),
+            }
+        );
+    }
+    Ok(())
+}
+
 /// Forks once. The child starts a new session and carries on; the parent waits until the
 /// child reports that Pingora is running (listeners bound or received), then records the
 /// child's PID in `pid_file` and exits 0 (or 1 if the child died first), so systemd's

@@ -676,6 +676,24 @@ def test_graceful_upgrade_under_load_drops_no_request(keybrake_factory, fast_ups
     _after_upgrade_checks(new, tenant, key, summary, fast_upstream, extra_ok=1)
 
 
+def test_a_reload_with_nothing_running_fails_at_once_naming_the_pid_file(fast_upstream, tmp_path):
+    """`serve --daemon --upgrade` (a reload) when the PID file names no running process:
+    refused at once with a non-zero exit, instead of reporting success and giving up later."""
+    cfg = upgrade_config(tmp_path)
+    pid_file = tmp_path / "run" / "keybrake.pid"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    kb = Keybrake(tmp_path / "kbd", {"stripe": fast_upstream}, config=cfg)
+    kb.workdir.mkdir(parents=True)
+    for text in ("", f"{gone.pid}\n"):
+        pid_file.write_text(text)
+        out = subprocess.run(kb.command()[:2] + ["--daemon", "--upgrade"] + kb.command()[2:], capture_output=True,
+                             text=True, stdin=subprocess.DEVNULL, env=kb.environment(), cwd=kb.workdir, timeout=30)
+        assert out.returncode != 0, out.stderr
+        assert "no running keybrake to take over from" in out.stderr and str(pid_file) in out.stderr, out.stderr
+        assert pid_file.read_text() == text
+
+
 def test_systemd_style_reload_with_daemon_and_pid_file_drops_nothing(fast_upstream, tmp_path):
     """What `systemctl reload keybrake` does with the shipped unit (Type=forking): start
     with `serve --daemon` (the PID file names the daemon), then on reload run

@@ -473,8 +473,18 @@ impl SpendBook {
             if let Some(source) = entry.take_any(amount) {
                 return Ok(source);
             }
-            let have = entry.available().max(Micros::ZERO);
+            // What the counter has, committed ahead or not (`take_any` takes from both):
+            // the lease need cover only the rest, or a grant the cap still allows is
+            // refused as too small.
+            let have = entry
+                .available()
+                .max(Micros::ZERO)
+                .saturating_add(Micros(entry.precommitted.load(Ordering::Acquire).max(0)));
             let min = amount.saturating_sub(have);
+            if !min.is_positive() {
+                // Budget came back since `take_any` looked (a release): look again.
+                continue;
+            }
             let slice = entry
                 .cap
                 .checked_div(self.slices_per_cap)
@@ -1161,6 +1171,31 @@ mod tests {
         // Everything reported and given back: nothing committed, the spend settled.
         assert_eq!(*ledger.written.lock().unwrap(), 0);
         assert_eq!(*ledger.committed.lock().unwrap(), 6_000_000);
+    }
+
+    /// A reservation that needs the counter's budget committed ahead and a new grant
+    /// together asks the ledger only for the rest: the cap allows it, so it is taken
+    /// (it was refused when the grant's minimum ignored the budget committed ahead).
+    #[tokio::test]
+    async fn a_lease_asks_only_for_what_the_budget_committed_ahead_lacks() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let w = who(10_000_000);
+        // $3 granted and committed with its reservation, then given back by a 4xx: $3
+        // committed ahead, $7 of the cap left in the ledger.
+        book.release(book.reserve(&w, Micros(3_000_000), 1000).await.unwrap());
+        let entry = book.entry(&w, 1000);
+        assert_eq!(entry.precommitted_for_test(), Micros(3_000_000));
+        // $9 (what a concurrent reserver finds once `reserve` looked): $3 ahead + $6 new.
+        let taken = book
+            .take(&entry, &w, Micros(9_000_000), 1000)
+            .await
+            .unwrap();
+        assert_eq!(taken.ahead.saturating_add(taken.lease), Micros(9_000_000));
+        assert!(
+            *ledger.committed.lock().unwrap() <= 10_000_000,
+            "never past the cap"
+        );
     }
 
     /// A call refused by the vendor (4xx) gives its budget back, and the key's next call,

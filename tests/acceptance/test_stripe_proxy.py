@@ -7,6 +7,7 @@ import hmac
 import http.client
 import http.server
 import json
+import random
 import re
 import secrets
 import socket
@@ -274,6 +275,33 @@ def test_budget_a_refused_payment_gave_back_pays_the_next_one_at_once(keybrake, 
         paid = pay(keybrake, key["token"], 700)
         assert paid.status_code == 200, paid.text
     tenant.wait_spent(key["id"], Decimal(21))
+
+
+def test_calls_sent_together_that_fit_the_cap_are_all_taken(keybrake, tenant, fake_stripe):
+    """Payments (some refused by Stripe) sent at once on a fresh key, together within its
+    cap: none is refused for the cap or the ledger. A reservation that needs the budget
+    committed ahead plus a new grant asks the ledger only for the rest."""
+    rng = random.Random(7)
+    refused = []
+    for _ in range(20):
+        cap = rng.randint(20, 60)
+        key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=cap)
+        n = rng.randint(3, 6)
+        cuts = sorted(rng.sample(range(1, cap * 100), n - 1))
+        amounts = [max(50, b - a - rng.randint(0, 30)) for a, b in zip([0] + cuts, cuts + [cap * 100])]
+        while sum(amounts) > cap * 100:
+            amounts[amounts.index(max(amounts))] -= 50
+        extras = [rng.choice([{"customer": "cus_doesnotexist"}, {}]) for _ in amounts]
+
+        def send(i):
+            r = keybrake.proxy("POST", PI, key=key["token"], headers={"x-fake-delay-ms": "300"},
+                               data={"amount": amounts[i], "currency": "usd", **extras[i]})
+            return amounts[i], r.status_code, r.text[:200]
+
+        with ThreadPoolExecutor(len(amounts)) as pool:
+            answers = list(pool.map(send, range(len(amounts))))
+        refused += [(cap, a) for a in answers if a[1] in (429, 503)]
+    assert not refused, refused
 
 
 @pytest.mark.parametrize("extra", [{}, LARGE], ids=["small", "large"])

@@ -751,6 +751,9 @@ fn apply(answer: &Value, published: &Published) -> Result<(String, u64)> {
             published.revocations.store(Arc::new(filter.grown()));
         }
     }
+    Metrics::global()
+        .revoked_keys
+        .set(published.revocations.load().len() as i64);
     if !answer["jwks"].is_null() {
         let jwks: crate::token::Jwks = serde_json::from_value(answer["jwks"].clone())?;
         published.verifier.store(Arc::new(Verifier::new(&jwks)));
@@ -772,9 +775,6 @@ fn apply(answer: &Value, published: &Published) -> Result<(String, u64)> {
     if changed {
         published.generation.fetch_add(1, Ordering::AcqRel);
     }
-    Metrics::global()
-        .revoked_keys
-        .set(published.revocations.load().len() as i64);
     Ok((epoch, version))
 }
 

@@ -113,6 +113,8 @@ def test_a_revoked_key_is_refused_by_every_node_within_one_second(fleet):
         # What the node holds (docs/operations.md, "Memory of a node"): the revoked id, and
         # the key's verified digest until it expires; the revoked key leaves the in-use tier
         # at the cache's next sweep (every second, which also sets the cache gauges).
+        # The gauge follows the filter on the node's sync thread: a moment later at most.
+        wait_until(lambda: e.metric("keybrake_revoked_keys") == 1, timeout=2)
         assert e.metric("keybrake_revoked_keys") == 1
         def held(e=e):
             return e.metric("keybrake_token_cache_entries"), e.metric("keybrake_token_cache_keys")

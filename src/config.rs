@@ -661,7 +661,7 @@ impl Config {
         let file: FileConfig = if text.trim().is_empty() {
             FileConfig::default()
         } else {
-            yaml_serde::from_str(text).map_err(|e| anyhow!("config: {e}"))?
+            yaml_serde::from_str(text).map_err(|e| yaml_error("config", e))?
         };
         // A side file (`key`) the config names is read from beside the config file; one it
         // does not name is the default file there, or, when there is none, the embedded
@@ -1108,6 +1108,36 @@ fn plaintext_rule(what: &str, addr: SocketAddr, tls: bool, plaintext: bool) -> R
     bail!("{what} listener {addr} would serve plain HTTP on a non-loopback address: {fix}")
 }
 
+/// A YAML error for an operator: `what: key.path: message at line L column C`, with serde's
+/// Rust type names (`expected struct FileTls`, `expected usize`) said in YAML's words.
+pub(crate) fn yaml_error(what: &str, e: yaml_serde::Error) -> anyhow::Error {
+    let mut text = e.to_string();
+    for (rust, yaml) in [
+        ("usize", "a whole number (0 or more)"),
+        ("u64", "a whole number (0 or more)"),
+        ("u32", "a whole number (0 or more)"),
+        ("u16", "a whole number (0 or more)"),
+        ("u8", "a whole number (0 or more)"),
+        ("i64", "a whole number"),
+        ("i32", "a whole number"),
+        ("f64", "a number"),
+    ] {
+        text = text.replace(&format!("expected {rust} "), &format!("expected {yaml} "));
+        if text.ends_with(&format!("expected {rust}")) {
+            text.truncate(text.len() - rust.len());
+            text.push_str(yaml);
+        }
+    }
+    // `expected struct FileTls` (a section) or `expected a map` → `expected a mapping`.
+    while let Some(at) = text.find("expected struct ") {
+        let name_end = text[at + 16..]
+            .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .map_or(text.len(), |n| at + 16 + n);
+        text.replace_range(at..name_end, "expected a mapping (key: value lines)");
+    }
+    anyhow!("{what}: {text}")
+}
+
 fn header_name(text: &str, what: &str) -> Result<http::HeaderName> {
     http::HeaderName::from_bytes(text.to_ascii_lowercase().as_bytes())
         .map_err(|_| anyhow!("{what}: {text:?} is not a header name"))
@@ -1115,7 +1145,7 @@ fn header_name(text: &str, what: &str) -> Result<http::HeaderName> {
 
 fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
     let raw: BTreeMap<String, FileVendor> =
-        yaml_serde::from_str(text).map_err(|e| anyhow!("vendor catalog: {e}"))?;
+        yaml_serde::from_str(text).map_err(|e| yaml_error("vendor catalog", e))?;
     let mut vendors = Map::default();
     for (name, v) in raw {
         if name.is_empty()
@@ -1302,7 +1332,7 @@ fn at_least(setting: &str, value: Duration, min: Duration) -> Result<Duration> {
 
 fn parse_currencies(text: &str) -> Result<Map<String, Currency>> {
     let raw: BTreeMap<String, FileCurrency> =
-        yaml_serde::from_str(text).map_err(|e| anyhow!("currency table: {e}"))?;
+        yaml_serde::from_str(text).map_err(|e| yaml_error("currency table", e))?;
     raw.into_iter()
         .map(|(code, c)| {
             if c.decimals > 4 {
@@ -1458,6 +1488,42 @@ mod tests {
         assert!(
             checked >= 2,
             "expected keybrake.yaml and keybrake-systemd.yaml"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_key_in_yaml_words_not_rust_types() {
+        let cases = [
+            ("proxy:\n  tls: 5\n", "proxy.tls", "expected a mapping"),
+            ("[1]\n", "invalid type: sequence", "expected a mapping"),
+            (
+                "pingora:\n  threads: 1.5\n",
+                "pingora.threads",
+                "a whole number (0 or more)",
+            ),
+            (
+                "proxy:\n  max_connections: -1\n",
+                "proxy.max_connections",
+                "whole number",
+            ),
+        ];
+        for (yaml, key, words) in cases {
+            let err = Config::from_yaml(yaml, None, &Overrides::default()).unwrap_err();
+            let text = format!("{err:#}");
+            assert!(
+                text.contains(key) && text.contains(words),
+                "{yaml:?}: {text}"
+            );
+            assert!(
+                !text.contains("struct") && !text.contains("usize"),
+                "{text}"
+            );
+        }
+        let err = parse_currencies("usd: 2").unwrap_err();
+        assert!(
+            format!("{err:#}")
+                .contains("currency table: usd: invalid type: integer `2`, expected a mapping"),
+            "{err:#}"
         );
     }
 

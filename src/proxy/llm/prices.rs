@@ -70,7 +70,7 @@ const MAX_TOKENS: u64 = 1_000_000_000;
 impl PriceTable {
     pub fn parse(text: &str) -> Result<PriceTable> {
         let raw: BTreeMap<String, FileVendorPrices> =
-            yaml_serde::from_str(text).map_err(|e| anyhow!("price table: {e}"))?;
+            yaml_serde::from_str(text).map_err(|e| crate::config::yaml_error("price table", e))?;
         let mut vendors = Map::default();
         for (vendor, v) in raw {
             let price = |model: &str, p: &FileModelPrice| {

@@ -40,6 +40,11 @@ const RICH_MARKERS: &[&[u8]] = &[
     b"\"code_interpreter",
     b"\"code_execution",
     b"\"computer",
+    // Server-side loops that sample more than once in one request: Anthropic's
+    // `context_management` (a compaction pass reads the whole conversation), tool search
+    // (Anthropic's `tool_search_tool_*`, OpenAI's `tool_search`).
+    b"\"context_management\"",
+    b"\"tool_search",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -561,6 +566,8 @@ mod tests {
             r#"{"model":"m","input":[{"id":"msg_1","type":"item_reference"},{"role":"user","content":"go on"}]}"#,
             r#"{"model":"m","tools":[{"type":"mcp","server_url":"https://x"}]}"#,
             r#"{"model":"m","messages":[{"role":"user","content":[{"type":"\u0069mage"}]}]}"#,
+            r#"{"model":"c","context_management":{"edits":[{"type":"compact_20260112"}]}}"#,
+            r#"{"model":"c","tools":[{"type":"tool_search_tool_regex_20251119","name":"s"}]}"#,
         ] {
             let r = chat(rich).unwrap();
             assert!(r.rich_input, "{rich}");

@@ -47,6 +47,10 @@ struct RawUsage {
     cache_creation_input_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
     cache_creation: Option<CacheCreation>,
+    /// Anthropic: each sampling pass of the request (a compaction pass, then the
+    /// message), when there was more than the message's. Billed in total; the top-level
+    /// fields count only the message's pass.
+    iterations: Option<Vec<RawUsage>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -93,21 +97,48 @@ impl RawUsage {
                 })
             }
             Api::AnthropicMessages => {
-                let writes = self.cache_creation_input_tokens.unwrap_or(0);
-                let long = self
-                    .cache_creation
-                    .and_then(|c| c.ephemeral_1h_input_tokens)
-                    .unwrap_or(0);
+                let top = self.anthropic_pass()?;
+                let Some(passes) = self.iterations.as_ref().filter(|p| !p.is_empty()) else {
+                    return Some(top);
+                };
+                // Every pass is billed: their sum, and never less than the top level
+                // says, field by field.
+                let mut sum = Usage::default();
+                for pass in passes {
+                    let p = pass.anthropic_pass()?;
+                    sum.input = sum.input.saturating_add(p.input);
+                    sum.cached_input = sum.cached_input.saturating_add(p.cached_input);
+                    sum.cache_write = sum.cache_write.saturating_add(p.cache_write);
+                    sum.cache_write_1h = sum.cache_write_1h.saturating_add(p.cache_write_1h);
+                    sum.output = sum.output.saturating_add(p.output);
+                }
                 Some(Usage {
-                    input: self.input_tokens?,
-                    cached_input: self.cache_read_input_tokens.unwrap_or(0),
-                    cache_write: writes.checked_sub(long)?,
-                    cache_write_1h: long,
-                    output: self.output_tokens?,
+                    input: sum.input.max(top.input),
+                    cached_input: sum.cached_input.max(top.cached_input),
+                    cache_write: sum.cache_write.max(top.cache_write),
+                    cache_write_1h: sum.cache_write_1h.max(top.cache_write_1h),
+                    output: sum.output.max(top.output),
                     reasoning: 0,
                 })
             }
         }
+    }
+
+    /// One Anthropic sampling pass's tokens (the top level, or one of `iterations`).
+    fn anthropic_pass(&self) -> Option<Usage> {
+        let writes = self.cache_creation_input_tokens.unwrap_or(0);
+        let long = self
+            .cache_creation
+            .and_then(|c| c.ephemeral_1h_input_tokens)
+            .unwrap_or(0);
+        Some(Usage {
+            input: self.input_tokens?,
+            cached_input: self.cache_read_input_tokens.unwrap_or(0),
+            cache_write: writes.checked_sub(long)?,
+            cache_write_1h: long,
+            output: self.output_tokens?,
+            reasoning: 0,
+        })
     }
 
     /// Anthropic's `message_delta` usage is cumulative and may name only some fields:
@@ -121,7 +152,8 @@ impl RawUsage {
             output_tokens,
             cache_creation_input_tokens,
             cache_read_input_tokens,
-            cache_creation
+            cache_creation,
+            iterations
         );
     }
 }
@@ -516,6 +548,41 @@ mod tests {
         // Cut after message_start: the output is not known.
         let cut = stream.split("event: message_delta").next().unwrap();
         assert_eq!(run(Api::AnthropicMessages, false, cut, 11).1, None);
+    }
+
+    #[test]
+    fn anthropic_passes_are_all_charged_compaction_included() {
+        let msg = br#"{"id":"m","usage":{"input_tokens":23000,"output_tokens":1000,"iterations":[
+            {"type":"compaction","input_tokens":180000,"output_tokens":3500},
+            {"type":"message","input_tokens":23000,"output_tokens":1000,"cache_read_input_tokens":7}]}}"#;
+        assert_eq!(
+            from_json(Api::AnthropicMessages, msg),
+            Some(Usage {
+                input: 203_000,
+                cached_input: 7,
+                output: 4_500,
+                ..Usage::default()
+            })
+        );
+        // A pass that cannot be read makes the usage unreadable (charged as such).
+        let bad = br#"{"usage":{"input_tokens":1,"output_tokens":1,"iterations":[{"type":"compaction"}]}}"#;
+        assert_eq!(from_json(Api::AnthropicMessages, bad), None);
+        // In a stream the passes come with message_delta's cumulative usage.
+        let stream = concat!(
+            "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n",
+            "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9,\"iterations\":[",
+            "{\"type\":\"compaction\",\"input_tokens\":500,\"output_tokens\":40},",
+            "{\"type\":\"message\",\"input_tokens\":20,\"output_tokens\":9}]}}\n\n",
+        );
+        let (_, usage) = run(Api::AnthropicMessages, false, stream, 7);
+        assert_eq!(
+            usage,
+            Some(Usage {
+                input: 520,
+                output: 49,
+                ..Usage::default()
+            })
+        );
     }
 
     #[test]

@@ -162,6 +162,9 @@ def usd(token_prices: list[tuple[int, Decimal]]) -> Decimal:
 def usage_cost(vendor: str, model: str, path: str, usage: dict) -> Decimal:
     """What the fake vendor's reported usage costs, by the vendor's billing rules."""
     p = PRICES[vendor][model]
+    if path == "/v1/messages" and usage.get("iterations"):
+        # Every sampling pass is billed (a compaction pass, then the message).
+        return sum((usage_cost(vendor, model, path, it) for it in usage["iterations"]), Decimal(0))
     if path == "/v1/messages":
         return usd([(usage["input_tokens"], p["input"]),
                     (usage.get("cache_read_input_tokens", 0), p["cached_input"]),
@@ -354,6 +357,31 @@ def test_anthropic_python_sdk_json_and_stream_with_cache_tokens(kb, tenant, fake
     cached = [e for e in events if e.get("model") == "claude-3-5-haiku-20241022"][0]
     assert (cached["cached_input_tokens"], cached["cache_write_tokens"]) == (300, 200)
     assert [e["spend_usd"] for e in events if e["path"].endswith("count_tokens")] == [0, 0]
+
+
+def test_anthropic_compaction_pass_is_charged_with_the_message(kb, tenant, fake_llm):
+    """A request with `context_management` may run a compaction pass over the whole
+    conversation before the message; Anthropic bills both and reports the passes in
+    `usage.iterations` (the top level counts the message only). The key is charged both,
+    JSON and streamed, to the micro-dollar."""
+    k = key(tenant, vendor="anthropic", cap=5)
+    client = anthropic_client(kb, k["token"])
+    compact = {"context_management": {"edits": [{"type": "compact_20260112"}]}}
+    messages = [{"role": "user", "content": "Summarize our long chat"}]
+    m = client.messages.create(model="claude-sonnet-4-5", max_tokens=100, messages=messages,
+                               extra_body=compact, extra_headers={"x-fake-compaction": "150000"})
+    assert m.content[0].text == "Hello from the fake"
+    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=100, messages=messages,
+                                extra_body=compact, extra_headers={"x-fake-compaction": "120000"}) as stream:
+        assert "".join(stream.text_stream) == "Hello from the fake"
+    received = fake_llm.wait_for(2)
+    assert all(len(e["usage"]["iterations"]) == 2 for e in received)
+    expected = expected_spend(fake_llm, "anthropic")
+    top_level_only = sum((usage_cost("anthropic", "claude-sonnet-4-5", "/v1/messages",
+                                     {**e["usage"], "iterations": None}) for e in received), Decimal(0))
+    assert expected > 10 * top_level_only  # the compaction passes are most of the bill
+    tenant.wait_spent(k["id"], expected)
+    assert_audit_matches(tenant, k["id"], expected, 2)
 
 
 def test_openai_npm_sdk_streams_through_the_proxy(kb, tenant, fake_llm, tmp_path):

@@ -25,6 +25,8 @@ request's output limit. Request headers steer the fake:
     x-fake-cached: N         cached input tokens (OpenAI) / cache reads (Anthropic)
     x-fake-cache-write: N    Anthropic cache writes (5-minute TTL)
     x-fake-reasoning: N      OpenAI reasoning tokens (part of the output)
+    x-fake-compaction: N     Anthropic: a compaction pass of N input tokens (N // 40 out)
+                             ran before the message; usage lists both in `iterations`
 
 Every request is appended to STATE_DIR/requests.jsonl: method, path, headers, body
 bytes, status, the usage the fake reported (`usage`, in the vendor's own shape), the
@@ -69,6 +71,7 @@ class Call:
         self.cached = int(h.get("x-fake-cached", "0"))
         self.cache_write = int(h.get("x-fake-cache-write", "0"))
         self.reasoning = int(h.get("x-fake-reasoning", "0"))
+        self.compaction = int(h.get("x-fake-compaction", "0"))
         self.model = self.json.get("model") or "unknown"
         self.stream = self.json.get("stream") is True
 
@@ -237,6 +240,12 @@ def anthropic_messages(call, log):
     out = call.output_tokens(limit)
     usage = {"input_tokens": inp, "cache_creation_input_tokens": call.cache_write,
              "cache_read_input_tokens": call.cached, "output_tokens": out}
+    if call.compaction:
+        # The top level counts the message's pass only (Anthropic's compaction docs).
+        usage["iterations"] = [
+            {"type": "compaction", "input_tokens": call.compaction, "output_tokens": call.compaction // 40},
+            {"type": "message", "input_tokens": inp, "output_tokens": out},
+        ]
     if call.malformed:
         usage = {"input_tokens": inp, "output_tokens": "many"}
     log["usage"] = usage
@@ -249,6 +258,10 @@ def anthropic_messages(call, log):
     if not call.stream:
         return None, message
     start_usage = {**usage, "output_tokens": 1} if not call.malformed else usage
+    start_usage.pop("iterations", None)
+    final_usage = {"output_tokens": usage["output_tokens"]}
+    if "iterations" in usage:
+        final_usage["iterations"] = usage["iterations"]
     events = [named("message_start", {"type": "message_start", "message": {
         **message, "content": [], "stop_reason": None, "usage": start_usage}}),
         named("content_block_start", {"type": "content_block_start", "index": 0,
@@ -260,7 +273,7 @@ def anthropic_messages(call, log):
     events.append(named("content_block_stop", {"type": "content_block_stop", "index": 0}))
     events.append(named("message_delta", {"type": "message_delta",
                                           "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                          "usage": {"output_tokens": usage["output_tokens"]}}))
+                                          "usage": final_usage}))
     events.append(named("message_stop", {"type": "message_stop"}))
     return events, None
 

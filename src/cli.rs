@@ -1,6 +1,6 @@
 //! The `keybrake` client commands: the control API without hand-written curl. Each talks
-//! HTTP to `--control-url` with the token from `KEYBRAKE_TOKEN` (admin commands also
-//! read `KEYBRAKE_ADMIN_TOKEN`), prints a short human answer or `--json`, and fails with
+//! HTTP to `--control-url` with the token from `KEYBRAKE_TOKEN` (admin commands: from
+//! `KEYBRAKE_ADMIN_TOKEN`), prints a short human answer or `--json`, and fails with
 //! one clear line and a non-zero exit.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -27,21 +27,32 @@ impl Client {
     ) -> Result<Client> {
         let whose = if admin { "admin" } else { "tenant API" };
         let token = match token_file {
-            Some(file) => std::fs::read_to_string(file).with_context(|| {
-                format!("cannot read the {whose} token file {}", file.display())
+            Some(file) => {
+                let token = std::fs::read_to_string(file).with_context(|| {
+                    format!("cannot read the {whose} token file {}", file.display())
+                })?;
+                warn_if_others_can_read(file, &format!("the {whose} token file"));
+                token
+            }
+            // Never KEYBRAKE_TOKEN: that is the tenant's, and an admin call with it would
+            // only say "invalid_token" while the cause is the variable not set.
+            None if admin => std::env::var("KEYBRAKE_ADMIN_TOKEN").map_err(|_| {
+                anyhow!(
+                    "set KEYBRAKE_ADMIN_TOKEN to the admin token, or give --admin-token-file \
+                     (serve writes it to DATA_DIR/admin.token on first start)"
+                )
             })?,
-            None if admin => std::env::var("KEYBRAKE_ADMIN_TOKEN")
-                .or_else(|_| std::env::var("KEYBRAKE_TOKEN"))
-                .map_err(|_| {
-                    anyhow!(
-                        "set KEYBRAKE_ADMIN_TOKEN to the admin token, or give --admin-token-file \
-                         (serve writes it to DATA_DIR/admin.token on first start)"
-                    )
-                })?,
             None => std::env::var("KEYBRAKE_TOKEN").map_err(|_| {
                 anyhow!("set KEYBRAKE_TOKEN to a tenant API token (kb_…), or give --token-file")
             })?,
         };
+        let token = token.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            bail!(
+                "the {whose} token is empty or has characters no token has (spaces, non-ASCII \
+                 such as `…`): give the whole token as it was printed"
+            );
+        }
         let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));
@@ -54,7 +65,7 @@ impl Client {
         let agent = agent.build();
         Ok(Client {
             base: control_url.trim_end_matches('/').to_string(),
-            token: token.trim().to_string(),
+            token: token.to_string(),
             agent,
         })
     }
@@ -133,9 +144,14 @@ pub fn print_created(value: &Value, json_out: bool, what: &str, field: &str, sec
     });
 }
 
-/// A page of a list: a line per item; when there is more, how to get it, on stderr.
+/// A page of a list: a line per item; on stderr, "none found" for an empty page (an
+/// unknown or other tenant's key id lists nothing too), and how to get more.
 pub fn print_page(list: &Value, json_out: bool, line: fn(&Value) -> String) {
     print(list, json_out, |l| data_lines(l, line));
+    let empty = list["data"].as_array().is_none_or(|d| d.is_empty());
+    if !json_out && empty {
+        eprintln!("none found");
+    }
     if let (false, Some(cursor)) = (json_out, list["next_cursor"].as_str()) {
         eprintln!("more: --cursor {cursor}");
     }
@@ -169,13 +185,37 @@ pub fn read_secret_file(path: &Path) -> Result<String> {
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
         s
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        warn_if_others_can_read(path, "the secret file");
+        text
     };
     let secret = text.trim().to_string();
     if secret.is_empty() {
         bail!("{} is empty", path.display());
     }
+    if secret.starts_with("vk_") {
+        bail!(
+            "{} holds a Keybrake vault key (vk_…): give the vendor's own secret",
+            path.display()
+        );
+    }
     Ok(secret)
+}
+
+/// A warning on stderr when group or others may read a file of secrets.
+fn warn_if_others_can_read(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "keybrake: warning: {what} {} has mode {mode:03o}: other users can read it; \
+                 chmod go-rwx",
+                path.display()
+            );
+        }
+    }
 }
 
 /// A USD amount of an answer as `$12.5`, `$0.000008` (exact: micro-dollars), `-` if absent.

@@ -229,8 +229,15 @@ enum TenantCommand {
         /// The tenant's name.
         name: String,
     },
-    /// List tenants.
-    List,
+    /// List tenants, oldest first.
+    List {
+        /// Most tenants to show (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// The next page: the cursor the previous page ended with ("more: --cursor …").
+        #[arg(long)]
+        cursor: Option<String>,
+    },
     /// Add an API token to a tenant (for rotation); prints it (shown once) and its id.
     AddToken {
         /// The tenant (tn_…).
@@ -296,7 +303,12 @@ enum KeyCommand {
         #[arg(long = "endpoint", env = "KEYBRAKE_KEY_ENDPOINT", required = true)]
         endpoints: Vec<String>,
         /// Daily cap in US dollars.
-        #[arg(long, env = "KEYBRAKE_KEY_CAP", value_name = "USD")]
+        #[arg(
+            long,
+            env = "KEYBRAKE_KEY_CAP",
+            value_name = "USD",
+            allow_hyphen_values = true
+        )]
         cap: String,
         /// Lifetime: 30s, 5m, 2h, 1d or seconds (default: the server's default_key_ttl).
         #[arg(long, env = "KEYBRAKE_KEY_TTL", value_name = "DURATION")]
@@ -605,17 +617,19 @@ fn run(cli: Cli) -> Result<()> {
                         )
                     });
                 }
-                TenantCommand::List => {
-                    let list = api.call("GET", "/v1/tenants?limit=1000", None)?;
-                    cli::print(&list, client.json, |l| {
-                        cli::data_lines(l, |t| {
-                            format!(
-                                "{}  {}  {}",
-                                t["id"].as_str().unwrap_or("?"),
-                                t["created_at"].as_str().unwrap_or("?"),
-                                t["name"].as_str().unwrap_or("")
-                            )
-                        })
+                TenantCommand::List { limit, cursor } => {
+                    let path = cli::with_query(
+                        "/v1/tenants",
+                        &[("limit", Some(limit.to_string())), ("cursor", cursor)],
+                    );
+                    let list = api.call("GET", &path, None)?;
+                    cli::print_page(&list, client.json, |t| {
+                        format!(
+                            "{}  {}  {}",
+                            t["id"].as_str().unwrap_or("?"),
+                            t["created_at"].as_str().unwrap_or("?"),
+                            t["name"].as_str().unwrap_or("")
+                        )
                     });
                 }
                 TenantCommand::AddToken { tenant_id } => {

@@ -132,15 +132,26 @@ def run(customer: str, amount_cents: int, cap_usd: float, tenant_token: str) -> 
         revoke_vault_key(tenant_token, key["id"])
 
 
+class UsageParser(argparse.ArgumentParser):
+    """Usage errors exit 1 (argparse's own 2 means "over the cap" here)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(json.dumps({"error": "usage", "message": message}))
+        raise SystemExit(1)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = UsageParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--customer", required=True, help="Stripe customer id (cus_…)")
     p.add_argument("--amount-cents", type=int, required=True)
     p.add_argument("--cap-usd", type=float, default=500.0, help="the vault key's daily USD cap (default 500)")
     args = p.parse_args(argv)
     token = os.environ.get("KEYBRAKE_TOKEN")
     if not token:
-        p.error("KEYBRAKE_TOKEN (the Keybrake tenant API token, kb_…) is not set")
+        print(json.dumps({"error": "missing_token",
+                          "message": "KEYBRAKE_TOKEN (the Keybrake tenant API token, kb_…) is not set"}))
+        return 1
     try:
         code, out = run(args.customer, args.amount_cents, args.cap_usd, token)
     except (RuntimeError, requests.RequestException) as e:

@@ -571,7 +571,7 @@ async fn get_credential(
         .control
         .get_credential(&tenant, &vendor)
         .await?
-        .ok_or(ApiError::NotFound("credential"))?;
+        .ok_or_else(|| no_credential(&s, &vendor))?;
     Ok(Json(
         json!({"vendor": vendor, "last4": last4, "updated_at": rfc3339(updated_at)}),
     ))
@@ -583,9 +583,19 @@ async fn delete_credential(
     Path(vendor): Path<String>,
 ) -> ApiResult<Json<Value>> {
     if !s.control.delete_credential(&tenant, &vendor).await? {
-        return Err(ApiError::NotFound("credential"));
+        return Err(no_credential(&s, &vendor));
     }
     Ok(Json(json!({"vendor": vendor, "deleted": true})))
+}
+
+/// No credential stored: 404 `unknown_vendor` when the catalog has no such vendor either
+/// (as `PUT` answers), else `not_found`. A credential of a vendor since removed from the
+/// catalog can still be read and deleted.
+fn no_credential(s: &ApiState, vendor: &str) -> ApiError {
+    match known_vendor(s, vendor) {
+        Err(unknown) => unknown,
+        Ok(()) => ApiError::NotFound("credential"),
+    }
 }
 
 // ----- vault keys (tenant) -----
@@ -771,11 +781,29 @@ async fn issue_key(
     match s.control.issue_key(&tenant, new).await {
         Ok((row, token)) => {
             let mut body = issued_json(&row, &token);
-            let warnings = s
-                .catalog
-                .get(&row.vendor)
-                .map(|v| v.unmetered_reach(&row.allowed_endpoints))
-                .unwrap_or_default();
+            // A pattern written as the proxy's path (`/stripe/v1/…`) matches no call:
+            // patterns are the vendor's own paths.
+            let prefix = format!("/{}", row.vendor);
+            let (proxied, own): (Vec<String>, Vec<String>) =
+                row.allowed_endpoints.iter().cloned().partition(|p| {
+                    let path = p.rsplit(' ').next().unwrap_or(p);
+                    path == prefix || path.starts_with(&format!("{prefix}/"))
+                });
+            let mut warnings: Vec<String> = proxied
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{p:?} starts with the proxy's prefix {prefix}: patterns are the \
+                         vendor's own paths (\"/v1/…\"), so this one matches no call"
+                    )
+                })
+                .collect();
+            warnings.extend(
+                s.catalog
+                    .get(&row.vendor)
+                    .map(|v| v.unmetered_reach(&own))
+                    .unwrap_or_default(),
+            );
             if !warnings.is_empty() {
                 body["warnings"] = json!(warnings);
             }

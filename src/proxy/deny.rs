@@ -111,11 +111,11 @@ impl Denial {
         use Denial::*;
         match self {
             MissingKey => "No vault key: send it as Authorization: Bearer vk_…, x-api-key, or the Basic user name.",
-            InvalidKey => "The vault key is not valid (bad format, signature, algorithm or signing key).",
+            InvalidKey => "The vault key is not valid (bad format, signature, algorithm or signing key). Send a vault key (vk_…), never the vendor's own secret.",
             KeyExpired => "The vault key has expired; issue a new one.",
             KeyRevoked => "The vault key has been revoked.",
             VendorMismatch => "The vault key was issued for another vendor.",
-            EndpointNotAllowed => "The vault key does not allow this endpoint.",
+            EndpointNotAllowed => "The vault key does not allow this endpoint (its patterns are the vendor's own paths: POST /v1/payment_intents allows POST /stripe/v1/payment_intents here).",
             MethodNotAllowed => "The vault key allows this endpoint, but not with this HTTP method.",
             AccountNotAllowed => "The vault key does not allow this Stripe account.",
             EndpointUnmetered => "This endpoint can move money and Keybrake does not meter it: a key with a spend cap cannot call it.",
@@ -127,7 +127,7 @@ impl Denial {
             AmountUnknown => "What this call can charge could not be read from the vendor (no such object, or no amount and known currency).",
             UnsupportedCurrency => "The currency is missing or not in Keybrake's currency table.",
             InvalidBody => "The JSON body could not be converted to the vendor's form encoding.",
-            UnknownVendor => "No such vendor in the catalog.",
+            UnknownVendor => "No such vendor in the catalog: a proxied path starts with the vendor's name, as in /stripe/v1/… or /openai/v1/….",
             BodyTooLarge => "The request body is larger than the proxy's limit.",
             BodyTimeout => "The request body did not arrive in time.",
             CapExhausted => "This request would exceed the vault key's daily spend cap.",

@@ -40,9 +40,15 @@ def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
 
     secret_file = tmp_path / "stripe.secret"
     secret_file.write_text("sk_test_cli_" + "7" * 24 + "\n")
+    secret_file.chmod(0o644)
     stored = kb(keybrake, "vendor", "set", "stripe", "--secret-file", str(secret_file), token=token)
     assert stored.returncode == 0, stored.stderr
     assert "…7777" in stored.stdout and "sk_test_cli" not in stored.stdout
+    # Stored, with a warning that others can read the file; none once it is private.
+    assert "has mode 644: other users can read it" in stored.stderr, stored.stderr
+    secret_file.chmod(0o600)
+    stored = kb(keybrake, "vendor", "set", "stripe", "--secret-file", str(secret_file), token=token)
+    assert stored.returncode == 0 and stored.stderr == "", stored.stderr
 
     issued = kb(
         keybrake, "key", "issue", "--vendor", "stripe", "--endpoint", "POST /v1/payment_intents",
@@ -56,6 +62,7 @@ def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
     # The tenant token from a file instead of the environment.
     token_file = tmp_path / "tenant.token"
     token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
     from_file = kb(keybrake, "key", "list", "--token-file", str(token_file))
     assert from_file.returncode == 0 and "cli-run" in from_file.stdout, from_file.stderr
     missing = kb(keybrake, "key", "list")
@@ -130,7 +137,14 @@ def test_cli_errors_are_one_clear_line_and_a_nonzero_exit(keybrake, tmp_path):
             token=token), "400 invalid_endpoint_pattern"),
         (kb(keybrake, "vendor", "set", "stripe", "--secret-file", str(tmp_path / "missing"), token=token),
          "cannot read"),
+        # A vault key where the vendor's secret belongs (from stdin).
+        (kb(keybrake, "vendor", "set", "stripe", "--secret-file", "-", token=token, stdin="vk_eyJhbGc\n"),
+         "holds a Keybrake vault key"),
         (kb(keybrake, "key", "list"), "KEYBRAKE_TOKEN"),
+        # An admin command with only the tenant's variable set names the admin's.
+        (kb(keybrake, "tenant", "list", token=token), "set KEYBRAKE_ADMIN_TOKEN"),
+        # The README's placeholder pasted as is.
+        (kb(keybrake, "key", "list", token="kb_\u2026"), "give the whole token as it was printed"),
         # The proxy's or the metrics listener's address given for the control API's.
         (kb(keybrake, "key", "list", "--control-url", keybrake.proxy_url, token=token),
          "not Keybrake's control API"),

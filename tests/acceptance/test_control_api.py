@@ -324,6 +324,10 @@ def test_credential_for_an_unknown_vendor_is_refused(keybrake):
     r = t.call("PUT", "/v1/vendors/nosuchvendor/credential", json={"secret": "sk_x_12345"})
     assert r.status_code in (404, 422), r.text
     assert isinstance(as_json(r)["error"]["code"], str)
+    # Reading or deleting one says the same, not that the credential is missing.
+    for method in ("GET", "DELETE"):
+        assert_control_error(t.call(method, "/v1/vendors/nosuchvendor/credential"), 404, "unknown_vendor")
+        assert_control_error(t.call(method, "/v1/vendors/openai/credential"), 404, "not_found")
 
 
 # --------------------------------------------------------------------------- keys

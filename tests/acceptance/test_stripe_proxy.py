@@ -1503,6 +1503,20 @@ def test_a_key_with_only_metered_or_free_endpoints_gets_no_warning(tenant):
     assert "warnings" not in key
 
 
+def test_a_pattern_written_with_the_proxy_prefix_is_warned_about(keybrake, tenant, fake_stripe):
+    """Patterns are the vendor's own paths: "POST /stripe/v1/payment_intents" matches no
+    call (the proxy strips /stripe before matching). Issuing says so instead of the
+    unmetered-endpoint warning, and the call is refused with a message that says how
+    patterns are written."""
+    key = tenant.issue_key(allowed_endpoints=["POST /stripe/v1/payment_intents"], daily_usd_cap=5)
+    assert len(key["warnings"]) == 1 and "prefix /stripe" in key["warnings"][0], key
+    r = keybrake.proxy("POST", "/stripe/v1/payment_intents", key=key["token"],
+                       data={"amount": 100, "currency": "usd"})
+    assert_denied(r, 403, "endpoint_not_allowed")
+    assert "POST /v1/payment_intents" in r.json()["message"]
+    assert fake_stripe.received() == []
+
+
 def test_a_subscription_costs_its_first_period_and_is_refused_past_the_cap(
         keybrake, tenant, fake_stripe, stripe_secret):
     """POST /v1/subscriptions is metered from its items: each price is read from Stripe

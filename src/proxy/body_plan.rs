@@ -80,11 +80,12 @@ pub fn plan(
         return Ok(BodyPlan::Stream);
     }
     if let Some(query) = req.uri.query().map(str::as_bytes) {
-        // The amount is only read from the body: a vendor may read fields from the query
-        // string too (or merge them over the body's), so a metered call's query may carry
-        // nothing but `expand`: not the amount, and not a field that adds to it (a
-        // subscription's `add_invoice_items`, `backdate_start_date`, …).
-        if metered.is_some() && meter::form_names_other_than(query, QUERY_FIELDS) {
+        // The amount is only read from the body (or, for a call metered from the vendor's
+        // object, from that object): a vendor may read fields from the query string too
+        // (or merge them over the body's), so a metered call's query may carry nothing but
+        // `expand`: not the amount, and not a field that adds to it (a subscription's
+        // `add_invoice_items`, a capture's `amount_to_capture`, …).
+        if rule.is_some() && meter::form_names_other_than(query, QUERY_FIELDS) {
             return Err(Denial::InvalidAmount);
         }
         if meter::form_names_any_of(query, refused) {
@@ -250,6 +251,12 @@ mod tests {
         // the vendor may read it as part of the call.
         let r = req("POST", "/v1/payment_intents?expand[]=customer", &[FORM]);
         assert!(plan_for(&r, "stripe").is_ok());
+        let r = req(
+            "POST",
+            "/v1/payment_intents/pi_1/confirm?expand[]=latest_charge",
+            &[FORM],
+        );
+        assert!(plan_for(&r, "stripe").is_ok());
         for uri in [
             "/v1/payment_intents?currency=eur",
             "/v1/payment_intents?expand[]=customer&amount]=1",
@@ -260,6 +267,9 @@ mod tests {
             "/v1/subscriptions?default_tax_rates[0]=txr_1",
             "/v1/subscriptions?plan=price_big&quantity=1000",
             "/v1/subscriptions?items[0][price]=price_big",
+            // Metered from the vendor's object: the same rule.
+            "/v1/payment_intents/pi_1/capture?amount_to_capture=5",
+            "/v1/payment_intents/pi_1/confirm?capture_method=manual",
         ] {
             let r = req("POST", uri, &[FORM]);
             assert_eq!(plan_for(&r, "stripe"), Err(Denial::InvalidAmount), "{uri}");

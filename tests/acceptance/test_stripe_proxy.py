@@ -1576,7 +1576,8 @@ def test_a_subscription_cannot_add_to_its_charge_through_the_query_string(
 def test_a_customer_balance_cannot_be_set_through_a_capped_key(keybrake, tenant, fake_stripe):
     """A customer's positive balance is added to its next invoice, which no meter sees:
     creating or updating a customer is free, but not with a `balance` (body, JSON or
-    query string): 403 endpoint_unmetered, never forwarded. Without it, it works."""
+    query string): 403 endpoint_unmetered, never forwarded. Nor with a new `source` on an
+    existing customer (Stripe then retries its past-due invoices). Without them, it works."""
     key = tenant.issue_key(allowed_endpoints=["POST /v1/customers", "POST /v1/customers/*"],
                            daily_usd_cap=1)
     client = stripe_client(keybrake, key["token"])
@@ -1597,6 +1598,10 @@ def test_a_customer_balance_cannot_be_set_through_a_capped_key(keybrake, tenant,
                                                  "headers": {"Stripe-Version": "2019-10-08"}}),
         ("/stripe/v1/customers", {"data": {"email": "c@example.com", "plan": "plan_big", "quantity": "9"},
                                   "headers": {"Stripe-Version": "2017-08-15"}}),
+        # A new source on an existing customer retries its past-due subscriptions' invoices.
+        (f"/stripe/v1/customers/{customer.id}", {"data": {"source": "tok_visa"}}),
+        (f"/stripe/v1/customers/{customer.id}", {"data": {"card": "tok_visa"},
+                                                 "headers": {"Stripe-Version": "2014-10-07"}}),
     ]:
         assert_denied(keybrake.proxy("POST", path, key=key["token"], **kwargs), 403, "endpoint_unmetered")
     assert len(fake_stripe.received_matching("POST", "/v1/customers")) == 1

@@ -267,10 +267,13 @@ impl Control {
     /// spent, if more) and the rest given back; once an hour, the report-batch marks of
     /// node sessions silent for a week are deleted. Runs until the process ends.
     ///
-    /// No holder is taken for dead before this process has been up for a whole lease
-    /// lifetime: an edge node beats through its polls, so while no control process was
-    /// running (a restart, an upgrade) it could not beat, and must get a lifetime to reach
-    /// this one before its leases are taken back. Reclaiming later is always safe.
+    /// No holder is taken for dead before this process has reached its storage for a
+    /// whole lease lifetime without a break: an edge node beats through its polls, so
+    /// while no control process was running (a restart, an upgrade), or none could write
+    /// to the database (an outage), it could not beat, and must get a lifetime to reach
+    /// this one before its leases are taken back; otherwise every node would be taken for
+    /// dead, and restart, together as the database came back. Reclaiming later is always
+    /// safe.
     pub async fn lease_upkeep(self: Arc<Self>) {
         let beating = self.clone();
         tokio::spawn(async move {
@@ -281,16 +284,24 @@ impl Control {
             }
         });
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let lifetime = lease_lifetime_secs(&self.settings);
         let every = (lifetime / 4).max(1) as u64;
-        let up_since = tokio::time::Instant::now();
+        // Since when the storage has answered without a break (`None`: it does not now).
+        let mut reachable_since: Option<tokio::time::Instant> = None;
         let mut n = 0u64;
         loop {
             tick.tick().await;
-            let reachable_for_a_lifetime =
-                up_since.elapsed() >= Duration::from_secs(lifetime.max(0) as u64);
+            if !self.store.ping().await {
+                reachable_since = None;
+            } else if reachable_since.is_none() {
+                reachable_since = Some(tokio::time::Instant::now());
+            }
+            let reachable_for_a_lifetime = reachable_since
+                .is_some_and(|t| t.elapsed() >= Duration::from_secs(lifetime.max(0) as u64));
             if reachable_for_a_lifetime && n % every == 0 {
                 if let Err(e) = self.reclaim_dead_holders().await {
+                    reachable_since = None;
                     log::error!("cannot give back the leases of dead processes: {e:#}");
                 }
             }

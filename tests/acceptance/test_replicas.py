@@ -388,6 +388,44 @@ def test_postgres_lost_while_running_then_back(tmp_path, fake_stripe, stripe_sec
                 p.proc.wait(timeout=10)
 
 
+def test_a_database_outage_longer_than_the_lease_lifetime_does_not_restart_the_fleet(
+        tmp_path, fake_stripe, stripe_secret, own_cluster):
+    """No node can poll while PostgreSQL is down, so each one's life runs out. When it is
+    back, the control plane gives the nodes a lease lifetime to poll again before it takes
+    any for dead: the node keeps running (no exit 75, no restart of the whole fleet at
+    once) and pays again with the same session."""
+    url = own_cluster.create_database("long_outage")
+    config = write_config(tmp_path / "conf", leases={"lifetime_seconds": 3})
+    a = PgControlPlane(tmp_path / "a", {"stripe": fake_stripe.url}, url, own_cluster, config=config)
+    e = None
+    try:
+        a.start()
+        t = a.create_tenant("acme")
+        t.put_credential("stripe", stripe_secret)
+        e = EdgeProxy(tmp_path / "ea", a, a.create_node("ea")["node_token"], {"stripe": fake_stripe.url},
+                      config=config, extra_args=["--max-staleness", "60"]).start()
+        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50)
+        assert pay(e, key["token"]).status_code == 200
+
+        own_cluster.stop()
+        started = time.monotonic()
+        ready = a.control("GET", "/readyz")
+        assert ready.status_code == 503 and time.monotonic() - started < 2.5, ready.text
+        time.sleep(7)  # beyond the lifetime (3 s) and its reclaim margin
+        own_cluster.start_again()
+        assert wait_until(lambda: pay(e, key["token"]).status_code == 200, timeout=15, interval=0.3), \
+            e.logs()[-2000:]
+        time.sleep(6)  # two lifetimes: a reclaim would have happened by now
+        assert e.proc.poll() is None, f"the node stopped:\n{e.logs()[-2000:]}"
+        assert "took this node for dead" not in e.logs()
+        assert pay(e, key["token"]).status_code == 200
+    finally:
+        for p in (e, a):
+            if p is not None and p.proc and p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(timeout=10)
+
+
 def keybrake_error_lines(kb) -> list[str]:
     return [line for line in kb.logs().splitlines() if line.startswith("keybrake:")]
 

@@ -279,8 +279,14 @@ impl HttpLedger {
         };
         let failed = out.iter().filter(|r| r.is_err()).count();
         if failed > 0 {
-            if let Some(Err(e)) = out.iter().find(|r| r.is_err()) {
-                log::warn!("{failed} lease requests failed: {}", e.0);
+            static LOG: crate::log_every::LogEvery =
+                crate::log_every::LogEvery::new(Duration::from_secs(10));
+            if let (Some(Err(e)), Some(others)) = (out.iter().find(|r| r.is_err()), LOG.due()) {
+                log::warn!(
+                    "{failed} lease requests failed ({others} more failed calls since the last \
+                     such line): {}",
+                    e.0
+                );
             }
         }
         self.metrics.lease_failures.inc_by(failed as u64);
@@ -702,6 +708,8 @@ struct SyncState {
     lapsed: AtomicBool,
     /// Read by the proxy on every request (`proxy::fresh`).
     stale: Arc<AtomicBool>,
+    /// The node's refusing for staleness was logged (so is its end).
+    stale_logged: AtomicBool,
     max_staleness: Duration,
 }
 
@@ -718,8 +726,25 @@ impl SyncState {
             && self.since_sync() <= self.max_staleness
     }
 
+    /// Sets the flag the proxy reads; logs when the node starts refusing for staleness
+    /// (a cut-off or a lapse log their own line) and when it serves again.
     fn refresh_flag(&self) {
-        self.stale.store(!self.is_fresh(), Ordering::Release);
+        let stale = !self.is_fresh();
+        let was = self.stale.swap(stale, Ordering::AcqRel);
+        let too_old = self.ever_synced.load(Ordering::Acquire)
+            && !self.cut_off.load(Ordering::Acquire)
+            && !self.lapsed.load(Ordering::Acquire);
+        if stale && !was && too_old {
+            self.stale_logged.store(true, Ordering::Release);
+            log::error!(
+                "no sync with the control plane for {:.1}s (max_staleness {:?}): refusing every \
+                 proxied request with 503 control_unreachable until it syncs again",
+                self.since_sync().as_secs_f64(),
+                self.max_staleness
+            );
+        } else if !stale && was && self.stale_logged.swap(false, Ordering::AcqRel) {
+            log::info!("in sync with the control plane again: serving");
+        }
     }
 }
 
@@ -979,6 +1004,7 @@ pub fn run_edge(
         cut_off: AtomicBool::new(false),
         lapsed: AtomicBool::new(false),
         stale: stale.clone(),
+        stale_logged: AtomicBool::new(false),
         max_staleness: opts.max_staleness,
     });
     // The first snapshot, before the proxy listens: a fresh node never serves without keys.

@@ -8,6 +8,7 @@ pub mod control;
 pub mod database;
 pub mod edge;
 pub mod ids;
+pub mod log_every;
 pub mod metrics;
 pub mod migrate;
 pub mod money;

@@ -199,21 +199,13 @@ impl From<anyhow::Error> for ApiError {
         if super::store::is_unavailable(&e) {
             // At most one line every 10 s (a full disk fails every write): the count of
             // the others with it.
-            static LAST: std::sync::Mutex<(Option<std::time::Instant>, u64)> =
-                std::sync::Mutex::new((None, 0));
-            let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
-            if last
-                .0
-                .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10))
-            {
-                let others = std::mem::take(&mut last.1);
-                last.0 = Some(std::time::Instant::now());
+            static LOG: crate::log_every::LogEvery =
+                crate::log_every::LogEvery::new(std::time::Duration::from_secs(10));
+            if let Some(others) = LOG.due() {
                 log::warn!(
                     "control API call failed, storage unavailable ({others} more since the \
                      last such line): {e:#}"
                 );
-            } else {
-                last.1 += 1;
             }
             return ApiError::StorageUnavailable;
         }

@@ -74,10 +74,9 @@ impl KeybrakeProxy {
         let now = now_secs();
         inject::drop_connection_named_headers(session.req_header_mut());
         // 1. route
-        if let Err(denial) = self.route(session.req_header(), ctx) {
+        if let Err(denial) = self.route_as_sent(session.req_header(), ctx) {
             // A key that tried a path trick is named in its tenant's audit, with the path
             // as it came (when the key verifies; nothing else of the request is looked at).
-            ctx.canonical = session.req_header().uri.path().to_string();
             let _ = self.authenticate(session.req_header(), ctx, now).await;
             return Err(denial);
         }
@@ -150,6 +149,16 @@ impl KeybrakeProxy {
         ctx.rest_at = canonical.len() - rest.len();
         ctx.canonical = canonical;
         Ok(())
+    }
+
+    /// `route`, and when the path is refused, the path as sent and the catalog vendor its
+    /// first segment names, for the access log, the metrics and the audit.
+    fn route_as_sent(&self, req: &RequestHeader, ctx: &mut Ctx) -> Result<(), Denial> {
+        self.route(req, ctx).inspect_err(|_| {
+            let raw = req.uri.path();
+            ctx.canonical = raw.to_string();
+            ctx.vendor = path::split_vendor(raw).and_then(|(v, _)| self.vendors.get(v).cloned());
+        })
     }
 
     /// Stage 2, authenticate: the vault key, verified (a key that fails still names its
@@ -259,6 +268,8 @@ impl ProxyHttp for KeybrakeProxy {
         // The rare paths are boxed: async_trait boxes this hook's future on every request,
         // copying its full size, and inline they would make it ~11 KB instead of ~1 KB.
         let admitted = if self.staleness.is_stale() {
+            // What was refused, for the access log and the metrics.
+            let _ = self.route_as_sent(session.req_header(), ctx);
             Err(Denial::ControlUnreachable)
         } else {
             self.admit(session, ctx).await

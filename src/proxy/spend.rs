@@ -522,7 +522,15 @@ impl SpendBook {
                 )
                 .await
                 .map_err(|e| {
-                    log::error!("lease for {} failed: {e}", who.key_id);
+                    // Every metered call fails while the ledger is out: one line per 10 s.
+                    static LOG: crate::log_every::LogEvery =
+                        crate::log_every::LogEvery::new(std::time::Duration::from_secs(10));
+                    if let Some(others) = LOG.due() {
+                        log::error!(
+                            "lease for {} failed ({others} more since the last such line): {e}",
+                            who.key_id
+                        );
+                    }
                     SpendError::LedgerUnavailable
                 })?;
             if !grant.granted.is_positive() {

@@ -291,12 +291,18 @@ def test_control_plane_down_then_back(fleet, fake_stripe, tmp_path):
     assert time.monotonic() - t_stop >= 2.0 * 2 / 3 - 0.05
     for e in nodes:
         assert e.ready().status_code == 503
+        # The operator sees when a node starts refusing, and when it serves again, and
+        # what it refused (vendor and path are known without the control plane).
+        assert "refusing every proxied request with 503 control_unreachable" in e.logs()
+        assert e.metric('keybrake_requests_total{decision="control_unreachable",vendor="stripe"}') >= 1
     control.start()
     t_back = time.monotonic()
     back = wait_until(lambda: all(pay(e, key["token"]).status_code == 200 for e in nodes), timeout=2.0,
                       interval=0.05)
     assert back, "nodes did not serve again within 2 s of the control plane's return"
     assert time.monotonic() - t_back <= 2.5
+    assert all(wait_until(lambda: "in sync with the control plane again: serving" in e.logs(), timeout=2)
+               for e in nodes)
     total = len(accepted(fake_stripe))
     tenant.wait_spent(key["id"], Decimal(total), timeout=20)
 

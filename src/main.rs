@@ -7,7 +7,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use keybrake::cli::{self, Client};
 use keybrake::config::{Config, Overrides};
 use keybrake::serve::{run_control, run_serve, SecretSources};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// mimalloc instead of glibc malloc: a proxy allocates and frees small objects on one
 /// thread and frees some on another (audit events); glibc's arenas pay for that in locks
@@ -570,6 +570,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Check { common, role } => {
             let config = common.load()?;
             config.check_files(role != Role::Control, role != Role::Proxy)?;
+            // What a start would refuse: the secrets given (not those serve generates) and
+            // control's database URL.
+            if role != Role::Proxy {
+                keybrake::serve::given_secrets(&common.secrets(false))?;
+            }
+            if let (Role::Control, Ok(url)) = (role, std::env::var("KEYBRAKE_DATABASE_URL")) {
+                keybrake::database::DatabaseUrl::parse(&url)
+                    .map_err(|e| e.context("KEYBRAKE_DATABASE_URL"))?;
+            }
             if role == Role::Serve
                 && (config.database_url.is_some()
                     || std::env::var_os("KEYBRAKE_DATABASE_URL").is_some())
@@ -586,8 +595,13 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let scheme = |tls: bool| if tls { "https" } else { "http" };
+            let checked = match &common.config {
+                Some(file) => file.display().to_string(),
+                None if Path::new("conf/keybrake.yaml").exists() => "conf/keybrake.yaml".into(),
+                None => "the embedded defaults".into(),
+            };
             println!(
-                "configuration OK: proxy {}://{}, control {}://{}, metrics http://{}, {} vendors, {} currencies, {} priced models",
+                "configuration OK ({checked}): proxy {}://{}, control {}://{}, metrics http://{}, {} vendors, {} currencies, {} priced models",
                 scheme(config.proxy.tls.is_some()),
                 config.proxy_listen,
                 scheme(config.control.tls.is_some()),

@@ -239,10 +239,9 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
     crate::secret::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let is_new = data_dir_is_new(&config.data_dir);
-    let master = if let Some(file) = &sources.master_key_file {
-        MasterKey::from_file(file)?
-    } else if let Ok(text) = std::env::var("KEYBRAKE_MASTER_KEY") {
-        MasterKey::from_base64(&text).context("KEYBRAKE_MASTER_KEY")?
+    let (given_master, given_admin) = given_secrets(sources)?;
+    let master = if let Some(master) = given_master {
+        master
     } else if sources.generate_missing {
         let path = config.data_dir.join("master.key");
         MasterKey::from_base64(&secret_file(
@@ -257,14 +256,8 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
             "no master key: set KEYBRAKE_MASTER_KEY (base64 of 32 bytes) or --master-key-file"
         ));
     };
-    let admin = if let Some(file) = &sources.admin_token_file {
-        std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read admin token file {}", file.display()))?
-            .trim()
-            .to_string()
-    } else if let Ok(text) = std::env::var("KEYBRAKE_ADMIN_TOKEN") {
-        log::info!("admin token: from KEYBRAKE_ADMIN_TOKEN");
-        text.trim().to_string()
+    let admin = if let Some(admin) = given_admin {
+        admin
     } else if sources.generate_missing {
         let path = config.data_dir.join("admin.token");
         let token = secret_file(
@@ -288,6 +281,35 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
         return Err(anyhow!("the admin token must be at least 16 characters"));
     }
     Ok((master, Secret::new(admin)))
+}
+
+/// The master key and admin token given by file or variable (`None` where neither is),
+/// read and checked: what `keybrake check` validates and a start would refuse.
+pub fn given_secrets(sources: &SecretSources) -> Result<(Option<MasterKey>, Option<String>)> {
+    let master = if let Some(file) = &sources.master_key_file {
+        Some(MasterKey::from_file(file)?)
+    } else if let Ok(text) = std::env::var("KEYBRAKE_MASTER_KEY") {
+        Some(MasterKey::from_base64(&text).context("KEYBRAKE_MASTER_KEY")?)
+    } else {
+        None
+    };
+    let admin = if let Some(file) = &sources.admin_token_file {
+        Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read admin token file {}", file.display()))?
+                .trim()
+                .to_string(),
+        )
+    } else if let Ok(text) = std::env::var("KEYBRAKE_ADMIN_TOKEN") {
+        log::info!("admin token: from KEYBRAKE_ADMIN_TOKEN");
+        Some(text.trim().to_string())
+    } else {
+        None
+    };
+    if admin.as_ref().is_some_and(|a| a.len() < 16) {
+        return Err(anyhow!("the admin token must be at least 16 characters"));
+    }
+    Ok((master, admin))
 }
 
 /// Fails, naming the first, when another process already listens on one of `listeners`

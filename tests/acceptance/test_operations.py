@@ -814,6 +814,35 @@ def test_check_names_the_problem_in_a_bad_config(tmp_path, name, settings, vendo
     assert "panicked" not in out and "RUST_BACKTRACE" not in out, out
 
 
+def test_check_refuses_the_secrets_and_database_url_a_start_would_refuse(tmp_path):
+    """`check` (a unit's ExecStartPre) validates what it is given beyond the file: a master
+    key file that is missing or not base64 of 32 bytes, an admin token under 16
+    characters, control's KEYBRAKE_DATABASE_URL with another scheme. A proxy does not read
+    the secrets; the line that says OK names what was checked."""
+    cfg = write_config(tmp_path / "conf")
+    short = tmp_path / "admin.token"
+    short.write_text("short\n")
+    not_base64 = tmp_path / "master.key"
+    not_base64.write_text("not base64!\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
+
+    def check(*args, **extra_env):
+        return subprocess.run([str(KEYBRAKE_BIN), "check", "--config", str(cfg), *args], capture_output=True,
+                              text=True, timeout=30, env={**env, **extra_env}, cwd=tmp_path)
+
+    for args, extra, expected in [
+        (["--master-key-file", str(tmp_path / "none")], {}, "cannot read master key file"),
+        (["--master-key-file", str(not_base64)], {}, "not valid base64"),
+        (["--admin-token-file", str(short)], {}, "at least 16 characters"),
+        (["--role=control"], {"KEYBRAKE_DATABASE_URL": "mysql://kb@127.0.0.1/kb"}, "KEYBRAKE_DATABASE_URL"),
+    ]:
+        r = check(*args, **extra)
+        assert r.returncode != 0 and expected in r.stderr, (args, r.stdout + r.stderr)
+        assert "configuration OK" not in r.stdout
+    r = check("--role=proxy", "--master-key-file", str(not_base64))
+    assert r.returncode == 0 and f"configuration OK ({cfg})" in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in CONF_DIR.glob("keybrake*.yaml")))
 def test_check_accepts_every_shipped_config(tmp_path, config):
     """Every conf/keybrake*.yaml shipped in the repo passes `keybrake check` (exit 0,

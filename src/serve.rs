@@ -124,7 +124,7 @@ const LOCK_FILE: &str = "keybrake.lock";
 /// the store while the old one drains and takes the lock once the old one has exited.
 /// The lock is an `flock` on `keybrake.lock`: the kernel drops it when the process ends,
 /// however it ends.
-fn lock_data_dir(data_dir: &Path, upgrade: bool) -> Result<()> {
+fn lock_data_dir(data_dir: &Path, upgrade: bool, serve: bool) -> Result<()> {
     let (file, path) = open_lock_file(data_dir)?;
     match flock(&file, false) {
         Ok(true) => {}
@@ -141,9 +141,13 @@ fn lock_data_dir(data_dir: &Path, upgrade: bool) -> Result<()> {
             return Ok(());
         }
         Ok(false) => anyhow::bail!(
-            "data dir {} is in use by another keybrake process: stop it first (a graceful \
-             upgrade starts the new process with --upgrade)",
-            data_dir.display()
+            "data dir {} is in use by another keybrake process: stop it first{}",
+            data_dir.display(),
+            if serve {
+                " (a graceful upgrade starts the new process with --upgrade)"
+            } else {
+                " (several control processes share a PostgreSQL database, not a data dir)"
+            }
         ),
         Err(e) => return Err(e).with_context(|| format!("cannot lock {}", path.display())),
     }
@@ -236,8 +240,13 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
             ));
         }
     }
-    crate::secret::private_dir(&config.data_dir)
-        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    // A control plane on PostgreSQL keeps nothing on disk: no data dir is made for it.
+    let on_disk = sources.generate_missing
+        || matches!(config.database(), crate::database::Database::Sqlite { .. });
+    if on_disk {
+        crate::secret::private_dir(&config.data_dir)
+            .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    }
     let is_new = data_dir_is_new(&config.data_dir);
     let (given_master, given_admin) = given_secrets(sources)?;
     let master = if let Some(master) = given_master {
@@ -421,7 +430,7 @@ fn start_control(
     config.check_files(proxy_addr.is_some(), true)?;
     let (master, admin) = load_secrets(config, sources)?;
     if let crate::database::Database::Sqlite { data_dir } = config.database() {
-        lock_data_dir(&data_dir, upgrade)?;
+        lock_data_dir(&data_dir, upgrade, proxy_addr.is_some())?;
     }
     let settings = ControlSettings {
         default_ttl: config.default_key_ttl,

@@ -417,6 +417,8 @@ def test_a_database_outage_longer_than_the_lease_lifetime_does_not_restart_the_f
             e.logs()[-2000:]
         time.sleep(6)  # two lifetimes: a reclaim would have happened by now
         assert e.proc.poll() is None, f"the node stopped:\n{e.logs()[-2000:]}"
+        # A control plane on PostgreSQL keeps nothing on disk: no data dir is made.
+        assert not any(p.name == "data" for p in (tmp_path / "a").rglob("data")), list((tmp_path / "a").iterdir())
         assert "took this node for dead" not in e.logs()
         assert pay(e, key["token"]).status_code == 200
     finally:

@@ -1057,6 +1057,7 @@ pub fn run_edge(
     );
     let exit_audit = audit.clone();
     let exit_state = state.clone();
+    let exit_queue = metrics.audit_queue_depth.clone();
     let parts = crate::serve::ProxyParts {
         ledger,
         audit,
@@ -1067,8 +1068,9 @@ pub fn run_edge(
             if exit_state.cut_off.load(Ordering::Acquire) {
                 // Its token is refused: what is buffered can never be sent.
                 log::error!(
-                    "audit events still buffered at exit are lost: the control plane \
-                     refuses this node's token"
+                    "{} audit events still buffered at exit are lost: the control plane \
+                     refuses this node's token",
+                    exit_queue.get()
                 );
             } else if let Err(unsent) = exit_audit.flush(Duration::from_secs(5)) {
                 log::error!(
@@ -1077,6 +1079,9 @@ pub fn run_edge(
                 );
             }
             if exit_state.lapsed.load(Ordering::Acquire) {
+                log::info!(
+                    "keybrake stopped (exit status {LAPSED_EXIT}: start again for a new session)"
+                );
                 std::process::exit(LAPSED_EXIT);
             }
         }),

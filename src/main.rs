@@ -681,7 +681,9 @@ fn run(cli: Cli) -> Result<()> {
                                 "{}  {}  last sync {}",
                                 n["id"].as_str().unwrap_or("?"),
                                 n["name"].as_str().unwrap_or(""),
-                                n["last_sync_at"].as_str().unwrap_or("never")
+                                n["last_sync_at"]
+                                    .as_str()
+                                    .unwrap_or("none seen by this control process")
                             )
                         })
                     });

@@ -60,9 +60,10 @@ pub fn run(from: &str, to: &str) -> Result<()> {
         println!("{table:14} {rows:>10}");
     }
     println!(
-        "copied {} into {url}; start `keybrake control --database-url …` with the master key of {}",
+        "copied {} into {url}; start `keybrake control --database-url …` with the master key \
+         that sealed it ({}, or the KEYBRAKE_MASTER_KEY / --master-key-file serve ran with)",
         dir.display(),
-        dir.display()
+        dir.join("master.key").display()
     );
     Ok(())
 }
@@ -162,13 +163,15 @@ pub fn copy(runtime: &tokio::runtime::Runtime, dir: &Path, url: &DatabaseUrl) ->
         if rows > 0 {
             if table == "tenants" {
                 bail!(
-                    "the target already holds {rows} tenants: migrate copies into an empty \
-                     database only (nothing was written)"
+                    "the target already holds {rows} tenant{}: migrate copies into an empty \
+                     database only (nothing was written)",
+                    if rows == 1 { "" } else { "s" }
                 );
             }
             bail!(
-                "the target's table {table} already holds {rows} rows: migrate copies into an \
-                 empty database only (nothing was written)"
+                "the target's table {table} already holds {rows} row{}: migrate copies into \
+                 an empty database only (nothing was written)",
+                if rows == 1 { "" } else { "s" }
             );
         }
     }

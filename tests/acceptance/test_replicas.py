@@ -339,22 +339,38 @@ def test_a_node_audit_batch_sent_again_to_either_replica_is_recorded_once(replic
     assert sorted(e["vendor_request_id"] for e in r.ta.audit_all(key_id=key["id"])) == want
 
 
+def one_replica_and_node(tmp_path, fake_stripe, own_cluster, database: str, lifetime: int):
+    """A control replica on a new database of `own_cluster` and one edge node (staleness
+    60 s), both started; `lifetime`: the lease lifetime in seconds."""
+    url = own_cluster.create_database(database)
+    config = write_config(tmp_path / "conf", leases={"lifetime_seconds": lifetime})
+    a = PgControlPlane(tmp_path / "a", {"stripe": fake_stripe.url}, url, own_cluster, config=config)
+    a.start()
+    try:
+        e = EdgeProxy(tmp_path / "ea", a, a.create_node("ea")["node_token"], {"stripe": fake_stripe.url},
+                      config=config, extra_args=["--max-staleness", "60"]).start()
+    except BaseException:
+        a.proc.kill()
+        raise
+    return a, e
+
+
+def tenant_paying(a: PgControlPlane, e: EdgeProxy, stripe_secret: str):
+    """A tenant with a $50 key that has paid once through `e` (so the node holds a lease)."""
+    t = a.create_tenant("acme")
+    t.put_credential("stripe", stripe_secret)
+    key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50)
+    assert pay(e, key["token"]).status_code == 200
+    return t, key
+
+
 def test_postgres_lost_while_running_then_back(tmp_path, fake_stripe, stripe_secret, own_cluster):
     """PostgreSQL stopped: the control API answers 503 storage_unavailable, /readyz 503,
     the proxy keeps serving on its lease; PostgreSQL back: the replica recovers by
     itself, and spend = audit = Stripe."""
-    url = own_cluster.create_database("outage")
-    config = write_config(tmp_path / "conf", leases={"lifetime_seconds": 30})
-    a = PgControlPlane(tmp_path / "a", {"stripe": fake_stripe.url}, url, own_cluster, config=config)
-    e = None
+    a, e = one_replica_and_node(tmp_path, fake_stripe, own_cluster, "outage", lifetime=30)
     try:
-        a.start()
-        t = a.create_tenant("acme")
-        t.put_credential("stripe", stripe_secret)
-        e = EdgeProxy(tmp_path / "ea", a, a.create_node("ea")["node_token"], {"stripe": fake_stripe.url},
-                      config=config, extra_args=["--max-staleness", "60"]).start()
-        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50)
-        assert pay(e, key["token"]).status_code == 200  # the proxy now holds a lease
+        t, key = tenant_paying(a, e, stripe_secret)
 
         own_cluster.stop()
         served = pay(e, key["token"])
@@ -394,18 +410,9 @@ def test_a_database_outage_longer_than_the_lease_lifetime_does_not_restart_the_f
     back, the control plane gives the nodes a lease lifetime to poll again before it takes
     any for dead: the node keeps running (no exit 75, no restart of the whole fleet at
     once) and pays again with the same session."""
-    url = own_cluster.create_database("long_outage")
-    config = write_config(tmp_path / "conf", leases={"lifetime_seconds": 3})
-    a = PgControlPlane(tmp_path / "a", {"stripe": fake_stripe.url}, url, own_cluster, config=config)
-    e = None
+    a, e = one_replica_and_node(tmp_path, fake_stripe, own_cluster, "long_outage", lifetime=3)
     try:
-        a.start()
-        t = a.create_tenant("acme")
-        t.put_credential("stripe", stripe_secret)
-        e = EdgeProxy(tmp_path / "ea", a, a.create_node("ea")["node_token"], {"stripe": fake_stripe.url},
-                      config=config, extra_args=["--max-staleness", "60"]).start()
-        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50)
-        assert pay(e, key["token"]).status_code == 200
+        t, key = tenant_paying(a, e, stripe_secret)
 
         own_cluster.stop()
         started = time.monotonic()

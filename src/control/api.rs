@@ -804,6 +804,13 @@ async fn issue_key(
                     )
                 })
                 .collect();
+            // `{id}` as in API docs is a literal here: a segment wildcard is `*`.
+            warnings.extend(own.iter().filter(|p| p.contains('{')).map(|p| {
+                format!(
+                    "{p:?} has a {{…}} segment, which matches only that literal text: \
+                     one path segment is written `*` (\"/v1/payment_intents/*\")"
+                )
+            }));
             warnings.extend(
                 s.catalog
                     .get(&row.vendor)

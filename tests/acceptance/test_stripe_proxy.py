@@ -1515,6 +1515,9 @@ def test_a_pattern_written_with_the_proxy_prefix_is_warned_about(keybrake, tenan
     assert_denied(r, 403, "endpoint_not_allowed")
     assert "POST /v1/payment_intents" in r.json()["message"]
     assert fake_stripe.received() == []
+    # An API docs placeholder is a literal: the warning says how a segment is matched.
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/payment_intents/{id}"], daily_usd_cap=5)
+    assert len(key["warnings"]) == 1 and "`*`" in key["warnings"][0], key
 
 
 def test_a_subscription_costs_its_first_period_and_is_refused_past_the_cap(

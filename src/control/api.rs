@@ -553,10 +553,11 @@ async fn put_credential(
     known_vendor(&s, &vendor)?;
     let req: CredentialRequest = parse_body(&body)?;
     let secret = req.secret.trim();
-    if secret.len() < 8 || secret.len() > 4096 || secret.chars().any(|c| c.is_control() || c == ' ')
-    {
+    // Vendors' secrets are printable ASCII; anything else is a pasting mistake that would
+    // only show as the vendor's 401 later (or an unsendable header).
+    if secret.len() < 8 || secret.len() > 4096 || !secret.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ApiError::InvalidRequest(
-            "secret must be 8 to 4096 characters without spaces".into(),
+            "secret must be 8 to 4096 printable ASCII characters without spaces".into(),
         ));
     }
     let (last4, updated_at) = s

@@ -79,16 +79,19 @@ impl FromRequestParts<ApiState> for Node {
 
 /// The bearer token of a request; `needed` names the credential when the header is there
 /// but unreadable.
+/// Two `Authorization` headers are refused: which one counts would be a guess.
 pub fn bearer(headers: &HeaderMap, needed: Credential) -> Result<&str, ApiError> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .ok_or(ApiError::MissingToken)?
-        .to_str()
-        .map_err(|_| ApiError::InvalidToken(needed))?;
+    let mut all = headers.get_all(axum::http::header::AUTHORIZATION).iter();
+    let value = all.next().ok_or(ApiError::MissingToken)?;
+    if all.next().is_some() {
+        return Err(ApiError::InvalidToken(needed));
+    }
+    let value = value.to_str().map_err(|_| ApiError::InvalidToken(needed))?;
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .map(str::trim)
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty())
         .ok_or(ApiError::MissingToken)
 }

@@ -69,6 +69,23 @@ pub fn canonicalize(raw: &str) -> Result<String, InvalidPath> {
     Ok(out)
 }
 
+/// A refused path as sent, for the access log and the audit: every byte but printable
+/// ASCII percent-encoded, so no control, C1 or bidirectional-override character reaches
+/// a terminal that shows a log line or an audit event.
+pub fn as_sent(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for &b in raw.as_bytes() {
+        if (0x21..=0x7e).contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(char::from(b"0123456789ABCDEF"[(b >> 4) as usize]));
+            out.push(char::from(b"0123456789ABCDEF"[(b & 15) as usize]));
+        }
+    }
+    out
+}
+
 /// Splits `/{vendor}/{rest}` into the vendor and the vendor-relative path (`/` + rest).
 pub fn split_vendor(canonical: &str) -> Option<(&str, &str)> {
     let rest = canonical.strip_prefix('/')?;
@@ -81,6 +98,15 @@ pub fn split_vendor(canonical: &str) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_as_sent_shows_only_printable_ascii() {
+        assert_eq!(as_sent("/stripe/v1/a%2Fb/.."), "/stripe/v1/a%2Fb/..");
+        assert_eq!(
+            as_sent("/stripe/x\u{9b}2J\u{202e}y z\u{1b}"),
+            "/stripe/x%C2%9B2J%E2%80%AEy%20z%1B"
+        );
+    }
 
     #[test]
     fn keeps_ordinary_paths_and_decodes_unreserved_only() {

@@ -156,7 +156,7 @@ impl KeybrakeProxy {
     fn route_as_sent(&self, req: &RequestHeader, ctx: &mut Ctx) -> Result<(), Denial> {
         self.route(req, ctx).inspect_err(|_| {
             let raw = req.uri.path();
-            ctx.canonical = raw.to_string();
+            ctx.canonical = path::as_sent(raw);
             ctx.vendor = path::split_vendor(raw).and_then(|(v, _)| self.vendors.get(v).cloned());
         })
     }

@@ -116,6 +116,30 @@ def test_new_tenant_token_is_usable_right_away(keybrake):
     assert r.json()["data"] == []
 
 
+def test_the_bearer_scheme_is_case_insensitive_and_two_authorization_headers_are_refused(keybrake):
+    """`Bearer` in any case (RFC 9110); two Authorization headers (two tenants' tokens)
+    are 401 invalid_token, not whichever came first."""
+    import http.client
+
+    t = keybrake.create_tenant("auth-a")
+    other = keybrake.create_tenant("auth-b")
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        r = requests.get(f"{keybrake.control_url}/v1/keys", headers={"Authorization": f"{scheme} {t.token}"},
+                         timeout=10)
+        assert r.status_code == 200, (scheme, r.text)
+    conn = http.client.HTTPConnection("127.0.0.1", keybrake.control_port, timeout=10)
+    try:
+        conn.putrequest("GET", "/v1/keys")
+        conn.putheader("Authorization", f"Bearer {t.token}")
+        conn.putheader("Authorization", f"Bearer {other.token}")
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 401 and body["error"]["code"] == "invalid_token", body
+
+
 @pytest.mark.parametrize(
     "body,status,code",
     [
@@ -324,6 +348,10 @@ def test_credential_for_an_unknown_vendor_is_refused(keybrake):
     r = t.call("PUT", "/v1/vendors/nosuchvendor/credential", json={"secret": "sk_x_12345"})
     assert r.status_code in (404, 422), r.text
     assert isinstance(as_json(r)["error"]["code"], str)
+    # A vendor secret is printable ASCII: a pasted no-break space or accent is refused.
+    for bad in ("sk_test_\u00e9abcdefgh", "sk_test\u00a0abcdefgh", "sk_test_\u202eabcdefgh"):
+        assert_control_error(t.call("PUT", "/v1/vendors/stripe/credential", json={"secret": bad}),
+                             400, "invalid_request")
     # Reading or deleting one says the same, not that the credential is missing.
     for method in ("GET", "DELETE"):
         assert_control_error(t.call(method, "/v1/vendors/nosuchvendor/credential"), 404, "unknown_vendor")

@@ -871,6 +871,29 @@ def test_a_key_trying_path_tricks_is_named_in_its_tenants_audit(keybrake, tenant
     assert fake_stripe.received() == []
 
 
+def test_a_refused_paths_odd_bytes_reach_no_log_or_audit_raw(keybrake, tenant, fake_stripe):
+    """A path with C1 controls (a terminal's CSI/OSC) and a right-to-left override, sent
+    raw: refused 400 invalid_path, and the access log line and the audit event show it
+    percent-encoded, so no one reading them gets a terminal escape or reordered text."""
+    key = tenant.issue_key(allowed_endpoints=["/v1/**"])
+    raw = b"/stripe/v1/PROBE\xc2\x9b2J\xc2\x9d0;T\xc2\x9c/\xe2\x80\xaex/.."
+    with socket.create_connection(("127.0.0.1", keybrake.proxy_port), timeout=10) as s:
+        s.sendall(b"GET " + raw + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  + key["token"].encode() + b"\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"invalid_path" in answer, answer[:300]
+    encoded = "/stripe/v1/PROBE%C2%9B2J%C2%9D0;T%C2%9C/%E2%80%AEx/.."
+    events = wait_until(lambda: tenant.audit(key_id=key["id"]) or None, timeout=5)
+    assert events and events[0]["path"] == encoded, events
+    logged = wait_until(lambda: [line for line in keybrake.logs().splitlines() if "PROBE" in line] or None,
+                        timeout=5)
+    assert logged and all(encoded in line and "\u009b" not in line and "\u202e" not in line
+                          and "\x9b" not in line for line in logged), logged
+    assert fake_stripe.received() == []
+
+
 def test_encoded_unreserved_characters_are_decoded_before_matching(keybrake, tenant, fake_stripe):
     """Percent-encoded unreserved characters are decoded: the canonical path is what is
     matched against the allowlist and what Stripe receives."""

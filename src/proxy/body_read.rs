@@ -32,10 +32,19 @@ pub async fn read_body(
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     loop {
-        let chunk = read_before(deadline, session.read_request_body())
-            .await
-            .map_err(|_| Denial::BodyTimeout)?
-            .map_err(|_| Denial::InvalidBody)?;
+        // After a framing error (a bad chunk size) or a timeout, where this request ends
+        // is unknown: the connection closes after the answer, so no bytes after it are
+        // taken for a next request (RFC 9112 §6.3).
+        let chunk = match read_before(deadline, session.read_request_body()).await {
+            Ok(Ok(chunk)) => chunk,
+            failed => {
+                session.set_keepalive(None);
+                return Err(match failed {
+                    Err(_) => Denial::BodyTimeout,
+                    _ => Denial::InvalidBody,
+                });
+            }
+        };
         let Some(chunk) = chunk else {
             return Ok(match first {
                 Some(only) if buf.is_empty() => only,

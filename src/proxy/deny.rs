@@ -126,7 +126,7 @@ impl Denial {
             InvalidAmount => "The amount is not a non-negative integer in minor units, or the body is malformed.",
             AmountUnknown => "What this call can charge could not be read from the vendor (no such object, or no amount and known currency).",
             UnsupportedCurrency => "The currency is missing or not in Keybrake's currency table.",
-            InvalidBody => "The JSON body could not be converted to the vendor's form encoding.",
+            InvalidBody => "The request body could not be read (malformed framing, such as a bad chunk size) or, being JSON, has no form encoding for the vendor.",
             UnknownVendor => "No such vendor in the catalog: a proxied path starts with the vendor's name, as in /stripe/v1/… or /openai/v1/….",
             BodyTooLarge => "The request body is larger than the proxy's limit.",
             BodyTimeout => "The request body did not arrive in time.",

@@ -5,7 +5,6 @@
 //! answers Pingora's.
 
 use super::ctx::{Body, Ctx};
-use super::inject;
 use super::service::KeybrakeProxy;
 use super::settle::is_connect_failure;
 use super::upstream_call;
@@ -47,9 +46,6 @@ impl KeybrakeProxy {
                     ctx.upstream_start = None;
                 }
             })?;
-        for hop in inject::HOP_BY_HOP {
-            resp.remove_header(hop);
-        }
         self.upstream_response_filter(session, &mut resp, ctx)
             .await?;
         self.response_filter(session, &mut resp, ctx).await?;

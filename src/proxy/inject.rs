@@ -22,6 +22,28 @@ pub const HOP_BY_HOP: [&str; 7] = [
     "proxy-authenticate",
 ];
 
+/// A vendor's answer loses its hop-by-hop headers and those its `Connection` header
+/// names (not its framing, which Pingora reads and writes itself): Pingora writes the
+/// client connection's own.
+pub fn drop_hop_by_hop(resp: &mut pingora::http::ResponseHeader) {
+    let named: Vec<String> = resp
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty() && n != "content-length" && n != "transfer-encoding")
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        resp.remove_header(name);
+    }
+}
+
 /// Stage 4, credential: the vendor secret the key's tenant configured for its vendor.
 pub fn credential(published: &Published, key: &VerifiedKey) -> Result<Secret, Denial> {
     published

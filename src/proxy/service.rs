@@ -371,6 +371,7 @@ impl ProxyHttp for KeybrakeProxy {
             // alone settles or releases the reservation.
             return Ok(());
         }
+        inject::drop_hop_by_hop(upstream);
         if let Metering::Llm(call) = &mut ctx.metering {
             call.response_header(upstream);
         }

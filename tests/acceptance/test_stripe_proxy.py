@@ -894,6 +894,30 @@ def test_a_refused_paths_odd_bytes_reach_no_log_or_audit_raw(keybrake, tenant, f
     assert fake_stripe.received() == []
 
 
+@pytest.mark.parametrize("size", [b"zz", b"10000000000000004"])
+def test_a_body_with_broken_framing_closes_the_connection(keybrake, tenant, fake_stripe, size):
+    """A chunked body whose chunk size cannot be read: 400 invalid_body, and the
+    connection closes, so bytes after it are never taken for a next request (which would
+    go to Stripe with the secret injected)."""
+    key = tenant.issue_key(allowed_endpoints=["/v1/**"])
+    smuggled = (b"GET /stripe/v1/customers/cus_SMUGGLED HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + key["token"].encode() + b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", keybrake.proxy_port), timeout=10) as s:
+        s.sendall(b"POST /stripe/v1/products HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key["token"].encode()
+                  + b"\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  + size + b"\r\nname=x\r\n0\r\n\r\n" + smuggled)
+        answer = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"invalid_body" in answer, answer[:400]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert fake_stripe.received() == []
+
+
 def test_encoded_unreserved_characters_are_decoded_before_matching(keybrake, tenant, fake_stripe):
     """Percent-encoded unreserved characters are decoded: the canonical path is what is
     matched against the allowlist and what Stripe receives."""
@@ -1251,6 +1275,48 @@ def test_a_big_payment_whose_answer_times_out_is_sent_to_the_vendor_once(
         time.sleep(1.5)
         assert _SlowForBigBodies.big_requests == [len(slow)]
         t.wait_spent(key["id"], Decimal(12) + Decimal(7))
+    finally:
+        vendor.shutdown()
+        vendor.server_close()
+
+
+class _HopByHopAnswers(http.server.BaseHTTPRequestHandler):
+    """A vendor whose answers carry hop-by-hop headers, and one its Connection names."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        raw = b'{"object":"list","data":[]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.send_header("Connection", "keep-alive, x-vendor-hop")
+        self.send_header("Keep-Alive", "timeout=1")
+        self.send_header("Proxy-Authenticate", "Basic realm=vendor")
+        self.send_header("X-Vendor-Hop", "1")
+        self.send_header("X-Vendor-End", "kept")
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+def test_hop_by_hop_headers_of_a_vendors_answer_are_not_passed_on(keybrake_factory, stripe_secret):
+    """The vendor's Keep-Alive, Proxy-Authenticate and the headers its Connection names
+    are the vendor connection's, not the client's (RFC 9110 §7.6.1): dropped; its
+    end-to-end headers pass."""
+    vendor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HopByHopAnswers)
+    threading.Thread(target=vendor.serve_forever, daemon=True).start()
+    try:
+        kb = keybrake_factory({"stripe": f"http://127.0.0.1:{vendor.server_address[1]}"})
+        t = kb.create_tenant()
+        t.put_credential("stripe", stripe_secret)
+        key = t.issue_key(allowed_endpoints=["GET /v1/customers"], daily_usd_cap=1)
+        r = kb.proxy("GET", "/stripe/v1/customers", key=key["token"])
+        assert r.status_code == 200, r.text
+        assert r.headers.get("x-vendor-end") == "kept"
+        for hop in ("keep-alive", "proxy-authenticate", "x-vendor-hop"):
+            assert hop not in {h.lower() for h in r.headers}, r.headers
     finally:
         vendor.shutdown()
         vendor.server_close()

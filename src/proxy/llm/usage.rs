@@ -238,7 +238,17 @@ impl SseMeter {
             };
             self.pass_line(line, &mut out);
         }
-        self.keep_partial(rest);
+        if self.line.len() + rest.len() > MAX_LINE {
+            // Too long to hold back: it goes on as it came, and so does the rest of the
+            // stream, unfiltered (charged as unmeterable). Nothing the vendor sent is lost.
+            self.malformed = true;
+            self.strip = false;
+            out.extend_from_slice(&std::mem::take(&mut self.line));
+            out.extend_from_slice(rest);
+            *body = Some(out.freeze());
+            return;
+        }
+        self.line.extend_from_slice(rest);
         if end && !self.line.is_empty() {
             out.extend_from_slice(&std::mem::take(&mut self.line));
         }
@@ -548,6 +558,24 @@ mod tests {
         // Cut after message_start: the output is not known.
         let cut = stream.split("event: message_delta").next().unwrap();
         assert_eq!(run(Api::AnthropicMessages, false, cut, 11).1, None);
+    }
+
+    #[test]
+    fn a_line_too_long_to_filter_reaches_the_client_whole() {
+        let head = "data: {\"choices\":[{\"delta\":{\"content\":\"";
+        let mut stream = String::from("data: {\"choices\":[],\"usage\":null}\n\n");
+        stream.push_str(head);
+        stream.push_str(&"A".repeat(MAX_LINE + (3 << 20)));
+        stream.push_str("\"}}],\"usage\":null}\n\ndata: [DONE]\n\n");
+        let (out, usage) = run(Api::OpenAiChat, true, &stream, 1 << 20);
+        assert_eq!(usage, None);
+        // The first line was filtered (its usage:null removed) before the long one came;
+        // from the long line on, everything passes as sent.
+        let long_at = stream.find(head).unwrap();
+        assert!(
+            out.ends_with(&stream[long_at..]),
+            "the long line or what follows was cut"
+        );
     }
 
     #[test]

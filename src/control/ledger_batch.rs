@@ -197,7 +197,7 @@ impl Store {
             let mut totals: HashMap<(String, i64), (i64, i64, i64)> = HashMap::new();
             for r in reports {
                 let slot = (r.key_id.clone(), r.day);
-                let (take, uncommit) = match leases.get_mut(&slot) {
+                let (take, uncommit, settle) = match leases.get_mut(&slot) {
                     Some((held, committed)) => {
                         let done = r.spent.0.max(0).saturating_add(r.unreserved.0.max(0));
                         let uncommit = done.clamp(0, (*committed).max(0));
@@ -205,12 +205,16 @@ impl Store {
                         let leave = r.spent.0.max(0).saturating_add(r.returned.0.max(0));
                         let take = leave.clamp(0, (*held - *committed).max(0));
                         *held -= take;
-                        (take, uncommit)
+                        (take, uncommit, r.settled.0)
                     }
-                    None => (0, 0),
+                    // No lease: spent from a lease that was reclaimed, whose committed
+                    // budget (every call it forwarded) the reclaim settled already, or
+                    // from none at all. Only what went beyond any lease (the overspent
+                    // part, `settled` less `spent`) is new spend.
+                    None => (0, 0, r.settled.0.saturating_sub(r.spent.0.max(0)).max(0)),
                 };
                 let t = totals.entry(slot).or_default();
-                t.0 = t.0.saturating_add(r.settled.0);
+                t.0 = t.0.saturating_add(settle);
                 t.1 = t.1.saturating_add(take);
                 t.2 = t.2.saturating_add(uncommit);
             }
@@ -786,12 +790,20 @@ mod tests {
         assert_eq!(back, Micros(4));
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(4));
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().held, Micros::ZERO);
+        // The stalled holder wakes and reports those 2 as spent, and 1 spent beyond any
+        // lease: the 2 were settled by the reclaim, only the 1 is new.
+        let late = ReportRow {
+            settled: Micros(3),
+            ..row("k_a", 0, 2, 0, 0)
+        };
+        s.lease_report_many("h1", None, &[late]).await.unwrap();
+        assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(5));
         s.register_holder("h2", 0, 100).await.unwrap();
         let again = s
             .lease_grant_many("h2", 50, &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 10)])
             .await
             .unwrap();
-        assert_eq!(granted(again), vec![Micros(6), Micros(10)]);
+        assert_eq!(granted(again), vec![Micros(5), Micros(10)]);
     }
 
     fn ask(key: &str, cap: i64, min: i64, want: i64) -> GrantRequest {

@@ -463,16 +463,24 @@ impl ProxyHttp for KeybrakeProxy {
             can_reuse_downstream: false,
         };
         let Some(denial) = deny::for_proxy_error(e) else {
-            // The client went away or sent garbage: nobody to answer. Before an answer
-            // began, the request was unreadable; after, the call was allowed and answered
-            // (a client closing a finished or unwanted stream), and is recorded so.
-            if session
-                .response_written()
-                .is_none_or(|r| r.status.is_informational())
+            // The client went away or sent garbage: nobody to answer. Before anything
+            // went to the vendor, the request was unreadable; once it went (a streamed
+            // body broken halfway, a client closing a finished or unwanted stream), the
+            // call was allowed, and is recorded so (status 0 if no answer came).
+            if ctx.upstream_start.is_none()
+                && session
+                    .response_written()
+                    .is_none_or(|r| r.status.is_informational())
             {
                 ctx.denial.get_or_insert(Denial::InvalidBody);
             }
             return nobody;
+        };
+        // The vendor waits for a body the client has not finished sending: the client's
+        // delay, not the vendor's.
+        let denial = match denial {
+            Denial::UpstreamTimeout if !session.is_body_done() => Denial::BodyTimeout,
+            other => other,
         };
         ctx.denial = Some(denial);
         ctx.status = denial.status();

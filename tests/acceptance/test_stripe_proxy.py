@@ -1154,12 +1154,12 @@ def test_body_limit_comes_from_the_config_file(keybrake_factory, fake_stripe, st
     assert fake_stripe.received()[-1].body == body
 
 
-def _send_body_in_pieces(kb, token, body: bytes, pieces, pause: float):
-    """POSTs a payment whose declared Content-Length is len(body) but whose bytes are
-    sent as `pieces` (byte counts), `pause` seconds apart; returns (status, JSON body,
-    seconds from the first byte to the answer)."""
+def _send_body_in_pieces(kb, token, body: bytes, pieces, pause: float, path: str = PI):
+    """POSTs a payment (or to `path`) whose declared Content-Length is len(body) but whose
+    bytes are sent as `pieces` (byte counts), `pause` seconds apart; returns (status, JSON
+    body, seconds from the first byte to the answer)."""
     conn = http.client.HTTPConnection("127.0.0.1", kb.proxy_port, timeout=30)
-    conn.putrequest("POST", PI)
+    conn.putrequest("POST", path)
     conn.putheader("Authorization", f"Bearer {token}")
     conn.putheader("Content-Type", "application/x-www-form-urlencoded")
     conn.putheader("Content-Length", str(len(body)))
@@ -1203,6 +1203,38 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_never_forwarded(
     status, data, _ = _send_body_in_pieces(kb, key["token"], body, [11, len(body) - 11], pause=0.2)
     assert status == 200, data
     assert fake_stripe.received()[-1].body == body
+
+
+def test_a_streamed_body_that_stalls_is_the_clients_timeout_not_the_vendors(
+        keybrake_factory, fake_stripe, stripe_secret, tmp_path):
+    """A body Keybrake streams to the vendor as it comes (a free endpoint it need not
+    read): the client stalls half-way, the vendor waits for the rest until the upstream
+    read timeout. The answer is 408 body_timeout (the client's delay), not 504
+    upstream_timeout."""
+    config = write_config(tmp_path / "conf", upstream={"read_timeout_ms": 1500})
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
+    t = kb.create_tenant()
+    t.put_credential("stripe", stripe_secret)
+    key = t.issue_key(allowed_endpoints=["POST /v1/tokens"])
+    body = b"card[number]=4242424242424242&card[exp_month]=12&card[exp_year]=2030&card[cvc]=123"
+    status, data, took = _send_body_in_pieces(kb, key["token"], body, [5], pause=0, path="/stripe/v1/tokens")
+    assert (status, data["code"]) == (408, "body_timeout"), data
+    assert took < 10, took
+
+
+def test_a_client_that_hangs_up_mid_body_after_it_went_upstream_is_audited_as_allowed(
+        keybrake, tenant, fake_stripe):
+    """A free call whose body Keybrake streams to the vendor as it comes: the client hangs
+    up half-way. Part of the call already went to the vendor, so the audit does not call
+    it a refusal (a refusal never reaches the vendor): `allowed`, status 0 (no answer)."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/tokens"])
+    with socket.create_connection(("127.0.0.1", keybrake.proxy_port), timeout=10) as s:
+        s.sendall(b"POST /stripe/v1/tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  + key["token"].encode() + b"\r\nContent-Type: application/x-www-form-urlencoded"
+                  b"\r\nContent-Length: 100\r\n\r\ncard[number]=4242")
+        time.sleep(0.5)
+    events = wait_until(lambda: tenant.audit(key_id=key["id"]) or None, timeout=5)
+    assert [(e["decision"], e["status"]) for e in events] == [("allowed", 0)], events
 
 
 def test_60_kib_metered_body_reaches_stripe_byte_for_byte(keybrake, tenant, fake_stripe):

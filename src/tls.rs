@@ -228,22 +228,20 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
 /// host: `https://` anywhere; `http://` only to a loopback address or `localhost` (the
 /// same rule as the plain-HTTP listeners, from the client's side). `what` names the secret.
 pub fn check_control_url(url: &str, what: &str) -> Result<()> {
-    if url.starts_with("https://") {
-        return Ok(());
+    // Parsed as the HTTP client parses it (the WHATWG rules of the `url` crate, where
+    // `\` ends the authority like `/`): the host checked is the host connected to.
+    let parsed = url::Url::parse(url).ok();
+    match parsed.as_ref().map(url::Url::scheme) {
+        Some("https") => return Ok(()),
+        Some("http") => {}
+        _ => bail!("--control-url must be an http:// or https:// URL, not {url}"),
     }
-    let Some(rest) = url.strip_prefix("http://") else {
-        bail!("--control-url must be an http:// or https:// URL, not {url}");
+    let loopback = match parsed.as_ref().and_then(url::Url::host) {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host_port = authority.rsplit('@').next().unwrap_or_default();
-    let host = match host_port.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => host_port.split(':').next().unwrap_or_default(),
-    };
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
     if !loopback {
         bail!(
             "--control-url {url} is plain HTTP to another host: {what} would cross the network \
@@ -289,6 +287,9 @@ mod tests {
             "http://[2001:db8::1]:8081",
             "http://127.0.0.1@evil.example:8081",
             "http://localhost.evil.example",
+            "http://0.0.0.0:8081\\@127.0.0.1",
+            "http://evil.example\\@127.0.0.1:8081",
+            "http://10.0.0.5:8081\\.127.0.0.1",
             "ftp://127.0.0.1",
             "127.0.0.1:8081",
         ] {

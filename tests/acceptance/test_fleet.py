@@ -208,7 +208,8 @@ def test_wrong_missing_or_deleted_node_token_refuses_to_start(fleet, tmp_path):
 
 def test_plain_http_to_another_host_is_refused_before_any_secret_is_sent(fleet, tmp_path):
     """A node (and the CLI) would send its token, and receive vendor credentials, in clear
-    text over http:// to another host: refused at start with the fix named. `.invalid`
+    text over http:// to another host (however the URL disguises the host): refused at
+    start with the fix named. `.invalid`
     never resolves, so nothing leaves this host on any build."""
     control, tenant, node = fleet
     token = control.create_node("plain")["node_token"]
@@ -216,7 +217,10 @@ def test_plain_http_to_another_host_is_refused_before_any_secret_is_sent(fleet, 
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
     env = {"PATH": "/usr/bin:/bin"}
-    for url in ("http://control.invalid:8081", "http://10.0.0.5.invalid/"):
+    # A backslash ends the authority for the HTTP client as `/` does: the host is the
+    # part before it, whatever follows an `@`.
+    for url in ("http://control.invalid:8081", "http://10.0.0.5.invalid/",
+                "http://control.invalid:8081\\@127.0.0.1"):
         out = subprocess.run(
             [str(KEYBRAKE_BIN), "proxy", "--control-url", url, "--node-token-file", str(token_file),
              "--proxy-listen", f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}"],

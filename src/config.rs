@@ -77,6 +77,7 @@ struct FileListener {
     header_timeout_ms: Option<Millis>,
     keepalive_timeout_ms: Option<Millis>,
     request_timeout_ms: Option<Millis>,
+    write_timeout_ms: Option<Millis>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
@@ -338,6 +339,9 @@ pub struct ListenerSettings {
     pub keepalive_timeout: Duration,
     /// A request (header read to response) of the control API takes at most this long.
     pub request_timeout: Duration,
+    /// Each write of a proxy response to the client completes within this long, or the
+    /// connection is closed (a client that stops reading frees its place).
+    pub write_timeout: Duration,
     /// A larger request header is answered 431 and the connection closed.
     pub max_header_bytes: usize,
     pub limits: crate::conns::ConnLimits,
@@ -835,6 +839,7 @@ impl Config {
                     d.request_timeout,
                     "request_timeout_ms",
                 )?;
+                refused(&f.write_timeout_ms, d.write_timeout, "write_timeout_ms")?;
                 let max_header_bytes = f.max_header_bytes.unwrap_or(d.max_header_bytes);
                 if !(d.min_header_bytes..=1 << 20).contains(&max_header_bytes) {
                     bail!(
@@ -876,6 +881,10 @@ impl Config {
                     },
                     request_timeout: match d.request_timeout {
                         Some(d) => positive(f.request_timeout_ms, d, "request_timeout_ms")?,
+                        None => Duration::ZERO,
+                    },
+                    write_timeout: match d.write_timeout {
+                        Some(d) => positive(f.write_timeout_ms, d, "write_timeout_ms")?,
                         None => Duration::ZERO,
                     },
                     max_header_bytes,

@@ -16,6 +16,10 @@
 //! by compare-and-swap: a connection that turns busy at the instant it is chosen either
 //! becomes busy first (and is not chosen) or learns from [`ConnGuard::enter`] that it was
 //! evicted (and serves nothing). A handler never starts on an evicted connection.
+//!
+//! An HTTP/2 connection serves its requests as concurrent streams: it is busy while at
+//! least one stream is being served and waiting between them ([`StreamCount`]), so
+//! connections kept open by a trickle of cheap requests make room like idle ones.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -183,21 +187,15 @@ impl ConnGuard {
     /// Moves the connection to `phase`; false if it has been evicted, in which case it
     /// must serve nothing more (its place has gone to a newer connection).
     pub fn enter(&self, phase: Phase) -> bool {
-        let mut now = self.phase.load(Ordering::Acquire);
-        loop {
-            if now == EVICTED {
-                return false;
-            }
-            match self.phase.compare_exchange_weak(
-                now,
-                phase as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return true,
-                Err(actual) => now = actual,
-            }
-        }
+        enter(&self.phase, phase)
+    }
+
+    /// The phase of this connection as its HTTP/2 streams set it.
+    pub fn stream_count(&self) -> Arc<StreamCount> {
+        Arc::new(StreamCount {
+            phase: self.phase.clone(),
+            streams: Mutex::new(0),
+        })
     }
 
     /// Resolves once the connection has been evicted to make room for a newer one.
@@ -210,6 +208,81 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         let mut inner = self.table.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.remove(self.id);
+    }
+}
+
+fn enter(current: &AtomicU8, phase: Phase) -> bool {
+    let mut now = current.load(Ordering::Acquire);
+    loop {
+        if now == EVICTED {
+            return false;
+        }
+        match current.compare_exchange_weak(now, phase as u8, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return true,
+            Err(actual) => now = actual,
+        }
+    }
+}
+
+/// The streams of one HTTP/2 connection being served: the connection is busy from the
+/// first one's start to the last one's end, waiting otherwise. The count and the phase
+/// change together under one lock, so a stream ending never marks the connection waiting
+/// while another is being served.
+pub struct StreamCount {
+    phase: Arc<AtomicU8>,
+    streams: Mutex<usize>,
+}
+
+impl StreamCount {
+    /// A stream starts; false (count unchanged) if the connection has been evicted: the
+    /// stream must serve nothing.
+    pub fn begin(&self) -> bool {
+        let mut n = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if *n == 0 && !enter(&self.phase, Phase::Busy) {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// A stream that `begin` admitted has ended.
+    pub fn end(&self) {
+        let mut n = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            enter(&self.phase, Phase::Waiting);
+        }
+    }
+}
+
+/// A stream `StreamCount::begin` admitted, ended when dropped (with the request's
+/// context, however the request ends).
+pub struct StreamGuard(pub Arc<StreamCount>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// The HTTP/2 connections being served, by the address of their shared socket digest
+/// (one per connection, the same `Arc` in every stream's session): how a stream finds
+/// its connection's [`StreamCount`].
+#[derive(Default)]
+pub struct H2Conns(dashmap::DashMap<usize, Arc<StreamCount>>);
+
+impl H2Conns {
+    pub fn insert(&self, digest: usize, count: Arc<StreamCount>) {
+        self.0.insert(digest, count);
+    }
+
+    pub fn get(&self, digest: usize) -> Option<Arc<StreamCount>> {
+        self.0.get(&digest).map(|c| c.clone())
+    }
+
+    /// Removes `count`, unless the address has been taken by a newer connection since.
+    pub fn remove(&self, digest: usize, count: &Arc<StreamCount>) {
+        self.0.remove_if(&digest, |_, c| Arc::ptr_eq(c, count));
     }
 }
 
@@ -321,5 +394,31 @@ mod tests {
         assert!(handler.enter(Phase::Waiting));
         assert!(table.admit(ip(4)).is_ok());
         assert!(!handler.enter(Phase::Busy));
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_makes_room_only_between_its_streams() {
+        let table = ConnTable::new(ConnLimits {
+            max_total: 1,
+            max_per_client: 0,
+        });
+        let h2 = table.admit(ip(1)).unwrap();
+        let streams = h2.stream_count();
+        assert!(streams.begin());
+        assert!(streams.begin());
+        streams.end();
+        // One stream still being served: busy, never evicted.
+        assert_eq!(table.admit(ip(2)).err(), Some(Refused::Full));
+        streams.end();
+        // Between streams it waits like an idle HTTP/1.1 connection: it makes room, and
+        // a stream starting after that serves nothing.
+        let newer = table
+            .admit(ip(2))
+            .expect("the idle HTTP/2 connection made room");
+        tokio::time::timeout(std::time::Duration::from_millis(100), h2.evicted())
+            .await
+            .expect("told to close");
+        assert!(!streams.begin());
+        drop(newer);
     }
 }

@@ -14,7 +14,7 @@
 //! 4. HTTP/2: Pingora's own connection handling, with the client preface due within the
 //!    header deadline, an idle timeout (`keepalive_timeout`) and a header-list bound.
 
-use crate::conns::{ConnGuard, ConnTable, Phase};
+use crate::conns::{ConnGuard, ConnTable, H2Conns, Phase};
 use crate::proxy::service::KeybrakeProxy;
 use async_trait::async_trait;
 use bytes::BytesMut;
@@ -35,6 +35,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// The most header fields Pingora parses in an HTTP/1.1 request (its `MAX_HEADERS`).
+const MAX_HEADER_FIELDS: usize = 256;
+
+/// The first byte of a TLS record carrying a handshake message (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
 /// How long connections already accepted keep being served after the accept loop stops.
 const ACCEPTED_GRACE: Duration = Duration::from_secs(1);
 
@@ -50,6 +56,7 @@ pub struct ProxyApp {
     proxy: Arc<HttpProxy<KeybrakeProxy>>,
     tls: Option<Acceptor>,
     conns: Arc<ConnTable>,
+    h2_conns: Arc<H2Conns>,
     limits: HeaderLimits,
     /// Set once the accept loop has stopped and accepted connections had their grace:
     /// connections waiting for a next request close.
@@ -61,6 +68,7 @@ impl ProxyApp {
         mut proxy: HttpProxy<KeybrakeProxy>,
         tls: Option<Arc<rustls::ServerConfig>>,
         conns: Arc<ConnTable>,
+        h2_conns: Arc<H2Conns>,
         limits: HeaderLimits,
     ) -> Self {
         let mut options = pingora::apps::HttpServerOptions::default();
@@ -73,6 +81,7 @@ impl ProxyApp {
             proxy: Arc::new(proxy),
             tls: tls.map(Acceptor::from_server_config),
             conns,
+            h2_conns,
             limits,
             closing: tokio::sync::watch::channel(false).0,
         }
@@ -101,6 +110,14 @@ impl ProxyApp {
             let buf = match head {
                 Head::Complete(buf) => buf,
                 Head::Closed => return,
+                // A TLS ClientHello on a plain-HTTP port: no HTTP answer would be read, and
+                // waiting for the header deadline only keeps the client guessing.
+                Head::Tls => return,
+                Head::TooManyFields => {
+                    let text =
+                        format!("the request header has more than {MAX_HEADER_FIELDS} fields");
+                    return refuse(&mut stream, 431, "headers_too_large", &text).await;
+                }
                 Head::TooLarge => {
                     let text = format!(
                         "the request header is larger than {} bytes",
@@ -184,13 +201,28 @@ impl ServerApp for ProxyApp {
             }
         };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // Streams are served concurrently and never cut: the connection counts as
-            // busy; Pingora closes it once idle for `keepalive_timeout`.
-            if !guard.enter(Phase::Busy) {
-                return None;
-            }
+            // Streams are served concurrently and never cut: the connection is busy while
+            // one is being served (`KeybrakeProxy::request_filter` counts them) and may
+            // make room between them; Pingora closes it once idle for `keepalive_timeout`.
+            // The socket digest (kept here, so its address stays this connection's) is
+            // how a stream finds the count.
+            let Some(digest) = stream.get_socket_digest() else {
+                if !guard.enter(Phase::Busy) {
+                    return None;
+                }
+                let stream = Box::new(PrefaceDeadline::new(stream, accept_deadline));
+                return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+            };
+            let at = Arc::as_ptr(&digest) as usize;
+            let count = guard.stream_count();
+            self.h2_conns.insert(at, count.clone());
             let stream = Box::new(PrefaceDeadline::new(stream, accept_deadline));
-            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+            tokio::select! {
+                _ = ServerApp::process_new(&self.proxy, stream, shutdown) => {}
+                _ = guard.evicted() => {}
+            }
+            self.h2_conns.remove(at, &count);
+            return None;
         }
         self.serve_http1(stream, &guard, accept_deadline, shutdown)
             .await;
@@ -225,7 +257,11 @@ enum Head {
     Complete(BytesMut),
     /// Closed by the client (or a read error) before a request began.
     Closed,
+    /// The first byte is a TLS handshake record's.
+    Tls,
     TooLarge,
+    /// More header fields than Pingora parses (it would answer a bare 400).
+    TooManyFields,
     TimedOut {
         partial: bool,
     },
@@ -270,8 +306,19 @@ async fn read_head<S: AsyncRead + Unpin>(
             // The first bytes of the next request: its header deadline starts now.
             deadline = Instant::now() + limits.header_timeout;
         }
+        if buf.first() == Some(&TLS_HANDSHAKE) {
+            return Head::Tls;
+        }
         match head_end(&buf, scanned) {
-            Some(end) if end <= limits.max_header_bytes => return Head::Complete(buf),
+            Some(end) if end <= limits.max_header_bytes => {
+                // Lines of the head: the request line, the fields, the empty line (and any
+                // empty lines before the request line, which only make this stricter).
+                let lines = buf[..end].iter().filter(|b| **b == b'\n').count();
+                if lines > MAX_HEADER_FIELDS + 2 {
+                    return Head::TooManyFields;
+                }
+                return Head::Complete(buf);
+            }
             Some(_) => return Head::TooLarge,
             None if buf.len() > limits.max_header_bytes => return Head::TooLarge,
             None => scanned = buf.len(),
@@ -518,5 +565,44 @@ mod tests {
         let wait = Wait::Fresh(Instant::now() + Duration::from_secs(1));
         let head = read_head(&mut server, wait, &limits(1024)).await;
         assert!(matches!(head, Head::TooLarge), "{head:?}");
+    }
+
+    #[tokio::test]
+    async fn more_fields_than_pingora_parses_are_too_many_and_256_are_not() {
+        for (fields, too_many) in [(256, false), (257, true)] {
+            let (mut client, mut server) = tokio::io::duplex(1 << 16);
+            let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+            for i in 0..fields {
+                head.extend(format!("x-f{i}: v\r\n").as_bytes());
+            }
+            head.extend(b"\r\n");
+            client.write_all(&head).await.unwrap();
+            let wait = Wait::Fresh(Instant::now() + Duration::from_secs(1));
+            let got = read_head(&mut server, wait, &limits(32 * 1024)).await;
+            assert_eq!(
+                matches!(got, Head::TooManyFields),
+                too_many,
+                "{fields}: {got:?}"
+            );
+            assert_eq!(
+                matches!(got, Head::Complete(_)),
+                !too_many,
+                "{fields}: {got:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tls_client_hello_is_not_waited_for() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client
+            .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+            .await
+            .unwrap();
+        let wait = Wait::Fresh(Instant::now() + Duration::from_secs(5));
+        let started = Instant::now();
+        let got = read_head(&mut server, wait, &limits(1024)).await;
+        assert!(matches!(got, Head::Tls), "{got:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }

@@ -831,8 +831,10 @@ pub(crate) fn run_proxy(
         ..Default::default()
     };
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h2_conns = Arc::new(crate::conns::H2Conns::default());
     let proxy = KeybrakeProxy {
         draining: draining.clone(),
+        h2_conns: h2_conns.clone(),
         vendors: config
             .vendors
             .iter()
@@ -841,6 +843,7 @@ pub(crate) fn run_proxy(
         currencies: config.currencies.clone(),
         body_limit: config.body_limit_bytes,
         body_timeout: config.body_read_timeout,
+        client_write_timeout: config.proxy.write_timeout,
         verifier: verifier.clone(),
         spend: spend.clone(),
         upstreams: upstreams.clone(),
@@ -898,6 +901,7 @@ pub(crate) fn run_proxy(
             pingora::proxy::http_proxy(&server.configuration, proxy),
             proxy_tls,
             ConnTable::new(config.proxy.limits),
+            h2_conns,
             HeaderLimits {
                 header_timeout: config.proxy.header_timeout,
                 keepalive_timeout: config.proxy.keepalive_timeout,

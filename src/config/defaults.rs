@@ -58,6 +58,8 @@ pub struct Listener {
     pub keepalive_timeout: Option<Duration>,
     /// `None`: the key is refused in this section.
     pub request_timeout: Option<Duration>,
+    /// `None`: the key is refused in this section.
+    pub write_timeout: Option<Duration>,
     pub max_header_bytes: usize,
     /// The smallest `max_header_bytes` accepted.
     pub min_header_bytes: usize,
@@ -71,6 +73,7 @@ pub const PROXY: Listener = Listener {
     keepalive_timeout: Some(Duration::from_secs(60)),
     // The proxy's requests are bounded by the body and upstream timeouts.
     request_timeout: None,
+    write_timeout: Some(Duration::from_secs(30)),
     max_header_bytes: 32 * 1024,
     min_header_bytes: 1024,
     max_connections: 10_000,
@@ -83,6 +86,8 @@ pub const CONTROL: Listener = Listener {
     // The control API's header_timeout covers the wait between requests.
     keepalive_timeout: None,
     request_timeout: Some(Duration::from_secs(30)),
+    // A response is buffered whole by the API: its connection waits for nothing.
+    write_timeout: None,
     // Above the API's own 16 KiB header and 8 KiB target bounds, which answer with the
     // JSON error body; hyper's bare 431 is for what is larger still.
     max_header_bytes: 64 * 1024,
@@ -110,6 +115,7 @@ mod tests {
             header_timeout_ms: ms(d.header_timeout),
             keepalive_timeout_ms: d.keepalive_timeout.map(Millis),
             request_timeout_ms: d.request_timeout.map(Millis),
+            write_timeout_ms: d.write_timeout.map(Millis),
             max_header_bytes: Some(d.max_header_bytes),
             max_connections: Some(d.max_connections),
             max_connections_per_client: Some(d.max_connections_per_client),

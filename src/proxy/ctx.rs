@@ -154,6 +154,8 @@ pub struct Ctx {
     pub vendor_request_id: Option<String>,
     /// Strict audit: the event was made durable before the response was released.
     pub audited: bool,
+    /// HTTP/2: this stream keeps its connection busy until the request ends.
+    pub h2_stream: Option<crate::conns::StreamGuard>,
 }
 
 impl Ctx {
@@ -177,6 +179,7 @@ impl Ctx {
             spend: Micros::ZERO,
             vendor_request_id: None,
             audited: false,
+            h2_stream: None,
         }
     }
 

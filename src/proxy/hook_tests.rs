@@ -108,6 +108,8 @@ fn harness() -> Harness {
         currencies: config.currencies.clone(),
         body_limit: config.body_limit_bytes,
         body_timeout: std::time::Duration::from_secs(5),
+        client_write_timeout: std::time::Duration::from_secs(5),
+        h2_conns: Default::default(),
         verifier: Arc::new(KeyVerifier::new(published.clone(), 100, metrics.clone())),
         spend: Arc::new(SpendBook::new(
             Arc::new(CapLedger::default()),

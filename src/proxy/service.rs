@@ -45,6 +45,10 @@ pub struct KeybrakeProxy {
     pub currencies: Map<String, Currency>,
     pub body_limit: usize,
     pub body_timeout: Duration,
+    /// Each write of the response to the client, at most (`proxy.write_timeout_ms`).
+    pub client_write_timeout: Duration,
+    /// The proxy listener's HTTP/2 connections: a stream marks its connection busy.
+    pub h2_conns: Arc<crate::conns::H2Conns>,
     pub verifier: Arc<KeyVerifier>,
     pub spend: Arc<SpendBook>,
     pub upstreams: Arc<Upstreams>,
@@ -264,6 +268,22 @@ impl ProxyHttp for KeybrakeProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         if self.draining.load(std::sync::atomic::Ordering::Acquire) {
             session.set_keepalive(None);
+        }
+        // A client that stops reading would hold its connection (and the call's upstream
+        // connection) for ever: Pingora sets no downstream write timeout of its own.
+        session.set_write_timeout(Some(self.client_write_timeout));
+        if session.is_http2() {
+            let at = session
+                .digest()
+                .and_then(|d| d.socket_digest.as_ref())
+                .map(|d| Arc::as_ptr(d) as usize);
+            if let Some(count) = at.and_then(|at| self.h2_conns.get(at)) {
+                if !count.begin() {
+                    // The connection made room for a newer one: it is closing.
+                    return Error::e_explain(ErrorType::ConnectionClosed, "connection evicted");
+                }
+                ctx.h2_stream = Some(crate::conns::StreamGuard(count));
+            }
         }
         // The rare paths are boxed: async_trait boxes this hook's future on every request,
         // copying its full size, and inline they would make it ~11 KB instead of ~1 KB.

@@ -11,6 +11,7 @@ import asyncio
 import json
 import select
 import socket
+import ssl
 import threading
 import time
 from typing import Optional
@@ -138,6 +139,11 @@ def test_a_proxy_request_header_over_the_bound_is_refused_with_431(keybrake_fact
     # Over it: 431 before anything else, with the denial shape of SPEC §4.
     r = kb.proxy("GET", "/stripe/v1/customers", headers={"X-Pad": "a" * 20000})
     assert_denied(r, 431, "headers_too_large")
+    # More fields than are parsed (256), however small: the same 431, not a bare 400.
+    many = {f"x-f{i}": "v" for i in range(300)}
+    assert_denied(kb.proxy("GET", "/stripe/v1/customers", headers=many), 431, "headers_too_large")
+    few = {f"x-f{i}": "v" for i in range(250)}
+    assert_denied(kb.proxy("GET", "/stripe/v1/customers", headers=few), 401, "missing_key")
     # A never-finished header stops being read at the bound (it held ~1 MB per connection).
     s = connect(kb.proxy_port)
     s.sendall(PARTIAL)
@@ -149,6 +155,21 @@ def test_a_proxy_request_header_over_the_bound_is_refused_with_431(keybrake_fact
     closed, received = watch_close(s, 5)
     assert closed is not None, "the connection was kept past the header bound"
     assert received.startswith(b"HTTP/1.1 431"), received[:100]
+    assert not fake_stripe.received()
+
+
+def test_a_tls_client_on_the_plain_proxy_port_is_closed_at_once(keybrake, fake_stripe):
+    """An https:// client pointed at a plain-HTTP proxy: closed at once (it fails with a
+    TLS error), not after the 10 s header deadline with a plain-text 408 it cannot read."""
+    s = connect(keybrake.proxy_port)
+    context = ssl.create_default_context()
+    started = time.monotonic()
+    try:
+        context.wrap_socket(s, server_hostname="localhost")
+    except (OSError, ssl.SSLError):
+        pass
+    assert time.monotonic() - started < 2
+    s.close()
     assert not fake_stripe.received()
 
 
@@ -187,6 +208,58 @@ def test_proxy_connections_are_bounded_and_a_new_client_still_gets_in(keybrake_f
     assert alive and min(alive) >= 19, f"the oldest waiting connections make room, open: {alive}"
     for s in slow:
         s.close()
+
+
+def _big_vendor(size: int):
+    """A vendor answering every request with `size` bytes of JSON-ish body; returns (url,
+    server)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Big(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            try:
+                self.wfile.write(b" " * size)
+            except OSError:
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Big)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+def test_a_client_that_stops_reading_its_response_is_disconnected_and_its_place_freed(
+        keybrake_factory, stripe_secret, tmp_path):
+    """max_connections: 1 and write_timeout_ms: 1000: a client asks for a 64 MiB response
+    and never reads it. Its connection is closed once a write to it has waited a second,
+    so a next client gets in (without the timeout it would hold the only place for ever)."""
+    url, server = _big_vendor(64 << 20)
+    config = write_config(tmp_path / "conf", proxy={"max_connections": 1, "write_timeout_ms": 1000})
+    kb = keybrake_factory({"stripe": url}, config=config)
+    t = kb.create_tenant()
+    t.put_credential("stripe", stripe_secret)
+    key = t.issue_key(allowed_endpoints=["GET /v1/customers"])
+    stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", kb.proxy_port))
+    stuck.sendall(b"GET /stripe/v1/customers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  + key["token"].encode() + b"\r\n\r\n")
+    time.sleep(4)
+    try:
+        r = kb.proxy("GET", "/stripe/v1/charges", timeout=5)
+        assert_denied(r, 401, "missing_key")
+    finally:
+        stuck.close()
+        server.shutdown()
 
 
 # --------------------------------------------------------------------------- control API

@@ -471,6 +471,58 @@ def test_the_cli_verifies_the_control_planes_certificate_with_an_optional_ca_fil
     assert p.returncode == 1 and "--admin-token-file" in p.stderr, p.stderr
 
 
+def test_an_idle_http2_connection_makes_room_and_one_serving_a_request_does_not(
+        tls_factory, stripe_secret, ca):
+    """proxy.max_connections: 2. Connection A waits on a slow vendor call (HTTP/2, 3 s);
+    connection B did one request and sits idle (HTTP/2 keeps it open, and a stream now and
+    then would keep it open for ever). A new client gets in: B makes room, A's call is
+    answered 200 (a connection serving a stream is never cut)."""
+    import httpx
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            time.sleep(3)
+            body = b'{"object":"list","data":[]}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    vendor = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    vendor.daemon_threads = True
+    threading.Thread(target=vendor.serve_forever, daemon=True).start()
+    kb = tls_factory({"stripe": f"http://127.0.0.1:{vendor.server_address[1]}"},
+                     proxy={"max_connections": 2, "keepalive_timeout_ms": 60000})
+    t = kb.create_tenant()
+    t.put_credential("stripe", stripe_secret)
+    key = t.issue_key(allowed_endpoints=["GET /v1/customers"])
+    verify = ssl.create_default_context(cafile=str(ca.cert))
+    url = f"{kb.proxy_url}/stripe/v1/customers"
+    with httpx.Client(http2=True, verify=verify, timeout=15) as a, \
+            httpx.Client(http2=True, verify=verify, timeout=15) as b:
+        slow: dict = {}
+        call = threading.Thread(target=lambda: slow.update(
+            r=a.get(url, headers={"Authorization": f"Bearer {key['token']}"})))
+        call.start()
+        time.sleep(0.5)
+        r = b.get(url)
+        assert (r.http_version, r.status_code) == ("HTTP/2", 401)
+        time.sleep(0.3)
+        with httpx.Client(http2=True, verify=verify, timeout=5) as c:
+            r = c.get(url)
+            assert (r.http_version, r.status_code) == ("HTTP/2", 401)
+        call.join(timeout=15)
+        assert slow["r"].status_code == 200, slow["r"].text
+    vendor.shutdown()
+
+
 def test_tls_handshakes_and_the_http2_preface_are_inside_the_header_deadline(tls_factory, fake_stripe, ca):
     """A TCP connection that never sends a ClientHello, and an HTTP/2 connection that
     never sends its preface, are closed after proxy.header_timeout_ms (Pingora alone

@@ -644,9 +644,15 @@ pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        // SIGQUIT (serve's graceful upgrade) has no sockets to hand over here: ignored,
+        // so a unit reloading with it never kills the control plane (its default action).
+        let mut quit = signal(SignalKind::quit())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = quit.recv() => log::info!("SIGQUIT ignored: `keybrake control` has no sockets to hand over"),
+            }
         }
         anyhow::Ok(())
     })?;

@@ -172,6 +172,10 @@ pub fn for_proxy_error(e: &pingora::Error) -> Option<Denial> {
     use pingora::{ErrorSource, ErrorType::*};
     match e.etype() {
         HTTPStatus(413) => Some(Denial::BodyTooLarge),
+        // The client's side: a body that stopped coming; a response it stopped reading
+        // (nobody to answer).
+        ReadTimedout if e.esource() == &ErrorSource::Downstream => Some(Denial::BodyTimeout),
+        WriteTimedout if e.esource() == &ErrorSource::Downstream => None,
         ConnectTimedout | ReadTimedout | WriteTimedout => Some(Denial::UpstreamTimeout),
         _ if e.esource() == &ErrorSource::Upstream
             || matches!(
@@ -231,5 +235,24 @@ mod tests {
         assert_eq!(v["budget"], "key");
         let v: serde_json::Value = serde_json::from_slice(&Denial::InvalidKey.body()).unwrap();
         assert!(v.get("budget").is_none());
+    }
+
+    #[test]
+    fn a_timeout_is_the_vendors_or_the_clients_by_its_side() {
+        use pingora::ErrorType::*;
+        let error = |t: pingora::ErrorType, down: bool| {
+            let mut e = pingora::Error::new(t);
+            if down {
+                e.as_down();
+            } else {
+                e.as_up();
+            }
+            for_proxy_error(&e)
+        };
+        assert_eq!(error(ConnectTimedout, false), Some(Denial::UpstreamTimeout));
+        assert_eq!(error(ReadTimedout, false), Some(Denial::UpstreamTimeout));
+        assert_eq!(error(WriteTimedout, false), Some(Denial::UpstreamTimeout));
+        assert_eq!(error(ReadTimedout, true), Some(Denial::BodyTimeout));
+        assert_eq!(error(WriteTimedout, true), None);
     }
 }

@@ -161,7 +161,13 @@ impl KeybrakeProxy {
         self.route(req, ctx).inspect_err(|_| {
             let raw = req.uri.path();
             ctx.canonical = path::as_sent(raw);
-            ctx.vendor = path::split_vendor(raw).and_then(|(v, _)| self.vendors.get(v).cloned());
+            // A catalog vendor's name is printable ASCII: `as_sent` kept it as it came.
+            let named = path::split_vendor(raw)
+                .and_then(|(v, _)| Some((v.len(), self.vendors.get(v)?.clone())));
+            if let Some((len, vendor)) = named {
+                ctx.rest_at = 1 + len;
+                ctx.vendor = Some(vendor);
+            }
         })
     }
 
@@ -496,10 +502,15 @@ impl ProxyHttp for KeybrakeProxy {
             }
             return nobody;
         };
-        // The vendor waits for a body the client has not finished sending: the client's
-        // delay, not the vendor's.
+        // The vendor's answer is late because it waits for a body the client has not
+        // finished sending: the client's delay, not the vendor's. (A connect or write
+        // timeout is the vendor's whatever the body.)
         let denial = match denial {
-            Denial::UpstreamTimeout if !session.is_body_done() => Denial::BodyTimeout,
+            Denial::UpstreamTimeout
+                if *e.etype() == ErrorType::ReadTimedout && !session.is_body_done() =>
+            {
+                Denial::BodyTimeout
+            }
             other => other,
         };
         ctx.denial = Some(denial);

@@ -887,6 +887,7 @@ def test_a_refused_paths_odd_bytes_reach_no_log_or_audit_raw(keybrake, tenant, f
     encoded = "/stripe/v1/PROBE%C2%9B2J%C2%9D0;T%C2%9C/%E2%80%AEx/.."
     events = wait_until(lambda: tenant.audit(key_id=key["id"]) or None, timeout=5)
     assert events and events[0]["path"] == encoded, events
+    assert (events[0]["vendor"], events[0]["decision"]) == ("stripe", "invalid_path"), events
     logged = wait_until(lambda: [line for line in keybrake.logs().splitlines() if "PROBE" in line] or None,
                         timeout=5)
     assert logged and all(encoded in line and "\u009b" not in line and "\u202e" not in line

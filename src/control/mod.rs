@@ -287,12 +287,27 @@ impl Control {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let lifetime = lease_lifetime_secs(&self.settings);
         let every = (lifetime / 4).max(1) as u64;
-        // Since when the storage has answered without a break (`None`: it does not now).
+        // Since when the storage has taken writes without a break (`None`: it does not
+        // now). Nodes beat by writing, so a storage that only reads is a break too; and
+        // so is a gap in this loop itself (the process or its host was frozen: nobody
+        // could beat to it meanwhile).
         let mut reachable_since: Option<tokio::time::Instant> = None;
+        // When the previous round ended (its own work does not count as a pause).
+        let mut last_round = (tokio::time::Instant::now(), crate::token::unix_ms());
         let mut n = 0u64;
         loop {
             tick.tick().await;
-            if !self.store.ping().await {
+            let round = (tokio::time::Instant::now(), crate::token::unix_ms());
+            let frozen = round.0.duration_since(last_round.0) > UPKEEP_GAP
+                || round.1.saturating_sub(last_round.1) > UPKEEP_GAP.as_millis() as u64;
+            if frozen {
+                log::warn!(
+                    "the lease upkeep did not run for more than {} s (this process or its host \
+                     was paused): nobody is taken for dead for a lease lifetime",
+                    UPKEEP_GAP.as_secs()
+                );
+            }
+            if frozen || !self.store.ping_writable().await {
                 reachable_since = None;
             } else if reachable_since.is_none() {
                 reachable_since = Some(tokio::time::Instant::now());
@@ -311,6 +326,7 @@ impl Control {
                     log::warn!("cannot delete old report-batch marks: {e:#}");
                 }
             }
+            last_round = (tokio::time::Instant::now(), crate::token::unix_ms());
             n += 1;
         }
     }
@@ -890,6 +906,10 @@ fn key_json_size(row: &KeyRow) -> usize {
     let metadata = serde_json::to_string(&row.metadata).map_or(0, |m| m.len());
     400 + row.label.len() * 2 + patterns + accounts + metadata
 }
+
+/// A pause of the lease upkeep's once-a-second loop longer than this (a frozen process, a
+/// suspended host) restarts the wait before anyone is taken for dead.
+const UPKEEP_GAP: Duration = Duration::from_secs(5);
 
 /// Kept between the end of a holder's validity for its own proxy and the moment other
 /// processes may take it for dead.

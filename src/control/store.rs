@@ -458,6 +458,22 @@ impl Store {
             .unwrap_or(false)
     }
 
+    /// Whether the storage takes writes now, within 2 s: the statement changes nothing,
+    /// but a PostgreSQL that only reads (a standby during a failover) refuses it.
+    pub async fn ping_writable(&self) -> bool {
+        let ping = async {
+            on_writer!(self, |pool| sqlx::query(
+                "UPDATE holders SET alive_until = alive_until WHERE 1 = 0"
+            )
+            .execute(pool)
+            .await
+            .is_ok())
+        };
+        tokio::time::timeout(Duration::from_secs(2), ping)
+            .await
+            .unwrap_or(false)
+    }
+
     // ----- tenants and tokens -----
 
     pub async fn insert_tenant(

@@ -413,6 +413,29 @@ def test_a_node_taken_for_dead_stops_and_serves_again_with_a_new_session(fleet):
     assert tenant.get_key(key["id"])["spent_today_usd"] >= spent + 1
 
 
+def test_a_control_plane_paused_past_the_lease_lifetime_takes_no_node_for_dead(fleet):
+    """The control plane frozen (SIGSTOP: a paused VM, a suspended host) for longer than
+    the lease lifetime: no node could beat to it meanwhile, so on waking it must not take
+    them for dead (that would stop the whole fleet with exit status 75). It waits a
+    lifetime first; the nodes serve on."""
+    control, tenant, node = fleet
+    e = node("patient")
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    assert pay(e, key["token"]).status_code == 200
+    control.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(9)  # the lifetime is 6 s
+    finally:
+        control.proc.send_signal(signal.SIGCONT)
+    served = wait_until(lambda: pay(e, key["token"]).status_code == 200, timeout=10, interval=0.3)
+    time.sleep(8)  # past a lifetime after waking: a reclaim would have run by now
+    assert e.proc.poll() is None, e.logs()[-2000:]
+    assert served and pay(e, key["token"]).status_code == 200
+    assert "took this node for dead" not in e.logs()
+    assert "a process that stopped" not in control.logs(), "the node's leases were reclaimed"
+    assert "was paused" in control.logs()
+
+
 def test_node_cli_creates_lists_and_deletes(fleet):
     control, tenant, node = fleet
     env = {"KEYBRAKE_ADMIN_TOKEN": control.admin_token, "PATH": "/usr/bin:/bin"}

@@ -978,8 +978,10 @@ impl Store {
     }
 
     /// Gives back the leases of a dead holder, after adding to each key's settled spend
-    /// what it spent of its lease: the lease's committed part (write-ahead, see
-    /// `ledger_batch`) or what `known_spent` says, whichever is more, at most the lease.
+    /// what it spent: the lease's committed part (write-ahead, see `ledger_batch`) or what
+    /// `known_spent` says, whichever is more. What the trail knows beyond the lease (a
+    /// charge learned from the vendor's answer, over what was reserved, that the holder
+    /// died before reporting) is settled too: the vendor took it.
     /// Removes the holder, whose later reports then release nothing. Two replicas
     /// reclaiming the same holder at once give its leases back once: the second finds
     /// them gone. Only a holder whose life ended before `dead_before` (unix s) is
@@ -1032,11 +1034,11 @@ impl Store {
                     .get(&(key_id.clone(), day))
                     .map_or(0, |m| m.0)
                     .max(r.int("committed"))
-                    .clamp(0, held.max(0));
+                    .max(0);
                 tx.ledger_add(&key_id, day, Micros(spent), Micros(-held))
                     .await?;
                 returned = returned
-                    .checked_add(Micros(held - spent))
+                    .checked_add(Micros((held - spent).max(0)))
                     .unwrap_or(returned);
             }
             sqlx::query("DELETE FROM leases WHERE holder = $1")
@@ -1782,7 +1784,35 @@ pub(super) mod tests {
         );
         s.ledger_add("k", 9, Micros(1), Micros(-5)).await.unwrap();
         assert_eq!(s.ledger_row("k", 9).await.unwrap().held, Micros::ZERO);
+        // A holder whose trail shows more than its lease (a vendor's answer charged past
+        // the reservation, and it died before reporting): all of it is settled.
+        s.register_holder("h3", 0, 10).await.unwrap();
+        let ask = crate::control::ledger_batch::GrantRequest {
+            key_id: "k2".into(),
+            day: 9,
+            cap: Micros(100),
+            min: Micros(10),
+            want: Micros(10),
+            commit: Micros(4),
+        };
+        assert_eq!(
+            s.lease_grant_many("h3", 5, &[ask]).await.unwrap()[0].granted,
+            Micros(10)
+        );
+        let known = [(("k2".to_string(), 9), Micros(30))].into();
+        assert_eq!(
+            s.reclaim_holder("h3", &known, i64::MAX).await.unwrap(),
+            Micros::ZERO
+        );
+        assert_eq!(
+            s.ledger_row("k2", 9).await.unwrap(),
+            LedgerRow {
+                settled: Micros(30),
+                held: Micros::ZERO
+            }
+        );
         assert!(s.ping().await);
+        assert!(s.ping_writable().await);
     }
 
     #[tokio::test]

@@ -2101,3 +2101,66 @@ def test_a_price_in_other_currencies_cannot_be_made_through_a_capped_key(keybrak
     assert fake_stripe.received() == []
     r = keybrake.proxy("POST", "/stripe/v1/products", key=key["token"], data={"name": "plain"})
     assert r.status_code == 200, r.text
+
+
+class _GarbledConfirm(http.server.BaseHTTPRequestHandler):
+    """A Stripe that looks up a $10 intent, then answers its confirm 200 with a body that
+    is not JSON; creates payments normally."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, body: bytes, content_type: str = "application/json"):
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send(json.dumps({"id": self.path.rsplit("/", 1)[-1], "object": "payment_intent",
+                               "amount": 1000, "currency": "usd",
+                               "status": "requires_confirmation"}).encode())
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.endswith("/confirm"):
+            self._send(b"<html>upstream gateway glitch</html>", "text/html")
+        else:
+            self._send(json.dumps({"id": "pi_" + secrets.token_hex(6), "object": "payment_intent",
+                                   "amount": 100, "currency": "usd"}).encode())
+
+
+def test_a_charge_learned_from_the_answer_survives_a_kill_9_right_after_it(
+        keybrake_factory, stripe_secret, tmp_path):
+    """A confirm whose 2xx answer cannot be read is charged the key's whole cap (what the
+    vendor took is unknown): the key stops for the day. serve killed -9 right after that
+    answer, before its next spend report: on restart the dead process's lease is settled
+    from the audit trail, all of it, not only the $10 reserved, and the key stays stopped.
+    (audit strict: the answer is released once its event is committed.)"""
+    vendor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GarbledConfirm)
+    vendor.daemon_threads = True
+    threading.Thread(target=vendor.serve_forever, daemon=True).start()
+    config = write_config(tmp_path / "conf", leases={"lifetime_seconds": 3},
+                          audit={"durability": "strict"})
+    kb = keybrake_factory({"stripe": f"http://127.0.0.1:{vendor.server_address[1]}"}, config=config)
+    try:
+        t = kb.create_tenant()
+        t.put_credential("stripe", stripe_secret)
+        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents",
+                                             "POST /v1/payment_intents/*/confirm"], daily_usd_cap=100)
+        auth = {"Authorization": f"Bearer {key['token']}"}
+        r = kb.proxy("POST", "/stripe/v1/payment_intents/pi_abc/confirm", headers=auth)
+        assert r.status_code == 200
+        kb.kill9()
+        kb.start()
+        settled = wait_until(lambda: (lambda k: k if k["held_usd"] == 0 else None)(t.get_key(key["id"])),
+                             timeout=15, interval=0.3)
+        assert settled and settled["spent_today_usd"] == 100, settled
+        r = kb.proxy("POST", "/stripe/v1/payment_intents", headers=auth,
+                     data={"amount": "100", "currency": "usd"})
+        assert_denied(r, 429, "cap_exhausted")
+    finally:
+        vendor.shutdown()

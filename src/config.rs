@@ -1072,7 +1072,8 @@ impl Config {
                 continue;
             }
             if let Some(files) = &l.tls {
-                crate::tls::ReloadingCert::load(files).with_context(|| format!("{what}.tls"))?;
+                crate::tls::ReloadingCert::load(what, files)
+                    .with_context(|| format!("{what}.tls"))?;
             }
         }
         if !with_proxy {

@@ -38,6 +38,67 @@ pub struct ConnLimits {
 pub struct ConnTable {
     limits: ConnLimits,
     inner: Mutex<Inner>,
+    counts: Counts,
+}
+
+/// `keybrake_connections_{open,refused_total,evicted_total}{listener}` of one table.
+struct Counts {
+    open: prometheus::IntGauge,
+    refused: prometheus::IntCounter,
+    evicted: prometheus::IntCounter,
+}
+
+impl Counts {
+    fn of(listener: &str) -> Counts {
+        struct Vecs {
+            open: prometheus::IntGaugeVec,
+            refused: prometheus::IntCounterVec,
+            evicted: prometheus::IntCounterVec,
+        }
+        static VECS: std::sync::OnceLock<Vecs> = std::sync::OnceLock::new();
+        let vecs = VECS.get_or_init(|| {
+            // Registered once per process; a second registration (never made) would fail
+            // and leave these unexported, not break the listener.
+            let open = prometheus::IntGaugeVec::new(
+                prometheus::Opts::new("keybrake_connections_open", "Open connections"),
+                &["listener"],
+            )
+            .expect("valid metric");
+            let refused = prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "keybrake_connections_refused_total",
+                    "Connections closed at once: a connection bound reached with every connection busy",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric");
+            let evicted = prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "keybrake_connections_evicted_total",
+                    "Connections waiting for a request closed to make room for a newer one",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric");
+            for m in [
+                Box::new(open.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(refused.clone()),
+                Box::new(evicted.clone()),
+            ] {
+                let _ = prometheus::register(m);
+            }
+            Vecs {
+                open,
+                refused,
+                evicted,
+            }
+        });
+        Counts {
+            open: vecs.open.with_label_values(&[listener]),
+            refused: vecs.refused.with_label_values(&[listener]),
+            evicted: vecs.evicted.with_label_values(&[listener]),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -89,10 +150,12 @@ pub struct ConnGuard {
 }
 
 impl ConnTable {
-    pub fn new(limits: ConnLimits) -> Arc<Self> {
+    /// The table of the `listener` (`proxy`, `control`: the metrics' label).
+    pub fn new(listener: &str, limits: ConnLimits) -> Arc<Self> {
         Arc::new(ConnTable {
             limits,
             inner: Mutex::new(Inner::default()),
+            counts: Counts::of(listener),
         })
     }
 
@@ -102,14 +165,19 @@ impl ConnTable {
         let client = canonical(client);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let per_client = inner.per_client.get(&client).copied().unwrap_or(0);
-        if self.limits.max_per_client > 0
-            && per_client >= self.limits.max_per_client
-            && !inner.evict_oldest(Some(client))
-        {
-            return Err(Refused::ClientFull);
+        if self.limits.max_per_client > 0 && per_client >= self.limits.max_per_client {
+            if !inner.evict_oldest(Some(client)) {
+                self.counts.refused.inc();
+                return Err(Refused::ClientFull);
+            }
+            self.counts.evicted.inc();
         }
-        if inner.open.len() >= self.limits.max_total && !inner.evict_oldest(None) {
-            return Err(Refused::Full);
+        if inner.open.len() >= self.limits.max_total {
+            if !inner.evict_oldest(None) {
+                self.counts.refused.inc();
+                return Err(Refused::Full);
+            }
+            self.counts.evicted.inc();
         }
         let id = inner.next_id;
         inner.next_id += 1;
@@ -124,6 +192,7 @@ impl ConnTable {
             },
         );
         *inner.per_client.entry(client).or_insert(0) += 1;
+        self.counts.open.set(inner.open.len() as i64);
         Ok(ConnGuard {
             table: self.clone(),
             id,
@@ -208,6 +277,7 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         let mut inner = self.table.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.remove(self.id);
+        self.table.counts.open.set(inner.open.len() as i64);
     }
 }
 
@@ -304,10 +374,13 @@ mod tests {
 
     #[tokio::test]
     async fn at_the_bound_the_oldest_waiting_connection_makes_room() {
-        let table = ConnTable::new(ConnLimits {
-            max_total: 3,
-            max_per_client: 0,
-        });
+        let table = ConnTable::new(
+            "test",
+            ConnLimits {
+                max_total: 3,
+                max_per_client: 0,
+            },
+        );
         let a = table.admit(ip(1)).unwrap();
         let b = table.admit(ip(1)).unwrap();
         let c = table.admit(ip(2)).unwrap();
@@ -339,10 +412,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_at_its_bound_evicts_its_own_oldest_waiting_connection() {
-        let table = ConnTable::new(ConnLimits {
-            max_total: 100,
-            max_per_client: 2,
-        });
+        let table = ConnTable::new(
+            "test",
+            ConnLimits {
+                max_total: 100,
+                max_per_client: 2,
+            },
+        );
         let other = table.admit(ip(9)).unwrap();
         let a = table.admit(ip(1)).unwrap();
         let _b = table.admit(ip(1)).unwrap();
@@ -366,10 +442,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_reading_a_body_makes_room_and_an_evicted_one_never_turns_busy() {
-        let table = ConnTable::new(ConnLimits {
-            max_total: 2,
-            max_per_client: 0,
-        });
+        let table = ConnTable::new(
+            "test",
+            ConnLimits {
+                max_total: 2,
+                max_per_client: 0,
+            },
+        );
         let slow_body = table.admit(ip(1)).unwrap();
         let handler = table.admit(ip(2)).unwrap();
         assert!(slow_body.enter(Phase::ReadingBody));
@@ -398,10 +477,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_http2_connection_makes_room_only_between_its_streams() {
-        let table = ConnTable::new(ConnLimits {
-            max_total: 1,
-            max_per_client: 0,
-        });
+        let table = ConnTable::new(
+            "test",
+            ConnLimits {
+                max_total: 1,
+                max_per_client: 0,
+            },
+        );
         let h2 = table.admit(ip(1)).unwrap();
         let streams = h2.stream_count();
         assert!(streams.begin());

@@ -445,7 +445,7 @@ fn start_control(
     let listener_settings = config.control.clone();
     let tls = match &config.control.tls {
         Some(files) => {
-            let cert = crate::tls::ReloadingCert::load(files).context("control.tls")?;
+            let cert = crate::tls::ReloadingCert::load("control", files).context("control.tls")?;
             crate::tls::watch(vec![cert.clone()]);
             Some(crate::tls::server_config(cert, &[b"http/1.1"])?)
         }
@@ -894,7 +894,7 @@ pub(crate) fn run_proxy(
 
     let proxy_tls = match &config.proxy.tls {
         Some(files) => {
-            let cert = crate::tls::ReloadingCert::load(files).context("proxy.tls")?;
+            let cert = crate::tls::ReloadingCert::load("proxy", files).context("proxy.tls")?;
             crate::tls::watch(vec![cert.clone()]);
             Some(crate::tls::server_config(cert, &[b"h2", b"http/1.1"])?)
         }
@@ -906,7 +906,7 @@ pub(crate) fn run_proxy(
         ProxyApp::new(
             pingora::proxy::http_proxy(&server.configuration, proxy),
             proxy_tls,
-            ConnTable::new(config.proxy.limits),
+            ConnTable::new("proxy", config.proxy.limits),
             h2_conns,
             HeaderLimits {
                 header_timeout: config.proxy.header_timeout,

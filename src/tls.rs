@@ -6,7 +6,11 @@
 //! and, when their bytes changed and load as a matching pair, publishes the new pair.
 //! Handshakes read the current pair per connection, so connections already open keep
 //! theirs and every new one gets the new certificate; nothing is dropped. A pair that
-//! does not load (a half-written renewal) is logged and the old one kept.
+//! does not load (a half-written renewal) is logged and the old one kept, and so is an
+//! expired one while the current certificate is still valid. An expired or not yet valid
+//! certificate, one that expires within 14 days, and a key file other users can read are
+//! logged at start and by `keybrake check`; `keybrake_tls_certificate_expiry_timestamp_seconds`
+//! tells Prometheus when each listener's certificate runs out.
 
 use anyhow::{anyhow, bail, Context, Result};
 use arc_swap::ArcSwap;
@@ -14,8 +18,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+/// A certificate this close to its end is logged at every load.
+const EXPIRY_WARNING_SECS: i64 = 14 * 86_400;
 
 /// The certificate chain and key files of a listener (`proxy.tls`, `control.tls`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,10 +79,47 @@ fn load_pair(files: &TlsFiles) -> Result<CertifiedKey> {
     Ok(pair)
 }
 
+/// The leaf certificate's validity, unix seconds: (not before, not after).
+fn validity(pair: &CertifiedKey) -> Option<(i64, i64)> {
+    let leaf = pair.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+fn utc(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// `keybrake_tls_certificate_expiry_timestamp_seconds{listener}`.
+fn expiry_gauge() -> Option<&'static prometheus::IntGaugeVec> {
+    static GAUGE: OnceLock<Option<prometheus::IntGaugeVec>> = OnceLock::new();
+    GAUGE
+        .get_or_init(|| {
+            prometheus::register_int_gauge_vec!(
+                "keybrake_tls_certificate_expiry_timestamp_seconds",
+                "When the certificate a TLS listener serves expires (unix seconds)",
+                &["listener"]
+            )
+            .ok()
+        })
+        .as_ref()
+}
+
 /// A listener's certificate, replaced when its files change.
 pub struct ReloadingCert {
+    /// `proxy` or `control`, for the logs and the metric.
+    listener: &'static str,
     files: TlsFiles,
     current: ArcSwap<CertifiedKey>,
+    /// The current certificate's end of validity (unix s; 0 if unreadable).
+    not_after: AtomicI64,
     /// The bytes of both files when last loaded (or last found unloadable).
     seen: Mutex<Vec<u8>>,
 }
@@ -88,14 +133,52 @@ impl std::fmt::Debug for ReloadingCert {
 }
 
 impl ReloadingCert {
-    pub fn load(files: &TlsFiles) -> Result<Arc<Self>> {
+    /// Loads the pair for the `listener` (`proxy`, `control`), logging what an operator
+    /// must fix soon: dates, a key file others can read.
+    pub fn load(listener: &'static str, files: &TlsFiles) -> Result<Arc<Self>> {
         let seen = Self::fingerprint(files);
         let pair = load_pair(files)?;
-        Ok(Arc::new(ReloadingCert {
+        warn_if_others_can_read(&files.key_file);
+        let cert = Arc::new(ReloadingCert {
+            listener,
             files: files.clone(),
+            not_after: AtomicI64::new(0),
             current: ArcSwap::from_pointee(pair),
             seen: Mutex::new(seen),
-        }))
+        });
+        cert.published(&cert.current.load());
+        Ok(cert)
+    }
+
+    /// Records (and logs, if they need care) the dates of the pair just published.
+    fn published(&self, pair: &CertifiedKey) {
+        let (not_before, not_after) = validity(pair).unwrap_or((0, 0));
+        self.not_after.store(not_after, Ordering::Release);
+        if let Some(g) = expiry_gauge() {
+            g.with_label_values(&[self.listener]).set(not_after);
+        }
+        let now = crate::token::now_secs();
+        let (listener, file) = (self.listener, self.files.cert_file.display());
+        if not_after == 0 {
+            log::warn!("{listener} TLS certificate {file}: its dates could not be read");
+        } else if not_after < now {
+            log::error!(
+                "{listener} TLS certificate {file} expired at {}: clients refuse it; renew it \
+                 (the new files are picked up without a restart)",
+                utc(not_after)
+            );
+        } else if not_before > now {
+            log::error!(
+                "{listener} TLS certificate {file} is not valid before {}: clients refuse it",
+                utc(not_before)
+            );
+        } else if not_after - now < EXPIRY_WARNING_SECS {
+            log::warn!(
+                "{listener} TLS certificate {file} expires at {}, in {} days: renew it",
+                utc(not_after),
+                (not_after - now) / 86_400
+            );
+        }
     }
 
     /// Both files' bytes (the key is kept only in this process's memory, as it is by
@@ -113,20 +196,39 @@ impl ReloadingCert {
         if now.is_empty() || *seen == now {
             return false;
         }
+        let listener = self.listener;
+        *seen = now;
         match load_pair(&self.files) {
             Ok(pair) => {
-                self.current.store(Arc::new(pair));
-                *seen = now;
+                // An expired renewal would only replace a certificate clients still take.
+                let expired =
+                    |not_after: i64| not_after != 0 && not_after < crate::token::now_secs();
+                let new_end = validity(&pair).map_or(0, |v| v.1);
+                if expired(new_end) && !expired(self.not_after.load(Ordering::Acquire)) {
+                    log::error!(
+                        "{listener} TLS certificate {} not reloaded: the new one expired at {}; \
+                         keeping the current one",
+                        self.files.cert_file.display(),
+                        utc(new_end)
+                    );
+                    return false;
+                }
+                warn_if_others_can_read(&self.files.key_file);
+                let pair = Arc::new(pair);
+                self.current.store(pair.clone());
                 log::info!(
-                    "TLS certificate {} reloaded",
-                    self.files.cert_file.display()
+                    "{listener} TLS certificate {} reloaded (valid until {})",
+                    self.files.cert_file.display(),
+                    utc(new_end)
                 );
+                self.published(&pair);
                 true
             }
             Err(e) => {
                 // Probably a renewal caught halfway: tried again when the bytes change.
-                *seen = now;
-                log::warn!("TLS certificate not reloaded, keeping the current one: {e:#}");
+                log::warn!(
+                    "{listener} TLS certificate not reloaded, keeping the current one: {e:#}"
+                );
                 false
             }
         }
@@ -165,6 +267,19 @@ pub fn watch(certs: Vec<Arc<ReloadingCert>>) {
         });
     if let Err(e) = spawned {
         log::error!("cannot start the TLS certificate watcher: {e}");
+    }
+}
+
+fn warn_if_others_can_read(key_file: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(key_file) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            log::warn!(
+                "TLS key {} has mode {mode:03o}: other users can read it; chmod go-rwx",
+                key_file.display()
+            );
+        }
     }
 }
 
@@ -313,7 +428,7 @@ mod tests {
             key_file: dir.join("absent.key"),
             watch_interval: Duration::from_secs(1),
         };
-        let err = format!("{:#}", ReloadingCert::load(&files).unwrap_err());
+        let err = format!("{:#}", ReloadingCert::load("proxy", &files).unwrap_err());
         assert!(err.contains("absent.pem"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

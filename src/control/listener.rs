@@ -53,7 +53,7 @@ pub async fn serve(
     settings: &ListenerSettings,
     body_limit: usize,
 ) {
-    let conns = ConnTable::new(settings.limits);
+    let conns = ConnTable::new("control", settings.limits);
     let shared = Arc::new(Shared {
         app,
         tls: tls.map(tokio_rustls::TlsAcceptor::from),

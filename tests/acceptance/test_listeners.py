@@ -206,6 +206,12 @@ def test_proxy_connections_are_bounded_and_a_new_client_still_gets_in(keybrake_f
     alive = open_ones()
     assert len(alive) <= 20, f"{len(alive)} connections open, bound 20"
     assert alive and min(alive) >= 19, f"the oldest waiting connections make room, open: {alive}"
+    # The operator sees it: connections evicted to make room, and how many are open.
+    metrics = requests.get(f"{kb.metrics_url}/metrics", timeout=5).text
+    value = lambda name: float(next(line.split()[-1] for line in metrics.splitlines()
+                                    if line.startswith(name + '{listener="proxy"}')))
+    assert value("keybrake_connections_evicted_total") >= 20, metrics
+    assert value("keybrake_connections_open") <= 20
     for s in slow:
         s.close()
 

@@ -25,7 +25,7 @@ import pytest
 import requests
 import stripe
 
-from harness import KEYBRAKE_BIN, Keybrake, assert_denied, free_port, write_config
+from harness import KEYBRAKE_BIN, Keybrake, assert_denied, free_port, wait_until, write_config
 from test_agents import (
     CHARGE_ENV_NAMES,
     CHARGE_TS,
@@ -385,6 +385,65 @@ def test_a_renewed_certificate_is_served_without_failing_a_request(tls_kb, ca, t
     assert not failures, failures[:5]
     assert sum(1 for r in results if r[1]) > 20 and sum(1 for r in results if not r[1]) > 20, len(results)
     assert served_certificate() == der_of(new_cert)
+
+
+def _expired_leaf(ca: Ca, directory: Path) -> tuple[Path, Path]:
+    """A server certificate (and key) signed by `ca` whose validity ended yesterday."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=3))
+            .not_valid_after(now - datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "expired.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "expired.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return directory / "expired.pem", directory / "expired.key"
+
+
+def test_certificate_dates_are_watched_and_an_expired_renewal_is_not_served(tls_kb, ca, tmp_path):
+    """The test leaf expires in 2 days: the start logs it (renew within 14 days) and the
+    metrics say when. A "renewal" to an expired pair is not served (clients would refuse
+    every handshake): the current certificate stays, and the log says why."""
+    import datetime
+
+    from cryptography import x509
+
+    cert, key = tls_kb.leaf
+    logs = tls_kb.logs()
+    assert "proxy TLS certificate" in logs and "renew it" in logs, logs[-2000:]
+    not_after = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+    metrics = requests.get(f"{tls_kb.metrics_url}/metrics", timeout=5).text
+    for listener in ("proxy", "control"):
+        line = f'keybrake_tls_certificate_expiry_timestamp_seconds{{listener="{listener}"}} {int(not_after.timestamp())}'
+        assert line in metrics, [m for m in metrics.splitlines() if "tls_certificate" in m]
+    old_cert = cert.read_bytes()
+    expired_cert, expired_key = _expired_leaf(ca, tmp_path / "expired")
+    for src, dst in ((expired_key, key), (expired_cert, cert)):
+        tmp = dst.with_suffix(".new")
+        tmp.write_bytes(src.read_bytes())
+        os.replace(tmp, dst)
+    assert wait_until(lambda: "not reloaded: the new one expired" in tls_kb.logs(), timeout=5)
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    import socket
+    with socket.create_connection(("127.0.0.1", tls_kb.proxy_port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            assert s.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(old_cert.decode())
+    assert datetime.datetime.now(datetime.timezone.utc) < not_after
 
 
 # --------------------------------------------------------------------------- plaintext rule, CLI

@@ -100,17 +100,7 @@ impl Client {
                 bail!("{status} {code}: {message}")
             }
             Err(e) => {
-                // A TLS alert record (0x15 0x03) read as an HTTP answer: the listener
-                // speaks HTTPS.
-                let text = e.to_string();
-                let hint = if self.base.starts_with("http://") && text.contains("[21, 3,") {
-                    " (it answers in TLS: use an https:// --control-url)"
-                } else if text.contains("UnknownIssuer") {
-                    " (a certificate from a private CA: give the CA with --ca-file or \
-                     KEYBRAKE_CA_FILE)"
-                } else {
-                    ""
-                };
+                let hint = crate::tls::connect_hint(&self.base, &e.to_string());
                 bail!("cannot reach the control API at {}: {e}{hint}", self.base)
             }
         }

@@ -966,7 +966,8 @@ fn hello(client: &SyncClient, url: &str, token_file: &Path) -> Result<String> {
             token_file.display()
         ),
         Err(CallError::Other(e) | CallError::Refused(e)) => {
-            bail!("cannot reach the control plane at {url}: {e}")
+            let hint = crate::tls::connect_hint(url, &e.to_string());
+            bail!("cannot reach the control plane at {url}: {e}{hint}")
         }
     }
 }

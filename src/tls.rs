@@ -339,6 +339,25 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
     ))
 }
 
+/// What to do about a failed call to the control plane at `url`, from the error's text
+/// (empty when there is nothing to add).
+pub fn connect_hint(url: &str, error: &str) -> &'static str {
+    if url.starts_with("http://") && error.contains("[21, 3,") {
+        // A TLS alert record (0x15 0x03) read as an HTTP answer: the listener speaks TLS.
+        " (it answers in TLS: use an https:// --control-url)"
+    } else if url.starts_with("https://")
+        && (error.contains("InvalidContentType") || error.contains("corrupt message"))
+    {
+        // An HTTP answer read as a TLS record: the listener speaks plain HTTP.
+        " (it answers in plain HTTP, not TLS: give its TLS files in control.tls, or use an \
+         http:// --control-url on this host)"
+    } else if error.contains("UnknownIssuer") {
+        " (a certificate from a private CA: give the CA with --ca-file or KEYBRAKE_CA_FILE)"
+    } else {
+        ""
+    }
+}
+
 /// A control URL's scheme, refused when it would carry a secret in clear text off this
 /// host: `https://` anywhere; `http://` only to a loopback address or `localhost` (the
 /// same rule as the plain-HTTP listeners, from the client's side). `what` names the secret.
@@ -413,6 +432,21 @@ mod tests {
                 .to_string();
             assert!(e.contains(refused), "{refused}: {e}");
         }
+    }
+
+    #[test]
+    fn a_failed_call_says_which_side_speaks_tls() {
+        let plain =
+            "tls connection init failed: received corrupt message of type InvalidContentType";
+        assert!(connect_hint("https://127.0.0.1:8081", plain).contains("plain HTTP"));
+        assert!(
+            connect_hint("http://127.0.0.1:8081", "bad header [21, 3, 3, 0]").contains("https://")
+        );
+        assert!(
+            connect_hint("https://c:8081", "invalid peer certificate: UnknownIssuer")
+                .contains("--ca-file")
+        );
+        assert_eq!(connect_hint("https://c:8081", "Connection refused"), "");
     }
 
     #[test]

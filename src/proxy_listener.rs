@@ -312,9 +312,12 @@ async fn read_head<S: AsyncRead + Unpin>(
         match head_end(&buf, scanned) {
             Some(end) if end <= limits.max_header_bytes => {
                 // Lines of the head: the request line, the fields, the empty line (and any
-                // empty lines before the request line, which only make this stricter).
-                let lines = buf[..end].iter().filter(|b| **b == b'\n').count();
-                if lines > MAX_HEADER_FIELDS + 2 {
+                // empty lines before the request line, which only make this stricter). A
+                // field line takes at least 3 bytes (`a:` and LF): a short head has too few
+                // lines to count.
+                if end > 3 * MAX_HEADER_FIELDS
+                    && buf[..end].iter().filter(|b| **b == b'\n').count() > MAX_HEADER_FIELDS + 2
+                {
                     return Head::TooManyFields;
                 }
                 return Head::Complete(buf);

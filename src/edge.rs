@@ -306,6 +306,7 @@ fn grant_of(g: &Value) -> Result<Grant, LedgerError> {
         (Some(granted), Some(committed)) if (0..=granted).contains(&committed) => Ok(Grant {
             granted: Micros(granted),
             committed: Micros(committed),
+            revoked: g["revoked"] == true,
         }),
         (Some(_), _) => Err(LedgerError(
             "the control plane's lease answer commits more than it grants".into(),

@@ -80,12 +80,16 @@ pub struct LeaseRequest {
 pub struct Grant {
     pub granted: Micros,
     pub committed: Micros,
+    /// The key has been revoked (nothing granted): the call is refused as revoked, not as
+    /// over its cap, by a node whose revocation list has not caught up yet.
+    pub revoked: bool,
 }
 
 impl Grant {
     pub const NONE: Grant = Grant {
         granted: Micros::ZERO,
         committed: Micros::ZERO,
+        revoked: false,
     };
 
     /// `granted`, nothing committed.
@@ -93,6 +97,7 @@ impl Grant {
         Grant {
             granted,
             committed: Micros::ZERO,
+            revoked: false,
         }
     }
 }

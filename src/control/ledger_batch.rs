@@ -130,6 +130,7 @@ impl Store {
                         grants[i] = Grant {
                             granted: Micros(g),
                             committed: Micros(committed),
+                            revoked: false,
                         };
                         leases.push(NewLease {
                             key_id: &r.key_id,
@@ -1057,6 +1058,7 @@ mod tests {
         let grant = |g: i64, c: i64| Grant {
             granted: Micros(g),
             committed: Micros(c),
+            revoked: false,
         };
         assert_eq!(grants, vec![grant(6, 3), grant(4, 4), Grant::NONE]);
         // Committed at the grant is committed like a write-ahead: the rest of k_a's lease

@@ -930,11 +930,15 @@ impl Control {
         requests: Vec<LeaseRequest>,
     ) -> Vec<Result<Grant, LedgerError>> {
         let revocations = self.published.revocations.load();
+        let revoked: Vec<bool> = requests
+            .iter()
+            .map(|r| revocations.is_revoked(&r.key_id))
+            .collect();
         let asks: Vec<ledger_batch::GrantRequest> = requests
             .into_iter()
-            .map(|r| {
+            .zip(&revoked)
+            .map(|(r, &revoked)| {
                 // A revoked key is asked for nothing (min 0 grants nothing).
-                let revoked = revocations.is_revoked(&r.key_id);
                 ledger_batch::GrantRequest {
                     key_id: r.key_id,
                     day: r.day,
@@ -946,7 +950,11 @@ impl Control {
             })
             .collect();
         match self.store.lease_grant_many(holder, now_secs(), &asks).await {
-            Ok(grants) => grants.into_iter().map(Ok).collect(),
+            Ok(grants) => grants
+                .into_iter()
+                .zip(revoked)
+                .map(|(g, revoked)| Ok(Grant { revoked, ..g }))
+                .collect(),
             Err(e) => {
                 let e = format!("{e:#}");
                 asks.iter().map(|_| Err(LedgerError(e.clone()))).collect()
@@ -1269,6 +1277,36 @@ mod tests {
 
     /// A process dies holding a lease: once its lifetime has passed, another process
     /// settles what the audit trail shows it spent and gives the rest back; not before.
+    #[tokio::test]
+    async fn a_revoked_keys_lease_is_refused_as_revoked_not_as_its_cap() {
+        let dir = temp_dir("lease-revoked");
+        let control = open(&dir, &MasterKey::generate_base64()).await;
+        let (tenant, _, _, _) = control.create_tenant("t").await.unwrap();
+        let now = now_secs();
+        let key = KeyRow {
+            seq: 0,
+            id: "key_gone".into(),
+            tenant_id: tenant.clone(),
+            kid: "kid_x".into(),
+            vendor: "stripe".into(),
+            label: "l".into(),
+            allowed_endpoints: vec!["/v1/**".into()],
+            daily_cap: Micros(100_000_000),
+            metadata: serde_json::json!({}),
+            stripe_accounts: None,
+            created_at: now,
+            expires_at: now + 600,
+            revoked_at: None,
+        };
+        control.store.insert_keys(&[key]).await.unwrap();
+        let ask = || lease_request("key_gone", 100_000_000, 1, 6_250_000);
+        let grant = control.lease(ask()).await.unwrap();
+        assert!(grant.granted.is_positive() && !grant.revoked);
+        control.revoke_key(&tenant, "key_gone").await.unwrap();
+        let grant = control.lease(ask()).await.unwrap();
+        assert_eq!((grant.granted, grant.revoked), (Micros::ZERO, true));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_processes_lease_is_settled_from_the_trail_and_given_back_after_its_lifetime() {
         let dir = temp_dir("lease-reclaim");

@@ -119,6 +119,7 @@ async fn leases(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<
     debug_assert_eq!(asked.len(), answers.len(), "one answer per lease request");
     for (i, g) in asked.into_iter().zip(answers) {
         grants[i] = match g {
+            Ok(g) if g.revoked => json!({ "granted": 0, "committed": 0, "revoked": true }),
             Ok(g) => json!({ "granted": g.granted.0, "committed": g.committed.0 }),
             Err(e) => json!({ "error": e.0 }),
         };

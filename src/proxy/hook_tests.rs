@@ -41,6 +41,7 @@ impl Ledger for CapLedger {
         Ok(Grant {
             granted: grant,
             committed: r.commit.min(grant),
+            revoked: false,
         })
     }
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {

@@ -122,6 +122,7 @@ mod tests {
         Grant {
             granted: r.want,
             committed: r.commit.min(r.want),
+            revoked: false,
         }
     }
 
@@ -172,6 +173,7 @@ mod tests {
         let three_one = Grant {
             granted: Micros(3),
             committed: Micros(1),
+            revoked: false,
         };
         assert_eq!(first.await.unwrap().unwrap(), three_one);
         for r in rest {

@@ -29,6 +29,7 @@ pub fn refused(e: SpendError) -> Denial {
     match e {
         SpendError::CapExhausted => Denial::CapExhausted,
         SpendError::LedgerUnavailable => Denial::LedgerUnavailable,
+        SpendError::Revoked => Denial::KeyRevoked,
     }
 }
 

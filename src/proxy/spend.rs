@@ -32,6 +32,9 @@ pub enum SpendError {
     CapExhausted,
     #[error("the ledger is unavailable")]
     LedgerUnavailable,
+    /// The ledger knows the key is revoked (this proxy's revocation list may lag).
+    #[error("the key has been revoked")]
+    Revoked,
 }
 
 /// Where a reservation's budget came from: `ahead` from budget committed ahead (already
@@ -533,6 +536,9 @@ impl SpendBook {
                     }
                     SpendError::LedgerUnavailable
                 })?;
+            if grant.revoked {
+                return Err(SpendError::Revoked);
+            }
             if !grant.granted.is_positive() {
                 break;
             }
@@ -971,6 +977,7 @@ mod tests {
             Ok(Grant {
                 granted: Micros(grant),
                 committed: Micros(committed),
+                revoked: false,
             })
         }
         async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
@@ -1019,6 +1026,37 @@ mod tests {
             cap: Micros(cap),
             exp: i64::MAX,
         }
+    }
+
+    #[tokio::test]
+    async fn a_lease_refused_as_revoked_refuses_the_call_as_revoked() {
+        struct Revoking;
+        #[async_trait::async_trait]
+        impl Ledger for Revoking {
+            async fn lease(&self, _: LeaseRequest) -> Result<Grant, LedgerError> {
+                Ok(Grant {
+                    revoked: true,
+                    ..Grant::NONE
+                })
+            }
+            async fn report(&self, _: Vec<LeaseReport>) -> Result<(), LedgerError> {
+                Ok(())
+            }
+            async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+                Ok(vec![true; c.len()])
+            }
+        }
+        let book = SpendBook::new(
+            Arc::new(Revoking),
+            Arc::new(Published::empty()),
+            16,
+            2,
+            Metrics::global(),
+        );
+        let refused = book
+            .reserve(&who(20_000_000), Micros(1_000_000), 1000)
+            .await;
+        assert!(matches!(refused, Err(SpendError::Revoked)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1265,6 +1303,7 @@ mod tests {
                 Ok(Grant {
                     granted: r.want,
                     committed: r.commit.min(r.want),
+                    revoked: false,
                 })
             }
             async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {

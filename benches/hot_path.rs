@@ -145,6 +145,7 @@ impl Ledger for OpenLedger {
         Ok(Grant {
             granted: r.want,
             committed: r.commit.min(r.want),
+            revoked: false,
         })
     }
     async fn report(&self, _: Vec<LeaseReport>) -> Result<(), LedgerError> {

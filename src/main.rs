@@ -232,10 +232,10 @@ enum TenantCommand {
     /// List tenants, oldest first.
     List {
         /// Most tenants to show (1 to 1000).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, env = "KEYBRAKE_TENANT_LIMIT", default_value_t = 100)]
         limit: u32,
         /// The next page: the cursor the previous page ended with ("more: --cursor …").
-        #[arg(long)]
+        #[arg(long, env = "KEYBRAKE_TENANT_CURSOR")]
         cursor: Option<String>,
     },
     /// Add an API token to a tenant (for rotation); prints it (shown once) and its id.

@@ -368,18 +368,17 @@ impl Control {
             if holder == self.holder {
                 continue;
             }
-            let mut known = std::collections::HashMap::new();
+            // What the trail records for each (key, day) the holder leased; the reclaim
+            // nets out what is settled, under the ledger rows' locks.
+            let mut audited = std::collections::HashMap::new();
             for (key_id, day, _) in self.store.leases_of(&holder).await? {
-                let audited = match self.store.key_tenant(&key_id).await? {
+                let spend = match self.store.key_tenant(&key_id).await? {
                     Some(tenant) => self.audit.spend_of_key(&tenant, &key_id, day).await?,
                     None => Micros::ZERO,
                 };
-                let settled = self.store.ledger_row(&key_id, day).await?.settled;
-                // Audited spend not yet settled: spent from the dead holder's leases (or
-                // from a live holder's, not reported yet: counted twice, never less).
-                known.insert((key_id, day), audited.saturating_sub(settled));
+                audited.insert((key_id, day), spend);
             }
-            let back = self.store.reclaim_holder(&holder, &known, now).await?;
+            let back = self.store.reclaim_holder(&holder, &audited, now).await?;
             log::info!("gave back {back} of leases held by {holder}, a process that stopped");
             returned = returned.checked_add(back).unwrap_or(returned);
         }

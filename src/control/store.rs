@@ -978,10 +978,16 @@ impl Store {
     }
 
     /// Gives back the leases of a dead holder, after adding to each key's settled spend
-    /// what it spent: the lease's committed part (write-ahead, see `ledger_batch`) or what
-    /// `known_spent` says, whichever is more. What the trail knows beyond the lease (a
-    /// charge learned from the vendor's answer, over what was reserved, that the holder
-    /// died before reporting) is settled too: the vendor took it.
+    /// what it spent. `audited` is the spend the audit trail records for each (key, day);
+    /// less what the ledger has settled (read under the rows' locks), it is spend nobody
+    /// has reported yet: the dead holder's, or a live holder's not reported yet.
+    ///
+    /// Of the lease, the committed part (write-ahead, see `ledger_batch`) or that
+    /// unreported spend, whichever is more, at most the lease. Beyond the lease, the
+    /// unreported spend that no live holder's committed budget can account for (every
+    /// call a holder forwards is committed until it reports it): a charge learned from
+    /// the vendor's answer over what was reserved, that the holder died before reporting.
+    /// The vendor took it; a live holder's own is never counted twice beyond its lease.
     /// Removes the holder, whose later reports then release nothing. Two replicas
     /// reclaiming the same holder at once give its leases back once: the second finds
     /// them gone. Only a holder whose life ended before `dead_before` (unix s) is
@@ -990,7 +996,7 @@ impl Store {
     pub async fn reclaim_holder(
         &self,
         holder: &str,
-        known_spent: &std::collections::HashMap<(String, i64), Micros>,
+        audited: &std::collections::HashMap<(String, i64), Micros>,
         dead_before: i64,
     ) -> Result<Micros> {
         in_transaction!(self, |tx| {
@@ -1030,11 +1036,30 @@ impl Store {
             let mut returned = Micros::ZERO;
             for r in &rows {
                 let (key_id, day, held) = (r.text("key_id"), r.int("day"), r.int("held"));
-                let spent = known_spent
+                let settled: i64 =
+                    sqlx::query_scalar("SELECT settled FROM ledger WHERE key_id = $1 AND day = $2")
+                        .bind(&key_id)
+                        .bind(day)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .unwrap_or(0);
+                let others_committed: i64 = sqlx::query_scalar(
+                    "SELECT CAST(COALESCE(SUM(committed), 0) AS BIGINT) FROM leases
+                     WHERE key_id = $1 AND day = $2 AND holder <> $3",
+                )
+                .bind(&key_id)
+                .bind(day)
+                .bind(holder)
+                .fetch_one(&mut *tx)
+                .await?;
+                let unreported = audited
                     .get(&(key_id.clone(), day))
                     .map_or(0, |m| m.0)
-                    .max(r.int("committed"))
+                    .saturating_sub(settled)
                     .max(0);
+                let in_lease = unreported.max(r.int("committed")).clamp(0, held.max(0));
+                let beyond = unreported.saturating_sub(others_committed.max(0)).max(0);
+                let spent = in_lease.max(beyond);
                 tx.ledger_add(&key_id, day, Micros(spent), Micros(-held))
                     .await?;
                 returned = returned
@@ -1750,7 +1775,8 @@ pub(super) mod tests {
         assert!(s.heartbeat_holder("h1", 100).await.unwrap());
         assert!(s.heartbeat_holder("h1", 50).await.unwrap());
         assert_eq!(s.dead_holders(60).await.unwrap(), ["h2"]);
-        let known = [(("k".to_string(), 9), Micros(15))].into();
+        // The trail: the 25 h1 reported and settled, and 15 h2 spent, unreported.
+        let known = [(("k".to_string(), 9), Micros(40))].into();
         // Seen dead at 60, then its heartbeat came: it keeps its leases.
         assert!(s.heartbeat_holder("h2", 70).await.unwrap());
         assert_eq!(
@@ -1785,21 +1811,30 @@ pub(super) mod tests {
         s.ledger_add("k", 9, Micros(1), Micros(-5)).await.unwrap();
         assert_eq!(s.ledger_row("k", 9).await.unwrap().held, Micros::ZERO);
         // A holder whose trail shows more than its lease (a vendor's answer charged past
-        // the reservation, and it died before reporting): all of it is settled.
-        s.register_holder("h3", 0, 10).await.unwrap();
-        let ask = crate::control::ledger_batch::GrantRequest {
-            key_id: "k2".into(),
+        // the reservation, and it died before reporting): all of it is settled, except
+        // what a live holder's committed budget may account for (its calls in flight or
+        // not reported yet: settled by its own report).
+        let ask = |key: &str, commit: i64| crate::control::ledger_batch::GrantRequest {
+            key_id: key.into(),
             day: 9,
             cap: Micros(100),
             min: Micros(10),
             want: Micros(10),
-            commit: Micros(4),
+            commit: Micros(commit),
         };
-        assert_eq!(
-            s.lease_grant_many("h3", 5, &[ask]).await.unwrap()[0].granted,
-            Micros(10)
-        );
-        let known = [(("k2".to_string(), 9), Micros(30))].into();
+        s.register_holder("h3", 0, 10).await.unwrap();
+        s.register_holder("h4", 0, 10).await.unwrap();
+        for key in ["k2", "k3"] {
+            let granted = s.lease_grant_many("h3", 5, &[ask(key, 4)]).await.unwrap();
+            assert_eq!(granted[0].granted, Micros(10));
+        }
+        let granted = s.lease_grant_many("h4", 5, &[ask("k3", 10)]).await.unwrap();
+        assert_eq!(granted[0].committed, Micros(10));
+        let known = [
+            (("k2".to_string(), 9), Micros(30)),
+            (("k3".to_string(), 9), Micros(30)),
+        ]
+        .into();
         assert_eq!(
             s.reclaim_holder("h3", &known, i64::MAX).await.unwrap(),
             Micros::ZERO
@@ -1809,6 +1844,14 @@ pub(super) mod tests {
             LedgerRow {
                 settled: Micros(30),
                 held: Micros::ZERO
+            }
+        );
+        // k3: 30 audited, h4 holds 10 committed: 20 settled for h3, h4's held lease stays.
+        assert_eq!(
+            s.ledger_row("k3", 9).await.unwrap(),
+            LedgerRow {
+                settled: Micros(20),
+                held: Micros(10)
             }
         );
         assert!(s.ping().await);

@@ -304,15 +304,14 @@ pub struct StreamCount {
 }
 
 impl StreamCount {
-    /// A stream starts; false (count unchanged) if the connection has been evicted: the
-    /// stream must serve nothing.
-    pub fn begin(&self) -> bool {
+    /// A stream starts. On a connection evicted to make room it is served all the same:
+    /// such a connection drains (GOAWAY, then the streams the client sent before it).
+    pub fn begin(&self) {
         let mut n = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        if *n == 0 && !enter(&self.phase, Phase::Busy) {
-            return false;
+        if *n == 0 {
+            enter(&self.phase, Phase::Busy);
         }
         *n += 1;
-        true
     }
 
     /// A stream that `begin` admitted has ended.
@@ -486,21 +485,27 @@ mod tests {
         );
         let h2 = table.admit(ip(1)).unwrap();
         let streams = h2.stream_count();
-        assert!(streams.begin());
-        assert!(streams.begin());
+        streams.begin();
+        streams.begin();
         streams.end();
         // One stream still being served: busy, never evicted.
         assert_eq!(table.admit(ip(2)).err(), Some(Refused::Full));
         streams.end();
-        // Between streams it waits like an idle HTTP/1.1 connection: it makes room, and
-        // a stream starting after that serves nothing.
+        // Between streams it waits like an idle HTTP/1.1 connection: it makes room (told
+        // to close, it drains: a stream still starting is served, the place stays given).
         let newer = table
             .admit(ip(2))
             .expect("the idle HTTP/2 connection made room");
         tokio::time::timeout(std::time::Duration::from_millis(100), h2.evicted())
             .await
             .expect("told to close");
-        assert!(!streams.begin());
+        streams.begin();
+        streams.end();
+        assert_eq!(
+            table.open(),
+            1,
+            "the evicted connection's place stays given"
+        );
         drop(newer);
     }
 }

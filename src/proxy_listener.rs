@@ -50,6 +50,8 @@ pub struct HeaderLimits {
     pub header_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
+    /// An HTTP/2 connection evicted to make room gets this long to finish its streams.
+    pub write_timeout: Duration,
 }
 
 pub struct ProxyApp {
@@ -84,6 +86,42 @@ impl ProxyApp {
             h2_conns,
             limits,
             closing: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// HTTP/2: Pingora's own handling, told to stop (GOAWAY, then the streams already
+    /// accepted and the answers already queued are finished) when the process shuts down
+    /// or the connection is evicted to make room; an evicted one gets `write_timeout` for
+    /// that, then is closed.
+    async fn serve_h2(
+        self: &Arc<Self>,
+        stream: Stream,
+        guard: &ConnGuard,
+        shutdown: &ShutdownWatch,
+    ) {
+        let (stop, stopping) = tokio::sync::watch::channel(*shutdown.borrow());
+        let mut process = shutdown.clone();
+        let serve = ServerApp::process_new(&self.proxy, stream, &stopping);
+        tokio::pin!(serve);
+        let mut drain_until: Option<Instant> = None;
+        let mut process_open = true;
+        loop {
+            tokio::select! {
+                _ = &mut serve => return,
+                _ = guard.evicted(), if drain_until.is_none() => {
+                    stop.send_replace(true);
+                    drain_until = Some(Instant::now() + self.limits.write_timeout);
+                }
+                changed = process.changed(), if process_open => match changed {
+                    Ok(()) => {
+                        if *process.borrow() {
+                            stop.send_replace(true);
+                        }
+                    }
+                    Err(_) => process_open = false,
+                },
+                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => return,
+            }
         }
     }
 
@@ -217,10 +255,7 @@ impl ServerApp for ProxyApp {
             let count = guard.stream_count();
             self.h2_conns.insert(at, count.clone());
             let stream = Box::new(PrefaceDeadline::new(stream, accept_deadline));
-            tokio::select! {
-                _ = ServerApp::process_new(&self.proxy, stream, shutdown) => {}
-                _ = guard.evicted() => {}
-            }
+            self.serve_h2(stream, &guard, shutdown).await;
             self.h2_conns.remove(at, &count);
             return None;
         }
@@ -521,6 +556,7 @@ mod tests {
             header_timeout: Duration::from_millis(300),
             keepalive_timeout: Duration::from_millis(200),
             max_header_bytes: max,
+            write_timeout: Duration::from_secs(1),
         }
     }
 

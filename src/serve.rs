@@ -912,6 +912,7 @@ pub(crate) fn run_proxy(
                 header_timeout: config.proxy.header_timeout,
                 keepalive_timeout: config.proxy.keepalive_timeout,
                 max_header_bytes: config.proxy.max_header_bytes,
+                write_timeout: config.proxy.write_timeout,
             },
         ),
     );

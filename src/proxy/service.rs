@@ -284,10 +284,7 @@ impl ProxyHttp for KeybrakeProxy {
                 .and_then(|d| d.socket_digest.as_ref())
                 .map(|d| Arc::as_ptr(d) as usize);
             if let Some(count) = at.and_then(|at| self.h2_conns.get(at)) {
-                if !count.begin() {
-                    // The connection made room for a newer one: it is closing.
-                    return Error::e_explain(ErrorType::ConnectionClosed, "connection evicted");
-                }
+                count.begin();
                 ctx.h2_stream = Some(crate::conns::StreamGuard(count));
             }
         }

@@ -326,7 +326,14 @@ impl Control {
                     log::warn!("cannot delete old report-batch marks: {e:#}");
                 }
             }
-            last_round = (tokio::time::Instant::now(), crate::token::unix_ms());
+            // A round whose own work took that long may have been paused in it too.
+            let ended = (tokio::time::Instant::now(), crate::token::unix_ms());
+            if ended.0.duration_since(round.0) > UPKEEP_GAP
+                || ended.1.saturating_sub(round.1) > UPKEEP_GAP.as_millis() as u64
+            {
+                reachable_since = None;
+            }
+            last_round = ended;
             n += 1;
         }
     }

@@ -458,16 +458,21 @@ impl Store {
             .unwrap_or(false)
     }
 
-    /// Whether the storage takes writes now, within 2 s: the statement changes nothing,
-    /// but a PostgreSQL that only reads (a standby during a failover) refuses it.
+    /// Whether the storage takes writes now, within 2 s. On PostgreSQL a statement that
+    /// changes nothing, but that a server which only reads (a standby during a failover)
+    /// refuses; a SQLite file cannot turn read-only that way, and its one writer
+    /// connection may be busy for a while: `ping` there.
     pub async fn ping_writable(&self) -> bool {
         let ping = async {
-            on_writer!(self, |pool| sqlx::query(
-                "UPDATE holders SET alive_until = alive_until WHERE 1 = 0"
-            )
-            .execute(pool)
-            .await
-            .is_ok())
+            match &self.backend {
+                Backend::Sqlite { .. } => self.ping().await,
+                Backend::Postgres(pool) => {
+                    sqlx::query("UPDATE holders SET alive_until = alive_until WHERE 1 = 0")
+                        .execute(pool)
+                        .await
+                        .is_ok()
+                }
+            }
         };
         tokio::time::timeout(Duration::from_secs(2), ping)
             .await

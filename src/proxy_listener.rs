@@ -248,17 +248,26 @@ impl ServerApp for ProxyApp {
                 if !guard.enter(Phase::Busy) {
                     return None;
                 }
-                let stream = Box::new(PrefaceDeadline::new(stream, accept_deadline));
+                let stream = Box::new(Deadlines::new(
+                    stream,
+                    Some(accept_deadline),
+                    self.limits.write_timeout,
+                ));
                 return ServerApp::process_new(&self.proxy, stream, shutdown).await;
             };
             let at = Arc::as_ptr(&digest) as usize;
             let count = guard.stream_count();
             self.h2_conns.insert(at, count.clone());
-            let stream = Box::new(PrefaceDeadline::new(stream, accept_deadline));
+            let stream = Box::new(Deadlines::new(
+                stream,
+                Some(accept_deadline),
+                self.limits.write_timeout,
+            ));
             self.serve_h2(stream, &guard, shutdown).await;
             self.h2_conns.remove(at, &count);
             return None;
         }
+        let stream = Box::new(Deadlines::new(stream, None, self.limits.write_timeout));
         self.serve_http1(stream, &guard, accept_deadline, shutdown)
             .await;
         None
@@ -400,35 +409,78 @@ async fn refuse(stream: &mut Stream, status: u16, code: &str, message: &str) {
         "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
+    // The close flushes too: bounded with the write, so a client that reads nothing
+    // never holds this task (or its socket).
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(response.as_bytes()).await?;
-        stream.flush().await
+        stream.flush().await?;
+        stream.as_mut().shutdown().await;
+        std::io::Result::Ok(())
     })
     .await;
-    stream.as_mut().shutdown().await;
 }
 
-/// An HTTP/2 connection whose reads fail once `deadline` passes before the 24 bytes of
-/// the client preface have arrived (Pingora's HTTP/2 handshake waits for them without a
-/// timeout). Everything else passes straight through.
+/// A client connection with the deadlines Pingora leaves out, checked on the socket so
+/// that every write is covered (response headers, bodies, error answers, the close):
+/// - a write (or flush, or close) that makes no progress for `write_timeout` fails: a
+///   client that stops reading cannot hold its connection;
+/// - HTTP/2: reads fail once `preface_by` passes before the 24 bytes of the client
+///   preface have arrived (Pingora's HTTP/2 handshake waits for them without a timeout).
+///
+/// Everything else passes straight through.
 #[derive(Debug)]
-struct PrefaceDeadline {
+struct Deadlines {
     inner: Stream,
-    deadline: Pin<Box<Sleep>>,
-    due: usize,
+    /// The preface's deadline and the bytes of it still due (none: HTTP/1.1).
+    preface: Option<(Pin<Box<Sleep>>, usize)>,
+    write_timeout: Duration,
+    /// Armed when a write first returns `Pending`, disarmed by any progress; allocated
+    /// on the first stall only.
+    stall: Option<Pin<Box<Sleep>>>,
+    stalled: bool,
 }
 
-impl PrefaceDeadline {
-    fn new(inner: Stream, deadline: Instant) -> Self {
-        PrefaceDeadline {
+impl Deadlines {
+    fn new(inner: Stream, preface_by: Option<Instant>, write_timeout: Duration) -> Self {
+        Deadlines {
             inner,
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            due: 24,
+            preface: preface_by.map(|at| (Box::pin(tokio::time::sleep_until(at)), 24)),
+            write_timeout,
+            stall: None,
+            stalled: false,
+        }
+    }
+
+    /// After a write side poll: `Pending` starts (or continues) the stall, anything else
+    /// ends it; a stall older than `write_timeout` turns into an error.
+    fn check_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = false;
+            return polled;
+        }
+        let at = Instant::now() + self.write_timeout;
+        let sleep = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if !self.stalled {
+            sleep.as_mut().reset(at);
+            self.stalled = true;
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not take the response in time",
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
 
-impl AsyncRead for PrefaceDeadline {
+impl AsyncRead for Deadlines {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -436,16 +488,19 @@ impl AsyncRead for PrefaceDeadline {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.due == 0 {
+        let Some((deadline, due)) = self.preface.as_mut() else {
             return polled;
-        }
+        };
         match polled {
             Poll::Ready(Ok(())) => {
                 let got = buf.filled().len() - before;
-                self.due = self.due.saturating_sub(got);
+                *due = due.saturating_sub(got);
+                if *due == 0 {
+                    self.preface = None;
+                }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+            Poll::Pending => match deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "HTTP/2 client preface not received in time",
@@ -457,46 +512,50 @@ impl AsyncRead for PrefaceDeadline {
     }
 }
 
-impl AsyncWrite for PrefaceDeadline {
+impl AsyncWrite for Deadlines {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        self.check_write(cx, polled)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check_write(cx, polled)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check_write(cx, polled)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check_write(cx, polled)
     }
 }
 
 #[async_trait]
-impl Shutdown for PrefaceDeadline {
+impl Shutdown for Deadlines {
     async fn shutdown(&mut self) {
         self.inner.as_mut().shutdown().await
     }
 }
 
-impl UniqueID for PrefaceDeadline {
+impl UniqueID for Deadlines {
     fn id(&self) -> UniqueIDType {
         self.inner.id()
     }
 }
 
-impl Ssl for PrefaceDeadline {
+impl Ssl for Deadlines {
     fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
         self.inner.get_ssl()
     }
@@ -508,7 +567,7 @@ impl Ssl for PrefaceDeadline {
     }
 }
 
-impl GetTimingDigest for PrefaceDeadline {
+impl GetTimingDigest for Deadlines {
     fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
         self.inner.get_timing_digest()
     }
@@ -520,20 +579,20 @@ impl GetTimingDigest for PrefaceDeadline {
     }
 }
 
-impl GetProxyDigest for PrefaceDeadline {
+impl GetProxyDigest for Deadlines {
     fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
         self.inner.get_proxy_digest()
     }
 }
 
-impl GetSocketDigest for PrefaceDeadline {
+impl GetSocketDigest for Deadlines {
     fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
         self.inner.get_socket_digest()
     }
 }
 
 #[async_trait]
-impl Peek for PrefaceDeadline {}
+impl Peek for Deadlines {}
 
 #[cfg(test)]
 mod tests {
@@ -643,5 +702,36 @@ mod tests {
         let got = read_head(&mut server, wait, &limits(1024)).await;
         assert!(matches!(got, Head::Tls), "{got:?}");
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    /// A `Stream` over one end of an in-memory pipe.
+    fn piped(capacity: usize) -> (Stream, tokio::io::DuplexStream) {
+        // `DuplexStream` is a Pingora stream in this crate's tests (`proxy::hook_tests`).
+        let (near, far) = tokio::io::duplex(capacity);
+        (Box::new(near), far)
+    }
+
+    #[tokio::test]
+    async fn a_write_the_client_does_not_take_fails_after_the_write_timeout() {
+        let (stream, mut client) = piped(1024);
+        let mut conn = Deadlines::new(stream, None, Duration::from_millis(200));
+        let started = Instant::now();
+        let stuck = conn.write_all(&[b'x'; 8192]).await;
+        assert_eq!(stuck.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A client that keeps reading, however slowly, is never cut.
+        let (stream, mut client2) = piped(1024);
+        let mut conn = Deadlines::new(stream, None, Duration::from_millis(200));
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 512];
+            while got < 8192 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                got += client2.read(&mut buf).await.unwrap();
+            }
+        });
+        conn.write_all(&[b'x'; 8192]).await.unwrap();
+        reader.await.unwrap();
+        let _ = client.read(&mut [0u8; 1]).await;
     }
 }

@@ -45,7 +45,8 @@ pub struct KeybrakeProxy {
     pub currencies: Map<String, Currency>,
     pub body_limit: usize,
     pub body_timeout: Duration,
-    /// Each write of the response to the client, at most (`proxy.write_timeout_ms`).
+    /// Each write of the response to the client, at most (`proxy.write_timeout_ms`; the
+    /// listener also checks it on the socket, for every write).
     pub client_write_timeout: Duration,
     /// The proxy listener's HTTP/2 connections: a stream marks its connection busy.
     pub h2_conns: Arc<crate::conns::H2Conns>,

@@ -1281,18 +1281,12 @@ mod tests {
         assert_eq!((row.settled, row.held), (Micros(10_000_000), Micros::ZERO));
     }
 
-    /// A process dies holding a lease: once its lifetime has passed, another process
-    /// settles what the audit trail shows it spent and gives the rest back; not before.
-    #[tokio::test]
-    async fn a_revoked_keys_lease_is_refused_as_revoked_not_as_its_cap() {
-        let dir = temp_dir("lease-revoked");
-        let control = open(&dir, &MasterKey::generate_base64()).await;
-        let (tenant, _, _, _) = control.create_tenant("t").await.unwrap();
-        let now = now_secs();
-        let key = KeyRow {
+    /// A $100/day Stripe key of `tenant`, issued at `now` for ten minutes.
+    fn stripe_key(id: &str, tenant: &str, now: i64) -> KeyRow {
+        KeyRow {
             seq: 0,
-            id: "key_gone".into(),
-            tenant_id: tenant.clone(),
+            id: id.into(),
+            tenant_id: tenant.into(),
             kid: "kid_x".into(),
             vendor: "stripe".into(),
             label: "l".into(),
@@ -1303,7 +1297,16 @@ mod tests {
             created_at: now,
             expires_at: now + 600,
             revoked_at: None,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_revoked_keys_lease_is_refused_as_revoked_not_as_its_cap() {
+        let dir = temp_dir("lease-revoked");
+        let control = open(&dir, &MasterKey::generate_base64()).await;
+        let (tenant, _, _, _) = control.create_tenant("t").await.unwrap();
+        let now = now_secs();
+        let key = stripe_key("key_gone", &tenant, now);
         control.store.insert_keys(&[key]).await.unwrap();
         let ask = || lease_request("key_gone", 100_000_000, 1, 6_250_000);
         let grant = control.lease(ask()).await.unwrap();
@@ -1313,6 +1316,8 @@ mod tests {
         assert_eq!((grant.granted, grant.revoked), (Micros::ZERO, true));
     }
 
+    /// A process dies holding a lease: once its lifetime has passed, another process
+    /// settles what the audit trail shows it spent and gives the rest back; not before.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_processes_lease_is_settled_from_the_trail_and_given_back_after_its_lifetime() {
         let dir = temp_dir("lease-reclaim");
@@ -1320,21 +1325,7 @@ mod tests {
         let dead = open(&dir, &master).await;
         let (tenant, _, _, _) = dead.create_tenant("t").await.unwrap();
         let now = now_secs();
-        let key = KeyRow {
-            seq: 0,
-            id: "key_dead".into(),
-            tenant_id: tenant.clone(),
-            kid: "kid_x".into(),
-            vendor: "stripe".into(),
-            label: "l".into(),
-            allowed_endpoints: vec!["/v1/**".into()],
-            daily_cap: Micros(100_000_000),
-            metadata: serde_json::json!({}),
-            stripe_accounts: None,
-            created_at: now,
-            expires_at: now + 600,
-            revoked_at: None,
-        };
+        let key = stripe_key("key_dead", &tenant, now);
         dead.store.insert_keys(&[key]).await.unwrap();
         let grant = dead
             .lease(lease_request(

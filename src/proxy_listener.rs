@@ -50,7 +50,7 @@ pub struct HeaderLimits {
     pub header_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
-    /// An HTTP/2 connection evicted to make room gets this long to finish its streams.
+    /// A write to the client that makes no progress for this long fails.
     pub write_timeout: Duration,
 }
 
@@ -89,10 +89,10 @@ impl ProxyApp {
         }
     }
 
-    /// HTTP/2: Pingora's own handling, told to stop (GOAWAY, then the streams already
-    /// accepted and the answers already queued are finished) when the process shuts down
-    /// or the connection is evicted to make room; an evicted one gets `write_timeout` for
-    /// that, then is closed.
+    /// HTTP/2: Pingora's own handling, told to stop (GOAWAY, then the streams already sent
+    /// are served and their answers finished) when the process shuts down or the
+    /// connection is evicted to make room. A client that stops reading is cut by the
+    /// socket's write deadline, a stream's answer by the session's write timeout.
     async fn serve_h2(
         self: &Arc<Self>,
         stream: Stream,
@@ -103,14 +103,13 @@ impl ProxyApp {
         let mut process = shutdown.clone();
         let serve = ServerApp::process_new(&self.proxy, stream, &stopping);
         tokio::pin!(serve);
-        let mut drain_until: Option<Instant> = None;
-        let mut process_open = true;
+        let (mut evicted, mut process_open) = (false, true);
         loop {
             tokio::select! {
                 _ = &mut serve => return,
-                _ = guard.evicted(), if drain_until.is_none() => {
+                _ = guard.evicted(), if !evicted => {
+                    evicted = true;
                     stop.send_replace(true);
-                    drain_until = Some(Instant::now() + self.limits.write_timeout);
                 }
                 changed = process.changed(), if process_open => match changed {
                     Ok(()) => {
@@ -120,7 +119,6 @@ impl ProxyApp {
                     }
                     Err(_) => process_open = false,
                 },
-                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => return,
             }
         }
     }
@@ -544,8 +542,10 @@ impl AsyncWrite for Deadlines {
 
 #[async_trait]
 impl Shutdown for Deadlines {
+    /// Through `poll_shutdown`, so the close (a TLS close_notify to flush) is bounded by
+    /// the write timeout too.
     async fn shutdown(&mut self) {
-        self.inner.as_mut().shutdown().await
+        let _ = AsyncWriteExt::shutdown(self).await;
     }
 }
 

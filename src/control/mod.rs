@@ -315,7 +315,10 @@ impl Control {
             let reachable_for_a_lifetime = reachable_since
                 .is_some_and(|t| t.elapsed() >= Duration::from_secs(lifetime.max(0) as u64));
             if reachable_for_a_lifetime && n % every == 0 {
-                if let Err(e) = self.reclaim_dead_holders().await {
+                // Dead by the time this round began: a pause since (in the storage check)
+                // kept everyone from beating, and proves nobody dead.
+                let began = i64::try_from(round.1 / 1000).unwrap_or(i64::MAX);
+                if let Err(e) = self.reclaim_dead_holders(began).await {
                     reachable_since = None;
                     log::error!("cannot give back the leases of dead processes: {e:#}");
                 }
@@ -326,14 +329,9 @@ impl Control {
                     log::warn!("cannot delete old report-batch marks: {e:#}");
                 }
             }
-            // A round whose own work took that long may have been paused in it too.
-            let ended = (tokio::time::Instant::now(), crate::token::unix_ms());
-            if ended.0.duration_since(round.0) > UPKEEP_GAP
-                || ended.1.saturating_sub(round.1) > UPKEEP_GAP.as_millis() as u64
-            {
-                reachable_since = None;
-            }
-            last_round = ended;
+            // A pause inside the round's own work proves nobody dead: only holders dead
+            // when the round began are reclaimed.
+            last_round = (tokio::time::Instant::now(), crate::token::unix_ms());
             n += 1;
         }
     }
@@ -366,11 +364,10 @@ impl Control {
         }
     }
 
-    /// Settles and gives back the leases of every holder whose life ended. Returns how much
-    /// was given back.
-    pub async fn reclaim_dead_holders(&self) -> Result<Micros> {
+    /// Settles and gives back the leases of every holder whose life ended before `now`
+    /// (unix s). Returns how much was given back.
+    pub async fn reclaim_dead_holders(&self, now: i64) -> Result<Micros> {
         let mut returned = Micros::ZERO;
-        let now = now_secs();
         for holder in self.store.dead_holders(now).await? {
             if holder == self.holder {
                 continue;
@@ -1365,7 +1362,10 @@ mod tests {
 
         let next = open(&dir, &master).await;
         let day = utc_day(now_secs());
-        assert_eq!(next.reclaim_dead_holders().await.unwrap(), Micros::ZERO);
+        assert_eq!(
+            next.reclaim_dead_holders(now_secs()).await.unwrap(),
+            Micros::ZERO
+        );
         let held = next.store.ledger_row("key_dead", day).await.unwrap();
         assert_eq!(
             held.held,
@@ -1374,7 +1374,7 @@ mod tests {
         );
         // Dead once `alive_until` (whole seconds, 3 s after the last beat) is in the past.
         tokio::time::sleep(Duration::from_millis(4_200)).await;
-        let back = next.reclaim_dead_holders().await.unwrap();
+        let back = next.reclaim_dead_holders(now_secs()).await.unwrap();
         let spent = next.store.ledger_row("key_dead", day).await.unwrap();
         let idle = next.store.ledger_row("key_idle", day).await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);

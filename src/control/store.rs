@@ -987,12 +987,13 @@ impl Store {
     /// less what the ledger has settled (read under the rows' locks), it is spend nobody
     /// has reported yet: the dead holder's, or a live holder's not reported yet.
     ///
-    /// Of the lease, the committed part (write-ahead, see `ledger_batch`) or that
-    /// unreported spend, whichever is more, at most the lease. Beyond the lease, the
-    /// unreported spend that no live holder's committed budget can account for (every
-    /// call a holder forwards is committed until it reports it): a charge learned from
-    /// the vendor's answer over what was reserved, that the holder died before reporting.
-    /// The vendor took it; a live holder's own is never counted twice beyond its lease.
+    /// Settled: the lease's committed part (write-ahead, see `ledger_batch`: every call a
+    /// holder forwards is committed until it reports it), or that unreported spend less
+    /// what other holders have committed on the key, whichever is more. The second is a
+    /// charge learned from the vendor's answer over what was reserved, that the holder
+    /// died before reporting: the vendor took it. Another holder's calls are not counted
+    /// again (their own reports settle them); spend of theirs not in the trail yet can
+    /// hide that much of it.
     /// Removes the holder, whose later reports then release nothing. Two replicas
     /// reclaiming the same holder at once give its leases back once: the second finds
     /// them gone. Only a holder whose life ended before `dead_before` (unix s) is
@@ -1062,9 +1063,13 @@ impl Store {
                     .map_or(0, |m| m.0)
                     .saturating_sub(settled)
                     .max(0);
-                let in_lease = unreported.max(r.int("committed")).clamp(0, held.max(0));
-                let beyond = unreported.saturating_sub(others_committed.max(0)).max(0);
-                let spent = in_lease.max(beyond);
+                // Every call the holder forwarded is committed until reported: its spend is
+                // its committed budget, or more where the trail shows spend nobody's
+                // committed budget accounts for (a charge learned from an answer).
+                let spent = r
+                    .int("committed")
+                    .max(unreported.saturating_sub(others_committed.max(0)))
+                    .max(0);
                 tx.ledger_add(&key_id, day, Micros(spent), Micros(-held))
                     .await?;
                 returned = returned

@@ -329,9 +329,15 @@ impl Control {
                     log::warn!("cannot delete old report-batch marks: {e:#}");
                 }
             }
-            // A pause inside the round's own work proves nobody dead: only holders dead
-            // when the round began are reclaimed.
-            last_round = (tokio::time::Instant::now(), crate::token::unix_ms());
+            // A pause inside the round's own work: this round reclaimed only holders dead
+            // when it began; the next ones wait a lifetime, as after any pause.
+            let ended = (tokio::time::Instant::now(), crate::token::unix_ms());
+            if ended.0.duration_since(round.0) > UPKEEP_GAP
+                || ended.1.saturating_sub(round.1) > UPKEEP_GAP.as_millis() as u64
+            {
+                reachable_since = None;
+            }
+            last_round = ended;
             n += 1;
         }
     }

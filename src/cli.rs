@@ -195,16 +195,12 @@ pub fn read_secret_file(path: &Path) -> Result<String> {
 
 /// A warning on stderr when group or others may read a file of secrets.
 fn warn_if_others_can_read(path: &Path, what: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            eprintln!(
-                "keybrake: warning: {what} {} has mode {mode:03o}: other users can read it; \
-                 chmod go-rwx",
-                path.display()
-            );
-        }
+    if let Some(mode) = crate::secret::mode_open_to_others(path) {
+        eprintln!(
+            "keybrake: warning: {what} {} has mode {mode:03o}: other users can read it; \
+             chmod go-rwx",
+            path.display()
+        );
     }
 }
 

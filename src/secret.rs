@@ -59,10 +59,9 @@ pub fn private_file(path: &Path) -> std::io::Result<()> {
 /// data dir is opened by several parts of the process).
 pub fn warn_if_shared(path: &Path, what: &str) {
     static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode() & 0o777;
+    if let Some(mode) = mode_open_to_others(path) {
         let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
-        if mode & 0o077 != 0 && !warned.iter().any(|p| p == path) {
+        if !warned.iter().any(|p| p == path) {
             warned.push(path.to_path_buf());
             log::warn!(
                 "{what} {} has mode {mode:03o}: other users can read it; chmod go-rwx",
@@ -110,6 +109,13 @@ impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
     }
+}
+
+/// The permission bits of `path` when group or other users may read or use it (a file
+/// of secrets should be 0600): `None` when it is private or cannot be read.
+pub fn mode_open_to_others(path: &Path) -> Option<u32> {
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
 }
 
 #[cfg(test)]

@@ -138,7 +138,7 @@ impl ReloadingCert {
     pub fn load(listener: &'static str, files: &TlsFiles) -> Result<Arc<Self>> {
         let seen = Self::fingerprint(files);
         let pair = load_pair(files)?;
-        warn_if_others_can_read(&files.key_file);
+        crate::secret::warn_if_shared(&files.key_file, "TLS key");
         let cert = Arc::new(ReloadingCert {
             listener,
             files: files.clone(),
@@ -213,7 +213,7 @@ impl ReloadingCert {
                     );
                     return false;
                 }
-                warn_if_others_can_read(&self.files.key_file);
+                crate::secret::warn_if_shared(&self.files.key_file, "TLS key");
                 let pair = Arc::new(pair);
                 self.current.store(pair.clone());
                 log::info!(
@@ -267,19 +267,6 @@ pub fn watch(certs: Vec<Arc<ReloadingCert>>) {
         });
     if let Err(e) = spawned {
         log::error!("cannot start the TLS certificate watcher: {e}");
-    }
-}
-
-fn warn_if_others_can_read(key_file: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(key_file) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            log::warn!(
-                "TLS key {} has mode {mode:03o}: other users can read it; chmod go-rwx",
-                key_file.display()
-            );
-        }
     }
 }
 

@@ -131,7 +131,7 @@ impl KeybrakeProxy {
                 let (charge, usage) = call.charge(false);
                 (charge, Some(llm_audit(call.model.clone(), usage)))
             }
-            _ => (ctx.expected_spend(), None),
+            _ => (ctx.expected_spend(), ctx.settled_early.clone().flatten()),
         };
         let event = event(session, ctx, SystemTime::now(), spend, llm);
         let audit = self.audit.clone();

@@ -154,6 +154,9 @@ pub struct Ctx {
     pub vendor_request_id: Option<String>,
     /// Strict audit: the event was made durable before the response was released.
     pub audited: bool,
+    /// Settled before the answer's end was released (`settle_before_release`), with an
+    /// LLM call's audit part: nothing is left to settle at the end.
+    pub settled_early: Option<Option<crate::sync::LlmAudit>>,
     /// HTTP/2: this stream keeps its connection busy until the request ends.
     pub h2_stream: Option<crate::conns::StreamGuard>,
 }
@@ -179,6 +182,7 @@ impl Ctx {
             spend: Micros::ZERO,
             vendor_request_id: None,
             audited: false,
+            settled_early: None,
             h2_stream: None,
         }
     }

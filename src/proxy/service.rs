@@ -435,6 +435,8 @@ impl ProxyHttp for KeybrakeProxy {
                 .get(http::header::CONTENT_LENGTH)
                 .is_some_and(|v| v.as_bytes() == b"0");
         if bodyless {
+            self.finish_capture(ctx);
+            self.settle_before_release(ctx);
             self.audit_before_release(session, ctx)?;
         }
         Ok(())
@@ -448,6 +450,7 @@ impl ProxyHttp for KeybrakeProxy {
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         if end_of_stream {
+            self.settle_before_release(ctx);
             self.audit_before_release(session, ctx)?;
         }
         Ok(None)
@@ -540,7 +543,10 @@ impl ProxyHttp for KeybrakeProxy {
         // truncated or overflowed response-metered answer cannot be read, and is charged
         // as such.
         self.finish_capture(ctx);
-        let llm = self.settle(ctx, e, now_secs()).await;
+        let llm = match ctx.settled_early.take() {
+            Some(llm) => llm,
+            None => self.settle(ctx, e, now_secs()).await,
+        };
         self.record(session, ctx, llm);
     }
 }

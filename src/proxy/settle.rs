@@ -67,6 +67,27 @@ impl KeybrakeProxy {
         llm
     }
 
+    /// A call whose answer charged more than it reserved (a response-metered amount over
+    /// the one looked up, an unreadable answer charged the whole cap, an LLM usage over
+    /// its bound) is settled before the answer's last bytes leave: the excess is committed
+    /// in the ledger, or past the cap reported to it, first. A process killed right after
+    /// its client has the answer (kill -9, an edge node between two audit batches) so
+    /// cannot lose a charge the vendor made. Rare: it blocks this worker thread for the
+    /// ledger's answer (a SQLite transaction, or a round trip to the control plane), as
+    /// strict audit does. Without a multi-threaded runtime it is left to `logging`.
+    pub(super) fn settle_before_release(&self, ctx: &mut Ctx) {
+        if ctx.settled_early.is_some() || ctx.key.is_none() || !charged_over_reserved(ctx) {
+            return;
+        }
+        let handle = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => h,
+            _ => return,
+        };
+        let now = crate::token::now_secs();
+        let llm = tokio::task::block_in_place(|| handle.block_on(self.settle(ctx, None, now)));
+        ctx.settled_early = Some(llm);
+    }
+
     /// A reservation still open when no response arrived: if the request never left
     /// (connect failure), the budget goes back; otherwise the vendor may have acted on
     /// it, so it stays spent.
@@ -106,6 +127,18 @@ impl KeybrakeProxy {
             count_tokens(&self.metrics, ctx.vendor_name(), u);
         }
         llm_audit(model, outcome.usage)
+    }
+}
+
+/// Whether the answer, read to its end, charged the call more than it has reserved.
+fn charged_over_reserved(ctx: &Ctx) -> bool {
+    match &ctx.metering {
+        Metering::Response {
+            charge: Some(charge),
+            ..
+        } => ctx.reservation.as_ref().is_some_and(|r| *charge > r.amount),
+        Metering::Llm(call) => call.charge(false).0 > call.held(),
+        _ => false,
     }
 }
 

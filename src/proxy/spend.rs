@@ -639,6 +639,31 @@ impl SpendBook {
         }
         entry.add_overspent(beyond);
         self.spend_counter(&entry).inc_by(beyond.as_usd_f64());
+        self.report_overspent_now(&entry).await;
+    }
+
+    /// Spend beyond any lease is in no ledger row until it is reported: reported at
+    /// once, not with the next round, so a process killed meanwhile cannot lose a charge
+    /// the vendor made (`settle_before_release` holds the answer for it). Kept for the
+    /// round when the ledger does not take it.
+    async fn report_overspent_now(&self, entry: &KeySpend) {
+        let overspent = entry.unreported_overspent.swap(0, Ordering::AcqRel);
+        if overspent == 0 {
+            return;
+        }
+        let report = LeaseReport {
+            budget: Budget::KeyDaily,
+            key_id: entry.key_id.to_string(),
+            day: entry.day,
+            spent: Micros::ZERO,
+            returned: Micros::ZERO,
+            overspent: Micros(overspent),
+            unreserved: Micros::ZERO,
+        };
+        if let Err(e) = self.ledger.report(vec![report]).await {
+            log::error!("spend beyond the lease not reported, will retry: {e}");
+            entry.add_overspent(Micros(overspent));
+        }
     }
 
     /// Whether the key has been charged beyond its cap today (by this process).

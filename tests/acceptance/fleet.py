@@ -6,9 +6,12 @@ tenants, keys and audit work the same."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -254,3 +257,41 @@ class PgDeployment(PgControlPlane):
 
     def logs(self) -> str:
         return super().logs() + ("\n" + self.edge.logs() if self.edge else "")
+
+
+class ConfirmChargesMore(http.server.BaseHTTPRequestHandler):
+    """A Stripe whose intents look up at $10 and whose confirm answers that $500 was
+    charged (the intent's amount was raised between the lookup and the confirm)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, doc: dict):
+        body = json.dumps(doc).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _intent(self, amount: int, status: str) -> dict:
+        return {"id": self.path.split("/")[3], "object": "payment_intent", "amount": amount,
+                "amount_received": amount if status == "succeeded" else 0,
+                "currency": "usd", "status": status}
+
+    def do_GET(self):
+        self._send(self._intent(1000, "requires_confirmation"))
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._send(self._intent(50000, "succeeded"))
+
+
+def start_vendor(handler) -> http.server.ThreadingHTTPServer:
+    """A fake vendor on a loopback port, served by `handler` until shut down."""
+    vendor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    vendor.daemon_threads = True
+    threading.Thread(target=vendor.serve_forever, daemon=True).start()
+    return vendor

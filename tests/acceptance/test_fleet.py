@@ -16,7 +16,7 @@ from decimal import Decimal
 import pytest
 import requests
 
-from fleet import ControlPlane, EdgeProxy, accepted, pay
+from fleet import ConfirmChargesMore, ControlPlane, EdgeProxy, accepted, pay, start_vendor
 from harness import KEYBRAKE_BIN, assert_denied, error_code, free_port, wait_until, write_config
 
 
@@ -380,6 +380,49 @@ def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(f
     settled = wait_until(lambda: (lambda k: k if k["held_usd"] == 0 else None)(tenant.get_key(key["id"])),
                          timeout=10)
     assert settled and settled["spent_today_usd"] == cap, settled
+
+
+def test_a_charge_learned_from_the_answer_survives_a_node_killed_right_after_it(
+        tmp_path, stripe_secret):
+    """A confirm looked up at $10 whose answer says $500 was charged (the intent was raised
+    meanwhile), on a $100 key: the node commits what its lease can take and reports the
+    rest, beyond the cap, before the answer's end leaves. Killed -9 the moment its client
+    has the answer (before its next report round or audit batch): the control plane still
+    counts all $500, what the vendor charged, and the key stays stopped."""
+    vendor = start_vendor(ConfirmChargesMore)
+    url = f"http://127.0.0.1:{vendor.server_address[1]}"
+    started = []
+    try:
+        control = ControlPlane(tmp_path / "control", {"stripe": url},
+                               config=write_config(tmp_path / "conf", leases={"lifetime_seconds": 3}))
+        started.append(control)
+        control.start()
+        tenant = control.create_tenant("acme")
+        tenant.put_credential("stripe", stripe_secret)
+        node = EdgeProxy(tmp_path / "edge", control, control.create_node("edge")["node_token"],
+                         {"stripe": url})
+        started.append(node)
+        node.start()
+        key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents/*/confirm"],
+                               daily_usd_cap=100)
+        r = node.proxy("POST", "/stripe/v1/payment_intents/pi_abc/confirm", key=key["token"])
+        assert r.status_code == 200, r.text
+        node.kill9()
+        settled = wait_until(lambda: (lambda k: k if k["held_usd"] == 0 else None)(tenant.get_key(key["id"])),
+                             timeout=20, interval=0.3)
+        assert settled and settled["spent_today_usd"] == 500, settled
+        other = EdgeProxy(tmp_path / "edge2", control, control.create_node("edge2")["node_token"],
+                          {"stripe": url})
+        started.append(other)
+        other.start()
+        assert_denied(other.proxy("POST", "/stripe/v1/payment_intents/pi_abc/confirm", key=key["token"]),
+                      429, "cap_exhausted")
+    finally:
+        vendor.shutdown()
+        for p in started:
+            if p.proc and p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(timeout=10)
 
 
 def test_a_node_taken_for_dead_stops_and_serves_again_with_a_new_session(fleet):

@@ -39,6 +39,7 @@ from harness import (
     wait_until,
     write_config,
 )
+from fleet import ConfirmChargesMore, start_vendor
 
 CARD = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"}
 PI = "/stripe/v1/payment_intents"
@@ -2131,6 +2132,33 @@ class _GarbledConfirm(http.server.BaseHTTPRequestHandler):
         else:
             self._send(json.dumps({"id": "pi_" + secrets.token_hex(6), "object": "payment_intent",
                                    "amount": 100, "currency": "usd"}).encode())
+
+
+def test_a_charge_over_the_cap_learned_from_the_answer_survives_a_kill_9_right_after_it(
+        keybrake_factory, stripe_secret, tmp_path):
+    """A confirm looked up at $10 whose answer says $500 was charged, on a $100 key, with
+    the default audit durability: serve reports the $400 beyond the cap to its ledger
+    before the answer's end leaves, so killed -9 the moment the client has the answer, it
+    still counts all $500 after the restart, and the key stays stopped."""
+    vendor = start_vendor(ConfirmChargesMore)
+    config = write_config(tmp_path / "conf", leases={"lifetime_seconds": 3})
+    kb = keybrake_factory({"stripe": f"http://127.0.0.1:{vendor.server_address[1]}"}, config=config)
+    try:
+        t = kb.create_tenant()
+        t.put_credential("stripe", stripe_secret)
+        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents/*/confirm"], daily_usd_cap=100)
+        auth = {"Authorization": f"Bearer {key['token']}"}
+        r = kb.proxy("POST", "/stripe/v1/payment_intents/pi_abc/confirm", headers=auth)
+        assert r.status_code == 200, r.text
+        kb.kill9()
+        kb.start()
+        settled = wait_until(lambda: (lambda k: k if k["held_usd"] == 0 else None)(t.get_key(key["id"])),
+                             timeout=15, interval=0.3)
+        assert settled and settled["spent_today_usd"] == 500, settled
+        assert_denied(kb.proxy("POST", "/stripe/v1/payment_intents/pi_abc/confirm", headers=auth),
+                      429, "cap_exhausted")
+    finally:
+        vendor.shutdown()
 
 
 def test_a_charge_learned_from_the_answer_survives_a_kill_9_right_after_it(

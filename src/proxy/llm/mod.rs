@@ -162,6 +162,11 @@ impl Call {
         self.reservation = Some(reservation);
     }
 
+    /// What the call holds reserved.
+    pub fn held(&self) -> Micros {
+        self.reservation.as_ref().map_or(Micros::ZERO, |r| r.amount)
+    }
+
     /// The final answer's header (never a 1xx).
     pub fn response_header(&mut self, header: &mut ResponseHeader) {
         if !header.status.is_success() {
@@ -228,7 +233,7 @@ impl Call {
     /// What the call costs given what has arrived so far (`finish` settles to it; strict
     /// audit records it before the response's last bytes leave).
     pub fn charge(&self, never_sent: bool) -> (Micros, Option<Usage>) {
-        let held = self.reservation.as_ref().map_or(Micros::ZERO, |r| r.amount);
+        let held = self.held();
         match &self.answer {
             _ if never_sent => (Micros::ZERO, None),
             Answer::Refused => (Micros::ZERO, None),

@@ -139,6 +139,8 @@ pub struct Ctx {
     pub key: Option<Arc<VerifiedKey>>,
     pub secret: Option<Secret>,
     pub denial: Option<Denial>,
+    /// The denial's message when it names what the client sent (`unknown_model`).
+    pub denial_message: Option<String>,
     pub reservation: Option<Reservation>,
     pub body: Body,
     pub metering: Metering,
@@ -171,6 +173,7 @@ impl Ctx {
             key: None,
             secret: None,
             denial: None,
+            denial_message: None,
             reservation: None,
             body: Body::Streamed { counted: 0 },
             metering: Metering::Fixed,

@@ -153,7 +153,13 @@ impl Denial {
     }
 
     pub fn body(self) -> Bytes {
-        let (code, message) = (self.code(), self.message());
+        self.body_saying(self.message())
+    }
+
+    /// The body with `message` in place of the denial's own (one naming what the client
+    /// sent).
+    pub fn body_saying(self, message: &str) -> Bytes {
+        let code = self.code();
         let mut body = serde_json::json!({
             "code": code,
             "message": message,
@@ -189,14 +195,16 @@ pub fn for_proxy_error(e: &pingora::Error) -> Option<Denial> {
     }
 }
 
-/// Writes the denial. The connection is closed afterwards when a request body may be
-/// left unread, so the next request on it cannot be confused with leftover bytes.
+/// Writes the denial, with `message` in place of its own when given. The connection is
+/// closed afterwards when a request body may be left unread, so the next request on it
+/// cannot be confused with leftover bytes.
 pub async fn respond(
     session: &mut Session,
     denial: Denial,
     key_id: Option<&str>,
+    message: Option<&str>,
 ) -> pingora::Result<()> {
-    let body = denial.body();
+    let body = denial.body_saying(message.unwrap_or(denial.message()));
     let mut header = ResponseHeader::build(denial.status(), Some(4))?;
     header.insert_header("content-type", "application/json")?;
     header.insert_header("content-length", body.len().to_string())?;

@@ -227,7 +227,10 @@ impl KeybrakeProxy {
         }
         llm::check_headers(api, headers)?;
         let body = read_body(session, self.body_limit, self.body_timeout).await?;
-        let plan = llm::plan(api, &body, &self.prices, &key.claims.ven)?;
+        let plan = llm::plan(api, &body, &self.prices, &key.claims.ven).map_err(|r| {
+            ctx.denial_message = r.message;
+            r.denial
+        })?;
         ctx.body = Body::Read {
             bytes: plan.body.unwrap_or(body),
             form: false,
@@ -260,7 +263,8 @@ impl KeybrakeProxy {
         ctx.spend = Micros::ZERO;
         self.audit_before_release(session, ctx)?;
         let key_id = ctx.key.as_ref().map(|k| k.claims.jti.clone());
-        deny::respond(session, denial, key_id.as_deref()).await
+        let message = ctx.denial_message.take();
+        deny::respond(session, denial, key_id.as_deref(), message.as_deref()).await
     }
 }
 
@@ -527,7 +531,7 @@ impl ProxyHttp for KeybrakeProxy {
                 return nobody;
             }
             let key_id = ctx.key.as_ref().map(|k| k.claims.jti.clone());
-            if let Err(err) = deny::respond(session, denial, key_id.as_deref()).await {
+            if let Err(err) = deny::respond(session, denial, key_id.as_deref(), None).await {
                 log::debug!("cannot send the error response: {err}");
             }
         }

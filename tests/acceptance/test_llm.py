@@ -532,15 +532,26 @@ def test_vendor_cutting_the_stream_or_sending_unreadable_usage_is_charged_the_re
 def test_refusals_before_forwarding_and_vendor_errors_cost_nothing(kb, tenant, fake_llm):
     k = key(tenant, cap=5)
     url = "/openai/v1/chat/completions"
-    assert_denied(kb.proxy("POST", url, k["token"], json={"model": "gpt-9", "max_tokens": 5}), 400, "unknown_model")
+    refused = assert_denied(kb.proxy("POST", url, k["token"], json={"model": "gpt-9", "max_tokens": 5}),
+                            400, "unknown_model")
+    # The message names the model and the vendor, in both places SDKs and agents read it.
+    assert refused["message"] == refused["error"]["message"]
+    assert refused["message"].startswith('The model "gpt-9" is not in Keybrake\'s price table for openai')
+    import anthropic
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match='"gpt-9" is not in'):
+        openai_client(kb, k["token"]).chat.completions.create(
+            model="gpt-9", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     assert_denied(kb.proxy("POST", url, k["token"], json={"max_tokens": 5, "messages": []}), 400, "invalid_body")
     assert_denied(kb.proxy("POST", url, k["token"], data="model=gpt-4o", headers={"Content-Type": "text/plain"}),
                   400, "invalid_body")
     assert_denied(kb.proxy("POST", url, k["token"], data=b'{"model":"gpt-4o","max_tokens":1,"max_tokens":99999}'),
                   400, "invalid_body")
     a = key(tenant, vendor="anthropic", cap=5)
-    assert_denied(kb.proxy("POST", "/anthropic/v1/messages", a["token"],
-                           json={"model": "claude-2.1", "max_tokens": 5}), 400, "unknown_model")
+    with pytest.raises(anthropic.BadRequestError, match='"claude-2.1" is not in .* for anthropic'):
+        anthropic_client(kb, a["token"]).messages.create(
+            model="claude-2.1", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     assert fake_llm.received() == []
     # A vendor error is not billed: the reservation goes back.
     r = kb.proxy("POST", url, k["token"], json={"model": "gpt-4o", "max_tokens": 5},

@@ -64,27 +64,78 @@ pub fn check_headers(api: Api, headers: &http::HeaderMap) -> Result<(), Denial> 
     Ok(())
 }
 
+/// A refusal of `plan`: its denial, and for `unknown_model` a message naming the model
+/// and what the price table lacks for it (the client's to fix).
+#[derive(Debug, PartialEq)]
+pub struct Refused {
+    pub denial: Denial,
+    pub message: Option<String>,
+}
+
+impl From<Denial> for Refused {
+    fn from(denial: Denial) -> Self {
+        Refused {
+            denial,
+            message: None,
+        }
+    }
+}
+
+/// At most this many characters of a model's name are quoted back in a refusal.
+const MODEL_QUOTED_CHARS: usize = 80;
+
+/// 400 `unknown_model`, naming `model` (shortened) and `why`.
+fn unknown_model(model: &str, why: &str) -> Refused {
+    let mut quoted: String = model.chars().take(MODEL_QUOTED_CHARS).collect();
+    if quoted.len() < model.len() {
+        quoted.push('…');
+    }
+    Refused {
+        denial: Denial::UnknownModel,
+        message: Some(format!("The model {quoted:?} {why}")),
+    }
+}
+
 /// Reads the request and prices its upper bound. Refusals are the client's to fix:
 /// not a JSON object or no model (400 `invalid_body`), a `service_tier` priced above the
-/// table (400 `invalid_body`), a model the table does not price (400 `unknown_model`).
-pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<Plan, Denial> {
+/// table (400 `invalid_body`), a model the table does not price or cannot bound (400
+/// `unknown_model`, its message naming the model and what is missing).
+pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<Plan, Refused> {
     let req = request::parse(api, body).map_err(|e| match e {
         request::RequestError::UnmeteredTier => Denial::UnmeteredServiceTier,
         request::RequestError::UnmeteredTool => Denial::UnmeteredTool,
         _ => Denial::InvalidLlmBody,
     })?;
-    let price = prices
-        .resolve(vendor, &req.model)
-        .ok_or(Denial::UnknownModel)?
-        .clone();
+    let price = match prices.resolve(vendor, &req.model) {
+        Some(price) => price.clone(),
+        None => {
+            return Err(unknown_model(
+                &req.model,
+                &format!(
+                    "is not in Keybrake's price table for {vendor}: check its name, or have \
+                     the operator price it."
+                ),
+            ))
+        }
+    };
     let output = match api {
         Api::OpenAiEmbeddings => 0,
-        _ => req
-            .output_limit
-            .or(price.max_output)
-            .ok_or(Denial::UnknownModel)?
-            .checked_mul(req.choices)
-            .ok_or(Denial::InvalidLlmBody)?,
+        _ => match req.output_limit.or(price.max_output) {
+            Some(limit) => limit
+                .checked_mul(req.choices)
+                .ok_or(Denial::InvalidLlmBody)?,
+            None => {
+                return Err(unknown_model(
+                    &req.model,
+                    &format!(
+                        "has no output limit in Keybrake's price table (it is priced for input \
+                         only, as an embeddings model is): send one ({}), or use a model \
+                         priced for output.",
+                        request::limit_fields(api).join(" or ")
+                    ),
+                ))
+            }
+        },
     };
     let strip = req.needs_usage_injected(api);
     let new_body = if strip {
@@ -106,10 +157,17 @@ pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<
     } else {
         output
     };
-    let input = req
-        .input_bound(api, sent_len, price.context)
-        .ok_or(Denial::UnknownModel)?;
-    let bound = price.bound(input, output).ok_or(Denial::CapExhausted)?;
+    let Some(input) = req.input_bound(api, sent_len, price.context) else {
+        return Err(unknown_model(
+            &req.model,
+            "has no context size in Keybrake's price table (it is priced for input only, \
+             as an embeddings model is), so a request with images, audio, files or an \
+             earlier response cannot be bounded.",
+        ));
+    };
+    let bound = price
+        .bound(input, output)
+        .ok_or(Refused::from(Denial::CapExhausted))?;
     Ok(Plan {
         body: new_body,
         bound,
@@ -302,7 +360,9 @@ openai:
             (b"model=gpt-4o-mini", Denial::InvalidLlmBody),
         ] {
             assert_eq!(
-                plan(Api::OpenAiChat, body, &t, "openai").err(),
+                plan(Api::OpenAiChat, body, &t, "openai")
+                    .err()
+                    .map(|r| r.denial),
                 Some(denial)
             );
         }
@@ -318,6 +378,48 @@ openai:
             .body
             .unwrap()
             .starts_with(br#"{"stream_options":{"include_usage":true},"#));
+    }
+
+    #[test]
+    fn an_unknown_model_refusal_names_the_model_and_what_the_table_lacks() {
+        let t = table();
+        let refused = |api, body: &str| {
+            let r = plan(api, body.as_bytes(), &t, "openai").err().unwrap();
+            assert_eq!(r.denial, Denial::UnknownModel);
+            r.message.unwrap()
+        };
+        let m = refused(Api::OpenAiChat, r#"{"model":"gpt-9"}"#);
+        assert!(
+            m.starts_with(r#"The model "gpt-9" is not in Keybrake's price table for openai"#),
+            "{m}"
+        );
+        // Quoted as a string literal (no raw control bytes), at most 80 characters of it.
+        let m = refused(
+            Api::OpenAiChat,
+            &format!(r#"{{"model":"a\n{}"}}"#, "é".repeat(200)),
+        );
+        assert!(
+            m.starts_with(r#"The model "a\n"#) && !m.contains('\n'),
+            "{m}"
+        );
+        assert_eq!(m.matches('é').count(), 78, "{m}");
+        assert!(m.contains("é…\""), "{m}");
+
+        // An input-only (embeddings) model asked for output: it names what is missing.
+        let m = refused(
+            Api::OpenAiResponses,
+            r#"{"model":"text-embedding-3-small"}"#,
+        );
+        assert!(
+            m.contains(r#""text-embedding-3-small" has no output limit"#),
+            "{m}"
+        );
+        assert!(m.contains("send one (max_output_tokens)"), "{m}");
+        let m = refused(
+            Api::OpenAiChat,
+            r#"{"model":"text-embedding-3-small","max_tokens":5,"messages":[{"content":[{"type":"image_url"}]}]}"#,
+        );
+        assert!(m.contains("has no context size"), "{m}");
     }
 
     #[test]
@@ -348,7 +450,7 @@ openai:
         let body = br#"{"model":"gpt-4o-mini","max_tokens":5,"service_tier":"priority"}"#;
         assert_eq!(
             plan(Api::OpenAiChat, body, &t, "openai").err(),
-            Some(Denial::UnmeteredServiceTier)
+            Some(Refused::from(Denial::UnmeteredServiceTier))
         );
         let body = br#"{"model":"gpt-4o-mini","max_tokens":5,"service_tier":"flex"}"#;
         assert!(plan(Api::OpenAiChat, body, &t, "openai").is_ok());

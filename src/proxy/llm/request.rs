@@ -169,7 +169,7 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
 }
 
 /// The names of the fields metering reads, per API.
-fn limit_fields(api: Api) -> &'static [&'static str] {
+pub fn limit_fields(api: Api) -> &'static [&'static str] {
     match api {
         Api::OpenAiChat => &["max_tokens", "max_completion_tokens"],
         Api::OpenAiResponses => &["max_output_tokens"],

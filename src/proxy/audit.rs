@@ -125,7 +125,9 @@ impl KeybrakeProxy {
             return Ok(());
         }
         ctx.audited = true;
-        // A response- or token-metered call is settled to this charge at the end.
+        // A response- or token-metered call is settled to this charge at the end (or was
+        // just now, `settle_before_release`: its metering is then `Fixed`, its charge
+        // `ctx.spend`).
         let (spend, llm) = match &ctx.metering {
             Metering::Llm(call) => {
                 let (charge, usage) = call.charge(false);

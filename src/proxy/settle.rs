@@ -9,10 +9,15 @@ use super::ctx::{Ctx, Metering};
 use super::llm;
 use super::reserve::spender;
 use super::service::KeybrakeProxy;
+use super::spend::{Reservation, SpendBook};
+use super::verify::VerifiedKey;
+use crate::log_every::LogEvery;
 use crate::metrics::Metrics;
 use crate::money::Micros;
 use crate::sync::LlmAudit;
 use pingora::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 impl KeybrakeProxy {
     /// The final answer's header arrived with `status`.
@@ -41,16 +46,50 @@ impl KeybrakeProxy {
         e: Option<&Error>,
         now: i64,
     ) -> Option<LlmAudit> {
+        let (llm, settlement) = self.decide(ctx, e);
+        if let Some(settlement) = settlement {
+            Box::pin(settlement.run(&self.spend, now)).await;
+        }
+        llm
+    }
+
+    /// Decides how the call ends: what it spent (`ctx.spend`; the first call of an
+    /// idempotency key is told), an LLM call's tokens and audit part, and what is left
+    /// for the ledger (`Settlement`), which no longer needs the request.
+    fn decide(&self, ctx: &mut Ctx, e: Option<&Error>) -> (Option<LlmAudit>, Option<Settlement>) {
         let mut llm = None;
+        let mut settlement = None;
         match std::mem::replace(&mut ctx.metering, Metering::Fixed) {
-            Metering::Llm(call) => llm = Some(self.settle_llm(*call, ctx, e, now).await),
+            Metering::Llm(call) => {
+                let model = call.model.clone();
+                let outcome = call.finish(never_sent(ctx, e));
+                ctx.spend = outcome.charge;
+                if let Some(u) = &outcome.usage {
+                    count_tokens(&self.metrics, ctx.vendor_name(), u);
+                }
+                match &ctx.key {
+                    Some(key) => {
+                        settlement = Some(Settlement::Part {
+                            key: key.clone(),
+                            reservation: outcome.reservation,
+                            charge: outcome.charge,
+                        })
+                    }
+                    None => self.spend.release(outcome.reservation),
+                }
+                llm = Some(llm_audit(model, outcome.usage));
+            }
             Metering::Response {
                 charge: Some(charge),
                 ..
             } => match (ctx.key.clone(), ctx.reservation.take()) {
-                (Some(key), Some(r)) => {
-                    let who = spender(&key);
-                    ctx.spend = Box::pin(self.spend.settle_to(&who, r, charge, now)).await;
+                (Some(key), Some(reservation)) => {
+                    ctx.spend = charge.max(Micros::ZERO);
+                    settlement = Some(Settlement::To {
+                        key,
+                        reservation,
+                        charge,
+                    });
                 }
                 (_, r) => {
                     ctx.reservation = r;
@@ -64,7 +103,7 @@ impl KeybrakeProxy {
                 pending.charged();
             }
         }
-        llm
+        (llm, settlement)
     }
 
     /// A call whose answer charged more than it reserved (a response-metered amount over
@@ -72,9 +111,13 @@ impl KeybrakeProxy {
     /// its bound) is settled before the answer's last bytes leave: the excess is committed
     /// in the ledger, or past the cap reported to it, first. A process killed right after
     /// its client has the answer (kill -9, an edge node between two audit batches) so
-    /// cannot lose a charge the vendor made. Rare: it blocks this worker thread for the
-    /// ledger's answer (a SQLite transaction, or a round trip to the control plane), as
-    /// strict audit does. Without a multi-threaded runtime it is left to `logging`.
+    /// cannot lose a charge the vendor made.
+    ///
+    /// Rare, and bounded: this worker thread waits for the ledger (as strict audit waits
+    /// for the trail) at most `HOLD_AT_MOST`, and at most `MAX_HELD_ANSWERS` answers wait
+    /// at once (each holds a thread of the runtime's blocking pool, which an edge node's
+    /// ledger calls need too). Past either, the answer goes and its settlement goes on
+    /// after it, as every other call's does. Without a multi-threaded runtime, too.
     pub(super) fn settle_before_release(&self, ctx: &mut Ctx) {
         if ctx.settled_early.is_some() || ctx.key.is_none() || !charged_over_reserved(ctx) {
             return;
@@ -83,9 +126,33 @@ impl KeybrakeProxy {
             Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => h,
             _ => return,
         };
-        let now = crate::token::now_secs();
-        let llm = tokio::task::block_in_place(|| handle.block_on(self.settle(ctx, None, now)));
+        let Some(_held) = HeldAnswer::take() else {
+            if let Some(left_out) = HOLD_SKIPPED_LOG.due() {
+                log::warn!(
+                    "{MAX_HELD_ANSWERS} answers already wait for their charge to reach the \
+                     ledger: this one goes first ({left_out} more since the last line)"
+                );
+            }
+            return;
+        };
+        let (llm, settlement) = self.decide(ctx, None);
         ctx.settled_early = Some(llm);
+        let Some(settlement) = settlement else { return };
+        let spend = self.spend.clone();
+        let now = crate::token::now_secs();
+        let task = handle.spawn(async move { settlement.run(&spend, now).await });
+        let waited = tokio::task::block_in_place(|| {
+            handle.block_on(tokio::time::timeout(HOLD_AT_MOST, task))
+        });
+        if waited.is_err() {
+            if let Some(left_out) = HOLD_SKIPPED_LOG.due() {
+                log::warn!(
+                    "the ledger took longer than {HOLD_AT_MOST:?} to take a charge learned \
+                     from an answer: the answer went first, the charge follows \
+                     ({left_out} more since the last line)"
+                );
+            }
+        }
     }
 
     /// A reservation still open when no response arrived: if the request never left
@@ -101,32 +168,77 @@ impl KeybrakeProxy {
             }
         }
     }
+}
 
-    /// Settles an LLM call at its end: the usage's cost out of its reservation (the rest
-    /// goes back), or all of it when no usage could be read; counts the tokens.
-    async fn settle_llm(
-        &self,
-        call: llm::Call,
-        ctx: &mut Ctx,
-        e: Option<&Error>,
-        now: i64,
-    ) -> LlmAudit {
-        let never_sent = never_sent(ctx, e);
-        let model = call.model.clone();
-        let outcome = call.finish(never_sent);
-        ctx.spend = outcome.charge;
-        match &ctx.key {
-            Some(key) => {
-                self.spend
-                    .settle_part(outcome.reservation, outcome.charge, &spender(key), now)
+/// At most this many answers wait for their charge at once (`settle_before_release`).
+const MAX_HELD_ANSWERS: usize = 64;
+
+/// An answer waits at most this long for its charge to reach the ledger.
+const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_secs(5);
+
+static HELD_ANSWERS: AtomicUsize = AtomicUsize::new(0);
+
+static HOLD_SKIPPED_LOG: LogEvery = LogEvery::new(std::time::Duration::from_secs(60));
+
+/// One of the `MAX_HELD_ANSWERS` places, given back when dropped.
+struct HeldAnswer;
+
+impl HeldAnswer {
+    fn take() -> Option<HeldAnswer> {
+        HELD_ANSWERS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_HELD_ANSWERS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| HeldAnswer)
+    }
+}
+
+impl Drop for HeldAnswer {
+    fn drop(&mut self) {
+        HELD_ANSWERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What is left of a call's end for the spend book once it is decided (`decide`): it owns
+/// what it needs, so it can finish after the request.
+enum Settlement {
+    /// A response-metered call: to the answer's charge.
+    To {
+        key: Arc<VerifiedKey>,
+        reservation: Reservation,
+        charge: Micros,
+    },
+    /// An LLM call: the charge out of its reservation, the rest back.
+    Part {
+        key: Arc<VerifiedKey>,
+        reservation: Reservation,
+        charge: Micros,
+    },
+}
+
+impl Settlement {
+    async fn run(self, spend: &SpendBook, now: i64) {
+        match self {
+            Settlement::To {
+                key,
+                reservation,
+                charge,
+            } => {
+                spend
+                    .settle_to(&spender(&key), reservation, charge, now)
+                    .await;
+            }
+            Settlement::Part {
+                key,
+                reservation,
+                charge,
+            } => {
+                spend
+                    .settle_part(reservation, charge, &spender(&key), now)
                     .await
             }
-            None => self.spend.release(outcome.reservation),
         }
-        if let Some(u) = &outcome.usage {
-            count_tokens(&self.metrics, ctx.vendor_name(), u);
-        }
-        llm_audit(model, outcome.usage)
     }
 }
 
@@ -185,5 +297,19 @@ pub fn llm_audit(model: String, usage: Option<llm::usage::Usage>) -> LlmAudit {
         cached_input_tokens: usage.map(|u| u.cached_input),
         cache_write_tokens: usage.map(|u| u.cache_write.saturating_add(u.cache_write_1h)),
         output_tokens: usage.map(|u| u.output),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_max_held_answers_wait_at_once_and_a_place_comes_back_when_dropped() {
+        let held: Vec<HeldAnswer> = std::iter::from_fn(HeldAnswer::take).take(1000).collect();
+        assert_eq!(held.len(), MAX_HELD_ANSWERS);
+        assert!(HeldAnswer::take().is_none());
+        drop(held);
+        assert!(HeldAnswer::take().is_some());
     }
 }

@@ -715,9 +715,10 @@ impl SpendBook {
     /// ledger counts it against the cap as held, and settles it should this process die),
     /// so waiting changes no total, and a fresh key used once costs the ledger one report
     /// row (spent and returned together) instead of two. Everything else goes every
-    /// round: `overspent` is not in the ledger yet, and `unreserved` is budget already
-    /// back in `available` that the ledger still counts as committed, so the next
-    /// reservation's commit would find too little uncommitted budget in the lease.
+    /// round: `overspent` is not in the ledger yet (reported at once when charged,
+    /// `report_overspent_now`; here is what that could not report), and `unreserved` is
+    /// budget already back in `available` that the ledger still counts as committed, so
+    /// the next reservation's commit would find too little uncommitted budget in the lease.
     pub async fn report(&self, now: i64, return_all: bool) {
         let today = utc_day(now);
         let revocations = self.published.revocations.load();

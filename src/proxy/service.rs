@@ -437,7 +437,8 @@ impl ProxyHttp for KeybrakeProxy {
             || response
                 .headers
                 .get(http::header::CONTENT_LENGTH)
-                .is_some_and(|v| v.as_bytes() == b"0");
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().parse::<u64>() == Ok(0));
         if bodyless {
             self.finish_capture(ctx);
             self.settle_before_release(ctx);

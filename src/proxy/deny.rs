@@ -22,6 +22,8 @@ pub enum Denial {
     UnmeteredField,
     /// An LLM call asking for a server-side tool billed per use (`llm::request`).
     UnmeteredTool,
+    /// An OpenAI background response with a tool that loops: no bound on its cost.
+    UnmeteredBackground,
     InvalidPath,
     AmountRequired,
     InvalidAmount,
@@ -42,6 +44,8 @@ pub enum Denial {
     UnmeteredServiceTier,
     /// An Anthropic beta billed above the price table's rates (`context-1m-…`).
     UnmeteredBeta,
+    /// Anthropic's `speed: "fast"` or `inference_geo`, billed above the table's rates.
+    UnmeteredSpeed,
     /// An edge node that could not sync for longer than its staleness limit.
     ControlUnreachable,
     UpstreamTimeout,
@@ -63,10 +67,11 @@ impl Denial {
         match self {
             MissingKey | InvalidKey | KeyExpired | KeyRevoked => 401,
             VendorMismatch | EndpointNotAllowed | MethodNotAllowed | AccountNotAllowed
-            | EndpointUnmetered | UnmeteredField | UnmeteredTool => 403,
+            | EndpointUnmetered | UnmeteredField | UnmeteredTool | UnmeteredBackground => 403,
             InvalidPath | AmountRequired | InvalidAmount | AmountUnknown | UnsupportedCurrency
             | InvalidBody => 400,
-            UnknownModel | InvalidLlmBody | UnmeteredServiceTier | UnmeteredBeta => 400,
+            UnknownModel | InvalidLlmBody | UnmeteredServiceTier | UnmeteredBeta
+            | UnmeteredSpeed => 400,
             UnknownVendor => 404,
             BodyTimeout => 408,
             BodyTooLarge => 413,
@@ -87,7 +92,9 @@ impl Denial {
             VendorMismatch => "vendor_mismatch",
             EndpointNotAllowed | MethodNotAllowed => "endpoint_not_allowed",
             AccountNotAllowed => "account_not_allowed",
-            EndpointUnmetered | UnmeteredField | UnmeteredTool => "endpoint_unmetered",
+            EndpointUnmetered | UnmeteredField | UnmeteredTool | UnmeteredBackground => {
+                "endpoint_unmetered"
+            }
             InvalidPath => "invalid_path",
             AmountRequired => "amount_required",
             InvalidAmount | AmountUnknown => "invalid_amount",
@@ -103,7 +110,9 @@ impl Denial {
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
             UnknownModel => "unknown_model",
-            InvalidLlmBody | UnmeteredServiceTier | UnmeteredBeta => "invalid_body",
+            InvalidLlmBody | UnmeteredServiceTier | UnmeteredBeta | UnmeteredSpeed => {
+                "invalid_body"
+            }
         }
     }
 
@@ -119,7 +128,8 @@ impl Denial {
             MethodNotAllowed => "The vault key allows this endpoint, but not with this HTTP method.",
             AccountNotAllowed => "The vault key does not allow this Stripe account.",
             EndpointUnmetered => "This endpoint can move money and Keybrake does not meter it: a key with a spend cap cannot call it.",
-            UnmeteredTool => "This call asks for a server-side tool billed per use (web search, file search, code interpreter or execution, image generation, or a stored prompt that may name one), which Keybrake does not meter: a key with a spend cap cannot use it.",
+            UnmeteredTool => "This call asks for a server-side tool billed per use or at another model's rates (web search, file search, code interpreter or execution, a hosted shell, image generation, an advisor, or a stored prompt that may name one), which Keybrake does not meter: a key with a spend cap cannot use it.",
+            UnmeteredBackground => "A background response (background: true) with a tool that samples the model more than once (MCP, web fetch, tool search, compaction) is answered before its usage exists, so Keybrake cannot bound its cost: a key with a spend cap must run it in the foreground.",
             UnmeteredField => "This call sends a field that can move money Keybrake does not meter (such as a customer's balance, or an invoice item's quantity or price): a key with a spend cap cannot send it.",
             InvalidPath => "The request path is not canonical (dot segments, encoded '/' or '\\', empty segments or control bytes).",
             AmountRequired => "This endpoint is metered: the body must carry an integer amount.",
@@ -139,6 +149,7 @@ impl Denial {
             UnknownModel => "The model is not in Keybrake's price table for this vendor.",
             InvalidLlmBody => "The body must be a JSON object naming a model, with integer output limits, each field once.",
             UnmeteredServiceTier => "This service_tier is billed at rates Keybrake does not meter: omit service_tier or set it to \"default\" or \"flex\" (Anthropic: \"standard_only\").",
+            UnmeteredSpeed => "speed \"fast\" and inference_geo are billed above the rates Keybrake meters: omit them (or send speed \"standard\").",
             UnmeteredBeta => "The anthropic-beta context-1m option bills long inputs at rates Keybrake does not meter: remove it from the anthropic-beta header.",
         }
     }

@@ -247,7 +247,7 @@ impl KeybrakeProxy {
         }
         ctx.spend = reservation.amount;
         let mut call = plan.call;
-        call.hold(reservation);
+        call.hold(reservation, Micros(key.claims.cap));
         ctx.metering = Metering::Llm(Box::new(call));
         ctx.secret = Some(secret);
         Ok(())

@@ -64,6 +64,14 @@ impl KeybrakeProxy {
                 let model = call.model.clone();
                 let outcome = call.finish(never_sent(ctx, e));
                 ctx.spend = outcome.charge;
+                if outcome.usage.is_none() && outcome.charge > outcome.reservation.amount {
+                    log::warn!(
+                        "{} answer for key {} has no readable usage, and the vendor may have \
+                         sampled the model more than once: charging the key's daily cap",
+                        ctx.vendor_name(),
+                        ctx.key.as_ref().map_or("?", |k| &*k.jti)
+                    );
+                }
                 if let Some(u) = &outcome.usage {
                     count_tokens(&self.metrics, ctx.vendor_name(), u);
                 }

@@ -564,6 +564,51 @@ def test_refusals_before_forwarding_and_vendor_errors_cost_nothing(kb, tenant, f
     assert {e["decision"] for e in events} == {"unknown_model", "invalid_body", "allowed"}
 
 
+def test_calls_whose_cost_the_reservation_cannot_bound_are_refused_or_charged_the_cap(kb, tenant, fake_llm):
+    """An advisor tool (billed at another model's rates), a hosted shell (a container
+    billed per session), Anthropic's premium speed or region, and a background response
+    with a tool that loops are refused before anything is sent. A streamed call with a
+    looping tool (web fetch here), cut before its usage arrives, may have cost more than
+    any reservation: it is charged the key's whole cap, and the key stops for the day."""
+    import anthropic
+
+    ak = key(tenant, vendor="anthropic", cap=5)
+    msg = [{"role": "user", "content": "hi"}]
+    url = "/anthropic/v1/messages"
+    advisor = [{"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-6"}]
+    assert_denied(kb.proxy("POST", url, ak["token"], json={
+        "model": "claude-haiku-4-5", "max_tokens": 5, "messages": msg, "tools": advisor}),
+        403, "endpoint_unmetered")
+    for premium in ({"speed": "fast"}, {"inference_geo": "us"}):
+        assert_denied(kb.proxy("POST", url, ak["token"], json={
+            "model": "claude-haiku-4-5", "max_tokens": 5, "messages": msg, **premium}),
+            400, "invalid_body")
+    ok = key(tenant, cap=5)
+    responses = "/openai/v1/responses"
+    shell = [{"type": "shell", "environment": {"type": "container_auto"}}]
+    assert_denied(kb.proxy("POST", responses, ok["token"], json={
+        "model": "gpt-4o-mini", "max_output_tokens": 5, "input": "ls", "tools": shell}),
+        403, "endpoint_unmetered")
+    mcp = [{"type": "mcp", "server_label": "x", "server_url": "https://x.example", "require_approval": "never"}]
+    refused = assert_denied(kb.proxy("POST", responses, ok["token"], json={
+        "model": "gpt-4o-mini", "max_output_tokens": 5, "input": "hi", "tools": mcp, "background": True}),
+        403, "endpoint_unmetered")
+    assert "background" in refused["message"]
+    assert fake_llm.received() == []
+
+    a = anthropic_client(kb, ak["token"])
+    with pytest.raises(Exception):
+        with a.messages.stream(model="claude-haiku-4-5", max_tokens=80, messages=msg,
+                               tools=[{"type": "web_fetch_20250910", "name": "web_fetch"}],
+                               extra_headers={"x-fake-cut-after": "4"}) as stream:
+            "".join(stream.text_stream)
+    tenant.wait_spent(ak["id"], Decimal(5))
+    with pytest.raises(anthropic.RateLimitError, match="cap"):
+        a.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=msg)
+    # Only the cut stream reached the vendor; the refused call after it did not.
+    assert len(fake_llm.received()) == 1
+
+
 def test_stored_items_priority_tiers_and_the_1m_beta_are_never_metered_below_their_cost(kb, tenant, fake_llm):
     k = key(tenant, cap=0.01)
     url = "/openai/v1/responses"

@@ -104,6 +104,8 @@ pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<
     let req = request::parse(api, body).map_err(|e| match e {
         request::RequestError::UnmeteredTier => Denial::UnmeteredServiceTier,
         request::RequestError::UnmeteredTool => Denial::UnmeteredTool,
+        request::RequestError::UnmeteredBackground => Denial::UnmeteredBackground,
+        request::RequestError::UnmeteredSpeed => Denial::UnmeteredSpeed,
         _ => Denial::InvalidLlmBody,
     })?;
     let price = match prices.resolve(vendor, &req.model) {
@@ -178,6 +180,8 @@ pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<
             strip,
             reservation: None,
             answer: Answer::Waiting,
+            samples_more: req.samples_more,
+            cap: Micros::ZERO,
         },
     })
 }
@@ -191,6 +195,11 @@ pub struct Call {
     strip: bool,
     reservation: Option<Reservation>,
     answer: Answer,
+    /// The vendor may sample more than once (`LlmRequest::samples_more`): the reservation
+    /// bounds nothing, so an answer whose usage cannot be read costs `cap`.
+    samples_more: bool,
+    /// The key's daily cap (`hold`).
+    cap: Micros,
 }
 
 enum Answer {
@@ -216,8 +225,10 @@ pub struct Outcome {
 }
 
 impl Call {
-    pub fn hold(&mut self, reservation: Reservation) {
+    /// Holds the call's reservation, made for a key whose daily cap is `cap`.
+    pub fn hold(&mut self, reservation: Reservation, cap: Micros) {
         self.reservation = Some(reservation);
+        self.cap = cap;
     }
 
     /// What the call holds reserved.
@@ -290,27 +301,34 @@ impl Call {
 
     /// What the call costs given what has arrived so far (`finish` settles to it; strict
     /// audit records it before the response's last bytes leave).
+    /// A call that may sample more than once and whose usage cannot be read costs the
+    /// key's whole cap (fail closed, as an unreadable Stripe answer does): its reservation
+    /// bounds nothing.
     pub fn charge(&self, never_sent: bool) -> (Micros, Option<Usage>) {
-        let held = self.held();
+        let unread = if self.samples_more {
+            self.held().max(self.cap)
+        } else {
+            self.held()
+        };
         match &self.answer {
             _ if never_sent => (Micros::ZERO, None),
             Answer::Refused => (Micros::ZERO, None),
-            Answer::Done(Some(u)) => self.priced(*u, held),
+            Answer::Done(Some(u)) => self.priced(*u, unread),
             // Cut after the usage arrived (OpenAI's chunk comes before `[DONE]`).
             Answer::Stream(meter) => match meter.usage() {
-                Some(u) => self.priced(u, held),
-                None => (held, None),
+                Some(u) => self.priced(u, unread),
+                None => (unread, None),
             },
-            _ => (held, None),
+            _ => (unread, None),
         }
     }
 }
 
 impl Call {
-    fn priced(&self, u: Usage, held: Micros) -> (Micros, Option<Usage>) {
+    fn priced(&self, u: Usage, unread: Micros) -> (Micros, Option<Usage>) {
         match self.price.cost(&u) {
             Some(cost) => (cost, Some(u)),
-            None => (held, None),
+            None => (unread, None),
         }
     }
 }
@@ -547,7 +565,7 @@ openai:
             let mut call = plan(Api::OpenAiChat, body, &t, "openai").unwrap().call;
             let mut held = Reservation::none();
             held.amount = Micros(500);
-            call.hold(held);
+            call.hold(held, Micros(5_000_000));
             let mut header = ResponseHeader::build(200, None).unwrap();
             header
                 .insert_header("content-type", "text/event-stream")
@@ -581,7 +599,44 @@ openai:
         let mut call = plan(Api::OpenAiChat, body, &t, "openai").unwrap().call;
         let mut held = Reservation::none();
         held.amount = Micros(500);
-        call.hold(held);
+        call.hold(held, Micros(5_000_000));
+        assert_eq!(call.finish(true).charge, Micros::ZERO);
+    }
+
+    #[test]
+    fn a_call_that_may_sample_more_than_once_costs_the_cap_when_its_usage_cannot_be_read() {
+        let t = table();
+        let looping = br#"{"model":"gpt-4o-mini","max_output_tokens":10,"stream":true,
+            "tools":[{"type":"mcp","server_url":"https://x"}]}"#;
+        let plain = br#"{"model":"gpt-4o-mini","max_output_tokens":10,"stream":true}"#;
+        let cut = |body: &[u8], chunks: &[&str]| {
+            let mut call = plan(Api::OpenAiResponses, body, &t, "openai").unwrap().call;
+            let mut held = Reservation::none();
+            held.amount = Micros(500);
+            call.hold(held, Micros(7_000_000));
+            let mut header = ResponseHeader::build(200, None).unwrap();
+            header
+                .insert_header("content-type", "text/event-stream")
+                .unwrap();
+            call.response_header(&mut header);
+            for chunk in chunks {
+                let mut b = Some(Bytes::copy_from_slice(chunk.as_bytes()));
+                call.response_body(&mut b, false);
+            }
+            call.finish(false).charge
+        };
+        let text = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n";
+        let done = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n";
+        assert_eq!(cut(looping, &[text]), Micros(7_000_000));
+        assert_eq!(cut(plain, &[text]), Micros(500));
+        // Its usage read: what it reports, as any call.
+        assert_eq!(cut(looping, &[text, done]), cut(plain, &[text, done]));
+        assert!(cut(looping, &[text, done]) < Micros(500));
+        // Refused by the vendor, or never sent: nothing.
+        let mut call = plan(Api::OpenAiResponses, looping, &t, "openai")
+            .unwrap()
+            .call;
+        call.hold(Reservation::none(), Micros(7_000_000));
         assert_eq!(call.finish(true).charge, Micros::ZERO);
     }
 }

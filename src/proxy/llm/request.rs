@@ -62,32 +62,56 @@ pub enum RequestError {
     /// A server-side tool billed per use (`FEE_TOOLS`), or what may bring one.
     #[error("a tool billed per use, which Keybrake does not meter")]
     UnmeteredTool,
+    /// A background response that may sample more than once: charged before any usage
+    /// exists, with no bound.
+    #[error("a background response with a looping tool, which Keybrake cannot bound")]
+    UnmeteredBackground,
+    /// Anthropic's `speed` other than `standard`, or an `inference_geo`: billed at a
+    /// premium over the table's rates.
+    #[error("a speed or inference region Keybrake cannot price")]
+    UnmeteredSpeed,
 }
 
 /// Server-side tools the vendor bills per use (a search, a container session, an
 /// image) on top of tokens, by `type` prefix (`web_search_preview`,
 /// `web_search_20250305`): no usage the proxy reads carries that fee, so a capped key
-/// cannot ask for them. Tools billed only in tokens (functions, MCP, web fetch, computer
-/// use) pass.
+/// cannot ask for them. Also Anthropic's `advisor_*`, which runs another model billed at
+/// that model's rates (its passes are not priced apart). Tools billed only in tokens of
+/// the request's model (functions, MCP, web fetch, computer use) pass; OpenAI's `shell`
+/// passes only in a local environment (a hosted one runs in a container billed per
+/// session).
 const FEE_TOOLS: &[&str] = &[
     "web_search",
     "file_search",
     "code_interpreter",
     "image_generation",
     "code_execution",
+    "advisor",
 ];
+
+/// Server-side tools that loop, sampling the model more than once in one request, by
+/// `type` prefix: such a call can cost more than one context window, so its reservation
+/// is no bound (see `LlmRequest::samples_more`).
+const LOOPING_TOOLS: &[&str] = &["mcp", "web_fetch", "tool_search"];
 
 /// Refuses a request that may use a tool billed per use: one in `tools`, a chat's
 /// `web_search_options` (search models bill each search), or a Responses stored
-/// `prompt` (its tools are set in the vendor's dashboard, out of sight).
+/// `prompt` (its tools are set in the vendor's dashboard, out of sight). Otherwise
+/// whether one of its tools loops (`LOOPING_TOOLS`).
 fn check_tools(
     api: Api,
     tools: Option<&RawValue>,
     search: bool,
     prompt: bool,
-) -> Result<(), RequestError> {
+) -> Result<bool, RequestError> {
     #[derive(serde::Deserialize)]
     struct Tool {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        environment: Option<Environment>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Environment {
         #[serde(rename = "type")]
         kind: Option<String>,
     }
@@ -95,21 +119,25 @@ fn check_tools(
         return Err(RequestError::UnmeteredTool);
     }
     let Some(tools) = tools.filter(|t| t.get().trim() != "null") else {
-        return Ok(());
+        return Ok(false);
     };
     let tools: Vec<&RawValue> =
         serde_json::from_str(tools.get()).map_err(|_| RequestError::BadField)?;
+    let mut loops = false;
     for tool in tools {
         // A repeated `type` is an error here: the vendor may read either.
         let tool: Tool = serde_json::from_str(tool.get()).map_err(|_| RequestError::BadField)?;
-        if tool
-            .kind
-            .is_some_and(|k| FEE_TOOLS.iter().any(|f| k.starts_with(f)))
-        {
+        let Some(kind) = tool.kind else { continue };
+        let hosted_shell = kind == "shell"
+            && tool
+                .environment
+                .is_some_and(|e| e.kind.as_deref() != Some("local"));
+        if hosted_shell || FEE_TOOLS.iter().any(|f| kind.starts_with(f)) {
             return Err(RequestError::UnmeteredTool);
         }
+        loops |= LOOPING_TOOLS.iter().any(|t| kind.starts_with(t));
     }
-    Ok(())
+    Ok(loops)
 }
 
 /// The `service_tier` values priced at (or below) the table's rates: OpenAI's `default`
@@ -139,6 +167,9 @@ pub struct LlmRequest {
     /// A chat's predicted output (`prediction`): what the model does not use of it is
     /// billed at the output rate, on top of what it writes.
     pub predicted: bool,
+    /// The vendor may sample the model more than once for it (a looping server-side
+    /// tool, MCP servers, a compaction pass): its reservation is no bound.
+    pub samples_more: bool,
     /// Where `stream_options` is in the body (byte range of its value), if present.
     stream_options: Option<(usize, usize)>,
     /// Where the object's `{` is.
@@ -244,12 +275,35 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
     let present = |name: &str| -> Result<bool, RequestError> {
         Ok(find(name)?.is_some_and(|v| v.get().trim() != "null"))
     };
-    check_tools(
+    let looping_tool = check_tools(
         api,
         find("tools")?,
         api == Api::OpenAiChat && present("web_search_options")?,
         present("prompt")?,
     )?;
+    let samples_more = looping_tool || present("mcp_servers")? || present("context_management")?;
+    // Anthropic's `speed: "fast"` bills a premium over the table's rates; `inference_geo`
+    // one for a pinned region.
+    if api == Api::AnthropicMessages {
+        match find("speed")?.map(|v| serde_json::from_str::<Option<String>>(v.get())) {
+            None | Some(Ok(None)) => {}
+            Some(Ok(Some(speed))) if speed == "standard" => {}
+            Some(Ok(Some(_))) => return Err(RequestError::UnmeteredSpeed),
+            Some(Err(_)) => return Err(RequestError::BadField),
+        }
+        if present("inference_geo")? {
+            return Err(RequestError::UnmeteredSpeed);
+        }
+    }
+    // A background response answers before any usage exists, so it is charged its
+    // reservation: no bound when the vendor may sample more than once.
+    if api == Api::OpenAiResponses && samples_more {
+        match find("background")?.map(|v| serde_json::from_str::<Option<bool>>(v.get())) {
+            None | Some(Ok(None | Some(false))) => {}
+            Some(Ok(Some(true))) => return Err(RequestError::UnmeteredBackground),
+            Some(Err(_)) => return Err(RequestError::BadField),
+        }
+    }
     let predicted =
         api == Api::OpenAiChat && find("prediction")?.is_some_and(|v| v.get().trim() != "null");
     let rich_input = api != Api::OpenAiEmbeddings
@@ -263,6 +317,7 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
         wants_usage,
         rich_input,
         predicted,
+        samples_more,
         stream_options,
         open_brace,
     })
@@ -488,6 +543,76 @@ mod tests {
         assert_eq!(
             anthropic(r#"{"model":"c","service_tier":"auto"}"#),
             Err(RequestError::UnmeteredTier)
+        );
+    }
+
+    #[test]
+    fn advisors_hosted_shells_premium_speeds_and_unbounded_background_calls_are_refused() {
+        let responses = |b: &str| parse(Api::OpenAiResponses, b.as_bytes());
+        let anthropic = |b: &str| parse(Api::AnthropicMessages, b.as_bytes());
+        let advisor = r#"{"model":"c","tools":[{"type":"advisor_20260301","name":"advisor","model":"claude-opus-4-6"}]}"#;
+        assert_eq!(anthropic(advisor).err(), Some(RequestError::UnmeteredTool));
+        for hosted in [
+            r#"{"model":"m","tools":[{"type":"shell","environment":{"type":"container_auto"}}]}"#,
+            r#"{"model":"m","tools":[{"type":"shell","environment":{"type":"container_reference","container_id":"cntr_1"}}]}"#,
+            r#"{"model":"m","tools":[{"type":"shell","environment":{}}]}"#,
+        ] {
+            assert_eq!(
+                responses(hosted).err(),
+                Some(RequestError::UnmeteredTool),
+                "{hosted}"
+            );
+        }
+        for local in [
+            r#"{"model":"m","tools":[{"type":"shell","environment":{"type":"local"}}]}"#,
+            r#"{"model":"m","tools":[{"type":"shell"}]}"#,
+        ] {
+            assert!(!responses(local).unwrap().samples_more, "{local}");
+        }
+        for premium in [
+            r#"{"model":"c","max_tokens":5,"speed":"fast"}"#,
+            r#"{"model":"c","max_tokens":5,"inference_geo":"us"}"#,
+        ] {
+            assert_eq!(
+                anthropic(premium).err(),
+                Some(RequestError::UnmeteredSpeed),
+                "{premium}"
+            );
+        }
+        assert!(anthropic(r#"{"model":"c","speed":"standard","inference_geo":null}"#).is_ok());
+        assert_eq!(
+            anthropic(r#"{"model":"c","speed":1}"#).err(),
+            Some(RequestError::BadField)
+        );
+        // Calls the vendor may sample more than once are known as such; in the background
+        // (charged before any usage exists) they are refused.
+        let mcp = r#""tools":[{"type":"mcp","server_url":"https://x","require_approval":"never"}]"#;
+        assert!(
+            responses(&format!(r#"{{"model":"m",{mcp}}}"#))
+                .unwrap()
+                .samples_more
+        );
+        assert_eq!(
+            responses(&format!(r#"{{"model":"m","background":true,{mcp}}}"#)).err(),
+            Some(RequestError::UnmeteredBackground)
+        );
+        assert!(responses(&format!(r#"{{"model":"m","background":false,{mcp}}}"#)).is_ok());
+        let background = responses(
+            r#"{"model":"m","background":true,"tools":[{"type":"function","name":"f"}]}"#,
+        );
+        assert!(!background.unwrap().samples_more);
+        for looping in [
+            r#"{"model":"c","tools":[{"type":"web_fetch_20250910","name":"web_fetch"}]}"#,
+            r#"{"model":"c","tools":[{"type":"tool_search_tool_regex_20251119","name":"s"}]}"#,
+            r#"{"model":"c","mcp_servers":[{"type":"url","url":"https://x","name":"x"}]}"#,
+            r#"{"model":"c","context_management":{"edits":[{"type":"compact_20260112"}]}}"#,
+        ] {
+            assert!(anthropic(looping).unwrap().samples_more, "{looping}");
+        }
+        assert!(
+            !anthropic(r#"{"model":"c","tools":[{"type":"bash_20250124","name":"bash"}]}"#)
+                .unwrap()
+                .samples_more
         );
     }
 

@@ -14,6 +14,11 @@ use serde_json::value::RawValue;
 /// around it (message framing, the system prompt that describes tools).
 pub const OVERHEAD_TOKENS: u64 = 1_024;
 
+/// Added to `OVERHEAD_TOKENS` when the request lists tools: the vendor's tool-use system
+/// prompt and its built-in tools' definitions are not in the body (Anthropic's: ~350
+/// tokens, plus ~250 for bash and ~700 for the text editor), with room to spare.
+pub const TOOL_OVERHEAD_TOKENS: u64 = 2_048;
+
 /// Quoted names that bring input the body's bytes do not bound: images, files, audio,
 /// documents, stored conversations, prompts and items (`item_reference`), server-side
 /// tools. Any of them (or an
@@ -97,13 +102,13 @@ const LOOPING_TOOLS: &[&str] = &["mcp", "web_fetch", "tool_search"];
 /// Refuses a request that may use a tool billed per use: one in `tools`, a chat's
 /// `web_search_options` (search models bill each search), or a Responses stored
 /// `prompt` (its tools are set in the vendor's dashboard, out of sight). Otherwise
-/// whether one of its tools loops (`LOOPING_TOOLS`).
+/// `(whether it lists any tool, whether one of them loops (`LOOPING_TOOLS`))`.
 fn check_tools(
     api: Api,
     tools: Option<&RawValue>,
     search: bool,
     prompt: bool,
-) -> Result<bool, RequestError> {
+) -> Result<(bool, bool), RequestError> {
     #[derive(serde::Deserialize)]
     struct Tool {
         #[serde(rename = "type")]
@@ -119,10 +124,11 @@ fn check_tools(
         return Err(RequestError::UnmeteredTool);
     }
     let Some(tools) = tools.filter(|t| t.get().trim() != "null") else {
-        return Ok(false);
+        return Ok((false, false));
     };
     let tools: Vec<&RawValue> =
         serde_json::from_str(tools.get()).map_err(|_| RequestError::BadField)?;
+    let listed = !tools.is_empty();
     let mut loops = false;
     for tool in tools {
         // A repeated `type` is an error here: the vendor may read either.
@@ -137,7 +143,7 @@ fn check_tools(
         }
         loops |= LOOPING_TOOLS.iter().any(|t| kind.starts_with(t));
     }
-    Ok(loops)
+    Ok((listed, loops))
 }
 
 /// The `service_tier` values priced at (or below) the table's rates: OpenAI's `default`
@@ -167,6 +173,8 @@ pub struct LlmRequest {
     /// A chat's predicted output (`prediction`): what the model does not use of it is
     /// billed at the output rate, on top of what it writes.
     pub predicted: bool,
+    /// It lists tools (`TOOL_OVERHEAD_TOKENS`).
+    pub has_tools: bool,
     /// The vendor may sample the model more than once for it (a looping server-side
     /// tool, MCP servers, a compaction pass): its reservation is no bound.
     pub samples_more: bool,
@@ -275,7 +283,7 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
     let present = |name: &str| -> Result<bool, RequestError> {
         Ok(find(name)?.is_some_and(|v| v.get().trim() != "null"))
     };
-    let looping_tool = check_tools(
+    let (has_tools, looping_tool) = check_tools(
         api,
         find("tools")?,
         api == Api::OpenAiChat && present("web_search_options")?,
@@ -317,6 +325,7 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
         wants_usage,
         rich_input,
         predicted,
+        has_tools,
         samples_more,
         stream_options,
         open_brace,
@@ -398,7 +407,12 @@ impl LlmRequest {
         if api == Api::OpenAiEmbeddings {
             return Some(bytes);
         }
-        let text = bytes.saturating_add(OVERHEAD_TOKENS);
+        let overhead = if self.has_tools {
+            OVERHEAD_TOKENS + TOOL_OVERHEAD_TOKENS
+        } else {
+            OVERHEAD_TOKENS
+        };
+        let text = bytes.saturating_add(overhead);
         match (self.rich_input, context) {
             (true, context) => context,
             (false, Some(c)) => Some(text.min(c)),
@@ -543,6 +557,22 @@ mod tests {
         assert_eq!(
             anthropic(r#"{"model":"c","service_tier":"auto"}"#),
             Err(RequestError::UnmeteredTier)
+        );
+    }
+
+    #[test]
+    fn a_request_listing_tools_reserves_room_for_the_vendors_tool_prompt() {
+        let plain = r#"{"model":"c","tools":[]}"#;
+        let tools = r#"{"model":"c","tools":[{"type":"bash_20250124","name":"bash"}]}"#;
+        let bound = |b: &str| {
+            parse(Api::AnthropicMessages, b.as_bytes())
+                .unwrap()
+                .input_bound(Api::AnthropicMessages, 100, None)
+        };
+        assert_eq!(bound(plain), Some(100 + OVERHEAD_TOKENS));
+        assert_eq!(
+            bound(tools),
+            Some(100 + OVERHEAD_TOKENS + TOOL_OVERHEAD_TOKENS)
         );
     }
 

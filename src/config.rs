@@ -642,6 +642,18 @@ impl Config {
         }
     }
 
+    /// Where `load(path)` reads the configuration from, for messages.
+    pub fn source(path: Option<&Path>) -> String {
+        match path {
+            Some(p) => std::path::absolute(p).unwrap_or(p.to_path_buf()).display().to_string(),
+            None if Path::new("conf/keybrake.yaml").exists() => {
+                let p = Path::new("conf/keybrake.yaml");
+                std::path::absolute(p).unwrap_or(p.to_path_buf()).display().to_string()
+            }
+            None => "the embedded defaults".into(),
+        }
+    }
+
     /// Loads `path`; `None` means `conf/keybrake.yaml` if it exists, else the embedded
     /// defaults. Everything is validated here.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config> {

@@ -21,7 +21,8 @@ impl Database {
     pub fn describe(&self) -> String {
         match self {
             Database::Sqlite { data_dir } => {
-                format!("SQLite in {}", data_dir.display())
+                let shown = std::path::absolute(data_dir).unwrap_or(data_dir.clone());
+                format!("SQLite in {}", shown.display())
             }
             Database::Postgres { url } => format!("PostgreSQL at {url}"),
         }

@@ -7,7 +7,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use keybrake::cli::{self, Client};
 use keybrake::config::{Config, Overrides};
 use keybrake::serve::{run_control, run_serve, SecretSources};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// mimalloc instead of glibc malloc: a proxy allocates and frees small objects on one
 /// thread and frees some on another (audit events); glibc's arenas pay for that in locks
@@ -502,6 +502,10 @@ fn run(cli: Cli) -> Result<()> {
             daemon,
         } => {
             let config = common.load()?;
+            log::info!(
+                "configuration: {}",
+                Config::source(common.config.as_deref())
+            );
             let ready = if daemon {
                 let pid_file = std::path::Path::new(&config.pingora.pid_file);
                 if upgrade {
@@ -523,6 +527,10 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| e.context("--database-url"))?;
             common.drop_unused("control");
             let config = common.load_with(database_url)?;
+            log::info!(
+                "configuration: {}",
+                Config::source(common.config.as_deref())
+            );
             run_control(config, common.secrets(false))
         }
         Command::Proxy {
@@ -536,6 +544,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             common.drop_unused("proxy");
             let config = common.load()?;
+            log::info!(
+                "configuration: {}",
+                Config::source(common.config.as_deref())
+            );
             let ready = if daemon {
                 let pid_file = std::path::Path::new(&config.pingora.pid_file);
                 keybrake::serve::pid_file_dir_exists(pid_file)?;
@@ -595,11 +607,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let scheme = |tls: bool| if tls { "https" } else { "http" };
-            let checked = match &common.config {
-                Some(file) => file.display().to_string(),
-                None if Path::new("conf/keybrake.yaml").exists() => "conf/keybrake.yaml".into(),
-                None => "the embedded defaults".into(),
-            };
+            let checked = Config::source(common.config.as_deref());
             println!(
                 "configuration OK ({checked}): proxy {}://{}, control {}://{}, metrics http://{}, {} vendors, {} currencies, {} priced models",
                 scheme(config.proxy.tls.is_some()),

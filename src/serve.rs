@@ -156,6 +156,32 @@ fn lock_data_dir(data_dir: &Path, upgrade: bool, serve: bool) -> Result<()> {
     Ok(())
 }
 
+/// Fails when a running `serve` or `control` holds the data dir's lock: checked before
+/// anything else at start (the ports, the secrets), so a second process started on the
+/// same data dir names that as the problem, not the first port it finds taken. Creates
+/// nothing; `lock_data_dir` takes the lock itself later.
+fn refuse_a_data_dir_in_use(config: &Config, serve: bool) -> Result<()> {
+    let crate::database::Database::Sqlite { data_dir } = config.database() else {
+        return Ok(());
+    };
+    let Ok(file) = std::fs::File::open(data_dir.join(LOCK_FILE)) else {
+        return Ok(());
+    };
+    if flock(&file, false)? {
+        return Ok(());
+    }
+    let shown = std::path::absolute(&data_dir).unwrap_or(data_dir);
+    anyhow::bail!(
+        "data dir {} is in use by another keybrake process: stop it first{}",
+        shown.display(),
+        if serve {
+            " (a graceful upgrade starts the new process with --upgrade)"
+        } else {
+            " (several control processes share a PostgreSQL database, not a data dir)"
+        }
+    )
+}
+
 /// The data dir's lock, held while the returned file is open; `None` when a running
 /// `serve` or `control` holds it.
 pub fn hold_data_dir(data_dir: &Path) -> Result<Option<std::fs::File>> {
@@ -625,6 +651,7 @@ pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
 /// events nodes sent are written before the process exits (nodes send again what it
 /// refuses from then on).
 pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
+    refuse_a_data_dir_in_use(&config, false)?;
     check_free(&[
         (config.control_listen, "control API"),
         (config.metrics_listen, "metrics"),
@@ -720,6 +747,7 @@ pub fn run_serve(
         );
     }
     if !upgrade {
+        refuse_a_data_dir_in_use(&config, true)?;
         check_free(&[
             (config.control_listen, "control API"),
             (config.proxy_listen, "proxy"),

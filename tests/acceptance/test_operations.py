@@ -292,6 +292,12 @@ def test_a_second_process_on_a_data_dir_in_use_is_refused(fake_stripe, tmp_path)
             assert second.returncode == 1, (role, second.returncode, second.stderr[-2000:])
             assert "in use by another keybrake process" in second.stderr, second.stderr[-2000:]
             assert str(first.data_dir) in second.stderr
+        # Started again as it was (same ports too): the data dir is named, not a port.
+        second = subprocess.run([str(KEYBRAKE_BIN), *first.command()[1:]], env=first.environment(),
+                                cwd=first.workdir, capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert "in use by another keybrake process" in second.stderr, second.stderr[-2000:]
+        assert "address already in use" not in second.stderr.lower(), second.stderr[-2000:]
         assert first.proc.poll() is None
         assert requests.get(f"{first.control_url}/readyz", timeout=5).status_code == 200
     finally:

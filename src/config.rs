@@ -645,10 +645,16 @@ impl Config {
     /// Where `load(path)` reads the configuration from, for messages.
     pub fn source(path: Option<&Path>) -> String {
         match path {
-            Some(p) => std::path::absolute(p).unwrap_or(p.to_path_buf()).display().to_string(),
+            Some(p) => std::path::absolute(p)
+                .unwrap_or(p.to_path_buf())
+                .display()
+                .to_string(),
             None if Path::new("conf/keybrake.yaml").exists() => {
                 let p = Path::new("conf/keybrake.yaml");
-                std::path::absolute(p).unwrap_or(p.to_path_buf()).display().to_string()
+                std::path::absolute(p)
+                    .unwrap_or(p.to_path_buf())
+                    .display()
+                    .to_string()
             }
             None => "the embedded defaults".into(),
         }

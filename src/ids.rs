@@ -69,6 +69,25 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     out
 }
 
+/// Whether `token` has the form of a control API token (a tenant's `kb_`, the admin
+/// `kba_`, a node's `kbn_`), for messages that tell it from a vault key.
+pub fn is_control_token(token: &str) -> bool {
+    ["kb_", "kba_", "kbn_"].iter().any(|p| token.starts_with(p))
+}
+
+/// What a bearer token looks like, by its prefix, for messages: `None` when unknown.
+pub fn token_kind(token: &str) -> Option<&'static str> {
+    [
+        ("kba_", "the admin token (kba_…)"),
+        ("kbn_", "a node token (kbn_…)"),
+        ("kb_", "a tenant API token (kb_…)"),
+        ("vk_", "a vault key (vk_…), which is for the proxy listener"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| token.starts_with(prefix))
+    .map(|(_, kind)| kind)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

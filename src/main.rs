@@ -766,6 +766,14 @@ fn run(cli: Cli) -> Result<()> {
                     for w in k["warnings"].as_array().into_iter().flatten() {
                         eprintln!("warning: {}", w.as_str().unwrap_or_default());
                     }
+                    if !client.json {
+                        // The id (for `key show`, `key revoke`, `audit --key`), on stderr.
+                        eprintln!(
+                            "issued {} (expires {})",
+                            k["id"].as_str().unwrap_or("?"),
+                            k["expires_at"].as_str().unwrap_or("?")
+                        );
+                    }
                     cli::print(&k, client.json, |k| {
                         k["token"].as_str().unwrap_or("?").to_string()
                     });

@@ -269,6 +269,16 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
     // A control plane on PostgreSQL keeps nothing on disk: no data dir is made for it.
     let on_disk = sources.generate_missing
         || matches!(config.database(), crate::database::Database::Sqlite { .. });
+    if on_disk && !config.data_dir.exists() {
+        // A mistyped --data-dir would otherwise look like every tenant vanished.
+        log::warn!(
+            "data dir {} does not exist: creating it, empty (if you meant an existing one, \
+             check --data-dir)",
+            std::path::absolute(&config.data_dir)
+                .unwrap_or(config.data_dir.clone())
+                .display()
+        );
+    }
     if on_disk {
         crate::secret::private_dir(&config.data_dir)
             .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;

@@ -74,7 +74,19 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jwks", get(jwks))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .fallback(|| async { ApiError::NotFound("route") })
+        .fallback(|uri: axum::http::Uri| async move {
+            // `/stripe/v1/…`: a proxied call sent to the control API.
+            let proxied =
+                !uri.path().starts_with("/v1/") && uri.path().split('/').nth(2) == Some("v1");
+            if proxied {
+                ApiError::NotFoundHint(
+                    "route not found: this is the control API; proxied vendor calls \
+                     (/stripe/v1/…) go to the proxy listener (by default 127.0.0.1:8080)",
+                )
+            } else {
+                ApiError::NotFound("route")
+            }
+        })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(head_limits))

@@ -28,7 +28,7 @@ impl FromRequestParts<ApiState> for Admin {
         if s.control.is_admin(token) {
             Ok(Admin)
         } else {
-            Err(ApiError::InvalidToken(Credential::Admin))
+            Err(refused(Credential::Admin, token))
         }
     }
 }
@@ -41,7 +41,7 @@ impl FromRequestParts<ApiState> for Tenant {
         s.control
             .tenant_for_token(token)
             .map(Tenant)
-            .ok_or(ApiError::InvalidToken(Credential::Tenant))
+            .ok_or_else(|| refused(Credential::Tenant, token))
     }
 }
 
@@ -61,7 +61,7 @@ impl FromRequestParts<ApiState> for Node {
         let id = s
             .control
             .node_for_token(token)
-            .ok_or(ApiError::InvalidToken(Credential::Node))?;
+            .ok_or_else(|| refused(Credential::Node, token))?;
         let session = parts
             .headers
             .get("keybrake-node-session")
@@ -74,6 +74,16 @@ impl FromRequestParts<ApiState> for Node {
             })?
             .to_string();
         Ok(Node { id, session })
+    }
+}
+
+/// The refusal of `token` where `needed` is asked for: naming what it is when its prefix
+/// shows another kind of token (a tenant's API token on an admin endpoint, a vault key),
+/// never any of its characters beyond the prefix.
+fn refused(needed: Credential, token: &str) -> ApiError {
+    match crate::ids::token_kind(token) {
+        Some(kind) if !token.starts_with(needed.prefix()) => ApiError::WrongToken(needed, kind),
+        _ => ApiError::InvalidToken(needed),
     }
 }
 

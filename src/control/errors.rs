@@ -16,6 +16,15 @@ pub enum Credential {
 }
 
 impl Credential {
+    /// The prefix of this credential's tokens.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Credential::Admin => "kba_",
+            Credential::Tenant => "kb_",
+            Credential::Node => "kbn_",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Credential::Admin => "admin token",
@@ -48,8 +57,12 @@ pub enum ApiError {
     MissingToken,
     /// 401: a token that is not the credential this endpoint needs.
     InvalidToken(Credential),
+    /// 401: a token of another kind than this endpoint needs (which, by its prefix).
+    WrongToken(Credential, &'static str),
     /// 404: no such object (also another tenant's), or no such route.
     NotFound(&'static str),
+    /// 404: no such route, with what the caller probably meant.
+    NotFoundHint(&'static str),
     /// 404: a vendor that is not in the catalog.
     UnknownVendor(String),
     /// 405.
@@ -105,11 +118,17 @@ impl ApiError {
                 "invalid_token",
                 format!("this endpoint needs a valid {}", needed.name()),
             ),
+            WrongToken(needed, given) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                format!("this endpoint needs a valid {}; this is {given}", needed.name()),
+            ),
             NotFound(what) => (
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("{what} not found"),
             ),
+            NotFoundHint(message) => (StatusCode::NOT_FOUND, "not_found", message.to_string()),
             UnknownVendor(v) => (
                 StatusCode::NOT_FOUND,
                 "unknown_vendor",
@@ -161,8 +180,9 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "vendor_not_configured",
                 format!(
-                    "vendor {v:?} is unknown or has no credential registered \
-                     (PUT /v1/vendors/{v}/credential)"
+                    "vendor {v:?} has no credential registered for this tenant, or is not in \
+                     the catalog: set one with PUT /v1/vendors/{v}/credential (CLI: keybrake \
+                     vendor set {v} --secret-file FILE)"
                 ),
             ),
             StorageUnavailable => (

@@ -73,6 +73,11 @@ pub struct KeybrakeProxy {
     pub prices: Arc<llm::PriceTable>,
 }
 
+/// `invalid_key`'s message for a control API token sent to the proxy.
+const CONTROL_TOKEN_ON_PROXY: &str = "This is a Keybrake control API token (kb_…, kba_… or \
+     kbn_…), not a vault key: ask the control API for a vault key (POST /v1/keys, or \
+     keybrake key issue) and send that.";
+
 impl KeybrakeProxy {
     /// Stages 1 to 7. On success the request may go upstream; on error nothing was sent.
     async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), Denial> {
@@ -187,6 +192,9 @@ impl KeybrakeProxy {
             .await
             .map_err(|(denial, key)| {
                 ctx.key = key;
+                if denial == Denial::InvalidKey && crate::ids::is_control_token(&token) {
+                    ctx.denial_message = Some(CONTROL_TOKEN_ON_PROXY.into());
+                }
                 denial
             })?;
         ctx.key = Some(key.clone());

@@ -6,6 +6,7 @@ Each command is checked by its output; errors are one clear line and a non-zero 
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -57,7 +58,9 @@ def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
     assert issued.returncode == 0, issued.stderr
     vault_key = issued.stdout.strip()
     assert vault_key.startswith("vk_ey") and "\n" not in vault_key
-    assert issued.stderr == "", issued.stderr
+    # Its id, for `key show`/`revoke`, on stderr (stdout stays the token alone).
+    assert re.fullmatch(r"issued (key_\w+) \(expires \S+\)\n", issued.stderr), issued.stderr
+    issued_id = issued.stderr.split()[1]
 
     # The tenant token from a file instead of the environment.
     token_file = tmp_path / "tenant.token"
@@ -70,6 +73,7 @@ def test_cli_issue_show_revoke_and_audit_a_key(keybrake, fake_stripe, tmp_path):
 
     listed = json.loads(kb(keybrake, "key", "list", "--json", token=token).stdout)
     key_id = listed["data"][0]["id"]
+    assert key_id == issued_id
     shown = kb(keybrake, "key", "show", key_id, token=token)
     assert shown.returncode == 0, shown.stderr
     assert f"id:              {key_id}" in shown.stdout

@@ -173,6 +173,33 @@ def test_admin_endpoints_refuse_missing_wrong_and_tenant_tokens(keybrake, method
     assert_control_error(keybrake.control(method, path, token=t.token, json=body), 401, "invalid_token")
 
 
+def test_a_token_of_the_wrong_kind_is_named_and_a_proxied_path_points_to_the_proxy(keybrake, stripe_secret):
+    """A tenant's API token on an admin endpoint, the admin token or a vault key on a
+    tenant endpoint: 401 invalid_token whose message says which kind it is (by prefix,
+    never more of it). A proxied path sent to the control API names the proxy listener;
+    a control API token sent to the proxy is told apart from the vendor's secret."""
+    t = keybrake.create_tenant()
+    t.put_credential("stripe", stripe_secret)
+    key = t.issue_key(allowed_endpoints=["GET /v1/customers"])
+    body = assert_control_error(keybrake.control("POST", "/v1/tenants", token=t.token, json={"name": "x"}),
+                                401, "invalid_token")
+    assert "admin token" in body["error"]["message"] and "tenant API token (kb_" in body["error"]["message"], body
+    assert t.token[3:] not in json.dumps(body)
+    body = assert_control_error(keybrake.control("GET", "/v1/keys", token=key["token"]), 401, "invalid_token")
+    assert "vault key" in body["error"]["message"] and "proxy" in body["error"]["message"], body
+    body = assert_control_error(keybrake.control("GET", "/v1/keys", token="kba_" + "x" * 30), 401, "invalid_token")
+    assert "the admin token (kba_" in body["error"]["message"], body
+    body = assert_control_error(keybrake.control("GET", "/v1/tenants", token="kba_not-the-admin"), 401, "invalid_token")
+    assert body["error"]["message"] == "this endpoint needs a valid admin token", body
+    body = assert_control_error(keybrake.control("GET", "/stripe/v1/customers", token=key["token"]), 404, "not_found")
+    assert "proxy listener" in body["error"]["message"], body
+    body = assert_control_error(keybrake.control("GET", "/v2/nothing"), 404, "not_found")
+    assert body["error"]["message"] == "route not found", body
+    r = keybrake.proxy("GET", "/stripe/v1/customers", headers={"Authorization": f"Bearer {t.token}"})
+    denied = assert_denied(r, 401, "invalid_key")
+    assert "control API token" in denied["message"] and denied["message"] == denied["error"]["message"], denied
+
+
 def test_admin_token_endpoints_refuse_tenant_tokens(keybrake):
     """Creating or deleting a tenant's API tokens is admin-only, even for that tenant."""
     t = keybrake.create_tenant()

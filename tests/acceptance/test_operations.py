@@ -282,6 +282,9 @@ def test_a_second_process_on_a_data_dir_in_use_is_refused(fake_stripe, tmp_path)
     data dir; once the first has stopped, a new one starts on it."""
     first = Keybrake(tmp_path / "kb", {"stripe": fake_stripe.url}).start()
     try:
+        # A new data dir is said to be one (a mistyped --data-dir looks like lost data).
+        assert f"data dir {first.data_dir} does not exist: creating it" in first.logs(), first.logs()[-2000:]
+        assert "configuration: " in first.logs()
         for role in ["serve", "control"]:
             cmd = [str(KEYBRAKE_BIN), role, "--data-dir", str(first.data_dir),
                    "--control-listen", f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}"]

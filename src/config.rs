@@ -702,7 +702,12 @@ impl Config {
             };
             std::fs::read_to_string(&path).with_context(|| {
                 let shown = std::path::absolute(&path).unwrap_or(path.clone());
-                format!("{key}: cannot read {}", shown.display())
+                format!(
+                    "{key}: cannot read {} (relative to the config file's directory; leave \
+                     {key} out to use {default} beside the config file, or the embedded \
+                     copy when there is none)",
+                    shown.display()
+                )
             })
         };
         // The file's own values first, so an error names them rather than a side file.
@@ -1100,9 +1105,11 @@ impl Config {
         if let AccessLog::File(path) = &self.access_log {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
             if dir.is_some_and(|d| !d.is_dir()) {
+                let shown = std::path::absolute(path).unwrap_or(path.clone());
                 bail!(
-                    "access_log: the directory of {} does not exist",
-                    path.display()
+                    "access_log: the directory of {} does not exist (a relative access_log \
+                     is relative to the working directory)",
+                    shown.display()
                 );
             }
         }

@@ -572,6 +572,9 @@ async fn put_credential(
             "secret must be 8 to 4096 printable ASCII characters without spaces".into(),
         ));
     }
+    if let Some(why) = not_a_vendor_secret(&vendor, secret) {
+        return Err(ApiError::InvalidRequest(why.into()));
+    }
     let (last4, updated_at) = s
         .control
         .put_credential(&tenant, &vendor, Secret::new(secret))
@@ -579,6 +582,21 @@ async fn put_credential(
     Ok(Json(
         json!({"vendor": vendor, "last4": last4, "updated_at": rfc3339(updated_at)}),
     ))
+}
+
+/// Why `secret` cannot be `vendor`'s API secret, when its form shows it (a mistake that
+/// would only show later, as every proxied call failing at the vendor).
+fn not_a_vendor_secret(vendor: &str, secret: &str) -> Option<&'static str> {
+    if crate::ids::is_control_token(secret) || secret.starts_with("vk_") {
+        return Some("this is a Keybrake token, not the vendor's secret");
+    }
+    if vendor == "stripe" && secret.starts_with("pk_") {
+        return Some(
+            "this is a Stripe publishable key (pk_…), which cannot call the API: give a \
+             secret key (sk_…) or a restricted key (rk_…)",
+        );
+    }
+    None
 }
 
 async fn get_credential(

@@ -379,10 +379,19 @@ def test_credential_for_an_unknown_vendor_is_refused(keybrake):
     for bad in ("sk_test_\u00e9abcdefgh", "sk_test\u00a0abcdefgh", "sk_test_\u202eabcdefgh"):
         assert_control_error(t.call("PUT", "/v1/vendors/stripe/credential", json={"secret": bad}),
                              400, "invalid_request")
+    # A secret whose form shows it cannot be the vendor's: a Stripe publishable key, a
+    # Keybrake token (the tenant's own, pasted by mistake).
+    body = assert_control_error(t.call("PUT", "/v1/vendors/stripe/credential", json={"secret": "pk_test_abcdefgh"}),
+                                400, "invalid_request")
+    assert "publishable" in body["error"]["message"], body
+    body = assert_control_error(t.call("PUT", "/v1/vendors/openai/credential", json={"secret": t.token}),
+                                400, "invalid_request")
+    assert "Keybrake token" in body["error"]["message"] and t.token not in json.dumps(body), body
+    assert t.call("PUT", "/v1/vendors/openai/credential", json={"secret": "pk_not_stripe_x"}).status_code == 200
     # Reading or deleting one says the same, not that the credential is missing.
     for method in ("GET", "DELETE"):
         assert_control_error(t.call(method, "/v1/vendors/nosuchvendor/credential"), 404, "unknown_vendor")
-        assert_control_error(t.call(method, "/v1/vendors/openai/credential"), 404, "not_found")
+        assert_control_error(t.call(method, "/v1/vendors/anthropic/credential"), 404, "not_found")
 
 
 # --------------------------------------------------------------------------- keys

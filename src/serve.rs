@@ -167,7 +167,8 @@ fn refuse_a_data_dir_in_use(config: &Config, serve: bool) -> Result<()> {
     let Ok(file) = std::fs::File::open(data_dir.join(LOCK_FILE)) else {
         return Ok(());
     };
-    if flock(&file, false)? {
+    let lock = data_dir.join(LOCK_FILE);
+    if flock(&file, false).with_context(|| format!("cannot lock {}", lock.display()))? {
         return Ok(());
     }
     let shown = std::path::absolute(&data_dir).unwrap_or(data_dir);
@@ -269,7 +270,8 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
     // A control plane on PostgreSQL keeps nothing on disk: no data dir is made for it.
     let on_disk = sources.generate_missing
         || matches!(config.database(), crate::database::Database::Sqlite { .. });
-    if on_disk && !config.data_dir.exists() {
+    let sqlite = matches!(config.database(), crate::database::Database::Sqlite { .. });
+    if sqlite && !config.data_dir.exists() {
         // A mistyped --data-dir would otherwise look like every tenant vanished.
         log::warn!(
             "data dir {} does not exist: creating it, empty (if you meant an existing one, \

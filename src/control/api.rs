@@ -75,9 +75,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .fallback(|uri: axum::http::Uri| async move {
-            // `/stripe/v1/…`: a proxied call sent to the control API.
-            let proxied =
-                !uri.path().starts_with("/v1/") && uri.path().split('/').nth(2) == Some("v1");
+            // `/stripe/v1/…` (or `/v2/…`): a proxied call sent to the control API.
+            let proxied = !uri.path().starts_with("/v1/")
+                && uri.path().split('/').nth(2).is_some_and(|v| {
+                    v.len() >= 2 && v.starts_with('v') && v[1..].bytes().all(|b| b.is_ascii_digit())
+                });
             if proxied {
                 ApiError::NotFoundHint(
                     "route not found: this is the control API; proxied vendor calls \

@@ -149,7 +149,7 @@ impl Denial {
             UnknownModel => "The model is not in Keybrake's price table for this vendor.",
             InvalidLlmBody => "The body must be a JSON object naming a model, with integer output limits, each field once.",
             UnmeteredServiceTier => "This service_tier is billed at rates Keybrake does not meter: omit service_tier or set it to \"default\" or \"flex\" (Anthropic: \"standard_only\").",
-            UnmeteredSpeed => "speed \"fast\" and inference_geo are billed above the rates Keybrake meters: omit them (or send speed \"standard\").",
+            UnmeteredSpeed => "A speed other than \"standard\" or an inference_geo other than \"global\" is billed above the rates Keybrake meters: omit them.",
             UnmeteredBeta => "The anthropic-beta context-1m option bills long inputs at rates Keybrake does not meter: remove it from the anthropic-beta header.",
         }
     }

@@ -218,8 +218,9 @@ enum Answer {
 /// What `finish` decided.
 pub struct Outcome {
     pub reservation: Reservation,
-    /// Spent out of the reservation (the rest goes back); can exceed it only when the
-    /// vendor billed more than the bound.
+    /// Spent out of the reservation (the rest goes back); can exceed it when the vendor
+    /// billed more than the bound, or a call that may sample more than once is charged
+    /// the key's cap (its usage unread).
     pub charge: Micros,
     pub usage: Option<Usage>,
 }
@@ -289,7 +290,8 @@ impl Call {
 
     /// The call is over. `never_sent`: the request did not leave (nothing to pay).
     /// A refused call is free; an answer whose usage was read costs that; anything else
-    /// (cut short by either side, no usage, unreadable usage) costs the whole reservation.
+    /// (cut short by either side, no usage, unreadable usage) costs the whole reservation,
+    /// or the key's cap for a call that may sample more than once (`charge`).
     pub fn finish(mut self, never_sent: bool) -> Outcome {
         let (charge, usage) = self.charge(never_sent);
         Outcome {

@@ -110,10 +110,12 @@ fn check_tools(
     prompt: bool,
 ) -> Result<(bool, bool), RequestError> {
     #[derive(serde::Deserialize)]
-    struct Tool {
+    struct Tool<'a> {
         #[serde(rename = "type")]
         kind: Option<String>,
-        environment: Option<Environment>,
+        /// An object for `shell`; a string for OpenAI's computer use.
+        #[serde(borrow)]
+        environment: Option<&'a RawValue>,
     }
     #[derive(serde::Deserialize)]
     struct Environment {
@@ -135,9 +137,14 @@ fn check_tools(
         let tool: Tool = serde_json::from_str(tool.get()).map_err(|_| RequestError::BadField)?;
         let Some(kind) = tool.kind else { continue };
         let hosted_shell = kind == "shell"
-            && tool
-                .environment
-                .is_some_and(|e| e.kind.as_deref() != Some("local"));
+            && match tool.environment.filter(|e| e.get().trim() != "null") {
+                None => false,
+                Some(e) => serde_json::from_str::<Environment>(e.get())
+                    .map_err(|_| RequestError::BadField)?
+                    .kind
+                    .as_deref()
+                    .is_none_or(|k| k != "local"),
+            };
         if hosted_shell || FEE_TOOLS.iter().any(|f| kind.starts_with(f)) {
             return Err(RequestError::UnmeteredTool);
         }
@@ -299,8 +306,11 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
             Some(Ok(Some(_))) => return Err(RequestError::UnmeteredSpeed),
             Some(Err(_)) => return Err(RequestError::BadField),
         }
-        if present("inference_geo")? {
-            return Err(RequestError::UnmeteredSpeed);
+        match find("inference_geo")?.map(|v| serde_json::from_str::<Option<String>>(v.get())) {
+            None | Some(Ok(None)) => {}
+            Some(Ok(Some(geo))) if geo == "global" => {}
+            Some(Ok(Some(_))) => return Err(RequestError::UnmeteredSpeed),
+            Some(Err(_)) => return Err(RequestError::BadField),
         }
     }
     // A background response answers before any usage exists, so it is charged its
@@ -610,6 +620,15 @@ mod tests {
             );
         }
         assert!(anthropic(r#"{"model":"c","speed":"standard","inference_geo":null}"#).is_ok());
+        assert!(anthropic(r#"{"model":"c","inference_geo":"global"}"#).is_ok());
+        // Computer use names its environment with a string: it passes.
+        let computer = r#"{"model":"m","tools":[{"type":"computer_use_preview","environment":"browser","display_width":1024,"display_height":768}]}"#;
+        assert!(responses(computer).is_ok());
+        assert_eq!(
+            responses(r#"{"model":"m","tools":[{"type":"shell","environment":"container_auto"}]}"#)
+                .err(),
+            Some(RequestError::BadField)
+        );
         assert_eq!(
             anthropic(r#"{"model":"c","speed":1}"#).err(),
             Some(RequestError::BadField)

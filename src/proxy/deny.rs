@@ -206,6 +206,19 @@ pub fn for_proxy_error(e: &pingora::Error) -> Option<Denial> {
     }
 }
 
+/// `upstream_unavailable`'s message, naming the kind of failure (never an address: the
+/// proxy's log has the details).
+pub fn unreachable(e: &pingora::Error) -> &'static str {
+    use pingora::ErrorType::*;
+    match e.etype() {
+        ConnectRefused => "The vendor could not be reached: connection refused. The proxy's log has the details.",
+        ConnectNoRoute => "The vendor could not be reached: no route to it, or its host name does not resolve (yet). The proxy's log has the details.",
+        TLSHandshakeFailure => "The vendor could not be reached: the TLS handshake failed (its certificate, or the protocol). The proxy's log has the details.",
+        ConnectError => "The vendor could not be reached: the connection failed. The proxy's log has the details.",
+        _ => "The vendor closed or broke the connection before answering. The proxy's log has the details.",
+    }
+}
+
 /// Writes the denial, with `message` in place of its own when given. The connection is
 /// closed afterwards when a request body may be left unread, so the next request on it
 /// cannot be confused with leftover bytes.

@@ -540,7 +540,8 @@ impl ProxyHttp for KeybrakeProxy {
                 return nobody;
             }
             let key_id = ctx.key.as_ref().map(|k| k.claims.jti.clone());
-            if let Err(err) = deny::respond(session, denial, key_id.as_deref(), None).await {
+            let why = (denial == Denial::UpstreamUnavailable).then(|| deny::unreachable(e));
+            if let Err(err) = deny::respond(session, denial, key_id.as_deref(), why).await {
                 log::debug!("cannot send the error response: {err}");
             }
         }

@@ -313,7 +313,8 @@ def test_unreachable_vendor_is_502_and_releases_the_reservation(keybrake_factory
     t = kb.create_tenant()
     t.put_credential("stripe", stripe_secret)
     key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=20)
-    assert_denied(pay(kb, key["token"], 1500, **extra), 502, "upstream_unavailable")
+    refused = assert_denied(pay(kb, key["token"], 1500, **extra), 502, "upstream_unavailable")
+    assert refused["message"].startswith("The vendor could not be reached: connection refused"), refused
     t.wait_spent(key["id"], Decimal(0))
 
 

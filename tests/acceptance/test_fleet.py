@@ -470,10 +470,18 @@ def test_a_control_plane_paused_past_the_lease_lifetime_takes_no_node_for_dead(f
         time.sleep(9)  # the lifetime is 6 s
     finally:
         control.proc.send_signal(signal.SIGCONT)
-    served = wait_until(lambda: pay(e, key["token"]).status_code == 200, timeout=10, interval=0.3)
+    last = {}
+
+    def paid():
+        r = pay(e, key["token"])
+        last["answer"] = (r.status_code, r.text[:300])
+        return r.status_code == 200
+
+    served = wait_until(paid, timeout=10, interval=0.3)
+    assert served, (last, e.logs()[-2000:], control.logs()[-2000:])
     time.sleep(8)  # past a lifetime after waking: a reclaim would have run by now
     assert e.proc.poll() is None, e.logs()[-2000:]
-    assert served and pay(e, key["token"]).status_code == 200
+    assert paid(), (last, e.logs()[-2000:])
     assert "took this node for dead" not in e.logs()
     assert "a process that stopped" not in control.logs(), "the node's leases were reclaimed"
     assert "was paused" in control.logs()

@@ -66,14 +66,20 @@ impl KeybrakeProxy {
                 let body = ctx.body.read().map(|b| &b[..]).unwrap_or_default();
                 // The account is part of the request: the same key and body on another
                 // connected account is another charge (at most one account header, `scope`).
-                let account = ctx
+                // So is the header that names it: whether the vendor keeps idempotency keys
+                // apart for `Stripe-Account` and `Stripe-Context` is not known, so the same
+                // account under the other header is charged again (more, never less).
+                let account: Vec<u8> = ctx
                     .vendor
                     .iter()
                     .flat_map(|v| v.account_headers.iter())
-                    .find_map(|h| req.headers.get(h))
-                    .map_or(&b""[..], |v| v.as_bytes());
+                    .find_map(|h| {
+                        let v = req.headers.get(h)?;
+                        Some([h.as_str().as_bytes(), b":", v.as_bytes()].concat())
+                    })
+                    .unwrap_or_default();
                 let fingerprint =
-                    idempotency::fingerprint(req.method.as_str(), ctx.path(), account, body);
+                    idempotency::fingerprint(req.method.as_str(), ctx.path(), &account, body);
                 let wait = self.idempotent_wait;
                 let exp = key.claims.exp;
                 let admitted = self

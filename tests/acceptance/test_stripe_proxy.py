@@ -1852,6 +1852,22 @@ def test_an_sdk_retry_with_the_same_idempotency_key_is_not_charged_again(keybrak
     assert_denied(r, 429, "cap_exhausted")
 
 
+def test_one_idempotency_key_under_the_other_account_header_is_charged_again(keybrake, tenant, fake_stripe):
+    """The same payment and Idempotency-Key, naming the same connected account first with
+    Stripe-Account and then with Stripe-Context: whether Stripe keeps one key apart for
+    the two headers is not known, so the second is charged as a new payment (more, never
+    less). Sent again exactly as the first, it is a free replay."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50,
+                           stripe_accounts=["acct_1ALLOWED"])
+    idem = f"idem-{secrets.token_hex(4)}"
+    body = {"amount": 1000, "currency": "usd"}
+    for header in ("Stripe-Account", "Stripe-Context", "Stripe-Account"):
+        r = keybrake.proxy("POST", PI, key=key["token"], data=body,
+                           headers={header: "acct_1ALLOWED", "Idempotency-Key": idem})
+        assert r.status_code == 200, r.text
+    tenant.wait_spent(key["id"], Decimal(20))
+
+
 def test_a_concurrent_duplicate_waits_for_the_first_and_is_not_charged(keybrake, tenant, fake_stripe):
     """Two identical $15 payments with one Idempotency-Key sent together on a $20 key:
     the second waits for the first to settle and then goes through uncharged (Stripe

@@ -19,11 +19,11 @@
 //! report returning budget never takes the lease below it; when a holder dies,
 //! `Store::reclaim_holder` settles it as spent and gives back only the rest.
 
-use super::store::{in_transaction, on_writer, Backend, Store, TxConn};
+use super::store::{in_transaction, on_writer, sqlite_script, Backend, Store, TxConn};
 use crate::money::Micros;
 use crate::sync::Grant;
 use anyhow::Result;
-use sqlx::Row;
+use sqlx::{Arguments, Row};
 use sqlx::{PgConnection, SqliteConnection};
 use std::collections::HashMap;
 
@@ -39,12 +39,17 @@ pub struct GrantRequest {
     pub commit: Micros,
 }
 
-/// The rows of a batch as `json_each` reads them: `(key, day)` is unique in one statement.
+/// The rows of a round of grants as `json_each` reads them from parameter `$N` (`N`
+/// replaced): `(key, day)` is unique in one round.
 const GRANT_ROWS: &str =
     "SELECT json_extract(value, '$[0]') AS k, json_extract(value, '$[1]') AS d,
         json_extract(value, '$[2]') AS cap, json_extract(value, '$[3]') AS mn,
-        json_extract(value, '$[4]') AS wt
- FROM json_each($1)";
+        json_extract(value, '$[4]') AS wt, json_extract(value, '$[5]') AS c
+ FROM json_each($N)";
+
+/// The holder (`$1`) is alive at `$2`: a condition of every statement of a grant on
+/// SQLite, which runs as one script (`grant_on_sqlite`).
+const HOLDER_ALIVE: &str = "EXISTS (SELECT 1 FROM holders WHERE id = $1 AND alive_until >= $2)";
 
 /// The same rows on PostgreSQL: one array per column.
 const PG_GRANT_ROWS: &str =
@@ -102,50 +107,47 @@ impl Store {
             });
             rounds.push(round);
         }
-        in_transaction!(self, |tx| {
-            let alive: Option<i64> = sqlx::query_scalar(if tx.is_postgres() {
-                "SELECT alive_until FROM holders WHERE id = $1 FOR SHARE"
-            } else {
-                "SELECT alive_until FROM holders WHERE id = $1"
-            })
-            .bind(holder)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if alive.is_none_or(|until| until < now) {
-                tx.rollback().await?;
-                return Ok(grants);
+        let pool = match &self.backend {
+            Backend::Sqlite { writer, .. } => {
+                return grant_on_sqlite(writer, holder, now, requests, &rounds).await;
             }
-            for round in &rounds {
-                let asks: Vec<&GrantRequest> = round.iter().map(|&i| &requests[i]).collect();
-                let granted = tx.grant_round(&asks).await?;
-                let mut leases: Vec<NewLease> = Vec::new();
-                for &i in round {
-                    let r = &requests[i];
-                    let g = granted
-                        .get(&(r.key_id.clone(), r.day))
-                        .copied()
-                        .unwrap_or(0);
-                    if g > 0 {
-                        let committed = r.commit.0.clamp(0, g);
-                        grants[i] = Grant {
-                            granted: Micros(g),
-                            committed: Micros(committed),
-                            revoked: false,
-                        };
-                        leases.push(NewLease {
-                            key_id: &r.key_id,
-                            day: r.day,
-                            held: g,
-                            committed,
-                        });
-                    }
-                }
-                if !leases.is_empty() {
-                    tx.add_leases(holder, &leases).await?;
+            Backend::Postgres(pool) => pool,
+        };
+        let mut tx = pool.begin().await?;
+        let alive: Option<i64> =
+            sqlx::query_scalar("SELECT alive_until FROM holders WHERE id = $1 FOR SHARE")
+                .bind(holder)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if alive.is_none_or(|until| until < now) {
+            tx.rollback().await?;
+            return Ok(grants);
+        }
+        for round in &rounds {
+            let asks: Vec<&GrantRequest> = round.iter().map(|&i| &requests[i]).collect();
+            let granted = pg_grant_round(&mut tx, &asks).await?;
+            let mut leases: Vec<NewLease> = Vec::new();
+            for &i in round {
+                let r = &requests[i];
+                let g = granted
+                    .get(&(r.key_id.clone(), r.day))
+                    .copied()
+                    .unwrap_or(0);
+                if g > 0 {
+                    grants[i] = grant_of(r, g);
+                    leases.push(NewLease {
+                        key_id: &r.key_id,
+                        day: r.day,
+                        held: g,
+                        committed: grants[i].committed.0,
+                    });
                 }
             }
-            tx.commit().await?;
-        });
+            if !leases.is_empty() {
+                pg_add_leases(&mut tx, holder, &leases).await?;
+            }
+        }
+        tx.commit().await?;
         Ok(grants)
     }
 
@@ -249,6 +251,87 @@ impl Store {
     }
 }
 
+/// The grant answered for `request` when the ledger took `granted` for it: of it, up to
+/// the request's `commit` is committed.
+fn grant_of(request: &GrantRequest, granted: i64) -> Grant {
+    Grant {
+        granted: Micros(granted),
+        committed: Micros(request.commit.0.clamp(0, granted)),
+        revoked: false,
+    }
+}
+
+/// `Store::lease_grant_many` on SQLite: every round's statements in one script, one trip
+/// to SQLite's thread (`store::sqlite_script`). Each round is a JSON parameter (`$3`,
+/// `$4`, …); its statements make the ledger rows, take the grants (the answer rows, with
+/// the round's number) and add them to the holder's leases, each only while the holder is
+/// alive (so a holder past its life gets nothing and changes nothing).
+async fn grant_on_sqlite(
+    writer: &sqlx::SqlitePool,
+    holder: &str,
+    now: i64,
+    requests: &[GrantRequest],
+    rounds: &[Vec<usize>],
+) -> Result<Vec<Grant>> {
+    let mut script = String::from("BEGIN IMMEDIATE;");
+    for n in 0..rounds.len() {
+        let rows = GRANT_ROWS.replace("$N", &format!("${}", n + 3));
+        script.push_str(&format!(
+            "INSERT INTO ledger (key_id, day) SELECT k, d FROM ({rows}) WHERE {HOLDER_ALIVE}
+                 ON CONFLICT (key_id, day) DO NOTHING;
+             UPDATE ledger SET last_grant = {GRANT}, held = ledger.held + {GRANT}
+                 FROM ({rows}) AS r
+                 WHERE ledger.key_id = r.k AND ledger.day = r.d AND {HOLDER_ALIVE}
+                 RETURNING {n} AS round, key_id, day, last_grant;
+             INSERT INTO leases (holder, key_id, day, held, committed)
+                 SELECT $1, r.k, r.d, l.last_grant, min(max(r.c, 0), l.last_grant)
+                 FROM ({rows}) AS r JOIN ledger AS l ON l.key_id = r.k AND l.day = r.d
+                 WHERE l.last_grant > 0 AND {HOLDER_ALIVE}
+                 ON CONFLICT (holder, key_id, day) DO UPDATE
+                 SET held = leases.held + excluded.held,
+                     committed = leases.committed + excluded.committed;"
+        ));
+    }
+    script.push_str("COMMIT;");
+    let mut arguments = sqlx::sqlite::SqliteArguments::default();
+    let bad = |e| anyhow::anyhow!("cannot bind a grant's parameter: {e}");
+    arguments.add(holder.to_string()).map_err(bad)?;
+    arguments.add(now).map_err(bad)?;
+    for round in rounds {
+        let rows: Vec<serde_json::Value> = round
+            .iter()
+            .map(|&i| {
+                let r = &requests[i];
+                serde_json::json!([r.key_id, r.day, r.cap.0, r.min.0, r.want.0, r.commit.0])
+            })
+            .collect();
+        arguments
+            .add(serde_json::Value::Array(rows).to_string())
+            .map_err(bad)?;
+    }
+    let mut granted: HashMap<(i64, String, i64), i64> = HashMap::new();
+    for row in sqlite_script(writer, script, arguments).await? {
+        granted.insert(
+            (row.get("round"), row.get("key_id"), row.get("day")),
+            row.get("last_grant"),
+        );
+    }
+    let mut grants = vec![Grant::NONE; requests.len()];
+    for (n, round) in rounds.iter().enumerate() {
+        for &i in round {
+            let r = &requests[i];
+            let g = granted
+                .get(&(n as i64, r.key_id.clone(), r.day))
+                .copied()
+                .unwrap_or(0);
+            if g > 0 {
+                grants[i] = grant_of(r, g);
+            }
+        }
+    }
+    Ok(grants)
+}
+
 /// Marks a node's report batch applied, in the transaction that applies it: changes one
 /// row, or none when that batch (or a later one of its session) is already applied. A
 /// session sends its batches one at a time, numbered from 1, so the highest number
@@ -345,11 +428,6 @@ struct NewLease<'a> {
 /// The batch statements, per backend (the batch is a JSON array or a set of arrays).
 #[allow(async_fn_in_trait)]
 trait BatchConn {
-    /// Takes the grants of one round (each (key, day) at most once): the grant per
-    /// (key, day), zero or absent when nothing was granted.
-    async fn grant_round(&mut self, asks: &[&GrantRequest]) -> Result<HashMap<(String, i64), i64>>;
-    /// Adds grants to the holder's lease rows.
-    async fn add_leases(&mut self, holder: &str, leases: &[NewLease<'_>]) -> Result<()>;
     /// What the holder's leases on these (key, day)s hold now, and how much of it is
     /// committed (locked on PostgreSQL).
     async fn held_leases(
@@ -370,53 +448,6 @@ trait BatchConn {
 }
 
 impl BatchConn for SqliteConnection {
-    async fn grant_round(&mut self, asks: &[&GrantRequest]) -> Result<HashMap<(String, i64), i64>> {
-        let rows: Vec<serde_json::Value> = asks
-            .iter()
-            .map(|r| serde_json::json!([r.key_id, r.day, r.cap.0, r.min.0, r.want.0]))
-            .collect();
-        let rows = serde_json::Value::Array(rows).to_string();
-        sqlx::query(&format!(
-            "INSERT INTO ledger (key_id, day) SELECT k, d FROM ({GRANT_ROWS}) WHERE true
-             ON CONFLICT (key_id, day) DO NOTHING"
-        ))
-        .bind(&rows)
-        .execute(&mut *self)
-        .await?;
-        Ok(sqlx::query(&format!(
-            "UPDATE ledger SET last_grant = {GRANT}, held = ledger.held + {GRANT}
-             FROM ({GRANT_ROWS}) AS r
-             WHERE ledger.key_id = r.k AND ledger.day = r.d
-             RETURNING key_id, day, last_grant"
-        ))
-        .bind(&rows)
-        .fetch_all(&mut *self)
-        .await?
-        .iter()
-        .map(|r| ((r.get("key_id"), r.get("day")), r.get("last_grant")))
-        .collect())
-    }
-
-    async fn add_leases(&mut self, holder: &str, leases: &[NewLease<'_>]) -> Result<()> {
-        let rows: Vec<serde_json::Value> = leases
-            .iter()
-            .map(|l| serde_json::json!([l.key_id, l.day, l.held, l.committed]))
-            .collect();
-        sqlx::query(
-            "INSERT INTO leases (holder, key_id, day, held, committed)
-             SELECT $1, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-                    json_extract(value, '$[2]'), json_extract(value, '$[3]')
-             FROM json_each($2) WHERE true
-             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held,
-                 committed = leases.committed + excluded.committed",
-        )
-        .bind(holder)
-        .bind(serde_json::Value::Array(rows).to_string())
-        .execute(&mut *self)
-        .await?;
-        Ok(())
-    }
-
     async fn held_leases(
         &mut self,
         holder: &str,
@@ -536,68 +567,6 @@ impl BatchConn for SqliteConnection {
 }
 
 impl BatchConn for PgConnection {
-    async fn grant_round(&mut self, asks: &[&GrantRequest]) -> Result<HashMap<(String, i64), i64>> {
-        let keys: Vec<&str> = asks.iter().map(|r| r.key_id.as_str()).collect();
-        let column =
-            |f: fn(&GrantRequest) -> i64| -> Vec<i64> { asks.iter().map(|r| f(r)).collect() };
-        let (days, caps, mins, wants) = (
-            column(|r| r.day),
-            column(|r| r.cap.0),
-            column(|r| r.min.0),
-            column(|r| r.want.0),
-        );
-        // Rows come into being in (key, day) order (the asks are sorted), then are locked
-        // in that order before the grant reads them.
-        sqlx::query(
-            "INSERT INTO ledger (key_id, day) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[])
-             ON CONFLICT (key_id, day) DO NOTHING",
-        )
-        .bind(&keys)
-        .bind(&days)
-        .execute(&mut *self)
-        .await?;
-        let slots: Vec<(&str, i64)> = keys.iter().copied().zip(days.iter().copied()).collect();
-        self.lock_ledger_rows(&slots).await?;
-        Ok(sqlx::query(&format!(
-            "UPDATE ledger SET last_grant = {GRANT}, held = ledger.held + {GRANT}
-             FROM ({PG_GRANT_ROWS}) AS r
-             WHERE ledger.key_id = r.k AND ledger.day = r.d
-             RETURNING ledger.key_id, ledger.day, ledger.last_grant"
-        ))
-        .bind(&keys)
-        .bind(&days)
-        .bind(&caps)
-        .bind(&mins)
-        .bind(&wants)
-        .fetch_all(&mut *self)
-        .await?
-        .iter()
-        .map(|r| ((r.get("key_id"), r.get("day")), r.get("last_grant")))
-        .collect())
-    }
-
-    async fn add_leases(&mut self, holder: &str, leases: &[NewLease<'_>]) -> Result<()> {
-        let keys: Vec<&str> = leases.iter().map(|l| l.key_id).collect();
-        let days: Vec<i64> = leases.iter().map(|l| l.day).collect();
-        let held: Vec<i64> = leases.iter().map(|l| l.held).collect();
-        let committed: Vec<i64> = leases.iter().map(|l| l.committed).collect();
-        sqlx::query(
-            "INSERT INTO leases (holder, key_id, day, held, committed)
-             SELECT $1, k, d, h, c
-             FROM unnest($2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[]) AS r(k, d, h, c)
-             ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held,
-                 committed = leases.committed + excluded.committed",
-        )
-        .bind(holder)
-        .bind(keys)
-        .bind(days)
-        .bind(held)
-        .bind(committed)
-        .execute(&mut *self)
-        .await?;
-        Ok(())
-    }
-
     async fn held_leases(
         &mut self,
         holder: &str,
@@ -711,6 +680,77 @@ impl BatchConn for PgConnection {
     }
 }
 
+/// Takes the grants of one round (each (key, day) at most once) on PostgreSQL: the grant
+/// per (key, day), zero or absent when nothing was granted.
+async fn pg_grant_round(
+    conn: &mut PgConnection,
+    asks: &[&GrantRequest],
+) -> Result<HashMap<(String, i64), i64>> {
+    let keys: Vec<&str> = asks.iter().map(|r| r.key_id.as_str()).collect();
+    let column = |f: fn(&GrantRequest) -> i64| -> Vec<i64> { asks.iter().map(|r| f(r)).collect() };
+    let (days, caps, mins, wants) = (
+        column(|r| r.day),
+        column(|r| r.cap.0),
+        column(|r| r.min.0),
+        column(|r| r.want.0),
+    );
+    // Rows come into being in (key, day) order (the asks are sorted), then are locked
+    // in that order before the grant reads them.
+    sqlx::query(
+        "INSERT INTO ledger (key_id, day) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[])
+         ON CONFLICT (key_id, day) DO NOTHING",
+    )
+    .bind(&keys)
+    .bind(&days)
+    .execute(&mut *conn)
+    .await?;
+    let slots: Vec<(&str, i64)> = keys.iter().copied().zip(days.iter().copied()).collect();
+    conn.lock_ledger_rows(&slots).await?;
+    Ok(sqlx::query(&format!(
+        "UPDATE ledger SET last_grant = {GRANT}, held = ledger.held + {GRANT}
+         FROM ({PG_GRANT_ROWS}) AS r
+         WHERE ledger.key_id = r.k AND ledger.day = r.d
+         RETURNING ledger.key_id, ledger.day, ledger.last_grant"
+    ))
+    .bind(&keys)
+    .bind(&days)
+    .bind(&caps)
+    .bind(&mins)
+    .bind(&wants)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| ((r.get("key_id"), r.get("day")), r.get("last_grant")))
+    .collect())
+}
+
+/// Adds grants to the holder's lease rows on PostgreSQL.
+async fn pg_add_leases(
+    conn: &mut PgConnection,
+    holder: &str,
+    leases: &[NewLease<'_>],
+) -> Result<()> {
+    let keys: Vec<&str> = leases.iter().map(|l| l.key_id).collect();
+    let days: Vec<i64> = leases.iter().map(|l| l.day).collect();
+    let held: Vec<i64> = leases.iter().map(|l| l.held).collect();
+    let committed: Vec<i64> = leases.iter().map(|l| l.committed).collect();
+    sqlx::query(
+        "INSERT INTO leases (holder, key_id, day, held, committed)
+         SELECT $1, k, d, h, c
+         FROM unnest($2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[]) AS r(k, d, h, c)
+         ON CONFLICT (holder, key_id, day) DO UPDATE SET held = leases.held + excluded.held,
+             committed = leases.committed + excluded.committed",
+    )
+    .bind(holder)
+    .bind(keys)
+    .bind(days)
+    .bind(held)
+    .bind(committed)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -820,6 +860,36 @@ mod tests {
 
     fn granted(grants: Vec<Grant>) -> Vec<Micros> {
         grants.into_iter().map(|g| g.granted).collect()
+    }
+
+    /// A grant whose caller stops waiting at any point (an edge node's request gone)
+    /// leaves the store usable: its transaction runs to its end, never left open on the
+    /// one writer connection. Every grant taken is in the key's held budget.
+    #[tokio::test]
+    async fn a_grant_whose_caller_stops_waiting_leaves_the_writer_usable() {
+        let s = store("grant-cancelled").await;
+        s.register_holder("h1", 0, i64::MAX).await.unwrap();
+        let mut answered = 0;
+        for i in 0..200u64 {
+            let asks = [ask("k_c", 1_000_000, 1, 3)];
+            let wait = std::time::Duration::from_micros(i * 7 % 400);
+            if let Ok(grants) = tokio::time::timeout(wait, s.lease_grant_many("h1", 5, &asks)).await
+            {
+                answered += grants.unwrap()[0].granted.0;
+            }
+        }
+        // The writer still takes a transaction of either kind.
+        let grants = s
+            .lease_grant_many("h1", 5, &[ask("k_c", 1_000_000, 1, 3)])
+            .await
+            .unwrap();
+        assert_eq!(granted(grants), [Micros(3)]);
+        s.register_holder("h2", 0, 10).await.unwrap();
+        let held = s.ledger_row("k_c", 7).await.unwrap().held.0;
+        assert!(
+            held >= answered + 3 && held <= 3 * 201,
+            "held {held}, answered {answered}"
+        );
     }
 
     #[tokio::test]

@@ -131,6 +131,48 @@ macro_rules! in_transaction {
 pub(super) use in_transaction;
 pub(super) use on_writer;
 
+/// Runs `script` on SQLite's writer connection in one trip to its thread: statements that
+/// open a write transaction (`BEGIN IMMEDIATE`) and end with `COMMIT`, with the rows they
+/// return. Each statement sent on its own is such a trip, two thread switches that cost
+/// more than the statement (`benches/ledger_sqlite.rs`), so the ledger's statements per
+/// batch of fresh keys go as one script.
+///
+/// It runs as a task of its own, to its end: a caller that stops waiting (a node's request
+/// gone) must not stop it between its `BEGIN` and `COMMIT`, which would leave the one
+/// writer connection inside a transaction. On an error the transaction is rolled back; a
+/// connection that cannot even do that is closed.
+pub(super) async fn sqlite_script(
+    writer: &SqlitePool,
+    script: String,
+    arguments: sqlx::sqlite::SqliteArguments<'static>,
+) -> Result<Vec<sqlx::sqlite::SqliteRow>> {
+    let writer = writer.clone();
+    tokio::spawn(async move {
+        let mut conn = writer.acquire().await?;
+        match sqlx::query_with(&script, arguments)
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                // No transaction to roll back (`BEGIN` itself failed) is the one harmless
+                // failure.
+                if let Err(r) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
+                    let idle = r
+                        .as_database_error()
+                        .is_some_and(|d| d.message().contains("no transaction is active"));
+                    if !idle {
+                        conn.close_on_drop();
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the store's script stopped: {e}"))?
+}
+
 /// A key as a lease request is checked against (`Store::key_limits`).
 #[derive(Debug, Clone)]
 pub struct KeyLimits {
@@ -318,9 +360,13 @@ impl Store {
         // issuance tail. `checkpoints` does it beside the writes instead, and lets the WAL
         // start over (see there). The writer's own checkpoint stays as a safety net at
         // 16,384 pages (64 MiB), which the WAL only reaches if that task stops.
+        // No ping before a connection is handed out (sqlx's default): a local file does
+        // not drop connections, and each ping is one more trip to SQLite's thread, which
+        // costs more than a fresh key's batch of grants (`benches/ledger_sqlite.rs`).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            .test_before_acquire(false)
             .connect_with(
                 options
                     .clone()
@@ -339,6 +385,7 @@ impl Store {
             .context("cannot open the SQLite database for checkpoints")?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await
             .context("cannot open the SQLite database for reading")?;

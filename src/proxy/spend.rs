@@ -1177,7 +1177,10 @@ mod tests {
             }
             for t in tasks {
                 let taken = t.await.unwrap();
-                assert!(taken.is_ok(), "round {round}: cap {cap}, {amounts:?}: {taken:?}");
+                assert!(
+                    taken.is_ok(),
+                    "round {round}: cap {cap}, {amounts:?}: {taken:?}"
+                );
             }
         }
     }
@@ -1519,4 +1522,3 @@ mod tests {
         assert_eq!(*ledger.report_calls.lock().unwrap(), 2);
     }
 }
-

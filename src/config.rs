@@ -19,6 +19,9 @@ mod duration;
 pub use duration::parse_duration;
 use duration::{Millis, Seconds};
 
+/// The configuration file read when no `--config` is given, relative to the working
+/// directory (the embedded defaults when it does not exist).
+pub const DEFAULT_PATH: &str = "conf/keybrake.yaml";
 pub const EMBEDDED_CONFIG: &str = include_str!("../conf/keybrake.yaml");
 pub const EMBEDDED_VENDORS: &str = include_str!("../conf/vendors.yaml");
 pub const EMBEDDED_CURRENCIES: &str = include_str!("../conf/currencies.yaml");
@@ -649,8 +652,8 @@ impl Config {
                 .unwrap_or(p.to_path_buf())
                 .display()
                 .to_string(),
-            None if Path::new("conf/keybrake.yaml").exists() => {
-                let p = Path::new("conf/keybrake.yaml");
+            None if Path::new(DEFAULT_PATH).exists() => {
+                let p = Path::new(DEFAULT_PATH);
                 std::path::absolute(p)
                     .unwrap_or(p.to_path_buf())
                     .display()
@@ -663,7 +666,7 @@ impl Config {
     /// Loads `path`; `None` means `conf/keybrake.yaml` if it exists, else the embedded
     /// defaults. Everything is validated here.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config> {
-        let default_path = Path::new("conf/keybrake.yaml");
+        let default_path = Path::new(DEFAULT_PATH);
         let (text, base_dir) = match path {
             Some(p) => (
                 std::fs::read_to_string(p)
@@ -671,7 +674,8 @@ impl Config {
                 Some(p.parent().unwrap_or(Path::new(".")).to_path_buf()),
             ),
             None if default_path.exists() => (
-                std::fs::read_to_string(default_path).context("cannot read conf/keybrake.yaml")?,
+                std::fs::read_to_string(default_path)
+                    .with_context(|| format!("cannot read {DEFAULT_PATH}"))?,
                 Some(PathBuf::from("conf")),
             ),
             None => (EMBEDDED_CONFIG.to_string(), None),

@@ -72,7 +72,7 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 /// Whether `token` has the form of a control API token (a tenant's `kb_`, the admin
 /// `kba_`, a node's `kbn_`), for messages that tell it from a vault key.
 pub fn is_control_token(token: &str) -> bool {
-    ["kb_", "kba_", "kbn_"].iter().any(|p| token.starts_with(p))
+    token_kind(token).is_some() && !token.starts_with("vk_")
 }
 
 /// What a bearer token looks like, by its prefix, for messages: `None` when unknown.

@@ -98,6 +98,7 @@ fn main() {
                         spent: Micros(1_000_000),
                         returned: Micros(4_000_000),
                         unreserved: Micros(1_000_000),
+                        return_uncommitted: false,
                     })
                     .collect();
                 assert!(store

@@ -427,6 +427,7 @@ impl Outbox {
                     w.returned = w.returned.saturating_add(r.returned);
                     w.overspent = w.overspent.saturating_add(r.overspent);
                     w.unreserved = w.unreserved.saturating_add(r.unreserved);
+                    w.return_uncommitted |= r.return_uncommitted;
                 }
                 None => {
                     self.index.insert(slot, self.waiting.len());

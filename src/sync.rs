@@ -118,6 +118,12 @@ pub struct LeaseReport {
     pub overspent: Micros,
     #[serde(default)]
     pub unreserved: Micros,
+    /// Give back all of the holder's uncommitted budget on the key, whatever `returned`
+    /// says: the holder may have been granted budget whose answer it never got (a lease
+    /// call that failed after the ledger granted), which it cannot name, and it has
+    /// given up every part of the lease it knows of (`returned` holds it all).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub return_uncommitted: bool,
 }
 
 /// Write-ahead of reservations: before a proxy forwards a call it reserved `amount` for,

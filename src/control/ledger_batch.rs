@@ -205,7 +205,11 @@ impl Store {
                         let done = r.spent.0.max(0).saturating_add(r.unreserved.0.max(0));
                         let uncommit = done.clamp(0, (*committed).max(0));
                         *committed -= uncommit;
-                        let leave = r.spent.0.max(0).saturating_add(r.returned.0.max(0));
+                        let leave = if r.return_uncommitted {
+                            i64::MAX
+                        } else {
+                            r.spent.0.max(0).saturating_add(r.returned.0.max(0))
+                        };
                         let take = leave.clamp(0, (*held - *committed).max(0));
                         *held -= take;
                         (take, uncommit, r.settled.0)
@@ -368,6 +372,8 @@ pub struct ReportRow {
     pub returned: Micros,
     /// Committed and not spent, back in the holder's lease: leaves the committed part.
     pub unreserved: Micros,
+    /// Every uncommitted part of the lease leaves it (`LeaseReport::return_uncommitted`).
+    pub return_uncommitted: bool,
 }
 
 impl Store {
@@ -772,6 +778,7 @@ mod tests {
             spent: Micros(spent),
             returned: Micros(returned),
             unreserved: Micros(unreserved),
+            return_uncommitted: false,
         }
     }
 

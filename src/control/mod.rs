@@ -993,6 +993,7 @@ impl Control {
                 spent: r.spent,
                 returned: r.returned,
                 unreserved: r.unreserved,
+                return_uncommitted: r.return_uncommitted,
             });
         }
         self.store
@@ -1282,6 +1283,95 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((row.settled, row.held), (Micros(10_000_000), Micros::ZERO));
+    }
+
+    /// The ledger grants, and the answer is lost on its way (an edge node's lease call
+    /// cut after the control plane committed): the grant is held for a holder that never
+    /// heard of it. The proxy, in doubt, gives back everything uncommitted with its next
+    /// report, so that part comes back to the key the same day and can be spent. The part
+    /// the grant committed for the call that asked (which the ledger cannot tell from a
+    /// forwarded call's) stays held until the holder's leases are reclaimed.
+    #[tokio::test]
+    async fn the_uncommitted_part_of_a_grant_whose_answer_was_lost_comes_back() {
+        use crate::proxy::spend::{SpendBook, SpendError, Spender};
+        use crate::sync::{Grant, LeaseCommit, LeaseReport};
+
+        /// Forwards to the control plane; loses the answer of the first lease call.
+        struct LosesFirstAnswer {
+            inner: Arc<Control>,
+            lost: std::sync::atomic::AtomicBool,
+        }
+        #[async_trait::async_trait]
+        impl Ledger for LosesFirstAnswer {
+            async fn lease(&self, r: LeaseRequest) -> Result<Grant, LedgerError> {
+                self.lease_many(vec![r]).await.pop().unwrap()
+            }
+            async fn lease_many(&self, r: Vec<LeaseRequest>) -> Vec<Result<Grant, LedgerError>> {
+                let answers = self.inner.lease_many(r).await;
+                if self.lost.swap(true, Ordering::AcqRel) {
+                    answers
+                } else {
+                    answers
+                        .iter()
+                        .map(|_| Err(LedgerError("connection reset".into())))
+                        .collect()
+                }
+            }
+            async fn report(&self, r: Vec<LeaseReport>) -> Result<(), LedgerError> {
+                self.inner.report(r).await
+            }
+            async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+                self.inner.commit(c).await
+            }
+            fn leases_valid_until_ms(&self) -> i64 {
+                self.inner.leases_valid_until_ms()
+            }
+        }
+
+        let dir = temp_dir("lost-grant");
+        let control = open(&dir, &MasterKey::generate_base64()).await;
+        let ledger = Arc::new(LosesFirstAnswer {
+            inner: control.clone(),
+            lost: Default::default(),
+        });
+        let book = SpendBook::new(
+            ledger,
+            Arc::new(Published::empty()),
+            1,
+            2,
+            Metrics::global(),
+        );
+        let who = Spender {
+            key_id: "key_lost",
+            tenant_id: "tn_x",
+            vendor: "stripe",
+            cap: Micros(4_000_000),
+            exp: i64::MAX,
+        };
+        let t = now_secs();
+        let day = utc_day(t);
+        assert!(matches!(
+            book.reserve(&who, Micros(1_000_000), t).await,
+            Err(SpendError::LedgerUnavailable)
+        ));
+        // The whole cap is held by this process, which does not know it has it: $2 of it
+        // committed for the call that asked.
+        let row = control.store.ledger_row("key_lost", day).await.unwrap();
+        assert_eq!(row.held, Micros(4_000_000));
+        assert!(book.reserve(&who, Micros(1_000_000), t).await.is_err());
+        book.report(t, false).await;
+        // The uncommitted $2 are spendable again, and spent.
+        for _ in 0..2 {
+            let r = book.reserve(&who, Micros(1_000_000), t).await.unwrap();
+            book.settle(r);
+        }
+        assert!(book.reserve(&who, Micros(1_000_000), t).await.is_err());
+        book.report(t + 3, false).await;
+        let row = control.store.ledger_row("key_lost", day).await.unwrap();
+        assert_eq!(
+            (row.settled, row.held),
+            (Micros(2_000_000), Micros(2_000_000))
+        );
     }
 
     /// A $100/day Stripe key of `tenant`, issued at `now` for ten minutes.

@@ -137,18 +137,18 @@ pub(super) use on_writer;
 /// more than the statement (`benches/ledger_sqlite.rs`), so the ledger's statements per
 /// batch of fresh keys go as one script.
 ///
-/// It runs as a task of its own, to its end: a caller that stops waiting (a node's request
-/// gone) must not stop it between its `BEGIN` and `COMMIT`, which would leave the one
-/// writer connection inside a transaction. On an error the transaction is rolled back; a
+/// Once it has the connection, it runs as a task of its own, to its end: a caller that
+/// stops waiting (a node's request gone) must not stop it between its `BEGIN` and
+/// `COMMIT`, which would leave the one writer connection inside a transaction. On an error the transaction is rolled back; a
 /// connection that cannot even do that is closed.
 pub(super) async fn sqlite_script(
     writer: &SqlitePool,
     script: String,
     arguments: sqlx::sqlite::SqliteArguments<'static>,
 ) -> Result<Vec<sqlx::sqlite::SqliteRow>> {
-    let writer = writer.clone();
+    // Acquired here: a caller that stops waiting for the writer runs nothing.
+    let mut conn = writer.acquire().await?;
     tokio::spawn(async move {
-        let mut conn = writer.acquire().await?;
         match sqlx::query_with(&script, arguments)
             .fetch_all(&mut *conn)
             .await
@@ -1820,6 +1820,7 @@ pub(super) mod tests {
             spent: Micros(25),
             returned: Micros(35),
             unreserved: Micros::ZERO,
+            return_uncommitted: false,
         };
         s.lease_report_many("h1", None, &[report]).await.unwrap();
         assert_eq!(

@@ -72,11 +72,15 @@ impl LeaseBatcher {
                     "the ledger answered fewer leases than asked".into(),
                 ))
             });
-            if let Ok(grant) = &answer {
-                let committed = grant.committed.min(grant.granted);
-                w.counter.add_precommitted(committed);
-                w.counter
-                    .add_available(grant.granted.saturating_sub(committed));
+            match &answer {
+                Ok(grant) => {
+                    let committed = grant.committed.min(grant.granted);
+                    w.counter.add_precommitted(committed);
+                    w.counter
+                        .add_available(grant.granted.saturating_sub(committed));
+                }
+                // The ledger may have granted before the answer was lost.
+                Err(_) => w.counter.doubt_lease(),
             }
             let _ = w.answer.send(answer);
         }

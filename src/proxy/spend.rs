@@ -100,6 +100,12 @@ pub(super) struct KeySpend {
     ahead_in_transit: AtomicI64,
     /// A top-up of the headroom is queued (`WriteAhead::top_up`): one at a time.
     topping_up: std::sync::atomic::AtomicBool,
+    /// The ledger may hold budget on the key for this holder that the counter does not
+    /// know of: a lease call failed (the ledger may have granted before its answer was
+    /// lost), or a commit found the lease short. The next report gives back everything
+    /// uncommitted (`LeaseReport::return_uncommitted`), so no such grant stays held all
+    /// day where no call can spend it.
+    lease_in_doubt: std::sync::atomic::AtomicBool,
     last_used: AtomicI64,
     /// When (unix seconds) the key's spent budget last went into a report (its creation
     /// first): a busy key's is reported every `return_idle_after`, a key used once or
@@ -135,6 +141,12 @@ impl KeySpend {
 
     pub(super) fn add_precommitted(&self, amount: Micros) {
         self.precommitted.fetch_add(amount.0, Ordering::AcqRel);
+    }
+
+    /// The ledger may hold budget for this counter that it does not know of (see
+    /// `lease_in_doubt`).
+    pub(super) fn doubt_lease(&self) {
+        self.lease_in_doubt.store(true, Ordering::Release);
     }
 
     /// The queued top-up was sent (or found nothing to commit).
@@ -231,6 +243,7 @@ impl KeySpend {
             precommitted: AtomicI64::new(0),
             ahead_in_transit: AtomicI64::new(0),
             topping_up: std::sync::atomic::AtomicBool::new(false),
+            lease_in_doubt: std::sync::atomic::AtomicBool::new(false),
             last_used: AtomicI64::new(0),
             reported_at: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
@@ -366,6 +379,7 @@ impl SpendBook {
                 precommitted: AtomicI64::new(0),
                 ahead_in_transit: AtomicI64::new(0),
                 topping_up: std::sync::atomic::AtomicBool::new(false),
+                lease_in_doubt: std::sync::atomic::AtomicBool::new(false),
                 last_used: AtomicI64::new(now),
                 reported_at: AtomicI64::new(now),
                 in_flight: AtomicI64::new(0),
@@ -465,11 +479,10 @@ impl SpendBook {
         now: i64,
     ) -> Result<Taken, SpendError> {
         entry.last_used.store(now, Ordering::Relaxed);
-        if entry.try_take(amount) {
-            return Ok(Taken {
-                ahead: Micros::ZERO,
-                lease: amount,
-            });
+        // Without the refill lock when the counter holds it (whole, or split between the
+        // budget committed ahead and the lease): no waiting behind a ledger call.
+        if let Some(source) = entry.take_any(amount) {
+            return Ok(source);
         }
         let _refill = entry.refill.lock().await;
         // Bounded: each round either takes budget, gets a grant or waits for budget in
@@ -669,6 +682,7 @@ impl SpendBook {
             returned: Micros::ZERO,
             overspent: Micros(overspent),
             unreserved: Micros::ZERO,
+            return_uncommitted: false,
         };
         if let Err(e) = self.ledger.report(vec![report]).await {
             log::error!("spend beyond the lease not reported, will retry: {e}");
@@ -687,6 +701,10 @@ impl SpendBook {
     /// budget too (committed ahead: uncommitted, then returned); its spent budget when due
     /// (see `report`). None when there is nothing.
     fn take_report(&self, entry: &KeySpend, now: i64, returning: bool) -> Option<LeaseReport> {
+        // In doubt: everything the counter holds goes back, and the ledger gives back the
+        // rest of what is uncommitted with it.
+        let in_doubt = entry.lease_in_doubt.swap(false, Ordering::AcqRel);
+        let returning = returning || in_doubt;
         let (returned, ahead) = if returning {
             let ahead = entry.precommitted.swap(0, Ordering::AcqRel);
             (entry.available.swap(0, Ordering::AcqRel) + ahead, ahead)
@@ -703,7 +721,7 @@ impl SpendBook {
         };
         let overspent = entry.unreported_overspent.swap(0, Ordering::AcqRel);
         let unreserved = entry.unreported_unreserved.swap(0, Ordering::AcqRel) + ahead;
-        if returned == 0 && spent == 0 && overspent == 0 && unreserved == 0 {
+        if returned == 0 && spent == 0 && overspent == 0 && unreserved == 0 && !in_doubt {
             return None;
         }
         Some(LeaseReport {
@@ -714,6 +732,7 @@ impl SpendBook {
             returned: Micros(returned),
             overspent: Micros(overspent),
             unreserved: Micros(unreserved),
+            return_uncommitted: in_doubt,
         })
     }
 
@@ -786,6 +805,9 @@ impl SpendBook {
                     entry.add_overspent(r.overspent);
                     entry.add_unreserved(r.unreserved);
                     entry.add_available(r.returned);
+                    if r.return_uncommitted {
+                        entry.doubt_lease();
+                    }
                 }
                 let mut back = self.retired.lock().unwrap_or_else(|p| p.into_inner());
                 back.extend(retired.iter().filter(|e| e.day < today).cloned());
@@ -821,6 +843,7 @@ impl SpendBook {
                     && e.unreported_unreserved.load(Ordering::Acquire) == 0
                     && e.precommitted.load(Ordering::Acquire) == 0
                     && !e.over_cap.load(Ordering::Acquire)
+                    && !e.lease_in_doubt.load(Ordering::Acquire)
             });
         }
         // A past day's counter is dropped only once no request holds it (a reservation
@@ -838,6 +861,7 @@ impl SpendBook {
                     || e.unreported_unreserved.load(Ordering::Acquire) != 0
                     || e.precommitted.load(Ordering::Acquire) != 0
                     || e.available.load(Ordering::Acquire) != 0
+                    || e.lease_in_doubt.load(Ordering::Acquire)
             })
             .collect();
         if !held.is_empty() {

@@ -168,6 +168,10 @@ impl WriteAhead {
                 }
                 Some(false) => {
                     w.counter.drop_available();
+                    // Short because the lease was reclaimed, or because a report in
+                    // doubt gave budget back meanwhile: whatever the ledger still holds
+                    // uncommitted goes back with the next report.
+                    w.counter.doubt_lease();
                     let _ = answer.send(Err(SpendError::LedgerUnavailable));
                 }
                 None => {

@@ -12,6 +12,8 @@
 //! Run: `AUDIT_PG_URL=postgres://user@127.0.0.1:PORT/db cargo bench --bench audit_backends`
 //! (`AUDIT_EVENTS=200000`, `AUDIT_ROUNDS=3`).
 
+mod common;
+use common::cpu;
 use keybrake::config::AuditDurability;
 use keybrake::control::audit::AuditTrail;
 use keybrake::metrics::Metrics;
@@ -36,18 +38,6 @@ fn event(i: usize) -> AuditEvent {
         duration_ms: 3,
         llm: None,
     }
-}
-
-/// Process CPU time (user + system) so far.
-fn cpu() -> Duration {
-    // SAFETY: getrusage writes into the struct it is given.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        u
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// Fields of /proc/PID/stat after the command name (field 3 is index 0).

@@ -11,9 +11,11 @@
 //!
 //! Run: `cargo bench --bench audit_driver` (`AUDIT_EVENTS=200000`, `AUDIT_ROUNDS=3`).
 
+mod common;
+use common::cpu;
 use keybrake::control::audit::{INSERT, SCHEMA};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const BATCH: usize = 256;
 
@@ -35,18 +37,6 @@ fn events(n: usize) -> Vec<Event> {
             request_id: format!("req_{i:016}"),
         })
         .collect()
-}
-
-/// Process CPU time (user + system) so far.
-fn cpu() -> Duration {
-    // SAFETY: getrusage writes into the struct it is given.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        u
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 fn fresh(dir: &Path, name: &str) -> PathBuf {

@@ -10,23 +10,13 @@
 //! Run: `cargo bench --bench ledger_sqlite` (`LEDGER_KEYS=40000`, `LEDGER_BATCH=8`,
 //! `LEDGER_REPORT_ROWS=200`, `LEDGER_ROUNDS=3`).
 
+mod common;
+use common::cpu;
 use keybrake::control::ledger_batch::{GrantRequest, ReportRow};
 use keybrake::control::store::Store;
 use keybrake::database::Database;
 use keybrake::money::Micros;
 use std::time::{Duration, Instant};
-
-/// Process CPU time (user + system) so far.
-fn cpu() -> Duration {
-    // SAFETY: getrusage writes into the struct it is given.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        u
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
 
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name)

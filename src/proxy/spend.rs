@@ -701,13 +701,15 @@ impl SpendBook {
     /// budget too (committed ahead: uncommitted, then returned); its spent budget when due
     /// (see `report`). None when there is nothing.
     fn take_report(&self, entry: &KeySpend, now: i64, returning: bool) -> Option<LeaseReport> {
-        // In doubt: everything the counter holds goes back, and the ledger gives back the
-        // rest of what is uncommitted with it.
+        // In doubt: the counter's uncommitted budget goes back, and the ledger gives back
+        // the rest of what is uncommitted with it. Budget committed ahead stays: it is the
+        // ledger's as much as the counter's, and a busy key keeps serving from it.
         let in_doubt = entry.lease_in_doubt.swap(false, Ordering::AcqRel);
-        let returning = returning || in_doubt;
         let (returned, ahead) = if returning {
             let ahead = entry.precommitted.swap(0, Ordering::AcqRel);
             (entry.available.swap(0, Ordering::AcqRel) + ahead, ahead)
+        } else if in_doubt {
+            (entry.available.swap(0, Ordering::AcqRel), 0)
         } else {
             (0, 0)
         };
@@ -810,7 +812,9 @@ impl SpendBook {
                     }
                 }
                 let mut back = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-                back.extend(retired.iter().filter(|e| e.day < today).cloned());
+                // All of them: one retired at midnight during this round has today's day
+                // as this round counted it, and still holds what it did.
+                back.extend(retired.iter().cloned());
                 return;
             }
             rows.clear();
@@ -1019,6 +1023,8 @@ mod tests {
         report_calls: Mutex<usize>,
         /// Every row reported: (key, spent, returned).
         rows: Mutex<Vec<(String, i64, i64)>>,
+        /// The next this many report calls fail, taking nothing.
+        failing_reports: Mutex<usize>,
     }
 
     #[async_trait::async_trait]
@@ -1044,6 +1050,13 @@ mod tests {
         }
         async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
             *self.report_calls.lock().unwrap() += 1;
+            {
+                let mut failing = self.failing_reports.lock().unwrap();
+                if *failing > 0 {
+                    *failing -= 1;
+                    return Err(LedgerError("the ledger is down".into()));
+                }
+            }
             for r in reports {
                 let row = (r.key_id.clone(), r.spent.0, r.returned.0);
                 self.rows.lock().unwrap().push(row);
@@ -1234,6 +1247,30 @@ mod tests {
         book.report(2 * day + 2, false).await;
         assert_eq!(*ledger.settled.lock().unwrap(), 4_000_000);
         assert!(book.retired.lock().unwrap().is_empty());
+    }
+
+    /// A round that began before midnight fails while a request after midnight retires a
+    /// key's counter: that counter (its day is the round's today) is kept with the
+    /// others for the next round, and its spend is reported then, not lost.
+    #[tokio::test]
+    async fn a_counter_retired_at_midnight_during_a_failed_round_is_reported_later() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let day = 86_400;
+        let yesterday = book
+            .reserve(&who(20_000_000), Micros(3_000_000), 2 * day - 1)
+            .await
+            .unwrap();
+        book.settle(yesterday);
+        let today = book
+            .reserve(&who(20_000_000), Micros(1_000_000), 2 * day)
+            .await
+            .unwrap();
+        book.settle(today);
+        *ledger.failing_reports.lock().unwrap() = 1;
+        book.report(2 * day - 1, true).await;
+        book.report(2 * day + 5, false).await;
+        assert_eq!(*ledger.settled.lock().unwrap(), 4_000_000);
     }
 
     #[tokio::test]

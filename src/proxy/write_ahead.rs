@@ -149,7 +149,8 @@ impl WriteAhead {
             if firsts[row] == i {
                 match ok {
                     Some(true) => w.counter.add_precommitted(ahead[row]),
-                    Some(false) => {}
+                    // Refused: the lease holds less than the counter thinks (see below).
+                    Some(false) => w.counter.doubt_lease(),
                     None => w.counter.add_available(ahead[row]),
                 }
                 w.counter.add_in_transit(Micros(-ahead[row].0));

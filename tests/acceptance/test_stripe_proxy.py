@@ -2004,7 +2004,9 @@ def test_a_payment_sent_whole_on_a_connection_that_then_fails_is_not_sent_again(
     connection, and the vendor resets it without answering. Keybrake cannot know the
     vendor did not act on it, so it does not send it again: 502 upstream_unavailable,
     charged as a call that may have moved money. The next payment goes on a fresh
-    connection and succeeds."""
+    connection and succeeds. (A payment sent before the last connection went back to the
+    pool opens a new one and is answered: the loop sends until one lands on a reused
+    connection, a few payments at most.)"""
     listener, served, unanswered = _closing_upstream()
     try:
         kb = keybrake_factory({"stripe": f"http://127.0.0.1:{listener.getsockname()[1]}"})
@@ -2012,11 +2014,21 @@ def test_a_payment_sent_whole_on_a_connection_that_then_fails_is_not_sent_again(
         t.put_credential("stripe", stripe_secret)
         key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
         assert pay(kb, key["token"], 700, **LARGE).status_code == 200
-        assert_denied(pay(kb, key["token"], 700, **LARGE), 502, "upstream_unavailable")
+        sent = 1
+        while not unanswered and sent < 6:
+            r = pay(kb, key["token"], 700, **LARGE)
+            sent += 1
+            if unanswered:
+                assert_denied(r, 502, "upstream_unavailable")
+            else:
+                assert r.status_code == 200, r.text
+        assert len(unanswered) == 1, (sent, served, unanswered)
         r = pay(kb, key["token"], 700, **LARGE)
+        sent += 1
         assert r.status_code == 200, r.text
-        assert len(served) == 2 and len(unanswered) == 1, (served, unanswered)
-        t.wait_spent(key["id"], Decimal(21))
+        # Every payment reached the vendor once: the unanswered one was not sent again.
+        assert len(served) + len(unanswered) == sent, (sent, served, unanswered)
+        t.wait_spent(key["id"], Decimal(7 * sent))
     finally:
         listener.close()
 

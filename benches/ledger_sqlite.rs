@@ -7,8 +7,11 @@
 //! Prints wall time and this process's CPU (every thread, the SQLite worker included) per
 //! key for each part.
 //!
+//! Grant batches are numbered, as an edge node's are (each recorded in `lease_batches`);
+//! `LEDGER_NUMBERED=0` grants them unnumbered, as `serve`'s in-process ledger does.
+//!
 //! Run: `cargo bench --bench ledger_sqlite` (`LEDGER_KEYS=40000`, `LEDGER_BATCH=8`,
-//! `LEDGER_REPORT_ROWS=200`, `LEDGER_ROUNDS=3`).
+//! `LEDGER_REPORT_ROWS=200`, `LEDGER_ROUNDS=3`, `LEDGER_NUMBERED=1`).
 
 mod common;
 use common::cpu;
@@ -30,6 +33,7 @@ fn main() {
     let batch = knob("LEDGER_BATCH", 8).max(1);
     let report_rows = knob("LEDGER_REPORT_ROWS", 200).max(1);
     let rounds = knob("LEDGER_ROUNDS", 3);
+    let numbered = knob("LEDGER_NUMBERED", 1) != 0;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -51,9 +55,12 @@ fn main() {
             .await
             .expect("a holder");
         println!(
-            "{keys} fresh keys per round, first leases in batches of {batch}, reports in rounds of {report_rows} rows"
+            "{keys} fresh keys per round, first leases in batches of {batch} ({}), reports in \
+             rounds of {report_rows} rows",
+            if numbered { "numbered" } else { "unnumbered" }
         );
         println!("round   grant µs/key (wall / CPU)   report µs/key (wall / CPU)");
+        let mut number = 0;
         for round in 0..rounds {
             let ids: Vec<String> = (0..keys)
                 .map(|i| format!("key_{round:02}{i:024}"))
@@ -71,8 +78,9 @@ fn main() {
                         commit: Micros(2_000_000),
                     })
                     .collect();
+                number += 1;
                 let grants = store
-                    .lease_grant_many("bench", now, &asks)
+                    .lease_grant_many("bench", now, numbered.then_some(number), &asks)
                     .await
                     .expect("granted");
                 assert!(grants.iter().all(|g| g.granted == Micros(5_000_000)));
@@ -92,7 +100,7 @@ fn main() {
                     })
                     .collect();
                 assert!(store
-                    .lease_report_many("bench", None, &rows)
+                    .lease_report_many("bench", None, &rows, &[])
                     .await
                     .expect("reported"));
             }
@@ -105,10 +113,7 @@ fn main() {
                 per(w2 - w1),
                 per(c2 - c1)
             );
-            let row = store
-                .ledger_row(&ids[0], day)
-                .await
-                .expect("a ledger row");
+            let row = store.ledger_row(&ids[0], day).await.expect("a ledger row");
             assert_eq!((row.settled, row.held), (Micros(1_000_000), Micros::ZERO));
         }
         let _ = std::fs::remove_dir_all(&dir);

@@ -59,6 +59,8 @@ struct EdgeMetrics {
     snapshot_version: IntGauge,
     lease_requests: IntCounter,
     lease_failures: IntCounter,
+    /// Lease batches sent and not answered, named lost to the control plane.
+    lease_batches_lost: IntCounter,
     /// HTTP calls carrying lease requests: requests per call is the batching.
     lease_calls: IntCounter,
     commit_rows: IntCounter,
@@ -79,6 +81,11 @@ impl EdgeMetrics {
             lease_failures: prometheus::register_int_counter!(
                 "keybrake_lease_failures_total",
                 "Budget lease requests that failed (control plane unreachable or refused)"
+            )?,
+            lease_batches_lost: prometheus::register_int_counter!(
+                "keybrake_lease_batches_lost_total",
+                "Lease calls sent and not answered: named lost in the next spend report, \
+                 so the control plane gives back whatever they granted"
             )?,
             lease_calls: prometheus::register_int_counter!(
                 "keybrake_lease_calls_total",
@@ -246,6 +253,8 @@ pub struct HttpLedger {
     valid_until_ms: AtomicI64,
     metrics: Arc<EdgeMetrics>,
     reports: ReportOutbox,
+    /// The last lease batch number taken (docs/api.md, `/v1/sync/leases`).
+    lease_batch: AtomicU64,
 }
 
 impl HttpLedger {
@@ -253,16 +262,29 @@ impl HttpLedger {
         let n = requests.len();
         self.metrics.lease_requests.inc_by(n as u64);
         self.metrics.lease_calls.inc();
+        let batch = self.lease_batch.fetch_add(1, Ordering::Relaxed) + 1;
         let client = self.client.clone();
         let answer = blocking(move || {
             client.call(
                 "POST",
                 "/v1/sync/leases",
-                Some(&json!({ "requests": requests }).to_string()),
+                Some(&json!({ "batch": batch, "requests": requests }).to_string()),
                 Duration::from_secs(5),
             )
         })
         .await;
+        // Sent, and no answer read: the control plane may have granted it. The next
+        // report names it lost, and the ledger gives back whatever it granted (no call
+        // is forwarded on it). A refusal (400, 401) was never applied.
+        let maybe_applied = match &answer {
+            Some(Ok(v)) => v["grants"].as_array().is_none_or(|g| g.len() != n),
+            Some(Err(CallError::Unauthorized | CallError::Refused(_))) => false,
+            Some(Err(CallError::Other(_))) | None => true,
+        };
+        if maybe_applied {
+            self.metrics.lease_batches_lost.inc();
+            self.reports.lost_lease(batch);
+        }
         let fail = |why: &str| {
             (0..n)
                 .map(|_| Err(LedgerError(why.to_string())))
@@ -399,9 +421,15 @@ impl Ledger for HttpLedger {
 /// meanwhile wait for the next batch, merged per (budget, key, day) as the proxy's
 /// counters merge them: what waits stays one row per key however long the control plane
 /// is away.
+///
+/// Lease batches whose answers were lost (`HttpLedger::post_leases`) are named in the next
+/// batch formed (`lost_leases`), however many rows it has.
 #[derive(Default)]
 struct ReportOutbox {
     state: tokio::sync::Mutex<Outbox>,
+    /// Lease batches named lost by no report batch yet: apart from `state`, whose lock a
+    /// report in flight holds for seconds, so a lease call never waits for it.
+    lost_leases: std::sync::Mutex<Vec<u64>>,
 }
 
 #[derive(Default)]
@@ -438,30 +466,43 @@ impl Outbox {
     }
 
     /// The batch to send: the unanswered one, else the next `LEASE_BATCH` rows waiting
-    /// under a new number; `None` when nothing waits.
-    fn batch(&mut self) -> Option<(u64, String)> {
-        if self.unanswered.is_none() && !self.waiting.is_empty() {
+    /// under a new number, naming the lease batches in `lost` (taken from it); `None`
+    /// when nothing waits.
+    fn batch(&mut self, lost: &std::sync::Mutex<Vec<u64>>) -> Option<(u64, String)> {
+        if self.unanswered.is_none() {
+            let lost = std::mem::take(&mut *lost.lock().unwrap_or_else(|p| p.into_inner()));
+            if self.waiting.is_empty() && lost.is_empty() {
+                return None;
+            }
             let rest = self.waiting.split_off(self.waiting.len().min(LEASE_BATCH));
             let rows = std::mem::replace(&mut self.waiting, rest);
             self.index = (self.waiting.iter().enumerate())
                 .map(|(i, r)| ((r.budget, r.key_id.clone(), r.day), i))
                 .collect();
             self.number += 1;
-            let body = json!({ "batch": self.number, "reports": rows }).to_string();
-            self.unanswered = Some((self.number, body));
+            let mut body = json!({ "batch": self.number, "reports": rows });
+            if !lost.is_empty() {
+                body["lost_leases"] = json!(lost);
+            }
+            self.unanswered = Some((self.number, body.to_string()));
         }
         self.unanswered.clone()
     }
 }
 
 impl ReportOutbox {
+    /// Names lease batch `number` lost in the next report batch formed.
+    fn lost_lease(&self, number: u64) {
+        (self.lost_leases.lock().unwrap_or_else(|p| p.into_inner())).push(number);
+    }
+
     /// Adds `reports` to what waits and sends batches until nothing waits or one is not
     /// answered (kept for the next call). The lock is held across each send: one report
     /// request in flight, whoever calls.
     async fn send(&self, client: &Arc<SyncClient>, reports: Vec<LeaseReport>) {
         let mut outbox = self.state.lock().await;
         outbox.add(reports);
-        while let Some((number, body)) = outbox.batch() {
+        while let Some((number, body)) = outbox.batch(&self.lost_leases) {
             let client = client.clone();
             let answer = blocking(move || {
                 client.call(
@@ -998,6 +1039,7 @@ pub fn run_edge(
         valid_until_ms: AtomicI64::new(0),
         metrics: edge_metrics.clone(),
         reports: ReportOutbox::default(),
+        lease_batch: AtomicU64::new(0),
     });
     let stale = Arc::new(AtomicBool::new(true));
     let state = Arc::new(SyncState {
@@ -1255,6 +1297,28 @@ mod tests {
         outbox.send(&client, Vec::new()).await;
         assert_eq!(next(), two);
         assert_eq!(next(), (3, vec!["key_x".to_string()]));
+        assert!(bodies.recv_timeout(Duration::from_millis(300)).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_lost_lease_batch_is_named_in_the_next_report_batch_formed_once() {
+        let (client, bodies) = fake_control(vec![503, 200, 200]);
+        let outbox = ReportOutbox::default();
+        outbox.send(&client, vec![report("key_a", 5)]).await;
+        let first = bodies.recv_timeout(WAIT).unwrap();
+        assert!(first.get("lost_leases").is_none(), "{first}");
+        // Lost while batch 1 waits for an answer: batch 1 goes again as it was, and
+        // batch 2 (with no rows of its own) names both lost lease batches.
+        outbox.lost_lease(7);
+        outbox.lost_lease(9);
+        outbox.send(&client, Vec::new()).await;
+        assert_eq!(bodies.recv_timeout(WAIT).unwrap(), first);
+        let second = bodies.recv_timeout(WAIT).unwrap();
+        assert_eq!(second["batch"], 2);
+        assert_eq!(second["lost_leases"], json!([7, 9]));
+        assert_eq!(second["reports"], json!([]));
+        // Named once: nothing more is sent.
+        outbox.send(&client, Vec::new()).await;
         assert!(bodies.recv_timeout(Duration::from_millis(300)).is_err());
     }
 

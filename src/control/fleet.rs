@@ -308,11 +308,13 @@ impl Control {
         }))
     }
 
-    /// Leases for a node session, asked in one store transaction, each grant atomic.
+    /// Leases for a node session, asked in one store transaction, each grant atomic;
+    /// `batch` is the node's number for them (`Store::lease_grant_many`).
     pub async fn node_leases(
         &self,
         node: &str,
         session: &str,
+        batch: Option<u64>,
         requests: Vec<LeaseRequest>,
     ) -> Vec<Result<Grant, LedgerError>> {
         let asked = requests.len();
@@ -323,7 +325,7 @@ impl Control {
                 return (0..asked).map(|_| Err(LedgerError(e.clone()))).collect();
             }
         };
-        self.lease_many_for(&holder_id(node, session), requests)
+        self.lease_many_for(&holder_id(node, session), batch, requests)
             .await
     }
 
@@ -358,19 +360,21 @@ impl Control {
 
     /// A node session's spend report. `batch` is the node's number for it (docs/api.md):
     /// false when that batch was applied already (its answer was lost), and nothing is
-    /// applied again.
+    /// applied again. `lost_leases`: the session's lease batches whose answers it never
+    /// got, given back whole with the report.
     pub async fn node_report(
         &self,
         node: &str,
         session: &str,
         batch: Option<u64>,
         reports: Vec<LeaseReport>,
+        lost_leases: &[u64],
     ) -> Result<bool, LedgerError> {
         let reports = self
             .about_known_keys(reports)
             .await
             .map_err(|e| LedgerError(format!("{e:#}")))?;
-        self.report_for(&holder_id(node, session), batch, reports)
+        self.report_for(&holder_id(node, session), batch, reports, lost_leases)
             .await
     }
 

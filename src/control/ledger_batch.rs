@@ -79,10 +79,17 @@ impl Store {
     /// its life, or reclaimed): a lease granted then would never be given back. The
     /// holder's row is read first, shared-locked on PostgreSQL, so a reclaim running at
     /// the same time either sees this grant's leases or makes it grant nothing.
+    ///
+    /// `batch` is the node session's number for these requests: what they granted is
+    /// recorded under it (table `lease_batches`), so a batch whose answer the node never
+    /// got comes back whole when the node names it lost (`lease_report_many`); a batch
+    /// already named lost grants nothing. `None` (the in-process ledger, whose answers
+    /// cannot be lost, or a node older than the numbering) records nothing.
     pub async fn lease_grant_many(
         &self,
         holder: &str,
         now: i64,
+        batch: Option<u64>,
         requests: &[GrantRequest],
     ) -> Result<Vec<Grant>> {
         let mut grants = vec![Grant::NONE; requests.len()];
@@ -109,7 +116,7 @@ impl Store {
         }
         let pool = match &self.backend {
             Backend::Sqlite { writer, .. } => {
-                return grant_on_sqlite(writer, holder, now, requests, &rounds).await;
+                return grant_on_sqlite(writer, holder, now, batch, requests, &rounds).await;
             }
             Backend::Postgres(pool) => pool,
         };
@@ -123,7 +130,24 @@ impl Store {
             tx.rollback().await?;
             return Ok(grants);
         }
-        for round in &rounds {
+        // Named lost already (read under the holder's lock, which the report naming it
+        // takes exclusively): this copy arrived late, and grants nothing.
+        let batch = batch.map(batch_number);
+        if let Some(number) = batch {
+            let lost: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM lease_batches
+                                 WHERE holder = $1 AND batch = $2 AND round = -1)",
+            )
+            .bind(holder)
+            .bind(number)
+            .fetch_one(&mut *tx)
+            .await?;
+            if lost {
+                tx.rollback().await?;
+                return Ok(grants);
+            }
+        }
+        for (n, round) in rounds.iter().enumerate() {
             let asks: Vec<&GrantRequest> = round.iter().map(|&i| &requests[i]).collect();
             let granted = pg_grant_round(&mut tx, &asks).await?;
             let mut leases: Vec<NewLease> = Vec::new();
@@ -145,6 +169,23 @@ impl Store {
             }
             if !leases.is_empty() {
                 pg_add_leases(&mut tx, holder, &leases).await?;
+                if let Some(number) = batch {
+                    let record: Vec<serde_json::Value> = leases
+                        .iter()
+                        .map(|l| serde_json::json!([l.key_id, l.day, l.held, l.committed]))
+                        .collect();
+                    sqlx::query(
+                        "INSERT INTO lease_batches (holder, batch, round, at_ms, grants)
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(holder)
+                    .bind(number)
+                    .bind(n as i64)
+                    .bind(now.saturating_mul(1000))
+                    .bind(serde_json::Value::Array(record).to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
         }
         tx.commit().await?;
@@ -162,19 +203,22 @@ impl Store {
     /// false, and nothing changed, when that batch (or a later one of the holder's) is
     /// already applied. `None` (the in-process ledger, a node older than the numbering)
     /// applies the rows every time.
+    ///
+    /// `lost` names the holder's lease batches whose answers it never got (see
+    /// `lease_grant_many`): what each granted leaves the leases and the key's held budget,
+    /// its committed part included (no call was forwarded on it), before the rows are
+    /// applied; and each is marked lost, so a copy arriving later grants nothing.
     pub async fn lease_report_many(
         &self,
         holder: &str,
         batch: Option<u64>,
         reports: &[ReportRow],
+        lost: &[u64],
     ) -> Result<bool> {
-        if reports.is_empty() {
+        if reports.is_empty() && lost.is_empty() {
             return Ok(true);
         }
-        let mut slots: Vec<(&str, i64)> =
-            reports.iter().map(|r| (r.key_id.as_str(), r.day)).collect();
-        slots.sort_unstable();
-        slots.dedup();
+        let lost: Vec<i64> = lost.iter().map(|&n| batch_number(n)).collect();
         in_transaction!(self, |tx| {
             // The mark first: on PostgreSQL it locks the holder's row, so a copy of this
             // batch given to another replica waits here for this transaction's outcome,
@@ -183,7 +227,7 @@ impl Store {
             if let Some(number) = batch {
                 let marked = sqlx::query(MARK_REPORT_BATCH)
                     .bind(holder)
-                    .bind(number.min(i64::MAX as u64) as i64)
+                    .bind(batch_number(number))
                     .bind(crate::token::unix_ms() as i64)
                     .execute(&mut *tx)
                     .await?
@@ -193,11 +237,40 @@ impl Store {
                     return Ok(false);
                 }
             }
+            let lost_grants = if lost.is_empty() {
+                Vec::new()
+            } else {
+                tx.take_lost_batches(holder, &lost, crate::token::unix_ms() as i64)
+                    .await?
+            };
+            let mut slots: Vec<(&str, i64)> = (reports.iter())
+                .map(|r| (r.key_id.as_str(), r.day))
+                .chain(lost_grants.iter().map(|g| (g.0.as_str(), g.1)))
+                .collect();
+            slots.sort_unstable();
+            slots.dedup();
             // Ledger rows first, then leases: the order every transaction locks in.
             tx.lock_ledger_rows(&slots).await?;
             let mut leases = tx.held_leases(holder, &slots).await?;
             // Per (key, day): settled added, taken from the lease, uncommitted.
             let mut totals: HashMap<(String, i64), (i64, i64, i64)> = HashMap::new();
+            // A lost grant first: its committed part leaves the lease's committed budget,
+            // then as much as it granted leaves the lease, from what is not committed.
+            // (A report that gave back the lease's uncommitted budget meanwhile, the node
+            // in doubt, took part of it already: the lease never goes below what other
+            // calls committed.) No lease: the holder's leases were reclaimed.
+            for (key_id, day, granted, committed) in &lost_grants {
+                let slot = (key_id.clone(), *day);
+                if let Some((held, lease_committed)) = leases.get_mut(&slot) {
+                    let uncommit = (*committed).clamp(0, (*lease_committed).max(0));
+                    *lease_committed -= uncommit;
+                    let take = (*granted).clamp(0, (*held - *lease_committed).max(0));
+                    *held -= take;
+                    let t = totals.entry(slot).or_default();
+                    t.1 = t.1.saturating_add(take);
+                    t.2 = t.2.saturating_add(uncommit);
+                }
+            }
             for r in reports {
                 let slot = (r.key_id.clone(), r.day);
                 let (take, uncommit, settle) = match leases.get_mut(&slot) {
@@ -242,6 +315,17 @@ impl Store {
         Ok(true)
     }
 
+    /// Deletes the `lease_batches` rows written before `before_ms` (Unix ms): how many.
+    pub async fn prune_lease_batches(&self, before_ms: i64) -> Result<u64> {
+        Ok(on_writer!(self, |pool| sqlx::query(
+            "DELETE FROM lease_batches WHERE at_ms < $1"
+        )
+        .bind(before_ms)
+        .execute(pool)
+        .await?
+        .rows_affected()))
+    }
+
     /// Deletes the `report_batches` rows of sessions that reported nothing since
     /// `before_ms` (Unix ms): how many.
     pub async fn prune_report_batches(&self, before_ms: i64) -> Result<u64> {
@@ -266,34 +350,45 @@ fn grant_of(request: &GrantRequest, granted: i64) -> Grant {
 }
 
 /// `Store::lease_grant_many` on SQLite: every round's statements in one script, one trip
-/// to SQLite's thread (`store::sqlite_script`). Each round is a JSON parameter (`$3`,
-/// `$4`, …); its statements make the ledger rows, take the grants (the answer rows, with
-/// the round's number) and add them to the holder's leases, each only while the holder is
-/// alive (so a holder past its life gets nothing and changes nothing).
+/// to SQLite's thread (`store::sqlite_script`). `$3` is the batch's number (or NULL); each
+/// round is a JSON parameter (`$4`, `$5`, …); its statements make the ledger rows, take
+/// the grants (the answer rows, with the round's number), add them to the holder's leases
+/// and record them under the batch, each only while the holder is alive and the batch not
+/// named lost (so otherwise nothing is granted and nothing changes).
 async fn grant_on_sqlite(
     writer: &sqlx::SqlitePool,
     holder: &str,
     now: i64,
+    batch: Option<u64>,
     requests: &[GrantRequest],
     rounds: &[Vec<usize>],
 ) -> Result<Vec<Grant>> {
+    const ALLOWED: &str = "NOT EXISTS (SELECT 1 FROM lease_batches
+                                WHERE holder = $1 AND batch = $3 AND round = -1)";
     let mut script = String::from("BEGIN IMMEDIATE;");
     for n in 0..rounds.len() {
-        let rows = GRANT_ROWS.replace("$N", &format!("${}", n + 3));
+        let rows = GRANT_ROWS.replace("$N", &format!("${}", n + 4));
+        let alive = format!("{HOLDER_ALIVE} AND {ALLOWED}");
         script.push_str(&format!(
-            "INSERT INTO ledger (key_id, day) SELECT k, d FROM ({rows}) WHERE {HOLDER_ALIVE}
+            "INSERT INTO ledger (key_id, day) SELECT k, d FROM ({rows}) WHERE {alive}
                  ON CONFLICT (key_id, day) DO NOTHING;
              UPDATE ledger SET last_grant = {GRANT}, held = ledger.held + {GRANT}
                  FROM ({rows}) AS r
-                 WHERE ledger.key_id = r.k AND ledger.day = r.d AND {HOLDER_ALIVE}
+                 WHERE ledger.key_id = r.k AND ledger.day = r.d AND {alive}
                  RETURNING {n} AS round, key_id, day, last_grant;
              INSERT INTO leases (holder, key_id, day, held, committed)
                  SELECT $1, r.k, r.d, l.last_grant, min(max(r.c, 0), l.last_grant)
                  FROM ({rows}) AS r JOIN ledger AS l ON l.key_id = r.k AND l.day = r.d
-                 WHERE l.last_grant > 0 AND {HOLDER_ALIVE}
+                 WHERE l.last_grant > 0 AND {alive}
                  ON CONFLICT (holder, key_id, day) DO UPDATE
                  SET held = leases.held + excluded.held,
-                     committed = leases.committed + excluded.committed;"
+                     committed = leases.committed + excluded.committed;
+             INSERT INTO lease_batches (holder, batch, round, at_ms, grants)
+                 SELECT $1, $3, {n}, $2 * 1000, json_group_array(json_array(
+                     r.k, r.d, l.last_grant, min(max(r.c, 0), l.last_grant)))
+                 FROM ({rows}) AS r JOIN ledger AS l ON l.key_id = r.k AND l.day = r.d
+                 WHERE $3 IS NOT NULL AND l.last_grant > 0 AND {alive}
+                 HAVING count(*) > 0;"
         ));
     }
     script.push_str("COMMIT;");
@@ -301,6 +396,7 @@ async fn grant_on_sqlite(
     let bad = |e| anyhow::anyhow!("cannot bind a grant's parameter: {e}");
     arguments.add(holder.to_string()).map_err(bad)?;
     arguments.add(now).map_err(bad)?;
+    arguments.add(batch.map(batch_number)).map_err(bad)?;
     for round in rounds {
         let rows: Vec<serde_json::Value> = round
             .iter()
@@ -334,6 +430,11 @@ async fn grant_on_sqlite(
         }
     }
     Ok(grants)
+}
+
+/// A node's batch number as the tables keep it (a signed 64-bit column).
+fn batch_number(number: u64) -> i64 {
+    number.min(i64::MAX as u64) as i64
 }
 
 /// Marks a node's report batch applied, in the transaction that applies it: changes one
@@ -451,6 +552,26 @@ trait BatchConn {
     /// Releases the taken budget from the leases (deleting emptied ones) and applies
     /// settled spend and releases to the ledger.
     async fn apply_reports(&mut self, holder: &str, totals: &[Report]) -> Result<()>;
+    /// The grants recorded under the holder's lease `batches` (key, day, granted,
+    /// committed), their records deleted and each batch marked lost (`at_ms` now).
+    async fn take_lost_batches(
+        &mut self,
+        holder: &str,
+        batches: &[i64],
+        at_ms: i64,
+    ) -> Result<Vec<LostGrant>>;
+}
+
+/// A grant of a lease batch named lost: key, day, granted, committed.
+type LostGrant = (String, i64, i64, i64);
+
+/// The grants of `lease_batches` rows (their `grants` column).
+fn lost_grants(records: Vec<String>) -> Result<Vec<LostGrant>> {
+    let mut grants = Vec::new();
+    for record in records {
+        grants.extend(serde_json::from_str::<Vec<LostGrant>>(&record)?);
+    }
+    Ok(grants)
 }
 
 impl BatchConn for SqliteConnection {
@@ -570,6 +691,35 @@ impl BatchConn for SqliteConnection {
         .await?;
         Ok(())
     }
+
+    async fn take_lost_batches(
+        &mut self,
+        holder: &str,
+        batches: &[i64],
+        at_ms: i64,
+    ) -> Result<Vec<LostGrant>> {
+        let numbers = serde_json::json!(batches).to_string();
+        let records: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM lease_batches WHERE holder = $1 AND round >= 0
+               AND batch IN (SELECT value FROM json_each($2))
+             RETURNING grants",
+        )
+        .bind(holder)
+        .bind(&numbers)
+        .fetch_all(&mut *self)
+        .await?;
+        sqlx::query(
+            "INSERT INTO lease_batches (holder, batch, round, at_ms, grants)
+             SELECT $1, value, -1, $3, '[]' FROM json_each($2) WHERE true
+             ON CONFLICT (holder, batch, round) DO NOTHING",
+        )
+        .bind(holder)
+        .bind(&numbers)
+        .bind(at_ms)
+        .execute(&mut *self)
+        .await?;
+        lost_grants(records)
+    }
 }
 
 impl BatchConn for PgConnection {
@@ -684,6 +834,40 @@ impl BatchConn for PgConnection {
         }
         Ok(())
     }
+
+    async fn take_lost_batches(
+        &mut self,
+        holder: &str,
+        batches: &[i64],
+        at_ms: i64,
+    ) -> Result<Vec<LostGrant>> {
+        // The holder's row exclusively: a grant of one of these batches under way (it
+        // holds the row shared) commits first and is seen below; one that comes later
+        // waits for this transaction and then finds its batch marked lost.
+        sqlx::query("SELECT 1 FROM holders WHERE id = $1 FOR UPDATE")
+            .bind(holder)
+            .fetch_optional(&mut *self)
+            .await?;
+        let records: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM lease_batches WHERE holder = $1 AND round >= 0 AND batch = ANY($2)
+             RETURNING grants",
+        )
+        .bind(holder)
+        .bind(batches)
+        .fetch_all(&mut *self)
+        .await?;
+        sqlx::query(
+            "INSERT INTO lease_batches (holder, batch, round, at_ms, grants)
+             SELECT $1, b, -1, $3, '[]' FROM unnest($2::BIGINT[]) AS b
+             ON CONFLICT (holder, batch, round) DO NOTHING",
+        )
+        .bind(holder)
+        .bind(batches)
+        .bind(at_ms)
+        .execute(&mut *self)
+        .await?;
+        lost_grants(records)
+    }
 }
 
 /// Takes the grants of one round (each (key, day) at most once) on PostgreSQL: the grant
@@ -795,7 +979,12 @@ mod tests {
     async fn committed_budget(s: Store) {
         s.register_holder("h1", 0, 100).await.unwrap();
         let grants = s
-            .lease_grant_many("h1", 50, &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 4)])
+            .lease_grant_many(
+                "h1",
+                50,
+                None,
+                &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 4)],
+            )
             .await
             .unwrap();
         assert_eq!(granted(grants), vec![Micros(10), Micros(4)]);
@@ -816,7 +1005,7 @@ mod tests {
         assert_eq!(answers, vec![true, false, true, false]);
         // k_a: 5 committed. A report of 2 spent, 1 unreserved and all 10 returned leaves
         // the 2 still committed in the lease.
-        s.lease_report_many("h1", None, &[row("k_a", 2, 2, 10, 1)])
+        s.lease_report_many("h1", None, &[row("k_a", 2, 2, 10, 1)], &[])
             .await
             .unwrap();
         let leases = s.leases_of("h1").await.unwrap();
@@ -844,11 +1033,16 @@ mod tests {
             settled: Micros(3),
             ..row("k_a", 0, 2, 0, 0)
         };
-        s.lease_report_many("h1", None, &[late]).await.unwrap();
+        s.lease_report_many("h1", None, &[late], &[]).await.unwrap();
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(5));
         s.register_holder("h2", 0, 100).await.unwrap();
         let again = s
-            .lease_grant_many("h2", 50, &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 10)])
+            .lease_grant_many(
+                "h2",
+                50,
+                None,
+                &[ask("k_a", 10, 1, 10), ask("k_b", 10, 1, 10)],
+            )
             .await
             .unwrap();
         assert_eq!(granted(again), vec![Micros(5), Micros(10)]);
@@ -880,14 +1074,15 @@ mod tests {
         for i in 0..200u64 {
             let asks = [ask("k_c", 1_000_000, 1, 3)];
             let wait = std::time::Duration::from_micros(i * 7 % 400);
-            if let Ok(grants) = tokio::time::timeout(wait, s.lease_grant_many("h1", 5, &asks)).await
+            if let Ok(grants) =
+                tokio::time::timeout(wait, s.lease_grant_many("h1", 5, None, &asks)).await
             {
                 answered += grants.unwrap()[0].granted.0;
             }
         }
         // The writer still takes a transaction of either kind.
         let grants = s
-            .lease_grant_many("h1", 5, &[ask("k_c", 1_000_000, 1, 3)])
+            .lease_grant_many("h1", 5, None, &[ask("k_c", 1_000_000, 1, 3)])
             .await
             .unwrap();
         assert_eq!(granted(grants), [Micros(3)]);
@@ -909,13 +1104,14 @@ mod tests {
         for h in ["h1", "h2", "h3"] {
             s.register_holder(h, 0, 100).await.unwrap();
         }
-        s.lease_grant_many("h1", 50, &[ask("k_a", 10, 1, 8)])
+        s.lease_grant_many("h1", 50, None, &[ask("k_a", 10, 1, 8)])
             .await
             .unwrap();
         let grants = s
             .lease_grant_many(
                 "h2",
                 50,
+                None,
                 &[
                     ask("k_a", 10, 1, 5),   // 2 left of 10
                     ask("k_b", 10, 4, 6),   // new key
@@ -947,13 +1143,19 @@ mod tests {
                 row("k_b", 0, 0, 3, 0),
                 row("k_a", 1, 0, 2, 0),
             ],
+            &[],
         )
         .await
         .unwrap();
         assert!(s.leases_of("h2").await.unwrap().is_empty());
         // k_b: 3 of 10 free again; k_a: 8 held by h1, 1 settled, 1 free.
         let again = s
-            .lease_grant_many("h3", 50, &[ask("k_b", 10, 1, 10), ask("k_a", 10, 1, 10)])
+            .lease_grant_many(
+                "h3",
+                50,
+                None,
+                &[ask("k_b", 10, 1, 10), ask("k_a", 10, 1, 10)],
+            )
             .await
             .unwrap();
         assert_eq!(granted(again), vec![Micros(3), Micros(1)]);
@@ -970,22 +1172,26 @@ mod tests {
         let one = [ask("k_a", 10, 1, 4)];
         // Never registered, past its life, reclaimed: a lease to it would never come back.
         assert_eq!(
-            granted(s.lease_grant_many("h_unknown", 50, &one).await.unwrap()),
+            granted(
+                s.lease_grant_many("h_unknown", 50, None, &one)
+                    .await
+                    .unwrap()
+            ),
             [Micros::ZERO]
         );
         assert_eq!(
-            granted(s.lease_grant_many("h1", 101, &one).await.unwrap()),
+            granted(s.lease_grant_many("h1", 101, None, &one).await.unwrap()),
             [Micros::ZERO]
         );
         assert_eq!(
-            granted(s.lease_grant_many("h1", 100, &one).await.unwrap()),
+            granted(s.lease_grant_many("h1", 100, None, &one).await.unwrap()),
             [Micros(4)]
         );
         s.reclaim_holder("h1", &HashMap::new(), i64::MAX)
             .await
             .unwrap();
         assert_eq!(
-            granted(s.lease_grant_many("h1", 50, &one).await.unwrap()),
+            granted(s.lease_grant_many("h1", 50, None, &one).await.unwrap()),
             [Micros::ZERO]
         );
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().held, Micros::ZERO);
@@ -993,7 +1199,7 @@ mod tests {
         // REAL on SQLite): the row stays readable.
         let huge = Micros(i64::MAX / 4 * 3);
         for _ in 0..3 {
-            s.lease_report_many("h1", None, &[row("k_a", huge.0, 0, 0, 0)])
+            s.lease_report_many("h1", None, &[row("k_a", huge.0, 0, 0, 0)], &[])
                 .await
                 .unwrap();
         }
@@ -1020,13 +1226,13 @@ mod tests {
                 (row.settled.0, row.held.0)
             }
         };
-        s.lease_grant_many("h1", 50, &[ask("k_a", 100, 1, 50)])
+        s.lease_grant_many("h1", 50, None, &[ask("k_a", 100, 1, 50)])
             .await
             .unwrap();
         let applied = |h: &'static str, batch: Option<u64>, spent: i64| {
             let s = s.clone();
             async move {
-                s.lease_report_many(h, batch, &[row("k_a", spent, spent, 0, 0)])
+                s.lease_report_many(h, batch, &[row("k_a", spent, spent, 0, 0)], &[])
                     .await
                     .unwrap()
             }
@@ -1043,7 +1249,7 @@ mod tests {
         assert!(!applied("h1", Some(2), 7).await);
         assert_eq!(ledger(&s).await, (15, 35));
         // Each session numbers its own batches.
-        s.lease_grant_many("h2", 50, &[ask("k_a", 100, 1, 10)])
+        s.lease_grant_many("h2", 50, None, &[ask("k_a", 100, 1, 10)])
             .await
             .unwrap();
         assert!(applied("h2", Some(1), 1).await);
@@ -1080,7 +1286,7 @@ mod tests {
         let one = Store::open(database).await.unwrap();
         let two = Store::open(database).await.unwrap();
         one.register_holder("h1", 0, i64::MAX).await.unwrap();
-        one.lease_grant_many("h1", 50, &[ask("k_a", 1_000, 1, 1_000)])
+        one.lease_grant_many("h1", 50, None, &[ask("k_a", 1_000, 1, 1_000)])
             .await
             .unwrap();
         const ROUNDS: u64 = 20;
@@ -1089,7 +1295,7 @@ mod tests {
                 .map(|i| {
                     let s = if i % 2 == 0 { one.clone() } else { two.clone() };
                     tokio::spawn(async move {
-                        s.lease_report_many("h1", Some(batch), &[row("k_a", 3, 3, 0, 0)])
+                        s.lease_report_many("h1", Some(batch), &[row("k_a", 3, 3, 0, 0)], &[])
                             .await
                             .unwrap()
                     })
@@ -1124,6 +1330,7 @@ mod tests {
             .lease_grant_many(
                 "h1",
                 50,
+                None,
                 &[
                     with_commit("k_a", 3, 6, 3),   // 3 of the 6 committed
                     with_commit("k_b", 2, 4, 9),   // more than granted: all 4
@@ -1160,5 +1367,109 @@ mod tests {
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(6));
         assert_eq!(s.ledger_row("k_b", 7).await.unwrap().settled, Micros(4));
         assert_eq!(s.ledger_row("k_c", 7).await.unwrap().settled, Micros::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_lease_batch_named_lost_comes_back_whole_and_a_late_copy_grants_nothing() {
+        lost_batches(store("lost-batches").await).await;
+        lost_batches(crate::control::store::tests::postgres().await).await;
+    }
+
+    async fn lost_batches(s: Store) {
+        s.register_holder("h1", 0, 100).await.unwrap();
+        s.register_holder("h2", 0, 100).await.unwrap();
+        let with_commit = |key: &str, min: i64, want: i64, commit: i64| GrantRequest {
+            commit: Micros(commit),
+            ..ask(key, 10, min, want)
+        };
+        let lease = |s: &Store, key: &'static str| {
+            let s = s.clone();
+            async move {
+                const SQL: &str =
+                    "SELECT held, committed FROM leases WHERE holder = 'h1' AND key_id = $1";
+                let row = match &s.backend {
+                    Backend::Sqlite { writer, .. } => {
+                        let r = sqlx::query(SQL).bind(key).fetch_one(writer).await.unwrap();
+                        (r.get::<i64, _>(0), r.get::<i64, _>(1))
+                    }
+                    Backend::Postgres(pool) => {
+                        let r = sqlx::query(SQL).bind(key).fetch_one(pool).await.unwrap();
+                        (r.get::<i64, _>(0), r.get::<i64, _>(1))
+                    }
+                };
+                row
+            }
+        };
+        // Batch 1's answer never reaches the node: 6 granted on k_a, 3 committed for the
+        // call that asked (never forwarded). Batch 2's does: 2 on k_a (1 committed), 4 on
+        // k_b (2 committed); the node then commits 1 more of k_a's lease.
+        let lost = s
+            .lease_grant_many("h1", 50, Some(1), &[with_commit("k_a", 3, 6, 3)])
+            .await
+            .unwrap();
+        assert_eq!(granted(lost), vec![Micros(6)]);
+        let known = (s.lease_grant_many(
+            "h1",
+            50,
+            Some(2),
+            &[with_commit("k_a", 1, 2, 1), with_commit("k_b", 2, 4, 2)],
+        ))
+        .await
+        .unwrap();
+        assert_eq!(granted(known), vec![Micros(2), Micros(4)]);
+        let answers = s.lease_commit_many("h1", 50, &[commit("k_a", 1)]).await;
+        assert_eq!(answers.unwrap(), vec![true]);
+        assert_eq!(lease(&s, "k_a").await, (8, 5));
+        // Named lost (with batch 3, sent and not arrived yet): batch 1's 6 leave the lease
+        // and the key's held budget, its 3 committed with them; what the node knows of
+        // stays, committed as it was.
+        s.lease_report_many("h1", Some(1), &[], &[1, 3])
+            .await
+            .unwrap();
+        assert_eq!(lease(&s, "k_a").await, (2, 2));
+        assert_eq!(s.ledger_row("k_a", 7).await.unwrap().held, Micros(2));
+        assert_eq!(lease(&s, "k_b").await, (4, 2));
+        // Batch 3 arrives late: it grants nothing. Named again: nothing more comes back.
+        let late = s
+            .lease_grant_many("h1", 50, Some(3), &[with_commit("k_c", 1, 5, 1)])
+            .await
+            .unwrap();
+        assert_eq!(late, vec![Grant::NONE]);
+        assert_eq!(s.ledger_row("k_c", 7).await.unwrap().held, Micros::ZERO);
+        s.lease_report_many("h1", Some(2), &[], &[1]).await.unwrap();
+        assert_eq!(lease(&s, "k_a").await, (2, 2));
+        // The cap is whole again for everyone else: 8 of k_a's 10.
+        let other = s
+            .lease_grant_many("h2", 50, Some(1), &[ask("k_a", 10, 1, 10)])
+            .await;
+        assert_eq!(granted(other.unwrap()), vec![Micros(8)]);
+
+        // A lost batch whose uncommitted part a doubt report gave back first (the node's
+        // counter in doubt): only what is left of it comes back, never what other calls
+        // committed. k_b: batch 4 grants 3 (1 committed), lost; the doubt report takes
+        // the lease's 4 uncommitted; naming batch 4 then frees its 1 committed.
+        let lost = s
+            .lease_grant_many("h1", 50, Some(4), &[with_commit("k_b", 1, 3, 1)])
+            .await
+            .unwrap();
+        assert_eq!(granted(lost), vec![Micros(3)]);
+        assert_eq!(lease(&s, "k_b").await, (7, 3));
+        let doubt = ReportRow {
+            return_uncommitted: true,
+            ..row("k_b", 0, 0, 0, 0)
+        };
+        s.lease_report_many("h1", Some(3), &[doubt], &[])
+            .await
+            .unwrap();
+        assert_eq!(lease(&s, "k_b").await, (3, 3));
+        s.lease_report_many("h1", Some(4), &[], &[4]).await.unwrap();
+        assert_eq!(lease(&s, "k_b").await, (2, 2));
+        assert_eq!(s.ledger_row("k_b", 7).await.unwrap().held, Micros(2));
+        // The holder dies: only the 2 + 2 the node committed are settled as spent.
+        s.reclaim_holder("h1", &HashMap::new(), i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(2));
+        assert_eq!(s.ledger_row("k_b", 7).await.unwrap().settled, Micros(2));
     }
 }

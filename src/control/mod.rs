@@ -49,6 +49,14 @@ use store::{CredentialRow, KeyRow, KeyStatus, LedgerRow, Store};
 /// resends a batch within seconds of a lost answer, never a week later.
 const REPORT_BATCHES_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
 
+/// A lease batch's record (`lease_batches`) is kept at least this long, and at least four
+/// lease lifetimes: a node names a batch lost in its next report, half a second after the
+/// lost answer, or once the control plane is back; a node away longer than a lifetime is
+/// taken for dead, its leases given back whole. A copy of a batch that reaches the ledger
+/// after its "lost" mark is deleted would be granted, and held until its holder's leases
+/// are reclaimed or the day ends.
+const LEASE_BATCHES_KEPT_MS: i64 = 10 * 60 * 1000;
+
 pub struct ControlSettings {
     pub default_ttl: Duration,
     pub max_ttl: Duration,
@@ -321,6 +329,13 @@ impl Control {
                 if let Err(e) = self.reclaim_dead_holders(began).await {
                     reachable_since = None;
                     log::error!("cannot give back the leases of dead processes: {e:#}");
+                }
+            }
+            if n % 10 == 0 {
+                let kept = LEASE_BATCHES_KEPT_MS.max(lifetime.saturating_mul(4000));
+                let before = crate::token::unix_ms() as i64 - kept;
+                if let Err(e) = self.store.prune_lease_batches(before).await {
+                    log::warn!("cannot delete old lease-batch records: {e:#}");
                 }
             }
             if n % 3600 == 0 {
@@ -936,6 +951,7 @@ impl Control {
     async fn lease_many_for(
         &self,
         holder: &str,
+        batch: Option<u64>,
         requests: Vec<LeaseRequest>,
     ) -> Vec<Result<Grant, LedgerError>> {
         let revocations = self.published.revocations.load();
@@ -958,7 +974,11 @@ impl Control {
                 }
             })
             .collect();
-        match self.store.lease_grant_many(holder, now_secs(), &asks).await {
+        match self
+            .store
+            .lease_grant_many(holder, now_secs(), batch, &asks)
+            .await
+        {
             Ok(grants) => grants
                 .into_iter()
                 .zip(revoked)
@@ -972,12 +992,14 @@ impl Control {
     }
 
     /// `holder`'s report, applied in one store transaction; `batch` numbered by a node
-    /// (`Store::lease_report_many`): false when it was applied already.
+    /// (`Store::lease_report_many`): false when it was applied already. `lost`: the
+    /// node's lease batches whose answers it never got, given back whole.
     async fn report_for(
         &self,
         holder: &str,
         batch: Option<u64>,
         reports: Vec<LeaseReport>,
+        lost: &[u64],
     ) -> Result<bool, LedgerError> {
         let overflow = || LedgerError("spend report out of range".into());
         let mut rows = Vec::with_capacity(reports.len());
@@ -997,7 +1019,7 @@ impl Control {
             });
         }
         self.store
-            .lease_report_many(holder, batch, &rows)
+            .lease_report_many(holder, batch, &rows, lost)
             .await
             .map_err(|e| LedgerError(format!("{e:#}")))
     }
@@ -1035,12 +1057,14 @@ impl Ledger for Control {
             let lapsed = || LedgerError("this process's leases have lapsed (no heartbeat)".into());
             return requests.iter().map(|_| Err(lapsed())).collect();
         }
-        self.lease_many_for(&self.holder, requests).await
+        self.lease_many_for(&self.holder, None, requests).await
     }
 
     /// In process, nothing is lost between this call and the store: no numbering.
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
-        self.report_for(&self.holder, None, reports).await.map(drop)
+        self.report_for(&self.holder, None, reports, &[])
+            .await
+            .map(drop)
     }
 
     async fn commit(&self, commits: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {

@@ -57,6 +57,10 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0005_node_names.sql"),
         postgres: include_str!("../../migrations/postgres/0005_node_names.sql"),
     },
+    Migration {
+        sqlite: include_str!("../../migrations/sqlite/0006_lease_batches.sql"),
+        postgres: include_str!("../../migrations/postgres/0006_lease_batches.sql"),
+    },
 ];
 
 /// The store's file in the data dir.
@@ -1583,7 +1587,7 @@ pub(super) mod tests {
             unreachable!()
         };
         sqlx::raw_sql(
-            "DROP INDEX nodes_name; PRAGMA user_version = 4;
+            "DROP INDEX nodes_name; DROP TABLE lease_batches; PRAGMA user_version = 4;
              INSERT INTO nodes VALUES ('nd_9', 'edge', x'01', 1), ('nd_2', 'edge', x'02', 2);",
         )
         .execute(writer)
@@ -1602,7 +1606,8 @@ pub(super) mod tests {
         };
         let store = Store::open(&database).await.unwrap();
         sqlx::raw_sql(
-            "DROP INDEX nodes_name; UPDATE keybrake_schema SET version = 4;
+            "DROP INDEX nodes_name; DROP TABLE lease_batches;
+             UPDATE keybrake_schema SET version = 4;
              INSERT INTO nodes VALUES ('nd_9', 'edge', '\\x01', 1), ('nd_2', 'edge', '\\x02', 2);",
         )
         .execute(store.postgres().unwrap())
@@ -1807,7 +1812,7 @@ pub(super) mod tests {
                 commit: Micros::ZERO,
             };
             let s = &s;
-            async move { s.lease_grant_many(holder, 5, &[ask]).await.unwrap()[0].granted }
+            async move { s.lease_grant_many(holder, 5, None, &[ask]).await.unwrap()[0].granted }
         };
         assert_eq!(grant("h1", 10, 60).await, Micros(60));
         assert_eq!(grant("h2", 10, 60).await, Micros(40));
@@ -1822,7 +1827,9 @@ pub(super) mod tests {
             unreserved: Micros::ZERO,
             return_uncommitted: false,
         };
-        s.lease_report_many("h1", None, &[report]).await.unwrap();
+        s.lease_report_many("h1", None, &[report], &[])
+            .await
+            .unwrap();
         assert_eq!(
             s.ledger_row("k", 9).await.unwrap(),
             LedgerRow {
@@ -1883,10 +1890,16 @@ pub(super) mod tests {
         s.register_holder("h3", 0, 10).await.unwrap();
         s.register_holder("h4", 0, 10).await.unwrap();
         for key in ["k2", "k3"] {
-            let granted = s.lease_grant_many("h3", 5, &[ask(key, 4)]).await.unwrap();
+            let granted = s
+                .lease_grant_many("h3", 5, None, &[ask(key, 4)])
+                .await
+                .unwrap();
             assert_eq!(granted[0].granted, Micros(10));
         }
-        let granted = s.lease_grant_many("h4", 5, &[ask("k3", 10)]).await.unwrap();
+        let granted = s
+            .lease_grant_many("h4", 5, None, &[ask("k3", 10)])
+            .await
+            .unwrap();
         assert_eq!(granted[0].committed, Micros(10));
         let known = [
             (("k2".to_string(), 9), Micros(30)),

@@ -92,6 +92,11 @@ async fn snapshot(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LeasesBody {
+    /// The node session's number for this batch (1, 2, 3…): what it grants is recorded
+    /// under it, so the node can name it lost in a report if the answer never reaches it.
+    /// Absent from nodes older than the numbering.
+    #[serde(default)]
+    batch: Option<u64>,
     requests: Vec<LeaseRequest>,
 }
 
@@ -114,7 +119,7 @@ async fn leases(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<
     }
     let answers = s
         .control
-        .node_leases(&node.id, &node.session, requests)
+        .node_leases(&node.id, &node.session, body.batch, requests)
         .await;
     debug_assert_eq!(asked.len(), answers.len(), "one answer per lease request");
     for (i, g) in asked.into_iter().zip(answers) {
@@ -135,11 +140,15 @@ struct ReportsBody {
     #[serde(default)]
     batch: Option<u64>,
     reports: Vec<LeaseReport>,
+    /// Numbers of the session's lease batches whose answers never reached the node: what
+    /// they granted is given back whole (no call was forwarded on it).
+    #[serde(default)]
+    lost_leases: Vec<u64>,
 }
 
 async fn reports(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<Json<Value>> {
     let body: ReportsBody = parse_body(&raw)?;
-    if body.reports.len() > MAX_BATCH {
+    if body.reports.len() > MAX_BATCH || body.lost_leases.len() > MAX_BATCH {
         return Err(too_many());
     }
     amounts_in_range(
@@ -149,7 +158,13 @@ async fn reports(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult
     )?;
     match s
         .control
-        .node_report(&node.id, &node.session, body.batch, body.reports)
+        .node_report(
+            &node.id,
+            &node.session,
+            body.batch,
+            body.reports,
+            &body.lost_leases,
+        )
         .await
     {
         Ok(true) => {}

@@ -4,6 +4,7 @@ revocation and one audit trail hold across every node."""
 
 from __future__ import annotations
 
+import http.server
 import signal
 import socket
 import sqlite3
@@ -515,3 +516,66 @@ def test_node_cli_creates_lists_and_deletes(fleet):
     # Deleting the node freed its name.
     again = control.create_node("cli-node")
     assert again["id"] != node_id and again["node_token"] != token
+
+
+class _LosingRelay(http.server.BaseHTTPRequestHandler):
+    """Between a node and its control plane: passes every call on, but the first lease
+    call's answer never reaches the node (the control plane granted it; the connection
+    closes before the answer is sent, as when a replica is killed after its commit)."""
+
+    protocol_version = "HTTP/1.1"
+    upstream = ""
+    lost: list = []
+
+    def _relay(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() in ("authorization", "content-type", "keybrake-node-session")}
+        r = requests.request(self.command, self.upstream + self.path, data=body, headers=headers,
+                             timeout=60)
+        if self.path.startswith("/v1/sync/leases") and not self.lost:
+            self.lost.append(r.status_code)
+            self.close_connection = True
+            return
+        self.send_response(r.status_code)
+        self.send_header("Content-Type", r.headers.get("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _relay
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_lease_answer_lost_on_the_way_to_the_node_gives_back_all_it_granted(fleet, fake_stripe):
+    """The control plane grants a fresh key's first lease (the $7 of the call that asked
+    committed), and the answer never reaches the node: the call is refused (503) and never
+    reaches Stripe. The node names the lease batch lost in its next report, and the ledger
+    gives back all it granted: nothing spent, nothing held, and the key's whole $10 cap can
+    then be spent ($7 and $3), no further."""
+    control, tenant, node = fleet
+    handler = type("Relay", (_LosingRelay,), {"upstream": control.control_url, "lost": []})
+    relay = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=relay.serve_forever, daemon=True).start()
+    try:
+        e = node("edge-lossy", start=False)
+        e.command = lambda: [("http://127.0.0.1:%d" % relay.server_address[1])
+                             if arg == control.control_url else arg
+                             for arg in EdgeProxy.command(e)]
+        e.start()
+        key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+        r = pay(e, key["token"], 700)
+        assert r.status_code == 503, r.text
+        assert handler.lost == [200], handler.lost
+        tenant.wait_spent(key["id"], Decimal(0))
+        assert e.metric("keybrake_lease_batches_lost_total") == 1
+        assert pay(e, key["token"], 700).status_code == 200
+        assert pay(e, key["token"], 300).status_code == 200
+        assert_denied(pay(e, key["token"], 100), 429, "cap_exhausted")
+        assert sorted(int(dict(x.form)["amount"]) for x in accepted(fake_stripe)) == [300, 700]
+        tenant.wait_spent(key["id"], Decimal(10))
+    finally:
+        relay.shutdown()

@@ -466,11 +466,15 @@ impl Outbox {
     }
 
     /// The batch to send: the unanswered one, else the next `LEASE_BATCH` rows waiting
-    /// under a new number, naming the lease batches in `lost` (taken from it); `None`
-    /// when nothing waits.
+    /// under a new number, naming up to `LEASE_BATCH` of the lease batches in `lost`
+    /// (taken from it); `None` when nothing waits.
     fn batch(&mut self, lost: &std::sync::Mutex<Vec<u64>>) -> Option<(u64, String)> {
         if self.unanswered.is_none() {
-            let lost = std::mem::take(&mut *lost.lock().unwrap_or_else(|p| p.into_inner()));
+            let lost: Vec<u64> = {
+                let mut all = lost.lock().unwrap_or_else(|p| p.into_inner());
+                let n = all.len().min(LEASE_BATCH);
+                all.drain(..n).collect()
+            };
             if self.waiting.is_empty() && lost.is_empty() {
                 return None;
             }
@@ -1320,6 +1324,20 @@ mod tests {
         // Named once: nothing more is sent.
         outbox.send(&client, Vec::new()).await;
         assert!(bodies.recv_timeout(Duration::from_millis(300)).is_err());
+        // Many lost (a long outage): at most LEASE_BATCH per report batch.
+        for n in 0..LEASE_BATCH as u64 + 5 {
+            outbox.lost_lease(100 + n);
+        }
+        outbox.send(&client, Vec::new()).await;
+        let sizes: Vec<usize> = (0..2)
+            .map(|_| {
+                bodies.recv_timeout(WAIT).unwrap()["lost_leases"]
+                    .as_array()
+                    .unwrap()
+                    .len()
+            })
+            .collect();
+        assert_eq!(sizes, vec![LEASE_BATCH, 5]);
     }
 
     #[test]

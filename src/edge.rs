@@ -275,9 +275,13 @@ impl HttpLedger {
         .await;
         // Sent, and no answer read: the control plane may have granted it. The next
         // report names it lost, and the ledger gives back whatever it granted (no call
-        // is forwarded on it). A refusal (400, 401) was never applied.
+        // is forwarded on it). A refusal (400, 401) was never applied. An answer of
+        // errors only (its store failed, perhaps after committing) is named lost too:
+        // nothing of it is used, so nothing the node knows of is given back.
         let maybe_applied = match &answer {
-            Some(Ok(v)) => v["grants"].as_array().is_none_or(|g| g.len() != n),
+            Some(Ok(v)) => v["grants"]
+                .as_array()
+                .is_none_or(|g| g.len() != n || g.iter().all(|x| x.get("error").is_some())),
             Some(Err(CallError::Unauthorized | CallError::Refused(_))) => false,
             Some(Err(CallError::Other(_))) | None => true,
         };
@@ -411,6 +415,10 @@ impl Ledger for HttpLedger {
 
     fn leases_valid_until_ms(&self) -> i64 {
         self.valid_until_ms.load(Ordering::Acquire)
+    }
+
+    fn gives_back_lost_leases(&self) -> bool {
+        true
     }
 }
 

@@ -193,6 +193,14 @@ pub trait Ledger: Send + Sync + 'static {
     fn report_rows_per_call(&self) -> Option<usize> {
         None
     }
+
+    /// A `lease_many` call that fails after the ledger may have granted is given back
+    /// whole by this ledger itself (an edge node names the batch lost in its next
+    /// report): the proxy need not doubt the counters it asked for. `false`: what such a
+    /// grant left unknown comes back only through a counter in doubt.
+    fn gives_back_lost_leases(&self) -> bool {
+        false
+    }
 }
 
 /// One proxied (or denied) request, as `GET /v1/audit` shows it.

@@ -220,8 +220,8 @@ impl Store {
         }
         let lost: Vec<i64> = lost.iter().map(|&n| batch_number(n)).collect();
         in_transaction!(self, |tx| {
-            // The mark first: on PostgreSQL it locks the holder's row, so a copy of this
-            // batch given to another replica waits here for this transaction's outcome,
+            // The mark first: on PostgreSQL it locks the holder's `report_batches` row, so
+            // a copy of this batch given to another replica waits for this transaction,
             // then finds the batch applied (or, if this one rolled back, applies it).
             // Only reports of this holder take that lock, always before ledger rows.
             if let Some(number) = batch {

@@ -79,8 +79,11 @@ impl LeaseBatcher {
                     w.counter
                         .add_available(grant.granted.saturating_sub(committed));
                 }
-                // The ledger may have granted before the answer was lost.
-                Err(_) => w.counter.doubt_lease(),
+                // The ledger may have granted before the answer was lost: it gives that
+                // back itself, or the counter's next report returns its uncommitted
+                // budget (not both: that report could take back a later grant too).
+                Err(_) if !self.ledger.gives_back_lost_leases() => w.counter.doubt_lease(),
+                Err(_) => {}
             }
             let _ = w.answer.send(answer);
         }

@@ -51,11 +51,13 @@ const REPORT_BATCHES_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
 
 /// A lease batch's record (`lease_batches`) is kept at least this long, and at least four
 /// lease lifetimes: a node names a batch lost in its next report, half a second after the
-/// lost answer, or once the control plane is back; a node away longer than a lifetime is
-/// taken for dead, its leases given back whole. A copy of a batch that reaches the ledger
-/// after its "lost" mark is deleted would be granted, and held until its holder's leases
-/// are reclaimed or the day ends.
-const LEASE_BATCHES_KEPT_MS: i64 = 10 * 60 * 1000;
+/// lost answer, or once the control plane is back (records are deleted only once this
+/// process has reached its storage for a lifetime, as holders are taken for dead: nodes
+/// get that long to report after an outage); a node away longer than a lifetime is taken
+/// for dead, its leases reclaimed. A copy of a batch that reaches the ledger after its
+/// "lost" mark is deleted would be granted, and held until its holder's leases are
+/// reclaimed or the day ends.
+const LEASE_BATCHES_KEPT_MS: i64 = 2 * 60 * 1000;
 
 pub struct ControlSettings {
     pub default_ttl: Duration,
@@ -331,7 +333,7 @@ impl Control {
                     log::error!("cannot give back the leases of dead processes: {e:#}");
                 }
             }
-            if n % 10 == 0 {
+            if reachable_for_a_lifetime && n % 10 == 0 {
                 let kept = LEASE_BATCHES_KEPT_MS.max(lifetime.saturating_mul(4000));
                 let before = crate::token::unix_ms() as i64 - kept;
                 if let Err(e) = self.store.prune_lease_batches(before).await {

@@ -112,13 +112,18 @@ enum CallError {
     Refused(String),
     /// Anything else (transport, 5xx, 429, 408…): worth trying again.
     Other(String),
+    /// The request never left: no connection (refused, no such host). Worth trying
+    /// again, like `Other`, and surely not applied.
+    Unsent(String),
 }
 
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CallError::Unauthorized => f.write_str("the node token was refused"),
-            CallError::Refused(why) | CallError::Other(why) => f.write_str(why),
+            CallError::Refused(why) | CallError::Other(why) | CallError::Unsent(why) => {
+                f.write_str(why)
+            }
         }
     }
 }
@@ -220,7 +225,15 @@ impl SyncClient {
                     Err(CallError::Other(why))
                 }
             }
-            Err(ureq::Error::Transport(t)) => Err(CallError::Other(transport_error(path, &t))),
+            Err(ureq::Error::Transport(t)) => {
+                let why = transport_error(path, &t);
+                match t.kind() {
+                    ureq::ErrorKind::Dns | ureq::ErrorKind::ConnectionFailed => {
+                        Err(CallError::Unsent(why))
+                    }
+                    _ => Err(CallError::Other(why)),
+                }
+            }
         }
     }
 }
@@ -275,14 +288,17 @@ impl HttpLedger {
         .await;
         // Sent, and no answer read: the control plane may have granted it. The next
         // report names it lost, and the ledger gives back whatever it granted (no call
-        // is forwarded on it). A refusal (400, 401) was never applied. An answer of
-        // errors only (its store failed, perhaps after committing) is named lost too:
-        // nothing of it is used, so nothing the node knows of is given back.
+        // is forwarded on it). A refusal (400, 401) was never applied, nor a call that
+        // found no connection. An answer of errors only (its store failed, perhaps after
+        // committing) is named lost too: nothing of it is used, so nothing the node knows
+        // of is given back.
         let maybe_applied = match &answer {
             Some(Ok(v)) => v["grants"]
                 .as_array()
                 .is_none_or(|g| g.len() != n || g.iter().all(|x| x.get("error").is_some())),
-            Some(Err(CallError::Unauthorized | CallError::Refused(_))) => false,
+            Some(Err(CallError::Unauthorized | CallError::Refused(_) | CallError::Unsent(_))) => {
+                false
+            }
             Some(Err(CallError::Other(_))) | None => true,
         };
         if maybe_applied {
@@ -300,7 +316,9 @@ impl HttpLedger {
                 _ => fail("the control plane's lease answer does not match the request"),
             },
             Some(Err(CallError::Unauthorized)) => fail("this node's token was refused"),
-            Some(Err(CallError::Other(e) | CallError::Refused(e))) => fail(&e),
+            Some(Err(CallError::Other(e) | CallError::Refused(e) | CallError::Unsent(e))) => {
+                fail(&e)
+            }
             None => fail("lease request task failed"),
         };
         let failed = out.iter().filter(|r| r.is_err()).count();
@@ -404,7 +422,7 @@ impl Ledger for HttpLedger {
                 Some(Err(CallError::Unauthorized)) => {
                     return Err(LedgerError("this node's token was refused".into()))
                 }
-                Some(Err(CallError::Other(e) | CallError::Refused(e))) => {
+                Some(Err(CallError::Other(e) | CallError::Refused(e) | CallError::Unsent(e))) => {
                     return Err(LedgerError(e))
                 }
                 None => return Err(LedgerError("commit task failed".into())),
@@ -951,7 +969,7 @@ fn sync_loop(
                 state.refresh_flag();
                 std::thread::sleep(Duration::from_secs(1));
             }
-            Err(CallError::Other(e) | CallError::Refused(e)) => {
+            Err(CallError::Other(e) | CallError::Refused(e) | CallError::Unsent(e)) => {
                 failures += 1;
                 if failures == 1 || failures % 20 == 0 {
                     log::warn!("cannot sync with the control plane ({failures} tries): {e}");
@@ -1020,7 +1038,7 @@ fn hello(client: &SyncClient, url: &str, token_file: &Path) -> Result<String> {
              node was deleted; create one with `keybrake node create NAME`)",
             token_file.display()
         ),
-        Err(CallError::Other(e) | CallError::Refused(e)) => {
+        Err(CallError::Other(e) | CallError::Refused(e) | CallError::Unsent(e)) => {
             let hint = crate::tls::connect_hint(url, &e.to_string());
             bail!("cannot reach the control plane at {url}: {e}{hint}")
         }
@@ -1070,7 +1088,7 @@ pub fn run_edge(
         .call("GET", "/v1/sync/snapshot", None, Duration::from_secs(10))
         .map_err(|e| match e {
             CallError::Unauthorized => anyhow!("the control plane refused the node token"),
-            CallError::Other(e) | CallError::Refused(e) => {
+            CallError::Other(e) | CallError::Refused(e) | CallError::Unsent(e) => {
                 anyhow!("cannot fetch the first snapshot: {e}")
             }
         })?;
@@ -1346,6 +1364,35 @@ mod tests {
             })
             .collect();
         assert_eq!(sizes, vec![LEASE_BATCH, 5]);
+    }
+
+    #[test]
+    fn a_call_that_finds_no_connection_is_told_apart_from_one_that_may_have_arrived() {
+        // A port nobody listens on: the request never left.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = SyncClient {
+            base: format!("http://127.0.0.1:{port}"),
+            token: Secret::new("kbn_test"),
+            session: "s_test".into(),
+            agent: ureq::AgentBuilder::new().build(),
+        };
+        let refused = client.call("POST", "/v1/sync/leases", Some("{}"), WAIT);
+        assert!(matches!(refused, Err(CallError::Unsent(_))), "{refused:?}");
+        // A connection closed with the request sent and no answer: it may have arrived.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+        });
+        let client = SyncClient { base, ..client };
+        let cut = client.call("POST", "/v1/sync/leases", Some("{}"), WAIT);
+        assert!(matches!(cut, Err(CallError::Other(_))), "{cut:?}");
     }
 
     #[test]

@@ -317,25 +317,25 @@ impl Store {
 
     /// Deletes the `lease_batches` rows written before `before_ms` (Unix ms): how many.
     pub async fn prune_lease_batches(&self, before_ms: i64) -> Result<u64> {
-        Ok(on_writer!(self, |pool| sqlx::query(
-            "DELETE FROM lease_batches WHERE at_ms < $1"
-        )
-        .bind(before_ms)
-        .execute(pool)
-        .await?
-        .rows_affected()))
+        self.delete_written_before("lease_batches", before_ms).await
     }
 
     /// Deletes the `report_batches` rows of sessions that reported nothing since
     /// `before_ms` (Unix ms): how many.
     pub async fn prune_report_batches(&self, before_ms: i64) -> Result<u64> {
-        Ok(on_writer!(self, |pool| sqlx::query(
-            "DELETE FROM report_batches WHERE at_ms < $1"
-        )
-        .bind(before_ms)
-        .execute(pool)
-        .await?
-        .rows_affected()))
+        self.delete_written_before("report_batches", before_ms)
+            .await
+    }
+
+    /// Deletes the rows of `table` (one of the batch marks, with an `at_ms` column) whose
+    /// `at_ms` is before `before_ms`: how many.
+    async fn delete_written_before(&self, table: &'static str, before_ms: i64) -> Result<u64> {
+        let sql = format!("DELETE FROM {table} WHERE at_ms < $1");
+        Ok(on_writer!(self, |pool| sqlx::query(&sql)
+            .bind(before_ms)
+            .execute(pool)
+            .await?
+            .rows_affected()))
     }
 }
 
@@ -1471,5 +1471,9 @@ mod tests {
             .unwrap();
         assert_eq!(s.ledger_row("k_a", 7).await.unwrap().settled, Micros(2));
         assert_eq!(s.ledger_row("k_b", 7).await.unwrap().settled, Micros(2));
+        // Records are dated by their grant (second 50 here), lost marks by the report
+        // that made them (now): h1's batch 2 and h2's batch 1, then h1's three marks.
+        assert_eq!(s.prune_lease_batches(50_001).await.unwrap(), 2);
+        assert_eq!(s.prune_lease_batches(i64::MAX).await.unwrap(), 3);
     }
 }

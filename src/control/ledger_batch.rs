@@ -1059,6 +1059,14 @@ mod tests {
         }
     }
 
+    /// `ask` on a $10 cap, `commit` of the grant committed by it.
+    fn with_commit(key: &str, min: i64, want: i64, commit: i64) -> GrantRequest {
+        GrantRequest {
+            commit: Micros(commit),
+            ..ask(key, 10, min, want)
+        }
+    }
+
     fn granted(grants: Vec<Grant>) -> Vec<Micros> {
         grants.into_iter().map(|g| g.granted).collect()
     }
@@ -1322,10 +1330,6 @@ mod tests {
 
     async fn grant_commits(s: Store) {
         s.register_holder("h1", 0, 100).await.unwrap();
-        let with_commit = |key: &str, min: i64, want: i64, commit: i64| GrantRequest {
-            commit: Micros(commit),
-            ..ask(key, 10, min, want)
-        };
         let grants = s
             .lease_grant_many(
                 "h1",
@@ -1378,10 +1382,6 @@ mod tests {
     async fn lost_batches(s: Store) {
         s.register_holder("h1", 0, 100).await.unwrap();
         s.register_holder("h2", 0, 100).await.unwrap();
-        let with_commit = |key: &str, min: i64, want: i64, commit: i64| GrantRequest {
-            commit: Micros(commit),
-            ..ask(key, 10, min, want)
-        };
         let lease = |s: &Store, key: &'static str| {
             let s = s.clone();
             async move {

@@ -8,7 +8,9 @@
 -- one round only when it asks for one key twice), `grants` a JSON array of
 -- [key_id, day, granted, committed]. A batch named lost is marked with a row of round -1
 -- (its grants' rows deleted): a copy of it that reaches the ledger later grants nothing.
--- Rows older than the retention (`Store::prune_lease_batches`) are deleted.
+-- Rows older than the retention (`Store::prune_lease_batches`) are deleted. A rowid table,
+-- not WITHOUT ROWID: a row holds up to 200 keys' grants (kilobytes), appended in rowid
+-- order, with its key in a small index (`benches/ledger_sqlite.rs`: a third cheaper).
 CREATE TABLE lease_batches (
     holder TEXT NOT NULL,
     batch INTEGER NOT NULL,
@@ -16,5 +18,5 @@ CREATE TABLE lease_batches (
     at_ms INTEGER NOT NULL,
     grants TEXT NOT NULL,
     PRIMARY KEY (holder, batch, round)
-) WITHOUT ROWID;
+);
 CREATE INDEX lease_batches_at ON lease_batches (at_ms);

@@ -449,7 +449,7 @@ impl Ledger for HttpLedger {
 /// is away.
 ///
 /// Lease batches whose answers were lost (`HttpLedger::post_leases`) are named in the next
-/// batch formed (`lost_leases`), however many rows it has.
+/// batches formed (`lost_leases`, up to `LEASE_BATCH` per batch), with or without rows.
 #[derive(Default)]
 struct ReportOutbox {
     state: tokio::sync::Mutex<Outbox>,

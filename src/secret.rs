@@ -58,13 +58,27 @@ pub fn private_file(path: &Path) -> std::io::Result<()> {
 /// Logs a warning when group or others have any access to `path` (once per path: the
 /// data dir is opened by several parts of the process).
 pub fn warn_if_shared(path: &Path, what: &str) {
+    warn_once(path, what, mode_open_to_others(path), "go-rwx");
+}
+
+/// Logs a warning when users outside the file's owner and group have any access to
+/// `path`: for a file a service reads through a group of its own (TLS keys,
+/// `root:keybrake-tls` 0640, which the units join), where group read is the intent.
+pub fn warn_if_world_readable(path: &Path, what: &str) {
+    let mode = std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o777);
+    warn_once(path, what, mode.filter(|m| m & 0o007 != 0), "o-rwx");
+}
+
+fn warn_once(path: &Path, what: &str, open: Option<u32>, fix: &str) {
     static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
-    if let Some(mode) = mode_open_to_others(path) {
+    if let Some(mode) = open {
         let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
         if !warned.iter().any(|p| p == path) {
             warned.push(path.to_path_buf());
             log::warn!(
-                "{what} {} has mode {mode:03o}: other users can read it; chmod go-rwx",
+                "{what} {} has mode {mode:03o}: open to other users; chmod {fix}",
                 path.display()
             );
         }

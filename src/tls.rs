@@ -138,7 +138,7 @@ impl ReloadingCert {
     pub fn load(listener: &'static str, files: &TlsFiles) -> Result<Arc<Self>> {
         let seen = Self::fingerprint(files);
         let pair = load_pair(files)?;
-        crate::secret::warn_if_shared(&files.key_file, "TLS key");
+        crate::secret::warn_if_world_readable(&files.key_file, "TLS key");
         let cert = Arc::new(ReloadingCert {
             listener,
             files: files.clone(),
@@ -213,7 +213,7 @@ impl ReloadingCert {
                     );
                     return false;
                 }
-                crate::secret::warn_if_shared(&self.files.key_file, "TLS key");
+                crate::secret::warn_if_world_readable(&self.files.key_file, "TLS key");
                 let pair = Arc::new(pair);
                 self.current.store(pair.clone());
                 log::info!(

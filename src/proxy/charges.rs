@@ -2,8 +2,10 @@
 //! how much for an object (a PaymentIntent it created, confirmed or captured through a
 //! metered call), so a later confirm or capture of the same object by that key charges
 //! only an increase. Bounded and in memory only: an object forgotten (a restart, a full
-//! map) is charged in full again, never less.
+//! map) is charged in full again, never less. A full map is shared fairly between tenants
+//! (`tenant_shares`).
 
+use super::tenant_shares::TenantShares;
 use crate::config::MeterRule;
 use crate::money::Micros;
 use dashmap::DashMap;
@@ -16,6 +18,7 @@ pub const MAX_CREATED: usize = 200_000;
 /// What one key has been charged for one object, the most of its amounts seen so far.
 struct Charged {
     owner: Arc<str>,
+    tenant: Arc<str>,
     /// The key's expiry: the entry is useless after it.
     exp: i64,
     charged: Micros,
@@ -33,6 +36,8 @@ pub struct Known {
 /// The key an object is remembered for.
 pub struct Owner<'a> {
     pub jti: &'a Arc<str>,
+    /// The key's tenant, whose share of a full memory the entry counts in.
+    pub ten: &'a Arc<str>,
     /// The key's expiry (unix seconds).
     pub exp: i64,
 }
@@ -42,6 +47,7 @@ pub struct ChargeMemory {
     /// When `objects` was last swept of expired entries (unix seconds).
     swept: AtomicI64,
     capacity: usize,
+    shares: TenantShares,
 }
 
 impl Default for ChargeMemory {
@@ -56,6 +62,7 @@ impl ChargeMemory {
             objects: DashMap::default(),
             swept: AtomicI64::new(0),
             capacity,
+            shares: TenantShares::default(),
         }
     }
 
@@ -83,7 +90,8 @@ impl ChargeMemory {
     /// Records that `owner` was charged `charged` for object `id` (kept: the most charged
     /// so far; another key's entry is replaced, so its owner is charged in full from now
     /// on). When full, expired owners are swept out (at most once a second); if it is
-    /// still full, nothing is added.
+    /// still full, the entry takes the place of one of the largest tenant's, or when
+    /// `owner`'s tenant is that tenant, nothing is added.
     pub fn remember(
         &self,
         id: String,
@@ -97,12 +105,16 @@ impl ChargeMemory {
         }
         let fresh = || Charged {
             owner: owner.jti.clone(),
+            tenant: owner.ten.clone(),
             exp: owner.exp,
             charged,
             currency: currency.clone(),
         };
-        // Counted before `entry` locks a shard: `len` reads every shard.
-        let full = self.objects.len() >= self.capacity;
+        // Decided before `entry` locks a shard: `len` reads every shard, and making room
+        // removes from one.
+        let room = self.objects.len() < self.capacity
+            || self.objects.contains_key(&id)
+            || self.make_room(owner.ten);
         match self.objects.entry(id) {
             dashmap::Entry::Occupied(mut e) => {
                 let e = e.get_mut();
@@ -112,15 +124,38 @@ impl ChargeMemory {
                         e.currency = currency.clone();
                     }
                 } else {
+                    self.shares.removed(&e.tenant);
+                    self.shares.added(owner.ten);
                     *e = fresh();
                 }
             }
             dashmap::Entry::Vacant(e) => {
-                if !full {
+                if room {
+                    self.shares.added(owner.ten);
                     e.insert(fresh());
                 }
             }
         }
+    }
+
+    /// Evicts one entry of the tenant holding the most, if it holds more than `tenant`.
+    fn make_room(&self, tenant: &str) -> bool {
+        let Some(largest) = self.shares.evict_from(tenant) else {
+            return false;
+        };
+        // The iterator's shard lock is released before the removal takes it again.
+        let victim = self
+            .objects
+            .iter()
+            .find(|e| e.tenant == largest)
+            .map(|e| e.key().clone());
+        victim.is_some_and(|id| {
+            let removed = self.objects.remove_if(&id, |_, e| e.tenant == largest);
+            if let Some((_, e)) = &removed {
+                self.shares.removed(&e.tenant);
+            }
+            removed.is_some()
+        })
     }
 
     /// Drops the entries of expired keys, at most once a second (one thread does it).
@@ -132,7 +167,13 @@ impl ChargeMemory {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            self.objects.retain(|_, e| e.exp > now);
+            self.objects.retain(|_, e| {
+                let keep = e.exp > now;
+                if !keep {
+                    self.shares.removed(&e.tenant);
+                }
+                keep
+            });
         }
     }
 }
@@ -219,8 +260,14 @@ mod memory_tests {
             .clone()
     }
 
+    /// Tenant `tn_1`'s keys, unless a test names another.
     fn owner(jti: &Arc<str>) -> Owner<'_> {
-        Owner { jti, exp: 2_000 }
+        static TENANT: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "tn_1".into());
+        Owner {
+            jti,
+            ten: &TENANT,
+            exp: 2_000,
+        }
     }
 
     #[test]
@@ -263,8 +310,8 @@ mod memory_tests {
         let memory = ChargeMemory::with_capacity(2);
         let (a, b): (Arc<str>, Arc<str>) = ("key_a".into(), "key_b".into());
         let short = Owner {
-            jti: &a,
             exp: 1_500,
+            ..owner(&a)
         };
         memory.remember("pi_1".into(), short, Micros(1), None, 1_000);
         memory.remember("pi_2".into(), owner(&b), Micros(1), None, 1_000);
@@ -278,5 +325,53 @@ mod memory_tests {
         memory.remember("pi_3".into(), owner(&b), Micros(1), None, 1_600);
         assert_eq!(memory.len(), 2);
         assert!(memory.charged_for(&rule, pi_3, "key_b").is_some());
+    }
+
+    #[test]
+    fn a_tenant_that_fills_the_memory_cannot_keep_another_tenant_out() {
+        let memory = ChargeMemory::with_capacity(4);
+        let rule = confirm_rule();
+        let (attacker, victim): (Arc<str>, Arc<str>) = ("tn_b".into(), "tn_a".into());
+        let (b, a): (Arc<str>, Arc<str>) = ("key_b".into(), "key_a".into());
+        let of = |jti, ten| Owner {
+            jti,
+            ten,
+            exp: 2_000,
+        };
+        for i in 0..10 {
+            memory.remember(
+                format!("pi_b{i}"),
+                of(&b, &attacker),
+                Micros(1),
+                None,
+                1_000,
+            );
+        }
+        assert_eq!(memory.len(), 4, "the bound holds");
+        // The victim's objects are remembered, each in place of one of the attacker's.
+        for i in 0..2 {
+            memory.remember(format!("pi_a{i}"), of(&a, &victim), Micros(5), None, 1_000);
+        }
+        for i in 0..2 {
+            let path = format!("/v1/payment_intents/pi_a{i}/confirm");
+            let known = memory.charged_for(&rule, &path, "key_a").map(|k| k.charged);
+            assert_eq!(known, Some(Micros(5)), "pi_a{i}");
+        }
+        assert_eq!(memory.len(), 4);
+        // Two each: an equal share is kept; neither takes the other's room now.
+        memory.remember("pi_a2".into(), of(&a, &victim), Micros(5), None, 1_000);
+        memory.remember("pi_b10".into(), of(&b, &attacker), Micros(1), None, 1_000);
+        assert_eq!(memory.len(), 4);
+        assert_eq!(
+            (memory.shares.held("tn_a"), memory.shares.held("tn_b")),
+            (2, 2)
+        );
+        // The counts follow the entries through a sweep.
+        memory.remember("pi_a3".into(), of(&a, &victim), Micros(5), None, 2_000);
+        assert_eq!(
+            (memory.shares.held("tn_a"), memory.shares.held("tn_b")),
+            (1, 0)
+        );
+        assert_eq!(memory.len(), 1);
     }
 }

@@ -8,9 +8,12 @@
 //!
 //! Entries live until their key expires, and at most 24 hours: Stripe keeps an
 //! idempotency key at least that long, and may forget it after, when a retry would be a
-//! new charge. The map is bounded, and when it is full a call is simply charged (a retry
-//! then costs again: fail closed).
+//! new charge. The map is bounded, and shared fairly between tenants when it is full
+//! (`tenant_shares`); a call it cannot remember is simply charged (a retry then costs
+//! again: fail closed). So is a call whose `Idempotency-Key` is blank or longer than
+//! Stripe's 255 characters: the vendor may take it for no key at all.
 
+use super::tenant_shares::TenantShares;
 use dashmap::DashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +34,7 @@ enum State {
 
 struct Entry {
     fingerprint: u64,
+    tenant: Arc<str>,
     exp: i64,
     state: watch::Sender<State>,
 }
@@ -39,6 +43,10 @@ struct Entry {
 pub struct IdempotencyBook {
     entries: DashMap<(Arc<str>, Box<str>), Arc<Entry>, ahash::RandomState>,
     swept: std::sync::atomic::AtomicI64,
+    shares: TenantShares,
+    /// The fingerprints' seeds, random per process: a client cannot craft two requests
+    /// with one fingerprint, to have the second let through free as the first's retry.
+    seeds: ahash::RandomState,
 }
 
 /// What to do with a metered call that carries an `Idempotency-Key`.
@@ -71,68 +79,80 @@ impl Drop for Pending {
         if self.charged {
             self.entry.state.send_replace(State::Charged);
         } else {
-            self.book
-                .entries
-                .remove_if(&self.id, |_, e| Arc::ptr_eq(e, &self.entry));
+            self.book.remove(&self.id, &self.entry);
             // Waiters see the sender gone or the state unchanged, and look again.
             self.entry.state.send_replace(State::InFlight);
         }
     }
 }
 
-/// A fingerprint of what makes two calls the same request: method, path, the connected
-/// account it acts on (`Stripe-Account`, empty for the platform's own) and body.
-pub fn fingerprint(method: &str, path: &str, account: &[u8], body: &[u8]) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    // Fixed seeds: one process's fingerprints only meet each other.
-    let mut h = ahash::RandomState::with_seeds(1, 2, 3, 4).build_hasher();
-    h.write(method.as_bytes());
-    h.write_u8(0);
-    h.write(path.as_bytes());
-    h.write_u8(0);
-    h.write(account);
-    h.write_u8(0);
-    h.write(body);
-    h.finish()
+/// The longest `Idempotency-Key` Stripe accepts.
+const MAX_KEY_LEN: usize = 255;
+
+/// The call of a key, as the idempotency book tells it from others.
+pub struct Call<'a> {
+    pub jti: &'a Arc<str>,
+    /// The key's tenant, whose share of a full book the entry counts in.
+    pub ten: &'a Arc<str>,
+    /// The key's expiry (unix seconds).
+    pub exp: i64,
+    pub idempotency_key: &'a str,
+    /// `IdempotencyBook::fingerprint` of the request.
+    pub fingerprint: u64,
 }
 
 impl IdempotencyBook {
-    /// Admits a metered call of `key` (expiring at `exp`) carrying `idempotency_key`.
-    /// Waits (at most `wait`) while the same request of the same key is in flight.
-    pub async fn admit(
-        self: &Arc<Self>,
-        key: &Arc<str>,
-        idempotency_key: &str,
-        fingerprint: u64,
-        exp: i64,
-        now: i64,
-        wait: Duration,
-    ) -> Admission {
-        let id: (Arc<str>, Box<str>) = (key.clone(), idempotency_key.into());
+    /// A fingerprint of what makes two calls the same request: method, path, the
+    /// connected account it acts on (`Stripe-Account`, empty for the platform's own) and
+    /// body.
+    pub fn fingerprint(&self, method: &str, path: &str, account: &[u8], body: &[u8]) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = self.seeds.build_hasher();
+        h.write(method.as_bytes());
+        h.write_u8(0);
+        h.write(path.as_bytes());
+        h.write_u8(0);
+        h.write(account);
+        h.write_u8(0);
+        h.write(body);
+        h.finish()
+    }
+
+    /// Admits a metered call carrying an `Idempotency-Key`. Waits (at most `wait`) while
+    /// the same request of the same key is in flight.
+    pub async fn admit(self: &Arc<Self>, call: Call<'_>, now: i64, wait: Duration) -> Admission {
+        let idempotency_key = call.idempotency_key;
+        if idempotency_key.trim().is_empty() || idempotency_key.len() > MAX_KEY_LEN {
+            return Admission::Untracked;
+        }
+        let fingerprint = call.fingerprint;
+        let id: (Arc<str>, Box<str>) = (call.jti.clone(), idempotency_key.into());
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let existing = self.entries.get(&id).map(|e| e.clone());
             let entry = match existing {
                 Some(entry) if entry.exp <= now => {
                     // Past what the vendor is sure to remember: a new call.
-                    self.entries.remove_if(&id, |_, e| Arc::ptr_eq(e, &entry));
+                    self.remove(&id, &entry);
                     continue;
                 }
                 Some(entry) => entry,
                 None => {
                     if self.entries.len() >= MAX_ENTRIES {
                         self.sweep(now);
-                        if self.entries.len() >= MAX_ENTRIES {
+                        if self.entries.len() >= MAX_ENTRIES && !self.make_room(call.ten) {
                             return Admission::Untracked;
                         }
                     }
                     let fresh = Arc::new(Entry {
                         fingerprint,
-                        exp: exp.min(now.saturating_add(REPLAYED_FOR_SECS)),
+                        tenant: call.ten.clone(),
+                        exp: call.exp.min(now.saturating_add(REPLAYED_FOR_SECS)),
                         state: watch::channel(State::InFlight).0,
                     });
                     match self.entries.entry(id.clone()) {
                         dashmap::Entry::Vacant(v) => {
+                            self.shares.added(call.ten);
                             v.insert(fresh.clone());
                             return Admission::First(Pending {
                                 book: self.clone(),
@@ -172,8 +192,39 @@ impl IdempotencyBook {
                 .compare_exchange(last, now, Relaxed, Relaxed)
                 .is_ok()
         {
-            self.entries.retain(|_, e| e.exp > now);
+            self.entries.retain(|_, e| {
+                let keep = e.exp > now;
+                if !keep {
+                    self.shares.removed(&e.tenant);
+                }
+                keep
+            });
         }
+    }
+
+    /// Removes `entry` if it is still the one under `id`.
+    fn remove(&self, id: &(Arc<str>, Box<str>), entry: &Arc<Entry>) {
+        if let Some((_, e)) = self.entries.remove_if(id, |_, e| Arc::ptr_eq(e, entry)) {
+            self.shares.removed(&e.tenant);
+        }
+    }
+
+    /// Evicts one entry of the tenant holding the most, if it holds more than `tenant`
+    /// (its call, if still in flight, is settled as usual; a retry of it is charged).
+    fn make_room(&self, tenant: &str) -> bool {
+        let Some(largest) = self.shares.evict_from(tenant) else {
+            return false;
+        };
+        // The iterator's shard lock is released before the removal takes it again.
+        let victim = self
+            .entries
+            .iter()
+            .find(|e| e.tenant == largest)
+            .map(|e| (e.key().clone(), e.value().clone()));
+        victim.is_some_and(|(id, entry)| {
+            self.remove(&id, &entry);
+            true
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -187,30 +238,95 @@ impl IdempotencyBook {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn the_same_body_on_another_account_is_another_request() {
-        let on = |account: &[u8]| fingerprint("POST", "/v1/payment_intents", account, b"amount=1");
+        let book = IdempotencyBook::default();
+        let on =
+            |account: &[u8]| book.fingerprint("POST", "/v1/payment_intents", account, b"amount=1");
         assert_eq!(on(b"acct_A"), on(b"acct_A"));
         assert_ne!(on(b"acct_A"), on(b"acct_B"));
         assert_ne!(on(b""), on(b"acct_A"));
+        // Seeds of their own: another process's fingerprint of the same request differs.
+        let other = IdempotencyBook::default();
+        assert_ne!(
+            on(b""),
+            other.fingerprint("POST", "/v1/payment_intents", b"", b"amount=1")
+        );
     }
 
-    use super::*;
+    /// The call of `jti` (tenant `ten`) under `idem`, with fingerprint `fp`, at `now`.
+    async fn call_of(
+        book: &Arc<IdempotencyBook>,
+        (jti, ten): (&str, &str),
+        idem: &str,
+        fp: u64,
+        now: i64,
+    ) -> Admission {
+        let (jti, ten): (Arc<str>, Arc<str>) = (jti.into(), ten.into());
+        let call = Call {
+            jti: &jti,
+            ten: &ten,
+            exp: i64::MAX,
+            idempotency_key: idem,
+            fingerprint: fp,
+        };
+        book.admit(call, now, Duration::from_secs(5)).await
+    }
 
     fn admit(book: &Arc<IdempotencyBook>, fp: u64) -> impl std::future::Future<Output = Admission> {
         let book = book.clone();
-        async move {
-            book.admit(
-                &Arc::from("key_1"),
-                "idem-1",
-                fp,
-                i64::MAX,
-                0,
-                Duration::from_secs(5),
-            )
-            .await
+        async move { call_of(&book, ("key_1", "tn_1"), "idem-1", fp, 0).await }
+    }
+
+    #[tokio::test]
+    async fn a_blank_or_overlong_idempotency_key_is_no_key_at_all() {
+        let book = Arc::new(IdempotencyBook::default());
+        for idem in ["", " ", "\t", &"k".repeat(256)] {
+            for _ in 0..2 {
+                let admitted = call_of(&book, ("key_1", "tn_1"), idem, 7, 0).await;
+                assert!(matches!(admitted, Admission::Untracked), "{idem:?}");
+            }
         }
+        let Admission::First(first) =
+            call_of(&book, ("key_1", "tn_1"), &"k".repeat(255), 7, 0).await
+        else {
+            panic!("255 characters is a key")
+        };
+        first.charged();
+        assert_eq!(book.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_tenant_that_fills_the_book_cannot_keep_another_tenant_out() {
+        let book = Arc::new(IdempotencyBook::default());
+        for i in 0..MAX_ENTRIES + 10 {
+            if let Admission::First(p) =
+                call_of(&book, ("key_b", "tn_b"), &format!("b{i}"), 1, 0).await
+            {
+                p.charged();
+            }
+        }
+        assert_eq!(book.len(), MAX_ENTRIES, "the bound holds");
+        // The other tenant's call is remembered, in place of one of the filler's, and its
+        // retry is free.
+        let Admission::First(first) = call_of(&book, ("key_a", "tn_a"), "a1", 7, 0).await else {
+            panic!("another tenant's first call is remembered")
+        };
+        first.charged();
+        assert!(matches!(
+            call_of(&book, ("key_a", "tn_a"), "a1", 7, 0).await,
+            Admission::Replay
+        ));
+        assert_eq!(book.len(), MAX_ENTRIES);
+        assert_eq!(
+            (book.shares.held("tn_a"), book.shares.held("tn_b")),
+            (1, MAX_ENTRIES - 1)
+        );
+        // The filler, still the largest holder, adds nothing more.
+        let more = call_of(&book, ("key_b", "tn_b"), "b-more", 1, 0).await;
+        assert!(matches!(more, Admission::Untracked));
     }
 
     #[tokio::test]
@@ -228,16 +344,7 @@ mod tests {
         // Another body under the same idempotency key is charged.
         assert!(matches!(admit(&book, 8).await, Admission::Untracked));
         // Another key's identical request is its own.
-        let other = book
-            .admit(
-                &Arc::from("key_2"),
-                "idem-1",
-                7,
-                i64::MAX,
-                0,
-                Duration::from_secs(5),
-            )
-            .await;
+        let other = call_of(&book, ("key_2", "tn_1"), "idem-1", 7, 0).await;
         assert!(matches!(other, Admission::First(_)));
     }
 
@@ -246,17 +353,7 @@ mod tests {
         let book = Arc::new(IdempotencyBook::default());
         let at = |now: i64| {
             let book = book.clone();
-            async move {
-                book.admit(
-                    &Arc::from("key_1"),
-                    "idem-1",
-                    7,
-                    i64::MAX,
-                    now,
-                    Duration::from_secs(5),
-                )
-                .await
-            }
+            async move { call_of(&book, ("key_1", "tn_1"), "idem-1", 7, now).await }
         };
         let Admission::First(first) = at(1_000).await else {
             panic!("first")

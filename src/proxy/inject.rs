@@ -157,6 +157,7 @@ const CHECKED: [&str; 7] = [
 fn is_twin_of_a_checked_header(name: &str, vendor: &Vendor) -> bool {
     let twin = |canonical: &str| super::scope::same_but_underscores(name, canonical);
     CHECKED.iter().any(|c| twin(c))
+        || METHOD_OVERRIDES.iter().any(|m| twin(m))
         || twin(vendor.auth_header.as_str())
         || vendor.strip_headers.iter().any(|h| twin(h.as_str()))
         || vendor.account_headers.iter().any(|h| twin(h.as_str()))
@@ -272,6 +273,10 @@ mod tests {
             "x-http-method-override",
             "x-http-method",
             "x-method-override",
+            // Their CGI-style spellings, read by such a server as the same headers.
+            "x_http_method_override",
+            "x_http_method",
+            "x_method_override",
         ] {
             req.insert_header(header, "POST").unwrap();
         }

@@ -85,9 +85,11 @@ fn form_decode(raw: &[u8]) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(String::from_utf8_lossy(&decoded).into_owned())
 }
 
-/// A body that is a JSON object or array (first byte past whitespace): refused as a
-/// form body on a metered endpoint, where a lenient vendor could parse it as JSON.
+/// A body that is a JSON object or array (first byte past whitespace, and past a UTF-8
+/// byte-order mark, which a lenient JSON reader skips): refused as a form body on a
+/// metered endpoint, where a lenient vendor could parse it as JSON.
 pub fn looks_like_json(body: &[u8]) -> bool {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     matches!(
         body.iter().find(|b| !b.is_ascii_whitespace()),
         Some(b'{' | b'[')
@@ -667,7 +669,13 @@ mod tests {
 
     #[test]
     fn json_looking_bodies_are_told_apart_from_forms() {
-        for body in [&b"{\"amount\":1}"[..], b" \n[1]", b"\t{"] {
+        // A byte-order mark, which lenient JSON readers skip, hides nothing.
+        for body in [
+            &b"{\"amount\":1}"[..],
+            b" \n[1]",
+            b"\t{",
+            b"\xEF\xBB\xBF{\"amount\":1}",
+        ] {
             assert!(looks_like_json(body));
         }
         for body in [&b"amount=1&currency=usd"[..], b"", b"  ", b"x={"] {

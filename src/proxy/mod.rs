@@ -48,6 +48,7 @@ pub mod scope;
 pub mod service;
 pub mod settle;
 pub mod spend;
+mod tenant_shares;
 pub mod upstream;
 pub mod upstream_call;
 pub mod verify;

@@ -78,13 +78,19 @@ impl KeybrakeProxy {
                         Some([h.as_str().as_bytes(), b":", v.as_bytes()].concat())
                     })
                     .unwrap_or_default();
-                let fingerprint =
-                    idempotency::fingerprint(req.method.as_str(), ctx.path(), &account, body);
-                let wait = self.idempotent_wait;
-                let exp = key.claims.exp;
-                let admitted = self
-                    .idempotency
-                    .admit(&key.jti, idem, fingerprint, exp, now, wait);
+                let call = idempotency::Call {
+                    jti: &key.jti,
+                    ten: &key.ten,
+                    exp: key.claims.exp,
+                    idempotency_key: idem,
+                    fingerprint: self.idempotency.fingerprint(
+                        req.method.as_str(),
+                        ctx.path(),
+                        &account,
+                        body,
+                    ),
+                };
+                let admitted = self.idempotency.admit(call, now, self.idempotent_wait);
                 match Box::pin(admitted).await {
                     Admission::Replay => {
                         cost = Micros::ZERO;

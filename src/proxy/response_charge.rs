@@ -125,6 +125,7 @@ impl KeybrakeProxy {
         if let Some((id, charged, currency)) = object {
             let owner = Owner {
                 jti: &key.jti,
+                ten: &key.ten,
                 exp: key.claims.exp,
             };
             self.charges

@@ -1868,6 +1868,20 @@ def test_one_idempotency_key_under_the_other_account_header_is_charged_again(key
     tenant.wait_spent(key["id"], Decimal(20))
 
 
+def test_a_blank_or_overlong_idempotency_key_is_charged_every_time(keybrake, tenant, fake_stripe):
+    """A blank `Idempotency-Key` (or one past Stripe's 255 characters) may be taken by
+    the vendor for no key at all, each call a new payment: every one is charged, so a $1
+    key pays $0.60 once, then is refused at its cap."""
+    for idem in ("", "k" * 256):
+        key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1)
+        body = {"amount": 60, "currency": "usd"}
+        r = keybrake.proxy("POST", PI, key=key["token"], data=body, headers={"Idempotency-Key": idem})
+        assert r.status_code == 200, (repr(idem[:8]), r.text)
+        r = keybrake.proxy("POST", PI, key=key["token"], data=body, headers={"Idempotency-Key": idem})
+        assert_denied(r, 429, "cap_exhausted")
+        tenant.wait_spent(key["id"], Decimal("0.6"))
+
+
 def test_a_concurrent_duplicate_waits_for_the_first_and_is_not_charged(keybrake, tenant, fake_stripe):
     """Two identical $15 payments with one Idempotency-Key sent together on a $20 key:
     the second waits for the first to settle and then goes through uncharged (Stripe

@@ -505,6 +505,20 @@ def test_check_reports_an_unreadable_or_mismatched_certificate(tmp_path, ca):
     assert p.returncode == 1 and "none.pem" in p.stderr, p.stderr
 
 
+def test_a_tls_key_shared_with_its_group_is_accepted_and_one_open_to_others_is_flagged(tmp_path, ca):
+    # The units read their keys through the `keybrake-tls` group (root:keybrake-tls
+    # 0640, as docs/operations.md sets them up): that mode is the intent, not a warning.
+    cert, key = ca.leaf("modes")
+    config = write_config(tmp_path / "conf", proxy={"tls": {"cert_file": str(cert), "key_file": str(key)}})
+    for mode, flagged in ((0o600, False), (0o640, False), (0o644, True), (0o604, True)):
+        key.chmod(mode)
+        p = run_keybrake("check", "--config", str(config), "--role", "proxy")
+        assert p.returncode == 0, p.stderr
+        assert ("TLS key" in p.stderr) == flagged, (oct(mode), p.stderr)
+        if flagged:
+            assert f"has mode {mode:03o}: open to other users; chmod o-rwx" in p.stderr, p.stderr
+
+
 def test_the_cli_verifies_the_control_planes_certificate_with_an_optional_ca_file(tls_kb, ca):
     env = {"KEYBRAKE_ADMIN_TOKEN": tls_kb.admin_token}
     tls_kb.create_tenant("seen-by-the-cli")

@@ -46,7 +46,7 @@ pub fn event(
         label: key.map(|k| k.lbl.clone()),
         vendor: ctx.vendor_label().to_string(),
         method: session.req_header().method.as_str().to_string(),
-        path: ctx.canonical.clone(),
+        path: super::path::without_tokens(&ctx.canonical).into_owned(),
         status: final_status(session, ctx),
         decision: ctx.denial.map_or("allowed", Denial::code).to_string(),
         spend,

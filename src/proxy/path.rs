@@ -1,6 +1,10 @@
 //! Stage 1: the canonical path (SPEC §4). Only unreserved characters are percent-decoded;
 //! dot segments (also encoded), encoded '/' or '\', empty segments, NUL and control bytes
 //! are refused. What comes out is what gets matched and what gets forwarded.
+//!
+//! So is ';' (also encoded): no vendor path or object id holds one, and a server that
+//! reads it as a segment's parameters (`/v1/charges/ch_1;x/capture`) would act on
+//! another path than the one matched.
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct InvalidPath;
@@ -43,7 +47,7 @@ pub fn canonicalize(raw: &str) -> Result<String, InvalidPath> {
                     _ => return Err(InvalidPath),
                 };
                 let decoded = hi << 4 | lo;
-                if decoded < 0x20 || decoded == 0x7f || decoded == b'/' || decoded == b'\\' {
+                if decoded < 0x20 || matches!(decoded, 0x7f | b'/' | b'\\' | b';') {
                     return Err(InvalidPath);
                 }
                 if is_unreserved(decoded) {
@@ -54,7 +58,7 @@ pub fn canonicalize(raw: &str) -> Result<String, InvalidPath> {
                     out.push(char::from(b"0123456789ABCDEF"[lo as usize]));
                 }
                 i += 3;
-            } else if b < 0x20 || b == 0x7f || b == b'\\' || b >= 0x80 {
+            } else if b < 0x20 || matches!(b, 0x7f | b'\\' | b';') || b >= 0x80 {
                 return Err(InvalidPath);
             } else {
                 out.push(b as char);
@@ -84,6 +88,40 @@ pub fn as_sent(raw: &str) -> String {
         }
     }
     out
+}
+
+/// A path as it may be shown (access log, audit, error lines): a Keybrake token a client
+/// put in it (`vk_…`, `kb_…`, `kbn_…`, `kba_…` at the start of a segment or after an
+/// escape such as `%2F`, with at least 20 token characters) becomes `vk_[redacted]`.
+/// Only the shown path: the one matched and forwarded is unchanged.
+pub fn without_tokens(path: &str) -> std::borrow::Cow<'_, str> {
+    const PREFIXES: [&str; 4] = ["vk_", "kbn_", "kba_", "kb_"];
+    const MIN_TOKEN_CHARS: usize = 20;
+    let b = path.as_bytes();
+    let is_token_char = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.');
+    let mut out = String::new();
+    let (mut copied, mut i) = (0, 0);
+    while i < b.len() {
+        let at_boundary =
+            i == 0 || !b[i - 1].is_ascii_alphanumeric() || (i >= 3 && b[i - 3] == b'%');
+        let prefix = PREFIXES.iter().find(|p| path[i..].starts_with(*p));
+        if let (true, Some(prefix)) = (at_boundary, prefix) {
+            let start = i + prefix.len();
+            let end = start + b[start..].iter().take_while(|&&c| is_token_char(c)).count();
+            if end - start >= MIN_TOKEN_CHARS {
+                out.push_str(&path[copied..start]);
+                out.push_str("[redacted]");
+                (copied, i) = (end, end);
+                continue;
+            }
+        }
+        i += 1;
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    out.push_str(&path[copied..]);
+    std::borrow::Cow::Owned(out)
 }
 
 /// Splits `/{vendor}/{rest}` into the vendor and the vendor-relative path (`/` + rest).
@@ -149,8 +187,41 @@ mod tests {
             "/stripe/v1/%2",
             "stripe/v1",
             "/stripe/v1/caf\u{e9}",
+            "/stripe/v1/charges/ch_1;x/capture",
+            "/stripe/v1/charges/ch_1%3Bcapture",
+            "/stripe/v1/charges;/ch_1",
         ] {
             assert_eq!(canonicalize(bad), Err(InvalidPath), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_a_client_put_in_the_path_is_not_shown() {
+        let vk = "vk_eyJhbGciOiJFZERTQSJ9.eyJqdGkiOiJrZXlfMSJ9.c2lnbmF0dXJl";
+        let kba = "kba_Q2xpZW50cyBwdXQgdG9rZW5zIGluIFVSTHMgYnkgbWlzdGFrZQ";
+        assert_eq!(
+            without_tokens(&format!("/stripe/v1/customers/{vk}")),
+            "/stripe/v1/customers/vk_[redacted]"
+        );
+        assert_eq!(
+            without_tokens(&format!("/stripe/v1/..%2F{kba}/x")),
+            "/stripe/v1/..%2Fkba_[redacted]/x"
+        );
+        assert_eq!(
+            without_tokens(&format!("/openai/v1/files/kb_{}", "a".repeat(43))),
+            "/openai/v1/files/kb_[redacted]"
+        );
+        // Ordinary ids and names stay as they are.
+        for path in [
+            "/stripe/v1/payment_intents/pi_3MtwBwLkdIwHu7ix28a3tqPa",
+            "/stripe/v1/kb_articles",
+            "/stripe/v1/customers/cus_vk_1",
+            "/openai/v1/models/ft:gpt-4o:kb_org:x",
+        ] {
+            assert!(
+                matches!(without_tokens(path), std::borrow::Cow::Borrowed(_)),
+                "{path}"
+            );
         }
     }
 
@@ -195,7 +266,7 @@ mod tests {
                         }
                         (bytes[i - 1], false)
                     };
-                    if b.is_ascii_control() || b == b'\\' {
+                    if b.is_ascii_control() || b == b'\\' || b == b';' {
                         return Err(InvalidPath);
                     }
                     if escaped && !(b.is_ascii_alphanumeric() || b"-._~".contains(&b)) {
@@ -218,7 +289,7 @@ mod tests {
 
             #[test]
             fn canonicalization_agrees_with_the_model(
-                raw in "(/|a|b|\\.|%|2|e|E|f|F|5|c|C|0|7|~|-|:|\\\\|\u{0}|\u{e9}){0,14}"
+                raw in "(/|a|b|\\.|%|2|e|E|f|F|5|c|C|0|7|~|-|:|;|3|B|\\\\|\u{0}|\u{e9}){0,14}"
             ) {
                 prop_assert_eq!(canonicalize(&raw), model(&raw), "{:?}", raw);
                 if let Ok(canonical) = canonicalize(&raw) {

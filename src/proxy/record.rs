@@ -307,9 +307,11 @@ fn push_rfc3339_micros(out: &mut String, at: std::time::SystemTime) {
 /// How Pingora's error lines (`Fail to proxy: …`) name a request: its method and
 /// canonical path, as in the access log. Pingora's default prints the raw URI with its
 /// query string and the `Host`, and a query string may carry a token
-/// (`?access_token=…`). `-` when the path was not canonical (nothing was forwarded).
+/// (`?access_token=…`); a token in the path is redacted. `-` when the path was not
+/// canonical (nothing was forwarded).
 pub fn summary(method: &str, canonical: &str) -> String {
-    let path = if canonical.is_empty() { "-" } else { canonical };
+    let path = super::path::without_tokens(canonical);
+    let path = if path.is_empty() { "-" } else { &path };
     format!("{method} {path}")
 }
 
@@ -348,7 +350,7 @@ impl super::service::KeybrakeProxy {
                 tenant: key.map(|c| c.ten.as_str()),
                 vendor,
                 method: session.req_header().method.as_str(),
-                path: &ctx.canonical,
+                path: &super::path::without_tokens(&ctx.canonical),
                 status: super::audit::final_status(session, ctx),
                 decision: ctx.denial.map_or("allowed", super::deny::Denial::code),
                 spend: ctx.spend,

@@ -838,14 +838,17 @@ BAD_PATHS = [
     "/stripe/v1/customers/cus%7fx",
     "/stripe/v1/customers/cus%zz",
     "/stripe/v1/customers/cus%2",
+    # A segment's parameters to servers that read them: the path acted on is not the one matched.
+    "/stripe/v1/charges/ch_1;x/capture",
+    "/stripe/v1/charges/ch_1%3Bcapture",
 ]
 
 
 @pytest.mark.parametrize("raw_path", BAD_PATHS)
 def test_non_canonical_paths_are_rejected_and_never_forwarded(keybrake, tenant, fake_stripe, raw_path):
     """(6) `..` / `.` segments (also encoded), encoded `/` or `\\`, raw backslashes, empty
-    segments, NUL and control bytes: 400 invalid_path, nothing reaches Stripe — even for
-    a key allowed everything under /v1/**."""
+    segments, NUL and control bytes, a `;` (also encoded): 400 invalid_path, nothing
+    reaches Stripe — even for a key allowed everything under /v1/**."""
     key = tenant.issue_key(allowed_endpoints=["/v1/**"])
     for method in ("GET", "POST"):
         body = b"amount=100&currency=usd" if method == "POST" else None
@@ -871,6 +874,25 @@ def test_a_key_trying_path_tricks_is_named_in_its_tenants_audit(keybrake, tenant
     assert events and sorted(e["path"] for e in events) == sorted(tricks), events
     assert all(e["decision"] == "invalid_path" and e["status"] == 400 and e["spend_usd"] == 0 for e in events), events
     assert fake_stripe.received() == []
+
+
+def test_a_token_a_client_puts_in_the_path_reaches_no_log_or_audit(keybrake, tenant, fake_stripe):
+    """A client that pastes its vault key (or another Keybrake token) into the URL path,
+    forwarded or refused: the access log and the audit show `vk_[redacted]`, never the
+    token (SPEC §7)."""
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers/*"])
+    r = keybrake.proxy("GET", f"/stripe/v1/customers/{key['token']}", key=key["token"])
+    assert r.status_code in (200, 404), r.text
+    status, _, _ = raw_request(keybrake, "GET", f"/stripe/v1/..%2F{tenant.token}", key["token"], None, {})
+    assert status == 400
+    events = wait_until(lambda: (lambda e: e if len(e) >= 2 else None)(tenant.audit(key_id=key["id"])), timeout=5)
+    paths = sorted(e["path"] for e in events)
+    assert paths == ["/stripe/v1/..%2Fkb_[redacted]", "/stripe/v1/customers/vk_[redacted]"], paths
+    logged = wait_until(lambda: [line for line in keybrake.logs().splitlines() if "[redacted]" in line] or None,
+                        timeout=5)
+    assert logged, keybrake.logs()[-2000:]
+    logs = keybrake.logs()
+    assert key["token"] not in logs and tenant.token not in logs
 
 
 def test_a_refused_paths_odd_bytes_reach_no_log_or_audit_raw(keybrake, tenant, fake_stripe):

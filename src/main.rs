@@ -608,13 +608,20 @@ fn run(cli: Cli) -> Result<()> {
             }
             let scheme = |tls: bool| if tls { "https" } else { "http" };
             let checked = Config::source(common.config.as_deref());
+            // The listeners the role runs, each once.
+            let mut listeners = Vec::new();
+            if role != Role::Control {
+                let proxy = (scheme(config.proxy.tls.is_some()), config.proxy_listen);
+                listeners.push(format!("proxy {}://{}", proxy.0, proxy.1));
+            }
+            if role != Role::Proxy {
+                let control = (scheme(config.control.tls.is_some()), config.control_listen);
+                listeners.push(format!("control {}://{}", control.0, control.1));
+            }
+            listeners.push(format!("metrics http://{}", config.metrics_listen));
             println!(
-                "configuration OK ({checked}): proxy {}://{}, control {}://{}, metrics http://{}, {} vendors, {} currencies, {} priced models",
-                scheme(config.proxy.tls.is_some()),
-                config.proxy_listen,
-                scheme(config.control.tls.is_some()),
-                config.control_listen,
-                config.metrics_listen,
+                "configuration OK ({checked}): {}, {} vendors, {} currencies, {} priced models",
+                listeners.join(", "),
                 config.vendors.len(),
                 config.currencies.len(),
                 config.prices.models()

@@ -23,6 +23,10 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(path)?;
+    // One made by another user (root, before the service user ran): said now, not as a
+    // file inside it that seems missing.
+    std::fs::read_dir(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("it exists but cannot be read: {e}")))?;
     warn_if_shared(path, "data dir");
     Ok(())
 }

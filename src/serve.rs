@@ -54,7 +54,10 @@ fn secret_file(
             .map(|s| s.trim().to_string())
             .with_context(|| format!("cannot read {what} file {}", path.display()))
     };
-    if path.exists() {
+    let exists = path
+        .try_exists()
+        .with_context(|| format!("cannot access {what} file {}", path.display()))?;
+    if exists {
         return read();
     }
     if !data_dir_is_new {
@@ -283,7 +286,7 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
     }
     if on_disk {
         crate::secret::private_dir(&config.data_dir)
-            .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+            .with_context(|| format!("cannot use data dir {}", config.data_dir.display()))?;
     }
     let is_new = data_dir_is_new(&config.data_dir);
     let (given_master, given_admin) = given_secrets(sources)?;
@@ -701,6 +704,7 @@ pub fn run_control(config: Config, sources: SecretSources) -> Result<()> {
     if !control.close_node_audit(Duration::from_secs(5)) {
         log::error!("audit events still buffered at exit could not be written in 5 s");
     }
+    log::info!("keybrake control stopped");
     Ok(())
 }
 

@@ -347,7 +347,7 @@ impl Store {
 
     async fn open_sqlite(data_dir: &Path) -> Result<Store> {
         crate::secret::private_dir(data_dir)
-            .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+            .with_context(|| format!("cannot use data dir {}", data_dir.display()))?;
         let path = data_dir.join(FILE);
         crate::secret::private_file(&path)
             .with_context(|| format!("cannot create {}", path.display()))?;

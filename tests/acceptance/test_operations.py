@@ -310,6 +310,32 @@ def test_a_second_process_on_a_data_dir_in_use_is_refused(fake_stripe, tmp_path)
     assert again.stop() == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_a_data_dir_the_service_user_cannot_read_is_named_as_such(tmp_path):
+    """A data dir made by root (0700, its master key inside) and then served by another
+    user: `serve` exits 1 saying the data dir cannot be read, not that a secret file
+    cannot be created (which would send the operator looking for a missing file)."""
+    import tempfile
+    parent = Path(tempfile.mkdtemp(prefix="kb-owned-", dir="/tmp"))
+    try:
+        parent.chmod(0o755)
+        data = parent / "data"
+        data.mkdir(mode=0o700)
+        (data / "master.key").write_text("x" * 44)
+        (data / "master.key").chmod(0o600)
+        p = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(KEYBRAKE_BIN), "serve",
+             "--data-dir", str(data), "--proxy-listen", f"127.0.0.1:{free_port()}",
+             "--control-listen", f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}"],
+            cwd=parent, capture_output=True, text=True, timeout=30,
+            env={k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")})
+        assert p.returncode == 1, p.stderr[-2000:]
+        assert f"cannot use data dir {data}: it exists but cannot be read" in p.stderr, p.stderr[-2000:]
+        assert "master key file" not in p.stderr, p.stderr[-2000:]
+    finally:
+        shutil.rmtree(parent)
+
+
 ACCESS_FIELDS = {"key_id", "label", "tenant", "vendor", "method", "path", "status", "decision",
                  "spend_usd", "duration_ms"}
 

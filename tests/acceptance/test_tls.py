@@ -484,6 +484,9 @@ def test_check_for_one_role_reads_only_that_roles_files(tmp_path, ca):
         p = run_keybrake("check", "--config", str(config), "--role", role)
         assert p.returncode == 0, (role, p.stderr)
         assert "configuration OK" in p.stdout
+        # The summary names the role's listeners only.
+        other = "proxy" if role == "control" else "control"
+        assert f"{role} https://" in p.stdout and f"{other} " not in p.stdout, p.stdout
         # `serve` runs both listeners: the missing file is named.
         p = run_keybrake("check", "--config", str(config))
         assert p.returncode == 1 and "absent.pem" in p.stderr, (role, p.stderr)

@@ -39,7 +39,7 @@ pub const INSERT: &str = "INSERT INTO audit (ts_ms, tenant_id, key_id, label, ve
 /// Opens (or creates) `audit.db` in the data dir: the writer's connection and the readers'.
 pub(super) async fn open(data_dir: &Path, strict: bool) -> Result<(Writer, Reader)> {
     crate::secret::private_dir(data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+        .with_context(|| format!("cannot use data dir {}", data_dir.display()))?;
     let path = data_dir.join(FILE);
     crate::secret::private_file(&path)
         .with_context(|| format!("cannot create {}", path.display()))?;

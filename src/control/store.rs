@@ -627,7 +627,11 @@ impl Store {
             .bind(token_id)
             .fetch_optional(&mut *tx)
             .await?;
-            tx.notify(Change::Tokens).await?;
+            // Nothing deleted, nothing for the other replicas to reload (a caller naming
+            // ids that do not exist must not make every replica reload its tokens).
+            if row.is_some() {
+                tx.notify(Change::Tokens).await?;
+            }
             tx.commit().await?;
             row.map(|r| r.bytes("token_hash"))
         }))
@@ -701,7 +705,9 @@ impl Store {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-            tx.notify(Change::Nodes).await?;
+            if done.rows_affected() > 0 {
+                tx.notify(Change::Nodes).await?;
+            }
             tx.commit().await?;
             done.rows_affected() == 1
         }))
@@ -735,7 +741,9 @@ impl Store {
                 .bind(vendor)
                 .execute(&mut *tx)
                 .await?;
-            tx.notify(Change::Credentials).await?;
+            if done.rows_affected() > 0 {
+                tx.notify(Change::Credentials).await?;
+            }
             tx.commit().await?;
             done.rows_affected() > 0
         }))
@@ -895,7 +903,11 @@ impl Store {
             .bind(tenant_id)
             .fetch_optional(&mut *tx)
             .await?;
-            tx.notify(Change::Revocations).await?;
+            // Only for a key of the caller's: another tenant's id (or none) changes nothing
+            // the replicas must reload.
+            if row.is_some() {
+                tx.notify(Change::Revocations).await?;
+            }
             tx.commit().await?;
             row.as_ref().map(key_row)
         }))
@@ -1550,6 +1562,78 @@ pub(super) mod tests {
         };
         out.sort();
         out
+    }
+
+    /// A revocation or deletion naming nothing (an id of another tenant's, or none) tells
+    /// the other replicas nothing: a caller repeating it cannot make every replica reload.
+    #[tokio::test]
+    async fn a_change_that_changed_nothing_notifies_no_replica() {
+        let store = postgres().await;
+        let Backend::Postgres(pool) = &store.backend else {
+            unreachable!()
+        };
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+            .await
+            .unwrap();
+        listener.listen(CHANGES_CHANNEL).await.unwrap();
+        store
+            .insert_tenant("tn_a", "a", "tok_a", b"hash-a", 1)
+            .await
+            .unwrap();
+        let heard = |l: &mut sqlx::postgres::PgListener| {
+            let mut out = Vec::new();
+            while let Some(n) = l.next_buffered() {
+                out.push(n.payload().to_string());
+            }
+            out
+        };
+        let wait = || tokio::time::sleep(std::time::Duration::from_millis(300));
+        wait().await;
+        listener.try_recv().await.unwrap(); // the tenant's own
+        heard(&mut listener);
+        let key = KeyRow {
+            seq: 0,
+            id: "key_a".into(),
+            tenant_id: "tn_a".into(),
+            kid: "k1".into(),
+            vendor: "stripe".into(),
+            label: "l".into(),
+            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+            daily_cap: Micros(1),
+            metadata: serde_json::json!({}),
+            stripe_accounts: None,
+            created_at: 1,
+            expires_at: i64::MAX,
+            revoked_at: None,
+        };
+        store.insert_keys(&[key]).await.unwrap();
+        // Another tenant's key, a missing token, node and credential: nothing changes.
+        assert!(store
+            .revoke_key("tn_b", "key_a", 2)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(store
+            .delete_api_token("tn_a", "tok_none")
+            .await
+            .unwrap()
+            .is_none());
+        assert!(!store.delete_node("nd_none").await.unwrap());
+        assert!(!store.delete_credential("tn_a", "stripe").await.unwrap());
+        // Then a real revocation: its notification is the only one.
+        assert!(store
+            .revoke_key("tn_a", "key_a", 2)
+            .await
+            .unwrap()
+            .is_some());
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
+            .await
+            .expect("the revocation is notified")
+            .unwrap();
+        wait().await;
+        let mut all = vec![first.payload().to_string()];
+        all.extend(heard(&mut listener));
+        assert_eq!(all, vec![Change::Revocations.as_str().to_string()]);
     }
 
     #[tokio::test]

@@ -22,9 +22,11 @@ pub struct ParsedBody<'k> {
 }
 
 /// The kept field `name` stands for, exactly or as an alias: compared by key path
-/// (leading whitespace and empty bracket segments dropped), a kept field covering every
-/// name below it (`" amount"`, `"[amount]"`, `"amount[x]"` are `amount`;
-/// `"[a][b]]"` and `"a[b][c]"` are `a[b]`).
+/// (whitespace around segments and empty bracket segments dropped, a NUL and what
+/// follows it dropped, letters in either case), a kept field covering every name below
+/// it (`" amount"`, `"[amount]"`, `"amount[x]"`, `"amount "`, `"AMOUNT"`, `"amount\0x"`
+/// are `amount`; `"[a][b]]"` and `"a[b][c]"` are `a[b]`). A lenient parser (one that
+/// trims names, folds their case or stops at a NUL) may read any of them as the field.
 fn kept_field<'k>(name: &str, keep: &[&'k str]) -> Option<&'k str> {
     if let Some(exact) = keep.iter().find(|k| !k.is_empty() && **k == name) {
         return Some(exact);
@@ -32,7 +34,8 @@ fn kept_field<'k>(name: &str, keep: &[&'k str]) -> Option<&'k str> {
     // By key path, as a bracket parser reads names: `[a][b]]` is `a[b]`, and a kept
     // `a[b]` also covers `a[b][c]`.
     fn path(n: &str) -> impl Iterator<Item = &str> {
-        n.trim_start().split(['[', ']']).filter(|s| !s.is_empty())
+        let n = n.split('\0').next().unwrap_or("");
+        n.split(['[', ']']).map(str::trim).filter(|s| !s.is_empty())
     }
     keep.iter()
         .find(|k| {
@@ -40,7 +43,7 @@ fn kept_field<'k>(name: &str, keep: &[&'k str]) -> Option<&'k str> {
             let mut any = false;
             path(k).all(|segment| {
                 any = true;
-                name.next() == Some(segment)
+                name.next().is_some_and(|n| n.eq_ignore_ascii_case(segment))
             }) && any
         })
         .copied()
@@ -520,6 +523,11 @@ mod tests {
             "amount=100&currency=usd&[amount]=99999999",
             "amount=100&currency=usd&amount[x]=1",
             "[amount]=99999999&currency=usd",
+            // Trimmed, case-folded or cut at a NUL by a lenient parser.
+            "amount=100&currency=usd&amount%20=99999999",
+            "amount=100&currency=usd&AMOUNT=99999999",
+            "Amount=99999999&currency=usd",
+            "amount=100&currency=usd&amount%00x=99999999",
         ] {
             assert_eq!(cost(body), Err(Denial::InvalidAmount), "{body}");
         }

@@ -104,16 +104,32 @@ fn media_type(content_type: &str) -> &str {
     content_type.split(';').next().unwrap_or("").trim()
 }
 
-/// `application/x-www-form-urlencoded`, parameters and case aside.
-pub fn is_form(content_type: &str) -> bool {
-    media_type(content_type).eq_ignore_ascii_case("application/x-www-form-urlencoded")
+/// Whether a `Content-Type`'s `charset` (if any) is one the body is read in here: UTF-8,
+/// or ASCII. A body declared in another (`utf-16`) would be read by the vendor as other
+/// characters than the ones metered.
+fn read_as_utf8(content_type: &str) -> bool {
+    content_type.split(';').skip(1).all(|param| {
+        let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        !name.trim().eq_ignore_ascii_case("charset")
+            || ["utf-8", "utf8", "us-ascii"]
+                .iter()
+                .any(|ok| value.trim().trim_matches('"').eq_ignore_ascii_case(ok))
+    })
 }
 
+/// `application/x-www-form-urlencoded` in UTF-8, parameters and case aside.
+pub fn is_form(content_type: &str) -> bool {
+    media_type(content_type).eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        && read_as_utf8(content_type)
+}
+
+/// JSON (`application/json`, `…+json`) in UTF-8, parameters and case aside.
 pub fn is_json(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| {
-        let ct = media_type(ct).as_bytes();
-        ct.eq_ignore_ascii_case(b"application/json")
-            || (ct.len() >= 5 && ct[ct.len() - 5..].eq_ignore_ascii_case(b"+json"))
+        let media = media_type(ct).as_bytes();
+        (media.eq_ignore_ascii_case(b"application/json")
+            || (media.len() >= 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json")))
+            && read_as_utf8(ct)
     })
 }
 
@@ -585,9 +601,20 @@ mod tests {
         ] {
             assert!(is_form(ct), "{ct}");
         }
-        for ct in ["multipart/form-data; boundary=x", "text/plain", ""] {
+        for ct in [
+            "multipart/form-data; boundary=x",
+            "text/plain",
+            "",
+            // Read as UTF-8 here, as other characters by the vendor.
+            "application/x-www-form-urlencoded; charset=utf-16",
+            "application/x-www-form-urlencoded; Charset=\"UTF-16LE\"",
+        ] {
             assert!(!is_form(ct), "{ct}");
         }
+        assert!(is_form(
+            "application/x-www-form-urlencoded; charset=\"UTF-8\""
+        ));
+        assert!(!is_json(Some("application/json; charset=utf-32")));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! map) is charged in full again, never less. A full map is shared fairly between tenants
 //! (`tenant_shares`).
 
-use super::tenant_shares::TenantShares;
+use super::tenant_shares::{self, TenantShares};
 use crate::config::MeterRule;
 use crate::money::Micros;
 use dashmap::DashMap;
@@ -47,7 +47,7 @@ pub struct ChargeMemory {
     /// When `objects` was last swept of expired entries (unix seconds).
     swept: AtomicI64,
     capacity: usize,
-    shares: TenantShares,
+    shares: TenantShares<String>,
 }
 
 impl Default for ChargeMemory {
@@ -115,6 +115,7 @@ impl ChargeMemory {
         let room = self.objects.len() < self.capacity
             || self.objects.contains_key(&id)
             || self.make_room(owner.ten);
+        let key = id.clone();
         match self.objects.entry(id) {
             dashmap::Entry::Occupied(mut e) => {
                 let e = e.get_mut();
@@ -125,13 +126,13 @@ impl ChargeMemory {
                     }
                 } else {
                     self.shares.removed(&e.tenant);
-                    self.shares.added(owner.ten);
+                    self.shares.added(owner.ten, &key);
                     *e = fresh();
                 }
             }
             dashmap::Entry::Vacant(e) => {
                 if room {
-                    self.shares.added(owner.ten);
+                    self.shares.added(owner.ten, &key);
                     e.insert(fresh());
                 }
             }
@@ -140,22 +141,21 @@ impl ChargeMemory {
 
     /// Evicts one entry of the tenant holding the most, if it holds more than `tenant`.
     fn make_room(&self, tenant: &str) -> bool {
-        let Some(largest) = self.shares.evict_from(tenant) else {
-            return false;
-        };
-        // The iterator's shard lock is released before the removal takes it again.
-        let victim = self
-            .objects
-            .iter()
-            .find(|e| e.tenant == largest)
-            .map(|e| e.key().clone());
-        victim.is_some_and(|id| {
-            let removed = self.objects.remove_if(&id, |_, e| e.tenant == largest);
+        let remove = |id: &String, largest: &str| {
+            let removed = self.objects.remove_if(id, |_, e| &*e.tenant == largest);
             if let Some((_, e)) = &removed {
                 self.shares.removed(&e.tenant);
             }
             removed.is_some()
-        })
+        };
+        // The iterator's shard lock is released before the removal takes it again.
+        let scan = |largest: &str| {
+            let mut entries = self.objects.iter().take(tenant_shares::SCAN);
+            entries
+                .find(|e| &*e.tenant == largest)
+                .map(|e| e.key().clone())
+        };
+        tenant_shares::make_room(&self.shares, tenant, remove, scan)
     }
 
     /// Drops the entries of expired keys, at most once a second (one thread does it).

@@ -13,7 +13,7 @@
 //! again: fail closed). So is a call whose `Idempotency-Key` is blank or longer than
 //! Stripe's 255 characters: the vendor may take it for no key at all.
 
-use super::tenant_shares::TenantShares;
+use super::tenant_shares::{self, TenantShares};
 use dashmap::DashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +43,7 @@ struct Entry {
 pub struct IdempotencyBook {
     entries: DashMap<(Arc<str>, Box<str>), Arc<Entry>, ahash::RandomState>,
     swept: std::sync::atomic::AtomicI64,
-    shares: TenantShares,
+    shares: TenantShares<(Arc<str>, Box<str>)>,
     /// The fingerprints' seeds, random per process: a client cannot craft two requests
     /// with one fingerprint, to have the second let through free as the first's retry.
     seeds: ahash::RandomState,
@@ -152,7 +152,7 @@ impl IdempotencyBook {
                     });
                     match self.entries.entry(id.clone()) {
                         dashmap::Entry::Vacant(v) => {
-                            self.shares.added(call.ten);
+                            self.shares.added(call.ten, &id);
                             v.insert(fresh.clone());
                             return Admission::First(Pending {
                                 book: self.clone(),
@@ -212,19 +212,21 @@ impl IdempotencyBook {
     /// Evicts one entry of the tenant holding the most, if it holds more than `tenant`
     /// (its call, if still in flight, is settled as usual; a retry of it is charged).
     fn make_room(&self, tenant: &str) -> bool {
-        let Some(largest) = self.shares.evict_from(tenant) else {
-            return false;
+        let remove = |id: &(Arc<str>, Box<str>), largest: &str| {
+            let removed = self.entries.remove_if(id, |_, e| &*e.tenant == largest);
+            if let Some((_, e)) = &removed {
+                self.shares.removed(&e.tenant);
+            }
+            removed.is_some()
         };
         // The iterator's shard lock is released before the removal takes it again.
-        let victim = self
-            .entries
-            .iter()
-            .find(|e| e.tenant == largest)
-            .map(|e| (e.key().clone(), e.value().clone()));
-        victim.is_some_and(|(id, entry)| {
-            self.remove(&id, &entry);
-            true
-        })
+        let scan = |largest: &str| {
+            let mut entries = self.entries.iter().take(tenant_shares::SCAN);
+            entries
+                .find(|e| &*e.tenant == largest)
+                .map(|e| e.key().clone())
+        };
+        tenant_shares::make_room(&self.shares, tenant, remove, scan)
     }
 
     pub fn len(&self) -> usize {

@@ -895,19 +895,29 @@ impl Store {
     /// Marks a key revoked (first revocation wins); returns the stored row.
     pub async fn revoke_key(&self, tenant_id: &str, id: &str, now: i64) -> Result<Option<KeyRow>> {
         Ok(in_transaction!(self, |tx| {
-            let row = sqlx::query(
-                "UPDATE keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 AND tenant_id = $3 RETURNING *",
+            let revoked = sqlx::query(
+                "UPDATE keys SET revoked_at = $1 WHERE id = $2 AND tenant_id = $3 AND revoked_at IS NULL RETURNING *",
             )
             .bind(now)
             .bind(id)
             .bind(tenant_id)
             .fetch_optional(&mut *tx)
             .await?;
-            // Only for a key of the caller's: another tenant's id (or none) changes nothing
-            // the replicas must reload.
-            if row.is_some() {
-                tx.notify(Change::Revocations).await?;
-            }
+            // Only a key of the caller's revoked now: another tenant's id, none, or one
+            // revoked already changes nothing the replicas must reload.
+            let row = match revoked {
+                Some(row) => {
+                    tx.notify(Change::Revocations).await?;
+                    Some(row)
+                }
+                None => {
+                    sqlx::query("SELECT * FROM keys WHERE id = $1 AND tenant_id = $2")
+                        .bind(id)
+                        .bind(tenant_id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                }
+            };
             tx.commit().await?;
             row.as_ref().map(key_row)
         }))
@@ -1620,12 +1630,15 @@ pub(super) mod tests {
             .is_none());
         assert!(!store.delete_node("nd_none").await.unwrap());
         assert!(!store.delete_credential("tn_a", "stripe").await.unwrap());
-        // Then a real revocation: its notification is the only one.
+        // Then a real revocation: its notification is the only one (revoking it again
+        // changes nothing, and answers the key as it is).
         assert!(store
             .revoke_key("tn_a", "key_a", 2)
             .await
             .unwrap()
             .is_some());
+        let again = store.revoke_key("tn_a", "key_a", 3).await.unwrap();
+        assert_eq!(again.and_then(|k| k.revoked_at), Some(2));
         let first = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
             .await
             .expect("the revocation is notified")

@@ -5,7 +5,7 @@
 //! map) is charged in full again, never less. A full map is shared fairly between tenants
 //! (`tenant_shares`).
 
-use super::tenant_shares::{self, TenantShares};
+use super::tenant_shares::{self, Evicted, TenantShares};
 use crate::config::MeterRule;
 use crate::money::Micros;
 use dashmap::DashMap;
@@ -139,23 +139,27 @@ impl ChargeMemory {
         }
     }
 
-    /// Evicts one entry of the tenant holding the most, if it holds more than `tenant`.
+    /// Evicts the oldest entry of the tenant holding the most, if it holds more than
+    /// `tenant`.
     fn make_room(&self, tenant: &str) -> bool {
-        let remove = |id: &String, largest: &str| {
-            let removed = self.objects.remove_if(id, |_, e| &*e.tenant == largest);
-            if let Some((_, e)) = &removed {
+        let evict = |id: &String, largest: &str| match self
+            .objects
+            .remove_if(id, |_, e| &*e.tenant == largest)
+        {
+            Some((_, e)) => {
                 self.shares.removed(&e.tenant);
+                Evicted::Yes
             }
-            removed.is_some()
+            None => Evicted::Gone,
         };
-        // The iterator's shard lock is released before the removal takes it again.
+        // The iterator's shard lock is released before the eviction takes it again.
         let scan = |largest: &str| {
             let mut entries = self.objects.iter().take(tenant_shares::SCAN);
             entries
                 .find(|e| &*e.tenant == largest)
                 .map(|e| e.key().clone())
         };
-        tenant_shares::make_room(&self.shares, tenant, remove, scan)
+        tenant_shares::make_room(&self.shares, tenant, evict, scan)
     }
 
     /// Drops the entries of expired keys, at most once a second (one thread does it).
@@ -373,5 +377,47 @@ mod memory_tests {
             (1, 0)
         );
         assert_eq!(memory.len(), 1);
+    }
+
+    /// Tenants racing to remember objects (new ones, ones another key holds, as keys
+    /// expire): the shares always count exactly the entries each tenant holds.
+    #[test]
+    fn tenant_counts_stay_exact_under_concurrent_use() {
+        let memory = Arc::new(ChargeMemory::with_capacity(64));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let memory = memory.clone();
+                std::thread::spawn(move || {
+                    let ten: Arc<str> = format!("tn_{}", t % 3).into();
+                    let jti: Arc<str> = format!("key_{t}").into();
+                    for i in 0..5_000u64 {
+                        let owner = Owner {
+                            jti: &jti,
+                            ten: &ten,
+                            exp: 1_000 + (i / 500) as i64,
+                        };
+                        // Ids shared between threads: entries change owner too.
+                        let id = format!("pi_{}", (i * 7 + t as u64 * 13) % 200);
+                        memory.remember(id, owner, Micros(1), None, 1_000 + (i / 400) as i64);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for t in 0..3 {
+            let tenant = format!("tn_{t}");
+            let held = memory
+                .objects
+                .iter()
+                .filter(|e| *e.tenant == *tenant)
+                .count();
+            assert_eq!(memory.shares.held(&tenant), held, "{tenant}");
+        }
+        assert!(
+            memory.len() <= 64 + 4,
+            "the bound holds (give or take a race per thread)"
+        );
     }
 }

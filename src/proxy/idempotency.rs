@@ -13,7 +13,7 @@
 //! again: fail closed). So is a call whose `Idempotency-Key` is blank or longer than
 //! Stripe's 255 characters: the vendor may take it for no key at all.
 
-use super::tenant_shares::{self, TenantShares};
+use super::tenant_shares::{self, Evicted, TenantShares};
 use dashmap::DashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -209,24 +209,34 @@ impl IdempotencyBook {
         }
     }
 
-    /// Evicts one entry of the tenant holding the most, if it holds more than `tenant`
-    /// (its call, if still in flight, is settled as usual; a retry of it is charged).
+    /// Evicts the oldest settled entry of the tenant holding the most, if it holds more
+    /// than `tenant`: one in flight is kept (its retry, or a duplicate waiting on it, is
+    /// about to need it).
     fn make_room(&self, tenant: &str) -> bool {
-        let remove = |id: &(Arc<str>, Box<str>), largest: &str| {
-            let removed = self.entries.remove_if(id, |_, e| &*e.tenant == largest);
-            if let Some((_, e)) = &removed {
-                self.shares.removed(&e.tenant);
+        let settled = |e: &Entry| *e.state.borrow() == State::Charged;
+        let evict = |id: &(Arc<str>, Box<str>), largest: &str| {
+            let removed = self
+                .entries
+                .remove_if(id, |_, e| &*e.tenant == largest && settled(e));
+            match removed {
+                Some((_, e)) => {
+                    self.shares.removed(&e.tenant);
+                    Evicted::Yes
+                }
+                None if self.entries.get(id).is_some_and(|e| &*e.tenant == largest) => {
+                    Evicted::InUse
+                }
+                None => Evicted::Gone,
             }
-            removed.is_some()
         };
-        // The iterator's shard lock is released before the removal takes it again.
+        // The iterator's shard lock is released before the eviction takes it again.
         let scan = |largest: &str| {
             let mut entries = self.entries.iter().take(tenant_shares::SCAN);
             entries
-                .find(|e| &*e.tenant == largest)
+                .find(|e| &*e.tenant == largest && settled(e))
                 .map(|e| e.key().clone())
         };
-        tenant_shares::make_room(&self.shares, tenant, remove, scan)
+        tenant_shares::make_room(&self.shares, tenant, evict, scan)
     }
 
     pub fn len(&self) -> usize {

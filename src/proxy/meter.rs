@@ -22,19 +22,33 @@ pub struct ParsedBody<'k> {
 }
 
 /// The kept field `name` stands for, exactly or as an alias: compared by key path
-/// (whitespace around segments and empty bracket segments dropped, a NUL and what
-/// follows it dropped, letters in either case), a kept field covering every name below
-/// it (`" amount"`, `"[amount]"`, `"amount[x]"`, `"amount "`, `"AMOUNT"`, `"amount\0x"`
-/// are `amount`; `"[a][b]]"` and `"a[b][c]"` are `a[b]`). A lenient parser (one that
-/// trims names, folds their case or stops at a NUL) may read any of them as the field.
+/// (whitespace around segments and empty bracket segments dropped, letters in either
+/// case), a kept field covering every name below it (`" amount"`, `"[amount]"`,
+/// `"amount[x]"`, `"amount "`, `"AMOUNT"` are `amount`; `"[a][b]]"` and `"a[b][c]"` are
+/// `a[b]`); a name with a NUL or a byte-order mark is also read cut at the NUL and with
+/// them dropped (`"amount\0x"`, `"am\0ount"`, `"\u{feff}amount"`). A lenient parser (one
+/// that trims names, folds their case, stops at or drops a NUL) may read any of them as
+/// the field.
 fn kept_field<'k>(name: &str, keep: &[&'k str]) -> Option<&'k str> {
     if let Some(exact) = keep.iter().find(|k| !k.is_empty() && **k == name) {
         return Some(exact);
     }
-    // By key path, as a bracket parser reads names: `[a][b]]` is `a[b]`, and a kept
-    // `a[b]` also covers `a[b][c]`.
+    if name.contains(['\0', '\u{feff}']) {
+        let cut = name
+            .split('\0')
+            .next()
+            .unwrap_or("")
+            .replace('\u{feff}', "");
+        let dropped = name.replace(['\0', '\u{feff}'], "");
+        return by_key_path(&cut, keep).or_else(|| by_key_path(&dropped, keep));
+    }
+    by_key_path(name, keep)
+}
+
+/// `kept_field` by key path, as a bracket parser reads names: `[a][b]]` is `a[b]`, and a
+/// kept `a[b]` also covers `a[b][c]`.
+fn by_key_path<'k>(name: &str, keep: &[&'k str]) -> Option<&'k str> {
     fn path(n: &str) -> impl Iterator<Item = &str> {
-        let n = n.split('\0').next().unwrap_or("");
         n.split(['[', ']']).map(str::trim).filter(|s| !s.is_empty())
     }
     keep.iter()
@@ -104,23 +118,37 @@ fn media_type(content_type: &str) -> &str {
     content_type.split(';').next().unwrap_or("").trim()
 }
 
-/// Whether a `Content-Type`'s `charset` (if any) is one the body is read in here: UTF-8,
-/// or ASCII. A body declared in another (`utf-16`) would be read by the vendor as other
-/// characters than the ones metered.
-fn read_as_utf8(content_type: &str) -> bool {
+/// Whether a `Content-Type`'s `charset` (if any) is one of `read_as`: the ones whose
+/// ASCII bytes read as the same characters as here. A body declared in another (`utf-16`)
+/// would be read by the vendor as other characters than the ones metered.
+fn charset_is_one_of(content_type: &str, read_as: &[&str]) -> bool {
     content_type.split(';').skip(1).all(|param| {
         let (name, value) = param.split_once('=').unwrap_or((param, ""));
         !name.trim().eq_ignore_ascii_case("charset")
-            || ["utf-8", "utf8", "us-ascii"]
+            || read_as
                 .iter()
                 .any(|ok| value.trim().trim_matches('"').eq_ignore_ascii_case(ok))
     })
 }
 
-/// `application/x-www-form-urlencoded` in UTF-8, parameters and case aside.
+/// Charsets in which a body is read here as the vendor reads it: UTF-8 and ASCII, and
+/// for a form (ASCII on the wire, its other bytes percent-encoded) the single-byte
+/// charsets some clients declare by default (Apache HttpClient: ISO-8859-1).
+const UTF8: [&str; 3] = ["utf-8", "utf8", "us-ascii"];
+const FORM_CHARSETS: [&str; 6] = [
+    "utf-8",
+    "utf8",
+    "us-ascii",
+    "iso-8859-1",
+    "latin1",
+    "windows-1252",
+];
+
+/// `application/x-www-form-urlencoded` in an ASCII-compatible charset, parameters and
+/// case aside.
 pub fn is_form(content_type: &str) -> bool {
     media_type(content_type).eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        && read_as_utf8(content_type)
+        && charset_is_one_of(content_type, &FORM_CHARSETS)
 }
 
 /// JSON (`application/json`, `…+json`) in UTF-8, parameters and case aside.
@@ -129,7 +157,7 @@ pub fn is_json(content_type: Option<&str>) -> bool {
         let media = media_type(ct).as_bytes();
         (media.eq_ignore_ascii_case(b"application/json")
             || (media.len() >= 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json")))
-            && read_as_utf8(ct)
+            && charset_is_one_of(ct, &UTF8)
     })
 }
 
@@ -544,6 +572,8 @@ mod tests {
             "amount=100&currency=usd&AMOUNT=99999999",
             "Amount=99999999&currency=usd",
             "amount=100&currency=usd&amount%00x=99999999",
+            "amount=100&currency=usd&am%00ount=99999999",
+            "%EF%BB%BFamount=99999999&currency=usd",
         ] {
             assert_eq!(cost(body), Err(Denial::InvalidAmount), "{body}");
         }
@@ -613,6 +643,9 @@ mod tests {
         }
         assert!(is_form(
             "application/x-www-form-urlencoded; charset=\"UTF-8\""
+        ));
+        assert!(is_form(
+            "application/x-www-form-urlencoded; charset=ISO-8859-1"
         ));
         assert!(!is_json(Some("application/json; charset=utf-32")));
     }

@@ -91,24 +91,28 @@ pub fn as_sent(raw: &str) -> String {
 }
 
 /// A path as it may be shown (access log, audit, error lines): a Keybrake token a client
-/// put in it (`vk_…`, `kb_…`, `kbn_…`, `kba_…` at the start of a segment or after an
-/// escape such as `%2F`, with at least 20 token characters) becomes `vk_[redacted]`.
-/// Only the shown path: the one matched and forwarded is unchanged.
+/// put in it (`vk_`, `kb_`, `kbn_` or `kba_` followed by at least 20 token characters)
+/// is redacted to the end of its segment, the prefix kept (`vk_[redacted]`), so no part
+/// of it (a JWT's payload or signature past an escape) can be put together again. Only
+/// the shown path: the one matched and forwarded is unchanged.
 pub fn without_tokens(path: &str) -> std::borrow::Cow<'_, str> {
-    const PREFIXES: [&str; 4] = ["vk_", "kbn_", "kba_", "kb_"];
+    const PREFIXES: [&[u8]; 4] = [b"vk_", b"kbn_", b"kba_", b"kb_"];
     const MIN_TOKEN_CHARS: usize = 20;
     let b = path.as_bytes();
-    let is_token_char = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.');
+    let is_token_char = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.');
     let mut out = String::new();
     let (mut copied, mut i) = (0, 0);
     while i < b.len() {
-        let at_boundary =
-            i == 0 || !b[i - 1].is_ascii_alphanumeric() || (i >= 3 && b[i - 3] == b'%');
-        let prefix = PREFIXES.iter().find(|p| path[i..].starts_with(*p));
-        if let (true, Some(prefix)) = (at_boundary, prefix) {
+        let prefix = PREFIXES.iter().find(|p| b[i..].starts_with(p));
+        if let Some(prefix) = prefix {
             let start = i + prefix.len();
-            let end = start + b[start..].iter().take_while(|&&c| is_token_char(c)).count();
-            if end - start >= MIN_TOKEN_CHARS {
+            let run = b[start..].iter().take_while(|c| is_token_char(c)).count();
+            if run >= MIN_TOKEN_CHARS {
+                // To the end of the segment (prefixes and `/` are ASCII: char boundaries).
+                let end = b[start..]
+                    .iter()
+                    .position(|&c| c == b'/')
+                    .map_or(b.len(), |n| start + n);
                 out.push_str(&path[copied..start]);
                 out.push_str("[redacted]");
                 (copied, i) = (end, end);
@@ -210,6 +214,20 @@ mod tests {
         assert_eq!(
             without_tokens(&format!("/openai/v1/files/kb_{}", "a".repeat(43))),
             "/openai/v1/files/kb_[redacted]"
+        );
+        // Past an escape that splits it (a refused path as sent), and glued to text.
+        assert_eq!(
+            without_tokens(&format!("/stripe/v1/{}%2E{}/x", &vk[..30], &vk[31..])),
+            "/stripe/v1/vk_[redacted]/x"
+        );
+        assert_eq!(
+            without_tokens(&format!("/stripe/v1/abc{vk}")),
+            "/stripe/v1/abcvk_[redacted]"
+        );
+        // Any string: no panic inside a multi-byte character.
+        assert_eq!(
+            without_tokens(&format!("/x/\u{e9}/{vk}")),
+            "/x/\u{e9}/vk_[redacted]"
         );
         // Ordinary ids and names stay as they are.
         for path in [

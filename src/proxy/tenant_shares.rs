@@ -10,30 +10,34 @@
 //! least an equal share, and a tenant alone may use it all. An evicted entry is forgotten
 //! like any entry past the bound: its call is charged in full again (more, never less).
 //!
-//! The entry to evict is found in O(1): each tenant's most recent ids are kept (at most
-//! [`RECENT`]); one no longer in the memory (swept, replaced) is skipped. Only when none
-//! is left does the memory scan for one, at most [`SCAN`] entries, so a caller filling
-//! the memory can never make another's call pay for a scan of all of it.
+//! The entry evicted is the holder's oldest: each tenant's ids are kept in the order they
+//! were added, and popped from the front (one no longer in the memory, swept or
+//! replaced, is skipped; one still in use is put back), in O(1) per entry added. Only
+//! when none is left does the memory scan for one, at most [`SCAN`] entries, so a caller
+//! filling the memory can never make another's call pay for a scan of all of it.
 //!
 //! Lock order: a memory's shard lock, then the shares (`added` and `removed` are called
-//! with a shard held); the shares are never held while a shard is locked.
+//! with a shard held); a shard is never locked while the shares are held.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-/// A tenant's most recent ids kept as eviction candidates.
-const RECENT: usize = 256;
-
 /// Entries a memory looks at, at most, for one of a tenant's when no candidate is left.
 pub const SCAN: usize = 4096;
 
+/// Candidates still in use put back, at most, before one eviction gives up.
+const IN_USE_PUT_BACK: usize = 64;
+
 struct Share<K> {
     held: usize,
-    recent: VecDeque<K>,
+    /// The tenant's ids, oldest first (some maybe gone already; never more than `held`).
+    ids: VecDeque<K>,
 }
 
+type Shares<K> = HashMap<Arc<str>, Share<K>, ahash::RandomState>;
+
 pub struct TenantShares<K> {
-    shares: Mutex<HashMap<Arc<str>, Share<K>, ahash::RandomState>>,
+    shares: Mutex<Shares<K>>,
 }
 
 impl<K> Default for TenantShares<K> {
@@ -44,23 +48,31 @@ impl<K> Default for TenantShares<K> {
     }
 }
 
+/// What became of an eviction candidate.
+pub enum Evicted {
+    /// Removed from the memory.
+    Yes,
+    /// Still there but in use (a call in flight): kept, and tried again later.
+    InUse,
+    /// No longer there, or no longer that tenant's.
+    Gone,
+}
+
 impl<K: Clone> TenantShares<K> {
-    fn shares(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Share<K>, ahash::RandomState>> {
+    fn shares(&self) -> std::sync::MutexGuard<'_, Shares<K>> {
         self.shares.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Entry `id` of `tenant` was added to the memory.
     pub fn added(&self, tenant: &Arc<str>, id: &K) {
+        let id = id.clone();
         let mut shares = self.shares();
         let share = shares.entry(tenant.clone()).or_insert_with(|| Share {
             held: 0,
-            recent: VecDeque::new(),
+            ids: VecDeque::new(),
         });
         share.held += 1;
-        if share.recent.len() == RECENT {
-            share.recent.pop_front();
-        }
-        share.recent.push_back(id.clone());
+        share.ids.push_back(id);
     }
 
     /// An entry of `tenant` left the memory.
@@ -70,19 +82,29 @@ impl<K: Clone> TenantShares<K> {
             share.held = share.held.saturating_sub(1);
             if share.held == 0 {
                 shares.remove(tenant);
+            } else if share.ids.len() > share.held {
+                // Bounded by what the tenant holds (the oldest go first; an entry whose
+                // id is dropped here is still found by a scan).
+                share.ids.pop_front();
             }
         }
     }
 
     /// The tenant to evict an entry of, to make room for one of `tenant` in a full
-    /// memory (the largest holder, when it holds more than `tenant`), with a candidate
-    /// id of its (the oldest of its recent ones, maybe gone already; `None` when none is
-    /// left).
-    pub fn evict_from(&self, tenant: &str) -> Option<(Arc<str>, Option<K>)> {
+    /// memory (the largest holder, when it holds more than `tenant`), with its oldest id
+    /// (maybe gone already; `None` when none is left).
+    fn evict_from(&self, tenant: &str) -> Option<(Arc<str>, Option<K>)> {
         let mut shares = self.shares();
         let mine = shares.get(tenant).map_or(0, |s| s.held);
         let (largest, share) = shares.iter_mut().max_by_key(|(_, s)| s.held)?;
-        (share.held > mine).then(|| (largest.clone(), share.recent.pop_front()))
+        (share.held > mine).then(|| (largest.clone(), share.ids.pop_front()))
+    }
+
+    /// Puts back a candidate still in use, behind the others.
+    fn put_back(&self, tenant: &str, id: K) {
+        if let Some(share) = self.shares().get_mut(tenant) {
+            share.ids.push_back(id);
+        }
     }
 
     /// Entries held by `tenant`.
@@ -92,31 +114,37 @@ impl<K: Clone> TenantShares<K> {
     }
 }
 
-/// Makes room in a full memory for an entry of `tenant`: evicts one of the largest
-/// holder's entries, if it holds more than `tenant`. `remove(id, tenant)` removes the
-/// entry `id` if that tenant's (telling the shares itself); `scan(tenant)` finds one of
-/// its entries among the first [`SCAN`]. Whether room was made.
+/// Makes room in a full memory for an entry of `tenant`: evicts the oldest entry not in
+/// use of the largest holder, if it holds more than `tenant`. `evict(id, tenant)` removes
+/// entry `id` if it is that tenant's and not in use (telling the shares itself);
+/// `scan(tenant)` finds such an entry among the first [`SCAN`]. Whether room was made.
 pub fn make_room<K: Clone>(
     shares: &TenantShares<K>,
     tenant: &str,
-    remove: impl Fn(&K, &str) -> bool,
+    evict: impl Fn(&K, &str) -> Evicted,
     scan: impl FnOnce(&str) -> Option<K>,
 ) -> bool {
-    // A few candidates at most: each one gone already was swept or replaced.
-    for _ in 0..8 {
+    let mut put_back = 0;
+    loop {
         match shares.evict_from(tenant) {
             None => return false,
-            Some((largest, Some(id))) => {
-                if remove(&id, &largest) {
-                    return true;
+            Some((largest, Some(id))) => match evict(&id, &largest) {
+                Evicted::Yes => return true,
+                Evicted::Gone => {}
+                Evicted::InUse => {
+                    shares.put_back(&largest, id);
+                    put_back += 1;
+                    if put_back == IN_USE_PUT_BACK {
+                        return false;
+                    }
                 }
-            }
+            },
             Some((largest, None)) => {
-                return scan(&largest).is_some_and(|id| remove(&id, &largest));
+                return scan(&largest)
+                    .is_some_and(|id| matches!(evict(&id, &largest), Evicted::Yes));
             }
         }
     }
-    false
 }
 
 #[cfg(test)]
@@ -131,11 +159,7 @@ mod tests {
             shares.added(&b, &id);
         }
         let (largest, candidate) = shares.evict_from("tn_a").unwrap();
-        assert_eq!(
-            (&*largest, candidate),
-            ("tn_b", Some(0)),
-            "its oldest recent id"
-        );
+        assert_eq!((&*largest, candidate), ("tn_b", Some(0)), "its oldest id");
         assert!(
             shares.evict_from("tn_b").is_none(),
             "the largest holder adds nothing"
@@ -151,19 +175,34 @@ mod tests {
     }
 
     #[test]
-    fn candidates_gone_already_are_skipped_and_a_bounded_scan_is_the_last_resort() {
+    fn the_oldest_entry_not_in_use_goes_and_gone_ones_are_skipped_however_many() {
         let shares: TenantShares<u32> = TenantShares::default();
         let b: Arc<str> = "tn_b".into();
-        for id in 0..(RECENT as u32 + 10) {
+        for id in 0..1000 {
             shares.added(&b, &id);
         }
-        // Only the last id is still there: the first candidates were dropped beyond
-        // RECENT, the next ones fail to remove; after 8 tries, no room this time.
-        let still_there = RECENT as u32 + 9;
-        let remove = |id: &u32, _: &str| *id == still_there;
-        assert!(!make_room(&shares, "tn_a", remove, |_| None));
-        // Candidates exhausted: the scan finds it.
+        // 0..900 gone already (refused calls, swept), 900 in flight: 901 goes.
+        let evict = |id: &u32, _: &str| match id {
+            0..900 => Evicted::Gone,
+            900 => Evicted::InUse,
+            _ => Evicted::Yes,
+        };
+        let evicted = std::cell::Cell::new(None);
+        let evict_noting = |id: &u32, t: &str| {
+            let e = evict(id, t);
+            if matches!(e, Evicted::Yes) {
+                evicted.set(Some(*id));
+            }
+            e
+        };
+        assert!(make_room(&shares, "tn_a", evict_noting, |_| None));
+        assert_eq!(evicted.get(), Some(901));
+        // The one in flight was put back, behind the others.
+        let (_, next) = shares.evict_from("tn_a").unwrap();
+        assert_eq!(next, Some(902));
+        // No candidate left: the scan is the last resort.
         while shares.evict_from("tn_a").is_some_and(|(_, c)| c.is_some()) {}
-        assert!(make_room(&shares, "tn_a", remove, |_| Some(still_there)));
+        assert!(make_room(&shares, "tn_a", |_, _| Evicted::Yes, |_| Some(7)));
+        assert!(!make_room(&shares, "tn_a", |_, _| Evicted::Yes, |_| None));
     }
 }

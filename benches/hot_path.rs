@@ -1,12 +1,13 @@
 //! The proxy's hot path, stage by stage: token check (uncached, in batches of fresh keys,
-//! and cached), endpoint match, revocation lookup, path canonicalization and a spend
-//! reservation.
+//! and cached), endpoint match, revocation lookup, path canonicalization, a spend
+//! reservation and an idempotent call's admission.
 //! Run: `cargo bench --bench hot_path`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use keybrake::metrics::Metrics;
 use keybrake::money::Micros;
 use keybrake::pattern::Allowlist;
+use keybrake::proxy::idempotency::{Admission, Call, IdempotencyBook};
 use keybrake::proxy::path::canonicalize;
 use keybrake::proxy::spend::{SpendBook, Spender};
 use keybrake::proxy::verify::KeyVerifier;
@@ -185,11 +186,44 @@ fn reservation(c: &mut Criterion) {
     });
 }
 
+/// A metered call with an `Idempotency-Key` (every Stripe SDK POST): its admission (the
+/// fingerprint, the book's entry and its tenant's share), then its end, here a call that
+/// cost nothing (the entry and the share given back), so the book stays at its size.
+fn idempotent_call(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let book = Arc::new(IdempotencyBook::default());
+    let (jti, ten): (Arc<str>, Arc<str>) = ("key_bench".into(), "tn_bench".into());
+    let body = b"amount=2000&currency=usd&payment_method=pm_card_visa&confirm=true";
+    let keys: Vec<String> = (0..1024)
+        .map(|i| format!("5f0b2c4e-8a61-4d3f-9c7e-{i:012}"))
+        .collect();
+    let mut i = 0;
+    c.bench_function("idempotent_call_admit_and_forget", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let fingerprint = book.fingerprint("POST", "/v1/payment_intents", b"", body);
+            let call = Call {
+                jti: &jti,
+                ten: &ten,
+                exp: i64::MAX,
+                idempotency_key: &keys[i],
+                fingerprint,
+            };
+            let admitted = rt.block_on(book.admit(call, 0, std::time::Duration::from_secs(1)));
+            assert!(matches!(admitted, Admission::First(_)));
+        })
+    });
+}
+
 criterion_group!(
     benches,
     token_check,
     endpoint_match,
     revocation_lookup,
-    reservation
+    reservation,
+    idempotent_call
 );
 criterion_main!(benches);

@@ -850,6 +850,9 @@ async fn issue_key(
                     .map(|v| v.unmetered_reach(&own))
                     .unwrap_or_default(),
             );
+            // A pattern listed twice is warned about once.
+            let mut seen = std::collections::HashSet::new();
+            warnings.retain(|w| seen.insert(w.clone()));
             if !warnings.is_empty() {
                 body["warnings"] = json!(warnings);
             }

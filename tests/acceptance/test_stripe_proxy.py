@@ -1656,6 +1656,9 @@ def test_a_pattern_written_with_the_proxy_prefix_is_warned_about(keybrake, tenan
     patterns are written."""
     key = tenant.issue_key(allowed_endpoints=["POST /stripe/v1/payment_intents"], daily_usd_cap=5)
     assert len(key["warnings"]) == 1 and "prefix /stripe" in key["warnings"][0], key
+    # Listed twice: warned about once.
+    twice = tenant.issue_key(allowed_endpoints=["POST /stripe/v1/payment_intents"] * 2, daily_usd_cap=5)
+    assert twice["warnings"] == key["warnings"], twice
     r = keybrake.proxy("POST", "/stripe/v1/payment_intents", key=key["token"],
                        data={"amount": 100, "currency": "usd"})
     assert_denied(r, 403, "endpoint_not_allowed")

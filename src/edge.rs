@@ -10,6 +10,7 @@
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::money::Micros;
+use crate::proxy::fresh::SyncClock;
 use crate::revocation::RevocationFilter;
 use crate::secret::Secret;
 use crate::sync::{
@@ -551,18 +552,29 @@ impl ReportOutbox {
                 // which does not know the batch number) holds every later report behind
                 // it: the node's spend stays held against the caps, never lost.
                 Some(Err(CallError::Refused(e))) => {
-                    log::error!(
-                        "the control plane refused spend report batch {number} ({e}): \
-                         will send it again"
-                    );
+                    if let Some(others) = REPORT_FAILED.due() {
+                        log::error!(
+                            "the control plane refused spend report batch {number} ({e}): \
+                             will send it again ({others} more failed tries since the last \
+                             such line)"
+                        );
+                    }
                     return;
                 }
                 Some(Err(e)) => {
-                    log::error!("spend report batch {number} failed, will send it again: {e}");
+                    if let Some(others) = REPORT_FAILED.due() {
+                        log::error!(
+                            "spend report batch {number} failed, will send it again ({others}                              more failed tries since the last such line): {e}"
+                        );
+                    }
                     return;
                 }
                 None => {
-                    log::error!("spend report batch {number} failed, will send it again");
+                    if let Some(others) = REPORT_FAILED.due() {
+                        log::error!(
+                            "spend report batch {number} failed, will send it again ({others}                              more failed tries since the last such line)"
+                        );
+                    }
                     return;
                 }
             }
@@ -607,7 +619,14 @@ impl AuditCounts {
 }
 
 impl EdgeAudit {
-    fn start(client: Arc<SyncClient>, depth: IntGauge, dropped: IntCounter) -> Arc<EdgeAudit> {
+    /// `cut_off`: set once the control plane refuses the node's token for good (the node
+    /// was deleted): what is left to send is then dropped, and counted.
+    fn start(
+        client: Arc<SyncClient>,
+        depth: IntGauge,
+        dropped: IntCounter,
+        cut_off: Arc<AtomicBool>,
+    ) -> Arc<EdgeAudit> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<AuditEvent>(AUDIT_BUFFER);
         let counts = AuditCounts {
             pending: Arc::new(AtomicU64::new(0)),
@@ -617,7 +636,7 @@ impl EdgeAudit {
         let sender = counts.clone();
         std::thread::Builder::new()
             .name("edge-audit".into())
-            .spawn(move || audit_sender(client, rx, sender))
+            .spawn(move || audit_sender(client, rx, sender, cut_off))
             .expect("spawn the audit thread");
         Arc::new(EdgeAudit { tx, counts })
     }
@@ -661,6 +680,7 @@ fn audit_sender(
     client: Arc<SyncClient>,
     rx: std::sync::mpsc::Receiver<AuditEvent>,
     counts: AuditCounts,
+    cut_off: Arc<AtomicBool>,
 ) {
     // Each event is serialized once, straight into the batch's body text. One over the
     // bound would make a batch the control plane refuses: dropped instead (see
@@ -754,6 +774,21 @@ fn audit_sender(
                     counts.dropped(n);
                     break;
                 }
+                // The node was deleted (the sync loop saw its token refused too, so not a
+                // replica that has yet to learn of a new node): its events can never be
+                // written. Dropped and counted, not held forever out of sight.
+                Err(CallError::Unauthorized) if cut_off.load(Ordering::Acquire) => {
+                    static ONCE: std::sync::Once = std::sync::Once::new();
+                    ONCE.call_once(|| {
+                        log::error!(
+                            "the control plane refused this node's token: its audit events \
+                             not yet sent are dropped (keybrake_audit_dropped_total); stop a \
+                             node before deleting it to keep them"
+                        )
+                    });
+                    counts.dropped(n);
+                    break;
+                }
                 Err(e) => {
                     if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
                         log::warn!(
@@ -769,34 +804,36 @@ fn audit_sender(
     }
 }
 
+/// A spend report that fails is tried again every round until the control plane is back:
+/// one line per 10 s.
+static REPORT_FAILED: crate::log_every::LogEvery =
+    crate::log_every::LogEvery::new(Duration::from_secs(10));
+
 /// The node's view of the control plane: last successful sync, and whether it was cut
 /// off (its token refused).
 struct SyncState {
-    start: Instant,
-    /// Milliseconds after `start` at which the last successful poll was answered.
-    synced_at_ms: AtomicU64,
+    /// As of when the node's view is known current (read by the proxy on every request).
+    clock: Arc<SyncClock>,
     ever_synced: AtomicBool,
-    cut_off: AtomicBool,
+    cut_off: Arc<AtomicBool>,
     /// The control plane took this node for dead and gave its leases back: it stops.
     lapsed: AtomicBool,
-    /// Read by the proxy on every request (`proxy::fresh`).
+    /// Read by the proxy on every request with `clock` (`proxy::fresh`).
     stale: Arc<AtomicBool>,
     /// The node's refusing for staleness was logged (so is its end).
     stale_logged: AtomicBool,
-    max_staleness: Duration,
 }
 
 impl SyncState {
     fn since_sync(&self) -> Duration {
-        let at = Duration::from_millis(self.synced_at_ms.load(Ordering::Acquire));
-        self.start.elapsed().saturating_sub(at)
+        self.clock.since_sync()
     }
 
     fn is_fresh(&self) -> bool {
         self.ever_synced.load(Ordering::Acquire)
             && !self.cut_off.load(Ordering::Acquire)
             && !self.lapsed.load(Ordering::Acquire)
-            && self.since_sync() <= self.max_staleness
+            && !self.clock.too_old()
     }
 
     /// Sets the flag the proxy reads; logs when the node starts refusing for staleness
@@ -813,7 +850,7 @@ impl SyncState {
                 "no sync with the control plane for {:.1}s (max_staleness {:?}): refusing every \
                  proxied request with 503 control_unreachable until it syncs again",
                 self.since_sync().as_secs_f64(),
-                self.max_staleness
+                self.clock.max_staleness()
             );
         } else if !stale && was && self.stale_logged.swap(false, Ordering::AcqRel) {
             log::info!("in sync with the control plane again: serving");
@@ -903,11 +940,13 @@ fn sync_loop(
     mut version: u64,
 ) {
     // Shorter than the staleness limit, so an idle but healthy node never goes stale.
-    let wait = (state.max_staleness / 3).clamp(Duration::from_millis(200), Duration::from_secs(10));
+    let wait = (state.clock.max_staleness() / 3)
+        .clamp(Duration::from_millis(200), Duration::from_secs(10));
     let mut failures = 0u32;
     let mut last_expiry_sweep = Instant::now();
     loop {
         let sent_unix_ms = unix_ms() as i64;
+        let sent = state.clock.now();
         let path = format!(
             "/v1/sync/snapshot?epoch={}&since={version}&wait_ms={}",
             percent_encoding::utf8_percent_encode(&epoch, percent_encoding::NON_ALPHANUMERIC),
@@ -946,11 +985,15 @@ fn sync_loop(
                     if until == 0 {
                         ledger.valid_until_ms.store(0, Ordering::Release);
                     }
-                    // Synced as of the answer: it carries every change up to the moment
-                    // it was built (a change wakes a waiting poll at once).
+                    // Current as of when the answer was built (it carries every change up
+                    // to then; a change wakes a waiting poll at once): at least `held_ms`
+                    // (how long the control plane held the poll) after it was sent. Not
+                    // as of its arrival: an answer delayed on the way (a partition that
+                    // heals) is older than that, and may miss a revocation.
+                    let held = Duration::from_millis(answer["held_ms"].as_u64().unwrap_or(0));
                     state
-                        .synced_at_ms
-                        .fetch_max(state.start.elapsed().as_millis() as u64, Ordering::AcqRel);
+                        .clock
+                        .synced_as_of((sent + held).min(state.clock.now()));
                     state.ever_synced.store(true, Ordering::Release);
                     state.refresh_flag();
                 }
@@ -1059,6 +1102,15 @@ pub fn run_edge(
             (config.metrics_listen, "metrics"),
         ])?;
     }
+    if config.audit_durability == crate::config::AuditDurability::Strict {
+        // Said, not silently ignored: an operator who asked for it must know where it
+        // holds (docs/operations.md).
+        log::warn!(
+            "audit.durability strict is for `serve` (and what `control` writes): an edge \
+             node answers before its events reach the control plane, in batches within \
+             ~1 round trip; a node killed loses the events not yet sent"
+        );
+    }
     let client = Arc::new(SyncClient::new(&opts)?);
     let node_id = hello(&client, &opts.control_url, &opts.node_token_file)?;
     let metrics = Metrics::global();
@@ -1072,15 +1124,14 @@ pub fn run_edge(
         lease_batch: AtomicU64::new(0),
     });
     let stale = Arc::new(AtomicBool::new(true));
+    let clock = Arc::new(SyncClock::new(opts.max_staleness));
     let state = Arc::new(SyncState {
-        start: Instant::now(),
-        synced_at_ms: AtomicU64::new(0),
+        clock: clock.clone(),
         ever_synced: AtomicBool::new(false),
-        cut_off: AtomicBool::new(false),
+        cut_off: Arc::new(AtomicBool::new(false)),
         lapsed: AtomicBool::new(false),
         stale: stale.clone(),
         stale_logged: AtomicBool::new(false),
-        max_staleness: opts.max_staleness,
     });
     // The first snapshot, before the proxy listens: a fresh node never serves without keys.
     let sent_unix_ms = unix_ms() as i64;
@@ -1129,6 +1180,7 @@ pub fn run_edge(
         client,
         metrics.audit_queue_depth.clone(),
         metrics.audit_dropped.clone(),
+        state.cut_off.clone(),
     );
     let exit_audit = audit.clone();
     let exit_state = state.clone();
@@ -1137,7 +1189,7 @@ pub fn run_edge(
         ledger,
         audit,
         published,
-        staleness: crate::proxy::fresh::Staleness::watched(stale),
+        staleness: crate::proxy::fresh::Staleness::watched(stale, clock),
         on_drain: Box::new(|| {}),
         on_exit: Box::new(move || {
             if exit_state.cut_off.load(Ordering::Acquire) {
@@ -1234,7 +1286,7 @@ mod tests {
     fn an_audit_batch_refused_for_good_is_dropped_and_the_next_is_numbered_higher() {
         let (client, bodies) = fake_control(vec![413]);
         let (depth, dropped) = counters();
-        let audit = EdgeAudit::start(client, depth.clone(), dropped.clone());
+        let audit = EdgeAudit::start(client, depth.clone(), dropped.clone(), Default::default());
         audit.record(event("/stripe/one"));
         let first = bodies.recv_timeout(WAIT).unwrap();
         assert_eq!(first["batch"], 1);
@@ -1249,10 +1301,26 @@ mod tests {
     }
 
     #[test]
+    fn audit_batches_of_a_deleted_node_are_dropped_and_counted_not_held_out_of_sight() {
+        // A 401 while the node is not known to be cut off (a replica yet to learn of a
+        // new node): sent again. Once the sync loop saw the token refused: dropped.
+        let (client, bodies) = fake_control(vec![401, 401, 401]);
+        let (depth, dropped) = counters();
+        let cut_off = Arc::new(AtomicBool::new(false));
+        let audit = EdgeAudit::start(client, depth.clone(), dropped.clone(), cut_off.clone());
+        audit.record(event("/stripe/one"));
+        let first = bodies.recv_timeout(WAIT).unwrap();
+        assert_eq!(bodies.recv_timeout(WAIT).unwrap(), first, "sent again");
+        cut_off.store(true, Ordering::Release);
+        assert_eq!(audit.flush(WAIT), Ok(()));
+        assert_eq!((dropped.get(), depth.get()), (1, 0));
+    }
+
+    #[test]
     fn an_audit_batch_refused_for_now_is_sent_again_with_its_number() {
         let (client, bodies) = fake_control(vec![503, 429]);
         let (depth, dropped) = counters();
-        let audit = EdgeAudit::start(client, depth.clone(), dropped.clone());
+        let audit = EdgeAudit::start(client, depth.clone(), dropped.clone(), Default::default());
         audit.record(event("/stripe/one"));
         assert_eq!(depth.get(), 1);
         let sent: Vec<Value> = (0..3).map(|_| bodies.recv_timeout(WAIT).unwrap()).collect();

@@ -136,6 +136,11 @@ pub struct SyncAnswer {
     pub lease_valid_for_ms: u64,
     /// The node's session was taken for dead and its leases given back.
     pub leases_lapsed: bool,
+    /// How long the poll was held before this answer was built (ms): the answer is
+    /// current as of at least that long after the node sent the poll, however late it
+    /// arrives.
+    #[serde(default)]
+    pub held_ms: u64,
 }
 
 /// A node session's holder id in the ledger: one per process start, so the leases of a
@@ -244,6 +249,7 @@ impl Control {
         since: u64,
         wait: Duration,
     ) -> Result<Option<SyncAnswer>> {
+        let received = std::time::Instant::now();
         let lifetime = super::lease_lifetime_secs(&self.settings);
         let alive = self
             .store
@@ -268,6 +274,8 @@ impl Control {
             return Ok(None);
         }
         self.fleet.synced(node);
+        // Measured before anything is read: every change up to now is in the answer.
+        let held_ms = received.elapsed().as_millis() as u64;
         let version = self.fleet.version();
         let delta = if same_epoch && since <= version {
             self.fleet.revoked_since(since)
@@ -305,6 +313,7 @@ impl Control {
             revoked,
             lease_valid_for_ms,
             leases_lapsed: !alive,
+            held_ms,
         }))
     }
 

@@ -1,12 +1,62 @@
 //! Stage 0 of an edge node: refuse every proxied request with 503 `control_unreachable`
-//! while the node's view of the control plane is stale (SPEC §6). The sync loop sets the
-//! flag; the request path pays one atomic load. `serve` never goes stale.
+//! while the node's view of the control plane is stale (SPEC §6). `serve` never goes
+//! stale.
+//!
+//! Decided on the request path, from the time of the last sync and the clock: a flag
+//! refreshed by another thread would let requests through in the moments before it runs
+//! (a node resumed after a pause serves what queued meanwhile first), on a view older
+//! than `max_staleness`. The sync loop also keeps a flag for what the clock does not tell
+//! (not synced yet, cut off, leases lapsed). One atomic load and one clock read.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// When the node's view of the control plane was last known current, on a monotonic
+/// clock (a wall clock set back cannot make a node fresh).
+pub struct SyncClock {
+    start: Instant,
+    /// Milliseconds after `start` as of which the view is known current.
+    synced_at_ms: AtomicU64,
+    max_staleness: Duration,
+}
+
+impl SyncClock {
+    pub fn new(max_staleness: Duration) -> Self {
+        SyncClock {
+            start: Instant::now(),
+            synced_at_ms: AtomicU64::new(0),
+            max_staleness,
+        }
+    }
+
+    /// Time on this clock: since it was made.
+    pub fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// The view is current as of `at` (a time of `now`); an earlier one changes nothing.
+    pub fn synced_as_of(&self, at: Duration) {
+        self.synced_at_ms
+            .fetch_max(at.as_millis() as u64, Ordering::AcqRel);
+    }
+
+    pub fn since_sync(&self) -> Duration {
+        let at = Duration::from_millis(self.synced_at_ms.load(Ordering::Acquire));
+        self.now().saturating_sub(at)
+    }
+
+    pub fn too_old(&self) -> bool {
+        self.since_sync() > self.max_staleness
+    }
+
+    pub fn max_staleness(&self) -> Duration {
+        self.max_staleness
+    }
+}
 
 #[derive(Clone, Default)]
-pub struct Staleness(Option<Arc<AtomicBool>>);
+pub struct Staleness(Option<(Arc<AtomicBool>, Arc<SyncClock>)>);
 
 impl Staleness {
     /// A proxy fed in-process (`serve`): never stale.
@@ -14,13 +64,41 @@ impl Staleness {
         Staleness(None)
     }
 
-    /// Stale until `flag` is cleared by whoever watches the sync.
-    pub fn watched(flag: Arc<AtomicBool>) -> Self {
-        Staleness(Some(flag))
+    /// Stale while `refused` is set (by whoever watches the sync) or the view `clock`
+    /// keeps is older than its `max_staleness`.
+    pub fn watched(refused: Arc<AtomicBool>, clock: Arc<SyncClock>) -> Self {
+        Staleness(Some((refused, clock)))
     }
 
     #[inline]
     pub fn is_stale(&self) -> bool {
-        self.0.as_ref().is_some_and(|f| f.load(Ordering::Acquire))
+        self.0
+            .as_ref()
+            .is_some_and(|(refused, clock)| refused.load(Ordering::Acquire) || clock.too_old())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_older_than_max_staleness_is_stale_without_anyone_saying_so() {
+        let clock = Arc::new(SyncClock::new(Duration::from_millis(50)));
+        let refused = Arc::new(AtomicBool::new(false));
+        let staleness = Staleness::watched(refused.clone(), clock.clone());
+        clock.synced_as_of(clock.now());
+        assert!(!staleness.is_stale());
+        // Nobody refreshes a flag: the clock alone makes it stale.
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(staleness.is_stale());
+        // An answer current as of an earlier time does not make it fresh.
+        clock.synced_as_of(Duration::ZERO);
+        assert!(staleness.is_stale());
+        clock.synced_as_of(clock.now());
+        assert!(!staleness.is_stale());
+        refused.store(true, Ordering::Release);
+        assert!(staleness.is_stale());
+        assert!(!Staleness::never().is_stale());
     }
 }

@@ -139,7 +139,15 @@ impl WriteAhead {
                     answers = None;
                 }
                 Err(e) => {
-                    log::error!("write-ahead of reservations failed, refusing them: {e}");
+                    // Every metered call fails so while the ledger is unreachable: one
+                    // line per 10 s, not one per call.
+                    static LOG: crate::log_every::LogEvery =
+                        crate::log_every::LogEvery::new(std::time::Duration::from_secs(10));
+                    if let Some(others) = LOG.due() {
+                        log::error!(
+                            "write-ahead of reservations failed, refusing them ({others} more                              failed writes since the last such line): {e}"
+                        );
+                    }
                     answers = None;
                 }
             }

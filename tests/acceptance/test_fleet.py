@@ -579,3 +579,134 @@ def test_a_lease_answer_lost_on_the_way_to_the_node_gives_back_all_it_granted(fl
         tenant.wait_spent(key["id"], Decimal(10))
     finally:
         relay.shutdown()
+
+
+class _FreezingRelay:
+    """A TCP relay between a node and its control plane that can stop passing bytes, both
+    ways, keeping every connection open (a partition), and pass what it held once healed."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.frozen = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # the control plane stopped at the end of the test
+                client.close()
+                continue
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while data := src.recv(65536):
+                while self.frozen.is_set():
+                    time.sleep(0.005)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.server.close()
+
+
+def test_a_poll_answer_delayed_by_a_partition_does_not_make_a_node_serve_a_key_revoked_meanwhile(
+        fleet, fake_stripe):
+    """The node's link to the control plane stops passing bytes (connections kept open);
+    the key is revoked; the node goes stale; the link heals while clients keep calling,
+    and the answer it held arrives, built before the revocation and by now older than
+    max_staleness. The node counts its
+    freshness from when that answer was built, not from its arrival: it goes on refusing
+    (503) until a newer answer brings the revocation (401), and never forwards the revoked
+    key to Stripe."""
+    control, tenant, node = fleet
+    relay = _FreezingRelay(control.control_port)
+    try:
+        e = node("edge-partitioned", start=False, extra_args=["--max-staleness", "2s"])
+        e.command = lambda: [f"http://127.0.0.1:{relay.port}" if arg == control.control_url else arg
+                             for arg in EdgeProxy.command(e)]
+        e.start()
+        # Unmetered lookups: answered without a write-ahead, so as fast as the node can.
+        key = tenant.issue_key(allowed_endpoints=["GET /v1/customers/*"], daily_usd_cap=100)
+        lookup = "/stripe/v1/customers/cus_partition"
+        assert e.proxy("GET", lookup, key=key["token"]).status_code == 404  # forwarded: unknown there
+        relay.frozen.set()
+        frozen_at = time.monotonic()
+        time.sleep(1.0)
+        assert tenant.revoke(key["id"]).status_code == 200
+        assert wait_until(lambda: e.ready().status_code == 503, timeout=4)
+        # The answer the relay holds was built at most one poll wait (max_staleness / 3)
+        # after the freeze: healed past that plus max_staleness, it is stale on arrival.
+        time.sleep(max(0.0, frozen_at + 3.2 - time.monotonic()))
+        forwarded = len([r for r in fake_stripe.received() if r.path.startswith("/v1/customers/")])
+        deadline = time.monotonic() + 2.0
+
+        def hammer(_):
+            codes = []
+            while time.monotonic() < deadline:
+                codes.append(error_code(e.proxy("GET", lookup, key=key["token"])))
+            return codes
+        with ThreadPoolExecutor(16) as pool:
+            calls = pool.map(hammer, range(16))
+            time.sleep(0.3)
+            relay.frozen.clear()
+            codes = [c for batch in calls for c in batch]
+        after = [r for r in fake_stripe.received() if r.path.startswith("/v1/customers/")]
+        assert len(after) == forwarded, f"{len(after) - forwarded} lookups with the revoked key reached Stripe"
+        assert set(codes) <= {"control_unreachable", "key_revoked"}, set(codes)
+        assert "key_revoked" in codes, "the node never synced again after the heal"
+    finally:
+        relay.close()
+
+
+def test_a_node_resumed_after_a_pause_refuses_what_queued_meanwhile(fleet, fake_stripe):
+    """A node paused (SIGSTOP: a frozen VM) past max_staleness while its key is revoked and
+    calls queue at its socket: resumed, it refuses them (503 stale, or 401 once synced), and
+    forwards none to Stripe, even before anything else in it has run."""
+    control, tenant, node = fleet
+    e = node("edge-paused", extra_args=["--max-staleness", "2s"])
+    # Unmetered lookups: answered without a write-ahead, so as fast as the node can.
+    key = tenant.issue_key(allowed_endpoints=["GET /v1/customers/*"], daily_usd_cap=100)
+    lookup = "/stripe/v1/customers/cus_paused"
+    for _ in range(20):
+        assert e.proxy("GET", lookup, key=key["token"]).status_code == 404  # forwarded: unknown there
+
+    def lookups():
+        return len([r for r in fake_stripe.received() if r.path == "/v1/customers/cus_paused"])
+    # Kept-alive connections, open before the pause: what they carry meanwhile waits in
+    # the node's sockets, ready for its worker threads the moment it resumes.
+    sessions = [requests.Session() for _ in range(32)]
+    headers = {"Authorization": f"Bearer {key['token']}"}
+    for session in sessions:
+        assert session.get(e.proxy_url + lookup, headers=headers, timeout=10).status_code == 404
+    forwarded = lookups()
+    e.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert tenant.revoke(key["id"]).status_code == 200
+        with ThreadPoolExecutor(32) as pool:
+            queued = [pool.submit(s.get, e.proxy_url + lookup, headers=headers, timeout=30) for s in sessions]
+            time.sleep(3.0)
+            e.proc.send_signal(signal.SIGCONT)
+            answers = [f.result() for f in queued]
+    finally:
+        e.proc.send_signal(signal.SIGCONT)
+        for session in sessions:
+            session.close()
+    codes = [error_code(r) for r in answers]
+    assert lookups() == forwarded, f"{lookups() - forwarded} queued lookups with the revoked key reached Stripe"
+    assert set(codes) <= {"control_unreachable", "key_revoked"}, set(codes)

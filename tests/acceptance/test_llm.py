@@ -529,6 +529,35 @@ def test_vendor_cutting_the_stream_or_sending_unreadable_usage_is_charged_the_re
     assert received[1]["usage"] == {"prompt_tokens": "lots"}
 
 
+def test_an_answer_served_at_a_premium_tier_costs_the_key_its_cap(kb, tenant, fake_llm):
+    """A project whose default tier is priority bills a call that names none at about
+    twice the table's rates, and only the answer says so (`service_tier`): the proxy
+    cannot price it, so the key is charged its whole cap and stops for the day, on
+    OpenAI (JSON) and on Anthropic (a stream), instead of being under-counted."""
+    k = key(tenant, cap=2)
+    client = openai_client(kb, k["token"])
+    done = client.chat.completions.create(
+        model="gpt-4o-mini", max_tokens=20, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-fake-service-tier": "priority"})
+    assert done.service_tier == "priority"
+    tenant.wait_spent(k["id"], Decimal(2))
+    r = kb.proxy("POST", "/openai/v1/chat/completions", k["token"],
+                 json={"model": "gpt-4o-mini", "max_tokens": 5, "messages": []})
+    assert_denied(r, 429, "cap_exhausted")
+    ak = key(tenant, vendor="anthropic", cap=3)
+    a = anthropic_client(kb, ak["token"])
+    with a.messages.stream(model="claude-haiku-4-5", max_tokens=40, messages=[{"role": "user", "content": "x"}],
+                           extra_headers={"x-fake-service-tier": "priority"}) as stream:
+        "".join(stream.text_stream)
+    tenant.wait_spent(ak["id"], Decimal(3))
+    # Served at the standard tier, the same calls cost their usage.
+    plain = key(tenant, cap=2)
+    openai_client(kb, plain["token"]).chat.completions.create(
+        model="gpt-4o-mini", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+    usage = fake_llm.received()[-1]["usage"]
+    tenant.wait_spent(plain["id"], usage_cost("openai", "gpt-4o-mini", "/v1/chat/completions", usage))
+
+
 def test_refusals_before_forwarding_and_vendor_errors_cost_nothing(kb, tenant, fake_llm):
     k = key(tenant, cap=5)
     url = "/openai/v1/chat/completions"

@@ -327,7 +327,13 @@ impl Call {
 }
 
 impl Call {
+    /// What usage `u` costs. Served at a tier billed above the table's rates, the call
+    /// cannot be priced: it costs the key's whole cap (the key stops for the day), as a
+    /// Stripe answer that cannot be read does.
     fn priced(&self, u: Usage, unread: Micros) -> (Micros, Option<Usage>) {
+        if u.premium_tier {
+            return (self.held().max(self.cap), Some(u));
+        }
         match self.price.cost(&u) {
             Some(cost) => (cost, Some(u)),
             None => (unread, None),
@@ -597,6 +603,13 @@ openai:
         let (o, passed) = start(&[text, usage]);
         assert_eq!((o.charge, o.usage.map(|u| u.output)), (Micros(2), Some(1)));
         assert!(!passed.contains("usage"));
+        // Served at a tier the table does not price: the key's whole cap.
+        let priority = usage.replace(
+            "{\"choices\":[],",
+            "{\"choices\":[],\"service_tier\":\"priority\",",
+        );
+        let (o, _) = start(&[text, &priority]);
+        assert_eq!(o.charge, Micros(5_000_000));
         // Never sent: nothing.
         let mut call = plan(Api::OpenAiChat, body, &t, "openai").unwrap().call;
         let mut held = Reservation::none();

@@ -21,6 +21,16 @@ pub struct Usage {
     pub output: u64,
     /// The reasoning part of `output` (reported, billed as output).
     pub reasoning: u64,
+    /// The answer says it was served at a tier billed above the table's rates (OpenAI's
+    /// `priority` or `scale`, Anthropic's `priority`; any tier not known to be priced at
+    /// or below them): these tokens cannot be priced here.
+    pub premium_tier: bool,
+}
+
+/// Whether an answer's reported service tier is billed above the price table's rates:
+/// any but OpenAI's `default` and `flex`, Anthropic's `standard` and `batch`.
+fn billed_above_the_table(tier: Option<&str>) -> bool {
+    tier.is_some_and(|t| !matches!(t, "default" | "flex" | "standard" | "batch"))
 }
 
 impl Usage {
@@ -47,6 +57,8 @@ struct RawUsage {
     cache_creation_input_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
     cache_creation: Option<CacheCreation>,
+    /// Anthropic: the tier that served the request.
+    service_tier: Option<String>,
     /// Anthropic: each sampling pass of the request (a compaction pass, then the
     /// message), when there was more than the message's. Billed in total; the top-level
     /// fields count only the message's pass.
@@ -119,18 +131,21 @@ impl RawUsage {
                     cache_write_1h: sum.cache_write_1h.max(top.cache_write_1h),
                     output: sum.output.max(top.output),
                     reasoning: 0,
+                    premium_tier: top.premium_tier,
                 })
             }
         }
     }
 
     /// One Anthropic sampling pass's tokens (the top level, or one of `iterations`).
+    /// Cache writes without their breakdown by lifetime (`cache_creation`) are priced as
+    /// 1-hour writes, the dearer: the request may have asked for that lifetime.
     fn anthropic_pass(&self) -> Option<Usage> {
         let writes = self.cache_creation_input_tokens.unwrap_or(0);
-        let long = self
-            .cache_creation
-            .and_then(|c| c.ephemeral_1h_input_tokens)
-            .unwrap_or(0);
+        let long = match self.cache_creation {
+            Some(c) => c.ephemeral_1h_input_tokens.unwrap_or(0),
+            None => writes,
+        };
         Some(Usage {
             input: self.input_tokens?,
             cached_input: self.cache_read_input_tokens.unwrap_or(0),
@@ -138,6 +153,7 @@ impl RawUsage {
             cache_write_1h: long,
             output: self.output_tokens?,
             reasoning: 0,
+            premium_tier: billed_above_the_table(self.service_tier.as_deref()),
         })
     }
 
@@ -153,6 +169,7 @@ impl RawUsage {
             cache_creation_input_tokens,
             cache_read_input_tokens,
             cache_creation,
+            service_tier,
             iterations
         );
     }
@@ -161,13 +178,22 @@ impl RawUsage {
 #[derive(Deserialize)]
 struct WithUsage {
     usage: Option<RawUsage>,
+    /// OpenAI: the tier that served the request, beside the usage.
+    service_tier: Option<String>,
+}
+
+impl WithUsage {
+    fn to_usage(&self, api: Api) -> Option<Usage> {
+        let mut usage = self.usage.as_ref()?.to_usage(api)?;
+        usage.premium_tier |= billed_above_the_table(self.service_tier.as_deref());
+        Some(usage)
+    }
 }
 
 /// The usage of a complete JSON answer; `None` when it has none that can be read.
 pub fn from_json(api: Api, body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<WithUsage>(body)
         .ok()?
-        .usage?
         .to_usage(api)
 }
 
@@ -325,6 +351,7 @@ impl SseMeter {
                 struct Chunk {
                     choices: Option<Vec<serde::de::IgnoredAny>>,
                     usage: Option<RawUsage>,
+                    service_tier: Option<String>,
                 }
                 let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
                     self.malformed = true;
@@ -334,7 +361,11 @@ impl SseMeter {
                     None => LineKind::NullUsage,
                     Some(raw) => {
                         match raw.to_usage(self.api) {
-                            Some(u) => self.usage = Some(u),
+                            Some(mut u) => {
+                                u.premium_tier |=
+                                    billed_above_the_table(chunk.service_tier.as_deref());
+                                self.usage = Some(u);
+                            }
                             None => self.malformed = true,
                         }
                         if chunk.choices.is_some_and(|c| c.is_empty()) {
@@ -361,11 +392,7 @@ impl SseMeter {
                     Some("response.completed" | "response.incomplete" | "response.failed")
                 );
                 if last {
-                    match event
-                        .response
-                        .and_then(|r| r.usage)
-                        .and_then(|u| u.to_usage(self.api))
-                    {
+                    match event.response.and_then(|r| r.to_usage(self.api)) {
                         Some(u) => self.usage = Some(u),
                         None => self.malformed = true,
                     }
@@ -392,8 +419,10 @@ impl SseMeter {
                     Some("message_delta") => {
                         let mut total = self.started.clone().unwrap_or_default();
                         match event.usage {
-                            Some(later) => total.merge(later),
-                            None => self.malformed = true,
+                            // The final output count is what the delta is for: without
+                            // it, only `message_start`'s placeholder would be priced.
+                            Some(later) if later.output_tokens.is_some() => total.merge(later),
+                            _ => self.malformed = true,
                         }
                         match total.to_usage(self.api) {
                             Some(u) => self.usage = Some(u),
@@ -549,7 +578,7 @@ mod tests {
             cache_write: 60,
             cache_write_1h: 40,
             output: 15,
-            reasoning: 0,
+            ..Usage::default()
         };
         assert_eq!(
             run(Api::AnthropicMessages, false, stream, 11),
@@ -558,6 +587,67 @@ mod tests {
         // Cut after message_start: the output is not known.
         let cut = stream.split("event: message_delta").next().unwrap();
         assert_eq!(run(Api::AnthropicMessages, false, cut, 11).1, None);
+        // A delta without the final output count: only the start's placeholder would
+        // be known, so the usage cannot be read (the call costs its reservation).
+        for delta in ["{}", "{\"input_tokens\":25}", "{\"output_tokens\":null}"] {
+            let partial = stream.replace("{\"output_tokens\":15}", delta);
+            assert_eq!(
+                run(Api::AnthropicMessages, false, &partial, 11).1,
+                None,
+                "{delta}"
+            );
+        }
+    }
+
+    #[test]
+    fn cache_writes_without_their_lifetimes_are_priced_as_the_dearer() {
+        let body =
+            br#"{"usage":{"input_tokens":5,"cache_creation_input_tokens":100,"output_tokens":2}}"#;
+        let u = from_json(Api::AnthropicMessages, body).unwrap();
+        assert_eq!((u.cache_write, u.cache_write_1h), (0, 100));
+        let body =
+            br#"{"usage":{"input_tokens":5,"cache_creation_input_tokens":100,"output_tokens":2,
+            "cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":0}}}"#;
+        let u = from_json(Api::AnthropicMessages, body).unwrap();
+        assert_eq!((u.cache_write, u.cache_write_1h), (100, 0));
+    }
+
+    #[test]
+    fn an_answer_served_at_a_tier_above_the_table_is_marked() {
+        let chat = |tier: &str| {
+            let body = format!(
+                r#"{{"service_tier":{tier},"usage":{{"prompt_tokens":3,"completion_tokens":2}}}}"#
+            );
+            from_json(Api::OpenAiChat, body.as_bytes())
+                .unwrap()
+                .premium_tier
+        };
+        assert!(!chat("null") && !chat(r#""default""#) && !chat(r#""flex""#));
+        assert!(chat(r#""priority""#) && chat(r#""scale""#) && chat(r#""turbo""#));
+        let anthropic = |tier: &str| {
+            let body = format!(
+                r#"{{"usage":{{"input_tokens":3,"output_tokens":2,"service_tier":"{tier}"}}}}"#
+            );
+            from_json(Api::AnthropicMessages, body.as_bytes())
+                .unwrap()
+                .premium_tier
+        };
+        assert!(!anthropic("standard") && anthropic("priority"));
+        // In a stream: the chat usage chunk, and Anthropic's message_start.
+        let stream = concat!(
+            "data: {\"choices\":[],\"service_tier\":\"priority\",",
+            "\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let (_, usage) = run(Api::OpenAiChat, false, stream, 7);
+        assert!(usage.unwrap().premium_tier);
+        let stream = concat!(
+            "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,",
+            "\"output_tokens\":1,\"service_tier\":\"priority\"}}}\n\n",
+            "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n"
+        );
+        let (_, usage) = run(Api::AnthropicMessages, false, stream, 7);
+        assert!(usage.unwrap().premium_tier);
     }
 
     #[test]

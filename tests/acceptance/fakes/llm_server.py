@@ -26,6 +26,8 @@ request's output limit. Request headers steer the fake:
     x-fake-cache-write: N    Anthropic cache writes (5-minute TTL)
     x-fake-reasoning: N      OpenAI reasoning tokens (part of the output)
     x-fake-compaction: N     Anthropic: a compaction pass of N input tokens (N // 40 out)
+    x-fake-service-tier: T   the tier the answer says served it (default: OpenAI's
+                             `default`, Anthropic's `standard`)
                              ran before the message; usage lists both in `iterations`
 
 Every request is appended to STATE_DIR/requests.jsonl: method, path, headers, body
@@ -72,6 +74,7 @@ class Call:
         self.cache_write = int(h.get("x-fake-cache-write", "0"))
         self.reasoning = int(h.get("x-fake-reasoning", "0"))
         self.compaction = int(h.get("x-fake-compaction", "0"))
+        self.service_tier = h.get("x-fake-service-tier")
         self.model = self.json.get("model") or "unknown"
         self.stream = self.json.get("stream") is True
 
@@ -151,8 +154,9 @@ def openai_chat(call, log):
         usage = {"prompt_tokens": "lots"}
     log["usage"] = usage
     created = int(time.time())
+    tier = call.service_tier or "default"
     base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": call.model,
-            "system_fingerprint": "fp_fake"}
+            "service_tier": tier, "system_fingerprint": "fp_fake"}
     pieces = text_pieces(call.pieces)
     log["text"] = "".join(pieces)
     if not call.stream:
@@ -160,7 +164,7 @@ def openai_chat(call, log):
             "id": "chatcmpl-fake", "object": "chat.completion", "created": created, "model": call.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces), "refusal": None},
                          "logprobs": None, "finish_reason": "stop"}],
-            "usage": usage, "system_fingerprint": "fp_fake",
+            "usage": usage, "service_tier": tier, "system_fingerprint": "fp_fake",
         }
     options = call.json.get("stream_options") or {}
     with_usage = options.get("include_usage") is True
@@ -202,7 +206,8 @@ def openai_responses(call, log):
     done = {"id": "resp_fake", "object": "response", "created_at": created, "status": "completed",
             "model": call.model, "output": [message], "usage": usage, "error": None,
             "incomplete_details": None, "instructions": None, "metadata": {}, "parallel_tool_calls": True,
-            "temperature": 1.0, "tool_choice": "auto", "tools": [], "top_p": 1.0}
+            "temperature": 1.0, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+            "service_tier": call.service_tier or "default"}
     if not call.stream:
         return None, done
     started = {**done, "status": "in_progress", "output": [], "usage": None}
@@ -238,8 +243,12 @@ def anthropic_messages(call, log):
     limit = call.output_limit("max_tokens")
     inp = call.input_tokens()
     out = call.output_tokens(limit)
+    # As the API answers: cache writes broken down by lifetime (all 5-minute here), and
+    # the tier that served the request.
     usage = {"input_tokens": inp, "cache_creation_input_tokens": call.cache_write,
-             "cache_read_input_tokens": call.cached, "output_tokens": out}
+             "cache_read_input_tokens": call.cached, "output_tokens": out,
+             "cache_creation": {"ephemeral_5m_input_tokens": call.cache_write, "ephemeral_1h_input_tokens": 0},
+             "service_tier": call.service_tier or "standard"}
     if call.compaction:
         # The top level counts the message's pass only (Anthropic's compaction docs).
         usage["iterations"] = [

@@ -564,7 +564,7 @@ impl ReportOutbox {
                 Some(Err(e)) => {
                     if let Some(others) = REPORT_FAILED.due() {
                         log::error!(
-                            "spend report batch {number} failed, will send it again ({others}                              more failed tries since the last such line): {e}"
+                            "spend report batch {number} failed, will send it again ({others} more failed tries since the last such line): {e}"
                         );
                     }
                     return;
@@ -572,7 +572,7 @@ impl ReportOutbox {
                 None => {
                     if let Some(others) = REPORT_FAILED.due() {
                         log::error!(
-                            "spend report batch {number} failed, will send it again ({others}                              more failed tries since the last such line)"
+                            "spend report batch {number} failed, will send it again ({others} more failed tries since the last such line)"
                         );
                     }
                     return;
@@ -619,13 +619,15 @@ impl AuditCounts {
 }
 
 impl EdgeAudit {
-    /// `cut_off`: set once the control plane refuses the node's token for good (the node
-    /// was deleted): what is left to send is then dropped, and counted.
+    /// `cut_off`: set while the control plane refuses the node's token (the node was
+    /// deleted); once a batch has been refused for `give_up` with it set, what is left to
+    /// send is dropped, and counted.
     fn start(
         client: Arc<SyncClient>,
         depth: IntGauge,
         dropped: IntCounter,
         cut_off: Arc<AtomicBool>,
+        give_up: Duration,
     ) -> Arc<EdgeAudit> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<AuditEvent>(AUDIT_BUFFER);
         let counts = AuditCounts {
@@ -636,7 +638,7 @@ impl EdgeAudit {
         let sender = counts.clone();
         std::thread::Builder::new()
             .name("edge-audit".into())
-            .spawn(move || audit_sender(client, rx, sender, cut_off))
+            .spawn(move || audit_sender(client, rx, sender, cut_off, give_up))
             .expect("spawn the audit thread");
         Arc::new(EdgeAudit { tx, counts })
     }
@@ -681,6 +683,7 @@ fn audit_sender(
     rx: std::sync::mpsc::Receiver<AuditEvent>,
     counts: AuditCounts,
     cut_off: Arc<AtomicBool>,
+    give_up: Duration,
 ) {
     // Each event is serialized once, straight into the batch's body text. One over the
     // bound would make a batch the control plane refuses: dropped instead (see
@@ -750,6 +753,7 @@ fn audit_sender(
         // One warning when sending starts failing, then one a minute while it does (the
         // batch is tried every 500 ms).
         let mut warned: Option<std::time::Instant> = None;
+        let mut refused_since: Option<std::time::Instant> = None;
         loop {
             match client.call(
                 "POST",
@@ -774,10 +778,17 @@ fn audit_sender(
                     counts.dropped(n);
                     break;
                 }
-                // The node was deleted (the sync loop saw its token refused too, so not a
-                // replica that has yet to learn of a new node): its events can never be
-                // written. Dropped and counted, not held forever out of sight.
-                Err(CallError::Unauthorized) if cut_off.load(Ordering::Acquire) => {
+                // The node was deleted: its token refused here for `give_up` (longer than
+                // a replica takes to learn of a new node) and by the sync loop too. Its
+                // events can never be written: dropped and counted, not held forever out
+                // of sight.
+                Err(CallError::Unauthorized)
+                    if cut_off.load(Ordering::Acquire)
+                        && refused_since
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed()
+                            >= give_up =>
+                {
                     static ONCE: std::sync::Once = std::sync::Once::new();
                     ONCE.call_once(|| {
                         log::error!(
@@ -803,6 +814,10 @@ fn audit_sender(
         }
     }
 }
+
+/// How long a node's audit batch is refused for its token, the node cut off, before its
+/// events are given up on: longer than a control replica takes to learn of a new node.
+const AUDIT_REFUSED_GIVE_UP: Duration = Duration::from_secs(30);
 
 /// A spend report that fails is tried again every round until the control plane is back:
 /// one line per 10 s.
@@ -957,6 +972,11 @@ fn sync_loop(
                 Ok((e, v)) => {
                     if failures > 0 {
                         log::info!("synced with the control plane again");
+                    }
+                    // A refusal from a replica that had yet to learn of this node (not a
+                    // deletion: a deleted node's token is refused everywhere).
+                    if state.cut_off.swap(false, Ordering::AcqRel) {
+                        log::info!("the control plane accepts this node's token again");
                     }
                     failures = 0;
                     epoch = e;
@@ -1181,6 +1201,7 @@ pub fn run_edge(
         metrics.audit_queue_depth.clone(),
         metrics.audit_dropped.clone(),
         state.cut_off.clone(),
+        AUDIT_REFUSED_GIVE_UP,
     );
     let exit_audit = audit.clone();
     let exit_state = state.clone();
@@ -1286,7 +1307,13 @@ mod tests {
     fn an_audit_batch_refused_for_good_is_dropped_and_the_next_is_numbered_higher() {
         let (client, bodies) = fake_control(vec![413]);
         let (depth, dropped) = counters();
-        let audit = EdgeAudit::start(client, depth.clone(), dropped.clone(), Default::default());
+        let audit = EdgeAudit::start(
+            client,
+            depth.clone(),
+            dropped.clone(),
+            Default::default(),
+            Duration::ZERO,
+        );
         audit.record(event("/stripe/one"));
         let first = bodies.recv_timeout(WAIT).unwrap();
         assert_eq!(first["batch"], 1);
@@ -1307,7 +1334,13 @@ mod tests {
         let (client, bodies) = fake_control(vec![401, 401, 401]);
         let (depth, dropped) = counters();
         let cut_off = Arc::new(AtomicBool::new(false));
-        let audit = EdgeAudit::start(client, depth.clone(), dropped.clone(), cut_off.clone());
+        let audit = EdgeAudit::start(
+            client,
+            depth.clone(),
+            dropped.clone(),
+            cut_off.clone(),
+            Duration::ZERO,
+        );
         audit.record(event("/stripe/one"));
         let first = bodies.recv_timeout(WAIT).unwrap();
         assert_eq!(bodies.recv_timeout(WAIT).unwrap(), first, "sent again");
@@ -1320,7 +1353,13 @@ mod tests {
     fn an_audit_batch_refused_for_now_is_sent_again_with_its_number() {
         let (client, bodies) = fake_control(vec![503, 429]);
         let (depth, dropped) = counters();
-        let audit = EdgeAudit::start(client, depth.clone(), dropped.clone(), Default::default());
+        let audit = EdgeAudit::start(
+            client,
+            depth.clone(),
+            dropped.clone(),
+            Default::default(),
+            Duration::ZERO,
+        );
         audit.record(event("/stripe/one"));
         assert_eq!(depth.get(), 1);
         let sent: Vec<Value> = (0..3).map(|_| bodies.recv_timeout(WAIT).unwrap()).collect();

@@ -114,8 +114,13 @@ impl KeybrakeProxy {
         self.still_valid(key)
     }
 
-    /// The key's expiry and revocation, checked again right before forwarding.
+    /// The key's expiry and revocation, and (on an edge node) the freshness of the view
+    /// they are read from, checked again right before forwarding: a body read, a lease or
+    /// a write-ahead may have taken seconds since admission.
     pub(super) fn still_valid(&self, key: &VerifiedKey) -> Result<(), Denial> {
+        if self.staleness.is_stale() {
+            return Err(Denial::ControlUnreachable);
+        }
         if key.claims.exp <= now_secs() {
             return Err(Denial::KeyExpired);
         }

@@ -145,7 +145,7 @@ impl WriteAhead {
                         crate::log_every::LogEvery::new(std::time::Duration::from_secs(10));
                     if let Some(others) = LOG.due() {
                         log::error!(
-                            "write-ahead of reservations failed, refusing them ({others} more                              failed writes since the last such line): {e}"
+                            "write-ahead of reservations failed, refusing them ({others} more failed writes since the last such line): {e}"
                         );
                     }
                     answers = None;

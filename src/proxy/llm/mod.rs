@@ -181,6 +181,7 @@ pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<
             reservation: None,
             answer: Answer::Waiting,
             samples_more: req.samples_more,
+            premium_tier: false,
             cap: Micros::ZERO,
         },
     })
@@ -198,6 +199,9 @@ pub struct Call {
     /// The vendor may sample more than once (`LlmRequest::samples_more`): the reservation
     /// bounds nothing, so an answer whose usage cannot be read costs `cap`.
     samples_more: bool,
+    /// The answer said it was served at a tier the table does not price
+    /// (`Usage::premium_tier`), even if its usage could not be read: it costs `cap`.
+    premium_tier: bool,
     /// The key's daily cap (`hold`).
     cap: Micros,
 }
@@ -269,6 +273,7 @@ impl Call {
             Answer::Stream(meter) => {
                 meter.feed(body, end);
                 if end {
+                    self.premium_tier = meter.premium_tier();
                     self.answer = Answer::Done(meter.usage());
                 }
             }
@@ -281,7 +286,12 @@ impl Call {
                     buf.extend_from_slice(chunk);
                 }
                 if end {
-                    self.answer = Answer::Done(usage::from_json(self.api, buf));
+                    let usage = usage::from_json(self.api, buf);
+                    self.premium_tier = match &usage {
+                        Some(u) => u.premium_tier,
+                        None => usage::premium_tier_in_json(buf),
+                    };
+                    self.answer = Answer::Done(usage);
                 }
             }
             _ => {}
@@ -307,7 +317,11 @@ impl Call {
     /// key's whole cap (fail closed, as an unreadable Stripe answer does): its reservation
     /// bounds nothing.
     pub fn charge(&self, never_sent: bool) -> (Micros, Option<Usage>) {
-        let unread = if self.samples_more {
+        let premium = match &self.answer {
+            Answer::Stream(meter) => meter.premium_tier(),
+            _ => self.premium_tier,
+        };
+        let unread = if self.samples_more || premium {
             self.held().max(self.cap)
         } else {
             self.held()
@@ -332,6 +346,16 @@ impl Call {
     /// Stripe answer that cannot be read does.
     fn priced(&self, u: Usage, unread: Micros) -> (Micros, Option<Usage>) {
         if u.premium_tier {
+            static LOG: crate::log_every::LogEvery =
+                crate::log_every::LogEvery::new(std::time::Duration::from_secs(10));
+            if let Some(others) = LOG.due() {
+                log::warn!(
+                    "a {} answer says it was served at a service tier the price table does not \
+                     price: charging the key its daily cap ({others} more such calls since \
+                     the last such line; keep capped keys on standard-tier projects)",
+                    self.model
+                );
+            }
             return (self.held().max(self.cap), Some(u));
         }
         match self.price.cost(&u) {
@@ -603,6 +627,12 @@ openai:
         let (o, passed) = start(&[text, usage]);
         assert_eq!((o.charge, o.usage.map(|u| u.output)), (Micros(2), Some(1)));
         assert!(!passed.contains("usage"));
+        // Served at a tier the table does not price: the key's whole cap, also when the
+        // stream is cut before its usage (the tier came in an earlier chunk).
+        let premium_text =
+            text.replace("{\"choices\"", "{\"service_tier\":\"priority\",\"choices\"");
+        let (o, _) = start(&[&premium_text]);
+        assert_eq!((o.charge, o.usage), (Micros(5_000_000), None));
         // Served at a tier the table does not price: the key's whole cap.
         let priority = usage.replace(
             "{\"choices\":[],",

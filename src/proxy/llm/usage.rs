@@ -190,6 +190,25 @@ impl WithUsage {
     }
 }
 
+/// Whether a complete JSON answer whose usage could not be read says it was served at a
+/// tier the table does not price (OpenAI's top-level `service_tier`, Anthropic's
+/// `usage.service_tier`).
+pub fn premium_tier_in_json(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Tiers {
+        service_tier: Option<String>,
+        usage: Option<TierOnly>,
+    }
+    #[derive(Deserialize)]
+    struct TierOnly {
+        service_tier: Option<String>,
+    }
+    serde_json::from_slice::<Tiers>(body).is_ok_and(|t| {
+        billed_above_the_table(t.service_tier.as_deref())
+            || billed_above_the_table(t.usage.and_then(|u| u.service_tier).as_deref())
+    })
+}
+
 /// The usage of a complete JSON answer; `None` when it has none that can be read.
 pub fn from_json(api: Api, body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<WithUsage>(body)
@@ -216,6 +235,9 @@ pub struct SseMeter {
     usage: Option<Usage>,
     /// Something that should have carried usage could not be read.
     malformed: bool,
+    /// An event said the answer is served at a tier the table does not price (kept even
+    /// when the usage is never read).
+    premium_tier: bool,
 }
 
 impl SseMeter {
@@ -228,7 +250,14 @@ impl SseMeter {
             started: None,
             usage: None,
             malformed: false,
+            premium_tier: false,
         }
+    }
+
+    /// Whether an event so far said the answer is served at a tier the table does not
+    /// price.
+    pub fn premium_tier(&self) -> bool {
+        self.premium_tier
     }
 
     /// The final usage, when the stream delivered one that could be read.
@@ -357,6 +386,7 @@ impl SseMeter {
                     self.malformed = true;
                     return LineKind::Other;
                 };
+                self.premium_tier |= billed_above_the_table(chunk.service_tier.as_deref());
                 match chunk.usage {
                     None => LineKind::NullUsage,
                     Some(raw) => {
@@ -392,6 +422,9 @@ impl SseMeter {
                     Some("response.completed" | "response.incomplete" | "response.failed")
                 );
                 if last {
+                    if let Some(r) = &event.response {
+                        self.premium_tier |= billed_above_the_table(r.service_tier.as_deref());
+                    }
                     match event.response.and_then(|r| r.to_usage(self.api)) {
                         Some(u) => self.usage = Some(u),
                         None => self.malformed = true,
@@ -413,7 +446,10 @@ impl SseMeter {
                 };
                 match event.kind.as_deref() {
                     Some("message_start") => match event.message.and_then(|m| m.usage) {
-                        Some(u) => self.started = Some(u),
+                        Some(u) => {
+                            self.premium_tier |= billed_above_the_table(u.service_tier.as_deref());
+                            self.started = Some(u);
+                        }
                         None => self.malformed = true,
                     },
                     Some("message_delta") => {
@@ -648,6 +684,14 @@ mod tests {
         );
         let (_, usage) = run(Api::AnthropicMessages, false, stream, 7);
         assert!(usage.unwrap().premium_tier);
+        // A JSON answer whose usage cannot be read still tells its tier.
+        assert!(premium_tier_in_json(
+            br#"{"service_tier":"priority","usage":{"prompt_tokens":"x"}}"#
+        ));
+        assert!(premium_tier_in_json(
+            br#"{"usage":{"service_tier":"priority"}}"#
+        ));
+        assert!(!premium_tier_in_json(br#"{"service_tier":"default"}"#));
     }
 
     #[test]

@@ -1303,17 +1303,28 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(10);
 
+    /// A node's audit sender to `client`, giving up at once on a token refused while
+    /// `cut_off`.
+    fn audit_to(
+        client: Arc<SyncClient>,
+        depth: &IntGauge,
+        dropped: &IntCounter,
+        cut_off: Arc<AtomicBool>,
+    ) -> Arc<EdgeAudit> {
+        EdgeAudit::start(
+            client,
+            depth.clone(),
+            dropped.clone(),
+            cut_off,
+            Duration::ZERO,
+        )
+    }
+
     #[test]
     fn an_audit_batch_refused_for_good_is_dropped_and_the_next_is_numbered_higher() {
         let (client, bodies) = fake_control(vec![413]);
         let (depth, dropped) = counters();
-        let audit = EdgeAudit::start(
-            client,
-            depth.clone(),
-            dropped.clone(),
-            Default::default(),
-            Duration::ZERO,
-        );
+        let audit = audit_to(client, &depth, &dropped, Default::default());
         audit.record(event("/stripe/one"));
         let first = bodies.recv_timeout(WAIT).unwrap();
         assert_eq!(first["batch"], 1);
@@ -1334,13 +1345,7 @@ mod tests {
         let (client, bodies) = fake_control(vec![401, 401, 401]);
         let (depth, dropped) = counters();
         let cut_off = Arc::new(AtomicBool::new(false));
-        let audit = EdgeAudit::start(
-            client,
-            depth.clone(),
-            dropped.clone(),
-            cut_off.clone(),
-            Duration::ZERO,
-        );
+        let audit = audit_to(client, &depth, &dropped, cut_off.clone());
         audit.record(event("/stripe/one"));
         let first = bodies.recv_timeout(WAIT).unwrap();
         assert_eq!(bodies.recv_timeout(WAIT).unwrap(), first, "sent again");
@@ -1353,13 +1358,7 @@ mod tests {
     fn an_audit_batch_refused_for_now_is_sent_again_with_its_number() {
         let (client, bodies) = fake_control(vec![503, 429]);
         let (depth, dropped) = counters();
-        let audit = EdgeAudit::start(
-            client,
-            depth.clone(),
-            dropped.clone(),
-            Default::default(),
-            Duration::ZERO,
-        );
+        let audit = audit_to(client, &depth, &dropped, Default::default());
         audit.record(event("/stripe/one"));
         assert_eq!(depth.get(), 1);
         let sent: Vec<Value> = (0..3).map(|_| bodies.recv_timeout(WAIT).unwrap()).collect();

@@ -330,7 +330,7 @@ def test_serve_killed_mid_burst_never_passes_the_cap_once_its_dead_lease_returns
     kb.start()
     # Past the dead process's lifetime, once the new one has been up for a lifetime (it
     # reclaims no earlier) and a reclaim round, the dead lease is settled and given back.
-    time.sleep(7)
+    assert wait_until(lambda: "a process that stopped" in kb.logs(), timeout=30, interval=0.2), kb.logs()[-2000:]
     last = None
     for _ in range(cap + 5):
         last = pay(kb, key["token"], 100)

@@ -286,9 +286,8 @@ def test_control_plane_down_then_back(fleet, fake_stripe, tmp_path):
     # SIGQUIT (serve's graceful upgrade; a reload line copied from serve's unit) is
     # ignored by control: it has no sockets to hand over, and must not die on it.
     control.proc.send_signal(signal.SIGQUIT)
-    time.sleep(0.5)
+    assert wait_until(lambda: "SIGQUIT ignored" in control.logs(), timeout=5), control.logs()[-2000:]
     assert control.proc.poll() is None, "control died on SIGQUIT"
-    assert "SIGQUIT ignored" in control.logs()
     t_stop = time.monotonic()
     control.stop()
     for e in nodes:
@@ -308,7 +307,9 @@ def test_control_plane_down_then_back(fleet, fake_stripe, tmp_path):
         # every 50 ms, so it may follow the first refusal by that much.
         assert wait_until(lambda: "refusing every proxied request with 503 control_unreachable" in e.logs(),
                           timeout=2), "the node's refusing for staleness was not logged"
-        assert e.metric('keybrake_requests_total{decision="control_unreachable",vendor="stripe"}') >= 1
+        assert wait_until(
+            lambda: (e.metric('keybrake_requests_total{decision="control_unreachable",vendor="stripe"}') or 0) >= 1,
+            timeout=2)
     control.start()
     t_back = time.monotonic()
     back = wait_until(lambda: all(pay(e, key["token"]).status_code == 200 for e in nodes), timeout=2.0,

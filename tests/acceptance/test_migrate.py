@@ -71,7 +71,8 @@ def test_a_serve_data_dir_moves_to_postgres_with_keys_spend_and_audit(tmp_path, 
         assert_denied(pay(kb, gone["token"], 100), 401, "key_revoked")
         acme.wait_spent(spender["id"], Decimal(47))
         keys_before = {k["id"]: k for k in keys_of(acme)}
-        audit_before = acme.audit_all()
+        audit_before = wait_until(lambda: (lambda a: a if len(a) == 4 else None)(acme.audit_all()),
+                                  timeout=5) or acme.audit_all()
         globex_audit_before = globex.audit_all()
         assert len(audit_before) == 4, audit_before
 
@@ -122,7 +123,8 @@ def test_a_serve_data_dir_moves_to_postgres_with_keys_spend_and_audit(tmp_path, 
         acme_pg.wait_spent(spender["id"], Decimal(50))
 
         # New events and keys sort after the copied ones: the sequences continued.
-        audit_now = acme_pg.audit_all()
+        audit_now = wait_until(lambda: (lambda a: a if len(a) == len(audit_before) + 2 else None)(
+            acme_pg.audit_all()), timeout=5) or acme_pg.audit_all()
         assert audit_now[2:] == audit_before, audit_now[:3]
         assert [(e["key_id"], e["decision"]) for e in audit_now[:2]] == [
             (gone["id"], "key_revoked"),

@@ -1595,12 +1595,19 @@ def test_metrics_count_requests_by_decision(keybrake, tenant, fake_stripe):
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1)
     assert pay(keybrake, key["token"], 100).status_code == 200
     assert_denied(pay(keybrake, key["token"], 100), 429, "cap_exhausted")
-    r = requests.get(f"{keybrake.metrics_url}/metrics", timeout=10)
-    assert r.status_code == 200
-    text = r.text
+    # A request is counted once its answer is sent (Pingora's logging phase): wait for it.
+    scraped = {}
+
+    def counted():
+        r = requests.get(f"{keybrake.metrics_url}/metrics", timeout=10)
+        assert r.status_code == 200
+        scraped["text"] = r.text
+        return 'decision="cap_exhausted"' in r.text
+
+    assert wait_until(counted, timeout=5), scraped.get("text")
+    text = scraped["text"]
     assert re.search(r'keybrake_requests_total\{[^}]*vendor="stripe"[^}]*decision="allowed"[^}]*\}\s+1', text) or \
         re.search(r'keybrake_requests_total\{[^}]*decision="allowed"[^}]*vendor="stripe"[^}]*\}\s+1', text), text
-    assert 'decision="cap_exhausted"' in text
     assert "keybrake_keys_issued_total" in text
     assert re.search(r'keybrake_spend_usd_total\{[^}]*vendor="stripe"[^}]*\}\s+1(\.0+)?\b', text), text
 

@@ -563,6 +563,7 @@ def test_an_idle_http2_connection_makes_room_and_one_serving_a_request_does_not(
             pass
 
         def do_GET(self):
+            arrived.set()
             time.sleep(3)
             body = b'{"object":"list","data":[]}'
             self.send_response(200)
@@ -571,6 +572,7 @@ def test_an_idle_http2_connection_makes_room_and_one_serving_a_request_does_not(
             self.end_headers()
             self.wfile.write(body)
 
+    arrived = threading.Event()
     vendor = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     vendor.daemon_threads = True
     threading.Thread(target=vendor.serve_forever, daemon=True).start()
@@ -587,7 +589,7 @@ def test_an_idle_http2_connection_makes_room_and_one_serving_a_request_does_not(
         call = threading.Thread(target=lambda: slow.update(
             r=a.get(url, headers={"Authorization": f"Bearer {key['token']}"})))
         call.start()
-        time.sleep(0.5)
+        assert arrived.wait(timeout=10), "A's call did not reach the vendor"  # A is serving a stream
         r = b.get(url)
         assert (r.http_version, r.status_code) == ("HTTP/2", 401)
         time.sleep(0.3)

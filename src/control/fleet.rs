@@ -327,7 +327,7 @@ impl Control {
         requests: Vec<LeaseRequest>,
     ) -> Vec<Result<Grant, LedgerError>> {
         let asked = requests.len();
-        let requests = match self.checked_against_keys(requests).await {
+        let requests = match self.checked_against_keys(node, requests).await {
             Ok(requests) => requests,
             Err(e) => {
                 let e = format!("{e:#}");
@@ -340,15 +340,32 @@ impl Control {
 
     /// A node's lease requests as the key rows have them: the cap is the key's, not the
     /// node's word, and a key that does not exist, belongs to another tenant, is
-    /// revoked or expired, or a day that is not yesterday, today or tomorrow (UTC) is
-    /// asked for nothing. (`serve`'s own proxy asks with claims this process verified.)
-    async fn checked_against_keys(&self, requests: Vec<LeaseRequest>) -> Result<Vec<LeaseRequest>> {
+    /// revoked or expired, or a day this control plane is not in (`lease_days`) is asked
+    /// for nothing. (`serve`'s own proxy asks with claims this process verified.)
+    async fn checked_against_keys(
+        &self,
+        node: &str,
+        requests: Vec<LeaseRequest>,
+    ) -> Result<Vec<LeaseRequest>> {
         let mut ids: Vec<&str> = requests.iter().map(|r| r.key_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
         let keys = self.store.key_limits(&ids).await?;
         let now = now_secs();
-        let today = crate::sync::utc_day(now);
+        let days = lease_days(now);
+        if let Some(r) = requests.iter().find(|r| !days.contains(&r.day)) {
+            static LOG: crate::log_every::LogEvery =
+                crate::log_every::LogEvery::new(std::time::Duration::from_secs(60));
+            if LOG.due().is_some() {
+                log::warn!(
+                    "node {node} asks for leases on UTC day {} while this control plane is on \
+                     day {}: nothing granted (is the node's clock off by more than {} minutes?)",
+                    r.day,
+                    crate::sync::utc_day(now),
+                    DAY_EDGE_SECS / 60
+                );
+            }
+        }
         Ok(requests
             .into_iter()
             .map(|mut r| {
@@ -356,7 +373,7 @@ impl Control {
                     k.tenant_id == r.tenant_id
                         && k.revoked_at.is_none()
                         && k.expires_at > now
-                        && (today - 1..=today + 1).contains(&r.day)
+                        && days.contains(&r.day)
                 });
                 match usable {
                     Some(k) => r.cap = k.daily_cap,
@@ -388,7 +405,7 @@ impl Control {
     }
 
     /// A node's report rows about keys that exist, for a day from a week ago to tomorrow
-    /// (UTC; leases are granted for yesterday to tomorrow, and a report held back by an
+    /// (UTC; leases are granted for today, and near midnight the day beside it; a report held back by an
     /// outage may arrive days later): a row about anything else can settle nothing real,
     /// and would only add rows to the ledger. (A revoked or expired key's rows stay: its
     /// calls were made.)
@@ -500,7 +517,9 @@ impl Control {
                 event.key_id = None;
             }
             event.ts_ms = event.ts_ms.clamp(0, latest_ms);
-            event.spend = event.spend.max(Micros::ZERO);
+            // As every amount a node sends (`sync_api::amounts_in_range`): the trail's
+            // sums (a reclaim reads them) must not overflow.
+            event.spend = event.spend.clamp(Micros::ZERO, crate::money::MAX_USD);
         }
         let mut ids: Vec<&str> = events.iter().filter_map(|e| e.key_id.as_deref()).collect();
         ids.sort_unstable();
@@ -549,6 +568,30 @@ const NODE_CLOCK_AHEAD_MS: i64 = 60_000;
 /// Control characters (escape sequences, line breaks) and line or paragraph separators
 /// become U+FFFD. A proxy's own texts never have them (HTTP does not carry them); a node's
 /// might.
+/// How close to midnight (UTC) a node's day may differ from the control plane's: its
+/// clock may be a little off (or a call may cross midnight), never by more.
+const DAY_EDGE_SECS: i64 = 600;
+
+/// The UTC days a lease may be granted on at `now` (unix s): today, and within
+/// `DAY_EDGE_SECS` of midnight the day on its other side. Not yesterday and tomorrow
+/// at any hour: a node whose clock is hours off would spend tomorrow's cap today, two
+/// caps in one day.
+fn lease_days(now: i64) -> std::ops::RangeInclusive<i64> {
+    let today = crate::sync::utc_day(now);
+    let into = now.rem_euclid(86_400);
+    let first = if into < DAY_EDGE_SECS {
+        today - 1
+    } else {
+        today
+    };
+    let last = if into >= 86_400 - DAY_EDGE_SECS {
+        today + 1
+    } else {
+        today
+    };
+    first..=last
+}
+
 fn replace_control_chars(text: &mut String) {
     use crate::proxy::audit::is_unprintable;
     if text.contains(is_unprintable) {
@@ -559,6 +602,19 @@ fn replace_control_chars(text: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_day_other_than_today_is_granted_only_near_midnight() {
+        let day = 20_000i64;
+        let midnight = day * 86_400;
+        assert_eq!(lease_days(midnight + 43_200), day..=day);
+        assert_eq!(lease_days(midnight), day - 1..=day);
+        assert_eq!(lease_days(midnight + DAY_EDGE_SECS - 1), day - 1..=day);
+        assert_eq!(lease_days(midnight + DAY_EDGE_SECS), day..=day);
+        assert_eq!(lease_days(midnight + 86_400 - DAY_EDGE_SECS - 1), day..=day);
+        assert_eq!(lease_days(midnight + 86_400 - DAY_EDGE_SECS), day..=day + 1);
+        assert_eq!(lease_days(midnight + 86_399), day..=day + 1);
+    }
     use crate::control::crypto::MasterKey;
     use crate::control::ControlSettings;
     use crate::metrics::Metrics;

@@ -884,16 +884,8 @@ async fn pg_grant_round(
         column(|r| r.min.0),
         column(|r| r.want.0),
     );
-    // Rows come into being in (key, day) order (the asks are sorted), then are locked
-    // in that order before the grant reads them.
-    sqlx::query(
-        "INSERT INTO ledger (key_id, day) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[])
-         ON CONFLICT (key_id, day) DO NOTHING",
-    )
-    .bind(&keys)
-    .bind(&days)
-    .execute(&mut *conn)
-    .await?;
+    // Rows come into being in (key, day) order, then are locked in that order before
+    // the grant reads them (`lock_ledger_rows`).
     let slots: Vec<(&str, i64)> = keys.iter().copied().zip(days.iter().copied()).collect();
     conn.lock_ledger_rows(&slots).await?;
     Ok(sqlx::query(&format!(

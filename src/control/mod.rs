@@ -58,6 +58,8 @@ const REPORT_BATCHES_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
 /// "lost" mark is deleted would be granted, and held until its holder's leases are
 /// reclaimed or the day ends.
 const LEASE_BATCHES_KEPT_MS: i64 = 2 * 60 * 1000;
+/// A replica's clock this far from the database server's is warned about.
+const CLOCK_OFF_WARN_MS: u64 = 1000;
 
 pub struct ControlSettings {
     pub default_ttl: Duration,
@@ -340,6 +342,9 @@ impl Control {
                     log::warn!("cannot delete old lease-batch records: {e:#}");
                 }
             }
+            if n % 60 == 0 {
+                self.warn_if_clock_off(lifetime).await;
+            }
             if n % 3600 == 0 {
                 let before = crate::token::unix_ms() as i64 - REPORT_BATCHES_KEPT_MS;
                 if let Err(e) = self.store.prune_report_batches(before).await {
@@ -387,6 +392,25 @@ impl Control {
         }
     }
 
+    /// On PostgreSQL, replicas take each other's holders (nodes included) for dead by
+    /// their own clocks: one that runs ahead of the others by a good part of the lease
+    /// lifetime takes live nodes for dead (they stop and restart; no money moves), one
+    /// behind them has its own leases reclaimed. Said while it lasts, once a minute.
+    async fn warn_if_clock_off(&self, lifetime_secs: i64) {
+        let Ok(Some(offset)) = self.store.clock_offset_ms().await else {
+            return;
+        };
+        if offset.unsigned_abs() > CLOCK_OFF_WARN_MS {
+            log::warn!(
+                "this process's clock is {:.1} s {} the database server's: replicas must \
+                 keep their clocks in sync (NTP); apart by a good part of the lease lifetime \
+                 ({lifetime_secs} s) they take live nodes for dead",
+                offset.unsigned_abs() as f64 / 1000.0,
+                if offset > 0 { "behind" } else { "ahead of" },
+            );
+        }
+    }
+
     /// Settles and gives back the leases of every holder whose life ended before `now`
     /// (unix s). Returns how much was given back.
     pub async fn reclaim_dead_holders(&self, now: i64) -> Result<Micros> {
@@ -395,21 +419,32 @@ impl Control {
             if holder == self.holder {
                 continue;
             }
-            // What the trail records for each (key, day) the holder leased; the reclaim
-            // nets out what is settled, under the ledger rows' locks.
-            let mut audited = std::collections::HashMap::new();
-            for (key_id, day, _) in self.store.leases_of(&holder).await? {
-                let spend = match self.store.key_tenant(&key_id).await? {
-                    Some(tenant) => self.audit.spend_of_key(&tenant, &key_id, day).await?,
-                    None => Micros::ZERO,
-                };
-                audited.insert((key_id, day), spend);
+            // One holder that cannot be reclaimed keeps none of the others from it.
+            match self.reclaim_holder(&holder, now).await {
+                Ok(back) => {
+                    log::info!(
+                        "gave back {back} of leases held by {holder}, a process that stopped"
+                    );
+                    returned = returned.checked_add(back).unwrap_or(returned);
+                }
+                Err(e) => log::error!("cannot give back the leases held by {holder}: {e:#}"),
             }
-            let back = self.store.reclaim_holder(&holder, &audited, now).await?;
-            log::info!("gave back {back} of leases held by {holder}, a process that stopped");
-            returned = returned.checked_add(back).unwrap_or(returned);
         }
         Ok(returned)
+    }
+
+    async fn reclaim_holder(&self, holder: &str, now: i64) -> Result<Micros> {
+        // What the trail records for each (key, day) the holder leased; the reclaim nets
+        // out what is settled, under the ledger rows' locks.
+        let mut audited = std::collections::HashMap::new();
+        for (key_id, day, _) in self.store.leases_of(holder).await? {
+            let spend = match self.store.key_tenant(&key_id).await? {
+                Some(tenant) => self.audit.spend_of_key(&tenant, &key_id, day).await?,
+                None => Micros::ZERO,
+            };
+            audited.insert((key_id, day), spend);
+        }
+        self.store.reclaim_holder(holder, &audited, now).await
     }
 
     /// Public keys: the active signer and every key still needed, re-read from the store

@@ -530,6 +530,23 @@ impl Store {
             .unwrap_or(false)
     }
 
+    /// How far the database server's clock is ahead of this process's (ms), measured
+    /// against the middle of the query's round trip; `None` on SQLite (one host, one
+    /// clock). Replicas on PostgreSQL compare the deadlines each other wrote (a holder's
+    /// `alive_until`), so their clocks must agree (docs/operations.md).
+    pub async fn clock_offset_ms(&self) -> Result<Option<i64>> {
+        let Backend::Postgres(pool) = &self.backend else {
+            return Ok(None);
+        };
+        let before = crate::token::unix_ms() as i64;
+        let server: i64 =
+            sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+                .fetch_one(pool)
+                .await?;
+        let after = crate::token::unix_ms() as i64;
+        Ok(Some(server - (before + after) / 2))
+    }
+
     // ----- tenants and tokens -----
 
     pub async fn insert_tenant(
@@ -1399,6 +1416,17 @@ impl TxConn for sqlx::PgConnection {
         sorted.sort_unstable();
         sorted.dedup();
         let (keys, days): (Vec<&str>, Vec<i64>) = sorted.into_iter().unzip();
+        // Missing rows come into being first, in (key, day) order too: a row inserted
+        // after others are locked (a report's first spend on a key) would wait, out of
+        // order, on a grant that inserted it and waits on a row locked here (a deadlock).
+        sqlx::query(
+            "INSERT INTO ledger (key_id, day) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[])
+             ON CONFLICT (key_id, day) DO NOTHING",
+        )
+        .bind(&keys)
+        .bind(&days)
+        .execute(&mut *self)
+        .await?;
         sqlx::query(
             "SELECT 1 FROM ledger WHERE (key_id, day) IN
                  (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[]))
@@ -1528,6 +1556,16 @@ pub(super) mod tests {
         })
         .await
         .unwrap()
+    }
+
+    /// The server's clock against this process's: a local PostgreSQL server shares the
+    /// host's clock, so they agree within the round trip; SQLite has no other clock.
+    #[tokio::test]
+    async fn the_database_clock_is_compared_on_postgres_only() {
+        let offset = postgres().await.clock_offset_ms().await.unwrap();
+        assert!(offset.is_some_and(|ms| ms.abs() < 1000), "{offset:?}");
+        let store = sqlite("clock-offset").await;
+        assert_eq!(store.clock_offset_ms().await.unwrap(), None);
     }
 
     /// (table, column, type, nullable) of every table the migrations made, types named

@@ -340,6 +340,31 @@ async fn scenario(backend: &str) -> Vec<String> {
     answers
 }
 
+/// A reclaim reads a key's day from the trail: events whose spend adds up past i64
+/// (a node may send 10,000 of $1e9 each) give the largest figure, not a failed query
+/// (which stopped every reclaim after it).
+#[tokio::test]
+async fn a_key_spend_past_the_integer_range_saturates() {
+    for backend in BACKENDS {
+        let place = Place::new(backend, "audit-saturates").await;
+        let trail = place.open().await;
+        let huge = Micros(i64::MAX / 2 + 1);
+        for n in 0..3 {
+            trail.record(AuditEvent {
+                key_id: Some("key_big".into()),
+                spend: huge,
+                ..event(n)
+            });
+        }
+        assert!(trail.flush(Duration::from_secs(10)), "{backend}");
+        let day = event(0).ts_ms.div_euclid(86_400_000);
+        let got = trail.spend_of_key("ten_a", "key_big", day).await.unwrap();
+        assert!(got.0 >= i64::MAX / 4 * 3, "{backend}: {got:?}");
+        let exact = trail.spend_of_key("ten_a", "key_even", day).await.unwrap();
+        assert_eq!(exact, Micros(0), "{backend}");
+    }
+}
+
 #[tokio::test]
 async fn llm_model_and_tokens_are_kept() {
     for backend in BACKENDS {

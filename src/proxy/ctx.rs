@@ -149,6 +149,9 @@ pub struct Ctx {
     pub idempotent: Option<Pending>,
     /// When the request went upstream (`None`: it never did, or surely never arrived).
     pub upstream_start: Option<Instant>,
+    /// An attempt failed after its connection was made: the call may have reached the
+    /// vendor, whatever a later attempt's error says.
+    pub may_have_arrived: bool,
     pub upstream_elapsed: Option<Duration>,
     /// The final status answered (0 until known).
     pub status: u16,
@@ -180,6 +183,7 @@ impl Ctx {
             capture: Capture::Off,
             idempotent: None,
             upstream_start: None,
+            may_have_arrived: false,
             upstream_elapsed: None,
             status: 0,
             spend: Micros::ZERO,

@@ -38,14 +38,16 @@ impl KeybrakeProxy {
         };
         // A stale pooled connection is tried again only while the vendor cannot have acted
         // on the request (`upstream_call::send`).
-        let (mut upstream, mut resp) = upstream_call::send(&self.connector, &peer, &req, &body)
-            .await
-            .inspect_err(|e| {
-                if is_connect_failure(e.etype()) {
-                    // Never sent: `logging` releases the reservation.
-                    ctx.upstream_start = None;
-                }
-            })?;
+        let priced = ctx.spend.is_positive();
+        let (mut upstream, mut resp) =
+            upstream_call::send(&self.connector, &peer, &req, &body, priced)
+                .await
+                .inspect_err(|e| {
+                    if is_connect_failure(e.etype()) {
+                        // Never sent: `logging` releases the reservation.
+                        ctx.upstream_start = None;
+                    }
+                })?;
         self.upstream_response_filter(session, &mut resp, ctx)
             .await?;
         self.response_filter(session, &mut resp, ctx).await?;

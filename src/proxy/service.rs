@@ -491,6 +491,34 @@ impl ProxyHttp for KeybrakeProxy {
         Ok(None)
     }
 
+    /// An error once the request may have gone upstream (Pingora's default retries an
+    /// idempotent method on a reused connection even after it was written whole): tried
+    /// again only when repeating it cannot cost anything, a `GET` or `HEAD` with nothing
+    /// reserved (a `PUT` or `DELETE` is idempotent by the RFC, but a vendor may bill each
+    /// request, as a per-request price does any). Either way the call may have arrived,
+    /// so a later attempt's connect failure does not give its reservation back.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        ctx.may_have_arrived = true;
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let read_only = matches!(
+            session.req_header().method,
+            http::Method::GET | http::Method::HEAD
+        );
+        if read_only && !ctx.spend.is_positive() && !session.as_ref().retry_buffer_truncated() {
+            e.retry.decide_reuse(client_reused);
+        } else {
+            e.set_retry(false);
+        }
+        e
+    }
+
     /// Names the request in Pingora's error lines without its query string or headers,
     /// which may carry a token.
     fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {

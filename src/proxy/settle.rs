@@ -265,7 +265,8 @@ fn charged_over_reserved(ctx: &Ctx) -> bool {
 /// Whether a request that got no answer surely never reached the vendor: it was not
 /// sent, or the connection to the vendor failed. Anything else may have been acted on.
 pub fn never_sent(ctx: &Ctx, e: Option<&Error>) -> bool {
-    ctx.upstream_start.is_none() || e.is_some_and(|e| is_connect_failure(e.etype()))
+    ctx.upstream_start.is_none()
+        || (!ctx.may_have_arrived && e.is_some_and(|e| is_connect_failure(e.etype())))
 }
 
 /// An error connecting to the vendor: the request surely did not reach it.

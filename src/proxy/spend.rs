@@ -423,6 +423,35 @@ impl SpendBook {
             return Err(SpendError::LedgerUnavailable);
         }
         let entry = self.entry(who, now);
+        self.reserve_in(entry, who, amount, now).await
+    }
+
+    /// `reserve` on a given counter (its key and day), whatever day `now` is in.
+    async fn reserve_on(
+        &self,
+        entry: &Held,
+        who: &Spender<'_>,
+        amount: Micros,
+        now: i64,
+    ) -> Result<Reservation, SpendError> {
+        if amount > who.cap {
+            return Err(SpendError::CapExhausted);
+        }
+        if crate::token::unix_ms() as i64 >= self.ledger.leases_valid_until_ms() {
+            return Err(SpendError::LedgerUnavailable);
+        }
+        self.reserve_in(Held::new(&entry.0), who, amount, now).await
+    }
+
+    /// `reserve` on a given counter (its key and day): `amount` is positive and within
+    /// the cap.
+    async fn reserve_in(
+        &self,
+        entry: Held,
+        who: &Spender<'_>,
+        amount: Micros,
+        now: i64,
+    ) -> Result<Reservation, SpendError> {
         // Charged past its cap today (a call cost more than its bound): stopped for the
         // day.
         if entry.over_cap.load(Ordering::Acquire) {
@@ -616,9 +645,10 @@ impl SpendBook {
         let spent = spent.max(Micros::ZERO);
         let reserved = reservation.amount;
         if spent >= reserved {
-            self.settle(reservation);
             let more = spent.saturating_sub(reserved);
-            self.charge_after(who, more, now).await;
+            let day = reservation.entry.as_ref().map(|e| Held::new(&e.0));
+            self.settle(reservation);
+            self.charge_after_on(day, who, more, now).await;
             return spent;
         }
         let back = reserved.saturating_sub(spent);
@@ -635,14 +665,24 @@ impl SpendBook {
     /// only the rest is recorded beyond any lease. When the cap itself is what is short,
     /// the key is over its cap: refused for the rest of the day.
     pub async fn charge_after(&self, who: &Spender<'_>, amount: Micros, now: i64) {
+        self.charge_after_on(None, who, amount, now).await
+    }
+
+    /// `charge_after` on the counter of the call's own reservation (`on`), so a call
+    /// reserved before midnight (UTC) and answered after it is charged to the day it was
+    /// made on, not to the next day's cap; without one, on the counter of `now`'s day.
+    async fn charge_after_on(&self, on: Option<Held>, who: &Spender<'_>, amount: Micros, now: i64) {
         if !amount.is_positive() {
             return;
         }
-        let short = match self.reserve(who, amount, now).await {
+        let entry = match on {
+            Some(entry) => entry,
+            None => self.entry(who, now),
+        };
+        let short = match self.reserve_on(&entry, who, amount, now).await {
             Ok(r) => return self.settle(r),
             Err(e) => e,
         };
-        let entry = self.entry(who, now);
         let left = entry
             .available
             .load(Ordering::Acquire)
@@ -650,7 +690,7 @@ impl SpendBook {
             .clamp(0, amount.0);
         let mut beyond = amount;
         if left > 0 {
-            if let Ok(r) = self.reserve(who, Micros(left), now).await {
+            if let Ok(r) = self.reserve_on(&entry, who, Micros(left), now).await {
                 self.settle(r);
                 beyond = amount.saturating_sub(Micros(left));
             }
@@ -902,8 +942,9 @@ impl SpendBook {
                 entry.unreserve(unused);
             }
         }
+        let day = reservation.entry.as_ref().map(|e| Held::new(&e.0));
         self.settle(reservation);
-        self.charge_after(who, excess, now).await;
+        self.charge_after_on(day, who, excess, now).await;
     }
 }
 
@@ -1025,6 +1066,8 @@ mod tests {
         rows: Mutex<Vec<(String, i64, i64)>>,
         /// The next this many report calls fail, taking nothing.
         failing_reports: Mutex<usize>,
+        /// The day of every lease asked for.
+        lease_days: Mutex<Vec<i64>>,
     }
 
     #[async_trait::async_trait]
@@ -1032,6 +1075,7 @@ mod tests {
         async fn lease(&self, r: LeaseRequest) -> Result<Grant, LedgerError> {
             // A ledger call is a wait: other reservations run meanwhile.
             tokio::task::yield_now().await;
+            self.lease_days.lock().unwrap().push(r.day);
             let mut c = self.committed.lock().unwrap();
             let remaining = r.cap.0 - *c;
             if remaining < r.min.0 {
@@ -1247,6 +1291,34 @@ mod tests {
         book.report(2 * day + 2, false).await;
         assert_eq!(*ledger.settled.lock().unwrap(), 4_000_000);
         assert!(book.retired.lock().unwrap().is_empty());
+    }
+
+    /// A call reserved before midnight and charged more than its reservation after it
+    /// (an answer that names a bigger amount): the excess is charged to the day the call
+    /// was made on, not to the new day's cap, even once the new day has a counter.
+    #[tokio::test]
+    async fn a_charge_beyond_the_reservation_after_midnight_goes_to_the_calls_day() {
+        let ledger = Arc::new(MemLedger::default());
+        let book = book(ledger.clone());
+        let day = 86_400;
+        let cap = 5_000_000;
+        let late = book
+            .reserve(&who(cap), Micros(1_000_000), 2 * day - 1)
+            .await
+            .unwrap();
+        let today = book
+            .reserve(&who(cap), Micros(1_000_000), 2 * day)
+            .await
+            .unwrap();
+        book.settle(today);
+        let charged = book
+            .settle_to(&who(cap), late, Micros(3_000_000), 2 * day + 1)
+            .await;
+        assert_eq!(charged, Micros(3_000_000));
+        assert_eq!(*ledger.lease_days.lock().unwrap(), [1, 2, 1]);
+        assert!(!book.is_over_cap(&who(cap), 2 * day + 1));
+        book.report(2 * day + 10, true).await;
+        assert_eq!(*ledger.settled.lock().unwrap(), 4_000_000);
     }
 
     /// A round that began before midnight fails while a request after midnight retires a

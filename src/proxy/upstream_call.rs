@@ -26,11 +26,14 @@ const MAX_LOOKUP_BODY: usize = 1 << 20;
 
 /// Sends `req` (and `body`) and reads the final response header, retrying on another
 /// connection when a reused one fails first. The session is returned for the body.
+/// `priced`: the call costs something (a reservation): never sent twice once written
+/// whole, even a `GET`.
 pub async fn send(
     connector: &Connector,
     peer: &HttpPeer,
     req: &RequestHeader,
     body: &Bytes,
+    priced: bool,
 ) -> Result<(HttpSession, ResponseHeader)> {
     let mut attempt = 0;
     loop {
@@ -40,7 +43,9 @@ pub async fn send(
         session.set_write_timeout(peer.options.write_timeout);
         match exchange(&mut session, req, body).await {
             Ok(header) => return Ok((session, header)),
-            Err((e, stage)) if reused && attempt < MAX_ATTEMPTS && may_resend(req, &e, stage) => {
+            Err((e, stage))
+                if reused && attempt < MAX_ATTEMPTS && may_resend(req, priced, &e, stage) =>
+            {
                 log::debug!("a pooled upstream connection failed ({e}); sending again on another");
             }
             // The vendor's side failed: answered as upstream_unavailable/_timeout, not
@@ -61,12 +66,12 @@ enum Stage {
 
 /// Whether a request that failed on a reused connection may go again on another: never
 /// after a timeout (the vendor may be slow, not gone), and after the request was written
-/// whole only when repeating it cannot charge anything (a `GET` or `HEAD`: a `PUT` or
-/// `DELETE` is idempotent by the RFC, but a vendor may bill each request).
-fn may_resend(req: &RequestHeader, e: &Error, stage: Stage) -> bool {
+/// whole only when repeating it cannot charge anything (a `GET` or `HEAD` with no price:
+/// a `PUT` or `DELETE` is idempotent by the RFC, but a vendor may bill each request).
+fn may_resend(req: &RequestHeader, priced: bool, e: &Error, stage: Stage) -> bool {
     let timed_out = matches!(e.etype(), ReadTimedout | WriteTimedout);
     let read_only = matches!(req.method, http::Method::GET | http::Method::HEAD);
-    !timed_out && (stage == Stage::Writing || read_only)
+    !timed_out && (stage == Stage::Writing || (read_only && !priced))
 }
 
 async fn exchange(
@@ -140,7 +145,7 @@ pub async fn get_json(
     }
     super::inject::inject_credential(&mut req, vendor, secret)
         .map_err(|_| LookupError::NoObject)?;
-    let (mut session, header) = send(connector, peer, &req, &Bytes::new())
+    let (mut session, header) = send(connector, peer, &req, &Bytes::new(), false)
         .await
         .map_err(unreachable)?;
     let mut buf = BytesMut::new();

@@ -1337,6 +1337,71 @@ def test_a_big_payment_whose_answer_times_out_is_sent_to_the_vendor_once(
         vendor.server_close()
 
 
+class _ActsThenDropsADelete(http.server.BaseHTTPRequestHandler):
+    """A vendor billing per request whose first DELETE is acted on, then its connection
+    drops before any answer (a vendor restarting, a load balancer cutting idle links)."""
+    protocol_version = "HTTP/1.1"
+    deletes: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self):
+        raw = b'{"ok":true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self):
+        self._answer()
+
+    def do_DELETE(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).deletes.append(self.path)
+        if len(type(self).deletes) == 1:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._answer()
+
+
+def test_a_priced_call_written_whole_is_never_sent_again_on_another_connection(
+        keybrake_factory, tmp_path):
+    """A vendor that bills every request (`cost_per_request_usd`). A DELETE (idempotent by
+    the RFC, so a proxy's default would send it again) goes out whole on a pooled
+    connection, the vendor acts on it and the connection drops unanswered: the agent gets
+    502 upstream_unavailable, the vendor got it once (a second copy would be billed twice
+    and metered once), and the key is charged for it (it may have been acted on)."""
+    _ActsThenDropsADelete.deletes = []
+    vendor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ActsThenDropsADelete)
+    vendor.daemon_threads = True
+    threading.Thread(target=vendor.serve_forever, daemon=True).start()
+    try:
+        config = write_config(tmp_path / "conf")
+        with open(tmp_path / "conf" / "vendors.yaml", "a") as f:
+            f.write('\nacme:\n  upstream: "https://api.acme.example"\n  auth: bearer\n'
+                    '  strip_headers: [authorization, x-api-key, proxy-authorization, cookie]\n'
+                    '  cost_per_request_usd: "1"\n')
+        kb = keybrake_factory({"acme": f"http://127.0.0.1:{vendor.server_address[1]}"}, config=config)
+        t = kb.create_tenant()
+        t.put_credential("acme", "acme_secret_" + secrets.token_hex(12))
+        key = t.issue_key(vendor="acme", allowed_endpoints=["GET /v1/things", "DELETE /v1/things/*"],
+                          daily_usd_cap=10)
+        # A first call leaves a pooled connection to the vendor behind.
+        assert kb.proxy("GET", "/acme/v1/things", key=key["token"]).status_code == 200
+        time.sleep(0.2)
+        r = kb.proxy("DELETE", "/acme/v1/things/th_1", key=key["token"])
+        assert_denied(r, 502, "upstream_unavailable")
+        time.sleep(0.5)
+        assert _ActsThenDropsADelete.deletes == ["/v1/things/th_1"]
+        t.wait_spent(key["id"], Decimal(2))
+    finally:
+        vendor.shutdown()
+        vendor.server_close()
+
+
 class _HopByHopAnswers(http.server.BaseHTTPRequestHandler):
     """A vendor whose answers carry hop-by-hop headers, and one its Connection names."""
     protocol_version = "HTTP/1.1"

@@ -492,11 +492,13 @@ impl ProxyHttp for KeybrakeProxy {
     }
 
     /// An error once the request may have gone upstream (Pingora's default retries an
-    /// idempotent method on a reused connection even after it was written whole): tried
-    /// again only when repeating it cannot cost anything, a `GET` or `HEAD` with nothing
-    /// reserved (a `PUT` or `DELETE` is idempotent by the RFC, but a vendor may bill each
-    /// request, as a per-request price does any). Either way the call may have arrived,
-    /// so a later attempt's connect failure does not give its reservation back.
+    /// idempotent method on a reused connection even after it was written whole): an
+    /// idempotent method is tried again only while the request was not written whole (a
+    /// write failed), or when repeating it cannot cost anything, a `GET` or `HEAD` with
+    /// nothing reserved (a `PUT` or `DELETE` is idempotent by the RFC, but a vendor may
+    /// bill each request, as a per-request price does any). A request written whole may
+    /// have arrived, so a later attempt's connect failure does not give its reservation
+    /// back.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -505,13 +507,16 @@ impl ProxyHttp for KeybrakeProxy {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
-        ctx.may_have_arrived = true;
+        let unwritten = *e.etype() == WriteError;
+        ctx.may_have_arrived |= !unwritten;
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let read_only = matches!(
-            session.req_header().method,
-            http::Method::GET | http::Method::HEAD
-        );
-        if read_only && !ctx.spend.is_positive() && !session.as_ref().retry_buffer_truncated() {
+        let method = &session.req_header().method;
+        let free_read = matches!(*method, http::Method::GET | http::Method::HEAD)
+            && !ctx.spend.is_positive();
+        if method.is_idempotent()
+            && (unwritten || free_read)
+            && !session.as_ref().retry_buffer_truncated()
+        {
             e.retry.decide_reuse(client_reused);
         } else {
             e.set_retry(false);

@@ -318,7 +318,10 @@ impl Control {
     }
 
     /// Leases for a node session, asked in one store transaction, each grant atomic;
-    /// `batch` is the node's number for them (`Store::lease_grant_many`).
+    /// `batch` is the node's number for them (`Store::lease_grant_many`). A request for a
+    /// day this control plane is not in (`lease_days`) is an error, not a grant of
+    /// nothing: the node answers 503 `ledger_unavailable` (not 429 `cap_exhausted` for
+    /// a key with budget left), and both sides log it.
     pub async fn node_leases(
         &self,
         node: &str,
@@ -326,54 +329,61 @@ impl Control {
         batch: Option<u64>,
         requests: Vec<LeaseRequest>,
     ) -> Vec<Result<Grant, LedgerError>> {
-        let asked = requests.len();
-        let requests = match self.checked_against_keys(node, requests).await {
-            Ok(requests) => requests,
-            Err(e) => {
-                let e = format!("{e:#}");
-                return (0..asked).map(|_| Err(LedgerError(e.clone()))).collect();
+        let now = now_secs();
+        let days = lease_days(now);
+        let on_day: Vec<bool> = requests.iter().map(|r| days.contains(&r.day)).collect();
+        let off_day = requests
+            .iter()
+            .find(|r| !days.contains(&r.day))
+            .map(|r| off_day_error(node, r.day, now));
+        let asks: Vec<LeaseRequest> = requests
+            .into_iter()
+            .filter(|r| days.contains(&r.day))
+            .collect();
+        let asked = asks.len();
+        let grants = if asks.is_empty() {
+            Vec::new()
+        } else {
+            match self.checked_against_keys(asks).await {
+                Ok(asks) => {
+                    self.lease_many_for(&holder_id(node, session), batch, asks)
+                        .await
+                }
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    (0..asked).map(|_| Err(LedgerError(e.clone()))).collect()
+                }
             }
         };
-        self.lease_many_for(&holder_id(node, session), batch, requests)
-            .await
+        // In the order asked.
+        let mut grants = grants.into_iter();
+        on_day
+            .into_iter()
+            .map(|on| match (on, &off_day) {
+                (true, _) => grants
+                    .next()
+                    .unwrap_or_else(|| Err(LedgerError("no grant".into()))),
+                (false, Some(e)) => Err(LedgerError(e.0.clone())),
+                (false, None) => Err(LedgerError("no grant".into())),
+            })
+            .collect()
     }
 
     /// A node's lease requests as the key rows have them: the cap is the key's, not the
-    /// node's word, and a key that does not exist, belongs to another tenant, is
-    /// revoked or expired, or a day this control plane is not in (`lease_days`) is asked
-    /// for nothing. (`serve`'s own proxy asks with claims this process verified.)
-    async fn checked_against_keys(
-        &self,
-        node: &str,
-        requests: Vec<LeaseRequest>,
-    ) -> Result<Vec<LeaseRequest>> {
+    /// node's word, and a key that does not exist, belongs to another tenant, or is
+    /// revoked or expired is asked for nothing. (`serve`'s own proxy asks with claims
+    /// this process verified.)
+    async fn checked_against_keys(&self, requests: Vec<LeaseRequest>) -> Result<Vec<LeaseRequest>> {
         let mut ids: Vec<&str> = requests.iter().map(|r| r.key_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
         let keys = self.store.key_limits(&ids).await?;
         let now = now_secs();
-        let days = lease_days(now);
-        if let Some(r) = requests.iter().find(|r| !days.contains(&r.day)) {
-            static LOG: crate::log_every::LogEvery =
-                crate::log_every::LogEvery::new(std::time::Duration::from_secs(60));
-            if LOG.due().is_some() {
-                log::warn!(
-                    "node {node} asks for leases on UTC day {} while this control plane is on \
-                     day {}: nothing granted (is the node's clock off by more than {} minutes?)",
-                    r.day,
-                    crate::sync::utc_day(now),
-                    DAY_EDGE_SECS / 60
-                );
-            }
-        }
         Ok(requests
             .into_iter()
             .map(|mut r| {
                 let usable = keys.get(&r.key_id).filter(|k| {
-                    k.tenant_id == r.tenant_id
-                        && k.revoked_at.is_none()
-                        && k.expires_at > now
-                        && days.contains(&r.day)
+                    k.tenant_id == r.tenant_id && k.revoked_at.is_none() && k.expires_at > now
                 });
                 match usable {
                     Some(k) => r.cap = k.daily_cap,
@@ -565,9 +575,26 @@ impl Control {
 /// gone wrong (or a made-up event), filed at now.
 const NODE_CLOCK_AHEAD_MS: i64 = 60_000;
 
-/// Control characters (escape sequences, line breaks) and line or paragraph separators
-/// become U+FFFD. A proxy's own texts never have them (HTTP does not carry them); a node's
-/// might.
+/// The error for a lease on `day` at `now` (unix s), outside `lease_days`: said on the
+/// control plane once a minute, and to the node, which logs it.
+fn off_day_error(node: &str, day: i64, now: i64) -> LedgerError {
+    let today = crate::sync::utc_day(now);
+    static LOG: crate::log_every::LogEvery =
+        crate::log_every::LogEvery::new(std::time::Duration::from_secs(60));
+    if LOG.due().is_some() {
+        log::warn!(
+            "node {node} asks for a lease on UTC day {day} while this control plane is on \
+             day {today}: refused (is the node's clock off by more than {} minutes?)",
+            DAY_EDGE_SECS / 60
+        );
+    }
+    LedgerError(format!(
+        "the control plane is on UTC day {today}, not {day}: leases are granted for the \
+         day before or after only within {} minutes of midnight (is this node's clock off?)",
+        DAY_EDGE_SECS / 60
+    ))
+}
+
 /// How close to midnight (UTC) a node's day may differ from the control plane's: its
 /// clock may be a little off (or a call may cross midnight), never by more.
 const DAY_EDGE_SECS: i64 = 600;
@@ -592,6 +619,9 @@ fn lease_days(now: i64) -> std::ops::RangeInclusive<i64> {
     first..=last
 }
 
+/// Control characters (escape sequences, line breaks) and line or paragraph separators
+/// become U+FFFD. A proxy's own texts never have them (HTTP does not carry them); a node's
+/// might.
 fn replace_control_chars(text: &mut String) {
     use crate::proxy::audit::is_unprintable;
     if text.contains(is_unprintable) {
@@ -721,6 +751,45 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(!control.delete_node(&node).await.unwrap());
+    }
+
+    /// A lease for a day the control plane is not in is refused as an error (the node
+    /// answers 503, not 429 for a key with budget left); the others in the batch are
+    /// answered in their places.
+    #[tokio::test]
+    async fn a_lease_for_another_day_is_an_error_in_its_place() {
+        let control = open("off-day").await;
+        let (node, _) = control.create_node("edge").await.unwrap().unwrap();
+        control.node_hello(&node, "session-1").await.unwrap();
+        let today = crate::sync::utc_day(now_secs());
+        let ask = |key: &str, day: i64| LeaseRequest {
+            budget: crate::sync::Budget::KeyDaily,
+            key_id: key.into(),
+            tenant_id: "tn_none".into(),
+            day,
+            cap: Micros(1_000_000),
+            min: Micros(1_000_000),
+            want: Micros(1_000_000),
+            commit: Micros::ZERO,
+        };
+        let answers = control
+            .node_leases(
+                &node,
+                "session-1",
+                None,
+                vec![
+                    ask("key_a", today),
+                    ask("key_b", today + 3),
+                    ask("key_c", today),
+                ],
+            )
+            .await;
+        assert_eq!(answers.len(), 3);
+        // No such keys: nothing granted, but answered.
+        assert_eq!(answers[0].as_ref().unwrap().granted, Micros::ZERO);
+        assert_eq!(answers[2].as_ref().unwrap().granted, Micros::ZERO);
+        let refused = answers[1].as_ref().unwrap_err();
+        assert!(refused.0.contains("clock"), "{refused}");
     }
 
     #[tokio::test]

@@ -427,7 +427,16 @@ impl Control {
                     );
                     returned = returned.checked_add(back).unwrap_or(returned);
                 }
-                Err(e) => log::error!("cannot give back the leases held by {holder}: {e:#}"),
+                Err(e) => {
+                    static LOG: crate::log_every::LogEvery =
+                        crate::log_every::LogEvery::new(Duration::from_secs(60));
+                    if let Some(others) = LOG.due() {
+                        log::error!(
+                            "cannot give back the leases held by {holder} ({others} more such \
+                             failures since the last line): {e:#}"
+                        );
+                    }
+                }
             }
         }
         Ok(returned)

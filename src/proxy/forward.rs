@@ -38,7 +38,7 @@ impl KeybrakeProxy {
         };
         // A stale pooled connection is tried again only while the vendor cannot have acted
         // on the request (`upstream_call::send`).
-        let priced = ctx.spend.is_positive();
+        let priced = ctx.spend.is_positive() || ctx.metering.reads_answer();
         let (mut upstream, mut resp) =
             upstream_call::send(&self.connector, &peer, &req, &body, priced)
                 .await

@@ -507,16 +507,24 @@ impl ProxyHttp for KeybrakeProxy {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
-        let unwritten = *e.etype() == WriteError;
+        // A write to the vendor failed (not one to the client, which fails as WriteError
+        // too): the request did not go out whole.
+        let unwritten = *e.etype() == WriteError
+            && *e.esource() == pingora::ErrorSource::Upstream
+            && session.response_written().is_none();
         ctx.may_have_arrived |= !unwritten;
         let mut e = e.more_context(format!("Peer: {peer}"));
         let method = &session.req_header().method;
         let free_read = matches!(*method, http::Method::GET | http::Method::HEAD)
-            && !ctx.spend.is_positive();
-        if method.is_idempotent()
-            && (unwritten || free_read)
-            && !session.as_ref().retry_buffer_truncated()
-        {
+            && !ctx.spend.is_positive()
+            && !ctx.metering.reads_answer();
+        if !method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else if unwritten {
+            // An I/O error is never retried by its own decision: only on a reused
+            // connection (the keep-alive race), as Pingora decides for the rest.
+            e.set_retry(client_reused);
+        } else if free_read {
             e.retry.decide_reuse(client_reused);
         } else {
             e.set_retry(false);

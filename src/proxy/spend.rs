@@ -423,10 +423,12 @@ impl SpendBook {
             return Err(SpendError::LedgerUnavailable);
         }
         let entry = self.entry(who, now);
-        self.reserve_in(entry, who, amount, now).await
+        self.reserve_in(entry, who, amount, now, true).await
     }
 
-    /// `reserve` on a given counter (its key and day), whatever day `now` is in.
+    /// `reserve` on a given counter (its key and day), whatever day `now` is in. A past
+    /// day's counter takes only what it holds: no lease is asked for a day that is over
+    /// (a control plane grants none past a few minutes after midnight).
     async fn reserve_on(
         &self,
         entry: &Held,
@@ -440,17 +442,20 @@ impl SpendBook {
         if crate::token::unix_ms() as i64 >= self.ledger.leases_valid_until_ms() {
             return Err(SpendError::LedgerUnavailable);
         }
-        self.reserve_in(Held::new(&entry.0), who, amount, now).await
+        let may_lease = entry.day >= utc_day(now);
+        self.reserve_in(Held::new(&entry.0), who, amount, now, may_lease)
+            .await
     }
 
     /// `reserve` on a given counter (its key and day): `amount` is positive and within
-    /// the cap.
+    /// the cap. Without `may_lease`, only from what the counter holds.
     async fn reserve_in(
         &self,
         entry: Held,
         who: &Spender<'_>,
         amount: Micros,
         now: i64,
+        may_lease: bool,
     ) -> Result<Reservation, SpendError> {
         // Charged past its cap today (a call cost more than its bound): stopped for the
         // day.
@@ -479,7 +484,7 @@ impl SpendBook {
         // Otherwise from the lease, committed now, or from both; should the commit fail,
         // what came from budget committed ahead goes back there (write_ahead deals with
         // the rest).
-        let committed = match self.take(&entry, who, amount, now).await {
+        let committed = match self.take(&entry, who, amount, now, may_lease).await {
             Ok(taken) if !taken.lease.is_positive() => Ok(()),
             Ok(taken) => self
                 .write_ahead
@@ -498,20 +503,24 @@ impl SpendBook {
         })
     }
 
-    /// Takes `amount` from the counter's available budget, leasing more if needed, or
-    /// from its budget committed ahead.
+    /// Takes `amount` from the counter's available budget, leasing more if needed (and
+    /// `may_lease`), or from its budget committed ahead.
     async fn take(
         &self,
         entry: &Held,
         who: &Spender<'_>,
         amount: Micros,
         now: i64,
+        may_lease: bool,
     ) -> Result<Taken, SpendError> {
         entry.last_used.store(now, Ordering::Relaxed);
         // Without the refill lock when the counter holds it (whole, or split between the
         // budget committed ahead and the lease): no waiting behind a ledger call.
         if let Some(source) = entry.take_any(amount) {
             return Ok(source);
+        }
+        if !may_lease {
+            return Err(SpendError::CapExhausted);
         }
         let _refill = entry.refill.lock().await;
         // Bounded: each round either takes budget, gets a grant or waits for budget in
@@ -1295,7 +1304,8 @@ mod tests {
 
     /// A call reserved before midnight and charged more than its reservation after it
     /// (an answer that names a bigger amount): the excess is charged to the day the call
-    /// was made on, not to the new day's cap, even once the new day has a counter.
+    /// was made on, not to the new day's cap, even once the new day has a counter, and
+    /// without asking a lease for a day that is over.
     #[tokio::test]
     async fn a_charge_beyond_the_reservation_after_midnight_goes_to_the_calls_day() {
         let ledger = Arc::new(MemLedger::default());
@@ -1315,7 +1325,9 @@ mod tests {
             .settle_to(&who(cap), late, Micros(3_000_000), 2 * day + 1)
             .await;
         assert_eq!(charged, Micros(3_000_000));
-        assert_eq!(*ledger.lease_days.lock().unwrap(), [1, 2, 1]);
+        // No lease for the day that is over: what its counter lacks is spend beyond any
+        // lease, reported on that day.
+        assert_eq!(*ledger.lease_days.lock().unwrap(), [1, 2]);
         assert!(!book.is_over_cap(&who(cap), 2 * day + 1));
         book.report(2 * day + 10, true).await;
         assert_eq!(*ledger.settled.lock().unwrap(), 4_000_000);
@@ -1464,7 +1476,7 @@ mod tests {
         assert_eq!(entry.precommitted_for_test(), Micros(3_000_000));
         // $9 (what a concurrent reserver finds once `reserve` looked): $3 ahead + $6 new.
         let taken = book
-            .take(&entry, &w, Micros(9_000_000), 1000)
+            .take(&entry, &w, Micros(9_000_000), 1000, true)
             .await
             .unwrap();
         assert_eq!(taken.ahead.saturating_add(taken.lease), Micros(9_000_000));

@@ -338,8 +338,9 @@ impl Reader {
         to_ms: i64,
     ) -> Result<Micros> {
         let total: i64 = sqlx::query_scalar(
-            // sum(bigint) is numeric: saturated, not an out-of-range error.
-            "SELECT least(coalesce(sum(spend), 0), 9223372036854775807)::bigint FROM audit
+            // sum(bigint) is numeric: saturated at 2^62 (as the ledger's settled spend),
+            // not an out-of-range error.
+            "SELECT least(coalesce(sum(spend), 0), 4611686018427387904)::bigint FROM audit
              WHERE tenant_id = $1 AND key_id = $2 AND ts_ms >= $3 AND ts_ms < $4",
         )
         .bind(tenant_id)

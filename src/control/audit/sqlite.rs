@@ -170,9 +170,9 @@ impl Reader {
         to_ms: i64,
     ) -> Result<Micros> {
         let total: i64 = sqlx::query_scalar(
-            // total() is a float and never overflows (sum() would fail the query): exact
-            // below 2^53 micro-USD ($9e9), saturated at the largest integer beyond.
-            "SELECT CAST(min(total(a.spend), 9.2e18) AS INTEGER) FROM key_spans s
+            // total() never overflows (sum() would fail the query): exact below 2^53
+            // micro-USD ($9e9), saturated at 2^62 (as the ledger's settled spend).
+            "SELECT CAST(min(total(a.spend), 4611686018427387904.0) AS INTEGER) FROM key_spans s
              JOIN audit a ON a.seq BETWEEN s.first_seq AND s.last_seq
              WHERE s.tenant_id = ?1 AND s.key_id = ?2 AND s.max_ts_ms >= ?3
                AND a.key_id = ?2 AND a.ts_ms >= ?3 AND a.ts_ms < ?4",

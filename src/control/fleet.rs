@@ -227,7 +227,7 @@ impl Control {
 
     /// A node session starts: registered as a lease holder.
     pub async fn node_hello(&self, node: &str, session: &str) -> Result<()> {
-        let now = now_secs();
+        let now = self.store.now_secs();
         self.store
             .register_holder(
                 &holder_id(node, session),
@@ -255,7 +255,7 @@ impl Control {
             .store
             .heartbeat_holder(
                 &holder_id(node, session),
-                now_secs().saturating_add(lifetime),
+                self.store.now_secs().saturating_add(lifetime),
             )
             .await?;
         // A poll answers within a quarter of the time the node may spend its leases (the

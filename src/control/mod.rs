@@ -180,8 +180,10 @@ impl Control {
         let keys = keywriter::KeyWriter::start(store.clone());
         let holder = new_id("hld_");
         let lifetime = lease_lifetime_secs(&settings);
+        // Holders' deadlines are on the database's clock (`Store::now_secs`).
+        let store_now = store.now_secs();
         store
-            .register_holder(&holder, now, now.saturating_add(lifetime))
+            .register_holder(&holder, store_now, store_now.saturating_add(lifetime))
             .await?;
         let control = Arc::new(Control {
             settings,
@@ -309,7 +311,11 @@ impl Control {
         let mut n = 0u64;
         loop {
             tick.tick().await;
-            let round = (tokio::time::Instant::now(), crate::token::unix_ms());
+            let round = (
+                tokio::time::Instant::now(),
+                crate::token::unix_ms(),
+                self.store.now_ms(),
+            );
             let frozen = round.0.duration_since(last_round.0) > UPKEEP_GAP
                 || round.1.saturating_sub(last_round.1) > UPKEEP_GAP.as_millis() as u64;
             if frozen {
@@ -328,8 +334,9 @@ impl Control {
                 .is_some_and(|t| t.elapsed() >= Duration::from_secs(lifetime.max(0) as u64));
             if reachable_for_a_lifetime && n % every == 0 {
                 // Dead by the time this round began: a pause since (in the storage check)
-                // kept everyone from beating, and proves nobody dead.
-                let began = i64::try_from(round.1 / 1000).unwrap_or(i64::MAX);
+                // kept everyone from beating, and proves nobody dead. On the clock the
+                // deadlines were written on.
+                let began = round.2.div_euclid(1000);
                 if let Err(e) = self.reclaim_dead_holders(began).await {
                     reachable_since = None;
                     log::error!("cannot give back the leases of dead processes: {e:#}");
@@ -343,7 +350,7 @@ impl Control {
                 }
             }
             if n % 60 == 0 {
-                self.warn_if_clock_off(lifetime).await;
+                self.sync_clock().await;
             }
             if n % 3600 == 0 {
                 let before = crate::token::unix_ms() as i64 - REPORT_BATCHES_KEPT_MS;
@@ -368,11 +375,16 @@ impl Control {
         if self.leases_valid_until_ms.load(Ordering::Acquire) == 0 {
             return;
         }
-        // The store counts life in whole seconds from the second this beat started; the
-        // proxy spends until a margin before the earliest moment that second allows.
+        // The store counts life in whole seconds (on its clock, `Store::now_ms`) from the
+        // second this beat started; the proxy spends until a margin before the earliest
+        // moment that second allows (on this process's clock, which it reads).
         let now_ms = crate::token::unix_ms() as i64;
         let lifetime = lease_lifetime_secs(&self.settings);
-        let alive_until = now_ms.div_euclid(1000).saturating_add(lifetime);
+        let alive_until = self
+            .store
+            .now_ms()
+            .div_euclid(1000)
+            .saturating_add(lifetime);
         match self.store.heartbeat_holder(&self.holder, alive_until).await {
             Ok(true) => {
                 let valid_ms =
@@ -392,19 +404,17 @@ impl Control {
         }
     }
 
-    /// On PostgreSQL, replicas take each other's holders (nodes included) for dead by
-    /// their own clocks: one that runs ahead of the others by a good part of the lease
-    /// lifetime takes live nodes for dead (they stop and restart; no money moves), one
-    /// behind them has its own leases reclaimed. Said while it lasts, once a minute.
-    async fn warn_if_clock_off(&self, lifetime_secs: i64) {
-        let Ok(Some(offset)) = self.store.clock_offset_ms().await else {
-            return;
-        };
+    /// Measures the database server's clock again (on PostgreSQL, replicas keep lease
+    /// holders' deadlines on it, so that one replica's clock running ahead cannot take
+    /// another's live nodes for dead), and says once a minute while this host's clock is
+    /// far from it.
+    async fn sync_clock(&self) {
+        let offset = self.store.sync_clock().await;
         if offset.unsigned_abs() > CLOCK_OFF_WARN_MS {
             log::warn!(
-                "this process's clock is {:.1} s {} the database server's: replicas must \
-                 keep their clocks in sync (NTP); apart by a good part of the lease lifetime \
-                 ({lifetime_secs} s) they take live nodes for dead",
+                "this process's clock is {:.1} s {} the database server's: lease deadlines \
+                 are kept on the database's clock, but keys' expiry and the audit trail's \
+                 times are this host's: keep clocks in sync (NTP)",
                 offset.unsigned_abs() as f64 / 1000.0,
                 if offset > 0 { "behind" } else { "ahead of" },
             );
@@ -1022,7 +1032,7 @@ impl Control {
             .collect();
         match self
             .store
-            .lease_grant_many(holder, now_secs(), batch, &asks)
+            .lease_grant_many(holder, self.store.now_secs(), batch, &asks)
             .await
         {
             Ok(grants) => grants
@@ -1081,7 +1091,7 @@ impl Control {
             .map(|c| (c.key_id, c.day, c.amount))
             .collect();
         self.store
-            .lease_commit_many(holder, now_secs(), &rows)
+            .lease_commit_many(holder, self.store.now_secs(), &rows)
             .await
             .map_err(|e| LedgerError(format!("{e:#}")))
     }

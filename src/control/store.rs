@@ -20,6 +20,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, Row, SqlitePool};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// One schema version: its text for each backend. Applied in order; SQLite's
@@ -78,6 +80,9 @@ const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 pub struct Store {
     pub(super) backend: Backend,
+    /// How far the database server's clock is ahead of this process's (ms; 0 on
+    /// SQLite): lease holders' deadlines are written and compared on it (`now_ms`).
+    clock_offset_ms: Arc<AtomicI64>,
 }
 
 #[derive(Clone)]
@@ -338,9 +343,12 @@ impl Store {
                     .await
                     .with_context(|| format!("cannot connect to PostgreSQL at {url}"))?;
                 migrate_postgres(&pool).await?;
-                Ok(Store {
+                let store = Store {
                     backend: Backend::Postgres(pool),
-                })
+                    clock_offset_ms: Default::default(),
+                };
+                store.sync_clock().await;
+                Ok(store)
             }
         }
     }
@@ -399,6 +407,7 @@ impl Store {
                 reader,
                 checkpointer,
             },
+            clock_offset_ms: Default::default(),
         })
     }
 
@@ -528,6 +537,28 @@ impl Store {
         tokio::time::timeout(Duration::from_secs(2), ping)
             .await
             .unwrap_or(false)
+    }
+
+    /// Now (unix ms) on the clock lease holders' deadlines are kept on: the database
+    /// server's, as last measured (`sync_clock`); on SQLite, this host's. Replicas on
+    /// PostgreSQL compare deadlines each other wrote, so their own clocks need not agree.
+    pub fn now_ms(&self) -> i64 {
+        (crate::token::unix_ms() as i64)
+            .saturating_add(self.clock_offset_ms.load(Ordering::Acquire))
+    }
+
+    /// `now_ms` in whole seconds.
+    pub fn now_secs(&self) -> i64 {
+        self.now_ms().div_euclid(1000)
+    }
+
+    /// Measures the database server's clock again (PostgreSQL); returns the offset in
+    /// use (ms). A failed or slow measurement keeps the last one.
+    pub async fn sync_clock(&self) -> i64 {
+        if let Ok(Some(offset)) = self.clock_offset_ms().await {
+            self.clock_offset_ms.store(offset, Ordering::Release);
+        }
+        self.clock_offset_ms.load(Ordering::Acquire)
     }
 
     /// How far the database server's clock is ahead of this process's (ms), measured
@@ -1564,14 +1595,21 @@ pub(super) mod tests {
         .unwrap()
     }
 
-    /// The server's clock against this process's: a local PostgreSQL server shares the
-    /// host's clock, so they agree within the round trip; SQLite has no other clock.
+    /// Holders' deadlines are kept on the database server's clock: a local PostgreSQL
+    /// server shares the host's clock, so they agree within the round trip; an offset
+    /// measured is what `now_ms` adds; SQLite has no other clock.
     #[tokio::test]
-    async fn the_database_clock_is_compared_on_postgres_only() {
-        let offset = postgres().await.clock_offset_ms().await.unwrap();
+    async fn deadlines_are_kept_on_the_database_clock() {
+        let pg = postgres().await;
+        let offset = pg.clock_offset_ms().await.unwrap();
         assert!(offset.is_some_and(|ms| ms.abs() < 1000), "{offset:?}");
+        pg.clock_offset_ms.store(3_600_000, Ordering::Release);
+        let ahead = pg.now_ms() - crate::token::unix_ms() as i64;
+        assert!((3_599_000..=3_600_000).contains(&ahead), "{ahead}");
+        assert!(pg.sync_clock().await.abs() < 1000);
         let store = sqlite("clock-offset").await;
         assert_eq!(store.clock_offset_ms().await.unwrap(), None);
+        assert_eq!(store.sync_clock().await, 0);
     }
 
     /// (table, column, type, nullable) of every table the migrations made, types named

@@ -306,6 +306,8 @@ impl Control {
         // so is a gap in this loop itself (the process or its host was frozen: nobody
         // could beat to it meanwhile).
         let mut reachable_since: Option<tokio::time::Instant> = None;
+        // Since when the storage has refused writes (`None`: it takes them).
+        let mut storage_down: Option<tokio::time::Instant> = None;
         // When the previous round ended (its own work does not count as a pause).
         let mut last_round = (tokio::time::Instant::now(), crate::token::unix_ms());
         let mut n = 0u64;
@@ -325,7 +327,27 @@ impl Control {
                     UPKEEP_GAP.as_secs()
                 );
             }
-            if frozen || !self.store.ping_writable().await {
+            let writable = self.store.ping_writable().await;
+            // Said when the storage stops taking writes and when it takes them again (the
+            // calls refused meanwhile log once per 10 s).
+            match (writable, storage_down) {
+                (false, None) => {
+                    storage_down = Some(tokio::time::Instant::now());
+                    log::error!(
+                        "the database does not take writes: leases, spend reports and changes \
+                         fail until it does"
+                    );
+                }
+                (true, Some(since)) => {
+                    storage_down = None;
+                    log::warn!(
+                        "the database takes writes again after {:.1} s",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                _ => {}
+            }
+            if frozen || !writable {
                 reachable_since = None;
             } else if reachable_since.is_none() {
                 reachable_since = Some(tokio::time::Instant::now());
@@ -400,7 +422,15 @@ impl Control {
                 );
             }
             // No heartbeat: the leases run out at the last `valid_until` (fail closed).
-            Err(e) => log::error!("lease heartbeat failed: {e:#}"),
+            Err(e) => {
+                static LOG: crate::log_every::LogEvery =
+                    crate::log_every::LogEvery::new(Duration::from_secs(10));
+                if let Some(others) = LOG.due() {
+                    log::error!(
+                        "lease heartbeat failed ({others} more since the last such line): {e:#}"
+                    );
+                }
+            }
         }
     }
 

@@ -140,6 +140,30 @@ macro_rules! in_transaction {
 pub(super) use in_transaction;
 pub(super) use on_writer;
 
+/// Whether the SQLite writer connection may go back to its pool (`after_release`): not
+/// when it is still inside a transaction. A transaction that failed on a full disk was
+/// rolled back by SQLite itself, so the rollback `sqlx` sends on drop fails and its count
+/// of open transactions stays at one: every later `BEGIN` on the connection was refused
+/// until a restart. Closed instead; the pool opens another.
+async fn left_in_a_transaction(
+    conn: &mut sqlx::SqliteConnection,
+) -> std::result::Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    // A transaction dropped on an error queued its rollback: let it run, look again.
+    conn.ping().await?;
+    if conn.is_in_transaction() {
+        log::warn!(
+            "the SQLite writer connection was left inside a failed transaction (disk full?): \
+             closed, a new one is opened"
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 /// Runs `script` on SQLite's writer connection in one trip to its thread: statements that
 /// open a write transaction (`BEGIN IMMEDIATE`) and end with `COMMIT`, with the rows they
 /// return. Each statement sent on its own is such a trip, two thread switches that cost
@@ -379,6 +403,7 @@ impl Store {
             .max_connections(1)
             .min_connections(1)
             .test_before_acquire(false)
+            .after_release(|conn, _| Box::pin(left_in_a_transaction(conn)))
             .connect_with(
                 options
                     .clone()
@@ -1593,6 +1618,48 @@ pub(super) mod tests {
         })
         .await
         .unwrap()
+    }
+
+    /// A full disk (here SQLite's page limit) fails a write transaction, and SQLite rolls
+    /// it back itself: the connection must not stay stuck "inside" it (every later write
+    /// refused until a restart) once there is room again.
+    #[tokio::test]
+    async fn writes_work_again_after_the_disk_was_full() {
+        let store = sqlite("full-disk").await;
+        let Backend::Sqlite { writer, .. } = &store.backend else {
+            unreachable!()
+        };
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(writer)
+            .await
+            .unwrap();
+        sqlx::query(&format!("PRAGMA max_page_count = {}", pages + 2))
+            .execute(writer)
+            .await
+            .unwrap();
+        let name = "x".repeat(2000);
+        let mut full = false;
+        for n in 0..1000 {
+            let id = format!("tn_{n}");
+            let token = format!("tok_{n}");
+            if store
+                .insert_tenant(&id, &name, &token, &[n as u8; 32], 1)
+                .await
+                .is_err()
+            {
+                full = true;
+                break;
+            }
+        }
+        assert!(full, "the page limit was never reached");
+        sqlx::query("PRAGMA max_page_count = 1073741823")
+            .execute(writer)
+            .await
+            .unwrap();
+        let again = store
+            .insert_tenant("tn_after", "after", "tok_after", &[7; 32], 1)
+            .await;
+        assert!(again.is_ok(), "{again:?}");
     }
 
     /// Holders' deadlines are kept on the database server's clock: a local PostgreSQL

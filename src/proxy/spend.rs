@@ -847,7 +847,14 @@ impl SpendBook {
                 reports.push(r.clone());
             }
             if let Err(e) = self.ledger.report(reports).await {
-                log::error!("spend report failed, will retry: {e}");
+                static LOG: crate::log_every::LogEvery =
+                    crate::log_every::LogEvery::new(std::time::Duration::from_secs(10));
+                if let Some(others) = LOG.due() {
+                    log::error!(
+                        "spend report failed, will retry ({others} more failures since the \
+                         last such line): {e}"
+                    );
+                }
                 // The ledger took none of this call's rows (earlier calls' it did): put
                 // them back so the next round reports them with the keys not reached yet;
                 // returned budget is still held by the ledger, so it may be used meanwhile.

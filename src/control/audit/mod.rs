@@ -494,6 +494,12 @@ fn write_with_retries(
     let mut backoff = Duration::from_millis(100);
     let mut unreachable_since: Option<Instant> = None;
     let mut logged_at: Option<Instant> = None;
+    // A disk that refuses writes refuses every batch: one line per 10 s while it lasts
+    // (counting what was dropped), and one when writes work again.
+    static REFUSED: crate::log_every::LogEvery =
+        crate::log_every::LogEvery::new(Duration::from_secs(10));
+    static REFUSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    use std::sync::atomic::Ordering::AcqRel;
     loop {
         match writer.write(events, batches) {
             Ok(()) => {
@@ -503,15 +509,23 @@ fn write_with_retries(
                         since.elapsed().as_secs_f64()
                     );
                 }
+                if REFUSING.swap(false, AcqRel) {
+                    log::warn!("audit events are written again");
+                }
                 return true;
             }
             Err(WriteError::Refused(e)) => {
                 refusals += 1;
-                log::error!(
-                    "audit batch of {} events not written (attempt {refusals}): {e:#}",
-                    events.len(),
-                );
+                REFUSING.store(true, std::sync::atomic::Ordering::Release);
                 if refusals == 3 {
+                    if let Some(others) = REFUSED.due() {
+                        log::error!(
+                            "audit batch of {} events dropped after {refusals} refused writes \
+                             (keybrake_audit_dropped_total; {others} more batches since the \
+                             last such line): {e:#}",
+                            events.len(),
+                        );
+                    }
                     return false;
                 }
                 std::thread::sleep(Duration::from_millis(100));

@@ -494,8 +494,8 @@ impl ProxyHttp for KeybrakeProxy {
     /// An error once the request may have gone upstream (Pingora's default retries an
     /// idempotent method on a reused connection even after it was written whole): an
     /// idempotent method is tried again only while the request was not written whole (a
-    /// write failed), or when repeating it cannot cost anything, a `GET` or `HEAD` with
-    /// nothing reserved (a `PUT` or `DELETE` is idempotent by the RFC, but a vendor may
+    /// write failed), or when repeating it cannot cost anything: nothing reserved and no
+    /// answer metered (a `PUT` or `DELETE` is idempotent by the RFC, but a vendor may
     /// bill each request, as a per-request price does any). A request written whole may
     /// have arrived, so a later attempt's connect failure does not give its reservation
     /// back.
@@ -515,16 +515,14 @@ impl ProxyHttp for KeybrakeProxy {
         ctx.may_have_arrived |= !unwritten;
         let mut e = e.more_context(format!("Peer: {peer}"));
         let method = &session.req_header().method;
-        let free_read = matches!(*method, http::Method::GET | http::Method::HEAD)
-            && !ctx.spend.is_positive()
-            && !ctx.metering.reads_answer();
+        let free = !ctx.spend.is_positive() && !ctx.metering.reads_answer();
         if !method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
             e.set_retry(false);
         } else if unwritten {
             // An I/O error is never retried by its own decision: only on a reused
             // connection (the keep-alive race), as Pingora decides for the rest.
             e.set_retry(client_reused);
-        } else if free_read {
+        } else if free {
             e.retry.decide_reuse(client_reused);
         } else {
             e.set_retry(false);

@@ -5,8 +5,9 @@
 //!
 //! A request that fails on a reused pooled connection (an idle connection the vendor
 //! closed: the keep-alive race) is sent again on another connection only when the vendor
-//! surely did not act on it: the failure came while the request was still being written,
-//! or the method only reads (a lookup). A request written whole is never sent again,
+//! surely did not act on it, or acting twice costs nothing: the failure came while the
+//! request was still being written, or the method is idempotent and nothing is priced (a
+//! lookup). Any other request written whole is never sent again,
 //! as in Pingora's own path for non-idempotent methods: the vendor may be working on it
 //! (a slow LLM call that outlives the read timeout), and a second copy would be billed
 //! twice while metered once.
@@ -66,12 +67,12 @@ enum Stage {
 
 /// Whether a request that failed on a reused connection may go again on another: never
 /// after a timeout (the vendor may be slow, not gone), and after the request was written
-/// whole only when repeating it cannot charge anything (a `GET` or `HEAD` with no price:
-/// a `PUT` or `DELETE` is idempotent by the RFC, but a vendor may bill each request).
+/// whole only when repeating it cannot charge anything (an idempotent method, nothing
+/// priced: a `PUT` or `DELETE` is idempotent by the RFC, but a vendor may bill each
+/// request).
 fn may_resend(req: &RequestHeader, priced: bool, e: &Error, stage: Stage) -> bool {
     let timed_out = matches!(e.etype(), ReadTimedout | WriteTimedout);
-    let read_only = matches!(req.method, http::Method::GET | http::Method::HEAD);
-    !timed_out && (stage == Stage::Writing || (read_only && !priced))
+    !timed_out && (stage == Stage::Writing || (req.method.is_idempotent() && !priced))
 }
 
 async fn exchange(

@@ -479,9 +479,14 @@ fn main() {
     // mode: nothing of it is meant for other local users.
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o077) };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(env_logger::Target::Stderr)
-        .init();
+    // Pingora logs an idle vendor connection lost to a race with its idle check as an
+    // error ("failed to acquire reusable stream") and simply opens another: noise at
+    // every busy moment, off unless RUST_LOG asks for it.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,pingora_core::connectors=off"),
+    )
+    .target(env_logger::Target::Stderr)
+    .init();
     if let Err(e) = run(parse_cli()) {
         eprintln!("keybrake: {e:#}");
         std::process::exit(1);

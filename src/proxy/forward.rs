@@ -61,14 +61,15 @@ impl KeybrakeProxy {
             let end = chunk.is_none() || upstream.response_done();
             self.upstream_response_body_filter(session, &mut chunk, end, ctx)?;
             self.response_body_filter(session, &mut chunk, end, ctx)?;
-            session.write_response_body(chunk, end).await?;
             if end {
-                break;
+                // Back to the pool before the client sees the end of the answer: the
+                // client's next call can then reuse it.
+                self.connector
+                    .release_http_session(upstream, &*peer, peer.options.idle_timeout)
+                    .await;
+                return session.write_response_body(chunk, true).await;
             }
+            session.write_response_body(chunk, false).await?;
         }
-        self.connector
-            .release_http_session(upstream, &*peer, peer.options.idle_timeout)
-            .await;
-        Ok(())
     }
 }

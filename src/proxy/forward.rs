@@ -6,7 +6,6 @@
 
 use super::ctx::{Body, Ctx};
 use super::service::KeybrakeProxy;
-use super::settle::is_connect_failure;
 use super::upstream_call;
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
@@ -42,11 +41,12 @@ impl KeybrakeProxy {
         let (mut upstream, mut resp) =
             upstream_call::send(&self.connector, &peer, &req, &body, priced)
                 .await
-                .inspect_err(|e| {
-                    if is_connect_failure(e.etype()) {
-                        // Never sent: `logging` releases the reservation.
+                .map_err(|failed| {
+                    if failed.never_arrived {
+                        // `logging` releases the reservation.
                         ctx.upstream_start = None;
                     }
+                    failed.error
                 })?;
         self.upstream_response_filter(session, &mut resp, ctx)
             .await?;

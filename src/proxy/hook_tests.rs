@@ -18,6 +18,7 @@ use crate::sync::{
 };
 use crate::token::{generate_ed25519, now_secs, Claims, Jwk, Jwks, SigningKey, Verifier};
 use crate::Map;
+use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -371,4 +372,49 @@ async fn expect_100_continue_is_answered_before_the_metered_body_is_read() {
         .await
         .unwrap();
     assert!(upstream.headers.get("expect").is_none());
+}
+
+/// A metered POST whose attempt failed: `write_failed` while the request was written to
+/// the vendor (a stale pooled connection), or after it went whole and no answer came.
+async fn a_failed_post(write_failed: bool) -> (bool, Micros) {
+    let h = harness();
+    let body = "amount=150&currency=usd";
+    let head = post(&h.token, "application/x-www-form-urlencoded", body);
+    let (mut session, _client) = session(&head).await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(!h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    let mut upstream = session.req_header().clone();
+    h.proxy
+        .upstream_request_filter(&mut session, &mut upstream, &mut ctx)
+        .await
+        .unwrap();
+    let peer = HttpPeer::new("127.0.0.1:9", false, String::new());
+    let etype = if write_failed {
+        pingora::ErrorType::WriteError
+    } else {
+        pingora::ErrorType::ConnectionClosed
+    };
+    let e = h.proxy.error_while_proxy(
+        &peer,
+        &mut session,
+        pingora::Error::new_up(etype),
+        &mut ctx,
+        true,
+    );
+    let retried = e.retry();
+    h.proxy.logging(&mut session, Some(&e), &mut ctx).await;
+    (retried, ctx.spend)
+}
+
+#[tokio::test]
+async fn a_post_whose_write_failed_goes_again_and_one_written_whole_is_charged() {
+    // The vendor got no whole request: sent again on another connection, and if that
+    // fails too, the reservation goes back.
+    assert_eq!(a_failed_post(true).await, (true, Micros::ZERO));
+    // Written whole, no answer: the vendor may have acted. Never sent twice; charged.
+    assert_eq!(a_failed_post(false).await, (false, Micros(1_500_000)));
 }

@@ -492,13 +492,15 @@ impl ProxyHttp for KeybrakeProxy {
     }
 
     /// An error once the request may have gone upstream (Pingora's default retries an
-    /// idempotent method on a reused connection even after it was written whole): an
-    /// idempotent method is tried again only while the request was not written whole (a
-    /// write failed), or when repeating it cannot cost anything: nothing reserved and no
-    /// answer metered (a `PUT` or `DELETE` is idempotent by the RFC, but a vendor may
-    /// bill each request, as a per-request price does any). A request written whole may
-    /// have arrived, so a later attempt's connect failure does not give its reservation
-    /// back.
+    /// idempotent method on a reused connection even after it was written whole, and
+    /// never a `POST` whose write failed): any method is tried again on another
+    /// connection while the request was not written whole (a write to a stale pooled
+    /// connection failed), and if no attempt reached the vendor whole its reservation
+    /// goes back. Once written whole, only an idempotent method that cannot cost
+    /// anything goes again: nothing reserved and no answer metered (a `PUT` or `DELETE`
+    /// is idempotent by the RFC, but a vendor may bill each request, as a per-request
+    /// price does any). A request written whole may have arrived, so a later attempt's
+    /// connect failure does not give its reservation back.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -513,15 +515,23 @@ impl ProxyHttp for KeybrakeProxy {
             && *e.esource() == pingora::ErrorSource::Upstream
             && session.response_written().is_none();
         ctx.may_have_arrived |= !unwritten;
+        if !ctx.may_have_arrived {
+            // No attempt reached the vendor whole: unless a retry does, `logging`
+            // releases the reservation (a retry's request filter sets it again).
+            ctx.upstream_start = None;
+        }
         let mut e = e.more_context(format!("Peer: {peer}"));
         let method = &session.req_header().method;
         let free = !ctx.spend.is_positive() && !ctx.metering.reads_answer();
-        if !method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+        if session.as_ref().retry_buffer_truncated() {
             e.set_retry(false);
         } else if unwritten {
-            // An I/O error is never retried by its own decision: only on a reused
-            // connection (the keep-alive race), as Pingora decides for the rest.
+            // Whatever the method: the vendor got no whole request to act on. An I/O
+            // error is never retried by its own decision: only on a reused connection
+            // (the keep-alive race), as Pingora decides for the rest.
             e.set_retry(client_reused);
+        } else if !method.is_idempotent() {
+            e.set_retry(false);
         } else if free {
             e.retry.decide_reuse(client_reused);
         } else {

@@ -25,6 +25,17 @@ const MAX_ATTEMPTS: usize = 4;
 /// Most bytes of a lookup's answer read (a PaymentIntent, an invoice, a price).
 const MAX_LOOKUP_BODY: usize = 1 << 20;
 
+/// A request that got no answer.
+#[derive(Debug)]
+pub struct Failed {
+    /// The vendor's side failed: answered as upstream_unavailable/_timeout, not blamed on
+    /// the client.
+    pub error: Box<Error>,
+    /// No attempt reached the vendor whole (every connect or write failed): it cannot
+    /// have acted on the request.
+    pub never_arrived: bool,
+}
+
 /// Sends `req` (and `body`) and reads the final response header, retrying on another
 /// connection when a reused one fails first. The session is returned for the body.
 /// `priced`: the call costs something (a reservation): never sent twice once written
@@ -35,23 +46,30 @@ pub async fn send(
     req: &RequestHeader,
     body: &Bytes,
     priced: bool,
-) -> Result<(HttpSession, ResponseHeader)> {
+) -> std::result::Result<(HttpSession, ResponseHeader), Failed> {
     let mut attempt = 0;
+    let mut arrived = false;
     loop {
         attempt += 1;
-        let (mut session, reused) = connector.get_http_session(peer).await?;
+        let failed = |e: Box<Error>, arrived: bool| Failed {
+            error: e.into_up(),
+            never_arrived: !arrived,
+        };
+        let (mut session, reused) = connector
+            .get_http_session(peer)
+            .await
+            .map_err(|e| failed(e, arrived))?;
         session.set_read_timeout(peer.options.read_timeout);
         session.set_write_timeout(peer.options.write_timeout);
         match exchange(&mut session, req, body).await {
             Ok(header) => return Ok((session, header)),
-            Err((e, stage))
-                if reused && attempt < MAX_ATTEMPTS && may_resend(req, priced, &e, stage) =>
-            {
+            Err((e, stage)) => {
+                arrived |= stage == Stage::Answer;
+                if !(reused && attempt < MAX_ATTEMPTS && may_resend(req, priced, &e, stage)) {
+                    return Err(failed(e, arrived));
+                }
                 log::debug!("a pooled upstream connection failed ({e}); sending again on another");
             }
-            // The vendor's side failed: answered as upstream_unavailable/_timeout, not
-            // blamed on the client.
-            Err((e, _)) => return Err(e.into_up()),
         }
     }
 }
@@ -148,7 +166,7 @@ pub async fn get_json(
         .map_err(|_| LookupError::NoObject)?;
     let (mut session, header) = send(connector, peer, &req, &Bytes::new(), false)
         .await
-        .map_err(unreachable)?;
+        .map_err(|f| unreachable(f.error))?;
     let mut buf = BytesMut::new();
     while !session.response_done() {
         match session.read_response_body().await.map_err(unreachable)? {

@@ -17,7 +17,7 @@ use crate::sync::{
     AuditEvent, AuditSink, Budget, Credentials, Grant, LeaseCommit, LeaseReport, LeaseRequest,
     Ledger, LedgerError, Published,
 };
-use crate::token::{unix_ms, Verifier};
+use crate::token::{mono_ms, Verifier};
 use anyhow::{anyhow, bail, Context, Result};
 use prometheus::{IntCounter, IntGauge};
 use serde_json::{json, Value};
@@ -960,7 +960,7 @@ fn sync_loop(
     let mut failures = 0u32;
     let mut last_expiry_sweep = Instant::now();
     loop {
-        let sent_unix_ms = unix_ms() as i64;
+        let sent_mono_ms = mono_ms();
         let sent = state.clock.now();
         let path = format!(
             "/v1/sync/snapshot?epoch={}&since={version}&wait_ms={}",
@@ -997,7 +997,7 @@ fn sync_loop(
                         }
                         0
                     } else {
-                        sent_unix_ms + valid_for
+                        sent_mono_ms + valid_for
                     };
                     if ledger.valid_until_ms.load(Ordering::Acquire) != 0 {
                         ledger.valid_until_ms.fetch_max(until, Ordering::AcqRel);
@@ -1154,7 +1154,7 @@ pub fn run_edge(
         stale_logged: AtomicBool::new(false),
     });
     // The first snapshot, before the proxy listens: a fresh node never serves without keys.
-    let sent_unix_ms = unix_ms() as i64;
+    let sent_mono_ms = mono_ms();
     let first = client
         .call("GET", "/v1/sync/snapshot", None, Duration::from_secs(10))
         .map_err(|e| match e {
@@ -1167,7 +1167,7 @@ pub fn run_edge(
     let valid_for = first["lease_valid_for_ms"].as_i64().unwrap_or(0);
     ledger
         .valid_until_ms
-        .store(sent_unix_ms + valid_for, Ordering::Release);
+        .store(sent_mono_ms + valid_for, Ordering::Release);
     state.ever_synced.store(true, Ordering::Release);
     state.refresh_flag();
     edge_metrics.snapshot_version.set(version as i64);

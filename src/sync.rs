@@ -145,7 +145,7 @@ pub struct LeaseCommit {
 pub struct LedgerError(pub String);
 
 /// A ledger grants leases to one holder (this process). A lease stays the holder's only
-/// while the holder proves it is alive: past `leases_valid_until_ms` (unix ms) the
+/// while the holder proves it is alive: past `leases_valid_until_ms` (`token::mono_ms`) the
 /// proxy must not spend budget it holds, because from shortly after that moment another
 /// process may take the holder for dead, settle what the audit trail shows it spent and
 /// give the rest of its leases back to the keys.

@@ -301,6 +301,15 @@ pub fn generate_ed25519() -> (Vec<u8>, Vec<u8>) {
     (pkcs8.as_ref().to_vec(), pair.public_key().as_ref().to_vec())
 }
 
+/// Milliseconds on this process's monotonic clock (from its first reading, plus one, so
+/// never 0): for deadlines that a wall clock set back or forward must not move (how long
+/// leases may be spent).
+pub fn mono_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    (start.elapsed().as_millis() as i64).saturating_add(1)
+}
+
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -228,7 +228,7 @@ impl Store {
                 let marked = sqlx::query(MARK_REPORT_BATCH)
                     .bind(holder)
                     .bind(batch_number(number))
-                    .bind(crate::token::unix_ms() as i64)
+                    .bind(self.now_ms())
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
@@ -240,8 +240,7 @@ impl Store {
             let lost_grants = if lost.is_empty() {
                 Vec::new()
             } else {
-                tx.take_lost_batches(holder, &lost, crate::token::unix_ms() as i64)
-                    .await?
+                tx.take_lost_batches(holder, &lost, self.now_ms()).await?
             };
             let mut slots: Vec<(&str, i64)> = (reports.iter())
                 .map(|r| (r.key_id.as_str(), r.day))

@@ -180,8 +180,13 @@ impl Control {
         let keys = keywriter::KeyWriter::start(store.clone());
         let holder = new_id("hld_");
         let lifetime = lease_lifetime_secs(&settings);
-        // Holders' deadlines are on the database's clock (`Store::now_secs`).
-        let store_now = store.now_secs();
+        // Holders' deadlines are on the database's clock (`Store::now_secs`), in whole
+        // seconds; this process's proxy counts from the start of that second, on its
+        // monotonic clock.
+        let started_ms = crate::token::mono_ms();
+        let store_now_ms = store.now_ms();
+        let store_now = store_now_ms.div_euclid(1000);
+        let started_ms = started_ms - store_now_ms.rem_euclid(1000);
         store
             .register_holder(&holder, store_now, store_now.saturating_add(lifetime))
             .await?;
@@ -195,9 +200,8 @@ impl Control {
             jwks: ArcSwap::from_pointee(jwks),
             published,
             holder,
-            leases_valid_until_ms: now
-                .saturating_add(lifetime - LEASE_MARGIN_SECS)
-                .saturating_mul(1000)
+            leases_valid_until_ms: started_ms
+                .saturating_add((lifetime - LEASE_MARGIN_SECS).saturating_mul(1000))
                 .into(),
             credentials_lock: Default::default(),
             tokens_lock: Default::default(),
@@ -366,7 +370,7 @@ impl Control {
             }
             if reachable_for_a_lifetime && n % 10 == 0 {
                 let kept = LEASE_BATCHES_KEPT_MS.max(lifetime.saturating_mul(4000));
-                let before = crate::token::unix_ms() as i64 - kept;
+                let before = self.store.now_ms() - kept;
                 if let Err(e) = self.store.prune_lease_batches(before).await {
                     log::warn!("cannot delete old lease-batch records: {e:#}");
                 }
@@ -375,9 +379,13 @@ impl Control {
                 self.sync_clock().await;
             }
             if n % 3600 == 0 {
-                let before = crate::token::unix_ms() as i64 - REPORT_BATCHES_KEPT_MS;
+                let before = self.store.now_ms() - REPORT_BATCHES_KEPT_MS;
                 if let Err(e) = self.store.prune_report_batches(before).await {
                     log::warn!("cannot delete old report-batch marks: {e:#}");
+                }
+                let before = self.store.now_secs() - RECLAIMED_HOLDERS_KEPT_SECS;
+                if let Err(e) = self.store.prune_reclaimed_holders(before).await {
+                    log::warn!("cannot delete old marks of reclaimed holders: {e:#}");
                 }
             }
             // A pause inside the round's own work: this round reclaimed only holders dead
@@ -398,15 +406,14 @@ impl Control {
             return;
         }
         // The store counts life in whole seconds (on its clock, `Store::now_ms`) from the
-        // second this beat started; the proxy spends until a margin before the earliest
-        // moment that second allows (on this process's clock, which it reads).
-        let now_ms = crate::token::unix_ms() as i64;
+        // second this beat started; the proxy spends until a margin after the start of
+        // that second (on this process's monotonic clock: a wall clock set back does not
+        // stretch it).
+        let started_ms = crate::token::mono_ms();
         let lifetime = lease_lifetime_secs(&self.settings);
-        let alive_until = self
-            .store
-            .now_ms()
-            .div_euclid(1000)
-            .saturating_add(lifetime);
+        let store_now_ms = self.store.now_ms();
+        let now_ms = started_ms - store_now_ms.rem_euclid(1000);
+        let alive_until = store_now_ms.div_euclid(1000).saturating_add(lifetime);
         match self.store.heartbeat_holder(&self.holder, alive_until).await {
             Ok(true) => {
                 let valid_ms =
@@ -439,7 +446,16 @@ impl Control {
     /// another's live nodes for dead), and says once a minute while this host's clock is
     /// far from it.
     async fn sync_clock(&self) {
-        let offset = self.store.sync_clock().await;
+        let offset = match self.store.sync_clock().await {
+            Ok(offset) => offset,
+            Err(e) => {
+                log::warn!(
+                    "cannot measure the database server's clock ({e:#}): lease deadlines \
+                     use the offset last measured"
+                );
+                return;
+            }
+        };
         if offset.unsigned_abs() > CLOCK_OFF_WARN_MS {
             log::warn!(
                 "this process's clock is {:.1} s {} the database server's: lease deadlines \
@@ -1021,6 +1037,10 @@ fn key_json_size(row: &KeyRow) -> usize {
 /// suspended host) restarts the wait before anyone is taken for dead.
 const UPKEEP_GAP: Duration = Duration::from_secs(5);
 
+/// How long a reclaimed holder's mark is kept (from its start), refusing a late hello of
+/// its session.
+const RECLAIMED_HOLDERS_KEPT_SECS: i64 = 86_400;
+
 /// Kept between the end of a holder's validity for its own proxy and the moment other
 /// processes may take it for dead.
 const LEASE_MARGIN_SECS: i64 = 1;
@@ -1139,7 +1159,7 @@ impl Ledger for Control {
     }
 
     async fn lease_many(&self, requests: Vec<LeaseRequest>) -> Vec<Result<Grant, LedgerError>> {
-        if crate::token::unix_ms() as i64 >= self.leases_valid_until_ms() {
+        if crate::token::mono_ms() >= self.leases_valid_until_ms() {
             let lapsed = || LedgerError("this process's leases have lapsed (no heartbeat)".into());
             return requests.iter().map(|_| Err(lapsed())).collect();
         }

@@ -419,7 +419,7 @@ impl SpendBook {
             return Err(SpendError::CapExhausted);
         }
         // Past it, this process's leases may be given back by another one (sync::Ledger).
-        if crate::token::unix_ms() as i64 >= self.ledger.leases_valid_until_ms() {
+        if crate::token::mono_ms() >= self.ledger.leases_valid_until_ms() {
             return Err(SpendError::LedgerUnavailable);
         }
         let entry = self.entry(who, now);
@@ -439,7 +439,7 @@ impl SpendBook {
         if amount > who.cap {
             return Err(SpendError::CapExhausted);
         }
-        if crate::token::unix_ms() as i64 >= self.ledger.leases_valid_until_ms() {
+        if crate::token::mono_ms() >= self.ledger.leases_valid_until_ms() {
             return Err(SpendError::LedgerUnavailable);
         }
         let may_lease = entry.day >= utc_day(now);

@@ -301,13 +301,25 @@ pub fn generate_ed25519() -> (Vec<u8>, Vec<u8>) {
     (pkcs8.as_ref().to_vec(), pair.public_key().as_ref().to_vec())
 }
 
-/// Milliseconds on this process's monotonic clock (from its first reading, plus one, so
-/// never 0): for deadlines that a wall clock set back or forward must not move (how long
-/// leases may be spent).
+/// Milliseconds on a clock that only moves forward, and keeps counting while the host is
+/// suspended (Linux's `CLOCK_BOOTTIME`; never 0): for deadlines that a wall clock set back
+/// or forward must not move, and that a suspend must not stretch (how long leases may be
+/// spent).
 pub fn mono_ms() -> i64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = START.get_or_init(std::time::Instant::now);
-    (start.elapsed().as_millis() as i64).saturating_add(1)
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given, nothing else.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    assert_eq!(
+        rc, 0,
+        "CLOCK_BOOTTIME is readable on every Linux since 2.6.39"
+    );
+    ts.tv_sec
+        .saturating_mul(1000)
+        .saturating_add(ts.tv_nsec / 1_000_000)
+        .saturating_add(1)
 }
 
 pub fn unix_ms() -> u64 {

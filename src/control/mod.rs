@@ -330,6 +330,9 @@ impl Control {
                      was paused): nobody is taken for dead for a lease lifetime",
                     UPKEEP_GAP.as_secs()
                 );
+                // The database's clock again at once: a host suspended meanwhile may
+                // have had its clocks corrected.
+                self.sync_clock().await;
             }
             let writable = self.store.ping_writable().await;
             // Said when the storage stops taking writes and when it takes them again (the

@@ -376,10 +376,14 @@ async fn expect_100_continue_is_answered_before_the_metered_body_is_read() {
 
 /// A metered POST whose attempt failed: `write_failed` while the request was written to
 /// the vendor (a stale pooled connection), or after it went whole and no answer came.
-async fn a_failed_post(write_failed: bool) -> (bool, Micros) {
+/// `expect`: the client sent `Expect: 100-continue` (and was answered 100).
+async fn a_failed_post(write_failed: bool, expect: bool) -> (bool, Micros) {
     let h = harness();
     let body = "amount=150&currency=usd";
-    let head = post(&h.token, "application/x-www-form-urlencoded", body);
+    let mut head = post(&h.token, "application/x-www-form-urlencoded", body);
+    if expect {
+        head = head.replacen("\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n", 1);
+    }
     let (mut session, _client) = session(&head).await;
     let mut ctx = h.proxy.new_ctx();
     assert!(!h
@@ -387,6 +391,8 @@ async fn a_failed_post(write_failed: bool) -> (bool, Micros) {
         .request_filter(&mut session, &mut ctx)
         .await
         .unwrap());
+    let continued = session.response_written().map(|r| r.status.as_u16());
+    assert_eq!(continued, expect.then_some(100));
     let mut upstream = session.req_header().clone();
     h.proxy
         .upstream_request_filter(&mut session, &mut upstream, &mut ctx)
@@ -412,9 +418,47 @@ async fn a_failed_post(write_failed: bool) -> (bool, Micros) {
 
 #[tokio::test]
 async fn a_post_whose_write_failed_goes_again_and_one_written_whole_is_charged() {
-    // The vendor got no whole request: sent again on another connection, and if that
-    // fails too, the reservation goes back.
-    assert_eq!(a_failed_post(true).await, (true, Micros::ZERO));
-    // Written whole, no answer: the vendor may have acted. Never sent twice; charged.
-    assert_eq!(a_failed_post(false).await, (false, Micros(1_500_000)));
+    for expect in [false, true] {
+        // The vendor got no whole request: sent again on another connection, and if
+        // that fails too, the reservation goes back (a 100 Continue the client was
+        // answered is no answer from the vendor).
+        assert_eq!(a_failed_post(true, expect).await, (true, Micros::ZERO));
+        // Written whole, no answer: the vendor may have acted. Never sent twice; charged.
+        assert_eq!(
+            a_failed_post(false, expect).await,
+            (false, Micros(1_500_000))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_body_replayed_for_a_retry_is_counted_once() {
+    let h = harness();
+    let head = format!(
+        "GET /stripe/v1/payment_intents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        h.token
+    );
+    let (mut session, _client) = session(&head).await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(!h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    assert!(matches!(ctx.body, Body::Streamed { .. }));
+    // Two thirds of the limit, sent once per attempt: never over it.
+    let chunk = bytes::Bytes::from(vec![b'x'; h.proxy.body_limit * 2 / 3]);
+    for _attempt in 0..2 {
+        let mut upstream = session.req_header().clone();
+        h.proxy
+            .upstream_request_filter(&mut session, &mut upstream, &mut ctx)
+            .await
+            .unwrap();
+        let mut body = Some(chunk.clone());
+        h.proxy
+            .request_body_filter(&mut session, &mut body, true, &mut ctx)
+            .await
+            .unwrap();
+    }
+    assert!(ctx.denial.is_none());
 }

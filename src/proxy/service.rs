@@ -362,6 +362,9 @@ impl ProxyHttp for KeybrakeProxy {
                 upstream.insert_header(http::header::CONTENT_TYPE, form_type)?;
             }
             *sent = false;
+        } else if let Body::Streamed { counted } = &mut ctx.body {
+            // A retry replays what Pingora kept of the body: counted again from the start.
+            *counted = 0;
         }
         if ctx.metering.reads_answer() {
             // The answer is read to meter it: it must arrive uncompressed.
@@ -511,9 +514,12 @@ impl ProxyHttp for KeybrakeProxy {
     ) -> Box<Error> {
         // A write to the vendor failed (not one to the client, which fails as WriteError
         // too): the request did not go out whole.
+        // (A `100 Continue` the proxy answered a client's `Expect` with is no answer.)
         let unwritten = *e.etype() == WriteError
             && *e.esource() == pingora::ErrorSource::Upstream
-            && session.response_written().is_none();
+            && session
+                .response_written()
+                .is_none_or(|r| r.status == http::StatusCode::CONTINUE);
         ctx.may_have_arrived |= !unwritten;
         if !ctx.may_have_arrived {
             // No attempt reached the vendor whole: unless a retry does, `logging`

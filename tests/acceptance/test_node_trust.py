@@ -5,7 +5,8 @@ an expired or a revoked key, a far day, and a session that never said hello are 
 nothing; negative or huge amounts are refused (the call with 400, a lease request alone)
 and never reach the ledger; a
 numbered report batch sent again (its answer lost) is applied once; an audit event is
-filed under its key's tenant, not the one the node names."""
+filed under its key's tenant, not the one the node names; a late copy of a reclaimed
+session's hello does not bring it back."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from decimal import Decimal
 import pytest
 
 from fleet import ControlPlane
-from harness import write_config
+from harness import wait_until, write_config
 
 MAX_USD_MICROS = 1_000_000_000 * 1_000_000
 
@@ -280,3 +281,52 @@ def test_the_control_plane_serves_its_metrics(node_channel):
     for proxy_only in ("keybrake_requests_total", "keybrake_overhead_seconds",
                        "keybrake_spend_usd_total", "keybrake_token_cache_hits_total"):
         assert proxy_only not in text, proxy_only
+
+
+def test_a_late_copy_of_a_reclaimed_sessions_hello_does_not_bring_its_leases_back(
+        tmp_path, fake_stripe, stripe_secret):
+    """A node session leases $5 of a $10 key and goes silent; after the lease lifetime the
+    control plane gives the $5 back. A copy of that session's hello arriving only now (a
+    request held up on its way) registers nothing: the session's next poll is told its
+    leases lapsed, and it is granted nothing more."""
+    control = ControlPlane(tmp_path / "control", {"stripe": fake_stripe.url},
+                           config=write_config(tmp_path / "conf", leases={"lifetime_seconds": 3}))
+    control.start()
+    try:
+        tenant = control.create_tenant("acme")
+        tenant.put_credential("stripe", stripe_secret)
+        token = control.create_node("late")["node_token"]
+        headers = {"keybrake-node-session": "s_late_copy"}
+
+        def sync(path: str, body: dict | None = None):
+            return control.control("POST", f"/v1/sync/{path}", token=token, headers=headers,
+                                   json=body or {})
+
+        def poll() -> dict:
+            r = control.control("GET", "/v1/sync/snapshot", token=token, headers=headers,
+                                params={"since": 0, "wait_ms": 0})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+        assert sync("hello").status_code == 200
+        assert granted(sync("leases", {"requests": [lease(key, tenant.id, 10_000_000, 5_000_000)]})) \
+            == [5_000_000]
+        assert poll()["leases_lapsed"] is False
+        assert Decimal(str(tenant.get_key(key["id"])["held_usd"])) == 5
+        assert wait_until(lambda: "a process that stopped" in control.logs(), timeout=30, interval=0.2), \
+            control.logs()[-3000:]
+        assert Decimal(str(tenant.get_key(key["id"])["held_usd"])) == 0
+        # The late hello, then the session carries on as if alive.
+        assert sync("hello").status_code == 200
+        assert poll()["leases_lapsed"] is True
+        r = sync("leases", {"requests": [lease(key, tenant.id, 10_000_000, 5_000_000)]})
+        assert granted(r) == [0], r.text
+        assert Decimal(str(tenant.get_key(key["id"])["held_usd"])) == 0
+        # A new session of the same node is a new holder, granted as usual.
+        headers["keybrake-node-session"] = "s_after_copy"
+        assert sync("hello").status_code == 200
+        assert granted(sync("leases", {"requests": [lease(key, tenant.id, 10_000_000, 5_000_000)]})) \
+            == [5_000_000]
+    finally:
+        control.stop()

@@ -12,6 +12,7 @@ import re
 import secrets
 import socket
 import threading
+import urllib.parse
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import ROUND_CEILING, Decimal
@@ -2143,6 +2144,118 @@ def test_a_payment_sent_whole_on_a_connection_that_then_fails_is_not_sent_again(
         # Every payment reached the vendor once: the unanswered one was not sent again.
         assert len(served) + len(unanswered) == sent, (sent, served, unanswered)
         t.wait_spent(key["id"], Decimal(7 * sent))
+    finally:
+        listener.close()
+
+
+def _chaos_upstream(seed: int):
+    """A vendor that, request by request (drawn from `seed`), answers 200, answers 500,
+    answers and then closes the connection, resets the connection after reading the
+    header only (it cannot act on a request it did not get whole), or resets it after
+    reading the whole request without answering (it may have acted). `whole` lists the
+    `metadata[n]` of every request it got whole: each is a payment it may have made."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    whole: list[str] = []
+    draw = random.Random(seed)
+    lock = threading.Lock()
+
+    def reset(conn):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+
+    def handle(conn):
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        conn.close()
+                        return
+                    buf += chunk
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                with lock:
+                    behaviour = draw.choices(["answer", "500", "answer_close", "reset_head", "reset_body"],
+                                             [50, 10, 10, 15, 15])[0]
+                if behaviour == "reset_head":
+                    reset(conn)
+                    return
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+                while len(buf) < length:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        conn.close()
+                        return
+                    buf += chunk
+                body, buf = buf[:length], buf[length:]
+                n = dict(urllib.parse.parse_qsl(body.decode()))["metadata[n]"]
+                with lock:
+                    whole.append(n)
+                if behaviour == "reset_body":
+                    reset(conn)
+                    return
+                status = "500 Internal Server Error" if behaviour == "500" else "200 OK"
+                answer = json.dumps({"id": f"pi_{n}", "object": "payment_intent", "amount": 100,
+                                     "currency": "usd"}).encode()
+                conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(answer)}\r\n\r\n".encode() + answer)
+                if behaviour == "answer_close":
+                    conn.close()
+                    return
+        except OSError:
+            conn.close()
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, whole
+
+
+def test_a_vendor_that_resets_and_fails_at_random_never_gets_a_payment_twice_or_unmetered(
+        keybrake_factory, stripe_secret):
+    """240 $1 payments (small bodies on Pingora's path, large ones on Keybrake's own
+    exchange), from three clients at once, against a vendor that at random answers, fails
+    with 500, closes or resets connections before or after reading a request whole. No
+    payment reaches it whole twice (a request written whole is never sent again), every
+    payment it may have made is counted (spend ≥ what it got whole), and no more than was
+    asked for; each client gets the vendor's answer or 502 upstream_unavailable."""
+    listener, whole = _chaos_upstream(seed=20261205)
+    try:
+        kb = keybrake_factory({"stripe": f"http://127.0.0.1:{listener.getsockname()[1]}"})
+        t = kb.create_tenant()
+        t.put_credential("stripe", stripe_secret)
+        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1000)
+
+        def pay_n(n: int) -> int:
+            extra = LARGE if n % 2 else {}
+            r = pay(kb, key["token"], 100, **{"metadata[n]": str(n)}, **extra)
+            if r.status_code == 502:
+                assert_denied(r, 502, "upstream_unavailable")
+            return r.status_code
+
+        with ThreadPoolExecutor(3) as pool:
+            statuses = list(pool.map(pay_n, range(240)))
+        assert set(statuses) <= {200, 500, 502}, statuses
+        assert 200 in statuses and 502 in statuses, statuses
+        assert len(whole) == len(set(whole)), sorted(n for n in set(whole) if whole.count(n) > 1)
+        # Nothing held any more: what is spent is settled.
+        held_none = wait_until(lambda: (lambda k: k if k["held_usd"] == 0 else None)(t.get_key(key["id"])),
+                               timeout=20, interval=0.25)
+        assert held_none, t.get_key(key["id"])
+        spent = Decimal(str(held_none["spent_today_usd"]))
+        print(f"{statuses.count(200)} answered 200, {statuses.count(500)} 500, {statuses.count(502)} 502; "
+              f"the vendor got {len(whole)} whole; ${spent} spent")
+        assert len(whole) <= spent <= 240, (len(whole), spent)
+        # A payment answered 200 or 500 reached the vendor whole.
+        assert statuses.count(200) + statuses.count(500) <= len(whole)
     finally:
         listener.close()
 

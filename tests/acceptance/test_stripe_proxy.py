@@ -2219,41 +2219,45 @@ def _chaos_upstream(seed: int):
     return listener, whole
 
 
+@pytest.mark.parametrize("cap", [1000, 50])
 def test_a_vendor_that_resets_and_fails_at_random_never_gets_a_payment_twice_or_unmetered(
-        keybrake_factory, stripe_secret):
+        keybrake_factory, stripe_secret, cap):
     """240 $1 payments (small bodies on Pingora's path, large ones on Keybrake's own
     exchange), from three clients at once, against a vendor that at random answers, fails
     with 500, closes or resets connections before or after reading a request whole. No
     payment reaches it whole twice (a request written whole is never sent again), every
     payment it may have made is counted (spend ≥ what it got whole), and no more than was
-    asked for; each client gets the vendor's answer or 502 upstream_unavailable."""
+    asked for or the cap allows; each client gets the vendor's answer, 502
+    upstream_unavailable, or (the $50 cap reached) 429 cap_exhausted."""
     listener, whole = _chaos_upstream(seed=20261205)
     try:
         kb = keybrake_factory({"stripe": f"http://127.0.0.1:{listener.getsockname()[1]}"})
         t = kb.create_tenant()
         t.put_credential("stripe", stripe_secret)
-        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1000)
+        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=cap)
 
         def pay_n(n: int) -> int:
             extra = LARGE if n % 2 else {}
             r = pay(kb, key["token"], 100, **{"metadata[n]": str(n)}, **extra)
             if r.status_code == 502:
                 assert_denied(r, 502, "upstream_unavailable")
+            if r.status_code == 429:
+                assert_denied(r, 429, "cap_exhausted")
             return r.status_code
 
         with ThreadPoolExecutor(3) as pool:
             statuses = list(pool.map(pay_n, range(240)))
-        assert set(statuses) <= {200, 500, 502}, statuses
-        assert 200 in statuses and 502 in statuses, statuses
+        assert set(statuses) <= {200, 500, 502, 429}, statuses
+        assert 200 in statuses and 502 in statuses and (429 in statuses) == (cap < 240), statuses
         assert len(whole) == len(set(whole)), sorted(n for n in set(whole) if whole.count(n) > 1)
         # Nothing held any more: what is spent is settled.
         held_none = wait_until(lambda: (lambda k: k if k["held_usd"] == 0 else None)(t.get_key(key["id"])),
                                timeout=20, interval=0.25)
         assert held_none, t.get_key(key["id"])
         spent = Decimal(str(held_none["spent_today_usd"]))
-        print(f"{statuses.count(200)} answered 200, {statuses.count(500)} 500, {statuses.count(502)} 502; "
-              f"the vendor got {len(whole)} whole; ${spent} spent")
-        assert len(whole) <= spent <= 240, (len(whole), spent)
+        print(f"{statuses.count(200)} answered 200, {statuses.count(500)} 500, {statuses.count(502)} 502, "
+              f"{statuses.count(429)} 429; the vendor got {len(whole)} whole; ${spent} spent (cap ${cap})")
+        assert len(whole) <= spent <= min(240, cap), (len(whole), spent)
         # A payment answered 200 or 500 reached the vendor whole.
         assert statuses.count(200) + statuses.count(500) <= len(whole)
     finally:

@@ -10,12 +10,15 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// When the node's view of the control plane was last known current, on a monotonic
-/// clock (a wall clock set back cannot make a node fresh).
+/// When the node's view of the control plane was last known current, on a clock that
+/// only moves forward and keeps counting while the host is suspended (`token::mono_ms`: a
+/// wall clock set back cannot make a node fresh, nor can a host resumed after a long
+/// suspend).
 pub struct SyncClock {
-    start: Instant,
+    /// `token::mono_ms` when the clock was made.
+    start_ms: i64,
     /// Milliseconds after `start` as of which the view is known current.
     synced_at_ms: AtomicU64,
     max_staleness: Duration,
@@ -24,7 +27,7 @@ pub struct SyncClock {
 impl SyncClock {
     pub fn new(max_staleness: Duration) -> Self {
         SyncClock {
-            start: Instant::now(),
+            start_ms: crate::token::mono_ms(),
             synced_at_ms: AtomicU64::new(0),
             max_staleness,
         }
@@ -32,7 +35,7 @@ impl SyncClock {
 
     /// Time on this clock: since it was made.
     pub fn now(&self) -> Duration {
-        self.start.elapsed()
+        Duration::from_millis((crate::token::mono_ms() - self.start_ms).max(0) as u64)
     }
 
     /// The view is current as of `at` (a time of `now`); an earlier one changes nothing.

@@ -152,6 +152,18 @@ async fn session(head: &str) -> (Session, DuplexStream) {
 }
 
 /// What the client received: status, headers (lower-case names) and body.
+/// A session for `head` whose request `request_filter` let through (to be forwarded).
+async fn admitted(h: &Harness, head: &str) -> (Session, DuplexStream, Ctx) {
+    let (mut session, client) = session(head).await;
+    let mut ctx = h.proxy.new_ctx();
+    assert!(!h
+        .proxy
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
+    (session, client, ctx)
+}
+
 async fn answer(client: &mut DuplexStream) -> (u16, String, Vec<u8>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -233,13 +245,8 @@ async fn an_amount_over_the_cap_is_refused_429_and_nothing_stays_held() {
     )
     .await;
     // The cap is whole again: $5 fits.
-    let (mut session, _client) = session(&post(&h.token, form, "amount=500&currency=usd")).await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(!h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
+    let (_session, _client, ctx) =
+        admitted(&h, &post(&h.token, form, "amount=500&currency=usd")).await;
     assert_eq!(ctx.spend, Micros(5_000_000));
 }
 
@@ -274,13 +281,8 @@ async fn an_allowed_call_is_reserved_and_forwarded_with_the_real_credential_only
     let h = harness();
     // JSON is converted to the form Stripe reads, and metered from that.
     let json = r#"{"amount":150,"currency":"usd"}"#;
-    let (mut session, _client) = session(&post(&h.token, "application/json", json)).await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(!h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
+    let (mut session, _client, mut ctx) =
+        admitted(&h, &post(&h.token, "application/json", json)).await;
     assert_eq!(ctx.spend, Micros(1_500_000));
     let mut upstream = session.req_header().clone();
     h.proxy
@@ -384,13 +386,7 @@ async fn a_failed_post(write_failed: bool, expect: bool) -> (bool, Micros) {
     if expect {
         head = head.replacen("\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n", 1);
     }
-    let (mut session, _client) = session(&head).await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(!h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
+    let (mut session, _client, mut ctx) = admitted(&h, &head).await;
     let continued = session.response_written().map(|r| r.status.as_u16());
     assert_eq!(continued, expect.then_some(100));
     let mut upstream = session.req_header().clone();
@@ -438,13 +434,7 @@ async fn a_streamed_body_replayed_for_a_retry_is_counted_once() {
         "GET /stripe/v1/payment_intents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
         h.token
     );
-    let (mut session, _client) = session(&head).await;
-    let mut ctx = h.proxy.new_ctx();
-    assert!(!h
-        .proxy
-        .request_filter(&mut session, &mut ctx)
-        .await
-        .unwrap());
+    let (mut session, _client, mut ctx) = admitted(&h, &head).await;
     assert!(matches!(ctx.body, Body::Streamed { .. }));
     // Two thirds of the limit, sent once per attempt: never over it.
     let chunk = bytes::Bytes::from(vec![b'x'; h.proxy.body_limit * 2 / 3]);

@@ -2058,6 +2058,25 @@ def test_v2_json_bodies_are_forwarded_as_json(keybrake, tenant, fake_stripe):
     assert ("metadata[a]", "b") in fake_stripe.received()[-1].form
 
 
+def _serve_each_connection(listener: socket.socket, handle) -> None:
+    """Accepts connections on `listener` until it is closed, each handled on a thread."""
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
+def _reset(conn: socket.socket) -> None:
+    """Closes `conn` with a reset (RST), not a FIN."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    conn.close()
+
+
 def _closing_upstream():
     """A vendor that answers the first request on each connection, and reads a second
     one on it whole, then resets the connection without answering (it may or may not
@@ -2097,17 +2116,9 @@ def _closing_upstream():
             body = read_request(conn)
             if body is not None:  # the next request on this connection: reset, unanswered
                 unanswered.append(len(body))
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                _reset(conn)
 
-    def accept():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    _serve_each_connection(listener, handle)
     return listener, served, unanswered
 
 
@@ -2161,10 +2172,6 @@ def _chaos_upstream(seed: int):
     draw = random.Random(seed)
     lock = threading.Lock()
 
-    def reset(conn):
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        conn.close()
-
     def handle(conn):
         buf = b""
         try:
@@ -2180,7 +2187,7 @@ def _chaos_upstream(seed: int):
                     behaviour = draw.choices(["answer", "500", "answer_close", "reset_head", "reset_body"],
                                              [50, 10, 10, 15, 15])[0]
                 if behaviour == "reset_head":
-                    reset(conn)
+                    _reset(conn)
                     return
                 length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
                 while len(buf) < length:
@@ -2194,7 +2201,7 @@ def _chaos_upstream(seed: int):
                 with lock:
                     whole.append(n)
                 if behaviour == "reset_body":
-                    reset(conn)
+                    _reset(conn)
                     return
                 status = "500 Internal Server Error" if behaviour == "500" else "200 OK"
                 answer = json.dumps({"id": f"pi_{n}", "object": "payment_intent", "amount": 100,
@@ -2207,15 +2214,7 @@ def _chaos_upstream(seed: int):
         except OSError:
             conn.close()
 
-    def accept():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    _serve_each_connection(listener, handle)
     return listener, whole
 
 

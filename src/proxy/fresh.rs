@@ -19,7 +19,7 @@ use std::time::Duration;
 pub struct SyncClock {
     /// `token::mono_ms` when the clock was made.
     start_ms: i64,
-    /// Milliseconds after `start` as of which the view is known current.
+    /// Milliseconds after `start_ms` as of which the view is known current.
     synced_at_ms: AtomicU64,
     max_staleness: Duration,
 }
@@ -39,9 +39,11 @@ impl SyncClock {
     }
 
     /// The view is current as of `at` (a time of `now`); an earlier one changes nothing.
+    /// Kept a millisecond early: `now` is in whole milliseconds, so the age it gives may
+    /// be short by up to one, never to make the view look fresher than it is.
     pub fn synced_as_of(&self, at: Duration) {
         self.synced_at_ms
-            .fetch_max(at.as_millis() as u64, Ordering::AcqRel);
+            .fetch_max((at.as_millis() as u64).saturating_sub(1), Ordering::AcqRel);
     }
 
     pub fn since_sync(&self) -> Duration {

@@ -151,7 +151,6 @@ async fn session(head: &str) -> (Session, DuplexStream) {
     (session, client)
 }
 
-/// What the client received: status, headers (lower-case names) and body.
 /// A session for `head` whose request `request_filter` let through (to be forwarded).
 async fn admitted(h: &Harness, head: &str) -> (Session, DuplexStream, Ctx) {
     let (mut session, client) = session(head).await;
@@ -164,6 +163,7 @@ async fn admitted(h: &Harness, head: &str) -> (Session, DuplexStream, Ctx) {
     (session, client, ctx)
 }
 
+/// What the client received: status, headers (lower-case names) and body.
 async fn answer(client: &mut DuplexStream) -> (u16, String, Vec<u8>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];

@@ -290,7 +290,7 @@ def test_a_late_copy_of_a_reclaimed_sessions_hello_does_not_bring_its_leases_bac
     request held up on its way) registers nothing: the session's next poll is told its
     leases lapsed, and it is granted nothing more."""
     control = ControlPlane(tmp_path / "control", {"stripe": fake_stripe.url},
-                           config=write_config(tmp_path / "conf", leases={"lifetime_seconds": 3}))
+                           config=write_config(tmp_path / "conf", leases={"lifetime_seconds": 5}))
     control.start()
     try:
         tenant = control.create_tenant("acme")

@@ -1125,29 +1125,20 @@ impl Store {
         Ok(())
     }
 
-    /// Extends a holder's life; false when its row is gone (another process gave its
-    /// leases back: it was taken for dead).
+    /// Extends a holder's life; false when its row is gone or marked reclaimed (another
+    /// process gave its leases back: it was taken for dead).
     pub async fn heartbeat_holder(&self, id: &str, alive_until: i64) -> Result<bool> {
-        let done = match &self.backend {
-            Backend::Sqlite { writer, .. } => sqlx::query(
-                "UPDATE holders SET alive_until = max(alive_until, $1)
-                     WHERE id = $2 AND alive_until <> -1",
-            )
-            .bind(alive_until)
-            .bind(id)
-            .execute(writer)
-            .await?
-            .rows_affected(),
-            Backend::Postgres(pool) => sqlx::query(
-                "UPDATE holders SET alive_until = GREATEST(alive_until, $1)
-                 WHERE id = $2 AND alive_until <> -1",
-            )
-            .bind(alive_until)
-            .bind(id)
-            .execute(pool)
-            .await?
-            .rows_affected(),
-        };
+        // (CASE, not SQLite's max() nor PostgreSQL's GREATEST(): one text for both.)
+        let done = on_writer!(self, |pool| sqlx::query(
+            "UPDATE holders
+             SET alive_until = CASE WHEN alive_until < $1 THEN $1 ELSE alive_until END
+             WHERE id = $2 AND alive_until <> -1"
+        )
+        .bind(alive_until)
+        .bind(id)
+        .execute(pool)
+        .await?
+        .rows_affected());
         Ok(done == 1)
     }
 

@@ -26,6 +26,10 @@
 #
 # Env knobs: DURATION (s per measured run, 8)  ROUNDS (2; phases alternate hot, fresh;
 # medians)  CONNS (32)  KEYS (fresh keys to issue, 150000)  WARMUP (s, 2)  WRK_THREADS (1)
+# FRESH_WARMUP (s of fresh keys before the first measured fresh phase; WARMUP): 2 s measures
+# the caches still filling (every key new memory: on this VM, memory touched for the first
+# time costs ~5 ms per MiB); ~8 s at ~10k keys/s fills the in-use key tier (65,536 keys by
+# default) so the measured phase sees the steady state a long-running proxy is in
 # KB_THREADS (2)  PIN (1: keybrake on its own CPU)  SERVER_CPUS / LOAD_CPUS  KEEP_TMP (1)
 # KB_MODE (serve | edge)  CONTROL_CPUS (edge: the control plane's CPUs; default the server's)  PERF (a path prefix: `perf record -g` of the server CPUs (of the
 # proxy when not pinned) during each measured phase (PERF_FREQ samples/s, 499), written to PREFIX.PHASE.ROUND; read
@@ -33,6 +37,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-2}; CONNS=${CONNS:-32}; KEYS=${KEYS:-150000}; WARMUP=${WARMUP:-2}
+FRESH_WARMUP=${FRESH_WARMUP:-$WARMUP}
 
 need wrk
 need curl
@@ -154,7 +159,7 @@ measure() { # phase round seconds [quiet]
 # metric NAME -> the proxy's (serve's or the edge node's) counter (0 when absent)
 metric() { curl -fsS --max-time 5 "http://$KB_METRICS/metrics" | awk -v n="$1" '$1 == n {print $2; f=1} END {if (!f) print 0}'; }
 measure hot 0 "$WARMUP" quiet
-measure fresh 0 "$WARMUP" quiet
+measure fresh 0 "$FRESH_WARMUP" quiet
 calls_fresh=0; leases_fresh=0; commits_fresh=0; commit_calls_fresh=0; sent_fresh_measured=0
 misses_fresh=0; batches_fresh=0
 for r in $(seq 1 "$ROUNDS"); do

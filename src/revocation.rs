@@ -29,15 +29,16 @@ fn bloom_words(capacity: usize) -> Box<[AtomicU64]> {
     (0..words).map(|_| AtomicU64::new(0)).collect()
 }
 
-/// Fixed SipHash keys: the bit positions must be the same in every process that reads a
-/// published filter.
-fn positions(id: &str, nbits: usize) -> [usize; HASHES] {
-    let h = {
-        let mut s =
-            std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().build_hasher();
-        s.write(id.as_bytes());
-        s.finish()
-    };
+/// The hash an id's bloom bits are placed by: fixed SipHash keys, so the bit positions
+/// are the same in every process that reads a published filter. A holder of an id it
+/// looks up often (a cached key) keeps it and asks with `is_revoked_hashed`.
+pub fn id_hash(id: &str) -> u64 {
+    let mut s = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().build_hasher();
+    s.write(id.as_bytes());
+    s.finish()
+}
+
+fn positions(h: u64, nbits: usize) -> [usize; HASHES] {
     let (h1, h2) = (h as u32 as u64, (h >> 32) | 1);
     std::array::from_fn(|i| (h1.wrapping_add(h2.wrapping_mul(i as u64)) % nbits as u64) as usize)
 }
@@ -59,13 +60,18 @@ impl RevocationFilter {
     }
 
     fn set_bits(&self, id: &str) {
-        for p in positions(id, self.bits.len() * 64) {
+        for p in positions(id_hash(id), self.bits.len() * 64) {
             self.bits[p / 64].fetch_or(1 << (p % 64), Ordering::Release);
         }
     }
 
     pub fn is_revoked(&self, id: &str) -> bool {
-        let maybe = positions(id, self.bits.len() * 64)
+        self.is_revoked_hashed(id, id_hash(id))
+    }
+
+    /// `is_revoked`, with `hash` = `id_hash(id)` computed beforehand.
+    pub fn is_revoked_hashed(&self, id: &str, hash: u64) -> bool {
+        let maybe = positions(hash, self.bits.len() * 64)
             .iter()
             .all(|&p| self.bits[p / 64].load(Ordering::Acquire) & (1 << (p % 64)) != 0);
         maybe && self.exact.contains_key(id)

@@ -128,7 +128,7 @@ impl KeybrakeProxy {
             .published
             .revocations
             .load()
-            .is_revoked(&key.claims.jti)
+            .is_revoked_hashed(&key.claims.jti, key.revocation_hash)
         {
             return Err(Denial::KeyRevoked);
         }

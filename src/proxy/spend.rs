@@ -82,6 +82,8 @@ fn take_from(counter: &AtomicI64, amount: Micros) -> bool {
 /// One key's spend on one UTC day, as seen by this proxy.
 pub(super) struct KeySpend {
     key_id: Arc<str>,
+    /// `revocation::id_hash(key_id)`: every report round asks whether the key is revoked.
+    revocation_hash: u64,
     vendor: Arc<str>,
     day: i64,
     cap: Micros,
@@ -232,6 +234,7 @@ impl KeySpend {
     pub(super) fn for_test(key_id: &str) -> Arc<KeySpend> {
         Arc::new(KeySpend {
             key_id: key_id.into(),
+            revocation_hash: crate::revocation::id_hash(key_id),
             vendor: "stripe".into(),
             day: 1,
             cap: Micros(10),
@@ -368,6 +371,7 @@ impl SpendBook {
         let fresh = || {
             Arc::new(KeySpend {
                 key_id: who.key_id.into(),
+                revocation_hash: crate::revocation::id_hash(who.key_id),
                 vendor: who.vendor.into(),
                 day,
                 cap: who.cap,
@@ -787,6 +791,29 @@ impl SpendBook {
         })
     }
 
+    /// Whether a report round has anything to do with `entry` when not returning
+    /// everything: it is finished (past day, expired, revoked) or idle, or `take_report`
+    /// would find something to report. Cheap reads first; a counter skipped because of a
+    /// change racing this read is taken by the next round.
+    fn has_work(
+        &self,
+        entry: &KeySpend,
+        now: i64,
+        today: i64,
+        revocations: &crate::revocation::RevocationFilter,
+    ) -> bool {
+        let idle_after = self.return_idle_after_secs;
+        entry.day < today
+            || entry.exp <= now
+            || now - entry.last_used.load(Ordering::Relaxed) >= idle_after
+            || entry.lease_in_doubt.load(Ordering::Acquire)
+            || entry.unreported_overspent.load(Ordering::Acquire) != 0
+            || entry.unreported_unreserved.load(Ordering::Acquire) != 0
+            || (entry.unreported_spent.load(Ordering::Acquire) != 0
+                && now - entry.reported_at.load(Ordering::Relaxed) >= idle_after)
+            || revocations.is_revoked_hashed(&entry.key_id, entry.revocation_hash)
+    }
+
     /// Reports settled spend and returns unused budget of idle, expired, revoked or past
     /// days' keys. `return_all` (shutdown) returns every key's budget.
     ///
@@ -804,10 +831,16 @@ impl SpendBook {
         let revocations = self.published.revocations.load();
         let retired: Vec<Arc<KeySpend>> =
             std::mem::take(&mut *self.retired.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut current: Vec<Arc<KeySpend>> =
-            self.entries.iter().map(|e| e.value().clone()).collect();
-        // In key order, so each call's rows sit together in the ledger's tables (ids sort
-        // by creation time) and its transaction writes few pages.
+        // Only the counters this round has something to do with (most of a busy book's
+        // are in use, with nothing due), in key order, so each call's rows sit together in
+        // the ledger's tables (ids sort by creation time) and its transaction writes few
+        // pages.
+        let mut current: Vec<Arc<KeySpend>> = self
+            .entries
+            .iter()
+            .filter(|e| return_all || self.has_work(e.value(), now, today, &revocations))
+            .map(|e| e.value().clone())
+            .collect();
         current.sort_unstable_by(|a, b| a.key_id.cmp(&b.key_id));
         let per_call = self
             .ledger
@@ -827,8 +860,9 @@ impl SpendBook {
         while next < all.len() || calls == 0 {
             while let Some(entry) = all.get(next) {
                 next += 1;
-                let finished =
-                    entry.day < today || entry.exp <= now || revocations.is_revoked(&entry.key_id);
+                let finished = entry.day < today
+                    || entry.exp <= now
+                    || revocations.is_revoked_hashed(&entry.key_id, entry.revocation_hash);
                 let idle =
                     now - entry.last_used.load(Ordering::Relaxed) >= self.return_idle_after_secs;
                 if finished || idle {
@@ -1532,6 +1566,47 @@ mod tests {
         );
         assert_eq!(*ledger.committed.lock().unwrap(), 1_000_000);
         assert_eq!(*ledger.written.lock().unwrap(), 0);
+        assert_eq!(book.tracked_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_busy_keys_spend_is_reported_while_in_use_and_a_revoked_keys_at_once() {
+        let ledger = Arc::new(MemLedger::default());
+        let published = Arc::new(Published::empty());
+        let book = SpendBook::new(ledger.clone(), published.clone(), 16, 2, Metrics::global());
+        let w = who(20_000_000);
+        for t in 1000..=1002 {
+            book.settle(book.reserve(&w, Micros(1_000_000), t).await.unwrap());
+            book.report(t, false).await;
+        }
+        // Never idle, but its spend is due every `return_idle_after` (2 s): reported,
+        // its lease kept.
+        let rows = ledger.rows.lock().unwrap().clone();
+        assert_eq!(rows, [("key_1".to_string(), 3_000_000, 0)]);
+        book.settle(book.reserve(&w, Micros(1_000_000), 1003).await.unwrap());
+        book.report(1003, false).await;
+        assert_eq!(ledger.rows.lock().unwrap().len(), 1, "nothing due yet");
+        // Revoked while busy: the next round reports its spend, and the counter is done.
+        published.revocations.load().insert("key_1", i64::MAX);
+        book.report(1003, false).await;
+        let rows = ledger.rows.lock().unwrap().clone();
+        assert_eq!(rows[1..], [("key_1".to_string(), 1_000_000, 0)]);
+        // Whatever its counter still held (a headroom top-up, a task of its own, on its
+        // way) goes back in the rounds after: the ledger holds nothing for it, and the
+        // counter is forgotten.
+        for t in 1004..1007 {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            book.report(t, false).await;
+        }
+        assert_eq!(
+            *ledger.held.lock().unwrap(),
+            0,
+            "{:?}",
+            ledger.rows.lock().unwrap()
+        );
+        assert_eq!(*ledger.settled.lock().unwrap(), 4_000_000);
         assert_eq!(book.tracked_keys(), 0);
     }
 

@@ -43,6 +43,9 @@ pub struct VerifiedKey {
     pub lbl: Arc<str>,
     /// The key id as the `x-keybrake-key-id` response header value, built once.
     pub id_header: Option<http::HeaderValue>,
+    /// `revocation::id_hash` of the key id: every request and sweep asks whether the key
+    /// is revoked.
+    pub revocation_hash: u64,
 }
 
 impl VerifiedKey {
@@ -52,6 +55,7 @@ impl VerifiedKey {
             ten: claims.ten.as_str().into(),
             lbl: claims.lbl.as_str().into(),
             id_header: http::HeaderValue::from_str(&claims.jti).ok(),
+            revocation_hash: crate::revocation::id_hash(&claims.jti),
             claims,
             allowlist,
         }
@@ -273,8 +277,9 @@ pub struct KeyVerifier {
     signatures: SignatureBatches,
     /// Digests of tokens whose signature was good, with their expiry.
     verified: Generations<i64>,
-    /// The keys in use, ready to serve.
-    keys: Generations<Arc<VerifiedKey>>,
+    /// The keys in use, ready to serve, each with its expiry beside it (a sweep reads it
+    /// without following the pointer).
+    keys: Generations<(i64, Arc<VerifiedKey>)>,
     metrics: Arc<Metrics>,
 }
 
@@ -299,7 +304,7 @@ impl KeyVerifier {
         now: i64,
     ) -> Result<Arc<VerifiedKey>, (Denial, Option<Arc<VerifiedKey>>)> {
         let d = digest(token);
-        let key = match self.keys.get(d) {
+        let key = match self.keys.get(d).map(|(_, key)| key) {
             Some(hit) => {
                 self.metrics.token_cache_hits.inc();
                 hit
@@ -321,7 +326,7 @@ impl KeyVerifier {
                     Allowlist::parse(&claims.eps).map_err(|_| (Denial::InvalidKey, None))?;
                 let key = Arc::new(VerifiedKey::new(claims, allowlist));
                 self.verified.insert(d, key.claims.exp);
-                self.keys.insert(d, key.clone());
+                self.keys.insert(d, (key.claims.exp, key.clone()));
                 key
             }
         };
@@ -332,7 +337,7 @@ impl KeyVerifier {
             .published
             .revocations
             .load()
-            .is_revoked(&key.claims.jti)
+            .is_revoked_hashed(&key.claims.jti, key.revocation_hash)
         {
             return Err((Denial::KeyRevoked, Some(key)));
         }
@@ -353,8 +358,9 @@ impl KeyVerifier {
     /// against the revocations anyway.) Runs every second in the background.
     pub fn sweep(&self, now: i64) {
         let revocations = self.published.revocations.load();
-        self.keys
-            .retain(|k| k.claims.exp > now && !revocations.is_revoked(&k.claims.jti));
+        self.keys.retain(|(exp, k)| {
+            *exp > now && !revocations.is_revoked_hashed(&k.claims.jti, k.revocation_hash)
+        });
         self.verified.retain(|exp| *exp > now);
         self.metrics.token_cache_entries.set(self.cached() as i64);
         self.metrics.token_cache_keys.set(self.cached_keys() as i64);

@@ -147,6 +147,7 @@ impl Ledger for OpenLedger {
             granted: r.want,
             committed: r.commit.min(r.want),
             revoked: false,
+            settled: None,
         })
     }
     async fn report(&self, _: Vec<LeaseReport>) -> Result<(), LedgerError> {

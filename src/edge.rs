@@ -341,6 +341,7 @@ impl HttpLedger {
 
 /// One grant of a `/v1/sync/leases` answer. `committed` absent (a control plane that does
 /// not commit with the grant) is nothing committed; one beyond the grant is no answer.
+/// `settled`: the key's settled spend that day, when the control plane sent it.
 fn grant_of(g: &Value) -> Result<Grant, LedgerError> {
     let granted = g["granted"].as_i64().filter(|m| *m >= 0);
     let committed = match &g["committed"] {
@@ -352,6 +353,8 @@ fn grant_of(g: &Value) -> Result<Grant, LedgerError> {
             granted: Micros(granted),
             committed: Micros(committed),
             revoked: g["revoked"] == true,
+            // Absent from a control plane older than it: nothing known.
+            settled: g["settled"].as_i64().filter(|s| *s >= 0).map(Micros),
         }),
         (Some(_), _) => Err(LedgerError(
             "the control plane's lease answer commits more than it grants".into(),

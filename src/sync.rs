@@ -83,6 +83,11 @@ pub struct Grant {
     /// The key has been revoked (nothing granted): the call is refused as revoked, not as
     /// over its cap, by a node whose revocation list has not caught up yet.
     pub revoked: bool,
+    /// The key's settled spend for the day as the ledger read it when answering (None:
+    /// not known). Settled spend never decreases within a day, so no grant that day can
+    /// make room for a call beyond `cap - settled`: a proxy refuses such calls without
+    /// asking again (an exhausted key's flood costs the ledger nothing).
+    pub settled: Option<Micros>,
 }
 
 impl Grant {
@@ -90,6 +95,7 @@ impl Grant {
         granted: Micros::ZERO,
         committed: Micros::ZERO,
         revoked: false,
+        settled: None,
     };
 
     /// `granted`, nothing committed.
@@ -98,6 +104,7 @@ impl Grant {
             granted,
             committed: Micros::ZERO,
             revoked: false,
+            settled: None,
         }
     }
 }

@@ -153,12 +153,11 @@ impl Store {
             let mut leases: Vec<NewLease> = Vec::new();
             for &i in round {
                 let r = &requests[i];
-                let g = granted
-                    .get(&(r.key_id.clone(), r.day))
-                    .copied()
-                    .unwrap_or(0);
+                let Some(&(g, settled)) = granted.get(&(r.key_id.clone(), r.day)) else {
+                    continue;
+                };
+                grants[i] = grant_of(r, g, settled);
                 if g > 0 {
-                    grants[i] = grant_of(r, g);
                     leases.push(NewLease {
                         key_id: &r.key_id,
                         day: r.day,
@@ -340,11 +339,13 @@ impl Store {
 
 /// The grant answered for `request` when the ledger took `granted` for it: of it, up to
 /// the request's `commit` is committed.
-fn grant_of(request: &GrantRequest, granted: i64) -> Grant {
+fn grant_of(request: &GrantRequest, granted: i64, settled: i64) -> Grant {
+    let granted = granted.max(0);
     Grant {
         granted: Micros(granted),
         committed: Micros(request.commit.0.clamp(0, granted)),
         revoked: false,
+        settled: Some(Micros(settled)),
     }
 }
 
@@ -374,7 +375,7 @@ async fn grant_on_sqlite(
              UPDATE ledger SET last_grant = {GRANT}, held = ledger.held + {GRANT}
                  FROM ({rows}) AS r
                  WHERE ledger.key_id = r.k AND ledger.day = r.d AND {alive}
-                 RETURNING {n} AS round, key_id, day, last_grant;
+                 RETURNING {n} AS round, key_id, day, last_grant, settled;
              INSERT INTO leases (holder, key_id, day, held, committed)
                  SELECT $1, r.k, r.d, l.last_grant, min(max(r.c, 0), l.last_grant)
                  FROM ({rows}) AS r JOIN ledger AS l ON l.key_id = r.k AND l.day = r.d
@@ -408,23 +409,19 @@ async fn grant_on_sqlite(
             .add(serde_json::Value::Array(rows).to_string())
             .map_err(bad)?;
     }
-    let mut granted: HashMap<(i64, String, i64), i64> = HashMap::new();
+    let mut granted: HashMap<(i64, String, i64), (i64, i64)> = HashMap::new();
     for row in sqlite_script(writer, script, arguments).await? {
         granted.insert(
             (row.get("round"), row.get("key_id"), row.get("day")),
-            row.get("last_grant"),
+            (row.get("last_grant"), row.get("settled")),
         );
     }
     let mut grants = vec![Grant::NONE; requests.len()];
     for (n, round) in rounds.iter().enumerate() {
         for &i in round {
             let r = &requests[i];
-            let g = granted
-                .get(&(n as i64, r.key_id.clone(), r.day))
-                .copied()
-                .unwrap_or(0);
-            if g > 0 {
-                grants[i] = grant_of(r, g);
+            if let Some(&(g, settled)) = granted.get(&(n as i64, r.key_id.clone(), r.day)) {
+                grants[i] = grant_of(r, g, settled);
             }
         }
     }
@@ -870,11 +867,11 @@ impl BatchConn for PgConnection {
 }
 
 /// Takes the grants of one round (each (key, day) at most once) on PostgreSQL: the grant
-/// per (key, day), zero or absent when nothing was granted.
+/// per (key, day), zero when nothing was granted, with the key's settled spend that day.
 async fn pg_grant_round(
     conn: &mut PgConnection,
     asks: &[&GrantRequest],
-) -> Result<HashMap<(String, i64), i64>> {
+) -> Result<HashMap<(String, i64), (i64, i64)>> {
     let keys: Vec<&str> = asks.iter().map(|r| r.key_id.as_str()).collect();
     let column = |f: fn(&GrantRequest) -> i64| -> Vec<i64> { asks.iter().map(|r| f(r)).collect() };
     let (days, caps, mins, wants) = (
@@ -891,7 +888,7 @@ async fn pg_grant_round(
         "UPDATE ledger SET last_grant = {GRANT}, held = ledger.held + {GRANT}
          FROM ({PG_GRANT_ROWS}) AS r
          WHERE ledger.key_id = r.k AND ledger.day = r.d
-         RETURNING ledger.key_id, ledger.day, ledger.last_grant"
+         RETURNING ledger.key_id, ledger.day, ledger.last_grant, ledger.settled"
     ))
     .bind(&keys)
     .bind(&days)
@@ -901,7 +898,12 @@ async fn pg_grant_round(
     .fetch_all(&mut *conn)
     .await?
     .iter()
-    .map(|r| ((r.get("key_id"), r.get("day")), r.get("last_grant")))
+    .map(|r| {
+        (
+            (r.get("key_id"), r.get("day")),
+            (r.get("last_grant"), r.get("settled")),
+        )
+    })
     .collect())
 }
 
@@ -1036,7 +1038,18 @@ mod tests {
             )
             .await
             .unwrap();
+        let settled: Vec<Option<Micros>> = again.iter().map(|g| g.settled).collect();
         assert_eq!(granted(again), vec![Micros(5), Micros(10)]);
+        // Each grant says what its key has settled that day; so does a refused one.
+        assert_eq!(settled, vec![Some(Micros(5)), Some(Micros::ZERO)]);
+        let refused = s
+            .lease_grant_many("h2", 50, None, &[ask("k_a", 10, 1, 10)])
+            .await
+            .unwrap();
+        assert_eq!(
+            (refused[0].granted, refused[0].settled),
+            (Micros::ZERO, Some(Micros(5)))
+        );
     }
 
     fn ask(key: &str, cap: i64, min: i64, want: i64) -> GrantRequest {
@@ -1338,8 +1351,9 @@ mod tests {
             granted: Micros(g),
             committed: Micros(c),
             revoked: false,
+            settled: Some(Micros::ZERO),
         };
-        assert_eq!(grants, vec![grant(6, 3), grant(4, 4), Grant::NONE]);
+        assert_eq!(grants, vec![grant(6, 3), grant(4, 4), grant(0, 0)]);
         // Committed at the grant is committed like a write-ahead: the rest of k_a's lease
         // (3) can still be committed, not more; k_b has nothing uncommitted left.
         let answers = s

@@ -125,7 +125,13 @@ async fn leases(State(s): State<ApiState>, node: Node, raw: Bytes) -> ApiResult<
     for (i, g) in asked.into_iter().zip(answers) {
         grants[i] = match g {
             Ok(g) if g.revoked => json!({ "granted": 0, "committed": 0, "revoked": true }),
-            Ok(g) => json!({ "granted": g.granted.0, "committed": g.committed.0 }),
+            Ok(g) => {
+                let mut grant = json!({ "granted": g.granted.0, "committed": g.committed.0 });
+                if let Some(settled) = g.settled {
+                    grant["settled"] = json!(settled.0);
+                }
+                grant
+            }
             Err(e) => json!({ "error": e.0 }),
         };
     }

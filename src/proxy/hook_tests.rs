@@ -43,6 +43,7 @@ impl Ledger for CapLedger {
             granted: grant,
             committed: r.commit.min(grant),
             revoked: false,
+            settled: None,
         })
     }
     async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {

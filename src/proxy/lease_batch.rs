@@ -74,6 +74,9 @@ impl LeaseBatcher {
             });
             match &answer {
                 Ok(grant) => {
+                    if let Some(settled) = grant.settled {
+                        w.counter.saw_settled(settled);
+                    }
                     let committed = grant.committed.min(grant.granted);
                     w.counter.add_precommitted(committed);
                     w.counter
@@ -130,6 +133,7 @@ mod tests {
             granted: r.want,
             committed: r.commit.min(r.want),
             revoked: false,
+            settled: None,
         }
     }
 
@@ -181,6 +185,7 @@ mod tests {
             granted: Micros(3),
             committed: Micros(1),
             revoked: false,
+            settled: None,
         };
         assert_eq!(first.await.unwrap().unwrap(), three_one);
         for r in rest {

@@ -109,6 +109,10 @@ pub(super) struct KeySpend {
     /// day where no call can spend it.
     lease_in_doubt: std::sync::atomic::AtomicBool,
     last_used: AtomicI64,
+    /// The highest settled spend the ledger answered for the key's day (`Grant::settled`):
+    /// settled spend never decreases, so a call beyond `cap` less this cannot be paid
+    /// today, and is refused without asking the ledger again.
+    settled_seen: AtomicI64,
     /// When (unix seconds) the key's spent budget last went into a report (its creation
     /// first): a busy key's is reported every `return_idle_after`, a key used once or
     /// twice has it reported with the return of its unused budget (`SpendBook::report`).
@@ -126,6 +130,22 @@ pub(super) struct KeySpend {
 }
 
 impl KeySpend {
+    /// Notes the key's settled spend as a ledger answered it (`Grant::settled`).
+    pub(super) fn saw_settled(&self, settled: Micros) {
+        self.settled_seen.fetch_max(settled.0, Ordering::AcqRel);
+    }
+
+    /// No grant today can make room for `amount`: it is beyond the cap less the settled
+    /// spend a ledger answered (which only grows), and what the counter holds is part of
+    /// what that leaves.
+    fn beyond_settled(&self, amount: Micros) -> bool {
+        amount.0
+            > self
+                .cap
+                .0
+                .saturating_sub(self.settled_seen.load(Ordering::Acquire))
+    }
+
     /// Takes `amount` from the available budget, all or nothing.
     fn try_take(&self, amount: Micros) -> bool {
         take_from(&self.available, amount)
@@ -248,6 +268,7 @@ impl KeySpend {
             topping_up: std::sync::atomic::AtomicBool::new(false),
             lease_in_doubt: std::sync::atomic::AtomicBool::new(false),
             last_used: AtomicI64::new(0),
+            settled_seen: AtomicI64::new(0),
             reported_at: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
             over_cap: std::sync::atomic::AtomicBool::new(false),
@@ -385,6 +406,7 @@ impl SpendBook {
                 topping_up: std::sync::atomic::AtomicBool::new(false),
                 lease_in_doubt: std::sync::atomic::AtomicBool::new(false),
                 last_used: AtomicI64::new(now),
+                settled_seen: AtomicI64::new(0),
                 reported_at: AtomicI64::new(now),
                 in_flight: AtomicI64::new(0),
                 over_cap: std::sync::atomic::AtomicBool::new(false),
@@ -523,7 +545,7 @@ impl SpendBook {
         if let Some(source) = entry.take_any(amount) {
             return Ok(source);
         }
-        if !may_lease {
+        if !may_lease || entry.beyond_settled(amount) {
             return Err(SpendError::CapExhausted);
         }
         let _refill = entry.refill.lock().await;
@@ -550,6 +572,10 @@ impl SpendBook {
             if !min.is_positive() {
                 // Budget came back since `take_any` looked (a release): look again.
                 continue;
+            }
+            // A grant refused while this one waited for the lock may have said so.
+            if entry.beyond_settled(amount) {
+                break;
             }
             let slice = entry
                 .cap
@@ -1140,6 +1166,7 @@ mod tests {
                 granted: Micros(grant),
                 committed: Micros(committed),
                 revoked: false,
+                settled: None,
             })
         }
         async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {
@@ -1227,6 +1254,59 @@ mod tests {
             .reserve(&who(20_000_000), Micros(1_000_000), 1000)
             .await;
         assert!(matches!(refused, Err(SpendError::Revoked)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_key_whose_settled_spend_leaves_no_room_is_refused_without_asking_again() {
+        /// Grants nothing: the key has settled $19.50 of its $20 today. Counts the calls.
+        #[derive(Default)]
+        struct Exhausted {
+            calls: std::sync::atomic::AtomicUsize,
+        }
+        #[async_trait::async_trait]
+        impl Ledger for Exhausted {
+            async fn lease(&self, _: LeaseRequest) -> Result<Grant, LedgerError> {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                Ok(Grant {
+                    settled: Some(Micros(19_500_000)),
+                    ..Grant::NONE
+                })
+            }
+            async fn report(&self, _: Vec<LeaseReport>) -> Result<(), LedgerError> {
+                Ok(())
+            }
+            async fn commit(&self, c: Vec<LeaseCommit>) -> Result<Vec<bool>, LedgerError> {
+                Ok(vec![true; c.len()])
+            }
+        }
+        let ledger = Arc::new(Exhausted::default());
+        let book = Arc::new(SpendBook::new(
+            ledger.clone(),
+            Arc::new(Published::empty()),
+            16,
+            2,
+            Metrics::global(),
+        ));
+        // A flood of $1 calls: refused, and after the first answer none asks the ledger.
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let book = book.clone();
+                tokio::spawn(async move {
+                    book.reserve(&who(20_000_000), Micros(1_000_000), 1000)
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Err(SpendError::CapExhausted)));
+        }
+        assert_eq!(ledger.calls.load(Ordering::SeqCst), 1);
+        // A call the $0.50 left could pay still asks (other holders may give it back).
+        let small = book.reserve(&who(20_000_000), Micros(500_000), 1000).await;
+        assert!(matches!(small, Err(SpendError::CapExhausted)));
+        assert_eq!(ledger.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1628,6 +1708,7 @@ mod tests {
                     granted: r.want,
                     committed: r.commit.min(r.want),
                     revoked: false,
+                    settled: None,
                 })
             }
             async fn report(&self, reports: Vec<LeaseReport>) -> Result<(), LedgerError> {

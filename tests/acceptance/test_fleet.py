@@ -94,6 +94,24 @@ def test_600_concurrent_charges_over_three_nodes_stop_at_the_cap(fleet, fake_str
         assert e.metric("keybrake_sync_lag_seconds") is not None
 
 
+def test_a_flood_on_a_key_with_its_cap_settled_costs_the_control_plane_nothing(fleet, fake_stripe):
+    """A key whose day's cap is spent and settled, flooded through a node: every call is
+    refused 429 cap_exhausted, and after the first refusal (whose answer carries the
+    key's settled spend) none of them asks the control plane for a lease."""
+    control, tenant, node = fleet
+    e = node("edge0")
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=3)
+    for _ in range(3):
+        assert pay(e, key["token"]).status_code == 200
+    tenant.wait_spent(key["id"], Decimal(3))
+    assert_denied(pay(e, key["token"]), 429, "cap_exhausted")
+    asked = e.metric("keybrake_lease_requests_total")
+    for _ in range(50):
+        assert_denied(pay(e, key["token"]), 429, "cap_exhausted")
+    assert e.metric("keybrake_lease_requests_total") == asked
+    assert len(accepted(fake_stripe)) == 3
+
+
 def test_a_revoked_key_is_refused_by_every_node_within_one_second(fleet):
     control, tenant, node = fleet
     nodes = [node(f"edge{i}") for i in range(3)]

@@ -136,8 +136,9 @@ impl KeySpend {
     }
 
     /// No grant today can make room for `amount`: it is beyond the cap less the settled
-    /// spend a ledger answered (which only grows), and what the counter holds is part of
-    /// what that leaves.
+    /// spend a ledger answered (which only grows). What the counter holds is part of what
+    /// that leaves while the ledger counts its lease as held; should it not (a lease taken
+    /// back from a holder taken for dead), the ledger would refuse the call's commit too.
     fn beyond_settled(&self, amount: Micros) -> bool {
         amount.0
             > self

@@ -28,11 +28,7 @@ need_bin "$KB_BIN" "cargo build --release --bin keybrake"
 
 up=$(free_port)
 start_nginx "$up"
-case "${KB_MODE:-serve}" in
-  serve) start_keybrake "http://127.0.0.1:$up" ;;
-  edge) start_keybrake_edge "http://127.0.0.1:$up" ;;
-  *) die "KB_MODE must be serve or edge" ;;
-esac
+start_by_mode "http://127.0.0.1:$up"
 new_tenant
 control POST /v1/keys "$KB_TENANT_TOKEN" \
   '{"label":"flood","vendor":"stripe","allowed_endpoints":["POST /v1/payment_intents"],"daily_usd_cap":1,"expires_in":"1h"}' \
@@ -65,7 +61,6 @@ thread_ticks() {
   done
   echo "$total"
 }
-metric() { curl -fsS --max-time 5 "http://$KB_METRICS/metrics" | awk -v n="$1" '$1 == n {print $2; f=1} END {if (!f) print 0}'; }
 
 write_post_lua "$TMP/flood.lua" "$BODY" "$KEY"
 if [ "${KB_MODE:-serve}" = edge ]; then

@@ -45,11 +45,7 @@ need_bin "$KB_BIN" "cargo build --release --bin keybrake"
 
 up=$(free_port)
 start_nginx "$up"
-case "${KB_MODE:-serve}" in
-  serve) start_keybrake "http://127.0.0.1:$up" ;;
-  edge) start_keybrake_edge "http://127.0.0.1:$up" ;;
-  *) die "KB_MODE must be serve or edge" ;;
-esac
+start_by_mode "http://127.0.0.1:$up"
 new_tenant
 KEY_BODY='{"label":"fresh","vendor":"stripe","allowed_endpoints":["POST /v1/payment_intents"],"daily_usd_cap":5,"expires_in":"1h"}'
 control POST /v1/keys "$KB_TENANT_TOKEN" \
@@ -156,8 +152,6 @@ measure() { # phase round seconds [quiet]
   printf "%-6s %-6s %11s %8s %8s %8s %9s %9s%% %12s\n" "$1" "$2" "$rps" "$p50" "$p99" "$bad" "$errs" "$(cat "$f.cpu")" "$us"
   printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$rps" "$p50" "$p99" "$(cat "$f.cpu")" "$(cat "$f.other")" >>"$TMP/results.tsv"
 }
-# metric NAME -> the proxy's (serve's or the edge node's) counter (0 when absent)
-metric() { curl -fsS --max-time 5 "http://$KB_METRICS/metrics" | awk -v n="$1" '$1 == n {print $2; f=1} END {if (!f) print 0}'; }
 measure hot 0 "$WARMUP" quiet
 measure fresh 0 "$FRESH_WARMUP" quiet
 calls_fresh=0; leases_fresh=0; commits_fresh=0; commit_calls_fresh=0; sent_fresh_measured=0

@@ -230,6 +230,19 @@ YAML
   wait_http "http://$KB_METRICS/readyz" 30 || { tail -20 "$TMP/node.err" >&2; die "the edge node did not become ready"; }
 }
 
+# start_by_mode UPSTREAM_URL -> start_keybrake (KB_MODE=serve, the default) or
+# start_keybrake_edge (KB_MODE=edge)
+start_by_mode() {
+  case "${KB_MODE:-serve}" in
+    serve) start_keybrake "$1" ;;
+    edge) start_keybrake_edge "$1" ;;
+    *) die "KB_MODE must be serve or edge" ;;
+  esac
+}
+
+# metric NAME -> the proxy's (serve's or the edge node's) counter (0 when absent)
+metric() { curl -fsS --max-time 5 "http://$KB_METRICS/metrics" | awk -v n="$1" '$1 == n {print $2; f=1} END {if (!f) print 0}'; }
+
 # with_postgres "$@" -> when BACKEND=postgres, runs this script again inside a throwaway
 # PostgreSQL cluster (tests/acceptance/pg.py: initdb in a temporary directory, as the
 # `postgres` user when root, removed afterwards) with KB_DATABASE_URL set to a fresh

@@ -22,7 +22,9 @@
 # KB_MODE=edge runs the same against an edge node (`keybrake proxy`) synced from a
 # `keybrake control` (both on the server CPUs): every fresh key's first lease and every
 # reservation's write-ahead are control-plane calls there, so the node's metrics are read
-# before and after the fresh phases to show how many keys shared one call (batching).
+# before and after the fresh phases to show how many keys shared one call (batching), and
+# the control plane's CPU per request of each phase is printed (what a fleet's fresh keys
+# cost it, beside what its hot keys do).
 #
 # Env knobs: DURATION (s per measured run, 8)  ROUNDS (2; phases alternate hot, fresh;
 # medians)  CONNS (32)  KEYS (fresh keys to issue, 150000)  WARMUP (s, 2)  WRK_THREADS (1)
@@ -156,14 +158,21 @@ measure hot 0 "$WARMUP" quiet
 measure fresh 0 "$FRESH_WARMUP" quiet
 calls_fresh=0; leases_fresh=0; commits_fresh=0; commit_calls_fresh=0; sent_fresh_measured=0
 misses_fresh=0; batches_fresh=0
+# edge: the control plane's CPU during the measured phases (its share of each request)
+control_ticks() { if [ "${KB_MODE:-serve}" = edge ]; then cpu_ticks "$KB_CONTROL_PID"; else echo 0; fi; }
+ctl_hot=0; ctl_fresh=0
 for r in $(seq 1 "$ROUNDS"); do
+  k0=$(control_ticks)
   measure hot "$r" "$DURATION"
+  ctl_hot=$((ctl_hot + $(control_ticks) - k0))
   m0=$(metric keybrake_token_cache_misses_total); b0=$(metric keybrake_token_signature_batches_total)
   if [ "${KB_MODE:-serve}" = edge ]; then
     l0=$(metric keybrake_lease_requests_total); c0=$(metric keybrake_lease_calls_total)
     w0=$(metric keybrake_commit_rows_total); wc0=$(metric keybrake_commit_calls_total); s0=$fresh_sent
   fi
+  k0=$(control_ticks)
   measure fresh "$r" "$DURATION"
+  ctl_fresh=$((ctl_fresh + $(control_ticks) - k0))
   misses_fresh=$(python3 -c "print(int($misses_fresh + $(metric keybrake_token_cache_misses_total) - $m0))")
   batches_fresh=$(python3 -c "print(int($batches_fresh + $(metric keybrake_token_signature_batches_total) - $b0))")
   if [ "${KB_MODE:-serve}" = edge ]; then
@@ -175,12 +184,22 @@ for r in $(seq 1 "$ROUNDS"); do
   fi
 done
 if [ "${KB_MODE:-serve}" = edge ]; then
-  python3 - "$sent_fresh_measured" "$leases_fresh" "$calls_fresh" "$commits_fresh" "$commit_calls_fresh" <<'PY'
+  python3 - "$sent_fresh_measured" "$leases_fresh" "$calls_fresh" "$commits_fresh" "$commit_calls_fresh" \
+    "$ctl_hot" "$ctl_fresh" "$CLK_TCK" "$TMP/results.tsv" "$DURATION" <<'PY'
 import sys
-sent, leases, calls, rows, ccalls = map(int, sys.argv[1:])
+sent, leases, calls, rows, ccalls, ctl_hot, ctl_fresh, tck = map(int, sys.argv[1:9])
 print(f"\nedge node, measured fresh phases: {sent:,} requests (each a new key) -> {leases:,} lease requests "
       f"in {calls:,} control-plane calls ({leases / max(calls, 1):.1f} keys per call), "
       f"{rows:,} write-ahead rows in {ccalls:,} calls ({rows / max(ccalls, 1):.1f} per call)")
+# Requests per phase from wrk's rate over the measured seconds.
+done = {"hot": 0.0, "fresh": 0.0}
+for line in open(sys.argv[9]):
+    f = line.split("\t")
+    if f[1] != "0":
+        done[f[0]] += float(f[2]) * float(sys.argv[10])
+us = lambda ticks, n: ticks / tck * 1e6 / max(n, 1)
+print(f"control plane CPU per request (its audit, commits, leases, reports): hot {us(ctl_hot, done['hot']):.1f} us, "
+      f"fresh {us(ctl_fresh, done['fresh']):.1f} us")
 PY
 fi
 python3 -c "import sys; m, b = int(sys.argv[1]), int(sys.argv[2]); print(f'\nmeasured fresh phases: {m:,} signatures checked in {b:,} checks ({m / max(b, 1):.1f} per check)')" "$misses_fresh" "$batches_fresh"

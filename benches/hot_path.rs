@@ -132,6 +132,16 @@ fn revocation_lookup(c: &mut Criterion) {
     c.bench_function("revocation_lookup_miss_100k", |b| {
         b.iter(|| assert!(!filter.is_revoked(black_box("key_01jdx3k9v8b2n7q4r5s6t7u8w9"))))
     });
+    // What the proxy asks per request: the key's hash kept with its cached claims.
+    let cached = keybrake::revocation::id_hash("key_01jdx3k9v8b2n7q4r5s6t7u8w9");
+    c.bench_function("revocation_lookup_miss_100k_hashed", |b| {
+        b.iter(|| {
+            assert!(!filter.is_revoked_hashed(
+                black_box("key_01jdx3k9v8b2n7q4r5s6t7u8w9"),
+                black_box(cached)
+            ))
+        })
+    });
     c.bench_function("revocation_lookup_hit_100k", |b| {
         b.iter(|| assert!(filter.is_revoked(black_box("key_revoked_4242"))))
     });

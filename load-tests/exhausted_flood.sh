@@ -22,14 +22,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 DURATION=${DURATION:-5}; CONNS=${CONNS:-32}
 
-need wrk
-need curl
-need_bin "$KB_BIN" "cargo build --release --bin keybrake"
-
-up=$(free_port)
-start_nginx "$up"
-start_by_mode "http://127.0.0.1:$up"
-new_tenant
+start_by_mode
 control POST /v1/keys "$KB_TENANT_TOKEN" \
   '{"label":"flood","vendor":"stripe","allowed_endpoints":["POST /v1/payment_intents"],"daily_usd_cap":1,"expires_in":"1h"}' \
   >"$TMP/key.json"

@@ -41,14 +41,7 @@ source "$(dirname "$0")/lib.sh"
 DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-2}; CONNS=${CONNS:-32}; KEYS=${KEYS:-150000}; WARMUP=${WARMUP:-2}
 FRESH_WARMUP=${FRESH_WARMUP:-$WARMUP}
 
-need wrk
-need curl
-need_bin "$KB_BIN" "cargo build --release --bin keybrake"
-
-up=$(free_port)
-start_nginx "$up"
-start_by_mode "http://127.0.0.1:$up"
-new_tenant
+start_by_mode
 KEY_BODY='{"label":"fresh","vendor":"stripe","allowed_endpoints":["POST /v1/payment_intents"],"daily_usd_cap":5,"expires_in":"1h"}'
 control POST /v1/keys "$KB_TENANT_TOKEN" \
   '{"label":"hot","vendor":"stripe","allowed_endpoints":["POST /v1/payment_intents"],"daily_usd_cap":1000000000,"expires_in":"1h"}' \

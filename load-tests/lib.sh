@@ -230,14 +230,22 @@ YAML
   wait_http "http://$KB_METRICS/readyz" 30 || { tail -20 "$TMP/node.err" >&2; die "the edge node did not become ready"; }
 }
 
-# start_by_mode UPSTREAM_URL -> start_keybrake (KB_MODE=serve, the default) or
-# start_keybrake_edge (KB_MODE=edge)
+# start_by_mode -> wrk and curl installed if missing, nginx as the upstream, keybrake
+# `serve` (KB_MODE=serve, the default) or an edge node and its control plane (KB_MODE=edge)
+# in front of it, and a tenant with a Stripe credential (KB_TENANT_TOKEN)
 start_by_mode() {
+  local up
+  need wrk
+  need curl
+  need_bin "$KB_BIN" "cargo build --release --bin keybrake"
+  up=$(free_port)
+  start_nginx "$up"
   case "${KB_MODE:-serve}" in
-    serve) start_keybrake "$1" ;;
-    edge) start_keybrake_edge "$1" ;;
+    serve) start_keybrake "http://127.0.0.1:$up" ;;
+    edge) start_keybrake_edge "http://127.0.0.1:$up" ;;
     *) die "KB_MODE must be serve or edge" ;;
   esac
+  new_tenant
 }
 
 # metric NAME -> the proxy's (serve's or the edge node's) counter (0 when absent)

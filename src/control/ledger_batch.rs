@@ -337,8 +337,9 @@ impl Store {
     }
 }
 
-/// The grant answered for `request` when the ledger took `granted` for it: of it, up to
-/// the request's `commit` is committed.
+/// The grant answered for `request` when the ledger took `granted` for it (0: refused):
+/// of it, up to the request's `commit` is committed; `settled` is the key's settled spend
+/// that day as the grant's statement read it.
 fn grant_of(request: &GrantRequest, granted: i64, settled: i64) -> Grant {
     let granted = granted.max(0);
     Grant {

@@ -9,7 +9,12 @@
 #   cargo build --release --bin keybrake
 #   load-tests/audit_durability.sh
 #
-# Env knobs: DURATION (s, 10)  CONNS (16)  WARMUP (s, 2)  KB_THREADS (2)  PIN (1)  KEEP_TMP (1).
+# KB_MODE=edge runs the same against an edge node (`keybrake proxy`) and its control plane
+# (both with the mode under test): in strict mode a node releases a response once the
+# control plane answered that the batch holding its event is written.
+#
+# Env knobs: DURATION (s, 10)  CONNS (16)  WARMUP (s, 2)  KB_THREADS (2)  PIN (1)  KEEP_TMP (1)
+# KB_MODE (serve | edge)  CONTROL_CPUS (edge: the control plane's CPUs; default the server's).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 DURATION=${DURATION:-10}; CONNS=${CONNS:-16}; WARMUP=${WARMUP:-2}
@@ -23,7 +28,11 @@ start_nginx "$up"
 declare -A RESULT
 for mode in normal strict; do
   rm -rf "$TMP/data"   # each run its own store (start_keybrake draws a new master key)
-  AUDIT_DURABILITY=$mode start_keybrake "http://127.0.0.1:$up"
+  case "${KB_MODE:-serve}" in
+    serve) AUDIT_DURABILITY=$mode start_keybrake "http://127.0.0.1:$up" ;;
+    edge) AUDIT_DURABILITY=$mode start_keybrake_edge "http://127.0.0.1:$up" ;;
+    *) die "KB_MODE must be serve or edge" ;;
+  esac
   new_tenant
   control POST /v1/keys "$KB_TENANT_TOKEN" \
     '{"label":"audit","vendor":"stripe","allowed_endpoints":["POST /v1/payment_intents"],"daily_usd_cap":1000000000,"expires_in":"1h"}' \
@@ -54,12 +63,13 @@ print(n)
 PY
 )
   fi
-  kill -INT "$KB_PID"; wait "$KB_PID" 2>/dev/null || true
+  for pid in "$KB_PID" ${KB_CONTROL_PID:-}; do kill -INT "$pid"; wait "$pid" 2>/dev/null || true; done
+  KB_CONTROL_PID=
 done
 
 read -r n_rps n_p50 n_p99 n_bad _ <<<"${RESULT[normal]}"
 read -r s_rps s_p50 s_p99 s_bad _ <<<"${RESULT[strict]}"
-echo "audit durability, $CONNS connections, ${DURATION}s each, pingora threads ${KB_THREADS:-2}, $PIN_DESC"
+echo "audit durability, keybrake ${KB_MODE:-serve}, $CONNS connections, ${DURATION}s each, pingora threads ${KB_THREADS:-2}, $PIN_DESC"
 printf '  normal: %6.0f req/s  p50 %7.3f ms  p99 %7.3f ms  non-2xx %s\n' "$n_rps" "$n_p50" "$n_p99" "$n_bad"
 printf '  strict: %6.0f req/s  p50 %7.3f ms  p99 %7.3f ms  non-2xx %s\n' "$s_rps" "$s_p50" "$s_p99" "$s_bad"
 python3 -c "print(f'  strict costs {(1 - $s_rps / $n_rps) * 100:.1f}% of throughput and adds {$s_p99 - $n_p99:.3f} ms at p99')"

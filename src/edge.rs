@@ -587,10 +587,45 @@ impl ReportOutbox {
 
 /// Audit events from this node, sent to the control plane in batches by one thread. The
 /// buffer is bounded: beyond it events are dropped and counted
-/// (`keybrake_audit_dropped_total`), never allowed to block a request.
+/// (`keybrake_audit_dropped_total`), never allowed to block a request. Under
+/// `audit.durability: strict` a response's event is recorded with `record_durably`, which
+/// waits until the control plane answered that the batch holding it is written.
 pub struct EdgeAudit {
-    tx: std::sync::mpsc::SyncSender<AuditEvent>,
+    tx: std::sync::mpsc::SyncSender<Queued>,
     counts: AuditCounts,
+    strict: bool,
+}
+
+/// An event waiting to be sent, and for a strict-mode event what its response waits on.
+struct Queued {
+    event: AuditEvent,
+    outcome: Option<Arc<Outcome>>,
+}
+
+/// Whether a strict-mode event reached the control plane: set once by the sender (true:
+/// the control plane answered that its batch is written; false: dropped), awaited by the
+/// worker that holds the event's response.
+#[derive(Default)]
+struct Outcome {
+    written: std::sync::Mutex<Option<bool>>,
+    settled: std::sync::Condvar,
+}
+
+impl Outcome {
+    fn set(&self, written: bool) {
+        *self.written.lock().unwrap_or_else(|p| p.into_inner()) = Some(written);
+        self.settled.notify_all();
+    }
+
+    /// True once the event is written; false when it was dropped or `timeout` passed.
+    fn wait(&self, timeout: Duration) -> bool {
+        let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let (written, _) = self
+            .settled
+            .wait_timeout_while(written, timeout, |w| w.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        written.unwrap_or(false)
+    }
 }
 
 /// The node's audit events recorded and not yet settled (accepted by the control plane,
@@ -631,8 +666,9 @@ impl EdgeAudit {
         dropped: IntCounter,
         cut_off: Arc<AtomicBool>,
         give_up: Duration,
+        strict: bool,
     ) -> Arc<EdgeAudit> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<AuditEvent>(AUDIT_BUFFER);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Queued>(AUDIT_BUFFER);
         let counts = AuditCounts {
             pending: Arc::new(AtomicU64::new(0)),
             depth,
@@ -643,7 +679,7 @@ impl EdgeAudit {
             .name("edge-audit".into())
             .spawn(move || audit_sender(client, rx, sender, cut_off, give_up))
             .expect("spawn the audit thread");
-        Arc::new(EdgeAudit { tx, counts })
+        Arc::new(EdgeAudit { tx, counts, strict })
     }
 
     /// Waits until every recorded event reached the control plane (or was given up on),
@@ -663,12 +699,34 @@ impl EdgeAudit {
     }
 }
 
-impl AuditSink for EdgeAudit {
-    fn record(&self, event: AuditEvent) {
+impl EdgeAudit {
+    /// Queues `event` (dropped and counted when the buffer is full): false when dropped.
+    fn queue(&self, event: AuditEvent, outcome: Option<Arc<Outcome>>) -> bool {
         self.counts.recorded();
-        if self.tx.try_send(event).is_err() {
+        let queued = self.tx.try_send(Queued { event, outcome }).is_ok();
+        if !queued {
             self.counts.dropped(1);
         }
+        queued
+    }
+}
+
+impl AuditSink for EdgeAudit {
+    fn record(&self, event: AuditEvent) {
+        self.queue(event, None);
+    }
+
+    fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    /// Waits for the control plane's answer that the batch holding `event` is written
+    /// (committed there, durable as the control plane's own `audit.durability` makes its
+    /// writes). The sender sends as soon as an event waits, with whatever queued meanwhile,
+    /// so concurrent responses share one round trip.
+    fn record_durably(&self, event: AuditEvent, timeout: Duration) -> bool {
+        let outcome = Arc::new(Outcome::default());
+        self.queue(event, Some(outcome.clone())) && outcome.wait(timeout)
     }
 }
 
@@ -683,7 +741,7 @@ fn push_event(body: &mut String, n: &mut u64, event: &str) {
 
 fn audit_sender(
     client: Arc<SyncClient>,
-    rx: std::sync::mpsc::Receiver<AuditEvent>,
+    rx: std::sync::mpsc::Receiver<Queued>,
     counts: AuditCounts,
     cut_off: Arc<AtomicBool>,
     give_up: Duration,
@@ -691,24 +749,26 @@ fn audit_sender(
     // Each event is serialized once, straight into the batch's body text. One over the
     // bound would make a batch the control plane refuses: dropped instead (see
     // AUDIT_EVENT_MAX_BYTES; `proxy::audit::bounded` makes this unreachable).
-    let json = |e: &AuditEvent| match serde_json::to_string(e) {
-        Ok(text) if text.len() <= AUDIT_EVENT_MAX_BYTES => Some(text),
-        Ok(text) => {
-            log::warn!(
+    let json = |q: Queued| {
+        let text = match serde_json::to_string(&q.event) {
+            Ok(text) if text.len() <= AUDIT_EVENT_MAX_BYTES => return Some((text, q.outcome)),
+            Ok(text) => format!(
                 "an audit event of {} bytes is over the {AUDIT_EVENT_MAX_BYTES}-byte bound: dropped",
                 text.len()
-            );
-            counts.dropped(1);
-            None
+            ),
+            Err(err) => format!("an audit event could not be serialized ({err}): dropped"),
+        };
+        log::warn!("{text}");
+        counts.dropped(1);
+        if let Some(outcome) = q.outcome {
+            outcome.set(false);
         }
-        Err(err) => {
-            log::warn!("an audit event could not be serialized ({err}): dropped");
-            counts.dropped(1);
-            None
-        }
+        None
     };
     let mut body = String::with_capacity(AUDIT_BATCH_BYTES + AUDIT_EVENT_MAX_BYTES);
-    let mut carry: Option<String> = None;
+    let mut carry: Option<(String, Option<Arc<Outcome>>)> = None;
+    // The strict-mode events of the batch being built: told how it ended.
+    let mut waiting: Vec<Arc<Outcome>> = Vec::new();
     // Batches are numbered per session, one in flight at a time: the control plane writes
     // a batch sent again (its answer lost) only once. A batch given up on leaves its
     // number unused; the next is still higher, which is all the control plane asks.
@@ -718,8 +778,9 @@ fn audit_sender(
         body.clear();
         body.push_str(&format!(r#"{{"batch":{number},"events":["#));
         let mut n: u64 = 0;
-        if let Some(event) = carry.take() {
+        if let Some((event, outcome)) = carry.take() {
             push_event(&mut body, &mut n, &event);
+            waiting.extend(outcome);
         }
         // Sent as soon as there is an event, with whatever else is queued by then (up to
         // the batch size): under load, batches form while the previous one is in flight,
@@ -728,9 +789,10 @@ fn audit_sender(
         // docs/architecture.md), so the sooner it arrives the less can be missed.
         while n == 0 {
             match rx.recv() {
-                Ok(e) => {
-                    if let Some(event) = json(&e) {
+                Ok(q) => {
+                    if let Some((event, outcome)) = json(q) {
                         push_event(&mut body, &mut n, &event);
+                        waiting.extend(outcome);
                     }
                 }
                 Err(_) => return,
@@ -738,13 +800,16 @@ fn audit_sender(
         }
         while body.len() < AUDIT_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(e) => {
-                    let Some(event) = json(&e) else { continue };
+                Ok(q) => {
+                    let Some((event, outcome)) = json(q) else {
+                        continue;
+                    };
                     if body.len() + event.len() + 1 > AUDIT_BATCH_BYTES {
-                        carry = Some(event);
+                        carry = Some((event, outcome));
                         break;
                     }
                     push_event(&mut body, &mut n, &event);
+                    waiting.extend(outcome);
                 }
                 Err(_) => break,
             }
@@ -769,6 +834,7 @@ fn audit_sender(
                         log::info!("audit events reach the control plane again");
                     }
                     counts.settled(n);
+                    waiting.drain(..).for_each(|o| o.set(true));
                     break;
                 }
                 // Sending the same body again would be refused again, forever, and every
@@ -779,6 +845,7 @@ fn audit_sender(
                          its {n} events are dropped"
                     );
                     counts.dropped(n);
+                    waiting.drain(..).for_each(|o| o.set(false));
                     break;
                 }
                 // The node was deleted: its token refused here for `give_up` (longer than
@@ -801,6 +868,7 @@ fn audit_sender(
                         )
                     });
                     counts.dropped(n);
+                    waiting.drain(..).for_each(|o| o.set(false));
                     break;
                 }
                 Err(e) => {
@@ -1125,15 +1193,6 @@ pub fn run_edge(
             (config.metrics_listen, "metrics"),
         ])?;
     }
-    if config.audit_durability == crate::config::AuditDurability::Strict {
-        // Said, not silently ignored: an operator who asked for it must know where it
-        // holds (docs/operations.md).
-        log::warn!(
-            "audit.durability strict is for `serve` (and what `control` writes): an edge \
-             node answers before its events reach the control plane, in batches within \
-             ~1 round trip; a node killed loses the events not yet sent"
-        );
-    }
     let client = Arc::new(SyncClient::new(&opts)?);
     let node_id = hello(&client, &opts.control_url, &opts.node_token_file)?;
     let metrics = Metrics::global();
@@ -1205,6 +1264,7 @@ pub fn run_edge(
         metrics.audit_dropped.clone(),
         state.cut_off.clone(),
         AUDIT_REFUSED_GIVE_UP,
+        config.audit_durability == crate::config::AuditDurability::Strict,
     );
     let exit_audit = audit.clone();
     let exit_state = state.clone();
@@ -1320,6 +1380,7 @@ mod tests {
             dropped.clone(),
             cut_off,
             Duration::ZERO,
+            false,
         )
     }
 
@@ -1355,6 +1416,72 @@ mod tests {
         cut_off.store(true, Ordering::Release);
         assert_eq!(audit.flush(WAIT), Ok(()));
         assert_eq!((dropped.get(), depth.get()), (1, 0));
+    }
+
+    /// A strict-mode node's audit sender to `client`.
+    fn strict_audit_to(
+        client: Arc<SyncClient>,
+        depth: &IntGauge,
+        dropped: &IntCounter,
+    ) -> Arc<EdgeAudit> {
+        EdgeAudit::start(
+            client,
+            depth.clone(),
+            dropped.clone(),
+            Default::default(),
+            Duration::ZERO,
+            true,
+        )
+    }
+
+    #[test]
+    fn a_strict_event_is_durable_only_once_the_control_plane_took_its_batch() {
+        // Batch 1: refused for now (sent again 500 ms later), then taken. Batch 2: refused
+        // for good, its event dropped: the response that waits on it must not be released.
+        let (client, bodies) = fake_control(vec![503, 200, 413]);
+        let (depth, dropped) = counters();
+        let audit = strict_audit_to(client, &depth, &dropped);
+        assert!(audit.is_strict());
+        let started = Instant::now();
+        assert!(audit.record_durably(event("/stripe/one"), WAIT));
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "answered before the resend"
+        );
+        let sent: Vec<Value> = (0..2).map(|_| bodies.recv_timeout(WAIT).unwrap()).collect();
+        assert!(sent
+            .iter()
+            .all(|b| b["batch"] == 1 && b["events"][0]["path"] == "/stripe/one"));
+        assert!(!audit.record_durably(event("/stripe/two"), WAIT));
+        assert_eq!(bodies.recv_timeout(WAIT).unwrap()["batch"], 2);
+        assert_eq!((dropped.get(), depth.get()), (1, 0));
+        // A plain record on the same node still goes out.
+        audit.record(event("/stripe/three"));
+        assert_eq!(
+            bodies.recv_timeout(WAIT).unwrap()["events"][0]["path"],
+            "/stripe/three"
+        );
+        assert_eq!(audit.flush(WAIT), Ok(()));
+    }
+
+    #[test]
+    fn a_strict_event_the_control_plane_does_not_answer_in_time_is_not_durable() {
+        // A control plane that accepts connections and never answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = SyncClient {
+            base: format!("http://{}", listener.local_addr().unwrap()),
+            token: Secret::new("kbn_test"),
+            session: "s_test".into(),
+            agent: ureq::AgentBuilder::new().build(),
+        };
+        let (depth, dropped) = counters();
+        let audit = strict_audit_to(Arc::new(client), &depth, &dropped);
+        let started = Instant::now();
+        assert!(!audit.record_durably(event("/stripe/one"), Duration::from_millis(300)));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Still queued (it is sent once the control plane answers), not counted dropped.
+        assert_eq!((dropped.get(), depth.get()), (0, 1));
+        drop(listener);
     }
 
     #[test]

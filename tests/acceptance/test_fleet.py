@@ -17,7 +17,7 @@ from decimal import Decimal
 import pytest
 import requests
 
-from fleet import ConfirmChargesMore, ControlPlane, EdgeProxy, accepted, pay, start_vendor
+from fleet import PI, ConfirmChargesMore, ControlPlane, EdgeProxy, accepted, pay, start_vendor
 from harness import KEYBRAKE_BIN, assert_denied, error_code, free_port, wait_until, write_config
 
 
@@ -152,6 +152,51 @@ def test_audit_from_a_node_shows_within_two_seconds(fleet):
     assert events, "the node's audit event did not reach GET /v1/audit within 2 s"
     assert time.monotonic() - t0 <= 2.5
     assert events[0]["decision"] == "allowed" and Decimal(str(events[0]["spend_usd"])) == 1
+
+
+def test_a_strict_audit_node_keeps_every_answered_call_through_kill_9(fleet, tmp_path):
+    """`audit.durability: strict` on a node: a response is released only once the control
+    plane answered that its event is written. Payments and denials from 8 threads (a key
+    each), the node SIGKILLed mid-load: every call a client was answered is in the
+    control plane's trail, with nothing left on the node to send."""
+    control, tenant, node = fleet
+    e = node("edge0", config=write_config(tmp_path / "strict", audit={"durability": "strict"}))
+    keys = [tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100000)
+            for _ in range(8)]
+    answered = {k["id"]: 0 for k in keys}
+    stop = threading.Event()
+
+    def worker(key):
+        session = requests.Session()
+        for n in range(1, 2000):
+            if stop.is_set():
+                return
+            try:
+                if n % 4 == 0:   # a denial: an endpoint the key does not allow
+                    r = session.get(f"{e.proxy_url}/stripe/v1/customers",
+                                    headers={"Authorization": f"Bearer {key['token']}"}, timeout=10)
+                    ok = r.status_code == 403
+                else:
+                    r = session.post(f"{e.proxy_url}{PI}", data={"amount": 100, "currency": "usd"},
+                                     headers={"Authorization": f"Bearer {key['token']}"}, timeout=10)
+                    ok = r.status_code == 200
+            except requests.RequestException:
+                return
+            if ok:
+                answered[key["id"]] += 1
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in keys]
+    for th in threads:
+        th.start()
+    time.sleep(2.0)
+    e.kill9()
+    stop.set()
+    for th in threads:
+        th.join(timeout=20)
+    counts = {kid: (n, len(tenant.audit_all(key_id=kid))) for kid, n in answered.items()}
+    assert sum(n for n, _ in counts.values()) > 40, f"too little load to judge: {counts}"
+    missing = {k: (n, a) for k, (n, a) in counts.items() if a < n}
+    assert not missing, f"answered calls missing from the trail (answered, audited): {missing}"
 
 
 def raw_get(node, path: str, token: str | None = None) -> bytes:

@@ -39,10 +39,12 @@ from harness import (
     REPO,
     Keybrake,
     assert_denied,
+    error_code,
     free_port,
     wait_until,
     write_config,
 )
+from fleet import accepted
 
 PI = "/stripe/v1/payment_intents"
 SYSTEMD_DIR = REPO / "systemd"
@@ -334,6 +336,118 @@ def test_a_data_dir_the_service_user_cannot_read_is_named_as_such(tmp_path):
         assert "master key file" not in p.stderr, p.stderr[-2000:]
     finally:
         shutil.rmtree(parent)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 16 MiB tmpfs mounted for the test (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "small-fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mnt)],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def fill(directory: Path) -> list[Path]:
+    """Files filling the filesystem of `directory` until a write fails for lack of room."""
+    files = []
+    for size in (1 << 20, 4096, 512):
+        path = directory / f"filler-{size}"
+        files.append(path)
+        try:
+            with open(path, "wb", buffering=0) as f:
+                for _ in range(1 << 16):
+                    f.write(b"\0" * size)
+        except OSError as e:
+            assert e.errno == 28, e   # ENOSPC
+    return [f for f in files if f.exists()]
+
+
+def test_a_full_disk_refuses_what_it_cannot_record_and_recovers_when_space_is_freed(
+        small_filesystem, fake_stripe, stripe_secret, tmp_path):
+    """`serve` with its data dir on a real filesystem that fills up. While full: what needs
+    a write the store cannot make is refused with the SPEC's error (503
+    `storage_unavailable` on the control API, 503 `ledger_unavailable` for a metered call
+    whose spend cannot be recorded), never a 500 or a hang, and never reaches Stripe
+    unrecorded; the process stays up. Once space is freed, with no restart: keys are
+    issued, the refused keys pay, /readyz is ready again, and every dollar Stripe charged
+    is in the keys' settled spend."""
+    kb = Keybrake(tmp_path / "kb", {"stripe": fake_stripe.url})
+    kb.data_dir = small_filesystem / "data"
+    pay = {"amount": 100, "currency": "usd"}
+    try:
+        kb.start()
+        t = kb.create_tenant("full-disk")
+        t.put_credential("stripe", stripe_secret)
+
+        def new_key():
+            return t.call("POST", "/v1/keys", json={
+                "label": "full", "vendor": "stripe", "allowed_endpoints": ["POST /v1/payment_intents"],
+                "daily_usd_cap": 1000})
+
+        hot = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1000)
+        fresh = [t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1000)
+                 for _ in range(5)]
+        assert kb.proxy("POST", PI, key=hot["token"], data=pay).status_code == 200
+        fillers = fill(small_filesystem)
+
+        # Issuance: the store takes what its files still hold, then refuses.
+        answers = []
+        for _ in range(300):
+            r = new_key()
+            answers.append((r.status_code, error_code(r)))
+            if r.status_code != 201:
+                break
+        assert answers[-1] == (503, "storage_unavailable"), answers[-5:]
+        # Calls: a fresh key's first lease and a busy key's write-ahead need the store.
+        paid = 1
+        refused = []
+        for k in fresh + [hot] * 100:
+            r = kb.proxy("POST", PI, key=k["token"], data=pay)
+            assert (r.status_code, error_code(r)) in [(200, None), (503, "ledger_unavailable")], r.text[:300]
+            if r.status_code == 200:
+                paid += 1
+            else:
+                refused.append(k["id"])
+        assert len(accepted(fake_stripe)) == paid, "a refused call reached Stripe"
+        print(f"full disk: {len(answers) - 1} keys issued before a refusal; "
+              f"{paid - 1} calls paid and {len(refused)} refused")
+        assert refused, "the full disk refused nothing: the test proves nothing"
+        assert kb.proc.poll() is None
+        ready = requests.get(f"{kb.metrics_url}/readyz", timeout=5)
+        assert ready.status_code in (200, 503), ready.text
+
+        for f in fillers:
+            f.unlink()
+        assert wait_until(lambda: new_key().status_code == 201, timeout=10, interval=0.2)
+        for k in fresh:
+            r = kb.proxy("POST", PI, key=k["token"], data=pay)
+            assert r.status_code == 200, r.text[:300]
+            paid += 1
+        assert wait_until(lambda: requests.get(f"{kb.metrics_url}/readyz", timeout=5).status_code == 200,
+                          timeout=20, interval=0.25), requests.get(f"{kb.metrics_url}/readyz", timeout=5).text
+        charged = len(accepted(fake_stripe))
+        assert charged == paid
+
+        def settled():
+            keys = [t.get_key(k["id"]) for k in [hot] + fresh]
+            return keys if all(k["held_usd"] == 0 for k in keys) else None
+
+        keys = wait_until(settled, timeout=20, interval=0.25)
+        assert keys, [t.get_key(k["id"]) for k in [hot] + fresh]
+        assert sum(Decimal(str(k["spent_today_usd"])) for k in keys) == charged
+        assert kb.proc.poll() is None
+    finally:
+        if kb.proc and kb.proc.poll() is None:
+            kb.proc.kill()
+            kb.proc.wait(timeout=10)
 
 
 ACCESS_FIELDS = {"key_id", "label", "tenant", "vendor", "method", "path", "status", "decision",

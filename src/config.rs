@@ -504,6 +504,11 @@ pub struct MeterRule {
 }
 
 impl MeterRule {
+    /// Whether pricing a call reads objects from the vendor first (`reserve`'s lookups).
+    pub fn reads_vendor(&self) -> bool {
+        matches!(self.source, MeterSource::Response | MeterSource::Items)
+    }
+
     /// The request fields the rule reads.
     pub fn fields(&self) -> [&str; 2] {
         [&self.amount_field, &self.currency_field]

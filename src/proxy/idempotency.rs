@@ -118,6 +118,15 @@ impl IdempotencyBook {
         h.finish()
     }
 
+    /// Whether `call` is a retry of a call already charged, which `admit` would let
+    /// through free (a look, without waiting or recording anything).
+    pub fn was_charged(&self, call: &Call<'_>, now: i64) -> bool {
+        let id = (call.jti.clone(), Box::<str>::from(call.idempotency_key));
+        self.entries.get(&id).is_some_and(|e| {
+            e.exp > now && e.fingerprint == call.fingerprint && *e.state.borrow() == State::Charged
+        })
+    }
+
     /// Admits a metered call carrying an `Idempotency-Key`. Waits (at most `wait`) while
     /// the same request of the same key is in flight.
     pub async fn admit(self: &Arc<Self>, call: Call<'_>, now: i64, wait: Duration) -> Admission {

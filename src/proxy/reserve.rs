@@ -9,6 +9,7 @@ use super::idempotency::{self, Admission};
 use super::service::KeybrakeProxy;
 use super::spend::{SpendError, Spender};
 use super::verify::VerifiedKey;
+use crate::config::MeterRule;
 use crate::money::Micros;
 use crate::token::now_secs;
 use pingora::http::RequestHeader;
@@ -58,38 +59,7 @@ impl KeybrakeProxy {
             if req.headers.get_all("idempotency-key").iter().count() > 1 {
                 return Err(Denial::InvalidAmount);
             }
-            if let Some(idem) = req
-                .headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-            {
-                let body = ctx.body.read().map(|b| &b[..]).unwrap_or_default();
-                // The account is part of the request: the same key and body on another
-                // connected account is another charge (at most one account header, `scope`).
-                // So is the header that names it: whether the vendor keeps idempotency keys
-                // apart for `Stripe-Account` and `Stripe-Context` is not known, so the same
-                // account under the other header is charged again (more, never less).
-                let account: Vec<u8> = ctx
-                    .vendor
-                    .iter()
-                    .flat_map(|v| v.account_headers.iter())
-                    .find_map(|h| {
-                        let v = req.headers.get(h)?;
-                        Some([h.as_str().as_bytes(), b":", v.as_bytes()].concat())
-                    })
-                    .unwrap_or_default();
-                let call = idempotency::Call {
-                    jti: &key.jti,
-                    ten: &key.ten,
-                    exp: key.claims.exp,
-                    idempotency_key: idem,
-                    fingerprint: self.idempotency.fingerprint(
-                        req.method.as_str(),
-                        ctx.path(),
-                        &account,
-                        body,
-                    ),
-                };
+            if let Some(call) = self.idempotent_call(req, ctx, key) {
                 let admitted = self.idempotency.admit(call, now, self.idempotent_wait);
                 match Box::pin(admitted).await {
                     Admission::Replay => {
@@ -112,6 +82,80 @@ impl KeybrakeProxy {
         ctx.spend = reservation.amount;
         ctx.reservation = Some(reservation);
         self.still_valid(key)
+    }
+
+    /// The call as the idempotency book tells it from others, when it carries one
+    /// `Idempotency-Key`.
+    fn idempotent_call<'a>(
+        &self,
+        req: &'a RequestHeader,
+        ctx: &Ctx,
+        key: &'a VerifiedKey,
+    ) -> Option<idempotency::Call<'a>> {
+        let idempotency_key = req.headers.get("idempotency-key")?.to_str().ok()?;
+        let body = ctx.body.read().map(|b| &b[..]).unwrap_or_default();
+        // The account is part of the request: the same key and body on another connected
+        // account is another charge (at most one account header, `scope`). So is the
+        // header that names it: whether the vendor keeps idempotency keys apart for
+        // `Stripe-Account` and `Stripe-Context` is not known, so the same account under
+        // the other header is charged again (more, never less).
+        let account: Vec<u8> = ctx
+            .vendor
+            .iter()
+            .flat_map(|v| v.account_headers.iter())
+            .find_map(|h| {
+                let v = req.headers.get(h)?;
+                Some([h.as_str().as_bytes(), b":", v.as_bytes()].concat())
+            })
+            .unwrap_or_default();
+        Some(idempotency::Call {
+            jti: &key.jti,
+            ten: &key.ten,
+            exp: key.claims.exp,
+            idempotency_key,
+            fingerprint: self.idempotency.fingerprint(
+                req.method.as_str(),
+                ctx.path(),
+                &account,
+                body,
+            ),
+        })
+    }
+
+    /// Before the vendor is made to read an object to price a call (`price::Lookups`: a
+    /// subscription's prices, the intent or invoice a confirm, capture or pay acts on): a
+    /// key with nothing left is refused here, so a call that is then denied never has the
+    /// vendor serve requests carrying the tenant's credential (SPEC §4), however many
+    /// objects it names. Not for the key's own object, already paid for (confirming it
+    /// costs nothing more, at the cap too), nor for a retry of a call already charged
+    /// (let through free).
+    pub(super) async fn room_before_lookups(
+        &self,
+        req: &RequestHeader,
+        ctx: &Ctx,
+        key: &VerifiedKey,
+        rule: &MeterRule,
+        now: i64,
+    ) -> Result<(), Denial> {
+        if rule.skip_if_created_by_same_key
+            && self
+                .charges
+                .charged_for(rule, ctx.path(), &key.claims.jti)
+                .is_some()
+        {
+            return Ok(());
+        }
+        if req.headers.get_all("idempotency-key").iter().count() == 1
+            && self
+                .idempotent_call(req, ctx, key)
+                .is_some_and(|call| self.idempotency.was_charged(&call, now))
+        {
+            return Ok(());
+        }
+        self.spend
+            .has_room(&spender(key), now)
+            .await
+            .map_err(refused)
     }
 
     /// The key's expiry and revocation, and (on an edge node) the freshness of the view

@@ -131,7 +131,11 @@ impl KeybrakeProxy {
                 sent: false,
             };
         }
-        // 6. price
+        // 6. price (from objects the vendor reads first, only while the key has room)
+        if let Some(rule) = rule.as_deref().filter(|r| r.reads_vendor()) {
+            self.room_before_lookups(session.req_header(), ctx, &key, rule, now)
+                .await?;
+        }
         let pricing = Pricing {
             vendor: &vendor,
             path: ctx.path(),

@@ -453,6 +453,24 @@ impl SpendBook {
         self.reserve_in(entry, who, amount, now, true).await
     }
 
+    /// Whether anything could be reserved on the key now, taking nothing: `reserve`'s
+    /// checks, with budget leased when the counter holds none (it stays there for the
+    /// reservation that follows). Asked before a call's price is read from the vendor
+    /// (`KeybrakeProxy::room_before_lookups`).
+    pub async fn has_room(&self, who: &Spender<'_>, now: i64) -> Result<(), SpendError> {
+        if crate::token::mono_ms() >= self.ledger.leases_valid_until_ms() {
+            return Err(SpendError::LedgerUnavailable);
+        }
+        let entry = self.entry(who, now);
+        if entry.over_cap.load(Ordering::Acquire) {
+            return Err(SpendError::CapExhausted);
+        }
+        let taken = self.take(&entry, who, Micros(1), now, true).await?;
+        entry.add_precommitted(taken.ahead);
+        entry.add_available(taken.lease);
+        Ok(())
+    }
+
     /// `reserve` on a given counter (its key and day), whatever day `now` is in. A past
     /// day's counter takes only what it holds: no lease is asked for a day that is over
     /// (a control plane grants none past a few minutes after midnight).

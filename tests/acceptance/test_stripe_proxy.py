@@ -1768,6 +1768,34 @@ def test_a_subscription_costs_its_first_period_and_is_refused_past_the_cap(
     assert len(fake_stripe.received_matching("POST", "/v1/subscriptions")) == 1
 
 
+def test_a_key_with_nothing_left_makes_stripe_read_nothing_for_a_call_it_is_refused(
+        keybrake, tenant, fake_stripe, stripe_secret):
+    """A call priced from objects Stripe reads first (a subscription's prices, the invoice
+    a pay acts on) is refused before any read when the key has nothing left: a denial
+    never reaches the vendor, not even as a lookup carrying the tenant's secret, however
+    many prices the call names. A key with room still has its prices read and is charged."""
+    direct, customer = _customer_with_card(fake_stripe, stripe_secret)
+    prices = [direct.post(f"{fake_stripe.url}/v1/prices", timeout=10,
+                          data={"unit_amount": 40, "currency": "usd"}).json()["id"] for _ in range(3)]
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents", "POST /v1/subscriptions",
+                                              "POST /v1/invoices/*/pay"], daily_usd_cap=1)
+    assert keybrake.proxy("POST", PI, key=key["token"], data={"amount": 100, "currency": "usd"}).status_code == 200
+    before = len(fake_stripe.received())
+    body = {"customer": customer, **{f"items[{i}][price]": p for i, p in enumerate(prices)}}
+    for _ in range(3):
+        r = keybrake.proxy("POST", "/stripe/v1/subscriptions", key=key["token"], data=body)
+        assert_denied(r, 429, "cap_exhausted")
+        r = keybrake.proxy("POST", "/stripe/v1/invoices/in_123/pay", key=key["token"])
+        assert_denied(r, 429, "cap_exhausted")
+    assert fake_stripe.received()[before:] == [], "the vendor was asked something for refused calls"
+    # The same call on a key with room: its three prices are read, and it is charged.
+    roomy = tenant.issue_key(allowed_endpoints=["POST /v1/subscriptions"], daily_usd_cap=5)
+    r = keybrake.proxy("POST", "/stripe/v1/subscriptions", key=roomy["token"], data=body)
+    assert r.status_code == 200, r.text
+    assert len([x for x in fake_stripe.received()[before:] if x.method == "GET"]) == 3
+    tenant.wait_spent(roomy["id"], Decimal("1.2"))
+
+
 @pytest.mark.parametrize("query", [
     "add_invoice_items[0][price]=PRICE&add_invoice_items[0][quantity]=1000",
     "backdate_start_date=1600000000",

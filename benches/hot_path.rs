@@ -215,7 +215,8 @@ fn idempotent_call(c: &mut Criterion) {
     c.bench_function("idempotent_call_admit_and_forget", |b| {
         b.iter(|| {
             i = (i + 1) % keys.len();
-            let fingerprint = book.fingerprint("POST", "/v1/payment_intents", b"", body);
+            let fingerprint =
+                book.fingerprint(b"sk_test_bench", "POST", "/v1/payment_intents", b"", body);
             let call = Call {
                 jti: &jti,
                 ten: &ten,

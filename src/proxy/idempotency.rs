@@ -102,12 +102,23 @@ pub struct Call<'a> {
 }
 
 impl IdempotencyBook {
-    /// A fingerprint of what makes two calls the same request: method, path, the
-    /// connected account it acts on (`Stripe-Account`, empty for the platform's own) and
-    /// body.
-    pub fn fingerprint(&self, method: &str, path: &str, account: &[u8], body: &[u8]) -> u64 {
+    /// A fingerprint of what makes two calls the same request: the vendor credential it
+    /// is sent with (the vendor keeps idempotency keys per account and mode: after the
+    /// tenant replaced its secret, say test for live, a retry is a new charge), method,
+    /// path, the connected account it acts on (`Stripe-Account`, empty for the platform's
+    /// own) and body. Only this process's randomly seeded hash of the credential is kept.
+    pub fn fingerprint(
+        &self,
+        credential: &[u8],
+        method: &str,
+        path: &str,
+        account: &[u8],
+        body: &[u8],
+    ) -> u64 {
         use std::hash::{BuildHasher, Hasher};
         let mut h = self.seeds.build_hasher();
+        h.write(credential);
+        h.write_u8(0);
         h.write(method.as_bytes());
         h.write_u8(0);
         h.write(path.as_bytes());
@@ -262,18 +273,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_same_body_on_another_account_is_another_request() {
+    fn the_same_body_on_another_account_or_with_another_credential_is_another_request() {
         let book = IdempotencyBook::default();
-        let on =
-            |account: &[u8]| book.fingerprint("POST", "/v1/payment_intents", account, b"amount=1");
+        let with = |credential: &[u8], account: &[u8]| {
+            book.fingerprint(
+                credential,
+                "POST",
+                "/v1/payment_intents",
+                account,
+                b"amount=1",
+            )
+        };
+        let on = |account: &[u8]| with(b"sk_test_1", account);
         assert_eq!(on(b"acct_A"), on(b"acct_A"));
         assert_ne!(on(b"acct_A"), on(b"acct_B"));
         assert_ne!(on(b""), on(b"acct_A"));
+        // The tenant replaced its secret (another account, or live for test): the vendor
+        // does not know the first call's idempotency key there.
+        assert_ne!(with(b"sk_test_1", b""), with(b"sk_live_1", b""));
         // Seeds of their own: another process's fingerprint of the same request differs.
         let other = IdempotencyBook::default();
         assert_ne!(
             on(b""),
-            other.fingerprint("POST", "/v1/payment_intents", b"", b"amount=1")
+            other.fingerprint(
+                b"sk_test_1",
+                "POST",
+                "/v1/payment_intents",
+                b"",
+                b"amount=1"
+            )
         );
     }
 

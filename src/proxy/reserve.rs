@@ -11,6 +11,7 @@ use super::spend::{SpendError, Spender};
 use super::verify::VerifiedKey;
 use crate::config::MeterRule;
 use crate::money::Micros;
+use crate::secret::Secret;
 use crate::token::now_secs;
 use pingora::http::RequestHeader;
 
@@ -35,12 +36,14 @@ pub fn refused(e: SpendError) -> Denial {
 }
 
 impl KeybrakeProxy {
-    /// Reserves `cost` for the call `ctx` describes (its metering set by pricing).
+    /// Reserves `cost` for the call `ctx` describes (its metering set by pricing), sent
+    /// with `secret`.
     pub(super) async fn reserve(
         &self,
         req: &RequestHeader,
         ctx: &mut Ctx,
         key: &VerifiedKey,
+        secret: &Secret,
         mut cost: Micros,
         now: i64,
     ) -> Result<(), Denial> {
@@ -59,7 +62,7 @@ impl KeybrakeProxy {
             if req.headers.get_all("idempotency-key").iter().count() > 1 {
                 return Err(Denial::InvalidAmount);
             }
-            if let Some(call) = self.idempotent_call(req, ctx, key) {
+            if let Some(call) = self.idempotent_call(req, ctx, key, secret) {
                 let admitted = self.idempotency.admit(call, now, self.idempotent_wait);
                 match Box::pin(admitted).await {
                     Admission::Replay => {
@@ -85,12 +88,13 @@ impl KeybrakeProxy {
     }
 
     /// The call as the idempotency book tells it from others, when it carries one
-    /// `Idempotency-Key`.
+    /// `Idempotency-Key`; it is sent with `secret`.
     fn idempotent_call<'a>(
         &self,
         req: &'a RequestHeader,
         ctx: &Ctx,
         key: &'a VerifiedKey,
+        secret: &Secret,
     ) -> Option<idempotency::Call<'a>> {
         let idempotency_key = req.headers.get("idempotency-key")?.to_str().ok()?;
         let body = ctx.body.read().map(|b| &b[..]).unwrap_or_default();
@@ -114,6 +118,7 @@ impl KeybrakeProxy {
             exp: key.claims.exp,
             idempotency_key,
             fingerprint: self.idempotency.fingerprint(
+                secret.expose().as_bytes(),
                 req.method.as_str(),
                 ctx.path(),
                 &account,
@@ -134,6 +139,7 @@ impl KeybrakeProxy {
         req: &RequestHeader,
         ctx: &Ctx,
         key: &VerifiedKey,
+        secret: &Secret,
         rule: &MeterRule,
         now: i64,
     ) -> Result<(), Denial> {
@@ -147,7 +153,7 @@ impl KeybrakeProxy {
         }
         if req.headers.get_all("idempotency-key").iter().count() == 1
             && self
-                .idempotent_call(req, ctx, key)
+                .idempotent_call(req, ctx, key, secret)
                 .is_some_and(|call| self.idempotency.was_charged(&call, now))
         {
             return Ok(());

@@ -133,7 +133,7 @@ impl KeybrakeProxy {
         }
         // 6. price (from objects the vendor reads first, only while the key has room)
         if let Some(rule) = rule.as_deref().filter(|r| r.reads_vendor()) {
-            self.room_before_lookups(session.req_header(), ctx, &key, rule, now)
+            self.room_before_lookups(session.req_header(), ctx, &key, &secret, rule, now)
                 .await?;
         }
         let pricing = Pricing {
@@ -149,7 +149,7 @@ impl KeybrakeProxy {
             .await?;
         ctx.metering = metering;
         // 7. reserve
-        self.reserve(session.req_header(), ctx, &key, cost, now)
+        self.reserve(session.req_header(), ctx, &key, &secret, cost, now)
             .await?;
         ctx.secret = Some(secret);
         Ok(())

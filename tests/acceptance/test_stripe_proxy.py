@@ -1994,6 +1994,23 @@ def test_one_idempotency_key_under_the_other_account_header_is_charged_again(key
     tenant.wait_spent(key["id"], Decimal(20))
 
 
+def test_a_retry_after_the_tenant_replaced_its_stripe_secret_is_charged_again(
+        keybrake, tenant, fake_stripe, stripe_secret):
+    """Stripe keeps idempotency keys per account and mode: once the tenant has replaced
+    its secret (another account, live for test), a retry with the first call's
+    Idempotency-Key is a new payment there, so it is charged again. A $1 key pays $0.60
+    once; the same retry, free before the switch, is refused at the cap after it."""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1)
+    body, idem = {"amount": 60, "currency": "usd"}, {"Idempotency-Key": f"idem-{secrets.token_hex(4)}"}
+    assert keybrake.proxy("POST", PI, key=key["token"], data=body, headers=idem).status_code == 200
+    r = keybrake.proxy("POST", PI, key=key["token"], data=body, headers=idem)
+    assert r.status_code == 200, r.text   # a free replay under the same secret
+    tenant.put_credential("stripe", stripe_secret + "_rotated")
+    r = keybrake.proxy("POST", PI, key=key["token"], data=body, headers=idem)
+    assert_denied(r, 429, "cap_exhausted")
+    tenant.wait_spent(key["id"], Decimal("0.6"))
+
+
 def test_a_blank_or_overlong_idempotency_key_is_charged_every_time(keybrake, tenant, fake_stripe):
     """A blank `Idempotency-Key` (or one past Stripe's 255 characters) may be taken by
     the vendor for no key at all, each call a new payment: every one is charged, so a $1

@@ -90,20 +90,37 @@ pub fn as_sent(raw: &str) -> String {
     out
 }
 
-/// A path as it may be shown (access log, audit, error lines): a Keybrake token a client
-/// put in it (`vk_`, `kb_`, `kbn_` or `kba_` followed by at least 20 token characters)
-/// is redacted to the end of its segment, the prefix kept (`vk_[redacted]`), so no part
-/// of it (a JWT's payload or signature past an escape) can be put together again. Only
-/// the shown path: the one matched and forwarded is unchanged.
+/// A path as it may be shown (access log, audit, error lines): a token or secret a
+/// client put in it is redacted to the end of its segment, its prefix kept
+/// (`vk_[redacted]`), so no part of it (a JWT's payload or signature past an escape) can
+/// be put together again. Recognized: a prefix followed by at least 20 token characters,
+/// Keybrake's own anywhere (`vk_`, `kb_`, `kbn_`, `kba_`), and where a word starts a vault
+/// key without its prefix (a JWT: `eyJ`) and the vendors' secrets (Stripe's `sk_live_`,
+/// `sk_test_`, `rk_live_`, `rk_test_`, `whsec_`; OpenAI's and Anthropic's `sk-`). Only the
+/// shown path: the one matched and forwarded is unchanged.
 pub fn without_tokens(path: &str) -> std::borrow::Cow<'_, str> {
     const PREFIXES: [&[u8]; 4] = [b"vk_", b"kbn_", b"kba_", b"kb_"];
+    const AT_WORD_START: [&[u8]; 7] = [
+        b"eyJ",
+        b"sk_live_",
+        b"sk_test_",
+        b"rk_live_",
+        b"rk_test_",
+        b"whsec_",
+        b"sk-",
+    ];
     const MIN_TOKEN_CHARS: usize = 20;
     let b = path.as_bytes();
     let is_token_char = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.');
     let mut out = String::new();
     let (mut copied, mut i) = (0, 0);
     while i < b.len() {
-        let prefix = PREFIXES.iter().find(|p| b[i..].starts_with(p));
+        let word_start = i == 0 || !b[i - 1].is_ascii_alphanumeric();
+        let prefix = PREFIXES.iter().find(|p| b[i..].starts_with(p)).or_else(|| {
+            word_start
+                .then(|| AT_WORD_START.iter().find(|p| b[i..].starts_with(p)))
+                .flatten()
+        });
         if let Some(prefix) = prefix {
             let start = i + prefix.len();
             let run = b[start..].iter().take_while(|c| is_token_char(c)).count();
@@ -229,12 +246,31 @@ mod tests {
             without_tokens(&format!("/x/\u{e9}/{vk}")),
             "/x/\u{e9}/vk_[redacted]"
         );
+        // A vault key without its prefix, and vendors' secrets.
+        assert_eq!(
+            without_tokens(&format!("/stripe/v1/customers/{}/x", &vk[3..])),
+            "/stripe/v1/customers/eyJ[redacted]/x"
+        );
+        for secret in [
+            "sk_live_51HxQ2bLkdIwHu7ixAbCdEfGh",
+            "sk_test_51HxQ2bLkdIwHu7ixAbCdEfGh",
+            "rk_live_51HxQ2bLkdIwHu7ixAbCdEfGh",
+            "whsec_51HxQ2bLkdIwHu7ixAbCdEfGh",
+            "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx",
+            "sk-ant-api03-AbCdEfGhIjKlMnOpQrSt",
+        ] {
+            let path = format!("/openai/v1/files/{secret}");
+            let shown = without_tokens(&path);
+            assert!(shown.ends_with("[redacted]"), "{shown}");
+            assert!(!shown.contains(&secret[secret.len() - 12..]), "{shown}");
+        }
         // Ordinary ids and names stay as they are.
         for path in [
             "/stripe/v1/payment_intents/pi_3MtwBwLkdIwHu7ix28a3tqPa",
             "/stripe/v1/kb_articles",
             "/stripe/v1/customers/cus_vk_1",
             "/openai/v1/models/ft:gpt-4o:kb_org:x",
+            "/openai/v1/files/task-AbCdEfGhIjKlMnOpQrStUvWx",
         ] {
             assert!(
                 matches!(without_tokens(path), std::borrow::Cow::Borrowed(_)),

@@ -469,6 +469,34 @@ fn command() -> clap::Command {
     })
 }
 
+/// The logger `RUST_LOG` configures, without the libraries' `trace` lines: Pingora's
+/// print whole request headers (a vault key, the vendor secret injected), and the HTTP
+/// and TLS libraries' print what they send. Keybrake's own lines at every level stay.
+struct NoLibraryTraces(env_logger::Logger);
+
+impl NoLibraryTraces {
+    fn allows(&self, metadata: &log::Metadata) -> bool {
+        (metadata.level() < log::Level::Trace || metadata.target().starts_with("keybrake"))
+            && log::Log::enabled(&self.0, metadata)
+    }
+}
+
+impl log::Log for NoLibraryTraces {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.allows(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.allows(record.metadata()) {
+            log::Log::log(&self.0, record);
+        }
+    }
+
+    fn flush(&self) {
+        log::Log::flush(&self.0);
+    }
+}
+
 fn parse_cli() -> Cli {
     Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit())
 }
@@ -482,11 +510,15 @@ fn main() {
     // Pingora logs an idle vendor connection lost to a race with its idle check as an
     // error ("failed to acquire reusable stream") and simply opens another: noise at
     // every busy moment, off unless RUST_LOG asks for it.
-    env_logger::Builder::from_env(
+    let logger = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,pingora_core::connectors=off"),
     )
     .target(env_logger::Target::Stderr)
-    .init();
+    .build();
+    let max_level = logger.filter();
+    if log::set_boxed_logger(Box::new(NoLibraryTraces(logger))).is_ok() {
+        log::set_max_level(max_level);
+    }
     if let Err(e) = run(parse_cli()) {
         eprintln!("keybrake: {e:#}");
         std::process::exit(1);

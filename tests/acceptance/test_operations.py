@@ -454,15 +454,17 @@ ACCESS_FIELDS = {"key_id", "label", "tenant", "vendor", "method", "path", "statu
                  "spend_usd", "duration_ms"}
 
 
-def test_no_output_ever_contains_a_token_or_a_secret(keybrake_factory, fake_stripe, tmp_path):
+@pytest.mark.parametrize("rust_log", [None, "trace"])
+def test_no_output_ever_contains_a_token_or_a_secret(keybrake_factory, fake_stripe, tmp_path, rust_log):
     """An operator reading everything Keybrake wrote (stdout, stderr and the access log
     file) after a full tenant life cycle — credential stored, key issued, calls allowed
     with the key as Bearer, x-api-key and Basic user name, calls denied (scope, cap,
     malformed and tampered tokens carrying a marker, revoked key), audit read — finds no
     admin token, tenant API token, vault key (nor its JWT signature), malformed token,
-    vendor secret or master key. The access log has exactly one JSON line per proxied
-    request, with key_id, label, tenant, vendor, method, path, status, decision,
-    spend_usd and duration_ms."""
+    vendor secret or master key, at the default log level and with `RUST_LOG=trace`
+    (the libraries' trace lines, which print request headers, are never written). The
+    access log has exactly one JSON line per proxied request, with key_id, label, tenant,
+    vendor, method, path, status, decision, spend_usd and duration_ms."""
     access_log = tmp_path / "logs" / "access.log"
     access_log.parent.mkdir()
     cfg = write_config(
@@ -470,7 +472,7 @@ def test_no_output_ever_contains_a_token_or_a_secret(keybrake_factory, fake_stri
         access_log=str(access_log),
         pingora={"grace_period_seconds": 1, "graceful_shutdown_timeout_seconds": 3},
     )
-    kb = keybrake_factory({"stripe": fake_stripe.url}, config=cfg)
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=cfg, env_overrides={"RUST_LOG": rust_log})
     vendor_secret = "sk_test_" + secrets.token_hex(16)
     marker = "MALFORMEDMARK" + secrets.token_hex(8)
 

@@ -1034,18 +1034,9 @@ impl Config {
             currencies: parse_currencies(&currencies_text)?,
             prices: std::sync::Arc::new(prices),
         };
-        plaintext_rule(
-            "proxy",
-            config.proxy_listen,
-            config.proxy.tls.is_some(),
-            config.proxy.plaintext_allowed,
-        )?;
-        plaintext_rule(
-            "control",
-            config.control_listen,
-            config.control.tls.is_some(),
-            config.control.plaintext_allowed,
-        )?;
+        // The proxy's and the control API's listeners are checked by the commands that
+        // open them (`check_files`): an edge host's config need not say how a control
+        // listener it never opens would be served, nor a control host's a proxy's.
         plaintext_rule(
             "metrics",
             config.metrics_listen,
@@ -1099,10 +1090,16 @@ impl Config {
                 }
             }
         }
-        for (what, l) in [("proxy", &self.proxy), ("control", &self.control)] {
-            if (what == "proxy" && !with_proxy) || (what == "control" && !with_control) {
+        // Only the listeners this process opens: plain HTTP off loopback must be asked for
+        // (SPEC §8), and certificates must load.
+        for (what, addr, l, runs) in [
+            ("proxy", self.proxy_listen, &self.proxy, with_proxy),
+            ("control", self.control_listen, &self.control, with_control),
+        ] {
+            if !runs {
                 continue;
             }
+            plaintext_rule(what, addr, l.tls.is_some(), l.plaintext_allowed)?;
             if let Some(files) = &l.tls {
                 crate::tls::ReloadingCert::load(what, files)
                     .with_context(|| format!("{what}.tls"))?;
@@ -1591,19 +1588,29 @@ mod tests {
     #[test]
     fn plain_http_on_a_non_loopback_address_must_be_asked_for() {
         let o = Overrides::default();
-        let err = Config::from_yaml("proxy_listen: \"0.0.0.0:8080\"", None, &o).unwrap_err();
-        let text = format!("{err:#}");
+        // Checked for the listeners a command opens (`check_files(proxy, control)`).
+        let opened = |yaml: &str, proxy: bool, control: bool| {
+            Config::from_yaml(yaml, None, &o)
+                .and_then(|c| c.check_files(proxy, control))
+                .map_err(|e| format!("{e:#}"))
+        };
+        let text = opened("proxy_listen: \"0.0.0.0:8080\"", true, false).unwrap_err();
         assert!(
             text.contains("proxy listener 0.0.0.0:8080 would serve plain HTTP")
                 && text.contains("proxy.plaintext: true"),
             "{text}"
         );
-        assert!(Config::from_yaml(
+        assert!(opened("proxy_listen: \"0.0.0.0:8080\"", true, true).is_err());
+        assert!(opened(
             "proxy_listen: \"0.0.0.0:8080\"\nproxy: {plaintext: true}",
-            None,
-            &o
+            true,
+            true
         )
         .is_ok());
+        // A control host does not open the proxy's listener, nor an edge host the
+        // control API's: what their config says of it is not held against them.
+        assert!(opened("proxy_listen: \"0.0.0.0:8080\"", false, true).is_ok());
+        assert!(opened("control_listen: \"0.0.0.0:8081\"", true, false).is_ok());
         let tls = "proxy_listen: \"[::]:8443\"\nproxy: {tls: {cert_file: a.pem, key_file: a.key}}";
         // (no side files in /etc/kb: the embedded catalog, currencies and prices apply)
         let c = Config::from_yaml(tls, Some(Path::new("/etc/kb")), &o).unwrap();
@@ -1632,8 +1639,8 @@ mod tests {
             format!("{:#}", Config::from_yaml(both, None, &o).unwrap_err())
                 .contains("both tls and plaintext")
         );
-        let err = Config::from_yaml("control_listen: \"10.0.0.1:8081\"", None, &o).unwrap_err();
-        assert!(format!("{err:#}").contains("control.tls"), "{err:#}");
+        let err = opened("control_listen: \"10.0.0.1:8081\"", false, true).unwrap_err();
+        assert!(err.contains("control.tls"), "{err}");
         let err = Config::from_yaml("metrics_listen: \"10.0.0.1:9090\"", None, &o).unwrap_err();
         assert!(format!("{err:#}").contains("metrics.plaintext"), "{err:#}");
         let overridden = Overrides {
@@ -1641,7 +1648,9 @@ mod tests {
             ..Overrides::default()
         };
         assert!(
-            Config::from_yaml("", None, &overridden).is_err(),
+            Config::from_yaml("", None, &overridden)
+                .and_then(|c| c.check_files(true, false))
+                .is_err(),
             "a flag is held to it too"
         );
     }

@@ -469,6 +469,16 @@ def test_a_plain_http_listener_on_a_non_loopback_address_is_refused_at_start(tmp
     p = run_keybrake("check", "--config", str(config), "--proxy-listen", "0.0.0.0:1")
     assert p.returncode == 0, p.stderr
     assert "proxy http://0.0.0.0:1" in p.stdout
+    # Only the listeners a command opens: a control host's config with the control API
+    # on every interface (behind TLS elsewhere in its file, or not at all on an edge
+    # host) says nothing an edge node acts on, and the reverse.
+    edge = write_config(tmp_path / "edge", control_listen="0.0.0.0:8081")
+    assert run_keybrake("check", "--config", str(edge), "--role", "proxy").returncode == 0
+    assert run_keybrake("check", "--config", str(edge)).returncode == 1
+    control = write_config(tmp_path / "control", proxy_listen="0.0.0.0:8080")
+    assert run_keybrake("check", "--config", str(control), "--role", "control").returncode == 0
+    p = run_keybrake("check", "--config", str(control), "--role", "proxy")
+    assert p.returncode == 1 and "proxy listener 0.0.0.0:8080 would serve plain HTTP" in p.stderr, p.stderr
 
 
 def test_check_for_one_role_reads_only_that_roles_files(tmp_path, ca):

@@ -5,7 +5,7 @@ One tenant issues KEYS keys (default 1,000), each as large as the limits allow: 
 endpoint patterns of ~210 bytes and ~8 KiB of metadata. Then READERS connections
 (default 100) each send `GET /v1/keys?limit=1000` and read the answer SLOW_BYTES bytes per
 second, for DURATION seconds. The script samples the process's VmRSS every 0.25 s and
-prints the largest value, before and during the readers. Target (issue 14): < 256 MiB.
+prints the largest value, before and during the readers. Target: < 256 MiB.
 
     cargo build --release --bin keybrake
     load-tests/control_list_rss.py

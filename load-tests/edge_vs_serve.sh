@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The metered Stripe POST on an edge node vs on `serve` (issue 16: within 10%), in one
+# The metered Stripe POST on an edge node vs on `serve` (target: within 10%), in one
 # session: load-tests/proxy_overhead.sh run alternately with KB_MODE=serve and KB_MODE=edge,
 # RUNS times each (one saturation round per run, no paced or light phase), each run with
 # its own passthrough as the yardstick. Prints every run and the medians of keybrake

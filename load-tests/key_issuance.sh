@@ -10,7 +10,7 @@
 # must be stored (the listing is walked to count them, bounded by MAX_LIST pages).
 #
 # Target to compare against (printed, not enforced): >= 5,000 keys/s, p99 < 5 ms on the
-# 2-core dev machine for SQLite; >= 3,000 keys/s, p99 < 10 ms for PostgreSQL (issue 17). One run per concurrency level in CONNS: a moderate one (6), where
+# 2-core dev machine for SQLite; >= 3,000 keys/s, p99 < 10 ms for PostgreSQL. One run per concurrency level in CONNS: a moderate one (6), where
 # latency is the service's own, and a saturating one (32), where it is mostly queueing.
 #
 #   cargo build --release --bin keybrake

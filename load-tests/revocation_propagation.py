@@ -6,7 +6,7 @@ For each of N keys (default 100): issue the key, call through every node once (s
 node holds the verified token in its cache), `DELETE /v1/keys/{id}`, then from the
 moment the DELETE is answered poll the three nodes in parallel (one keep-alive
 connection each, back to back) until every one answers 401 `key_revoked`. Prints p50,
-p90, p99 and max of that time over the N revocations. Target (issue 16): p99 < 250 ms.
+p90, p99 and max of that time over the N revocations. Target: p99 < 250 ms.
 
     cargo build --release --bin keybrake
     KEYBRAKE_BIN=target/release/keybrake .venv/bin/python load-tests/revocation_propagation.py

@@ -1110,14 +1110,25 @@ impl Config {
         }
         if let AccessLog::File(path) = &self.access_log {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let shown = std::path::absolute(path).unwrap_or(path.clone());
             if dir.is_some_and(|d| !d.is_dir()) {
-                let shown = std::path::absolute(path).unwrap_or(path.clone());
                 bail!(
                     "access_log: the directory of {} does not exist (a relative access_log \
                      is relative to the working directory)",
                     shown.display()
                 );
             }
+            // This user must be able to append to it, or to create it: said before any
+            // listener opens, not once the others already serve.
+            let writable = if path.exists() {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map(|_| ())
+            } else {
+                writable_dir(dir.unwrap_or(Path::new(".")))
+            };
+            writable.with_context(|| format!("access_log: cannot write {}", shown.display()))?;
         }
         if let Some(ca) = &self.upstream.ca_file {
             crate::tls::read_certs(ca).context("upstream.ca_file")?;
@@ -1128,6 +1139,19 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether this process may create files in `dir` (access(2) with write and search).
+fn writable_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

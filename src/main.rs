@@ -2,7 +2,7 @@
 //! `check`, and the client commands for the control API (`tenant`, `node`, `vendor`,
 //! `key`, `audit`).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use keybrake::cli::{self, Client};
 use keybrake::config::{Config, Overrides};
@@ -627,6 +627,12 @@ fn run(cli: Cli) -> Result<()> {
             if let (Role::Control, Ok(url)) = (role, std::env::var("KEYBRAKE_DATABASE_URL")) {
                 keybrake::database::DatabaseUrl::parse(&url)
                     .map_err(|e| e.context("KEYBRAKE_DATABASE_URL"))?;
+            }
+            if let (true, keybrake::database::Database::Sqlite { data_dir }) =
+                (role != Role::Proxy, config.database())
+            {
+                keybrake::secret::check_private_dir(&data_dir)
+                    .with_context(|| format!("cannot use data dir {}", data_dir.display()))?;
             }
             if role == Role::Serve
                 && (config.database_url.is_some()

@@ -31,6 +31,23 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What `private_dir` would refuse of a path that exists, creating nothing (`keybrake
+/// check`): a file in its place, or a directory this user cannot read. A missing one is
+/// fine (a start creates it).
+pub fn check_private_dir(path: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if !m.is_dir() => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "it exists and is not a directory",
+        )),
+        Ok(_) => std::fs::read_dir(path).map(|_| ()).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("it exists but cannot be read: {e}"))
+        }),
+    }
+}
+
 /// Makes sure a database file exists with mode 0600 before SQLite opens it, whatever the
 /// directory's mode or the process umask: SQLite creates a missing file with 0644 (less
 /// the umask), and gives its `-wal` and `-shm` files the database file's mode. An existing

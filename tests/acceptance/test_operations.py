@@ -986,12 +986,52 @@ def test_check_refuses_the_secrets_and_database_url_a_start_would_refuse(tmp_pat
         (["--master-key-file", str(not_base64)], {}, "not valid base64"),
         (["--admin-token-file", str(short)], {}, "at least 16 characters"),
         (["--role=control"], {"KEYBRAKE_DATABASE_URL": "mysql://kb@127.0.0.1/kb"}, "KEYBRAKE_DATABASE_URL"),
+        (["--data-dir", str(short)], {}, f"cannot use data dir {short}: it exists and is not a directory"),
     ]:
         r = check(*args, **extra)
         assert r.returncode != 0 and expected in r.stderr, (args, r.stdout + r.stderr)
         assert "configuration OK" not in r.stdout
     r = check("--role=proxy", "--master-key-file", str(not_base64))
     assert r.returncode == 0 and f"configuration OK ({cfg})" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_check_refuses_an_access_log_the_service_user_cannot_write(tmp_path):
+    """`check` run as the service user (as a unit's ExecStartPre is) refuses an access log
+    it could not open, as `serve` would, but before anything listens: a file it may not
+    append to, or a directory it may not create one in."""
+    import tempfile
+    parent = Path(tempfile.mkdtemp(prefix="kb-log-", dir="/tmp"))
+    try:
+        parent.chmod(0o755)
+        logs = parent / "logs"
+        logs.mkdir(mode=0o755)   # root's: others may not create files in it
+        owned = parent / "owned"
+        owned.mkdir(mode=0o755)
+        (owned / "access.log").write_text("")
+        os.chown(owned, 65534, 65534)
+        os.chmod(owned / "access.log", 0o644)   # root's file in the user's directory
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
+
+        def check_as_nobody(access_log: Path):
+            cfg = write_config(parent / f"conf-{access_log.parent.name}", access_log=str(access_log))
+            os.chmod(cfg.parent, 0o755)
+            for f in cfg.parent.iterdir():
+                os.chmod(f, 0o644)
+            return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   str(KEYBRAKE_BIN), "check", "--config", str(cfg), "--role=proxy"],
+                                  capture_output=True, text=True, timeout=30, env=env, cwd=parent)
+
+        for access_log in (logs / "access.log", owned / "access.log"):
+            r = check_as_nobody(access_log)
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert f"access_log: cannot write {access_log}" in r.stderr, r.stderr
+        os.chown(logs, 65534, 65534)
+        r = check_as_nobody(logs / "access.log")
+        assert r.returncode == 0 and "configuration OK" in r.stdout, r.stdout + r.stderr
+        assert not (logs / "access.log").exists(), "check creates nothing"
+    finally:
+        shutil.rmtree(parent)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONF_DIR.glob("keybrake*.yaml")))

@@ -17,7 +17,7 @@ use std::time::Duration;
 pub mod defaults;
 mod duration;
 pub use duration::parse_duration;
-use duration::{Millis, Seconds};
+use duration::{FineSeconds, Millis, Seconds};
 
 /// The configuration file read when no `--config` is given, relative to the working
 /// directory (the embedded defaults when it does not exist).
@@ -68,7 +68,7 @@ struct FileConfig {
 #[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileEdge {
-    max_staleness: Option<Seconds>,
+    max_staleness: Option<FineSeconds>,
 }
 
 /// `proxy:` and `control:`: TLS and the limits that keep a listener available.
@@ -807,7 +807,7 @@ impl Config {
         if default_key_ttl > max_key_ttl {
             bail!("default_key_ttl is longer than max_key_ttl");
         }
-        let max_staleness = secs(file.edge.max_staleness, defaults::EDGE_MAX_STALENESS);
+        let max_staleness = (file.edge.max_staleness).map_or(defaults::EDGE_MAX_STALENESS, |v| v.0);
         if max_staleness < Duration::from_secs(1) {
             bail!("edge.max_staleness must be at least 1s");
         }
@@ -1512,6 +1512,9 @@ mod tests {
         assert_eq!(c.max_staleness, Duration::from_secs(120));
         let c = Config::from_yaml("edge: {max_staleness: 5}", None, &none).unwrap();
         assert_eq!(c.max_staleness, Duration::from_secs(5));
+        // As `--max-staleness` takes it.
+        let c = Config::from_yaml("edge: {max_staleness: 1500ms}", None, &none).unwrap();
+        assert_eq!(c.max_staleness, Duration::from_millis(1500));
         let err = Config::from_yaml("edge: {max_staleness: 0s}", None, &none).unwrap_err();
         assert!(err.to_string().contains("at least 1s"), "{err}");
         assert!(Config::from_yaml("edge: {stale: 5}", None, &none).is_err());

@@ -101,7 +101,7 @@ pub const METRICS_PLAINTEXT: bool = false;
 
 #[cfg(test)]
 mod tests {
-    use super::super::duration::{Millis, Seconds};
+    use super::super::duration::{FineSeconds, Millis, Seconds};
     use super::super::*;
     use super::*;
 
@@ -168,7 +168,7 @@ mod tests {
                 plaintext: Some(METRICS_PLAINTEXT),
             },
             edge: FileEdge {
-                max_staleness: s(EDGE_MAX_STALENESS),
+                max_staleness: Some(FineSeconds(EDGE_MAX_STALENESS)),
             },
         }
     }

@@ -30,6 +30,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, &'static str> {
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
+        _ if unit.starts_with(['.', ',']) => {
+            return Err("a whole number is needed: no fractions (1500ms, not 1.5s)")
+        }
         _ => return Err("unit must be ms, s, m, h or d"),
     };
     n.checked_mul(millis_per)
@@ -102,6 +105,21 @@ impl<'de> Deserialize<'de> for Millis {
     }
 }
 
+/// A unit-less field whose integer counts seconds and whose duration string may be finer
+/// than a second (`"1500ms"`), as its command-line flag takes it: `edge.max_staleness`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FineSeconds(pub Duration);
+
+impl<'de> Deserialize<'de> for FineSeconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(FieldVisitor {
+            unit: Duration::from_secs(1),
+            whole_seconds: false,
+        })
+        .map(FineSeconds)
+    }
+}
+
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(FieldVisitor {
@@ -138,6 +156,7 @@ mod tests {
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+        assert!(parse_duration("0.5s").unwrap_err().contains("no fractions"));
         assert!(parse_duration(&format!("{}d", u64::MAX / 1000)).is_err());
     }
 

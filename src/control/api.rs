@@ -10,7 +10,7 @@ use crate::config::parse_duration;
 use crate::money::{Micros, MAX_USD};
 use crate::secret::Secret;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -402,10 +402,34 @@ async fn create_tenant(State(s): State<ApiState>, _: Admin, body: Bytes) -> ApiR
         .into_response())
 }
 
+/// A listing's query parameters, each at most once: `?status=revoked&status=active` is
+/// 400 `invalid_request`, not one of the two picked silently.
+struct Params(HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        let mut params = HashMap::new();
+        let query = parts.uri.query().unwrap_or_default().as_bytes();
+        for (name, value) in url::form_urlencoded::parse(query) {
+            if params.insert(name.to_string(), value.into_owned()).is_some() {
+                return Err(ApiError::InvalidRequest(format!(
+                    "query parameter {name:?} is given more than once"
+                )));
+            }
+        }
+        Ok(Params(params))
+    }
+}
+
 async fn list_tenants(
     State(s): State<ApiState>,
     _: Admin,
-    Query(q): Query<HashMap<String, String>>,
+    Params(q): Params,
 ) -> ApiResult<Json<Value>> {
     let limit = page_limit(&q)?;
     let after = match q.get("cursor").map(String::as_str) {
@@ -879,7 +903,7 @@ async fn get_key(
 async fn list_keys(
     State(s): State<ApiState>,
     Tenant(tenant): Tenant,
-    Query(q): Query<HashMap<String, String>>,
+    Params(q): Params,
 ) -> ApiResult<Response> {
     let status = match q.get("status").map(String::as_str) {
         None | Some("") | Some("all") => None,
@@ -960,7 +984,7 @@ fn parse_since(text: &str) -> ApiResult<i64> {
 async fn list_audit(
     State(s): State<ApiState>,
     Tenant(tenant): Tenant,
-    Query(q): Query<HashMap<String, String>>,
+    Params(q): Params,
 ) -> ApiResult<Json<Value>> {
     let limit = page_limit(&q)?;
     let since = q

@@ -610,11 +610,13 @@ def test_list_keys_pages_with_limit_and_cursor(tenant):
 
 @pytest.mark.parametrize(
     "params",
-    [{"limit": 0}, {"limit": -1}, {"limit": "abc"}, {"cursor": "garbage!!"}, {"status": "bogus"}],
+    [{"limit": 0}, {"limit": -1}, {"limit": "abc"}, {"cursor": "garbage!!"}, {"status": "bogus"},
+     [("status", "revoked"), ("status", "active")], [("limit", "1"), ("limit", "100")]],
     ids=lambda p: repr(p),
 )
 def test_list_keys_rejects_bad_filters(tenant, params):
-    """A bad limit, cursor or status filter is 400 invalid_request."""
+    """A bad limit, cursor or status filter is 400 invalid_request, and so is one given
+    twice (which of the two would apply is not for the server to guess)."""
     assert_control_error(tenant.call("GET", "/v1/keys", params=params), 400, "invalid_request")
 
 

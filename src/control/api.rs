@@ -416,7 +416,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
         let mut params = HashMap::new();
         let query = parts.uri.query().unwrap_or_default().as_bytes();
         for (name, value) in url::form_urlencoded::parse(query) {
-            if params.insert(name.to_string(), value.into_owned()).is_some() {
+            if params
+                .insert(name.to_string(), value.into_owned())
+                .is_some()
+            {
                 return Err(ApiError::InvalidRequest(format!(
                     "query parameter {name:?} is given more than once"
                 )));

@@ -215,13 +215,13 @@ fn idempotent_call(c: &mut Criterion) {
     c.bench_function("idempotent_call_admit_and_forget", |b| {
         b.iter(|| {
             i = (i + 1) % keys.len();
-            let fingerprint =
-                book.fingerprint(b"sk_test_bench", "POST", "/v1/payment_intents", b"", body);
+            let fingerprint = book.fingerprint("POST", "/v1/payment_intents", b"", body);
             let call = Call {
                 jti: &jti,
                 ten: &ten,
                 exp: i64::MAX,
                 idempotency_key: &keys[i],
+                credential: 1,
                 fingerprint,
             };
             let admitted = rt.block_on(book.admit(call, 0, std::time::Duration::from_secs(1)));

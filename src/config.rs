@@ -1126,7 +1126,7 @@ impl Config {
                     .open(path)
                     .map(|_| ())
             } else {
-                writable_dir(dir.unwrap_or(Path::new(".")))
+                crate::secret::writable_dir(dir.unwrap_or(Path::new(".")))
             };
             writable.with_context(|| format!("access_log: cannot write {}", shown.display()))?;
         }
@@ -1139,19 +1139,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-}
-
-/// Whether this process may create files in `dir` (access(2) with write and search).
-fn writable_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

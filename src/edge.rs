@@ -594,7 +594,14 @@ pub struct EdgeAudit {
     tx: std::sync::mpsc::SyncSender<Queued>,
     counts: AuditCounts,
     strict: bool,
+    /// Since when (`mono_ms`) sending has been failing, 0 while it works: a strict-mode
+    /// response is then withheld at once rather than after the whole wait, so a control
+    /// plane that is down does not hold a worker thread per request.
+    failing_since_ms: Arc<AtomicI64>,
 }
+
+/// How long sending may fail before strict-mode responses stop waiting for it.
+const AUDIT_FAILING_FAST_AFTER_MS: i64 = 1000;
 
 /// An event waiting to be sent, and for a strict-mode event what its response waits on.
 struct Queued {
@@ -675,11 +682,18 @@ impl EdgeAudit {
             dropped,
         };
         let sender = counts.clone();
+        let failing_since_ms = Arc::new(AtomicI64::new(0));
+        let failing = failing_since_ms.clone();
         std::thread::Builder::new()
             .name("edge-audit".into())
-            .spawn(move || audit_sender(client, rx, sender, cut_off, give_up))
+            .spawn(move || audit_sender(client, rx, sender, cut_off, give_up, &failing))
             .expect("spawn the audit thread");
-        Arc::new(EdgeAudit { tx, counts, strict })
+        Arc::new(EdgeAudit {
+            tx,
+            counts,
+            strict,
+            failing_since_ms,
+        })
     }
 
     /// Waits until every recorded event reached the control plane (or was given up on),
@@ -725,6 +739,12 @@ impl AuditSink for EdgeAudit {
     /// writes). The sender sends as soon as an event waits, with whatever queued meanwhile,
     /// so concurrent responses share one round trip.
     fn record_durably(&self, event: AuditEvent, timeout: Duration) -> bool {
+        let since = self.failing_since_ms.load(Ordering::Acquire);
+        if since > 0 && mono_ms() - since >= AUDIT_FAILING_FAST_AFTER_MS {
+            // Queued all the same: it is sent once the control plane is back.
+            self.queue(event, None);
+            return false;
+        }
         let outcome = Arc::new(Outcome::default());
         self.queue(event, Some(outcome.clone())) && outcome.wait(timeout)
     }
@@ -745,6 +765,7 @@ fn audit_sender(
     counts: AuditCounts,
     cut_off: Arc<AtomicBool>,
     give_up: Duration,
+    failing_since_ms: &AtomicI64,
 ) {
     // Each event is serialized once, straight into the batch's body text. One over the
     // bound would make a batch the control plane refuses: dropped instead (see
@@ -830,6 +851,7 @@ fn audit_sender(
                 Duration::from_secs(5),
             ) {
                 Ok(_) => {
+                    failing_since_ms.store(0, Ordering::Release);
                     if warned.is_some() {
                         log::info!("audit events reach the control plane again");
                     }
@@ -840,6 +862,7 @@ fn audit_sender(
                 // Sending the same body again would be refused again, forever, and every
                 // later event would wait behind it: given up on, and the next batch sent.
                 Err(CallError::Refused(e)) => {
+                    failing_since_ms.store(0, Ordering::Release);
                     log::warn!(
                         "the control plane refused audit batch {number} for good ({e}): \
                          its {n} events are dropped"
@@ -872,6 +895,12 @@ fn audit_sender(
                     break;
                 }
                 Err(e) => {
+                    let _ = failing_since_ms.compare_exchange(
+                        0,
+                        mono_ms().max(1),
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
                     if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
                         log::warn!(
                             "cannot send audit events to the control plane (trying again \
@@ -1482,6 +1511,33 @@ mod tests {
         // Still queued (it is sent once the control plane answers), not counted dropped.
         assert_eq!((dropped.get(), depth.get()), (0, 1));
         drop(listener);
+    }
+
+    #[test]
+    fn strict_responses_stop_waiting_once_the_control_plane_has_been_unreachable_for_a_second() {
+        // Nothing listens on the port: every send fails at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = SyncClient {
+            base: format!("http://127.0.0.1:{port}"),
+            token: Secret::new("kbn_test"),
+            session: "s_test".into(),
+            agent: ureq::AgentBuilder::new().build(),
+        };
+        let (depth, dropped) = counters();
+        let audit = strict_audit_to(Arc::new(client), &depth, &dropped);
+        // The first waits its whole bound: sending has only started failing.
+        let started = Instant::now();
+        assert!(!audit.record_durably(event("/stripe/one"), Duration::from_millis(1300)));
+        assert!(started.elapsed() >= Duration::from_millis(1200));
+        // Failing for over a second now: the next is withheld at once, and kept to send.
+        let started = Instant::now();
+        assert!(!audit.record_durably(event("/stripe/two"), WAIT));
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert_eq!((dropped.get(), depth.get()), (0, 2));
     }
 
     #[test]

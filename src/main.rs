@@ -628,9 +628,11 @@ fn run(cli: Cli) -> Result<()> {
                 keybrake::database::DatabaseUrl::parse(&url)
                     .map_err(|e| e.context("KEYBRAKE_DATABASE_URL"))?;
             }
-            if let (true, keybrake::database::Database::Sqlite { data_dir }) =
-                (role != Role::Proxy, config.database())
-            {
+            let database_url_in_env = std::env::var_os("KEYBRAKE_DATABASE_URL").is_some();
+            if let (true, keybrake::database::Database::Sqlite { data_dir }) = (
+                role == Role::Serve || (role == Role::Control && !database_url_in_env),
+                config.database(),
+            ) {
                 keybrake::secret::check_private_dir(&data_dir)
                     .with_context(|| format!("cannot use data dir {}", data_dir.display()))?;
             }

@@ -31,20 +31,52 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// What `private_dir` would refuse of a path that exists, creating nothing (`keybrake
-/// check`): a file in its place, or a directory this user cannot read. A missing one is
-/// fine (a start creates it).
+/// What a start would refuse of the data dir, creating nothing (`keybrake check`): a
+/// file in its place, a directory this user cannot read or write, or (missing) one it
+/// cannot create where it belongs.
 pub fn check_private_dir(path: &Path) -> std::io::Result<()> {
     match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Created by the start, with its missing parents: the nearest that exists
+            // must take them.
+            let mut parent = path.parent();
+            while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+                parent = p.parent();
+            }
+            let parent = parent.filter(|p| !p.as_os_str().is_empty());
+            writable_dir(parent.unwrap_or(Path::new("."))).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("it does not exist and cannot be created: {e}"),
+                )
+            })
+        }
         Err(e) => Err(e),
         Ok(m) if !m.is_dir() => Err(std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
             "it exists and is not a directory",
         )),
-        Ok(_) => std::fs::read_dir(path).map(|_| ()).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("it exists but cannot be read: {e}"))
-        }),
+        Ok(_) => {
+            std::fs::read_dir(path).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("it exists but cannot be read: {e}"))
+            })?;
+            writable_dir(path).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("it exists but cannot be written: {e}"))
+            })
+        }
+    }
+}
+
+/// Whether this process may create files in `dir` (access(2), write and search).
+pub fn writable_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

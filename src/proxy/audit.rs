@@ -124,6 +124,12 @@ impl KeybrakeProxy {
         if ctx.audited || !self.audit.is_strict() {
             return Ok(());
         }
+        if ctx.denial == Some(Denial::ControlUnreachable) {
+            // An edge node cut off from its control plane: the event could not reach it
+            // anyway, and SPEC §6's 503 must still be answered. Nothing reached a vendor
+            // and no money moved: recorded after the answer, as in `normal`.
+            return Ok(());
+        }
         ctx.audited = true;
         // A response- or token-metered call is settled to this charge at the end (or was
         // just now, `settle_before_release`: its metering is then `Fixed`, its charge

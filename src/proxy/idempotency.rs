@@ -33,6 +33,8 @@ enum State {
 }
 
 struct Entry {
+    /// `IdempotencyBook::credential_id` of the vendor secret the call was sent with.
+    credential: u64,
     fingerprint: u64,
     tenant: Arc<str>,
     exp: i64,
@@ -97,28 +99,27 @@ pub struct Call<'a> {
     /// The key's expiry (unix seconds).
     pub exp: i64,
     pub idempotency_key: &'a str,
+    /// `IdempotencyBook::credential_id` of the vendor secret it is sent with.
+    pub credential: u64,
     /// `IdempotencyBook::fingerprint` of the request.
     pub fingerprint: u64,
 }
 
 impl IdempotencyBook {
-    /// A fingerprint of what makes two calls the same request: the vendor credential it
-    /// is sent with (the vendor keeps idempotency keys per account and mode: after the
-    /// tenant replaced its secret, say test for live, a retry is a new charge), method,
-    /// path, the connected account it acts on (`Stripe-Account`, empty for the platform's
-    /// own) and body. Only this process's randomly seeded hash of the credential is kept.
-    pub fn fingerprint(
-        &self,
-        credential: &[u8],
-        method: &str,
-        path: &str,
-        account: &[u8],
-        body: &[u8],
-    ) -> u64 {
+    /// What tells the vendor secrets calls are sent with apart: the vendor keeps
+    /// idempotency keys per account and mode, so after the tenant replaced its secret (say
+    /// test for live) a retry may be a new charge there. Only this process's randomly
+    /// seeded hash of the secret is kept.
+    pub fn credential_id(&self, secret: &str) -> u64 {
+        self.seeds.hash_one(secret)
+    }
+
+    /// A fingerprint of what makes two calls the same request: method, path, the
+    /// connected account it acts on (`Stripe-Account`, empty for the platform's own) and
+    /// body.
+    pub fn fingerprint(&self, method: &str, path: &str, account: &[u8], body: &[u8]) -> u64 {
         use std::hash::{BuildHasher, Hasher};
         let mut h = self.seeds.build_hasher();
-        h.write(credential);
-        h.write_u8(0);
         h.write(method.as_bytes());
         h.write_u8(0);
         h.write(path.as_bytes());
@@ -129,12 +130,13 @@ impl IdempotencyBook {
         h.finish()
     }
 
-    /// Whether `call` is a retry of a call already charged, which `admit` would let
-    /// through free (a look, without waiting or recording anything).
-    pub fn was_charged(&self, call: &Call<'_>, now: i64) -> bool {
+    /// Whether `call` is a retry of a call charged or still in flight, which `admit`
+    /// would let through free or have wait for the first (a look, without waiting or
+    /// recording anything).
+    pub fn is_retry(&self, call: &Call<'_>, now: i64) -> bool {
         let id = (call.jti.clone(), Box::<str>::from(call.idempotency_key));
         self.entries.get(&id).is_some_and(|e| {
-            e.exp > now && e.fingerprint == call.fingerprint && *e.state.borrow() == State::Charged
+            e.exp > now && e.credential == call.credential && e.fingerprint == call.fingerprint
         })
     }
 
@@ -151,8 +153,9 @@ impl IdempotencyBook {
         loop {
             let existing = self.entries.get(&id).map(|e| e.clone());
             let entry = match existing {
-                Some(entry) if entry.exp <= now => {
-                    // Past what the vendor is sure to remember: a new call.
+                Some(entry) if entry.exp <= now || entry.credential != call.credential => {
+                    // Past what the vendor is sure to remember, or sent with a secret the
+                    // tenant has since replaced: a new call, remembered in its place.
                     self.remove(&id, &entry);
                     continue;
                 }
@@ -165,6 +168,7 @@ impl IdempotencyBook {
                         }
                     }
                     let fresh = Arc::new(Entry {
+                        credential: call.credential,
                         fingerprint,
                         tenant: call.ten.clone(),
                         exp: call.exp.min(now.saturating_add(REPLAYED_FOR_SECS)),
@@ -273,35 +277,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_same_body_on_another_account_or_with_another_credential_is_another_request() {
+    fn the_same_body_on_another_account_is_another_request() {
         let book = IdempotencyBook::default();
-        let with = |credential: &[u8], account: &[u8]| {
-            book.fingerprint(
-                credential,
-                "POST",
-                "/v1/payment_intents",
-                account,
-                b"amount=1",
-            )
-        };
-        let on = |account: &[u8]| with(b"sk_test_1", account);
+        let on =
+            |account: &[u8]| book.fingerprint("POST", "/v1/payment_intents", account, b"amount=1");
         assert_eq!(on(b"acct_A"), on(b"acct_A"));
         assert_ne!(on(b"acct_A"), on(b"acct_B"));
         assert_ne!(on(b""), on(b"acct_A"));
-        // The tenant replaced its secret (another account, or live for test): the vendor
-        // does not know the first call's idempotency key there.
-        assert_ne!(with(b"sk_test_1", b""), with(b"sk_live_1", b""));
         // Seeds of their own: another process's fingerprint of the same request differs.
         let other = IdempotencyBook::default();
         assert_ne!(
             on(b""),
-            other.fingerprint(
-                b"sk_test_1",
-                "POST",
-                "/v1/payment_intents",
-                b"",
-                b"amount=1"
-            )
+            other.fingerprint("POST", "/v1/payment_intents", b"", b"amount=1")
         );
     }
 
@@ -319,6 +306,7 @@ mod tests {
             ten: &ten,
             exp: i64::MAX,
             idempotency_key: idem,
+            credential: 1,
             fingerprint: fp,
         };
         book.admit(call, now, Duration::from_secs(5)).await
@@ -327,6 +315,42 @@ mod tests {
     fn admit(book: &Arc<IdempotencyBook>, fp: u64) -> impl std::future::Future<Output = Admission> {
         let book = book.clone();
         async move { call_of(&book, ("key_1", "tn_1"), "idem-1", fp, 0).await }
+    }
+
+    #[tokio::test]
+    async fn a_retry_under_a_replaced_secret_is_a_new_call_whose_own_retries_are_free() {
+        let book = Arc::new(IdempotencyBook::default());
+        let (jti, ten): (Arc<str>, Arc<str>) = ("key_1".into(), "tn_1".into());
+        let call = |credential: &str| Call {
+            jti: &jti,
+            ten: &ten,
+            exp: i64::MAX,
+            idempotency_key: "idem-1",
+            credential: book.credential_id(credential),
+            fingerprint: 7,
+        };
+        let wait = Duration::from_secs(5);
+        let Admission::First(first) = book.admit(call("sk_test_1"), 0, wait).await else {
+            panic!("a first call")
+        };
+        first.charged();
+        assert!(book.is_retry(&call("sk_test_1"), 0));
+        assert!(matches!(
+            book.admit(call("sk_test_1"), 0, wait).await,
+            Admission::Replay
+        ));
+        // The tenant replaced its secret: charged again, and remembered under the new one.
+        assert!(!book.is_retry(&call("sk_live_1"), 0));
+        let Admission::First(again) = book.admit(call("sk_live_1"), 0, wait).await else {
+            panic!("a new call under the new secret")
+        };
+        // Its retry while it is in flight is one (it waits for the first), then free.
+        assert!(book.is_retry(&call("sk_live_1"), 0));
+        again.charged();
+        assert!(matches!(
+            book.admit(call("sk_live_1"), 0, wait).await,
+            Admission::Replay
+        ));
     }
 
     #[tokio::test]

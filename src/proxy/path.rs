@@ -115,7 +115,13 @@ pub fn without_tokens(path: &str) -> std::borrow::Cow<'_, str> {
     let mut out = String::new();
     let (mut copied, mut i) = (0, 0);
     while i < b.len() {
-        let word_start = i == 0 || !b[i - 1].is_ascii_alphanumeric();
+        // A word starts after anything but a letter or digit, or after a percent-escape
+        // (`Bearer%20eyJ…`, `key%3Dsk_live_…`: the shown path keeps reserved escapes).
+        let after_escape = i >= 3
+            && b[i - 3] == b'%'
+            && b[i - 2].is_ascii_hexdigit()
+            && b[i - 1].is_ascii_hexdigit();
+        let word_start = i == 0 || !b[i - 1].is_ascii_alphanumeric() || after_escape;
         let prefix = PREFIXES.iter().find(|p| b[i..].starts_with(p)).or_else(|| {
             word_start
                 .then(|| AT_WORD_START.iter().find(|p| b[i..].starts_with(p)))
@@ -246,10 +252,18 @@ mod tests {
             without_tokens(&format!("/x/\u{e9}/{vk}")),
             "/x/\u{e9}/vk_[redacted]"
         );
-        // A vault key without its prefix, and vendors' secrets.
+        // A vault key without its prefix, and vendors' secrets, also after an escape.
         assert_eq!(
             without_tokens(&format!("/stripe/v1/customers/{}/x", &vk[3..])),
             "/stripe/v1/customers/eyJ[redacted]/x"
+        );
+        assert_eq!(
+            without_tokens(&format!("/stripe/v1/Bearer%20{}", &vk[3..])),
+            "/stripe/v1/Bearer%20eyJ[redacted]"
+        );
+        assert_eq!(
+            without_tokens("/stripe/v1/key%3Dsk_live_51HxQ2bLkdIwHu7ixAbCdEfGh"),
+            "/stripe/v1/key%3Dsk_live_[redacted]"
         );
         for secret in [
             "sk_live_51HxQ2bLkdIwHu7ixAbCdEfGh",

@@ -117,8 +117,8 @@ impl KeybrakeProxy {
             ten: &key.ten,
             exp: key.claims.exp,
             idempotency_key,
+            credential: self.idempotency.credential_id(secret.expose()),
             fingerprint: self.idempotency.fingerprint(
-                secret.expose().as_bytes(),
                 req.method.as_str(),
                 ctx.path(),
                 &account,
@@ -132,8 +132,8 @@ impl KeybrakeProxy {
     /// key with nothing left is refused here, so a call that is then denied never has the
     /// vendor serve requests carrying the tenant's credential (SPEC §4), however many
     /// objects it names. Not for the key's own object, already paid for (confirming it
-    /// costs nothing more, at the cap too), nor for a retry of a call already charged
-    /// (let through free).
+    /// costs nothing more, at the cap too), nor for a retry of a call charged (let
+    /// through free) or still in flight (`reserve` has it wait for the first).
     pub(super) async fn room_before_lookups(
         &self,
         req: &RequestHeader,
@@ -154,7 +154,7 @@ impl KeybrakeProxy {
         if req.headers.get_all("idempotency-key").iter().count() == 1
             && self
                 .idempotent_call(req, ctx, key, secret)
-                .is_some_and(|call| self.idempotency.was_charged(&call, now))
+                .is_some_and(|call| self.idempotency.is_retry(&call, now))
         {
             return Ok(());
         }

@@ -462,8 +462,14 @@ impl SpendBook {
             return Err(SpendError::LedgerUnavailable);
         }
         let entry = self.entry(who, now);
-        if entry.over_cap.load(Ordering::Acquire) {
+        if entry.over_cap.load(Ordering::Acquire) || entry.beyond_settled(Micros(1)) {
             return Err(SpendError::CapExhausted);
+        }
+        // Budget in the counter is room: the reservation that follows leases what it
+        // needs, its size known then (a lease sized for it commits it, and its slice
+        // holds whole calls of that size).
+        if entry.available().is_positive() || entry.precommitted.load(Ordering::Acquire) > 0 {
+            return Ok(());
         }
         let taken = self.take(&entry, who, Micros(1), now, true).await?;
         entry.add_precommitted(taken.ahead);

@@ -99,6 +99,45 @@ def as_json(response: requests.Response) -> Any:
         )
 
 
+def answered_until(proxy_url: str, keys: list[dict], seconds: float, stop_with: Callable[[], None]) -> dict[str, int]:
+    """Payments ($1, POST /stripe/v1/payment_intents) and denials (every 4th call, an
+    endpoint the key does not allow) from one thread per key against `proxy_url`; after
+    `seconds`, `stop_with()` (a kill -9) and the threads stopped. Per key id: how many
+    calls a client was answered as expected (200, or 403 for the denials)."""
+    import threading
+    answered = {k["id"]: 0 for k in keys}
+    stop = threading.Event()
+
+    def worker(key):
+        session = requests.Session()
+        auth = {"Authorization": f"Bearer {key['token']}"}
+        for n in range(1, 2000):
+            if stop.is_set():
+                return
+            try:
+                if n % 4 == 0:
+                    r = session.get(f"{proxy_url}/stripe/v1/customers", headers=auth, timeout=10)
+                    ok = r.status_code == 403
+                else:
+                    r = session.post(f"{proxy_url}/stripe/v1/payment_intents", headers=auth, timeout=10,
+                                     data={"amount": 100, "currency": "usd"})
+                    ok = r.status_code == 200
+            except requests.RequestException:
+                return
+            if ok:
+                answered[key["id"]] += 1
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in keys]
+    for th in threads:
+        th.start()
+    time.sleep(seconds)
+    stop_with()
+    stop.set()
+    for th in threads:
+        th.join(timeout=20)
+    return answered
+
+
 def error_code(response: requests.Response) -> Optional[str]:
     """The `error.code` of a control-API or proxy error body (None if absent)."""
     try:

@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from harness import (
+    answered_until,
     as_json,
     assert_control_error,
     wait_until,
@@ -386,36 +387,7 @@ def answered_calls_after_a_kill(keybrake_factory, fake_stripe, stripe_secret, tm
     t = kb.create_tenant("strict")
     t.put_credential("stripe", stripe_secret)
     keys = [t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100000) for _ in range(8)]
-    answered = {k["id"]: 0 for k in keys}
-    stop = threading.Event()
-
-    def worker(key):
-        session = requests.Session()
-        n = 0
-        while not stop.is_set() and n < 2000:
-            n += 1
-            try:
-                if n % 4 == 0:   # a denial: an endpoint the key does not allow
-                    r = session.get(f"{kb.proxy_url}/stripe/v1/customers",
-                                    headers={"Authorization": f"Bearer {key['token']}"}, timeout=10)
-                    ok = r.status_code == 403
-                else:
-                    r = session.post(f"{kb.proxy_url}{PI}", data={"amount": 100, "currency": "usd"},
-                                     headers={"Authorization": f"Bearer {key['token']}"}, timeout=10)
-                    ok = r.status_code == 200
-            except requests.RequestException:
-                return
-            if ok:
-                answered[key["id"]] += 1
-
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in keys]
-    for th in threads:
-        th.start()
-    time.sleep(2.0)
-    kb.kill9()
-    stop.set()
-    for th in threads:
-        th.join(timeout=20)
+    answered = answered_until(kb.proxy_url, keys, 2.0, kb.kill9)
     kb.start()
     return {kid: (n, len(t.audit_all(key_id=kid))) for kid, n in answered.items()}
 

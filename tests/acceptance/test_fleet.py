@@ -17,8 +17,8 @@ from decimal import Decimal
 import pytest
 import requests
 
-from fleet import PI, ConfirmChargesMore, ControlPlane, EdgeProxy, accepted, pay, start_vendor
-from harness import KEYBRAKE_BIN, assert_denied, error_code, free_port, wait_until, write_config
+from fleet import ConfirmChargesMore, ControlPlane, EdgeProxy, accepted, pay, start_vendor
+from harness import KEYBRAKE_BIN, answered_until, assert_denied, error_code, free_port, wait_until, write_config
 
 
 @pytest.fixture
@@ -163,36 +163,7 @@ def test_a_strict_audit_node_keeps_every_answered_call_through_kill_9(fleet, tmp
     e = node("edge0", config=write_config(tmp_path / "strict", audit={"durability": "strict"}))
     keys = [tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100000)
             for _ in range(8)]
-    answered = {k["id"]: 0 for k in keys}
-    stop = threading.Event()
-
-    def worker(key):
-        session = requests.Session()
-        for n in range(1, 2000):
-            if stop.is_set():
-                return
-            try:
-                if n % 4 == 0:   # a denial: an endpoint the key does not allow
-                    r = session.get(f"{e.proxy_url}/stripe/v1/customers",
-                                    headers={"Authorization": f"Bearer {key['token']}"}, timeout=10)
-                    ok = r.status_code == 403
-                else:
-                    r = session.post(f"{e.proxy_url}{PI}", data={"amount": 100, "currency": "usd"},
-                                     headers={"Authorization": f"Bearer {key['token']}"}, timeout=10)
-                    ok = r.status_code == 200
-            except requests.RequestException:
-                return
-            if ok:
-                answered[key["id"]] += 1
-
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in keys]
-    for th in threads:
-        th.start()
-    time.sleep(2.0)
-    e.kill9()
-    stop.set()
-    for th in threads:
-        th.join(timeout=20)
+    answered = answered_until(e.proxy_url, keys, 2.0, e.kill9)
     counts = {kid: (n, len(tenant.audit_all(key_id=kid))) for kid, n in answered.items()}
     assert sum(n for n, _ in counts.values()) > 40, f"too little load to judge: {counts}"
     missing = {k: (n, a) for k, (n, a) in counts.items() if a < n}
@@ -389,6 +360,37 @@ def test_control_plane_down_then_back(fleet, fake_stripe, tmp_path):
         return events if len(events) == total else None
 
     assert wait_until(audited, timeout=5), "audit events were lost or counted twice"
+
+
+def test_a_strict_audit_node_still_answers_control_unreachable_and_serves_again(fleet, tmp_path):
+    """`audit.durability: strict` on a node whose control plane stops: a response whose
+    event cannot be written is withheld (never an unaudited answer), but past
+    max_staleness the node still answers SPEC §6's 503 control_unreachable (no money
+    moved, nothing reached a vendor), promptly; with the control plane back it serves
+    again, each answer audited."""
+    control, tenant, node = fleet
+    e = node("edge-strict", config=write_config(tmp_path / "strict-conf", edge={"max_staleness": "2s"},
+                                                 audit={"durability": "strict"}))
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=32)
+    assert pay(e, key["token"]).status_code == 200
+
+    def answer():
+        try:
+            r = pay(e, key["token"])
+            return r.status_code, error_code(r)
+        except requests.RequestException:
+            return "withheld", None
+
+    control.stop()
+    assert wait_until(lambda: answer() == (503, "control_unreachable"), timeout=15, interval=0.2)
+    t0 = time.monotonic()
+    for _ in range(5):
+        assert answer() == (503, "control_unreachable")
+    assert time.monotonic() - t0 < 2.5, "each refusal waited for an audit write that cannot happen"
+    control.start()
+    assert wait_until(lambda: answer() == (200, None), timeout=10, interval=0.2)
+    paid = [ev for ev in tenant.audit_all(key_id=key["id"]) if ev["decision"] == "allowed"]
+    assert len(paid) >= 2
 
 
 def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(fleet, fake_stripe):

@@ -400,7 +400,7 @@ def test_a_full_disk_refuses_what_it_cannot_record_and_recovers_when_space_is_fr
 
         # Issuance: the store takes what its files still hold, then refuses.
         answers = []
-        for _ in range(300):
+        for _ in range(3000):   # what still fits in the files' room: a few dozen here
             r = new_key()
             answers.append((r.status_code, error_code(r)))
             if r.status_code != 201:
@@ -421,8 +421,6 @@ def test_a_full_disk_refuses_what_it_cannot_record_and_recovers_when_space_is_fr
               f"{paid - 1} calls paid and {len(refused)} refused")
         assert refused, "the full disk refused nothing: the test proves nothing"
         assert kb.proc.poll() is None
-        ready = requests.get(f"{kb.metrics_url}/readyz", timeout=5)
-        assert ready.status_code in (200, 503), ready.text
 
         for f in fillers:
             f.unlink()

@@ -1796,6 +1796,66 @@ def test_a_key_with_nothing_left_makes_stripe_read_nothing_for_a_call_it_is_refu
     tenant.wait_spent(roomy["id"], Decimal("1.2"))
 
 
+class SlowPrices(http.server.BaseHTTPRequestHandler):
+    """A Stripe whose prices ($0.40 each) answer after 300 ms, counting how many of its
+    price reads were in flight at once; a subscription is created as sent."""
+
+    protocol_version = "HTTP/1.1"
+    lock = threading.Lock()
+    in_flight = 0
+    most = 0
+    reads: list[str] = []
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, doc: dict):
+        body = json.dumps(doc).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight += 1
+            cls.most = max(cls.most, cls.in_flight)
+            cls.reads.append(self.path)
+        time.sleep(0.3)
+        with cls.lock:
+            cls.in_flight -= 1
+        self._send({"id": self.path.rsplit("/", 1)[1], "object": "price", "unit_amount": 40, "currency": "usd"})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._send({"id": "sub_" + secrets.token_hex(6), "object": "subscription", "status": "active"})
+
+
+def test_a_subscriptions_prices_are_read_once_each_and_at_the_same_time(keybrake_factory, stripe_secret):
+    """Five items naming four prices (one twice): each price is read from Stripe once, and
+    the reads are sent together, so the call waits for one vendor round trip rather than
+    one per item; it is charged Σ price × quantity."""
+    SlowPrices.reads, SlowPrices.most = [], 0
+    vendor = start_vendor(SlowPrices)
+    kb = keybrake_factory({"stripe": f"http://127.0.0.1:{vendor.server_address[1]}"})
+    try:
+        t = kb.create_tenant()
+        t.put_credential("stripe", stripe_secret)
+        key = t.issue_key(allowed_endpoints=["POST /v1/subscriptions"], daily_usd_cap=10)
+        prices = ["price_a", "price_b", "price_c", "price_d", "price_a"]
+        body = {"customer": "cus_1", **{f"items[{i}][price]": p for i, p in enumerate(prices)},
+                "items[1][quantity]": "3"}
+        r = kb.proxy("POST", "/stripe/v1/subscriptions", key=key["token"], data=body)
+        assert r.status_code == 200, r.text
+        assert sorted(SlowPrices.reads) == [f"/v1/prices/price_{c}" for c in "abcd"], SlowPrices.reads
+        assert SlowPrices.most == 4, f"at most {SlowPrices.most} price reads were in flight at once"
+        t.wait_spent(key["id"], Decimal("0.4") * 7)
+    finally:
+        vendor.shutdown()
+
+
 @pytest.mark.parametrize("query", [
     "add_invoice_items[0][price]=PRICE&add_invoice_items[0][quantity]=1000",
     "backdate_start_date=1600000000",

@@ -892,6 +892,8 @@ fn audit_sender(
                     });
                     counts.dropped(n);
                     waiting.drain(..).for_each(|o| o.set(false));
+                    // Given up on, not failing: the next batch is judged on its own.
+                    failing_since_ms.store(0, Ordering::Release);
                     break;
                 }
                 Err(e) => {

@@ -31,26 +31,13 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// What a start would refuse of the data dir, creating nothing (`keybrake check`): a
-/// file in its place, a directory this user cannot read or write, or (missing) one it
-/// cannot create where it belongs.
+/// What a start would refuse of an existing data dir, creating nothing (`keybrake
+/// check`): a file in its place (or a dangling link), or a directory this user cannot
+/// read or write. A missing one is not judged: a start creates it, and a check run from
+/// elsewhere (`/`, without the start's `--data-dir`) could only guess.
 pub fn check_private_dir(path: &Path) -> std::io::Result<()> {
     match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // Created by the start, with its missing parents: the nearest that exists
-            // must take them.
-            let mut parent = path.parent();
-            while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
-                parent = p.parent();
-            }
-            let parent = parent.filter(|p| !p.as_os_str().is_empty());
-            writable_dir(parent.unwrap_or(Path::new("."))).map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("it does not exist and cannot be created: {e}"),
-                )
-            })
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.is_symlink() => Ok(()),
         Err(e) => Err(e),
         Ok(m) if !m.is_dir() => Err(std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
@@ -67,13 +54,22 @@ pub fn check_private_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Whether this process may create files in `dir` (access(2), write and search).
+/// Whether this process may create files in `dir` (write and search, judged with its
+/// effective ids, as an open would be).
 pub fn writable_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+    let allowed = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if allowed == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
@@ -187,6 +183,21 @@ pub fn mode_open_to_others(path: &Path) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_data_dir_check_refuses_what_a_start_would_and_creates_nothing() {
+        let root = std::env::temp_dir().join(format!("kb-check-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        assert!(check_private_dir(&root.join("missing/deeper")).is_ok());
+        assert!(!root.join("missing").exists(), "nothing created");
+        std::fs::write(root.join("file"), b"").unwrap();
+        let err = check_private_dir(&root.join("file")).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        std::os::unix::fs::symlink(root.join("nowhere"), root.join("dangling")).unwrap();
+        assert!(check_private_dir(&root.join("dangling")).is_err());
+        assert!(check_private_dir(&root).is_ok());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     use super::*;
 
     #[test]

@@ -126,8 +126,8 @@ impl KeybrakeProxy {
         }
         if ctx.denial == Some(Denial::ControlUnreachable) {
             // An edge node cut off from its control plane: the event could not reach it
-            // anyway, and SPEC §6's 503 must still be answered. Nothing reached a vendor
-            // and no money moved: recorded after the answer, as in `normal`.
+            // anyway, and SPEC §6's 503 must still be answered. Nothing was forwarded and
+            // no money moved: recorded after the answer, as in `normal`.
             return Ok(());
         }
         ctx.audited = true;

@@ -153,11 +153,21 @@ impl IdempotencyBook {
         loop {
             let existing = self.entries.get(&id).map(|e| e.clone());
             let entry = match existing {
-                Some(entry) if entry.exp <= now || entry.credential != call.credential => {
+                Some(entry)
+                    if entry.exp <= now
+                        || (entry.credential != call.credential
+                            && *entry.state.borrow() == State::Charged) =>
+                {
                     // Past what the vendor is sure to remember, or sent with a secret the
                     // tenant has since replaced: a new call, remembered in its place.
                     self.remove(&id, &entry);
                     continue;
+                }
+                // The first call, under the replaced secret, is still at the vendor: this
+                // one is charged, and not remembered (a waiter on the first is not
+                // displaced).
+                Some(entry) if entry.credential != call.credential => {
+                    return Admission::Untracked;
                 }
                 Some(entry) => entry,
                 None => {
@@ -346,6 +356,11 @@ mod tests {
         };
         // Its retry while it is in flight is one (it waits for the first), then free.
         assert!(book.is_retry(&call("sk_live_1"), 0));
+        // A call under yet another secret meanwhile is charged, and displaces nothing.
+        assert!(matches!(
+            book.admit(call("sk_live_2"), 0, wait).await,
+            Admission::Untracked
+        ));
         again.charged();
         assert!(matches!(
             book.admit(call("sk_live_1"), 0, wait).await,

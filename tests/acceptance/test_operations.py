@@ -1127,6 +1127,13 @@ def test_systemd_unit_command_lines_are_accepted_by_the_binary(unit, tmp_path):
         if r.returncode != 0:
             problems.append(f"{' '.join(argv)}: {(r.stderr or r.stdout).strip().splitlines()[0]}")
     assert not problems, "\n".join(problems)
+    # The check before the start looks at the data dir the start uses (without it, a
+    # check run from / would judge ./data).
+    starts = [v for k, v in directives if k == "ExecStart"]
+    data_dir = re.search(r"--data-dir=\S+", starts[0]) if starts else None
+    if data_dir:
+        checks = [v for k, v in directives if k == "ExecStartPre" and " check" in v]
+        assert checks and all(data_dir.group(0) in c for c in checks), (unit, checks)
 
     timeout_stop = [v for k, v in directives if k == "TimeoutStopSec"]
     if any(k == "ExecReload" for k, _ in directives) or unit == "keybrake.service":

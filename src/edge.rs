@@ -1379,13 +1379,23 @@ mod tests {
                 .unwrap();
             }
         });
-        let client = SyncClient {
+        (Arc::new(client_at(base)), rx)
+    }
+
+    /// A node's client of the control plane at `base`.
+    fn client_at(base: String) -> SyncClient {
+        SyncClient {
             base,
             token: Secret::new("kbn_test"),
             session: "s_test".into(),
             agent: ureq::AgentBuilder::new().build(),
-        };
-        (Arc::new(client), rx)
+        }
+    }
+
+    /// A loopback port nothing listens on.
+    fn unused_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
     }
 
     fn counters() -> (IntGauge, IntCounter) {
@@ -1499,12 +1509,7 @@ mod tests {
     fn a_strict_event_the_control_plane_does_not_answer_in_time_is_not_durable() {
         // A control plane that accepts connections and never answers.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = SyncClient {
-            base: format!("http://{}", listener.local_addr().unwrap()),
-            token: Secret::new("kbn_test"),
-            session: "s_test".into(),
-            agent: ureq::AgentBuilder::new().build(),
-        };
+        let client = client_at(format!("http://{}", listener.local_addr().unwrap()));
         let (depth, dropped) = counters();
         let audit = strict_audit_to(Arc::new(client), &depth, &dropped);
         let started = Instant::now();
@@ -1518,17 +1523,8 @@ mod tests {
     #[test]
     fn strict_responses_stop_waiting_once_the_control_plane_has_been_unreachable_for_a_second() {
         // Nothing listens on the port: every send fails at once.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let client = SyncClient {
-            base: format!("http://127.0.0.1:{port}"),
-            token: Secret::new("kbn_test"),
-            session: "s_test".into(),
-            agent: ureq::AgentBuilder::new().build(),
-        };
+        let port = unused_port();
+        let client = client_at(format!("http://127.0.0.1:{port}"));
         let (depth, dropped) = counters();
         let audit = strict_audit_to(Arc::new(client), &depth, &dropped);
         // The first waits its whole bound: sending has only started failing.
@@ -1663,17 +1659,8 @@ mod tests {
     #[test]
     fn a_call_that_finds_no_connection_is_told_apart_from_one_that_may_have_arrived() {
         // A port nobody listens on: the request never left.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let client = SyncClient {
-            base: format!("http://127.0.0.1:{port}"),
-            token: Secret::new("kbn_test"),
-            session: "s_test".into(),
-            agent: ureq::AgentBuilder::new().build(),
-        };
+        let port = unused_port();
+        let client = client_at(format!("http://127.0.0.1:{port}"));
         let refused = client.call("POST", "/v1/sync/leases", Some("{}"), WAIT);
         assert!(matches!(refused, Err(CallError::Unsent(_))), "{refused:?}");
         // A connection closed with the request sent and no answer: it may have arrived.

@@ -262,9 +262,8 @@ class PgDeployment(PgControlPlane):
         return super().logs() + ("\n" + self.edge.logs() if self.edge else "")
 
 
-class ConfirmChargesMore(http.server.BaseHTTPRequestHandler):
-    """A Stripe whose intents look up at $10 and whose confirm answers that $500 was
-    charged (the intent's amount was raised between the lookup and the confirm)."""
+class JsonVendor(http.server.BaseHTTPRequestHandler):
+    """A fake vendor's handler that answers JSON documents, quietly (`_send`)."""
 
     protocol_version = "HTTP/1.1"
 
@@ -278,6 +277,11 @@ class ConfirmChargesMore(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+class ConfirmChargesMore(JsonVendor):
+    """A Stripe whose intents look up at $10 and whose confirm answers that $500 was
+    charged (the intent's amount was raised between the lookup and the confirm)."""
 
     def _intent(self, amount: int, status: str) -> dict:
         return {"id": self.path.split("/")[3], "object": "payment_intent", "amount": amount,

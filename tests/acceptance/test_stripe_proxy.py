@@ -40,7 +40,7 @@ from harness import (
     wait_until,
     write_config,
 )
-from fleet import ConfirmChargesMore, start_vendor
+from fleet import ConfirmChargesMore, JsonVendor, start_vendor
 
 CARD = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"}
 PI = "/stripe/v1/payment_intents"
@@ -1796,26 +1796,14 @@ def test_a_key_with_nothing_left_makes_stripe_read_nothing_for_a_call_it_is_refu
     tenant.wait_spent(roomy["id"], Decimal("1.2"))
 
 
-class SlowPrices(http.server.BaseHTTPRequestHandler):
+class SlowPrices(JsonVendor):
     """A Stripe whose prices ($0.40 each) answer after 300 ms, counting how many of its
     price reads were in flight at once; a subscription is created as sent."""
 
-    protocol_version = "HTTP/1.1"
     lock = threading.Lock()
     in_flight = 0
     most = 0
     reads: list[str] = []
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, doc: dict):
-        body = json.dumps(doc).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):
         cls = type(self)

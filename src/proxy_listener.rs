@@ -390,8 +390,14 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 }
 
 /// Answers a request that never reached Pingora with the proxy's denial shape (SPEC §4),
-/// then closes. The write is bounded: a client that does not read is not waited for.
+/// then closes. The write is bounded: a client that does not read is not waited for. It is
+/// counted in `keybrake_requests_total` under vendor `unknown` (its path was not read);
+/// no access-log line is written for it.
 async fn refuse(stream: &mut Stream, status: u16, code: &str, message: &str) {
+    crate::metrics::Metrics::global()
+        .requests
+        .with_label_values(&["unknown", code])
+        .inc();
     let body = serde_json::json!({
         "code": code,
         "message": message,

@@ -84,6 +84,14 @@ def status_and_json(response: bytes) -> tuple[int, dict]:
 # --------------------------------------------------------------------------- proxy
 
 
+def refused_at_the_listener(kb, code: str) -> float:
+    """`keybrake_requests_total` for `code` under vendor `unknown`: requests the proxy's
+    listener refused before their path was read (0 when never counted)."""
+    series = f'keybrake_requests_total{{decision="{code}",vendor="unknown"}} '
+    text = requests.get(f"{kb.metrics_url}/metrics", timeout=5).text
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(series)), 0.0)
+
+
 def test_proxy_header_deadline_is_counted_in_total_on_a_fresh_connection(keybrake_factory, fake_stripe, tmp_path):
     """A byte every 250 ms is progress on every read, yet the header is late after
     header_timeout_ms: 408 header_timeout, closed (Pingora alone waits 60 s per read)."""
@@ -96,6 +104,8 @@ def test_proxy_header_deadline_is_counted_in_total_on_a_fresh_connection(keybrak
     assert 1.2 < closed < 3.5, f"closed after {closed:.1f} s"
     status, body = status_and_json(received)
     assert (status, body["code"]) == (408, "header_timeout"), received
+    # Counted where an operator looks, though no vendor or path was read.
+    assert refused_at_the_listener(kb, "header_timeout") == 1
     # A client that sends its header at once is served as before.
     assert_denied(kb.proxy("GET", "/stripe/v1/customers"), 401, "missing_key")
 
@@ -144,6 +154,7 @@ def test_a_proxy_request_header_over_the_bound_is_refused_with_431(keybrake_fact
     assert_denied(kb.proxy("GET", "/stripe/v1/customers", headers=many), 431, "headers_too_large")
     few = {f"x-f{i}": "v" for i in range(250)}
     assert_denied(kb.proxy("GET", "/stripe/v1/customers", headers=few), 401, "missing_key")
+    assert refused_at_the_listener(kb, "headers_too_large") == 2
     # A never-finished header stops being read at the bound (it held ~1 MB per connection).
     s = connect(kb.proxy_port)
     s.sendall(PARTIAL)

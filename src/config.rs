@@ -807,7 +807,10 @@ impl Config {
         if default_key_ttl > max_key_ttl {
             bail!("default_key_ttl is longer than max_key_ttl");
         }
-        let max_staleness = (file.edge.max_staleness).map_or(defaults::EDGE_MAX_STALENESS, |v| v.0);
+        let max_staleness = file
+            .edge
+            .max_staleness
+            .map_or(defaults::EDGE_MAX_STALENESS, |v| v.0);
         if max_staleness < Duration::from_secs(1) {
             bail!("edge.max_staleness must be at least 1s");
         }

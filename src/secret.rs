@@ -183,6 +183,8 @@ pub fn mode_open_to_others(path: &Path) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_data_dir_check_refuses_what_a_start_would_and_creates_nothing() {
         let root = std::env::temp_dir().join(format!("kb-check-dir-{}", std::process::id()));
@@ -197,8 +199,6 @@ mod tests {
         assert!(check_private_dir(&root).is_ok());
         std::fs::remove_dir_all(&root).unwrap();
     }
-
-    use super::*;
 
     #[test]
     fn never_prints_its_value() {

@@ -158,6 +158,24 @@ pub fn data_lines(list: &Value, line: fn(&Value) -> String) -> String {
         .join("\n")
 }
 
+/// An id or vendor name given on the command line, checked before it becomes a segment
+/// of a control API path: letters, digits, `_` and `-` only, so that an argument such as
+/// `../vendors/stripe/credential` can never address another object (the HTTP client
+/// would resolve the `..` before sending).
+pub fn segment(s: &str) -> Result<&str> {
+    if s.is_empty()
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        bail!(
+            "{:?} is not an id or a vendor name (those are letters, digits, `_` and `-`)",
+            s
+        );
+    }
+    Ok(s)
+}
+
 /// `path?k=v&…` with the values percent-encoded (an RFC 3339 `+01:00` stays a `+`).
 pub fn with_query(path: &str, params: &[(&str, Option<String>)]) -> String {
     let mut query = url::form_urlencoded::Serializer::new(String::new());
@@ -314,6 +332,27 @@ pub fn issue_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_argument_that_is_not_an_id_never_becomes_a_path() {
+        for ok in ["key_01h2x3", "tn_abc-9", "stripe", "node_Z_1"] {
+            assert_eq!(segment(ok).unwrap(), ok);
+        }
+        for bad in [
+            "",
+            "..",
+            ".",
+            "../vendors/stripe/credential",
+            "key_1/../../tenants",
+            "key%2F1",
+            "key_1?x=1",
+            "key_1#f",
+            "k ey",
+            "clé",
+        ] {
+            assert!(segment(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn amounts_print_exactly_in_dollars() {

@@ -707,15 +707,22 @@ fn run(cli: Cli) -> Result<()> {
                     });
                 }
                 TenantCommand::AddToken { tenant_id } => {
-                    let t =
-                        api.call("POST", &format!("/v1/tenants/{tenant_id}/api_tokens"), None)?;
+                    let t = api.call(
+                        "POST",
+                        &format!("/v1/tenants/{}/api_tokens", cli::segment(&tenant_id)?),
+                        None,
+                    )?;
                     cli::print_created(&t, client.json, "api token id:", "api_token", "api token");
                 }
                 TenantCommand::DeleteToken {
                     tenant_id,
                     token_id,
                 } => {
-                    let path = format!("/v1/tenants/{tenant_id}/api_tokens/{token_id}");
+                    let path = format!(
+                        "/v1/tenants/{}/api_tokens/{}",
+                        cli::segment(&tenant_id)?,
+                        cli::segment(&token_id)?
+                    );
                     let t = api.call("DELETE", &path, None)?;
                     cli::print(&t, client.json, |_| format!("api token {token_id} deleted"));
                 }
@@ -749,7 +756,8 @@ fn run(cli: Cli) -> Result<()> {
                     });
                 }
                 NodeCommand::Delete { id } => {
-                    let n = api.call("DELETE", &format!("/v1/nodes/{id}"), None)?;
+                    let n =
+                        api.call("DELETE", &format!("/v1/nodes/{}", cli::segment(&id)?), None)?;
                     cli::print(&n, client.json, |n| {
                         format!("{} deleted", n["id"].as_str().unwrap_or("?"))
                     });
@@ -768,18 +776,26 @@ fn run(cli: Cli) -> Result<()> {
                     (
                         api.call(
                             "PUT",
-                            &format!("/v1/vendors/{vendor}/credential"),
+                            &format!("/v1/vendors/{}/credential", cli::segment(&vendor)?),
                             Some(serde_json::json!({ "secret": secret })),
                         )?,
                         "stored",
                     )
                 }
                 VendorCommand::Show { vendor } => (
-                    api.call("GET", &format!("/v1/vendors/{vendor}/credential"), None)?,
+                    api.call(
+                        "GET",
+                        &format!("/v1/vendors/{}/credential", cli::segment(&vendor)?),
+                        None,
+                    )?,
                     "registered",
                 ),
                 VendorCommand::Delete { vendor } => (
-                    api.call("DELETE", &format!("/v1/vendors/{vendor}/credential"), None)?,
+                    api.call(
+                        "DELETE",
+                        &format!("/v1/vendors/{}/credential", cli::segment(&vendor)?),
+                        None,
+                    )?,
                     "deleted",
                 ),
             };
@@ -831,7 +847,7 @@ fn run(cli: Cli) -> Result<()> {
                     });
                 }
                 KeyCommand::Show { id } => {
-                    let k = api.call("GET", &format!("/v1/keys/{id}"), None)?;
+                    let k = api.call("GET", &format!("/v1/keys/{}", cli::segment(&id)?), None)?;
                     cli::print(&k, client.json, cli::key_details);
                 }
                 KeyCommand::List {
@@ -851,7 +867,8 @@ fn run(cli: Cli) -> Result<()> {
                     cli::print_page(&list, client.json, cli::key_line);
                 }
                 KeyCommand::Revoke { id } => {
-                    let k = api.call("DELETE", &format!("/v1/keys/{id}"), None)?;
+                    let k =
+                        api.call("DELETE", &format!("/v1/keys/{}", cli::segment(&id)?), None)?;
                     cli::print(&k, client.json, |k| {
                         format!("{} revoked", k["id"].as_str().unwrap_or("?"))
                     });

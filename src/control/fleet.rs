@@ -346,16 +346,35 @@ impl Control {
         let grants = if asks.is_empty() {
             Vec::new()
         } else {
-            match self.checked_against_keys(asks).await {
+            let grants = match self.checked_against_keys(asks).await {
                 Ok(asks) => {
                     self.lease_many_for(&holder_id(node, session), batch, asks)
                         .await
                 }
-                Err(e) => {
-                    let e = format!("{e:#}");
-                    (0..asked).map(|_| Err(LedgerError(e.clone()))).collect()
-                }
+                Err(e) => (0..asked)
+                    .map(|_| Err(LedgerError(format!("{e:#}"))))
+                    .collect(),
+            };
+            // The store's own words (SQL, constraint names) stay in this log: the node is
+            // told that the grant failed and where to look.
+            if let Some(Err(e)) = grants.iter().find(|g| g.is_err()) {
+                log::warn!(
+                    "cannot grant node {node}'s lease batch {}: {}",
+                    batch.map_or("(unnumbered)".into(), |b| b.to_string()),
+                    e.0
+                );
             }
+            grants
+                .into_iter()
+                .map(|g| {
+                    g.map_err(|_| {
+                        LedgerError(
+                            "the control plane could not record this grant (its log says why)"
+                                .into(),
+                        )
+                    })
+                })
+                .collect()
         };
         // In the order asked.
         let mut grants = grants.into_iter();

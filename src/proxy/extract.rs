@@ -33,6 +33,39 @@ pub fn vault_key(headers: &HeaderMap) -> Option<Cow<'_, str>> {
         .map(Cow::Borrowed)
 }
 
+/// Where else in the request a vault key sits, besides the headers the proxy removes
+/// (`dropped`: the vendor's `strip_headers`, which hold every place `vault_key` reads):
+/// the path, the query string or another header, all of which reach the vendor as sent.
+/// Found by its shape (`vk_eyJ`, also with the `_` percent-encoded), not verified.
+pub fn stray_vault_key(
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    dropped: &[http::HeaderName],
+) -> Option<String> {
+    if holds_vault_key(uri.path().as_bytes()) {
+        return Some("the path".into());
+    }
+    if uri.query().is_some_and(|q| holds_vault_key(q.as_bytes())) {
+        return Some("the query string".into());
+    }
+    headers
+        .iter()
+        .find(|(name, value)| !dropped.contains(name) && holds_vault_key(value.as_bytes()))
+        .map(|(name, _)| format!("header {name}"))
+}
+
+/// `text` holds something shaped like a vault key: `vk_` (or `vk%5F`) and a JWT's first
+/// characters, at the start of a word.
+fn holds_vault_key(text: &[u8]) -> bool {
+    (0..text.len()).any(|i| {
+        (i == 0 || !text[i - 1].is_ascii_alphanumeric())
+            && text[i..].starts_with(b"vk")
+            && [&b"_eyJ"[..], b"%5FeyJ", b"%5feyJ"]
+                .iter()
+                .any(|rest| text[i + 2..].starts_with(rest))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +94,50 @@ mod tests {
         );
         assert_eq!(vault_key(&headers(&[])), None);
         assert_eq!(vault_key(&headers(&[("authorization", "Bearer ")])), None);
+    }
+
+    #[test]
+    fn a_vault_key_anywhere_the_vendor_would_see_it_is_found() {
+        let dropped = [
+            http::header::AUTHORIZATION,
+            http::HeaderName::from_static("x-api-key"),
+        ];
+        let key = "vk_eyJhbGciOiJFZERTQSJ9.e30.sig";
+        let found = |uri: &str, pairs: &[(&'static str, &str)]| {
+            stray_vault_key(&uri.parse().unwrap(), &headers(pairs), &dropped)
+        };
+        let read = [
+            ("authorization", &*format!("Bearer {key}")),
+            ("x-api-key", key),
+        ];
+        assert_eq!(found("/stripe/v1/charges?limit=3", &read), None);
+        assert_eq!(
+            found(&format!("/stripe/v1/charges?api_key={key}"), &[]).as_deref(),
+            Some("the query string")
+        );
+        assert_eq!(
+            found("/stripe/v1/charges?key=vk%5FeyJhbGci", &[]).as_deref(),
+            Some("the query string")
+        );
+        assert_eq!(
+            found(&format!("/stripe/v1/customers/{key}"), &[]).as_deref(),
+            Some("the path")
+        );
+        assert_eq!(
+            found("/openai/v1/models", &[("x-goog-api-key", key)]).as_deref(),
+            Some("header x-goog-api-key")
+        );
+        assert_eq!(
+            found("/openai/v1/models", &[("cookie", &format!("s=1; k={key}"))]).as_deref(),
+            Some("header cookie")
+        );
+        // Not at a word's start, or not a JWT after the prefix: not a key.
+        assert_eq!(
+            found(
+                "/stripe/v1/charges?q=avk_eyJx&r=vk_abc",
+                &[("x-id", "dvk_eyJ")]
+            ),
+            None
+        );
     }
 }

@@ -95,6 +95,16 @@ impl KeybrakeProxy {
         // Told only to a valid key: the vendor's name does not say whether it exists.
         let vendor = ctx.vendor.clone().ok_or(Denial::UnknownVendor)?;
         let req = session.req_header();
+        // A vault key anywhere else would reach the vendor (and its request logs) as sent.
+        if let Some(place) = extract::stray_vault_key(&req.uri, &req.headers, &vendor.strip_headers)
+        {
+            ctx.denial_message = Some(format!(
+                "A vault key was found in {place}: the proxy reads keys only from \
+                 Authorization, x-api-key or the Basic user name, and refuses a request \
+                 carrying one anywhere else, which would reach the vendor as sent."
+            ));
+            return Err(Denial::InvalidKey);
+        }
         // 3. scope
         scope::check(&key, &vendor, &req.method, ctx.path(), &req.headers)?;
         // 4. credential

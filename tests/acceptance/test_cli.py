@@ -184,3 +184,27 @@ def test_cli_rotates_a_tenants_api_token(keybrake):
     assert kb(keybrake, "key", "list", token=new).returncode == 0
     again = kb(keybrake, "tenant", "delete-token", tenant_id, old_id, admin=True)
     assert again.returncode != 0 and "404 not_found" in again.stderr, again.stderr
+
+
+def test_cli_id_arguments_never_address_another_object(keybrake, tenant):
+    """An id argument is an id: `key revoke ../vendors/stripe/credential` (the HTTP client
+    would resolve the `..`) or `node delete ../tenants/…` is refused before anything is
+    sent, and the credential, the tenant's token and the key stay as they were."""
+    key = tenant.issue_key(vendor="stripe", allowed_endpoints=["POST /v1/payment_intents"],
+                           daily_usd_cap=5)
+    tenant_id = tenant.id
+    for args, token, admin in [
+        (("key", "revoke", "../vendors/stripe/credential"), tenant.token, False),
+        (("key", "show", f"{key['id']}/../../vendors/stripe/credential"), tenant.token, False),
+        (("vendor", "delete", "stripe/.."), tenant.token, False),
+        (("node", "delete", f"../tenants/{tenant_id}/api_tokens/x"), None, True),
+        (("tenant", "delete-token", "..", "x"), None, True),
+        (("key", "revoke", ".."), tenant.token, False),
+    ]:
+        done = kb(keybrake, *args, token=token, admin=admin)
+        assert done.returncode != 0, (args, done.stdout)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is not an id or a vendor name" in lines[0], done.stderr
+    assert tenant.call("GET", "/v1/vendors/stripe/credential").status_code == 200
+    assert tenant.get_key(key["id"])["status"] == "active"
+    assert kb(keybrake, "key", "list", token=tenant.token).returncode == 0

@@ -1175,3 +1175,53 @@ def test_flags_a_command_does_not_use_are_warned_about_and_not_read(tmp_path):
     assert p.returncode == 1
     assert "does not use --control-listen" in p.stderr and "does not use --master-key-file" in p.stderr, p.stderr
     assert "node token file" in p.stderr and "bogus" not in p.stderr, p.stderr
+
+
+def test_audit_db_alone_holds_the_trail_for_a_backup_running_and_after_a_stop(fake_stripe, tmp_path):
+    """Backups copy database files: `audit.db` copied without its `-wal` holds every event
+    older than a second while serve runs, and all of them once serve has stopped. A data
+    dir whose `audit.db` holds no trail (such a copy of an old build) is said at start."""
+    import sqlite3
+
+    def events_in_copy_of(db: Path, name: str) -> int:
+        copy = tmp_path / f"{name}.db"
+        shutil.copyfile(db, copy)  # the file alone, as a careless backup takes it
+        with sqlite3.connect(copy) as conn:
+            return conn.execute("SELECT count(*) FROM audit").fetchone()[0]
+
+    def events_so_far() -> int:
+        try:
+            return events_in_copy_of(kb.data_dir / "audit.db", "running")
+        except sqlite3.OperationalError:  # only while the schema was not yet copied
+            return -1
+
+    kb = Keybrake(tmp_path / "kb", {"stripe": fake_stripe.url}).start()
+    try:
+        t = kb.create_tenant("backup-co")
+        t.put_credential("stripe", "sk_test_" + secrets.token_hex(12))
+        key = t.issue_key(vendor="stripe", allowed_endpoints=["GET /v1/customers"], daily_usd_cap=5)
+        for _ in range(5):
+            assert kb.proxy("GET", "/stripe/v1/customers", key=key["token"]).status_code == 200
+        deadline = time.time() + 10
+        while (n := events_so_far()) < 5 and time.time() < deadline:
+            time.sleep(0.2)
+        assert n == 5
+        for _ in range(3):
+            assert kb.proxy("GET", "/stripe/v1/customers", key=key["token"]).status_code == 200
+    finally:
+        assert kb.stop() == 0
+    assert events_in_copy_of(kb.data_dir / "audit.db", "stopped") == 8
+
+    # A data dir restored from a copy of audit.db that holds no table (its schema and
+    # events were all in the WAL the backup left behind) starts a new trail, and says so.
+    for leftover in ["audit.db", "audit.db-wal", "audit.db-shm"]:
+        (kb.data_dir / leftover).unlink(missing_ok=True)
+    with sqlite3.connect(kb.data_dir / "audit.db") as conn:  # a header and no table
+        conn.execute("CREATE TABLE x (a)")
+        conn.execute("DROP TABLE x")
+    again = Keybrake(tmp_path / "kb", {"stripe": fake_stripe.url},
+                     admin_token=kb.admin_token, master_key=kb.master_key).start()
+    try:
+        assert "holds no audit trail: a new one is started" in again.logs(), again.logs()[-2000:]
+    finally:
+        assert again.stop() == 0

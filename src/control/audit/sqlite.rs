@@ -41,6 +41,14 @@ pub(super) async fn open(data_dir: &Path, strict: bool) -> Result<(Writer, Reade
     crate::secret::private_dir(data_dir)
         .with_context(|| format!("cannot use data dir {}", data_dir.display()))?;
     let path = data_dir.join(FILE);
+    if path.metadata().is_ok_and(|m| m.len() > 0) && !has_audit_table(&path) {
+        log::warn!(
+            "{} exists but holds no audit trail: a new one is started. If it was restored \
+             from a copy taken without its -wal file, the events were in that file \
+             (docs/storage.md, Backups)",
+            path.display()
+        );
+    }
     crate::secret::private_file(&path)
         .with_context(|| format!("cannot create {}", path.display()))?;
     let conn = open_writer(&path, strict)
@@ -77,6 +85,20 @@ impl BatchWriter for Writer {
     fn write(&mut self, events: &[AuditEvent], batches: &[Marked]) -> Result<(), WriteError> {
         let prune = super::prune_due(&mut self.pruned_at);
         insert(&mut self.conn, events, batches, prune).map_err(|e| WriteError::Refused(e.into()))
+    }
+
+    /// PASSIVE: copies what no reader still needs, never waits for one.
+    fn checkpoint(&mut self) {
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            static LOG: crate::log_every::LogEvery =
+                crate::log_every::LogEvery::new(Duration::from_secs(60));
+            if LOG.due().is_some() {
+                log::warn!("cannot checkpoint the audit database: {e}");
+            }
+        }
     }
 }
 
@@ -225,6 +247,22 @@ fn event_of_row(r: &sqlx::sqlite::SqliteRow) -> (i64, AuditEvent) {
 
 fn tokens(r: &sqlx::sqlite::SqliteRow, column: &str) -> Option<u64> {
     r.get::<Option<i64>, _>(column).map(|n| n.max(0) as u64)
+}
+
+/// Whether the database file at `path` has the `audit` table (true when it cannot be
+/// read: that is for the writer's open to report).
+fn has_audit_table(path: &Path) -> bool {
+    let Ok(conn) =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return true;
+    };
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit')",
+        [],
+        |r| r.get::<_, bool>(0),
+    )
+    .unwrap_or(true)
 }
 
 /// WAL + NORMAL as for the store: a commit survives a process crash. SQLite checkpoints

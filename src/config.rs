@@ -325,8 +325,20 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccessLog {
     Stdout,
+    Stderr,
     Off,
     File(PathBuf),
+}
+
+impl std::fmt::Display for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AccessLog::Stdout => f.write_str("stdout"),
+            AccessLog::Stderr => f.write_str("stderr"),
+            AccessLog::Off => f.write_str("off"),
+            AccessLog::File(path) => write!(f, "{}", path.display()),
+        }
+    }
 }
 
 /// One listener's TLS and limits (SPEC §8; the exhaustion limits of docs/operations.md).
@@ -789,11 +801,14 @@ impl Config {
                 UpstreamUrl::parse(url).with_context(|| format!("--vendor-upstream {name}"))?;
         }
 
-        let access_log = match file.access_log.as_deref().unwrap_or(defaults::ACCESS_LOG) {
+        let access_log = file.access_log.as_deref().unwrap_or(defaults::ACCESS_LOG);
+        // The words in any case (`OFF` is not meant as a file name); `./OFF` is a file.
+        let access_log = match access_log.to_ascii_lowercase().as_str() {
             "stdout" => AccessLog::Stdout,
+            "stderr" => AccessLog::Stderr,
             "off" => AccessLog::Off,
-            "" => bail!("access_log: empty; use \"stdout\", \"off\" or a file path"),
-            path => AccessLog::File(path.into()),
+            "" => bail!("access_log: empty; use \"stdout\", \"stderr\", \"off\" or a file path"),
+            _ => AccessLog::File(access_log.into()),
         };
         let default_key_ttl = secs(file.default_key_ttl, defaults::DEFAULT_KEY_TTL);
         let max_key_ttl = secs(file.max_key_ttl, defaults::MAX_KEY_TTL);

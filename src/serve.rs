@@ -186,6 +186,29 @@ fn refuse_a_data_dir_in_use(config: &Config, serve: bool) -> Result<()> {
     )
 }
 
+/// `serve --upgrade` takes over from the `serve` running on the same data dir, which
+/// holds its lock: when nothing does, there is nothing to take over from, and the new
+/// process would only wait for listeners that never come.
+fn refuse_an_upgrade_of_nothing(config: &Config) -> Result<()> {
+    let data_dir = &config.data_dir;
+    let lock = data_dir.join(LOCK_FILE);
+    let held = match std::fs::File::open(&lock) {
+        Ok(file) => {
+            !flock(&file, false).with_context(|| format!("cannot lock {}", lock.display()))?
+        }
+        Err(_) => false,
+    };
+    if !held {
+        let shown = std::path::absolute(data_dir).unwrap_or(data_dir.clone());
+        bail!(
+            "--upgrade: no running keybrake to take over from (none holds data dir {}); \
+             start it without --upgrade",
+            shown.display()
+        );
+    }
+    Ok(())
+}
+
 /// The data dir's lock, held while the returned file is open; `None` when a running
 /// `serve` or `control` holds it.
 pub fn hold_data_dir(data_dir: &Path) -> Result<Option<std::fs::File>> {
@@ -307,6 +330,23 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
         ));
     };
     let admin = if let Some(admin) = given_admin {
+        let generated = config.data_dir.join("admin.token");
+        let same = |f: &Path| f.canonicalize().ok() == generated.canonicalize().ok();
+        if sources.generate_missing
+            && generated.exists()
+            && !sources.admin_token_file.as_deref().is_some_and(same)
+        {
+            log::warn!(
+                "{} is not used: the admin token is the one given ({}), and the file's is \
+                 refused",
+                generated.display(),
+                if sources.admin_token_file.is_some() {
+                    "--admin-token-file"
+                } else {
+                    "KEYBRAKE_ADMIN_TOKEN"
+                }
+            );
+        }
         admin
     } else if sources.generate_missing {
         let path = config.data_dir.join("admin.token");
@@ -337,6 +377,7 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
 /// read and checked: what `keybrake check` validates and a start would refuse.
 pub fn given_secrets(sources: &SecretSources) -> Result<(Option<MasterKey>, Option<String>)> {
     let master = if let Some(file) = &sources.master_key_file {
+        crate::secret::warn_if_shared(file, "the master key file");
         Some(MasterKey::from_file(file)?)
     } else if let Ok(text) = std::env::var("KEYBRAKE_MASTER_KEY") {
         Some(MasterKey::from_base64(&text).context("KEYBRAKE_MASTER_KEY")?)
@@ -344,6 +385,7 @@ pub fn given_secrets(sources: &SecretSources) -> Result<(Option<MasterKey>, Opti
         None
     };
     let admin = if let Some(file) = &sources.admin_token_file {
+        crate::secret::warn_if_shared(file, "the admin token file");
         Some(
             std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read admin token file {}", file.display()))?
@@ -612,6 +654,11 @@ pub fn upgrade_source_runs(pid_file: &Path) -> Result<()> {
 /// child's PID in `pid_file` and exits 0 (or 1 if the child died first), so systemd's
 /// `Type=forking` sees the service ready only when it is. Must run before any thread exists.
 pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
+    // Where the PID file goes is tried before anything starts: a daemon that could not
+    // be named there would have to be stopped again, half started.
+    let tmp = pid_file.with_extension("pid.tmp");
+    std::fs::write(&tmp, "")
+        .with_context(|| format!("cannot write PID file {}", pid_file.display()))?;
     let mut fds = [0; 2];
     // SAFETY: pipe() fills two descriptors we then own.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
@@ -644,10 +691,10 @@ pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
             let mut byte = [0u8; 1];
             let ready = std::io::Read::read(&mut &read_end, &mut byte).unwrap_or(0) == 1;
             if !ready {
+                let _ = std::fs::remove_file(&tmp);
                 eprintln!("keybrake: the daemon exited before it was ready; see its log");
                 std::process::exit(1);
             }
-            let tmp = pid_file.with_extension("pid.tmp");
             let written = std::fs::write(&tmp, format!("{child}\n"))
                 .and_then(|_| std::fs::rename(&tmp, pid_file));
             if let Err(e) = written {
@@ -762,7 +809,9 @@ pub fn run_serve(
              (database_url, KEYBRAKE_DATABASE_URL) is for `keybrake control`"
         );
     }
-    if !upgrade {
+    if upgrade {
+        refuse_an_upgrade_of_nothing(&config)?;
+    } else {
         refuse_a_data_dir_in_use(&config, true)?;
         check_free(&[
             (config.control_listen, "control API"),
@@ -975,8 +1024,9 @@ pub(crate) fn run_proxy(
     server.add_service(background_service("upkeep", upkeep));
 
     log::info!(
-        "proxy listening on {proxy_scheme}://{}",
-        config.proxy_listen
+        "proxy listening on {proxy_scheme}://{} (access log: {})",
+        config.proxy_listen,
+        config.access_log
     );
     server.run(pingora::server::RunArgs::default());
     log::info!("keybrake stopping: the proxy has stopped; writing what is left of the audit");

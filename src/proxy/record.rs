@@ -70,6 +70,7 @@ impl AccessLogWriter {
         let mut out: Box<dyn Write + Send> = match target {
             AccessLog::Off => return Ok(None),
             AccessLog::Stdout => Box::new(std::io::stdout()),
+            AccessLog::Stderr => Box::new(std::io::stderr()),
             AccessLog::File(path) => Box::new(open_append(path)?),
         };
         let file = match target {

@@ -843,6 +843,40 @@ def test_a_reload_with_nothing_running_fails_at_once_naming_the_pid_file(fast_up
         assert pid_file.read_text() == text
 
 
+def test_an_upgrade_with_nothing_running_fails_at_once_naming_the_data_dir(fast_upstream, tmp_path):
+    """`serve --upgrade` in the foreground when no keybrake holds the data dir: refused
+    at once (not after waiting for listeners that never come), nothing listening."""
+    kb = Keybrake(tmp_path / "kbu", {"stripe": fast_upstream}, config=upgrade_config(tmp_path))
+    kb.workdir.mkdir(parents=True)
+    started = time.monotonic()
+    out = subprocess.run(kb.command()[:2] + ["--upgrade"] + kb.command()[2:], capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, env=kb.environment(), cwd=kb.workdir, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert "no running keybrake to take over from" in out.stderr and str(kb.data_dir) in out.stderr, out.stderr
+    assert time.monotonic() - started < 5
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{kb.control_url}/healthz", timeout=2)
+
+
+def test_a_daemon_whose_pid_file_cannot_be_written_never_starts(fast_upstream, tmp_path):
+    """`serve --daemon` with a PID file in a directory that does not exist: exits 1 naming
+    it, before anything listens (no half-started daemon left holding the ports and the
+    data dir for the next start)."""
+    cfg = upgrade_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "run" / "keybrake.pid"),
+                                           str(tmp_path / "missing" / "keybrake.pid")))
+    kb = Keybrake(tmp_path / "kbd", {"stripe": fast_upstream}, config=cfg)
+    kb.workdir.mkdir(parents=True)
+    out = subprocess.run(kb.command()[:2] + ["--daemon"] + kb.command()[2:], capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, env=kb.environment(), cwd=kb.workdir, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert "cannot write PID file" in out.stderr and str(tmp_path / "missing") in out.stderr, out.stderr
+    time.sleep(0.5)
+    for url in (kb.control_url, kb.metrics_url, kb.proxy_url):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/healthz", timeout=2)
+
+
 def test_systemd_style_reload_with_daemon_and_pid_file_drops_nothing(fast_upstream, tmp_path):
     """What `systemctl reload keybrake` does with the shipped unit (Type=forking): start
     with `serve --daemon` (the PID file names the daemon), then on reload run

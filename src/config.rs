@@ -46,6 +46,7 @@ struct FileConfig {
     default_key_ttl: Option<Seconds>,
     max_key_ttl: Option<Seconds>,
     access_log: Option<String>,
+    llm_multi_pass_tools: Option<String>,
     #[serde(default)]
     upstream: FileUpstream,
     #[serde(default)]
@@ -320,6 +321,10 @@ pub struct Config {
     pub vendors: Map<String, Vendor>,
     pub currencies: Map<String, Currency>,
     pub prices: std::sync::Arc<crate::proxy::llm::PriceTable>,
+    /// `llm_multi_pass_tools: allow`: LLM calls with a tool that has the vendor sample
+    /// the model more than once (no reservation bounds them) are forwarded and charged
+    /// after the fact; refused by default (`proxy::llm::plan`).
+    pub llm_multi_pass_tools: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -810,6 +815,13 @@ impl Config {
             "" => bail!("access_log: empty; use \"stdout\", \"stderr\", \"off\" or a file path"),
             _ => AccessLog::File(access_log.into()),
         };
+        let llm_multi_pass_tools = match file.llm_multi_pass_tools.as_deref() {
+            None | Some("refuse") => false,
+            Some("allow") => true,
+            Some(other) => {
+                bail!("llm_multi_pass_tools: {other:?}; use \"refuse\" (the default) or \"allow\"")
+            }
+        };
         let default_key_ttl = secs(file.default_key_ttl, defaults::DEFAULT_KEY_TTL);
         let max_key_ttl = secs(file.max_key_ttl, defaults::MAX_KEY_TTL);
         if default_key_ttl.is_zero() || max_key_ttl.is_zero() {
@@ -980,6 +992,7 @@ impl Config {
             default_key_ttl,
             max_key_ttl,
             access_log,
+            llm_multi_pass_tools,
             upstream: UpstreamTimeouts {
                 connect: upstream_ms(
                     "connect_timeout_ms",

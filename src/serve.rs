@@ -965,6 +965,7 @@ pub(crate) fn run_proxy(
         metrics: metrics.clone(),
         charges: Default::default(),
         prices: config.prices.clone(),
+        multi_pass_tools: config.llm_multi_pass_tools,
         connector: pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::from_server_conf(&conf),
         )),

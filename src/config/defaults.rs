@@ -136,6 +136,7 @@ mod tests {
             default_key_ttl: s(DEFAULT_KEY_TTL),
             max_key_ttl: s(MAX_KEY_TTL),
             access_log: Some(ACCESS_LOG.into()),
+            llm_multi_pass_tools: Some("refuse".into()),
             upstream: FileUpstream {
                 connect_timeout_ms: ms(UPSTREAM_CONNECT_TIMEOUT),
                 total_connection_timeout_ms: ms(UPSTREAM_TOTAL_CONNECTION_TIMEOUT),

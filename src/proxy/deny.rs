@@ -24,6 +24,7 @@ pub enum Denial {
     UnmeteredTool,
     /// An OpenAI background response with a tool that loops: no bound on its cost.
     UnmeteredBackground,
+    UnmeteredMultiPass,
     InvalidPath,
     AmountRequired,
     InvalidAmount,
@@ -67,7 +68,8 @@ impl Denial {
         match self {
             MissingKey | InvalidKey | KeyExpired | KeyRevoked => 401,
             VendorMismatch | EndpointNotAllowed | MethodNotAllowed | AccountNotAllowed
-            | EndpointUnmetered | UnmeteredField | UnmeteredTool | UnmeteredBackground => 403,
+            | EndpointUnmetered | UnmeteredField | UnmeteredTool | UnmeteredBackground
+            | UnmeteredMultiPass => 403,
             InvalidPath | AmountRequired | InvalidAmount | AmountUnknown | UnsupportedCurrency
             | InvalidBody => 400,
             UnknownModel | InvalidLlmBody | UnmeteredServiceTier | UnmeteredBeta
@@ -92,9 +94,8 @@ impl Denial {
             VendorMismatch => "vendor_mismatch",
             EndpointNotAllowed | MethodNotAllowed => "endpoint_not_allowed",
             AccountNotAllowed => "account_not_allowed",
-            EndpointUnmetered | UnmeteredField | UnmeteredTool | UnmeteredBackground => {
-                "endpoint_unmetered"
-            }
+            EndpointUnmetered | UnmeteredField | UnmeteredTool | UnmeteredBackground
+            | UnmeteredMultiPass => "endpoint_unmetered",
             InvalidPath => "invalid_path",
             AmountRequired => "amount_required",
             InvalidAmount | AmountUnknown => "invalid_amount",
@@ -130,6 +131,7 @@ impl Denial {
             EndpointUnmetered => "This endpoint can move money and Keybrake does not meter it: a key with a spend cap cannot call it.",
             UnmeteredTool => "This call asks for a server-side tool billed per use or at another model's rates (web search, file search, code interpreter or execution, a hosted shell, image generation, an advisor, or a stored prompt that may name one), which Keybrake does not meter: a key with a spend cap cannot use it.",
             UnmeteredBackground => "A background response (background: true) with a tool that samples the model more than once (MCP, web fetch, tool search, compaction) is answered before its usage exists, so Keybrake cannot bound its cost: a key with a spend cap must run it in the foreground.",
+            UnmeteredMultiPass => "This request has a tool that makes the vendor sample the model more than once in one call (MCP, web fetch, tool search, context_management compaction): no reservation bounds its cost, so a key with a spend cap cannot send it unless the operator allows such tools (llm_multi_pass_tools: allow), which are then charged after the fact.",
             UnmeteredField => "This call sends a field that can move money Keybrake does not meter (such as a customer's balance, or an invoice item's quantity or price): a key with a spend cap cannot send it.",
             InvalidPath => "The request path is not canonical (dot segments, encoded '/' or '\\', empty segments or control bytes).",
             AmountRequired => "This endpoint is metered: the body must carry an integer amount.",

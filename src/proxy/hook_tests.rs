@@ -135,6 +135,7 @@ fn harness() -> Harness {
         idempotency: Default::default(),
         idempotent_wait: std::time::Duration::from_secs(1),
         prices: config.prices.clone(),
+        multi_pass_tools: config.llm_multi_pass_tools,
     };
     Harness {
         proxy,

@@ -71,6 +71,8 @@ pub struct KeybrakeProxy {
     pub idempotent_wait: Duration,
     /// LLM prices (`conf/prices.yaml`).
     pub prices: Arc<llm::PriceTable>,
+    /// `llm_multi_pass_tools: allow` (`llm::plan`).
+    pub multi_pass_tools: bool,
 }
 
 /// `invalid_key`'s message for a control API token sent to the proxy.
@@ -249,7 +251,14 @@ impl KeybrakeProxy {
         }
         llm::check_headers(api, headers)?;
         let body = read_body(session, self.body_limit, self.body_timeout).await?;
-        let plan = llm::plan(api, &body, &self.prices, &key.claims.ven).map_err(|r| {
+        let plan = llm::plan(
+            api,
+            &body,
+            &self.prices,
+            &key.claims.ven,
+            self.multi_pass_tools,
+        )
+        .map_err(|r| {
             ctx.denial_message = r.message;
             r.denial
         })?;

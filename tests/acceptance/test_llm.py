@@ -117,6 +117,14 @@ def kb(keybrake_factory, fake_llm) -> Keybrake:
 
 
 @pytest.fixture
+def kb_multi_pass(keybrake_factory, fake_llm, tmp_path) -> Keybrake:
+    """A proxy whose operator allows calls the vendor may sample more than once for
+    (`llm_multi_pass_tools: allow`), charged after the fact."""
+    cfg = write_config(tmp_path / "conf-multi-pass", llm_multi_pass_tools="allow")
+    return keybrake_factory({"openai": fake_llm.url, "anthropic": fake_llm.url}, config=cfg)
+
+
+@pytest.fixture
 def tenant(kb):
     t = kb.create_tenant("llm")
     t.put_credential("openai", OPENAI_SECRET)
@@ -359,11 +367,14 @@ def test_anthropic_python_sdk_json_and_stream_with_cache_tokens(kb, tenant, fake
     assert [e["spend_usd"] for e in events if e["path"].endswith("count_tokens")] == [0, 0]
 
 
-def test_anthropic_compaction_pass_is_charged_with_the_message(kb, tenant, fake_llm):
+def test_anthropic_compaction_pass_is_charged_with_the_message(kb_multi_pass, fake_llm):
     """A request with `context_management` may run a compaction pass over the whole
     conversation before the message; Anthropic bills both and reports the passes in
-    `usage.iterations` (the top level counts the message only). The key is charged both,
-    JSON and streamed, to the micro-dollar."""
+    `usage.iterations` (the top level counts the message only). Where the operator allows
+    such calls, the key is charged both, JSON and streamed, to the micro-dollar."""
+    kb = kb_multi_pass
+    tenant = kb.create_tenant("llm")
+    tenant.put_credential("anthropic", ANTHROPIC_SECRET)
     k = key(tenant, vendor="anthropic", cap=5)
     client = anthropic_client(kb, k["token"])
     compact = {"context_management": {"edits": [{"type": "compact_20260112"}]}}
@@ -595,12 +606,15 @@ def test_refusals_before_forwarding_and_vendor_errors_cost_nothing(kb, tenant, f
     assert {e["decision"] for e in events} == want, events
 
 
-def test_calls_whose_cost_the_reservation_cannot_bound_are_refused_or_charged_the_cap(kb, tenant, fake_llm):
+def test_calls_whose_cost_the_reservation_cannot_bound_are_refused_or_charged_the_cap(
+        kb, tenant, fake_llm, kb_multi_pass):
     """An advisor tool (billed at another model's rates), a hosted shell (a container
     billed per session), Anthropic's premium speed or region, and a background response
-    with a tool that loops are refused before anything is sent. A streamed call with a
-    looping tool (web fetch here), cut before its usage arrives, may have cost more than
-    any reservation: it is charged the key's whole cap, and the key stops for the day."""
+    with a tool that loops are refused before anything is sent. So is, by default, any
+    call with a tool that has the vendor sample the model more than once (MCP, web fetch,
+    tool search, compaction). Where the operator allows those, a streamed one (web fetch
+    here) cut before its usage arrives may have cost more than any reservation: it is
+    charged the key's whole cap, and the key stops for the day."""
     import anthropic
 
     ak = key(tenant, vendor="anthropic", cap=5)
@@ -625,9 +639,26 @@ def test_calls_whose_cost_the_reservation_cannot_bound_are_refused_or_charged_th
         "model": "gpt-4o-mini", "max_output_tokens": 5, "input": "hi", "tools": mcp, "background": True}),
         403, "endpoint_unmetered")
     assert "background" in refused["message"]
+    multi_pass = [
+        (url, ak, {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": msg,
+                   "tools": [{"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 3}]}),
+        (url, ak, {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": msg,
+                   "mcp_servers": [{"type": "url", "url": "https://x.example", "name": "x"}]}),
+        (url, ak, {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": msg,
+                   "tools": [{"type": "tool_search_tool_regex_20251119", "name": "s"}]}),
+        (url, ak, {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": msg,
+                   "context_management": {"edits": [{"type": "compact_20260112"}]}}),
+        (responses, ok, {"model": "gpt-4o-mini", "max_output_tokens": 5, "input": "hi", "tools": mcp}),
+    ]
+    for path, k, body in multi_pass:
+        denied = assert_denied(kb.proxy("POST", path, k["token"], json=body), 403, "endpoint_unmetered")
+        assert "llm_multi_pass_tools: allow" in denied["message"], denied
     assert fake_llm.received() == []
 
-    a = anthropic_client(kb, ak["token"])
+    tenant = kb_multi_pass.create_tenant("llm-multi-pass")
+    tenant.put_credential("anthropic", ANTHROPIC_SECRET)
+    ak = key(tenant, vendor="anthropic", cap=5)
+    a = anthropic_client(kb_multi_pass, ak["token"])
     with pytest.raises(Exception):
         with a.messages.stream(model="claude-haiku-4-5", max_tokens=80, messages=msg,
                                tools=[{"type": "web_fetch_20250910", "name": "web_fetch"}],

@@ -100,7 +100,17 @@ fn unknown_model(model: &str, why: &str) -> Refused {
 /// not a JSON object or no model (400 `invalid_body`), a `service_tier` priced above the
 /// table (400 `invalid_body`), a model the table does not price or cannot bound (400
 /// `unknown_model`, its message naming the model and what is missing).
-pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<Plan, Refused> {
+///
+/// A request the vendor may sample more than once for (`LlmRequest::samples_more`) has
+/// no reservation that bounds it: refused unless `multi_pass_allowed`
+/// (`llm_multi_pass_tools: allow`), when it is charged what its usage reports.
+pub fn plan(
+    api: Api,
+    body: &[u8],
+    prices: &PriceTable,
+    vendor: &str,
+    multi_pass_allowed: bool,
+) -> Result<Plan, Refused> {
     let req = request::parse(api, body).map_err(|e| match e {
         request::RequestError::UnmeteredTier => Denial::UnmeteredServiceTier,
         request::RequestError::UnmeteredTool => Denial::UnmeteredTool,
@@ -108,6 +118,9 @@ pub fn plan(api: Api, body: &[u8], prices: &PriceTable, vendor: &str) -> Result<
         request::RequestError::UnmeteredSpeed => Denial::UnmeteredSpeed,
         _ => Denial::InvalidLlmBody,
     })?;
+    if req.samples_more && !multi_pass_allowed {
+        return Err(Denial::UnmeteredMultiPass.into());
+    }
     let price = match prices.resolve(vendor, &req.model) {
         Some(price) => price.clone(),
         None => {
@@ -385,7 +398,7 @@ openai:
     fn the_bound_covers_the_bytes_the_output_limit_and_every_choice() {
         let t = table();
         let body = br#"{"model":"gpt-4o-mini-2024-07-18","max_tokens":100,"n":2}"#;
-        let p = plan(Api::OpenAiChat, body, &t, "openai").unwrap();
+        let p = plan(Api::OpenAiChat, body, &t, "openai", false).unwrap();
         assert!(p.body.is_none());
         // (bytes + 1024) × 0.15 + 200 × 0.60 micro-USD, rounded up.
         let input = (body.len() as i64 + 1024) * 150_000;
@@ -394,13 +407,21 @@ openai:
             Micros((input + 200 * 600_000 + 999_999) / 1_000_000)
         );
         // No limit: the model's maximum output.
-        let p = plan(Api::OpenAiChat, br#"{"model":"gpt-4o-mini"}"#, &t, "openai").unwrap();
+        let p = plan(
+            Api::OpenAiChat,
+            br#"{"model":"gpt-4o-mini"}"#,
+            &t,
+            "openai",
+            false,
+        )
+        .unwrap();
         assert!(p.bound.0 >= 16_384 * 600_000 / 1_000_000);
         let e = plan(
             Api::OpenAiEmbeddings,
             br#"{"model":"text-embedding-3-small","input":"x"}"#,
             &t,
             "openai",
+            false,
         )
         .unwrap();
         assert_eq!(e.bound, Micros(1));
@@ -410,7 +431,7 @@ openai:
             (b"model=gpt-4o-mini", Denial::InvalidLlmBody),
         ] {
             assert_eq!(
-                plan(Api::OpenAiChat, body, &t, "openai")
+                plan(Api::OpenAiChat, body, &t, "openai", false)
                     .err()
                     .map(|r| r.denial),
                 Some(denial)
@@ -422,6 +443,7 @@ openai:
             br#"{"model":"gpt-4o-mini","stream":true}"#,
             &t,
             "openai",
+            false,
         )
         .unwrap();
         assert!(p
@@ -431,10 +453,24 @@ openai:
     }
 
     #[test]
+    fn a_call_the_vendor_may_sample_more_than_once_for_is_refused_unless_allowed() {
+        let t = table();
+        let mcp = br#"{"model":"gpt-4o-mini","max_output_tokens":5,"input":"hi",
+            "tools":[{"type":"mcp","server_url":"https://x","require_approval":"never"}]}"#;
+        let refused = plan(Api::OpenAiResponses, mcp, &t, "openai", false);
+        assert_eq!(refused.err().unwrap().denial, Denial::UnmeteredMultiPass);
+        assert!(plan(Api::OpenAiResponses, mcp, &t, "openai", true).is_ok());
+        let plain = br#"{"model":"gpt-4o-mini","max_output_tokens":5,"input":"hi"}"#;
+        assert!(plan(Api::OpenAiResponses, plain, &t, "openai", false).is_ok());
+    }
+
+    #[test]
     fn an_unknown_model_refusal_names_the_model_and_what_the_table_lacks() {
         let t = table();
         let refused = |api, body: &str| {
-            let r = plan(api, body.as_bytes(), &t, "openai").err().unwrap();
+            let r = plan(api, body.as_bytes(), &t, "openai", false)
+                .err()
+                .unwrap();
             assert_eq!(r.denial, Denial::UnknownModel);
             r.message.unwrap()
         };
@@ -476,21 +512,21 @@ openai:
     fn a_predicted_output_is_bounded_at_the_output_rate() {
         let t = table();
         let body = br#"{"model":"gpt-4o-mini","max_tokens":100,"prediction":{"type":"content","content":"x"}}"#;
-        let p = plan(Api::OpenAiChat, body, &t, "openai").unwrap();
+        let p = plan(Api::OpenAiChat, body, &t, "openai", false).unwrap();
         // (bytes + 1024) × 0.15 + (100 + bytes) × 0.60 micro-USD, rounded up.
         let len = body.len() as i64;
         let want = ((len + 1024) * 150_000 + (100 + len) * 600_000 + 999_999) / 1_000_000;
         assert_eq!(p.bound, Micros(want));
         // `null` is no prediction; an escaped name is still one.
         let plain = br#"{"model":"gpt-4o-mini","max_tokens":100,"prediction":null}"#;
-        let p = plan(Api::OpenAiChat, plain, &t, "openai").unwrap();
+        let p = plan(Api::OpenAiChat, plain, &t, "openai", false).unwrap();
         let len = plain.len() as i64;
         assert_eq!(
             p.bound,
             Micros(((len + 1024) * 150_000 + 100 * 600_000 + 999_999) / 1_000_000)
         );
         let escaped = br#"{"model":"gpt-4o-mini","max_tokens":100,"prediction":{"content":"x"}}"#;
-        let p = plan(Api::OpenAiChat, escaped, &t, "openai").unwrap();
+        let p = plan(Api::OpenAiChat, escaped, &t, "openai", false).unwrap();
         assert!(p.bound.0 >= (100 + escaped.len() as i64) * 600_000 / 1_000_000);
     }
 
@@ -499,11 +535,11 @@ openai:
         let t = table();
         let body = br#"{"model":"gpt-4o-mini","max_tokens":5,"service_tier":"priority"}"#;
         assert_eq!(
-            plan(Api::OpenAiChat, body, &t, "openai").err(),
+            plan(Api::OpenAiChat, body, &t, "openai", false).err(),
             Some(Refused::from(Denial::UnmeteredServiceTier))
         );
         let body = br#"{"model":"gpt-4o-mini","max_tokens":5,"service_tier":"flex"}"#;
-        assert!(plan(Api::OpenAiChat, body, &t, "openai").is_ok());
+        assert!(plan(Api::OpenAiChat, body, &t, "openai", false).is_ok());
 
         let headers = |values: &[&str]| {
             let mut h = http::HeaderMap::new();
@@ -558,6 +594,7 @@ openai:
             br#"{"model":"gpt-4o-mini","max_tokens":10}"#,
             &t,
             "openai",
+            false,
         )
         .unwrap()
         .call;
@@ -594,7 +631,9 @@ openai:
         let t = table();
         let body = br#"{"model":"gpt-4o-mini","max_tokens":10,"stream":true}"#;
         let start = |chunks: &[&str]| {
-            let mut call = plan(Api::OpenAiChat, body, &t, "openai").unwrap().call;
+            let mut call = plan(Api::OpenAiChat, body, &t, "openai", false)
+                .unwrap()
+                .call;
             let mut held = Reservation::none();
             held.amount = Micros(500);
             call.hold(held, Micros(5_000_000));
@@ -641,7 +680,9 @@ openai:
         let (o, _) = start(&[text, &priority]);
         assert_eq!(o.charge, Micros(5_000_000));
         // Never sent: nothing.
-        let mut call = plan(Api::OpenAiChat, body, &t, "openai").unwrap().call;
+        let mut call = plan(Api::OpenAiChat, body, &t, "openai", false)
+            .unwrap()
+            .call;
         let mut held = Reservation::none();
         held.amount = Micros(500);
         call.hold(held, Micros(5_000_000));
@@ -655,7 +696,9 @@ openai:
             "tools":[{"type":"mcp","server_url":"https://x"}]}"#;
         let plain = br#"{"model":"gpt-4o-mini","max_output_tokens":10,"stream":true}"#;
         let cut = |body: &[u8], chunks: &[&str]| {
-            let mut call = plan(Api::OpenAiResponses, body, &t, "openai").unwrap().call;
+            let mut call = plan(Api::OpenAiResponses, body, &t, "openai", true)
+                .unwrap()
+                .call;
             let mut held = Reservation::none();
             held.amount = Micros(500);
             call.hold(held, Micros(7_000_000));
@@ -678,7 +721,7 @@ openai:
         assert_eq!(cut(looping, &[text, done]), cut(plain, &[text, done]));
         assert!(cut(looping, &[text, done]) < Micros(500));
         // Refused by the vendor, or never sent: nothing.
-        let mut call = plan(Api::OpenAiResponses, looping, &t, "openai")
+        let mut call = plan(Api::OpenAiResponses, looping, &t, "openai", true)
             .unwrap()
             .call;
         call.hold(Reservation::none(), Micros(7_000_000));

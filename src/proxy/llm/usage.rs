@@ -371,7 +371,7 @@ impl SseMeter {
             return LineKind::Other;
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        if !contains(data, b"\"usage\"") {
+        if !contains(data, b"\"usage\"") && !contains(data, b"\"service_tier\"") {
             return LineKind::Other;
         }
         match self.api {
@@ -421,6 +421,13 @@ impl SseMeter {
                     event.kind.as_deref(),
                     Some("response.completed" | "response.incomplete" | "response.failed")
                 );
+                // An earlier event (`response.created`, `.in_progress`) names the tier
+                // asked for (`auto` before the vendor picks one): a premium one named
+                // there already costs the cap, should the stream end before its last event.
+                if let Some(r) = event.response.as_ref().filter(|_| !last) {
+                    self.premium_tier |=
+                        matches!(r.service_tier.as_deref(), Some("priority" | "scale"));
+                }
                 if last {
                     if let Some(r) = &event.response {
                         self.premium_tier |= billed_above_the_table(r.service_tier.as_deref());
@@ -684,6 +691,19 @@ mod tests {
         );
         let (_, usage) = run(Api::AnthropicMessages, false, stream, 7);
         assert!(usage.unwrap().premium_tier);
+        // A Responses stream cut after `response.created` named a premium tier: marked
+        // (not for `auto`, which is what an early event says before the vendor picks).
+        for (tier, premium) in [("priority", true), ("scale", true), ("auto", false)] {
+            let stream = format!(
+                "data: {{\"type\":\"response.created\",\"response\":{{\"id\":\"r\",\
+                 \"service_tier\":\"{tier}\"}}}}\n\n\
+                 data: {{\"type\":\"response.output_text.delta\",\"delta\":\"x\"}}\n\n"
+            );
+            let mut meter = SseMeter::new(Api::OpenAiResponses, false);
+            meter.feed(&mut Some(Bytes::from(stream)), false);
+            assert_eq!(meter.premium_tier(), premium, "{tier}");
+            assert!(meter.usage().is_none());
+        }
         // A JSON answer whose usage cannot be read still tells its tier.
         assert!(premium_tier_in_json(
             br#"{"service_tier":"priority","usage":{"prompt_tokens":"x"}}"#

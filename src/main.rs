@@ -486,9 +486,28 @@ impl log::Log for NoLibraryTraces {
         self.allows(metadata)
     }
 
+    /// A library's line is shown with any token or secret in it redacted (Pingora's
+    /// debug lines print request URIs, where a client may have put its key).
     fn log(&self, record: &log::Record) {
-        if self.allows(record.metadata()) {
-            log::Log::log(&self.0, record);
+        if !self.allows(record.metadata()) {
+            return;
+        }
+        if record.target().starts_with("keybrake") {
+            return log::Log::log(&self.0, record);
+        }
+        let text = record.args().to_string();
+        match keybrake::proxy::path::without_tokens(&text) {
+            std::borrow::Cow::Borrowed(_) => log::Log::log(&self.0, record),
+            std::borrow::Cow::Owned(clean) => log::Log::log(
+                &self.0,
+                &log::Record::builder()
+                    .args(format_args!("{clean}"))
+                    .metadata(record.metadata().clone())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .build(),
+            ),
         }
     }
 

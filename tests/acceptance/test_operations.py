@@ -499,7 +499,7 @@ def test_no_output_ever_contains_a_token_or_a_secret(keybrake_factory, fake_stri
         assert r.status_code == status, f"{method} {path}: expected {status}, got {r.status_code} {r.text[:300]}"
         if decision != "allowed":
             assert r.json()["code"] == decision, r.text
-        calls.append((method, path, status, decision))
+        calls.append((method, path.split("?")[0], status, decision))  # the log shows no query
         return r
 
     bearer = {"Authorization": f"Bearer {token}"}
@@ -515,6 +515,8 @@ def test_no_output_ever_contains_a_token_or_a_secret(keybrake_factory, fake_stri
     call("GET", "/stripe/v1/customers", 401, "invalid_key", headers={"x-api-key": f"vk_{marker}xapikey"})
     call("GET", "/stripe/v1/customers", 401, "invalid_key", auth=(f"vk_{marker}basic", ""))
     call("GET", "/stripe/v1/customers", 401, "invalid_key", headers={"Authorization": f"Bearer {tampered}"})
+    # The key also pasted into the query string: refused (it would reach the vendor).
+    call("GET", f"/stripe/v1/customers?api_key={token}", 401, "invalid_key", headers=bearer)
     assert tenant.revoke(key["id"]).status_code == 200
     call("POST", PI, 401, "key_revoked", headers=bearer, data=form)
     call("GET", "/stripe/v1/customers", 401, "key_revoked", headers={"x-api-key": token})
@@ -544,7 +546,11 @@ def test_no_output_ever_contains_a_token_or_a_secret(keybrake_factory, fake_stri
         assert isinstance(line["duration_ms"], (int, float)) and line["duration_ms"] >= 0, line
         assert line["path"] in (PI, "/stripe/v1/customers", "/stripe/v1/charges"), line
     assert sorted((l["method"], l["path"], l["status"], l["decision"]) for l in parsed) == sorted(calls)
+    # The key in the query string verified: its refusal names the key.
+    assert sum(1 for l in parsed if l["decision"] == "invalid_key" and l["key_id"] == key["id"]) == 1
     for line in parsed:
+        if line["decision"] == "invalid_key" and line["key_id"] == key["id"]:
+            continue
         if line["decision"] == "invalid_key":
             assert line["key_id"] is None and line["tenant"] is None, line
         else:

@@ -1407,8 +1407,12 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
 /// `value`, or an error naming `setting` when it is below `min`: a setting is never
 /// silently raised to what the program can work with.
 fn at_least(setting: &str, value: Duration, min: Duration) -> Result<Duration> {
+    let shown = |d: Duration| match d.subsec_millis() {
+        0 => format!("{}s", d.as_secs()),
+        _ => format!("{}ms", d.as_millis()),
+    };
     if value < min {
-        bail!("{setting}: at least {min:?} (got {value:?})");
+        bail!("{setting}: at least {} (got {})", shown(min), shown(value));
     }
     Ok(value)
 }

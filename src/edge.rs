@@ -1204,7 +1204,14 @@ fn hello(client: &SyncClient, url: &str, token_file: &Path) -> Result<String> {
             token_file.display()
         ),
         Err(CallError::Other(e) | CallError::Refused(e) | CallError::Unsent(e)) => {
-            let hint = crate::tls::connect_hint(url, &e.to_string());
+            let text = e.to_string();
+            let hint = match crate::tls::connect_hint(url, &text) {
+                "" if text.contains("answered 404") => {
+                    " (is --control-url the control API's address, not a proxy's or a \
+                     metrics listener's?)"
+                }
+                hint => hint,
+            };
             bail!("cannot reach the control plane at {url}: {e}{hint}")
         }
     }

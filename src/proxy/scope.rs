@@ -76,7 +76,7 @@ pub fn same_but_underscores(name: &str, canonical: &str) -> bool {
             .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
 }
 
-fn is_standard(method: &Method) -> bool {
+pub(super) fn is_standard(method: &Method) -> bool {
     [
         Method::GET,
         Method::POST,

@@ -108,7 +108,15 @@ impl KeybrakeProxy {
             return Err(Denial::InvalidKey);
         }
         // 3. scope
-        scope::check(&key, &vendor, &req.method, ctx.path(), &req.headers)?;
+        scope::check(&key, &vendor, &req.method, ctx.path(), &req.headers).inspect_err(|d| {
+            if *d == Denial::MethodNotAllowed && !scope::is_standard(&req.method) {
+                ctx.denial_message = Some(format!(
+                    "{:?} is not a method any vendor API uses (methods are case-sensitive): \
+                     refused whatever the key allows.",
+                    req.method.as_str()
+                ));
+            }
+        })?;
         // 4. credential
         let secret = inject::credential(&self.published, &key)?;
         // 5. plan the body: the catalog's class first (an unmetered call is refused before

@@ -1050,6 +1050,7 @@ def test_non_standard_methods_are_refused_even_where_any_method_is_allowed(keybr
     conn.close()
     assert r.status == 403, text[:300]
     assert json.loads(text)["code"] == "endpoint_not_allowed"
+    assert "is not a method any vendor API uses" in json.loads(text)["message"], text
     assert fake_stripe.received() == []
 
 

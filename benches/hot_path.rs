@@ -1,6 +1,7 @@
 //! The proxy's hot path, stage by stage: token check (uncached, in batches of fresh keys,
 //! and cached), endpoint match, revocation lookup, path canonicalization, a spend
-//! reservation and an idempotent call's admission.
+//! reservation, an idempotent call's admission, and the look for a vault key elsewhere in
+//! the request than where it is read.
 //! Run: `cargo bench --bench hot_path`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -112,6 +113,53 @@ fn endpoint_match(c: &mut Criterion) {
                 black_box(&post),
                 black_box("/v1/payment_intents/pi_3MtwBwLkdIwHu7ix28a3tqPa")
             ))
+        })
+    });
+    // A Stripe SDK's request: what the proxy scans for a stray vault key.
+    let uri: http::Uri = "/stripe/v1/payment_intents?expand%5B%5D=latest_charge&limit=3"
+        .parse()
+        .unwrap();
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in [
+        (
+            "authorization",
+            "Bearer vk_eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0.e30.c2ln",
+        ),
+        ("host", "127.0.0.1:8080"),
+        ("user-agent", "Stripe/v1 PythonBindings/12.0.0"),
+        ("accept", "*/*"),
+        ("accept-encoding", "gzip, deflate"),
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("content-length", "43"),
+        (
+            "idempotency-key",
+            "stripe-python-retry-0d5c8a3e-3b1f-4e0a-9d2c-6f1b2a3c4d5e",
+        ),
+        ("stripe-version", "2024-06-20"),
+        (
+            "x-stripe-client-user-agent",
+            r#"{"bindings_version": "12.0.0", "lang": "python", "publisher": "stripe", "httplib": "requests", "lang_version": "3.12.3", "platform": "Linux-6.8.0-x86_64-with-glibc2.39", "uname": "Linux 6.8.0 x86_64"}"#,
+        ),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    ] {
+        headers.insert(
+            http::HeaderName::from_static(name),
+            http::HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    let dropped = [http::header::AUTHORIZATION];
+    c.bench_function("stray_vault_key_scan", |b| {
+        b.iter(|| {
+            assert!(keybrake::proxy::extract::stray_vault_key(
+                black_box(uri.path()),
+                black_box(uri.query()),
+                black_box(&headers),
+                &dropped
+            )
+            .is_none())
         })
     });
     c.bench_function("path_canonicalize", |b| {

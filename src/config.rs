@@ -815,7 +815,11 @@ impl Config {
             "" => bail!("access_log: empty; use \"stdout\", \"stderr\", \"off\" or a file path"),
             _ => AccessLog::File(access_log.into()),
         };
-        let llm_multi_pass_tools = match file.llm_multi_pass_tools.as_deref() {
+        let multi_pass = file
+            .llm_multi_pass_tools
+            .as_deref()
+            .map(str::to_ascii_lowercase);
+        let llm_multi_pass_tools = match multi_pass.as_deref() {
             None | Some("refuse") => false,
             Some("allow") => true,
             Some(other) => {

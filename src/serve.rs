@@ -662,7 +662,9 @@ pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
     let mut fds = [0; 2];
     // SAFETY: pipe() fills two descriptors we then own.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(anyhow!("pipe failed: {}", std::io::Error::last_os_error()));
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_file(&tmp);
+        return Err(anyhow!("pipe failed: {e}"));
     }
     // SAFETY: the descriptors were just created and are owned by nobody else.
     let (read_end, write_end) = unsafe {
@@ -676,7 +678,11 @@ pub fn daemonize(pid_file: &Path) -> Result<std::fs::File> {
     // consistent single-threaded process.
     let pid = unsafe { libc::fork() };
     match pid {
-        -1 => Err(anyhow!("fork failed: {}", std::io::Error::last_os_error())),
+        -1 => {
+            let e = std::io::Error::last_os_error();
+            let _ = std::fs::remove_file(&tmp);
+            Err(anyhow!("fork failed: {e}"))
+        }
         0 => {
             drop(read_end);
             // SAFETY: plain system calls in the freshly forked child.
@@ -853,6 +859,7 @@ pub fn run_serve(
 
     let drain_control = control.clone();
     let exit_control = control.clone();
+    let store_file = config.data_dir.join(crate::control::store::FILE);
     let parts = ProxyParts {
         ledger: control.clone(),
         audit: Arc::new(AuditForwarder(control)),
@@ -865,6 +872,13 @@ pub fn run_serve(
         on_exit: Box::new(move || {
             if !exit_control.audit.flush(Duration::from_secs(5)) {
                 log::error!("audit events still buffered at exit could not be written in 5 s");
+            }
+            // The last settlements into keybrake.db itself, not only its WAL: a copy of a
+            // stopped process's database files is complete (docs/storage.md, Backups).
+            let checkpoint = rusqlite::Connection::open(&store_file)
+                .and_then(|c| c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())));
+            if let Err(e) = checkpoint {
+                log::warn!("cannot checkpoint {} at exit: {e}", store_file.display());
             }
         }),
     };

@@ -357,7 +357,10 @@ impl Control {
             };
             // The store's own words (SQL, constraint names) stay in this log: the node is
             // told that the grant failed and where to look.
-            if let Some(Err(e)) = grants.iter().find(|g| g.is_err()) {
+            static LOG: crate::log_every::LogEvery =
+                crate::log_every::LogEvery::new(Duration::from_secs(10));
+            let failed = grants.iter().find(|g| g.is_err());
+            if let Some(Err(e)) = failed.filter(|_| LOG.due().is_some()) {
                 log::warn!(
                     "cannot grant node {node}'s lease batch {}: {}",
                     batch.map_or("(unnumbered)".into(), |b| b.to_string()),

@@ -35,17 +35,18 @@ pub fn vault_key(headers: &HeaderMap) -> Option<Cow<'_, str>> {
 
 /// Where else in the request a vault key sits, besides the headers the proxy removes
 /// (`dropped`: the vendor's `strip_headers`, which hold every place `vault_key` reads):
-/// the path, the query string or another header, all of which reach the vendor as sent.
-/// Found by its shape (`vk_eyJ`, also with the `_` percent-encoded), not verified.
+/// the path (`canonical`, as it is forwarded), the query string or another header.
+/// Found by its shape (`vk_eyJ`), after percent-decoding, not verified.
 pub fn stray_vault_key(
-    uri: &http::Uri,
+    canonical: &str,
+    query: Option<&str>,
     headers: &HeaderMap,
     dropped: &[http::HeaderName],
 ) -> Option<String> {
-    if holds_vault_key(uri.path().as_bytes()) {
+    if holds_vault_key(canonical.as_bytes()) {
         return Some("the path".into());
     }
-    if uri.query().is_some_and(|q| holds_vault_key(q.as_bytes())) {
+    if query.is_some_and(|q| holds_vault_key(q.as_bytes())) {
         return Some("the query string".into());
     }
     headers
@@ -54,16 +55,24 @@ pub fn stray_vault_key(
         .map(|(name, _)| format!("header {name}"))
 }
 
-/// `text` holds something shaped like a vault key: `vk_` (or `vk%5F`) and a JWT's first
-/// characters, at the start of a word.
+/// `text` holds something shaped like a vault key, `vk_` and a JWT's first characters
+/// at the start of a word, as it is or once percent-decoded (twice: a vendor that
+/// decoded once more would read it).
 fn holds_vault_key(text: &[u8]) -> bool {
-    (0..text.len()).any(|i| {
-        (i == 0 || !text[i - 1].is_ascii_alphanumeric())
-            && text[i..].starts_with(b"vk")
-            && [&b"_eyJ"[..], b"%5FeyJ", b"%5feyJ"]
-                .iter()
-                .any(|rest| text[i + 2..].starts_with(rest))
-    })
+    let at_word_start = |t: &[u8]| {
+        (0..t.len())
+            .any(|i| (i == 0 || !t[i - 1].is_ascii_alphanumeric()) && t[i..].starts_with(b"vk_eyJ"))
+    };
+    if at_word_start(text) {
+        return true;
+    }
+    if !text.contains(&b'%') {
+        return false;
+    }
+    let once: Vec<u8> = percent_encoding::percent_decode(text).collect();
+    at_word_start(&once)
+        || (once.contains(&b'%')
+            && at_word_start(&percent_encoding::percent_decode(&once).collect::<Vec<u8>>()))
 }
 
 #[cfg(test)]
@@ -104,7 +113,10 @@ mod tests {
         ];
         let key = "vk_eyJhbGciOiJFZERTQSJ9.e30.sig";
         let found = |uri: &str, pairs: &[(&'static str, &str)]| {
-            stray_vault_key(&uri.parse().unwrap(), &headers(pairs), &dropped)
+            let (path, query) = uri
+                .split_once('?')
+                .map_or((uri, None), |(p, q)| (p, Some(q)));
+            stray_vault_key(path, query, &headers(pairs), &dropped)
         };
         let read = [
             ("authorization", &*format!("Bearer {key}")),
@@ -131,6 +143,20 @@ mod tests {
             found("/openai/v1/models", &[("cookie", &format!("s=1; k={key}"))]).as_deref(),
             Some("header cookie")
         );
+        // After an escape (`Bearer%20…`, `%22…%22`), or itself escaped, once or twice.
+        for query in [
+            "auth=Bearer%20vk_eyJhbGci",
+            "q=%22vk_eyJhbGci%22",
+            "x=token%3Dvk_eyJhbGci",
+            "k=%76k_eyJhbGci",
+            "k=vk%255FeyJhbGci",
+        ] {
+            assert_eq!(
+                found(&format!("/stripe/v1/charges?{query}"), &[]).as_deref(),
+                Some("the query string"),
+                "{query}"
+            );
+        }
         // Not at a word's start, or not a JWT after the prefix: not a key.
         assert_eq!(
             found(

@@ -98,12 +98,17 @@ impl KeybrakeProxy {
         let vendor = ctx.vendor.clone().ok_or(Denial::UnknownVendor)?;
         let req = session.req_header();
         // A vault key anywhere else would reach the vendor (and its request logs) as sent.
-        if let Some(place) = extract::stray_vault_key(&req.uri, &req.headers, &vendor.strip_headers)
-        {
+        let stray = extract::stray_vault_key(
+            &ctx.canonical,
+            req.uri.query(),
+            &req.headers,
+            &vendor.strip_headers,
+        );
+        if let Some(place) = stray {
             ctx.denial_message = Some(format!(
                 "A vault key was found in {place}: the proxy reads keys only from \
                  Authorization, x-api-key or the Basic user name, and refuses a request \
-                 carrying one anywhere else, which would reach the vendor as sent."
+                 that carries one anywhere else, where it could reach the vendor."
             ));
             return Err(Denial::InvalidKey);
         }

@@ -138,6 +138,9 @@ def test_a_vault_key_anywhere_else_in_the_request_is_refused_and_never_forwarded
         (requests.get(url, headers={**auth, "x-goog-api-key": token}, timeout=10),
          "header x-goog-api-key"),
         (requests.get(f"{url}/{token}", headers=auth, timeout=10), "the path"),
+        # Escaped: the path is forwarded decoded; a query value behind an escape.
+        (requests.get(f"{url}/%76{token[1:]}", headers=auth, timeout=10), "the path"),
+        (requests.get(f"{url}?auth=Bearer%20{token}", headers=auth, timeout=10), "the query string"),
     ]:
         assert_denied(r, 401, "invalid_key")
         assert f"found in {place}" in r.json()["message"], r.text

@@ -75,8 +75,11 @@ trait BatchWriter: Send + 'static {
     fn checkpoint(&mut self) {}
 }
 
-/// Under steady writes, the writer checkpoints this often; once writes stop, at once.
+/// Under steady writes, the writer checkpoints this often; once writes pause for
+/// CHECKPOINT_IDLE, then. Each is a copy of the new WAL pages and a sync or two: a few
+/// a second at most, off the path of anyone waiting for a write (`writer_loop`).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+const CHECKPOINT_IDLE: Duration = Duration::from_millis(250);
 
 /// A node's audit batch as the node numbered it (docs/api.md, `/v1/sync/audit`): written
 /// once however often it arrives, on any replica. A node session sends its batches one at
@@ -137,6 +140,9 @@ struct Shared {
     pass_done: Condvar,
     /// Strict mode: wakes the writer as soon as an event waits for it.
     work: Condvar,
+    /// Set by `flush` (the process is stopping): every pass from then on checkpoints
+    /// before it counts as done.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 struct Passes {
@@ -217,6 +223,7 @@ impl AuditTrail {
             }),
             pass_done: Condvar::new(),
             work: Condvar::new(),
+            stopping: Default::default(),
         });
         let thread_shared = shared.clone();
         let thread_metrics = metrics.clone();
@@ -232,16 +239,20 @@ impl AuditTrail {
         })
     }
 
-    /// Waits until every event recorded before the call is written (or given up on), at
-    /// most `timeout`. Called once the proxy has stopped, before the process exits, so the
-    /// last requests of a shutdown or upgrade are in the trail. False on timeout.
+    /// Waits until every event recorded before the call is written (or given up on) and
+    /// checkpointed, at most `timeout`. Called once the proxy has stopped, before the
+    /// process exits, so the last requests of a shutdown or upgrade are in the trail (and
+    /// in its file). False on timeout.
     pub fn flush(&self, timeout: Duration) -> bool {
+        self.shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         let passes = lock(&self.shared.passes);
         // The pass running now may have swapped the buffer out before our events arrived;
-        // the one after it starts after this call, so it takes them, and the empty one
-        // after that checkpoints them into the database file (`BatchWriter::checkpoint`),
-        // so that a stopped process leaves a file that holds its whole trail.
-        let target = passes.done + 3;
+        // the one after it starts after this call, so it takes them, and checkpoints them
+        // into the database file before it counts (`stopping`): a stopped process leaves
+        // a file that holds its whole trail.
+        let target = passes.done + 2;
         self.shared.work.notify_one();
         let (passes, wait) = self
             .shared
@@ -412,8 +423,8 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
         events: Vec::with_capacity(INITIAL),
         ..Queue::default()
     };
-    // The first pass checkpoints what opening the database wrote (its schema).
-    let (mut unchecked, mut checkpointed) = (true, Instant::now());
+    // The first checkpoint copies what opening the database wrote (its schema).
+    let (mut unchecked, mut checkpointed, mut wrote_at) = (true, Instant::now(), Instant::now());
     loop {
         if strict {
             // Group commit: write as soon as something waits, and whatever queued up
@@ -467,8 +478,11 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
             start = end;
         }
         let wrote_events = !queue.events.is_empty();
-        unchecked |= wrote_events;
-        if unchecked && (!wrote_events || checkpointed.elapsed() >= CHECKPOINT_EVERY) {
+        if wrote_events {
+            (unchecked, wrote_at) = (true, Instant::now());
+        }
+        // Stopping: the file is made whole before `flush` sees this pass done.
+        if shared.stopping.load(std::sync::atomic::Ordering::Acquire) {
             writer.checkpoint();
             (unchecked, checkpointed) = (false, Instant::now());
         }
@@ -495,6 +509,13 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
         // After `durable` moved on: a batch sent again from now on is queued again, and
         // the next pass finds it written.
         lock(&shared.pending).writing.clear();
+        // After the waiters were told: no one waits for a checkpoint.
+        if unchecked
+            && (checkpointed.elapsed() >= CHECKPOINT_EVERY || wrote_at.elapsed() >= CHECKPOINT_IDLE)
+        {
+            writer.checkpoint();
+            (unchecked, checkpointed) = (false, Instant::now());
+        }
     }
 }
 

@@ -53,11 +53,14 @@ pub fn check_headers(api: Api, headers: &http::HeaderMap) -> Result<(), Denial> 
         return Ok(());
     }
     for value in headers.get_all("anthropic-beta") {
+        // Anywhere in the value, whatever separates the betas (a comma, a space): how
+        // the vendor splits a list it was sent oddly is not known.
         let text = value.to_str().map_err(|_| Denial::UnmeteredBeta)?;
-        if text.split(',').any(|beta| {
-            let beta = beta.trim().as_bytes();
-            beta.len() >= 10 && beta[..10].eq_ignore_ascii_case(b"context-1m")
-        }) {
+        if text
+            .as_bytes()
+            .windows(10)
+            .any(|w| w.eq_ignore_ascii_case(b"context-1m"))
+        {
             return Err(Denial::UnmeteredBeta);
         }
     }
@@ -114,6 +117,10 @@ pub fn plan(
     let req = request::parse(api, body).map_err(|e| match e {
         request::RequestError::UnmeteredTier => Denial::UnmeteredServiceTier,
         request::RequestError::UnmeteredTool => Denial::UnmeteredTool,
+        // Refused in the foreground too unless allowed: that is the refusal to tell.
+        request::RequestError::UnmeteredBackground if !multi_pass_allowed => {
+            Denial::UnmeteredMultiPass
+        }
         request::RequestError::UnmeteredBackground => Denial::UnmeteredBackground,
         request::RequestError::UnmeteredSpeed => Denial::UnmeteredSpeed,
         _ => Denial::InvalidLlmBody,
@@ -564,6 +571,8 @@ openai:
             &["a-beta , Context-1M-2025-08-07 ,b"],
             &["prompt-caching-2024-07-31", "context-1m-2025-08-07"],
             &["context-1m"],
+            &["foo context-1m-2025-08-07"],
+            &["foo;context-1m-2025-08-07"],
         ] {
             assert_eq!(
                 anthropic(refused),

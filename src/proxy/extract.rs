@@ -59,20 +59,24 @@ pub fn stray_vault_key(
 /// at the start of a word, as it is or once percent-decoded (twice: a vendor that
 /// decoded once more would read it).
 fn holds_vault_key(text: &[u8]) -> bool {
-    let at_word_start = |t: &[u8]| {
-        (0..t.len())
-            .any(|i| (i == 0 || !t[i - 1].is_ascii_alphanumeric()) && t[i..].starts_with(b"vk_eyJ"))
+    let at_word_start = |t: &[u8], i: usize| {
+        t[i..].starts_with(b"vk_eyJ") && (i == 0 || !t[i - 1].is_ascii_alphanumeric())
     };
-    if at_word_start(text) {
-        return true;
+    // One pass for both: the key as it is, and whether anything is escaped.
+    let mut escaped = false;
+    for i in memchr::memchr2_iter(b'v', b'%', text) {
+        escaped |= text[i] == b'%';
+        if text[i] == b'v' && at_word_start(text, i) {
+            return true;
+        }
     }
-    if !text.contains(&b'%') {
+    if !escaped {
         return false;
     }
-    let once: Vec<u8> = percent_encoding::percent_decode(text).collect();
-    at_word_start(&once)
-        || (once.contains(&b'%')
-            && at_word_start(&percent_encoding::percent_decode(&once).collect::<Vec<u8>>()))
+    let decoded = |t: &[u8]| percent_encoding::percent_decode(t).collect::<Vec<u8>>();
+    let holds = |t: &[u8]| memchr::memchr_iter(b'v', t).any(|i| at_word_start(t, i));
+    let once = decoded(text);
+    holds(&once) || (memchr::memchr(b'%', &once).is_some() && holds(&decoded(&once)))
 }
 
 #[cfg(test)]

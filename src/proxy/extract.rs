@@ -36,45 +36,50 @@ pub fn vault_key(headers: &HeaderMap) -> Option<Cow<'_, str>> {
 /// Where else in the request a vault key sits, besides the headers the proxy removes
 /// (`dropped`: the vendor's `strip_headers`, which hold every place `vault_key` reads):
 /// the path (`canonical`, as it is forwarded), the query string or another header.
-/// Found by its shape (`vk_eyJ`), after percent-decoding, not verified.
+/// Found, as sent or percent-decoded, by its shape (`vk_eyJ` at a word's start), or for
+/// the key the request presents (`presented`), by its signature, whatever surrounds it
+/// (its JWT without the prefix, or behind `VK_`). Not verified.
 pub fn stray_vault_key(
     canonical: &str,
     query: Option<&str>,
     headers: &HeaderMap,
     dropped: &[http::HeaderName],
+    presented: Option<&str>,
 ) -> Option<String> {
-    if holds_vault_key(canonical.as_bytes()) {
+    // An Ed25519 signature is 86 characters of base64url: nothing shorter is looked for,
+    // and its first 24 (144 random bits) are what is looked for.
+    let signature = presented
+        .and_then(|t| t.rsplit('.').next())
+        .filter(|s| s.len() >= 64)
+        .map(|s| memchr::memmem::Finder::new(&s.as_bytes()[..24]));
+    let holds = |text: &[u8]| holds_vault_key(text, signature.as_ref());
+    if holds(canonical.as_bytes()) {
         return Some("the path".into());
     }
-    if query.is_some_and(|q| holds_vault_key(q.as_bytes())) {
+    if query.is_some_and(|q| holds(q.as_bytes())) {
         return Some("the query string".into());
     }
     headers
         .iter()
-        .find(|(name, value)| !dropped.contains(name) && holds_vault_key(value.as_bytes()))
+        .find(|(name, value)| !dropped.contains(name) && holds(value.as_bytes()))
         .map(|(name, _)| format!("header {name}"))
 }
 
-/// `text` holds something shaped like a vault key, `vk_` and a JWT's first characters
-/// at the start of a word, as it is or once percent-decoded (twice: a vendor that
-/// decoded once more would read it).
-fn holds_vault_key(text: &[u8]) -> bool {
-    let at_word_start = |t: &[u8], i: usize| {
-        t[i..].starts_with(b"vk_eyJ") && (i == 0 || !t[i - 1].is_ascii_alphanumeric())
+/// `text` holds a vault key (see `stray_vault_key`), as it is or once percent-decoded
+/// (twice: a vendor that decoded once more would read it).
+fn holds_vault_key(text: &[u8], signature: Option<&memchr::memmem::Finder<'_>>) -> bool {
+    let holds = |t: &[u8]| {
+        memchr::memchr_iter(b'v', t)
+            .any(|i| t[i..].starts_with(b"vk_eyJ") && (i == 0 || !t[i - 1].is_ascii_alphanumeric()))
+            || signature.is_some_and(|s| s.find(t).is_some())
     };
-    // One pass for both: the key as it is, and whether anything is escaped.
-    let mut escaped = false;
-    for i in memchr::memchr2_iter(b'v', b'%', text) {
-        escaped |= text[i] == b'%';
-        if text[i] == b'v' && at_word_start(text, i) {
-            return true;
-        }
+    if holds(text) {
+        return true;
     }
-    if !escaped {
+    if memchr::memchr(b'%', text).is_none() {
         return false;
     }
     let decoded = |t: &[u8]| percent_encoding::percent_decode(t).collect::<Vec<u8>>();
-    let holds = |t: &[u8]| memchr::memchr_iter(b'v', t).any(|i| at_word_start(t, i));
     let once = decoded(text);
     holds(&once) || (memchr::memchr(b'%', &once).is_some() && holds(&decoded(&once)))
 }
@@ -120,7 +125,7 @@ mod tests {
             let (path, query) = uri
                 .split_once('?')
                 .map_or((uri, None), |(p, q)| (p, Some(q)));
-            stray_vault_key(path, query, &headers(pairs), &dropped)
+            stray_vault_key(path, query, &headers(pairs), &dropped, None)
         };
         let read = [
             ("authorization", &*format!("Bearer {key}")),
@@ -168,6 +173,52 @@ mod tests {
                 &[("x-id", "dvk_eyJ")]
             ),
             None
+        );
+    }
+
+    #[test]
+    fn the_presented_keys_signature_is_found_whatever_surrounds_it() {
+        let sig = "A".repeat(86);
+        let token = format!("vk_eyJhbGciOiJFZERTQSJ9.eyJqdGkiOiJ4In0.{sig}");
+        let jwt = &token[3..];
+        let dropped = [http::header::AUTHORIZATION];
+        let found = |path: &str, query: Option<&str>, pairs: &[(&'static str, &str)]| {
+            stray_vault_key(path, query, &headers(pairs), &dropped, Some(&token))
+        };
+        let auth = format!("Bearer {token}");
+        assert_eq!(
+            found(
+                "/openai/v1/models",
+                Some("limit=1"),
+                &[("authorization", &auth)]
+            ),
+            None
+        );
+        for (path, query, pairs, place) in [
+            (format!("/openai/v1/models/{jwt}"), None, vec![], "the path"),
+            (
+                "/openai/v1/models".into(),
+                Some(format!("k=VK_{jwt}")),
+                vec![],
+                "the query string",
+            ),
+            (
+                "/openai/v1/models".into(),
+                Some(format!("s={sig}")),
+                vec![],
+                "the query string",
+            ),
+        ] {
+            assert_eq!(
+                found(&path, query.as_deref(), &pairs).as_deref(),
+                Some(place),
+                "{path} {query:?}"
+            );
+        }
+        let header = format!("x {jwt}");
+        assert_eq!(
+            found("/openai/v1/models", None, &[("x-foo", &header)]).as_deref(),
+            Some("header x-foo")
         );
     }
 }

@@ -98,11 +98,13 @@ impl KeybrakeProxy {
         let vendor = ctx.vendor.clone().ok_or(Denial::UnknownVendor)?;
         let req = session.req_header();
         // A vault key anywhere else would reach the vendor (and its request logs) as sent.
+        let presented = extract::vault_key(&req.headers);
         let stray = extract::stray_vault_key(
             &ctx.canonical,
             req.uri.query(),
             &req.headers,
             &vendor.strip_headers,
+            presented.as_deref(),
         );
         if let Some(place) = stray {
             ctx.denial_message = Some(format!(

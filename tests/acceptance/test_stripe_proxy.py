@@ -141,6 +141,9 @@ def test_a_vault_key_anywhere_else_in_the_request_is_refused_and_never_forwarded
         # Escaped: the path is forwarded decoded; a query value behind an escape.
         (requests.get(f"{url}/%76{token[1:]}", headers=auth, timeout=10), "the path"),
         (requests.get(f"{url}?auth=Bearer%20{token}", headers=auth, timeout=10), "the query string"),
+        # The key without its prefix, or behind another spelling of it: found by its signature.
+        (requests.get(f"{url}/{token[3:]}", headers=auth, timeout=10), "the path"),
+        (requests.get(url, headers={**auth, "x-foo": f"VK_{token[3:]}"}, timeout=10), "header x-foo"),
     ]:
         assert_denied(r, 401, "invalid_key")
         assert f"found in {place}" in r.json()["message"], r.text

@@ -135,7 +135,10 @@ fn check_tools(
     for tool in tools {
         // A repeated `type` is an error here: the vendor may read either.
         let tool: Tool = serde_json::from_str(tool.get()).map_err(|_| RequestError::BadField)?;
-        let Some(kind) = tool.kind else { continue };
+        // In any case: a vendor that matched types without it would run the tool.
+        let Some(kind) = tool.kind.map(|k| k.to_ascii_lowercase()) else {
+            continue;
+        };
         let hosted_shell = kind == "shell"
             && match tool.environment.filter(|e| e.get().trim() != "null") {
                 None => false,
@@ -296,7 +299,10 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
         api == Api::OpenAiChat && present("web_search_options")?,
         present("prompt")?,
     )?;
-    let samples_more = looping_tool || present("mcp_servers")? || present("context_management")?;
+    let samples_more = looping_tool
+        || present("mcp_servers")?
+        || present("context_management")?
+        || (api == Api::OpenAiResponses && has_mcp_item(find("input")?));
     // Anthropic's `speed: "fast"` bills a premium over the table's rates; `inference_geo`
     // one for a pinned region.
     if api == Api::AnthropicMessages {
@@ -391,6 +397,29 @@ fn has_bare_reference(input: Option<&RawValue>) -> bool {
                 },
                 Err(_) => true,
             }
+    })
+}
+
+/// Whether a Responses `input` list holds an MCP item (`mcp_call`, `mcp_list_tools`,
+/// `mcp_approval_response`, any `mcp…` type in any case): the vendor may go on with the
+/// MCP call it continues, sampling more than once, even with no `tools` in the request.
+/// An item whose type cannot be read counts (fail closed).
+fn has_mcp_item(input: Option<&RawValue>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Item {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    let Some(items) = input.and_then(|v| serde_json::from_str::<Vec<&RawValue>>(v.get()).ok())
+    else {
+        return false;
+    };
+    items.iter().any(|item| {
+        item.get().starts_with('{')
+            && serde_json::from_str::<Item>(item.get()).map_or(true, |i| {
+                i.kind
+                    .is_some_and(|k| k.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("mcp")))
+            })
     })
 }
 
@@ -584,6 +613,38 @@ mod tests {
             bound(tools),
             Some(100 + OVERHEAD_TOKENS + TOOL_OVERHEAD_TOKENS)
         );
+    }
+
+    #[test]
+    fn tool_types_in_any_case_and_mcp_input_items_are_known() {
+        let responses = |b: &str| parse(Api::OpenAiResponses, b.as_bytes());
+        let anthropic = |b: &str| parse(Api::AnthropicMessages, b.as_bytes());
+        for looping in [
+            r#"{"model":"c","tools":[{"type":"WEB_FETCH_20250910","name":"x"}]}"#,
+            r#"{"model":"c","tools":[{"type":"Tool_Search_Tool_Regex_20251119","name":"x"}]}"#,
+        ] {
+            assert!(anthropic(looping).unwrap().samples_more, "{looping}");
+        }
+        assert!(
+            responses(r#"{"model":"m","tools":[{"type":"MCP","server_url":"https://x"}]}"#)
+                .unwrap()
+                .samples_more
+        );
+        assert_eq!(
+            anthropic(r#"{"model":"c","tools":[{"type":"Web_Search_20250305","name":"s"}]}"#).err(),
+            Some(RequestError::UnmeteredTool)
+        );
+        for item in [
+            r#"{"type":"mcp_approval_response","approve":true,"approval_request_id":"a"}"#,
+            r#"{"type":"mcp_list_tools","server_label":"x","tools":[]}"#,
+            r#"{"type":"McP_call","id":"c"}"#,
+            r#"{"type":"mcp_call","type":"message"}"#,
+        ] {
+            let body = format!(r#"{{"model":"m","previous_response_id":"r","input":[{item}]}}"#);
+            assert!(responses(&body).unwrap().samples_more, "{item}");
+        }
+        let plain = r#"{"model":"m","input":[{"type":"message","role":"user","content":"mcp"}]}"#;
+        assert!(!responses(plain).unwrap().samples_more);
     }
 
     #[test]

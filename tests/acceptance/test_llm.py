@@ -635,11 +635,9 @@ def test_calls_whose_cost_the_reservation_cannot_bound_are_refused_or_charged_th
         "model": "gpt-4o-mini", "max_output_tokens": 5, "input": "ls", "tools": shell}),
         403, "endpoint_unmetered")
     mcp = [{"type": "mcp", "server_label": "x", "server_url": "https://x.example", "require_approval": "never"}]
-    refused = assert_denied(kb.proxy("POST", responses, ok["token"], json={
-        "model": "gpt-4o-mini", "max_output_tokens": 5, "input": "hi", "tools": mcp, "background": True}),
-        403, "endpoint_unmetered")
-    assert "background" in refused["message"]
+    background = {"model": "gpt-4o-mini", "max_output_tokens": 5, "input": "hi", "tools": mcp, "background": True}
     multi_pass = [
+        (responses, ok, background),
         (url, ak, {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": msg,
                    "tools": [{"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 3}]}),
         (url, ak, {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": msg,
@@ -657,6 +655,11 @@ def test_calls_whose_cost_the_reservation_cannot_bound_are_refused_or_charged_th
 
     tenant = kb_multi_pass.create_tenant("llm-multi-pass")
     tenant.put_credential("anthropic", ANTHROPIC_SECRET)
+    tenant.put_credential("openai", OPENAI_SECRET)
+    # Allowed in the foreground only: a background response is answered before its usage.
+    refused = assert_denied(kb_multi_pass.proxy("POST", responses, key(tenant, cap=5)["token"], json=background),
+                            403, "endpoint_unmetered")
+    assert "background" in refused["message"]
     ak = key(tenant, vendor="anthropic", cap=5)
     a = anthropic_client(kb_multi_pass, ak["token"])
     with pytest.raises(Exception):

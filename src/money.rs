@@ -89,7 +89,8 @@ impl Micros {
         // value = digits * 10^(exponent - frac_len); we want value * 10^6.
         let digits = format!("{int_part}{frac_part}");
         let digits = digits.trim_start_matches('0');
-        let scale = exponent - frac_part.len() as i32 + 6;
+        // In i64: an exponent near i32's ends must not overflow.
+        let scale = i64::from(exponent) - frac_part.len() as i64 + 6;
         let (digits, scale) = if scale < 0 {
             let cut = (-scale) as usize;
             if digits.len() < cut {
@@ -166,6 +167,12 @@ mod tests {
         assert_eq!(Micros::parse_usd(""), Err(MoneyError::NotANumber));
         assert_eq!(Micros::parse_usd("1e30"), Err(MoneyError::OutOfRange));
         assert_eq!(Micros::parse_usd("1000000001"), Err(MoneyError::OutOfRange));
+        // Exponents at i32's ends: the right error, no overflow.
+        let huge = Micros::parse_usd("1e2147483647");
+        assert_eq!(huge, Err(MoneyError::OutOfRange));
+        let tiny = Micros::parse_usd("1.5e-2147483648");
+        assert_eq!(tiny, Err(MoneyError::TooPrecise));
+        assert_eq!(Micros::parse_usd("0.000000e-2147483648"), Ok(Micros(0)));
     }
 
     #[test]

@@ -424,6 +424,21 @@ def test_expires_in_accepts_durations_and_integer_seconds(tenant, expires_in, se
     assert abs(parse_ts(as_json(r)["expires_at"]) - (time.time() + seconds)) < 30
 
 
+@pytest.mark.parametrize("cap, code", [
+    ("1.5e-2147483648", "invalid_daily_usd_cap"),
+    ("0.000000e-2147483648", "invalid_daily_usd_cap"),
+    ("1e2147483647", "invalid_json"),  # beyond any JSON number the parser takes
+])
+def test_a_cap_with_an_extreme_exponent_is_refused_as_invalid(tenant, cap, code):
+    """A JSON number whose exponent is at a 32-bit integer's ends is refused as a 400, like
+    any other amount that is not a cap (and the server keeps answering)."""
+    body = json.dumps(key_body(daily_usd_cap=0)).replace('"daily_usd_cap": 0', f'"daily_usd_cap": {cap}')
+    r = tenant.call("POST", "/v1/keys", data=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert as_json(r)["error"]["code"] == code, r.text
+    assert tenant.call("GET", "/v1/keys").status_code == 200
+
+
 @pytest.mark.parametrize("cap", ["0.000001", "1", "12.5", "999.999999", "1000000000"])
 def test_daily_cap_is_exact_to_the_micro_dollar(tenant, cap):
     """Caps from $0.000001 to $1,000,000,000 are accepted and read back exactly, and the

@@ -550,6 +550,13 @@ def test_an_increment_costs_its_increase_in_the_intents_currency(keybrake, tenan
         "confirm": "true"}).json()
     other = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents/*/increment_authorization"],
                              daily_usd_cap=100)
+    # A currency named in the body (Stripe takes none here) cannot make it cheaper.
+    before = len(fake_stripe.received_matching("POST", f"{PI}/{held['id']}/increment_authorization"))
+    for currency in ("vnd", "VND"):
+        r = keybrake.proxy("POST", f"{PI}/{held['id']}/increment_authorization", key=other["token"],
+                           data={"amount": 800, "currency": currency})
+        assert_denied(r, 403, "endpoint_unmetered")
+    assert len(fake_stripe.received_matching("POST", f"{PI}/{held['id']}/increment_authorization")) == before
     r = keybrake.proxy("POST", f"{PI}/{held['id']}/increment_authorization", key=other["token"], data={"amount": 800})
     assert r.status_code == 200, r.text
     tenant.wait_spent(other["id"], usd_of(800, "gbp"))

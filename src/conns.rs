@@ -10,7 +10,10 @@
 //! bodies can never lock a well-behaved client out: the client's connection is the
 //! newest, sends its request at once and becomes busy, while the flood's oldest
 //! connections are closed to make room. Busy connections are never cut; when every
-//! connection at the bound is busy, the new one is refused.
+//! connection at the bound is busy, the new one is refused, or, admitted with
+//! [`ConnTable::admit_within`] (the control API), waits a bounded time for the next one
+//! that finishes a request or closes: a flood of quick valid requests that keeps every
+//! place busy delays a newcomer by about one request, and never locks it out.
 //!
 //! The phase is one atomic per connection, and eviction takes it to a final `EVICTED`
 //! by compare-and-swap: a connection that turns busy at the instant it is chosen either
@@ -23,7 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -39,7 +42,17 @@ pub struct ConnTable {
     limits: ConnLimits,
     inner: Mutex<Inner>,
     counts: Counts,
+    /// Told when a place may have come free (a connection finished a request or closed),
+    /// if anyone is waiting for one.
+    room: Notify,
+    /// Connections waiting in `admit_within`, in all and (in `Inner`) per client.
+    waiting: AtomicUsize,
 }
+
+/// Connections that may wait for a place at once: more are refused at once.
+const MAX_WAITING: usize = 256;
+/// Connections of one client address that may wait for a place at once.
+const MAX_WAITING_PER_CLIENT: usize = 8;
 
 /// `keybrake_connections_{open,refused_total,evicted_total}{listener}` of one table.
 struct Counts {
@@ -107,6 +120,8 @@ struct Inner {
     /// By admission order: the first waiting entry is the oldest.
     open: BTreeMap<u64, Entry>,
     per_client: crate::Map<IpAddr, usize>,
+    /// Connections of each client waiting in `admit_within`.
+    waiting_per_client: crate::Map<IpAddr, usize>,
 }
 
 struct Entry {
@@ -156,25 +171,70 @@ impl ConnTable {
             limits,
             inner: Mutex::new(Inner::default()),
             counts: Counts::of(listener),
+            room: Notify::new(),
+            waiting: AtomicUsize::new(0),
         })
     }
 
     /// Admits a connection from `client` (waiting), making room by evicting the oldest
     /// evictable connection if a bound is reached.
     pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<ConnGuard, Refused> {
+        self.try_admit(canonical(client))
+            .inspect_err(|_| self.counts.refused.inc())
+    }
+
+    /// `admit`, but when every connection at the bound is busy, waits until `deadline`
+    /// for one to finish its request (it is then evicted, its response written) or to
+    /// close. At most `MAX_WAITING` connections wait, `MAX_WAITING_PER_CLIENT` of one
+    /// client; beyond that, refused at once.
+    pub async fn admit_within(
+        self: &Arc<Self>,
+        client: IpAddr,
+        deadline: tokio::time::Instant,
+    ) -> Result<ConnGuard, Refused> {
         let client = canonical(client);
+        let why = match self.try_admit(client) {
+            Ok(guard) => return Ok(guard),
+            Err(why) => why,
+        };
+        let Some(_waiting) = Waiting::join(self, client) else {
+            self.counts.refused.inc();
+            return Err(why);
+        };
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Checked after `enable`: a place freed meanwhile is not missed.
+            if let Ok(guard) = self.try_admit(client) {
+                return Ok(guard);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self
+                    .try_admit(client)
+                    .inspect_err(|_| self.counts.refused.inc());
+            }
+        }
+    }
+
+    /// Tells connections waiting for a place that one may have come free.
+    fn room_may_be_free(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.room.notify_waiters();
+        }
+    }
+
+    fn try_admit(self: &Arc<Self>, client: IpAddr) -> Result<ConnGuard, Refused> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let per_client = inner.per_client.get(&client).copied().unwrap_or(0);
         if self.limits.max_per_client > 0 && per_client >= self.limits.max_per_client {
             if !inner.evict_oldest(Some(client)) {
-                self.counts.refused.inc();
                 return Err(Refused::ClientFull);
             }
             self.counts.evicted.inc();
         }
         if inner.open.len() >= self.limits.max_total {
             if !inner.evict_oldest(None) {
-                self.counts.refused.inc();
                 return Err(Refused::Full);
             }
             self.counts.evicted.inc();
@@ -208,6 +268,40 @@ impl ConnTable {
             .unwrap_or_else(|e| e.into_inner())
             .open
             .len()
+    }
+}
+
+/// One connection counted as waiting in `admit_within`, until dropped.
+struct Waiting<'a> {
+    table: &'a ConnTable,
+    client: IpAddr,
+}
+
+impl<'a> Waiting<'a> {
+    fn join(table: &'a ConnTable, client: IpAddr) -> Option<Self> {
+        let mut inner = table.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let of_client = inner.waiting_per_client.get(&client).copied().unwrap_or(0);
+        if table.waiting.load(Ordering::Acquire) >= MAX_WAITING
+            || of_client >= MAX_WAITING_PER_CLIENT
+        {
+            return None;
+        }
+        *inner.waiting_per_client.entry(client).or_insert(0) += 1;
+        table.waiting.fetch_add(1, Ordering::AcqRel);
+        Some(Waiting { table, client })
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.table.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = inner.waiting_per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                inner.waiting_per_client.remove(&self.client);
+            }
+        }
+        self.table.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -256,7 +350,11 @@ impl ConnGuard {
     /// Moves the connection to `phase`; false if it has been evicted, in which case it
     /// must serve nothing more (its place has gone to a newer connection).
     pub fn enter(&self, phase: Phase) -> bool {
-        enter(&self.phase, phase)
+        let entered = enter(&self.phase, phase);
+        if entered && phase != Phase::Busy {
+            self.table.room_may_be_free();
+        }
+        entered
     }
 
     /// The phase of this connection as its HTTP/2 streams set it.
@@ -278,6 +376,8 @@ impl Drop for ConnGuard {
         let mut inner = self.table.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.remove(self.id);
         self.table.counts.open.set(inner.open.len() as i64);
+        drop(inner);
+        self.table.room_may_be_free();
     }
 }
 
@@ -407,6 +507,83 @@ mod tests {
         );
         drop(a);
         assert!(table.admit(ip(4)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn with_every_place_busy_a_newcomer_waits_for_the_next_request_to_finish() {
+        use std::time::Duration;
+        let table = ConnTable::new(
+            "test",
+            ConnLimits {
+                max_total: 2,
+                max_per_client: 0,
+            },
+        );
+        let a = table.admit(ip(1)).unwrap();
+        let b = table.admit(ip(1)).unwrap();
+        assert!(a.enter(Phase::Busy) && b.enter(Phase::Busy));
+        let soon = || tokio::time::Instant::now() + Duration::from_millis(100);
+        // Nobody finishes in time: refused when the deadline passes.
+        assert_eq!(
+            table.admit_within(ip(2), soon()).await.err(),
+            Some(Refused::Full)
+        );
+        // b finishes its request while the newcomer waits: b makes room.
+        let waiting = tokio::spawn({
+            let table = table.clone();
+            async move {
+                table
+                    .admit_within(ip(2), soon() + Duration::from_secs(5))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        assert!(b.enter(Phase::Waiting));
+        let newcomer = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("admitted once a place is free")
+            .unwrap()
+            .expect("admitted");
+        tokio::time::timeout(Duration::from_millis(100), b.evicted())
+            .await
+            .expect("b evicted");
+        assert!(newcomer.enter(Phase::Busy));
+        // A connection that closes makes room the same way.
+        let waiting = tokio::spawn({
+            let table = table.clone();
+            async move {
+                table
+                    .admit_within(ip(3), soon() + Duration::from_secs(5))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(a);
+        let third = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("admitted once a connection closed");
+        assert!(third.enter(Phase::Busy));
+        // How many may wait is bounded: per client, beyond it refused at once.
+        let busy_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let waiters: Vec<_> = (0..MAX_WAITING_PER_CLIENT)
+            .map(|_| {
+                let table = table.clone();
+                tokio::spawn(async move { table.admit_within(ip(4), busy_deadline).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = std::time::Instant::now();
+        assert!(table.admit_within(ip(4), busy_deadline).await.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused at once"
+        );
+        for w in waiters {
+            w.abort();
+        }
     }
 
     #[tokio::test]

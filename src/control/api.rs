@@ -34,6 +34,9 @@ const MAX_PATTERN_BYTES: usize = 8 * 1024;
 /// of every call.
 const MAX_ACCOUNTS: usize = 20;
 const MAX_METADATA_BYTES: usize = 8 * 1024;
+/// Nesting of metadata at most: its readers (the CLI, other JSON parsers with a depth
+/// limit, often 128) must be able to read the listing that wraps it.
+const MAX_METADATA_DEPTH: usize = 32;
 /// Largest request body: a key request with 100 long patterns and full metadata fits
 /// many times over; a client cannot make the server buffer megabytes per connection.
 pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -303,6 +306,15 @@ fn metadata_keys_are_printable(value: &Value) -> bool {
         }),
         Value::Array(items) => items.iter().all(metadata_keys_are_printable),
         _ => true,
+    }
+}
+
+/// Levels of objects and arrays in `value` (a scalar: 0).
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -812,10 +824,13 @@ async fn issue_key(
         settings.max_ttl,
     )?;
     let metadata = req.metadata.unwrap_or_else(|| json!({}));
-    if !metadata.is_object() || metadata.to_string().len() > MAX_METADATA_BYTES {
-        return Err(ApiError::InvalidRequest(
-            "metadata must be a JSON object under 8 KiB".into(),
-        ));
+    if !metadata.is_object()
+        || metadata.to_string().len() > MAX_METADATA_BYTES
+        || depth(&metadata) > MAX_METADATA_DEPTH
+    {
+        return Err(ApiError::InvalidRequest(format!(
+            "metadata must be a JSON object under 8 KiB, nested at most {MAX_METADATA_DEPTH} levels"
+        )));
     }
     if !metadata_keys_are_printable(&metadata) {
         return Err(ApiError::InvalidRequest("metadata keys must be printable: no control, zero-width or bidirectional-override characters".into(),
@@ -921,12 +936,7 @@ async fn list_keys(
     };
     let limit = page_limit(&q)?;
     let before = cursor(&s, &tenant, CursorKind::Keys, &q)?;
-    let _building = s
-        .control
-        .page_builds
-        .acquire()
-        .await
-        .map_err(|_| anyhow::anyhow!("page builds closed"))?;
+    let _building = s.control.page_build(&tenant).await?;
     let (views, more) = s.control.list_keys(&tenant, status, before, limit).await?;
     let next = next_cursor(
         &s,

@@ -5,7 +5,9 @@
 //! - admission to the connection table (at most `max_connections`, and
 //!   `max_connections_per_client` per address; at a bound the oldest connection still
 //!   waiting for a request header or still reading its body makes room, so a trickling
-//!   flood is what gets closed, whatever token it holds);
+//!   flood is what gets closed, whatever token it holds; when every place is busy, the
+//!   new connection waits, within its header time, for one to finish a request, so a
+//!   flood of quick valid requests cannot keep a revocation out either);
 //! - the TLS handshake, within `header_timeout`;
 //! - hyper's HTTP/1.1 server with its header-read timeout: `header_timeout` from the
 //!   moment it waits for a request (fresh or kept-alive) to the complete header, however
@@ -72,20 +74,32 @@ pub async fn serve(
                 continue;
             }
         };
-        let guard = match conns.admit(peer.ip()) {
-            Ok(guard) => guard,
-            Err(why) => {
-                log::debug!("control API connection from {} refused: {why:?}", peer.ip());
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        tokio::spawn(serve_connection(shared.clone(), tcp, Arc::new(guard)));
+        let deadline = Instant::now() + shared.header_timeout;
+        let (conns, shared) = (conns.clone(), shared.clone());
+        tokio::spawn(async move {
+            // Every place busy: wait for one to finish a request, within the header's time.
+            let guard = match conns.admit_within(peer.ip(), deadline).await {
+                Ok(guard) => guard,
+                Err(why) => {
+                    log::debug!("control API connection from {} refused: {why:?}", peer.ip());
+                    return;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            serve_connection(shared, tcp, Arc::new(guard), deadline).await
+        });
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, guard: Arc<ConnGuard>) {
-    let deadline = Instant::now() + shared.header_timeout;
+/// How long an evicted connection has to finish writing the response it was sending.
+const EVICTED_WRITE: Duration = Duration::from_secs(1);
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tcp: tokio::net::TcpStream,
+    guard: Arc<ConnGuard>,
+    deadline: Instant,
+) {
     let io: Box<dyn Io> = match &shared.tls {
         None => Box::new(tcp),
         Some(acceptor) => tokio::select! {
@@ -111,14 +125,20 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, guard
         .max_buf_size(shared.max_header_bytes)
         .keep_alive(true);
     let conn = http.serve_connection(TokioIo::new(JsonParseErrors::new(io)), service);
+    tokio::pin!(conn);
     tokio::select! {
-        served = conn => {
+        served = conn.as_mut() => {
             if let Err(e) = served {
                 log::debug!("control API connection ended: {e}");
             }
+            return;
         }
         _ = guard.evicted() => {}
     }
+    // Evicted (its place is another's): no further request is read, and a response that
+    // has just been handed over (the connection turned waiting) is still written out.
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(EVICTED_WRITE, conn).await;
 }
 
 /// Gives the bodiless answers hyper writes on a request it cannot parse (SPEC §3: every

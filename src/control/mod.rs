@@ -105,7 +105,10 @@ pub struct Control {
     keys: keywriter::KeyWriter,
     /// Pages of `GET /v1/keys` built at once: each holds up to `MAX_PAGE_BYTES` of rows
     /// and their JSON while it is built, so many readers cannot add up to gigabytes.
-    pub page_builds: tokio::sync::Semaphore,
+    page_builds: tokio::sync::Semaphore,
+    /// Of those, what one tenant may hold (`PAGE_BUILDS_PER_TENANT` each): a tenant's
+    /// flood of listings waits behind itself, not in front of every other tenant.
+    tenant_page_builds: std::sync::Mutex<crate::Map<String, Arc<tokio::sync::Semaphore>>>,
     metrics: Arc<Metrics>,
     /// Edge nodes and the change feed they long-poll.
     fleet: fleet::Fleet,
@@ -210,6 +213,7 @@ impl Control {
             audit,
             keys,
             page_builds: tokio::sync::Semaphore::new(PAGE_BUILDS),
+            tenant_page_builds: Default::default(),
             metrics,
             fleet: fleet::Fleet::new(),
         });
@@ -896,6 +900,30 @@ impl Control {
     /// of large keys (100 patterns, 8 KiB of metadata each) stays a bounded size however
     /// many clients read it at once. Rows are read `PAGE_CHUNK` at a time, and each
     /// chunk's spend in one query.
+    /// A place to build one listing page for `tenant_id`: one of its own
+    /// (`PAGE_BUILDS_PER_TENANT`), then one of the process's (`PAGE_BUILDS`).
+    pub async fn page_build(
+        &self,
+        tenant_id: &str,
+    ) -> anyhow::Result<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::SemaphorePermit<'_>,
+    )> {
+        let own = {
+            let mut by_tenant = self
+                .tenant_page_builds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            by_tenant
+                .entry(tenant_id.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(PAGE_BUILDS_PER_TENANT)))
+                .clone()
+        };
+        let own = own.acquire_owned().await?;
+        let shared = self.page_builds.acquire().await?;
+        Ok((own, shared))
+    }
+
     pub async fn list_keys(
         &self,
         tenant_id: &str,
@@ -1021,6 +1049,7 @@ async fn load_signing_keys(
 /// About the most JSON one page of `GET /v1/keys` holds (see `Control::list_keys`).
 pub const MAX_PAGE_BYTES: usize = 512 * 1024;
 const PAGE_BUILDS: usize = 8;
+const PAGE_BUILDS_PER_TENANT: usize = 2;
 
 /// About how many bytes of JSON a key takes in a listing: its variable parts plus a
 /// fixed allowance for ids, dates and money fields.

@@ -123,6 +123,24 @@ def test_invisible_and_bidi_labels_and_metadata_keys_are_refused(tenant, label):
     )
 
 
+def nested(levels: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"n": value}
+    return value
+
+
+def test_metadata_nested_beyond_32_levels_is_refused_and_listings_stay_readable(tenant):
+    """Metadata nested 33 levels is refused; 32 is kept, and the CLI-facing listing that
+    wraps it is read back by a parser with a small depth limit."""
+    assert_control_error(
+        tenant.call("POST", "/v1/keys", json=key_body(metadata=nested(33))), 400, "invalid_request"
+    )
+    k = tenant.issue_key(**key_body(metadata=nested(32)))
+    listed = as_json(tenant.call("GET", "/v1/keys"))["data"]
+    assert [x["metadata"] for x in listed if x["id"] == k["id"]] == [nested(32)]
+
+
 def test_labels_in_other_scripts_are_still_accepted(tenant):
     for label in ["café ☕", "שלום", "日本語"]:
         assert tenant.issue_key(**key_body(label=label))["label"] == label

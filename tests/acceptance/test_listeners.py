@@ -434,6 +434,53 @@ def test_revocation_health_and_readiness_answer_within_a_second_during_a_slow_he
         assert flood.reopened > 0, "the flood was never cut back"
 
 
+def test_a_revocation_waits_for_a_place_when_every_control_connection_is_busy(tmp_path, fake_stripe, stripe_secret):
+    """Every place of the revoking client's address held by requests being served (here
+    max_connections_per_client: 4 and four node long-polls, each answered after 1.5 s and
+    sent again at once, as a flood of valid requests would): the revocation's connection is
+    not closed at once, it waits for the first of them to finish and is answered."""
+    from fleet import ControlPlane
+
+    config = write_config(tmp_path / "conf", control={"max_connections_per_client": 4, "header_timeout_ms": 5000})
+    control = ControlPlane(tmp_path / "control", {"stripe": fake_stripe.url}, config=config)
+    control.start()
+    stop = threading.Event()
+    polls: list[int] = []
+    try:
+        tenant = control.create_tenant("acme")
+        tenant.put_credential("stripe", stripe_secret)
+        key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+        token = control.create_node("poller")["node_token"]
+        url = f"{control.control_url}/v1/sync/snapshot"
+
+        def poller(i: int) -> None:
+            session = requests.Session()
+            headers = {"authorization": f"Bearer {token}", "keybrake-node-session": f"s_poller{i}"}
+            first = session.get(url, params={"since": 0, "wait_ms": 0}, headers=headers, timeout=10).json()
+            while not stop.is_set():
+                params = {"epoch": first["epoch"], "since": first["version"], "wait_ms": 1500}
+                try:
+                    polls.append(session.get(url, params=params, headers=headers, timeout=10).status_code)
+                except requests.ConnectionError:
+                    pass  # its connection made room for the revocation's, closed after its answer
+
+        threads = [threading.Thread(target=poller, args=(i,), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.7)  # the four places held, each by a poll being served
+        took, r = timed(lambda: control.control("DELETE", f"/v1/keys/{key['id']}", token=tenant.token, timeout=10))
+        assert r.status_code == 200 and r.json()["status"] == "revoked", r.text
+        assert took < 3.0, f"the revocation took {took:.2f} s"
+        assert tenant.get_key(key["id"])["status"] == "revoked"
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        assert polls and all(code == 200 for code in polls), polls
+    finally:
+        stop.set()
+        control.stop()
+
+
 @pytest.mark.parametrize(
     "flood_sources, flood_size, limits, bound",
     [

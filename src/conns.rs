@@ -162,6 +162,8 @@ pub struct ConnGuard {
     id: u64,
     phase: Arc<AtomicU8>,
     evict: Arc<Notify>,
+    /// When its last response was handed over (`token::mono_ms`; 0: none yet).
+    answered_ms: std::sync::atomic::AtomicI64,
 }
 
 impl ConnTable {
@@ -258,6 +260,7 @@ impl ConnTable {
             id,
             phase,
             evict,
+            answered_ms: Default::default(),
         })
     }
 
@@ -355,6 +358,20 @@ impl ConnGuard {
             self.table.room_may_be_free();
         }
         entered
+    }
+
+    /// Its response has been handed over: waiting again (false if evicted).
+    pub fn answered(&self) -> bool {
+        self.answered_ms
+            .store(crate::token::mono_ms(), Ordering::Release);
+        self.enter(Phase::Waiting)
+    }
+
+    /// Whether its last response was handed over within `within` (it may still be in
+    /// the connection's write buffer).
+    pub fn answered_within(&self, within: std::time::Duration) -> bool {
+        let at = self.answered_ms.load(Ordering::Acquire);
+        at != 0 && crate::token::mono_ms() - at <= within.as_millis() as i64
     }
 
     /// The phase of this connection as its HTTP/2 streams set it.

@@ -1047,6 +1047,28 @@ fn retry_after(failures: u32) -> Duration {
     base - base / 5 * u32::from(byte[0]) / 255
 }
 
+/// Two changes of the control plane's epoch this close together: its answers come from
+/// different processes in turn.
+const EPOCH_FLAP: Duration = Duration::from_secs(5);
+
+/// The control plane's epoch changed twice within `EPOCH_FLAP`: polls spread over
+/// replicas (each with its own epoch) by a load balancer are each answered at once with
+/// a whole snapshot, so the node would poll in a loop. Said, and the next poll waits.
+fn epoch_flapping() {
+    static LOG: crate::log_every::LogEvery =
+        crate::log_every::LogEvery::new(Duration::from_secs(60));
+    if LOG.due().is_some() {
+        log::warn!(
+            "the control plane's answers come from different processes in turn (its epoch \
+             changed twice within {} s): each node's polls must reach one replica (sticky \
+             sessions at the load balancer, or one replica's address); polling at most \
+             twice a second meanwhile",
+            EPOCH_FLAP.as_secs()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 fn sync_loop(
     client: Arc<SyncClient>,
     published: Arc<Published>,
@@ -1061,6 +1083,7 @@ fn sync_loop(
         .clamp(Duration::from_millis(200), Duration::from_secs(10));
     let mut failures = 0u32;
     let mut last_expiry_sweep = Instant::now();
+    let mut epoch_changed_at: Option<Instant> = None;
     loop {
         let sent_mono_ms = mono_ms();
         let sent = state.clock.now();
@@ -1081,6 +1104,12 @@ fn sync_loop(
                         log::info!("the control plane accepts this node's token again");
                     }
                     failures = 0;
+                    let mut flapping = false;
+                    if e != epoch {
+                        let now = Instant::now();
+                        flapping = epoch_changed_at.is_some_and(|at| now - at < EPOCH_FLAP);
+                        epoch_changed_at = Some(now);
+                    }
                     epoch = e;
                     version = v;
                     metrics.snapshot_version.set(v as i64);
@@ -1118,6 +1147,9 @@ fn sync_loop(
                         .synced_as_of((sent + held).min(state.clock.now()));
                     state.ever_synced.store(true, Ordering::Release);
                     state.refresh_flag();
+                    if flapping {
+                        epoch_flapping();
+                    }
                 }
                 Err(e) => {
                     log::error!("unreadable snapshot from the control plane: {e:#}");

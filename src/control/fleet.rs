@@ -159,25 +159,31 @@ pub fn valid_session(session: &str) -> bool {
 
 impl Control {
     /// Loads node tokens (hashes) into memory.
-    pub(super) async fn load_nodes(&self) -> Result<()> {
+    /// Loads the nodes' tokens from the store; true if any was added or removed.
+    pub(super) async fn load_nodes(&self) -> Result<bool> {
         let stored = self.store.all_nodes().await?;
+        let before = self.fleet.tokens.len();
         self.fleet.tokens.retain(|h, _| {
             stored
                 .iter()
                 .any(|(_, _, _, hash)| hash.as_slice() == h.as_slice())
         });
+        let mut changed = self.fleet.tokens.len() != before;
         for (id, _, _, hash) in stored {
             if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
-                self.fleet.tokens.insert(hash, id);
+                changed |= self.fleet.tokens.insert(hash, id).is_none();
             }
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Reloads the nodes after another replica changed them: a deleted node's token stops
     /// working here too, and its long-polls are answered now.
     pub(super) async fn reload_nodes(&self) -> Result<()> {
-        self.load_nodes().await?;
+        if !self.load_nodes().await? {
+            // Nothing changed (the periodic reload): no node is woken.
+            return Ok(());
+        }
         let live: std::collections::HashSet<String> = self
             .fleet
             .tokens

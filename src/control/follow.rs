@@ -103,10 +103,10 @@ impl Control {
                     Ok(())
                 }
                 Change::Revocations => {
-                    let now = now_secs();
-                    // Revocations are stamped with the revoking replica's clock: a
-                    // minute's margin covers clocks that disagree a little.
-                    self.catch_up_revocations(now - 60, now).await
+                    // Stamped on the database's clock; a minute's margin for a commit
+                    // that came late (the poller reads them all every 10 s anyway).
+                    let since = self.store.now_secs() - 60;
+                    self.catch_up_revocations(since, now_secs()).await
                 }
                 Change::Nodes => self.reload_nodes().await,
             };

@@ -93,6 +93,8 @@ pub async fn serve(
 
 /// How long an evicted connection has to finish writing the response it was sending.
 const EVICTED_WRITE: Duration = Duration::from_secs(1);
+/// An evicted connection that answered this recently may still be writing the answer.
+const JUST_ANSWERED: Duration = Duration::from_millis(200);
 
 async fn serve_connection(
     shared: Arc<Shared>,
@@ -135,10 +137,13 @@ async fn serve_connection(
         }
         _ = guard.evicted() => {}
     }
-    // Evicted (its place is another's): no further request is read, and a response that
-    // has just been handed over (the connection turned waiting) is still written out.
-    conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(EVICTED_WRITE, conn).await;
+    // Evicted (its place is another's): closed now, unless it had just answered (the
+    // answer may still be in its write buffer), in which case it is written out first
+    // and no further request is served (`enter` refuses an evicted connection).
+    if guard.answered_within(JUST_ANSWERED) {
+        conn.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(EVICTED_WRITE, conn).await;
+    }
 }
 
 /// Gives the bodiless answers hyper writes on a request it cannot parse (SPEC §3: every
@@ -252,7 +257,7 @@ struct BusyUntilDropped(Arc<ConnGuard>);
 
 impl Drop for BusyUntilDropped {
     fn drop(&mut self) {
-        self.0.enter(Phase::Waiting);
+        self.0.answered();
     }
 }
 

@@ -242,10 +242,16 @@ impl Control {
     /// while the store is shared (`share_store_until`), API tokens and vendor credentials
     /// are reloaded too, so a token deleted or a secret rotated through the other process
     /// does not live on in this one.
+    ///
+    /// The window is counted on the store's clock, the one revocations are stamped with,
+    /// and every `ALL_REVOCATIONS_EVERY` ticks every live revocation is read whenever it
+    /// was stamped: one committed long after its stamp (a writer kept waiting), or stamped
+    /// by a host whose clock is off, is in the filter within that time all the same.
     pub async fn follow_revocations(self: Arc<Self>) {
+        const ALL_REVOCATIONS_EVERY: u64 = 10;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut since = now_secs() - 5;
-        loop {
+        let mut since = self.store.now_secs() - 5;
+        for ticks in 1u64.. {
             tick.tick().await;
             let now = now_secs();
             if now <= self.shared_until.load(Ordering::Acquire) {
@@ -253,8 +259,14 @@ impl Control {
                     log::error!("cannot reload API tokens and credentials: {e:#}");
                 }
             }
-            match self.catch_up_revocations(since, now).await {
-                Ok(()) => since = now - 5,
+            let stamp_now = self.store.now_secs();
+            let from = if ticks % ALL_REVOCATIONS_EVERY == 0 {
+                i64::MIN
+            } else {
+                since
+            };
+            match self.catch_up_revocations(from, now).await {
+                Ok(()) => since = stamp_now - 5,
                 Err(e) => log::error!("cannot read recent revocations: {e:#}"),
             }
         }
@@ -652,6 +664,21 @@ impl Control {
                 .or_default()
                 .insert(row.vendor, Secret::new(secret));
         }
+        // A reload that found nothing new (every 10 s on PostgreSQL) wakes no node.
+        let same = |old: &crate::sync::Credentials| {
+            old.len() == map.len()
+                && map.iter().all(|(tenant, vendors)| {
+                    old.get(tenant).is_some_and(|o| {
+                        o.len() == vendors.len()
+                            && vendors
+                                .iter()
+                                .all(|(v, s)| o.get(v).is_some_and(|x| x.ct_eq(s.expose())))
+                    })
+                })
+        };
+        if same(&self.published.credentials.load()) {
+            return Ok(());
+        }
         self.published.credentials.store(Arc::new(map));
         self.feed_changed();
         Ok(())
@@ -977,7 +1004,10 @@ impl Control {
     /// refuses the key from the next request on. Idempotent.
     pub async fn revoke_key(&self, tenant_id: &str, id: &str) -> Result<Option<KeyRow>> {
         let now = now_secs();
-        let Some(row) = self.store.revoke_key(tenant_id, id, now).await? else {
+        // Stamped on the store's clock (the database server's, on PostgreSQL): the one
+        // every replica's catch-up window is counted on.
+        let stamp = self.store.now_secs();
+        let Some(row) = self.store.revoke_key(tenant_id, id, stamp).await? else {
             return Ok(None);
         };
         let filter = self.published.revocations.load();

@@ -1248,25 +1248,32 @@ impl Store {
                         .fetch_optional(&mut *tx)
                         .await?
                         .unwrap_or(0);
-                let others_committed: i64 = sqlx::query_scalar(
-                    "SELECT CAST(COALESCE(SUM(committed), 0) AS BIGINT) FROM leases
-                     WHERE key_id = $1 AND day = $2 AND holder <> $3",
-                )
-                .bind(&key_id)
-                .bind(day)
-                .bind(holder)
-                .fetch_one(&mut *tx)
-                .await?;
                 let unreported = audited
                     .get(&(key_id.clone(), day))
                     .map_or(0, |m| m.0)
                     .saturating_sub(settled)
                     .max(0);
+                let committed = r.int("committed");
+                // The other holders' commitments matter only when the trail shows more
+                // than this one committed: read then only (`leases` has no index by key,
+                // and a dead node may hold thousands of leases).
+                let others_committed: i64 = if unreported > committed {
+                    sqlx::query_scalar(
+                        "SELECT CAST(COALESCE(SUM(committed), 0) AS BIGINT) FROM leases
+                         WHERE key_id = $1 AND day = $2 AND holder <> $3",
+                    )
+                    .bind(&key_id)
+                    .bind(day)
+                    .bind(holder)
+                    .fetch_one(&mut *tx)
+                    .await?
+                } else {
+                    0
+                };
                 // Every call the holder forwarded is committed until reported: its spend is
                 // its committed budget, or more where the trail shows spend nobody's
                 // committed budget accounts for (a charge learned from an answer).
-                let spent = r
-                    .int("committed")
+                let spent = committed
                     .max(unreported.saturating_sub(others_committed.max(0)))
                     .max(0);
                 tx.ledger_add(&key_id, day, Micros(spent), Micros(-held))

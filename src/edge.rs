@@ -216,10 +216,16 @@ impl SyncClient {
             Err(ureq::Error::Status(401, _)) => Err(CallError::Unauthorized),
             Err(ureq::Error::Status(code, resp)) => {
                 let body: Value = resp.into_json().unwrap_or(Value::Null);
-                let why = format!(
-                    "{path} answered {code} {}",
-                    body["code"].as_str().unwrap_or("")
-                );
+                let error = body["error"]["code"].as_str().unwrap_or("");
+                let hint = match error {
+                    "storage_unavailable" => {
+                        " (the control plane is up, its database is not: nodes go stale \
+                         after max_staleness all the same, since a revocation made through \
+                         another replica could not reach this one)"
+                    }
+                    _ => "",
+                };
+                let why = format!("{path} answered {code} {error}{hint}");
                 if matches!(code, 400 | 413 | 422) {
                     Err(CallError::Refused(why))
                 } else {
@@ -248,6 +254,12 @@ fn transport_error(path: &str, t: &ureq::Transport) -> String {
     }
     if let Some(cause) = std::error::Error::source(t) {
         text = format!("{text}: {cause}");
+    }
+    if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        text.push_str(
+            " (the node reads --ca-file / KEYBRAKE_CA_FILE at start: after a change of the \
+             control plane's CA, reload the node, a graceful upgrade, to read it again)",
+        );
     }
     text
 }

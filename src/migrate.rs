@@ -59,6 +59,19 @@ pub fn run(from: &str, to: &str) -> Result<()> {
     for (table, rows) in &copied.0 {
         println!("{table:14} {rows:>10}");
     }
+    // From now on the database is the truth: a start on this dir is refused.
+    let marker = dir.join(crate::serve::MIGRATED_FILE);
+    let note = format!(
+        "copied to {url} at {}\n",
+        crate::control::api::rfc3339(crate::token::now_secs())
+    );
+    if let Err(e) = std::fs::write(&marker, note) {
+        eprintln!(
+            "warning: could not write {} ({e}): nothing stops a later start on this data dir; \
+             keep it from being served again",
+            marker.display()
+        );
+    }
     println!(
         "copied {} into {url}; start `keybrake control --database-url …` with the master key \
          that sealed it ({}, or the KEYBRAKE_MASTER_KEY / --master-key-file serve ran with)",

@@ -167,6 +167,7 @@ fn refuse_a_data_dir_in_use(config: &Config, serve: bool) -> Result<()> {
     let crate::database::Database::Sqlite { data_dir } = config.database() else {
         return Ok(());
     };
+    refuse_a_migrated_data_dir(&data_dir)?;
     let Ok(file) = std::fs::File::open(data_dir.join(LOCK_FILE)) else {
         return Ok(());
     };
@@ -183,6 +184,28 @@ fn refuse_a_data_dir_in_use(config: &Config, serve: bool) -> Result<()> {
         } else {
             " (several control processes share a PostgreSQL database, not a data dir)"
         }
+    )
+}
+
+/// Written into a data dir by `keybrake migrate` once it was copied to PostgreSQL.
+pub const MIGRATED_FILE: &str = "MIGRATED";
+
+/// A data dir `keybrake migrate` copied to PostgreSQL is the past: a process started on
+/// it (a unit that lost its `--database-url`) would serve keys revoked and spend settled
+/// since, to every node. Refused, saying how to use it on purpose.
+fn refuse_a_migrated_data_dir(data_dir: &Path) -> Result<()> {
+    let marker = data_dir.join(MIGRATED_FILE);
+    let Ok(note) = std::fs::read_to_string(&marker) else {
+        return Ok(());
+    };
+    let shown = std::path::absolute(data_dir).unwrap_or(data_dir.to_path_buf());
+    bail!(
+        "data dir {} was copied to PostgreSQL by keybrake migrate ({}): start with \
+         --database-url (or KEYBRAKE_DATABASE_URL, or database_url in the config file) to \
+         use that database; to serve from this old copy anyway, delete {} first",
+        shown.display(),
+        note.trim(),
+        marker.display()
     )
 }
 

@@ -18,7 +18,7 @@ import subprocess
 from decimal import Decimal
 
 from fleet import PgDeployment, accepted, pay
-from harness import KEYBRAKE_BIN, Keybrake, Tenant, assert_denied, wait_until, write_config
+from harness import KEYBRAKE_BIN, Keybrake, free_port, Tenant, assert_denied, wait_until, write_config
 
 # The serve's lease holder is taken for gone this long after it stops beating (migrate
 # refuses a data dir whose holder is still alive).
@@ -95,6 +95,19 @@ def test_a_serve_data_dir_moves_to_postgres_with_keys_spend_and_audit(tmp_path, 
 
         again = migrate(kb.data_dir, url)
         assert again.returncode != 0 and "already holds 2 tenants" in again.stderr, again.stderr
+
+        # The old data dir is the past: a start on it (a unit that lost its database URL)
+        # is refused, saying so; `serve` and `control` alike.
+        for role in ["serve", "control"]:
+            cmd = [str(KEYBRAKE_BIN), role, "--data-dir", str(kb.data_dir),
+                   "--control-listen", f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}"]
+            if role == "serve":
+                cmd += ["--proxy-listen", f"127.0.0.1:{free_port()}"]
+            old = subprocess.run(cmd, env=kb.environment(), cwd=kb.workdir, capture_output=True, text=True,
+                                 timeout=30)
+            assert old.returncode == 1, (role, old.returncode, old.stderr[-2000:])
+            assert "was copied to PostgreSQL by keybrake migrate" in old.stderr, old.stderr[-2000:]
+            assert "--database-url" in old.stderr, old.stderr[-2000:]
 
         # The PostgreSQL control plane, same master key and admin token, and an edge proxy.
         pg = PgDeployment(tmp_path / "pg", {"stripe": fake_stripe.url}, url, pg_cluster, config=config,

@@ -57,7 +57,19 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     rustls_pemfile::private_key(&mut pem.as_slice())
         .ok()
         .flatten()
-        .ok_or_else(|| anyhow!("{}: no PEM private key in the file", path.display()))
+        .ok_or_else(|| {
+            let encrypted = pem.windows(21).any(|w| w == b"ENCRYPTED PRIVATE KEY");
+            anyhow!(
+                "{}: no PEM private key in the file{}",
+                path.display(),
+                if encrypted {
+                    " (it holds an encrypted one: give the key unencrypted, readable by the \
+                     service user only, e.g. `openssl pkey -in KEY -out KEY.plain`)"
+                } else {
+                    ""
+                }
+            )
+        })
 }
 
 /// Loads a certificate chain and its key, checking that they belong together.
@@ -71,7 +83,8 @@ fn load_pair(files: &TlsFiles) -> Result<CertifiedKey> {
     let pair = CertifiedKey::new(certs, key);
     pair.keys_match().map_err(|e| {
         anyhow!(
-            "{} and {} do not belong together: {e}",
+            "{} and {} do not belong together: {e} (the certificate file must start with \
+             the certificate of this key, followed by its chain)",
             files.cert_file.display(),
             files.key_file.display()
         )

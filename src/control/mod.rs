@@ -1063,7 +1063,7 @@ async fn load_signing_keys(
             &format!("signing-key/{}", active.kid),
         )
         .context(
-            "cannot open the signing key: is this the master key the data dir was created with?",
+            "cannot open the signing key: is this the master key the store (data dir or database) was created with?",
         )?;
     let signer = SigningKey::from_pkcs8(active.kid.clone(), &private)
         .map_err(|_| anyhow::anyhow!("signing key {} is not a valid Ed25519 key", active.kid))?;

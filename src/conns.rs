@@ -13,7 +13,8 @@
 //! connection at the bound is busy, the new one is refused, or, admitted with
 //! [`ConnTable::admit_within`] (the control API), waits a bounded time for the next one
 //! that finishes a request or closes: a flood of quick valid requests that keeps every
-//! place busy delays a newcomer by about one request, and never locks it out.
+//! place busy delays a newcomer by about one request. Waiters take the places that free
+//! up in turn: one makes room only from connections admitted before it began to wait.
 //!
 //! The phase is one atomic per connection, and eviction takes it to a final `EVICTED`
 //! by compare-and-swap: a connection that turns busy at the instant it is chosen either
@@ -53,6 +54,8 @@ pub struct ConnTable {
 const MAX_WAITING: usize = 256;
 /// Connections of one client address that may wait for a place at once.
 const MAX_WAITING_PER_CLIENT: usize = 8;
+/// How often a waiting connection looks for a place besides being told of one.
+const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// `keybrake_connections_{open,refused_total,evicted_total}{listener}` of one table.
 struct Counts {
@@ -80,7 +83,7 @@ impl Counts {
             let refused = prometheus::IntCounterVec::new(
                 prometheus::Opts::new(
                     "keybrake_connections_refused_total",
-                    "Connections closed at once: a connection bound reached with every connection busy",
+                    "Connections closed unserved: a connection bound reached with every connection busy (on the control API, after waiting for one to finish its request)",
                 ),
                 &["listener"],
             )
@@ -181,25 +184,27 @@ impl ConnTable {
     /// Admits a connection from `client` (waiting), making room by evicting the oldest
     /// evictable connection if a bound is reached.
     pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<ConnGuard, Refused> {
-        self.try_admit(canonical(client))
+        self.try_admit(canonical(client), None)
             .inspect_err(|_| self.counts.refused.inc())
     }
 
     /// `admit`, but when every connection at the bound is busy, waits until `deadline`
     /// for one to finish its request (it is then evicted, its response written) or to
     /// close. At most `MAX_WAITING` connections wait, `MAX_WAITING_PER_CLIENT` of one
-    /// client; beyond that, refused at once.
+    /// client; beyond that, refused at once. A waiting connection makes room only from
+    /// connections admitted before it began to wait: two waiters never take each other's
+    /// place, whichever is admitted first.
     pub async fn admit_within(
         self: &Arc<Self>,
         client: IpAddr,
         deadline: tokio::time::Instant,
     ) -> Result<ConnGuard, Refused> {
         let client = canonical(client);
-        let why = match self.try_admit(client) {
+        let why = match self.try_admit(client, None) {
             Ok(guard) => return Ok(guard),
             Err(why) => why,
         };
-        let Some(_waiting) = Waiting::join(self, client) else {
+        let Some(waiting) = Waiting::join(self, client) else {
             self.counts.refused.inc();
             return Err(why);
         };
@@ -208,35 +213,44 @@ impl ConnTable {
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Checked after `enable`: a place freed meanwhile is not missed.
-            if let Ok(guard) = self.try_admit(client) {
+            if let Ok(guard) = self.try_admit(client, Some(waiting.ticket)) {
                 return Ok(guard);
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self
-                    .try_admit(client)
-                    .inspect_err(|_| self.counts.refused.inc());
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                self.counts.refused.inc();
+                return Err(why);
             }
+            // One waiter is told of each place that frees up; one that cannot use it (a
+            // place of another client's bound) leaves it to the others' next look.
+            let _ = tokio::time::timeout_at(deadline.min(now + LOOK_AGAIN), notified).await;
         }
     }
 
-    /// Tells connections waiting for a place that one may have come free.
+    /// Tells a connection waiting for a place that one may have come free.
     fn room_may_be_free(&self) {
-        if self.waiting.load(Ordering::Acquire) > 0 {
-            self.room.notify_waiters();
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.room.notify_one();
         }
     }
 
-    fn try_admit(self: &Arc<Self>, client: IpAddr) -> Result<ConnGuard, Refused> {
+    /// Admits `client`, evicting to make room if needed: the oldest evictable connection,
+    /// among those admitted before `before` (an id) if given.
+    fn try_admit(
+        self: &Arc<Self>,
+        client: IpAddr,
+        before: Option<u64>,
+    ) -> Result<ConnGuard, Refused> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let per_client = inner.per_client.get(&client).copied().unwrap_or(0);
         if self.limits.max_per_client > 0 && per_client >= self.limits.max_per_client {
-            if !inner.evict_oldest(Some(client)) {
+            if !inner.evict_oldest(Some(client), before) {
                 return Err(Refused::ClientFull);
             }
             self.counts.evicted.inc();
         }
         if inner.open.len() >= self.limits.max_total {
-            if !inner.evict_oldest(None) {
+            if !inner.evict_oldest(None, before) {
                 return Err(Refused::Full);
             }
             self.counts.evicted.inc();
@@ -278,20 +292,26 @@ impl ConnTable {
 struct Waiting<'a> {
     table: &'a ConnTable,
     client: IpAddr,
+    /// The id the next admitted connection gets when this one began to wait.
+    ticket: u64,
 }
 
 impl<'a> Waiting<'a> {
     fn join(table: &'a ConnTable, client: IpAddr) -> Option<Self> {
         let mut inner = table.inner.lock().unwrap_or_else(|e| e.into_inner());
         let of_client = inner.waiting_per_client.get(&client).copied().unwrap_or(0);
-        if table.waiting.load(Ordering::Acquire) >= MAX_WAITING
+        if table.waiting.load(Ordering::SeqCst) >= MAX_WAITING
             || of_client >= MAX_WAITING_PER_CLIENT
         {
             return None;
         }
         *inner.waiting_per_client.entry(client).or_insert(0) += 1;
-        table.waiting.fetch_add(1, Ordering::AcqRel);
-        Some(Waiting { table, client })
+        table.waiting.fetch_add(1, Ordering::SeqCst);
+        Some(Waiting {
+            table,
+            client,
+            ticket: inner.next_id,
+        })
     }
 }
 
@@ -304,17 +324,18 @@ impl Drop for Waiting<'_> {
                 inner.waiting_per_client.remove(&self.client);
             }
         }
-        self.table.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.table.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Inner {
     /// Removes the oldest connection that is waiting or reading a body (of `client`, if
-    /// given) and tells it to close; false if there is none.
-    fn evict_oldest(&mut self, client: Option<IpAddr>) -> bool {
+    /// given; admitted before the id `before`, if given) and tells it to close; false if
+    /// there is none.
+    fn evict_oldest(&mut self, client: Option<IpAddr>, before: Option<u64>) -> bool {
         let victim = self
             .open
-            .iter()
+            .range(..before.unwrap_or(u64::MAX))
             .filter(|(_, e)| client.is_none_or(|c| e.client == c))
             .find(|(_, e)| {
                 [Phase::Waiting, Phase::ReadingBody].iter().any(|&p| {
@@ -353,18 +374,18 @@ impl ConnGuard {
     /// Moves the connection to `phase`; false if it has been evicted, in which case it
     /// must serve nothing more (its place has gone to a newer connection).
     pub fn enter(&self, phase: Phase) -> bool {
-        let entered = enter(&self.phase, phase);
-        if entered && phase != Phase::Busy {
-            self.table.room_may_be_free();
-        }
-        entered
+        enter(&self.phase, phase)
     }
 
     /// Its response has been handed over: waiting again (false if evicted).
     pub fn answered(&self) -> bool {
         self.answered_ms
             .store(crate::token::mono_ms(), Ordering::Release);
-        self.enter(Phase::Waiting)
+        let waiting = self.enter(Phase::Waiting);
+        if waiting {
+            self.table.room_may_be_free();
+        }
+        waiting
     }
 
     /// Whether its last response was handed over within `within` (it may still be in
@@ -391,10 +412,13 @@ impl ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         let mut inner = self.table.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.remove(self.id);
+        let freed = inner.remove(self.id).is_some();
         self.table.counts.open.set(inner.open.len() as i64);
         drop(inner);
-        self.table.room_may_be_free();
+        // An evicted connection's place was taken already.
+        if freed {
+            self.table.room_may_be_free();
+        }
     }
 }
 
@@ -556,7 +580,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiting.is_finished());
-        assert!(b.enter(Phase::Waiting));
+        assert!(b.answered());
         let newcomer = tokio::time::timeout(Duration::from_secs(1), waiting)
             .await
             .expect("admitted once a place is free")
@@ -601,6 +625,50 @@ mod tests {
         for w in waiters {
             w.abort();
         }
+    }
+
+    #[tokio::test]
+    async fn waiters_take_the_places_that_free_up_one_each_never_each_others() {
+        use std::time::Duration;
+        let table = ConnTable::new(
+            "test",
+            ConnLimits {
+                max_total: 2,
+                max_per_client: 0,
+            },
+        );
+        let a = table.admit(ip(1)).unwrap();
+        let b = table.admit(ip(1)).unwrap();
+        assert!(a.enter(Phase::Busy) && b.enter(Phase::Busy));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let spawn_waiter = |last: u8| {
+            let table = table.clone();
+            tokio::spawn(async move { table.admit_within(ip(last), deadline).await })
+        };
+        let (w1, w2) = (spawn_waiter(2), spawn_waiter(3));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // One place frees up: one waiter gets it, and keeps it (still waiting for its
+        // request header, as after a TLS handshake) while the other waits on.
+        assert!(b.answered());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(w1.is_finished() != w2.is_finished(), "exactly one admitted");
+        let (first, second) = if w1.is_finished() { (w1, w2) } else { (w2, w1) };
+        let first = first.await.unwrap().expect("admitted");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), first.evicted())
+                .await
+                .is_err(),
+            "the other waiter did not take its place"
+        );
+        // A second place frees up: the second waiter gets it.
+        assert!(a.answered());
+        let second = tokio::time::timeout(Duration::from_secs(1), second)
+            .await
+            .expect("admitted once a second place is free")
+            .unwrap()
+            .expect("admitted");
+        assert!(first.enter(Phase::Busy) && second.enter(Phase::Busy));
+        assert_eq!(table.open(), 2);
     }
 
     #[tokio::test]

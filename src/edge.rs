@@ -255,7 +255,7 @@ fn transport_error(path: &str, t: &ureq::Transport) -> String {
     if let Some(cause) = std::error::Error::source(t) {
         text = format!("{text}: {cause}");
     }
-    if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+    if text.contains("UnknownIssuer") {
         text.push_str(
             " (the node reads --ca-file / KEYBRAKE_CA_FILE at start: after a change of the \
              control plane's CA, reload the node, a graceful upgrade, to read it again)",

@@ -195,8 +195,11 @@ pub const MIGRATED_FILE: &str = "MIGRATED";
 /// since, to every node. Refused, saying how to use it on purpose.
 fn refuse_a_migrated_data_dir(data_dir: &Path) -> Result<()> {
     let marker = data_dir.join(MIGRATED_FILE);
-    let Ok(note) = std::fs::read_to_string(&marker) else {
-        return Ok(());
+    let note = match std::fs::read_to_string(&marker) {
+        Ok(note) => note,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        // There, but unreadable: as good as there.
+        Err(e) => format!("{} is there but unreadable: {e}", marker.display()),
     };
     let shown = std::path::absolute(data_dir).unwrap_or(data_dir.to_path_buf());
     bail!(

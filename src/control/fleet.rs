@@ -158,8 +158,8 @@ pub fn valid_session(session: &str) -> bool {
 }
 
 impl Control {
-    /// Loads node tokens (hashes) into memory.
-    /// Loads the nodes' tokens from the store; true if any was added or removed.
+    /// Loads the nodes' tokens (hashes) from the store into memory; true if any was added,
+    /// removed or changed hands.
     pub(super) async fn load_nodes(&self) -> Result<bool> {
         let stored = self.store.all_nodes().await?;
         let before = self.fleet.tokens.len();
@@ -171,7 +171,7 @@ impl Control {
         let mut changed = self.fleet.tokens.len() != before;
         for (id, _, _, hash) in stored {
             if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
-                changed |= self.fleet.tokens.insert(hash, id).is_none();
+                changed |= self.fleet.tokens.insert(hash, id.clone()).as_ref() != Some(&id);
             }
         }
         Ok(changed)

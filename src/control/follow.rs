@@ -106,7 +106,7 @@ impl Control {
                     // Stamped on the database's clock; a minute's margin for a commit
                     // that came late (the poller reads them all every 10 s anyway).
                     let since = self.store.now_secs() - 60;
-                    self.catch_up_revocations(since, now_secs()).await
+                    self.catch_up_revocations(Some(since), now_secs()).await
                 }
                 Change::Nodes => self.reload_nodes().await,
             };

@@ -7,7 +7,7 @@
 //!   waiting for a request header or still reading its body makes room, so a trickling
 //!   flood is what gets closed, whatever token it holds; when every place is busy, the
 //!   new connection waits, within its header time, for one to finish a request, so a
-//!   flood of quick valid requests cannot keep a revocation out either);
+//!   flood of quick valid requests on open connections does not keep a revocation out);
 //! - the TLS handshake, within `header_timeout`;
 //! - hyper's HTTP/1.1 server with its header-read timeout: `header_timeout` from the
 //!   moment it waits for a request (fresh or kept-alive) to the complete header, however
@@ -86,13 +86,15 @@ pub async fn serve(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            // A connection that waited for its place still gets time for its handshake.
+            let deadline = deadline.max(Instant::now() + shared.header_timeout / 2);
             serve_connection(shared, tcp, Arc::new(guard), deadline).await
         });
     }
 }
 
 /// How long an evicted connection has to finish writing the response it was sending.
-const EVICTED_WRITE: Duration = Duration::from_secs(1);
+const EVICTED_WRITE: Duration = Duration::from_millis(250);
 /// An evicted connection that answered this recently may still be writing the answer.
 const JUST_ANSWERED: Duration = Duration::from_millis(200);
 

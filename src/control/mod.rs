@@ -244,9 +244,11 @@ impl Control {
     /// does not live on in this one.
     ///
     /// The window is counted on the store's clock, the one revocations are stamped with,
-    /// and every `ALL_REVOCATIONS_EVERY` ticks every live revocation is read whenever it
-    /// was stamped: one committed long after its stamp (a writer kept waiting), or stamped
-    /// by a host whose clock is off, is in the filter within that time all the same.
+    /// and, while another process may write the store (PostgreSQL replicas, the two
+    /// processes of an upgrade), every `ALL_REVOCATIONS_EVERY` ticks every live revocation
+    /// is read whenever it was stamped: one committed long after its stamp (a writer kept
+    /// waiting), or stamped by a host whose clock is off, is in the filter within that time
+    /// all the same.
     pub async fn follow_revocations(self: Arc<Self>) {
         const ALL_REVOCATIONS_EVERY: u64 = 10;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -260,11 +262,10 @@ impl Control {
                 }
             }
             let stamp_now = self.store.now_secs();
-            let from = if ticks % ALL_REVOCATIONS_EVERY == 0 {
-                i64::MIN
-            } else {
-                since
-            };
+            // Another process may commit late: a replica, or the other process of an upgrade.
+            let shared =
+                self.store.postgres().is_some() || now <= self.shared_until.load(Ordering::Acquire);
+            let from = (ticks % ALL_REVOCATIONS_EVERY != 0 || !shared).then_some(since);
             match self.catch_up_revocations(from, now).await {
                 Ok(()) => since = stamp_now - 5,
                 Err(e) => log::error!("cannot read recent revocations: {e:#}"),
@@ -274,8 +275,12 @@ impl Control {
 
     /// Puts keys revoked by another process at or after `since` into this one's filter
     /// (and its nodes' feed).
-    async fn catch_up_revocations(&self, since: i64, now: i64) -> Result<()> {
-        let rows = self.store.revoked_since(since, now).await?;
+    /// `None`: every live revocation, whenever stamped.
+    async fn catch_up_revocations(&self, since: Option<i64>, now: i64) -> Result<()> {
+        let rows = match since {
+            Some(since) => self.store.revoked_since(since, now).await?,
+            None => self.store.live_revocations(now).await?,
+        };
         let filter = self.published.revocations.load();
         let missing: Vec<_> = rows
             .into_iter()
@@ -922,11 +927,6 @@ impl Control {
         })
     }
 
-    /// A page of the tenant's keys, newest first, and whether more may follow. The page
-    /// ends at `limit` keys or once its keys take about `MAX_PAGE_BYTES` of JSON, so a page
-    /// of large keys (100 patterns, 8 KiB of metadata each) stays a bounded size however
-    /// many clients read it at once. Rows are read `PAGE_CHUNK` at a time, and each
-    /// chunk's spend in one query.
     /// A place to build one listing page for `tenant_id`: one of its own
     /// (`PAGE_BUILDS_PER_TENANT`), then one of the process's (`PAGE_BUILDS`).
     pub async fn page_build(
@@ -951,6 +951,11 @@ impl Control {
         Ok((own, shared))
     }
 
+    /// A page of the tenant's keys, newest first, and whether more may follow. The page
+    /// ends at `limit` keys or once its keys take about `MAX_PAGE_BYTES` of JSON, so a page
+    /// of large keys (100 patterns, 8 KiB of metadata each) stays a bounded size however
+    /// many clients read it at once. Rows are read `PAGE_CHUNK` at a time, and each
+    /// chunk's spend in one query.
     pub async fn list_keys(
         &self,
         tenant_id: &str,

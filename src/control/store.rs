@@ -63,6 +63,10 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0006_lease_batches.sql"),
         postgres: include_str!("../../migrations/postgres/0006_lease_batches.sql"),
     },
+    Migration {
+        sqlite: include_str!("../../migrations/sqlite/0007_live_revocations.sql"),
+        postgres: include_str!("../../migrations/postgres/0007_live_revocations.sql"),
+    },
 ];
 
 /// The store's file in the data dir.
@@ -1058,8 +1062,17 @@ impl Store {
 
     /// Revoked keys that have not expired yet: the content of the revocation filter.
     pub async fn live_revocations(&self, now: i64) -> Result<Vec<(String, i64)>> {
-        // `revoked_at >= i64::MIN` holds for every revoked key and never for NULL.
-        self.revoked_since(i64::MIN, now).await
+        // By the partial index `keys_live_revoked` (version 7): the keys ever revoked are
+        // never all read, only those not expired.
+        Ok(on_reader!(self, |pool| sqlx::query(
+            "SELECT id, expires_at FROM keys WHERE revoked_at IS NOT NULL AND expires_at > $1"
+        )
+        .bind(now)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| (r.text("id"), r.int("expires_at")))
+        .collect()))
     }
 
     // ----- ledger -----
@@ -1896,7 +1909,8 @@ pub(super) mod tests {
             unreachable!()
         };
         sqlx::raw_sql(
-            "DROP INDEX nodes_name; DROP TABLE lease_batches; PRAGMA user_version = 4;
+            "DROP INDEX nodes_name; DROP TABLE lease_batches; DROP INDEX keys_live_revoked;
+             PRAGMA user_version = 4;
              INSERT INTO nodes VALUES ('nd_9', 'edge', x'01', 1), ('nd_2', 'edge', x'02', 2);",
         )
         .execute(writer)
@@ -1915,7 +1929,7 @@ pub(super) mod tests {
         };
         let store = Store::open(&database).await.unwrap();
         sqlx::raw_sql(
-            "DROP INDEX nodes_name; DROP TABLE lease_batches;
+            "DROP INDEX nodes_name; DROP TABLE lease_batches; DROP INDEX keys_live_revoked;
              UPDATE keybrake_schema SET version = 4;
              INSERT INTO nodes VALUES ('nd_9', 'edge', '\\x01', 1), ('nd_2', 'edge', '\\x02', 2);",
         )

@@ -453,28 +453,35 @@ def test_a_revocation_waits_for_a_place_when_every_control_connection_is_busy(tm
         token = control.create_node("poller")["node_token"]
         url = f"{control.control_url}/v1/sync/snapshot"
 
+        holding = threading.Barrier(5)
+
         def poller(i: int) -> None:
             session = requests.Session()
             headers = {"authorization": f"Bearer {token}", "keybrake-node-session": f"s_poller{i}"}
-            first = session.get(url, params={"since": 0, "wait_ms": 0}, headers=headers, timeout=10).json()
+            at = session.get(url, params={"since": 0, "wait_ms": 0}, headers=headers, timeout=10).json()
+            holding.wait(timeout=10)
             while not stop.is_set():
-                params = {"epoch": first["epoch"], "since": first["version"], "wait_ms": 1500}
+                params = {"epoch": at["epoch"], "since": at["version"], "wait_ms": 1500}
                 try:
-                    polls.append(session.get(url, params=params, headers=headers, timeout=10).status_code)
+                    r = session.get(url, params=params, headers=headers, timeout=10)
                 except requests.ConnectionError:
-                    pass  # its connection made room for the revocation's, closed after its answer
+                    continue  # its connection made room for the revocation's, closed after its answer
+                polls.append(r.status_code)
+                if r.status_code == 200:
+                    at = r.json()
 
         threads = [threading.Thread(target=poller, args=(i,), daemon=True) for i in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.7)  # the four places held, each by a poll being served
+        holding.wait(timeout=10)
+        time.sleep(0.5)  # the four places held, each by a poll being served (1.5 s each)
         took, r = timed(lambda: control.control("DELETE", f"/v1/keys/{key['id']}", token=tenant.token, timeout=10))
         assert r.status_code == 200 and r.json()["status"] == "revoked", r.text
-        assert took < 3.0, f"the revocation took {took:.2f} s"
-        assert tenant.get_key(key["id"])["status"] == "revoked"
+        assert 0.2 < took < 3.0, f"the revocation took {took:.2f} s (it should have waited for a poll to end)"
         stop.set()
         for t in threads:
             t.join(timeout=10)
+        assert tenant.get_key(key["id"])["status"] == "revoked"
         assert polls and all(code == 200 for code in polls), polls
     finally:
         stop.set()

@@ -72,13 +72,25 @@ impl Client {
 
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         let url = format!("{}{}", self.base, path);
-        let req = self
-            .agent
-            .request(method, &url)
-            .set("authorization", &format!("Bearer {}", self.token));
-        let result = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
+        let mut retries = 0;
+        let result = loop {
+            let req = self
+                .agent
+                .request(method, &url)
+                .set("authorization", &format!("Bearer {}", self.token));
+            let result = match &body {
+                Some(b) => req.send_json(b.clone()),
+                None => req.call(),
+            };
+            // A listing refused for now (429: the tenant's listings are being built
+            // already): a read, so asked again, a few times, after the second it says.
+            if method == "GET" && retries < 5 && matches!(&result, Err(ureq::Error::Status(429, _)))
+            {
+                retries += 1;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
+            }
+            break result;
         };
         match result {
             Ok(resp) => resp

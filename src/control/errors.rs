@@ -79,6 +79,8 @@ pub enum ApiError {
     HeadersTooLarge(Option<(usize, usize)>),
     /// 422: a vendor unknown or without a registered credential.
     VendorNotConfigured(String),
+    /// 429: this many requests of the kind are being served for the tenant already.
+    RateLimited(&'static str, usize),
     /// 503: the database cannot be reached (or refuses work) now; try again later.
     StorageUnavailable,
     /// 500: logged where it was raised; the caller learns nothing of it.
@@ -185,6 +187,11 @@ impl ApiError {
                      vendor set {v} --secret-file FILE)"
                 ),
             ),
+            RateLimited(what, n) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("{n} {what} of this tenant are being served already: retry after a second"),
+            ),
             StorageUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage_unavailable",
@@ -236,7 +243,15 @@ impl From<anyhow::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), axum::Json(self.body())).into_response()
+        let retry = matches!(self, ApiError::RateLimited(..));
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if retry {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 

@@ -928,14 +928,19 @@ impl Control {
     }
 
     /// A place to build one listing page for `tenant_id`: one of its own
-    /// (`PAGE_BUILDS_PER_TENANT`), then one of the process's (`PAGE_BUILDS`).
+    /// (`PAGE_BUILDS_PER_TENANT`; none free: 429 `rate_limited` at once, so a tenant's
+    /// flood of listings never keeps connections busy waiting), then one of the process's
+    /// (`PAGE_BUILDS`, waited for).
     pub async fn page_build(
         &self,
         tenant_id: &str,
-    ) -> anyhow::Result<(
-        tokio::sync::OwnedSemaphorePermit,
-        tokio::sync::SemaphorePermit<'_>,
-    )> {
+    ) -> Result<
+        (
+            tokio::sync::OwnedSemaphorePermit,
+            tokio::sync::SemaphorePermit<'_>,
+        ),
+        errors::ApiError,
+    > {
         let own = {
             let mut by_tenant = self
                 .tenant_page_builds
@@ -946,8 +951,14 @@ impl Control {
                 .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(PAGE_BUILDS_PER_TENANT)))
                 .clone()
         };
-        let own = own.acquire_owned().await?;
-        let shared = self.page_builds.acquire().await?;
+        let own = own.try_acquire_owned().map_err(|_| {
+            errors::ApiError::RateLimited("listings of keys", PAGE_BUILDS_PER_TENANT)
+        })?;
+        let shared = self
+            .page_builds
+            .acquire()
+            .await
+            .map_err(|_| errors::ApiError::Internal)?;
         Ok((own, shared))
     }
 
@@ -1588,6 +1599,27 @@ mod tests {
             expires_at: now + 600,
             revoked_at: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_tenant_builds_two_listing_pages_at_once_and_is_told_to_retry_beyond() {
+        let dir = temp_dir("page-builds");
+        let control = open(&dir, &MasterKey::generate_base64()).await;
+        let a1 = control.page_build("tn_a").await.unwrap();
+        let _a2 = control.page_build("tn_a").await.unwrap();
+        let third = control.page_build("tn_a").await.expect_err("refused");
+        assert_eq!(third.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(third.code(), "rate_limited");
+        let response = axum::response::IntoResponse::into_response(third);
+        assert_eq!(response.headers()["retry-after"], "1");
+        // Another tenant is not held up by the first's listings.
+        let _b = tokio::time::timeout(Duration::from_secs(1), control.page_build("tn_b"))
+            .await
+            .expect("at once")
+            .unwrap();
+        drop(a1);
+        assert!(control.page_build("tn_a").await.is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

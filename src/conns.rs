@@ -54,6 +54,8 @@ pub struct ConnTable {
 const MAX_WAITING: usize = 256;
 /// Connections of one client address that may wait for a place at once.
 const MAX_WAITING_PER_CLIENT: usize = 8;
+/// Places taken by waiters through eviction: at most one per this many ms (500 a second).
+const HANDOVER_GAP_MS: i64 = 2;
 /// How often a waiting connection looks for a place besides being told of one.
 const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -125,6 +127,8 @@ struct Inner {
     per_client: crate::Map<IpAddr, usize>,
     /// Connections of each client waiting in `admit_within`.
     waiting_per_client: crate::Map<IpAddr, usize>,
+    /// When a waiter last took a place by eviction (`token::mono_ms`).
+    last_handover_ms: i64,
 }
 
 struct Entry {
@@ -243,7 +247,24 @@ impl ConnTable {
     ) -> Result<ConnGuard, Refused> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let per_client = inner.per_client.get(&client).copied().unwrap_or(0);
-        if self.limits.max_per_client > 0 && per_client >= self.limits.max_per_client {
+        let client_full =
+            self.limits.max_per_client > 0 && per_client >= self.limits.max_per_client;
+        if before.is_some() && (client_full || inner.open.len() >= self.limits.max_total) {
+            // A waiter makes room from a connection that just finished a request, which
+            // its client (a flood that keeps every place busy) opens again at once: such
+            // hand-overs are spaced, so waiting never turns the flood into a storm of
+            // new connections that fills the listen queue for everyone.
+            let now = crate::token::mono_ms();
+            if now - inner.last_handover_ms < HANDOVER_GAP_MS {
+                return Err(if client_full {
+                    Refused::ClientFull
+                } else {
+                    Refused::Full
+                });
+            }
+            inner.last_handover_ms = now;
+        }
+        if client_full {
             if !inner.evict_oldest(Some(client), before) {
                 return Err(Refused::ClientFull);
             }

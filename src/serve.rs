@@ -524,7 +524,10 @@ pub(crate) fn reuseport_listener(addr: SocketAddr, what: &str) -> Result<tokio::
     socket
         .bind(addr)
         .with_context(|| format!("cannot listen on {addr} ({what})"))?;
-    Ok(socket.listen(1024)?)
+    // Connections not yet accepted: room for a burst of reconnections (a flood's) without
+    // dropping a newcomer's SYN, which would cost it a retransmission (1 s, then 3 s). The
+    // kernel caps it at net.core.somaxconn (4096 since Linux 5.4).
+    Ok(socket.listen(4096)?)
 }
 
 /// Starts the control plane on its own runtime thread and returns once it is serving.

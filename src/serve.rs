@@ -195,12 +195,13 @@ pub const MIGRATED_FILE: &str = "MIGRATED";
 /// since, to every node. Refused, saying how to use it on purpose.
 fn refuse_a_migrated_data_dir(data_dir: &Path) -> Result<()> {
     let marker = data_dir.join(MIGRATED_FILE);
-    let note = match std::fs::read_to_string(&marker) {
-        Ok(note) => note,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+    // A data dir this user cannot search is named as such by the checks that follow.
+    if std::fs::symlink_metadata(&marker).is_err() {
+        return Ok(());
+    }
+    let note = std::fs::read_to_string(&marker)
         // There, but unreadable: as good as there.
-        Err(e) => format!("{} is there but unreadable: {e}", marker.display()),
-    };
+        .unwrap_or_else(|e| format!("{} is there but unreadable: {e}", marker.display()));
     let shown = std::path::absolute(data_dir).unwrap_or(data_dir.to_path_buf());
     bail!(
         "data dir {} was copied to PostgreSQL by keybrake migrate ({}): start with \

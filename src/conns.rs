@@ -533,6 +533,21 @@ mod tests {
         IpAddr::from([127, 0, 0, last])
     }
 
+    /// A table of two places, both taken by connections serving a request.
+    fn two_busy_places() -> (Arc<ConnTable>, ConnGuard, ConnGuard) {
+        let table = ConnTable::new(
+            "test",
+            ConnLimits {
+                max_total: 2,
+                max_per_client: 0,
+            },
+        );
+        let a = table.admit(ip(1)).unwrap();
+        let b = table.admit(ip(1)).unwrap();
+        assert!(a.enter(Phase::Busy) && b.enter(Phase::Busy));
+        (table, a, b)
+    }
+
     #[tokio::test]
     async fn at_the_bound_the_oldest_waiting_connection_makes_room() {
         let table = ConnTable::new(
@@ -574,16 +589,7 @@ mod tests {
     #[tokio::test]
     async fn with_every_place_busy_a_newcomer_waits_for_the_next_request_to_finish() {
         use std::time::Duration;
-        let table = ConnTable::new(
-            "test",
-            ConnLimits {
-                max_total: 2,
-                max_per_client: 0,
-            },
-        );
-        let a = table.admit(ip(1)).unwrap();
-        let b = table.admit(ip(1)).unwrap();
-        assert!(a.enter(Phase::Busy) && b.enter(Phase::Busy));
+        let (table, a, b) = two_busy_places();
         let soon = || tokio::time::Instant::now() + Duration::from_millis(100);
         // Nobody finishes in time: refused when the deadline passes.
         assert_eq!(
@@ -651,16 +657,7 @@ mod tests {
     #[tokio::test]
     async fn waiters_take_the_places_that_free_up_one_each_never_each_others() {
         use std::time::Duration;
-        let table = ConnTable::new(
-            "test",
-            ConnLimits {
-                max_total: 2,
-                max_per_client: 0,
-            },
-        );
-        let a = table.admit(ip(1)).unwrap();
-        let b = table.admit(ip(1)).unwrap();
-        assert!(a.enter(Phase::Busy) && b.enter(Phase::Busy));
+        let (table, a, b) = two_busy_places();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let spawn_waiter = |last: u8| {
             let table = table.clone();

@@ -1048,31 +1048,34 @@ impl Store {
     /// Keys revoked at or after `since` that have not expired: revocations made by another
     /// process on the same database (another replica, or the other side of an upgrade).
     pub async fn revoked_since(&self, since: i64, now: i64) -> Result<Vec<(String, i64)>> {
-        Ok(on_reader!(self, |pool| sqlx::query(
-            "SELECT id, expires_at FROM keys WHERE revoked_at >= $1 AND expires_at > $2"
+        self.revocations(
+            "SELECT id, expires_at FROM keys WHERE revoked_at >= $1 AND expires_at > $2",
+            &[since, now],
         )
-        .bind(since)
-        .bind(now)
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(|r| (r.text("id"), r.int("expires_at")))
-        .collect()))
+        .await
     }
 
     /// Revoked keys that have not expired yet: the content of the revocation filter.
     pub async fn live_revocations(&self, now: i64) -> Result<Vec<(String, i64)>> {
         // By the partial index `keys_live_revoked` (version 7): the keys ever revoked are
         // never all read, only those not expired.
-        Ok(on_reader!(self, |pool| sqlx::query(
-            "SELECT id, expires_at FROM keys WHERE revoked_at IS NOT NULL AND expires_at > $1"
+        self.revocations(
+            "SELECT id, expires_at FROM keys WHERE revoked_at IS NOT NULL AND expires_at > $1",
+            &[now],
         )
-        .bind(now)
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(|r| (r.text("id"), r.int("expires_at")))
-        .collect()))
+        .await
+    }
+
+    /// (id, expires_at) of the keys `sql` selects with `binds`.
+    async fn revocations(&self, sql: &'static str, binds: &[i64]) -> Result<Vec<(String, i64)>> {
+        Ok(on_reader!(self, |pool| binds
+            .iter()
+            .fold(sqlx::query(sql), |q, b| q.bind(*b))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| (r.text("id"), r.int("expires_at")))
+            .collect()))
     }
 
     // ----- ledger -----

@@ -8,6 +8,7 @@ use prometheus::{
     register_int_counter_vec, register_int_gauge, CounterVec, Gauge, Histogram, IntCounter,
     IntCounterVec, IntGauge,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Children of `keybrake_requests_total`, looked up by label once and then kept: a label
@@ -111,9 +112,21 @@ const PROXY_ONLY: &[&str] = &[
     "keybrake_token_cache_keys",
 ];
 
+/// Whether this process's store has a WAL to checkpoint (SQLite): a PostgreSQL control
+/// plane does not list `keybrake_store_wal_backlog_frames`, which would read 0 for ever.
+static WAL_SHOWN: AtomicBool = AtomicBool::new(false);
+
+/// Lists `keybrake_store_wal_backlog_frames` from now on (`Store::checkpoints`, SQLite).
+pub fn show_wal_backlog() {
+    WAL_SHOWN.store(true, Ordering::Relaxed);
+}
+
 impl MetricsOf {
     /// Whether this process shows the metric family `name`.
     pub fn shows(self, name: &str) -> bool {
+        if name == "keybrake_store_wal_backlog_frames" && !WAL_SHOWN.load(Ordering::Relaxed) {
+            return false;
+        }
         match self {
             MetricsOf::Serve => true,
             MetricsOf::Control => !PROXY_ONLY.contains(&name),

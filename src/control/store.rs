@@ -491,6 +491,7 @@ impl Store {
         else {
             return;
         };
+        crate::metrics::show_wal_backlog();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stuck_since: Option<std::time::Instant> = None;

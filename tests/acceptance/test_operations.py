@@ -121,7 +121,8 @@ def test_a_proxys_vendor_series_are_there_at_zero_before_its_first_call(keybrake
     """Dashboards and alerts on spend find their series from the start: before any call,
     keybrake_spend_usd_total and keybrake_requests_total{decision="allowed"} are 0 for
     every vendor of the catalog, keybrake_llm_tokens_total 0 for each kind of the LLM
-    vendors. An edge node does not list the control plane's store metrics."""
+    vendors, the SQLite WAL backlog 0. An edge node does not list the control plane's
+    store metrics."""
     kb = keybrake_factory({"stripe": fake_stripe.url})
     text = scrape(kb)
     samples = parse_metrics(text)
@@ -139,6 +140,8 @@ def test_a_proxys_vendor_series_are_there_at_zero_before_its_first_call(keybrake
     if getattr(kb, "edge", None):
         assert "keybrake_store_wal_backlog_frames" not in text
         assert "keybrake_keys_issued_total" not in text
+    else:
+        assert zero_series("keybrake_store_wal_backlog_frames") == [0.0], text
 
 
 def test_metrics_move_by_exactly_the_traffic_served(keybrake, tenant, fake_stripe):

@@ -96,6 +96,16 @@ def within_one_second(check, what: str) -> float:
 # --------------------------------------------------------------------------- agreement
 
 
+def test_a_postgresql_replica_lists_its_store_metrics_but_no_sqlite_wal(replicas):
+    """A replica on PostgreSQL shows the keys it issued but no
+    keybrake_store_wal_backlog_frames: it has no SQLite WAL, and a gauge reading 0 for
+    ever would tell an operator's alert that checkpoints keep up."""
+    replicas.ta.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1)
+    text = requests.get(f"{replicas.a.metrics_url}/metrics", timeout=5).text
+    assert "keybrake_keys_issued_total" in text, text
+    assert "keybrake_store_wal_backlog_frames" not in text, text
+
+
 def test_a_key_issued_on_one_replica_is_revoked_on_the_other_and_refused_everywhere(replicas):
     """Issued through a: shown by b and usable through both proxies; revoked through b:
     a shows it revoked, and both proxies refuse it within 1 s; the audit of calls that

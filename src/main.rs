@@ -229,7 +229,7 @@ enum TenantCommand {
         /// The tenant's name.
         name: String,
     },
-    /// List tenants, oldest first.
+    /// List tenants by creation time (to the second).
     List {
         /// Most tenants to show (1 to 1000).
         #[arg(long, env = "KEYBRAKE_TENANT_LIMIT", default_value_t = 100)]

@@ -77,6 +77,9 @@ pub struct Metrics {
     pub audit_queue_depth: IntGauge,
     pub audit_dropped: IntCounter,
     pub store_wal_backlog: IntGauge,
+    /// `keybrake_control_requests_total{route,status}`: control API answers by route
+    /// (`METHOD /template`, or `unmatched`) and status code.
+    pub control_requests: IntCounterVec,
 }
 
 /// Which process serves `/metrics`: each shows the metrics that describe it, so a
@@ -95,6 +98,7 @@ const CONTROL_ONLY: &[&str] = &[
     "keybrake_keys_issued_total",
     "keybrake_keys_revoked_total",
     "keybrake_store_wal_backlog_frames",
+    "keybrake_control_requests_total",
 ];
 
 /// Metrics only a process that runs the proxy updates.
@@ -136,14 +140,38 @@ impl MetricsOf {
 
     /// The Prometheus text of every metric this process shows.
     pub fn render(self) -> String {
-        let families: Vec<_> = prometheus::gather()
+        let mut families: Vec<_> = prometheus::gather()
             .into_iter()
             .filter(|f| self.shows(f.name()))
             .collect();
+        // The crate's process collector counts CPU in whole seconds (an idle process
+        // reads 0 for minutes, `rate()` moves in steps): the kernel's figure, to the µs.
+        if let Some(cpu) = cpu_seconds() {
+            for family in &mut families {
+                if family.name() == "process_cpu_seconds_total" {
+                    for metric in family.mut_metric() {
+                        let mut counter = prometheus::proto::Counter::default();
+                        counter.set_value(cpu);
+                        metric.set_counter(counter);
+                    }
+                }
+            }
+        }
         prometheus::TextEncoder::new()
             .encode_to_string(&families)
             .unwrap_or_default()
     }
+}
+
+/// User and system CPU time of this process, in seconds (`getrusage`).
+fn cpu_seconds() -> Option<f64> {
+    // SAFETY: `getrusage` only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(seconds(usage.ru_utime) + seconds(usage.ru_stime))
 }
 
 /// Token kinds of `keybrake_llm_tokens_total`.
@@ -270,6 +298,12 @@ impl Metrics {
                     store_wal_backlog: register_int_gauge!(
                         "keybrake_store_wal_backlog_frames",
                         "Frames of keybrake.db's WAL the last checkpoint could not copy into the database (0 normally)."
+                    )
+                    .unwrap(),
+                    control_requests: register_int_counter_vec!(
+                        "keybrake_control_requests_total",
+                        "Control API answers by route (METHOD /template, or unmatched) and status code.",
+                        &["route", "status"]
                     )
                     .unwrap(),
                 })

@@ -92,11 +92,28 @@ pub fn router(state: ApiState) -> Router {
                 ApiError::NotFound("route")
             }
         })
+        .route_layer(axum::middleware::from_fn(name_route))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(head_limits))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// The route a request matched (`METHOD /template`), carried to the listener's log line
+/// and metric: a bounded name, where the path itself holds ids.
+#[derive(Debug, Clone)]
+pub struct RouteName(pub String);
+
+async fn name_route(
+    matched: axum::extract::MatchedPath,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let name = RouteName(format!("{} {}", req.method(), matched.as_str()));
+    let mut response = next.run(req).await;
+    response.extensions_mut().insert(name);
+    response
 }
 
 /// Errors raised by axum itself (a body over the limit, an undecodable path or query)

@@ -241,10 +241,16 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+/// The code of an error answer, carried to the listener's log line (`listener::observe`).
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let retry = matches!(self, ApiError::RateLimited(..));
+        let code = ErrorCode(self.code());
         let mut response = (self.status(), axum::Json(self.body())).into_response();
+        response.extensions_mut().insert(code);
         if retry {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,

@@ -19,16 +19,20 @@
 //! - the answers hyper writes itself when it cannot parse a request (400, 414, 431: no
 //!   handler runs) get SPEC §3's JSON error body (`JsonParseErrors`).
 
-use super::errors::ApiError;
+use super::api::RouteName;
+use super::errors::{ApiError, ErrorCode};
 use crate::config::ListenerSettings;
 use crate::conns::{ConnGuard, ConnTable, Phase};
-use axum::http::{header, Request, Response};
+use crate::metrics::Metrics;
+use axum::body::Body;
+use axum::http::{header, Method, Request, Response, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::Router;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -88,7 +92,7 @@ pub async fn serve(
             let _ = tcp.set_nodelay(true);
             // A connection that waited for its place still gets time for its handshake.
             let deadline = deadline.max(Instant::now() + shared.header_timeout / 2);
-            serve_connection(shared, tcp, Arc::new(guard), deadline).await
+            serve_connection(shared, tcp, peer, Arc::new(guard), deadline).await
         });
     }
 }
@@ -101,6 +105,7 @@ const JUST_ANSWERED: Duration = Duration::from_millis(200);
 async fn serve_connection(
     shared: Arc<Shared>,
     tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
     guard: Arc<ConnGuard>,
     deadline: Instant,
 ) {
@@ -120,7 +125,7 @@ async fn serve_connection(
         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let shared = shared.clone();
             let guard = guard.clone();
-            async move { Ok::<_, Infallible>(handle(&shared, guard, req).await) }
+            async move { Ok::<_, Infallible>(handle(&shared, guard, peer, req).await) }
         })
     };
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -274,8 +279,10 @@ enum Unserved {
 async fn handle(
     shared: &Shared,
     guard: Arc<ConnGuard>,
+    peer: SocketAddr,
     req: Request<hyper::body::Incoming>,
 ) -> Response<axum::body::Body> {
+    let (method, uri, started) = (req.method().clone(), req.uri().clone(), Instant::now());
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -320,6 +327,7 @@ async fn handle(
             return std::future::pending().await;
         }
     };
+    observe(&method, &uri, peer, &response, started.elapsed());
     // A response that is still being written keeps the connection busy.
     let busy = BusyUntilDropped(guard);
     let (parts, body) = response.into_parts();
@@ -328,6 +336,86 @@ async fn handle(
         e
     });
     Response::from_parts(parts, axum::body::Body::new(body))
+}
+
+/// What an operator sees of a control API answer: `keybrake_control_requests_total`
+/// for each, and a log line for what matters later: a change made by an admin or a
+/// revocation (INFO), refused credentials and server errors (WARN, at most
+/// `WARNINGS_PER_SECOND` lines a second, then a count), the rest at DEBUG (a key issuance
+/// per agent invocation, a node's sync calls, reads). Never a header or a body, where
+/// tokens and secrets travel; the path with any token in it redacted.
+fn observe(
+    method: &Method,
+    uri: &Uri,
+    peer: SocketAddr,
+    response: &Response<Body>,
+    took: Duration,
+) {
+    let status = response.status();
+    let route = (response.extensions().get::<RouteName>()).map_or("unmatched", |r| r.0.as_str());
+    Metrics::global()
+        .control_requests
+        .with_label_values(&[route, status.as_str()])
+        .inc();
+    let code = (response.extensions().get::<ErrorCode>()).map_or("", |c| c.0);
+    let path = crate::proxy::path::without_tokens(uri.path());
+    let ms = took.as_secs_f64() * 1e3;
+    // A 503 from `/readyz` is an answer, not a failure (a probe during start or drain).
+    let warn = (status.is_server_error() && route != "GET /readyz")
+        || matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+    let change = status.is_success()
+        && *method != Method::GET
+        && *method != Method::HEAD
+        && route != "POST /v1/keys"
+        && !route.starts_with("POST /v1/sync/");
+    if warn {
+        if let Some(suppressed) = warning_allowed() {
+            if suppressed > 0 {
+                log::warn!("control API: {suppressed} more refused or failed requests not logged");
+            }
+            log::warn!(
+                "control API: {method} {path:?} from {} answered {} {code} ({ms:.1} ms)",
+                peer.ip(),
+                status.as_u16()
+            );
+        }
+    } else if change {
+        log::info!(
+            "control API: {method} {path:?} from {} answered {} ({ms:.1} ms)",
+            peer.ip(),
+            status.as_u16()
+        );
+    } else {
+        log::debug!(
+            "control API: {method} {path:?} from {} answered {} {code} ({ms:.1} ms)",
+            peer.ip(),
+            status.as_u16()
+        );
+    }
+}
+
+/// Warning lines logged per second at most: a flood of wrong tokens is counted, not
+/// written out line by line.
+const WARNINGS_PER_SECOND: u32 = 10;
+
+/// Whether a warning may be logged now: `Some(n)` with `n` warnings left out since the
+/// last one logged, `None` past this second's allowance.
+fn warning_allowed() -> Option<u64> {
+    use std::time::Instant;
+    static WINDOW: Mutex<(Option<Instant>, u32, u64)> = Mutex::new((None, 0, 0));
+    let mut w = WINDOW.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    if w.0
+        .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(1))
+    {
+        (w.0, w.1) = (Some(now), 0);
+    }
+    if w.1 >= WARNINGS_PER_SECOND {
+        w.2 += 1;
+        return None;
+    }
+    w.1 += 1;
+    Some(std::mem::take(&mut w.2))
 }
 
 /// The request with its whole body read (at most `body_limit` bytes). Meanwhile the

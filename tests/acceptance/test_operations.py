@@ -205,6 +205,17 @@ def test_metrics_move_by_exactly_the_traffic_served(keybrake, tenant, fake_strip
     assert "keybrake_sync_lag_seconds" in {n for n, _, _ in after}, after_text
     names = {n for n, _, _ in after}
     assert names & {"process_cpu_seconds_total", "process_resident_memory_bytes"}, sorted(names)
+    # The process's CPU as the kernel counts it (not cut to whole seconds: `rate()` on an
+    # idle process would read 0, then jump): between two readings of /proc around a scrape.
+    if getattr(keybrake, "proc", None) is not None and os.path.exists(f"/proc/{keybrake.proc.pid}/stat"):
+        def proc_cpu() -> float:
+            fields = open(f"/proc/{keybrake.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        low = proc_cpu()
+        cpu = metric(parse_metrics(scrape(keybrake)), "process_cpu_seconds_total")
+        high = proc_cpu()
+        assert low - 0.02 <= cpu <= high + 0.02, (low, cpu, high)
 
     # Bounded label values: vendors from the catalog (or "unknown"), never a key id,
     # a tenant id or a name the client made up.
@@ -222,6 +233,45 @@ def test_metrics_move_by_exactly_the_traffic_served(keybrake, tenant, fake_strip
     plain = requests.get(f"{keybrake.metrics_url}/metrics", headers={"Accept-Encoding": "identity"}, timeout=10)
     assert plain.status_code == 200 and "content-encoding" not in {k.lower() for k in plain.headers}, plain.headers
     assert "keybrake_requests_total" in plain.content.decode("utf-8")
+
+
+def test_the_control_api_leaves_a_trace_of_changes_and_refused_credentials(keybrake, tenant):
+    """An operator finds in the log what was changed through the control API (an admin's
+    tenant, a revocation) and every refused credential (a wrong admin token), never the
+    token itself; keybrake_control_requests_total counts answers by route template and
+    status, never by id."""
+    before = parse_metrics(scrape(keybrake))
+    wrong = "kba_" + secrets.token_urlsafe(32)
+    assert keybrake.control("GET", "/v1/tenants", token=wrong).status_code == 401
+    created = keybrake.admin("POST", "/v1/tenants", json={"name": "traced"})
+    assert created.status_code == 201, created.text
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/customers"], daily_usd_cap=1)
+    assert tenant.revoke(key["id"]).status_code == 200
+
+    def logged():
+        text = keybrake.logs()
+        return ('"/v1/tenants"' in text and " 401 " in text and f'"/v1/keys/{key["id"]}"' in text
+                and "POST" in text and "DELETE" in text)
+
+    assert wait_until(logged, timeout=5), keybrake.logs()[-3000:]
+    text = keybrake.logs()
+    assert wrong not in text and wrong[4:] not in text
+    lines = [line for line in text.splitlines() if "control API" in line]
+    assert any("GET" in line and "401 invalid_token" in line for line in lines), lines
+    assert any("POST" in line and '"/v1/tenants"' in line and "201" in line for line in lines), lines
+    assert any("DELETE" in line and key["id"] in line and "200" in line for line in lines), lines
+
+    after = parse_metrics(scrape(keybrake))
+
+    def moved(route, status):
+        return (metric(after, "keybrake_control_requests_total", route=route, status=status)
+                - metric(before, "keybrake_control_requests_total", route=route, status=status))
+
+    assert moved("GET /v1/tenants", "401") == 1
+    assert moved("POST /v1/tenants", "201") == 1
+    assert moved("POST /v1/keys", "201") == 1
+    assert moved("DELETE /v1/keys/{id}", "200") == 1
+    assert key["id"] not in scrape(keybrake)
 
 
 def test_serve_metrics_listener_answers_metrics_health_and_readiness_and_404_elsewhere(keybrake):

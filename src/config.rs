@@ -164,6 +164,9 @@ struct FileVendor {
     #[serde(default)]
     account_headers: Vec<String>,
     request_id_header: Option<String>,
+    /// The answer header by which the vendor says it replayed an idempotent request's
+    /// first answer without acting again (Stripe's `Idempotent-Replayed: true`).
+    idempotent_replayed_header: Option<String>,
     #[serde(default)]
     metered: Vec<FileMeterRule>,
     /// Endpoints known not to move money (reads need no entry).
@@ -466,6 +469,10 @@ pub struct Vendor {
     pub json_to_form: Vec<EndpointPattern>,
     pub account_headers: Vec<http::HeaderName>,
     pub request_id_header: Option<http::HeaderName>,
+    /// An answer with this header set to `true`, to a request with one `Idempotency-Key`,
+    /// is the vendor's replay of a first answer: it moved no money again, so the call's
+    /// reservation is released (the first call was counted when it was made).
+    pub idempotent_replayed_header: Option<http::HeaderName>,
     /// Shared: a request holds its rule by reference count, never by copy.
     pub metered: Vec<std::sync::Arc<MeterRule>>,
     /// Mutating endpoints known not to move money.
@@ -1368,6 +1375,13 @@ fn parse_vendors(text: &str) -> Result<Map<String, Vendor>> {
                     .request_id_header
                     .as_deref()
                     .map(|h| header_name(h, &format!("vendor {name:?} request_id_header")))
+                    .transpose()?,
+                idempotent_replayed_header: v
+                    .idempotent_replayed_header
+                    .as_deref()
+                    .map(|h| {
+                        header_name(h, &format!("vendor {name:?} idempotent_replayed_header"))
+                    })
                     .transpose()?,
                 metered,
                 free: patterns(&v.free, "free")?,

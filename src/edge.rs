@@ -746,13 +746,20 @@ impl AuditSink for EdgeAudit {
         self.strict
     }
 
+    /// The control plane has not taken an audit batch for `AUDIT_FAILING_FAST_AFTER_MS`:
+    /// a strict node forwards nothing (503 `audit_unavailable`) until it takes one again
+    /// (the refusals' own events are sent meanwhile).
+    fn is_failing(&self) -> bool {
+        let since = self.failing_since_ms.load(Ordering::Acquire);
+        since > 0 && mono_ms() - since >= AUDIT_FAILING_FAST_AFTER_MS
+    }
+
     /// Waits for the control plane's answer that the batch holding `event` is written
     /// (committed there, durable as the control plane's own `audit.durability` makes its
     /// writes). The sender sends as soon as an event waits, with whatever queued meanwhile,
     /// so concurrent responses share one round trip.
     fn record_durably(&self, event: AuditEvent, timeout: Duration) -> bool {
-        let since = self.failing_since_ms.load(Ordering::Acquire);
-        if since > 0 && mono_ms() - since >= AUDIT_FAILING_FAST_AFTER_MS {
+        if self.is_failing() {
             // Queued all the same: it is sent once the control plane is back.
             self.queue(event, None);
             return false;

@@ -664,6 +664,18 @@ fn run(cli: Cli) -> Result<()> {
                      keeps its data in SQLite (--data-dir)"
                 );
             }
+            let pid_dir = std::path::Path::new(&config.pingora.pid_file).parent();
+            if role != Role::Control
+                && pid_dir.is_some_and(|d| {
+                    !d.as_os_str().is_empty() && !d.exists() && d != config.data_dir
+                })
+            {
+                eprintln!(
+                    "warning: the directory of pingora.pid_file ({}) does not exist: `--daemon` \
+                     and graceful upgrades will fail to write it",
+                    config.pingora.pid_file
+                );
+            }
             if role != Role::Control && config.pingora.upgrade_sock.len() > 107 {
                 eprintln!(
                     "warning: pingora.upgrade_sock is longer than a Unix socket path may be \

@@ -344,13 +344,15 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
         master
     } else if sources.generate_missing {
         let path = config.data_dir.join("master.key");
-        MasterKey::from_base64(&secret_file(
+        let master = MasterKey::from_base64(&secret_file(
             &path,
             MasterKey::generate_base64,
             "master key",
             is_new,
         )?)
-        .with_context(|| format!("master key file {}", path.display()))?
+        .with_context(|| format!("master key file {}", path.display()))?;
+        log::info!("master key: in {}", path.display());
+        master
     } else {
         return Err(anyhow!(
             "no master key: set KEYBRAKE_MASTER_KEY (base64 of 32 bytes) or --master-key-file"
@@ -405,14 +407,22 @@ fn load_secrets(config: &Config, sources: &SecretSources) -> Result<(MasterKey, 
 pub fn given_secrets(sources: &SecretSources) -> Result<(Option<MasterKey>, Option<String>)> {
     let master = if let Some(file) = &sources.master_key_file {
         crate::secret::warn_if_shared(file, "the master key file");
+        if std::env::var_os("KEYBRAKE_MASTER_KEY").is_some() {
+            log::warn!("KEYBRAKE_MASTER_KEY is not used: the master key file is given");
+        }
+        log::info!("master key: from {}", file.display());
         Some(MasterKey::from_file(file)?)
     } else if let Ok(text) = std::env::var("KEYBRAKE_MASTER_KEY") {
+        log::info!("master key: from KEYBRAKE_MASTER_KEY");
         Some(MasterKey::from_base64(&text).context("KEYBRAKE_MASTER_KEY")?)
     } else {
         None
     };
     let admin = if let Some(file) = &sources.admin_token_file {
         crate::secret::warn_if_shared(file, "the admin token file");
+        if std::env::var_os("KEYBRAKE_ADMIN_TOKEN").is_some() {
+            log::warn!("KEYBRAKE_ADMIN_TOKEN is not used: the admin token file is given");
+        }
         Some(
             std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read admin token file {}", file.display()))?
@@ -1128,6 +1138,10 @@ impl AuditSink for AuditForwarder {
 
     fn is_strict(&self) -> bool {
         self.0.audit.is_strict()
+    }
+
+    fn is_failing(&self) -> bool {
+        self.0.audit.is_failing()
     }
 
     fn record_durably(&self, event: crate::sync::AuditEvent, timeout: Duration) -> bool {

@@ -251,6 +251,13 @@ pub trait AuditSink: Send + Sync + 'static {
         false
     }
 
+    /// Whether the trail cannot be written now (its last write gave events up, or its
+    /// writer is stuck retrying): a strict proxy then forwards nothing, since no answer
+    /// could be released (503 `audit_unavailable`).
+    fn is_failing(&self) -> bool {
+        false
+    }
+
     /// Records the event and blocks the calling thread until it is durable, at most
     /// `timeout`. False when it is not (timed out, queue full, write failed): the caller
     /// must not release its response.

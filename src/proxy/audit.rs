@@ -124,10 +124,14 @@ impl KeybrakeProxy {
         if ctx.audited || !self.audit.is_strict() {
             return Ok(());
         }
-        if ctx.denial == Some(Denial::ControlUnreachable) {
-            // An edge node cut off from its control plane: the event could not reach it
-            // anyway, and SPEC §6's 503 must still be answered. Nothing was forwarded and
-            // no money moved: recorded after the answer, as in `normal`.
+        if matches!(
+            ctx.denial,
+            Some(Denial::ControlUnreachable | Denial::AuditUnavailable)
+        ) {
+            // An edge node cut off from its control plane, or a trail that cannot be
+            // written: the event could not be made durable anyway, and the 503 must still
+            // be answered. Nothing was forwarded and no money moved: recorded after the
+            // answer, as in `normal` (the write that clears `is_failing`).
             return Ok(());
         }
         ctx.audited = true;

@@ -47,6 +47,9 @@ pub enum Denial {
     UnmeteredBeta,
     /// Anthropic's `speed: "fast"` or `inference_geo`, billed above the table's rates.
     UnmeteredSpeed,
+    /// `audit.durability: strict` with an audit trail that cannot be written: nothing is
+    /// forwarded whose answer could not be released.
+    AuditUnavailable,
     /// An edge node that could not sync for longer than its staleness limit.
     ControlUnreachable,
     UpstreamTimeout,
@@ -79,7 +82,7 @@ impl Denial {
             BodyTooLarge => 413,
             CapExhausted => 429,
             UpstreamUnavailable | VendorNotConfigured => 502,
-            LedgerUnavailable | ControlUnreachable => 503,
+            LedgerUnavailable | AuditUnavailable | ControlUnreachable => 503,
             UpstreamTimeout => 504,
         }
     }
@@ -107,6 +110,7 @@ impl Denial {
             CapExhausted => "cap_exhausted",
             VendorNotConfigured => "vendor_not_configured",
             LedgerUnavailable => "ledger_unavailable",
+            AuditUnavailable => "audit_unavailable",
             ControlUnreachable => "control_unreachable",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
@@ -145,6 +149,7 @@ impl Denial {
             CapExhausted => "This request would exceed the vault key's daily spend cap.",
             VendorNotConfigured => "No credential is registered for this vendor.",
             LedgerUnavailable => "The spend ledger is unavailable; metered requests are refused until it returns.",
+            AuditUnavailable => "The audit trail cannot be written and audit.durability is strict; requests are refused until it can.",
             ControlUnreachable => "This edge proxy is out of sync with the control plane (unreachable for longer than the staleness limit, or this node's token was refused); requests are refused until it syncs again.",
             UpstreamUnavailable => "The vendor could not be reached.",
             UpstreamTimeout => "The vendor did not answer in time.",

@@ -345,6 +345,9 @@ impl ProxyHttp for KeybrakeProxy {
             // What was refused, for the access log and the metrics.
             let _ = self.route_as_sent(session.req_header(), ctx);
             Err(Denial::ControlUnreachable)
+        } else if self.audit.is_strict() && self.audit.is_failing() {
+            let _ = self.route_as_sent(session.req_header(), ctx);
+            Err(Denial::AuditUnavailable)
         } else {
             self.admit(session, ctx).await
         };
@@ -453,6 +456,9 @@ impl ProxyHttp for KeybrakeProxy {
             call.response_header(upstream);
         }
         ctx.status = upstream.status.as_u16();
+        if super::settle::replayed(session.req_header(), upstream, ctx) {
+            self.release_replay(ctx);
+        }
         self.settle_on_answer(ctx, upstream.status);
         if let Some(h) = ctx
             .vendor
@@ -479,6 +485,11 @@ impl ProxyHttp for KeybrakeProxy {
     ) -> Result<()> {
         if let Some(value) = ctx.key.as_ref().and_then(|k| k.id_header.clone()) {
             response.insert_header("x-keybrake-key-id", value)?;
+        }
+        // Stopping since the request came in: its answer closes the connection too
+        // (`Connection: close`), so the client does not send another one to it.
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            session.set_keepalive(None);
         }
         // A response without a body ends with its header: strict audit holds it here.
         let bodyless = session.req_header().method == http::Method::HEAD

@@ -15,11 +15,37 @@ use crate::log_every::LogEvery;
 use crate::metrics::Metrics;
 use crate::money::Micros;
 use crate::sync::LlmAudit;
+use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// Whether the vendor answered `upstream` as its replay of an earlier call's answer to
+/// `req` (`Vendor::idempotent_replayed_header` set to `true`), `req` carrying one
+/// `Idempotency-Key`. Not for a token-metered call, whose usage says what it spent.
+pub(super) fn replayed(req: &RequestHeader, upstream: &ResponseHeader, ctx: &Ctx) -> bool {
+    let Some(header) = (ctx.vendor.as_ref()).and_then(|v| v.idempotent_replayed_header.as_ref())
+    else {
+        return false;
+    };
+    !matches!(ctx.metering, Metering::Llm(_))
+        && req.headers.get_all("idempotency-key").iter().count() == 1
+        && (upstream.headers.get(header))
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+}
+
 impl KeybrakeProxy {
+    /// A replayed answer moved no money (the call that made it was counted then, by
+    /// this process or another, or settled as spent when its holder died): the call's
+    /// reservation goes back and nothing is charged from the answer.
+    pub(super) fn release_replay(&self, ctx: &mut Ctx) {
+        if let Some(r) = ctx.reservation.take() {
+            self.spend.release(r);
+        }
+        ctx.spend = Micros::ZERO;
+        ctx.metering = Metering::Fixed;
+    }
+
     /// The final answer's header arrived with `status`.
     pub(super) fn settle_on_answer(&self, ctx: &mut Ctx, status: http::StatusCode) {
         if status.is_success() && ctx.metering.is_response() {

@@ -13,6 +13,7 @@ Only 127.0.0.1 is used; every loop and wait is bounded.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -274,6 +275,33 @@ def test_the_control_api_leaves_a_trace_of_changes_and_refused_credentials(keybr
     assert key["id"] not in scrape(keybrake)
 
 
+@pytest.mark.sqlite_only("SIGTERM of `serve`, whose proxy answers")
+def test_an_answer_in_flight_at_sigterm_is_delivered_and_closes_its_connection(
+        keybrake_factory, fake_stripe, stripe_secret, tmp_path):
+    """SIGTERM while a call is at the vendor: its answer is delivered whole, with
+    `Connection: close`, so the client does not send its next request down a connection
+    that is about to go (conf/keybrake.yaml: from the first signal on, every response
+    closes its connection)."""
+    config = write_config(tmp_path / "conf", pingora={"grace_period_seconds": 3,
+                                                       "graceful_shutdown_timeout_seconds": 5})
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config)
+    t = kb.create_tenant("draining")
+    t.put_credential("stripe", stripe_secret)
+    key = t.issue_key(allowed_endpoints=["POST /v1/customers"], daily_usd_cap=1)
+    conn = http.client.HTTPConnection("127.0.0.1", kb.proxy_port, timeout=20)
+    conn.request("POST", "/stripe/v1/customers", body="email=a%40b.c",
+                 headers={"Authorization": f"Bearer {key['token']}", "x-fake-delay-ms": "1500",
+                          "Content-Type": "application/x-www-form-urlencoded"})
+    time.sleep(0.4)
+    kb.proc.send_signal(signal.SIGTERM)
+    r = conn.getresponse()
+    body = r.read()
+    assert r.status == 200, body[:300]
+    assert r.getheader("connection", "").lower() == "close", r.getheaders()
+    assert json.loads(body)["object"] == "customer"
+    assert kb.proc.wait(timeout=20) == 0
+
+
 def test_serve_metrics_listener_answers_metrics_health_and_readiness_and_404_elsewhere(keybrake):
     """serve's metrics listener is like an edge node's: /metrics, /healthz, a /readyz
     that reflects the proxy (and storage), and 404 for any other path, so a probe aimed
@@ -497,6 +525,57 @@ def test_a_full_disk_refuses_what_it_cannot_record_and_recovers_when_space_is_fr
         assert keys, [t.get_key(k["id"]) for k in [hot] + fresh]
         assert sum(Decimal(str(k["spent_today_usd"])) for k in keys) == charged
         assert kb.proc.poll() is None
+    finally:
+        if kb.proc and kb.proc.poll() is None:
+            kb.proc.kill()
+            kb.proc.wait(timeout=10)
+
+
+def test_strict_audit_on_a_full_disk_refuses_calls_instead_of_paying_them_unanswered(
+        small_filesystem, fake_stripe, stripe_secret, tmp_path):
+    """`audit.durability: strict` with the data dir's filesystem full: an answer whose
+    event cannot be written is withheld, so a call forwarded then would pay at Stripe
+    and leave its client with a closed connection. Once the trail has failed, calls are
+    refused before forwarding (503 `audit_unavailable`, or `ledger_unavailable`), nothing
+    sent; at most the calls in flight when it failed go unanswered. Space freed: calls
+    are paid again, no restart."""
+    config = write_config(tmp_path / "conf", audit={"durability": "strict"})
+    kb = Keybrake(tmp_path / "kb", {"stripe": fake_stripe.url}, config=config)
+    kb.data_dir = small_filesystem / "data"
+    pay = {"amount": 100, "currency": "usd"}
+    try:
+        kb.start()
+        t = kb.create_tenant("strict-full")
+        t.put_credential("stripe", stripe_secret)
+        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1000)
+        assert kb.proxy("POST", PI, key=key["token"], data=pay).status_code == 200
+        fillers = fill(small_filesystem)
+        outcomes = []
+        for _ in range(100):
+            try:
+                r = kb.proxy("POST", PI, key=key["token"], data=pay, timeout=15)
+                outcomes.append((r.status_code, error_code(r)))
+            except requests.ConnectionError:
+                outcomes.append(("closed", None))
+        allowed = {(200, None), (503, "audit_unavailable"), (503, "ledger_unavailable"), ("closed", None)}
+        assert set(outcomes) <= allowed, outcomes
+        paid = 1 + outcomes.count((200, None))
+        unanswered = outcomes.count(("closed", None))
+        assert unanswered <= 2, f"{unanswered} calls forwarded and left unanswered: {outcomes}"
+        print(f"strict audit, full disk: {paid - 1} paid, {unanswered} unanswered, "
+              f"{outcomes.count((503, 'audit_unavailable'))} audit_unavailable, "
+              f"{outcomes.count((503, 'ledger_unavailable'))} ledger_unavailable")
+        assert paid <= len(accepted(fake_stripe)) <= paid + unanswered
+        assert (503, "audit_unavailable") in outcomes or (503, "ledger_unavailable") in outcomes, outcomes
+        assert kb.proc.poll() is None
+
+        for f in fillers:
+            f.unlink()
+
+        def pays():
+            return kb.proxy("POST", PI, key=key["token"], data=pay, timeout=15).status_code == 200
+
+        assert wait_until(pays, timeout=20, interval=0.25)
     finally:
         if kb.proc and kb.proc.poll() is None:
             kb.proc.kill()

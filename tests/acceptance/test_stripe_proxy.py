@@ -2071,17 +2071,23 @@ def test_an_sdk_retry_with_the_same_idempotency_key_is_not_charged_again(keybrak
 def test_one_idempotency_key_under_the_other_account_header_is_charged_again(keybrake, tenant, fake_stripe):
     """The same payment and Idempotency-Key, naming the same connected account first with
     Stripe-Account and then with Stripe-Context: whether Stripe keeps one key apart for
-    the two headers is not known, so the second is charged as a new payment (more, never
-    less). Sent again exactly as the first, it is a free replay."""
+    the two headers is not known, so the second is reserved as a new payment (more, never
+    less); this Stripe answers it as a replay (`Idempotent-Replayed: true`), so nothing
+    moved and the reservation goes back. Sent again exactly as the first, it is a free
+    replay. The key spent $10, what Stripe charged."""
     key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50,
                            stripe_accounts=["acct_1ALLOWED"])
     idem = f"idem-{secrets.token_hex(4)}"
     body = {"amount": 1000, "currency": "usd"}
+    replays = False
     for header in ("Stripe-Account", "Stripe-Context", "Stripe-Account"):
         r = keybrake.proxy("POST", PI, key=key["token"], data=body,
                            headers={header: "acct_1ALLOWED", "Idempotency-Key": idem})
         assert r.status_code == 200, r.text
-    tenant.wait_spent(key["id"], Decimal(20))
+        assert r.headers.get("idempotent-replayed") == (None if header == "Stripe-Account" and not replays
+                                                        else "true")
+        replays = True
+    tenant.wait_spent(key["id"], Decimal(10))
 
 
 def test_a_retry_after_the_tenant_replaced_its_stripe_secret_is_charged_again(
@@ -2099,6 +2105,65 @@ def test_a_retry_after_the_tenant_replaced_its_stripe_secret_is_charged_again(
     r = keybrake.proxy("POST", PI, key=key["token"], data=body, headers=idem)
     assert_denied(r, 429, "cap_exhausted")
     tenant.wait_spent(key["id"], Decimal("0.6"))
+
+
+def test_a_retry_stripe_replays_after_a_restart_is_not_charged_again(keybrake, tenant, fake_stripe):
+    """A retry that reaches a process which never saw the first call (serve restarted or
+    upgraded, another edge node): Stripe answers it with its first answer and
+    `Idempotent-Replayed: true`, having moved nothing, and the retry's reservation goes
+    back. The key spent $10 once, as Stripe charged once; a new payment is charged. (The
+    retry still needs room under the cap for its reservation: at the cap it is refused.)"""
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=25)
+    body = {"amount": 1000, "currency": "usd"}
+    headers = {"Idempotency-Key": f"retry-{secrets.token_hex(8)}"}
+    first = keybrake.proxy("POST", PI, key=key["token"], data=body, headers=headers)
+    assert first.status_code == 200, first.text
+    tenant.wait_spent(key["id"], Decimal(10))
+    keybrake.restart()
+    retry = keybrake.proxy("POST", PI, key=key["token"], data=body, headers=headers)
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["id"] == first.json()["id"]
+    assert retry.headers.get("idempotent-replayed") == "true"
+    tenant.wait_spent(key["id"], Decimal(10))
+    assert len([e for e in tenant.audit_all(key_id=key["id"]) if e["decision"] == "allowed"]) == 2
+    assert keybrake.proxy("POST", PI, key=key["token"], data=body).status_code == 200
+    tenant.wait_spent(key["id"], Decimal(20))
+    assert_denied(keybrake.proxy("POST", PI, key=key["token"], data=body), 429, "cap_exhausted")
+
+
+class AlwaysSaysReplayed(JsonVendor):
+    """A vendor whose every answer says `Idempotent-Replayed: true`."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"id": f"pi_{secrets.token_hex(6)}", "object": "payment_intent",
+                           "amount": 500, "currency": "usd", "status": "requires_payment_method"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Idempotent-Replayed", "true")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_replayed_answer_to_a_call_without_an_idempotency_key_is_charged(keybrake_factory, tmp_path):
+    """Only a request with one `Idempotency-Key` can be replayed: an answer that says
+    `Idempotent-Replayed: true` to a call without one is charged like any other ($5,
+    then $5 more, then refused at the $10 cap)."""
+    vendor = start_vendor(AlwaysSaysReplayed)
+    try:
+        kb = keybrake_factory({"stripe": f"http://127.0.0.1:{vendor.server_address[1]}"})
+        t = kb.create_tenant("replays")
+        t.put_credential("stripe", "sk_test_" + secrets.token_hex(12))
+        key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
+        for _ in range(2):
+            r = kb.proxy("POST", PI, key=key["token"], data={"amount": 500, "currency": "usd"})
+            assert r.status_code == 200, r.text
+        t.wait_spent(key["id"], Decimal(10))
+        assert_denied(kb.proxy("POST", PI, key=key["token"], data={"amount": 500, "currency": "usd"}),
+                      429, "cap_exhausted")
+    finally:
+        vendor.shutdown()
 
 
 def test_a_blank_or_overlong_idempotency_key_is_charged_every_time(keybrake, tenant, fake_stripe):

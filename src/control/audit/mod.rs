@@ -41,6 +41,10 @@ const BATCH: usize = 256;
 const LINGER: Duration = Duration::from_millis(10);
 /// A writer with no finished pass for this long is reported not ready.
 const STALLED: Duration = Duration::from_secs(10);
+/// A writer that has not ended a pass for this long is stuck (`AuditSink::is_failing`):
+/// as long as a strict response waits for its event (`STRICT_AUDIT_TIMEOUT`), so a slow
+/// but working disk is waited for, and one that keeps every answer back stops forwarding.
+const STRICT_STUCK: Duration = Duration::from_secs(5);
 
 pub struct AuditTrail {
     shared: Arc<Shared>,
@@ -390,6 +394,15 @@ impl AuditSink for AuditTrail {
 
     fn is_strict(&self) -> bool {
         self.strict
+    }
+
+    /// The last pass with events gave some up (a full disk), or no pass has ended for
+    /// `STRICT_STUCK` (the writer retries a database it cannot reach; it ends one every
+    /// LINGER otherwise). Clears once a pass writes all its events: a refused call's own
+    /// event is one.
+    fn is_failing(&self) -> bool {
+        let passes = lock(&self.shared.passes);
+        passes.dropped_at.is_some() || passes.at.elapsed() >= STRICT_STUCK
     }
 
     /// Blocks the calling thread until the event is committed (and, in strict mode,

@@ -20,7 +20,7 @@ localstripe itself binds every interface and keeps its state in a hard-coded
   `x-fake-send-100: 1`, as any HTTP/1.1 server may, to test how the proxy treats an
   informational answer;
 * replays the first 2xx or 5xx answer to a request carrying the same `Idempotency-Key`
-  (and credential) without acting again, as Stripe does;
+  (and credential) without acting again, with `Idempotent-Replayed: true`, as Stripe does;
 * with `x-fake-delay-ms: N`, waits N ms before processing; with `x-fake-status: 500`, processes the request and then answers 500 (an unknown
   outcome to the caller); with `metadata[fake_drop]=once` in the body, processes it and
   then drops the connection without an answer (the retry, with the same
@@ -186,6 +186,11 @@ def make_fidelity():
                 return web.json_response(invoice)
         return None
 
+    def replay(replay_key):
+        status, raw = replays[replay_key]
+        return web.Response(body=raw, status=status, content_type="application/json",
+                            headers={"Idempotent-Replayed": "true"})
+
     @web.middleware
     async def fidelity(request, handler):
         body = await request.read()
@@ -193,13 +198,11 @@ def make_fidelity():
         idem = request.headers.get("Idempotency-Key")
         replay_key = (request.headers.get("Authorization"), idem) if idem else None
         if replay_key in replays:
-            status, raw = replays[replay_key]
-            return web.Response(body=raw, status=status, content_type="application/json")
+            return replay(replay_key)
         if request.headers.get("x-fake-delay-ms"):
             await asyncio.sleep(int(request.headers["x-fake-delay-ms"]) / 1000)
             if replay_key in replays:  # a duplicate that waited for the first
-                status, raw = replays[replay_key]
-                return web.Response(body=raw, status=status, content_type="application/json")
+                return replay(replay_key)
         response = await extra_routes(request, form)
         if response is None:
             response = await handler(request)

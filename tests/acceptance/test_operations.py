@@ -13,6 +13,7 @@ Only 127.0.0.1 is used; every loop and wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -451,6 +452,23 @@ def fill(directory: Path) -> list[Path]:
     return [f for f in files if f.exists()]
 
 
+@contextlib.contextmanager
+def serve_on_small_filesystem(small_filesystem, fake_stripe, stripe_secret, tmp_path, tenant: str, config=None):
+    """`serve` with its data dir on `small_filesystem`, and a tenant with a Stripe
+    credential; killed at the end, whatever happened."""
+    kb = Keybrake(tmp_path / "kb", {"stripe": fake_stripe.url}, config=config)
+    kb.data_dir = small_filesystem / "data"
+    try:
+        kb.start()
+        t = kb.create_tenant(tenant)
+        t.put_credential("stripe", stripe_secret)
+        yield kb, t
+    finally:
+        if kb.proc and kb.proc.poll() is None:
+            kb.proc.kill()
+            kb.proc.wait(timeout=10)
+
+
 def test_a_full_disk_refuses_what_it_cannot_record_and_recovers_when_space_is_freed(
         small_filesystem, fake_stripe, stripe_secret, tmp_path):
     """`serve` with its data dir on a real filesystem that fills up. While full: what needs
@@ -460,14 +478,8 @@ def test_a_full_disk_refuses_what_it_cannot_record_and_recovers_when_space_is_fr
     unrecorded; the process stays up. Once space is freed, with no restart: keys are
     issued, the refused keys pay, /readyz is ready again, and every dollar Stripe charged
     is in the keys' settled spend."""
-    kb = Keybrake(tmp_path / "kb", {"stripe": fake_stripe.url})
-    kb.data_dir = small_filesystem / "data"
     pay = {"amount": 100, "currency": "usd"}
-    try:
-        kb.start()
-        t = kb.create_tenant("full-disk")
-        t.put_credential("stripe", stripe_secret)
-
+    with serve_on_small_filesystem(small_filesystem, fake_stripe, stripe_secret, tmp_path, "full-disk") as (kb, t):
         def new_key():
             return t.call("POST", "/v1/keys", json={
                 "label": "full", "vendor": "stripe", "allowed_endpoints": ["POST /v1/payment_intents"],
@@ -525,10 +537,6 @@ def test_a_full_disk_refuses_what_it_cannot_record_and_recovers_when_space_is_fr
         assert keys, [t.get_key(k["id"]) for k in [hot] + fresh]
         assert sum(Decimal(str(k["spent_today_usd"])) for k in keys) == charged
         assert kb.proc.poll() is None
-    finally:
-        if kb.proc and kb.proc.poll() is None:
-            kb.proc.kill()
-            kb.proc.wait(timeout=10)
 
 
 def test_strict_audit_on_a_full_disk_refuses_calls_instead_of_paying_them_unanswered(
@@ -540,13 +548,9 @@ def test_strict_audit_on_a_full_disk_refuses_calls_instead_of_paying_them_unansw
     sent; at most the calls in flight when it failed go unanswered. Space freed: calls
     are paid again, no restart."""
     config = write_config(tmp_path / "conf", audit={"durability": "strict"})
-    kb = Keybrake(tmp_path / "kb", {"stripe": fake_stripe.url}, config=config)
-    kb.data_dir = small_filesystem / "data"
     pay = {"amount": 100, "currency": "usd"}
-    try:
-        kb.start()
-        t = kb.create_tenant("strict-full")
-        t.put_credential("stripe", stripe_secret)
+    with serve_on_small_filesystem(small_filesystem, fake_stripe, stripe_secret, tmp_path, "strict-full",
+                                   config=config) as (kb, t):
         key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=1000)
         assert kb.proxy("POST", PI, key=key["token"], data=pay).status_code == 200
         fillers = fill(small_filesystem)
@@ -576,10 +580,6 @@ def test_strict_audit_on_a_full_disk_refuses_calls_instead_of_paying_them_unansw
             return kb.proxy("POST", PI, key=key["token"], data=pay, timeout=15).status_code == 200
 
         assert wait_until(pays, timeout=20, interval=0.25)
-    finally:
-        if kb.proc and kb.proc.poll() is None:
-            kb.proc.kill()
-            kb.proc.wait(timeout=10)
 
 
 ACCESS_FIELDS = {"key_id", "label", "tenant", "vendor", "method", "path", "status", "decision",

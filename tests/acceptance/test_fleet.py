@@ -393,6 +393,38 @@ def test_a_strict_audit_node_still_answers_control_unreachable_and_serves_again(
     assert len(paid) >= 2
 
 
+def test_a_strict_audit_node_whose_control_plane_stops_forwards_nothing_it_could_not_answer(
+        fleet, fake_stripe, tmp_path):
+    """`audit.durability: strict` on a node whose control plane stops, before
+    max_staleness: a call forwarded now would pay at Stripe and have its answer withheld.
+    Once its audit batches have failed for 1 s the node refuses before forwarding (503
+    `audit_unavailable`, nothing sent): at most the first calls go unanswered. With the
+    control plane back it serves again."""
+    control, tenant, node = fleet
+    e = node("edge-strict", config=write_config(tmp_path / "strict-conf", edge={"max_staleness": "20s"},
+                                                 audit={"durability": "strict"}))
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50)
+    assert pay(e, key["token"]).status_code == 200
+    before = len(accepted(fake_stripe))
+    control.stop()
+    seen = []
+    deadline = time.monotonic() + 9   # the first call waits up to 5 s for its event
+    while time.monotonic() < deadline and len(seen) < 40:
+        try:
+            r = pay(e, key["token"])
+            seen.append((r.status_code, error_code(r)))
+        except requests.RequestException:
+            seen.append(("withheld", None))
+        time.sleep(0.1)
+    print(f"strict node, control plane stopped: {seen}")
+    withheld = seen.count(("withheld", None))
+    assert set(seen) <= {("withheld", None), (503, "audit_unavailable")}, seen
+    assert withheld <= 2 and seen.count((503, "audit_unavailable")) >= 5, seen
+    assert len(accepted(fake_stripe)) - before <= withheld
+    control.start()
+    assert wait_until(lambda: pay(e, key["token"]).status_code == 200, timeout=15, interval=0.25)
+
+
 def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(fleet, fake_stripe):
     """A node SIGKILLed mid-burst: Stripe never accepts more than the cap. Every call a
     node forwards was committed in the ledger first (write-ahead), so the dead node's

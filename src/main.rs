@@ -666,13 +666,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             let pid_dir = std::path::Path::new(&config.pingora.pid_file).parent();
             if role != Role::Control
-                && pid_dir.is_some_and(|d| {
-                    !d.as_os_str().is_empty() && !d.exists() && d != config.data_dir
-                })
+                && pid_dir.is_some_and(|d| !d.as_os_str().is_empty() && !d.exists())
             {
                 eprintln!(
                     "warning: the directory of pingora.pid_file ({}) does not exist: `--daemon` \
-                     and graceful upgrades will fail to write it",
+                     fails to write the PID file until it does",
                     config.pingora.pid_file
                 );
             }

@@ -45,6 +45,8 @@ const STALLED: Duration = Duration::from_secs(10);
 /// as long as a strict response waits for its event (`STRICT_AUDIT_TIMEOUT`), so a slow
 /// but working disk is waited for, and one that keeps every answer back stops forwarding.
 const STRICT_STUCK: Duration = Duration::from_secs(5);
+/// How long after a pass last gave events up a strict trail counts as failing.
+const STRICT_HOLD: Duration = Duration::from_secs(5);
 
 pub struct AuditTrail {
     shared: Arc<Shared>,
@@ -163,6 +165,18 @@ struct Passes {
     /// database that refuses writes); `None` once one wrote all of its events. Not ready
     /// for STALLED after it: a proxy that drops its audit events leaves the rotation.
     dropped_at: Option<Instant>,
+    /// When a pass last gave events up, whatever passes did after it: a full disk takes
+    /// some writes and refuses others (a checkpointed WAL is written again from its start),
+    /// so one write that fits says little (`AuditSink::is_failing`).
+    failed_at: Option<Instant>,
+}
+
+impl Passes {
+    /// `AuditSink::is_failing`, for a strict trail.
+    fn strict_failing(&self) -> bool {
+        self.failed_at.is_some_and(|t| t.elapsed() < STRICT_HOLD)
+            || self.at.elapsed() >= STRICT_STUCK
+    }
 }
 
 impl AuditTrail {
@@ -224,6 +238,7 @@ impl AuditTrail {
                 durable: 0,
                 failed: Default::default(),
                 dropped_at: None,
+                failed_at: None,
             }),
             pass_done: Condvar::new(),
             work: Condvar::new(),
@@ -298,12 +313,18 @@ impl AuditTrail {
     /// retries, and a writer thread that died never finishes one again), and no pass gave
     /// events up within STALLED.
     pub async fn ping(&self) -> bool {
-        let (last_pass, dropped_at) = {
+        let (last_pass, dropped_at, refusing) = {
             let passes = lock(&self.shared.passes);
-            (passes.at, passes.dropped_at)
+            (
+                passes.at,
+                passes.dropped_at,
+                self.strict && passes.strict_failing(),
+            )
         };
         dropped_at.is_none_or(|t| t.elapsed() >= STALLED)
             && last_pass.elapsed() < STALLED
+            // A strict proxy refusing every call (`is_failing`) is not ready either.
+            && !refusing
             && match &self.reader {
                 Reader::Sqlite(r) => r.ping().await,
                 Reader::Postgres(r) => r.ping().await,
@@ -396,13 +417,14 @@ impl AuditSink for AuditTrail {
         self.strict
     }
 
-    /// The last pass with events gave some up (a full disk), or no pass has ended for
-    /// `STRICT_STUCK` (the writer retries a database it cannot reach; it ends one every
-    /// LINGER otherwise). Clears once a pass writes all its events: a refused call's own
-    /// event is one.
+    /// A pass gave events up within `STRICT_HOLD` (a full disk), or no pass has ended
+    /// for `STRICT_STUCK` (the writer retries a database it cannot reach; it ends one
+    /// every LINGER otherwise). Refused calls' own events keep trying the trail, each one
+    /// given up renewing it; it ends `STRICT_HOLD` after the last, with traffic or not
+    /// (so a node out of its load balancer's rotation comes back), and a call then
+    /// forwarded on a trail still failing starts it again.
     fn is_failing(&self) -> bool {
-        let passes = lock(&self.shared.passes);
-        passes.dropped_at.is_some() || passes.at.elapsed() >= STRICT_STUCK
+        lock(&self.shared.passes).strict_failing()
     }
 
     /// Blocks the calling thread until the event is committed (and, in strict mode,
@@ -510,6 +532,9 @@ fn writer_loop(mut writer: impl BatchWriter, strict: bool, shared: &Shared, metr
             passes.durable = taken_through;
             if wrote_events {
                 passes.dropped_at = (!failed.is_empty()).then(Instant::now);
+            }
+            if !failed.is_empty() {
+                passes.failed_at = Some(Instant::now());
             }
             for range in failed {
                 if passes.failed.len() == 64 {

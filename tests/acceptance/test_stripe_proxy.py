@@ -499,6 +499,28 @@ def test_confirming_another_keys_intent_is_charged_in_full(keybrake, tenant, fak
     tenant.wait_spent(creator["id"], Decimal(7))
 
 
+def test_a_confirm_stripe_replays_after_a_restart_is_not_charged_again(keybrake, tenant, fake_stripe, stripe_secret):
+    """A confirm (metered from its answer) retried with its Idempotency-Key after a
+    restart: Stripe replays the succeeded intent with `Idempotent-Replayed: true`, which
+    charges nothing from the answer; the confirmer paid the $7 once, as Stripe charged."""
+    _, pm = _direct_payment_method(fake_stripe, stripe_secret)
+    creator = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=100)
+    confirmer = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents/*/confirm"], daily_usd_cap=100)
+    created = pay(keybrake, creator["token"], 700, payment_method=pm)
+    assert created.status_code == 200, created.text
+    headers = {"Idempotency-Key": f"confirm-{secrets.token_hex(8)}"}
+    confirm = f"{PI}/{created.json()['id']}/confirm"
+    r = keybrake.proxy("POST", confirm, key=confirmer["token"], headers=headers)
+    assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+    tenant.wait_spent(confirmer["id"], Decimal(7))
+    keybrake.restart()
+    r = keybrake.proxy("POST", confirm, key=confirmer["token"], headers=headers)
+    assert r.status_code == 200 and r.headers.get("idempotent-replayed") == "true", r.text
+    tenant.wait_spent(confirmer["id"], Decimal(7))
+    spends = [e["spend_usd"] for e in tenant.audit_all(key_id=confirmer["id"]) if e["decision"] == "allowed"]
+    assert sorted(spends) == [0, 7], spends
+
+
 def test_raising_an_intents_amount_after_creating_it_is_charged_at_confirm(
         keybrake, tenant, fake_stripe, stripe_secret):
     """A key creates a $1 PaymentIntent. It cannot raise the amount itself (403
@@ -2132,7 +2154,8 @@ def test_a_retry_stripe_replays_after_a_restart_is_not_charged_again(keybrake, t
 
 
 class AlwaysSaysReplayed(JsonVendor):
-    """A vendor whose every answer says `Idempotent-Replayed: true`."""
+    """A vendor whose every answer says `Idempotent-Replayed: true`, or what the request's
+    `x-fake-replayed` asks."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -2140,28 +2163,39 @@ class AlwaysSaysReplayed(JsonVendor):
                            "amount": 500, "currency": "usd", "status": "requires_payment_method"}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Idempotent-Replayed", "true")
+        self.send_header("Idempotent-Replayed", self.headers.get("x-fake-replayed", "true"))
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
 
-def test_a_replayed_answer_to_a_call_without_an_idempotency_key_is_charged(keybrake_factory, tmp_path):
-    """Only a request with one `Idempotency-Key` can be replayed: an answer that says
-    `Idempotent-Replayed: true` to a call without one is charged like any other ($5,
-    then $5 more, then refused at the $10 cap)."""
+@pytest.mark.parametrize("idempotency_key, replayed", [(None, "true"), ("k-1", "false")])
+def test_a_replayed_answer_to_a_call_without_an_idempotency_key_is_charged(
+        keybrake_factory, tmp_path, idempotency_key, replayed):
+    """Only a request with one `Idempotency-Key` can be replayed, and only
+    `Idempotent-Replayed: true` says it was: an answer that says so to a call without
+    one, or says `false`, is charged like any other ($5, then $5 more, then refused at
+    the $10 cap)."""
+    headers = {"x-fake-replayed": replayed}
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
     vendor = start_vendor(AlwaysSaysReplayed)
     try:
         kb = keybrake_factory({"stripe": f"http://127.0.0.1:{vendor.server_address[1]}"})
         t = kb.create_tenant("replays")
         t.put_credential("stripe", "sk_test_" + secrets.token_hex(12))
         key = t.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10)
-        for _ in range(2):
-            r = kb.proxy("POST", PI, key=key["token"], data={"amount": 500, "currency": "usd"})
+        for n in range(2):
+            # Each call its own key, or the proxy itself lets a retry through uncharged.
+            if idempotency_key:
+                headers["Idempotency-Key"] = f"{idempotency_key}-{n}"
+            r = kb.proxy("POST", PI, key=key["token"], data={"amount": 500, "currency": "usd"}, headers=headers)
             assert r.status_code == 200, r.text
         t.wait_spent(key["id"], Decimal(10))
-        assert_denied(kb.proxy("POST", PI, key=key["token"], data={"amount": 500, "currency": "usd"}),
-                      429, "cap_exhausted")
+        if idempotency_key:
+            headers["Idempotency-Key"] = f"{idempotency_key}-2"
+        assert_denied(kb.proxy("POST", PI, key=key["token"], data={"amount": 500, "currency": "usd"},
+                               headers=headers), 429, "cap_exhausted")
     finally:
         vendor.shutdown()
 

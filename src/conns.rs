@@ -533,15 +533,20 @@ mod tests {
         IpAddr::from([127, 0, 0, last])
     }
 
-    /// A table of two places, both taken by connections serving a request.
-    fn two_busy_places() -> (Arc<ConnTable>, ConnGuard, ConnGuard) {
-        let table = ConnTable::new(
+    /// A table with these bounds (0: none per client).
+    fn table(max_total: usize, max_per_client: usize) -> Arc<ConnTable> {
+        ConnTable::new(
             "test",
             ConnLimits {
-                max_total: 2,
-                max_per_client: 0,
+                max_total,
+                max_per_client,
             },
-        );
+        )
+    }
+
+    /// A table of two places, both taken by connections serving a request.
+    fn two_busy_places() -> (Arc<ConnTable>, ConnGuard, ConnGuard) {
+        let table = table(2, 0);
         let a = table.admit(ip(1)).unwrap();
         let b = table.admit(ip(1)).unwrap();
         assert!(a.enter(Phase::Busy) && b.enter(Phase::Busy));
@@ -550,13 +555,7 @@ mod tests {
 
     #[tokio::test]
     async fn at_the_bound_the_oldest_waiting_connection_makes_room() {
-        let table = ConnTable::new(
-            "test",
-            ConnLimits {
-                max_total: 3,
-                max_per_client: 0,
-            },
-        );
+        let table = table(3, 0);
         let a = table.admit(ip(1)).unwrap();
         let b = table.admit(ip(1)).unwrap();
         let c = table.admit(ip(2)).unwrap();
@@ -691,13 +690,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_at_its_bound_evicts_its_own_oldest_waiting_connection() {
-        let table = ConnTable::new(
-            "test",
-            ConnLimits {
-                max_total: 100,
-                max_per_client: 2,
-            },
-        );
+        let table = table(100, 2);
         let other = table.admit(ip(9)).unwrap();
         let a = table.admit(ip(1)).unwrap();
         let _b = table.admit(ip(1)).unwrap();
@@ -721,13 +714,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_reading_a_body_makes_room_and_an_evicted_one_never_turns_busy() {
-        let table = ConnTable::new(
-            "test",
-            ConnLimits {
-                max_total: 2,
-                max_per_client: 0,
-            },
-        );
+        let table = table(2, 0);
         let slow_body = table.admit(ip(1)).unwrap();
         let handler = table.admit(ip(2)).unwrap();
         assert!(slow_body.enter(Phase::ReadingBody));
@@ -756,13 +743,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_http2_connection_makes_room_only_between_its_streams() {
-        let table = ConnTable::new(
-            "test",
-            ConnLimits {
-                max_total: 1,
-                max_per_client: 0,
-            },
-        );
+        let table = table(1, 0);
         let h2 = table.admit(ip(1)).unwrap();
         let streams = h2.stream_count();
         streams.begin();

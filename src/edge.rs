@@ -610,10 +610,19 @@ pub struct EdgeAudit {
     /// response is then withheld at once rather than after the whole wait, so a control
     /// plane that is down does not hold a worker thread per request.
     failing_since_ms: Arc<AtomicI64>,
+    /// Since when (`mono_ms`) the batch being sent has waited for the control plane's
+    /// answer, 0 between batches: a control plane that takes connections and stops
+    /// answering (frozen, partitioned) fails a send only at its 5 s timeout.
+    unanswered_since_ms: Arc<AtomicI64>,
 }
 
 /// How long sending may fail before strict-mode responses stop waiting for it.
 const AUDIT_FAILING_FAST_AFTER_MS: i64 = 1000;
+
+/// How long one batch may wait for the control plane's answer before a strict node takes
+/// its audit trail for failing: far above a healthy control plane's commit (milliseconds;
+/// a loaded disk's worst seen 4.5 s is why a response itself waits 5 s).
+const AUDIT_UNANSWERED_FAILING_MS: i64 = 2000;
 
 /// An event waiting to be sent, and for a strict-mode event what its response waits on.
 struct Queued {
@@ -695,16 +704,21 @@ impl EdgeAudit {
         };
         let sender = counts.clone();
         let failing_since_ms = Arc::new(AtomicI64::new(0));
-        let failing = failing_since_ms.clone();
+        let unanswered_since_ms = Arc::new(AtomicI64::new(0));
+        let clocks = SendClocks {
+            failing_since_ms: failing_since_ms.clone(),
+            unanswered_since_ms: unanswered_since_ms.clone(),
+        };
         std::thread::Builder::new()
             .name("edge-audit".into())
-            .spawn(move || audit_sender(client, rx, sender, cut_off, give_up, &failing))
+            .spawn(move || audit_sender(client, rx, sender, cut_off, give_up, &clocks))
             .expect("spawn the audit thread");
         Arc::new(EdgeAudit {
             tx,
             counts,
             strict,
             failing_since_ms,
+            unanswered_since_ms,
         })
     }
 
@@ -746,12 +760,18 @@ impl AuditSink for EdgeAudit {
         self.strict
     }
 
-    /// The control plane has not taken an audit batch for `AUDIT_FAILING_FAST_AFTER_MS`:
-    /// a strict node forwards nothing (503 `audit_unavailable`) until it takes one again
-    /// (the refusals' own events are sent meanwhile).
+    /// Sending audit batches has failed for `AUDIT_FAILING_FAST_AFTER_MS`, or one batch has
+    /// waited `AUDIT_UNANSWERED_FAILING_MS` for an answer: a strict node forwards nothing
+    /// (503 `audit_unavailable`) until the control plane takes a batch again (the
+    /// refusals' own events are sent meanwhile).
     fn is_failing(&self) -> bool {
-        let since = self.failing_since_ms.load(Ordering::Acquire);
-        since > 0 && mono_ms() - since >= AUDIT_FAILING_FAST_AFTER_MS
+        let now = mono_ms();
+        let over = |since: &AtomicI64, bound: i64| {
+            let since = since.load(Ordering::Acquire);
+            since > 0 && now - since >= bound
+        };
+        over(&self.failing_since_ms, AUDIT_FAILING_FAST_AFTER_MS)
+            || over(&self.unanswered_since_ms, AUDIT_UNANSWERED_FAILING_MS)
     }
 
     /// Waits for the control plane's answer that the batch holding `event` is written
@@ -778,14 +798,21 @@ fn push_event(body: &mut String, n: &mut u64, event: &str) {
     *n += 1;
 }
 
+/// What the audit sender tells `EdgeAudit::is_failing` (see its fields).
+struct SendClocks {
+    failing_since_ms: Arc<AtomicI64>,
+    unanswered_since_ms: Arc<AtomicI64>,
+}
+
 fn audit_sender(
     client: Arc<SyncClient>,
     rx: std::sync::mpsc::Receiver<Queued>,
     counts: AuditCounts,
     cut_off: Arc<AtomicBool>,
     give_up: Duration,
-    failing_since_ms: &AtomicI64,
+    clocks: &SendClocks,
 ) {
+    let failing_since_ms = &*clocks.failing_since_ms;
     // Each event is serialized once, straight into the batch's body text. One over the
     // bound would make a batch the control plane refuses: dropped instead (see
     // AUDIT_EVENT_MAX_BYTES; `proxy::audit::bounded` makes this unreachable).
@@ -863,12 +890,17 @@ fn audit_sender(
         let mut warned: Option<std::time::Instant> = None;
         let mut refused_since: Option<std::time::Instant> = None;
         loop {
-            match client.call(
+            clocks
+                .unanswered_since_ms
+                .store(mono_ms().max(1), Ordering::Release);
+            let answer = client.call(
                 "POST",
                 "/v1/sync/audit",
                 Some(&body),
                 Duration::from_secs(5),
-            ) {
+            );
+            clocks.unanswered_since_ms.store(0, Ordering::Release);
+            match answer {
                 Ok(_) => {
                     failing_since_ms.store(0, Ordering::Release);
                     if warned.is_some() {
@@ -1575,6 +1607,34 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2));
         // Still queued (it is sent once the control plane answers), not counted dropped.
         assert_eq!((dropped.get(), depth.get()), (0, 1));
+        drop(listener);
+    }
+
+    #[test]
+    fn a_control_plane_that_stops_answering_fails_a_strict_trail_within_two_seconds() {
+        // Connections are taken and never answered (a frozen or partitioned control plane):
+        // a send fails only at its 5 s timeout, but the node stops forwarding before that.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = client_at(format!("http://{}", listener.local_addr().unwrap()));
+        let (depth, dropped) = counters();
+        let audit = strict_audit_to(Arc::new(client), &depth, &dropped);
+        assert!(!audit.is_failing());
+        audit.record(event("/stripe/one"));
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(!audit.is_failing(), "failing after one second unanswered");
+        let started = Instant::now();
+        while !audit.is_failing() && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let waited = Duration::from_millis(1000) + started.elapsed();
+        assert!(
+            audit.is_failing(),
+            "not failing after {waited:?} unanswered"
+        );
+        assert!(
+            waited < Duration::from_millis(4000),
+            "failing only after {waited:?}"
+        );
         drop(listener);
     }
 

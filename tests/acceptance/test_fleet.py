@@ -425,6 +425,44 @@ def test_a_strict_audit_node_whose_control_plane_stops_forwards_nothing_it_could
     assert wait_until(lambda: pay(e, key["token"]).status_code == 200, timeout=15, interval=0.25)
 
 
+def test_a_strict_audit_node_whose_control_plane_freezes_refuses_within_seconds(
+        fleet, fake_stripe, tmp_path):
+    """The control plane frozen (SIGSTOP: connections taken, never answered) under a
+    strict node: its audit batch waits, and a send fails only at its 5 s timeout. Once a
+    batch has waited 2 s unanswered the node refuses before forwarding (503
+    `audit_unavailable`, nothing sent to Stripe) instead of paying calls it cannot answer."""
+    control, tenant, node = fleet
+    e = node("edge-frozen", config=write_config(tmp_path / "frozen-conf", edge={"max_staleness": "30s"},
+                                                audit={"durability": "strict"}))
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=50)
+    assert pay(e, key["token"]).status_code == 200
+    control.proc.send_signal(signal.SIGSTOP)
+    try:
+        # A first call after the freeze is forwarded (nothing is known yet); its event's
+        # batch then waits unanswered.
+        first = threading.Thread(target=lambda: _quietly(lambda: pay(e, key["token"])), daemon=True)
+        first.start()
+        time.sleep(3.2)
+        before = len(accepted(fake_stripe))
+        started = time.monotonic()
+        r = pay(e, key["token"])
+        took = time.monotonic() - started
+        assert (r.status_code, error_code(r)) == (503, "audit_unavailable"), (r.status_code, r.text[:300])
+        assert took < 1.5, took
+        assert len(accepted(fake_stripe)) == before
+    finally:
+        control.proc.send_signal(signal.SIGCONT)
+    first.join(timeout=15)
+    assert wait_until(lambda: pay(e, key["token"]).status_code == 200, timeout=15, interval=0.25)
+
+
+def _quietly(call):
+    try:
+        call()
+    except requests.RequestException:
+        pass
+
+
 def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(fleet, fake_stripe):
     """A node SIGKILLed mid-burst: Stripe never accepts more than the cap. Every call a
     node forwards was committed in the ledger first (write-ahead), so the dead node's

@@ -529,11 +529,33 @@ fn main() {
     // Pingora logs an idle vendor connection lost to a race with its idle check as an
     // error ("failed to acquire reusable stream") and simply opens another: noise at
     // every busy moment, off unless RUST_LOG asks for it.
-    let logger = env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,pingora_core::connectors=off"),
-    )
-    .target(env_logger::Target::Stderr)
-    .build();
+    const DEFAULT_FILTER: &str = "info,pingora_core::connectors=off";
+    let build = |filter: &str| {
+        env_logger::Builder::new()
+            .parse_filters(filter)
+            .target(env_logger::Target::Stderr)
+            .build()
+    };
+    // An empty RUST_LOG (`Environment=RUST_LOG=`) means the default, as an unset one.
+    let asked = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut logger = build(match asked.trim() {
+        "" => DEFAULT_FILTER,
+        asked => asked,
+    });
+    // A misspelled level (`RUST_LOG=inof`) reads as a module's name and silences every
+    // other line, errors included: taken for a mistake unless it says `off`.
+    let own_errors = log::MetadataBuilder::new()
+        .level(log::Level::Error)
+        .target("keybrake")
+        .build();
+    if !log::Log::enabled(&logger, &own_errors) && !asked.trim().eq_ignore_ascii_case("off") {
+        eprintln!(
+            "keybrake: RUST_LOG={asked:?} would hide Keybrake's own errors (a misspelled \
+             level? levels: error, warn, info, debug, trace; `off` for none): logging at \
+             the default level, info"
+        );
+        logger = build(DEFAULT_FILTER);
+    }
     let max_level = logger.filter();
     if log::set_boxed_logger(Box::new(NoLibraryTraces(logger))).is_ok() {
         log::set_max_level(max_level);

@@ -1399,3 +1399,17 @@ def test_audit_db_alone_holds_the_trail_for_a_backup_running_and_after_a_stop(fa
         assert "holds no audit trail: a new one is started" in again.logs(), again.logs()[-2000:]
     finally:
         assert again.stop() == 0
+
+
+@pytest.mark.parametrize("rust_log", ["inof", "warning", ""])
+def test_a_misspelled_or_empty_rust_log_does_not_silence_keybrake(keybrake_factory, rust_log):
+    """`RUST_LOG=inof` (a level misspelled) reads, to the logging library, as one module's
+    name and would hide every other line, errors included; an empty `RUST_LOG=` would keep
+    errors only. Keybrake says so and logs at its default level, start-up lines included."""
+    kb = keybrake_factory({}, env_overrides={"RUST_LOG": rust_log})
+    logs = kb.logs()
+    assert "configuration:" in logs and "admin token:" in logs, logs[-2000:]
+    if rust_log:
+        assert f'RUST_LOG="{rust_log}" would hide Keybrake\'s own errors' in logs, logs[-2000:]
+    else:
+        assert "would hide" not in logs

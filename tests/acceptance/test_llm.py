@@ -816,3 +816,41 @@ def test_tools_billed_per_use_are_refused_to_a_capped_key(kb, tenant, fake_llm):
           "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}]}
     r = kb.proxy("POST", "/openai/v1/responses", k["token"], json=ok)
     assert r.status_code == 200, r.text
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_many_cheap_calls_with_large_answers_cannot_hold_the_hosts_memory(kb, tenant, fake_llm):
+    """A JSON answer is kept whole to read its usage (up to 32 MiB each). Embeddings are
+    nearly free to reserve and their answers are large (hundreds of vectors of thousands
+    of floats): 24 such calls at once would have the proxy hold ~24 × 32 MiB for a
+    fraction of a cent. What all calls hold together is bounded (256 MiB); a call past it
+    is passed on whole and charged its reservation (fail closed), and the key's cap
+    still holds."""
+    k = key(tenant, cap=1)
+    body = {"model": "text-embedding-3-small", "input": [f"text {i}" for i in range(700)]}
+    headers = {"Authorization": f"Bearer {k['token']}", "x-fake-dimensions": "3072",
+               "x-fake-drip-ms": "100"}
+    pid = kb.proc.pid
+    before = _status_kib(pid, "VmRSS")
+
+    def embed(_):
+        r = requests.post(f"{kb.proxy_url}/openai/v1/embeddings", json=body, headers=headers, timeout=120)
+        return r.status_code, len(r.content), len(r.json()["data"])
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(embed, range(24)))
+    size = answers[0][1]
+    assert size > 20 * 2**20, size
+    assert answers == [(200, size, 700)] * 24
+    peak_growth_mib = (_status_kib(pid, "VmHWM") - before) / 1024
+    print(f"24 answers of {size / 2**20:.1f} MiB: the proxy's peak RSS grew {peak_growth_mib:.0f} MiB")
+    # Without the bound: ~780 MiB here; with it ~370 (256 held, the rest in flight).
+    assert peak_growth_mib < 540, peak_growth_mib
+    got = tenant.get_key(k["id"])
+    assert 0 < Decimal(str(got["spent_today_usd"])) <= 1, got

@@ -5,6 +5,7 @@
 //! reservation is spent: the usage × the price when the vendor reported it, else all of
 //! it (fail closed). The rules are in docs/llm-metering.md.
 
+pub mod held;
 pub mod prices;
 pub mod request;
 pub mod usage;
@@ -231,9 +232,9 @@ enum Answer {
     Waiting,
     /// Not a 2xx: the vendor bills nothing.
     Refused,
-    Json(Vec<u8>),
+    Json(Vec<u8>, held::Held),
     Stream(Box<SseMeter>),
-    /// A JSON answer larger than `MAX_JSON`.
+    /// A JSON answer larger than `MAX_JSON`, or than what `held::MAX_HELD` left room for.
     TooLarge,
     /// The answer ended and its usage was read.
     Done(Option<Usage>),
@@ -283,7 +284,7 @@ impl Call {
             }
             Answer::Stream(Box::new(SseMeter::new(self.api, self.strip)))
         } else {
-            Answer::Json(Vec::new())
+            Answer::Json(Vec::new(), held::Held::new())
         };
     }
 
@@ -297,11 +298,22 @@ impl Call {
                     self.answer = Answer::Done(meter.usage());
                 }
             }
-            Answer::Json(buf) => {
+            Answer::Json(buf, held) => {
                 if let Some(chunk) = body {
-                    if buf.len() + chunk.len() > MAX_JSON {
+                    let total = buf.len() + chunk.len();
+                    if total > MAX_JSON {
                         self.answer = Answer::TooLarge;
                         return;
+                    }
+                    if total > buf.capacity() {
+                        // Grown here, as a Vec would (doubling), so that what is counted
+                        // is what is allocated.
+                        let capacity = total.max(buf.capacity() * 2).min(MAX_JSON);
+                        if !held.cover(capacity) {
+                            self.answer = Answer::TooLarge;
+                            return;
+                        }
+                        buf.reserve_exact(capacity - buf.len());
                     }
                     buf.extend_from_slice(chunk);
                 }

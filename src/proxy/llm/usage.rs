@@ -228,6 +228,8 @@ pub struct SseMeter {
     strip: bool,
     /// The unfinished last line of what came so far.
     line: Vec<u8>,
+    /// Its bytes, counted against what all calls may hold at once.
+    held: super::held::Held,
     /// The event being passed is the removed usage chunk: its blank line goes too.
     dropping: bool,
     /// Anthropic: the usage of `message_start`, until `message_delta` completes it.
@@ -246,6 +248,7 @@ impl SseMeter {
             api,
             strip,
             line: Vec::new(),
+            held: super::held::Held::new(),
             dropping: false,
             started: None,
             usage: None,
@@ -293,7 +296,7 @@ impl SseMeter {
             };
             self.pass_line(line, &mut out);
         }
-        if self.line.len() + rest.len() > MAX_LINE {
+        if !self.room_for(rest.len()) {
             // Too long to hold back: it goes on as it came, and so does the rest of the
             // stream, unfiltered (charged as unmeterable). Nothing the vendor sent is lost.
             self.malformed = true;
@@ -327,8 +330,15 @@ impl SseMeter {
         self.keep_partial(rest);
     }
 
+    /// Whether the unfinished line may grow by `more` bytes: within `MAX_LINE`, and
+    /// within what all calls may hold at once.
+    fn room_for(&mut self, more: usize) -> bool {
+        let total = self.line.len() + more;
+        total <= MAX_LINE && self.held.cover(total)
+    }
+
     fn keep_partial(&mut self, rest: &[u8]) {
-        if self.line.len() + rest.len() > MAX_LINE {
+        if !self.room_for(rest.len()) {
             self.malformed = true;
             self.line.clear();
         } else {

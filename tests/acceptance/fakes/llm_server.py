@@ -29,6 +29,8 @@ request's output limit. Request headers steer the fake:
     x-fake-service-tier: T   the tier the answer says served it (default: OpenAI's
                              `default`, Anthropic's `standard`)
                              ran before the message; usage lists both in `iterations`
+    x-fake-dimensions: N     embeddings: N floats per vector (default 3)
+    x-fake-drip-ms: D        a JSON answer is written 1 MiB at a time, D ms apart
 
 Every request is appended to STATE_DIR/requests.jsonl: method, path, headers, body
 bytes, status, the usage the fake reported (`usage`, in the vendor's own shape), the
@@ -75,6 +77,8 @@ class Call:
         self.reasoning = int(h.get("x-fake-reasoning", "0"))
         self.compaction = int(h.get("x-fake-compaction", "0"))
         self.service_tier = h.get("x-fake-service-tier")
+        self.dimensions = int(h.get("x-fake-dimensions", "3"))
+        self.drip = int(h["x-fake-drip-ms"]) / 1000.0 if "x-fake-drip-ms" in h else None
         self.model = self.json.get("model") or "unknown"
         self.stream = self.json.get("stream") is True
 
@@ -230,11 +234,11 @@ def openai_embeddings(call, log):
     if call.malformed:
         usage = None
     log["usage"] = usage
-    vec = [0.25, -0.5, 0.125]
+    vec = [(0.25, -0.5, 0.125)[i % 3] - i * 1e-7 for i in range(call.dimensions)]
     as_b64 = call.json.get("encoding_format") == "base64"
     data_ = []
     for i, _ in enumerate(inputs):
-        emb = base64.b64encode(struct.pack("<3f", *vec)).decode() if as_b64 else vec
+        emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if as_b64 else vec
         data_.append({"object": "embedding", "index": i, "embedding": emb})
     return None, {"object": "list", "data": data_, "model": call.model, "usage": usage}
 
@@ -295,6 +299,10 @@ ROUTES = {
 }
 
 
+# Answers written with x-fake-drip-ms, by request: built once.
+DRIPPED = {}
+
+
 def make_app(state_dir):
     async def handle(request):
         body = await request.read()
@@ -322,6 +330,20 @@ def make_app(state_dir):
                     await resp.write(raw[: len(raw) // 2])
                     log["cut"] = True
                     request.transport.close()
+                    return resp
+                if call.drip is not None:
+                    # The same request answered again reuses its text (large answers).
+                    cached = (request.path, body, call.dimensions)
+                    raw = DRIPPED.get(cached) or DRIPPED.setdefault(cached, json.dumps(doc).encode())
+                    resp = web.StreamResponse(status=200, headers={"content-type": "application/json",
+                                                                    "content-length": str(len(raw)),
+                                                                    "x-request-id": "req_fake"})
+                    await resp.prepare(request)
+                    for at in range(0, len(raw), 1 << 20):
+                        if at:
+                            await asyncio.sleep(call.drip)
+                        await resp.write(raw[at:at + (1 << 20)])
+                    await resp.write_eof()
                     return resp
                 return web.json_response(doc, headers={"x-request-id": "req_fake", "request-id": "req_fake"})
             return await sse(request, call, events, log)

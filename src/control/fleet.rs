@@ -325,7 +325,7 @@ impl Control {
 
     /// Leases for a node session, asked in one store transaction, each grant atomic;
     /// `batch` is the node's number for them (`Store::lease_grant_many`). A request for a
-    /// day this control plane is not in (`lease_days`) is an error, not a grant of
+    /// day this control plane is not in (`is_lease_day`) is an error, not a grant of
     /// nothing: the node answers 503 `ledger_unavailable` (not 429 `cap_exhausted` for
     /// a key with budget left), and both sides log it.
     pub async fn node_leases(
@@ -338,15 +338,14 @@ impl Control {
         // The day by the clock holders' deadlines are kept on (the database server's with
         // PostgreSQL): replicas agree on it near midnight whatever their own clocks say.
         let now = self.store.now_secs();
-        let days = lease_days(now);
-        let on_day: Vec<bool> = requests.iter().map(|r| days.contains(&r.day)).collect();
+        let on_day: Vec<bool> = requests.iter().map(|r| is_lease_day(r.day, now)).collect();
         let off_day = requests
             .iter()
-            .find(|r| !days.contains(&r.day))
+            .find(|r| !is_lease_day(r.day, now))
             .map(|r| off_day_error(node, r.day, now));
         let asks: Vec<LeaseRequest> = requests
             .into_iter()
-            .filter(|r| days.contains(&r.day))
+            .filter(|r| is_lease_day(r.day, now))
             .collect();
         let asked = asks.len();
         let grants = if asks.is_empty() {
@@ -445,7 +444,7 @@ impl Control {
     }
 
     /// A node's report rows about keys that exist, for a day from a week ago to tomorrow
-    /// (UTC; leases are granted for today, and near midnight the day beside it; a report held back by an
+    /// (UTC; a node's clock may be a little ahead of this one's; a report held back by an
     /// outage may arrive days later): a row about anything else can settle nothing real,
     /// and would only add rows to the ledger. (A revoked or expired key's rows stay: its
     /// calls were made.)
@@ -605,8 +604,8 @@ impl Control {
 /// gone wrong (or a made-up event), filed at now.
 const NODE_CLOCK_AHEAD_MS: i64 = 60_000;
 
-/// The error for a lease on `day` at `now` (unix s), outside `lease_days`: said on the
-/// control plane once a minute, and to the node, which logs it.
+/// The error for a lease on `day` at `now` (unix s), a day this control plane is not in:
+/// said on the control plane once a minute, and to the node, which logs it.
 fn off_day_error(node: &str, day: i64, now: i64) -> LedgerError {
     let today = crate::sync::utc_day(now);
     static LOG: crate::log_every::LogEvery =
@@ -614,39 +613,21 @@ fn off_day_error(node: &str, day: i64, now: i64) -> LedgerError {
     if LOG.due().is_some() {
         log::warn!(
             "node {node} asks for a lease on UTC day {day} while this control plane is on \
-             day {today}: refused (is the node's clock off by more than {} minutes?)",
-            DAY_EDGE_SECS / 60
+             day {today}: refused (is the node's clock off?)"
         );
     }
     LedgerError(format!(
-        "the control plane is on UTC day {today}, not {day}: leases are granted for the \
-         day before or after only within {} minutes of midnight (is this node's clock off?)",
-        DAY_EDGE_SECS / 60
+        "the control plane is on UTC day {today}, not {day}: leases are granted for its \
+         own day only (is this node's clock off?)"
     ))
 }
 
-/// How close to midnight (UTC) a node's day may differ from the control plane's: its
-/// clock may be a little off (or a call may cross midnight), never by more.
-const DAY_EDGE_SECS: i64 = 600;
-
-/// The UTC days a lease may be granted on at `now` (unix s): today, and within
-/// `DAY_EDGE_SECS` of midnight the day on its other side. Not yesterday and tomorrow
-/// at any hour: a node whose clock is hours off would spend tomorrow's cap today, two
-/// caps in one day.
-fn lease_days(now: i64) -> std::ops::RangeInclusive<i64> {
-    let today = crate::sync::utc_day(now);
-    let into = now.rem_euclid(86_400);
-    let first = if into < DAY_EDGE_SECS {
-        today - 1
-    } else {
-        today
-    };
-    let last = if into >= 86_400 - DAY_EDGE_SECS {
-        today + 1
-    } else {
-        today
-    };
-    first..=last
+/// Whether a lease may be granted on `day` at `now` (unix s): only on the control plane's
+/// own UTC day. A node whose clock is off, by hours or by a second, would otherwise be
+/// granted the next day's cap while the fleet still spends this day's, two caps in one
+/// day; its calls are refused (503) for as long as the two clocks' days differ.
+fn is_lease_day(day: i64, now: i64) -> bool {
+    day == crate::sync::utc_day(now)
 }
 
 /// Control characters (escape sequences, line breaks) and line or paragraph separators
@@ -664,16 +645,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_lease_day_other_than_today_is_granted_only_near_midnight() {
+    fn a_lease_is_granted_on_the_control_planes_own_day_only() {
         let day = 20_000i64;
         let midnight = day * 86_400;
-        assert_eq!(lease_days(midnight + 43_200), day..=day);
-        assert_eq!(lease_days(midnight), day - 1..=day);
-        assert_eq!(lease_days(midnight + DAY_EDGE_SECS - 1), day - 1..=day);
-        assert_eq!(lease_days(midnight + DAY_EDGE_SECS), day..=day);
-        assert_eq!(lease_days(midnight + 86_400 - DAY_EDGE_SECS - 1), day..=day);
-        assert_eq!(lease_days(midnight + 86_400 - DAY_EDGE_SECS), day..=day + 1);
-        assert_eq!(lease_days(midnight + 86_399), day..=day + 1);
+        for now in [midnight, midnight + 1, midnight + 43_200, midnight + 86_399] {
+            assert!(is_lease_day(day, now), "{now}");
+            assert!(!is_lease_day(day - 1, now), "{now}");
+            assert!(!is_lease_day(day + 1, now), "{now}");
+        }
     }
     use crate::control::crypto::MasterKey;
     use crate::control::ControlSettings;

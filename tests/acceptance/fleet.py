@@ -53,8 +53,9 @@ class EdgeProxy:
 
     def __init__(self, workdir: Path, control: ControlPlane, node_token: Optional[str],
                  upstreams: dict[str, str], extra_args: Optional[list[str]] = None,
-                 config: Optional[Path] = None):
+                 config: Optional[Path] = None, env: Optional[dict[str, str]] = None):
         self.workdir = workdir
+        self.env = dict(env or {})
         self.control_plane = control
         self.node_token = node_token
         self.upstreams = dict(upstreams)
@@ -98,6 +99,7 @@ class EdgeProxy:
             os.chmod(self.token_file, 0o600)
         self.runs += 1
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
+        env.update(self.env)
         self.proc = subprocess.Popen(
             self.command(),
             stdout=open(self.workdir / f"stdout.{self.runs}.log", "ab"),

@@ -4,6 +4,8 @@ revocation and one audit trail hold across every node."""
 
 from __future__ import annotations
 
+import calendar
+import glob
 import http.server
 import signal
 import socket
@@ -461,6 +463,51 @@ def _quietly(call):
         call()
     except requests.RequestException:
         pass
+
+
+def clock_at(utc: str) -> dict[str, str]:
+    """The environment that starts a process with its wall clock at `utc` (ticking from
+    there), by libfaketime; its monotonic clock is left alone."""
+    libs = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    assert libs, "libfaketime is missing (.ci/deps installs it)"
+    offset = calendar.timegm(time.strptime(utc, "%Y-%m-%d %H:%M:%S")) - time.time()
+    return {"LD_PRELOAD": libs[0], "FAKETIME": f"{offset:+.3f}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+def test_a_node_whose_clock_is_past_midnight_gets_no_lease_on_the_next_days_cap(
+        tmp_path, fake_stripe, stripe_secret):
+    """The control plane at 23:55 UTC, one node in step with it, another 5 minutes fast
+    (already 00:00:30 of the next day). The fast node must not be granted the next day's
+    cap while the fleet still spends today's: two caps in one day. It is refused (503
+    `ledger_unavailable`) until the control plane's day is its own; Stripe receives one
+    cap's worth."""
+    started = []
+    try:
+        control = ControlPlane(tmp_path / "control", {"stripe": fake_stripe.url},
+                               config=write_config(tmp_path / "conf", leases={"lifetime_seconds": 6}),
+                               env_overrides=clock_at("2026-12-06 23:55:00"))
+        started.append(control)
+        control.start()
+        tenant = control.create_tenant("acme")
+        tenant.put_credential("stripe", stripe_secret)
+        nodes = {}
+        for name, clock in (("in-step", "2026-12-06 23:55:00"), ("fast", "2026-12-07 00:00:30")):
+            e = EdgeProxy(tmp_path / name, control, control.create_node(name)["node_token"],
+                          {"stripe": fake_stripe.url}, env=clock_at(clock))
+            started.append(e)
+            nodes[name] = e.start()
+        key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10,
+                               expires_in="1h")
+        assert pay(nodes["in-step"], key["token"], amount=1000).status_code == 200
+        assert_denied(pay(nodes["in-step"], key["token"], amount=1000), 429, "cap_exhausted")
+        assert_denied(pay(nodes["fast"], key["token"], amount=1000), 503, "ledger_unavailable")
+        assert sum(int(r.response_json()["amount"]) for r in accepted(fake_stripe)) == 1000
+        assert "leases are granted for its own day only" in nodes["fast"].logs()
+    finally:
+        for p in started:
+            if p.proc and p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(timeout=10)
 
 
 def test_kill_9_of_a_node_mid_burst_never_passes_the_cap_and_its_lease_returns(fleet, fake_stripe):

@@ -1232,7 +1232,7 @@ fn sync_loop(
             last_expiry_sweep = Instant::now();
             let now = crate::token::now_secs();
             let current = published.revocations.load();
-            if current.ids().iter().any(|(_, exp)| *exp <= now) {
+            if current.has_past_keeping(now) {
                 let next = current.without_expired(now);
                 Metrics::global().revoked_keys.set(next.len() as i64);
                 published.revocations.store(Arc::new(next));

@@ -1,12 +1,25 @@
-//! The revocation filter (SPEC §6): revoked key ids until their `exp`, as a bloom filter
-//! in front of the exact set. The proxy asks "is this id revoked?" on every request; the
-//! answer is almost always "no" from the bloom bits alone, without hashing into a map.
+//! The revocation filter (SPEC §6): revoked key ids until a day past their `exp`, as a
+//! bloom filter in front of the exact set. The proxy asks "is this id revoked?" on every
+//! request; the answer is almost always "no" from the bloom bits alone, without hashing
+//! into a map.
 //!
 //! Inserts are visible at once to every reader (atomic bit sets, concurrent map). Expired
 //! ids are purged by rebuilding the filter and swapping it in (`ArcSwap`). A filter holding
 //! more ids than it was sized for (`is_over_capacity`) is swapped for one with twice the
 //! bits over the same exact set (`grown`), before its bits fill up and every lookup falls
 //! through to the exact set.
+
+/// How long past its key's `exp` a revoked id is kept. An expired key is refused for
+/// its `exp` alone, by the same wall clock; but a clock stepped forward (then back), or a
+/// process started with a clock ahead, would drop ids whose keys are still valid by the
+/// true time, and such a key would spend again. A day covers any step NTP or a VM
+/// restore makes.
+pub const KEPT_PAST_EXPIRY_SECS: i64 = 86_400;
+
+/// Whether a revoked id whose key expires at `exp` is no longer kept at `now`.
+pub fn is_past_keeping(exp: i64, now: i64) -> bool {
+    exp.saturating_add(KEPT_PAST_EXPIRY_SECS) <= now
+}
 
 use dashmap::DashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -110,12 +123,17 @@ impl RevocationFilter {
         self.version.load(Ordering::Acquire)
     }
 
-    /// A new filter holding the ids that have not expired at `now`, sized for them.
+    /// Whether any id is past being kept at `now` (`is_past_keeping`).
+    pub fn has_past_keeping(&self, now: i64) -> bool {
+        self.exact.iter().any(|e| is_past_keeping(*e.value(), now))
+    }
+
+    /// A new filter holding the ids still kept at `now` (`is_past_keeping`), sized for them.
     pub fn without_expired(&self, now: i64) -> Self {
         let live: Vec<(Box<str>, i64)> = self
             .exact
             .iter()
-            .filter(|e| *e.value() > now)
+            .filter(|e| !is_past_keeping(*e.value(), now))
             .map(|e| (e.key().clone(), *e.value()))
             .collect();
         let next = RevocationFilter::with_capacity(live.len() * 2);
@@ -185,13 +203,18 @@ mod tests {
     }
 
     #[test]
-    fn expired_entries_leave_on_rebuild() {
+    fn entries_leave_on_rebuild_a_day_after_their_expiry() {
         let f = RevocationFilter::with_capacity(10);
         f.insert("key_old", 10);
+        f.insert("key_recent", 501);
         f.insert("key_new", 1000);
-        let g = f.without_expired(500);
-        assert!(!g.is_revoked("key_old") && g.is_revoked("key_new"));
-        assert_eq!(g.len(), 1);
+        let now = 500 + KEPT_PAST_EXPIRY_SECS;
+        assert!(f.has_past_keeping(now));
+        let g = f.without_expired(now);
+        assert!(!g.is_revoked("key_old"));
+        assert!(g.is_revoked("key_recent") && g.is_revoked("key_new"));
+        assert_eq!(g.len(), 2);
         assert!(g.version() > f.version());
+        assert!(!g.has_past_keeping(now));
     }
 }

@@ -220,7 +220,10 @@ impl Control {
         control.load_nodes().await?;
         control.publish_jwks();
         control.publish_credentials().await?;
-        let live = control.store.live_revocations(now).await?;
+        let live = control
+            .store
+            .live_revocations(now - crate::revocation::KEPT_PAST_EXPIRY_SECS)
+            .await?;
         let revocations = RevocationFilter::with_capacity(live.len() * 2);
         for (id, exp) in live {
             revocations.insert(&id, exp);
@@ -277,9 +280,11 @@ impl Control {
     /// (and its nodes' feed).
     /// `None`: every live revocation, whenever stamped.
     async fn catch_up_revocations(&self, since: Option<i64>, now: i64) -> Result<()> {
+        // Kept a day past their keys' expiry, as the filter keeps them.
+        let kept_after = now - crate::revocation::KEPT_PAST_EXPIRY_SECS;
         let rows = match since {
-            Some(since) => self.store.revoked_since(since, now).await?,
-            None => self.store.live_revocations(now).await?,
+            Some(since) => self.store.revoked_since(since, kept_after).await?,
+            None => self.store.live_revocations(kept_after).await?,
         };
         let filter = self.published.revocations.load();
         let missing: Vec<_> = rows
@@ -565,8 +570,8 @@ impl Control {
         }
     }
 
-    /// Periodic upkeep: drop public keys whose last vault key expired, and revocations past
-    /// their key's `exp`.
+    /// Periodic upkeep: drop public keys whose last vault key expired, and revocations a
+    /// day past their key's `exp` (`revocation::KEPT_PAST_EXPIRY_SECS`).
     pub async fn housekeeping(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
@@ -575,7 +580,7 @@ impl Control {
             self.refresh_signing_keys(now).await;
             let _g = self.revocations_lock.lock().await;
             let current = self.published.revocations.load();
-            if current.ids().iter().any(|(_, exp)| *exp <= now) {
+            if current.has_past_keeping(now) {
                 let next = current.without_expired(now);
                 self.metrics.revoked_keys.set(next.len() as i64);
                 self.published.revocations.store(Arc::new(next));

@@ -9,6 +9,8 @@ Only 127.0.0.1 is used; every wait is bounded.
 from __future__ import annotations
 
 import base64
+import calendar
+import glob
 import json
 import os
 import re
@@ -530,6 +532,29 @@ def denial(response: requests.Response) -> dict:
     assert isinstance(body["message"], str) and body["message"], body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
     return body
+
+
+def _faketime_lib() -> str:
+    libs = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    assert libs, "libfaketime is missing (.ci/deps installs it)"
+    return libs[0]
+
+
+def clock_at(utc: str) -> dict[str, str]:
+    """The environment that starts a process with its wall clock at `utc` (ticking from
+    there), by libfaketime; its monotonic clock is left alone."""
+    offset = calendar.timegm(time.strptime(utc, "%Y-%m-%d %H:%M:%S")) - time.time()
+    return {"LD_PRELOAD": _faketime_lib(), "FAKETIME": f"{offset:+.3f}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+def steppable_clock(offset_file: Path) -> dict[str, str]:
+    """The environment that runs a process with its wall clock off by what `offset_file`
+    says (libfaketime's syntax: `+0`, `+2h`, `-90`), read again every second: writing the
+    file steps the clock as NTP would. Its monotonic clock is left alone."""
+    if not offset_file.exists():
+        offset_file.write_text("+0\n")
+    return {"LD_PRELOAD": _faketime_lib(), "FAKETIME_TIMESTAMP_FILE": str(offset_file),
+            "FAKETIME_CACHE_DURATION": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 def assert_denied(response: requests.Response, status: int, code: str) -> dict:

@@ -23,6 +23,7 @@ from harness import (
     parse_ts,
     token_parts,
     verify_with_jwks,
+    steppable_clock,
     wait_until,
     write_config,
 )
@@ -1014,3 +1015,34 @@ def test_master_key_from_a_file_survives_restart(keybrake_factory, fake_stripe, 
     assert r.status_code == 200, r.text
     assert fake_stripe.received()[-1].authorization == f"Bearer {stripe_secret}"
     assert key_file.read_text().strip() not in kb.logs()
+
+
+@pytest.mark.sqlite_only("steps the clock of `serve`, whose proxy checks revocations in process")
+def test_a_clock_stepped_forward_and_back_does_not_forget_a_revocation(
+        keybrake_factory, fake_stripe, stripe_secret, tmp_path):
+    """`serve`'s wall clock stepped 2 hours forward for long enough for its upkeep to run
+    (30 s), then back, as a wrong NTP source or a restored VM does. Its revoked key's
+    token is still valid by the true time: the revocation must still hold (it is kept a
+    day past the key's expiry), not be dropped as expired and the key spend again."""
+    offset = tmp_path / "clock-offset"
+    kb = keybrake_factory({"stripe": fake_stripe.url}, env_overrides=steppable_clock(offset))
+    tenant = kb.create_tenant("stepped")
+    tenant.put_credential("stripe", stripe_secret)
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10,
+                           expires_in="1h")
+
+    def pay():
+        return kb.proxy("POST", "/stripe/v1/payment_intents", key=key["token"],
+                        data={"amount": 100, "currency": "usd"})
+
+    assert pay().status_code == 200
+    assert tenant.revoke(key["id"]).status_code in (200, 204)
+    assert_denied(pay(), 401, "key_revoked")
+    offset.write_text("+2h\n")
+    assert wait_until(lambda: pay().json().get("code") == "key_expired", timeout=5, interval=0.2)
+    time.sleep(32)  # the upkeep that drops revocations runs every 30 s
+    offset.write_text("+0\n")
+    assert wait_until(lambda: pay().json().get("code") != "key_expired", timeout=5, interval=0.2)
+    assert_denied(pay(), 401, "key_revoked")
+    paid = [r for r in fake_stripe.received_matching("POST", "/v1/payment_intents") if r.status == 200]
+    assert len(paid) == 1

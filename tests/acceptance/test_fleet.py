@@ -4,8 +4,6 @@ revocation and one audit trail hold across every node."""
 
 from __future__ import annotations
 
-import calendar
-import glob
 import http.server
 import signal
 import socket
@@ -20,7 +18,8 @@ import pytest
 import requests
 
 from fleet import ConfirmChargesMore, ControlPlane, EdgeProxy, accepted, pay, start_vendor
-from harness import KEYBRAKE_BIN, answered_until, assert_denied, error_code, free_port, wait_until, write_config
+from harness import (KEYBRAKE_BIN, answered_until, assert_denied, clock_at, error_code, free_port, wait_until,
+                     write_config)
 
 
 @pytest.fixture
@@ -463,15 +462,6 @@ def _quietly(call):
         call()
     except requests.RequestException:
         pass
-
-
-def clock_at(utc: str) -> dict[str, str]:
-    """The environment that starts a process with its wall clock at `utc` (ticking from
-    there), by libfaketime; its monotonic clock is left alone."""
-    libs = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
-    assert libs, "libfaketime is missing (.ci/deps installs it)"
-    offset = calendar.timegm(time.strptime(utc, "%Y-%m-%d %H:%M:%S")) - time.time()
-    return {"LD_PRELOAD": libs[0], "FAKETIME": f"{offset:+.3f}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 def test_a_node_whose_clock_is_past_midnight_gets_no_lease_on_the_next_days_cap(

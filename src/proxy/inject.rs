@@ -121,6 +121,7 @@ pub fn strip_client_headers(req: &mut RequestHeader, vendor: &Vendor) {
             let h = h.as_str();
             HOP_BY_HOP.contains(&h)
                 || METHOD_OVERRIDES.contains(&h)
+                || is_keybrakes_own(h)
                 || named.iter().any(|n| n == h)
                 || vendor.strip_headers.iter().any(|n| n.as_str() == h)
                 || (h.contains('_') && is_twin_of_a_checked_header(h, vendor))
@@ -130,6 +131,12 @@ pub fn strip_client_headers(req: &mut RequestHeader, vendor: &Vendor) {
     for name in doomed {
         req.remove_header(&name);
     }
+}
+
+/// Keybrake's own header names (`x-keybrake-key-id` on answers), in either spelling: a
+/// client's are its own words about Keybrake, nothing a vendor should be shown.
+fn is_keybrakes_own(h: &str) -> bool {
+    h.starts_with("x-keybrake-") || h.starts_with("x_keybrake_")
 }
 
 /// Headers some servers read as the request's real method (a `GET`, free, sent on as a
@@ -280,8 +287,13 @@ mod tests {
         ] {
             req.insert_header(header, "POST").unwrap();
         }
+        req.insert_header("x-keybrake-key-id", "key_someone_else")
+            .unwrap();
+        req.insert_header("x_keybrake_tenant", "tn_someone_else")
+            .unwrap();
         strip_client_headers(&mut req, anthropic);
         assert!(req.headers.get("anthropic_beta").is_none());
+        assert!(req.headers.keys().all(|h| !h.as_str().contains("keybrake")));
         assert!(req.headers.keys().all(|h| !h.as_str().contains("method")));
         inject_credential(&mut req, anthropic, &Secret::new("sk-ant-1")).unwrap();
         assert_eq!(req.headers["x-api-key"], "sk-ant-1");

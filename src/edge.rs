@@ -135,6 +135,66 @@ struct SyncClient {
     token: Secret,
     session: String,
     agent: ureq::Agent,
+    /// This node's clock against the control plane's, from its answers' `Date`.
+    clock_offset: ClockOffset,
+}
+
+/// This node's wall clock against the control plane's, estimated from the `Date` header
+/// of each answer (whole seconds: ±0.5 s). The UTC day a node's calls count on, key
+/// expiry and the end of a revocation follow the node's clock, and leases are granted on
+/// the control plane's day only: a node whose clock is off is said so, in its log and in
+/// `keybrake_clock_offset_seconds`, before midnight shows it.
+struct ClockOffset {
+    gauge: prometheus::Gauge,
+}
+
+/// How far off a node's clock may be before it is warned about (beyond the estimate's
+/// half-second resolution and a round trip).
+const CLOCK_OFFSET_WARN_SECS: f64 = 2.0;
+
+impl ClockOffset {
+    fn new() -> Result<ClockOffset> {
+        let this = ClockOffset::unregistered();
+        prometheus::register(Box::new(this.gauge.clone()))?;
+        Ok(this)
+    }
+
+    fn unregistered() -> ClockOffset {
+        ClockOffset {
+            gauge: prometheus::Gauge::new(
+                "keybrake_clock_offset_seconds",
+                "This node's wall clock minus the control plane's, estimated from the Date \
+                 of its answers (±0.5 s); positive: the node is ahead",
+            )
+            .expect("a valid metric name"),
+        }
+    }
+
+    /// An answer's `Date` header, received now.
+    fn observe(&self, date: Option<&str>) {
+        let Some(at) = date.and_then(|d| httpdate::parse_http_date(d).ok()) else {
+            return;
+        };
+        let Ok(control) = at.duration_since(std::time::UNIX_EPOCH) else {
+            return;
+        };
+        // The control plane's clock read somewhere in its second [date, date + 1).
+        let control_ms = control.as_millis() as f64 + 500.0;
+        let offset = (crate::token::unix_ms() as f64 - control_ms) / 1000.0;
+        self.gauge.set((offset * 10.0).round() / 10.0);
+        static WARN: crate::log_every::LogEvery =
+            crate::log_every::LogEvery::new(Duration::from_secs(600));
+        if offset.abs() > CLOCK_OFFSET_WARN_SECS && WARN.due().is_some() {
+            log::warn!(
+                "this node's clock is {:.1} s {} the control plane's: the UTC day its calls \
+                 count on and key expiry follow this clock, and near midnight the control \
+                 plane refuses leases for a day it is not in (503 ledger_unavailable); \
+                 keep both clocks in sync (NTP)",
+                offset.abs(),
+                if offset > 0.0 { "ahead of" } else { "behind" }
+            );
+        }
+    }
 }
 
 impl SyncClient {
@@ -187,6 +247,7 @@ impl SyncClient {
             token: Secret::new(token),
             session: crate::ids::new_id("s"),
             agent: agent.build(),
+            clock_offset: ClockOffset::new()?,
         })
     }
 
@@ -210,9 +271,11 @@ impl SyncClient {
             None => req.call(),
         };
         match result {
-            Ok(resp) => resp
-                .into_json::<Value>()
-                .map_err(|e| CallError::Other(format!("unreadable answer from {path}: {e}"))),
+            Ok(resp) => {
+                self.clock_offset.observe(resp.header("date"));
+                resp.into_json::<Value>()
+                    .map_err(|e| CallError::Other(format!("unreadable answer from {path}: {e}")))
+            }
             Err(ureq::Error::Status(401, _)) => Err(CallError::Unauthorized),
             Err(ureq::Error::Status(code, resp)) => {
                 let body: Value = resp.into_json().unwrap_or(Value::Null);
@@ -1479,7 +1542,23 @@ mod tests {
             token: Secret::new("kbn_test"),
             session: "s_test".into(),
             agent: ureq::AgentBuilder::new().build(),
+            clock_offset: ClockOffset::unregistered(),
         }
+    }
+
+    #[test]
+    fn the_clock_offset_is_read_from_the_control_planes_date() {
+        let offset = ClockOffset::unregistered();
+        let ten_ago = std::time::SystemTime::now() - Duration::from_secs(10);
+        offset.observe(Some(&httpdate::fmt_http_date(ten_ago)));
+        let read = offset.gauge.get();
+        assert!((8.9..=10.6).contains(&read), "{read}");
+        offset.observe(Some(&httpdate::fmt_http_date(std::time::SystemTime::now())));
+        assert!(offset.gauge.get().abs() <= 1.1, "{}", offset.gauge.get());
+        // No date, or an unreadable one: the last estimate stays.
+        offset.observe(None);
+        offset.observe(Some("yesterday"));
+        assert!(offset.gauge.get().abs() <= 1.1);
     }
 
     /// A loopback port nothing listens on.

@@ -252,7 +252,7 @@ impl Metrics {
                     .unwrap(),
                     revoked_keys: register_int_gauge!(
                         "keybrake_revoked_keys",
-                        "Revoked keys not yet expired (size of the revocation filter)."
+                        "Revoked key ids held (size of the revocation filter): until a day past their key's expiry."
                     )
                     .unwrap(),
                     sync_lag: register_gauge!(

@@ -479,7 +479,7 @@ impl SpendBook {
 
     /// `reserve` on a given counter (its key and day), whatever day `now` is in. A past
     /// day's counter takes only what it holds: no lease is asked for a day that is over
-    /// (a control plane grants none past a few minutes after midnight).
+    /// (a control plane grants leases on its own day only).
     async fn reserve_on(
         &self,
         entry: &Held,

@@ -470,7 +470,7 @@ def test_a_node_whose_clock_is_past_midnight_gets_no_lease_on_the_next_days_cap(
     (already 00:00:30 of the next day). The fast node must not be granted the next day's
     cap while the fleet still spends today's: two caps in one day. It is refused (503
     `ledger_unavailable`) until the control plane's day is its own; Stripe receives one
-    cap's worth."""
+    cap's worth. The node says its clock is off (log, `keybrake_clock_offset_seconds`)."""
     started = []
     try:
         control = ControlPlane(tmp_path / "control", {"stripe": fake_stripe.url},
@@ -493,6 +493,11 @@ def test_a_node_whose_clock_is_past_midnight_gets_no_lease_on_the_next_days_cap(
         assert_denied(pay(nodes["fast"], key["token"], amount=1000), 503, "ledger_unavailable")
         assert sum(int(r.response_json()["amount"]) for r in accepted(fake_stripe)) == 1000
         assert "leases are granted for its own day only" in nodes["fast"].logs()
+        # Said before midnight comes: the node's clock against the control plane's.
+        assert 327 <= nodes["fast"].metric("keybrake_clock_offset_seconds") <= 333
+        assert abs(nodes["in-step"].metric("keybrake_clock_offset_seconds")) <= 1.5
+        assert "this node's clock is 3" in nodes["fast"].logs()
+        assert "this node's clock is" not in nodes["in-step"].logs()
     finally:
         for p in started:
             if p.proc and p.proc.poll() is None:

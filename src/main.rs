@@ -687,8 +687,16 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let pid_dir = std::path::Path::new(&config.pingora.pid_file).parent();
+            // serve creates its data dir at start (the default place of the PID file).
+            let created_at_start = |d: &std::path::Path| {
+                role == Role::Serve
+                    && d.components()
+                        .eq(std::path::Path::new(&config.data_dir).components())
+            };
             if role != Role::Control
-                && pid_dir.is_some_and(|d| !d.as_os_str().is_empty() && !d.exists())
+                && pid_dir.is_some_and(|d| {
+                    !d.as_os_str().is_empty() && !d.exists() && !created_at_start(d)
+                })
             {
                 eprintln!(
                     "warning: the directory of pingora.pid_file ({}) does not exist: `--daemon` \

@@ -304,6 +304,7 @@ mod tests {
             (ApiError::NotFound("key"), 404, "not_found"),
             (ApiError::UnknownVendor(m()), 404, "unknown_vendor"),
             (ApiError::MethodNotAllowed, 405, "method_not_allowed"),
+            (ApiError::NameTaken("node", m()), 409, "name_taken"),
             (
                 ApiError::RequestTimeout(Duration::from_secs(1)),
                 408,
@@ -316,6 +317,11 @@ mod tests {
                 ApiError::VendorNotConfigured(m()),
                 422,
                 "vendor_not_configured",
+            ),
+            (
+                ApiError::RateLimited("key listings", 2),
+                429,
+                "rate_limited",
             ),
             (ApiError::StorageUnavailable, 503, "storage_unavailable"),
             (ApiError::Internal, 500, "internal_error"),

@@ -226,7 +226,12 @@ pub fn request_cost<'c>(
         .ok_or(Denial::AmountRequired)?;
     let amount = parse_minor_units(amount).ok_or(Denial::InvalidAmount)?;
     let named = match body.field(&rule.currency_field)? {
-        Some(c) => Some(c.trim().to_ascii_lowercase()),
+        // Only ASCII blanks around it go: a code with any other character (`usd` and a
+        // no-break space) is not in the table, and refused.
+        Some(c) => Some(
+            c.trim_matches(|ch: char| ch.is_ascii_whitespace())
+                .to_ascii_lowercase(),
+        ),
         None => object_currency.map(str::to_string),
     };
     let (code, currency) = match named.as_deref().or(rule.default_currency.as_deref()) {
@@ -601,6 +606,14 @@ mod tests {
             Err(Denial::UnsupportedCurrency)
         );
         assert_eq!(cost("amount=100"), Err(Denial::UnsupportedCurrency));
+        for odd in ["usd%C2%A0", "%E2%80%8Busd", "us%C4%8F", "usd%00"] {
+            assert_eq!(
+                cost(&format!("amount=100&currency={odd}")),
+                Err(Denial::UnsupportedCurrency),
+                "{odd}"
+            );
+        }
+        assert!(cost("amount=100&currency=%20USD%09").is_ok());
     }
 
     #[test]

@@ -953,9 +953,8 @@ fn audit_sender(
         let mut warned: Option<std::time::Instant> = None;
         let mut refused_since: Option<std::time::Instant> = None;
         loop {
-            clocks
-                .unanswered_since_ms
-                .store(mono_ms().max(1), Ordering::Release);
+            let sent_at = mono_ms().max(1);
+            clocks.unanswered_since_ms.store(sent_at, Ordering::Release);
             let answer = client.call(
                 "POST",
                 "/v1/sync/audit",
@@ -1011,9 +1010,11 @@ fn audit_sender(
                     break;
                 }
                 Err(e) => {
+                    // Failing since the send began: a send that timed out has been
+                    // unanswered all along (no moment between the two is not failing).
                     let _ = failing_since_ms.compare_exchange(
                         0,
-                        mono_ms().max(1),
+                        sent_at,
                         Ordering::AcqRel,
                         Ordering::Acquire,
                     );
@@ -1710,6 +1711,12 @@ mod tests {
             audit.is_failing(),
             "not failing after {waited:?} unanswered"
         );
+        // Through the send's 5 s timeout and the retries after it, never a moment not
+        // failing.
+        while started.elapsed() < Duration::from_millis(5500) {
+            assert!(audit.is_failing(), "not failing at {:?}", started.elapsed());
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(
             waited < Duration::from_millis(4000),
             "failing only after {waited:?}"

@@ -548,7 +548,12 @@ fn main() {
         .level(log::Level::Error)
         .target("keybrake")
         .build();
-    if !log::Log::enabled(&logger, &own_errors) && !asked.trim().eq_ignore_ascii_case("off") {
+    // A filter that names Keybrake's modules itself (`off,keybrake::proxy=trace`) means it.
+    let names_keybrake = asked.split(',').any(|d| d.trim().starts_with("keybrake"));
+    if !log::Log::enabled(&logger, &own_errors)
+        && !names_keybrake
+        && !asked.trim().eq_ignore_ascii_case("off")
+    {
         eprintln!(
             "keybrake: RUST_LOG={asked:?} would hide Keybrake's own errors (a misspelled \
              level? levels: error, warn, info, debug, trace; `off` for none): logging at \

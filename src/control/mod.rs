@@ -1032,7 +1032,9 @@ impl Control {
             return Ok(None);
         };
         let filter = self.published.revocations.load();
-        if row.expires_at > now && !filter.is_revoked(&row.id) {
+        // Kept as the filter keeps revocations: a day past the key's expiry (a clock
+        // ahead of the true time must not skip one).
+        if !crate::revocation::is_past_keeping(row.expires_at, now) && !filter.is_revoked(&row.id) {
             let _g = self.revocations_lock.lock().await;
             let filter = self.published.revocations.load();
             filter.insert(&row.id, row.expires_at);

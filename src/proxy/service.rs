@@ -293,7 +293,7 @@ impl KeybrakeProxy {
         }
         ctx.spend = reservation.amount;
         let mut call = plan.call;
-        call.hold(reservation, Micros(key.claims.cap));
+        call.hold(reservation, Micros(key.claims.cap), &key.claims.ten);
         ctx.metering = Metering::Llm(Box::new(call));
         ctx.secret = Some(secret);
         Ok(())

@@ -472,18 +472,22 @@ def test_a_node_whose_clock_is_past_midnight_gets_no_lease_on_the_next_days_cap(
     `ledger_unavailable`) until the control plane's day is its own; Stripe receives one
     cap's worth. The node says its clock is off (log, `keybrake_clock_offset_seconds`)."""
     started = []
+    # Every clock set from one moment: the in-step node's is the control plane's.
+    clocks = {"control": clock_at("2026-12-06 23:55:00")}
+    clocks["in-step"] = dict(clocks["control"])
+    clocks["fast"] = {**clocks["control"], "FAKETIME": f"{float(clocks['control']['FAKETIME']) + 330:+.3f}"}
     try:
         control = ControlPlane(tmp_path / "control", {"stripe": fake_stripe.url},
                                config=write_config(tmp_path / "conf", leases={"lifetime_seconds": 6}),
-                               env_overrides=clock_at("2026-12-06 23:55:00"))
+                               env_overrides=clocks["control"])
         started.append(control)
         control.start()
         tenant = control.create_tenant("acme")
         tenant.put_credential("stripe", stripe_secret)
         nodes = {}
-        for name, clock in (("in-step", "2026-12-06 23:55:00"), ("fast", "2026-12-07 00:00:30")):
+        for name in ("in-step", "fast"):
             e = EdgeProxy(tmp_path / name, control, control.create_node(name)["node_token"],
-                          {"stripe": fake_stripe.url}, env=clock_at(clock))
+                          {"stripe": fake_stripe.url}, env=clocks[name])
             started.append(e)
             nodes[name] = e.start()
         key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=10,

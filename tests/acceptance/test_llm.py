@@ -829,13 +829,17 @@ def test_many_cheap_calls_with_large_answers_cannot_hold_the_hosts_memory(kb, te
     """A JSON answer is kept whole to read its usage (up to 32 MiB each). Embeddings are
     nearly free to reserve and their answers are large (hundreds of vectors of thousands
     of floats): 24 such calls at once would have the proxy hold ~24 × 32 MiB for a
-    fraction of a cent. What all calls hold together is bounded (256 MiB); a call past it
-    is passed on whole and charged its reservation (fail closed), and the key's cap
-    still holds."""
+    fraction of a cent. What all calls hold together is bounded (256 MiB beyond each
+    call's first 64 KiB), one tenant's calls to half of it; a call past that is passed
+    on whole and charged its reservation (fail closed), and the key's cap still holds.
+    Another tenant's call meanwhile still has room: it is charged its usage."""
     k = key(tenant, cap=1)
     body = {"model": "text-embedding-3-small", "input": [f"text {i}" for i in range(700)]}
     headers = {"Authorization": f"Bearer {k['token']}", "x-fake-dimensions": "3072",
                "x-fake-drip-ms": "100"}
+    other = kb.create_tenant("llm-neighbour")
+    other.put_credential("openai", OPENAI_SECRET)
+    neighbour = key(other, cap=1)
     pid = kb.proc.pid
     before = _status_kib(pid, "VmRSS")
 
@@ -844,13 +848,29 @@ def test_many_cheap_calls_with_large_answers_cannot_hold_the_hosts_memory(kb, te
         return r.status_code, len(r.content), len(r.json()["data"])
 
     with ThreadPoolExecutor(24) as pool:
-        answers = list(pool.map(embed, range(24)))
+        flood = pool.map(embed, range(24))
+        time.sleep(1.0)  # the flood's answers are arriving (each takes ~2.3 s)
+        r = requests.post(f"{kb.proxy_url}/openai/v1/embeddings",
+                          json={"model": "text-embedding-3-small", "input": [f"n {i}" for i in range(100)]},
+                          headers={**headers, "Authorization": f"Bearer {neighbour['token']}"}, timeout=120)
+        assert r.status_code == 200 and len(r.content) > 2**20, (r.status_code, len(r.content))
+        answers = list(flood)
     size = answers[0][1]
     assert size > 20 * 2**20, size
     assert answers == [(200, size, 700)] * 24
     peak_growth_mib = (_status_kib(pid, "VmHWM") - before) / 1024
     print(f"24 answers of {size / 2**20:.1f} MiB: the proxy's peak RSS grew {peak_growth_mib:.0f} MiB")
-    # Without the bound: ~780 MiB here; with it ~370 (256 held, the rest in flight).
-    assert peak_growth_mib < 540, peak_growth_mib
+    # Without the bound: ~780 MiB here; with it ~300 (one tenant's half held, the rest
+    # in flight).
+    assert peak_growth_mib < 450, peak_growth_mib
     got = tenant.get_key(k["id"])
     assert 0 < Decimal(str(got["spent_today_usd"])) <= 1, got
+
+    def embeddings_of(t, key_id):
+        return [e for e in t.audit(key_id=key_id) if e["path"].endswith("/embeddings")]
+
+    assert wait_until(lambda: len(embeddings_of(tenant, k["id"])) == 24, timeout=10)
+    events = embeddings_of(tenant, k["id"])
+    assert any(e["input_tokens"] is None for e in events), events[:3]
+    mine = embeddings_of(other, neighbour["id"])
+    assert len(mine) == 1 and mine[0]["input_tokens"], mine

@@ -1417,3 +1417,12 @@ def test_a_misspelled_or_empty_rust_log_does_not_silence_keybrake(keybrake_facto
         assert f'RUST_LOG="{rust_log}" would hide Keybrake\'s own errors' in logs, logs[-2000:]
     else:
         assert "would hide" not in logs
+
+
+def test_a_rust_log_naming_keybrakes_own_modules_is_taken_as_written(keybrake_factory):
+    """`RUST_LOG=keybrake::serve=info` silences everything else on purpose: no warning,
+    no default put back; the module it names logs."""
+    kb = keybrake_factory({}, env_overrides={"RUST_LOG": "keybrake::serve=info"})
+    logs = kb.logs()
+    assert "would hide" not in logs and "admin token:" in logs, logs[-2000:]
+    assert "configuration:" not in logs, logs[-2000:]

@@ -204,6 +204,7 @@ pub fn plan(
             samples_more: req.samples_more,
             premium_tier: false,
             cap: Micros::ZERO,
+            tenant: 0,
         },
     })
 }
@@ -225,6 +226,8 @@ pub struct Call {
     premium_tier: bool,
     /// The key's daily cap (`hold`).
     cap: Micros,
+    /// The key's tenant, hashed: its share of the answer bytes held (`held::Pool`).
+    tenant: u64,
 }
 
 enum Answer {
@@ -251,10 +254,11 @@ pub struct Outcome {
 }
 
 impl Call {
-    /// Holds the call's reservation, made for a key whose daily cap is `cap`.
-    pub fn hold(&mut self, reservation: Reservation, cap: Micros) {
+    /// Holds the call's reservation, made for a key of `tenant` whose daily cap is `cap`.
+    pub fn hold(&mut self, reservation: Reservation, cap: Micros, tenant: &str) {
         self.reservation = Some(reservation);
         self.cap = cap;
+        self.tenant = crate::revocation::id_hash(tenant);
     }
 
     /// What the call holds reserved.
@@ -282,9 +286,13 @@ impl Call {
                 // Chunks are rewritten: the length is no longer the vendor's.
                 header.remove_header(&http::header::CONTENT_LENGTH);
             }
-            Answer::Stream(Box::new(SseMeter::new(self.api, self.strip)))
+            Answer::Stream(Box::new(SseMeter::new(
+                self.api,
+                self.strip,
+                held::Held::new(self.tenant),
+            )))
         } else {
-            Answer::Json(Vec::new(), held::Held::new())
+            Answer::Json(Vec::new(), held::Held::new(self.tenant))
         };
     }
 
@@ -306,13 +314,14 @@ impl Call {
                         return;
                     }
                     if total > buf.capacity() {
-                        // Grown here, as a Vec would (doubling), so that what is counted
-                        // is what is allocated.
-                        let capacity = total.max(buf.capacity() * 2).min(MAX_JSON);
-                        if !held.cover(capacity) {
+                        // Grown here, as a Vec would (doubling, or just enough when that
+                        // does not fit), so that what is counted is what is allocated.
+                        let doubled = total.max(buf.capacity() * 2).min(MAX_JSON);
+                        let Some(capacity) = [doubled, total].into_iter().find(|&c| held.cover(c))
+                        else {
                             self.answer = Answer::TooLarge;
                             return;
-                        }
+                        };
                         buf.reserve_exact(capacity - buf.len());
                     }
                     buf.extend_from_slice(chunk);
@@ -657,7 +666,7 @@ openai:
                 .call;
             let mut held = Reservation::none();
             held.amount = Micros(500);
-            call.hold(held, Micros(5_000_000));
+            call.hold(held, Micros(5_000_000), "ten_test");
             let mut header = ResponseHeader::build(200, None).unwrap();
             header
                 .insert_header("content-type", "text/event-stream")
@@ -706,7 +715,7 @@ openai:
             .call;
         let mut held = Reservation::none();
         held.amount = Micros(500);
-        call.hold(held, Micros(5_000_000));
+        call.hold(held, Micros(5_000_000), "ten_test");
         assert_eq!(call.finish(true).charge, Micros::ZERO);
     }
 
@@ -722,7 +731,7 @@ openai:
                 .call;
             let mut held = Reservation::none();
             held.amount = Micros(500);
-            call.hold(held, Micros(7_000_000));
+            call.hold(held, Micros(7_000_000), "ten_test");
             let mut header = ResponseHeader::build(200, None).unwrap();
             header
                 .insert_header("content-type", "text/event-stream")
@@ -745,7 +754,7 @@ openai:
         let mut call = plan(Api::OpenAiResponses, looping, &t, "openai", true)
             .unwrap()
             .call;
-        call.hold(Reservation::none(), Micros(7_000_000));
+        call.hold(Reservation::none(), Micros(7_000_000), "ten_test");
         assert_eq!(call.finish(true).charge, Micros::ZERO);
     }
 }

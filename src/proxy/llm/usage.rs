@@ -243,12 +243,12 @@ pub struct SseMeter {
 }
 
 impl SseMeter {
-    pub fn new(api: Api, strip: bool) -> Self {
+    pub fn new(api: Api, strip: bool, held: super::held::Held) -> Self {
         SseMeter {
             api,
             strip,
             line: Vec::new(),
-            held: super::held::Held::new(),
+            held,
             dropping: false,
             started: None,
             usage: None,
@@ -513,7 +513,7 @@ mod tests {
 
     /// Feeds `stream` cut into pieces of `size` bytes; returns what passed and the usage.
     fn run(api: Api, strip: bool, stream: &str, size: usize) -> (String, Option<Usage>) {
-        let mut meter = SseMeter::new(api, strip);
+        let mut meter = SseMeter::new(api, strip, super::super::held::Held::new(0));
         let mut out = Vec::new();
         let pieces: Vec<&[u8]> = stream.as_bytes().chunks(size).collect();
         for (i, piece) in pieces.iter().enumerate() {
@@ -709,7 +709,11 @@ mod tests {
                  \"service_tier\":\"{tier}\"}}}}\n\n\
                  data: {{\"type\":\"response.output_text.delta\",\"delta\":\"x\"}}\n\n"
             );
-            let mut meter = SseMeter::new(Api::OpenAiResponses, false);
+            let mut meter = SseMeter::new(
+                Api::OpenAiResponses,
+                false,
+                super::super::held::Held::new(0),
+            );
             meter.feed(&mut Some(Bytes::from(stream)), false);
             assert_eq!(meter.premium_tier(), premium, "{tier}");
             assert!(meter.usage().is_none());

@@ -1675,13 +1675,23 @@ mod tests {
         assert_eq!(audit.flush(WAIT), Ok(()));
     }
 
-    #[test]
-    fn a_strict_event_the_control_plane_does_not_answer_in_time_is_not_durable() {
-        // A control plane that accepts connections and never answers.
+    /// A strict node's audit sent to a control plane that accepts connections and never
+    /// answers (while the listener lives).
+    fn strict_audit_to_a_silent_control() -> (
+        std::net::TcpListener,
+        Arc<EdgeAudit>,
+        (IntGauge, IntCounter),
+    ) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = client_at(format!("http://{}", listener.local_addr().unwrap()));
         let (depth, dropped) = counters();
         let audit = strict_audit_to(Arc::new(client), &depth, &dropped);
+        (listener, audit, (depth, dropped))
+    }
+
+    #[test]
+    fn a_strict_event_the_control_plane_does_not_answer_in_time_is_not_durable() {
+        let (listener, audit, (depth, dropped)) = strict_audit_to_a_silent_control();
         let started = Instant::now();
         assert!(!audit.record_durably(event("/stripe/one"), Duration::from_millis(300)));
         assert!(started.elapsed() < Duration::from_secs(2));
@@ -1692,12 +1702,9 @@ mod tests {
 
     #[test]
     fn a_control_plane_that_stops_answering_fails_a_strict_trail_within_two_seconds() {
-        // Connections are taken and never answered (a frozen or partitioned control plane):
-        // a send fails only at its 5 s timeout, but the node stops forwarding before that.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = client_at(format!("http://{}", listener.local_addr().unwrap()));
-        let (depth, dropped) = counters();
-        let audit = strict_audit_to(Arc::new(client), &depth, &dropped);
+        // A frozen or partitioned control plane: a send fails only at its 5 s timeout, but
+        // the node stops forwarding before that.
+        let (listener, audit, _counters) = strict_audit_to_a_silent_control();
         assert!(!audit.is_failing());
         audit.record(event("/stripe/one"));
         std::thread::sleep(Duration::from_millis(1000));

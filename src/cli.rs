@@ -123,7 +123,7 @@ pub fn print(value: &Value, json_out: bool, human: impl FnOnce(&Value) -> String
     if json_out {
         println!(
             "{}",
-            serde_json::to_string_pretty(value).unwrap_or_default()
+            crate::money::plain_numbers(serde_json::to_string_pretty(value).unwrap_or_default())
         );
     } else {
         // An empty list prints nothing, not an empty line.

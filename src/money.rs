@@ -145,6 +145,54 @@ impl fmt::Display for Micros {
     }
 }
 
+/// JSON text with every number in exponent form (`1e-6`, as serde_json writes a small
+/// or large `f64`) written out in plain decimals (`0.000001`), the same value: money
+/// below a cent reads as money. Strings are left as they are.
+pub fn plain_numbers(json: String) -> String {
+    if !json.contains(['e', 'E']) {
+        return json;
+    }
+    let bytes = json.as_bytes();
+    let mut out = String::with_capacity(json.len() + 16);
+    let (mut i, mut copied) = (0, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Past the string, escapes included.
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let number = &json[start..i];
+                if number.contains(['e', 'E']) {
+                    if let Ok(value) = number.parse::<f64>() {
+                        out.push_str(&json[copied..start]);
+                        // Display never uses an exponent; `.0` keeps it a float.
+                        let plain = format!("{value}");
+                        out.push_str(&plain);
+                        if !plain.contains('.') {
+                            out.push_str(".0");
+                        }
+                        copied = i;
+                    }
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&json[copied.min(json.len())..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +282,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn numbers_in_exponent_form_are_written_out() {
+        let body = serde_json::json!({
+            "spend_usd": Micros(1).as_usd_f64(),
+            "held_usd": Micros(15).as_usd_f64(),
+            "cap": Micros(500_000_000).as_usd_f64(),
+            "big": 1e16,
+            "label": "1e-6 \"e5\" stays",
+            "list": [Micros(2).as_usd_f64(), 12.5, -0.000003],
+        });
+        let text = plain_numbers(body.to_string());
+        assert_eq!(text.matches("e-").count(), 1, "only the label's: {text}");
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back["label"], "1e-6 \"e5\" stays");
+        assert_eq!(back["spend_usd"], 0.000001);
+        assert_eq!(back["held_usd"], 0.000015);
+        assert_eq!(back["cap"], 500.0);
+        assert_eq!(back["big"], 1e16);
+        assert_eq!(back["list"], serde_json::json!([0.000002, 12.5, -0.000003]));
+        assert!(text.contains("\"spend_usd\":0.000001"), "{text}");
+        assert!(
+            text.contains("\"cap\":500.0"),
+            "unchanged without an exponent: {text}"
+        );
+        let pretty = plain_numbers(serde_json::to_string_pretty(&body).unwrap());
+        assert!(pretty.contains("\"spend_usd\": 0.000001"), "{pretty}");
     }
 }

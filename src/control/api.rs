@@ -14,7 +14,7 @@ use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -22,6 +22,23 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// A JSON answer whose numbers are plain decimals (`money::plain_numbers`): money below a
+/// cent reads `0.000001`, not `1e-6`.
+pub(super) struct Json<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_string(&self.0) {
+            Ok(text) => (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                crate::money::plain_numbers(text),
+            )
+                .into_response(),
+            Err(_) => ApiError::Internal.into_response(),
+        }
+    }
+}
 
 const MAX_PAGE: i64 = 1000;
 const DEFAULT_PAGE: i64 = 100;

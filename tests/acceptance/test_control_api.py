@@ -1046,3 +1046,15 @@ def test_a_clock_stepped_forward_and_back_does_not_forget_a_revocation(
     assert_denied(pay(), 401, "key_revoked")
     paid = [r for r in fake_stripe.received_matching("POST", "/v1/payment_intents") if r.status == 200]
     assert len(paid) == 1
+
+
+def test_money_below_a_cent_is_written_in_plain_decimals(tenant):
+    """Money is a JSON number in USD, exact to the micro-dollar: `0.000001`, never the
+    exponent form `1e-6` a float serializer writes for small values (a person reading
+    the answer, or a parser of decimals, sees money)."""
+    issued = tenant.call("POST", "/v1/keys", json={**VALID_KEY, "daily_usd_cap": 0.000001})
+    assert issued.status_code == 201, issued.text
+    assert '"daily_usd_cap":0.000001' in issued.text.replace(" ", ""), issued.text
+    shown = tenant.call("GET", f"/v1/keys/{issued.json()['id']}")
+    assert '"daily_usd_cap":0.000001' in shown.text.replace(" ", ""), shown.text
+    assert shown.json()["daily_usd_cap"] == 0.000001

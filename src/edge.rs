@@ -669,14 +669,8 @@ pub struct EdgeAudit {
     tx: std::sync::mpsc::SyncSender<Queued>,
     counts: AuditCounts,
     strict: bool,
-    /// Since when (`mono_ms`) sending has been failing, 0 while it works: a strict-mode
-    /// response is then withheld at once rather than after the whole wait, so a control
-    /// plane that is down does not hold a worker thread per request.
-    failing_since_ms: Arc<AtomicI64>,
-    /// Since when (`mono_ms`) the batch being sent has waited for the control plane's
-    /// answer, 0 between batches: a control plane that takes connections and stops
-    /// answering (frozen, partitioned) fails a send only at its 5 s timeout.
-    unanswered_since_ms: Arc<AtomicI64>,
+    /// Set by the sender, read by `is_failing`.
+    clocks: Arc<SendClocks>,
 }
 
 /// How long sending may fail before strict-mode responses stop waiting for it.
@@ -766,22 +760,17 @@ impl EdgeAudit {
             dropped,
         };
         let sender = counts.clone();
-        let failing_since_ms = Arc::new(AtomicI64::new(0));
-        let unanswered_since_ms = Arc::new(AtomicI64::new(0));
-        let clocks = SendClocks {
-            failing_since_ms: failing_since_ms.clone(),
-            unanswered_since_ms: unanswered_since_ms.clone(),
-        };
+        let clocks = Arc::new(SendClocks::default());
+        let sending = clocks.clone();
         std::thread::Builder::new()
             .name("edge-audit".into())
-            .spawn(move || audit_sender(client, rx, sender, cut_off, give_up, &clocks))
+            .spawn(move || audit_sender(client, rx, sender, cut_off, give_up, &sending))
             .expect("spawn the audit thread");
         Arc::new(EdgeAudit {
             tx,
             counts,
             strict,
-            failing_since_ms,
-            unanswered_since_ms,
+            clocks,
         })
     }
 
@@ -833,8 +822,11 @@ impl AuditSink for EdgeAudit {
             let since = since.load(Ordering::Acquire);
             since > 0 && now - since >= bound
         };
-        over(&self.failing_since_ms, AUDIT_FAILING_FAST_AFTER_MS)
-            || over(&self.unanswered_since_ms, AUDIT_UNANSWERED_FAILING_MS)
+        over(&self.clocks.failing_since_ms, AUDIT_FAILING_FAST_AFTER_MS)
+            || over(
+                &self.clocks.unanswered_since_ms,
+                AUDIT_UNANSWERED_FAILING_MS,
+            )
     }
 
     /// Waits for the control plane's answer that the batch holding `event` is written
@@ -861,10 +853,17 @@ fn push_event(body: &mut String, n: &mut u64, event: &str) {
     *n += 1;
 }
 
-/// What the audit sender tells `EdgeAudit::is_failing` (see its fields).
+/// What the audit sender tells `EdgeAudit::is_failing`.
+#[derive(Default)]
 struct SendClocks {
-    failing_since_ms: Arc<AtomicI64>,
-    unanswered_since_ms: Arc<AtomicI64>,
+    /// Since when (`mono_ms`) sending has been failing, 0 while it works: a strict-mode
+    /// response is then withheld at once rather than after the whole wait, so a control
+    /// plane that is down does not hold a worker thread per request.
+    failing_since_ms: AtomicI64,
+    /// Since when (`mono_ms`) the batch being sent has waited for the control plane's
+    /// answer, 0 between batches: a control plane that takes connections and stops
+    /// answering (frozen, partitioned) fails a send only at its 5 s timeout.
+    unanswered_since_ms: AtomicI64,
 }
 
 fn audit_sender(
@@ -875,7 +874,7 @@ fn audit_sender(
     give_up: Duration,
     clocks: &SendClocks,
 ) {
-    let failing_since_ms = &*clocks.failing_since_ms;
+    let failing_since_ms = &clocks.failing_since_ms;
     // Each event is serialized once, straight into the batch's body text. One over the
     // bound would make a batch the control plane refuses: dropped instead (see
     // AUDIT_EVENT_MAX_BYTES; `proxy::audit::bounded` makes this unreachable).

@@ -45,6 +45,7 @@ struct FileConfig {
     token_cache_entries: Option<usize>,
     default_key_ttl: Option<Seconds>,
     max_key_ttl: Option<Seconds>,
+    expired_key_retention: Option<Seconds>,
     access_log: Option<String>,
     llm_multi_pass_tools: Option<String>,
     #[serde(default)]
@@ -314,6 +315,8 @@ pub struct Config {
     pub control: ListenerSettings,
     pub default_key_ttl: Duration,
     pub max_key_ttl: Duration,
+    /// A key's row and its ledger rows are deleted this long after it expired.
+    pub expired_key_retention: Duration,
     pub access_log: AccessLog,
     pub upstream: UpstreamTimeouts,
     pub leases: LeaseSettings,
@@ -845,6 +848,12 @@ impl Config {
         if default_key_ttl > max_key_ttl {
             bail!("default_key_ttl is longer than max_key_ttl");
         }
+        let expired_key_retention =
+            secs(file.expired_key_retention, defaults::EXPIRED_KEY_RETENTION);
+        if expired_key_retention < defaults::MIN_EXPIRED_KEY_RETENTION {
+            // A node's spend report may arrive a week late: its key must still be there.
+            bail!("expired_key_retention must be at least 8d");
+        }
         let max_staleness = file
             .edge
             .max_staleness
@@ -1002,6 +1011,7 @@ impl Config {
             control,
             default_key_ttl,
             max_key_ttl,
+            expired_key_retention,
             access_log,
             llm_multi_pass_tools,
             upstream: UpstreamTimeouts {
@@ -1543,6 +1553,17 @@ mod tests {
         assert!(Config::from_yaml("max_key_ttl: 30d", None, &Overrides::default()).is_ok());
         let err = Config::from_yaml("max_key_ttl: 400d", None, &Overrides::default());
         assert!(err.unwrap_err().to_string().contains("longer than a year"));
+    }
+
+    #[test]
+    fn expired_keys_are_kept_at_least_eight_days() {
+        let none = Overrides::default();
+        let c = Config::from_yaml("", None, &none).unwrap();
+        assert_eq!(c.expired_key_retention, Duration::from_secs(30 * 86_400));
+        let c = Config::from_yaml("expired_key_retention: 8d", None, &none).unwrap();
+        assert_eq!(c.expired_key_retention, Duration::from_secs(8 * 86_400));
+        let err = Config::from_yaml("expired_key_retention: 7d", None, &none).unwrap_err();
+        assert!(err.to_string().contains("at least 8d"), "{err:#}");
     }
 
     #[test]

@@ -561,6 +561,7 @@ fn start_control(
         vendors: config.vendors.keys().cloned().collect(),
         lease_lifetime: config.leases.lifetime,
         audit_durability: config.audit_durability,
+        expired_key_retention: config.expired_key_retention,
     };
     let database = config.database();
     let listen = config.control_listen;

@@ -22,6 +22,10 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const TOKEN_CACHE_ENTRIES: usize = 1 << 20;
 pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(15 * 60);
 pub const MAX_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a key's row and its ledger rows are kept after it expired, and the least
+/// allowed: longer than the week a node's spend report may arrive late, plus a day.
+pub const EXPIRED_KEY_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+pub const MIN_EXPIRED_KEY_RETENTION: Duration = Duration::from_secs(8 * 86_400);
 pub const ACCESS_LOG: &str = "stdout";
 
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -135,6 +139,7 @@ mod tests {
             token_cache_entries: Some(TOKEN_CACHE_ENTRIES),
             default_key_ttl: s(DEFAULT_KEY_TTL),
             max_key_ttl: s(MAX_KEY_TTL),
+            expired_key_retention: s(EXPIRED_KEY_RETENTION),
             access_log: Some(ACCESS_LOG.into()),
             llm_multi_pass_tools: Some("refuse".into()),
             upstream: FileUpstream {

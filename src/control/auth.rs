@@ -129,6 +129,7 @@ mod tests {
             vendors: ["stripe".to_string()].into(),
             lease_lifetime: Duration::from_secs(3),
             audit_durability: Default::default(),
+            expired_key_retention: crate::config::defaults::EXPIRED_KEY_RETENTION,
         };
         let master = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
         let control = Control::open(

@@ -671,6 +671,7 @@ mod tests {
             vendors: ["stripe".to_string()].into(),
             lease_lifetime: Duration::from_secs(8),
             audit_durability: Default::default(),
+            expired_key_retention: crate::config::defaults::EXPIRED_KEY_RETENTION,
         };
         Control::open(
             settings,

@@ -48,6 +48,11 @@ use store::{CredentialRow, KeyRow, KeyStatus, LedgerRow, Store};
 /// A node session's `report_batches` row is kept this long after its last report: a node
 /// resends a batch within seconds of a lost answer, never a week later.
 const REPORT_BATCHES_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
+/// How often expired keys past their retention are deleted, how many per transaction, and
+/// the pause between two transactions (`Control::prune_expired_keys`).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+const PRUNE_CHUNK: i64 = 500;
+const PRUNE_PAUSE: Duration = Duration::from_millis(20);
 
 /// A lease batch's record (`lease_batches`) is kept at least this long, and at least four
 /// lease lifetimes: a node names a batch lost in its next report, half a second after the
@@ -69,6 +74,8 @@ pub struct ControlSettings {
     /// How long this process's leases stay its own without a heartbeat (see `Ledger`).
     pub lease_lifetime: Duration,
     pub audit_durability: crate::config::AuditDurability,
+    /// How long a key's row and its ledger rows are kept after it expired.
+    pub expired_key_retention: Duration,
 }
 
 /// Whose API token this is.
@@ -571,8 +578,18 @@ impl Control {
     }
 
     /// Periodic upkeep: drop public keys whose last vault key expired, and revocations a
-    /// day past their key's `exp` (`revocation::KEPT_PAST_EXPIRY_SECS`).
+    /// day past their key's `exp` (`revocation::KEPT_PAST_EXPIRY_SECS`); at start and then
+    /// hourly, delete the keys past `expired_key_retention` (on a task of its own).
     pub async fn housekeeping(self: Arc<Self>) {
+        let pruning = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                pruning.prune_expired_keys().await;
+            }
+        });
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tick.tick().await;
@@ -585,6 +602,52 @@ impl Control {
                 self.metrics.revoked_keys.set(next.len() as i64);
                 self.published.revocations.store(Arc::new(next));
             }
+        }
+    }
+
+    /// Deletes the keys that expired more than `expired_key_retention` ago (on the
+    /// database's clock), with their ledger rows, `PRUNE_CHUNK` keys per transaction and a
+    /// pause between, so the one SQLite writer is never held for long. Nothing the API
+    /// answers for a live key reads them: a deleted key is 404 to `GET /v1/keys/{id}`
+    /// (its audit trail stays), and its token was refused as expired long before.
+    async fn prune_expired_keys(&self) {
+        let retention = self.settings.expired_key_retention.as_secs() as i64;
+        let before = self.store.now_secs().saturating_sub(retention);
+        let kids = match self.store.signing_key_ids().await {
+            Ok(kids) => kids,
+            Err(e) => {
+                log::warn!("cannot delete expired keys: {e:#}");
+                return;
+            }
+        };
+        let mut deleted = 0;
+        for kid in kids {
+            loop {
+                match self
+                    .store
+                    .prune_expired_keys(&kid, before, PRUNE_CHUNK)
+                    .await
+                {
+                    Ok(n) => {
+                        deleted += n;
+                        if n < PRUNE_CHUNK as u64 {
+                            break;
+                        }
+                        tokio::time::sleep(PRUNE_PAUSE).await;
+                    }
+                    Err(e) => {
+                        log::warn!("cannot delete expired keys (will try again in an hour): {e:#}");
+                        break;
+                    }
+                }
+            }
+        }
+        if deleted > 0 {
+            log::info!(
+                "expired keys deleted with their ledger rows: {deleted} (expired more than {} \
+                 days ago; expired_key_retention)",
+                retention / 86_400
+            );
         }
     }
 
@@ -1295,6 +1358,7 @@ mod tests {
             vendors: ["stripe".to_string()].into(),
             lease_lifetime: Duration::from_secs(3),
             audit_durability: Default::default(),
+            expired_key_retention: crate::config::defaults::EXPIRED_KEY_RETENTION,
         };
         let master = MasterKey::from_base64(master).unwrap();
         let published = Arc::new(Published::empty());

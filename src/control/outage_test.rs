@@ -30,6 +30,7 @@ async fn a_lost_database_is_503_storage_unavailable_and_comes_back_by_itself() {
         vendors: ["stripe".to_string()].into(),
         lease_lifetime: Duration::from_secs(30),
         audit_durability: Default::default(),
+        expired_key_retention: crate::config::defaults::EXPIRED_KEY_RETENTION,
     };
     let control = Control::open(
         settings,

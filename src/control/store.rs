@@ -1366,6 +1366,55 @@ impl Store {
         .map(|r| r.text("tenant_id"))))
     }
 
+    /// The ids of every signing key there has been (vault keys name theirs in `kid`).
+    pub async fn signing_key_ids(&self) -> Result<Vec<String>> {
+        Ok(on_reader!(self, |pool| sqlx::query_scalar(
+            "SELECT kid FROM signing_keys ORDER BY created_at"
+        )
+        .fetch_all(pool)
+        .await?))
+    }
+
+    /// Deletes at most `limit` keys signed with `kid` that expired before `before` (unix
+    /// s), and their ledger rows, in one transaction: how many keys. A key with budget
+    /// still held by a lease stays for a later round (the lease's reclaim reads it). Keys
+    /// are found by `keys_by_kid`, oldest expiry first.
+    pub async fn prune_expired_keys(&self, kid: &str, before: i64, limit: i64) -> Result<u64> {
+        Ok(in_transaction!(self, |tx| {
+            let ids: Vec<String> = sqlx::query_scalar(
+                "SELECT id FROM keys k WHERE kid = $1 AND expires_at < $2
+                   AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.key_id = k.id AND l.held <> 0)
+                 ORDER BY expires_at LIMIT $3",
+            )
+            .bind(kid)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            // The ids as one JSON array: one bind for both backends.
+            let listed = if tx.is_postgres() {
+                "SELECT jsonb_array_elements_text($1::jsonb)"
+            } else {
+                "SELECT value FROM json_each($1)"
+            };
+            let json = serde_json::to_string(&ids)?;
+            sqlx::query(&format!("DELETE FROM ledger WHERE key_id IN ({listed})"))
+                .bind(&json)
+                .execute(&mut *tx)
+                .await?;
+            let deleted = sqlx::query(&format!("DELETE FROM keys WHERE id IN ({listed})"))
+                .bind(&json)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            deleted
+        }))
+    }
+
     /// Adds deltas to a ledger row (creating it), atomically.
     pub async fn ledger_add(
         &self,
@@ -2273,6 +2322,109 @@ pub(super) mod tests {
     #[tokio::test]
     async fn the_store_answers_alike_on_postgres() {
         exercise(&postgres().await).await;
+    }
+
+    /// Expired keys past their retention go with their ledger rows, a chunk at a time;
+    /// keys not yet expired or expired later stay, and so does one whose ledger still has
+    /// budget held by a lease (until the lease is given back).
+    async fn prune(s: &Store) {
+        s.insert_tenant("tn_a", "a", "tok_a", b"hash-a", 10)
+            .await
+            .unwrap();
+        s.insert_signing_key("kid_1", b"sealed1", b"pub1", 100)
+            .await
+            .unwrap();
+        s.insert_signing_key("kid_2", b"sealed2", b"pub2", 200)
+            .await
+            .unwrap();
+        assert_eq!(s.signing_key_ids().await.unwrap(), ["kid_1", "kid_2"]);
+        let key = |n: u64, kid: &str, expires_at: i64| KeyRow {
+            seq: 0,
+            id: new_sorted_id("key_", n),
+            tenant_id: "tn_a".into(),
+            kid: kid.into(),
+            vendor: "stripe".into(),
+            label: format!("k{n}"),
+            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+            daily_cap: Micros(5_000_000),
+            metadata: serde_json::json!({}),
+            stripe_accounts: None,
+            created_at: 300,
+            expires_at,
+            revoked_at: None,
+        };
+        // Three old keys of kid_1, one of them still holding a lease; one old key of
+        // kid_2; one of kid_1 that expires at the cut-off and one after.
+        let rows = vec![
+            key(1, "kid_1", 400),
+            key(2, "kid_1", 500),
+            key(3, "kid_1", 600),
+            key(4, "kid_2", 450),
+            key(5, "kid_1", 1_000),
+            key(6, "kid_1", 5_000),
+        ];
+        s.insert_keys(&rows).await.unwrap();
+        for (r, held) in rows.iter().zip([0, 0, 7, 0, 0, 0]) {
+            s.ledger_add(&r.id, 1, Micros(11), Micros(held))
+                .await
+                .unwrap();
+            s.ledger_add(&r.id, 2, Micros(13), Micros::ZERO)
+                .await
+                .unwrap();
+        }
+        let exists = |i: usize| {
+            let id = rows[i].id.clone();
+            async move { s.get_key("tn_a", &id).await.unwrap().is_some() }
+        };
+        let ledger = |i: usize| {
+            let id = rows[i].id.clone();
+            async move { s.ledger_row(&id, 2).await.unwrap().settled }
+        };
+
+        assert_eq!(s.prune_expired_keys("kid_1", 1_000, 1).await.unwrap(), 1);
+        assert!(!exists(0).await, "the oldest expiry goes first");
+        assert!(exists(1).await);
+        assert_eq!(s.prune_expired_keys("kid_1", 1_000, 10).await.unwrap(), 1);
+        assert!(!exists(1).await);
+        assert!(exists(2).await, "a lease still holds budget on it");
+        assert!(exists(3).await, "another signing key's");
+        assert!(
+            exists(4).await && exists(5).await,
+            "not expired before the cut-off"
+        );
+        assert_eq!(
+            ledger(0).await,
+            Micros::ZERO,
+            "its ledger rows went with it"
+        );
+        assert_eq!(
+            s.ledger_row(&rows[0].id, 1).await.unwrap().settled,
+            Micros::ZERO
+        );
+        assert_eq!(ledger(2).await, Micros(13));
+        assert_eq!(ledger(4).await, Micros(13));
+        assert_eq!(s.prune_expired_keys("kid_1", 1_000, 10).await.unwrap(), 0);
+
+        // The lease given back: the key goes on the next round.
+        s.ledger_add(&rows[2].id, 1, Micros::ZERO, Micros(-7))
+            .await
+            .unwrap();
+        assert_eq!(s.prune_expired_keys("kid_1", 1_000, 10).await.unwrap(), 1);
+        assert!(!exists(2).await);
+        assert_eq!(s.prune_expired_keys("kid_2", 1_000, 10).await.unwrap(), 1);
+        assert!(!exists(3).await);
+        assert!(exists(4).await && exists(5).await);
+        assert_eq!(ledger(5).await, Micros(13));
+    }
+
+    #[tokio::test]
+    async fn expired_keys_are_deleted_with_their_ledger_rows_on_sqlite() {
+        prune(&sqlite("prune").await).await;
+    }
+
+    #[tokio::test]
+    async fn expired_keys_are_deleted_with_their_ledger_rows_on_postgres() {
+        prune(&postgres().await).await;
     }
 
     /// A reader that holds an old snapshot keeps the checkpoint from copying what was

@@ -1048,6 +1048,57 @@ def test_a_clock_stepped_forward_and_back_does_not_forget_a_revocation(
     assert len(paid) == 1
 
 
+@pytest.mark.sqlite_only("steps `serve`'s clock; on PostgreSQL the deletion follows the database "
+                         "server's clock (unit test expired_keys_are_deleted_with_their_ledger_rows_on_postgres)")
+def test_keys_expired_past_their_retention_are_deleted_with_their_ledger_rows(
+        keybrake_factory, fake_stripe, stripe_secret, tmp_path):
+    """A fleet issues a key per agent invocation: expired keys must not fill the store
+    forever. A key that expired more than `expired_key_retention` (30 days) ago is deleted
+    with its ledger rows; its audit trail stays. A key expired since, and a live key, are
+    untouched, and the live key still spends from its cap."""
+    import sqlite3
+
+    offset = tmp_path / "clock-offset"
+    config = write_config(tmp_path / "conf", max_key_ttl="60d")
+    kb = keybrake_factory({"stripe": fake_stripe.url}, config=config,
+                          env_overrides=steppable_clock(offset))
+    tenant = kb.create_tenant("retention")
+    tenant.put_credential("stripe", stripe_secret)
+    endpoints = ["POST /v1/payment_intents"]
+    old = tenant.issue_key(allowed_endpoints=endpoints, daily_usd_cap=10, expires_in="30s")
+    recent = tenant.issue_key(allowed_endpoints=endpoints, daily_usd_cap=10, expires_in="10d")
+    live = tenant.issue_key(allowed_endpoints=endpoints, daily_usd_cap=10, expires_in="40d")
+
+    def pay(key):
+        return kb.proxy("POST", "/stripe/v1/payment_intents", key=key["token"],
+                        data={"amount": 300, "currency": "usd"})
+
+    def ledger_rows(key):
+        with sqlite3.connect(f"file:{kb.db_path}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM ledger WHERE key_id = ?", (key["id"],)).fetchone()[0]
+
+    for key in (old, recent, live):
+        assert pay(key).status_code == 200
+    assert wait_until(lambda: len(tenant.audit(key_id=old["id"])) == 1, timeout=10)
+    kb.stop()
+    assert [ledger_rows(k) for k in (old, recent, live)] == [1, 1, 1]
+
+    offset.write_text("+31d\n")
+    kb.start()
+    assert wait_until(lambda: "expired keys deleted with their ledger rows: 1 " in kb.logs(), timeout=10), \
+        kb.logs()[-2000:]
+    assert_control_error(tenant.call("GET", f"/v1/keys/{old['id']}"), 404, "not_found")
+    assert old["id"] not in [k["id"] for k in tenant.call("GET", "/v1/keys?limit=100").json()["data"]]
+    assert tenant.get_key(recent["id"])["status"] == "expired"
+    assert tenant.get_key(live["id"])["status"] == "active"
+    assert [ledger_rows(k) for k in (old, recent, live)] == [0, 1, 1]
+    [event] = tenant.audit(key_id=old["id"])
+    assert Decimal(str(event["spend_usd"])) == Decimal("3")
+    assert_denied(pay(old), 401, "key_expired")
+    assert pay(live).status_code == 200
+    assert Decimal(str(tenant.get_key(live["id"])["spent_today_usd"])) == Decimal("3")
+
+
 def test_money_below_a_cent_is_written_in_plain_decimals(tenant):
     """Money is a JSON number in USD, exact to the micro-dollar: `0.000001`, never the
     exponent form `1e-6` a float serializer writes for small values (a person reading

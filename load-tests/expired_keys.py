@@ -6,8 +6,9 @@ spent, a `ledger` row per day. This script issues KEYS keys (default 100,000) th
 in 30 s, gives each the ledger row its first call would write (inserted straight into the
 stopped `keybrake.db`: a call per key would measure the proxy instead), and prints the
 store's size per key. It then starts `keybrake serve` again with its clock 31 days ahead
-(libfaketime), so the keys are past `expired_key_retention` (30 days) and the hourly
-deletion runs at start, while CLIENTS threads issue keys: it prints how long the deletion
+(libfaketime), issues a key on that clock (deletion never runs past the newest key's
+issue time) and starts it once more, so the keys are past `expired_key_retention` (30
+days) and the hourly deletion runs at start, while CLIENTS threads issue keys: it prints how long the deletion
 took, the issuance latency while it ran and after it, and the file's free pages (SQLite
 reuses them; the file does not shrink).
 
@@ -167,6 +168,11 @@ def main():
         print(f"keybrake.db: {size / 2**20:.1f} MiB for {issued} keys with a ledger row each: "
               f"{size / issued:.0f} bytes per key")
 
+        # Keys are deleted only up to the newest key's issue time: one issued on the new
+        # clock first, then the start whose first round deletes.
+        kb.start(clock="+31d")
+        issue(kb.control, tenants[1], 1, "15m", [])
+        kb.stop()
         kb.start(clock="+31d")
         during, stop = [], threading.Event()
         clients = [threading.Thread(target=issue, args=(kb.control, tenants[1], 1_000_000, "15m", during, stop))

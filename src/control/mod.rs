@@ -53,6 +53,10 @@ const REPORT_BATCHES_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 const PRUNE_CHUNK: i64 = 500;
 const PRUNE_PAUSE: Duration = Duration::from_millis(20);
+/// A deletion transaction longer than this halves the next one's chunk.
+const PRUNE_SLOW: Duration = Duration::from_millis(50);
+/// Wall and monotonic clocks apart by more than this since the last round: stepped.
+const PRUNE_CLOCK_STEP_MS: i64 = 60_000;
 
 /// A lease batch's record (`lease_batches`) is kept at least this long, and at least four
 /// lease lifetimes: a node names a batch lost in its next report, half a second after the
@@ -585,8 +589,23 @@ impl Control {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(PRUNE_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_round: Option<(i64, i64)> = None;
             loop {
                 tick.tick().await;
+                // A wall clock stepped since the last round (a wrong time source, a
+                // restored VM) may be far ahead: this round is skipped, not trusted.
+                let round = (crate::token::unix_ms() as i64, crate::token::mono_ms());
+                let stepped = last_round.is_some_and(|(wall, mono)| {
+                    ((round.0 - wall) - (round.1 - mono)).abs() > PRUNE_CLOCK_STEP_MS
+                });
+                last_round = Some(round);
+                if stepped {
+                    log::warn!(
+                        "this host's clock was stepped in the last hour: expired keys are not \
+                         deleted this hour"
+                    );
+                    continue;
+                }
                 pruning.prune_expired_keys().await;
             }
         });
@@ -605,33 +624,45 @@ impl Control {
         }
     }
 
-    /// Deletes the keys that expired more than `expired_key_retention` ago (on the
-    /// database's clock), with their ledger rows, `PRUNE_CHUNK` keys per transaction and a
-    /// pause between, so the one SQLite writer is never held for long. Nothing the API
-    /// answers for a live key reads them: a deleted key is 404 to `GET /v1/keys/{id}`
-    /// (its audit trail stays), and its token was refused as expired long before.
+    /// Deletes the keys that expired more than `expired_key_retention` ago, with their
+    /// ledger rows, a chunk per transaction (halved while a transaction takes longer than
+    /// `PRUNE_SLOW`, so the one SQLite writer is never held for long) and a pause between.
+    /// Nothing the API answers for a live key reads them: a deleted key is 404 to
+    /// `GET /v1/keys/{id}` (its audit trail stays), and its token was refused as expired
+    /// long before. "Now" is the database's clock (measured first on PostgreSQL), and
+    /// never later than the newest key's issue: a clock far ahead at start deletes
+    /// nothing until keys are issued under it.
     async fn prune_expired_keys(&self) {
         let retention = self.settings.expired_key_retention.as_secs() as i64;
-        let before = self.store.now_secs().saturating_sub(retention);
-        let kids = match self.store.signing_key_ids().await {
-            Ok(kids) => kids,
+        let ready = async {
+            self.store.sync_clock().await?;
+            let kids = self.store.signing_key_ids().await?;
+            let newest = self.store.newest_key_created_at().await?;
+            anyhow::Ok((kids, newest))
+        };
+        let (kids, newest) = match ready.await {
+            Ok((kids, Some(newest))) => (kids, newest),
+            Ok((_, None)) => return,
             Err(e) => {
-                log::warn!("cannot delete expired keys: {e:#}");
+                log::warn!("cannot delete expired keys (will try again in an hour): {e:#}");
                 return;
             }
         };
-        let mut deleted = 0;
+        let before = self.store.now_secs().min(newest).saturating_sub(retention);
+        let (mut deleted, mut chunk) = (0, PRUNE_CHUNK);
         for kid in kids {
             loop {
-                match self
-                    .store
-                    .prune_expired_keys(&kid, before, PRUNE_CHUNK)
-                    .await
-                {
+                let started = std::time::Instant::now();
+                match self.store.prune_expired_keys(&kid, before, chunk).await {
                     Ok(n) => {
                         deleted += n;
-                        if n < PRUNE_CHUNK as u64 {
+                        if n < chunk as u64 {
                             break;
+                        }
+                        if started.elapsed() > PRUNE_SLOW {
+                            chunk = (chunk / 2).max(1);
+                        } else {
+                            chunk = (chunk * 2).min(PRUNE_CHUNK);
                         }
                         tokio::time::sleep(PRUNE_PAUSE).await;
                     }

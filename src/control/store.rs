@@ -1366,6 +1366,15 @@ impl Store {
         .map(|r| r.text("tenant_id"))))
     }
 
+    /// When the newest key was issued (unix s, by its issuer's clock); `None` without keys.
+    pub async fn newest_key_created_at(&self) -> Result<Option<i64>> {
+        Ok(on_reader!(self, |pool| sqlx::query_scalar(
+            "SELECT created_at FROM keys ORDER BY seq DESC LIMIT 1"
+        )
+        .fetch_optional(pool)
+        .await?))
+    }
+
     /// The ids of every signing key there has been (vault keys name theirs in `kid`).
     pub async fn signing_key_ids(&self) -> Result<Vec<String>> {
         Ok(on_reader!(self, |pool| sqlx::query_scalar(
@@ -1381,16 +1390,22 @@ impl Store {
     /// are found by `keys_by_kid`, oldest expiry first.
     pub async fn prune_expired_keys(&self, kid: &str, before: i64, limit: i64) -> Result<u64> {
         Ok(in_transaction!(self, |tx| {
-            let ids: Vec<String> = sqlx::query_scalar(
-                "SELECT id FROM keys k WHERE kid = $1 AND expires_at < $2
+            // On PostgreSQL the rows are locked, and rows another replica is deleting are
+            // skipped (its round and this one share the work instead of waiting).
+            let pick = "SELECT id FROM keys k WHERE kid = $1 AND expires_at < $2
                    AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.key_id = k.id AND l.held <> 0)
-                 ORDER BY expires_at LIMIT $3",
-            )
-            .bind(kid)
-            .bind(before)
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await?;
+                 ORDER BY expires_at LIMIT $3";
+            let pick = if tx.is_postgres() {
+                format!("{pick} FOR UPDATE SKIP LOCKED")
+            } else {
+                pick.to_string()
+            };
+            let ids: Vec<String> = sqlx::query_scalar(&pick)
+                .bind(kid)
+                .bind(before)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
             if ids.is_empty() {
                 return Ok(0);
             }
@@ -1401,10 +1416,12 @@ impl Store {
                 "SELECT value FROM json_each($1)"
             };
             let json = serde_json::to_string(&ids)?;
-            sqlx::query(&format!("DELETE FROM ledger WHERE key_id IN ({listed})"))
-                .bind(&json)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(&format!(
+                "DELETE FROM ledger WHERE key_id IN ({listed}) AND held = 0"
+            ))
+            .bind(&json)
+            .execute(&mut *tx)
+            .await?;
             let deleted = sqlx::query(&format!("DELETE FROM keys WHERE id IN ({listed})"))
                 .bind(&json)
                 .execute(&mut *tx)

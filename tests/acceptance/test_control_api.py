@@ -1048,14 +1048,16 @@ def test_a_clock_stepped_forward_and_back_does_not_forget_a_revocation(
     assert len(paid) == 1
 
 
-@pytest.mark.sqlite_only("steps `serve`'s clock; on PostgreSQL the deletion follows the database "
-                         "server's clock (unit test expired_keys_are_deleted_with_their_ledger_rows_on_postgres)")
+@pytest.mark.sqlite_only("steps `serve`'s clock; on PostgreSQL the cut-off is the database server's "
+                         "clock, which libfaketime does not move (the deletion's SQL: unit test "
+                         "expired_keys_are_deleted_with_their_ledger_rows_on_postgres)")
 def test_keys_expired_past_their_retention_are_deleted_with_their_ledger_rows(
         keybrake_factory, fake_stripe, stripe_secret, tmp_path):
     """A fleet issues a key per agent invocation: expired keys must not fill the store
     forever. A key that expired more than `expired_key_retention` (30 days) ago is deleted
     with its ledger rows; its audit trail stays. A key expired since, and a live key, are
-    untouched, and the live key still spends from its cap."""
+    untouched, and the live key still spends from its cap. A clock far ahead at start
+    deletes nothing until keys are issued under it."""
     import sqlite3
 
     offset = tmp_path / "clock-offset"
@@ -1066,6 +1068,9 @@ def test_keys_expired_past_their_retention_are_deleted_with_their_ledger_rows(
     tenant.put_credential("stripe", stripe_secret)
     endpoints = ["POST /v1/payment_intents"]
     old = tenant.issue_key(allowed_endpoints=endpoints, daily_usd_cap=10, expires_in="30s")
+    # More than one transaction's worth (500 keys), never used.
+    unused = [tenant.issue_key(allowed_endpoints=endpoints, daily_usd_cap=1, expires_in="30s")["id"]
+              for _ in range(520)]
     recent = tenant.issue_key(allowed_endpoints=endpoints, daily_usd_cap=10, expires_in="10d")
     live = tenant.issue_key(allowed_endpoints=endpoints, daily_usd_cap=10, expires_in="40d")
 
@@ -1077,18 +1082,34 @@ def test_keys_expired_past_their_retention_are_deleted_with_their_ledger_rows(
         with sqlite3.connect(f"file:{kb.db_path}?mode=ro", uri=True) as db:
             return db.execute("SELECT count(*) FROM ledger WHERE key_id = ?", (key["id"],)).fetchone()[0]
 
+    def keys_left():
+        with sqlite3.connect(f"file:{kb.db_path}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM keys").fetchone()[0]
+
     for key in (old, recent, live):
         assert pay(key).status_code == 200
     assert wait_until(lambda: len(tenant.audit(key_id=old["id"])) == 1, timeout=10)
-    kb.stop()
-    assert [ledger_rows(k) for k in (old, recent, live)] == [1, 1, 1]
 
+    # Started with its clock 31 days ahead, no key issued since: nothing is deleted.
+    kb.stop()
     offset.write_text("+31d\n")
     kb.start()
-    assert wait_until(lambda: "expired keys deleted with their ledger rows: 1 " in kb.logs(), timeout=10), \
+    time.sleep(2)
+    assert "expired keys deleted" not in kb.logs()
+    assert tenant.get_key(old["id"])["status"] == "expired"
+    assert keys_left() == 523
+
+    # A key issued on that clock: the next round (here at the next start) deletes.
+    later = tenant.issue_key(allowed_endpoints=endpoints, daily_usd_cap=10, expires_in="5m")
+    assert parse_ts(later["expires_at"]) > time.time() + 30 * 86_400
+    kb.restart()
+    assert wait_until(lambda: "expired keys deleted with their ledger rows: 521 " in kb.logs(), timeout=10), \
         kb.logs()[-2000:]
+    assert keys_left() == 3
     assert_control_error(tenant.call("GET", f"/v1/keys/{old['id']}"), 404, "not_found")
-    assert old["id"] not in [k["id"] for k in tenant.call("GET", "/v1/keys?limit=100").json()["data"]]
+    assert_control_error(tenant.call("GET", f"/v1/keys/{unused[-1]}"), 404, "not_found")
+    listed = [k["id"] for k in tenant.call("GET", "/v1/keys?limit=100").json()["data"]]
+    assert listed == [later["id"], live["id"], recent["id"]]
     assert tenant.get_key(recent["id"])["status"] == "expired"
     assert tenant.get_key(live["id"])["status"] == "active"
     assert [ledger_rows(k) for k in (old, recent, live)] == [0, 1, 1]

@@ -2119,19 +2119,9 @@ pub(super) mod tests {
             .await
             .unwrap();
         let key = |n: u64, kid: &str, expires_at: i64| KeyRow {
-            seq: 0,
-            id: new_sorted_id("key_", n),
-            tenant_id: "tn_a".into(),
-            kid: kid.into(),
-            vendor: "stripe".into(),
-            label: format!("k{n}"),
-            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
-            daily_cap: Micros(5_000_000),
             metadata: serde_json::json!({ "n": n }),
             stripe_accounts: (n == 2).then(|| vec!["acct_1".to_string()]),
-            created_at: 300,
-            expires_at,
-            revoked_at: None,
+            ..test_key(n, kid, expires_at)
         };
         let rows = vec![
             key(1, "kid_1", 1_000),
@@ -2341,6 +2331,25 @@ pub(super) mod tests {
         exercise(&postgres().await).await;
     }
 
+    /// Tenant `tn_a`'s key number `n`, signed with `kid`.
+    fn test_key(n: u64, kid: &str, expires_at: i64) -> KeyRow {
+        KeyRow {
+            seq: 0,
+            id: new_sorted_id("key_", n),
+            tenant_id: "tn_a".into(),
+            kid: kid.into(),
+            vendor: "stripe".into(),
+            label: format!("k{n}"),
+            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+            daily_cap: Micros(5_000_000),
+            metadata: serde_json::json!({}),
+            stripe_accounts: None,
+            created_at: 300,
+            expires_at,
+            revoked_at: None,
+        }
+    }
+
     /// Expired keys past their retention go with their ledger rows, a chunk at a time;
     /// keys not yet expired or expired later stay, and so does one whose ledger still has
     /// budget held by a lease (until the lease is given back).
@@ -2355,21 +2364,7 @@ pub(super) mod tests {
             .await
             .unwrap();
         assert_eq!(s.signing_key_ids().await.unwrap(), ["kid_1", "kid_2"]);
-        let key = |n: u64, kid: &str, expires_at: i64| KeyRow {
-            seq: 0,
-            id: new_sorted_id("key_", n),
-            tenant_id: "tn_a".into(),
-            kid: kid.into(),
-            vendor: "stripe".into(),
-            label: format!("k{n}"),
-            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
-            daily_cap: Micros(5_000_000),
-            metadata: serde_json::json!({}),
-            stripe_accounts: None,
-            created_at: 300,
-            expires_at,
-            revoked_at: None,
-        };
+        let key = test_key;
         // Three old keys of kid_1, one of them still holding a lease; one old key of
         // kid_2; one of kid_1 that expires at the cut-off and one after.
         let rows = vec![

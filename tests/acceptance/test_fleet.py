@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from fleet import ConfirmChargesMore, ControlPlane, EdgeProxy, accepted, pay, start_vendor
-from harness import (KEYBRAKE_BIN, answered_until, assert_denied, clock_at, error_code, free_port, wait_until,
-                     write_config)
+from harness import (KEYBRAKE_BIN, answered_until, assert_denied, clock_at, error_code, free_port, parse_ts,
+                     wait_until, write_config)
 
 
 @pytest.fixture
@@ -153,6 +153,20 @@ def test_audit_from_a_node_shows_within_two_seconds(fleet):
     assert events, "the node's audit event did not reach GET /v1/audit within 2 s"
     assert time.monotonic() - t0 <= 2.5
     assert events[0]["decision"] == "allowed" and Decimal(str(events[0]["spend_usd"])) == 1
+
+
+def test_a_key_that_expired_before_a_node_saw_it_is_refused_in_its_audit_trail(fleet):
+    """An agent calling with a key that has expired gets 401 key_expired, and the refusal
+    is in that key's audit trail (the signature holds, so the key is known) even though
+    the node never saw the key while it was valid."""
+    control, tenant, node = fleet
+    e = node("edge0")
+    key = tenant.issue_key(allowed_endpoints=["POST /v1/payment_intents"], daily_usd_cap=5,
+                           expires_in="1s")
+    time.sleep(max(0.0, parse_ts(key["expires_at"]) - time.time()) + 1.5)
+    assert_denied(pay(e, key["token"]), 401, "key_expired")
+    events = wait_until(lambda: tenant.audit(key_id=key["id"]), timeout=5.0, interval=0.05)
+    assert [(x["decision"], x["status"]) for x in events] == [("key_expired", 401)]
 
 
 def test_a_strict_audit_node_keeps_every_answered_call_through_kill_9(fleet, tmp_path):

@@ -848,12 +848,17 @@ def test_missing_key_is_401(keybrake, tenant, fake_stripe):
 
 def test_expired_key_is_refused(keybrake, tenant, fake_stripe):
     """(5) A key issued with expires_in "1s" works at first and is 401 key_expired once
-    its expiry (plus at most the 5 s leeway SPEC §2 allows) has passed."""
+    its expiry (plus at most the 5 s leeway SPEC §2 allows) has passed. The refusal is in
+    the key's audit trail (its signature held: the key is known), though the proxy never
+    saw the key before it expired."""
     key = tenant.issue_key(allowed_endpoints=["GET /v1/customers"], expires_in="1s")
     exp = parse_ts(key["expires_at"])
     time.sleep(max(0.0, exp - time.time()) + 5.5)
     assert_denied(keybrake.proxy("GET", "/stripe/v1/customers", key=key["token"]), 401, "key_expired")
     assert fake_stripe.received() == []
+    assert wait_until(lambda: len(tenant.audit(key_id=key["id"])) == 1, timeout=10)
+    [event] = tenant.audit(key_id=key["id"])
+    assert (event["decision"], event["status"], event["label"]) == ("key_expired", 401, key["label"])
 
 
 # --------------------------------------------------------------------------- paths

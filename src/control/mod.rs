@@ -52,6 +52,7 @@ const REPORT_BATCHES_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
 /// the pause between two transactions (`Control::prune_expired_keys`).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 const PRUNE_CHUNK: i64 = 500;
+const PRUNE_CHUNK_MIN: i64 = 50;
 const PRUNE_PAUSE: Duration = Duration::from_millis(20);
 /// A deletion transaction longer than this halves the next one's chunk.
 const PRUNE_SLOW: Duration = Duration::from_millis(50);
@@ -631,7 +632,7 @@ impl Control {
     /// `GET /v1/keys/{id}` (its audit trail stays), and its token was refused as expired
     /// long before. "Now" is the database's clock (measured first on PostgreSQL), and
     /// never later than the newest key's issue: a clock far ahead at start deletes
-    /// nothing until keys are issued under it.
+    /// nothing until keys are issued under it (docs/storage.md says what remains).
     async fn prune_expired_keys(&self) {
         let retention = self.settings.expired_key_retention.as_secs() as i64;
         let ready = async {
@@ -659,8 +660,10 @@ impl Control {
                         if n < chunk as u64 {
                             break;
                         }
+                        // The time includes the wait for the writer: a busy store
+                        // slows the deletion down to `PRUNE_CHUNK_MIN`, never stops it.
                         if started.elapsed() > PRUNE_SLOW {
-                            chunk = (chunk / 2).max(1);
+                            chunk = (chunk / 2).max(PRUNE_CHUNK_MIN);
                         } else {
                             chunk = (chunk * 2).min(PRUNE_CHUNK);
                         }

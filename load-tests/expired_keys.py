@@ -23,11 +23,9 @@ stops what it starts, in count and time.
 
 import base64
 import glob
-import json
 import os
 import secrets
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +33,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+
+from kbload import call, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KB_BIN = os.path.abspath(os.environ.get("KB_BIN", os.path.join(ROOT, "target", "release", "keybrake")))
@@ -53,20 +53,6 @@ def faketime_lib():
     return found[0]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(base, method, path, token, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method)
-    req.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def percentile(values, p):

@@ -289,11 +289,7 @@ pub fn claims_of_verified(token: &str) -> Result<Claims, TokenError> {
     let jwt = token
         .strip_prefix(TOKEN_PREFIX)
         .ok_or(TokenError::Invalid)?;
-    let payload = jwt.split('.').nth(1).ok_or(TokenError::Invalid)?;
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .map_err(|_| TokenError::Invalid)?;
-    serde_json::from_slice(&json).map_err(|_| TokenError::Invalid)
+    Payload(jwt.split('.').nth(1).ok_or(TokenError::Invalid)?).decoded()
 }
 
 /// A fresh Ed25519 key pair: (PKCS#8 private document, raw 32-byte public key).
